@@ -1,0 +1,179 @@
+"""One SQLite database file shared by the SQLite stores: connection setup and versioned migrations.
+
+WAL mode with ``synchronous=FULL``: a commit is on disk when it returns, which is what an ack promises.
+Writes go through one connection (SQLite has one writer anyway); group commit keeps that fast. Reads
+use a second connection so a long history read never waits behind a commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+
+# Each entry upgrades the schema by one version; never edit an entry that has shipped, append one.
+MIGRATIONS: list[str] = [
+    # 1: accounts, conversations, messages, cursors
+    """
+    CREATE TABLE users (
+        uid INTEGER PRIMARY KEY AUTOINCREMENT,
+        username TEXT NOT NULL,
+        display_name TEXT NOT NULL,
+        password_hash TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE UNIQUE INDEX users_username ON users (lower(username));
+    CREATE TABLE auth_sessions (
+        sid TEXT PRIMARY KEY,
+        uid INTEGER NOT NULL REFERENCES users (uid),
+        refresh_hash TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        revoked INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE contacts (
+        uid INTEGER NOT NULL,
+        contact INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (uid, contact)
+    ) WITHOUT ROWID;
+    CREATE TABLE groups (
+        gid INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL,
+        owner INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE conversations (
+        conv TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        last_seq INTEGER NOT NULL,
+        last_ts INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE members (
+        conv TEXT NOT NULL,
+        uid INTEGER NOT NULL,
+        role TEXT NOT NULL,
+        joined_seq INTEGER NOT NULL,
+        read_seq INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (conv, uid)
+    ) WITHOUT ROWID;
+    CREATE INDEX members_uid ON members (uid);
+    CREATE TABLE messages (
+        conv TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        mid INTEGER NOT NULL,
+        sender INTEGER NOT NULL,
+        device TEXT NOT NULL,
+        cmid TEXT NOT NULL,
+        ts INTEGER NOT NULL,
+        type TEXT NOT NULL,
+        body BLOB NOT NULL,
+        PRIMARY KEY (conv, seq)
+    ) WITHOUT ROWID;
+    CREATE UNIQUE INDEX messages_dedupe ON messages (sender, device, cmid);
+    CREATE TABLE device_cursors (
+        uid INTEGER NOT NULL,
+        device TEXT NOT NULL,
+        conv TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (uid, device, conv)
+    ) WITHOUT ROWID;
+    """,
+]
+
+
+class _Connection:
+    """A sqlite3 connection owned by one worker thread; every call runs there, in submission order."""
+
+    def __init__(self, path: str, *pragmas: str) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._path = path
+        self._pragmas = pragmas
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        def connect() -> None:
+            self._conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            for pragma in self._pragmas:
+                self._conn.execute(pragma)
+
+        await self.call(lambda _conn: connect(), need_open=False)
+
+    async def call(self, fn: Callable[[sqlite3.Connection], T], need_open: bool = True) -> T:
+        conn = self._conn
+        if need_open and conn is None:
+            raise RuntimeError("database not open")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, conn)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self.call(lambda conn: conn.close())
+            self._conn = None
+        self._pool.shutdown(wait=True)
+
+
+class SqliteDatabase:
+    """A writer and a reader connection to one file in WAL mode, shared by the SQLite stores."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        self._writer: _Connection | None = None
+        self._reader: _Connection | None = None
+        self._users = 0
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        """Open (counted: both stores share one database and each opens and closes it)."""
+        async with self._lock:
+            self._users += 1
+            if self._writer is not None:
+                return
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._writer = _Connection(
+                self.path, "PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL", "PRAGMA busy_timeout=5000"
+            )
+            await self._writer.open()
+            await self._writer.call(self._migrate)
+            self._reader = _Connection(self.path, "PRAGMA busy_timeout=5000", "PRAGMA query_only=1")
+            await self._reader.open()
+
+    async def close(self) -> None:
+        async with self._lock:
+            self._users -= 1
+            if self._users > 0:
+                return
+            for conn in (self._reader, self._writer):
+                if conn is not None:
+                    await conn.close()
+            self._reader = self._writer = None
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            conn.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the writer's thread inside one transaction (committed, or rolled back on error)."""
+        assert self._writer is not None, "database not open"
+
+        def run(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return await self._writer.call(run)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the reader's thread."""
+        assert self._reader is not None, "database not open"
+        return await self._reader.call(fn)

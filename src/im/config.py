@@ -1,0 +1,144 @@
+"""Configuration: defaults < config file (YAML) < ``IM_...`` environment variables < command-line flags.
+
+Nested fields use ``__`` in environment variables: ``IM_LIMITS__MAX_FRAME_BYTES=65536``. An invalid value
+fails at start with a message naming the field (see :func:`load_config`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class HttpConfig(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    #: The address clients are told to use, when it differs from the bind address (proxies, NAT).
+    public_url: str | None = None
+
+
+class GatewayConfig(BaseModel):
+    host: str = "127.0.0.1"
+    ws_port: int = Field(8081, ge=0, le=65535)
+    public_ws_url: str | None = None
+    node_id: str = "gw-1"
+    #: Seconds a connection may take to send its auth frame.
+    auth_timeout: float = Field(10.0, gt=0)
+    #: Seconds of client silence after which the server closes (clients ping more often than this).
+    idle_timeout: float = Field(60.0, gt=0)
+    #: Replayed messages per store read while a device catches up.
+    replay_page: int = Field(500, ge=1, le=10_000)
+    #: Bytes queued for a client beyond which it is disconnected (policy "disconnect": it resumes later
+    #: from its cursors, nothing is lost).
+    max_send_buffer: int = Field(4 * 1024 * 1024, ge=64 * 1024)
+    #: Seconds given to clients to finish in-flight sends at shutdown.
+    drain_timeout: float = Field(5.0, ge=0)
+
+
+class LimitsConfig(BaseModel):
+    #: Largest client frame accepted; larger ones get a ``too_large`` error (and beyond 4x, a close).
+    max_frame_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    #: Largest message body (encoded as JSON).
+    max_body_bytes: int = Field(32 * 1024, ge=16, le=16 * 1024 * 1024)
+    max_cmid_length: int = Field(64, ge=8, le=256)
+    max_device_length: int = Field(64, ge=1, le=256)
+    #: Unacked sends one connection may have in flight.
+    max_in_flight: int = Field(1024, ge=1)
+    #: Sends per second per connection (token bucket, burst = 2x).
+    send_rate: float = Field(2000.0, gt=0)
+    typing_rate: float = Field(5.0, gt=0)
+    max_group_members: int = Field(2000, ge=2)
+    history_page_max: int = Field(200, ge=1, le=10_000)
+
+
+class AuthConfig(BaseModel):
+    #: HMAC key for access tokens; generated and kept in the data directory when not set.
+    secret: str | None = None
+    access_ttl: float = Field(900.0, gt=0)
+    refresh_ttl: float = Field(30 * 24 * 3600.0, gt=0)
+    #: argon2id cost; lower only for tests.
+    argon2_time_cost: int = Field(3, ge=1)
+    argon2_memory_kib: int = Field(65536, ge=8)
+    argon2_parallelism: int = Field(4, ge=1)
+    min_password_length: int = Field(8, ge=1)
+
+
+class StoreConfig(BaseModel):
+    kind: Literal["sqlite"] = "sqlite"
+    #: Largest number of sends written in one transaction (group commit).
+    max_batch: int = Field(2048, ge=1)
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IM_", env_nested_delimiter="__", extra="forbid")
+
+    data_dir: Path = Path("./im-data")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    http: HttpConfig = HttpConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    limits: LimitsConfig = LimitsConfig()
+    auth: AuthConfig = AuthConfig()
+    store: StoreConfig = StoreConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init (flags, already merged over the file) wins over environment variables, which win over
+        # defaults; the file is folded into init below with lower precedence than flags.
+        return (init_settings, env_settings)
+
+
+class ConfigError(Exception):
+    """An invalid configuration value; the message names the field."""
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_keys() -> set[str]:
+    return {k[3:].lower().split("__")[0] for k in os.environ if k.startswith("IM_")}
+
+
+def load_config(file: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Build the effective configuration. ``overrides`` are command-line flags as a nested dict."""
+    file_values: dict[str, Any] = {}
+    if file is not None:
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"config file {file}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {file}: the top level must be a mapping")
+        file_values = loaded
+    # Environment beats the file: drop file sections that the environment sets, field by field, by
+    # letting pydantic-settings merge env over init only where init is silent. Simplest faithful order:
+    # build from env alone, then lay the file under it and the flags over both.
+    try:
+        from_env = Config().model_dump(exclude_unset=True)
+        env_sections = _env_keys()
+        merged = _deep_merge(file_values, {k: v for k, v in from_env.items() if k in env_sections})
+        merged = _deep_merge(merged, overrides or {})
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None

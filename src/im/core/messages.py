@@ -1,0 +1,45 @@
+"""Stored messages as protocol frames, with the encoded bytes cached per message.
+
+A message delivered to many devices is encoded once per encoding, not once per device.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from im.backends.base import StoredMessage
+from im.protocol.codec import Encoding, encode
+from im.protocol.frames import Ack, Msg
+
+_json_any = msgspec.json.Decoder()
+
+
+def msg_frame(m: StoredMessage, encoding: Encoding = Encoding.JSON) -> Msg:
+    """The ``msg`` frame of a stored message. For JSON the body is embedded as stored, not re-parsed."""
+    body: object = msgspec.Raw(m.body) if encoding is Encoding.JSON else _json_any.decode(m.body)
+    return Msg(
+        conv=m.conv, seq=m.seq, mid=str(m.mid), sender=m.sender, dev=m.device, cmid=m.cmid, ts=m.ts,
+        type=m.type, body=body,
+    )
+
+
+def ack_frame(m: StoredMessage, dup: bool = False) -> Ack:
+    return Ack(cmid=m.cmid, conv=m.conv, seq=m.seq, mid=str(m.mid), ts=m.ts, dup=dup)
+
+
+class EncodedCache:
+    """Per-message encoded ``msg`` frames, keyed by (conv, seq) and encoding; bounded FIFO."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        self._frames: dict[tuple[str, int, Encoding], bytes] = {}
+
+    def msg(self, m: StoredMessage, encoding: Encoding) -> bytes:
+        key = (m.conv, m.seq, encoding)
+        data = self._frames.get(key)
+        if data is None:
+            data = encode(msg_frame(m, encoding), encoding)
+            if len(self._frames) >= self._capacity:
+                del self._frames[next(iter(self._frames))]
+            self._frames[key] = data
+        return data

@@ -1,0 +1,42 @@
+"""Error codes of the chat protocol and the HTTP API (docs/protocol.md, "Errors").
+
+One vocabulary for both: an ``error`` frame and an HTTP error body both carry ``{code, message}``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    BAD_FRAME = "bad_frame"  # not decodable, or fields of the wrong type / missing
+    UNKNOWN_TYPE = "unknown_type"  # a frame kind the server does not know
+    TOO_LARGE = "too_large"  # frame or body above the configured limit
+    UNAUTHENTICATED = "unauthenticated"  # a frame other than auth before auth
+    AUTH_FAILED = "auth_failed"  # token invalid, expired or revoked
+    ALREADY_AUTHENTICATED = "already_authenticated"
+    NOT_MEMBER = "not_member"  # sender or reader is not a member of the conversation
+    NOT_FOUND = "not_found"  # unknown user, group or conversation
+    INVALID = "invalid"  # well-formed but unacceptable value
+    RATE_LIMITED = "rate_limited"
+    TOO_MANY_IN_FLIGHT = "too_many_in_flight"  # more unacked sends than the server allows per connection
+    UNAVAILABLE = "unavailable"  # storage failed or the server is stopping: retry later, same cmid
+    INTERNAL = "internal"
+    # HTTP API only
+    CONFLICT = "conflict"
+    FORBIDDEN = "forbidden"
+    BAD_CREDENTIALS = "bad_credentials"
+    # bye codes
+    IDLE_TIMEOUT = "idle_timeout"
+    AUTH_TIMEOUT = "auth_timeout"
+    SHUTDOWN = "shutdown"
+    SLOW_CONSUMER = "slow_consumer"
+
+
+class ImError(Exception):
+    """A refusal with a protocol error code; safe to show to the client."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message

@@ -1,0 +1,150 @@
+"""Chat protocol frames: small immutable types, one per frame kind.
+
+Every frame is an object whose ``t`` field names its kind. docs/protocol.md is the contract; this module
+is its executable form. Client frames are validated strictly on decode (types, required fields); server
+frames are encoded by the server and decoded by the SDK.
+
+Conversation ids are strings: ``d:<uid>:<uid>`` (direct, smaller uid first) and ``g:<gid>`` (group).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+# --- client -> server ---------------------------------------------------------------------------------
+
+
+class Auth(msgspec.Struct, tag_field="t", tag="auth", frozen=True, forbid_unknown_fields=False):
+    """First frame of a connection: the access token, the device name, and the client's cursors.
+
+    ``cursors`` maps conversation id -> last seq the device holds; the server replays what follows.
+    Conversations not named resume from the device's cursor stored on the server.
+    """
+
+    token: str
+    device: str
+    cursors: dict[str, int] = {}
+
+
+class Send(msgspec.Struct, tag_field="t", tag="send", frozen=True):
+    """Send a message. ``cmid`` (client message id) makes a retry idempotent per device.
+
+    Exactly one of ``conv`` (a conversation id) and ``to`` (a user id, for a direct conversation) is set.
+    """
+
+    cmid: str
+    body: Any
+    conv: str | None = None
+    to: int | None = None
+    type: str = "text"
+
+
+class Recv(msgspec.Struct, tag_field="t", tag="recv", frozen=True):
+    """The device durably holds every message of ``conv`` up to ``seq`` (its delivery cursor)."""
+
+    conv: str
+    seq: int
+
+
+class Read(msgspec.Struct, tag_field="t", tag="read", frozen=True):
+    """The user has read ``conv`` up to ``seq``; other members get a ``receipt``."""
+
+    conv: str
+    seq: int
+
+
+class Typing(msgspec.Struct, tag_field="t", tag="typing", frozen=True):
+    """The user is typing in ``conv`` (ephemeral; sent to the other members' online devices)."""
+
+    conv: str
+
+
+class Ping(msgspec.Struct, tag_field="t", tag="ping", frozen=True):
+    """Keepalive; answered with ``pong`` carrying the same ``id``."""
+
+    id: int | None = None
+
+
+ClientFrame = Auth | Send | Recv | Read | Typing | Ping
+CLIENT_FRAME_TAGS = frozenset({"auth", "send", "recv", "read", "typing", "ping"})
+
+# --- server -> client ---------------------------------------------------------------------------------
+
+
+class AuthOk(msgspec.Struct, tag_field="t", tag="auth_ok", frozen=True):
+    """Authentication accepted. ``heartbeat``: seconds of silence after which the server closes."""
+
+    uid: int
+    device: str
+    heartbeat: float
+    max_frame: int
+
+
+class Msg(msgspec.Struct, tag_field="t", tag="msg", frozen=True, rename={"sender": "from"}):
+    """A stored message of a conversation, delivered in seq order with no gap."""
+
+    conv: str
+    seq: int
+    mid: str
+    sender: int
+    dev: str
+    cmid: str
+    ts: int
+    type: str
+    body: Any
+
+
+class Ack(msgspec.Struct, tag_field="t", tag="ack", frozen=True):
+    """The send ``cmid`` is durably stored as ``seq`` of ``conv``. ``dup``: it was stored before."""
+
+    cmid: str
+    conv: str
+    seq: int
+    mid: str
+    ts: int
+    dup: bool = False
+
+
+class Synced(msgspec.Struct, tag_field="t", tag="synced", frozen=True):
+    """Every stored message after the connect-time cursors has been delivered."""
+
+    convs: int
+
+
+class Receipt(msgspec.Struct, tag_field="t", tag="receipt", frozen=True):
+    """Member ``uid`` has ``kind`` ("read" or "delivered") every message of ``conv`` up to ``seq``."""
+
+    conv: str
+    uid: int
+    kind: str
+    seq: int
+
+
+class TypingEvent(msgspec.Struct, tag_field="t", tag="typing", frozen=True):
+    conv: str
+    uid: int
+
+
+class Pong(msgspec.Struct, tag_field="t", tag="pong", frozen=True):
+    id: int | None = None
+
+
+class Error(msgspec.Struct, tag_field="t", tag="error", frozen=True):
+    """A refused frame. ``ref`` is the cmid of the refused send, when there is one."""
+
+    code: str
+    message: str
+    ref: str | None = None
+
+
+class Bye(msgspec.Struct, tag_field="t", tag="bye", frozen=True):
+    """The server is closing this connection; ``reconnect`` says whether to come back (elsewhere)."""
+
+    code: str
+    message: str
+    reconnect: bool = True
+
+
+ServerFrame = AuthOk | Msg | Ack | Synced | Receipt | TypingEvent | Pong | Error | Bye
