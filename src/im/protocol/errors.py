@@ -31,6 +31,7 @@ class ErrorCode(StrEnum):
     AUTH_TIMEOUT = "auth_timeout"
     SHUTDOWN = "shutdown"
     SLOW_CONSUMER = "slow_consumer"
+    REPLACED = "replaced"  # the same device connected again; this older connection is closed
 
 
 class ImError(Exception):

@@ -1,0 +1,1 @@
+from im.cli import main; raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""/groups and /conversations: thin calls into the chat core, which owns every membership rule."""
+
+# No "from __future__ import annotations": FastAPI must resolve the local ``Me`` alias at runtime.
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import msgspec
+from fastapi import APIRouter, Depends, Query, Response, status
+
+from im.api.deps import ChatApi
+from im.api.schemas import ConversationOut, GroupIn, GroupOut, MemberOut, MembersIn, MessagesOut, RoleIn
+from im.backends.base import StoredMessage
+from im.config import LimitsConfig
+from im.core.accounts import Principal
+from im.core.messages import msg_frame
+from im.protocol.errors import ErrorCode, ImError
+
+_json = msgspec.json.Encoder()
+
+
+def _json_response(value: Any) -> Response:
+    # Stored bodies are JSON text already: msg_frame embeds them raw instead of parsing and re-encoding.
+    return Response(_json.encode(value), media_type="application/json")
+
+
+def _msg(m: StoredMessage | None) -> Any:
+    return None if m is None else msg_frame(m)
+
+
+def chat_router(
+    chat: ChatApi, principal: Callable[..., Awaitable[Principal]], limits: LimitsConfig
+) -> APIRouter:
+    router = APIRouter()
+    Me = Annotated[Principal, Depends(principal)]
+
+    # --- groups -------------------------------------------------------------------------------------------
+
+    @router.post("/groups", status_code=status.HTTP_201_CREATED, tags=["groups"])
+    async def create_group(me: Me, body: GroupIn) -> GroupOut:
+        """Create a group owned by the caller, with ``members`` as members."""
+        if len(body.members) >= limits.max_group_members:
+            raise ImError(ErrorCode.INVALID, f"a group has at most {limits.max_group_members} members")
+        return GroupOut.of(await chat.create_group(me.uid, body.name, body.members))
+
+    @router.get("/groups/{gid}", tags=["groups"])
+    async def group(me: Me, gid: int) -> GroupOut:
+        return GroupOut.of(await chat.group(me.uid, gid))
+
+    @router.get("/groups/{gid}/members", tags=["groups"])
+    async def members(me: Me, gid: int) -> list[MemberOut]:
+        found = await chat.group_members(me.uid, gid)
+        return [MemberOut(uid=uid, role=role) for uid, role in sorted(found.items())]  # type: ignore[arg-type]
+
+    @router.post("/groups/{gid}/members", status_code=status.HTTP_204_NO_CONTENT, tags=["groups"])
+    async def add_members(me: Me, gid: int, body: MembersIn) -> Response:
+        """Add members (owner or admin)."""
+        if len(body.uids) > limits.max_group_members:
+            raise ImError(ErrorCode.INVALID, f"a group has at most {limits.max_group_members} members")
+        await chat.add_members(me.uid, gid, body.uids)
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+    @router.delete("/groups/{gid}/members/{uid}", status_code=status.HTTP_204_NO_CONTENT, tags=["groups"])
+    async def remove_member(me: Me, gid: int, uid: int) -> Response:
+        """Remove a member (owner, or admin removing a plain member)."""
+        await chat.remove_member(me.uid, gid, uid)
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+    @router.post("/groups/{gid}/leave", status_code=status.HTTP_204_NO_CONTENT, tags=["groups"])
+    async def leave(me: Me, gid: int) -> Response:
+        await chat.leave_group(me.uid, gid)
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+    @router.put("/groups/{gid}/members/{uid}/role", status_code=status.HTTP_204_NO_CONTENT, tags=["groups"])
+    async def set_role(me: Me, gid: int, uid: int, body: RoleIn) -> Response:
+        """Make a member an admin or a plain member again (owner only)."""
+        await chat.set_role(me.uid, gid, uid, body.role)
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+    # --- conversations ------------------------------------------------------------------------------------
+
+    @router.get("/conversations", response_model=list[ConversationOut], tags=["conversations"])
+    async def conversations(me: Me) -> Response:
+        """The caller's conversations, most recently active first."""
+        found = await chat.conversations(me.uid)
+        return _json_response(
+            [
+                {
+                    "conv": c.conv,
+                    "kind": c.kind,
+                    "title": c.title,
+                    "unread": c.unread,
+                    "last_seq": c.last_seq,
+                    "read_seq": c.read_seq,
+                    "last_message": _msg(c.last_message),
+                    "peer": c.peer,
+                }
+                for c in found
+            ]
+        )
+
+    @router.get("/conversations/{conv}/messages", response_model=MessagesOut, tags=["conversations"])
+    async def messages(
+        me: Me,
+        conv: str,
+        after: Annotated[int | None, Query(ge=0, description="Oldest messages with seq > after")] = None,
+        before: Annotated[int | None, Query(ge=1, description="Newest messages with seq < before")] = None,
+        limit: Annotated[int | None, Query(ge=1, description="Page size (capped by the server)")] = None,
+    ) -> Response:
+        """A page of the conversation's log, ascending by seq. Neither ``after`` nor ``before``: the newest
+        page. ``has_more`` says whether more messages lie beyond the page in the paging direction."""
+        page = min(limit or 50, limits.history_page_max)
+        found, has_more = await chat.history(me.uid, conv, after=after, before=before, limit=page)
+        return _json_response({"messages": [msg_frame(m) for m in found], "has_more": has_more})
+
+    return router

@@ -1,0 +1,254 @@
+"""The embedded :class:`ChatStore`: SQLite in WAL mode, one transaction per group commit."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+
+from im.backends.base import (
+    ChatStore,
+    CommitBatch,
+    ConversationState,
+    ConversationSummary,
+    Group,
+    SeqConflict,
+    StoredMessage,
+    SyncPoint,
+)
+from im.backends.sqlite_db import SqliteDatabase
+
+_MSG_COLUMNS = "conv, seq, mid, sender, device, cmid, ts, type, body"
+_CHUNK = 500  # bound on host parameters per statement
+
+
+def _msg(row: tuple[object, ...]) -> StoredMessage:
+    conv, seq, mid, sender, device, cmid, ts, type_, body = row
+    return StoredMessage(
+        conv=str(conv), seq=int(seq), mid=int(mid), sender=int(sender), device=str(device),  # type: ignore[call-overload]
+        cmid=str(cmid), ts=int(ts), type=str(type_), body=bytes(body),  # type: ignore[call-overload,arg-type]
+    )
+
+
+def _chunks(items: Sequence[object], size: int = _CHUNK) -> Iterable[Sequence[object]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class SqliteChatStore(ChatStore):
+    def __init__(self, db: SqliteDatabase) -> None:
+        self.db = db
+
+    async def start(self) -> None:
+        await self.db.open()
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def load_conversations(self, convs: Sequence[str]) -> dict[str, ConversationState]:
+        def run(conn: sqlite3.Connection) -> dict[str, ConversationState]:
+            out: dict[str, ConversationState] = {}
+            for chunk in _chunks(list(convs)):
+                marks = ",".join("?" * len(chunk))
+                for conv, kind, last_seq in conn.execute(
+                    f"SELECT conv, kind, last_seq FROM conversations WHERE conv IN ({marks})", chunk
+                ):
+                    out[conv] = ConversationState(conv, kind, last_seq, {})
+                for conv, uid, role in conn.execute(
+                    f"SELECT conv, uid, role FROM members WHERE conv IN ({marks})", chunk
+                ):
+                    if conv in out:
+                        out[conv].members[uid] = role
+            return out
+
+        return await self.db.write(run)  # the writer sees its own latest commit, no snapshot lag
+
+    async def find_sent(self, keys: Sequence[tuple[int, str, str]]) -> dict[tuple[int, str, str], StoredMessage]:
+        def run(conn: sqlite3.Connection) -> dict[tuple[int, str, str], StoredMessage]:
+            out = {}
+            for key in keys:
+                row = conn.execute(
+                    f"SELECT {_MSG_COLUMNS} FROM messages WHERE sender=? AND device=? AND cmid=?", key
+                ).fetchone()
+                if row is not None:
+                    out[key] = _msg(row)
+            return out
+
+        return await self.db.read(run)
+
+    async def commit(self, batch: CommitBatch) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            try:
+                for c in batch.new_conversations:
+                    conn.execute(
+                        "INSERT INTO conversations (conv, kind, last_seq, last_ts) VALUES (?, ?, 0, 0)",
+                        (c.conv, c.kind),
+                    )
+                    conn.executemany(
+                        "INSERT INTO members (conv, uid, role, joined_seq) VALUES (?, ?, ?, 0)",
+                        [(c.conv, uid, role) for uid, role in c.members.items()],
+                    )
+                for conv, (before, after, ts) in batch.heads.items():
+                    cur = conn.execute(
+                        "UPDATE conversations SET last_seq=?, last_ts=? WHERE conv=? AND last_seq=?",
+                        (after, ts, conv, before),
+                    )
+                    if cur.rowcount != 1:
+                        raise SeqConflict(conv)
+                conn.executemany(
+                    f"INSERT INTO messages ({_MSG_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, m.body) for m in batch.messages],
+                )
+                for ch in batch.member_changes:
+                    if ch.role is None:
+                        conn.execute("DELETE FROM members WHERE conv=? AND uid=?", (ch.conv, ch.uid))
+                    else:
+                        conn.execute(
+                            "INSERT INTO members (conv, uid, role, joined_seq, read_seq) VALUES (?, ?, ?, ?, ?)"
+                            " ON CONFLICT (conv, uid) DO UPDATE SET role=excluded.role",
+                            (ch.conv, ch.uid, ch.role, ch.joined_seq, ch.joined_seq),
+                        )
+                if batch.read_marks:
+                    conn.executemany(
+                        "UPDATE members SET read_seq=max(read_seq, ?) WHERE uid=? AND conv=?",
+                        [(seq, uid, conv) for uid, conv, seq in batch.read_marks],
+                    )
+            except sqlite3.IntegrityError as exc:
+                raise SeqConflict(str(exc)) from None
+
+        await self.db.write(run)
+
+    async def create_group(self, group: Group, first: StoredMessage, members: dict[int, str]) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "INSERT INTO groups (name, owner, created_at) VALUES (?, ?, ?)",
+                (group.name, group.owner, group.created_at),
+            )
+            gid = int(cur.lastrowid or 0)
+            conv = f"g:{gid}"
+            conn.execute(
+                "INSERT INTO conversations (conv, kind, last_seq, last_ts) VALUES (?, 'group', 1, ?)",
+                (conv, first.ts),
+            )
+            conn.executemany(
+                "INSERT INTO members (conv, uid, role, joined_seq) VALUES (?, ?, ?, 0)",
+                [(conv, uid, role) for uid, role in members.items()],
+            )
+            conn.execute(
+                f"INSERT INTO messages ({_MSG_COLUMNS}) VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?)",
+                (conv, first.mid, first.sender, first.device, first.cmid, first.ts, first.type, first.body),
+            )
+            return gid
+
+        return await self.db.write(run)
+
+    async def get_group(self, gid: int) -> Group | None:
+        row = await self.db.read(
+            lambda conn: conn.execute("SELECT gid, name, owner, created_at FROM groups WHERE gid=?", (gid,)).fetchone()
+        )
+        return Group(*row) if row else None
+
+    async def read_range(
+        self, conv: str, after: int, before: int | None, limit: int, newest_first: bool = False
+    ) -> list[StoredMessage]:
+        upper = before if before is not None else 2**62
+        order = "DESC" if newest_first else "ASC"
+
+        def run(conn: sqlite3.Connection) -> list[StoredMessage]:
+            rows = conn.execute(
+                f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND seq>? AND seq<? ORDER BY seq {order} LIMIT ?",
+                (conv, after, upper, limit),
+            ).fetchall()
+            return [_msg(r) for r in rows]
+
+        return await self.db.read(run)
+
+    async def sync_points(self, uid: int, device: str) -> list[SyncPoint]:
+        def run(conn: sqlite3.Connection) -> list[SyncPoint]:
+            rows = conn.execute(
+                "SELECT m.conv, c.last_seq, max(m.joined_seq, coalesce(d.seq, 0))"
+                " FROM members m JOIN conversations c ON c.conv = m.conv"
+                " LEFT JOIN device_cursors d ON d.uid = m.uid AND d.device = ? AND d.conv = m.conv"
+                " WHERE m.uid = ?",
+                (device, uid),
+            ).fetchall()
+            return [SyncPoint(conv, last, min(cursor, last)) for conv, last, cursor in rows]
+
+        return await self.db.read(run)
+
+    async def start_cursor(self, uid: int, device: str, conv: str) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT max(coalesce((SELECT joined_seq FROM members WHERE conv=? AND uid=?), 0),"
+                " coalesce((SELECT seq FROM device_cursors WHERE uid=? AND device=? AND conv=?), 0))",
+                (conv, uid, uid, device, conv),
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+        return await self.db.read(run)
+
+    async def save_cursors(self, cursors: Iterable[tuple[int, str, str, int]]) -> None:
+        rows = list(cursors)
+        if not rows:
+            return
+        await self.db.write(
+            lambda conn: conn.executemany(
+                "INSERT INTO device_cursors (uid, device, conv, seq) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (uid, device, conv) DO UPDATE SET seq=max(seq, excluded.seq)",
+                rows,
+            )
+        )
+
+    async def save_read_marks(self, marks: Iterable[tuple[int, str, int]]) -> None:
+        rows = [(seq, uid, conv) for uid, conv, seq in marks]
+        if rows:
+            await self.db.write(
+                lambda conn: conn.executemany(
+                    "UPDATE members SET read_seq=max(read_seq, ?) WHERE uid=? AND conv=?", rows
+                )
+            )
+
+    async def read_marks(self, conv: str) -> dict[int, int]:
+        rows = await self.db.read(
+            lambda conn: conn.execute("SELECT uid, read_seq FROM members WHERE conv=?", (conv,)).fetchall()
+        )
+        return {int(uid): int(seq) for uid, seq in rows}
+
+    async def list_conversations(self, uid: int) -> list[ConversationSummary]:
+        def run(conn: sqlite3.Connection) -> list[ConversationSummary]:
+            rows = conn.execute(
+                "SELECT c.conv, c.kind, c.last_seq, m.read_seq, g.name,"
+                f" {', '.join('x.' + c.strip() for c in _MSG_COLUMNS.split(','))}"
+                " FROM members m JOIN conversations c ON c.conv = m.conv"
+                " LEFT JOIN groups g ON c.kind = 'group' AND g.gid = CAST(substr(c.conv, 3) AS INTEGER)"
+                " LEFT JOIN messages x ON x.conv = c.conv AND x.seq = c.last_seq"
+                " WHERE m.uid = ? ORDER BY c.last_ts DESC, c.conv",
+                (uid,),
+            ).fetchall()
+            peers = {}
+            for row in rows:
+                if row[1] == "direct":
+                    a, b = (int(x) for x in row[0][2:].split(":"))
+                    peers[row[0]] = b if a == uid else a
+            names = {}
+            if peers:
+                ids = sorted(set(peers.values()))
+                for chunk in _chunks(ids):
+                    marks = ",".join("?" * len(chunk))
+                    names.update(
+                        conn.execute(f"SELECT uid, display_name FROM users WHERE uid IN ({marks})", chunk).fetchall()
+                    )
+            out = []
+            for row in rows:
+                conv, kind, last_seq, read_seq, gname = row[:5]
+                last = _msg(row[5:]) if row[5] is not None else None
+                peer = peers.get(conv)
+                title = gname if kind == "group" else names.get(peer, f"user {peer}")
+                out.append(
+                    ConversationSummary(
+                        conv=conv, kind=kind, title=str(title), last_seq=last_seq, read_seq=read_seq,
+                        unread=max(0, last_seq - read_seq), last_message=last, peer=peer,
+                    )
+                )
+            return out
+
+        return await self.db.read(run)

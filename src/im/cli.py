@@ -1,0 +1,103 @@
+"""The ``im`` command: ``im serve`` runs everything in one process; ``im config`` shows the configuration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from im.config import Config, ConfigError, load_config
+
+
+def _flags_to_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Command-line flags as a nested dict over the file and the environment."""
+    out: dict[str, Any] = {}
+
+    def put(path: str, value: Any) -> None:
+        if value is None:
+            return
+        node = out
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+
+    put("data_dir", args.data_dir)
+    put("log_level", args.log_level)
+    put("http.host", args.host)
+    put("gateway.host", args.host)
+    put("http.port", args.http_port)
+    put("gateway.ws_port", args.ws_port)
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example limits.max_frame_bytes=65536")
+        put(key, value)
+    return out
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", type=Path, help="YAML configuration file")
+    p.add_argument("--data-dir", help="where the database and keys live (default ./im-data)")
+    p.add_argument("--host", help="bind address of every listener")
+    p.add_argument("--http-port", type=int, help="HTTP API port (default 8080; 0 picks a free one)")
+    p.add_argument("--ws-port", type=int, help="WebSocket gateway port (default 8081; 0 picks a free one)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any setting, e.g. limits.send_rate=500")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config, _flags_to_overrides(args))
+
+
+def _serve(config: Config) -> int:
+    import uvloop
+
+    from im.server import EmbeddedServer
+
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if config.log_level != "debug":
+        logging.getLogger("picows").setLevel(logging.WARNING)  # it logs every connection at INFO
+
+    def ready(server: EmbeddedServer) -> None:
+        print(f"im: HTTP API   {server.http_url}/api/v1   (OpenAPI docs: {server.http_url}/api/v1/docs)", flush=True)
+        print(f"im: WebSocket  {server.ws_url}", flush=True)
+        print(f"im: data in    {config.data_dir.resolve()}   (Ctrl-C stops)", flush=True)
+
+    async def main() -> None:
+        await EmbeddedServer(config).run(ready)
+
+    uvloop.run(main())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="im", description="im: an instant-messaging server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run HTTP API and WebSocket gateway in one process (SQLite)")
+    _add_config_flags(serve)
+    show = sub.add_parser("config", help="print the effective configuration")
+    _add_config_flags(show)
+    args = parser.parse_args(argv)
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        print(f"im: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        shown = config.model_dump(mode="json")
+        if shown["auth"]["secret"]:
+            shown["auth"]["secret"] = "***"
+        print(json.dumps(shown, indent=2))
+        return 0
+    return _serve(config)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,541 @@
+"""The IM rules: who may write where, the next seq, dedupe by client message id, group commit, routing.
+
+Every write to a conversation log goes through :class:`ChatService`'s one committer task, which takes
+all queued sends (and membership changes) at once, checks them against cached conversation state,
+assigns dense seqs, writes them in one store transaction, and only then acks and routes them. While a
+commit is on disk the next batch gathers, so the number of transactions per second stays small however
+many messages arrive (group commit).
+
+The store is the judge when several committers share it (distributed mode): a batch whose heads moved
+is refused whole with :class:`SeqConflict`; the committer reloads the state it cached and retries, so a
+seq is never assigned twice nor skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+
+from im.backends.base import (
+    AccountStore,
+    ChatStore,
+    CommitBatch,
+    ConversationState,
+    ConversationSummary,
+    Group,
+    MemberChange,
+    Presence,
+    Router,
+    SeqConflict,
+    StoredMessage,
+)
+from im.core.ids import Snowflake, direct_conv, group_conv, parse_conv
+from im.protocol.errors import ErrorCode, ImError
+
+log = logging.getLogger(__name__)
+
+SendCallback = Callable[[StoredMessage | None, bool, ImError | None], None]
+ROLES = ("owner", "admin", "member")
+_encode_json = msgspec.json.Encoder().encode
+
+
+@dataclass(slots=True)
+class SendRequest:
+    uid: int
+    device: str
+    cmid: str
+    conv: str | None
+    to: int | None
+    type: str
+    body: bytes  # JSON text
+
+
+@dataclass(slots=True)
+class _Send:
+    req: SendRequest
+    done: SendCallback
+
+
+@dataclass(slots=True)
+class _MemberOp:
+    """A membership change, committed in the log as a ``system`` message."""
+
+    actor: int
+    gid: int
+    op: str  # "add" | "remove" | "leave" | "role"
+    uids: list[int]
+    role: str | None
+    done: asyncio.Future[None]
+
+
+@dataclass(slots=True)
+class _Pass:
+    """One batch in the making."""
+
+    batch: CommitBatch = field(default_factory=CommitBatch)
+    acks: list[tuple[SendCallback, StoredMessage, bool]] = field(default_factory=list)
+    op_futures: list[asyncio.Future[None]] = field(default_factory=list)
+    recipients: list[list[int]] = field(default_factory=list)  # per routed message
+    routed: list[StoredMessage] = field(default_factory=list)
+
+
+class ChatService:
+    """Conversations, groups and the send path. Thread-unsafe; lives on one event loop."""
+
+    def __init__(
+        self,
+        store: ChatStore,
+        accounts: AccountStore,
+        router: Router,
+        presence: Presence,
+        *,
+        node: str = "core-1",
+        max_batch: int = 2048,
+        max_group_members: int = 2000,
+        history_page_max: int = 200,
+        recent_sends: int = 50_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.accounts = accounts
+        self.router = router
+        self.presence = presence
+        self._ids = Snowflake(node)
+        self._max_batch = max_batch
+        self._max_group_members = max_group_members
+        self._history_page_max = history_page_max
+        self._clock = clock
+        self._states: dict[str, ConversationState] = {}
+        self._recent: OrderedDict[tuple[int, str, str], StoredMessage] = OrderedDict()
+        self._recent_max = recent_sends
+        self._queue: list[_Send | _MemberOp] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.commits = 0  # transactions written (for the benchmark's report)
+        self.committed = 0  # messages written
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="im-committer")
+
+    async def stop(self) -> None:
+        """Refuse new writes, finish what is queued (acked or refused, never half), then stop."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    # --- the send path -------------------------------------------------------------------------------
+
+    def submit(self, req: SendRequest, done: SendCallback) -> None:
+        """Queue a send; ``done(message, dup, None)`` after it is durable, or ``done(None, False, err)``."""
+        if self._closing:
+            done(None, False, ImError(ErrorCode.UNAVAILABLE, "server is stopping; resend elsewhere"))
+            return
+        self._queue.append(_Send(req, done))
+        self._wake.set()
+
+    async def send(self, req: SendRequest) -> tuple[StoredMessage, bool]:
+        """Awaitable form of :meth:`submit`."""
+        fut: asyncio.Future[tuple[StoredMessage, bool]] = asyncio.get_running_loop().create_future()
+
+        def done(m: StoredMessage | None, dup: bool, err: ImError | None) -> None:
+            if not fut.done():
+                if err is not None:
+                    fut.set_exception(err)
+                else:
+                    assert m is not None
+                    fut.set_result((m, dup))
+
+        self.submit(req, done)
+        return await fut
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            items, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+            try:
+                await self._commit(items)
+            except Exception as exc:  # storage down: refuse the batch, keep serving
+                log.exception("commit failed")
+                self._fail(items, ImError(ErrorCode.UNAVAILABLE, f"storage error: {type(exc).__name__}"))
+
+    async def _commit(self, items: list[_Send | _MemberOp]) -> None:
+        for attempt in range(4):
+            p = await self._prepare(items)
+            if not p.batch.messages and not p.batch.member_changes:
+                self._finish(p)
+                return
+            try:
+                await self.store.commit(p.batch)
+            except SeqConflict:
+                # Another writer moved a head or a retry met its original: reload, look up, try again.
+                for conv in p.batch.heads:
+                    self._states.pop(conv, None)
+                keys = [(i.req.uid, i.req.device, i.req.cmid) for i in items if isinstance(i, _Send)]
+                for key, m in (await self.store.find_sent(keys)).items():
+                    self._remember(key, m)
+                log.info("seq conflict, retry %d", attempt + 1)
+                continue
+            except BaseException:
+                for conv in p.batch.heads:
+                    self._states.pop(conv, None)
+                raise
+            self.commits += 1
+            self.committed += len(p.batch.messages)
+            for m in p.batch.messages:
+                if m.type != "system":
+                    self._remember((m.sender, m.device, m.cmid), m)
+            self._finish(p)
+            await self._route(p.routed, p.recipients)
+            return
+        self._fail(items, ImError(ErrorCode.UNAVAILABLE, "conversation too contended; retry"))
+
+    def _finish(self, p: _Pass) -> None:
+        for done, m, dup in p.acks:
+            done(m, dup, None)
+        for fut in p.op_futures:
+            if not fut.done():
+                fut.set_result(None)
+
+    @staticmethod
+    def _fail(items: Sequence[_Send | _MemberOp], err: ImError) -> None:
+        for item in items:
+            if isinstance(item, _Send):
+                item.done(None, False, err)
+            elif not item.done.done():
+                item.done.set_exception(err)
+
+    def _remember(self, key: tuple[int, str, str], m: StoredMessage) -> None:
+        self._recent[key] = m
+        if len(self._recent) > self._recent_max:
+            self._recent.popitem(last=False)
+
+    async def _prepare(self, items: list[_Send | _MemberOp]) -> _Pass:
+        """Check every item against cached state and build one batch (no I/O but batched loads)."""
+        p = _Pass()
+        targets = [(item, self._target(item)) for item in items]
+        await self._load([c for _, c in targets if isinstance(c, str)])
+        # Peers of first-time direct conversations must exist.
+        new_peers = {
+            peer
+            for item, c in targets
+            if isinstance(c, str) and c not in self._states and isinstance(item, _Send) and item.req.to
+            for peer in (item.req.to,)
+        }
+        known = await self.accounts.get_users(sorted(new_peers)) if new_peers else {}
+        now_ms = int(self._clock() * 1000)
+        heads_before: dict[str, int] = {}
+        in_batch: dict[tuple[int, str, str], StoredMessage] = {}
+        for item, conv in targets:
+            try:
+                if isinstance(conv, ImError):
+                    raise conv
+                if isinstance(item, _Send):
+                    self._prepare_send(p, item, conv, known, now_ms, heads_before, in_batch)
+                else:
+                    self._prepare_member_op(p, item, conv, now_ms, heads_before)
+            except ImError as err:
+                if isinstance(item, _Send):
+                    p.acks.append((_refuser(item.done, err), _NO_MESSAGE, False))
+                elif not item.done.done():
+                    item.done.set_exception(err)
+        for conv, before in heads_before.items():
+            state = self._states[conv]
+            p.batch.heads[conv] = (before, state.last_seq, now_ms)
+        return p
+
+    def _target(self, item: _Send | _MemberOp) -> str | ImError:
+        if isinstance(item, _MemberOp):
+            return group_conv(item.gid)
+        req = item.req
+        if req.to is not None:
+            if req.to == req.uid:
+                return ImError(ErrorCode.INVALID, "cannot send a direct message to yourself")
+            if req.to <= 0:
+                return ImError(ErrorCode.NOT_FOUND, f"no user {req.to}")
+            return direct_conv(req.uid, req.to)
+        assert req.conv is not None
+        if parse_conv(req.conv) is None:
+            return ImError(ErrorCode.NOT_FOUND, f"no conversation {req.conv[:80]!r}")
+        return req.conv
+
+    def _prepare_send(
+        self,
+        p: _Pass,
+        item: _Send,
+        conv: str,
+        known: dict[int, object],
+        now_ms: int,
+        heads_before: dict[str, int],
+        in_batch: dict[tuple[int, str, str], StoredMessage],
+    ) -> None:
+        req = item.req
+        key = (req.uid, req.device, req.cmid)
+        original = self._recent.get(key) or in_batch.get(key)
+        if original is not None:
+            if original.conv != conv:
+                raise ImError(ErrorCode.INVALID, "cmid was already used for another conversation")
+            p.acks.append((item.done, original, True))
+            return
+        state = self._states.get(conv)
+        if state is None:
+            parsed = parse_conv(conv)
+            if parsed is None or parsed[0] != "direct":
+                raise ImError(ErrorCode.NOT_FOUND, f"no conversation {conv}")
+            a, b = parsed[1]
+            peer = b if a == req.uid else a
+            if req.uid not in (a, b):
+                raise ImError(ErrorCode.NOT_MEMBER, f"not a member of {conv}")
+            if peer not in known:
+                raise ImError(ErrorCode.NOT_FOUND, f"no user {peer}")
+            state = ConversationState(conv, "direct", 0, {a: "member", b: "member"})
+            self._states[conv] = state
+            p.batch.new_conversations.append(ConversationState(conv, "direct", 0, dict(state.members)))
+        if req.uid not in state.members:
+            raise ImError(ErrorCode.NOT_MEMBER, f"not a member of {conv}")
+        heads_before.setdefault(conv, state.last_seq)
+        state.last_seq += 1
+        m = StoredMessage(
+            conv=conv, seq=state.last_seq, mid=self._ids.next(now_ms), sender=req.uid, device=req.device,
+            cmid=req.cmid, ts=now_ms, type=req.type, body=req.body,
+        )
+        in_batch[key] = m
+        p.batch.messages.append(m)
+        p.batch.read_marks.append((req.uid, conv, m.seq))
+        p.acks.append((item.done, m, False))
+        p.routed.append(m)
+        p.recipients.append(list(state.members))
+
+    def _prepare_member_op(self, p: _Pass, op: _MemberOp, conv: str, now_ms: int, heads: dict[str, int]) -> None:
+        state = self._states.get(conv)
+        if state is None or state.kind != "group":
+            raise ImError(ErrorCode.NOT_FOUND, f"no group {op.gid}")
+        actor_role = state.members.get(op.actor)
+        if actor_role is None:
+            raise ImError(ErrorCode.NOT_MEMBER, f"not a member of group {op.gid}")
+        before = dict(state.members)
+        changes: list[tuple[int, str | None]] = []
+        if op.op == "add":
+            if actor_role not in ("owner", "admin"):
+                raise ImError(ErrorCode.FORBIDDEN, "only the owner and admins add members")
+            fresh = [u for u in dict.fromkeys(op.uids) if u not in state.members]
+            if len(state.members) + len(fresh) > self._max_group_members:
+                raise ImError(ErrorCode.INVALID, f"a group has at most {self._max_group_members} members")
+            changes = [(u, "member") for u in fresh]
+            event: dict[str, object] = {"event": "members_added", "uids": fresh, "by": op.actor}
+        elif op.op == "remove":
+            target = op.uids[0]
+            role = state.members.get(target)
+            if role is None:
+                raise ImError(ErrorCode.NOT_FOUND, f"user {target} is not a member")
+            if actor_role == "member" or role == "owner" or (actor_role == "admin" and role == "admin"):
+                raise ImError(ErrorCode.FORBIDDEN, f"a{'n' if actor_role != 'member' else ''} {actor_role} "
+                              f"cannot remove a{'n' if role != 'member' else ''} {role}")
+            changes = [(target, None)]
+            event = {"event": "member_removed", "uid": target, "by": op.actor}
+        elif op.op == "leave":
+            changes = [(op.actor, None)]
+            event = {"event": "member_left", "uid": op.actor}
+            if actor_role == "owner":
+                heirs = sorted(
+                    (u for u in state.members if u != op.actor),
+                    key=lambda u: (state.members[u] != "admin", u),
+                )
+                if heirs:
+                    changes.append((heirs[0], "owner"))
+                    event["new_owner"] = heirs[0]
+        else:  # role
+            target = op.uids[0]
+            if actor_role != "owner":
+                raise ImError(ErrorCode.FORBIDDEN, "only the owner changes roles")
+            if op.role not in ("admin", "member"):
+                raise ImError(ErrorCode.INVALID, "role must be 'admin' or 'member'")
+            if state.members.get(target) in (None, "owner"):
+                raise ImError(ErrorCode.INVALID if target in state.members else ErrorCode.NOT_FOUND,
+                              f"cannot change the role of user {target}")
+            changes = [(target, op.role)]
+            event = {"event": "role_changed", "uid": target, "role": op.role, "by": op.actor}
+        if not changes:
+            p.op_futures.append(op.done)
+            return
+        heads.setdefault(conv, state.last_seq)
+        state.last_seq += 1
+        mid = self._ids.next(now_ms)
+        m = StoredMessage(
+            conv=conv, seq=state.last_seq, mid=mid, sender=op.actor, device="", cmid=f"sys-{mid}", ts=now_ms,
+            type="system", body=_encode_json(event),
+        )
+        for uid, role in changes:
+            if role is None:
+                state.members.pop(uid, None)
+            else:
+                state.members[uid] = role
+            joined = m.seq - 1 if uid not in before else 0
+            p.batch.member_changes.append(MemberChange(conv, uid, role, joined))
+        p.batch.messages.append(m)
+        p.op_futures.append(op.done)
+        p.routed.append(m)
+        p.recipients.append(sorted(set(before) | set(state.members)))
+
+    async def _load(self, convs: Sequence[str]) -> None:
+        missing = sorted({c for c in convs if c not in self._states})
+        if missing:
+            self._states.update(await self.store.load_conversations(missing))
+
+    async def _route(self, messages: list[StoredMessage], recipients: list[list[int]]) -> None:
+        """Hand committed messages to the gateway nodes holding any recipient, one batch per node."""
+        if not messages:
+            return
+        uids = {u for rs in recipients for u in rs}
+        located = await self.presence.locate(uids)
+        nodes_of = {uid: {loc.node for loc in locs} for uid, locs in located.items()}
+        per_node: dict[str, tuple[list[StoredMessage], list[list[int]]]] = {}
+        for m, rs in zip(messages, recipients, strict=True):
+            targets: dict[str, list[int]] = {}
+            for uid in rs:
+                for node in nodes_of.get(uid, ()):
+                    targets.setdefault(node, []).append(uid)
+            for node, node_uids in targets.items():
+                msgs, recs = per_node.setdefault(node, ([], []))
+                msgs.append(m)
+                recs.append(node_uids)
+        for node, (msgs, recs) in per_node.items():
+            self.router.publish(node, msgs, recs)
+
+    # --- groups --------------------------------------------------------------------------------------
+
+    async def create_group(self, owner: int, name: str, members: list[int]) -> Group:
+        name = name.strip()
+        if not 1 <= len(name) <= 100:
+            raise ImError(ErrorCode.INVALID, "a group name has 1..100 characters")
+        others = [u for u in dict.fromkeys(members) if u != owner]
+        if len(others) + 1 > self._max_group_members:
+            raise ImError(ErrorCode.INVALID, f"a group has at most {self._max_group_members} members")
+        found = await self.accounts.get_users(others)
+        unknown = [u for u in others if u not in found]
+        if unknown:
+            raise ImError(ErrorCode.NOT_FOUND, f"no user {unknown[0]}")
+        now_ms = int(self._clock() * 1000)
+        mid = self._ids.next(now_ms)
+        roles = {owner: "owner", **{u: "member" for u in others}}
+        first = StoredMessage(
+            conv="", seq=1, mid=mid, sender=owner, device="", cmid=f"sys-{mid}", ts=now_ms, type="system",
+            body=_encode_json({"event": "group_created", "name": name, "by": owner, "uids": list(roles)}),
+        )
+        gid = await self.store.create_group(Group(0, name, owner, now_ms), first, roles)
+        first.conv = group_conv(gid)
+        await self._route([first], [list(roles)])
+        return Group(gid, name, owner, now_ms)
+
+    async def _member_op(self, actor: int, gid: int, op: str, uids: list[int], role: str | None = None) -> None:
+        if self._closing:
+            raise ImError(ErrorCode.UNAVAILABLE, "server is stopping")
+        if op == "add":
+            found = await self.accounts.get_users(uids)
+            unknown = [u for u in uids if u not in found]
+            if unknown:
+                raise ImError(ErrorCode.NOT_FOUND, f"no user {unknown[0]}")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(_MemberOp(actor, gid, op, uids, role, fut))
+        self._wake.set()
+        await fut
+
+    async def add_members(self, actor: int, gid: int, uids: list[int]) -> None:
+        await self._member_op(actor, gid, "add", uids)
+
+    async def remove_member(self, actor: int, gid: int, uid: int) -> None:
+        if uid == actor:
+            await self._member_op(actor, gid, "leave", [])
+        else:
+            await self._member_op(actor, gid, "remove", [uid])
+
+    async def leave_group(self, uid: int, gid: int) -> None:
+        await self._member_op(uid, gid, "leave", [])
+
+    async def set_role(self, actor: int, gid: int, uid: int, role: str) -> None:
+        await self._member_op(actor, gid, "role", [uid], role)
+
+    async def group(self, actor: int, gid: int) -> Group:
+        await self._require_member(actor, group_conv(gid))
+        group = await self.store.get_group(gid)
+        if group is None:
+            raise ImError(ErrorCode.NOT_FOUND, f"no group {gid}")
+        return group
+
+    async def group_members(self, actor: int, gid: int) -> dict[int, str]:
+        state = await self._require_member(actor, group_conv(gid))
+        return dict(state.members)
+
+    # --- reads ---------------------------------------------------------------------------------------
+
+    async def _require_member(self, uid: int, conv: str) -> ConversationState:
+        if parse_conv(conv) is None:
+            raise ImError(ErrorCode.NOT_FOUND, f"no conversation {conv[:80]!r}")
+        await self._load([conv])
+        state = self._states.get(conv)
+        if state is None:
+            raise ImError(ErrorCode.NOT_FOUND, f"no conversation {conv}")
+        if uid not in state.members:
+            raise ImError(ErrorCode.NOT_MEMBER, f"not a member of {conv}")
+        return state
+
+    async def members_of(self, conv: str) -> dict[int, str]:
+        await self._load([conv])
+        state = self._states.get(conv)
+        return dict(state.members) if state else {}
+
+    async def history(
+        self, uid: int, conv: str, *, after: int | None, before: int | None, limit: int
+    ) -> tuple[list[StoredMessage], bool]:
+        """A page of the log, oldest first, and whether more lies beyond it in the paging direction."""
+        await self._require_member(uid, conv)
+        limit = max(1, min(limit, self._history_page_max))
+        if after is not None:
+            page = await self.store.read_range(conv, after, before, limit + 1)
+            return page[:limit], len(page) > limit
+        page = await self.store.read_range(conv, 0, before, limit + 1, newest_first=True)
+        return list(reversed(page[:limit])), len(page) > limit
+
+    async def conversations(self, uid: int) -> list[ConversationSummary]:
+        return await self.store.list_conversations(uid)
+
+    async def replay(
+        self, uid: int, device: str, conv: str, after: int | None, upto: int, limit: int
+    ) -> tuple[int, list[StoredMessage]]:
+        """Stored messages a device is missing: (start point, messages with start < seq <= upto)."""
+        if after is None:
+            after = await self.store.start_cursor(uid, device, conv)
+        if upto <= after:
+            return after, []
+        return after, await self.store.read_range(conv, after, upto + 1, limit)
+
+
+class _NoMessage(StoredMessage):
+    pass
+
+
+_NO_MESSAGE = _NoMessage("", 0, 0, 0, "", "", 0, "", b"")
+
+
+def _refuser(done: SendCallback, err: ImError) -> SendCallback:
+    """A callback that reports ``err`` whatever the batch outcome (refused items ride along in acks)."""
+
+    def refuse(_m: StoredMessage | None, _dup: bool, _e: ImError | None) -> None:
+        done(None, False, err)
+
+    return refuse

@@ -1,0 +1,341 @@
+"""The transport-independent half of a gateway node.
+
+:class:`Connection` runs one :class:`~im.protocol.session.ServerSession` for a transport (WebSocket
+now, TCP later): it carries out the session's commands against the core and writes what the session
+queues. :class:`Hub` indexes the node's connections by user, receives routed batches (it is the node's
+:class:`DeliverySink`), coalesces cursor and read-mark writes, and runs the timers.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from im.backends.base import DeliverySink, DeviceLocation, StoredMessage
+from im.core.accounts import AccountService
+from im.core.chat import ChatService, SendRequest
+from im.core.messages import EncodedCache
+from im.protocol import commands as cmd
+from im.protocol.errors import ErrorCode, ImError
+from im.protocol.frames import Receipt, TypingEvent
+from im.protocol.session import Limits, ServerSession, State
+
+log = logging.getLogger(__name__)
+
+
+class Connection(abc.ABC):
+    """A session plus the I/O a transport provides (:meth:`write` and :meth:`close_transport`)."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.session = ServerSession(hub.cache, limits=hub.limits, heartbeat=hub.limits.idle_timeout)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._dirty = False
+        self.closed = False
+
+    # --- what a transport implements -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def write(self, frames: list[bytes], binary: bool) -> None:
+        """Write encoded frames, in order."""
+
+    @abc.abstractmethod
+    def close_transport(self, code: ErrorCode) -> None:
+        """Close after what was written (no more reads)."""
+
+    @abc.abstractmethod
+    def buffered(self) -> int:
+        """Bytes written but not yet sent."""
+
+    @abc.abstractmethod
+    def pause_reading(self) -> None: ...
+
+    # --- driven by the transport ---------------------------------------------------------------------
+
+    def on_data(self, data: bytes, binary: bool) -> None:
+        self.run(self.session.receive(data, binary))
+        self.flush()
+
+    def on_closed(self) -> None:
+        self.closed = True
+        self.session.state = State.CLOSED
+        for task in self._tasks:
+            task.cancel()
+        self.hub.unregister(self)
+
+    # --- driven by the session and the hub -------------------------------------------------------------
+
+    def flush(self) -> None:
+        self._dirty = False
+        frames = self.session.data_to_send()
+        if frames and not self.closed:
+            self.write(frames, self.session.encoding is not None and self.session.encoding.value == "msgpack")
+            if self.buffered() > self.hub.max_send_buffer:
+                log.info("closing slow consumer uid=%s device=%s", self.session.uid, self.session.device)
+                self.run(self.session.close(ErrorCode.SLOW_CONSUMER, "too far behind; resume from cursors"))
+                frames = self.session.data_to_send()
+                self.close_transport(ErrorCode.SLOW_CONSUMER)
+
+    def mark_dirty(self) -> None:
+        """Flush at the end of this loop iteration (coalesces writes of one routed batch)."""
+        if not self._dirty:
+            self._dirty = True
+            self.hub.schedule_flush(self)
+
+    def run(self, commands: Iterable[cmd.Command]) -> None:
+        for c in commands:
+            if isinstance(c, cmd.Submit):
+                self._submit(c)
+            elif isinstance(c, cmd.Fetch):
+                self._spawn(self._fetch(c))
+            elif isinstance(c, cmd.SaveCursor):
+                self.hub.save_cursor(self.session.uid, self.session.device, c.conv, c.seq)
+            elif isinstance(c, cmd.MarkRead):
+                self.hub.mark_read(self.session.uid, c.conv, c.seq)
+            elif isinstance(c, cmd.SendTyping):
+                self._spawn(self.hub.typing(self.session.uid, self.session.device, c.conv))
+            elif isinstance(c, cmd.Authenticate):
+                self._spawn(self._authenticate(c))
+            elif isinstance(c, cmd.Close):
+                self.flush()
+                self.close_transport(c.code)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _submit(self, c: cmd.Submit) -> None:
+        s = self.session
+        req = SendRequest(s.uid, s.device, c.cmid, c.conv, c.to, c.type, c.body)
+
+        def done(m: StoredMessage | None, dup: bool, err: ImError | None) -> None:
+            if self.closed:
+                return
+            if err is not None:
+                s.send_failed(c.cmid, err.code, err.message)
+            else:
+                assert m is not None
+                self.run(s.send_done(c.cmid, m, dup))
+            self.mark_dirty()
+
+        self.hub.chat.submit(req, done)
+
+    async def _authenticate(self, c: cmd.Authenticate) -> None:
+        try:
+            principal = await self.hub.accounts.authenticate(c.token)
+        except ImError as exc:
+            self.run(self.session.auth_failed(ErrorCode.AUTH_FAILED, exc.message))
+            self.flush()
+            return
+        self.session.uid, self.session.device = principal.uid, c.device
+        # Register before reading the sync points, so nothing committed in between is missed; what
+        # arrives meanwhile waits in the session until the replay is set up.
+        await self.hub.register(self)
+        try:
+            points = await self.hub.chat.store.sync_points(principal.uid, c.device)
+        except Exception:
+            log.exception("sync points failed")
+            self.run(self.session.close(ErrorCode.UNAVAILABLE, "storage unavailable; reconnect later"))
+            self.flush()
+            return
+        self.run(self.session.auth_succeeded(principal.uid, c.device, points, c.cursors))
+        self.flush()
+
+    async def _fetch(self, c: cmd.Fetch) -> None:
+        s = self.session
+        try:
+            start, messages = await self.hub.chat.replay(s.uid, s.device, c.conv, c.after, c.upto, self.hub.replay_page)
+        except Exception:
+            log.exception("replay failed")
+            self.run(s.close(ErrorCode.UNAVAILABLE, "storage unavailable; reconnect later"))
+            self.flush()
+            return
+        self.run(s.fetched(c.conv, start, messages))
+        self.flush()
+
+
+class Hub(DeliverySink):
+    """The node's connections by user, and the batched work they share."""
+
+    def __init__(
+        self,
+        node: str,
+        chat: ChatService,
+        accounts: AccountService,
+        *,
+        limits: Limits,
+        replay_page: int = 500,
+        max_send_buffer: int = 4 * 1024 * 1024,
+        presence_ttl: float = 60.0,
+        cursor_flush_interval: float = 0.2,
+    ) -> None:
+        self.node = node
+        self.chat = chat
+        self.accounts = accounts
+        self.limits = limits
+        self.replay_page = replay_page
+        self.max_send_buffer = max_send_buffer
+        self.cache = EncodedCache()
+        self._presence_ttl = presence_ttl
+        self._cursor_interval = cursor_flush_interval
+        self._by_user: dict[int, dict[str, Connection]] = {}
+        self._all: set[Connection] = set()
+        self._to_flush: list[Connection] = []
+        self._cursors: dict[tuple[int, str, str], int] = {}
+        self._reads: dict[tuple[int, str], int] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.chat.router.attach(self.node, self)
+        self._tasks = [
+            asyncio.create_task(self._tick(), name="im-hub-timers"),
+            asyncio.create_task(self._flush_cursors_forever(), name="im-hub-cursors"),
+        ]
+
+    def add(self, conn: Connection) -> None:
+        self._all.add(conn)
+
+    @property
+    def connections(self) -> int:
+        return len(self._all)
+
+    async def drain_and_close(self) -> None:
+        """Graceful stop, part two: the committer has drained; say bye to everyone and flush cursors."""
+        for conn in list(self._all):
+            conn.run(conn.session.close(ErrorCode.SHUTDOWN, "server is stopping; reconnect"))
+        for task in self._tasks:
+            task.cancel()
+        await self._flush_cursors()
+        self.chat.router.detach(self.node)
+
+    def pause_all(self) -> None:
+        """Graceful stop, part one: read nothing more, so no new send is taken."""
+        for conn in self._all:
+            conn.pause_reading()
+
+    # --- registration --------------------------------------------------------------------------------
+
+    async def register(self, conn: Connection) -> None:
+        s = conn.session
+        devices = self._by_user.setdefault(s.uid, {})
+        old = devices.get(s.device)
+        devices[s.device] = conn
+        if old is not None and old is not conn:
+            old.run(old.session.close(ErrorCode.REPLACED, "the same device connected again", reconnect=False))
+        await self.chat.presence.set_online([DeviceLocation(s.uid, s.device, self.node)], self._presence_ttl)
+
+    def unregister(self, conn: Connection) -> None:
+        self._all.discard(conn)
+        s = conn.session
+        devices = self._by_user.get(s.uid)
+        if devices is not None and devices.get(s.device) is conn:
+            del devices[s.device]
+            if not devices:
+                del self._by_user[s.uid]
+            loc = DeviceLocation(s.uid, s.device, self.node)
+            asyncio.get_running_loop().create_task(self.chat.presence.set_offline([loc]))
+
+    # --- DeliverySink --------------------------------------------------------------------------------
+
+    def deliver(self, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
+        by_user = self._by_user
+        for m, uids in zip(messages, recipients, strict=True):
+            for uid in uids:
+                devices = by_user.get(uid)
+                if devices:
+                    for conn in devices.values():
+                        conn.run(conn.session.deliver(m))
+                        conn.mark_dirty()
+
+    def deliver_event(self, frame: object, uids: Iterable[int], skip: tuple[int, str] | None) -> None:
+        for uid in uids:
+            for device, conn in self._by_user.get(uid, {}).items():
+                if skip is None or (uid, device) != skip:
+                    conn.session.event(frame)
+                    conn.mark_dirty()
+
+    def schedule_flush(self, conn: Connection) -> None:
+        if not self._to_flush:
+            asyncio.get_running_loop().call_soon(self._flush_marked)
+        self._to_flush.append(conn)
+
+    def _flush_marked(self) -> None:
+        conns, self._to_flush = self._to_flush, []
+        for conn in conns:
+            conn.flush()
+
+    # --- cursors, read marks, typing -----------------------------------------------------------------
+
+    def save_cursor(self, uid: int, device: str, conv: str, seq: int) -> None:
+        key = (uid, device, conv)
+        if seq > self._cursors.get(key, -1):
+            self._cursors[key] = seq
+
+    def mark_read(self, uid: int, conv: str, seq: int) -> None:
+        key = (uid, conv)
+        if seq > self._reads.get(key, -1):
+            self._reads[key] = seq
+
+    async def typing(self, uid: int, device: str, conv: str) -> None:
+        await self._notify(conv, uid, TypingEvent(conv=conv, uid=uid), (uid, device))
+
+    async def _notify(self, conv: str, uid: int, frame: object, skip: tuple[int, str] | None) -> None:
+        members = await self.chat.members_of(conv)
+        if uid not in members:
+            return
+        located = await self.chat.presence.locate(members)
+        nodes: dict[str, list[int]] = {}
+        for member, locs in located.items():
+            for loc in locs:
+                nodes.setdefault(loc.node, []).append(member)
+        for node, uids in nodes.items():
+            self.chat.router.publish_event(node, frame, sorted(set(uids)), skip)
+
+    async def _flush_cursors(self) -> None:
+        cursors, self._cursors = self._cursors, {}
+        reads, self._reads = self._reads, {}
+        if cursors:
+            await self.chat.store.save_cursors((u, d, c, s) for (u, d, c), s in cursors.items())
+            delivered: dict[tuple[int, str], int] = {}
+            for (uid, _dev, conv), seq in cursors.items():
+                delivered[(uid, conv)] = max(seq, delivered.get((uid, conv), 0))
+            for (uid, conv), seq in delivered.items():
+                await self._notify(conv, uid, Receipt(conv=conv, uid=uid, kind="delivered", seq=seq), None)
+        if reads:
+            await self.chat.store.save_read_marks((u, c, s) for (u, c), s in reads.items())
+            for (uid, conv), seq in reads.items():
+                await self._notify(conv, uid, Receipt(conv=conv, uid=uid, kind="read", seq=seq), None)
+
+    async def _flush_cursors_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._cursor_interval)
+            try:
+                await self._flush_cursors()
+            except Exception:
+                log.exception("cursor flush failed")
+
+    async def _tick(self) -> None:
+        refresh_every = max(1.0, self._presence_ttl / 3)
+        since_refresh = 0.0
+        while True:
+            await asyncio.sleep(1.0)
+            for conn in list(self._all):
+                cmds = conn.session.check_timers()
+                if cmds:
+                    conn.run(cmds)
+            since_refresh += 1.0
+            if since_refresh >= refresh_every:
+                since_refresh = 0.0
+                entries = [
+                    DeviceLocation(uid, device, self.node)
+                    for uid, devices in self._by_user.items()
+                    for device in devices
+                ]
+                if entries:
+                    await self.chat.presence.set_online(entries, self._presence_ttl)

@@ -1,0 +1,384 @@
+"""The server side of one chat connection, as a state machine with no I/O.
+
+The transport feeds it bytes (:meth:`ServerSession.receive`) and the results of the work it asked for
+(:meth:`auth_succeeded`, :meth:`fetched`, :meth:`send_done`, ...); it answers with frames to write
+(:meth:`data_to_send`) and :mod:`commands <im.protocol.commands>` for the transport to carry out. It never
+awaits, so the same object runs under asyncio, in tests with no event loop, or under any other pump.
+
+Two rules it keeps for every conversation (docs/protocol.md, "Ordering"):
+
+1. A device receives a conversation's seqs strictly in order, with no gap and no repeat: a message is
+   written only when it is ``delivered + 1``; a later one waits while the gap is fetched from the store.
+2. Replay before live: after ``auth`` the stored messages after the device's cursors are written before
+   any live message of the same conversation (live ones wait in ``pending`` meanwhile).
+
+The sending device gets its own message as an ``ack`` at its place in that order, so its stream of seqs
+(``msg`` and ``ack`` frames together) is dense too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import msgspec
+
+from im.backends.base import StoredMessage, SyncPoint
+from im.core.messages import EncodedCache, ack_frame
+from im.protocol import commands as cmd
+from im.protocol.codec import Encoding, decode_client, encode
+from im.protocol.errors import ErrorCode, ImError
+from im.protocol.frames import (
+    Auth,
+    AuthOk,
+    Bye,
+    ClientFrame,
+    Error,
+    Ping,
+    Pong,
+    Read,
+    Recv,
+    Send,
+    Synced,
+    Typing,
+)
+
+
+class State(Enum):
+    AWAIT_AUTH = "await_auth"
+    AUTHENTICATING = "authenticating"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+# The one table of what each state accepts; anything else is answered with the error named here.
+ACCEPTS: dict[State, tuple[frozenset[type], ErrorCode]] = {
+    State.AWAIT_AUTH: (frozenset({Auth, Ping}), ErrorCode.UNAUTHENTICATED),
+    State.AUTHENTICATING: (frozenset({Ping}), ErrorCode.UNAUTHENTICATED),
+    State.OPEN: (frozenset({Send, Recv, Read, Typing, Ping}), ErrorCode.ALREADY_AUTHENTICATED),
+    State.CLOSED: (frozenset(), ErrorCode.UNAUTHENTICATED),
+}
+
+_RESERVED_TYPES = frozenset({"system"})
+_json_encoder = msgspec.json.Encoder()
+
+
+@dataclass(slots=True)
+class Limits:
+    max_frame_bytes: int = 64 * 1024
+    max_body_bytes: int = 32 * 1024
+    max_cmid_length: int = 64
+    max_device_length: int = 64
+    max_in_flight: int = 1024
+    send_rate: float = 2000.0
+    typing_rate: float = 5.0
+    auth_timeout: float = 10.0
+    idle_timeout: float = 60.0
+
+
+class TokenBucket:
+    """``rate`` events per second with bursts of ``2 * rate``."""
+
+    __slots__ = ("_capacity", "_last", "_rate", "_tokens")
+
+    def __init__(self, rate: float, now: float) -> None:
+        self._rate = rate
+        self._capacity = max(1.0, 2 * rate)
+        self._tokens = self._capacity
+        self._last = now
+
+    def take(self, now: float) -> bool:
+        self._tokens = min(self._capacity, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+@dataclass(slots=True)
+class ConvCursor:
+    """Delivery state of one conversation on this connection."""
+
+    delivered: int | None  # highest seq written to the client; None until the start point is known
+    target: int = 0  # highest seq known to exist
+    fetching: bool = False
+    pending: dict[int, StoredMessage] = field(default_factory=dict)  # live messages past a gap
+
+
+class ServerSession:
+    """One connection's protocol state. See the module docstring for the ordering rules."""
+
+    def __init__(
+        self,
+        cache: EncodedCache,
+        *,
+        limits: Limits | None = None,
+        heartbeat: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limits = limits or Limits()
+        self.state = State.AWAIT_AUTH
+        self.encoding: Encoding | None = None
+        self.uid = 0
+        self.device = ""
+        self._cache = cache
+        self._clock = clock
+        self._heartbeat = heartbeat if heartbeat is not None else self.limits.idle_timeout
+        now = clock()
+        self._opened_at = now
+        self._last_rx = now
+        self._send_bucket = TokenBucket(self.limits.send_rate, now)
+        self._typing_bucket = TokenBucket(self.limits.typing_rate, now)
+        self._out: list[bytes] = []
+        self._convs: dict[str, ConvCursor] = {}
+        self._in_flight: set[str] = set()
+        self._initial: set[str] | None = None  # conversations still replaying since auth
+        self._early: list[StoredMessage] = []  # live messages that came while authenticating
+
+    # --- input from the client ----------------------------------------------------------------------
+
+    def receive(self, data: bytes, binary: bool) -> list[cmd.Command]:
+        """Handle one complete WebSocket message (or TCP frame) from the client."""
+        if self.state is State.CLOSED:
+            return []
+        self._last_rx = self._clock()
+        if self.encoding is None:
+            self.encoding = Encoding.MSGPACK if binary else Encoding.JSON
+        if len(data) > self.limits.max_frame_bytes:
+            self.oversized(len(data))
+            return []
+        try:
+            frame = decode_client(data, Encoding.MSGPACK if binary else Encoding.JSON)
+        except ImError as exc:
+            self._error(exc.code, exc.message)
+            return []
+        accepted, refusal = ACCEPTS[self.state]
+        if type(frame) not in accepted:
+            ref = frame.cmid if isinstance(frame, Send) else None
+            self._error(refusal, f"{self.state.value}: cannot take a {type(frame).__name__.lower()} frame", ref)
+            return []
+        return self._handle(frame)
+
+    def oversized(self, size: int) -> None:
+        """A frame too large to take (the transport may not even have kept its bytes)."""
+        self._error(ErrorCode.TOO_LARGE, f"frame of {size} bytes > {self.limits.max_frame_bytes}")
+
+    def _handle(self, frame: ClientFrame) -> list[cmd.Command]:
+        if isinstance(frame, Send):
+            return self._on_send(frame)
+        if isinstance(frame, Recv):
+            if self._check_cursor(frame.conv, frame.seq):
+                return [cmd.SaveCursor(frame.conv, frame.seq)]
+            return []
+        if isinstance(frame, Read):
+            if self._check_cursor(frame.conv, frame.seq):
+                return [cmd.MarkRead(frame.conv, frame.seq)]
+            return []
+        if isinstance(frame, Typing):
+            if frame.conv in self._convs and self._typing_bucket.take(self._clock()):
+                return [cmd.SendTyping(frame.conv)]
+            return []
+        if isinstance(frame, Ping):
+            self._emit(Pong(id=frame.id))
+            return []
+        assert isinstance(frame, Auth)
+        if not frame.device or len(frame.device) > self.limits.max_device_length:
+            self._error(ErrorCode.INVALID, f"device must be 1..{self.limits.max_device_length} characters")
+            return []
+        if any(not isinstance(s, int) or s < 0 for s in frame.cursors.values()):
+            self._error(ErrorCode.INVALID, "cursors must be non-negative integers")
+            return []
+        self.state = State.AUTHENTICATING
+        return [cmd.Authenticate(frame.token, frame.device, dict(frame.cursors))]
+
+    def _on_send(self, frame: Send) -> list[cmd.Command]:
+        cmid = frame.cmid
+        problem = None
+        if not cmid or len(cmid) > self.limits.max_cmid_length:
+            problem = (ErrorCode.INVALID, f"cmid must be 1..{self.limits.max_cmid_length} characters")
+        elif (frame.conv is None) == (frame.to is None):
+            problem = (ErrorCode.INVALID, "give exactly one of 'conv' and 'to'")
+        elif not frame.type or len(frame.type) > 32 or frame.type in _RESERVED_TYPES:
+            problem = (ErrorCode.INVALID, f"message type {frame.type[:40]!r} is not allowed")
+        elif cmid in self._in_flight:
+            return []  # the same send is being committed; its ack answers both
+        elif len(self._in_flight) >= self.limits.max_in_flight:
+            problem = (ErrorCode.TOO_MANY_IN_FLIGHT, f"more than {self.limits.max_in_flight} unacked sends")
+        elif not self._send_bucket.take(self._clock()):
+            problem = (ErrorCode.RATE_LIMITED, f"more than {self.limits.send_rate:g} sends per second")
+        if problem is None:
+            body = _json_encoder.encode(frame.body)
+            if len(body) > self.limits.max_body_bytes:
+                problem = (ErrorCode.TOO_LARGE, f"body of {len(body)} bytes > {self.limits.max_body_bytes}")
+        if problem is not None:
+            self._error(problem[0], problem[1], cmid)
+            return []
+        self._in_flight.add(cmid)
+        return [cmd.Submit(cmid=cmid, conv=frame.conv, to=frame.to, type=frame.type, body=body)]
+
+    def _check_cursor(self, conv: str, seq: int) -> bool:
+        state = self._convs.get(conv)
+        if state is None or state.delivered is None or seq < 0 or seq > state.delivered:
+            self._error(ErrorCode.INVALID, f"cursor {conv[:80]}:{seq} is beyond what was delivered")
+            return False
+        return True
+
+    # --- results of the transport's work -----------------------------------------------------------
+
+    def auth_succeeded(self, uid: int, device: str, points: Iterable[SyncPoint], cursors: dict[str, int]) -> list[
+        cmd.Command
+    ]:
+        """Start the replay: each conversation from the client's cursor, else the stored one."""
+        if self.state is not State.AUTHENTICATING:
+            return []
+        self.uid, self.device = uid, device
+        self.state = State.OPEN
+        self._emit(
+            AuthOk(uid=uid, device=device, heartbeat=self._heartbeat, max_frame=self.limits.max_frame_bytes)
+        )
+        out: list[cmd.Command] = []
+        self._initial = set()
+        for point in points:
+            start = min(max(cursors.get(point.conv, point.cursor), 0), point.last_seq)
+            self._convs[point.conv] = ConvCursor(delivered=start, target=point.last_seq)
+            if start < point.last_seq:
+                self._initial.add(point.conv)
+                self._convs[point.conv].fetching = True
+                out.append(cmd.Fetch(point.conv, start, point.last_seq))
+        self._maybe_synced(len(self._convs))
+        early, self._early = self._early, []
+        for m in early:
+            out.extend(self.deliver(m))
+        return out
+
+    def auth_failed(self, code: ErrorCode, message: str) -> list[cmd.Command]:
+        self._error(code, message)
+        return self.close(code, message, reconnect=False)
+
+    def deliver(self, m: StoredMessage) -> list[cmd.Command]:
+        """A committed message of a conversation this user is in (live, or the sender's own result)."""
+        if self.state is not State.OPEN:
+            if self.state is State.AUTHENTICATING:
+                self._early.append(m)  # the transport registers before reading sync points
+            return []
+        state = self._convs.get(m.conv)
+        if state is None:
+            # First sight of this conversation on this connection: find where the device starts.
+            state = self._convs[m.conv] = ConvCursor(delivered=None, target=m.seq, fetching=True)
+            state.pending[m.seq] = m
+            return [cmd.Fetch(m.conv, None, m.seq - 1)]
+        if state.delivered is not None and m.seq <= state.delivered:
+            return []
+        if m.seq > state.target:
+            state.target = m.seq
+        if not state.fetching and state.delivered is not None and m.seq == state.delivered + 1:
+            self._write(m)
+            state.delivered = m.seq
+            return []
+        state.pending[m.seq] = m
+        if state.fetching:
+            return []
+        assert state.delivered is not None
+        state.fetching = True
+        return [cmd.Fetch(m.conv, state.delivered, m.seq - 1)]
+
+    def fetched(self, conv: str, start: int, messages: list[StoredMessage]) -> list[cmd.Command]:
+        """Stored messages after ``start`` (the resolved start point when the Fetch had ``after=None``)."""
+        state = self._convs.get(conv)
+        if state is None or self.state is not State.OPEN:
+            return []
+        if state.delivered is None:
+            state.delivered = start
+        for m in messages:
+            if m.seq == state.delivered + 1:
+                self._write(m)
+                state.delivered = m.seq
+        while state.delivered + 1 in state.pending:
+            m = state.pending.pop(state.delivered + 1)
+            self._write(m)
+            state.delivered = m.seq
+        for seq in [s for s in state.pending if s <= state.delivered]:
+            del state.pending[seq]
+        if state.delivered < state.target and messages:
+            upto = min(state.pending) - 1 if state.pending else state.target
+            return [cmd.Fetch(conv, state.delivered, upto)]
+        # Caught up (or the store had nothing more: the next live message retries the gap).
+        state.fetching = False
+        if self._initial is not None and conv in self._initial:
+            self._initial.discard(conv)
+            self._maybe_synced(len(self._convs))
+        return []
+
+    def send_done(self, cmid: str, m: StoredMessage, dup: bool) -> list[cmd.Command]:
+        """The core committed (or had committed before, ``dup``) the send ``cmid``."""
+        if cmid not in self._in_flight:
+            return []  # already acked in order through deliver()
+        state = self._convs.get(m.conv)
+        if state is not None and state.delivered is not None and m.seq <= state.delivered:
+            self._in_flight.discard(cmid)
+            self._emit(ack_frame(m, dup=True))
+            return []
+        return self.deliver(m)
+
+    def send_failed(self, cmid: str, code: ErrorCode, message: str) -> None:
+        self._in_flight.discard(cmid)
+        self._error(code, message, cmid)
+
+    def event(self, frame: object) -> None:
+        """An ephemeral frame (typing, receipt) for this device."""
+        if self.state is State.OPEN:
+            self._emit(frame)
+
+    def check_timers(self) -> list[cmd.Command]:
+        """Call about once a second: closes connections that never authenticated or went silent."""
+        now = self._clock()
+        if self.state in (State.AWAIT_AUTH, State.AUTHENTICATING):
+            if now - self._opened_at > self.limits.auth_timeout:
+                return self.close(ErrorCode.AUTH_TIMEOUT, "no auth frame in time", reconnect=False)
+        elif self.state is State.OPEN and now - self._last_rx > self.limits.idle_timeout:
+            return self.close(ErrorCode.IDLE_TIMEOUT, f"silent for {self.limits.idle_timeout:g}s")
+        return []
+
+    def close(self, code: ErrorCode, message: str, reconnect: bool = True) -> list[cmd.Command]:
+        """Say ``bye`` and ask the transport to close."""
+        if self.state is State.CLOSED:
+            return []
+        self._emit(Bye(code=code.value, message=message, reconnect=reconnect))
+        self.state = State.CLOSED
+        return [cmd.Close(code, message)]
+
+    # --- output --------------------------------------------------------------------------------------
+
+    def data_to_send(self) -> list[bytes]:
+        """Encoded frames to write, in order; empties the queue."""
+        out, self._out = self._out, []
+        return out
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def conversations(self) -> dict[str, ConvCursor]:
+        return self._convs
+
+    def _write(self, m: StoredMessage) -> None:
+        if m.sender == self.uid and m.device == self.device and m.cmid in self._in_flight:
+            self._in_flight.discard(m.cmid)
+            self._emit(ack_frame(m))
+        else:
+            self._out.append(self._cache.msg(m, self.encoding or Encoding.JSON))
+
+    def _maybe_synced(self, convs: int) -> None:
+        if self._initial is not None and not self._initial:
+            self._initial = None
+            self._emit(Synced(convs=convs))
+
+    def _emit(self, frame: object) -> None:
+        self._out.append(encode(frame, self.encoding or Encoding.JSON))
+
+    def _error(self, code: ErrorCode, message: str, ref: str | None = None) -> None:
+        self._emit(Error(code=code.value, message=message, ref=ref))

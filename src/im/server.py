@@ -1,0 +1,186 @@
+"""The composition root: configuration in, running backends and listeners out.
+
+This is the one place that chooses implementations (``store.kind`` -> store class, ...). The core and
+the transports receive what they need as arguments and never look at the configuration themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from im.api.app import create_app
+from im.backends.base import AccountStore, ChatStore, Presence, Registry, Router, ServiceInstance
+from im.backends.memory import MemoryPresence, MemoryRegistry, MemoryRouter
+from im.backends.sqlite_accounts import SqliteAccountStore
+from im.backends.sqlite_chat import SqliteChatStore
+from im.backends.sqlite_db import SqliteDatabase
+from im.config import Config
+from im.core.accounts import AccountService
+from im.core.chat import ChatService
+from im.gateway.hub import Hub
+from im.gateway.ws import WS_PATH, serve_websocket
+from im.protocol.session import Limits
+
+log = logging.getLogger("im")
+
+
+@dataclass
+class Backends:
+    chat_store: ChatStore
+    account_store: AccountStore
+    presence: Presence
+    router: Router
+    registry: Registry
+    closers: list[Callable[[], object]] = field(default_factory=list)
+
+
+def build_backends(config: Config) -> Backends:
+    """Map configuration to backend implementations (the only switch on kinds in the code base)."""
+    if config.store.kind == "sqlite":
+        db = SqliteDatabase(config.data_dir / "im.sqlite3")
+        chat_store: ChatStore = SqliteChatStore(db)
+        account_store: AccountStore = SqliteAccountStore(db)
+    else:  # pragma: no cover - validated by Config
+        raise ValueError(config.store.kind)
+    return Backends(chat_store, account_store, MemoryPresence(), MemoryRouter(), MemoryRegistry())
+
+
+def load_secret(config: Config) -> bytes:
+    """The token-signing key: configured, or generated once and kept in the data directory."""
+    if config.auth.secret:
+        return config.auth.secret.encode()
+    path = config.data_dir / "secret.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(48))
+        path.chmod(0o600)
+    return path.read_text().strip().encode()
+
+
+def session_limits(config: Config) -> Limits:
+    lim, gw = config.limits, config.gateway
+    return Limits(
+        max_frame_bytes=lim.max_frame_bytes, max_body_bytes=lim.max_body_bytes, max_cmid_length=lim.max_cmid_length,
+        max_device_length=lim.max_device_length, max_in_flight=lim.max_in_flight, send_rate=lim.send_rate,
+        typing_rate=lim.typing_rate, auth_timeout=gw.auth_timeout, idle_timeout=gw.idle_timeout,
+    )
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handlers: the composition root owns shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class EmbeddedServer:
+    """``im serve``: HTTP API and WebSocket gateway in one process, on embedded backends."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.backends = build_backends(config)
+        b = self.backends
+        auth = config.auth
+        self.accounts = AccountService(
+            b.account_store, secret=load_secret(config), access_ttl=auth.access_ttl, refresh_ttl=auth.refresh_ttl,
+            argon2_time_cost=auth.argon2_time_cost, argon2_memory_kib=auth.argon2_memory_kib,
+            argon2_parallelism=auth.argon2_parallelism, min_password_length=auth.min_password_length,
+        )
+        self.chat = ChatService(
+            b.chat_store, b.account_store, b.router, b.presence, node=config.gateway.node_id,
+            max_batch=config.store.max_batch, max_group_members=config.limits.max_group_members,
+            history_page_max=config.limits.history_page_max,
+        )
+        gw = config.gateway
+        self.hub = Hub(
+            gw.node_id, self.chat, self.accounts, limits=session_limits(config), replay_page=gw.replay_page,
+            max_send_buffer=gw.max_send_buffer,
+        )
+        self.ws_url = ""
+        self.http_url = ""
+        self._stop = asyncio.Event()
+
+    async def _pick_gateway(self) -> dict[str, str] | None:
+        live = await self.backends.registry.instances("gateway")
+        if not live:
+            return None
+        best = min(live, key=lambda i: i.load)
+        return {"node": best.node, **best.addresses}
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, ready: Callable[[EmbeddedServer], None] | None = None) -> None:
+        cfg = self.config
+        b = self.backends
+        await b.chat_store.start()
+        await b.account_store.start()
+        self.chat.start()
+        self.hub.start()
+        ws_server = await serve_websocket(self.hub, cfg.gateway.host, cfg.gateway.ws_port)
+        ws_port = ws_server.sockets[0].getsockname()[1]
+        self.ws_url = cfg.gateway.public_ws_url or f"ws://{cfg.gateway.host}:{ws_port}{WS_PATH}"
+        await b.registry.register(
+            ServiceInstance("gateway", cfg.gateway.node_id, {"ws": self.ws_url}), ttl=30.0
+        )
+        app = create_app(self.accounts, self.chat, self._pick_gateway, cfg.limits)
+        http_sock = _bind(cfg.http.host, cfg.http.port)
+        http_port = http_sock.getsockname()[1]
+        self.http_url = cfg.http.public_url or f"http://{cfg.http.host}:{http_port}"
+        uv = _Uvicorn(
+            uvicorn.Config(app, lifespan="off", log_level=cfg.log_level, access_log=False, ws="none")
+        )
+        http_task = asyncio.create_task(uv.serve(sockets=[http_sock]), name="im-http")
+        while not uv.started and not http_task.done():
+            await asyncio.sleep(0.01)
+        if http_task.done():
+            http_task.result()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        if ready is not None:
+            ready(self)
+        load_task = asyncio.create_task(self._report_load(), name="im-load")
+        await self._stop.wait()
+        log.info("stopping: draining in-flight sends")
+        load_task.cancel()
+        # 1. Take no new work: deregister, stop accepting, stop reading from clients.
+        await b.registry.deregister(cfg.gateway.node_id)
+        ws_server.close()
+        self.hub.pause_all()
+        # 2. Every queued send is committed and acked, or refused: never acked without being stored.
+        await self.chat.stop()
+        await asyncio.sleep(0)  # let the acks of the last batch be written
+        # 3. Tell clients to move, flush cursors, close the HTTP side and the store.
+        await self.hub.drain_and_close()
+        await asyncio.sleep(0.1)
+        uv.should_exit = True
+        await http_task
+        await b.account_store.close()
+        await b.chat_store.close()
+        log.info("stopped")
+
+    async def _report_load(self) -> None:
+        while True:
+            await asyncio.sleep(5.0)
+            await self.backends.registry.update_load(self.config.gateway.node_id, self.hub.connections)

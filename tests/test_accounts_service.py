@@ -1,0 +1,213 @@
+"""AccountService over a real SQLite store: passwords, tokens, rotation, reuse detection, revocation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import jwt
+import pytest
+
+from im.backends.sqlite_accounts import SqliteAccountStore
+from im.backends.sqlite_db import SqliteDatabase
+from im.core.accounts import AccountService, Principal
+from im.protocol.errors import ErrorCode, ImError
+
+SECRET = b"test-secret-0123456789abcdef"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteAccountStore]:
+    s = SqliteAccountStore(SqliteDatabase(tmp_path / "im.db"))
+    await s.start()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def make_service(store: SqliteAccountStore, clock: Clock, **kw: object) -> AccountService:
+    args: dict[str, object] = {
+        "secret": SECRET,
+        "access_ttl": 60.0,
+        "refresh_ttl": 3600.0,
+        "argon2_time_cost": 1,
+        "argon2_memory_kib": 8,
+        "argon2_parallelism": 1,
+        "min_password_length": 8,
+        "clock": clock,
+    }
+    args.update(kw)
+    return AccountService(store, **args)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def accounts(store: SqliteAccountStore, clock: Clock) -> AccountService:
+    return make_service(store, clock)
+
+
+async def refused(code: ErrorCode, aw: object) -> ImError:
+    with pytest.raises(ImError) as info:
+        await aw  # type: ignore[misc]
+    assert info.value.code is code, info.value
+    return info.value
+
+
+async def test_register_validates_and_refuses_taken_names(accounts: AccountService) -> None:
+    user = await accounts.register("Alice", "password1", "Alice Liddell")
+    assert user.username == "Alice" and user.display_name == "Alice Liddell"
+    assert (await accounts.register("bob", "password1")).display_name == "bob"
+    await refused(ErrorCode.CONFLICT, accounts.register("alice", "password2"))
+    for bad in ("ab", "x" * 33, "has space", "émile", "semi;colon", ""):
+        await refused(ErrorCode.INVALID, accounts.register(bad, "password1"))
+    await refused(ErrorCode.INVALID, accounts.register("carol", "short"))
+    await refused(ErrorCode.INVALID, accounts.register("carol", "p" * 2000))
+    await refused(ErrorCode.INVALID, accounts.register("carol", "password1", "   "))
+    await refused(ErrorCode.INVALID, accounts.register("carol", "password1", "x" * 65))
+    assert (await accounts.register("c.a-r_ol", "password1")).uid > user.uid
+
+
+async def test_password_is_hashed_with_argon2id(accounts: AccountService, store: SqliteAccountStore) -> None:
+    await accounts.register("alice", "password1")
+    found = await store.find_user("alice")
+    assert found is not None and found[1].startswith("$argon2id$") and "password1" not in found[1]
+
+
+async def test_login_and_authenticate(accounts: AccountService, clock: Clock) -> None:
+    user = await accounts.register("alice", "password1")
+    tokens = await accounts.login("ALICE", "password1")
+    assert tokens.uid == user.uid and tokens.token_type == "bearer" and tokens.expires_in == 60
+    claims = jwt.decode(tokens.access_token, options={"verify_signature": False})
+    assert claims["sub"] == str(user.uid) and claims["typ"] == "access"
+    assert claims["exp"] - claims["iat"] == 60
+    sid = tokens.refresh_token.split(".", 1)[0]
+    assert claims["sid"] == sid
+    assert await accounts.authenticate(tokens.access_token) == Principal(uid=user.uid, sid=sid)
+    clock.now += 61
+    await refused(ErrorCode.AUTH_FAILED, accounts.authenticate(tokens.access_token))
+
+
+async def test_bad_credentials_look_the_same(accounts: AccountService) -> None:
+    await accounts.register("alice", "password1")
+    wrong = await refused(ErrorCode.BAD_CREDENTIALS, accounts.login("alice", "password2"))
+    unknown = await refused(ErrorCode.BAD_CREDENTIALS, accounts.login("nobody", "password1"))
+    assert wrong.message == unknown.message
+
+
+async def test_forged_or_foreign_tokens_fail(
+    accounts: AccountService, store: SqliteAccountStore, clock: Clock
+) -> None:
+    await accounts.register("alice", "password1")
+    tokens = await accounts.login("alice", "password1")
+    other = make_service(store, clock, secret=b"another-secret-0123456789abcdef")
+    await refused(ErrorCode.AUTH_FAILED, other.authenticate(tokens.access_token))
+    for bad in ("", "garbage", tokens.access_token + "x", tokens.refresh_token):
+        await refused(ErrorCode.AUTH_FAILED, accounts.authenticate(bad))
+    claims = {"sub": "1", "sid": "x", "iat": 1, "exp": 2**40, "typ": "access"}
+    unsigned = jwt.encode(claims, "", algorithm="none")
+    await refused(ErrorCode.AUTH_FAILED, accounts.authenticate(unsigned))
+
+
+async def test_refresh_rotates(accounts: AccountService) -> None:
+    user = await accounts.register("alice", "password1")
+    first = await accounts.login("alice", "password1")
+    second = await accounts.refresh(first.refresh_token)
+    assert second.uid == user.uid and second.refresh_token != first.refresh_token
+    third = await accounts.refresh(second.refresh_token)
+    principal = await accounts.authenticate(third.access_token)
+    assert principal.uid == user.uid
+    assert principal.sid == first.refresh_token.split(".")[0]  # same session throughout
+
+
+async def test_refresh_token_reuse_revokes_the_session(accounts: AccountService) -> None:
+    await accounts.register("alice", "password1")
+    first = await accounts.login("alice", "password1")
+    second = await accounts.refresh(first.refresh_token)
+    await refused(ErrorCode.AUTH_FAILED, accounts.refresh(first.refresh_token))  # reuse: stolen token
+    # The legitimate holder's newer tokens are dead too.
+    await refused(ErrorCode.AUTH_FAILED, accounts.refresh(second.refresh_token))
+    await refused(ErrorCode.AUTH_FAILED, accounts.authenticate(second.access_token))
+    # Other sessions are untouched.
+    other = await accounts.login("alice", "password1")
+    await accounts.authenticate(other.access_token)
+
+
+async def test_concurrent_refresh_with_one_token_lets_one_win_at_most(accounts: AccountService) -> None:
+    await accounts.register("alice", "password1")
+    first = await accounts.login("alice", "password1")
+    attempts = (accounts.refresh(first.refresh_token) for _ in range(3))
+    results = await asyncio.gather(*attempts, return_exceptions=True)
+    assert sum(not isinstance(r, BaseException) for r in results) <= 1
+    assert any(isinstance(r, ImError) and r.code is ErrorCode.AUTH_FAILED for r in results)
+
+
+async def test_refresh_rejects_garbage_and_expired(accounts: AccountService, clock: Clock) -> None:
+    await accounts.register("alice", "password1")
+    for bad in ("", ".", "nosid", "unknown.token"):
+        await refused(ErrorCode.AUTH_FAILED, accounts.refresh(bad))
+    tokens = await accounts.login("alice", "password1")
+    clock.now += 3601
+    await refused(ErrorCode.AUTH_FAILED, accounts.refresh(tokens.refresh_token))
+
+
+async def test_logout_ends_refresh_and_access(accounts: AccountService) -> None:
+    await accounts.register("alice", "password1")
+    tokens = await accounts.login("alice", "password1")
+    principal = await accounts.authenticate(tokens.access_token)  # now cached as live
+    await accounts.logout(principal.sid)
+    await refused(ErrorCode.AUTH_FAILED, accounts.authenticate(tokens.access_token))
+    await refused(ErrorCode.AUTH_FAILED, accounts.refresh(tokens.refresh_token))
+
+
+async def test_logout_through_another_process_takes_effect_after_the_cache_ttl(
+    store: SqliteAccountStore, clock: Clock
+) -> None:
+    api = make_service(store, clock, session_cache_ttl=0.05)
+    gateway = make_service(store, clock, session_cache_ttl=0.05)
+    await api.register("alice", "password1")
+    tokens = await api.login("alice", "password1")
+    principal = await gateway.authenticate(tokens.access_token)
+    await api.logout(principal.sid)
+    await asyncio.sleep(0.06)
+    await refused(ErrorCode.AUTH_FAILED, gateway.authenticate(tokens.access_token))
+
+
+async def test_login_rehashes_when_parameters_change(store: SqliteAccountStore, clock: Clock) -> None:
+    await make_service(store, clock).register("alice", "password1")
+    before = await store.find_user("alice")
+    stronger = make_service(store, clock, argon2_time_cost=2)
+    await stronger.login("alice", "password1")
+    after = await store.find_user("alice")
+    assert before is not None and after is not None
+    assert before[1] != after[1] and "t=2" in after[1]
+    await stronger.login("alice", "password1")  # still verifies
+    again = await store.find_user("alice")
+    assert again is not None and again[1] == after[1]  # no rehash when nothing changed
+
+
+async def test_contacts_rules(accounts: AccountService) -> None:
+    alice = await accounts.register("alice", "password1")
+    bob = await accounts.register("bob", "password1")
+    await refused(ErrorCode.INVALID, accounts.add_contact(alice.uid, alice.uid))
+    await refused(ErrorCode.NOT_FOUND, accounts.add_contact(alice.uid, 9999))
+    await accounts.add_contact(alice.uid, bob.uid)
+    assert await accounts.contacts(alice.uid) == [bob]
+    await accounts.remove_contact(alice.uid, bob.uid)
+    await refused(ErrorCode.NOT_FOUND, accounts.remove_contact(alice.uid, bob.uid))
+
+
+async def test_short_secret_is_refused(store: SqliteAccountStore, clock: Clock) -> None:
+    with pytest.raises(ValueError):
+        make_service(store, clock, secret=b"short")

@@ -1,0 +1,113 @@
+"""SqliteAccountStore on a real SQLite file."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from im.backends.base import AuthSession, Conflict
+from im.backends.sqlite_accounts import SqliteAccountStore
+from im.backends.sqlite_db import SqliteDatabase
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteAccountStore]:
+    s = SqliteAccountStore(SqliteDatabase(tmp_path / "im.db"))
+    await s.start()
+    yield s
+    await s.close()
+
+
+async def test_create_and_get_user(store: SqliteAccountStore) -> None:
+    alice = await store.create_user("Alice", "Alice A.", "hash-a", 100)
+    assert alice.uid > 0 and alice.username == "Alice" and alice.created_at == 100
+    assert await store.get_user(alice.uid) == alice
+    assert await store.get_user(alice.uid + 1000) is None
+    bob = await store.create_user("bob", "Bob", "hash-b", 101)
+    assert await store.get_users([bob.uid, alice.uid, 999, bob.uid]) == {alice.uid: alice, bob.uid: bob}
+    assert await store.get_users([]) == {}
+
+
+async def test_usernames_unique_ignoring_case(store: SqliteAccountStore) -> None:
+    await store.create_user("Alice", "A", "h", 1)
+    for name in ("alice", "ALICE", "Alice"):
+        with pytest.raises(Conflict):
+            await store.create_user(name, "other", "h", 2)
+    found = await store.find_user("aLiCe")
+    assert found is not None
+    user, password_hash = found
+    assert user.username == "Alice" and password_hash == "h"
+    assert await store.find_user("alic") is None
+
+
+async def test_set_password_hash(store: SqliteAccountStore) -> None:
+    u = await store.create_user("carol", "Carol", "old", 1)
+    await store.set_password_hash(u.uid, "new")
+    found = await store.find_user("carol")
+    assert found is not None and found[1] == "new"
+
+
+async def test_search_prefix_on_name_and_display_name(store: SqliteAccountStore) -> None:
+    await store.create_user("alice", "Wonderland", "h", 1)
+    await store.create_user("alfred", "Butler", "h", 1)
+    await store.create_user("bob", "Alien Bob", "h", 1)
+    await store.create_user("a_b", "x", "h", 1)
+    await store.create_user("axb", "x", "h", 1)
+    names = [u.username for u in await store.search_users("AL", 10)]
+    assert names == ["alfred", "alice", "bob"]
+    assert [u.username for u in await store.search_users("wonder", 10)] == ["alice"]
+    assert len(await store.search_users("al", 2)) == 2
+    # LIKE wildcards in the prefix are literal.
+    assert [u.username for u in await store.search_users("a_", 10)] == ["a_b"]
+    assert await store.search_users("%", 10) == []
+
+
+async def test_sessions_rotate_and_revoke(store: SqliteAccountStore) -> None:
+    u = await store.create_user("dave", "Dave", "h", 1)
+    await store.create_session(AuthSession("s1", u.uid, refresh_hash="r1", expires_at=50, revoked=False))
+    assert await store.get_session("s1") == AuthSession("s1", u.uid, "r1", 50, False)
+    assert await store.get_session("nope") is None
+
+    assert await store.rotate_refresh("s1", "r1", "r2", 60)
+    assert await store.get_session("s1") == AuthSession("s1", u.uid, "r2", 60, False)
+    # The old hash no longer matches: no swap.
+    assert not await store.rotate_refresh("s1", "r1", "r3", 70)
+    assert (s := await store.get_session("s1")) is not None and s.refresh_hash == "r2"
+
+    await store.revoke_session("s1")
+    revoked = await store.get_session("s1")
+    assert revoked is not None and revoked.revoked
+    # A revoked session never rotates again, even with the current hash.
+    assert not await store.rotate_refresh("s1", "r2", "r4", 80)
+    assert not await store.rotate_refresh("unknown", "r2", "r4", 80)
+
+
+async def test_contacts(store: SqliteAccountStore) -> None:
+    a = await store.create_user("ann", "Ann", "h", 1)
+    b = await store.create_user("Ben", "Ben", "h", 1)
+    c = await store.create_user("cid", "Cid", "h", 1)
+    await store.add_contact(a.uid, c.uid, 5)
+    await store.add_contact(a.uid, b.uid, 5)
+    await store.add_contact(a.uid, b.uid, 6)  # idempotent
+    assert [u.uid for u in await store.list_contacts(a.uid)] == [b.uid, c.uid]
+    assert await store.list_contacts(b.uid) == []  # contacts are one-way
+    assert await store.remove_contact(a.uid, b.uid)
+    assert not await store.remove_contact(a.uid, b.uid)
+    assert [u.uid for u in await store.list_contacts(a.uid)] == [c.uid]
+
+
+async def test_data_survives_reopen(tmp_path: Path) -> None:
+    s = SqliteAccountStore(SqliteDatabase(tmp_path / "im.db"))
+    await s.start()
+    u = await s.create_user("erin", "Erin", "h", 1)
+    await s.close()
+    s = SqliteAccountStore(SqliteDatabase(tmp_path / "im.db"))
+    await s.start()
+    try:
+        assert await s.get_user(u.uid) == u
+        with pytest.raises(Conflict):
+            await s.create_user("ERIN", "E", "h", 2)
+    finally:
+        await s.close()
