@@ -1,0 +1,30 @@
+"""Fixtures: a real ``im serve`` subprocess per test, and the history checker run on every test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.checker import History
+from tests.support.server import ServerProcess
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    proc = ServerProcess(tmp_path / "data").start()
+    yield proc
+    code = proc.stop()
+    assert code == 0, f"im serve exited with {code} on SIGTERM:\n{proc.log()[-4000:]}"
+    assert "Traceback" not in proc.log(), proc.log()[-4000:]
+
+
+@pytest.fixture
+async def history(server: ServerProcess) -> AsyncIterator[History]:
+    """Every client made through ``history`` records what it sent, got acked and received; after the
+    test the checker verifies C1-C6 against the server's stored log."""
+    h = History(server)
+    yield h
+    await h.close_all()
+    await h.check()

@@ -1,0 +1,88 @@
+"""A real ``im serve`` subprocess on free ports, for end-to-end tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+FAST_ARGON2 = [
+    "--set", "auth.argon2_time_cost=1", "--set", "auth.argon2_memory_kib=1024", "--set", "auth.argon2_parallelism=1",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    data_dir: Path
+    extra: list[str] = field(default_factory=list)
+    http_port: int = field(default_factory=free_port)
+    ws_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def api(self) -> str:
+        return f"{self.http}/api/v1"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.ws_port}/ws"
+
+    def start(self, timeout: float = 20.0) -> ServerProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir / "server.log"
+        cmd = [
+            sys.executable, "-m", "im", "serve", "--data-dir", str(self.data_dir),
+            "--http-port", str(self.http_port), "--ws-port", str(self.ws_port), *FAST_ARGON2, *self.extra,
+        ]
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"im serve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.api}/health", timeout=1).status_code == 200:
+                    with socket.create_connection(("127.0.0.1", self.ws_port), timeout=1):
+                        return self
+            except (httpx.HTTPError, OSError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"im serve did not start in {timeout}s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Stop the server (SIGTERM: graceful; SIGKILL: crash) and return its exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        return self.proc.returncode
+
+    def restart(self, sig: int = signal.SIGTERM) -> ServerProcess:
+        self.stop(sig)
+        return self.start()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
