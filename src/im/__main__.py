@@ -1,1 +1,5 @@
-from im.cli import main; raise SystemExit(main())
+"""``python -m im``: the same as the ``im`` command."""
+
+from im.cli import main
+
+raise SystemExit(main())

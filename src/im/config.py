@@ -58,7 +58,7 @@ class LimitsConfig(BaseModel):
 
 class AuthConfig(BaseModel):
     #: HMAC key for access tokens; generated and kept in the data directory when not set.
-    secret: str | None = None
+    secret: str | None = Field(None, min_length=16)
     access_ttl: float = Field(900.0, gt=0)
     refresh_ttl: float = Field(30 * 24 * 3600.0, gt=0)
     #: argon2id cost; lower only for tests.

@@ -8,6 +8,7 @@ C3 no holes in any conversation's seqs                    with no gap, across re
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
@@ -75,10 +76,8 @@ class History:
 
     async def close_all(self) -> None:
         for c in self.clients:
-            try:
+            with contextlib.suppress(Exception):
                 await c.close()
-            except Exception:  # noqa: BLE001 - a test may have killed the server
-                pass
 
     async def _log(self, conv: str) -> list[dict[str, Any]] | None:
         """The whole stored log of ``conv``, read through the API as some current member."""

@@ -229,7 +229,7 @@ class SqliteChatStore(ChatStore):
                 if row[1] == "direct":
                     a, b = (int(x) for x in row[0][2:].split(":"))
                     peers[row[0]] = b if a == uid else a
-            names = {}
+            names: dict[int, str] = {}
             if peers:
                 ids = sorted(set(peers.values()))
                 for chunk in _chunks(ids):
@@ -242,7 +242,7 @@ class SqliteChatStore(ChatStore):
                 conv, kind, last_seq, read_seq, gname = row[:5]
                 last = _msg(row[5:]) if row[5] is not None else None
                 peer = peers.get(conv)
-                title = gname if kind == "group" else names.get(peer, f"user {peer}")
+                title = gname if kind == "group" else names.get(peer or 0, f"user {peer}")
                 out.append(
                     ConversationSummary(
                         conv=conv, kind=kind, title=str(title), last_seq=last_seq, read_seq=read_seq,

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -279,7 +279,7 @@ class ChatService:
         p: _Pass,
         item: _Send,
         conv: str,
-        known: dict[int, object],
+        known: Mapping[int, object],
         now_ms: int,
         heads_before: dict[str, int],
         in_batch: dict[tuple[int, str, str], StoredMessage],
