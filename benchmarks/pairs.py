@@ -179,6 +179,7 @@ def main() -> None:
                 p.start()
             for _ in procs:
                 assert out.get(timeout=120) == "ready"
+            print(f"server pid {server.proc.pid}", flush=True)
             time.sleep(args.warmup)
             cpu0, t0 = cpu_seconds(server.proc.pid), time.monotonic()
             start.set()

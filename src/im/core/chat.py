@@ -83,6 +83,7 @@ class _Pass:
     op_futures: list[asyncio.Future[None]] = field(default_factory=list)
     recipients: list[list[int]] = field(default_factory=list)  # per routed message
     routed: list[StoredMessage] = field(default_factory=list)
+    read_marks: dict[tuple[int, str], int] = field(default_factory=dict)  # coalesced per (uid, conv)
 
 
 class ChatService:
@@ -254,6 +255,7 @@ class ChatService:
                     p.acks.append((_refuser(item.done, err), _NO_MESSAGE, False))
                 elif not item.done.done():
                     item.done.set_exception(err)
+        p.batch.read_marks = [(uid, conv, seq) for (uid, conv), seq in p.read_marks.items()]
         for conv, before in heads_before.items():
             state = self._states[conv]
             p.batch.heads[conv] = (before, state.last_seq, now_ms)
@@ -316,7 +318,7 @@ class ChatService:
         )
         in_batch[key] = m
         p.batch.messages.append(m)
-        p.batch.read_marks.append((req.uid, conv, m.seq))
+        p.read_marks[(req.uid, conv)] = m.seq  # a sender has read up to its own message
         p.acks.append((item.done, m, False))
         p.routed.append(m)
         p.recipients.append(list(state.members))

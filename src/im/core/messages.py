@@ -5,6 +5,8 @@ A message delivered to many devices is encoded once per encoding, not once per d
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import msgspec
 
 from im.backends.base import StoredMessage
@@ -28,18 +30,18 @@ def ack_frame(m: StoredMessage, dup: bool = False) -> Ack:
 
 
 class EncodedCache:
-    """Per-message encoded ``msg`` frames, keyed by (conv, seq) and encoding; bounded FIFO."""
+    """Per-message encoded ``msg`` frames, keyed by (conv, seq), one bounded FIFO per encoding."""
 
     def __init__(self, capacity: int = 4096) -> None:
         self._capacity = capacity
-        self._frames: dict[tuple[str, int, Encoding], bytes] = {}
+        self._frames: dict[Encoding, OrderedDict[tuple[str, int], bytes]] = {e: OrderedDict() for e in Encoding}
 
     def msg(self, m: StoredMessage, encoding: Encoding) -> bytes:
-        key = (m.conv, m.seq, encoding)
-        data = self._frames.get(key)
+        frames = self._frames[encoding]
+        key = (m.conv, m.seq)
+        data = frames.get(key)
         if data is None:
-            data = encode(msg_frame(m, encoding), encoding)
-            if len(self._frames) >= self._capacity:
-                del self._frames[next(iter(self._frames))]
-            self._frames[key] = data
+            data = frames[key] = encode(msg_frame(m, encoding), encoding)
+            if len(frames) > self._capacity:
+                frames.popitem(last=False)
         return data

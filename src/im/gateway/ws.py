@@ -30,6 +30,22 @@ _CLOSE_CODES = {
 }
 
 
+def _frame_many(payloads: list[bytes], binary: bool) -> bytes:
+    """Unmasked server-to-client WebSocket frames (RFC 6455 section 5.2), concatenated."""
+    first = 0x82 if binary else 0x81  # FIN + opcode
+    parts: list[bytes] = []
+    for data in payloads:
+        n = len(data)
+        if n < 126:
+            parts.append(bytes((first, n)))
+        elif n < 65536:
+            parts.append(bytes((first, 126)) + n.to_bytes(2, "big"))
+        else:
+            parts.append(bytes((first, 127)) + n.to_bytes(8, "big"))
+        parts.append(data)
+    return b"".join(parts)
+
+
 class WsConnection(WSListener, Connection):  # type: ignore[misc]
     def __init__(self, hub: Hub) -> None:
         WSListener.__init__(self)
@@ -81,9 +97,10 @@ class WsConnection(WSListener, Connection):  # type: ignore[misc]
         t = self.transport
         if t is None or t.is_disconnected:
             return
-        kind = WSMsgType.BINARY if binary else WSMsgType.TEXT
-        for data in frames:
-            t.send(kind, data)
+        if len(frames) == 1:
+            t.send(WSMsgType.BINARY if binary else WSMsgType.TEXT, frames[0])
+        else:  # many frames, one write: one system call instead of one per frame
+            t.underlying_transport.write(_frame_many(frames, binary))
 
     def close_transport(self, code: ErrorCode) -> None:
         t = self.transport
