@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -36,8 +36,6 @@ class GatewayConfig(BaseModel):
     #: Bytes queued for a client beyond which it is disconnected (policy "disconnect": it resumes later
     #: from its cursors, nothing is lost).
     max_send_buffer: int = Field(4 * 1024 * 1024, ge=64 * 1024)
-    #: Seconds given to clients to finish in-flight sends at shutdown.
-    drain_timeout: float = Field(5.0, ge=0)
 
 
 class LimitsConfig(BaseModel):
@@ -66,6 +64,12 @@ class AuthConfig(BaseModel):
     argon2_memory_kib: int = Field(65536, ge=8)
     argon2_parallelism: int = Field(4, ge=1)
     min_password_length: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _argon2_memory_fits(self) -> AuthConfig:
+        if self.argon2_memory_kib < 8 * self.argon2_parallelism:
+            raise ValueError("argon2_memory_kib must be at least 8 x argon2_parallelism")
+        return self
 
 
 class StoreConfig(BaseModel):

@@ -2,7 +2,7 @@
 
 The IM rules (seq assignment, dedupe, membership, cursors) live in ``im.core``; a backend only stores,
 looks up and carries. Every interface has an in-process implementation that ``im serve`` uses and that
-the shared contract tests in ``tests/contract`` exercise; engine-backed ones (PostgreSQL, Redis, etcd)
+the shared contract tests exercise; engine-backed ones (PostgreSQL, Redis, etcd)
 must pass the same suite.
 """
 

@@ -102,6 +102,8 @@ class SqliteChatStore(ChatStore):
                     if ch.role is None:
                         conn.execute("DELETE FROM members WHERE conv=? AND uid=?", (ch.conv, ch.uid))
                     else:
+                        if ch.role == "owner" and ch.conv.startswith("g:"):
+                            conn.execute("UPDATE groups SET owner=? WHERE gid=?", (ch.uid, int(ch.conv[2:])))
                         conn.execute(
                             "INSERT INTO members (conv, uid, role, joined_seq, read_seq) VALUES (?, ?, ?, ?, ?)"
                             " ON CONFLICT (conv, uid) DO UPDATE SET role=excluded.role",

@@ -19,6 +19,7 @@ from im.core.accounts import AccountService
 from im.core.chat import ChatService, SendRequest
 from im.core.messages import EncodedCache
 from im.protocol import commands as cmd
+from im.protocol.codec import Encoding
 from im.protocol.errors import ErrorCode, ImError
 from im.protocol.frames import Receipt, TypingEvent
 from im.protocol.session import Limits, ServerSession, State
@@ -72,11 +73,11 @@ class Connection(abc.ABC):
         self._dirty = False
         frames = self.session.data_to_send()
         if frames and not self.closed:
-            self.write(frames, self.session.encoding is not None and self.session.encoding.value == "msgpack")
+            self.write(frames, self.session.encoding is Encoding.MSGPACK)
             if self.buffered() > self.hub.max_send_buffer:
                 log.info("closing slow consumer uid=%s device=%s", self.session.uid, self.session.device)
-                self.run(self.session.close(ErrorCode.SLOW_CONSUMER, "too far behind; resume from cursors"))
-                frames = self.session.data_to_send()
+                self.session.close(ErrorCode.SLOW_CONSUMER, "too far behind; resume from cursors")
+                self.write(self.session.data_to_send(), self.session.encoding is Encoding.MSGPACK)
                 self.close_transport(ErrorCode.SLOW_CONSUMER)
 
     def mark_dirty(self) -> None:

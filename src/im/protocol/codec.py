@@ -42,7 +42,7 @@ def _explain(data: bytes, encoding: Encoding, exc: Exception) -> ImError:
     """Slow path, only for bad input: tell an unknown kind from a malformed frame."""
     try:
         raw = (_json_any if encoding is Encoding.JSON else _msgpack_any).decode(data)
-    except (msgspec.DecodeError, ValueError):
+    except (msgspec.DecodeError, ValueError, RecursionError):
         return ImError(ErrorCode.BAD_FRAME, f"not valid {encoding.value}")
     if not isinstance(raw, dict):
         return ImError(ErrorCode.BAD_FRAME, "a frame must be an object")
@@ -61,6 +61,8 @@ def decode_client(data: bytes, encoding: Encoding) -> ClientFrame:
         frame: ClientFrame = decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
         raise _explain(data, encoding, exc) from None
+    except RecursionError:
+        raise ImError(ErrorCode.BAD_FRAME, "nested too deeply") from None
     return frame
 
 

@@ -97,7 +97,9 @@ class Msg(msgspec.Struct, tag_field="t", tag="msg", frozen=True, rename={"sender
 
 
 class Ack(msgspec.Struct, tag_field="t", tag="ack", frozen=True):
-    """The send ``cmid`` is durably stored as ``seq`` of ``conv``. ``dup``: it was stored before."""
+    """The send ``cmid`` is durably stored as ``seq`` of ``conv``. ``dup``: that seq was already
+    delivered on this connection (as a ``msg`` of a replay, or an earlier ack), so this ack does not
+    advance the device's stream; otherwise the ack is the message's place in the stream."""
 
     cmid: str
     conv: str

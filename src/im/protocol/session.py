@@ -210,9 +210,13 @@ class ServerSession:
         elif not self._send_bucket.take(self._clock()):
             problem = (ErrorCode.RATE_LIMITED, f"more than {self.limits.send_rate:g} sends per second")
         if problem is None:
-            body = _json_encoder.encode(frame.body)
-            if len(body) > self.limits.max_body_bytes:
-                problem = (ErrorCode.TOO_LARGE, f"body of {len(body)} bytes > {self.limits.max_body_bytes}")
+            try:
+                body = _json_encoder.encode(frame.body)
+            except (TypeError, ValueError, RecursionError):  # e.g. MessagePack extension types
+                body = b""
+                problem = (ErrorCode.INVALID, "the body must be plain JSON data")
+        if problem is None and len(body) > self.limits.max_body_bytes:
+            problem = (ErrorCode.TOO_LARGE, f"body of {len(body)} bytes > {self.limits.max_body_bytes}")
         if problem is not None:
             self._error(problem[0], problem[1], cmid)
             return []
@@ -337,7 +341,7 @@ class ServerSession:
         now = self._clock()
         if self.state in (State.AWAIT_AUTH, State.AUTHENTICATING):
             if now - self._opened_at > self.limits.auth_timeout:
-                return self.close(ErrorCode.AUTH_TIMEOUT, "no auth frame in time", reconnect=False)
+                return self.close(ErrorCode.AUTH_TIMEOUT, "no auth frame in time")
         elif self.state is State.OPEN and now - self._last_rx > self.limits.idle_timeout:
             return self.close(ErrorCode.IDLE_TIMEOUT, f"silent for {self.limits.idle_timeout:g}s")
         return []
