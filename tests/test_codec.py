@@ -129,3 +129,14 @@ def test_msg_uses_from_on_the_wire() -> None:
     data = encode(Msg(conv="g:1", seq=2, mid="9", sender=3, dev="d", cmid="c", ts=1, type="t", body=1), Encoding.JSON)
     decoded = msgspec.json.decode(data)
     assert decoded["t"] == "msg" and decoded["from"] == 3 and "sender" not in decoded
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_deeply_nested_frame_is_bad_frame_not_recursion_error(encoding: Encoding) -> None:
+    # ~10 KB, well under the frame limit. The codec promises to raise nothing but ImError.
+    depth = 5000
+    if encoding is Encoding.JSON:
+        data = b'{"t":"send","cmid":"c","to":2,"body":' + b"[" * depth + b"]" * depth + b"}"
+    else:
+        data = msgspec.msgpack.encode({"t": "send", "cmid": "c", "to": 2, "body": []})[:-1] + b"\x91" * depth + b"\x90"
+    assert refused(data, encoding) is ErrorCode.BAD_FRAME

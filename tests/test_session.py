@@ -343,7 +343,8 @@ def test_auth_timeout() -> None:
     clock.now += 0.2
     out = s.check_timers()
     assert out == [cmd.Close(ErrorCode.AUTH_TIMEOUT, "no auth frame in time")]
-    assert frames(s) == [{"t": "bye", "code": "auth_timeout", "message": "no auth frame in time", "reconnect": False}]
+    # docs/protocol.md section 14: auth_timeout says reconnect (after fixing the client)
+    assert frames(s) == [{"t": "bye", "code": "auth_timeout", "message": "no auth frame in time", "reconnect": True}]
     assert s.state is State.CLOSED
     assert feed(s, {"t": "auth", "token": "tok", "device": DEVICE}) == []  # closed: input ignored
     assert frames(s) == []
@@ -458,3 +459,21 @@ def test_binary_first_frame_makes_the_session_answer_in_msgpack() -> None:
     decoded = [msgspec.msgpack.decode(b) for b in raw]
     assert [f["t"] for f in decoded] == ["auth_ok", "msg", "synced"]
     assert decoded[1]["body"] == "m1" and decoded[1]["from"] == 99
+
+
+def test_messagepack_body_with_no_json_form_is_refused_not_raised() -> None:
+    # A MessagePack body is stored as JSON text; values JSON cannot hold must be refused with an error
+    # frame (ref = cmid), not raise out of receive() (which kills the connection in the gateway).
+    s = new()
+    s.receive(msgspec.msgpack.encode({"t": "auth", "token": "tok", "device": DEVICE}), True)
+    s.auth_succeeded(UID, DEVICE, [], {})
+    frames(s)
+    ext = msgspec.msgpack.encode({"t": "send", "cmid": "ext", "to": 2, "body": msgspec.msgpack.Ext(5, b"xx")})
+    array_key = msgspec.msgpack.encode({"t": "send", "cmid": "key", "to": 2, "body": 0})[:-1] + b"\x81\x91\x01\x01"
+    for cmid, data in (("ext", ext), ("key", array_key)):
+        assert s.receive(data, True) == []
+        fs = frames(s)
+        assert len(fs) == 1 and fs[0]["t"] == "error" and fs[0]["code"] in ("bad_frame", "invalid"), fs
+        assert fs[0]["ref"] == cmid
+    assert s.in_flight == 0
+    assert s.state is State.OPEN
