@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import jwt
 import pytest
 
 from im.backends.sqlite_accounts import SqliteAccountStore
-from im.backends.sqlite_db import SqliteDatabase
 from im.core.accounts import AccountService, Principal
 from im.protocol.errors import ErrorCode, ImError
 
@@ -23,14 +20,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteAccountStore]:
-    s = SqliteAccountStore(SqliteDatabase(tmp_path / "im.db"))
-    await s.start()
-    yield s
-    await s.close()
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -10,14 +9,6 @@ import pytest
 from im.backends.base import AuthSession, Conflict
 from im.backends.sqlite_accounts import SqliteAccountStore
 from im.backends.sqlite_db import SqliteDatabase
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteAccountStore]:
-    s = SqliteAccountStore(SqliteDatabase(tmp_path / "im.db"))
-    await s.start()
-    yield s
-    await s.close()
 
 
 async def test_create_and_get_user(store: SqliteAccountStore) -> None:

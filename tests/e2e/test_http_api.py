@@ -9,26 +9,15 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 import websockets
 
+from tests.support.client import Account
+
 PASSWORD = "correct horse battery"
-
-
-@dataclass
-class Account:
-    uid: int
-    username: str
-    access: str
-    refresh: str
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.access}"}
 
 
 @pytest.fixture
@@ -51,7 +40,7 @@ async def signup(api: httpx.AsyncClient, prefix: str = "u", display_name: str | 
     r = await api.post("/auth/login", json={"username": username, "password": PASSWORD})
     assert r.status_code == 200, r.text
     tokens = r.json()
-    return Account(tokens["uid"], username, tokens["access_token"], tokens["refresh_token"])
+    return Account(tokens["uid"], username, PASSWORD, tokens["access_token"], tokens["refresh_token"])
 
 
 def assert_error(r: httpx.Response, status: int, code: str) -> None:
