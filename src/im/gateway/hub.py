@@ -251,8 +251,12 @@ class Hub(DeliverySink):
                 devices = by_user.get(uid)
                 if devices:
                     for conn in devices.values():
-                        conn.run(conn.session.deliver(m))
-                        conn.mark_dirty()
+                        session = conn.session
+                        cmds = session.deliver(m)
+                        if cmds:
+                            conn.run(cmds)
+                        if session.has_output:
+                            conn.mark_dirty()
 
     def deliver_event(self, frame: object, uids: Iterable[int], skip: tuple[int, str] | None) -> None:
         for uid in uids:

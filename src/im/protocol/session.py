@@ -362,6 +362,10 @@ class ServerSession:
         return out
 
     @property
+    def has_output(self) -> bool:
+        return bool(self._out)
+
+    @property
     def in_flight(self) -> int:
         return len(self._in_flight)
 
