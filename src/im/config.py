@@ -11,18 +11,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
-class HttpConfig(BaseModel):
+class _Section(BaseModel):
+    """A configuration section: a misspelt key is an error, never silently a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class HttpConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     #: The address clients are told to use, when it differs from the bind address (proxies, NAT).
     public_url: str | None = None
 
 
-class GatewayConfig(BaseModel):
+class GatewayConfig(_Section):
     host: str = "127.0.0.1"
     ws_port: int = Field(8081, ge=0, le=65535)
     public_ws_url: str | None = None
@@ -38,7 +44,7 @@ class GatewayConfig(BaseModel):
     max_send_buffer: int = Field(4 * 1024 * 1024, ge=64 * 1024)
 
 
-class LimitsConfig(BaseModel):
+class LimitsConfig(_Section):
     #: Largest client frame accepted; larger ones get a ``too_large`` error (and beyond 4x, a close).
     max_frame_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
     #: Largest message body (encoded as JSON).
@@ -54,7 +60,7 @@ class LimitsConfig(BaseModel):
     history_page_max: int = Field(200, ge=1, le=10_000)
 
 
-class AuthConfig(BaseModel):
+class AuthConfig(_Section):
     #: HMAC key for access tokens; generated and kept in the data directory when not set.
     secret: str | None = Field(None, min_length=16)
     access_ttl: float = Field(900.0, gt=0)
@@ -72,7 +78,7 @@ class AuthConfig(BaseModel):
         return self
 
 
-class StoreConfig(BaseModel):
+class StoreConfig(_Section):
     kind: Literal["sqlite"] = "sqlite"
     #: Largest number of sends written in one transaction (group commit).
     max_batch: int = Field(2048, ge=1)

@@ -178,7 +178,7 @@ class ChatStore(abc.ABC):
 
     @abc.abstractmethod
     async def start_cursor(self, uid: int, device: str, conv: str) -> int:
-        """Where ``device`` resumes in ``conv``: its stored cursor, else the point the user joined."""
+        """Where ``device`` resumes in ``conv``: the larger of its stored cursor and the user's join point."""
 
     @abc.abstractmethod
     async def save_cursors(self, cursors: Iterable[tuple[int, str, str, int]]) -> None:
@@ -324,7 +324,8 @@ class Registry(abc.ABC):
     async def register(self, instance: ServiceInstance, ttl: float) -> None: ...
 
     @abc.abstractmethod
-    async def update_load(self, node: str, load: int) -> None: ...
+    async def update_load(self, node: str, load: int) -> None:
+        """Publish the node's load; also renews its registration (a keepalive)."""
 
     @abc.abstractmethod
     async def deregister(self, node: str) -> None: ...

@@ -1,0 +1,58 @@
+"""``python -m im`` as a real subprocess: ``config`` shows the merged configuration, ``serve`` refuses bad input
+before starting anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SECRET = "s3cr3t-value-0123456"  # 20 characters
+
+
+def run_im(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 15) -> tuple[
+    subprocess.CompletedProcess[str], float
+]:
+    clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("IM_")}
+    clean.update(env or {})
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "im", *args], cwd=cwd, env=clean, capture_output=True, text=True, timeout=timeout
+    )
+    return done, time.monotonic() - started
+
+
+def test_config_shows_flags_and_masks_the_secret(tmp_path: Path) -> None:
+    assert len(SECRET) == 20
+    done, _ = run_im(
+        "config", "--set", "limits.send_rate=5", "--http-port", "9999",
+        cwd=tmp_path, env={"IM_AUTH__SECRET": SECRET, "IM_GATEWAY__NODE_ID": "gw-env"},
+    )
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    assert shown["limits"]["send_rate"] == 5
+    assert shown["http"]["port"] == 9999
+    assert shown["gateway"]["node_id"] == "gw-env"
+    assert shown["gateway"]["ws_port"] == 8081
+    assert shown["auth"]["secret"] and shown["auth"]["secret"] != SECRET
+    assert SECRET not in done.stdout and SECRET not in done.stderr
+
+
+def test_serve_rejects_a_non_numeric_port_fast(tmp_path: Path) -> None:
+    done, took = run_im("serve", "--http-port", "notanumber", "--data-dir", str(tmp_path / "data"), cwd=tmp_path)
+    assert done.returncode != 0
+    assert "--http-port" in done.stderr
+    assert took < 10
+    assert not (tmp_path / "data").exists()
+
+
+def test_serve_refuses_an_invalid_setting_without_starting(tmp_path: Path) -> None:
+    done, took = run_im("serve", "--set", "http.port=70000", "--data-dir", str(tmp_path / "data"), cwd=tmp_path)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "http.port" in done.stderr
+    assert "HTTP API" not in done.stdout and "Traceback" not in done.stderr
+    assert not (tmp_path / "data").exists()  # nothing was started or created
+    assert took < 10
