@@ -20,10 +20,10 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
     assert "Traceback" not in proc.log(), proc.log()[-4000:]
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 async def history(server: ServerProcess) -> AsyncIterator[History]:
-    """Every client made through ``history`` records what it sent, got acked and received; after the
-    test the checker verifies C1-C6 against the server's stored log."""
+    """On every end-to-end test: each client made through ``history`` records what it sent, got acked
+    and received; after the test the checker verifies C1-C6 against the server's stored log."""
     h = History(server)
     yield h
     await h.close_all()

@@ -17,7 +17,7 @@ import msgspec
 # --- data -----------------------------------------------------------------------------------------------
 
 
-class StoredMessage(msgspec.Struct):
+class StoredMessage(msgspec.Struct, gc=False):
     """One entry of a conversation's log. ``body`` is the message body as JSON text."""
 
     conv: str
