@@ -32,6 +32,7 @@ def _flags_to_overrides(args: argparse.Namespace) -> dict[str, Any]:
     put("gateway.host", args.host)
     put("http.port", args.http_port)
     put("gateway.ws_port", args.ws_port)
+    put("gateway.tcp_port", args.tcp_port)
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -46,6 +47,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="bind address of every listener")
     p.add_argument("--http-port", type=int, help="HTTP API port (default 8080; 0 picks a free one)")
     p.add_argument("--ws-port", type=int, help="WebSocket gateway port (default 8081; 0 picks a free one)")
+    p.add_argument("--tcp-port", type=int, help="TCP gateway port (default 8082; 0 picks a free one)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any setting, e.g. limits.send_rate=500")
 
@@ -68,6 +70,8 @@ def _serve(config: Config) -> int:
     def ready(server: EmbeddedServer) -> None:
         print(f"im: HTTP API   {server.http_url}/api/v1   (OpenAPI docs: {server.http_url}/api/v1/docs)", flush=True)
         print(f"im: WebSocket  {server.ws_url}", flush=True)
+        if server.tcp_url:
+            print(f"im: TCP        {server.tcp_url}", flush=True)
         print(f"im: data in    {config.data_dir.resolve()}   (Ctrl-C stops)", flush=True)
 
     async def main() -> None:

@@ -32,6 +32,9 @@ class GatewayConfig(_Section):
     host: str = "127.0.0.1"
     ws_port: int = Field(8081, ge=0, le=65535)
     public_ws_url: str | None = None
+    #: The TCP listener (length-prefixed frames); None turns it off.
+    tcp_port: int | None = Field(8082, ge=0, le=65535)
+    public_tcp_url: str | None = None
     node_id: str = "gw-1"
     #: Seconds a connection may take to send its auth frame.
     auth_timeout: float = Field(10.0, gt=0)

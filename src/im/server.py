@@ -27,6 +27,7 @@ from im.config import Config
 from im.core.accounts import AccountService
 from im.core.chat import ChatService
 from im.gateway.hub import Hub
+from im.gateway.tcp import serve_tcp
 from im.gateway.ws import WS_PATH, serve_websocket
 from im.protocol.session import Limits
 
@@ -116,6 +117,7 @@ class EmbeddedServer:
             max_send_buffer=gw.max_send_buffer,
         )
         self.ws_url = ""
+        self.tcp_url = ""
         self.http_url = ""
         self._stop = asyncio.Event()
 
@@ -139,9 +141,14 @@ class EmbeddedServer:
         ws_server = await serve_websocket(self.hub, cfg.gateway.host, cfg.gateway.ws_port)
         ws_port = ws_server.sockets[0].getsockname()[1]
         self.ws_url = cfg.gateway.public_ws_url or f"ws://{cfg.gateway.host}:{ws_port}{WS_PATH}"
-        await b.registry.register(
-            ServiceInstance("gateway", cfg.gateway.node_id, {"ws": self.ws_url}), ttl=30.0
-        )
+        addresses = {"ws": self.ws_url}
+        tcp_server = None
+        if cfg.gateway.tcp_port is not None:
+            tcp_server = await serve_tcp(self.hub, cfg.gateway.host, cfg.gateway.tcp_port)
+            tcp_port = tcp_server.sockets[0].getsockname()[1]
+            self.tcp_url = cfg.gateway.public_tcp_url or f"tcp://{cfg.gateway.host}:{tcp_port}"
+            addresses["tcp"] = self.tcp_url
+        await b.registry.register(ServiceInstance("gateway", cfg.gateway.node_id, addresses), ttl=30.0)
         app = create_app(self.accounts, self.chat, self._pick_gateway, cfg.limits)
         http_sock = _bind(cfg.http.host, cfg.http.port)
         http_port = http_sock.getsockname()[1]
@@ -167,6 +174,8 @@ class EmbeddedServer:
         # 1. Take no new work: deregister, stop accepting, stop reading from clients.
         await b.registry.deregister(cfg.gateway.node_id)
         ws_server.close()
+        if tcp_server is not None:
+            tcp_server.close()
         self.hub.pause_all()
         # 2. Every queued send is committed and acked, or refused: never acked without being stored.
         await self.chat.stop()

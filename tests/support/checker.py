@@ -31,10 +31,10 @@ class History:
         self.accounts: dict[int, Account] = {}
         self.problems: list[str] = []
 
-    def client(self, account: Account, device: str) -> ChatClient:
+    def client(self, account: Account, device: str, tcp: bool = False) -> ChatClient:
         from tests.support.client import ChatClient
 
-        c = ChatClient(self.server.ws, account, device, history=self)
+        c = ChatClient(self.server.ws, account, device, history=self, tcp=self.server.tcp if tcp else None)
         self.clients.append(c)
         self.accounts[account.uid] = account
         return c

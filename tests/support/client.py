@@ -46,6 +46,42 @@ async def register(api: str, username: str, password: str = "correct horse batte
     return Account(tokens["uid"], username, password, tokens["access_token"], tokens["refresh_token"])
 
 
+class TcpLink:
+    """The TCP framing of docs/protocol.md behind the few calls the client makes of a WebSocket."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.transport = writer.transport
+
+    @classmethod
+    async def open(cls, address: tuple[str, int]) -> TcpLink:
+        return cls(*await asyncio.open_connection(*address))
+
+    async def send(self, data: str | bytes) -> None:
+        payload, kind = (data.encode(), b"\x01") if isinstance(data, str) else (data, b"\x02")
+        self.writer.write((len(payload) + 1).to_bytes(4, "big") + kind + payload)
+        await self.writer.drain()
+
+    async def recv(self) -> str | bytes:
+        header = await self.reader.readexactly(5)
+        payload = await self.reader.readexactly(int.from_bytes(header[:4], "big") - 1)
+        return payload.decode() if header[4] == 1 else payload
+
+    def __aiter__(self) -> TcpLink:
+        return self
+
+    async def __anext__(self) -> str | bytes:
+        try:
+            return await self.recv()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            raise StopAsyncIteration from None
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
 @dataclass
 class ChatClient:
     """One device of one user. ``cursors`` is what it holds: the highest seq seen per conversation."""
@@ -64,6 +100,7 @@ class ChatClient:
     _changed: asyncio.Condition | None = None
     synced: bool = False
     closed_reason: dict[str, Any] | None = None
+    tcp: tuple[str, int] | None = None  # connect over TCP framing instead of WebSocket
     reader_error: Exception | None = None
 
     async def connect(self, resume: bool = True, token: str | None = None) -> dict[str, Any]:
@@ -71,7 +108,7 @@ class ChatClient:
         self._changed = asyncio.Condition()
         self.synced = False
         self.closed_reason = None
-        self.ws = await websockets.connect(self.url, max_size=None)
+        self.ws = await (TcpLink.open(self.tcp) if self.tcp else websockets.connect(self.url, max_size=None))
         auth = {"t": "auth", "token": token or self.account.access, "device": self.device}
         if resume:
             auth["cursors"] = dict(self.cursors)

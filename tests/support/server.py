@@ -30,6 +30,7 @@ class ServerProcess:
     extra: list[str] = field(default_factory=list)
     http_port: int = field(default_factory=free_port)
     ws_port: int = field(default_factory=free_port)
+    tcp_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -45,12 +46,17 @@ class ServerProcess:
     def ws(self) -> str:
         return f"ws://127.0.0.1:{self.ws_port}/ws"
 
+    @property
+    def tcp(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.tcp_port)
+
     def start(self, timeout: float = 20.0) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / "server.log"
         cmd = [
             sys.executable, "-m", "im", "serve", "--data-dir", str(self.data_dir),
-            "--http-port", str(self.http_port), "--ws-port", str(self.ws_port), *FAST_ARGON2, *self.extra,
+            "--http-port", str(self.http_port), "--ws-port", str(self.ws_port),
+            "--tcp-port", str(self.tcp_port), *FAST_ARGON2, *self.extra,
         ]
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
@@ -61,6 +67,8 @@ class ServerProcess:
             try:
                 if httpx.get(f"{self.api}/health", timeout=1).status_code == 200:
                     with socket.create_connection(("127.0.0.1", self.ws_port), timeout=1):
+                        pass
+                    with socket.create_connection(self.tcp, timeout=1):
                         return self
             except (httpx.HTTPError, OSError):
                 pass

@@ -146,11 +146,11 @@ def create_app(
 
     @app.get(f"{PREFIX}/gateway", tags=["gateway"], dependencies=[Depends(principal)])
     async def gateway() -> GatewayOut:
-        """Where to open the WebSocket connection (the least loaded live gateway)."""
+        """Where to connect, over WebSocket or TCP (the least loaded live gateway)."""
         found = await pick_gateway()
         if found is None:
             raise ImError(ErrorCode.UNAVAILABLE, "no gateway is available, retry later")
-        return GatewayOut(ws=found["ws"], node=found.get("node", ""))
+        return GatewayOut(ws=found["ws"], tcp=found.get("tcp"), node=found.get("node", ""))
 
     @app.get(f"{PREFIX}/health", tags=["health"])
     async def health() -> HealthOut:

@@ -119,6 +119,7 @@ class ConversationOut(BaseModel):
 
 class GatewayOut(BaseModel):
     ws: str = Field(examples=["ws://127.0.0.1:8081/ws"])
+    tcp: str | None = Field(None, examples=["tcp://127.0.0.1:8082"], description="None when TCP is off.")
     node: str
 
 

@@ -162,6 +162,10 @@ class ServerSession:
             return []
         return self._handle(frame)
 
+    def refuse(self, code: ErrorCode, message: str) -> None:
+        """Answer a frame the transport could not even hand over (bad framing) with an error."""
+        self._error(code, message)
+
     def oversized(self, size: int) -> None:
         """A frame too large to take (the transport may not even have kept its bytes)."""
         self._error(ErrorCode.TOO_LARGE, f"frame of {size} bytes > {self.limits.max_frame_bytes}")
