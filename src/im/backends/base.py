@@ -65,6 +65,7 @@ class CommitBatch:
     new_conversations: list[ConversationState] = field(default_factory=list)
     member_changes: list[MemberChange] = field(default_factory=list)
     read_marks: list[tuple[int, str, int]] = field(default_factory=list)  # (uid, conv, seq)
+    file_refs: list[tuple[str, str]] = field(default_factory=list)  # (file_id, conv): grants members read
 
 
 class SeqConflict(Exception):

@@ -109,6 +109,8 @@ class SqliteChatStore(ChatStore):
                             " ON CONFLICT (conv, uid) DO UPDATE SET role=excluded.role",
                             (ch.conv, ch.uid, ch.role, ch.joined_seq, ch.joined_seq),
                         )
+                if batch.file_refs:
+                    conn.executemany("INSERT OR IGNORE INTO file_refs (file_id, conv) VALUES (?, ?)", batch.file_refs)
                 if batch.read_marks:
                     conn.executemany(
                         "UPDATE members SET read_seq=max(read_seq, ?) WHERE uid=? AND conv=?",

@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import msgspec
 
@@ -41,6 +42,23 @@ from im.protocol.errors import ErrorCode, ImError
 log = logging.getLogger(__name__)
 
 SendCallback = Callable[[StoredMessage | None, bool, ImError | None], None]
+#: Message types whose body refers to an uploaded file: ``{"file_id": "...", ...}``.
+FILE_TYPES = frozenset({"image", "file"})
+
+
+class FileRef(msgspec.Struct):
+    file_id: str
+
+
+_decode_file_ref = msgspec.json.Decoder(FileRef).decode
+
+
+class FileAccess(Protocol):
+    """What the send path asks of the file service (im.files)."""
+
+    async def attachable(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
+        """The (uid, file_id) pairs whose file exists and that user may read (so may send)."""
+        ...
 ROLES = ("owner", "admin", "member")
 _encode_json = msgspec.json.Encoder().encode
 
@@ -96,6 +114,7 @@ class ChatService:
         router: Router,
         presence: Presence,
         *,
+        files: FileAccess | None = None,
         node: str = "core-1",
         max_batch: int = 2048,
         max_group_members: int = 2000,
@@ -107,6 +126,7 @@ class ChatService:
         self.accounts = accounts
         self.router = router
         self.presence = presence
+        self.files = files
         self._ids = Snowflake(node)
         self._max_batch = max_batch
         self._max_group_members = max_group_members
@@ -239,6 +259,7 @@ class ChatService:
             for peer in (item.req.to,)
         }
         known = await self.accounts.get_users(sorted(new_peers)) if new_peers else {}
+        attachable = await self._check_files([i for i, _ in targets if isinstance(i, _Send)])
         now_ms = int(self._clock() * 1000)
         heads_before: dict[str, int] = {}
         in_batch: dict[tuple[int, str, str], StoredMessage] = {}
@@ -247,7 +268,7 @@ class ChatService:
                 if isinstance(conv, ImError):
                     raise conv
                 if isinstance(item, _Send):
-                    self._prepare_send(p, item, conv, known, now_ms, heads_before, in_batch)
+                    self._prepare_send(p, item, conv, known, attachable, now_ms, heads_before, in_batch)
                 else:
                     self._prepare_member_op(p, item, conv, now_ms, heads_before)
             except ImError as err:
@@ -260,6 +281,25 @@ class ChatService:
             state = self._states[conv]
             p.batch.heads[conv] = (before, state.last_seq, now_ms)
         return p
+
+    async def _check_files(self, sends: list[_Send]) -> dict[int, str | ImError]:
+        """For sends of file messages: id(send) -> the file id they may attach, or the refusal."""
+        out: dict[int, str | ImError] = {}
+        wanted: dict[int, tuple[int, str]] = {}
+        for item in sends:
+            if item.req.type not in FILE_TYPES:
+                continue
+            try:
+                file_id = _decode_file_ref(item.req.body).file_id
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                out[id(item)] = ImError(ErrorCode.INVALID, f"a {item.req.type} message needs a body with 'file_id'")
+                continue
+            wanted[id(item)] = (item.req.uid, file_id)
+        if wanted:
+            allowed = await self.files.attachable(list(set(wanted.values()))) if self.files else set()
+            for key, pair in wanted.items():
+                out[key] = pair[1] if pair in allowed else ImError(ErrorCode.NOT_FOUND, f"no file {pair[1][:80]!r}")
+        return out
 
     def _target(self, item: _Send | _MemberOp) -> str | ImError:
         if isinstance(item, _MemberOp):
@@ -282,6 +322,7 @@ class ChatService:
         item: _Send,
         conv: str,
         known: Mapping[int, object],
+        attachable: Mapping[int, str | ImError],
         now_ms: int,
         heads_before: dict[str, int],
         in_batch: dict[tuple[int, str, str], StoredMessage],
@@ -310,6 +351,11 @@ class ChatService:
             p.batch.new_conversations.append(ConversationState(conv, "direct", 0, dict(state.members)))
         if req.uid not in state.members:
             raise ImError(ErrorCode.NOT_MEMBER, f"not a member of {conv}")
+        file_id = attachable.get(id(item))
+        if isinstance(file_id, ImError):
+            raise file_id
+        if file_id is not None:
+            p.batch.file_refs.append((file_id, conv))
         heads_before.setdefault(conv, state.last_seq)
         state.last_seq += 1
         m = StoredMessage(
