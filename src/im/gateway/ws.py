@@ -133,4 +133,5 @@ async def serve_websocket(hub: Hub, host: str, port: int) -> asyncio.Server:
         read_buffer_init_size=1024,
         websocket_handshake_timeout=hub.limits.auth_timeout,
         enable_auto_pong=True,
+        use_aiofastnet=False,
     )
