@@ -97,6 +97,14 @@ class AccountService:
         self._dummy_hash: str | None = None
         self._cache_ttl = session_cache_ttl
         self._live_sessions: dict[str, tuple[int, float]] = {}  # sid -> (uid, cached until; monotonic)
+        self._revoke_listeners: list[Callable[[str], None]] = []
+
+    def on_revoke(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(sid)`` when a session is revoked here (the gateway closes its connections).
+
+        In-process only: a gateway in another process learns of revocations through the event bus.
+        """
+        self._revoke_listeners.append(listener)
 
     @property
     def store(self) -> AccountStore:
@@ -212,6 +220,8 @@ class AccountService:
     async def _revoke(self, sid: str) -> None:
         self._live_sessions.pop(sid, None)
         await self._store.revoke_session(sid)
+        for listener in self._revoke_listeners:
+            listener(sid)
 
     async def authenticate(self, access_token: str) -> Principal:
         """The principal of a valid access token of a live session; else ImError(AUTH_FAILED)."""

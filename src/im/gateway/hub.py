@@ -36,6 +36,7 @@ class Connection(abc.ABC):
         self._tasks: set[asyncio.Task[None]] = set()
         self._dirty = False
         self.closed = False
+        self.sid = ""  # the login session that authenticated this connection
 
     # --- what a transport implements -----------------------------------------------------------------
 
@@ -133,6 +134,7 @@ class Connection(abc.ABC):
             self.flush()
             return
         self.session.uid, self.session.device = principal.uid, c.device
+        self.sid = principal.sid
         # Register before reading the sync points, so nothing committed in between is missed; what
         # arrives meanwhile waits in the session until the replay is set up.
         await self.hub.register(self)
@@ -194,6 +196,7 @@ class Hub(DeliverySink):
 
     def start(self) -> None:
         self.chat.router.attach(self.node, self)
+        self.accounts.on_revoke(self.revoked)
         self._tasks = [
             asyncio.create_task(self._tick(), name="im-hub-timers"),
             asyncio.create_task(self._flush_cursors_forever(), name="im-hub-cursors"),
@@ -230,6 +233,12 @@ class Hub(DeliverySink):
         if old is not None and old is not conn:
             old.run(old.session.close(ErrorCode.REPLACED, "the same device connected again", reconnect=False))
         await self.chat.presence.set_online([DeviceLocation(s.uid, s.device, self.node)], self._presence_ttl)
+
+    def revoked(self, sid: str) -> None:
+        """A login session was revoked (logout, refresh-token reuse): close its connections."""
+        for conn in [c for c in self._all if c.sid == sid]:
+            conn.run(conn.session.close(ErrorCode.AUTH_FAILED, "the login session was revoked", reconnect=False))
+            conn.flush()
 
     def unregister(self, conn: Connection) -> None:
         self._all.discard(conn)
