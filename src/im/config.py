@@ -87,6 +87,17 @@ class StoreConfig(_Section):
     max_batch: int = Field(2048, ge=1)
 
 
+class FilesConfig(_Section):
+    #: Largest upload accepted, enforced while the bytes stream in (413 ``too_large``).
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    #: Sniffed content types accepted (``image/*`` style wildcards allowed); empty: any type.
+    allowed_types: list[str] = Field(default_factory=list)
+    #: Images with more pixels than this are refused (decompression-bomb guard).
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    #: Where blobs live; default ``<data_dir>/files``.
+    storage_dir: Path | None = None
+
+
 class Config(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IM_", env_nested_delimiter="__", extra="forbid")
 
@@ -97,6 +108,7 @@ class Config(BaseSettings):
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
     store: StoreConfig = StoreConfig()
+    files: FilesConfig = FilesConfig()
 
     @classmethod
     def settings_customise_sources(

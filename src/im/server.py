@@ -26,6 +26,7 @@ from im.backends.sqlite_db import SqliteDatabase
 from im.config import Config
 from im.core.accounts import AccountService
 from im.core.chat import ChatService
+from im.files import FileService, FileStore, LocalBlobStorage, SqliteFileStore
 from im.gateway.hub import Hub
 from im.gateway.tcp import serve_tcp
 from im.gateway.ws import WS_PATH, serve_websocket
@@ -41,6 +42,7 @@ class Backends:
     presence: Presence
     router: Router
     registry: Registry
+    file_store: FileStore
     closers: list[Callable[[], object]] = field(default_factory=list)
 
 
@@ -50,9 +52,10 @@ def build_backends(config: Config) -> Backends:
         db = SqliteDatabase(config.data_dir / "im.sqlite3")
         chat_store: ChatStore = SqliteChatStore(db)
         account_store: AccountStore = SqliteAccountStore(db)
+        file_store: FileStore = SqliteFileStore(db)
     else:  # pragma: no cover - validated by Config
         raise ValueError(config.store.kind)
-    return Backends(chat_store, account_store, MemoryPresence(), MemoryRouter(), MemoryRegistry())
+    return Backends(chat_store, account_store, MemoryPresence(), MemoryRouter(), MemoryRegistry(), file_store)
 
 
 def load_secret(config: Config) -> bytes:
@@ -106,8 +109,13 @@ class EmbeddedServer:
             argon2_time_cost=auth.argon2_time_cost, argon2_memory_kib=auth.argon2_memory_kib,
             argon2_parallelism=auth.argon2_parallelism, min_password_length=auth.min_password_length,
         )
+        fc = config.files
+        self.files = FileService(
+            LocalBlobStorage(fc.storage_dir or config.data_dir / "files"), b.file_store,
+            max_upload_bytes=fc.max_upload_bytes, allowed_types=fc.allowed_types, max_image_pixels=fc.max_image_pixels,
+        )
         self.chat = ChatService(
-            b.chat_store, b.account_store, b.router, b.presence, node=config.gateway.node_id,
+            b.chat_store, b.account_store, b.router, b.presence, files=self.files, node=config.gateway.node_id,
             max_batch=config.store.max_batch, max_group_members=config.limits.max_group_members,
             history_page_max=config.limits.history_page_max,
         )
@@ -136,6 +144,7 @@ class EmbeddedServer:
         b = self.backends
         await b.chat_store.start()
         await b.account_store.start()
+        await self.files.start()
         self.chat.start()
         self.hub.start()
         ws_server = await serve_websocket(self.hub, cfg.gateway.host, cfg.gateway.ws_port)
@@ -149,7 +158,7 @@ class EmbeddedServer:
             self.tcp_url = cfg.gateway.public_tcp_url or f"tcp://{cfg.gateway.host}:{tcp_port}"
             addresses["tcp"] = self.tcp_url
         await b.registry.register(ServiceInstance("gateway", cfg.gateway.node_id, addresses), ttl=30.0)
-        app = create_app(self.accounts, self.chat, self._pick_gateway, cfg.limits)
+        app = create_app(self.accounts, self.chat, self._pick_gateway, cfg.limits, files=self.files)
         http_sock = _bind(cfg.http.host, cfg.http.port)
         http_port = http_sock.getsockname()[1]
         self.http_url = cfg.http.public_url or f"http://{cfg.http.host}:{http_port}"
@@ -185,6 +194,7 @@ class EmbeddedServer:
         await asyncio.sleep(0.1)
         uv.should_exit = True
         await http_task
+        await self.files.close()
         await b.account_store.close()
         await b.chat_store.close()
         log.info("stopped")

@@ -1,6 +1,6 @@
 """The HTTP API application: routes under ``/api/v1``, and every error as JSON ``{code, message}``.
 
-    create_app(accounts, chat, pick_gateway, limits) -> FastAPI
+    create_app(accounts, chat, pick_gateway, limits, *, files=None) -> FastAPI
 
 The app holds no state of its own and starts nothing: the composition root starts the services it is
 given and serves the app (uvicorn).
@@ -20,10 +20,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from im.api.deps import ChatApi, PickGateway, principal_dependency
 from im.api.routes_auth import auth_router
 from im.api.routes_chat import chat_router
+from im.api.routes_files import files_router
 from im.api.routes_users import users_router
 from im.api.schemas import ErrorOut, GatewayOut, HealthOut
 from im.config import LimitsConfig
 from im.core.accounts import AccountService
+from im.files import FileService
 from im.protocol.errors import ErrorCode, ImError
 
 log = logging.getLogger(__name__)
@@ -93,14 +95,16 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 class BodyLimit:
-    """Refuse requests whose declared body is larger than ``max_bytes`` (413 ``too_large``)."""
+    """Refuse requests whose declared body is larger than ``max_bytes`` (413 ``too_large``), except on
+    the ``exempt`` paths, whose routes enforce their own limit while streaming (file uploads)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and scope["path"] not in self.exempt:
             for name, value in scope["headers"]:
                 if name == b"content-length":
                     if not value.isdigit() or int(value) > self.max_bytes:
@@ -123,6 +127,7 @@ def create_app(
     limits: LimitsConfig,
     *,
     max_request_bytes: int = MAX_REQUEST_BYTES,
+    files: FileService | None = None,
 ) -> FastAPI:
     """The HTTP API on the given services (already started by the caller)."""
     app = FastAPI(
@@ -137,12 +142,15 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
-    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    exempt = frozenset({f"{PREFIX}/files"} if files is not None else ())
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes, exempt=exempt)
 
     principal = principal_dependency(accounts)
     app.include_router(auth_router(accounts, principal), prefix=PREFIX)
     app.include_router(users_router(accounts, principal), prefix=PREFIX)
     app.include_router(chat_router(chat, principal, limits), prefix=PREFIX)
+    if files is not None:
+        app.include_router(files_router(files, principal), prefix=PREFIX)
 
     @app.get(f"{PREFIX}/gateway", tags=["gateway"], dependencies=[Depends(principal)])
     async def gateway() -> GatewayOut:

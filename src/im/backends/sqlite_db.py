@@ -83,6 +83,27 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (uid, device, conv)
     ) WITHOUT ROWID;
     """,
+    # 2: uploaded files (im.files): content-addressed metadata, uploaders, and the conversations a file
+    # was sent to (written by the chat commit; members of those conversations may read the file)
+    """
+    CREATE TABLE files (
+        file_id TEXT PRIMARY KEY,
+        sha256 TEXT NOT NULL UNIQUE,
+        size INTEGER NOT NULL,
+        content_type TEXT NOT NULL,
+        width INTEGER,
+        height INTEGER,
+        created_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE file_owners (
+        file_id TEXT NOT NULL,
+        uid INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (file_id, uid)
+    ) WITHOUT ROWID;
+    CREATE TABLE file_refs (file_id TEXT NOT NULL, conv TEXT NOT NULL, PRIMARY KEY (file_id, conv)) WITHOUT ROWID;
+    """,
 ]
 
 

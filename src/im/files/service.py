@@ -1,0 +1,130 @@
+"""The file service: upload (stream -> blob + metadata), the read rule, downloads.
+
+Order of writes: the blob is published first, the metadata row second. A crash in between leaves an
+orphan blob that the next upload of the same bytes reuses; metadata never points at a missing blob.
+"""
+
+from __future__ import annotations
+
+import time
+import unicodedata
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+from PIL import Image
+
+from im.files.sniff import sniff
+from im.files.storage import BlobNotFound, BlobStorage, BlobTooLarge, Staged, is_sha256
+from im.files.store import FileMeta, FileStore
+from im.protocol.errors import ErrorCode, ImError
+
+MAX_NAME_LENGTH = 255
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    """A file as one user sees it: the metadata, and the name they uploaded it under (None if they did not)."""
+
+    meta: FileMeta
+    name: str | None
+
+
+def clean_name(name: str | None) -> str:
+    """A display file name: the last path component, without control characters, at most 255 characters."""
+    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    kept = "".join(ch for ch in base if unicodedata.category(ch)[0] != "C").strip()
+    if kept in ("", ".", ".."):
+        return "file"
+    return kept[:MAX_NAME_LENGTH]
+
+
+def _not_found(file_id: str) -> ImError:
+    # The same answer for "no such file" and "not yours to read": knowing an id or a hash grants nothing.
+    return ImError(ErrorCode.NOT_FOUND, f"no file {file_id[:80]!r}")
+
+
+class FileService:
+    """Uploads and reads, enforcing the read rule of :class:`FileStore` (uploader, or member of a
+    conversation the file was sent to). Raises ImError to refuse."""
+
+    def __init__(
+        self,
+        blobs: BlobStorage,
+        store: FileStore,
+        *,
+        max_upload_bytes: int = 20 * 1024 * 1024,
+        allowed_types: Sequence[str] = (),
+        max_image_pixels: int = 50_000_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.blobs = blobs
+        self.store = store
+        self.max_upload_bytes = max_upload_bytes
+        self._allowed = tuple(allowed_types)
+        self._max_pixels = max_image_pixels
+        self._clock = clock
+        # Pillow's own bomb guard (process-wide) follows ours: it refuses at twice this in Image.open.
+        Image.MAX_IMAGE_PIXELS = max_image_pixels
+
+    async def start(self) -> None:
+        await self.store.start()
+        await self.blobs.start()
+
+    async def close(self) -> None:
+        await self.blobs.close()
+        await self.store.close()
+
+    async def upload(
+        self, uid: int, chunks: AsyncIterable[bytes], *, name: str | None, declared_type: str | None
+    ) -> tuple[FileInfo, bool]:
+        """Store an upload; returns the file as ``uid`` sees it and whether ``uid`` is a new uploader of
+        it (False: they had uploaded the same bytes before). Whether someone else had is not revealed."""
+
+        def inspect(staged: Staged) -> FileMeta:
+            if staged.size == 0:
+                raise ImError(ErrorCode.INVALID, "the file is empty")
+            with staged.open() as f:
+                found = sniff(f, declared=declared_type, allowed=self._allowed, max_pixels=self._max_pixels)
+            return FileMeta(
+                file_id=staged.sha256, sha256=staged.sha256, size=staged.size, content_type=found.content_type,
+                width=found.width, height=found.height, created_at=now_ms,
+            )
+
+        now_ms = int(self._clock() * 1000)
+        try:
+            _, meta = await self.blobs.put(chunks, max_bytes=self.max_upload_bytes, inspect=inspect)
+        except BlobTooLarge:
+            raise ImError(ErrorCode.TOO_LARGE, f"files are limited to {self.max_upload_bytes} bytes") from None
+        stored, stored_name, new = await self.store.add_upload(meta, uid, clean_name(name), now_ms)
+        return FileInfo(stored, stored_name), new
+
+    async def info(self, uid: int, file_id: str) -> FileInfo:
+        """The file, if ``uid`` may read it; else ``not_found`` (also for unknown ids)."""
+        found = await self.store.lookup(uid, file_id) if is_sha256(file_id) else None
+        if found is None:
+            raise _not_found(file_id)
+        return FileInfo(*found)
+
+    async def by_hash(self, uid: int, sha256: str) -> FileInfo:
+        """The file with these bytes, only if ``uid`` may already read it. To gain access by the hash, a
+        client must upload the bytes (which proves it has them)."""
+        return await self.info(uid, sha256.lower())  # the file id is the hash
+
+    async def read(self, info: FileInfo) -> AsyncIterator[bytes]:
+        """The bytes of a file found by :meth:`info` (which checked access)."""
+        try:
+            return await self.blobs.open(info.meta.sha256)
+        except BlobNotFound:
+            raise ImError(ErrorCode.UNAVAILABLE, "the file's bytes are missing from storage") from None
+
+    async def can_read(self, uid: int, file_id: str) -> bool:
+        """The file exists and ``uid`` uploaded it or is a member of a conversation it was sent to."""
+        return is_sha256(file_id) and await self.store.lookup(uid, file_id) is not None
+
+    async def can_attach(self, uid: int, file_id: str) -> bool:
+        """``uid`` may send a message with this file: it exists and they may read it."""
+        return await self.can_read(uid, file_id)
+
+    async def attachable(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
+        """Batch :meth:`can_attach` for the send path (``im.core.chat.FileAccess``)."""
+        return await self.store.readable([(uid, fid) for uid, fid in pairs if is_sha256(fid)])

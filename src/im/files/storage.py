@@ -1,0 +1,220 @@
+"""Blob storage: content-addressed bytes, written atomically.
+
+    BlobStorage (ABC) ── LocalBlobStorage   <root>/<sha[:2]>/<sha>, temp files in <root>/tmp
+                     └─ (later) an object store, same contract
+
+A blob's key is the SHA-256 of its bytes (lowercase hex). ``put`` streams the bytes to a staging file
+while hashing, lets the caller inspect the staged bytes, and only then publishes the blob, so nothing
+is ever visible that the caller refused.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+T = TypeVar("T")
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256(value: str) -> bool:
+    """True for a lowercase hex SHA-256 (64 characters)."""
+    return _SHA256.fullmatch(value) is not None
+
+
+class BlobTooLarge(Exception):
+    """The stream went past ``max_bytes``; nothing was stored."""
+
+
+class BlobNotFound(KeyError):
+    """No blob has that hash."""
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """A blob written in full but not yet published: its hash, size, and a way to read it back."""
+
+    sha256: str
+    size: int
+    path: Path
+
+    def open(self) -> BinaryIO:
+        return self.path.open("rb")
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    sha256: str
+    size: int
+    created: bool  # False: a blob with these bytes was already stored
+
+
+class BlobStorage(abc.ABC):
+    """Immutable blobs keyed by the SHA-256 of their bytes.
+
+    Guarantees:
+
+    - ``put`` is atomic: a blob appears whole under its key, or not at all (a refused, oversized,
+      failed or cancelled put leaves nothing behind).
+    - Content addressing: the key is the SHA-256 of exactly the bytes stored; a blob never changes.
+    - Idempotent: putting bytes that are already stored stores nothing more and returns the same key.
+    - Streaming: ``put`` never holds the whole blob in memory.
+    """
+
+    async def start(self) -> None:  # noqa: B027 - optional lifecycle hook
+        """Prepare the storage (create directories, clean staging left by a crash)."""
+
+    async def close(self) -> None:  # noqa: B027
+        """Release resources."""
+
+    @abc.abstractmethod
+    async def put(
+        self, chunks: AsyncIterable[bytes], *, max_bytes: int, inspect: Callable[[Staged], T]
+    ) -> tuple[PutResult, T]:
+        """Store the bytes of ``chunks``.
+
+        Raises :class:`BlobTooLarge` as soon as more than ``max_bytes`` arrive. Once all bytes are staged,
+        ``inspect`` runs (in a worker thread: it may block) and may raise to refuse the blob; its result
+        is returned with the :class:`PutResult`. Anything raised leaves no blob behind.
+        """
+
+    @abc.abstractmethod
+    async def open(self, sha256: str, chunk_size: int = 256 * 1024) -> AsyncIterator[bytes]:
+        """The blob's bytes, in chunks. Raises :class:`BlobNotFound` (before any byte) when absent."""
+
+    @abc.abstractmethod
+    async def exists(self, sha256: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def delete(self, sha256: str) -> bool:
+        """Remove a blob (for garbage collection); False when it was absent."""
+
+
+class LocalBlobStorage(BlobStorage):
+    """:class:`BlobStorage` in a local directory.
+
+    A put writes ``<root>/tmp/<random>`` while hashing (flushing every ``buffer_bytes``), fsyncs it,
+    runs ``inspect``, then renames it to ``<root>/<sha[:2]>/<sha>`` (``os.replace``: atomic on POSIX, and
+    a concurrent put of the same bytes renames identical contents) and fsyncs the directory. The staging
+    directory sits under the root so that the rename never crosses file systems.
+    """
+
+    def __init__(self, root: Path, *, buffer_bytes: int = 256 * 1024, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self._tmp = self.root / "tmp"
+        self._buffer_bytes = buffer_bytes
+        self._fsync = fsync
+
+    def path(self, sha256: str) -> Path:
+        if not is_sha256(sha256):
+            raise BlobNotFound(sha256)
+        return self.root / sha256[:2] / sha256
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._prepare)
+
+    def _prepare(self, stale_after: float = 3600.0) -> None:
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        # Staging files of puts cut short by a crash; an hour old, so never one still being written.
+        cutoff = time.time() - stale_after
+        for entry in self._tmp.iterdir():
+            with contextlib.suppress(OSError):
+                if entry.stat().st_mtime < cutoff:
+                    entry.unlink()
+
+    async def put(
+        self, chunks: AsyncIterable[bytes], *, max_bytes: int, inspect: Callable[[Staged], T]
+    ) -> tuple[PutResult, T]:
+        fd, name = await asyncio.to_thread(tempfile.mkstemp, dir=self._tmp, prefix="put-")
+        staging = Path(name)
+        hasher = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as out:
+                size = 0
+                pending: list[bytes] = []
+                pending_bytes = 0
+                async for chunk in chunks:
+                    if not chunk:
+                        continue
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise BlobTooLarge(f"more than {max_bytes} bytes")
+                    pending.append(chunk)
+                    pending_bytes += len(chunk)
+                    if pending_bytes >= self._buffer_bytes:
+                        await asyncio.to_thread(_write, out, hasher, pending)
+                        pending, pending_bytes = [], 0
+                await asyncio.to_thread(_write, out, hasher, pending, self._fsync)
+            staged = Staged(hasher.hexdigest(), size, staging)
+            verdict = await asyncio.to_thread(inspect, staged)
+            created = await asyncio.to_thread(self._publish, staged)
+        finally:
+            # Published blobs were renamed away; anything still here was refused or cut short.
+            with contextlib.suppress(FileNotFoundError):
+                staging.unlink()
+        return PutResult(staged.sha256, staged.size, created), verdict
+
+    def _publish(self, staged: Staged) -> bool:
+        final = self.path(staged.sha256)
+        if final.exists():
+            return False
+        final.parent.mkdir(exist_ok=True)
+        os.replace(staged.path, final)
+        if self._fsync:
+            _fsync_dir(final.parent)
+        return True
+
+    async def open(self, sha256: str, chunk_size: int = 256 * 1024) -> AsyncIterator[bytes]:
+        try:
+            f = await asyncio.to_thread(self.path(sha256).open, "rb")
+        except FileNotFoundError:
+            raise BlobNotFound(sha256) from None
+        return _read_chunks(f, chunk_size)
+
+    async def exists(self, sha256: str) -> bool:
+        return is_sha256(sha256) and await asyncio.to_thread(self.path(sha256).is_file)
+
+    async def delete(self, sha256: str) -> bool:
+        if not is_sha256(sha256):
+            return False
+        try:
+            await asyncio.to_thread(self.path(sha256).unlink)
+        except FileNotFoundError:
+            return False
+        return True
+
+
+def _write(out: BinaryIO, hasher: hashlib._Hash, pieces: list[bytes], sync: bool = False) -> None:
+    for piece in pieces:
+        hasher.update(piece)
+        out.write(piece)
+    if sync:
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def _read_chunks(f: BinaryIO, chunk_size: int) -> AsyncIterator[bytes]:
+    try:
+        while chunk := await asyncio.to_thread(f.read, chunk_size):
+            yield chunk
+    finally:
+        f.close()
