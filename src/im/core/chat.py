@@ -41,7 +41,9 @@ from im.protocol.errors import ErrorCode, ImError
 
 log = logging.getLogger(__name__)
 
-SendCallback = Callable[[StoredMessage | None, bool, ImError | None], None]
+#: ``done(request, message, dup, None)`` once durable, or ``done(request, None, False, error)``. The
+#: request is handed back so a transport can pass one bound method for all its sends (no closure each).
+SendCallback = Callable[["SendRequest", StoredMessage | None, bool, ImError | None], None]
 #: Message types whose body refers to an uploaded file: ``{"file_id": "...", ...}``.
 FILE_TYPES = frozenset({"image", "file"})
 
@@ -63,8 +65,7 @@ ROLES = ("owner", "admin", "member")
 _encode_json = msgspec.json.Encoder().encode
 
 
-@dataclass(slots=True)
-class SendRequest:
+class SendRequest(msgspec.Struct, gc=False):
     uid: int
     device: str
     cmid: str
@@ -97,7 +98,7 @@ class _Pass:
     """One batch in the making."""
 
     batch: CommitBatch = field(default_factory=CommitBatch)
-    acks: list[tuple[SendCallback, StoredMessage, bool]] = field(default_factory=list)
+    acks: list[tuple[_Send, StoredMessage | None, bool, ImError | None]] = field(default_factory=list)
     op_futures: list[asyncio.Future[None]] = field(default_factory=list)
     recipients: list[list[int]] = field(default_factory=list)  # per routed message
     routed: list[StoredMessage] = field(default_factory=list)
@@ -158,9 +159,9 @@ class ChatService:
     # --- the send path -------------------------------------------------------------------------------
 
     def submit(self, req: SendRequest, done: SendCallback) -> None:
-        """Queue a send; ``done(message, dup, None)`` after it is durable, or ``done(None, False, err)``."""
+        """Queue a send; ``done`` is called after it is durable, or with the refusal (see SendCallback)."""
         if self._closing:
-            done(None, False, ImError(ErrorCode.UNAVAILABLE, "server is stopping; resend elsewhere"))
+            done(req, None, False, ImError(ErrorCode.UNAVAILABLE, "server is stopping; resend elsewhere"))
             return
         self._queue.append(_Send(req, done))
         self._wake.set()
@@ -169,7 +170,7 @@ class ChatService:
         """Awaitable form of :meth:`submit`."""
         fut: asyncio.Future[tuple[StoredMessage, bool]] = asyncio.get_running_loop().create_future()
 
-        def done(m: StoredMessage | None, dup: bool, err: ImError | None) -> None:
+        def done(_req: SendRequest, m: StoredMessage | None, dup: bool, err: ImError | None) -> None:
             if not fut.done():
                 if err is not None:
                     fut.set_exception(err)
@@ -227,8 +228,8 @@ class ChatService:
         self._fail(items, ImError(ErrorCode.UNAVAILABLE, "conversation too contended; retry"))
 
     def _finish(self, p: _Pass) -> None:
-        for done, m, dup in p.acks:
-            done(m, dup, None)
+        for item, m, dup, err in p.acks:
+            item.done(item.req, m, dup, err)
         for fut in p.op_futures:
             if not fut.done():
                 fut.set_result(None)
@@ -237,7 +238,7 @@ class ChatService:
     def _fail(items: Sequence[_Send | _MemberOp], err: ImError) -> None:
         for item in items:
             if isinstance(item, _Send):
-                item.done(None, False, err)
+                item.done(item.req, None, False, err)
             elif not item.done.done():
                 item.done.set_exception(err)
 
@@ -273,7 +274,7 @@ class ChatService:
                     self._prepare_member_op(p, item, conv, now_ms, heads_before)
             except ImError as err:
                 if isinstance(item, _Send):
-                    p.acks.append((_refuser(item.done, err), _NO_MESSAGE, False))
+                    p.acks.append((item, None, False, err))
                 elif not item.done.done():
                     item.done.set_exception(err)
         p.batch.read_marks = [(uid, conv, seq) for (uid, conv), seq in p.read_marks.items()]
@@ -333,7 +334,7 @@ class ChatService:
         if original is not None:
             if original.conv != conv:
                 raise ImError(ErrorCode.INVALID, "cmid was already used for another conversation")
-            p.acks.append((item.done, original, True))
+            p.acks.append((item, original, True, None))
             return
         state = self._states.get(conv)
         if state is None:
@@ -365,7 +366,7 @@ class ChatService:
         in_batch[key] = m
         p.batch.messages.append(m)
         p.read_marks[(req.uid, conv)] = m.seq  # a sender has read up to its own message
-        p.acks.append((item.done, m, False))
+        p.acks.append((item, m, False, None))
         p.routed.append(m)
         p.recipients.append(list(state.members))
 
@@ -571,19 +572,3 @@ class ChatService:
         if upto <= after:
             return after, []
         return after, await self.store.read_range(conv, after, upto + 1, limit)
-
-
-class _NoMessage(StoredMessage):
-    pass
-
-
-_NO_MESSAGE = _NoMessage("", 0, 0, 0, "", "", 0, "", b"")
-
-
-def _refuser(done: SendCallback, err: ImError) -> SendCallback:
-    """A callback that reports ``err`` whatever the batch outcome (refused items ride along in acks)."""
-
-    def refuse(_m: StoredMessage | None, _dup: bool, _e: ImError | None) -> None:
-        done(None, False, err)
-
-    return refuse

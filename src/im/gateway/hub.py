@@ -112,19 +112,17 @@ class Connection(abc.ABC):
 
     def _submit(self, c: cmd.Submit) -> None:
         s = self.session
-        req = SendRequest(s.uid, s.device, c.cmid, c.conv, c.to, c.type, c.body)
+        self.hub.chat.submit(SendRequest(s.uid, s.device, c.cmid, c.conv, c.to, c.type, c.body), self._send_done)
 
-        def done(m: StoredMessage | None, dup: bool, err: ImError | None) -> None:
-            if self.closed:
-                return
-            if err is not None:
-                s.send_failed(c.cmid, err.code, err.message)
-            else:
-                assert m is not None
-                self.run(s.send_done(c.cmid, m, dup))
-            self.mark_dirty()
-
-        self.hub.chat.submit(req, done)
+    def _send_done(self, req: SendRequest, m: StoredMessage | None, dup: bool, err: ImError | None) -> None:
+        if self.closed:
+            return
+        if err is not None:
+            self.session.send_failed(req.cmid, err.code, err.message)
+        else:
+            assert m is not None
+            self.run(self.session.send_done(req.cmid, m, dup))
+        self.mark_dirty()
 
     async def _authenticate(self, c: cmd.Authenticate) -> None:
         try:

@@ -1,0 +1,80 @@
+"""``im.client``: the Python SDK of the im chat server.
+
+Layers, each usable alone (docs/protocol.md is the contract they implement)::
+
+    Client          client.py     asyncio: reconnects, resumes, resends; events(), send(), read(), typing()
+      ClientSession session.py    sans-I/O protocol state: frames out, events in, cursors, outbox
+      Transport     transport.py  WebSocket / TCP / in-memory byte pipes for encoded frames
+    ApiClient       api.py        HTTP: accounts, users, contacts, groups, history, gateway, files
+
+Example::
+
+    from im.client import Client, Message
+
+    async with await Client.login("http://127.0.0.1:8080", "alice", "correct horse", device="laptop") as c:
+        await c.send({"text": "hello"}, to=2)
+        async for event in c.events():
+            if isinstance(event, Message):
+                print(event.conv, event.seq, event.body)
+
+Event types are the protocol's own frame structs (no copy): ``Message`` is
+:class:`im.protocol.frames.Msg` (the sender uid is ``.sender``), ``Ack``, ``AuthOk``, ``Synced``,
+``Receipt``, ``TypingEvent``, ``Error``, ``Bye``; plus :class:`SendFailed` and :class:`Disconnected`.
+"""
+
+from __future__ import annotations
+
+from im.client.api import (
+    ApiClient,
+    ApiError,
+    Conversation,
+    FileInfo,
+    Gateway,
+    Group,
+    HistoryPage,
+    Member,
+    Tokens,
+    User,
+)
+from im.client.client import Client, ClientClosed, ClientEvent, Disconnected, SendError
+from im.client.session import ClientSession, Event, SendFailed
+from im.client.transport import MemoryTransport, TcpTransport, Transport, TransportClosed, WebSocketTransport
+from im.protocol.codec import Encoding
+from im.protocol.frames import Ack, AuthOk, Bye, Error, Receipt, Send, Synced, TypingEvent
+from im.protocol.frames import Msg as Message
+
+__all__ = [
+    "Ack",
+    "ApiClient",
+    "ApiError",
+    "AuthOk",
+    "Bye",
+    "Client",
+    "ClientClosed",
+    "ClientEvent",
+    "ClientSession",
+    "Conversation",
+    "Disconnected",
+    "Encoding",
+    "Error",
+    "Event",
+    "FileInfo",
+    "Gateway",
+    "Group",
+    "HistoryPage",
+    "Member",
+    "MemoryTransport",
+    "Message",
+    "Receipt",
+    "Send",
+    "SendError",
+    "SendFailed",
+    "Synced",
+    "TcpTransport",
+    "Tokens",
+    "Transport",
+    "TransportClosed",
+    "TypingEvent",
+    "User",
+    "WebSocketTransport",
+]

@@ -1,0 +1,463 @@
+"""The seam between the SDK and the network: a four-method :class:`Transport` and its implementations.
+
+A transport carries whole protocol frames (already encoded bytes) in both directions and knows nothing of
+their meaning; :class:`~im.client.session.ClientSession` does. Implementations:
+
+- :class:`WebSocketTransport` -- RFC 6455 via picows; one frame per WebSocket message, text for JSON,
+  binary for MessagePack (docs/protocol.md section 3).
+- :class:`TcpTransport` -- plain TCP with the 5-byte header of docs/protocol.md "TCP framing"; the framing
+  itself is the sans-I/O :class:`TcpFramer`.
+- :class:`MemoryTransport` -- an in-process pair, for tests (``a, b = MemoryTransport.pair()``).
+
+Example::
+
+    async with TcpTransport("tcp://127.0.0.1:8082") as t:
+        t.send(b'{"t":"ping","id":1}')
+        print(await t.recv())          # b'{"t":"pong","id":1}'
+
+Received frames wait in a small in-memory queue; past ``max_queue`` frames the transport stops reading the
+socket until the consumer catches up (the server then applies its own slow-consumer policy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable
+from types import TracebackType
+from urllib.parse import urlsplit
+
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+from im.protocol.codec import Encoding
+
+__all__ = [
+    "MemoryTransport",
+    "TcpFramer",
+    "TcpFramingError",
+    "TcpTransport",
+    "Transport",
+    "TransportClosed",
+    "WebSocketTransport",
+    "tcp_frame",
+]
+
+_DEFAULT_MAX_FRAME = 16 * 1024 * 1024  # what the client accepts; the server's own limit is far lower
+
+
+class TransportClosed(ConnectionError):
+    """Raised by :meth:`Transport.send` when the connection is gone."""
+
+
+class Transport(ABC):
+    """One connection carrying encoded frames. Close it with ``async with`` or :meth:`close`.
+
+    Guarantees: frames arrive whole and in order; :meth:`recv` returns ``None`` once, and ever after, when
+    the connection is closed (by either side or by a failure). :meth:`send` never blocks: it queues the
+    bytes in the OS/event-loop buffers and raises :class:`TransportClosed` if the connection is gone.
+    """
+
+    encoding: Encoding
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Open the connection (raises ``OSError`` or ``asyncio.TimeoutError`` when it cannot)."""
+
+    @abstractmethod
+    def send(self, data: bytes) -> None:
+        """Write one encoded frame."""
+
+    def send_many(self, frames: list[bytes]) -> None:
+        """Write several frames, in order (implementations may join them into one write)."""
+        for data in frames:
+            self.send(data)
+
+    @abstractmethod
+    async def recv(self) -> bytes | None:
+        """The next frame, or ``None`` when the connection is closed."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close gracefully (idempotent)."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Drop the connection at once, without a closing handshake (tests use it to simulate a failure)."""
+
+    async def __aenter__(self) -> Transport:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+class _Inbox:
+    """Received frames, waiting for :meth:`get`; pauses the producer past ``high`` frames."""
+
+    __slots__ = ("_paused", "_waiter", "closed", "frames", "high", "pause", "resume")
+
+    def __init__(self, high: int, pause: Callable[[], None] | None = None, resume: Callable[[], None] | None = None):
+        self.frames: deque[bytes] = deque()
+        self.closed = False
+        self.high = high
+        self.pause = pause
+        self.resume = resume
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, data: bytes) -> None:
+        self.frames.append(data)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        if len(self.frames) >= self.high and not self._paused and self.pause is not None:
+            self._paused = True
+            self.pause()
+
+    def close(self) -> None:
+        self.closed = True
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def get(self) -> bytes | None:
+        frames = self.frames
+        while not frames:
+            if self.closed:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = frames.popleft()
+        if self._paused and len(frames) <= self.high // 2:
+            self._paused = False
+            if self.resume is not None and not self.closed:
+                self.resume()
+        return data
+
+
+# --- WebSocket ----------------------------------------------------------------------------------------
+
+
+class _WsListener(WSListener):  # type: ignore[misc]
+    def __init__(self, inbox: _Inbox, max_frame: int) -> None:
+        super().__init__()
+        self.inbox = inbox
+        self.max_frame = max_frame
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+            if frame.fin:
+                self.inbox.put(frame.get_payload_as_bytes())
+            else:
+                self._parts = [frame.get_payload_as_bytes()]
+                self._size = len(self._parts[0])
+        elif kind is WSMsgType.CONTINUATION:
+            if not self._parts:
+                return
+            self._size += frame.payload_size
+            if self._size > self.max_frame:  # RFC 6455 section 10.4: the endpoint may close with 1009
+                transport.send_close(WSCloseCode.MESSAGE_TOO_BIG)
+                transport.disconnect()
+                return
+            self._parts.append(frame.get_payload_as_bytes())
+            if frame.fin:
+                data = b"".join(self._parts)
+                self._parts = []
+                self.inbox.put(data)
+        elif kind is WSMsgType.CLOSE:
+            transport.send_close(frame.get_close_code(), frame.get_close_message())
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.inbox.close()
+
+
+class WebSocketTransport(Transport):
+    """A WebSocket connection (picows client) to a gateway URL such as ``ws://127.0.0.1:8081/ws``.
+
+    JSON frames travel as text messages, MessagePack ones as binary messages; the first message fixes the
+    connection's encoding on the server, so one transport uses one ``encoding``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        encoding: Encoding = Encoding.JSON,
+        connect_timeout: float = 10.0,
+        max_frame: int = _DEFAULT_MAX_FRAME,
+        max_queue: int = 65536,
+    ) -> None:
+        self.url = url
+        self.encoding = encoding
+        self.connect_timeout = connect_timeout
+        self.max_frame = max_frame
+        self._kind = WSMsgType.TEXT if encoding is Encoding.JSON else WSMsgType.BINARY
+        self._ws: WSTransport | None = None
+        self._inbox = _Inbox(max_queue, self._pause, self._resume)
+
+    def _pause(self) -> None:
+        if self._ws is not None:
+            self._ws.underlying_transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._ws is not None and not self._ws.is_disconnected:
+            self._ws.underlying_transport.resume_reading()
+
+    async def connect(self) -> None:
+        inbox, max_frame = self._inbox, self.max_frame
+        ws, _ = await asyncio.wait_for(
+            ws_connect(
+                lambda: _WsListener(inbox, max_frame),
+                self.url,
+                websocket_handshake_timeout=self.connect_timeout,
+                max_frame_size=max_frame,
+                enable_auto_pong=True,
+                read_buffer_init_size=4096,
+            ),
+            self.connect_timeout,
+        )
+        self._ws = ws
+        sock = ws.underlying_transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send(self, data: bytes) -> None:
+        ws = self._ws
+        if ws is None or ws.is_disconnected:
+            raise TransportClosed("the WebSocket is closed")
+        ws.send(self._kind, data)
+
+    async def recv(self) -> bytes | None:
+        return await self._inbox.get()
+
+    async def close(self) -> None:
+        ws = self._ws
+        if ws is None:
+            self._inbox.close()
+            return
+        if not ws.is_disconnected:
+            ws.send_close(WSCloseCode.OK)
+            ws.disconnect()
+            try:
+                await asyncio.wait_for(ws.wait_disconnected(), 5.0)
+            except TimeoutError:
+                ws.disconnect(graceful=False)
+        self._inbox.close()
+
+    def abort(self) -> None:
+        if self._ws is not None and not self._ws.is_disconnected:
+            self._ws.disconnect(graceful=False)
+        self._inbox.close()
+
+
+# --- TCP ----------------------------------------------------------------------------------------------
+
+_HEADER = struct.Struct(">IB")
+_KIND = {Encoding.JSON: 0x01, Encoding.MSGPACK: 0x02}
+
+
+class TcpFramingError(ConnectionError):
+    """The byte stream does not follow the TCP framing: it cannot be resynchronised, so close."""
+
+
+def tcp_frame(payload: bytes, encoding: Encoding) -> bytes:
+    """One TCP frame: length ``L`` (u32 big-endian) = 1 + payload size, the encoding byte, the payload."""
+    return _HEADER.pack(len(payload) + 1, _KIND[encoding]) + payload
+
+
+class TcpFramer:
+    """Sans-I/O parser of the TCP framing (docs/protocol.md, "TCP framing"): feed bytes, get payloads.
+
+    >>> f = TcpFramer()
+    >>> data = tcp_frame(b'{"t":"pong","id":1}', Encoding.JSON)
+    >>> f.feed(data[:3]), f.feed(data[3:])
+    ([], [b'{"t":"pong","id":1}'])
+    """
+
+    __slots__ = ("_buf", "max_frame")
+
+    def __init__(self, max_frame: int = _DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf
+        buf += data
+        out: list[bytes] = []
+        pos, end = 0, len(buf)
+        while end - pos >= 5:
+            length = int.from_bytes(buf[pos : pos + 4], "big")
+            if length == 0 or length - 1 > self.max_frame:
+                raise TcpFramingError(f"bad frame length {length}")
+            if end - pos < 4 + length:
+                break
+            kind = buf[pos + 4]
+            if kind != 0x01 and kind != 0x02:
+                raise TcpFramingError(f"unknown encoding byte {kind:#04x}")
+            out.append(bytes(buf[pos + 5 : pos + 4 + length]))
+            pos += 4 + length
+        if pos:
+            del buf[:pos]
+        return out
+
+
+class _TcpProtocol(asyncio.Protocol):
+    def __init__(self, inbox: _Inbox, framer: TcpFramer) -> None:
+        self.inbox = inbox
+        self.framer = framer
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.framer.feed(data)
+        except TcpFramingError:
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        put = self.inbox.put
+        for payload in frames:
+            put(payload)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inbox.close()
+
+
+class TcpTransport(Transport):
+    """A TCP connection with length-prefixed frames to an address such as ``tcp://127.0.0.1:8082``.
+
+    Every frame this side writes carries the transport's ``encoding`` byte (the server answers in the
+    encoding of the first frame).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        encoding: Encoding = Encoding.JSON,
+        connect_timeout: float = 10.0,
+        max_frame: int = _DEFAULT_MAX_FRAME,
+        max_queue: int = 65536,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
+            raise ValueError(f"not a tcp://host:port address: {url!r}")
+        self.url = url
+        self.host, self.port = parts.hostname, parts.port
+        self.encoding = encoding
+        self.connect_timeout = connect_timeout
+        self._kind = _KIND[encoding]
+        self._transport: asyncio.Transport | None = None
+        self._inbox = _Inbox(max_queue, self._pause, self._resume)
+        self._framer = TcpFramer(max_frame)
+
+    def _pause(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    async def connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        inbox, framer = self._inbox, self._framer
+        transport, _ = await asyncio.wait_for(
+            loop.create_connection(lambda: _TcpProtocol(inbox, framer), self.host, self.port), self.connect_timeout
+        )
+        self._transport = transport
+
+    def send(self, data: bytes) -> None:
+        t = self._transport
+        if t is None or t.is_closing():
+            raise TransportClosed("the TCP connection is closed")
+        t.write(_HEADER.pack(len(data) + 1, self._kind) + data)
+
+    def send_many(self, frames: list[bytes]) -> None:
+        t = self._transport
+        if t is None or t.is_closing():
+            raise TransportClosed("the TCP connection is closed")
+        pack, kind = _HEADER.pack, self._kind
+        parts: list[bytes] = []
+        for data in frames:
+            parts.append(pack(len(data) + 1, kind))
+            parts.append(data)
+        t.write(b"".join(parts))
+
+    async def recv(self) -> bytes | None:
+        return await self._inbox.get()
+
+    async def close(self) -> None:
+        t = self._transport
+        if t is not None and not t.is_closing():
+            t.close()
+        self._inbox.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+        self._inbox.close()
+
+
+# --- in memory ----------------------------------------------------------------------------------------
+
+
+class MemoryTransport(Transport):
+    """One end of an in-process connection; :meth:`pair` makes both ends.
+
+    What one end sends, the other receives, in order. Closing or aborting either end closes both. Tests
+    use it to drive a :class:`~im.client.session.ClientSession` pump against a scripted "server".
+
+    >>> client_end, server_end = MemoryTransport.pair()
+    """
+
+    def __init__(self, *, encoding: Encoding = Encoding.JSON) -> None:
+        self.encoding = encoding
+        self.peer: MemoryTransport | None = None
+        self._inbox = _Inbox(1 << 30)
+        self.connected = False
+
+    @classmethod
+    def pair(cls, *, encoding: Encoding = Encoding.JSON) -> tuple[MemoryTransport, MemoryTransport]:
+        a, b = cls(encoding=encoding), cls(encoding=encoding)
+        a.peer, b.peer = b, a
+        return a, b
+
+    async def connect(self) -> None:
+        if self._inbox.closed:
+            raise ConnectionRefusedError("memory transport already closed")
+        self.connected = True
+
+    def send(self, data: bytes) -> None:
+        if self.peer is None or self._inbox.closed:
+            raise TransportClosed("the memory transport is closed")
+        self.peer._inbox.put(data)
+
+    async def recv(self) -> bytes | None:
+        return await self._inbox.get()
+
+    async def close(self) -> None:
+        self.abort()
+
+    def abort(self) -> None:
+        self._inbox.close()
+        if self.peer is not None:
+            self.peer._inbox.close()
