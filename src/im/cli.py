@@ -1,4 +1,5 @@
-"""The ``im`` command: ``im serve`` runs everything in one process; ``im config`` shows the configuration."""
+"""The ``im`` command: ``im serve`` runs everything in one process; ``im config`` shows the configuration;
+``im chat`` is a terminal chat client."""
 
 from __future__ import annotations
 
@@ -87,13 +88,28 @@ def _serve(config: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list[:1] == ["bench"]:  # its own parser: `im bench --help`, `im bench idle --help`
+        from im.bench.cli import main as bench_main
+
+        return bench_main(list(args_list[1:]))
     parser = argparse.ArgumentParser(prog="im", description="im: an instant-messaging server")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run HTTP API and WebSocket gateway in one process (SQLite)")
     _add_config_flags(serve)
     show = sub.add_parser("config", help="print the effective configuration")
     _add_config_flags(show)
+    sub.add_parser("bench", help="load generator: throughput, latency, delivery check (see im bench --help)")
+    chat = sub.add_parser("chat", help="a terminal chat client (needs a running server)")
+    chat.add_argument("--server", default="http://127.0.0.1:8080", help="server URL (default http://127.0.0.1:8080)")
+    chat.add_argument("--user", default="", help="user name to fill in on the login screen")
+    chat.add_argument("--device", default="im-chat", help="device name, stable per installation (default im-chat)")
+    chat.add_argument("--transport", choices=["ws", "tcp"], default="ws", help="gateway transport (default ws)")
     args = parser.parse_args(argv)
+    if args.command == "chat":
+        from im.chat_tui import run
+
+        return run(server=args.server, username=args.user, device=args.device, transport=args.transport)
     try:
         config = _load(args)
     except ConfigError as exc:

@@ -24,3 +24,19 @@ async def test_direct_chat_both_ways(server: ServerProcess, history: History) ->
     got = await a.wait_messages(20)
     assert [m["body"] for m in got] == [f"b{i}" for i in range(20)]
     assert all(m["conv"] == f"d:{alice.uid}:{bob.uid}" for m in got)
+
+
+async def test_first_send_by_conversation_id_creates_it(server: ServerProcess, history: History) -> None:
+    alice = await register(server.api, "alice")
+    bob = await register(server.api, "bob")
+    a = history.client(alice, "phone")
+    b = history.client(bob, "laptop")
+    await a.connect()
+    await b.connect()
+    conv = f"d:{min(alice.uid, bob.uid)}:{max(alice.uid, bob.uid)}"
+    ack = await a.send("by id", conv=conv)
+    assert ack is not None and ack["seq"] == 1, a.errors
+    assert [m["body"] for m in await b.wait_messages(1)] == ["by id"]
+    # A direct conversation with a user who does not exist is still refused.
+    assert await a.send("nobody", conv=f"d:{alice.uid}:9999") is None
+    assert a.errors[-1]["code"] == "not_found"

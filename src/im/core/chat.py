@@ -253,11 +253,12 @@ class ChatService:
         targets = [(item, self._target(item)) for item in items]
         await self._load([c for _, c in targets if isinstance(c, str)])
         # Peers of first-time direct conversations must exist.
+        # Both users of a first-time direct conversation must exist (however it was addressed).
         new_peers = {
-            peer
+            uid
             for item, c in targets
-            if isinstance(c, str) and c not in self._states and isinstance(item, _Send) and item.req.to
-            for peer in (item.req.to,)
+            if isinstance(c, str) and c not in self._states and isinstance(item, _Send) and c.startswith("d:")
+            for uid in (parse_conv(c) or ("", ()))[1]
         }
         known = await self.accounts.get_users(sorted(new_peers)) if new_peers else {}
         attachable = await self._check_files([i for i, _ in targets if isinstance(i, _Send)])

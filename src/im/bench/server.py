@@ -1,0 +1,167 @@
+"""The server under test: spawning ``python -m im serve`` in a temporary data directory, and reading a
+process's CPU time and memory from /proc."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+__all__ = [
+    "BENCH_SERVER_SETTINGS",
+    "MachineCpu",
+    "SpawnedServer",
+    "cpu_seconds",
+    "raise_nofile",
+    "rss_bytes",
+]
+
+#: Settings of a spawned server: cheap password hashing (the bench creates many accounts) and no
+#: per-connection send rate limit (the bench is the load).
+BENCH_SERVER_SETTINGS = [
+    "auth.argon2_time_cost=1",
+    "auth.argon2_memory_kib=1024",
+    "auth.argon2_parallelism=1",
+    "limits.send_rate=1000000",
+]
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads), from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of process ``pid`` (``VmRSS`` of /proc/<pid>/status), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class MachineCpu:
+    """CPU seconds the whole machine spent busy (all cores), from /proc/stat: to tell how much of the
+    machine went to something else than the server and the bench during a measurement."""
+
+    @staticmethod
+    def busy_seconds() -> tuple[float, float]:
+        """(seconds in processes: user, nice, system, steal; seconds in irq and softirq). Loopback
+        networking runs largely in softirq, which the kernel may not charge to any process."""
+        with open("/proc/stat") as f:
+            parts = f.readline().split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in parts[:8])
+        return (user + nice + system + steal) / _CLK_TCK, (irq + softirq) / _CLK_TCK
+
+
+def raise_nofile() -> int:
+    """Raise this process's open-file limit to its hard limit (children inherit it); return the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+_URL = re.compile(r"^im: (HTTP API|WebSocket|TCP)\s+(\S+)")
+
+
+@dataclass
+class SpawnedServer:
+    """``python -m im serve`` on free ports (port 0, read back from its start-up lines) in a temporary
+    data directory, stopped (SIGTERM) and cleaned up by :meth:`stop` or ``with``."""
+
+    settings: list[str] = field(default_factory=list)
+    data_dir: Path | None = None
+    log_level: str = "warning"
+    proc: subprocess.Popen[str] | None = None
+    http: str = ""
+    ws: str = ""
+    tcp: str = ""
+    _tmp: str | None = None
+    log_path: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 30.0) -> SpawnedServer:
+        if self.data_dir is None:
+            self._tmp = tempfile.mkdtemp(prefix="im-bench-")
+            self.data_dir = Path(self._tmp) / "data"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir.parent / "server.log" if self._tmp else self.data_dir / "server.log"
+        cmd = [
+            sys.executable, "-m", "im", "serve", "--data-dir", str(self.data_dir),
+            "--http-port", "0", "--ws-port", "0", "--tcp-port", "0", "--log-level", self.log_level,
+        ]
+        for item in [*BENCH_SERVER_SETTINGS, *self.settings]:
+            cmd += ["--set", item]
+        log = open(self.log_path, "ab")  # noqa: SIM115 -- the child keeps its own descriptor
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1)
+        finally:
+            log.close()
+        urls: dict[str, str] = {}
+        lines: list[str] = []
+
+        def read() -> None:  # start-up lines; the rest of stdout is drained so the server never blocks
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                lines.append(line)
+                m = _URL.match(line)
+                if m:
+                    urls[m.group(1)] = m.group(2)
+
+        threading.Thread(target=read, daemon=True, name="im-bench-server-stdout").start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"im serve exited with {self.proc.returncode}:\n{''.join(lines)}{self.log()}")
+            if {"HTTP API", "WebSocket", "TCP"} <= urls.keys():
+                self.http = urls["HTTP API"].removesuffix("/api/v1")
+                self.ws, self.tcp = urls["WebSocket"], urls["TCP"]
+                try:
+                    if httpx.get(f"{self.http}/api/v1/health", timeout=2).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.05)
+        message = f"im serve did not start within {timeout}s:\n{''.join(lines)}{self.log()}"
+        self.stop()
+        raise RuntimeError(message)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def log(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def __enter__(self) -> SpawnedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
