@@ -6,6 +6,7 @@ The WebSocket and TCP transports against the real server are exercised in test_c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 
@@ -17,6 +18,7 @@ from im.client.transport import (
     TcpFramingError,
     TcpTransport,
     TransportClosed,
+    WebSocketTransport,
     _Inbox,
     tcp_frame,
 )
@@ -130,3 +132,29 @@ async def test_tcp_transport_abort_and_bad_addresses(echo_server: tuple[str, lis
         port = sock.getsockname()[1]
     with pytest.raises(OSError):
         await TcpTransport(f"tcp://127.0.0.1:{port}").connect()
+
+
+async def test_transports_connect_from_the_given_source_address() -> None:
+    peers: list[str] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer.get_extra_info("peername")[0])
+        writer.close()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        tcp = TcpTransport(f"tcp://127.0.0.1:{port}", local_addr="127.0.0.2")
+        await tcp.connect()
+        await tcp.close()
+        ws = WebSocketTransport(f"ws://127.0.0.1:{port}/ws", local_addr="127.0.0.3", connect_timeout=2)
+        with contextlib.suppress(Exception):  # the peer is no WebSocket server: only the source matters
+            await ws.connect()
+        for _ in range(100):
+            if len(peers) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert peers == ["127.0.0.2", "127.0.0.3"]
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -7,16 +7,13 @@ included (socket buffers the kernel charges elsewhere are not in it).
 One process holds at most ~20k descriptors here, so connections are spread over ``procs`` client
 processes (each raises its RLIMIT_NOFILE to the hard limit); and one source address reaches one server
 port from at most ~28k ephemeral ports, so beyond ~25k connections they are bound round-robin to
-several 127.0.0.x source addresses. The SDK's transports take no local address, so the client processes
-run on an event loop whose ``create_connection`` adds one (:class:`_SourceAddressLoop`, for TCP) and wrap
-``aiofastnet.create_connection``, which picows uses for WebSocket (:func:`_bind_aiofastnet`).
+several 127.0.0.x source addresses (each transport's ``local_addr``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import math
 import multiprocessing as mp
 import time
@@ -55,17 +52,6 @@ class IdleOptions:
     progress: bool = True
 
 
-class _SourceAddressLoop(uvloop.Loop):  # type: ignore[misc]
-    """An event loop that binds every outgoing connection to the next of ``addrs`` (round-robin)."""
-
-    addrs: itertools.cycle[str] | None = None
-
-    async def create_connection(self, *args: Any, **kwargs: Any) -> Any:
-        if self.addrs is not None and kwargs.get("local_addr") is None and kwargs.get("sock") is None:
-            kwargs["local_addr"] = (next(self.addrs), 0)
-        return await super().create_connection(*args, **kwargs)
-
-
 @dataclass(frozen=True)
 class _IdleWork:
     index: int
@@ -100,11 +86,13 @@ async def _idle_worker(work: _IdleWork, stop: Any, out: Any) -> None:
         nonlocal failed
         async with sem:
             kind = work.kinds[i]
+            # Spread connections over source addresses: one address reaches one port ~28k times.
+            source = work.source_addrs[i % len(work.source_addrs)] if len(work.source_addrs) > 1 else None
             if kind == "tcp":
                 assert work.tcp_url is not None
-                t: Transport = TcpTransport(work.tcp_url, encoding=enc, connect_timeout=60)
+                t: Transport = TcpTransport(work.tcp_url, encoding=enc, connect_timeout=60, local_addr=source)
             else:
-                t = WebSocketTransport(work.ws_url, encoding=enc, connect_timeout=60)
+                t = WebSocketTransport(work.ws_url, encoding=enc, connect_timeout=60, local_addr=source)
             s = ClientSession(work.devices[i], encoding=enc)
             try:
                 await t.connect()
@@ -150,31 +138,9 @@ async def _idle_worker(work: _IdleWork, stop: Any, out: Any) -> None:
     out.put(("closed", work.index, {"dropped": dropped[0]}))
 
 
-def _bind_aiofastnet(addrs: itertools.cycle[str]) -> None:
-    """picows (under :class:`~im.client.WebSocketTransport`) connects through ``aiofastnet`` when it is
-    installed, not through the loop: give that function the source addresses too (this process only)."""
-    try:
-        import aiofastnet
-    except ImportError:
-        return
-    original = aiofastnet.create_connection
-
-    async def create_connection(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("local_addr") is None and kwargs.get("sock") is None:
-            kwargs["local_addr"] = (next(addrs), 0)
-        return await original(*args, **kwargs)
-
-    aiofastnet.create_connection = create_connection
-
-
 def _idle_main(work: _IdleWork, stop: Any, out: Any) -> None:
     try:
-        loop = _SourceAddressLoop()
-        if len(work.source_addrs) > 1:
-            loop.addrs = itertools.cycle(work.source_addrs)
-            _bind_aiofastnet(loop.addrs)
-        with asyncio.Runner(loop_factory=lambda: loop) as runner:
-            runner.run(_idle_worker(work, stop, out))
+        uvloop.run(_idle_worker(work, stop, out))
     except BaseException:
         out.put(("error", work.index, traceback.format_exc()))
         raise SystemExit(1) from None

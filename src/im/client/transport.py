@@ -28,6 +28,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 from urllib.parse import urlsplit
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
@@ -199,11 +200,14 @@ class WebSocketTransport(Transport):
         connect_timeout: float = 10.0,
         max_frame: int = _DEFAULT_MAX_FRAME,
         max_queue: int = 65536,
+        local_addr: str | None = None,
     ) -> None:
         self.url = url
         self.encoding = encoding
         self.connect_timeout = connect_timeout
         self.max_frame = max_frame
+        #: Source address to connect from (many client connections need several 127.0.0.x addresses).
+        self.local_addr = local_addr
         self._kind = WSMsgType.TEXT if encoding is Encoding.JSON else WSMsgType.BINARY
         self._ws: WSTransport | None = None
         self._inbox = _Inbox(max_queue, self._pause, self._resume)
@@ -226,6 +230,7 @@ class WebSocketTransport(Transport):
                 max_frame_size=max_frame,
                 enable_auto_pong=True,
                 read_buffer_init_size=4096,
+                socket_factory=self._bound_socket if self.local_addr else None,
             ),
             self.connect_timeout,
         )
@@ -233,6 +238,14 @@ class WebSocketTransport(Transport):
         sock = ws.underlying_transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _bound_socket(self, url: Any) -> socket.socket:
+        """An unconnected socket bound to ``local_addr`` (picows connects it)."""
+        family = socket.AF_INET6 if ":" in (self.local_addr or "") else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.bind((self.local_addr, 0))
+        return sock
 
     def send(self, data: bytes) -> None:
         ws = self._ws
@@ -356,6 +369,7 @@ class TcpTransport(Transport):
         connect_timeout: float = 10.0,
         max_frame: int = _DEFAULT_MAX_FRAME,
         max_queue: int = 65536,
+        local_addr: str | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
@@ -368,6 +382,7 @@ class TcpTransport(Transport):
         self._transport: asyncio.Transport | None = None
         self._inbox = _Inbox(max_queue, self._pause, self._resume)
         self._framer = TcpFramer(max_frame)
+        self.local_addr = local_addr  # source address to connect from, as for WebSocketTransport
 
     def _pause(self) -> None:
         if self._transport is not None:
@@ -381,7 +396,13 @@ class TcpTransport(Transport):
         loop = asyncio.get_running_loop()
         inbox, framer = self._inbox, self._framer
         transport, _ = await asyncio.wait_for(
-            loop.create_connection(lambda: _TcpProtocol(inbox, framer), self.host, self.port), self.connect_timeout
+            loop.create_connection(
+                lambda: _TcpProtocol(inbox, framer),
+                self.host,
+                self.port,
+                local_addr=(self.local_addr, 0) if self.local_addr else None,
+            ),
+            self.connect_timeout,
         )
         self._transport = transport
 
