@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -35,6 +35,14 @@ class GatewayConfig(_Section):
     #: The TCP listener (length-prefixed frames); None turns it off.
     tcp_port: int | None = Field(8082, ge=0, le=65535)
     public_tcp_url: str | None = None
+
+    @field_validator("tcp_port", mode="before")
+    @classmethod
+    def _off(cls, value: object) -> object:
+        """``--set gateway.tcp_port=off`` (or none, null, empty) turns the TCP listener off."""
+        if isinstance(value, str) and value.strip().lower() in ("", "off", "none", "null"):
+            return None
+        return value
     node_id: str = "gw-1"
     #: Seconds a connection may take to send its auth frame.
     auth_timeout: float = Field(10.0, gt=0)

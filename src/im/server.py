@@ -97,7 +97,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class EmbeddedServer:
-    """``im serve``: HTTP API and WebSocket gateway in one process, on embedded backends."""
+    """``im serve``: HTTP API, file service and the WebSocket and TCP gateways in one process, on
+    embedded backends."""
 
     def __init__(self, config: Config) -> None:
         self.config = config

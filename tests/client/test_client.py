@@ -346,3 +346,14 @@ async def test_logout_stops_the_client_for_good(make_client: ClientFactory) -> N
     assert any(type(e).__name__ == "Bye" and e.code == "auth_failed" for e in a.events)  # type: ignore[union-attr]
     with pytest.raises(ClientClosed):
         await alice.wait_connected(1)
+
+
+async def test_backoff_grows_while_the_server_is_down(server: ServerProcess, make_client: ClientFactory) -> None:
+    _alice, a = await make_client("alice", backoff_base=0.1, backoff_max=5.0)
+    assert a is not None
+    server.stop()
+    await a.wait(lambda: len(a.of(Disconnected)) >= 1, timeout=10)
+    await asyncio.sleep(3.0)  # waits 0.05-0.1, 0.1-0.2, 0.2-0.4, 0.4-0.8, 0.8-1.6 s: six attempts at most
+    attempts = len(a.of(Disconnected))
+    assert attempts <= 7, f"{attempts} reconnect attempts in 3 s: the backoff does not grow"
+    server.start()  # the fixture stops it again

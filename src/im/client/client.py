@@ -417,6 +417,7 @@ class Client:
         try:
             while not self._closing:
                 reason = "connection closed"
+                self.session.auth_ok = None  # set again only if this attempt gets as far as auth_ok
                 try:
                     reason = await self._connection()
                 except _Fatal as exc:

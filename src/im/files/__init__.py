@@ -1,7 +1,7 @@
 """Uploaded files: content-addressed blobs, their metadata, and who may read them.
 
     HTTP (im.api.routes_files) ──> FileService ──> BlobStorage   bytes, by SHA-256   (storage.py)
-    chat send path (can_attach) ─┘             └─> FileStore     metadata, owners,  (store.py,
+    chat send path (attachable) ─┘             └─> FileStore     metadata, owners,  (store.py,
                                                                  read rule           sqlite_store.py)
 
 - A file's id **is** the SHA-256 of its bytes (lowercase hex): the same bytes uploaded by anyone are

@@ -1,7 +1,7 @@
 """The transport-independent half of a gateway node.
 
 :class:`Connection` runs one :class:`~im.protocol.session.ServerSession` for a transport (WebSocket
-now, TCP later): it carries out the session's commands against the core and writes what the session
+or TCP): it carries out the session's commands against the core and writes what the session
 queues. :class:`Hub` indexes the node's connections by user, receives routed batches (it is the node's
 :class:`DeliverySink`), coalesces cursor and read-mark writes, and runs the timers.
 """
