@@ -65,8 +65,6 @@ def _serve(config: Config) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    if config.log_level != "debug":
-        logging.getLogger("picows").setLevel(logging.WARNING)  # it logs every connection at INFO
 
     def ready(server: EmbeddedServer) -> None:
         print(f"im: HTTP API   {server.http_url}/api/v1   (OpenAPI docs: {server.http_url}/api/v1/docs)", flush=True)

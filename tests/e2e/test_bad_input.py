@@ -153,8 +153,6 @@ async def test_bad_frames_after_auth_keep_the_connection(server: ServerProcess, 
         ({"t": "recv", "conv": "g:1", "seq": 1}, "invalid", None),
         ({"t": "read", "conv": "d:1:2", "seq": 5}, "invalid", None),
     ]
-    await r.ws.send(b'{"t": "ping", "id": "\xff"}', text=True)  # a text frame that is not UTF-8
-    assert (await r.recv())["code"] == "bad_frame"
     for i, (data, code, ref) in enumerate(cases):
         await r.expect_error(data, code, ref)
         if i % 8 == 0:
@@ -338,3 +336,18 @@ async def test_messagepack_body_not_expressible_as_json_is_refused(
     await r.send(msgspec.msgpack.encode({"t": "ping", "id": 2}))
     assert await r.recv() == {"t": "pong", "id": 2}
     await r.close()
+
+
+async def test_text_frame_that_is_not_utf8_closes_with_1007(server: ServerProcess) -> None:
+    """RFC 6455 section 8.1: invalid UTF-8 in a text message fails the connection with 1007."""
+    alice = await register(server.api, "alice")
+    r = await Raw.open(server.ws)
+    await r.auth(alice)
+    await r.ws.send(b'{"t": "ping", "id": "\xff"}', text=True)
+    await asyncio.wait_for(r.ws.wait_closed(), 5)
+    assert r.ws.close_code == 1007
+    # The server goes on.
+    r2 = await Raw.open(server.ws)
+    await r2.auth(alice)
+    await r2.ping(1)
+    await r2.ws.close()
