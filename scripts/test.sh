@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Lint, type-check and test, installing first what the tests need and is missing: uv (from PyPI) and
+# etcd (Debian's etcd-server, as root; the etcd tests start their own private etcd on free ports).
+# Redis, PostgreSQL and RabbitMQ must already run locally, as on the dev machines and CI.
+# Arguments go to pytest: `bash scripts/test.sh tests/contract -x`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.local/bin:$PATH"
+
+command -v uv >/dev/null 2>&1 || pip install uv
+
+if ! command -v etcd >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq etcd-server
+  else
+    echo "scripts/test.sh: etcd is missing and this is not root: install it with" \
+      "'apt-get install -y etcd-server' as root; the etcd tests fail until then" >&2
+  fi
+fi
+
+uv sync --frozen
+uv run ruff check src tests benchmarks
+uv run mypy
+uv run pytest -q -p no:cacheprovider "$@"
