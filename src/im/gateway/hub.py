@@ -189,6 +189,7 @@ class Hub(DeliverySink):
         self._cursors: dict[tuple[int, str, str], int] = {}
         self._reads: dict[tuple[int, str], int] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -230,7 +231,18 @@ class Hub(DeliverySink):
         devices[s.device] = conn
         if old is not None and old is not conn:
             old.run(old.session.close(ErrorCode.REPLACED, "the same device connected again", reconnect=False))
-        await self.chat.presence.set_online([DeviceLocation(s.uid, s.device, self.node)], self._presence_ttl)
+        try:
+            await self.chat.presence.set_online([DeviceLocation(s.uid, s.device, self.node)], self._presence_ttl)
+        except Exception:  # presence is a routing hint: the refresh loop announces this device again
+            log.warning("presence unavailable: uid=%s device=%s not announced yet", s.uid, s.device, exc_info=True)
+
+    async def _set_offline(self, uid: int, device: str) -> None:
+        if device in self._by_user.get(uid, {}):
+            return  # the device came back meanwhile: its entry is current
+        try:
+            await self.chat.presence.set_offline([DeviceLocation(uid, device, self.node)])
+        except Exception:  # the entry expires on its own within the presence TTL
+            log.warning("presence unavailable: uid=%s device=%s not removed", uid, device, exc_info=True)
 
     def revoked(self, sid: str) -> None:
         """A login session was revoked (logout, refresh-token reuse): close its connections."""
@@ -246,8 +258,9 @@ class Hub(DeliverySink):
             del devices[s.device]
             if not devices:
                 del self._by_user[s.uid]
-            loc = DeviceLocation(s.uid, s.device, self.node)
-            asyncio.get_running_loop().create_task(self.chat.presence.set_offline([loc]))
+            task = asyncio.get_running_loop().create_task(self._set_offline(s.uid, s.device))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     # --- DeliverySink --------------------------------------------------------------------------------
 
@@ -350,4 +363,7 @@ class Hub(DeliverySink):
                     for device in devices
                 ]
                 if entries:
-                    await self.chat.presence.set_online(entries, self._presence_ttl)
+                    try:
+                        await self.chat.presence.set_online(entries, self._presence_ttl)
+                    except Exception:  # keep the timers running; the next refresh tries again
+                        log.warning("presence refresh failed", exc_info=True)
