@@ -7,14 +7,30 @@ from pathlib import Path
 
 import pytest
 
+from im.backends.base import AccountStore
+from im.backends.postgres_accounts import PostgresAccountStore
 from im.backends.sqlite_accounts import SqliteAccountStore
 from im.backends.sqlite_db import SqliteDatabase
+from tests.support.postgres import PgSchema, start
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteAccountStore]:
-    """An account store on a fresh SQLite file."""
-    s = SqliteAccountStore(SqliteDatabase(tmp_path / "im.db"))
-    await s.start()
-    yield s
-    await s.close()
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AccountStore]:
+    """An account store on fresh storage: a new SQLite file, or a new schema on the test PostgreSQL
+    (``tests/support/postgres.py``; an unreachable server fails the test, never skips it)."""
+    if request.param == "sqlite":
+        s: AccountStore = SqliteAccountStore(SqliteDatabase(tmp_path / "im.db"))
+        await s.start()
+        yield s
+        await s.close()
+        return
+    schema = PgSchema()
+    s = PostgresAccountStore(schema.database())
+    await start(s)
+    try:
+        yield s
+    finally:
+        try:
+            await s.close()
+        finally:
+            await schema.drop()

@@ -1,4 +1,5 @@
-"""SqliteAccountStore on a real SQLite file."""
+"""The AccountStores on real storage: a SQLite file and a PostgreSQL schema (the ``store`` fixture of
+``tests/conftest.py`` runs each test on both)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from im.backends.base import AuthSession, Conflict
+from im.backends.base import AccountStore, AuthSession, Conflict
 from im.backends.sqlite_accounts import SqliteAccountStore
 from im.backends.sqlite_db import SqliteDatabase
 
 
-async def test_create_and_get_user(store: SqliteAccountStore) -> None:
+async def test_create_and_get_user(store: AccountStore) -> None:
     alice = await store.create_user("Alice", "Alice A.", "hash-a", 100)
     assert alice.uid > 0 and alice.username == "Alice" and alice.created_at == 100
     assert await store.get_user(alice.uid) == alice
@@ -21,7 +22,7 @@ async def test_create_and_get_user(store: SqliteAccountStore) -> None:
     assert await store.get_users([]) == {}
 
 
-async def test_usernames_unique_ignoring_case(store: SqliteAccountStore) -> None:
+async def test_usernames_unique_ignoring_case(store: AccountStore) -> None:
     await store.create_user("Alice", "A", "h", 1)
     for name in ("alice", "ALICE", "Alice"):
         with pytest.raises(Conflict):
@@ -33,14 +34,14 @@ async def test_usernames_unique_ignoring_case(store: SqliteAccountStore) -> None
     assert await store.find_user("alic") is None
 
 
-async def test_set_password_hash(store: SqliteAccountStore) -> None:
+async def test_set_password_hash(store: AccountStore) -> None:
     u = await store.create_user("carol", "Carol", "old", 1)
     await store.set_password_hash(u.uid, "new")
     found = await store.find_user("carol")
     assert found is not None and found[1] == "new"
 
 
-async def test_search_prefix_on_name_and_display_name(store: SqliteAccountStore) -> None:
+async def test_search_prefix_on_name_and_display_name(store: AccountStore) -> None:
     await store.create_user("alice", "Wonderland", "h", 1)
     await store.create_user("alfred", "Butler", "h", 1)
     await store.create_user("bob", "Alien Bob", "h", 1)
@@ -55,7 +56,7 @@ async def test_search_prefix_on_name_and_display_name(store: SqliteAccountStore)
     assert await store.search_users("%", 10) == []
 
 
-async def test_sessions_rotate_and_revoke(store: SqliteAccountStore) -> None:
+async def test_sessions_rotate_and_revoke(store: AccountStore) -> None:
     u = await store.create_user("dave", "Dave", "h", 1)
     await store.create_session(AuthSession("s1", u.uid, refresh_hash="r1", expires_at=50, revoked=False))
     assert await store.get_session("s1") == AuthSession("s1", u.uid, "r1", 50, False)
@@ -75,7 +76,7 @@ async def test_sessions_rotate_and_revoke(store: SqliteAccountStore) -> None:
     assert not await store.rotate_refresh("unknown", "r2", "r4", 80)
 
 
-async def test_contacts(store: SqliteAccountStore) -> None:
+async def test_contacts(store: AccountStore) -> None:
     a = await store.create_user("ann", "Ann", "h", 1)
     b = await store.create_user("Ben", "Ben", "h", 1)
     c = await store.create_user("cid", "Cid", "h", 1)

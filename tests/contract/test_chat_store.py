@@ -494,3 +494,29 @@ async def test_data_survives_close_and_reopen(chat: ChatHarness) -> None:
     await append(store, conv, 3, [bob])
     assert await new_group(store, "H", {bob: "owner"}) > gid
     assert await store.start_cursor(bob, "d1", conv) == 2
+
+
+async def test_member_changes_in_one_batch_apply_in_order(chat: ChatHarness) -> None:
+    """Several changes of one member in one batch end as if applied one by one."""
+    store = chat.store
+    gid = await new_group(store, "g", {1: "owner", 2: "member", 3: "member"})
+    g = group_conv(gid)
+    await append(store, g, 1, [1, 1, 1])  # head 4
+    await store.save_read_marks([(2, g, 4)])
+    await store.commit(
+        CommitBatch(
+            messages=[msg(g, 5, 1, device="", type="system")],
+            heads={g: (4, 5, 6_000)},
+            member_changes=[
+                MemberChange(g, 2, None), MemberChange(g, 2, "member", joined_seq=4),  # leave and rejoin: fresh row
+                MemberChange(g, 4, "member", joined_seq=4), MemberChange(g, 4, "admin"),  # join, then promoted
+                MemberChange(g, 3, "admin"), MemberChange(g, 3, None),  # promoted, then removed
+                MemberChange(g, 1, "admin"), MemberChange(g, 4, "owner"), MemberChange(g, 2, "owner"),
+            ],
+        )
+    )
+    assert (await store.load_conversations([g]))[g].members == {1: "admin", 2: "owner", 4: "owner"}
+    assert await store.read_marks(g) == {1: 0, 2: 4, 4: 4}
+    assert await store.start_cursor(4, "d1", g) == 4
+    group = await store.get_group(gid)
+    assert group is not None and group.owner == 2

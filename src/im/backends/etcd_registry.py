@@ -1,0 +1,406 @@
+"""The service registry on etcd: leases for liveness, a watched view per role for discovery.
+
+Layout: one key per instance, ``<prefix><role>/<node>``, whose value is JSON ``{role, node, addresses,
+load}`` and which is attached to a lease of the registration's TTL. etcd deletes the key when the lease
+ends, so the registry's guarantee (an instance is listed only while its registration is alive) is etcd's
+own:
+
+- a clean stop (:meth:`EtcdRegistry.deregister`) revokes the lease: the key is gone at once;
+- a crash stops the keepalives: the lease expires within its TTL (etcd checks every 0.5 s, so allow
+  TTL + 0.5 s), and the key with it;
+- an etcd restart keeps leases and extends them (the new leader re-arms every lease), so live owners
+  keep their registration once their keepalives get through again.
+
+TTLs are whole seconds in etcd: a TTL is rounded up, and etcd raises it to its minimum (about 1.5 x its
+election timeout, 2 s with the default settings).
+
+Liveness is kept by a keepalive task per registration, refreshing the lease every TTL/3 (and sooner
+while etcd does not answer). A lease found lost (expired while this process could not reach etcd, or
+revoked by someone else) is granted again and the key put again: an owner that is alive shows up again.
+
+:meth:`EtcdRegistry.watch` reads from a watched view per role: one background task keeps a local dict
+from a prefix get and a watch from the next revision, and calls every subscriber with the whole live list
+after each change. When the watch stream breaks (etcd restart: ``ConnectionFailedError``), it is reopened
+from the last revision seen + 1 with backoff, so no change is missed; if that revision has been
+compacted, the view lists the prefix again and calls back if anything changed.
+
+Every background task belongs to the registry and :meth:`EtcdRegistry.close` cancels them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import aetcd
+import msgspec
+
+from im.backends.base import Registry, ServiceInstance
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[list[ServiceInstance]], None]
+
+
+class _Record(msgspec.Struct, frozen=True):
+    """The value stored under an instance's key."""
+
+    role: str
+    node: str
+    addresses: dict[str, str]
+    load: int = 0
+
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(_Record).decode
+
+
+def _instance(value: bytes) -> ServiceInstance:
+    r = _decode(value)
+    return ServiceInstance(r.role, r.node, dict(r.addresses), r.load)
+
+
+@dataclass(eq=False)
+class _Registration:
+    """One instance this registry keeps alive."""
+
+    instance: ServiceInstance
+    ttl: float
+    key: bytes
+    lease: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    keepalive: asyncio.Task[None] | None = None
+
+    @property
+    def value(self) -> bytes:
+        i = self.instance
+        return _encode(_Record(i.role, i.node, i.addresses, i.load))
+
+
+@dataclass(eq=False)
+class _View:
+    """The live instances of one role, as last seen by the watch, and who wants them."""
+
+    role: str
+    entries: dict[bytes, ServiceInstance] = field(default_factory=dict)
+    subscribers: list[Callback] = field(default_factory=list)
+    synced: bool = False
+    task: asyncio.Task[None] | None = None
+
+    def live(self) -> list[ServiceInstance]:
+        return [self.entries[k] for k in sorted(self.entries)]
+
+    def notify(self) -> None:
+        for callback in list(self.subscribers):
+            try:
+                callback(self.live())
+            except Exception:
+                log.exception("registry watch callback for %r failed", self.role)
+
+
+class EtcdRegistry(Registry):
+    """:class:`Registry` on etcd (v3 API over gRPC, via ``aetcd``).
+
+    ``endpoints``: the etcd member to talk to, ``host:port``. ``prefix``: where the keys live (one
+    deployment per prefix). ``timeout``: seconds for each etcd call. ``keepalive``: refresh each
+    registration's lease in the background (every TTL/3); with False the owner keeps it alive only by
+    calling :meth:`update_load` or :meth:`register` within each TTL. ``retry``: the first delay before
+    retrying after etcd failed to answer (doubles up to ``max_retry``).
+
+    Use one registry per process, close it with :meth:`close` (or ``async with``). :meth:`watch` needs a
+    running event loop.
+    """
+
+    def __init__(
+        self,
+        endpoints: str = "127.0.0.1:2379",
+        *,
+        prefix: str = "/im/services/",
+        timeout: float = 5.0,
+        keepalive: bool = True,
+        retry: float = 0.05,
+        max_retry: float = 2.0,
+    ) -> None:
+        host, port = _parse_endpoint(endpoints)
+        if not prefix.endswith("/"):
+            raise ValueError(f"etcd registry prefix must end with '/': {prefix!r}")
+        self.prefix = prefix
+        self._timeout = timeout
+        self._keepalive = keepalive
+        self._retry = retry
+        self._max_retry = max_retry
+        options = {
+            # gRPC backs off reconnecting up to 120 s by default: after a long etcd outage, calls would
+            # keep failing that long once etcd is back. Retry at least every max_retry seconds.
+            "grpc.initial_reconnect_backoff_ms": max(1, int(retry * 1000)),
+            "grpc.min_reconnect_backoff_ms": max(1, int(retry * 1000)),
+            "grpc.max_reconnect_backoff_ms": max(1, int(max_retry * 1000)),
+            # Notice a silently dead connection under an open watch (etcd accepts pings every 5 s or more).
+            "grpc.keepalive_time_ms": 10_000,
+            "grpc.keepalive_timeout_ms": 5_000,
+        }
+        # aetcd's `timeout` is typed int but passed to gRPC as seconds: a float works.
+        self.client = aetcd.Client(host=host, port=port, timeout=timeout, options=options)
+        self._registrations: dict[str, _Registration] = {}
+        self._views: dict[str, _View] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def __aenter__(self) -> EtcdRegistry:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _key(self, role: str, node: str) -> bytes:
+        return f"{self.prefix}{role}/{node}".encode()
+
+    def _role_prefix(self, role: str) -> bytes:
+        if not role or "/" in role:
+            raise ValueError(f"a role is a non-empty name without '/': {role!r}")
+        return f"{self.prefix}{role}/".encode()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        if self._closed:
+            coro.close()
+            raise RuntimeError("the etcd registry is closed")
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- registrations ----------------------------------------------------------------------------------
+
+    async def register(self, instance: ServiceInstance, ttl: float) -> None:
+        """Put the instance under a new lease of ``ttl`` (rounded up to whole seconds) and keep it alive.
+
+        Registering a node again replaces its entry (and its TTL); the previous lease is revoked.
+        """
+        key = self._key(instance.role, instance.node)
+        self._role_prefix(instance.role)  # validates the role
+        old = self._registrations.get(instance.node)
+        reg = _Registration(instance, ttl, key)
+        if old is not None:
+            await self._stop_keepalive(old)
+            reg.lock = old.lock
+        async with reg.lock:
+            try:
+                await self._grant_and_put(reg)
+            except BaseException:
+                if old is not None and self._keepalive and not self._closed:
+                    old.keepalive = self._spawn(self._keep_alive(old), f"etcd-keepalive-{instance.node}")
+                raise
+            self._registrations[instance.node] = reg
+            if old is not None and old.lease != reg.lease:
+                # The key moved to the new lease (or, for a new role, to a new key): this drops what is left.
+                with contextlib.suppress(aetcd.ClientError):
+                    await self.client.revoke_lease(old.lease)
+        if self._keepalive:
+            reg.keepalive = self._spawn(self._keep_alive(reg), f"etcd-keepalive-{instance.node}")
+
+    async def update_load(self, node: str, load: int) -> None:
+        """Put the new load under the same lease, after renewing it. Unknown nodes: nothing happens."""
+        reg = self._registrations.get(node)
+        if reg is None:
+            return
+        async with reg.lock:
+            i = reg.instance
+            reg.instance = ServiceInstance(i.role, i.node, i.addresses, load)
+            if await self._refresh(reg):
+                try:
+                    await self.client.put(reg.key, reg.value, lease=reg.lease)
+                    return
+                except aetcd.ClientError as e:
+                    if "lease not found" not in str(e):
+                        raise
+            await self._grant_and_put(reg)
+
+    async def deregister(self, node: str) -> None:
+        """Revoke the node's lease: its entry is gone at once. Only nodes this registry registered;
+        unknown ones are ignored. If etcd cannot be reached the error is raised, and the entry goes
+        when its TTL runs out (its keepalive is stopped either way)."""
+        reg = self._registrations.pop(node, None)
+        if reg is None:
+            return
+        await self._stop_keepalive(reg)
+        async with reg.lock:
+            try:
+                await self.client.revoke_lease(reg.lease)
+            except aetcd.ClientError as e:
+                if "lease not found" not in str(e):
+                    raise
+
+    async def _grant_and_put(self, reg: _Registration) -> None:
+        lease = await self.client.lease(max(1, math.ceil(reg.ttl)))
+        reg.lease = int(lease.id)
+        await self.client.put(reg.key, reg.value, lease=reg.lease)
+
+    async def _refresh(self, reg: _Registration) -> bool:
+        """Renew the lease; False if etcd no longer has it."""
+        reply = await self.client.refresh_lease(reg.lease)
+        return reply is not None and int(reply.TTL) > 0
+
+    async def _keep_alive(self, reg: _Registration) -> None:
+        delay = reg.ttl / 3
+        failures = 0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                async with reg.lock:
+                    if not await self._refresh(reg):
+                        log.warning("etcd lease of %s was lost: registering it again", reg.instance.node)
+                        await self._grant_and_put(reg)
+            except Exception as e:  # etcd unreachable, or anything else: never let the keepalive die
+                failures += 1
+                delay = min(reg.ttl / 3, self._retry * 2 ** min(failures, 10), self._max_retry)
+                log.log(
+                    logging.WARNING if failures == 1 else logging.DEBUG,
+                    "etcd keepalive of %s failed (%r): retrying in %.2fs", reg.instance.node, e, delay,
+                )
+            else:
+                if failures:
+                    log.info("etcd keepalive of %s renewed after %d failures", reg.instance.node, failures)
+                failures = 0
+                delay = reg.ttl / 3
+
+    async def _stop_keepalive(self, reg: _Registration) -> None:
+        task, reg.keepalive = reg.keepalive, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # --- discovery --------------------------------------------------------------------------------------
+
+    async def instances(self, role: str) -> list[ServiceInstance]:
+        """The live instances of ``role``, read from etcd (ordered by node)."""
+        got = await self.client.get_prefix(self._role_prefix(role))
+        out: list[ServiceInstance] = []
+        for kv in got:
+            try:
+                out.append(_instance(kv.value))
+            except msgspec.DecodeError:
+                log.warning("ignoring an unreadable registry entry %r", kv.key)
+        return out
+
+    def watch(self, role: str, callback: Callback) -> Callable[[], None]:
+        """Call ``callback`` with the live list of ``role`` once the view has it (at once if it has),
+        then after every change. The returned function unsubscribes; the last one out stops the view."""
+        prefix = self._role_prefix(role)
+        view = self._views.get(role)
+        if view is None:
+            view = _View(role)
+            view.task = self._spawn(self._run_view(view, prefix), f"etcd-watch-{role}")
+            self._views[role] = view
+
+        def subscriber(live: list[ServiceInstance]) -> None:  # one object per subscription
+            callback(live)
+
+        view.subscribers.append(subscriber)
+        if view.synced:
+            subscriber(view.live())
+
+        def unsubscribe() -> None:
+            if subscriber in view.subscribers:
+                view.subscribers.remove(subscriber)
+            if not view.subscribers and self._views.get(role) is view:
+                del self._views[role]
+                if view.task is not None:
+                    view.task.cancel()
+
+        return unsubscribe
+
+    async def _run_view(self, view: _View, prefix: bytes) -> None:
+        revision: int | None = None  # the last revision the view reflects; None: list again
+        failures = 0
+        while True:
+            try:
+                if revision is None:
+                    got = await self.client.get_prefix(prefix)
+                    entries: dict[bytes, ServiceInstance] = {}
+                    for kv in got:
+                        with contextlib.suppress(msgspec.DecodeError):
+                            entries[bytes(kv.key)] = _instance(kv.value)
+                    revision = int(got.header.revision)
+                    changed = entries != view.entries or not view.synced
+                    view.entries, view.synced = entries, True
+                    if changed:
+                        view.notify()
+                async with self._watch(prefix, revision + 1) as events:
+                    if failures:
+                        log.info("etcd registry watch of %r reopened from revision %d", view.role, revision + 1)
+                    failures = 0
+                    async for event in events:
+                        revision = int(event.kv.mod_revision)
+                        if _apply(view.entries, event):
+                            view.notify()
+                # The stream ended without an error: the client was shut down under us. Reopen.
+                raise aetcd.ConnectionFailedError("etcd watch stream ended")
+            except aetcd.RevisionCompactedError:
+                log.warning("etcd registry watch of %r: revision %s compacted, listing again", view.role, revision)
+                revision = None
+            except Exception as e:  # etcd restarted or unreachable (ConnectionFailedError, ...): reopen
+                failures += 1
+                delay = min(self._retry * 2 ** min(failures - 1, 10), self._max_retry)
+                log.log(
+                    logging.WARNING if failures == 1 else logging.DEBUG,
+                    "etcd registry watch of %r broke (%r): reopening in %.2fs", view.role, e, delay,
+                )
+                await asyncio.sleep(delay)
+
+    @contextlib.asynccontextmanager
+    async def _watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[AsyncIterator[aetcd.Event]]:
+        """A prefix watch from ``start_revision``, cancelled on the way out (whatever the way)."""
+        watch = await asyncio.wait_for(
+            self.client.watch_prefix(prefix, start_revision=start_revision), self._timeout,
+        )
+        try:
+            async with contextlib.aclosing(aiter(watch)) as events:
+                yield events
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(watch.cancel(), self._timeout)
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop every keepalive and watch, and close the connection. Registrations are not revoked
+        (call :meth:`deregister` first for a clean stop): they expire within their TTL."""
+        self._closed = True
+        self._views.clear()
+        self._registrations.clear()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.client.close()
+
+
+def _apply(entries: dict[bytes, ServiceInstance], event: aetcd.Event) -> bool:
+    """Apply one watch event to the view's entries; True if the live list changed."""
+    key = bytes(event.kv.key)
+    if event.kind == aetcd.EventKind.DELETE:
+        return entries.pop(key, None) is not None
+    try:
+        instance = _instance(event.kv.value)
+    except msgspec.DecodeError:
+        log.warning("ignoring an unreadable registry entry %r", key)
+        return entries.pop(key, None) is not None
+    if entries.get(key) == instance:
+        return False
+    entries[key] = instance
+    return True
+
+
+def _parse_endpoint(endpoints: str) -> tuple[str, int]:
+    if "," in endpoints:
+        raise ValueError(f"EtcdRegistry talks to one etcd endpoint (host:port), not a list: {endpoints!r}")
+    host, sep, port = endpoints.strip().removeprefix("http://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"etcd endpoint must be host:port: {endpoints!r}")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,97 @@
+"""The :class:`FileStore` contract, run against every implementation (see ``conftest.FILE_STORES``)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+from im.backends.base import CommitBatch, ConversationState, MemberChange, StoredMessage
+from im.files.store import FileMeta
+from tests.contract.conftest import FileHarness
+
+ALICE, BOB, CAROL = 1, 2, 3
+G = "g:7"
+
+
+def meta(data: bytes, *, created_at: int = 100, width: int | None = None) -> FileMeta:
+    digest = hashlib.sha256(data).hexdigest()
+    return FileMeta(digest, digest, len(data), "application/octet-stream", width, width, created_at)
+
+
+async def send_file(h: FileHarness, conv: str, file_id: str, members: dict[int, str] | None = None) -> None:
+    """Commit a file message as the chat core does: message and ``file_refs`` row in one batch."""
+    head = (await h.chat.load_conversations([conv])).get(conv)
+    seq = (head.last_seq if head else 0) + 1
+    m = StoredMessage(conv, seq, seq, ALICE, "d", f"{conv}-{seq}", 1, "file", b"{}")
+    await h.chat.commit(
+        CommitBatch(
+            messages=[m], heads={conv: (seq - 1, seq, 1)},
+            new_conversations=[ConversationState(conv, "group", 0, members)] if members else [],
+            file_refs=[(file_id, conv)],
+        )
+    )
+
+
+async def test_add_upload_first_metadata_and_names_kept(file_harness: FileHarness) -> None:
+    files = file_harness.files
+    first = meta(b"one", created_at=100, width=4)
+    stored, name, new = await files.add_upload(first, ALICE, "a.bin", 1_000)
+    assert (stored, name, new) == (first, "a.bin", True)
+    # Same uploader again: nothing new, first name kept.
+    assert await files.add_upload(first, ALICE, "renamed.bin", 2_000) == (first, "a.bin", False)
+    # Another uploader of the same bytes: the file row is the first upload's, the name is theirs.
+    later = meta(b"one", created_at=999, width=4)
+    assert await files.add_upload(later, BOB, "b.bin", 3_000) == (first, "b.bin", True)
+    assert await files.lookup(ALICE, first.file_id) == (first, "a.bin")
+    assert await files.lookup(BOB, first.file_id) == (first, "b.bin")
+
+
+async def test_concurrent_uploads_of_the_same_bytes(file_harness: FileHarness) -> None:
+    m = meta(b"race")
+    results = await asyncio.gather(*(file_harness.files.add_upload(m, uid, f"{uid}.bin", 5) for uid in range(1, 9)))
+    assert [r[0] for r in results] == [m] * 8
+    assert all(new for _, _, new in results)
+    assert await file_harness.files.readable([(uid, m.file_id) for uid in range(1, 9)]) == {
+        (uid, m.file_id) for uid in range(1, 9)
+    }
+
+
+async def test_read_rule_uploader_member_stranger(file_harness: FileHarness) -> None:
+    h = file_harness
+    m = meta(b"shared")
+    await h.files.add_upload(m, ALICE, "s.bin", 1)
+    assert await h.files.lookup(BOB, m.file_id) is None
+    assert await h.files.lookup(ALICE, "0" * 64) is None
+
+    await send_file(h, G, m.file_id, {ALICE: "owner", BOB: "member"})
+    assert await h.files.lookup(BOB, m.file_id) == (m, None)
+    assert await h.files.lookup(CAROL, m.file_id) is None
+    pairs = [(ALICE, m.file_id), (BOB, m.file_id), (CAROL, m.file_id), (ALICE, "0" * 64), (BOB, m.file_id)]
+    assert await h.files.readable(pairs) == {(ALICE, m.file_id), (BOB, m.file_id)}
+    assert await h.files.readable([]) == set()
+
+    # Leaving takes the right away; uploading the same bytes gives it back.
+    await h.chat.commit(
+        CommitBatch(
+            messages=[StoredMessage(G, 2, 2, ALICE, "", "leave", 2, "system", b"{}")],
+            heads={G: (1, 2, 2)}, member_changes=[MemberChange(G, BOB, None)],
+        )
+    )
+    assert await h.files.lookup(BOB, m.file_id) is None
+    await h.files.add_upload(m, BOB, "mine.bin", 3)
+    assert await h.files.lookup(BOB, m.file_id) == (m, "mine.bin")
+
+
+async def test_refs_without_a_file_and_add_refs(file_harness: FileHarness) -> None:
+    h = file_harness
+    ghost = "f" * 64
+    await send_file(h, G, ghost, {ALICE: "owner", BOB: "member"})
+    assert await h.files.lookup(BOB, ghost) is None  # a ref grants nothing without the file
+
+    m = meta(b"via add_refs")
+    await h.files.add_upload(m, CAROL, "c.bin", 1)
+    assert await h.files.lookup(BOB, m.file_id) is None
+    await h.files.add_refs([(m.file_id, G), (m.file_id, G)])
+    await h.files.add_refs([(m.file_id, G)])
+    await h.files.add_refs([])
+    assert await h.files.lookup(BOB, m.file_id) == (m, None)

@@ -1,0 +1,221 @@
+"""What :class:`EtcdRegistry` promises beyond the shared contract: its own keepalives (a crashed owner
+goes within its TTL, a clean stop at once), recovery of a lost lease, and an etcd restart (watches reopen
+and see later changes, registrations survive). Needs the ``etcd`` binary: these tests fail, never skip,
+when it is missing (``tests/support/etcd.py`` says how to install it)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import aetcd
+import pytest
+
+from im.backends.base import ServiceInstance
+from im.backends.etcd_registry import EtcdRegistry
+from tests.contract.conftest import eventually
+from tests.support.etcd import EtcdMissing, EtcdProcess, shared_etcd
+
+TTL = 2.0  # etcd leases are whole seconds
+EXPIRY_LAG = 1.0  # etcd revokes expired leases every 0.5 s; a margin on a busy machine
+
+
+def gw(node: str, load: int = 0) -> ServiceInstance:
+    return ServiceInstance("gateway", node, {"ws": f"ws://{node}:8081/ws"}, load)
+
+
+def by_node(instances: list[ServiceInstance]) -> list[ServiceInstance]:
+    return sorted(instances, key=lambda i: i.node)
+
+
+async def retrying(call: Callable[[], Awaitable[object]], timeout: float = 5.0) -> None:
+    """Repeat ``call`` until etcd answers (a call right after a restart may find the channel down)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await call()
+            return
+        except aetcd.ClientError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+class Listing:
+    """The instances of a role as ``observer`` reads them from etcd, polled (not watched)."""
+
+    def __init__(self, observer: EtcdRegistry, role: str = "gateway") -> None:
+        self.observer, self.role = observer, role
+
+    async def wait_for(self, expected: list[ServiceInstance], timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        got: list[ServiceInstance] = []
+        while time.monotonic() < deadline:
+            try:
+                got = by_node(await self.observer.instances(self.role))
+            except aetcd.ClientError:
+                got = []
+            else:
+                if got == expected:
+                    return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"expected {expected}, still {got} after {timeout}s")
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    yield f"/im-test/{uuid.uuid4().hex[:12]}/"
+
+
+@pytest.fixture
+async def registries(prefix: str) -> AsyncIterator[Callable[..., EtcdRegistry]]:
+    """Registries on the shared etcd under one private prefix; all closed, and the prefix deleted, after."""
+    made: list[EtcdRegistry] = []
+
+    def make(endpoint: str | None = None, **kwargs: object) -> EtcdRegistry:
+        reg = EtcdRegistry(endpoint or shared_etcd().endpoint, prefix=prefix, **kwargs)  # type: ignore[arg-type]
+        made.append(reg)
+        return reg
+
+    yield make
+    for reg in made:
+        await reg.close()
+    async with EtcdRegistry(shared_etcd().endpoint, prefix=prefix) as cleaner:
+        await cleaner.client.delete_prefix(prefix.encode())
+
+
+@pytest.fixture
+def private_etcd() -> Iterator[EtcdProcess]:
+    """An etcd of the test's own, to restart without disturbing the others."""
+    etcd = EtcdProcess().start()
+    yield etcd
+    etcd.destroy()
+
+
+async def test_keepalive_outlives_the_ttl_and_a_killed_owner_goes_within_it(
+    registries: Callable[..., EtcdRegistry],
+) -> None:
+    owner, observer = registries(), registries()
+    listing = Listing(observer)
+    await owner.register(gw("gw-1"), TTL)
+    await asyncio.sleep(TTL * 2)  # nobody calls update_load: the keepalive task alone renews
+    assert await observer.instances("gateway") == [gw("gw-1")]
+
+    # A crash: the keepalive stops and the connection goes, nothing is revoked.
+    await owner.close()
+    killed = time.monotonic()
+    assert await observer.instances("gateway") == [gw("gw-1")]  # not removed by the close itself
+    await listing.wait_for([], timeout=TTL + EXPIRY_LAG)
+    assert time.monotonic() - killed > TTL / 2
+
+
+async def test_clean_deregister_goes_at_once(registries: Callable[..., EtcdRegistry]) -> None:
+    owner, observer = registries(), registries()
+    seen: list[list[ServiceInstance]] = []
+    observer.watch("gateway", lambda live: seen.append(by_node(live)))
+    await owner.register(gw("gw-1"), 60)
+    await owner.register(gw("gw-2"), 60)
+    await eventually(lambda: bool(seen) and seen[-1] == [gw("gw-1"), gw("gw-2")])
+    await owner.deregister("gw-1")
+    assert await observer.instances("gateway") == [gw("gw-2")]  # no waiting: the lease was revoked
+    await eventually(lambda: seen[-1] == [gw("gw-2")], timeout=1.0)  # far within the 60 s TTL
+
+
+async def test_a_lost_lease_is_granted_again(registries: Callable[..., EtcdRegistry]) -> None:
+    owner, observer = registries(), registries()
+    seen: list[list[ServiceInstance]] = []
+    observer.watch("gateway", lambda live: seen.append(by_node(live)))
+    await owner.register(gw("gw-1", 7), TTL)
+    await eventually(lambda: bool(seen) and seen[-1] == [gw("gw-1", 7)])
+    # Someone (an operator, or etcd while the owner was cut off) ends the lease under the owner.
+    kv = (await observer.client.get_prefix(f"{owner.prefix}gateway/".encode()))[0]
+    await observer.client.revoke_lease(kv.lease)
+    await eventually(lambda: seen[-1] == [], timeout=1.0)
+    await eventually(lambda: seen[-1] == [gw("gw-1", 7)], timeout=TTL)  # the next keepalive puts it back
+    new = (await observer.client.get_prefix(f"{owner.prefix}gateway/".encode()))[0]
+    assert new.lease != kv.lease
+
+
+async def test_update_load_after_expiry_registers_again(registries: Callable[..., EtcdRegistry]) -> None:
+    owner, observer = registries(keepalive=False), registries()
+    listing = Listing(observer)
+    await owner.register(gw("gw-1"), 1)
+    await listing.wait_for([], timeout=1 + EXPIRY_LAG + 0.5)  # the owner stalled past its TTL
+    await owner.update_load("gw-1", 5)  # ... and is back: alive, so listed again
+    assert await observer.instances("gateway") == [gw("gw-1", 5)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stop", "kill"])
+async def test_etcd_restart(
+    private_etcd: EtcdProcess, registries: Callable[..., EtcdRegistry], sig: signal.Signals
+) -> None:
+    owner, observer = registries(private_etcd.endpoint), registries(private_etcd.endpoint)
+    listing = Listing(observer)
+    seen: list[list[ServiceInstance]] = []
+    observer.watch("gateway", lambda live: seen.append(by_node(live)))
+    await owner.register(gw("gw-1"), TTL)
+    await eventually(lambda: bool(seen) and seen[-1] == [gw("gw-1")])
+
+    # Down for longer than the TTL: keepalives and the watch fail meanwhile; the event loop runs on.
+    await asyncio.to_thread(private_etcd.stop, sig)
+    await asyncio.sleep(TTL * 1.5)
+    await asyncio.to_thread(private_etcd.start)
+
+    # The registration survived (etcd re-arms leases on start) and the watch reopened: it sees what
+    # changes after the restart.
+    await listing.wait_for([gw("gw-1")])
+    await retrying(lambda: owner.register(gw("gw-2"), TTL))
+    await eventually(lambda: seen[-1] == [gw("gw-1"), gw("gw-2")], timeout=5.0)
+    await retrying(lambda: owner.update_load("gw-1", 9))
+    await eventually(lambda: seen[-1] == [gw("gw-1", 9), gw("gw-2")], timeout=5.0)
+
+    # The keepalives got through again: both outlive their TTL.
+    await asyncio.sleep(TTL * 2)
+    assert by_node(await observer.instances("gateway")) == [gw("gw-1", 9), gw("gw-2")]
+    assert seen[-1] == [gw("gw-1", 9), gw("gw-2")]
+
+    await owner.deregister("gw-1")
+    await eventually(lambda: seen[-1] == [gw("gw-2")], timeout=1.0)
+
+
+async def test_close_cancels_every_task_and_unsubscribe_stops_the_view(
+    registries: Callable[..., EtcdRegistry],
+) -> None:
+    def etcd_tasks() -> set[asyncio.Task[object]]:
+        return {t for t in asyncio.all_tasks() if t.get_name().startswith("etcd-") and not t.done()}
+
+    reg = registries()
+    await reg.register(gw("gw-1"), TTL)
+    seen: list[list[ServiceInstance]] = []
+    stop_a = reg.watch("gateway", lambda live: seen.append(live))
+    stop_b = reg.watch("gateway", lambda live: seen.append(live))
+    reg.watch("api", lambda live: None)
+    await eventually(lambda: len(seen) == 2)
+    assert {t.get_name() for t in etcd_tasks()} == {"etcd-keepalive-gw-1", "etcd-watch-gateway", "etcd-watch-api"}
+    stop_a()
+    stop_a()  # twice: harmless
+    await asyncio.sleep(0.1)
+    assert {t.get_name() for t in etcd_tasks()} == {"etcd-keepalive-gw-1", "etcd-watch-gateway", "etcd-watch-api"}
+    stop_b()  # the last subscriber of "gateway" leaves: its view stops
+    await eventually(lambda: "etcd-watch-gateway" not in {t.get_name() for t in etcd_tasks()})
+    await reg.close()
+    assert etcd_tasks() == set()
+
+
+def test_bad_endpoints_are_refused() -> None:
+    with pytest.raises(ValueError, match="one etcd endpoint"):
+        EtcdRegistry("10.0.0.1:2379,10.0.0.2:2379")
+    with pytest.raises(ValueError, match="host:port"):
+        EtcdRegistry("localhost")
+    with pytest.raises(ValueError, match="prefix"):
+        EtcdRegistry("localhost:2379", prefix="/no-slash")
+
+
+def test_a_missing_etcd_binary_fails_with_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(EtcdMissing, match="apt-get install -y etcd-server"):
+        EtcdProcess(data_dir=tmp_path).start()
