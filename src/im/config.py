@@ -90,9 +90,40 @@ class AuthConfig(_Section):
 
 
 class StoreConfig(_Section):
-    kind: Literal["sqlite"] = "sqlite"
+    #: ``sqlite`` (a file in the data directory) or ``postgres`` (``postgres_dsn``).
+    kind: Literal["sqlite", "postgres"] = "sqlite"
     #: Largest number of sends written in one transaction (group commit).
     max_batch: int = Field(2048, ge=1)
+    postgres_dsn: str | None = None
+    #: Tables live in this schema (created when missing); None: the connection's default.
+    postgres_schema: str | None = Field(None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    pool_min: int = Field(2, ge=1)
+    pool_max: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _dsn_for_postgres(self) -> StoreConfig:
+        if self.kind == "postgres" and not self.postgres_dsn:
+            raise ValueError("store.kind postgres needs store.postgres_dsn")
+        return self
+
+
+class PresenceConfig(_Section):
+    #: ``memory`` (one process) or ``redis`` (gateways in several processes).
+    kind: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Key prefix: one per cluster sharing a Redis.
+    redis_prefix: str = "im:"
+    #: Seconds an entry lives without a refresh (gateways refresh every ttl/3).
+    ttl: float = Field(60.0, ge=1.0)
+
+
+class RegistryConfig(_Section):
+    #: ``memory`` (one process) or ``etcd``.
+    kind: Literal["memory", "etcd"] = "memory"
+    etcd_endpoint: str = "127.0.0.1:2379"
+    prefix: str = Field("/im/services/", pattern=r"/$")
+    #: Lease TTL in whole seconds: a crashed node disappears from the registry within it.
+    ttl: int = Field(10, ge=2)
 
 
 class FilesConfig(_Section):
@@ -116,6 +147,8 @@ class Config(BaseSettings):
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
     store: StoreConfig = StoreConfig()
+    presence: PresenceConfig = PresenceConfig()
+    registry: RegistryConfig = RegistryConfig()
     files: FilesConfig = FilesConfig()
 
     @classmethod

@@ -12,14 +12,19 @@ import logging
 import secrets
 import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import uvicorn
 
 from im.api.app import create_app
 from im.backends.base import AccountStore, ChatStore, Presence, Registry, Router, ServiceInstance
+from im.backends.etcd_registry import EtcdRegistry
 from im.backends.memory import MemoryPresence, MemoryRegistry, MemoryRouter
+from im.backends.postgres_accounts import PostgresAccountStore
+from im.backends.postgres_chat import PostgresChatStore
+from im.backends.postgres_db import PostgresDatabase
+from im.backends.redis_presence import RedisPresence
 from im.backends.sqlite_accounts import SqliteAccountStore
 from im.backends.sqlite_chat import SqliteChatStore
 from im.backends.sqlite_db import SqliteDatabase
@@ -27,6 +32,7 @@ from im.config import Config
 from im.core.accounts import AccountService
 from im.core.chat import ChatService
 from im.files import FileService, FileStore, LocalBlobStorage, SqliteFileStore
+from im.files.postgres_store import PostgresFileStore
 from im.gateway.hub import Hub
 from im.gateway.tcp import serve_tcp
 from im.gateway.ws import WS_PATH, serve_websocket
@@ -43,19 +49,39 @@ class Backends:
     router: Router
     registry: Registry
     file_store: FileStore
-    closers: list[Callable[[], object]] = field(default_factory=list)
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
 def build_backends(config: Config) -> Backends:
     """Map configuration to backend implementations (the only switch on kinds in the code base)."""
-    if config.store.kind == "sqlite":
+    st = config.store
+    if st.kind == "postgres":
+        assert st.postgres_dsn is not None  # validated by StoreConfig
+        pg = PostgresDatabase(st.postgres_dsn, schema=st.postgres_schema, min_size=st.pool_min, max_size=st.pool_max)
+        chat_store: ChatStore = PostgresChatStore(pg)
+        account_store: AccountStore = PostgresAccountStore(pg)
+        file_store: FileStore = PostgresFileStore(pg)
+    else:
         db = SqliteDatabase(config.data_dir / "im.sqlite3")
-        chat_store: ChatStore = SqliteChatStore(db)
-        account_store: AccountStore = SqliteAccountStore(db)
-        file_store: FileStore = SqliteFileStore(db)
-    else:  # pragma: no cover - validated by Config
-        raise ValueError(config.store.kind)
-    return Backends(chat_store, account_store, MemoryPresence(), MemoryRouter(), MemoryRegistry(), file_store)
+        chat_store = SqliteChatStore(db)
+        account_store = SqliteAccountStore(db)
+        file_store = SqliteFileStore(db)
+    closers: list[Callable[[], Awaitable[None]]] = []
+    presence: Presence
+    if config.presence.kind == "redis":
+        redis_presence = RedisPresence(config.presence.redis_url, prefix=config.presence.redis_prefix)
+        presence = redis_presence
+        closers.append(redis_presence.close)
+    else:
+        presence = MemoryPresence()
+    registry: Registry
+    if config.registry.kind == "etcd":
+        etcd = EtcdRegistry(config.registry.etcd_endpoint, prefix=config.registry.prefix)
+        registry = etcd
+        closers.append(etcd.close)
+    else:
+        registry = MemoryRegistry()
+    return Backends(chat_store, account_store, presence, MemoryRouter(), registry, file_store, closers)
 
 
 def load_secret(config: Config) -> bytes:
@@ -123,7 +149,7 @@ class EmbeddedServer:
         gw = config.gateway
         self.hub = Hub(
             gw.node_id, self.chat, self.accounts, limits=session_limits(config), replay_page=gw.replay_page,
-            max_send_buffer=gw.max_send_buffer,
+            max_send_buffer=gw.max_send_buffer, presence_ttl=config.presence.ttl,
         )
         self.ws_url = ""
         self.tcp_url = ""
@@ -158,7 +184,9 @@ class EmbeddedServer:
             tcp_port = tcp_server.sockets[0].getsockname()[1]
             self.tcp_url = cfg.gateway.public_tcp_url or f"tcp://{cfg.gateway.host}:{tcp_port}"
             addresses["tcp"] = self.tcp_url
-        await b.registry.register(ServiceInstance("gateway", cfg.gateway.node_id, addresses), ttl=30.0)
+        await b.registry.register(
+            ServiceInstance("gateway", cfg.gateway.node_id, addresses), ttl=float(cfg.registry.ttl)
+        )
         app = create_app(self.accounts, self.chat, self._pick_gateway, cfg.limits, files=self.files)
         http_sock = _bind(cfg.http.host, cfg.http.port)
         http_port = http_sock.getsockname()[1]
@@ -198,9 +226,12 @@ class EmbeddedServer:
         await self.files.close()
         await b.account_store.close()
         await b.chat_store.close()
+        for close in b.closers:
+            await close()
         log.info("stopped")
 
     async def _report_load(self) -> None:
+        """Publish the load, which also renews the registration (every third of the registry TTL)."""
         while True:
-            await asyncio.sleep(5.0)
+            await asyncio.sleep(self.config.registry.ttl / 3)
             await self.backends.registry.update_load(self.config.gateway.node_id, self.hub.connections)
