@@ -1,0 +1,161 @@
+"""Throughput of one transfer link: ``python -m im.transfer.bench [--core sqlite|echo] [--split]``.
+
+A gateway keeps ``--window`` sends in flight on one :class:`TransferLink` (each answer submits the next
+send) until ``--count`` sends are answered, and reports answered sends per second. ``--core sqlite``
+puts a real ChatService on a temporary SQLite file behind the link (group commit, fsync'd); ``--core
+echo`` answers each send at once, which measures the link alone. ``--split`` runs the transfer node in
+a child process (otherwise both ends share this process's one core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from im.backends.base import DeliverySink, DeviceLocation, StoredMessage
+from im.backends.memory import MemoryPresence
+from im.backends.sqlite_accounts import SqliteAccountStore
+from im.backends.sqlite_chat import SqliteChatStore
+from im.backends.sqlite_db import SqliteDatabase
+from im.core.chat import ChatService, SendCallback, SendRequest
+from im.protocol.errors import ImError
+from im.transfer.client import TransferLink
+from im.transfer.server import GrpcRouter, TransferServicer, serve_transfer
+
+GATEWAY = "gw-bench"
+
+
+class EchoCore:
+    """Answers every send at once with a made-up stored message (no storage): the link's own ceiling."""
+
+    def __init__(self) -> None:
+        self._seq = 0
+
+    def submit(self, req: SendRequest, done: SendCallback) -> None:
+        self._seq += 1
+        done(req, StoredMessage("d:1:2", self._seq, self._seq, req.uid, req.device, req.cmid, 0, req.type, req.body),
+             False, None)
+
+
+class CountingSink(DeliverySink):
+    def __init__(self) -> None:
+        self.delivered = 0
+
+    def deliver(self, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
+        self.delivered += len(messages)
+
+    def deliver_event(self, frame: object, uids: Iterable[int], skip: tuple[int, str] | None) -> None:
+        pass
+
+
+async def _transfer_node(core: str, data_dir: Path, port: int) -> tuple[Any, int, Any]:
+    """Start a transfer node; returns (grpc server, port, a coroutine function that stops the rest)."""
+    router = GrpcRouter()
+    if core == "echo":
+        servicer = TransferServicer(EchoCore(), router)
+        server, bound = await serve_transfer(servicer, f"127.0.0.1:{port}")
+
+        async def stop_echo() -> None:
+            await server.stop(None)
+
+        return server, bound, stop_echo
+    db = SqliteDatabase(data_dir / "im.db")
+    store, accounts = SqliteChatStore(db), SqliteAccountStore(db)
+    await store.start()
+    await accounts.start()
+    presence = MemoryPresence()
+    alice = (await accounts.create_user("alice", "Alice", "x", 1)).uid
+    bob = (await accounts.create_user("bob", "Bob", "x", 1)).uid
+    await presence.set_online([DeviceLocation(u, "d1", GATEWAY) for u in (alice, bob)], ttl=3600)
+    chat = ChatService(store, accounts, router, presence)
+    chat.start()
+    server, bound = await serve_transfer(TransferServicer(chat, router), f"127.0.0.1:{port}")
+
+    async def stop() -> None:
+        await server.stop(None)
+        await chat.stop()
+        await accounts.close()
+        await store.close()
+
+    return server, bound, stop
+
+
+def _child(core: str, data_dir: str, port: int, ready: Any) -> None:
+    async def main() -> None:
+        _server, bound, stop = await _transfer_node(core, Path(data_dir), port)
+        ready.put(bound)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await stop()
+
+    asyncio.run(main())
+
+
+async def run(core: str, count: int, window: int, split: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        child = None
+        if split:
+            ctx = multiprocessing.get_context("spawn")
+            q = ctx.Queue()
+            child = ctx.Process(target=_child, args=(core, tmp, 0, q), daemon=True)
+            child.start()
+            port, stop = q.get(timeout=30), None
+        else:
+            _server, port, stop = await _transfer_node(core, Path(tmp), 0)
+        sink = CountingSink()
+        link = TransferLink(f"127.0.0.1:{port}", GATEWAY, sink)
+        link.start()
+        await asyncio.wait_for(link.wait_connected(), 10)
+        finished = asyncio.Event()
+        state = {"next": 0, "ok": 0, "err": 0}
+
+        def submit_next() -> None:
+            i = state["next"]
+            state["next"] = i + 1
+            link.submit(SendRequest(1, "d1", f"c{i}", None, 2, "text", b'{"text":"hello, world"}'), done)
+
+        def done(req: SendRequest, m: StoredMessage | None, dup: bool, err: ImError | None) -> None:
+            state["ok" if err is None else "err"] += 1
+            if state["next"] < count:
+                submit_next()
+            elif state["ok"] + state["err"] == count:
+                finished.set()
+
+        t0 = time.perf_counter()
+        for _ in range(min(window, count)):
+            submit_next()
+        await finished.wait()
+        elapsed = time.perf_counter() - t0
+        print(
+            f"core={core} split={split} sends={count} window={window}: {count / elapsed:,.0f} sends/s "
+            f"({elapsed:.2f} s; ok={state['ok']} err={state['err']}; frames out={link.frames_sent} "
+            f"in={link.frames_received}; {count / max(link.frames_sent, 1):.0f} sends/frame; "
+            f"deliveries={sink.delivered})"
+        )
+        await link.close()
+        if stop is not None:
+            await stop()
+        if child is not None:
+            child.terminate()
+            child.join()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--core", choices=["sqlite", "echo"], default="sqlite")
+    ap.add_argument("--count", type=int, default=100_000)
+    ap.add_argument("--window", type=int, default=1000)
+    ap.add_argument("--split", action="store_true")
+    args = ap.parse_args()
+    asyncio.run(run(args.core, args.count, args.window, args.split))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The gateway side of the link: :class:`TransferLink`, a ``submit`` with ``ChatService.submit``'s shape.
+
+A gateway node keeps one link per transfer node. Sends submitted during one loop turn leave as one
+:class:`GatewayFrame`; results come back to their ``done`` callbacks in commit order, deliveries and
+events go to the node's :class:`DeliverySink` (the Hub). The link reconnects by itself with exponential
+backoff. While it is down, and for every send it had not been answered for when it broke, ``done`` gets
+``unavailable``: the client SDK resends with the same cmid, and dedupe in the core makes that safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from im.backends.base import DeliverySink
+from im.core.chat import SendCallback, SendRequest
+from im.protocol.codec import Encoding, decode_server
+from im.protocol.errors import ErrorCode, ImError
+from im.transfer.gen import transfer_pb2 as pb
+from im.transfer.wire import CHANNEL_OPTIONS, LINK_METHOD, error_from_pb, message_from_pb, send_to_pb
+
+log = logging.getLogger(__name__)
+
+
+def decode_event(data: bytes) -> object:
+    return decode_server(data, Encoding.MSGPACK)
+
+
+class TransferLink:
+    """One gateway node's stream to one transfer node. ``start()`` it on the loop; ``await close()``."""
+
+    def __init__(
+        self,
+        address: str,
+        node: str,
+        sink: DeliverySink,
+        *,
+        decode_event: Callable[[bytes], object] = decode_event,
+        max_frame_items: int = 4096,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 2.0,
+    ) -> None:
+        self.address = address
+        self.node = node
+        self.sink = sink
+        self._decode_event = decode_event
+        self._max_frame_items = max_frame_items
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._rids = itertools.count(1)
+        self._pending: dict[int, tuple[SendRequest, SendCallback]] = {}  # rid -> submitted, unanswered
+        self._unsent: list[pb.Send] = []
+        self._wake = asyncio.Event()
+        self._epoch = 0  # one per stream: a stale request generator stops when it changes
+        self._connected = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.transfer_node = ""  # the node id the transfer side sent in its welcome
+        self.frames_sent = 0
+        self.frames_received = 0
+        self.connects = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"im-transfer-link-{self.node}")
+
+    async def close(self) -> None:
+        self._closing.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._lost("the transfer link is closed")
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    # --- the send path -------------------------------------------------------------------------------
+
+    def submit(self, req: SendRequest, done: SendCallback) -> None:
+        """Forward a send; ``done`` is called with the core's answer, or ``unavailable`` (see SendCallback)."""
+        if not self._connected.is_set():
+            done(req, None, False, ImError(ErrorCode.UNAVAILABLE, "no link to the message core; resend later"))
+            return
+        rid = next(self._rids)
+        self._pending[rid] = (req, done)
+        self._unsent.append(send_to_pb(rid, req))
+        self._wake.set()
+
+    # --- the stream ----------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = self._backoff_initial
+        while not self._closing.is_set():
+            channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            link = channel.stream_stream(
+                LINK_METHOD,
+                request_serializer=pb.GatewayFrame.SerializeToString,
+                response_deserializer=pb.TransferFrame.FromString,
+            )
+            self._epoch += 1
+            call: Any = None
+            try:
+                call = link(self._requests(self._epoch))
+                async for frame in call:
+                    self.frames_received += 1
+                    if frame.HasField("welcome"):
+                        self.transfer_node = frame.welcome.node
+                        self.connects += 1
+                        self._connected.set()
+                        backoff = self._backoff_initial
+                        log.info("linked to transfer node %s at %s", self.transfer_node, self.address)
+                    self._dispatch(frame)
+                log.warning("transfer node %s ended the link", self.address)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("transfer link to %s: %s %s", self.address, exc.code().name, exc.details())
+            finally:
+                self._lost("the link to the message core broke; resend with the same cmid")
+                if call is not None:
+                    call.cancel()
+                await channel.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), backoff)
+            backoff = min(backoff * 2, self._backoff_max)
+
+    async def _requests(self, epoch: int) -> AsyncIterator[pb.GatewayFrame]:
+        yield pb.GatewayFrame(hello=pb.Hello(node=self.node))
+        while True:
+            await self._wake.wait()
+            if epoch != self._epoch:
+                return
+            n = self._max_frame_items
+            sends, self._unsent = self._unsent[:n], self._unsent[n:]
+            if not self._unsent:
+                self._wake.clear()
+            if sends:
+                self.frames_sent += 1
+                yield pb.GatewayFrame(sends=sends)
+
+    def _lost(self, why: str) -> None:
+        """The stream is gone: every unanswered send fails ``unavailable``; new sends fail until relinked."""
+        self._connected.clear()
+        self._epoch += 1
+        self._unsent.clear()
+        self._wake.set()  # a stale request generator wakes up and returns
+        pending, self._pending = self._pending, {}
+        err = ImError(ErrorCode.UNAVAILABLE, why)
+        for req, done in pending.values():
+            try:
+                done(req, None, False, err)
+            except Exception:
+                log.exception("send callback failed")
+
+    def _dispatch(self, frame: pb.TransferFrame) -> None:
+        pending = self._pending
+        for r in frame.results:
+            entry = pending.pop(r.rid, None)
+            if entry is None:
+                continue
+            req, done = entry
+            try:
+                if r.error_code:
+                    done(req, None, False, error_from_pb(r))
+                else:
+                    done(req, message_from_pb(r.message), r.dup, None)
+            except Exception:
+                log.exception("send callback failed")
+        if frame.deliveries:
+            messages = [message_from_pb(d.message) for d in frame.deliveries]
+            recipients = [list(d.uids) for d in frame.deliveries]
+            self.sink.deliver(messages, recipients)
+        for e in frame.events:
+            skip = (e.skip_uid, e.skip_device) if e.has_skip else None
+            self.sink.deliver_event(self._decode_event(e.frame), list(e.uids), skip)

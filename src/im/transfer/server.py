@@ -1,0 +1,283 @@
+"""The transfer side of the link: a grpc.aio servicer in front of a :class:`ChatService`.
+
+Per ``Link`` stream: the first gateway frame names the gateway node (``hello``); the node is registered
+in the :class:`GrpcRouter`, so ``ChatService._route`` -> ``router.publish(node, ...)`` lands in that
+stream's :class:`LinkOutbox`. Incoming send batches go to ``chat.submit``; the results, deliveries and
+events gathered while the stream was writing (at least everything of one loop turn) leave as one
+:class:`TransferFrame`.
+
+What this layer cannot do: it keeps no state across streams. When a stream ends, results of sends still
+in the committer are dropped (the gateway already failed them as ``unavailable``; the client resends
+with the same cmid and gets the stored message back as a duplicate), and so are undelivered deliveries
+(sessions recover from the log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol
+
+import grpc
+
+from im.backends.base import DeliverySink, Router, StoredMessage
+from im.core.chat import SendCallback, SendRequest
+from im.protocol.codec import Encoding, encode
+from im.protocol.errors import ImError
+from im.transfer.gen import transfer_pb2 as pb
+from im.transfer.wire import CHANNEL_OPTIONS, SERVICE_NAME, message_to_pb, send_from_pb
+
+log = logging.getLogger(__name__)
+
+
+class Submitter(Protocol):
+    """What the servicer needs of the core (``ChatService`` has it)."""
+
+    def submit(self, req: SendRequest, done: SendCallback) -> None: ...
+
+
+def encode_event(frame: object) -> bytes:
+    """Ephemeral frames (typing, receipts) cross the link msgpack-encoded, as a gateway would send them."""
+    return encode(frame, Encoding.MSGPACK)
+
+
+class LinkOutbox:
+    """What one stream still has to write. Appends never block; :meth:`take` drains into one frame.
+
+    Slow-gateway policy ("drop deliveries"): beyond ``max_pending`` queued deliveries and events, new
+    ones are dropped and counted in ``dropped`` (the router is at most once; sessions recover from the
+    log). Results are never dropped: the gateway bounds them with its in-flight window.
+    """
+
+    def __init__(self, node: str, *, max_frame_items: int, max_pending: int) -> None:
+        self.node = node
+        self.results: list[tuple[int, StoredMessage | None, bool, ImError | None]] = []
+        self.deliveries: list[tuple[StoredMessage, Sequence[int]]] = []
+        self.events: list[tuple[bytes, Sequence[int], tuple[int, str] | None]] = []
+        self.ready = asyncio.Event()
+        self.closed = False
+        self.dropped = 0
+        self._max_frame_items = max_frame_items
+        self._max_pending = max_pending
+
+    def add_result(self, rid: int, m: StoredMessage | None, dup: bool, err: ImError | None) -> None:
+        if not self.closed:
+            self.results.append((rid, m, dup, err))
+            self.ready.set()
+
+    def add_deliveries(self, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
+        if self.closed:
+            return
+        if len(self.deliveries) + len(self.events) >= self._max_pending:
+            self.dropped += len(messages)
+            return
+        self.deliveries.extend(zip(messages, recipients, strict=True))
+        self.ready.set()
+
+    def add_event(self, frame: bytes, uids: Sequence[int], skip: tuple[int, str] | None) -> None:
+        if self.closed:
+            return
+        if len(self.deliveries) + len(self.events) >= self._max_pending:
+            self.dropped += 1
+            return
+        self.events.append((frame, uids, skip))
+        self.ready.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.ready.set()
+
+    def take(self) -> pb.TransferFrame | None:
+        """Up to ``max_frame_items`` of each kind as one frame (None when empty); re-arms when more remain."""
+        n = self._max_frame_items
+        results, self.results = self.results[:n], self.results[n:]
+        deliveries, self.deliveries = self.deliveries[:n], self.deliveries[n:]
+        events, self.events = self.events[:n], self.events[n:]
+        if self.results or self.deliveries or self.events:
+            self.ready.set()
+        else:
+            self.ready.clear()
+        if not (results or deliveries or events):
+            return None
+        frame = pb.TransferFrame()
+        for rid, m, dup, err in results:
+            r = frame.results.add(rid=rid, dup=dup)
+            if err is not None:
+                r.error_code = err.code.value
+                r.error_message = err.message
+            elif m is not None:
+                message_to_pb(m, r.message)
+        for m, uids in deliveries:
+            d = frame.deliveries.add(uids=uids)
+            message_to_pb(m, d.message)
+        for data, uids, skip in events:
+            e = frame.events.add(frame=data, uids=uids)
+            if skip is not None:
+                e.has_skip = True
+                e.skip_uid, e.skip_device = skip
+        return frame
+
+
+class GrpcRouter(Router):
+    """A :class:`Router` whose gateway nodes are linked streams (and, optionally, local sinks).
+
+    Guarantee: per gateway node, batches leave in publish order on that node's current stream; at most
+    once (nothing is kept for a node without a stream, nor across streams). Never blocks.
+    """
+
+    def __init__(self, *, encode_event: Callable[[object], bytes] = encode_event) -> None:
+        self._sinks: dict[str, DeliverySink] = {}
+        self._links: dict[str, LinkOutbox] = {}
+        self._encode_event = encode_event
+        self.unroutable = 0  # messages published to a node with neither a sink nor a stream
+
+    # local gateway nodes in this process (an all-in-one transfer + gateway): called directly
+    def attach(self, node: str, sink: DeliverySink) -> None:
+        self._sinks[node] = sink
+
+    def detach(self, node: str) -> None:
+        self._sinks.pop(node, None)
+
+    def register(self, outbox: LinkOutbox) -> None:
+        """A stream from ``outbox.node`` is up; it replaces any older stream of the same node."""
+        old = self._links.get(outbox.node)
+        self._links[outbox.node] = outbox
+        if old is not None and old is not outbox:
+            old.close()
+
+    def unregister(self, outbox: LinkOutbox) -> None:
+        if self._links.get(outbox.node) is outbox:
+            del self._links[outbox.node]
+
+    def linked(self) -> list[str]:
+        return sorted(self._links)
+
+    def publish(self, node: str, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
+        sink = self._sinks.get(node)
+        if sink is not None:
+            sink.deliver(messages, recipients)
+            return
+        outbox = self._links.get(node)
+        if outbox is not None:
+            outbox.add_deliveries(messages, recipients)
+        else:
+            self.unroutable += len(messages)
+
+    def publish_event(self, node: str, frame: object, uids: Sequence[int], skip: tuple[int, str] | None) -> None:
+        sink = self._sinks.get(node)
+        if sink is not None:
+            sink.deliver_event(frame, uids, skip)
+            return
+        outbox = self._links.get(node)
+        if outbox is not None:
+            outbox.add_event(self._encode_event(frame), uids, skip)
+
+
+class _Stream:
+    """One Link stream's send bookkeeping: request ids of sends still in the core."""
+
+    def __init__(self, outbox: LinkOutbox) -> None:
+        self.outbox = outbox
+        self.rids: dict[int, int] = {}  # id(SendRequest) -> rid; the request lives until ``done``
+
+    def done(self, req: SendRequest, m: StoredMessage | None, dup: bool, err: ImError | None) -> None:
+        rid = self.rids.pop(id(req), None)
+        if rid is not None:
+            self.outbox.add_result(rid, m, dup, err)
+
+
+class TransferServicer:
+    """The ``im.transfer.v1.Transfer`` service over a core; register it with :func:`serve_transfer`."""
+
+    def __init__(
+        self,
+        chat: Submitter,
+        router: GrpcRouter,
+        *,
+        node: str = "transfer-1",
+        max_frame_items: int = 4096,
+        max_pending: int = 100_000,
+    ) -> None:
+        self.chat = chat
+        self.router = router
+        self.node = node
+        self._max_frame_items = max_frame_items
+        self._max_pending = max_pending
+        self.frames_received = 0
+        self.frames_sent = 0
+        self.sends_received = 0
+        self.streams = 0  # streams currently open
+
+    async def link(self, requests: AsyncIterator[pb.GatewayFrame], context: Any) -> AsyncIterator[pb.TransferFrame]:
+        it = requests.__aiter__()
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            return
+        self.frames_received += 1
+        if not first.HasField("hello") or not first.hello.node:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be a hello with a node id")
+            return
+        outbox = LinkOutbox(first.hello.node, max_frame_items=self._max_frame_items, max_pending=self._max_pending)
+        stream = _Stream(outbox)
+        self.router.register(outbox)
+        self.streams += 1
+        log.info("gateway %s linked", outbox.node)
+        reader = asyncio.create_task(self._read(stream, first, it), name=f"im-transfer-read-{outbox.node}")
+        try:
+            yield pb.TransferFrame(welcome=pb.Welcome(node=self.node))
+            while True:
+                await outbox.ready.wait()
+                frame = outbox.take()
+                if frame is not None:
+                    self.frames_sent += 1
+                    yield frame
+                elif outbox.closed:
+                    return
+        finally:
+            outbox.close()
+            reader.cancel()
+            self.router.unregister(outbox)
+            self.streams -= 1
+            log.info("gateway %s unlinked", outbox.node)
+
+    async def _read(self, stream: _Stream, first: pb.GatewayFrame, it: AsyncIterator[pb.GatewayFrame]) -> None:
+        try:
+            self._submit(stream, first)
+            async for frame in it:
+                self.frames_received += 1
+                self._submit(stream, frame)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the stream broke; the writer side ends with it
+            log.info("gateway %s: read ended", stream.outbox.node, exc_info=True)
+        finally:
+            stream.outbox.close()
+
+    def _submit(self, stream: _Stream, frame: pb.GatewayFrame) -> None:
+        submit, done, rids = self.chat.submit, stream.done, stream.rids
+        self.sends_received += len(frame.sends)
+        for s in frame.sends:
+            req = send_from_pb(s)
+            rids[id(req)] = s.rid
+            submit(req, done)
+
+
+async def serve_transfer(servicer: TransferServicer, address: str = "127.0.0.1:0") -> tuple[Any, int]:
+    """Start a grpc.aio server with the Transfer service on ``address``; returns (server, bound port)."""
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "Link": grpc.stream_stream_rpc_method_handler(
+                servicer.link,
+                request_deserializer=pb.GatewayFrame.FromString,
+                response_serializer=pb.TransferFrame.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port(address)
+    await server.start()
+    return server, port

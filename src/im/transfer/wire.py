@@ -1,0 +1,69 @@
+"""Conversions between the core's types and the transfer protocol's messages, and the method path.
+
+No I/O here: the server and the client both build their frames with these.
+"""
+
+from __future__ import annotations
+
+from im.backends.base import StoredMessage
+from im.core.chat import SendRequest
+from im.protocol.errors import ErrorCode, ImError
+from im.transfer.gen import transfer_pb2 as pb
+
+#: The one RPC, as grpc names it (``/<package>.<service>/<method>``).
+LINK_METHOD = "/im.transfer.v1.Transfer/Link"
+SERVICE_NAME = "im.transfer.v1.Transfer"
+#: gRPC's default 4 MiB message cap is too small for a batch of large bodies.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+GatewayFrame = pb.GatewayFrame
+TransferFrame = pb.TransferFrame
+
+
+def send_to_pb(rid: int, req: SendRequest) -> pb.Send:
+    s = pb.Send(rid=rid, uid=req.uid, device=req.device, cmid=req.cmid, type=req.type, body=req.body)
+    if req.conv is not None:
+        s.conv = req.conv
+    if req.to is not None:
+        s.to = req.to
+    return s
+
+
+def send_from_pb(s: pb.Send) -> SendRequest:
+    return SendRequest(
+        uid=s.uid, device=s.device, cmid=s.cmid,
+        conv=s.conv if s.HasField("conv") else None, to=s.to if s.HasField("to") else None,
+        type=s.type, body=s.body,
+    )
+
+
+def message_to_pb(m: StoredMessage, out: pb.Message) -> None:
+    """Fill ``out`` (a sub-message already in its parent: protobuf copies less that way)."""
+    out.conv = m.conv
+    out.seq = m.seq
+    out.mid = m.mid
+    out.sender = m.sender
+    out.device = m.device
+    out.cmid = m.cmid
+    out.ts = m.ts
+    out.type = m.type
+    out.body = m.body
+
+
+def message_from_pb(p: pb.Message) -> StoredMessage:
+    return StoredMessage(
+        conv=p.conv, seq=p.seq, mid=p.mid, sender=p.sender, device=p.device, cmid=p.cmid, ts=p.ts,
+        type=p.type, body=p.body,
+    )
+
+
+def error_from_pb(r: pb.Result) -> ImError:
+    try:
+        code = ErrorCode(r.error_code)
+    except ValueError:
+        code = ErrorCode.INTERNAL
+    return ImError(code, r.error_message)

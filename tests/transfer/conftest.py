@@ -1,0 +1,126 @@
+"""A real transfer node for the link tests: ChatService over SQLite on a tmp file, MemoryPresence, and
+the Transfer service on a grpc.aio server bound to a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from im.backends.base import CommitBatch, DeliverySink, DeviceLocation, StoredMessage
+from im.backends.memory import MemoryPresence
+from im.backends.sqlite_accounts import SqliteAccountStore
+from im.backends.sqlite_chat import SqliteChatStore
+from im.backends.sqlite_db import SqliteDatabase
+from im.core.chat import ChatService, SendRequest
+from im.protocol.errors import ImError
+from im.transfer import GrpcRouter, TransferLink, TransferServicer, serve_transfer
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``check()`` holds (a bound on waiting, never the thing asserted)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached within the timeout")
+        await asyncio.sleep(0.002)
+
+
+class RecordingSink(DeliverySink):
+    """A gateway node's Hub stand-in: records what arrives, in order."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[StoredMessage, list[int]]]] = []
+        self.events: list[tuple[object, list[int], tuple[int, str] | None]] = []
+
+    @property
+    def messages(self) -> list[tuple[StoredMessage, list[int]]]:
+        return [pair for batch in self.batches for pair in batch]
+
+    def deliver(self, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
+        self.batches.append([(m, list(r)) for m, r in zip(messages, recipients, strict=True)])
+
+    def deliver_event(self, frame: object, uids: Iterable[int], skip: tuple[int, str] | None) -> None:
+        self.events.append((frame, list(uids), skip))
+
+
+class GatedChatStore(SqliteChatStore):
+    """Commits wait for ``gate``: sends stay in the core, unanswered, until the test opens it."""
+
+    def __init__(self, db: SqliteDatabase) -> None:
+        super().__init__(db)
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def commit(self, batch: CommitBatch) -> None:
+        await self.gate.wait()
+        await super().commit(batch)
+
+
+@dataclass
+class Results:
+    """Collects ``done`` callbacks in arrival order."""
+
+    got: list[tuple[SendRequest, StoredMessage | None, bool, ImError | None]] = field(default_factory=list)
+
+    def done(self, req: SendRequest, m: StoredMessage | None, dup: bool, err: ImError | None) -> None:
+        self.got.append((req, m, dup, err))
+
+
+@dataclass
+class Core:
+    store: GatedChatStore
+    accounts: SqliteAccountStore
+    presence: MemoryPresence
+    router: GrpcRouter
+    chat: ChatService
+    servicer: TransferServicer
+    server: Any
+    port: int
+    links: list[TransferLink] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def user(self, name: str, node: str) -> int:
+        uid = (await self.accounts.create_user(name, name.title(), "hash", 1)).uid
+        await self.presence.set_online([DeviceLocation(uid, "d1", node)], ttl=600)
+        return uid
+
+    async def link(self, node: str, sink: DeliverySink) -> TransferLink:
+        link = TransferLink(self.address, node, sink, backoff_initial=0.02, backoff_max=0.2)
+        self.links.append(link)
+        link.start()
+        await asyncio.wait_for(link.wait_connected(), 10)
+        return link
+
+    async def restart_server(self) -> None:
+        self.server, _ = await serve_transfer(self.servicer, self.address)
+
+
+@pytest.fixture
+async def core(tmp_path: Path) -> AsyncIterator[Core]:
+    db = SqliteDatabase(tmp_path / "im.db")
+    store, accounts = GatedChatStore(db), SqliteAccountStore(db)
+    await store.start()
+    await accounts.start()
+    router, presence = GrpcRouter(), MemoryPresence()
+    chat = ChatService(store, accounts, router, presence)
+    chat.start()
+    servicer = TransferServicer(chat, router, node="tr-1")
+    server, port = await serve_transfer(servicer)
+    c = Core(store, accounts, presence, router, chat, servicer, server, port)
+    yield c
+    for link in c.links:
+        await link.close()
+    await c.server.stop(None)
+    store.gate.set()
+    await chat.stop()
+    await accounts.close()
+    await store.close()

@@ -1,0 +1,140 @@
+"""The transfer link over real gRPC on loopback, in front of a real ChatService on SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+
+from im.core.chat import SendRequest
+from im.protocol.errors import ErrorCode
+from im.protocol.frames import TypingEvent
+from tests.transfer.conftest import Core, RecordingSink, Results, eventually
+
+
+def send(uid: int, to: int, cmid: str, text: str = "hi") -> SendRequest:
+    body = b'{"text":"%s"}' % text.encode()
+    return SendRequest(uid=uid, device="d1", cmid=cmid, conv=None, to=to, type="text", body=body)
+
+
+async def test_send_from_a_is_delivered_at_b_and_acked_at_a_in_order(core: Core) -> None:
+    sink_a, sink_b = RecordingSink(), RecordingSink()
+    alice, bob = await core.user("alice", "gw-a"), await core.user("bob", "gw-b")
+    link_a = await core.link("gw-a", sink_a)
+    await core.link("gw-b", sink_b)
+    assert link_a.transfer_node == "tr-1"
+    assert core.router.linked() == ["gw-a", "gw-b"]
+
+    results = Results()
+    reqs = [send(alice, bob, f"c{i}", f"m{i}") for i in range(20)]
+    for req in reqs:
+        link_a.submit(req, results.done)
+    await eventually(lambda: len(results.got) == 20 and len(sink_b.messages) == 20)
+
+    assert [r for r, *_ in results.got] == reqs  # acks in submit order
+    assert all(err is None and not dup for _, _, dup, err in results.got)
+    assert [m.seq for _, m, _, _ in results.got if m is not None] == list(range(1, 21))  # dense
+    conv = results.got[0][1].conv if results.got[0][1] is not None else ""
+    assert [(m.conv, m.seq, m.body, uids) for m, uids in sink_b.messages] == [
+        (conv, i + 1, b'{"text":"m%d"}' % i, [bob]) for i in range(20)
+    ]
+    # alice is a member too, held by gw-a: her node gets them, addressed to her only
+    await eventually(lambda: len(sink_a.messages) == 20)
+    assert {tuple(uids) for _, uids in sink_a.messages} == {(alice,)}
+
+
+async def test_resend_with_same_cmid_is_a_duplicate(core: Core) -> None:
+    alice, bob = await core.user("alice", "gw-a"), await core.user("bob", "gw-b")
+    link = await core.link("gw-a", RecordingSink())
+    results = Results()
+    link.submit(send(alice, bob, "x"), results.done)
+    await eventually(lambda: len(results.got) == 1)
+    link.submit(send(alice, bob, "x"), results.done)
+    link.submit(SendRequest(uid=alice, device="d1", cmid="y", conv="d:0:0", to=None, type="text", body=b"{}"),
+                results.done)
+    await eventually(lambda: len(results.got) == 3)
+    (_, first, dup1, _), (_, again, dup2, _), (_, none, _, err) = results.got
+    assert first is not None and again is not None and not dup1 and dup2
+    assert (again.seq, again.mid) == (first.seq, first.mid)
+    assert none is None and err is not None and err.code in (ErrorCode.NOT_FOUND, ErrorCode.NOT_MEMBER)
+
+
+async def test_a_batch_of_1000_sends_takes_few_frames(core: Core) -> None:
+    sink_b = RecordingSink()
+    alice, bob = await core.user("alice", "gw-a"), await core.user("bob", "gw-b")
+    link_a = await core.link("gw-a", RecordingSink())
+    link_b = await core.link("gw-b", sink_b)
+    sent0, recv_a0, recv_b0 = link_a.frames_sent, link_a.frames_received, link_b.frames_received
+    results = Results()
+    for i in range(1000):
+        link_a.submit(send(alice, bob, f"c{i}"), results.done)
+    await eventually(lambda: len(results.got) == 1000 and len(sink_b.messages) == 1000, timeout=30)
+
+    assert [m.seq for _, m, _, _ in results.got if m is not None] == list(range(1, 1001))
+    assert link_a.frames_sent - sent0 == 1  # one loop turn of submits: one frame
+    assert link_a.frames_received - recv_a0 <= 20  # results (and alice's deliveries), batched per commit
+    assert link_b.frames_received - recv_b0 <= 20
+    assert len(sink_b.batches) <= 20
+
+
+async def test_events_reach_the_gateway_decoded(core: Core) -> None:
+    sink_b = RecordingSink()
+    await core.link("gw-b", sink_b)
+    frame = TypingEvent(conv="d:1:2", uid=1)
+    core.router.publish_event("gw-b", frame, [2], (1, "d1"))
+    core.router.publish_event("gw-b", frame, [2, 3], None)
+    await eventually(lambda: len(sink_b.events) == 2)
+    assert sink_b.events == [(frame, [2], (1, "d1")), (frame, [2, 3], None)]
+
+
+async def test_publish_to_an_unlinked_node_is_dropped(core: Core) -> None:
+    alice, bob = await core.user("alice", "gw-a"), await core.user("bob", "gw-gone")
+    link = await core.link("gw-a", RecordingSink())
+    results = Results()
+    link.submit(send(alice, bob, "c"), results.done)
+    await eventually(lambda: len(results.got) == 1 and core.router.unroutable == 1)
+    assert results.got[0][3] is None
+
+
+async def test_link_loss_fails_pending_sends_unavailable_then_reconnects(core: Core) -> None:
+    sink_b = RecordingSink()
+    alice, bob = await core.user("alice", "gw-a"), await core.user("bob", "gw-b")
+    link = await core.link("gw-a", RecordingSink())
+    await core.link("gw-b", sink_b)
+    core.store.gate.clear()  # commits wait: the sends stay unanswered in the core
+    results = Results()
+    reqs = [send(alice, bob, f"c{i}") for i in range(10)]
+    for req in reqs:
+        link.submit(req, results.done)
+    await eventually(lambda: core.servicer.sends_received == 10)
+    assert results.got == []
+
+    await core.server.stop(None)  # the transfer node goes away
+    await eventually(lambda: len(results.got) == 10)
+    assert [r for r, *_ in results.got] == reqs
+    assert all(m is None and err is not None and err.code is ErrorCode.UNAVAILABLE for _, m, _, err in results.got)
+    assert not link.connected and link.in_flight == 0
+
+    refused = Results()
+    link.submit(send(alice, bob, "while-down"), refused.done)  # no link: refused at once
+    assert refused.got[0][3] is not None and refused.got[0][3].code is ErrorCode.UNAVAILABLE
+
+    core.store.gate.set()  # the core finishes the batch it had (its results have no stream to go to)
+    await core.restart_server()
+    await asyncio.wait_for(link.wait_connected(), 10)
+    assert link.connects == 2
+    again = Results()
+    for req in reqs:  # the SDK resends with the same cmids: dedupe makes it safe
+        link.submit(req, again.done)
+    await eventually(lambda: len(again.got) == 10)
+    assert all(err is None for *_, err in again.got)
+    assert [m.seq for _, m, _, _ in again.got if m is not None] == list(range(1, 11))
+    assert [m.cmid for _, m, _, _ in again.got if m is not None] == [f"c{i}" for i in range(10)]
+
+
+async def test_closing_a_link_unregisters_its_node(core: Core) -> None:
+    link = await core.link("gw-a", RecordingSink())
+    assert core.router.linked() == ["gw-a"] and core.servicer.streams == 1
+    await link.close()
+    await eventually(lambda: core.router.linked() == [] and core.servicer.streams == 0)
+    refused = Results()
+    link.submit(send(1, 2, "late"), refused.done)
+    assert refused.got[0][3] is not None and refused.got[0][3].code is ErrorCode.UNAVAILABLE
