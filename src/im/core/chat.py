@@ -134,6 +134,7 @@ class ChatService:
         self._history_page_max = history_page_max
         self._clock = clock
         self._states: dict[str, ConversationState] = {}
+        self._refreshed: dict[str, float] = {}  # conv -> when a refusal last re-read its state
         self._recent: OrderedDict[tuple[int, str, str], StoredMessage] = OrderedDict()
         self._recent_max = recent_sends
         self._queue: list[_Send | _MemberOp] = []
@@ -251,8 +252,8 @@ class ChatService:
         """Check every item against cached state and build one batch (no I/O but batched loads)."""
         p = _Pass()
         targets = [(item, self._target(item)) for item in items]
+        self._forget_if_stale(targets)
         await self._load([c for _, c in targets if isinstance(c, str)])
-        # Peers of first-time direct conversations must exist.
         # Both users of a first-time direct conversation must exist (however it was addressed).
         new_peers = {
             uid
@@ -302,6 +303,26 @@ class ChatService:
             for key, pair in wanted.items():
                 out[key] = pair[1] if pair in allowed else ImError(ErrorCode.NOT_FOUND, f"no file {pair[1][:80]!r}")
         return out
+
+    def _forget_if_stale(self, targets: list[tuple[_Send | _MemberOp, str | ImError]]) -> None:
+        """Drop cached state that another writer (an API process, another transfer node) may have changed
+        in a way that would refuse an item: membership operations always read fresh state; a send from
+        a user the cache says is not a member re-reads it (at most once a second per conversation), so a
+        member added elsewhere is not refused. A removal elsewhere is caught by the head check."""
+        now = self._clock()
+        for item, conv in targets:
+            if not isinstance(conv, str):
+                continue
+            state = self._states.get(conv)
+            if state is None:
+                continue
+            if isinstance(item, _MemberOp):
+                self._states.pop(conv, None)
+            elif item.req.uid not in state.members and now - self._refreshed.get(conv, 0.0) > 1.0:
+                self._refreshed[conv] = now
+                self._states.pop(conv, None)
+        if len(self._refreshed) > 10_000:
+            self._refreshed.clear()
 
     def _target(self, item: _Send | _MemberOp) -> str | ImError:
         if isinstance(item, _MemberOp):

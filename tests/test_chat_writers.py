@@ -1,0 +1,61 @@
+"""Two committers on one store (an API process and a transfer node, or two transfer nodes): membership
+changed by one is honoured by the other, and the log stays dense."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from im.backends.memory import MemoryPresence, MemoryRouter
+from im.backends.sqlite_accounts import SqliteAccountStore
+from im.backends.sqlite_chat import SqliteChatStore
+from im.backends.sqlite_db import SqliteDatabase
+from im.core.chat import ChatService, SendRequest
+from im.protocol.errors import ErrorCode, ImError
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[tuple[ChatService, ChatService]]:
+    services = []
+    for _ in range(2):
+        db = SqliteDatabase(tmp_path / "im.db")  # two databases objects: two writers on one file
+        chat, accounts = SqliteChatStore(db), SqliteAccountStore(db)
+        await chat.start()
+        await accounts.start()
+        svc = ChatService(chat, accounts, MemoryRouter(), MemoryPresence())
+        svc.start()
+        services.append(svc)
+    for name in ("ann", "ben", "cat"):
+        await services[0].accounts.create_user(name, name, "hash", 0)
+    yield services[0], services[1]
+    for svc in services:
+        await svc.stop()
+        await svc.accounts.close()
+        await svc.store.close()
+
+
+def send(uid: int, conv: str, cmid: str) -> SendRequest:
+    return SendRequest(uid, "d", cmid, conv, None, "text", msgspec.json.encode(cmid))
+
+
+async def test_membership_changed_elsewhere_is_honoured(pair: tuple[ChatService, ChatService]) -> None:
+    api, node = pair
+    group = await api.create_group(1, "g", [2])
+    conv = f"g:{group.gid}"
+    m, _ = await node.send(send(1, conv, "first"))  # the node caches the group: members 1 and 2
+    assert m.seq == 2
+    await api.add_members(1, group.gid, [3])  # seq 3, through the other committer
+    m, _ = await node.send(send(3, conv, "newcomer"))  # the cache says 3 is no member: re-read, accept
+    assert m.seq == 4
+    await api.remove_member(1, group.gid, 2)  # seq 5
+    with pytest.raises(ImError) as refused:
+        await node.send(send(2, conv, "gone"))  # the cache says 2 is a member: the head check catches it
+    assert refused.value.code is ErrorCode.NOT_MEMBER
+    m, _ = await node.send(send(1, conv, "after"))
+    assert m.seq == 6
+    page, _ = await api.history(1, conv, after=0, before=None, limit=50)
+    assert [x.seq for x in page] == [1, 2, 3, 4, 5, 6]
+    assert [x.cmid for x in page if x.type == "text"] == ["first", "newcomer", "after"]
