@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(list(args_list[1:]))
     parser = argparse.ArgumentParser(prog="im", description="im: an instant-messaging server")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the HTTP API and the WebSocket and TCP gateways in one process (SQLite)")
+    serve = sub.add_parser("serve", help="run the HTTP API and the WebSocket and TCP gateways in one process")
     _add_config_flags(serve)
     show = sub.add_parser("config", help="print the effective configuration")
     _add_config_flags(show)
