@@ -108,14 +108,15 @@ class ChatHarness(abc.ABC):
 
 
 class SqliteChatHarness(ChatHarness):
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, *, outbox: bool = False) -> None:
         self.path = tmp_path / "im.db"
+        self.outbox = outbox
         self._accounts: SqliteAccountStore | None = None
         self._peers: list[ChatStore] = []
 
     async def open(self) -> None:
         db = SqliteDatabase(self.path)
-        self.store = SqliteChatStore(db)
+        self.store = SqliteChatStore(db, outbox=self.outbox)
         self._accounts = SqliteAccountStore(db)
         await self.store.start()
         await self._accounts.start()
@@ -142,14 +143,15 @@ class PostgresChatHarness(ChatHarness):
     """The PostgreSQL stores on a fresh schema of the test server (``tests/support/postgres.py``), dropped
     at close; ``reopen`` keeps it. No skip when the server is down: the suite fails."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, *, outbox: bool = False) -> None:
         self.schema = PgSchema()
+        self.outbox = outbox
         self._accounts: PostgresAccountStore | None = None
         self._peers: list[ChatStore] = []
 
     async def open(self) -> None:
         db = self.schema.database()
-        self.store = PostgresChatStore(db)
+        self.store = PostgresChatStore(db, outbox=self.outbox)
         self._accounts = PostgresAccountStore(db)
         await start(self.store, self._accounts)
 
@@ -191,6 +193,15 @@ CHAT_STORES = [
 @pytest.fixture(params=CHAT_STORES)
 async def chat(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ChatHarness]:
     harness: ChatHarness = request.param(tmp_path)
+    await harness.open()
+    yield harness
+    await harness.close()
+
+
+@pytest.fixture(params=CHAT_STORES)
+async def outbox_chat(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ChatHarness]:
+    """Like ``chat``, with the store built with ``outbox=True``."""
+    harness: ChatHarness = request.param(tmp_path, outbox=True)
     await harness.open()
     yield harness
     await harness.close()

@@ -68,6 +68,20 @@ class CommitBatch:
     file_refs: list[tuple[str, str]] = field(default_factory=list)  # (file_id, conv): grants members read
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """One committed message waiting in the transactional outbox to be published (no body: the event
+    says that something arrived, the log has the content). ``created_at`` is the message ts (ms)."""
+
+    id: int
+    conv: str
+    seq: int
+    mid: int
+    sender: int
+    type: str
+    created_at: int
+
+
 class SeqConflict(Exception):
     """Another writer got there first (head moved, seq taken or cmid used): reload and retry."""
 
@@ -196,6 +210,23 @@ class ChatStore(abc.ABC):
     @abc.abstractmethod
     async def list_conversations(self, uid: int) -> list[ConversationSummary]:
         """The user's conversations, most recently active first."""
+
+    # The transactional outbox (a store built with ``outbox=True``): :meth:`commit` writes one row per
+    # committed message in the same transaction as the message, so an event exists if and only if its
+    # message was committed. A relay drains it: fetch, publish, then delete what was published.
+
+    @abc.abstractmethod
+    async def outbox_fetch(self, limit: int) -> list[OutboxEvent]:
+        """Up to ``limit`` outbox rows, oldest (smallest id) first.
+
+        Guarantees: ids increase with commit order within a conversation (commits of one conversation
+        are serialised), so per conversation the rows come in seq order; a row stays until
+        :meth:`outbox_delete` removes it, so a relay that crashes before deleting fetches it again
+        (at least once). Empty when the store was built without the outbox."""
+
+    @abc.abstractmethod
+    async def outbox_delete(self, ids: Sequence[int]) -> None:
+        """Remove the given outbox rows (ids already gone are ignored); durable when it returns."""
 
 
 class AccountStore(abc.ABC):

@@ -11,7 +11,11 @@ A commit is (each step skipped when the batch has nothing for it):
 3. the messages with ``COPY`` (measured faster than ``unnest`` or ``executemany`` from about 100 rows,
    no slower below); a taken (conv, seq) or (sender, device, cmid) is a unique violation;
 4. member changes folded to their net effect (one ``DELETE``, one upsert, one owner ``UPDATE``);
-5. file refs (duplicates ignored) and read marks (max semantics).
+5. file refs (duplicates ignored) and read marks (max semantics);
+6. with ``outbox=True``, one ``outbox`` row per message with ``COPY`` (ids assigned in batch order).
+   The head row locks of step 2 serialise the committers of a conversation, so its outbox ids follow
+   its seq order; across conversations a smaller id may become visible later than a larger one, which
+   is why the relay deletes what it published rather than reading past a high-water mark.
 
 A deadlock between two committers (they touch the same conversations in another order) aborts one of
 them, with nothing written: that is reported as :class:`SeqConflict` too, and the retry goes through.
@@ -31,6 +35,7 @@ from im.backends.base import (
     ConversationSummary,
     Group,
     MemberChange,
+    OutboxEvent,
     SeqConflict,
     StoredMessage,
     SyncPoint,
@@ -39,6 +44,7 @@ from im.backends.postgres_db import PostgresDatabase, rowcount
 
 _MSG_FIELDS = ["conv", "seq", "mid", "sender", "device", "cmid", "ts", "type", "body"]
 _MSG_COLUMNS = ", ".join(_MSG_FIELDS)
+_OUTBOX_FIELDS = ["conv", "seq", "mid", "sender", "type", "created_at"]
 
 # A refused batch wrote nothing; the committer reloads and retries.
 _CONFLICTS = (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
@@ -76,8 +82,9 @@ def net_member_changes(
 class PostgresChatStore(ChatStore):
     """:class:`ChatStore` on a :class:`PostgresDatabase` (shared with the other stores; opened counted)."""
 
-    def __init__(self, db: PostgresDatabase) -> None:
+    def __init__(self, db: PostgresDatabase, *, outbox: bool = False) -> None:
         self.db = db
+        self.outbox = outbox
 
     async def start(self) -> None:
         await self.db.open()
@@ -159,6 +166,9 @@ class PostgresChatStore(ChatStore):
         if batch.messages:
             records = [(m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, m.body) for m in batch.messages]
             await conn.copy_records_to_table("messages", records=records, columns=_MSG_FIELDS)
+            if self.outbox:
+                events = [(m.conv, m.seq, m.mid, m.sender, m.type, m.ts) for m in batch.messages]
+                await conn.copy_records_to_table("outbox", records=events, columns=_OUTBOX_FIELDS)
         if batch.member_changes:
             deletes, upserts, owners = net_member_changes(batch.member_changes)
             if deletes:
@@ -265,6 +275,16 @@ class PostgresChatStore(ChatStore):
     async def read_marks(self, conv: str) -> dict[int, int]:
         rows = await self.db.pool.fetch("SELECT uid, read_seq FROM members WHERE conv = $1", conv)
         return {uid: seq for uid, seq in rows}
+
+    async def outbox_fetch(self, limit: int) -> list[OutboxEvent]:
+        rows = await self.db.pool.fetch(
+            f"SELECT id, {', '.join(_OUTBOX_FIELDS)} FROM outbox ORDER BY id LIMIT $1", limit
+        )
+        return [OutboxEvent(*row) for row in rows]
+
+    async def outbox_delete(self, ids: Sequence[int]) -> None:
+        if ids:
+            await self.db.pool.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", list(ids))
 
     async def list_conversations(self, uid: int) -> list[ConversationSummary]:
         # The peer of a direct conversation "d:<a>:<b>" is the one of a and b that is not uid. The CASEs

@@ -110,6 +110,19 @@ MIGRATIONS: list[str] = [
     );
     CREATE TABLE file_refs (file_id TEXT NOT NULL, conv TEXT NOT NULL, PRIMARY KEY (file_id, conv));
     """,
+    # 3: transactional outbox (im.events): one row per committed message, written by the chat commit when
+    # the store is built with outbox=True, drained by the relay
+    """
+    CREATE TABLE outbox (
+        id BIGSERIAL PRIMARY KEY,
+        conv TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        mid BIGINT NOT NULL,
+        sender BIGINT NOT NULL,
+        type TEXT NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    """,
 ]
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")

@@ -1,4 +1,8 @@
-"""The embedded :class:`ChatStore`: SQLite in WAL mode, one transaction per group commit."""
+"""The embedded :class:`ChatStore`: SQLite in WAL mode, one transaction per group commit.
+
+With ``outbox=True`` the commit also appends one ``outbox`` row per message (one ``executemany`` in the
+same transaction), for :class:`im.events.relay.OutboxRelay` to publish.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from im.backends.base import (
     ConversationState,
     ConversationSummary,
     Group,
+    OutboxEvent,
     SeqConflict,
     StoredMessage,
     SyncPoint,
@@ -35,8 +40,9 @@ def _chunks(items: Sequence[object], size: int = _CHUNK) -> Iterable[Sequence[ob
 
 
 class SqliteChatStore(ChatStore):
-    def __init__(self, db: SqliteDatabase) -> None:
+    def __init__(self, db: SqliteDatabase, *, outbox: bool = False) -> None:
         self.db = db
+        self.outbox = outbox
 
     async def start(self) -> None:
         await self.db.open()
@@ -98,6 +104,11 @@ class SqliteChatStore(ChatStore):
                     f"INSERT INTO messages ({_MSG_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, m.body) for m in batch.messages],
                 )
+                if self.outbox and batch.messages:
+                    conn.executemany(
+                        "INSERT INTO outbox (conv, seq, mid, sender, type, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                        [(m.conv, m.seq, m.mid, m.sender, m.type, m.ts) for m in batch.messages],
+                    )
                 for ch in batch.member_changes:
                     if ch.role is None:
                         conn.execute("DELETE FROM members WHERE conv=? AND uid=?", (ch.conv, ch.uid))
@@ -216,6 +227,19 @@ class SqliteChatStore(ChatStore):
             lambda conn: conn.execute("SELECT uid, read_seq FROM members WHERE conv=?", (conv,)).fetchall()
         )
         return {int(uid): int(seq) for uid, seq in rows}
+
+    async def outbox_fetch(self, limit: int) -> list[OutboxEvent]:
+        rows = await self.db.read(
+            lambda conn: conn.execute(
+                "SELECT id, conv, seq, mid, sender, type, created_at FROM outbox ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+        )
+        return [OutboxEvent(*row) for row in rows]
+
+    async def outbox_delete(self, ids: Sequence[int]) -> None:
+        rows = [(i,) for i in ids]
+        if rows:
+            await self.db.write(lambda conn: conn.executemany("DELETE FROM outbox WHERE id=?", rows))
 
     async def list_conversations(self, uid: int) -> list[ConversationSummary]:
         def run(conn: sqlite3.Connection) -> list[ConversationSummary]:

@@ -104,6 +104,20 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE TABLE file_refs (file_id TEXT NOT NULL, conv TEXT NOT NULL, PRIMARY KEY (file_id, conv)) WITHOUT ROWID;
     """,
+    # 3: transactional outbox (im.events): one row per committed message, written by the chat commit when
+    # the store is built with outbox=True, drained by the relay. AUTOINCREMENT: ids are never reused, so
+    # id order stays commit order even after the table was emptied.
+    """
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        conv TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        mid INTEGER NOT NULL,
+        sender INTEGER NOT NULL,
+        type TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    """,
 ]
 
 

@@ -1,0 +1,148 @@
+"""The push consumer: turns events from the ``im.push`` queue into content-free webhook calls.
+
+For each event the recipients are the conversation's members except the sender that have no device
+online (``Presence.locate``); when there are any, one ``POST`` of ``{"mid", "conv", "seq",
+"recipients"}`` (``mid`` a string) with ``Idempotency-Key: <mid>``. No message content ever leaves.
+
+Policy:
+
+- one consumer, messages handled one at a time, ``prefetch`` ahead: events reach the webhook in queue
+  order, which is per-conversation seq order (the relay publishes in outbox order);
+- deduplicated by ``mid`` (see :mod:`im.events.dedupe`): checked before, recorded after a successful
+  POST; the event is acked after it was handled (pushed, deduplicated or nobody offline);
+- a failed webhook (connection error, timeout, non-2xx) waits ``retry_delay`` seconds and is nacked with
+  requeue; after ``max_attempts`` deliveries (the quorum queue's ``x-delivery-count``) it is rejected
+  without requeue (dropped, or dead-lettered if the queue has a dead-letter exchange) and logged: a push
+  is a best-effort wake-up, the message itself is safe in the log. While one event waits for its retry
+  the consumer handles nothing else, which keeps order and slows down against a failing provider;
+- an undecodable event is rejected at once (retrying cannot fix it);
+- a lost broker connection: reconnect with backoff; unacked events are redelivered (and deduplicated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+import aio_pika
+import httpx
+import msgspec
+
+from im.backends.base import Presence
+from im.events import topology
+from im.events.dedupe import Dedupe
+
+log = logging.getLogger(__name__)
+
+Members = Callable[[str], Awaitable[Sequence[int]]]
+
+
+class PushConsumer:
+    def __init__(
+        self,
+        amqp_url: str,
+        presence: Presence,
+        members: Members,
+        webhook_url: str,
+        dedupe: Dedupe,
+        *,
+        exchange: str = topology.EXCHANGE,
+        queue: str = topology.PUSH_QUEUE,
+        prefetch: int = 100,
+        max_attempts: int = 5,
+        retry_delay: float = 1.0,
+        webhook_timeout: float = 5.0,
+        backoff: float = 0.2,
+        max_backoff: float = 5.0,
+        connect_timeout: float = 5.0,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.amqp_url = amqp_url
+        self.presence = presence
+        self.members = members
+        self.webhook_url = webhook_url
+        self.dedupe = dedupe
+        self.exchange = exchange
+        self.queue = queue
+        self.prefetch = prefetch
+        self.max_attempts = max_attempts
+        self.retry_delay = retry_delay
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.connect_timeout = connect_timeout
+        self._http = http or httpx.AsyncClient(timeout=webhook_timeout)
+        self._own_http = http is None
+        self.pushed = 0  # webhook calls that succeeded
+        self.duplicates = 0  # events skipped as already pushed
+        self.dropped = 0  # events given up on
+
+    async def run(self) -> None:
+        """Consume until cancelled (run it in the owner's task group); then closes its HTTP client."""
+        try:
+            delay = self.backoff
+            while True:
+                try:
+                    connection = await aio_pika.connect(self.amqp_url, timeout=self.connect_timeout)
+                    async with connection:
+                        channel = await connection.channel()
+                        await channel.set_qos(prefetch_count=self.prefetch)
+                        _, queue = await topology.declare(channel, exchange=self.exchange, queue=self.queue)
+                        assert queue is not None
+                        delay = self.backoff
+                        async with queue.iterator() as messages:
+                            async for message in messages:
+                                await self._handle(message)
+                except Exception as exc:
+                    log.warning("push consumer: %s: %s; reconnect in %.1fs", type(exc).__name__, exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.max_backoff)
+        finally:
+            if self._own_http:
+                await self._http.aclose()
+
+    async def _handle(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        try:
+            event = topology.decode(message.body)
+        except msgspec.DecodeError:
+            log.error("push consumer: undecodable event %r, rejected", message.body[:200])
+            self.dropped += 1
+            await message.reject(requeue=False)
+            return
+        try:
+            await self.handle(event)
+        except Exception as exc:
+            count = (message.headers or {}).get("x-delivery-count", 0)
+            attempts = (count if isinstance(count, int) else 0) + 1  # the quorum queue counts redeliveries
+            if attempts >= self.max_attempts:
+                log.error("push consumer: giving up on mid %s after %d attempts: %s", event.mid, attempts, exc)
+                self.dropped += 1
+                await message.reject(requeue=False)
+                return
+            log.warning("push consumer: mid %s attempt %d failed (%s); requeue", event.mid, attempts, exc)
+            await asyncio.sleep(self.retry_delay)
+            await message.nack(requeue=True)
+            return
+        await message.ack()
+
+    async def handle(self, event: topology.Event) -> None:
+        """Push one event (at most once per mid, as far as the dedupe remembers); raises when the webhook
+        failed."""
+        if await self.dedupe.seen(event.mid):
+            self.duplicates += 1
+            return
+        others = [uid for uid in await self.members(event.conv) if uid != event.sender]
+        if not others:
+            return
+        online = await self.presence.locate(others)
+        recipients = sorted(uid for uid in others if not online.get(uid))
+        if not recipients:
+            return
+        response = await self._http.post(
+            self.webhook_url,
+            json={"mid": event.mid, "conv": event.conv, "seq": event.seq, "recipients": recipients},
+            headers={"Idempotency-Key": event.mid},
+        )
+        response.raise_for_status()
+        await self.dedupe.record(event.mid)
+        self.pushed += 1

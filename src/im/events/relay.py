@@ -1,0 +1,102 @@
+"""The outbox relay: publishes committed messages from the store's outbox to RabbitMQ.
+
+Loop: fetch the oldest ``batch`` rows, publish them all with publisher confirms in flight together
+(persistent, ``mandatory`` on a channel with ``on_return_raises``, so an unroutable event is an error,
+not a silent drop), and only when every confirm of the batch arrived delete those ids. Any failure
+(broker down, wrong vhost, a nack, an unroutable event) leaves the rows where they are: the relay closes
+the connection, backs off (doubling from ``backoff`` up to ``max_backoff``) and reconnects, re-reading
+``amqp_url`` each time. Nothing committed is lost while RabbitMQ is down; it is published once it is back.
+
+At least once: a crash (or failure) after some confirms and before the delete republishes those events;
+consumers deduplicate by ``mid``. Order: rows are published in id order on one channel, which per
+conversation is seq order; run one relay per store (two would interleave).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aio_pika
+
+from im.backends.base import ChatStore
+from im.events import topology
+
+log = logging.getLogger(__name__)
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        store: ChatStore,
+        amqp_url: str,
+        *,
+        exchange: str = topology.EXCHANGE,
+        queue: str | None = topology.PUSH_QUEUE,
+        batch: int = 500,
+        poll: float = 0.2,
+        backoff: float = 0.2,
+        max_backoff: float = 5.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.amqp_url = amqp_url  # read at every (re)connect
+        self.exchange = exchange
+        self.queue = queue  # declared and bound too (None: the exchange only)
+        self.batch = batch
+        self.poll = poll
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.connect_timeout = connect_timeout
+        self.published = 0  # events confirmed and deleted
+        self.failures = 0  # connection or publish attempts that failed
+
+    async def run(self) -> None:
+        """Relay until cancelled (run it in the owner's task group)."""
+        delay = self.backoff
+        while True:
+            try:
+                connection = await aio_pika.connect(self.amqp_url, timeout=self.connect_timeout)
+            except Exception as exc:
+                self.failures += 1
+                log.warning("outbox relay: cannot connect (%s: %s); retry in %.1fs", type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff)
+                continue
+            try:
+                async with connection:
+                    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                    exchange, _ = await topology.declare(channel, exchange=self.exchange, queue=self.queue)
+                    delay = self.backoff
+                    while True:
+                        if await self._relay_batch(exchange) < self.batch:
+                            await asyncio.sleep(self.poll)
+            except Exception as exc:
+                self.failures += 1
+                log.warning("outbox relay: publishing failed (%s: %s); retry in %.1fs", type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff)
+
+    async def _relay_batch(self, exchange: aio_pika.abc.AbstractExchange) -> int:
+        rows = await self.store.outbox_fetch(self.batch)
+        if not rows:
+            return 0
+        # Published in id order (the channel writes in call order); confirms awaited together.
+        await asyncio.gather(
+            *(
+                exchange.publish(
+                    aio_pika.Message(
+                        topology.encode(topology.event_of(row)),
+                        content_type="application/json",
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        message_id=str(row.mid),
+                    ),
+                    routing_key=topology.ROUTING_PREFIX + row.type,
+                    mandatory=True,
+                )
+                for row in rows
+            )
+        )
+        await self.store.outbox_delete([row.id for row in rows])
+        self.published += len(rows)
+        return len(rows)

@@ -1,0 +1,54 @@
+"""What the relay and the push consumer agree on: names, routing, the event's wire form, the topology.
+
+Both sides declare the topology (idempotent: the same arguments every time), so either may start first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aio_pika
+import msgspec
+
+from im.backends.base import OutboxEvent
+
+EXCHANGE = "im.events"
+PUSH_QUEUE = "im.push"
+ROUTING_PREFIX = "message."  # routing key: "message.<type>"; the push queue binds "message.#"
+
+
+class Event(msgspec.Struct, frozen=True):
+    """The published event: what happened, never the content. ``mid`` is a string (64-bit ids do not
+    survive JSON numbers in every consumer); ``ts`` is the message time in ms."""
+
+    conv: str
+    seq: int
+    mid: str
+    sender: int
+    type: str
+    ts: int
+
+
+def event_of(row: OutboxEvent) -> Event:
+    return Event(conv=row.conv, seq=row.seq, mid=str(row.mid), sender=row.sender, type=row.type, ts=row.created_at)
+
+
+def encode(event: Event) -> bytes:
+    return msgspec.json.encode(event)
+
+
+def decode(body: bytes) -> Event:
+    return msgspec.json.decode(body, type=Event)
+
+
+async def declare(
+    channel: aio_pika.abc.AbstractChannel, *, exchange: str = EXCHANGE, queue: str | None = PUSH_QUEUE
+) -> tuple[aio_pika.abc.AbstractExchange, aio_pika.abc.AbstractQueue | None]:
+    """Declare the durable topic exchange and (unless ``queue`` is None) the quorum queue bound to it."""
+    ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    if queue is None:
+        return ex, None
+    arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+    q = await channel.declare_queue(queue, durable=True, arguments=arguments)
+    await q.bind(ex, routing_key=ROUTING_PREFIX + "#")
+    return ex, q
