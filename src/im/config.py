@@ -117,6 +117,20 @@ class PresenceConfig(_Section):
     ttl: float = Field(60.0, ge=1.0)
 
 
+class EventsConfig(_Section):
+    #: ``none``, or ``rabbitmq``: committed messages go out through a transactional outbox to RabbitMQ,
+    #: and recipients with no device online get a content-free push webhook.
+    kind: Literal["none", "rabbitmq"] = "none"
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    exchange: str = "im.events"
+    queue: str = "im.push"
+    #: Where push webhooks are POSTed ({mid, conv, seq, recipients}); None: events only, no push.
+    webhook_url: str | None = None
+    #: ``memory`` (one consumer, forgets on restart) or ``redis`` (presence.redis_url; survives restarts).
+    dedupe: Literal["memory", "redis"] = "memory"
+    max_attempts: int = Field(5, ge=1)
+
+
 class RegistryConfig(_Section):
     #: ``memory`` (one process) or ``etcd``.
     kind: Literal["memory", "etcd"] = "memory"
@@ -149,6 +163,7 @@ class Config(BaseSettings):
     store: StoreConfig = StoreConfig()
     presence: PresenceConfig = PresenceConfig()
     registry: RegistryConfig = RegistryConfig()
+    events: EventsConfig = EventsConfig()
     files: FilesConfig = FilesConfig()
 
     @classmethod

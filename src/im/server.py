@@ -12,13 +12,15 @@ import logging
 import secrets
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
+import redis.asyncio as aioredis
 import uvicorn
 
 from im.api.app import create_app
-from im.backends.base import AccountStore, ChatStore, Presence, Registry, Router, ServiceInstance
+from im.backends.base import AccountStore, ChatStore, ConversationState, Presence, Registry, Router, ServiceInstance
 from im.backends.etcd_registry import EtcdRegistry
 from im.backends.memory import MemoryPresence, MemoryRegistry, MemoryRouter
 from im.backends.postgres_accounts import PostgresAccountStore
@@ -31,6 +33,9 @@ from im.backends.sqlite_db import SqliteDatabase
 from im.config import Config
 from im.core.accounts import AccountService
 from im.core.chat import ChatService
+from im.events.dedupe import Dedupe, MemoryDedupe, RedisDedupe
+from im.events.push import PushConsumer
+from im.events.relay import OutboxRelay
 from im.files import FileService, FileStore, LocalBlobStorage, SqliteFileStore
 from im.files.postgres_store import PostgresFileStore
 from im.gateway.hub import Hub
@@ -39,6 +44,7 @@ from im.gateway.ws import WS_PATH, serve_websocket
 from im.protocol.session import Limits
 
 log = logging.getLogger("im")
+_NO_CONV = ConversationState("", "", 0, {})
 
 
 @dataclass
@@ -55,15 +61,16 @@ class Backends:
 def build_backends(config: Config) -> Backends:
     """Map configuration to backend implementations (the only switch on kinds in the code base)."""
     st = config.store
+    outbox = config.events.kind == "rabbitmq"  # the commit records events for the relay
     if st.kind == "postgres":
         assert st.postgres_dsn is not None  # validated by StoreConfig
         pg = PostgresDatabase(st.postgres_dsn, schema=st.postgres_schema, min_size=st.pool_min, max_size=st.pool_max)
-        chat_store: ChatStore = PostgresChatStore(pg)
+        chat_store: ChatStore = PostgresChatStore(pg, outbox=outbox)
         account_store: AccountStore = PostgresAccountStore(pg)
         file_store: FileStore = PostgresFileStore(pg)
     else:
         db = SqliteDatabase(config.data_dir / "im.sqlite3")
-        chat_store = SqliteChatStore(db)
+        chat_store = SqliteChatStore(db, outbox=outbox)
         account_store = SqliteAccountStore(db)
         file_store = SqliteFileStore(db)
     closers: list[Callable[[], Awaitable[None]]] = []
@@ -206,9 +213,13 @@ class EmbeddedServer:
         if ready is not None:
             ready(self)
         load_task = asyncio.create_task(self._report_load(), name="im-load")
+        event_tasks = [asyncio.create_task(c, name="im-events") for c in self._event_workers()]
         await self._stop.wait()
         log.info("stopping: draining in-flight sends")
         load_task.cancel()
+        for task in event_tasks:
+            task.cancel()
+        await asyncio.gather(*event_tasks, return_exceptions=True)
         # 1. Take no new work: deregister, stop accepting, stop reading from clients.
         await b.registry.deregister(cfg.gateway.node_id)
         ws_server.close()
@@ -229,6 +240,29 @@ class EmbeddedServer:
         for close in b.closers:
             await close()
         log.info("stopped")
+
+    def _event_workers(self) -> list[Coroutine[Any, Any, None]]:
+        """The outbox relay and the push consumer, when events go to RabbitMQ."""
+        ev = self.config.events
+        if ev.kind != "rabbitmq":
+            return []
+        store = self.backends.chat_store
+        workers = [OutboxRelay(store, ev.amqp_url, exchange=ev.exchange, queue=ev.queue).run()]
+        if ev.webhook_url:
+            dedupe: Dedupe = MemoryDedupe()
+            if ev.dedupe == "redis":
+                dedupe = RedisDedupe(aioredis.from_url(self.config.presence.redis_url))
+
+            async def members(conv: str) -> list[int]:
+                return list((await store.load_conversations([conv])).get(conv, _NO_CONV).members)
+
+            workers.append(
+                PushConsumer(
+                    ev.amqp_url, self.backends.presence, members, ev.webhook_url, dedupe,
+                    exchange=ev.exchange, queue=ev.queue, max_attempts=ev.max_attempts,
+                ).run()
+            )
+        return workers
 
     async def _report_load(self) -> None:
         """Publish the load, which also renews the registration (every third of the registry TTL)."""
