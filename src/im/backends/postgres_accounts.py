@@ -7,24 +7,12 @@ Name order is bytewise (``COLLATE "C"``), as in SQLite, whatever the database's 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import asyncpg
 
 from im.backends.base import AccountStore, AuthSession, Conflict, User
 from im.backends.postgres_db import PostgresDatabase, rowcount
-
-_USER_COLUMNS = "uid, username, display_name, created_at"
-
-
-def _user(row: Any) -> User:
-    return User(uid=row[0], username=row[1], display_name=row[2], created_at=row[3])
-
-
-def _like_prefix(prefix: str) -> str:
-    """A LIKE pattern matching ``prefix`` literally at the start (escape character ``\\``)."""
-    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped + "%"
+from im.backends.sqlrows import USER_COLUMNS, like_prefix, user_from_row
 
 
 class PostgresAccountStore(AccountStore):
@@ -53,30 +41,30 @@ class PostgresAccountStore(AccountStore):
         return User(uid=int(uid), username=username, display_name=display_name, created_at=now)
 
     async def get_user(self, uid: int) -> User | None:
-        row = await self._db.pool.fetchrow(f"SELECT {_USER_COLUMNS} FROM users WHERE uid = $1", uid)
-        return None if row is None else _user(row)
+        row = await self._db.pool.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE uid = $1", uid)
+        return None if row is None else user_from_row(row)
 
     async def get_users(self, uids: Sequence[int]) -> dict[int, User]:
         wanted = list(dict.fromkeys(uids))
         if not wanted:
             return {}
-        rows = await self._db.pool.fetch(f"SELECT {_USER_COLUMNS} FROM users WHERE uid = ANY($1::bigint[])", wanted)
-        return {row[0]: _user(row) for row in rows}
+        rows = await self._db.pool.fetch(f"SELECT {USER_COLUMNS} FROM users WHERE uid = ANY($1::bigint[])", wanted)
+        return {row[0]: user_from_row(row) for row in rows}
 
     async def find_user(self, username: str) -> tuple[User, str] | None:
         row = await self._db.pool.fetchrow(
-            f"SELECT {_USER_COLUMNS}, password_hash FROM users WHERE lower(username) = lower($1)", username
+            f"SELECT {USER_COLUMNS}, password_hash FROM users WHERE lower(username) = lower($1)", username
         )
-        return None if row is None else (_user(row), row[4])
+        return None if row is None else (user_from_row(row), row[4])
 
     async def search_users(self, prefix: str, limit: int) -> list[User]:
         rows = await self._db.pool.fetch(
-            f"SELECT {_USER_COLUMNS} FROM users"
+            f"SELECT {USER_COLUMNS} FROM users"
             " WHERE lower(username) LIKE lower($1) ESCAPE '\\' OR lower(display_name) LIKE lower($1) ESCAPE '\\'"
             ' ORDER BY lower(username) COLLATE "C" LIMIT $2',
-            _like_prefix(prefix), limit,
+            like_prefix(prefix), limit,
         )
-        return [_user(row) for row in rows]
+        return [user_from_row(row) for row in rows]
 
     async def set_password_hash(self, uid: int, password_hash: str) -> None:
         await self._db.pool.execute("UPDATE users SET password_hash = $1 WHERE uid = $2", password_hash, uid)
@@ -126,4 +114,4 @@ class PostgresAccountStore(AccountStore):
             ' JOIN users u ON u.uid = c.contact WHERE c.uid = $1 ORDER BY lower(u.username) COLLATE "C"',
             uid,
         )
-        return [_user(row) for row in rows]
+        return [user_from_row(row) for row in rows]

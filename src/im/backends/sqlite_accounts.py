@@ -11,18 +11,7 @@ from collections.abc import Sequence
 
 from im.backends.base import AccountStore, AuthSession, Conflict, User
 from im.backends.sqlite_db import SqliteDatabase
-
-_USER_COLUMNS = "uid, username, display_name, created_at"
-
-
-def _user(row: tuple[int, str, str, int]) -> User:
-    return User(uid=row[0], username=row[1], display_name=row[2], created_at=row[3])
-
-
-def _like_prefix(prefix: str) -> str:
-    """A LIKE pattern matching ``prefix`` literally at the start (escape character ``\\``)."""
-    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped + "%"
+from im.backends.sqlrows import USER_COLUMNS, like_prefix, user_from_row
 
 
 class SqliteAccountStore(AccountStore):
@@ -56,8 +45,8 @@ class SqliteAccountStore(AccountStore):
 
     async def get_user(self, uid: int) -> User | None:
         def get(conn: sqlite3.Connection) -> User | None:
-            row = conn.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE uid = ?", (uid,)).fetchone()
-            return None if row is None else _user(row)
+            row = conn.execute(f"SELECT {USER_COLUMNS} FROM users WHERE uid = ?", (uid,)).fetchone()
+            return None if row is None else user_from_row(row)
 
         return await self._db.read(get)
 
@@ -69,8 +58,8 @@ class SqliteAccountStore(AccountStore):
             for start in range(0, len(wanted), 500):  # stay below SQLite's bound-parameter limit
                 chunk = wanted[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                for row in conn.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE uid IN ({marks})", chunk):
-                    found[row[0]] = _user(row)
+                for row in conn.execute(f"SELECT {USER_COLUMNS} FROM users WHERE uid IN ({marks})", chunk):
+                    found[row[0]] = user_from_row(row)
             return found
 
         return await self._db.read(get) if wanted else {}
@@ -78,25 +67,25 @@ class SqliteAccountStore(AccountStore):
     async def find_user(self, username: str) -> tuple[User, str] | None:
         def get(conn: sqlite3.Connection) -> tuple[User, str] | None:
             row = conn.execute(
-                f"SELECT {_USER_COLUMNS}, password_hash FROM users WHERE lower(username) = lower(?)",
+                f"SELECT {USER_COLUMNS}, password_hash FROM users WHERE lower(username) = lower(?)",
                 (username,),
             ).fetchone()
-            return None if row is None else (_user(row[:4]), row[4])
+            return None if row is None else (user_from_row(row[:4]), row[4])
 
         return await self._db.read(get)
 
     async def search_users(self, prefix: str, limit: int) -> list[User]:
-        pattern = _like_prefix(prefix)
+        pattern = like_prefix(prefix)
 
         def search(conn: sqlite3.Connection) -> list[User]:
             # LIKE is case-insensitive for ASCII in SQLite (case_sensitive_like is off by default).
             rows = conn.execute(
-                f"SELECT {_USER_COLUMNS} FROM users"
+                f"SELECT {USER_COLUMNS} FROM users"
                 " WHERE username LIKE ? ESCAPE '\\' OR display_name LIKE ? ESCAPE '\\'"
                 " ORDER BY lower(username) LIMIT ?",
                 (pattern, pattern, limit),
             ).fetchall()
-            return [_user(row) for row in rows]
+            return [user_from_row(row) for row in rows]
 
         return await self._db.read(search)
 
@@ -159,6 +148,6 @@ class SqliteAccountStore(AccountStore):
                 " JOIN users u ON u.uid = c.contact WHERE c.uid = ? ORDER BY lower(u.username)",
                 (uid,),
             ).fetchall()
-            return [_user(row) for row in rows]
+            return [user_from_row(row) for row in rows]
 
         return await self._db.read(get)

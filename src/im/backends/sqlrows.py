@@ -1,0 +1,20 @@
+"""Row shapes shared by the SQL adapters (SQLite and PostgreSQL): one definition of each mapping."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from im.backends.base import User
+
+USER_COLUMNS = "uid, username, display_name, created_at"
+
+
+def user_from_row(row: Sequence[Any]) -> User:
+    return User(uid=row[0], username=row[1], display_name=row[2], created_at=row[3])
+
+
+def like_prefix(prefix: str) -> str:
+    """A LIKE pattern matching ``prefix`` literally at the start (escape character ``\\``)."""
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
