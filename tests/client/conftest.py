@@ -12,18 +12,15 @@ from typing import Any
 import pytest
 
 from im.client import Ack, ApiClient, ApiError, Client, ClientEvent, Message
-from tests.support.server import ServerProcess
+from tests.support.server import ServerProcess, running_server
 
 PASSWORD = "correct horse battery"
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path / "data").start()
-    yield proc
-    code = proc.stop()
-    assert code == 0, f"im serve exited with {code} on SIGTERM:\n{proc.log()[-4000:]}"
-    assert "Traceback" not in proc.log(), proc.log()[-4000:]
+    with running_server(tmp_path / "data") as proc:
+        yield proc
 
 
 class Recorder:

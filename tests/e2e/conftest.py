@@ -8,16 +8,13 @@ from pathlib import Path
 import pytest
 
 from tests.support.checker import History
-from tests.support.server import ServerProcess
+from tests.support.server import ServerProcess, running_server
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path / "data").start()
-    yield proc
-    code = proc.stop()
-    assert code == 0, f"im serve exited with {code} on SIGTERM:\n{proc.log()[-4000:]}"
-    assert "Traceback" not in proc.log(), proc.log()[-4000:]
+    with running_server(tmp_path / "data") as proc:
+        yield proc
 
 
 @pytest.fixture(autouse=True)

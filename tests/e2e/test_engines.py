@@ -20,7 +20,7 @@ from tests.support.checker import History
 from tests.support.client import register
 from tests.support.etcd import shared_etcd
 from tests.support.postgres import DSN
-from tests.support.server import ServerProcess
+from tests.support.server import ServerProcess, running_server
 
 
 @pytest.fixture
@@ -35,11 +35,8 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
         "--set", "registry.kind=etcd", "--set", f"registry.etcd_endpoint={etcd.endpoint}",
         "--set", f"registry.prefix=/im-e2e-{tag}/",
     ]
-    proc = ServerProcess(tmp_path / "data", extra=extra).start()
-    yield proc
-    code = proc.stop()
-    assert code == 0, f"im serve exited with {code} on SIGTERM:\n{proc.log()[-4000:]}"
-    assert "Traceback" not in proc.log(), proc.log()[-4000:]
+    with running_server(tmp_path / "data", extra) as proc:
+        yield proc
 
 
 async def test_chat_and_group_on_engines(server: ServerProcess, history: History) -> None:

@@ -4,24 +4,17 @@ per message, none while online; the outbox relay and push consumer run inside th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.events.conftest import Names, WebhookReceiver
-from tests.events.conftest import names as names
+from tests.events.conftest import names as names  # a fixture, used by name
+from tests.events.conftest import webhook as webhook  # a fixture, used by name
 from tests.support.checker import History
 from tests.support.client import register
-from tests.support.server import ServerProcess
-
-
-@pytest.fixture
-async def webhook() -> AsyncIterator[WebhookReceiver]:
-    receiver = WebhookReceiver()
-    await receiver.start()
-    yield receiver
-    await receiver.close()
+from tests.support.server import ServerProcess, running_server
 
 
 @pytest.fixture
@@ -30,11 +23,8 @@ def server(tmp_path: Path, names: Names, webhook: WebhookReceiver) -> Iterator[S
         "--set", "events.kind=rabbitmq", "--set", f"events.exchange={names.exchange}",
         "--set", f"events.queue={names.queue}", "--set", f"events.webhook_url={webhook.url}",
     ]
-    proc = ServerProcess(tmp_path / "data", extra=extra).start()
-    yield proc
-    code = proc.stop()
-    assert code == 0, f"im serve exited with {code} on SIGTERM:\n{proc.log()[-4000:]}"
-    assert "Traceback" not in proc.log(), proc.log()[-4000:]
+    with running_server(tmp_path / "data", extra) as proc:
+        yield proc
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:

@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,3 +96,13 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+
+@contextmanager
+def running_server(data_dir: Path, extra: list[str] | None = None) -> Iterator[ServerProcess]:
+    """A started ``im serve``; on exit it must stop cleanly on SIGTERM (exit 0, no traceback logged)."""
+    proc = ServerProcess(data_dir, extra=list(extra or [])).start()
+    yield proc
+    code = proc.stop()
+    assert code == 0, f"im serve exited with {code} on SIGTERM:\n{proc.log()[-4000:]}"
+    assert "Traceback" not in proc.log(), proc.log()[-4000:]
