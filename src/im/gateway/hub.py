@@ -308,34 +308,47 @@ class Hub(DeliverySink):
             self._reads[key] = seq
 
     async def typing(self, uid: int, device: str, conv: str) -> None:
-        await self._notify(conv, uid, TypingEvent(conv=conv, uid=uid), (uid, device))
+        await self._notify([(conv, uid, TypingEvent(conv=conv, uid=uid), (uid, device))])
 
-    async def _notify(self, conv: str, uid: int, frame: object, skip: tuple[int, str] | None) -> None:
-        members = await self.chat.members_of(conv)
-        if uid not in members:
+    async def _notify(self, events: list[tuple[str, int, object, tuple[int, str] | None]]) -> None:
+        """Ephemeral frames (conv, from uid, frame, skip) to the members' online devices: one presence
+        lookup for all of them, one publish per (frame, node)."""
+        targets: list[tuple[object, list[int], tuple[int, str] | None]] = []
+        for conv, uid, frame, skip in events:
+            members = await self.chat.members_of(conv)  # cached in the core after the first read
+            if uid in members:
+                targets.append((frame, list(members), skip))
+        if not targets:
             return
-        located = await self.chat.presence.locate(members)
-        nodes: dict[str, list[int]] = {}
-        for member, locs in located.items():
-            for loc in locs:
-                nodes.setdefault(loc.node, []).append(member)
-        for node, uids in nodes.items():
-            self.chat.router.publish_event(node, frame, sorted(set(uids)), skip)
+        located = await self.chat.presence.locate({u for _, members, _ in targets for u in members})
+        for frame, recipients, skip in targets:
+            nodes: dict[str, set[int]] = {}
+            for member in recipients:
+                for loc in located.get(member, ()):
+                    nodes.setdefault(loc.node, set()).add(member)
+            for node, uids in nodes.items():
+                self.chat.router.publish_event(node, frame, sorted(uids), skip)
 
     async def _flush_cursors(self) -> None:
         cursors, self._cursors = self._cursors, {}
         reads, self._reads = self._reads, {}
+        receipts: list[tuple[str, int, object, tuple[int, str] | None]] = []
         if cursors:
             await self.chat.store.save_cursors((u, d, c, s) for (u, d, c), s in cursors.items())
             delivered: dict[tuple[int, str], int] = {}
             for (uid, _dev, conv), seq in cursors.items():
                 delivered[(uid, conv)] = max(seq, delivered.get((uid, conv), 0))
-            for (uid, conv), seq in delivered.items():
-                await self._notify(conv, uid, Receipt(conv=conv, uid=uid, kind="delivered", seq=seq), None)
+            receipts += [
+                (conv, uid, Receipt(conv=conv, uid=uid, kind="delivered", seq=seq), None)
+                for (uid, conv), seq in delivered.items()
+            ]
         if reads:
             await self.chat.store.save_read_marks((u, c, s) for (u, c), s in reads.items())
-            for (uid, conv), seq in reads.items():
-                await self._notify(conv, uid, Receipt(conv=conv, uid=uid, kind="read", seq=seq), None)
+            receipts += [
+                (conv, uid, Receipt(conv=conv, uid=uid, kind="read", seq=seq), None)
+                for (uid, conv), seq in reads.items()
+            ]
+        await self._notify(receipts)
 
     async def _flush_cursors_forever(self) -> None:
         while True:
