@@ -1,5 +1,6 @@
-"""The ``im`` command: ``im serve`` runs everything in one process; ``im config`` shows the configuration;
-``im chat`` is a terminal chat client."""
+"""The ``im`` command: ``im serve`` runs everything in one process; ``im api``, ``im gateway`` and
+``im transfer`` run the roles of the distributed mode, ``im cluster`` a local cluster of them; ``im config``
+shows the configuration; ``im chat`` is a terminal chat client; ``im bench`` a load generator."""
 
 from __future__ import annotations
 
@@ -85,16 +86,58 @@ def _serve(config: Config) -> int:
     return 0
 
 
+def _run_role(role: str, config: Config) -> int:
+    """``im api`` / ``im gateway`` / ``im transfer``: one role of the distributed mode (im.roles)."""
+    import uvloop
+
+    from im.roles import ROLES, ApiNode, GatewayNode, TransferNode
+
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        node = ROLES[role](config)
+    except ConfigError as exc:
+        print(f"im {role}: {exc}", file=sys.stderr)
+        return 2
+
+    def ready(n: ApiNode | GatewayNode | TransferNode) -> None:
+        if isinstance(n, ApiNode):
+            where = f"{n.url}/api/v1"
+        elif isinstance(n, GatewayNode):
+            where = " ".join(n.addresses.values())
+        else:
+            where = n.address
+        print(f"im: ready {role} {where}", flush=True)
+
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+    uvloop.run(node.run(ready))  # type: ignore[arg-type]
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     if args_list[:1] == ["bench"]:  # its own parser: `im bench --help`, `im bench idle --help`
         from im.bench.cli import main as bench_main
 
         return bench_main(list(args_list[1:]))
+    if args_list[:1] == ["cluster"]:
+        from im.cluster import main as cluster_main
+
+        return cluster_main(list(args_list[1:]))
     parser = argparse.ArgumentParser(prog="im", description="im: an instant-messaging server")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP API and the WebSocket and TCP gateways in one process")
     _add_config_flags(serve)
+    roles = {
+        "api": "the HTTP API alone (distributed mode; any number)",
+        "gateway": "a WebSocket and TCP gateway node (distributed mode; any number)",
+        "transfer": "a transfer node: the message core behind gRPC (distributed mode; any number)",
+    }
+    for role, text in roles.items():
+        _add_config_flags(sub.add_parser(role, help=text))
+    sub.add_parser("cluster", help="api, two gateways and two transfer nodes on local engines (im cluster --help)")
     show = sub.add_parser("config", help="print the effective configuration")
     _add_config_flags(show)
     sub.add_parser("bench", help="load generator: throughput, latency, delivery check (see im bench --help)")
@@ -119,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             shown["auth"]["secret"] = "***"
         print(json.dumps(shown, indent=2))
         return 0
+    if args.command in roles:
+        return _run_role(args.command, config)
     return _serve(config)
 
 

@@ -26,6 +26,8 @@ class HttpConfig(_Section):
     port: int = Field(8080, ge=0, le=65535)
     #: The address clients are told to use, when it differs from the bind address (proxies, NAT).
     public_url: str | None = None
+    #: This API process's id (``im api``): seeds its message ids, names it to the transfer nodes.
+    node_id: str = "api-1"
 
 
 class GatewayConfig(_Section):
@@ -53,6 +55,22 @@ class GatewayConfig(_Section):
     #: Bytes queued for a client beyond which it is disconnected (policy "disconnect": it resumes later
     #: from its cursors, nothing is lost).
     max_send_buffer: int = Field(4 * 1024 * 1024, ge=64 * 1024)
+
+
+class TransferConfig(_Section):
+    """``im transfer``: the gRPC endpoint gateways send through (docs/transfer.md)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8083, ge=0, le=65535)
+    #: The ``host:port`` gateways dial, when it differs from the bind address.
+    public_address: str | None = None
+    node_id: str = "tr-1"
+    #: Items of one kind per gRPC frame (sends, results, deliveries).
+    max_frame_items: int = Field(4096, ge=1)
+    #: Deliveries queued for one slow gateway beyond which new ones are dropped (recovered from the log).
+    max_pending: int = Field(100_000, ge=1)
+    #: Seconds a stopping gateway waits for answers to sends already on a link.
+    drain_timeout: float = Field(5.0, ge=0)
 
 
 class LimitsConfig(_Section):
@@ -158,6 +176,7 @@ class Config(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     http: HttpConfig = HttpConfig()
     gateway: GatewayConfig = GatewayConfig()
+    transfer: TransferConfig = TransferConfig()
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
     store: StoreConfig = StoreConfig()

@@ -129,49 +129,184 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-class EmbeddedServer:
+def build_accounts(config: Config, store: AccountStore) -> AccountService:
+    auth = config.auth
+    return AccountService(
+        store, secret=load_secret(config), access_ttl=auth.access_ttl, refresh_ttl=auth.refresh_ttl,
+        argon2_time_cost=auth.argon2_time_cost, argon2_memory_kib=auth.argon2_memory_kib,
+        argon2_parallelism=auth.argon2_parallelism, min_password_length=auth.min_password_length,
+    )
+
+
+def build_files(config: Config, store: FileStore) -> FileService:
+    fc = config.files
+    return FileService(
+        LocalBlobStorage(fc.storage_dir or config.data_dir / "files"), store,
+        max_upload_bytes=fc.max_upload_bytes, allowed_types=fc.allowed_types, max_image_pixels=fc.max_image_pixels,
+    )
+
+
+def build_chat(
+    config: Config, b: Backends, files: FileService, router: Router, node: str, *, state_ttl: float | None = None
+) -> ChatService:
+    return ChatService(
+        b.chat_store, b.account_store, router, b.presence, files=files, node=node,
+        max_batch=config.store.max_batch, max_group_members=config.limits.max_group_members,
+        history_page_max=config.limits.history_page_max, state_ttl=state_ttl,
+    )
+
+
+def build_hub(config: Config, chat: ChatService, accounts: AccountService, **kw: Any) -> Hub:
+    gw = config.gateway
+    return Hub(
+        gw.node_id, chat, accounts, limits=session_limits(config), replay_page=gw.replay_page,
+        max_send_buffer=gw.max_send_buffer, presence_ttl=config.presence.ttl, **kw,
+    )
+
+
+async def start_gateway_listeners(config: Config, hub: Hub) -> tuple[list[asyncio.Server], dict[str, str]]:
+    """The WebSocket and (unless turned off) TCP listeners, and the addresses clients are given."""
+    gw = config.gateway
+    ws_server = await serve_websocket(hub, gw.host, gw.ws_port)
+    ws_port = ws_server.sockets[0].getsockname()[1]
+    servers, addresses = [ws_server], {"ws": gw.public_ws_url or f"ws://{gw.host}:{ws_port}{WS_PATH}"}
+    if gw.tcp_port is not None:
+        tcp_server = await serve_tcp(hub, gw.host, gw.tcp_port)
+        servers.append(tcp_server)
+        addresses["tcp"] = gw.public_tcp_url or f"tcp://{gw.host}:{tcp_server.sockets[0].getsockname()[1]}"
+    return servers, addresses
+
+
+class HttpServer:
+    """The HTTP API on uvicorn, started on a socket we bind (so port 0 works and the URL is known)."""
+
+    def __init__(self, config: Config, app: Any) -> None:
+        self.config = config
+        self._app = app
+        self.url = ""
+        self._uv: _Uvicorn | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        sock = _bind(cfg.http.host, cfg.http.port)
+        self.url = cfg.http.public_url or f"http://{cfg.http.host}:{sock.getsockname()[1]}"
+        uv = self._uv = _Uvicorn(
+            uvicorn.Config(self._app, lifespan="off", log_level=cfg.log_level, access_log=False, ws="none")
+        )
+        task = self._task = asyncio.create_task(uv.serve(sockets=[sock]), name="im-http")
+        while not uv.started and not task.done():
+            await asyncio.sleep(0.01)
+        if task.done():
+            task.result()
+
+    async def stop(self) -> None:
+        if self._uv is not None and self._task is not None:
+            self._uv.should_exit = True
+            await self._task
+
+
+class GatewayPicker:
+    """The API's answer to "which gateway?": the least loaded live one, from a watched registry view
+    (kept current by the registry's watch, never a list read once)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+        self._live: list[ServiceInstance] = []
+        self._unwatch: Callable[[], None] | None = None
+
+    def start(self) -> None:
+        self._unwatch = self._registry.watch("gateway", self._update)
+
+    def _update(self, live: list[ServiceInstance]) -> None:
+        self._live = live
+
+    def stop(self) -> None:
+        if self._unwatch is not None:
+            self._unwatch()
+
+    async def pick(self) -> dict[str, str] | None:
+        if not self._live:
+            return None
+        best = min(self._live, key=lambda i: (i.load, secrets.randbits(16)))
+        return {"node": best.node, **best.addresses}
+
+
+def event_workers(config: Config, b: Backends) -> list[Coroutine[Any, Any, None]]:
+    """The outbox relay and the push consumer, when events go to RabbitMQ. Any number of processes
+    may run them: the store's outbox lock keeps one relay active, the queue one consumer."""
+    ev = config.events
+    if ev.kind != "rabbitmq":
+        return []
+    store = b.chat_store
+    workers = [OutboxRelay(store, ev.amqp_url, exchange=ev.exchange, queue=ev.queue).run()]
+    if ev.webhook_url:
+        dedupe: Dedupe = MemoryDedupe()
+        if ev.dedupe == "redis":
+            dedupe = RedisDedupe(aioredis.from_url(config.presence.redis_url))
+
+        async def members(conv: str) -> list[int]:
+            return list((await store.load_conversations([conv])).get(conv, _NO_CONV).members)
+
+        workers.append(
+            PushConsumer(
+                ev.amqp_url, b.presence, members, ev.webhook_url, dedupe,
+                exchange=ev.exchange, queue=ev.queue, max_attempts=ev.max_attempts,
+            ).run()
+        )
+    return workers
+
+
+class ServerProcessBase:
+    """What every server role shares: a stop event set by SIGINT/SIGTERM, the load report loop."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+
+    async def report_load(self, registry: Registry, node: str, load: Callable[[], int]) -> None:
+        """Publish the load, which also renews the registration (every third of the registry TTL)."""
+        while True:
+            await asyncio.sleep(self.config.registry.ttl / 3)
+            try:
+                await registry.update_load(node, load())
+            except Exception:  # the registry's own keepalive carries on; try again next time
+                log.warning("registry load report failed", exc_info=True)
+
+
+async def close_all(*closers: Callable[[], Awaitable[None]]) -> None:
+    """Close in order; one failing does not keep the others open."""
+    for close in closers:
+        try:
+            await close()
+        except Exception:
+            log.exception("close failed")
+
+
+class EmbeddedServer(ServerProcessBase):
     """``im serve``: HTTP API, file service and the WebSocket and TCP gateways in one process, on
     embedded backends."""
 
     def __init__(self, config: Config) -> None:
-        self.config = config
-        self.backends = build_backends(config)
-        b = self.backends
-        auth = config.auth
-        self.accounts = AccountService(
-            b.account_store, secret=load_secret(config), access_ttl=auth.access_ttl, refresh_ttl=auth.refresh_ttl,
-            argon2_time_cost=auth.argon2_time_cost, argon2_memory_kib=auth.argon2_memory_kib,
-            argon2_parallelism=auth.argon2_parallelism, min_password_length=auth.min_password_length,
-        )
-        fc = config.files
-        self.files = FileService(
-            LocalBlobStorage(fc.storage_dir or config.data_dir / "files"), b.file_store,
-            max_upload_bytes=fc.max_upload_bytes, allowed_types=fc.allowed_types, max_image_pixels=fc.max_image_pixels,
-        )
-        self.chat = ChatService(
-            b.chat_store, b.account_store, b.router, b.presence, files=self.files, node=config.gateway.node_id,
-            max_batch=config.store.max_batch, max_group_members=config.limits.max_group_members,
-            history_page_max=config.limits.history_page_max,
-        )
-        gw = config.gateway
-        self.hub = Hub(
-            gw.node_id, self.chat, self.accounts, limits=session_limits(config), replay_page=gw.replay_page,
-            max_send_buffer=gw.max_send_buffer, presence_ttl=config.presence.ttl,
-        )
+        super().__init__(config)
+        self.backends = b = build_backends(config)
+        self.accounts = build_accounts(config, b.account_store)
+        self.files = build_files(config, b.file_store)
+        self.chat = build_chat(config, b, self.files, b.router, config.gateway.node_id)
+        self.hub = build_hub(config, self.chat, self.accounts)
+        self.picker = GatewayPicker(b.registry)
         self.ws_url = ""
         self.tcp_url = ""
         self.http_url = ""
-        self._stop = asyncio.Event()
-
-    async def _pick_gateway(self) -> dict[str, str] | None:
-        live = await self.backends.registry.instances("gateway")
-        if not live:
-            return None
-        best = min(live, key=lambda i: i.load)
-        return {"node": best.node, **best.addresses}
-
-    def request_stop(self) -> None:
-        self._stop.set()
 
     async def run(self, ready: Callable[[EmbeddedServer], None] | None = None) -> None:
         cfg = self.config
@@ -181,39 +316,22 @@ class EmbeddedServer:
         await self.files.start()
         self.chat.start()
         self.hub.start()
-        ws_server = await serve_websocket(self.hub, cfg.gateway.host, cfg.gateway.ws_port)
-        ws_port = ws_server.sockets[0].getsockname()[1]
-        self.ws_url = cfg.gateway.public_ws_url or f"ws://{cfg.gateway.host}:{ws_port}{WS_PATH}"
-        addresses = {"ws": self.ws_url}
-        tcp_server = None
-        if cfg.gateway.tcp_port is not None:
-            tcp_server = await serve_tcp(self.hub, cfg.gateway.host, cfg.gateway.tcp_port)
-            tcp_port = tcp_server.sockets[0].getsockname()[1]
-            self.tcp_url = cfg.gateway.public_tcp_url or f"tcp://{cfg.gateway.host}:{tcp_port}"
-            addresses["tcp"] = self.tcp_url
+        listeners, addresses = await start_gateway_listeners(cfg, self.hub)
+        self.ws_url, self.tcp_url = addresses["ws"], addresses.get("tcp", "")
         await b.registry.register(
             ServiceInstance("gateway", cfg.gateway.node_id, addresses), ttl=float(cfg.registry.ttl)
         )
-        app = create_app(self.accounts, self.chat, self._pick_gateway, cfg.limits, files=self.files)
-        http_sock = _bind(cfg.http.host, cfg.http.port)
-        http_port = http_sock.getsockname()[1]
-        self.http_url = cfg.http.public_url or f"http://{cfg.http.host}:{http_port}"
-        uv = _Uvicorn(
-            uvicorn.Config(app, lifespan="off", log_level=cfg.log_level, access_log=False, ws="none")
-        )
-        http_task = asyncio.create_task(uv.serve(sockets=[http_sock]), name="im-http")
-        while not uv.started and not http_task.done():
-            await asyncio.sleep(0.01)
-        if http_task.done():
-            http_task.result()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.request_stop)
+        self.picker.start()
+        http = HttpServer(cfg, create_app(self.accounts, self.chat, self.picker.pick, cfg.limits, files=self.files))
+        await http.start()
+        self.http_url = http.url
+        self.install_signal_handlers()
         if ready is not None:
             ready(self)
-        load_task = asyncio.create_task(self._report_load(), name="im-load")
-        event_tasks = [asyncio.create_task(c, name="im-events") for c in self._event_workers()]
+        load_task = asyncio.create_task(
+            self.report_load(b.registry, cfg.gateway.node_id, lambda: self.hub.connections), name="im-load"
+        )
+        event_tasks = [asyncio.create_task(c, name="im-events") for c in event_workers(cfg, b)]
         await self._stop.wait()
         log.info("stopping: draining in-flight sends")
         load_task.cancel()
@@ -221,10 +339,10 @@ class EmbeddedServer:
             task.cancel()
         await asyncio.gather(*event_tasks, return_exceptions=True)
         # 1. Take no new work: deregister, stop accepting, stop reading from clients.
+        self.picker.stop()
         await b.registry.deregister(cfg.gateway.node_id)
-        ws_server.close()
-        if tcp_server is not None:
-            tcp_server.close()
+        for server in listeners:
+            server.close()
         self.hub.pause_all()
         # 2. Every queued send is committed and acked, or refused: never acked without being stored.
         await self.chat.stop()
@@ -232,40 +350,6 @@ class EmbeddedServer:
         # 3. Tell clients to move, flush cursors, close the HTTP side and the store.
         await self.hub.drain_and_close()
         await asyncio.sleep(0.1)
-        uv.should_exit = True
-        await http_task
-        await self.files.close()
-        await b.account_store.close()
-        await b.chat_store.close()
-        for close in b.closers:
-            await close()
+        await http.stop()
+        await close_all(self.files.close, b.account_store.close, b.chat_store.close, *b.closers)
         log.info("stopped")
-
-    def _event_workers(self) -> list[Coroutine[Any, Any, None]]:
-        """The outbox relay and the push consumer, when events go to RabbitMQ."""
-        ev = self.config.events
-        if ev.kind != "rabbitmq":
-            return []
-        store = self.backends.chat_store
-        workers = [OutboxRelay(store, ev.amqp_url, exchange=ev.exchange, queue=ev.queue).run()]
-        if ev.webhook_url:
-            dedupe: Dedupe = MemoryDedupe()
-            if ev.dedupe == "redis":
-                dedupe = RedisDedupe(aioredis.from_url(self.config.presence.redis_url))
-
-            async def members(conv: str) -> list[int]:
-                return list((await store.load_conversations([conv])).get(conv, _NO_CONV).members)
-
-            workers.append(
-                PushConsumer(
-                    ev.amqp_url, self.backends.presence, members, ev.webhook_url, dedupe,
-                    exchange=ev.exchange, queue=ev.queue, max_attempts=ev.max_attempts,
-                ).run()
-            )
-        return workers
-
-    async def _report_load(self) -> None:
-        """Publish the load, which also renews the registration (every third of the registry TTL)."""
-        while True:
-            await asyncio.sleep(self.config.registry.ttl / 3)
-            await self.backends.registry.update_load(self.config.gateway.node_id, self.hub.connections)

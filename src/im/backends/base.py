@@ -9,7 +9,9 @@ must pass the same suite.
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 import msgspec
@@ -227,6 +229,12 @@ class ChatStore(abc.ABC):
     @abc.abstractmethod
     async def outbox_delete(self, ids: Sequence[int]) -> None:
         """Remove the given outbox rows (ids already gone are ignored); durable when it returns."""
+
+    def outbox_exclusive(self) -> AbstractAsyncContextManager[None]:
+        """Entered by a relay before it drains the outbox; held by one holder at a time across every
+        process sharing the store, so two relays never interleave (which would break per-conversation
+        order). Waits while another holder has it. The default suits stores one process owns."""
+        return contextlib.nullcontext()
 
 
 class AccountStore(abc.ABC):

@@ -23,7 +23,8 @@ them, with nothing written: that is reported as :class:`SeqConflict` too, and th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import asyncpg
@@ -281,6 +282,19 @@ class PostgresChatStore(ChatStore):
             f"SELECT id, {', '.join(_OUTBOX_FIELDS)} FROM outbox ORDER BY id LIMIT $1", limit
         )
         return [OutboxEvent(*row) for row in rows]
+
+    @contextlib.asynccontextmanager
+    async def outbox_exclusive(self) -> AsyncIterator[None]:
+        """A session-level advisory lock on a connection held meanwhile: released when the holder
+        leaves, or when its process dies and PostgreSQL drops the connection."""
+        key = f"im.outbox:{self.db.schema or ''}"
+        async with self.db.pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock(hashtext($1))", key)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
 
     async def outbox_delete(self, ids: Sequence[int]) -> None:
         if ids:

@@ -102,9 +102,14 @@ class AccountService:
     def on_revoke(self, listener: Callable[[str], None]) -> None:
         """Call ``listener(sid)`` when a session is revoked here (the gateway closes its connections).
 
-        In-process only: a gateway in another process learns of revocations through the event bus.
+        In-process only: in distributed mode the API process forwards the sid over the transfer link,
+        and each gateway calls :meth:`revoked_elsewhere`.
         """
         self._revoke_listeners.append(listener)
+
+    def revoked_elsewhere(self, sid: str) -> None:
+        """Another process revoked ``sid``: forget that it was live, so the next check asks the store."""
+        self._live_sessions.pop(sid, None)
 
     @property
     def store(self) -> AccountStore:

@@ -121,6 +121,7 @@ class ChatService:
         max_group_members: int = 2000,
         history_page_max: int = 200,
         recent_sends: int = 50_000,
+        state_ttl: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -134,6 +135,10 @@ class ChatService:
         self._history_page_max = history_page_max
         self._clock = clock
         self._states: dict[str, ConversationState] = {}
+        # None: this core is the only writer and its cache is the truth (im serve). A number: other
+        # processes write too (distributed mode), so states older than this are read again.
+        self._state_ttl = state_ttl
+        self._loaded_at: dict[str, float] = {}
         self._refreshed: dict[str, float] = {}  # conv -> when a refusal last re-read its state
         self._recent: OrderedDict[tuple[int, str, str], StoredMessage] = OrderedDict()
         self._recent_max = recent_sends
@@ -464,9 +469,20 @@ class ChatService:
         p.recipients.append(sorted(set(before) | set(state.members)))
 
     async def _load(self, convs: Sequence[str]) -> None:
+        ttl = self._state_ttl
+        if ttl is not None:
+            now = self._clock()
+            loaded_at = self._loaded_at
+            for c in convs:
+                if now - loaded_at.get(c, -1e18) > ttl:
+                    self._states.pop(c, None)
         missing = sorted({c for c in convs if c not in self._states})
         if missing:
             self._states.update(await self.store.load_conversations(missing))
+            if ttl is not None:
+                if len(self._loaded_at) > 100_000:
+                    self._loaded_at.clear()
+                self._loaded_at.update(dict.fromkeys(missing, now))
 
     async def _route(self, messages: list[StoredMessage], recipients: list[list[int]]) -> None:
         """Hand committed messages to the gateway nodes holding any recipient, one batch per node."""

@@ -9,7 +9,7 @@ the connection, backs off (doubling from ``backoff`` up to ``max_backoff``) and 
 
 At least once: a crash (or failure) after some confirms and before the delete republishes those events;
 consumers deduplicate by ``mid``. Order: rows are published in id order on one channel, which per
-conversation is seq order; run one relay per store (two would interleave).
+conversation is seq order; the store's outbox lock keeps it to one relay at a time.
 """
 
 from __future__ import annotations
@@ -52,7 +52,19 @@ class OutboxRelay:
         self.failures = 0  # connection or publish attempts that failed
 
     async def run(self) -> None:
-        """Relay until cancelled (run it in the owner's task group)."""
+        """Relay until cancelled (run it in the owner's task group). With several processes on one
+        store, one relays and the others wait for the store's outbox lock (they take over when it dies)."""
+        while True:
+            try:
+                async with self.store.outbox_exclusive():
+                    log.info("outbox relay: this process relays")
+                    await self._relay_forever()
+            except Exception as exc:  # the store is down while taking the lock: try again
+                self.failures += 1
+                log.warning("outbox relay: cannot take the outbox lock (%s: %s)", type(exc).__name__, exc)
+                await asyncio.sleep(self.max_backoff)
+
+    async def _relay_forever(self) -> None:
         delay = self.backoff
         while True:
             try:

@@ -44,11 +44,13 @@ def decode(body: bytes) -> Event:
 async def declare(
     channel: aio_pika.abc.AbstractChannel, *, exchange: str = EXCHANGE, queue: str | None = PUSH_QUEUE
 ) -> tuple[aio_pika.abc.AbstractExchange, aio_pika.abc.AbstractQueue | None]:
-    """Declare the durable topic exchange and (unless ``queue`` is None) the quorum queue bound to it."""
+    """Declare the durable topic exchange and (unless ``queue`` is None) the quorum queue bound to it
+    (single active consumer: several push consumers may run; one consumes, in order)."""
     ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
     if queue is None:
         return ex, None
-    arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+    # One consumer at a time (the others stand by and take over when it goes): per-conversation order.
+    arguments: dict[str, Any] = {"x-queue-type": "quorum", "x-single-active-consumer": True}
     q = await channel.declare_queue(queue, durable=True, arguments=arguments)
     await q.bind(ex, routing_key=ROUTING_PREFIX + "#")
     return ex, q

@@ -11,12 +11,12 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from im.backends.base import DeliverySink, DeviceLocation, StoredMessage
 from im.core.accounts import AccountService
-from im.core.chat import ChatService, SendRequest
+from im.core.chat import ChatService, SendCallback, SendRequest
 from im.core.messages import EncodedCache
 from im.protocol import commands as cmd
 from im.protocol.codec import Encoding
@@ -112,7 +112,7 @@ class Connection(abc.ABC):
 
     def _submit(self, c: cmd.Submit) -> None:
         s = self.session
-        self.hub.chat.submit(SendRequest(s.uid, s.device, c.cmid, c.conv, c.to, c.type, c.body), self._send_done)
+        self.hub.submit(SendRequest(s.uid, s.device, c.cmid, c.conv, c.to, c.type, c.body), self._send_done)
 
     def _send_done(self, req: SendRequest, m: StoredMessage | None, dup: bool, err: ImError | None) -> None:
         if self.closed:
@@ -173,9 +173,12 @@ class Hub(DeliverySink):
         max_send_buffer: int = 4 * 1024 * 1024,
         presence_ttl: float = 60.0,
         cursor_flush_interval: float = 0.2,
+        submit: Callable[[SendRequest, SendCallback], None] | None = None,
     ) -> None:
         self.node = node
         self.chat = chat
+        #: Where sends go: the core in this process, or a transfer node (``TransferPool.submit``).
+        self.submit = submit or chat.submit
         self.accounts = accounts
         self.limits = limits
         self.replay_page = replay_page

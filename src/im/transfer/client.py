@@ -13,17 +13,17 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
 
-from im.backends.base import DeliverySink
+from im.backends.base import DeliverySink, StoredMessage
 from im.core.chat import SendCallback, SendRequest
 from im.protocol.codec import Encoding, decode_server
 from im.protocol.errors import ErrorCode, ImError
 from im.transfer.gen import transfer_pb2 as pb
-from im.transfer.wire import CHANNEL_OPTIONS, LINK_METHOD, error_from_pb, message_from_pb, send_to_pb
+from im.transfer.wire import CHANNEL_OPTIONS, LINK_METHOD, error_from_pb, message_from_pb, message_to_pb, send_to_pb
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class TransferLink:
         sink: DeliverySink,
         *,
         decode_event: Callable[[bytes], object] = decode_event,
+        on_revoked: Callable[[str], None] | None = None,
         max_frame_items: int = 4096,
         backoff_initial: float = 0.05,
         backoff_max: float = 2.0,
@@ -50,12 +51,15 @@ class TransferLink:
         self.node = node
         self.sink = sink
         self._decode_event = decode_event
+        self._on_revoked = on_revoked
         self._max_frame_items = max_frame_items
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._rids = itertools.count(1)
         self._pending: dict[int, tuple[SendRequest, SendCallback]] = {}  # rid -> submitted, unanswered
         self._unsent: list[pb.Send] = []
+        self._forwards = pb.GatewayFrame()  # routes, events and revocations for the next frame
+        self._has_forwards = False
         self._wake = asyncio.Event()
         self._epoch = 0  # one per stream: a stale request generator stops when it changes
         self._connected = asyncio.Event()
@@ -101,6 +105,44 @@ class TransferLink:
         rid = next(self._rids)
         self._pending[rid] = (req, done)
         self._unsent.append(send_to_pb(rid, req))
+        self._wake.set()
+
+    # --- forwarding (at most once: dropped while the link is down) ------------------------------------
+
+    def forward(self, node: str, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> bool:
+        """Have the transfer node deliver stored messages to gateway ``node`` (``Router.publish``)."""
+        if not self._connected.is_set():
+            return False
+        route = self._forwards.routes.add(node=node)
+        for m, uids in zip(messages, recipients, strict=True):
+            d = route.deliveries.add(uids=uids)
+            message_to_pb(m, d.message)
+        self._queued_forward()
+        return True
+
+    def forward_event(self, node: str, frame: bytes, uids: Sequence[int], skip: tuple[int, str] | None) -> bool:
+        """Have the transfer node pass an encoded ephemeral frame to gateway ``node``."""
+        if not self._connected.is_set():
+            return False
+        e = self._forwards.events.add(node=node).event
+        e.frame = frame
+        e.uids.extend(uids)
+        if skip is not None:
+            e.has_skip = True
+            e.skip_uid, e.skip_device = skip
+        self._queued_forward()
+        return True
+
+    def revoke(self, sid: str) -> bool:
+        """Have the transfer node tell every gateway it links that login session ``sid`` ended."""
+        if not self._connected.is_set():
+            return False
+        self._forwards.revoked_sessions.append(sid)
+        self._queued_forward()
+        return True
+
+    def _queued_forward(self) -> None:
+        self._has_forwards = True
         self._wake.set()
 
     # --- the stream ----------------------------------------------------------------------------------
@@ -149,15 +191,22 @@ class TransferLink:
             sends, self._unsent = self._unsent[:n], self._unsent[n:]
             if not self._unsent:
                 self._wake.clear()
-            if sends:
+            frame = pb.GatewayFrame(sends=sends)
+            if self._has_forwards:
+                frame.MergeFrom(self._forwards)
+                self._forwards.Clear()
+                self._has_forwards = False
+            if sends or frame.routes or frame.events or frame.revoked_sessions:
                 self.frames_sent += 1
-                yield pb.GatewayFrame(sends=sends)
+                yield frame
 
     def _lost(self, why: str) -> None:
         """The stream is gone: every unanswered send fails ``unavailable``; new sends fail until relinked."""
         self._connected.clear()
         self._epoch += 1
         self._unsent.clear()
+        self._forwards.Clear()
+        self._has_forwards = False
         self._wake.set()  # a stale request generator wakes up and returns
         pending, self._pending = self._pending, {}
         err = ImError(ErrorCode.UNAVAILABLE, why)
@@ -188,3 +237,6 @@ class TransferLink:
         for e in frame.events:
             skip = (e.skip_uid, e.skip_device) if e.has_skip else None
             self.sink.deliver_event(self._decode_event(e.frame), list(e.uids), skip)
+        if self._on_revoked is not None:
+            for sid in frame.revoked_sessions:
+                self._on_revoked(sid)

@@ -23,10 +23,10 @@ import grpc
 
 from im.backends.base import DeliverySink, Router, StoredMessage
 from im.core.chat import SendCallback, SendRequest
-from im.protocol.codec import Encoding, encode
+from im.protocol.codec import Encoding, decode_server, encode
 from im.protocol.errors import ImError
 from im.transfer.gen import transfer_pb2 as pb
-from im.transfer.wire import CHANNEL_OPTIONS, SERVICE_NAME, message_to_pb, send_from_pb
+from im.transfer.wire import CHANNEL_OPTIONS, SERVICE_NAME, message_from_pb, message_to_pb, send_from_pb
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class LinkOutbox:
         self.results: list[tuple[int, StoredMessage | None, bool, ImError | None]] = []
         self.deliveries: list[tuple[StoredMessage, Sequence[int]]] = []
         self.events: list[tuple[bytes, Sequence[int], tuple[int, str] | None]] = []
+        self.revoked: list[str] = []
         self.ready = asyncio.Event()
         self.closed = False
         self.dropped = 0
@@ -84,6 +85,11 @@ class LinkOutbox:
         self.events.append((frame, uids, skip))
         self.ready.set()
 
+    def add_revoked(self, sid: str) -> None:
+        if not self.closed:
+            self.revoked.append(sid)
+            self.ready.set()
+
     def close(self) -> None:
         self.closed = True
         self.ready.set()
@@ -94,13 +100,14 @@ class LinkOutbox:
         results, self.results = self.results[:n], self.results[n:]
         deliveries, self.deliveries = self.deliveries[:n], self.deliveries[n:]
         events, self.events = self.events[:n], self.events[n:]
+        revoked, self.revoked = self.revoked, []
         if self.results or self.deliveries or self.events:
             self.ready.set()
         else:
             self.ready.clear()
-        if not (results or deliveries or events):
+        if not (results or deliveries or events or revoked):
             return None
-        frame = pb.TransferFrame()
+        frame = pb.TransferFrame(revoked_sessions=revoked)
         for rid, m, dup, err in results:
             r = frame.results.add(rid=rid, dup=dup)
             if err is not None:
@@ -172,6 +179,21 @@ class GrpcRouter(Router):
         outbox = self._links.get(node)
         if outbox is not None:
             outbox.add_event(self._encode_event(frame), uids, skip)
+
+    def publish_encoded_event(self, node: str, data: bytes, uids: Sequence[int], skip: tuple[int, str] | None) -> None:
+        """A forwarded event, already encoded (see :meth:`publish_event`)."""
+        sink = self._sinks.get(node)
+        if sink is not None:
+            sink.deliver_event(decode_server(data, Encoding.MSGPACK), uids, skip)
+            return
+        outbox = self._links.get(node)
+        if outbox is not None:
+            outbox.add_event(data, uids, skip)
+
+    def broadcast_revoked(self, sid: str) -> None:
+        """Tell every linked gateway node that login session ``sid`` ended."""
+        for outbox in self._links.values():
+            outbox.add_revoked(sid)
 
 
 class _Stream:
@@ -262,6 +284,20 @@ class TransferServicer:
             req = send_from_pb(s)
             rids[id(req)] = s.rid
             submit(req, done)
+        router = self.router
+        for route in frame.routes:  # forwarded on behalf of a process without a stream to that node
+            router.publish(
+                route.node,
+                [message_from_pb(d.message) for d in route.deliveries],
+                [list(d.uids) for d in route.deliveries],
+            )
+        for ne in frame.events:
+            e = ne.event
+            router.publish_encoded_event(
+                ne.node, e.frame, list(e.uids), (e.skip_uid, e.skip_device) if e.has_skip else None
+            )
+        for sid in frame.revoked_sessions:
+            router.broadcast_revoked(sid)
 
 
 async def serve_transfer(servicer: TransferServicer, address: str = "127.0.0.1:0") -> tuple[Any, int]:

@@ -35,13 +35,35 @@ class Send(_message.Message):
     body: bytes
     def __init__(self, rid: _Optional[int] = ..., uid: _Optional[int] = ..., device: _Optional[str] = ..., cmid: _Optional[str] = ..., conv: _Optional[str] = ..., to: _Optional[int] = ..., type: _Optional[str] = ..., body: _Optional[bytes] = ...) -> None: ...
 
+class Route(_message.Message):
+    __slots__ = ("node", "deliveries")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    deliveries: _containers.RepeatedCompositeFieldContainer[Delivery]
+    def __init__(self, node: _Optional[str] = ..., deliveries: _Optional[_Iterable[_Union[Delivery, _Mapping]]] = ...) -> None: ...
+
+class NodeEvent(_message.Message):
+    __slots__ = ("node", "event")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    event: Event
+    def __init__(self, node: _Optional[str] = ..., event: _Optional[_Union[Event, _Mapping]] = ...) -> None: ...
+
 class GatewayFrame(_message.Message):
-    __slots__ = ("hello", "sends")
+    __slots__ = ("hello", "sends", "routes", "events", "revoked_sessions")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     SENDS_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     sends: _containers.RepeatedCompositeFieldContainer[Send]
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., sends: _Optional[_Iterable[_Union[Send, _Mapping]]] = ...) -> None: ...
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    events: _containers.RepeatedCompositeFieldContainer[NodeEvent]
+    revoked_sessions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., sends: _Optional[_Iterable[_Union[Send, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[NodeEvent, _Mapping]]] = ..., revoked_sessions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Message(_message.Message):
     __slots__ = ("conv", "seq", "mid", "sender", "device", "cmid", "ts", "type", "body")
@@ -108,13 +130,15 @@ class Welcome(_message.Message):
     def __init__(self, node: _Optional[str] = ...) -> None: ...
 
 class TransferFrame(_message.Message):
-    __slots__ = ("welcome", "results", "deliveries", "events")
+    __slots__ = ("welcome", "results", "deliveries", "events", "revoked_sessions")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     DELIVERIES_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     results: _containers.RepeatedCompositeFieldContainer[Result]
     deliveries: _containers.RepeatedCompositeFieldContainer[Delivery]
     events: _containers.RepeatedCompositeFieldContainer[Event]
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., results: _Optional[_Iterable[_Union[Result, _Mapping]]] = ..., deliveries: _Optional[_Iterable[_Union[Delivery, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+    revoked_sessions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., results: _Optional[_Iterable[_Union[Result, _Mapping]]] = ..., deliveries: _Optional[_Iterable[_Union[Delivery, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., revoked_sessions: _Optional[_Iterable[str]] = ...) -> None: ...

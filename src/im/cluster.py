@@ -1,0 +1,308 @@
+"""``im cluster``: a local distributed cluster in one command, for trying it out and for tests.
+
+One API, two gateways and two transfer nodes (counts configurable) as separate ``im`` processes on the
+local PostgreSQL, Redis and RabbitMQ, found through etcd: a given endpoint, or a private etcd the cluster
+starts in its data directory. Every process writes its log to ``<data_dir>/logs/<name>.log``.
+
+Ports come from ``base_port`` (default 8080): the API on ``base``, gateway *i* (1-based) WebSocket on
+``base + 10*i + 1`` and TCP on ``base + 10*i + 2``, transfer node *i* on ``base + 10*i + 3``, the private
+etcd on ``base + 5`` and ``base + 6``. :class:`LocalCluster` is also what the cross-process tests use, so
+they can kill and restart single nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ETCD_INSTALL_HINT = (
+    "etcd is needed: install it with `apt-get install -y etcd-server` (as root; Debian's etcd 3.4), "
+    "or point the cluster at a running one with --etcd HOST:PORT"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EtcdMissing(RuntimeError):
+    """No ``etcd`` binary on PATH."""
+
+
+@dataclass
+class EtcdProcess:
+    """One single-member etcd on given ports. Fast elections (10 ms heartbeat, 100 ms election timeout)
+    make it ready within a fraction of a second after each start and allow lease TTLs down to 1 s.
+    ``stop`` then ``start`` restarts it on the same ports and data directory."""
+
+    data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="im-etcd-")))
+    client_port: int = field(default_factory=free_port)
+    peer_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` of the client URL (``registry.etcd_endpoint``)."""
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "etcd.log"
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def start(self, timeout: float = 20.0) -> EtcdProcess:
+        binary = shutil.which("etcd")
+        if binary is None:
+            raise EtcdMissing(ETCD_INSTALL_HINT)
+        assert self.proc is None or self.proc.poll() is not None, "etcd is running already"
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        cmd = [
+            binary, "--name", "im", "--data-dir", str(self.data_dir / "data"),
+            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"im={peer}",
+            "--heartbeat-interval", "10", "--election-timeout", "100",
+            "--logger", "zap", "--log-outputs", "stderr",
+        ]
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"etcd exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                # /health answers true once the member has a leader and serves requests.
+                if httpx.get(f"{client}/health", timeout=1).json().get("health") == "true":
+                    return self
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.02)
+        self.stop(signal.SIGKILL)
+        raise RuntimeError(f"etcd did not become healthy in {timeout}s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        """Stop etcd (SIGTERM: clean; SIGKILL: crash), keeping the data directory for a restart."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self, sig: int = signal.SIGTERM, down: float = 0.0) -> None:
+        """Stop, stay down ``down`` seconds, and start again on the same ports and data directory."""
+        self.stop(sig)
+        time.sleep(down)
+        self.start()
+
+    def destroy(self) -> None:
+        """Stop etcd and delete its data directory."""
+        self.stop(signal.SIGKILL)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+@dataclass
+class RoleProcess:
+    """One ``im <role>`` child. Ready once it printed its ``im: ready`` line (it is registered then)."""
+
+    role: str
+    name: str
+    args: list[str]
+    log_path: Path
+    ports: dict[str, int]
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> RoleProcess:
+        assert self.proc is None or self.proc.poll() is not None, f"{self.name} is running already"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        cmd = [sys.executable, "-m", "im", self.role, *self.args]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ}
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            if b"im: ready" in self.log_path.read_bytes()[offset:]:
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} was not ready in {timeout}s:\n{self.log()[-4000:]}")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Stop the process (SIGTERM: graceful; SIGKILL: crash) and return its exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class LocalCluster:
+    """api + gateways + transfer nodes as subprocesses on shared engines (see the module docstring)."""
+
+    data_dir: Path
+    postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    postgres_schema: str = "im_cluster"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "im-cluster:"
+    etcd_endpoint: str | None = None  # None: start a private etcd
+    amqp_url: str | None = None  # set: events go to RabbitMQ (outbox relay and push on the transfer nodes)
+    base_port: int = 8080
+    gateways: int = 2
+    transfers: int = 2
+    extra: list[str] = field(default_factory=list)  # more ``--set KEY=VALUE`` for every process
+    etcd: EtcdProcess | None = None
+    nodes: dict[str, RoleProcess] = field(default_factory=dict)
+
+    def _common(self) -> list[str]:
+        sets = {
+            "store.kind": "postgres",
+            "store.postgres_dsn": self.postgres_dsn,
+            "store.postgres_schema": self.postgres_schema,
+            "presence.kind": "redis",
+            "presence.redis_url": self.redis_url,
+            "presence.redis_prefix": self.redis_prefix,
+            "registry.kind": "etcd",
+            "registry.etcd_endpoint": self.etcd_endpoint or "",
+            "registry.prefix": f"/{self.redis_prefix.rstrip(':')}/services/",
+        }
+        if self.amqp_url:
+            sets |= {"events.kind": "rabbitmq", "events.amqp_url": self.amqp_url}
+        out = ["--data-dir", str(self.data_dir)]
+        for key, value in sets.items():
+            out += ["--set", f"{key}={value}"]
+        return out + self.extra
+
+    def _plan(self) -> list[RoleProcess]:
+        base, common, logs = self.base_port, self._common(), self.data_dir / "logs"
+        plan = []
+        for i in range(1, self.transfers + 1):
+            port = base + 10 * i + 3
+            plan.append(RoleProcess("transfer", f"tr-{i}", [
+                *common, "--set", f"transfer.node_id=tr-{i}", "--set", f"transfer.port={port}",
+            ], logs / f"tr-{i}.log", {"grpc": port}))
+        for i in range(1, self.gateways + 1):
+            ws, tcp = base + 10 * i + 1, base + 10 * i + 2
+            plan.append(RoleProcess("gateway", f"gw-{i}", [
+                *common, "--set", f"gateway.node_id=gw-{i}", "--ws-port", str(ws), "--tcp-port", str(tcp),
+            ], logs / f"gw-{i}.log", {"ws": ws, "tcp": tcp}))
+        plan.append(RoleProcess("api", "api-1", [
+            *common, "--set", "http.node_id=api-1", "--http-port", str(base),
+        ], logs / "api-1.log", {"http": base}))
+        return plan
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.base_port}/api/v1"
+
+    def start(self) -> LocalCluster:
+        if self.etcd_endpoint is None:
+            self.etcd = EtcdProcess(self.data_dir / "etcd", self.base_port + 5, self.base_port + 6).start()
+            self.etcd_endpoint = self.etcd.endpoint
+        try:
+            for node in self._plan():
+                self.nodes[node.name] = node.start()
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> dict[str, int]:
+        """Stop every node (API first, transfer nodes last) and the private etcd; exit codes by name."""
+        codes = {}
+        for name in sorted(self.nodes, key=lambda n: ("api", "gateway", "transfer").index(self.nodes[n].role)):
+            codes[name] = self.nodes[name].stop(sig)
+        if self.etcd is not None:
+            self.etcd.stop()
+        return codes
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="im cluster", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--data-dir", type=Path, default=Path("./im-cluster"), help="logs, keys, files, private etcd")
+    p.add_argument("--base-port", type=int, default=8080, help="the API's port; the others follow it")
+    p.add_argument("--gateways", type=int, default=2)
+    p.add_argument("--transfers", type=int, default=2)
+    p.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres", help="PostgreSQL DSN")
+    p.add_argument("--schema", default="im_cluster", help="PostgreSQL schema (created when missing)")
+    p.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis URL (presence)")
+    p.add_argument("--etcd", default=None, help="etcd HOST:PORT (default: start a private one)")
+    p.add_argument("--amqp", default=None, help="RabbitMQ URL: turn the event pipeline on")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every node")
+    args = p.parse_args(argv)
+    extra = [x for item in args.set for x in ("--set", item)]
+    cluster = LocalCluster(
+        args.data_dir.resolve(), postgres_dsn=args.postgres, postgres_schema=args.schema, redis_url=args.redis,
+        etcd_endpoint=args.etcd, amqp_url=args.amqp, base_port=args.base_port, gateways=args.gateways,
+        transfers=args.transfers, extra=extra,
+    )
+    try:
+        cluster.start()
+    except (RuntimeError, EtcdMissing) as exc:
+        print(f"im cluster: {exc}", file=sys.stderr)
+        return 1
+    print(f"im cluster: HTTP API  {cluster.api}   (GET /api/v1/gateway hands out a live gateway)", flush=True)
+    for node in cluster.nodes.values():
+        ports = " ".join(f"{k}={v}" for k, v in node.ports.items())
+        pid = node.proc.pid if node.proc else "-"
+        print(f"im cluster: {node.name:<9} pid {pid:<7} {ports:<22} log {node.log_path}")
+    if cluster.etcd is not None:
+        print(f"im cluster: etcd      {cluster.etcd.endpoint}   log {cluster.etcd.log_path}")
+    print("im cluster: Ctrl-C stops every node", flush=True)
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    reported: set[str] = set()
+    while not stopping:
+        for node in cluster.nodes.values():
+            if not node.running and node.name not in reported:
+                reported.add(node.name)
+                code = node.proc.returncode if node.proc else None
+                print(f"im cluster: {node.name} exited ({code}); see {node.log_path}", flush=True)
+        time.sleep(0.2)
+    codes = cluster.stop()
+    print("im cluster: stopped " + ", ".join(f"{n}={c}" for n, c in codes.items()), flush=True)
+    return 0 if all(c == 0 for c in codes.values()) else 1

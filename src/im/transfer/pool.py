@@ -1,0 +1,210 @@
+"""A process's links to every live transfer node, and the Router that routes through them.
+
+:class:`TransferPool` watches the registry for ``transfer`` instances and keeps one
+:class:`TransferLink` per node (opened when a node appears, closed when it leaves). Sends go to a node
+chosen by conversation with rendezvous hashing, so one conversation goes through one node while the
+set of nodes is stable, and only the conversations of a node that leaves move. Correctness never
+depends on that choice: any node may commit to any conversation, the store refuses a batch whose heads
+moved and dedupe makes resends safe; the choice only keeps the committers' caches warm and conflicts
+rare.
+
+:class:`LinkRouter` is the :class:`Router` of a process that holds no streams of its own (a gateway
+node's typing and receipts, an API process's membership changes): local gateway nodes are called
+directly, any other node is reached by asking a transfer node to forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from collections.abc import Callable, Sequence
+
+from im.backends.base import DeliverySink, Registry, Router, ServiceInstance, StoredMessage
+from im.core.chat import SendCallback, SendRequest
+from im.core.ids import direct_conv
+from im.protocol.errors import ErrorCode, ImError
+from im.transfer.client import TransferLink
+from im.transfer.server import encode_event
+
+log = logging.getLogger(__name__)
+
+#: The address key a transfer node registers (``ServiceInstance.addresses``).
+GRPC_ADDRESS = "grpc"
+
+
+def conversation_key(req: SendRequest) -> str:
+    """What a send is hashed by: its conversation (a direct one named by ``to`` included)."""
+    if req.conv is not None:
+        return req.conv
+    if req.to is not None and req.to > 0 and req.to != req.uid:
+        return direct_conv(req.uid, req.to)
+    return ""
+
+
+def _score(node: str, key: str) -> int:
+    return zlib.crc32(f"{node}\x00{key}".encode())
+
+
+class TransferPool:
+    """Links to the transfer nodes the registry lists. ``await start()``; ``await close()``."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        node: str,
+        sink: DeliverySink | None,
+        *,
+        on_revoked: Callable[[str], None] | None = None,
+        role: str = "transfer",
+        link_factory: Callable[[str, str, DeliverySink], TransferLink] | None = None,
+    ) -> None:
+        self._registry = registry
+        self.node = node
+        self.sink = sink  # where deliveries and events for this node go; set before start()
+        self._on_revoked = on_revoked
+        self._role = role
+        self._make_link = link_factory or self._default_link
+        self._links: dict[str, TransferLink] = {}  # transfer node id -> link
+        self._ranking: dict[str, list[TransferLink]] = {}  # conversation -> links, best first
+        self._unwatch: Callable[[], None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Event()
+
+    def _default_link(self, address: str, node: str, sink: DeliverySink) -> TransferLink:
+        return TransferLink(address, node, sink, on_revoked=self._on_revoked)
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._unwatch = self._registry.watch(self._role, self._on_instances)
+
+    async def close(self) -> None:
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
+        links, self._links = list(self._links.values()), {}
+        self._ranking.clear()
+        await asyncio.gather(*(link.close() for link in links), *self._closing, return_exceptions=True)
+
+    def _on_instances(self, instances: list[ServiceInstance]) -> None:
+        wanted = {i.node: i.addresses[GRPC_ADDRESS] for i in instances if GRPC_ADDRESS in i.addresses}
+        for node, link in list(self._links.items()):
+            if wanted.get(node) != link.address:
+                del self._links[node]
+                log.info("transfer node %s left the registry: unlinking", node)
+                task = asyncio.get_running_loop().create_task(link.close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+        for node, address in wanted.items():
+            if node not in self._links:
+                assert self.sink is not None, "set the pool's sink before start()"
+                link = self._make_link(address, self.node, self.sink)
+                self._links[node] = link
+                link.start()
+                log.info("transfer node %s at %s: linking", node, address)
+        self._ranking.clear()
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # --- state ---------------------------------------------------------------------------------------
+
+    @property
+    def links(self) -> dict[str, TransferLink]:
+        return dict(self._links)
+
+    def connected(self) -> list[TransferLink]:
+        return [link for _, link in sorted(self._links.items()) if link.connected]
+
+    async def wait_connected(self, count: int = 1, timeout: float | None = None) -> None:
+        """Wait until at least ``count`` links are up."""
+        async with asyncio.timeout(timeout):
+            while len(self.connected()) < count:
+                changed = self._changed
+                waits: list[asyncio.Future[object]] = [
+                    asyncio.ensure_future(link.wait_connected()) for link in self._links.values()
+                ]
+                waits.append(asyncio.ensure_future(changed.wait()))
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
+
+    # --- sends ---------------------------------------------------------------------------------------
+
+    def link_for(self, key: str) -> TransferLink | None:
+        """The connected link that ranks highest for ``key`` (None when no link is up)."""
+        ranking = self._ranking.get(key)
+        if ranking is None:
+            if len(self._ranking) > 100_000:
+                self._ranking.clear()
+            ranking = [link for _, link in sorted(self._links.items(), key=lambda kv: -_score(kv[0], key))]
+            self._ranking[key] = ranking
+        for link in ranking:
+            if link.connected:
+                return link
+        return None
+
+    def submit(self, req: SendRequest, done: SendCallback) -> None:
+        """``ChatService.submit``'s contract, through the transfer node chosen for the conversation."""
+        link = self.link_for(conversation_key(req))
+        if link is None:
+            done(req, None, False, ImError(ErrorCode.UNAVAILABLE, "no transfer node reachable; resend later"))
+            return
+        link.submit(req, done)
+
+    # --- forwarding ----------------------------------------------------------------------------------
+
+    def _any(self) -> TransferLink | None:
+        """One link for forwards: the same one while it stays up, so forwards keep their order."""
+        up = self.connected()
+        return up[0] if up else None
+
+    def forward(self, node: str, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> bool:
+        link = self._any()
+        return link is not None and link.forward(node, messages, recipients)
+
+    def forward_event(self, node: str, frame: bytes, uids: Sequence[int], skip: tuple[int, str] | None) -> bool:
+        link = self._any()
+        return link is not None and link.forward_event(node, frame, uids, skip)
+
+    def revoke(self, sid: str) -> None:
+        """Tell every gateway (through one transfer node) that login session ``sid`` ended."""
+        link = self._any()
+        if link is None or not link.revoke(sid):
+            log.warning("no transfer node reachable: revocation of a session not broadcast (tokens still refused)")
+
+
+class LinkRouter(Router):
+    """A :class:`Router` for a process without streams: local sinks first, else forward through the pool.
+
+    Guarantee: at most once, like every Router; per target node, batches keep their publish order while
+    the forwarding link stays up (one link carries all forwards).
+    """
+
+    def __init__(self, pool: TransferPool, *, encode_event: Callable[[object], bytes] = encode_event) -> None:
+        self._pool = pool
+        self._sinks: dict[str, DeliverySink] = {}
+        self._encode_event = encode_event
+        self.dropped = 0  # items with no link to forward them
+
+    def attach(self, node: str, sink: DeliverySink) -> None:
+        self._sinks[node] = sink
+
+    def detach(self, node: str) -> None:
+        self._sinks.pop(node, None)
+
+    def publish(self, node: str, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
+        sink = self._sinks.get(node)
+        if sink is not None:
+            sink.deliver(messages, recipients)
+        elif not self._pool.forward(node, messages, recipients):
+            self.dropped += len(messages)
+
+    def publish_event(self, node: str, frame: object, uids: Sequence[int], skip: tuple[int, str] | None) -> None:
+        sink = self._sinks.get(node)
+        if sink is not None:
+            sink.deliver_event(frame, uids, skip)
+        elif not self._pool.forward_event(node, self._encode_event(frame), uids, skip):
+            self.dropped += 1
