@@ -33,6 +33,7 @@ from im.server import (
     build_files,
     build_hub,
     close_all,
+    deregister,
     event_workers,
     start_gateway_listeners,
 )
@@ -115,7 +116,7 @@ class TransferNode(ServerProcessBase):
         await asyncio.gather(*tasks, return_exceptions=True)
         # Leave the registry first (gateways stop choosing this node), then finish what is queued:
         # every send already taken is committed and answered on its stream, or refused.
-        await b.registry.deregister(tc.node_id)
+        await deregister(b.registry, tc.node_id)
         await self.chat.stop()
         await asyncio.sleep(0.2)  # let the answers of the last batch leave on their streams
         await grpc_server.stop(grace=1.0)
@@ -164,7 +165,7 @@ class GatewayNode(ServerProcessBase):
         log.info("stopping: waiting for answers to sends on the links")
         load_task.cancel()
         # 1. No new work: leave the registry (the API stops handing this node out), stop accepting.
-        await b.registry.deregister(node)
+        await deregister(b.registry, node)
         for server in listeners:
             server.close()
         self.hub.pause_all()

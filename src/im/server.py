@@ -283,6 +283,14 @@ class ServerProcessBase:
                 log.warning("registry load report failed", exc_info=True)
 
 
+async def deregister(registry: Registry, node: str) -> None:
+    """Leave the registry at once; when it is unreachable the lease expires by itself within its TTL."""
+    try:
+        await asyncio.wait_for(registry.deregister(node), 3.0)
+    except Exception as exc:
+        log.warning("registry unreachable while deregistering %s (%s); the lease expires by itself", node, exc)
+
+
 async def close_all(*closers: Callable[[], Awaitable[None]]) -> None:
     """Close in order; one failing does not keep the others open."""
     for close in closers:
@@ -340,7 +348,7 @@ class EmbeddedServer(ServerProcessBase):
         await asyncio.gather(*event_tasks, return_exceptions=True)
         # 1. Take no new work: deregister, stop accepting, stop reading from clients.
         self.picker.stop()
-        await b.registry.deregister(cfg.gateway.node_id)
+        await deregister(b.registry, cfg.gateway.node_id)
         for server in listeners:
             server.close()
         self.hub.pause_all()

@@ -1,0 +1,105 @@
+"""Fixtures: a real local cluster per test (``im.cluster.LocalCluster``: api, two gateways, two transfer
+nodes, a private etcd) on the shared PostgreSQL, Redis and RabbitMQ, and the history checker.
+
+Each cluster gets its own PostgreSQL schema, Redis key prefix, etcd and ports, so tests never see each
+other's data. Short TTLs (registry 2 s, presence 3 s) make crash recovery quick enough for a test.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from im.cluster import LocalCluster
+from tests.support.checker import History
+from tests.support.client import Account, ChatClient
+from tests.support.postgres import DSN
+from tests.support.server import FAST_ARGON2
+
+#: Offsets from the base port that a two-gateway, two-transfer cluster uses (im.cluster's layout).
+_OFFSETS = (0, 5, 6, 11, 12, 13, 21, 22, 23, 31, 32, 33)
+
+
+def _free_base() -> int:
+    for _ in range(200):
+        base = random.randrange(20_000, 59_000, 50)
+        try:
+            for off in _OFFSETS:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + off))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free port range for a cluster")
+
+
+@dataclass
+class ClusterView:
+    """What the history checker needs of a server: the API address."""
+
+    api: str
+
+
+def make_cluster(data_dir: Path, **kw: object) -> LocalCluster:
+    tag = uuid.uuid4().hex[:10]
+    return LocalCluster(
+        data_dir,
+        postgres_dsn=DSN,
+        postgres_schema=f"im_cluster_{tag}",
+        redis_prefix=f"im-cluster-{tag}:",
+        base_port=_free_base(),
+        extra=[*FAST_ARGON2, "--set", "registry.ttl=2", "--set", "presence.ttl=3", "--log-level", "info"],
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def drop_schema(schema: str) -> None:
+    conn = await asyncpg.connect(DSN, timeout=5)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """A started cluster; at the end every node still running must stop cleanly on SIGTERM."""
+    c = make_cluster(tmp_path / "cluster").start()
+    yield c
+    running = [n for n in c.nodes.values() if n.running]
+    codes = c.stop()
+    for node in running:
+        assert codes[node.name] == 0, f"{node.name} exited with {codes[node.name]}:\n{node.log()[-4000:]}"
+        assert "Traceback" not in node.log(), f"{node.name}:\n{node.log()[-4000:]}"
+    if c.etcd is not None:
+        c.etcd.destroy()
+
+
+@pytest.fixture
+async def history(cluster: LocalCluster) -> AsyncIterator[History]:
+    """The checker (C1-C6) over everything the clients made with :func:`client_on` saw."""
+    h = History(ClusterView(cluster.api))  # type: ignore[arg-type]
+    yield h
+    await h.close_all()
+    await h.check()
+    await drop_schema(cluster.postgres_schema)
+
+
+def client_on(history: History, cluster: LocalCluster, gateway: str, account: Account, device: str,
+              *, tcp: bool = False) -> ChatClient:
+    """A recording client of ``account`` on the named gateway node (WebSocket, or TCP)."""
+    ports = cluster.nodes[gateway].ports
+    c = ChatClient(
+        f"ws://127.0.0.1:{ports['ws']}/ws", account, device, history=history,
+        tcp=("127.0.0.1", ports["tcp"]) if tcp else None,
+    )
+    history.clients.append(c)
+    history.accounts[account.uid] = account
+    return c
