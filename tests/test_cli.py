@@ -56,3 +56,12 @@ def test_serve_refuses_an_invalid_setting_without_starting(tmp_path: Path) -> No
     assert "HTTP API" not in done.stdout and "Traceback" not in done.stderr
     assert not (tmp_path / "data").exists()  # nothing was started or created
     assert took < 10
+
+
+def test_role_processes_refuse_embedded_engines_naming_the_settings(tmp_path: Path) -> None:
+    for role in ("api", "gateway", "transfer"):
+        done, _ = run_im(role, "--set", "presence.kind=redis", cwd=tmp_path)
+        assert done.returncode == 2, (role, done.stdout, done.stderr)
+        assert f"im {role}" in done.stderr
+        assert "store.kind=postgres" in done.stderr and "registry.kind=etcd" in done.stderr
+        assert "presence.kind=redis" not in done.stderr  # that one is already set

@@ -27,6 +27,16 @@ examples:
 """
 
 
+def _pids(text: str) -> list[int]:
+    try:
+        pids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PID or PID,PID,...: {text!r}") from None
+    if not pids:
+        raise argparse.ArgumentTypeError("expected at least one pid")
+    return pids
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", choices=["ws", "tcp", "mixed"], default="ws",
                    help="client connections: WebSocket, TCP, or half each (default ws)")
@@ -36,7 +46,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     target.add_argument("--spawn", action="store_true",
                         help="run `python -m im serve` in a temporary data directory (the default)")
     target.add_argument("--server", metavar="URL", help="use a running server: its HTTP root, http://host:port")
-    p.add_argument("--server-pid", type=int, help="pid of the --server process, to read its CPU and memory")
+    p.add_argument("--server-pid", type=_pids, metavar="PID[,PID...]",
+                   help="pid of the --server process, to read its CPU and memory; for a cluster (load only), "
+                        "every server process's pid, comma-separated: their CPU is added up")
     p.add_argument("--server-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra setting for the spawned server (as `im serve --set`)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
@@ -129,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         drain=args.drain,
         procs=args.procs or 2,
         server=args.server,
-        server_pid=args.server_pid,
+        server_pids=args.server_pid or [],
         server_settings=args.server_set,
         progress=not args.no_progress,
     )
@@ -148,6 +160,8 @@ def _idle(argv: list[str]) -> int:
     _check_pid(args, ap)
     if args.connections < 1:
         ap.error("--connections must be at least 1")
+    if args.server_pid is not None and len(args.server_pid) > 1:
+        ap.error("idle measures one server process: give one --server-pid")
 
     from im.bench.idle import IdleOptions, run_idle
     from im.bench.report import idle_table, write_json
@@ -162,7 +176,7 @@ def _idle(argv: list[str]) -> int:
         settle=args.settle,
         hold=args.hold,
         server=args.server,
-        server_pid=args.server_pid,
+        server_pid=args.server_pid[0] if args.server_pid else None,
         server_settings=args.server_set,
         progress=not args.no_progress,
     )

@@ -41,7 +41,7 @@ class LoadOptions:
     drain: float = 10.0
     procs: int = 2
     server: str | None = None  # None: spawn one
-    server_pid: int | None = None
+    server_pids: list[int] = field(default_factory=list)  # empty: unknown (or the spawned one)
     server_settings: list[str] = field(default_factory=list)
     progress: bool = True
 
@@ -124,23 +124,23 @@ def run_load(opts: LoadOptions) -> dict[str, Any]:
     """Run one load test and return its results (the ``--json`` document)."""
     raise_nofile()  # the spawned server and the client processes inherit it
     spawned: SpawnedServer | None = None
-    server_pid: int | None
+    server_pids: list[int]
     if opts.server is None:
         spawned = SpawnedServer(settings=list(opts.server_settings)).start()
-        base, server_pid = spawned.http, spawned.pid
+        base, server_pids = spawned.http, [spawned.pid]
     else:
-        base, server_pid = opts.server, opts.server_pid
+        base, server_pids = opts.server, list(opts.server_pids)
     assert base is not None
     try:
         with _Display(opts.progress) as display:
-            return _run(opts, base, server_pid, display, spawned)
+            return _run(opts, base, server_pids, display, spawned)
     finally:
         if spawned is not None:
             spawned.stop()
 
 
 def _run(
-    opts: LoadOptions, base: str, server_pid: int | None, display: _Display, spawned: SpawnedServer | None
+    opts: LoadOptions, base: str, server_pids: list[int], display: _Display, spawned: SpawnedServer | None
 ) -> dict[str, Any]:
     n_users = opts.groups * opts.group_size if opts.groups else 2 * opts.pairs
     prefix = f"b{run_id()}_"
@@ -218,14 +218,14 @@ def _run(
         while True:
             now = time.monotonic()
             if phase == "warmup" and now >= t0:
-                cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
+                cpu0 = sum(cpu_seconds(pid) for pid in server_pids)
                 busy0 = MachineCpu.busy_seconds()
                 clients0 = [_cpu(w.pid) for w in workers]
                 measured0 = _totals(counters, procs)
                 phase = "measure"
                 display.update(now - t_go, description="measuring")
             if phase == "measure" and now >= t1:
-                cpu1 = cpu_seconds(server_pid) if server_pid else 0.0
+                cpu1 = sum(cpu_seconds(pid) for pid in server_pids)
                 busy1 = MachineCpu.busy_seconds()
                 clients1 = [_cpu(w.pid) for w in workers]
                 measured1 = _totals(counters, procs)
@@ -270,7 +270,7 @@ def _run(
     anomalies = Anomalies()
     for r in results.values():
         anomalies.add(Anomalies(**r["anomalies"], examples=r["examples"]))
-    server_cpu = cpu1 - cpu0 if server_pid else None
+    server_cpu = cpu1 - cpu0 if server_pids else None
     clients_cpu = sum(b - a for a, b in zip(clients0, clients1, strict=True))
     machine, irq = busy1[0] - busy0[0], busy1[1] - busy0[1]
     problems = [p for r in results.values() for p in r["problems"]]
@@ -302,7 +302,7 @@ def _run(
             "warmup": opts.warmup,
             "procs": procs,
             "server": "spawned" if spawned is not None else base,
-            "server_pid": server_pid,
+            "server_pids": server_pids,
             "cores": os.cpu_count(),
         },
         "delivered": delivered,

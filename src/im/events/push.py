@@ -6,8 +6,9 @@ online (``Presence.locate``); when there are any, one ``POST`` of ``{"mid", "con
 
 Policy:
 
-- one consumer, messages handled one at a time, ``prefetch`` ahead: events reach the webhook in queue
-  order, which is per-conversation seq order (the relay publishes in outbox order);
+- one active consumer (the queue is single-active-consumer: consumers in other processes stand by),
+  messages handled one at a time, ``prefetch`` ahead: events reach the webhook in queue order, which is
+  per-conversation seq order (the relay publishes in outbox order);
 - deduplicated by ``mid`` (see :mod:`im.events.dedupe`): checked before, recorded after a successful
   POST; the event is acked after it was handled (pushed, deduplicated or nobody offline);
 - a failed webhook (connection error, timeout, non-2xx) waits ``retry_delay`` seconds and is nacked with
