@@ -289,7 +289,15 @@ class PostgresChatStore(ChatStore):
         leaves, or when its process dies and PostgreSQL drops the connection."""
         key = f"im.outbox:{self.db.schema or ''}"
         async with self.db.pool.acquire() as conn:
-            await conn.execute("SELECT pg_advisory_lock(hashtext($1))", key)
+            while True:
+                try:
+                    await conn.execute("SELECT pg_advisory_lock(hashtext($1))", key)
+                    break
+                except TimeoutError:
+                    # The pool's command_timeout cancelled the wait: wait again, on the same session (had
+                    # the lock been granted as the timeout hit, this takes it once more; release() of the
+                    # connection runs pg_advisory_unlock_all).
+                    continue
             try:
                 yield
             finally:
