@@ -58,14 +58,21 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config, _flags_to_overrides(args))
 
 
+def _setup_logging(config: Config) -> None:
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    # aiormq logs every dropped broker connection with a traceback; the relay and the consumer already
+    # log the outage (and their reconnects) in one line each.
+    logging.getLogger("aiormq").setLevel(logging.ERROR)
+
+
 def _serve(config: Config) -> int:
     import uvloop
 
     from im.server import EmbeddedServer
 
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    _setup_logging(config)
 
     def ready(server: EmbeddedServer) -> None:
         print(f"im: HTTP API   {server.http_url}/api/v1   (OpenAPI docs: {server.http_url}/api/v1/docs)", flush=True)
@@ -92,9 +99,7 @@ def _run_role(role: str, config: Config) -> int:
 
     from im.roles import ROLES, ApiNode, GatewayNode, TransferNode
 
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    _setup_logging(config)
     try:
         node = ROLES[role](config)
     except ConfigError as exc:

@@ -279,8 +279,8 @@ class ServerProcessBase:
             await asyncio.sleep(self.config.registry.ttl / 3)
             try:
                 await registry.update_load(node, load())
-            except Exception:  # the registry's own keepalive carries on; try again next time
-                log.warning("registry load report failed", exc_info=True)
+            except Exception as exc:  # the registry's own keepalive carries on; try again next time
+                log.warning("registry load report failed (%s: %s)", type(exc).__name__, exc)
 
 
 async def deregister(registry: Registry, node: str) -> None:

@@ -8,9 +8,10 @@ other's data. Short TTLs (registry 2 s, presence 3 s) make crash recovery quick 
 from __future__ import annotations
 
 import random
+import re
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,18 +69,41 @@ async def drop_schema(schema: str) -> None:
         await conn.close()
 
 
+_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ (\S+): ", re.MULTILINE)
+
+
+def without_loggers(log: str, loggers: Collection[str]) -> str:
+    """The log without the records (with their tracebacks) of the named loggers."""
+    if not loggers:
+        return log
+    starts = [m.start() for m in _RECORD.finditer(log)]
+    kept = [log[: starts[0] if starts else len(log)]]
+    for start, end in zip(starts, [*starts[1:], len(log)], strict=True):
+        m = _RECORD.match(log, start)
+        if m is None or m.group(1) not in loggers:
+            kept.append(log[start:end])
+    return "".join(kept)
+
+
+def stop_checked(c: LocalCluster, *, ignore_loggers: Collection[str] = ()) -> None:
+    """Stop the cluster; every node still running must stop cleanly on SIGTERM (exit 0, no traceback;
+    ``ignore_loggers``: except in the records of these loggers, a library's own noise)."""
+    running = [n for n in c.nodes.values() if n.running]
+    codes = c.stop()
+    for node in running:
+        assert codes[node.name] == 0, f"{node.name} exited with {codes[node.name]}:\n{node.log()[-4000:]}"
+        log = without_loggers(node.log(), ignore_loggers)
+        assert "Traceback" not in log, f"{node.name}:\n{log[-4000:]}"
+    if c.etcd is not None:
+        c.etcd.destroy()
+
+
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     """A started cluster; at the end every node still running must stop cleanly on SIGTERM."""
     c = make_cluster(tmp_path / "cluster").start()
     yield c
-    running = [n for n in c.nodes.values() if n.running]
-    codes = c.stop()
-    for node in running:
-        assert codes[node.name] == 0, f"{node.name} exited with {codes[node.name]}:\n{node.log()[-4000:]}"
-        assert "Traceback" not in node.log(), f"{node.name}:\n{node.log()[-4000:]}"
-    if c.etcd is not None:
-        c.etcd.destroy()
+    stop_checked(c)
 
 
 @pytest.fixture

@@ -229,7 +229,10 @@ class ChatService:
                 if m.type != "system":
                     self._remember((m.sender, m.device, m.cmid), m)
             self._finish(p)
-            await self._route(p.routed, p.recipients)
+            try:
+                await self._route(p.routed, p.recipients)
+            except Exception as exc:  # acked and stored: sessions recover it from the log (gap fetch)
+                log.warning("routing %d committed messages failed (%s: %s)", len(p.routed), type(exc).__name__, exc)
             return
         self._fail(items, ImError(ErrorCode.UNAVAILABLE, "conversation too contended; retry"))
 

@@ -236,16 +236,18 @@ class Hub(DeliverySink):
             old.run(old.session.close(ErrorCode.REPLACED, "the same device connected again", reconnect=False))
         try:
             await self.chat.presence.set_online([DeviceLocation(s.uid, s.device, self.node)], self._presence_ttl)
-        except Exception:  # presence is a routing hint: the refresh loop announces this device again
-            log.warning("presence unavailable: uid=%s device=%s not announced yet", s.uid, s.device, exc_info=True)
+        except Exception as exc:  # presence is a routing hint: the refresh loop announces this device again
+            log.warning("presence unavailable (%s: %s): uid=%s device=%s not announced yet",
+                        type(exc).__name__, exc, s.uid, s.device)
 
     async def _set_offline(self, uid: int, device: str) -> None:
         if device in self._by_user.get(uid, {}):
             return  # the device came back meanwhile: its entry is current
         try:
             await self.chat.presence.set_offline([DeviceLocation(uid, device, self.node)])
-        except Exception:  # the entry expires on its own within the presence TTL
-            log.warning("presence unavailable: uid=%s device=%s not removed", uid, device, exc_info=True)
+        except Exception as exc:  # the entry expires on its own within the presence TTL
+            log.warning("presence unavailable (%s: %s): uid=%s device=%s not removed", type(exc).__name__, exc,
+                        uid, device)
 
     def revoked(self, sid: str) -> None:
         """A login session was revoked (logout, refresh-token reuse): close its connections."""
@@ -336,8 +338,18 @@ class Hub(DeliverySink):
         cursors, self._cursors = self._cursors, {}
         reads, self._reads = self._reads, {}
         receipts: list[tuple[str, int, object, tuple[int, str] | None]] = []
+        try:
+            if cursors:
+                await self.chat.store.save_cursors((u, d, c, s) for (u, d, c), s in cursors.items())
+            if reads:
+                await self.chat.store.save_read_marks((u, c, s) for (u, c), s in reads.items())
+        except BaseException:  # keep them for the next flush (saving again is harmless: marks only grow)
+            for (uid, device, conv), seq in cursors.items():
+                self.save_cursor(uid, device, conv, seq)
+            for (uid, conv), seq in reads.items():
+                self.mark_read(uid, conv, seq)
+            raise
         if cursors:
-            await self.chat.store.save_cursors((u, d, c, s) for (u, d, c), s in cursors.items())
             delivered: dict[tuple[int, str], int] = {}
             for (uid, _dev, conv), seq in cursors.items():
                 delivered[(uid, conv)] = max(seq, delivered.get((uid, conv), 0))
@@ -346,7 +358,6 @@ class Hub(DeliverySink):
                 for (uid, conv), seq in delivered.items()
             ]
         if reads:
-            await self.chat.store.save_read_marks((u, c, s) for (u, c), s in reads.items())
             receipts += [
                 (conv, uid, Receipt(conv=conv, uid=uid, kind="read", seq=seq), None)
                 for (uid, conv), seq in reads.items()
@@ -358,8 +369,8 @@ class Hub(DeliverySink):
             await asyncio.sleep(self._cursor_interval)
             try:
                 await self._flush_cursors()
-            except Exception:
-                log.exception("cursor flush failed")
+            except Exception as exc:  # store or presence away: what was taken is retried by clients' resume
+                log.warning("cursor flush failed (%s: %s)", type(exc).__name__, exc)
 
     async def _tick(self) -> None:
         refresh_every = max(1.0, self._presence_ttl / 3)
@@ -381,5 +392,5 @@ class Hub(DeliverySink):
                 if entries:
                     try:
                         await self.chat.presence.set_online(entries, self._presence_ttl)
-                    except Exception:  # keep the timers running; the next refresh tries again
-                        log.warning("presence refresh failed", exc_info=True)
+                    except Exception as exc:  # keep the timers running; the next refresh tries again
+                        log.warning("presence refresh failed (%s: %s)", type(exc).__name__, exc)
