@@ -7,6 +7,7 @@ other's data. Short TTLs (registry 2 s, presence 3 s) make crash recovery quick 
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import socket
@@ -96,6 +97,7 @@ def stop_checked(c: LocalCluster, *, ignore_loggers: Collection[str] = ()) -> No
         assert "Traceback" not in log, f"{node.name}:\n{log[-4000:]}"
     if c.etcd is not None:
         c.etcd.destroy()
+    asyncio.run(drop_schema(c.postgres_schema))  # after the nodes stopped: nothing polls it any more
 
 
 @pytest.fixture
@@ -113,7 +115,6 @@ async def history(cluster: LocalCluster) -> AsyncIterator[History]:
     yield h
     await h.close_all()
     await h.check()
-    await drop_schema(cluster.postgres_schema)
 
 
 def client_on(history: History, cluster: LocalCluster, gateway: str, account: Account, device: str,
