@@ -9,12 +9,14 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from im.backends.base import DeviceLocation
 from im.backends.memory import MemoryPresence, MemoryRouter
 from im.backends.sqlite_accounts import SqliteAccountStore
 from im.backends.sqlite_chat import SqliteChatStore
 from im.backends.sqlite_db import SqliteDatabase
 from im.core.chat import ChatService, SendRequest
 from im.protocol.errors import ErrorCode, ImError
+from tests.transfer.conftest import RecordingSink
 
 
 @pytest.fixture
@@ -59,3 +61,24 @@ async def test_membership_changed_elsewhere_is_honoured(pair: tuple[ChatService,
     page, _ = await api.history(1, conv, after=0, before=None, limit=50)
     assert [x.seq for x in page] == [1, 2, 3, 4, 5, 6]
     assert [x.cmid for x in page if x.type == "text"] == ["first", "newcomer", "after"]
+
+
+async def test_a_duplicate_first_stored_by_the_other_writer_is_routed_again(
+    pair: tuple[ChatService, ChatService],
+) -> None:
+    """A writer that committed and died before routing: the resend through the other writer is answered
+    as a duplicate and delivered to the online members (once; sessions drop seqs they already have)."""
+    first, second = pair
+    group = await first.create_group(1, "g", [2])
+    conv = f"g:{group.gid}"
+    sink = RecordingSink()
+    second.router.attach("gw", sink)
+    await second.presence.set_online([DeviceLocation(2, "phone", "gw")], 60)
+    m, dup = await first.send(send(1, conv, "x"))  # first's router reaches nobody: "died before routing"
+    assert (m.seq, dup) == (2, False) and sink.messages == []
+    again, dup = await second.send(send(1, conv, "x"))
+    assert dup and (again.seq, again.mid) == (m.seq, m.mid)
+    assert [(x.seq, r) for x, r in sink.messages] == [(2, [2])]
+    # A plain retry that the second writer itself answered before is not routed again.
+    await second.send(send(1, conv, "x"))
+    assert len(sink.messages) == 1

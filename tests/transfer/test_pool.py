@@ -200,7 +200,9 @@ async def test_pool_links_to_the_transfer_nodes_the_registry_lists(cluster: Clus
     assert tr3.router.linked() == ["gw-a"]
 
 
-async def test_a_deregistered_node_is_unlinked_and_its_pending_sends_fail_unavailable(cluster: Cluster) -> None:
+async def test_a_deregistered_node_is_unlinked_and_its_pending_sends_go_to_the_other_in_order(
+    cluster: Cluster,
+) -> None:
     tr1, tr2 = cluster.nodes["tr-1"], cluster.nodes["tr-2"]
     pool = await cluster.pools.pool("gw-a")
     conv = conv_on(pool, "tr-1")
@@ -215,21 +217,24 @@ async def test_a_deregistered_node_is_unlinked_and_its_pending_sends_fail_unavai
 
     await cluster.registry.deregister("tr-1")
     assert sorted(pool.links) == ["tr-2"]  # the memory registry calls back at once
-    await eventually(lambda: len(results.got) == 5)
-    assert [r for r, *_ in results.got] == reqs
-    assert refused_unavailable(results)
+    later = text(1, "c5", conv=conv)  # submitted after the failover: must come after the handed-over ones
+    pool.submit(later, results.done)
+    await eventually(lambda: len(results.got) == 6)
+    assert [r for r, *_ in results.got] == [*reqs, later]
+    assert all(m is not None and err is None for _, m, _, err in results.got)  # answered by tr-2, no error
+    assert [r.cmid for r in tr2.core.got] == [f"c{i}" for i in range(6)]  # in submission order
     assert not link1.connected and link1.in_flight == 0
     # the link is closed, not just forgotten: tr-1 sees the stream end
     await eventually(lambda: tr1.servicer.streams == 0 and tr1.router.linked() == [])
     assert tr2.router.linked() == ["gw-a"]
+    assert cluster.where("c0") == ["tr-1", "tr-2"]  # tr-1 held the first try, tr-2 answered the handover
 
-    # the conversation moves to the node that remains; the resend is answered
+    # the conversation stays on the node that remains
     again = Results()
-    pool.submit(reqs[0], again.done)
+    pool.submit(text(1, "c6", conv=conv), again.done)
     await eventually(lambda: len(again.got) == 1)
     assert again.got[0][3] is None and again.got[0][1] is not None
-    assert cluster.where("c0") == ["tr-1", "tr-2"]  # tr-1 held the first try, tr-2 answered the resend
-    assert [r.cmid for r in tr2.core.got] == ["c0"]
+    assert cluster.where("c6") == ["tr-2"]
 
 
 # --- the choice of node -------------------------------------------------------------------------------
@@ -428,3 +433,20 @@ async def test_pool_in_front_of_a_real_core(core: Core, pools: Pools) -> None:
         assert [(m.seq, m.type, uids) for m, uids in sink_a.messages if m.conv == conv] == [(1, "system", [alice])]
     finally:
         await api_chat.stop()
+
+
+async def test_sends_pending_on_a_broken_link_are_handed_to_the_other_node_in_order(cluster: Cluster) -> None:
+    tr1, tr2 = cluster.nodes["tr-1"], cluster.nodes["tr-2"]
+    pool = await cluster.pools.pool("gw-a")
+    conv = conv_on(pool, "tr-1")
+    tr1.core.hold = True
+    results = Results()
+    reqs = [text(1, f"b{i}", conv=conv) for i in range(5)]
+    for req in reqs:
+        pool.submit(req, results.done)
+    await eventually(lambda: len(tr1.core.held) == 5)
+    await tr1.stop()  # the stream breaks (a crash, as the gateway sees it); the node is still registered
+    await eventually(lambda: len(results.got) == 5)
+    assert [r for r, *_ in results.got] == reqs
+    assert all(m is not None and err is None for _, m, _, err in results.got)  # no `unavailable` to the client
+    assert [r.cmid for r in tr2.core.got] == [f"b{i}" for i in range(5)]

@@ -142,6 +142,7 @@ class ChatService:
         self._refreshed: dict[str, float] = {}  # conv -> when a refusal last re-read its state
         self._recent: OrderedDict[tuple[int, str, str], StoredMessage] = OrderedDict()
         self._recent_max = recent_sends
+        self._reroute: set[tuple[int, str, str]] = set()  # dups found in the store, to route once
         self._queue: list[_Send | _MemberOp] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -207,6 +208,7 @@ class ChatService:
             p = await self._prepare(items)
             if not p.batch.messages and not p.batch.member_changes:
                 self._finish(p)
+                await self._route_quietly(p)  # duplicates first stored by another writer, if any
                 return
             try:
                 await self.store.commit(p.batch)
@@ -217,6 +219,11 @@ class ChatService:
                 keys = [(i.req.uid, i.req.device, i.req.cmid) for i in items if isinstance(i, _Send)]
                 for key, m in (await self.store.find_sent(keys)).items():
                     self._remember(key, m)
+                    # Stored by another writer (or an earlier life of this one), which may have died before
+                    # routing it: route it again when answered (sessions drop seqs they already have).
+                    self._reroute.add(key)
+                if len(self._reroute) > 10_000:  # answered right below; bound it whatever happens
+                    self._reroute.clear()
                 log.info("seq conflict, retry %d", attempt + 1)
                 continue
             except BaseException:
@@ -229,12 +236,15 @@ class ChatService:
                 if m.type != "system":
                     self._remember((m.sender, m.device, m.cmid), m)
             self._finish(p)
-            try:
-                await self._route(p.routed, p.recipients)
-            except Exception as exc:  # acked and stored: sessions recover it from the log (gap fetch)
-                log.warning("routing %d committed messages failed (%s: %s)", len(p.routed), type(exc).__name__, exc)
+            await self._route_quietly(p)
             return
         self._fail(items, ImError(ErrorCode.UNAVAILABLE, "conversation too contended; retry"))
+
+    async def _route_quietly(self, p: _Pass) -> None:
+        try:
+            await self._route(p.routed, p.recipients)
+        except Exception as exc:  # acked and stored: sessions recover it from the log (gap fetch)
+            log.warning("routing %d committed messages failed (%s: %s)", len(p.routed), type(exc).__name__, exc)
 
     def _finish(self, p: _Pass) -> None:
         for item, m, dup, err in p.acks:
@@ -365,6 +375,12 @@ class ChatService:
             if original.conv != conv:
                 raise ImError(ErrorCode.INVALID, "cmid was already used for another conversation")
             p.acks.append((item, original, True, None))
+            if key in self._reroute:
+                self._reroute.discard(key)
+                known_state = self._states.get(conv)
+                if known_state is not None:
+                    p.routed.append(original)
+                    p.recipients.append(list(known_state.members))
             return
         state = self._states.get(conv)
         if state is None:

@@ -23,6 +23,8 @@ from im.protocol.errors import ErrorCode
 JSON_KIND = 0x01
 MSGPACK_KIND = 0x02
 _HEADER = 5
+#: Seconds a closing connection waits for the client to close its side before it is aborted.
+CLOSE_TIMEOUT = 5.0
 
 
 def frame(payload: bytes, binary: bool) -> bytes:
@@ -36,6 +38,8 @@ class TcpConnection(asyncio.Protocol, Connection):
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._skip = 0  # bytes of an oversized frame still to discard
+        self._eof_sent = False  # we closed our side: read and drop until the client closes its side
+        self._timer: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol
 
@@ -47,6 +51,8 @@ class TcpConnection(asyncio.Protocol, Connection):
         self.hub.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._eof_sent:
+            return
         if self._skip:
             dropped = min(self._skip, len(data))
             self._skip -= dropped
@@ -87,7 +93,13 @@ class TcpConnection(asyncio.Protocol, Connection):
         reason = "empty frame" if length == 0 else f"frame of {length} bytes is far over the limit"
         self.run(self.session.close(ErrorCode.TOO_LARGE if length else ErrorCode.BAD_FRAME, reason, reconnect=False))
 
+    def eof_received(self) -> bool | None:
+        return False  # the client closed its side: close the connection (what we queued is still sent)
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.on_closed()
 
     def pause_writing(self) -> None:  # the hub's buffer check handles slow consumers
@@ -108,8 +120,19 @@ class TcpConnection(asyncio.Protocol, Connection):
             t.write(b"".join([frame(data, binary) for data in frames]))
 
     def close_transport(self, code: ErrorCode) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        """Half-close after what is queued (the ``bye``), then read and drop until the client closes its
+        side, at most ``CLOSE_TIMEOUT`` seconds. Closing with unread client data would make the kernel
+        reset the connection, and a reset can destroy the ``bye`` before the client reads it."""
+        t = self.transport
+        if t is None or t.is_closing() or self._eof_sent:
+            return
+        self._eof_sent = True
+        if not t.can_write_eof():
+            t.close()
+            return
+        t.write_eof()
+        t.resume_reading()  # a stopping server paused reads: drain them now
+        self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, t.abort)
 
     def buffered(self) -> int:
         return self.transport.get_write_buffer_size() if self.transport is not None else 0

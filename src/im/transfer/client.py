@@ -43,6 +43,7 @@ class TransferLink:
         *,
         decode_event: Callable[[bytes], object] = decode_event,
         on_revoked: Callable[[str], None] | None = None,
+        on_lost: Callable[[list[tuple[SendRequest, SendCallback]]], None] | None = None,
         max_frame_items: int = 4096,
         backoff_initial: float = 0.05,
         backoff_max: float = 2.0,
@@ -51,7 +52,8 @@ class TransferLink:
         self.node = node
         self.sink = sink
         self._decode_event = decode_event
-        self._on_revoked = on_revoked
+        self.on_revoked = on_revoked  # login sessions that ended elsewhere
+        self.on_lost = on_lost  # unanswered sends of a lost stream (else they fail)
         self._max_frame_items = max_frame_items
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
@@ -83,6 +85,11 @@ class TransferLink:
                 await self._task
             self._task = None
         self._lost("the transfer link is closed")
+
+    def abandon(self, why: str) -> None:
+        """Stop using this link at once (its node left): unanswered sends go to ``on_lost`` now, before
+        anything submitted after this call; then ``close()`` it."""
+        self._lost(why)
 
     @property
     def connected(self) -> bool:
@@ -201,7 +208,8 @@ class TransferLink:
                 yield frame
 
     def _lost(self, why: str) -> None:
-        """The stream is gone: every unanswered send fails ``unavailable``; new sends fail until relinked."""
+        """The stream is gone: every unanswered send goes to ``on_lost`` (in submission order) or else
+        fails ``unavailable``; new sends fail until relinked."""
         self._connected.clear()
         self._epoch += 1
         self._unsent.clear()
@@ -209,6 +217,12 @@ class TransferLink:
         self._has_forwards = False
         self._wake.set()  # a stale request generator wakes up and returns
         pending, self._pending = self._pending, {}
+        if self.on_lost is not None and pending:
+            try:
+                self.on_lost(list(pending.values()))  # in submission order
+                return
+            except Exception:
+                log.exception("handing over the sends of a lost link failed")
         err = ImError(ErrorCode.UNAVAILABLE, why)
         for req, done in pending.values():
             try:
@@ -237,6 +251,6 @@ class TransferLink:
         for e in frame.events:
             skip = (e.skip_uid, e.skip_device) if e.has_skip else None
             self.sink.deliver_event(self._decode_event(e.frame), list(e.uids), skip)
-        if self._on_revoked is not None:
+        if self.on_revoked is not None:
             for sid in frame.revoked_sessions:
-                self._on_revoked(sid)
+                self.on_revoked(sid)

@@ -57,7 +57,7 @@ class TransferPool:
         *,
         on_revoked: Callable[[str], None] | None = None,
         role: str = "transfer",
-        link_factory: Callable[[str, str, DeliverySink], TransferLink] | None = None,
+        link_factory: Callable[[str, str, DeliverySink], TransferLink] | None = None,  # the pool wires it
     ) -> None:
         self._registry = registry
         self.node = node
@@ -70,9 +70,10 @@ class TransferPool:
         self._unwatch: Callable[[], None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
+        self._closed = False
 
     def _default_link(self, address: str, node: str, sink: DeliverySink) -> TransferLink:
-        return TransferLink(address, node, sink, on_revoked=self._on_revoked)
+        return TransferLink(address, node, sink)
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -80,6 +81,7 @@ class TransferPool:
         self._unwatch = self._registry.watch(self._role, self._on_instances)
 
     async def close(self) -> None:
+        self._closed = True
         if self._unwatch is not None:
             self._unwatch()
             self._unwatch = None
@@ -93,6 +95,7 @@ class TransferPool:
             if wanted.get(node) != link.address:
                 del self._links[node]
                 log.info("transfer node %s left the registry: unlinking", node)
+                link.abandon("the transfer node left; resend with the same cmid")
                 task = asyncio.get_running_loop().create_task(link.close())
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
@@ -100,6 +103,8 @@ class TransferPool:
             if node not in self._links:
                 assert self.sink is not None, "set the pool's sink before start()"
                 link = self._make_link(address, self.node, self.sink)
+                link.on_revoked = self._on_revoked
+                link.on_lost = self.resubmit
                 self._links[node] = link
                 link.start()
                 log.info("transfer node %s at %s: linking", node, address)
@@ -153,6 +158,20 @@ class TransferPool:
             done(req, None, False, ImError(ErrorCode.UNAVAILABLE, "no transfer node reachable; resend later"))
             return
         link.submit(req, done)
+
+    def resubmit(self, sends: list[tuple[SendRequest, SendCallback]]) -> None:
+        """Sends a lost link had not answered, in their submission order: submit them again (the dead
+        node may have committed some: the store's dedupe answers those with their original seq). They go
+        before anything submitted later, so one device's sends keep their order across the failover."""
+        if self._closed:
+            err = ImError(ErrorCode.UNAVAILABLE, "the gateway is stopping; resend with the same cmid")
+            for req, done in sends:
+                done(req, None, False, err)
+            return
+        if sends:
+            log.info("resubmitting %d unanswered sends of a lost transfer link", len(sends))
+        for req, done in sends:
+            self.submit(req, done)
 
     # --- forwarding ----------------------------------------------------------------------------------
 
