@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import httpx
 
 from im.client import ApiClient, ApiError, Gateway, Tokens
 
-__all__ = ["BenchUser", "create_groups", "create_users", "gateway", "run_id"]
+__all__ = ["BenchUser", "assign_gateways", "create_groups", "create_users", "gateway", "run_id"]
 
 PASSWORD = "bench-password-1"
 
@@ -22,6 +23,8 @@ class BenchUser:
     uid: int
     username: str
     token: str  # access token (the bench runs well within its lifetime)
+    ws: str = ""  # the gateway the server handed this user (empty: the run's default)
+    tcp: str | None = None
 
 
 def _tokens(user: BenchUser) -> Tokens:
@@ -77,6 +80,18 @@ async def create_groups(base_url: str, groups: list[list[BenchUser]], prefix: st
                 return group.conv
 
         return list(await asyncio.gather(*(one(i, m) for i, m in enumerate(groups))))
+
+
+async def assign_gateways(base_url: str, users: list[BenchUser]) -> list[BenchUser]:
+    """Ask the server for a gateway for every user, as each client would (a cluster spreads them)."""
+    sem = asyncio.Semaphore(32)
+
+    async def one(user: BenchUser) -> BenchUser:
+        async with sem:
+            gw = await gateway(base_url, user)
+        return dataclasses.replace(user, ws=gw.ws, tcp=gw.tcp)
+
+    return list(await asyncio.gather(*(one(u) for u in users)))
 
 
 async def gateway(base_url: str, user: BenchUser) -> Gateway:

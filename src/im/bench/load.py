@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from im.bench.accounts import BenchUser, create_groups, create_users, gateway, run_id
+from im.bench.accounts import BenchUser, assign_gateways, create_groups, create_users, gateway, run_id
 from im.bench.anomalies import Anomalies
 from im.bench.server import MachineCpu, SpawnedServer, cpu_seconds, raise_nofile
 from im.bench.worker import COUNTERS, ConvPlan, WorkerConfig, worker_main
@@ -159,6 +159,7 @@ def _run(
                 base, [users[g * opts.group_size : (g + 1) * opts.group_size] for g in range(opts.groups)], prefix
             )
         gw = await gateway(base, users[0])
+        users = await assign_gateways(base, users)
         return users, convs, gw.ws, gw.tcp
 
     users, convs, ws_url, tcp_url = asyncio.run(setup())

@@ -72,13 +72,15 @@ class WorkerConfig:
 
 class _Dev:
     __slots__ = (
-        "conv", "inflight", "key", "kind", "n_recipients", "session", "synced", "to", "token", "transport", "uid",
+        "conv", "gateway", "inflight", "key", "kind", "n_recipients", "session", "synced", "to", "token", "transport",
+        "uid",
     )
 
     def __init__(self, key: int, user: BenchUser, kind: str, conv: str, n_recipients: int, encoding: Encoding):
         self.key = key
         self.uid = user.uid
         self.token = user.token
+        self.gateway = (user.ws, user.tcp)  # handed out for this user; ("", None): the run's default
         self.kind = kind
         self.conv = conv
         #: Direct messages go by the peer's uid: the server refuses ``conv: "d:.."`` for a direct
@@ -166,16 +168,19 @@ class Worker:
                     if plan.conv.startswith("d:"):
                         dev.to = next(m.uid for m in plan.members if m.uid != user.uid)
 
-    def _transport(self, kind: str) -> Transport:
-        if kind == "tcp":
-            if self.cfg.tcp_url is None:
+    def _transport(self, dev: _Dev) -> Transport:
+        """To the gateway the server handed this user (a cluster spreads users over its gateways)."""
+        ws, tcp = dev.gateway
+        if dev.kind == "tcp":
+            url = tcp if ws else self.cfg.tcp_url
+            if url is None:
                 raise RuntimeError("the server has no TCP listener")
-            return TcpTransport(self.cfg.tcp_url, encoding=self.encoding, connect_timeout=60)
-        return WebSocketTransport(self.cfg.ws_url, encoding=self.encoding, connect_timeout=60)
+            return TcpTransport(url, encoding=self.encoding, connect_timeout=60)
+        return WebSocketTransport(ws or self.cfg.ws_url, encoding=self.encoding, connect_timeout=60)
 
     async def _connect(self, dev: _Dev, sem: asyncio.Semaphore) -> None:
         async with sem:
-            transport = self._transport(dev.kind)
+            transport = self._transport(dev)
             await transport.connect()
             dev.transport = transport
             dev.synced = asyncio.get_running_loop().create_future()
