@@ -38,6 +38,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_process(
+    proc: subprocess.Popen[bytes], sig: int, timeout: float, *, raise_on_timeout: bool = True
+) -> int:
+    """Signal a child (unless it already exited) and wait; one that outlives ``timeout`` is killed (and
+    the timeout raised, unless told not to). Returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            if raise_on_timeout:
+                raise
+    return proc.returncode
+
+
 class EtcdMissing(RuntimeError):
     """No ``etcd`` binary on PATH."""
 
@@ -105,14 +122,8 @@ class EtcdProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         """Stop etcd (SIGTERM: clean; SIGKILL: crash), keeping the data directory for a restart."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, sig, timeout, raise_on_timeout=False)
 
     def restart(self, sig: int = signal.SIGTERM, down: float = 0.0) -> None:
         """Stop, stay down ``down`` seconds, and start again on the same ports and data directory."""
@@ -162,17 +173,7 @@ class RoleProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Stop the process (SIGTERM: graceful; SIGKILL: crash) and return its exit code."""
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise
-        return self.proc.returncode
+        return 0 if self.proc is None else stop_process(self.proc, sig, timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from im.cluster import stop_process
+
 FAST_ARGON2 = [
     "--set", "auth.argon2_time_cost=1", "--set", "auth.argon2_memory_kib=1024", "--set", "auth.argon2_parallelism=1",
 ]
@@ -80,15 +82,7 @@ class ServerProcess:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         """Stop the server (SIGTERM: graceful; SIGKILL: crash) and return its exit code."""
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout)
 
     def restart(self, sig: int = signal.SIGTERM) -> ServerProcess:
         self.stop(sig)
