@@ -433,6 +433,22 @@ async def test_read_marks_never_move_back(chat: ChatHarness) -> None:
     assert await store.read_marks("d:98:99") == {}
 
 
+async def test_delivered_marks_are_the_best_device_of_each_member(chat: ChatHarness) -> None:
+    store = chat.store
+    await new_direct(store, 1, 2, 6)
+    assert await store.delivered_marks(D) == {1: 0, 2: 0}
+    await store.save_cursors([(2, "phone", D, 3), (2, "laptop", D, 5), (1, "d1", D, 2)])
+    assert await store.delivered_marks(D) == {1: 2, 2: 5}
+    await store.save_cursors([(2, "laptop", D, 4), (2, "phone", D, 6)])  # laptop's cursor does not move back
+    assert await store.delivered_marks(D) == {1: 2, 2: 6}
+    # Only members are listed, and only their cursors of this conversation count.
+    gid = await new_group(store, "g", {1: "owner", 3: "member"})
+    g = group_conv(gid)
+    await store.save_cursors([(3, "d1", g, 1), (2, "d1", g, 1)])
+    assert await store.delivered_marks(g) == {1: 0, 3: 1}
+    assert await store.delivered_marks("d:98:99") == {}
+
+
 # --- conversation list ----------------------------------------------------------------------------------
 
 

@@ -36,9 +36,14 @@ class Account:
         return {"Authorization": f"Bearer {self.access}"}
 
 
-async def register(api: str, username: str, password: str = "correct horse battery") -> Account:
+async def register(
+    api: str, username: str, password: str = "correct horse battery", display_name: str | None = None
+) -> Account:
+    body = {"username": username, "password": password}
+    if display_name is not None:
+        body["display_name"] = display_name
     async with httpx.AsyncClient() as http:
-        r = await http.post(f"{api}/auth/register", json={"username": username, "password": password})
+        r = await http.post(f"{api}/auth/register", json=body)
         assert r.status_code == 201, r.text
         r = await http.post(f"{api}/auth/login", json={"username": username, "password": password})
         assert r.status_code == 200, r.text

@@ -1,4 +1,5 @@
-"""The HTTP API application: routes under ``/api/v1``, and every error as JSON ``{code, message}``.
+"""The HTTP API application: routes under ``/api/v1``, and every error as JSON ``{code, message}``;
+the browser chat client (``im.api.web``) at ``/``.
 
     create_app(accounts, chat, pick_gateway, limits, *, files=None) -> FastAPI
 
@@ -23,6 +24,7 @@ from im.api.routes_chat import chat_router
 from im.api.routes_files import files_router
 from im.api.routes_users import users_router
 from im.api.schemas import ErrorOut, GatewayOut, HealthOut
+from im.api.web import web_mount
 from im.config import LimitsConfig
 from im.core.accounts import AccountService
 from im.files import FileService
@@ -164,5 +166,7 @@ def create_app(
     async def health() -> HealthOut:
         return HealthOut(status="ok")
 
+    # The browser client at "/" (last: it answers every path the API does not).
+    app.router.routes.append(web_mount(PREFIX))
     return app
 

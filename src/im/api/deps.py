@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Protocol
 
 from fastapi import Depends
@@ -35,6 +35,10 @@ class ChatApi(Protocol):
     ) -> tuple[list[StoredMessage], bool]: ...
 
     async def conversations(self, uid: int) -> list[ConversationSummary]: ...
+
+    async def receipts(self, uid: int, conv: str) -> dict[int, tuple[int, int]]: ...
+
+    async def online(self, viewer: int, uids: Sequence[int]) -> dict[int, bool]: ...
 
 
 #: Returns the address of a gateway for a client to connect to ({"ws": ..., "node": ...}), None if none.

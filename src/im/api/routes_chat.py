@@ -9,7 +9,17 @@ import msgspec
 from fastapi import APIRouter, Depends, Query, Response, status
 
 from im.api.deps import ChatApi
-from im.api.schemas import ConversationOut, GroupIn, GroupOut, MemberOut, MembersIn, MessagesOut, RoleIn
+from im.api.schemas import (
+    ConversationOut,
+    GroupIn,
+    GroupOut,
+    MemberOut,
+    MembersIn,
+    MessagesOut,
+    PresenceOut,
+    ReceiptOut,
+    RoleIn,
+)
 from im.backends.base import StoredMessage
 from im.config import LimitsConfig
 from im.core.accounts import Principal
@@ -17,6 +27,8 @@ from im.core.messages import msg_frame
 from im.protocol.errors import ErrorCode, ImError
 
 _json = msgspec.json.Encoder()
+#: Most users one ``GET /presence`` may ask about.
+MAX_PRESENCE_UIDS = 100
 
 
 def _json_response(value: Any) -> Response:
@@ -112,5 +124,30 @@ def chat_router(
         page = min(limit or 50, limits.history_page_max)
         found, has_more = await chat.history(me.uid, conv, after=after, before=before, limit=page)
         return _json_response({"messages": [msg_frame(m) for m in found], "has_more": has_more})
+
+    @router.get("/conversations/{conv}/receipts", tags=["conversations"])
+    async def receipts(me: Me, conv: str) -> list[ReceiptOut]:
+        """Every member's read mark and delivery mark (the stored ones: what ``receipt`` frames announced
+        while you were away). Members only."""
+        found = await chat.receipts(me.uid, conv)
+        return [ReceiptOut(uid=uid, read_seq=r, delivered_seq=d) for uid, (r, d) in found.items()]
+
+    # --- presence -----------------------------------------------------------------------------------------
+
+    @router.get("/presence", tags=["presence"])
+    async def presence(
+        me: Me,
+        uids: Annotated[str, Query(max_length=2000, description="Comma-separated uids, at most 100")],
+    ) -> list[PresenceOut]:
+        """Which of the given users have a device online, in the order asked (duplicates dropped). Users
+        you share no conversation with always read as offline."""
+        try:
+            wanted = list(dict.fromkeys(int(u) for u in uids.split(",") if u.strip()))
+        except ValueError:
+            raise ImError(ErrorCode.INVALID, "uids must be comma-separated integers") from None
+        if not wanted or len(wanted) > MAX_PRESENCE_UIDS or min(wanted) < 1:
+            raise ImError(ErrorCode.INVALID, f"give 1 to {MAX_PRESENCE_UIDS} positive uids")
+        found = await chat.online(me.uid, wanted)
+        return [PresenceOut(uid=u, online=found.get(u, False)) for u in wanted]
 
     return router

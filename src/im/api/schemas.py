@@ -117,6 +117,19 @@ class ConversationOut(BaseModel):
     peer: int | None = Field(description="The other user of a direct conversation.")
 
 
+class ReceiptOut(BaseModel):
+    uid: int
+    read_seq: int = Field(description="The member has read the conversation up to this seq.")
+    delivered_seq: int = Field(
+        description="At least one of the member's devices holds the conversation up to this seq (>= read_seq)."
+    )
+
+
+class PresenceOut(BaseModel):
+    uid: int
+    online: bool = Field(description="A device of the user is connected; always false for strangers.")
+
+
 class GatewayOut(BaseModel):
     ws: str = Field(examples=["ws://127.0.0.1:8081/ws"])
     tcp: str | None = Field(None, examples=["tcp://127.0.0.1:8082"], description="None when TCP is off.")

@@ -210,6 +210,11 @@ class ChatStore(abc.ABC):
         """uid -> read seq for every member of ``conv``."""
 
     @abc.abstractmethod
+    async def delivered_marks(self, conv: str) -> dict[int, int]:
+        """uid -> the highest delivery cursor any of the user's devices saved in ``conv`` (0 when none),
+        for every member of ``conv``."""
+
+    @abc.abstractmethod
     async def list_conversations(self, uid: int) -> list[ConversationSummary]:
         """The user's conversations, most recently active first."""
 

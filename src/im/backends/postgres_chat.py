@@ -277,6 +277,15 @@ class PostgresChatStore(ChatStore):
         rows = await self.db.pool.fetch("SELECT uid, read_seq FROM members WHERE conv = $1", conv)
         return {uid: seq for uid, seq in rows}
 
+    async def delivered_marks(self, conv: str) -> dict[int, int]:
+        rows = await self.db.pool.fetch(
+            "SELECT m.uid, coalesce(max(d.seq), 0) FROM members m"
+            " LEFT JOIN device_cursors d ON d.uid = m.uid AND d.conv = m.conv"
+            " WHERE m.conv = $1 GROUP BY m.uid",
+            conv,
+        )
+        return {uid: seq for uid, seq in rows}
+
     async def outbox_fetch(self, limit: int) -> list[OutboxEvent]:
         rows = await self.db.pool.fetch(
             f"SELECT id, {', '.join(_OUTBOX_FIELDS)} FROM outbox ORDER BY id LIMIT $1", limit

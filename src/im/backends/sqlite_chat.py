@@ -228,6 +228,17 @@ class SqliteChatStore(ChatStore):
         )
         return {int(uid): int(seq) for uid, seq in rows}
 
+    async def delivered_marks(self, conv: str) -> dict[int, int]:
+        rows = await self.db.read(
+            lambda conn: conn.execute(
+                "SELECT m.uid, coalesce(max(d.seq), 0) FROM members m"
+                " LEFT JOIN device_cursors d ON d.uid = m.uid AND d.conv = m.conv"
+                " WHERE m.conv = ? GROUP BY m.uid",
+                (conv,),
+            ).fetchall()
+        )
+        return {int(uid): int(seq) for uid, seq in rows}
+
     async def outbox_fetch(self, limit: int) -> list[OutboxEvent]:
         rows = await self.db.read(
             lambda conn: conn.execute(

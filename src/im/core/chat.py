@@ -620,6 +620,42 @@ class ChatService:
     async def conversations(self, uid: int) -> list[ConversationSummary]:
         return await self.store.list_conversations(uid)
 
+    async def receipts(self, uid: int, conv: str) -> dict[int, tuple[int, int]]:
+        """Per member of ``conv``: (read seq, delivered seq), the stored marks (docs/protocol.md section
+        10). Delivered is the best delivery cursor of any of the member's devices, and at least their read
+        mark (what was read was held). Members only."""
+        await self._require_member(uid, conv)
+        reads = await self.store.read_marks(conv)
+        delivered = await self.store.delivered_marks(conv)
+        return {m: (reads.get(m, 0), max(reads.get(m, 0), delivered.get(m, 0))) for m in sorted(reads)}
+
+    async def online(self, viewer: int, uids: Sequence[int]) -> dict[int, bool]:
+        """For each of ``uids``: whether it has a device online. Only the viewer and users it currently
+        shares a conversation with (direct or group) can read as online; anyone else reads as offline, so
+        presence tells strangers nothing."""
+        wanted = set(uids)
+        visible = {viewer} & wanted
+        # The device name "" is never a real device: this lists the viewer's conversations, nothing else.
+        convs = [p.conv for p in await self.store.sync_points(viewer, "")]
+        groups: list[str] = []
+        for conv in convs:
+            parsed = parse_conv(conv)
+            if parsed is None:
+                continue
+            kind, ids = parsed
+            if kind == "group":
+                groups.append(conv)
+            else:
+                visible.update(u for u in ids if u in wanted)
+        if groups and not wanted <= visible:
+            await self._load(groups)
+            for conv in groups:
+                state = self._states.get(conv)
+                if state is not None and viewer in state.members:
+                    visible.update(u for u in state.members if u in wanted)
+        located = await self.presence.locate(sorted(visible)) if visible else {}
+        return {u: u in located for u in uids}
+
     async def replay(
         self, uid: int, device: str, conv: str, after: int | None, upto: int, limit: int
     ) -> tuple[int, list[StoredMessage]]:

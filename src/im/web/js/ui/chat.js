@@ -1,0 +1,247 @@
+// The conversation pane: header, message log (scrolls back by seq), typing line, composer, file drop.
+
+import { $, Keyed, coalesce, h, reconcile, setChildren } from "../dom.js";
+import { icon } from "../icons.js";
+import { describe, renderMessage } from "./messages.js";
+import { avatar } from "./sidebar.js";
+
+const NEAR_BOTTOM = 80; // px: closer than this to the end counts as "at the bottom"
+const TYPING_EVERY = 3000; // ms between typing notices while the user types
+
+export class ChatView {
+  /** @param {{state, api, connection, sender, onBack, onMembers}} opts */
+  constructor({ state, api, connection, sender, onBack, onMembers }) {
+    this.state = state;
+    this.api = api;
+    this.connection = connection;
+    this.sender = sender;
+    this.conv = null;
+    this.wrap = $("#messages-wrap");
+    this.list = $("#messages");
+    this.input = $("#message-input");
+    this.older = $("#load-older");
+    this._elements = new Keyed();
+    this._typingSentAt = 0;
+    this._stickToBottom = true;
+    this.render = coalesce(() => this._render());
+
+    $("#back").replaceChildren(icon("back", { size: 22 }));
+    $("#attach").replaceChildren(icon("attach", { size: 22 }));
+    $("#back").onclick = onBack;
+    $("#members-button").onclick = () => onMembers(this.conv);
+    this.older.onclick = () => this.loadOlder();
+    $("#composer").onsubmit = (e) => {
+      e.preventDefault();
+      this.submit();
+    };
+    this.input.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+        e.preventDefault();
+        this.submit();
+      }
+    });
+    this.input.addEventListener("input", () => {
+      this._autosize();
+      const now = Date.now();
+      if (this.conv && this.input.value.trim() && now - this._typingSentAt > TYPING_EVERY) {
+        this._typingSentAt = now;
+        this.connection.typing(this.conv);
+      }
+    });
+    this.input.addEventListener("paste", (e) => {
+      const files = [...(e.clipboardData ? e.clipboardData.files : [])];
+      if (files.length && this.conv) {
+        e.preventDefault();
+        for (const f of files) this.sender.sendFile(this.conv, f);
+      }
+    });
+    const fileInput = $("#file-input");
+    $("#attach").onclick = () => fileInput.click();
+    fileInput.onchange = () => {
+      for (const f of fileInput.files) this.sender.sendFile(this.conv, f);
+      fileInput.value = "";
+      this.input.focus();
+    };
+    this.wrap.addEventListener("scroll", () => {
+      this._stickToBottom = this._atBottom();
+      if (this.wrap.scrollTop < 60) this.loadOlder();
+      if (this._stickToBottom) this.markRead();
+    });
+    this._setupDrop();
+
+    state.on("conv", (conv) => {
+      if (conv === this.conv) this.render();
+    });
+    state.on("users", this.render);
+    state.on("presence", this.render);
+    connection.on("status", this.render);
+  }
+
+  _setupDrop() {
+    const main = $("#chat-main");
+    const overlay = $("#drop-overlay");
+    let depth = 0;
+    const hasFiles = (e) => e.dataTransfer && [...e.dataTransfer.types].includes("Files");
+    main.addEventListener("dragenter", (e) => {
+      if (!hasFiles(e) || !this._canSend()) return;
+      depth++;
+      overlay.hidden = false;
+    });
+    main.addEventListener("dragleave", () => {
+      depth = Math.max(0, depth - 1);
+      if (!depth) overlay.hidden = true;
+    });
+    main.addEventListener("dragover", (e) => {
+      if (hasFiles(e)) e.preventDefault();
+    });
+    main.addEventListener("drop", (e) => {
+      if (!hasFiles(e)) return;
+      e.preventDefault();
+      depth = 0;
+      overlay.hidden = true;
+      if (!this._canSend()) return;
+      for (const f of e.dataTransfer.files) this.sender.sendFile(this.conv, f);
+    });
+  }
+
+  _canSend() {
+    const c = this.conv && this.state.get(this.conv);
+    return Boolean(c && !c.left);
+  }
+
+  /** Show a conversation (null: none). */
+  async show(conv) {
+    if (conv === this.conv) return;
+    this.conv = conv;
+    this._elements.clear();
+    this.list.replaceChildren();
+    this._stickToBottom = true;
+    $("#chat-empty").hidden = Boolean(conv);
+    $("#chat-main").hidden = !conv;
+    if (!conv) return;
+    this.input.value = "";
+    this._autosize();
+    this.render();
+    const c = this.state.get(conv);
+    const loads = [this.state.loadLatest(conv), this.state.loadMembers(conv)];
+    if (!c.draft) loads.push(this.state.loadReceipts(conv));
+    const results = await Promise.allSettled(loads);
+    for (const r of results) if (r.status === "rejected") console.warn("im: loading the conversation failed", r.reason);
+    if (this.conv === conv) {
+      this.render();
+      this.state.refreshPresence(conv).catch(() => {});
+    }
+  }
+
+  focusInput() {
+    this.input.focus();
+  }
+
+  submit() {
+    if (!this._canSend()) return;
+    const text = this.input.value;
+    if (!text.trim()) return;
+    this.sender.sendText(this.conv, text);
+    this.input.value = "";
+    this._autosize();
+    this._typingSentAt = 0;
+    this._stickToBottom = true;
+  }
+
+  async loadOlder() {
+    const c = this.conv && this.state.get(this.conv);
+    if (!c || !c.hasOlder || c.loadingOlder) return;
+    try {
+      await this.state.loadOlder(c.conv);
+    } catch (err) {
+      console.warn("im: loading older messages failed", err);
+    }
+  }
+
+  _atBottom() {
+    const w = this.wrap;
+    return w.scrollHeight - w.scrollTop - w.clientHeight < NEAR_BOTTOM;
+  }
+
+  /** Tell the server (and our other devices) we have seen the conversation up to its newest message. */
+  markRead() {
+    const c = this.conv && this.state.get(this.conv);
+    if (!c || c.draft || document.visibilityState !== "visible" || !this._atBottom()) return;
+    const held = this.connection.cursors.get(c.conv) || 0;
+    const seq = Math.min(c.lastSeq, held);
+    if (seq > c.readSeq && this.connection.state === "open") {
+      this.connection.read(c.conv, seq);
+      c.readSeq = seq;
+      this.state.emit("list");
+    }
+  }
+
+  _autosize() {
+    this.input.style.height = "auto";
+    this.input.style.height = `${Math.min(this.input.scrollHeight + 2, 140)}px`;
+  }
+
+  _render() {
+    const c = this.conv && this.state.get(this.conv);
+    if (!c) return;
+    const state = this.state;
+    this._renderHeader(c);
+
+    const wasAtBottom = this._stickToBottom || this._atBottom();
+    const anchor = this.list.firstElementChild;
+    const anchorTop = anchor ? anchor.offsetTop : 0;
+
+    const ctx = {
+      state, api: this.api, conv: c, online: this.connection.state === "open",
+      onRetry: (p) => this.sender.retry(p),
+    };
+    const wanted = [];
+    let prevFrom = null;
+    for (const m of state.messagesOf(c)) {
+      const showSender = c.kind === "group" && m.type !== "system" && m.from !== prevFrom;
+      prevFrom = m.type === "system" ? null : m.from;
+      wanted.push([`s${m.seq}`, m, false, showSender]);
+    }
+    for (const p of state.pendingOf(c.conv)) wanted.push([`p${p.cmid}`, p, true, false]);
+
+    const els = wanted.map(([key, m, pending, showSender]) => {
+      const mctx = { ...ctx, showSender };
+      const d = describe(m, mctx, pending);
+      return this._elements.render(key, d.signature, () => renderMessage(m, mctx, pending, d));
+    });
+    this._elements.done();
+    reconcile(this.list, els); // minimal changes: the log is aria-live
+
+    this.older.hidden = !c.hasOlder;
+    if (wasAtBottom) this.wrap.scrollTop = this.wrap.scrollHeight;
+    else if (anchor && anchor.isConnected) this.wrap.scrollTop += anchor.offsetTop - anchorTop;
+    this._stickToBottom = this._atBottom();
+    // A first page that does not fill the pane cannot be scrolled up: fetch the next one right away.
+    if (c.hasOlder && c.historyLoaded && this.wrap.scrollHeight <= this.wrap.clientHeight) this.loadOlder();
+
+    const typers = state.typers(c).map((u) => state.name(u));
+    $("#typing").textContent = typers.length === 0 ? ""
+      : typers.length === 1 ? `${typers[0]} is typing…` : `${typers.join(" and ")} are typing…`;
+    $("#left-note").hidden = !c.left;
+    $("#composer").hidden = c.left;
+    this.markRead();
+  }
+
+  _renderHeader(c) {
+    const state = this.state;
+    const title = state.title(c);
+    $("#chat-title").textContent = title;
+    const online = c.kind === "direct" ? state.online.get(c.peer) === true : null;
+    $("#chat-avatar").replaceWith(Object.assign(avatar(title, c.conv, { group: c.kind === "group", online }),
+      { id: "chat-avatar" }));
+    const subtitle = $("#chat-subtitle");
+    if (c.kind === "direct") {
+      setChildren(subtitle, online ? h("span", { class: "online" }, "online") : c.draft ? "new conversation" : "offline");
+    } else {
+      const members = c.members ? c.members.size : 0;
+      const on = c.members ? [...c.members.keys()].filter((u) => u !== state.me.uid && state.online.get(u)).length : 0;
+      setChildren(subtitle, members ? `${members} members` : "", on ? h("span", { class: "online" }, ` · ${on} online`) : "");
+    }
+    $("#members-button").hidden = c.kind !== "group" || c.left;
+  }
+}

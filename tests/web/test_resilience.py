@@ -1,0 +1,151 @@
+"""The web client when things go wrong: a user away and back, the server stopped and killed under an open
+page. Nothing typed is lost or doubled, nothing sent meanwhile is missed, and the page recovers by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import httpx
+import pytest
+from playwright.async_api import expect
+
+from tests.support.client import ChatClient
+from tests.support.server import ServerProcess
+from tests.web.conftest import PHONE, Web, WebUser
+
+
+async def stored_texts(server: ServerProcess, user: WebUser, other: WebUser) -> list[str]:
+    """The conversation's text messages as the server stores them, in seq order."""
+    assert user.account is not None
+    conv = user.conv_with(other)
+    async with httpx.AsyncClient(base_url=server.api, timeout=10) as http:
+        r = await http.get(f"/conversations/{conv}/messages", params={"limit": 200}, headers=user.account.auth)
+        assert r.status_code == 200, r.text
+        return [m["body"]["text"] for m in r.json()["messages"] if m["type"] == "text"]
+
+
+async def test_offline_user_catches_up_in_order(web: Web) -> None:
+    alice = await web.user("alice")
+    bob = await web.user("bob", viewport=PHONE)
+    await alice.open_chat_with(bob)
+    await alice.send("before you left")
+    await expect(bob.page.locator("#conv-list .conv")).to_have_count(1)
+
+    # Bob closes the page; Alice writes on, from the page and from her phone (another device: her page
+    # receives those as messages), more than one history page in all.
+    await bob.page.close()
+    typed = [f"while you were away {i}" for i in range(1, 4)]
+    for text in typed:
+        await alice.send(text)
+    for text in typed:
+        await expect(alice.message(text).locator(".status")).to_have_text("Sent")
+    assert alice.account is not None
+    phone = ChatClient(web.server.ws, alice.account, "phone")
+    await phone.connect()
+    from_phone = [f"from my phone {i}" for i in range(1, 61)]
+    for text in from_phone:
+        assert await phone.send({"text": text}, conv=alice.conv_with(bob)) is not None, phone.errors
+    await phone.close()
+    everything = ["before you left", *typed, *from_phone]
+    await expect(alice.texts).to_have_text(everything)
+
+    # Bob opens the page again (same browser: still logged in) and finds everything, in order.
+    bob.page = await web.page(bob.context)
+    item = bob.conversation(alice.display)
+    await expect(item.locator(".badge")).to_have_text(str(len(everything)))
+    await expect(item.locator(".conv-preview")).to_have_text(from_phone[-1])
+    await web.shot(bob.page, "08-phone-conversation-list")
+    await expect(bob.page.locator("#chat")).to_be_hidden()  # one pane at a time on a phone
+
+    await bob.open_conversation(alice.display)
+    await expect(bob.page.locator(".sidebar")).to_be_hidden()
+    await expect(bob.page.locator("#back")).to_be_visible()
+    # The newest page first; scrolling up pages back by seq until the first message, with no gap.
+    await expect(bob.texts).to_have_text(everything[-50:])
+    await expect(bob.page.locator("#load-older")).to_be_visible()
+    await bob.page.locator("#messages-wrap").evaluate("w => { w.scrollTop = 0; }")
+    await expect(bob.texts).to_have_text(everything)
+    await expect(bob.page.locator("#load-older")).to_be_hidden()
+    for text in typed:
+        await expect(alice.message(text).locator(".status")).to_have_text("Read")
+    await bob.send("I'm back")
+    await expect(alice.message("I'm back")).to_have_count(1)
+    await web.shot(bob.page, "09-phone-chat")
+    await web.assert_readable(bob.page)
+
+    # Back to the list with the back button; the conversation is read now.
+    await bob.page.click("#back")
+    await expect(bob.page.locator(".sidebar")).to_be_visible()
+    await expect(item.locator(".badge")).to_have_count(0)
+
+
+async def test_page_recovers_from_server_restarts(web: Web, server: ServerProcess) -> None:
+    alice = await web.user("alice")
+    bob = await web.user("bob")
+    await alice.open_chat_with(bob)
+    await alice.send("before the restart")
+    await bob.open_conversation(alice.display)
+    await expect(alice.message("before the restart").locator(".status")).to_have_text("Read")
+    await expect(alice.page.locator("#chat-subtitle")).to_have_text("online")
+
+    expected = ["before the restart"]
+    for sig, name in ((signal.SIGTERM, "stopped"), (signal.SIGKILL, "killed")):
+        await asyncio.to_thread(server.stop, sig)
+        for user in (alice, bob):
+            await expect(user.page.locator("#banner")).to_contain_text("Reconnecting")
+        # Typed while the server is down: shown at once, waiting; sent when the connection is back.
+        typed = f"typed while the server was {name}"
+        await alice.send(typed)
+        pending = alice.message(typed)
+        await expect(pending).to_have_class("msg mine pending")
+        await expect(pending.locator(".status")).to_have_text("Waiting for connection…")
+        if sig == signal.SIGTERM:
+            await web.shot(alice.page, "10-reconnecting-banner")
+            await web.assert_readable(alice.page)
+
+        await asyncio.to_thread(server.start)
+        for user in (alice, bob):
+            await expect(user.page.locator("#banner")).to_be_hidden()
+        await expect(bob.message(typed)).to_have_count(1)
+        await expect(alice.message(typed).locator(".status")).to_have_text("Read")
+        reply = f"reply after the server was {name}"
+        await bob.send(reply)
+        await expect(alice.message(reply)).to_have_count(1)
+        expected += [typed, reply]
+
+    # Exactly once each, in the same order on both pages and in the server's log.
+    for user in (alice, bob):
+        await expect(user.texts).to_have_text(expected)
+    assert await stored_texts(web.server, alice, bob) == expected
+
+
+@pytest.mark.parametrize("server", [["--set", "auth.access_ttl=2"]], indirect=True)
+async def test_session_outlives_its_access_tokens(web: Web) -> None:
+    """Access tokens live 2 s here: reloads and reconnects refresh them, and two tabs refreshing the same
+    single-use refresh token at once do not revoke the session (they take turns)."""
+    alice = await web.user("alice")
+    bob = await web.user("bob")
+    second_tab = await web.page(alice.context)
+    await expect(second_tab.locator("#me-name")).to_have_text(alice.display)
+    first_refresh = await alice.page.evaluate("JSON.parse(localStorage.getItem('im.auth')).refresh")
+
+    # Wait (a condition, not an assertion) until the access token is due for a refresh, then reload both
+    # tabs at once: both need a new token at the same moment.
+    await alice.page.wait_for_function("() => Date.now() >= JSON.parse(localStorage.getItem('im.auth')).refreshAt")
+    await asyncio.gather(alice.page.reload(), second_tab.reload())
+    for page in (alice.page, second_tab):
+        await expect(page.locator("#me-name")).to_have_text(alice.display)
+        await expect(page.locator("#banner")).to_be_hidden()
+    assert await alice.page.evaluate("JSON.parse(localStorage.getItem('im.auth')).refresh") != first_refresh
+
+    # Later calls and a new connection (the server drops it) work with refreshed tokens too.
+    await alice.page.wait_for_function("() => Date.now() >= JSON.parse(localStorage.getItem('im.auth')).refreshAt")
+    await alice.open_chat_with(bob)
+    await alice.send("still logged in")
+    await expect(bob.message("still logged in")).to_have_count(0)  # Bob has not opened it
+    await expect(bob.page.locator("#conv-list .conv-preview")).to_have_text("still logged in")
+    await asyncio.to_thread(web.server.restart)
+    await alice.send("and after a reconnect")
+    await expect(alice.message("and after a reconnect").locator(".status")).to_have_text("Delivered")
+    await expect(second_tab.locator("#login-view")).to_be_hidden()
