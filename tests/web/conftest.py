@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, BrowserContext, Locator, Page, async_playwright, expect
+from playwright.async_api import Browser, BrowserContext, Locator, Page, WebSocket, async_playwright, expect
 
 from tests.support.client import Account, register
 from tests.support.server import ServerProcess, running_server
@@ -177,6 +177,7 @@ class Web:
     requests: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     contexts: list[BrowserContext] = field(default_factory=list)
+    websockets: list[tuple[Page, WebSocket]] = field(default_factory=list)  # every page's, in opening order
 
     async def context(self, viewport: dict[str, int] | None = None) -> BrowserContext:
         ctx = await self.browser.new_context(viewport=viewport or DESKTOP, locale="en-GB", timezone_id="UTC")
@@ -186,12 +187,21 @@ class Web:
     async def page(self, ctx: BrowserContext) -> Page:
         page = await ctx.new_page()
         page.on("request", lambda r: self.requests.append(r.url))
-        page.on("websocket", lambda ws: self.requests.append(ws.url))
+
+        def websocket(ws: WebSocket) -> None:
+            self.requests.append(ws.url)
+            self.websockets.append((page, ws))
+
+        page.on("websocket", websocket)
         page.on("pageerror", lambda e: self.errors.append(f"{page.url}: {e}"))
         # The client logs what the server refused and what failed with an "im: " prefix: none expected.
         page.on("console", lambda m: self.errors.append(m.text) if m.text.startswith("im: ") else None)
         await page.goto(f"{self.server.http}/")
         return page
+
+    def sockets(self, page: Page) -> list[WebSocket]:
+        """The WebSockets ``page`` opened (the chat connection and its reconnects), oldest first."""
+        return [ws for p, ws in self.websockets if p is page]
 
     async def user(
         self, name: str, *, register_in_page: bool = False, viewport: dict[str, int] | None = None
