@@ -133,10 +133,30 @@ class PostgresChatStore(ChatStore):
         ):
             return
         try:
-            async with self.db.pool.acquire() as conn, conn.transaction():
-                await self._write(conn, batch)
+            if batch.new_conversations or batch.member_changes or batch.file_refs:
+                async with self.db.pool.acquire() as conn, conn.transaction():
+                    await self._write(conn, batch)
+            else:  # the common case: one function call, one round trip
+                await self._commit_messages(batch)
         except _CONFLICTS as exc:
             raise SeqConflict(f"{type(exc).__name__}: {exc}") from None
+
+    async def _commit_messages(self, batch: CommitBatch) -> None:
+        """Heads, messages, outbox rows and read marks through ``im_commit_messages`` (migration 4):
+        the same statements as :meth:`_write`, in one implicit transaction."""
+        # Columns (one array per field) from rows: zip(*rows) transposes in C.
+        heads = [(conv, *h) for conv, h in sorted(batch.heads.items())]  # one lock order for every committer
+        h_cols = list(zip(*heads, strict=True)) if heads else [(), (), (), ()]
+        m_cols = (
+            list(zip(*[(m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, m.body)
+                       for m in batch.messages], strict=True))
+            if batch.messages else [()] * 9
+        )
+        r_cols = list(zip(*batch.read_marks, strict=True)) if batch.read_marks else [(), (), ()]
+        await self.db.pool.execute(
+            "SELECT im_commit_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+            *h_cols, *m_cols, *r_cols, self.outbox,
+        )
 
     async def _write(self, conn: Any, batch: CommitBatch) -> None:
         if batch.new_conversations:

@@ -123,6 +123,38 @@ MIGRATIONS: list[str] = [
         created_at BIGINT NOT NULL
     );
     """,
+    # 4: the common group commit (messages, heads, read marks, outbox rows) as one function call: one
+    # round trip and one implicit transaction instead of BEGIN, four statements and COMMIT
+    """
+    CREATE FUNCTION im_commit_messages(
+        h_conv TEXT[], h_before BIGINT[], h_after BIGINT[], h_ts BIGINT[],
+        m_conv TEXT[], m_seq BIGINT[], m_mid BIGINT[], m_sender BIGINT[], m_device TEXT[], m_cmid TEXT[],
+        m_ts BIGINT[], m_type TEXT[], m_body BYTEA[],
+        r_uid BIGINT[], r_conv TEXT[], r_seq BIGINT[], with_outbox BOOLEAN
+    ) RETURNS VOID LANGUAGE plpgsql AS $$
+    DECLARE
+        moved BIGINT;
+    BEGIN
+        UPDATE conversations c SET last_seq = h.after, last_ts = h.ts
+            FROM unnest(h_conv, h_before, h_after, h_ts) AS h(conv, before, after, ts)
+            WHERE c.conv = h.conv AND c.last_seq = h.before;
+        GET DIAGNOSTICS moved = ROW_COUNT;
+        IF moved <> coalesce(array_length(h_conv, 1), 0) THEN
+            RAISE EXCEPTION 'a conversation head moved' USING ERRCODE = 'serialization_failure';
+        END IF;
+        INSERT INTO messages (conv, seq, mid, sender, device, cmid, ts, type, body)
+            SELECT * FROM unnest(m_conv, m_seq, m_mid, m_sender, m_device, m_cmid, m_ts, m_type, m_body);
+        IF with_outbox THEN
+            INSERT INTO outbox (conv, seq, mid, sender, type, created_at)
+                SELECT * FROM unnest(m_conv, m_seq, m_mid, m_sender, m_type, m_ts);
+        END IF;
+        UPDATE members m SET read_seq = greatest(m.read_seq, r.seq)
+            FROM (SELECT u.uid, u.conv, max(u.seq) AS seq FROM unnest(r_uid, r_conv, r_seq) AS u(uid, conv, seq)
+                  GROUP BY u.uid, u.conv) AS r
+            WHERE m.uid = r.uid AND m.conv = r.conv;
+    END
+    $$;
+    """,
 ]
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
