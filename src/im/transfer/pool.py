@@ -20,7 +20,8 @@ import logging
 import zlib
 from collections.abc import Callable, Sequence
 
-from im.backends.base import DeliverySink, Registry, Router, ServiceInstance, StoredMessage
+from im.backends.base import DeliverySink, Registry, ServiceInstance, StoredMessage
+from im.backends.memory import MemoryRouter
 from im.core.chat import SendCallback, SendRequest
 from im.core.ids import direct_conv
 from im.protocol.errors import ErrorCode, ImError
@@ -195,7 +196,7 @@ class TransferPool:
             log.warning("no transfer node reachable: revocation of a session not broadcast (tokens still refused)")
 
 
-class LinkRouter(Router):
+class LinkRouter(MemoryRouter):
     """A :class:`Router` for a process without streams: local sinks first, else forward through the pool.
 
     Guarantee: at most once, like every Router; per target node, batches keep their publish order while
@@ -203,27 +204,15 @@ class LinkRouter(Router):
     """
 
     def __init__(self, pool: TransferPool, *, encode_event: Callable[[object], bytes] = encode_event) -> None:
+        super().__init__()
         self._pool = pool
-        self._sinks: dict[str, DeliverySink] = {}
         self._encode_event = encode_event
         self.dropped = 0  # items with no link to forward them
 
-    def attach(self, node: str, sink: DeliverySink) -> None:
-        self._sinks[node] = sink
-
-    def detach(self, node: str) -> None:
-        self._sinks.pop(node, None)
-
-    def publish(self, node: str, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
-        sink = self._sinks.get(node)
-        if sink is not None:
-            sink.deliver(messages, recipients)
-        elif not self._pool.forward(node, messages, recipients):
+    def elsewhere(self, node: str, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
+        if not self._pool.forward(node, messages, recipients):
             self.dropped += len(messages)
 
-    def publish_event(self, node: str, frame: object, uids: Sequence[int], skip: tuple[int, str] | None) -> None:
-        sink = self._sinks.get(node)
-        if sink is not None:
-            sink.deliver_event(frame, uids, skip)
-        elif not self._pool.forward_event(node, self._encode_event(frame), uids, skip):
+    def event_elsewhere(self, node: str, frame: object, uids: Sequence[int], skip: tuple[int, str] | None) -> None:
+        if not self._pool.forward_event(node, self._encode_event(frame), uids, skip):
             self.dropped += 1
