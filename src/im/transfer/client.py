@@ -23,7 +23,15 @@ from im.core.chat import SendCallback, SendRequest
 from im.protocol.codec import Encoding, decode_server
 from im.protocol.errors import ErrorCode, ImError
 from im.transfer.gen import transfer_pb2 as pb
-from im.transfer.wire import CHANNEL_OPTIONS, LINK_METHOD, error_from_pb, message_from_pb, message_to_pb, send_to_pb
+from im.transfer.wire import (
+    CHANNEL_OPTIONS,
+    LINK_METHOD,
+    error_from_pb,
+    message_from_pb,
+    message_to_pb,
+    send_to_pb,
+    stored_from_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +248,8 @@ class TransferLink:
             try:
                 if r.error_code:
                     done(req, None, False, error_from_pb(r))
+                elif r.seq:  # fresh: what the core assigned, and the rest from the request
+                    done(req, stored_from_request(req, r.conv, r.seq, r.mid, r.ts), False, None)
                 else:
                     done(req, message_from_pb(r.message), r.dup, None)
             except Exception:

@@ -108,13 +108,16 @@ class LinkOutbox:
         if not (results or deliveries or events or revoked):
             return None
         frame = pb.TransferFrame(revoked_sessions=revoked)
+        add_result = frame.results.add
         for rid, m, dup, err in results:
-            r = frame.results.add(rid=rid, dup=dup)
             if err is not None:
-                r.error_code = err.code.value
-                r.error_message = err.message
-            elif m is not None:
-                message_to_pb(m, r.message)
+                add_result(rid=rid, error_code=err.code.value, error_message=err.message)
+            elif m is None:
+                add_result(rid=rid)
+            elif dup:
+                message_to_pb(m, add_result(rid=rid, dup=True).message)
+            else:  # fresh: the gateway has the rest of the message in its request
+                add_result(rid=rid, conv=m.conv, seq=m.seq, mid=m.mid, ts=m.ts)
         for m, uids in deliveries:
             d = frame.deliveries.add(uids=uids)
             message_to_pb(m, d.message)

@@ -54,6 +54,15 @@ def message_to_pb(m: StoredMessage, out: pb.Message) -> None:
     out.body = m.body
 
 
+def stored_from_request(req: SendRequest, conv: str, seq: int, mid: int, ts: int) -> StoredMessage:
+    """The stored message of a fresh send: the core stores the request's fields as they are, so a
+    result needs to carry only what the core assigned."""
+    return StoredMessage(
+        conv=conv, seq=seq, mid=mid, sender=req.uid, device=req.device, cmid=req.cmid, ts=ts, type=req.type,
+        body=req.body,
+    )
+
+
 def message_from_pb(p: pb.Message) -> StoredMessage:
     return StoredMessage(
         conv=p.conv, seq=p.seq, mid=p.mid, sender=p.sender, device=p.device, cmid=p.cmid, ts=p.ts,

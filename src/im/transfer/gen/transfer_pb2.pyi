@@ -88,18 +88,26 @@ class Message(_message.Message):
     def __init__(self, conv: _Optional[str] = ..., seq: _Optional[int] = ..., mid: _Optional[int] = ..., sender: _Optional[int] = ..., device: _Optional[str] = ..., cmid: _Optional[str] = ..., ts: _Optional[int] = ..., type: _Optional[str] = ..., body: _Optional[bytes] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("rid", "message", "dup", "error_code", "error_message")
+    __slots__ = ("rid", "message", "dup", "error_code", "error_message", "conv", "seq", "mid", "ts")
     RID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     DUP_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CONV_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    MID_FIELD_NUMBER: _ClassVar[int]
+    TS_FIELD_NUMBER: _ClassVar[int]
     rid: int
     message: Message
     dup: bool
     error_code: str
     error_message: str
-    def __init__(self, rid: _Optional[int] = ..., message: _Optional[_Union[Message, _Mapping]] = ..., dup: _Optional[bool] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ...) -> None: ...
+    conv: str
+    seq: int
+    mid: int
+    ts: int
+    def __init__(self, rid: _Optional[int] = ..., message: _Optional[_Union[Message, _Mapping]] = ..., dup: _Optional[bool] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., conv: _Optional[str] = ..., seq: _Optional[int] = ..., mid: _Optional[int] = ..., ts: _Optional[int] = ...) -> None: ...
 
 class Delivery(_message.Message):
     __slots__ = ("message", "uids")
