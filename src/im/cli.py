@@ -76,6 +76,7 @@ def _serve(config: Config) -> int:
 
     def ready(server: EmbeddedServer) -> None:
         print(f"im: HTTP API   {server.http_url}/api/v1   (OpenAPI docs: {server.http_url}/api/v1/docs)", flush=True)
+        print(f"im: Web chat   {server.http_url}/", flush=True)
         print(f"im: WebSocket  {server.ws_url}", flush=True)
         if server.tcp_url:
             print(f"im: TCP        {server.tcp_url}", flush=True)
