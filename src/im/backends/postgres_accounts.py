@@ -12,26 +12,18 @@ import asyncpg
 
 from im.backends.base import AccountStore, AuthSession, Conflict, User
 from im.backends.postgres_db import PostgresDatabase, rowcount
+from im.backends.shared_db import OnSharedDatabase
 from im.backends.sqlrows import USER_COLUMNS, like_prefix, user_from_row
 
 
-class PostgresAccountStore(AccountStore):
+class PostgresAccountStore(OnSharedDatabase[PostgresDatabase], AccountStore):
     """:class:`AccountStore` on a :class:`PostgresDatabase` (shared with the chat store; opened counted)."""
-
-    def __init__(self, db: PostgresDatabase) -> None:
-        self._db = db
-
-    async def start(self) -> None:
-        await self._db.open()
-
-    async def close(self) -> None:
-        await self._db.close()
 
     # --- users ------------------------------------------------------------------------------------------
 
     async def create_user(self, username: str, display_name: str, password_hash: str, now: int) -> User:
         try:
-            uid = await self._db.pool.fetchval(
+            uid = await self.db.pool.fetchval(
                 "INSERT INTO users (username, display_name, password_hash, created_at) VALUES ($1, $2, $3, $4)"
                 " RETURNING uid",
                 username, display_name, password_hash, now,
@@ -41,24 +33,24 @@ class PostgresAccountStore(AccountStore):
         return User(uid=int(uid), username=username, display_name=display_name, created_at=now)
 
     async def get_user(self, uid: int) -> User | None:
-        row = await self._db.pool.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE uid = $1", uid)
+        row = await self.db.pool.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE uid = $1", uid)
         return None if row is None else user_from_row(row)
 
     async def get_users(self, uids: Sequence[int]) -> dict[int, User]:
         wanted = list(dict.fromkeys(uids))
         if not wanted:
             return {}
-        rows = await self._db.pool.fetch(f"SELECT {USER_COLUMNS} FROM users WHERE uid = ANY($1::bigint[])", wanted)
+        rows = await self.db.pool.fetch(f"SELECT {USER_COLUMNS} FROM users WHERE uid = ANY($1::bigint[])", wanted)
         return {row[0]: user_from_row(row) for row in rows}
 
     async def find_user(self, username: str) -> tuple[User, str] | None:
-        row = await self._db.pool.fetchrow(
+        row = await self.db.pool.fetchrow(
             f"SELECT {USER_COLUMNS}, password_hash FROM users WHERE lower(username) = lower($1)", username
         )
         return None if row is None else (user_from_row(row), row[4])
 
     async def search_users(self, prefix: str, limit: int) -> list[User]:
-        rows = await self._db.pool.fetch(
+        rows = await self.db.pool.fetch(
             f"SELECT {USER_COLUMNS} FROM users"
             " WHERE lower(username) LIKE lower($1) ESCAPE '\\' OR lower(display_name) LIKE lower($1) ESCAPE '\\'"
             ' ORDER BY lower(username) COLLATE "C" LIMIT $2',
@@ -67,18 +59,18 @@ class PostgresAccountStore(AccountStore):
         return [user_from_row(row) for row in rows]
 
     async def set_password_hash(self, uid: int, password_hash: str) -> None:
-        await self._db.pool.execute("UPDATE users SET password_hash = $1 WHERE uid = $2", password_hash, uid)
+        await self.db.pool.execute("UPDATE users SET password_hash = $1 WHERE uid = $2", password_hash, uid)
 
     # --- sessions ---------------------------------------------------------------------------------------
 
     async def create_session(self, session: AuthSession) -> None:
-        await self._db.pool.execute(
+        await self.db.pool.execute(
             "INSERT INTO auth_sessions (sid, uid, refresh_hash, expires_at, revoked) VALUES ($1, $2, $3, $4, $5)",
             session.sid, session.uid, session.refresh_hash, session.expires_at, session.revoked,
         )
 
     async def get_session(self, sid: str) -> AuthSession | None:
-        row = await self._db.pool.fetchrow(
+        row = await self.db.pool.fetchrow(
             "SELECT sid, uid, refresh_hash, expires_at, revoked FROM auth_sessions WHERE sid = $1", sid
         )
         if row is None:
@@ -86,7 +78,7 @@ class PostgresAccountStore(AccountStore):
         return AuthSession(sid=row[0], uid=row[1], refresh_hash=row[2], expires_at=row[3], revoked=row[4])
 
     async def rotate_refresh(self, sid: str, old_hash: str, new_hash: str, expires_at: int) -> bool:
-        status = await self._db.pool.execute(
+        status = await self.db.pool.execute(
             "UPDATE auth_sessions SET refresh_hash = $1, expires_at = $2"
             " WHERE sid = $3 AND refresh_hash = $4 AND NOT revoked",
             new_hash, expires_at, sid, old_hash,
@@ -94,22 +86,22 @@ class PostgresAccountStore(AccountStore):
         return rowcount(status) == 1
 
     async def revoke_session(self, sid: str) -> None:
-        await self._db.pool.execute("UPDATE auth_sessions SET revoked = true WHERE sid = $1", sid)
+        await self.db.pool.execute("UPDATE auth_sessions SET revoked = true WHERE sid = $1", sid)
 
     # --- contacts ---------------------------------------------------------------------------------------
 
     async def add_contact(self, uid: int, contact: int, now: int) -> None:
-        await self._db.pool.execute(
+        await self.db.pool.execute(
             "INSERT INTO contacts (uid, contact, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
             uid, contact, now,
         )
 
     async def remove_contact(self, uid: int, contact: int) -> bool:
-        status = await self._db.pool.execute("DELETE FROM contacts WHERE uid = $1 AND contact = $2", uid, contact)
+        status = await self.db.pool.execute("DELETE FROM contacts WHERE uid = $1 AND contact = $2", uid, contact)
         return rowcount(status) == 1
 
     async def list_contacts(self, uid: int) -> list[User]:
-        rows = await self._db.pool.fetch(
+        rows = await self.db.pool.fetch(
             "SELECT u.uid, u.username, u.display_name, u.created_at FROM contacts c"
             ' JOIN users u ON u.uid = c.contact WHERE c.uid = $1 ORDER BY lower(u.username) COLLATE "C"',
             uid,

@@ -42,6 +42,7 @@ from im.backends.base import (
     SyncPoint,
 )
 from im.backends.postgres_db import PostgresDatabase, rowcount
+from im.backends.shared_db import OnSharedDatabase
 
 _MSG_FIELDS = ["conv", "seq", "mid", "sender", "device", "cmid", "ts", "type", "body"]
 _MSG_COLUMNS = ", ".join(_MSG_FIELDS)
@@ -80,18 +81,12 @@ def net_member_changes(
     return list(deletes), [(c, u, role, joined) for (c, u), (role, joined) in upserts.items()], owners
 
 
-class PostgresChatStore(ChatStore):
+class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
     """:class:`ChatStore` on a :class:`PostgresDatabase` (shared with the other stores; opened counted)."""
 
     def __init__(self, db: PostgresDatabase, *, outbox: bool = False) -> None:
-        self.db = db
+        super().__init__(db)
         self.outbox = outbox
-
-    async def start(self) -> None:
-        await self.db.open()
-
-    async def close(self) -> None:
-        await self.db.close()
 
     async def load_conversations(self, convs: Sequence[str]) -> dict[str, ConversationState]:
         if not convs:

@@ -10,21 +10,13 @@ import sqlite3
 from collections.abc import Sequence
 
 from im.backends.base import AccountStore, AuthSession, Conflict, User
+from im.backends.shared_db import OnSharedDatabase
 from im.backends.sqlite_db import SqliteDatabase
 from im.backends.sqlrows import USER_COLUMNS, like_prefix, user_from_row
 
 
-class SqliteAccountStore(AccountStore):
+class SqliteAccountStore(OnSharedDatabase[SqliteDatabase], AccountStore):
     """:class:`AccountStore` on a :class:`SqliteDatabase` (shared with the chat store; opened counted)."""
-
-    def __init__(self, db: SqliteDatabase) -> None:
-        self._db = db
-
-    async def start(self) -> None:
-        await self._db.open()
-
-    async def close(self) -> None:
-        await self._db.close()
 
     # --- users ------------------------------------------------------------------------------------------
 
@@ -38,7 +30,7 @@ class SqliteAccountStore(AccountStore):
             return cur.lastrowid
 
         try:
-            uid = await self._db.write(insert)
+            uid = await self.db.write(insert)
         except sqlite3.IntegrityError:
             raise Conflict(f"user name {username!r} is taken") from None
         return User(uid=uid, username=username, display_name=display_name, created_at=now)
@@ -48,7 +40,7 @@ class SqliteAccountStore(AccountStore):
             row = conn.execute(f"SELECT {USER_COLUMNS} FROM users WHERE uid = ?", (uid,)).fetchone()
             return None if row is None else user_from_row(row)
 
-        return await self._db.read(get)
+        return await self.db.read(get)
 
     async def get_users(self, uids: Sequence[int]) -> dict[int, User]:
         wanted = list(dict.fromkeys(uids))
@@ -62,7 +54,7 @@ class SqliteAccountStore(AccountStore):
                     found[row[0]] = user_from_row(row)
             return found
 
-        return await self._db.read(get) if wanted else {}
+        return await self.db.read(get) if wanted else {}
 
     async def find_user(self, username: str) -> tuple[User, str] | None:
         def get(conn: sqlite3.Connection) -> tuple[User, str] | None:
@@ -72,7 +64,7 @@ class SqliteAccountStore(AccountStore):
             ).fetchone()
             return None if row is None else (user_from_row(row[:4]), row[4])
 
-        return await self._db.read(get)
+        return await self.db.read(get)
 
     async def search_users(self, prefix: str, limit: int) -> list[User]:
         pattern = like_prefix(prefix)
@@ -87,18 +79,18 @@ class SqliteAccountStore(AccountStore):
             ).fetchall()
             return [user_from_row(row) for row in rows]
 
-        return await self._db.read(search)
+        return await self.db.read(search)
 
     async def set_password_hash(self, uid: int, password_hash: str) -> None:
         sql = "UPDATE users SET password_hash = ? WHERE uid = ?"
-        await self._db.write(lambda conn: conn.execute(sql, (password_hash, uid)))
+        await self.db.write(lambda conn: conn.execute(sql, (password_hash, uid)))
 
     # --- sessions ---------------------------------------------------------------------------------------
 
     async def create_session(self, session: AuthSession) -> None:
         sql = "INSERT INTO auth_sessions (sid, uid, refresh_hash, expires_at, revoked) VALUES (?, ?, ?, ?, ?)"
         row = (session.sid, session.uid, session.refresh_hash, session.expires_at, int(session.revoked))
-        await self._db.write(lambda conn: conn.execute(sql, row))
+        await self.db.write(lambda conn: conn.execute(sql, row))
 
     async def get_session(self, sid: str) -> AuthSession | None:
         def get(conn: sqlite3.Connection) -> AuthSession | None:
@@ -111,7 +103,7 @@ class SqliteAccountStore(AccountStore):
                 sid=row[0], uid=row[1], refresh_hash=row[2], expires_at=row[3], revoked=bool(row[4])
             )
 
-        return await self._db.read(get)
+        return await self.db.read(get)
 
     async def rotate_refresh(self, sid: str, old_hash: str, new_hash: str, expires_at: int) -> bool:
         def rotate(conn: sqlite3.Connection) -> bool:
@@ -122,24 +114,24 @@ class SqliteAccountStore(AccountStore):
             )
             return cur.rowcount == 1
 
-        return await self._db.write(rotate)
+        return await self.db.write(rotate)
 
     async def revoke_session(self, sid: str) -> None:
         sql = "UPDATE auth_sessions SET revoked = 1 WHERE sid = ?"
-        await self._db.write(lambda conn: conn.execute(sql, (sid,)))
+        await self.db.write(lambda conn: conn.execute(sql, (sid,)))
 
     # --- contacts ---------------------------------------------------------------------------------------
 
     async def add_contact(self, uid: int, contact: int, now: int) -> None:
         sql = "INSERT OR IGNORE INTO contacts (uid, contact, created_at) VALUES (?, ?, ?)"
-        await self._db.write(lambda conn: conn.execute(sql, (uid, contact, now)))
+        await self.db.write(lambda conn: conn.execute(sql, (uid, contact, now)))
 
     async def remove_contact(self, uid: int, contact: int) -> bool:
         def remove(conn: sqlite3.Connection) -> bool:
             cur = conn.execute("DELETE FROM contacts WHERE uid = ? AND contact = ?", (uid, contact))
             return cur.rowcount == 1
 
-        return await self._db.write(remove)
+        return await self.db.write(remove)
 
     async def list_contacts(self, uid: int) -> list[User]:
         def get(conn: sqlite3.Connection) -> list[User]:
@@ -150,4 +142,4 @@ class SqliteAccountStore(AccountStore):
             ).fetchall()
             return [user_from_row(row) for row in rows]
 
-        return await self._db.read(get)
+        return await self.db.read(get)

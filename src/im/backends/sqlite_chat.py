@@ -20,6 +20,7 @@ from im.backends.base import (
     StoredMessage,
     SyncPoint,
 )
+from im.backends.shared_db import OnSharedDatabase
 from im.backends.sqlite_db import SqliteDatabase
 
 _MSG_COLUMNS = "conv, seq, mid, sender, device, cmid, ts, type, body"
@@ -39,16 +40,10 @@ def _chunks(items: Sequence[object], size: int = _CHUNK) -> Iterable[Sequence[ob
         yield items[i : i + size]
 
 
-class SqliteChatStore(ChatStore):
+class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
     def __init__(self, db: SqliteDatabase, *, outbox: bool = False) -> None:
-        self.db = db
+        super().__init__(db)
         self.outbox = outbox
-
-    async def start(self) -> None:
-        await self.db.open()
-
-    async def close(self) -> None:
-        await self.db.close()
 
     async def load_conversations(self, convs: Sequence[str]) -> dict[str, ConversationState]:
         def run(conn: sqlite3.Connection) -> dict[str, ConversationState]:

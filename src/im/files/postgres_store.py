@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from im.backends.postgres_db import PostgresDatabase
+from im.backends.shared_db import OnSharedDatabase
 from im.files.store import FileMeta, FileStore
 
 _META = "file_id, sha256, size, content_type, width, height, created_at"
@@ -23,20 +24,11 @@ def _meta(row: Any) -> FileMeta:
     return FileMeta(*row[:7])
 
 
-class PostgresFileStore(FileStore):
+class PostgresFileStore(OnSharedDatabase[PostgresDatabase], FileStore):
     """:class:`FileStore` on a :class:`PostgresDatabase` (shared with the other stores; opened counted)."""
 
-    def __init__(self, db: PostgresDatabase) -> None:
-        self._db = db
-
-    async def start(self) -> None:
-        await self._db.open()
-
-    async def close(self) -> None:
-        await self._db.close()
-
     async def add_upload(self, meta: FileMeta, uid: int, name: str, now: int) -> tuple[FileMeta, str, bool]:
-        async with self._db.pool.acquire() as conn, conn.transaction():
+        async with self.db.pool.acquire() as conn, conn.transaction():
             # A concurrent first upload of the same bytes: this insert waits for it, then does nothing.
             await conn.execute(
                 f"INSERT INTO files ({_META}) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
@@ -55,7 +47,7 @@ class PostgresFileStore(FileStore):
         return _meta(row), row[7], bool(new_owner)
 
     async def lookup(self, uid: int, file_id: str) -> tuple[FileMeta, str | None] | None:
-        row = await self._db.pool.fetchrow(
+        row = await self.db.pool.fetchrow(
             f"SELECT {', '.join('f.' + c.strip() for c in _META.split(','))}, o.name FROM files f"
             " LEFT JOIN file_owners o ON o.file_id = f.file_id AND o.uid = $2"
             f" WHERE f.file_id = $1 AND {_MAY_READ.format(uid='$2')}",
@@ -67,7 +59,7 @@ class PostgresFileStore(FileStore):
         wanted = list(dict.fromkeys(pairs))
         if not wanted:
             return set()
-        rows = await self._db.pool.fetch(
+        rows = await self.db.pool.fetch(
             "SELECT p.uid, p.file_id FROM unnest($1::bigint[], $2::text[]) AS p(uid, file_id)"
             f" WHERE EXISTS (SELECT 1 FROM files f WHERE f.file_id = p.file_id AND {_MAY_READ.format(uid='p.uid')})",
             [uid for uid, _ in wanted], [fid for _, fid in wanted],
@@ -77,7 +69,7 @@ class PostgresFileStore(FileStore):
     async def add_refs(self, refs: Sequence[tuple[str, str]]) -> None:
         rows = list(refs)
         if rows:
-            await self._db.pool.execute(
+            await self.db.pool.execute(
                 "INSERT INTO file_refs (file_id, conv) SELECT * FROM unnest($1::text[], $2::text[])"
                 " ON CONFLICT DO NOTHING",
                 [f for f, _ in rows], [c for _, c in rows],

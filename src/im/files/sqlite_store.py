@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
+from im.backends.shared_db import OnSharedDatabase
 from im.backends.sqlite_db import SqliteDatabase
 from im.files.store import FileMeta, FileStore
 
@@ -24,17 +25,8 @@ def _meta(row: tuple[str, str, int, str, int | None, int | None, int]) -> FileMe
     return FileMeta(*row)
 
 
-class SqliteFileStore(FileStore):
+class SqliteFileStore(OnSharedDatabase[SqliteDatabase], FileStore):
     """:class:`FileStore` on a :class:`SqliteDatabase` (shared with the other stores; opened counted)."""
-
-    def __init__(self, db: SqliteDatabase) -> None:
-        self._db = db
-
-    async def start(self) -> None:
-        await self._db.open()
-
-    async def close(self) -> None:
-        await self._db.close()
 
     async def add_upload(self, meta: FileMeta, uid: int, name: str, now: int) -> tuple[FileMeta, str, bool]:
         def add(conn: sqlite3.Connection) -> tuple[FileMeta, str, bool]:
@@ -53,7 +45,7 @@ class SqliteFileStore(FileStore):
             ).fetchone()
             return _meta(row), stored_name, new_owner
 
-        return await self._db.write(add)
+        return await self.db.write(add)
 
     async def lookup(self, uid: int, file_id: str) -> tuple[FileMeta, str | None] | None:
         def get(conn: sqlite3.Connection) -> tuple[FileMeta, str | None] | None:
@@ -65,7 +57,7 @@ class SqliteFileStore(FileStore):
             ).fetchone()
             return _meta(row), None if owned is None else owned[0]
 
-        return await self._db.read(get)
+        return await self.db.read(get)
 
     async def readable(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
         wanted = list(dict.fromkeys(pairs))
@@ -73,10 +65,10 @@ class SqliteFileStore(FileStore):
         def check(conn: sqlite3.Connection) -> set[tuple[int, str]]:
             return {(uid, fid) for uid, fid in wanted if conn.execute(_CAN_READ, (fid, uid, uid)).fetchone()}
 
-        return await self._db.read(check) if wanted else set()
+        return await self.db.read(check) if wanted else set()
 
     async def add_refs(self, refs: Sequence[tuple[str, str]]) -> None:
         rows = list(refs)
         if rows:
             sql = "INSERT OR IGNORE INTO file_refs (file_id, conv) VALUES (?, ?)"
-            await self._db.write(lambda conn: conn.executemany(sql, rows))
+            await self.db.write(lambda conn: conn.executemany(sql, rows))
