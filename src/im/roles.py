@@ -135,9 +135,8 @@ class GatewayNode(ServerProcessBase):
         self.accounts = build_accounts(config, b.account_store)
         self.pool = TransferPool(b.registry, node, None, on_revoked=self._revoked)  # the sink: the hub
         self.router = LinkRouter(self.pool)
-        # Reads only (replays, members for typing and receipts): no committer runs here.
-        self.chat = build_chat(config, b, build_files(config, b.file_store), self.router, node,
-                               state_ttl=SHARED_STATE_TTL)
+        # Reads only (replays, members for typing and receipts): no committer runs here, so no file checks.
+        self.chat = build_chat(config, b, None, self.router, node, state_ttl=SHARED_STATE_TTL)
         self.hub = build_hub(config, self.chat, self.accounts, submit=self.pool.submit)
         self.pool.sink = self.hub
         self.addresses: dict[str, str] = {}

@@ -147,7 +147,8 @@ def build_files(config: Config, store: FileStore) -> FileService:
 
 
 def build_chat(
-    config: Config, b: Backends, files: FileService, router: Router, node: str, *, state_ttl: float | None = None
+    config: Config, b: Backends, files: FileService | None, router: Router, node: str, *,
+    state_ttl: float | None = None,
 ) -> ChatService:
     return ChatService(
         b.chat_store, b.account_store, router, b.presence, files=files, node=node,

@@ -601,9 +601,12 @@ class ChatService:
         return state
 
     async def members_of(self, conv: str) -> dict[int, str]:
-        await self._load([conv])
-        state = self._states.get(conv)
-        return dict(state.members) if state else {}
+        return (await self.members_by_conv([conv]))[conv]
+
+    async def members_by_conv(self, convs: Sequence[str]) -> dict[str, dict[int, str]]:
+        """Members of each conversation (empty for an unknown one); what is not cached is read in one batch."""
+        await self._load(convs)
+        return {conv: dict(state.members) if (state := self._states.get(conv)) else {} for conv in convs}
 
     async def history(
         self, uid: int, conv: str, *, after: int | None, before: int | None, limit: int

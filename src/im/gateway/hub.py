@@ -319,8 +319,9 @@ class Hub(DeliverySink):
         """Ephemeral frames (conv, from uid, frame, skip) to the members' online devices: one presence
         lookup for all of them, one publish per (frame, node)."""
         targets: list[tuple[object, list[int], tuple[int, str] | None]] = []
+        members_of = await self.chat.members_by_conv(list({conv for conv, *_ in events}))  # one batch
         for conv, uid, frame, skip in events:
-            members = await self.chat.members_of(conv)  # cached in the core after the first read
+            members = members_of[conv]
             if uid in members:
                 targets.append((frame, list(members), skip))
         if not targets:
