@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,28 +27,11 @@ from tests.support.checker import History
 from tests.support.client import ChatClient, register
 from tests.support.postgres import DSN
 from tests.support.proxy import TcpProxy
+from tests.support.wait import eventually
 
 
 def direct(a: int, b: int) -> str:
     return f"d:{min(a, b)}:{max(a, b)}"
-
-
-async def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "") -> None:
-    """Poll ``predicate`` (sync, or returning an awaitable) until it is true."""
-
-    async def poll() -> None:
-        while True:
-            got = predicate()
-            if asyncio.iscoroutine(got):
-                got = await got
-            if got:
-                return
-            await asyncio.sleep(0.05)
-
-    try:
-        await asyncio.wait_for(poll(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"not within {timeout}s: {what or predicate}") from None
 
 
 def bodies_from(c: ChatClient, conv: str, sender: int) -> list[Any]:
@@ -79,7 +62,7 @@ async def test_presence_rebuilt_after_redis_flush(cluster: LocalCluster, history
     conv = direct(alice.uid, bob.uid)
     r = aioredis.from_url(cluster.redis_url)
     try:
-        await wait_until(lambda: presence_members(r, cluster, alice.uid), what="alice announced")
+        await eventually(lambda: presence_members(r, cluster, alice.uid), what="alice announced")
         assert await presence_members(r, cluster, alice.uid) == {"phone|gw-1"}
         assert await presence_members(r, cluster, bob.uid) == {"laptop|gw-2"}
         # Only one side sends at a time and the other waits for it: a device's own send makes its session
@@ -116,8 +99,8 @@ async def test_presence_rebuilt_after_redis_flush(cluster: LocalCluster, history
         assert not_live, "every message of the flush window reached bob live: the flush did not take"
 
         # Rebuilt by the gateways' refresh loops (every second), without any reconnect.
-        await wait_until(lambda: presence_members(r, cluster, alice.uid), timeout=10, what="alice re-announced")
-        await wait_until(lambda: presence_members(r, cluster, bob.uid), timeout=10, what="bob re-announced")
+        await eventually(lambda: presence_members(r, cluster, alice.uid), timeout=10, what="alice re-announced")
+        await eventually(lambda: presence_members(r, cluster, bob.uid), timeout=10, what="bob re-announced")
         assert await presence_members(r, cluster, alice.uid) == {"phone|gw-1"}
         assert await presence_members(r, cluster, bob.uid) == {"laptop|gw-2"}
         assert 0 < await r.pttl(f"{cluster.redis_prefix}p:{bob.uid}") <= 3000
@@ -222,9 +205,9 @@ async def test_push_survives_rabbitmq_outage(
     # The pipeline works through the proxy: dave (never online) is pushed. Dave's events serve as
     # fences only: the one handled when the broker went away may be pushed again after (at least once).
     assert await a.send("warm-up", to=dave.uid) is not None
-    await wait_until(lambda: len(webhook.requests) == 1, timeout=20, what="the warm-up push")
+    await eventually(lambda: len(webhook.requests) == 1, timeout=20, what="the warm-up push")
     assert webhook.bodies[0]["recipients"] == [dave.uid]
-    await wait_until(lambda: outbox_empty(c), what="the outbox drained")
+    await eventually(lambda: outbox_empty(c), what="the outbox drained")
 
     # RabbitMQ goes away: every open AMQP connection is reset and new ones are refused.
     offsets = {n.name: n.log_path.stat().st_size for n in c.nodes.values()}
@@ -239,9 +222,9 @@ async def test_push_survives_rabbitmq_outage(
     assert not a.errors
     # The relay tried to publish them and failed; the consumers lost their connections. Stay away until
     # both have failed to reconnect a few times (their backoff grows: 0.2, 0.4, 0.8, 1.6 s: about 3 s).
-    await wait_until(lambda: len(re.findall(r"outbox relay: (cannot connect|publishing failed)", log_tail(c, offsets)))
+    await eventually(lambda: len(re.findall(r"outbox relay: (cannot connect|publishing failed)", log_tail(c, offsets)))
                      >= 5, timeout=20, what="the relay failing to publish and to reconnect")
-    await wait_until(lambda: len(re.findall(r"push consumer: .*; reconnect in", log_tail(c, offsets))) >= 4,
+    await eventually(lambda: len(re.findall(r"push consumer: .*; reconnect in", log_tail(c, offsets))) >= 4,
                      timeout=20, what="the push consumers failing to reconnect")
     # The events wait in the outbox (committed in the same transaction as the messages); nothing was pushed.
     assert await outbox_rows(c) == 12
@@ -250,9 +233,9 @@ async def test_push_survives_rabbitmq_outage(
     # Back: every event is published and pushed, once, in each conversation's order.
     amqp_proxy.start()
     assert await a.send("marker", to=dave.uid) is not None  # after all of them in the outbox's order
-    await wait_until(lambda: any(p["recipients"] == [dave.uid] and p["seq"] == 2 for p in webhook.bodies),
+    await eventually(lambda: any(p["recipients"] == [dave.uid] and p["seq"] == 2 for p in webhook.bodies),
                      timeout=30, what="the marker push after the broker came back")
-    await wait_until(lambda: outbox_empty(c), what="the outbox drained")
+    await eventually(lambda: outbox_empty(c), what="the outbox drained")
     pushes = [p for p in webhook.bodies if p["recipients"] != [dave.uid]]
     mids = [p["mid"] for p in pushes]
     assert len(mids) == len(set(mids)), f"pushed twice: {pushes}"
@@ -302,7 +285,7 @@ async def test_registry_recovers_after_etcd_restart(cluster: LocalCluster, histo
     conv, conv_p = direct(alice.uid, bob.uid), direct(alice.uid, partner.uid)
     assert await a.send("before", to=bob.uid) is not None
     await b.wait_for(lambda: bodies_from(b, conv, alice.uid) == ["before"])
-    await wait_until(lambda: picks_both(cluster, alice.auth), timeout=15, what="the API handing out both")
+    await eventually(lambda: picks_both(cluster, alice.auth), timeout=15, what="the API handing out both")
 
     # Down for 2 s (as long as the registry TTL), then back on the same ports and data.
     await asyncio.to_thread(cluster.etcd.restart, signal.SIGTERM, 2.0)
@@ -321,7 +304,7 @@ async def test_registry_recovers_after_etcd_restart(cluster: LocalCluster, histo
     cluster.transfers = 3
     tr3 = next(n for n in cluster._plan() if n.name == "tr-3")  # base + 33: a port the fixture checked
     cluster.nodes["tr-3"] = await asyncio.to_thread(tr3.start)  # the fixture stops (and checks) it
-    await wait_until(lambda: all(f"gateway {n} linked" in tr3.log() for n in ("gw-1", "gw-2", "api-1")),
+    await eventually(lambda: all(f"gateway {n} linked" in tr3.log() for n in ("gw-1", "gw-2", "api-1")),
                      timeout=15, what="gw-1, gw-2 and api-1 linking to the new tr-3")
     for i in range(3):
         assert await a.send(f"three nodes {i}", to=bob.uid) is not None
@@ -331,14 +314,14 @@ async def test_registry_recovers_after_etcd_restart(cluster: LocalCluster, histo
     await p.wait_for(lambda: bodies_from(p, conv_p, alice.uid) == [f"via tr-3 {i}" for i in range(3)])
     for client in (a, a2):
         await client.wait_for(lambda c=client: len(bodies_from(c, conv_p, partner.uid)) == 3)  # type: ignore[misc]
-    await wait_until(lambda: picks_both(cluster, alice.auth), timeout=15, what="the API handing out both")
+    await eventually(lambda: picks_both(cluster, alice.auth), timeout=15, what="the API handing out both")
 
     # 2. A gateway that stops leaves the registry: the API stops handing it out.
     gw2 = cluster.nodes["gw-2"]
     assert await asyncio.to_thread(gw2.stop) == 0
     assert "Traceback" not in gw2.log(), gw2.log()[-4000:]
     await b.wait_for(lambda: b.closed_reason is not None, timeout=15)
-    await wait_until(lambda: only_gw1(cluster, alice.auth), timeout=15, what="the API dropping gw-2")
+    await eventually(lambda: only_gw1(cluster, alice.auth), timeout=15, what="the API dropping gw-2")
     assert set(await picked_nodes(cluster.api, alice.auth, 20)) == {"gw-1"}
 
 

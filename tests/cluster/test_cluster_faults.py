@@ -25,7 +25,7 @@ import signal
 import time
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -52,6 +52,7 @@ from im.transfer.pool import _score
 from tests.cluster.conftest import client_on
 from tests.support.checker import History
 from tests.support.client import Account, ChatClient, register
+from tests.support.wait import eventually
 
 PASSWORD = "correct horse battery"  # tests.support.client.register's default
 PACE = 0.01  # seconds between two posts of one client: a fault must land mid-stream
@@ -160,15 +161,6 @@ async def pump(app: App, targets: list[Target], fault: asyncio.Event, after: int
         assert k - start < 2000, f"{app.name}: the fault never came"
 
 
-async def until(predicate: Callable[[], bool], what: Callable[[], str] | str, timeout: float = 30.0) -> None:
-    """Wait (polling) until ``predicate()``; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s: {what() if callable(what) else what}")
-        await asyncio.sleep(0.05)
-
-
 # --- the stored log and the checks --------------------------------------------------------------------
 
 
@@ -206,7 +198,7 @@ async def check_delivery(
 
     ``members``: conv -> the apps in it. ``ordered``: also check that each sender's messages are stored
     in the order it posted them. Returns the logs."""
-    await until(
+    await eventually(
         lambda: all(not a.c.outbox for a in apps),
         lambda: "unacked sends: " + ", ".join(f"{a.name}={len(a.c.outbox)}" for a in apps if a.c.outbox),
         timeout,
@@ -246,7 +238,7 @@ async def check_delivery(
     for conv, conv_apps in members.items():  # every member's application saw the whole log, in order
         n = len(logs[conv])
         for a in conv_apps:
-            await until(
+            await eventually(
                 lambda: a.c.cursors.get(conv, 0) >= n,  # noqa: B023 (awaited here, in the loop)
                 lambda: f"{a.name} holds {conv} up to {a.c.cursors.get(conv, 0)} of {n}",  # noqa: B023
                 timeout,
@@ -318,7 +310,7 @@ def log_since(cluster: LocalCluster, node: str, offset: int) -> str:
 
 
 async def wait_log(cluster: LocalCluster, node: str, text: str, offset: int = 0, timeout: float = 20.0) -> None:
-    await until(lambda: text in log_since(cluster, node, offset), f"{node} never logged {text!r}", timeout)
+    await eventually(lambda: text in log_since(cluster, node, offset), f"{node} never logged {text!r}", timeout)
 
 
 # --- a chat: three direct pairs and one group, spread over both gateways ------------------------------
@@ -384,13 +376,13 @@ async def _gateway_fault(cluster: LocalCluster, apps: list[App], sig: signal.Sig
     pumps = [asyncio.create_task(pump(a, t, fault)) for a, t in zip(chat.apps, chat.targets, strict=True)]
     try:
         # Mid-stream: everyone has had acks, in the group and in its pair.
-        await until(lambda: all(a.acked() >= 6 for a in chat.apps), "acks before the fault")
+        await eventually(lambda: all(a.acked() >= 6 for a in chat.apps), "acks before the fault")
         if sig == signal.SIGKILL:
             # Freeze gw-1 first, so that its clients surely have sends out (written, never answered)
             # when it dies; some of them may already be committed, their acks lost with the node.
             freeze(cluster, "gw-1")
             try:
-                await until(lambda: all(len(a.c.outbox) >= 3 for a in moving), "unanswered sends on gw-1", 10)
+                await eventually(lambda: all(len(a.c.outbox) >= 3 for a in moving), "unanswered sends on gw-1", 10)
             finally:
                 code = await asyncio.to_thread(gw1.stop, sig)
         else:
@@ -549,11 +541,11 @@ async def test_transfer_node_killed_mid_stream(cluster: LocalCluster, history: H
 
     try:
         # Mid-stream: both nodes have committed sends of each of their conversations.
-        await until(lambda: all(acked(conv) >= 6 for conv in convs), lambda: str({c: acked(c) for c in convs}))
+        await eventually(lambda: all(acked(conv) >= 6 for conv in convs), lambda: str({c: acked(c) for c in convs}))
         # Freeze the victim first, so that sends are surely pending on the links when it dies.
         freeze(cluster, victim)
         try:
-            await until(ready_to_kill, "sends pending on the frozen transfer node", 15)
+            await eventually(ready_to_kill, "sends pending on the frozen transfer node", 15)
             pending = [dict(unanswered(c, sent)) for c, sent in zip(raw, raw_sent, strict=True)]
             killed_at = time.monotonic()
         finally:

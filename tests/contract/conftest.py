@@ -11,9 +11,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import os
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -65,15 +64,6 @@ async def delete_redis_prefix(client: aioredis.Redis, prefix: str) -> int:
     if batch:
         deleted += await client.unlink(*batch)
     return deleted
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 2.0) -> None:
-    """Wait until ``check()`` holds (at once for in-process engines; networked ones deliver later)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached within the timeout")
-        await asyncio.sleep(0.005)
 
 
 # --- ChatStore ------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from im.backends.base import ServiceInstance
-from tests.contract.conftest import RegistryHarness, eventually
+from tests.contract.conftest import RegistryHarness
+from tests.support.wait import eventually
 
 
 def gw(node: str, load: int = 0) -> ServiceInstance:

@@ -17,8 +17,8 @@ import pytest
 
 from im.backends.base import ServiceInstance
 from im.backends.etcd_registry import EtcdRegistry
-from tests.contract.conftest import eventually
 from tests.support.etcd import EtcdMissing, EtcdProcess, shared_etcd
+from tests.support.wait import eventually
 
 TTL = 2.0  # etcd leases are whole seconds
 EXPIRY_LAG = 1.0  # etcd revokes expired leases every 0.5 s; a margin on a busy machine

@@ -6,7 +6,8 @@ import asyncio
 from collections.abc import Iterable, Sequence
 
 from im.backends.base import DeliverySink, StoredMessage
-from tests.contract.conftest import RouterHarness, eventually
+from tests.contract.conftest import RouterHarness
+from tests.support.wait import eventually
 
 
 class RecordingSink(DeliverySink):

@@ -4,7 +4,7 @@ per message, none while online; the outbox relay and push consumer run inside th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ from tests.events.conftest import webhook as webhook  # a fixture, used by name
 from tests.support.checker import History
 from tests.support.client import register
 from tests.support.server import ServerProcess, running_server
+from tests.support.wait import eventually
 
 
 @pytest.fixture
@@ -27,14 +28,6 @@ def server(tmp_path: Path, names: Names, webhook: WebhookReceiver) -> Iterator[S
         yield proc
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(poll(), timeout)
-
-
 async def test_offline_recipient_is_pushed_once_per_message(
     server: ServerProcess, history: History, webhook: WebhookReceiver
 ) -> None:
@@ -43,7 +36,7 @@ async def test_offline_recipient_is_pushed_once_per_message(
     await a.connect()
     for i in range(5):  # bob has no device online: five pushes
         assert await a.send(f"while offline {i}", to=bob.uid) is not None
-    await wait_until(lambda: len(webhook.requests) >= 5)
+    await eventually(lambda: len(webhook.requests) >= 5)
     pushes = webhook.bodies
     assert [p["seq"] for p in pushes] == [1, 2, 3, 4, 5]
     assert all(p["recipients"] == [bob.uid] and "body" not in p for p in pushes)
@@ -57,11 +50,11 @@ async def test_offline_recipient_is_pushed_once_per_message(
     assert await a.send("while online", to=bob.uid) is not None
     await b.wait_messages(6)
     assert await a.send("marker", to=carol.uid) is not None
-    await wait_until(lambda: any(p["recipients"] == [carol.uid] for p in webhook.bodies))
+    await eventually(lambda: any(p["recipients"] == [carol.uid] for p in webhook.bodies))
     assert [(p["recipients"], p["seq"]) for p in webhook.bodies][5:] == [([carol.uid], 1)]
     # Offline again: pushed again.
     await b.close()
     await asyncio.sleep(0.5)  # ordering only: the server notices the close and drops bob's presence
     assert await a.send("offline again", to=bob.uid) is not None
-    await wait_until(lambda: len(webhook.bodies) >= 7)
+    await eventually(lambda: len(webhook.bodies) >= 7)
     assert [(p["recipients"], p["seq"]) for p in webhook.bodies][5:] == [([carol.uid], 1), ([bob.uid], 7)]

@@ -3,23 +3,12 @@ running ``im serve`` (what the web client shows after a reload: read/delivered m
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable
-
 import httpx
 
 from tests.support.checker import History
 from tests.support.client import Account, register
 from tests.support.server import ServerProcess
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    """Poll until ``check`` holds (cursors and read marks are saved about every 200 ms)."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
+from tests.support.wait import eventually
 
 
 def error_of(r: httpx.Response, status: int, code: str) -> None:

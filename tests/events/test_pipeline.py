@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import aio_pika
@@ -20,17 +19,10 @@ from im.events.push import PushConsumer
 from im.events.relay import OutboxRelay
 from tests.contract.test_chat_store import append, msg, new_direct
 from tests.events.conftest import AMQP_URL, Names, WebhookReceiver, amqp_connect, members_of
+from tests.support.wait import eventually
 
 A, B, C = 1, 2, 3  # A and B are offline, C has a device online
 GROUP = "g:7"
-
-
-async def until(check: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached within the timeout")
-        await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager
@@ -104,9 +96,9 @@ async def test_committed_messages_are_pushed_once_to_offline_recipients_in_order
     relay = OutboxRelay(outbox_store, AMQP_URL, exchange=names.exchange, queue=names.queue, batch=7, poll=0.02)
     push = consumer(outbox_store, await presence(), webhook, names)
     async with running(relay.run(), push.run()):
-        await until(lambda: len(webhook.requests) >= len(messages))
+        await eventually(lambda: len(webhook.requests) >= len(messages))
         more = await append(outbox_store, GROUP, 15, [A])  # committed while everything runs
-        await until(lambda: len(webhook.requests) >= len(messages) + 1)
+        await eventually(lambda: len(webhook.requests) >= len(messages) + 1)
         await asyncio.sleep(0.3)  # nothing more arrives
     check_pushes(webhook, messages + more)
     assert await outbox_store.outbox_fetch(100) == []
@@ -127,11 +119,11 @@ async def test_nothing_is_lost_while_the_broker_is_unreachable(
     push = consumer(outbox_store, await presence(), webhook, names)
     async with running(relay.run(), push.run()):
         messages = await traffic(outbox_store)
-        await until(lambda: relay.failures >= 3)
+        await eventually(lambda: relay.failures >= 3)
         assert len(await outbox_store.outbox_fetch(1000)) == len(messages)  # kept while the broker is away
         assert webhook.requests == []
         relay.amqp_url = AMQP_URL  # the broker is back
-        await until(lambda: len(webhook.requests) >= len(messages))
+        await eventually(lambda: len(webhook.requests) >= len(messages))
         await asyncio.sleep(0.3)
     check_pushes(webhook, messages)
     assert await outbox_store.outbox_fetch(1000) == []
@@ -156,7 +148,7 @@ async def test_a_redelivered_event_pushes_once(
     await publish_raw(names, [event, event])
     push = consumer(outbox_store, await presence(), webhook, names)
     async with running(push.run()):
-        await until(lambda: push.duplicates == 1)
+        await eventually(lambda: push.duplicates == 1)
         await asyncio.sleep(0.2)
     check_pushes(webhook, [m])
     assert push.pushed == 1
@@ -174,10 +166,10 @@ async def test_a_failed_webhook_is_retried_then_given_up(
     push = consumer(outbox_store, await presence(), webhook, names, max_attempts=3)
     await publish_raw(names, events[:1])
     async with running(push.run()):
-        await until(lambda: push.pushed == 1)
+        await eventually(lambda: push.pushed == 1)
         assert webhook.failed == 2
         webhook.fail = 10  # the second never does: dropped after max_attempts
         await publish_raw(names, events[1:])
-        await until(lambda: push.dropped == 1)
+        await eventually(lambda: push.dropped == 1)
         assert webhook.failed == 5
     check_pushes(webhook, [first])

@@ -4,8 +4,7 @@ the Transfer service on a grpc.aio server bound to a free loopback port."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,6 @@ from im.backends.sqlite_db import SqliteDatabase
 from im.core.chat import ChatService, SendRequest
 from im.protocol.errors import ImError
 from im.transfer import GrpcRouter, TransferLink, TransferServicer, serve_transfer
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until ``check()`` holds (a bound on waiting, never the thing asserted)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached within the timeout")
-        await asyncio.sleep(0.002)
 
 
 class RecordingSink(DeliverySink):

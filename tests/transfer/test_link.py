@@ -7,7 +7,8 @@ import asyncio
 from im.core.chat import SendRequest
 from im.protocol.errors import ErrorCode
 from im.protocol.frames import TypingEvent
-from tests.transfer.conftest import Core, RecordingSink, Results, eventually
+from tests.support.wait import eventually
+from tests.transfer.conftest import Core, RecordingSink, Results
 
 
 def send(uid: int, to: int, cmid: str, text: str = "hi") -> SendRequest:

@@ -24,7 +24,8 @@ from im.protocol.errors import ErrorCode
 from im.protocol.frames import TypingEvent
 from im.transfer import GrpcRouter, TransferLink, TransferServicer, serve_transfer
 from im.transfer.pool import GRPC_ADDRESS, LinkRouter, TransferPool, conversation_key
-from tests.transfer.conftest import Core, RecordingSink, Results, eventually
+from tests.support.wait import eventually
+from tests.transfer.conftest import Core, RecordingSink, Results
 
 TTL = 600.0
 
