@@ -6,7 +6,6 @@ and that page moves to the other gateway by itself, with what was typed meanwhil
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -14,18 +13,13 @@ import pytest
 from playwright.async_api import Route, WebSocket, expect
 
 from im.cluster import LocalCluster
-from tests.cluster.conftest import make_cluster, stop_checked
+from tests.cluster import conftest as cluster_fixtures
 from tests.support.server import ServerProcess
 from tests.web.conftest import Web, WebUser
 from tests.web.test_resilience import stored_texts
 
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    """A started cluster (api-1, gw-1, gw-2, tr-1, tr-2); every node still running must stop cleanly."""
-    c = make_cluster(tmp_path / "cluster").start()
-    yield c
-    stop_checked(c)
+#: The cluster tests' fixture (api-1, gw-1, gw-2, tr-1, tr-2; every node still running must stop cleanly).
+cluster = cluster_fixtures.cluster
 
 
 @pytest.fixture
