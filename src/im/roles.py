@@ -91,8 +91,7 @@ class TransferNode(ServerProcessBase):
 
     async def run(self, ready: Callable[[TransferNode], None] | None = None) -> None:
         cfg, tc, b = self.config, self.config.transfer, self.backends
-        await b.chat_store.start()
-        await b.account_store.start()
+        await b.start()
         await self.files.start()
         self.chat.start()
         grpc_server, port = await serve_transfer(self.servicer, f"{tc.host}:{tc.port}")
@@ -120,7 +119,7 @@ class TransferNode(ServerProcessBase):
         await self.chat.stop()
         await asyncio.sleep(0.2)  # let the answers of the last batch leave on their streams
         await grpc_server.stop(grace=1.0)
-        await close_all(self.files.close, b.account_store.close, b.chat_store.close, *b.closers)
+        await close_all(self.files.close, b.close)
         log.info("stopped")
 
 
@@ -148,8 +147,7 @@ class GatewayNode(ServerProcessBase):
     async def run(self, ready: Callable[[GatewayNode], None] | None = None) -> None:
         cfg, b = self.config, self.backends
         node = cfg.gateway.node_id
-        await b.chat_store.start()
-        await b.account_store.start()
+        await b.start()
         await self.pool.start()
         self.hub.start()
         listeners, self.addresses = await start_gateway_listeners(cfg, self.hub)
@@ -177,7 +175,7 @@ class GatewayNode(ServerProcessBase):
         # 3. bye to everyone, flush cursors, close.
         await self.hub.drain_and_close()
         await asyncio.sleep(0.1)
-        await close_all(self.pool.close, b.account_store.close, b.chat_store.close, *b.closers)
+        await close_all(self.pool.close, b.close)
         log.info("stopped")
 
 
@@ -202,8 +200,7 @@ class ApiNode(ServerProcessBase):
 
     async def run(self, ready: Callable[[ApiNode], None] | None = None) -> None:
         cfg, b = self.config, self.backends
-        await b.chat_store.start()
-        await b.account_store.start()
+        await b.start()
         await self.files.start()
         await self.pool.start()
         self.chat.start()
@@ -219,7 +216,7 @@ class ApiNode(ServerProcessBase):
         self.picker.stop()
         await http.stop()
         await self.chat.stop()
-        await close_all(self.pool.close, self.files.close, b.account_store.close, b.chat_store.close, *b.closers)
+        await close_all(self.pool.close, self.files.close, b.close)
         log.info("stopped")
 
 

@@ -57,6 +57,15 @@ class Backends:
     file_store: FileStore
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
+    async def start(self) -> None:
+        """Open the chat and account stores (the file store opens with its FileService)."""
+        await self.chat_store.start()
+        await self.account_store.start()
+
+    async def close(self) -> None:
+        """Close the stores and the engine clients, each even when another failed."""
+        await close_all(self.account_store.close, self.chat_store.close, *self.closers)
+
 
 def build_backends(config: Config) -> Backends:
     """Map configuration to backend implementations (the only switch on kinds in the code base)."""
@@ -320,8 +329,7 @@ class EmbeddedServer(ServerProcessBase):
     async def run(self, ready: Callable[[EmbeddedServer], None] | None = None) -> None:
         cfg = self.config
         b = self.backends
-        await b.chat_store.start()
-        await b.account_store.start()
+        await b.start()
         await self.files.start()
         self.chat.start()
         self.hub.start()
@@ -360,5 +368,5 @@ class EmbeddedServer(ServerProcessBase):
         await self.hub.drain_and_close()
         await asyncio.sleep(0.1)
         await http.stop()
-        await close_all(self.files.close, b.account_store.close, b.chat_store.close, *b.closers)
+        await close_all(self.files.close, b.close)
         log.info("stopped")
