@@ -1,4 +1,4 @@
-"""Frame codec: every bad input is an ImError with ``bad_frame`` or ``unknown_type``, in both encodings."""
+"""Frame codec: every bad input is an ImError (bad_frame, unknown_type, or invalid when out of range)."""
 
 from __future__ import annotations
 
@@ -140,3 +140,57 @@ def test_deeply_nested_frame_is_bad_frame_not_recursion_error(encoding: Encoding
     else:
         data = msgspec.msgpack.encode({"t": "send", "cmid": "c", "to": 2, "body": []})[:-1] + b"\x91" * depth + b"\x90"
     assert refused(data, encoding) is ErrorCode.BAD_FRAME
+
+
+BIG = 2**63  # one past the largest uid, seq or cursor a store can hold
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize(
+    ("value", "ref"),
+    [
+        ({"t": "send", "cmid": "c1", "to": BIG, "body": 1}, "c1"),
+        ({"t": "send", "cmid": "c2", "to": 2**64 - 1, "body": 1}, "c2"),
+        ({"t": "send", "cmid": "c3", "to": 0, "body": 1}, "c3"),
+        ({"t": "send", "cmid": "c4", "to": -1, "body": 1}, "c4"),
+        ({"t": "send", "cmid": "c5", "conv": "g:" + "1" * 80, "body": 1}, "c5"),
+        ({"t": "send", "cmid": "c6\x00", "to": 2, "body": 1}, "c6\x00"),
+        ({"t": "send", "cmid": "c7", "to": 2, "type": "te\x00xt", "body": 1}, "c7"),
+        ({"t": "recv", "conv": "g:1", "seq": BIG}, None),
+        ({"t": "read", "conv": "g:1", "seq": -1}, None),
+        ({"t": "typing", "conv": "d" * 65}, None),
+        ({"t": "ping", "id": BIG}, None),
+        ({"t": "ping", "id": -5}, None),
+        ({"t": "auth", "token": "x", "device": "d\x00"}, None),
+        ({"t": "auth", "token": "x" * 5000, "device": "d"}, None),
+        ({"t": "auth", "token": "x", "device": "d", "cursors": {"g:1": BIG}}, None),
+        ({"t": "auth", "token": "x", "device": "d", "cursors": {"g:1": -1}}, None),
+        ({"t": "auth", "token": "x", "device": "d", "cursors": {f"g:{i}": 0 for i in range(1, 10_002)}}, None),
+    ],
+)
+def test_values_out_of_range_are_invalid_with_the_cmid_as_ref(
+    encoding: Encoding, value: dict[str, Any], ref: str | None
+) -> None:
+    with pytest.raises(ImError) as info:
+        decode_client(raw(value, encoding), encoding)
+    assert (info.value.code, info.value.ref) == (ErrorCode.INVALID, ref)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_range_edges_are_accepted(encoding: Encoding) -> None:
+    top = 2**63 - 1
+    assert decode_client(raw({"t": "send", "cmid": "c", "to": top, "body": 1}, encoding), encoding) == Send(
+        "c", 1, to=top
+    )
+    assert decode_client(raw({"t": "recv", "conv": "g:1", "seq": top}, encoding), encoding) == Recv("g:1", top)
+    assert decode_client(raw({"t": "ping", "id": 0}, encoding), encoding) == Ping(0)
+    many = {f"g:{i}": i for i in range(1, 10_001)}
+    assert decode_client(raw({"t": "auth", "token": "x", "device": "d", "cursors": many}, encoding), encoding) == Auth(
+        "x", "d", many
+    )
+
+
+def test_wrong_types_stay_bad_frame_without_ref() -> None:
+    with pytest.raises(ImError) as info:
+        decode_client(b'{"t":"send","cmid":"c","to":"5","body":1}', Encoding.JSON)
+    assert (info.value.code, info.value.ref) == (ErrorCode.BAD_FRAME, None)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import time
 import zlib
 
+from im.protocol.frames import MAX_ID  # uids and gids are signed 64-bit in every store
+
 _EPOCH_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+#: Longest id ``parse_conv`` looks at: ``d:`` and two 19-digit uids are 41 characters.
+_MAX_CONV = 64
 
 
 class Snowflake:
@@ -41,15 +45,18 @@ def group_conv(gid: int) -> str:
 
 
 def parse_conv(conv: str) -> tuple[str, tuple[int, ...]] | None:
-    """("direct", (a, b)) or ("group", (gid,)); None for anything malformed."""
+    """("direct", (a, b)) or ("group", (gid,)); None for anything malformed, including ids outside
+    1..2^63-1 (no store can hold them: such a conversation cannot exist)."""
+    if len(conv) > _MAX_CONV:
+        return None
     kind, _, rest = conv.partition(":")
     try:
         if kind == "d":
             a, b = (int(x) for x in rest.split(":"))
-            return ("direct", (a, b)) if 0 < a < b and conv == direct_conv(a, b) else None
+            return ("direct", (a, b)) if 0 < a < b <= MAX_ID and conv == direct_conv(a, b) else None
         if kind == "g":
             gid = int(rest)
-            return ("group", (gid,)) if gid > 0 and conv == group_conv(gid) else None
+            return ("group", (gid,)) if 0 < gid <= MAX_ID and conv == group_conv(gid) else None
     except ValueError:
         return None
     return None

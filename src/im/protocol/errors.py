@@ -37,7 +37,8 @@ class ErrorCode(StrEnum):
 class ImError(Exception):
     """A refusal with a protocol error code; safe to show to the client."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, ref: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.ref = ref  # the cmid of the refused send, when the refusal is about one

@@ -5,13 +5,40 @@ is its executable form. Client frames are validated strictly on decode (types, r
 frames are encoded by the server and decoded by the SDK.
 
 Conversation ids are strings: ``d:<uid>:<uid>`` (direct, smaller uid first) and ``g:<gid>`` (group).
+
+Ranges are checked here, at decode time, by msgspec constraints (``Meta``), which cost nothing measurable
+per frame: an integer a store cannot hold never reaches the core (docs/protocol.md section 15, "Ranges").
+A value out of its range is ``invalid``; a value of the wrong type is ``bad_frame`` (protocol/codec.py).
+Lengths that are configurable (cmid, device) are checked by the session against its limits.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+
+#: Largest uid, gid, seq or cursor: SQLite INTEGER and PostgreSQL bigint are signed 64-bit.
+MAX_ID = 2**63 - 1
+#: Longest conversation id accepted (a valid one is at most 41 characters: ``d:`` + two 19-digit uids).
+MAX_CONV_LENGTH = 64
+#: Most conversations one ``auth`` may name in ``cursors`` (fixed; the others resume from stored cursors).
+MAX_AUTH_CURSORS = 10_000
+#: Longest access token accepted in ``auth`` (real ones are about 200 characters).
+MAX_TOKEN_LENGTH = 4096
+#: Marks the messages of checks that are about a value, not a shape (the codec answers them ``invalid``).
+NUL_REFUSED = "must not contain NUL characters"
+
+Uid = Annotated[int, msgspec.Meta(ge=1, le=MAX_ID)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
+Conv = Annotated[str, msgspec.Meta(max_length=MAX_CONV_LENGTH)]
+
+
+def _no_nul(**fields: str) -> None:
+    """Refuse text no store keeps: PostgreSQL text columns reject NUL (SQLite would keep it)."""
+    for name, value in fields.items():
+        if "\x00" in value:
+            raise ValueError(f"{name} {NUL_REFUSED}")
 
 # --- client -> server ---------------------------------------------------------------------------------
 
@@ -23,9 +50,12 @@ class Auth(msgspec.Struct, tag_field="t", tag="auth", frozen=True, forbid_unknow
     Conversations not named resume from the device's cursor stored on the server.
     """
 
-    token: str
+    token: Annotated[str, msgspec.Meta(max_length=MAX_TOKEN_LENGTH)]
     device: str
-    cursors: dict[str, int] = {}
+    cursors: Annotated[dict[Conv, Seq], msgspec.Meta(max_length=MAX_AUTH_CURSORS)] = {}
+
+    def __post_init__(self) -> None:
+        _no_nul(device=self.device)
 
 
 class Send(msgspec.Struct, tag_field="t", tag="send", frozen=True):
@@ -36,35 +66,38 @@ class Send(msgspec.Struct, tag_field="t", tag="send", frozen=True):
 
     cmid: str
     body: Any
-    conv: str | None = None
-    to: int | None = None
+    conv: Conv | None = None
+    to: Uid | None = None
     type: str = "text"
+
+    def __post_init__(self) -> None:
+        _no_nul(cmid=self.cmid, type=self.type)
 
 
 class Recv(msgspec.Struct, tag_field="t", tag="recv", frozen=True):
     """The device durably holds every message of ``conv`` up to ``seq`` (its delivery cursor)."""
 
-    conv: str
-    seq: int
+    conv: Conv
+    seq: Seq
 
 
 class Read(msgspec.Struct, tag_field="t", tag="read", frozen=True):
     """The user has read ``conv`` up to ``seq``; other members get a ``receipt``."""
 
-    conv: str
-    seq: int
+    conv: Conv
+    seq: Seq
 
 
 class Typing(msgspec.Struct, tag_field="t", tag="typing", frozen=True):
     """The user is typing in ``conv`` (ephemeral; sent to the other members' online devices)."""
 
-    conv: str
+    conv: Conv
 
 
 class Ping(msgspec.Struct, tag_field="t", tag="ping", frozen=True):
     """Keepalive; answered with ``pong`` carrying the same ``id``."""
 
-    id: int | None = None
+    id: Seq | None = None
 
 
 ClientFrame = Auth | Send | Recv | Read | Typing | Ping

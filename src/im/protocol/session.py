@@ -153,7 +153,7 @@ class ServerSession:
         try:
             frame = decode_client(data, Encoding.MSGPACK if binary else Encoding.JSON)
         except ImError as exc:
-            self._error(exc.code, exc.message)
+            self._error(exc.code, exc.message, exc.ref)
             return []
         accepted, refusal = ACCEPTS[self.state]
         if type(frame) not in accepted:
