@@ -9,6 +9,16 @@ many messages arrive (group commit).
 The store is the judge when several committers share it (distributed mode): a batch whose heads moved
 is refused whole with :class:`SeqConflict`; the committer reloads the state it cached and retries, so a
 seq is never assigned twice nor skipped.
+
+Fault isolation: whatever one send carries, it can fail only that send. An unexpected exception while
+preparing one item refuses that item alone (``invalid``). A batch the store refuses (any exception but
+SeqConflict) is split in halves, recursively, each part prepared again from reloaded state (seqs stay
+dense, parts commit left to right so each conversation keeps its order), until the items the store will
+not take are alone and refused ``invalid``: one poisoned item costs about log2(batch) extra store calls.
+When an item is alone and still refused before any part committed, one read asks the store whether
+it is up: if not, the store itself is down and everything left is refused ``unavailable`` at once
+(log2(batch)+2 store calls, one log line). Both are logged as counted, rate-limited lines
+(im.throttled_log), never a traceback per send.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from im.backends.base import (
 )
 from im.core.ids import Snowflake, direct_conv, group_conv, parse_conv
 from im.protocol.errors import ErrorCode, ImError
+from im.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +160,9 @@ class ChatService:
         self._closing = False
         self.commits = 0  # transactions written (for the benchmark's report)
         self.committed = 0  # messages written
+        self.store_calls = 0  # store.commit calls, successful or not (fault-isolation tests count them)
+        self._poison_log = ThrottledLog(log, "sends the store or the checks could not take")
+        self._outage_log = ThrottledLog(log, "batches: storage unavailable", level=logging.ERROR)
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -197,11 +211,42 @@ class ChatService:
                 await self._wake.wait()
                 continue
             items, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+            await self._commit_isolated(items)
+
+    async def _commit_isolated(self, items: list[_Send | _MemberOp]) -> None:
+        """Commit ``items``; if the store refuses the batch, split it so only what it will not take fails
+        (module docstring, "Fault isolation"). Parts are tried depth first, left before right."""
+        parts: list[list[_Send | _MemberOp]] = [items]
+        store_alive = False  # proven by a part that committed, or by a probe
+        while parts:
+            part = parts.pop()
             try:
-                await self._commit(items)
-            except Exception as exc:  # storage down: refuse the batch, keep serving
-                log.exception("commit failed")
-                self._fail(items, ImError(ErrorCode.UNAVAILABLE, f"storage error: {type(exc).__name__}"))
+                await self._commit(part)
+            except Exception as exc:
+                if len(part) > 1:
+                    half = len(part) // 2
+                    parts.append(part[half:])
+                    parts.append(part[:half])
+                    continue
+                if not store_alive:
+                    store_alive = await self._store_answers()
+                if not store_alive:
+                    rest = [i for p in (part, *reversed(parts)) for i in p]
+                    self._outage_log.hit(f"{len(rest)} items: {type(exc).__name__}: {exc}", exc)
+                    self._fail(rest, ImError(ErrorCode.UNAVAILABLE, f"storage error: {type(exc).__name__}"))
+                    return
+                self._poison_log.hit(f"{type(exc).__name__}: {str(exc)[:200]}")
+                self._fail(part, ImError(ErrorCode.INVALID, "the server cannot store this message"))
+                continue
+            store_alive = True
+
+    async def _store_answers(self) -> bool:
+        """Whether the store is up (one read): tells a poisoned item from an outage once a part is alone."""
+        try:
+            await self.store.load_conversations(["g:1"])
+        except Exception:
+            return False
+        return True
 
     async def _commit(self, items: list[_Send | _MemberOp]) -> None:
         for attempt in range(4):
@@ -211,6 +256,7 @@ class ChatService:
                 await self._route_quietly(p)  # duplicates first stored by another writer, if any
                 return
             try:
+                self.store_calls += 1
                 await self.store.commit(p.batch)
             except SeqConflict:
                 # Another writer moved a head or a retry met its original: reload, look up, try again.
@@ -269,7 +315,7 @@ class ChatService:
     async def _prepare(self, items: list[_Send | _MemberOp]) -> _Pass:
         """Check every item against cached state and build one batch (no I/O but batched loads)."""
         p = _Pass()
-        targets = [(item, self._target(item)) for item in items]
+        targets = [(item, self._safe_target(item)) for item in items]
         self._forget_if_stale(targets)
         await self._load([c for _, c in targets if isinstance(c, str)])
         # Both users of a first-time direct conversation must exist (however it was addressed).
@@ -285,6 +331,10 @@ class ChatService:
         heads_before: dict[str, int] = {}
         in_batch: dict[tuple[int, str, str], StoredMessage] = {}
         for item, conv in targets:
+            mark = self._mark(p)
+            state = self._states.get(conv) if isinstance(conv, str) else None
+            seq_before = state.last_seq if state is not None else None
+            had_head = conv in heads_before if isinstance(conv, str) else True
             try:
                 if isinstance(conv, ImError):
                     raise conv
@@ -293,15 +343,54 @@ class ChatService:
                 else:
                     self._prepare_member_op(p, item, conv, now_ms, heads_before)
             except ImError as err:
-                if isinstance(item, _Send):
-                    p.acks.append((item, None, False, err))
-                elif not item.done.done():
-                    item.done.set_exception(err)
+                self._refuse_item(p, item, err)
+            except Exception as exc:  # a bug or a value nothing checked: refuse this item alone
+                self._rollback_item(p, mark, conv, seq_before)
+                if not had_head and isinstance(conv, str):
+                    heads_before.pop(conv, None)
+                    if isinstance(item, _Send):
+                        p.read_marks.pop((item.req.uid, conv), None)
+                self._poison_log.hit(f"{type(exc).__name__} preparing an item: {str(exc)[:200]}", exc)
+                self._refuse_item(p, item, ImError(ErrorCode.INVALID, "the server cannot take this message"))
         p.batch.read_marks = [(uid, conv, seq) for (uid, conv), seq in p.read_marks.items()]
         for conv, before in heads_before.items():
             state = self._states[conv]
             p.batch.heads[conv] = (before, state.last_seq, now_ms)
         return p
+
+    @staticmethod
+    def _refuse_item(p: _Pass, item: _Send | _MemberOp, err: ImError) -> None:
+        if isinstance(item, _Send):
+            p.acks.append((item, None, False, err))
+        elif not item.done.done():
+            item.done.set_exception(err)
+
+    @staticmethod
+    def _mark(p: _Pass) -> tuple[int, int, int, int, int, int]:
+        """Where the pass's lists end, so an item that failed half way can be taken out again."""
+        b = p.batch
+        return (len(b.messages), len(b.new_conversations), len(b.file_refs), len(b.member_changes),
+                len(p.acks), len(p.routed))
+
+    def _rollback_item(
+        self, p: _Pass, mark: tuple[int, int, int, int, int, int], conv: str | ImError, seq_before: int | None
+    ) -> None:
+        """Undo what a failed item added to the pass: its seq is given to the next item (seqs stay dense)."""
+        b = p.batch
+        del b.messages[mark[0]:], b.new_conversations[mark[1]:], b.file_refs[mark[2]:]
+        del b.member_changes[mark[3]:], p.acks[mark[4]:], p.routed[mark[5]:], p.recipients[mark[5]:]
+        if isinstance(conv, str):
+            if seq_before is not None and conv in self._states:
+                self._states[conv].last_seq = seq_before
+            elif seq_before is None:
+                self._states.pop(conv, None)  # created for this item only (first message of a direct chat)
+
+    def _safe_target(self, item: _Send | _MemberOp) -> str | ImError:
+        try:
+            return self._target(item)
+        except Exception as exc:  # never one item's value breaking the whole pass
+            self._poison_log.hit(f"{type(exc).__name__} addressing an item: {str(exc)[:200]}", exc)
+            return ImError(ErrorCode.INVALID, "the server cannot take this message")
 
     async def _check_files(self, sends: list[_Send]) -> dict[int, str | ImError]:
         """For sends of file messages: id(send) -> the file id they may attach, or the refusal."""

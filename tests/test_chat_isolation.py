@@ -1,0 +1,175 @@
+"""Fault isolation in the committer (im.core.chat, module docstring): one send the store will not take
+fails alone, the others of its batch commit in order with dense seqs, in a bounded number of store calls;
+a store that is down refuses the batch ``unavailable`` once. Real stores: SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from im.backends.base import AccountStore, ChatStore, StoredMessage
+from im.backends.memory import MemoryPresence, MemoryRouter
+from im.backends.postgres_accounts import PostgresAccountStore
+from im.backends.postgres_chat import PostgresChatStore
+from im.backends.sqlite_accounts import SqliteAccountStore
+from im.backends.sqlite_chat import SqliteChatStore
+from im.backends.sqlite_db import SqliteDatabase
+from im.core.chat import ChatService, SendRequest
+from im.protocol.errors import ErrorCode, ImError
+from tests.support.postgres import PgSchema, start
+
+#: Text each store refuses at commit time: PostgreSQL has no NUL in text; SQLite cannot encode a lone
+#: surrogate (the codec never produces either: these reach the committer only through a bug).
+POISON = {"sqlite": "bad-\ud800", "postgres": "bad-\x00"}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def svc(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ChatService]:
+    schema: PgSchema | None = None
+    chat: ChatStore
+    accounts: AccountStore
+    if request.param == "sqlite":
+        db = SqliteDatabase(tmp_path / "im.db")
+        chat, accounts = SqliteChatStore(db), SqliteAccountStore(db)
+        await chat.start()
+        await accounts.start()
+    else:
+        schema = PgSchema()
+        pg = schema.database()
+        chat, accounts = PostgresChatStore(pg), PostgresAccountStore(pg)
+        await start(chat, accounts)
+    service = ChatService(chat, accounts, MemoryRouter(), MemoryPresence())
+    service.kind = request.param  # type: ignore[attr-defined]
+    for name in ("ann", "ben"):
+        await accounts.create_user(name, name, "hash", 0)
+    service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()
+        await accounts.close()
+        await chat.close()
+        if schema is not None:
+            await schema.drop()
+
+
+Outcome = tuple[StoredMessage | None, ImError | None]
+
+
+def submit_all(svc: ChatService, reqs: list[SendRequest]) -> list[asyncio.Future[Outcome]]:
+    """Queue every request before the committer runs, so they share one batch."""
+    loop = asyncio.get_running_loop()
+    futures: list[asyncio.Future[Outcome]] = []
+    for req in reqs:
+        fut: asyncio.Future[Outcome] = loop.create_future()
+
+        def done(_r: SendRequest, m: StoredMessage | None, _dup: bool, err: ImError | None,
+                 fut: asyncio.Future[Outcome] = fut) -> None:
+            fut.set_result((m, err))
+
+        svc.submit(req, done)
+        futures.append(fut)
+    return futures
+
+
+def send(conv: str, cmid: str, uid: int = 1) -> SendRequest:
+    return SendRequest(uid, "phone", cmid, conv, None, "text", msgspec.json.encode(cmid.encode(errors="replace")))
+
+
+@pytest.mark.parametrize("where", [0, 7, 15])
+async def test_one_poisoned_send_fails_alone(svc: ChatService, where: int) -> None:
+    group = await svc.create_group(1, "g", [2])
+    conv = f"g:{group.gid}"
+    reqs = [send(conv, f"ok-{i}", uid=1 + i % 2) for i in range(15)]
+    reqs.insert(where, send(conv, POISON[svc.kind]))  # type: ignore[attr-defined]
+    calls_before = svc.store_calls
+    outcomes = await asyncio.gather(*submit_all(svc, reqs))
+    poisoned = outcomes[where]
+    assert poisoned[0] is None and poisoned[1] is not None and poisoned[1].code is ErrorCode.INVALID
+    good = [m for i, (m, err) in enumerate(outcomes) if i != where]
+    assert all(m is not None for m in good)
+    assert [m.seq for m in good if m is not None] == list(range(2, 17))  # dense, in submission order
+    n = len(reqs)
+    assert svc.store_calls - calls_before <= 1 + 2 * math.ceil(math.log2(n))
+    page, _ = await svc.history(1, conv, after=0, before=None, limit=50)
+    assert [m.cmid for m in page[1:]] == [r.cmid for i, r in enumerate(reqs) if i != where]
+
+
+async def test_several_poisoned_sends_across_conversations(svc: ChatService) -> None:
+    group = await svc.create_group(1, "g", [2])
+    g = f"g:{group.gid}"
+    poison = POISON[svc.kind]  # type: ignore[attr-defined]
+    reqs = [send(g if i % 3 else "d:1:2", f"ok-{i}") for i in range(30)]
+    for at in (3, 11, 25):
+        reqs.insert(at, send(g, f"{poison}{at}"))
+    outcomes = await asyncio.gather(*submit_all(svc, reqs))
+    refused = [r.cmid for r, (_, err) in zip(reqs, outcomes, strict=True) if err is not None]
+    assert refused == [f"{poison}{at}" for at in (3, 11, 25)]
+    for conv in (g, "d:1:2"):
+        page, _ = await svc.history(1, conv, after=0, before=None, limit=100)
+        assert [m.seq for m in page] == list(range(1, len(page) + 1))
+        expected = [r.cmid for r in reqs if r.conv == conv and not r.cmid.startswith("bad-")]
+        assert [m.cmid for m in page if m.type == "text"] == expected
+
+
+async def test_an_item_that_breaks_preparation_fails_alone(
+    svc: ChatService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug (an unexpected exception) met while checking one item refuses that item only."""
+    group = await svc.create_group(1, "g", [2])
+    conv = f"g:{group.gid}"
+    real = svc._prepare_send
+
+    def flaky(p, item, *args):  # type: ignore[no-untyped-def]
+        if item.req.cmid == "boom":
+            real(p, item, *args)  # takes a seq, then fails: the seq must go to the next item
+            raise RuntimeError("bug")
+        real(p, item, *args)
+
+    monkeypatch.setattr(svc, "_prepare_send", flaky)
+    reqs = [send(conv, "a"), send(conv, "boom"), send(conv, "b"), send("d:1:2", "boom"), send("d:1:2", "c")]
+    reqs[3] = SendRequest(1, "phone", "boom", "d:1:2", None, "text", b'"x"')
+    outcomes = await asyncio.gather(*submit_all(svc, reqs))
+    codes = [err.code if err else None for _, err in outcomes]
+    assert codes == [None, ErrorCode.INVALID, None, ErrorCode.INVALID, None]
+    assert [(m.conv, m.seq) for m, _ in outcomes if m is not None] == [(conv, 2), (conv, 3), ("d:1:2", 1)]
+
+
+async def test_a_store_that_is_down_refuses_the_batch_once(
+    svc: ChatService, caplog: pytest.LogCaptureFixture
+) -> None:
+    group = await svc.create_group(1, "g", [2])
+    conv = f"g:{group.gid}"
+    await svc.send(send(conv, "before"))
+    await svc.store.close()  # the real database goes away under the committer
+    await svc.accounts.close()
+    reqs = [send(conv, f"m-{i}") for i in range(64)]
+    calls_before = svc.store_calls
+    with caplog.at_level(logging.WARNING, logger="im.core.chat"):
+        outcomes = await asyncio.gather(*submit_all(svc, reqs))
+    assert all(err is not None and err.code is ErrorCode.UNAVAILABLE for _, err in outcomes), outcomes[:2]
+    assert svc.store_calls - calls_before <= math.ceil(math.log2(64)) + 1
+    assert len([r for r in caplog.records if r.name == "im.core.chat"]) <= 2
+
+
+def test_throttled_log_writes_one_counted_line_per_window(caplog: pytest.LogCaptureFixture) -> None:
+    from im.throttled_log import ThrottledLog
+
+    now = [0.0]
+    throttled = ThrottledLog(logging.getLogger("t"), "bad sends", window=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="t"):
+        for i in range(3412):
+            now[0] = i * 0.002  # 3,412 events in under 7 s: the first line, then counted
+            throttled.hit(f"OverflowError #{i}", ValueError("x"))
+        assert len(caplog.records) == 1 and caplog.records[0].exc_info is not None
+        now[0] = 11.0
+        throttled.hit("later")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[1] == "refused 3,411 bad sends in the last 10 s; last: OverflowError #3411"
+    assert lines[2] == "refused bad sends: later" and len(lines) == 3
