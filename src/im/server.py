@@ -202,7 +202,10 @@ class HttpServer:
         sock = _bind(cfg.http.host, cfg.http.port)
         self.url = cfg.http.public_url or f"http://{cfg.http.host}:{sock.getsockname()[1]}"
         uv = self._uv = _Uvicorn(
-            uvicorn.Config(self._app, lifespan="off", log_level=cfg.log_level, access_log=False, ws="none")
+            uvicorn.Config(
+                self._app, lifespan="off", log_level=cfg.log_level, access_log=False, ws="none",
+                server_header=False,  # no "server: uvicorn": the version of nothing is anyone's business
+            )
         )
         task = self._task = asyncio.create_task(uv.serve(sockets=[sock]), name="im-http")
         while not uv.started and not task.done():

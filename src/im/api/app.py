@@ -16,9 +16,10 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from im.api.deps import ChatApi, PickGateway, principal_dependency
+from im.api.docs import docs_routes
 from im.api.routes_auth import auth_router
 from im.api.routes_chat import chat_router
 from im.api.routes_files import files_router
@@ -29,6 +30,7 @@ from im.config import LimitsConfig
 from im.core.accounts import AccountService
 from im.files import FileService
 from im.protocol.errors import ErrorCode, ImError
+from im.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +73,25 @@ async def _im_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(code, exc.code, exc.message)
 
 
+#: pydantic error types that are about a value's range (400), not the request's shape (422).
+_RANGE_ERRORS = frozenset({
+    "greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short", "too_long",
+    "string_too_short", "string_too_long", "int_parsing_size", "value_error",
+})
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """400 ``invalid`` when every problem is a value out of its range (an id beyond 2^63-1, a NUL
+    character, a too long string); 422 ``invalid`` when the request has the wrong shape (a missing field,
+    a wrong JSON type). docs/protocol.md section 18."""
     assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
     problems = []
-    for err in exc.errors()[:10]:
+    for err in errors[:10]:
         where = ".".join(str(part) for part in err.get("loc", ()))
         problems.append(f"{where}: {err.get('msg', 'invalid')}")
-    return error_response(422, ErrorCode.INVALID, "; ".join(problems) or "invalid request")
+    status = 400 if errors and all(err.get("type") in _RANGE_ERRORS for err in errors) else 422
+    return error_response(status, ErrorCode.INVALID, "; ".join(problems)[:1000] or "invalid request")
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -92,8 +106,53 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    # Starlette logs the traceback after this response is sent; the client sees nothing of it.
+    # Only for what escapes ResponseHardening (a failure in an outer middleware); Starlette logs it.
     return error_response(500, ErrorCode.INTERNAL, "internal error")
+
+
+class ResponseHardening:
+    """Every response: ``X-Content-Type-Options: nosniff``, and ``Cache-Control: no-store`` on API
+    responses that set no caching of their own (private data; file downloads keep their ``private``
+    ETag caching). Requests whose path or query carries a NUL character are refused 400 ``invalid`` (no
+    store keeps one). An unexpected exception answers 500 ``internal`` and is logged as one counted,
+    rate-limited line with at most one traceback per window (im.throttled_log), never one per request."""
+
+    def __init__(self, app: ASGIApp, prefix: str = PREFIX) -> None:
+        self.app = app
+        self.prefix = prefix
+        self.crashes = ThrottledLog(log, "requests that failed with an unexpected error", level=logging.ERROR)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        api = path == self.prefix or path.startswith(self.prefix + "/")
+        started = False
+
+        async def send_hardened(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"server"]
+                names = {k.lower() for k, _ in headers}
+                if b"x-content-type-options" not in names:
+                    headers.append((b"x-content-type-options", b"nosniff"))
+                if api and b"cache-control" not in names:
+                    headers.append((b"cache-control", b"no-store"))
+                message["headers"] = headers
+            await send(message)
+
+        if "\x00" in path or b"%00" in scope.get("query_string", b""):
+            response = error_response(400, ErrorCode.INVALID, "the path or query must not contain NUL characters")
+            await response(scope, receive, send_hardened)
+            return
+        try:
+            await self.app(scope, receive, send_hardened)
+        except Exception as exc:
+            self.crashes.hit(f"{scope.get('method')} {path[:200]}: {type(exc).__name__}: {str(exc)[:200]}", exc)
+            if not started:
+                await error_response(500, ErrorCode.INTERNAL, "internal error")(scope, receive, send_hardened)
 
 
 class BodyLimit:
@@ -136,7 +195,7 @@ def create_app(
         title="im",
         version="1",
         openapi_url=f"{PREFIX}/openapi.json",
-        docs_url=f"{PREFIX}/docs",
+        docs_url=None,  # im.api.docs serves the page from a package, with a CSP
         redoc_url=None,
         responses=_ERRORS,
     )
@@ -146,6 +205,7 @@ def create_app(
     app.add_exception_handler(Exception, _unexpected)
     exempt = frozenset({f"{PREFIX}/files"} if files is not None else ())
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes, exempt=exempt)
+    app.add_middleware(ResponseHardening)
 
     principal = principal_dependency(accounts)
     app.include_router(auth_router(accounts, principal), prefix=PREFIX)
@@ -166,6 +226,7 @@ def create_app(
     async def health() -> HealthOut:
         return HealthOut(status="ok")
 
+    app.router.routes.extend(docs_routes(f"{PREFIX}/docs", f"{PREFIX}/openapi.json", app.title))
     # The browser client at "/" (last: it answers every path the API does not).
     app.router.routes.append(web_mount(PREFIX))
     return app

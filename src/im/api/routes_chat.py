@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import msgspec
-from fastapi import APIRouter, Depends, Query, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Response, status
 
 from im.api.deps import ChatApi
 from im.api.schemas import (
@@ -25,6 +25,7 @@ from im.config import LimitsConfig
 from im.core.accounts import Principal
 from im.core.messages import msg_frame
 from im.protocol.errors import ErrorCode, ImError
+from im.protocol.frames import MAX_ID
 
 _json = msgspec.json.Encoder()
 #: Most users one ``GET /presence`` may ask about.
@@ -45,6 +46,8 @@ def chat_router(
 ) -> APIRouter:
     router = APIRouter()
     Me = Annotated[Principal, Depends(principal)]
+    Gid = Annotated[int, Path(ge=1, le=MAX_ID)]
+    Uid = Annotated[int, Path(ge=1, le=MAX_ID)]
 
     # --- groups -------------------------------------------------------------------------------------------
 
@@ -56,16 +59,16 @@ def chat_router(
         return GroupOut.of(await chat.create_group(me.uid, body.name, body.members))
 
     @router.get("/groups/{gid}", tags=["groups"])
-    async def group(me: Me, gid: int) -> GroupOut:
+    async def group(me: Me, gid: Gid) -> GroupOut:
         return GroupOut.of(await chat.group(me.uid, gid))
 
     @router.get("/groups/{gid}/members", tags=["groups"])
-    async def members(me: Me, gid: int) -> list[MemberOut]:
+    async def members(me: Me, gid: Gid) -> list[MemberOut]:
         found = await chat.group_members(me.uid, gid)
         return [MemberOut(uid=uid, role=role) for uid, role in sorted(found.items())]  # type: ignore[arg-type]
 
     @router.post("/groups/{gid}/members", status_code=status.HTTP_204_NO_CONTENT, tags=["groups"])
-    async def add_members(me: Me, gid: int, body: MembersIn) -> Response:
+    async def add_members(me: Me, gid: Gid, body: MembersIn) -> Response:
         """Add members (owner or admin)."""
         if len(body.uids) > limits.max_group_members:
             raise ImError(ErrorCode.INVALID, f"a group has at most {limits.max_group_members} members")
@@ -73,18 +76,18 @@ def chat_router(
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     @router.delete("/groups/{gid}/members/{uid}", status_code=status.HTTP_204_NO_CONTENT, tags=["groups"])
-    async def remove_member(me: Me, gid: int, uid: int) -> Response:
+    async def remove_member(me: Me, gid: Gid, uid: Uid) -> Response:
         """Remove a member (owner, or admin removing a plain member)."""
         await chat.remove_member(me.uid, gid, uid)
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     @router.post("/groups/{gid}/leave", status_code=status.HTTP_204_NO_CONTENT, tags=["groups"])
-    async def leave(me: Me, gid: int) -> Response:
+    async def leave(me: Me, gid: Gid) -> Response:
         await chat.leave_group(me.uid, gid)
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     @router.put("/groups/{gid}/members/{uid}/role", status_code=status.HTTP_204_NO_CONTENT, tags=["groups"])
-    async def set_role(me: Me, gid: int, uid: int, body: RoleIn) -> Response:
+    async def set_role(me: Me, gid: Gid, uid: Uid, body: RoleIn) -> Response:
         """Make a member an admin or a plain member again (owner only)."""
         await chat.set_role(me.uid, gid, uid, body.role)
         return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -115,9 +118,9 @@ def chat_router(
     async def messages(
         me: Me,
         conv: str,
-        after: Annotated[int | None, Query(ge=0, description="Oldest messages with seq > after")] = None,
-        before: Annotated[int | None, Query(ge=1, description="Newest messages with seq < before")] = None,
-        limit: Annotated[int | None, Query(ge=1, description="Page size (capped by the server)")] = None,
+        after: Annotated[int | None, Query(ge=0, le=MAX_ID, description="Oldest messages with seq > after")] = None,
+        before: Annotated[int | None, Query(ge=1, le=MAX_ID, description="Newest messages with seq < before")] = None,
+        limit: Annotated[int | None, Query(ge=1, le=MAX_ID, description="Page size (capped by the server)")] = None,
     ) -> Response:
         """A page of the conversation's log, ascending by seq. Neither ``after`` nor ``before``: the newest
         page. ``has_more`` says whether more messages lie beyond the page in the paging direction."""
@@ -145,8 +148,8 @@ def chat_router(
             wanted = list(dict.fromkeys(int(u) for u in uids.split(",") if u.strip()))
         except ValueError:
             raise ImError(ErrorCode.INVALID, "uids must be comma-separated integers") from None
-        if not wanted or len(wanted) > MAX_PRESENCE_UIDS or min(wanted) < 1:
-            raise ImError(ErrorCode.INVALID, f"give 1 to {MAX_PRESENCE_UIDS} positive uids")
+        if not wanted or len(wanted) > MAX_PRESENCE_UIDS or min(wanted) < 1 or max(wanted) > MAX_ID:
+            raise ImError(ErrorCode.INVALID, f"give 1 to {MAX_PRESENCE_UIDS} uids, each in 1..{MAX_ID}")
         found = await chat.online(me.uid, wanted)
         return [PresenceOut(uid=u, online=found.get(u, False)) for u in wanted]
 

@@ -1,15 +1,32 @@
 """Request and response bodies of the HTTP API (they also make the OpenAPI document).
 
-Values are checked for shape here (422 ``invalid``) and for meaning in the core (400 ``invalid``).
+Values are checked for shape (422 ``invalid``: a missing field, a wrong JSON type) and for range (400
+``invalid``: an id outside 1..2^63-1, a string with a NUL character, a list too short) here, and for
+meaning in the core (400 ``invalid``). im.api.app tells the two kinds of validation error apart.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from im.backends.base import Group, User
+from im.protocol.frames import MAX_ID
+
+#: A uid or gid as the stores hold it (signed 64-bit, positive).
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+
+
+def _no_nul(value: str) -> str:
+    """PostgreSQL keeps no NUL in text: refuse it on both stores alike (400, not a 500 on one of them)."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+#: Text that a store keeps.
+Text = Annotated[str, AfterValidator(_no_nul)]
 
 
 class ErrorOut(BaseModel):
@@ -18,18 +35,18 @@ class ErrorOut(BaseModel):
 
 
 class RegisterIn(BaseModel):
-    username: str = Field(description="3 to 32 of: letters, digits, '_', '.', '-'; unique ignoring case")
-    password: str
-    display_name: str | None = None
+    username: Text = Field(description="3 to 32 of: letters, digits, '_', '.', '-'; unique ignoring case")
+    password: Text
+    display_name: Text | None = None
 
 
 class LoginIn(BaseModel):
-    username: str
-    password: str
+    username: Text
+    password: Text
 
 
 class RefreshIn(BaseModel):
-    refresh_token: str
+    refresh_token: Text
 
 
 class TokensOut(BaseModel):
@@ -54,8 +71,8 @@ class UserOut(BaseModel):
 
 
 class GroupIn(BaseModel):
-    name: str
-    members: list[int] = Field(default_factory=list, description="Users to add besides the creator (owner).")
+    name: Text
+    members: list[Id] = Field(default_factory=list, description="Users to add besides the creator (owner).")
 
 
 class GroupOut(BaseModel):
@@ -79,7 +96,7 @@ class MemberOut(BaseModel):
 
 
 class MembersIn(BaseModel):
-    uids: list[int] = Field(min_length=1)
+    uids: list[Id] = Field(min_length=1)
 
 
 class RoleIn(BaseModel):
