@@ -23,8 +23,12 @@ from im.protocol.codec import Encoding
 from im.protocol.errors import ErrorCode, ImError
 from im.protocol.frames import Receipt, TypingEvent
 from im.protocol.session import Limits, ServerSession, State
+from im.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
+#: Every connecting client meets a store that is down: one counted line per window, not a traceback each.
+_sync_failures = ThrottledLog(log, "connections: sync points unavailable", level=logging.ERROR)
+_replay_failures = ThrottledLog(log, "replays: storage unavailable", level=logging.ERROR)
 
 
 class Connection(abc.ABC):
@@ -138,8 +142,8 @@ class Connection(abc.ABC):
         await self.hub.register(self)
         try:
             points = await self.hub.chat.store.sync_points(principal.uid, c.device)
-        except Exception:
-            log.exception("sync points failed")
+        except Exception as exc:
+            _sync_failures.hit(f"uid={principal.uid}: {type(exc).__name__}: {exc}", exc)
             self.run(self.session.close(ErrorCode.UNAVAILABLE, "storage unavailable; reconnect later"))
             self.flush()
             return
@@ -150,8 +154,8 @@ class Connection(abc.ABC):
         s = self.session
         try:
             start, messages = await self.hub.chat.replay(s.uid, s.device, c.conv, c.after, c.upto, self.hub.replay_page)
-        except Exception:
-            log.exception("replay failed")
+        except Exception as exc:
+            _replay_failures.hit(f"uid={s.uid} conv={c.conv[:80]}: {type(exc).__name__}: {exc}", exc)
             self.run(s.close(ErrorCode.UNAVAILABLE, "storage unavailable; reconnect later"))
             self.flush()
             return
