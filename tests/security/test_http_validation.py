@@ -82,7 +82,7 @@ def test_integers_out_of_range_in_paths_queries_and_bodies_are_400(server: Serve
     assert r.status_code == 201, r.text
     gid, conv = r.json()["gid"], r.json()["conv"]
     for x in OUT_OF_RANGE:
-        for method, path, kwargs in [
+        cases: list[tuple[str, str, dict[str, Any]]] = [
             ("GET", f"/users/{x}", {}),
             ("PUT", f"/contacts/{x}", {}),
             ("DELETE", f"/contacts/{x}", {}),
@@ -98,7 +98,8 @@ def test_integers_out_of_range_in_paths_queries_and_bodies_are_400(server: Serve
             ("POST", "/groups", {"json": {"name": "h", "members": [x]}}),
             ("GET", "/users", {"params": {"q": "a", "limit": x}}),
             ("GET", "/presence", {"params": {"uids": f"{owner['uid']},{x}"}}),
-        ]:
+        ]
+        for method, path, kwargs in cases:
             expect(api.request(method, path, headers=auth, **kwargs), 400)
         if x != 0:  # after=0 is the start of the log; before and limit start at 1
             expect(api.get(f"/conversations/{conv}/messages", params={"after": x}, headers=auth), 400)
