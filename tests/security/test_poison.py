@@ -137,7 +137,8 @@ async def test_poison_at_full_rate_hurts_no_bystander(server: ServerProcess) -> 
 
     async def bystander() -> None:
         for i in range(BYSTANDER_SENDS):
-            ack = await sender.send({"text": f"hello {i}"}, to=bob.uid)
+            body = {"text": f"hello {i}", "raw": "a\x00b"} if i % 10 == 0 else {"text": f"hello {i}"}
+            ack = await sender.send(body, to=bob.uid)  # NUL inside a body is data: stored as sent
             assert ack is not None, (i, sender.errors[-3:])
             await asyncio.sleep(0.005)
 
@@ -149,6 +150,7 @@ async def test_poison_at_full_rate_hurts_no_bystander(server: ServerProcess) -> 
     got = await receiver.wait_messages(BYSTANDER_SENDS)
     assert [m["seq"] for m in got] == list(range(1, BYSTANDER_SENDS + 1))
     assert [m["body"]["text"] for m in got] == [f"hello {i}" for i in range(BYSTANDER_SENDS)]
+    assert all(m["body"]["raw"] == "a\x00b" for m in got[::10])
     log = server.log()
     assert "Traceback" not in log
     assert len(log.encode()) - log_before <= LOG_GROWTH_MAX, log[log_before:][-3000:]

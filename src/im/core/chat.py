@@ -104,6 +104,14 @@ class _MemberOp:
     done: asyncio.Future[None]
 
 
+class _ItemBroke(Exception):
+    """One item of a pass met an unexpected exception; ``touched``: the conversations the pass changed."""
+
+    def __init__(self, item: _Send | _MemberOp, cause: Exception, touched: set[str]) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.item, self.cause, self.touched = item, cause, touched
+
+
 @dataclass(slots=True)
 class _Pass:
     """One batch in the making."""
@@ -313,7 +321,23 @@ class ChatService:
             self._recent.popitem(last=False)
 
     async def _prepare(self, items: list[_Send | _MemberOp]) -> _Pass:
-        """Check every item against cached state and build one batch (no I/O but batched loads)."""
+        """Check every item against cached state and build one batch (no I/O but batched loads).
+
+        An unexpected exception while checking one item refuses that item alone: it is taken out of
+        ``items`` (in place, so the caller's retries and splits no longer hold it), the cached states the
+        pass touched are dropped (the store still has them as they were) and the pass starts again."""
+        while True:
+            try:
+                return await self._prepare_pass(items)
+            except _ItemBroke as broke:
+                items[:] = [i for i in items if i is not broke.item]
+                for conv in broke.touched:
+                    self._states.pop(conv, None)
+                exc = broke.cause
+                self._poison_log.hit(f"{type(exc).__name__} preparing an item: {str(exc)[:200]}", exc)
+                self._refuse_item(None, broke.item, ImError(ErrorCode.INVALID, "the server cannot take this message"))
+
+    async def _prepare_pass(self, items: list[_Send | _MemberOp]) -> _Pass:
         p = _Pass()
         targets = [(item, self._safe_target(item)) for item in items]
         self._forget_if_stale(targets)
@@ -331,10 +355,6 @@ class ChatService:
         heads_before: dict[str, int] = {}
         in_batch: dict[tuple[int, str, str], StoredMessage] = {}
         for item, conv in targets:
-            mark = self._mark(p)
-            state = self._states.get(conv) if isinstance(conv, str) else None
-            seq_before = state.last_seq if state is not None else None
-            had_head = conv in heads_before if isinstance(conv, str) else True
             try:
                 if isinstance(conv, ImError):
                     raise conv
@@ -344,14 +364,9 @@ class ChatService:
                     self._prepare_member_op(p, item, conv, now_ms, heads_before)
             except ImError as err:
                 self._refuse_item(p, item, err)
-            except Exception as exc:  # a bug or a value nothing checked: refuse this item alone
-                self._rollback_item(p, mark, conv, seq_before)
-                if not had_head and isinstance(conv, str):
-                    heads_before.pop(conv, None)
-                    if isinstance(item, _Send):
-                        p.read_marks.pop((item.req.uid, conv), None)
-                self._poison_log.hit(f"{type(exc).__name__} preparing an item: {str(exc)[:200]}", exc)
-                self._refuse_item(p, item, ImError(ErrorCode.INVALID, "the server cannot take this message"))
+            except Exception as exc:  # a bug or a value nothing checked: start again without this item
+                touched = {*heads_before, *([conv] if isinstance(conv, str) else [])}
+                raise _ItemBroke(item, exc, touched) from exc
         p.batch.read_marks = [(uid, conv, seq) for (uid, conv), seq in p.read_marks.items()]
         for conv, before in heads_before.items():
             state = self._states[conv]
@@ -359,31 +374,15 @@ class ChatService:
         return p
 
     @staticmethod
-    def _refuse_item(p: _Pass, item: _Send | _MemberOp, err: ImError) -> None:
+    def _refuse_item(p: _Pass | None, item: _Send | _MemberOp, err: ImError) -> None:
+        """Refuse one item: with the pass's acks (in batch order), or at once when there is no pass."""
         if isinstance(item, _Send):
-            p.acks.append((item, None, False, err))
+            if p is not None:
+                p.acks.append((item, None, False, err))
+            else:
+                item.done(item.req, None, False, err)
         elif not item.done.done():
             item.done.set_exception(err)
-
-    @staticmethod
-    def _mark(p: _Pass) -> tuple[int, int, int, int, int, int]:
-        """Where the pass's lists end, so an item that failed half way can be taken out again."""
-        b = p.batch
-        return (len(b.messages), len(b.new_conversations), len(b.file_refs), len(b.member_changes),
-                len(p.acks), len(p.routed))
-
-    def _rollback_item(
-        self, p: _Pass, mark: tuple[int, int, int, int, int, int], conv: str | ImError, seq_before: int | None
-    ) -> None:
-        """Undo what a failed item added to the pass: its seq is given to the next item (seqs stay dense)."""
-        b = p.batch
-        del b.messages[mark[0]:], b.new_conversations[mark[1]:], b.file_refs[mark[2]:]
-        del b.member_changes[mark[3]:], p.acks[mark[4]:], p.routed[mark[5]:], p.recipients[mark[5]:]
-        if isinstance(conv, str):
-            if seq_before is not None and conv in self._states:
-                self._states[conv].last_seq = seq_before
-            elif seq_before is None:
-                self._states.pop(conv, None)  # created for this item only (first message of a direct chat)
 
     def _safe_target(self, item: _Send | _MemberOp) -> str | ImError:
         try:
