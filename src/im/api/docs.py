@@ -1,20 +1,25 @@
 """The API documentation page (Swagger UI) at ``/api/v1/docs``, served entirely by im.
 
 FastAPI's own page loads Swagger UI from a CDN: blank on a machine with no internet access, and a third
-party's script running with the page's origin. Here the assets come from the ``swagger-ui-bundle``
-package, the page has no inline script (its start-up code is a file of its own), and a
-Content-Security-Policy allows nothing from anywhere but im itself.
+party's script running with the page's origin. Here the assets (Swagger UI 5, which reads OpenAPI 3.1)
+come from the ``fastapi-offline`` package's static files, the page has no inline script (its start-up
+code is a file of its own), and a Content-Security-Policy allows nothing from anywhere but im itself.
 """
 
 from __future__ import annotations
 
 import json
+from importlib.resources import files
+from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
-from swagger_ui_bundle import swagger_ui_path
+
+#: Swagger UI's files as the fastapi-offline package ships them (swagger-ui-bundle.js, swagger-ui.css,
+#: favicon.png); only the files are used, not its FastAPI subclass.
+ASSETS_DIR = Path(str(files("fastapi_offline") / "static"))
 
 #: Swagger UI sets styles from JavaScript (allowed by 'self') and draws icons from data: URLs.
 CONTENT_SECURITY_POLICY = "; ".join(
@@ -42,7 +47,7 @@ def docs_routes(docs_url: str, openapi_url: str, title: str) -> list[BaseRoute]:
 <meta charset="utf-8">
 <title>{title} - API</title>
 <link rel="stylesheet" href="{assets}/swagger-ui.css">
-<link rel="icon" type="image/png" href="{assets}/favicon-32x32.png">
+<link rel="icon" type="image/png" href="{assets}/favicon.png">
 </head>
 <body>
 <div id="swagger-ui"></div>
@@ -62,5 +67,5 @@ def docs_routes(docs_url: str, openapi_url: str, title: str) -> list[BaseRoute]:
     return [
         Route(docs_url, docs_page, methods=["GET"], include_in_schema=False),
         Route(f"{docs_url}/init.js", init_script, methods=["GET"], include_in_schema=False),
-        Mount(assets, app=StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui"),
+        Mount(assets, app=StaticFiles(directory=ASSETS_DIR), name="swagger-ui"),
     ]
