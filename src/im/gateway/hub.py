@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 #: Every connecting client meets a store that is down: one counted line per window, not a traceback each.
 _sync_failures = ThrottledLog(log, "connections: sync points unavailable", level=logging.ERROR)
 _replay_failures = ThrottledLog(log, "replays: storage unavailable", level=logging.ERROR)
+_frame_failures = ThrottledLog(log, "frames that failed with an unexpected error", level=logging.ERROR)
 
 
 class Connection(abc.ABC):
@@ -62,7 +63,11 @@ class Connection(abc.ABC):
     # --- driven by the transport ---------------------------------------------------------------------
 
     def on_data(self, data: bytes, binary: bool) -> None:
-        self.run(self.session.receive(data, binary))
+        try:
+            self.run(self.session.receive(data, binary))
+        except Exception as exc:  # a bug one frame can reach: refuse that frame, keep the connection, no log storm
+            _frame_failures.hit(f"uid={self.session.uid}: {type(exc).__name__}: {str(exc)[:200]}", exc)
+            self.session.refuse(ErrorCode.INVALID, "the server could not process this frame")
         self.flush()
 
     def on_closed(self) -> None:
