@@ -173,3 +173,24 @@ def test_throttled_log_writes_one_counted_line_per_window(caplog: pytest.LogCapt
     lines = [r.getMessage() for r in caplog.records]
     assert lines[1] == "refused 3,411 bad sends in the last 10 s; last: OverflowError #3411"
     assert lines[2] == "refused bad sends: later" and len(lines) == 3
+
+
+async def test_a_callback_that_raises_does_not_undo_or_repeat_the_batch(svc: ChatService) -> None:
+    group = await svc.create_group(1, "g", [2])
+    conv = f"g:{group.gid}"
+    got: list[int] = []
+
+    def bad(_r: SendRequest, m: StoredMessage | None, _dup: bool, err: ImError | None) -> None:
+        raise RuntimeError("a transport bug")
+
+    def good(_r: SendRequest, m: StoredMessage | None, _dup: bool, err: ImError | None) -> None:
+        assert m is not None and err is None
+        got.append(m.seq)
+
+    calls_before = svc.store_calls
+    svc.submit(send(conv, "a"), good)
+    svc.submit(send(conv, "b"), bad)
+    svc.submit(send(conv, "c"), good)
+    last, _ = await svc.send(send(conv, "d"))
+    assert got == [2, 4] and last.seq == 5
+    assert svc.store_calls - calls_before <= 2  # one batch (or two), never split or written again

@@ -171,6 +171,7 @@ class ChatService:
         self.store_calls = 0  # store.commit calls, successful or not (fault-isolation tests count them)
         self._poison_log = ThrottledLog(log, "sends the store or the checks could not take")
         self._outage_log = ThrottledLog(log, "batches: storage unavailable", level=logging.ERROR)
+        self._callback_log = ThrottledLog(log, "answers a send callback failed on", level=logging.ERROR)
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -302,7 +303,10 @@ class ChatService:
 
     def _finish(self, p: _Pass) -> None:
         for item, m, dup, err in p.acks:
-            item.done(item.req, m, dup, err)
+            try:
+                item.done(item.req, m, dup, err)
+            except Exception as exc:  # a transport's bug: the batch is stored, answer the others
+                self._callback_log.hit(f"{type(exc).__name__}: {str(exc)[:200]}", exc)
         for fut in p.op_futures:
             if not fut.done():
                 fut.set_result(None)
