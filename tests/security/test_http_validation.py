@@ -105,6 +105,10 @@ def test_integers_out_of_range_in_paths_queries_and_bodies_are_400(server: Serve
             expect(api.get(f"/conversations/{conv}/messages", params={"after": x}, headers=auth), 400)
         for name in ("before", "limit"):
             expect(api.get(f"/conversations/{conv}/messages", params={name: x}, headers=auth), 400)
+    huge = "9" * 5000  # more digits than Python parses by default
+    expect(api.get(f"/users/{huge}", headers=auth), 400)
+    expect(api.get(f"/conversations/{conv}/messages", params={"after": huge}, headers=auth), 400)
+    expect(api.get("/presence", params={"uids": huge[:1900]}, headers=auth), 400)
     # Conversation ids whose ids no store can hold are conversations that do not exist: 404.
     for bad in (f"d:1:{2**64 - 1}", f"d:1:{BIG}", f"g:{BIG}", "g:" + "9" * 5000):
         expect(api.get(f"/conversations/{bad}/messages", headers=auth), 404, "not_found")
