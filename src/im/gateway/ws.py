@@ -100,6 +100,10 @@ class WsConnection(asyncio.Protocol, Connection):
         out = proto.data_to_send()
         if out:
             self._write_raw(out)
+            if self._open and self.buffered() > self.hub.max_send_buffer:
+                # Pongs to a client that sends pings and never reads: the same rule as for frames.
+                log.info("closing slow consumer (pongs unread) uid=%s", self.session.uid)
+                self.run(self.session.close(ErrorCode.SLOW_CONSUMER, "too far behind; resume from cursors"))
         if proto.state is State.CLOSED:
             self._shut_down()
 
@@ -176,17 +180,20 @@ async def serve_websocket(
     *,
     path: str = WS_PATH,
     settings: WsSettings | None = None,
+    max_fragments: int = 256,
     close_timeout: float = 5.0,
     backlog: int = 4096,
 ) -> asyncio.Server:
     """Listen for chat connections at ``ws://host:port/ws``, on asyncio's own transports.
 
     ``settings`` overrides the WebSocket limits, which default to the hub's: messages up to
-    ``max_frame_bytes``, refused with 1009 over four times that. The opening handshake must finish
-    within ``hub.limits.auth_timeout``.
+    ``max_frame_bytes``, refused with 1009 over four times that or in more than ``max_fragments``
+    frames. The opening handshake must finish within ``hub.limits.auth_timeout``.
     """
     limits = hub.limits
-    ws_settings = settings or WsSettings(path=path, max_message=limits.max_frame_bytes)
+    ws_settings = settings or WsSettings(
+        path=path, max_message=limits.max_frame_bytes, max_fragments=max_fragments
+    )
     handshake_timeout = limits.auth_timeout
     loop = asyncio.get_running_loop()
     return await loop.create_server(
