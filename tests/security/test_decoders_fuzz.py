@@ -56,16 +56,18 @@ TAGS = ["auth", "send", "recv", "read", "typing", "ping"]
 
 # --- strategies --------------------------------------------------------------------------------------
 
-def json_values(max_int: int) -> st.SearchStrategy[Any]:
-    """JSON-like values; integers up to ``max_int`` in size (MessagePack stops at 64 bits)."""
-    scalars = st.none() | st.booleans() | st.integers(-max_int, max_int) | st.floats() | st.text(max_size=20)
+def json_values(max_int: int, finite: bool = False) -> st.SearchStrategy[Any]:
+    """JSON-like values; integers up to ``max_int`` in size (MessagePack stops at 64 bits); ``finite``:
+    no NaN or infinity (JSON has no spelling for them)."""
+    floats = st.floats(allow_nan=not finite, allow_infinity=not finite)
+    scalars = st.none() | st.booleans() | st.integers(-max_int, max_int) | floats | st.text(max_size=20)
     return st.recursive(
         scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
         max_leaves=12,
     )
 
 
-small_values, big_values = json_values(2**63), json_values(2**70)
+small_values, big_values, plain_values = json_values(2**63), json_values(2**70), json_values(2**63 - 1, finite=True)
 frame_keys = st.sampled_from(["t", "token", "device", "cursors", "cmid", "body", "conv", "to", "type", "seq", "id"])
 #: Objects shaped like client frames: a known or unknown ``t`` and fields of any type.
 tags = st.sampled_from([*TAGS, "bogus", None]) | st.text(max_size=6)
@@ -95,7 +97,7 @@ client_payloads = st.one_of(
 valid_frames = st.one_of(
     st.builds(Auth, token=st.text(max_size=30), device=st.text(max_size=10),
               cursors=st.dictionaries(st.text(max_size=10), st.integers(0, 2**62), max_size=3)),
-    st.builds(Send, cmid=st.text(max_size=10), body=small_values, conv=st.none() | st.text(max_size=12),
+    st.builds(Send, cmid=st.text(max_size=10), body=plain_values, conv=st.none() | st.text(max_size=12),
               to=st.none() | st.integers(-(2**63), 2**63 - 1), type=st.text(max_size=8)),
     st.builds(Recv, conv=st.text(max_size=12), seq=st.integers(-(2**63), 2**63 - 1)),
     st.builds(Read, conv=st.text(max_size=12), seq=st.integers(-(2**63), 2**63 - 1)),
@@ -104,13 +106,18 @@ valid_frames = st.one_of(
 )
 
 
-def chunkings(data: bytes, cuts: list[int]) -> list[bytes]:
-    """``data`` split at the given cut points (taken modulo its length)."""
-    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+def chunkings(data: bytes, split: int | list[int]) -> list[bytes]:
+    """``data`` cut into reads: every ``split`` bytes, or at the listed points (modulo its length)."""
+    if isinstance(split, int):
+        return [data[i : i + split] for i in range(0, len(data), split)]
+    points = sorted({c % (len(data) + 1) for c in split} | {0, len(data)})
     return [data[a:b] for a, b in itertools.pairwise(points) if b > a]
 
 
-cut_lists = st.lists(st.integers(min_value=0, max_value=10**6), max_size=12)
+#: How a stream is cut into reads: small fixed steps (cuts inside every header and masking key) or a
+#: few cuts anywhere.
+cut_lists = st.integers(1, 9) | st.lists(st.integers(min_value=0, max_value=10**6), max_size=12)
+
 
 # --- JSON and MessagePack client frames --------------------------------------------------------------
 
@@ -286,7 +293,7 @@ tcp_streams = st.one_of(
 
 @FUZZ
 @given(data=tcp_streams, cuts=cut_lists)
-def test_tcp_framing_takes_anything_in_any_chunking(data: bytes, cuts: list[int]) -> None:
+def test_tcp_framing_takes_anything_in_any_chunking(data: bytes, cuts: Any) -> None:
     whole = run_tcp([data] if data else [])
     check_tcp_output(whole[0])
     assert run_tcp(chunkings(data, cuts)) == whole  # reads split anywhere change nothing
@@ -294,7 +301,7 @@ def test_tcp_framing_takes_anything_in_any_chunking(data: bytes, cuts: list[int]
 
 @FUZZ
 @given(ids=st.lists(st.integers(0, 2**53), min_size=1, max_size=6), binary=st.booleans(), cuts=cut_lists)
-def test_tcp_well_formed_frames_round_trip(ids: list[int], binary: bool, cuts: list[int]) -> None:
+def test_tcp_well_formed_frames_round_trip(ids: list[int], binary: bool, cuts: Any) -> None:
     encoding = Encoding.MSGPACK if binary else Encoding.JSON
     data = b"".join(frame(encode(Ping(id=i), encoding), binary) for i in ids)
     written, closed = run_tcp(chunkings(data, cuts))
@@ -364,18 +371,20 @@ def _texts_valid(messages: list[tuple[bool, list[bytes], list[bytes]]]) -> list[
 
 
 @FUZZ
-@given(messages=ws_messages.map(_texts_valid), cuts=cut_lists)
-def test_websocket_well_formed_messages_round_trip(messages: list[Any], cuts: list[int]) -> None:
-    settings = WsSettings(max_message=1000, max_fragments=8)
+@given(messages=ws_messages.map(_texts_valid), cuts=cut_lists, max_message=st.sampled_from([40, 100, 1000]))
+def test_websocket_well_formed_messages_round_trip(messages: list[Any], cuts: Any, max_message: int) -> None:
+    """Whole messages are delivered; those over max_message are reported (and dropped) with their size."""
+    settings = WsSettings(max_message=max_message, hard_limit=10_000, max_fragments=8)
     events, out, state = run_ws(chunkings(encode_ws(messages), cuts), settings)
-    assert events == [Message(b"".join(parts), binary) for binary, parts, _ in messages]
+    joined = [(b"".join(parts), binary) for binary, parts, _ in messages]
+    assert events == [Message(m, b) if len(m) <= max_message else Oversized(len(m), b) for m, b in joined]
     assert server_frames(out) == [(0xA, True, p) for _, parts, pings in messages for p in pings[: len(parts)]]
     assert state is State.OPEN
 
 
 @FUZZ
 @given(data=st.binary(max_size=400), cuts=cut_lists)
-def test_websocket_parser_takes_arbitrary_bytes_in_any_chunking(data: bytes, cuts: list[int]) -> None:
+def test_websocket_parser_takes_arbitrary_bytes_in_any_chunking(data: bytes, cuts: Any) -> None:
     whole = run_ws([data], SMALL)
     check_ws_outcome(*whole)
     assert run_ws(chunkings(data, cuts), SMALL) == whole
@@ -388,7 +397,7 @@ def test_websocket_parser_takes_arbitrary_bytes_in_any_chunking(data: bytes, cut
                    min_size=1, max_size=3),
     cuts=cut_lists,
 )
-def test_websocket_parser_takes_mutated_frames(messages: list[Any], edits: list[Any], cuts: list[int]) -> None:
+def test_websocket_parser_takes_mutated_frames(messages: list[Any], edits: list[Any], cuts: Any) -> None:
     data = bytearray(encode_ws(messages) or b"\x81\x80mask")
     for where, value, how in edits:
         i = where % len(data)

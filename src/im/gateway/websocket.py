@@ -524,7 +524,8 @@ class ServerProtocol:
                 else:
                     frames = 1
                 size = self._msg_size + n
-                if self.state is _OPEN:
+                # (A single frame within max_message cannot break a limit: the common case checks nothing.)
+                if (frames > 1 or size > s.max_message) and self.state is _OPEN:
                     if frames > s.max_fragments:
                         raise _Fail(CloseCode.MESSAGE_TOO_BIG, f"message in more than {s.max_fragments} fragments")
                     if size + (frames - 1) * FRAGMENT_COST > s.limit:
