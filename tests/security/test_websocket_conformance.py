@@ -275,3 +275,12 @@ async def test_pings_never_read_close_the_connection(
     assert rss(server) - before < 48 << 20, (before, rss(server))
     await assert_unaffected(bystander)
     assert "slow consumer" in server.log()
+
+
+def test_max_fragments_is_configurable(tmp_path: Path) -> None:
+    with running_server(tmp_path / "data", ["--set", "limits.max_fragments=4"]) as tuned:
+        ws = Raw(tuned)
+        ws.send(frame(0x1, b'{"t":', fin=False) + frame(0x0, b"", fin=False) * 2 + frame(0x0, b'"ping"}'))
+        assert ws.read_frame() == (0x1, b'{"t":"pong","id":null}')  # 4 frames
+        ws.send(frame(0x1, b'{"t":', fin=False) + frame(0x0, b"", fin=False) * 4)
+        assert ws.read_until_close()[0] == 1009

@@ -2,10 +2,11 @@
 
 One WebSocket message carries one protocol frame: text for JSON, binary for MessagePack; messages over
 ``max_frame_bytes`` are answered with ``too_large`` and the connection stays open; over four times that,
-close 1009 without buffering. It costs about what the TCP transport costs per idle connection (about
-3 KiB, against 10.6 KiB for picows, which this replaced): no per-connection read buffer (the event loop
-hands over each read as ``bytes``), and the sans-I/O protocol keeps a buffer only while a frame is
-incomplete.
+close 1009 without buffering, as is a message in more than ``max_fragments`` frames (see
+:mod:`im.gateway.websocket` for what a connection can make the server hold). It costs about what the TCP
+transport costs per idle connection (about 3 KiB, against 10.6 KiB for picows, which this replaced): no
+per-connection read buffer (the event loop hands over each read as ``bytes``), and the sans-I/O protocol
+keeps a buffer only while a frame is incomplete.
 
 Closing: after the last close frame (ours or the echo of the client's) the server half-closes (FIN) and
 keeps reading, discarding, until the client closes its side; it aborts after ``close_timeout``. Closing at
