@@ -90,6 +90,9 @@ class LimitsConfig(_Section):
     #: WebSocket frames one message may be split into (first frame and continuations); more: close
     #: 1009. Each fragment after the first also counts 64 bytes toward the 4 x max_frame_bytes limit.
     max_fragments: int = Field(256, ge=1, le=65_536)
+    #: Bytes queued for a connection that has not authenticated (its pongs and error frames) beyond which
+    #: it is closed as a slow consumer; once authenticated, gateway.max_send_buffer applies.
+    preauth_send_buffer: int = Field(64 * 1024, ge=4096)
 
 
 class AuthConfig(_Section):

@@ -170,7 +170,8 @@ def build_hub(config: Config, chat: ChatService, accounts: AccountService, **kw:
     gw = config.gateway
     return Hub(
         gw.node_id, chat, accounts, limits=session_limits(config), replay_page=gw.replay_page,
-        max_send_buffer=gw.max_send_buffer, presence_ttl=config.presence.ttl, **kw,
+        max_send_buffer=gw.max_send_buffer, preauth_send_buffer=config.limits.preauth_send_buffer,
+        presence_ttl=config.presence.ttl, **kw,
     )
 
 

@@ -180,7 +180,8 @@ def test_session_after_auth_takes_anything(messages: list[tuple[bytes, bool]], b
 class MemoryTransport:
     """What :class:`TcpConnection` uses of an asyncio transport, kept in memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, unread: bool = False) -> None:
+        self.unread = unread  # the peer reads nothing: all that was written stays buffered
         self.written = bytearray()
         self.eof = self.aborted = self.closed = False
 
@@ -207,7 +208,7 @@ class MemoryTransport:
         return default
 
     def get_write_buffer_size(self) -> int:
-        return 0
+        return len(self.written) if self.unread else 0
 
     def pause_reading(self) -> None:
         pass
@@ -229,6 +230,7 @@ class OneConnectionHub:
         self.cache = EncodedCache()
         self.accounts = RefusingAccounts()
         self.max_send_buffer = 4 * 1024 * 1024
+        self.preauth_send_buffer = 64 * 1024
         self.added: list[Connection] = []
 
     def add(self, conn: Connection) -> None:
@@ -297,6 +299,28 @@ def test_tcp_framing_takes_anything_in_any_chunking(data: bytes, cuts: Any) -> N
     whole = run_tcp([data] if data else [])
     check_tcp_output(whole[0])
     assert run_tcp(chunkings(data, cuts)) == whole  # reads split anywhere change nothing
+
+
+def test_what_a_stranger_makes_the_server_queue_is_capped() -> None:
+    """Before auth, answers pile up only to limits.preauth_send_buffer (64 KiB), not the 4 MiB of
+    gateway.max_send_buffer: then ``bye slow_consumer`` and the connection is closed."""
+
+    async def main() -> None:
+        hub = OneConnectionHub(Limits())
+        conn = TcpConnection(hub)  # type: ignore[arg-type]
+        transport = MemoryTransport(unread=True)
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        ping = frame(b'{"t":"ping","id":1}', False)
+        for _ in range(20_000):
+            conn.data_received(ping * 10)
+            if transport.eof:
+                break
+        assert transport.eof and 64 * 1024 < len(transport.written) < 70 * 1024
+        *_, last = check_tcp_output(bytes(transport.written))
+        assert last == Bye(code="slow_consumer", message="too far behind; resume from cursors")
+        conn.connection_lost(None)
+
+    asyncio.run(main())
 
 
 @FUZZ

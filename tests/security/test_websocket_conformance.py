@@ -267,14 +267,28 @@ async def test_pings_never_read_close_the_connection(
     server: ServerProcess, bystander: tuple[ChatClient, Account]
 ) -> None:
     """Every ping is answered; a client that sends pings and reads no pong would make the server queue
-    them without end. Past gateway.max_send_buffer (4 MiB) it is closed as a slow consumer."""
+    them without end (it grew the server by over 1 GiB). Before authenticating, past
+    limits.preauth_send_buffer (64 KiB) queued, it is closed as a slow consumer."""
     before = rss(server)
     started = time.monotonic()
-    sent, how = await asyncio.to_thread(_flood, server, frame(0x9, b"p" * 125), read=False)
-    assert how == "reset", (sent, how, time.monotonic() - started)
-    assert rss(server) - before < 48 << 20, (before, rss(server))
+    for ping in (frame(0x9, b"p" * 125), frame(0x1, b'{"t":"ping","id":1}')):  # WebSocket's, then ours
+        sent, how = await asyncio.to_thread(_flood, server, ping, read=False)
+        assert how == "reset", (sent, how, time.monotonic() - started)
+    assert rss(server) - before < 16 << 20, (before, rss(server))
     await assert_unaffected(bystander)
     assert "slow consumer" in server.log()
+
+
+def test_tcp_pings_never_read_close_the_connection(server: ServerProcess) -> None:
+    """The same over the TCP framing: protocol pings before auth, their pongs never read."""
+    sock = socket.create_connection(server.tcp, timeout=10)
+    ping = b'{"t":"ping","id":1}'
+    block = ((len(ping) + 1).to_bytes(4, "big") + b"\x01" + ping) * 3000
+    deadline = time.monotonic() + 60
+    with pytest.raises(OSError):  # reset or broken pipe once the server gives up
+        while time.monotonic() < deadline:
+            sock.sendall(block)
+    sock.close()
 
 
 def test_max_fragments_is_configurable(tmp_path: Path) -> None:

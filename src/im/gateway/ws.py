@@ -101,7 +101,7 @@ class WsConnection(asyncio.Protocol, Connection):
         out = proto.data_to_send()
         if out:
             self._write_raw(out)
-            if self._open and self.buffered() > self.hub.max_send_buffer:
+            if self._open and self.buffered() > self.send_limit():
                 # Pongs to a client that sends pings and never reads: the same rule as for frames.
                 log.info("closing slow consumer (pongs unread) uid=%s", self.session.uid)
                 self.run(self.session.close(ErrorCode.SLOW_CONSUMER, "too far behind; resume from cursors"))
