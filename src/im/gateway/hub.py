@@ -85,7 +85,9 @@ class Connection(abc.ABC):
         """Bytes queued for the client past which it is closed as a slow consumer. Small until it has
         authenticated: a stranger who never reads must not make the server hold megabytes of answers."""
         s = self.session.state
-        return self.hub.max_send_buffer if s is State.OPEN else self.hub.preauth_send_buffer
+        if s is State.AWAIT_AUTH or s is State.AUTHENTICATING:
+            return self.hub.preauth_send_buffer
+        return self.hub.max_send_buffer
 
     def mark_dirty(self) -> None:
         """Flush at the end of this loop iteration (coalesces writes of one routed batch)."""
