@@ -124,8 +124,8 @@ class Raw:
 
 PING = b'{"t":"ping","id":7}'
 CASES = {
-    "reserved bit RSV1 [3.2]": frame(0x1, PING, rsv=4),
-    "reserved bits on a ping [3.6]": frame(0x9, b"x", rsv=7),
+    "reserved bit RSV1 [3.x]": frame(0x1, PING, rsv=4),
+    "reserved bits on a ping [3.x]": frame(0x9, b"x", rsv=7),
     "reserved data opcode 0x3 [4.1.1]": frame(0x3, b"x"),
     "reserved control opcode 0xb [4.2.1]": frame(0xB, b"x"),
     "unmasked client frame": frame(0x1, PING, mask=None),
@@ -183,7 +183,7 @@ def test_fragments_interleaved_with_control_frames(server: ServerProcess) -> Non
     assert (0x1, b'{"t":"pong","id":9}') in got
     ping = bytes(range(125))
     ws.send(frame(0x9, ping))
-    assert ws.read_frame() == (0xA, ping)  # the payload echoed whole [2.3]
+    assert ws.read_frame() == (0xA, ping)  # the payload echoed whole [2.4]
     ws.send(frame(0x8, (4999).to_bytes(2, "big") + "fin ✓".encode()))  # a valid application code [7.7]
     assert ws.read_until_close() == (4999, [])
 
