@@ -3,8 +3,8 @@
 - JSON and MessagePack client frames (``decode_client``), and ``ServerSession.receive`` before and after
   authentication;
 - the TCP framing (``TcpConnection`` behind an in-memory transport), in arbitrary chunkings;
-- the WebSocket frame parser (``ServerProtocol``), arbitrary bytes and mutated valid frames, in arbitrary
-  chunkings.
+- the WebSocket opening handshake and frame parser (``ServerProtocol``): arbitrary bytes, mutated
+  requests and mutated valid frames, in arbitrary chunkings.
 
 The properties: arbitrary input gives a documented error code or close code and never an exception out
 of the connection; the outcome does not depend on how the bytes were split into reads; well-formed input
@@ -29,7 +29,17 @@ from im.backends.base import SyncPoint
 from im.core.messages import EncodedCache
 from im.gateway.hub import Connection
 from im.gateway.tcp import TcpConnection, frame
-from im.gateway.websocket import CloseCode, Closed, Message, Opened, Oversized, ServerProtocol, State, WsSettings
+from im.gateway.websocket import (
+    CloseCode,
+    Closed,
+    Message,
+    Opened,
+    Oversized,
+    Rejected,
+    ServerProtocol,
+    State,
+    WsSettings,
+)
 from im.protocol import commands as cmd
 from im.protocol.codec import Encoding, decode_client, decode_server, encode
 from im.protocol.errors import ErrorCode, ImError
@@ -434,6 +444,54 @@ def test_websocket_parser_takes_mutated_frames(messages: list[Any], edits: list[
     whole = run_ws([bytes(data)], SMALL)
     check_ws_outcome(*whole)
     assert run_ws(chunkings(bytes(data), cuts), SMALL) == whole
+
+
+def run_handshake(chunks: list[bytes]) -> tuple[list[Any], bytes, State]:
+    p = ServerProtocol(WsSettings(max_request_bytes=2048, max_headers=10, max_message=64))
+    events: list[Any] = []
+    out = bytearray()
+    for chunk in chunks:
+        p.receive_data(chunk)
+        events += p.events_received()
+        out += p.data_to_send()
+        assert p.buffered <= 2048 + len(chunk)
+    return events, bytes(out), p.state
+
+
+header_lines = st.lists(
+    st.sampled_from([b"Host: x", b"Upgrade: websocket", b"Connection: Upgrade", b"Sec-WebSocket-Version: 13",
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", b"Origin: o", b"X: y", b"bad line", b":",
+                     b"Sec-WebSocket-Version: 8", b"Host: y", b""]) | st.binary(max_size=30),
+    max_size=12,
+)
+requests = st.one_of(
+    st.binary(max_size=300),
+    st.builds(lambda first, lines, tail: first + b"\r\n" + b"\r\n".join(lines) + b"\r\n\r\n" + tail,
+              st.sampled_from([b"GET /ws HTTP/1.1", b"GET /ws?x HTTP/1.1", b"GET /other HTTP/1.1", b"POST /ws HTTP/1.1",
+                               b"GET /ws HTTP/1.0", b"GET  /ws HTTP/1.1"]) | st.binary(max_size=20),
+              header_lines, st.binary(max_size=40)),
+    st.builds(lambda edit, tail: bytes(request()).replace(*edit) + tail,
+              st.tuples(st.binary(min_size=1, max_size=4), st.binary(max_size=4)), st.binary(max_size=40)),
+)
+
+
+@FUZZ
+@given(data=requests, cuts=cut_lists)
+def test_handshake_takes_anything_in_any_chunking(data: bytes, cuts: Any) -> None:
+    """An upgrade request is answered 101 or refused with a documented status (400, 404, 426), or more
+    bytes are awaited; what follows an accepted one is framing, under the properties above."""
+    whole = run_handshake([data])
+    events, out, state = whole
+    if events and isinstance(events[0], Rejected):
+        assert events[0].status in (400, 404, 426) and len(events) == 1 and state is State.CLOSED
+        assert out.startswith(f"HTTP/1.1 {events[0].status} ".encode())
+    elif events:
+        assert isinstance(events[0], Opened) and out.startswith(b"HTTP/1.1 101 ")
+        rest = out[out.index(b"\r\n\r\n") + 4 :]
+        check_ws_outcome(events[1:], rest, state)
+    else:
+        assert out == b"" and state is State.HANDSHAKE
+    assert run_handshake(chunkings(data, cuts)) == whole
 
 
 def test_every_decode_error_code_is_documented() -> None:
