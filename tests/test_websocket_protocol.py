@@ -241,7 +241,7 @@ def test_text_and_binary_messages() -> None:
 
 
 @pytest.mark.parametrize(
-    ("n", "form"), [(0, 7), (125, 7), (126, 16), (5, 16), (65535, 16), (65536, 64), (70_000, 64), (3, 64)]
+    ("n", "form"), [(0, 7), (125, 7), (126, 16), (65535, 16), (65536, 64), (70_000, 64)]
 )
 def test_all_length_forms(n: int, form: int) -> None:
     p = opened(WsSettings(max_message=100_000))
@@ -425,3 +425,234 @@ def test_encode_close() -> None:
     assert encode_close(1005) == b"\x88\x00"
     assert close_frame(encode_close(4001, "x" * 300)) == (4001, "x" * 123)
     assert close_frame(encode_close(1000, "x" + "é" * 100)) == (1000, "x" + "é" * 61)  # whole characters only
+
+
+# --- RFC 6455 hard cases, in the spirit of the Autobahn test suite's case list ------------------------
+# Each case: bytes after a good message; the connection must fail with the named close code, the good
+# message before it must still be delivered, and nothing after the failing frame is read.
+
+
+def _closes(p: ServerProtocol, data: bytes, code: int, chunk: int | None = None) -> list[object]:
+    events = feed(p, data, chunk)
+    assert events and isinstance(events[-1], Closed) and events[-1].code == code, events
+    frames = server_frames(p.data_to_send())
+    assert frames[-1][0] == 0x8 and int.from_bytes(frames[-1][2][:2], "big") == code
+    assert p.state is State.CLOSED and p.buffered == 0
+    return events[:-1]
+
+
+@pytest.mark.parametrize("rsv", [1, 2, 3, 4, 5, 6, 7])
+@pytest.mark.parametrize("op", [0x1, 0x2, 0x8, 0x9, 0xA])
+def test_reserved_bits_on_every_kind_of_frame(rsv: int, op: int) -> None:  # Autobahn 3.x
+    p = opened()
+    payload = b"\x03\xe8" if op == 0x8 else b"x"
+    assert _closes(p, frame(0x1, b"ok") + frame(op, payload, rsv=rsv) + frame(0x1, b"after"), 1002) == [
+        Message(b"ok", False)]
+
+
+@pytest.mark.parametrize("op", [0x3, 0x4, 0x5, 0x6, 0x7, 0xB, 0xC, 0xD, 0xE, 0xF])
+def test_reserved_opcodes(op: int) -> None:  # Autobahn 4.x
+    p = opened()
+    assert _closes(p, frame(0x1, b"ok") + frame(op, b"x") + frame(0x9, b"p"), 1002) == [Message(b"ok", False)]
+    p = opened()
+    _closes(p, frame(0x1, b"a", fin=False) + frame(op, b"") + frame(0x0, b"b"), 1002)
+
+
+@pytest.mark.parametrize("op", [0x8, 0x9, 0xA])
+def test_control_frames_over_125_bytes_and_fragmented(op: int) -> None:  # Autobahn 2.5, 5.1-5.2
+    payload = b"\x03\xe8" + b"r" * 124 if op == 0x8 else b"p" * 126
+    _closes(opened(), frame(op, payload), 1002)
+    _closes(opened(), frame(op, payload)[:8], 1002)  # the header is enough: the payload is never read
+    _closes(opened(), frame(op, b"\x03\xe8" if op == 0x8 else b"", fin=False), 1002)
+
+
+@pytest.mark.parametrize("n", [0, 1, 10, 125])
+@pytest.mark.parametrize("chunk", [None, 1, 3])
+def test_ping_payload_is_echoed_in_the_pong(n: int, chunk: int | None) -> None:  # Autobahn 2.1-2.4, 2.6
+    p = opened()
+    payload = bytes(range(256))[-n:] if n else b""
+    assert feed(p, frame(0x9, payload), chunk) == []
+    assert server_frames(p.data_to_send()) == [(0xA, True, payload)]
+
+
+def test_every_ping_is_answered_in_order_and_pongs_are_ignored() -> None:  # Autobahn 2.7-2.10
+    p = opened()
+    data = frame(0xA, b"unsolicited") + b"".join(frame(0x9, f"ping {i}".encode()) for i in range(10))
+    assert feed(p, data, chunk=5) == []
+    assert server_frames(p.data_to_send()) == [(0xA, True, f"ping {i}".encode()) for i in range(10)]
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2])
+def test_control_frames_between_fragments(chunk: int | None) -> None:  # Autobahn 5.6-5.20
+    p = opened()
+    data = (frame(0x1, b"fr", fin=False) + frame(0x9, b"1") + frame(0x0, b"ag", fin=False) + frame(0xA, b"x")
+            + frame(0x9, b"2") + frame(0x0, b"ment"))
+    assert feed(p, data, chunk) == [Message(b"fragment", False)]
+    assert server_frames(p.data_to_send()) == [(0xA, True, b"1"), (0xA, True, b"2")]
+
+
+def test_close_in_the_middle_of_a_fragmented_message() -> None:
+    p = opened()
+    assert feed(p, frame(0x2, b"half", fin=False) + frame(0x8, b"\x03\xe8bye") + frame(0x0, b"rest")) == [
+        Closed(1000, "bye")]
+    assert close_frame(p.data_to_send()) == (1000, "")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        frame(0x0, b"x"),  # Autobahn 5.9-5.11: continuation with nothing to continue
+        frame(0x0, b"x", fin=False) + frame(0x0, b"y"),
+        frame(0x0, b"", fin=False),
+        frame(0x1, b"a", fin=False) + frame(0x1, b"b"),  # Autobahn 5.18: a new message while one is open
+        frame(0x2, b"a", fin=False) + frame(0x1, b"b", fin=False),
+        frame(0x1, b"a", fin=False) + frame(0x0, b"b") + frame(0x0, b"c"),  # one continuation too many
+    ],
+)
+def test_fragmentation_errors(data: bytes) -> None:
+    p = opened()
+    events = _closes(p, data, 1002)
+    assert all(isinstance(e, Message) for e in events)
+
+
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_a_code_point_split_across_fragments_is_valid(chunk: int | None) -> None:  # Autobahn 6.2-6.3
+    text = "κόσμε 𝄞 €".encode()
+    p = opened()
+    for size in (1, 2, 3):  # every split, down to one byte per fragment
+        parts = [text[i : i + size] for i in range(0, len(text), size)]
+        data = b"".join(frame(0x0 if i else 0x1, part, fin=i == len(parts) - 1) for i, part in enumerate(parts))
+        assert feed(p, data, chunk) == [Message(text, False)]
+    assert p.data_to_send() == b""
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80",  # Autobahn 6.4.1: a surrogate, mid-message
+        b"\xf4\x90\x80\x80",  # past U+10FFFF
+        b"\xc0\xaf",  # an overlong "/"
+        b"ok \xff",
+        b"\x80",  # a continuation byte first
+    ],
+)
+def test_invalid_utf8_in_a_first_fragment_fails_at_once(first: bytes) -> None:  # Autobahn 6.4 "fail fast"
+    p = opened()
+    _closes(p, frame(0x1, first, fin=False), 1007)  # the final fragment never came
+
+
+def test_invalid_utf8_split_across_fragments_fails_when_it_becomes_certain() -> None:
+    p = opened()
+    assert feed(p, frame(0x1, b"ok \xf0\x9d", fin=False)) == []  # could still be U+1D11E
+    assert feed(p, frame(0x0, b"\x84", fin=False)) == []  # still could
+    _closes(p, frame(0x0, b"A", fin=False), 1007)  # now it cannot, though the message is not finished
+
+
+def test_text_cut_inside_a_code_point_at_the_last_fragment() -> None:
+    p = opened()
+    assert feed(p, frame(0x1, b"ok \xe2\x82", fin=False)) == []
+    _closes(p, frame(0x0, b""), 1007)
+    p = opened()
+    _closes(p, frame(0x1, b"ok \xe2\x82", fin=False) + frame(0x0, b"A"), 1007)
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014,
+                                  3000, 3999, 4000, 4999])
+def test_valid_close_codes_are_echoed(code: int) -> None:  # Autobahn 7.7
+    p = opened()
+    assert feed(p, frame(0x8, code.to_bytes(2, "big") + b"why")) == [Closed(code, "why")]
+    assert close_frame(p.data_to_send()) == (code, "")
+
+
+@pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535])
+def test_invalid_close_codes(code: int) -> None:  # Autobahn 7.9
+    _closes(opened(), frame(0x8, code.to_bytes(2, "big")), 1002)
+
+
+def test_close_payloads() -> None:  # Autobahn 7.3
+    _closes(opened(), frame(0x8, b"\x03"), 1002)  # one byte: no room for a code
+    p = opened()
+    assert feed(p, frame(0x8, b"\x03\xe8" + b"r" * 123)) == [Closed(1000, "r" * 123)]  # the largest allowed
+    _closes(opened(), frame(0x8, b"\x03\xe8" + "é".encode()[:1]), 1007)  # reason cut inside a code point
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        bytes((0x82, 0xFE)) + (5).to_bytes(2, "big"),  # 16-bit form for a length that fits in 7 bits
+        bytes((0x82, 0xFE)) + (125).to_bytes(2, "big"),
+        bytes((0x82, 0xFF)) + (3).to_bytes(8, "big"),  # 64-bit form for a length that fits in 16 bits
+        bytes((0x82, 0xFF)) + (65535).to_bytes(8, "big"),
+        bytes((0x82, 0xFF)) + (1 << 63).to_bytes(8, "big"),  # the top bit must be 0
+        bytes((0x82, 0xFF)) + (2**64 - 1).to_bytes(8, "big"),
+    ],
+)
+def test_length_encodings_that_must_fail(header: bytes) -> None:  # section 5.2
+    _closes(opened(), header + MASK + b"x" * 5, 1002)
+
+
+# --- fragment limits: floods of tiny and empty fragments ---------------------------------------------
+
+
+def test_a_message_may_have_max_fragments_and_no_more() -> None:
+    settings = WsSettings(max_fragments=8)
+    p = opened(settings)
+    eight = b"".join(frame(0x0 if i else 0x2, b"f", fin=i == 7) for i in range(8))
+    assert feed(p, eight) == [Message(b"f" * 8, True)]
+    nine = b"".join(frame(0x0 if i else 0x2, b"", fin=False) for i in range(9))
+    events = _closes(p, nine, CloseCode.MESSAGE_TOO_BIG)
+    assert events == []
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 3, 7])
+def test_fragment_limit_holds_for_a_message_that_is_being_dropped(chunk: int | None) -> None:
+    p = opened(WsSettings(max_message=1000, max_fragments=4))
+    data = frame(0x2, b"a" * 1001, fin=False) + b"".join(frame(0x0, b"", fin=False) for _ in range(4))
+    _closes(p, data, CloseCode.MESSAGE_TOO_BIG, chunk=chunk)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_small_frames_of_a_dropped_message_split_inside_their_mask(chunk: int) -> None:
+    """A frame of a message already over max_message is dropped: its header and masking key must still
+    be read whole before the payload is skipped (a read ending inside the key once lost sync)."""
+    p = opened(WsSettings(max_message=10, hard_limit=1000))
+    data = frame(0x2, b"a" * 8, fin=False) + frame(0x0, b"bbbb", fin=False) + frame(0x0, b"") + frame(0x1, b"ok")
+    assert feed(p, data, chunk) == [Oversized(12, True), Message(b"ok", False)]
+    p.close()
+    p.data_to_send()
+    assert feed(p, frame(0x1, b"late"), chunk) == [] and p.buffered == 0  # closing: read past
+    assert feed(p, frame(0x8, b"\x03\xe8"), chunk) == [Closed(1000, "")]
+
+
+def test_each_fragment_costs_toward_the_hard_limit() -> None:
+    from im.gateway.websocket import FRAGMENT_COST
+
+    s = WsSettings(max_message=1000, hard_limit=4000, max_fragments=1_000_000)
+    p = opened(s)
+    allowed = 4000 // FRAGMENT_COST  # fragments after the first that fit the hard limit with no payload
+    flood = frame(0x1, b"", fin=False) + frame(0x0, b"", fin=False) * allowed
+    assert feed(p, flood) == []
+    _closes(p, frame(0x0, b"", fin=False), CloseCode.MESSAGE_TOO_BIG)
+
+
+def test_an_empty_fragment_flood_is_refused_with_little_held() -> None:
+    """The issue's attack: megabytes of empty continuation frames. Default settings: refused at the
+    257th frame, holding one small buffer meanwhile."""
+    p = opened()
+    flood = frame(0x2, b"x", fin=False) + frame(0x0, b"", fin=False) * 100_000  # 600 KB on the wire
+    for i in range(0, len(flood), 4096):
+        p.receive_data(flood[i : i + 4096])
+        assert p.buffered < 4096 + 14
+        if p.state is State.CLOSED:
+            break
+    assert i < 256 * 6 + 4096
+    [event] = p.events_received()
+    assert event == Closed(CloseCode.MESSAGE_TOO_BIG, "message in more than 256 fragments")
+
+
+def test_reassembly_keeps_one_buffer() -> None:
+    p = opened()
+    p.receive_data(frame(0x2, b"ab", fin=False) + frame(0x0, b"c", fin=False) + frame(0x0, b"", fin=False))
+    assert type(p._frags) is bytearray and bytes(p._frags) == b"abc"
+    assert feed(p, frame(0x0, b"d")) == [Message(b"abcd", True)]
+    assert p._frags is None

@@ -87,6 +87,12 @@ class LimitsConfig(_Section):
     typing_rate: float = Field(5.0, gt=0)
     max_group_members: int = Field(2000, ge=2)
     history_page_max: int = Field(200, ge=1, le=10_000)
+    #: WebSocket frames one message may be split into (first frame and continuations); more: close
+    #: 1009. Each fragment after the first also counts 64 bytes toward the 4 x max_frame_bytes limit.
+    max_fragments: int = Field(256, ge=1, le=65_536)
+    #: Bytes queued for a connection that has not authenticated (its pongs and error frames) beyond which
+    #: it is closed as a slow consumer; once authenticated, gateway.max_send_buffer applies.
+    preauth_send_buffer: int = Field(64 * 1024, ge=4096)
 
 
 class AuthConfig(_Section):

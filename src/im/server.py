@@ -170,14 +170,15 @@ def build_hub(config: Config, chat: ChatService, accounts: AccountService, **kw:
     gw = config.gateway
     return Hub(
         gw.node_id, chat, accounts, limits=session_limits(config), replay_page=gw.replay_page,
-        max_send_buffer=gw.max_send_buffer, presence_ttl=config.presence.ttl, **kw,
+        max_send_buffer=gw.max_send_buffer, preauth_send_buffer=config.limits.preauth_send_buffer,
+        presence_ttl=config.presence.ttl, **kw,
     )
 
 
 async def start_gateway_listeners(config: Config, hub: Hub) -> tuple[list[asyncio.Server], dict[str, str]]:
     """The WebSocket and (unless turned off) TCP listeners, and the addresses clients are given."""
     gw = config.gateway
-    ws_server = await serve_websocket(hub, gw.host, gw.ws_port)
+    ws_server = await serve_websocket(hub, gw.host, gw.ws_port, max_fragments=config.limits.max_fragments)
     ws_port = ws_server.sockets[0].getsockname()[1]
     servers, addresses = [ws_server], {"ws": gw.public_ws_url or f"ws://{gw.host}:{ws_port}{WS_PATH}"}
     if gw.tcp_port is not None:

@@ -84,11 +84,19 @@ class Connection(abc.ABC):
         frames = self.session.data_to_send()
         if frames and not self.closed:
             self.write(frames, self.session.encoding is Encoding.MSGPACK)
-            if self.buffered() > self.hub.max_send_buffer:
+            if self.buffered() > self.send_limit():
                 log.info("closing slow consumer uid=%s device=%s", self.session.uid, self.session.device)
                 self.session.close(ErrorCode.SLOW_CONSUMER, "too far behind; resume from cursors")
                 self.write(self.session.data_to_send(), self.session.encoding is Encoding.MSGPACK)
                 self.close_transport(ErrorCode.SLOW_CONSUMER)
+
+    def send_limit(self) -> int:
+        """Bytes queued for the client past which it is closed as a slow consumer. Small until it has
+        authenticated: a stranger who never reads must not make the server hold megabytes of answers."""
+        s = self.session.state
+        if s is State.AWAIT_AUTH or s is State.AUTHENTICATING:
+            return self.hub.preauth_send_buffer
+        return self.hub.max_send_buffer
 
     def mark_dirty(self) -> None:
         """Flush at the end of this loop iteration (coalesces writes of one routed batch)."""
@@ -180,6 +188,7 @@ class Hub(DeliverySink):
         limits: Limits,
         replay_page: int = 500,
         max_send_buffer: int = 4 * 1024 * 1024,
+        preauth_send_buffer: int = 64 * 1024,
         presence_ttl: float = 60.0,
         cursor_flush_interval: float = 0.2,
         submit: Callable[[SendRequest, SendCallback], None] | None = None,
@@ -192,6 +201,7 @@ class Hub(DeliverySink):
         self.limits = limits
         self.replay_page = replay_page
         self.max_send_buffer = max_send_buffer
+        self.preauth_send_buffer = preauth_send_buffer
         self.cache = EncodedCache()
         self._presence_ttl = presence_ttl
         self._cursor_interval = cursor_flush_interval

@@ -14,18 +14,25 @@ write for many frames); the pump must stop writing them once it has seen :class:
 (RFC 6455 section 7.1.1: the server closes the TCP connection first) and drop it if the client does not.
 
 What this layer does not do: extensions (permessage-deflate is never accepted, section 9), subprotocols
-(section 1.9), keepalive pings of its own, or incremental UTF-8 validation of a text message's fragments
-(a text message is validated once it is whole, which section 8.1 allows). It enforces no timeouts: the
-pump owns the clock.
+(section 1.9), or keepalive pings of its own. It enforces no timeouts: the pump owns the clock. A text
+message's fragments are checked for UTF-8 as they arrive, so a message whose prefix is already invalid
+fails at once (section 8.1); an unfragmented one is checked whole.
 
 Memory: an idle connection holds this object's slots and nothing else; the receive buffer exists only
-while a frame is incomplete, and the handshake's request is dropped once the upgrade is answered.
+while a frame is incomplete, and the handshake's request is dropped once the upgrade is answered. What a
+client can make this object hold is bounded by the settings, whatever it sends: the request head
+(``max_request_bytes``), one incomplete frame (``max_message`` plus a 14-byte header: larger frames are
+dropped as they arrive), and one message being reassembled, kept in one growing ``bytearray`` (never a
+list of fragments) of at most ``max_message`` bytes. A message may come in at most ``max_fragments``
+frames, and each fragment after the first is charged ``FRAGMENT_COST`` bytes toward ``limit``, so that
+floods of empty or tiny continuation frames cost the sender as much as they cost the server.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import hashlib
 import struct
 from collections.abc import Callable
@@ -34,6 +41,7 @@ from enum import Enum, IntEnum
 from typing import NamedTuple
 
 __all__ = [
+    "FRAGMENT_COST",
     "GUID",
     "CloseCode",
     "Closed",
@@ -56,6 +64,12 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 # Opcodes (section 5.2)
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+#: Bytes each fragment after a message's first counts toward ``WsSettings.limit``, on top of its
+#: payload: roughly what parsing a frame costs, so empty continuation frames are not free.
+FRAGMENT_COST = 64
+
+_Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 
 
 class CloseCode(IntEnum):
@@ -140,7 +154,11 @@ class WsSettings:
     #: Largest message delivered as :class:`Message`; larger ones become :class:`Oversized`.
     max_message: int = 64 * 1024
     #: Messages over this are not read at all: close 1009 (section 7.4.1). Default: 4 x max_message.
+    #: Fragments after the first count ``FRAGMENT_COST`` bytes each toward it.
     hard_limit: int = 0
+    #: Frames one message may be split into (a first frame and its continuations); more: close 1009.
+    #: Real clients fragment rarely, and then in KiB-sized pieces (gorilla/websocket: 4 KiB).
+    max_fragments: int = 256
     #: Request line plus headers, in bytes (what h11 allows by default), and the number of headers.
     max_request_bytes: int = 16 * 1024
     max_headers: int = 100
@@ -276,10 +294,12 @@ class ServerProtocol:
         "_frags",
         "_msg_op",
         "_msg_size",
+        "_nfrags",
         "_out",
         "_settings",
         "_skip",
         "_skip_fin",
+        "_utf8",
         "state",
     )
 
@@ -289,11 +309,14 @@ class ServerProtocol:
         self._buf: bytearray | None = None  # an incomplete request or frame; None when there is none
         self._events: list[Event] | None = None
         self._out: list[bytes] | None = None
-        # The message being received in fragments: opcode (0: none), size so far, kept parts (None
-        # while the message is over max_message and dropped).
+        # The message being received in fragments: opcode (0: none), payload size so far, frames so
+        # far, the payload reassembled in one buffer (None while the message is over max_message and
+        # dropped), and for text the UTF-8 check of what came so far.
         self._msg_op = 0
         self._msg_size = 0
-        self._frags: list[bytes] | None = None
+        self._nfrags = 0
+        self._frags: bytearray | None = None
+        self._utf8: codecs.IncrementalDecoder | None = None
         self._skip = 0  # payload bytes of the current frame still to drop
         self._skip_fin = False
 
@@ -469,6 +492,8 @@ class ServerProtocol:
                 if end - pos < head:
                     break
                 n = data[pos + 2] << 8 | data[pos + 3]
+                if n < 126:  # section 5.2: "the minimal number of bytes MUST be used"
+                    raise _Fail(CloseCode.PROTOCOL_ERROR, "frame length not minimally encoded")
             else:
                 head = 14
                 if end - pos < head:
@@ -476,6 +501,8 @@ class ServerProtocol:
                 n = int.from_bytes(data[pos + 2 : pos + 10], "big")
                 if n >> 63:
                     raise _Fail(CloseCode.PROTOCOL_ERROR, "frame length has the high bit set")
+                if n < 65536:
+                    raise _Fail(CloseCode.PROTOCOL_ERROR, "frame length not minimally encoded")
             op = b0 & 0x0F
             fin = b0 & 0x80
             if op >= 8:  # control frame (section 5.5)
@@ -491,17 +518,31 @@ class ServerProtocol:
                 if self._msg_op:
                     if op != OP_CONT:
                         raise _Fail(CloseCode.PROTOCOL_ERROR, "new message inside a fragmented one")
+                    frames = self._nfrags + 1
                 elif op == OP_CONT:
                     raise _Fail(CloseCode.PROTOCOL_ERROR, "continuation frame without a message")
+                else:
+                    frames = 1
                 size = self._msg_size + n
+                # (A single frame within max_message cannot break a limit: the common case checks nothing.)
+                if (frames > 1 or size > s.max_message) and self.state is _OPEN:
+                    if frames > s.max_fragments:
+                        raise _Fail(CloseCode.MESSAGE_TOO_BIG, f"message in more than {s.max_fragments} fragments")
+                    if size + (frames - 1) * FRAGMENT_COST > s.limit:
+                        raise _Fail(
+                            CloseCode.MESSAGE_TOO_BIG,
+                            f"message of {size} bytes or more > {s.limit}"
+                            if frames == 1 else f"message of {size} bytes in {frames} fragments > {s.limit}",
+                        )
                 if self.state is _CLOSING or size > s.max_message:
-                    if size > s.limit and self.state is _OPEN:
-                        raise _Fail(CloseCode.MESSAGE_TOO_BIG, f"message of {size} bytes or more > {s.limit}")
+                    if end - pos < head:  # the masking key has not all arrived yet
+                        break
                     # Drop the payload as it arrives: it is never buffered (section 10.4).
                     if op != OP_CONT:
                         self._msg_op = op
                     self._msg_size = size
-                    self._frags = None
+                    self._nfrags = frames
+                    self._frags = self._utf8 = None
                     self._skip = n
                     self._skip_fin = bool(fin)
                     pos += head
@@ -525,19 +566,24 @@ class ServerProtocol:
                 else:
                     self._msg_op = op
                     self._msg_size = n
-                    self._frags = [payload]
+                    self._nfrags = 1
+                    self._frags = bytearray(payload)
+                    if op == OP_TEXT:
+                        self._utf8 = _Utf8Decoder()
+                        self._check_utf8(payload, False)
             elif op == OP_CONT:
                 frags = self._frags
                 assert frags is not None
-                frags.append(payload)
+                frags += payload
                 self._msg_size += n
+                self._nfrags += 1
+                if self._utf8 is not None:
+                    self._check_utf8(payload, bool(fin))
                 if fin:
-                    message = b"".join(frags)
+                    message = bytes(frags)
                     op = self._msg_op
-                    self._frags = None
-                    self._msg_op = self._msg_size = 0
-                    if op == OP_TEXT and not message.isascii() and not _utf8(message):
-                        raise _Fail(CloseCode.INVALID_DATA, "text message is not valid UTF-8")
+                    self._frags = self._utf8 = None
+                    self._msg_op = self._msg_size = self._nfrags = 0
                     self._event(Message(message, op == OP_BINARY))
             elif op == OP_PING:
                 if self.state is _OPEN:
@@ -552,9 +598,17 @@ class ServerProtocol:
         """The payload of a dropped data frame is through; a final one ends its message."""
         if self._skip_fin:
             size, binary, closing = self._msg_size, self._msg_op == OP_BINARY, self.state is _CLOSING
-            self._msg_op = self._msg_size = 0
+            self._msg_op = self._msg_size = self._nfrags = 0
             if not closing:
                 self._event(Oversized(size, binary))
+
+    def _check_utf8(self, part: bytes, final: bool) -> None:
+        """Section 8.1: fail as soon as the text received so far cannot begin valid UTF-8."""
+        assert self._utf8 is not None
+        try:
+            self._utf8.decode(part, final)
+        except UnicodeDecodeError:
+            raise _Fail(CloseCode.INVALID_DATA, "text message is not valid UTF-8") from None
 
     def _on_close(self, payload: bytes) -> None:
         """Section 5.5.1: echo the client's close (when we did not start it), and we are done."""
@@ -581,7 +635,7 @@ class ServerProtocol:
             self._event(Closed(code, reason))
         self.state = _CLOSED
         self._buf = None
-        self._frags = None
+        self._frags = self._utf8 = None
 
     # --- queues ------------------------------------------------------------------------------------
 

@@ -2,10 +2,11 @@
 
 One WebSocket message carries one protocol frame: text for JSON, binary for MessagePack; messages over
 ``max_frame_bytes`` are answered with ``too_large`` and the connection stays open; over four times that,
-close 1009 without buffering. It costs about what the TCP transport costs per idle connection (about
-3 KiB, against 10.6 KiB for picows, which this replaced): no per-connection read buffer (the event loop
-hands over each read as ``bytes``), and the sans-I/O protocol keeps a buffer only while a frame is
-incomplete.
+close 1009 without buffering, as is a message in more than ``max_fragments`` frames (see
+:mod:`im.gateway.websocket` for what a connection can make the server hold). It costs about what the TCP
+transport costs per idle connection (about 3 KiB, against 10.6 KiB for picows, which this replaced): no
+per-connection read buffer (the event loop hands over each read as ``bytes``), and the sans-I/O protocol
+keeps a buffer only while a frame is incomplete.
 
 Closing: after the last close frame (ours or the echo of the client's) the server half-closes (FIN) and
 keeps reading, discarding, until the client closes its side; it aborts after ``close_timeout``. Closing at
@@ -100,6 +101,10 @@ class WsConnection(asyncio.Protocol, Connection):
         out = proto.data_to_send()
         if out:
             self._write_raw(out)
+            if self._open and self.buffered() > self.send_limit():
+                # Pongs to a client that sends pings and never reads: the same rule as for frames.
+                log.info("closing slow consumer (pongs unread) uid=%s", self.session.uid)
+                self.run(self.session.close(ErrorCode.SLOW_CONSUMER, "too far behind; resume from cursors"))
         if proto.state is State.CLOSED:
             self._shut_down()
 
@@ -176,17 +181,20 @@ async def serve_websocket(
     *,
     path: str = WS_PATH,
     settings: WsSettings | None = None,
+    max_fragments: int = 256,
     close_timeout: float = 5.0,
     backlog: int = 4096,
 ) -> asyncio.Server:
     """Listen for chat connections at ``ws://host:port/ws``, on asyncio's own transports.
 
     ``settings`` overrides the WebSocket limits, which default to the hub's: messages up to
-    ``max_frame_bytes``, refused with 1009 over four times that. The opening handshake must finish
-    within ``hub.limits.auth_timeout``.
+    ``max_frame_bytes``, refused with 1009 over four times that or in more than ``max_fragments``
+    frames. The opening handshake must finish within ``hub.limits.auth_timeout``.
     """
     limits = hub.limits
-    ws_settings = settings or WsSettings(path=path, max_message=limits.max_frame_bytes)
+    ws_settings = settings or WsSettings(
+        path=path, max_message=limits.max_frame_bytes, max_fragments=max_fragments
+    )
     handshake_timeout = limits.auth_timeout
     loop = asyncio.get_running_loop()
     return await loop.create_server(
