@@ -301,6 +301,17 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
         )
         return {uid: seq for uid, seq in rows}
 
+    async def wrote_in(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
+        wanted = list(dict.fromkeys(pairs))
+        if not wanted:
+            return set()
+        rows = await self.db.pool.fetch(
+            "SELECT p.sender, p.conv FROM unnest($1::bigint[], $2::text[]) AS p(sender, conv)"
+            " WHERE EXISTS (SELECT 1 FROM messages m WHERE m.conv = p.conv AND m.sender = p.sender)",
+            [s for s, _ in wanted], [c for _, c in wanted],
+        )
+        return {(row[0], row[1]) for row in rows}
+
     async def outbox_fetch(self, limit: int) -> list[OutboxEvent]:
         rows = await self.db.pool.fetch(
             f"SELECT id, {', '.join(_OUTBOX_FIELDS)} FROM outbox ORDER BY id LIMIT $1", limit

@@ -234,6 +234,15 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
         )
         return {int(uid): int(seq) for uid, seq in rows}
 
+    async def wrote_in(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
+        wanted = list(dict.fromkeys(pairs))
+
+        def get(conn: sqlite3.Connection) -> set[tuple[int, str]]:
+            sql = "SELECT 1 FROM messages WHERE conv = ? AND sender = ? LIMIT 1"
+            return {(s, c) for s, c in wanted if conn.execute(sql, (c, s)).fetchone() is not None}
+
+        return await self.db.read(get) if wanted else set()
+
     async def outbox_fetch(self, limit: int) -> list[OutboxEvent]:
         rows = await self.db.read(
             lambda conn: conn.execute(
