@@ -536,3 +536,13 @@ async def test_member_changes_in_one_batch_apply_in_order(chat: ChatHarness) -> 
     assert await store.start_cursor(4, "d1", g) == 4
     group = await store.get_group(gid)
     assert group is not None and group.owner == 2
+
+
+async def test_wrote_in(chat: ChatHarness) -> None:
+    store = chat.store
+    conv = direct_conv(31, 32)
+    await new_direct(store, 31, 32, 3)
+    assert await store.wrote_in([(31, conv), (32, conv), (31, "d:1:99"), (31, conv)]) == {(31, conv)}
+    await append(store, conv, 3, [32])
+    assert await store.wrote_in([(32, conv)]) == {(32, conv)}
+    assert await store.wrote_in([]) == set()
