@@ -546,3 +546,11 @@ async def test_wrote_in(chat: ChatHarness) -> None:
     await append(store, conv, 3, [32])
     assert await store.wrote_in([(32, conv)]) == {(32, conv)}
     assert await store.wrote_in([]) == set()
+
+
+async def test_devices(chat: ChatHarness) -> None:
+    store = chat.store
+    await store.save_cursors([(41, "phone", "d:41:42", 1), (41, "laptop", "d:41:42", 1), (41, "phone", "g:9", 2)])
+    await store.save_cursors([(42, "web", "d:41:42", 1)])
+    assert await store.devices(41) == ["laptop", "phone"]
+    assert await store.devices(43) == []

@@ -239,6 +239,10 @@ class ChatStore(abc.ABC):
     # message was committed. A relay drains it: fetch, publish, then delete what was published.
 
     @abc.abstractmethod
+    async def devices(self, uid: int) -> list[str]:
+        """Names of the user's devices that ever saved a delivery cursor, sorted."""
+
+    @abc.abstractmethod
     async def wrote_in(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
         """Those (sender, conv) pairs where ``sender`` has at least one message in ``conv`` (the
         presence rule: a direct partner sees you once you wrote). Committed messages only; once true,

@@ -301,6 +301,12 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
         )
         return {uid: seq for uid, seq in rows}
 
+    async def devices(self, uid: int) -> list[str]:
+        rows = await self.db.pool.fetch(
+            'SELECT DISTINCT device FROM device_cursors WHERE uid = $1 ORDER BY device COLLATE "C"', uid
+        )
+        return [row[0] for row in rows]
+
     async def wrote_in(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
         wanted = list(dict.fromkeys(pairs))
         if not wanted:

@@ -234,6 +234,14 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
         )
         return {int(uid): int(seq) for uid, seq in rows}
 
+    async def devices(self, uid: int) -> list[str]:
+        rows = await self.db.read(
+            lambda conn: conn.execute(
+                "SELECT DISTINCT device FROM device_cursors WHERE uid = ? ORDER BY device", (uid,)
+            ).fetchall()
+        )
+        return [row[0] for row in rows]
+
     async def wrote_in(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
         wanted = list(dict.fromkeys(pairs))
 
