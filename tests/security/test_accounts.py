@@ -61,8 +61,9 @@ async def test_change_password_ends_the_other_sessions_at_once(server: ServerPro
     phone_login = await register(server.api, "alice")
     laptop_login = await login(http, phone_login)
     bob = await register(server.api, "bob")
-    phone, laptop, bystander = (ChatClient(server.ws, phone_login, "phone"), ChatClient(server.ws, laptop_login, "laptop"),
-                                ChatClient(server.ws, bob, "pc"))
+    phone = ChatClient(server.ws, phone_login, "phone")
+    laptop = ChatClient(server.ws, laptop_login, "laptop")
+    bystander = ChatClient(server.ws, bob, "pc")
     for c in (phone, laptop, bystander):
         assert (await c.connect())["t"] == "auth_ok"
     try:
