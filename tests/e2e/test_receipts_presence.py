@@ -91,7 +91,7 @@ async def test_group_receipts_list_members(server: ServerProcess, history: Histo
         error_of(await http.get(f"/conversations/{conv}/receipts", headers=carol.auth), 403, "not_member")
 
 
-async def test_presence_shows_online_to_partners_who_wrote_and_co_members(server: ServerProcess, history: History) -> None:
+async def test_presence_shown_to_partners_who_wrote_and_co_members(server: ServerProcess, history: History) -> None:
     alice = await register(server.api, "alice")
     bob = await register(server.api, "bob")
     carol = await register(server.api, "carol")
