@@ -303,7 +303,7 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
 
     async def devices(self, uid: int) -> list[str]:
         rows = await self.db.pool.fetch(
-            'SELECT DISTINCT device FROM device_cursors WHERE uid = $1 ORDER BY device COLLATE "C"', uid
+            'SELECT device FROM device_cursors WHERE uid = $1 GROUP BY device ORDER BY device COLLATE "C"', uid
         )
         return [row[0] for row in rows]
 
