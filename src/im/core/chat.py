@@ -407,7 +407,7 @@ class ChatService:
             p.batch.new_conversations.append(ConversationState(conv, "direct", 0, dict(state.members)))
         if req.uid not in state.members:
             raise ImError(ErrorCode.NOT_MEMBER, f"not a member of {conv}")
-        if state.kind == "direct" and not checked:
+        if not checked and self.consent.restricted and state.kind == "direct":  # someone blocks someone
             for peer in state.members:
                 if peer != req.uid:
                     self.consent.check_send(req.uid, peer, new=False)
@@ -437,10 +437,15 @@ class ChatService:
 
     async def _load_consent(self, targets: list[tuple[_Send | _MemberOp, str | ImError]]) -> None:
         """Before a pass: the privacy of both users of every direct send and of every user being added
-        to a group, and whether a contacts-only peer has the sender as a contact (new conversations)."""
+        to a group, and whether a contacts-only peer has the sender as a contact (new conversations).
+        A direct conversation whose users are both cached costs one lookup (``Consent.fresh_convs``)."""
         wanted: set[int] = set()
         new_direct: list[tuple[int, int]] = []
+        directs: list[str] = []
+        fresh = self.consent.fresh_convs()
         for item, conv in targets:
+            if conv in fresh:
+                continue
             if isinstance(item, _MemberOp):
                 if item.op == "add":
                     wanted.update(item.uids)
@@ -450,10 +455,11 @@ class ChatService:
             state = self._states.get(conv)
             if state is not None:
                 wanted.update(state.members)
+                directs.append(conv)
             elif (parsed := parse_conv(conv)) is not None:
                 wanted.update(parsed[1])
                 new_direct.extend((item.req.uid, peer) for peer in parsed[1] if peer != item.req.uid)
-        await self.consent.prepare(wanted, new_direct)
+        await self.consent.prepare(wanted, new_direct, directs)
 
     async def hidden_from(self, uid: int, viewers: Sequence[int]) -> set[int]:
         """Those of ``viewers`` that must not see ``uid``'s typing: see :meth:`Consent.hidden_from`."""
