@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import jwt
 import pytest
 
+from im.backends.base import AuthSession
 from im.backends.sqlite_accounts import SqliteAccountStore
 from im.core.accounts import AccountService, Principal
 from im.protocol.errors import ErrorCode, ImError
@@ -247,3 +249,18 @@ async def test_change_password_revokes_the_other_sessions(accounts: AccountServi
     await refused(ErrorCode.AUTH_FAILED, accounts.refresh(other.refresh_token))
     await refused(ErrorCode.BAD_CREDENTIALS, accounts.login("kay", "password1"))
     assert [s.current for s in await accounts.sessions(me)] == [True]
+
+
+async def test_refresh_token_of_the_older_format_works_once_and_proves_nothing(
+    accounts: AccountService, store: SqliteAccountStore, clock: Clock
+) -> None:
+    """Sessions stored by a version before signed refresh tokens keep working after an upgrade."""
+    user = await accounts.register("lee", "password1")
+    legacy = "legacysid0123456789abc.some-random-part"
+    digest = hashlib.sha256(legacy.encode()).hexdigest()
+    await store.create_session(AuthSession("legacysid0123456789abc", user.uid, digest, int(clock.now + 100), False))
+    await refused(ErrorCode.AUTH_FAILED, accounts.refresh("legacysid0123456789abc.wrong"))  # revokes nothing
+    tokens = await accounts.refresh(legacy)
+    assert tokens.refresh_token.count(".") == 2
+    await refused(ErrorCode.AUTH_FAILED, accounts.refresh(legacy))  # used: refused, but proves no reuse
+    assert (await accounts.refresh(tokens.refresh_token)).uid == user.uid

@@ -252,15 +252,20 @@ class AccountService:
         """
         refused = ImError(ErrorCode.AUTH_FAILED, "invalid or expired refresh token")
         genuine = self._genuine(refresh_token)
-        if genuine is None:
+        # A token of the format before signatures ("<sid>.<random>", issued by an older version) is
+        # honoured while it is the session's current one; it can never prove reuse.
+        legacy = genuine is None and refresh_token.count(".") == 1
+        if genuine is None and not legacy:
             raise refused
-        sid, gen = genuine
-        session = await self._store.get_session(sid)
+        sid, gen = genuine or (refresh_token.partition(".")[0], 0)
+        session = await self._store.get_session(sid) if sid and len(sid) <= 64 else None
         now = self._clock()
         if session is None or session.revoked or session.expires_at <= now:
             raise refused
         old_hash = _sha256(refresh_token)
         if not hmac.compare_digest(old_hash, session.refresh_hash):
+            if legacy:
+                raise refused
             await self._revoke(sid)  # an earlier token of this session, used again: it leaked
             raise ImError(ErrorCode.AUTH_FAILED, "refresh token reused: the session is revoked, log in again")
         new_token = self._refresh_token(sid, gen + 1)
