@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -552,5 +553,7 @@ async def test_devices(chat: ChatHarness) -> None:
     store = chat.store
     await store.save_cursors([(41, "phone", "d:41:42", 1), (41, "laptop", "d:41:42", 1), (41, "phone", "g:9", 2)])
     await store.save_cursors([(42, "web", "d:41:42", 1)])
-    assert await store.devices(41) == ["laptop", "phone"]
+    devices = await store.devices(41)
+    assert [d for d, _ in devices] == ["laptop", "phone"]
+    assert all(abs(t - time.time()) < 60 for _, t in devices)
     assert await store.devices(43) == []

@@ -121,6 +121,7 @@ async def test_sessions_list_revoke_and_logout_everywhere(server: ServerProcess,
 
         r = await http.get("/account/devices", headers=first.auth)
         assert {d["device"]: d["online"] for d in r.json()} == {"a": True, "b": True}
+        assert all(d["last_active"] >= 0 for d in r.json())
 
         assert (await http.post("/account/logout-all", headers=second.auth)).status_code == 204
         await closed_revoked(a)

@@ -37,7 +37,7 @@ class AccountChat(Protocol):
 
     async def leave_all_groups(self, uid: int) -> None: ...
 
-    async def devices(self, uid: int) -> list[tuple[str, bool]]: ...
+    async def devices(self, uid: int) -> list[tuple[str, int, bool]]: ...
 
 
 def _no_content() -> Response:
@@ -83,7 +83,7 @@ def account_router(
     @router.get("/account/devices", tags=["account"])
     async def devices(me: Me) -> list[DeviceOut]:
         """The account's devices: those that ever synced a conversation and those online now."""
-        return [DeviceOut(device=d, online=o) for d, o in await chat.devices(me.uid)]
+        return [DeviceOut(device=d, last_active=t, online=o) for d, t, o in await chat.devices(me.uid)]
 
     @router.post("/account/delete", tags=["account"], status_code=NO_CONTENT)
     async def delete_account(me: Me, body: PasswordIn) -> Response:

@@ -162,6 +162,7 @@ class SessionOut(BaseModel):
 
 class DeviceOut(BaseModel):
     device: str
+    last_active: int = Field(description="When the device last saved a delivery cursor, Unix seconds (0: never).")
     online: bool
 
 

@@ -239,8 +239,10 @@ class ChatStore(abc.ABC):
     # message was committed. A relay drains it: fetch, publish, then delete what was published.
 
     @abc.abstractmethod
-    async def devices(self, uid: int) -> list[str]:
-        """Names of the user's devices that ever saved a delivery cursor, sorted."""
+    async def devices(self, uid: int) -> list[tuple[str, int]]:
+        """(name, last activity) of each device of the user that ever saved a delivery cursor, by name;
+        the activity is when it last saved one (seconds since the epoch, the store's clock; 0 before this
+        was kept)."""
 
     @abc.abstractmethod
     async def wrote_in(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:

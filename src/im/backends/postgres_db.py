@@ -155,7 +155,8 @@ MIGRATIONS: list[str] = [
     END
     $$;
     """,
-    # 5: account controls and consent: session times, blocks, the contacts-only setting, deleted accounts
+    # 5: account controls and consent: session times, blocks, the contacts-only setting, deleted accounts,
+    # when a device last saved a cursor (its last activity)
     """
     ALTER TABLE auth_sessions ADD COLUMN created_at BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE auth_sessions ADD COLUMN last_used BIGINT NOT NULL DEFAULT 0;
@@ -170,6 +171,7 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX blocks_blocked ON blocks (blocked);
     CREATE INDEX contacts_contact ON contacts (contact);
+    ALTER TABLE device_cursors ADD COLUMN saved_at BIGINT NOT NULL DEFAULT 0;
     """,
 ]
 

@@ -118,7 +118,8 @@ MIGRATIONS: list[str] = [
         created_at INTEGER NOT NULL
     );
     """,
-    # 4: account controls and consent: session times, blocks, the contacts-only setting, deleted accounts
+    # 4: account controls and consent: session times, blocks, the contacts-only setting, deleted accounts,
+    # when a device last saved a cursor (its last activity)
     """
     ALTER TABLE auth_sessions ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE auth_sessions ADD COLUMN last_used INTEGER NOT NULL DEFAULT 0;
@@ -133,6 +134,7 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX blocks_blocked ON blocks (blocked);
     CREATE INDEX contacts_contact ON contacts (contact);
+    ALTER TABLE device_cursors ADD COLUMN saved_at INTEGER NOT NULL DEFAULT 0;
     """,
 ]
 

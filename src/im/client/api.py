@@ -128,6 +128,7 @@ class SessionInfo(msgspec.Struct, frozen=True):
 
 class Device(msgspec.Struct, frozen=True):
     device: str
+    last_active: int  # seconds since the epoch; 0: never synced
     online: bool
 
 

@@ -465,12 +465,13 @@ class ChatService:
         """Those of ``viewers`` that must not see ``uid``'s typing: see :meth:`Consent.hidden_from`."""
         return await self.consent.hidden_from(uid, viewers)
 
-    async def devices(self, uid: int) -> list[tuple[str, bool]]:
-        """The user's devices (those that ever synced, and those online now) and whether each is online."""
-        known = await self.store.devices(uid)
+    async def devices(self, uid: int) -> list[tuple[str, int, bool]]:
+        """The user's devices (those that ever synced, and those online now): (name, last activity in
+        seconds since the epoch, online now), by name."""
+        known = dict(await self.store.devices(uid))
         located = await self.presence.locate([uid])
         online = {loc.device for loc in located.get(uid, ())}
-        return sorted((d, d in online) for d in {*known, *online})
+        return sorted((d, known.get(d, 0), d in online) for d in {*known, *online})
 
     async def leave_all_groups(self, uid: int) -> None:
         """Take ``uid`` out of every group it is in, as if it left each (ownership passes on)."""
