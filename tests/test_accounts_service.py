@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import jwt
 import pytest
 
+from im.backends.base import AuthSession
 from im.backends.sqlite_accounts import SqliteAccountStore
 from im.core.accounts import AccountService, Principal
 from im.protocol.errors import ErrorCode, ImError
@@ -200,3 +202,65 @@ async def test_contacts_rules(accounts: AccountService) -> None:
 async def test_short_secret_is_refused(store: SqliteAccountStore, clock: Clock) -> None:
     with pytest.raises(ValueError):
         make_service(store, clock, secret=b"short")
+
+
+async def test_idle_and_absolute_session_lifetimes(store: SqliteAccountStore, clock: Clock) -> None:
+    accounts = make_service(store, clock, refresh_ttl=100.0, session_max_age=250.0)
+    await accounts.register("ivy", "password1")
+    tokens = await accounts.login("ivy", "password1")
+    # Idle: a refresh within the idle time moves it on ...
+    for _ in range(2):
+        clock.now += 90
+        tokens = await accounts.refresh(tokens.refresh_token)
+    # ... but never past the absolute limit, 250 s after the login (now at +180; the next expiry is capped).
+    clock.now += 60
+    tokens = await accounts.refresh(tokens.refresh_token)
+    clock.now += 11  # +251: past the absolute limit, though only 11 s idle
+    await refused(ErrorCode.AUTH_FAILED, accounts.refresh(tokens.refresh_token))
+    # Idle expiry on its own: unused for longer than refresh_ttl.
+    other = await accounts.login("ivy", "password1")
+    clock.now += 101
+    await refused(ErrorCode.AUTH_FAILED, accounts.refresh(other.refresh_token))
+
+
+async def test_forged_refresh_token_revokes_nothing(accounts: AccountService) -> None:
+    await accounts.register("jay", "password1")
+    tokens = await accounts.login("jay", "password1")
+    me = await accounts.authenticate(tokens.access_token)
+    for forged in (f"{me.sid}.x", f"{me.sid}.1.{'A' * 43}", f"{me.sid}.0.", f"{me.sid}..", f"x{tokens.refresh_token}"):
+        error = await refused(ErrorCode.AUTH_FAILED, accounts.refresh(forged))
+        assert "reused" not in error.message
+    assert await accounts.authenticate(tokens.access_token) == me  # the session lives on
+    assert (await accounts.refresh(tokens.refresh_token)).uid == me.uid
+
+
+async def test_change_password_revokes_the_other_sessions(accounts: AccountService) -> None:
+    await accounts.register("kay", "password1")
+    mine, other = await accounts.login("kay", "password1"), await accounts.login("kay", "password1")
+    me = await accounts.authenticate(mine.access_token)
+    revoked: list[str] = []
+    accounts.on_revoke(revoked.append)
+    await refused(ErrorCode.FORBIDDEN, accounts.change_password(me, "wrong-password", "password2"))
+    await refused(ErrorCode.INVALID, accounts.change_password(me, "password1", "short"))
+    assert revoked == []
+    await accounts.change_password(me, "password1", "password2")
+    assert revoked == [other.refresh_token.split(".")[0]]
+    await accounts.refresh(mine.refresh_token)  # this session goes on
+    await refused(ErrorCode.AUTH_FAILED, accounts.refresh(other.refresh_token))
+    await refused(ErrorCode.BAD_CREDENTIALS, accounts.login("kay", "password1"))
+    assert [s.current for s in await accounts.sessions(me)] == [True]
+
+
+async def test_refresh_token_of_the_older_format_works_once_and_proves_nothing(
+    accounts: AccountService, store: SqliteAccountStore, clock: Clock
+) -> None:
+    """Sessions stored by a version before signed refresh tokens keep working after an upgrade."""
+    user = await accounts.register("lee", "password1")
+    legacy = "legacysid0123456789abc.some-random-part"
+    digest = hashlib.sha256(legacy.encode()).hexdigest()
+    await store.create_session(AuthSession("legacysid0123456789abc", user.uid, digest, int(clock.now + 100), False))
+    await refused(ErrorCode.AUTH_FAILED, accounts.refresh("legacysid0123456789abc.wrong"))  # revokes nothing
+    tokens = await accounts.refresh(legacy)
+    assert tokens.refresh_token.count(".") == 2
+    await refused(ErrorCode.AUTH_FAILED, accounts.refresh(legacy))  # used: refused, but proves no reuse
+    assert (await accounts.refresh(tokens.refresh_token)).uid == user.uid

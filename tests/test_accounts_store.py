@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from im.backends.base import AccountStore, AuthSession, Conflict
+from im.backends.base import AccountStore, AuthSession, Conflict, Privacy
 from im.backends.sqlite_accounts import SqliteAccountStore
 from im.backends.sqlite_db import SqliteDatabase
 
@@ -88,6 +88,68 @@ async def test_contacts(store: AccountStore) -> None:
     assert await store.remove_contact(a.uid, b.uid)
     assert not await store.remove_contact(a.uid, b.uid)
     assert [u.uid for u in await store.list_contacts(a.uid)] == [c.uid]
+
+
+async def test_session_times_list_and_revoke_all(store: AccountStore) -> None:
+    u = await store.create_user("fay", "Fay", "h", 1)
+    other = await store.create_user("gus", "Gus", "h", 1)
+    for n, sid in enumerate(("s1", "s2", "s3")):
+        await store.create_session(AuthSession(sid, u.uid, f"r{n}", 100, False, created_at=10 + n, last_used=10 + n))
+    await store.create_session(AuthSession("g1", other.uid, "rg", 100, False, created_at=5))
+    assert await store.rotate_refresh("s2", "r1", "r1b", 200, used_at=42)
+    s2 = await store.get_session("s2")
+    assert s2 == AuthSession("s2", u.uid, "r1b", 200, False, created_at=11, last_used=42)
+    assert [s.sid for s in await store.list_sessions(u.uid)] == ["s1", "s2", "s3"]
+    assert await store.revoke_sessions(u.uid, keep="s2") == ["s1", "s3"]
+    assert [s.sid for s in await store.list_sessions(u.uid)] == ["s2"]
+    assert await store.revoke_sessions(u.uid) == ["s2"]
+    assert await store.revoke_sessions(u.uid) == []  # already revoked: nothing to report
+    assert [s.sid for s in await store.list_sessions(other.uid)] == ["g1"]  # another user's stay
+
+
+async def test_blocks_settings_and_privacy(store: AccountStore) -> None:
+    a = await store.create_user("hal", "Hal", "h", 1)
+    b = await store.create_user("ida", "Ida", "h", 1)
+    c = await store.create_user("jon", "Jon", "h", 1)
+    await store.block(a.uid, b.uid, 5)
+    await store.block(a.uid, b.uid, 6)  # idempotent
+    await store.block(a.uid, c.uid, 6)
+    assert [u.uid for u in await store.list_blocks(a.uid)] == [b.uid, c.uid]
+    assert await store.list_blocks(b.uid) == []  # one-way
+    await store.set_contacts_only(b.uid, True)
+    found = await store.privacy([a.uid, b.uid, c.uid, 9999, a.uid])
+    assert found == {
+        a.uid: Privacy(frozenset({b.uid, c.uid}), False, False),
+        b.uid: Privacy(frozenset(), True, False),
+        c.uid: Privacy(),
+    }
+    assert await store.unblock(a.uid, c.uid)
+    assert not await store.unblock(a.uid, c.uid)
+    assert (await store.privacy([a.uid]))[a.uid].blocked == {b.uid}
+    await store.add_contact(b.uid, a.uid, 7)
+    assert await store.contact_pairs([(b.uid, a.uid), (a.uid, b.uid), (b.uid, a.uid)]) == {(b.uid, a.uid)}
+    assert await store.privacy([]) == {} and await store.contact_pairs([]) == set()
+
+
+async def test_delete_user_leaves_a_tombstone_and_frees_the_name(store: AccountStore) -> None:
+    a = await store.create_user("kim", "Kim", "h", 1)
+    b = await store.create_user("lou", "Lou", "h", 1)
+    await store.create_session(AuthSession("k1", a.uid, "r", 100, False))
+    await store.create_session(AuthSession("k2", a.uid, "r2", 100, False))
+    await store.add_contact(a.uid, b.uid, 1)
+    await store.add_contact(b.uid, a.uid, 1)
+    await store.block(b.uid, a.uid, 1)
+    await store.block(a.uid, b.uid, 1)
+    assert await store.delete_user(a.uid, 50) == ["k1", "k2"]
+    assert all(s is not None and s.revoked for s in [await store.get_session("k1"), await store.get_session("k2")])
+    tomb = await store.get_user(a.uid)
+    assert tomb is not None and tomb.display_name == "Deleted user" and tomb.username == f"~deleted~{a.uid}"
+    assert await store.find_user("kim") is None
+    assert await store.search_users("Del", 10) == []
+    assert await store.list_contacts(b.uid) == [] and await store.list_blocks(b.uid) == []
+    assert (await store.privacy([a.uid]))[a.uid] == Privacy(deleted=True)
+    again = await store.create_user("KIM", "Kim 2", "h", 60)  # the name is free again
+    assert again.uid != a.uid
 
 
 async def test_data_survives_reopen(tmp_path: Path) -> None:

@@ -99,7 +99,10 @@ class AuthConfig(_Section):
     #: HMAC key for access tokens; generated and kept in the data directory when not set.
     secret: str | None = Field(None, min_length=16)
     access_ttl: float = Field(900.0, gt=0)
-    refresh_ttl: float = Field(30 * 24 * 3600.0, gt=0)
+    #: Idle session lifetime: a refresh token unused this long stops working (each refresh moves it on).
+    refresh_ttl: float = Field(14 * 24 * 3600.0, gt=0)
+    #: Absolute session lifetime: seconds after the login when the session ends, refreshed or not.
+    session_max_age: float = Field(60 * 24 * 3600.0, gt=0)
     #: argon2id cost; lower only for tests.
     argon2_time_cost: int = Field(3, ge=1)
     argon2_memory_kib: int = Field(65536, ge=8)

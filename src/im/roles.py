@@ -44,6 +44,7 @@ log = logging.getLogger("im")
 
 #: How long a gateway or API process trusts a cached conversation state (members) that other
 #: processes may change; the committer on a transfer node needs none (the store refuses stale heads).
+#: Also how long any role trusts cached blocks and settings: a block takes effect everywhere within it.
 SHARED_STATE_TTL = 2.0
 
 
@@ -83,7 +84,7 @@ class TransferNode(ServerProcessBase):
         self.backends = b = build_backends(config)
         self.files = build_files(config, b.file_store)  # the send path checks attachments
         self.router = GrpcRouter()
-        self.chat = build_chat(config, b, self.files, self.router, tc.node_id)
+        self.chat = build_chat(config, b, self.files, self.router, tc.node_id, privacy_ttl=SHARED_STATE_TTL)
         self.servicer = TransferServicer(
             self.chat, self.router, node=tc.node_id, max_frame_items=tc.max_frame_items, max_pending=tc.max_pending
         )
@@ -135,7 +136,9 @@ class GatewayNode(ServerProcessBase):
         self.pool = TransferPool(b.registry, node, None, on_revoked=self._revoked)  # the sink: the hub
         self.router = LinkRouter(self.pool)
         # Reads only (replays, members for typing and receipts): no committer runs here, so no file checks.
-        self.chat = build_chat(config, b, None, self.router, node, state_ttl=SHARED_STATE_TTL)
+        self.chat = build_chat(
+            config, b, None, self.router, node, state_ttl=SHARED_STATE_TTL, privacy_ttl=SHARED_STATE_TTL
+        )
         self.hub = build_hub(config, self.chat, self.accounts, submit=self.pool.submit)
         self.pool.sink = self.hub
         self.addresses: dict[str, str] = {}
@@ -193,8 +196,11 @@ class ApiNode(ServerProcessBase):
         self.router = LinkRouter(self.pool)
         # Membership changes are committed here (the store judges between writers) and routed through
         # a transfer node; reads check membership on a state at most SHARED_STATE_TTL old.
-        self.chat = build_chat(config, b, self.files, self.router, node, state_ttl=SHARED_STATE_TTL)
+        self.chat = build_chat(
+            config, b, self.files, self.router, node, state_ttl=SHARED_STATE_TTL, privacy_ttl=SHARED_STATE_TTL
+        )
         self.accounts.on_revoke(self.pool.revoke)
+        self.accounts.on_privacy_change(self.chat.forget_privacy)
         self.picker = GatewayPicker(b.registry)
         self.url = ""
 

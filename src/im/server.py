@@ -142,6 +142,7 @@ def build_accounts(config: Config, store: AccountStore) -> AccountService:
     auth = config.auth
     return AccountService(
         store, secret=load_secret(config), access_ttl=auth.access_ttl, refresh_ttl=auth.refresh_ttl,
+        session_max_age=auth.session_max_age,
         argon2_time_cost=auth.argon2_time_cost, argon2_memory_kib=auth.argon2_memory_kib,
         argon2_parallelism=auth.argon2_parallelism, min_password_length=auth.min_password_length,
     )
@@ -157,12 +158,12 @@ def build_files(config: Config, store: FileStore) -> FileService:
 
 def build_chat(
     config: Config, b: Backends, files: FileService | None, router: Router, node: str, *,
-    state_ttl: float | None = None,
+    state_ttl: float | None = None, privacy_ttl: float | None = None,
 ) -> ChatService:
     return ChatService(
         b.chat_store, b.account_store, router, b.presence, files=files, node=node,
         max_batch=config.store.max_batch, max_group_members=config.limits.max_group_members,
-        history_page_max=config.limits.history_page_max, state_ttl=state_ttl,
+        history_page_max=config.limits.history_page_max, state_ttl=state_ttl, privacy_ttl=privacy_ttl,
     )
 
 
@@ -325,6 +326,7 @@ class EmbeddedServer(ServerProcessBase):
         self.files = build_files(config, b.file_store)
         self.chat = build_chat(config, b, self.files, b.router, config.gateway.node_id)
         self.hub = build_hub(config, self.chat, self.accounts)
+        self.accounts.on_privacy_change(self.chat.forget_privacy)  # a block takes effect at once
         self.picker = GatewayPicker(b.registry)
         self.ws_url = ""
         self.tcp_url = ""

@@ -56,6 +56,45 @@ async def test_accounts_users_contacts(server: ServerProcess) -> None:
         assert exc.value.code == "bad_credentials"
 
 
+async def test_account_controls_blocks_and_settings(server: ServerProcess) -> None:
+    alice, bob = await _user(server, "alice"), await _user(server, "bob")
+    other = ApiClient(server.http)
+    await other.login("alice", PASSWORD)
+    async with alice, bob, other:
+        sessions = await alice.sessions()
+        assert len(sessions) == 2 and sum(s.current for s in sessions) == 1
+        mine = next(s for s in sessions if s.current)
+        await alice.change_password(PASSWORD, "another password")
+        assert [s.sid for s in await alice.sessions()] == [mine.sid]  # the other session ended
+        with pytest.raises(ApiError) as exc:
+            await other.me()  # its refresh token died too, so the automatic refresh fails
+        assert exc.value.status == 401
+        with pytest.raises(ApiError) as exc:
+            await alice.revoke_session(sessions[0].sid if sessions[0].sid != mine.sid else sessions[1].sid)
+        assert exc.value.status == 404  # already ended
+        assert await alice.devices() == []
+
+        assert not await alice.contacts_only()
+        await alice.set_contacts_only(True)
+        assert await alice.contacts_only()
+        await alice.block(bob.uid)
+        assert [u.uid for u in await alice.blocks()] == [bob.uid]
+        await alice.unblock(bob.uid)
+        assert await alice.blocks() == []
+        with pytest.raises(ApiError) as exc:
+            await alice.unblock(bob.uid)
+        assert exc.value.status == 404
+
+        await bob.logout_everywhere()
+        assert bob.tokens is None
+        await alice.delete_account("another password")
+        assert alice.tokens is None
+        async with ApiClient(server.http) as again:
+            with pytest.raises(ApiError) as exc:
+                await again.login("alice", "another password")
+        assert exc.value.code == "bad_credentials"
+
+
 async def test_groups_conversations_and_history_both_directions(server: ServerProcess) -> None:
     alice, bob, carol = [await _user(server, n) for n in ("alice", "bob", "carol")]
     async with alice, bob, carol:

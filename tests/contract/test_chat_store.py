@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -536,3 +537,23 @@ async def test_member_changes_in_one_batch_apply_in_order(chat: ChatHarness) -> 
     assert await store.start_cursor(4, "d1", g) == 4
     group = await store.get_group(gid)
     assert group is not None and group.owner == 2
+
+
+async def test_wrote_in(chat: ChatHarness) -> None:
+    store = chat.store
+    conv = direct_conv(31, 32)
+    await new_direct(store, 31, 32, 3)
+    assert await store.wrote_in([(31, conv), (32, conv), (31, "d:1:99"), (31, conv)]) == {(31, conv)}
+    await append(store, conv, 3, [32])
+    assert await store.wrote_in([(32, conv)]) == {(32, conv)}
+    assert await store.wrote_in([]) == set()
+
+
+async def test_devices(chat: ChatHarness) -> None:
+    store = chat.store
+    await store.save_cursors([(41, "phone", "d:41:42", 1), (41, "laptop", "d:41:42", 1), (41, "phone", "g:9", 2)])
+    await store.save_cursors([(42, "web", "d:41:42", 1)])
+    devices = await store.devices(41)
+    assert [d for d, _ in devices] == ["laptop", "phone"]
+    assert all(abs(t - time.time()) < 60 for _, t in devices)
+    assert await store.devices(43) == []

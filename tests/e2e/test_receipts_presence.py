@@ -91,7 +91,7 @@ async def test_group_receipts_list_members(server: ServerProcess, history: Histo
         error_of(await http.get(f"/conversations/{conv}/receipts", headers=carol.auth), 403, "not_member")
 
 
-async def test_presence_shows_online_to_conversation_partners_only(server: ServerProcess, history: History) -> None:
+async def test_presence_shown_to_partners_who_wrote_and_co_members(server: ServerProcess, history: History) -> None:
     alice = await register(server.api, "alice")
     bob = await register(server.api, "bob")
     carol = await register(server.api, "carol")
@@ -115,6 +115,12 @@ async def test_presence_shows_online_to_conversation_partners_only(server: Serve
         for acc, device in ((bob, "laptop"), (carol, "tablet"), (stranger, "pc")):
             await history.client(acc, device).connect()
 
+        # Alice wrote first: Bob sees her, but she does not see Bob until he answers (the presence rule:
+        # one unsolicited message tells its sender nothing).
+        assert await online(alice, [bob.uid]) == {bob.uid: False}
+        b = history.client(bob, "phone")
+        await b.connect()
+        assert await b.send({"text": "hello"}, to=alice.uid)
         assert await online(alice, [*everyone, bob.uid]) == {
             alice.uid: True, bob.uid: True, carol.uid: True, stranger.uid: False
         }

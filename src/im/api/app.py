@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from im.api.deps import ChatApi, PickGateway, principal_dependency
 from im.api.docs import docs_routes
+from im.api.routes_account import account_router
 from im.api.routes_auth import auth_router
 from im.api.routes_chat import chat_router
 from im.api.routes_files import files_router
@@ -210,6 +211,7 @@ def create_app(
     principal = principal_dependency(accounts)
     app.include_router(auth_router(accounts, principal), prefix=PREFIX)
     app.include_router(users_router(accounts, principal), prefix=PREFIX)
+    app.include_router(account_router(accounts, chat, principal), prefix=PREFIX)
     app.include_router(chat_router(chat, principal, limits), prefix=PREFIX)
     if files is not None:
         app.include_router(files_router(files, principal), prefix=PREFIX)

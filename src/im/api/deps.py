@@ -40,6 +40,10 @@ class ChatApi(Protocol):
 
     async def online(self, viewer: int, uids: Sequence[int]) -> dict[int, bool]: ...
 
+    async def leave_all_groups(self, uid: int) -> None: ...
+
+    async def devices(self, uid: int) -> list[tuple[str, int, bool]]: ...
+
 
 #: Returns the address of a gateway for a client to connect to ({"ws": ..., "node": ...}), None if none.
 PickGateway = Callable[[], Awaitable[dict[str, str] | None]]

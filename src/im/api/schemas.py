@@ -155,3 +155,37 @@ class GatewayOut(BaseModel):
 
 class HealthOut(BaseModel):
     status: Literal["ok"]
+
+
+# --- account controls and consent (routes_account) ---------------------------------------------------------
+
+
+class PasswordChangeIn(BaseModel):
+    current_password: Text = Field(max_length=1024)
+    new_password: Text = Field(max_length=1024)
+
+
+class PasswordIn(BaseModel):
+    password: Text = Field(max_length=1024, description="The account's current password.")
+
+
+class SessionOut(BaseModel):
+    sid: str = Field(description="The session id (also in its access tokens); revoke it by this id.")
+    created_at: int = Field(description="Login time, seconds since the epoch (0: before this was kept).")
+    last_used: int = Field(description="Last login or refresh, seconds since the epoch.")
+    expires_at: int = Field(description="When its refresh token stops working unless used.")
+    current: bool = Field(description="The session of the token making this request.")
+
+
+class DeviceOut(BaseModel):
+    device: str
+    last_active: int = Field(description="When the device last saved a delivery cursor, Unix seconds (0: never).")
+    online: bool
+
+
+class SettingsOut(BaseModel):
+    contacts_only: bool = Field(description="Only your contacts may start a direct conversation with you.")
+
+
+class SettingsIn(BaseModel):
+    contacts_only: bool

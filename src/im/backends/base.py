@@ -131,13 +131,29 @@ class Group:
 
 @dataclass(frozen=True, slots=True)
 class AuthSession:
-    """A login: the refresh token's hash, and whether logout revoked it."""
+    """A login: the refresh token's hash, and whether logout revoked it.
+
+    ``expires_at`` is when the refresh token stops working (the idle limit, moved on by each refresh but
+    never past the absolute limit); ``created_at`` is the login and ``last_used`` the last refresh
+    (seconds since the epoch; 0 for sessions stored before these were kept)."""
 
     sid: str
     uid: int
     refresh_hash: str
     expires_at: int
     revoked: bool
+    created_at: int = 0
+    last_used: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Privacy:
+    """What the consent rules need to know about one user: whom they block, whether only their
+    contacts may start a direct conversation with them, and whether the account was deleted."""
+
+    blocked: frozenset[int] = frozenset()
+    contacts_only: bool = False
+    deleted: bool = False
 
 
 # --- interfaces -----------------------------------------------------------------------------------------
@@ -223,6 +239,18 @@ class ChatStore(abc.ABC):
     # message was committed. A relay drains it: fetch, publish, then delete what was published.
 
     @abc.abstractmethod
+    async def devices(self, uid: int) -> list[tuple[str, int]]:
+        """(name, last activity) of each device of the user that ever saved a delivery cursor, by name;
+        the activity is when it last saved one (seconds since the epoch, the store's clock; 0 before this
+        was kept)."""
+
+    @abc.abstractmethod
+    async def wrote_in(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
+        """Those (sender, conv) pairs where ``sender`` has at least one message in ``conv`` (the
+        presence rule: a direct partner sees you once you wrote). Committed messages only; once true,
+        true for ever (messages are never deleted)."""
+
+    @abc.abstractmethod
     async def outbox_fetch(self, limit: int) -> list[OutboxEvent]:
         """Up to ``limit`` outbox rows, oldest (smallest id) first.
 
@@ -243,8 +271,9 @@ class ChatStore(abc.ABC):
 
 
 class AccountStore(abc.ABC):
-    """Users, login sessions and contacts. Guarantees: user names are unique (case-insensitive);
-    a revoked session stays revoked."""
+    """Users, login sessions, contacts, blocks and settings. Guarantees: user names are unique
+    (case-insensitive); a revoked session stays revoked; a deleted user stays deleted (its row stays as a
+    tombstone so messages keep a sender, its name is freed). Every write is durable when it returns."""
 
     async def start(self) -> None:  # noqa: B027
         """Open connections, run migrations."""
@@ -280,11 +309,56 @@ class AccountStore(abc.ABC):
     async def get_session(self, sid: str) -> AuthSession | None: ...
 
     @abc.abstractmethod
-    async def rotate_refresh(self, sid: str, old_hash: str, new_hash: str, expires_at: int) -> bool:
-        """Swap the refresh hash if it is still ``old_hash`` and the session is live; False otherwise."""
+    async def rotate_refresh(
+        self, sid: str, old_hash: str, new_hash: str, expires_at: int, used_at: int = 0
+    ) -> bool:
+        """Swap the refresh hash if it is still ``old_hash`` and the session is live; False otherwise.
+        ``used_at`` (when > 0) becomes the session's ``last_used``."""
 
     @abc.abstractmethod
     async def revoke_session(self, sid: str) -> None: ...
+
+    @abc.abstractmethod
+    async def list_sessions(self, uid: int) -> list[AuthSession]:
+        """The user's sessions that are not revoked (expired ones included: the caller filters by its
+        clock), oldest first."""
+
+    @abc.abstractmethod
+    async def revoke_sessions(self, uid: int, keep: str | None = None) -> list[str]:
+        """Revoke every live session of ``uid`` except ``keep``, atomically; returns the sids revoked."""
+
+    @abc.abstractmethod
+    async def delete_user(self, uid: int, now: int) -> list[str]:
+        """Delete an account, atomically: its sessions are revoked (their sids are returned), its
+        contacts, blocks (both ways), device cursors and file ownerships are removed, and its row becomes
+        a tombstone (name ``~deleted~<uid>``, so the old name is free; display name "Deleted user"; no
+        password). Messages and conversation memberships are left to the chat rules."""
+
+    # --- consent ------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def block(self, uid: int, other: int, now: int) -> None:
+        """``uid`` blocks ``other`` (idempotent)."""
+
+    @abc.abstractmethod
+    async def unblock(self, uid: int, other: int) -> bool:
+        """Lift a block; False when there was none."""
+
+    @abc.abstractmethod
+    async def list_blocks(self, uid: int) -> list[User]:
+        """The users ``uid`` blocks, by name."""
+
+    @abc.abstractmethod
+    async def set_contacts_only(self, uid: int, contacts_only: bool) -> None:
+        """The setting "only my contacts may start a direct conversation with me"."""
+
+    @abc.abstractmethod
+    async def privacy(self, uids: Sequence[int]) -> dict[int, Privacy]:
+        """Every given user that exists (deleted ones included, marked so), in one round trip."""
+
+    @abc.abstractmethod
+    async def contact_pairs(self, pairs: Sequence[tuple[int, int]]) -> set[tuple[int, int]]:
+        """Those (uid, contact) pairs where ``uid`` has ``contact`` in its contacts, in one round trip."""
 
     @abc.abstractmethod
     async def add_contact(self, uid: int, contact: int, now: int) -> None: ...

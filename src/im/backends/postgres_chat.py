@@ -275,10 +275,12 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
             return
         # One row per key (an upsert may not touch a row twice), in key order (one lock order for all).
         await self.db.pool.execute(
-            "INSERT INTO device_cursors (uid, device, conv, seq)"
-            " SELECT uid, device, conv, max(seq) FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[])"
+            "INSERT INTO device_cursors (uid, device, conv, seq, saved_at)"
+            " SELECT uid, device, conv, max(seq), extract(epoch FROM now())::bigint"
+            " FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[])"
             "   AS c(uid, device, conv, seq) GROUP BY uid, device, conv ORDER BY uid, device, conv"
-            " ON CONFLICT (uid, device, conv) DO UPDATE SET seq = greatest(device_cursors.seq, excluded.seq)",
+            " ON CONFLICT (uid, device, conv) DO UPDATE SET seq = greatest(device_cursors.seq, excluded.seq),"
+            " saved_at = excluded.saved_at",
             *zip(*rows, strict=True),
         )
 
@@ -300,6 +302,25 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
             conv,
         )
         return {uid: seq for uid, seq in rows}
+
+    async def devices(self, uid: int) -> list[tuple[str, int]]:
+        rows = await self.db.pool.fetch(
+            "SELECT device, max(saved_at) FROM device_cursors WHERE uid = $1"
+            ' GROUP BY device ORDER BY device COLLATE "C"',
+            uid,
+        )
+        return [(row[0], row[1]) for row in rows]
+
+    async def wrote_in(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
+        wanted = list(dict.fromkeys(pairs))
+        if not wanted:
+            return set()
+        rows = await self.db.pool.fetch(
+            "SELECT p.sender, p.conv FROM unnest($1::bigint[], $2::text[]) AS p(sender, conv)"
+            " WHERE EXISTS (SELECT 1 FROM messages m WHERE m.conv = p.conv AND m.sender = p.sender)",
+            [s for s, _ in wanted], [c for _, c in wanted],
+        )
+        return {(row[0], row[1]) for row in rows}
 
     async def outbox_fetch(self, limit: int) -> list[OutboxEvent]:
         rows = await self.db.pool.fetch(

@@ -155,6 +155,24 @@ MIGRATIONS: list[str] = [
     END
     $$;
     """,
+    # 5: account controls and consent: session times, blocks, the contacts-only setting, deleted accounts,
+    # when a device last saved a cursor (its last activity)
+    """
+    ALTER TABLE auth_sessions ADD COLUMN created_at BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE auth_sessions ADD COLUMN last_used BIGINT NOT NULL DEFAULT 0;
+    CREATE INDEX auth_sessions_uid ON auth_sessions (uid);
+    ALTER TABLE users ADD COLUMN contacts_only BOOLEAN NOT NULL DEFAULT false;
+    ALTER TABLE users ADD COLUMN deleted_at BIGINT;
+    CREATE TABLE blocks (
+        uid BIGINT NOT NULL,
+        blocked BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (uid, blocked)
+    );
+    CREATE INDEX blocks_blocked ON blocks (blocked);
+    CREATE INDEX contacts_contact ON contacts (contact);
+    ALTER TABLE device_cursors ADD COLUMN saved_at BIGINT NOT NULL DEFAULT 0;
+    """,
 ]
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")

@@ -202,8 +202,9 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
             return
         await self.db.write(
             lambda conn: conn.executemany(
-                "INSERT INTO device_cursors (uid, device, conv, seq) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (uid, device, conv) DO UPDATE SET seq=max(seq, excluded.seq)",
+                "INSERT INTO device_cursors (uid, device, conv, seq, saved_at)"
+                " VALUES (?, ?, ?, ?, CAST(strftime('%s', 'now') AS INTEGER))"
+                " ON CONFLICT (uid, device, conv) DO UPDATE SET seq=max(seq, excluded.seq), saved_at=excluded.saved_at",
                 rows,
             )
         )
@@ -233,6 +234,24 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
             ).fetchall()
         )
         return {int(uid): int(seq) for uid, seq in rows}
+
+    async def devices(self, uid: int) -> list[tuple[str, int]]:
+        rows = await self.db.read(
+            lambda conn: conn.execute(
+                "SELECT device, max(saved_at) FROM device_cursors WHERE uid = ? GROUP BY device ORDER BY device",
+                (uid,),
+            ).fetchall()
+        )
+        return [(row[0], int(row[1])) for row in rows]
+
+    async def wrote_in(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
+        wanted = list(dict.fromkeys(pairs))
+
+        def get(conn: sqlite3.Connection) -> set[tuple[int, str]]:
+            sql = "SELECT 1 FROM messages WHERE conv = ? AND sender = ? LIMIT 1"
+            return {(s, c) for s, c in wanted if conn.execute(sql, (c, s)).fetchone() is not None}
+
+        return await self.db.read(get) if wanted else set()
 
     async def outbox_fetch(self, limit: int) -> list[OutboxEvent]:
         rows = await self.db.read(

@@ -118,6 +118,24 @@ MIGRATIONS: list[str] = [
         created_at INTEGER NOT NULL
     );
     """,
+    # 4: account controls and consent: session times, blocks, the contacts-only setting, deleted accounts,
+    # when a device last saved a cursor (its last activity)
+    """
+    ALTER TABLE auth_sessions ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE auth_sessions ADD COLUMN last_used INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX auth_sessions_uid ON auth_sessions (uid);
+    ALTER TABLE users ADD COLUMN contacts_only INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE users ADD COLUMN deleted_at INTEGER;
+    CREATE TABLE blocks (
+        uid INTEGER NOT NULL,
+        blocked INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (uid, blocked)
+    ) WITHOUT ROWID;
+    CREATE INDEX blocks_blocked ON blocks (blocked);
+    CREATE INDEX contacts_contact ON contacts (contact);
+    ALTER TABLE device_cursors ADD COLUMN saved_at INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 

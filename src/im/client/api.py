@@ -39,11 +39,13 @@ __all__ = [
     "ApiClient",
     "ApiError",
     "Conversation",
+    "Device",
     "FileInfo",
     "Gateway",
     "Group",
     "HistoryPage",
     "Member",
+    "SessionInfo",
     "Tokens",
     "User",
 ]
@@ -112,6 +114,26 @@ class FileInfo(msgspec.Struct, frozen=True):
     width: int | None = None
     height: int | None = None
     name: str | None = None
+
+
+class SessionInfo(msgspec.Struct, frozen=True):
+    """One live login session of the account (times in seconds since the epoch)."""
+
+    sid: str
+    created_at: int
+    last_used: int
+    expires_at: int
+    current: bool
+
+
+class Device(msgspec.Struct, frozen=True):
+    device: str
+    last_active: int  # seconds since the epoch; 0: never synced
+    online: bool
+
+
+class _Settings(msgspec.Struct):
+    contacts_only: bool
 
 
 class ApiError(Exception):
@@ -283,6 +305,48 @@ class ApiClient:
 
     async def remove_contact(self, uid: int) -> None:
         await self._request("DELETE", f"/contacts/{uid}", expect=(204,))
+
+    # --- account controls and consent (section 18) --------------------------------------------------------
+
+    async def change_password(self, current: str, new: str) -> None:
+        """Set a new password; every other session of the account ends (this one goes on)."""
+        body = {"current_password": current, "new_password": new}
+        await self._request("POST", "/account/password", json=body, expect=(204,))
+
+    async def sessions(self) -> list[SessionInfo]:
+        return await self._get("/account/sessions", list[SessionInfo])
+
+    async def revoke_session(self, sid: str) -> None:
+        await self._request("DELETE", f"/account/sessions/{sid}", expect=(204,))
+
+    async def logout_everywhere(self) -> None:
+        """End every session of the account, this one included (the tokens are dropped)."""
+        await self._request("POST", "/account/logout-all", expect=(204,))
+        self.tokens = None
+
+    async def devices(self) -> list[Device]:
+        return await self._get("/account/devices", list[Device])
+
+    async def delete_account(self, password: str) -> None:
+        """Delete the account for good (section 18); the tokens are dropped."""
+        await self._request("POST", "/account/delete", json={"password": password}, expect=(204,))
+        self.tokens = None
+
+    async def blocks(self) -> list[User]:
+        return await self._get("/blocks", list[User])
+
+    async def block(self, uid: int) -> None:
+        await self._request("PUT", f"/blocks/{uid}", expect=(204,))
+
+    async def unblock(self, uid: int) -> None:
+        await self._request("DELETE", f"/blocks/{uid}", expect=(204,))
+
+    async def contacts_only(self) -> bool:
+        """Whether only your contacts may start a direct conversation with you."""
+        return (await self._get("/users/me/settings", _Settings)).contacts_only
+
+    async def set_contacts_only(self, value: bool) -> None:
+        await self._request("PUT", "/users/me/settings", json={"contacts_only": value})
 
     # --- groups ---------------------------------------------------------------------------------------
 

@@ -4,11 +4,15 @@ Tokens::
 
     access  = JWT HS256 {sub: "<uid>", sid, iat, exp, typ: "access"}    short-lived, checked on every
                                                                         HTTP request and WebSocket auth
-    refresh = "<sid>.<random>"                                          opaque; only its SHA-256 is stored
+    refresh = "<sid>.<gen>.<mac>"    mac = HMAC(key, "<sid>.<gen>"); only its SHA-256 is stored
 
-A login creates an auth session (``sid``). Every refresh rotates the refresh token; presenting a refresh
-token that was already rotated away means it leaked (or a client raced itself), so the whole session is
-revoked (refresh-token reuse detection, RFC 9700 section 4.14.2). A revoked session's access tokens
+A login creates an auth session (``sid``). Every refresh rotates the refresh token (``gen`` + 1);
+presenting a refresh token that was already rotated away means it leaked (or a client raced itself), so
+the whole session is revoked (refresh-token reuse detection, RFC 9700 section 4.14.2). The MAC is checked
+first: a token nobody issued (``<sid>.<anything>``, the sid is readable in any access token) is refused
+and revokes nothing; only a genuine earlier token counts as reuse. A session ends when its refresh token
+was not used for ``refresh_ttl`` seconds (idle) or ``session_max_age`` seconds after the login (absolute),
+whichever comes first. A revoked session's access tokens
 stop working too: :meth:`AccountService.authenticate` checks the session, caching a positive answer for
 at most ``session_cache_ttl`` seconds (a logout evicts this process's cache at once; other processes
 notice within that time).
@@ -19,19 +23,20 @@ Passwords are hashed with argon2id in a worker thread so the event loop never bl
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import argon2
 import jwt
 
-from im.backends.base import AccountStore, AuthSession, Conflict, User
+from im.backends.base import AccountStore, AuthSession, Conflict, Privacy, User
 from im.protocol.errors import ErrorCode, ImError
 
 USERNAME_RE = re.compile(r"[A-Za-z0-9_.\-]{3,32}")
@@ -48,6 +53,17 @@ class Tokens:
     expires_in: int  # seconds the access token is valid
     uid: int
     token_type: str = "bearer"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """One live login session of the user, as listed to them (times in seconds since the epoch)."""
+
+    sid: str
+    created_at: int
+    last_used: int
+    expires_at: int
+    current: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +87,8 @@ class AccountService:
         *,
         secret: bytes,
         access_ttl: float = 900.0,
-        refresh_ttl: float = 30 * 24 * 3600.0,
+        refresh_ttl: float = 14 * 24 * 3600.0,
+        session_max_age: float = 60 * 24 * 3600.0,
         argon2_time_cost: int = 3,
         argon2_memory_kib: int = 65536,
         argon2_parallelism: int = 4,
@@ -86,6 +103,7 @@ class AccountService:
         self._secret = hashlib.sha256(b"im access token v1\0" + secret).digest()
         self._access_ttl = access_ttl
         self._refresh_ttl = refresh_ttl
+        self._max_age = session_max_age
         self._min_password_length = min_password_length
         self._clock = clock
         self._hasher = argon2.PasswordHasher(
@@ -98,6 +116,7 @@ class AccountService:
         self._cache_ttl = session_cache_ttl
         self._live_sessions: dict[str, tuple[int, float]] = {}  # sid -> (uid, cached until; monotonic)
         self._revoke_listeners: list[Callable[[str], None]] = []
+        self._privacy_listeners: list[Callable[[int], None]] = []
 
     def on_revoke(self, listener: Callable[[str], None]) -> None:
         """Call ``listener(sid)`` when a session is revoked here (the gateway closes its connections).
@@ -106,6 +125,15 @@ class AccountService:
         and each gateway calls :meth:`revoked_elsewhere`.
         """
         self._revoke_listeners.append(listener)
+
+    def on_privacy_change(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(uid)`` when a user's blocks, settings or account change here (the chat core
+        in this process drops what it cached about them, so a block takes effect at once)."""
+        self._privacy_listeners.append(listener)
+
+    def _privacy_changed(self, uid: int) -> None:
+        for listener in self._privacy_listeners:
+            listener(uid)
 
     def revoked_elsewhere(self, sid: str) -> None:
         """Another process revoked ``sid``: forget that it was live, so the next check asks the store."""
@@ -157,15 +185,17 @@ class AccountService:
             new_hash = await asyncio.to_thread(self._hasher.hash, password)
             await self._store.set_password_hash(user.uid, new_hash)
         sid = secrets.token_urlsafe(16)
-        refresh_token = f"{sid}.{secrets.token_urlsafe(32)}"
+        refresh_token = self._refresh_token(sid, 0)
         now = self._clock()
         await self._store.create_session(
             AuthSession(
                 sid=sid,
                 uid=user.uid,
                 refresh_hash=_sha256(refresh_token),
-                expires_at=int(now + self._refresh_ttl),
+                expires_at=self._expiry(now, now),
                 revoked=False,
+                created_at=int(now),
+                last_used=int(now),
             )
         )
         return self._tokens(user.uid, sid, refresh_token, now)
@@ -196,23 +226,53 @@ class AccountService:
             access_token=access, refresh_token=refresh_token, expires_in=int(self._access_ttl), uid=uid
         )
 
+    def _refresh_token(self, sid: str, gen: int) -> str:
+        mac = hmac.new(self._secret, f"im refresh v1\0{sid}.{gen}".encode(), hashlib.sha256).digest()
+        return f"{sid}.{gen}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+
+    def _genuine(self, refresh_token: str) -> tuple[str, int] | None:
+        """(sid, gen) of a refresh token this server issued (its MAC checks out), else None."""
+        sid, _, rest = refresh_token.partition(".")
+        gen, _, _mac = rest.partition(".")
+        if not sid or len(sid) > 64 or not gen.isdigit() or len(gen) > 18:
+            return None
+        if not hmac.compare_digest(self._refresh_token(sid, int(gen)), refresh_token):
+            return None
+        return sid, int(gen)
+
+    def _expiry(self, now: float, created_at: float) -> int:
+        """When a refresh token issued ``now`` stops working: idle limit, capped by the absolute one."""
+        return int(min(now + self._refresh_ttl, created_at + self._max_age))
+
     async def refresh(self, refresh_token: str) -> Tokens:
         """New tokens for a live session; the presented refresh token stops working.
 
-        Presenting a refresh token that was already rotated away revokes the session.
+        Presenting a genuine refresh token that was already rotated away revokes the session; a token
+        this server never issued is refused and revokes nothing.
         """
-        sid, dot, _ = refresh_token.partition(".")
-        session = await self._store.get_session(sid) if dot and sid else None
+        refused = ImError(ErrorCode.AUTH_FAILED, "invalid or expired refresh token")
+        genuine = self._genuine(refresh_token)
+        # A token of the format before signatures ("<sid>.<random>", issued by an older version) is
+        # honoured while it is the session's current one; it can never prove reuse.
+        legacy = genuine is None and refresh_token.count(".") == 1
+        if genuine is None and not legacy:
+            raise refused
+        sid, gen = genuine or (refresh_token.partition(".")[0], 0)
+        session = await self._store.get_session(sid) if sid and len(sid) <= 64 else None
         now = self._clock()
         if session is None or session.revoked or session.expires_at <= now:
-            raise ImError(ErrorCode.AUTH_FAILED, "invalid or expired refresh token")
+            raise refused
         old_hash = _sha256(refresh_token)
         if not hmac.compare_digest(old_hash, session.refresh_hash):
-            await self._revoke(sid)
+            if legacy:
+                raise refused
+            await self._revoke(sid)  # an earlier token of this session, used again: it leaked
             raise ImError(ErrorCode.AUTH_FAILED, "refresh token reused: the session is revoked, log in again")
-        new_token = f"{sid}.{secrets.token_urlsafe(32)}"
-        expires_at = int(now + self._refresh_ttl)
-        if not await self._store.rotate_refresh(sid, old_hash, _sha256(new_token), expires_at):
+        new_token = self._refresh_token(sid, gen + 1)
+        expires_at = self._expiry(now, session.created_at or now)
+        if expires_at <= now:
+            raise refused
+        if not await self._store.rotate_refresh(sid, old_hash, _sha256(new_token), expires_at, int(now)):
             # Another refresh with the same token won the race: the same token was used twice.
             await self._revoke(sid)
             raise ImError(ErrorCode.AUTH_FAILED, "refresh token reused: the session is revoked, log in again")
@@ -223,10 +283,14 @@ class AccountService:
         await self._revoke(sid)
 
     async def _revoke(self, sid: str) -> None:
-        self._live_sessions.pop(sid, None)
         await self._store.revoke_session(sid)
-        for listener in self._revoke_listeners:
-            listener(sid)
+        self._announce_revoked([sid])
+
+    def _announce_revoked(self, sids: Sequence[str]) -> None:
+        for sid in sids:
+            self._live_sessions.pop(sid, None)
+            for listener in self._revoke_listeners:
+                listener(sid)
 
     async def authenticate(self, access_token: str) -> Principal:
         """The principal of a valid access token of a live session; else ImError(AUTH_FAILED)."""
@@ -300,3 +364,82 @@ class AccountService:
 
     async def contacts(self, uid: int) -> list[User]:
         return await self._store.list_contacts(uid)
+
+    # --- account controls ---------------------------------------------------------------------------------
+
+    async def _check_current_password(self, uid: int, password: str) -> None:
+        """Refuse (``forbidden``) unless ``password`` is the user's password: sensitive changes ask for it
+        again, so a stolen access token alone cannot take the account over."""
+        user = await self.user(uid)
+        found = await self._store.find_user(user.username) if len(password) <= MAX_PASSWORD_LENGTH else None
+        if found is None or found[0].uid != uid or not await asyncio.to_thread(self._verify, found[1], password):
+            raise ImError(ErrorCode.FORBIDDEN, "the current password is wrong")
+
+    async def change_password(self, me: Principal, current: str, new: str) -> None:
+        """Set a new password; every OTHER session of the user is revoked (their sockets close at once)."""
+        self._check_password(new)
+        await self._check_current_password(me.uid, current)
+        await self._store.set_password_hash(me.uid, await asyncio.to_thread(self._hasher.hash, new))
+        self._announce_revoked(await self._store.revoke_sessions(me.uid, keep=me.sid))
+
+    async def sessions(self, me: Principal) -> list[SessionInfo]:
+        """The user's live sessions, oldest first; ``current`` marks the caller's."""
+        now = self._clock()
+        return [
+            SessionInfo(s.sid, s.created_at, s.last_used, s.expires_at, s.sid == me.sid)
+            for s in await self._store.list_sessions(me.uid)
+            if s.expires_at > now
+        ]
+
+    async def revoke_session(self, me: Principal, sid: str) -> None:
+        """End one of the user's own sessions (404 for any other sid, whoever it belongs to)."""
+        session = await self._store.get_session(sid) if len(sid) <= 64 else None
+        if session is None or session.uid != me.uid or session.revoked:
+            raise ImError(ErrorCode.NOT_FOUND, "no such session")
+        await self._revoke(sid)
+
+    async def logout_everywhere(self, uid: int) -> int:
+        """Revoke every session of the user, the caller's included; returns how many were live."""
+        sids = await self._store.revoke_sessions(uid)
+        self._announce_revoked(sids)
+        return len(sids)
+
+    async def delete_account(
+        self, me: Principal, password: str, leave_groups: Callable[[int], Awaitable[None]]
+    ) -> None:
+        """Delete the account (docs/protocol.md section 18): sessions end first (sockets close), then
+        ``leave_groups(uid)`` takes the user out of every group (ownership passes on), then the store
+        leaves a tombstone: messages stay, shown from "Deleted user"; the name is free again."""
+        await self._check_current_password(me.uid, password)
+        self._announce_revoked(await self._store.revoke_sessions(me.uid))
+        await leave_groups(me.uid)
+        self._announce_revoked(await self._store.delete_user(me.uid, int(self._clock())))
+        self._privacy_changed(me.uid)
+
+    # --- consent: blocks and settings ---------------------------------------------------------------------
+
+    async def block(self, uid: int, other: int) -> None:
+        """Block ``other`` (idempotent): see docs/protocol.md section 18 for what it stops."""
+        if other == uid:
+            raise ImError(ErrorCode.INVALID, "you cannot block yourself")
+        await self.user(other)
+        await self._store.block(uid, other, int(self._clock()))
+        self._privacy_changed(uid)
+
+    async def unblock(self, uid: int, other: int) -> None:
+        if not await self._store.unblock(uid, other):
+            raise ImError(ErrorCode.NOT_FOUND, f"user {other} is not blocked")
+        self._privacy_changed(uid)
+
+    async def blocks(self, uid: int) -> list[User]:
+        return await self._store.list_blocks(uid)
+
+    async def settings(self, uid: int) -> Privacy:
+        found = (await self._store.privacy([uid])).get(uid)
+        if found is None:
+            raise ImError(ErrorCode.NOT_FOUND, f"no user {uid}")
+        return found
+
+    async def set_contacts_only(self, uid: int, contacts_only: bool) -> None:
+        await self._store.set_contacts_only(uid, contacts_only)
+        self._privacy_changed(uid)

@@ -46,6 +46,7 @@ from im.backends.base import (
     SeqConflict,
     StoredMessage,
 )
+from im.core.consent import Consent
 from im.core.ids import Snowflake, direct_conv, group_conv, parse_conv
 from im.protocol.errors import ErrorCode, ImError
 from im.throttled_log import ThrottledLog
@@ -141,6 +142,7 @@ class ChatService:
         history_page_max: int = 200,
         recent_sends: int = 50_000,
         state_ttl: float | None = None,
+        privacy_ttl: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -166,6 +168,9 @@ class ChatService:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # privacy_ttl None: blocks and settings are cached until forget_privacy (im serve, whose
+        # AccountService announces every change); a number: read again when older (distributed mode).
+        self.consent = Consent(accounts, store, ttl=privacy_ttl, clock=clock)
         self.commits = 0  # transactions written (for the benchmark's report)
         self.committed = 0  # messages written
         self.store_calls = 0  # store.commit calls, successful or not (fault-isolation tests count them)
@@ -346,6 +351,7 @@ class ChatService:
         targets = [(item, self._safe_target(item)) for item in items]
         self._forget_if_stale(targets)
         await self._load([c for _, c in targets if isinstance(c, str)])
+        await self._load_consent(targets)
         # Both users of a first-time direct conversation must exist (however it was addressed).
         new_peers = {
             uid
@@ -475,6 +481,7 @@ class ChatService:
                     p.recipients.append(list(known_state.members))
             return
         state = self._states.get(conv)
+        checked = False
         if state is None:
             parsed = parse_conv(conv)
             if parsed is None or parsed[0] != "direct":
@@ -485,11 +492,17 @@ class ChatService:
                 raise ImError(ErrorCode.NOT_MEMBER, f"not a member of {conv}")
             if peer not in known:
                 raise ImError(ErrorCode.NOT_FOUND, f"no user {peer}")
+            self.consent.check_send(req.uid, peer, new=True)
+            checked = True
             state = ConversationState(conv, "direct", 0, {a: "member", b: "member"})
             self._states[conv] = state
             p.batch.new_conversations.append(ConversationState(conv, "direct", 0, dict(state.members)))
         if req.uid not in state.members:
             raise ImError(ErrorCode.NOT_MEMBER, f"not a member of {conv}")
+        if not checked and self.consent.restricted and state.kind == "direct":  # someone blocks someone
+            for peer in state.members:
+                if peer != req.uid:
+                    self.consent.check_send(req.uid, peer, new=False)
         file_id = attachable.get(id(item))
         if isinstance(file_id, ImError):
             raise file_id
@@ -508,6 +521,60 @@ class ChatService:
         p.routed.append(m)
         p.recipients.append(list(state.members))
 
+    # --- consent (blocks, contacts-only): docs/protocol.md section 18 -----------------------------------
+
+    def forget_privacy(self, uid: int) -> None:
+        """``uid``'s blocks or settings changed (in this process): the next check reads them again."""
+        self.consent.forget(uid)
+
+    async def _load_consent(self, targets: list[tuple[_Send | _MemberOp, str | ImError]]) -> None:
+        """Before a pass: the privacy of both users of every direct send and of every user being added
+        to a group, and whether a contacts-only peer has the sender as a contact (new conversations).
+        A direct conversation whose users are both cached costs one lookup (``Consent.fresh_convs``)."""
+        wanted: set[int] = set()
+        new_direct: list[tuple[int, int]] = []
+        directs: list[str] = []
+        fresh = self.consent.fresh_convs()
+        for item, conv in targets:
+            if conv in fresh:
+                continue
+            if isinstance(item, _MemberOp):
+                if item.op == "add":
+                    wanted.update(item.uids)
+                continue
+            if not isinstance(conv, str) or not conv.startswith("d:"):
+                continue
+            state = self._states.get(conv)
+            if state is not None:
+                wanted.update(state.members)
+                directs.append(conv)
+            elif (parsed := parse_conv(conv)) is not None:
+                wanted.update(parsed[1])
+                new_direct.extend((item.req.uid, peer) for peer in parsed[1] if peer != item.req.uid)
+        await self.consent.prepare(wanted, new_direct, directs)
+
+    async def hidden_from(self, uid: int, viewers: Sequence[int]) -> set[int]:
+        """Those of ``viewers`` that must not see ``uid``'s typing: see :meth:`Consent.hidden_from`."""
+        return await self.consent.hidden_from(uid, viewers)
+
+    async def devices(self, uid: int) -> list[tuple[str, int, bool]]:
+        """The user's devices (those that ever synced, and those online now): (name, last activity in
+        seconds since the epoch, online now), by name."""
+        known = dict(await self.store.devices(uid))
+        located = await self.presence.locate([uid])
+        online = {loc.device for loc in located.get(uid, ())}
+        return sorted((d, known.get(d, 0), d in online) for d in {*known, *online})
+
+    async def leave_all_groups(self, uid: int) -> None:
+        """Take ``uid`` out of every group it is in, as if it left each (ownership passes on)."""
+        for point in await self.store.sync_points(uid, ""):
+            parsed = parse_conv(point.conv)
+            if parsed is not None and parsed[0] == "group":
+                try:
+                    await self.leave_group(uid, parsed[1][0])
+                except ImError as exc:  # already gone meanwhile: nothing to leave
+                    log.info("leaving %s on account deletion: %s", point.conv, exc.message)
+
     def _prepare_member_op(self, p: _Pass, op: _MemberOp, conv: str, now_ms: int, heads: dict[str, int]) -> None:
         state = self._states.get(conv)
         if state is None or state.kind != "group":
@@ -521,6 +588,8 @@ class ChatService:
             if actor_role not in ("owner", "admin"):
                 raise ImError(ErrorCode.FORBIDDEN, "only the owner and admins add members")
             fresh = [u for u in dict.fromkeys(op.uids) if u not in state.members]
+            for u in fresh:
+                self.consent.check_add(op.actor, u)
             if len(state.members) + len(fresh) > self._max_group_members:
                 raise ImError(ErrorCode.INVALID, f"a group has at most {self._max_group_members} members")
             changes = [(u, "member") for u in fresh]
@@ -628,6 +697,9 @@ class ChatService:
         unknown = [u for u in others if u not in found]
         if unknown:
             raise ImError(ErrorCode.NOT_FOUND, f"no user {unknown[0]}")
+        await self.consent.load(set(others))
+        for u in others:
+            self.consent.check_add(owner, u)
         now_ms = int(self._clock() * 1000)
         mid = self._ids.next(now_ms)
         roles = {owner: "owner", **{u: "member" for u in others}}
@@ -725,31 +797,47 @@ class ChatService:
         return {m: (reads.get(m, 0), max(reads.get(m, 0), delivered.get(m, 0))) for m in sorted(reads)}
 
     async def online(self, viewer: int, uids: Sequence[int]) -> dict[int, bool]:
-        """For each of ``uids``: whether it has a device online. Only the viewer and users it currently
-        shares a conversation with (direct or group) can read as online; anyone else reads as offline, so
-        presence tells strangers nothing."""
+        """For each of ``uids``: whether it has a device online, under the presence rule (docs/protocol.md
+        section 18): user X reads as online to V only when V is X, or when neither blocks the other and
+        X has V as a contact, X and V are members of one group, or X has written in their direct
+        conversation. Anyone else reads as offline, so one unsolicited message tells its sender nothing."""
         wanted = set(uids)
         visible = {viewer} & wanted
+        others = wanted - visible
+        if others:
+            candidates = await self._presence_candidates(viewer, others)
+            if candidates:
+                visible |= candidates - await self.hidden_from(viewer, sorted(candidates))
+        located = await self.presence.locate(sorted(visible)) if visible else {}
+        return {u: u in located for u in uids}
+
+    async def _presence_candidates(self, viewer: int, others: set[int]) -> set[int]:
+        """Those of ``others`` that consented to ``viewer`` seeing them (blocks not yet applied)."""
         # The device name "" is never a real device: this lists the viewer's conversations, nothing else.
-        convs = [p.conv for p in await self.store.sync_points(viewer, "")]
         groups: list[str] = []
-        for conv in convs:
-            parsed = parse_conv(conv)
+        directs: dict[int, str] = {}
+        for point in await self.store.sync_points(viewer, ""):
+            parsed = parse_conv(point.conv)
             if parsed is None:
                 continue
             kind, ids = parsed
             if kind == "group":
-                groups.append(conv)
+                groups.append(point.conv)
             else:
-                visible.update(u for u in ids if u in wanted)
-        if groups and not wanted <= visible:
+                directs.update((u, point.conv) for u in ids if u in others)
+        found: set[int] = set()
+        if groups:
             await self._load(groups)
             for conv in groups:
                 state = self._states.get(conv)
                 if state is not None and viewer in state.members:
-                    visible.update(u for u in state.members if u in wanted)
-        located = await self.presence.locate(sorted(visible)) if visible else {}
-        return {u: u in located for u in uids}
+                    found.update(u for u in state.members if u in others)
+        rest = others - found
+        if rest:
+            found.update(x for x, _ in await self.accounts.contact_pairs([(x, viewer) for x in sorted(rest)]))
+        pairs = [(x, directs[x]) for x in sorted(others - found) if x in directs]
+        found.update(x for x, _ in await self.consent.wrote_in(pairs))
+        return found
 
     async def replay(
         self, uid: int, device: str, conv: str, after: int | None, upto: int, limit: int

@@ -332,17 +332,25 @@ class Hub(DeliverySink):
             self._reads[key] = seq
 
     async def typing(self, uid: int, device: str, conv: str) -> None:
-        await self._notify([(conv, uid, TypingEvent(conv=conv, uid=uid), (uid, device))])
+        """Typing goes to the conversation's members, except those the typer blocks or who block the
+        typer (docs/protocol.md section 11)."""
+        members = await self.chat.members_of(conv)
+        if uid not in members:
+            return
+        hidden = await self.chat.hidden_from(uid, [m for m in members if m != uid])
+        await self._notify([(conv, uid, TypingEvent(conv=conv, uid=uid), (uid, device))], hidden)
 
-    async def _notify(self, events: list[tuple[str, int, object, tuple[int, str] | None]]) -> None:
-        """Ephemeral frames (conv, from uid, frame, skip) to the members' online devices: one presence
-        lookup for all of them, one publish per (frame, node)."""
+    async def _notify(
+        self, events: list[tuple[str, int, object, tuple[int, str] | None]], hidden: set[int] | None = None
+    ) -> None:
+        """Ephemeral frames (conv, from uid, frame, skip) to the members' online devices (but ``hidden``):
+        one presence lookup for all of them, one publish per (frame, node)."""
         targets: list[tuple[object, list[int], tuple[int, str] | None]] = []
         members_of = await self.chat.members_by_conv(list({conv for conv, *_ in events}))  # one batch
         for conv, uid, frame, skip in events:
             members = members_of[conv]
             if uid in members:
-                targets.append((frame, list(members), skip))
+                targets.append((frame, [m for m in members if not hidden or m not in hidden], skip))
         if not targets:
             return
         located = await self.chat.presence.locate({u for _, members, _ in targets for u in members})
