@@ -104,15 +104,21 @@ client_payloads = st.one_of(
     st.builds(lambda obj: json.dumps(obj).encode(), big_frame_like),
 )
 
+def _text(max_size: int) -> st.SearchStrategy[str]:
+    """Text a store keeps: no NUL (frames refuse it in cmid, type and device)."""
+    return st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=max_size)
+
+
+#: Frames inside every documented range (docs/protocol.md section 1): they decode to themselves.
 valid_frames = st.one_of(
-    st.builds(Auth, token=st.text(max_size=30), device=st.text(max_size=10),
-              cursors=st.dictionaries(st.text(max_size=10), st.integers(0, 2**62), max_size=3)),
-    st.builds(Send, cmid=st.text(max_size=10), body=plain_values, conv=st.none() | st.text(max_size=12),
-              to=st.none() | st.integers(-(2**63), 2**63 - 1), type=st.text(max_size=8)),
-    st.builds(Recv, conv=st.text(max_size=12), seq=st.integers(-(2**63), 2**63 - 1)),
-    st.builds(Read, conv=st.text(max_size=12), seq=st.integers(-(2**63), 2**63 - 1)),
+    st.builds(Auth, token=st.text(max_size=30), device=_text(10),
+              cursors=st.dictionaries(st.text(max_size=10), st.integers(0, 2**63 - 1), max_size=3)),
+    st.builds(Send, cmid=_text(10), body=plain_values, conv=st.none() | st.text(max_size=12),
+              to=st.none() | st.integers(1, 2**63 - 1), type=_text(8)),
+    st.builds(Recv, conv=st.text(max_size=12), seq=st.integers(0, 2**63 - 1)),
+    st.builds(Read, conv=st.text(max_size=12), seq=st.integers(0, 2**63 - 1)),
     st.builds(Typing, conv=st.text(max_size=12)),
-    st.builds(Ping, id=st.none() | st.integers(-(2**63), 2**63 - 1)),
+    st.builds(Ping, id=st.none() | st.integers(0, 2**63 - 1)),
 )
 
 
