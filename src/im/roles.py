@@ -28,6 +28,7 @@ from im.server import (
     HttpServer,
     ServerProcessBase,
     build_accounts,
+    build_admission,
     build_backends,
     build_chat,
     build_files,
@@ -150,7 +151,7 @@ class GatewayNode(ServerProcessBase):
         await b.start()
         await self.pool.start()
         self.hub.start()
-        listeners, self.addresses = await start_gateway_listeners(cfg, self.hub)
+        listeners, self.addresses = await start_gateway_listeners(cfg, self.hub, build_admission(cfg))
         await b.registry.register(ServiceInstance("gateway", node, self.addresses), ttl=float(cfg.registry.ttl))
         self.install_signal_handlers()
         if ready is not None:
@@ -205,7 +206,10 @@ class ApiNode(ServerProcessBase):
         await self.pool.start()
         self.chat.start()
         self.picker.start()
-        http = HttpServer(cfg, create_app(self.accounts, self.chat, self.picker.pick, cfg.limits, files=self.files))
+        http = HttpServer(cfg, create_app(
+            self.accounts, self.chat, self.picker.pick, cfg.limits, files=self.files,
+            max_request_bytes=cfg.http.max_body_bytes,
+        ), build_admission(cfg))
         await http.start()
         self.url = http.url
         self.install_signal_handlers()
