@@ -48,10 +48,10 @@ def test_process_cap_and_bounded_refusals() -> None:
     refused = [adm.admit((f"10.0.1.{i}", 1)) for i in range(2)]
     assert [t.verdict for t in refused] == [Verdict.REFUSE, Verdict.REFUSE]
     assert "connection limit" in refused[0].reason
-    dropped = adm.admit(("10.0.2.1", 1))
-    assert dropped.verdict is Verdict.DROP  # two refusals in progress already: no third
-    adm.release(dropped)  # holds nothing
-    assert adm.refusing == 2 and adm.dropped_total == 1 and adm.refused_total == 2
+    shed = adm.admit(("10.0.2.1", 1))
+    assert shed.verdict is Verdict.SHED  # two refusals waiting already: this one is closed at once
+    adm.release(shed)  # holds nothing
+    assert adm.refusing == 2 and adm.shed_total == 1 and adm.refused_total == 2
     adm.release(refused[0])
     assert adm.admit(("10.0.2.1", 1)).verdict is Verdict.REFUSE  # a refusal slot is free again
     adm.release(tickets[0])

@@ -36,8 +36,8 @@ class HttpConfig(_Section):
     head_timeout: float = Field(10.0, gt=0)
     #: Seconds without a byte of a request body the server is waiting for: the connection is closed.
     body_timeout: float = Field(30.0, gt=0)
-    #: Seconds an idle keep-alive connection stays open after a response.
-    keepalive_timeout: float = Field(5.0, gt=0)
+    #: Whole seconds an idle keep-alive connection stays open after a response.
+    keepalive_timeout: int = Field(5, ge=1)
     #: Largest request head (request line and headers): 400 and close.
     max_head_bytes: int = Field(16 * 1024, ge=1024)
     #: Most header fields in one request: 431 ``too_large``.

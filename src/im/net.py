@@ -4,8 +4,9 @@ Two things keep one client, or many, from taking a process's listeners down:
 
 - :class:`Admission` (sans-I/O: no sockets, no event loop) counts the connections open in the process
   and per client address, and answers each new one with a :class:`Ticket`: admitted, refused (the
-  transport writes its documented refusal, then closes) or dropped (closed at once: too many refusals
-  are already in progress, and each holds a descriptor). IPv4 addresses count one by one; IPv6 ones by
+  transport writes its documented refusal and waits, briefly, for the client to read it before closing)
+  or shed (the refusal is written and the connection closed at once: enough refusals are already waiting,
+  and each holds a descriptor). IPv4 addresses count one by one; IPv6 ones by
   their /64 prefix, the block one subscriber usually gets (counting single IPv6 addresses would let one
   host take 2**64 of them).
 - :class:`Listener` accepts on a listening socket itself instead of ``loop.create_server``: uvloop's
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import json
 import logging
 import resource
 import socket
@@ -40,12 +42,26 @@ _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_BATCH = 128
 
 
+#: Seconds a refused client is told to wait before it tries again (HTTP ``Retry-After``).
+RETRY_AFTER = 5
+
+
+def refusal_503(reason: str) -> bytes:
+    """The whole HTTP response refusing a connection over a cap: 503 ``unavailable``, ``Retry-After``."""
+    body = json.dumps({"code": "unavailable", "message": reason}).encode()
+    head = (
+        f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        f"retry-after: {RETRY_AFTER}\r\ncache-control: no-store\r\nconnection: close\r\n\r\n"
+    ).encode()
+    return head + body
+
+
 class Verdict(Enum):
     ADMIT = "admit"
     #: Over a cap: answer with the listener's refusal (HTTP 503, WebSocket close 1013, TCP ``bye``), close.
     REFUSE = "refuse"
-    #: Over a cap while too many refusals are in progress: close at once, without a word.
-    DROP = "drop"
+    #: Over a cap while ``max_refusing`` refusals are already waiting: write the refusal, close at once.
+    SHED = "shed"
 
 
 @dataclass(slots=True)
@@ -86,7 +102,8 @@ class Admission:
 
     Guarantees: at most ``max_connections`` admitted connections are open at once, at most
     ``max_per_address`` of them from one address key (0: no per-address cap), and at most
-    ``max_refusing`` refused ones are still being answered; past that, new connections are dropped.
+    ``max_refusing`` refused ones wait for their client to read the refusal; past that, refusals are
+    written and closed at once (shed).
     Counts change only through :meth:`admit` and :meth:`release`, so they are exact as long as every
     transport releases its ticket when its connection is lost.
     """
@@ -103,7 +120,7 @@ class Admission:
         self.open = 0
         self.refusing = 0
         self.refused_total = 0
-        self.dropped_total = 0
+        self.shed_total = 0
         self._by_key: dict[str, int] = {}
 
     def admit(self, peer: object) -> Ticket:
@@ -119,8 +136,8 @@ class Admission:
             self._by_key[key] = self._by_key.get(key, 0) + 1
             return Ticket(key, Verdict.ADMIT)
         if self.refusing >= self.max_refusing:
-            self.dropped_total += 1
-            return Ticket(key, Verdict.DROP, reason, released=True)  # holds nothing
+            self.shed_total += 1
+            return Ticket(key, Verdict.SHED, reason, released=True)  # holds nothing
         self.refusing += 1
         self.refused_total += 1
         return Ticket(key, Verdict.REFUSE, reason)
@@ -234,6 +251,10 @@ class Listener:
         elif self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
+
+    async def wait_closed(self) -> None:
+        """Like ``asyncio.Server.wait_closed`` for callers that await it (uvicorn's shutdown): the
+        listening socket is closed by :meth:`close`; connections are their owners' to wait for."""
 
     def _accept(self) -> None:
         loop = self._loop

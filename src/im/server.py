@@ -235,11 +235,12 @@ class HttpServer:
         self.url = cfg.http.public_url or f"http://{cfg.http.host}:{sock.getsockname()[1]}"
         h = cfg.http
         protocol = guarded_protocol(self._admission, head_timeout=h.head_timeout, body_timeout=h.body_timeout)
+        app = HeaderLimit(self._app, max_headers=h.max_headers, max_head_bytes=h.max_head_bytes)
         uv = self._uv = _Uvicorn(
             uvicorn.Config(
-                HeaderLimit(self._app, max_headers=h.max_headers), lifespan="off", log_level=cfg.log_level,
-                access_log=False, ws="none", http=protocol, timeout_keep_alive=h.keepalive_timeout,  # type: ignore[arg-type]
-                h11_max_incomplete_event_size=h.max_head_bytes,
+                app, lifespan="off", log_level=cfg.log_level, access_log=False, ws="none",
+                http=protocol,  # type: ignore[arg-type]  # a protocol class is accepted, not only a name
+                timeout_keep_alive=h.keepalive_timeout, h11_max_incomplete_event_size=h.max_head_bytes,
             ),
             sock,
         )

@@ -28,21 +28,10 @@ import h11
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from im.net import Admission, Ticket, Verdict
+from im.net import Admission, Ticket, Verdict, refusal_503
 
-#: Seconds a refused client is told to wait (``Retry-After``).
-RETRY_AFTER = 5
 #: Seconds a refused connection is kept half-closed so that the client reads the 503 before the close.
 REFUSAL_LINGER = 2.0
-
-
-def _json_response(status: str, code: str, message: str, extra: bytes = b"") -> bytes:
-    body = json.dumps({"code": code, "message": message}).encode()
-    head = (
-        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-        "cache-control: no-store\r\nconnection: close\r\n"
-    ).encode()
-    return head + extra + b"\r\n" + body
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -63,17 +52,10 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         ticket = self._ticket = self.admission.admit(transport.get_extra_info("peername"))
-        if ticket.verdict is Verdict.DROP:
-            transport.abort()
-            return
-        if ticket.verdict is Verdict.REFUSE:
+        if not ticket.admitted:
             self.transport = transport
-            transport.write(
-                _json_response(
-                    "503 Service Unavailable", "unavailable", ticket.reason, f"retry-after: {RETRY_AFTER}\r\n".encode()
-                )
-            )
-            if transport.can_write_eof():
+            transport.write(refusal_503(ticket.reason))
+            if ticket.verdict is Verdict.REFUSE and transport.can_write_eof():
                 transport.write_eof()  # then read (and drop) until the client closes, at most REFUSAL_LINGER
                 self._timer = self.loop.call_later(REFUSAL_LINGER, transport.abort)
             else:
@@ -159,16 +141,29 @@ def guarded_protocol(admission: Admission, *, head_timeout: float, body_timeout:
 
 
 class HeaderLimit:
-    """Answer requests with more than ``max_headers`` header fields ``431 too_large`` (and close).
-    The head's size is bounded before this, by ``http.max_head_bytes``."""
+    """Answer requests with more than ``max_headers`` header fields, or a head (request line and fields)
+    over ``max_head_bytes``, ``431 too_large`` (and close). While a head is incomplete, h11 buffers at
+    most ``max_head_bytes`` of it (400 past that); a head that arrived whole in one read is measured here."""
 
-    def __init__(self, app: ASGIApp, *, max_headers: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_headers: int, max_head_bytes: int) -> None:
         self.app = app
         self.max_headers = max_headers
+        self.max_head_bytes = max_head_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and len(scope["headers"]) > self.max_headers:
-            body = json.dumps({"code": "too_large", "message": f"at most {self.max_headers} header fields"})
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = scope["headers"]
+        problem = ""
+        if len(headers) > self.max_headers:
+            problem = f"at most {self.max_headers} header fields"
+        elif len(scope["raw_path"]) + len(scope["query_string"]) + sum(len(n) + len(v) + 4 for n, v in headers) > (
+            self.max_head_bytes
+        ):
+            problem = f"request heads are limited to {self.max_head_bytes} bytes"
+        if problem:
+            body = json.dumps({"code": "too_large", "message": problem})
             await send({
                 "type": "http.response.start", "status": 431,
                 "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],

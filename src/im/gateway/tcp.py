@@ -49,9 +49,11 @@ class TcpConnection(asyncio.Protocol, Connection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport subclass
         ticket = self._ticket = self._admission.admit(transport.get_extra_info("peername"))
-        if ticket.verdict is Verdict.DROP:
+        if ticket.verdict is Verdict.SHED:  # bye, and close at once
+            self.session.close(ErrorCode.UNAVAILABLE, ticket.reason, reconnect=True)
+            self.write(self.session.data_to_send(), False)
             self.closed = True
-            transport.abort()  # type: ignore[attr-defined]  # every stream transport has it
+            transport.close()
             return
         if ticket.verdict is Verdict.REFUSE:  # bye unavailable (reconnect later), then the usual close
             self.run(self.session.close(ErrorCode.UNAVAILABLE, ticket.reason, reconnect=True))

@@ -31,7 +31,7 @@ from im.gateway.websocket import (
     WsSettings,
     encode_frames,
 )
-from im.net import Admission, Listener, Ticket, Verdict, bind
+from im.net import Admission, Listener, Ticket, Verdict, bind, refusal_503
 from im.protocol.errors import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,10 @@ class WsConnection(asyncio.Protocol, Connection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport subclass
         ticket = self._ticket = self._admission.admit(transport.get_extra_info("peername"))
-        if ticket.verdict is Verdict.DROP:
+        if ticket.verdict is Verdict.SHED:  # no handshake: an HTTP 503 to the upgrade request, close
             self._cancel_timer()
-            transport.abort()  # type: ignore[attr-defined]  # every stream transport has it
+            transport.write(refusal_503(ticket.reason))  # type: ignore[attr-defined]  # a stream transport
+            transport.close()
             return
         # A refused connection still gets its handshake (within handshake_timeout), then close 1013.
         sock = transport.get_extra_info("socket")
