@@ -103,8 +103,8 @@ class BodyLimit:
 
     A declared ``Content-Length`` over the limit is refused before anything is read. Otherwise the bytes
     are counted as the application reads them (chunked bodies too): once past the limit the 413 goes out
-    at once with ``Connection: close`` (the server stops reading that request; the rest is never
-    buffered) and the application sees the client as gone.
+    at once and the application sees the client as gone; the rest is never buffered (the listener
+    discards a bounded amount of it, then closes: im.api.guard).
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, exempt: frozenset[str] = frozenset()) -> None:
@@ -155,7 +155,6 @@ class BodyLimit:
             "type": "http.response.start", "status": 413,
             "headers": [
                 (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
             ],
         })
         await send({"type": "http.response.body", "body": body})

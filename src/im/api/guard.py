@@ -12,8 +12,10 @@ subclass of its protocol that adds, per connection:
   start or of the previous response's end, else the connection is closed;
 - the body timeout: while a request body is being read, ``body_timeout`` seconds without a byte from
   the client close the connection (time the server itself stopped reading does not count);
-- a response sent before its request body was read whole (413, 401, ...) closes the connection instead
-  of reading and discarding whatever the client still sends.
+- a response sent before its request body was read whole (413, 401, ...): the rest of the body is read
+  and discarded (so that a client that sends its whole body before reading gets the answer rather than
+  a reset), for at most ``body_timeout`` seconds and ``DRAIN_MAX_BYTES`` bytes, then the connection is
+  closed.
 
 :class:`HeaderLimit` answers requests with more than ``max_headers`` header fields ``431 too_large``.
 """
@@ -32,6 +34,8 @@ from im.net import Admission, Ticket, Verdict, refusal_503
 
 #: Seconds a refused connection is kept half-closed so that the client reads the 503 before the close.
 REFUSAL_LINGER = 2.0
+#: Bytes of an unwanted request body read and discarded after an early answer, before closing instead.
+DRAIN_MAX_BYTES = 64 * 1024 * 1024
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -46,7 +50,8 @@ class GuardedH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self._ticket: Ticket | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._phase = ""  # "head": waiting for a request head; "body": reading a body; "": neither
+        self._phase = ""  # "head": waiting for a head; "body": reading a body; "drain": discarding one
+        self._drained = 0
 
     # --- admission -----------------------------------------------------------------------------------
 
@@ -76,6 +81,11 @@ class GuardedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self._ticket is None or not self._ticket.admitted:
             return
+        if self._phase == "drain":
+            self._drained += len(data)
+            if self._drained > DRAIN_MAX_BYTES:
+                self._expired()
+                return
         super().data_received(data)
         self._track()
 
@@ -86,9 +96,10 @@ class GuardedH11Protocol(H11Protocol):
         if self.transport.is_closing():
             self._cancel()
         elif self.conn.their_state is h11.SEND_BODY:
-            # Answered before the body was read whole: close rather than read and drop the rest.
-            self._cancel()
-            self.transport.close()
+            # Answered before the body was read whole: uvicorn reads and drops the rest; bound that.
+            self._phase = "drain"
+            self._drained = 0
+            self._arm(self.body_timeout, self._expired)
         else:
             self._track()
 
@@ -99,6 +110,8 @@ class GuardedH11Protocol(H11Protocol):
             if self._phase != "head":
                 self._wait_head()
         elif state is h11.SEND_BODY:
+            if self._phase == "drain":
+                return  # its own deadline, armed once
             self._phase = "body"
             self._arm(self.body_timeout, self._body_expired)  # again on every read
         elif self._phase:
