@@ -139,6 +139,7 @@ class GatewayNode(ServerProcessBase):
         self.chat = build_chat(config, b, None, self.router, node, state_ttl=SHARED_STATE_TTL)
         self.hub = build_hub(config, self.chat, self.accounts, submit=self.pool.submit)
         self.pool.sink = self.hub
+        self.admission = build_admission(config)
         self.addresses: dict[str, str] = {}
 
     def _revoked(self, sid: str) -> None:
@@ -151,7 +152,7 @@ class GatewayNode(ServerProcessBase):
         await b.start()
         await self.pool.start()
         self.hub.start()
-        listeners, self.addresses = await start_gateway_listeners(cfg, self.hub, build_admission(cfg))
+        listeners, self.addresses = await start_gateway_listeners(cfg, self.hub, self.admission)
         await b.registry.register(ServiceInstance("gateway", node, self.addresses), ttl=float(cfg.registry.ttl))
         self.install_signal_handlers()
         if ready is not None:
@@ -197,6 +198,7 @@ class ApiNode(ServerProcessBase):
         self.chat = build_chat(config, b, self.files, self.router, node, state_ttl=SHARED_STATE_TTL)
         self.accounts.on_revoke(self.pool.revoke)
         self.picker = GatewayPicker(b.registry)
+        self.admission = build_admission(config)
         self.url = ""
 
     async def run(self, ready: Callable[[ApiNode], None] | None = None) -> None:
@@ -209,7 +211,7 @@ class ApiNode(ServerProcessBase):
         http = HttpServer(cfg, create_app(
             self.accounts, self.chat, self.picker.pick, cfg.limits, files=self.files,
             max_request_bytes=cfg.http.max_body_bytes,
-        ), build_admission(cfg))
+        ), self.admission)
         await http.start()
         self.url = http.url
         self.install_signal_handlers()

@@ -362,6 +362,7 @@ class EmbeddedServer(ServerProcessBase):
         self.chat = build_chat(config, b, self.files, b.router, config.gateway.node_id)
         self.hub = build_hub(config, self.chat, self.accounts)
         self.picker = GatewayPicker(b.registry)
+        self.admission = build_admission(config)
         self.ws_url = ""
         self.tcp_url = ""
         self.http_url = ""
@@ -373,7 +374,7 @@ class EmbeddedServer(ServerProcessBase):
         await self.files.start()
         self.chat.start()
         self.hub.start()
-        admission = build_admission(cfg)
+        admission = self.admission
         listeners, addresses = await start_gateway_listeners(cfg, self.hub, admission)
         self.ws_url, self.tcp_url = addresses["ws"], addresses.get("tcp", "")
         await b.registry.register(
