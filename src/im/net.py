@@ -38,8 +38,10 @@ log = logging.getLogger(__name__)
 
 #: Errors of ``accept()`` that mean "no descriptor or buffer left right now": pause, then retry.
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-#: At most this many connections are accepted per readiness event (fairness with established ones).
-_ACCEPT_BATCH = 128
+#: At most this many connections are accepted per readiness event: fairness with established ones, and
+#: a bound on descriptors taken before admission runs (each accepted socket reaches its protocol, and a
+#: shed one is closed, one loop iteration later): 2 x 16 per listener, inside ``fd_reserve``.
+_ACCEPT_BATCH = 16
 
 
 #: Seconds a refused client is told to wait before it tries again (HTTP ``Retry-After``).
