@@ -90,7 +90,11 @@ def _serve(config: Config) -> int:
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
 
-    uvloop.run(main())
+    try:
+        uvloop.run(main())
+    except ConfigError as exc:  # found only at start (e.g. limits.fd_reserve against the open-file limit)
+        print(f"im serve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

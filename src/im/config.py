@@ -28,6 +28,20 @@ class HttpConfig(_Section):
     public_url: str | None = None
     #: This API process's id (``im api``): seeds its message ids, names it to the transfer nodes.
     node_id: str = "api-1"
+    # Request limits (docs/security.md, "Listeners"): bodies are counted as they arrive, chunked too.
+    #: Largest request body accepted, except uploads (``files.max_upload_bytes``): 413 ``too_large``.
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    #: Seconds a client has to send a complete request head, from the connection's start or the end of
+    #: the previous response (slow heads, "slowloris"): the connection is closed.
+    head_timeout: float = Field(10.0, gt=0)
+    #: Seconds without a byte of a request body the server is waiting for: the connection is closed.
+    body_timeout: float = Field(30.0, gt=0)
+    #: Whole seconds an idle keep-alive connection stays open after a response.
+    keepalive_timeout: int = Field(5, ge=1)
+    #: Largest request head (request line and headers): 400 and close.
+    max_head_bytes: int = Field(16 * 1024, ge=1024)
+    #: Most header fields in one request: 431 ``too_large``.
+    max_headers: int = Field(100, ge=8)
 
 
 class GatewayConfig(_Section):
@@ -93,6 +107,16 @@ class LimitsConfig(_Section):
     #: Bytes queued for a connection that has not authenticated (its pongs and error frames) beyond which
     #: it is closed as a slow consumer; once authenticated, gateway.max_send_buffer applies.
     preauth_send_buffer: int = Field(64 * 1024, ge=4096)
+    # Connections, all listeners of a process together (im.net.Admission).
+    #: Open client connections per process; None: the open-file limit minus ``fd_reserve``, and never
+    #: more than that. Past it: HTTP 503, WebSocket close 1013, TCP ``bye unavailable``.
+    max_connections: int | None = Field(None, ge=1)
+    #: Open connections from one address (IPv4 address, IPv6 /64); 0: no cap. Behind a reverse proxy
+    #: every client has the proxy's address: raise it or set 0 and cap at the proxy.
+    max_connections_per_address: int = Field(128, ge=0)
+    #: Descriptors kept back from client connections for the stores, Redis, etcd, RabbitMQ, logs, uploads
+    #: and gRPC links; a quarter of it also bounds refusals in progress.
+    fd_reserve: int = Field(128, ge=16)
 
 
 class AuthConfig(_Section):

@@ -28,6 +28,7 @@ from im.server import (
     HttpServer,
     ServerProcessBase,
     build_accounts,
+    build_admission,
     build_backends,
     build_chat,
     build_files,
@@ -141,6 +142,7 @@ class GatewayNode(ServerProcessBase):
         )
         self.hub = build_hub(config, self.chat, self.accounts, submit=self.pool.submit)
         self.pool.sink = self.hub
+        self.admission = build_admission(config)
         self.addresses: dict[str, str] = {}
 
     def _revoked(self, sid: str) -> None:
@@ -153,7 +155,7 @@ class GatewayNode(ServerProcessBase):
         await b.start()
         await self.pool.start()
         self.hub.start()
-        listeners, self.addresses = await start_gateway_listeners(cfg, self.hub)
+        listeners, self.addresses = await start_gateway_listeners(cfg, self.hub, self.admission)
         await b.registry.register(ServiceInstance("gateway", node, self.addresses), ttl=float(cfg.registry.ttl))
         self.install_signal_handlers()
         if ready is not None:
@@ -202,6 +204,7 @@ class ApiNode(ServerProcessBase):
         self.accounts.on_revoke(self.pool.revoke)
         self.accounts.on_privacy_change(self.chat.forget_privacy)
         self.picker = GatewayPicker(b.registry)
+        self.admission = build_admission(config)
         self.url = ""
 
     async def run(self, ready: Callable[[ApiNode], None] | None = None) -> None:
@@ -211,7 +214,10 @@ class ApiNode(ServerProcessBase):
         await self.pool.start()
         self.chat.start()
         self.picker.start()
-        http = HttpServer(cfg, create_app(self.accounts, self.chat, self.picker.pick, cfg.limits, files=self.files))
+        http = HttpServer(cfg, create_app(
+            self.accounts, self.chat, self.picker.pick, cfg.limits, files=self.files,
+            max_request_bytes=cfg.http.max_body_bytes,
+        ), self.admission)
         await http.start()
         self.url = http.url
         self.install_signal_handlers()

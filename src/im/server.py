@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 import uvicorn
 
 from im.api.app import create_app
+from im.api.guard import HeaderLimit, guarded_protocol
 from im.backends.base import AccountStore, ChatStore, ConversationState, Presence, Registry, Router, ServiceInstance
 from im.backends.etcd_registry import EtcdRegistry
 from im.backends.memory import MemoryPresence, MemoryRegistry, MemoryRouter
@@ -30,7 +31,7 @@ from im.backends.redis_presence import RedisPresence
 from im.backends.sqlite_accounts import SqliteAccountStore
 from im.backends.sqlite_chat import SqliteChatStore
 from im.backends.sqlite_db import SqliteDatabase
-from im.config import Config
+from im.config import Config, ConfigError
 from im.core.accounts import AccountService
 from im.core.chat import ChatService
 from im.events.dedupe import Dedupe, MemoryDedupe, RedisDedupe
@@ -41,6 +42,7 @@ from im.files.postgres_store import PostgresFileStore
 from im.gateway.hub import Hub
 from im.gateway.tcp import serve_tcp
 from im.gateway.ws import WS_PATH, serve_websocket
+from im.net import Admission, Listener, bind, connection_budget, raise_open_file_limit
 from im.protocol.session import Limits
 
 log = logging.getLogger("im")
@@ -122,20 +124,47 @@ def session_limits(config: Config) -> Limits:
 
 
 class _Uvicorn(uvicorn.Server):
-    """uvicorn without its own signal handlers: the composition root owns shutdown."""
+    """uvicorn without its own signal handlers (the composition root owns shutdown), accepting through
+    :class:`im.net.Listener` (uvloop's own server stops accepting for good on the first EMFILE)."""
+
+    def __init__(self, config: uvicorn.Config, sock: socket.socket) -> None:
+        super().__init__(config)
+        self._sock = sock
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=[])  # uvicorn's own setup, and no server of its own
+        config = self.config
 
-def _bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
+        def create_protocol() -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state
+            )
+
+        listener = Listener(self._sock, create_protocol, name="http").start()
+        self.servers.append(listener)  # type: ignore[arg-type]  # closed by uvicorn's shutdown, like a Server
+
+
+def build_admission(config: Config) -> Admission:
+    """One admission per process, shared by all its listeners; raises the soft open-file limit to the
+    hard one first, and derives the connection cap from it (``limits.fd_reserve`` kept back)."""
+    lim = config.limits
+    fd_limit = raise_open_file_limit()
+    try:
+        cap = connection_budget(fd_limit=fd_limit, fd_reserve=lim.fd_reserve, configured=lim.max_connections)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    log.info(
+        "connections: at most %d per process (open-file limit %d, %d kept back), %s per address",
+        cap, fd_limit, lim.fd_reserve, lim.max_connections_per_address or "no cap",
+    )
+    return Admission(
+        max_connections=cap, max_per_address=lim.max_connections_per_address,
+        max_refusing=max(8, lim.fd_reserve // 4),
+    )
 
 
 def build_accounts(config: Config, store: AccountStore) -> AccountService:
@@ -176,14 +205,18 @@ def build_hub(config: Config, chat: ChatService, accounts: AccountService, **kw:
     )
 
 
-async def start_gateway_listeners(config: Config, hub: Hub) -> tuple[list[asyncio.Server], dict[str, str]]:
+async def start_gateway_listeners(
+    config: Config, hub: Hub, admission: Admission
+) -> tuple[list[Listener], dict[str, str]]:
     """The WebSocket and (unless turned off) TCP listeners, and the addresses clients are given."""
     gw = config.gateway
-    ws_server = await serve_websocket(hub, gw.host, gw.ws_port, max_fragments=config.limits.max_fragments)
+    ws_server = await serve_websocket(
+        hub, gw.host, gw.ws_port, admission=admission, max_fragments=config.limits.max_fragments
+    )
     ws_port = ws_server.sockets[0].getsockname()[1]
     servers, addresses = [ws_server], {"ws": gw.public_ws_url or f"ws://{gw.host}:{ws_port}{WS_PATH}"}
     if gw.tcp_port is not None:
-        tcp_server = await serve_tcp(hub, gw.host, gw.tcp_port)
+        tcp_server = await serve_tcp(hub, gw.host, gw.tcp_port, admission=admission)
         servers.append(tcp_server)
         addresses["tcp"] = gw.public_tcp_url or f"tcp://{gw.host}:{tcp_server.sockets[0].getsockname()[1]}"
     return servers, addresses
@@ -192,24 +225,31 @@ async def start_gateway_listeners(config: Config, hub: Hub) -> tuple[list[asynci
 class HttpServer:
     """The HTTP API on uvicorn, started on a socket we bind (so port 0 works and the URL is known)."""
 
-    def __init__(self, config: Config, app: Any) -> None:
+    def __init__(self, config: Config, app: Any, admission: Admission) -> None:
         self.config = config
         self._app = app
+        self._admission = admission
         self.url = ""
         self._uv: _Uvicorn | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         cfg = self.config
-        sock = _bind(cfg.http.host, cfg.http.port)
+        sock = bind(cfg.http.host, cfg.http.port)
         self.url = cfg.http.public_url or f"http://{cfg.http.host}:{sock.getsockname()[1]}"
+        h = cfg.http
+        protocol = guarded_protocol(self._admission, head_timeout=h.head_timeout, body_timeout=h.body_timeout)
+        app = HeaderLimit(self._app, max_headers=h.max_headers, max_head_bytes=h.max_head_bytes)
         uv = self._uv = _Uvicorn(
             uvicorn.Config(
-                self._app, lifespan="off", log_level=cfg.log_level, access_log=False, ws="none",
+                app, lifespan="off", log_level=cfg.log_level, access_log=False, ws="none",
                 server_header=False,  # no "server: uvicorn": the version of nothing is anyone's business
-            )
+                http=protocol,  # type: ignore[arg-type]  # a protocol class is accepted, not only a name
+                timeout_keep_alive=h.keepalive_timeout, h11_max_incomplete_event_size=h.max_head_bytes,
+            ),
+            sock,
         )
-        task = self._task = asyncio.create_task(uv.serve(sockets=[sock]), name="im-http")
+        task = self._task = asyncio.create_task(uv.serve(sockets=[]), name="im-http")
         while not uv.started and not task.done():
             await asyncio.sleep(0.01)
         if task.done():
@@ -328,6 +368,7 @@ class EmbeddedServer(ServerProcessBase):
         self.hub = build_hub(config, self.chat, self.accounts)
         self.accounts.on_privacy_change(self.chat.forget_privacy)  # a block takes effect at once
         self.picker = GatewayPicker(b.registry)
+        self.admission = build_admission(config)
         self.ws_url = ""
         self.tcp_url = ""
         self.http_url = ""
@@ -339,13 +380,17 @@ class EmbeddedServer(ServerProcessBase):
         await self.files.start()
         self.chat.start()
         self.hub.start()
-        listeners, addresses = await start_gateway_listeners(cfg, self.hub)
+        admission = self.admission
+        listeners, addresses = await start_gateway_listeners(cfg, self.hub, admission)
         self.ws_url, self.tcp_url = addresses["ws"], addresses.get("tcp", "")
         await b.registry.register(
             ServiceInstance("gateway", cfg.gateway.node_id, addresses), ttl=float(cfg.registry.ttl)
         )
         self.picker.start()
-        http = HttpServer(cfg, create_app(self.accounts, self.chat, self.picker.pick, cfg.limits, files=self.files))
+        http = HttpServer(cfg, create_app(
+            self.accounts, self.chat, self.picker.pick, cfg.limits, files=self.files,
+            max_request_bytes=cfg.http.max_body_bytes,
+        ), admission)
         await http.start()
         self.http_url = http.url
         self.install_signal_handlers()

@@ -59,8 +59,9 @@ class TcpLink:
         self.transport = writer.transport
 
     @classmethod
-    async def open(cls, address: tuple[str, int]) -> TcpLink:
-        return cls(*await asyncio.open_connection(*address))
+    async def open(cls, address: tuple[str, int], source: str | None = None) -> TcpLink:
+        """Connect to ``address``, from the local address ``source`` when given (any port)."""
+        return cls(*await asyncio.open_connection(*address, local_addr=(source, 0) if source else None))
 
     async def send(self, data: str | bytes) -> None:
         payload, kind = (data.encode(), b"\x01") if isinstance(data, str) else (data, b"\x02")
@@ -107,13 +108,17 @@ class ChatClient:
     closed_reason: dict[str, Any] | None = None
     tcp: tuple[str, int] | None = None  # connect over TCP framing instead of WebSocket
     reader_error: Exception | None = None
+    source: str | None = None  # the local address to connect from (127.0.0.x: "another address")
 
     async def connect(self, resume: bool = True, token: str | None = None) -> dict[str, Any]:
         """Open, authenticate (stating ``cursors`` when ``resume``), and wait for ``auth_ok``."""
         self._changed = asyncio.Condition()
         self.synced = False
         self.closed_reason = None
-        self.ws = await (TcpLink.open(self.tcp) if self.tcp else websockets.connect(self.url, max_size=None))
+        local = {"local_addr": (self.source, 0)} if self.source else {}
+        self.ws = await (
+            TcpLink.open(self.tcp, self.source) if self.tcp else websockets.connect(self.url, max_size=None, **local)
+        )
         auth = {"t": "auth", "token": token or self.account.access, "device": self.device}
         if resume:
             auth["cursors"] = dict(self.cursors)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -36,6 +37,8 @@ class ServerProcess:
     ws_port: int = field(default_factory=free_port)
     tcp_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    #: Open-file limit (soft and hard) to start the server under, like ``ulimit -n``; None: inherited.
+    nofile: int | None = None
     log_path: Path | None = None
 
     @property
@@ -63,7 +66,9 @@ class ServerProcess:
             "--tcp-port", str(self.tcp_port), *FAST_ARGON2, *self.extra,
         ]
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ}, preexec_fn=self._limits
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -79,6 +84,10 @@ class ServerProcess:
             time.sleep(0.05)
         raise RuntimeError(f"im serve did not start in {timeout}s:\n{self.log()}")
 
+    def _limits(self) -> None:
+        if self.nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         """Stop the server (SIGTERM: graceful; SIGKILL: crash) and return its exit code."""
         assert self.proc is not None
@@ -93,9 +102,11 @@ class ServerProcess:
 
 
 @contextmanager
-def running_server(data_dir: Path, extra: list[str] | None = None) -> Iterator[ServerProcess]:
+def running_server(
+    data_dir: Path, extra: list[str] | None = None, *, nofile: int | None = None
+) -> Iterator[ServerProcess]:
     """A started ``im serve``; on exit it must stop cleanly on SIGTERM (exit 0, no traceback logged)."""
-    proc = ServerProcess(data_dir, extra=list(extra or [])).start()
+    proc = ServerProcess(data_dir, extra=list(extra or []), nofile=nofile).start()
     yield proc
     code = proc.stop()
     assert code == 0, f"im serve exited with {code} on SIGTERM:\n{proc.log()[-4000:]}"

@@ -9,6 +9,7 @@ given and serves the app (uvicorn).
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -36,7 +37,7 @@ from im.throttled_log import ThrottledLog
 log = logging.getLogger(__name__)
 
 PREFIX = "/api/v1"
-#: Largest request body accepted (by Content-Length); the API takes small JSON documents only.
+#: Default largest request body (``http.max_body_bytes``); the API takes small JSON documents only.
 MAX_REQUEST_BYTES = 1024 * 1024
 
 STATUS: dict[ErrorCode, int] = {
@@ -157,8 +158,14 @@ class ResponseHardening:
 
 
 class BodyLimit:
-    """Refuse requests whose declared body is larger than ``max_bytes`` (413 ``too_large``), except on
-    the ``exempt`` paths, whose routes enforce their own limit while streaming (file uploads)."""
+    """Refuse request bodies over ``max_bytes`` (413 ``too_large``), except on the ``exempt`` paths,
+    whose routes enforce their own limit while streaming (file uploads).
+
+    A declared ``Content-Length`` over the limit is refused before anything is read. Otherwise the bytes
+    are counted as the application reads them (chunked bodies too): once past the limit the 413 goes out
+    at once and the application sees the client as gone; the rest is never buffered (the listener
+    discards a bounded amount of it, then closes: im.api.guard).
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int, exempt: frozenset[str] = frozenset()) -> None:
         self.app = app
@@ -166,15 +173,51 @@ class BodyLimit:
         self.exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in self.exempt:
-            for name, value in scope["headers"]:
-                if name == b"content-length":
-                    if not value.isdigit() or int(value) > self.max_bytes:
-                        message = f"request bodies are limited to {self.max_bytes} bytes"
-                        await error_response(413, ErrorCode.TOO_LARGE, message)(scope, receive, send)
-                        return
-                    break
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["path"] in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > self.max_bytes:
+                    await self._refuse(send)
+                    return
+                break
+        received = 0
+        started = refused = False
+
+        async def counted_receive() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    refused = True
+                    if not started:
+                        await self._refuse(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return  # the 413 was the answer
+            started = True
+            await send(message)
+
+        await self.app(scope, counted_receive, guarded_send)
+
+    async def _refuse(self, send: Send) -> None:
+        message = f"request bodies are limited to {self.max_bytes} bytes"
+        body = json.dumps({"code": ErrorCode.TOO_LARGE.value, "message": message}).encode()
+        await send({
+            "type": "http.response.start", "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            ],
+        })
+        await send({"type": "http.response.body", "body": body})
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {

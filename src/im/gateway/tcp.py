@@ -18,6 +18,7 @@ import asyncio
 import socket
 
 from im.gateway.hub import Connection, Hub
+from im.net import Admission, Listener, Ticket, Verdict, bind
 from im.protocol.errors import ErrorCode
 
 JSON_KIND = 0x01
@@ -33,8 +34,10 @@ def frame(payload: bytes, binary: bool) -> bytes:
 
 
 class TcpConnection(asyncio.Protocol, Connection):
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, admission: Admission) -> None:
         Connection.__init__(self, hub)
+        self._admission = admission
+        self._ticket: Ticket | None = None
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._skip = 0  # bytes of an oversized frame still to discard
@@ -45,6 +48,16 @@ class TcpConnection(asyncio.Protocol, Connection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport subclass
+        ticket = self._ticket = self._admission.admit(transport.get_extra_info("peername"))
+        if ticket.verdict is Verdict.SHED:  # bye, and close at once
+            self.session.close(ErrorCode.UNAVAILABLE, ticket.reason, reconnect=True)
+            self.write(self.session.data_to_send(), False)
+            self.closed = True
+            transport.close()
+            return
+        if ticket.verdict is Verdict.REFUSE:  # bye unavailable (reconnect later), then the usual close
+            self.run(self.session.close(ErrorCode.UNAVAILABLE, ticket.reason, reconnect=True))
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -100,6 +113,8 @@ class TcpConnection(asyncio.Protocol, Connection):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._ticket is not None:
+            self._admission.release(self._ticket)
         self.on_closed()
 
     def pause_writing(self) -> None:  # the hub's buffer check handles slow consumers
@@ -142,8 +157,7 @@ class TcpConnection(asyncio.Protocol, Connection):
             self.transport.pause_reading()
 
 
-async def serve_tcp(hub: Hub, host: str, port: int) -> asyncio.Server:
-    """Listen for chat connections with TCP framing at ``tcp://host:port``."""
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: TcpConnection(hub), host, port, backlog=4096, reuse_address=True)
+async def serve_tcp(hub: Hub, host: str, port: int, *, admission: Admission) -> Listener:
+    """Listen for chat connections with TCP framing at ``tcp://host:port``; ``admission`` caps them."""
+    return Listener(bind(host, port), lambda: TcpConnection(hub, admission), name="tcp").start()
 

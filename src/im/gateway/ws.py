@@ -32,6 +32,7 @@ from im.gateway.websocket import (
     WsSettings,
     encode_frames,
 )
+from im.net import Admission, Listener, Ticket, Verdict, bind, refusal_503
 from im.protocol.errors import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,14 @@ class WsConnection(asyncio.Protocol, Connection):
     (``handshake_timeout``) is the only clock on it.
     """
 
-    __slots__ = ("_close_timeout", "_eof_sent", "_open", "_timer", "proto", "transport")
+    __slots__ = ("_admission", "_close_timeout", "_eof_sent", "_open", "_ticket", "_timer", "proto", "transport")
 
-    def __init__(self, hub: Hub, settings: WsSettings, *, handshake_timeout: float, close_timeout: float) -> None:
+    def __init__(
+        self, hub: Hub, settings: WsSettings, *, handshake_timeout: float, close_timeout: float, admission: Admission
+    ) -> None:
         Connection.__init__(self, hub)
+        self._admission = admission
+        self._ticket: Ticket | None = None
         self.proto = ServerProtocol(settings)
         self.transport: asyncio.Transport | None = None
         self._open = False  # data frames may be written (upgrade done, no close frame seen or sent)
@@ -75,6 +80,13 @@ class WsConnection(asyncio.Protocol, Connection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport subclass
+        ticket = self._ticket = self._admission.admit(transport.get_extra_info("peername"))
+        if ticket.verdict is Verdict.SHED:  # no handshake: an HTTP 503 to the upgrade request, close
+            self._cancel_timer()
+            transport.write(refusal_503(ticket.reason))  # type: ignore[attr-defined]  # a stream transport
+            transport.close()
+            return
+        # A refused connection still gets its handshake (within handshake_timeout), then close 1013.
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -91,6 +103,9 @@ class WsConnection(asyncio.Protocol, Connection):
             elif type(event) is Opened:
                 self._cancel_timer()
                 self._open = True
+                if self._ticket is not None and not self._ticket.admitted:
+                    self.close_transport(ErrorCode.UNAVAILABLE, self._ticket.reason)
+                    break
                 self.hub.add(self)
             elif type(event) is Closed:
                 self._open = False
@@ -113,6 +128,8 @@ class WsConnection(asyncio.Protocol, Connection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        if self._ticket is not None:
+            self._admission.release(self._ticket)
         self._open = False
         self.on_closed()
 
@@ -129,10 +146,10 @@ class WsConnection(asyncio.Protocol, Connection):
             assert self.transport is not None
             self.transport.write(encode_frames(frames, binary))
 
-    def close_transport(self, code: ErrorCode) -> None:
+    def close_transport(self, code: ErrorCode, reason: str = "") -> None:
         if self._open:
             self._open = False
-            self.proto.close(_CLOSE_CODES.get(code, CloseCode.POLICY_VIOLATION), code.value)
+            self.proto.close(_CLOSE_CODES.get(code, CloseCode.POLICY_VIOLATION), reason or code.value)
             self._write_raw(self.proto.data_to_send())
             self._shut_down()  # our FIN goes now; the client's close frame is read (and dropped) meanwhile
 
@@ -179,28 +196,29 @@ async def serve_websocket(
     host: str,
     port: int,
     *,
+    admission: Admission,
     path: str = WS_PATH,
     settings: WsSettings | None = None,
     max_fragments: int = 256,
     close_timeout: float = 5.0,
     backlog: int = 4096,
-) -> asyncio.Server:
+) -> Listener:
     """Listen for chat connections at ``ws://host:port/ws``, on asyncio's own transports.
 
     ``settings`` overrides the WebSocket limits, which default to the hub's: messages up to
     ``max_frame_bytes``, refused with 1009 over four times that or in more than ``max_fragments``
-    frames. The opening handshake must finish within ``hub.limits.auth_timeout``.
+    frames. The opening handshake must finish within ``hub.limits.auth_timeout``. ``admission`` caps
+    connections: a refused one is closed with 1013 (try again later) right after its handshake.
     """
     limits = hub.limits
     ws_settings = settings or WsSettings(
         path=path, max_message=limits.max_frame_bytes, max_fragments=max_fragments
     )
     handshake_timeout = limits.auth_timeout
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda: WsConnection(hub, ws_settings, handshake_timeout=handshake_timeout, close_timeout=close_timeout),
-        host,
-        port,
-        backlog=backlog,
-        reuse_address=True,
-    )
+
+    def connection() -> WsConnection:
+        return WsConnection(
+            hub, ws_settings, handshake_timeout=handshake_timeout, close_timeout=close_timeout, admission=admission
+        )
+
+    return Listener(bind(host, port, backlog=backlog), connection, name="websocket").start()
