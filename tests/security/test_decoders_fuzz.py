@@ -40,6 +40,7 @@ from im.gateway.websocket import (
     State,
     WsSettings,
 )
+from im.net import Admission
 from im.protocol import commands as cmd
 from im.protocol.codec import Encoding, decode_client, decode_server, encode
 from im.protocol.errors import ErrorCode, ImError
@@ -256,6 +257,11 @@ class OneConnectionHub:
         self.added.remove(conn)
 
 
+def _admission() -> Admission:
+    """Admission that lets every connection in: the framing, not the caps, is under test here."""
+    return Admission(max_connections=1_000, max_per_address=0, max_refusing=0)
+
+
 def tcp_frames(data: bytes) -> list[tuple[int, bytes]]:
     """(encoding byte, payload) of the server's TCP frames; the bytes must be whole frames."""
     out, pos = [], 0
@@ -272,7 +278,7 @@ def run_tcp(chunks: list[bytes], max_frame: int = 1024) -> tuple[bytes, bool]:
 
     async def main() -> tuple[bytes, bool]:
         hub = OneConnectionHub(Limits(max_frame_bytes=max_frame))
-        conn = TcpConnection(hub)  # type: ignore[arg-type]
+        conn = TcpConnection(hub, _admission())  # type: ignore[arg-type]
         transport = MemoryTransport()
         conn.connection_made(transport)  # type: ignore[arg-type]
         for chunk in chunks:
@@ -323,7 +329,7 @@ def test_what_a_stranger_makes_the_server_queue_is_capped() -> None:
 
     async def main() -> None:
         hub = OneConnectionHub(Limits())
-        conn = TcpConnection(hub)  # type: ignore[arg-type]
+        conn = TcpConnection(hub, _admission())  # type: ignore[arg-type]
         transport = MemoryTransport(unread=True)
         conn.connection_made(transport)  # type: ignore[arg-type]
         ping = frame(b'{"t":"ping","id":1}', False)
