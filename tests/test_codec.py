@@ -194,3 +194,13 @@ def test_wrong_types_stay_bad_frame_without_ref() -> None:
     with pytest.raises(ImError) as info:
         decode_client(b'{"t":"send","cmid":"c","to":"5","body":1}', Encoding.JSON)
     assert (info.value.code, info.value.ref) == (ErrorCode.BAD_FRAME, None)
+
+
+def test_conversation_ids_out_of_range_are_told_from_malformed_ones() -> None:
+    from im.core.ids import conv_out_of_range, parse_conv
+
+    for bad in (f"d:1:{2**63}", f"d:{2**64 - 1}:{2**64}", f"g:{2**63}", "g:" + "9" * 5000):
+        assert parse_conv(bad) is None and conv_out_of_range(bad), bad
+    for malformed in ("d:2:1", "d:01:2", "x:1", "g:0", "g:-1", "d:1", "g:1:2", ""):
+        assert parse_conv(malformed) is None and not conv_out_of_range(malformed), malformed
+    assert parse_conv(f"g:{2**63 - 1}") == ("group", (2**63 - 1,))

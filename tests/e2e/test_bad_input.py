@@ -148,7 +148,7 @@ async def test_bad_frames_after_auth_keep_the_connection(server: ServerProcess, 
         ({"t": "send", "cmid": "m8", "to": 987654, "body": "x"}, "not_found", "m8"),
         ({"t": "send", "cmid": "m9", "to": -1, "body": "x"}, "invalid", "m9"),  # uids are 1..2^63-1
         ({"t": "send", "cmid": "m9b", "to": 2**63, "body": "x"}, "invalid", "m9b"),
-        ({"t": "send", "cmid": "m9c", "conv": f"d:1:{2**64 - 1}", "body": "x"}, "not_found", "m9c"),
+        ({"t": "send", "cmid": "m9c", "conv": f"d:1:{2**64 - 1}", "body": "x"}, "invalid", "m9c"),
         ({"t": "send", "cmid": "m10", "conv": "g:987654", "body": "x"}, "not_found", "m10"),
         ({"t": "send", "cmid": "m11", "conv": "nonsense", "body": "x"}, "not_found", "m11"),
         ({"t": "send", "cmid": "m12", "conv": "d:987654:987655", "body": "x"}, "not_member", "m12"),

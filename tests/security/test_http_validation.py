@@ -109,10 +109,13 @@ def test_integers_out_of_range_in_paths_queries_and_bodies_are_400(server: Serve
     expect(api.get(f"/users/{huge}", headers=auth), 400)
     expect(api.get(f"/conversations/{conv}/messages", params={"after": huge}, headers=auth), 400)
     expect(api.get("/presence", params={"uids": huge[:1900]}, headers=auth), 400)
-    # Conversation ids whose ids no store can hold are conversations that do not exist: 404.
+    # Conversation ids naming ids no store can hold are values out of range: 400, as in frames.
     for bad in (f"d:1:{2**64 - 1}", f"d:1:{BIG}", f"g:{BIG}", "g:" + "9" * 5000):
+        expect(api.get(f"/conversations/{bad}/messages", headers=auth), 400, "invalid")
+        expect(api.get(f"/conversations/{bad}/receipts", headers=auth), 400, "invalid")
+    # Malformed ones are conversations that do not exist: 404.
+    for bad in ("d:2:1", "d:01:2", "x:1", "g:0"):
         expect(api.get(f"/conversations/{bad}/messages", headers=auth), 404, "not_found")
-        expect(api.get(f"/conversations/{bad}/receipts", headers=auth), 404, "not_found")
     # The largest id is in range: an unknown user, group or conversation.
     top = BIG - 1
     expect(api.get(f"/users/{top}", headers=auth), 404, "not_found")

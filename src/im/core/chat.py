@@ -47,7 +47,7 @@ from im.backends.base import (
     StoredMessage,
 )
 from im.core.consent import Consent
-from im.core.ids import Snowflake, direct_conv, group_conv, parse_conv
+from im.core.ids import Snowflake, conv_out_of_range, direct_conv, group_conv, parse_conv
 from im.protocol.errors import ErrorCode, ImError
 from im.throttled_log import ThrottledLog
 
@@ -75,6 +75,14 @@ class FileAccess(Protocol):
         ...
 ROLES = ("owner", "admin", "member")
 _encode_json = msgspec.json.Encoder().encode
+
+
+def _unknown_conv(conv: str) -> ImError:
+    """The refusal of a conversation id :func:`parse_conv` refused: ``invalid`` when only an id in it is
+    out of range (docs/protocol.md section 6), else ``not_found``."""
+    if conv_out_of_range(conv):
+        return ImError(ErrorCode.INVALID, "ids in a conversation id are 1..2^63-1")
+    return ImError(ErrorCode.NOT_FOUND, f"no conversation {conv[:80]!r}")
 
 
 class SendRequest(msgspec.Struct, gc=False):
@@ -452,7 +460,7 @@ class ChatService:
             return direct_conv(req.uid, req.to)
         assert req.conv is not None
         if parse_conv(req.conv) is None:
-            return ImError(ErrorCode.NOT_FOUND, f"no conversation {req.conv[:80]!r}")
+            return _unknown_conv(req.conv)
         return req.conv
 
     def _prepare_send(
@@ -755,7 +763,7 @@ class ChatService:
 
     async def _require_member(self, uid: int, conv: str) -> ConversationState:
         if parse_conv(conv) is None:
-            raise ImError(ErrorCode.NOT_FOUND, f"no conversation {conv[:80]!r}")
+            raise _unknown_conv(conv)
         await self._load([conv])
         state = self._states.get(conv)
         if state is None:

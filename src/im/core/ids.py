@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import zlib
 
@@ -10,6 +11,7 @@ from im.protocol.frames import MAX_ID  # uids and gids are signed 64-bit in ever
 _EPOCH_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 #: Longest id ``parse_conv`` looks at: ``d:`` and two 19-digit uids are 41 characters.
 _MAX_CONV = 64
+_CONV_SHAPE = re.compile(r"d:[1-9][0-9]*:[1-9][0-9]*|g:[1-9][0-9]*")
 
 
 class Snowflake:
@@ -60,3 +62,12 @@ def parse_conv(conv: str) -> tuple[str, tuple[int, ...]] | None:
     except ValueError:
         return None
     return None
+
+
+def conv_out_of_range(conv: str) -> bool:
+    """Whether ``conv`` has the shape of a conversation id but holds an id beyond 2^63-1: a value out of
+    its documented range (``invalid``), not an unknown conversation (``not_found``). Only called once
+    :func:`parse_conv` has refused ``conv``, so it costs nothing on the hot path."""
+    if _CONV_SHAPE.fullmatch(conv) is None:
+        return False
+    return len(conv) > _MAX_CONV or any(int(part) > MAX_ID for part in conv[2:].split(":"))
