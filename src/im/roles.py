@@ -136,7 +136,7 @@ class GatewayNode(ServerProcessBase):
         self.router = LinkRouter(self.pool)
         # Reads only (replays, members for typing and receipts): no committer runs here, so no file checks.
         self.chat = build_chat(config, b, None, self.router, node, state_ttl=SHARED_STATE_TTL)
-        self.hub = build_hub(config, self.chat, self.accounts, submit=self.pool.submit)
+        self.hub = build_hub(config, self.chat, self.accounts, b.rate_limiter, submit=self.pool.submit)
         self.pool.sink = self.hub
         self.addresses: dict[str, str] = {}
 
@@ -187,8 +187,8 @@ class ApiNode(ServerProcessBase):
         super().__init__(config)
         node = config.http.node_id
         self.backends = b = build_backends(config)
-        self.accounts = build_accounts(config, b.account_store)
-        self.files = build_files(config, b.file_store)
+        self.accounts = build_accounts(config, b.account_store, b.rate_limiter)
+        self.files = build_files(config, b.file_store, b.rate_limiter)
         self.pool = TransferPool(b.registry, node, _NoDeliveries())
         self.router = LinkRouter(self.pool)
         # Membership changes are committed here (the store judges between writers) and routed through

@@ -10,6 +10,7 @@ given and serves the app (uvicorn).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -55,11 +56,17 @@ STATUS: dict[ErrorCode, int] = {
 
 
 def error_response(
-    status_code: int, code: str, message: str, headers: dict[str, str] | None = None
+    status_code: int, code: str, message: str, headers: dict[str, str] | None = None,
+    retry_after: float | None = None,
 ) -> JSONResponse:
+    """The JSON error body; with ``retry_after`` (seconds) also a ``Retry-After`` header (whole seconds)."""
     if status_code == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
-    return JSONResponse({"code": code, "message": message}, status_code=status_code, headers=headers)
+    body: dict[str, Any] = {"code": code, "message": message}
+    if retry_after is not None:
+        body["retry_after"] = retry_after
+        headers = {**(headers or {}), "Retry-After": str(max(1, math.ceil(retry_after)))}
+    return JSONResponse(body, status_code=status_code, headers=headers)
 
 
 async def _im_error(request: Request, exc: Exception) -> JSONResponse:
@@ -68,7 +75,7 @@ async def _im_error(request: Request, exc: Exception) -> JSONResponse:
     if code is None:
         log.error("unmapped error code %s on %s %s: %s", exc.code, request.method, request.url.path, exc)
         return error_response(500, ErrorCode.INTERNAL, "internal error")
-    return error_response(code, exc.code, exc.message)
+    return error_response(code, exc.code, exc.message, retry_after=exc.retry_after)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

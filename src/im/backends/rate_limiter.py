@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,9 @@ class Rule:
         return self.period / self.limit
 
 
-@dataclass(frozen=True, slots=True)
-class Hit:
-    """One use of ``cost`` units of ``rule``'s budget for ``key`` (a user id, an address, ...)."""
+class Hit(NamedTuple):
+    """One use of ``cost`` units of ``rule``'s budget for ``key`` (a user id, an address, ...). A tuple:
+    the gateway makes one per send and receipt."""
 
     rule: Rule
     key: str

@@ -32,6 +32,7 @@ import argon2
 import jwt
 
 from im.backends.base import AccountStore, AuthSession, Conflict, User
+from im.core.passwords import HashSlots, LoginGuard
 from im.protocol.errors import ErrorCode, ImError
 
 USERNAME_RE = re.compile(r"[A-Za-z0-9_.\-]{3,32}")
@@ -78,6 +79,8 @@ class AccountService:
         min_password_length: int = 8,
         session_cache_ttl: float = 2.0,
         clock: Callable[[], float] = time.time,
+        guard: LoginGuard | None = None,
+        hash_slots: HashSlots | None = None,
     ) -> None:
         if len(secret) < 16:
             raise ValueError("the token secret must be at least 16 bytes")
@@ -95,6 +98,10 @@ class AccountService:
             type=argon2.Type.ID,
         )
         self._dummy_hash: str | None = None
+        self._dummy_lock = asyncio.Lock()
+        #: Login and registration rate limits (None: unlimited), and the fair, bounded hashing queue.
+        self._guard = guard
+        self._slots = hash_slots or HashSlots()
         self._cache_ttl = session_cache_ttl
         self._live_sessions: dict[str, tuple[int, float]] = {}  # sid -> (uid, cached until; monotonic)
         self._revoke_listeners: list[Callable[[str], None]] = []
@@ -117,7 +124,12 @@ class AccountService:
 
     # --- registration and login ---------------------------------------------------------------------------
 
-    async def register(self, username: str, password: str, display_name: str | None = None) -> User:
+    async def register(
+        self, username: str, password: str, display_name: str | None = None, *, address: str = ""
+    ) -> User:
+        """Create an account; ``address`` is the client's (registrations per address are limited)."""
+        if self._guard is not None:
+            await self._guard.register_attempt(address)
         if not USERNAME_RE.fullmatch(username):
             raise ImError(
                 ErrorCode.INVALID, "the user name must be 3 to 32 characters: letters, digits, '_', '.', '-'"
@@ -131,7 +143,7 @@ class AccountService:
             )
         if await self._store.find_user(username) is not None:  # cheap refusal before the costly hash
             raise ImError(ErrorCode.CONFLICT, "this user name is taken")
-        password_hash = await asyncio.to_thread(self._hasher.hash, password)
+        password_hash = await self._slots.run(address, self._hasher.hash, password)
         try:
             return await self._store.create_user(username, name, password_hash, int(self._clock()))
         except Conflict:
@@ -144,17 +156,21 @@ class AccountService:
                 f"the password must be {self._min_password_length} to {MAX_PASSWORD_LENGTH} characters",
             )
 
-    async def login(self, username: str, password: str) -> Tokens:
+    async def login(self, username: str, password: str, *, address: str = "") -> Tokens:
+        """A new session; ``address`` is the client's (attempts are limited per account and address, and
+        its password checks share the hashing slots fairly with other addresses)."""
+        if self._guard is not None:
+            await self._guard.login_attempt(username, address)
         found = await self._store.find_user(username) if len(username) <= 64 else None
         if found is None:
             # Spend the same time as a real check so response times do not reveal which names exist.
-            await asyncio.to_thread(self._verify, await self._dummy(), password)
+            await self._slots.run(address, self._verify, await self._dummy(), password)
             raise ImError(ErrorCode.BAD_CREDENTIALS, _BAD_CREDENTIALS)
         user, password_hash = found
-        if not await asyncio.to_thread(self._verify, password_hash, password):
+        if not await self._slots.run(address, self._verify, password_hash, password):
             raise ImError(ErrorCode.BAD_CREDENTIALS, _BAD_CREDENTIALS)
         if self._hasher.check_needs_rehash(password_hash):
-            new_hash = await asyncio.to_thread(self._hasher.hash, password)
+            new_hash = await self._slots.run(address, self._hasher.hash, password)
             await self._store.set_password_hash(user.uid, new_hash)
         sid = secrets.token_urlsafe(16)
         refresh_token = f"{sid}.{secrets.token_urlsafe(32)}"
@@ -177,8 +193,9 @@ class AccountService:
             return False  # a mismatch (VerifyMismatchError is a VerificationError), or a corrupt hash
 
     async def _dummy(self) -> str:
-        if self._dummy_hash is None:
-            self._dummy_hash = await asyncio.to_thread(self._hasher.hash, secrets.token_urlsafe(16))
+        async with self._dummy_lock:  # computed once, even under a flood of unknown names
+            if self._dummy_hash is None:
+                self._dummy_hash = await asyncio.to_thread(self._hasher.hash, secrets.token_urlsafe(16))
         return self._dummy_hash
 
     # --- tokens -------------------------------------------------------------------------------------------

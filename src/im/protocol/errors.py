@@ -35,9 +35,12 @@ class ErrorCode(StrEnum):
 
 
 class ImError(Exception):
-    """A refusal with a protocol error code; safe to show to the client."""
+    """A refusal with a protocol error code; safe to show to the client. ``retry_after``: seconds after
+    which the same request may succeed (rate limits, overload); None when retrying sooner is fine or
+    pointless."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after = retry_after
