@@ -7,9 +7,12 @@ a queue of at most ``queue`` entries. Fairness, so one address cannot crowd out 
 
 - one address (the caller's ``source``) may have at most ``per_source`` hashes running or waiting;
   beyond that it is refused at once (``rate_limited``, with a retry time);
+- one address may hold at most ``concurrency - 1`` slots (at least one), so with two or more slots one
+  is always left for the other addresses;
 - a freed slot goes to the waiting address with the fewest hashes running, the longest waiting first.
 
-So under a flood from one address, another address's login waits for at most one running hash to end.
+So under a flood from one address, another address's login starts hashing at once (with one slot: after
+at most the running hash and one more of the flood's).
 Past the queue every caller is refused at once (``unavailable``, with a retry time) instead of waiting
 without bound. Memory for hashing is bounded by ``concurrency`` x the argon2 memory cost.
 """
@@ -40,6 +43,7 @@ class HashSlots:
         self.per_source = per_source
         #: A typical hash's duration, for the retry times given with refusals.
         self.hash_seconds = hash_seconds
+        self._max_running = max(1, concurrency - 1)  # per source
         self._running: dict[str, int] = {}  # source -> hashes running
         self._held: dict[str, int] = {}  # source -> running + waiting
         self._waiting: dict[str, deque[asyncio.Future[None]]] = {}  # source -> waiters, in arrival order
@@ -70,7 +74,11 @@ class HashSlots:
         if held >= self.per_source:
             raise ImError(ErrorCode.RATE_LIMITED, "too many password checks from this address at once",
                           retry_after=self._retry_after(held))
-        if self._n_running < self.concurrency and not self._n_waiting:
+        if (
+            self._n_running < self.concurrency
+            and self._running.get(source, 0) < self._max_running
+            and not any(self._eligible(s) for s in self._waiting)
+        ):
             self._start(source)
             self._held[source] = held + 1
             return
@@ -89,6 +97,9 @@ class HashSlots:
             else:
                 self._forget_waiter(source, waiter)
             raise
+
+    def _eligible(self, source: str) -> bool:
+        return self._running.get(source, 0) < self._max_running
 
     def _start(self, source: str) -> None:
         self._n_running += 1
@@ -123,8 +134,11 @@ class HashSlots:
     def _grant(self) -> None:
         """Free slots go to the waiting sources with the fewest running hashes (dict order: the source
         that started waiting first wins a tie)."""
-        while self._n_running < self.concurrency and self._waiting:
-            source = min(self._waiting, key=lambda s: self._running.get(s, 0))
+        while self._n_running < self.concurrency:
+            eligible = [s for s in self._waiting if self._eligible(s)]
+            if not eligible:
+                return
+            source = min(eligible, key=lambda s: self._running.get(s, 0))
             waiters = self._waiting[source]
             waiter = waiters.popleft()
             self._n_waiting -= 1
