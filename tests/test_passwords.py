@@ -54,11 +54,11 @@ async def test_freed_slot_goes_to_the_address_with_fewest_running() -> None:
     await eventually(lambda: slots.waiting == 3)
     gate.let_go("a0")
     await eventually(lambda: len(gate.started) == 2)
-    assert gate.started[1] == "a1"  # a waited first; both have none running: the longest waiting wins
-    gate.let_go("a1")
+    assert gate.started[1] == "b0"  # none running either: b was never served, a just was
+    gate.let_go("b0")
     await eventually(lambda: len(gate.started) == 3)
-    assert gate.started[2] == "b0"  # then b, before a's third: the sources take turns
-    for name in ("b0", "a2"):
+    assert gate.started[2] == "a1"
+    for name in ("a1", "a2"):
         gate.let_go(name)
     await asyncio.gather(*tasks)
 

@@ -220,6 +220,9 @@ class RatesConfig(_Section):
     hash_queue: int = Field(64, ge=0)
     #: Hashes one client address may have running or waiting (a flood from one address gets no more).
     hash_per_address: int = Field(2, ge=1)
+    #: Seconds a login or registration from an address already refused is held before its 429 (at most its
+    #: retry time): a flood that retries at once is slowed to one attempt per delay per connection.
+    refusal_delay: float = Field(1.0, ge=0, le=60)
 
 
 class Config(BaseSettings):

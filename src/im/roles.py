@@ -205,7 +205,10 @@ class ApiNode(ServerProcessBase):
         await self.pool.start()
         self.chat.start()
         self.picker.start()
-        http = HttpServer(cfg, create_app(self.accounts, self.chat, self.picker.pick, cfg.limits, files=self.files))
+        http = HttpServer(cfg, create_app(
+            self.accounts, self.chat, self.picker.pick, cfg.limits, files=self.files,
+            refusal_delay=cfg.rates.refusal_delay,
+        ))
         await http.start()
         self.url = http.url
         self.install_signal_handlers()

@@ -374,7 +374,10 @@ class EmbeddedServer(ServerProcessBase):
             ServiceInstance("gateway", cfg.gateway.node_id, addresses), ttl=float(cfg.registry.ttl)
         )
         self.picker.start()
-        http = HttpServer(cfg, create_app(self.accounts, self.chat, self.picker.pick, cfg.limits, files=self.files))
+        http = HttpServer(cfg, create_app(
+            self.accounts, self.chat, self.picker.pick, cfg.limits, files=self.files,
+            refusal_delay=cfg.rates.refusal_delay,
+        ))
         await http.start()
         self.http_url = http.url
         self.install_signal_handlers()

@@ -34,6 +34,8 @@ RELAXED_RATES_SETTINGS = {
     "rates.hash_queue": "1000",
 }
 RELAXED_RATES = [arg for key, value in RELAXED_RATES_SETTINGS.items() for arg in ("--set", f"{key}={value}")]
+#: The same, as the ``rates`` section of a configuration built in-process (``load_config(None, {...})``).
+RELAXED_RATES_CONFIG = {key.removeprefix("rates."): value for key, value in RELAXED_RATES_SETTINGS.items()}
 
 
 def free_port() -> int:
@@ -112,7 +114,11 @@ class ServerProcess:
 def running_server(data_dir: Path, extra: list[str] | None = None, *, relaxed: bool = True) -> Iterator[ServerProcess]:
     """A started ``im serve``; on exit it must stop cleanly on SIGTERM (exit 0, no traceback logged)."""
     proc = ServerProcess(data_dir, extra=list(extra or []), relaxed=relaxed).start()
-    yield proc
+    try:
+        yield proc
+    except BaseException:
+        proc.stop()  # the test failed: do not leave the server running
+        raise
     code = proc.stop()
     assert code == 0, f"im serve exited with {code} on SIGTERM:\n{proc.log()[-4000:]}"
     assert "Traceback" not in proc.log(), proc.log()[-4000:]

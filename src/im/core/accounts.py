@@ -100,7 +100,7 @@ class AccountService:
         self._dummy_hash: str | None = None
         self._dummy_lock = asyncio.Lock()
         #: Login and registration rate limits (None: unlimited), and the fair, bounded hashing queue.
-        self._guard = guard
+        self._guard = self.guard = guard
         self._slots = hash_slots or HashSlots()
         self._cache_ttl = session_cache_ttl
         self._live_sessions: dict[str, tuple[int, float]] = {}  # sid -> (uid, cached until; monotonic)

@@ -9,7 +9,8 @@ a queue of at most ``queue`` entries. Fairness, so one address cannot crowd out 
   beyond that it is refused at once (``rate_limited``, with a retry time);
 - one address may hold at most ``concurrency - 1`` slots (at least one), so with two or more slots one
   is always left for the other addresses;
-- a freed slot goes to the waiting address with the fewest hashes running, the longest waiting first.
+- a freed slot goes to the waiting address with the fewest hashes running, and among those to the one
+  served least recently (so two addresses with one waiter each take turns).
 
 So under a flood from one address, another address's login starts hashing at once (with one slot: after
 at most the running hash and one more of the flood's).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
@@ -49,6 +51,8 @@ class HashSlots:
         self._waiting: dict[str, deque[asyncio.Future[None]]] = {}  # source -> waiters, in arrival order
         self._n_running = 0
         self._n_waiting = 0
+        self._served: dict[str, int] = {}  # source -> grant number of its latest start (while it holds any)
+        self._grants = 0
 
     @property
     def running(self) -> int:
@@ -102,6 +106,8 @@ class HashSlots:
         return self._running.get(source, 0) < self._max_running
 
     def _start(self, source: str) -> None:
+        self._grants += 1
+        self._served[source] = self._grants
         self._n_running += 1
         self._running[source] = self._running.get(source, 0) + 1
 
@@ -120,6 +126,7 @@ class HashSlots:
             self._held[source] = left
         else:
             self._held.pop(source, None)
+            self._served.pop(source, None)
 
     def _release(self, source: str) -> None:
         self._n_running -= 1
@@ -132,20 +139,18 @@ class HashSlots:
         self._grant()
 
     def _grant(self) -> None:
-        """Free slots go to the waiting sources with the fewest running hashes (dict order: the source
-        that started waiting first wins a tie)."""
+        """Free slots go to the waiting sources with the fewest running hashes, then the one served least
+        recently (never served first; then dict order: the one that started waiting first)."""
         while self._n_running < self.concurrency:
             eligible = [s for s in self._waiting if self._eligible(s)]
             if not eligible:
                 return
-            source = min(eligible, key=lambda s: self._running.get(s, 0))
+            source = min(eligible, key=lambda s: (self._running.get(s, 0), self._served.get(s, 0)))
             waiters = self._waiting[source]
             waiter = waiters.popleft()
             self._n_waiting -= 1
             if not waiters:
                 del self._waiting[source]
-            else:  # to the back of the line among equals
-                self._waiting[source] = self._waiting.pop(source)
             self._start(source)
             waiter.set_result(None)
 
@@ -162,6 +167,12 @@ class LoginGuard:
     password logins, never the owner's live sessions. Unknown names are counted like
     known ones, so the answers do not reveal which names exist. Registrations are counted per address.
     A refusal is ``rate_limited`` with the seconds until the next attempt would be taken.
+
+    Refusals of a whole address (its login or registration budget spent) are also kept here until their
+    retry time, so the HTTP layer refuses that address's next attempts before reading their bodies
+    (:meth:`refused_for`): a flood of refused attempts costs the server almost nothing and cannot slow
+    the event loop for everyone else. Keeping them is exact: a budget never refills sooner than the
+    retry time it gave.
     """
 
     def __init__(
@@ -178,19 +189,48 @@ class LoginGuard:
         self._per_account = login_per_account
         self._per_address = login_per_address
         self._register = register_per_address
+        self._refused: dict[tuple[str, str], float] = {}  # (kind, address) -> refused until (monotonic)
+        self._clock = time.monotonic
+
+    def refused_for(self, kind: str, address: str) -> float:
+        """Seconds ``address`` stays refused for ``kind`` ("login" or "register"); 0 when it is not."""
+        until = self._refused.get((kind, address))
+        if until is None:
+            return 0.0
+        left = until - self._clock()
+        if left <= 0:
+            del self._refused[(kind, address)]
+            return 0.0
+        return left
+
+    def _refuse_address(self, kind: str, address: str, wait: float) -> None:
+        if len(self._refused) >= 100_000:  # bound memory: keep the live entries only
+            now = self._clock()
+            self._refused = {k: t for k, t in self._refused.items() if t > now}
+        self._refused[(kind, address)] = self._clock() + wait
 
     async def login_attempt(self, username: str, address: str) -> None:
         account = username.lower()[:64]
         # The address's own budgets first; the account's shared one only when they allow the attempt, so
         # attempts refused to one address do not use up the budget the account's owner logs in with.
         pair, per_address = Hit(self._per_pair, f"{account}|{address}"), Hit(self._per_address, address)
+        left = self.refused_for("login", address)
+        if left:
+            _refuse(left, "too many login attempts from this address")
         waits = await self._limiter.check([pair, per_address])
+        if waits[1]:
+            self._refuse_address("login", address, waits[1])
         _refuse(max(waits), "too many login attempts")
         [wait] = await self._limiter.check([Hit(self._per_account, account)])
         _refuse(wait, "too many login attempts for this account")
 
     async def register_attempt(self, address: str) -> None:
+        left = self.refused_for("register", address)
+        if left:
+            _refuse(left, "too many registrations from this address")
         [wait] = await self._limiter.check([Hit(self._register, address)])
+        if wait:
+            self._refuse_address("register", address, wait)
         _refuse(wait, "too many registrations from this address")
 
 
