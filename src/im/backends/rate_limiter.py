@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 log = logging.getLogger(__name__)
@@ -33,15 +33,13 @@ class Rule:
     name: str
     limit: int
     period: float
+    #: Seconds one unit takes to come back (period / limit).
+    interval: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.limit < 1 or self.period <= 0 or not self.name or ":" in self.name:
             raise ValueError(f"bad rate rule {self!r}: limit >= 1, period > 0, a name without ':'")
-
-    @property
-    def interval(self) -> float:
-        """Seconds one unit takes to come back."""
-        return self.period / self.limit
+        object.__setattr__(self, "interval", self.period / self.limit)
 
 
 class Hit(NamedTuple):
@@ -91,20 +89,21 @@ class MemoryRateLimiter(RateLimiter):
     async def check(self, hits: Sequence[Hit]) -> list[float]:
         now = self._clock()
         tats = self._tat
+        get = tats.get
         out: list[float] = []
-        for hit in hits:
-            rule = hit.rule
-            key = (rule.name, hit.key)
-            tat = tats.get(key, now)
+        append = out.append
+        for rule, key, cost in hits:  # the gateway's hot path: kept to a few lookups per hit
+            k = (rule.name, key)
+            tat = get(k, now)
             if tat < now:
                 tat = now
-            new_tat = tat + hit.cost * rule.interval
+            new_tat = tat + cost * rule.interval
             over = new_tat - now - rule.period
             if over <= 1e-9:  # float rounding: a burst of exactly `limit` passes
-                tats[key] = new_tat
-                out.append(0.0)
+                tats[k] = new_tat
+                append(0.0)
             else:
-                out.append(rule.period if hit.cost > rule.limit else over)
+                append(rule.period if cost > rule.limit else over)
         if len(tats) > self._max_keys:
             self._tat = {k: t for k, t in tats.items() if t > now}
         return out
