@@ -29,6 +29,8 @@ from im.protocol.frames import Receipt, TypingEvent
 from im.protocol.session import Limits, ServerSession, State
 
 log = logging.getLogger(__name__)
+#: The commands that pass the hub's shared rate limits before they are carried out.
+_GATED = (cmd.Submit, cmd.SaveCursor, cmd.MarkRead, cmd.SendTyping)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +107,7 @@ class Connection(abc.ABC):
 
     def run(self, commands: Iterable[cmd.Command]) -> None:
         for c in commands:
-            if isinstance(c, cmd.Submit | cmd.SaveCursor | cmd.MarkRead | cmd.SendTyping):
+            if isinstance(c, _GATED):
                 if self.hub.gated:
                     self.hub.gate(self, c)  # the shared rate limits, then perform()
                 else:
@@ -142,7 +144,7 @@ class Connection(abc.ABC):
         if self.closed:
             return
         if err is not None:
-            self.session.send_failed(req.cmid, err.code, err.message)
+            self.session.send_failed(req.cmid, err.code, err.message, err.retry_after)
         else:
             assert m is not None
             self.run(self.session.send_done(req.cmid, m, dup))
@@ -249,6 +251,8 @@ class Hub(DeliverySink):
             conn.run(conn.session.close(ErrorCode.SHUTDOWN, "server is stopping; reconnect"))
         for task in self._tasks:
             task.cancel()
+        if self._gate_task is not None:  # commands still being decided go unanswered: clients resend
+            self._gate_task.cancel()
         await self._flush_cursors()
         self.chat.router.detach(self.node)
 
