@@ -55,6 +55,7 @@ class Connection(abc.ABC):
         self._dirty = False
         self.closed = False
         self.sid = ""  # the login session that authenticated this connection
+        self.rate_key = ""  # the user id as the key of the shared per-user rate limits
 
     # --- what a transport implements -----------------------------------------------------------------
 
@@ -159,6 +160,7 @@ class Connection(abc.ABC):
             return
         self.session.uid, self.session.device = principal.uid, c.device
         self.sid = principal.sid
+        self.rate_key = str(principal.uid)
         # Register before reading the sync points, so nothing committed in between is missed; what
         # arrives meanwhile waits in the session until the replay is set up.
         await self.hub.register(self)
@@ -364,17 +366,21 @@ class Hub(DeliverySink):
         (refused: dropped silently, as the session's own typing limit does)."""
         assert self._limiter is not None and self._rates is not None
         r = self._rates
+        per_user, per_conv, typing, receipts = (
+            r.sends_per_user, r.sends_per_conversation, r.typing_per_user, r.receipts_per_user
+        )
         hits: list[Hit] = []
+        add = hits.append
+        submit, send_typing = cmd.Submit, cmd.SendTyping
         for conn, c in batch:
-            uid = conn.session.uid
-            if type(c) is cmd.Submit:
-                conv = c.conv if c.conv is not None else direct_conv(uid, c.to or 0)
-                hits.append(Hit(r.sends_per_user, str(uid)))
-                hits.append(Hit(r.sends_per_conversation, conv))
-            elif type(c) is cmd.SendTyping:
-                hits.append(Hit(r.typing_per_user, str(uid)))
+            key = conn.rate_key
+            if type(c) is submit:
+                add(Hit(per_user, key))
+                add(Hit(per_conv, c.conv if c.conv is not None else direct_conv(conn.session.uid, c.to or 0)))
+            elif type(c) is send_typing:
+                add(Hit(typing, key))
             else:
-                hits.append(Hit(r.receipts_per_user, str(uid)))
+                add(Hit(receipts, key))
         waits = await self._limiter.check(hits)
         i = 0
         told: set[Connection] = set()
