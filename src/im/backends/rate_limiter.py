@@ -78,13 +78,15 @@ class RateLimiter(abc.ABC):
 
 
 class MemoryRateLimiter(RateLimiter):
-    """:class:`RateLimiter` in this process (``im serve``). ``clock`` is monotonic seconds; ``max_keys``
-    triggers a sweep of keys whose budget is full again (they hold no information)."""
+    """:class:`RateLimiter` in this process (``im serve``). ``clock`` is monotonic seconds. Past
+    ``max_keys`` keys, a sweep drops those whose budget is full again (they hold no information); the next
+    sweep waits until the live keys have doubled, so sweeping stays amortized O(1) per hit."""
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000) -> None:
         self._clock = clock
         self._tat: dict[tuple[str, str], float] = {}
         self._max_keys = max_keys
+        self._sweep_at = max_keys
 
     async def check(self, hits: Sequence[Hit]) -> list[float]:
         now = self._clock()
@@ -104,8 +106,9 @@ class MemoryRateLimiter(RateLimiter):
                 append(0.0)
             else:
                 append(rule.period if cost > rule.limit else over)
-        if len(tats) > self._max_keys:
+        if len(tats) > self._sweep_at:
             self._tat = {k: t for k, t in tats.items() if t > now}
+            self._sweep_at = max(self._max_keys, 2 * len(self._tat))
         return out
 
 

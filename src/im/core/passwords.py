@@ -190,6 +190,7 @@ class LoginGuard:
         self._per_address = login_per_address
         self._register = register_per_address
         self._refused: dict[tuple[str, str], float] = {}  # (kind, address) -> refused until (monotonic)
+        self._sweep_at = 10_000
         self._clock = time.monotonic
 
     def refused_for(self, kind: str, address: str) -> float:
@@ -204,9 +205,10 @@ class LoginGuard:
         return left
 
     def _refuse_address(self, kind: str, address: str, wait: float) -> None:
-        if len(self._refused) >= 100_000:  # bound memory: keep the live entries only
+        if len(self._refused) >= self._sweep_at:  # bound memory: keep the live entries only (amortized)
             now = self._clock()
             self._refused = {k: t for k, t in self._refused.items() if t > now}
+            self._sweep_at = max(10_000, 2 * len(self._refused))
         self._refused[(kind, address)] = self._clock() + wait
 
     async def login_attempt(self, username: str, address: str) -> None:
