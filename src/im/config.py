@@ -6,13 +6,14 @@ fails at start with a message naming the field (see :func:`load_config`).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 
 class _Section(BaseModel):
@@ -179,12 +180,18 @@ class RateConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _from_text(cls, value: object) -> object:
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            return json.loads(value)  # an environment variable written as JSON
         if isinstance(value, str):
             limit, sep, period = value.partition("/")
             if not sep:
                 raise ValueError(f"expected LIMIT/PERIOD_SECONDS, for example 20/60, not {value!r}")
             return {"limit": limit.strip(), "period": period.strip().removesuffix("s")}
         return value
+
+
+#: A rule field; NoDecode: an environment variable ``IM_RATES__X=20/60`` reaches the parser above as text.
+Rate = Annotated[RateConfig, NoDecode]
 
 
 def _rate(limit: int, period: float) -> Any:
@@ -197,21 +204,21 @@ class RatesConfig(_Section):
     and in distributed mode, so one user has one budget on every gateway."""
 
     #: Login attempts for one account from one address (the strict rule: guessing from one place).
-    login_per_account_address: RateConfig = _rate(10, 600.0)
+    login_per_account_address: Rate = _rate(10, 600.0)
     #: Login attempts for one account from anywhere (looser: many addresses cannot lock it out quickly).
-    login_per_account: RateConfig = _rate(100, 3600.0)
+    login_per_account: Rate = _rate(100, 3600.0)
     #: Login attempts from one address, any accounts.
-    login_per_address: RateConfig = _rate(30, 60.0)
+    login_per_address: Rate = _rate(30, 60.0)
     #: Registrations from one address.
-    register_per_address: RateConfig = _rate(20, 3600.0)
+    register_per_address: Rate = _rate(20, 3600.0)
     #: Sends of one user, all devices and gateways together (each connection also has limits.send_rate).
-    sends_per_user: RateConfig = _rate(6000, 2.0)
+    sends_per_user: Rate = _rate(6000, 2.0)
     #: Sends into one conversation, all members together.
-    sends_per_conversation: RateConfig = _rate(10000, 2.0)
+    sends_per_conversation: Rate = _rate(10000, 2.0)
     #: Typing frames of one user, all devices (beyond: dropped silently).
-    typing_per_user: RateConfig = _rate(20, 2.0)
+    typing_per_user: Rate = _rate(20, 2.0)
     #: recv and read frames of one user, all devices (beyond: dropped, answered rate_limited).
-    receipts_per_user: RateConfig = _rate(10000, 2.0)
+    receipts_per_user: Rate = _rate(10000, 2.0)
     #: Uploads per user and day: bytes, and files (attempts count).
     upload_bytes_per_day: int = Field(1024**3, ge=1)
     upload_files_per_day: int = Field(1000, ge=1)
