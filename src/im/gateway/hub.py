@@ -55,7 +55,10 @@ class Connection(abc.ABC):
         self._dirty = False
         self.closed = False
         self.sid = ""  # the login session that authenticated this connection
-        self.rate_key = ""  # the user id as the key of the shared per-user rate limits
+        #: This user's hits of the shared limits (sends, typing, receipts), made once at auth; and the
+        #: conversation hits of its sends by target (``conv`` or ``to``), made once per target.
+        self.user_hits: tuple[Hit, Hit, Hit] | None = None
+        self.conv_hits: dict[str | int | None, Hit] = {}
 
     # --- what a transport implements -----------------------------------------------------------------
 
@@ -109,7 +112,7 @@ class Connection(abc.ABC):
     def run(self, commands: Iterable[cmd.Command]) -> None:
         for c in commands:
             if isinstance(c, _GATED):
-                if self.hub.gated:
+                if self.user_hits is not None:
                     self.hub.gate(self, c)  # the shared rate limits, then perform()
                 else:
                     self.perform(c)
@@ -123,13 +126,14 @@ class Connection(abc.ABC):
 
     def perform(self, c: cmd.Submit | cmd.SaveCursor | cmd.MarkRead | cmd.SendTyping) -> None:
         """Carry out a command the rate limits allowed."""
-        if isinstance(c, cmd.Submit):
+        if type(c) is cmd.Submit:
             self._submit(c)
-        elif isinstance(c, cmd.SaveCursor):
+        elif type(c) is cmd.SaveCursor:
             self.hub.save_cursor(self.session.uid, self.session.device, c.conv, c.seq)
-        elif isinstance(c, cmd.MarkRead):
+        elif type(c) is cmd.MarkRead:
             self.hub.mark_read(self.session.uid, c.conv, c.seq)
         else:
+            assert type(c) is cmd.SendTyping
             self._spawn(self.hub.typing(self.session.uid, self.session.device, c.conv))
 
     def _spawn(self, coro: Any) -> None:
@@ -160,7 +164,7 @@ class Connection(abc.ABC):
             return
         self.session.uid, self.session.device = principal.uid, c.device
         self.sid = principal.sid
-        self.rate_key = str(principal.uid)
+        self.user_hits = self.hub.user_hits(principal.uid)
         # Register before reading the sync points, so nothing committed in between is missed; what
         # arrives meanwhile waits in the session until the replay is set up.
         await self.hub.register(self)
@@ -340,9 +344,20 @@ class Hub(DeliverySink):
 
     # --- shared rate limits ----------------------------------------------------------------------------
 
-    @property
-    def gated(self) -> bool:
-        return self._limiter is not None
+    def user_hits(self, uid: int) -> tuple[Hit, Hit, Hit] | None:
+        """A user's hits of the per-user limits (sends, typing, receipts); None without shared limits."""
+        if self._limiter is None or self._rates is None:
+            return None
+        r, key = self._rates, str(uid)
+        return Hit(r.sends_per_user, key), Hit(r.typing_per_user, key), Hit(r.receipts_per_user, key)
+
+    def _conv_hit(self, conn: Connection, c: cmd.Submit) -> Hit:
+        assert self._rates is not None
+        conv = c.conv if c.conv is not None else direct_conv(conn.session.uid, c.to or 0)
+        if len(conn.conv_hits) >= 1024:  # bound the per-connection cache
+            conn.conv_hits.clear()
+        hit = conn.conv_hits[c.conv if c.conv is not None else c.to] = Hit(self._rates.sends_per_conversation, conv)
+        return hit
 
     def gate(self, conn: Connection, c: cmd.Submit | cmd.SaveCursor | cmd.MarkRead | cmd.SendTyping) -> None:
         """Queue a command for the shared rate limits; decided with the others of this loop turn."""
@@ -365,22 +380,20 @@ class Hub(DeliverySink):
         dropped, one ``error rate_limited`` per connection and batch); typing one of the typing budget
         (refused: dropped silently, as the session's own typing limit does)."""
         assert self._limiter is not None and self._rates is not None
-        r = self._rates
-        per_user, per_conv, typing, receipts = (
-            r.sends_per_user, r.sends_per_conversation, r.typing_per_user, r.receipts_per_user
-        )
         hits: list[Hit] = []
         add = hits.append
         submit, send_typing = cmd.Submit, cmd.SendTyping
         for conn, c in batch:
-            key = conn.rate_key
+            user = conn.user_hits
+            assert user is not None
             if type(c) is submit:
-                add(Hit(per_user, key))
-                add(Hit(per_conv, c.conv if c.conv is not None else direct_conv(conn.session.uid, c.to or 0)))
+                add(user[0])
+                conv_hit = conn.conv_hits.get(c.conv if c.conv is not None else c.to)
+                add(conv_hit if conv_hit is not None else self._conv_hit(conn, c))
             elif type(c) is send_typing:
-                add(Hit(typing, key))
+                add(user[1])
             else:
-                add(Hit(receipts, key))
+                add(user[2])
         waits = await self._limiter.check(hits)
         i = 0
         told: set[Connection] = set()
