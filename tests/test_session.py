@@ -247,7 +247,9 @@ def test_send_failed_is_an_error_with_ref() -> None:
     s, _ = caught_up(0)
     feed(s, send_frame("a1"))
     s.send_failed("a1", ErrorCode.NOT_MEMBER, "not a member")
-    assert frames(s) == [{"t": "error", "code": "not_member", "message": "not a member", "ref": "a1"}]
+    assert frames(s) == [
+        {"t": "error", "code": "not_member", "message": "not a member", "ref": "a1", "retry_after": None}
+    ]
     assert s.in_flight == 0
 
 
@@ -301,7 +303,7 @@ def test_rate_limit() -> None:
     accepted = [feed(s, send_frame(f"r{i}")) for i in range(5)]
     assert [len(a) for a in accepted] == [1, 1, 1, 1, 0]  # burst of 2 * rate
     fs = frames(s)
-    assert fs == [{"t": "error", "code": "rate_limited", "message": fs[0]["message"], "ref": "r4"}]
+    assert fs == [{"t": "error", "code": "rate_limited", "message": fs[0]["message"], "ref": "r4", "retry_after": 0.5}]
     clock.now += 0.5  # one token back
     assert len(feed(s, send_frame("r5"))) == 1
     assert feed(s, send_frame("r6")) == []
@@ -314,7 +316,8 @@ def test_in_flight_limit() -> None:
     assert len(feed(s2, send_frame("b"))) == 1
     assert feed(s2, send_frame("c")) == []
     assert frames(s2) == [
-        {"t": "error", "code": "too_many_in_flight", "message": "more than 2 unacked sends", "ref": "c"}
+        {"t": "error", "code": "too_many_in_flight", "message": "more than 2 unacked sends", "ref": "c",
+         "retry_after": None}
     ]
     s2.send_done("a", msg(1, sender=UID, device=DEVICE, cmid="a"), dup=False)
     assert kinds(frames(s2)) == ["ack"]
@@ -384,7 +387,8 @@ def test_send_before_auth_is_unauthenticated() -> None:
     s = new()
     assert feed(s, send_frame("early")) == []
     assert frames(s) == [
-        {"t": "error", "code": "unauthenticated", "message": "await_auth: cannot take a send frame", "ref": "early"}
+        {"t": "error", "code": "unauthenticated", "message": "await_auth: cannot take a send frame", "ref": "early",
+         "retry_after": None}
     ]
     others = [
         {"t": "recv", "conv": CONV, "seq": 1}, {"t": "read", "conv": CONV, "seq": 1}, {"t": "typing", "conv": CONV}

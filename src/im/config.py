@@ -6,13 +6,14 @@ fails at start with a message naming the field (see :func:`load_config`).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 
 class _Section(BaseModel):
@@ -202,6 +203,68 @@ class FilesConfig(_Section):
     storage_dir: Path | None = None
 
 
+class RateConfig(_Section):
+    """``limit`` units per ``period`` seconds, bursts of up to ``limit`` (GCRA, im.backends.rate_limiter).
+    Written ``{limit: 20, period: 60}`` or ``"20/60"`` (``--set rates.login_per_address=20/60``)."""
+
+    limit: int = Field(ge=1)
+    period: float = Field(gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: object) -> object:
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            return json.loads(value)  # an environment variable written as JSON
+        if isinstance(value, str):
+            limit, sep, period = value.partition("/")
+            if not sep:
+                raise ValueError(f"expected LIMIT/PERIOD_SECONDS, for example 20/60, not {value!r}")
+            return {"limit": limit.strip(), "period": period.strip().removesuffix("s")}
+        return value
+
+
+#: A rule field; NoDecode: an environment variable ``IM_RATES__X=20/60`` reaches the parser above as text.
+Rate = Annotated[RateConfig, NoDecode]
+
+
+def _rate(limit: int, period: float) -> Any:
+    return Field(default_factory=lambda: RateConfig(limit=limit, period=period))
+
+
+class RatesConfig(_Section):
+    """Rate limits per user, account and client address (docs/security.md section 5). In memory for
+    ``im serve``; shared through Redis (``presence.redis_url``/``redis_prefix``) with ``presence.kind=redis``
+    and in distributed mode, so one user has one budget on every gateway."""
+
+    #: Login attempts for one account from one address (the strict rule: guessing from one place).
+    login_per_account_address: Rate = _rate(10, 600.0)
+    #: Login attempts for one account from anywhere (looser: many addresses cannot lock it out quickly).
+    login_per_account: Rate = _rate(100, 3600.0)
+    #: Login attempts from one address, any accounts.
+    login_per_address: Rate = _rate(30, 60.0)
+    #: Registrations from one address.
+    register_per_address: Rate = _rate(20, 3600.0)
+    #: Sends of one user, all devices and gateways together (each connection also has limits.send_rate).
+    sends_per_user: Rate = _rate(6000, 2.0)
+    #: Sends into one conversation, all members together.
+    sends_per_conversation: Rate = _rate(10000, 2.0)
+    #: Typing frames of one user, all devices (beyond: dropped silently).
+    typing_per_user: Rate = _rate(20, 2.0)
+    #: recv and read frames of one user, all devices (beyond: dropped, answered rate_limited).
+    receipts_per_user: Rate = _rate(10000, 2.0)
+    #: Uploads per user and day: bytes, and files (attempts count).
+    upload_bytes_per_day: int = Field(1024**3, ge=1)
+    upload_files_per_day: int = Field(1000, ge=1)
+    #: Password hashes (argon2) computed at once, and waiting in the fair queue; beyond, 503 at once.
+    hash_concurrency: int = Field(1, ge=1, le=64)
+    hash_queue: int = Field(64, ge=0)
+    #: Hashes one client address may have running or waiting (a flood from one address gets no more).
+    hash_per_address: int = Field(2, ge=1)
+    #: Seconds a login or registration from an address already refused is held before its 429 (at most its
+    #: retry time): a flood that retries at once is slowed to one attempt per delay per connection.
+    refusal_delay: float = Field(1.0, ge=0, le=60)
+
+
 class Config(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IM_", env_nested_delimiter="__", extra="forbid")
 
@@ -217,6 +280,7 @@ class Config(BaseSettings):
     registry: RegistryConfig = RegistryConfig()
     events: EventsConfig = EventsConfig()
     files: FilesConfig = FilesConfig()
+    rates: RatesConfig = RatesConfig()
 
     @classmethod
     def settings_customise_sources(

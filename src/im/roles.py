@@ -140,7 +140,7 @@ class GatewayNode(ServerProcessBase):
         self.chat = build_chat(
             config, b, None, self.router, node, state_ttl=SHARED_STATE_TTL, privacy_ttl=SHARED_STATE_TTL
         )
-        self.hub = build_hub(config, self.chat, self.accounts, submit=self.pool.submit)
+        self.hub = build_hub(config, self.chat, self.accounts, b.rate_limiter, submit=self.pool.submit)
         self.pool.sink = self.hub
         self.admission = build_admission(config)
         self.addresses: dict[str, str] = {}
@@ -192,8 +192,8 @@ class ApiNode(ServerProcessBase):
         super().__init__(config)
         node = config.http.node_id
         self.backends = b = build_backends(config)
-        self.accounts = build_accounts(config, b.account_store)
-        self.files = build_files(config, b.file_store)
+        self.accounts = build_accounts(config, b.account_store, b.rate_limiter)
+        self.files = build_files(config, b.file_store, b.rate_limiter)
         self.pool = TransferPool(b.registry, node, _NoDeliveries())
         self.router = LinkRouter(self.pool)
         # Membership changes are committed here (the store judges between writers) and routed through
@@ -216,7 +216,7 @@ class ApiNode(ServerProcessBase):
         self.picker.start()
         http = HttpServer(cfg, create_app(
             self.accounts, self.chat, self.picker.pick, cfg.limits, files=self.files,
-            max_request_bytes=cfg.http.max_body_bytes,
+            max_request_bytes=cfg.http.max_body_bytes, refusal_delay=cfg.rates.refusal_delay,
         ), self.admission)
         await http.start()
         self.url = http.url

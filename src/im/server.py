@@ -27,19 +27,22 @@ from im.backends.memory import MemoryPresence, MemoryRegistry, MemoryRouter
 from im.backends.postgres_accounts import PostgresAccountStore
 from im.backends.postgres_chat import PostgresChatStore
 from im.backends.postgres_db import PostgresDatabase
+from im.backends.rate_limiter import FailOpen, MemoryRateLimiter, RateLimiter, Rule
 from im.backends.redis_presence import RedisPresence
+from im.backends.redis_rate_limiter import RedisRateLimiter
 from im.backends.sqlite_accounts import SqliteAccountStore
 from im.backends.sqlite_chat import SqliteChatStore
 from im.backends.sqlite_db import SqliteDatabase
-from im.config import Config, ConfigError
+from im.config import Config, ConfigError, RateConfig
 from im.core.accounts import AccountService
 from im.core.chat import ChatService
+from im.core.passwords import HashSlots, LoginGuard
 from im.events.dedupe import Dedupe, MemoryDedupe, RedisDedupe
 from im.events.push import PushConsumer
 from im.events.relay import OutboxRelay
 from im.files import FileService, FileStore, LocalBlobStorage, SqliteFileStore
 from im.files.postgres_store import PostgresFileStore
-from im.gateway.hub import Hub
+from im.gateway.hub import Hub, HubRates
 from im.gateway.tcp import serve_tcp
 from im.gateway.ws import WS_PATH, serve_websocket
 from im.net import Admission, Listener, bind, connection_budget, raise_open_file_limit
@@ -58,6 +61,8 @@ class Backends:
     registry: Registry
     file_store: FileStore
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    #: The shared rate limits: in memory, or in the presence Redis (one budget per user for the cluster).
+    rate_limiter: RateLimiter = field(default_factory=MemoryRateLimiter)
 
     async def start(self) -> None:
         """Open the chat and account stores (the file store opens with its FileService)."""
@@ -86,12 +91,16 @@ def build_backends(config: Config) -> Backends:
         file_store = SqliteFileStore(db)
     closers: list[Callable[[], Awaitable[None]]] = []
     presence: Presence
+    rate_limiter: RateLimiter
     if config.presence.kind == "redis":
         redis_presence = RedisPresence(config.presence.redis_url, prefix=config.presence.redis_prefix)
         presence = redis_presence
         closers.append(redis_presence.close)
+        # Its connection pool too; fail open: Redis away must not refuse every send and login.
+        rate_limiter = FailOpen(RedisRateLimiter(prefix=config.presence.redis_prefix, client=redis_presence.client))
     else:
         presence = MemoryPresence()
+        rate_limiter = MemoryRateLimiter()
     registry: Registry
     if config.registry.kind == "etcd":
         etcd = EtcdRegistry(config.registry.etcd_endpoint, prefix=config.registry.prefix)
@@ -99,7 +108,9 @@ def build_backends(config: Config) -> Backends:
         closers.append(etcd.close)
     else:
         registry = MemoryRegistry()
-    return Backends(chat_store, account_store, presence, MemoryRouter(), registry, file_store, closers)
+    return Backends(
+        chat_store, account_store, presence, MemoryRouter(), registry, file_store, closers, rate_limiter
+    )
 
 
 def load_secret(config: Config) -> bytes:
@@ -167,21 +178,37 @@ def build_admission(config: Config) -> Admission:
     )
 
 
-def build_accounts(config: Config, store: AccountStore) -> AccountService:
-    auth = config.auth
+def rate_rule(name: str, rate: RateConfig) -> Rule:
+    return Rule(name, rate.limit, rate.period)
+
+
+def build_accounts(config: Config, store: AccountStore, limiter: RateLimiter | None = None) -> AccountService:
+    """``limiter`` None: no login or registration limits (a process that only checks tokens)."""
+    auth, rt = config.auth, config.rates
+    guard = None if limiter is None else LoginGuard(
+        limiter,
+        login_per_account_address=rate_rule("login-pair", rt.login_per_account_address),
+        login_per_account=rate_rule("login-account", rt.login_per_account),
+        login_per_address=rate_rule("login-address", rt.login_per_address),
+        register_per_address=rate_rule("register", rt.register_per_address),
+    )
     return AccountService(
         store, secret=load_secret(config), access_ttl=auth.access_ttl, refresh_ttl=auth.refresh_ttl,
         session_max_age=auth.session_max_age,
         argon2_time_cost=auth.argon2_time_cost, argon2_memory_kib=auth.argon2_memory_kib,
         argon2_parallelism=auth.argon2_parallelism, min_password_length=auth.min_password_length,
+        guard=guard,
+        hash_slots=HashSlots(concurrency=rt.hash_concurrency, queue=rt.hash_queue, per_source=rt.hash_per_address),
     )
 
 
-def build_files(config: Config, store: FileStore) -> FileService:
-    fc = config.files
+def build_files(config: Config, store: FileStore, limiter: RateLimiter | None = None) -> FileService:
+    """``limiter`` None: no upload quota (a process that only checks attachments)."""
+    fc, rt = config.files, config.rates
     return FileService(
         LocalBlobStorage(fc.storage_dir or config.data_dir / "files"), store,
         max_upload_bytes=fc.max_upload_bytes, allowed_types=fc.allowed_types, max_image_pixels=fc.max_image_pixels,
+        limiter=limiter, upload_bytes_per_day=rt.upload_bytes_per_day, upload_files_per_day=rt.upload_files_per_day,
     )
 
 
@@ -196,12 +223,20 @@ def build_chat(
     )
 
 
-def build_hub(config: Config, chat: ChatService, accounts: AccountService, **kw: Any) -> Hub:
-    gw = config.gateway
+def build_hub(
+    config: Config, chat: ChatService, accounts: AccountService, limiter: RateLimiter, **kw: Any
+) -> Hub:
+    gw, rt = config.gateway, config.rates
+    rates = HubRates(
+        sends_per_user=rate_rule("send-user", rt.sends_per_user),
+        sends_per_conversation=rate_rule("send-conv", rt.sends_per_conversation),
+        typing_per_user=rate_rule("typing", rt.typing_per_user),
+        receipts_per_user=rate_rule("receipts", rt.receipts_per_user),
+    )
     return Hub(
         gw.node_id, chat, accounts, limits=session_limits(config), replay_page=gw.replay_page,
         max_send_buffer=gw.max_send_buffer, preauth_send_buffer=config.limits.preauth_send_buffer,
-        presence_ttl=config.presence.ttl, **kw,
+        presence_ttl=config.presence.ttl, limiter=limiter, rates=rates, **kw,
     )
 
 
@@ -362,10 +397,10 @@ class EmbeddedServer(ServerProcessBase):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.backends = b = build_backends(config)
-        self.accounts = build_accounts(config, b.account_store)
-        self.files = build_files(config, b.file_store)
+        self.accounts = build_accounts(config, b.account_store, b.rate_limiter)
+        self.files = build_files(config, b.file_store, b.rate_limiter)
         self.chat = build_chat(config, b, self.files, b.router, config.gateway.node_id)
-        self.hub = build_hub(config, self.chat, self.accounts)
+        self.hub = build_hub(config, self.chat, self.accounts, b.rate_limiter)
         self.accounts.on_privacy_change(self.chat.forget_privacy)  # a block takes effect at once
         self.picker = GatewayPicker(b.registry)
         self.admission = build_admission(config)
@@ -389,7 +424,7 @@ class EmbeddedServer(ServerProcessBase):
         self.picker.start()
         http = HttpServer(cfg, create_app(
             self.accounts, self.chat, self.picker.pick, cfg.limits, files=self.files,
-            max_request_bytes=cfg.http.max_body_bytes,
+            max_request_bytes=cfg.http.max_body_bytes, refusal_delay=cfg.rates.refusal_delay,
         ), admission)
         await http.start()
         self.http_url = http.url

@@ -23,7 +23,7 @@ from im.cluster import LocalCluster
 from tests.support.checker import History
 from tests.support.client import Account, ChatClient
 from tests.support.postgres import DSN
-from tests.support.server import FAST_ARGON2
+from tests.support.server import FAST_ARGON2, RELAXED_RATES
 
 #: Offsets from the base port that a two-gateway, two-transfer cluster uses (im.cluster's layout).
 _OFFSETS = (0, 5, 6, 11, 12, 13, 21, 22, 23, 31, 32, 33)
@@ -57,7 +57,9 @@ def make_cluster(data_dir: Path, **kw: object) -> LocalCluster:
         postgres_schema=f"im_cluster_{tag}",
         redis_prefix=f"im-cluster-{tag}:",
         base_port=_free_base(),
-        extra=[*FAST_ARGON2, "--set", "registry.ttl=2", "--set", "presence.ttl=3", "--log-level", "info"],
+        extra=[
+            *FAST_ARGON2, *RELAXED_RATES, "--set", "registry.ttl=2", "--set", "presence.ttl=3", "--log-level", "info",
+        ],
         **kw,  # type: ignore[arg-type]
     )
 

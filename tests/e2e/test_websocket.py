@@ -22,6 +22,7 @@ from im.config import load_config
 from im.server import EmbeddedServer
 from tests.support.checker import History
 from tests.support.client import Account, ChatClient, register
+from tests.support.server import RELAXED_RATES_CONFIG
 
 MAX_FRAME = 64 * 1024  # the default limits.max_frame_bytes
 
@@ -45,6 +46,7 @@ async def server(tmp_path: Path) -> AsyncIterator[InProcess]:
         "http": {"port": 0},
         "gateway": {"ws_port": 0, "tcp_port": 0, "auth_timeout": 2.0},
         "auth": {"argon2_time_cost": 1, "argon2_memory_kib": 1024, "argon2_parallelism": 1},
+        "rates": RELAXED_RATES_CONFIG,
     })
     srv = EmbeddedServer(config)
     ready = asyncio.Event()

@@ -22,6 +22,22 @@ FAST_ARGON2 = [
     "--set", "auth.argon2_time_cost=1", "--set", "auth.argon2_memory_kib=1024", "--set", "auth.argon2_parallelism=1",
 ]
 
+#: Login and registration limits out of the way, for tests that are not about them: they register and log
+#: in many users from 127.0.0.1, often concurrently, far past the per-address defaults. The send, typing,
+#: receipt and upload limits stay at their defaults (normal use never meets them). tests/security/ runs
+#: without these (``relaxed=False``).
+RELAXED_RATES_SETTINGS = {
+    "rates.login_per_account_address": "100000/60",
+    "rates.login_per_account": "100000/60",
+    "rates.login_per_address": "100000/60",
+    "rates.register_per_address": "100000/60",
+    "rates.hash_per_address": "1000",
+    "rates.hash_queue": "1000",
+}
+RELAXED_RATES = [arg for key, value in RELAXED_RATES_SETTINGS.items() for arg in ("--set", f"{key}={value}")]
+#: The same, as the ``rates`` section of a configuration built in-process (``load_config(None, {...})``).
+RELAXED_RATES_CONFIG = {key.removeprefix("rates."): value for key, value in RELAXED_RATES_SETTINGS.items()}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -40,6 +56,8 @@ class ServerProcess:
     #: Open-file limit (soft and hard) to start the server under, like ``ulimit -n``; None: inherited.
     nofile: int | None = None
     log_path: Path | None = None
+    #: FAST_ARGON2 and RELAXED_RATES before ``extra`` (False: the defaults, for tests/security/).
+    relaxed: bool = True
 
     @property
     def http(self) -> str:
@@ -63,7 +81,7 @@ class ServerProcess:
         cmd = [
             sys.executable, "-m", "im", "serve", "--data-dir", str(self.data_dir),
             "--http-port", str(self.http_port), "--ws-port", str(self.ws_port),
-            "--tcp-port", str(self.tcp_port), *FAST_ARGON2, *self.extra,
+            "--tcp-port", str(self.tcp_port), *(FAST_ARGON2 + RELAXED_RATES if self.relaxed else []), *self.extra,
         ]
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
@@ -103,11 +121,15 @@ class ServerProcess:
 
 @contextmanager
 def running_server(
-    data_dir: Path, extra: list[str] | None = None, *, nofile: int | None = None
+    data_dir: Path, extra: list[str] | None = None, *, nofile: int | None = None, relaxed: bool = True
 ) -> Iterator[ServerProcess]:
     """A started ``im serve``; on exit it must stop cleanly on SIGTERM (exit 0, no traceback logged)."""
-    proc = ServerProcess(data_dir, extra=list(extra or []), nofile=nofile).start()
-    yield proc
+    proc = ServerProcess(data_dir, extra=list(extra or []), nofile=nofile, relaxed=relaxed).start()
+    try:
+        yield proc
+    except BaseException:
+        proc.stop()  # the test failed: do not leave the server running
+        raise
     code = proc.stop()
     assert code == 0, f"im serve exited with {code} on SIGTERM:\n{proc.log()[-4000:]}"
     assert "Traceback" not in proc.log(), proc.log()[-4000:]

@@ -9,8 +9,10 @@ given and serves the app (uvicorn).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -30,6 +32,7 @@ from im.api.schemas import ErrorOut, GatewayOut, HealthOut
 from im.api.web import web_mount
 from im.config import LimitsConfig
 from im.core.accounts import AccountService
+from im.core.passwords import LoginGuard
 from im.files import FileService
 from im.protocol.errors import ErrorCode, ImError
 from im.throttled_log import ThrottledLog
@@ -59,11 +62,17 @@ STATUS: dict[ErrorCode, int] = {
 
 
 def error_response(
-    status_code: int, code: str, message: str, headers: dict[str, str] | None = None
+    status_code: int, code: str, message: str, headers: dict[str, str] | None = None,
+    retry_after: float | None = None,
 ) -> JSONResponse:
+    """The JSON error body; with ``retry_after`` (seconds) also a ``Retry-After`` header (whole seconds)."""
     if status_code == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
-    return JSONResponse({"code": code, "message": message}, status_code=status_code, headers=headers)
+    body: dict[str, Any] = {"code": code, "message": message}
+    if retry_after is not None:
+        body["retry_after"] = retry_after
+        headers = {**(headers or {}), "Retry-After": str(max(1, math.ceil(retry_after)))}
+    return JSONResponse(body, status_code=status_code, headers=headers)
 
 
 async def _im_error(request: Request, exc: Exception) -> JSONResponse:
@@ -72,7 +81,7 @@ async def _im_error(request: Request, exc: Exception) -> JSONResponse:
     if code is None:
         log.error("unmapped error code %s on %s %s: %s", exc.code, request.method, request.url.path, exc)
         return error_response(500, ErrorCode.INTERNAL, "internal error")
-    return error_response(code, exc.code, exc.message)
+    return error_response(code, exc.code, exc.message, retry_after=exc.retry_after)
 
 
 #: pydantic error types that are about a value's range (400), not the request's shape (422).
@@ -220,6 +229,35 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class RefusedAddresses:
+    """Answer 429 without reading the body to an address whose login or registration budget is spent
+    (``LoginGuard.refused_for``), after holding the request ``delay`` seconds (at most its retry time): a
+    client that retries at once then makes one attempt per ``delay`` per connection, so a flood of refused
+    attempts costs the server next to nothing and cannot slow everyone else's requests."""
+
+    def __init__(self, app: ASGIApp, guard: LoginGuard, paths: dict[str, str], delay: float = 1.0) -> None:
+        self.app = app
+        self.guard = guard
+        self.paths = paths  # path -> kind
+        self.delay = delay
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            kind = self.paths.get(scope["path"])
+            client = scope.get("client")
+            if kind is not None and client:
+                left = self.guard.refused_for(kind, client[0])
+                if left:
+                    await asyncio.sleep(min(left, self.delay))
+                    left = max(1.0, left - self.delay)
+                    message = f"too many {kind} attempts from this address"
+                    await error_response(429, ErrorCode.RATE_LIMITED, message, retry_after=math.ceil(left))(
+                        scope, receive, send
+                    )
+                    return
+        await self.app(scope, receive, send)
+
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)
 }
@@ -233,6 +271,7 @@ def create_app(
     *,
     max_request_bytes: int = MAX_REQUEST_BYTES,
     files: FileService | None = None,
+    refusal_delay: float = 1.0,
 ) -> FastAPI:
     """The HTTP API on the given services (already started by the caller)."""
     app = FastAPI(
@@ -249,7 +288,10 @@ def create_app(
     app.add_exception_handler(Exception, _unexpected)
     exempt = frozenset({f"{PREFIX}/files"} if files is not None else ())
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes, exempt=exempt)
-    app.add_middleware(ResponseHardening)
+    if accounts.guard is not None:
+        paths = {f"{PREFIX}/auth/login": "login", f"{PREFIX}/auth/register": "register"}
+        app.add_middleware(RefusedAddresses, guard=accounts.guard, paths=paths, delay=refusal_delay)
+    app.add_middleware(ResponseHardening)  # outermost: its headers go on every answer, refusals included
 
     principal = principal_dependency(accounts)
     app.include_router(auth_router(accounts, principal), prefix=PREFIX)

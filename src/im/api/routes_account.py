@@ -14,8 +14,9 @@
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Protocol
 
-from fastapi import APIRouter, Depends, Path, Response, status
+from fastapi import APIRouter, Depends, Path, Request, Response, status
 
+from im.api.routes_auth import client_address
 from im.api.schemas import (
     DeviceOut,
     PasswordChangeIn,
@@ -51,11 +52,11 @@ def account_router(
     Me = Annotated[Principal, Depends(principal)]
 
     @router.post("/account/password", tags=["account"], status_code=NO_CONTENT)
-    async def change_password(me: Me, body: PasswordChangeIn) -> Response:
+    async def change_password(me: Me, body: PasswordChangeIn, request: Request) -> Response:
         """Set a new password. Every other session of the account ends at once (its refresh token stops
         working, its chat connections are closed with ``auth_failed``); this one goes on. 403
         ``forbidden`` when the current password is wrong, 400 ``invalid`` for a new one out of bounds."""
-        await accounts.change_password(me, body.current_password, body.new_password)
+        await accounts.change_password(me, body.current_password, body.new_password, address=client_address(request))
         return _no_content()
 
     @router.get("/account/sessions", tags=["account"])
@@ -86,10 +87,10 @@ def account_router(
         return [DeviceOut(device=d, last_active=t, online=o) for d, t, o in await chat.devices(me.uid)]
 
     @router.post("/account/delete", tags=["account"], status_code=NO_CONTENT)
-    async def delete_account(me: Me, body: PasswordIn) -> Response:
+    async def delete_account(me: Me, body: PasswordIn, request: Request) -> Response:
         """Delete the account (docs/protocol.md section 18, "Deleting an account"). 403 ``forbidden``
         when the password is wrong."""
-        await accounts.delete_account(me, body.password, chat.leave_all_groups)
+        await accounts.delete_account(me, body.password, chat.leave_all_groups, address=client_address(request))
         return _no_content()
 
     @router.get("/blocks", tags=["blocks"])

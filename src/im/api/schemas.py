@@ -32,6 +32,9 @@ Text = Annotated[str, AfterValidator(_no_nul)]
 class ErrorOut(BaseModel):
     code: str = Field(examples=["not_found"])
     message: str
+    retry_after: float | None = Field(
+        None, description="Seconds to wait before retrying (429, and 503 when known); also in Retry-After."
+    )
 
 
 class RegisterIn(BaseModel):

@@ -137,18 +137,21 @@ class _Settings(msgspec.Struct):
 
 
 class ApiError(Exception):
-    """An HTTP error answer: ``status``, and ``code``/``message`` from the body (section 13)."""
+    """An HTTP error answer: ``status``, and ``code``/``message`` from the body (section 13);
+    ``retry_after``: seconds to wait before trying again (429 and 503 answers that say), else None."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 class _ErrorBody(msgspec.Struct):
     code: str = "internal"
     message: str = ""
+    retry_after: float | None = None
 
 
 def _error(r: httpx.Response) -> ApiError:
@@ -156,7 +159,11 @@ def _error(r: httpx.Response) -> ApiError:
         body = msgspec.json.decode(r.content, type=_ErrorBody)
     except (msgspec.DecodeError, msgspec.ValidationError):
         body = _ErrorBody(code=f"http_{r.status_code}", message=r.text[:200])
-    return ApiError(r.status_code, body.code, body.message)
+    retry_after = body.retry_after
+    header = r.headers.get("retry-after", "")
+    if retry_after is None and header.isdigit():
+        retry_after = float(header)
+    return ApiError(r.status_code, body.code, body.message, retry_after)
 
 
 class ApiClient:

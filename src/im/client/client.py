@@ -505,7 +505,9 @@ class Client:
                 return session.reconnect_reason
             if session.wants_retry and self._retry_handle is None:
                 assert self._loop is not None
-                self._retry_handle = self._loop.call_later(self.retry_delay, self._retry)
+                # The server's retry_after (rate limits) when it asks for longer than our own delay.
+                delay = min(max(self.retry_delay, session.retry_after), self.backoff_max * 6)
+                self._retry_handle = self._loop.call_later(delay, self._retry)
 
     def _on_control(self, event: Event) -> str | None:
         """The less frequent events; returns a reason when the connection must end."""

@@ -164,6 +164,8 @@ class ClientSession:
         self._in_flight: set[str] = set()  # written on this connection, not answered yet
         self._refused: list[str] = []  # refused with a retryable code; waiting for retry()
         self._hold = False  # a retryable refusal arrived: write no new sends until retry()
+        #: The longest ``retry_after`` the server gave with the refusals waiting for retry() (0: none).
+        self.retry_after = 0.0
         self._recv_sent: dict[str, int] = {}  # conv -> seq last reported with recv on this connection
         self._dirty: set[str] = set()  # conversations whose handled cursor moved since the last recv
         self._ping_id = itertools.count(1)
@@ -273,6 +275,7 @@ class ClientSession:
     def retry(self) -> None:
         """Write again the sends refused with a retryable code (call after a back-off)."""
         self._hold = False
+        self.retry_after = 0.0
         refused, self._refused = self._refused, []
         self._unsent.extendleft(reversed([c for c in refused if c in self.outbox]))
         self._pump()
@@ -371,6 +374,8 @@ class ClientSession:
             # Later sends would meet the same limit: hold them all until the pump's back-off is over.
             self._refused.append(cmid)
             self._hold = True
+            if error.retry_after is not None and error.retry_after > self.retry_after:
+                self.retry_after = error.retry_after
             return None
         send = self.outbox.pop(cmid)
         self._pump()

@@ -37,6 +37,7 @@ import argon2
 import jwt
 
 from im.backends.base import AccountStore, AuthSession, Conflict, Privacy, User
+from im.core.passwords import HashSlots, LoginGuard
 from im.protocol.errors import ErrorCode, ImError
 
 USERNAME_RE = re.compile(r"[A-Za-z0-9_.\-]{3,32}")
@@ -95,6 +96,8 @@ class AccountService:
         min_password_length: int = 8,
         session_cache_ttl: float = 2.0,
         clock: Callable[[], float] = time.time,
+        guard: LoginGuard | None = None,
+        hash_slots: HashSlots | None = None,
     ) -> None:
         if len(secret) < 16:
             raise ValueError("the token secret must be at least 16 bytes")
@@ -113,6 +116,10 @@ class AccountService:
             type=argon2.Type.ID,
         )
         self._dummy_hash: str | None = None
+        self._dummy_lock = asyncio.Lock()
+        #: Login and registration rate limits (None: unlimited), and the fair, bounded hashing queue.
+        self._guard = self.guard = guard
+        self._slots = hash_slots or HashSlots()
         self._cache_ttl = session_cache_ttl
         self._live_sessions: dict[str, tuple[int, float]] = {}  # sid -> (uid, cached until; monotonic)
         self._revoke_listeners: list[Callable[[str], None]] = []
@@ -145,7 +152,12 @@ class AccountService:
 
     # --- registration and login ---------------------------------------------------------------------------
 
-    async def register(self, username: str, password: str, display_name: str | None = None) -> User:
+    async def register(
+        self, username: str, password: str, display_name: str | None = None, *, address: str = ""
+    ) -> User:
+        """Create an account; ``address`` is the client's (registrations per address are limited)."""
+        if self._guard is not None:
+            await self._guard.register_attempt(address)
         if not USERNAME_RE.fullmatch(username):
             raise ImError(
                 ErrorCode.INVALID, "the user name must be 3 to 32 characters: letters, digits, '_', '.', '-'"
@@ -159,7 +171,7 @@ class AccountService:
             )
         if await self._store.find_user(username) is not None:  # cheap refusal before the costly hash
             raise ImError(ErrorCode.CONFLICT, "this user name is taken")
-        password_hash = await asyncio.to_thread(self._hasher.hash, password)
+        password_hash = await self._slots.run(address, self._hasher.hash, password)
         try:
             return await self._store.create_user(username, name, password_hash, int(self._clock()))
         except Conflict:
@@ -172,17 +184,21 @@ class AccountService:
                 f"the password must be {self._min_password_length} to {MAX_PASSWORD_LENGTH} characters",
             )
 
-    async def login(self, username: str, password: str) -> Tokens:
+    async def login(self, username: str, password: str, *, address: str = "") -> Tokens:
+        """A new session; ``address`` is the client's (attempts are limited per account and address, and
+        its password checks share the hashing slots fairly with other addresses)."""
+        if self._guard is not None:
+            await self._guard.login_attempt(username, address)
         found = await self._store.find_user(username) if len(username) <= 64 else None
         if found is None:
             # Spend the same time as a real check so response times do not reveal which names exist.
-            await asyncio.to_thread(self._verify, await self._dummy(), password)
+            await self._slots.run(address, self._verify, await self._dummy(), password)
             raise ImError(ErrorCode.BAD_CREDENTIALS, _BAD_CREDENTIALS)
         user, password_hash = found
-        if not await asyncio.to_thread(self._verify, password_hash, password):
+        if not await self._slots.run(address, self._verify, password_hash, password):
             raise ImError(ErrorCode.BAD_CREDENTIALS, _BAD_CREDENTIALS)
         if self._hasher.check_needs_rehash(password_hash):
-            new_hash = await asyncio.to_thread(self._hasher.hash, password)
+            new_hash = await self._slots.run(address, self._hasher.hash, password)
             await self._store.set_password_hash(user.uid, new_hash)
         sid = secrets.token_urlsafe(16)
         refresh_token = self._refresh_token(sid, 0)
@@ -207,8 +223,9 @@ class AccountService:
             return False  # a mismatch (VerifyMismatchError is a VerificationError), or a corrupt hash
 
     async def _dummy(self) -> str:
-        if self._dummy_hash is None:
-            self._dummy_hash = await asyncio.to_thread(self._hasher.hash, secrets.token_urlsafe(16))
+        async with self._dummy_lock:  # computed once, even under a flood of unknown names
+            if self._dummy_hash is None:
+                self._dummy_hash = await asyncio.to_thread(self._hasher.hash, secrets.token_urlsafe(16))
         return self._dummy_hash
 
     # --- tokens -------------------------------------------------------------------------------------------
@@ -367,19 +384,23 @@ class AccountService:
 
     # --- account controls ---------------------------------------------------------------------------------
 
-    async def _check_current_password(self, uid: int, password: str) -> None:
+    async def _check_current_password(self, uid: int, password: str, address: str) -> None:
         """Refuse (``forbidden``) unless ``password`` is the user's password: sensitive changes ask for it
-        again, so a stolen access token alone cannot take the account over."""
+        again, so a stolen access token alone cannot take the account over. The check counts as a login
+        attempt (the same ``rates.login_*`` budgets, so a stolen token cannot guess the password faster
+        than a login could) and hashes in the same bounded, fair slots."""
         user = await self.user(uid)
+        if self._guard is not None:
+            await self._guard.login_attempt(user.username, address)
         found = await self._store.find_user(user.username) if len(password) <= MAX_PASSWORD_LENGTH else None
-        if found is None or found[0].uid != uid or not await asyncio.to_thread(self._verify, found[1], password):
+        if found is None or found[0].uid != uid or not await self._slots.run(address, self._verify, found[1], password):
             raise ImError(ErrorCode.FORBIDDEN, "the current password is wrong")
 
-    async def change_password(self, me: Principal, current: str, new: str) -> None:
+    async def change_password(self, me: Principal, current: str, new: str, *, address: str = "") -> None:
         """Set a new password; every OTHER session of the user is revoked (their sockets close at once)."""
         self._check_password(new)
-        await self._check_current_password(me.uid, current)
-        await self._store.set_password_hash(me.uid, await asyncio.to_thread(self._hasher.hash, new))
+        await self._check_current_password(me.uid, current, address)
+        await self._store.set_password_hash(me.uid, await self._slots.run(address, self._hasher.hash, new))
         self._announce_revoked(await self._store.revoke_sessions(me.uid, keep=me.sid))
 
     async def sessions(self, me: Principal) -> list[SessionInfo]:
@@ -405,12 +426,12 @@ class AccountService:
         return len(sids)
 
     async def delete_account(
-        self, me: Principal, password: str, leave_groups: Callable[[int], Awaitable[None]]
+        self, me: Principal, password: str, leave_groups: Callable[[int], Awaitable[None]], *, address: str = ""
     ) -> None:
         """Delete the account (docs/protocol.md section 18): sessions end first (sockets close), then
         ``leave_groups(uid)`` takes the user out of every group (ownership passes on), then the store
         leaves a tombstone: messages stay, shown from "Deleted user"; the name is free again."""
-        await self._check_current_password(me.uid, password)
+        await self._check_current_password(me.uid, password, address)
         self._announce_revoked(await self._store.revoke_sessions(me.uid))
         await leave_groups(me.uid)
         self._announce_revoked(await self._store.delete_user(me.uid, int(self._clock())))

@@ -6,6 +6,7 @@ orphan blob that the next upload of the same bytes reuses; metadata never points
 
 from __future__ import annotations
 
+import math
 import time
 import unicodedata
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from im.backends.rate_limiter import Hit, RateLimiter, Rule
 from im.files.sniff import sniff
 from im.files.storage import BlobNotFound, BlobStorage, BlobTooLarge, Staged, is_sha256
 from im.files.store import FileMeta, FileStore
@@ -38,6 +40,11 @@ def clean_name(name: str | None) -> str:
     return kept[:MAX_NAME_LENGTH]
 
 
+def _over_quota(message: str, wait: float) -> ImError:
+    seconds = math.ceil(wait)
+    return ImError(ErrorCode.RATE_LIMITED, f"{message}; retry in {seconds} s", retry_after=seconds)
+
+
 def _not_found(file_id: str) -> ImError:
     # The same answer for "no such file" and "not yours to read": knowing an id or a hash grants nothing.
     return ImError(ErrorCode.NOT_FOUND, f"no file {file_id[:80]!r}")
@@ -56,6 +63,9 @@ class FileService:
         allowed_types: Sequence[str] = (),
         max_image_pixels: int = 50_000_000,
         clock: Callable[[], float] = time.time,
+        limiter: RateLimiter | None = None,
+        upload_bytes_per_day: int = 1024**3,
+        upload_files_per_day: int = 1000,
     ) -> None:
         self.blobs = blobs
         self.store = store
@@ -63,6 +73,10 @@ class FileService:
         self._allowed = tuple(allowed_types)
         self._max_pixels = max_image_pixels
         self._clock = clock
+        #: The daily upload quota per user (None: none), a sliding day: a GCRA budget refilling over 24 h.
+        self._limiter = limiter
+        self._quota_bytes = Rule("upload-bytes", upload_bytes_per_day, 86400.0)
+        self._quota_files = Rule("upload-files", upload_files_per_day, 86400.0)
         # Pillow's own bomb guard (process-wide) follows ours: it refuses at twice this in Image.open.
         Image.MAX_IMAGE_PIXELS = max_image_pixels
 
@@ -78,7 +92,17 @@ class FileService:
         self, uid: int, chunks: AsyncIterable[bytes], *, name: str | None, declared_type: str | None
     ) -> tuple[FileInfo, bool]:
         """Store an upload; returns the file as ``uid`` sees it and whether ``uid`` is a new uploader of
-        it (False: they had uploaded the same bytes before). Whether someone else had is not revealed."""
+        it (False: they had uploaded the same bytes before). Whether someone else had is not revealed.
+
+        Quota (``rate_limited`` with a retry time): every attempt takes one of the user's files per day,
+        before any byte is read (a user with no byte left is refused then too); a stored upload takes its
+        size from the bytes per day, and one that does not fit is refused without being recorded.
+        """
+        if self._limiter is not None:
+            waits = await self._limiter.check([Hit(self._quota_files, str(uid)), Hit(self._quota_bytes, str(uid))])
+            if max(waits):
+                what = "files" if waits[0] else "bytes"
+                raise _over_quota(f"daily upload quota of {what} reached", max(waits))
 
         def inspect(staged: Staged) -> FileMeta:
             if staged.size == 0:
@@ -95,6 +119,10 @@ class FileService:
             _, meta = await self.blobs.put(chunks, max_bytes=self.max_upload_bytes, inspect=inspect)
         except BlobTooLarge:
             raise ImError(ErrorCode.TOO_LARGE, f"files are limited to {self.max_upload_bytes} bytes") from None
+        if self._limiter is not None and meta.size > 1:  # one byte was taken above
+            [wait] = await self._limiter.check([Hit(self._quota_bytes, str(uid), meta.size - 1)])
+            if wait:  # the blob stays unreferenced, like an upload cut short; the same bytes reuse it
+                raise _over_quota("this file does not fit in the daily upload quota of bytes", wait)
         stored, stored_name, new = await self.store.add_upload(meta, uid, clean_name(name), now_ms)
         return FileInfo(stored, stored_name), new
 

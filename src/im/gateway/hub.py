@@ -11,12 +11,16 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from im.backends.base import DeliverySink, DeviceLocation, StoredMessage
+from im.backends.rate_limiter import Hit, RateLimiter, Rule
 from im.core.accounts import AccountService
 from im.core.chat import ChatService, SendCallback, SendRequest
+from im.core.ids import direct_conv
 from im.core.messages import EncodedCache
 from im.protocol import commands as cmd
 from im.protocol.codec import Encoding
@@ -30,6 +34,20 @@ log = logging.getLogger(__name__)
 _sync_failures = ThrottledLog(log, "connections: sync points unavailable", level=logging.ERROR)
 _replay_failures = ThrottledLog(log, "replays: storage unavailable", level=logging.ERROR)
 _frame_failures = ThrottledLog(log, "frames that failed with an unexpected error", level=logging.ERROR)
+#: The commands that pass the hub's shared rate limits before they are carried out.
+_GATED = (cmd.Submit, cmd.SaveCursor, cmd.MarkRead, cmd.SendTyping)
+
+
+@dataclass(frozen=True, slots=True)
+class HubRates:
+    """The shared rate limits the gateway applies (config ``rates``): per user over all their devices and
+    gateways, and per conversation over all its members. Each connection's own token buckets
+    (``limits.send_rate``, ``limits.typing_rate``) come first, in the session."""
+
+    sends_per_user: Rule
+    sends_per_conversation: Rule
+    typing_per_user: Rule
+    receipts_per_user: Rule
 
 
 class Connection(abc.ABC):
@@ -42,6 +60,10 @@ class Connection(abc.ABC):
         self._dirty = False
         self.closed = False
         self.sid = ""  # the login session that authenticated this connection
+        #: This user's hits of the shared limits (sends, typing, receipts), made once at auth; and the
+        #: conversation hits of its sends by target (``conv`` or ``to``), made once per target.
+        self.user_hits: tuple[Hit, Hit, Hit] | None = None
+        self.conv_hits: dict[str | int | None, Hit] = {}
 
     # --- what a transport implements -----------------------------------------------------------------
 
@@ -106,21 +128,30 @@ class Connection(abc.ABC):
 
     def run(self, commands: Iterable[cmd.Command]) -> None:
         for c in commands:
-            if isinstance(c, cmd.Submit):
-                self._submit(c)
+            if isinstance(c, _GATED):
+                if self.user_hits is not None:
+                    self.hub.gate(self, c)  # the shared rate limits, then perform()
+                else:
+                    self.perform(c)
             elif isinstance(c, cmd.Fetch):
                 self._spawn(self._fetch(c))
-            elif isinstance(c, cmd.SaveCursor):
-                self.hub.save_cursor(self.session.uid, self.session.device, c.conv, c.seq)
-            elif isinstance(c, cmd.MarkRead):
-                self.hub.mark_read(self.session.uid, c.conv, c.seq)
-            elif isinstance(c, cmd.SendTyping):
-                self._spawn(self.hub.typing(self.session.uid, self.session.device, c.conv))
             elif isinstance(c, cmd.Authenticate):
                 self._spawn(self._authenticate(c))
             elif isinstance(c, cmd.Close):
                 self.flush()
                 self.close_transport(c.code)
+
+    def perform(self, c: cmd.Submit | cmd.SaveCursor | cmd.MarkRead | cmd.SendTyping) -> None:
+        """Carry out a command the rate limits allowed."""
+        if type(c) is cmd.Submit:
+            self._submit(c)
+        elif type(c) is cmd.SaveCursor:
+            self.hub.save_cursor(self.session.uid, self.session.device, c.conv, c.seq)
+        elif type(c) is cmd.MarkRead:
+            self.hub.mark_read(self.session.uid, c.conv, c.seq)
+        else:
+            assert type(c) is cmd.SendTyping
+            self._spawn(self.hub.typing(self.session.uid, self.session.device, c.conv))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -135,7 +166,7 @@ class Connection(abc.ABC):
         if self.closed:
             return
         if err is not None:
-            self.session.send_failed(req.cmid, err.code, err.message)
+            self.session.send_failed(req.cmid, err.code, err.message, err.retry_after)
         else:
             assert m is not None
             self.run(self.session.send_done(req.cmid, m, dup))
@@ -150,6 +181,7 @@ class Connection(abc.ABC):
             return
         self.session.uid, self.session.device = principal.uid, c.device
         self.sid = principal.sid
+        self.user_hits = self.hub.user_hits(principal.uid)
         # Register before reading the sync points, so nothing committed in between is missed; what
         # arrives meanwhile waits in the session until the replay is set up.
         await self.hub.register(self)
@@ -192,6 +224,8 @@ class Hub(DeliverySink):
         presence_ttl: float = 60.0,
         cursor_flush_interval: float = 0.2,
         submit: Callable[[SendRequest, SendCallback], None] | None = None,
+        limiter: RateLimiter | None = None,
+        rates: HubRates | None = None,
     ) -> None:
         self.node = node
         self.chat = chat
@@ -212,6 +246,12 @@ class Hub(DeliverySink):
         self._reads: dict[tuple[int, str], int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
+        #: Shared rate limits (None: only the per-connection ones). Commands of one event-loop turn go to
+        #: the limiter in one call; one call at a time, so each connection's commands keep their order.
+        self._limiter = limiter if rates is not None else None
+        self._rates = rates
+        self._gated: list[tuple[Connection, cmd.Submit | cmd.SaveCursor | cmd.MarkRead | cmd.SendTyping]] = []
+        self._gate_task: asyncio.Task[None] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -236,6 +276,8 @@ class Hub(DeliverySink):
             conn.run(conn.session.close(ErrorCode.SHUTDOWN, "server is stopping; reconnect"))
         for task in self._tasks:
             task.cancel()
+        if self._gate_task is not None:  # commands still being decided go unanswered: clients resend
+            self._gate_task.cancel()
         await self._flush_cursors()
         self.chat.router.detach(self.node)
 
@@ -318,6 +360,84 @@ class Hub(DeliverySink):
         conns, self._to_flush = self._to_flush, []
         for conn in conns:
             conn.flush()
+
+    # --- shared rate limits ----------------------------------------------------------------------------
+
+    def user_hits(self, uid: int) -> tuple[Hit, Hit, Hit] | None:
+        """A user's hits of the per-user limits (sends, typing, receipts); None without shared limits."""
+        if self._limiter is None or self._rates is None:
+            return None
+        r, key = self._rates, str(uid)
+        return Hit(r.sends_per_user, key), Hit(r.typing_per_user, key), Hit(r.receipts_per_user, key)
+
+    def _conv_hit(self, conn: Connection, c: cmd.Submit) -> Hit:
+        assert self._rates is not None
+        conv = c.conv if c.conv is not None else direct_conv(conn.session.uid, c.to or 0)
+        if len(conn.conv_hits) >= 1024:  # bound the per-connection cache
+            conn.conv_hits.clear()
+        hit = conn.conv_hits[c.conv if c.conv is not None else c.to] = Hit(self._rates.sends_per_conversation, conv)
+        return hit
+
+    def gate(self, conn: Connection, c: cmd.Submit | cmd.SaveCursor | cmd.MarkRead | cmd.SendTyping) -> None:
+        """Queue a command for the shared rate limits; decided with the others of this loop turn."""
+        self._gated.append((conn, c))
+        if self._gate_task is None:
+            self._gate_task = asyncio.get_running_loop().create_task(self._run_gate(), name="im-hub-rates")
+
+    async def _run_gate(self) -> None:
+        try:
+            while self._gated:
+                batch, self._gated = self._gated, []
+                await self._decide(batch)
+        finally:
+            self._gate_task = None
+
+    async def _decide(self, batch: list[tuple[Connection, Any]]) -> None:
+        """One limiter call for the batch: a send takes one unit of its user's and its conversation's
+        budgets (refused: ``error rate_limited`` with ref and retry_after; the connection's later sends
+        are decided after it, in order); a recv or read one of its user's receipts budget (refused:
+        dropped, one ``error rate_limited`` per connection and batch); typing one of the typing budget
+        (refused: dropped silently, as the session's own typing limit does)."""
+        assert self._limiter is not None and self._rates is not None
+        hits: list[Hit] = []
+        add = hits.append
+        submit, send_typing = cmd.Submit, cmd.SendTyping
+        for conn, c in batch:
+            user = conn.user_hits
+            assert user is not None
+            if type(c) is submit:
+                add(user[0])
+                conv_hit = conn.conv_hits.get(c.conv if c.conv is not None else c.to)
+                add(conv_hit if conv_hit is not None else self._conv_hit(conn, c))
+            elif type(c) is send_typing:
+                add(user[1])
+            else:
+                add(user[2])
+        waits = await self._limiter.check(hits)
+        i = 0
+        told: set[Connection] = set()
+        for conn, c in batch:
+            if type(c) is cmd.Submit:
+                wait = waits[i] or waits[i + 1]
+                user_wait = waits[i]
+                i += 2
+            else:
+                wait = user_wait = waits[i]
+                i += 1
+            if conn.closed:
+                continue
+            if not wait:
+                conn.perform(c)
+                continue
+            retry = math.ceil(wait * 1000) / 1000
+            if type(c) is cmd.Submit:
+                what = "user" if user_wait else "conversation"
+                conn.session.send_failed(c.cmid, ErrorCode.RATE_LIMITED, f"{what} send limit reached", retry)
+                conn.mark_dirty()
+            elif type(c) is not cmd.SendTyping and conn not in told:
+                told.add(conn)
+                conn.session.refuse(ErrorCode.RATE_LIMITED, "receipt limit reached (recv/read dropped)", retry)
+                conn.mark_dirty()
 
     # --- cursors, read marks, typing -----------------------------------------------------------------
 

@@ -35,10 +35,15 @@ class ErrorCode(StrEnum):
 
 
 class ImError(Exception):
-    """A refusal with a protocol error code; safe to show to the client."""
+    """A refusal with a protocol error code; safe to show to the client. ``retry_after``: seconds after
+    which the same request may succeed (rate limits, overload); None when retrying sooner is fine or
+    pointless."""
 
-    def __init__(self, code: ErrorCode, message: str, ref: str | None = None) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, ref: str | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.ref = ref  # the cmid of the refused send, when the refusal is about one
+        self.retry_after = retry_after  # seconds until a retry can succeed, when the refusal knows

@@ -169,11 +169,13 @@ class Pong(msgspec.Struct, tag_field="t", tag="pong", frozen=True):
 
 
 class Error(msgspec.Struct, tag_field="t", tag="error", frozen=True):
-    """A refused frame. ``ref`` is the cmid of the refused send, when there is one."""
+    """A refused frame. ``ref`` is the cmid of the refused send, when there is one. ``retry_after``: seconds
+    to wait before sending the same again (``rate_limited``), else null."""
 
     code: str
     message: str
     ref: str | None = None
+    retry_after: float | None = None
 
 
 class Bye(msgspec.Struct, tag_field="t", tag="bye", frozen=True):

@@ -162,9 +162,10 @@ class ServerSession:
             return []
         return self._handle(frame)
 
-    def refuse(self, code: ErrorCode, message: str) -> None:
-        """Answer a frame the transport could not even hand over (bad framing) with an error."""
-        self._error(code, message)
+    def refuse(self, code: ErrorCode, message: str, retry_after: float | None = None) -> None:
+        """Answer a frame the transport could not even hand over (bad framing), or one the gateway
+        refused (a shared rate limit), with an error."""
+        self._error(code, message, retry_after=retry_after)
 
     def oversized(self, size: int) -> None:
         """A frame too large to take (the transport may not even have kept its bytes)."""
@@ -201,6 +202,7 @@ class ServerSession:
     def _on_send(self, frame: Send) -> list[cmd.Command]:
         cmid = frame.cmid
         problem = None
+        retry_after = None
         if not cmid or len(cmid) > self.limits.max_cmid_length:
             problem = (ErrorCode.INVALID, f"cmid must be 1..{self.limits.max_cmid_length} characters")
         elif (frame.conv is None) == (frame.to is None):
@@ -213,6 +215,7 @@ class ServerSession:
             problem = (ErrorCode.TOO_MANY_IN_FLIGHT, f"more than {self.limits.max_in_flight} unacked sends")
         elif not self._send_bucket.take(self._clock()):
             problem = (ErrorCode.RATE_LIMITED, f"more than {self.limits.send_rate:g} sends per second")
+            retry_after = 1 / self.limits.send_rate
         if problem is None:
             try:
                 body = _json_encoder.encode(frame.body)
@@ -222,7 +225,7 @@ class ServerSession:
         if problem is None and len(body) > self.limits.max_body_bytes:
             problem = (ErrorCode.TOO_LARGE, f"body of {len(body)} bytes > {self.limits.max_body_bytes}")
         if problem is not None:
-            self._error(problem[0], problem[1], cmid)
+            self._error(problem[0], problem[1], cmid, retry_after)
             return []
         self._in_flight.add(cmid)
         return [cmd.Submit(cmid=cmid, conv=frame.conv, to=frame.to, type=frame.type, body=body)]
@@ -331,9 +334,9 @@ class ServerSession:
             return []
         return self.deliver(m)
 
-    def send_failed(self, cmid: str, code: ErrorCode, message: str) -> None:
+    def send_failed(self, cmid: str, code: ErrorCode, message: str, retry_after: float | None = None) -> None:
         self._in_flight.discard(cmid)
-        self._error(code, message, cmid)
+        self._error(code, message, cmid, retry_after)
 
     def event(self, frame: object) -> None:
         """An ephemeral frame (typing, receipt) for this device."""
@@ -392,5 +395,5 @@ class ServerSession:
     def _emit(self, frame: object) -> None:
         self._out.append(encode(frame, self.encoding or Encoding.JSON))
 
-    def _error(self, code: ErrorCode, message: str, ref: str | None = None) -> None:
-        self._emit(Error(code=code.value, message=message, ref=ref))
+    def _error(self, code: ErrorCode, message: str, ref: str | None = None, retry_after: float | None = None) -> None:
+        self._emit(Error(code=code.value, message=message, ref=ref, retry_after=retry_after))
