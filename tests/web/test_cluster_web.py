@@ -85,9 +85,9 @@ async def test_chat_across_gateways_and_failover(web: Web, cluster: LocalCluster
     await expect(bob.message("Hello from the other gateway")).to_have_class("msg theirs")
     await expect(item.locator(".badge")).to_have_count(0)
     await expect(first.locator(".status")).to_have_text("Read")
+    # Alice wrote to Bob, so Bob sees her online; she sees him once he has answered (protocol §18).
     await expect(bob.page.locator("#chat-subtitle")).to_have_text("online")
-    await expect(alice.page.locator("#chat-subtitle")).to_have_text("online")
-    await expect(alice.page.locator("#chat-avatar .dot")).to_have_class("dot online")
+    await expect(alice.page.locator("#chat-subtitle")).to_have_text("offline")
 
     # Bob types (Alice sees it, across the gateways) and answers; Alice has the chat open: read at once.
     await bob.page.focus("#message-input")
@@ -98,6 +98,9 @@ async def test_chat_across_gateways_and_failover(web: Web, cluster: LocalCluster
     await expect(alice.message("Hi Alice, loud and clear")).to_have_class("msg theirs")
     await expect(alice.page.locator("#typing")).to_have_text("")
     await expect(bob.message("Hi Alice, loud and clear").locator(".status")).to_have_text("Read")
+    # Bob has answered: Alice sees him online from her next presence poll (every 12 s), across gateways.
+    await expect(alice.page.locator("#chat-subtitle")).to_have_text("online")
+    await expect(alice.page.locator("#chat-avatar .dot")).to_have_class("dot online")
     expected = ["Hello from the other gateway", "Hi Alice, loud and clear"]
 
     # Alice's gateway stops (SIGTERM). Her page's next gateway lookup is held back until she has typed a

@@ -87,7 +87,8 @@ async def test_page_recovers_from_server_restarts(web: Web, server: ServerProces
     await alice.send("before the restart")
     await bob.open_conversation(alice.display)
     await expect(alice.message("before the restart").locator(".status")).to_have_text("Read")
-    await expect(alice.page.locator("#chat-subtitle")).to_have_text("online")
+    # Alice wrote to Bob, so Bob sees her online (Bob has not answered: she does not see him, protocol §18).
+    await expect(bob.page.locator("#chat-subtitle")).to_have_text("online")
 
     expected = ["before the restart"]
     for sig, name in ((signal.SIGTERM, "stopped"), (signal.SIGKILL, "killed")):
