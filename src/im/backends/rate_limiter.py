@@ -76,6 +76,12 @@ class RateLimiter(abc.ABC):
     async def check(self, hits: Sequence[Hit]) -> list[float]:
         """Decide ``hits`` in order: 0.0 for allowed (taken), else seconds to wait (nothing taken)."""
 
+    def check_now(self, hits: Sequence[Hit]) -> list[float] | None:
+        """:meth:`check` without waiting, for implementations that need no I/O to decide; None when this
+        one cannot (a caller then batches and awaits :meth:`check`). Same guarantees as :meth:`check`.
+        The gateway decides each send inline when it can, instead of deferring it to a batch."""
+        return None
+
 
 class MemoryRateLimiter(RateLimiter):
     """:class:`RateLimiter` in this process (``im serve``). ``clock`` is monotonic seconds. Past
@@ -89,6 +95,9 @@ class MemoryRateLimiter(RateLimiter):
         self._sweep_at = max_keys
 
     async def check(self, hits: Sequence[Hit]) -> list[float]:
+        return self.check_now(hits)
+
+    def check_now(self, hits: Sequence[Hit]) -> list[float]:
         now = self._clock()
         tats = self._tat
         get = tats.get
@@ -128,6 +137,9 @@ class FailOpen(RateLimiter):
 
     async def close(self) -> None:
         await self.limiter.close()
+
+    def check_now(self, hits: Sequence[Hit]) -> list[float] | None:
+        return self.limiter.check_now(hits)
 
     async def check(self, hits: Sequence[Hit]) -> list[float]:
         try:

@@ -50,6 +50,26 @@ class HubRates:
     receipts_per_user: Rule
 
 
+class SendLease:
+    """Units of one shared send budget (a user's, or a conversation's) that a connection took ahead.
+
+    Taking a few units per limiter call instead of one per send keeps the limiter off the per-message
+    path of ``im serve``; units are counted against the budget when taken, so a lease can only make the
+    budget stricter, except that the units a connection still holds may be spent after the budget's
+    window moved on (at most the lease size per connection)."""
+
+    __slots__ = ("credit", "hit")
+
+    def __init__(self, hit: Hit) -> None:
+        self.hit = hit
+        self.credit = 0
+
+
+def lease_size(rule: Rule) -> int:
+    """Units taken per limiter call for ``rule``: 1/256 of its burst, 1 to 32 (small budgets stay exact)."""
+    return max(1, min(32, rule.limit // 256))
+
+
 class Connection(abc.ABC):
     """A session plus the I/O a transport provides (:meth:`write` and :meth:`close_transport`)."""
 
@@ -60,10 +80,12 @@ class Connection(abc.ABC):
         self._dirty = False
         self.closed = False
         self.sid = ""  # the login session that authenticated this connection
-        #: This user's hits of the shared limits (sends, typing, receipts), made once at auth; and the
-        #: conversation hits of its sends by target (``conv`` or ``to``), made once per target.
+        #: This user's hits of the shared limits (sends, typing, receipts), made once at auth; the lease
+        #: of the user's send budget; and the leases of the conversations' send budgets by target
+        #: (``conv`` or ``to``), made once per target.
         self.user_hits: tuple[Hit, Hit, Hit] | None = None
-        self.conv_hits: dict[str | int | None, Hit] = {}
+        self.user_sends: SendLease | None = None
+        self.conv_sends: dict[str | int | None, SendLease] = {}
 
     # --- what a transport implements -----------------------------------------------------------------
 
@@ -182,6 +204,7 @@ class Connection(abc.ABC):
         self.session.uid, self.session.device = principal.uid, c.device
         self.sid = principal.sid
         self.user_hits = self.hub.user_hits(principal.uid)
+        self.user_sends = SendLease(self.user_hits[0]) if self.user_hits is not None else None
         # Register before reading the sync points, so nothing committed in between is missed; what
         # arrives meanwhile waits in the session until the replay is set up.
         await self.hub.register(self)
@@ -250,6 +273,8 @@ class Hub(DeliverySink):
         #: the limiter in one call; one call at a time, so each connection's commands keep their order.
         self._limiter = limiter if rates is not None else None
         self._rates = rates
+        self._user_lease = lease_size(rates.sends_per_user) if rates is not None else 1
+        self._conv_lease = lease_size(rates.sends_per_conversation) if rates is not None else 1
         self._gated: list[tuple[Connection, cmd.Submit | cmd.SaveCursor | cmd.MarkRead | cmd.SendTyping]] = []
         self._gate_task: asyncio.Task[None] | None = None
 
@@ -370,16 +395,67 @@ class Hub(DeliverySink):
         r, key = self._rates, str(uid)
         return Hit(r.sends_per_user, key), Hit(r.typing_per_user, key), Hit(r.receipts_per_user, key)
 
-    def _conv_hit(self, conn: Connection, c: cmd.Submit) -> Hit:
-        assert self._rates is not None
-        conv = c.conv if c.conv is not None else direct_conv(conn.session.uid, c.to or 0)
-        if len(conn.conv_hits) >= 1024:  # bound the per-connection cache
-            conn.conv_hits.clear()
-        hit = conn.conv_hits[c.conv if c.conv is not None else c.to] = Hit(self._rates.sends_per_conversation, conv)
-        return hit
+    def _conv_lease_of(self, conn: Connection, c: cmd.Submit) -> SendLease:
+        key = c.conv if c.conv is not None else c.to
+        lease = conn.conv_sends.get(key)
+        if lease is None:
+            assert self._rates is not None
+            if len(conn.conv_sends) >= 1024:  # bound the per-connection cache (held units are forgone)
+                conn.conv_sends.clear()
+            conv = c.conv if c.conv is not None else direct_conv(conn.session.uid, c.to or 0)
+            lease = conn.conv_sends[key] = SendLease(Hit(self._rates.sends_per_conversation, conv))
+        return lease
+
+    def _refill(self, lease: SendLease, size: int) -> float | None:
+        """Make ``lease`` hold a unit: take ``size`` units in one call, or one when fewer are left. 0.0
+        when it holds one, the wait when the budget is spent, None when the limiter needs I/O."""
+        if lease.credit:
+            return 0.0
+        assert self._limiter is not None
+        check = self._limiter.check_now
+        if size > 1:
+            waits = check((lease.hit._replace(cost=size),))
+            if waits is None:
+                return None
+            if not waits[0]:
+                lease.credit = size
+                return 0.0
+        waits = check((lease.hit,))
+        if waits is None:
+            return None
+        if not waits[0]:
+            lease.credit = 1
+        return waits[0]
 
     def gate(self, conn: Connection, c: cmd.Submit | cmd.SaveCursor | cmd.MarkRead | cmd.SendTyping) -> None:
-        """Queue a command for the shared rate limits; decided with the others of this loop turn."""
+        """Pass a command through the shared rate limits: at once when the limiter decides without I/O
+        (in memory: ``im serve``) and nothing is waiting for a decision (which keeps each connection's
+        order); else queued and decided with the others of this loop turn in one call."""
+        if not self._gated:  # decide at once if the limiter can without I/O (in memory: im serve)
+            assert conn.user_hits is not None and conn.user_sends is not None
+            if type(c) is cmd.Submit:
+                user, conv = conn.user_sends, self._conv_lease_of(conn, c)
+                if not (user.credit and conv.credit):
+                    user_wait = self._refill(user, self._user_lease)
+                    conv_wait = self._refill(conv, self._conv_lease) if user_wait == 0.0 else 0.0
+                    if user_wait is not None and conv_wait is not None and (user_wait or conv_wait):
+                        self._apply([(conn, c)], [user_wait, conv_wait])
+                        return
+                if user.credit and conv.credit:  # (else the limiter needs I/O: the batch below decides)
+                    user.credit -= 1
+                    conv.credit -= 1
+                    conn.perform(c)
+                    return
+            else:
+                assert self._limiter is not None
+                user_hits = conn.user_hits
+                waits = self._limiter.check_now((user_hits[1] if type(c) is cmd.SendTyping else user_hits[2],))
+                if waits is not None:
+                    if waits[0]:
+                        self._apply([(conn, c)], waits)
+                    else:
+                        conn.perform(c)
+                    return
         self._gated.append((conn, c))
         if self._gate_task is None:
             self._gate_task = asyncio.get_running_loop().create_task(self._run_gate(), name="im-hub-rates")
@@ -398,7 +474,11 @@ class Hub(DeliverySink):
         are decided after it, in order); a recv or read one of its user's receipts budget (refused:
         dropped, one ``error rate_limited`` per connection and batch); typing one of the typing budget
         (refused: dropped silently, as the session's own typing limit does)."""
-        assert self._limiter is not None and self._rates is not None
+        assert self._limiter is not None
+        self._apply(batch, await self._limiter.check(self._hits(batch)))
+
+    def _hits(self, batch: list[tuple[Connection, Any]]) -> list[Hit]:
+        """The limiter hits of the commands, in order: two per send (user, conversation), one otherwise."""
         hits: list[Hit] = []
         add = hits.append
         submit, send_typing = cmd.Submit, cmd.SendTyping
@@ -407,13 +487,15 @@ class Hub(DeliverySink):
             assert user is not None
             if type(c) is submit:
                 add(user[0])
-                conv_hit = conn.conv_hits.get(c.conv if c.conv is not None else c.to)
-                add(conv_hit if conv_hit is not None else self._conv_hit(conn, c))
+                add(self._conv_lease_of(conn, c).hit)
             elif type(c) is send_typing:
                 add(user[1])
             else:
                 add(user[2])
-        waits = await self._limiter.check(hits)
+        return hits
+
+    def _apply(self, batch: list[tuple[Connection, Any]], waits: list[float]) -> None:
+        """Carry out what the limiter allowed; answer the refusals (see :meth:`_decide`)."""
         i = 0
         told: set[Connection] = set()
         for conn, c in batch:
