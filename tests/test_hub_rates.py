@@ -7,12 +7,14 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
-from im.backends.rate_limiter import Hit, RateLimiter
+from im.backends.rate_limiter import Hit, RateLimiter, Rule
 from im.config import load_config
+from im.gateway.hub import lease_size
 from im.server import EmbeddedServer
 from tests.support.client import ChatClient, register
 from tests.support.server import RELAXED_RATES_CONFIG
@@ -31,15 +33,15 @@ class Counting(RateLimiter):
         return await self.inner.check(hits)
 
 
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
+@asynccontextmanager
+async def embedded(tmp_path: Path, sends_per_user: str) -> AsyncIterator[EmbeddedServer]:
     config = load_config(None, {
         "data_dir": str(tmp_path / "data"),
         "log_level": "warning",
         "http": {"port": 0},
         "gateway": {"ws_port": 0, "tcp_port": 0},
         "auth": {"argon2_time_cost": 1, "argon2_memory_kib": 1024, "argon2_parallelism": 1},
-        "rates": {**RELAXED_RATES_CONFIG, "sends_per_user": "150/600"},
+        "rates": {**RELAXED_RATES_CONFIG, "sends_per_user": sends_per_user},
     })
     srv = EmbeddedServer(config)
     ready = asyncio.Event()
@@ -48,6 +50,12 @@ async def server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
     yield srv
     srv.request_stop()
     await asyncio.wait_for(task, 20)
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
+    async with embedded(tmp_path, "150/600") as srv:
+        yield srv
 
 
 async def test_one_limiter_call_per_loop_turn_and_sends_answered_in_order(server: EmbeddedServer) -> None:
@@ -73,3 +81,37 @@ async def test_one_limiter_call_per_loop_turn_and_sends_answered_in_order(server
         assert seqs == sorted(seqs)
     finally:
         await c.close()
+
+
+def test_lease_size_keeps_small_budgets_exact() -> None:
+    assert lease_size(Rule("r", 150, 600)) == 1  # below 512 units: one unit per limiter call
+    assert lease_size(Rule("r", 2048, 600)) == 8
+    assert lease_size(Rule("r", 6000, 2)) == 23  # the default sends_per_user
+    assert lease_size(Rule("r", 10**6, 1)) == 32
+
+
+async def test_leased_sends_never_exceed_the_users_budget(tmp_path: Path) -> None:
+    """Four devices of one user draw from one budget of 2,048 sends (leases of 8 units, decided inline by
+    the in-memory limiter): no more than the budget is acked, and at most the units the devices still
+    hold (4 x 8) go unused; every refusal is rate_limited with a retry time."""
+    async with embedded(tmp_path, "2048/86400") as server:  # refills about one unit a minute
+        api = f"{server.http_url}/api/v1"
+        alice = await register(api, f"alice_{uuid.uuid4().hex[:6]}")
+        bob = await register(api, f"bob_{uuid.uuid4().hex[:6]}")
+        devices = [ChatClient(server.ws_url, alice, f"dev{d}") for d in range(4)]
+        for dev in devices:
+            assert (await dev.connect())["t"] == "auth_ok"
+        try:
+            for n, dev in enumerate(devices):
+                frames = [json.dumps({"t": "send", "cmid": f"d{n}-{i}", "to": bob.uid, "body": i}) for i in range(600)]
+                await asyncio.gather(*(dev.ws.send(f) for f in frames))
+            for dev in devices:
+                await eventually(lambda dev=dev: len(dev.acks) + len(dev.errors) == 600,  # type: ignore[misc]
+                                 lambda dev=dev: f"{len(dev.acks)} acks, {len(dev.errors)} errors")
+            acked = sum(len(dev.acks) for dev in devices)
+            assert 2048 - 4 * 8 <= acked <= 2048 + 1, acked  # (+1: a unit that came back meanwhile)
+            errors = [e for dev in devices for e in dev.errors]
+            assert errors and all(e["code"] == "rate_limited" and e["retry_after"] > 0 for e in errors)
+        finally:
+            for dev in devices:
+                await dev.close()
