@@ -7,7 +7,7 @@ docs/protocol.md section 18, "Account controls".
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,21 +18,9 @@ from im.cluster import LocalCluster
 from tests.cluster.conftest import client_on, make_cluster, stop_checked
 from tests.support.checker import History
 from tests.support.client import Account, ChatClient, register
-from tests.support.server import ServerProcess, running_server
+from tests.support.server import ServerProcess
 
 PASSWORD = "correct horse battery"
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    with running_server(tmp_path / "data") as proc:
-        yield proc
-
-
-@pytest.fixture
-async def http(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=server.api, timeout=10) as client:
-        yield client
 
 
 async def login(http: httpx.AsyncClient, account: Account, password: str = PASSWORD) -> Account:

@@ -7,7 +7,7 @@ chatting with the victim undisturbed. docs/protocol.md section 18, "Blocking and
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +18,10 @@ from im.cluster import LocalCluster
 from tests.cluster.conftest import client_on, make_cluster, stop_checked
 from tests.support.checker import History
 from tests.support.client import Account, ChatClient, register
-from tests.support.server import ServerProcess, running_server
+from tests.support.server import ServerProcess
 from tests.support.wait import eventually
 
 REFUSED = "does not accept your messages"
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    with running_server(tmp_path / "data") as proc:
-        yield proc
-
-
-@pytest.fixture
-async def http(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=server.api, timeout=10) as client:
-        yield client
 
 
 async def connect(server: ServerProcess, account: Account, device: str, clients: list[ChatClient]) -> ChatClient:

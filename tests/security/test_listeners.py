@@ -23,7 +23,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from tests.support.client import Account, ChatClient, TcpLink, register
+from tests.support.client import Account, ChatClient, TcpLink, http_from, register
 from tests.support.server import ServerProcess, running_server
 from tests.support.wait import eventually
 
@@ -70,10 +70,6 @@ def peak_rss_kib(server: ServerProcess) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     raise AssertionError("no VmHWM")
-
-
-def http_from(source: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(local_address=source), timeout=10)
 
 
 async def login_from(server: ServerProcess, account: Account, source: str) -> int:

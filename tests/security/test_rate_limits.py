@@ -20,17 +20,12 @@ import httpx
 import pytest
 
 from tests.cluster.conftest import make_cluster, stop_checked
-from tests.support.client import Account, ChatClient
+from tests.support.client import Account, ChatClient, http_from
 from tests.support.server import FAST_ARGON2, ServerProcess, running_server
 from tests.support.wait import eventually
 
 ATTACKER, BYSTANDER = "127.0.0.1", "127.0.0.2"
 PASSWORD = "correct horse battery"
-
-
-def http_from(address: str, base_url: str = "") -> httpx.AsyncClient:
-    """An HTTP client whose connections come from ``address``."""
-    return httpx.AsyncClient(base_url=base_url, timeout=30, transport=httpx.AsyncHTTPTransport(local_address=address))
 
 
 @pytest.fixture

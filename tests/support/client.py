@@ -221,3 +221,10 @@ class ChatClient:
         if self._reader is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+
+
+def http_from(address: str, base_url: str = "", timeout: float = 30) -> httpx.AsyncClient:
+    """An HTTP client whose connections come from ``address`` (another 127.0.0.x: another client address)."""
+    return httpx.AsyncClient(
+        base_url=base_url, timeout=timeout, transport=httpx.AsyncHTTPTransport(local_address=address)
+    )

@@ -1,0 +1,24 @@
+"""Fixtures of the attack tests: a real ``im serve`` (relaxed registration and login limits, see
+tests/support/server.py; files that attack those limits start their own) and an HTTP client on its API."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.server import ServerProcess, running_server
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    with running_server(tmp_path / "data") as proc:
+        yield proc
+
+
+@pytest.fixture
+async def http(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.api, timeout=10) as client:
+        yield client
