@@ -17,8 +17,8 @@ from im.client.api import ApiClient, ApiError
 from im.cluster import LocalCluster
 from tests.cluster.conftest import client_on, make_cluster, stop_checked
 from tests.support.checker import History
-from tests.support.client import Account, ChatClient, register
-from tests.support.server import ServerProcess
+from tests.support.client import Account, ChatClient, http_from, register
+from tests.support.server import FAST_ARGON2, ServerProcess, running_server
 
 PASSWORD = "correct horse battery"
 
@@ -230,3 +230,25 @@ async def test_password_change_closes_the_other_session_on_another_gateway(clust
         await bystander.wait_messages(1)
     await history.close_all()
     await history.check()
+
+
+async def test_password_checks_of_account_controls_are_throttled_as_logins(tmp_path: Path) -> None:
+    """A stolen access token cannot guess the password through /account/password faster than a login
+    could: each check takes a login attempt of (account, address); past the budget, 429 with a retry
+    time, while the owner still logs in from another address."""
+    with running_server(tmp_path / "data", FAST_ARGON2, relaxed=False) as server:
+        owner = await register(server.api, "victim")
+        wrong = {"current_password": "not the password", "new_password": "a brand new password"}
+        async with httpx.AsyncClient(base_url=server.api, timeout=10) as http:
+            # register() logged in once: 9 of the 10 attempts per (account, address) remain.
+            for _ in range(9):
+                r = await http.post("/account/password", json=wrong, headers=owner.auth)
+                assert r.status_code == 403 and r.json()["code"] == "forbidden", r.text
+            r = await http.post("/account/password", json=wrong, headers=owner.auth)
+            assert r.status_code == 429 and r.json()["code"] == "rate_limited", r.text
+            assert int(r.headers["Retry-After"]) > 0 and r.json()["retry_after"] > 0
+            r = await http.post("/account/delete", json={"password": "not the password"}, headers=owner.auth)
+            assert r.status_code == 429, r.text
+        async with http_from("127.0.0.2", server.api) as elsewhere:
+            r = await elsewhere.post("/auth/login", json={"username": "victim", "password": owner.password})
+            assert r.status_code == 200, r.text
