@@ -29,6 +29,7 @@ import json
 import logging
 import resource
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,7 +128,7 @@ class Admission:
 
     def admit(self, peer: object) -> Ticket:
         """Count a new connection from ``peer`` (a peername tuple or host), or say why it is refused."""
-        key = address_key(peer, ipv6_prefix=self.ipv6_prefix)
+        key = sys.intern(address_key(peer, ipv6_prefix=self.ipv6_prefix))  # one string per address, not per connection
         reason = ""
         if self.open >= self.max_connections:
             reason = "the server is at its connection limit, retry later"

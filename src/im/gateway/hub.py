@@ -80,12 +80,13 @@ class Connection(abc.ABC):
         self._dirty = False
         self.closed = False
         self.sid = ""  # the login session that authenticated this connection
-        #: This user's hits of the shared limits (sends, typing, receipts), made once at auth; the lease
-        #: of the user's send budget; and the leases of the conversations' send budgets by target
-        #: (``conv`` or ``to``), made once per target.
+        #: This user's hits of the shared limits (sends, typing, receipts) and the lease of the user's send
+        #: budget, made at the first rate-limited frame; the leases of the conversations' send budgets by
+        #: target (``conv`` or ``to``), made once per target. None until needed: idle connections hold
+        #: nothing for the limits.
         self.user_hits: tuple[Hit, Hit, Hit] | None = None
         self.user_sends: SendLease | None = None
-        self.conv_sends: dict[str | int | None, SendLease] = {}
+        self.conv_sends: dict[str | int | None, SendLease] | None = None
 
     # --- what a transport implements -----------------------------------------------------------------
 
@@ -151,7 +152,7 @@ class Connection(abc.ABC):
     def run(self, commands: Iterable[cmd.Command]) -> None:
         for c in commands:
             if isinstance(c, _GATED):
-                if self.user_hits is not None:
+                if self.hub.rate_limited:
                     self.hub.gate(self, c)  # the shared rate limits, then perform()
                 else:
                     self.perform(c)
@@ -203,8 +204,6 @@ class Connection(abc.ABC):
             return
         self.session.uid, self.session.device = principal.uid, c.device
         self.sid = principal.sid
-        self.user_hits = self.hub.user_hits(principal.uid)
-        self.user_sends = SendLease(self.user_hits[0]) if self.user_hits is not None else None
         # Register before reading the sync points, so nothing committed in between is missed; what
         # arrives meanwhile waits in the session until the replay is set up.
         await self.hub.register(self)
@@ -388,6 +387,16 @@ class Hub(DeliverySink):
 
     # --- shared rate limits ----------------------------------------------------------------------------
 
+    @property
+    def rate_limited(self) -> bool:
+        """Whether sends, typing and receipts pass the shared rate limits (:meth:`gate`)."""
+        return self._limiter is not None
+
+    def _first_limited_frame(self, conn: Connection) -> None:
+        hits = conn.user_hits = self.user_hits(conn.session.uid)
+        assert hits is not None
+        conn.user_sends = SendLease(hits[0])
+
     def user_hits(self, uid: int) -> tuple[Hit, Hit, Hit] | None:
         """A user's hits of the per-user limits (sends, typing, receipts); None without shared limits."""
         if self._limiter is None or self._rates is None:
@@ -397,13 +406,16 @@ class Hub(DeliverySink):
 
     def _conv_lease_of(self, conn: Connection, c: cmd.Submit) -> SendLease:
         key = c.conv if c.conv is not None else c.to
-        lease = conn.conv_sends.get(key)
+        leases = conn.conv_sends
+        if leases is None:
+            leases = conn.conv_sends = {}
+        lease = leases.get(key)
         if lease is None:
             assert self._rates is not None
-            if len(conn.conv_sends) >= 1024:  # bound the per-connection cache (held units are forgone)
-                conn.conv_sends.clear()
+            if len(leases) >= 1024:  # bound the per-connection cache (held units are forgone)
+                leases.clear()
             conv = c.conv if c.conv is not None else direct_conv(conn.session.uid, c.to or 0)
-            lease = conn.conv_sends[key] = SendLease(Hit(self._rates.sends_per_conversation, conv))
+            lease = leases[key] = SendLease(Hit(self._rates.sends_per_conversation, conv))
         return lease
 
     def _refill(self, lease: SendLease, size: int) -> float | None:
@@ -432,6 +444,8 @@ class Hub(DeliverySink):
         (in memory: ``im serve``) and nothing is waiting for a decision (which keeps each connection's
         order); else queued and decided with the others of this loop turn in one call."""
         if not self._gated:  # decide at once if the limiter can without I/O (in memory: im serve)
+            if conn.user_sends is None:
+                self._first_limited_frame(conn)
             assert conn.user_hits is not None and conn.user_sends is not None
             if type(c) is cmd.Submit:
                 user, conv = conn.user_sends, self._conv_lease_of(conn, c)
@@ -483,6 +497,8 @@ class Hub(DeliverySink):
         add = hits.append
         submit, send_typing = cmd.Submit, cmd.SendTyping
         for conn, c in batch:
+            if conn.user_sends is None:
+                self._first_limited_frame(conn)
             user = conn.user_hits
             assert user is not None
             if type(c) is submit:
