@@ -1,5 +1,6 @@
 """Fixtures of the attack tests: a real ``im serve`` (relaxed registration and login limits, see
-tests/support/server.py; files that attack those limits start their own) and an HTTP client on its API."""
+tests/support/server.py; files that attack those limits start their own), an HTTP client on its API,
+and a local cluster for the attacks that cross nodes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from im.cluster import LocalCluster
+from tests.cluster.conftest import make_cluster, stop_checked
 from tests.support.server import ServerProcess, running_server
 
 
@@ -22,3 +25,10 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
 async def http(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=server.api, timeout=10) as client:
         yield client
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    c = make_cluster(tmp_path / "cluster").start()
+    yield c
+    stop_checked(c)

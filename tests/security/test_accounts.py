@@ -7,7 +7,6 @@ docs/protocol.md section 18, "Account controls".
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,7 @@ import pytest
 
 from im.client.api import ApiClient, ApiError
 from im.cluster import LocalCluster
-from tests.cluster.conftest import client_on, make_cluster, stop_checked
+from tests.cluster.conftest import client_on
 from tests.support.checker import History
 from tests.support.client import Account, ChatClient, http_from, register
 from tests.support.server import FAST_ARGON2, ServerProcess, running_server
@@ -200,13 +199,6 @@ async def test_delete_account(server: ServerProcess, http: httpx.AsyncClient) ->
         finally:
             for c in (a, b):
                 await c.close()
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    c = make_cluster(tmp_path / "cluster").start()
-    yield c
-    stop_checked(c)
 
 
 async def test_password_change_closes_the_other_session_on_another_gateway(cluster: LocalCluster) -> None:

@@ -7,15 +7,12 @@ chatting with the victim undisturbed. docs/protocol.md section 18, "Blocking and
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from im.cluster import LocalCluster
-from tests.cluster.conftest import client_on, make_cluster, stop_checked
+from tests.cluster.conftest import client_on
 from tests.support.checker import History
 from tests.support.client import Account, ChatClient, register
 from tests.support.server import ServerProcess
@@ -173,13 +170,6 @@ async def test_contacts_only_and_the_presence_rule(server: ServerProcess, http: 
     finally:
         for client in clients:
             await client.close()
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    c = make_cluster(tmp_path / "cluster").start()
-    yield c
-    stop_checked(c)
 
 
 async def test_block_reaches_every_node_within_the_cache_time(cluster: LocalCluster) -> None:
