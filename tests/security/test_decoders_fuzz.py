@@ -357,19 +357,27 @@ def test_tcp_well_formed_frames_round_trip(ids: list[int], binary: bool, cuts: A
 # --- the WebSocket frame parser ----------------------------------------------------------------------
 
 
-def run_ws(chunks: list[bytes], settings: WsSettings) -> tuple[list[Any], bytes, State]:
-    p = ServerProtocol(settings)
-    p.receive_data(request())
-    assert isinstance(p.events_received()[0], Opened)
-    p.data_to_send()
+def feed(
+    p: ServerProtocol, chunks: list[bytes], max_buffered: int, *, plus_read: bool = False
+) -> tuple[list[Any], bytes, State]:
+    """Feed ``chunks`` read by read: the events, the bytes answered, the end state. After every read the
+    protocol holds at most ``max_buffered`` bytes (plus that read's, with ``plus_read``)."""
     events: list[Any] = []
     out = bytearray()
     for chunk in chunks:
         p.receive_data(chunk)
         events += p.events_received()
         out += p.data_to_send()
-        assert p.buffered <= settings.max_message + 14
+        assert p.buffered <= max_buffered + (len(chunk) if plus_read else 0)
     return events, bytes(out), p.state
+
+
+def run_ws(chunks: list[bytes], settings: WsSettings) -> tuple[list[Any], bytes, State]:
+    p = ServerProtocol(settings)
+    p.receive_data(request())
+    assert isinstance(p.events_received()[0], Opened)
+    p.data_to_send()
+    return feed(p, chunks, settings.max_message + 14)
 
 
 def check_ws_outcome(events: list[Any], out: bytes, state: State) -> None:
@@ -460,14 +468,7 @@ def test_websocket_parser_takes_mutated_frames(messages: list[Any], edits: list[
 
 def run_handshake(chunks: list[bytes]) -> tuple[list[Any], bytes, State]:
     p = ServerProtocol(WsSettings(max_request_bytes=2048, max_headers=10, max_message=64))
-    events: list[Any] = []
-    out = bytearray()
-    for chunk in chunks:
-        p.receive_data(chunk)
-        events += p.events_received()
-        out += p.data_to_send()
-        assert p.buffered <= 2048 + len(chunk)
-    return events, bytes(out), p.state
+    return feed(p, chunks, 2048, plus_read=True)  # the head's bound, plus the read that completes it
 
 
 header_lines = st.lists(
