@@ -256,7 +256,7 @@ class RatesConfig(_Section):
     upload_bytes_per_day: int = Field(1024**3, ge=1)
     upload_files_per_day: int = Field(1000, ge=1)
     #: Password hashes (argon2) computed at once, and waiting in the fair queue; beyond, 503 at once.
-    hash_concurrency: int = Field(1, ge=1, le=64)
+    hash_concurrency: int = Field(2, ge=1, le=64)
     hash_queue: int = Field(64, ge=0)
     #: Hashes one client address may have running or waiting (a flood from one address gets no more).
     hash_per_address: int = Field(2, ge=1)
