@@ -264,3 +264,16 @@ async def test_refresh_token_of_the_older_format_works_once_and_proves_nothing(
     assert tokens.refresh_token.count(".") == 2
     await refused(ErrorCode.AUTH_FAILED, accounts.refresh(legacy))  # used: refused, but proves no reuse
     assert (await accounts.refresh(tokens.refresh_token)).uid == user.uid
+
+
+async def test_blocks_per_user_are_capped(store: SqliteAccountStore, clock: Clock) -> None:
+    accounts = make_service(store, clock, max_blocks=2)
+    me = await accounts.register("blocker", "password1")
+    others = [await accounts.register(f"other{i}", "password1") for i in range(3)]
+    await accounts.block(me.uid, others[0].uid)
+    await accounts.block(me.uid, others[1].uid)
+    await accounts.block(me.uid, others[1].uid)  # idempotent at the cap
+    with pytest.raises(ImError) as refused:
+        await accounts.block(me.uid, others[2].uid)
+    assert refused.value.code is ErrorCode.INVALID
+    assert [u.uid for u in await accounts.blocks(me.uid)] == sorted(u.uid for u in others[:2])

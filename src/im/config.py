@@ -101,6 +101,8 @@ class LimitsConfig(_Section):
     send_rate: float = Field(2000.0, gt=0)
     typing_rate: float = Field(5.0, gt=0)
     max_group_members: int = Field(2000, ge=2)
+    #: Users one user may block (rows a user makes the server keep, and load into every consent check).
+    max_blocks: int = Field(10_000, ge=1)
     history_page_max: int = Field(200, ge=1, le=10_000)
     #: WebSocket frames one message may be split into (first frame and continuations); more: close
     #: 1009. Each fragment after the first also counts 64 bytes toward the 4 x max_frame_bytes limit.

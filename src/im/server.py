@@ -197,7 +197,7 @@ def build_accounts(config: Config, store: AccountStore, limiter: RateLimiter | N
         session_max_age=auth.session_max_age,
         argon2_time_cost=auth.argon2_time_cost, argon2_memory_kib=auth.argon2_memory_kib,
         argon2_parallelism=auth.argon2_parallelism, min_password_length=auth.min_password_length,
-        guard=guard,
+        guard=guard, max_blocks=config.limits.max_blocks,
         hash_slots=HashSlots(concurrency=rt.hash_concurrency, queue=rt.hash_queue, per_source=rt.hash_per_address),
     )
 

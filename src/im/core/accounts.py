@@ -98,6 +98,7 @@ class AccountService:
         clock: Callable[[], float] = time.time,
         guard: LoginGuard | None = None,
         hash_slots: HashSlots | None = None,
+        max_blocks: int = 10_000,
     ) -> None:
         if len(secret) < 16:
             raise ValueError("the token secret must be at least 16 bytes")
@@ -121,6 +122,7 @@ class AccountService:
         self._guard = self.guard = guard
         self._slots = hash_slots or HashSlots()
         self._cache_ttl = session_cache_ttl
+        self._max_blocks = max_blocks
         self._live_sessions: dict[str, tuple[int, float]] = {}  # sid -> (uid, cached until; monotonic)
         self._revoke_listeners: list[Callable[[str], None]] = []
         self._privacy_listeners: list[Callable[[int], None]] = []
@@ -444,6 +446,9 @@ class AccountService:
         if other == uid:
             raise ImError(ErrorCode.INVALID, "you cannot block yourself")
         await self.user(other)
+        blocked = (await self._store.privacy([uid])).get(uid, Privacy()).blocked
+        if other not in blocked and len(blocked) >= self._max_blocks:
+            raise ImError(ErrorCode.INVALID, f"you block {len(blocked)} users already, the most one may block")
         await self._store.block(uid, other, int(self._clock()))
         self._privacy_changed(uid)
 
