@@ -198,8 +198,10 @@ def main() -> None:
     print(f"delivered messages/s      {rate:,.0f}")
     print(f"server CPU-ms per 1k msgs {1e6 * (cpu1 - cpu0) / max(1, delivered):.1f}")
     if lat:
-        print(f"latency p50 / p99 / max   {1000 * statistics.median(lat):.2f} / "
-              f"{1000 * lat[int(0.99 * (len(lat) - 1))]:.2f} / {1000 * lat[-1]:.2f} ms")
+        print(
+            f"latency p50 / p99 / max   {1000 * statistics.median(lat):.2f} / "
+            f"{1000 * lat[int(0.99 * (len(lat) - 1))]:.2f} / {1000 * lat[-1]:.2f} ms"
+        )
     print(f"errors                    {sum(r['errors'] for r in results)}")
 
 

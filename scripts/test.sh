@@ -36,5 +36,6 @@ fi
 
 uv sync --frozen
 uv run ruff check src tests benchmarks
+uv run ruff format --check src tests benchmarks
 uv run mypy
 uv run pytest -q -p no:cacheprovider "$@"

@@ -97,9 +97,7 @@ async def test_bad_credentials_look_the_same(accounts: AccountService) -> None:
     assert wrong.message == unknown.message
 
 
-async def test_forged_or_foreign_tokens_fail(
-    accounts: AccountService, store: SqliteAccountStore, clock: Clock
-) -> None:
+async def test_forged_or_foreign_tokens_fail(accounts: AccountService, store: SqliteAccountStore, clock: Clock) -> None:
     await accounts.register("alice", "password1")
     tokens = await accounts.login("alice", "password1")
     other = make_service(store, clock, secret=b"another-secret-0123456789abcdef")

@@ -32,8 +32,12 @@ async def crash(request: Request) -> Response:
 def client() -> httpx.AsyncClient:
     """Placed as create_app places it: inside Starlette's outermost error middleware."""
     app = Starlette(
-        routes=[Route("/api/v1/ok", ok), Route("/api/v1/cached", cached), Route("/api/v1/crash", crash),
-                Route("/page", ok)],
+        routes=[
+            Route("/api/v1/ok", ok),
+            Route("/api/v1/cached", cached),
+            Route("/api/v1/crash", crash),
+            Route("/page", ok),
+        ],
         middleware=[Middleware(ResponseHardening)],
     )
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")

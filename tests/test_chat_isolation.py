@@ -69,8 +69,13 @@ def submit_all(svc: ChatService, reqs: list[SendRequest]) -> list[asyncio.Future
     for req in reqs:
         fut: asyncio.Future[Outcome] = loop.create_future()
 
-        def done(_r: SendRequest, m: StoredMessage | None, _dup: bool, err: ImError | None,
-                 fut: asyncio.Future[Outcome] = fut) -> None:
+        def done(
+            _r: SendRequest,
+            m: StoredMessage | None,
+            _dup: bool,
+            err: ImError | None,
+            fut: asyncio.Future[Outcome] = fut,
+        ) -> None:
             fut.set_result((m, err))
 
         svc.submit(req, done)
@@ -118,9 +123,7 @@ async def test_several_poisoned_sends_across_conversations(svc: ChatService) -> 
         assert [m.cmid for m in page if m.type == "text"] == expected
 
 
-async def test_an_item_that_breaks_preparation_fails_alone(
-    svc: ChatService, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_an_item_that_breaks_preparation_fails_alone(svc: ChatService, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bug (an unexpected exception) met while checking one item refuses that item only."""
     group = await svc.create_group(1, "g", [2])
     conv = f"g:{group.gid}"
@@ -141,9 +144,7 @@ async def test_an_item_that_breaks_preparation_fails_alone(
     assert [(m.conv, m.seq) for m, _ in outcomes if m is not None] == [(conv, 2), (conv, 3), ("d:1:2", 1)]
 
 
-async def test_a_store_that_is_down_refuses_the_batch_once(
-    svc: ChatService, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_a_store_that_is_down_refuses_the_batch_once(svc: ChatService, caplog: pytest.LogCaptureFixture) -> None:
     group = await svc.create_group(1, "g", [2])
     conv = f"g:{group.gid}"
     await svc.send(send(conv, "before"))

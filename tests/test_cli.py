@@ -13,9 +13,9 @@ from pathlib import Path
 SECRET = "s3cr3t-value-0123456"  # 20 characters
 
 
-def run_im(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 15) -> tuple[
-    subprocess.CompletedProcess[str], float
-]:
+def run_im(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 15
+) -> tuple[subprocess.CompletedProcess[str], float]:
     clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("IM_")}
     clean.update(env or {})
     started = time.monotonic()
@@ -28,8 +28,13 @@ def run_im(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: fl
 def test_config_shows_flags_and_masks_the_secret(tmp_path: Path) -> None:
     assert len(SECRET) == 20
     done, _ = run_im(
-        "config", "--set", "limits.send_rate=5", "--http-port", "9999",
-        cwd=tmp_path, env={"IM_AUTH__SECRET": SECRET, "IM_GATEWAY__NODE_ID": "gw-env"},
+        "config",
+        "--set",
+        "limits.send_rate=5",
+        "--http-port",
+        "9999",
+        cwd=tmp_path,
+        env={"IM_AUTH__SECRET": SECRET, "IM_GATEWAY__NODE_ID": "gw-env"},
     )
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout)

@@ -100,9 +100,7 @@ def test_flags_override_env_and_file(write: Write, monkeypatch: pytest.MonkeyPat
         ("flag", "auth.secret"),
     ],
 )
-def test_invalid_value_names_the_field(
-    source: str, field: str, write: Write, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_invalid_value_names_the_field(source: str, field: str, write: Write, monkeypatch: pytest.MonkeyPatch) -> None:
     bad = {"http.port": "70000", "limits.max_frame_bytes": "12", "log_level": "loud", "auth.secret": "short"}[field]
     section, _, leaf = field.rpartition(".")
     overrides: dict[str, Any] = {}

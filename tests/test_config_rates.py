@@ -8,8 +8,16 @@ from im.config import ConfigError, RateConfig, load_config
 
 
 def test_rules_as_text_or_mapping() -> None:
-    c = load_config(None, {"rates": {"login_per_address": "5/60", "sends_per_user": "100/1s",
-                                     "typing_per_user": {"limit": 3, "period": 0.5}}})
+    c = load_config(
+        None,
+        {
+            "rates": {
+                "login_per_address": "5/60",
+                "sends_per_user": "100/1s",
+                "typing_per_user": {"limit": 3, "period": 0.5},
+            }
+        },
+    )
     assert c.rates.login_per_address == RateConfig(limit=5, period=60.0)
     assert c.rates.sends_per_user == RateConfig(limit=100, period=1.0)
     assert c.rates.typing_per_user == RateConfig(limit=3, period=0.5)

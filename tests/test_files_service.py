@@ -49,12 +49,20 @@ class World:
         states = await self.chat.load_conversations([conv])
         head = states[conv].last_seq if conv in states else 0
         message = StoredMessage(
-            conv=conv, seq=head + 1, mid=head + 1000 * sender, sender=sender, device="d", cmid=f"{conv}-{head}",
-            ts=1, type="file", body=b'{"file_id":"%s"}' % file_id.encode(),
+            conv=conv,
+            seq=head + 1,
+            mid=head + 1000 * sender,
+            sender=sender,
+            device="d",
+            cmid=f"{conv}-{head}",
+            ts=1,
+            type="file",
+            body=b'{"file_id":"%s"}' % file_id.encode(),
         )
         await self.chat.commit(
             CommitBatch(
-                messages=[message], heads={conv: (head, head + 1, 1)},
+                messages=[message],
+                heads={conv: (head, head + 1, 1)},
                 new_conversations=[ConversationState(conv, "group", 0, members)] if members else [],
                 file_refs=[(file_id, conv)],
             )

@@ -42,8 +42,9 @@ async def storage(tmp_path: Path) -> AsyncIterator[LocalBlobStorage]:
 
 async def test_put_stores_under_the_sha256(storage: LocalBlobStorage) -> None:
     data = os.urandom(300_000)
-    result, _ = await storage.put(chunks_of([data[:1000], data[1000:200_000], data[200_000:]]), max_bytes=10**6,
-                                  inspect=accept)
+    result, _ = await storage.put(
+        chunks_of([data[:1000], data[1000:200_000], data[200_000:]]), max_bytes=10**6, inspect=accept
+    )
     sha = hashlib.sha256(data).hexdigest()
     assert (result.sha256, result.size, result.created) == (sha, len(data), True)
     path = storage.root / sha[:2] / sha

@@ -35,14 +35,17 @@ class Counting(RateLimiter):
 
 @asynccontextmanager
 async def embedded(tmp_path: Path, sends_per_user: str) -> AsyncIterator[EmbeddedServer]:
-    config = load_config(None, {
-        "data_dir": str(tmp_path / "data"),
-        "log_level": "warning",
-        "http": {"port": 0},
-        "gateway": {"ws_port": 0, "tcp_port": 0},
-        "auth": {"argon2_time_cost": 1, "argon2_memory_kib": 1024, "argon2_parallelism": 1},
-        "rates": {**RELAXED_RATES_CONFIG, "sends_per_user": sends_per_user},
-    })
+    config = load_config(
+        None,
+        {
+            "data_dir": str(tmp_path / "data"),
+            "log_level": "warning",
+            "http": {"port": 0},
+            "gateway": {"ws_port": 0, "tcp_port": 0},
+            "auth": {"argon2_time_cost": 1, "argon2_memory_kib": 1024, "argon2_parallelism": 1},
+            "rates": {**RELAXED_RATES_CONFIG, "sends_per_user": sends_per_user},
+        },
+    )
     srv = EmbeddedServer(config)
     ready = asyncio.Event()
     task = asyncio.create_task(srv.run(lambda _: ready.set()))
@@ -106,8 +109,10 @@ async def test_leased_sends_never_exceed_the_users_budget(tmp_path: Path) -> Non
                 frames = [json.dumps({"t": "send", "cmid": f"d{n}-{i}", "to": bob.uid, "body": i}) for i in range(600)]
                 await asyncio.gather(*(dev.ws.send(f) for f in frames))
             for dev in devices:
-                await eventually(lambda dev=dev: len(dev.acks) + len(dev.errors) == 600,  # type: ignore[misc]
-                                 lambda dev=dev: f"{len(dev.acks)} acks, {len(dev.errors)} errors")
+                await eventually(
+                    lambda dev=dev: len(dev.acks) + len(dev.errors) == 600,  # type: ignore[misc]
+                    lambda dev=dev: f"{len(dev.acks)} acks, {len(dev.errors)} errors",
+                )
             acked = sum(len(dev.acks) for dev in devices)
             assert 2048 - 4 * 8 <= acked <= 2048 + 1, acked  # (+1: a unit that came back meanwhile)
             errors = [e for dev in devices for e in dev.errors]

@@ -50,8 +50,20 @@ async def test_fresh_schema_is_created_and_migrated(schema: PgSchema) -> None:
         await db.close()
     assert await versions(schema) == list(range(1, len(MIGRATIONS) + 1))
     assert await tables(schema) == {
-        "schema_version", "users", "auth_sessions", "contacts", "groups", "conversations", "members", "messages",
-        "device_cursors", "files", "file_owners", "file_refs", "outbox", "blocks",
+        "schema_version",
+        "users",
+        "auth_sessions",
+        "contacts",
+        "groups",
+        "conversations",
+        "members",
+        "messages",
+        "device_cursors",
+        "files",
+        "file_owners",
+        "file_refs",
+        "outbox",
+        "blocks",
     }
 
 

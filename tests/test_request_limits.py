@@ -13,7 +13,11 @@ from im.api.guard import HeaderLimit
 
 def _scope(headers: list[tuple[bytes, bytes]] | None = None, path: str = "/api/v1/auth/login") -> Scope:
     return {
-        "type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
         "headers": headers or [],
     }
 

@@ -32,8 +32,15 @@ class Clock:
 
 def msg(seq: int, conv: str = CONV, sender: int = 99, device: str = "other", cmid: str | None = None) -> StoredMessage:
     return StoredMessage(
-        conv=conv, seq=seq, mid=1000 + seq, sender=sender, device=device, cmid=cmid or f"c{seq}",
-        ts=1_700_000_000_000 + seq, type="text", body=json.dumps(f"m{seq}").encode(),
+        conv=conv,
+        seq=seq,
+        mid=1000 + seq,
+        sender=sender,
+        device=device,
+        cmid=cmid or f"c{seq}",
+        ts=1_700_000_000_000 + seq,
+        type="text",
+        body=json.dumps(f"m{seq}").encode(),
     )
 
 
@@ -316,8 +323,13 @@ def test_in_flight_limit() -> None:
     assert len(feed(s2, send_frame("b"))) == 1
     assert feed(s2, send_frame("c")) == []
     assert frames(s2) == [
-        {"t": "error", "code": "too_many_in_flight", "message": "more than 2 unacked sends", "ref": "c",
-         "retry_after": None}
+        {
+            "t": "error",
+            "code": "too_many_in_flight",
+            "message": "more than 2 unacked sends",
+            "ref": "c",
+            "retry_after": None,
+        }
     ]
     s2.send_done("a", msg(1, sender=UID, device=DEVICE, cmid="a"), dup=False)
     assert kinds(frames(s2)) == ["ack"]
@@ -387,11 +399,18 @@ def test_send_before_auth_is_unauthenticated() -> None:
     s = new()
     assert feed(s, send_frame("early")) == []
     assert frames(s) == [
-        {"t": "error", "code": "unauthenticated", "message": "await_auth: cannot take a send frame", "ref": "early",
-         "retry_after": None}
+        {
+            "t": "error",
+            "code": "unauthenticated",
+            "message": "await_auth: cannot take a send frame",
+            "ref": "early",
+            "retry_after": None,
+        }
     ]
     others = [
-        {"t": "recv", "conv": CONV, "seq": 1}, {"t": "read", "conv": CONV, "seq": 1}, {"t": "typing", "conv": CONV}
+        {"t": "recv", "conv": CONV, "seq": 1},
+        {"t": "read", "conv": CONV, "seq": 1},
+        {"t": "typing", "conv": CONV},
     ]
     for frame in others:
         assert feed(s, frame) == []

@@ -43,8 +43,15 @@ def request(path: str = "/ws", **overrides: str | None) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def frame(op: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0, mask: bytes | None = MASK,
-          length_form: int | None = None) -> bytes:
+def frame(
+    op: int,
+    payload: bytes = b"",
+    *,
+    fin: bool = True,
+    rsv: int = 0,
+    mask: bytes | None = MASK,
+    length_form: int | None = None,
+) -> bytes:
     """A client frame; ``length_form`` forces the 7/16/64-bit length encoding."""
     n = len(payload)
     form = length_form or (7 if n < 126 else 16 if n < 65536 else 64)
@@ -121,10 +128,17 @@ def test_handshake_accepts_and_ignores_the_query() -> None:
     p = ServerProtocol()
     p.receive_data(request("/ws?token=x&y=1", Origin="https://chat.example"))
     [event] = p.events_received()
-    assert event == Opened("/ws?token=x&y=1", {
-        "host": "server.example.com", "upgrade": "websocket", "connection": "Upgrade",
-        "sec-websocket-key": KEY, "sec-websocket-version": "13", "origin": "https://chat.example",
-    })
+    assert event == Opened(
+        "/ws?token=x&y=1",
+        {
+            "host": "server.example.com",
+            "upgrade": "websocket",
+            "connection": "Upgrade",
+            "sec-websocket-key": KEY,
+            "sec-websocket-version": "13",
+            "origin": "https://chat.example",
+        },
+    )
     assert p.data_to_send() == (
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
@@ -155,7 +169,9 @@ def test_interoperates_with_the_websockets_client() -> None:
     assert server.events_received() == [Message("héllo".encode(), False), Oversized(80_001, True)]
     client.receive_data(encode_frames([b"a", b"b" * 70_000], binary=False))
     assert [(f.opcode, f.data[:1], len(f.data)) for f in client.events_received()] == [
-        (Opcode.TEXT, b"a", 1), (Opcode.TEXT, b"b", 70_000)]
+        (Opcode.TEXT, b"a", 1),
+        (Opcode.TEXT, b"b", 70_000),
+    ]
     client.send_close(1000, "done")
     server.receive_data(b"".join(client.data_to_send()))
     assert server.events_received() == [Closed(1000, "done")]
@@ -240,9 +256,7 @@ def test_text_and_binary_messages() -> None:
     assert p.data_to_send() == b"" and p.buffered == 0
 
 
-@pytest.mark.parametrize(
-    ("n", "form"), [(0, 7), (125, 7), (126, 16), (65535, 16), (65536, 64), (70_000, 64)]
-)
+@pytest.mark.parametrize(("n", "form"), [(0, 7), (125, 7), (126, 16), (65535, 16), (65536, 64), (70_000, 64)])
 def test_all_length_forms(n: int, form: int) -> None:
     p = opened(WsSettings(max_message=100_000))
     payload = os.urandom(n)
@@ -267,13 +281,19 @@ def test_a_zero_mask_is_still_a_mask() -> None:
 
 def test_fragmented_message_with_an_interleaved_ping() -> None:
     p = opened()
-    data = (frame(0x1, b"he", fin=False) + frame(0x9, b"are you there") + frame(0x0, b"ll\xc3", fin=False)
-            + frame(0xA, b"unsolicited pong") + frame(0x0, b"\xa9!"))  # "é" split across fragments
+    data = (
+        frame(0x1, b"he", fin=False)
+        + frame(0x9, b"are you there")
+        + frame(0x0, b"ll\xc3", fin=False)
+        + frame(0xA, b"unsolicited pong")
+        + frame(0x0, b"\xa9!")
+    )  # "é" split across fragments
     for chunk in (None, 1, 5):
         assert feed(p, data, chunk) == [Message("hellé!".encode(), False)]
         assert server_frames(p.data_to_send()) == [(0xA, True, b"are you there")]
     assert feed(p, frame(0x2, b"a", fin=False) + frame(0x0, b"", fin=False) + frame(0x0, b"b")) == [
-        Message(b"ab", True)]
+        Message(b"ab", True)
+    ]
 
 
 def test_unmasked_client_frame_is_a_protocol_error() -> None:
@@ -332,8 +352,12 @@ def test_binary_messages_are_not_checked_for_utf8() -> None:
 
 def test_client_starts_the_closing_handshake() -> None:
     p = opened()
-    events = feed(p, frame(0x1, b"last") + frame(0x8, (1000).to_bytes(2, "big") + "au revoir ✓".encode())
-                  + frame(0x1, b"after close"))
+    events = feed(
+        p,
+        frame(0x1, b"last")
+        + frame(0x8, (1000).to_bytes(2, "big") + "au revoir ✓".encode())
+        + frame(0x1, b"after close"),
+    )
     assert events == [Message(b"last", False), Closed(1000, "au revoir ✓")]
     assert close_frame(p.data_to_send()) == (1000, "")  # the code echoed (section 5.5.1)
     assert p.state is State.CLOSED and p.buffered == 0
@@ -384,8 +408,13 @@ def test_oversized_message_is_reported_and_the_connection_stays_open() -> None:
 
 def test_oversized_fragmented_message_with_a_ping() -> None:
     p = opened(WsSettings(max_message=1000))
-    data = (frame(0x2, b"a" * 600, fin=False) + frame(0x0, b"b" * 600, fin=False) + frame(0x9, b"?")
-            + frame(0x0, b"c" * 600) + frame(0x1, b"next"))
+    data = (
+        frame(0x2, b"a" * 600, fin=False)
+        + frame(0x0, b"b" * 600, fin=False)
+        + frame(0x9, b"?")
+        + frame(0x0, b"c" * 600)
+        + frame(0x1, b"next")
+    )
     assert feed(p, data, chunk=50) == [Oversized(1800, True), Message(b"next", False)]
     assert server_frames(p.data_to_send()) == [(0xA, True, b"?")]
     assert p.buffered == 0
@@ -447,7 +476,8 @@ def test_reserved_bits_on_every_kind_of_frame(rsv: int, op: int) -> None:  # Aut
     p = opened()
     payload = b"\x03\xe8" if op == 0x8 else b"x"
     assert _closes(p, frame(0x1, b"ok") + frame(op, payload, rsv=rsv) + frame(0x1, b"after"), 1002) == [
-        Message(b"ok", False)]
+        Message(b"ok", False)
+    ]
 
 
 @pytest.mark.parametrize("op", [0x3, 0x4, 0x5, 0x6, 0x7, 0xB, 0xC, 0xD, 0xE, 0xF])
@@ -485,8 +515,14 @@ def test_every_ping_is_answered_in_order_and_pongs_are_ignored() -> None:  # Aut
 @pytest.mark.parametrize("chunk", [None, 1, 2])
 def test_control_frames_between_fragments(chunk: int | None) -> None:  # Autobahn 5.6-5.20
     p = opened()
-    data = (frame(0x1, b"fr", fin=False) + frame(0x9, b"1") + frame(0x0, b"ag", fin=False) + frame(0xA, b"x")
-            + frame(0x9, b"2") + frame(0x0, b"ment"))
+    data = (
+        frame(0x1, b"fr", fin=False)
+        + frame(0x9, b"1")
+        + frame(0x0, b"ag", fin=False)
+        + frame(0xA, b"x")
+        + frame(0x9, b"2")
+        + frame(0x0, b"ment")
+    )
     assert feed(p, data, chunk) == [Message(b"fragment", False)]
     assert server_frames(p.data_to_send()) == [(0xA, True, b"1"), (0xA, True, b"2")]
 
@@ -494,7 +530,8 @@ def test_control_frames_between_fragments(chunk: int | None) -> None:  # Autobah
 def test_close_in_the_middle_of_a_fragmented_message() -> None:
     p = opened()
     assert feed(p, frame(0x2, b"half", fin=False) + frame(0x8, b"\x03\xe8bye") + frame(0x0, b"rest")) == [
-        Closed(1000, "bye")]
+        Closed(1000, "bye")
+    ]
     assert close_frame(p.data_to_send()) == (1000, "")
 
 
@@ -556,8 +593,9 @@ def test_text_cut_inside_a_code_point_at_the_last_fragment() -> None:
     _closes(p, frame(0x1, b"ok \xe2\x82", fin=False) + frame(0x0, b"A"), 1007)
 
 
-@pytest.mark.parametrize("code", [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014,
-                                  3000, 3999, 4000, 4999])
+@pytest.mark.parametrize(
+    "code", [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999]
+)
 def test_valid_close_codes_are_echoed(code: int) -> None:  # Autobahn 7.7
     p = opened()
     assert feed(p, frame(0x8, code.to_bytes(2, "big") + b"why")) == [Closed(code, "why")]

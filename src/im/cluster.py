@@ -38,9 +38,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def stop_process(
-    proc: subprocess.Popen[bytes], sig: int, timeout: float, *, raise_on_timeout: bool = True
-) -> int:
+def stop_process(proc: subprocess.Popen[bytes], sig: int, timeout: float, *, raise_on_timeout: bool = True) -> int:
     """Signal a child (unless it already exited) and wait; one that outlives ``timeout`` is killed (and
     the timeout raised, unless told not to). Returns the exit code."""
     if proc.poll() is None:
@@ -93,12 +91,29 @@ class EtcdProcess:
         client = f"http://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
         cmd = [
-            binary, "--name", "im", "--data-dir", str(self.data_dir / "data"),
-            "--listen-client-urls", client, "--advertise-client-urls", client,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"im={peer}",
-            "--heartbeat-interval", "10", "--election-timeout", "100",
-            "--logger", "zap", "--log-outputs", "stderr",
+            binary,
+            "--name",
+            "im",
+            "--data-dir",
+            str(self.data_dir / "data"),
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"im={peer}",
+            "--heartbeat-interval",
+            "10",
+            "--election-timeout",
+            "100",
+            "--logger",
+            "zap",
+            "--log-outputs",
+            "stderr",
         ]
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
@@ -155,7 +170,11 @@ class RoleProcess:
         cmd = [sys.executable, "-m", "im", self.role, *self.args]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ},
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ},
                 start_new_session=True,  # signals come from the cluster, in order, not from the terminal
             )
         deadline = time.monotonic() + timeout
@@ -221,17 +240,55 @@ class LocalCluster:
         plan = []
         for i in range(1, self.transfers + 1):
             port = base + 10 * i + 3
-            plan.append(RoleProcess("transfer", f"tr-{i}", [
-                *common, "--set", f"transfer.node_id=tr-{i}", "--set", f"transfer.port={port}",
-            ], logs / f"tr-{i}.log", {"grpc": port}))
+            plan.append(
+                RoleProcess(
+                    "transfer",
+                    f"tr-{i}",
+                    [
+                        *common,
+                        "--set",
+                        f"transfer.node_id=tr-{i}",
+                        "--set",
+                        f"transfer.port={port}",
+                    ],
+                    logs / f"tr-{i}.log",
+                    {"grpc": port},
+                )
+            )
         for i in range(1, self.gateways + 1):
             ws, tcp = base + 10 * i + 1, base + 10 * i + 2
-            plan.append(RoleProcess("gateway", f"gw-{i}", [
-                *common, "--set", f"gateway.node_id=gw-{i}", "--ws-port", str(ws), "--tcp-port", str(tcp),
-            ], logs / f"gw-{i}.log", {"ws": ws, "tcp": tcp}))
-        plan.append(RoleProcess("api", "api-1", [
-            *common, "--set", "http.node_id=api-1", "--http-port", str(base),
-        ], logs / "api-1.log", {"http": base}))
+            plan.append(
+                RoleProcess(
+                    "gateway",
+                    f"gw-{i}",
+                    [
+                        *common,
+                        "--set",
+                        f"gateway.node_id=gw-{i}",
+                        "--ws-port",
+                        str(ws),
+                        "--tcp-port",
+                        str(tcp),
+                    ],
+                    logs / f"gw-{i}.log",
+                    {"ws": ws, "tcp": tcp},
+                )
+            )
+        plan.append(
+            RoleProcess(
+                "api",
+                "api-1",
+                [
+                    *common,
+                    "--set",
+                    "http.node_id=api-1",
+                    "--http-port",
+                    str(base),
+                ],
+                logs / "api-1.log",
+                {"http": base},
+            )
+        )
         return plan
 
     @property
@@ -275,9 +332,16 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     extra = [x for item in args.set for x in ("--set", item)]
     cluster = LocalCluster(
-        args.data_dir.resolve(), postgres_dsn=args.postgres, postgres_schema=args.schema, redis_url=args.redis,
-        etcd_endpoint=args.etcd, amqp_url=args.amqp, base_port=args.base_port, gateways=args.gateways,
-        transfers=args.transfers, extra=extra,
+        args.data_dir.resolve(),
+        postgres_dsn=args.postgres,
+        postgres_schema=args.schema,
+        redis_url=args.redis,
+        etcd_endpoint=args.etcd,
+        amqp_url=args.amqp,
+        base_port=args.base_port,
+        gateways=args.gateways,
+        transfers=args.transfers,
+        extra=extra,
     )
     try:
         cluster.start()

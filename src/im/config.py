@@ -60,6 +60,7 @@ class GatewayConfig(_Section):
         if isinstance(value, str) and value.strip().lower() in ("", "off", "none", "null"):
             return None
         return value
+
     node_id: str = "gw-1"
     #: Seconds a connection may take to send its auth frame.
     auth_timeout: float = Field(10.0, gt=0)
@@ -337,7 +338,5 @@ def load_config(file: Path | None = None, overrides: dict[str, Any] | None = Non
         merged = _deep_merge(merged, overrides or {})
         return Config.model_validate(merged)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from None

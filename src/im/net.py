@@ -111,9 +111,7 @@ class Admission:
     transport releases its ticket when its connection is lost.
     """
 
-    def __init__(
-        self, *, max_connections: int, max_per_address: int, max_refusing: int, ipv6_prefix: int = 64
-    ) -> None:
+    def __init__(self, *, max_connections: int, max_per_address: int, max_refusing: int, ipv6_prefix: int = 64) -> None:
         if max_connections < 1 or max_per_address < 0 or max_refusing < 0:
             raise ValueError("max_connections must be >= 1, max_per_address and max_refusing >= 0")
         self.max_connections = max_connections
@@ -195,7 +193,10 @@ def connection_budget(*, fd_limit: int, fd_reserve: int, configured: int | None)
     if configured is not None and configured > budget:
         log.warning(
             "limits.max_connections=%d exceeds the open-file limit %d minus limits.fd_reserve %d: using %d",
-            configured, fd_limit, fd_reserve, budget,
+            configured,
+            fd_limit,
+            fd_reserve,
+            budget,
         )
     return budget if configured is None else min(configured, budget)
 
@@ -223,8 +224,13 @@ class Listener:
     """
 
     def __init__(
-        self, sock: socket.socket, protocol_factory: Callable[[], asyncio.BaseProtocol], *, name: str,
-        retry_delay: float = 0.5, log_interval: float = 60.0,
+        self,
+        sock: socket.socket,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        *,
+        name: str,
+        retry_delay: float = 0.5,
+        log_interval: float = 60.0,
     ) -> None:
         self.sockets = [sock]
         self.name = name
@@ -297,7 +303,10 @@ class Listener:
             log.warning(
                 "%s: cannot accept (%s); pausing accepts for %.1fs at a time (%d such pauses since the "
                 "last report); existing connections are unaffected",
-                self.name, errno.errorcode.get(exc.errno or 0, exc), self._retry_delay, self._exhausted_since_log,
+                self.name,
+                errno.errorcode.get(exc.errno or 0, exc),
+                self._retry_delay,
+                self._exhausted_since_log,
             )
             self._last_log = now
             self._exhausted_since_log = 0

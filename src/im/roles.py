@@ -106,9 +106,7 @@ class TransferNode(ServerProcessBase):
             ready(self)
         tasks = [asyncio.create_task(c, name="im-events") for c in event_workers(cfg, b)]
         tasks.append(
-            asyncio.create_task(
-                self.report_load(b.registry, tc.node_id, lambda: self.servicer.streams), name="im-load"
-            )
+            asyncio.create_task(self.report_load(b.registry, tc.node_id, lambda: self.servicer.streams), name="im-load")
         )
         await self._stop.wait()
         log.info("stopping: finishing queued sends")
@@ -214,10 +212,19 @@ class ApiNode(ServerProcessBase):
         await self.pool.start()
         self.chat.start()
         self.picker.start()
-        http = HttpServer(cfg, create_app(
-            self.accounts, self.chat, self.picker.pick, cfg.limits, files=self.files,
-            max_request_bytes=cfg.http.max_body_bytes, refusal_delay=cfg.rates.refusal_delay,
-        ), self.admission)
+        http = HttpServer(
+            cfg,
+            create_app(
+                self.accounts,
+                self.chat,
+                self.picker.pick,
+                cfg.limits,
+                files=self.files,
+                max_request_bytes=cfg.http.max_body_bytes,
+                refusal_delay=cfg.rates.refusal_delay,
+            ),
+            self.admission,
+        )
         await http.start()
         self.url = http.url
         self.install_signal_handlers()

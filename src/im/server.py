@@ -108,9 +108,7 @@ def build_backends(config: Config) -> Backends:
         closers.append(etcd.close)
     else:
         registry = MemoryRegistry()
-    return Backends(
-        chat_store, account_store, presence, MemoryRouter(), registry, file_store, closers, rate_limiter
-    )
+    return Backends(chat_store, account_store, presence, MemoryRouter(), registry, file_store, closers, rate_limiter)
 
 
 def load_secret(config: Config) -> bytes:
@@ -128,9 +126,15 @@ def load_secret(config: Config) -> bytes:
 def session_limits(config: Config) -> Limits:
     lim, gw = config.limits, config.gateway
     return Limits(
-        max_frame_bytes=lim.max_frame_bytes, max_body_bytes=lim.max_body_bytes, max_cmid_length=lim.max_cmid_length,
-        max_device_length=lim.max_device_length, max_in_flight=lim.max_in_flight, send_rate=lim.send_rate,
-        typing_rate=lim.typing_rate, auth_timeout=gw.auth_timeout, idle_timeout=gw.idle_timeout,
+        max_frame_bytes=lim.max_frame_bytes,
+        max_body_bytes=lim.max_body_bytes,
+        max_cmid_length=lim.max_cmid_length,
+        max_device_length=lim.max_device_length,
+        max_in_flight=lim.max_in_flight,
+        send_rate=lim.send_rate,
+        typing_rate=lim.typing_rate,
+        auth_timeout=gw.auth_timeout,
+        idle_timeout=gw.idle_timeout,
     )
 
 
@@ -170,10 +174,14 @@ def build_admission(config: Config) -> Admission:
         raise ConfigError(str(exc)) from None
     log.info(
         "connections: at most %d per process (open-file limit %d, %d kept back), %s per address",
-        cap, fd_limit, lim.fd_reserve, lim.max_connections_per_address or "no cap",
+        cap,
+        fd_limit,
+        lim.fd_reserve,
+        lim.max_connections_per_address or "no cap",
     )
     return Admission(
-        max_connections=cap, max_per_address=lim.max_connections_per_address,
+        max_connections=cap,
+        max_per_address=lim.max_connections_per_address,
         max_refusing=max(8, lim.fd_reserve // 4),
     )
 
@@ -185,19 +193,29 @@ def rate_rule(name: str, rate: RateConfig) -> Rule:
 def build_accounts(config: Config, store: AccountStore, limiter: RateLimiter | None = None) -> AccountService:
     """``limiter`` None: no login or registration limits (a process that only checks tokens)."""
     auth, rt = config.auth, config.rates
-    guard = None if limiter is None else LoginGuard(
-        limiter,
-        login_per_account_address=rate_rule("login-pair", rt.login_per_account_address),
-        login_per_account=rate_rule("login-account", rt.login_per_account),
-        login_per_address=rate_rule("login-address", rt.login_per_address),
-        register_per_address=rate_rule("register", rt.register_per_address),
+    guard = (
+        None
+        if limiter is None
+        else LoginGuard(
+            limiter,
+            login_per_account_address=rate_rule("login-pair", rt.login_per_account_address),
+            login_per_account=rate_rule("login-account", rt.login_per_account),
+            login_per_address=rate_rule("login-address", rt.login_per_address),
+            register_per_address=rate_rule("register", rt.register_per_address),
+        )
     )
     return AccountService(
-        store, secret=load_secret(config), access_ttl=auth.access_ttl, refresh_ttl=auth.refresh_ttl,
+        store,
+        secret=load_secret(config),
+        access_ttl=auth.access_ttl,
+        refresh_ttl=auth.refresh_ttl,
         session_max_age=auth.session_max_age,
-        argon2_time_cost=auth.argon2_time_cost, argon2_memory_kib=auth.argon2_memory_kib,
-        argon2_parallelism=auth.argon2_parallelism, min_password_length=auth.min_password_length,
-        guard=guard, max_blocks=config.limits.max_blocks,
+        argon2_time_cost=auth.argon2_time_cost,
+        argon2_memory_kib=auth.argon2_memory_kib,
+        argon2_parallelism=auth.argon2_parallelism,
+        min_password_length=auth.min_password_length,
+        guard=guard,
+        max_blocks=config.limits.max_blocks,
         hash_slots=HashSlots(concurrency=rt.hash_concurrency, queue=rt.hash_queue, per_source=rt.hash_per_address),
     )
 
@@ -206,26 +224,43 @@ def build_files(config: Config, store: FileStore, limiter: RateLimiter | None = 
     """``limiter`` None: no upload quota (a process that only checks attachments)."""
     fc, rt = config.files, config.rates
     return FileService(
-        LocalBlobStorage(fc.storage_dir or config.data_dir / "files"), store,
-        max_upload_bytes=fc.max_upload_bytes, allowed_types=fc.allowed_types, max_image_pixels=fc.max_image_pixels,
-        limiter=limiter, upload_bytes_per_day=rt.upload_bytes_per_day, upload_files_per_day=rt.upload_files_per_day,
+        LocalBlobStorage(fc.storage_dir or config.data_dir / "files"),
+        store,
+        max_upload_bytes=fc.max_upload_bytes,
+        allowed_types=fc.allowed_types,
+        max_image_pixels=fc.max_image_pixels,
+        limiter=limiter,
+        upload_bytes_per_day=rt.upload_bytes_per_day,
+        upload_files_per_day=rt.upload_files_per_day,
     )
 
 
 def build_chat(
-    config: Config, b: Backends, files: FileService | None, router: Router, node: str, *,
-    state_ttl: float | None = None, privacy_ttl: float | None = None,
+    config: Config,
+    b: Backends,
+    files: FileService | None,
+    router: Router,
+    node: str,
+    *,
+    state_ttl: float | None = None,
+    privacy_ttl: float | None = None,
 ) -> ChatService:
     return ChatService(
-        b.chat_store, b.account_store, router, b.presence, files=files, node=node,
-        max_batch=config.store.max_batch, max_group_members=config.limits.max_group_members,
-        history_page_max=config.limits.history_page_max, state_ttl=state_ttl, privacy_ttl=privacy_ttl,
+        b.chat_store,
+        b.account_store,
+        router,
+        b.presence,
+        files=files,
+        node=node,
+        max_batch=config.store.max_batch,
+        max_group_members=config.limits.max_group_members,
+        history_page_max=config.limits.history_page_max,
+        state_ttl=state_ttl,
+        privacy_ttl=privacy_ttl,
     )
 
 
-def build_hub(
-    config: Config, chat: ChatService, accounts: AccountService, limiter: RateLimiter, **kw: Any
-) -> Hub:
+def build_hub(config: Config, chat: ChatService, accounts: AccountService, limiter: RateLimiter, **kw: Any) -> Hub:
     gw, rt = config.gateway, config.rates
     rates = HubRates(
         sends_per_user=rate_rule("send-user", rt.sends_per_user),
@@ -234,9 +269,17 @@ def build_hub(
         receipts_per_user=rate_rule("receipts", rt.receipts_per_user),
     )
     return Hub(
-        gw.node_id, chat, accounts, limits=session_limits(config), replay_page=gw.replay_page,
-        max_send_buffer=gw.max_send_buffer, preauth_send_buffer=config.limits.preauth_send_buffer,
-        presence_ttl=config.presence.ttl, limiter=limiter, rates=rates, **kw,
+        gw.node_id,
+        chat,
+        accounts,
+        limits=session_limits(config),
+        replay_page=gw.replay_page,
+        max_send_buffer=gw.max_send_buffer,
+        preauth_send_buffer=config.limits.preauth_send_buffer,
+        presence_ttl=config.presence.ttl,
+        limiter=limiter,
+        rates=rates,
+        **kw,
     )
 
 
@@ -277,10 +320,15 @@ class HttpServer:
         app = HeaderLimit(self._app, max_headers=h.max_headers, max_head_bytes=h.max_head_bytes)
         uv = self._uv = _Uvicorn(
             uvicorn.Config(
-                app, lifespan="off", log_level=cfg.log_level, access_log=False, ws="none",
+                app,
+                lifespan="off",
+                log_level=cfg.log_level,
+                access_log=False,
+                ws="none",
                 server_header=False,  # no "server: uvicorn": the version of nothing is anyone's business
                 http=protocol,  # type: ignore[arg-type]  # a protocol class is accepted, not only a name
-                timeout_keep_alive=h.keepalive_timeout, h11_max_incomplete_event_size=h.max_head_bytes,
+                timeout_keep_alive=h.keepalive_timeout,
+                h11_max_incomplete_event_size=h.max_head_bytes,
             ),
             sock,
         )
@@ -340,8 +388,14 @@ def event_workers(config: Config, b: Backends) -> list[Coroutine[Any, Any, None]
 
         workers.append(
             PushConsumer(
-                ev.amqp_url, b.presence, members, ev.webhook_url, dedupe,
-                exchange=ev.exchange, queue=ev.queue, max_attempts=ev.max_attempts,
+                ev.amqp_url,
+                b.presence,
+                members,
+                ev.webhook_url,
+                dedupe,
+                exchange=ev.exchange,
+                queue=ev.queue,
+                max_attempts=ev.max_attempts,
             ).run()
         )
     return workers
@@ -422,10 +476,19 @@ class EmbeddedServer(ServerProcessBase):
             ServiceInstance("gateway", cfg.gateway.node_id, addresses), ttl=float(cfg.registry.ttl)
         )
         self.picker.start()
-        http = HttpServer(cfg, create_app(
-            self.accounts, self.chat, self.picker.pick, cfg.limits, files=self.files,
-            max_request_bytes=cfg.http.max_body_bytes, refusal_delay=cfg.rates.refusal_delay,
-        ), admission)
+        http = HttpServer(
+            cfg,
+            create_app(
+                self.accounts,
+                self.chat,
+                self.picker.pick,
+                cfg.limits,
+                files=self.files,
+                max_request_bytes=cfg.http.max_body_bytes,
+                refusal_delay=cfg.rates.refusal_delay,
+            ),
+            admission,
+        )
         await http.start()
         self.http_url = http.url
         self.install_signal_handlers()

@@ -58,8 +58,12 @@ class ThrottledLog:
         """Write the count of the events not written yet (if any)."""
         if self._count:
             self._logger.log(
-                self._level, "refused %s %s in the last %g s; last: %s",
-                f"{self._count:,}", self._what, self._window, self._last[:300],
+                self._level,
+                "refused %s %s in the last %g s; last: %s",
+                f"{self._count:,}",
+                self._what,
+                self._window,
+                self._last[:300],
             )
         self._count = 0
         self._last = ""

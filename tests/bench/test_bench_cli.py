@@ -41,8 +41,21 @@ def _assert_clean(r: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("transport", ["ws", "tcp", "mixed"])
 def test_pairs_closed_loop(tmp_path: Path, transport: str) -> None:
-    r = _bench(tmp_path, "--pairs", "4", "--window", "8", "--duration", "3", "--warmup", "0.5",
-               "--procs", "2", "--transport", transport)
+    r = _bench(
+        tmp_path,
+        "--pairs",
+        "4",
+        "--window",
+        "8",
+        "--duration",
+        "3",
+        "--warmup",
+        "0.5",
+        "--procs",
+        "2",
+        "--transport",
+        transport,
+    )
     _assert_clean(r)
     assert r["config"]["transport"] == transport
     assert r["config"]["connections"] == 8
@@ -52,8 +65,27 @@ def test_pairs_closed_loop(tmp_path: Path, transport: str) -> None:
 
 def test_groups_mixed_with_png(tmp_path: Path) -> None:
     png = tmp_path / "bench.png"
-    r = _bench(tmp_path, "--groups", "2", "--group-size", "4", "--group-senders", "2", "--window", "4",
-               "--duration", "3", "--warmup", "0.5", "--procs", "2", "--transport", "mixed", "--png", str(png))
+    r = _bench(
+        tmp_path,
+        "--groups",
+        "2",
+        "--group-size",
+        "4",
+        "--group-senders",
+        "2",
+        "--window",
+        "4",
+        "--duration",
+        "3",
+        "--warmup",
+        "0.5",
+        "--procs",
+        "2",
+        "--transport",
+        "mixed",
+        "--png",
+        str(png),
+    )
     _assert_clean(r)
     assert r["config"]["mode"] == "groups"
     # each stored message reaches the three other members
@@ -62,16 +94,45 @@ def test_groups_mixed_with_png(tmp_path: Path) -> None:
 
 
 def test_fixed_rate(tmp_path: Path) -> None:
-    r = _bench(tmp_path, "--pairs", "4", "--rate", "400", "--duration", "2", "--warmup", "0.5", "--procs", "1",
-               "--transport", "tcp")
+    r = _bench(
+        tmp_path,
+        "--pairs",
+        "4",
+        "--rate",
+        "400",
+        "--duration",
+        "2",
+        "--warmup",
+        "0.5",
+        "--procs",
+        "1",
+        "--transport",
+        "tcp",
+    )
     _assert_clean(r)
     assert r["offered_per_s"] == 400
 
 
 def test_idle_connections_report_memory_per_connection(tmp_path: Path) -> None:
     out = tmp_path / "idle.json"
-    cmd = [sys.executable, "-m", "im", "bench", "idle", "--connections", "200", "--transport", "mixed",
-           "--procs", "2", "--settle", "1", "--no-progress", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "im",
+        "bench",
+        "idle",
+        "--connections",
+        "200",
+        "--transport",
+        "mixed",
+        "--procs",
+        "2",
+        "--settle",
+        "1",
+        "--no-progress",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     r = json.loads(out.read_text())

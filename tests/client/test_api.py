@@ -166,8 +166,15 @@ async def test_upload_skips_content_the_server_has_and_posts_the_rest() -> None:
 
     def info(file_id: str, data: bytes, ctype: str, name: str) -> dict[str, object]:
         digest = hashlib.sha256(data).hexdigest()
-        return {"file_id": file_id, "sha256": digest, "size": len(data), "content_type": ctype,
-                "width": None, "height": None, "name": name}
+        return {
+            "file_id": file_id,
+            "sha256": digest,
+            "size": len(data),
+            "content_type": ctype,
+            "width": None,
+            "height": None,
+            "name": name,
+        }
 
     async def handler(request: httpx.Request) -> httpx.Response:
         calls.append(f"{request.method} {request.url.path}")

@@ -58,7 +58,14 @@ def make_cluster(data_dir: Path, **kw: object) -> LocalCluster:
         redis_prefix=f"im-cluster-{tag}:",
         base_port=_free_base(),
         extra=[
-            *FAST_ARGON2, *RELAXED_RATES, "--set", "registry.ttl=2", "--set", "presence.ttl=3", "--log-level", "info",
+            *FAST_ARGON2,
+            *RELAXED_RATES,
+            "--set",
+            "registry.ttl=2",
+            "--set",
+            "presence.ttl=3",
+            "--log-level",
+            "info",
         ],
         **kw,  # type: ignore[arg-type]
     )
@@ -119,12 +126,16 @@ async def history(cluster: LocalCluster) -> AsyncIterator[History]:
     await h.check()
 
 
-def client_on(history: History, cluster: LocalCluster, gateway: str, account: Account, device: str,
-              *, tcp: bool = False) -> ChatClient:
+def client_on(
+    history: History, cluster: LocalCluster, gateway: str, account: Account, device: str, *, tcp: bool = False
+) -> ChatClient:
     """A recording client of ``account`` on the named gateway node (WebSocket, or TCP)."""
     ports = cluster.nodes[gateway].ports
     c = ChatClient(
-        f"ws://127.0.0.1:{ports['ws']}/ws", account, device, history=history,
+        f"ws://127.0.0.1:{ports['ws']}/ws",
+        account,
+        device,
+        history=history,
         tcp=("127.0.0.1", ports["tcp"]) if tcp else None,
     )
     history.clients.append(c)

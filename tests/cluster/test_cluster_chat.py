@@ -32,14 +32,13 @@ async def test_group_spanning_both_gateways(cluster: LocalCluster, history: Hist
     users = await asyncio.gather(*(register(cluster.api, f"member{i}") for i in range(4)))
     async with httpx.AsyncClient() as http:
         r = await http.post(
-            f"{cluster.api}/groups", json={"name": "span", "members": [u.uid for u in users[1:]]},
+            f"{cluster.api}/groups",
+            json={"name": "span", "members": [u.uid for u in users[1:]]},
             headers=users[0].auth,
         )
         assert r.status_code == 201, r.text
         conv = r.json()["conv"]
-    clients = [
-        client_on(history, cluster, f"gw-{1 + i % 2}", u, "d", tcp=i >= 2) for i, u in enumerate(users)
-    ]
+    clients = [client_on(history, cluster, f"gw-{1 + i % 2}", u, "d", tcp=i >= 2) for i, u in enumerate(users)]
     for c in clients:
         assert (await c.connect())["t"] == "auth_ok"
     for i in range(12):
@@ -53,8 +52,9 @@ async def test_group_spanning_both_gateways(cluster: LocalCluster, history: Hist
     # is seen live on both gateways, and the newcomer can send at once.
     late = await register(cluster.api, "late")
     async with httpx.AsyncClient() as http:
-        r = await http.post(f"{cluster.api}/groups/{conv[2:]}/members", json={"uids": [late.uid]},
-                            headers=users[0].auth)
+        r = await http.post(
+            f"{cluster.api}/groups/{conv[2:]}/members", json={"uids": [late.uid]}, headers=users[0].auth
+        )
         assert r.status_code in (200, 204), r.text
     for c in clients:
         await c.wait_for(lambda c=c: any(m["type"] == "system" and m["seq"] == 14 for m in c.messages))
@@ -78,8 +78,7 @@ async def test_typing_and_logout_reach_the_other_gateway(cluster: LocalCluster, 
     await b.wait_for(lambda: any(e["t"] == "typing" and e["uid"] == alice.uid for e in b.events))
     # bob's read mark reaches alice (gateway 2 -> a transfer node -> gateway 1) as a receipt
     await b.send_frame({"t": "read", "conv": conv, "seq": 1})
-    await a.wait_for(lambda: any(e["t"] == "receipt" and e["kind"] == "read" and e["uid"] == bob.uid
-                                 for e in a.events))
+    await a.wait_for(lambda: any(e["t"] == "receipt" and e["kind"] == "read" and e["uid"] == bob.uid for e in a.events))
     # Logging out on the API closes bob's connection on gateway 2.
     async with httpx.AsyncClient() as http:
         r = await http.post(f"{cluster.api}/auth/logout", headers=bob.auth)

@@ -112,9 +112,9 @@ async def test_presence_rebuilt_after_redis_flush(cluster: LocalCluster, history
     # fetch, whatever the flush window did not route; then the same the other way.
     assert await a.send("after", to=bob.uid) is not None
     await b.wait_for(lambda: "after" in bodies_from(b, conv, alice.uid))
-    assert bodies_from(b, conv, alice.uid) == [f"before {i}" for i in range(3)] + [
-        f"during {i}" for i in range(5)
-    ] + ["after"]
+    assert bodies_from(b, conv, alice.uid) == [f"before {i}" for i in range(3)] + [f"during {i}" for i in range(5)] + [
+        "after"
+    ]
     assert await b.send("after reply", to=alice.uid) is not None
     await a.wait_for(lambda: "after reply" in bodies_from(a, conv, bob.uid))
     assert bodies_from(a, conv, bob.uid) == ["before reply", "after reply"]
@@ -149,8 +149,12 @@ async def events_cluster(
     amqp_url = AMQP_URL.replace(AMQP_URL.split("@", 1)[1].split("/", 1)[0], amqp_proxy.address, 1)
     c = make_cluster(tmp_path / "cluster", amqp_url=amqp_url)
     c.extra += [
-        "--set", f"events.exchange={names.exchange}", "--set", f"events.queue={names.queue}",
-        "--set", f"events.webhook_url={webhook.url}",
+        "--set",
+        f"events.exchange={names.exchange}",
+        "--set",
+        f"events.queue={names.queue}",
+        "--set",
+        f"events.webhook_url={webhook.url}",
     ]
     try:
         c.start()
@@ -188,8 +192,9 @@ async def outbox_empty(c: LocalCluster) -> bool:
 def log_tail(c: LocalCluster, offsets: dict[str, int], role: str = "transfer") -> str:
     """What the nodes of ``role`` logged since ``offsets`` (byte offsets by node name)."""
     return "".join(
-        n.log_path.read_bytes()[offsets.get(n.name, 0):].decode(errors="replace")
-        for n in c.nodes.values() if n.role == role
+        n.log_path.read_bytes()[offsets.get(n.name, 0) :].decode(errors="replace")
+        for n in c.nodes.values()
+        if n.role == role
     )
 
 
@@ -197,9 +202,7 @@ async def test_push_survives_rabbitmq_outage(
     events_cluster: LocalCluster, events_history: History, webhook: WebhookReceiver, amqp_proxy: TcpProxy
 ) -> None:
     c, history = events_cluster, events_history
-    alice, bob, carol, dave = await asyncio.gather(
-        *(register(c.api, n) for n in ("alice", "bob", "carol", "dave"))
-    )
+    alice, bob, carol, dave = await asyncio.gather(*(register(c.api, n) for n in ("alice", "bob", "carol", "dave")))
     a = client_on(history, c, "gw-1", alice, "phone")
     assert (await a.connect())["t"] == "auth_ok"
     # The pipeline works through the proxy: dave (never online) is pushed. Dave's events serve as
@@ -222,10 +225,16 @@ async def test_push_survives_rabbitmq_outage(
     assert not a.errors
     # The relay tried to publish them and failed; the consumers lost their connections. Stay away until
     # both have failed to reconnect a few times (their backoff grows: 0.2, 0.4, 0.8, 1.6 s: about 3 s).
-    await eventually(lambda: len(re.findall(r"outbox relay: (cannot connect|publishing failed)", log_tail(c, offsets)))
-                     >= 5, timeout=20, what="the relay failing to publish and to reconnect")
-    await eventually(lambda: len(re.findall(r"push consumer: .*; reconnect in", log_tail(c, offsets))) >= 4,
-                     timeout=20, what="the push consumers failing to reconnect")
+    await eventually(
+        lambda: len(re.findall(r"outbox relay: (cannot connect|publishing failed)", log_tail(c, offsets))) >= 5,
+        timeout=20,
+        what="the relay failing to publish and to reconnect",
+    )
+    await eventually(
+        lambda: len(re.findall(r"push consumer: .*; reconnect in", log_tail(c, offsets))) >= 4,
+        timeout=20,
+        what="the push consumers failing to reconnect",
+    )
     # The events wait in the outbox (committed in the same transaction as the messages); nothing was pushed.
     assert await outbox_rows(c) == 12
     assert len(webhook.requests) == 1
@@ -233,8 +242,11 @@ async def test_push_survives_rabbitmq_outage(
     # Back: every event is published and pushed, once, in each conversation's order.
     amqp_proxy.start()
     assert await a.send("marker", to=dave.uid) is not None  # after all of them in the outbox's order
-    await eventually(lambda: any(p["recipients"] == [dave.uid] and p["seq"] == 2 for p in webhook.bodies),
-                     timeout=30, what="the marker push after the broker came back")
+    await eventually(
+        lambda: any(p["recipients"] == [dave.uid] and p["seq"] == 2 for p in webhook.bodies),
+        timeout=30,
+        what="the marker push after the broker came back",
+    )
     await eventually(lambda: outbox_empty(c), what="the outbox drained")
     pushes = [p for p in webhook.bodies if p["recipients"] != [dave.uid]]
     mids = [p["mid"] for p in pushes]
@@ -304,8 +316,11 @@ async def test_registry_recovers_after_etcd_restart(cluster: LocalCluster, histo
     cluster.transfers = 3
     tr3 = next(n for n in cluster._plan() if n.name == "tr-3")  # base + 33: a port the fixture checked
     cluster.nodes["tr-3"] = await asyncio.to_thread(tr3.start)  # the fixture stops (and checks) it
-    await eventually(lambda: all(f"gateway {n} linked" in tr3.log() for n in ("gw-1", "gw-2", "api-1")),
-                     timeout=15, what="gw-1, gw-2 and api-1 linking to the new tr-3")
+    await eventually(
+        lambda: all(f"gateway {n} linked" in tr3.log() for n in ("gw-1", "gw-2", "api-1")),
+        timeout=15,
+        what="gw-1, gw-2 and api-1 linking to the new tr-3",
+    )
     for i in range(3):
         assert await a.send(f"three nodes {i}", to=bob.uid) is not None
         assert await a.send(f"via tr-3 {i}", to=partner.uid) is not None

@@ -105,7 +105,12 @@ class App:
 
 
 async def start_app(
-    cluster: LocalCluster, account: Account, device: str, *, transport: Literal["ws", "tcp"], first_on: str,
+    cluster: LocalCluster,
+    account: Account,
+    device: str,
+    *,
+    transport: Literal["ws", "tcp"],
+    first_on: str,
     encoding: Encoding = Encoding.JSON,
 ) -> App:
     """A logged-in SDK client. Its first connection goes to gateway ``first_on`` (so the test knows who is
@@ -123,8 +128,15 @@ async def start_app(
         return WebSocketTransport(url, encoding=encoding)
 
     app.client = await Client.login(
-        cluster.api.removesuffix("/api/v1"), account.username, PASSWORD, device=device, transport=transport,
-        encoding=encoding, backoff_max=0.5, on_event=app.events.append, transport_factory=factory,
+        cluster.api.removesuffix("/api/v1"),
+        account.username,
+        PASSWORD,
+        device=device,
+        transport=transport,
+        encoding=encoding,
+        backoff_max=0.5,
+        on_event=app.events.append,
+        transport_factory=factory,
         connect_timeout=20.0,
     )
     return app
@@ -144,8 +156,7 @@ async def apps(cluster: LocalCluster) -> AsyncIterator[list[App]]:
 Target = tuple[str, dict[str, Any]]  # (conv, the send's addressing: {"conv": ...} or {"to": uid})
 
 
-async def pump(app: App, targets: list[Target], fault: asyncio.Event, after: int = AFTER_FAULT,
-               start: int = 0) -> None:
+async def pump(app: App, targets: list[Target], fault: asyncio.Event, after: int = AFTER_FAULT, start: int = 0) -> None:
     """Post to the targets in turn, never waiting for an ack, until ``after`` posts were made once
     ``fault`` is set. Posts made while disconnected wait in the outbox."""
     k, posted_after = start, 0
@@ -171,7 +182,8 @@ async def read_log(cluster: LocalCluster, reader: Account, conv: str) -> list[di
         while True:
             r = await http.get(
                 f"{cluster.api}/conversations/{conv}/messages",
-                params={"after": out[-1]["seq"] if out else 0, "limit": 200}, headers=reader.auth,
+                params={"after": out[-1]["seq"] if out else 0, "limit": 200},
+                headers=reader.auth,
             )
             assert r.status_code == 200, r.text
             page = r.json()
@@ -191,7 +203,11 @@ def committed_by(entry: dict[str, Any]) -> int:
 
 
 async def check_delivery(
-    cluster: LocalCluster, apps: list[App], members: dict[str, list[App]], *, ordered: bool,
+    cluster: LocalCluster,
+    apps: list[App],
+    members: dict[str, list[App]],
+    *,
+    ordered: bool,
     timeout: float = 45.0,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every post of every app acked once and stored once; every member app saw every conversation whole.
@@ -248,7 +264,11 @@ async def check_delivery(
                 if type(ev) is Message and ev.conv == conv:
                     e = logs[conv][ev.seq - 1]
                     assert (ev.mid, ev.sender, ev.dev, ev.cmid, ev.body) == (
-                        e["mid"], e["from"], e["dev"], e["cmid"], e["body"]
+                        e["mid"],
+                        e["from"],
+                        e["dev"],
+                        e["cmid"],
+                        e["body"],
                     ), f"{a.name}: {conv} seq {ev.seq} seen as {ev}, stored as {e}"
                     stream.append(ev.seq)
                 elif type(ev) is Ack and ev.conv == conv:
@@ -256,9 +276,7 @@ async def check_delivery(
                         assert stream and ev.seq <= stream[-1], f"{a.name}: dup ack {ev} ahead of {stream[-3:]}"
                     else:
                         stream.append(ev.seq)
-            assert stream == list(range(1, n + 1)), (
-                f"{a.name} saw {conv} as {_runs(stream)}, the log has 1..{n}"
-            )
+            assert stream == list(range(1, n + 1)), f"{a.name} saw {conv} as {_runs(stream)}, the log has 1..{n}"
     return logs
 
 
@@ -331,13 +349,19 @@ async def start_chat(cluster: LocalCluster, apps: list[App]) -> Chat:
     both transports. 4 and 5 speak MessagePack."""
     users = list(await asyncio.gather(*(register(cluster.api, f"user{i}") for i in range(6))))
     group = await create_group(cluster, users[0], users[1:])
-    started = await asyncio.gather(*(
-        start_app(
-            cluster, u, f"dev{i}", transport="tcp" if i % 2 else "ws", first_on="gw-1" if i in (0, 3, 4) else "gw-2",
-            encoding=Encoding.MSGPACK if i >= 4 else Encoding.JSON,
+    started = await asyncio.gather(
+        *(
+            start_app(
+                cluster,
+                u,
+                f"dev{i}",
+                transport="tcp" if i % 2 else "ws",
+                first_on="gw-1" if i in (0, 3, 4) else "gw-2",
+                encoding=Encoding.MSGPACK if i >= 4 else Encoding.JSON,
+            )
+            for i, u in enumerate(users)
         )
-        for i, u in enumerate(users)
-    ))
+    )
     apps.extend(started)
     for i, a in enumerate(started):
         assert a.c.transport is not None

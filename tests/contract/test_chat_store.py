@@ -26,12 +26,25 @@ _mids = itertools.count(1)
 
 
 def msg(
-    conv: str, seq: int, sender: int, *, device: str = "d1", cmid: str | None = None, ts: int = 1_000,
+    conv: str,
+    seq: int,
+    sender: int,
+    *,
+    device: str = "d1",
+    cmid: str | None = None,
+    ts: int = 1_000,
     type: str = "text",
 ) -> StoredMessage:
     mid = next(_mids)
     return StoredMessage(
-        conv=conv, seq=seq, mid=mid, sender=sender, device=device, cmid=cmid or f"c{mid}", ts=ts, type=type,
+        conv=conv,
+        seq=seq,
+        mid=mid,
+        sender=sender,
+        device=device,
+        cmid=cmid or f"c{mid}",
+        ts=ts,
+        type=type,
         body=b'{"text":"m%d"}' % mid,
     )
 
@@ -525,10 +538,15 @@ async def test_member_changes_in_one_batch_apply_in_order(chat: ChatHarness) -> 
             messages=[msg(g, 5, 1, device="", type="system")],
             heads={g: (4, 5, 6_000)},
             member_changes=[
-                MemberChange(g, 2, None), MemberChange(g, 2, "member", joined_seq=4),  # leave and rejoin: fresh row
-                MemberChange(g, 4, "member", joined_seq=4), MemberChange(g, 4, "admin"),  # join, then promoted
-                MemberChange(g, 3, "admin"), MemberChange(g, 3, None),  # promoted, then removed
-                MemberChange(g, 1, "admin"), MemberChange(g, 4, "owner"), MemberChange(g, 2, "owner"),
+                MemberChange(g, 2, None),
+                MemberChange(g, 2, "member", joined_seq=4),  # leave and rejoin: fresh row
+                MemberChange(g, 4, "member", joined_seq=4),
+                MemberChange(g, 4, "admin"),  # join, then promoted
+                MemberChange(g, 3, "admin"),
+                MemberChange(g, 3, None),  # promoted, then removed
+                MemberChange(g, 1, "admin"),
+                MemberChange(g, 4, "owner"),
+                MemberChange(g, 2, "owner"),
             ],
         )
     )

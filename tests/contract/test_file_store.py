@@ -25,7 +25,8 @@ async def send_file(h: FileHarness, conv: str, file_id: str, members: dict[int, 
     m = StoredMessage(conv, seq, seq, ALICE, "d", f"{conv}-{seq}", 1, "file", b"{}")
     await h.chat.commit(
         CommitBatch(
-            messages=[m], heads={conv: (seq - 1, seq, 1)},
+            messages=[m],
+            heads={conv: (seq - 1, seq, 1)},
             new_conversations=[ConversationState(conv, "group", 0, members)] if members else [],
             file_refs=[(file_id, conv)],
         )
@@ -74,7 +75,8 @@ async def test_read_rule_uploader_member_stranger(file_harness: FileHarness) -> 
     await h.chat.commit(
         CommitBatch(
             messages=[StoredMessage(G, 2, 2, ALICE, "", "leave", 2, "system", b"{}")],
-            heads={G: (1, 2, 2)}, member_changes=[MemberChange(G, BOB, None)],
+            heads={G: (1, 2, 2)},
+            member_changes=[MemberChange(G, BOB, None)],
         )
     )
     assert await h.files.lookup(BOB, m.file_id) is None

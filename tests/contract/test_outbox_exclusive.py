@@ -119,7 +119,8 @@ async def test_another_process_waits_until_the_holder_leaves(pg: PostgresChatHar
     # one of the waiters gets it, and only one
     done, _ = await asyncio.wait(
         [asyncio.ensure_future(second.entered.wait()), asyncio.ensure_future(third.entered.wait())],
-        timeout=BOUND, return_when=asyncio.FIRST_COMPLETED,
+        timeout=BOUND,
+        return_when=asyncio.FIRST_COMPLETED,
     )
     assert done
     await asyncio.sleep(QUIET)

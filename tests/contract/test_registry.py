@@ -30,7 +30,8 @@ async def test_register_and_list_by_role(registry_harness: RegistryHarness) -> N
     # Registering a node again replaces its entry.
     await reg.register(ServiceInstance("gateway", "gw-1", {"ws": "ws://elsewhere/ws"}), ttl)
     assert by_node(await reg.instances("gateway")) == [
-        ServiceInstance("gateway", "gw-1", {"ws": "ws://elsewhere/ws"}), gw("gw-2"),
+        ServiceInstance("gateway", "gw-1", {"ws": "ws://elsewhere/ws"}),
+        gw("gw-2"),
     ]
 
 

@@ -267,8 +267,14 @@ async def test_cannot_send_as_someone_else(server: ServerProcess, history: Histo
     r = await Raw.open(server.ws)
     await r.auth(mallory, "evil")
     forged = {
-        "t": "send", "cmid": "forged", "to": bob.uid, "body": "I am alice",
-        "from": alice.uid, "sender": alice.uid, "uid": alice.uid, "dev": "alice-phone",
+        "t": "send",
+        "cmid": "forged",
+        "to": bob.uid,
+        "body": "I am alice",
+        "from": alice.uid,
+        "sender": alice.uid,
+        "uid": alice.uid,
+        "dev": "alice-phone",
     }
     await r.send(forged)
     reply = await r.recv()
@@ -288,7 +294,8 @@ async def test_cannot_send_as_someone_else(server: ServerProcess, history: Histo
     async with httpx.AsyncClient(timeout=10) as http:
         resp = await http.get(
             f"{server.api}/conversations/d:{min(alice.uid, bob.uid)}:{max(alice.uid, bob.uid)}/messages",
-            params={"after": 0}, headers=bob.auth,
+            params={"after": 0},
+            headers=bob.auth,
         )
     assert resp.status_code in (403, 404) or resp.json()["messages"] == []
     await r.close()
@@ -319,9 +326,7 @@ async def test_deeply_nested_json_is_a_bad_frame(server: ServerProcess) -> None:
         ("array_key", None),
     ],
 )
-async def test_messagepack_body_not_expressible_as_json_is_refused(
-    server: ServerProcess, case: str, body: Any
-) -> None:
+async def test_messagepack_body_not_expressible_as_json_is_refused(server: ServerProcess, case: str, body: Any) -> None:
     alice, bob = await asyncio.gather(register(server.api, "alice"), register(server.api, "bob"))
     r = await Raw.open(server.ws)
     await r.auth(alice, binary=True)

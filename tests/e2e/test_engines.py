@@ -29,11 +29,22 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
     tag = uuid.uuid4().hex[:10]
     etcd = shared_etcd()
     extra = [
-        "--set", "store.kind=postgres", "--set", f"store.postgres_dsn={DSN}",
-        "--set", f"store.postgres_schema=im_e2e_{tag}",
-        "--set", "presence.kind=redis", "--set", f"presence.redis_prefix=im-e2e-{tag}:",
-        "--set", "registry.kind=etcd", "--set", f"registry.etcd_endpoint={etcd.endpoint}",
-        "--set", f"registry.prefix=/im-e2e-{tag}/",
+        "--set",
+        "store.kind=postgres",
+        "--set",
+        f"store.postgres_dsn={DSN}",
+        "--set",
+        f"store.postgres_schema=im_e2e_{tag}",
+        "--set",
+        "presence.kind=redis",
+        "--set",
+        f"presence.redis_prefix=im-e2e-{tag}:",
+        "--set",
+        "registry.kind=etcd",
+        "--set",
+        f"registry.etcd_endpoint={etcd.endpoint}",
+        "--set",
+        f"registry.prefix=/im-e2e-{tag}/",
     ]
     with running_server(tmp_path / "data", extra) as proc:
         yield proc
@@ -45,7 +56,8 @@ async def test_chat_and_group_on_engines(server: ServerProcess, history: History
         gw = (await http.get(f"{server.api}/gateway", headers=users[0].auth)).json()
         assert gw["ws"].endswith("/ws") and gw["tcp"].startswith("tcp://")  # read back from etcd
         r = await http.post(
-            f"{server.api}/groups", json={"name": "engines", "members": [u.uid for u in users[1:]]},
+            f"{server.api}/groups",
+            json={"name": "engines", "members": [u.uid for u in users[1:]]},
             headers=users[0].auth,
         )
         assert r.status_code == 201, r.text

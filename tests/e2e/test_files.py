@@ -41,7 +41,10 @@ def png(size: tuple[int, int] = (64, 48)) -> bytes:
 
 
 async def upload(
-    api: httpx.AsyncClient, who: Account, data: bytes, name: str = "f.bin",
+    api: httpx.AsyncClient,
+    who: Account,
+    data: bytes,
+    name: str = "f.bin",
     content_type: str = "application/octet-stream",
 ) -> httpx.Response:
     return await api.post("/files", headers=who.auth, files={"file": (name, data, content_type)})
@@ -99,8 +102,13 @@ async def test_download_headers_and_etag(server: ServerProcess, api: httpx.Async
     r = await api.get(f"/files/{file_id}/info", headers=alice.auth)
     assert r.status_code == 200
     assert r.json() == {
-        "file_id": file_id, "sha256": file_id, "size": len(data), "content_type": "image/png", "width": 64,
-        "height": 48, "name": "pic.png",
+        "file_id": file_id,
+        "sha256": file_id,
+        "size": len(data),
+        "content_type": "image/png",
+        "width": 64,
+        "height": 48,
+        "name": "pic.png",
     }
     r = await api.get(f"/files/{file_id}")
     assert_error(r, 401, "unauthenticated")

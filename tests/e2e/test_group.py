@@ -47,11 +47,7 @@ def seqs_of(c: ChatClient, conv: str) -> list[int]:
 
 
 def system_events(c: ChatClient, conv: str) -> list[dict[str, Any]]:
-    return [
-        {"seq": m["seq"], **m["body"]}
-        for m in c.messages
-        if m["conv"] == conv and m["type"] == "system"
-    ]
+    return [{"seq": m["seq"], **m["body"]} for m in c.messages if m["conv"] == conv and m["type"] == "system"]
 
 
 async def test_fifty_members_see_the_same_order(server: ServerProcess, history: History) -> None:
@@ -94,8 +90,11 @@ async def test_fifty_members_see_the_same_order(server: ServerProcess, history: 
         assert seqs_of(c, conv) == list(range(1, total + 1)), c.account.username
         got = [m for m in c.messages if m["conv"] == conv]
         assert [m["seq"] for m in got] == sorted(m["seq"] for m in got)  # in order, as received
-        assert all((m["mid"], m["from"], m["body"]) == (by_seq[m["seq"]]["mid"], by_seq[m["seq"]]["from"],
-                   by_seq[m["seq"]]["body"]) for m in got)
+        assert all(
+            (m["mid"], m["from"], m["body"])
+            == (by_seq[m["seq"]]["mid"], by_seq[m["seq"]]["from"], by_seq[m["seq"]]["body"])
+            for m in got
+        )
         # Own messages arrive as acks, never also as msg frames
         mine = {a["cmid"] for a in c.acks.values()}
         assert not [m for m in got if m["cmid"] in mine and m["from"] == c.account.uid]
@@ -175,7 +174,9 @@ async def test_removed_member_stops_receiving(server: ServerProcess, history: Hi
     await b.wait_for(lambda: any(m["body"] == "sentinel" for m in b.messages))
     assert b.cursors[conv] == 5
     assert [m["body"] for m in b.messages if m["conv"] == conv and m["type"] == "text"] == [
-        "before0", "before1", "before2"
+        "before0",
+        "before1",
+        "before2",
     ]
 
     # Bob can no longer send there, and a reconnect does not replay what followed his removal

@@ -90,9 +90,7 @@ async def test_gateway_needs_auth_and_names_a_websocket(api: httpx.AsyncClient) 
 
 async def test_register(api: httpx.AsyncClient) -> None:
     name = unique("Reg")
-    r = await api.post(
-        "/auth/register", json={"username": name, "password": PASSWORD, "display_name": "Reggie"}
-    )
+    r = await api.post("/auth/register", json={"username": name, "password": PASSWORD, "display_name": "Reggie"})
     assert r.status_code == 201, r.text
     user = r.json()
     assert user["username"] == name and user["display_name"] == "Reggie" and user["uid"] > 0
@@ -101,12 +99,8 @@ async def test_register(api: httpx.AsyncClient) -> None:
     r = await api.post("/auth/register", json={"username": name.upper(), "password": PASSWORD})
     assert_error(r, 409, "conflict")
     # Meaningless values: 400; malformed bodies: 422.
-    assert_error(
-        await api.post("/auth/register", json={"username": "a b", "password": PASSWORD}), 400, "invalid"
-    )
-    assert_error(
-        await api.post("/auth/register", json={"username": unique(), "password": "short"}), 400, "invalid"
-    )
+    assert_error(await api.post("/auth/register", json={"username": "a b", "password": PASSWORD}), 400, "invalid")
+    assert_error(await api.post("/auth/register", json={"username": unique(), "password": "short"}), 400, "invalid")
     assert_error(await api.post("/auth/register", json={"username": unique()}), 422, "invalid")
     assert_error(await api.post("/auth/register", json={"username": 5, "password": []}), 422, "invalid")
     r = await api.post("/auth/register", content=b"{not json", headers={"content-type": "application/json"})
@@ -133,16 +127,10 @@ async def test_bad_tokens_are_refused(api: httpx.AsyncClient) -> None:
     r = await api.get("/users/me", headers={"Authorization": "Bearer not.a.token"})
     assert_error(r, 401, "auth_failed")
     assert r.headers.get("www-authenticate", "").lower().startswith("bearer")
-    assert_error(
-        await api.get("/users/me", headers={"Authorization": f"Bearer {me.access}x"}), 401, "auth_failed"
-    )
+    assert_error(await api.get("/users/me", headers={"Authorization": f"Bearer {me.access}x"}), 401, "auth_failed")
     # A refresh token is not an access token.
-    assert_error(
-        await api.get("/users/me", headers={"Authorization": f"Bearer {me.refresh}"}), 401, "auth_failed"
-    )
-    assert_error(
-        await api.get("/users/me", headers={"Authorization": f"Basic {me.access}"}), 401, "unauthenticated"
-    )
+    assert_error(await api.get("/users/me", headers={"Authorization": f"Bearer {me.refresh}"}), 401, "auth_failed")
+    assert_error(await api.get("/users/me", headers={"Authorization": f"Basic {me.access}"}), 401, "unauthenticated")
 
 
 async def test_refresh_rotates_and_reuse_revokes(api: httpx.AsyncClient) -> None:
@@ -243,9 +231,7 @@ async def members(api: httpx.AsyncClient, who: Account, gid: int) -> dict[int, s
 
 async def test_group_lifecycle_and_roles(api: httpx.AsyncClient) -> None:
     owner, admin, alice, bob, outsider = [await signup(api) for _ in range(5)]
-    r = await api.post(
-        "/groups", json={"name": "Team", "members": [admin.uid, alice.uid]}, headers=owner.auth
-    )
+    r = await api.post("/groups", json={"name": "Team", "members": [admin.uid, alice.uid]}, headers=owner.auth)
     assert r.status_code == 201, r.text
     group = r.json()
     gid = group["gid"]
@@ -286,12 +272,8 @@ async def test_group_lifecycle_and_roles(api: httpx.AsyncClient) -> None:
     assert_error(r, 422, "invalid")
     r = await api.post(f"/groups/{gid}/members", json={"uids": [999999999]}, headers=owner.auth)
     assert_error(r, 404, "not_found")
-    assert_error(
-        await api.post(f"/groups/{gid}/members", json={"uids": []}, headers=owner.auth), 400, "invalid"
-    )
-    assert_error(
-        await api.post("/groups", json={"name": "  ", "members": []}, headers=owner.auth), 400, "invalid"
-    )
+    assert_error(await api.post(f"/groups/{gid}/members", json={"uids": []}, headers=owner.auth), 400, "invalid")
+    assert_error(await api.post("/groups", json={"name": "  ", "members": []}, headers=owner.auth), 400, "invalid")
     assert_error(await api.post("/groups", json={"members": []}, headers=owner.auth), 422, "invalid")
 
     # The owner removes; a member leaves and then reads nothing.
@@ -343,9 +325,7 @@ async def test_conversations_and_history_paging(api: httpx.AsyncClient) -> None:
     assert [m["seq"] for m in r.json()["messages"]] == [11]
 
     assert_error(await api.get(f"/conversations/{conv}/messages", headers=outsider.auth), 403, "not_member")
-    assert not [
-        c for c in (await api.get("/conversations", headers=outsider.auth)).json() if c["conv"] == conv
-    ]
+    assert not [c for c in (await api.get("/conversations", headers=outsider.auth)).json() if c["conv"] == conv]
     assert_error(await api.get("/conversations/g:999999999/messages", headers=owner.auth), 404, "not_found")
     assert_error(await api.get("/conversations/nonsense/messages", headers=owner.auth), 404, "not_found")
     r = await api.get(f"/conversations/{conv}/messages", params={"limit": 0}, headers=owner.auth)
@@ -359,9 +339,7 @@ async def test_direct_conversation_via_websocket(server: Any, api: httpx.AsyncCl
         await ws.send(json.dumps({"t": "auth", "token": alice.access, "device": "phone"}))
         await _expect(ws, lambda f: f.get("t") == "auth_ok")
         for i in range(3):
-            await ws.send(
-                json.dumps({"t": "send", "cmid": f"c{i}", "to": bob.uid, "body": {"text": f"hi {i}"}})
-            )
+            await ws.send(json.dumps({"t": "send", "cmid": f"c{i}", "to": bob.uid, "body": {"text": f"hi {i}"}}))
             await _expect(ws, lambda f, i=i: f.get("t") == "ack" and f.get("cmid") == f"c{i}")
     conv = f"d:{min(alice.uid, bob.uid)}:{max(alice.uid, bob.uid)}"
     r = await api.get("/conversations", headers=bob.auth)

@@ -101,9 +101,7 @@ async def test_offline_user_gets_everything_in_order_then_synced(server: ServerP
     assert [f.get("body") for f in frames[-1:]] == ["live"]
 
 
-async def test_drop_mid_stream_and_resume_without_gap_or_duplicate(
-    server: ServerProcess, history: History
-) -> None:
+async def test_drop_mid_stream_and_resume_without_gap_or_duplicate(server: ServerProcess, history: History) -> None:
     alice, bob, carol = await asyncio.gather(*(register(server.api, n) for n in ("alice", "bob", "carol")))
     group = await create_group(server.api, carol, [alice, bob])
     direct = f"d:{min(alice.uid, bob.uid)}:{max(alice.uid, bob.uid)}"

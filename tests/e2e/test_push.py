@@ -21,8 +21,14 @@ from tests.support.wait import eventually
 @pytest.fixture
 def server(tmp_path: Path, names: Names, webhook: WebhookReceiver) -> Iterator[ServerProcess]:
     extra = [
-        "--set", "events.kind=rabbitmq", "--set", f"events.exchange={names.exchange}",
-        "--set", f"events.queue={names.queue}", "--set", f"events.webhook_url={webhook.url}",
+        "--set",
+        "events.kind=rabbitmq",
+        "--set",
+        f"events.exchange={names.exchange}",
+        "--set",
+        f"events.queue={names.queue}",
+        "--set",
+        f"events.webhook_url={webhook.url}",
     ]
     with running_server(tmp_path / "data", extra) as proc:
         yield proc

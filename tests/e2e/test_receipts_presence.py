@@ -30,6 +30,7 @@ async def test_receipts_report_every_members_stored_marks(server: ServerProcess,
     await b1.wait_messages(3)
 
     async with httpx.AsyncClient(base_url=server.api, timeout=10) as http:
+
         async def marks(who: Account = alice) -> dict[int, tuple[int, int]]:
             r = await http.get(f"/conversations/{conv}/receipts", headers=who.auth)
             assert r.status_code == 200, r.text
@@ -97,6 +98,7 @@ async def test_presence_shown_to_partners_who_wrote_and_co_members(server: Serve
     carol = await register(server.api, "carol")
     stranger = await register(server.api, "stranger")
     async with httpx.AsyncClient(base_url=server.api, timeout=10) as http:
+
         async def online(who: Account, uids: list[int]) -> dict[int, bool]:
             r = await http.get("/presence", params={"uids": ",".join(map(str, uids))}, headers=who.auth)
             assert r.status_code == 200, r.text
@@ -122,12 +124,18 @@ async def test_presence_shown_to_partners_who_wrote_and_co_members(server: Serve
         await b.connect()
         assert await b.send({"text": "hello"}, to=alice.uid)
         assert await online(alice, [*everyone, bob.uid]) == {
-            alice.uid: True, bob.uid: True, carol.uid: True, stranger.uid: False
+            alice.uid: True,
+            bob.uid: True,
+            carol.uid: True,
+            stranger.uid: False,
         }
         assert await online(bob, everyone) == {alice.uid: True, bob.uid: True, carol.uid: False, stranger.uid: False}
         # The stranger learns nothing about anyone but itself.
         assert await online(stranger, everyone) == {
-            alice.uid: False, bob.uid: False, carol.uid: False, stranger.uid: True
+            alice.uid: False,
+            bob.uid: False,
+            carol.uid: False,
+            stranger.uid: True,
         }
 
         # Going offline shows (the gateway removes the presence entry when the connection closes).
@@ -139,8 +147,11 @@ async def test_presence_shown_to_partners_who_wrote_and_co_members(server: Serve
         await eventually(alice_offline)
 
         # At most 100 uids; integers only; authentication needed.
-        error_of(await http.get("/presence", params={"uids": ",".join(map(str, range(1, 102)))}, headers=bob.auth),
-                 400, "invalid")
+        error_of(
+            await http.get("/presence", params={"uids": ",".join(map(str, range(1, 102)))}, headers=bob.auth),
+            400,
+            "invalid",
+        )
         error_of(await http.get("/presence", params={"uids": "1,x"}, headers=bob.auth), 400, "invalid")
         error_of(await http.get("/presence", params={"uids": "0"}, headers=bob.auth), 400, "invalid")
         error_of(await http.get("/presence", params={"uids": ""}, headers=bob.auth), 400, "invalid")

@@ -40,14 +40,17 @@ class InProcess:
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[InProcess]:
     """Overrides the subprocess server of conftest.py: ``im serve`` in this event loop."""
-    config = load_config(None, {
-        "data_dir": str(tmp_path / "data"),
-        "log_level": "warning",
-        "http": {"port": 0},
-        "gateway": {"ws_port": 0, "tcp_port": 0, "auth_timeout": 2.0},
-        "auth": {"argon2_time_cost": 1, "argon2_memory_kib": 1024, "argon2_parallelism": 1},
-        "rates": RELAXED_RATES_CONFIG,
-    })
+    config = load_config(
+        None,
+        {
+            "data_dir": str(tmp_path / "data"),
+            "log_level": "warning",
+            "http": {"port": 0},
+            "gateway": {"ws_port": 0, "tcp_port": 0, "auth_timeout": 2.0},
+            "auth": {"argon2_time_cost": 1, "argon2_memory_kib": 1024, "argon2_parallelism": 1},
+            "rates": RELAXED_RATES_CONFIG,
+        },
+    )
     srv = EmbeddedServer(config)
     ready = asyncio.Event()
     task = asyncio.create_task(srv.run(lambda _: ready.set()))

@@ -46,8 +46,15 @@ async def presence() -> MemoryPresence:
 
 def consumer(store: ChatStore, p: MemoryPresence, webhook: WebhookReceiver, names: Names, **kw: Any) -> PushConsumer:
     return PushConsumer(
-        AMQP_URL, p, members_of(store), webhook.url, MemoryDedupe(),
-        exchange=names.exchange, queue=names.queue, retry_delay=0.05, **kw,
+        AMQP_URL,
+        p,
+        members_of(store),
+        webhook.url,
+        MemoryDedupe(),
+        exchange=names.exchange,
+        queue=names.queue,
+        retry_delay=0.05,
+        **kw,
     )
 
 
@@ -57,7 +64,8 @@ async def traffic(store: ChatStore) -> list[StoredMessage]:
     first = [msg(GROUP, i, s) for i, s in enumerate([A, B, C], start=1)]
     await store.commit(
         CommitBatch(
-            messages=first, heads={GROUP: (0, 3, 9)},
+            messages=first,
+            heads={GROUP: (0, 3, 9)},
             new_conversations=[ConversationState(GROUP, "group", 0, {A: "owner", B: "member", C: "member"})],
         )
     )
@@ -140,9 +148,7 @@ async def publish_raw(names: Names, bodies: list[bytes]) -> None:
             )
 
 
-async def test_a_redelivered_event_pushes_once(
-    outbox_store: ChatStore, names: Names, webhook: WebhookReceiver
-) -> None:
+async def test_a_redelivered_event_pushes_once(outbox_store: ChatStore, names: Names, webhook: WebhookReceiver) -> None:
     (m,) = await new_direct(outbox_store, A, B, 1)
     event = topology.encode(topology.Event(conv=m.conv, seq=1, mid=str(m.mid), sender=A, type="text", ts=m.ts))
     await publish_raw(names, [event, event])

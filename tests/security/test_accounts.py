@@ -130,8 +130,15 @@ async def test_forged_refresh_token_revokes_nothing_but_a_reused_one_does(
     try:
         sid = alice.refresh.split(".")[0]  # readable by anyone holding an access token, even an expired one
         gen, _, mac = alice.refresh.split(".", 1)[1].partition(".")
-        for forged in (f"{sid}.x", f"{sid}.", f"{sid}.0.{'A' * 43}", f"{sid}.1.{mac}", f"{sid}.{gen}.{mac[:-1]}B",
-                       f"{sid}.99999999999999999999.x", sid):
+        for forged in (
+            f"{sid}.x",
+            f"{sid}.",
+            f"{sid}.0.{'A' * 43}",
+            f"{sid}.1.{mac}",
+            f"{sid}.{gen}.{mac[:-1]}B",
+            f"{sid}.99999999999999999999.x",
+            sid,
+        ):
             r = await refresh(http, forged)
             assert r.status_code == 401 and r.json()["code"] == "auth_failed", forged
         await still_works(phone)  # nothing was revoked

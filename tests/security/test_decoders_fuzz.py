@@ -67,13 +67,15 @@ TAGS = ["auth", "send", "recv", "read", "typing", "ping"]
 
 # --- strategies --------------------------------------------------------------------------------------
 
+
 def json_values(max_int: int, finite: bool = False) -> st.SearchStrategy[Any]:
     """JSON-like values; integers up to ``max_int`` in size (MessagePack stops at 64 bits); ``finite``:
     no NaN or infinity (JSON has no spelling for them)."""
     floats = st.floats(allow_nan=not finite, allow_infinity=not finite)
     scalars = st.none() | st.booleans() | st.integers(-max_int, max_int) | floats | st.text(max_size=20)
     return st.recursive(
-        scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        scalars,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
         max_leaves=12,
     )
 
@@ -105,6 +107,7 @@ client_payloads = st.one_of(
     st.builds(lambda obj: json.dumps(obj).encode(), big_frame_like),
 )
 
+
 def _text(max_size: int) -> st.SearchStrategy[str]:
     """Text a store keeps: no NUL (frames refuse it in cmid, type and device)."""
     return st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=max_size)
@@ -112,10 +115,20 @@ def _text(max_size: int) -> st.SearchStrategy[str]:
 
 #: Frames inside every documented range (docs/protocol.md section 1): they decode to themselves.
 valid_frames = st.one_of(
-    st.builds(Auth, token=st.text(max_size=30), device=_text(10),
-              cursors=st.dictionaries(st.text(max_size=10), st.integers(0, 2**63 - 1), max_size=3)),
-    st.builds(Send, cmid=_text(10), body=plain_values, conv=st.none() | st.text(max_size=12),
-              to=st.none() | st.integers(1, 2**63 - 1), type=_text(8)),
+    st.builds(
+        Auth,
+        token=st.text(max_size=30),
+        device=_text(10),
+        cursors=st.dictionaries(st.text(max_size=10), st.integers(0, 2**63 - 1), max_size=3),
+    ),
+    st.builds(
+        Send,
+        cmid=_text(10),
+        body=plain_values,
+        conv=st.none() | st.text(max_size=12),
+        to=st.none() | st.integers(1, 2**63 - 1),
+        type=_text(8),
+    ),
     st.builds(Recv, conv=st.text(max_size=12), seq=st.integers(0, 2**63 - 1)),
     st.builds(Read, conv=st.text(max_size=12), seq=st.integers(0, 2**63 - 1)),
     st.builds(Typing, conv=st.text(max_size=12)),
@@ -447,8 +460,11 @@ def test_websocket_parser_takes_arbitrary_bytes_in_any_chunking(data: bytes, cut
 @FUZZ
 @given(
     messages=ws_messages,
-    edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255), st.sampled_from(["xor", "set", "del"])),
-                   min_size=1, max_size=3),
+    edits=st.lists(
+        st.tuples(st.integers(0, 10**6), st.integers(0, 255), st.sampled_from(["xor", "set", "del"])),
+        min_size=1,
+        max_size=3,
+    ),
     cuts=cut_lists,
 )
 def test_websocket_parser_takes_mutated_frames(messages: list[Any], edits: list[Any], cuts: Any) -> None:
@@ -472,19 +488,48 @@ def run_handshake(chunks: list[bytes]) -> tuple[list[Any], bytes, State]:
 
 
 header_lines = st.lists(
-    st.sampled_from([b"Host: x", b"Upgrade: websocket", b"Connection: Upgrade", b"Sec-WebSocket-Version: 13",
-                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", b"Origin: o", b"X: y", b"bad line", b":",
-                     b"Sec-WebSocket-Version: 8", b"Host: y", b""]) | st.binary(max_size=30),
+    st.sampled_from(
+        [
+            b"Host: x",
+            b"Upgrade: websocket",
+            b"Connection: Upgrade",
+            b"Sec-WebSocket-Version: 13",
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            b"Origin: o",
+            b"X: y",
+            b"bad line",
+            b":",
+            b"Sec-WebSocket-Version: 8",
+            b"Host: y",
+            b"",
+        ]
+    )
+    | st.binary(max_size=30),
     max_size=12,
 )
 requests = st.one_of(
     st.binary(max_size=300),
-    st.builds(lambda first, lines, tail: first + b"\r\n" + b"\r\n".join(lines) + b"\r\n\r\n" + tail,
-              st.sampled_from([b"GET /ws HTTP/1.1", b"GET /ws?x HTTP/1.1", b"GET /other HTTP/1.1", b"POST /ws HTTP/1.1",
-                               b"GET /ws HTTP/1.0", b"GET  /ws HTTP/1.1"]) | st.binary(max_size=20),
-              header_lines, st.binary(max_size=40)),
-    st.builds(lambda edit, tail: bytes(request()).replace(*edit) + tail,
-              st.tuples(st.binary(min_size=1, max_size=4), st.binary(max_size=4)), st.binary(max_size=40)),
+    st.builds(
+        lambda first, lines, tail: first + b"\r\n" + b"\r\n".join(lines) + b"\r\n\r\n" + tail,
+        st.sampled_from(
+            [
+                b"GET /ws HTTP/1.1",
+                b"GET /ws?x HTTP/1.1",
+                b"GET /other HTTP/1.1",
+                b"POST /ws HTTP/1.1",
+                b"GET /ws HTTP/1.0",
+                b"GET  /ws HTTP/1.1",
+            ]
+        )
+        | st.binary(max_size=20),
+        header_lines,
+        st.binary(max_size=40),
+    ),
+    st.builds(
+        lambda edit, tail: bytes(request()).replace(*edit) + tail,
+        st.tuples(st.binary(min_size=1, max_size=4), st.binary(max_size=4)),
+        st.binary(max_size=40),
+    ),
 )
 
 

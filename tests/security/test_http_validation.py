@@ -24,8 +24,14 @@ OUT_OF_RANGE = [BIG, 2**64, 10**30, -1, 0]
 def store_args(kind: str, schema: str) -> list[str]:
     if kind == "sqlite":
         return []
-    return ["--set", "store.kind=postgres", "--set", f"store.postgres_dsn={DSN}",
-            "--set", f"store.postgres_schema={schema}"]
+    return [
+        "--set",
+        "store.kind=postgres",
+        "--set",
+        f"store.postgres_dsn={DSN}",
+        "--set",
+        f"store.postgres_schema={schema}",
+    ]
 
 
 async def _drop(schema: str) -> None:
@@ -139,11 +145,13 @@ def test_nul_characters_are_refused_on_every_store(server: ServerProcess, api: h
     user = Users(api).make("nul")
     auth = user["auth"]
     expect(api.post("/auth/register", json={"username": "ab\x00cd", "password": "correct horse battery"}), 400)
-    r = api.post("/auth/register", json={"username": "nulname1", "password": "pw\x00 long enough",
-                                         "display_name": "Ann"})
+    r = api.post(
+        "/auth/register", json={"username": "nulname1", "password": "pw\x00 long enough", "display_name": "Ann"}
+    )
     expect(r, 400)
-    r = api.post("/auth/register", json={"username": "nulname2", "password": "correct horse battery",
-                                         "display_name": "A\x00nn"})
+    r = api.post(
+        "/auth/register", json={"username": "nulname2", "password": "correct horse battery", "display_name": "A\x00nn"}
+    )
     expect(r, 400)
     expect(api.post("/auth/login", json={"username": "a\x00", "password": "correct horse battery"}), 400)
     expect(api.post("/auth/refresh", json={"refresh_token": "x\x00y"}), 400)

@@ -133,9 +133,13 @@ def _pump_until_answered(
             got += data
         at_answer = sent
         response_head, _, body = got.partition(b"\r\n\r\n")
-        length = int(next(
-            line.split(b":")[1] for line in response_head.split(b"\r\n") if line.lower().startswith(b"content-length")
-        ))
+        length = int(
+            next(
+                line.split(b":")[1]
+                for line in response_head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+        )
         with contextlib.suppress(ConnectionResetError):
             while len(body) < length and (data := s.recv(65536)):
                 body += data
@@ -163,8 +167,10 @@ async def test_chunked_oversized_bodies_are_refused_before_the_client_is_done(tm
         # The upload route keeps its own streaming limit (files.max_upload_bytes), chunked too.
         boundary = b"xyzzy"
         head = (
-            b"POST /api/v1/files HTTP/1.1\r\nhost: x\r\nauthorization: Bearer " + alice.access.encode()
-            + b"\r\ncontent-type: multipart/form-data; boundary=" + boundary
+            b"POST /api/v1/files HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
+            + alice.access.encode()
+            + b"\r\ncontent-type: multipart/form-data; boundary="
+            + boundary
             + b"\r\ntransfer-encoding: chunked\r\n\r\n"
         )
         part = (
@@ -194,8 +200,14 @@ def _time_to_close(s: socket.socket, started: float, limit: float) -> float:
 
 def test_slow_heads_bodies_and_idle_keepalive_are_closed_in_time(tmp_path: Path) -> None:
     extra = [
-        "--set", "http.head_timeout=2", "--set", "http.body_timeout=2", "--set", "http.keepalive_timeout=1",
-        "--set", "http.max_headers=50",
+        "--set",
+        "http.head_timeout=2",
+        "--set",
+        "http.body_timeout=2",
+        "--set",
+        "http.keepalive_timeout=1",
+        "--set",
+        "http.max_headers=50",
     ]
     with running_server(tmp_path / "data", extra) as server:
         port = server.http_port
@@ -206,7 +218,7 @@ def test_slow_heads_bodies_and_idle_keepalive_are_closed_in_time(tmp_path: Path)
         stalled_body = raw_socket(port)  # head complete, body stops half-way
         stalled_body.sendall(
             b"POST /api/v1/auth/login HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            b"content-length: 1000\r\n\r\n{\"username\": "
+            b'content-length: 1000\r\n\r\n{"username": '
         )
         keepalive = raw_socket(port)  # one request, then idle on a keep-alive connection
         keepalive.sendall(b"GET /api/v1/health HTTP/1.1\r\nhost: x\r\n\r\n")

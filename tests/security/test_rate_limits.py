@@ -181,8 +181,9 @@ async def test_registrations_per_address(server: ServerProcess) -> None:
     """The default: 20 registrations per address per hour."""
     async with http_from(ATTACKER, server.api) as attacker:
         for i in range(20):
-            r = await attacker.post("/auth/register", json={"username": f"bot{i}_{uuid.uuid4().hex[:4]}",
-                                                            "password": PASSWORD})
+            r = await attacker.post(
+                "/auth/register", json={"username": f"bot{i}_{uuid.uuid4().hex[:4]}", "password": PASSWORD}
+            )
             assert r.status_code == 201, r.text
         r = await attacker.post("/auth/register", json={"username": "bot_extra", "password": PASSWORD})
         wait = assert_limited(r)
@@ -227,8 +228,7 @@ async def test_send_budget_is_the_users_not_each_devices(server: ServerProcess) 
     devices = [await connected(server, alice, f"dev{i}") for i in range(5)]
     carol_c = await connected(server, carol, "phone")
     try:
-        sent = [cmid for batch in await asyncio.gather(*(burst(d, 20, to=bob.uid) for d in devices))
-                for cmid in batch]
+        sent = [cmid for batch in await asyncio.gather(*(burst(d, 20, to=bob.uid) for d in devices)) for cmid in batch]
         await answered(devices, sent)
         acked = sum(len(d.acks) for d in devices)
         refused = refusals(devices)
@@ -307,8 +307,9 @@ async def test_typing_and_receipts_per_user(server: ServerProcess) -> None:
         assert all(len(d.errors) <= 4 for d in devices)  # at most one error per connection and batch
         # Bob (a bystander of alice's budget) still sends reads and alice gets his receipt.
         await b.send_frame({"t": "read", "conv": conv, "seq": 5})
-        await devices[0].wait_for(lambda: any(
-            e["t"] == "receipt" and e["uid"] == bob.uid and e["kind"] == "read" for e in devices[0].events))
+        await devices[0].wait_for(
+            lambda: any(e["t"] == "receipt" and e["uid"] == bob.uid and e["kind"] == "read" for e in devices[0].events)
+        )
     finally:
         for c in [*devices, b]:
             await c.close()
@@ -321,6 +322,7 @@ async def test_typing_and_receipts_per_user(server: ServerProcess) -> None:
 async def test_upload_quota_per_user(server: ServerProcess) -> None:
     alice, bob = await accounts(server.api, "alice", "bob")
     async with httpx.AsyncClient(base_url=server.api, timeout=30) as api:
+
         async def upload(who: Account, data: bytes) -> httpx.Response:
             files = {"file": ("f.bin", data, "application/octet-stream")}
             return await api.post("/files", headers=who.auth, files=files)
@@ -363,8 +365,9 @@ async def test_devices_on_two_gateways_share_one_send_budget(limited_cluster: An
     bob_c = ChatClient(f"ws://127.0.0.1:{c.nodes['gw-2'].ports['ws']}/ws", bob, "phone")
     assert (await bob_c.connect())["t"] == "auth_ok"
     try:
-        sent = [cmid for batch in await asyncio.gather(*(burst(cl, 20, to=bob.uid) for cl in clients))
-                for cmid in batch]
+        sent = [
+            cmid for batch in await asyncio.gather(*(burst(cl, 20, to=bob.uid) for cl in clients)) for cmid in batch
+        ]
         await answered(clients, sent)
         acked = sum(len(cl.acks) for cl in clients)
         assert acked == 40, acked  # one budget for the user on both gateways, not 40 per gateway

@@ -138,8 +138,12 @@ CASES = {
     "16-bit length for a 5-byte payload": frame(0x2, b"12345", length_form=16),
     "64-bit length for a 300-byte payload": frame(0x2, b"x" * 300, length_form=64),
 }
-CASES.update({f"close code {c} [7.9]": frame(0x8, c.to_bytes(2, "big")) for c in
-              (0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000)})
+CASES.update(
+    {
+        f"close code {c} [7.9]": frame(0x8, c.to_bytes(2, "big"))
+        for c in (0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000)
+    }
+)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -175,8 +179,14 @@ def test_fragments_interleaved_with_control_frames(server: ServerProcess) -> Non
     ws = Raw(server)
     text = '{"t":"ping","id":9,"x":"é𝄞"}'.encode()
     cut = text.index("𝄞".encode()) + 2  # inside the four bytes of U+1D11E
-    ws.send(frame(0x1, text[:5], fin=False) + frame(0x9, b"one") + frame(0x0, text[5:cut], fin=False)
-            + frame(0xA, b"unsolicited") + frame(0x9, b"") + frame(0x0, text[cut:]))
+    ws.send(
+        frame(0x1, text[:5], fin=False)
+        + frame(0x9, b"one")
+        + frame(0x0, text[5:cut], fin=False)
+        + frame(0xA, b"unsolicited")
+        + frame(0x9, b"")
+        + frame(0x0, text[cut:])
+    )
     # Pongs come in ping order; the reply to the message may come before them (one read, one write).
     got = [ws.read_frame() for _ in range(3)]
     assert [f for f in got if f[0] == 0xA] == [(0xA, b"one"), (0xA, b"")]

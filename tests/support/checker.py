@@ -62,9 +62,7 @@ class History:
     def _stream(self, c: ChatClient, conv: str, seq: int) -> None:
         stream = self.streams[(c.account.uid, c.device, conv)]
         if stream and seq != stream[-1] + 1:
-            self.problems.append(
-                f"C5: device {c.account.uid}/{c.device} got {conv} seq {seq} after {stream[-1]}"
-            )
+            self.problems.append(f"C5: device {c.account.uid}/{c.device} got {conv} seq {seq} after {stream[-1]}")
         stream.append(seq)
 
     def _seen(self, conv: str, seq: int, mid: str, sender: int, cmid: str, body: Any) -> None:

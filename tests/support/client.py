@@ -180,8 +180,14 @@ class ChatClient:
         await self.ws.send(frame if isinstance(frame, str | bytes) else json.dumps(frame))
 
     async def send(
-        self, body: Any, *, to: int | None = None, conv: str | None = None, cmid: str | None = None,
-        wait: bool = True, type: str = "text",
+        self,
+        body: Any,
+        *,
+        to: int | None = None,
+        conv: str | None = None,
+        cmid: str | None = None,
+        wait: bool = True,
+        type: str = "text",
     ) -> dict[str, Any] | None:
         """Send a message and (by default) wait for its ack or error; returns the ack frame."""
         cmid = cmid or f"{self.device}-{next(_cmids)}"

@@ -19,7 +19,12 @@ import httpx
 from im.cluster import stop_process
 
 FAST_ARGON2 = [
-    "--set", "auth.argon2_time_cost=1", "--set", "auth.argon2_memory_kib=1024", "--set", "auth.argon2_parallelism=1",
+    "--set",
+    "auth.argon2_time_cost=1",
+    "--set",
+    "auth.argon2_memory_kib=1024",
+    "--set",
+    "auth.argon2_parallelism=1",
 ]
 
 #: Login and registration limits out of the way, for tests that are not about them: they register and log
@@ -79,9 +84,20 @@ class ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / "server.log"
         cmd = [
-            sys.executable, "-m", "im", "serve", "--data-dir", str(self.data_dir),
-            "--http-port", str(self.http_port), "--ws-port", str(self.ws_port),
-            "--tcp-port", str(self.tcp_port), *(FAST_ARGON2 + RELAXED_RATES if self.relaxed else []), *self.extra,
+            sys.executable,
+            "-m",
+            "im",
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--http-port",
+            str(self.http_port),
+            "--ws-port",
+            str(self.ws_port),
+            "--tcp-port",
+            str(self.tcp_port),
+            *(FAST_ARGON2 + RELAXED_RATES if self.relaxed else []),
+            *self.extra,
         ]
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(

@@ -49,8 +49,9 @@ async def test_resend_with_same_cmid_is_a_duplicate(core: Core) -> None:
     link.submit(send(alice, bob, "x"), results.done)
     await eventually(lambda: len(results.got) == 1)
     link.submit(send(alice, bob, "x"), results.done)
-    link.submit(SendRequest(uid=alice, device="d1", cmid="y", conv="d:0:0", to=None, type="text", body=b"{}"),
-                results.done)
+    link.submit(
+        SendRequest(uid=alice, device="d1", cmid="y", conv="d:0:0", to=None, type="text", body=b"{}"), results.done
+    )
     await eventually(lambda: len(results.got) == 3)
     (_, first, dup1, _), (_, again, dup2, _), (_, none, _, err) = results.got
     assert first is not None and again is not None and not dup1 and dup2

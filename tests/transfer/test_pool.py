@@ -35,8 +35,17 @@ def text(uid: int, cmid: str, *, conv: str | None = None, to: int | None = None)
 
 
 def stored(conv: str, seq: int, sender: int = 1) -> StoredMessage:
-    return StoredMessage(conv=conv, seq=seq, mid=1000 + seq, sender=sender, device="d1", cmid=f"m{seq}", ts=1,
-                         type="text", body=b'{"text":"%d"}' % seq)
+    return StoredMessage(
+        conv=conv,
+        seq=seq,
+        mid=1000 + seq,
+        sender=sender,
+        device="d1",
+        cmid=f"m{seq}",
+        ts=1,
+        type="text",
+        body=b'{"text":"%d"}' % seq,
+    )
 
 
 class StubCore:
@@ -59,8 +68,17 @@ class StubCore:
             self.held.append((req, done))
             return
         seq = next(self._seqs)
-        m = StoredMessage(conv=conversation_key(req), seq=seq, mid=seq, sender=req.uid, device=req.device,
-                          cmid=req.cmid, ts=1, type=req.type, body=req.body)
+        m = StoredMessage(
+            conv=conversation_key(req),
+            seq=seq,
+            mid=seq,
+            sender=req.uid,
+            device=req.device,
+            cmid=req.cmid,
+            ts=1,
+            type=req.type,
+            body=req.body,
+        )
         done(req, m, False, None)
 
 
@@ -428,8 +446,9 @@ async def test_pool_in_front_of_a_real_core(core: Core, pools: Pools) -> None:
     try:
         group = await api_chat.create_group(alice, "team", [bob])
         conv = f"g:{group.gid}"
-        await eventually(lambda: any(m.conv == conv for m, _ in sink_b.messages)
-                         and any(m.conv == conv for m, _ in sink_a.messages))
+        await eventually(
+            lambda: any(m.conv == conv for m, _ in sink_b.messages) and any(m.conv == conv for m, _ in sink_a.messages)
+        )
         assert [(m.seq, m.type, uids) for m, uids in sink_b.messages if m.conv == conv] == [(1, "system", [bob])]
         assert [(m.seq, m.type, uids) for m, uids in sink_a.messages if m.conv == conv] == [(1, "system", [alice])]
     finally:

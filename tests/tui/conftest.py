@@ -49,5 +49,3 @@ async def peer(server: ServerProcess) -> AsyncIterator[Callable[..., Any]]:
     yield make
     for p in peers:
         await p.close()
-
-

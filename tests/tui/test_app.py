@@ -111,9 +111,11 @@ async def test_unread_count_history_in_order_and_read_mark(
         assert app.state is not None and app.state.convs[conv].unread == 0
         assert "(" not in chat.rows_plain[conv].splitlines()[0]
         # viewing the conversation sent a read mark: bob gets the receipt
-        await bob.wait(lambda: any(
-            isinstance(e, Receipt) and e.kind == "read" and e.uid == alice.uid and e.seq == 5 for e in bob.events
-        ))
+        await bob.wait(
+            lambda: any(
+                isinstance(e, Receipt) and e.kind == "read" and e.uid == alice.uid and e.seq == 5 for e in bob.events
+            )
+        )
         svg = save(app, screenshots, "3-conversation")
         to_png(svg)
 

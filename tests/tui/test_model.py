@@ -14,13 +14,30 @@ CONV = direct_conv(ME, BOB)
 
 
 def msg(seq: int, sender: int = BOB, text: str | None = None, conv: str = CONV, dev: str = "phone") -> Message:
-    return Message(conv=conv, seq=seq, mid=str(1000 + seq), sender=sender, dev=dev, cmid=f"c{seq}",
-                   ts=1_700_000_000_000 + seq, type="text", body={"text": text or f"m{seq}"})
+    return Message(
+        conv=conv,
+        seq=seq,
+        mid=str(1000 + seq),
+        sender=sender,
+        dev=dev,
+        cmid=f"c{seq}",
+        ts=1_700_000_000_000 + seq,
+        type="text",
+        body={"text": text or f"m{seq}"},
+    )
 
 
 def listed(last_seq: int, read_seq: int) -> Conversation:
-    return Conversation(conv=CONV, kind="direct", title="Bob", unread=last_seq - read_seq, last_seq=last_seq,
-                        read_seq=read_seq, last_message=msg(last_seq) if last_seq else None, peer=BOB)
+    return Conversation(
+        conv=CONV,
+        kind="direct",
+        title="Bob",
+        unread=last_seq - read_seq,
+        last_seq=last_seq,
+        read_seq=read_seq,
+        last_message=msg(last_seq) if last_seq else None,
+        peer=BOB,
+    )
 
 
 def state() -> ChatState:

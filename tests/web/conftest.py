@@ -28,8 +28,14 @@ from tests.support.server import ServerProcess, running_server
 
 CHROMIUM = os.environ.get("IM_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--no-first-run", "--disable-quic", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-sync",
 ]
 REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "correct horse battery"
@@ -42,10 +48,32 @@ expect.set_options(timeout=20_000)
 
 # WCAG contrast of the visible text of these elements against the first opaque background behind it.
 TEXT = [
-    "#me-name", "#me-username", ".list-heading", ".conv-title", ".conv-preview", ".conv-time", ".badge",
-    "#chat-title", "#chat-subtitle", ".msg .text", ".msg .meta time", ".msg .status", ".msg .sender",
-    ".msg.system span", ".file-name", ".file-size", "#typing", "#banner-text", ".banner-action", "button.primary",
-    "button.secondary", "button.ghost", "#login-view label", "#login-view [role=tab]", ".role", ".member-name",
+    "#me-name",
+    "#me-username",
+    ".list-heading",
+    ".conv-title",
+    ".conv-preview",
+    ".conv-time",
+    ".badge",
+    "#chat-title",
+    "#chat-subtitle",
+    ".msg .text",
+    ".msg .meta time",
+    ".msg .status",
+    ".msg .sender",
+    ".msg.system span",
+    ".file-name",
+    ".file-size",
+    "#typing",
+    "#banner-text",
+    ".banner-action",
+    "button.primary",
+    "button.secondary",
+    "button.ghost",
+    "#login-view label",
+    "#login-view [role=tab]",
+    ".role",
+    ".member-name",
 ]
 CONTRAST_JS = """(selectors) => {
     const channel = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };

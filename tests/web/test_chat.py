@@ -100,9 +100,7 @@ async def test_group_of_three(web: Web) -> None:
     await expect(page.locator("#group-chips .chip")).to_have_count(2)
     await page.click("#group-create")
     await expect(page.locator("#chat-title")).to_have_text("Weekend trip")
-    await expect(page.locator("#messages li.system").first).to_have_text(
-        "You created the group “Weekend trip”"
-    )
+    await expect(page.locator("#messages li.system").first).to_have_text("You created the group “Weekend trip”")
     await expect(page.locator("#chat-subtitle")).to_contain_text("3 members")
     await expect(chats).to_have_text(["Weekend trip", bob.display])  # newest activity first
 
@@ -162,11 +160,17 @@ def picture(width: int, height: int) -> bytes:
     """A PNG gradient with grain: pleasant to look at, yet barely compressible (the upload takes time)."""
     rng = random.Random(5)
     img = Image.new("RGB", (width, height))
-    img.putdata([
-        (20 + x * 200 // width + rng.randrange(24), 90 + y * 120 // height + rng.randrange(24), 200 - rng.randrange(24))
-        for y in range(height)
-        for x in range(width)
-    ])
+    img.putdata(
+        [
+            (
+                20 + x * 200 // width + rng.randrange(24),
+                90 + y * 120 // height + rng.randrange(24),
+                200 - rng.randrange(24),
+            )
+            for y in range(height)
+            for x in range(width)
+        ]
+    )
     out = io.BytesIO()
     img.save(out, format="PNG")
     return out.getvalue()

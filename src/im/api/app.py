@@ -62,7 +62,10 @@ STATUS: dict[ErrorCode, int] = {
 
 
 def error_response(
-    status_code: int, code: str, message: str, headers: dict[str, str] | None = None,
+    status_code: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
     retry_after: float | None = None,
 ) -> JSONResponse:
     """The JSON error body; with ``retry_after`` (seconds) also a ``Retry-After`` header (whole seconds)."""
@@ -85,10 +88,20 @@ async def _im_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 #: pydantic error types that are about a value's range (400), not the request's shape (422).
-_RANGE_ERRORS = frozenset({
-    "greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short", "too_long",
-    "string_too_short", "string_too_long", "int_parsing_size", "value_error",
-})
+_RANGE_ERRORS = frozenset(
+    {
+        "greater_than",
+        "greater_than_equal",
+        "less_than",
+        "less_than_equal",
+        "too_short",
+        "too_long",
+        "string_too_short",
+        "string_too_long",
+        "int_parsing_size",
+        "value_error",
+    }
+)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -220,12 +233,16 @@ class BodyLimit:
     async def _refuse(self, send: Send) -> None:
         message = f"request bodies are limited to {self.max_bytes} bytes"
         body = json.dumps({"code": ErrorCode.TOO_LARGE.value, "message": message}).encode()
-        await send({
-            "type": "http.response.start", "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            ],
-        })
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -317,4 +334,3 @@ def create_app(
     # The browser client at "/" (last: it answers every path the API does not).
     app.router.routes.append(web_mount(PREFIX))
     return app
-

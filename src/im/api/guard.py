@@ -148,7 +148,8 @@ class GuardedH11Protocol(H11Protocol):
 def guarded_protocol(admission: Admission, *, head_timeout: float, body_timeout: float) -> type[GuardedH11Protocol]:
     """The protocol class for ``uvicorn.Config(http=...)``, bound to these limits."""
     return type(
-        "BoundGuardedH11Protocol", (GuardedH11Protocol,),
+        "BoundGuardedH11Protocol",
+        (GuardedH11Protocol,),
         {"admission": admission, "head_timeout": head_timeout, "body_timeout": body_timeout},
     )
 
@@ -177,10 +178,13 @@ class HeaderLimit:
             problem = f"request heads are limited to {self.max_head_bytes} bytes"
         if problem:
             body = json.dumps({"code": "too_large", "message": problem})
-            await send({
-                "type": "http.response.start", "status": 431,
-                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
-            })
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 431,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+                }
+            )
             await send({"type": "http.response.body", "body": body.encode()})
             return
         await self.app(scope, receive, send)

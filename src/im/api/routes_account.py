@@ -1,12 +1,12 @@
 """Account controls and consent: password, sessions, devices, deletion; blocks and settings.
 
-    /account/password          POST    change the password (other sessions end)
-    /account/sessions          GET     my live sessions;  /account/sessions/{sid}  DELETE  end one
-    /account/logout-all        POST    end every session, this one included
-    /account/devices           GET     my devices, online or not
-    /account/delete            POST    delete the account (password needed)
-    /blocks                    GET     whom I block;  /blocks/{uid}  PUT block, DELETE unblock
-    /users/me/settings         GET, PUT   {contacts_only}
+/account/password          POST    change the password (other sessions end)
+/account/sessions          GET     my live sessions;  /account/sessions/{sid}  DELETE  end one
+/account/logout-all        POST    end every session, this one included
+/account/devices           GET     my devices, online or not
+/account/delete            POST    delete the account (password needed)
+/blocks                    GET     whom I block;  /blocks/{uid}  PUT block, DELETE unblock
+/users/me/settings         GET, PUT   {contacts_only}
 """
 
 # No "from __future__ import annotations": FastAPI must resolve the local ``Me`` alias at runtime.
@@ -63,8 +63,9 @@ def account_router(
     async def sessions(me: Me) -> list[SessionOut]:
         """The account's live sessions (logins), oldest first."""
         return [
-            SessionOut(sid=s.sid, created_at=s.created_at, last_used=s.last_used, expires_at=s.expires_at,
-                       current=s.current)
+            SessionOut(
+                sid=s.sid, created_at=s.created_at, last_used=s.last_used, expires_at=s.expires_at, current=s.current
+            )
             for s in await accounts.sessions(me)
         ]
 

@@ -41,9 +41,7 @@ def _msg(m: StoredMessage | None) -> Any:
     return None if m is None else msg_frame(m)
 
 
-def chat_router(
-    chat: ChatApi, principal: Callable[..., Awaitable[Principal]], limits: LimitsConfig
-) -> APIRouter:
+def chat_router(chat: ChatApi, principal: Callable[..., Awaitable[Principal]], limits: LimitsConfig) -> APIRouter:
     router = APIRouter()
     Me = Annotated[Principal, Depends(principal)]
     Gid = Annotated[int, Path(ge=1, le=MAX_ID)]

@@ -45,8 +45,13 @@ class FileOut(BaseModel):
     def of(cls, info: FileInfo) -> "FileOut":
         m = info.meta
         return cls(
-            file_id=m.file_id, sha256=m.sha256, size=m.size, content_type=m.content_type, width=m.width,
-            height=m.height, name=info.name,
+            file_id=m.file_id,
+            sha256=m.sha256,
+            size=m.size,
+            content_type=m.content_type,
+            width=m.width,
+            height=m.height,
+            name=info.name,
         )
 
 
@@ -203,9 +208,7 @@ def files_router(files: FileService, principal: Callable[..., Awaitable[Principa
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body:
             raise ImError(ErrorCode.TOO_LARGE, f"files are limited to {files.max_upload_bytes} bytes")
-        part = _FilePart(
-            request.stream(), request.headers.get("content-type", ""), field=FILE_FIELD, max_body=max_body
-        )
+        part = _FilePart(request.stream(), request.headers.get("content-type", ""), field=FILE_FIELD, max_body=max_body)
         await part.start()
         info, new = await files.upload(me.uid, part.data(), name=part.filename, declared_type=part.content_type)
         if not new:

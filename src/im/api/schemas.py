@@ -68,9 +68,7 @@ class UserOut(BaseModel):
 
     @classmethod
     def of(cls, user: User) -> UserOut:
-        return cls(
-            uid=user.uid, username=user.username, display_name=user.display_name, created_at=user.created_at
-        )
+        return cls(uid=user.uid, username=user.username, display_name=user.display_name, created_at=user.created_at)
 
 
 class GroupIn(BaseModel):
@@ -88,7 +86,10 @@ class GroupOut(BaseModel):
     @classmethod
     def of(cls, group: Group) -> GroupOut:
         return cls(
-            gid=group.gid, conv=f"g:{group.gid}", name=group.name, owner=group.owner,
+            gid=group.gid,
+            conv=f"g:{group.gid}",
+            name=group.name,
+            owner=group.owner,
             created_at=group.created_at,
         )
 

@@ -309,9 +309,7 @@ class AccountStore(abc.ABC):
     async def get_session(self, sid: str) -> AuthSession | None: ...
 
     @abc.abstractmethod
-    async def rotate_refresh(
-        self, sid: str, old_hash: str, new_hash: str, expires_at: int, used_at: int = 0
-    ) -> bool:
+    async def rotate_refresh(self, sid: str, old_hash: str, new_hash: str, expires_at: int, used_at: int = 0) -> bool:
         """Swap the refresh hash if it is still ``old_hash`` and the session is live; False otherwise.
         ``used_at`` (when > 0) becomes the session's ``last_used``."""
 

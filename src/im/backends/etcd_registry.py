@@ -260,7 +260,10 @@ class EtcdRegistry(Registry):
                 delay = min(reg.ttl / 3, self._retry * 2 ** min(failures, 10), self._max_retry)
                 log.log(
                     logging.WARNING if failures == 1 else logging.DEBUG,
-                    "etcd keepalive of %s failed (%r): retrying in %.2fs", reg.instance.node, e, delay,
+                    "etcd keepalive of %s failed (%r): retrying in %.2fs",
+                    reg.instance.node,
+                    e,
+                    delay,
                 )
             else:
                 if failures:
@@ -349,7 +352,10 @@ class EtcdRegistry(Registry):
                 delay = min(self._retry * 2 ** min(failures - 1, 10), self._max_retry)
                 log.log(
                     logging.WARNING if failures == 1 else logging.DEBUG,
-                    "etcd registry watch of %r broke (%r): reopening in %.2fs", view.role, e, delay,
+                    "etcd registry watch of %r broke (%r): reopening in %.2fs",
+                    view.role,
+                    e,
+                    delay,
                 )
                 await asyncio.sleep(delay)
 
@@ -357,7 +363,8 @@ class EtcdRegistry(Registry):
     async def _watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[AsyncIterator[aetcd.Event]]:
         """A prefix watch from ``start_revision``, cancelled on the way out (whatever the way)."""
         watch = await asyncio.wait_for(
-            self.client.watch_prefix(prefix, start_revision=start_revision), self._timeout,
+            self.client.watch_prefix(prefix, start_revision=start_revision),
+            self._timeout,
         )
         try:
             async with contextlib.aclosing(aiter(watch)) as events:

@@ -111,7 +111,9 @@ class MemoryRegistry(Registry):
         if entry is not None:
             inst, ttl, _ = entry
             self._instances[node] = (
-                ServiceInstance(inst.role, inst.node, inst.addresses, load), ttl, self._clock() + ttl,
+                ServiceInstance(inst.role, inst.node, inst.addresses, load),
+                ttl,
+                self._clock() + ttl,
             )
 
     async def deregister(self, node: str) -> None:

@@ -27,7 +27,10 @@ class PostgresAccountStore(OnSharedDatabase[PostgresDatabase], AccountStore):
             uid = await self.db.pool.fetchval(
                 "INSERT INTO users (username, display_name, password_hash, created_at) VALUES ($1, $2, $3, $4)"
                 " RETURNING uid",
-                username, display_name, password_hash, now,
+                username,
+                display_name,
+                password_hash,
+                now,
             )
         except asyncpg.UniqueViolationError:
             raise Conflict(f"user name {username!r} is taken") from None
@@ -55,7 +58,8 @@ class PostgresAccountStore(OnSharedDatabase[PostgresDatabase], AccountStore):
             f"SELECT {USER_COLUMNS} FROM users WHERE deleted_at IS NULL AND"
             " (lower(username) LIKE lower($1) ESCAPE '\\' OR lower(display_name) LIKE lower($1) ESCAPE '\\')"
             ' ORDER BY lower(username) COLLATE "C" LIMIT $2',
-            like_prefix(prefix), limit,
+            like_prefix(prefix),
+            limit,
         )
         return [user_from_row(row) for row in rows]
 
@@ -68,22 +72,29 @@ class PostgresAccountStore(OnSharedDatabase[PostgresDatabase], AccountStore):
         await self.db.pool.execute(
             "INSERT INTO auth_sessions (sid, uid, refresh_hash, expires_at, revoked, created_at, last_used)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            session.sid, session.uid, session.refresh_hash, session.expires_at, session.revoked,
-            session.created_at, session.last_used,
+            session.sid,
+            session.uid,
+            session.refresh_hash,
+            session.expires_at,
+            session.revoked,
+            session.created_at,
+            session.last_used,
         )
 
     async def get_session(self, sid: str) -> AuthSession | None:
         row = await self.db.pool.fetchrow(f"SELECT {_SESSION_COLUMNS} FROM auth_sessions WHERE sid = $1", sid)
         return None if row is None else _session(row)
 
-    async def rotate_refresh(
-        self, sid: str, old_hash: str, new_hash: str, expires_at: int, used_at: int = 0
-    ) -> bool:
+    async def rotate_refresh(self, sid: str, old_hash: str, new_hash: str, expires_at: int, used_at: int = 0) -> bool:
         status = await self.db.pool.execute(
             "UPDATE auth_sessions SET refresh_hash = $1, expires_at = $2,"
             " last_used = CASE WHEN $5::bigint > 0 THEN $5::bigint ELSE last_used END"
             " WHERE sid = $3 AND refresh_hash = $4 AND NOT revoked",
-            new_hash, expires_at, sid, old_hash, used_at,
+            new_hash,
+            expires_at,
+            sid,
+            old_hash,
+            used_at,
         )
         return rowcount(status) == 1
 
@@ -106,7 +117,9 @@ class PostgresAccountStore(OnSharedDatabase[PostgresDatabase], AccountStore):
             await conn.execute(
                 "UPDATE users SET username = $1, display_name = 'Deleted user', password_hash = '',"
                 " contacts_only = false, deleted_at = $2 WHERE uid = $3",
-                f"~deleted~{uid}", now, uid,
+                f"~deleted~{uid}",
+                now,
+                uid,
             )
             await conn.execute("DELETE FROM contacts WHERE uid = $1 OR contact = $1", uid)
             await conn.execute("DELETE FROM blocks WHERE uid = $1 OR blocked = $1", uid)
@@ -119,7 +132,9 @@ class PostgresAccountStore(OnSharedDatabase[PostgresDatabase], AccountStore):
     async def add_contact(self, uid: int, contact: int, now: int) -> None:
         await self.db.pool.execute(
             "INSERT INTO contacts (uid, contact, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-            uid, contact, now,
+            uid,
+            contact,
+            now,
         )
 
     async def remove_contact(self, uid: int, contact: int) -> bool:
@@ -133,7 +148,8 @@ class PostgresAccountStore(OnSharedDatabase[PostgresDatabase], AccountStore):
         rows = await self.db.pool.fetch(
             "SELECT c.uid, c.contact FROM contacts c"
             " JOIN unnest($1::bigint[], $2::bigint[]) AS p(uid, contact) ON c.uid = p.uid AND c.contact = p.contact",
-            [u for u, _ in wanted], [c for _, c in wanted],
+            [u for u, _ in wanted],
+            [c for _, c in wanted],
         )
         return {(row[0], row[1]) for row in rows}
 
@@ -185,7 +201,12 @@ _SESSION_COLUMNS = "sid, uid, refresh_hash, expires_at, revoked, created_at, las
 
 def _session(row: Any) -> AuthSession:
     return AuthSession(
-        sid=row[0], uid=row[1], refresh_hash=row[2], expires_at=row[3], revoked=row[4], created_at=row[5],
+        sid=row[0],
+        uid=row[1],
+        refresh_hash=row[2],
+        expires_at=row[3],
+        revoked=row[4],
+        created_at=row[5],
         last_used=row[6],
     )
 
@@ -195,6 +216,7 @@ async def _revoke_all(conn: Any, uid: int, keep: str | None) -> list[str]:
     rows = await conn.fetch(
         "UPDATE auth_sessions SET revoked = true WHERE uid = $1 AND NOT revoked AND sid IS DISTINCT FROM $2"
         " RETURNING sid",
-        uid, keep,
+        uid,
+        keep,
     )
     return sorted(row[0] for row in rows)

@@ -113,7 +113,9 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
             f"SELECT {', '.join('m.' + c for c in _MSG_FIELDS)} FROM messages m"
             " JOIN unnest($1::bigint[], $2::text[], $3::text[]) AS k(sender, device, cmid)"
             " ON m.sender = k.sender AND m.device = k.device AND m.cmid = k.cmid",
-            senders, devices, cmids,
+            senders,
+            devices,
+            cmids,
         )
         out = {}
         for row in rows:
@@ -123,8 +125,12 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
 
     async def commit(self, batch: CommitBatch) -> None:
         if not (
-            batch.messages or batch.heads or batch.new_conversations or batch.member_changes
-            or batch.read_marks or batch.file_refs
+            batch.messages
+            or batch.heads
+            or batch.new_conversations
+            or batch.member_changes
+            or batch.read_marks
+            or batch.file_refs
         ):
             return
         try:
@@ -143,14 +149,22 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
         heads = [(conv, *h) for conv, h in sorted(batch.heads.items())]  # one lock order for every committer
         h_cols = list(zip(*heads, strict=True)) if heads else [(), (), (), ()]
         m_cols = (
-            list(zip(*[(m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, m.body)
-                       for m in batch.messages], strict=True))
-            if batch.messages else [()] * 9
+            list(
+                zip(
+                    *[(m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, m.body) for m in batch.messages],
+                    strict=True,
+                )
+            )
+            if batch.messages
+            else [()] * 9
         )
         r_cols = list(zip(*batch.read_marks, strict=True)) if batch.read_marks else [(), (), ()]
         await self.db.pool.execute(
             "SELECT im_commit_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
-            *h_cols, *m_cols, *r_cols, self.outbox,
+            *h_cols,
+            *m_cols,
+            *r_cols,
+            self.outbox,
         )
 
     async def _write(self, conn: Any, batch: CommitBatch) -> None:
@@ -159,7 +173,8 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
             await conn.execute(
                 "INSERT INTO conversations (conv, kind, last_seq, last_ts)"
                 " SELECT conv, kind, 0, 0 FROM unnest($1::text[], $2::text[]) AS n(conv, kind)",
-                [c.conv for c in new], [c.kind for c in new],
+                [c.conv for c in new],
+                [c.kind for c in new],
             )
             rows = [(c.conv, uid, role) for c in new for uid, role in c.members.items()]
             if rows:
@@ -174,7 +189,9 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
                 "UPDATE conversations c SET last_seq = h.after, last_ts = h.ts"
                 " FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS h(conv, before, after, ts)"
                 " WHERE c.conv = h.conv AND c.last_seq = h.before",
-                [conv for conv, _ in heads], [h[0] for _, h in heads], [h[1] for _, h in heads],
+                [conv for conv, _ in heads],
+                [h[0] for _, h in heads],
+                [h[1] for _, h in heads],
                 [h[2] for _, h in heads],
             )
             if rowcount(status) != len(heads):
@@ -205,7 +222,8 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
                 await conn.execute(
                     "UPDATE groups g SET owner = o.uid FROM unnest($1::bigint[], $2::bigint[]) AS o(gid, uid)"
                     " WHERE g.gid = o.gid",
-                    list(owners), list(owners.values()),
+                    list(owners),
+                    list(owners.values()),
                 )
         if batch.file_refs:
             await conn.execute(
@@ -228,8 +246,19 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
                 f" x AS (INSERT INTO messages ({_MSG_COLUMNS})"
                 "       SELECT c.conv, 1, $7, $8, $9, $10, $11, $12, $13 FROM c)"
                 " SELECT gid FROM g",
-                group.name, group.owner, group.created_at, first.ts, list(members), list(members.values()),
-                first.mid, first.sender, first.device, first.cmid, first.ts, first.type, first.body,
+                group.name,
+                group.owner,
+                group.created_at,
+                first.ts,
+                list(members),
+                list(members.values()),
+                first.mid,
+                first.sender,
+                first.device,
+                first.cmid,
+                first.ts,
+                first.type,
+                first.body,
             )
         except asyncpg.UniqueViolationError as exc:
             raise SeqConflict(str(exc)) from None
@@ -247,7 +276,10 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
         rows = await self.db.pool.fetch(
             f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv = $1 AND seq > $2 AND seq < $3"
             f" ORDER BY seq {order} LIMIT $4",
-            conv, after, upper, limit,
+            conv,
+            after,
+            upper,
+            limit,
         )
         return [_msg(r) for r in rows]
 
@@ -257,7 +289,8 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
             " FROM members m JOIN conversations c ON c.conv = m.conv"
             " LEFT JOIN device_cursors d ON d.uid = m.uid AND d.device = $1 AND d.conv = m.conv"
             " WHERE m.uid = $2",
-            device, uid,
+            device,
+            uid,
         )
         return [SyncPoint(conv, last, min(cursor, last)) for conv, last, cursor in rows]
 
@@ -265,7 +298,9 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
         value = await self.db.pool.fetchval(
             "SELECT greatest(coalesce((SELECT joined_seq FROM members WHERE conv = $1 AND uid = $2), 0),"
             " coalesce((SELECT seq FROM device_cursors WHERE uid = $2 AND device = $3 AND conv = $1), 0))",
-            conv, uid, device,
+            conv,
+            uid,
+            device,
         )
         return int(value)
 
@@ -318,7 +353,8 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
         rows = await self.db.pool.fetch(
             "SELECT p.sender, p.conv FROM unnest($1::bigint[], $2::text[]) AS p(sender, conv)"
             " WHERE EXISTS (SELECT 1 FROM messages m WHERE m.conv = p.conv AND m.sender = p.sender)",
-            [s for s, _ in wanted], [c for _, c in wanted],
+            [s for s, _ in wanted],
+            [c for _, c in wanted],
         )
         return {(row[0], row[1]) for row in rows}
 
@@ -376,8 +412,14 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
             title = gname if kind == "group" else (peer_name if peer_name is not None else f"user {peer}")
             out.append(
                 ConversationSummary(
-                    conv=conv, kind=kind, title=str(title), last_seq=last_seq, read_seq=read_seq,
-                    unread=max(0, last_seq - read_seq), last_message=last, peer=peer,
+                    conv=conv,
+                    kind=kind,
+                    title=str(title),
+                    last_seq=last_seq,
+                    read_seq=read_seq,
+                    unread=max(0, last_seq - read_seq),
+                    last_message=last,
+                    peer=peer,
                 )
             )
         return out
@@ -391,5 +433,7 @@ async def _raise_read_marks(conn: Any, marks: Sequence[tuple[int, str, int]]) ->
         " FROM (SELECT uid, conv, max(seq) AS seq FROM unnest($1::bigint[], $2::text[], $3::bigint[])"
         "       AS r(uid, conv, seq) GROUP BY uid, conv) AS r"
         " WHERE m.uid = r.uid AND m.conv = r.conv",
-        uids, convs, seqs,
+        uids,
+        convs,
+        seqs,
     )

@@ -236,8 +236,12 @@ class PostgresDatabase:
                 settings["search_path"] = f'"{self.schema}"'
             try:
                 pool = await asyncpg.create_pool(
-                    self.dsn, min_size=self.min_size, max_size=self.max_size, timeout=self.connect_timeout,
-                    command_timeout=self.command_timeout, server_settings=settings,
+                    self.dsn,
+                    min_size=self.min_size,
+                    max_size=self.max_size,
+                    timeout=self.connect_timeout,
+                    command_timeout=self.command_timeout,
+                    server_settings=settings,
                 )
                 try:
                     async with pool.acquire() as conn:

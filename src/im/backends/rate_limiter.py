@@ -149,6 +149,10 @@ class FailOpen(RateLimiter):
             now = time.monotonic()
             if now - self._warned_at >= self._warn_every:
                 self._warned_at = now
-                log.warning("rate limiter unavailable (%s: %s): allowing; %d failed checks so far",
-                            type(exc).__name__, exc, self.failures)
+                log.warning(
+                    "rate limiter unavailable (%s: %s): allowing; %d failed checks so far",
+                    type(exc).__name__,
+                    exc,
+                    self.failures,
+                )
             return [0.0] * len(hits)

@@ -94,8 +94,13 @@ class SqliteAccountStore(OnSharedDatabase[SqliteDatabase], AccountStore):
             " VALUES (?, ?, ?, ?, ?, ?, ?)"
         )
         row = (
-            session.sid, session.uid, session.refresh_hash, session.expires_at, int(session.revoked),
-            session.created_at, session.last_used,
+            session.sid,
+            session.uid,
+            session.refresh_hash,
+            session.expires_at,
+            int(session.revoked),
+            session.created_at,
+            session.last_used,
         )
         await self.db.write(lambda conn: conn.execute(sql, row))
 
@@ -106,9 +111,7 @@ class SqliteAccountStore(OnSharedDatabase[SqliteDatabase], AccountStore):
 
         return await self.db.read(get)
 
-    async def rotate_refresh(
-        self, sid: str, old_hash: str, new_hash: str, expires_at: int, used_at: int = 0
-    ) -> bool:
+    async def rotate_refresh(self, sid: str, old_hash: str, new_hash: str, expires_at: int, used_at: int = 0) -> bool:
         def rotate(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
                 "UPDATE auth_sessions SET refresh_hash = ?, expires_at = ?,"
@@ -127,8 +130,7 @@ class SqliteAccountStore(OnSharedDatabase[SqliteDatabase], AccountStore):
     async def list_sessions(self, uid: int) -> list[AuthSession]:
         def get(conn: sqlite3.Connection) -> list[AuthSession]:
             rows = conn.execute(
-                f"SELECT {_SESSION_COLUMNS} FROM auth_sessions WHERE uid = ? AND revoked = 0"
-                " ORDER BY created_at, sid",
+                f"SELECT {_SESSION_COLUMNS} FROM auth_sessions WHERE uid = ? AND revoked = 0 ORDER BY created_at, sid",
                 (uid,),
             ).fetchall()
             return [_session(row) for row in rows]
@@ -241,8 +243,13 @@ _SESSION_COLUMNS = "sid, uid, refresh_hash, expires_at, revoked, created_at, las
 
 def _session(row: Sequence[Any]) -> AuthSession:
     return AuthSession(
-        sid=row[0], uid=row[1], refresh_hash=row[2], expires_at=row[3], revoked=bool(row[4]),
-        created_at=row[5], last_used=row[6],
+        sid=row[0],
+        uid=row[1],
+        refresh_hash=row[2],
+        expires_at=row[3],
+        revoked=bool(row[4]),
+        created_at=row[5],
+        last_used=row[6],
     )
 
 

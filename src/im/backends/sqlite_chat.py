@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from im.backends.base import (
     ChatStore,
@@ -27,11 +28,18 @@ _MSG_COLUMNS = "conv, seq, mid, sender, device, cmid, ts, type, body"
 _CHUNK = 500  # bound on host parameters per statement
 
 
-def _msg(row: tuple[object, ...]) -> StoredMessage:
+def _msg(row: tuple[Any, ...]) -> StoredMessage:
     conv, seq, mid, sender, device, cmid, ts, type_, body = row
     return StoredMessage(
-        conv=str(conv), seq=int(seq), mid=int(mid), sender=int(sender), device=str(device),  # type: ignore[call-overload]
-        cmid=str(cmid), ts=int(ts), type=str(type_), body=bytes(body),  # type: ignore[call-overload,arg-type]
+        conv=str(conv),
+        seq=int(seq),
+        mid=int(mid),
+        sender=int(sender),
+        device=str(device),
+        cmid=str(cmid),
+        ts=int(ts),
+        type=str(type_),
+        body=bytes(body),
     )
 
 
@@ -298,8 +306,14 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
                 title = gname if kind == "group" else names.get(peer or 0, f"user {peer}")
                 out.append(
                     ConversationSummary(
-                        conv=conv, kind=kind, title=str(title), last_seq=last_seq, read_seq=read_seq,
-                        unread=max(0, last_seq - read_seq), last_message=last, peer=peer,
+                        conv=conv,
+                        kind=kind,
+                        title=str(title),
+                        last_seq=last_seq,
+                        read_seq=read_seq,
+                        unread=max(0, last_seq - read_seq),
+                        last_message=last,
+                        peer=peer,
                     )
                 )
             return out

@@ -38,19 +38,33 @@ def _pids(text: str) -> list[int]:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--transport", choices=["ws", "tcp", "mixed"], default="ws",
-                   help="client connections: WebSocket, TCP, or half each (default ws)")
+    p.add_argument(
+        "--transport",
+        choices=["ws", "tcp", "mixed"],
+        default="ws",
+        help="client connections: WebSocket, TCP, or half each (default ws)",
+    )
     p.add_argument("--encoding", choices=["json", "msgpack"], default="json", help="frame encoding (default json)")
     p.add_argument("--procs", type=int, default=None, help="client processes")
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--spawn", action="store_true",
-                        help="run `python -m im serve` in a temporary data directory (the default)")
+    target.add_argument(
+        "--spawn", action="store_true", help="run `python -m im serve` in a temporary data directory (the default)"
+    )
     target.add_argument("--server", metavar="URL", help="use a running server: its HTTP root, http://host:port")
-    p.add_argument("--server-pid", type=_pids, metavar="PID[,PID...]",
-                   help="pid of the --server process, to read its CPU and memory; for a cluster (load only), "
-                        "every server process's pid, comma-separated: their CPU is added up")
-    p.add_argument("--server-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra setting for the spawned server (as `im serve --set`)")
+    p.add_argument(
+        "--server-pid",
+        type=_pids,
+        metavar="PID[,PID...]",
+        help="pid of the --server process, to read its CPU and memory; for a cluster (load only), "
+        "every server process's pid, comma-separated: their CPU is added up",
+    )
+    p.add_argument(
+        "--server-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra setting for the spawned server (as `im serve --set`)",
+    )
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
 
@@ -69,15 +83,24 @@ def _parser() -> argparse.ArgumentParser:
     shape.add_argument("--group-size", type=int, default=5, help="members per group (default 5)")
     shape.add_argument("--group-senders", type=int, default=1, help="members of each group who send (default 1)")
     load = ap.add_argument_group("load")
-    load.add_argument("--window", type=int, default=16,
-                      help="closed loop: messages in flight per sender until every recipient has them (default 16)")
-    load.add_argument("--rate", type=float, default=0.0,
-                      help="fixed offered rate, messages/s in total over all senders (instead of the window)")
+    load.add_argument(
+        "--window",
+        type=int,
+        default=16,
+        help="closed loop: messages in flight per sender until every recipient has them (default 16)",
+    )
+    load.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="fixed offered rate, messages/s in total over all senders (instead of the window)",
+    )
     load.add_argument("--body-size", type=int, default=100, help="message body, characters (default 100)")
     load.add_argument("--duration", type=float, default=10.0, help="measured seconds (default 10)")
     load.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring (default 2)")
-    load.add_argument("--drain", type=float, default=10.0,
-                      help="seconds to wait after the load for messages in flight (default 10)")
+    load.add_argument(
+        "--drain", type=float, default=10.0, help="seconds to wait after the load for messages in flight (default 10)"
+    )
     _common(ap)
     ap.add_argument("--png", metavar="FILE", help="plot the latency histogram and throughput over time")
     return ap
@@ -90,10 +113,18 @@ def _idle_parser() -> argparse.ArgumentParser:
         "(RSS from /proc/<pid>/status before and after, divided by K).",
     )
     ap.add_argument("--connections", "-k", type=int, required=True, help="connections to open")
-    ap.add_argument("--devices-per-user", type=int, default=1,
-                    help="connections per account (each its own device; default 1: one account each)")
-    ap.add_argument("--source-addrs", type=int, default=0,
-                    help="bind to this many 127.0.0.x source addresses (default: one per 25k connections)")
+    ap.add_argument(
+        "--devices-per-user",
+        type=int,
+        default=1,
+        help="connections per account (each its own device; default 1: one account each)",
+    )
+    ap.add_argument(
+        "--source-addrs",
+        type=int,
+        default=0,
+        help="bind to this many 127.0.0.x source addresses (default: one per 25k connections)",
+    )
     ap.add_argument("--settle", type=float, default=2.0, help="seconds to wait before each memory reading")
     ap.add_argument("--hold", type=float, default=0.0, help="extra seconds to keep the connections open")
     _common(ap)

@@ -119,9 +119,18 @@ async def _idle_worker(work: _IdleWork, stop: Any, out: Any) -> None:
 
     t0 = time.monotonic()
     await asyncio.gather(*(one(i) for i in range(len(work.tokens))))
-    out.put(("ready", work.index, {
-        "connected": len(conns), "failed": failed, "connect_s": time.monotonic() - t0, "problems": problems,
-    }))
+    out.put(
+        (
+            "ready",
+            work.index,
+            {
+                "connected": len(conns),
+                "failed": failed,
+                "connect_s": time.monotonic() - t0,
+                "problems": problems,
+            },
+        )
+    )
     last_ping = time.monotonic()
     while not stop.is_set():
         await asyncio.sleep(0.05)
@@ -185,8 +194,9 @@ def _run_idle(opts: IdleOptions, base: str, pid: int | None, display: _Display) 
     procs = opts.procs or max(1, math.ceil(k / PER_PROCESS))
     n_addrs = opts.source_addrs or max(1, math.ceil(k / PER_SOURCE_ADDRESS))
     addrs = [f"127.0.0.{i + 1}" for i in range(n_addrs)]
-    kinds = ["ws" if (opts.transport == "ws" or (opts.transport == "mixed" and i % 2 == 0)) else "tcp"
-             for i in range(k)]
+    kinds = [
+        "ws" if (opts.transport == "ws" or (opts.transport == "mixed" and i % 2 == 0)) else "tcp" for i in range(k)
+    ]
     time.sleep(opts.settle)
     rss_before = rss_bytes(pid) if pid else None
 

@@ -24,7 +24,8 @@ def load_table(r: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     c = r["config"]
     shape = (
-        f"{c['groups']} groups of {c['group_size']} ({c['group_senders']} sending)" if c["mode"] == "groups"
+        f"{c['groups']} groups of {c['group_size']} ({c['group_senders']} sending)"
+        if c["mode"] == "groups"
         else f"{c['pairs']} pairs"
     )
     title = (
@@ -88,8 +89,10 @@ def idle_table(r: dict[str, Any], console: Console | None = None) -> None:
     t.add_row("connect time", f"{r['connect_s']:.1f} s ({r['connect_per_s']:,.0f}/s)")
     t.add_row("server RSS before", _num(r["rss_before"] / 2**20 if r["rss_before"] else None, ",.1f", " MiB"))
     t.add_row("server RSS with connections", _num(r["rss_after"] / 2**20 if r["rss_after"] else None, ",.1f", " MiB"))
-    t.add_row("server memory per connection", _num(r["bytes_per_connection"] and r["bytes_per_connection"] / 1024,
-                                                    ",.1f", " KiB"))
+    t.add_row(
+        "server memory per connection",
+        _num(r["bytes_per_connection"] and r["bytes_per_connection"] / 1024, ",.1f", " KiB"),
+    )
     if r.get("rss_closed"):
         t.add_row("server RSS after closing", _num(r["rss_closed"] / 2**20, ",.1f", " MiB"))
     console.print(t)

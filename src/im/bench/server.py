@@ -110,8 +110,20 @@ class SpawnedServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir.parent / "server.log" if self._tmp else self.data_dir / "server.log"
         cmd = [
-            sys.executable, "-m", "im", "serve", "--data-dir", str(self.data_dir),
-            "--http-port", "0", "--ws-port", "0", "--tcp-port", "0", "--log-level", self.log_level,
+            sys.executable,
+            "-m",
+            "im",
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--http-port",
+            "0",
+            "--ws-port",
+            "0",
+            "--tcp-port",
+            "0",
+            "--log-level",
+            self.log_level,
         ]
         for item in [*BENCH_SERVER_SETTINGS, *self.settings]:
             cmd += ["--set", item]

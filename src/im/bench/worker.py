@@ -72,7 +72,17 @@ class WorkerConfig:
 
 class _Dev:
     __slots__ = (
-        "conv", "gateway", "inflight", "key", "kind", "n_recipients", "session", "synced", "to", "token", "transport",
+        "conv",
+        "gateway",
+        "inflight",
+        "key",
+        "kind",
+        "n_recipients",
+        "session",
+        "synced",
+        "to",
+        "token",
+        "transport",
         "uid",
     )
 

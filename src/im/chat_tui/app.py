@@ -109,14 +109,20 @@ class ChatApp(App[None]):
 
     @on(LoginScreen.Submitted)
     def _login_submitted(self, event: LoginScreen.Submitted) -> None:
-        self._spawn(self._login(event.form.server, event.form.username, event.form.password, event.form.register),
-                    "logging in")
+        self._spawn(
+            self._login(event.form.server, event.form.username, event.form.password, event.form.register), "logging in"
+        )
 
     async def _login(self, server: str, username: str, password: str, register: bool) -> None:
         screen = self.screen
         try:
             service = await self._connect(
-                server, username, password, register=register, device=self.device, transport=self.transport,
+                server,
+                username,
+                password,
+                register=register,
+                device=self.device,
+                transport=self.transport,
                 **self._client_options,
             )
         except LoginError as exc:

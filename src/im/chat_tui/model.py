@@ -304,8 +304,15 @@ class ChatState:
         if state is None:
             state = self.convs[ack.conv] = ConvState(ack.conv, "direct", ack.conv, activity=now_ms())
         msg = Message(
-            conv=ack.conv, seq=ack.seq, mid=ack.mid, sender=self.uid, dev=self.device, cmid=ack.cmid,
-            ts=ack.ts, type="text", body=out.body,
+            conv=ack.conv,
+            seq=ack.seq,
+            mid=ack.mid,
+            sender=self.uid,
+            dev=self.device,
+            cmid=ack.cmid,
+            ts=ack.ts,
+            type="text",
+            body=out.body,
         )
         state._store(msg)
         state.read_seq = max(state.read_seq, ack.seq)

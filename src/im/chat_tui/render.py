@@ -119,8 +119,12 @@ def typing_line(state: ChatState, conv: str) -> str:
 
 
 def status_line(state: ChatState, server: str, transport: str) -> Text:
-    marks = {"connected": ("●", "green"), "connecting": ("◌", "yellow"), "reconnecting": ("◌", "yellow"),
-             "offline": ("✗", "red")}
+    marks = {
+        "connected": ("●", "green"),
+        "connecting": ("◌", "yellow"),
+        "reconnecting": ("◌", "yellow"),
+        "offline": ("✗", "red"),
+    }
     mark, color = marks[state.connection]
     line = Text(f"{mark} {state.connection}", style=f"bold {color}")
     line.append(f"  {state.username} @ {server} ({transport})", style="dim")

@@ -252,9 +252,7 @@ class ApiClient:
     async def _refresh_now(self) -> Tokens:
         if self.tokens is None:
             raise RuntimeError("not logged in")
-        r = await self._request(
-            "POST", "/auth/refresh", auth=False, json={"refresh_token": self.tokens.refresh_token}
-        )
+        r = await self._request("POST", "/auth/refresh", auth=False, json={"refresh_token": self.tokens.refresh_token})
         return self._set_tokens(r)
 
     # --- accounts -------------------------------------------------------------------------------------

@@ -310,8 +310,12 @@ class Client:
         content_type, width, height[, caption]}`` (docs/protocol.md, "Image and file messages")."""
         info = await self.api.upload(data, filename)
         body: dict[str, Any] = {
-            "file_id": info.file_id, "name": info.name or filename, "size": info.size,
-            "content_type": info.content_type, "width": info.width, "height": info.height,
+            "file_id": info.file_id,
+            "name": info.name or filename,
+            "size": info.size,
+            "content_type": info.content_type,
+            "width": info.width,
+            "height": info.height,
         }
         if caption is not None:
             body["caption"] = caption

@@ -161,9 +161,7 @@ class AccountService:
         if self._guard is not None:
             await self._guard.register_attempt(address)
         if not USERNAME_RE.fullmatch(username):
-            raise ImError(
-                ErrorCode.INVALID, "the user name must be 3 to 32 characters: letters, digits, '_', '.', '-'"
-            )
+            raise ImError(ErrorCode.INVALID, "the user name must be 3 to 32 characters: letters, digits, '_', '.', '-'")
         self._check_password(password)
         name = username if display_name is None else display_name.strip()
         if not name or len(name) > MAX_DISPLAY_NAME_LENGTH or not name.isprintable():
@@ -241,9 +239,7 @@ class AccountService:
             "typ": "access",
         }
         access = jwt.encode(claims, self._secret, algorithm="HS256")
-        return Tokens(
-            access_token=access, refresh_token=refresh_token, expires_in=int(self._access_ttl), uid=uid
-        )
+        return Tokens(access_token=access, refresh_token=refresh_token, expires_in=int(self._access_ttl), uid=uid)
 
     def _refresh_token(self, sid: str, gen: int) -> str:
         mac = hmac.new(self._secret, f"im refresh v1\0{sid}.{gen}".encode(), hashlib.sha256).digest()

@@ -73,6 +73,8 @@ class FileAccess(Protocol):
     async def attachable(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
         """The (uid, file_id) pairs whose file exists and that user may read (so may send)."""
         ...
+
+
 ROLES = ("owner", "admin", "member")
 _encode_json = msgspec.json.Encoder().encode
 
@@ -519,8 +521,15 @@ class ChatService:
         heads_before.setdefault(conv, state.last_seq)
         state.last_seq += 1
         m = StoredMessage(
-            conv=conv, seq=state.last_seq, mid=self._ids.next(now_ms), sender=req.uid, device=req.device,
-            cmid=req.cmid, ts=now_ms, type=req.type, body=req.body,
+            conv=conv,
+            seq=state.last_seq,
+            mid=self._ids.next(now_ms),
+            sender=req.uid,
+            device=req.device,
+            cmid=req.cmid,
+            ts=now_ms,
+            type=req.type,
+            body=req.body,
         )
         in_batch[key] = m
         p.batch.messages.append(m)
@@ -608,8 +617,11 @@ class ChatService:
             if role is None:
                 raise ImError(ErrorCode.NOT_FOUND, f"user {target} is not a member")
             if actor_role == "member" or role == "owner" or (actor_role == "admin" and role == "admin"):
-                raise ImError(ErrorCode.FORBIDDEN, f"a{'n' if actor_role != 'member' else ''} {actor_role} "
-                              f"cannot remove a{'n' if role != 'member' else ''} {role}")
+                raise ImError(
+                    ErrorCode.FORBIDDEN,
+                    f"a{'n' if actor_role != 'member' else ''} {actor_role} "
+                    f"cannot remove a{'n' if role != 'member' else ''} {role}",
+                )
             changes = [(target, None)]
             event = {"event": "member_removed", "uid": target, "by": op.actor}
         elif op.op == "leave":
@@ -630,8 +642,10 @@ class ChatService:
             if op.role not in ("admin", "member"):
                 raise ImError(ErrorCode.INVALID, "role must be 'admin' or 'member'")
             if state.members.get(target) in (None, "owner"):
-                raise ImError(ErrorCode.INVALID if target in state.members else ErrorCode.NOT_FOUND,
-                              f"cannot change the role of user {target}")
+                raise ImError(
+                    ErrorCode.INVALID if target in state.members else ErrorCode.NOT_FOUND,
+                    f"cannot change the role of user {target}",
+                )
             changes = [(target, op.role)]
             event = {"event": "role_changed", "uid": target, "role": op.role, "by": op.actor}
         if not changes:
@@ -641,8 +655,15 @@ class ChatService:
         state.last_seq += 1
         mid = self._ids.next(now_ms)
         m = StoredMessage(
-            conv=conv, seq=state.last_seq, mid=mid, sender=op.actor, device="", cmid=f"sys-{mid}", ts=now_ms,
-            type="system", body=_encode_json(event),
+            conv=conv,
+            seq=state.last_seq,
+            mid=mid,
+            sender=op.actor,
+            device="",
+            cmid=f"sys-{mid}",
+            ts=now_ms,
+            type="system",
+            body=_encode_json(event),
         )
         for uid, role in changes:
             if role is None:
@@ -712,7 +733,14 @@ class ChatService:
         mid = self._ids.next(now_ms)
         roles = {owner: "owner", **{u: "member" for u in others}}
         first = StoredMessage(
-            conv="", seq=1, mid=mid, sender=owner, device="", cmid=f"sys-{mid}", ts=now_ms, type="system",
+            conv="",
+            seq=1,
+            mid=mid,
+            sender=owner,
+            device="",
+            cmid=f"sys-{mid}",
+            ts=now_ms,
+            type="system",
             body=_encode_json({"event": "group_created", "name": name, "by": owner, "uids": list(roles)}),
         )
         gid = await self.store.create_group(Group(0, name, owner, now_ms), first, roles)

@@ -96,9 +96,7 @@ class Consent:
             else:
                 self.restricted.discard(u)
 
-    async def prepare(
-        self, uids: set[int], new_direct: Sequence[tuple[int, int]], directs: Sequence[str] = ()
-    ) -> None:
+    async def prepare(self, uids: set[int], new_direct: Sequence[tuple[int, int]], directs: Sequence[str] = ()) -> None:
         """Before a committer pass: the privacy of ``uids`` (both users of each direct send, users being
         added to groups), and for each (sender, peer) starting a direct conversation with a contacts-only
         peer, whether the peer has the sender as a contact. ``directs`` (existing direct conversations

@@ -20,8 +20,15 @@ def msg_frame(m: StoredMessage, encoding: Encoding = Encoding.JSON) -> Msg:
     """The ``msg`` frame of a stored message. For JSON the body is embedded as stored, not re-parsed."""
     body: object = msgspec.Raw(m.body) if encoding is Encoding.JSON else _json_any.decode(m.body)
     return Msg(
-        conv=m.conv, seq=m.seq, mid=str(m.mid), sender=m.sender, dev=m.device, cmid=m.cmid, ts=m.ts,
-        type=m.type, body=body,
+        conv=m.conv,
+        seq=m.seq,
+        mid=str(m.mid),
+        sender=m.sender,
+        dev=m.device,
+        cmid=m.cmid,
+        ts=m.ts,
+        type=m.type,
+        body=body,
     )
 
 

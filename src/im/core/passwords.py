@@ -36,8 +36,9 @@ T = TypeVar("T")
 class HashSlots:
     """Runs blocking hash functions in threads, ``concurrency`` at a time, fairly between sources."""
 
-    def __init__(self, *, concurrency: int = 2, queue: int = 64, per_source: int = 2,
-                 hash_seconds: float = 0.25) -> None:
+    def __init__(
+        self, *, concurrency: int = 2, queue: int = 64, per_source: int = 2, hash_seconds: float = 0.25
+    ) -> None:
         if concurrency < 1 or queue < 0 or per_source < 1:
             raise ValueError("concurrency >= 1, queue >= 0, per_source >= 1")
         self.concurrency = concurrency
@@ -76,8 +77,11 @@ class HashSlots:
     async def _acquire(self, source: str) -> None:
         held = self._held.get(source, 0)
         if held >= self.per_source:
-            raise ImError(ErrorCode.RATE_LIMITED, "too many password checks from this address at once",
-                          retry_after=self._retry_after(held))
+            raise ImError(
+                ErrorCode.RATE_LIMITED,
+                "too many password checks from this address at once",
+                retry_after=self._retry_after(held),
+            )
         if (
             self._n_running < self.concurrency
             and self._running.get(source, 0) < self._max_running
@@ -87,8 +91,11 @@ class HashSlots:
             self._held[source] = held + 1
             return
         if self._n_waiting >= self.queue:
-            raise ImError(ErrorCode.UNAVAILABLE, "the server is busy checking passwords; retry later",
-                          retry_after=self._retry_after(self._n_waiting))
+            raise ImError(
+                ErrorCode.UNAVAILABLE,
+                "the server is busy checking passwords; retry later",
+                retry_after=self._retry_after(self._n_waiting),
+            )
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(source, deque()).append(waiter)
         self._n_waiting += 1

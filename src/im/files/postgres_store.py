@@ -32,17 +32,27 @@ class PostgresFileStore(OnSharedDatabase[PostgresDatabase], FileStore):
             # A concurrent first upload of the same bytes: this insert waits for it, then does nothing.
             await conn.execute(
                 f"INSERT INTO files ({_META}) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-                meta.file_id, meta.sha256, meta.size, meta.content_type, meta.width, meta.height, meta.created_at,
+                meta.file_id,
+                meta.sha256,
+                meta.size,
+                meta.content_type,
+                meta.width,
+                meta.height,
+                meta.created_at,
             )
             new_owner = await conn.fetchval(
                 "INSERT INTO file_owners (file_id, uid, name, created_at) VALUES ($1, $2, $3, $4)"
                 " ON CONFLICT DO NOTHING RETURNING true",
-                meta.file_id, uid, name, now,
+                meta.file_id,
+                uid,
+                name,
+                now,
             )
             row = await conn.fetchrow(
                 f"SELECT {', '.join('f.' + c.strip() for c in _META.split(','))}, o.name FROM files f"
                 " JOIN file_owners o ON o.file_id = f.file_id AND o.uid = $2 WHERE f.file_id = $1",
-                meta.file_id, uid,
+                meta.file_id,
+                uid,
             )
         return _meta(row), row[7], bool(new_owner)
 
@@ -51,7 +61,8 @@ class PostgresFileStore(OnSharedDatabase[PostgresDatabase], FileStore):
             f"SELECT {', '.join('f.' + c.strip() for c in _META.split(','))}, o.name FROM files f"
             " LEFT JOIN file_owners o ON o.file_id = f.file_id AND o.uid = $2"
             f" WHERE f.file_id = $1 AND {_MAY_READ.format(uid='$2')}",
-            file_id, uid,
+            file_id,
+            uid,
         )
         return None if row is None else (_meta(row), row[7])
 
@@ -62,7 +73,8 @@ class PostgresFileStore(OnSharedDatabase[PostgresDatabase], FileStore):
         rows = await self.db.pool.fetch(
             "SELECT p.uid, p.file_id FROM unnest($1::bigint[], $2::text[]) AS p(uid, file_id)"
             f" WHERE EXISTS (SELECT 1 FROM files f WHERE f.file_id = p.file_id AND {_MAY_READ.format(uid='p.uid')})",
-            [uid for uid, _ in wanted], [fid for _, fid in wanted],
+            [uid for uid, _ in wanted],
+            [fid for _, fid in wanted],
         )
         return {(uid, fid) for uid, fid in rows}
 
@@ -72,5 +84,6 @@ class PostgresFileStore(OnSharedDatabase[PostgresDatabase], FileStore):
             await self.db.pool.execute(
                 "INSERT INTO file_refs (file_id, conv) SELECT * FROM unnest($1::text[], $2::text[])"
                 " ON CONFLICT DO NOTHING",
-                [f for f, _ in rows], [c for _, c in rows],
+                [f for f, _ in rows],
+                [c for _, c in rows],
             )

@@ -110,8 +110,13 @@ class FileService:
             with staged.open() as f:
                 found = sniff(f, declared=declared_type, allowed=self._allowed, max_pixels=self._max_pixels)
             return FileMeta(
-                file_id=staged.sha256, sha256=staged.sha256, size=staged.size, content_type=found.content_type,
-                width=found.width, height=found.height, created_at=now_ms,
+                file_id=staged.sha256,
+                sha256=staged.sha256,
+                size=staged.size,
+                content_type=found.content_type,
+                width=found.width,
+                height=found.height,
+                created_at=now_ms,
             )
 
         now_ms = int(self._clock() * 1000)

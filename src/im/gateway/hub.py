@@ -322,8 +322,13 @@ class Hub(DeliverySink):
         try:
             await self.chat.presence.set_online([DeviceLocation(s.uid, s.device, self.node)], self._presence_ttl)
         except Exception as exc:  # presence is a routing hint: the refresh loop announces this device again
-            log.warning("presence unavailable (%s: %s): uid=%s device=%s not announced yet",
-                        type(exc).__name__, exc, s.uid, s.device)
+            log.warning(
+                "presence unavailable (%s: %s): uid=%s device=%s not announced yet",
+                type(exc).__name__,
+                exc,
+                s.uid,
+                s.device,
+            )
 
     async def _set_offline(self, uid: int, device: str) -> None:
         if device in self._by_user.get(uid, {}):
@@ -331,8 +336,9 @@ class Hub(DeliverySink):
         try:
             await self.chat.presence.set_offline([DeviceLocation(uid, device, self.node)])
         except Exception as exc:  # the entry expires on its own within the presence TTL
-            log.warning("presence unavailable (%s: %s): uid=%s device=%s not removed", type(exc).__name__, exc,
-                        uid, device)
+            log.warning(
+                "presence unavailable (%s: %s): uid=%s device=%s not removed", type(exc).__name__, exc, uid, device
+            )
 
     def revoked(self, sid: str) -> None:
         """A login session was revoked (logout, refresh-token reuse): close its connections."""

@@ -160,4 +160,3 @@ class TcpConnection(asyncio.Protocol, Connection):
 async def serve_tcp(hub: Hub, host: str, port: int, *, admission: Admission) -> Listener:
     """Listen for chat connections with TCP framing at ``tcp://host:port``; ``admission`` caps them."""
     return Listener(bind(host, port), lambda: TcpConnection(hub, admission), name="tcp").start()
-

@@ -532,7 +532,8 @@ class ServerProtocol:
                         raise _Fail(
                             CloseCode.MESSAGE_TOO_BIG,
                             f"message of {size} bytes or more > {s.limit}"
-                            if frames == 1 else f"message of {size} bytes in {frames} fragments > {s.limit}",
+                            if frames == 1
+                            else f"message of {size} bytes in {frames} fragments > {s.limit}",
                         )
                 if self.state is _CLOSING or size > s.max_message:
                     if end - pos < head:  # the masking key has not all arrived yet
@@ -654,4 +655,3 @@ class ServerProtocol:
 
 def _tokens(value: str) -> list[str]:
     return [t.strip().lower() for t in value.split(",")]
-

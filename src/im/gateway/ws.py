@@ -72,9 +72,7 @@ class WsConnection(asyncio.Protocol, Connection):
         self._eof_sent = False
         self._close_timeout = close_timeout
         # Only while handshaking or closing: drop the connection if the peer stalls.
-        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
-            handshake_timeout, self._expire
-        )
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(handshake_timeout, self._expire)
 
     # --- asyncio.Protocol --------------------------------------------------------------------------
 
@@ -211,9 +209,7 @@ async def serve_websocket(
     connections: a refused one is closed with 1013 (try again later) right after its handshake.
     """
     limits = hub.limits
-    ws_settings = settings or WsSettings(
-        path=path, max_message=limits.max_frame_bytes, max_fragments=max_fragments
-    )
+    ws_settings = settings or WsSettings(path=path, max_message=limits.max_frame_bytes, max_fragments=max_fragments)
     handshake_timeout = limits.auth_timeout
 
     def connection() -> WsConnection:

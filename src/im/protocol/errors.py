@@ -39,9 +39,7 @@ class ImError(Exception):
     which the same request may succeed (rate limits, overload); None when retrying sooner is fine or
     pointless."""
 
-    def __init__(
-        self, code: ErrorCode, message: str, ref: str | None = None, retry_after: float | None = None
-    ) -> None:
+    def __init__(self, code: ErrorCode, message: str, ref: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message

@@ -38,6 +38,7 @@ def _nul_in(field: str) -> ValueError:
     """Text no store keeps: PostgreSQL text columns reject NUL (SQLite would keep it)."""
     return ValueError(f"{field} {NUL_REFUSED}")
 
+
 # --- client -> server ---------------------------------------------------------------------------------
 
 

@@ -239,17 +239,15 @@ class ServerSession:
 
     # --- results of the transport's work -----------------------------------------------------------
 
-    def auth_succeeded(self, uid: int, device: str, points: Iterable[SyncPoint], cursors: dict[str, int]) -> list[
-        cmd.Command
-    ]:
+    def auth_succeeded(
+        self, uid: int, device: str, points: Iterable[SyncPoint], cursors: dict[str, int]
+    ) -> list[cmd.Command]:
         """Start the replay: each conversation from the client's cursor, else the stored one."""
         if self.state is not State.AUTHENTICATING:
             return []
         self.uid, self.device = uid, device
         self.state = State.OPEN
-        self._emit(
-            AuthOk(uid=uid, device=device, heartbeat=self._heartbeat, max_frame=self.limits.max_frame_bytes)
-        )
+        self._emit(AuthOk(uid=uid, device=device, heartbeat=self._heartbeat, max_frame=self.limits.max_frame_bytes))
         out: list[cmd.Command] = []
         self._initial = set()
         for point in points:

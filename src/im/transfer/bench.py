@@ -39,8 +39,12 @@ class EchoCore:
 
     def submit(self, req: SendRequest, done: SendCallback) -> None:
         self._seq += 1
-        done(req, StoredMessage("d:1:2", self._seq, self._seq, req.uid, req.device, req.cmid, 0, req.type, req.body),
-             False, None)
+        done(
+            req,
+            StoredMessage("d:1:2", self._seq, self._seq, req.uid, req.device, req.cmid, 0, req.type, req.body),
+            False,
+            None,
+        )
 
 
 class CountingSink(DeliverySink):

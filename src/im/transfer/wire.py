@@ -35,9 +35,13 @@ def send_to_pb(rid: int, req: SendRequest) -> pb.Send:
 
 def send_from_pb(s: pb.Send) -> SendRequest:
     return SendRequest(
-        uid=s.uid, device=s.device, cmid=s.cmid,
-        conv=s.conv if s.HasField("conv") else None, to=s.to if s.HasField("to") else None,
-        type=s.type, body=s.body,
+        uid=s.uid,
+        device=s.device,
+        cmid=s.cmid,
+        conv=s.conv if s.HasField("conv") else None,
+        to=s.to if s.HasField("to") else None,
+        type=s.type,
+        body=s.body,
     )
 
 
@@ -58,15 +62,29 @@ def stored_from_request(req: SendRequest, conv: str, seq: int, mid: int, ts: int
     """The stored message of a fresh send: the core stores the request's fields as they are, so a
     result needs to carry only what the core assigned."""
     return StoredMessage(
-        conv=conv, seq=seq, mid=mid, sender=req.uid, device=req.device, cmid=req.cmid, ts=ts, type=req.type,
+        conv=conv,
+        seq=seq,
+        mid=mid,
+        sender=req.uid,
+        device=req.device,
+        cmid=req.cmid,
+        ts=ts,
+        type=req.type,
         body=req.body,
     )
 
 
 def message_from_pb(p: pb.Message) -> StoredMessage:
     return StoredMessage(
-        conv=p.conv, seq=p.seq, mid=p.mid, sender=p.sender, device=p.device, cmid=p.cmid, ts=p.ts,
-        type=p.type, body=p.body,
+        conv=p.conv,
+        seq=p.seq,
+        mid=p.mid,
+        sender=p.sender,
+        device=p.device,
+        cmid=p.cmid,
+        ts=p.ts,
+        type=p.type,
+        body=p.body,
     )
 
 

@@ -7,55 +7,50 @@
 # source: transfer.proto
 # Protobuf Python Version: 7.35.1
 """Generated protocol buffer code."""
+
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-_runtime_version.ValidateProtobufRuntimeVersion(
-    _runtime_version.Domain.PUBLIC,
-    7,
-    35,
-    1,
-    '',
-    'transfer.proto'
-)
+
+_runtime_version.ValidateProtobufRuntimeVersion(_runtime_version.Domain.PUBLIC, 7, 35, 1, "", "transfer.proto")
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
 
 
-
-
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0etransfer.proto\x12\x0eim.transfer.v1\"\x15\n\x05Hello\x12\x0c\n\x04node\x18\x01 \x01(\t\"\x8e\x01\n\x04Send\x12\x0b\n\x03rid\x18\x01 \x01(\x04\x12\x0b\n\x03uid\x18\x02 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0c\n\x04\x63mid\x18\x04 \x01(\t\x12\x11\n\x04\x63onv\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x02to\x18\x06 \x01(\x03H\x01\x88\x01\x01\x12\x0c\n\x04type\x18\x07 \x01(\t\x12\x0c\n\x04\x62ody\x18\x08 \x01(\x0c\x42\x07\n\x05_convB\x05\n\x03_to\"C\n\x05Route\x12\x0c\n\x04node\x18\x01 \x01(\t\x12,\n\ndeliveries\x18\x02 \x03(\x0b\x32\x18.im.transfer.v1.Delivery\"?\n\tNodeEvent\x12\x0c\n\x04node\x18\x01 \x01(\t\x12$\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x15.im.transfer.v1.Event\"\xc5\x01\n\x0cGatewayFrame\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x15.im.transfer.v1.Hello\x12#\n\x05sends\x18\x02 \x03(\x0b\x32\x14.im.transfer.v1.Send\x12%\n\x06routes\x18\x03 \x03(\x0b\x32\x15.im.transfer.v1.Route\x12)\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x19.im.transfer.v1.NodeEvent\x12\x18\n\x10revoked_sessions\x18\x05 \x03(\t\"\x87\x01\n\x07Message\x12\x0c\n\x04\x63onv\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x0b\n\x03mid\x18\x03 \x01(\x03\x12\x0e\n\x06sender\x18\x04 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0c\n\x04\x63mid\x18\x06 \x01(\t\x12\n\n\x02ts\x18\x07 \x01(\x03\x12\x0c\n\x04type\x18\x08 \x01(\t\x12\x0c\n\x04\x62ody\x18\t \x01(\x0c\"\xab\x01\n\x06Result\x12\x0b\n\x03rid\x18\x01 \x01(\x04\x12(\n\x07message\x18\x02 \x01(\x0b\x32\x17.im.transfer.v1.Message\x12\x0b\n\x03\x64up\x18\x03 \x01(\x08\x12\x12\n\nerror_code\x18\x04 \x01(\t\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12\x0c\n\x04\x63onv\x18\x06 \x01(\t\x12\x0b\n\x03seq\x18\x07 \x01(\x03\x12\x0b\n\x03mid\x18\x08 \x01(\x03\x12\n\n\x02ts\x18\t \x01(\x03\"B\n\x08\x44\x65livery\x12(\n\x07message\x18\x01 \x01(\x0b\x32\x17.im.transfer.v1.Message\x12\x0c\n\x04uids\x18\x02 \x03(\x03\"]\n\x05\x45vent\x12\r\n\x05\x66rame\x18\x01 \x01(\x0c\x12\x0c\n\x04uids\x18\x02 \x03(\x03\x12\x10\n\x08has_skip\x18\x03 \x01(\x08\x12\x10\n\x08skip_uid\x18\x04 \x01(\x03\x12\x13\n\x0bskip_device\x18\x05 \x01(\t\"\x17\n\x07Welcome\x12\x0c\n\x04node\x18\x01 \x01(\t\"\xd1\x01\n\rTransferFrame\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x17.im.transfer.v1.Welcome\x12\'\n\x07results\x18\x02 \x03(\x0b\x32\x16.im.transfer.v1.Result\x12,\n\ndeliveries\x18\x03 \x03(\x0b\x32\x18.im.transfer.v1.Delivery\x12%\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x15.im.transfer.v1.Event\x12\x18\n\x10revoked_sessions\x18\x05 \x03(\t2S\n\x08Transfer\x12G\n\x04Link\x12\x1c.im.transfer.v1.GatewayFrame\x1a\x1d.im.transfer.v1.TransferFrame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
+    b'\n\x0etransfer.proto\x12\x0eim.transfer.v1"\x15\n\x05Hello\x12\x0c\n\x04node\x18\x01 \x01(\t"\x8e\x01\n\x04Send\x12\x0b\n\x03rid\x18\x01 \x01(\x04\x12\x0b\n\x03uid\x18\x02 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0c\n\x04\x63mid\x18\x04 \x01(\t\x12\x11\n\x04\x63onv\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x02to\x18\x06 \x01(\x03H\x01\x88\x01\x01\x12\x0c\n\x04type\x18\x07 \x01(\t\x12\x0c\n\x04\x62ody\x18\x08 \x01(\x0c\x42\x07\n\x05_convB\x05\n\x03_to"C\n\x05Route\x12\x0c\n\x04node\x18\x01 \x01(\t\x12,\n\ndeliveries\x18\x02 \x03(\x0b\x32\x18.im.transfer.v1.Delivery"?\n\tNodeEvent\x12\x0c\n\x04node\x18\x01 \x01(\t\x12$\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x15.im.transfer.v1.Event"\xc5\x01\n\x0cGatewayFrame\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x15.im.transfer.v1.Hello\x12#\n\x05sends\x18\x02 \x03(\x0b\x32\x14.im.transfer.v1.Send\x12%\n\x06routes\x18\x03 \x03(\x0b\x32\x15.im.transfer.v1.Route\x12)\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x19.im.transfer.v1.NodeEvent\x12\x18\n\x10revoked_sessions\x18\x05 \x03(\t"\x87\x01\n\x07Message\x12\x0c\n\x04\x63onv\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x0b\n\x03mid\x18\x03 \x01(\x03\x12\x0e\n\x06sender\x18\x04 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0c\n\x04\x63mid\x18\x06 \x01(\t\x12\n\n\x02ts\x18\x07 \x01(\x03\x12\x0c\n\x04type\x18\x08 \x01(\t\x12\x0c\n\x04\x62ody\x18\t \x01(\x0c"\xab\x01\n\x06Result\x12\x0b\n\x03rid\x18\x01 \x01(\x04\x12(\n\x07message\x18\x02 \x01(\x0b\x32\x17.im.transfer.v1.Message\x12\x0b\n\x03\x64up\x18\x03 \x01(\x08\x12\x12\n\nerror_code\x18\x04 \x01(\t\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12\x0c\n\x04\x63onv\x18\x06 \x01(\t\x12\x0b\n\x03seq\x18\x07 \x01(\x03\x12\x0b\n\x03mid\x18\x08 \x01(\x03\x12\n\n\x02ts\x18\t \x01(\x03"B\n\x08\x44\x65livery\x12(\n\x07message\x18\x01 \x01(\x0b\x32\x17.im.transfer.v1.Message\x12\x0c\n\x04uids\x18\x02 \x03(\x03"]\n\x05\x45vent\x12\r\n\x05\x66rame\x18\x01 \x01(\x0c\x12\x0c\n\x04uids\x18\x02 \x03(\x03\x12\x10\n\x08has_skip\x18\x03 \x01(\x08\x12\x10\n\x08skip_uid\x18\x04 \x01(\x03\x12\x13\n\x0bskip_device\x18\x05 \x01(\t"\x17\n\x07Welcome\x12\x0c\n\x04node\x18\x01 \x01(\t"\xd1\x01\n\rTransferFrame\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x17.im.transfer.v1.Welcome\x12\'\n\x07results\x18\x02 \x03(\x0b\x32\x16.im.transfer.v1.Result\x12,\n\ndeliveries\x18\x03 \x03(\x0b\x32\x18.im.transfer.v1.Delivery\x12%\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x15.im.transfer.v1.Event\x12\x18\n\x10revoked_sessions\x18\x05 \x03(\t2S\n\x08Transfer\x12G\n\x04Link\x12\x1c.im.transfer.v1.GatewayFrame\x1a\x1d.im.transfer.v1.TransferFrame(\x01\x30\x01\x62\x06proto3'
+)
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'transfer_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "transfer_pb2", _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_HELLO']._serialized_start=34
-  _globals['_HELLO']._serialized_end=55
-  _globals['_SEND']._serialized_start=58
-  _globals['_SEND']._serialized_end=200
-  _globals['_ROUTE']._serialized_start=202
-  _globals['_ROUTE']._serialized_end=269
-  _globals['_NODEEVENT']._serialized_start=271
-  _globals['_NODEEVENT']._serialized_end=334
-  _globals['_GATEWAYFRAME']._serialized_start=337
-  _globals['_GATEWAYFRAME']._serialized_end=534
-  _globals['_MESSAGE']._serialized_start=537
-  _globals['_MESSAGE']._serialized_end=672
-  _globals['_RESULT']._serialized_start=675
-  _globals['_RESULT']._serialized_end=846
-  _globals['_DELIVERY']._serialized_start=848
-  _globals['_DELIVERY']._serialized_end=914
-  _globals['_EVENT']._serialized_start=916
-  _globals['_EVENT']._serialized_end=1009
-  _globals['_WELCOME']._serialized_start=1011
-  _globals['_WELCOME']._serialized_end=1034
-  _globals['_TRANSFERFRAME']._serialized_start=1037
-  _globals['_TRANSFERFRAME']._serialized_end=1246
-  _globals['_TRANSFER']._serialized_start=1248
-  _globals['_TRANSFER']._serialized_end=1331
+    DESCRIPTOR._loaded_options = None
+    _globals["_HELLO"]._serialized_start = 34
+    _globals["_HELLO"]._serialized_end = 55
+    _globals["_SEND"]._serialized_start = 58
+    _globals["_SEND"]._serialized_end = 200
+    _globals["_ROUTE"]._serialized_start = 202
+    _globals["_ROUTE"]._serialized_end = 269
+    _globals["_NODEEVENT"]._serialized_start = 271
+    _globals["_NODEEVENT"]._serialized_end = 334
+    _globals["_GATEWAYFRAME"]._serialized_start = 337
+    _globals["_GATEWAYFRAME"]._serialized_end = 534
+    _globals["_MESSAGE"]._serialized_start = 537
+    _globals["_MESSAGE"]._serialized_end = 672
+    _globals["_RESULT"]._serialized_start = 675
+    _globals["_RESULT"]._serialized_end = 846
+    _globals["_DELIVERY"]._serialized_start = 848
+    _globals["_DELIVERY"]._serialized_end = 914
+    _globals["_EVENT"]._serialized_start = 916
+    _globals["_EVENT"]._serialized_end = 1009
+    _globals["_WELCOME"]._serialized_start = 1011
+    _globals["_WELCOME"]._serialized_end = 1034
+    _globals["_TRANSFERFRAME"]._serialized_start = 1037
+    _globals["_TRANSFERFRAME"]._serialized_end = 1246
+    _globals["_TRANSFER"]._serialized_start = 1248
+    _globals["_TRANSFER"]._serialized_end = 1331
 # @@protoc_insertion_point(module_scope)

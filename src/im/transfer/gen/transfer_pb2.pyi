@@ -33,7 +33,17 @@ class Send(_message.Message):
     to: int
     type: str
     body: bytes
-    def __init__(self, rid: _Optional[int] = ..., uid: _Optional[int] = ..., device: _Optional[str] = ..., cmid: _Optional[str] = ..., conv: _Optional[str] = ..., to: _Optional[int] = ..., type: _Optional[str] = ..., body: _Optional[bytes] = ...) -> None: ...
+    def __init__(
+        self,
+        rid: _Optional[int] = ...,
+        uid: _Optional[int] = ...,
+        device: _Optional[str] = ...,
+        cmid: _Optional[str] = ...,
+        conv: _Optional[str] = ...,
+        to: _Optional[int] = ...,
+        type: _Optional[str] = ...,
+        body: _Optional[bytes] = ...,
+    ) -> None: ...
 
 class Route(_message.Message):
     __slots__ = ("node", "deliveries")
@@ -41,7 +51,9 @@ class Route(_message.Message):
     DELIVERIES_FIELD_NUMBER: _ClassVar[int]
     node: str
     deliveries: _containers.RepeatedCompositeFieldContainer[Delivery]
-    def __init__(self, node: _Optional[str] = ..., deliveries: _Optional[_Iterable[_Union[Delivery, _Mapping]]] = ...) -> None: ...
+    def __init__(
+        self, node: _Optional[str] = ..., deliveries: _Optional[_Iterable[_Union[Delivery, _Mapping]]] = ...
+    ) -> None: ...
 
 class NodeEvent(_message.Message):
     __slots__ = ("node", "event")
@@ -63,7 +75,14 @@ class GatewayFrame(_message.Message):
     routes: _containers.RepeatedCompositeFieldContainer[Route]
     events: _containers.RepeatedCompositeFieldContainer[NodeEvent]
     revoked_sessions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., sends: _Optional[_Iterable[_Union[Send, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[NodeEvent, _Mapping]]] = ..., revoked_sessions: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(
+        self,
+        hello: _Optional[_Union[Hello, _Mapping]] = ...,
+        sends: _Optional[_Iterable[_Union[Send, _Mapping]]] = ...,
+        routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...,
+        events: _Optional[_Iterable[_Union[NodeEvent, _Mapping]]] = ...,
+        revoked_sessions: _Optional[_Iterable[str]] = ...,
+    ) -> None: ...
 
 class Message(_message.Message):
     __slots__ = ("conv", "seq", "mid", "sender", "device", "cmid", "ts", "type", "body")
@@ -85,7 +104,18 @@ class Message(_message.Message):
     ts: int
     type: str
     body: bytes
-    def __init__(self, conv: _Optional[str] = ..., seq: _Optional[int] = ..., mid: _Optional[int] = ..., sender: _Optional[int] = ..., device: _Optional[str] = ..., cmid: _Optional[str] = ..., ts: _Optional[int] = ..., type: _Optional[str] = ..., body: _Optional[bytes] = ...) -> None: ...
+    def __init__(
+        self,
+        conv: _Optional[str] = ...,
+        seq: _Optional[int] = ...,
+        mid: _Optional[int] = ...,
+        sender: _Optional[int] = ...,
+        device: _Optional[str] = ...,
+        cmid: _Optional[str] = ...,
+        ts: _Optional[int] = ...,
+        type: _Optional[str] = ...,
+        body: _Optional[bytes] = ...,
+    ) -> None: ...
 
 class Result(_message.Message):
     __slots__ = ("rid", "message", "dup", "error_code", "error_message", "conv", "seq", "mid", "ts")
@@ -107,7 +137,18 @@ class Result(_message.Message):
     seq: int
     mid: int
     ts: int
-    def __init__(self, rid: _Optional[int] = ..., message: _Optional[_Union[Message, _Mapping]] = ..., dup: _Optional[bool] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., conv: _Optional[str] = ..., seq: _Optional[int] = ..., mid: _Optional[int] = ..., ts: _Optional[int] = ...) -> None: ...
+    def __init__(
+        self,
+        rid: _Optional[int] = ...,
+        message: _Optional[_Union[Message, _Mapping]] = ...,
+        dup: _Optional[bool] = ...,
+        error_code: _Optional[str] = ...,
+        error_message: _Optional[str] = ...,
+        conv: _Optional[str] = ...,
+        seq: _Optional[int] = ...,
+        mid: _Optional[int] = ...,
+        ts: _Optional[int] = ...,
+    ) -> None: ...
 
 class Delivery(_message.Message):
     __slots__ = ("message", "uids")
@@ -115,7 +156,9 @@ class Delivery(_message.Message):
     UIDS_FIELD_NUMBER: _ClassVar[int]
     message: Message
     uids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, message: _Optional[_Union[Message, _Mapping]] = ..., uids: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(
+        self, message: _Optional[_Union[Message, _Mapping]] = ..., uids: _Optional[_Iterable[int]] = ...
+    ) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("frame", "uids", "has_skip", "skip_uid", "skip_device")
@@ -129,7 +172,14 @@ class Event(_message.Message):
     has_skip: bool
     skip_uid: int
     skip_device: str
-    def __init__(self, frame: _Optional[bytes] = ..., uids: _Optional[_Iterable[int]] = ..., has_skip: _Optional[bool] = ..., skip_uid: _Optional[int] = ..., skip_device: _Optional[str] = ...) -> None: ...
+    def __init__(
+        self,
+        frame: _Optional[bytes] = ...,
+        uids: _Optional[_Iterable[int]] = ...,
+        has_skip: _Optional[bool] = ...,
+        skip_uid: _Optional[int] = ...,
+        skip_device: _Optional[str] = ...,
+    ) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("node",)
@@ -149,4 +199,11 @@ class TransferFrame(_message.Message):
     deliveries: _containers.RepeatedCompositeFieldContainer[Delivery]
     events: _containers.RepeatedCompositeFieldContainer[Event]
     revoked_sessions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., results: _Optional[_Iterable[_Union[Result, _Mapping]]] = ..., deliveries: _Optional[_Iterable[_Union[Delivery, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., revoked_sessions: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(
+        self,
+        welcome: _Optional[_Union[Welcome, _Mapping]] = ...,
+        results: _Optional[_Iterable[_Union[Result, _Mapping]]] = ...,
+        deliveries: _Optional[_Iterable[_Union[Delivery, _Mapping]]] = ...,
+        events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...,
+        revoked_sessions: _Optional[_Iterable[str]] = ...,
+    ) -> None: ...
