@@ -22,11 +22,12 @@ import asyncpg
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from im.backends.base import ChatStore, CommitBatch, ConversationState, StoredMessage
-from im.backends.postgres_chat import PostgresChatStore
-from im.backends.postgres_db import PostgresDatabase
-from im.backends.sqlite_chat import SqliteChatStore
-from im.backends.sqlite_db import SqliteDatabase
+from im.backends.chat import ChatStore
+from im.backends.chat.postgres import PostgresChatStore
+from im.backends.chat.sqlite import SqliteChatStore
+from im.backends.sql.postgres_db import PostgresDatabase
+from im.backends.sql.sqlite_db import SqliteDatabase
+from im.model.chat import CommitBatch, ConversationState, StoredMessage
 
 DSN = os.environ.get("IM_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 BODY = b'{"text":"' + b"x" * 88 + b'"}'  # about 100 bytes

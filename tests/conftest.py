@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from im.backends.base import AccountStore
-from im.backends.postgres_accounts import PostgresAccountStore
-from im.backends.sqlite_accounts import SqliteAccountStore
-from im.backends.sqlite_db import SqliteDatabase
+from im.backends.accounts import AccountStore
+from im.backends.accounts.postgres import PostgresAccountStore
+from im.backends.accounts.sqlite import SqliteAccountStore
+from im.backends.sql.sqlite_db import SqliteDatabase
 from tests.support.postgres import PgSchema, start
 
 

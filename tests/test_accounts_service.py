@@ -8,10 +8,10 @@ import hashlib
 import jwt
 import pytest
 
-from im.backends.base import AuthSession
-from im.backends.sqlite_accounts import SqliteAccountStore
+from im.backends.accounts.sqlite import SqliteAccountStore
 from im.core.accounts import AccountService, Principal
-from im.protocol.errors import ErrorCode, ImError
+from im.model.accounts import AuthSession
+from im.model.errors import ErrorCode, ImError
 
 SECRET = b"test-secret-0123456789abcdef"
 

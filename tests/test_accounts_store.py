@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from im.backends.base import AccountStore, AuthSession, Conflict, Privacy
-from im.backends.sqlite_accounts import SqliteAccountStore
-from im.backends.sqlite_db import SqliteDatabase
+from im.backends.accounts import AccountStore
+from im.backends.accounts.sqlite import SqliteAccountStore
+from im.backends.sql.sqlite_db import SqliteDatabase
+from im.model.accounts import AuthSession, Privacy
+from im.model.errors import Conflict
 
 
 async def test_create_and_get_user(store: AccountStore) -> None:

@@ -13,15 +13,18 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from im.backends.base import AccountStore, ChatStore, StoredMessage
-from im.backends.memory import MemoryPresence, MemoryRouter
-from im.backends.postgres_accounts import PostgresAccountStore
-from im.backends.postgres_chat import PostgresChatStore
-from im.backends.sqlite_accounts import SqliteAccountStore
-from im.backends.sqlite_chat import SqliteChatStore
-from im.backends.sqlite_db import SqliteDatabase
+from im.backends.accounts import AccountStore
+from im.backends.accounts.postgres import PostgresAccountStore
+from im.backends.accounts.sqlite import SqliteAccountStore
+from im.backends.chat import ChatStore
+from im.backends.chat.postgres import PostgresChatStore
+from im.backends.chat.sqlite import SqliteChatStore
+from im.backends.presence.memory import MemoryPresence
+from im.backends.routing.memory import MemoryRouter
+from im.backends.sql.sqlite_db import SqliteDatabase
 from im.core.chat import ChatService, SendRequest
-from im.protocol.errors import ErrorCode, ImError
+from im.model.chat import StoredMessage
+from im.model.errors import ErrorCode, ImError
 from tests.support.postgres import PgSchema, start
 
 #: Text each store refuses at commit time: PostgreSQL has no NUL in text; SQLite cannot encode a lone

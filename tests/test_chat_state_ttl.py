@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from im.backends.memory import MemoryPresence, MemoryRouter
-from im.backends.sqlite_accounts import SqliteAccountStore
-from im.backends.sqlite_chat import SqliteChatStore
-from im.backends.sqlite_db import SqliteDatabase
+from im.backends.accounts.sqlite import SqliteAccountStore
+from im.backends.chat.sqlite import SqliteChatStore
+from im.backends.presence.memory import MemoryPresence
+from im.backends.routing.memory import MemoryRouter
+from im.backends.sql.sqlite_db import SqliteDatabase
 from im.core.chat import ChatService
-from im.protocol.errors import ErrorCode, ImError
+from im.model.errors import ErrorCode, ImError
 
 TTL = 2.0
 

@@ -7,8 +7,8 @@ from typing import Any
 import msgspec
 import pytest
 
+from im.model.errors import ErrorCode, ImError
 from im.protocol.codec import Encoding, decode_client, decode_server, encode
-from im.protocol.errors import ErrorCode, ImError
 from im.protocol.frames import Ack, Auth, Bye, Error, Msg, Ping, Read, Recv, Send, Synced, Typing
 
 ENCODINGS = [Encoding.JSON, Encoding.MSGPACK]
@@ -197,7 +197,7 @@ def test_wrong_types_stay_bad_frame_without_ref() -> None:
 
 
 def test_conversation_ids_out_of_range_are_told_from_malformed_ones() -> None:
-    from im.core.ids import conv_out_of_range, parse_conv
+    from im.model.ids import conv_out_of_range, parse_conv
 
     for bad in (f"d:1:{2**63}", f"d:{2**64 - 1}:{2**64}", f"g:{2**63}", "g:" + "9" * 5000):
         assert parse_conv(bad) is None and conv_out_of_range(bad), bad

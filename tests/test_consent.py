@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from im.backends.base import AccountStore
-from im.backends.sqlite_chat import SqliteChatStore
-from im.backends.sqlite_db import SqliteDatabase
+from im.backends.accounts import AccountStore
+from im.backends.chat.sqlite import SqliteChatStore
+from im.backends.sql.sqlite_db import SqliteDatabase
 from im.core.consent import Consent
-from im.protocol.errors import ErrorCode, ImError
+from im.model.errors import ErrorCode, ImError
 
 
 class Clock:

@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from im.api.routes_files import _content_disposition, _FilePart
-from im.files import FileInfo, FileMeta
-from im.protocol.errors import ErrorCode, ImError
+from im.files import FileInfo
+from im.model.errors import ErrorCode, ImError
+from im.model.files import FileMeta
 
 BOUNDARY = "----im-test-boundary"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"

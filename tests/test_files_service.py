@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from im.backends.base import CommitBatch, ConversationState, MemberChange, StoredMessage
-from im.backends.sqlite_chat import SqliteChatStore
-from im.backends.sqlite_db import SqliteDatabase
-from im.core.ids import direct_conv
-from im.files import FileService, LocalBlobStorage, SqliteFileStore
+from im.backends.blobs.local import LocalBlobStorage
+from im.backends.chat.sqlite import SqliteChatStore
+from im.backends.files.sqlite import SqliteFileStore
+from im.backends.sql.sqlite_db import SqliteDatabase
+from im.files import FileService
 from im.files.service import clean_name
-from im.protocol.errors import ErrorCode, ImError
+from im.model.chat import CommitBatch, ConversationState, MemberChange, StoredMessage
+from im.model.errors import ErrorCode, ImError
+from im.model.ids import direct_conv
 
 ALICE, BOB, CAROL = 1, 2, 3
 

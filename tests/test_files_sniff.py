@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from im.files.sniff import OCTET_STREAM, Sniffed, normalize_type, sniff
-from im.protocol.errors import ErrorCode, ImError
+from im.model.errors import ErrorCode, ImError
 
 
 def image_bytes(fmt: str, size: tuple[int, int] = (40, 30)) -> bytes:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from im.files.storage import BlobNotFound, BlobTooLarge, LocalBlobStorage, Staged, is_sha256
+from im.backends.blobs import BlobNotFound, BlobTooLarge, Staged, is_sha256
+from im.backends.blobs.local import LocalBlobStorage
 
 
 async def chunks_of(pieces: Iterable[bytes]) -> AsyncIterator[bytes]:

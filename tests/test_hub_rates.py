@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from im.backends.rate_limiter import Hit, RateLimiter, Rule
+from im.backends.rate_limit import Hit, RateLimiter, Rule
 from im.config import load_config
 from im.gateway.hub import lease_size
 from im.server import EmbeddedServer

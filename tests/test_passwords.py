@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from im.core.passwords import HashSlots
-from im.protocol.errors import ErrorCode, ImError
+from im.model.errors import ErrorCode, ImError
 from tests.support.wait import eventually
 
 

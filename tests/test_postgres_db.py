@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from im.backends.base import Conflict
-from im.backends.postgres_accounts import PostgresAccountStore
-from im.backends.postgres_chat import PostgresChatStore
-from im.backends.postgres_db import MIGRATIONS, PostgresDatabase, SchemaTooNew
+from im.backends.accounts.postgres import PostgresAccountStore
+from im.backends.chat.postgres import PostgresChatStore
+from im.backends.sql.postgres_db import MIGRATIONS, PostgresDatabase, SchemaTooNew
+from im.model.errors import Conflict
 from tests.support.postgres import PgSchema, connect
 
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import msgspec
 
-from im.backends.base import StoredMessage, SyncPoint
-from im.core.messages import EncodedCache
+from im.model.chat import StoredMessage, SyncPoint
+from im.model.errors import ErrorCode
 from im.protocol import commands as cmd
-from im.protocol.errors import ErrorCode
+from im.protocol.messages import EncodedCache
 from im.protocol.session import Limits, ServerSession, State
 
 UID = 7

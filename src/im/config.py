@@ -207,7 +207,7 @@ class FilesConfig(_Section):
 
 
 class RateConfig(_Section):
-    """``limit`` units per ``period`` seconds, bursts of up to ``limit`` (GCRA, im.backends.rate_limiter).
+    """``limit`` units per ``period`` seconds, bursts of up to ``limit`` (GCRA, im.backends.rate_limit).
     Written ``{limit: 20, period: 60}`` or ``"20/60"`` (``--set rates.login_per_address=20/60``)."""
 
     limit: int = Field(ge=1)

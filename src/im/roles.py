@@ -21,8 +21,10 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 
 from im.api.app import create_app
-from im.backends.base import DeliverySink, ServiceInstance, StoredMessage
+from im.backends.routing import DeliverySink
 from im.config import Config, ConfigError
+from im.model.chat import StoredMessage
+from im.model.cluster import ServiceInstance
 from im.server import (
     GatewayPicker,
     HttpServer,

@@ -21,30 +21,44 @@ import uvicorn
 
 from im.api.app import create_app
 from im.api.guard import HeaderLimit, guarded_protocol
-from im.backends.base import AccountStore, ChatStore, ConversationState, Presence, Registry, Router, ServiceInstance
-from im.backends.etcd_registry import EtcdRegistry
-from im.backends.memory import MemoryPresence, MemoryRegistry, MemoryRouter
-from im.backends.postgres_accounts import PostgresAccountStore
-from im.backends.postgres_chat import PostgresChatStore
-from im.backends.postgres_db import PostgresDatabase
-from im.backends.rate_limiter import FailOpen, MemoryRateLimiter, RateLimiter, Rule
-from im.backends.redis_presence import RedisPresence
-from im.backends.redis_rate_limiter import RedisRateLimiter
-from im.backends.sqlite_accounts import SqliteAccountStore
-from im.backends.sqlite_chat import SqliteChatStore
-from im.backends.sqlite_db import SqliteDatabase
+from im.backends.accounts import AccountStore
+from im.backends.accounts.postgres import PostgresAccountStore
+from im.backends.accounts.sqlite import SqliteAccountStore
+from im.backends.blobs.local import LocalBlobStorage
+from im.backends.chat import ChatStore
+from im.backends.chat.postgres import PostgresChatStore
+from im.backends.chat.sqlite import SqliteChatStore
+from im.backends.dedupe import Dedupe
+from im.backends.dedupe.memory import MemoryDedupe
+from im.backends.dedupe.redis import RedisDedupe
+from im.backends.files import FileStore
+from im.backends.files.postgres import PostgresFileStore
+from im.backends.files.sqlite import SqliteFileStore
+from im.backends.presence import Presence
+from im.backends.presence.memory import MemoryPresence
+from im.backends.presence.redis import RedisPresence
+from im.backends.rate_limit import FailOpen, RateLimiter, Rule
+from im.backends.rate_limit.memory import MemoryRateLimiter
+from im.backends.rate_limit.redis import RedisRateLimiter
+from im.backends.registry import Registry
+from im.backends.registry.etcd import EtcdRegistry
+from im.backends.registry.memory import MemoryRegistry
+from im.backends.routing import Router
+from im.backends.routing.memory import MemoryRouter
+from im.backends.sql.postgres_db import PostgresDatabase
+from im.backends.sql.sqlite_db import SqliteDatabase
 from im.config import Config, ConfigError, RateConfig
 from im.core.accounts import AccountService
 from im.core.chat import ChatService
 from im.core.passwords import HashSlots, LoginGuard
-from im.events.dedupe import Dedupe, MemoryDedupe, RedisDedupe
 from im.events.push import PushConsumer
 from im.events.relay import OutboxRelay
-from im.files import FileService, FileStore, LocalBlobStorage, SqliteFileStore
-from im.files.postgres_store import PostgresFileStore
+from im.files import FileService
 from im.gateway.hub import Hub, HubRates
 from im.gateway.tcp import serve_tcp
 from im.gateway.ws import WS_PATH, serve_websocket
+from im.model.chat import ConversationState
+from im.model.cluster import ServiceInstance
 from im.net import Admission, Listener, bind, connection_budget, raise_open_file_limit
 from im.protocol.session import Limits
 

@@ -47,7 +47,7 @@ from im.client import (
     WebSocketTransport,
 )
 from im.cluster import LocalCluster
-from im.core.ids import direct_conv
+from im.model.ids import direct_conv
 from im.transfer.pool import _score
 from tests.cluster.conftest import client_on
 from tests.support.checker import History

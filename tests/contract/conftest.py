@@ -1,6 +1,6 @@
 """Implementation factories for the backend contract suites.
 
-Each interface of ``im.backends.base`` has one parametrized fixture here; a new engine (PostgreSQL,
+Each interface under ``im.backends`` has one parametrized fixture here; a new engine (PostgreSQL,
 Redis, etcd, ...) joins the suite by adding one ``pytest.param(<harness class>, id="<engine>")`` to the
 matching list below. A harness wraps an implementation with what the tests need around it that the
 interface does not offer (creating users, reopening the storage, moving time forward).
@@ -18,18 +18,23 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from im.backends.base import ChatStore, Presence, Registry, Router
-from im.backends.etcd_registry import EtcdRegistry
-from im.backends.memory import MemoryPresence, MemoryRegistry, MemoryRouter
-from im.backends.postgres_accounts import PostgresAccountStore
-from im.backends.postgres_chat import PostgresChatStore
-from im.backends.redis_presence import RedisPresence
-from im.backends.sqlite_accounts import SqliteAccountStore
-from im.backends.sqlite_chat import SqliteChatStore
-from im.backends.sqlite_db import SqliteDatabase
-from im.files.postgres_store import PostgresFileStore
-from im.files.sqlite_store import SqliteFileStore
-from im.files.store import FileStore
+from im.backends.accounts.postgres import PostgresAccountStore
+from im.backends.accounts.sqlite import SqliteAccountStore
+from im.backends.chat import ChatStore
+from im.backends.chat.postgres import PostgresChatStore
+from im.backends.chat.sqlite import SqliteChatStore
+from im.backends.files import FileStore
+from im.backends.files.postgres import PostgresFileStore
+from im.backends.files.sqlite import SqliteFileStore
+from im.backends.presence import Presence
+from im.backends.presence.memory import MemoryPresence
+from im.backends.presence.redis import RedisPresence
+from im.backends.registry import Registry
+from im.backends.registry.etcd import EtcdRegistry
+from im.backends.registry.memory import MemoryRegistry
+from im.backends.routing import Router
+from im.backends.routing.memory import MemoryRouter
+from im.backends.sql.sqlite_db import SqliteDatabase
 from tests.support.etcd import shared_etcd
 from tests.support.postgres import PgSchema, start
 

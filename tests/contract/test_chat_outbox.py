@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from im.backends.base import CommitBatch, SeqConflict
-from im.core.ids import direct_conv
+from im.model.chat import CommitBatch
+from im.model.errors import SeqConflict
+from im.model.ids import direct_conv
 from tests.contract.conftest import ChatHarness
 from tests.contract.test_chat_store import append, msg, new_direct
 

@@ -9,17 +9,10 @@ from typing import Any
 
 import pytest
 
-from im.backends.base import (
-    ChatStore,
-    CommitBatch,
-    ConversationState,
-    Group,
-    MemberChange,
-    SeqConflict,
-    StoredMessage,
-    SyncPoint,
-)
-from im.core.ids import direct_conv, group_conv
+from im.backends.chat import ChatStore
+from im.model.chat import CommitBatch, ConversationState, Group, MemberChange, StoredMessage, SyncPoint
+from im.model.errors import SeqConflict
+from im.model.ids import direct_conv, group_conv
 from tests.contract.conftest import ChatHarness
 
 _mids = itertools.count(1)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from im.backends.base import ChatStore, CommitBatch, ConversationState, SeqConflict, StoredMessage
-from im.core.ids import direct_conv
+from im.backends.chat import ChatStore
+from im.model.chat import CommitBatch, ConversationState, StoredMessage
+from im.model.errors import SeqConflict
+from im.model.ids import direct_conv
 from tests.contract.conftest import ChatHarness
 
 X, Y = direct_conv(1, 2), direct_conv(1, 3)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-from im.backends.base import CommitBatch, ConversationState, MemberChange, StoredMessage
-from im.files.store import FileMeta
+from im.model.chat import CommitBatch, ConversationState, MemberChange, StoredMessage
+from im.model.files import FileMeta
 from tests.contract.conftest import FileHarness
 
 ALICE, BOB, CAROL = 1, 2, 3

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from im.backends.base import ChatStore
-from im.backends.postgres_chat import PostgresChatStore
-from im.backends.postgres_db import PostgresDatabase
+from im.backends.chat import ChatStore
+from im.backends.chat.postgres import PostgresChatStore
+from im.backends.sql.postgres_db import PostgresDatabase
 from tests.contract.conftest import ChatHarness, PostgresChatHarness
 from tests.support.postgres import DSN, PgSchema, start
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from im.backends.base import DeviceLocation
+from im.model.cluster import DeviceLocation
 from tests.contract.conftest import PresenceHarness
 
 

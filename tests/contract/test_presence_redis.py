@@ -13,8 +13,8 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from im.backends.base import DeviceLocation
-from im.backends.redis_presence import RedisPresence
+from im.backends.presence.redis import RedisPresence
+from im.model.cluster import DeviceLocation
 from tests.contract.conftest import REDIS_URL, delete_redis_prefix
 
 TTL = 0.5

@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.exceptions
 
-from im.backends.rate_limiter import FailOpen, Hit, MemoryRateLimiter, RateLimiter, Rule
-from im.backends.redis_rate_limiter import RedisRateLimiter
+from im.backends.rate_limit import FailOpen, Hit, RateLimiter, Rule
+from im.backends.rate_limit.memory import MemoryRateLimiter
+from im.backends.rate_limit.redis import RedisRateLimiter
 from tests.contract.conftest import REDIS_URL, FakeClock, delete_redis_prefix
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from im.backends.base import ServiceInstance
+from im.model.cluster import ServiceInstance
 from tests.contract.conftest import RegistryHarness
 from tests.support.wait import eventually
 

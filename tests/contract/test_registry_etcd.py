@@ -15,8 +15,8 @@ from pathlib import Path
 import aetcd
 import pytest
 
-from im.backends.base import ServiceInstance
-from im.backends.etcd_registry import EtcdRegistry
+from im.backends.registry.etcd import EtcdRegistry
+from im.model.cluster import ServiceInstance
 from tests.support.etcd import EtcdMissing, EtcdProcess, shared_etcd
 from tests.support.wait import eventually
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Sequence
 
-from im.backends.base import DeliverySink, StoredMessage
+from im.backends.routing import DeliverySink
+from im.model.chat import StoredMessage
 from tests.contract.conftest import RouterHarness
 from tests.support.wait import eventually
 

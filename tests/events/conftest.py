@@ -16,10 +16,10 @@ from typing import Any
 import aio_pika
 import pytest
 
-from im.backends.base import ChatStore
-from im.backends.postgres_chat import PostgresChatStore
-from im.backends.sqlite_chat import SqliteChatStore
-from im.backends.sqlite_db import SqliteDatabase
+from im.backends.chat import ChatStore
+from im.backends.chat.postgres import PostgresChatStore
+from im.backends.chat.sqlite import SqliteChatStore
+from im.backends.sql.sqlite_db import SqliteDatabase
 from tests.support.postgres import PgSchema, start
 
 AMQP_URL = os.environ.get("IM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")

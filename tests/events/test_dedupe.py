@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from im.events.dedupe import Dedupe, MemoryDedupe, RedisDedupe
+from im.backends.dedupe import Dedupe
+from im.backends.dedupe.memory import MemoryDedupe
+from im.backends.dedupe.redis import RedisDedupe
 from tests.contract.conftest import REDIS_URL, FakeClock, delete_redis_prefix
 
 

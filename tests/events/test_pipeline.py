@@ -10,13 +10,15 @@ from typing import Any
 import aio_pika
 import pytest
 
-from im.backends.base import ChatStore, CommitBatch, ConversationState, DeviceLocation, StoredMessage
-from im.backends.memory import MemoryPresence
-from im.core.ids import direct_conv
+from im.backends.chat import ChatStore
+from im.backends.dedupe.memory import MemoryDedupe
+from im.backends.presence.memory import MemoryPresence
 from im.events import topology
-from im.events.dedupe import MemoryDedupe
 from im.events.push import PushConsumer
 from im.events.relay import OutboxRelay
+from im.model.chat import CommitBatch, ConversationState, StoredMessage
+from im.model.cluster import DeviceLocation
+from im.model.ids import direct_conv
 from tests.contract.test_chat_store import append, msg, new_direct
 from tests.events.conftest import AMQP_URL, Names, WebhookReceiver, amqp_connect, members_of
 from tests.support.wait import eventually

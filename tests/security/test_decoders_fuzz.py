@@ -25,8 +25,6 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from im.backends.base import SyncPoint
-from im.core.messages import EncodedCache
 from im.gateway.hub import Connection
 from im.gateway.tcp import TcpConnection, frame
 from im.gateway.websocket import (
@@ -40,11 +38,13 @@ from im.gateway.websocket import (
     State,
     WsSettings,
 )
+from im.model.chat import SyncPoint
+from im.model.errors import ErrorCode, ImError
 from im.net import Admission
 from im.protocol import commands as cmd
 from im.protocol.codec import Encoding, decode_client, decode_server, encode
-from im.protocol.errors import ErrorCode, ImError
 from im.protocol.frames import Auth, Bye, Error, Ping, Pong, Read, Recv, Send, Typing
+from im.protocol.messages import EncodedCache
 from im.protocol.session import Limits, ServerSession
 from tests.test_websocket_protocol import frame as ws_frame
 from tests.test_websocket_protocol import request, server_frames

@@ -15,7 +15,7 @@ from typing import Protocol
 import asyncpg
 import pytest
 
-from im.backends.postgres_db import PostgresDatabase
+from im.backends.sql.postgres_db import PostgresDatabase
 
 
 class Startable(Protocol):

@@ -11,13 +11,15 @@ from typing import Any
 
 import pytest
 
-from im.backends.base import CommitBatch, DeliverySink, DeviceLocation, StoredMessage
-from im.backends.memory import MemoryPresence
-from im.backends.sqlite_accounts import SqliteAccountStore
-from im.backends.sqlite_chat import SqliteChatStore
-from im.backends.sqlite_db import SqliteDatabase
+from im.backends.accounts.sqlite import SqliteAccountStore
+from im.backends.chat.sqlite import SqliteChatStore
+from im.backends.presence.memory import MemoryPresence
+from im.backends.routing import DeliverySink
+from im.backends.sql.sqlite_db import SqliteDatabase
 from im.core.chat import ChatService, SendRequest
-from im.protocol.errors import ImError
+from im.model.chat import CommitBatch, StoredMessage
+from im.model.cluster import DeviceLocation
+from im.model.errors import ImError
 from im.transfer import GrpcRouter, TransferLink, TransferServicer, serve_transfer
 
 

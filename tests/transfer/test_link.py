@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from im.core.chat import SendRequest
-from im.protocol.errors import ErrorCode
+from im.model.errors import ErrorCode
 from im.protocol.frames import TypingEvent
 from tests.support.wait import eventually
 from tests.transfer.conftest import Core, RecordingSink, Results

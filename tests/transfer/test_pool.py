@@ -16,11 +16,13 @@ from typing import Any
 
 import pytest
 
-from im.backends.base import DeliverySink, ServiceInstance, StoredMessage
-from im.backends.memory import MemoryRegistry
+from im.backends.registry.memory import MemoryRegistry
+from im.backends.routing import DeliverySink
 from im.core.chat import ChatService, SendCallback, SendRequest
-from im.core.ids import direct_conv
-from im.protocol.errors import ErrorCode
+from im.model.chat import StoredMessage
+from im.model.cluster import ServiceInstance
+from im.model.errors import ErrorCode
+from im.model.ids import direct_conv
 from im.protocol.frames import TypingEvent
 from im.transfer import GrpcRouter, TransferLink, TransferServicer, serve_transfer
 from im.transfer.pool import GRPC_ADDRESS, LinkRouter, TransferPool, conversation_key

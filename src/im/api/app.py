@@ -34,7 +34,7 @@ from im.config import LimitsConfig
 from im.core.accounts import AccountService
 from im.core.passwords import LoginGuard
 from im.files import FileService
-from im.protocol.errors import ErrorCode, ImError
+from im.model.errors import ErrorCode, ImError
 from im.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,9 @@ from typing import Annotated, Protocol
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from im.backends.base import ConversationSummary, Group, StoredMessage
 from im.core.accounts import AccountService, Principal
-from im.protocol.errors import ErrorCode, ImError
+from im.model.chat import ConversationSummary, Group, StoredMessage
+from im.model.errors import ErrorCode, ImError
 
 
 class ChatApi(Protocol):

@@ -20,12 +20,12 @@ from im.api.schemas import (
     ReceiptOut,
     RoleIn,
 )
-from im.backends.base import StoredMessage
 from im.config import LimitsConfig
 from im.core.accounts import Principal
-from im.core.messages import msg_frame
-from im.protocol.errors import ErrorCode, ImError
-from im.protocol.frames import MAX_ID
+from im.model.chat import StoredMessage
+from im.model.errors import ErrorCode, ImError
+from im.model.ids import MAX_ID
+from im.protocol.messages import msg_frame
 
 _json = msgspec.json.Encoder()
 #: Most users one ``GET /presence`` may ask about.

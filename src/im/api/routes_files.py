@@ -19,7 +19,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from im.core.accounts import Principal
 from im.files import FileInfo, FileService
-from im.protocol.errors import ErrorCode, ImError
+from im.model.errors import ErrorCode, ImError
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Path, Query, Response, status
 
 from im.api.schemas import UserOut
 from im.core.accounts import AccountService, Principal
-from im.protocol.frames import MAX_ID
+from im.model.ids import MAX_ID
 
 
 def users_router(accounts: AccountService, principal: Callable[..., Awaitable[Principal]]) -> APIRouter:

@@ -11,8 +11,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
-from im.backends.base import Group, User
-from im.protocol.frames import MAX_ID
+from im.model.accounts import User
+from im.model.chat import Group
+from im.model.ids import MAX_ID
 
 #: A uid or gid as the stores hold it (signed 64-bit, positive).
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]

@@ -59,8 +59,8 @@ from typing import Any
 
 import msgspec
 
+from im.model.errors import ErrorCode
 from im.protocol.codec import Encoding
-from im.protocol.errors import ErrorCode
 from im.protocol.frames import (
     Ack,
     Auth,

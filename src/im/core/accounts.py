@@ -36,9 +36,10 @@ from typing import Any
 import argon2
 import jwt
 
-from im.backends.base import AccountStore, AuthSession, Conflict, Privacy, User
+from im.backends.accounts import AccountStore
 from im.core.passwords import HashSlots, LoginGuard
-from im.protocol.errors import ErrorCode, ImError
+from im.model.accounts import AuthSession, Privacy, User
+from im.model.errors import Conflict, ErrorCode, ImError
 
 USERNAME_RE = re.compile(r"[A-Za-z0-9_.\-]{3,32}")
 MAX_PASSWORD_LENGTH = 1024

@@ -33,22 +33,15 @@ from typing import Protocol
 
 import msgspec
 
-from im.backends.base import (
-    AccountStore,
-    ChatStore,
-    CommitBatch,
-    ConversationState,
-    ConversationSummary,
-    Group,
-    MemberChange,
-    Presence,
-    Router,
-    SeqConflict,
-    StoredMessage,
-)
+from im.backends.accounts import AccountStore
+from im.backends.chat import ChatStore
+from im.backends.presence import Presence
+from im.backends.routing import Router
 from im.core.consent import Consent
-from im.core.ids import Snowflake, conv_out_of_range, direct_conv, group_conv, parse_conv
-from im.protocol.errors import ErrorCode, ImError
+from im.core.ids import Snowflake
+from im.model.chat import CommitBatch, ConversationState, ConversationSummary, Group, MemberChange, StoredMessage
+from im.model.errors import ErrorCode, ImError, SeqConflict
+from im.model.ids import conv_out_of_range, direct_conv, group_conv, parse_conv
 from im.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from im.backends.base import AccountStore, ChatStore, Privacy
-from im.protocol.errors import ErrorCode, ImError
+from im.backends.accounts import AccountStore
+from im.backends.chat import ChatStore
+from im.model.accounts import Privacy
+from im.model.errors import ErrorCode, ImError
 
 #: What an unknown user reads as: nobody may write to it.
 _GONE = Privacy(deleted=True)

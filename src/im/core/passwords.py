@@ -27,8 +27,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
 
-from im.backends.rate_limiter import Hit, RateLimiter, Rule
-from im.protocol.errors import ErrorCode, ImError
+from im.backends.rate_limit import Hit, RateLimiter, Rule
+from im.model.errors import ErrorCode, ImError
 
 T = TypeVar("T")
 

@@ -9,7 +9,7 @@ Policy:
 - one active consumer (the queue is single-active-consumer: consumers in other processes stand by),
   messages handled one at a time, ``prefetch`` ahead: events reach the webhook in queue order, which is
   per-conversation seq order (the relay publishes in outbox order);
-- deduplicated by ``mid`` (see :mod:`im.events.dedupe`): checked before, recorded after a successful
+- deduplicated by ``mid`` (see :mod:`im.backends.dedupe`): checked before, recorded after a successful
   POST; the event is acked after it was handled (pushed, deduplicated or nobody offline);
 - a failed webhook (connection error, timeout, non-2xx) waits ``retry_delay`` seconds and is nacked with
   requeue; after ``max_attempts`` deliveries (the quorum queue's ``x-delivery-count``) it is rejected
@@ -30,9 +30,9 @@ import aio_pika
 import httpx
 import msgspec
 
-from im.backends.base import Presence
+from im.backends.dedupe import Dedupe
+from im.backends.presence import Presence
 from im.events import topology
-from im.events.dedupe import Dedupe
 
 log = logging.getLogger(__name__)
 

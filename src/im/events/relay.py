@@ -19,7 +19,7 @@ import logging
 
 import aio_pika
 
-from im.backends.base import ChatStore
+from im.backends.chat import ChatStore
 from im.events import topology
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from typing import Any
 import aio_pika
 import msgspec
 
-from im.backends.base import OutboxEvent
+from im.model.chat import OutboxEvent
 
 EXCHANGE = "im.events"
 PUSH_QUEUE = "im.push"

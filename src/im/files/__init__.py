@@ -1,8 +1,8 @@
 """Uploaded files: content-addressed blobs, their metadata, and who may read them.
 
-    HTTP (im.api.routes_files) ──> FileService ──> BlobStorage   bytes, by SHA-256   (storage.py)
-    chat send path (attachable) ─┘             └─> FileStore     metadata, owners,  (store.py,
-                                                                 read rule           sqlite_store.py)
+    HTTP (im.api.routes_files) ──> FileService ──> BlobStorage   bytes, by SHA-256   (im.backends.blobs)
+    chat send path (attachable) ─┘             └─> FileStore     metadata, owners,  (im.backends.files)
+                                                                 read rule
 
 - A file's id **is** the SHA-256 of its bytes (lowercase hex): the same bytes uploaded by anyone are
   stored once and have one id, on every node and every store, with no coordination.
@@ -14,22 +14,5 @@
 
 from im.files.service import FileInfo, FileService
 from im.files.sniff import Sniffed, sniff
-from im.files.sqlite_store import SqliteFileStore
-from im.files.storage import BlobNotFound, BlobStorage, BlobTooLarge, LocalBlobStorage, PutResult, Staged
-from im.files.store import FileMeta, FileStore
 
-__all__ = [
-    "BlobNotFound",
-    "BlobStorage",
-    "BlobTooLarge",
-    "FileInfo",
-    "FileMeta",
-    "FileService",
-    "FileStore",
-    "LocalBlobStorage",
-    "PutResult",
-    "Sniffed",
-    "SqliteFileStore",
-    "Staged",
-    "sniff",
-]
+__all__ = ["FileInfo", "FileService", "Sniffed", "sniff"]

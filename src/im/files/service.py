@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from im.backends.rate_limiter import Hit, RateLimiter, Rule
+from im.backends.blobs import BlobNotFound, BlobStorage, BlobTooLarge, Staged, is_sha256
+from im.backends.files import FileStore
+from im.backends.rate_limit import Hit, RateLimiter, Rule
 from im.files.sniff import sniff
-from im.files.storage import BlobNotFound, BlobStorage, BlobTooLarge, Staged, is_sha256
-from im.files.store import FileMeta, FileStore
-from im.protocol.errors import ErrorCode, ImError
+from im.model.errors import ErrorCode, ImError
+from im.model.files import FileMeta
 
 MAX_NAME_LENGTH = 255
 

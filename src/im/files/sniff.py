@@ -24,7 +24,7 @@ from typing import BinaryIO
 import filetype
 from PIL import Image, UnidentifiedImageError
 
-from im.protocol.errors import ErrorCode, ImError
+from im.model.errors import ErrorCode, ImError
 
 OCTET_STREAM = "application/octet-stream"
 #: Bytes read for magic-number matching (what ``filetype`` looks at).

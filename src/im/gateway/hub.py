@@ -16,16 +16,18 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from im.backends.base import DeliverySink, DeviceLocation, StoredMessage
-from im.backends.rate_limiter import Hit, RateLimiter, Rule
+from im.backends.rate_limit import Hit, RateLimiter, Rule
+from im.backends.routing import DeliverySink
 from im.core.accounts import AccountService
 from im.core.chat import ChatService, SendCallback, SendRequest
-from im.core.ids import direct_conv
-from im.core.messages import EncodedCache
+from im.model.chat import StoredMessage
+from im.model.cluster import DeviceLocation
+from im.model.errors import ErrorCode, ImError
+from im.model.ids import direct_conv
 from im.protocol import commands as cmd
 from im.protocol.codec import Encoding
-from im.protocol.errors import ErrorCode, ImError
 from im.protocol.frames import Receipt, TypingEvent
+from im.protocol.messages import EncodedCache
 from im.protocol.session import Limits, ServerSession, State
 from im.throttled_log import ThrottledLog
 

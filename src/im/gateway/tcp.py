@@ -18,8 +18,8 @@ import asyncio
 import socket
 
 from im.gateway.hub import Connection, Hub
+from im.model.errors import ErrorCode
 from im.net import Admission, Listener, Ticket, Verdict, bind
-from im.protocol.errors import ErrorCode
 
 JSON_KIND = 0x01
 MSGPACK_KIND = 0x02

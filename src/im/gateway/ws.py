@@ -32,8 +32,8 @@ from im.gateway.websocket import (
     WsSettings,
     encode_frames,
 )
+from im.model.errors import ErrorCode
 from im.net import Admission, Listener, Ticket, Verdict, bind, refusal_503
-from im.protocol.errors import ErrorCode
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from im.protocol.errors import ErrorCode, ImError
+from im.model.errors import ErrorCode, ImError
 from im.protocol.frames import CLIENT_FRAME_TAGS, NUL_REFUSED, ClientFrame, ServerFrame
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-from im.protocol.errors import ErrorCode
+from im.model.errors import ErrorCode
 
 
 class Authenticate(msgspec.Struct, frozen=True):

@@ -18,8 +18,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-#: Largest uid, gid, seq or cursor: SQLite INTEGER and PostgreSQL bigint are signed 64-bit.
-MAX_ID = 2**63 - 1
+from im.model.ids import MAX_ID
+
 #: Longest conversation id accepted (a valid one is at most 41 characters: ``d:`` + two 19-digit uids).
 MAX_CONV_LENGTH = 64
 #: Most conversations one ``auth`` may name in ``cursors`` (fixed; the others resume from stored cursors).

@@ -25,25 +25,12 @@ from enum import Enum
 
 import msgspec
 
-from im.backends.base import StoredMessage, SyncPoint
-from im.core.messages import EncodedCache, ack_frame
+from im.model.chat import StoredMessage, SyncPoint
+from im.model.errors import ErrorCode, ImError
 from im.protocol import commands as cmd
 from im.protocol.codec import Encoding, decode_client, encode
-from im.protocol.errors import ErrorCode, ImError
-from im.protocol.frames import (
-    Auth,
-    AuthOk,
-    Bye,
-    ClientFrame,
-    Error,
-    Ping,
-    Pong,
-    Read,
-    Recv,
-    Send,
-    Synced,
-    Typing,
-)
+from im.protocol.frames import Auth, AuthOk, Bye, ClientFrame, Error, Ping, Pong, Read, Recv, Send, Synced, Typing
+from im.protocol.messages import EncodedCache, ack_frame
 
 
 class State(Enum):

@@ -18,13 +18,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from im.backends.base import DeliverySink, DeviceLocation, StoredMessage
-from im.backends.memory import MemoryPresence
-from im.backends.sqlite_accounts import SqliteAccountStore
-from im.backends.sqlite_chat import SqliteChatStore
-from im.backends.sqlite_db import SqliteDatabase
+from im.backends.accounts.sqlite import SqliteAccountStore
+from im.backends.chat.sqlite import SqliteChatStore
+from im.backends.presence.memory import MemoryPresence
+from im.backends.routing import DeliverySink
+from im.backends.sql.sqlite_db import SqliteDatabase
 from im.core.chat import ChatService, SendCallback, SendRequest
-from im.protocol.errors import ImError
+from im.model.chat import StoredMessage
+from im.model.cluster import DeviceLocation
+from im.model.errors import ImError
 from im.transfer.client import TransferLink
 from im.transfer.server import GrpcRouter, TransferServicer, serve_transfer
 

@@ -18,10 +18,11 @@ from typing import Any
 
 import grpc
 
-from im.backends.base import DeliverySink, StoredMessage
+from im.backends.routing import DeliverySink
 from im.core.chat import SendCallback, SendRequest
+from im.model.chat import StoredMessage
+from im.model.errors import ErrorCode, ImError
 from im.protocol.codec import Encoding, decode_server
-from im.protocol.errors import ErrorCode, ImError
 from im.transfer.gen import transfer_pb2 as pb
 from im.transfer.wire import (
     CHANNEL_OPTIONS,

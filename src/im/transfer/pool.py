@@ -20,11 +20,14 @@ import logging
 import zlib
 from collections.abc import Callable, Sequence
 
-from im.backends.base import DeliverySink, Registry, ServiceInstance, StoredMessage
-from im.backends.memory import MemoryRouter
+from im.backends.registry import Registry
+from im.backends.routing import DeliverySink
+from im.backends.routing.memory import MemoryRouter
 from im.core.chat import SendCallback, SendRequest
-from im.core.ids import direct_conv
-from im.protocol.errors import ErrorCode, ImError
+from im.model.chat import StoredMessage
+from im.model.cluster import ServiceInstance
+from im.model.errors import ErrorCode, ImError
+from im.model.ids import direct_conv
 from im.transfer.client import TransferLink
 from im.transfer.server import encode_event
 

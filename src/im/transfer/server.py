@@ -21,10 +21,11 @@ from typing import Any, Protocol
 
 import grpc
 
-from im.backends.base import DeliverySink, Router, StoredMessage
+from im.backends.routing import DeliverySink, Router
 from im.core.chat import SendCallback, SendRequest
+from im.model.chat import StoredMessage
+from im.model.errors import ImError
 from im.protocol.codec import Encoding, decode_server, encode
-from im.protocol.errors import ImError
 from im.transfer.gen import transfer_pb2 as pb
 from im.transfer.wire import CHANNEL_OPTIONS, SERVICE_NAME, message_from_pb, message_to_pb, send_from_pb
 

@@ -5,9 +5,9 @@ No I/O here: the server and the client both build their frames with these.
 
 from __future__ import annotations
 
-from im.backends.base import StoredMessage
 from im.core.chat import SendRequest
-from im.protocol.errors import ErrorCode, ImError
+from im.model.chat import StoredMessage
+from im.model.errors import ErrorCode, ImError
 from im.transfer.gen import transfer_pb2 as pb
 
 #: The one RPC, as grpc names it (``/<package>.<service>/<method>``).

@@ -40,7 +40,8 @@ from typing import Any
 import aetcd
 import msgspec
 
-from im.backends.base import Registry, ServiceInstance
+from im.backends.registry import Registry
+from im.model.cluster import ServiceInstance
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from im.backends.base import User
+from im.model.accounts import User
 
 USER_COLUMNS = "uid, username, display_name, created_at"
 

@@ -10,19 +10,19 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from im.backends.base import (
-    ChatStore,
+from im.backends.chat import ChatStore
+from im.backends.sql.shared_db import OnSharedDatabase
+from im.backends.sql.sqlite_db import SqliteDatabase
+from im.model.chat import (
     CommitBatch,
     ConversationState,
     ConversationSummary,
     Group,
     OutboxEvent,
-    SeqConflict,
     StoredMessage,
     SyncPoint,
 )
-from im.backends.shared_db import OnSharedDatabase
-from im.backends.sqlite_db import SqliteDatabase
+from im.model.errors import SeqConflict
 
 _MSG_COLUMNS = "conv, seq, mid, sender, device, cmid, ts, type, body"
 _CHUNK = 500  # bound on host parameters per statement

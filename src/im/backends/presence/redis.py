@@ -17,7 +17,7 @@ or ``SCRIPT FLUSH``-ed server never answers ``NOSCRIPT``.
 Losing Redis: nothing here is durable, and nothing needs to be. Every gateway re-announces all of its
 sessions every ``max(1 s, ttl/3)`` (``Hub._tick``), so after a Redis restart or a flush of these keys,
 lookups are complete again within that period once Redis answers. Until then ``locate`` misses users,
-which the :class:`~im.backends.base.Presence` contract allows: delivery relies on the log and cursors.
+which the :class:`~im.backends.presence.Presence` contract allows: delivery relies on the log and cursors.
 
 Limits: a script names many users' keys, so this needs one Redis (or a primary with replicas), not Redis
 Cluster. A node name must not contain ``|`` (a device name may).
@@ -30,7 +30,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from im.backends.base import DeviceLocation, Presence
+from im.backends.presence import Presence
+from im.model.cluster import DeviceLocation
 
 # KEYS: one per user. ARGV: ttl_ms, then per key: n, member_1 .. member_n.
 # Prunes expired members, adds or refreshes the given ones, and lets the key live as long as its

@@ -9,7 +9,7 @@ from collections import OrderedDict
 
 import msgspec
 
-from im.backends.base import StoredMessage
+from im.model.chat import StoredMessage
 from im.protocol.codec import Encoding, encode
 from im.protocol.frames import Ack, Msg
 

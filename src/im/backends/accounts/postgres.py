@@ -11,10 +11,12 @@ from typing import Any
 
 import asyncpg
 
-from im.backends.base import AccountStore, AuthSession, Conflict, Privacy, User
-from im.backends.postgres_db import PostgresDatabase, rowcount
-from im.backends.shared_db import OnSharedDatabase
-from im.backends.sqlrows import USER_COLUMNS, like_prefix, user_from_row
+from im.backends.accounts import AccountStore
+from im.backends.sql.postgres_db import PostgresDatabase, rowcount
+from im.backends.sql.rows import USER_COLUMNS, like_prefix, user_from_row
+from im.backends.sql.shared_db import OnSharedDatabase
+from im.model.accounts import AuthSession, Privacy, User
+from im.model.errors import Conflict
 
 
 class PostgresAccountStore(OnSharedDatabase[PostgresDatabase], AccountStore):

@@ -29,20 +29,20 @@ from typing import Any
 
 import asyncpg
 
-from im.backends.base import (
-    ChatStore,
+from im.backends.chat import ChatStore
+from im.backends.sql.postgres_db import PostgresDatabase, rowcount
+from im.backends.sql.shared_db import OnSharedDatabase
+from im.model.chat import (
     CommitBatch,
     ConversationState,
     ConversationSummary,
     Group,
     MemberChange,
     OutboxEvent,
-    SeqConflict,
     StoredMessage,
     SyncPoint,
 )
-from im.backends.postgres_db import PostgresDatabase, rowcount
-from im.backends.shared_db import OnSharedDatabase
+from im.model.errors import SeqConflict
 
 _MSG_FIELDS = ["conv", "seq", "mid", "sender", "device", "cmid", "ts", "type", "body"]
 _MSG_COLUMNS = ", ".join(_MSG_FIELDS)

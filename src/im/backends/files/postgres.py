@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from im.backends.postgres_db import PostgresDatabase
-from im.backends.shared_db import OnSharedDatabase
-from im.files.store import FileMeta, FileStore
+from im.backends.files import FileStore
+from im.backends.sql.postgres_db import PostgresDatabase
+from im.backends.sql.shared_db import OnSharedDatabase
+from im.model.files import FileMeta
 
 _META = "file_id, sha256, size, content_type, width, height, created_at"
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from im.backends.shared_db import OnSharedDatabase
-from im.backends.sqlite_db import SqliteDatabase
-from im.files.store import FileMeta, FileStore
+from im.backends.files import FileStore
+from im.backends.sql.shared_db import OnSharedDatabase
+from im.backends.sql.sqlite_db import SqliteDatabase
+from im.model.files import FileMeta
 
 _META = "file_id, sha256, size, content_type, width, height, created_at"
 

@@ -1,4 +1,4 @@
-"""Rate limits shared by every process of a deployment: the interface and its in-process implementation.
+"""Rate limits shared by every process of a deployment: the interface, and the fail-open policy.
 
 A :class:`Rule` allows ``limit`` units per ``period`` seconds with bursts of up to ``limit``: the generic
 cell rate algorithm (GCRA, the token bucket written as one timestamp per key). Per key the limiter keeps
@@ -8,9 +8,8 @@ nothing and says how long until the same hit would be allowed.
 
 :class:`RateLimiter` is batched: one :meth:`~RateLimiter.check` decides many hits (one per send, receipt,
 login attempt ...), so the gateway pays one call (one Redis round trip) per event-loop turn, never one per
-message. ``MemoryRateLimiter`` serves ``im serve``; ``im.backends.redis_rate_limiter.RedisRateLimiter``
-serves processes that share one budget per user (``presence.kind=redis``, distributed mode).
-"""
+message. ``memory.MemoryRateLimiter`` serves ``im serve``; ``im.backends.rate_limit.redis.RedisRateLimiter``
+serves processes that share one budget per user (``presence.kind=redis``, distributed mode)."""
 
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ import abc
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -81,44 +80,6 @@ class RateLimiter(abc.ABC):
         one cannot (a caller then batches and awaits :meth:`check`). Same guarantees as :meth:`check`.
         The gateway decides each send inline when it can, instead of deferring it to a batch."""
         return None
-
-
-class MemoryRateLimiter(RateLimiter):
-    """:class:`RateLimiter` in this process (``im serve``). ``clock`` is monotonic seconds. Past
-    ``max_keys`` keys, a sweep drops those whose budget is full again (they hold no information); the next
-    sweep waits until the live keys have doubled, so sweeping stays amortized O(1) per hit."""
-
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000) -> None:
-        self._clock = clock
-        self._tat: dict[tuple[str, str], float] = {}
-        self._max_keys = max_keys
-        self._sweep_at = max_keys
-
-    async def check(self, hits: Sequence[Hit]) -> list[float]:
-        return self.check_now(hits)
-
-    def check_now(self, hits: Sequence[Hit]) -> list[float]:
-        now = self._clock()
-        tats = self._tat
-        get = tats.get
-        out: list[float] = []
-        append = out.append
-        for rule, key, cost in hits:  # the gateway's hot path: kept to a few lookups per hit
-            k = (rule.name, key)
-            tat = get(k, now)
-            if tat < now:
-                tat = now
-            new_tat = tat + cost * rule.interval
-            over = new_tat - now - rule.period
-            if over <= 1e-9:  # float rounding: a burst of exactly `limit` passes
-                tats[k] = new_tat
-                append(0.0)
-            else:
-                append(rule.period if cost > rule.limit else over)
-        if len(tats) > self._sweep_at:
-            self._tat = {k: t for k, t in tats.items() if t > now}
-            self._sweep_at = max(self._max_keys, 2 * len(self._tat))
-        return out
 
 
 class FailOpen(RateLimiter):

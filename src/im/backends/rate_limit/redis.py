@@ -1,5 +1,5 @@
 """Rate limits in Redis: one budget per key for every process of a cluster (GCRA, see
-:mod:`im.backends.rate_limiter`).
+:mod:`im.backends.rate_limit`).
 
 Data model: one string per (rule, key), ``<prefix>rl:<rule>:<key>``, holding the key's theoretical arrival
 time in microseconds of the **Redis server's clock** (``TIME`` inside the script, so processes with skewed
@@ -21,7 +21,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from im.backends.rate_limiter import Hit, RateLimiter
+from im.backends.rate_limit import Hit, RateLimiter
 
 # KEYS: the distinct (rule, key) keys. ARGV: per hit, 4 numbers: index into KEYS, interval (us per unit),
 # period (us, the burst tolerance), cost. Returns per hit 0 (allowed) or the microseconds to wait.
@@ -62,7 +62,7 @@ class RedisRateLimiter(RateLimiter):
     """:class:`RateLimiter` on one Redis, shared by every process that uses the same ``prefix``.
 
     Pass ``client`` to share a connection pool (it is then the caller's to close). ``timeout`` bounds
-    connecting and each reply, so a hung Redis raises (see :class:`~im.backends.rate_limiter.FailOpen`).
+    connecting and each reply, so a hung Redis raises (see :class:`~im.backends.rate_limit.FailOpen`).
     """
 
     def __init__(

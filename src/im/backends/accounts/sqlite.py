@@ -10,10 +10,12 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from im.backends.base import AccountStore, AuthSession, Conflict, Privacy, User
-from im.backends.shared_db import OnSharedDatabase
-from im.backends.sqlite_db import SqliteDatabase
-from im.backends.sqlrows import USER_COLUMNS, like_prefix, user_from_row
+from im.backends.accounts import AccountStore
+from im.backends.sql.rows import USER_COLUMNS, like_prefix, user_from_row
+from im.backends.sql.shared_db import OnSharedDatabase
+from im.backends.sql.sqlite_db import SqliteDatabase
+from im.model.accounts import AuthSession, Privacy, User
+from im.model.errors import Conflict
 
 
 class SqliteAccountStore(OnSharedDatabase[SqliteDatabase], AccountStore):

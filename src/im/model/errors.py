@@ -1,7 +1,8 @@
-"""Error codes of the chat protocol and the HTTP API (docs/protocol.md, "Errors").
+"""The error vocabulary: protocol/HTTP error codes with :class:`ImError`, and the two store
+conflicts the core handles.
 
-One vocabulary for both: an ``error`` frame and an HTTP error body both carry ``{code, message}``.
-"""
+One vocabulary for the chat protocol and the HTTP API (docs/protocol.md, "Errors"): an ``error`` frame
+and an HTTP error body both carry ``{code, message}``."""
 
 from __future__ import annotations
 
@@ -45,3 +46,11 @@ class ImError(Exception):
         self.message = message
         self.ref = ref  # the cmid of the refused send, when the refusal is about one
         self.retry_after = retry_after  # seconds until a retry can succeed, when the refusal knows
+
+
+class SeqConflict(Exception):
+    """Another writer got there first (head moved, seq taken or cmid used): reload and retry."""
+
+
+class Conflict(Exception):
+    """A unique value (user name, ...) is taken."""

@@ -1,0 +1,129 @@
+"""The chat store: conversation logs, groups and members, cursors and read marks, the outbox."""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+
+from im.model.chat import (
+    CommitBatch,
+    ConversationState,
+    ConversationSummary,
+    Group,
+    OutboxEvent,
+    StoredMessage,
+    SyncPoint,
+)
+
+
+class ChatStore(abc.ABC):
+    """Durable conversation logs, membership and cursors.
+
+    Guarantees: :meth:`commit` is atomic and durable when it returns (all of a batch or none of it);
+    (conv, seq) and (sender, device, cmid) are unique; a batch whose heads moved is refused whole. Reads
+    see every committed batch.
+    """
+
+    async def start(self) -> None:  # noqa: B027 - optional lifecycle hook
+        """Open connections, run migrations."""
+
+    async def close(self) -> None:  # noqa: B027
+        """Release resources; pending commits have finished."""
+
+    @abc.abstractmethod
+    async def load_conversations(self, convs: Sequence[str]) -> dict[str, ConversationState]:
+        """The state of each existing conversation among ``convs`` (absent ones are left out)."""
+
+    @abc.abstractmethod
+    async def find_sent(self, keys: Sequence[tuple[int, str, str]]) -> dict[tuple[int, str, str], StoredMessage]:
+        """Messages already stored under (sender, device, cmid), for idempotent retries."""
+
+    @abc.abstractmethod
+    async def commit(self, batch: CommitBatch) -> None:
+        """Write the batch atomically and durably, or raise :class:`SeqConflict` and write nothing."""
+
+    @abc.abstractmethod
+    async def create_group(self, group: Group, first: StoredMessage, members: dict[int, str]) -> int:
+        """Create a group, its conversation ``g:<gid>`` with ``first`` as seq 1, and its members.
+
+        Returns the new gid (``group.gid`` and ``first.conv`` are ignored; the store assigns them).
+        """
+
+    @abc.abstractmethod
+    async def get_group(self, gid: int) -> Group | None: ...
+
+    @abc.abstractmethod
+    async def read_range(
+        self, conv: str, after: int, before: int | None, limit: int, newest_first: bool = False
+    ) -> list[StoredMessage]:
+        """Messages with after < seq < before (before None: no upper bound), ``limit`` at most.
+
+        Oldest first, or newest first when ``newest_first`` (for paging back through history).
+        """
+
+    @abc.abstractmethod
+    async def sync_points(self, uid: int, device: str) -> list[SyncPoint]:
+        """For every conversation ``uid`` is a member of: head and this device's stored cursor
+        (or the point the user joined, when the device has none)."""
+
+    @abc.abstractmethod
+    async def start_cursor(self, uid: int, device: str, conv: str) -> int:
+        """Where ``device`` resumes in ``conv``: the larger of its stored cursor and the user's join point."""
+
+    @abc.abstractmethod
+    async def save_cursors(self, cursors: Iterable[tuple[int, str, str, int]]) -> None:
+        """Store (uid, device, conv, seq) delivery cursors; a cursor never moves back."""
+
+    @abc.abstractmethod
+    async def save_read_marks(self, marks: Iterable[tuple[int, str, int]]) -> None:
+        """Store (uid, conv, seq) read marks; a mark never moves back."""
+
+    @abc.abstractmethod
+    async def read_marks(self, conv: str) -> dict[int, int]:
+        """uid -> read seq for every member of ``conv``."""
+
+    @abc.abstractmethod
+    async def delivered_marks(self, conv: str) -> dict[int, int]:
+        """uid -> the highest delivery cursor any of the user's devices saved in ``conv`` (0 when none),
+        for every member of ``conv``."""
+
+    @abc.abstractmethod
+    async def list_conversations(self, uid: int) -> list[ConversationSummary]:
+        """The user's conversations, most recently active first."""
+
+    # The transactional outbox (a store built with ``outbox=True``): :meth:`commit` writes one row per
+    # committed message in the same transaction as the message, so an event exists if and only if its
+    # message was committed. A relay drains it: fetch, publish, then delete what was published.
+
+    @abc.abstractmethod
+    async def devices(self, uid: int) -> list[tuple[str, int]]:
+        """(name, last activity) of each device of the user that ever saved a delivery cursor, by name;
+        the activity is when it last saved one (seconds since the epoch, the store's clock; 0 before this
+        was kept)."""
+
+    @abc.abstractmethod
+    async def wrote_in(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
+        """Those (sender, conv) pairs where ``sender`` has at least one message in ``conv`` (the
+        presence rule: a direct partner sees you once you wrote). Committed messages only; once true,
+        true for ever (messages are never deleted)."""
+
+    @abc.abstractmethod
+    async def outbox_fetch(self, limit: int) -> list[OutboxEvent]:
+        """Up to ``limit`` outbox rows, oldest (smallest id) first.
+
+        Guarantees: ids increase with commit order within a conversation (commits of one conversation
+        are serialised), so per conversation the rows come in seq order; a row stays until
+        :meth:`outbox_delete` removes it, so a relay that crashes before deleting fetches it again
+        (at least once). Empty when the store was built without the outbox."""
+
+    @abc.abstractmethod
+    async def outbox_delete(self, ids: Sequence[int]) -> None:
+        """Remove the given outbox rows (ids already gone are ignored); durable when it returns."""
+
+    def outbox_exclusive(self) -> AbstractAsyncContextManager[None]:
+        """Entered by a relay before it drains the outbox; held by one holder at a time across every
+        process sharing the store, so two relays never interleave (which would break per-conversation
+        order). Waits while another holder has it. The default suits stores one process owns."""
+        return contextlib.nullcontext()

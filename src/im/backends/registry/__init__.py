@@ -1,0 +1,32 @@
+"""The service registry: live gateway, transfer and API instances.
+
+Implementations: :mod:`.memory` (one process), :mod:`.etcd` (leases, watched views)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+
+from im.model.cluster import ServiceInstance
+
+
+class Registry(abc.ABC):
+    """Live service instances. Guarantee: an instance is listed only while its registration is alive
+    (kept alive by its owner; gone after a clean stop at once, after a crash within its TTL)."""
+
+    @abc.abstractmethod
+    async def register(self, instance: ServiceInstance, ttl: float) -> None: ...
+
+    @abc.abstractmethod
+    async def update_load(self, node: str, load: int) -> None:
+        """Publish the node's load; also renews its registration (a keepalive)."""
+
+    @abc.abstractmethod
+    async def deregister(self, node: str) -> None: ...
+
+    @abc.abstractmethod
+    async def instances(self, role: str) -> list[ServiceInstance]: ...
+
+    @abc.abstractmethod
+    def watch(self, role: str, callback: Callable[[list[ServiceInstance]], None]) -> Callable[[], None]:
+        """Call ``callback`` with the full live list now and on every change; returns an unsubscribe."""

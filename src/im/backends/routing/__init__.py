@@ -1,0 +1,45 @@
+"""Routing committed messages to the gateway nodes that hold their recipients.
+
+Implementations: :mod:`.memory` (one process); the gRPC-linked routers of :mod:`im.transfer`
+(``GrpcRouter`` on a transfer node, ``LinkRouter`` on a gateway)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Sequence
+
+from im.model.chat import StoredMessage
+
+
+class DeliverySink(abc.ABC):
+    """What a gateway node exposes to the router: messages and events for its local sessions."""
+
+    @abc.abstractmethod
+    def deliver(self, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
+        """``messages[i]`` goes to every local device of the users ``recipients[i]``."""
+
+    @abc.abstractmethod
+    def deliver_event(self, frame: object, uids: Iterable[int], skip: tuple[int, str] | None) -> None:
+        """An ephemeral frame (typing, receipt) to the users' local devices, except ``skip`` (uid, device)."""
+
+
+class Router(abc.ABC):
+    """Carries committed messages to the gateway nodes that hold recipients.
+
+    Guarantee: per (sending core, gateway node), batches arrive in the order published; at most once
+    (a lost batch is recovered by the recipient session from the log, never by the router)."""
+
+    @abc.abstractmethod
+    def attach(self, node: str, sink: DeliverySink) -> None:
+        """Register a local gateway node."""
+
+    @abc.abstractmethod
+    def detach(self, node: str) -> None: ...
+
+    @abc.abstractmethod
+    def publish(self, node: str, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
+        """Send one batch to ``node``; never blocks, never raises for an unreachable node."""
+
+    @abc.abstractmethod
+    def publish_event(self, node: str, frame: object, uids: Sequence[int], skip: tuple[int, str] | None) -> None:
+        """Send an ephemeral event to ``node``."""

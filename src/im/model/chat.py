@@ -1,0 +1,101 @@
+"""Conversations and their logs: what the core reasons about and the stores keep."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgspec
+
+
+class StoredMessage(msgspec.Struct, gc=False):
+    """One entry of a conversation's log. ``body`` is the message body as JSON text."""
+
+    conv: str
+    seq: int
+    mid: int
+    sender: int
+    device: str
+    cmid: str
+    ts: int  # milliseconds since the Unix epoch
+    type: str
+    body: bytes
+
+
+@dataclass(slots=True)
+class ConversationState:
+    """What the core needs to accept a send: the log head and who may write."""
+
+    conv: str
+    kind: str  # "direct" | "group"
+    last_seq: int
+    members: dict[int, str]  # uid -> role ("owner" | "admin" | "member")
+
+
+@dataclass(frozen=True, slots=True)
+class MemberChange:
+    """Add (role set) or remove (role None) a member; ``joined_seq`` is the log head before they joined."""
+
+    conv: str
+    uid: int
+    role: str | None
+    joined_seq: int = 0
+
+
+@dataclass(slots=True)
+class CommitBatch:
+    """Everything one group commit writes, atomically.
+
+    ``heads`` maps conv -> (expected last_seq before, new last_seq, ts of the newest message); a store
+    must refuse the whole batch with :class:`SeqConflict` when any expected head does not match, when a
+    (conv, seq) exists already, or when a (sender, device, cmid) exists already.
+    """
+
+    messages: list[StoredMessage] = field(default_factory=list)
+    heads: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    new_conversations: list[ConversationState] = field(default_factory=list)
+    member_changes: list[MemberChange] = field(default_factory=list)
+    read_marks: list[tuple[int, str, int]] = field(default_factory=list)  # (uid, conv, seq)
+    file_refs: list[tuple[str, str]] = field(default_factory=list)  # (file_id, conv): grants members read
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """One committed message waiting in the transactional outbox to be published (no body: the event
+    says that something arrived, the log has the content). ``created_at`` is the message ts (ms)."""
+
+    id: int
+    conv: str
+    seq: int
+    mid: int
+    sender: int
+    type: str
+    created_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class SyncPoint:
+    """Per conversation of a user: the log head and where this device resumes when it says nothing."""
+
+    conv: str
+    last_seq: int
+    cursor: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationSummary:
+    conv: str
+    kind: str
+    title: str
+    last_seq: int
+    read_seq: int
+    unread: int
+    last_message: StoredMessage | None
+    peer: int | None  # the other user of a direct conversation
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    gid: int
+    name: str
+    owner: int
+    created_at: int
