@@ -1,8 +1,8 @@
 """Group-commit throughput of the ChatStores: batches of ``--batch`` messages spread over ``--convs``
 conversations (one head each), committed one after another, on SQLite and on PostgreSQL.
 
-    python benchmarks/store_commit.py --batch 500 --batches 40 --convs 50
-    IM_TEST_POSTGRES_DSN=postgresql://... python benchmarks/store_commit.py --engines postgres
+    uv run python benchmarks/store_commit.py --batch 500 --batches 40 --convs 50
+    IM_TEST_POSTGRES_DSN=postgresql://... uv run python benchmarks/store_commit.py --engines postgres
 
 PostgreSQL runs in a fresh schema dropped at the end; SQLite in a temporary file.
 """
@@ -13,7 +13,6 @@ import argparse
 import os
 import secrets
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +20,6 @@ from pathlib import Path
 import asyncpg
 import uvloop
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from im.backends.chat import ChatStore
 from im.backends.chat.postgres import PostgresChatStore
 from im.backends.chat.sqlite import SqliteChatStore

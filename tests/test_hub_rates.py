@@ -109,10 +109,14 @@ async def test_leased_sends_never_exceed_the_users_budget(tmp_path: Path) -> Non
                 frames = [json.dumps({"t": "send", "cmid": f"d{n}-{i}", "to": bob.uid, "body": i}) for i in range(600)]
                 await asyncio.gather(*(dev.ws.send(f) for f in frames))
             for dev in devices:
-                await eventually(
-                    lambda dev=dev: len(dev.acks) + len(dev.errors) == 600,  # type: ignore[misc]
-                    lambda dev=dev: f"{len(dev.acks)} acks, {len(dev.errors)} errors",
-                )
+
+                def all_answered(dev: ChatClient = dev) -> bool:
+                    return len(dev.acks) + len(dev.errors) == 600
+
+                def answers(dev: ChatClient = dev) -> str:
+                    return f"{len(dev.acks)} acks, {len(dev.errors)} errors"
+
+                await eventually(all_answered, answers)
             acked = sum(len(dev.acks) for dev in devices)
             assert 2048 - 4 * 8 <= acked <= 2048 + 1, acked  # (+1: a unit that came back meanwhile)
             errors = [e for dev in devices for e in dev.errors]

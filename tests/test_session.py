@@ -262,7 +262,7 @@ def test_send_failed_is_an_error_with_ref() -> None:
 
 def test_invalid_sends_are_refused_with_ref() -> None:
     s, _ = caught_up(0)
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"t": "send", "cmid": "x1", "conv": CONV, "to": 3, "body": 1}, "invalid"),
         ({"t": "send", "cmid": "x2", "body": 1}, "invalid"),
         ({"t": "send", "cmid": "x3", "conv": CONV, "body": 1, "type": "system"}, "invalid"),
@@ -407,7 +407,7 @@ def test_send_before_auth_is_unauthenticated() -> None:
             "retry_after": None,
         }
     ]
-    others = [
+    others: list[dict[str, Any]] = [
         {"t": "recv", "conv": CONV, "seq": 1},
         {"t": "read", "conv": CONV, "seq": 1},
         {"t": "typing", "conv": CONV},

@@ -14,8 +14,10 @@ import pytest
 from im.client import (
     Ack,
     ApiClient,
+    Bye,
     Client,
     ClientClosed,
+    ClientEvent,
     Disconnected,
     Encoding,
     Gateway,
@@ -140,9 +142,12 @@ async def test_cursor_file_lets_a_new_instance_resume_without_redelivery(
     cursor_file = tmp_path / "bob.json"
     alice, _ = await make_client("alice")
     got_first = asyncio.Event()
-    bob1, _ = await make_client(
-        "bob", device="desk", cursor_file=cursor_file, on_event=lambda e: type(e) is Message and got_first.set()
-    )
+
+    def on_event(e: ClientEvent) -> None:
+        if type(e) is Message:
+            got_first.set()
+
+    bob1, _ = await make_client("bob", device="desk", cursor_file=cursor_file, on_event=on_event)
     conv = (await alice.send(0, to=bob1.uid)).conv
     await asyncio.wait_for(got_first.wait(), 10)
     await bob1.close()  # it took message 1 (on_event)
@@ -280,7 +285,7 @@ async def test_a_replaced_device_stops_instead_of_fighting(make_client: ClientFa
     second, _ = await make_client("alice", device="tablet")
     assert f is not None
     await f.wait(lambda: any(type(e) is Disconnected and not e.reconnect for e in f.events))
-    assert [e.code for e in f.events if type(e).__name__ == "Bye"] == ["replaced"]
+    assert [e.code for e in f.events if type(e) is Bye] == ["replaced"]
     with pytest.raises(ClientClosed):
         await first.send("x", to=1)
     await second.wait_connected(5)

@@ -9,7 +9,7 @@ import httpx
 from im.cluster import LocalCluster
 from tests.cluster.conftest import client_on
 from tests.support.checker import History
-from tests.support.client import register
+from tests.support.client import ChatClient, register
 
 
 async def test_ws_on_one_gateway_tcp_on_the_other(cluster: LocalCluster, history: History) -> None:
@@ -45,7 +45,11 @@ async def test_group_spanning_both_gateways(cluster: LocalCluster, history: Hist
         assert await clients[i % 4].send(f"g{i}", conv=conv) is not None
     for n, c in enumerate(clients):
         # each device sees seqs 1..13 once: others' messages as msg frames, its own as acks
-        await c.wait_for(lambda c=c: c.cursors.get(conv) == 13)
+
+        def has_thirteen(c: ChatClient = c) -> bool:
+            return c.cursors.get(conv) == 13
+
+        await c.wait_for(has_thirteen)
         bodies = [m["body"] for m in c.messages if m["conv"] == conv and m["type"] == "text"]
         assert bodies == [f"g{i}" for i in range(12) if i % 4 != n]
     # A member added through the API (committed by the API process, routed through a transfer node)
@@ -57,12 +61,20 @@ async def test_group_spanning_both_gateways(cluster: LocalCluster, history: Hist
         )
         assert r.status_code in (200, 204), r.text
     for c in clients:
-        await c.wait_for(lambda c=c: any(m["type"] == "system" and m["seq"] == 14 for m in c.messages))
+
+        def has_system_14(c: ChatClient = c) -> bool:
+            return any(m["type"] == "system" and m["seq"] == 14 for m in c.messages)
+
+        await c.wait_for(has_system_14)
     newcomer = client_on(history, cluster, "gw-2", late, "d")
     assert (await newcomer.connect())["t"] == "auth_ok"
     assert await newcomer.send("hello all", conv=conv) is not None
     for c in clients:
-        await c.wait_for(lambda c=c: any(m.get("body") == "hello all" for m in c.messages))
+
+        def has_hello(c: ChatClient = c) -> bool:
+            return any(m.get("body") == "hello all" for m in c.messages)
+
+        await c.wait_for(has_hello)
 
 
 async def test_typing_and_logout_reach_the_other_gateway(cluster: LocalCluster, history: History) -> None:

@@ -328,7 +328,11 @@ async def test_registry_recovers_after_etcd_restart(cluster: LocalCluster, histo
     await b.wait_for(lambda: len(bodies_from(b, conv, alice.uid)) == 7)
     await p.wait_for(lambda: bodies_from(p, conv_p, alice.uid) == [f"via tr-3 {i}" for i in range(3)])
     for client in (a, a2):
-        await client.wait_for(lambda c=client: len(bodies_from(c, conv_p, partner.uid)) == 3)  # type: ignore[misc]
+
+        def has_three(c: ChatClient = client) -> bool:
+            return len(bodies_from(c, conv_p, partner.uid)) == 3
+
+        await client.wait_for(has_three)
     await eventually(lambda: picks_both(cluster, alice.auth), timeout=15, what="the API handing out both")
 
     # 2. A gateway that stops leaves the registry: the API stops handing it out.

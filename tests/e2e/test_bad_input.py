@@ -253,10 +253,14 @@ async def test_messagepack_binary_frames(server: ServerProcess, history: History
 
     # Bob answers; Alice gets it in MessagePack, with the body as a value (not JSON text)
     assert await b.send({"text": "json side"}, to=alice.uid) is not None
-    msg = msgspec.msgpack.decode(await r.recv_raw())
+    raw = await r.recv_raw()
+    assert isinstance(raw, bytes)
+    msg = msgspec.msgpack.decode(raw)
     assert (msg["t"], msg["seq"], msg["body"], msg["from"]) == ("msg", 2, {"text": "json side"}, bob.uid)
     await r.send(pack({"t": "ping", "id": 5}))
-    assert msgspec.msgpack.decode(await r.recv_raw()) == {"t": "pong", "id": 5}
+    raw = await r.recv_raw()
+    assert isinstance(raw, bytes)
+    assert msgspec.msgpack.decode(raw) == {"t": "pong", "id": 5}
     await r.close()
 
 

@@ -18,7 +18,7 @@ async def create_group(api: str, owner: Account, members: list[Account], name: s
             f"{api}/groups", json={"name": name, "members": [m.uid for m in members]}, headers=owner.auth
         )
     assert r.status_code == 201, r.text
-    group = r.json()
+    group: dict[str, Any] = r.json()
     assert group["conv"] == f"g:{group['gid']}"
     return group
 
@@ -61,7 +61,11 @@ async def test_fifty_members_see_the_same_order(server: ServerProcess, history: 
     conv = group["conv"]
     # Every connected member learns of the new group live, starting at its first message.
     for c in clients:
-        await c.wait_for(lambda c=c: c.cursors.get(conv, 0) >= 1)
+
+        def has_first(c: ChatClient = c) -> bool:
+            return c.cursors.get(conv, 0) >= 1
+
+        await c.wait_for(has_first)
         first = next(m for m in c.messages if m["conv"] == conv)
         assert first["seq"] == 1 and first["type"] == "system"
         assert first["body"]["event"] == "group_created"
@@ -77,11 +81,19 @@ async def test_fifty_members_see_the_same_order(server: ServerProcess, history: 
 
     await asyncio.gather(*(burst(c, i) for i, c in enumerate(senders)))
     for c in senders:
-        await c.wait_for(lambda c=c: len(c.acks) == per_sender)
+
+        def all_acked(c: ChatClient = c) -> bool:
+            return len(c.acks) == per_sender
+
+        await c.wait_for(all_acked)
         assert not c.errors, c.errors
     total = 1 + len(senders) * per_sender
     for c in clients:
-        await c.wait_for(lambda c=c: c.cursors.get(conv, 0) >= total)
+
+        def has_all(c: ChatClient = c) -> bool:
+            return c.cursors.get(conv, 0) >= total
+
+        await c.wait_for(has_all)
 
     log = await read_log(server.api, owner, conv)
     assert [e["seq"] for e in log] == list(range(1, total + 1))
@@ -162,7 +174,11 @@ async def test_removed_member_stops_receiving(server: ServerProcess, history: Hi
 
     # Bob gets the system message that removes him, and so do the others
     for c in (o, a, b):
-        await c.wait_for(lambda c=c: c.cursors.get(conv, 0) >= 5)
+
+        def has_removal(c: ChatClient = c) -> bool:
+            return c.cursors.get(conv, 0) >= 5
+
+        await c.wait_for(has_removal)
         removal = [e for e in system_events(c, conv) if e["event"] == "member_removed"]
         assert removal == [{"seq": 5, "event": "member_removed", "uid": bob.uid, "by": owner.uid}]
 

@@ -156,7 +156,11 @@ async def test_two_devices_of_one_user(server: ServerProcess, history: History) 
     assert ack2 is not None and ack2["seq"] == 2
 
     for dev in (laptop, b):
-        await dev.wait_for(lambda dev=dev: dev.cursors.get(direct) == 1 and dev.cursors.get(group) == 2)
+
+        def caught_up(dev: ChatClient = dev) -> bool:
+            return dev.cursors.get(direct) == 1 and dev.cursors.get(group) == 2
+
+        await dev.wait_for(caught_up)
         got = next(m for m in dev.messages if m["conv"] == direct)
         expected = (alice.uid, "phone", "p-1", {"text": "from my phone"})
         assert (got["from"], got["dev"], got["cmid"], got["body"]) == expected

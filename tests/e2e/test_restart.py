@@ -111,7 +111,11 @@ async def test_no_acked_message_lost_across_restart(server: ServerProcess, histo
 
     if sig == signal.SIGTERM:
         for c in old:  # told to come back, before the connection went
-            await c.wait_for(lambda c=c: c.closed_reason is not None, timeout=5)
+
+            def told_to_go(c: ChatClient = c) -> bool:
+                return c.closed_reason is not None
+
+            await c.wait_for(told_to_go, timeout=5)
             assert c.closed_reason is not None
             assert (c.closed_reason["code"], c.closed_reason["reconnect"]) == ("shutdown", True)
             assert not [e for e in c.errors if e["code"] not in ("unavailable",)], c.errors
@@ -140,7 +144,11 @@ async def test_no_acked_message_lost_across_restart(server: ServerProcess, histo
     half = PER_CLIENT // 2
     group_total = 1 + len(users) * half
     for n in new:  # every device ends up with the whole group log, with no gap (checker C5)
-        await n.wait_for(lambda n=n: n.cursors.get(group, 0) == group_total, timeout=15)
+
+        def has_whole_log(n: ChatClient = n) -> bool:
+            return n.cursors.get(group, 0) == group_total
+
+        await n.wait_for(has_whole_log, timeout=15)
 
     log = await read_log(server.api, users[0], group)
     assert [e["seq"] for e in log] == list(range(1, group_total + 1))

@@ -110,7 +110,7 @@ client_payloads = st.one_of(
 
 def _text(max_size: int) -> st.SearchStrategy[str]:
     """Text a store keeps: no NUL (frames refuse it in cmid, type and device)."""
-    return st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=max_size)
+    return st.text(alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=max_size)
 
 
 #: Frames inside every documented range (docs/protocol.md section 1): they decode to themselves.

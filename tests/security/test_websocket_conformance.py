@@ -105,7 +105,7 @@ class Raw:
     def read_until_close(self) -> tuple[int, list[tuple[int, bytes]]]:
         """Frames until the close frame; its code and what came before it. The server then ends the TCP
         connection (section 7.1.1)."""
-        before = []
+        before: list[tuple[int, bytes]] = []
         while True:
             op, payload = self.read_frame()
             if op == 0x8:

@@ -103,9 +103,9 @@ class History:
         problems = list(self.problems)
         problems += [f"client reader crashed: {c.reader_error!r}" for c in self.clients if c.reader_error]
         # C2: one seq per (sender device, cmid), as acked
-        for key, seqs in self.ack_seqs.items():
-            if len(seqs) > 1:
-                problems.append(f"C2: {key} acked with seqs {sorted(seqs)}")
+        for key, acked in self.ack_seqs.items():
+            if len(acked) > 1:
+                problems.append(f"C2: {key} acked with seqs {sorted(acked)}")
         convs = sorted({conv for conv, _ in self.seen})
         logs: dict[str, list[dict[str, Any]]] = {}
         for conv in convs:

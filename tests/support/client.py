@@ -115,15 +115,15 @@ class ChatClient:
         self._changed = asyncio.Condition()
         self.synced = False
         self.closed_reason = None
-        local = {"local_addr": (self.source, 0)} if self.source else {}
+        local: dict[str, Any] = {"local_addr": (self.source, 0)} if self.source else {}
         self.ws = await (
             TcpLink.open(self.tcp, self.source) if self.tcp else websockets.connect(self.url, max_size=None, **local)
         )
-        auth = {"t": "auth", "token": token or self.account.access, "device": self.device}
+        auth: dict[str, Any] = {"t": "auth", "token": token or self.account.access, "device": self.device}
         if resume:
             auth["cursors"] = dict(self.cursors)
         await self.ws.send(json.dumps(auth))
-        first = json.loads(await asyncio.wait_for(self.ws.recv(), 10))
+        first: dict[str, Any] = json.loads(await asyncio.wait_for(self.ws.recv(), 10))
         if first["t"] != "auth_ok":
             return first
         if self.history is not None:

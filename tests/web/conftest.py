@@ -21,7 +21,16 @@ from urllib.parse import urlsplit
 
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, BrowserContext, Locator, Page, WebSocket, async_playwright, expect
+from playwright.async_api import (
+    Browser,
+    BrowserContext,
+    Locator,
+    Page,
+    ViewportSize,
+    WebSocket,
+    async_playwright,
+    expect,
+)
 
 from tests.support.client import Account, register
 from tests.support.server import ServerProcess, running_server
@@ -39,8 +48,8 @@ CHROMIUM_ARGS = [
 ]
 REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "correct horse battery"
-DESKTOP = {"width": 1100, "height": 720}
-PHONE = {"width": 390, "height": 780}
+DESKTOP: ViewportSize = {"width": 1100, "height": 720}
+PHONE: ViewportSize = {"width": 390, "height": 780}
 
 # Generous: a loaded 2-core CI machine runs the server, two or three pages and the test at once.
 expect.set_options(timeout=20_000)
@@ -207,7 +216,7 @@ class Web:
     contexts: list[BrowserContext] = field(default_factory=list)
     websockets: list[tuple[Page, WebSocket]] = field(default_factory=list)  # every page's, in opening order
 
-    async def context(self, viewport: dict[str, int] | None = None) -> BrowserContext:
+    async def context(self, viewport: ViewportSize | None = None) -> BrowserContext:
         ctx = await self.browser.new_context(viewport=viewport or DESKTOP, locale="en-GB", timezone_id="UTC")
         self.contexts.append(ctx)
         return ctx
@@ -231,9 +240,7 @@ class Web:
         """The WebSockets ``page`` opened (the chat connection and its reconnects), oldest first."""
         return [ws for p, ws in self.websockets if p is page]
 
-    async def user(
-        self, name: str, *, register_in_page: bool = False, viewport: dict[str, int] | None = None
-    ) -> WebUser:
+    async def user(self, name: str, *, register_in_page: bool = False, viewport: ViewportSize | None = None) -> WebUser:
         """A user logged in on a new page of a new browser context."""
         username = unique(name)
         ctx = await self.context(viewport)

@@ -7,7 +7,7 @@ import random
 import re
 
 from PIL import Image
-from playwright.async_api import expect
+from playwright.async_api import FilePayload, expect
 
 from tests.web.conftest import Web
 
@@ -192,7 +192,7 @@ async def test_image_and_file(web: Web) -> None:
     slow = {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": 60_000}
     await cdp.send("Network.emulateNetworkConditions", slow)
     await alice.page.set_input_files(
-        "#file-input", files=[{"name": "gradient.png", "mimeType": "image/png", "buffer": data}]
+        "#file-input", files=[FilePayload(name="gradient.png", mimeType="image/png", buffer=data)]
     )
     await alice.page.wait_for_function(
         """() => {
@@ -245,7 +245,7 @@ async def test_image_and_file(web: Web) -> None:
     # An upload that fails (the network is gone) is marked as not sent, with a Retry that works.
     await alice.context.set_offline(True)
     await alice.page.set_input_files(
-        "#file-input", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"take two\n"}]
+        "#file-input", files=[FilePayload(name="notes.txt", mimeType="text/plain", buffer=b"take two\n")]
     )
     failed = alice.page.locator("#messages li.pending", has_text="notes.txt")
     await expect(failed.locator(".status")).to_have_text("Not sent")

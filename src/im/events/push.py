@@ -79,7 +79,8 @@ class PushConsumer:
         self.dropped = 0  # events given up on
 
     async def run(self) -> None:
-        """Consume until cancelled (run it in the owner's task group); then closes its HTTP client."""
+        """Consume until cancelled (the caller owns the task that runs it and cancels it at shutdown);
+        then closes its HTTP client."""
         try:
             delay = self.backoff
             while True:

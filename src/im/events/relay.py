@@ -52,8 +52,11 @@ class OutboxRelay:
         self.failures = 0  # connection or publish attempts that failed
 
     async def run(self) -> None:
-        """Relay until cancelled (run it in the owner's task group). With several processes on one
-        store, one relays and the others wait for the store's outbox lock (they take over when it dies)."""
+        """Relay until cancelled; it never returns on its own. The caller owns the task that runs it and
+        cancels it at shutdown (the composition root's ``event_workers`` hands it out as a coroutine);
+        a cancel before a batch's delete leaves its rows, published again later (at least once). With
+        several processes on one store, one relays and the others wait for the store's outbox lock (they
+        take over when it dies)."""
         while True:
             try:
                 async with self.store.outbox_exclusive():

@@ -1,4 +1,6 @@
-"""Throughput of one transfer link: ``python -m im.transfer.bench [--core sqlite|echo] [--split]``.
+"""Throughput of one transfer link (gateway -> transfer node over gRPC), in sends per second.
+
+    uv run python benchmarks/transfer_link.py [--core sqlite|echo] [--count N] [--window N] [--split]
 
 A gateway keeps ``--window`` sends in flight on one :class:`TransferLink` (each answer submits the next
 send) until ``--count`` sends are answered, and reports answered sends per second. ``--core sqlite``
@@ -154,11 +156,11 @@ async def run(core: str, count: int, window: int, split: bool) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--core", choices=["sqlite", "echo"], default="sqlite")
-    ap.add_argument("--count", type=int, default=100_000)
-    ap.add_argument("--window", type=int, default=1000)
-    ap.add_argument("--split", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--core", choices=["sqlite", "echo"], default="sqlite", help="what answers the sends")
+    ap.add_argument("--count", type=int, default=100_000, help="sends to answer")
+    ap.add_argument("--window", type=int, default=1000, help="sends in flight")
+    ap.add_argument("--split", action="store_true", help="run the transfer node in a child process")
     args = ap.parse_args()
     asyncio.run(run(args.core, args.count, args.window, args.split))
 
