@@ -3,7 +3,10 @@
 Each interface under ``im.backends`` has one parametrized fixture here; a new engine (PostgreSQL,
 Redis, etcd, ...) joins the suite by adding one ``pytest.param(<harness class>, id="<engine>")`` to the
 matching list below. A harness wraps an implementation with what the tests need around it that the
-interface does not offer (creating users, reopening the storage, moving time forward).
+interface does not offer (creating users, reopening the storage, moving time forward), and builds
+``unstarted()`` ones on the same storage for the lifecycle checks (``tests/contract/lifecycle.py``).
+
+No engine is ever skipped: an unreachable PostgreSQL, Redis or a missing etcd fails the test.
 """
 
 from __future__ import annotations
@@ -12,17 +15,24 @@ import abc
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
+from im.backends.accounts import AccountStore
 from im.backends.accounts.postgres import PostgresAccountStore
 from im.backends.accounts.sqlite import SqliteAccountStore
+from im.backends.blobs import BlobStorage
+from im.backends.blobs.local import LocalBlobStorage
 from im.backends.chat import ChatStore
 from im.backends.chat.postgres import PostgresChatStore
 from im.backends.chat.sqlite import SqliteChatStore
+from im.backends.dedupe import Dedupe
+from im.backends.dedupe.memory import MemoryDedupe
+from im.backends.dedupe.redis import RedisDedupe
 from im.backends.files import FileStore
 from im.backends.files.postgres import PostgresFileStore
 from im.backends.files.sqlite import SqliteFileStore
@@ -32,11 +42,17 @@ from im.backends.presence.redis import RedisPresence
 from im.backends.registry import Registry
 from im.backends.registry.etcd import EtcdRegistry
 from im.backends.registry.memory import MemoryRegistry
-from im.backends.routing import Router
+from im.backends.routing import DeliverySink, Router
 from im.backends.routing.memory import MemoryRouter
 from im.backends.sql.sqlite_db import SqliteDatabase
+from im.core.chat import SendCallback, SendRequest
+from im.model.chat import StoredMessage
+from im.model.cluster import ServiceInstance
+from im.transfer import GrpcRouter, TransferLink, TransferServicer, serve_transfer
+from im.transfer.pool import GRPC_ADDRESS, LinkRouter, TransferPool
 from tests.support.etcd import shared_etcd
 from tests.support.postgres import PgSchema, start
+from tests.support.wait import eventually
 
 # --- helpers --------------------------------------------------------------------------------------------
 
@@ -101,6 +117,15 @@ class ChatHarness(abc.ABC):
         with the harness)."""
         raise NotImplementedError
 
+    @abc.abstractmethod
+    def unstarted(self) -> ChatStore:
+        """A new, not yet started store on the same storage (its own database object)."""
+
+    @abc.abstractmethod
+    def on_one_database(self) -> tuple[ChatStore, AccountStore]:
+        """A new chat store and account store sharing one new database object (not started), as the
+        composition root builds them."""
+
 
 class SqliteChatHarness(ChatHarness):
     def __init__(self, tmp_path: Path, *, outbox: bool = False) -> None:
@@ -132,6 +157,13 @@ class SqliteChatHarness(ChatHarness):
         await store.start()
         self._peers.append(store)
         return store
+
+    def unstarted(self) -> ChatStore:
+        return SqliteChatStore(SqliteDatabase(self.path), outbox=self.outbox)
+
+    def on_one_database(self) -> tuple[ChatStore, AccountStore]:
+        db = SqliteDatabase(self.path)
+        return SqliteChatStore(db, outbox=self.outbox), SqliteAccountStore(db)
 
 
 class PostgresChatHarness(ChatHarness):
@@ -178,6 +210,13 @@ class PostgresChatHarness(ChatHarness):
         self._peers.append(store)
         return store
 
+    def unstarted(self) -> ChatStore:
+        return PostgresChatStore(self.schema.database(), outbox=self.outbox)
+
+    def on_one_database(self) -> tuple[ChatStore, AccountStore]:
+        db = self.schema.database()
+        return PostgresChatStore(db, outbox=self.outbox), PostgresAccountStore(db)
+
 
 CHAT_STORES = [
     pytest.param(SqliteChatHarness, id="sqlite"),
@@ -218,10 +257,15 @@ class FileHarness(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
+    @abc.abstractmethod
+    def unstarted(self) -> FileStore:
+        """A new, not yet started file store on the same storage."""
+
 
 class SqliteFileHarness(FileHarness):
     def __init__(self, tmp_path: Path) -> None:
-        db = SqliteDatabase(tmp_path / "im.db")
+        self.path = tmp_path / "im.db"
+        db = SqliteDatabase(self.path)
         self.files = SqliteFileStore(db)
         self.chat = SqliteChatStore(db)
 
@@ -233,6 +277,9 @@ class SqliteFileHarness(FileHarness):
         await self.files.close()
         await self.chat.close()
 
+    def unstarted(self) -> FileStore:
+        return SqliteFileStore(SqliteDatabase(self.path))
+
 
 class PostgresFileHarness(FileHarness):
     def __init__(self, tmp_path: Path) -> None:
@@ -243,6 +290,9 @@ class PostgresFileHarness(FileHarness):
 
     async def open(self) -> None:
         await start(self.chat, self.files)
+
+    def unstarted(self) -> FileStore:
+        return PostgresFileStore(self.schema.database())
 
     async def close(self) -> None:
         try:
@@ -278,6 +328,10 @@ class PresenceHarness(abc.ABC):
     async def advance(self, seconds: float) -> None:
         """Let ``seconds`` pass for the engine (a fake clock, or a real sleep)."""
 
+    @abc.abstractmethod
+    def unstarted(self) -> Presence:
+        """A new, not yet started presence on the same storage."""
+
     async def close(self) -> None:  # noqa: B027 - optional
         pass
 
@@ -288,6 +342,9 @@ class MemoryPresenceHarness(PresenceHarness):
     def __init__(self) -> None:
         self.clock = FakeClock()
         self.presence = MemoryPresence(clock=self.clock)
+
+    def unstarted(self) -> Presence:
+        return MemoryPresence(clock=self.clock)
 
     async def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)
@@ -315,6 +372,9 @@ class RedisPresenceHarness(RealTimePresenceHarness):
         self.redis = RedisPresence(REDIS_URL, prefix=self.prefix)
         self.presence = self.redis
 
+    def unstarted(self) -> Presence:
+        return RedisPresence(REDIS_URL, prefix=self.prefix)  # its own connection pool, closed by close()
+
     async def close(self) -> None:
         try:
             await delete_redis_prefix(self.redis.client, self.prefix)
@@ -338,26 +398,165 @@ async def presence_harness(request: pytest.FixtureRequest) -> AsyncIterator[Pres
 # --- Router ---------------------------------------------------------------------------------------------
 
 
-class RouterHarness:
-    """A router, and how long it may take to deliver (a "nothing arrives" check waits that long)."""
+class RouterHarness(abc.ABC):
+    """A router, and how a gateway node becomes reachable through it.
 
+    ``attach``/``detach`` are what the interface's ``attach``/``detach`` mean for the implementation:
+    a local sink for the memory router; a gateway's gRPC stream opened or closed for the linked ones
+    (returning once the other side has seen it). ``quiet`` is how long a delivery may take (a "nothing
+    arrives" check waits that long). ``keeps_batches``: a batch arrives as published (the memory
+    router); the linked ones may coalesce consecutive batches of one node into one, keeping their order,
+    which is all the interface promises."""
+
+    router: Router
     quiet: float = 0.0
+    keeps_batches: bool = False
 
-    def __init__(self) -> None:
-        self.router: Router = MemoryRouter()
+    async def open(self) -> None:  # noqa: B027 - optional
+        pass
 
-    async def close(self) -> None:
+    @abc.abstractmethod
+    async def attach(self, node: str, sink: DeliverySink) -> None: ...
+
+    @abc.abstractmethod
+    async def detach(self, node: str) -> None: ...
+
+    @abc.abstractmethod
+    def unstarted(self) -> Router:
+        """A new, not yet started router of the same kind."""
+
+    async def close(self) -> None:  # noqa: B027 - optional
         pass
 
 
-ROUTERS = [pytest.param(RouterHarness, id="memory")]
+class MemoryRouterHarness(RouterHarness):
+    keeps_batches = True
+
+    def __init__(self) -> None:
+        self.router = MemoryRouter()
+
+    async def attach(self, node: str, sink: DeliverySink) -> None:
+        self.router.attach(node, sink)
+
+    async def detach(self, node: str) -> None:
+        self.router.detach(node)
+
+    def unstarted(self) -> Router:
+        return MemoryRouter()
+
+
+class _NoSends:
+    """The transfer node's core for router tests: no test sends through it."""
+
+    def submit(self, req: SendRequest, done: SendCallback) -> None:
+        raise AssertionError("the router contract sends nothing through the core")
+
+
+class _Discard(DeliverySink):
+    def deliver(self, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
+        pass
+
+    def deliver_event(self, frame: object, uids: Iterable[int], skip: tuple[int, str] | None) -> None:
+        pass
+
+
+class _TransferNodeHarness(RouterHarness):
+    """A transfer node (GrpcRouter + TransferServicer on a grpc.aio server on 127.0.0.1, free port);
+    every attached gateway node is a real :class:`TransferLink` to it with the test's sink."""
+
+    quiet = 0.2
+
+    def __init__(self) -> None:
+        self.transfer_router = GrpcRouter()
+        self.servicer = TransferServicer(_NoSends(), self.transfer_router, node="tr-contract")
+        self.server: Any = None
+        self.address = ""
+        self._links: dict[str, TransferLink] = {}
+
+    async def open(self) -> None:
+        self.server, port = await serve_transfer(self.servicer)
+        self.address = f"127.0.0.1:{port}"
+
+    async def attach(self, node: str, sink: DeliverySink) -> None:
+        link = TransferLink(self.address, node, sink, backoff_initial=0.02, backoff_max=0.2)
+        self._links[node] = link
+        link.start()
+        await asyncio.wait_for(link.wait_connected(), 10)  # the welcome follows the stream's registration
+        assert node in self.transfer_router.linked()
+
+    async def detach(self, node: str) -> None:
+        link = self._links.pop(node, None)
+        if link is not None:
+            await link.close()
+        await eventually(lambda: node not in self.transfer_router.linked())
+
+    async def close(self) -> None:
+        for link in self._links.values():
+            await link.close()
+        self._links.clear()
+        if self.server is not None:
+            await self.server.stop(None)
+
+
+class GrpcRouterHarness(_TransferNodeHarness):
+    """:class:`GrpcRouter` on the transfer node: publish goes down each gateway's stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = self.transfer_router
+
+    def unstarted(self) -> Router:
+        return GrpcRouter()
+
+
+class LinkRouterHarness(_TransferNodeHarness):
+    """:class:`LinkRouter` in a process without streams (an API node): its pool links to the transfer
+    node found in a :class:`MemoryRegistry`, and publishes are forwarded there, then down the target
+    gateway's stream: two gRPC hops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.registry = MemoryRegistry()
+        self.pool = TransferPool(
+            self.registry,
+            "api-contract",
+            _Discard(),
+            link_factory=lambda address, node, sink: TransferLink(
+                address, node, sink, backoff_initial=0.02, backoff_max=0.2
+            ),
+        )
+        self.router = LinkRouter(self.pool)
+
+    async def open(self) -> None:
+        await super().open()
+        await self.registry.register(ServiceInstance("transfer", "tr-contract", {GRPC_ADDRESS: self.address}), 600)
+        await self.pool.start()
+        await self.pool.wait_connected(1, timeout=10)
+        await eventually(lambda: "api-contract" in self.transfer_router.linked())
+
+    def unstarted(self) -> Router:
+        return LinkRouter(self.pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+        await super().close()
+
+
+ROUTERS = [
+    pytest.param(MemoryRouterHarness, id="memory"),
+    pytest.param(GrpcRouterHarness, id="grpc"),
+    pytest.param(LinkRouterHarness, id="link"),
+]
 
 
 @pytest.fixture(params=ROUTERS)
 async def router_harness(request: pytest.FixtureRequest) -> AsyncIterator[RouterHarness]:
     harness: RouterHarness = request.param()
-    yield harness
-    await harness.close()
+    try:
+        await harness.open()
+        yield harness
+    finally:
+        await harness.close()
 
 
 # --- Registry -------------------------------------------------------------------------------------------
@@ -372,6 +571,10 @@ class RegistryHarness(abc.ABC):
     @abc.abstractmethod
     async def advance(self, seconds: float) -> None: ...
 
+    @abc.abstractmethod
+    def unstarted(self) -> Registry:
+        """A new, not yet started registry on the same storage."""
+
     async def close(self) -> None:  # noqa: B027 - optional
         pass
 
@@ -382,6 +585,9 @@ class MemoryRegistryHarness(RegistryHarness):
     def __init__(self) -> None:
         self.clock = FakeClock()
         self.registry = MemoryRegistry(clock=self.clock)
+
+    def unstarted(self) -> Registry:
+        return MemoryRegistry(clock=self.clock)
 
     async def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)
@@ -402,6 +608,9 @@ class EtcdRegistryHarness(RegistryHarness):
         self.prefix = f"/im-test/{uuid.uuid4().hex[:12]}/"
         self.etcd = EtcdRegistry(shared_etcd().endpoint, prefix=self.prefix, keepalive=False)
         self.registry = self.etcd
+
+    def unstarted(self) -> Registry:
+        return EtcdRegistry(shared_etcd().endpoint, prefix=self.prefix, keepalive=False)
 
     async def advance(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -424,3 +633,208 @@ async def registry_harness(request: pytest.FixtureRequest) -> AsyncIterator[Regi
     harness: RegistryHarness = request.param()
     yield harness
     await harness.close()
+
+
+# --- AccountStore ---------------------------------------------------------------------------------------
+
+
+class AccountHarness(abc.ABC):
+    """An :class:`AccountStore` on fresh, private storage."""
+
+    store: AccountStore
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Create and start ``self.store``."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def reopen(self) -> AccountStore:
+        """Close the store and start a new one (a new database object) on the same storage."""
+        await self.store.close()
+        await self.open()
+        return self.store
+
+    @abc.abstractmethod
+    def unstarted(self) -> AccountStore:
+        """A new, not yet started store on the same storage."""
+
+
+class SqliteAccountHarness(AccountHarness):
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "im.db"
+
+    async def open(self) -> None:
+        self.store = SqliteAccountStore(SqliteDatabase(self.path))
+        await self.store.start()
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    def unstarted(self) -> AccountStore:
+        return SqliteAccountStore(SqliteDatabase(self.path))
+
+
+class PostgresAccountHarness(AccountHarness):
+    """On a fresh schema of the test server, dropped at close (``reopen`` keeps it)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.schema = PgSchema()
+
+    async def open(self) -> None:
+        self.store = PostgresAccountStore(self.schema.database())
+        await start(self.store)
+
+    async def close(self) -> None:
+        try:
+            await self.store.close()
+        finally:
+            await self.schema.drop()
+
+    def unstarted(self) -> AccountStore:
+        return PostgresAccountStore(self.schema.database())
+
+
+ACCOUNT_STORES = [
+    pytest.param(SqliteAccountHarness, id="sqlite"),
+    pytest.param(PostgresAccountHarness, id="postgres"),
+]
+
+
+@pytest.fixture(params=ACCOUNT_STORES)
+async def account_harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AccountHarness]:
+    harness: AccountHarness = request.param(tmp_path)
+    await harness.open()
+    yield harness
+    await harness.close()
+
+
+# --- Dedupe ---------------------------------------------------------------------------------------------
+
+
+class DedupeHarness(abc.ABC):
+    dedupe: Dedupe
+
+    async def open(self) -> None:  # noqa: B027 - optional
+        pass
+
+    @abc.abstractmethod
+    def unstarted(self) -> Dedupe:
+        """A new, not yet started dedupe on the same storage."""
+
+    async def close(self) -> None:  # noqa: B027 - optional
+        pass
+
+
+class MemoryDedupeHarness(DedupeHarness):
+    def __init__(self) -> None:
+        self.dedupe = MemoryDedupe(ttl=60)
+
+    def unstarted(self) -> Dedupe:
+        return MemoryDedupe(ttl=60)
+
+
+class RedisDedupeHarness(DedupeHarness):
+    """:class:`RedisDedupe` on the Redis at ``REDIS_URL`` under a private prefix, deleted at close. The
+    client is the harness's (the dedupe does not own it). No skip when Redis is down: the test fails."""
+
+    def __init__(self) -> None:
+        self.client = aioredis.Redis.from_url(REDIS_URL)
+        self.prefix = f"im:test:push:{uuid.uuid4().hex[:8]}:"
+        self.dedupe = RedisDedupe(self.client, prefix=self.prefix, ttl=60)
+
+    async def open(self) -> None:
+        try:
+            await self.client.ping()
+        except Exception as exc:
+            pytest.fail(f"Redis at {REDIS_URL} is unreachable ({type(exc).__name__}: {exc})")
+
+    def unstarted(self) -> Dedupe:
+        return RedisDedupe(self.client, prefix=self.prefix, ttl=60)
+
+    async def close(self) -> None:
+        try:
+            await delete_redis_prefix(self.client, self.prefix)
+        finally:
+            await self.client.aclose()
+
+
+DEDUPES = [
+    pytest.param(MemoryDedupeHarness, id="memory"),
+    pytest.param(RedisDedupeHarness, id="redis"),
+]
+
+
+@pytest.fixture(params=DEDUPES)
+async def dedupe_harness(request: pytest.FixtureRequest) -> AsyncIterator[DedupeHarness]:
+    harness: DedupeHarness = request.param()
+    try:
+        await harness.open()
+        yield harness
+    finally:
+        await harness.close()
+
+
+# --- BlobStorage ----------------------------------------------------------------------------------------
+
+
+class BlobHarness(abc.ABC):
+    """A :class:`BlobStorage` on fresh storage, and a look behind it: what is published, what is staged."""
+
+    storage: BlobStorage
+
+    @abc.abstractmethod
+    def stored(self) -> list[str]:
+        """The keys of the blobs published, sorted (read from the storage itself, not through the API)."""
+
+    @abc.abstractmethod
+    def staged(self) -> list[int]:
+        """The sizes of the puts staged and not published (in progress, or left behind)."""
+
+    @abc.abstractmethod
+    def raw(self, sha256: str) -> bytes:
+        """A published blob's bytes, read from the storage itself."""
+
+    @abc.abstractmethod
+    def version(self, sha256: str) -> object:
+        """Something that changes when a published blob is written again."""
+
+    @abc.abstractmethod
+    def unstarted(self) -> BlobStorage:
+        """A new, not yet started storage on the same place."""
+
+
+class LocalBlobHarness(BlobHarness):
+    def __init__(self, tmp_path: Path) -> None:
+        self.root = tmp_path / "files"
+        self.storage = LocalBlobStorage(self.root, buffer_bytes=64 * 1024)
+
+    def _path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256
+
+    def stored(self) -> list[str]:
+        return sorted(p.name for p in self.root.rglob("*") if p.is_file() and p.parent.name != "tmp")
+
+    def staged(self) -> list[int]:
+        return [p.stat().st_size for p in sorted((self.root / "tmp").iterdir())]
+
+    def raw(self, sha256: str) -> bytes:
+        return self._path(sha256).read_bytes()
+
+    def version(self, sha256: str) -> object:
+        return self._path(sha256).stat().st_mtime_ns
+
+    def unstarted(self) -> BlobStorage:
+        return LocalBlobStorage(self.root)
+
+
+BLOB_STORAGES = [pytest.param(LocalBlobHarness, id="local")]
+
+
+@pytest.fixture(params=BLOB_STORAGES)
+async def blob_harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobHarness]:
+    harness: BlobHarness = request.param(tmp_path)
+    await harness.storage.start()
+    yield harness
+    await harness.storage.close()
