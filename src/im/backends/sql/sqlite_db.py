@@ -221,7 +221,8 @@ class SqliteDatabase:
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on the writer's thread inside one transaction (committed, or rolled back on error)."""
-        assert self._writer is not None, "database not open"
+        if self._writer is None:
+            raise RuntimeError("database not open")
 
         def run(conn: sqlite3.Connection) -> T:
             conn.execute("BEGIN IMMEDIATE")
@@ -237,5 +238,6 @@ class SqliteDatabase:
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on the reader's thread."""
-        assert self._reader is not None, "database not open"
+        if self._reader is None:
+            raise RuntimeError("database not open")
         return await self._reader.call(fn)
