@@ -11,8 +11,8 @@ from collections.abc import Iterable, Sequence
 from im.backends.routing import DeliverySink, Router
 from im.model.chat import StoredMessage
 from im.protocol.frames import Receipt, TypingEvent
-from tests.contract.conftest import RouterHarness
 from tests.contract.lifecycle import check_lifecycle
+from tests.contract.routers import RouterHarness
 from tests.support.wait import eventually
 
 
