@@ -3,7 +3,10 @@
 Each interface under ``im.backends`` has one parametrized fixture here; a new engine (PostgreSQL,
 Redis, etcd, ...) joins the suite by adding one ``pytest.param(<harness class>, id="<engine>")`` to the
 matching list below. A harness wraps an implementation with what the tests need around it that the
-interface does not offer (creating users, reopening the storage, moving time forward).
+interface does not offer (creating users, reopening the storage, moving time forward), and builds
+``unstarted()`` ones on the same storage for the lifecycle checks (``tests/contract/lifecycle.py``).
+
+No engine is ever skipped: an unreachable PostgreSQL, Redis or a missing etcd fails the test.
 """
 
 from __future__ import annotations
@@ -18,11 +21,17 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from im.backends.accounts import AccountStore
 from im.backends.accounts.postgres import PostgresAccountStore
 from im.backends.accounts.sqlite import SqliteAccountStore
+from im.backends.blobs import BlobStorage
+from im.backends.blobs.local import LocalBlobStorage
 from im.backends.chat import ChatStore
 from im.backends.chat.postgres import PostgresChatStore
 from im.backends.chat.sqlite import SqliteChatStore
+from im.backends.dedupe import Dedupe
+from im.backends.dedupe.memory import MemoryDedupe
+from im.backends.dedupe.redis import RedisDedupe
 from im.backends.files import FileStore
 from im.backends.files.postgres import PostgresFileStore
 from im.backends.files.sqlite import SqliteFileStore
@@ -32,9 +41,8 @@ from im.backends.presence.redis import RedisPresence
 from im.backends.registry import Registry
 from im.backends.registry.etcd import EtcdRegistry
 from im.backends.registry.memory import MemoryRegistry
-from im.backends.routing import Router
-from im.backends.routing.memory import MemoryRouter
 from im.backends.sql.sqlite_db import SqliteDatabase
+from tests.contract.routers import router_harness  # noqa: F401 - the fixture, defined beside
 from tests.support.etcd import shared_etcd
 from tests.support.postgres import PgSchema, start
 
@@ -101,6 +109,15 @@ class ChatHarness(abc.ABC):
         with the harness)."""
         raise NotImplementedError
 
+    @abc.abstractmethod
+    def unstarted(self) -> ChatStore:
+        """A new, not yet started store on the same storage (its own database object)."""
+
+    @abc.abstractmethod
+    def on_one_database(self) -> tuple[ChatStore, AccountStore]:
+        """A new chat store and account store sharing one new database object (not started), as the
+        composition root builds them."""
+
 
 class SqliteChatHarness(ChatHarness):
     def __init__(self, tmp_path: Path, *, outbox: bool = False) -> None:
@@ -132,6 +149,13 @@ class SqliteChatHarness(ChatHarness):
         await store.start()
         self._peers.append(store)
         return store
+
+    def unstarted(self) -> ChatStore:
+        return SqliteChatStore(SqliteDatabase(self.path), outbox=self.outbox)
+
+    def on_one_database(self) -> tuple[ChatStore, AccountStore]:
+        db = SqliteDatabase(self.path)
+        return SqliteChatStore(db, outbox=self.outbox), SqliteAccountStore(db)
 
 
 class PostgresChatHarness(ChatHarness):
@@ -178,6 +202,13 @@ class PostgresChatHarness(ChatHarness):
         self._peers.append(store)
         return store
 
+    def unstarted(self) -> ChatStore:
+        return PostgresChatStore(self.schema.database(), outbox=self.outbox)
+
+    def on_one_database(self) -> tuple[ChatStore, AccountStore]:
+        db = self.schema.database()
+        return PostgresChatStore(db, outbox=self.outbox), PostgresAccountStore(db)
+
 
 CHAT_STORES = [
     pytest.param(SqliteChatHarness, id="sqlite"),
@@ -218,10 +249,15 @@ class FileHarness(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
+    @abc.abstractmethod
+    def unstarted(self) -> FileStore:
+        """A new, not yet started file store on the same storage."""
+
 
 class SqliteFileHarness(FileHarness):
     def __init__(self, tmp_path: Path) -> None:
-        db = SqliteDatabase(tmp_path / "im.db")
+        self.path = tmp_path / "im.db"
+        db = SqliteDatabase(self.path)
         self.files = SqliteFileStore(db)
         self.chat = SqliteChatStore(db)
 
@@ -233,6 +269,9 @@ class SqliteFileHarness(FileHarness):
         await self.files.close()
         await self.chat.close()
 
+    def unstarted(self) -> FileStore:
+        return SqliteFileStore(SqliteDatabase(self.path))
+
 
 class PostgresFileHarness(FileHarness):
     def __init__(self, tmp_path: Path) -> None:
@@ -243,6 +282,9 @@ class PostgresFileHarness(FileHarness):
 
     async def open(self) -> None:
         await start(self.chat, self.files)
+
+    def unstarted(self) -> FileStore:
+        return PostgresFileStore(self.schema.database())
 
     async def close(self) -> None:
         try:
@@ -278,6 +320,10 @@ class PresenceHarness(abc.ABC):
     async def advance(self, seconds: float) -> None:
         """Let ``seconds`` pass for the engine (a fake clock, or a real sleep)."""
 
+    @abc.abstractmethod
+    def unstarted(self) -> Presence:
+        """A new, not yet started presence on the same storage."""
+
     async def close(self) -> None:  # noqa: B027 - optional
         pass
 
@@ -288,6 +334,9 @@ class MemoryPresenceHarness(PresenceHarness):
     def __init__(self) -> None:
         self.clock = FakeClock()
         self.presence = MemoryPresence(clock=self.clock)
+
+    def unstarted(self) -> Presence:
+        return MemoryPresence(clock=self.clock)
 
     async def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)
@@ -315,6 +364,9 @@ class RedisPresenceHarness(RealTimePresenceHarness):
         self.redis = RedisPresence(REDIS_URL, prefix=self.prefix)
         self.presence = self.redis
 
+    def unstarted(self) -> Presence:
+        return RedisPresence(REDIS_URL, prefix=self.prefix)  # its own connection pool, closed by close()
+
     async def close(self) -> None:
         try:
             await delete_redis_prefix(self.redis.client, self.prefix)
@@ -335,31 +387,6 @@ async def presence_harness(request: pytest.FixtureRequest) -> AsyncIterator[Pres
     await harness.close()
 
 
-# --- Router ---------------------------------------------------------------------------------------------
-
-
-class RouterHarness:
-    """A router, and how long it may take to deliver (a "nothing arrives" check waits that long)."""
-
-    quiet: float = 0.0
-
-    def __init__(self) -> None:
-        self.router: Router = MemoryRouter()
-
-    async def close(self) -> None:
-        pass
-
-
-ROUTERS = [pytest.param(RouterHarness, id="memory")]
-
-
-@pytest.fixture(params=ROUTERS)
-async def router_harness(request: pytest.FixtureRequest) -> AsyncIterator[RouterHarness]:
-    harness: RouterHarness = request.param()
-    yield harness
-    await harness.close()
-
-
 # --- Registry -------------------------------------------------------------------------------------------
 
 
@@ -372,6 +399,10 @@ class RegistryHarness(abc.ABC):
     @abc.abstractmethod
     async def advance(self, seconds: float) -> None: ...
 
+    @abc.abstractmethod
+    def unstarted(self) -> Registry:
+        """A new, not yet started registry on the same storage."""
+
     async def close(self) -> None:  # noqa: B027 - optional
         pass
 
@@ -382,6 +413,9 @@ class MemoryRegistryHarness(RegistryHarness):
     def __init__(self) -> None:
         self.clock = FakeClock()
         self.registry = MemoryRegistry(clock=self.clock)
+
+    def unstarted(self) -> Registry:
+        return MemoryRegistry(clock=self.clock)
 
     async def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)
@@ -402,6 +436,9 @@ class EtcdRegistryHarness(RegistryHarness):
         self.prefix = f"/im-test/{uuid.uuid4().hex[:12]}/"
         self.etcd = EtcdRegistry(shared_etcd().endpoint, prefix=self.prefix, keepalive=False)
         self.registry = self.etcd
+
+    def unstarted(self) -> Registry:
+        return EtcdRegistry(shared_etcd().endpoint, prefix=self.prefix, keepalive=False)
 
     async def advance(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -424,3 +461,208 @@ async def registry_harness(request: pytest.FixtureRequest) -> AsyncIterator[Regi
     harness: RegistryHarness = request.param()
     yield harness
     await harness.close()
+
+
+# --- AccountStore ---------------------------------------------------------------------------------------
+
+
+class AccountHarness(abc.ABC):
+    """An :class:`AccountStore` on fresh, private storage."""
+
+    store: AccountStore
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Create and start ``self.store``."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def reopen(self) -> AccountStore:
+        """Close the store and start a new one (a new database object) on the same storage."""
+        await self.store.close()
+        await self.open()
+        return self.store
+
+    @abc.abstractmethod
+    def unstarted(self) -> AccountStore:
+        """A new, not yet started store on the same storage."""
+
+
+class SqliteAccountHarness(AccountHarness):
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "im.db"
+
+    async def open(self) -> None:
+        self.store = SqliteAccountStore(SqliteDatabase(self.path))
+        await self.store.start()
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    def unstarted(self) -> AccountStore:
+        return SqliteAccountStore(SqliteDatabase(self.path))
+
+
+class PostgresAccountHarness(AccountHarness):
+    """On a fresh schema of the test server, dropped at close (``reopen`` keeps it)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.schema = PgSchema()
+
+    async def open(self) -> None:
+        self.store = PostgresAccountStore(self.schema.database())
+        await start(self.store)
+
+    async def close(self) -> None:
+        try:
+            await self.store.close()
+        finally:
+            await self.schema.drop()
+
+    def unstarted(self) -> AccountStore:
+        return PostgresAccountStore(self.schema.database())
+
+
+ACCOUNT_STORES = [
+    pytest.param(SqliteAccountHarness, id="sqlite"),
+    pytest.param(PostgresAccountHarness, id="postgres"),
+]
+
+
+@pytest.fixture(params=ACCOUNT_STORES)
+async def account_harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AccountHarness]:
+    harness: AccountHarness = request.param(tmp_path)
+    await harness.open()
+    yield harness
+    await harness.close()
+
+
+# --- Dedupe ---------------------------------------------------------------------------------------------
+
+
+class DedupeHarness(abc.ABC):
+    dedupe: Dedupe
+
+    async def open(self) -> None:  # noqa: B027 - optional
+        pass
+
+    @abc.abstractmethod
+    def unstarted(self) -> Dedupe:
+        """A new, not yet started dedupe on the same storage."""
+
+    async def close(self) -> None:  # noqa: B027 - optional
+        pass
+
+
+class MemoryDedupeHarness(DedupeHarness):
+    def __init__(self) -> None:
+        self.dedupe = MemoryDedupe(ttl=60)
+
+    def unstarted(self) -> Dedupe:
+        return MemoryDedupe(ttl=60)
+
+
+class RedisDedupeHarness(DedupeHarness):
+    """:class:`RedisDedupe` on the Redis at ``REDIS_URL`` under a private prefix, deleted at close. The
+    client is the harness's (the dedupe does not own it). No skip when Redis is down: the test fails."""
+
+    def __init__(self) -> None:
+        self.client = aioredis.Redis.from_url(REDIS_URL)
+        self.prefix = f"im:test:push:{uuid.uuid4().hex[:8]}:"
+        self.dedupe = RedisDedupe(self.client, prefix=self.prefix, ttl=60)
+
+    async def open(self) -> None:
+        try:
+            await self.client.ping()
+        except Exception as exc:
+            pytest.fail(f"Redis at {REDIS_URL} is unreachable ({type(exc).__name__}: {exc})")
+
+    def unstarted(self) -> Dedupe:
+        return RedisDedupe(self.client, prefix=self.prefix, ttl=60)
+
+    async def close(self) -> None:
+        try:
+            await delete_redis_prefix(self.client, self.prefix)
+        finally:
+            await self.client.aclose()
+
+
+DEDUPES = [
+    pytest.param(MemoryDedupeHarness, id="memory"),
+    pytest.param(RedisDedupeHarness, id="redis"),
+]
+
+
+@pytest.fixture(params=DEDUPES)
+async def dedupe_harness(request: pytest.FixtureRequest) -> AsyncIterator[DedupeHarness]:
+    harness: DedupeHarness = request.param()
+    try:
+        await harness.open()
+        yield harness
+    finally:
+        await harness.close()
+
+
+# --- BlobStorage ----------------------------------------------------------------------------------------
+
+
+class BlobHarness(abc.ABC):
+    """A :class:`BlobStorage` on fresh storage, and a look behind it: what is published, what is staged."""
+
+    storage: BlobStorage
+
+    @abc.abstractmethod
+    def stored(self) -> list[str]:
+        """The keys of the blobs published, sorted (read from the storage itself, not through the API)."""
+
+    @abc.abstractmethod
+    def staged(self) -> list[int]:
+        """The sizes of the puts staged and not published (in progress, or left behind)."""
+
+    @abc.abstractmethod
+    def raw(self, sha256: str) -> bytes:
+        """A published blob's bytes, read from the storage itself."""
+
+    @abc.abstractmethod
+    def version(self, sha256: str) -> object:
+        """Something that changes when a published blob is written again."""
+
+    @abc.abstractmethod
+    def unstarted(self) -> BlobStorage:
+        """A new, not yet started storage on the same place."""
+
+
+class LocalBlobHarness(BlobHarness):
+    def __init__(self, tmp_path: Path) -> None:
+        self.root = tmp_path / "files"
+        self.storage = LocalBlobStorage(self.root, buffer_bytes=64 * 1024)
+
+    def _path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256
+
+    def stored(self) -> list[str]:
+        return sorted(p.name for p in self.root.rglob("*") if p.is_file() and p.parent.name != "tmp")
+
+    def staged(self) -> list[int]:
+        return [p.stat().st_size for p in sorted((self.root / "tmp").iterdir())]
+
+    def raw(self, sha256: str) -> bytes:
+        return self._path(sha256).read_bytes()
+
+    def version(self, sha256: str) -> object:
+        return self._path(sha256).stat().st_mtime_ns
+
+    def unstarted(self) -> BlobStorage:
+        return LocalBlobStorage(self.root)
+
+
+BLOB_STORAGES = [pytest.param(LocalBlobHarness, id="local")]
+
+
+@pytest.fixture(params=BLOB_STORAGES)
+async def blob_harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobHarness]:
+    harness: BlobHarness = request.param(tmp_path)
+    await harness.storage.start()
+    yield harness
+    await harness.storage.close()

@@ -14,6 +14,7 @@ from im.model.chat import CommitBatch, ConversationState, Group, MemberChange, S
 from im.model.errors import SeqConflict
 from im.model.ids import direct_conv, group_conv
 from tests.contract.conftest import ChatHarness
+from tests.contract.lifecycle import check_lifecycle
 
 _mids = itertools.count(1)
 
@@ -568,3 +569,28 @@ async def test_devices(chat: ChatHarness) -> None:
     assert [d for d, _ in devices] == ["laptop", "phone"]
     assert all(abs(t - time.time()) < 60 for _, t in devices)
     assert await store.devices(43) == []
+
+
+async def test_lifecycle(chat: ChatHarness) -> None:
+    async def probe(store: ChatStore) -> None:
+        assert await store.get_group(10**9) is None
+
+    await check_lifecycle(chat.unstarted, probe)
+
+
+async def test_stores_on_one_database_count_once_however_often_started_or_closed(chat: ChatHarness) -> None:
+    """Stores share one database object, opened counted: a store started twice and closed twice gives
+    back one count only, so the other store's connections stay open."""
+    store, accounts = chat.on_one_database()
+    try:
+        await store.start()
+        await store.start()
+        await accounts.start()
+        for _ in range(3):  # more closes than starts: still one count given back
+            await store.close()
+        assert await accounts.get_user(10**9) is None  # still open
+    finally:
+        await store.close()
+        await accounts.close()
+    with pytest.raises(RuntimeError):
+        await accounts.get_user(10**9)  # the last user closed the database

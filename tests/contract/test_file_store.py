@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
+from im.backends.files import FileStore
 from im.model.chat import CommitBatch, ConversationState, MemberChange, StoredMessage
 from im.model.files import FileMeta
 from tests.contract.conftest import FileHarness
+from tests.contract.lifecycle import check_lifecycle
 
 ALICE, BOB, CAROL = 1, 2, 3
 G = "g:7"
@@ -97,3 +99,10 @@ async def test_refs_without_a_file_and_add_refs(file_harness: FileHarness) -> No
     await h.files.add_refs([(m.file_id, G)])
     await h.files.add_refs([])
     assert await h.files.lookup(BOB, m.file_id) == (m, None)
+
+
+async def test_lifecycle(file_harness: FileHarness) -> None:
+    async def probe(store: FileStore) -> None:
+        assert await store.lookup(ALICE, "0" * 64) is None
+
+    await check_lifecycle(file_harness.unstarted, probe)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from im.backends.presence import Presence
 from im.model.cluster import DeviceLocation
 from tests.contract.conftest import PresenceHarness
+from tests.contract.lifecycle import check_lifecycle
 
 
 def loc(uid: int, device: str, node: str) -> DeviceLocation:
@@ -72,3 +74,10 @@ async def test_back_online_after_expiry(presence_harness: PresenceHarness) -> No
     assert await h.presence.locate([1]) == {}
     await h.presence.set_online([loc(1, "phone", "gw-2")], h.ttl)
     assert await located(h, [1]) == {1: {loc(1, "phone", "gw-2")}}
+
+
+async def test_lifecycle(presence_harness: PresenceHarness) -> None:
+    async def probe(presence: Presence) -> None:
+        assert await presence.locate([10**9]) == {}
+
+    await check_lifecycle(presence_harness.unstarted, probe)

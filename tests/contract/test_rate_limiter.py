@@ -16,6 +16,7 @@ from im.backends.rate_limit import FailOpen, Hit, RateLimiter, Rule
 from im.backends.rate_limit.memory import MemoryRateLimiter
 from im.backends.rate_limit.redis import RedisRateLimiter
 from tests.contract.conftest import REDIS_URL, FakeClock, delete_redis_prefix
+from tests.contract.lifecycle import check_lifecycle
 
 
 class LimiterHarness(abc.ABC):
@@ -28,6 +29,10 @@ class LimiterHarness(abc.ABC):
     @abc.abstractmethod
     async def peer(self) -> RateLimiter:
         """Another limiter on the same storage, as a second node would hold."""
+
+    @abc.abstractmethod
+    def unstarted(self) -> RateLimiter:
+        """A new, not yet started limiter on the same storage."""
 
     async def close(self) -> None:  # noqa: B027 - optional
         pass
@@ -44,6 +49,9 @@ class MemoryHarness(LimiterHarness):
     async def peer(self) -> RateLimiter:
         return self.limiter  # one process: the same object is the whole storage
 
+    def unstarted(self) -> RateLimiter:
+        return MemoryRateLimiter(clock=self.clock)
+
 
 class RedisHarness(LimiterHarness):
     def __init__(self) -> None:
@@ -59,6 +67,9 @@ class RedisHarness(LimiterHarness):
         other = RedisRateLimiter(REDIS_URL, prefix=self.prefix)  # its own connection pool
         self._peers.append(other)
         return other
+
+    def unstarted(self) -> RateLimiter:
+        return RedisRateLimiter(REDIS_URL, prefix=self.prefix)  # its own pool, closed by close()
 
     async def close(self) -> None:
         try:
@@ -180,6 +191,28 @@ async def test_fail_open_allows_when_the_engine_is_away() -> None:
         assert limiter.failures == 1
     finally:
         await limiter.close()
+
+
+async def test_lifecycle(h: LimiterHarness) -> None:
+    async def probe(limiter: RateLimiter) -> None:
+        assert len(await limiter.check([Hit(Rule("probe", 1, 60.0), "1")])) == 1  # storage shared: allowed once
+
+    await check_lifecycle(h.unstarted, probe)
+
+
+async def test_fail_open_starts_and_closes_the_limiter_it_wraps_once(h: LimiterHarness) -> None:
+    async def probe(limiter: RateLimiter) -> None:
+        assert await limiter.check([]) == []
+
+    inner: list[RateLimiter] = []
+
+    def make() -> RateLimiter:
+        inner.append(h.unstarted())
+        return FailOpen(inner[-1])
+
+    await check_lifecycle(make, probe)
+    assert all(limiter.closed for limiter in inner)
+    assert [limiter.started for limiter in inner] == [False] * len(inner)
 
 
 def test_rule_validation() -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+from im.backends.registry import Registry
 from im.model.cluster import ServiceInstance
 from tests.contract.conftest import RegistryHarness
+from tests.contract.lifecycle import check_lifecycle
 from tests.support.wait import eventually
 
 
@@ -135,3 +137,10 @@ async def test_watchers_are_independent(registry_harness: RegistryHarness) -> No
     await reg.register(gw("gw-2"), h.ttl)
     await eventually(lambda: b[-1] == [gw("gw-1"), gw("gw-2")])
     assert a[-1] == [gw("gw-1")]
+
+
+async def test_lifecycle(registry_harness: RegistryHarness) -> None:
+    async def probe(registry: Registry) -> None:
+        assert await registry.instances("nobody-registers-this-role") == []
+
+    await check_lifecycle(registry_harness.unstarted, probe)

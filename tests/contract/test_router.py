@@ -1,13 +1,18 @@
-"""The :class:`Router` contract, run against every implementation (see ``conftest.ROUTERS``)."""
+"""The :class:`Router` contract, run against every implementation (see ``conftest.ROUTERS``): the memory
+router, and the gRPC-linked ones over real streams on 127.0.0.1 (``GrpcRouter`` on a transfer node,
+``LinkRouter`` forwarding through one). Events are protocol frames, since the linked routers carry them
+encoded."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Sequence
 
-from im.backends.routing import DeliverySink
+from im.backends.routing import DeliverySink, Router
 from im.model.chat import StoredMessage
-from tests.contract.conftest import RouterHarness
+from im.protocol.frames import Receipt, TypingEvent
+from tests.contract.lifecycle import check_lifecycle
+from tests.contract.routers import RouterHarness
 from tests.support.wait import eventually
 
 
@@ -15,6 +20,11 @@ class RecordingSink(DeliverySink):
     def __init__(self) -> None:
         self.batches: list[tuple[list[StoredMessage], list[list[int]]]] = []
         self.events: list[tuple[object, list[int], tuple[int, str] | None]] = []
+
+    @property
+    def items(self) -> list[tuple[StoredMessage, list[int]]]:
+        """Every (message, recipients) delivered, in arrival order, whatever the batches."""
+        return [(msg, r) for messages, recipients in self.batches for msg, r in zip(messages, recipients, strict=True)]
 
     def deliver(self, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
         self.batches.append((list(messages), [list(r) for r in recipients]))
@@ -32,27 +42,30 @@ def m(seq: int, conv: str = "d:1:2") -> StoredMessage:
 async def test_publish_reaches_the_right_sink_in_order(router_harness: RouterHarness) -> None:
     router = router_harness.router
     one, two = RecordingSink(), RecordingSink()
-    router.attach("gw-1", one)
-    router.attach("gw-2", two)
+    await router_harness.attach("gw-1", one)
+    await router_harness.attach("gw-2", two)
     expected_one = [([m(i)], [[1, 2]]) for i in range(1, 51)]
     for batch in expected_one:
         router.publish("gw-1", *batch)
     router.publish("gw-2", [m(7, "g:3"), m(8, "g:3")], [[5], [5, 6]])
 
-    await eventually(lambda: len(one.batches) == 50 and len(two.batches) == 1)
-    assert one.batches == expected_one
-    assert two.batches == [([m(7, "g:3"), m(8, "g:3")], [[5], [5, 6]])]
+    await eventually(lambda: len(one.items) == 50 and len(two.items) == 2)
+    assert one.items == [(msg, r) for [msg], [r] in expected_one]  # in publish order
+    assert two.items == [(m(7, "g:3"), [5]), (m(8, "g:3"), [5, 6])]
+    if router_harness.keeps_batches:
+        assert one.batches == expected_one
+        assert two.batches == [([m(7, "g:3"), m(8, "g:3")], [[5], [5, 6]])]
     await asyncio.sleep(router_harness.quiet)
-    assert len(one.batches) == 50 and len(two.batches) == 1  # at most once
+    assert len(one.items) == 50 and len(two.items) == 2  # at most once
     assert one.events == two.events == []
 
 
 async def test_publish_to_unknown_node_is_a_no_op(router_harness: RouterHarness) -> None:
     router = router_harness.router
     sink = RecordingSink()
-    router.attach("gw-1", sink)
+    await router_harness.attach("gw-1", sink)
     router.publish("gw-nowhere", [m(1)], [[1]])
-    router.publish_event("gw-nowhere", {"t": "typing"}, [1], None)
+    router.publish_event("gw-nowhere", TypingEvent("g:1", 1), [1], None)
     router.publish("gw-1", [m(2)], [[1]])
     await eventually(lambda: len(sink.batches) == 1)
     await asyncio.sleep(router_harness.quiet)
@@ -62,15 +75,15 @@ async def test_publish_to_unknown_node_is_a_no_op(router_harness: RouterHarness)
 async def test_detach_stops_delivery(router_harness: RouterHarness) -> None:
     router = router_harness.router
     old, other = RecordingSink(), RecordingSink()
-    router.attach("gw-1", old)
-    router.attach("gw-2", other)
+    await router_harness.attach("gw-1", old)
+    await router_harness.attach("gw-2", other)
     router.publish("gw-1", [m(1)], [[1]])
     await eventually(lambda: len(old.batches) == 1)
 
-    router.detach("gw-1")
-    router.detach("gw-never-attached")  # harmless
+    await router_harness.detach("gw-1")
+    await router_harness.detach("gw-never-attached")  # harmless
     router.publish("gw-1", [m(2)], [[1]])
-    router.publish_event("gw-1", {"t": "typing"}, [1], None)
+    router.publish_event("gw-1", TypingEvent("g:1", 1), [1], None)
     router.publish("gw-2", [m(3)], [[2]])
     await eventually(lambda: len(other.batches) == 1)
     await asyncio.sleep(router_harness.quiet)
@@ -78,7 +91,7 @@ async def test_detach_stops_delivery(router_harness: RouterHarness) -> None:
 
     # Re-attaching the node (a restarted gateway) gets deliveries again, to the new sink only.
     new = RecordingSink()
-    router.attach("gw-1", new)
+    await router_harness.attach("gw-1", new)
     router.publish("gw-1", [m(4)], [[1]])
     await eventually(lambda: len(new.batches) == 1)
     assert new.batches == [([m(4)], [[1]])] and len(old.batches) == 1
@@ -87,12 +100,38 @@ async def test_detach_stops_delivery(router_harness: RouterHarness) -> None:
 async def test_publish_event_with_skip(router_harness: RouterHarness) -> None:
     router = router_harness.router
     one, two = RecordingSink(), RecordingSink()
-    router.attach("gw-1", one)
-    router.attach("gw-2", two)
-    typing = {"t": "typing", "conv": "g:1", "uid": 1}
+    await router_harness.attach("gw-1", one)
+    await router_harness.attach("gw-2", two)
+    typing = TypingEvent(conv="g:1", uid=1)
+    read = Receipt(conv="g:1", uid=2, kind="read", seq=4)
     router.publish_event("gw-1", typing, [1, 2, 3], (1, "phone"))
-    router.publish_event("gw-1", {"t": "read", "seq": 4}, [2], None)
+    router.publish_event("gw-1", read, [2], None)
     await eventually(lambda: len(one.events) == 2)
-    assert one.events == [(typing, [1, 2, 3], (1, "phone")), ({"t": "read", "seq": 4}, [2], None)]
+    assert one.events == [(typing, [1, 2, 3], (1, "phone")), (read, [2], None)]
     await asyncio.sleep(router_harness.quiet)
     assert two.events == [] and one.batches == []
+
+
+async def test_publish_never_raises_and_keeps_order_with_events_between(router_harness: RouterHarness) -> None:
+    """Batches and events to one node keep the publish order of each kind, whatever is published to
+    unreachable nodes in between (which never raises)."""
+    router = router_harness.router
+    sink = RecordingSink()
+    await router_harness.attach("gw-1", sink)
+    for i in range(1, 21):
+        router.publish("gw-1", [m(i)], [[1]])
+        router.publish("gw-gone", [m(i)], [[1]])
+        router.publish_event("gw-1", TypingEvent("g:1", i), [1], None)
+        router.publish_event("gw-gone", TypingEvent("g:1", i), [1], None)
+    await eventually(lambda: len(sink.items) == 20 and len(sink.events) == 20)
+    assert [msg.seq for msg, _ in sink.items] == list(range(1, 21))
+    assert [e[0] for e in sink.events] == [TypingEvent("g:1", i) for i in range(1, 21)]
+    await asyncio.sleep(router_harness.quiet)
+    assert len(sink.items) == 20 and len(sink.events) == 20  # at most once
+
+
+async def test_lifecycle(router_harness: RouterHarness) -> None:
+    async def probe(router: Router) -> None:
+        router.publish("gw-nowhere", [m(1)], [[1]])  # usable once started; never raises
+
+    await check_lifecycle(router_harness.unstarted, probe)

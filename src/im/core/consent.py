@@ -25,8 +25,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from im.backends.accounts import AccountStore
-from im.backends.chat import ChatStore
+from im.backends.accounts import PrivacyStore
+from im.backends.chat import MessageLog
 from im.model.accounts import Privacy
 from im.model.errors import ErrorCode, ImError
 
@@ -41,8 +41,8 @@ class Consent:
 
     def __init__(
         self,
-        accounts: AccountStore,
-        chat: ChatStore,
+        accounts: PrivacyStore,
+        chat: MessageLog,
         *,
         ttl: float | None = None,
         clock: Callable[[], float] = time.time,

@@ -19,7 +19,7 @@ import logging
 
 import aio_pika
 
-from im.backends.chat import ChatStore
+from im.backends.chat import Outbox
 from im.events import topology
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class OutboxRelay:
     def __init__(
         self,
-        store: ChatStore,
+        store: Outbox,
         amqp_url: str,
         *,
         exchange: str = topology.EXCHANGE,

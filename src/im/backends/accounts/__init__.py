@@ -1,23 +1,28 @@
-"""The account store: users, login sessions, contacts, blocks and settings."""
+"""The account store, split by concern: users and credentials, login sessions, contacts/blocks/settings.
+
+    UserDirectory ─┐
+    SessionStore ──┼── AccountStore (+ delete_user) ── SqliteAccountStore, PostgresAccountStore
+    PrivacyStore ──┘
+
+Each narrow interface states its own guarantee; consumers are typed by the part they use (the consent
+rules read only :class:`PrivacyStore`). :class:`AccountStore` is the three on **one database**, which is
+what lets :meth:`AccountStore.delete_user` revoke sessions, drop contacts and blocks and leave a
+tombstone in one transaction; adapters implement the composite.
+"""
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
 
+from im.backends.lifecycle import Service
 from im.model.accounts import AuthSession, Privacy, User
 
 
-class AccountStore(abc.ABC):
-    """Users, login sessions, contacts, blocks and settings. Guarantees: user names are unique
-    (case-insensitive); a revoked session stays revoked; a deleted user stays deleted (its row stays as a
-    tombstone so messages keep a sender, its name is freed). Every write is durable when it returns."""
-
-    async def start(self) -> None:  # noqa: B027
-        """Open connections, run migrations."""
-
-    async def close(self) -> None:  # noqa: B027
-        """Release resources."""
+class UserDirectory(Service, abc.ABC):
+    """Users and their password hashes. Guarantees: user names are unique (case-insensitive); every
+    write is durable when it returns; a deleted user's row stays as a tombstone (its uid is never
+    reused, its name is freed)."""
 
     @abc.abstractmethod
     async def create_user(self, username: str, display_name: str, password_hash: str, now: int) -> User:
@@ -39,6 +44,12 @@ class AccountStore(abc.ABC):
     @abc.abstractmethod
     async def set_password_hash(self, uid: int, password_hash: str) -> None:
         """Replace a hash (rehash on login when parameters changed)."""
+
+
+class SessionStore(Service, abc.ABC):
+    """Login sessions (one per refresh-token family). Guarantees: a revoked session stays revoked and
+    never rotates again; :meth:`rotate_refresh` is a compare-and-swap, so of two concurrent rotations
+    with the same old hash exactly one wins; every write is durable when it returns."""
 
     @abc.abstractmethod
     async def create_session(self, session: AuthSession) -> None: ...
@@ -63,14 +74,11 @@ class AccountStore(abc.ABC):
     async def revoke_sessions(self, uid: int, keep: str | None = None) -> list[str]:
         """Revoke every live session of ``uid`` except ``keep``, atomically; returns the sids revoked."""
 
-    @abc.abstractmethod
-    async def delete_user(self, uid: int, now: int) -> list[str]:
-        """Delete an account, atomically: its sessions are revoked (their sids are returned), its
-        contacts, blocks (both ways), device cursors and file ownerships are removed, and its row becomes
-        a tombstone (name ``~deleted~<uid>``, so the old name is free; display name "Deleted user"; no
-        password). Messages and conversation memberships are left to the chat rules."""
 
-    # --- consent ------------------------------------------------------------------------------------------
+class PrivacyStore(Service, abc.ABC):
+    """Contacts, blocks and the contacts-only setting: what the consent rules read. Guarantees: contacts
+    and blocks are one-way sets (adding twice adds nothing); the batch reads answer in one round trip;
+    every write is durable when it returns."""
 
     @abc.abstractmethod
     async def block(self, uid: int, other: int, now: int) -> None:
@@ -104,3 +112,16 @@ class AccountStore(abc.ABC):
 
     @abc.abstractmethod
     async def list_contacts(self, uid: int) -> list[User]: ...
+
+
+class AccountStore(UserDirectory, SessionStore, PrivacyStore, abc.ABC):
+    """Users, login sessions, contacts, blocks and settings on one database. Guarantees: those of each
+    part; a deleted user stays deleted (its row stays as a tombstone so messages keep a sender, its name
+    is freed), and :meth:`delete_user` is one transaction across the parts."""
+
+    @abc.abstractmethod
+    async def delete_user(self, uid: int, now: int) -> list[str]:
+        """Delete an account, atomically: its sessions are revoked (their sids are returned), its
+        contacts, blocks (both ways), device cursors and file ownerships are removed, and its row becomes
+        a tombstone (name ``~deleted~<uid>``, so the old name is free; display name "Deleted user"; no
+        password). Messages and conversation memberships are left to the chat rules."""

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
+from im.backends.lifecycle import Service
+
 T = TypeVar("T")
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -53,7 +55,7 @@ class PutResult:
     created: bool  # False: a blob with these bytes was already stored
 
 
-class BlobStorage(abc.ABC):
+class BlobStorage(Service, abc.ABC):
     """Immutable blobs keyed by the SHA-256 of their bytes.
 
     Guarantees:
@@ -64,12 +66,6 @@ class BlobStorage(abc.ABC):
     - Idempotent: putting bytes that are already stored stores nothing more and returns the same key.
     - Streaming: ``put`` never holds the whole blob in memory.
     """
-
-    async def start(self) -> None:  # noqa: B027 - optional lifecycle hook
-        """Prepare the storage (create directories, clean staging left by a crash)."""
-
-    async def close(self) -> None:  # noqa: B027
-        """Release resources."""
 
     @abc.abstractmethod
     async def put(

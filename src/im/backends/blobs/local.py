@@ -37,7 +37,7 @@ class LocalBlobStorage(BlobStorage):
             raise BlobNotFound(sha256)
         return self.root / sha256[:2] / sha256
 
-    async def start(self) -> None:
+    async def _acquire(self) -> None:
         await asyncio.to_thread(self._prepare)
 
     def _prepare(self, stale_after: float = 3600.0) -> None:

@@ -1,4 +1,16 @@
-"""The chat store: conversation logs, groups and members, cursors and read marks, the outbox."""
+"""The chat store, split by concern: what each consumer may depend on, and the composite adapters implement.
+
+    MessageLog ─────┐
+    GroupDirectory ─┤
+    CursorStore ────┼── ChatStore ── SqliteChatStore, PostgresChatStore
+    Outbox ─────────┘
+
+Each narrow interface states its own guarantee. :class:`ChatStore` is all four on **one database**: that
+is what lets :meth:`MessageLog.commit` span the concerns in one transaction (the messages, the
+membership changes and read marks of a batch, and with ``outbox=True`` the outbox rows). An
+implementation of a single concern alone could not keep those guarantees; so adapters implement the
+composite, and consumers are typed by the part they use.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +19,7 @@ import contextlib
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 
+from im.backends.lifecycle import Service
 from im.model.chat import (
     CommitBatch,
     ConversationState,
@@ -18,19 +31,13 @@ from im.model.chat import (
 )
 
 
-class ChatStore(abc.ABC):
-    """Durable conversation logs, membership and cursors.
+class MessageLog(Service, abc.ABC):
+    """The conversation logs: the committer's reads and its one write.
 
     Guarantees: :meth:`commit` is atomic and durable when it returns (all of a batch or none of it);
     (conv, seq) and (sender, device, cmid) are unique; a batch whose heads moved is refused whole. Reads
-    see every committed batch.
+    see every committed batch. Messages are never deleted.
     """
-
-    async def start(self) -> None:  # noqa: B027 - optional lifecycle hook
-        """Open connections, run migrations."""
-
-    async def close(self) -> None:  # noqa: B027
-        """Release resources; pending commits have finished."""
 
     @abc.abstractmethod
     async def load_conversations(self, convs: Sequence[str]) -> dict[str, ConversationState]:
@@ -42,7 +49,33 @@ class ChatStore(abc.ABC):
 
     @abc.abstractmethod
     async def commit(self, batch: CommitBatch) -> None:
-        """Write the batch atomically and durably, or raise :class:`SeqConflict` and write nothing."""
+        """Write the batch atomically and durably, or raise :class:`SeqConflict` and write nothing.
+
+        The batch spans every concern of the store it was given to: new conversations and member
+        changes, messages, file refs, read marks, and the outbox rows of a store built with the outbox."""
+
+    @abc.abstractmethod
+    async def read_range(
+        self, conv: str, after: int, before: int | None, limit: int, newest_first: bool = False
+    ) -> list[StoredMessage]:
+        """Messages with after < seq < before (before None: no upper bound), ``limit`` at most.
+
+        Oldest first, or newest first when ``newest_first`` (for paging back through history).
+        """
+
+    @abc.abstractmethod
+    async def wrote_in(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
+        """Those (sender, conv) pairs where ``sender`` has at least one message in ``conv`` (the
+        presence rule: a direct partner sees you once you wrote). Committed messages only; once true,
+        true for ever (messages are never deleted)."""
+
+
+class GroupDirectory(Service, abc.ABC):
+    """Groups and who is in which conversation.
+
+    Guarantees: a group and its conversation ``g:<gid>`` (with its first message and members) appear
+    together or not at all; gids are unique and never reused. Membership read here is what the last
+    committed batch left (membership changes are written by :meth:`MessageLog.commit`)."""
 
     @abc.abstractmethod
     async def create_group(self, group: Group, first: StoredMessage, members: dict[int, str]) -> int:
@@ -55,13 +88,15 @@ class ChatStore(abc.ABC):
     async def get_group(self, gid: int) -> Group | None: ...
 
     @abc.abstractmethod
-    async def read_range(
-        self, conv: str, after: int, before: int | None, limit: int, newest_first: bool = False
-    ) -> list[StoredMessage]:
-        """Messages with after < seq < before (before None: no upper bound), ``limit`` at most.
+    async def list_conversations(self, uid: int) -> list[ConversationSummary]:
+        """The user's conversations, most recently active first."""
 
-        Oldest first, or newest first when ``newest_first`` (for paging back through history).
-        """
+
+class CursorStore(Service, abc.ABC):
+    """Where each device resumes (delivery cursors) and what each user read (read marks).
+
+    Guarantees: cursors and marks never move back (saving a smaller value keeps the larger); a save is
+    durable when it returns; a device never resumes before the point its user joined the conversation."""
 
     @abc.abstractmethod
     async def sync_points(self, uid: int, device: str) -> list[SyncPoint]:
@@ -90,24 +125,19 @@ class ChatStore(abc.ABC):
         for every member of ``conv``."""
 
     @abc.abstractmethod
-    async def list_conversations(self, uid: int) -> list[ConversationSummary]:
-        """The user's conversations, most recently active first."""
-
-    # The transactional outbox (a store built with ``outbox=True``): :meth:`commit` writes one row per
-    # committed message in the same transaction as the message, so an event exists if and only if its
-    # message was committed. A relay drains it: fetch, publish, then delete what was published.
-
-    @abc.abstractmethod
     async def devices(self, uid: int) -> list[tuple[str, int]]:
         """(name, last activity) of each device of the user that ever saved a delivery cursor, by name;
         the activity is when it last saved one (seconds since the epoch, the store's clock; 0 before this
         was kept)."""
 
-    @abc.abstractmethod
-    async def wrote_in(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
-        """Those (sender, conv) pairs where ``sender`` has at least one message in ``conv`` (the
-        presence rule: a direct partner sees you once you wrote). Committed messages only; once true,
-        true for ever (messages are never deleted)."""
+
+class Outbox(Service, abc.ABC):
+    """The transactional outbox (a store built with ``outbox=True``): :meth:`MessageLog.commit` writes one
+    row per committed message in the same transaction as the message, so an event exists if and only if
+    its message was committed. A relay drains it: fetch, publish, then delete what was published.
+
+    Guarantees: at least once (a row stays until deleted); per conversation, rows come in seq order;
+    one drainer at a time across processes (:meth:`outbox_exclusive`)."""
 
     @abc.abstractmethod
     async def outbox_fetch(self, limit: int) -> list[OutboxEvent]:
@@ -127,3 +157,11 @@ class ChatStore(abc.ABC):
         process sharing the store, so two relays never interleave (which would break per-conversation
         order). Waits while another holder has it. The default suits stores one process owns."""
         return contextlib.nullcontext()
+
+
+class ChatStore(MessageLog, GroupDirectory, CursorStore, Outbox, abc.ABC):
+    """Durable conversation logs, groups and membership, cursors and read marks, and the outbox: the four
+    concerns on one database, so that :meth:`commit` writes across them in one transaction.
+
+    Guarantees: those of each part; and one commit is one transaction over all of them (a batch's
+    messages, membership changes, read marks and outbox rows are all written, or none)."""

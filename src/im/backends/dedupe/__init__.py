@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import abc
 
+from im.backends.lifecycle import Service
 
-class Dedupe(abc.ABC):
+
+class Dedupe(Service, abc.ABC):
     """A set of keys with a time to live. Guarantee: a key recorded stays seen for at least ``ttl``
     seconds (the in-memory one: unless more than ``max_keys`` newer keys pushed it out)."""
 

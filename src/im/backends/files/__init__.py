@@ -5,10 +5,11 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 
+from im.backends.lifecycle import Service
 from im.model.files import FileMeta
 
 
-class FileStore(abc.ABC):
+class FileStore(Service, abc.ABC):
     """Who uploaded which file, and which conversations it was sent to.
 
     Guarantees:
@@ -22,12 +23,6 @@ class FileStore(abc.ABC):
       takes the right away (unless they uploaded the same bytes themselves).
     - Unknown files and files the user may not read look the same to every method: ``None``/``False``.
     """
-
-    async def start(self) -> None:  # noqa: B027 - optional lifecycle hook
-        """Open connections, run migrations."""
-
-    async def close(self) -> None:  # noqa: B027
-        """Release resources."""
 
     @abc.abstractmethod
     async def add_upload(self, meta: FileMeta, uid: int, name: str, now: int) -> tuple[FileMeta, str, bool]:

@@ -7,10 +7,11 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Sequence
 
+from im.backends.lifecycle import Service
 from im.model.cluster import DeviceLocation
 
 
-class Presence(abc.ABC):
+class Presence(Service, abc.ABC):
     """Which gateway node holds which (user, device). A routing hint, never the truth: an entry may be
     stale for up to its TTL, so senders must rely on the log and cursors, not on presence, for delivery."""
 

@@ -118,7 +118,7 @@ class RedisPresence(Presence):
         """The Redis key that holds ``uid``'s entries."""
         return f"{self._key_prefix}{uid}"
 
-    async def close(self) -> None:
+    async def _release(self) -> None:
         if self._owns_client:
             await self._client.aclose()
 

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from im.backends.lifecycle import Service
+
 log = logging.getLogger(__name__)
 
 
@@ -50,7 +52,7 @@ class Hit(NamedTuple):
     cost: int = 1
 
 
-class RateLimiter(abc.ABC):
+class RateLimiter(Service, abc.ABC):
     """Decides hits against per-key budgets.
 
     Guarantees:
@@ -64,12 +66,6 @@ class RateLimiter(abc.ABC):
       disappear once their budget is full again, so memory is bounded by the keys used within a period.
     - An engine failure raises; what to do then is the caller's policy (:class:`FailOpen`).
     """
-
-    async def start(self) -> None:  # noqa: B027 - optional lifecycle hook
-        """Connect (optional)."""
-
-    async def close(self) -> None:  # noqa: B027
-        """Release connections (optional)."""
 
     @abc.abstractmethod
     async def check(self, hits: Sequence[Hit]) -> list[float]:
@@ -93,10 +89,10 @@ class FailOpen(RateLimiter):
         self._warned_at = -math.inf
         self.failures = 0
 
-    async def start(self) -> None:
+    async def _acquire(self) -> None:
         await self.limiter.start()
 
-    async def close(self) -> None:
+    async def _release(self) -> None:
         await self.limiter.close()
 
     def check_now(self, hits: Sequence[Hit]) -> list[float] | None:

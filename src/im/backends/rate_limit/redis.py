@@ -84,7 +84,7 @@ class RedisRateLimiter(RateLimiter):
     def client(self) -> aioredis.Redis:
         return self._client
 
-    async def close(self) -> None:
+    async def _release(self) -> None:
         if self._owns_client:
             await self._client.aclose()
 

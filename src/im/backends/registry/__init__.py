@@ -7,10 +7,11 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 
+from im.backends.lifecycle import Service
 from im.model.cluster import ServiceInstance
 
 
-class Registry(abc.ABC):
+class Registry(Service, abc.ABC):
     """Live service instances. Guarantee: an instance is listed only while its registration is alive
     (kept alive by its owner; gone after a clean stop at once, after a crash within its TTL)."""
 

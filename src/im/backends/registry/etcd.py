@@ -152,12 +152,6 @@ class EtcdRegistry(Registry):
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    async def __aenter__(self) -> EtcdRegistry:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
     def _key(self, role: str, node: str) -> bytes:
         return f"{self.prefix}{role}/{node}".encode()
 
@@ -376,7 +370,7 @@ class EtcdRegistry(Registry):
 
     # --- lifecycle --------------------------------------------------------------------------------------
 
-    async def close(self) -> None:
+    async def _release(self) -> None:
         """Stop every keepalive and watch, and close the connection. Registrations are not revoked
         (call :meth:`deregister` first for a clean stop): they expire within their TTL."""
         self._closed = True

@@ -8,6 +8,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Sequence
 
+from im.backends.lifecycle import Service
 from im.model.chat import StoredMessage
 
 
@@ -23,7 +24,7 @@ class DeliverySink(abc.ABC):
         """An ephemeral frame (typing, receipt) to the users' local devices, except ``skip`` (uid, device)."""
 
 
-class Router(abc.ABC):
+class Router(Service, abc.ABC):
     """Carries committed messages to the gateway nodes that hold recipients.
 
     Guarantee: per (sending core, gateway node), batches arrive in the order published; at most once

@@ -190,7 +190,7 @@ class SchemaTooNew(RuntimeError):
 class PostgresDatabase:
     """An asyncpg pool on one database (and optionally one schema), shared by the PostgreSQL stores.
 
-    Opened counted, like :class:`~im.backends.sqlite_db.SqliteDatabase`: each store opens and closes it,
+    Opened counted, like :class:`~im.backends.sql.sqlite_db.SqliteDatabase`: each store opens and closes it,
     and the pool lives while any of them is open.
     """
 

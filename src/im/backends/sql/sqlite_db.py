@@ -8,6 +8,7 @@ use a second connection so a long history read never waits behind a commit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -182,17 +183,25 @@ class SqliteDatabase:
     async def open(self) -> None:
         """Open (counted: both stores share one database and each opens and closes it)."""
         async with self._lock:
-            self._users += 1
             if self._writer is not None:
+                self._users += 1
                 return
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self._writer = _Connection(
+            writer = _Connection(
                 self.path, "PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL", "PRAGMA busy_timeout=5000"
             )
-            await self._writer.open()
-            await self._writer.call(self._migrate)
-            self._reader = _Connection(self.path, "PRAGMA busy_timeout=5000", "PRAGMA query_only=1")
-            await self._reader.open()
+            reader = _Connection(self.path, "PRAGMA busy_timeout=5000", "PRAGMA query_only=1")
+            try:
+                await writer.open()
+                await writer.call(self._migrate)
+                await reader.open()
+            except BaseException:  # a failed open holds nothing and counts no user
+                for conn in (reader, writer):
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+                raise
+            self._writer, self._reader = writer, reader
+            self._users += 1
 
     async def close(self) -> None:
         async with self._lock:
@@ -212,7 +221,8 @@ class SqliteDatabase:
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on the writer's thread inside one transaction (committed, or rolled back on error)."""
-        assert self._writer is not None, "database not open"
+        if self._writer is None:
+            raise RuntimeError("database not open")
 
         def run(conn: sqlite3.Connection) -> T:
             conn.execute("BEGIN IMMEDIATE")
@@ -228,5 +238,6 @@ class SqliteDatabase:
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on the reader's thread."""
-        assert self._reader is not None, "database not open"
+        if self._reader is None:
+            raise RuntimeError("database not open")
         return await self._reader.call(fn)

@@ -1,4 +1,5 @@
-"""LocalBlobStorage: streamed, hashed, atomic, content-addressed, idempotent puts."""
+"""The :class:`BlobStorage` contract (streamed, hashed, atomic, content-addressed, idempotent puts), run
+against every implementation (see ``conftest.BLOB_STORAGES``); then what only the local one does."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from im.backends.blobs import BlobNotFound, BlobTooLarge, Staged, is_sha256
+from im.backends.blobs import BlobNotFound, BlobStorage, BlobTooLarge, Staged, is_sha256
 from im.backends.blobs.local import LocalBlobStorage
+from tests.contract.conftest import BlobHarness
+from tests.contract.lifecycle import check_lifecycle
 
 
 async def chunks_of(pieces: Iterable[bytes]) -> AsyncIterator[bytes]:
@@ -25,62 +28,58 @@ def accept(staged: Staged) -> None:
     return None
 
 
-def blobs_in(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.parent.name != "tmp")
-
-
 def staging_files(root: Path) -> list[Path]:
     return sorted((root / "tmp").iterdir())
 
 
 @pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[LocalBlobStorage]:
-    s = LocalBlobStorage(tmp_path / "files", buffer_bytes=64 * 1024)
-    await s.start()
-    yield s
-    await s.close()
+def h(blob_harness: BlobHarness) -> BlobHarness:
+    return blob_harness
 
 
-async def test_put_stores_under_the_sha256(storage: LocalBlobStorage) -> None:
+async def test_put_stores_under_the_sha256(h: BlobHarness) -> None:
+    storage = h.storage
     data = os.urandom(300_000)
     result, _ = await storage.put(
         chunks_of([data[:1000], data[1000:200_000], data[200_000:]]), max_bytes=10**6, inspect=accept
     )
     sha = hashlib.sha256(data).hexdigest()
     assert (result.sha256, result.size, result.created) == (sha, len(data), True)
-    path = storage.root / sha[:2] / sha
-    assert path.read_bytes() == data
-    assert blobs_in(storage.root) == [path]
-    assert staging_files(storage.root) == []
+    assert h.raw(sha) == data
+    assert h.stored() == [sha]
+    assert h.staged() == []
     assert await storage.exists(sha)
     got = b"".join([chunk async for chunk in await storage.open(sha, chunk_size=4096)])
     assert got == data
 
 
-async def test_same_bytes_twice_are_stored_once(storage: LocalBlobStorage) -> None:
+async def test_same_bytes_twice_are_stored_once(h: BlobHarness) -> None:
+    storage = h.storage
     data = b"the same bytes" * 1000
     first, _ = await storage.put(chunks_of([data]), max_bytes=10**6, inspect=accept)
-    mtime = (storage.root / first.sha256[:2] / first.sha256).stat().st_mtime_ns
+    version = h.version(first.sha256)
     # different chunking, same bytes
     second, _ = await storage.put(chunks_of([data[:7], data[7:]]), max_bytes=10**6, inspect=accept)
     assert second.sha256 == first.sha256 and not second.created
-    assert len(blobs_in(storage.root)) == 1
-    assert (storage.root / first.sha256[:2] / first.sha256).stat().st_mtime_ns == mtime  # not rewritten
-    assert staging_files(storage.root) == []
+    assert len(h.stored()) == 1
+    assert h.version(first.sha256) == version  # not rewritten
+    assert h.staged() == []
 
 
-async def test_concurrent_puts_of_the_same_bytes(storage: LocalBlobStorage) -> None:
+async def test_concurrent_puts_of_the_same_bytes(h: BlobHarness) -> None:
+    storage = h.storage
     data = os.urandom(500_000)
     pieces = [data[i : i + 50_000] for i in range(0, len(data), 50_000)]
     results = await asyncio.gather(*(storage.put(chunks_of(pieces), max_bytes=10**6, inspect=accept) for _ in range(5)))
     assert {r.sha256 for r, _ in results} == {hashlib.sha256(data).hexdigest()}
-    assert len(blobs_in(storage.root)) == 1
-    assert staging_files(storage.root) == []
+    assert len(h.stored()) == 1
+    assert h.staged() == []
 
 
-async def test_put_streams_to_disk_and_publishes_only_at_the_end(storage: LocalBlobStorage) -> None:
+async def test_put_streams_to_disk_and_publishes_only_at_the_end(h: BlobHarness) -> None:
     """Bytes reach the staging file while the stream is still running (never all held in memory), and
     nothing is visible under a blob name before the put completes."""
+    storage = h.storage
     chunk = os.urandom(128 * 1024)
     observed: list[int] = []
 
@@ -88,10 +87,10 @@ async def test_put_streams_to_disk_and_publishes_only_at_the_end(storage: LocalB
         for _ in range(16):
             yield chunk
             await asyncio.sleep(0.01)  # let the buffered write reach the disk
-            staged = staging_files(storage.root)
+            staged = h.staged()
             assert len(staged) == 1
-            observed.append(staged[0].stat().st_size)
-            assert blobs_in(storage.root) == []
+            observed.append(staged[0])
+            assert h.stored() == []
 
     result, _ = await storage.put(source(), max_bytes=10**7, inspect=accept)
     assert result.size == 16 * len(chunk)
@@ -101,7 +100,8 @@ async def test_put_streams_to_disk_and_publishes_only_at_the_end(storage: LocalB
     assert observed[3] >= 3 * len(chunk)
 
 
-async def test_too_large_stops_the_stream_and_leaves_nothing(storage: LocalBlobStorage) -> None:
+async def test_too_large_stops_the_stream_and_leaves_nothing(h: BlobHarness) -> None:
+    storage = h.storage
     pulled = 0
 
     async def endless() -> AsyncIterator[bytes]:
@@ -113,15 +113,16 @@ async def test_too_large_stops_the_stream_and_leaves_nothing(storage: LocalBlobS
     with pytest.raises(BlobTooLarge):
         await storage.put(endless(), max_bytes=95_000, inspect=accept)
     assert pulled == 10
-    assert blobs_in(storage.root) == [] and staging_files(storage.root) == []
+    assert h.stored() == [] and h.staged() == []
 
 
-async def test_exactly_max_bytes_is_accepted(storage: LocalBlobStorage) -> None:
-    result, _ = await storage.put(chunks_of([b"y" * 1000]), max_bytes=1000, inspect=accept)
+async def test_exactly_max_bytes_is_accepted(h: BlobHarness) -> None:
+    result, _ = await h.storage.put(chunks_of([b"y" * 1000]), max_bytes=1000, inspect=accept)
     assert result.size == 1000
 
 
-async def test_inspect_sees_the_whole_blob_and_can_refuse_it(storage: LocalBlobStorage) -> None:
+async def test_inspect_sees_the_whole_blob_and_can_refuse_it(h: BlobHarness) -> None:
+    storage = h.storage
     data = b"\x89PNG-ish" + os.urandom(100_000)
     seen: list[tuple[str, int, bytes]] = []
 
@@ -133,7 +134,7 @@ async def test_inspect_sees_the_whole_blob_and_can_refuse_it(storage: LocalBlobS
     with pytest.raises(ValueError, match="not wanted"):
         await storage.put(chunks_of([data[:10], data[10:]]), max_bytes=10**6, inspect=refuse)
     assert seen == [(hashlib.sha256(data).hexdigest(), len(data), data)]
-    assert blobs_in(storage.root) == [] and staging_files(storage.root) == []
+    assert h.stored() == [] and h.staged() == []
 
     def verdict(staged: Staged) -> str:
         return f"ok {staged.size}"
@@ -142,17 +143,20 @@ async def test_inspect_sees_the_whole_blob_and_can_refuse_it(storage: LocalBlobS
     assert answer == f"ok {len(data)}" and result.created
 
 
-async def test_a_failing_stream_leaves_nothing(storage: LocalBlobStorage) -> None:
+async def test_a_failing_stream_leaves_nothing(h: BlobHarness) -> None:
+    storage = h.storage
+
     async def broken() -> AsyncIterator[bytes]:
         yield b"a" * 100_000
         raise ConnectionResetError("client went away")
 
     with pytest.raises(ConnectionResetError):
         await storage.put(broken(), max_bytes=10**6, inspect=accept)
-    assert blobs_in(storage.root) == [] and staging_files(storage.root) == []
+    assert h.stored() == [] and h.staged() == []
 
 
-async def test_a_cancelled_put_leaves_nothing(storage: LocalBlobStorage) -> None:
+async def test_a_cancelled_put_leaves_nothing(h: BlobHarness) -> None:
+    storage = h.storage
     started = asyncio.Event()
 
     async def slow() -> AsyncIterator[bytes]:
@@ -166,10 +170,11 @@ async def test_a_cancelled_put_leaves_nothing(storage: LocalBlobStorage) -> None
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert blobs_in(storage.root) == [] and staging_files(storage.root) == []
+    assert h.stored() == [] and h.staged() == []
 
 
-async def test_open_exists_delete(storage: LocalBlobStorage) -> None:
+async def test_open_exists_delete(h: BlobHarness) -> None:
+    storage = h.storage
     missing = "0" * 64
     assert not await storage.exists(missing)
     assert not await storage.exists("../etc/passwd")
@@ -181,6 +186,16 @@ async def test_open_exists_delete(storage: LocalBlobStorage) -> None:
     assert await storage.delete(result.sha256)
     assert not await storage.delete(result.sha256)
     assert not await storage.exists(result.sha256)
+
+
+async def test_lifecycle(h: BlobHarness) -> None:
+    async def probe(storage: BlobStorage) -> None:
+        assert not await storage.exists("0" * 64)
+
+    await check_lifecycle(h.unstarted, probe)
+
+
+# --- LocalBlobStorage only ------------------------------------------------------------------------------
 
 
 async def test_start_removes_stale_staging_files_only(tmp_path: Path) -> None:

@@ -1,17 +1,20 @@
-"""The AccountStores on real storage: a SQLite file and a PostgreSQL schema (the ``store`` fixture of
-``tests/conftest.py`` runs each test on both)."""
+"""The :class:`AccountStore` contract, run against every implementation (see ``conftest.ACCOUNT_STORES``:
+a SQLite file, a PostgreSQL schema; no skip when the server is down)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 from im.backends.accounts import AccountStore
-from im.backends.accounts.sqlite import SqliteAccountStore
-from im.backends.sql.sqlite_db import SqliteDatabase
 from im.model.accounts import AuthSession, Privacy
 from im.model.errors import Conflict
+from tests.contract.conftest import AccountHarness
+from tests.contract.lifecycle import check_lifecycle
+
+
+@pytest.fixture
+def store(account_harness: AccountHarness) -> AccountStore:
+    return account_harness.store
 
 
 async def test_create_and_get_user(store: AccountStore) -> None:
@@ -154,16 +157,16 @@ async def test_delete_user_leaves_a_tombstone_and_frees_the_name(store: AccountS
     assert again.uid != a.uid
 
 
-async def test_data_survives_reopen(tmp_path: Path) -> None:
-    s = SqliteAccountStore(SqliteDatabase(tmp_path / "im.db"))
-    await s.start()
-    u = await s.create_user("erin", "Erin", "h", 1)
-    await s.close()
-    s = SqliteAccountStore(SqliteDatabase(tmp_path / "im.db"))
-    await s.start()
-    try:
-        assert await s.get_user(u.uid) == u
-        with pytest.raises(Conflict):
-            await s.create_user("ERIN", "E", "h", 2)
-    finally:
-        await s.close()
+async def test_data_survives_reopen(account_harness: AccountHarness) -> None:
+    u = await account_harness.store.create_user("erin", "Erin", "h", 1)
+    s = await account_harness.reopen()
+    assert await s.get_user(u.uid) == u
+    with pytest.raises(Conflict):
+        await s.create_user("ERIN", "E", "h", 2)
+
+
+async def test_lifecycle(account_harness: AccountHarness) -> None:
+    async def probe(s: AccountStore) -> None:
+        assert await s.get_user(10**9) is None
+
+    await check_lifecycle(account_harness.unstarted, probe)
