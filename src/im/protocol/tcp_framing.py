@@ -150,6 +150,11 @@ class TcpFramer:
         """True once :class:`Broken` was returned: everything fed since is ignored."""
         return self._broken
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for a frame not yet whole (never more than ``max_frame`` + 4)."""
+        return len(self._buf)
+
     def receive_data(self, data: bytes) -> list[Event]:
         """The events completed by ``data``, in stream order (none after :class:`Broken`)."""
         if self._broken:
