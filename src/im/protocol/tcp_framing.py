@@ -119,6 +119,8 @@ class Broken(NamedTuple):
 
 Event = Frame | Oversized | UnknownEncoding | Broken
 
+_tuple_new = tuple.__new__
+
 
 class TcpFramingError(ConnectionError):
     """The byte stream does not follow the TCP framing: it cannot be resynchronised, so close."""
@@ -194,9 +196,9 @@ class TcpFramer:
             payload = bytes(buf[pos + HEADER_SIZE : pos + 4 + length])
             pos += 4 + length
             if kind == JSON_KIND:
-                events.append(Frame(payload, False))
+                events.append(_tuple_new(Frame, (payload, False)))  # Frame(payload, False), without its __new__
             elif kind == MSGPACK_KIND:
-                events.append(Frame(payload, True))
+                events.append(_tuple_new(Frame, (payload, True)))
             else:
                 events.append(UnknownEncoding(kind))
         if pos:
