@@ -55,8 +55,8 @@ from im.events.push import PushConsumer
 from im.events.relay import OutboxRelay
 from im.files import FileService
 from im.gateway.hub import Hub, HubRates
-from im.gateway.tcp import serve_tcp
-from im.gateway.ws import WS_PATH, serve_websocket
+from im.gateway.tcp_connection import serve_tcp
+from im.gateway.ws_connection import WS_PATH, serve_websocket
 from im.model.chat import ConversationState
 from im.model.cluster import ServiceInstance
 from im.net import Admission, Listener, bind, connection_budget, raise_open_file_limit

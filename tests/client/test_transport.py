@@ -1,4 +1,5 @@
-"""Transports: the TCP framing without I/O, then TCP and in-memory pairs over real sockets / queues.
+"""Transports: the TCP framing under the SDK's names (``tcp_frame``, ``TcpFramer``; the core itself is
+tested in tests/test_tcp_framing.py), then TCP and in-memory pairs over real sockets / queues.
 
 The WebSocket and TCP transports against the real server are exercised in test_client.py.
 """

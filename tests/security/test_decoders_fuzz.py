@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from im.gateway.hub import Connection
-from im.gateway.tcp import TcpConnection, frame
-from im.gateway.websocket import (
+from im.gateway.tcp_connection import TcpConnection
+from im.gateway.ws_protocol import (
     CloseCode,
     Closed,
     Message,
@@ -46,8 +46,9 @@ from im.protocol.codec import Encoding, decode_client, decode_server, encode
 from im.protocol.frames import Auth, Bye, Error, Ping, Pong, Read, Recv, Send, Typing
 from im.protocol.messages import EncodedCache
 from im.protocol.session import Limits, ServerSession
-from tests.test_websocket_protocol import frame as ws_frame
-from tests.test_websocket_protocol import request, server_frames
+from im.protocol.tcp_framing import encode_frame
+from tests.test_ws_protocol import frame as ws_frame
+from tests.test_ws_protocol import request, server_frames
 
 FUZZ = settings(
     max_examples=int(os.environ.get("IM_FUZZ_EXAMPLES", "150")),
@@ -345,7 +346,7 @@ def test_what_a_stranger_makes_the_server_queue_is_capped() -> None:
         conn = TcpConnection(hub, _admission())  # type: ignore[arg-type]
         transport = MemoryTransport(unread=True)
         conn.connection_made(transport)  # type: ignore[arg-type]
-        ping = frame(b'{"t":"ping","id":1}', False)
+        ping = encode_frame(b'{"t":"ping","id":1}', False)
         for _ in range(20_000):
             conn.data_received(ping * 10)
             if transport.eof:
@@ -362,7 +363,7 @@ def test_what_a_stranger_makes_the_server_queue_is_capped() -> None:
 @given(ids=st.lists(st.integers(0, 2**53), min_size=1, max_size=6), binary=st.booleans(), cuts=cut_lists)
 def test_tcp_well_formed_frames_round_trip(ids: list[int], binary: bool, cuts: Any) -> None:
     encoding = Encoding.MSGPACK if binary else Encoding.JSON
-    data = b"".join(frame(encode(Ping(id=i), encoding), binary) for i in ids)
+    data = b"".join(encode_frame(encode(Ping(id=i), encoding), binary) for i in ids)
     written, closed = run_tcp(chunkings(data, cuts))
     assert check_tcp_output(written) == [Pong(id=i) for i in ids] and not closed
 

@@ -1,6 +1,6 @@
 """RFC 6455 hard cases and fragment floods against a real ``im serve``, over a raw socket.
 
-The unit tests (tests/test_websocket_protocol.py) cover the same cases on the sans-I/O protocol; these
+The unit tests (tests/test_ws_protocol.py) cover the same cases on the sans-I/O protocol; these
 check that the running server keeps them end to end: each attack gets its close code, the server stays
 small, and a logged-in bystander's sends are acked throughout.
 """
@@ -20,7 +20,7 @@ import pytest
 
 from tests.support.client import Account, ChatClient, register
 from tests.support.server import ServerProcess, running_server
-from tests.test_websocket_protocol import frame
+from tests.test_ws_protocol import frame
 
 pytestmark = pytest.mark.timeout(180)
 

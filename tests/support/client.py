@@ -1,7 +1,7 @@
 """A recording WebSocket chat client for end-to-end tests, written from docs/protocol.md.
 
-It uses the ``websockets`` library (an implementation independent of the server's picows) and plain
-JSON, so the tests exercise the wire contract, not our own codec.
+It uses the ``websockets`` library (an implementation independent of the server's own sans-I/O protocol,
+``im.gateway.ws_protocol``) and plain JSON, so the tests exercise the wire contract, not our own codec.
 """
 
 from __future__ import annotations

@@ -1,12 +1,17 @@
-"""The seam between the SDK and the network: a four-method :class:`Transport` and its implementations.
+"""The seam between the SDK and the network: the :class:`Transport` interface and its implementations.
 
 A transport carries whole protocol frames (already encoded bytes) in both directions and knows nothing of
-their meaning; :class:`~im.client.session.ClientSession` does. Implementations:
+their meaning; :class:`~im.client.session.ClientSession` does. The interface is five abstract methods --
+:meth:`~Transport.connect`, :meth:`~Transport.send`, :meth:`~Transport.recv`, :meth:`~Transport.close`,
+:meth:`~Transport.abort` -- plus :meth:`~Transport.send_many` (one frame at a time unless overridden), the
+``encoding`` attribute and ``async with``. Implementations:
 
-- :class:`WebSocketTransport` -- RFC 6455 via picows; one frame per WebSocket message, text for JSON,
-  binary for MessagePack (docs/protocol.md section 3).
+- :class:`WebSocketTransport` -- RFC 6455 via picows (the client side; the server has its own sans-I/O
+  protocol); one frame per WebSocket message, text for JSON, binary for MessagePack (docs/protocol.md
+  section 3).
 - :class:`TcpTransport` -- plain TCP with the 5-byte header of docs/protocol.md "TCP framing"; the framing
-  itself is the sans-I/O :class:`TcpFramer`.
+  itself is the sans-I/O :class:`~im.protocol.tcp_framing.TcpFramer` the TCP gateway uses too, in its
+  strict form (frames over ``max_frame`` or with an unknown encoding byte abort the connection).
 - :class:`MemoryTransport` -- an in-process pair, for tests (``a, b = MemoryTransport.pair()``).
 
 Example::
@@ -23,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
@@ -34,6 +38,7 @@ from urllib.parse import urlsplit
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from im.protocol.codec import Encoding
+from im.protocol.tcp_framing import DEFAULT_MAX_FRAME, TcpFramer, TcpFramingError, encode_frame, encode_frames
 
 __all__ = [
     "MemoryTransport",
@@ -45,8 +50,6 @@ __all__ = [
     "WebSocketTransport",
     "tcp_frame",
 ]
-
-_DEFAULT_MAX_FRAME = 16 * 1024 * 1024  # what the client accepts; the server's own limit is far lower
 
 
 class TransportClosed(ConnectionError):
@@ -198,7 +201,7 @@ class WebSocketTransport(Transport):
         *,
         encoding: Encoding = Encoding.JSON,
         connect_timeout: float = 10.0,
-        max_frame: int = _DEFAULT_MAX_FRAME,
+        max_frame: int = DEFAULT_MAX_FRAME,
         max_queue: int = 65536,
         local_addr: str | None = None,
     ) -> None:
@@ -278,53 +281,13 @@ class WebSocketTransport(Transport):
 
 # --- TCP ----------------------------------------------------------------------------------------------
 
-_HEADER = struct.Struct(">IB")
-_KIND = {Encoding.JSON: 0x01, Encoding.MSGPACK: 0x02}
-
-
-class TcpFramingError(ConnectionError):
-    """The byte stream does not follow the TCP framing: it cannot be resynchronised, so close."""
+# The framing is im.protocol.tcp_framing's; TcpFramer and TcpFramingError are re-exported from here, where
+# the SDK has always offered them (docs/sdk.md), with tcp_frame, its encoder by Encoding.
 
 
 def tcp_frame(payload: bytes, encoding: Encoding) -> bytes:
     """One TCP frame: length ``L`` (u32 big-endian) = 1 + payload size, the encoding byte, the payload."""
-    return _HEADER.pack(len(payload) + 1, _KIND[encoding]) + payload
-
-
-class TcpFramer:
-    """Sans-I/O parser of the TCP framing (docs/protocol.md, "TCP framing"): feed bytes, get payloads.
-
-    >>> f = TcpFramer()
-    >>> data = tcp_frame(b'{"t":"pong","id":1}', Encoding.JSON)
-    >>> f.feed(data[:3]), f.feed(data[3:])
-    ([], [b'{"t":"pong","id":1}'])
-    """
-
-    __slots__ = ("_buf", "max_frame")
-
-    def __init__(self, max_frame: int = _DEFAULT_MAX_FRAME) -> None:
-        self.max_frame = max_frame
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[bytes]:
-        buf = self._buf
-        buf += data
-        out: list[bytes] = []
-        pos, end = 0, len(buf)
-        while end - pos >= 5:
-            length = int.from_bytes(buf[pos : pos + 4], "big")
-            if length == 0 or length - 1 > self.max_frame:
-                raise TcpFramingError(f"bad frame length {length}")
-            if end - pos < 4 + length:
-                break
-            kind = buf[pos + 4]
-            if kind != 0x01 and kind != 0x02:
-                raise TcpFramingError(f"unknown encoding byte {kind:#04x}")
-            out.append(bytes(buf[pos + 5 : pos + 4 + length]))
-            pos += 4 + length
-        if pos:
-            del buf[:pos]
-        return out
+    return encode_frame(payload, encoding is Encoding.MSGPACK)
 
 
 class _TcpProtocol(asyncio.Protocol):
@@ -367,7 +330,7 @@ class TcpTransport(Transport):
         *,
         encoding: Encoding = Encoding.JSON,
         connect_timeout: float = 10.0,
-        max_frame: int = _DEFAULT_MAX_FRAME,
+        max_frame: int = DEFAULT_MAX_FRAME,
         max_queue: int = 65536,
         local_addr: str | None = None,
     ) -> None:
@@ -378,7 +341,7 @@ class TcpTransport(Transport):
         self.host, self.port = parts.hostname, parts.port
         self.encoding = encoding
         self.connect_timeout = connect_timeout
-        self._kind = _KIND[encoding]
+        self._binary = encoding is Encoding.MSGPACK
         self._transport: asyncio.Transport | None = None
         self._inbox = _Inbox(max_queue, self._pause, self._resume)
         self._framer = TcpFramer(max_frame)
@@ -410,18 +373,13 @@ class TcpTransport(Transport):
         t = self._transport
         if t is None or t.is_closing():
             raise TransportClosed("the TCP connection is closed")
-        t.write(_HEADER.pack(len(data) + 1, self._kind) + data)
+        t.write(encode_frame(data, self._binary))
 
     def send_many(self, frames: list[bytes]) -> None:
         t = self._transport
         if t is None or t.is_closing():
             raise TransportClosed("the TCP connection is closed")
-        pack, kind = _HEADER.pack, self._kind
-        parts: list[bytes] = []
-        for data in frames:
-            parts.append(pack(len(data) + 1, kind))
-            parts.append(data)
-        t.write(b"".join(parts))
+        t.write(encode_frames(frames, self._binary))
 
     async def recv(self) -> bytes | None:
         return await self._inbox.get()

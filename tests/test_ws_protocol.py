@@ -10,7 +10,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from im.gateway.websocket import (
+from im.gateway.ws_protocol import (
     CloseCode,
     Closed,
     Message,
@@ -670,7 +670,7 @@ def test_small_frames_of_a_dropped_message_split_inside_their_mask(chunk: int) -
 
 
 def test_each_fragment_costs_toward_the_hard_limit() -> None:
-    from im.gateway.websocket import FRAGMENT_COST
+    from im.gateway.ws_protocol import FRAGMENT_COST
 
     s = WsSettings(max_message=1000, hard_limit=4000, max_fragments=1_000_000)
     p = opened(s)
