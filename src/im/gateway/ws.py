@@ -174,6 +174,7 @@ class WsConnection(asyncio.Protocol, Connection):
         self._cancel_timer()
         if t.can_write_eof():
             t.write_eof()
+            t.resume_reading()  # a stopping server paused reads: read the client's close (as tcp.py does)
             self._timer = asyncio.get_running_loop().call_later(self._close_timeout, self._expire)
         else:
             t.close()
