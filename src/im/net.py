@@ -262,8 +262,11 @@ class Listener:
         self._sock.close()
 
     async def wait_closed(self) -> None:
-        """Like ``asyncio.Server.wait_closed`` for callers that await it (uvicorn's shutdown): the
-        listening socket is closed by :meth:`close`; connections are their owners' to wait for."""
+        """Like ``asyncio.Server.wait_closed`` (uvicorn's shutdown awaits it): returns once the connections
+        accepted before :meth:`close` are set up (their protocols made), so whoever stops next sees them.
+        The listening socket is closed by :meth:`close`; connections are their owners' to wait for."""
+        if self._pending:
+            await asyncio.wait(list(self._pending))
 
     def _accept(self) -> None:
         loop = self._loop

@@ -11,35 +11,37 @@ The same core as ``im serve``, cut where the network goes (docs/architecture.md)
   judges between writers) and routed through a transfer node.
 
 Every role finds the others through the registry (etcd) and shares the store (PostgreSQL) and presence
-(Redis); the composition root refuses to start a role on engines that one process owns.
+(Redis); the composition root refuses to start a role on engines that one process owns. Each role lists
+its parts in start order and runs them through :class:`im.lifecycle.Lifecycle`, which stops them in
+reverse.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from im.api.app import create_app
+from im.api.server import GatewayPicker, HttpServer
 from im.backends.routing import DeliverySink
-from im.config import Config, ConfigError
-from im.model.chat import StoredMessage
-from im.model.cluster import ServiceInstance
-from im.server import (
-    GatewayPicker,
-    HttpServer,
-    ServerProcessBase,
+from im.compose import (
+    GatewayListeners,
     build_accounts,
     build_admission,
     build_backends,
     build_chat,
     build_files,
     build_hub,
-    close_all,
-    deregister,
     event_workers,
-    start_gateway_listeners,
+    require_shared_engines,
 )
+from im.config import Config
+from im.lifecycle import Lifecycle, Loop, Part, registration, report_load
+from im.model.chat import StoredMessage
+from im.model.cluster import ServiceInstance
 from im.transfer.pool import GRPC_ADDRESS, LinkRouter, TransferPool
 from im.transfer.server import GrpcRouter, TransferServicer, serve_transfer
 
@@ -49,22 +51,6 @@ log = logging.getLogger("im")
 #: processes may change; the committer on a transfer node needs none (the store refuses stale heads).
 #: Also how long any role trusts cached blocks and settings: a block takes effect everywhere within it.
 SHARED_STATE_TTL = 2.0
-
-
-def require_shared_engines(config: Config, role: str) -> None:
-    """A role process shares state with others only through real engines: say which is missing."""
-    wrong = []
-    if config.store.kind != "postgres":
-        wrong.append("store.kind=postgres (with store.postgres_dsn)")
-    if config.presence.kind != "redis":
-        wrong.append("presence.kind=redis")
-    if config.registry.kind != "etcd":
-        wrong.append("registry.kind=etcd")
-    if wrong:
-        raise ConfigError(
-            f"im {role} runs beside other processes and needs shared engines: set {', '.join(wrong)} "
-            "(im serve runs everything in one process on embedded ones)"
-        )
 
 
 class _NoDeliveries(DeliverySink):
@@ -77,7 +63,18 @@ class _NoDeliveries(DeliverySink):
         pass
 
 
-class TransferNode(ServerProcessBase):
+class _Role:
+    """What every role shares: its configuration and the one lifecycle that runs its parts."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.lifecycle = Lifecycle()
+
+    def request_stop(self) -> None:
+        self.lifecycle.request_stop()
+
+
+class TransferNode(_Role):
     """``im transfer``: the committer behind the gRPC Transfer service."""
 
     def __init__(self, config: Config) -> None:
@@ -91,41 +88,53 @@ class TransferNode(ServerProcessBase):
         self.servicer = TransferServicer(
             self.chat, self.router, node=tc.node_id, max_frame_items=tc.max_frame_items, max_pending=tc.max_pending
         )
+        self._grpc_server: Any = None
         self.address = ""
 
-    async def run(self, ready: Callable[[TransferNode], None] | None = None) -> None:
+    def parts(self) -> list[Part]:
+        """In start order; the stop runs backwards: leave the registry first (gateways stop choosing
+        this node), then finish what is queued (every send already taken is committed and answered, or
+        refused), end the streams once those answers left on them, then stop gRPC and close."""
         cfg, tc, b = self.config, self.config.transfer, self.backends
-        await b.start()
-        await self.files.start()
-        self.chat.start()
-        grpc_server, port = await serve_transfer(self.servicer, f"{tc.host}:{tc.port}")
+        return [
+            Part("stores", b.start, b.close),
+            Part("files", self.files.start, self.files.close),
+            Part("grpc", self._serve, self._stop_serving),
+            Part("committer", self.chat.start, self.chat.stop),
+            registration(
+                b.registry,
+                lambda: ServiceInstance("transfer", tc.node_id, {GRPC_ADDRESS: self.address}),
+                float(cfg.registry.ttl),
+            ),
+        ]
+
+    async def _serve(self) -> None:
+        tc = self.config.transfer
+        self._grpc_server, port = await serve_transfer(self.servicer, f"{tc.host}:{tc.port}")
         self.address = tc.public_address or f"{tc.host}:{port}"
-        await b.registry.register(
-            ServiceInstance("transfer", tc.node_id, {GRPC_ADDRESS: self.address}), ttl=float(cfg.registry.ttl)
+
+    async def _stop_serving(self) -> None:
+        # The committer has stopped: its last answers are in the streams' outboxes. Each stream writes
+        # what its outbox holds and ends; then gRPC stops (cancelling a stream that is still stuck).
+        await self.servicer.close_streams(timeout=1.0)
+        await self._grpc_server.stop(grace=1.0)
+
+    def loops(self) -> list[Loop]:
+        cfg, b = self.config, self.backends
+        tc = cfg.transfer
+        load = report_load(b.registry, tc.node_id, lambda: self.servicer.streams, interval=cfg.registry.ttl / 3)
+        return [*(("im-events", worker) for worker in event_workers(cfg, b)), ("im-load", load)]
+
+    async def run(self, ready: Callable[[TransferNode], None] | None = None) -> None:
+        await self.lifecycle.run(
+            self.parts(),
+            loops=self.loops,
+            ready=None if ready is None else lambda: ready(self),
+            stopping="stopping: finishing queued sends",
         )
-        self.install_signal_handlers()
-        if ready is not None:
-            ready(self)
-        tasks = [asyncio.create_task(c, name="im-events") for c in event_workers(cfg, b)]
-        tasks.append(
-            asyncio.create_task(self.report_load(b.registry, tc.node_id, lambda: self.servicer.streams), name="im-load")
-        )
-        await self._stop.wait()
-        log.info("stopping: finishing queued sends")
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        # Leave the registry first (gateways stop choosing this node), then finish what is queued:
-        # every send already taken is committed and answered on its stream, or refused.
-        await deregister(b.registry, tc.node_id)
-        await self.chat.stop()
-        await asyncio.sleep(0.2)  # let the answers of the last batch leave on their streams
-        await grpc_server.stop(grace=1.0)
-        await close_all(self.files.close, b.close)
-        log.info("stopped")
 
 
-class GatewayNode(ServerProcessBase):
+class GatewayNode(_Role):
     """``im gateway``: client connections, sends through the transfer nodes."""
 
     def __init__(self, config: Config) -> None:
@@ -134,57 +143,62 @@ class GatewayNode(ServerProcessBase):
         node = config.gateway.node_id
         self.backends = b = build_backends(config)
         self.accounts = build_accounts(config, b.account_store)
-        self.pool = TransferPool(b.registry, node, None, on_revoked=self._revoked)  # the sink: the hub
+        self.pool = TransferPool(b.registry, node, on_revoked=self._revoked)
         self.router = LinkRouter(self.pool)
         # Reads only (replays, members for typing and receipts): no committer runs here, so no file checks.
         self.chat = build_chat(
             config, b, None, self.router, node, state_ttl=SHARED_STATE_TTL, privacy_ttl=SHARED_STATE_TTL
         )
         self.hub = build_hub(config, self.chat, self.accounts, b.rate_limiter, submit=self.pool.submit)
-        self.pool.sink = self.hub
         self.admission = build_admission(config)
-        self.addresses: dict[str, str] = {}
+        self.listeners = GatewayListeners(config, self.hub, self.admission)
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        return self.listeners.addresses
 
     def _revoked(self, sid: str) -> None:
         self.accounts.revoked_elsewhere(sid)
         self.hub.revoked(sid)
 
-    async def run(self, ready: Callable[[GatewayNode], None] | None = None) -> None:
+    def parts(self) -> list[Part]:
+        """In start order; the stop runs backwards: leave the registry (the API stops handing this node
+        out), stop accepting and reading; sends already on a link get their answer (acked or refused,
+        within ``transfer.drain_timeout``) before clients are told to move; bye to everyone, flush
+        cursors; close."""
         cfg, b = self.config, self.backends
         node = cfg.gateway.node_id
-        await b.start()
-        await self.pool.start()
-        self.hub.start()
-        listeners, self.addresses = await start_gateway_listeners(cfg, self.hub, self.admission)
-        await b.registry.register(ServiceInstance("gateway", node, self.addresses), ttl=float(cfg.registry.ttl))
-        self.install_signal_handlers()
-        if ready is not None:
-            ready(self)
-        load_task = asyncio.create_task(
-            self.report_load(b.registry, node, lambda: self.hub.connections), name="im-load"
+        return [
+            Part("stores", b.start, b.close),
+            Part("transfer links", lambda: self.pool.start(self.hub), self.pool.close),
+            Part("hub", self.hub.start, self.hub.drain_and_close),
+            Part("answers on the links", _nothing, self._wait_answered),
+            Part("listeners", self.listeners.start, self.listeners.stop),
+            registration(
+                b.registry, lambda: ServiceInstance("gateway", node, self.listeners.addresses), float(cfg.registry.ttl)
+            ),
+        ]
+
+    async def _wait_answered(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.transfer.drain_timeout):
+                await self.pool.wait_answered()
+
+    def loops(self) -> list[Loop]:
+        cfg, b = self.config, self.backends
+        node = cfg.gateway.node_id
+        return [("im-load", report_load(b.registry, node, lambda: self.hub.connections, interval=cfg.registry.ttl / 3))]
+
+    async def run(self, ready: Callable[[GatewayNode], None] | None = None) -> None:
+        await self.lifecycle.run(
+            self.parts(),
+            loops=self.loops,
+            ready=None if ready is None else lambda: ready(self),
+            stopping="stopping: waiting for answers to sends on the links",
         )
-        await self._stop.wait()
-        log.info("stopping: waiting for answers to sends on the links")
-        load_task.cancel()
-        # 1. No new work: leave the registry (the API stops handing this node out), stop accepting.
-        await deregister(b.registry, node)
-        for server in listeners:
-            server.close()
-        self.hub.pause_all()
-        # 2. Sends already on a link get their answer (acked or refused) before clients are told to move.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + cfg.transfer.drain_timeout
-        while any(link.in_flight for link in self.pool.links.values()) and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0)
-        # 3. bye to everyone, flush cursors, close.
-        await self.hub.drain_and_close()
-        await asyncio.sleep(0.1)
-        await close_all(self.pool.close, b.close)
-        log.info("stopped")
 
 
-class ApiNode(ServerProcessBase):
+class ApiNode(_Role):
     """``im api``: the HTTP API; stateless, any number of them."""
 
     def __init__(self, config: Config) -> None:
@@ -194,7 +208,7 @@ class ApiNode(ServerProcessBase):
         self.backends = b = build_backends(config)
         self.accounts = build_accounts(config, b.account_store, b.rate_limiter)
         self.files = build_files(config, b.file_store, b.rate_limiter)
-        self.pool = TransferPool(b.registry, node, _NoDeliveries())
+        self.pool = TransferPool(b.registry, node)
         self.router = LinkRouter(self.pool)
         # Membership changes are committed here (the store judges between writers) and routed through
         # a transfer node; reads check membership on a state at most SHARED_STATE_TTL old.
@@ -205,40 +219,43 @@ class ApiNode(ServerProcessBase):
         self.accounts.on_privacy_change(self.chat.forget_privacy)
         self.picker = GatewayPicker(b.registry)
         self.admission = build_admission(config)
-        self.url = ""
-
-    async def run(self, ready: Callable[[ApiNode], None] | None = None) -> None:
-        cfg, b = self.config, self.backends
-        await b.start()
-        await self.files.start()
-        await self.pool.start()
-        self.chat.start()
-        self.picker.start()
-        http = HttpServer(
-            cfg,
+        self.http = HttpServer(
+            config,
             create_app(
                 self.accounts,
                 self.chat,
                 self.picker.pick,
-                cfg.limits,
+                config.limits,
                 files=self.files,
-                max_request_bytes=cfg.http.max_body_bytes,
-                refusal_delay=cfg.rates.refusal_delay,
+                max_request_bytes=config.http.max_body_bytes,
+                refusal_delay=config.rates.refusal_delay,
             ),
             self.admission,
         )
-        await http.start()
-        self.url = http.url
-        self.install_signal_handlers()
-        if ready is not None:
-            ready(self)
-        await self._stop.wait()
-        log.info("stopping")
-        self.picker.stop()
-        await http.stop()
-        await self.chat.stop()
-        await close_all(self.pool.close, self.files.close, b.close)
-        log.info("stopped")
+
+    @property
+    def url(self) -> str:
+        return self.http.url
+
+    def parts(self) -> list[Part]:
+        """In start order; the stop runs backwards: stop watching gateways, stop serving HTTP (requests
+        under way are finished), drain the committer (membership changes), then close."""
+        b = self.backends
+        return [
+            Part("stores", b.start, b.close),
+            Part("files", self.files.start, self.files.close),
+            Part("transfer links", lambda: self.pool.start(_NoDeliveries()), self.pool.close),
+            Part("committer", self.chat.start, self.chat.stop),
+            Part("http", self.http.start, self.http.stop),
+            Part("gateway picker", self.picker.start, self.picker.stop),
+        ]
+
+    async def run(self, ready: Callable[[ApiNode], None] | None = None) -> None:
+        await self.lifecycle.run(self.parts(), ready=None if ready is None else lambda: ready(self))
+
+
+def _nothing() -> None:
+    """The start of a part that only has a stop step."""
 
 
 ROLES: dict[str, type[TransferNode] | type[GatewayNode] | type[ApiNode]] = {

@@ -1,469 +1,38 @@
-"""The composition root: configuration in, running backends and listeners out.
+"""``im serve``: the whole server in one process, on embedded backends (or any configured ones).
 
-This is the one place that chooses implementations (``store.kind`` -> store class, ...). The core and
-the transports receive what they need as arguments and never look at the configuration themselves.
+The composition root (:mod:`im.compose`) builds the parts; :class:`EmbeddedServer` lists them in start
+order, and :class:`im.lifecycle.Lifecycle` starts them in that order and stops them in reverse
+(docs/architecture.md, "Graceful shutdown").
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import secrets
-import signal
-import socket
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
-from typing import Any
-
-import redis.asyncio as aioredis
-import uvicorn
+from collections.abc import Callable
 
 from im.api.app import create_app
-from im.api.guard import HeaderLimit, guarded_protocol
-from im.backends.accounts import AccountStore
-from im.backends.accounts.postgres import PostgresAccountStore
-from im.backends.accounts.sqlite import SqliteAccountStore
-from im.backends.blobs.local import LocalBlobStorage
-from im.backends.chat import ChatStore
-from im.backends.chat.postgres import PostgresChatStore
-from im.backends.chat.sqlite import SqliteChatStore
-from im.backends.dedupe import Dedupe
-from im.backends.dedupe.memory import MemoryDedupe
-from im.backends.dedupe.redis import RedisDedupe
-from im.backends.files import FileStore
-from im.backends.files.postgres import PostgresFileStore
-from im.backends.files.sqlite import SqliteFileStore
-from im.backends.presence import Presence
-from im.backends.presence.memory import MemoryPresence
-from im.backends.presence.redis import RedisPresence
-from im.backends.rate_limit import FailOpen, RateLimiter, Rule
-from im.backends.rate_limit.memory import MemoryRateLimiter
-from im.backends.rate_limit.redis import RedisRateLimiter
-from im.backends.registry import Registry
-from im.backends.registry.etcd import EtcdRegistry
-from im.backends.registry.memory import MemoryRegistry
-from im.backends.routing import Router
-from im.backends.routing.memory import MemoryRouter
-from im.backends.sql.postgres_db import PostgresDatabase
-from im.backends.sql.sqlite_db import SqliteDatabase
-from im.config import Config, ConfigError, RateConfig
-from im.core.accounts import AccountService
-from im.core.chat import ChatService
-from im.core.passwords import HashSlots, LoginGuard
-from im.events.push import PushConsumer
-from im.events.relay import OutboxRelay
-from im.files import FileService
-from im.gateway.hub import Hub, HubRates
-from im.gateway.tcp_connection import serve_tcp
-from im.gateway.ws_connection import WS_PATH, serve_websocket
-from im.model.chat import ConversationState
+from im.api.server import GatewayPicker, HttpServer
+from im.compose import (
+    GatewayListeners,
+    build_accounts,
+    build_admission,
+    build_backends,
+    build_chat,
+    build_files,
+    build_hub,
+    event_workers,
+)
+from im.config import Config
+from im.lifecycle import Lifecycle, Loop, Part, registration, report_load
 from im.model.cluster import ServiceInstance
-from im.net import Admission, Listener, bind, connection_budget, raise_open_file_limit
-from im.protocol.session import Limits
-
-log = logging.getLogger("im")
-_NO_CONV = ConversationState("", "", 0, {})
 
 
-@dataclass
-class Backends:
-    chat_store: ChatStore
-    account_store: AccountStore
-    presence: Presence
-    router: Router
-    registry: Registry
-    file_store: FileStore
-    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    #: The shared rate limits: in memory, or in the presence Redis (one budget per user for the cluster).
-    rate_limiter: RateLimiter = field(default_factory=MemoryRateLimiter)
-
-    async def start(self) -> None:
-        """Open the chat and account stores (the file store opens with its FileService)."""
-        await self.chat_store.start()
-        await self.account_store.start()
-
-    async def close(self) -> None:
-        """Close the stores and the engine clients, each even when another failed."""
-        await close_all(self.account_store.close, self.chat_store.close, *self.closers)
-
-
-def build_backends(config: Config) -> Backends:
-    """Map configuration to backend implementations (the only switch on kinds in the code base)."""
-    st = config.store
-    outbox = config.events.kind == "rabbitmq"  # the commit records events for the relay
-    if st.kind == "postgres":
-        assert st.postgres_dsn is not None  # validated by StoreConfig
-        pg = PostgresDatabase(st.postgres_dsn, schema=st.postgres_schema, min_size=st.pool_min, max_size=st.pool_max)
-        chat_store: ChatStore = PostgresChatStore(pg, outbox=outbox)
-        account_store: AccountStore = PostgresAccountStore(pg)
-        file_store: FileStore = PostgresFileStore(pg)
-    else:
-        db = SqliteDatabase(config.data_dir / "im.sqlite3")
-        chat_store = SqliteChatStore(db, outbox=outbox)
-        account_store = SqliteAccountStore(db)
-        file_store = SqliteFileStore(db)
-    closers: list[Callable[[], Awaitable[None]]] = []
-    presence: Presence
-    rate_limiter: RateLimiter
-    if config.presence.kind == "redis":
-        redis_presence = RedisPresence(config.presence.redis_url, prefix=config.presence.redis_prefix)
-        presence = redis_presence
-        closers.append(redis_presence.close)
-        # Its connection pool too; fail open: Redis away must not refuse every send and login.
-        rate_limiter = FailOpen(RedisRateLimiter(prefix=config.presence.redis_prefix, client=redis_presence.client))
-    else:
-        presence = MemoryPresence()
-        rate_limiter = MemoryRateLimiter()
-    registry: Registry
-    if config.registry.kind == "etcd":
-        etcd = EtcdRegistry(config.registry.etcd_endpoint, prefix=config.registry.prefix)
-        registry = etcd
-        closers.append(etcd.close)
-    else:
-        registry = MemoryRegistry()
-    return Backends(chat_store, account_store, presence, MemoryRouter(), registry, file_store, closers, rate_limiter)
-
-
-def load_secret(config: Config) -> bytes:
-    """The token-signing key: configured, or generated once and kept in the data directory."""
-    if config.auth.secret:
-        return config.auth.secret.encode()
-    path = config.data_dir / "secret.key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(48))
-        path.chmod(0o600)
-    return path.read_text().strip().encode()
-
-
-def session_limits(config: Config) -> Limits:
-    lim, gw = config.limits, config.gateway
-    return Limits(
-        max_frame_bytes=lim.max_frame_bytes,
-        max_body_bytes=lim.max_body_bytes,
-        max_cmid_length=lim.max_cmid_length,
-        max_device_length=lim.max_device_length,
-        max_in_flight=lim.max_in_flight,
-        send_rate=lim.send_rate,
-        typing_rate=lim.typing_rate,
-        auth_timeout=gw.auth_timeout,
-        idle_timeout=gw.idle_timeout,
-    )
-
-
-class _Uvicorn(uvicorn.Server):
-    """uvicorn without its own signal handlers (the composition root owns shutdown), accepting through
-    :class:`im.net.Listener` (uvloop's own server stops accepting for good on the first EMFILE)."""
-
-    def __init__(self, config: uvicorn.Config, sock: socket.socket) -> None:
-        super().__init__(config)
-        self._sock = sock
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=[])  # uvicorn's own setup, and no server of its own
-        config = self.config
-
-        def create_protocol() -> asyncio.Protocol:
-            return config.http_protocol_class(  # type: ignore[call-arg]
-                config=config, server_state=self.server_state, app_state=self.lifespan.state
-            )
-
-        listener = Listener(self._sock, create_protocol, name="http").start()
-        self.servers.append(listener)  # type: ignore[arg-type]  # closed by uvicorn's shutdown, like a Server
-
-
-def build_admission(config: Config) -> Admission:
-    """One admission per process, shared by all its listeners; raises the soft open-file limit to the
-    hard one first, and derives the connection cap from it (``limits.fd_reserve`` kept back)."""
-    lim = config.limits
-    fd_limit = raise_open_file_limit()
-    try:
-        cap = connection_budget(fd_limit=fd_limit, fd_reserve=lim.fd_reserve, configured=lim.max_connections)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    log.info(
-        "connections: at most %d per process (open-file limit %d, %d kept back), %s per address",
-        cap,
-        fd_limit,
-        lim.fd_reserve,
-        lim.max_connections_per_address or "no cap",
-    )
-    return Admission(
-        max_connections=cap,
-        max_per_address=lim.max_connections_per_address,
-        max_refusing=max(8, lim.fd_reserve // 4),
-    )
-
-
-def rate_rule(name: str, rate: RateConfig) -> Rule:
-    return Rule(name, rate.limit, rate.period)
-
-
-def build_accounts(config: Config, store: AccountStore, limiter: RateLimiter | None = None) -> AccountService:
-    """``limiter`` None: no login or registration limits (a process that only checks tokens)."""
-    auth, rt = config.auth, config.rates
-    guard = (
-        None
-        if limiter is None
-        else LoginGuard(
-            limiter,
-            login_per_account_address=rate_rule("login-pair", rt.login_per_account_address),
-            login_per_account=rate_rule("login-account", rt.login_per_account),
-            login_per_address=rate_rule("login-address", rt.login_per_address),
-            register_per_address=rate_rule("register", rt.register_per_address),
-        )
-    )
-    return AccountService(
-        store,
-        secret=load_secret(config),
-        access_ttl=auth.access_ttl,
-        refresh_ttl=auth.refresh_ttl,
-        session_max_age=auth.session_max_age,
-        argon2_time_cost=auth.argon2_time_cost,
-        argon2_memory_kib=auth.argon2_memory_kib,
-        argon2_parallelism=auth.argon2_parallelism,
-        min_password_length=auth.min_password_length,
-        guard=guard,
-        max_blocks=config.limits.max_blocks,
-        hash_slots=HashSlots(concurrency=rt.hash_concurrency, queue=rt.hash_queue, per_source=rt.hash_per_address),
-    )
-
-
-def build_files(config: Config, store: FileStore, limiter: RateLimiter | None = None) -> FileService:
-    """``limiter`` None: no upload quota (a process that only checks attachments)."""
-    fc, rt = config.files, config.rates
-    return FileService(
-        LocalBlobStorage(fc.storage_dir or config.data_dir / "files"),
-        store,
-        max_upload_bytes=fc.max_upload_bytes,
-        allowed_types=fc.allowed_types,
-        max_image_pixels=fc.max_image_pixels,
-        limiter=limiter,
-        upload_bytes_per_day=rt.upload_bytes_per_day,
-        upload_files_per_day=rt.upload_files_per_day,
-    )
-
-
-def build_chat(
-    config: Config,
-    b: Backends,
-    files: FileService | None,
-    router: Router,
-    node: str,
-    *,
-    state_ttl: float | None = None,
-    privacy_ttl: float | None = None,
-) -> ChatService:
-    return ChatService(
-        b.chat_store,
-        b.account_store,
-        router,
-        b.presence,
-        files=files,
-        node=node,
-        max_batch=config.store.max_batch,
-        max_group_members=config.limits.max_group_members,
-        history_page_max=config.limits.history_page_max,
-        state_ttl=state_ttl,
-        privacy_ttl=privacy_ttl,
-    )
-
-
-def build_hub(config: Config, chat: ChatService, accounts: AccountService, limiter: RateLimiter, **kw: Any) -> Hub:
-    gw, rt = config.gateway, config.rates
-    rates = HubRates(
-        sends_per_user=rate_rule("send-user", rt.sends_per_user),
-        sends_per_conversation=rate_rule("send-conv", rt.sends_per_conversation),
-        typing_per_user=rate_rule("typing", rt.typing_per_user),
-        receipts_per_user=rate_rule("receipts", rt.receipts_per_user),
-    )
-    return Hub(
-        gw.node_id,
-        chat,
-        accounts,
-        limits=session_limits(config),
-        replay_page=gw.replay_page,
-        max_send_buffer=gw.max_send_buffer,
-        preauth_send_buffer=config.limits.preauth_send_buffer,
-        presence_ttl=config.presence.ttl,
-        limiter=limiter,
-        rates=rates,
-        **kw,
-    )
-
-
-async def start_gateway_listeners(
-    config: Config, hub: Hub, admission: Admission
-) -> tuple[list[Listener], dict[str, str]]:
-    """The WebSocket and (unless turned off) TCP listeners, and the addresses clients are given."""
-    gw = config.gateway
-    ws_server = await serve_websocket(
-        hub, gw.host, gw.ws_port, admission=admission, max_fragments=config.limits.max_fragments
-    )
-    ws_port = ws_server.sockets[0].getsockname()[1]
-    servers, addresses = [ws_server], {"ws": gw.public_ws_url or f"ws://{gw.host}:{ws_port}{WS_PATH}"}
-    if gw.tcp_port is not None:
-        tcp_server = await serve_tcp(hub, gw.host, gw.tcp_port, admission=admission)
-        servers.append(tcp_server)
-        addresses["tcp"] = gw.public_tcp_url or f"tcp://{gw.host}:{tcp_server.sockets[0].getsockname()[1]}"
-    return servers, addresses
-
-
-class HttpServer:
-    """The HTTP API on uvicorn, started on a socket we bind (so port 0 works and the URL is known)."""
-
-    def __init__(self, config: Config, app: Any, admission: Admission) -> None:
-        self.config = config
-        self._app = app
-        self._admission = admission
-        self.url = ""
-        self._uv: _Uvicorn | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        cfg = self.config
-        sock = bind(cfg.http.host, cfg.http.port)
-        self.url = cfg.http.public_url or f"http://{cfg.http.host}:{sock.getsockname()[1]}"
-        h = cfg.http
-        protocol = guarded_protocol(self._admission, head_timeout=h.head_timeout, body_timeout=h.body_timeout)
-        app = HeaderLimit(self._app, max_headers=h.max_headers, max_head_bytes=h.max_head_bytes)
-        uv = self._uv = _Uvicorn(
-            uvicorn.Config(
-                app,
-                lifespan="off",
-                log_level=cfg.log_level,
-                access_log=False,
-                ws="none",
-                server_header=False,  # no "server: uvicorn": the version of nothing is anyone's business
-                http=protocol,  # type: ignore[arg-type]  # a protocol class is accepted, not only a name
-                timeout_keep_alive=h.keepalive_timeout,
-                h11_max_incomplete_event_size=h.max_head_bytes,
-            ),
-            sock,
-        )
-        task = self._task = asyncio.create_task(uv.serve(sockets=[]), name="im-http")
-        while not uv.started and not task.done():
-            await asyncio.sleep(0.01)
-        if task.done():
-            task.result()
-
-    async def stop(self) -> None:
-        if self._uv is not None and self._task is not None:
-            self._uv.should_exit = True
-            await self._task
-
-
-class GatewayPicker:
-    """The API's answer to "which gateway?": the least loaded live one, from a watched registry view
-    (kept current by the registry's watch, never a list read once)."""
-
-    def __init__(self, registry: Registry) -> None:
-        self._registry = registry
-        self._live: list[ServiceInstance] = []
-        self._unwatch: Callable[[], None] | None = None
-
-    def start(self) -> None:
-        self._unwatch = self._registry.watch("gateway", self._update)
-
-    def _update(self, live: list[ServiceInstance]) -> None:
-        self._live = live
-
-    def stop(self) -> None:
-        if self._unwatch is not None:
-            self._unwatch()
-
-    async def pick(self) -> dict[str, str] | None:
-        if not self._live:
-            return None
-        best = min(self._live, key=lambda i: (i.load, secrets.randbits(16)))
-        return {"node": best.node, **best.addresses}
-
-
-def event_workers(config: Config, b: Backends) -> list[Coroutine[Any, Any, None]]:
-    """The outbox relay and the push consumer, when events go to RabbitMQ. Any number of processes
-    may run them: the store's outbox lock keeps one relay active, the queue one consumer."""
-    ev = config.events
-    if ev.kind != "rabbitmq":
-        return []
-    store = b.chat_store
-    workers = [OutboxRelay(store, ev.amqp_url, exchange=ev.exchange, queue=ev.queue).run()]
-    if ev.webhook_url:
-        dedupe: Dedupe = MemoryDedupe()
-        if ev.dedupe == "redis":
-            dedupe = RedisDedupe(aioredis.from_url(config.presence.redis_url))
-
-        async def members(conv: str) -> list[int]:
-            return list((await store.load_conversations([conv])).get(conv, _NO_CONV).members)
-
-        workers.append(
-            PushConsumer(
-                ev.amqp_url,
-                b.presence,
-                members,
-                ev.webhook_url,
-                dedupe,
-                exchange=ev.exchange,
-                queue=ev.queue,
-                max_attempts=ev.max_attempts,
-            ).run()
-        )
-    return workers
-
-
-class ServerProcessBase:
-    """What every server role shares: a stop event set by SIGINT/SIGTERM, the load report loop."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self._stop = asyncio.Event()
-
-    def request_stop(self) -> None:
-        self._stop.set()
-
-    def install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.request_stop)
-
-    async def report_load(self, registry: Registry, node: str, load: Callable[[], int]) -> None:
-        """Publish the load, which also renews the registration (every third of the registry TTL)."""
-        while True:
-            await asyncio.sleep(self.config.registry.ttl / 3)
-            try:
-                await registry.update_load(node, load())
-            except Exception as exc:  # the registry's own keepalive carries on; try again next time
-                log.warning("registry load report failed (%s: %s)", type(exc).__name__, exc)
-
-
-async def deregister(registry: Registry, node: str) -> None:
-    """Leave the registry at once; when it is unreachable the lease expires by itself within its TTL."""
-    try:
-        await asyncio.wait_for(registry.deregister(node), 3.0)
-    except Exception as exc:
-        log.warning("registry unreachable while deregistering %s (%s); the lease expires by itself", node, exc)
-
-
-async def close_all(*closers: Callable[[], Awaitable[None]]) -> None:
-    """Close in order; one failing does not keep the others open."""
-    for close in closers:
-        try:
-            await close()
-        except Exception:
-            log.exception("close failed")
-
-
-class EmbeddedServer(ServerProcessBase):
+class EmbeddedServer:
     """``im serve``: HTTP API, file service and the WebSocket and TCP gateways in one process, on
     embedded backends."""
 
     def __init__(self, config: Config) -> None:
-        super().__init__(config)
+        self.config = config
+        self.lifecycle = Lifecycle()
         self.backends = b = build_backends(config)
         self.accounts = build_accounts(config, b.account_store, b.rate_limiter)
         self.files = build_files(config, b.file_store, b.rate_limiter)
@@ -472,64 +41,71 @@ class EmbeddedServer(ServerProcessBase):
         self.accounts.on_privacy_change(self.chat.forget_privacy)  # a block takes effect at once
         self.picker = GatewayPicker(b.registry)
         self.admission = build_admission(config)
-        self.ws_url = ""
-        self.tcp_url = ""
-        self.http_url = ""
-
-    async def run(self, ready: Callable[[EmbeddedServer], None] | None = None) -> None:
-        cfg = self.config
-        b = self.backends
-        await b.start()
-        await self.files.start()
-        self.chat.start()
-        self.hub.start()
-        admission = self.admission
-        listeners, addresses = await start_gateway_listeners(cfg, self.hub, admission)
-        self.ws_url, self.tcp_url = addresses["ws"], addresses.get("tcp", "")
-        await b.registry.register(
-            ServiceInstance("gateway", cfg.gateway.node_id, addresses), ttl=float(cfg.registry.ttl)
-        )
-        self.picker.start()
-        http = HttpServer(
-            cfg,
+        self.listeners = GatewayListeners(config, self.hub, self.admission)
+        self.http = HttpServer(
+            config,
             create_app(
                 self.accounts,
                 self.chat,
                 self.picker.pick,
-                cfg.limits,
+                config.limits,
                 files=self.files,
-                max_request_bytes=cfg.http.max_body_bytes,
-                refusal_delay=cfg.rates.refusal_delay,
+                max_request_bytes=config.http.max_body_bytes,
+                refusal_delay=config.rates.refusal_delay,
             ),
-            admission,
+            self.admission,
         )
-        await http.start()
-        self.http_url = http.url
-        self.install_signal_handlers()
-        if ready is not None:
-            ready(self)
-        load_task = asyncio.create_task(
-            self.report_load(b.registry, cfg.gateway.node_id, lambda: self.hub.connections), name="im-load"
+
+    @property
+    def http_url(self) -> str:
+        return self.http.url
+
+    @property
+    def ws_url(self) -> str:
+        return self.listeners.addresses.get("ws", "")
+
+    @property
+    def tcp_url(self) -> str:
+        return self.listeners.addresses.get("tcp", "")
+
+    def request_stop(self) -> None:
+        self.lifecycle.request_stop()
+
+    def parts(self) -> list[Part]:
+        """In start order; the stop runs backwards (docs/architecture.md, "Graceful shutdown"):
+
+        1. take no new work: stop watching gateways, leave the registry, stop accepting, stop reading;
+        2. drain the committer: every queued send is committed and acked, or refused (never acked
+           without being stored); its stop returns once the last answers are handed to the connections;
+        3. say goodbye: the hub writes what is due (those acks), then ``bye shutdown`` to every
+           connection, flushes cursors and read marks, and returns once the connections closed;
+        4. close: uvicorn (the HTTP API answered until now, refusing group operations with 503), then
+           the file service and the stores.
+        """
+        cfg, b = self.config, self.backends
+        node = cfg.gateway.node_id
+        return [
+            Part("stores", b.start, b.close),
+            Part("files", self.files.start, self.files.close),
+            Part("http", self.http.start, self.http.stop),
+            Part("hub", self.hub.start, self.hub.drain_and_close),
+            Part("committer", self.chat.start, self.chat.stop),
+            Part("listeners", self.listeners.start, self.listeners.stop),
+            registration(
+                b.registry, lambda: ServiceInstance("gateway", node, self.listeners.addresses), float(cfg.registry.ttl)
+            ),
+            Part("gateway picker", self.picker.start, self.picker.stop),
+        ]
+
+    def loops(self) -> list[Loop]:
+        cfg, b = self.config, self.backends
+        load = report_load(b.registry, cfg.gateway.node_id, lambda: self.hub.connections, interval=cfg.registry.ttl / 3)
+        return [("im-load", load), *(("im-events", worker) for worker in event_workers(cfg, b))]
+
+    async def run(self, ready: Callable[[EmbeddedServer], None] | None = None) -> None:
+        await self.lifecycle.run(
+            self.parts(),
+            loops=self.loops,
+            ready=None if ready is None else lambda: ready(self),
+            stopping="stopping: draining in-flight sends",
         )
-        event_tasks = [asyncio.create_task(c, name="im-events") for c in event_workers(cfg, b)]
-        await self._stop.wait()
-        log.info("stopping: draining in-flight sends")
-        load_task.cancel()
-        for task in event_tasks:
-            task.cancel()
-        await asyncio.gather(*event_tasks, return_exceptions=True)
-        # 1. Take no new work: deregister, stop accepting, stop reading from clients.
-        self.picker.stop()
-        await deregister(b.registry, cfg.gateway.node_id)
-        for server in listeners:
-            server.close()
-        self.hub.pause_all()
-        # 2. Every queued send is committed and acked, or refused: never acked without being stored.
-        await self.chat.stop()
-        await asyncio.sleep(0)  # let the acks of the last batch be written
-        # 3. Tell clients to move, flush cursors, close the HTTP side and the store.
-        await self.hub.drain_and_close()
-        await asyncio.sleep(0.1)
-        await http.stop()
-        await close_all(self.files.close, b.close)
-        log.info("stopped")

@@ -144,7 +144,6 @@ class LinkRouterHarness(_TransferNodeHarness):
         self.pool = TransferPool(
             self.registry,
             "api-contract",
-            _Discard(),
             link_factory=lambda address, node, sink: TransferLink(
                 address, node, sink, backoff_initial=0.02, backoff_max=0.2
             ),
@@ -154,7 +153,7 @@ class LinkRouterHarness(_TransferNodeHarness):
     async def open(self) -> None:
         await super().open()
         await self.registry.register(ServiceInstance("transfer", "tr-contract", {GRPC_ADDRESS: self.address}), 600)
-        await self.pool.start()
+        await self.pool.start(_Discard())
         await self.pool.wait_connected(1, timeout=10)
         await eventually(lambda: "api-contract" in self.transfer_router.linked())
 

@@ -7,6 +7,7 @@ import asyncio
 from im.core.chat import SendRequest
 from im.model.errors import ErrorCode
 from im.protocol.frames import TypingEvent
+from im.transfer.server import LinkOutbox
 from tests.support.wait import eventually
 from tests.transfer.conftest import Core, RecordingSink, Results
 
@@ -140,3 +141,49 @@ async def test_closing_a_link_unregisters_its_node(core: Core) -> None:
     refused = Results()
     link.submit(send(1, 2, "late"), refused.done)
     assert refused.got[0][3] is not None and refused.got[0][3].code is ErrorCode.UNAVAILABLE
+
+
+async def test_a_stopping_transfer_node_answers_its_last_batch_before_ending_the_streams(core: Core) -> None:
+    """The transfer role's stop, without a sleep: the committer's stop hands over the answers of its last
+    batch, and ``close_streams`` returns once they left on the stream, which then ends."""
+    alice, bob = await core.user("alice", "gw-a"), await core.user("bob", "gw-b")
+    link = await core.link("gw-a", RecordingSink())
+    core.store.gate.clear()  # commits wait: the sends stay in the committer, unanswered
+    results = Results()
+    reqs = [send(alice, bob, f"c{i}") for i in range(20)]
+    for req in reqs:
+        link.submit(req, results.done)
+    await eventually(lambda: core.servicer.sends_received == 20)
+    answered = asyncio.ensure_future(link.wait_answered())
+    await asyncio.sleep(0.05)
+    assert not answered.done() and link.in_flight == 20
+
+    stopping = asyncio.ensure_future(core.chat.stop())
+    core.store.gate.set()
+    await stopping
+    await asyncio.wait_for(core.servicer.close_streams(timeout=5.0), 5.0)
+    assert core.servicer.streams == 0
+    # Every send got its stored answer (none failed as `unavailable` by the stream's end), in order.
+    await asyncio.wait_for(answered, 5.0)
+    assert [r for r, *_ in results.got] == reqs
+    assert all(m is not None and err is None for _, m, _, err in results.got)
+
+    # A stopping node takes no new stream: the link keeps trying, and sends fail `unavailable` at once.
+    await eventually(lambda: not link.connected)
+    refused = Results()
+    link.submit(send(alice, bob, "late"), refused.done)
+    assert refused.got[0][3] is not None and refused.got[0][3].code is ErrorCode.UNAVAILABLE
+    await asyncio.sleep(0.3)
+    assert core.servicer.streams == 0 and not link.connected
+
+
+def test_a_closed_outbox_keeps_its_writer_awake_until_it_is_empty() -> None:
+    """Closing a stream's outbox with answers still in it: the writer takes them, then ends the stream
+    (it must not go back to sleep on an empty, closed outbox)."""
+    outbox = LinkOutbox("gw-a", max_frame_items=10, max_pending=10)
+    outbox.add_result(1, None, False, None)
+    outbox.close()
+    frame = outbox.take()
+    assert frame is not None and [r.rid for r in frame.results] == [1]
+    assert outbox.ready.is_set()
+    assert outbox.take() is None and outbox.closed

@@ -136,9 +136,9 @@ class Pools:
         def link(address: str, gateway: str, s: DeliverySink) -> TransferLink:
             return TransferLink(address, gateway, s, on_revoked=on_revoked, backoff_initial=0.02, backoff_max=0.2)
 
-        pool = TransferPool(self.registry, node, sink or RecordingSink(), on_revoked=on_revoked, link_factory=link)
+        pool = TransferPool(self.registry, node, on_revoked=on_revoked, link_factory=link)
         self.opened.append(pool)
-        await pool.start()
+        await pool.start(sink or RecordingSink())
         await pool.wait_connected(wait, timeout=10)
         return pool
 
@@ -472,3 +472,31 @@ async def test_sends_pending_on_a_broken_link_are_handed_to_the_other_node_in_or
     assert [r for r, *_ in results.got] == reqs
     assert all(m is not None and err is None for _, m, _, err in results.got)  # no `unavailable` to the client
     assert [r.cmid for r in tr2.core.got] == [f"b{i}" for i in range(5)]
+
+
+async def test_wait_answered_returns_once_no_send_is_in_flight_on_any_link(cluster: Cluster) -> None:
+    """What a stopping gateway waits on (no polling): sends held by a node keep it waiting; sends that a
+    lost link hands to the other node are waited for there."""
+    tr1, tr2 = cluster.nodes["tr-1"], cluster.nodes["tr-2"]
+    pool = await cluster.pools.pool("gw-a")
+    conv = conv_on(pool, "tr-1")
+    await pool.wait_answered()  # nothing in flight: at once
+    tr1.core.hold = tr2.core.hold = True
+    results = Results()
+    for i in range(3):
+        pool.submit(text(1, f"w{i}", conv=conv), results.done)
+    await eventually(lambda: len(tr1.core.held) == 3)
+    waiting = asyncio.ensure_future(pool.wait_answered())
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+
+    await tr1.stop()  # the link breaks: its sends go to tr-2, which holds them too
+    await eventually(lambda: len(tr2.core.held) == 3)
+    await asyncio.sleep(0.1)
+    assert not waiting.done() and results.got == []
+
+    tr2.core.hold = False
+    for req, done in tr2.core.held:
+        tr2.core.submit(req, done)
+    await asyncio.wait_for(waiting, 5)
+    assert len(results.got) == 3 and all(err is None for *_, err in results.got)

@@ -187,7 +187,9 @@ class ChatService:
         self._task = asyncio.create_task(self._run(), name="im-committer")
 
     async def stop(self) -> None:
-        """Refuse new writes, finish what is queued (acked or refused, never half), then stop."""
+        """Refuse new writes, finish what is queued (acked or refused, never half), then stop. Returns once
+        the committer task has ended: every answer of its last batch has been handed to its ``done``
+        callback (and routed), so whoever stops next can rely on them being with the transports."""
         self._closing = True
         self._wake.set()
         if self._task is not None:

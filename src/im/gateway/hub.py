@@ -235,6 +235,9 @@ class Connection(abc.ABC):
 class Hub(DeliverySink):
     """The node's connections by user, and the batched work they share."""
 
+    #: Set by :meth:`unregister` when the last connection closed, once :meth:`drain_and_close` waits for it.
+    _all_closed: asyncio.Event | None = None
+
     def __init__(
         self,
         node: str,
@@ -296,15 +299,31 @@ class Hub(DeliverySink):
     def connections(self) -> int:
         return len(self._all)
 
-    async def drain_and_close(self) -> None:
-        """Graceful stop, part two: the committer has drained; say bye to everyone and flush cursors."""
+    async def drain_and_close(self, *, close_wait: float = 1.0) -> None:
+        """Graceful stop, part two (after the committer, or the transfer links, answered every send taken):
+        write what is due (those answers), say bye to everyone, stop the timers, flush cursors and read
+        marks. Returns once every connection has closed (clients close on ``bye``; one that does not is
+        waited for at most ``close_wait`` seconds, its transport aborts it later) and its presence entry
+        is removed; then detaches from the router."""
+        self._flush_marked()  # the answers of the last batch go before the bye
         for conn in list(self._all):
             conn.run(conn.session.close(ErrorCode.SHUTDOWN, "server is stopping; reconnect"))
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._gate_task] if self._gate_task is not None else [])]
+        for task in tasks:  # commands still being decided by the rate gate go unanswered: clients resend
             task.cancel()
-        if self._gate_task is not None:  # commands still being decided go unanswered: clients resend
-            self._gate_task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        self._tasks = []
         await self._flush_cursors()
+        if self._all:
+            self._all_closed = asyncio.Event()
+            try:
+                async with asyncio.timeout(close_wait):
+                    await self._all_closed.wait()
+            except TimeoutError:
+                pass
+        if self._background:  # presence removals of the connections that closed
+            await asyncio.wait(list(self._background), timeout=close_wait)
         self.chat.router.detach(self.node)
 
     def pause_all(self) -> None:
@@ -359,6 +378,8 @@ class Hub(DeliverySink):
             task = asyncio.get_running_loop().create_task(self._set_offline(s.uid, s.device))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+        if not self._all and self._all_closed is not None:
+            self._all_closed.set()  # drain_and_close waits for this
 
     # --- DeliverySink --------------------------------------------------------------------------------
 

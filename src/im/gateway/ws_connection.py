@@ -129,7 +129,7 @@ class WsConnection(SocketConnection):
             self._open = False
             self.proto.close(_CLOSE_CODES.get(code, CloseCode.POLICY_VIOLATION), reason or code.value)
             self.write_raw(self.proto.data_to_send())
-            self.half_close()
+            self.half_close(resume_reading=True)  # our FIN now; the client's close frame is read (and dropped)
 
 
 async def serve_websocket(

@@ -68,6 +68,8 @@ class TransferLink:
         self._backoff_max = backoff_max
         self._rids = itertools.count(1)
         self._pending: dict[int, tuple[SendRequest, SendCallback]] = {}  # rid -> submitted, unanswered
+        self._answered = asyncio.Event()  # set while nothing is pending
+        self._answered.set()
         self._unsent: list[pb.Send] = []
         self._forwards = pb.GatewayFrame()  # routes, events and revocations for the next frame
         self._has_forwards = False
@@ -111,6 +113,10 @@ class TransferLink:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    async def wait_answered(self) -> None:
+        """Return once no send is in flight on this link (each answered, or handed on when it broke)."""
+        await self._answered.wait()
+
     # --- the send path -------------------------------------------------------------------------------
 
     def submit(self, req: SendRequest, done: SendCallback) -> None:
@@ -120,6 +126,7 @@ class TransferLink:
             return
         rid = next(self._rids)
         self._pending[rid] = (req, done)
+        self._answered.clear()
         self._unsent.append(send_to_pb(rid, req))
         self._wake.set()
 
@@ -226,6 +233,7 @@ class TransferLink:
         self._has_forwards = False
         self._wake.set()  # a stale request generator wakes up and returns
         pending, self._pending = self._pending, {}
+        self._answered.set()
         if self.on_lost is not None and pending:
             try:
                 self.on_lost(list(pending.values()))  # in submission order
@@ -255,6 +263,8 @@ class TransferLink:
                     done(req, message_from_pb(r.message), r.dup, None)
             except Exception:
                 log.exception("send callback failed")
+        if not self._pending:
+            self._answered.set()
         if frame.deliveries:
             messages = [message_from_pb(d.message) for d in frame.deliveries]
             recipients = [list(d.uids) for d in frame.deliveries]

@@ -51,13 +51,15 @@ def _score(node: str, key: str) -> int:
 
 
 class TransferPool:
-    """Links to the transfer nodes the registry lists. ``await start()``; ``await close()``."""
+    """Links to the transfer nodes the registry lists. ``await start(sink)``; ``await close()``.
+
+    Every task it makes (closing the link of a node that left) is its own, and ``close`` awaits them.
+    """
 
     def __init__(
         self,
         registry: Registry,
         node: str,
-        sink: DeliverySink | None,
         *,
         on_revoked: Callable[[str], None] | None = None,
         role: str = "transfer",
@@ -65,7 +67,7 @@ class TransferPool:
     ) -> None:
         self._registry = registry
         self.node = node
-        self.sink = sink  # where deliveries and events for this node go; set before start()
+        self._sink: DeliverySink | None = None  # where deliveries and events for this node go (start)
         self._on_revoked = on_revoked
         self._role = role
         self._make_link = link_factory or self._default_link
@@ -81,7 +83,9 @@ class TransferPool:
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, sink: DeliverySink) -> None:
+        """Link to the listed transfer nodes; deliveries and events for this node go to ``sink``."""
+        self._sink = sink
         self._unwatch = self._registry.watch(self._role, self._on_instances)
 
     async def close(self) -> None:
@@ -105,8 +109,8 @@ class TransferPool:
                 task.add_done_callback(self._closing.discard)
         for node, address in wanted.items():
             if node not in self._links:
-                assert self.sink is not None, "set the pool's sink before start()"
-                link = self._make_link(address, self.node, self.sink)
+                assert self._sink is not None, "the registry called back before start()"
+                link = self._make_link(address, self.node, self._sink)
                 link.on_revoked = self._on_revoked
                 link.on_lost = self.resubmit
                 self._links[node] = link
@@ -139,6 +143,12 @@ class TransferPool:
                 finally:
                     for w in waits:
                         w.cancel()
+
+    async def wait_answered(self) -> None:
+        """Return once no link has a send in flight: each was answered (acked or refused), or failed
+        ``unavailable`` with its link. Sends a lost link hands to another are waited for there."""
+        while busy := [link for link in self._links.values() if link.in_flight]:
+            await asyncio.gather(*(link.wait_answered() for link in busy))
 
     # --- sends ---------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ with the same cmid and gets the stored message back as a duplicate), and so are 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
@@ -96,13 +97,14 @@ class LinkOutbox:
         self.ready.set()
 
     def take(self) -> pb.TransferFrame | None:
-        """Up to ``max_frame_items`` of each kind as one frame (None when empty); re-arms when more remain."""
+        """Up to ``max_frame_items`` of each kind as one frame (None when empty); re-arms when more remain
+        or when closed (the writer then takes until None and ends the stream)."""
         n = self._max_frame_items
         results, self.results = self.results[:n], self.results[n:]
         deliveries, self.deliveries = self.deliveries[:n], self.deliveries[n:]
         events, self.events = self.events[:n], self.events[n:]
         revoked, self.revoked = self.revoked, []
-        if self.results or self.deliveries or self.events:
+        if self.results or self.deliveries or self.events or self.closed:  # closed: wake the writer to end
             self.ready.set()
         else:
             self.ready.clear()
@@ -234,6 +236,21 @@ class TransferServicer:
         self.frames_sent = 0
         self.sends_received = 0
         self.streams = 0  # streams currently open
+        self._outboxes: set[LinkOutbox] = set()
+        self._no_streams = asyncio.Event()  # set while no stream is open
+        self._no_streams.set()
+        self._closing = False
+
+    async def close_streams(self, timeout: float) -> None:
+        """End every stream once it has written what its outbox holds, and refuse new ones (stop the
+        committer first: then the answers of its last batch are in the outboxes and leave before the
+        stream ends). Returns when every stream has ended, or after ``timeout`` seconds."""
+        self._closing = True
+        for outbox in list(self._outboxes):
+            outbox.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._no_streams.wait()
 
     async def link(self, requests: AsyncIterator[pb.GatewayFrame], context: Any) -> AsyncIterator[pb.TransferFrame]:
         it = requests.__aiter__()
@@ -245,11 +262,17 @@ class TransferServicer:
         if not first.HasField("hello") or not first.hello.node:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be a hello with a node id")
             return
+        if self._closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the transfer node is stopping")
+            return
         outbox = LinkOutbox(first.hello.node, max_frame_items=self._max_frame_items, max_pending=self._max_pending)
         stream = _Stream(outbox)
         self.router.register(outbox)
+        self._outboxes.add(outbox)
         self.streams += 1
+        self._no_streams.clear()
         log.info("gateway %s linked", outbox.node)
+        # The stream's reader: this generator owns it, cancels it and waits for it when the stream ends.
         reader = asyncio.create_task(self._read(stream, first, it), name=f"im-transfer-read-{outbox.node}")
         try:
             yield pb.TransferFrame(welcome=pb.Welcome(node=self.node))
@@ -265,8 +288,12 @@ class TransferServicer:
             outbox.close()
             reader.cancel()
             self.router.unregister(outbox)
+            self._outboxes.discard(outbox)
             self.streams -= 1
+            if not self.streams:
+                self._no_streams.set()
             log.info("gateway %s unlinked", outbox.node)
+            await asyncio.wait([reader])
 
     async def _read(self, stream: _Stream, first: pb.GatewayFrame, it: AsyncIterator[pb.GatewayFrame]) -> None:
         try:

@@ -1,0 +1,358 @@
+"""The composition root: configuration in, backends and services out.
+
+This is the one place that chooses implementations (``store.kind`` -> store class, ...) and turns settings
+into keyword arguments. The core and the transports receive what they need as arguments and never look
+at the configuration themselves. Nothing here runs anything: the roles (:mod:`im.server` for ``im serve``,
+:mod:`im.roles` for the distributed ones) start and stop what these functions build, through
+:mod:`im.lifecycle`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from im.backends.accounts import AccountStore
+from im.backends.accounts.postgres import PostgresAccountStore
+from im.backends.accounts.sqlite import SqliteAccountStore
+from im.backends.blobs.local import LocalBlobStorage
+from im.backends.chat import ChatStore
+from im.backends.chat.postgres import PostgresChatStore
+from im.backends.chat.sqlite import SqliteChatStore
+from im.backends.dedupe import Dedupe
+from im.backends.dedupe.memory import MemoryDedupe
+from im.backends.dedupe.redis import RedisDedupe
+from im.backends.files import FileStore
+from im.backends.files.postgres import PostgresFileStore
+from im.backends.files.sqlite import SqliteFileStore
+from im.backends.presence import Presence
+from im.backends.presence.memory import MemoryPresence
+from im.backends.presence.redis import RedisPresence
+from im.backends.rate_limit import FailOpen, RateLimiter, Rule
+from im.backends.rate_limit.memory import MemoryRateLimiter
+from im.backends.rate_limit.redis import RedisRateLimiter
+from im.backends.registry import Registry
+from im.backends.registry.etcd import EtcdRegistry
+from im.backends.registry.memory import MemoryRegistry
+from im.backends.routing import Router
+from im.backends.routing.memory import MemoryRouter
+from im.backends.sql.postgres_db import PostgresDatabase
+from im.backends.sql.sqlite_db import SqliteDatabase
+from im.config import Config, ConfigError, RateConfig
+from im.core.accounts import AccountService
+from im.core.chat import ChatService
+from im.core.passwords import HashSlots, LoginGuard
+from im.events.push import PushConsumer
+from im.events.relay import OutboxRelay
+from im.files import FileService
+from im.gateway.hub import Hub, HubRates
+from im.gateway.tcp_connection import serve_tcp
+from im.gateway.ws_connection import WS_PATH, serve_websocket
+from im.lifecycle import close_all
+from im.model.chat import ConversationState
+from im.net import Admission, Listener, connection_budget, raise_open_file_limit
+from im.protocol.session import Limits
+
+log = logging.getLogger("im")
+_NO_CONV = ConversationState("", "", 0, {})
+
+
+@dataclass
+class Backends:
+    """The engines of one process, chosen by :func:`build_backends`; ``start`` before use, ``close`` after."""
+
+    chat_store: ChatStore
+    account_store: AccountStore
+    presence: Presence
+    router: Router
+    registry: Registry
+    file_store: FileStore
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    #: The shared rate limits: in memory, or in the presence Redis (one budget per user for the cluster).
+    rate_limiter: RateLimiter = field(default_factory=MemoryRateLimiter)
+
+    async def start(self) -> None:
+        """Open the chat and account stores (the file store opens with its FileService)."""
+        await self.chat_store.start()
+        await self.account_store.start()
+
+    async def close(self) -> None:
+        """Close the stores and the engine clients, each even when another failed."""
+        await close_all(self.account_store.close, self.chat_store.close, *self.closers)
+
+
+def build_backends(config: Config) -> Backends:
+    """Map configuration to backend implementations (the only switch on kinds in the code base)."""
+    st = config.store
+    outbox = config.events.kind == "rabbitmq"  # the commit records events for the relay
+    if st.kind == "postgres":
+        assert st.postgres_dsn is not None  # validated by StoreConfig
+        pg = PostgresDatabase(st.postgres_dsn, schema=st.postgres_schema, min_size=st.pool_min, max_size=st.pool_max)
+        chat_store: ChatStore = PostgresChatStore(pg, outbox=outbox)
+        account_store: AccountStore = PostgresAccountStore(pg)
+        file_store: FileStore = PostgresFileStore(pg)
+    else:
+        db = SqliteDatabase(config.data_dir / "im.sqlite3")
+        chat_store = SqliteChatStore(db, outbox=outbox)
+        account_store = SqliteAccountStore(db)
+        file_store = SqliteFileStore(db)
+    closers: list[Callable[[], Awaitable[None]]] = []
+    presence: Presence
+    rate_limiter: RateLimiter
+    if config.presence.kind == "redis":
+        redis_presence = RedisPresence(config.presence.redis_url, prefix=config.presence.redis_prefix)
+        presence = redis_presence
+        closers.append(redis_presence.close)
+        # Its connection pool too; fail open: Redis away must not refuse every send and login.
+        rate_limiter = FailOpen(RedisRateLimiter(prefix=config.presence.redis_prefix, client=redis_presence.client))
+    else:
+        presence = MemoryPresence()
+        rate_limiter = MemoryRateLimiter()
+    registry: Registry
+    if config.registry.kind == "etcd":
+        etcd = EtcdRegistry(config.registry.etcd_endpoint, prefix=config.registry.prefix)
+        registry = etcd
+        closers.append(etcd.close)
+    else:
+        registry = MemoryRegistry()
+    return Backends(chat_store, account_store, presence, MemoryRouter(), registry, file_store, closers, rate_limiter)
+
+
+def load_secret(config: Config) -> bytes:
+    """The token-signing key: configured, or generated once and kept in the data directory."""
+    if config.auth.secret:
+        return config.auth.secret.encode()
+    path = config.data_dir / "secret.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(48))
+        path.chmod(0o600)
+    return path.read_text().strip().encode()
+
+
+def session_limits(config: Config) -> Limits:
+    lim, gw = config.limits, config.gateway
+    return Limits(
+        max_frame_bytes=lim.max_frame_bytes,
+        max_body_bytes=lim.max_body_bytes,
+        max_cmid_length=lim.max_cmid_length,
+        max_device_length=lim.max_device_length,
+        max_in_flight=lim.max_in_flight,
+        send_rate=lim.send_rate,
+        typing_rate=lim.typing_rate,
+        auth_timeout=gw.auth_timeout,
+        idle_timeout=gw.idle_timeout,
+    )
+
+
+def build_admission(config: Config) -> Admission:
+    """One admission per process, shared by all its listeners; raises the soft open-file limit to the
+    hard one first, and derives the connection cap from it (``limits.fd_reserve`` kept back)."""
+    lim = config.limits
+    fd_limit = raise_open_file_limit()
+    try:
+        cap = connection_budget(fd_limit=fd_limit, fd_reserve=lim.fd_reserve, configured=lim.max_connections)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    log.info(
+        "connections: at most %d per process (open-file limit %d, %d kept back), %s per address",
+        cap,
+        fd_limit,
+        lim.fd_reserve,
+        lim.max_connections_per_address or "no cap",
+    )
+    return Admission(
+        max_connections=cap,
+        max_per_address=lim.max_connections_per_address,
+        max_refusing=max(8, lim.fd_reserve // 4),
+    )
+
+
+def rate_rule(name: str, rate: RateConfig) -> Rule:
+    return Rule(name, rate.limit, rate.period)
+
+
+def build_accounts(config: Config, store: AccountStore, limiter: RateLimiter | None = None) -> AccountService:
+    """``limiter`` None: no login or registration limits (a process that only checks tokens)."""
+    auth, rt = config.auth, config.rates
+    guard = (
+        None
+        if limiter is None
+        else LoginGuard(
+            limiter,
+            login_per_account_address=rate_rule("login-pair", rt.login_per_account_address),
+            login_per_account=rate_rule("login-account", rt.login_per_account),
+            login_per_address=rate_rule("login-address", rt.login_per_address),
+            register_per_address=rate_rule("register", rt.register_per_address),
+        )
+    )
+    return AccountService(
+        store,
+        secret=load_secret(config),
+        access_ttl=auth.access_ttl,
+        refresh_ttl=auth.refresh_ttl,
+        session_max_age=auth.session_max_age,
+        argon2_time_cost=auth.argon2_time_cost,
+        argon2_memory_kib=auth.argon2_memory_kib,
+        argon2_parallelism=auth.argon2_parallelism,
+        min_password_length=auth.min_password_length,
+        guard=guard,
+        max_blocks=config.limits.max_blocks,
+        hash_slots=HashSlots(concurrency=rt.hash_concurrency, queue=rt.hash_queue, per_source=rt.hash_per_address),
+    )
+
+
+def build_files(config: Config, store: FileStore, limiter: RateLimiter | None = None) -> FileService:
+    """``limiter`` None: no upload quota (a process that only checks attachments)."""
+    fc, rt = config.files, config.rates
+    return FileService(
+        LocalBlobStorage(fc.storage_dir or config.data_dir / "files"),
+        store,
+        max_upload_bytes=fc.max_upload_bytes,
+        allowed_types=fc.allowed_types,
+        max_image_pixels=fc.max_image_pixels,
+        limiter=limiter,
+        upload_bytes_per_day=rt.upload_bytes_per_day,
+        upload_files_per_day=rt.upload_files_per_day,
+    )
+
+
+def build_chat(
+    config: Config,
+    b: Backends,
+    files: FileService | None,
+    router: Router,
+    node: str,
+    *,
+    state_ttl: float | None = None,
+    privacy_ttl: float | None = None,
+) -> ChatService:
+    return ChatService(
+        b.chat_store,
+        b.account_store,
+        router,
+        b.presence,
+        files=files,
+        node=node,
+        max_batch=config.store.max_batch,
+        max_group_members=config.limits.max_group_members,
+        history_page_max=config.limits.history_page_max,
+        state_ttl=state_ttl,
+        privacy_ttl=privacy_ttl,
+    )
+
+
+def build_hub(config: Config, chat: ChatService, accounts: AccountService, limiter: RateLimiter, **kw: Any) -> Hub:
+    gw, rt = config.gateway, config.rates
+    rates = HubRates(
+        sends_per_user=rate_rule("send-user", rt.sends_per_user),
+        sends_per_conversation=rate_rule("send-conv", rt.sends_per_conversation),
+        typing_per_user=rate_rule("typing", rt.typing_per_user),
+        receipts_per_user=rate_rule("receipts", rt.receipts_per_user),
+    )
+    return Hub(
+        gw.node_id,
+        chat,
+        accounts,
+        limits=session_limits(config),
+        replay_page=gw.replay_page,
+        max_send_buffer=gw.max_send_buffer,
+        preauth_send_buffer=config.limits.preauth_send_buffer,
+        presence_ttl=config.presence.ttl,
+        limiter=limiter,
+        rates=rates,
+        **kw,
+    )
+
+
+def event_workers(config: Config, b: Backends) -> list[Coroutine[Any, Any, None]]:
+    """The outbox relay and the push consumer, when events go to RabbitMQ. Any number of processes
+    may run them: the store's outbox lock keeps one relay active, the queue one consumer."""
+    ev = config.events
+    if ev.kind != "rabbitmq":
+        return []
+    store = b.chat_store
+    workers = [OutboxRelay(store, ev.amqp_url, exchange=ev.exchange, queue=ev.queue).run()]
+    if ev.webhook_url:
+        dedupe: Dedupe = MemoryDedupe()
+        if ev.dedupe == "redis":
+            dedupe = RedisDedupe(aioredis.from_url(config.presence.redis_url))
+
+        async def members(conv: str) -> list[int]:
+            return list((await store.load_conversations([conv])).get(conv, _NO_CONV).members)
+
+        workers.append(
+            PushConsumer(
+                ev.amqp_url,
+                b.presence,
+                members,
+                ev.webhook_url,
+                dedupe,
+                exchange=ev.exchange,
+                queue=ev.queue,
+                max_attempts=ev.max_attempts,
+            ).run()
+        )
+    return workers
+
+
+def require_shared_engines(config: Config, role: str) -> None:
+    """A role process shares state with others only through real engines: say which is missing."""
+    wrong = []
+    if config.store.kind != "postgres":
+        wrong.append("store.kind=postgres (with store.postgres_dsn)")
+    if config.presence.kind != "redis":
+        wrong.append("presence.kind=redis")
+    if config.registry.kind != "etcd":
+        wrong.append("registry.kind=etcd")
+    if wrong:
+        raise ConfigError(
+            f"im {role} runs beside other processes and needs shared engines: set {', '.join(wrong)} "
+            "(im serve runs everything in one process on embedded ones)"
+        )
+
+
+class GatewayListeners:
+    """The WebSocket and (unless turned off) TCP listeners of a gateway, and the addresses clients are
+    given. A lifecycle part: ``start`` binds and listens; ``stop`` takes no new work (stops accepting,
+    waits for the accepts under way, then pauses reading on every connection so no new send is taken)."""
+
+    def __init__(self, config: Config, hub: Hub, admission: Admission) -> None:
+        self._config = config
+        self._hub = hub
+        self._admission = admission
+        self._listeners: list[Listener] = []
+        self.addresses: dict[str, str] = {}
+
+    async def start(self) -> None:
+        try:
+            await self._listen()
+        except BaseException:
+            for server in self._listeners:
+                server.close()
+            raise
+
+    async def _listen(self) -> None:
+        gw = self._config.gateway
+        ws_server = await serve_websocket(
+            self._hub, gw.host, gw.ws_port, admission=self._admission, max_fragments=self._config.limits.max_fragments
+        )
+        self._listeners.append(ws_server)
+        ws_port = ws_server.sockets[0].getsockname()[1]
+        self.addresses["ws"] = gw.public_ws_url or f"ws://{gw.host}:{ws_port}{WS_PATH}"
+        if gw.tcp_port is not None:
+            tcp_server = await serve_tcp(self._hub, gw.host, gw.tcp_port, admission=self._admission)
+            self._listeners.append(tcp_server)
+            self.addresses["tcp"] = gw.public_tcp_url or f"tcp://{gw.host}:{tcp_server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        for server in self._listeners:
+            server.close()
+        for server in self._listeners:
+            await server.wait_closed()
+        self._hub.pause_all()

@@ -1,0 +1,153 @@
+"""One lifecycle for every role (``im serve``, ``im transfer``, ``im gateway``, ``im api``).
+
+A role is a list of :class:`Part` s and a few background loops. :meth:`Lifecycle.run` keeps two rules:
+
+- **Parts start in the order listed and stop in the reverse order**, each stop only if its start returned,
+  and even when a later start fails (an :class:`contextlib.AsyncExitStack`). So a role states its
+  shutdown order by where it lists each part: whatever must stop last (the stores) comes first.
+- **Background loops belong to a task group** (:class:`asyncio.TaskGroup`): they are cancelled and
+  awaited before the first part stops. A loop that fails stops the role (its parts stop in order, then
+  the error propagates): a loop meant to run forever does not die unnoticed.
+
+A stop that raises is logged and the next one still runs (one failing close never keeps the others
+open); a start that raises stops what already started and propagates.
+
+What this layer does not do: it never waits by the clock. A part that needs something drained before the
+next stop says so in its own stop (the committer's ``stop`` returns once the answers of its last batch
+are handed over, the hub's ``drain_and_close`` once its connections closed, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from im.backends.registry import Registry
+from im.model.cluster import ServiceInstance
+
+log = logging.getLogger("im")
+
+Step = Callable[[], Awaitable[None] | None]
+Loop = tuple[str, Coroutine[Any, Any, None]]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One step of a role's start and the step of its stop that undoes it (sync or async callables)."""
+
+    name: str
+    start: Step
+    stop: Step | None = None
+
+
+async def _call(step: Step) -> None:
+    result = step()
+    if inspect.isawaitable(result):
+        await result
+
+
+class Lifecycle:
+    """Runs a role: starts its parts, runs its loops until :meth:`request_stop` (or SIGINT/SIGTERM),
+    then cancels the loops and stops the parts in reverse."""
+
+    def __init__(self) -> None:
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        """Begin the graceful stop (safe to call more than once, from a signal handler too)."""
+        self._stop.set()
+
+    async def run(
+        self,
+        parts: Sequence[Part],
+        *,
+        loops: Callable[[], Iterable[Loop]] = tuple,
+        ready: Callable[[], None] | None = None,
+        stopping: str = "stopping",
+    ) -> None:
+        """Start ``parts`` in order, call ``ready``, run ``loops()`` until a stop is requested, then stop.
+
+        ``loops`` is called once every part has started (its coroutines may use what they started);
+        ``stopping`` is the log line that opens the stop.
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            for part in parts:
+                await _call(part.start)
+                if part.stop is not None:
+                    stack.push_async_callback(self._stop_part, part)
+            self._install_signal_handlers(stack)
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = [group.create_task(coro, name=name) for name, coro in loops()]
+                    if ready is not None:
+                        ready()
+                    await self._stop.wait()  # a failed loop cancels this wait (the group's rule)
+                    log.info(stopping)
+                    for task in tasks:
+                        task.cancel()
+            except* Exception:
+                log.error("a background loop failed: stopping")
+                raise
+        log.info("stopped")
+
+    @staticmethod
+    async def _stop_part(part: Part) -> None:
+        if part.stop is None:
+            return
+        try:
+            await _call(part.stop)
+        except Exception:
+            log.exception("stopping %s failed", part.name)
+
+    def _install_signal_handlers(self, stack: contextlib.AsyncExitStack) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+                stack.callback(loop.remove_signal_handler, sig)
+
+
+async def report_load(registry: Registry, node: str, load: Callable[[], int], *, interval: float) -> None:
+    """Publish the load every ``interval`` seconds, which also renews the registration (a loop)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await registry.update_load(node, load())
+        except Exception as exc:  # the registry's own keepalive carries on; try again next time
+            log.warning("registry load report failed (%s: %s)", type(exc).__name__, exc)
+
+
+def registration(registry: Registry, instance: Callable[[], ServiceInstance], ttl: float) -> Part:
+    """Listed in the registry while running (``instance`` is read at start: the addresses are known by
+    then). Leaving it is the first step of a stop: the others stop choosing this node; when the registry
+    is unreachable, the lease expires by itself within its TTL."""
+    node = ""
+
+    async def register() -> None:
+        nonlocal node
+        listed = instance()
+        await registry.register(listed, ttl=ttl)
+        node = listed.node
+
+    async def deregister() -> None:
+        try:
+            await asyncio.wait_for(registry.deregister(node), 3.0)
+        except Exception as exc:
+            log.warning("registry unreachable while deregistering %s (%s); the lease expires by itself", node, exc)
+
+    return Part("registration", register, deregister)
+
+
+async def close_all(*closers: Callable[[], Awaitable[None]]) -> None:
+    """Close in order; one failing does not keep the others open."""
+    for close in closers:
+        try:
+            await close()
+        except Exception:
+            log.exception("close failed")
