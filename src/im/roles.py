@@ -2,7 +2,7 @@
 
 The same core as ``im serve``, cut where the network goes (docs/architecture.md):
 
-- a **transfer** node runs the committer (:class:`ChatService`) behind the gRPC ``Transfer`` service;
+- a **transfer** node runs the committer (:class:`~im.core.committer.Committer`) behind the gRPC ``Transfer`` service;
   its router sends deliveries and events down the streams of the gateway nodes that hold recipients;
 - a **gateway** node holds client connections (WebSocket, TCP); it sends each client send to the
   transfer node chosen for its conversation, reads replays and sync points straight from the store,
@@ -32,9 +32,12 @@ from im.server import (
     build_accounts,
     build_admission,
     build_backends,
-    build_chat,
+    build_chat_caches,
+    build_committer,
     build_files,
+    build_groups,
     build_hub,
+    build_reads,
     close_all,
     deregister,
     event_workers,
@@ -87,9 +90,10 @@ class TransferNode(ServerProcessBase):
         self.backends = b = build_backends(config)
         self.files = build_files(config, b.file_store)  # the send path checks attachments
         self.router = GrpcRouter()
-        self.chat = build_chat(config, b, self.files, self.router, tc.node_id, privacy_ttl=SHARED_STATE_TTL)
+        caches = build_chat_caches(b, privacy_ttl=SHARED_STATE_TTL)
+        self.committer = build_committer(config, b, caches, self.files, self.router, tc.node_id)
         self.servicer = TransferServicer(
-            self.chat, self.router, node=tc.node_id, max_frame_items=tc.max_frame_items, max_pending=tc.max_pending
+            self.committer, self.router, node=tc.node_id, max_frame_items=tc.max_frame_items, max_pending=tc.max_pending
         )
         self.address = ""
 
@@ -97,7 +101,7 @@ class TransferNode(ServerProcessBase):
         cfg, tc, b = self.config, self.config.transfer, self.backends
         await b.start()
         await self.files.start()
-        self.chat.start()
+        self.committer.start()
         grpc_server, port = await serve_transfer(self.servicer, f"{tc.host}:{tc.port}")
         self.address = tc.public_address or f"{tc.host}:{port}"
         await b.registry.register(
@@ -118,7 +122,7 @@ class TransferNode(ServerProcessBase):
         # Leave the registry first (gateways stop choosing this node), then finish what is queued:
         # every send already taken is committed and answered on its stream, or refused.
         await deregister(b.registry, tc.node_id)
-        await self.chat.stop()
+        await self.committer.stop()
         await asyncio.sleep(0.2)  # let the answers of the last batch leave on their streams
         await grpc_server.stop(grace=1.0)
         await close_all(self.files.close, b.close)
@@ -136,11 +140,10 @@ class GatewayNode(ServerProcessBase):
         self.accounts = build_accounts(config, b.account_store)
         self.pool = TransferPool(b.registry, node, None, on_revoked=self._revoked)  # the sink: the hub
         self.router = LinkRouter(self.pool)
-        # Reads only (replays, members for typing and receipts): no committer runs here, so no file checks.
-        self.chat = build_chat(
-            config, b, None, self.router, node, state_ttl=SHARED_STATE_TTL, privacy_ttl=SHARED_STATE_TTL
-        )
-        self.hub = build_hub(config, self.chat, self.accounts, b.rate_limiter, submit=self.pool.submit)
+        # Reads only (sync points, replays, members for typing and receipts): no committer runs here.
+        caches = build_chat_caches(b, state_ttl=SHARED_STATE_TTL, privacy_ttl=SHARED_STATE_TTL)
+        self.reads = build_reads(config, b, caches)
+        self.hub = build_hub(config, b, self.reads, self.accounts, self.router, self.pool.submit)
         self.pool.sink = self.hub
         self.admission = build_admission(config)
         self.addresses: dict[str, str] = {}
@@ -198,11 +201,12 @@ class ApiNode(ServerProcessBase):
         self.router = LinkRouter(self.pool)
         # Membership changes are committed here (the store judges between writers) and routed through
         # a transfer node; reads check membership on a state at most SHARED_STATE_TTL old.
-        self.chat = build_chat(
-            config, b, self.files, self.router, node, state_ttl=SHARED_STATE_TTL, privacy_ttl=SHARED_STATE_TTL
-        )
+        caches = build_chat_caches(b, state_ttl=SHARED_STATE_TTL, privacy_ttl=SHARED_STATE_TTL)
+        self.committer = build_committer(config, b, caches, self.files, self.router, node)
+        self.groups = build_groups(config, b, caches, self.committer)
+        self.reads = build_reads(config, b, caches)
         self.accounts.on_revoke(self.pool.revoke)
-        self.accounts.on_privacy_change(self.chat.forget_privacy)
+        self.accounts.on_privacy_change(caches.consent.forget)
         self.picker = GatewayPicker(b.registry)
         self.admission = build_admission(config)
         self.url = ""
@@ -212,13 +216,14 @@ class ApiNode(ServerProcessBase):
         await b.start()
         await self.files.start()
         await self.pool.start()
-        self.chat.start()
+        self.committer.start()
         self.picker.start()
         http = HttpServer(
             cfg,
             create_app(
                 self.accounts,
-                self.chat,
+                self.groups,
+                self.reads,
                 self.picker.pick,
                 cfg.limits,
                 files=self.files,
@@ -236,7 +241,7 @@ class ApiNode(ServerProcessBase):
         log.info("stopping")
         self.picker.stop()
         await http.stop()
-        await self.chat.stop()
+        await self.committer.stop()
         await close_all(self.pool.close, self.files.close, b.close)
         log.info("stopped")
 

@@ -1,10 +1,10 @@
-"""The transfer link over real gRPC on loopback, in front of a real ChatService on SQLite."""
+"""The transfer link over real gRPC on loopback, in front of a real Committer on SQLite."""
 
 from __future__ import annotations
 
 import asyncio
 
-from im.core.chat import SendRequest
+from im.core.committer import SendRequest
 from im.model.errors import ErrorCode
 from im.protocol.frames import TypingEvent
 from tests.support.wait import eventually
