@@ -4,7 +4,7 @@
 
 A gateway keeps ``--window`` sends in flight on one :class:`TransferLink` (each answer submits the next
 send) until ``--count`` sends are answered, and reports answered sends per second. ``--core sqlite``
-puts a real ChatService on a temporary SQLite file behind the link (group commit, fsync'd); ``--core
+puts a real Committer on a temporary SQLite file behind the link (group commit, fsync'd); ``--core
 echo`` answers each send at once, which measures the link alone. ``--split`` runs the transfer node in
 a child process (otherwise both ends share this process's one core).
 """
@@ -25,7 +25,9 @@ from im.backends.chat.sqlite import SqliteChatStore
 from im.backends.presence.memory import MemoryPresence
 from im.backends.routing import DeliverySink
 from im.backends.sql.sqlite_db import SqliteDatabase
-from im.core.chat import ChatService, SendCallback, SendRequest
+from im.core.committer import Committer, SendCallback, SendRequest
+from im.core.consent import Consent
+from im.core.states import ConversationStates
 from im.model.chat import StoredMessage
 from im.model.cluster import DeviceLocation
 from im.model.errors import ImError
@@ -81,13 +83,13 @@ async def _transfer_node(core: str, data_dir: Path, port: int) -> tuple[Any, int
     alice = (await accounts.create_user("alice", "Alice", "x", 1)).uid
     bob = (await accounts.create_user("bob", "Bob", "x", 1)).uid
     await presence.set_online([DeviceLocation(u, "d1", GATEWAY) for u in (alice, bob)], ttl=3600)
-    chat = ChatService(store, accounts, router, presence)
-    chat.start()
-    server, bound = await serve_transfer(TransferServicer(chat, router), f"127.0.0.1:{port}")
+    committer = Committer(store, accounts, router, presence, ConversationStates(store), Consent(accounts, store))
+    committer.start()
+    server, bound = await serve_transfer(TransferServicer(committer, router), f"127.0.0.1:{port}")
 
     async def stop() -> None:
         await server.stop(None)
-        await chat.stop()
+        await committer.stop()
         await accounts.close()
         await store.close()
 

@@ -1,4 +1,4 @@
-"""Fault isolation in the committer (im.core.chat, module docstring): one send the store will not take
+"""Fault isolation in the committer (im.core.committer, module docstring): one send the store will not take
 fails alone, the others of its batch commit in order with dense seqs, in a bounded number of store calls;
 a store that is down refuses the batch ``unavailable`` once. Real stores: SQLite and PostgreSQL."""
 
@@ -22,9 +22,10 @@ from im.backends.chat.sqlite import SqliteChatStore
 from im.backends.presence.memory import MemoryPresence
 from im.backends.routing.memory import MemoryRouter
 from im.backends.sql.sqlite_db import SqliteDatabase
-from im.core.chat import ChatService, SendRequest
+from im.core.committer import SendRequest
 from im.model.chat import StoredMessage
 from im.model.errors import ErrorCode, ImError
+from tests.support.chat import ChatCore, chat_core
 from tests.support.postgres import PgSchema, start
 
 #: Text each store refuses at commit time: PostgreSQL has no NUL in text; SQLite cannot encode a lone
@@ -33,11 +34,17 @@ POISON = {"sqlite": "bad-\ud800", "postgres": "bad-\x00"}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-async def svc(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ChatService]:
+def kind(request: pytest.FixtureRequest) -> str:
+    """The store engine under test."""
+    return str(request.param)
+
+
+@pytest.fixture
+async def svc(kind: str, tmp_path: Path) -> AsyncIterator[ChatCore]:
     schema: PgSchema | None = None
     chat: ChatStore
     accounts: AccountStore
-    if request.param == "sqlite":
+    if kind == "sqlite":
         db = SqliteDatabase(tmp_path / "im.db")
         chat, accounts = SqliteChatStore(db), SqliteAccountStore(db)
         await chat.start()
@@ -47,15 +54,14 @@ async def svc(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[C
         pg = schema.database()
         chat, accounts = PostgresChatStore(pg), PostgresAccountStore(pg)
         await start(chat, accounts)
-    service = ChatService(chat, accounts, MemoryRouter(), MemoryPresence())
-    service.kind = request.param  # type: ignore[attr-defined]
+    service = chat_core(chat, accounts, MemoryRouter(), MemoryPresence())
     for name in ("ann", "ben"):
         await accounts.create_user(name, name, "hash", 0)
-    service.start()
+    service.committer.start()
     try:
         yield service
     finally:
-        await service.stop()
+        await service.committer.stop()
         await accounts.close()
         await chat.close()
         if schema is not None:
@@ -65,7 +71,7 @@ async def svc(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[C
 Outcome = tuple[StoredMessage | None, ImError | None]
 
 
-def submit_all(svc: ChatService, reqs: list[SendRequest]) -> list[asyncio.Future[Outcome]]:
+def submit_all(svc: ChatCore, reqs: list[SendRequest]) -> list[asyncio.Future[Outcome]]:
     """Queue every request before the committer runs, so they share one batch."""
     loop = asyncio.get_running_loop()
     futures: list[asyncio.Future[Outcome]] = []
@@ -81,7 +87,7 @@ def submit_all(svc: ChatService, reqs: list[SendRequest]) -> list[asyncio.Future
         ) -> None:
             fut.set_result((m, err))
 
-        svc.submit(req, done)
+        svc.committer.submit(req, done)
         futures.append(fut)
     return futures
 
@@ -91,12 +97,12 @@ def send(conv: str, cmid: str, uid: int = 1) -> SendRequest:
 
 
 @pytest.mark.parametrize("where", [0, 7, 15])
-async def test_one_poisoned_send_fails_alone(svc: ChatService, where: int) -> None:
-    group = await svc.create_group(1, "g", [2])
+async def test_one_poisoned_send_fails_alone(svc: ChatCore, kind: str, where: int) -> None:
+    group = await svc.groups.create_group(1, "g", [2])
     conv = f"g:{group.gid}"
     reqs = [send(conv, f"ok-{i}", uid=1 + i % 2) for i in range(15)]
-    reqs.insert(where, send(conv, POISON[svc.kind]))  # type: ignore[attr-defined]
-    calls_before = svc.store_calls
+    reqs.insert(where, send(conv, POISON[kind]))
+    calls_before = svc.committer.store_calls
     outcomes = await asyncio.gather(*submit_all(svc, reqs))
     poisoned = outcomes[where]
     assert poisoned[0] is None and poisoned[1] is not None and poisoned[1].code is ErrorCode.INVALID
@@ -104,15 +110,15 @@ async def test_one_poisoned_send_fails_alone(svc: ChatService, where: int) -> No
     assert all(m is not None for m in good)
     assert [m.seq for m in good if m is not None] == list(range(2, 17))  # dense, in submission order
     n = len(reqs)
-    assert svc.store_calls - calls_before <= 1 + 2 * math.ceil(math.log2(n))
-    page, _ = await svc.history(1, conv, after=0, before=None, limit=50)
+    assert svc.committer.store_calls - calls_before <= 1 + 2 * math.ceil(math.log2(n))
+    page, _ = await svc.reads.history(1, conv, after=0, before=None, limit=50)
     assert [m.cmid for m in page[1:]] == [r.cmid for i, r in enumerate(reqs) if i != where]
 
 
-async def test_several_poisoned_sends_across_conversations(svc: ChatService) -> None:
-    group = await svc.create_group(1, "g", [2])
+async def test_several_poisoned_sends_across_conversations(svc: ChatCore, kind: str) -> None:
+    group = await svc.groups.create_group(1, "g", [2])
     g = f"g:{group.gid}"
-    poison = POISON[svc.kind]  # type: ignore[attr-defined]
+    poison = POISON[kind]
     reqs = [send(g if i % 3 else "d:1:2", f"ok-{i}") for i in range(30)]
     for at in (3, 11, 25):
         reqs.insert(at, send(g, f"{poison}{at}"))
@@ -120,17 +126,17 @@ async def test_several_poisoned_sends_across_conversations(svc: ChatService) -> 
     refused = [r.cmid for r, (_, err) in zip(reqs, outcomes, strict=True) if err is not None]
     assert refused == [f"{poison}{at}" for at in (3, 11, 25)]
     for conv in (g, "d:1:2"):
-        page, _ = await svc.history(1, conv, after=0, before=None, limit=100)
+        page, _ = await svc.reads.history(1, conv, after=0, before=None, limit=100)
         assert [m.seq for m in page] == list(range(1, len(page) + 1))
         expected = [r.cmid for r in reqs if r.conv == conv and not r.cmid.startswith("bad-")]
         assert [m.cmid for m in page if m.type == "text"] == expected
 
 
-async def test_an_item_that_breaks_preparation_fails_alone(svc: ChatService, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_item_that_breaks_preparation_fails_alone(svc: ChatCore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bug (an unexpected exception) met while checking one item refuses that item only."""
-    group = await svc.create_group(1, "g", [2])
+    group = await svc.groups.create_group(1, "g", [2])
     conv = f"g:{group.gid}"
-    real = svc._prepare_send
+    real = svc.committer._prepare_send
 
     def flaky(p, item, *args):  # type: ignore[no-untyped-def]
         if item.req.cmid == "boom":
@@ -138,7 +144,7 @@ async def test_an_item_that_breaks_preparation_fails_alone(svc: ChatService, mon
             raise RuntimeError("bug")
         real(p, item, *args)
 
-    monkeypatch.setattr(svc, "_prepare_send", flaky)
+    monkeypatch.setattr(svc.committer, "_prepare_send", flaky)
     reqs = [send(conv, "a"), send(conv, "boom"), send(conv, "b"), send("d:1:2", "boom"), send("d:1:2", "c")]
     reqs[3] = SendRequest(1, "phone", "boom", "d:1:2", None, "text", b'"x"')
     outcomes = await asyncio.gather(*submit_all(svc, reqs))
@@ -147,19 +153,19 @@ async def test_an_item_that_breaks_preparation_fails_alone(svc: ChatService, mon
     assert [(m.conv, m.seq) for m, _ in outcomes if m is not None] == [(conv, 2), (conv, 3), ("d:1:2", 1)]
 
 
-async def test_a_store_that_is_down_refuses_the_batch_once(svc: ChatService, caplog: pytest.LogCaptureFixture) -> None:
-    group = await svc.create_group(1, "g", [2])
+async def test_a_store_that_is_down_refuses_the_batch_once(svc: ChatCore, caplog: pytest.LogCaptureFixture) -> None:
+    group = await svc.groups.create_group(1, "g", [2])
     conv = f"g:{group.gid}"
-    await svc.send(send(conv, "before"))
+    await svc.committer.send(send(conv, "before"))
     await svc.store.close()  # the real database goes away under the committer
     await svc.accounts.close()
     reqs = [send(conv, f"m-{i}") for i in range(64)]
-    calls_before = svc.store_calls
-    with caplog.at_level(logging.WARNING, logger="im.core.chat"):
+    calls_before = svc.committer.store_calls
+    with caplog.at_level(logging.WARNING, logger="im.core.committer"):
         outcomes = await asyncio.gather(*submit_all(svc, reqs))
     assert all(err is not None and err.code is ErrorCode.UNAVAILABLE for _, err in outcomes), outcomes[:2]
-    assert svc.store_calls - calls_before <= math.ceil(math.log2(64)) + 1
-    assert len([r for r in caplog.records if r.name == "im.core.chat"]) <= 2
+    assert svc.committer.store_calls - calls_before <= math.ceil(math.log2(64)) + 1
+    assert len([r for r in caplog.records if r.name == "im.core.committer"]) <= 2
 
 
 def test_throttled_log_writes_one_counted_line_per_window(caplog: pytest.LogCaptureFixture) -> None:
@@ -179,8 +185,8 @@ def test_throttled_log_writes_one_counted_line_per_window(caplog: pytest.LogCapt
     assert lines[2] == "refused bad sends: later" and len(lines) == 3
 
 
-async def test_a_callback_that_raises_does_not_undo_or_repeat_the_batch(svc: ChatService) -> None:
-    group = await svc.create_group(1, "g", [2])
+async def test_a_callback_that_raises_does_not_undo_or_repeat_the_batch(svc: ChatCore) -> None:
+    group = await svc.groups.create_group(1, "g", [2])
     conv = f"g:{group.gid}"
     got: list[int] = []
 
@@ -191,10 +197,10 @@ async def test_a_callback_that_raises_does_not_undo_or_repeat_the_batch(svc: Cha
         assert m is not None and err is None
         got.append(m.seq)
 
-    calls_before = svc.store_calls
-    svc.submit(send(conv, "a"), good)
-    svc.submit(send(conv, "b"), bad)
-    svc.submit(send(conv, "c"), good)
-    last, _ = await svc.send(send(conv, "d"))
+    calls_before = svc.committer.store_calls
+    svc.committer.submit(send(conv, "a"), good)
+    svc.committer.submit(send(conv, "b"), bad)
+    svc.committer.submit(send(conv, "c"), good)
+    last, _ = await svc.committer.send(send(conv, "d"))
     assert got == [2, 4] and last.seq == 5
-    assert svc.store_calls - calls_before <= 2  # one batch (or two), never split or written again
+    assert svc.committer.store_calls - calls_before <= 2  # one batch (or two), never split or written again

@@ -14,28 +14,29 @@ from im.backends.chat.sqlite import SqliteChatStore
 from im.backends.presence.memory import MemoryPresence
 from im.backends.routing.memory import MemoryRouter
 from im.backends.sql.sqlite_db import SqliteDatabase
-from im.core.chat import ChatService, SendRequest
+from im.core.committer import SendRequest
 from im.model.cluster import DeviceLocation
 from im.model.errors import ErrorCode, ImError
+from tests.support.chat import ChatCore, chat_core
 from tests.transfer.conftest import RecordingSink
 
 
 @pytest.fixture
-async def pair(tmp_path: Path) -> AsyncIterator[tuple[ChatService, ChatService]]:
+async def pair(tmp_path: Path) -> AsyncIterator[tuple[ChatCore, ChatCore]]:
     services = []
     for _ in range(2):
         db = SqliteDatabase(tmp_path / "im.db")  # two databases objects: two writers on one file
         chat, accounts = SqliteChatStore(db), SqliteAccountStore(db)
         await chat.start()
         await accounts.start()
-        svc = ChatService(chat, accounts, MemoryRouter(), MemoryPresence())
-        svc.start()
+        svc = chat_core(chat, accounts, MemoryRouter(), MemoryPresence())
+        svc.committer.start()
         services.append(svc)
     for name in ("ann", "ben", "cat"):
         await services[0].accounts.create_user(name, name, "hash", 0)
     yield services[0], services[1]
     for svc in services:
-        await svc.stop()
+        await svc.committer.stop()
         await svc.accounts.close()
         await svc.store.close()
 
@@ -44,42 +45,42 @@ def send(uid: int, conv: str, cmid: str) -> SendRequest:
     return SendRequest(uid, "d", cmid, conv, None, "text", msgspec.json.encode(cmid))
 
 
-async def test_membership_changed_elsewhere_is_honoured(pair: tuple[ChatService, ChatService]) -> None:
+async def test_membership_changed_elsewhere_is_honoured(pair: tuple[ChatCore, ChatCore]) -> None:
     api, node = pair
-    group = await api.create_group(1, "g", [2])
+    group = await api.groups.create_group(1, "g", [2])
     conv = f"g:{group.gid}"
-    m, _ = await node.send(send(1, conv, "first"))  # the node caches the group: members 1 and 2
+    m, _ = await node.committer.send(send(1, conv, "first"))  # the node caches the group: members 1 and 2
     assert m.seq == 2
-    await api.add_members(1, group.gid, [3])  # seq 3, through the other committer
-    m, _ = await node.send(send(3, conv, "newcomer"))  # the cache says 3 is no member: re-read, accept
+    await api.groups.add_members(1, group.gid, [3])  # seq 3, through the other committer
+    m, _ = await node.committer.send(send(3, conv, "newcomer"))  # the cache says 3 is no member: re-read, accept
     assert m.seq == 4
-    await api.remove_member(1, group.gid, 2)  # seq 5
+    await api.groups.remove_member(1, group.gid, 2)  # seq 5
     with pytest.raises(ImError) as refused:
-        await node.send(send(2, conv, "gone"))  # the cache says 2 is a member: the head check catches it
+        await node.committer.send(send(2, conv, "gone"))  # the cache says 2 is a member: the head check catches it
     assert refused.value.code is ErrorCode.NOT_MEMBER
-    m, _ = await node.send(send(1, conv, "after"))
+    m, _ = await node.committer.send(send(1, conv, "after"))
     assert m.seq == 6
-    page, _ = await api.history(1, conv, after=0, before=None, limit=50)
+    page, _ = await api.reads.history(1, conv, after=0, before=None, limit=50)
     assert [x.seq for x in page] == [1, 2, 3, 4, 5, 6]
     assert [x.cmid for x in page if x.type == "text"] == ["first", "newcomer", "after"]
 
 
 async def test_a_duplicate_first_stored_by_the_other_writer_is_routed_again(
-    pair: tuple[ChatService, ChatService],
+    pair: tuple[ChatCore, ChatCore],
 ) -> None:
     """A writer that committed and died before routing: the resend through the other writer is answered
     as a duplicate and delivered to the online members (once; sessions drop seqs they already have)."""
     first, second = pair
-    group = await first.create_group(1, "g", [2])
+    group = await first.groups.create_group(1, "g", [2])
     conv = f"g:{group.gid}"
     sink = RecordingSink()
     second.router.attach("gw", sink)
     await second.presence.set_online([DeviceLocation(2, "phone", "gw")], 60)
-    m, dup = await first.send(send(1, conv, "x"))  # first's router reaches nobody: "died before routing"
+    m, dup = await first.committer.send(send(1, conv, "x"))  # first's router reaches nobody: "died before routing"
     assert (m.seq, dup) == (2, False) and sink.messages == []
-    again, dup = await second.send(send(1, conv, "x"))
+    again, dup = await second.committer.send(send(1, conv, "x"))
     assert dup and (again.seq, again.mid) == (m.seq, m.mid)
     assert [(x.seq, r) for x, r in sink.messages] == [(2, [2])]
     # A plain retry that the second writer itself answered before is not routed again.
-    await second.send(send(1, conv, "x"))
+    await second.committer.send(send(1, conv, "x"))
     assert len(sink.messages) == 1

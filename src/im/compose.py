@@ -45,8 +45,12 @@ from im.backends.sql.postgres_db import PostgresDatabase
 from im.backends.sql.sqlite_db import SqliteDatabase
 from im.config import Config, ConfigError, RateConfig
 from im.core.accounts import AccountService
-from im.core.chat import ChatService
+from im.core.committer import Committer, SubmitSend
+from im.core.consent import Consent
+from im.core.groups import Groups
 from im.core.passwords import HashSlots, LoginGuard
+from im.core.reads import ChatReads
+from im.core.states import ConversationStates
 from im.events.push import PushConsumer
 from im.events.relay import OutboxRelay
 from im.files import FileService
@@ -222,32 +226,64 @@ def build_files(config: Config, store: FileStore, limiter: RateLimiter | None = 
     )
 
 
-def build_chat(
-    config: Config,
-    b: Backends,
-    files: FileService | None,
-    router: Router,
-    node: str,
-    *,
-    state_ttl: float | None = None,
-    privacy_ttl: float | None = None,
-) -> ChatService:
-    return ChatService(
+@dataclass(frozen=True, slots=True)
+class ChatCaches:
+    """What the committer and the read side of one process share, so that each sees the other's view:
+    the conversation states (members, heads) and consent (blocks, settings)."""
+
+    states: ConversationStates
+    consent: Consent
+
+
+def build_chat_caches(b: Backends, *, state_ttl: float | None = None, privacy_ttl: float | None = None) -> ChatCaches:
+    """``state_ttl`` None: this process's committer is the only writer and its cache is the truth (im
+    serve); a number: other processes write too, states older than that are read again. ``privacy_ttl``
+    None: blocks and settings are cached until ``Consent.forget`` (im serve, whose AccountService
+    announces every change); a number: read again when older (distributed mode)."""
+    return ChatCaches(
+        ConversationStates(b.chat_store, ttl=state_ttl),
+        Consent(b.account_store, b.chat_store, ttl=privacy_ttl),
+    )
+
+
+def build_committer(
+    config: Config, b: Backends, caches: ChatCaches, files: FileService | None, router: Router, node: str
+) -> Committer:
+    return Committer(
         b.chat_store,
         b.account_store,
         router,
         b.presence,
+        caches.states,
+        caches.consent,
         files=files,
         node=node,
         max_batch=config.store.max_batch,
         max_group_members=config.limits.max_group_members,
-        history_page_max=config.limits.history_page_max,
-        state_ttl=state_ttl,
-        privacy_ttl=privacy_ttl,
     )
 
 
-def build_hub(config: Config, chat: ChatService, accounts: AccountService, limiter: RateLimiter, **kw: Any) -> Hub:
+def build_groups(config: Config, b: Backends, caches: ChatCaches, committer: Committer) -> Groups:
+    return Groups(
+        committer, b.chat_store, b.account_store, caches.consent, max_group_members=config.limits.max_group_members
+    )
+
+
+def build_reads(config: Config, b: Backends, caches: ChatCaches) -> ChatReads:
+    return ChatReads(
+        b.chat_store,
+        b.account_store,
+        b.presence,
+        caches.states,
+        caches.consent,
+        history_page_max=config.limits.history_page_max,
+    )
+
+
+def build_hub(
+    config: Config, b: Backends, reads: ChatReads, accounts: AccountService, router: Router, submit: SubmitSend
+) -> Hub:
+    """The gateway hub: connections read through ``reads``, send through ``submit`` and attach to ``router``."""
     gw, rt = config.gateway, config.rates
     rates = HubRates(
         sends_per_user=rate_rule("send-user", rt.sends_per_user),
@@ -257,16 +293,19 @@ def build_hub(config: Config, chat: ChatService, accounts: AccountService, limit
     )
     return Hub(
         gw.node_id,
-        chat,
-        accounts,
+        reads=reads,
+        cursor_store=b.chat_store,
+        presence=b.presence,
+        router=router,
+        accounts=accounts,
+        submit=submit,
         limits=session_limits(config),
         replay_page=gw.replay_page,
         max_send_buffer=gw.max_send_buffer,
         preauth_send_buffer=config.limits.preauth_send_buffer,
         presence_ttl=config.presence.ttl,
-        limiter=limiter,
+        limiter=b.rate_limiter,
         rates=rates,
-        **kw,
     )
 
 

@@ -2,7 +2,7 @@
 
 The same core as ``im serve``, cut where the network goes (docs/architecture.md):
 
-- a **transfer** node runs the committer (:class:`ChatService`) behind the gRPC ``Transfer`` service;
+- a **transfer** node runs the committer (:class:`~im.core.committer.Committer`) behind the gRPC ``Transfer`` service;
   its router sends deliveries and events down the streams of the gateway nodes that hold recipients;
 - a **gateway** node holds client connections (WebSocket, TCP); it sends each client send to the
   transfer node chosen for its conversation, reads replays and sync points straight from the store,
@@ -32,9 +32,12 @@ from im.compose import (
     build_accounts,
     build_admission,
     build_backends,
-    build_chat,
+    build_chat_caches,
+    build_committer,
     build_files,
+    build_groups,
     build_hub,
+    build_reads,
     event_workers,
     require_shared_engines,
 )
@@ -84,9 +87,10 @@ class TransferNode(_Role):
         self.backends = b = build_backends(config)
         self.files = build_files(config, b.file_store)  # the send path checks attachments
         self.router = GrpcRouter()
-        self.chat = build_chat(config, b, self.files, self.router, tc.node_id, privacy_ttl=SHARED_STATE_TTL)
+        caches = build_chat_caches(b, privacy_ttl=SHARED_STATE_TTL)
+        self.committer = build_committer(config, b, caches, self.files, self.router, tc.node_id)
         self.servicer = TransferServicer(
-            self.chat, self.router, node=tc.node_id, max_frame_items=tc.max_frame_items, max_pending=tc.max_pending
+            self.committer, self.router, node=tc.node_id, max_frame_items=tc.max_frame_items, max_pending=tc.max_pending
         )
         self._grpc_server: Any = None
         self.address = ""
@@ -100,7 +104,7 @@ class TransferNode(_Role):
             Part("stores", b.start, b.close),
             Part("files", self.files.start, self.files.close),
             Part("grpc", self._serve, self._stop_serving),
-            Part("committer", self.chat.start, self.chat.stop),
+            Part("committer", self.committer.start, self.committer.stop),
             registration(
                 b.registry,
                 lambda: ServiceInstance("transfer", tc.node_id, {GRPC_ADDRESS: self.address}),
@@ -145,11 +149,10 @@ class GatewayNode(_Role):
         self.accounts = build_accounts(config, b.account_store)
         self.pool = TransferPool(b.registry, node, on_revoked=self._revoked)
         self.router = LinkRouter(self.pool)
-        # Reads only (replays, members for typing and receipts): no committer runs here, so no file checks.
-        self.chat = build_chat(
-            config, b, None, self.router, node, state_ttl=SHARED_STATE_TTL, privacy_ttl=SHARED_STATE_TTL
-        )
-        self.hub = build_hub(config, self.chat, self.accounts, b.rate_limiter, submit=self.pool.submit)
+        # Reads only (sync points, replays, members for typing and receipts): no committer runs here.
+        caches = build_chat_caches(b, state_ttl=SHARED_STATE_TTL, privacy_ttl=SHARED_STATE_TTL)
+        self.reads = build_reads(config, b, caches)
+        self.hub = build_hub(config, b, self.reads, self.accounts, self.router, self.pool.submit)
         self.admission = build_admission(config)
         self.listeners = GatewayListeners(config, self.hub, self.admission)
 
@@ -212,18 +215,20 @@ class ApiNode(_Role):
         self.router = LinkRouter(self.pool)
         # Membership changes are committed here (the store judges between writers) and routed through
         # a transfer node; reads check membership on a state at most SHARED_STATE_TTL old.
-        self.chat = build_chat(
-            config, b, self.files, self.router, node, state_ttl=SHARED_STATE_TTL, privacy_ttl=SHARED_STATE_TTL
-        )
+        caches = build_chat_caches(b, state_ttl=SHARED_STATE_TTL, privacy_ttl=SHARED_STATE_TTL)
+        self.committer = build_committer(config, b, caches, self.files, self.router, node)
+        self.groups = build_groups(config, b, caches, self.committer)
+        self.reads = build_reads(config, b, caches)
         self.accounts.on_revoke(self.pool.revoke)
-        self.accounts.on_privacy_change(self.chat.forget_privacy)
+        self.accounts.on_privacy_change(caches.consent.forget)
         self.picker = GatewayPicker(b.registry)
         self.admission = build_admission(config)
         self.http = HttpServer(
             config,
             create_app(
                 self.accounts,
-                self.chat,
+                self.groups,
+                self.reads,
                 self.picker.pick,
                 config.limits,
                 files=self.files,
@@ -245,7 +250,7 @@ class ApiNode(_Role):
             Part("stores", b.start, b.close),
             Part("files", self.files.start, self.files.close),
             Part("transfer links", lambda: self.pool.start(_NoDeliveries()), self.pool.close),
-            Part("committer", self.chat.start, self.chat.stop),
+            Part("committer", self.committer.start, self.committer.stop),
             Part("http", self.http.start, self.http.stop),
             Part("gateway picker", self.picker.start, self.picker.stop),
         ]

@@ -16,9 +16,12 @@ from im.compose import (
     build_accounts,
     build_admission,
     build_backends,
-    build_chat,
+    build_chat_caches,
+    build_committer,
     build_files,
+    build_groups,
     build_hub,
+    build_reads,
     event_workers,
 )
 from im.config import Config
@@ -36,9 +39,12 @@ class EmbeddedServer:
         self.backends = b = build_backends(config)
         self.accounts = build_accounts(config, b.account_store, b.rate_limiter)
         self.files = build_files(config, b.file_store, b.rate_limiter)
-        self.chat = build_chat(config, b, self.files, b.router, config.gateway.node_id)
-        self.hub = build_hub(config, self.chat, self.accounts, b.rate_limiter)
-        self.accounts.on_privacy_change(self.chat.forget_privacy)  # a block takes effect at once
+        caches = build_chat_caches(b)
+        self.committer = build_committer(config, b, caches, self.files, b.router, config.gateway.node_id)
+        self.groups = build_groups(config, b, caches, self.committer)
+        self.reads = build_reads(config, b, caches)
+        self.hub = build_hub(config, b, self.reads, self.accounts, b.router, self.committer.submit)
+        self.accounts.on_privacy_change(caches.consent.forget)  # a block takes effect at once
         self.picker = GatewayPicker(b.registry)
         self.admission = build_admission(config)
         self.listeners = GatewayListeners(config, self.hub, self.admission)
@@ -46,7 +52,8 @@ class EmbeddedServer:
             config,
             create_app(
                 self.accounts,
-                self.chat,
+                self.groups,
+                self.reads,
                 self.picker.pick,
                 config.limits,
                 files=self.files,
@@ -89,7 +96,7 @@ class EmbeddedServer:
             Part("files", self.files.start, self.files.close),
             Part("http", self.http.start, self.http.stop),
             Part("hub", self.hub.start, self.hub.drain_and_close),
-            Part("committer", self.chat.start, self.chat.stop),
+            Part("committer", self.committer.start, self.committer.stop),
             Part("listeners", self.listeners.start, self.listeners.stop),
             registration(
                 b.registry, lambda: ServiceInstance("gateway", node, self.listeners.addresses), float(cfg.registry.ttl)

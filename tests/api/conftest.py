@@ -28,8 +28,12 @@ from im.backends.routing.memory import MemoryRouter
 from im.backends.sql.sqlite_db import SqliteDatabase
 from im.config import LimitsConfig
 from im.core.accounts import AccountService
-from im.core.chat import ChatService, SendRequest
+from im.core.committer import Committer, SendRequest
+from im.core.consent import Consent
+from im.core.groups import Groups
 from im.core.passwords import LoginGuard
+from im.core.reads import ChatReads
+from im.core.states import ConversationStates
 from im.files import FileService
 from im.model.chat import StoredMessage
 from im.model.cluster import DeviceLocation
@@ -48,7 +52,9 @@ class Services:
     """The services behind one app, started; ``gateway`` is what the gateway picker answers."""
 
     accounts: AccountService
-    chat: ChatService
+    committer: Committer
+    groups: Groups
+    reads: ChatReads
     files: FileService
     presence: MemoryPresence
     close: Callable[[], Awaitable[None]]
@@ -64,7 +70,7 @@ class Services:
         """Commit one message from ``uid`` (device "d1") as a gateway would, through the write path."""
         self._sent += 1
         req = SendRequest(uid, "d1", f"api-test-{self._sent}", conv, to, type, json.dumps(body).encode())
-        message, _dup = await self.chat.send(req)
+        message, _dup = await self.committer.send(req)
         return message
 
     async def online(self, uid: int, device: str = "d1") -> None:
@@ -98,24 +104,28 @@ async def build_services(tmp_path: Path, *, limited: bool = False) -> Services:
     files = FileService(LocalBlobStorage(tmp_path / "files"), file_store, max_upload_bytes=MAX_UPLOAD_BYTES)
     await files.start()
     presence = MemoryPresence()
-    chat = ChatService(
+    states, consent = ConversationStates(chat_store), Consent(account_store, chat_store)
+    committer = Committer(
         chat_store,
         account_store,
         MemoryRouter(),
         presence,
+        states,
+        consent,
         files=files,
         max_group_members=LIMITS.max_group_members,
-        history_page_max=LIMITS.history_page_max,
     )
-    chat.start()
+    groups = Groups(committer, chat_store, account_store, consent, max_group_members=LIMITS.max_group_members)
+    reads = ChatReads(chat_store, account_store, presence, states, consent, history_page_max=LIMITS.history_page_max)
+    committer.start()
 
     async def close() -> None:
-        await chat.stop()
+        await committer.stop()
         await files.close()
         for store in (file_store, chat_store, account_store):
             await store.close()
 
-    return Services(accounts, chat, files, presence, close)
+    return Services(accounts, committer, groups, reads, files, presence, close)
 
 
 @dataclass
@@ -166,7 +176,8 @@ async def _api(tmp_path: Path, *, limited: bool) -> AsyncIterator[Api]:
     services = await build_services(tmp_path, limited=limited)
     app = create_app(
         services.accounts,
-        services.chat,
+        services.groups,
+        services.reads,
         services.pick_gateway,
         LIMITS,
         max_request_bytes=MAX_REQUEST_BYTES,

@@ -14,7 +14,7 @@ import pytest
 from im.backends.registry.memory import MemoryRegistry
 from im.backends.routing import DeliverySink, Router
 from im.backends.routing.memory import MemoryRouter
-from im.core.chat import SendCallback, SendRequest
+from im.core.committer import SendCallback, SendRequest
 from im.model.chat import StoredMessage
 from im.model.cluster import ServiceInstance
 from im.transfer import GrpcRouter, TransferLink, TransferServicer, serve_transfer

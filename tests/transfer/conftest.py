@@ -1,4 +1,4 @@
-"""A real transfer node for the link tests: ChatService over SQLite on a tmp file, MemoryPresence, and
+"""A real transfer node for the link tests: a Committer over SQLite on a tmp file, MemoryPresence, and
 the Transfer service on a grpc.aio server bound to a free loopback port."""
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from im.backends.chat.sqlite import SqliteChatStore
 from im.backends.presence.memory import MemoryPresence
 from im.backends.routing import DeliverySink
 from im.backends.sql.sqlite_db import SqliteDatabase
-from im.core.chat import ChatService, SendRequest
+from im.core.committer import Committer, SendRequest
+from im.core.consent import Consent
+from im.core.states import ConversationStates
 from im.model.chat import CommitBatch, StoredMessage
 from im.model.cluster import DeviceLocation
 from im.model.errors import ImError
@@ -70,7 +72,7 @@ class Core:
     accounts: SqliteAccountStore
     presence: MemoryPresence
     router: GrpcRouter
-    chat: ChatService
+    committer: Committer
     servicer: TransferServicer
     server: Any
     port: int
@@ -103,16 +105,16 @@ async def core(tmp_path: Path) -> AsyncIterator[Core]:
     await store.start()
     await accounts.start()
     router, presence = GrpcRouter(), MemoryPresence()
-    chat = ChatService(store, accounts, router, presence)
-    chat.start()
-    servicer = TransferServicer(chat, router, node="tr-1")
+    committer = Committer(store, accounts, router, presence, ConversationStates(store), Consent(accounts, store))
+    committer.start()
+    servicer = TransferServicer(committer, router, node="tr-1")
     server, port = await serve_transfer(servicer)
-    c = Core(store, accounts, presence, router, chat, servicer, server, port)
+    c = Core(store, accounts, presence, router, committer, servicer, server, port)
     yield c
     for link in c.links:
         await link.close()
     await c.server.stop(None)
     store.gate.set()
-    await chat.stop()
+    await committer.stop()
     await accounts.close()
     await store.close()

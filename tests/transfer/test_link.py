@@ -1,10 +1,10 @@
-"""The transfer link over real gRPC on loopback, in front of a real ChatService on SQLite."""
+"""The transfer link over real gRPC on loopback, in front of a real Committer on SQLite."""
 
 from __future__ import annotations
 
 import asyncio
 
-from im.core.chat import SendRequest
+from im.core.committer import SendRequest
 from im.model.errors import ErrorCode
 from im.protocol.frames import TypingEvent
 from im.transfer.server import LinkOutbox
@@ -158,7 +158,7 @@ async def test_a_stopping_transfer_node_answers_its_last_batch_before_ending_the
     await asyncio.sleep(0.05)
     assert not answered.done() and link.in_flight == 20
 
-    stopping = asyncio.ensure_future(core.chat.stop())
+    stopping = asyncio.ensure_future(core.committer.stop())
     core.store.gate.set()
     await stopping
     await asyncio.wait_for(core.servicer.close_streams(timeout=5.0), 5.0)

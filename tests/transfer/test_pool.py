@@ -3,7 +3,7 @@
 Most tests run two transfer nodes whose core is a stub (each send is answered at once with a made-up
 stored message and recorded, so the test sees which node got it); forwarding (routes, events,
 revocations) goes through the real GrpcRouter and TransferServicer. The last test puts a real
-ChatService behind the pool.
+committer behind the pool.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from im.backends.registry.memory import MemoryRegistry
 from im.backends.routing import DeliverySink
-from im.core.chat import ChatService, SendCallback, SendRequest
+from im.core.committer import SendCallback, SendRequest
 from im.model.chat import StoredMessage
 from im.model.cluster import ServiceInstance
 from im.model.errors import ErrorCode
@@ -26,6 +26,7 @@ from im.model.ids import direct_conv
 from im.protocol.frames import TypingEvent
 from im.transfer import GrpcRouter, TransferLink, TransferServicer, serve_transfer
 from im.transfer.pool import GRPC_ADDRESS, LinkRouter, TransferPool, conversation_key
+from tests.support.chat import chat_core
 from tests.support.wait import eventually
 from tests.transfer.conftest import Core, RecordingSink, Results
 
@@ -441,12 +442,12 @@ async def test_pool_in_front_of_a_real_core(core: Core, pools: Pools) -> None:
         (direct_conv(alice, bob), seq, [bob]) for seq in range(1, 11)
     ]
 
-    # an API process: its own ChatService on the same store, routing through its LinkRouter
+    # an API process: its own committer on the same store, routing through its LinkRouter
     api_pool = await pools.pool("api-1", wait=1)
-    api_chat = ChatService(core.store, core.accounts, LinkRouter(api_pool), core.presence, node="api-1")
-    api_chat.start()
+    api_chat = chat_core(core.store, core.accounts, LinkRouter(api_pool), core.presence, node="api-1")
+    api_chat.committer.start()
     try:
-        group = await api_chat.create_group(alice, "team", [bob])
+        group = await api_chat.groups.create_group(alice, "team", [bob])
         conv = f"g:{group.gid}"
         await eventually(
             lambda: any(m.conv == conv for m, _ in sink_b.messages) and any(m.conv == conv for m, _ in sink_a.messages)
@@ -454,7 +455,7 @@ async def test_pool_in_front_of_a_real_core(core: Core, pools: Pools) -> None:
         assert [(m.seq, m.type, uids) for m, uids in sink_b.messages if m.conv == conv] == [(1, "system", [bob])]
         assert [(m.seq, m.type, uids) for m, uids in sink_a.messages if m.conv == conv] == [(1, "system", [alice])]
     finally:
-        await api_chat.stop()
+        await api_chat.committer.stop()
 
 
 async def test_sends_pending_on_a_broken_link_are_handed_to_the_other_node_in_order(cluster: Cluster) -> None:

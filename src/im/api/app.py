@@ -1,7 +1,7 @@
 """The HTTP API application: routes under ``/api/v1``, and every error as JSON ``{code, message}``;
 the browser chat client (``im.api.web``) at ``/``.
 
-    create_app(accounts, chat, pick_gateway, limits, *, files=None) -> FastAPI
+    create_app(accounts, writes, reads, pick_gateway, limits, *, files=None) -> FastAPI
 
 The app holds no state of its own and starts nothing: the composition root starts the services it is
 given and serves the app (uvicorn).
@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from im.api.deps import ChatApi, PickGateway, principal_dependency
+from im.api.deps import ChatReadApi, ChatWriteApi, PickGateway, principal_dependency
 from im.api.docs import docs_routes
 from im.api.routes_account import account_router
 from im.api.routes_auth import auth_router
@@ -282,7 +282,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 def create_app(
     accounts: AccountService,
-    chat: ChatApi,
+    writes: ChatWriteApi,
+    reads: ChatReadApi,
     pick_gateway: PickGateway,
     limits: LimitsConfig,
     *,
@@ -290,7 +291,8 @@ def create_app(
     files: FileService | None = None,
     refusal_delay: float = 1.0,
 ) -> FastAPI:
-    """The HTTP API on the given services (already started by the caller)."""
+    """The HTTP API on the given services (already started by the caller): ``writes`` makes the group
+    changes (``im.core.groups.Groups``), ``reads`` answers the rest (``im.core.reads.ChatReads``)."""
     app = FastAPI(
         title="im",
         version="1",
@@ -313,8 +315,8 @@ def create_app(
     principal = principal_dependency(accounts)
     app.include_router(auth_router(accounts, principal), prefix=PREFIX)
     app.include_router(users_router(accounts, principal), prefix=PREFIX)
-    app.include_router(account_router(accounts, chat, principal), prefix=PREFIX)
-    app.include_router(chat_router(chat, principal, limits), prefix=PREFIX)
+    app.include_router(account_router(accounts, writes, reads, principal), prefix=PREFIX)
+    app.include_router(chat_router(writes, reads, principal, limits), prefix=PREFIX)
     if files is not None:
         app.include_router(files_router(files, principal), prefix=PREFIX)
 

@@ -1,4 +1,4 @@
-"""What the routes depend on: the chat operations they call, and the bearer-token principal."""
+"""What the routes depend on: the chat writes and reads they call, and the bearer-token principal."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from im.model.chat import ConversationSummary, Group, StoredMessage
 from im.model.errors import ErrorCode, ImError
 
 
-class ChatApi(Protocol):
-    """The part of ``im.core.chat.ChatService`` the HTTP API uses; every method raises ImError to refuse."""
+class ChatWriteApi(Protocol):
+    """The writes the HTTP API makes (``im.core.groups.Groups``): groups and their members. Messages
+    are sent over the gateways, never here. Every method raises ImError to refuse."""
 
     async def create_group(self, owner: int, name: str, members: list[int]) -> Group: ...
 
@@ -25,6 +26,12 @@ class ChatApi(Protocol):
     async def leave_group(self, uid: int, gid: int) -> None: ...
 
     async def set_role(self, actor: int, gid: int, uid: int, role: str) -> None: ...
+
+    async def leave_all_groups(self, uid: int) -> None: ...
+
+
+class ChatReadApi(Protocol):
+    """The reads the HTTP API makes (``im.core.reads.ChatReads``); every method raises ImError to refuse."""
 
     async def group(self, actor: int, gid: int) -> Group: ...
 
@@ -39,8 +46,6 @@ class ChatApi(Protocol):
     async def receipts(self, uid: int, conv: str) -> dict[int, tuple[int, int]]: ...
 
     async def online(self, viewer: int, uids: Sequence[int]) -> dict[int, bool]: ...
-
-    async def leave_all_groups(self, uid: int) -> None: ...
 
     async def devices(self, uid: int) -> list[tuple[str, int, bool]]: ...
 

@@ -33,10 +33,14 @@ NO_CONTENT = status.HTTP_204_NO_CONTENT
 Sid = Annotated[str, Path(min_length=1, max_length=64, description="A session id from GET /account/sessions")]
 
 
-class AccountChat(Protocol):
-    """What these routes need of the chat core (``im.core.chat.ChatService``)."""
+class GroupLeaver(Protocol):
+    """What account deletion needs of the chat core's writes (``im.core.groups.Groups``)."""
 
     async def leave_all_groups(self, uid: int) -> None: ...
+
+
+class DeviceLister(Protocol):
+    """What the devices route needs of the chat core's reads (``im.core.reads.ChatReads``)."""
 
     async def devices(self, uid: int) -> list[tuple[str, int, bool]]: ...
 
@@ -46,7 +50,10 @@ def _no_content() -> Response:
 
 
 def account_router(
-    accounts: AccountService, chat: AccountChat, principal: Callable[..., Awaitable[Principal]]
+    accounts: AccountService,
+    writes: GroupLeaver,
+    reads: DeviceLister,
+    principal: Callable[..., Awaitable[Principal]],
 ) -> APIRouter:
     router = APIRouter()
     Me = Annotated[Principal, Depends(principal)]
@@ -85,13 +92,13 @@ def account_router(
     @router.get("/account/devices", tags=["account"])
     async def devices(me: Me) -> list[DeviceOut]:
         """The account's devices: those that ever synced a conversation and those online now."""
-        return [DeviceOut(device=d, last_active=t, online=o) for d, t, o in await chat.devices(me.uid)]
+        return [DeviceOut(device=d, last_active=t, online=o) for d, t, o in await reads.devices(me.uid)]
 
     @router.post("/account/delete", tags=["account"], status_code=NO_CONTENT)
     async def delete_account(me: Me, body: PasswordIn, request: Request) -> Response:
         """Delete the account (docs/protocol.md section 18, "Deleting an account"). 403 ``forbidden``
         when the password is wrong."""
-        await accounts.delete_account(me, body.password, chat.leave_all_groups, address=client_address(request))
+        await accounts.delete_account(me, body.password, writes.leave_all_groups, address=client_address(request))
         return _no_content()
 
     @router.get("/blocks", tags=["blocks"])

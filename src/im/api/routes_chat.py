@@ -1,4 +1,5 @@
-"""/groups and /conversations: thin calls into the chat core, which owns every membership rule."""
+"""/groups and /conversations: thin calls into the chat core (group writes, and reads), which owns every
+membership rule."""
 
 # No "from __future__ import annotations": FastAPI must resolve the local ``Me`` alias at runtime.
 
@@ -8,7 +9,7 @@ from typing import Annotated, Any
 import msgspec
 from fastapi import APIRouter, Depends, Path, Query, Response, status
 
-from im.api.deps import ChatApi
+from im.api.deps import ChatReadApi, ChatWriteApi
 from im.api.schemas import (
     ConversationOut,
     GroupIn,
@@ -41,7 +42,12 @@ def _msg(m: StoredMessage | None) -> Any:
     return None if m is None else msg_frame(m)
 
 
-def chat_router(chat: ChatApi, principal: Callable[..., Awaitable[Principal]], limits: LimitsConfig) -> APIRouter:
+def chat_router(
+    writes: ChatWriteApi,
+    reads: ChatReadApi,
+    principal: Callable[..., Awaitable[Principal]],
+    limits: LimitsConfig,
+) -> APIRouter:
     router = APIRouter()
     Me = Annotated[Principal, Depends(principal)]
     Gid = Annotated[int, Path(ge=1, le=MAX_ID)]
@@ -54,15 +60,15 @@ def chat_router(chat: ChatApi, principal: Callable[..., Awaitable[Principal]], l
         """Create a group owned by the caller, with ``members`` as members."""
         if len(body.members) >= limits.max_group_members:
             raise ImError(ErrorCode.INVALID, f"a group has at most {limits.max_group_members} members")
-        return GroupOut.of(await chat.create_group(me.uid, body.name, body.members))
+        return GroupOut.of(await writes.create_group(me.uid, body.name, body.members))
 
     @router.get("/groups/{gid}", tags=["groups"])
     async def group(me: Me, gid: Gid) -> GroupOut:
-        return GroupOut.of(await chat.group(me.uid, gid))
+        return GroupOut.of(await reads.group(me.uid, gid))
 
     @router.get("/groups/{gid}/members", tags=["groups"])
     async def members(me: Me, gid: Gid) -> list[MemberOut]:
-        found = await chat.group_members(me.uid, gid)
+        found = await reads.group_members(me.uid, gid)
         return [MemberOut(uid=uid, role=role) for uid, role in sorted(found.items())]  # type: ignore[arg-type]
 
     @router.post("/groups/{gid}/members", status_code=status.HTTP_204_NO_CONTENT, tags=["groups"])
@@ -70,24 +76,24 @@ def chat_router(chat: ChatApi, principal: Callable[..., Awaitable[Principal]], l
         """Add members (owner or admin)."""
         if len(body.uids) > limits.max_group_members:
             raise ImError(ErrorCode.INVALID, f"a group has at most {limits.max_group_members} members")
-        await chat.add_members(me.uid, gid, body.uids)
+        await writes.add_members(me.uid, gid, body.uids)
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     @router.delete("/groups/{gid}/members/{uid}", status_code=status.HTTP_204_NO_CONTENT, tags=["groups"])
     async def remove_member(me: Me, gid: Gid, uid: Uid) -> Response:
         """Remove a member (owner, or admin removing a plain member)."""
-        await chat.remove_member(me.uid, gid, uid)
+        await writes.remove_member(me.uid, gid, uid)
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     @router.post("/groups/{gid}/leave", status_code=status.HTTP_204_NO_CONTENT, tags=["groups"])
     async def leave(me: Me, gid: Gid) -> Response:
-        await chat.leave_group(me.uid, gid)
+        await writes.leave_group(me.uid, gid)
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     @router.put("/groups/{gid}/members/{uid}/role", status_code=status.HTTP_204_NO_CONTENT, tags=["groups"])
     async def set_role(me: Me, gid: Gid, uid: Uid, body: RoleIn) -> Response:
         """Make a member an admin or a plain member again (owner only)."""
-        await chat.set_role(me.uid, gid, uid, body.role)
+        await writes.set_role(me.uid, gid, uid, body.role)
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     # --- conversations ------------------------------------------------------------------------------------
@@ -95,7 +101,7 @@ def chat_router(chat: ChatApi, principal: Callable[..., Awaitable[Principal]], l
     @router.get("/conversations", response_model=list[ConversationOut], tags=["conversations"])
     async def conversations(me: Me) -> Response:
         """The caller's conversations, most recently active first."""
-        found = await chat.conversations(me.uid)
+        found = await reads.conversations(me.uid)
         return _json_response(
             [
                 {
@@ -123,14 +129,14 @@ def chat_router(chat: ChatApi, principal: Callable[..., Awaitable[Principal]], l
         """A page of the conversation's log, ascending by seq. Neither ``after`` nor ``before``: the newest
         page. ``has_more`` says whether more messages lie beyond the page in the paging direction."""
         page = min(limit or 50, limits.history_page_max)
-        found, has_more = await chat.history(me.uid, conv, after=after, before=before, limit=page)
+        found, has_more = await reads.history(me.uid, conv, after=after, before=before, limit=page)
         return _json_response({"messages": [msg_frame(m) for m in found], "has_more": has_more})
 
     @router.get("/conversations/{conv}/receipts", tags=["conversations"])
     async def receipts(me: Me, conv: str) -> list[ReceiptOut]:
         """Every member's read mark and delivery mark (the stored ones: what ``receipt`` frames announced
         while you were away). Members only."""
-        found = await chat.receipts(me.uid, conv)
+        found = await reads.receipts(me.uid, conv)
         return [ReceiptOut(uid=uid, read_seq=r, delivered_seq=d) for uid, (r, d) in found.items()]
 
     # --- presence -----------------------------------------------------------------------------------------
@@ -148,7 +154,7 @@ def chat_router(chat: ChatApi, principal: Callable[..., Awaitable[Principal]], l
             raise ImError(ErrorCode.INVALID, "uids must be comma-separated integers") from None
         if not wanted or len(wanted) > MAX_PRESENCE_UIDS or min(wanted) < 1 or max(wanted) > MAX_ID:
             raise ImError(ErrorCode.INVALID, f"give 1 to {MAX_PRESENCE_UIDS} uids, each in 1..{MAX_ID}")
-        found = await chat.online(me.uid, wanted)
+        found = await reads.online(me.uid, wanted)
         return [PresenceOut(uid=u, online=found.get(u, False)) for u in wanted]
 
     return router

@@ -74,7 +74,6 @@ class _Dev:
     __slots__ = (
         "conv",
         "gateway",
-        "inflight",
         "key",
         "kind",
         "n_recipients",
@@ -100,7 +99,6 @@ class _Dev:
         self.n_recipients = n_recipients
         self.session = ClientSession("bench", encoding=encoding, cmid_prefix="")
         self.transport: Transport | None = None
-        self.inflight = 0
         self.synced: asyncio.Future[None] | None = None
 
 
@@ -259,7 +257,6 @@ class Worker:
         rec.remaining -= 1
         if rec.remaining == 0:
             sender = rec.dev
-            sender.inflight -= 1
             if rec.acked:
                 del self.recs[m.cmid]
             if self.sending and self.cfg.window:
@@ -298,9 +295,7 @@ class Worker:
             if isinstance(event, SendFailed):
                 self.failed += 1
                 self._problem(f"send refused: {event.code}: {event.message}")
-                rec = self.recs.pop(event.send.cmid, None)
-                if rec is not None:
-                    rec.dev.inflight -= 1  # not replaced: a refused send would be refused again
+                self.recs.pop(event.send.cmid, None)  # not replaced: a refused send would be refused again
             elif event is None:
                 self.retried += 1  # a retryable refusal: the session resends it after retry()
             else:
@@ -318,7 +313,6 @@ class Worker:
             dev.session.send(self.body, to=dev.to, cmid=cmid)
         else:
             dev.session.send(self.body, conv=dev.conv, cmid=cmid)
-        dev.inflight += 1
         self.sent += 1
         if self.t0 <= now < self.t1:
             self.sent_measured += 1

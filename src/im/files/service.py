@@ -160,5 +160,5 @@ class FileService:
         return await self.can_read(uid, file_id)
 
     async def attachable(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
-        """Batch :meth:`can_attach` for the send path (``im.core.chat.FileAccess``)."""
+        """Batch :meth:`can_attach` for the send path (``im.core.committer.FileAccess``)."""
         return await self.store.readable([(uid, fid) for uid, fid in pairs if is_sha256(fid)])

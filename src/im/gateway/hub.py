@@ -4,6 +4,11 @@
 or TCP): it carries out the session's commands against the core and writes what the session
 queues. :class:`Hub` indexes the node's connections by user, receives routed batches (it is the node's
 :class:`DeliverySink`), coalesces cursor and read-mark writes, and runs the timers.
+
+The hub is given what it uses, and nothing else: the read side (sync points, replays, members, who may
+see whose typing), the store of cursors and read marks, presence (where devices are online), the router
+it attaches to and publishes ephemeral events on, the account service (tokens, revoked sessions), and
+``submit``, where sends go: the committer in this process, or the transfer nodes (``TransferPool``).
 """
 
 from __future__ import annotations
@@ -12,14 +17,17 @@ import abc
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from im.backends.chat import CursorStore
+from im.backends.presence import Presence
 from im.backends.rate_limit import Hit, RateLimiter, Rule
-from im.backends.routing import DeliverySink
+from im.backends.routing import DeliverySink, Router
 from im.core.accounts import AccountService
-from im.core.chat import ChatService, SendCallback, SendRequest
+from im.core.committer import SendRequest, SubmitSend
+from im.core.reads import ChatReads
 from im.model.chat import StoredMessage
 from im.model.cluster import DeviceLocation
 from im.model.errors import ErrorCode, ImError
@@ -210,7 +218,7 @@ class Connection(abc.ABC):
         # arrives meanwhile waits in the session until the replay is set up.
         await self.hub.register(self)
         try:
-            points = await self.hub.chat.store.sync_points(principal.uid, c.device)
+            points = await self.hub.reads.sync_points(principal.uid, c.device)
         except Exception as exc:
             _sync_failures.hit(f"uid={principal.uid}: {type(exc).__name__}: {exc}", exc)
             self.run(self.session.close(ErrorCode.UNAVAILABLE, "storage unavailable; reconnect later"))
@@ -222,7 +230,9 @@ class Connection(abc.ABC):
     async def _fetch(self, c: cmd.Fetch) -> None:
         s = self.session
         try:
-            start, messages = await self.hub.chat.replay(s.uid, s.device, c.conv, c.after, c.upto, self.hub.replay_page)
+            start, messages = await self.hub.reads.replay(
+                s.uid, s.device, c.conv, c.after, c.upto, self.hub.replay_page
+            )
         except Exception as exc:
             _replay_failures.hit(f"uid={s.uid} conv={c.conv[:80]}: {type(exc).__name__}: {exc}", exc)
             self.run(s.close(ErrorCode.UNAVAILABLE, "storage unavailable; reconnect later"))
@@ -241,24 +251,31 @@ class Hub(DeliverySink):
     def __init__(
         self,
         node: str,
-        chat: ChatService,
-        accounts: AccountService,
         *,
+        reads: ChatReads,
+        cursor_store: CursorStore,
+        presence: Presence,
+        router: Router,
+        accounts: AccountService,
+        submit: SubmitSend,
         limits: Limits,
         replay_page: int = 500,
         max_send_buffer: int = 4 * 1024 * 1024,
         preauth_send_buffer: int = 64 * 1024,
         presence_ttl: float = 60.0,
         cursor_flush_interval: float = 0.2,
-        submit: Callable[[SendRequest, SendCallback], None] | None = None,
         limiter: RateLimiter | None = None,
         rates: HubRates | None = None,
     ) -> None:
         self.node = node
-        self.chat = chat
-        #: Where sends go: the core in this process, or a transfer node (``TransferPool.submit``).
-        self.submit = submit or chat.submit
+        #: Sync points, replays, members and typing consent (what connections read).
+        self.reads = reads
+        #: Where sends go: the committer in this process, or a transfer node (``TransferPool.submit``).
+        self.submit = submit
         self.accounts = accounts
+        self._cursor_store = cursor_store
+        self._presence = presence
+        self._router = router
         self.limits = limits
         self.replay_page = replay_page
         self.max_send_buffer = max_send_buffer
@@ -285,7 +302,7 @@ class Hub(DeliverySink):
     # --- lifecycle -----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.chat.router.attach(self.node, self)
+        self._router.attach(self.node, self)
         self.accounts.on_revoke(self.revoked)
         self._tasks = [
             asyncio.create_task(self._tick(), name="im-hub-timers"),
@@ -324,7 +341,7 @@ class Hub(DeliverySink):
                 pass
         if self._background:  # presence removals of the connections that closed
             await asyncio.wait(list(self._background), timeout=close_wait)
-        self.chat.router.detach(self.node)
+        self._router.detach(self.node)
 
     def pause_all(self) -> None:
         """Graceful stop, part one: read nothing more, so no new send is taken."""
@@ -341,7 +358,7 @@ class Hub(DeliverySink):
         if old is not None and old is not conn:
             old.run(old.session.close(ErrorCode.REPLACED, "the same device connected again", reconnect=False))
         try:
-            await self.chat.presence.set_online([DeviceLocation(s.uid, s.device, self.node)], self._presence_ttl)
+            await self._presence.set_online([DeviceLocation(s.uid, s.device, self.node)], self._presence_ttl)
         except Exception as exc:  # presence is a routing hint: the refresh loop announces this device again
             log.warning(
                 "presence unavailable (%s: %s): uid=%s device=%s not announced yet",
@@ -355,7 +372,7 @@ class Hub(DeliverySink):
         if device in self._by_user.get(uid, {}):
             return  # the device came back meanwhile: its entry is current
         try:
-            await self.chat.presence.set_offline([DeviceLocation(uid, device, self.node)])
+            await self._presence.set_offline([DeviceLocation(uid, device, self.node)])
         except Exception as exc:  # the entry expires on its own within the presence TTL
             log.warning(
                 "presence unavailable (%s: %s): uid=%s device=%s not removed", type(exc).__name__, exc, uid, device
@@ -581,10 +598,10 @@ class Hub(DeliverySink):
     async def typing(self, uid: int, device: str, conv: str) -> None:
         """Typing goes to the conversation's members, except those the typer blocks or who block the
         typer (docs/protocol.md section 11)."""
-        members = await self.chat.members_of(conv)
+        members = await self.reads.members_of(conv)
         if uid not in members:
             return
-        hidden = await self.chat.hidden_from(uid, [m for m in members if m != uid])
+        hidden = await self.reads.hidden_from(uid, [m for m in members if m != uid])
         await self._notify([(conv, uid, TypingEvent(conv=conv, uid=uid), (uid, device))], hidden)
 
     async def _notify(
@@ -593,21 +610,21 @@ class Hub(DeliverySink):
         """Ephemeral frames (conv, from uid, frame, skip) to the members' online devices (but ``hidden``):
         one presence lookup for all of them, one publish per (frame, node)."""
         targets: list[tuple[object, list[int], tuple[int, str] | None]] = []
-        members_of = await self.chat.members_by_conv(list({conv for conv, *_ in events}))  # one batch
+        members_of = await self.reads.members_by_conv(list({conv for conv, *_ in events}))  # one batch
         for conv, uid, frame, skip in events:
             members = members_of[conv]
             if uid in members:
                 targets.append((frame, [m for m in members if not hidden or m not in hidden], skip))
         if not targets:
             return
-        located = await self.chat.presence.locate({u for _, members, _ in targets for u in members})
+        located = await self._presence.locate({u for _, members, _ in targets for u in members})
         for frame, recipients, skip in targets:
             nodes: dict[str, set[int]] = {}
             for member in recipients:
                 for loc in located.get(member, ()):
                     nodes.setdefault(loc.node, set()).add(member)
             for node, uids in nodes.items():
-                self.chat.router.publish_event(node, frame, sorted(uids), skip)
+                self._router.publish_event(node, frame, sorted(uids), skip)
 
     async def _flush_cursors(self) -> None:
         cursors, self._cursors = self._cursors, {}
@@ -615,9 +632,9 @@ class Hub(DeliverySink):
         receipts: list[tuple[str, int, object, tuple[int, str] | None]] = []
         try:
             if cursors:
-                await self.chat.store.save_cursors((u, d, c, s) for (u, d, c), s in cursors.items())
+                await self._cursor_store.save_cursors((u, d, c, s) for (u, d, c), s in cursors.items())
             if reads:
-                await self.chat.store.save_read_marks((u, c, s) for (u, c), s in reads.items())
+                await self._cursor_store.save_read_marks((u, c, s) for (u, c), s in reads.items())
         except BaseException:  # keep them for the next flush (saving again is harmless: marks only grow)
             for (uid, device, conv), seq in cursors.items():
                 self.save_cursor(uid, device, conv, seq)
@@ -666,6 +683,6 @@ class Hub(DeliverySink):
                 ]
                 if entries:
                     try:
-                        await self.chat.presence.set_online(entries, self._presence_ttl)
+                        await self._presence.set_online(entries, self._presence_ttl)
                     except Exception as exc:  # keep the timers running; the next refresh tries again
                         log.warning("presence refresh failed (%s: %s)", type(exc).__name__, exc)

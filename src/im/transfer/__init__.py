@@ -2,8 +2,8 @@
 
 ::
 
-    gateway node (Hub, Connections)                      transfer node (ChatService)
-    TransferLink.submit(req, done) --GatewayFrame{sends[]}--> TransferServicer -> chat.submit
+    gateway node (Hub, Connections)                      transfer node (Committer)
+    TransferLink.submit(req, done) --GatewayFrame{sends[]}--> TransferServicer -> committer.submit
     done(req, msg, dup, err)   <--TransferFrame{results[]}--- (acks, in commit order)
     Hub.deliver / deliver_event <--TransferFrame{deliveries[], events[]}-- GrpcRouter.publish*
 

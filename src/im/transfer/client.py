@@ -1,4 +1,4 @@
-"""The gateway side of the link: :class:`TransferLink`, a ``submit`` with ``ChatService.submit``'s shape.
+"""The gateway side of the link: :class:`TransferLink`, a ``submit`` with ``Committer.submit``'s shape.
 
 A gateway node keeps one link per transfer node. Sends submitted during one loop turn leave as one
 :class:`GatewayFrame`; results come back to their ``done`` callbacks in commit order, deliveries and
@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from im.backends.routing import DeliverySink
-from im.core.chat import SendCallback, SendRequest
+from im.core.committer import SendCallback, SendRequest
 from im.model.chat import StoredMessage
 from im.model.errors import ErrorCode, ImError
 from im.protocol.codec import Encoding, decode_server

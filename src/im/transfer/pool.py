@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from im.backends.registry import Registry
 from im.backends.routing import DeliverySink
 from im.backends.routing.memory import MemoryRouter
-from im.core.chat import SendCallback, SendRequest
+from im.core.committer import SendCallback, SendRequest
 from im.model.chat import StoredMessage
 from im.model.cluster import ServiceInstance
 from im.model.errors import ErrorCode, ImError
@@ -166,7 +166,7 @@ class TransferPool:
         return None
 
     def submit(self, req: SendRequest, done: SendCallback) -> None:
-        """``ChatService.submit``'s contract, through the transfer node chosen for the conversation."""
+        """``Committer.submit``'s contract, through the transfer node chosen for the conversation."""
         link = self.link_for(conversation_key(req))
         if link is None:
             done(req, None, False, ImError(ErrorCode.UNAVAILABLE, "no transfer node reachable; resend later"))

@@ -1,8 +1,8 @@
-"""The transfer side of the link: a grpc.aio servicer in front of a :class:`ChatService`.
+"""The transfer side of the link: a grpc.aio servicer in front of a :class:`~im.core.committer.Committer`.
 
 Per ``Link`` stream: the first gateway frame names the gateway node (``hello``); the node is registered
-in the :class:`GrpcRouter`, so ``ChatService._route`` -> ``router.publish(node, ...)`` lands in that
-stream's :class:`LinkOutbox`. Incoming send batches go to ``chat.submit``; the results, deliveries and
+in the :class:`GrpcRouter`, so the committer's routing (``router.publish(node, ...)``) lands in that
+stream's :class:`LinkOutbox`. Incoming send batches go to ``committer.submit``; the results, deliveries and
 events gathered while the stream was writing (at least everything of one loop turn) leave as one
 :class:`TransferFrame`.
 
@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import grpc
 
 from im.backends.routing import DeliverySink, Router
-from im.core.chat import SendCallback, SendRequest
+from im.core.committer import SendCallback, SendRequest
 from im.model.chat import StoredMessage
 from im.model.errors import ImError
 from im.protocol.codec import Encoding, decode_server, encode
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 class Submitter(Protocol):
-    """What the servicer needs of the core (``ChatService`` has it)."""
+    """What the servicer needs of the core (``Committer`` has it)."""
 
     def submit(self, req: SendRequest, done: SendCallback) -> None: ...
 
@@ -220,14 +220,14 @@ class TransferServicer:
 
     def __init__(
         self,
-        chat: Submitter,
+        committer: Submitter,
         router: GrpcRouter,
         *,
         node: str = "transfer-1",
         max_frame_items: int = 4096,
         max_pending: int = 100_000,
     ) -> None:
-        self.chat = chat
+        self.committer = committer
         self.router = router
         self.node = node
         self._max_frame_items = max_frame_items
@@ -309,7 +309,7 @@ class TransferServicer:
             stream.outbox.close()
 
     def _submit(self, stream: _Stream, frame: pb.GatewayFrame) -> None:
-        submit, done, rids = self.chat.submit, stream.done, stream.rids
+        submit, done, rids = self.committer.submit, stream.done, stream.rids
         self.sends_received += len(frame.sends)
         for s in frame.sends:
             req = send_from_pb(s)

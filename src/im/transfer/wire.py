@@ -5,7 +5,7 @@ No I/O here: the server and the client both build their frames with these.
 
 from __future__ import annotations
 
-from im.core.chat import SendRequest
+from im.core.committer import SendRequest
 from im.model.chat import StoredMessage
 from im.model.errors import ErrorCode, ImError
 from im.transfer.gen import transfer_pb2 as pb

@@ -1,10 +1,12 @@
-"""The IM rules: who may write where, the next seq, dedupe by client message id, group commit, routing.
+"""The write path: every write to a conversation log goes through :class:`Committer`'s one task.
 
-Every write to a conversation log goes through :class:`ChatService`'s one committer task, which takes
-all queued sends (and membership changes) at once, checks them against cached conversation state,
-assigns dense seqs, writes them in one store transaction, and only then acks and routes them. While a
-commit is on disk the next batch gathers, so the number of transactions per second stays small however
-many messages arrive (group commit).
+It takes all queued sends (and membership changes) at once, checks them against the cached conversation
+state (:class:`~im.core.states.ConversationStates`) and consent, assigns dense seqs, drops duplicates by
+client message id, writes them in one store transaction, and only then acks them and routes them to the
+gateway nodes holding their recipients. While a commit is on disk the next batch gathers, so the number
+of transactions per second stays small however many messages arrive (group commit). Who may change a
+group's membership is decided by :mod:`im.core.membership`; :class:`~im.core.groups.Groups` is the API
+for group writes in front of this committer.
 
 The store is the judge when several committers share it (distributed mode): a batch whose heads moved
 is refused whole with :class:`SeqConflict`; the committer reloads the state it cached and retries, so a
@@ -33,15 +35,17 @@ from typing import Protocol
 
 import msgspec
 
-from im.backends.accounts import AccountStore
+from im.backends.accounts import UserDirectory
 from im.backends.chat import ChatStore
 from im.backends.presence import Presence
 from im.backends.routing import Router
 from im.core.consent import Consent
 from im.core.ids import Snowflake
-from im.model.chat import CommitBatch, ConversationState, ConversationSummary, Group, MemberChange, StoredMessage
+from im.core.membership import MemberRequest, plan_member_change
+from im.core.states import ConversationStates, unknown_conv
+from im.model.chat import CommitBatch, ConversationState, Group, MemberChange, StoredMessage
 from im.model.errors import ErrorCode, ImError, SeqConflict
-from im.model.ids import conv_out_of_range, direct_conv, group_conv, parse_conv
+from im.model.ids import direct_conv, group_conv, parse_conv
 from im.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,9 @@ log = logging.getLogger(__name__)
 #: ``done(request, message, dup, None)`` once durable, or ``done(request, None, False, error)``. The
 #: request is handed back so a transport can pass one bound method for all its sends (no closure each).
 SendCallback = Callable[["SendRequest", StoredMessage | None, bool, ImError | None], None]
+#: Where a gateway hands its sends: :meth:`Committer.submit` in this process, or a transfer node's
+#: (``TransferPool.submit``), with the same contract.
+SubmitSend = Callable[["SendRequest", SendCallback], None]
 #: Message types whose body refers to an uploaded file: ``{"file_id": "...", ...}``.
 FILE_TYPES = frozenset({"image", "file"})
 
@@ -68,19 +75,13 @@ class FileAccess(Protocol):
         ...
 
 
-ROLES = ("owner", "admin", "member")
 _encode_json = msgspec.json.Encoder().encode
 
 
-def _unknown_conv(conv: str) -> ImError:
-    """The refusal of a conversation id :func:`parse_conv` refused: ``invalid`` when only an id in it is
-    out of range (docs/protocol.md section 6), else ``not_found``."""
-    if conv_out_of_range(conv):
-        return ImError(ErrorCode.INVALID, "ids in a conversation id are 1..2^63-1")
-    return ImError(ErrorCode.NOT_FOUND, f"no conversation {conv[:80]!r}")
-
-
 class SendRequest(msgspec.Struct, gc=False):
+    """One client send as the committer takes it: ``conv`` names the conversation, or ``to`` the peer of
+    a direct one; ``(uid, device, cmid)`` is its dedupe key."""
+
     uid: int
     device: str
     cmid: str
@@ -100,11 +101,7 @@ class _Send:
 class _MemberOp:
     """A membership change, committed in the log as a ``system`` message."""
 
-    actor: int
-    gid: int
-    op: str  # "add" | "remove" | "leave" | "role"
-    uids: list[int]
-    role: str | None
+    req: MemberRequest
     done: asyncio.Future[None]
 
 
@@ -128,41 +125,41 @@ class _Pass:
     read_marks: dict[tuple[int, str], int] = field(default_factory=dict)  # coalesced per (uid, conv)
 
 
-class ChatService:
-    """Conversations, groups and the send path. Thread-unsafe; lives on one event loop."""
+class Committer:
+    """The write path: group commit of sends and membership changes, seq assignment, dedupe by client
+    message id, fault isolation, routing of what was committed. Thread-unsafe; lives on one event loop.
+
+    ``states`` and ``consent`` are shared with the read side of the same process (its cache is kept
+    true by this committer's passes); ``files`` checks attachments (None: no file messages pass)."""
 
     def __init__(
         self,
         store: ChatStore,
-        accounts: AccountStore,
+        accounts: UserDirectory,
         router: Router,
         presence: Presence,
+        states: ConversationStates,
+        consent: Consent,
         *,
         files: FileAccess | None = None,
         node: str = "core-1",
         max_batch: int = 2048,
         max_group_members: int = 2000,
-        history_page_max: int = 200,
         recent_sends: int = 50_000,
-        state_ttl: float | None = None,
-        privacy_ttl: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.store = store
-        self.accounts = accounts
-        self.router = router
-        self.presence = presence
-        self.files = files
+        self._store = store
+        self._accounts = accounts
+        self._router = router
+        self._presence = presence
+        self._files = files
+        self._cache = states
+        self._states = states.by_conv  # the hot path reads and edits the cached states in place
+        self._consent = consent
         self._ids = Snowflake(node)
         self._max_batch = max_batch
         self._max_group_members = max_group_members
-        self._history_page_max = history_page_max
         self._clock = clock
-        self._states: dict[str, ConversationState] = {}
-        # None: this core is the only writer and its cache is the truth (im serve). A number: other
-        # processes write too (distributed mode), so states older than this are read again.
-        self._state_ttl = state_ttl
-        self._loaded_at: dict[str, float] = {}
         self._refreshed: dict[str, float] = {}  # conv -> when a refusal last re-read its state
         self._recent: OrderedDict[tuple[int, str, str], StoredMessage] = OrderedDict()
         self._recent_max = recent_sends
@@ -171,11 +168,6 @@ class ChatService:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        # privacy_ttl None: blocks and settings are cached until forget_privacy (im serve, whose
-        # AccountService announces every change); a number: read again when older (distributed mode).
-        self.consent = Consent(accounts, store, ttl=privacy_ttl, clock=clock)
-        self.commits = 0  # transactions written (for the benchmark's report)
-        self.committed = 0  # messages written
         self.store_calls = 0  # store.commit calls, successful or not (fault-isolation tests count them)
         self._poison_log = ThrottledLog(log, "sends the store or the checks could not take")
         self._outage_log = ThrottledLog(log, "batches: storage unavailable", level=logging.ERROR)
@@ -262,7 +254,7 @@ class ChatService:
     async def _store_answers(self) -> bool:
         """Whether the store is up (one read): tells a poisoned item from an outage once a part is alone."""
         try:
-            await self.store.load_conversations(["g:1"])
+            await self._store.load_conversations(["g:1"])
         except Exception:
             return False
         return True
@@ -276,13 +268,13 @@ class ChatService:
                 return
             try:
                 self.store_calls += 1
-                await self.store.commit(p.batch)
+                await self._store.commit(p.batch)
             except SeqConflict:
                 # Another writer moved a head or a retry met its original: reload, look up, try again.
                 for conv in p.batch.heads:
                     self._states.pop(conv, None)
                 keys = [(i.req.uid, i.req.device, i.req.cmid) for i in items if isinstance(i, _Send)]
-                for key, m in (await self.store.find_sent(keys)).items():
+                for key, m in (await self._store.find_sent(keys)).items():
                     self._remember(key, m)
                     # Stored by another writer (or an earlier life of this one), which may have died before
                     # routing it: route it again when answered (sessions drop seqs they already have).
@@ -295,8 +287,6 @@ class ChatService:
                 for conv in p.batch.heads:
                     self._states.pop(conv, None)
                 raise
-            self.commits += 1
-            self.committed += len(p.batch.messages)
             for m in p.batch.messages:
                 if m.type != "system":
                     self._remember((m.sender, m.device, m.cmid), m)
@@ -355,7 +345,7 @@ class ChatService:
         p = _Pass()
         targets = [(item, self._safe_target(item)) for item in items]
         self._forget_if_stale(targets)
-        await self._load([c for _, c in targets if isinstance(c, str)])
+        await self._cache.load([c for _, c in targets if isinstance(c, str)])
         await self._load_consent(targets)
         # Both users of a first-time direct conversation must exist (however it was addressed).
         new_peers = {
@@ -364,7 +354,7 @@ class ChatService:
             if isinstance(c, str) and c not in self._states and isinstance(item, _Send) and c.startswith("d:")
             for uid in (parse_conv(c) or ("", ()))[1]
         }
-        known = await self.accounts.get_users(sorted(new_peers)) if new_peers else {}
+        known = await self._accounts.get_users(sorted(new_peers)) if new_peers else {}
         attachable = await self._check_files([i for i, _ in targets if isinstance(i, _Send)])
         now_ms = int(self._clock() * 1000)
         heads_before: dict[str, int] = {}
@@ -420,7 +410,7 @@ class ChatService:
                 continue
             wanted[id(item)] = (item.req.uid, file_id)
         if wanted:
-            allowed = await self.files.attachable(list(set(wanted.values()))) if self.files else set()
+            allowed = await self._files.attachable(list(set(wanted.values()))) if self._files else set()
             for key, pair in wanted.items():
                 out[key] = pair[1] if pair in allowed else ImError(ErrorCode.NOT_FOUND, f"no file {pair[1][:80]!r}")
         return out
@@ -447,7 +437,7 @@ class ChatService:
 
     def _target(self, item: _Send | _MemberOp) -> str | ImError:
         if isinstance(item, _MemberOp):
-            return group_conv(item.gid)
+            return group_conv(item.req.gid)
         req = item.req
         if req.to is not None:
             if req.to == req.uid:
@@ -457,7 +447,7 @@ class ChatService:
             return direct_conv(req.uid, req.to)
         assert req.conv is not None
         if parse_conv(req.conv) is None:
-            return _unknown_conv(req.conv)
+            return unknown_conv(req.conv)
         return req.conv
 
     def _prepare_send(
@@ -497,17 +487,17 @@ class ChatService:
                 raise ImError(ErrorCode.NOT_MEMBER, f"not a member of {conv}")
             if peer not in known:
                 raise ImError(ErrorCode.NOT_FOUND, f"no user {peer}")
-            self.consent.check_send(req.uid, peer, new=True)
+            self._consent.check_send(req.uid, peer, new=True)
             checked = True
             state = ConversationState(conv, "direct", 0, {a: "member", b: "member"})
             self._states[conv] = state
             p.batch.new_conversations.append(ConversationState(conv, "direct", 0, dict(state.members)))
         if req.uid not in state.members:
             raise ImError(ErrorCode.NOT_MEMBER, f"not a member of {conv}")
-        if not checked and self.consent.restricted and state.kind == "direct":  # someone blocks someone
+        if not checked and self._consent.restricted and state.kind == "direct":  # someone blocks someone
             for peer in state.members:
                 if peer != req.uid:
-                    self.consent.check_send(req.uid, peer, new=False)
+                    self._consent.check_send(req.uid, peer, new=False)
         file_id = attachable.get(id(item))
         if isinstance(file_id, ImError):
             raise file_id
@@ -535,10 +525,6 @@ class ChatService:
 
     # --- consent (blocks, contacts-only): docs/protocol.md section 18 -----------------------------------
 
-    def forget_privacy(self, uid: int) -> None:
-        """``uid``'s blocks or settings changed (in this process): the next check reads them again."""
-        self.consent.forget(uid)
-
     async def _load_consent(self, targets: list[tuple[_Send | _MemberOp, str | ImError]]) -> None:
         """Before a pass: the privacy of both users of every direct send and of every user being added
         to a group, and whether a contacts-only peer has the sender as a contact (new conversations).
@@ -546,13 +532,13 @@ class ChatService:
         wanted: set[int] = set()
         new_direct: list[tuple[int, int]] = []
         directs: list[str] = []
-        fresh = self.consent.fresh_convs()
+        fresh = self._consent.fresh_convs()
         for item, conv in targets:
             if conv in fresh:
                 continue
             if isinstance(item, _MemberOp):
-                if item.op == "add":
-                    wanted.update(item.uids)
+                if item.req.op == "add":
+                    wanted.update(item.req.uids)
                 continue
             if not isinstance(conv, str) or not conv.startswith("d:"):
                 continue
@@ -563,89 +549,21 @@ class ChatService:
             elif (parsed := parse_conv(conv)) is not None:
                 wanted.update(parsed[1])
                 new_direct.extend((item.req.uid, peer) for peer in parsed[1] if peer != item.req.uid)
-        await self.consent.prepare(wanted, new_direct, directs)
+        await self._consent.prepare(wanted, new_direct, directs)
 
-    async def hidden_from(self, uid: int, viewers: Sequence[int]) -> set[int]:
-        """Those of ``viewers`` that must not see ``uid``'s typing: see :meth:`Consent.hidden_from`."""
-        return await self.consent.hidden_from(uid, viewers)
-
-    async def devices(self, uid: int) -> list[tuple[str, int, bool]]:
-        """The user's devices (those that ever synced, and those online now): (name, last activity in
-        seconds since the epoch, online now), by name."""
-        known = dict(await self.store.devices(uid))
-        located = await self.presence.locate([uid])
-        online = {loc.device for loc in located.get(uid, ())}
-        return sorted((d, known.get(d, 0), d in online) for d in {*known, *online})
-
-    async def leave_all_groups(self, uid: int) -> None:
-        """Take ``uid`` out of every group it is in, as if it left each (ownership passes on)."""
-        for point in await self.store.sync_points(uid, ""):
-            parsed = parse_conv(point.conv)
-            if parsed is not None and parsed[0] == "group":
-                try:
-                    await self.leave_group(uid, parsed[1][0])
-                except ImError as exc:  # already gone meanwhile: nothing to leave
-                    log.info("leaving %s on account deletion: %s", point.conv, exc.message)
+    # --- membership changes ----------------------------------------------------------------------------
 
     def _prepare_member_op(self, p: _Pass, op: _MemberOp, conv: str, now_ms: int, heads: dict[str, int]) -> None:
+        """Judge a membership change (im.core.membership) and, when it changes anything, apply it to the
+        cached state and add its ``system`` message and member rows to the pass."""
         state = self._states.get(conv)
-        if state is None or state.kind != "group":
-            raise ImError(ErrorCode.NOT_FOUND, f"no group {op.gid}")
-        actor_role = state.members.get(op.actor)
-        if actor_role is None:
-            raise ImError(ErrorCode.NOT_MEMBER, f"not a member of group {op.gid}")
-        before = dict(state.members)
-        changes: list[tuple[int, str | None]] = []
-        if op.op == "add":
-            if actor_role not in ("owner", "admin"):
-                raise ImError(ErrorCode.FORBIDDEN, "only the owner and admins add members")
-            fresh = [u for u in dict.fromkeys(op.uids) if u not in state.members]
-            for u in fresh:
-                self.consent.check_add(op.actor, u)
-            if len(state.members) + len(fresh) > self._max_group_members:
-                raise ImError(ErrorCode.INVALID, f"a group has at most {self._max_group_members} members")
-            changes = [(u, "member") for u in fresh]
-            event: dict[str, object] = {"event": "members_added", "uids": fresh, "by": op.actor}
-        elif op.op == "remove":
-            target = op.uids[0]
-            role = state.members.get(target)
-            if role is None:
-                raise ImError(ErrorCode.NOT_FOUND, f"user {target} is not a member")
-            if actor_role == "member" or role == "owner" or (actor_role == "admin" and role == "admin"):
-                raise ImError(
-                    ErrorCode.FORBIDDEN,
-                    f"a{'n' if actor_role != 'member' else ''} {actor_role} "
-                    f"cannot remove a{'n' if role != 'member' else ''} {role}",
-                )
-            changes = [(target, None)]
-            event = {"event": "member_removed", "uid": target, "by": op.actor}
-        elif op.op == "leave":
-            changes = [(op.actor, None)]
-            event = {"event": "member_left", "uid": op.actor}
-            if actor_role == "owner":
-                heirs = sorted(
-                    (u for u in state.members if u != op.actor),
-                    key=lambda u: (state.members[u] != "admin", u),
-                )
-                if heirs:
-                    changes.append((heirs[0], "owner"))
-                    event["new_owner"] = heirs[0]
-        else:  # role
-            target = op.uids[0]
-            if actor_role != "owner":
-                raise ImError(ErrorCode.FORBIDDEN, "only the owner changes roles")
-            if op.role not in ("admin", "member"):
-                raise ImError(ErrorCode.INVALID, "role must be 'admin' or 'member'")
-            if state.members.get(target) in (None, "owner"):
-                raise ImError(
-                    ErrorCode.INVALID if target in state.members else ErrorCode.NOT_FOUND,
-                    f"cannot change the role of user {target}",
-                )
-            changes = [(target, op.role)]
-            event = {"event": "role_changed", "uid": target, "role": op.role, "by": op.actor}
+        plan = plan_member_change(state, op.req, consent=self._consent, max_members=self._max_group_members)
+        changes = plan.changes
         if not changes:
             p.op_futures.append(op.done)
             return
+        assert state is not None  # (the plan refuses an unknown group)
+        before = dict(state.members)
         heads.setdefault(conv, state.last_seq)
         state.last_seq += 1
         mid = self._ids.next(now_ms)
@@ -653,12 +571,12 @@ class ChatService:
             conv=conv,
             seq=state.last_seq,
             mid=mid,
-            sender=op.actor,
+            sender=op.req.actor,
             device="",
             cmid=f"sys-{mid}",
             ts=now_ms,
             type="system",
-            body=_encode_json(event),
+            body=_encode_json(plan.event),
         )
         for uid, role in changes:
             if role is None:
@@ -672,28 +590,14 @@ class ChatService:
         p.routed.append(m)
         p.recipients.append(sorted(set(before) | set(state.members)))
 
-    async def _load(self, convs: Sequence[str]) -> None:
-        ttl = self._state_ttl
-        if ttl is not None:
-            now = self._clock()
-            loaded_at = self._loaded_at
-            for c in convs:
-                if now - loaded_at.get(c, -1e18) > ttl:
-                    self._states.pop(c, None)
-        missing = sorted({c for c in convs if c not in self._states})
-        if missing:
-            self._states.update(await self.store.load_conversations(missing))
-            if ttl is not None:
-                if len(self._loaded_at) > 100_000:
-                    self._loaded_at.clear()
-                self._loaded_at.update(dict.fromkeys(missing, now))
+    # --- routing ---------------------------------------------------------------------------------------
 
     async def _route(self, messages: list[StoredMessage], recipients: list[list[int]]) -> None:
         """Hand committed messages to the gateway nodes holding any recipient, one batch per node."""
         if not messages:
             return
         uids = {u for rs in recipients for u in rs}
-        located = await self.presence.locate(uids)
+        located = await self._presence.locate(uids)
         nodes_of = {uid: {loc.node for loc in locs} for uid, locs in located.items()}
         per_node: dict[str, tuple[list[StoredMessage], list[list[int]]]] = {}
         for m, rs in zip(messages, recipients, strict=True):
@@ -706,27 +610,15 @@ class ChatService:
                 msgs.append(m)
                 recs.append(node_uids)
         for node, (msgs, recs) in per_node.items():
-            self.router.publish(node, msgs, recs)
+            self._router.publish(node, msgs, recs)
 
-    # --- groups --------------------------------------------------------------------------------------
+    # --- groups: the write half of im.core.groups ------------------------------------------------------
 
-    async def create_group(self, owner: int, name: str, members: list[int]) -> Group:
-        name = name.strip()
-        if not 1 <= len(name) <= 100:
-            raise ImError(ErrorCode.INVALID, "a group name has 1..100 characters")
-        others = [u for u in dict.fromkeys(members) if u != owner]
-        if len(others) + 1 > self._max_group_members:
-            raise ImError(ErrorCode.INVALID, f"a group has at most {self._max_group_members} members")
-        found = await self.accounts.get_users(others)
-        unknown = [u for u in others if u not in found]
-        if unknown:
-            raise ImError(ErrorCode.NOT_FOUND, f"no user {unknown[0]}")
-        await self.consent.load(set(others))
-        for u in others:
-            self.consent.check_add(owner, u)
+    async def create_group(self, owner: int, name: str, roles: dict[int, str]) -> Group:
+        """Store a new group with ``roles`` (checked by the caller) and its first ``system`` message
+        (seq 1, ``group_created``), then route that message to the members."""
         now_ms = int(self._clock() * 1000)
         mid = self._ids.next(now_ms)
-        roles = {owner: "owner", **{u: "member" for u in others}}
         first = StoredMessage(
             conv="",
             seq=1,
@@ -738,144 +630,22 @@ class ChatService:
             type="system",
             body=_encode_json({"event": "group_created", "name": name, "by": owner, "uids": list(roles)}),
         )
-        gid = await self.store.create_group(Group(0, name, owner, now_ms), first, roles)
+        gid = await self._store.create_group(Group(0, name, owner, now_ms), first, roles)
         first.conv = group_conv(gid)
         await self._route([first], [list(roles)])
         return Group(gid, name, owner, now_ms)
 
-    async def _member_op(self, actor: int, gid: int, op: str, uids: list[int], role: str | None = None) -> None:
+    async def change_members(self, req: MemberRequest) -> None:
+        """Queue a membership change and wait until it is committed (or refused: ImError). The users an
+        ``add`` names must exist; the rules are :func:`~im.core.membership.plan_member_change`'s."""
         if self._closing:
             raise ImError(ErrorCode.UNAVAILABLE, "server is stopping")
-        if op == "add":
-            found = await self.accounts.get_users(uids)
-            unknown = [u for u in uids if u not in found]
+        if req.op == "add":
+            found = await self._accounts.get_users(req.uids)
+            unknown = [u for u in req.uids if u not in found]
             if unknown:
                 raise ImError(ErrorCode.NOT_FOUND, f"no user {unknown[0]}")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append(_MemberOp(actor, gid, op, uids, role, fut))
+        self._queue.append(_MemberOp(req, fut))
         self._wake.set()
         await fut
-
-    async def add_members(self, actor: int, gid: int, uids: list[int]) -> None:
-        await self._member_op(actor, gid, "add", uids)
-
-    async def remove_member(self, actor: int, gid: int, uid: int) -> None:
-        if uid == actor:
-            await self._member_op(actor, gid, "leave", [])
-        else:
-            await self._member_op(actor, gid, "remove", [uid])
-
-    async def leave_group(self, uid: int, gid: int) -> None:
-        await self._member_op(uid, gid, "leave", [])
-
-    async def set_role(self, actor: int, gid: int, uid: int, role: str) -> None:
-        await self._member_op(actor, gid, "role", [uid], role)
-
-    async def group(self, actor: int, gid: int) -> Group:
-        await self._require_member(actor, group_conv(gid))
-        group = await self.store.get_group(gid)
-        if group is None:
-            raise ImError(ErrorCode.NOT_FOUND, f"no group {gid}")
-        return group
-
-    async def group_members(self, actor: int, gid: int) -> dict[int, str]:
-        state = await self._require_member(actor, group_conv(gid))
-        return dict(state.members)
-
-    # --- reads ---------------------------------------------------------------------------------------
-
-    async def _require_member(self, uid: int, conv: str) -> ConversationState:
-        if parse_conv(conv) is None:
-            raise _unknown_conv(conv)
-        await self._load([conv])
-        state = self._states.get(conv)
-        if state is None:
-            raise ImError(ErrorCode.NOT_FOUND, f"no conversation {conv}")
-        if uid not in state.members:
-            raise ImError(ErrorCode.NOT_MEMBER, f"not a member of {conv}")
-        return state
-
-    async def members_of(self, conv: str) -> dict[int, str]:
-        return (await self.members_by_conv([conv]))[conv]
-
-    async def members_by_conv(self, convs: Sequence[str]) -> dict[str, dict[int, str]]:
-        """Members of each conversation (empty for an unknown one); what is not cached is read in one batch."""
-        await self._load(convs)
-        return {conv: dict(state.members) if (state := self._states.get(conv)) else {} for conv in convs}
-
-    async def history(
-        self, uid: int, conv: str, *, after: int | None, before: int | None, limit: int
-    ) -> tuple[list[StoredMessage], bool]:
-        """A page of the log, oldest first, and whether more lies beyond it in the paging direction."""
-        await self._require_member(uid, conv)
-        limit = max(1, min(limit, self._history_page_max))
-        if after is not None:
-            page = await self.store.read_range(conv, after, before, limit + 1)
-            return page[:limit], len(page) > limit
-        page = await self.store.read_range(conv, 0, before, limit + 1, newest_first=True)
-        return list(reversed(page[:limit])), len(page) > limit
-
-    async def conversations(self, uid: int) -> list[ConversationSummary]:
-        return await self.store.list_conversations(uid)
-
-    async def receipts(self, uid: int, conv: str) -> dict[int, tuple[int, int]]:
-        """Per member of ``conv``: (read seq, delivered seq), the stored marks (docs/protocol.md section
-        10). Delivered is the best delivery cursor of any of the member's devices, and at least their read
-        mark (what was read was held). Members only."""
-        await self._require_member(uid, conv)
-        reads = await self.store.read_marks(conv)
-        delivered = await self.store.delivered_marks(conv)
-        return {m: (reads.get(m, 0), max(reads.get(m, 0), delivered.get(m, 0))) for m in sorted(reads)}
-
-    async def online(self, viewer: int, uids: Sequence[int]) -> dict[int, bool]:
-        """For each of ``uids``: whether it has a device online, under the presence rule (docs/protocol.md
-        section 18): user X reads as online to V only when V is X, or when neither blocks the other and
-        X has V as a contact, X and V are members of one group, or X has written in their direct
-        conversation. Anyone else reads as offline, so one unsolicited message tells its sender nothing."""
-        wanted = set(uids)
-        visible = {viewer} & wanted
-        others = wanted - visible
-        if others:
-            candidates = await self._presence_candidates(viewer, others)
-            if candidates:
-                visible |= candidates - await self.hidden_from(viewer, sorted(candidates))
-        located = await self.presence.locate(sorted(visible)) if visible else {}
-        return {u: u in located for u in uids}
-
-    async def _presence_candidates(self, viewer: int, others: set[int]) -> set[int]:
-        """Those of ``others`` that consented to ``viewer`` seeing them (blocks not yet applied)."""
-        # The device name "" is never a real device: this lists the viewer's conversations, nothing else.
-        groups: list[str] = []
-        directs: dict[int, str] = {}
-        for point in await self.store.sync_points(viewer, ""):
-            parsed = parse_conv(point.conv)
-            if parsed is None:
-                continue
-            kind, ids = parsed
-            if kind == "group":
-                groups.append(point.conv)
-            else:
-                directs.update((u, point.conv) for u in ids if u in others)
-        found: set[int] = set()
-        if groups:
-            await self._load(groups)
-            for conv in groups:
-                state = self._states.get(conv)
-                if state is not None and viewer in state.members:
-                    found.update(u for u in state.members if u in others)
-        rest = others - found
-        if rest:
-            found.update(x for x, _ in await self.accounts.contact_pairs([(x, viewer) for x in sorted(rest)]))
-        pairs = [(x, directs[x]) for x in sorted(others - found) if x in directs]
-        found.update(x for x, _ in await self.consent.wrote_in(pairs))
-        return found
-
-    async def replay(
-        self, uid: int, device: str, conv: str, after: int | None, upto: int, limit: int
-    ) -> tuple[int, list[StoredMessage]]:
-        """Stored messages a device is missing: (start point, messages with start < seq <= upto)."""
-        if after is None:
-            after = await self.store.start_cursor(uid, device, conv)
-        if upto <= after:
-            return after, []
-        return after, await self.store.read_range(conv, after, upto + 1, limit)

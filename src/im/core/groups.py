@@ -1,0 +1,89 @@
+"""Group writes as the HTTP API asks for them: create a group, add and remove members, leave, change a
+role, and leave every group when an account is deleted.
+
+Creating a group is checked here (name, size, users, consent) and stored by the committer; every other
+change is queued on the committer, which judges it against the group's current state
+(:mod:`im.core.membership`) in its next pass and commits it in the log as a ``system`` message, in
+order with the group's messages. Reads of groups (a group, its members) are
+:class:`~im.core.reads.ChatReads`'.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from im.backends.accounts import UserDirectory
+from im.backends.chat import CursorStore
+from im.core.committer import Committer
+from im.core.consent import Consent
+from im.core.membership import MemberRequest
+from im.model.chat import Group
+from im.model.errors import ErrorCode, ImError
+from im.model.ids import parse_conv
+
+log = logging.getLogger(__name__)
+
+
+class Groups:
+    """Group creation and membership changes, through ``committer``. Every method raises ImError to refuse."""
+
+    def __init__(
+        self,
+        committer: Committer,
+        store: CursorStore,
+        accounts: UserDirectory,
+        consent: Consent,
+        *,
+        max_group_members: int = 2000,
+    ) -> None:
+        self._committer = committer
+        self._store = store
+        self._accounts = accounts
+        self._consent = consent
+        self._max_group_members = max_group_members
+
+    async def create_group(self, owner: int, name: str, members: list[int]) -> Group:
+        """A new group owned by ``owner`` with ``members`` (duplicates and the owner dropped): 1..100
+        characters of name, every member an existing user who accepts the owner."""
+        name = name.strip()
+        if not 1 <= len(name) <= 100:
+            raise ImError(ErrorCode.INVALID, "a group name has 1..100 characters")
+        others = [u for u in dict.fromkeys(members) if u != owner]
+        if len(others) + 1 > self._max_group_members:
+            raise ImError(ErrorCode.INVALID, f"a group has at most {self._max_group_members} members")
+        found = await self._accounts.get_users(others)
+        unknown = [u for u in others if u not in found]
+        if unknown:
+            raise ImError(ErrorCode.NOT_FOUND, f"no user {unknown[0]}")
+        await self._consent.load(set(others))
+        for u in others:
+            self._consent.check_add(owner, u)
+        roles = {owner: "owner", **{u: "member" for u in others}}
+        return await self._committer.create_group(owner, name, roles)
+
+    async def add_members(self, actor: int, gid: int, uids: list[int]) -> None:
+        await self._committer.change_members(MemberRequest(actor, gid, "add", uids))
+
+    async def remove_member(self, actor: int, gid: int, uid: int) -> None:
+        """Remove ``uid``; removing oneself is leaving."""
+        if uid == actor:
+            await self._committer.change_members(MemberRequest(actor, gid, "leave", []))
+        else:
+            await self._committer.change_members(MemberRequest(actor, gid, "remove", [uid]))
+
+    async def leave_group(self, uid: int, gid: int) -> None:
+        await self._committer.change_members(MemberRequest(uid, gid, "leave", []))
+
+    async def set_role(self, actor: int, gid: int, uid: int, role: str) -> None:
+        await self._committer.change_members(MemberRequest(actor, gid, "role", [uid], role))
+
+    async def leave_all_groups(self, uid: int) -> None:
+        """Take ``uid`` out of every group it is in, as if it left each (ownership passes on)."""
+        # The device name "" is never a real device: this lists the user's conversations, nothing else.
+        for point in await self._store.sync_points(uid, ""):
+            parsed = parse_conv(point.conv)
+            if parsed is not None and parsed[0] == "group":
+                try:
+                    await self.leave_group(uid, parsed[1][0])
+                except ImError as exc:  # already gone meanwhile: nothing to leave
+                    log.info("leaving %s on account deletion: %s", point.conv, exc.message)

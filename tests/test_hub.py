@@ -1,0 +1,234 @@
+"""The gateway hub (im.gateway.hub) without sockets: connections over a fake transport that records what
+the hub writes, a hub wired as ``im serve`` wires it (SQLite in tmp_path, MemoryPresence, MemoryRouter,
+the real committer and read side, the real account service).
+
+Each test drives client frames into :meth:`Connection.on_data` and asserts on the frames written back,
+on what reached the stores, and on which connections were closed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from im.backends.accounts.sqlite import SqliteAccountStore
+from im.backends.chat.sqlite import SqliteChatStore
+from im.backends.presence.memory import MemoryPresence
+from im.backends.routing.memory import MemoryRouter
+from im.backends.sql.sqlite_db import SqliteDatabase
+from im.core.accounts import AccountService
+from im.core.committer import SendCallback, SendRequest
+from im.gateway.hub import Connection, Hub
+from im.model.errors import ErrorCode, ImError
+from im.model.ids import direct_conv
+from im.protocol.session import Limits, State
+from tests.support.chat import ChatCore, chat_core
+from tests.support.wait import eventually
+
+NODE = "gw-1"
+
+
+class FakeConnection(Connection):
+    """A transport that keeps what is written (decoded JSON frames) and closes at once when asked."""
+
+    def __init__(self, hub: Hub) -> None:
+        super().__init__(hub)
+        self.frames: list[dict[str, Any]] = []
+        self.closed_with: ErrorCode | None = None
+
+    def write(self, frames: list[bytes], binary: bool) -> None:
+        assert not binary, "a client that writes JSON text is answered in JSON"
+        self.frames.extend(json.loads(f) for f in frames)
+
+    def close_transport(self, code: ErrorCode) -> None:
+        self.closed_with = code
+        self.on_closed()  # as a transport reports its connection lost
+
+    def buffered(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+    def send(self, **frame: Any) -> None:
+        self.on_data(json.dumps(frame).encode(), False)
+
+    def of_type(self, t: str) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f["t"] == t]
+
+
+@dataclass
+class Gateway:
+    hub: Hub
+    accounts: AccountService
+    core: ChatCore
+    store: SqliteChatStore
+
+    async def user(self, name: str) -> tuple[int, str]:
+        """A registered user with a live session: (uid, access token)."""
+        user = await self.accounts.register(name, "password123")
+        return user.uid, (await self.accounts.login(name, "password123")).access_token
+
+    async def connect(self, token: str, device: str = "phone") -> FakeConnection:
+        """A connection that authenticated and finished its first sync."""
+        conn = FakeConnection(self.hub)
+        self.hub.add(conn)
+        conn.send(t="auth", token=token, device=device)
+        await eventually(lambda: conn.of_type("synced") or conn.closed_with, lambda: str(conn.frames))
+        return conn
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
+    db = SqliteDatabase(tmp_path / "im.db")
+    store, account_store = SqliteChatStore(db), SqliteAccountStore(db)
+    await store.start()
+    await account_store.start()
+    accounts = AccountService(
+        account_store, secret=b"s" * 32, argon2_time_cost=1, argon2_memory_kib=8, argon2_parallelism=1
+    )
+    presence, router = MemoryPresence(), MemoryRouter()
+    core = chat_core(store, account_store, router, presence)
+    accounts.on_privacy_change(core.consent.forget)
+    hub = Hub(
+        NODE,
+        reads=core.reads,
+        cursor_store=store,
+        presence=presence,
+        router=router,
+        accounts=accounts,
+        submit=core.committer.submit,
+        limits=Limits(),
+        cursor_flush_interval=0.02,
+    )
+    core.committer.start()
+    hub.start()
+    try:
+        yield Gateway(hub, accounts, core, store)
+    finally:
+        hub.pause_all()
+        await core.committer.stop()
+        await hub.drain_and_close()
+        await account_store.close()
+        await store.close()
+
+
+async def test_auth_with_a_valid_token_opens_the_session_and_a_bad_one_closes_it(gateway: Gateway) -> None:
+    uid, token = await gateway.user("alice")
+    good = await gateway.connect(token, "laptop")
+    assert [f["t"] for f in good.frames] == ["auth_ok", "synced"]
+    assert (good.frames[0]["uid"], good.frames[0]["device"]) == (uid, "laptop")
+    assert good.closed_with is None and good.session.state is State.OPEN
+    assert gateway.hub.connections == 1
+
+    bad = await gateway.connect(token[:-4] + "AAAA")
+    assert [(f["t"], f["code"]) for f in bad.frames] == [("error", "auth_failed"), ("bye", "auth_failed")]
+    assert bad.frames[1]["reconnect"] is False
+    assert bad.closed_with is ErrorCode.AUTH_FAILED
+    assert gateway.hub.connections == 1  # the refused one is gone, the good one stays
+
+
+async def test_a_send_is_acked_to_the_sender_and_delivered_to_the_peer(gateway: Gateway) -> None:
+    alice, alice_token = await gateway.user("alice")
+    bob, bob_token = await gateway.user("bob")
+    a, b = await gateway.connect(alice_token), await gateway.connect(bob_token)
+
+    a.send(t="send", cmid="c1", to=bob, body={"text": "hi"})
+    await eventually(lambda: a.of_type("ack") and b.of_type("msg"), lambda: f"{a.frames} / {b.frames}")
+
+    conv = direct_conv(alice, bob)
+    (ack,) = a.of_type("ack")
+    assert (ack["cmid"], ack["conv"], ack["seq"], ack["dup"]) == ("c1", conv, 1, False)
+    (msg,) = b.of_type("msg")
+    assert (msg["conv"], msg["seq"], msg["from"], msg["cmid"], msg["body"]) == (conv, 1, alice, "c1", {"text": "hi"})
+    assert msg["mid"] == ack["mid"]
+    assert a.of_type("msg") == []  # the sender's own message comes back as the ack only
+
+
+async def test_sends_go_to_the_submit_the_hub_was_given(gateway: Gateway) -> None:
+    """On a gateway node ``submit`` is the transfer pool's: the hub hands it the request and answers the
+    client from the callback, whatever is behind it."""
+    taken: list[SendRequest] = []
+
+    def refusing_submit(req: SendRequest, done: SendCallback) -> None:
+        taken.append(req)
+        done(req, None, False, ImError(ErrorCode.UNAVAILABLE, "no transfer node"))
+
+    gateway.hub.submit = refusing_submit
+    alice, token = await gateway.user("alice")
+    a = await gateway.connect(token)
+    a.send(t="send", cmid="c1", conv="g:7", body="x")
+    await eventually(lambda: a.of_type("error"), lambda: str(a.frames))
+    assert [(r.uid, r.device, r.cmid, r.conv, r.to, r.body) for r in taken] == [
+        (alice, "phone", "c1", "g:7", None, b'"x"')
+    ]
+    assert [(e["code"], e["ref"]) for e in a.of_type("error")] == [("unavailable", "c1")]
+
+
+async def test_typing_reaches_the_other_members_only(gateway: Gateway) -> None:
+    alice, alice_token = await gateway.user("alice")
+    bob, bob_token = await gateway.user("bob")
+    carol, carol_token = await gateway.user("carol")
+    dan, dan_token = await gateway.user("dan")
+    group = await gateway.core.groups.create_group(alice, "g", [bob, dan])
+    conv = f"g:{group.gid}"
+    a, a2 = await gateway.connect(alice_token, "phone"), await gateway.connect(alice_token, "laptop")
+    b, c, d = await gateway.connect(bob_token), await gateway.connect(carol_token), await gateway.connect(dan_token)
+    await gateway.accounts.block(dan, alice)  # dan blocks alice: neither sees the other's typing
+
+    a.send(t="typing", conv=conv)
+    await eventually(lambda: b.of_type("typing") and a2.of_type("typing"), lambda: f"{b.frames} / {a2.frames}")
+    assert b.of_type("typing") == [{"t": "typing", "conv": conv, "uid": alice}]
+    assert a2.of_type("typing") == [{"t": "typing", "conv": conv, "uid": alice}]  # the typer's other device
+    await gateway.hub.typing(carol, "phone", conv)  # not a member: goes nowhere
+    b.send(t="ping", id=1)  # a round trip on bob's connection after carol's attempt
+    await eventually(lambda: b.of_type("pong"))
+    assert a.of_type("typing") == []  # not back to the typing device
+    assert c.of_type("typing") == []  # carol is no member
+    assert d.of_type("typing") == []  # dan blocks alice
+    assert b.of_type("typing") == [{"t": "typing", "conv": conv, "uid": alice}]  # carol's typing did not arrive
+
+
+async def test_cursor_and_read_mark_flushes_reach_the_store_and_the_peer(gateway: Gateway) -> None:
+    alice, alice_token = await gateway.user("alice")
+    bob, bob_token = await gateway.user("bob")
+    a, b = await gateway.connect(alice_token), await gateway.connect(bob_token)
+    for i in range(3):
+        a.send(t="send", cmid=f"c{i}", to=bob, body=i)
+    await eventually(lambda: len(b.of_type("msg")) == 3, lambda: str(b.frames))
+    conv = direct_conv(alice, bob)
+
+    b.send(t="recv", conv=conv, seq=3)
+    b.send(t="read", conv=conv, seq=2)
+    await eventually(lambda: len(a.of_type("receipt")) == 2, lambda: str(a.frames))
+
+    assert await gateway.store.start_cursor(bob, "phone", conv) == 3
+    assert (await gateway.store.read_marks(conv))[bob] == 2
+    receipts = sorted((r["kind"], r["uid"], r["seq"]) for r in a.of_type("receipt"))
+    assert receipts == [("delivered", bob, 3), ("read", bob, 2)]
+    # a reconnecting device resumes from the stored cursor: nothing to replay
+    again = await gateway.connect(bob_token, "phone")
+    assert again.of_type("msg") == []
+
+
+async def test_a_revoked_session_is_closed_and_others_stay(gateway: Gateway) -> None:
+    _, token = await gateway.user("alice")
+    _, other_token = await gateway.user("bob")
+    doomed, other = await gateway.connect(token), await gateway.connect(other_token)
+    sid = (await gateway.accounts.authenticate(token)).sid
+
+    await gateway.accounts.logout(sid)  # the account service announces the revocation to the hub
+
+    assert doomed.closed_with is ErrorCode.AUTH_FAILED
+    assert doomed.frames[-1] == {
+        "t": "bye",
+        "code": "auth_failed",
+        "message": "the login session was revoked",
+        "reconnect": False,
+    }
+    assert other.closed_with is None and other.session.state is State.OPEN
+    assert gateway.hub.connections == 1
