@@ -34,6 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "events": MODEL | INTERFACES | {"throttled_log"},
     "gateway": MODEL | INTERFACES | {"protocol", "core", "net", "throttled_log"},
     "api": MODEL | INTERFACES | {"protocol", "core", "files", "net", "throttled_log", "config"},
+    # The gRPC-linked routers are Router implementations: LinkRouter extends the in-process MemoryRouter.
     "transfer": MODEL | INTERFACES | {"protocol", "core", "backends.impl"},
     "client": MODEL | {"protocol"},
     "chat_tui": MODEL | {"protocol", "client"},

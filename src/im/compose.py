@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from im.backends.dedupe.redis import RedisDedupe
 from im.backends.files import FileStore
 from im.backends.files.postgres import PostgresFileStore
 from im.backends.files.sqlite import SqliteFileStore
+from im.backends.lifecycle import Service
 from im.backends.presence import Presence
 from im.backends.presence.memory import MemoryPresence
 from im.backends.presence.redis import RedisPresence
@@ -76,18 +77,28 @@ class Backends:
     router: Router
     registry: Registry
     file_store: FileStore
-    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     #: The shared rate limits: in memory, or in the presence Redis (one budget per user for the cluster).
     rate_limiter: RateLimiter = field(default_factory=MemoryRateLimiter)
 
+    def services(self) -> list[Service]:
+        """In start order (closed in reverse). The file store is not here: it opens with its FileService."""
+        return [self.chat_store, self.account_store, self.presence, self.rate_limiter, self.registry, self.router]
+
     async def start(self) -> None:
-        """Open the chat and account stores (the file store opens with its FileService)."""
-        await self.chat_store.start()
-        await self.account_store.start()
+        """Start every backend in order; one that fails closes those already started, then raises."""
+        started: list[Service] = []
+        try:
+            for service in self.services():
+                await service.start()
+                started.append(service)
+        except BaseException:
+            await close_all(*(s.close for s in reversed(started)))
+            raise
 
     async def close(self) -> None:
-        """Close the stores and the engine clients, each even when another failed."""
-        await close_all(self.account_store.close, self.chat_store.close, *self.closers)
+        """Close every backend in reverse order, each even when another failed (closing is idempotent and
+        safe on one never started, so this suits a failed start too)."""
+        await close_all(*(s.close for s in reversed(self.services())))
 
 
 def build_backends(config: Config) -> Backends:
@@ -105,13 +116,11 @@ def build_backends(config: Config) -> Backends:
         chat_store = SqliteChatStore(db, outbox=outbox)
         account_store = SqliteAccountStore(db)
         file_store = SqliteFileStore(db)
-    closers: list[Callable[[], Awaitable[None]]] = []
     presence: Presence
     rate_limiter: RateLimiter
     if config.presence.kind == "redis":
         redis_presence = RedisPresence(config.presence.redis_url, prefix=config.presence.redis_prefix)
-        presence = redis_presence
-        closers.append(redis_presence.close)
+        presence = redis_presence  # owns the Redis client; the rate limiter below borrows it
         # Its connection pool too; fail open: Redis away must not refuse every send and login.
         rate_limiter = FailOpen(RedisRateLimiter(prefix=config.presence.redis_prefix, client=redis_presence.client))
     else:
@@ -119,12 +128,10 @@ def build_backends(config: Config) -> Backends:
         rate_limiter = MemoryRateLimiter()
     registry: Registry
     if config.registry.kind == "etcd":
-        etcd = EtcdRegistry(config.registry.etcd_endpoint, prefix=config.registry.prefix)
-        registry = etcd
-        closers.append(etcd.close)
+        registry = EtcdRegistry(config.registry.etcd_endpoint, prefix=config.registry.prefix)
     else:
         registry = MemoryRegistry()
-    return Backends(chat_store, account_store, presence, MemoryRouter(), registry, file_store, closers, rate_limiter)
+    return Backends(chat_store, account_store, presence, MemoryRouter(), registry, file_store, rate_limiter)
 
 
 def load_secret(config: Config) -> bytes:
