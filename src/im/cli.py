@@ -122,7 +122,7 @@ def _run_role(role: str, config: Config) -> int:
 
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
-    uvloop.run(node.run(ready))  # type: ignore[arg-type]
+    uvloop.run(node.run(ready))
     return 0
 
 

@@ -39,7 +39,7 @@ class Raw:
         return frame
 
     async def recv_raw(self, timeout: float = 5.0) -> str | bytes:
-        return await asyncio.wait_for(self.ws.recv(), timeout)  # type: ignore[no-any-return]
+        return await asyncio.wait_for(self.ws.recv(), timeout)
 
     async def expect_error(self, data: str | bytes | dict[str, Any], code: str, ref: str | None = None) -> None:
         await self.send(data)

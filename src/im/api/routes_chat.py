@@ -69,7 +69,7 @@ def chat_router(
     @router.get("/groups/{gid}/members", tags=["groups"])
     async def members(me: Me, gid: Gid) -> list[MemberOut]:
         found = await reads.group_members(me.uid, gid)
-        return [MemberOut(uid=uid, role=role) for uid, role in sorted(found.items())]  # type: ignore[arg-type]
+        return [MemberOut(uid=uid, role=role) for uid, role in sorted(found.items())]
 
     @router.post("/groups/{gid}/members", status_code=status.HTTP_204_NO_CONTENT, tags=["groups"])
     async def add_members(me: Me, gid: Gid, body: MembersIn) -> Response:

@@ -84,7 +84,7 @@ class HttpServer:
                 access_log=False,
                 ws="none",
                 server_header=False,  # no "server: uvicorn": the version of nothing is anyone's business
-                http=protocol,  # type: ignore[arg-type]  # a protocol class is accepted, not only a name
+                http=protocol,  # a protocol class is accepted, not only a name
                 timeout_keep_alive=h.keepalive_timeout,
                 h11_max_incomplete_event_size=h.max_head_bytes,
             ),

@@ -151,7 +151,7 @@ class _Inbox:
 # --- WebSocket ----------------------------------------------------------------------------------------
 
 
-class _WsListener(WSListener):  # type: ignore[misc]
+class _WsListener(WSListener):
     def __init__(self, inbox: _Inbox, max_frame: int) -> None:
         super().__init__()
         self.inbox = inbox

@@ -211,7 +211,7 @@ try:  # the C implementation that ships with the websockets package: about 0.08 
     from websockets.speedups import apply_mask as _c_apply_mask
 
     def _apply_mask(data: bytes | bytearray, mask: bytes | bytearray) -> bytes:
-        return _c_apply_mask(data, mask)  # type: ignore[no-any-return]
+        return _c_apply_mask(data, mask)
 
 except ImportError:  # pragma: no cover - a build of websockets without its C extension
     _apply_mask = unmask
