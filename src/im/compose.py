@@ -17,6 +17,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from im.api.app import create_app
+from im.api.server import GatewayPicker, HttpServer
 from im.backends.accounts import AccountStore
 from im.backends.accounts.postgres import PostgresAccountStore
 from im.backends.accounts.sqlite import SqliteAccountStore
@@ -159,6 +161,30 @@ def session_limits(config: Config) -> Limits:
         auth_timeout=gw.auth_timeout,
         idle_timeout=gw.idle_timeout,
     )
+
+
+def build_http(
+    config: Config,
+    accounts: AccountService,
+    groups: Groups,
+    reads: ChatReads,
+    picker: GatewayPicker,
+    files: FileService,
+    admission: Admission,
+) -> HttpServer:
+    """The HTTP API server of ``im serve`` and ``im api``: the app on the given services, behind the
+    process's admission."""
+    app = create_app(
+        accounts,
+        groups,
+        reads,
+        picker.pick,
+        config.limits,
+        files=files,
+        max_request_bytes=config.http.max_body_bytes,
+        refusal_delay=config.rates.refusal_delay,
+    )
+    return HttpServer(config, app, admission)
 
 
 def build_admission(config: Config) -> Admission:
@@ -327,23 +353,27 @@ def event_workers(config: Config, b: Backends) -> list[Coroutine[Any, Any, None]
     if ev.webhook_url:
         dedupe: Dedupe = MemoryDedupe()
         if ev.dedupe == "redis":
-            dedupe = RedisDedupe(aioredis.from_url(config.presence.redis_url))
+            dedupe = RedisDedupe(aioredis.from_url(config.presence.redis_url), owns_client=True)
 
         async def members(conv: str) -> list[int]:
             return list((await store.load_conversations([conv])).get(conv, _NO_CONV).members)
 
-        workers.append(
-            PushConsumer(
-                ev.amqp_url,
-                b.presence,
-                members,
-                ev.webhook_url,
-                dedupe,
-                exchange=ev.exchange,
-                queue=ev.queue,
-                max_attempts=ev.max_attempts,
-            ).run()
+        consumer = PushConsumer(
+            ev.amqp_url,
+            b.presence,
+            members,
+            ev.webhook_url,
+            dedupe,
+            exchange=ev.exchange,
+            queue=ev.queue,
+            max_attempts=ev.max_attempts,
         )
+
+        async def push() -> None:
+            async with dedupe:  # its Redis client is closed when the consumer is cancelled
+                await consumer.run()
+
+        workers.append(push())
     return workers
 
 

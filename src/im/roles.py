@@ -24,8 +24,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from im.api.app import create_app
-from im.api.server import GatewayPicker, HttpServer
+from im.api.server import GatewayPicker
 from im.backends.routing import DeliverySink
 from im.compose import (
     GatewayListeners,
@@ -36,6 +35,7 @@ from im.compose import (
     build_committer,
     build_files,
     build_groups,
+    build_http,
     build_hub,
     build_reads,
     event_workers,
@@ -223,20 +223,7 @@ class ApiNode(_Role):
         self.accounts.on_privacy_change(caches.consent.forget)
         self.picker = GatewayPicker(b.registry)
         self.admission = build_admission(config)
-        self.http = HttpServer(
-            config,
-            create_app(
-                self.accounts,
-                self.groups,
-                self.reads,
-                self.picker.pick,
-                config.limits,
-                files=self.files,
-                max_request_bytes=config.http.max_body_bytes,
-                refusal_delay=config.rates.refusal_delay,
-            ),
-            self.admission,
-        )
+        self.http = build_http(config, self.accounts, self.groups, self.reads, self.picker, self.files, self.admission)
 
     @property
     def url(self) -> str:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from im.api.app import create_app
-from im.api.server import GatewayPicker, HttpServer
+from im.api.server import GatewayPicker
 from im.compose import (
     GatewayListeners,
     build_accounts,
@@ -20,6 +19,7 @@ from im.compose import (
     build_committer,
     build_files,
     build_groups,
+    build_http,
     build_hub,
     build_reads,
     event_workers,
@@ -48,20 +48,7 @@ class EmbeddedServer:
         self.picker = GatewayPicker(b.registry)
         self.admission = build_admission(config)
         self.listeners = GatewayListeners(config, self.hub, self.admission)
-        self.http = HttpServer(
-            config,
-            create_app(
-                self.accounts,
-                self.groups,
-                self.reads,
-                self.picker.pick,
-                config.limits,
-                files=self.files,
-                max_request_bytes=config.http.max_body_bytes,
-                refusal_delay=config.rates.refusal_delay,
-            ),
-            self.admission,
-        )
+        self.http = build_http(config, self.accounts, self.groups, self.reads, self.picker, self.files, self.admission)
 
     @property
     def http_url(self) -> str:

@@ -31,6 +31,7 @@ import asyncpg
 
 from im.backends.chat import ChatStore
 from im.backends.sql.postgres_db import PostgresDatabase, rowcount
+from im.backends.sql.rows import conversation_summary
 from im.backends.sql.shared_db import OnSharedDatabase
 from im.model.chat import (
     CommitBatch,
@@ -410,18 +411,7 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
             conv, kind, last_seq, read_seq, gname, peer, peer_name = row[:7]
             last = _msg(row[7:]) if row[7] is not None else None
             title = gname if kind == "group" else (peer_name if peer_name is not None else f"user {peer}")
-            out.append(
-                ConversationSummary(
-                    conv=conv,
-                    kind=kind,
-                    title=str(title),
-                    last_seq=last_seq,
-                    read_seq=read_seq,
-                    unread=max(0, last_seq - read_seq),
-                    last_message=last,
-                    peer=peer,
-                )
-            )
+            out.append(conversation_summary(conv, kind, title, last_seq, read_seq, last, peer))
         return out
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from im.backends.chat import ChatStore
+from im.backends.sql.rows import conversation_summary
 from im.backends.sql.shared_db import OnSharedDatabase
 from im.backends.sql.sqlite_db import SqliteDatabase
 from im.model.chat import (
@@ -304,18 +305,7 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
                 last = _msg(row[5:]) if row[5] is not None else None
                 peer = peers.get(conv)
                 title = gname if kind == "group" else names.get(peer or 0, f"user {peer}")
-                out.append(
-                    ConversationSummary(
-                        conv=conv,
-                        kind=kind,
-                        title=str(title),
-                        last_seq=last_seq,
-                        read_seq=read_seq,
-                        unread=max(0, last_seq - read_seq),
-                        last_message=last,
-                        peer=peer,
-                    )
-                )
+                out.append(conversation_summary(conv, kind, title, last_seq, read_seq, last, peer))
             return out
 
         return await self.db.read(run)

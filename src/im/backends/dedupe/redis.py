@@ -8,10 +8,17 @@ from im.backends.dedupe import Dedupe
 
 
 class RedisDedupe(Dedupe):
-    def __init__(self, client: aioredis.Redis, *, prefix: str = "im:push:", ttl: float = 86_400.0) -> None:
+    def __init__(
+        self, client: aioredis.Redis, *, prefix: str = "im:push:", ttl: float = 86_400.0, owns_client: bool = False
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self.ttl = ttl
+        self._owns_client = owns_client  # close it with this store (else its owner does)
+
+    async def _release(self) -> None:
+        if self._owns_client:
+            await self.client.aclose()
 
     async def seen(self, key: str) -> bool:
         return bool(await self.client.exists(self.prefix + key))
