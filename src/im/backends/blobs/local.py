@@ -91,12 +91,16 @@ class LocalBlobStorage(BlobStorage):
             _fsync_dir(final.parent)
         return True
 
-    async def open(self, sha256: str, chunk_size: int = 256 * 1024) -> AsyncIterator[bytes]:
+    async def open(
+        self, sha256: str, chunk_size: int = 256 * 1024, *, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
         try:
             f = await asyncio.to_thread(self.path(sha256).open, "rb")
         except FileNotFoundError:
             raise BlobNotFound(sha256) from None
-        return _read_chunks(f, chunk_size)
+        if offset:
+            f.seek(offset)
+        return read_chunks(f, chunk_size, length)
 
     async def exists(self, sha256: str) -> bool:
         return is_sha256(sha256) and await asyncio.to_thread(self.path(sha256).is_file)
@@ -128,9 +132,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-async def _read_chunks(f: BinaryIO, chunk_size: int) -> AsyncIterator[bytes]:
+async def read_chunks(f: BinaryIO, chunk_size: int, length: int | None = None) -> AsyncIterator[bytes]:
+    """``f`` from where it stands, at most ``length`` bytes (None: to the end), in chunks; closes ``f``."""
+    left = -1 if length is None else length
     try:
-        while chunk := await asyncio.to_thread(f.read, chunk_size):
+        while left:
+            chunk = await asyncio.to_thread(f.read, chunk_size if left < 0 else min(chunk_size, left))
+            if not chunk:
+                break
+            left -= len(chunk) if left > 0 else 0
             yield chunk
     finally:
         f.close()
