@@ -44,7 +44,7 @@ from typing import BinaryIO, Protocol, TypeVar
 from cryptography.exceptions import InvalidTag
 
 from im.backends.blobs import BlobCorrupt, BlobNotFound, BlobStorage, BlobTooLarge, PutResult, Staged, is_sha256
-from im.backends.blobs.local import LocalBlobStorage, read_chunks
+from im.backends.blobs.local import LocalBlobStorage, in_thread_closing, read_chunks
 from im.backends.blobs.sealed import (
     HEAD,
     KEY_BYTES,
@@ -245,7 +245,7 @@ class EncryptedBlobStorage(BlobStorage):
     ) -> AsyncIterator[bytes]:
         if not is_sha256(sha256):
             raise BlobNotFound(sha256)
-        f, sealed = await asyncio.to_thread(self._open_file, sha256)
+        f, sealed = await in_thread_closing(lambda: self._open_file(sha256))
         try:
             if not sealed:
                 if await asyncio.to_thread(f.read, len(MAGIC)) == MAGIC:
@@ -333,25 +333,23 @@ class EncryptedBlobStorage(BlobStorage):
     async def _migrate_one(self, sha256: str, report: MigrationReport) -> None:
         legacy = self.legacy_path(sha256)
         try:
-            f = await asyncio.to_thread(legacy.open, "rb")
+            f = await in_thread_closing(lambda: legacy.open("rb"))
         except FileNotFoundError:
             report.gone += 1
             return
-        if await asyncio.to_thread(f.read, len(MAGIC)) == MAGIC:
-            f.close()
-            report.refused.append(sha256)
-            log.error("blob migration: %s holds sealed bytes under a plaintext name; left as it is", legacy)
-            return
-        f.seek(0)
-
-        def check(staged: Staged) -> None:
-            if staged.sha256 != sha256:
-                raise _NotItsHash(staged.sha256)
-
         try:
-            result, _ = await self.put(
-                read_chunks(f, self._buffer_bytes), max_bytes=os.fstat(f.fileno()).st_size, inspect=check
-            )
+            if await asyncio.to_thread(f.read, len(MAGIC)) == MAGIC:
+                report.refused.append(sha256)
+                log.error("blob migration: %s holds sealed bytes under a plaintext name; left as it is", legacy)
+                return
+            f.seek(0)
+
+            def check(staged: Staged) -> None:
+                if staged.sha256 != sha256:
+                    raise _NotItsHash(staged.sha256)
+
+            size = os.fstat(f.fileno()).st_size
+            result, _ = await self.put(read_chunks(f, self._buffer_bytes), max_bytes=size, inspect=check)
         except (_NotItsHash, BlobTooLarge):  # changed under us: not a blob this storage wrote
             report.refused.append(sha256)
             log.error("blob migration: %s does not hold the bytes its name says; left as it is", legacy)

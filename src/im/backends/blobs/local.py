@@ -10,7 +10,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from im.backends.blobs import BlobNotFound, BlobStorage, BlobTooLarge, PutResult, Staged, is_sha256
 
@@ -94,8 +94,9 @@ class LocalBlobStorage(BlobStorage):
     async def open(
         self, sha256: str, chunk_size: int = 256 * 1024, *, offset: int = 0, length: int | None = None
     ) -> AsyncIterator[bytes]:
+        path = self.path(sha256)
         try:
-            f = await asyncio.to_thread(self.path(sha256).open, "rb")
+            f = await in_thread_closing(lambda: path.open("rb"))
         except FileNotFoundError:
             raise BlobNotFound(sha256) from None
         if offset:
@@ -130,6 +131,23 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+async def in_thread_closing(open_file: Callable[[], T]) -> T:
+    """``open_file()`` in a worker thread, returning what it opened (something with ``close``); if the
+    caller is cancelled meanwhile, what the thread opens is closed when it is done, not leaked."""
+    job = asyncio.ensure_future(asyncio.to_thread(open_file))
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        job.add_done_callback(_close_result)
+        raise
+
+
+def _close_result(job: asyncio.Future[Any]) -> None:
+    if not job.cancelled() and job.exception() is None:
+        result = job.result()
+        (result[0] if isinstance(result, tuple) else result).close()
 
 
 async def read_chunks(f: BinaryIO, chunk_size: int, length: int | None = None) -> AsyncIterator[bytes]:
