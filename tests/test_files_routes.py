@@ -1,4 +1,4 @@
-"""The streaming multipart reader of the upload route, and the download headers."""
+"""The streaming multipart reader of the upload route, the download headers, and the Range header."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from im.api.routes_files import _content_disposition, _FilePart
+from im.api.routes_files import RangeNotSatisfiable, _content_disposition, _FilePart, byte_range
 from im.files import FileInfo
 from im.model.errors import ErrorCode, ImError
 from im.model.files import FileMeta
@@ -101,3 +101,39 @@ def test_content_disposition() -> None:
     assert header.endswith("filename*=UTF-8''R%C3%A9%22sum%C3%A9%5C.pdf")
     unnamed = _content_disposition(_info("application/pdf", None))
     assert unnamed.startswith('attachment; filename="2d711642b726b044.pdf"')
+
+
+@pytest.mark.parametrize(
+    ("header", "size", "expected"),
+    [
+        (None, 100, None),
+        ("bytes=0-0", 100, (0, 1)),
+        ("bytes=0-99", 100, (0, 100)),
+        ("bytes=10-", 100, (10, 100)),
+        ("bytes=10-1000", 100, (10, 100)),  # clipped to the file
+        ("bytes=-10", 100, (90, 100)),
+        ("bytes=-1000", 100, (0, 100)),
+        ("Bytes = 5-6", 100, (5, 7)),
+        ("bytes=99-", 100, (99, 100)),
+        # ignored (the whole file is sent): other units, several ranges, malformed, last before first
+        ("items=0-1", 100, None),
+        ("bytes=0-1,5-6", 100, None),
+        ("bytes=a-b", 100, None),
+        ("bytes=-", 100, None),
+        ("bytes=5", 100, None),
+        ("bytes=6-5", 100, None),
+        ("bytes=+1-2", 100, None),
+        ("bytes=1--2", 100, None),
+        ("bytes", 100, None),
+    ],
+)
+def test_byte_range(header: str | None, size: int, expected: tuple[int, int] | None) -> None:
+    assert byte_range(header, size) == expected
+
+
+@pytest.mark.parametrize(
+    ("header", "size"), [("bytes=100-", 100), ("bytes=100-200", 100), ("bytes=-0", 100), ("bytes=-5", 0)]
+)
+def test_byte_range_not_satisfiable(header: str, size: int) -> None:
+    with pytest.raises(RangeNotSatisfiable):
+        byte_range(header, size)

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from im.backends.blobs import BlobCorrupt, BlobStorage
+from im.backends.blobs.encrypted import EncryptedBlobStorage
 from im.backends.blobs.local import LocalBlobStorage
 from im.backends.chat.sqlite import SqliteChatStore
 from im.backends.files.sqlite import SqliteFileStore
@@ -21,6 +23,7 @@ from im.files.service import clean_name
 from im.model.chat import CommitBatch, ConversationState, MemberChange, StoredMessage
 from im.model.errors import ErrorCode, ImError
 from im.model.ids import direct_conv
+from tests.support.keys import MemoryFileKeys
 
 ALICE, BOB, CAROL = 1, 2, 3
 
@@ -74,13 +77,18 @@ class World:
         return [p for p in self.root.rglob("*") if p.is_file() and p.parent.name != "tmp"]
 
 
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
+@pytest.fixture(params=["local", "encrypted"])
+async def world(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[World]:
     db = SqliteDatabase(tmp_path / "im.db")
     chat = SqliteChatStore(db)
     await chat.start()
     root = tmp_path / "files"
-    files = FileService(LocalBlobStorage(root), SqliteFileStore(db), max_upload_bytes=100_000, clock=lambda: 1234.5)
+    blobs: BlobStorage = (
+        LocalBlobStorage(root)
+        if request.param == "local"
+        else EncryptedBlobStorage(root, MemoryFileKeys(), chunk_bytes=4096)
+    )
+    files = FileService(blobs, SqliteFileStore(db), max_upload_bytes=100_000, clock=lambda: 1234.5)
     await files.start()
     yield World(files, chat, root)
     await files.close()
@@ -221,3 +229,42 @@ async def test_read_streams_the_bytes(world: World) -> None:
 )
 def test_clean_name(given: str | None, clean: str) -> None:
     assert clean_name(given) == clean
+
+
+async def test_read_a_range(world: World) -> None:
+    data = bytes(range(256)) * 100
+    fid = await world.upload(ALICE, data)
+    info = await world.files.info(ALICE, fid)
+    got = b"".join([chunk async for chunk in await world.files.read(info, offset=4000, length=5000)])
+    assert got == data[4000:9000]
+
+
+async def test_damaged_or_missing_bytes_are_refused_as_unavailable(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Never wrong bytes: a blob damaged where ``open`` checks is refused before the first byte; damage
+    further in ends the stream with an error after only genuine bytes. Both are logged."""
+    data = bytes(range(256)) * 300  # 76,800 bytes: many chunks in the encrypted world
+    fid = await world.upload(ALICE, data)
+    info = await world.files.info(ALICE, fid)
+    [blob] = world.blobs()
+    raw = bytearray(blob.read_bytes())
+    if isinstance(world.files.blobs, EncryptedBlobStorage):
+        raw[20] ^= 1  # inside the first sealed chunk
+        blob.write_bytes(bytes(raw))
+        with pytest.raises(ImError) as err:
+            await world.files.read(info)
+        assert err.value.code == ErrorCode.UNAVAILABLE and "integrity" in err.value.message
+        raw[20] ^= 1
+        raw[-200] ^= 1  # inside the last chunk: found when the stream gets there
+        blob.write_bytes(bytes(raw))
+        got = bytearray()
+        with pytest.raises(BlobCorrupt):
+            async for chunk in await world.files.read(info):
+                got += chunk
+        assert data.startswith(bytes(got)) and len(got) < len(data)
+        assert "integrity" in caplog.text or "fails" in caplog.text
+    blob.unlink()
+    with pytest.raises(ImError) as err:
+        await world.files.read(info)
+    assert err.value.code == ErrorCode.UNAVAILABLE and "missing" in err.value.message

@@ -204,6 +204,14 @@ class FilesConfig(_Section):
     max_image_pixels: int = Field(50_000_000, ge=1)
     #: Where blobs live; default ``<data_dir>/files``.
     storage_dir: Path | None = None
+    #: Seal uploaded files at rest (AES-256-GCM, a key per file wrapped by the keyring, keyed names on
+    #: disk; im.backends.blobs.encrypted). Off: stored as they are (blobs sealed before then stay unreadable
+    #: until it is on again).
+    encrypt: bool = True
+    #: Plaintext bytes per sealed chunk: the unit a range read decrypts (16 bytes of tag each).
+    encrypt_chunk_bytes: int = Field(64 * 1024, ge=4096, le=16 * 1024 * 1024)
+    #: With ``encrypt``: seal the files stored in the clear before, in the background, from start-up.
+    migrate_plaintext: bool = True
 
 
 class RateConfig(_Section):

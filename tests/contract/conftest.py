@@ -25,6 +25,7 @@ from im.backends.accounts import AccountStore
 from im.backends.accounts.postgres import PostgresAccountStore
 from im.backends.accounts.sqlite import SqliteAccountStore
 from im.backends.blobs import BlobStorage
+from im.backends.blobs.encrypted import EncryptedBlobStorage
 from im.backends.blobs.local import LocalBlobStorage
 from im.backends.chat import ChatStore
 from im.backends.chat.postgres import PostgresChatStore
@@ -44,6 +45,7 @@ from im.backends.registry.memory import MemoryRegistry
 from im.backends.sql.sqlite_db import SqliteDatabase
 from tests.contract.routers import router_harness  # noqa: F401 - the fixture, defined beside
 from tests.support.etcd import shared_etcd
+from tests.support.keys import SEALED_MAGIC, MemoryFileKeys, sealed_plaintext
 from tests.support.postgres import PgSchema, start
 
 # --- helpers --------------------------------------------------------------------------------------------
@@ -657,7 +659,46 @@ class LocalBlobHarness(BlobHarness):
         return LocalBlobStorage(self.root)
 
 
-BLOB_STORAGES = [pytest.param(LocalBlobHarness, id="local")]
+class EncryptedBlobHarness(BlobHarness):
+    """The encrypted storage; ``stored`` and ``raw`` undo its keyed names and sealing with the same keys
+    (``raw`` through a second storage on the same directory, as a restarted node would)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.root = tmp_path / "files"
+        self.keys = MemoryFileKeys()
+        self.storage = EncryptedBlobStorage(self.root, self.keys, chunk_bytes=16 * 1024, buffer_bytes=64 * 1024)
+        self._known: dict[str, str] = {}  # on-disk name -> sha256, for every hash the tests ask about
+
+    def _files(self) -> list[Path]:
+        return sorted(p for p in (self.root / "sealed").rglob("*") if p.is_file())
+
+    def _path(self, sha256: str) -> Path:
+        assert isinstance(self.storage, EncryptedBlobStorage)
+        name = self.storage.name(sha256)
+        self._known[name] = sha256
+        return self.storage.path(sha256)
+
+    def stored(self) -> list[str]:
+        # Names are keyed hashes: map back those of blobs the tests put (found by a read through the API).
+        names = [p.name for p in self._files()]
+        return sorted(self._known.get(n, n) for n in names)
+
+    def staged(self) -> list[int]:
+        return [p.stat().st_size for p in sorted((self.root / "tmp").iterdir())]
+
+    def raw(self, sha256: str) -> bytes:
+        path = self._path(sha256)
+        assert path.read_bytes()[:8] == SEALED_MAGIC  # sealed on disk
+        return sealed_plaintext(path, self.keys, sha256)
+
+    def version(self, sha256: str) -> object:
+        return self._path(sha256).stat().st_mtime_ns
+
+    def unstarted(self) -> BlobStorage:
+        return EncryptedBlobStorage(self.root, self.keys)
+
+
+BLOB_STORAGES = [pytest.param(LocalBlobHarness, id="local"), pytest.param(EncryptedBlobHarness, id="encrypted")]
 
 
 @pytest.fixture(params=BLOB_STORAGES)

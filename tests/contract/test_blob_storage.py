@@ -188,6 +188,22 @@ async def test_open_exists_delete(h: BlobHarness) -> None:
     assert not await storage.exists(result.sha256)
 
 
+async def test_range_reads(h: BlobHarness) -> None:
+    """``offset``/``length`` read exactly that slice, in chunks no larger than asked, at and around every
+    chunk boundary an implementation may have (16 KiB for the encrypted harness)."""
+    storage = h.storage
+    data = os.urandom(100_000)
+    result, _ = await storage.put(chunks_of([data]), max_bytes=10**6, inspect=accept)
+    k = 16 * 1024
+    cases = [(0, None), (0, 1), (k - 1, 2), (k, k), (k - 1, k + 2), (3 * k + 5, None), (len(data) - 1, 10)]
+    cases += [(len(data), None), (len(data) + 5, 3), (10, 0), (0, len(data) + 100), (5 * k, 4 * k + 3)]
+    for offset, length in cases:
+        pieces = [c async for c in await storage.open(result.sha256, chunk_size=5000, offset=offset, length=length)]
+        end = None if length is None else offset + length
+        assert b"".join(pieces) == data[offset:end], (offset, length)
+        assert all(0 < len(c) <= 5000 for c in pieces)
+
+
 async def test_lifecycle(h: BlobHarness) -> None:
     async def probe(storage: BlobStorage) -> None:
         assert not await storage.exists("0" * 64)

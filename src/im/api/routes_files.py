@@ -1,4 +1,4 @@
-"""/files: upload (streamed multipart), metadata, lookup by hash, download.
+"""/files: upload (streamed multipart), metadata, lookup by hash, download (whole, or one byte range).
 
 Access: the uploader, or a current member of a conversation the file was sent in. Anyone else gets
 404 ``not_found``, exactly as for a file that does not exist (see :mod:`im.files`).
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request, Response, status
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -165,6 +165,38 @@ class _FilePart:
             raise ImError(ErrorCode.INVALID, "malformed multipart body") from None
 
 
+class RangeNotSatisfiable(Exception):
+    """The ``Range`` header asks for bytes that are not in the file (416)."""
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The one byte range ``[start, end)`` a ``Range`` header asks of a ``size``-byte file (RFC 9110
+    section 14.1.2), clipped to the file; None to send the whole file: no header, a unit other than
+    ``bytes``, several ranges, or a malformed one (a server may ignore those, section 14.2). Raises
+    :class:`RangeNotSatisfiable` for a valid range that holds none of the file's bytes."""
+    if header is None:
+        return None
+    unit, sep, spec = header.partition("=")
+    if not sep or unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    first, last = first.strip(), last.strip()
+    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == "") or first == last == "":
+        return None
+    if first == "":  # the last N bytes
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise RangeNotSatisfiable
+        return max(0, size - suffix), size
+    start = int(first)
+    end = size if last == "" else min(size, int(last) + 1)
+    if last != "" and int(last) < start:
+        return None  # invalid: ignored
+    if start >= size:
+        raise RangeNotSatisfiable
+    return start, end
+
+
 def _content_disposition(info: FileInfo) -> str:
     m = info.meta
     name = info.name or f"{m.file_id[:16]}{mimetypes.guess_extension(m.content_type) or ''}"
@@ -234,11 +266,15 @@ def files_router(files: FileService, principal: Callable[..., Awaitable[Principa
     )
     async def download(me: Me, file_id: str, request: Request) -> Response:
         """The file's bytes with its sniffed type; ``ETag`` is the quoted SHA-256 (``If-None-Match`` -> 304).
-        404 unless the caller uploaded it or is a member of a conversation it was sent in."""
+        One ``Range: bytes=...`` is served as 206 with ``Content-Range`` (416 when it holds none of the
+        file; several ranges, or an ``If-Range`` that is not the ETag: the whole file). 404 unless the
+        caller uploaded it or is a member of a conversation it was sent in."""
         found = await files.info(me.uid, file_id)
+        size = found.meta.size
         etag = f'"{found.meta.sha256}"'
         headers = {
             "ETag": etag,
+            "Accept-Ranges": "bytes",
             "Cache-Control": "private, no-cache",
             "X-Content-Type-Options": "nosniff",
             "Content-Security-Policy": "default-src 'none'; sandbox",
@@ -246,8 +282,22 @@ def files_router(files: FileService, principal: Callable[..., Awaitable[Principa
         }
         if etag in request.headers.get("if-none-match", "") or request.headers.get("if-none-match") == "*":
             return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
-        chunks = await files.read(found)
-        headers["Content-Length"] = str(found.meta.size)
-        return StreamingResponse(chunks, media_type=found.meta.content_type, headers=headers)
+        if_range = request.headers.get("if-range")
+        try:
+            wanted = byte_range(request.headers.get("range"), size) if if_range in (None, etag) else None
+        except RangeNotSatisfiable:
+            body = {"code": ErrorCode.INVALID, "message": f"the range holds none of the file's {size} bytes"}
+            return JSONResponse(body, status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+        if wanted is None:
+            chunks = await files.read(found)
+            headers["Content-Length"] = str(size)
+            return StreamingResponse(chunks, media_type=found.meta.content_type, headers=headers)
+        start, end = wanted
+        chunks = await files.read(found, offset=start, length=end - start)
+        headers["Content-Length"] = str(end - start)
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        return StreamingResponse(
+            chunks, status_code=status.HTTP_206_PARTIAL_CONTENT, media_type=found.meta.content_type, headers=headers
+        )
 
     return router

@@ -6,6 +6,7 @@ orphan blob that the next upload of the same bytes reuses; metadata never points
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import unicodedata
@@ -14,14 +15,17 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from im.backends.blobs import BlobNotFound, BlobStorage, BlobTooLarge, Staged, is_sha256
+from im.backends.blobs import BlobCorrupt, BlobNotFound, BlobStorage, BlobTooLarge, Staged, is_sha256
 from im.backends.files import FileStore
 from im.backends.rate_limit import Hit, RateLimiter, Rule
 from im.files.sniff import sniff
 from im.model.errors import ErrorCode, ImError
 from im.model.files import FileMeta
+from im.throttled_log import ThrottledLog
 
 MAX_NAME_LENGTH = 255
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +82,8 @@ class FileService:
         self._limiter = limiter
         self._quota_bytes = Rule("upload-bytes", upload_bytes_per_day, 86400.0)
         self._quota_files = Rule("upload-files", upload_files_per_day, 86400.0)
+        #: Reads refused or cut short because the stored bytes are missing or damaged (one line per window).
+        self._damaged = ThrottledLog(log, "damaged file reads", level=logging.ERROR)
         # Pillow's own bomb guard (process-wide) follows ours: it refuses at twice this in Image.open.
         Image.MAX_IMAGE_PIXELS = max_image_pixels
 
@@ -144,12 +150,34 @@ class FileService:
         client must upload the bytes (which proves it has them)."""
         return await self.info(uid, sha256.lower())  # the file id is the hash
 
-    async def read(self, info: FileInfo) -> AsyncIterator[bytes]:
-        """The bytes of a file found by :meth:`info` (which checked access)."""
+    async def read(self, info: FileInfo, *, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        """The bytes of a file found by :meth:`info` (which checked access), from ``offset``, at most
+        ``length`` of them (None: to the end).
+
+        Refused before any byte (``unavailable``) when the bytes are missing or fail the storage's
+        integrity check where it checks at open; damage found later ends the stream with an error (the
+        reader sees a short body, never wrong bytes). Both are logged."""
         try:
-            return await self.blobs.open(info.meta.sha256)
+            chunks = await self.blobs.open(info.meta.sha256, offset=offset, length=length)
         except BlobNotFound:
+            self._damaged.hit(f"file {info.meta.file_id}: its bytes are missing from storage")
             raise ImError(ErrorCode.UNAVAILABLE, "the file's bytes are missing from storage") from None
+        except BlobCorrupt as e:
+            self._damaged.hit(f"file {info.meta.file_id}: {e}")
+            raise ImError(ErrorCode.UNAVAILABLE, "the file's stored bytes fail the integrity check") from None
+        return self._watched(chunks, info.meta.file_id)
+
+    async def _watched(self, chunks: AsyncIterator[bytes], file_id: str) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except BlobCorrupt as e:
+            self._damaged.hit(f"file {file_id}: download cut short: {e}")
+            raise
+        finally:
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                await close()
 
     async def can_read(self, uid: int, file_id: str) -> bool:
         """The file exists and ``uid`` uploaded it or is a member of a conversation it was sent to."""

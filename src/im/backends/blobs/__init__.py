@@ -1,6 +1,8 @@
 """Blob storage: content-addressed bytes, written atomically.
 
-    BlobStorage (ABC) ── LocalBlobStorage   <root>/<sha[:2]>/<sha>, temp files in <root>/tmp
+    BlobStorage (ABC) ── LocalBlobStorage       <root>/<sha[:2]>/<sha>, temp files in <root>/tmp
+                     ├─ EncryptedBlobStorage   AES-256-GCM at rest, a key per file, keyed names
+                     │                         (im.backends.blobs.encrypted; reads the local layout too)
                      └─ (later) an object store, same contract
 
 A blob's key is the SHA-256 of its bytes (lowercase hex). ``put`` streams the bytes to a staging file
@@ -36,16 +38,27 @@ class BlobNotFound(KeyError):
     """No blob has that hash."""
 
 
+class BlobCorrupt(Exception):
+    """The stored bytes of a blob fail their integrity check: tampered with, truncated, reordered, moved
+    from another blob's place, or sealed under a key this keyring cannot unwrap. Never wrong bytes: a
+    read raises this instead (before the first byte when the damage is in what ``open`` checks, else at
+    the damaged chunk)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Staged:
-    """A blob written in full but not yet published: its hash, size, and a way to read it back."""
+    """A blob written in full but not yet published: its hash, size, and a way to read it back.
+
+    ``path`` is the staging file (its bytes may be sealed); :meth:`open` always reads the blob's own
+    bytes, seekable (``opener`` when the storage transforms them on disk)."""
 
     sha256: str
     size: int
     path: Path
+    opener: Callable[[], BinaryIO] | None = None
 
     def open(self) -> BinaryIO:
-        return self.path.open("rb")
+        return self.opener() if self.opener is not None else self.path.open("rb")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +77,8 @@ class BlobStorage(Service, abc.ABC):
       failed or cancelled put leaves nothing behind).
     - Content addressing: the key is the SHA-256 of exactly the bytes stored; a blob never changes.
     - Idempotent: putting bytes that are already stored stores nothing more and returns the same key.
-    - Streaming: ``put`` never holds the whole blob in memory.
+    - Streaming: ``put`` never holds the whole blob in memory; ``open`` reads only what it returns
+      (a range reads only the part of storage that holds it).
     """
 
     @abc.abstractmethod
@@ -79,8 +93,12 @@ class BlobStorage(Service, abc.ABC):
         """
 
     @abc.abstractmethod
-    async def open(self, sha256: str, chunk_size: int = 256 * 1024) -> AsyncIterator[bytes]:
-        """The blob's bytes, in chunks. Raises :class:`BlobNotFound` (before any byte) when absent."""
+    async def open(
+        self, sha256: str, chunk_size: int = 256 * 1024, *, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """The blob's bytes from ``offset`` (at most ``length`` of them; None: to the end), in chunks of
+        at most ``chunk_size``. An offset at or past the end yields nothing. Raises :class:`BlobNotFound`
+        (before any byte) when absent, :class:`BlobCorrupt` when the stored bytes fail a check."""
 
     @abc.abstractmethod
     async def exists(self, sha256: str) -> bool: ...

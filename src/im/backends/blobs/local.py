@@ -10,7 +10,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from im.backends.blobs import BlobNotFound, BlobStorage, BlobTooLarge, PutResult, Staged, is_sha256
 
@@ -91,12 +91,17 @@ class LocalBlobStorage(BlobStorage):
             _fsync_dir(final.parent)
         return True
 
-    async def open(self, sha256: str, chunk_size: int = 256 * 1024) -> AsyncIterator[bytes]:
+    async def open(
+        self, sha256: str, chunk_size: int = 256 * 1024, *, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        path = self.path(sha256)
         try:
-            f = await asyncio.to_thread(self.path(sha256).open, "rb")
+            f = await in_thread_closing(lambda: path.open("rb"))
         except FileNotFoundError:
             raise BlobNotFound(sha256) from None
-        return _read_chunks(f, chunk_size)
+        if offset:
+            f.seek(offset)
+        return read_chunks(f, chunk_size, length)
 
     async def exists(self, sha256: str) -> bool:
         return is_sha256(sha256) and await asyncio.to_thread(self.path(sha256).is_file)
@@ -128,9 +133,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-async def _read_chunks(f: BinaryIO, chunk_size: int) -> AsyncIterator[bytes]:
+async def in_thread_closing(open_file: Callable[[], T]) -> T:
+    """``open_file()`` in a worker thread, returning what it opened (something with ``close``); if the
+    caller is cancelled meanwhile, what the thread opens is closed when it is done, not leaked."""
+    job = asyncio.ensure_future(asyncio.to_thread(open_file))
     try:
-        while chunk := await asyncio.to_thread(f.read, chunk_size):
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        job.add_done_callback(_close_result)
+        raise
+
+
+def _close_result(job: asyncio.Future[Any]) -> None:
+    if not job.cancelled() and job.exception() is None:
+        result = job.result()
+        (result[0] if isinstance(result, tuple) else result).close()
+
+
+async def read_chunks(f: BinaryIO, chunk_size: int, length: int | None = None) -> AsyncIterator[bytes]:
+    """``f`` from where it stands, at most ``length`` bytes (None: to the end), in chunks; closes ``f``."""
+    left = -1 if length is None else length
+    try:
+        while left:
+            chunk = await asyncio.to_thread(f.read, chunk_size if left < 0 else min(chunk_size, left))
+            if not chunk:
+                break
+            left -= len(chunk) if left > 0 else 0
             yield chunk
     finally:
         f.close()

@@ -1,0 +1,36 @@
+"""``files.encrypt`` in the composition root: sealed with a keyring, as before without one or when off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from im.backends.blobs.encrypted import EncryptedBlobStorage
+from im.backends.blobs.local import LocalBlobStorage
+from im.compose import build_blobs
+from im.config import Config
+from tests.support.keys import MemoryFileKeys
+
+
+def config(tmp_path: Path, **files: object) -> Config:
+    return Config.model_validate({"data_dir": str(tmp_path), "files": files})
+
+
+def test_sealed_by_default_when_a_keyring_is_given(tmp_path: Path) -> None:
+    blobs = build_blobs(config(tmp_path, encrypt_chunk_bytes=8192), MemoryFileKeys())
+    assert isinstance(blobs, EncryptedBlobStorage) and blobs.root == tmp_path / "files"
+
+
+def test_off_means_plain_files(tmp_path: Path) -> None:
+    assert type(build_blobs(config(tmp_path, encrypt=False), MemoryFileKeys())) is LocalBlobStorage
+
+
+def test_on_without_a_keyring_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert type(build_blobs(config(tmp_path), None)) is LocalBlobStorage
+    assert "no keyring" in caplog.text
+
+
+def test_chunk_size_is_bounded(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="encrypt_chunk_bytes"):
+        config(tmp_path, encrypt_chunk_bytes=100)
