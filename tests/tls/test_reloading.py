@@ -11,6 +11,7 @@ import shutil
 import socket
 import ssl
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -57,9 +58,15 @@ def served_name(context: ssl.SSLContext, ca: Path, *, max_version: ssl.TLSVersio
                     pass
             if done == 2:
                 break
-        cert = tls.getpeercert()
-        assert cert is not None
-        return str(dict(x[0] for x in cert["subject"])["commonName"])
+        return peer_name(tls)
+
+
+def peer_name(tls: ssl.SSLSocket | ssl.SSLObject) -> str:
+    """The common name of the certificate the peer showed."""
+    cert = tls.getpeercert()
+    assert cert is not None
+    subject = cast(tuple[tuple[tuple[str, str], ...], ...], cert["subject"])
+    return next(value for rdn in subject for key, value in rdn if key == "commonName")
 
 
 def test_serves_the_files(pki: Path) -> None:
