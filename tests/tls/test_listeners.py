@@ -5,6 +5,7 @@ gateway addresses; certificates replaced on disk (by mtime and by SIGHUP); the h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -280,3 +281,45 @@ async def test_sighup_reloads_and_a_broken_replacement_keeps_the_old_certificate
             assert served_cn(port, files.ca) == "by-sighup"
         await healthy(server)
         assert server.proc.poll() is None
+
+
+# --- TLS consequences for the pumps: closing, slow consumers --------------------------------------------
+
+
+async def test_a_bye_is_read_whole_even_when_the_client_keeps_sending(tls_server: ServerProcess) -> None:
+    """TLS has no half-close: the TLS close drains what the client still sends, so the last frames
+    arrive instead of being lost to a reset."""
+    tcp = await tls_tcp(tls_server)
+    try:
+        junk = json.dumps({"t": "ping", "id": 1}).encode()
+        frame = (len(junk) + 1).to_bytes(4, "big") + b"\x01" + junk
+        auth_frame = json.dumps({"t": "auth", "token": "not a token", "device": "d"}).encode()
+        tcp.writer.write((len(auth_frame) + 1).to_bytes(4, "big") + b"\x01" + auth_frame + frame * 20_000)
+        got = []
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                got.append(json.loads(await asyncio.wait_for(tcp.recv(), 10)))
+        assert [f["t"] for f in got][-2:] == ["error", "bye"], got
+        assert got[-1]["code"] == "auth_failed"
+    finally:
+        await tcp.close()
+
+
+def test_a_slow_consumer_over_tls_is_disconnected(tls_server: ServerProcess) -> None:
+    """The hub's send-buffer limits hold on TLS transports (they count what is not yet encrypted or not
+    yet handed to the socket): a client that sends pings and never reads the pongs is closed once
+    limits.preauth_send_buffer (64 KiB) is queued, as over plain TCP."""
+    ctx = tls_files(tls_server).client_context()
+    ping = b'{"t":"ping","id":1}'
+    block = ((len(ping) + 1).to_bytes(4, "big") + b"\x01" + ping) * 3000
+    with (
+        socket.create_connection(tls_server.tcp, timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        deadline = time.monotonic() + 60
+        with pytest.raises(OSError):  # reset, broken pipe or a TLS error once the server gives up
+            while time.monotonic() < deadline:
+                tls.sendall(block)
+    assert "closing slow consumer" in tls_server.log()
+    with socket.create_connection(("127.0.0.1", tls_server.http_port), timeout=5):
+        pass  # still accepting
