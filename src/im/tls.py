@@ -92,7 +92,12 @@ class ReloadingContext:
         self.min_version = min_version
         self.reloads = 0  # successful reloads after the first load
         self.failures = 0  # replacements that did not load
-        stamp = self._stamp()
+        try:
+            stamp = self._stamp()
+        except FileNotFoundError as exc:
+            raise TlsFilesError(f"{exc.filename}: no such file") from None
+        except OSError as exc:
+            raise TlsFilesError(f"{exc.filename}: {exc.strerror}") from None
         self._context = server_context(cert_file, key_file, min_version=min_version)
         self._seen: _Stamp | None = stamp
         self._loaded(first=True)
