@@ -299,7 +299,7 @@ class Listener:
         assert loop is not None
         for _ in range(_ACCEPT_BATCH):
             try:
-                conn, _addr = self._sock.accept()
+                conn, addr = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -310,7 +310,7 @@ class Listener:
                 log.debug("%s: accept failed: %s", self.name, exc)
                 continue
             conn.setblocking(False)
-            coro = self._connect(conn) if self.tls is None else self._handshake(conn, self.tls, _addr)
+            coro = self._connect(conn) if self.tls is None else self._handshake(conn, self.tls, addr)
             if coro is None:
                 continue
             task: asyncio.Task[object] = loop.create_task(coro)
