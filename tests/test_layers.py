@@ -28,6 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "net": set(),
     "config": set(),
     "certs": set(),
+    "tls": set(),
     "protocol": MODEL,
     "backends": MODEL | {"backends", "backends.impl"},  # adapters share the SQL helpers
     "core": MODEL | INTERFACES | {"throttled_log"},
@@ -94,6 +95,6 @@ def test_no_import_points_against_the_layers() -> None:
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
 
 
-@pytest.mark.parametrize("unit", ["model", "throttled_log", "net", "config", "certs"])
+@pytest.mark.parametrize("unit", ["model", "throttled_log", "net", "config", "certs", "tls"])
 def test_leaves_import_nothing_of_im(unit: str) -> None:
     assert not [t for _, _, m, t in _imports() if _unit(m) == unit and _unit(t) != unit]

@@ -1,6 +1,7 @@
 """The ``im`` command: ``im serve`` runs everything in one process; ``im api``, ``im gateway`` and
 ``im transfer`` run the roles of the distributed mode, ``im cluster`` a local cluster of them; ``im config``
-shows the configuration; ``im chat`` is a terminal chat client; ``im bench`` a load generator."""
+shows the configuration; ``im certs`` makes a private CA and TLS certificates; ``im chat`` is a terminal
+chat client; ``im bench`` a load generator."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def _flags_to_overrides(args: argparse.Namespace) -> dict[str, Any]:
     put("http.port", args.http_port)
     put("gateway.ws_port", args.ws_port)
     put("gateway.tcp_port", args.tcp_port)
+    put("tls.cert_file", args.tls_cert)
+    put("tls.key_file", args.tls_key)
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -50,6 +53,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, help="HTTP API port (default 8080; 0 picks a free one)")
     p.add_argument("--ws-port", type=int, help="WebSocket gateway port (default 8081; 0 picks a free one)")
     p.add_argument("--tcp-port", type=int, help="TCP gateway port (default 8082; 0 picks a free one)")
+    p.add_argument("--tls-cert", help="PEM certificate: every listener speaks TLS only (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any setting, e.g. limits.send_rate=500")
 
@@ -126,6 +131,87 @@ def _run_role(role: str, config: Config) -> int:
     return 0
 
 
+DEFAULT_CERTS_DIR = Path("im-certs")
+
+
+def _add_certs_parser(sub: Any) -> None:
+    certs = sub.add_parser(
+        "certs",
+        help="a private CA and the certificates it signs, for TLS (im certs --help)",
+        description="Certificates for a private deployment: `im certs ca` once, then one `im certs node` per "
+        "server (its host names and addresses as --host); clients trust ca.crt.",
+    )
+    kinds = certs.add_subparsers(dest="kind", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dir", type=Path, default=DEFAULT_CERTS_DIR, help="where the files go (default ./im-certs)")
+        p.add_argument("--overwrite", action="store_true", help="replace existing files (never done otherwise)")
+
+    ca = kinds.add_parser("ca", help="create the CA: ca.crt (give to clients) and ca.key (keep it safe)")
+    ca.add_argument("--name", default="im cluster CA", help="the CA's common name")
+    ca.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
+    common(ca)
+    node = kinds.add_parser("node", help="a server/node certificate signed by the CA: NAME.crt, NAME.key")
+    node.add_argument("name", help="the node's name (its node id, e.g. gw-1): common name and im://node/NAME")
+    node.add_argument(
+        "--host",
+        action="append",
+        metavar="HOST",
+        help="a DNS name or IP address clients reach it at (repeat; default localhost, 127.0.0.1, ::1)",
+    )
+    node.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    common(node)
+    client = kinds.add_parser("client", help="a client-only certificate signed by the CA: NAME.crt, NAME.key")
+    client.add_argument("name", help="the client's name (common name)")
+    client.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    common(client)
+
+
+def _certs(args: argparse.Namespace) -> int:
+    """``im certs ca|node|client``: files made by im.certs, with messages that say what to do next."""
+    from im import certs
+
+    directory: Path = args.dir
+    if args.days < 1:
+        print("im certs: --days must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        if args.kind == "ca":
+            made = certs.create_ca(directory, common_name=args.name, days=args.days, overwrite=args.overwrite)
+            print(f"im certs: CA certificate {made.cert} (clients trust this one)")
+            print(f"im certs: CA key         {made.key} (mode 0600; whoever holds it can mint certificates)")
+            print(f"next: im certs node NAME --host HOST --dir {directory}")
+            return 0
+        ca = certs.Issued(directory / f"{certs.CA_NAME}.crt", directory / f"{certs.CA_NAME}.key")
+        if not (ca.cert.exists() and ca.key.exists()):
+            print(
+                f"im certs: no CA in {directory} ({ca.cert}, {ca.key}): run `im certs ca --dir {directory}` first",
+                file=sys.stderr,
+            )
+            return 1
+        if args.kind == "node":
+            hosts = args.host or ["localhost", "127.0.0.1", "::1"]
+            made = certs.issue(directory, ca, args.name, hosts=hosts, days=args.days, overwrite=args.overwrite)
+            print(f"im certs: node certificate {made.cert} for {args.name} ({', '.join(hosts)})")
+            print(f"im certs: node key         {made.key} (mode 0600)")
+            print(f"next: im serve --tls-cert {made.cert} --tls-key {made.key}")
+        else:
+            made = certs.issue(
+                directory, ca, args.name, hosts=(), server=False, client=True, days=args.days, overwrite=args.overwrite
+            )
+            print(f"im certs: client certificate {made.cert} for {args.name}")
+            print(f"im certs: client key         {made.key} (mode 0600)")
+    except certs.CertificateExists:
+        name = certs.CA_NAME if args.kind == "ca" else args.name
+        where = f"{directory / (name + '.crt')} or {directory / (name + '.key')}"
+        print(f"im certs: {where} exists already; nothing was written (--overwrite replaces it)", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:
+        print(f"im certs: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     if args_list[:1] == ["bench"]:  # its own parser: `im bench --help`, `im bench idle --help`
@@ -150,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("cluster", help="api, two gateways and two transfer nodes on local engines (im cluster --help)")
     show = sub.add_parser("config", help="print the effective configuration")
     _add_config_flags(show)
+    _add_certs_parser(sub)
     sub.add_parser("bench", help="load generator: throughput, latency, delivery check (see im bench --help)")
     chat = sub.add_parser("chat", help="a terminal chat client (needs a running server)")
     chat.add_argument("--server", default="http://127.0.0.1:8080", help="server URL (default http://127.0.0.1:8080)")
@@ -157,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--device", default="im-chat", help="device name, stable per installation (default im-chat)")
     chat.add_argument("--transport", choices=["ws", "tcp"], default="ws", help="gateway transport (default ws)")
     args = parser.parse_args(argv)
+    if args.command == "certs":
+        return _certs(args)
     if args.command == "chat":
         from im.chat_tui import run
 

@@ -62,10 +62,11 @@ from im.files import FileService
 from im.gateway.hub import Hub, HubRates
 from im.gateway.tcp_connection import serve_tcp
 from im.gateway.ws_connection import WS_PATH, serve_websocket
-from im.lifecycle import close_all
+from im.lifecycle import Loop, close_all
 from im.model.chat import ConversationState
-from im.net import Admission, Listener, connection_budget, raise_open_file_limit
+from im.net import Admission, Listener, TlsAccept, connection_budget, raise_open_file_limit
 from im.protocol.session import Limits
+from im.tls import ReloadingContext, TlsFilesError
 
 log = logging.getLogger("im")
 _NO_CONV = ConversationState("", "", 0, {})
@@ -165,6 +166,41 @@ def session_limits(config: Config) -> Limits:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ProcessTls:
+    """TLS on the client listeners of one process: the certificate files (re-read when they change or on
+    SIGHUP) and how every listener accepts with them."""
+
+    files: ReloadingContext
+    accept: TlsAccept
+    #: Seconds between checks of the files (0: SIGHUP only).
+    reload_interval: float
+    hsts_max_age: int
+
+    def loops(self) -> list[Loop]:
+        """The background check of the files' modification times (none when ``reload_interval`` is 0)."""
+        if not self.reload_interval:
+            return []
+        return [("im-tls-reload", self.files.watch(self.reload_interval))]
+
+
+def build_tls(config: Config) -> ProcessTls | None:
+    """The process's TLS from the ``tls`` section; None when it is off. Raises ConfigError when the files
+    do not load (the process does not start without a usable certificate)."""
+    tc = config.tls
+    if tc.cert_file is None or tc.key_file is None:
+        return None
+    try:
+        files = ReloadingContext(tc.cert_file, tc.key_file, min_version=tc.min_version)
+    except TlsFilesError as exc:
+        raise ConfigError(f"tls: {exc}") from None
+    slots = Admission(max_connections=tc.max_handshakes, max_per_address=tc.max_handshakes_per_address, max_refusing=0)
+    accept = TlsAccept(
+        lambda: files.context, slots, handshake_timeout=tc.handshake_timeout, shutdown_timeout=tc.handshake_timeout
+    )
+    return ProcessTls(files, accept, tc.reload_interval, tc.hsts_max_age)
+
+
 def build_http(
     config: Config,
     accounts: AccountService,
@@ -173,9 +209,10 @@ def build_http(
     picker: GatewayPicker,
     files: FileService,
     admission: Admission,
+    tls: ProcessTls | None = None,
 ) -> HttpServer:
     """The HTTP API server of ``im serve`` and ``im api``: the app on the given services, behind the
-    process's admission."""
+    process's admission; HTTPS only (with HSTS) when ``tls`` is given."""
     app = create_app(
         accounts,
         groups,
@@ -185,8 +222,9 @@ def build_http(
         files=files,
         max_request_bytes=config.http.max_body_bytes,
         refusal_delay=config.rates.refusal_delay,
+        hsts_max_age=tls.hsts_max_age if tls is not None else 0,
     )
-    return HttpServer(config, app, admission)
+    return HttpServer(config, app, admission, tls=tls.accept if tls is not None else None)
 
 
 def build_admission(config: Config) -> Admission:
@@ -194,15 +232,17 @@ def build_admission(config: Config) -> Admission:
     hard one first, and derives the connection cap from it (``limits.fd_reserve`` kept back)."""
     lim = config.limits
     fd_limit = raise_open_file_limit()
+    # TLS handshakes in progress hold descriptors before admission counts them: keep those back too.
+    reserve = lim.fd_reserve + (config.tls.max_handshakes if config.tls.enabled else 0)
     try:
-        cap = connection_budget(fd_limit=fd_limit, fd_reserve=lim.fd_reserve, configured=lim.max_connections)
+        cap = connection_budget(fd_limit=fd_limit, fd_reserve=reserve, configured=lim.max_connections)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     log.info(
         "connections: at most %d per process (open-file limit %d, %d kept back), %s per address",
         cap,
         fd_limit,
-        lim.fd_reserve,
+        reserve,
         lim.max_connections_per_address or "no cap",
     )
     return Admission(
@@ -422,13 +462,15 @@ def require_shared_engines(config: Config, role: str) -> None:
 
 class GatewayListeners:
     """The WebSocket and (unless turned off) TCP listeners of a gateway, and the addresses clients are
-    given. A lifecycle part: ``start`` binds and listens; ``stop`` takes no new work (stops accepting,
-    waits for the accepts under way, then pauses reading on every connection so no new send is taken)."""
+    given (``wss://`` and ``tls://`` when ``tls`` is given: both listeners then speak TLS only). A
+    lifecycle part: ``start`` binds and listens; ``stop`` takes no new work (stops accepting, waits for
+    the accepts under way, then pauses reading on every connection so no new send is taken)."""
 
-    def __init__(self, config: Config, hub: Hub, admission: Admission) -> None:
+    def __init__(self, config: Config, hub: Hub, admission: Admission, tls: ProcessTls | None = None) -> None:
         self._config = config
         self._hub = hub
         self._admission = admission
+        self._tls = tls.accept if tls is not None else None
         self._listeners: list[Listener] = []
         self.addresses: dict[str, str] = {}
 
@@ -441,17 +483,24 @@ class GatewayListeners:
             raise
 
     async def _listen(self) -> None:
-        gw = self._config.gateway
+        gw, tls = self._config.gateway, self._tls
         ws_server = await serve_websocket(
-            self._hub, gw.host, gw.ws_port, admission=self._admission, max_fragments=self._config.limits.max_fragments
+            self._hub,
+            gw.host,
+            gw.ws_port,
+            admission=self._admission,
+            max_fragments=self._config.limits.max_fragments,
+            tls=tls,
         )
         self._listeners.append(ws_server)
         ws_port = ws_server.sockets[0].getsockname()[1]
-        self.addresses["ws"] = gw.public_ws_url or f"ws://{gw.host}:{ws_port}{WS_PATH}"
+        ws_scheme, tcp_scheme = ("wss", "tls") if tls is not None else ("ws", "tcp")
+        self.addresses["ws"] = gw.public_ws_url or f"{ws_scheme}://{gw.host}:{ws_port}{WS_PATH}"
         if gw.tcp_port is not None:
-            tcp_server = await serve_tcp(self._hub, gw.host, gw.tcp_port, admission=self._admission)
+            tcp_server = await serve_tcp(self._hub, gw.host, gw.tcp_port, admission=self._admission, tls=tls)
             self._listeners.append(tcp_server)
-            self.addresses["tcp"] = gw.public_tcp_url or f"tcp://{gw.host}:{tcp_server.sockets[0].getsockname()[1]}"
+            tcp_port = tcp_server.sockets[0].getsockname()[1]
+            self.addresses["tcp"] = gw.public_tcp_url or f"{tcp_scheme}://{gw.host}:{tcp_port}"
 
     async def stop(self) -> None:
         for server in self._listeners:

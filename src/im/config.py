@@ -89,6 +89,44 @@ class TransferConfig(_Section):
     drain_timeout: float = Field(5.0, ge=0)
 
 
+class TlsConfig(_Section):
+    """TLS on every client listener of a process (HTTP, WebSocket, TCP): on when ``cert_file`` and
+    ``key_file`` are set (both or neither), and then those ports speak TLS only (a plaintext client fails
+    the handshake; nothing is served in clear). The files are read again when they change (checked every
+    ``reload_interval`` seconds) and on SIGHUP: new connections get the new certificate, open ones keep
+    theirs, and a broken replacement is logged while the previous certificate stays in use."""
+
+    #: PEM certificate chain (the server's certificate first, then intermediates); ``im certs node``.
+    cert_file: Path | None = None
+    #: PEM private key of that certificate (keep it 0600).
+    key_file: Path | None = None
+    #: Oldest TLS version accepted: ``1.2`` or ``1.3``.
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    #: Seconds a new connection has to finish its TLS handshake; then it is dropped (its descriptor freed).
+    #: Also bounds the TLS close (waiting for the client's close_notify).
+    handshake_timeout: float = Field(10.0, gt=0, le=300)
+    #: Seconds between checks of the files' modification times; 0: reload on SIGHUP only.
+    reload_interval: float = Field(30.0, ge=0)
+    #: ``Strict-Transport-Security: max-age=`` on HTTPS responses, seconds (default one year); 0: no header.
+    hsts_max_age: int = Field(365 * 24 * 3600, ge=0)
+    #: TLS handshakes in progress in the process, all listeners together; more are closed at once. They hold
+    #: descriptors before admission counts them, so the connection cap leaves this many free besides
+    #: ``limits.fd_reserve``.
+    max_handshakes: int = Field(256, ge=1)
+    #: TLS handshakes in progress from one address (IPv4, IPv6 /64); 0: no cap.
+    max_handshakes_per_address: int = Field(32, ge=0)
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together: set both (TLS on) or neither (off)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None and self.key_file is not None
+
+
 class LimitsConfig(_Section):
     #: Largest client frame accepted; larger ones get a ``too_large`` error (and beyond 4x, a close).
     max_frame_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
@@ -292,6 +330,7 @@ class Config(BaseSettings):
     events: EventsConfig = EventsConfig()
     files: FilesConfig = FilesConfig()
     rates: RatesConfig = RatesConfig()
+    tls: TlsConfig = TlsConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -54,14 +54,29 @@ async def _call(step: Step) -> None:
 
 class Lifecycle:
     """Runs a role: starts its parts, runs its loops until :meth:`request_stop` (or SIGINT/SIGTERM),
-    then cancels the loops and stops the parts in reverse."""
+    then cancels the loops and stops the parts in reverse. SIGHUP runs the :meth:`on_reload` hooks."""
 
     def __init__(self) -> None:
         self._stop = asyncio.Event()
+        self._reloads: list[Callable[[], object]] = []
 
     def request_stop(self) -> None:
         """Begin the graceful stop (safe to call more than once, from a signal handler too)."""
         self._stop.set()
+
+    def on_reload(self, reload: Callable[[], object]) -> None:
+        """Call ``reload`` on SIGHUP while running (re-read certificates, ...), before :meth:`run`. With
+        no such hook SIGHUP keeps its default action (the process ends, as when its terminal closes)."""
+        self._reloads.append(reload)
+
+    def reload(self) -> None:
+        """Run every reload hook (what SIGHUP does); one that raises is logged and the others still run."""
+        log.info("reloading (SIGHUP)")
+        for hook in self._reloads:
+            try:
+                hook()
+            except Exception:
+                log.exception("reload hook %s failed", getattr(hook, "__qualname__", hook))
 
     async def run(
         self,
@@ -111,6 +126,10 @@ class Lifecycle:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
                 stack.callback(loop.remove_signal_handler, sig)
+        if self._reloads:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signal.SIGHUP, self.reload)
+                stack.callback(loop.remove_signal_handler, signal.SIGHUP)
 
 
 async def report_load(registry: Registry, node: str, load: Callable[[], int], *, interval: float) -> None:

@@ -29,9 +29,10 @@ import json
 import logging
 import resource
 import socket
+import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from enum import Enum
 
@@ -201,6 +202,23 @@ def connection_budget(*, fd_limit: int, fd_reserve: int, configured: int | None)
     return budget if configured is None else min(configured, budget)
 
 
+@dataclass(frozen=True, slots=True)
+class TlsAccept:
+    """How a :class:`Listener` wraps its connections in TLS.
+
+    ``context`` is called for each new connection (a reloading certificate hands out its current
+    context). ``handshake_timeout`` seconds after the accept an unfinished handshake is aborted and its
+    descriptor freed; ``shutdown_timeout`` bounds the TLS close (waiting for the client's close_notify).
+    ``slots`` counts handshakes in progress, per process and per address; its refusals are all sheds
+    (make it with ``max_refusing=0``): the socket is closed at once.
+    """
+
+    context: Callable[[], ssl.SSLContext]
+    slots: Admission
+    handshake_timeout: float = 10.0
+    shutdown_timeout: float = 10.0
+
+
 def bind(host: str, port: int, *, backlog: int = 4096) -> socket.socket:
     """A non-blocking listening TCP socket (IPv6 when ``host`` has a colon)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -218,9 +236,10 @@ def bind(host: str, port: int, *, backlog: int = 4096) -> socket.socket:
 class Listener:
     """Accepts connections on a listening socket and hands each to ``protocol_factory``'s protocol.
 
-    Stands in for ``asyncio.Server`` (``close()``, ``sockets``): closing stops accepting and leaves the
-    open connections alone. Running out of descriptors pauses accepting for ``retry_delay`` seconds and
-    logs at most one line per ``log_interval`` seconds; it never stops the listener.
+    Stands in for ``asyncio.Server`` (``close()``, ``sockets``): closing stops accepting, aborts TLS
+    handshakes still in progress, and leaves the open connections alone. Running out of descriptors
+    pauses accepting for ``retry_delay`` seconds and logs at most one line per ``log_interval`` seconds;
+    it never stops the listener.
     """
 
     def __init__(
@@ -231,8 +250,12 @@ class Listener:
         name: str,
         retry_delay: float = 0.5,
         log_interval: float = 60.0,
+        tls: TlsAccept | None = None,
     ) -> None:
         self.sockets = [sock]
+        self.tls = tls
+        self.handshakes_shed = 0  # sockets closed at once: too many TLS handshakes in progress
+        self.handshakes_failed = 0  # handshakes that failed or timed out
         self.name = name
         self._sock = sock
         self._factory = protocol_factory
@@ -260,6 +283,9 @@ class Listener:
         elif self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
+        if self.tls is not None:
+            for task in self._pending:  # handshakes in progress: their protocols never saw a connection
+                task.cancel()
 
     async def wait_closed(self) -> None:
         """Like ``asyncio.Server.wait_closed`` (uvicorn's shutdown awaits it): returns once the connections
@@ -273,7 +299,7 @@ class Listener:
         assert loop is not None
         for _ in range(_ACCEPT_BATCH):
             try:
-                conn, _addr = self._sock.accept()
+                conn, addr = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -284,7 +310,10 @@ class Listener:
                 log.debug("%s: accept failed: %s", self.name, exc)
                 continue
             conn.setblocking(False)
-            task: asyncio.Task[object] = loop.create_task(self._connect(conn))
+            coro = self._connect(conn) if self.tls is None else self._handshake(conn, self.tls, addr)
+            if coro is None:
+                continue
+            task: asyncio.Task[object] = loop.create_task(coro)
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
 
@@ -296,6 +325,33 @@ class Listener:
             conn.close()
             log.debug("%s: could not set up an accepted connection: %s", self.name, exc)
             return None
+
+    def _handshake(self, conn: socket.socket, tls: TlsAccept, peer: object) -> Coroutine[object, object, object] | None:
+        """The TLS setup of ``conn``, or None (and ``conn`` closed) when no handshake slot is free."""
+        ticket = tls.slots.admit(peer)
+        if not ticket.admitted:
+            self.handshakes_shed += 1
+            conn.close()
+            return None
+        return self._connect_tls(conn, tls, ticket)
+
+    async def _connect_tls(self, conn: socket.socket, tls: TlsAccept, ticket: Ticket) -> object:
+        assert self._loop is not None
+        try:
+            return await self._loop.connect_accepted_socket(
+                self._factory,
+                conn,
+                ssl=tls.context(),
+                ssl_handshake_timeout=tls.handshake_timeout,
+                ssl_shutdown_timeout=tls.shutdown_timeout,
+            )
+        except OSError as exc:  # ssl.SSLError (a plaintext client, ...), the handshake timeout, a reset
+            self.handshakes_failed += 1
+            conn.close()
+            log.debug("%s: TLS handshake failed: %s", self.name, exc)
+            return None
+        finally:
+            tls.slots.release(ticket)
 
     def _pause(self, exc: OSError) -> None:
         assert self._loop is not None

@@ -38,6 +38,7 @@ from im.compose import (
     build_http,
     build_hub,
     build_reads,
+    build_tls,
     event_workers,
     require_shared_engines,
 )
@@ -154,7 +155,10 @@ class GatewayNode(_Role):
         self.reads = build_reads(config, b, caches)
         self.hub = build_hub(config, b, self.reads, self.accounts, self.router, self.pool.submit)
         self.admission = build_admission(config)
-        self.listeners = GatewayListeners(config, self.hub, self.admission)
+        self.tls = build_tls(config)  # the client listeners' TLS (None: plaintext)
+        self.listeners = GatewayListeners(config, self.hub, self.admission, self.tls)
+        if self.tls is not None:
+            self.lifecycle.on_reload(self.tls.files.reload)
 
     @property
     def addresses(self) -> dict[str, str]:
@@ -190,7 +194,8 @@ class GatewayNode(_Role):
     def loops(self) -> list[Loop]:
         cfg, b = self.config, self.backends
         node = cfg.gateway.node_id
-        return [("im-load", report_load(b.registry, node, lambda: self.hub.connections, interval=cfg.registry.ttl / 3))]
+        load = report_load(b.registry, node, lambda: self.hub.connections, interval=cfg.registry.ttl / 3)
+        return [("im-load", load), *(self.tls.loops() if self.tls is not None else [])]
 
     async def run(self, ready: Callable[[GatewayNode], None] | None = None) -> None:
         await self.lifecycle.run(
@@ -223,7 +228,12 @@ class ApiNode(_Role):
         self.accounts.on_privacy_change(caches.consent.forget)
         self.picker = GatewayPicker(b.registry)
         self.admission = build_admission(config)
-        self.http = build_http(config, self.accounts, self.groups, self.reads, self.picker, self.files, self.admission)
+        self.tls = build_tls(config)  # HTTPS (None: plain HTTP)
+        self.http = build_http(
+            config, self.accounts, self.groups, self.reads, self.picker, self.files, self.admission, self.tls
+        )
+        if self.tls is not None:
+            self.lifecycle.on_reload(self.tls.files.reload)
 
     @property
     def url(self) -> str:
@@ -243,7 +253,12 @@ class ApiNode(_Role):
         ]
 
     async def run(self, ready: Callable[[ApiNode], None] | None = None) -> None:
-        await self.lifecycle.run(self.parts(), ready=None if ready is None else lambda: ready(self))
+        tls = self.tls
+        await self.lifecycle.run(
+            self.parts(),
+            loops=lambda: tls.loops() if tls is not None else [],
+            ready=None if ready is None else lambda: ready(self),
+        )
 
 
 def _nothing() -> None:

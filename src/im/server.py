@@ -22,6 +22,7 @@ from im.compose import (
     build_http,
     build_hub,
     build_reads,
+    build_tls,
     event_workers,
 )
 from im.config import Config
@@ -47,8 +48,14 @@ class EmbeddedServer:
         self.accounts.on_privacy_change(caches.consent.forget)  # a block takes effect at once
         self.picker = GatewayPicker(b.registry)
         self.admission = build_admission(config)
-        self.listeners = GatewayListeners(config, self.hub, self.admission)
-        self.http = build_http(config, self.accounts, self.groups, self.reads, self.picker, self.files, self.admission)
+        #: TLS on every listener (HTTP, WebSocket, TCP) when configured; the files are re-read on SIGHUP.
+        self.tls = build_tls(config)
+        self.listeners = GatewayListeners(config, self.hub, self.admission, self.tls)
+        self.http = build_http(
+            config, self.accounts, self.groups, self.reads, self.picker, self.files, self.admission, self.tls
+        )
+        if self.tls is not None:
+            self.lifecycle.on_reload(self.tls.files.reload)
 
     @property
     def http_url(self) -> str:
@@ -94,7 +101,8 @@ class EmbeddedServer:
     def loops(self) -> list[Loop]:
         cfg, b = self.config, self.backends
         load = report_load(b.registry, cfg.gateway.node_id, lambda: self.hub.connections, interval=cfg.registry.ttl / 3)
-        return [("im-load", load), *(("im-events", worker) for worker in event_workers(cfg, b))]
+        tls = self.tls.loops() if self.tls is not None else []
+        return [("im-load", load), *(("im-events", worker) for worker in event_workers(cfg, b)), *tls]
 
     async def run(self, ready: Callable[[EmbeddedServer], None] | None = None) -> None:
         await self.lifecycle.run(

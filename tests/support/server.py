@@ -6,6 +6,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -44,6 +45,28 @@ RELAXED_RATES = [arg for key, value in RELAXED_RATES_SETTINGS.items() for arg in
 RELAXED_RATES_CONFIG = {key.removeprefix("rates."): value for key, value in RELAXED_RATES_SETTINGS.items()}
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """The server's certificate and key, and the CA clients trust (made with ``im.certs``)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context that trusts only the test CA and verifies the host name."""
+        return ssl.create_default_context(cafile=self.ca)
+
+
+def make_tls(directory: Path, name: str = "server") -> TlsFiles:
+    """A new CA and a server certificate for localhost, 127.0.0.1 and ::1 in ``directory``."""
+    from im import certs
+
+    ca = certs.create_ca(directory)
+    node = certs.issue(directory, ca, name)
+    return TlsFiles(ca.cert, node.cert, node.key)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,10 +86,17 @@ class ServerProcess:
     log_path: Path | None = None
     #: FAST_ARGON2 and RELAXED_RATES before ``extra`` (False: the defaults, for tests/security/).
     relaxed: bool = True
+    #: TLS on every listener (``--tls-cert``/``--tls-key``): the URLs become https/wss.
+    tls: TlsFiles | None = None
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What an httpx client passes as ``verify``: the test CA's context over TLS."""
+        return self.tls.client_context() if self.tls else True
 
     @property
     def api(self) -> str:
@@ -74,7 +104,7 @@ class ServerProcess:
 
     @property
     def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.ws_port}/ws"
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self.ws_port}/ws"
 
     @property
     def tcp(self) -> tuple[str, int]:
@@ -97,6 +127,7 @@ class ServerProcess:
             "--tcp-port",
             str(self.tcp_port),
             *(FAST_ARGON2 + RELAXED_RATES if self.relaxed else []),
+            *(["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)] if self.tls else []),
             *self.extra,
         ]
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
@@ -108,7 +139,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"im serve exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.api}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{self.api}/health", timeout=1, verify=self.verify).status_code == 200:
                     with socket.create_connection(("127.0.0.1", self.ws_port), timeout=1):
                         pass
                     with socket.create_connection(self.tcp, timeout=1):
@@ -137,10 +168,15 @@ class ServerProcess:
 
 @contextmanager
 def running_server(
-    data_dir: Path, extra: list[str] | None = None, *, nofile: int | None = None, relaxed: bool = True
+    data_dir: Path,
+    extra: list[str] | None = None,
+    *,
+    nofile: int | None = None,
+    relaxed: bool = True,
+    tls: TlsFiles | None = None,
 ) -> Iterator[ServerProcess]:
     """A started ``im serve``; on exit it must stop cleanly on SIGTERM (exit 0, no traceback logged)."""
-    proc = ServerProcess(data_dir, extra=list(extra or []), nofile=nofile, relaxed=relaxed).start()
+    proc = ServerProcess(data_dir, extra=list(extra or []), nofile=nofile, relaxed=relaxed, tls=tls).start()
     try:
         yield proc
     except BaseException:

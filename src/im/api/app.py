@@ -137,13 +137,16 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 class ResponseHardening:
     """Every response: ``X-Content-Type-Options: nosniff``, and ``Cache-Control: no-store`` on API
     responses that set no caching of their own (private data; file downloads keep their ``private``
-    ETag caching). Requests whose path or query carries a NUL character are refused 400 ``invalid`` (no
+    ETag caching); on HTTPS responses, ``Strict-Transport-Security: max-age=<hsts_max_age>`` when that is
+    above 0 (never over plain HTTP, where RFC 6797 section 7.2 says it must not be sent). Requests whose
+    path or query carries a NUL character are refused 400 ``invalid`` (no
     store keeps one). An unexpected exception answers 500 ``internal`` and is logged as one counted,
     rate-limited line with at most one traceback per window (im.throttled_log), never one per request."""
 
-    def __init__(self, app: ASGIApp, prefix: str = PREFIX) -> None:
+    def __init__(self, app: ASGIApp, prefix: str = PREFIX, hsts_max_age: int = 0) -> None:
         self.app = app
         self.prefix = prefix
+        self.hsts = f"max-age={hsts_max_age}".encode() if hsts_max_age > 0 else b""
         self.crashes = ThrottledLog(log, "requests that failed with an unexpected error", level=logging.ERROR)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -152,6 +155,7 @@ class ResponseHardening:
             return
         path: str = scope["path"]
         api = path == self.prefix or path.startswith(self.prefix + "/")
+        hsts = self.hsts if scope.get("scheme") == "https" else b""
         started = False
 
         async def send_hardened(message: Message) -> None:
@@ -164,6 +168,8 @@ class ResponseHardening:
                     headers.append((b"x-content-type-options", b"nosniff"))
                 if api and b"cache-control" not in names:
                     headers.append((b"cache-control", b"no-store"))
+                if hsts and b"strict-transport-security" not in names:
+                    headers.append((b"strict-transport-security", hsts))
                 message["headers"] = headers
             await send(message)
 
@@ -290,9 +296,11 @@ def create_app(
     max_request_bytes: int = MAX_REQUEST_BYTES,
     files: FileService | None = None,
     refusal_delay: float = 1.0,
+    hsts_max_age: int = 0,
 ) -> FastAPI:
     """The HTTP API on the given services (already started by the caller): ``writes`` makes the group
-    changes (``im.core.groups.Groups``), ``reads`` answers the rest (``im.core.reads.ChatReads``)."""
+    changes (``im.core.groups.Groups``), ``reads`` answers the rest (``im.core.reads.ChatReads``).
+    ``hsts_max_age`` > 0: HTTPS responses carry HSTS with that max-age (seconds)."""
     app = FastAPI(
         title="im",
         version="1",
@@ -310,7 +318,9 @@ def create_app(
     if accounts.guard is not None:
         paths = {f"{PREFIX}/auth/login": "login", f"{PREFIX}/auth/register": "register"}
         app.add_middleware(RefusedAddresses, guard=accounts.guard, paths=paths, delay=refusal_delay)
-    app.add_middleware(ResponseHardening)  # outermost: its headers go on every answer, refusals included
+    app.add_middleware(
+        ResponseHardening, hsts_max_age=hsts_max_age
+    )  # outermost: its headers go on every answer, refusals included
 
     principal = principal_dependency(accounts)
     app.include_router(auth_router(accounts, principal), prefix=PREFIX)
@@ -322,7 +332,8 @@ def create_app(
 
     @app.get(f"{PREFIX}/gateway", tags=["gateway"], dependencies=[Depends(principal)])
     async def gateway() -> GatewayOut:
-        """Where to connect, over WebSocket or TCP (the least loaded live gateway)."""
+        """Where to connect, over WebSocket or TCP (the least loaded live gateway): ``ws://``/``tcp://``, or
+        ``wss://``/``tls://`` when the gateway speaks TLS (docs/protocol.md, "TLS")."""
         found = await pick_gateway()
         if found is None:
             raise ImError(ErrorCode.UNAVAILABLE, "no gateway is available, retry later")

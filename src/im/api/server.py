@@ -19,7 +19,7 @@ from im.api.guard import HeaderLimit, guarded_protocol
 from im.backends.registry import Registry
 from im.config import Config
 from im.model.cluster import ServiceInstance
-from im.net import Admission, Listener, bind
+from im.net import Admission, Listener, TlsAccept, bind
 
 
 class _Uvicorn(uvicorn.Server):
@@ -30,9 +30,10 @@ class _Uvicorn(uvicorn.Server):
     would have to be polled.
     """
 
-    def __init__(self, config: uvicorn.Config, sock: socket.socket) -> None:
+    def __init__(self, config: uvicorn.Config, sock: socket.socket, tls: TlsAccept | None) -> None:
         super().__init__(config)
         self._sock = sock
+        self._tls = tls
         self.up: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @contextlib.contextmanager
@@ -48,23 +49,26 @@ class _Uvicorn(uvicorn.Server):
                 config=config, server_state=self.server_state, app_state=self.lifespan.state
             )
 
-        listener = Listener(self._sock, create_protocol, name="http").start()
+        # With TLS, uvicorn's protocol sees the TLS transport: it reports scheme "https" from it.
+        listener = Listener(self._sock, create_protocol, name="http", tls=self._tls).start()
         self.servers.append(listener)  # type: ignore[arg-type]  # closed by uvicorn's shutdown, like a Server
         if not self.up.done():
             self.up.set_result(None)
 
 
 class HttpServer:
-    """The HTTP API on uvicorn, started on a socket we bind (so port 0 works and the URL is known).
+    """The HTTP API on uvicorn, started on a socket we bind (so port 0 works and the URL is known); HTTPS
+    only with ``tls``.
 
     ``start`` returns once it accepts connections (or raises what stopped uvicorn from starting); its
     serving task belongs to this object, and ``stop`` waits for it: in-flight requests are finished.
     """
 
-    def __init__(self, config: Config, app: Any, admission: Admission) -> None:
+    def __init__(self, config: Config, app: Any, admission: Admission, *, tls: TlsAccept | None = None) -> None:
         self.config = config
         self._app = app
         self._admission = admission
+        self._tls = tls
         self.url = ""
         self._uv: _Uvicorn | None = None
         self._task: asyncio.Task[None] | None = None
@@ -72,7 +76,8 @@ class HttpServer:
     async def start(self) -> None:
         cfg = self.config
         sock = bind(cfg.http.host, cfg.http.port)
-        self.url = cfg.http.public_url or f"http://{cfg.http.host}:{sock.getsockname()[1]}"
+        scheme = "https" if self._tls is not None else "http"
+        self.url = cfg.http.public_url or f"{scheme}://{cfg.http.host}:{sock.getsockname()[1]}"
         h = cfg.http
         protocol = guarded_protocol(self._admission, head_timeout=h.head_timeout, body_timeout=h.body_timeout)
         app = HeaderLimit(self._app, max_headers=h.max_headers, max_head_bytes=h.max_head_bytes)
@@ -89,6 +94,7 @@ class HttpServer:
                 h11_max_incomplete_event_size=h.max_head_bytes,
             ),
             sock,
+            self._tls,
         )
         task = self._task = asyncio.create_task(uv.serve(sockets=[]), name="im-http")
         await asyncio.wait([uv.up, task], return_when=asyncio.FIRST_COMPLETED)

@@ -18,6 +18,17 @@ sans-I/O framing core and frames back into bytes:
 - ``buffered``/``pause_reading`` for the hub's slow-consumer and shutdown rules; asyncio's own
   ``pause_writing``/``resume_writing`` are ignored, since the hub's buffer check decides about slow
   consumers.
+
+Over TLS (a :class:`~im.net.TlsAccept` listener) the same code runs on the TLS transport, which is made
+only once the handshake is done: admission counts the connection from then on (the listener caps
+handshakes in progress). ``TCP_NODELAY`` is set on the socket underneath (``get_extra_info("socket")``
+passes through). ``buffered`` counts the plaintext not yet encrypted and the ciphertext not yet handed to
+the socket's transport: uvloop stops handing ciphertext over while that transport is above its own
+high-water mark (64 KiB), so the slow-consumer limit keeps its meaning, give or take those 64 KiB. TLS
+has no half-close (``can_write_eof`` is False), so :meth:`SocketConnection.half_close` closes instead:
+the TLS close sends close_notify after what is queued and then reads and drops until the client's
+close_notify or EOF, at most the listener's ``shutdown_timeout`` seconds, which keeps the same promise
+(no reset under the client's last unread bytes).
 """
 
 from __future__ import annotations
@@ -112,7 +123,8 @@ class SocketConnection(asyncio.Protocol, Connection):
         """Half-close after what is queued (once), then abort if the client has not closed its side within
         ``close_timeout`` seconds. ``resume_reading`` also undoes a ``pause_reading`` (a stopping server
         paused reads), so the client's last bytes are drained and its FIN is seen. Without half-close
-        support (not TCP), close at once."""
+        support (TLS), close: the TLS close flushes what is queued, sends close_notify and drains the
+        client's last bytes itself, bounded by the listener's ``shutdown_timeout``."""
         t = self.transport
         if t is None or t.is_closing() or self._eof_sent:
             return

@@ -16,7 +16,7 @@ from __future__ import annotations
 from im.gateway.hub import Hub
 from im.gateway.pump import CLOSE_TIMEOUT, SocketConnection
 from im.model.errors import ErrorCode
-from im.net import Admission, Listener, Ticket, Verdict, bind
+from im.net import Admission, Listener, Ticket, TlsAccept, Verdict, bind
 from im.protocol.tcp_framing import Broken, Frame, Oversized, TcpFramer, UnknownEncoding, encode_frames
 
 __all__ = ["CLOSE_TIMEOUT", "TcpConnection", "serve_tcp"]
@@ -77,6 +77,7 @@ class TcpConnection(SocketConnection):
         self.half_close(resume_reading=True)
 
 
-async def serve_tcp(hub: Hub, host: str, port: int, *, admission: Admission) -> Listener:
-    """Listen for chat connections with TCP framing at ``tcp://host:port``; ``admission`` caps them."""
-    return Listener(bind(host, port), lambda: TcpConnection(hub, admission), name="tcp").start()
+async def serve_tcp(hub: Hub, host: str, port: int, *, admission: Admission, tls: TlsAccept | None = None) -> Listener:
+    """Listen for chat connections with TCP framing at ``tcp://host:port`` (TLS only, ``tls://``, with
+    ``tls``: the same frames inside the TLS stream); ``admission`` caps them."""
+    return Listener(bind(host, port), lambda: TcpConnection(hub, admission), name="tcp", tls=tls).start()

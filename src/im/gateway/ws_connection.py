@@ -16,6 +16,7 @@ data the client is still sending and lose the close frame.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from im.gateway.hub import Hub
@@ -33,7 +34,7 @@ from im.gateway.ws_protocol import (
     encode_frames,
 )
 from im.model.errors import ErrorCode
-from im.net import Admission, Listener, Ticket, bind, refusal_503
+from im.net import Admission, Listener, Ticket, TlsAccept, bind, refusal_503
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class WsConnection(SocketConnection):
     (``handshake_timeout``) is the only clock on it.
     """
 
-    __slots__ = ("_open", "proto")
+    __slots__ = ("_handshake_timeout", "_open", "proto")
 
     def __init__(
         self, hub: Hub, settings: WsSettings, *, handshake_timeout: float, close_timeout: float, admission: Admission
@@ -66,8 +67,13 @@ class WsConnection(SocketConnection):
         super().__init__(hub, admission, close_timeout=close_timeout)
         self.proto = ServerProtocol(settings)
         self._open = False  # data frames may be written (upgrade done, no close frame seen or sent)
-        # Only while handshaking or closing: drop the connection if the peer stalls.
-        self.start_timer(handshake_timeout)
+        self._handshake_timeout = handshake_timeout
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Only while handshaking or closing: drop the connection if the peer stalls. Armed here, not when
+        # the protocol is made: over TLS that happens before the TLS handshake, which has its own timeout.
+        self.start_timer(self._handshake_timeout)
+        super().connection_made(transport)
 
     # --- SocketConnection --------------------------------------------------------------------------
 
@@ -143,8 +149,10 @@ async def serve_websocket(
     max_fragments: int = 256,
     close_timeout: float = 5.0,
     backlog: int = 4096,
+    tls: TlsAccept | None = None,
 ) -> Listener:
-    """Listen for chat connections at ``ws://host:port/ws``, on asyncio's own transports.
+    """Listen for chat connections at ``ws://host:port/ws`` (``wss://`` with ``tls``), on asyncio's own
+    transports.
 
     ``settings`` overrides the WebSocket limits, which default to the hub's: messages up to
     ``max_frame_bytes``, refused with 1009 over four times that or in more than ``max_fragments``
@@ -160,4 +168,4 @@ async def serve_websocket(
             hub, ws_settings, handshake_timeout=handshake_timeout, close_timeout=close_timeout, admission=admission
         )
 
-    return Listener(bind(host, port, backlog=backlog), connection, name="websocket").start()
+    return Listener(bind(host, port, backlog=backlog), connection, name="websocket", tls=tls).start()
