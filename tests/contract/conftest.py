@@ -43,7 +43,7 @@ from im.backends.registry.etcd import EtcdRegistry
 from im.backends.registry.memory import MemoryRegistry
 from im.backends.sql.sqlite_db import SqliteDatabase
 from tests.contract.routers import router_harness  # noqa: F401 - the fixture, defined beside
-from tests.support.etcd import shared_etcd
+from tests.support.etcd import shared_etcd, shared_tls_etcd, tls_client
 from tests.support.postgres import PgSchema, start
 
 # --- helpers --------------------------------------------------------------------------------------------
@@ -450,9 +450,24 @@ class EtcdRegistryHarness(RegistryHarness):
             await self.etcd.close()
 
 
+class EtcdTlsRegistryHarness(EtcdRegistryHarness):
+    """The same on a private etcd that speaks only TLS and requires a client certificate
+    (``--client-cert-auth``): the whole contract over mutual TLS."""
+
+    def __init__(self) -> None:
+        self.prefix = f"/im-test/{uuid.uuid4().hex[:12]}/"
+        self.etcd = self.unstarted()
+        self.registry = self.etcd
+
+    def unstarted(self) -> EtcdRegistry:
+        etcd = shared_tls_etcd()
+        return EtcdRegistry(etcd.endpoint, tls=tls_client(etcd.pki), prefix=self.prefix, keepalive=False)
+
+
 REGISTRIES = [
     pytest.param(MemoryRegistryHarness, id="memory"),
     pytest.param(EtcdRegistryHarness, id="etcd"),
+    pytest.param(EtcdTlsRegistryHarness, id="etcd-tls"),
 ]
 
 

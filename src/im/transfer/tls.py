@@ -27,6 +27,7 @@ CA (``im certs``) or by firewalling it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,10 +103,8 @@ class LinkTls:
             der = obj.getpeercert(binary_form=True) if obj is not None else None
         finally:
             writer.close()
-            try:
+            with contextlib.suppress(OSError, ssl.SSLError):
                 await writer.wait_closed()
-            except (OSError, ssl.SSLError):
-                pass
         if der is None:
             return None
         return self.identify(x509.load_der_x509_certificate(der))
