@@ -42,9 +42,11 @@ from im.backends.registry import Registry
 from im.backends.registry.etcd import EtcdRegistry
 from im.backends.registry.memory import MemoryRegistry
 from im.backends.sql.sqlite_db import SqliteDatabase
+from im.backends.tls import redis_options
 from tests.contract.routers import router_harness  # noqa: F401 - the fixture, defined beside
 from tests.support.etcd import shared_etcd, shared_tls_etcd, tls_client
 from tests.support.postgres import PgSchema, start
+from tests.support.redis_tls import shared_tls_redis
 
 # --- helpers --------------------------------------------------------------------------------------------
 
@@ -374,9 +376,24 @@ class RedisPresenceHarness(RealTimePresenceHarness):
             await self.redis.close()
 
 
+class RedisTlsPresenceHarness(RedisPresenceHarness):
+    """The same on a private Redis that speaks only TLS and requires a client certificate
+    (``tests/support/redis_tls.py``): ``rediss://`` with the CA and a client certificate."""
+
+    def __init__(self) -> None:
+        self.prefix = f"im-test-{uuid.uuid4().hex[:12]}:"
+        self.redis = self.unstarted()
+        self.presence = self.redis
+
+    def unstarted(self) -> RedisPresence:
+        r = shared_tls_redis()
+        return RedisPresence(r.url, prefix=self.prefix, tls=r.client_tls())
+
+
 PRESENCES = [
     pytest.param(MemoryPresenceHarness, id="memory"),
     pytest.param(RedisPresenceHarness, id="redis"),
+    pytest.param(RedisTlsPresenceHarness, id="redis-tls"),
 ]
 
 
@@ -603,9 +620,21 @@ class RedisDedupeHarness(DedupeHarness):
             await self.client.aclose()
 
 
+class RedisTlsDedupeHarness(RedisDedupeHarness):
+    """The same on the private TLS Redis, with the client the composition root builds for the push
+    consumer's dedupe (``rediss://`` plus ``redis_options``)."""
+
+    def __init__(self) -> None:
+        r = shared_tls_redis()
+        self.client = aioredis.Redis.from_url(r.url, **redis_options(r.url, r.client_tls()))
+        self.prefix = f"im:test:push:{uuid.uuid4().hex[:8]}:"
+        self.dedupe = RedisDedupe(self.client, prefix=self.prefix, ttl=60)
+
+
 DEDUPES = [
     pytest.param(MemoryDedupeHarness, id="memory"),
     pytest.param(RedisDedupeHarness, id="redis"),
+    pytest.param(RedisTlsDedupeHarness, id="redis-tls"),
 ]
 
 

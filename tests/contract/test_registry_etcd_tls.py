@@ -61,4 +61,3 @@ async def test_a_dead_member_first_in_the_list_is_passed_over() -> None:
         await reg.register(ServiceInstance("gateway", "gw-1", {"ws": "wss://a"}), ttl=5)
         assert [i.node for i in await reg.instances("gateway")] == ["gw-1"]
         await reg.deregister("gw-1")
-
