@@ -9,12 +9,14 @@ certificate names another node than the registry entry dialled.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+import uvloop
 
 from im import certs
 from im.core.committer import SendRequest
@@ -178,3 +180,20 @@ async def test_a_plaintext_transfer_node_is_not_dialled_in_clear(tmp_path: Path,
         assert not link.connected and plain.router.linked() == []
     finally:
         await close_core(plain)
+
+
+def test_the_identity_check_is_quick_under_uvloop(tmp_path: Path, pki: Pki) -> None:
+    """The roles run on uvloop, whose TLS close waits up to 30 s for a close_notify that a gRPC server
+    never sends: the check must not wait for it."""
+
+    async def check() -> tuple[str | None, float]:
+        core = await open_core(tmp_path, tls=pki.node("tr-1"))
+        try:
+            started = time.monotonic()
+            name = await pki.node("gw-1").server_node(core.address)
+            return name, time.monotonic() - started
+        finally:
+            await close_core(core)
+
+    name, took = uvloop.run(check())
+    assert name == "tr-1" and took < 2.0

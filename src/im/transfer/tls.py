@@ -27,7 +27,6 @@ CA (``im certs``) or by firewalling it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,9 +101,9 @@ class LinkTls:
             obj = writer.get_extra_info("ssl_object")
             der = obj.getpeercert(binary_form=True) if obj is not None else None
         finally:
-            writer.close()
-            with contextlib.suppress(OSError, ssl.SSLError):
-                await writer.wait_closed()
+            # Abort, not close: nothing was sent, and a TLS close waits for the peer's close_notify (under
+            # uvloop up to its 30 s shutdown timeout; a gRPC server does not send one).
+            writer.transport.abort()
         if der is None:
             return None
         return self.identify(x509.load_der_x509_certificate(der))
