@@ -1,28 +1,36 @@
-"""amqps:// plumbing: the relay and the push consumer dial RabbitMQ with the configured CA and client
-certificate. No private RabbitMQ with TLS runs here: the peer is a TLS listener that requires a client
-certificate of the test CA and records who completed the handshake (then hangs up, so the workers keep
-retrying). That proves the settings reach aio-pika and are used on the wire; an AMQP session over TLS
-is aio-pika's own."""
+"""amqps://: the relay and the push consumer dial RabbitMQ with the configured CA and client certificate.
+
+The plumbing tests use a TLS listener that requires a client certificate of the test CA and records who
+completed the handshake (then hangs up, so the workers keep retrying); the last test runs the whole
+pipeline against a private RabbitMQ node that speaks only TLS and requires client certificates
+(tests/support/rabbitmq_tls.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import ssl
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
+import aio_pika
 import pytest
 
-from im.backends.chat import Outbox
+from im.backends.chat import ChatStore, Outbox
+from im.backends.dedupe.memory import MemoryDedupe
 from im.backends.presence.memory import MemoryPresence
 from im.backends.tls import ClientTls
 from im.compose import event_workers
 from im.config import ConfigError, load_config
 from im.events.push import PushConsumer
 from im.events.relay import OutboxRelay
+from im.model.cluster import DeviceLocation
+from tests.events.conftest import Names, WebhookReceiver, members_of
+from tests.events.test_pipeline import C, check_pushes, running, traffic
 from tests.support.pki import EnginePki
+from tests.support.rabbitmq_tls import shared_tls_rabbitmq
 from tests.support.wait import eventually
 
 
@@ -152,3 +160,35 @@ def test_tls_files_need_amqps(tmp_path: Path) -> None:
         load_config(overrides={"events": {"amqp_ca_file": str(tmp_path / "ca.crt")}})
     with pytest.raises(ValueError, match="amqps://"):
         OutboxRelay(cast(Outbox, NoOutbox()), "amqp://x/", tls=ClientTls(ca_file=tmp_path / "ca.crt"))
+
+
+async def test_the_pipeline_runs_over_amqps_to_a_broker_that_requires_client_certificates(
+    outbox_store: ChatStore, webhook: WebhookReceiver
+) -> None:
+    """Outbox -> relay -> a private TLS-only RabbitMQ -> push consumer -> webhook, with the CA and client
+    certificate the settings give; a client without a certificate is refused by that broker."""
+    broker = shared_tls_rabbitmq()
+    with pytest.raises(Exception, match=r"CERTIFICATE_REQUIRED|certificate required|reset by peer"):
+        await aio_pika.connect(broker.url, ssl_context=ClientTls(ca_file=broker.pki.ca.cert).context(), timeout=5)
+    messages = await traffic(outbox_store)
+    names = Names(f"im.test.events.{uuid.uuid4().hex[:8]}", f"im.test.push.{uuid.uuid4().hex[:8]}")
+    relay = OutboxRelay(
+        outbox_store, broker.url, exchange=names.exchange, queue=names.queue, poll=0.02, tls=broker.client_tls()
+    )
+    p = MemoryPresence()
+    await p.set_online([DeviceLocation(C, "phone", "n1")], ttl=600)
+    push = PushConsumer(
+        broker.url,
+        p,
+        members_of(outbox_store),
+        webhook.url,
+        MemoryDedupe(),
+        exchange=names.exchange,
+        queue=names.queue,
+        retry_delay=0.05,
+        tls=broker.client_tls(),
+    )
+    async with running(relay.run(), push.run()):
+        await eventually(lambda: len(webhook.requests) >= len(messages))
+    check_pushes(webhook, messages)
+    assert relay.failures == 0 and relay.published == len(messages)
