@@ -44,9 +44,10 @@ from im.backends.registry.memory import MemoryRegistry
 from im.backends.sql.sqlite_db import SqliteDatabase
 from im.backends.tls import redis_options
 from tests.contract.routers import router_harness  # noqa: F401 - the fixture, defined beside
-from tests.support.etcd import shared_etcd, shared_tls_etcd, tls_client
+from tests.support.etcd import shared_etcd
 from tests.support.postgres import PgSchema, start
-from tests.support.redis_tls import shared_tls_redis
+from tests.support.tls_etcd import shared_tls_etcd, tls_client
+from tests.support.tls_redis import shared_tls_redis
 
 # --- helpers --------------------------------------------------------------------------------------------
 
@@ -378,7 +379,7 @@ class RedisPresenceHarness(RealTimePresenceHarness):
 
 class RedisTlsPresenceHarness(RedisPresenceHarness):
     """The same on a private Redis that speaks only TLS and requires a client certificate
-    (``tests/support/redis_tls.py``): ``rediss://`` with the CA and a client certificate."""
+    (``tests/support/tls_redis.py``): ``rediss://`` with the CA and a client certificate."""
 
     def __init__(self) -> None:
         self.prefix = f"im-test-{uuid.uuid4().hex[:12]}:"

@@ -19,8 +19,8 @@ from im.backends.tls import ClientTls, redis_options
 from im.compose import build_backends
 from im.config import ConfigError, load_config
 from im.model.cluster import DeviceLocation, ServiceInstance
-from tests.support.etcd import shared_tls_etcd
-from tests.support.redis_tls import shared_tls_redis
+from tests.support.tls_etcd import shared_tls_etcd
+from tests.support.tls_redis import shared_tls_redis
 
 
 async def test_build_backends_puts_presence_rate_limits_and_the_registry_on_tls(tmp_path: Path) -> None:

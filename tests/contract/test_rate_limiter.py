@@ -17,7 +17,7 @@ from im.backends.rate_limit.memory import MemoryRateLimiter
 from im.backends.rate_limit.redis import RedisRateLimiter
 from tests.contract.conftest import REDIS_URL, FakeClock, delete_redis_prefix
 from tests.contract.lifecycle import check_lifecycle
-from tests.support.redis_tls import shared_tls_redis
+from tests.support.tls_redis import shared_tls_redis
 
 
 class LimiterHarness(abc.ABC):

@@ -13,7 +13,7 @@ from im.backends.registry.etcd import EtcdRegistry
 from im.backends.tls import ClientTls
 from im.cluster import free_port
 from im.model.cluster import ServiceInstance
-from tests.support.etcd import shared_tls_etcd, tls_client
+from tests.support.tls_etcd import shared_tls_etcd, tls_client
 
 
 def prefix() -> str:

@@ -3,7 +3,7 @@
 The plumbing tests use a TLS listener that requires a client certificate of the test CA and records who
 completed the handshake (then hangs up, so the workers keep retrying); the last test runs the whole
 pipeline against a private RabbitMQ node that speaks only TLS and requires client certificates
-(tests/support/rabbitmq_tls.py)."""
+(tests/support/tls_rabbitmq.py)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from im.model.cluster import DeviceLocation
 from tests.events.conftest import Names, WebhookReceiver, members_of
 from tests.events.test_pipeline import C, check_pushes, running, traffic
 from tests.support.pki import EnginePki
-from tests.support.rabbitmq_tls import shared_tls_rabbitmq
+from tests.support.tls_rabbitmq import shared_tls_rabbitmq
 from tests.support.wait import eventually
 
 
