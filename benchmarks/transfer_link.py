@@ -1,12 +1,13 @@
 """Throughput of one transfer link (gateway -> transfer node over gRPC), in sends per second.
 
-    uv run python benchmarks/transfer_link.py [--core sqlite|echo] [--count N] [--window N] [--split]
+    uv run python benchmarks/transfer_link.py [--core sqlite|echo] [--count N] [--window N] [--split] [--tls]
 
 A gateway keeps ``--window`` sends in flight on one :class:`TransferLink` (each answer submits the next
 send) until ``--count`` sends are answered, and reports answered sends per second. ``--core sqlite``
 puts a real Committer on a temporary SQLite file behind the link (group commit, fsync'd); ``--core
 echo`` answers each send at once, which measures the link alone. ``--split`` runs the transfer node in
-a child process (otherwise both ends share this process's one core).
+a child process (otherwise both ends share this process's one core). ``--tls`` runs the link over mutual
+TLS (certificates from :mod:`im.certs` in a temporary directory, node names checked both ways).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from im import certs
 from im.backends.accounts.sqlite import SqliteAccountStore
 from im.backends.chat.sqlite import SqliteChatStore
 from im.backends.presence.memory import MemoryPresence
@@ -33,8 +35,20 @@ from im.model.cluster import DeviceLocation
 from im.model.errors import ImError
 from im.transfer.client import TransferLink
 from im.transfer.server import GrpcRouter, TransferServicer, serve_transfer
+from im.transfer.tls import LinkTls
 
 GATEWAY = "gw-bench"
+TRANSFER = "tr-bench"
+
+
+def link_tls(directory: Path) -> tuple[LinkTls, LinkTls]:
+    """(transfer node, gateway) identities from a fresh cluster CA."""
+    ca = certs.create_ca(directory)
+    tr, gw = certs.issue(directory, ca, TRANSFER), certs.issue(directory, ca, GATEWAY)
+    return (
+        LinkTls(ca.cert, tr.cert, tr.key, certs.node_identity),
+        LinkTls(ca.cert, gw.cert, gw.key, certs.node_identity),
+    )
 
 
 class EchoCore:
@@ -64,11 +78,11 @@ class CountingSink(DeliverySink):
         pass
 
 
-async def _transfer_node(core: str, data_dir: Path, port: int) -> tuple[Any, int, Any]:
+async def _transfer_node(core: str, data_dir: Path, port: int, tls: LinkTls | None) -> tuple[Any, int, Any]:
     """Start a transfer node; returns (grpc server, port, a coroutine function that stops the rest)."""
     router = GrpcRouter()
     if core == "echo":
-        servicer = TransferServicer(EchoCore(), router)
+        servicer = TransferServicer(EchoCore(), router, node=TRANSFER, tls=tls)
         server, bound = await serve_transfer(servicer, f"127.0.0.1:{port}")
 
         async def stop_echo() -> None:
@@ -85,7 +99,9 @@ async def _transfer_node(core: str, data_dir: Path, port: int) -> tuple[Any, int
     await presence.set_online([DeviceLocation(u, "d1", GATEWAY) for u in (alice, bob)], ttl=3600)
     committer = Committer(store, accounts, router, presence, ConversationStates(store), Consent(accounts, store))
     committer.start()
-    server, bound = await serve_transfer(TransferServicer(committer, router), f"127.0.0.1:{port}")
+    server, bound = await serve_transfer(
+        TransferServicer(committer, router, node=TRANSFER, tls=tls), f"127.0.0.1:{port}"
+    )
 
     async def stop() -> None:
         await server.stop(None)
@@ -96,9 +112,9 @@ async def _transfer_node(core: str, data_dir: Path, port: int) -> tuple[Any, int
     return server, bound, stop
 
 
-def _child(core: str, data_dir: str, port: int, ready: Any) -> None:
+def _child(core: str, data_dir: str, port: int, tls: LinkTls | None, ready: Any) -> None:
     async def main() -> None:
-        _server, bound, stop = await _transfer_node(core, Path(data_dir), port)
+        _server, bound, stop = await _transfer_node(core, Path(data_dir), port, tls)
         ready.put(bound)
         try:
             await asyncio.Event().wait()
@@ -108,19 +124,20 @@ def _child(core: str, data_dir: str, port: int, ready: Any) -> None:
     asyncio.run(main())
 
 
-async def run(core: str, count: int, window: int, split: bool) -> None:
+async def run(core: str, count: int, window: int, split: bool, tls: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
+        server_tls, gateway_tls = link_tls(Path(tmp) / "pki") if tls else (None, None)
         child = None
         if split:
             ctx = multiprocessing.get_context("spawn")
             q = ctx.Queue()
-            child = ctx.Process(target=_child, args=(core, tmp, 0, q), daemon=True)
+            child = ctx.Process(target=_child, args=(core, tmp, 0, server_tls, q), daemon=True)
             child.start()
             port, stop = q.get(timeout=30), None
         else:
-            _server, port, stop = await _transfer_node(core, Path(tmp), 0)
+            _server, port, stop = await _transfer_node(core, Path(tmp), 0, server_tls)
         sink = CountingSink()
-        link = TransferLink(f"127.0.0.1:{port}", GATEWAY, sink)
+        link = TransferLink(f"127.0.0.1:{port}", GATEWAY, sink, tls=gateway_tls, peer=TRANSFER)
         link.start()
         await asyncio.wait_for(link.wait_connected(), 10)
         finished = asyncio.Event()
@@ -144,7 +161,7 @@ async def run(core: str, count: int, window: int, split: bool) -> None:
         await finished.wait()
         elapsed = time.perf_counter() - t0
         print(
-            f"core={core} split={split} sends={count} window={window}: {count / elapsed:,.0f} sends/s "
+            f"core={core} split={split} tls={tls} sends={count} window={window}: {count / elapsed:,.0f} sends/s "
             f"({elapsed:.2f} s; ok={state['ok']} err={state['err']}; frames out={link.frames_sent} "
             f"in={link.frames_received}; {count / max(link.frames_sent, 1):.0f} sends/frame; "
             f"deliveries={sink.delivered})"
@@ -163,8 +180,9 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=100_000, help="sends to answer")
     ap.add_argument("--window", type=int, default=1000, help="sends in flight")
     ap.add_argument("--split", action="store_true", help="run the transfer node in a child process")
+    ap.add_argument("--tls", action="store_true", help="mutual TLS on the link")
     args = ap.parse_args()
-    asyncio.run(run(args.core, args.count, args.window, args.split))
+    asyncio.run(run(args.core, args.count, args.window, args.split, args.tls))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import secrets
+import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -46,8 +48,10 @@ from im.backends.registry.etcd import EtcdRegistry
 from im.backends.registry.memory import MemoryRegistry
 from im.backends.routing import Router
 from im.backends.routing.memory import MemoryRouter
-from im.backends.sql.postgres_db import PostgresDatabase
+from im.backends.sql.postgres_db import PostgresDatabase, postgres_ssl
 from im.backends.sql.sqlite_db import SqliteDatabase
+from im.backends.tls import ClientTls, redis_options
+from im.certs import node_identity
 from im.config import Config, ConfigError, RateConfig
 from im.core.accounts import AccountService
 from im.core.committer import Committer, SubmitSend
@@ -67,6 +71,7 @@ from im.model.chat import ConversationState
 from im.net import Admission, Listener, TlsAccept, connection_budget, raise_open_file_limit
 from im.protocol.session import Limits
 from im.tls import ReloadingContext, TlsFilesError
+from im.transfer.tls import LinkTls
 
 log = logging.getLogger("im")
 _NO_CONV = ConversationState("", "", 0, {})
@@ -112,7 +117,15 @@ def build_backends(config: Config) -> Backends:
     outbox = config.events.kind == "rabbitmq"  # the commit records events for the relay
     if st.kind == "postgres":
         assert st.postgres_dsn is not None  # validated by StoreConfig
-        pg = PostgresDatabase(st.postgres_dsn, schema=st.postgres_schema, min_size=st.pool_min, max_size=st.pool_max)
+        try:
+            pg_ssl = postgres_ssl(
+                st.postgres_sslmode, rootcert=st.postgres_sslrootcert, cert=st.postgres_sslcert, key=st.postgres_sslkey
+            )
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise ConfigError(f"store.postgres_ssl*: {exc}") from None
+        pg = PostgresDatabase(
+            st.postgres_dsn, schema=st.postgres_schema, min_size=st.pool_min, max_size=st.pool_max, ssl=pg_ssl
+        )
         chat_store: ChatStore = PostgresChatStore(pg, outbox=outbox)
         account_store: AccountStore = PostgresAccountStore(pg)
         file_store: FileStore = PostgresFileStore(pg)
@@ -124,7 +137,9 @@ def build_backends(config: Config) -> Backends:
     presence: Presence
     rate_limiter: RateLimiter
     if config.presence.kind == "redis":
-        redis_presence = RedisPresence(config.presence.redis_url, prefix=config.presence.redis_prefix)
+        redis_presence = RedisPresence(
+            config.presence.redis_url, prefix=config.presence.redis_prefix, tls=redis_tls(config)
+        )
         presence = redis_presence  # owns the Redis client; the rate limiter below borrows it
         # Its connection pool too; fail open: Redis away must not refuse every send and login.
         rate_limiter = FailOpen(RedisRateLimiter(prefix=config.presence.redis_prefix, client=redis_presence.client))
@@ -133,10 +148,51 @@ def build_backends(config: Config) -> Backends:
         rate_limiter = MemoryRateLimiter()
     registry: Registry
     if config.registry.kind == "etcd":
-        registry = EtcdRegistry(config.registry.etcd_endpoint, prefix=config.registry.prefix)
+        rc = config.registry
+        etcd_tls = client_tls(rc.etcd_ca_file, rc.etcd_cert_file, rc.etcd_key_file)
+        registry = EtcdRegistry(rc.endpoints(), tls=etcd_tls, prefix=rc.prefix)
     else:
         registry = MemoryRegistry()
     return Backends(chat_store, account_store, presence, MemoryRouter(), registry, file_store, rate_limiter)
+
+
+def client_tls(ca_file: Path | None, cert_file: Path | None, key_file: Path | None) -> ClientTls | None:
+    """An engine's TLS settings, or None when none is set (TLS then depends on the URL alone)."""
+    if ca_file is None and cert_file is None:
+        return None
+    tls = ClientTls(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+    try:
+        tls.context()  # reads the files now: a missing or bad one is named at start, not at first use
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"TLS files {ca_file}, {cert_file}, {key_file}: {exc}") from None
+    return tls
+
+
+def redis_tls(config: Config) -> ClientTls | None:
+    """TLS to the presence Redis: shared by presence, the rate limits (same client) and the push dedupe."""
+    pc = config.presence
+    return client_tls(pc.redis_ca_file, pc.redis_cert_file, pc.redis_key_file)
+
+
+def build_link_tls(config: Config, node: str) -> LinkTls | None:
+    """This node's mutual-TLS identity on the transfer link (``cluster_tls``), or None (plaintext).
+    The certificate must name ``node`` (its node id): a mismatch is a configuration error at start,
+    since every peer would refuse it."""
+    ct = config.cluster_tls
+    if ct.ca_file is None or ct.cert_file is None or ct.key_file is None:
+        return None
+    tls = LinkTls(ct.ca_file, ct.cert_file, ct.key_file, node_identity, handshake_timeout=ct.handshake_timeout)
+    try:
+        named = tls.own_node()
+        tls.server_credentials()  # reads the three files: a missing one fails here, with its name
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cluster_tls: {exc}") from None
+    if named != node:
+        raise ConfigError(
+            f"cluster_tls.cert_file {ct.cert_file} names node {named!r}, but this node is {node!r} "
+            f"(make one with: im certs node {node})"
+        )
+    return tls
 
 
 def load_secret(config: Config) -> bytes:
@@ -416,11 +472,13 @@ def event_workers(config: Config, b: Backends) -> list[Coroutine[Any, Any, None]
     if ev.kind != "rabbitmq":
         return []
     store = b.chat_store
-    workers = [OutboxRelay(store, ev.amqp_url, exchange=ev.exchange, queue=ev.queue).run()]
+    amqp_tls = client_tls(ev.amqp_ca_file, ev.amqp_cert_file, ev.amqp_key_file)
+    workers = [OutboxRelay(store, ev.amqp_url, exchange=ev.exchange, queue=ev.queue, tls=amqp_tls).run()]
     if ev.webhook_url:
         dedupe: Dedupe = MemoryDedupe()
         if ev.dedupe == "redis":
-            dedupe = RedisDedupe(aioredis.from_url(config.presence.redis_url), owns_client=True)
+            url = config.presence.redis_url
+            dedupe = RedisDedupe(aioredis.from_url(url, **redis_options(url, redis_tls(config))), owns_client=True)
 
         async def members(conv: str) -> list[int]:
             return list((await store.load_conversations([conv])).get(conv, _NO_CONV).members)
@@ -434,6 +492,7 @@ def event_workers(config: Config, b: Backends) -> list[Coroutine[Any, Any, None]
             exchange=ev.exchange,
             queue=ev.queue,
             max_attempts=ev.max_attempts,
+            tls=amqp_tls,
         )
 
         async def push() -> None:

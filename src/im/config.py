@@ -192,11 +192,26 @@ class StoreConfig(_Section):
     postgres_schema: str | None = Field(None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     pool_min: int = Field(2, ge=1)
     pool_max: int = Field(10, ge=1)
+    # TLS to PostgreSQL (libpq's meanings). None: what the DSN says (its ``sslmode``, else ``prefer``).
+    #: ``disable``; ``prefer`` (TLS if the server offers it, unverified); ``require`` (TLS, unverified
+    #: unless ``postgres_sslrootcert`` is set, then as verify-ca); ``verify-ca`` (the server's certificate
+    #: must chain to ``postgres_sslrootcert``); ``verify-full`` (and name the host dialled).
+    postgres_sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] | None = None
+    #: CA file the server's certificate is verified against (verify-ca, verify-full; None: system CAs).
+    postgres_sslrootcert: Path | None = None
+    #: Client certificate and key, for servers that authenticate clients by certificate (``cert``).
+    postgres_sslcert: Path | None = None
+    postgres_sslkey: Path | None = None
 
     @model_validator(mode="after")
     def _dsn_for_postgres(self) -> StoreConfig:
         if self.kind == "postgres" and not self.postgres_dsn:
             raise ValueError("store.kind postgres needs store.postgres_dsn")
+        _pair(self.postgres_sslcert, self.postgres_sslkey, "store.postgres_sslcert", "store.postgres_sslkey")
+        if self.postgres_sslmode in ("disable", "prefer") and (self.postgres_sslcert or self.postgres_sslrootcert):
+            raise ValueError(
+                "store.postgres_sslrootcert/sslcert need store.postgres_sslmode require, verify-ca or verify-full"
+            )
         return self
 
 
@@ -208,6 +223,20 @@ class PresenceConfig(_Section):
     redis_prefix: str = "im:"
     #: Seconds an entry lives without a refresh (gateways refresh every ttl/3).
     ttl: float = Field(60.0, ge=1.0)
+    # TLS to Redis: use a ``rediss://`` URL (the server's certificate is verified and its host name
+    # checked). Presence, the shared rate limits and the push dedupe all use these.
+    #: CA file for the server's certificate (None: the system's CAs).
+    redis_ca_file: Path | None = None
+    #: Client certificate and key, for a Redis with ``tls-auth-clients yes`` (its default).
+    redis_cert_file: Path | None = None
+    redis_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_needs_rediss(self) -> PresenceConfig:
+        _pair(self.redis_cert_file, self.redis_key_file, "presence.redis_cert_file", "presence.redis_key_file")
+        if (self.redis_ca_file or self.redis_cert_file) and not self.redis_url.startswith("rediss://"):
+            raise ValueError("presence.redis_ca_file/redis_cert_file need a rediss:// presence.redis_url")
+        return self
 
 
 class EventsConfig(_Section):
@@ -222,15 +251,84 @@ class EventsConfig(_Section):
     #: ``memory`` (one consumer, forgets on restart) or ``redis`` (presence.redis_url; survives restarts).
     dedupe: Literal["memory", "redis"] = "memory"
     max_attempts: int = Field(5, ge=1)
+    # TLS to RabbitMQ: use an ``amqps://`` URL (certificate verified, host name checked).
+    #: CA file for the broker's certificate (None: the system's CAs).
+    amqp_ca_file: Path | None = None
+    #: Client certificate and key, for a broker that requires them (``fail_if_no_peer_cert``).
+    amqp_cert_file: Path | None = None
+    amqp_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_needs_amqps(self) -> EventsConfig:
+        _pair(self.amqp_cert_file, self.amqp_key_file, "events.amqp_cert_file", "events.amqp_key_file")
+        if (self.amqp_ca_file or self.amqp_cert_file) and not self.amqp_url.startswith("amqps://"):
+            raise ValueError("events.amqp_ca_file/amqp_cert_file need an amqps:// events.amqp_url")
+        return self
 
 
 class RegistryConfig(_Section):
     #: ``memory`` (one process) or ``etcd``.
     kind: Literal["memory", "etcd"] = "memory"
+    #: One etcd member, ``host:port`` (kept for older configurations; ``etcd_endpoints`` wins when set).
     etcd_endpoint: str = "127.0.0.1:2379"
+    #: The etcd members, ``host:port`` each (``--set registry.etcd_endpoints=a:2379,b:2379``); the client
+    #: talks to one and moves to the next when it stops answering. Empty: ``[etcd_endpoint]``.
+    etcd_endpoints: Annotated[list[str], NoDecode] = Field(default_factory=list)
     prefix: str = Field("/im/services/", pattern=r"/$")
     #: Lease TTL in whole seconds: a crashed node disappears from the registry within it.
     ttl: int = Field(10, ge=2)
+    # TLS to etcd (``--cert-file``/``--key-file`` on etcd's client port): on when ``etcd_ca_file`` is set.
+    #: CA file for the members' certificates; the host name dialled is checked.
+    etcd_ca_file: Path | None = None
+    #: Client certificate and key, for etcd with ``--client-cert-auth``.
+    etcd_cert_file: Path | None = None
+    etcd_key_file: Path | None = None
+
+    @field_validator("etcd_endpoints", mode="before")
+    @classmethod
+    def _endpoint_list(cls, value: object) -> object:
+        if isinstance(value, str):  # a flag or an environment variable: comma-separated, or JSON
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _etcd_tls(self) -> RegistryConfig:
+        _pair(self.etcd_cert_file, self.etcd_key_file, "registry.etcd_cert_file", "registry.etcd_key_file")
+        if self.etcd_cert_file and not self.etcd_ca_file:
+            raise ValueError("registry.etcd_cert_file needs registry.etcd_ca_file (TLS to etcd)")
+        return self
+
+    def endpoints(self) -> list[str]:
+        """The etcd members to dial, in order."""
+        return list(self.etcd_endpoints) or [self.etcd_endpoint]
+
+
+class ClusterTlsConfig(_Section):
+    """Mutual TLS on the gRPC link between nodes (docs/transfer.md, "Security"): each node's
+    certificate from the cluster CA (``im certs``), naming the node (its ``node_id``). All three set:
+    ``im transfer`` serves TLS only and requires a cluster client certificate naming the node its stream
+    claims; ``im gateway`` and ``im api`` dial with theirs and check the transfer node's certificate
+    names the node its registry entry lists. None: plaintext and unauthenticated (a trusted network)."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: Seconds a dialing node's identity check of a transfer node may take.
+    handshake_timeout: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _all_or_none(self) -> ClusterTlsConfig:
+        given = [self.ca_file is not None, self.cert_file is not None, self.key_file is not None]
+        if any(given) and not all(given):
+            raise ValueError("cluster_tls needs ca_file, cert_file and key_file together")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.ca_file is not None
 
 
 class FilesConfig(_Section):
@@ -250,6 +348,11 @@ class FilesConfig(_Section):
     encrypt_chunk_bytes: int = Field(64 * 1024, ge=4096, le=16 * 1024 * 1024)
     #: With ``encrypt``: seal the files stored in the clear before, in the background, from start-up.
     migrate_plaintext: bool = True
+
+
+def _pair(cert: Path | None, key: Path | None, cert_name: str, key_name: str) -> None:
+    if (cert is None) != (key is None):
+        raise ValueError(f"{cert_name} and {key_name} go together")
 
 
 class RateConfig(_Section):
@@ -331,6 +434,7 @@ class Config(BaseSettings):
     files: FilesConfig = FilesConfig()
     rates: RatesConfig = RatesConfig()
     tls: TlsConfig = TlsConfig()
+    cluster_tls: ClusterTlsConfig = ClusterTlsConfig()
 
     @classmethod
     def settings_customise_sources(

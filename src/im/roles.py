@@ -37,6 +37,7 @@ from im.compose import (
     build_groups,
     build_http,
     build_hub,
+    build_link_tls,
     build_reads,
     build_tls,
     event_workers,
@@ -91,7 +92,12 @@ class TransferNode(_Role):
         caches = build_chat_caches(b, privacy_ttl=SHARED_STATE_TTL)
         self.committer = build_committer(config, b, caches, self.files, self.router, tc.node_id)
         self.servicer = TransferServicer(
-            self.committer, self.router, node=tc.node_id, max_frame_items=tc.max_frame_items, max_pending=tc.max_pending
+            self.committer,
+            self.router,
+            node=tc.node_id,
+            max_frame_items=tc.max_frame_items,
+            max_pending=tc.max_pending,
+            tls=build_link_tls(config, tc.node_id),  # cluster_tls: TLS only, cluster client certificates
         )
         self._grpc_server: Any = None
         self.address = ""
@@ -148,7 +154,7 @@ class GatewayNode(_Role):
         node = config.gateway.node_id
         self.backends = b = build_backends(config)
         self.accounts = build_accounts(config, b.account_store)
-        self.pool = TransferPool(b.registry, node, on_revoked=self._revoked)
+        self.pool = TransferPool(b.registry, node, on_revoked=self._revoked, tls=build_link_tls(config, node))
         self.router = LinkRouter(self.pool)
         # Reads only (sync points, replays, members for typing and receipts): no committer runs here.
         caches = build_chat_caches(b, state_ttl=SHARED_STATE_TTL, privacy_ttl=SHARED_STATE_TTL)
@@ -216,7 +222,7 @@ class ApiNode(_Role):
         self.backends = b = build_backends(config)
         self.accounts = build_accounts(config, b.account_store, b.rate_limiter)
         self.files = build_files(config, b.file_store, b.rate_limiter)
-        self.pool = TransferPool(b.registry, node)
+        self.pool = TransferPool(b.registry, node, tls=build_link_tls(config, node))
         self.router = LinkRouter(self.pool)
         # Membership changes are committed here (the store judges between writers) and routed through
         # a transfer node; reads check membership on a state at most SHARED_STATE_TTL old.

@@ -43,10 +43,13 @@ from im.backends.registry import Registry
 from im.backends.registry.etcd import EtcdRegistry
 from im.backends.registry.memory import MemoryRegistry
 from im.backends.sql.sqlite_db import SqliteDatabase
+from im.backends.tls import redis_options
 from tests.contract.routers import router_harness  # noqa: F401 - the fixture, defined beside
 from tests.support.etcd import shared_etcd
 from tests.support.keys import SEALED_MAGIC, MemoryFileKeys, sealed_plaintext
 from tests.support.postgres import PgSchema, start
+from tests.support.tls_etcd import shared_tls_etcd, tls_client
+from tests.support.tls_redis import shared_tls_redis
 
 # --- helpers --------------------------------------------------------------------------------------------
 
@@ -376,9 +379,24 @@ class RedisPresenceHarness(RealTimePresenceHarness):
             await self.redis.close()
 
 
+class RedisTlsPresenceHarness(RedisPresenceHarness):
+    """The same on a private Redis that speaks only TLS and requires a client certificate
+    (``tests/support/tls_redis.py``): ``rediss://`` with the CA and a client certificate."""
+
+    def __init__(self) -> None:
+        self.prefix = f"im-test-{uuid.uuid4().hex[:12]}:"
+        self.redis = self.unstarted()
+        self.presence = self.redis
+
+    def unstarted(self) -> RedisPresence:
+        r = shared_tls_redis()
+        return RedisPresence(r.url, prefix=self.prefix, tls=r.client_tls())
+
+
 PRESENCES = [
     pytest.param(MemoryPresenceHarness, id="memory"),
     pytest.param(RedisPresenceHarness, id="redis"),
+    pytest.param(RedisTlsPresenceHarness, id="redis-tls"),
 ]
 
 
@@ -452,9 +470,24 @@ class EtcdRegistryHarness(RegistryHarness):
             await self.etcd.close()
 
 
+class EtcdTlsRegistryHarness(EtcdRegistryHarness):
+    """The same on a private etcd that speaks only TLS and requires a client certificate
+    (``--client-cert-auth``): the whole contract over mutual TLS."""
+
+    def __init__(self) -> None:
+        self.prefix = f"/im-test/{uuid.uuid4().hex[:12]}/"
+        self.etcd = self.unstarted()
+        self.registry = self.etcd
+
+    def unstarted(self) -> EtcdRegistry:
+        etcd = shared_tls_etcd()
+        return EtcdRegistry(etcd.endpoint, tls=tls_client(etcd.pki), prefix=self.prefix, keepalive=False)
+
+
 REGISTRIES = [
     pytest.param(MemoryRegistryHarness, id="memory"),
     pytest.param(EtcdRegistryHarness, id="etcd"),
+    pytest.param(EtcdTlsRegistryHarness, id="etcd-tls"),
 ]
 
 
@@ -590,9 +623,21 @@ class RedisDedupeHarness(DedupeHarness):
             await self.client.aclose()
 
 
+class RedisTlsDedupeHarness(RedisDedupeHarness):
+    """The same on the private TLS Redis, with the client the composition root builds for the push
+    consumer's dedupe (``rediss://`` plus ``redis_options``)."""
+
+    def __init__(self) -> None:
+        r = shared_tls_redis()
+        self.client = aioredis.Redis.from_url(r.url, **redis_options(r.url, r.client_tls()))
+        self.prefix = f"im:test:push:{uuid.uuid4().hex[:8]}:"
+        self.dedupe = RedisDedupe(self.client, prefix=self.prefix, ttl=60)
+
+
 DEDUPES = [
     pytest.param(MemoryDedupeHarness, id="memory"),
     pytest.param(RedisDedupeHarness, id="redis"),
+    pytest.param(RedisTlsDedupeHarness, id="redis-tls"),
 ]
 
 

@@ -17,6 +17,7 @@ from im.backends.rate_limit.memory import MemoryRateLimiter
 from im.backends.rate_limit.redis import RedisRateLimiter
 from tests.contract.conftest import REDIS_URL, FakeClock, delete_redis_prefix
 from tests.contract.lifecycle import check_lifecycle
+from tests.support.tls_redis import shared_tls_redis
 
 
 class LimiterHarness(abc.ABC):
@@ -79,7 +80,32 @@ class RedisHarness(LimiterHarness):
                 await p.close()
 
 
-@pytest.fixture(params=[pytest.param(MemoryHarness, id="memory"), pytest.param(RedisHarness, id="redis")])
+class RedisTlsHarness(RedisHarness):
+    """The same on a private Redis that speaks only TLS and requires a client certificate."""
+
+    def __init__(self) -> None:
+        self.prefix = f"im-test-{uuid.uuid4().hex[:12]}:"
+        self.redis = self.unstarted()
+        self.limiter = self.redis
+        self._peers: list[RedisRateLimiter] = []
+
+    async def peer(self) -> RateLimiter:
+        other = self.unstarted()
+        self._peers.append(other)
+        return other
+
+    def unstarted(self) -> RedisRateLimiter:
+        r = shared_tls_redis()
+        return RedisRateLimiter(r.url, prefix=self.prefix, tls=r.client_tls())
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(MemoryHarness, id="memory"),
+        pytest.param(RedisHarness, id="redis"),
+        pytest.param(RedisTlsHarness, id="redis-tls"),
+    ]
+)
 async def h(request: pytest.FixtureRequest) -> AsyncIterator[LimiterHarness]:
     harness: LimiterHarness = request.param()
     yield harness

@@ -207,10 +207,12 @@ async def test_close_cancels_every_task_and_unsubscribe_stops_the_view(
 
 
 def test_bad_endpoints_are_refused() -> None:
-    with pytest.raises(ValueError, match="one etcd endpoint"):
-        EtcdRegistry("10.0.0.1:2379,10.0.0.2:2379")
     with pytest.raises(ValueError, match="host:port"):
         EtcdRegistry("localhost")
+    with pytest.raises(ValueError, match="host:port"):
+        EtcdRegistry(["10.0.0.1:2379", "10.0.0.2"])
+    with pytest.raises(ValueError, match="no etcd endpoint"):
+        EtcdRegistry(" , ")
     with pytest.raises(ValueError, match="prefix"):
         EtcdRegistry("localhost:2379", prefix="/no-slash")
 

@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 from typing import Protocol
 
 import asyncpg
 import pytest
 
 from im.backends.sql.postgres_db import PostgresDatabase
+from im.cluster import free_port, stop_process
+from tests.support.pki import EnginePki
 
 
 class Startable(Protocol):
@@ -58,3 +66,79 @@ async def start(*services: Startable) -> None:
             await service.start()
     except (OSError, TimeoutError) as exc:
         pytest.fail(f"PostgreSQL at {DSN} is unreachable ({type(exc).__name__}: {exc}); set IM_TEST_POSTGRES_DSN")
+
+
+class TlsPostgres:
+    """A private PostgreSQL (``initdb`` + ``postgres`` from /usr/local/bin) on a free port that accepts
+    only TLS connections (on 127.0.0.1 and 127.0.0.2) with a client certificate of ``pki``'s CA
+    (``hostssl ... clientcert=verify-ca``, ``hostnossl ... reject``); user and database ``postgres``.
+    Runs as the ``postgres`` system user when the tests run as root (PostgreSQL refuses root). No fsync:
+    a test instance. ``stop`` removes it. The shared server on 5432 is never touched."""
+
+    def __init__(self, pki: EnginePki) -> None:
+        self.pki = pki
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="im-pg-tls-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._user = "postgres" if os.geteuid() == 0 else None
+
+    def dsn(self, host: str = "127.0.0.1") -> str:
+        return f"postgresql://postgres@{host}:{self.port}/postgres"
+
+    def log(self) -> str:
+        try:
+            return (self.dir / "postgres.log").read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def start(self, timeout: float = 30.0) -> TlsPostgres:
+        data, tls = self.dir / "data", self.dir / "tls"
+        tls.mkdir()
+        for name, src in [("server.crt", self.pki.server.cert), ("server.key", self.pki.server.key)]:
+            shutil.copy(src, tls / name)
+        shutil.copy(self.pki.ca.cert, tls / "ca.crt")
+        (tls / "server.key").chmod(0o600)
+        if self._user is not None:
+            for path in [self.dir, tls, *tls.iterdir()]:
+                shutil.chown(path, self._user, self._user)
+        subprocess.run(
+            ["initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+            user=self._user,
+        )
+        (data / "pg_hba.conf").write_text(
+            "hostssl all all 127.0.0.0/8 trust clientcert=verify-ca\n"
+            "hostnossl all all 127.0.0.0/8 reject\n"
+            "local all all trust\n"
+        )
+        cmd = [
+            "postgres",
+            "-D", str(data),
+            "-p", str(self.port),
+            "-k", str(self.dir),
+            "-c", "listen_addresses=127.0.0.1,127.0.0.2",  # .2: an address the certificate does not name
+            "-c", "ssl=on",
+            "-c", f"ssl_cert_file={tls / 'server.crt'}",
+            "-c", f"ssl_key_file={tls / 'server.key'}",
+            "-c", f"ssl_ca_file={tls / 'ca.crt'}",
+            "-c", "fsync=off",
+            "-c", "max_connections=30",
+        ]  # fmt: skip
+        with open(self.dir / "postgres.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, user=self._user)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited with {self.proc.returncode}:\n{self.log()}")
+            if (self.dir / f".s.PGSQL.{self.port}").exists() and "ready to accept" in self.log():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"postgres with TLS did not start in {timeout}s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGINT, 10.0, raise_on_timeout=False)  # fast shutdown
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)

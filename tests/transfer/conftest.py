@@ -22,7 +22,7 @@ from im.core.states import ConversationStates
 from im.model.chat import CommitBatch, StoredMessage
 from im.model.cluster import DeviceLocation
 from im.model.errors import ImError
-from im.transfer import GrpcRouter, TransferLink, TransferServicer, serve_transfer
+from im.transfer import GrpcRouter, LinkTls, TransferLink, TransferServicer, serve_transfer
 
 
 class RecordingSink(DeliverySink):
@@ -98,8 +98,9 @@ class Core:
         self.server, _ = await serve_transfer(self.servicer, self.address)
 
 
-@pytest.fixture
-async def core(tmp_path: Path) -> AsyncIterator[Core]:
+async def open_core(tmp_path: Path, *, node: str = "tr-1", tls: LinkTls | None = None) -> Core:
+    """A transfer node on a free loopback port (over mutual TLS when ``tls`` is given); close it with
+    :func:`close_core`."""
     db = SqliteDatabase(tmp_path / "im.db")
     store, accounts = GatedChatStore(db), SqliteAccountStore(db)
     await store.start()
@@ -107,14 +108,23 @@ async def core(tmp_path: Path) -> AsyncIterator[Core]:
     router, presence = GrpcRouter(), MemoryPresence()
     committer = Committer(store, accounts, router, presence, ConversationStates(store), Consent(accounts, store))
     committer.start()
-    servicer = TransferServicer(committer, router, node="tr-1")
+    servicer = TransferServicer(committer, router, node=node, tls=tls)
     server, port = await serve_transfer(servicer)
-    c = Core(store, accounts, presence, router, committer, servicer, server, port)
-    yield c
+    return Core(store, accounts, presence, router, committer, servicer, server, port)
+
+
+async def close_core(c: Core) -> None:
     for link in c.links:
         await link.close()
     await c.server.stop(None)
-    store.gate.set()
-    await committer.stop()
-    await accounts.close()
-    await store.close()
+    c.store.gate.set()
+    await c.committer.stop()
+    await c.accounts.close()
+    await c.store.close()
+
+
+@pytest.fixture
+async def core(tmp_path: Path) -> AsyncIterator[Core]:
+    c = await open_core(tmp_path)
+    yield c
+    await close_core(c)

@@ -32,6 +32,7 @@ import msgspec
 
 from im.backends.dedupe import Dedupe
 from im.backends.presence import Presence
+from im.backends.tls import ClientTls, amqp_context
 from im.events import topology
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class PushConsumer:
         backoff: float = 0.2,
         max_backoff: float = 5.0,
         connect_timeout: float = 5.0,
+        tls: ClientTls | None = None,
         http: httpx.AsyncClient | None = None,
     ) -> None:
         self.amqp_url = amqp_url
@@ -72,6 +74,7 @@ class PushConsumer:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.connect_timeout = connect_timeout
+        self.ssl_context = amqp_context(amqp_url, tls)  # amqps://: whom to trust, what to present
         self._http = http or httpx.AsyncClient(timeout=webhook_timeout)
         self._own_http = http is None
         self.pushed = 0  # webhook calls that succeeded
@@ -85,7 +88,9 @@ class PushConsumer:
             delay = self.backoff
             while True:
                 try:
-                    connection = await aio_pika.connect(self.amqp_url, timeout=self.connect_timeout)
+                    connection = await aio_pika.connect(
+                        self.amqp_url, timeout=self.connect_timeout, ssl_context=self.ssl_context
+                    )
                     async with connection:
                         channel = await connection.channel()
                         await channel.set_qos(prefetch_count=self.prefetch)

@@ -20,6 +20,7 @@ import logging
 import aio_pika
 
 from im.backends.chat import Outbox
+from im.backends.tls import ClientTls, amqp_context
 from im.events import topology
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class OutboxRelay:
         backoff: float = 0.2,
         max_backoff: float = 5.0,
         connect_timeout: float = 5.0,
+        tls: ClientTls | None = None,
     ) -> None:
         self.store = store
         self.amqp_url = amqp_url  # read at every (re)connect
@@ -48,6 +50,7 @@ class OutboxRelay:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.connect_timeout = connect_timeout
+        self.ssl_context = amqp_context(amqp_url, tls)  # amqps://: whom to trust, what to present
         self.published = 0  # events confirmed and deleted
         self.failures = 0  # connection or publish attempts that failed
 
@@ -71,7 +74,9 @@ class OutboxRelay:
         delay = self.backoff
         while True:
             try:
-                connection = await aio_pika.connect(self.amqp_url, timeout=self.connect_timeout)
+                connection = await aio_pika.connect(
+                    self.amqp_url, timeout=self.connect_timeout, ssl_context=self.ssl_context
+                )
             except Exception as exc:
                 self.failures += 1
                 log.warning("outbox relay: cannot connect (%s: %s); retry in %.1fs", type(exc).__name__, exc, delay)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ from im.model.chat import StoredMessage
 from im.model.errors import ErrorCode, ImError
 from im.protocol.codec import Encoding, decode_server
 from im.transfer.gen import transfer_pb2 as pb
+from im.transfer.tls import LinkTls
 from im.transfer.wire import (
     CHANNEL_OPTIONS,
     LINK_METHOD,
@@ -56,8 +58,15 @@ class TransferLink:
         max_frame_items: int = 4096,
         backoff_initial: float = 0.05,
         backoff_max: float = 2.0,
+        tls: LinkTls | None = None,
+        peer: str | None = None,
     ) -> None:
+        """``tls``: dial with this node's certificate over TLS (:mod:`im.transfer.tls`); ``peer``: the
+        transfer node expected at ``address`` (the registry entry): with ``tls``, a server whose
+        certificate or welcome names another node is not linked to (retried with backoff)."""
         self.address = address
+        self.tls = tls
+        self.peer = peer
         self.node = node
         self.sink = sink
         self._decode_event = decode_event
@@ -82,6 +91,8 @@ class TransferLink:
         self.frames_sent = 0
         self.frames_received = 0
         self.connects = 0
+        self.refusals = 0  # attempts that failed the identity check (certificate or welcome)
+        self.last_error = ""  # why the last attempt failed ("" once linked)
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -173,7 +184,23 @@ class TransferLink:
     async def _run(self) -> None:
         backoff = self._backoff_initial
         while not self._closing.is_set():
-            channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            if self.tls is not None and not await self._check_identity():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), backoff)
+                backoff = min(backoff * 2, self._backoff_max)
+                continue
+            if self.tls is not None:
+                try:
+                    credentials = self.tls.channel_credentials()  # read at each attempt: rotated files apply
+                except OSError as exc:
+                    self.last_error = f"cannot read the link certificate: {exc}"
+                    log.error("transfer link: %s", self.last_error)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._closing.wait(), self._backoff_max)
+                    continue
+                channel = grpc.aio.secure_channel(self.address, credentials, options=CHANNEL_OPTIONS)
+            else:
+                channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
             link = channel.stream_stream(
                 LINK_METHOD,
                 request_serializer=pb.GatewayFrame.SerializeToString,
@@ -186,7 +213,11 @@ class TransferLink:
                 async for frame in call:
                     self.frames_received += 1
                     if frame.HasField("welcome"):
+                        if self.tls is not None and self.peer is not None and frame.welcome.node != self.peer:
+                            self._refused(f"the transfer node at {self.address} says it is {frame.welcome.node!r}")
+                            break
                         self.transfer_node = frame.welcome.node
+                        self.last_error = ""
                         self.connects += 1
                         self._connected.set()
                         backoff = self._backoff_initial
@@ -194,6 +225,7 @@ class TransferLink:
                     self._dispatch(frame)
                 log.warning("transfer node %s ended the link", self.address)
             except grpc.aio.AioRpcError as exc:
+                self.last_error = f"{exc.code().name} {exc.details()}"
                 log.warning("transfer link to %s: %s %s", self.address, exc.code().name, exc.details())
             finally:
                 self._lost("the link to the message core broke; resend with the same cmid")
@@ -203,6 +235,27 @@ class TransferLink:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), backoff)
             backoff = min(backoff * 2, self._backoff_max)
+
+    async def _check_identity(self) -> bool:
+        """With TLS and an expected ``peer``: does the certificate at ``address`` name that node?"""
+        assert self.tls is not None
+        if self.peer is None:
+            return True
+        try:
+            named = await self.tls.server_node(self.address)
+        except (OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
+            self.last_error = f"TLS handshake with {self.address} failed: {type(exc).__name__}: {exc}"
+            log.warning("transfer link: %s", self.last_error)
+            return False
+        if named != self.peer:
+            self._refused(f"the certificate at {self.address} names node {named!r}, not {self.peer!r}")
+            return False
+        return True
+
+    def _refused(self, why: str) -> None:
+        self.refusals += 1
+        self.last_error = why
+        log.error("transfer link: %s (the registry lists %r there): not linking", why, self.peer)
 
     async def _requests(self, epoch: int) -> AsyncIterator[pb.GatewayFrame]:
         yield pb.GatewayFrame(hello=pb.Hello(node=self.node))

@@ -30,6 +30,7 @@ from im.model.errors import ErrorCode, ImError
 from im.model.ids import direct_conv
 from im.transfer.client import TransferLink
 from im.transfer.server import encode_event
+from im.transfer.tls import LinkTls
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,12 @@ class TransferPool:
         on_revoked: Callable[[str], None] | None = None,
         role: str = "transfer",
         link_factory: Callable[[str, str, DeliverySink], TransferLink] | None = None,  # the pool wires it
+        tls: LinkTls | None = None,
     ) -> None:
+        """``tls``: dial every transfer node over mutual TLS, and link only to a node whose certificate
+        names the node its registry entry lists (:mod:`im.transfer.tls`)."""
         self._registry = registry
+        self._tls = tls
         self.node = node
         self._sink: DeliverySink | None = None  # where deliveries and events for this node go (start)
         self._on_revoked = on_revoked
@@ -79,7 +84,7 @@ class TransferPool:
         self._closed = False
 
     def _default_link(self, address: str, node: str, sink: DeliverySink) -> TransferLink:
-        return TransferLink(address, node, sink)
+        return TransferLink(address, node, sink, tls=self._tls)
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -111,6 +116,7 @@ class TransferPool:
             if node not in self._links:
                 assert self._sink is not None, "the registry called back before start()"
                 link = self._make_link(address, self.node, self._sink)
+                link.peer = node  # the transfer node this registry entry names (checked over TLS)
                 link.on_revoked = self._on_revoked
                 link.on_lost = self.resubmit
                 self._links[node] = link

@@ -28,6 +28,7 @@ from im.model.chat import StoredMessage
 from im.model.errors import ImError
 from im.protocol.codec import Encoding, decode_server, encode
 from im.transfer.gen import transfer_pb2 as pb
+from im.transfer.tls import LinkTls
 from im.transfer.wire import CHANNEL_OPTIONS, SERVICE_NAME, message_from_pb, message_to_pb, send_from_pb
 
 log = logging.getLogger(__name__)
@@ -226,16 +227,21 @@ class TransferServicer:
         node: str = "transfer-1",
         max_frame_items: int = 4096,
         max_pending: int = 100_000,
+        tls: LinkTls | None = None,
     ) -> None:
+        """``tls``: serve on a TLS port that requires a cluster client certificate, and accept a stream
+        only from the node its certificate names (:mod:`im.transfer.tls`); None: plaintext, anyone."""
         self.committer = committer
         self.router = router
         self.node = node
+        self.tls = tls
         self._max_frame_items = max_frame_items
         self._max_pending = max_pending
         self.frames_received = 0
         self.frames_sent = 0
         self.sends_received = 0
         self.streams = 0  # streams currently open
+        self.refused = 0  # streams whose certificate named another node than their hello
         self._outboxes: set[LinkOutbox] = set()
         self._no_streams = asyncio.Event()  # set while no stream is open
         self._no_streams.set()
@@ -262,6 +268,21 @@ class TransferServicer:
         if not first.HasField("hello") or not first.hello.node:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be a hello with a node id")
             return
+        if self.tls is not None:
+            certified = self.tls.peer_node(context)
+            if certified != first.hello.node:
+                self.refused += 1
+                log.warning(
+                    "refused a stream claiming node %r from %s: its certificate names %r",
+                    first.hello.node,
+                    context.peer(),
+                    certified,
+                )
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"the client certificate names node {certified!r}, not {first.hello.node!r}",
+                )
+                return
         if self._closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the transfer node is stopping")
             return
@@ -332,7 +353,9 @@ class TransferServicer:
 
 
 async def serve_transfer(servicer: TransferServicer, address: str = "127.0.0.1:0") -> tuple[Any, int]:
-    """Start a grpc.aio server with the Transfer service on ``address``; returns (server, bound port)."""
+    """Start a grpc.aio server with the Transfer service on ``address``; returns (server, bound port).
+    A servicer with ``tls`` is served on a TLS port that requires a cluster client certificate (and no
+    plaintext port); without, on a plaintext port."""
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     handler = grpc.method_handlers_generic_handler(
         SERVICE_NAME,
@@ -345,6 +368,9 @@ async def serve_transfer(servicer: TransferServicer, address: str = "127.0.0.1:0
         },
     )
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port(address)
+    if servicer.tls is not None:
+        port = server.add_secure_port(address, servicer.tls.server_credentials())
+    else:
+        port = server.add_insecure_port(address)
     await server.start()
     return server, port

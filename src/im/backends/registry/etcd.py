@@ -33,14 +33,18 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import aetcd
+import aetcd.rpc
+import aetcd.watcher
+import grpc
 import msgspec
 
 from im.backends.registry import Registry
+from im.backends.tls import ClientTls
 from im.model.cluster import ServiceInstance
 
 log = logging.getLogger(__name__)
@@ -104,10 +108,35 @@ class _View:
                 log.exception("registry watch callback for %r failed", self.role)
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+R = TypeVar("R", bound="EtcdRegistry")
+
+
+def _failing_over(
+    method: Callable[Concatenate[R, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[R, P], Coroutine[Any, Any, T]]:
+    """A call that finds its etcd member unreachable moves the client to the next member, then raises
+    (the caller retries, as it would after any etcd error)."""
+
+    async def call(self: R, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(self, *args, **kwargs)
+        except Exception as e:
+            await self.client.failed(e)
+            raise
+
+    call.__name__, call.__qualname__, call.__doc__ = method.__name__, method.__qualname__, method.__doc__
+    return call
+
+
 class EtcdRegistry(Registry):
     """:class:`Registry` on etcd (v3 API over gRPC, via ``aetcd``).
 
-    ``endpoints``: the etcd member to talk to, ``host:port``. ``prefix``: where the keys live (one
+    ``endpoints``: the etcd members, ``host:port`` each (a list, or one string, commas between members):
+    the client talks to one and moves to the next when a call finds it unreachable (any member serves
+    every call). ``tls``: TLS to etcd's client port (the CA the members' certificates chain to, and a
+    client certificate for ``--client-cert-auth``); None: plaintext. ``prefix``: where the keys live (one
     deployment per prefix). ``timeout``: seconds for each etcd call. ``keepalive``: refresh each
     registration's lease in the background (every TTL/3); with False the owner keeps it alive only by
     calling :meth:`update_load` or :meth:`register` within each TTL. ``retry``: the first delay before
@@ -119,15 +148,16 @@ class EtcdRegistry(Registry):
 
     def __init__(
         self,
-        endpoints: str = "127.0.0.1:2379",
+        endpoints: str | Sequence[str] = "127.0.0.1:2379",
         *,
+        tls: ClientTls | None = None,
         prefix: str = "/im/services/",
         timeout: float = 5.0,
         keepalive: bool = True,
         retry: float = 0.05,
         max_retry: float = 2.0,
     ) -> None:
-        host, port = _parse_endpoint(endpoints)
+        members = parse_endpoints(endpoints)
         if not prefix.endswith("/"):
             raise ValueError(f"etcd registry prefix must end with '/': {prefix!r}")
         self.prefix = prefix
@@ -145,8 +175,7 @@ class EtcdRegistry(Registry):
             "grpc.keepalive_time_ms": 10_000,
             "grpc.keepalive_timeout_ms": 5_000,
         }
-        # aetcd's `timeout` is typed int but passed to gRPC as seconds: a float works.
-        self.client = aetcd.Client(host=host, port=port, timeout=timeout, options=options)
+        self.client = _Client(members, tls=tls, timeout=timeout, options=options)
         self._registrations: dict[str, _Registration] = {}
         self._views: dict[str, _View] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -171,6 +200,7 @@ class EtcdRegistry(Registry):
 
     # --- registrations ----------------------------------------------------------------------------------
 
+    @_failing_over
     async def register(self, instance: ServiceInstance, ttl: float) -> None:
         """Put the instance under a new lease of ``ttl`` (rounded up to whole seconds) and keep it alive.
 
@@ -198,6 +228,7 @@ class EtcdRegistry(Registry):
         if self._keepalive:
             reg.keepalive = self._spawn(self._keep_alive(reg), f"etcd-keepalive-{instance.node}")
 
+    @_failing_over
     async def update_load(self, node: str, load: int) -> None:
         """Put the new load under the same lease, after renewing it. Unknown nodes: nothing happens."""
         reg = self._registrations.get(node)
@@ -215,6 +246,7 @@ class EtcdRegistry(Registry):
                         raise
             await self._grant_and_put(reg)
 
+    @_failing_over
     async def deregister(self, node: str) -> None:
         """Revoke the node's lease: its entry is gone at once. Only nodes this registry registered;
         unknown ones are ignored. If etcd cannot be reached the error is raised, and the entry goes
@@ -252,6 +284,7 @@ class EtcdRegistry(Registry):
                         await self._grant_and_put(reg)
             except Exception as e:  # etcd unreachable, or anything else: never let the keepalive die
                 failures += 1
+                await self.client.failed(e)
                 delay = min(reg.ttl / 3, self._retry * 2 ** min(failures, 10), self._max_retry)
                 log.log(
                     logging.WARNING if failures == 1 else logging.DEBUG,
@@ -275,6 +308,7 @@ class EtcdRegistry(Registry):
 
     # --- discovery --------------------------------------------------------------------------------------
 
+    @_failing_over
     async def instances(self, role: str) -> list[ServiceInstance]:
         """The live instances of ``role``, read from etcd (ordered by node)."""
         got = await self.client.get_prefix(self._role_prefix(role))
@@ -344,6 +378,7 @@ class EtcdRegistry(Registry):
                 revision = None
             except Exception as e:  # etcd restarted or unreachable (ConnectionFailedError, ...): reopen
                 failures += 1
+                await self.client.failed(e)
                 delay = min(self._retry * 2 ** min(failures - 1, 10), self._max_retry)
                 log.log(
                     logging.WARNING if failures == 1 else logging.DEBUG,
@@ -399,10 +434,93 @@ def _apply(entries: dict[bytes, ServiceInstance], event: aetcd.Event) -> bool:
     return True
 
 
-def _parse_endpoint(endpoints: str) -> tuple[str, int]:
-    if "," in endpoints:
-        raise ValueError(f"EtcdRegistry talks to one etcd endpoint (host:port), not a list: {endpoints!r}")
-    host, sep, port = endpoints.strip().removeprefix("http://").rpartition(":")
+def parse_endpoints(endpoints: str | Sequence[str]) -> list[tuple[str, int]]:
+    """``host:port`` members, from a list or a comma-separated string; at least one."""
+    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
+    out = [_parse_endpoint(item) for item in items if item.strip()]
+    if not out:
+        raise ValueError(f"no etcd endpoint given: {endpoints!r}")
+    return out
+
+
+def _parse_endpoint(endpoint: str) -> tuple[str, int]:
+    host, sep, port = endpoint.strip().removeprefix("http://").removeprefix("https://").rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise ValueError(f"etcd endpoint must be host:port: {endpoints!r}")
+        raise ValueError(f"etcd endpoint must be host:port: {endpoint!r}")
     return host.strip("[]"), int(port)
+
+
+class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type hints
+    """aetcd's client over a TLS channel when asked, and over several members.
+
+    aetcd 1.0.0 dials ``insecure_channel(host:port)`` and nothing else (no TLS options, one endpoint), so
+    :meth:`connect` is its own here: the same stubs on a ``secure_channel`` with ``tls``'s CA and client
+    certificate (gRPC checks the member's certificate against the CA and the host name dialled), on the
+    current member. :meth:`failed` moves to the next member after a connection error; the registry's
+    retry loops call it, and the next call connects there.
+    """
+
+    # aetcd's own state, which connect() below sets as aetcd's does
+    _connected: asyncio.Event
+    _is_connecting: bool
+    _connect_wait_timeout: float
+    _options: dict[str, Any]
+    _timeout: float | None
+
+    def __init__(
+        self,
+        members: list[tuple[str, int]],
+        *,
+        tls: ClientTls | None,
+        timeout: float,
+        options: dict[str, Any],
+    ) -> None:
+        host, port = members[0]
+        # aetcd's `timeout` is typed int but passed to gRPC as seconds: a float works.
+        super().__init__(host=host, port=port, timeout=timeout, options=options)
+        self.members = members
+        self.current = 0
+        self._tls = tls
+
+    @property
+    def target(self) -> str:
+        host, port = self.members[self.current]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            options = list(self._options.items())
+            if self._tls is None:
+                self.channel = grpc.aio.insecure_channel(self.target, options=options)
+            else:
+                ca, key, cert = self._tls.read()
+                credentials = grpc.ssl_channel_credentials(ca, key, cert)
+                self.channel = grpc.aio.secure_channel(self.target, credentials, options=options)
+            self.kvstub = aetcd.rpc.KVStub(self.channel)
+            self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
+            self.leasestub = aetcd.rpc.LeaseStub(self.channel)
+            self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(
+                aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            )
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+    async def failed(self, exc: BaseException) -> None:
+        """A call failed with ``exc``: if the member did not answer and there are others, close this
+        channel and use the next member from the next call on."""
+        if len(self.members) < 2 or not isinstance(exc, aetcd.ConnectionFailedError | aetcd.ConnectionTimeoutError):
+            return
+        if not self._connected.is_set():
+            return  # another task already moved on; its next connect uses the next member
+        self.current = (self.current + 1) % len(self.members)
+        log.warning("etcd member unreachable (%r): moving to %s", exc, self.target)
+        with contextlib.suppress(Exception):
+            await self.close()

@@ -16,9 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any
+import ssl
+from pathlib import Path
+from typing import Any, Literal
 
 import asyncpg
+
+from im.backends.tls import ClientTls
+
+SslMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
 
 # Each entry upgrades the schema by one version; never edit an entry that has shipped, append one.
 MIGRATIONS: list[str] = [
@@ -204,7 +210,10 @@ class PostgresDatabase:
         connect_timeout: float = 10.0,
         command_timeout: float | None = 60.0,
         migrations: list[str] | None = None,
+        ssl: ssl.SSLContext | SslMode | None = None,
     ) -> None:
+        """``ssl``: TLS to the server, from :func:`postgres_ssl` (None: what the DSN says, else libpq's
+        ``prefer``)."""
         if schema is not None and not _SCHEMA_NAME.fullmatch(schema):
             raise ValueError(f"schema name must match {_SCHEMA_NAME.pattern}: {schema!r}")
         self.dsn = dsn
@@ -214,6 +223,7 @@ class PostgresDatabase:
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.migrations = MIGRATIONS if migrations is None else migrations
+        self.ssl = ssl
         self._pool: Any = None  # asyncpg.Pool (asyncpg ships no type hints)
         self._users = 0
         self._lock = asyncio.Lock()
@@ -242,6 +252,7 @@ class PostgresDatabase:
                     timeout=self.connect_timeout,
                     command_timeout=self.command_timeout,
                     server_settings=settings,
+                    **({} if self.ssl is None else {"ssl": self.ssl}),
                 )
                 try:
                     async with pool.acquire() as conn:
@@ -285,3 +296,27 @@ class PostgresDatabase:
     async def version(self) -> int:
         """The schema version the database is at."""
         return int(await self.pool.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
+
+
+def postgres_ssl(
+    mode: SslMode | None,
+    *,
+    rootcert: Path | None = None,
+    cert: Path | None = None,
+    key: Path | None = None,
+) -> ssl.SSLContext | SslMode | None:
+    """What :class:`PostgresDatabase` takes as ``ssl`` for libpq's ``sslmode`` and files.
+
+    ``disable``/``prefer`` pass through (asyncpg implements them; no certificate is checked). ``require``
+    encrypts without checking the server, unless ``rootcert`` is given (then, as libpq does, it checks the
+    chain like ``verify-ca``); ``verify-ca`` checks the chain; ``verify-full`` the chain and the host name.
+    A client certificate (``cert`` and ``key``) is presented in ``require`` and above. None: nothing set
+    here (the DSN's own ``sslmode``/``sslrootcert`` apply).
+    """
+    if mode is None or mode in ("disable", "prefer"):
+        if cert is not None or rootcert is not None:
+            raise ValueError(f"sslmode {mode} presents no client certificate and checks no CA: use require or above")
+        return mode
+    verify = mode in ("verify-ca", "verify-full") or rootcert is not None
+    tls = ClientTls(ca_file=rootcert, cert_file=cert, key_file=key, check_hostname=mode == "verify-full", verify=verify)
+    return tls.context()
