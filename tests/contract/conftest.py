@@ -694,3 +694,91 @@ async def blob_harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     await harness.storage.start()
     yield harness
     await harness.storage.close()
+
+
+# --- ConversationKeys (the wrapped data keys) and KeyProvider (the master key) ---------------------------
+
+
+class KeyStoreHarness(abc.ABC):
+    """A :class:`ConversationKeys` on fresh storage; ``peer`` opens another on the same storage, as
+    another process would (its own database object)."""
+
+    store: ConversationKeys
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def peer(self) -> ConversationKeys:
+        """Another started store on the same storage (closed with the harness)."""
+
+    @abc.abstractmethod
+    def unstarted(self) -> ConversationKeys: ...
+
+
+class SqliteKeyStoreHarness(KeyStoreHarness):
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "im.db"
+        self._peers: list[ConversationKeys] = []
+
+    async def open(self) -> None:
+        self.store = SqliteConversationKeys(SqliteDatabase(self.path))
+        await self.store.start()
+
+    async def close(self) -> None:
+        while self._peers:
+            await self._peers.pop().close()
+        await self.store.close()
+
+    async def peer(self) -> ConversationKeys:
+        store = SqliteConversationKeys(SqliteDatabase(self.path))
+        await store.start()
+        self._peers.append(store)
+        return store
+
+    def unstarted(self) -> ConversationKeys:
+        return SqliteConversationKeys(SqliteDatabase(self.path))
+
+
+class PostgresKeyStoreHarness(KeyStoreHarness):
+    def __init__(self, tmp_path: Path) -> None:
+        self.schema = PgSchema()
+        self._peers: list[ConversationKeys] = []
+
+    async def open(self) -> None:
+        self.store = PostgresConversationKeys(self.schema.database())
+        await start(self.store)
+
+    async def close(self) -> None:
+        try:
+            while self._peers:
+                await self._peers.pop().close()
+            await self.store.close()
+        finally:
+            await self.schema.drop()
+
+    async def peer(self) -> ConversationKeys:
+        store = PostgresConversationKeys(self.schema.database())
+        await start(store)
+        self._peers.append(store)
+        return store
+
+    def unstarted(self) -> ConversationKeys:
+        return PostgresConversationKeys(self.schema.database())
+
+
+KEY_STORES = [
+    pytest.param(SqliteKeyStoreHarness, id="sqlite"),
+    pytest.param(PostgresKeyStoreHarness, id="postgres"),
+]
+
+
+@pytest.fixture(params=KEY_STORES)
+async def key_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[KeyStoreHarness]:
+    harness: KeyStoreHarness = request.param(tmp_path)
+    await harness.open()
+    yield harness
+    await harness.close()

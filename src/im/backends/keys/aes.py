@@ -60,8 +60,9 @@ class AesKeyProvider(KeyProvider):
 
     @property
     def key_id(self) -> str:
-        if self._aead is None:
-            raise RuntimeError(f"{type(self).__name__} is not started")
+        """Known from the first start on (and kept after close: it is not secret)."""
+        if not self._key_id:
+            raise RuntimeError(f"{type(self).__name__} was never started")
         return self._key_id
 
     def _cipher(self) -> AESGCM:
