@@ -120,19 +120,19 @@ class EncryptedChatStore(ChatStore):
             return []
         names = {m.conv: conv_key_name(m.conv) for m in messages}
         keys = await self.keyring.current(names.values())
-        by_conv: dict[str, tuple[bytes, AESGCM]] = {}
+        by_conv: dict[str, tuple[bytes, AESGCM, bytes]] = {}  # conv -> header, cipher, associated data prefix
         for conv, name in names.items():
             found = keys.get(name)
             if found is None:
                 raise KeyUnavailable(f"no usable data key for conversation {conv}")
-            by_conv[conv] = (_HEADER.pack(FORMAT, found[0]), found[1])
+            by_conv[conv] = (_HEADER.pack(FORMAT, found[0]), found[1], b"im-msg/" + conv.encode())
         nonces = os.urandom(_NONCE * len(messages))
         out = []
         pack = _ROW.pack
         for i, m in enumerate(messages):
-            header, aead = by_conv[m.conv]
+            header, aead, prefix = by_conv[m.conv]
             nonce = nonces[i * _NONCE : (i + 1) * _NONCE]
-            sealed = aead.encrypt(nonce, m.body, b"im-msg/" + m.conv.encode() + pack(m.seq, m.mid))
+            sealed = aead.encrypt(nonce, m.body, prefix + pack(m.seq, m.mid))
             out.append(
                 StoredMessage(m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, header + nonce + sealed)
             )
@@ -141,13 +141,18 @@ class EncryptedChatStore(ChatStore):
     async def open(self, messages: Sequence[StoredMessage]) -> list[StoredMessage]:
         """``messages`` with sealed bodies opened (plaintext ones as they are, ones that do not open
         as :data:`UNDECRYPTABLE`)."""
-        wanted: set[tuple[str, int]] = set()
+        wanted: dict[tuple[str, int], tuple[str, int]] = {}  # (conv, version) -> (key name, version)
         for m in messages:
             if is_sealed(m.body):
-                wanted.add((conv_key_name(m.conv), _HEADER.unpack_from(m.body)[1]))
+                at = (m.conv, _HEADER.unpack_from(m.body)[1])
+                if at not in wanted:
+                    wanted[at] = (conv_key_name(m.conv), at[1])
         if not wanted:
             return list(messages)
-        ciphers = await self.keyring.versions(wanted)
+        ciphers = await self.keyring.versions(wanted.values())
+        by_conv = {at: ciphers.get(named) for at, named in wanted.items()}
+        prefixes = {conv: b"im-msg/" + conv.encode() for conv, _ in wanted}
+        pack = _ROW.pack
         out = []
         failed: list[StoredMessage] = []
         for m in messages:
@@ -155,12 +160,12 @@ class EncryptedChatStore(ChatStore):
             if not is_sealed(body):
                 out.append(m)
                 continue
-            aead = ciphers.get((conv_key_name(m.conv), _HEADER.unpack_from(body)[1]))
+            aead = by_conv[(m.conv, _HEADER.unpack_from(body)[1])]
             plain = None
             if aead is not None:
                 try:
                     plain = aead.decrypt(
-                        body[_HEADER.size : _PREFIX], body[_PREFIX:], associated_data(m.conv, m.seq, m.mid)
+                        body[_HEADER.size : _PREFIX], body[_PREFIX:], prefixes[m.conv] + pack(m.seq, m.mid)
                     )
                 except InvalidTag:
                     plain = None

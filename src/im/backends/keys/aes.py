@@ -1,9 +1,11 @@
 """A master key held in this process: AES-256-GCM key wrapping, shared by the file and environment
 providers.
 
-Wrapped format: ``0x01`` (format version), a 12-byte random nonce, then the AES-256-GCM ciphertext of
-the data key and its 16-byte tag; the context is the associated data. The key id is the first 8 bytes
-of HMAC-SHA256(master key, "im master key id"), in hex: it names the key without revealing it.
+Wrapped format: ``0x01`` (format version), the 8 bytes of the master key's id, a 12-byte random nonce,
+then the AES-256-GCM ciphertext of the data key and its 16-byte tag; the context is the associated data.
+The key id is the first 8 bytes of HMAC-SHA256(master key, "im master key id") (in hex as ``key_id``):
+it names the key without revealing it, and lets a keyring that holds several master keys (during a
+rotation) pick the one a wrapped key needs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from im.backends.keys import KeyProvider, KeyUnavailable
 MASTER_KEY_BYTES = 32
 _FORMAT = b"\x01"
 _NONCE = 12
+_ID_END = 1 + 8
+_HEAD = _ID_END + _NONCE
 
 
 def new_master_key() -> bytes:
@@ -72,14 +76,17 @@ class AesKeyProvider(KeyProvider):
 
     async def wrap(self, key: bytes, context: bytes) -> bytes:
         nonce = os.urandom(_NONCE)
-        return _FORMAT + nonce + self._cipher().encrypt(nonce, key, context)
+        aead = self._cipher()
+        return _FORMAT + bytes.fromhex(self._key_id) + nonce + aead.encrypt(nonce, key, context)
 
     async def unwrap(self, wrapped: bytes, context: bytes) -> bytes:
         aead = self._cipher()
-        if len(wrapped) < 1 + _NONCE + 16 or wrapped[:1] != _FORMAT:
+        if len(wrapped) < _HEAD + 16 or wrapped[:1] != _FORMAT:
             raise KeyUnavailable("a wrapped key in an unknown format")
+        if wrapped[1:_ID_END].hex() != self._key_id:
+            raise KeyUnavailable(f"a key wrapped by master key {wrapped[1:_ID_END].hex()}, not {self._key_id}")
         try:
-            return aead.decrypt(wrapped[1 : 1 + _NONCE], wrapped[1 + _NONCE :], context)
+            return aead.decrypt(wrapped[_ID_END:_HEAD], wrapped[_HEAD:], context)
         except InvalidTag:
             raise KeyUnavailable(
                 f"a wrapped key does not open with master key {self._key_id} (another master key, or altered)"
