@@ -88,7 +88,7 @@ class Backends:
     file_store: FileStore
     #: The shared rate limits: in memory, or in the presence Redis (one budget per user for the cluster).
     rate_limiter: RateLimiter = field(default_factory=MemoryRateLimiter)
-    #: The data keys (encryption at rest; None when ``encryption.enabled`` is false): the chat store seals
+    #: The data keys (None when encryption is off and no master key exists): the chat store seals
     #: bodies with it, the file service may too. Started before the chat store, closed after it.
     keyring: Keyring | None = None
 
@@ -141,10 +141,12 @@ def build_backends(config: Config) -> Backends:
         account_store = SqliteAccountStore(db)
         file_store = SqliteFileStore(db)
         key_store = SqliteConversationKeys(db)
-    keyring = None
-    if config.encryption.enabled:
-        keyring = Keyring(master_key_provider(config), key_store, cache_size=config.encryption.key_cache)
-        chat_store = EncryptedChatStore(chat_store, keyring)
+    # On: bodies sealed. Off: new bodies in clear, and those sealed while it was on still open when the
+    # master key is there (else they read as "undecryptable", never as raw bytes).
+    enc = config.encryption
+    provider = master_key_provider(config, create=enc.enabled)
+    keyring = None if provider is None else Keyring(provider, key_store, cache_size=enc.key_cache)
+    chat_store = EncryptedChatStore(chat_store, keyring, seal=enc.enabled)
     presence: Presence
     rate_limiter: RateLimiter
     if config.presence.kind == "redis":
@@ -163,10 +165,14 @@ def build_backends(config: Config) -> Backends:
     return Backends(chat_store, account_store, presence, MemoryRouter(), registry, file_store, rate_limiter, keyring)
 
 
-def master_key_provider(config: Config) -> KeyProvider:
+def master_key_provider(config: Config, *, create: bool = True) -> KeyProvider | None:
     """The master key: from the environment variable ``encryption.key_env`` when set, else from the key
-    file (``encryption.key_file``, default ``<data_dir>/master.key``; created when missing)."""
+    file (``encryption.key_file``, default ``<data_dir>/master.key``; created when missing). Without
+    ``create`` (encryption off): only a key that is there already, else None."""
     enc = config.encryption
+    key_file = enc.key_file or config.data_dir / "master.key"
+    if not create and not (os.environ.get(enc.key_env) if enc.key_env else key_file.exists()):
+        return None
     if enc.key_env:
         text = os.environ.get(enc.key_env)
         if not text:
@@ -178,7 +184,7 @@ def master_key_provider(config: Config) -> KeyProvider:
             return EnvKeyProvider(text, name=enc.key_env)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    return FileKeyProvider(enc.key_file or config.data_dir / "master.key")
+    return FileKeyProvider(key_file, create=create)
 
 
 def private_dir(path: os.PathLike[str] | str) -> None:

@@ -146,9 +146,8 @@ async def test_key_work_is_one_load_per_commit_and_per_read(engine: Engine) -> N
         return await load(names)
 
     engine.keys.load_keys = counted  # type: ignore[method-assign]
-    async with EncryptedChatStore(
-        engine.inner, engine.keyring(engine.keys, cache_size=1000), owns_keyring=True
-    ) as store:
+    ring = engine.keyring(engine.keys, cache_size=1000)
+    async with EncryptedChatStore(engine.inner, ring, owns_keyring=True) as store:
         convs = [f"d:1:{i}" for i in range(2, 52)]
         batch = CommitBatch(
             messages=[msg(c, s, f"m{s}") for c in convs for s in (1, 2, 3)],
@@ -163,7 +162,7 @@ async def test_key_work_is_one_load_per_commit_and_per_read(engine: Engine) -> N
         assert calls == [50]  # all cached now
         await store.read_range("d:1:2", 0, None, 10)
         assert calls == [50]
-        assert store.keyring.created == 50
+        assert ring.created == 50
 
 
 async def test_a_commit_whose_key_does_not_unwrap_writes_nothing(engine: Engine, store: EncryptedChatStore) -> None:
@@ -176,3 +175,16 @@ async def test_a_commit_whose_key_does_not_unwrap_writes_nothing(engine: Engine,
         (one,) = await fresh.read_range("d:1:2", 0, None, 5)
         assert one.type == UNDECRYPTABLE  # never plaintext, never a crash
     assert [r[0] for r in await engine.sql("SELECT seq FROM messages")] == [1]
+
+
+async def test_turned_off_new_bodies_go_in_clear_and_sealed_ones_still_open(
+    engine: Engine, store: EncryptedChatStore
+) -> None:
+    (old,) = await write(store, "d:1:2", ["sealed while on"])
+    async with EncryptedChatStore(engine.second()[0], engine.keyring(), seal=False, owns_keyring=True) as off:
+        (new,) = await write(off, "d:1:2", ["written while off"], first_seq=2)
+        assert await off.read_range("d:1:2", 0, None, 5) == [old, new]
+    assert [is_sealed(bytes(b)) for (b,) in await engine.sql("SELECT body FROM messages ORDER BY seq")] == [True, False]
+    async with EncryptedChatStore(engine.second()[0], None, seal=False) as blind:  # off, and no master key
+        first, second = await blind.read_range("d:1:2", 0, None, 5)
+    assert (first.type, first.body) == (UNDECRYPTABLE, b"null") and second == new  # never raw ciphertext

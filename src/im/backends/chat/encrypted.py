@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 
+import msgspec
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -82,26 +83,39 @@ class EncryptedChatStore(ChatStore):
     Owns ``inner`` (starts and closes it). ``keyring`` is shared (the composition root starts it before
     and closes it after this store); with ``owns_keyring`` this store starts it first and closes it last.
     ``report_interval``: seconds between two log lines about bodies that did not open.
+
+    ``seal`` False (encryption turned off): new bodies are written in clear; bodies sealed earlier are
+    still opened with ``keyring``, or, without one, read as :data:`UNDECRYPTABLE` (never as raw bytes,
+    which are not JSON).
     """
 
     def __init__(
-        self, inner: ChatStore, keyring: Keyring, *, owns_keyring: bool = False, report_interval: float = 10.0
+        self,
+        inner: ChatStore,
+        keyring: Keyring | None,
+        *,
+        seal: bool = True,
+        owns_keyring: bool = False,
+        report_interval: float = 10.0,
     ) -> None:
+        if seal and keyring is None:
+            raise ValueError("sealing needs a keyring")
         self.inner = inner
         self.keyring = keyring
-        self.owns_keyring = owns_keyring
+        self.sealing = seal
+        self.owns_keyring = owns_keyring and keyring is not None
         self.report_interval = report_interval
         self.failures = 0  # bodies that did not open, since start
         self._unreported = 0
         self._reported_at = 0.0
 
     async def _acquire(self) -> None:
-        if self.owns_keyring:
+        if self.owns_keyring and self.keyring is not None:
             await self.keyring.start()
         try:
             await self.inner.start()
         except BaseException:
-            if self.owns_keyring:
+            if self.owns_keyring and self.keyring is not None:
                 await self.keyring.close()
             raise
 
@@ -109,7 +123,7 @@ class EncryptedChatStore(ChatStore):
         try:
             await self.inner.close()
         finally:
-            if self.owns_keyring:
+            if self.owns_keyring and self.keyring is not None:
                 await self.keyring.close()
 
     # --- sealing -------------------------------------------------------------------------------------
@@ -118,7 +132,9 @@ class EncryptedChatStore(ChatStore):
         """Copies of ``messages`` with their bodies sealed (the originals are not touched)."""
         if not messages:
             return []
-        names = {m.conv: conv_key_name(m.conv) for m in messages}
+        if self.keyring is None:
+            raise KeyUnavailable("no keyring: encryption is off and no master key is configured")
+        names = {conv: conv_key_name(conv) for conv in {m.conv for m in messages}}
         keys = await self.keyring.current(names.values())
         by_conv: dict[str, tuple[bytes, AESGCM, bytes]] = {}  # conv -> header, cipher, associated data prefix
         for conv, name in names.items():
@@ -129,13 +145,13 @@ class EncryptedChatStore(ChatStore):
         nonces = os.urandom(_NONCE * len(messages))
         out = []
         pack = _ROW.pack
-        for i, m in enumerate(messages):
+        replace = msgspec.structs.replace
+        at = 0
+        for m in messages:
             header, aead, prefix = by_conv[m.conv]
-            nonce = nonces[i * _NONCE : (i + 1) * _NONCE]
-            sealed = aead.encrypt(nonce, m.body, prefix + pack(m.seq, m.mid))
-            out.append(
-                StoredMessage(m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, header + nonce + sealed)
-            )
+            nonce = nonces[at : at + _NONCE]
+            at += _NONCE
+            out.append(replace(m, body=header + nonce + aead.encrypt(nonce, m.body, prefix + pack(m.seq, m.mid))))
         return out
 
     async def open(self, messages: Sequence[StoredMessage]) -> list[StoredMessage]:
@@ -149,7 +165,7 @@ class EncryptedChatStore(ChatStore):
                     wanted[at] = (conv_key_name(m.conv), at[1])
         if not wanted:
             return list(messages)
-        ciphers = await self.keyring.versions(wanted.values())
+        ciphers = {} if self.keyring is None else await self.keyring.versions(wanted.values())
         by_conv = {at: ciphers.get(named) for at, named in wanted.items()}
         prefixes = {conv: b"im-msg/" + conv.encode() for conv, _ in wanted}
         pack = _ROW.pack
@@ -209,7 +225,7 @@ class EncryptedChatStore(ChatStore):
         return dict(zip(found.keys(), opened, strict=True))
 
     async def commit(self, batch: CommitBatch) -> None:
-        if batch.messages:
+        if batch.messages and self.sealing:
             batch = dataclasses.replace(batch, messages=await self.seal(batch.messages))
         await self.inner.commit(batch)
 
@@ -226,6 +242,8 @@ class EncryptedChatStore(ChatStore):
     async def create_group(self, group: Group, first: StoredMessage, members: dict[int, str]) -> int:
         # The ciphertext is bound to the conversation, so the gid is taken before the first message is
         # sealed; the conversation's key is stored before the group that uses it.
+        if not self.sealing:
+            return await self.inner.create_group(group, first, members)
         gid = group.gid or await self.inner.reserve_gid()
         (sealed,) = await self.seal([_in_conv(first, f"g:{gid}")])
         return await self.inner.create_group(dataclasses.replace(group, gid=gid), sealed, members)
