@@ -1,9 +1,10 @@
-"""The master key from an environment variable (``IM_MASTER_KEY`` by default): 32 bytes in base64.
+"""The master key from an environment variable (the one ``encryption.key_env`` names, e.g. ``IM_MASTER_KEY``):
+32 bytes in base64.
 
 The composition root reads the variable and hands the text here; nothing else in the process reads it.
 Suits deployments whose secrets arrive as environment variables (a container orchestrator's secret, a
 systemd credential). Make one with ``python -c "import base64,os; print(base64.b64encode(os.urandom(32)).decode())"``
-(or ``im keys new``) and give every node of the cluster the same value.
+and give every node of the cluster the same value.
 """
 
 from __future__ import annotations
