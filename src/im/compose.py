@@ -10,8 +10,10 @@ at the configuration themselves. Nothing here runs anything: the roles (:mod:`im
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import ssl
+import stat
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +29,20 @@ from im.backends.accounts.sqlite import SqliteAccountStore
 from im.backends.blobs import BlobStorage
 from im.backends.blobs.encrypted import EncryptedBlobStorage, FileKeys
 from im.backends.blobs.local import LocalBlobStorage
-from im.backends.chat import ChatStore
-from im.backends.chat.postgres import PostgresChatStore
-from im.backends.chat.sqlite import SqliteChatStore
+from im.backends.chat import ChatStore, ConversationKeys
+from im.backends.chat.encrypted import EncryptedChatStore
+from im.backends.chat.postgres import PostgresChatStore, PostgresConversationKeys
+from im.backends.chat.sqlite import SqliteChatStore, SqliteConversationKeys
 from im.backends.dedupe import Dedupe
 from im.backends.dedupe.memory import MemoryDedupe
 from im.backends.dedupe.redis import RedisDedupe
 from im.backends.files import FileStore
 from im.backends.files.postgres import PostgresFileStore
 from im.backends.files.sqlite import SqliteFileStore
+from im.backends.keys import KeyProvider
+from im.backends.keys.env import EnvKeyProvider
+from im.backends.keys.file import FileKeyProvider
+from im.backends.keys.keyring import Keyring
 from im.backends.lifecycle import Service
 from im.backends.presence import Presence
 from im.backends.presence.memory import MemoryPresence
@@ -89,10 +96,22 @@ class Backends:
     file_store: FileStore
     #: The shared rate limits: in memory, or in the presence Redis (one budget per user for the cluster).
     rate_limiter: RateLimiter = field(default_factory=MemoryRateLimiter)
+    #: The data keys (None when encryption is off and no master key exists): the chat store seals
+    #: bodies with it, the file service may too. Started before the chat store, closed after it.
+    keyring: Keyring | None = None
 
     def services(self) -> list[Service]:
         """In start order (closed in reverse). The file store is not here: it opens with its FileService."""
-        return [self.chat_store, self.account_store, self.presence, self.rate_limiter, self.registry, self.router]
+        first: list[Service] = [] if self.keyring is None else [self.keyring]
+        return [
+            *first,
+            self.chat_store,
+            self.account_store,
+            self.presence,
+            self.rate_limiter,
+            self.registry,
+            self.router,
+        ]
 
     async def start(self) -> None:
         """Start every backend in order; one that fails closes those already started, then raises."""
@@ -115,6 +134,8 @@ def build_backends(config: Config) -> Backends:
     """Map configuration to backend implementations (the only switch on kinds in the code base)."""
     st = config.store
     outbox = config.events.kind == "rabbitmq"  # the commit records events for the relay
+    private_dir(config.data_dir)
+    key_store: ConversationKeys
     if st.kind == "postgres":
         assert st.postgres_dsn is not None  # validated by StoreConfig
         try:
@@ -129,11 +150,19 @@ def build_backends(config: Config) -> Backends:
         chat_store: ChatStore = PostgresChatStore(pg, outbox=outbox)
         account_store: AccountStore = PostgresAccountStore(pg)
         file_store: FileStore = PostgresFileStore(pg)
+        key_store = PostgresConversationKeys(pg)
     else:
         db = SqliteDatabase(config.data_dir / "im.sqlite3")
         chat_store = SqliteChatStore(db, outbox=outbox)
         account_store = SqliteAccountStore(db)
         file_store = SqliteFileStore(db)
+        key_store = SqliteConversationKeys(db)
+    # On: bodies sealed. Off: new bodies in clear, and those sealed while it was on still open when the
+    # master key is there (else they read as "undecryptable", never as raw bytes).
+    enc = config.encryption
+    provider = master_key_provider(config, create=enc.enabled)
+    keyring = None if provider is None else Keyring(provider, key_store, cache_size=enc.key_cache)
+    chat_store = EncryptedChatStore(chat_store, keyring, seal=enc.enabled)
     presence: Presence
     rate_limiter: RateLimiter
     if config.presence.kind == "redis":
@@ -153,7 +182,39 @@ def build_backends(config: Config) -> Backends:
         registry = EtcdRegistry(rc.endpoints(), tls=etcd_tls, prefix=rc.prefix)
     else:
         registry = MemoryRegistry()
-    return Backends(chat_store, account_store, presence, MemoryRouter(), registry, file_store, rate_limiter)
+    return Backends(chat_store, account_store, presence, MemoryRouter(), registry, file_store, rate_limiter, keyring)
+
+
+def master_key_provider(config: Config, *, create: bool = True) -> KeyProvider | None:
+    """The master key: from the environment variable ``encryption.key_env`` when set, else from the key
+    file (``encryption.key_file``, default ``<data_dir>/master.key``; created when missing). Without
+    ``create`` (encryption off): only a key that is there already, else None."""
+    enc = config.encryption
+    key_file = enc.key_file or config.data_dir / "master.key"
+    if not create and not (os.environ.get(enc.key_env) if enc.key_env else key_file.exists()):
+        return None
+    if enc.key_env:
+        text = os.environ.get(enc.key_env)
+        if not text:
+            raise ConfigError(
+                f"encryption.key_env is {enc.key_env}, but that environment variable is not set (a base64 master "
+                "key, the same on every node; see docs/security.md, Encryption)"
+            )
+        try:
+            return EnvKeyProvider(text, name=enc.key_env)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return FileKeyProvider(key_file, create=create)
+
+
+def private_dir(path: os.PathLike[str] | str) -> None:
+    """Create the data directory 0700, or take group and other permissions off an existing one (it holds
+    the database, the token secret and, by default, the master key)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        os.chmod(path, mode & 0o700)
+        log.warning("data directory %s was mode %04o; now %04o", path, mode, mode & 0o700)
 
 
 def client_tls(ca_file: Path | None, cert_file: Path | None, key_file: Path | None) -> ClientTls | None:

@@ -355,6 +355,23 @@ def _pair(cert: Path | None, key: Path | None, cert_name: str, key_name: str) ->
         raise ValueError(f"{cert_name} and {key_name} go together")
 
 
+class EncryptionConfig(_Section):
+    """Message bodies encrypted at rest (docs/security.md, "Encryption"): one AES-256 data key per
+    conversation, stored wrapped by the master key. Every node of a cluster needs the same master key."""
+
+    #: Seal message bodies in the store. Off: new bodies are stored in clear (what was sealed stays
+    #: readable only with encryption on).
+    enabled: bool = True
+    #: The master key file; default ``<data_dir>/master.key``, created (0600) when missing. Back it up
+    #: apart from the database: without it the messages cannot be read.
+    key_file: Path | None = None
+    #: Read the master key (base64 of 32 bytes) from this environment variable instead of a file, for
+    #: example ``IM_MASTER_KEY``; the variable must then be set. None: use ``key_file``.
+    key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    #: Unwrapped data keys kept in memory (conversations), least recently used dropped first.
+    key_cache: int = Field(100_000, ge=1)
+
+
 class RateConfig(_Section):
     """``limit`` units per ``period`` seconds, bursts of up to ``limit`` (GCRA, im.backends.rate_limit).
     Written ``{limit: 20, period: 60}`` or ``"20/60"`` (``--set rates.login_per_address=20/60``)."""
@@ -435,6 +452,7 @@ class Config(BaseSettings):
     rates: RatesConfig = RatesConfig()
     tls: TlsConfig = TlsConfig()
     cluster_tls: ClusterTlsConfig = ClusterTlsConfig()
+    encryption: EncryptionConfig = EncryptionConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -27,15 +28,18 @@ from im.backends.accounts.sqlite import SqliteAccountStore
 from im.backends.blobs import BlobStorage
 from im.backends.blobs.encrypted import EncryptedBlobStorage
 from im.backends.blobs.local import LocalBlobStorage
-from im.backends.chat import ChatStore
-from im.backends.chat.postgres import PostgresChatStore
-from im.backends.chat.sqlite import SqliteChatStore
+from im.backends.chat import ChatStore, ConversationKeys
+from im.backends.chat.encrypted import EncryptedChatStore
+from im.backends.chat.postgres import PostgresChatStore, PostgresConversationKeys
+from im.backends.chat.sqlite import SqliteChatStore, SqliteConversationKeys
 from im.backends.dedupe import Dedupe
 from im.backends.dedupe.memory import MemoryDedupe
 from im.backends.dedupe.redis import RedisDedupe
 from im.backends.files import FileStore
 from im.backends.files.postgres import PostgresFileStore
 from im.backends.files.sqlite import SqliteFileStore
+from im.backends.keys.file import FileKeyProvider
+from im.backends.keys.keyring import Keyring
 from im.backends.presence import Presence
 from im.backends.presence.memory import MemoryPresence
 from im.backends.presence.redis import RedisPresence
@@ -88,9 +92,20 @@ async def delete_redis_prefix(client: aioredis.Redis, prefix: str) -> int:
 
 
 class ChatHarness(abc.ABC):
-    """A :class:`ChatStore` on fresh, private storage, plus the accounts needed for titles."""
+    """A :class:`ChatStore` on fresh, private storage, plus the accounts needed for titles.
+
+    With ``encrypted``, every store it hands out is the engine's store inside an
+    :class:`EncryptedChatStore` that owns its own keyring (the key file in the test's directory, the data
+    keys on the same database): the same contract must hold through the encryption."""
 
     store: ChatStore
+    encrypted: bool = False
+    key_file: Path
+
+    def wrap(self, inner: ChatStore, keys: ConversationKeys) -> ChatStore:
+        if not self.encrypted:
+            return inner
+        return EncryptedChatStore(inner, Keyring(FileKeyProvider(self.key_file), keys), owns_keyring=True)
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -125,15 +140,17 @@ class ChatHarness(abc.ABC):
 
 
 class SqliteChatHarness(ChatHarness):
-    def __init__(self, tmp_path: Path, *, outbox: bool = False) -> None:
+    def __init__(self, tmp_path: Path, *, outbox: bool = False, encrypted: bool = False) -> None:
         self.path = tmp_path / "im.db"
         self.outbox = outbox
+        self.encrypted = encrypted
+        self.key_file = tmp_path / "master.key"
         self._accounts: SqliteAccountStore | None = None
         self._peers: list[ChatStore] = []
 
     async def open(self) -> None:
         db = SqliteDatabase(self.path)
-        self.store = SqliteChatStore(db, outbox=self.outbox)
+        self.store = self.wrap(SqliteChatStore(db, outbox=self.outbox), SqliteConversationKeys(db))
         self._accounts = SqliteAccountStore(db)
         await self.store.start()
         await self._accounts.start()
@@ -150,32 +167,36 @@ class SqliteChatHarness(ChatHarness):
         return (await self._accounts.create_user(username, display_name, "hash", 1)).uid
 
     async def peer(self) -> ChatStore:
-        store = SqliteChatStore(SqliteDatabase(self.path))
+        db = SqliteDatabase(self.path)
+        store = self.wrap(SqliteChatStore(db), SqliteConversationKeys(db))
         await store.start()
         self._peers.append(store)
         return store
 
     def unstarted(self) -> ChatStore:
-        return SqliteChatStore(SqliteDatabase(self.path), outbox=self.outbox)
+        db = SqliteDatabase(self.path)
+        return self.wrap(SqliteChatStore(db, outbox=self.outbox), SqliteConversationKeys(db))
 
     def on_one_database(self) -> tuple[ChatStore, AccountStore]:
         db = SqliteDatabase(self.path)
-        return SqliteChatStore(db, outbox=self.outbox), SqliteAccountStore(db)
+        return self.wrap(SqliteChatStore(db, outbox=self.outbox), SqliteConversationKeys(db)), SqliteAccountStore(db)
 
 
 class PostgresChatHarness(ChatHarness):
     """The PostgreSQL stores on a fresh schema of the test server (``tests/support/postgres.py``), dropped
     at close; ``reopen`` keeps it. No skip when the server is down: the suite fails."""
 
-    def __init__(self, tmp_path: Path, *, outbox: bool = False) -> None:
+    def __init__(self, tmp_path: Path, *, outbox: bool = False, encrypted: bool = False) -> None:
         self.schema = PgSchema()
         self.outbox = outbox
+        self.encrypted = encrypted
+        self.key_file = tmp_path / "master.key"
         self._accounts: PostgresAccountStore | None = None
         self._peers: list[ChatStore] = []
 
     async def open(self) -> None:
         db = self.schema.database()
-        self.store = PostgresChatStore(db, outbox=self.outbox)
+        self.store = self.wrap(PostgresChatStore(db, outbox=self.outbox), PostgresConversationKeys(db))
         self._accounts = PostgresAccountStore(db)
         await start(self.store, self._accounts)
 
@@ -202,22 +223,29 @@ class PostgresChatHarness(ChatHarness):
         return (await self._accounts.create_user(username, display_name, "hash", 1)).uid
 
     async def peer(self) -> ChatStore:
-        store = PostgresChatStore(self.schema.database())  # its own pool
+        db = self.schema.database()  # its own pool
+        store = self.wrap(PostgresChatStore(db), PostgresConversationKeys(db))
         await start(store)
         self._peers.append(store)
         return store
 
     def unstarted(self) -> ChatStore:
-        return PostgresChatStore(self.schema.database(), outbox=self.outbox)
+        db = self.schema.database()
+        return self.wrap(PostgresChatStore(db, outbox=self.outbox), PostgresConversationKeys(db))
 
     def on_one_database(self) -> tuple[ChatStore, AccountStore]:
         db = self.schema.database()
-        return PostgresChatStore(db, outbox=self.outbox), PostgresAccountStore(db)
+        return (
+            self.wrap(PostgresChatStore(db, outbox=self.outbox), PostgresConversationKeys(db)),
+            PostgresAccountStore(db),
+        )
 
 
 CHAT_STORES = [
     pytest.param(SqliteChatHarness, id="sqlite"),
     pytest.param(PostgresChatHarness, id="postgres"),
+    pytest.param(functools.partial(SqliteChatHarness, encrypted=True), id="sqlite-encrypted"),
+    pytest.param(functools.partial(PostgresChatHarness, encrypted=True), id="postgres-encrypted"),
 ]
 
 
@@ -752,3 +780,91 @@ async def blob_harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     await harness.storage.start()
     yield harness
     await harness.storage.close()
+
+
+# --- ConversationKeys (the wrapped data keys) and KeyProvider (the master key) ---------------------------
+
+
+class KeyStoreHarness(abc.ABC):
+    """A :class:`ConversationKeys` on fresh storage; ``peer`` opens another on the same storage, as
+    another process would (its own database object)."""
+
+    store: ConversationKeys
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def peer(self) -> ConversationKeys:
+        """Another started store on the same storage (closed with the harness)."""
+
+    @abc.abstractmethod
+    def unstarted(self) -> ConversationKeys: ...
+
+
+class SqliteKeyStoreHarness(KeyStoreHarness):
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "im.db"
+        self._peers: list[ConversationKeys] = []
+
+    async def open(self) -> None:
+        self.store = SqliteConversationKeys(SqliteDatabase(self.path))
+        await self.store.start()
+
+    async def close(self) -> None:
+        while self._peers:
+            await self._peers.pop().close()
+        await self.store.close()
+
+    async def peer(self) -> ConversationKeys:
+        store = SqliteConversationKeys(SqliteDatabase(self.path))
+        await store.start()
+        self._peers.append(store)
+        return store
+
+    def unstarted(self) -> ConversationKeys:
+        return SqliteConversationKeys(SqliteDatabase(self.path))
+
+
+class PostgresKeyStoreHarness(KeyStoreHarness):
+    def __init__(self, tmp_path: Path) -> None:
+        self.schema = PgSchema()
+        self._peers: list[ConversationKeys] = []
+
+    async def open(self) -> None:
+        self.store = PostgresConversationKeys(self.schema.database())
+        await start(self.store)
+
+    async def close(self) -> None:
+        try:
+            while self._peers:
+                await self._peers.pop().close()
+            await self.store.close()
+        finally:
+            await self.schema.drop()
+
+    async def peer(self) -> ConversationKeys:
+        store = PostgresConversationKeys(self.schema.database())
+        await start(store)
+        self._peers.append(store)
+        return store
+
+    def unstarted(self) -> ConversationKeys:
+        return PostgresConversationKeys(self.schema.database())
+
+
+KEY_STORES = [
+    pytest.param(SqliteKeyStoreHarness, id="sqlite"),
+    pytest.param(PostgresKeyStoreHarness, id="postgres"),
+]
+
+
+@pytest.fixture(params=KEY_STORES)
+async def key_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[KeyStoreHarness]:
+    harness: KeyStoreHarness = request.param(tmp_path)
+    await harness.open()
+    yield harness
+    await harness.close()

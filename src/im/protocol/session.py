@@ -48,7 +48,7 @@ ACCEPTS: dict[State, tuple[frozenset[type], ErrorCode]] = {
     State.CLOSED: (frozenset(), ErrorCode.UNAUTHENTICATED),
 }
 
-_RESERVED_TYPES = frozenset({"system"})
+_RESERVED_TYPES = frozenset({"system", "undecryptable"})  # server-made: system events; bodies that did not open
 _json_encoder = msgspec.json.Encoder()
 
 

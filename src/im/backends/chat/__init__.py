@@ -4,6 +4,7 @@
     GroupDirectory ─┤
     CursorStore ────┼── ChatStore ── SqliteChatStore, PostgresChatStore
     Outbox ─────────┘
+    ConversationKeys ── SqliteConversationKeys, PostgresConversationKeys (on the same database, apart)
 
 Each narrow interface states its own guarantee. :class:`ChatStore` is all four on **one database**: that
 is what lets :meth:`MessageLog.commit` span the concerns in one transaction (the messages, the
@@ -29,6 +30,7 @@ from im.model.chat import (
     StoredMessage,
     SyncPoint,
 )
+from im.model.keys import WrappedKey
 
 
 class MessageLog(Service, abc.ABC):
@@ -81,8 +83,15 @@ class GroupDirectory(Service, abc.ABC):
     async def create_group(self, group: Group, first: StoredMessage, members: dict[int, str]) -> int:
         """Create a group, its conversation ``g:<gid>`` with ``first`` as seq 1, and its members.
 
-        Returns the new gid (``group.gid`` and ``first.conv`` are ignored; the store assigns them).
+        Returns the gid: ``group.gid`` when it is not 0 (one :meth:`reserve_gid` returned), else a new one
+        the store assigns. ``first.conv`` is ignored (the conversation is ``g:<gid>``).
         """
+
+    @abc.abstractmethod
+    async def reserve_gid(self) -> int:
+        """A gid no group has and no later call or :meth:`create_group` will hand out, for a
+        :meth:`create_group` that must know its conversation before writing (the encrypted store binds
+        the first message's ciphertext to it). A reserved gid never used is a gap, nothing more."""
 
     @abc.abstractmethod
     async def get_group(self, gid: int) -> Group | None: ...
@@ -165,3 +174,45 @@ class ChatStore(MessageLog, GroupDirectory, CursorStore, Outbox, abc.ABC):
 
     Guarantees: those of each part; and one commit is one transaction over all of them (a batch's
     messages, membership changes, read marks and outbox rows are all written, or none)."""
+
+
+class ConversationKeys(Service, abc.ABC):
+    """The wrapped data keys (``im.backends.keys.keyring``): one row per (name, version), the key itself
+    encrypted by a master key the store never sees.
+
+    Guarantees: :meth:`add_key` is insert-if-absent, so two processes that create the first key of a
+    conversation at once both end up with the one that was stored first; a stored row never changes
+    except by :meth:`rewrap` (same key, new wrapping) and never comes back once deleted; writes are
+    durable when they return. Not part of :class:`ChatStore`'s commit: a key is stored (committed)
+    before the first message it encrypts, so a crash between the two leaves an unused key, never a
+    message without its key.
+    """
+
+    @abc.abstractmethod
+    async def load_keys(self, names: Sequence[str]) -> dict[str, list[WrappedKey]]:
+        """Every stored version of each of ``names`` (absent names left out), oldest version first;
+        one round trip whatever the number of names."""
+
+    @abc.abstractmethod
+    async def add_key(self, key: WrappedKey) -> WrappedKey:
+        """Store ``key`` unless (name, version) exists; returns what is stored there (``key``, or the
+        row another writer stored first)."""
+
+    @abc.abstractmethod
+    async def list_keys(self, after: tuple[str, int] | None, limit: int) -> list[WrappedKey]:
+        """Up to ``limit`` rows past (name, version) ``after`` in (name, version) order: every key, page
+        by page (for rewrapping under a new master key)."""
+
+    @abc.abstractmethod
+    async def rewrap(self, old: WrappedKey, new: WrappedKey) -> bool:
+        """Replace the wrapping of one row if it is still ``old`` (compare-and-set on master id and bytes);
+        False when it changed meanwhile or is gone."""
+
+    @abc.abstractmethod
+    async def other_master(self, master_id: str) -> str | None:
+        """The id of a master key other than ``master_id`` that wrapped some stored key, if any."""
+
+    @abc.abstractmethod
+    async def delete_keys(self, names: Sequence[str]) -> int:
+        """Delete every version of each of ``names`` (crypto-shredding: what they encrypted becomes
+        unreadable for good); returns the rows deleted."""

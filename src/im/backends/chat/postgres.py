@@ -29,7 +29,7 @@ from typing import Any
 
 import asyncpg
 
-from im.backends.chat import ChatStore
+from im.backends.chat import ChatStore, ConversationKeys
 from im.backends.sql.postgres_db import PostgresDatabase, rowcount
 from im.backends.sql.rows import conversation_summary
 from im.backends.sql.shared_db import OnSharedDatabase
@@ -44,6 +44,7 @@ from im.model.chat import (
     SyncPoint,
 )
 from im.model.errors import SeqConflict
+from im.model.keys import WrappedKey
 
 _MSG_FIELDS = ["conv", "seq", "mid", "sender", "device", "cmid", "ts", "type", "body"]
 _MSG_COLUMNS = ", ".join(_MSG_FIELDS)
@@ -239,7 +240,9 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
         # One statement: the group, its conversation at seq 1, the members and the first message.
         try:
             gid = await self.db.pool.fetchval(
-                "WITH g AS (INSERT INTO groups (name, owner, created_at) VALUES ($1, $2, $3) RETURNING gid),"
+                "WITH g AS (INSERT INTO groups (gid, name, owner, created_at)"
+                "       VALUES (coalesce($14, nextval(pg_get_serial_sequence('groups', 'gid'))), $1, $2, $3)"
+                "       RETURNING gid),"
                 " c AS (INSERT INTO conversations (conv, kind, last_seq, last_ts)"
                 "       SELECT 'g:' || gid, 'group', 1, $4 FROM g RETURNING conv),"
                 " m AS (INSERT INTO members (conv, uid, role, joined_seq)"
@@ -260,10 +263,14 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
                 first.ts,
                 first.type,
                 first.body,
+                group.gid or None,
             )
         except asyncpg.UniqueViolationError as exc:
             raise SeqConflict(str(exc)) from None
         return int(gid)
+
+    async def reserve_gid(self) -> int:
+        return int(await self.db.pool.fetchval("SELECT nextval(pg_get_serial_sequence('groups', 'gid'))"))
 
     async def get_group(self, gid: int) -> Group | None:
         row = await self.db.pool.fetchrow("SELECT gid, name, owner, created_at FROM groups WHERE gid = $1", gid)
@@ -427,3 +434,79 @@ async def _raise_read_marks(conn: Any, marks: Sequence[tuple[int, str, int]]) ->
         convs,
         seqs,
     )
+
+
+_KEY_COLUMNS = "name, version, master_id, wrapped, created_at"
+
+
+class PostgresConversationKeys(OnSharedDatabase[PostgresDatabase], ConversationKeys):
+    """:class:`ConversationKeys` in the ``data_keys`` table of the shared PostgreSQL database."""
+
+    async def load_keys(self, names: Sequence[str]) -> dict[str, list[WrappedKey]]:
+        if not names:
+            return {}
+        rows = await self.db.pool.fetch(
+            f"SELECT {_KEY_COLUMNS} FROM data_keys WHERE name = ANY($1::text[]) ORDER BY name, version",
+            list(dict.fromkeys(names)),
+        )
+        out: dict[str, list[WrappedKey]] = {}
+        for row in rows:
+            out.setdefault(row[0], []).append(WrappedKey(*row))
+        return out
+
+    async def add_key(self, key: WrappedKey) -> WrappedKey:
+        # Insert-if-absent and read the winner in one statement: the CTE returns our row when inserted;
+        # otherwise the existing one (committed by the other writer, whose insert we waited for).
+        row = await self.db.pool.fetchrow(
+            f"WITH ins AS (INSERT INTO data_keys ({_KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5)"
+            f" ON CONFLICT (name, version) DO NOTHING RETURNING {_KEY_COLUMNS})"
+            f" SELECT {_KEY_COLUMNS} FROM ins"
+            f" UNION ALL SELECT {_KEY_COLUMNS} FROM data_keys WHERE name = $1 AND version = $2 LIMIT 1",
+            key.name,
+            key.version,
+            key.master_id,
+            key.wrapped,
+            key.created_at,
+        )
+        if row is None:  # the conflicting row was not yet visible to this statement's snapshot: read again
+            row = await self.db.pool.fetchrow(
+                f"SELECT {_KEY_COLUMNS} FROM data_keys WHERE name = $1 AND version = $2", key.name, key.version
+            )
+        return WrappedKey(*row)
+
+    async def list_keys(self, after: tuple[str, int] | None, limit: int) -> list[WrappedKey]:
+        name, version = after if after is not None else ("", -1)
+        rows = await self.db.pool.fetch(
+            f"SELECT {_KEY_COLUMNS} FROM data_keys WHERE (name, version) > ($1, $2) ORDER BY name, version LIMIT $3",
+            name,
+            version,
+            limit,
+        )
+        return [WrappedKey(*row) for row in rows]
+
+    async def rewrap(self, old: WrappedKey, new: WrappedKey) -> bool:
+        status = await self.db.pool.execute(
+            "UPDATE data_keys SET master_id = $1, wrapped = $2"
+            " WHERE name = $3 AND version = $4 AND master_id = $5 AND wrapped = $6",
+            new.master_id,
+            new.wrapped,
+            old.name,
+            old.version,
+            old.master_id,
+            old.wrapped,
+        )
+        return rowcount(status) == 1
+
+    async def other_master(self, master_id: str) -> str | None:
+        value = await self.db.pool.fetchval(
+            "SELECT master_id FROM data_keys WHERE master_id < $1 OR master_id > $1 LIMIT 1", master_id
+        )
+        return None if value is None else str(value)
+
+    async def delete_keys(self, names: Sequence[str]) -> int:
+        if not names:
+            return 0
+        status = await self.db.pool.execute(
+            "DELETE FROM data_keys WHERE name = ANY($1::text[])", list(dict.fromkeys(names))
+        )
+        return rowcount(status)

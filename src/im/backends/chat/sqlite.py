@@ -10,7 +10,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from im.backends.chat import ChatStore
+from im.backends.chat import ChatStore, ConversationKeys
 from im.backends.sql.rows import conversation_summary
 from im.backends.sql.shared_db import OnSharedDatabase
 from im.backends.sql.sqlite_db import SqliteDatabase
@@ -24,6 +24,7 @@ from im.model.chat import (
     SyncPoint,
 )
 from im.model.errors import SeqConflict
+from im.model.keys import WrappedKey
 
 _MSG_COLUMNS = "conv, seq, mid, sender, device, cmid, ts, type, body"
 _CHUNK = 500  # bound on host parameters per statement
@@ -139,8 +140,8 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
     async def create_group(self, group: Group, first: StoredMessage, members: dict[int, str]) -> int:
         def run(conn: sqlite3.Connection) -> int:
             cur = conn.execute(
-                "INSERT INTO groups (name, owner, created_at) VALUES (?, ?, ?)",
-                (group.name, group.owner, group.created_at),
+                "INSERT INTO groups (gid, name, owner, created_at) VALUES (?, ?, ?, ?)",
+                (group.gid or None, group.name, group.owner, group.created_at),
             )
             gid = int(cur.lastrowid or 0)
             conv = f"g:{gid}"
@@ -156,6 +157,19 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
                 f"INSERT INTO messages ({_MSG_COLUMNS}) VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?)",
                 (conv, first.mid, first.sender, first.device, first.cmid, first.ts, first.type, first.body),
             )
+            return gid
+
+        return await self.db.write(run)
+
+    async def reserve_gid(self) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            # AUTOINCREMENT keeps the largest gid ever used in sqlite_sequence; moving it on reserves one.
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'groups'").fetchone()
+            gid = (int(row[0]) if row else 0) + 1
+            if row is None:
+                conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('groups', ?)", (gid,))
+            else:
+                conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'groups'", (gid,))
             return gid
 
         return await self.db.write(run)
@@ -309,3 +323,85 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
             return out
 
         return await self.db.read(run)
+
+
+_KEY_COLUMNS = "name, version, master_id, wrapped, created_at"
+
+
+def _key(row: tuple[Any, ...]) -> WrappedKey:
+    name, version, master_id, wrapped, created_at = row
+    return WrappedKey(str(name), int(version), str(master_id), bytes(wrapped), int(created_at))
+
+
+class SqliteConversationKeys(OnSharedDatabase[SqliteDatabase], ConversationKeys):
+    """:class:`ConversationKeys` in the ``data_keys`` table of the shared SQLite database."""
+
+    async def load_keys(self, names: Sequence[str]) -> dict[str, list[WrappedKey]]:
+        wanted = list(dict.fromkeys(names))
+
+        def run(conn: sqlite3.Connection) -> dict[str, list[WrappedKey]]:
+            out: dict[str, list[WrappedKey]] = {}
+            for chunk in _chunks(wanted):
+                marks = ",".join("?" * len(chunk))
+                for row in conn.execute(
+                    f"SELECT {_KEY_COLUMNS} FROM data_keys WHERE name IN ({marks}) ORDER BY name, version", chunk
+                ):
+                    key = _key(row)
+                    out.setdefault(key.name, []).append(key)
+            return out
+
+        # The writer: a key added a moment ago by this process is seen at once (no reader snapshot lag).
+        return await self.db.write(run) if wanted else {}
+
+    async def add_key(self, key: WrappedKey) -> WrappedKey:
+        def run(conn: sqlite3.Connection) -> WrappedKey:
+            conn.execute(
+                f"INSERT INTO data_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?) ON CONFLICT (name, version) DO NOTHING",
+                (key.name, key.version, key.master_id, key.wrapped, key.created_at),
+            )
+            row = conn.execute(
+                f"SELECT {_KEY_COLUMNS} FROM data_keys WHERE name = ? AND version = ?", (key.name, key.version)
+            ).fetchone()
+            return _key(row)
+
+        return await self.db.write(run)
+
+    async def list_keys(self, after: tuple[str, int] | None, limit: int) -> list[WrappedKey]:
+        name, version = after if after is not None else ("", -1)
+        rows = await self.db.read(
+            lambda conn: conn.execute(
+                f"SELECT {_KEY_COLUMNS} FROM data_keys WHERE (name, version) > (?, ?) ORDER BY name, version LIMIT ?",
+                (name, version, limit),
+            ).fetchall()
+        )
+        return [_key(r) for r in rows]
+
+    async def rewrap(self, old: WrappedKey, new: WrappedKey) -> bool:
+        cur = await self.db.write(
+            lambda conn: conn.execute(
+                "UPDATE data_keys SET master_id = ?, wrapped = ?"
+                " WHERE name = ? AND version = ? AND master_id = ? AND wrapped = ?",
+                (new.master_id, new.wrapped, old.name, old.version, old.master_id, old.wrapped),
+            )
+        )
+        return cur.rowcount == 1
+
+    async def other_master(self, master_id: str) -> str | None:
+        row = await self.db.read(
+            lambda conn: conn.execute(
+                "SELECT master_id FROM data_keys WHERE master_id < ? OR master_id > ? LIMIT 1", (master_id, master_id)
+            ).fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    async def delete_keys(self, names: Sequence[str]) -> int:
+        wanted = list(dict.fromkeys(names))
+
+        def run(conn: sqlite3.Connection) -> int:
+            deleted = 0
+            for chunk in _chunks(wanted):
+                marks = ",".join("?" * len(chunk))
+                deleted += conn.execute(f"DELETE FROM data_keys WHERE name IN ({marks})", chunk).rowcount
+            return deleted
+
+        return await self.db.write(run) if wanted else 0

@@ -179,6 +179,19 @@ MIGRATIONS: list[str] = [
     CREATE INDEX contacts_contact ON contacts (contact);
     ALTER TABLE device_cursors ADD COLUMN saved_at BIGINT NOT NULL DEFAULT 0;
     """,
+    # 6: encryption at rest (im.backends.keys.keyring): data keys, each wrapped by the master key master_id;
+    # name is conv:<conversation> or named:<purpose>; versions of a rotated key stay beside the new one
+    """
+    CREATE TABLE data_keys (
+        name TEXT COLLATE "C" NOT NULL,
+        version INTEGER NOT NULL,
+        master_id TEXT COLLATE "C" NOT NULL,
+        wrapped BYTEA NOT NULL,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (name, version)
+    );
+    CREATE INDEX data_keys_master ON data_keys (master_id);
+    """,
 ]
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -137,7 +138,30 @@ MIGRATIONS: list[str] = [
     CREATE INDEX contacts_contact ON contacts (contact);
     ALTER TABLE device_cursors ADD COLUMN saved_at INTEGER NOT NULL DEFAULT 0;
     """,
+    # 5: encryption at rest (im.backends.keys.keyring): data keys, each wrapped by the master key master_id;
+    # name is conv:<conversation> or named:<purpose>; versions of a rotated key stay beside the new one
+    """
+    CREATE TABLE data_keys (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        master_id TEXT NOT NULL,
+        wrapped BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (name, version)
+    ) WITHOUT ROWID;
+    CREATE INDEX data_keys_master ON data_keys (master_id);
+    """,
 ]
+
+
+def private_files(path: str) -> None:
+    """Make the database file (created empty when missing) and its -wal and -shm files mode 0600: SQLite
+    creates the -wal and -shm files with the database file's permissions, so this holds for new ones too."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for name in (path, path + "-wal", path + "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(name).st_mode & 0o077:
+                os.chmod(name, 0o600)
 
 
 class _Connection:
@@ -186,7 +210,8 @@ class SqliteDatabase:
             if self._writer is not None:
                 self._users += 1
                 return
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_files(self.path)
             writer = _Connection(
                 self.path, "PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL", "PRAGMA busy_timeout=5000"
             )

@@ -1,0 +1,148 @@
+"""At rest, through a real ``im serve``: after sends (direct and group), a graceful restart and a crash,
+nothing on disk — the data directory, the SQLite database, its WAL, or the PostgreSQL tables — holds a
+message's text; the history still reads back in clear; the files are private.
+
+The positive control runs the same scan with ``encryption.enabled=false`` and must find the markers, so
+a scan that finds nothing proves something.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+import stat
+from pathlib import Path
+
+import httpx
+
+from tests.support.client import Account, ChatClient, register
+from tests.support.postgres import DSN, PgSchema, connect
+from tests.support.server import ServerProcess
+
+
+def _markers() -> list[str]:
+    return [f"AtRestMarker{secrets.token_hex(8)}" for _ in range(3)]
+
+
+async def _send_round(server: ServerProcess, alice: Account, bob: Account, gid: int, marker: str, n: int) -> None:
+    a = ChatClient(server.ws, alice, "phone")
+    b = ChatClient(server.ws, bob, "laptop")
+    await a.connect()
+    await b.connect()
+    try:
+        for i in range(n):
+            assert await a.send({"text": f"{marker} direct {i}"}, to=bob.uid) is not None
+            assert await b.send({"text": f"{marker} group {i}"}, conv=f"g:{gid}") is not None
+        await a.wait_messages(n, conv=f"g:{gid}")
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def _history_texts(server: ServerProcess, reader: Account, conv: str) -> str:
+    async with httpx.AsyncClient(timeout=10) as http:
+        r = await http.get(f"{server.api}/conversations/{conv}/messages", params={"limit": 200}, headers=reader.auth)
+        assert r.status_code == 200, r.text
+        return r.text
+
+
+def _scan_files(root: Path, markers: list[str]) -> list[str]:
+    """(file: marker) for every marker found in any file under ``root``, as text or as hex."""
+    found = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        for m in markers:
+            if m.encode() in data or m.encode().hex().encode() in data:
+                found.append(f"{path.name}: {m}")
+    return found
+
+
+async def _scan_schema(schema: str, markers: list[str]) -> list[str]:
+    conn = await connect()
+    try:
+        tables = [r[0] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)]
+        found = []
+        for table in tables:
+            for (text,) in await conn.fetch(f'SELECT t::text FROM "{schema}"."{table}" t'):
+                found += [f"{table}: {m}" for m in markers if m in text or m.encode().hex() in text]
+        return found
+    finally:
+        await conn.close()
+
+
+async def _run(server: ServerProcess, markers: list[str]) -> tuple[list[str], str]:
+    """Sends before and after a graceful restart and a crash; returns what the scan of the data directory
+    found while the server was running (WAL present) and the history as read back at the end."""
+    alice = await register(server.api, f"alice{secrets.token_hex(3)}")
+    bob = await register(server.api, f"bob{secrets.token_hex(3)}")
+    async with httpx.AsyncClient(timeout=10) as http:
+        r = await http.post(f"{server.api}/groups", json={"name": "team", "members": [bob.uid]}, headers=alice.auth)
+        assert r.status_code in (200, 201), r.text
+        gid = r.json()["gid"]
+    await _send_round(server, alice, bob, gid, markers[0], 40)
+    found = _scan_files(server.data_dir, markers)  # running: the WAL holds the recent commits
+    server.restart(signal.SIGTERM)
+    await _send_round(server, alice, bob, gid, markers[1], 40)
+    server.restart(signal.SIGKILL)
+    await _send_round(server, alice, bob, gid, markers[2], 10)
+    found += _scan_files(server.data_dir, markers)
+    direct = f"d:{min(alice.uid, bob.uid)}:{max(alice.uid, bob.uid)}"
+    history = await _history_texts(server, bob, direct) + await _history_texts(server, alice, f"g:{gid}")
+    return found, history
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_sqlite_data_directory_holds_no_message_text(tmp_path: Path) -> None:
+    markers = _markers()
+    server = ServerProcess(tmp_path / "data").start()
+    try:
+        found, history = await _run(server, markers)
+        data = server.data_dir
+        wal = data / "im.sqlite3-wal"
+        assert wal.exists() and wal.stat().st_size > 0  # the scan above did cover a live WAL
+        modes = {p.name: _mode(p) for p in data.iterdir() if p.name.startswith(("im.sqlite3", "master.key"))}
+        assert modes == {n: 0o600 for n in ("im.sqlite3", "im.sqlite3-wal", "im.sqlite3-shm", "master.key")}
+        assert _mode(data) == 0o700
+    finally:
+        server.stop()
+    found += _scan_files(server.data_dir, markers)  # stopped: what stays on disk
+    assert found == []
+    for m in markers:
+        assert m in history  # and it all reads back in clear
+    assert "undecryptable" not in history
+
+
+async def test_positive_control_without_encryption_the_scan_finds_the_text(tmp_path: Path) -> None:
+    markers = _markers()
+    server = ServerProcess(tmp_path / "data", extra=["--set", "encryption.enabled=false"]).start()
+    try:
+        found, _ = await _run(server, markers)
+    finally:
+        server.stop()
+    assert {f.split(": ")[1] for f in found} == set(markers)
+
+
+async def test_postgres_tables_hold_no_message_text(tmp_path: Path) -> None:
+    markers = _markers()
+    schema = PgSchema()
+    pg = ["--set", "store.kind=postgres", "--set", f"store.postgres_dsn={DSN}"]
+    server = ServerProcess(tmp_path / "data", extra=[*pg, "--set", f"store.postgres_schema={schema.name}"]).start()
+    try:
+        found, history = await _run(server, markers)
+        found += await _scan_schema(schema.name, markers)
+        conn = await connect()
+        try:
+            count = await conn.fetchval(f'SELECT count(*) FROM "{schema.name}".data_keys')
+        finally:
+            await conn.close()
+        assert count == 2  # one key per conversation: the direct one and the group
+    finally:
+        server.stop()
+        await asyncio.shield(schema.drop())
+    assert found == []
+    for m in markers:
+        assert m in history
