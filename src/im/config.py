@@ -342,8 +342,8 @@ class FilesConfig(_Section):
     storage_dir: Path | None = None
     #: Seal uploaded files at rest (AES-256-GCM, a key per file wrapped by the keyring, keyed names on
     #: disk; im.backends.blobs.encrypted). Off: stored as they are (blobs sealed before then stay unreadable
-    #: until it is on again).
-    encrypt: bool = True
+    #: until it is on again). None (the default): as ``encryption.enabled``.
+    encrypt: bool | None = None
     #: Plaintext bytes per sealed chunk: the unit a range read decrypts (16 bytes of tag each).
     encrypt_chunk_bytes: int = Field(64 * 1024, ge=4096, le=16 * 1024 * 1024)
     #: With ``encrypt``: seal the files stored in the clear before, in the background, from start-up.

@@ -87,7 +87,8 @@ class TransferNode(_Role):
         super().__init__(config)
         tc = config.transfer
         self.backends = b = build_backends(config)
-        self.files = build_files(config, b.file_store)  # the send path checks attachments
+        # The send path checks attachments; the API nodes serve uploads and migrate old blobs.
+        self.files = build_files(config, b.file_store, keys=b.keyring, migrate_blobs=False)
         self.router = GrpcRouter()
         caches = build_chat_caches(b, privacy_ttl=SHARED_STATE_TTL)
         self.committer = build_committer(config, b, caches, self.files, self.router, tc.node_id)
@@ -221,7 +222,7 @@ class ApiNode(_Role):
         node = config.http.node_id
         self.backends = b = build_backends(config)
         self.accounts = build_accounts(config, b.account_store, b.rate_limiter)
-        self.files = build_files(config, b.file_store, b.rate_limiter)
+        self.files = build_files(config, b.file_store, b.rate_limiter, keys=b.keyring)
         self.pool = TransferPool(b.registry, node, tls=build_link_tls(config, node))
         self.router = LinkRouter(self.pool)
         # Membership changes are committed here (the store judges between writers) and routed through

@@ -39,7 +39,7 @@ class EmbeddedServer:
         self.lifecycle = Lifecycle()
         self.backends = b = build_backends(config)
         self.accounts = build_accounts(config, b.account_store, b.rate_limiter)
-        self.files = build_files(config, b.file_store, b.rate_limiter)
+        self.files = build_files(config, b.file_store, b.rate_limiter, keys=b.keyring)
         caches = build_chat_caches(b)
         self.committer = build_committer(config, b, caches, self.files, b.router, config.gateway.node_id)
         self.groups = build_groups(config, b, caches, self.committer)

@@ -136,10 +136,13 @@ async def test_postgres_tables_hold_no_message_text(tmp_path: Path) -> None:
         found += await _scan_schema(schema.name, markers)
         conn = await connect()
         try:
-            count = await conn.fetchval(f'SELECT count(*) FROM "{schema.name}".data_keys')
+            names = await conn.fetch(f'SELECT name FROM "{schema.name}".data_keys ORDER BY name')
         finally:
             await conn.close()
-        assert count == 2  # one key per conversation: the direct one and the group
+        # One key per conversation (the direct one and the group), and the key of the file names.
+        conversations = [r["name"] for r in names if not r["name"].startswith("named:")]
+        assert len(conversations) == 2
+        assert [r["name"] for r in names if r["name"].startswith("named:")] == ["named:blob-names"]
     finally:
         server.stop()
         await asyncio.shield(schema.drop())

@@ -1,4 +1,5 @@
-"""``files.encrypt`` in the composition root: sealed with a keyring, as before without one or when off."""
+"""``files.encrypt`` in the composition root: sealed with the keyring, as before when off; on by default
+when message encryption is."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from im.backends.blobs.encrypted import EncryptedBlobStorage
 from im.backends.blobs.local import LocalBlobStorage
 from im.compose import build_blobs
-from im.config import Config
+from im.config import Config, ConfigError
 from tests.support.keys import MemoryFileKeys
 
 
@@ -26,9 +27,15 @@ def test_off_means_plain_files(tmp_path: Path) -> None:
     assert type(build_blobs(config(tmp_path, encrypt=False), MemoryFileKeys())) is LocalBlobStorage
 
 
-def test_on_without_a_keyring_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    assert type(build_blobs(config(tmp_path), None)) is LocalBlobStorage
-    assert "no keyring" in caplog.text
+def test_on_without_a_keyring_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="master key"):
+        build_blobs(config(tmp_path, encrypt=True), None)
+
+
+def test_the_default_follows_message_encryption(tmp_path: Path) -> None:
+    off = Config.model_validate({"data_dir": str(tmp_path), "encryption": {"enabled": False}})
+    assert type(build_blobs(off, None)) is LocalBlobStorage
+    assert isinstance(build_blobs(config(tmp_path), MemoryFileKeys()), EncryptedBlobStorage)
 
 
 def test_chunk_size_is_bounded(tmp_path: Path) -> None:

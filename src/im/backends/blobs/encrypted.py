@@ -57,6 +57,7 @@ from im.backends.blobs.sealed import (
     SealedReader,
     read_layout,
 )
+from im.backends.keys import KeyUnavailable
 
 T = TypeVar("T")
 
@@ -72,9 +73,9 @@ class FileKeys(Protocol):
 
     - ``wrap``: the key encrypted under the current master key (AES-256-GCM key wrapping) with
       ``context`` as associated data; any node of the cluster can unwrap it.
-    - ``unwrap``: the inverse, with the same ``context``; raises (``cryptography``'s ``InvalidTag``, or a
-      ``ValueError``) when ``wrapped`` fails authentication under this context. Other exceptions (a key
-      service that cannot be reached) mean "try again later", not "corrupt".
+    - ``unwrap``: the inverse, with the same ``context``; raises :class:`~im.backends.keys.KeyUnavailable`
+      (or ``cryptography``'s ``InvalidTag``, or a ``ValueError``) when ``wrapped`` does not open under this
+      context and master key. The read is then refused as damaged (``BlobCorrupt``: 503 ``unavailable``).
     - ``named_key``: a 256-bit data key for a purpose, created once for the whole cluster and the same
       ever after (it must survive master key rotation, or every blob name changes).
     """
@@ -268,7 +269,7 @@ class EncryptedBlobStorage(BlobStorage):
         layout, wrapped = await asyncio.to_thread(read_layout, f)
         try:
             key = await self._keys.unwrap(wrapped, key_context(sha256))
-        except (InvalidTag, ValueError):
+        except (InvalidTag, ValueError, KeyUnavailable):
             raise BlobCorrupt(f"the key of blob {sha256} does not unwrap (a blob moved, or another keyring)") from None
         return SealedReader(f, layout, ChunkCipher(key, layout.chunk_size))
 
