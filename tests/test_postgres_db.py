@@ -64,6 +64,7 @@ async def test_fresh_schema_is_created_and_migrated(schema: PgSchema) -> None:
         "file_refs",
         "outbox",
         "blocks",
+        "data_keys",
     }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from im.backends.chat.encrypted import EncryptedChatStore
 from im.backends.chat.postgres import PostgresChatStore
 from im.backends.sql.postgres_db import PostgresDatabase, postgres_ssl
 from im.compose import build_backends
@@ -101,7 +102,7 @@ async def test_compose_builds_the_tls_store_from_settings(server: TlsPostgres, t
         }
     )
     b = build_backends(config)
-    assert isinstance(b.chat_store, PostgresChatStore)
+    assert isinstance(b.chat_store, EncryptedChatStore) and isinstance(b.chat_store.inner, PostgresChatStore)
     await b.start()
     try:
         assert await b.account_store.create_user("tls", "TLS", "hash", 1) is not None
