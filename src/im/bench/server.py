@@ -107,6 +107,7 @@ class SpawnedServer:
     tcp: str = ""
     _tmp: str | None = None
     log_path: Path | None = None
+    _reader: threading.Thread | None = None
 
     @property
     def pid(self) -> int:
@@ -160,7 +161,8 @@ class SpawnedServer:
                 if m:
                     urls[m.group(1)] = m.group(2)
 
-        threading.Thread(target=read, daemon=True, name="im-bench-server-stdout").start()
+        self._reader = threading.Thread(target=read, daemon=True, name="im-bench-server-stdout")
+        self._reader.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -194,6 +196,10 @@ class SpawnedServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc is not None and self.proc.stdout is not None and not self.proc.stdout.closed:
+            if self._reader is not None:
+                self._reader.join(5)  # it ends at the pipe's EOF, now that the server has exited
+            self.proc.stdout.close()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
