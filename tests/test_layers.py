@@ -40,7 +40,7 @@ ALLOWED: dict[str, set[str]] = {
     "transfer": MODEL | INTERFACES | {"protocol", "core", "backends.impl"},
     "client": MODEL | {"protocol"},
     "chat_tui": MODEL | {"protocol", "client"},
-    "bench": MODEL | {"protocol", "client"},
+    "bench": MODEL | {"protocol", "client", "certs"},  # --spawn --tls makes its CA with im.certs
 }
 #: The composition root and entry points: they may import anything.
 ROOTS = {"server", "roles", "cluster", "cli", "__main__", "compose", "lifecycle", "im"}

@@ -243,13 +243,30 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--user", default="", help="user name to fill in on the login screen")
     chat.add_argument("--device", default="im-chat", help="device name, stable per installation (default im-chat)")
     chat.add_argument("--transport", choices=["ws", "tcp"], default="ws", help="gateway transport (default ws)")
+    chat.add_argument(
+        "--ca-file",
+        metavar="PEM",
+        help="for an https:// server: trust only the CA(s) in this file instead of the system store",
+    )
+    chat.add_argument(
+        "--insecure-skip-verify",
+        action="store_true",
+        help="DANGEROUS: accept any TLS certificate (encrypted, but anyone on the path can pose as the server)",
+    )
     args = parser.parse_args(argv)
     if args.command == "certs":
         return _certs(args)
     if args.command == "chat":
         from im.chat_tui import run
 
-        return run(server=args.server, username=args.user, device=args.device, transport=args.transport)
+        if args.ca_file and args.insecure_skip_verify:
+            parser.error("--ca-file and --insecure-skip-verify contradict each other: give one")
+        tls: dict[str, Any] = {}
+        if args.ca_file:
+            tls["ca_file"] = args.ca_file
+        if args.insecure_skip_verify:
+            tls["insecure_skip_verify"] = True
+        return run(server=args.server, username=args.user, device=args.device, transport=args.transport, **tls)
     try:
         config = _load(args)
     except ConfigError as exc:

@@ -215,6 +215,8 @@ class Web:
     errors: list[str] = field(default_factory=list)
     contexts: list[BrowserContext] = field(default_factory=list)
     websockets: list[tuple[Page, WebSocket]] = field(default_factory=list)  # every page's, in opening order
+    #: Where the pages load from (None: the server's plaintext HTTP address; the TLS tests give https://).
+    origin: str | None = None
 
     async def context(self, viewport: ViewportSize | None = None) -> BrowserContext:
         ctx = await self.browser.new_context(viewport=viewport or DESKTOP, locale="en-GB", timezone_id="UTC")
@@ -233,7 +235,7 @@ class Web:
         page.on("pageerror", lambda e: self.errors.append(f"{page.url}: {e}"))
         # The client logs what the server refused and what failed with an "im: " prefix: none expected.
         page.on("console", lambda m: self.errors.append(m.text) if m.text.startswith("im: ") else None)
-        await page.goto(f"{self.server.http}/")
+        await page.goto(f"{self.origin or self.server.http}/")
         return page
 
     def sockets(self, page: Page) -> list[WebSocket]:

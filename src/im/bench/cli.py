@@ -1,8 +1,8 @@
 """``im bench``: the command line of the load generator.
 
     im bench [--pairs P | --groups K --group-size G] [--window W | --rate R] [--transport ws|tcp|mixed]
-             [--duration S] [--warmup S] [--procs N] [--spawn | --server URL [--server-pid PID]]
-             [--json FILE] [--png FILE]
+             [--duration S] [--warmup S] [--procs N] [--spawn [--tls] | --server URL [--server-pid PID]
+             [--ca-file PEM | --insecure-skip-verify]] [--json FILE] [--png FILE]
     im bench idle --connections K [--transport ws|tcp|mixed] [--procs N] [...]
 
 Exit status: 0 when the run delivered messages with no anomaly (lost, duplicated, out of order, refused,
@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from im.bench.accounts import BenchTls
 
 __all__ = ["main"]
 
@@ -24,6 +28,8 @@ examples:
   im bench --pairs 50 --rate 5000                                     # fixed offered rate
   im bench --server http://127.0.0.1:8080 --server-pid $(pgrep -f 'im serve')
   im bench idle --connections 10000 --transport tcp
+  im bench --pairs 10 --tls                                           # spawned server with TLS on
+  im bench --server https://chat.example.com --ca-file ca.crt
 """
 
 
@@ -64,6 +70,23 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="extra setting for the spawned server (as `im serve --set`)",
+    )
+    tls = p.add_argument_group("TLS")
+    tls.add_argument(
+        "--tls",
+        action="store_true",
+        help="spawn the server with TLS on (https://, wss://, tls://): a private CA and a certificate are made "
+        "for the run and the clients trust that CA; compare with a run without it to see what TLS costs",
+    )
+    tls.add_argument(
+        "--ca-file",
+        metavar="PEM",
+        help="--server over TLS: trust only the CA(s) in this file instead of the system store",
+    )
+    tls.add_argument(
+        "--insecure-skip-verify",
+        action="store_true",
+        help="DANGEROUS: --server over TLS: accept any certificate (warned once for the run)",
     )
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
@@ -134,6 +157,24 @@ def _idle_parser() -> argparse.ArgumentParser:
 def _check_pid(args: argparse.Namespace, ap: argparse.ArgumentParser) -> None:
     if args.server_pid is not None and args.server is None:
         ap.error("--server-pid goes with --server (a spawned server's pid is known)")
+    if args.tls and args.server is not None:
+        ap.error("--tls goes with --spawn (for --server, give its https:// URL and --ca-file)")
+    if (args.ca_file or args.insecure_skip_verify) and args.server is None:
+        ap.error("--ca-file and --insecure-skip-verify go with --server (--spawn --tls trusts its own CA)")
+    if args.ca_file and args.insecure_skip_verify:
+        ap.error("--ca-file and --insecure-skip-verify contradict each other: give one")
+    if args.insecure_skip_verify:
+        print(
+            "im bench: WARNING: TLS certificate verification is OFF (--insecure-skip-verify): the connections are "
+            "encrypted but anyone on the path can pose as the server",
+            file=sys.stderr,
+        )
+
+
+def _tls(args: argparse.Namespace) -> BenchTls:
+    from im.bench.accounts import BenchTls
+
+    return BenchTls(ca_file=args.ca_file, insecure_skip_verify=args.insecure_skip_verify)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         server_pids=args.server_pid or [],
         server_settings=args.server_set,
         progress=not args.no_progress,
+        tls=_tls(args),
+        spawn_tls=args.tls,
     )
     result = run_load(opts)
     load_table(result)
@@ -210,6 +253,8 @@ def _idle(argv: list[str]) -> int:
         server_pid=args.server_pid[0] if args.server_pid else None,
         server_settings=args.server_set,
         progress=not args.no_progress,
+        tls=_tls(args),
+        spawn_tls=args.tls,
     )
     result = run_idle(opts)
     idle_table(result)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import multiprocessing as mp
 import time
@@ -23,9 +24,10 @@ from typing import Any
 
 import uvloop
 
-from im.bench.accounts import create_users, gateway, run_id
+from im.bench.accounts import BenchTls, create_users, gateway, run_id
 from im.bench.load import _Display, _get
 from im.bench.server import SpawnedServer, raise_nofile, rss_bytes
+from im.bench.worker import quiet_insecure_warnings
 from im.client import Bye, ClientSession, Encoding, Error, Synced, TcpTransport, Transport, WebSocketTransport
 
 __all__ = ["IdleOptions", "run_idle"]
@@ -50,6 +52,10 @@ class IdleOptions:
     server_pid: int | None = None
     server_settings: list[str] = field(default_factory=list)
     progress: bool = True
+    #: TLS options of the clients (with ``spawn_tls`` the spawned server's CA is trusted instead).
+    tls: BenchTls = field(default_factory=BenchTls)
+    #: Spawn the server with TLS on (a CA and a certificate made for the run).
+    spawn_tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,7 @@ class _IdleWork:
     kinds: list[str]
     source_addrs: list[str]
     concurrency: int = 128
+    tls: BenchTls = field(default_factory=BenchTls)
 
 
 async def _idle_worker(work: _IdleWork, stop: Any, out: Any) -> None:
@@ -75,6 +82,7 @@ async def _idle_worker(work: _IdleWork, stop: Any, out: Any) -> None:
     dropped = [0]
     closing = [False]
     heartbeat = [60.0]
+    ctx = work.tls.context()  # one for all of this process's connections (used by wss:// and tls://)
 
     async def drain(t: Transport) -> None:
         while await t.recv() is not None:
@@ -90,9 +98,13 @@ async def _idle_worker(work: _IdleWork, stop: Any, out: Any) -> None:
             source = work.source_addrs[i % len(work.source_addrs)] if len(work.source_addrs) > 1 else None
             if kind == "tcp":
                 assert work.tcp_url is not None
-                t: Transport = TcpTransport(work.tcp_url, encoding=enc, connect_timeout=60, local_addr=source)
+                t: Transport = TcpTransport(
+                    work.tcp_url, encoding=enc, connect_timeout=60, local_addr=source, ssl_context=ctx
+                )
             else:
-                t = WebSocketTransport(work.ws_url, encoding=enc, connect_timeout=60, local_addr=source)
+                t = WebSocketTransport(
+                    work.ws_url, encoding=enc, connect_timeout=60, local_addr=source, ssl_context=ctx
+                )
             s = ClientSession(work.devices[i], encoding=enc)
             try:
                 await t.connect()
@@ -148,6 +160,7 @@ async def _idle_worker(work: _IdleWork, stop: Any, out: Any) -> None:
 
 
 def _idle_main(work: _IdleWork, stop: Any, out: Any) -> None:
+    quiet_insecure_warnings(work.tls)
     try:
         uvloop.run(_idle_worker(work, stop, out))
     except BaseException:
@@ -160,8 +173,10 @@ def run_idle(opts: IdleOptions) -> dict[str, Any]:
     spawned: SpawnedServer | None = None
     pid: int | None
     if opts.server is None:
-        spawned = SpawnedServer(settings=list(opts.server_settings)).start()
+        spawned = SpawnedServer(settings=list(opts.server_settings), tls=opts.spawn_tls).start()
         base, pid = spawned.http, spawned.pid
+        if spawned.ca_file is not None:
+            opts = dataclasses.replace(opts, tls=BenchTls(ca_file=spawned.ca_file))
     else:
         base, pid = opts.server, opts.server_pid
     assert base is not None
@@ -186,8 +201,8 @@ def _run_idle(opts: IdleOptions, base: str, pid: int | None, display: _Display) 
     tag = run_id()
 
     async def setup() -> tuple[list[str], str, str | None]:
-        users = await create_users(base, n_users, f"i{tag}_", progress=account_made)
-        gw = await gateway(base, users[0])
+        users = await create_users(base, n_users, f"i{tag}_", progress=account_made, tls=opts.tls)
+        gw = await gateway(base, users[0], tls=opts.tls)
         return [u.token for u in users], gw.ws, gw.tcp
 
     tokens, ws_url, tcp_url = asyncio.run(setup())
@@ -215,6 +230,7 @@ def _run_idle(opts: IdleOptions, base: str, pid: int | None, display: _Display) 
             devices=[f"idle-{tag}-{i}" for i in idx],
             kinds=[kinds[i] for i in idx],
             source_addrs=addrs,
+            tls=opts.tls,
         )
         p = ctx.Process(target=_idle_main, args=(work, stop, out), name=f"im-bench-idle-{w}")
         p.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import dataclasses
 import multiprocessing as mp
 import os
 import queue
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from im.bench.accounts import BenchUser, assign_gateways, create_groups, create_users, gateway, run_id
+from im.bench.accounts import BenchTls, BenchUser, assign_gateways, create_groups, create_users, gateway, run_id
 from im.bench.anomalies import Anomalies
 from im.bench.server import MachineCpu, SpawnedServer, cpu_seconds, raise_nofile
 from im.bench.worker import COUNTERS, ConvPlan, WorkerConfig, worker_main
@@ -44,6 +45,10 @@ class LoadOptions:
     server_pids: list[int] = field(default_factory=list)  # empty: unknown (or the spawned one)
     server_settings: list[str] = field(default_factory=list)
     progress: bool = True
+    #: TLS options of the clients (with ``spawn_tls`` the spawned server's CA is trusted instead).
+    tls: BenchTls = field(default_factory=BenchTls)
+    #: Spawn the server with TLS on (a CA and a certificate made for the run).
+    spawn_tls: bool = False
 
 
 def _kinds(transport: str, n: int, offset: int) -> list[str]:
@@ -126,8 +131,10 @@ def run_load(opts: LoadOptions) -> dict[str, Any]:
     spawned: SpawnedServer | None = None
     server_pids: list[int]
     if opts.server is None:
-        spawned = SpawnedServer(settings=list(opts.server_settings)).start()
+        spawned = SpawnedServer(settings=list(opts.server_settings), tls=opts.spawn_tls).start()
         base, server_pids = spawned.http, [spawned.pid]
+        if spawned.ca_file is not None:
+            opts = dataclasses.replace(opts, tls=BenchTls(ca_file=spawned.ca_file))
     else:
         base, server_pids = opts.server, list(opts.server_pids)
     assert base is not None
@@ -152,14 +159,14 @@ def _run(
         display.update(made[0], f"{made[0]}/{n_users} users")
 
     async def setup() -> tuple[list[BenchUser], list[str] | None, str, str | None]:
-        users = await create_users(base, n_users, prefix, progress=account_made)
+        tls = opts.tls
+        users = await create_users(base, n_users, prefix, progress=account_made, tls=tls)
         convs = None
         if opts.groups:
-            convs = await create_groups(
-                base, [users[g * opts.group_size : (g + 1) * opts.group_size] for g in range(opts.groups)], prefix
-            )
-        gw = await gateway(base, users[0])
-        users = await assign_gateways(base, users)
+            groups = [users[g * opts.group_size : (g + 1) * opts.group_size] for g in range(opts.groups)]
+            convs = await create_groups(base, groups, prefix, tls=tls)
+        gw = await gateway(base, users[0], tls=tls)
+        users = await assign_gateways(base, users, tls=tls)
         return users, convs, gw.ws, gw.tcp
 
     users, convs, ws_url, tcp_url = asyncio.run(setup())
@@ -185,6 +192,7 @@ def _run(
             rate=opts.rate * senders / total_senders if opts.rate else 0.0,
             body_size=opts.body_size,
             drain=opts.drain,
+            tls=opts.tls,
         )
         w = ctx.Process(target=worker_main, args=(cfg, chunk, counters, times, go, out), name=f"im-bench-{i}")
         w.start()

@@ -7,6 +7,7 @@ import os
 import re
 import resource
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from im.certs import create_ca, issue
 
 __all__ = [
     "BENCH_SERVER_SETTINGS",
@@ -86,9 +89,16 @@ _URL = re.compile(r"^im: (HTTP API|WebSocket|TCP)\s+(\S+)")
 @dataclass
 class SpawnedServer:
     """``python -m im serve`` on free ports (port 0, read back from its start-up lines) in a temporary
-    data directory, stopped (SIGTERM) and cleaned up by :meth:`stop` or ``with``."""
+    data directory, stopped (SIGTERM) and cleaned up by :meth:`stop` or ``with``.
+
+    ``tls=True``: a private CA and a server certificate for 127.0.0.1/localhost are made in the temporary
+    directory (:mod:`im.certs`), the server gets them (:meth:`tls_settings`), and ``ca_file`` is the CA
+    the bench's clients trust; the URLs are then https://, wss:// and tls://."""
 
     settings: list[str] = field(default_factory=list)
+    tls: bool = False
+    #: With ``tls``: the CA certificate that signed the server's (for the clients' ``ca_file``).
+    ca_file: str | None = None
     data_dir: Path | None = None
     log_level: str = "warning"
     proc: subprocess.Popen[str] | None = None
@@ -97,6 +107,7 @@ class SpawnedServer:
     tcp: str = ""
     _tmp: str | None = None
     log_path: Path | None = None
+    _reader: threading.Thread | None = None
 
     @property
     def pid(self) -> int:
@@ -109,6 +120,13 @@ class SpawnedServer:
             self.data_dir = Path(self._tmp) / "data"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir.parent / "server.log" if self._tmp else self.data_dir / "server.log"
+        tls_settings: list[str] = []
+        if self.tls:
+            certs = self.data_dir.parent / "certs"
+            ca = create_ca(certs, overwrite=True)
+            cert = issue(certs, ca, "bench-server", hosts=("127.0.0.1", "localhost"), client=False, overwrite=True)
+            self.ca_file = str(ca.cert)
+            tls_settings = self.tls_settings(cert.cert, cert.key)
         cmd = [
             sys.executable,
             "-m",
@@ -125,7 +143,7 @@ class SpawnedServer:
             "--log-level",
             self.log_level,
         ]
-        for item in [*BENCH_SERVER_SETTINGS, *self.settings]:
+        for item in [*BENCH_SERVER_SETTINGS, *tls_settings, *self.settings]:
             cmd += ["--set", item]
         log = open(self.log_path, "ab")  # noqa: SIM115 -- the child keeps its own descriptor
         try:
@@ -143,7 +161,8 @@ class SpawnedServer:
                 if m:
                     urls[m.group(1)] = m.group(2)
 
-        threading.Thread(target=read, daemon=True, name="im-bench-server-stdout").start()
+        self._reader = threading.Thread(target=read, daemon=True, name="im-bench-server-stdout")
+        self._reader.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -152,7 +171,7 @@ class SpawnedServer:
                 self.http = urls["HTTP API"].removesuffix("/api/v1")
                 self.ws, self.tcp = urls["WebSocket"], urls["TCP"]
                 try:
-                    if httpx.get(f"{self.http}/api/v1/health", timeout=2).status_code == 200:
+                    if self._health():
                         return self
                 except httpx.HTTPError:
                     pass
@@ -160,6 +179,14 @@ class SpawnedServer:
         message = f"im serve did not start within {timeout}s:\n{''.join(lines)}{self.log()}"
         self.stop()
         raise RuntimeError(message)
+
+    def tls_settings(self, cert: Path, key: Path) -> list[str]:
+        """The ``im serve --set`` items that turn TLS on with ``cert``/``key`` (the server's ``tls`` section)."""
+        return [f"tls.cert_file={cert}", f"tls.key_file={key}"]
+
+    def _health(self) -> bool:
+        verify = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
+        return httpx.get(f"{self.http}/api/v1/health", timeout=2, verify=verify).status_code == 200
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -169,6 +196,10 @@ class SpawnedServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc is not None and self.proc.stdout is not None and not self.proc.stdout.closed:
+            if self._reader is not None:
+                self._reader.join(5)  # it ends at the pipe's EOF, now that the server has exited
+            self.proc.stdout.close()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None

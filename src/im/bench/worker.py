@@ -25,15 +25,17 @@ import array
 import asyncio
 import contextlib
 import itertools
+import logging
+import ssl
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import SynchronizedArray
 from typing import Any
 
 import msgspec
 
-from im.bench.accounts import BenchUser
+from im.bench.accounts import BenchTls, BenchUser
 from im.bench.anomalies import AnomalyCounter
 from im.bench.server import raise_nofile
 from im.client import ClientSession, Encoding, SendFailed, TcpTransport, Transport, WebSocketTransport
@@ -68,6 +70,7 @@ class WorkerConfig:
     body_size: int
     drain: float
     connect_concurrency: int = 64
+    tls: BenchTls = field(default_factory=BenchTls)
 
 
 class _Dev:
@@ -133,6 +136,7 @@ class Worker:
         else:
             self._decode = msgspec.msgpack.Decoder(ServerFrame).decode
         self.body = "x" * cfg.body_size
+        self._ssl: ssl.SSLContext | None = None  # built at the first wss:// or tls:// connection
         self.tracker = AnomalyCounter()
         self.devs: list[_Dev] = []
         self.senders: list[_Dev] = []
@@ -183,8 +187,16 @@ class Worker:
             url = tcp if ws else self.cfg.tcp_url
             if url is None:
                 raise RuntimeError("the server has no TCP listener")
-            return TcpTransport(url, encoding=self.encoding, connect_timeout=60)
-        return WebSocketTransport(ws or self.cfg.ws_url, encoding=self.encoding, connect_timeout=60)
+            return TcpTransport(url, encoding=self.encoding, connect_timeout=60, ssl_context=self._context())
+        return WebSocketTransport(
+            ws or self.cfg.ws_url, encoding=self.encoding, connect_timeout=60, ssl_context=self._context()
+        )
+
+    def _context(self) -> ssl.SSLContext:
+        """One TLS context for every connection of this process (only used for wss:// and tls://)."""
+        if self._ssl is None:
+            self._ssl = self.cfg.tls.context()
+        return self._ssl
 
     async def _connect(self, dev: _Dev, sem: asyncio.Semaphore) -> None:
         async with sem:
@@ -436,6 +448,13 @@ class Worker:
         self.counters[base + 2] = self.sent
 
 
+def quiet_insecure_warnings(tls: BenchTls) -> None:
+    """With ``--insecure-skip-verify`` the command line warned once for the run: a client process does not
+    repeat it for each of its thousands of connections."""
+    if tls.insecure_skip_verify:
+        logging.getLogger("im.client.tls").setLevel(logging.ERROR)
+
+
 def worker_main(
     cfg: WorkerConfig,
     plans: list[ConvPlan],
@@ -447,6 +466,7 @@ def worker_main(
     """Entry point of a client process (multiprocessing, spawn)."""
     import uvloop
 
+    quiet_insecure_warnings(cfg.tls)
     try:
         uvloop.run(Worker(cfg, plans, counters, times).run(go, out))
     except BaseException:

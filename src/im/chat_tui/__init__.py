@@ -25,7 +25,23 @@ from im.chat_tui.service import ChatService, LoginError
 __all__ = ["ChatApp", "ChatService", "ChatState", "LoginError", "run"]
 
 
-def run(*, server: str, username: str = "", device: str = "im-chat", transport: Literal["ws", "tcp"] = "ws") -> int:
-    """Run the client in this terminal until the user quits."""
-    ChatApp(server=server, username=username, device=device, transport=transport).run()
+def run(
+    *,
+    server: str,
+    username: str = "",
+    device: str = "im-chat",
+    transport: Literal["ws", "tcp"] = "ws",
+    ca_file: str | None = None,
+    insecure_skip_verify: bool = False,
+) -> int:
+    """Run the client in this terminal until the user quits. ``ca_file``: trust only this CA for an
+    ``https://`` server (None: the system store); ``insecure_skip_verify``: verify nothing (warned)."""
+    ChatApp(
+        server=server,
+        username=username,
+        device=device,
+        transport=transport,
+        ca_file=ca_file,
+        insecure_skip_verify=insecure_skip_verify,
+    ).run()
     return 0

@@ -77,9 +77,13 @@ class ChatApp(App[None]):
         transport: Literal["ws", "tcp"] = "ws",
         connect: Connect = ChatService.connect,
         client_options: dict[str, Any] | None = None,
+        ca_file: str | None = None,
+        insecure_skip_verify: bool = False,
     ) -> None:
         super().__init__()
         self.server, self.username, self.device, self.transport = server, username, device, transport
+        #: TLS: trust only this CA file (None: the system store); or verify nothing (warned on screen).
+        self.ca_file, self.insecure_skip_verify = ca_file, insecure_skip_verify
         self._connect = connect
         self._client_options = client_options or {"backoff_max": 5.0}
         self.service: ChatService | None = None
@@ -113,6 +117,21 @@ class ChatApp(App[None]):
             self._login(event.form.server, event.form.username, event.form.password, event.form.register), "logging in"
         )
 
+    def _tls_options(self) -> dict[str, Any]:
+        """The TLS options for ChatService.connect (only those set: fakes need not take them)."""
+        options: dict[str, Any] = {}
+        if self.ca_file is not None:
+            options["ca_file"] = self.ca_file
+        if self.insecure_skip_verify:
+            options["insecure_skip_verify"] = True
+            self.notify(
+                "TLS certificate verification is OFF (--insecure-skip-verify): anyone on the path can pose as "
+                "the server and read this chat",
+                severity="warning",
+                timeout=15,
+            )
+        return options
+
     async def _login(self, server: str, username: str, password: str, register: bool) -> None:
         screen = self.screen
         try:
@@ -123,6 +142,7 @@ class ChatApp(App[None]):
                 register=register,
                 device=self.device,
                 transport=self.transport,
+                **self._tls_options(),
                 **self._client_options,
             )
         except LoginError as exc:

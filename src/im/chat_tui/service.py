@@ -6,11 +6,12 @@ and knows nothing of Textual, so the app can be driven against a real server or 
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from im.client import ApiClient, ApiError, Client, ClientEvent, Conversation, Group, HistoryPage, User
+from im.client import ApiClient, ApiError, Client, ClientEvent, Conversation, Group, HistoryPage, TlsError, User
 
 __all__ = ["ChatService", "LoginError"]
 
@@ -44,11 +45,17 @@ class ChatService:
         register: bool = False,
         device: str = "im-chat",
         transport: Literal["ws", "tcp"] = "ws",
+        ca_file: str | os.PathLike[str] | None = None,
+        insecure_skip_verify: bool = False,
         **client_options: Any,
     ) -> ChatService:
         """Log in (registering first when asked) and start the gateway connection in the background;
-        returns without waiting for it (the events say when it is up)."""
-        api = ApiClient(server)
+        returns without waiting for it (the events say when it is up). ``ca_file`` and
+        ``insecure_skip_verify`` are the SDK's TLS options (:class:`~im.client.ApiClient`)."""
+        try:
+            api = ApiClient(server, ca_file=ca_file, insecure_skip_verify=insecure_skip_verify)
+        except (OSError, ValueError) as exc:  # a missing or unreadable CA file
+            raise LoginError(str(exc)) from exc
         try:
             if register:
                 await api.register(username, password)
@@ -58,6 +65,9 @@ class ChatService:
         except ApiError as exc:
             await api.aclose()
             raise LoginError(_login_message(exc, register)) from exc
+        except TlsError as exc:  # a refused certificate: OpenSSL's reason and what was trusted
+            await api.aclose()
+            raise LoginError(str(exc)) from exc
         except Exception as exc:  # network trouble: say so instead of a traceback
             await api.aclose()
             raise LoginError(f"cannot reach {server}: {exc}") from exc

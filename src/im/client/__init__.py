@@ -6,6 +6,7 @@ Layers, each usable alone (docs/protocol.md is the contract they implement)::
       ClientSession session.py    sans-I/O protocol state: frames out, events in, cursors, outbox
       Transport     transport.py  WebSocket / TCP / in-memory byte pipes for encoded frames
     ApiClient       api.py        HTTP: accounts, users, contacts, groups, history, gateway, files
+    tls             tls.py        the client TLS context (ca_file, insecure_skip_verify) and its errors
 
 Example::
 
@@ -16,6 +17,10 @@ Example::
         async for event in c.events():
             if isinstance(event, Message):
                 print(event.conv, event.seq, event.body)
+
+Over TLS: ``Client.login("https://chat.example.com", ..., ca_file="ca.crt")`` (``ca_file`` trusts that CA
+instead of the system store; leave it out for a publicly signed certificate); the gateway addresses are
+then ``wss://`` or ``tls://``.
 
 Event types are the protocol's own frame structs (no copy): ``Message`` is
 :class:`im.protocol.frames.Msg` (the sender uid is ``.sender``), ``Ack``, ``AuthOk``, ``Synced``,
@@ -38,6 +43,7 @@ from im.client.api import (
 )
 from im.client.client import Client, ClientClosed, ClientEvent, Disconnected, SendError
 from im.client.session import ClientSession, Event, SendFailed
+from im.client.tls import PlaintextRefused, TlsError, TlsVerificationError
 from im.client.transport import MemoryTransport, TcpTransport, Transport, TransportClosed, WebSocketTransport
 from im.protocol.codec import Encoding
 from im.protocol.frames import Ack, AuthOk, Bye, Error, Receipt, Send, Synced, TypingEvent
@@ -65,12 +71,15 @@ __all__ = [
     "Member",
     "MemoryTransport",
     "Message",
+    "PlaintextRefused",
     "Receipt",
     "Send",
     "SendError",
     "SendFailed",
     "Synced",
     "TcpTransport",
+    "TlsError",
+    "TlsVerificationError",
     "Tokens",
     "Transport",
     "TransportClosed",

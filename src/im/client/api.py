@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import mimetypes
+import ssl
 import time
 from os import PathLike
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any, Literal, TypeVar
 import httpx
 import msgspec
 
+from im.client.tls import TlsVerificationError, client_context, is_secure, trust_of, verification_error, warn_insecure
 from im.protocol.frames import Msg
 
 __all__ = [
@@ -99,7 +101,8 @@ class HistoryPage(msgspec.Struct, frozen=True):
 
 
 class Gateway(msgspec.Struct, frozen=True):
-    """Where to connect: ``ws`` URL, ``tcp`` address (``tcp://host:port``, None when off), node name."""
+    """Where to connect: ``ws`` URL (``ws://`` or, with TLS, ``wss://``), ``tcp`` address (``tcp://host:port``
+    or, with TLS, ``tls://host:port``; None when off), node name."""
 
     ws: str
     node: str
@@ -167,9 +170,16 @@ def _error(r: httpx.Response) -> ApiError:
 
 
 class ApiClient:
-    """A client of one server's HTTP API. ``base_url`` is the server root (``http://host:port``) or the
-    API root (``.../api/v1``). Pass ``http`` to use your own ``httpx.AsyncClient`` (e.g. one built on
-    ``httpx.MockTransport`` in tests); otherwise one is created and closed with this client.
+    """A client of one server's HTTP API. ``base_url`` is the server root (``http://host:port``,
+    ``https://host``) or the API root (``.../api/v1``). Pass ``http`` to use your own ``httpx.AsyncClient``
+    (e.g. one built on ``httpx.MockTransport`` in tests); otherwise one is created and closed with this
+    client.
+
+    TLS (``https://``): the certificate and host name are verified against the system CA store, or only
+    against ``ca_file`` (a PEM file of CAs) when given; ``ssl_context`` is your own context instead;
+    ``insecure_skip_verify=True`` verifies nothing and logs a warning. A refused certificate raises
+    :class:`~im.client.tls.TlsVerificationError`. A :class:`~im.client.Client` built on this client uses
+    the same options for the gateway. No redirect is followed (none can lead from https to http).
     """
 
     def __init__(
@@ -180,11 +190,29 @@ class ApiClient:
         tokens: Tokens | None = None,
         timeout: float = 10.0,
         refresh_margin: float = 0.2,
+        ca_file: str | PathLike[str] | None = None,
+        insecure_skip_verify: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         root = base_url.rstrip("/")
         self.base_url = root if root.endswith(API_PREFIX) else root + API_PREFIX
+        if ssl_context is not None and (ca_file is not None or insecure_skip_verify):
+            raise ValueError("give ssl_context or ca_file/insecure_skip_verify, not both")
+        if http is not None and (ssl_context is not None or ca_file is not None or insecure_skip_verify):
+            raise ValueError("TLS options go to your own httpx.AsyncClient (verify=...) when you pass http=")
+        #: TLS options, also used by a Client built on this ApiClient for the gateway connection.
+        self.ca_file = ca_file
+        self.insecure_skip_verify = insecure_skip_verify
+        self.ssl_context = ssl_context
+        if is_secure(self.base_url) and http is None:
+            if self.ssl_context is None:
+                self.ssl_context = client_context(ca_file=ca_file, insecure_skip_verify=insecure_skip_verify)
+            warn_insecure(self.ssl_context, self.base_url)
         self._own_http = http is None
-        self.http = http if http is not None else httpx.AsyncClient(timeout=timeout)
+        if http is None:
+            verify: ssl.SSLContext | bool = self.ssl_context if self.ssl_context is not None else True
+            http = httpx.AsyncClient(timeout=timeout, verify=verify, follow_redirects=False)
+        self.http = http
         self.tokens = tokens
         self.refresh_margin = refresh_margin
         self._expires_at = time.monotonic() + tokens.expires_in if tokens is not None else 0.0
@@ -216,19 +244,29 @@ class ApiClient:
 
     # --- plumbing -------------------------------------------------------------------------------------
 
+    async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self.http.request(method, url, **kwargs)
+        except httpx.ConnectError as exc:
+            cause = verification_error(exc)
+            if cause is None:
+                raise
+            trust = trust_of(self.ssl_context, self.ca_file) if self.ssl_context is not None else "your http client"
+            raise TlsVerificationError(self.base_url, cause.verify_message or str(cause), trust) from exc
+
     async def _request(
         self, method: str, path: str, *, auth: bool = True, expect: tuple[int, ...] = (200,), **kwargs: Any
     ) -> httpx.Response:
         url = self.base_url + path
         if not auth:
-            r = await self.http.request(method, url, **kwargs)
+            r = await self._send(method, url, **kwargs)
         else:
             token = self.access_token
-            r = await self.http.request(method, url, headers={"Authorization": f"Bearer {token}"}, **kwargs)
+            r = await self._send(method, url, headers={"Authorization": f"Bearer {token}"}, **kwargs)
             if r.status_code == 401 and _error(r).code == "auth_failed":
                 await self._refresh_after(token)  # once: a second 401 is the caller's to handle
                 headers = {"Authorization": f"Bearer {self.access_token}"}
-                r = await self.http.request(method, url, headers=headers, **kwargs)
+                r = await self._send(method, url, headers=headers, **kwargs)
         if r.status_code not in expect:
             raise _error(r)
         return r

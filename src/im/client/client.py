@@ -35,6 +35,7 @@ import contextlib
 import logging
 import os
 import random
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from picows import WSError
 
 from im.client.api import ApiClient, ApiError, Gateway
 from im.client.session import ClientSession, Event, SendFailed
+from im.client.tls import PlaintextRefused, TlsError, is_secure
 from im.client.transport import TcpTransport, Transport, WebSocketTransport
 from im.protocol.codec import Encoding
 from im.protocol.frames import Ack, AuthOk, Bye, Msg, Send, Synced
@@ -111,6 +113,13 @@ class Client:
     delivery reports); ``persist_interval``; ``on_event`` (called with each event instead of queueing it
     for :meth:`events`); ``transport_factory`` (build the :class:`Transport` for a gateway, for tests or
     custom networks).
+
+    TLS: the gateway connection uses the :class:`ApiClient`'s TLS options (``ca_file``,
+    ``insecure_skip_verify``, ``ssl_context``; :meth:`login` takes them). A certificate the client refuses
+    stops it for good (:class:`~im.client.tls.TlsVerificationError` in ``error``; retrying would meet the
+    same certificate). When the API is reached over ``https://``, a gateway address without TLS (``ws://``,
+    ``tcp://``) is refused the same way (:class:`~im.client.tls.PlaintextRefused`), never used: the login
+    token would cross the network in clear.
     """
 
     def __init__(
@@ -191,10 +200,15 @@ class Client:
         transport: Literal["ws", "tcp"] = "ws",
         cursor_file: str | os.PathLike[str] | None = None,
         connect_timeout: float = 30.0,
+        ca_file: str | os.PathLike[str] | None = None,
+        insecure_skip_verify: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
         **options: Any,
     ) -> Client:
-        """Log in over HTTP, connect to the gateway and return once authenticated (``auth_ok``)."""
-        api = ApiClient(base_url)
+        """Log in over HTTP(S), connect to the gateway and return once authenticated (``auth_ok``).
+        ``ca_file``, ``insecure_skip_verify`` and ``ssl_context`` are the TLS options of :class:`ApiClient`
+        (used for the gateway too)."""
+        api = ApiClient(base_url, ca_file=ca_file, insecure_skip_verify=insecure_skip_verify, ssl_context=ssl_context)
         try:
             await api.login(username, password)
             client = cls(api, device=device, transport=transport, cursor_file=cursor_file, close_api=True, **options)
@@ -410,11 +424,21 @@ class Client:
     # --- the pump ---------------------------------------------------------------------------------------
 
     def _default_transport(self, gateway: Gateway) -> Transport:
+        api = self.api
+        tls: dict[str, Any] = {"ca_file": api.ca_file, "insecure_skip_verify": api.insecure_skip_verify}
+        if api.ssl_context is not None:
+            tls = {"ssl_context": api.ssl_context}
         if self.transport_kind == "tcp":
             if gateway.tcp is None:
                 raise _Fatal(f"gateway {gateway.node} has no TCP listener")
-            return TcpTransport(gateway.tcp, encoding=self.encoding)
-        return WebSocketTransport(gateway.ws, encoding=self.encoding)
+            url = gateway.tcp
+        else:
+            url = gateway.ws
+        if is_secure(api.base_url) and not is_secure(url):
+            raise PlaintextRefused(url, api.base_url)
+        if self.transport_kind == "tcp":
+            return TcpTransport(url, encoding=self.encoding, **tls)
+        return WebSocketTransport(url, encoding=self.encoding, **tls)
 
     async def _run(self) -> None:
         attempt = 0
@@ -424,7 +448,7 @@ class Client:
                 self.session.auth_ok = None  # set again only if this attempt gets as far as auth_ok
                 try:
                     reason = await self._connection()
-                except _Fatal as exc:
+                except (_Fatal, TlsError) as exc:
                     self._fail(exc, str(exc))
                     return
                 except ApiError as exc:

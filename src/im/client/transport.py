@@ -8,11 +8,18 @@ their meaning; :class:`~im.client.session.ClientSession` does. The interface is 
 
 - :class:`WebSocketTransport` -- RFC 6455 via picows (the client side; the server has its own sans-I/O
   protocol); one frame per WebSocket message, text for JSON, binary for MessagePack (docs/protocol.md
-  section 3).
-- :class:`TcpTransport` -- plain TCP with the 5-byte header of docs/protocol.md "TCP framing"; the framing
+  section 3). ``ws://`` or, with TLS, ``wss://``.
+- :class:`TcpTransport` -- TCP with the 5-byte header of docs/protocol.md "TCP framing"; the framing
   itself is the sans-I/O :class:`~im.protocol.tcp_framing.TcpFramer` the TCP gateway uses too, in its
   strict form (frames over ``max_frame`` or with an unknown encoding byte abort the connection).
+  ``tcp://`` or, with TLS, ``tls://``.
 - :class:`MemoryTransport` -- an in-process pair, for tests (``a, b = MemoryTransport.pair()``).
+
+TLS (``wss://``, ``tls://``): the server's certificate and host name are verified against the system CA
+store, or only against ``ca_file`` when given; ``ssl_context`` replaces both with your own context (client
+certificates, pinning). ``insecure_skip_verify=True`` verifies nothing and logs a warning at every
+connection. A refused certificate raises :class:`~im.client.tls.TlsVerificationError` from
+:meth:`~Transport.connect`; a secure URL is never tried in plaintext (see :mod:`im.client.tls`).
 
 Example::
 
@@ -27,7 +34,9 @@ socket until the consumer catches up (the server then applies its own slow-consu
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import ssl
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
@@ -37,6 +46,7 @@ from urllib.parse import urlsplit
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
+from im.client.tls import TlsVerificationError, client_context, trust_of, verification_error, warn_insecure
 from im.protocol.codec import Encoding
 from im.protocol.tcp_framing import DEFAULT_MAX_FRAME, TcpFramer, TcpFramingError, encode_frame, encode_frames
 
@@ -56,6 +66,41 @@ class TransportClosed(ConnectionError):
     """Raised by :meth:`Transport.send` when the connection is gone."""
 
 
+class _Tls:
+    """The TLS options of one transport: the context is built once, at the first secure connect."""
+
+    __slots__ = ("_ctx", "ca_file", "insecure_skip_verify", "ssl_context")
+
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext | None,
+        ca_file: str | os.PathLike[str] | None,
+        insecure_skip_verify: bool,
+    ) -> None:
+        if ssl_context is not None and (ca_file is not None or insecure_skip_verify):
+            raise ValueError("give ssl_context or ca_file/insecure_skip_verify, not both")
+        if ca_file is not None and insecure_skip_verify:
+            raise ValueError("ca_file and insecure_skip_verify contradict each other: give one")
+        self.ssl_context = ssl_context
+        self.ca_file = ca_file
+        self.insecure_skip_verify = insecure_skip_verify
+        self._ctx = ssl_context
+
+    def context(self, url: str) -> ssl.SSLContext:
+        ctx = self._ctx
+        if ctx is None:
+            ctx = self._ctx = client_context(ca_file=self.ca_file, insecure_skip_verify=self.insecure_skip_verify)
+        warn_insecure(ctx, url)
+        return ctx
+
+    def refused(self, url: str, exc: BaseException) -> TlsVerificationError | None:
+        """The clear error for a refused certificate behind ``exc``, or None for other failures."""
+        cause = verification_error(exc)
+        if cause is None or self._ctx is None:
+            return None
+        return TlsVerificationError(url, cause.verify_message or str(cause), trust_of(self._ctx, self.ca_file))
+
+
 class Transport(ABC):
     """One connection carrying encoded frames. Close it with ``async with`` or :meth:`close`.
 
@@ -65,6 +110,8 @@ class Transport(ABC):
     """
 
     encoding: Encoding
+    #: Whether the connection is encrypted (``wss://``, ``tls://``).
+    secure: bool = False
 
     @abstractmethod
     async def connect(self) -> None:
@@ -189,10 +236,12 @@ class _WsListener(WSListener):
 
 
 class WebSocketTransport(Transport):
-    """A WebSocket connection (picows client) to a gateway URL such as ``ws://127.0.0.1:8081/ws``.
+    """A WebSocket connection (picows client) to a gateway URL such as ``ws://127.0.0.1:8081/ws`` or
+    ``wss://chat.example.com/ws``.
 
     JSON frames travel as text messages, MessagePack ones as binary messages; the first message fixes the
-    connection's encoding on the server, so one transport uses one ``encoding``.
+    connection's encoding on the server, so one transport uses one ``encoding``. TLS options: see the
+    module docstring. A ``wss://`` handshake follows no HTTP redirect (one could lead to ``ws://``).
     """
 
     def __init__(
@@ -204,8 +253,16 @@ class WebSocketTransport(Transport):
         max_frame: int = DEFAULT_MAX_FRAME,
         max_queue: int = 65536,
         local_addr: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        insecure_skip_verify: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        scheme = urlsplit(url).scheme.lower()
+        if scheme not in ("ws", "wss"):
+            raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
         self.url = url
+        self.secure = scheme == "wss"
+        self._tls = _Tls(ssl_context, ca_file, insecure_skip_verify)
         self.encoding = encoding
         self.connect_timeout = connect_timeout
         self.max_frame = max_frame
@@ -225,18 +282,27 @@ class WebSocketTransport(Transport):
 
     async def connect(self) -> None:
         inbox, max_frame = self._inbox, self.max_frame
-        ws, _ = await asyncio.wait_for(
-            ws_connect(
-                lambda: _WsListener(inbox, max_frame),
-                self.url,
-                websocket_handshake_timeout=self.connect_timeout,
-                max_frame_size=max_frame,
-                enable_auto_pong=True,
-                read_buffer_init_size=4096,
-                socket_factory=self._bound_socket if self.local_addr else None,
-            ),
-            self.connect_timeout,
-        )
+        ctx = self._tls.context(self.url) if self.secure else None
+        try:
+            ws, _ = await asyncio.wait_for(
+                ws_connect(
+                    lambda: _WsListener(inbox, max_frame),
+                    self.url,
+                    ssl_context=ctx,
+                    max_redirects=0 if self.secure else 5,
+                    websocket_handshake_timeout=self.connect_timeout,
+                    max_frame_size=max_frame,
+                    enable_auto_pong=True,
+                    read_buffer_init_size=4096,
+                    socket_factory=self._bound_socket if self.local_addr else None,
+                ),
+                self.connect_timeout,
+            )
+        except OSError as exc:
+            refused = self._tls.refused(self.url, exc) if self.secure else None
+            if refused is not None:
+                raise refused from exc
+            raise
         self._ws = ws
         sock = ws.underlying_transport.get_extra_info("socket")
         if sock is not None:
@@ -295,6 +361,8 @@ class _TcpProtocol(asyncio.Protocol):
         self.inbox = inbox
         self.framer = framer
         self.transport: asyncio.Transport | None = None
+        #: Done when the connection is gone (after a TLS close, once the close_notify exchange ended).
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport subclass
@@ -315,13 +383,16 @@ class _TcpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.inbox.close()
+        if not self.closed.done():
+            self.closed.set_result(None)
 
 
 class TcpTransport(Transport):
-    """A TCP connection with length-prefixed frames to an address such as ``tcp://127.0.0.1:8082``.
+    """A TCP connection with length-prefixed frames to an address such as ``tcp://127.0.0.1:8082``, or the
+    same over TLS: ``tls://chat.example.com:8082``.
 
     Every frame this side writes carries the transport's ``encoding`` byte (the server answers in the
-    encoding of the first frame).
+    encoding of the first frame). TLS options: see the module docstring.
     """
 
     def __init__(
@@ -333,16 +404,22 @@ class TcpTransport(Transport):
         max_frame: int = DEFAULT_MAX_FRAME,
         max_queue: int = 65536,
         local_addr: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        insecure_skip_verify: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         parts = urlsplit(url)
-        if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
-            raise ValueError(f"not a tcp://host:port address: {url!r}")
+        if parts.scheme not in ("tcp", "tls") or not parts.hostname or parts.port is None:
+            raise ValueError(f"not a tcp://host:port or tls://host:port address: {url!r}")
         self.url = url
+        self.secure = parts.scheme == "tls"
+        self._tls = _Tls(ssl_context, ca_file, insecure_skip_verify)
         self.host, self.port = parts.hostname, parts.port
         self.encoding = encoding
         self.connect_timeout = connect_timeout
         self._binary = encoding is Encoding.MSGPACK
         self._transport: asyncio.Transport | None = None
+        self._protocol: _TcpProtocol | None = None
         self._inbox = _Inbox(max_queue, self._pause, self._resume)
         self._framer = TcpFramer(max_frame)
         self.local_addr = local_addr  # source address to connect from, as for WebSocketTransport
@@ -358,16 +435,27 @@ class TcpTransport(Transport):
     async def connect(self) -> None:
         loop = asyncio.get_running_loop()
         inbox, framer = self._inbox, self._framer
-        transport, _ = await asyncio.wait_for(
-            loop.create_connection(
-                lambda: _TcpProtocol(inbox, framer),
-                self.host,
-                self.port,
-                local_addr=(self.local_addr, 0) if self.local_addr else None,
-            ),
-            self.connect_timeout,
-        )
+        ctx = self._tls.context(self.url) if self.secure else None
+        try:
+            transport, protocol = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _TcpProtocol(inbox, framer),
+                    self.host,
+                    self.port,
+                    local_addr=(self.local_addr, 0) if self.local_addr else None,
+                    ssl=ctx,
+                    server_hostname=self.host if ctx is not None else None,
+                    ssl_handshake_timeout=self.connect_timeout if ctx is not None else None,
+                ),
+                self.connect_timeout,
+            )
+        except OSError as exc:
+            refused = self._tls.refused(self.url, exc) if self.secure else None
+            if refused is not None:
+                raise refused from exc
+            raise
         self._transport = transport
+        self._protocol = protocol
 
     def send(self, data: bytes) -> None:
         t = self._transport
@@ -385,9 +473,16 @@ class TcpTransport(Transport):
         return await self._inbox.get()
 
     async def close(self) -> None:
-        t = self._transport
+        """Close and wait (at most 5 s, then abort) until the connection is gone: over TLS the close_notify
+        exchange takes a round trip, and a transport left closing when its event loop ends leaks."""
+        t, protocol = self._transport, self._protocol
         if t is not None and not t.is_closing():
             t.close()
+        if t is not None and protocol is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(protocol.closed), 5.0)
+            except TimeoutError:
+                t.abort()
         self._inbox.close()
 
     def abort(self) -> None:

@@ -12,6 +12,31 @@
 
 const RETRYABLE = new Set(["unavailable", "rate_limited", "too_many_in_flight", "unauthenticated"]);
 
+/**
+ * Why the chat address `wsUrl` (from GET /gateway) must not be used by a page loaded over `pageProtocol`,
+ * or null when it may. A page served over HTTPS only ever connects to a wss:// address: a ws:// one would
+ * send the login token and every message in clear (a misconfigured server), so it is refused with a
+ * message the user can act on, never tried (the browser would block it with nothing but a console line).
+ */
+export function insecureGateway(wsUrl, pageProtocol) {
+  let url;
+  try {
+    url = new URL(wsUrl);
+  } catch {
+    return `The server gave an invalid chat address (${wsUrl}).`;
+  }
+  if (url.protocol !== "ws:" && url.protocol !== "wss:") {
+    return `The server gave a chat address that is not a WebSocket (${wsUrl}).`;
+  }
+  if (pageProtocol === "https:" && url.protocol !== "wss:") {
+    return (
+      `Not connecting: this page is encrypted (HTTPS) but the server offered an unencrypted chat address ` +
+      `(${wsUrl}), which would send your messages in clear. Ask the administrator to turn on TLS for the gateway.`
+    );
+  }
+  return null;
+}
+
 export class Connection {
   /**
    * @param {import("./api.js").Api} api
@@ -29,7 +54,7 @@ export class Connection {
     this.backoffMax = backoffMax;
     this.maxInFlight = maxInFlight;
     this.onOutboxChange = onOutboxChange;
-    /** "connecting" | "open" | "offline" | "replaced" | "stopped" */
+    /** "connecting" | "open" | "offline" | "replaced" | "insecure" | "stopped" */
     this.state = "offline";
     this.synced = false;
     this.uid = null;
@@ -37,6 +62,7 @@ export class Connection {
     this._ws = null;
     this._stopped = true;
     this._wake = null; // resolves the back-off sleep early
+    this._refusal = null; // why the last gateway address was refused (state "insecure")
     this._unsent = [];
     this._inFlight = new Set();
     this._refused = [];
@@ -89,7 +115,7 @@ export class Connection {
 
   /** Skip the rest of the back-off (the user asked, or the browser came back online). */
   retryNow() {
-    if (this.state === "replaced") {
+    if (this.state === "replaced" || this.state === "insecure") {
       this._status("offline");
     }
     this._wakeUp();
@@ -113,6 +139,13 @@ export class Connection {
         continue;
       }
       if (reason === "auth_lost") return; // the application shows the login screen
+      if (reason === "insecure") {
+        // A plaintext chat address for an HTTPS page: stay off until asked (the server must be fixed).
+        console.error(`im: ${this._refusal}`);
+        this._status("insecure", { reason: this._refusal });
+        await this._sleep(null);
+        continue;
+      }
       const delay = Math.min(this.backoffMax, this.backoffBase * 2 ** attempt) * (0.5 + Math.random() * 0.5);
       attempt = Math.min(attempt + 1, 30);
       this._status("offline", { retryAt: Date.now() + delay, reason });
@@ -147,6 +180,8 @@ export class Connection {
       return `gateway: ${err && err.message}`;
     }
     if (this._stopped) return "stopped";
+    this._refusal = insecureGateway(gateway.ws, location.protocol);
+    if (this._refusal) return "insecure";
     return new Promise((resolve) => {
       let ws;
       try {

@@ -82,6 +82,8 @@ class Banner {
       };
       update();
       this._timer = setInterval(update, 1000);
+    } else if (status.state === "insecure") {
+      this.show(status.reason, { action: "Retry", onAction: () => connection.retryNow() });
     } else if (status.state === "replaced") {
       this.show("This chat was opened again in another window.", { action: "Use here", onAction: () => connection.retryNow() });
     }

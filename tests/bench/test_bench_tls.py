@@ -1,0 +1,142 @@
+"""``im bench`` over TLS: against a server reached over https:// with ``--ca-file`` (load and idle), refused
+without the CA, ``--insecure-skip-verify`` warned once; ``--spawn --tls`` makes its own CA and certificate
+and its clients trust them (through tests/support/tls_terminator.py until ``im serve`` has its own ``tls``
+settings: then the same test runs the native path, with no change)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from im.bench import cli as bench_cli
+from im.bench import load as bench_load
+from im.bench.server import SpawnedServer
+from im.certs import Issued
+from im.config import Config
+from tests.support.server import free_port
+from tests.support.tls_terminator import TlsServer, TlsTerminator, running_tls_server
+
+pytestmark = pytest.mark.timeout(240)
+
+SHORT = ["--pairs", "2", "--window", "4", "--duration", "2", "--warmup", "0.5", "--procs", "1", "--no-progress"]
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> Iterator[TlsServer]:
+    # The bench registers accounts from one address: the relaxed test rates allow it.
+    with running_tls_server(tmp_path, ["--set", "limits.max_connections_per_address=0"]) as srv:
+        yield srv
+
+
+def _bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any] | None]:
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "im", "bench", *args, "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200)
+    return proc, json.loads(out.read_text()) if out.exists() else None
+
+
+@pytest.mark.parametrize("transport", ["mixed"])
+def test_load_over_tls_with_a_ca_file(tmp_path: Path, tls: TlsServer, transport: str) -> None:
+    proc, r = _bench(tmp_path, *SHORT, "--transport", transport, "--server", tls.http, "--ca-file", str(tls.ca.cert))
+    assert r is not None, proc.stderr
+    assert proc.returncode == 0 and r["ok"], (proc.stderr, r["problems"])
+    assert all(v == 0 for v in r["checks"].values()), r["problems"]
+    assert r["delivered"] > 0 and r["totals"]["delivered"] == r["totals"]["acked"] == r["totals"]["sent"]
+    assert "verification is OFF" not in proc.stderr
+
+
+def test_idle_over_tls_with_a_ca_file(tmp_path: Path, tls: TlsServer) -> None:
+    args = ["idle", "--connections", "6", "--transport", "mixed", "--settle", "0.2", "--no-progress"]
+    proc, r = _bench(tmp_path, *args, "--server", tls.http, "--ca-file", str(tls.ca.cert))
+    assert r is not None, proc.stderr
+    assert proc.returncode == 0 and r["ok"], proc.stderr
+    assert r["connected"] == 6, r
+
+
+def test_without_the_ca_the_run_is_refused_with_a_clear_error(tmp_path: Path, tls: TlsServer) -> None:
+    proc, r = _bench(tmp_path, *SHORT, "--server", tls.http)
+    assert proc.returncode != 0 and r is None
+    assert "TlsVerificationError" in proc.stderr and "certificate" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_insecure_skip_verify_runs_and_warns_once(tmp_path: Path, tls: TlsServer) -> None:
+    proc, r = _bench(tmp_path, *SHORT, "--transport", "tcp", "--server", tls.http, "--insecure-skip-verify")
+    assert r is not None and proc.returncode == 0 and r["ok"], proc.stderr
+    assert proc.stderr.count("verification is OFF") == 1, proc.stderr
+
+
+def test_tls_flags_are_checked() -> None:
+    for argv in (
+        ["--tls", "--server", "https://h"],
+        ["--ca-file", "ca.crt"],  # with --spawn: the spawned server's own CA is trusted
+        ["--server", "https://h", "--ca-file", "ca.crt", "--insecure-skip-verify"],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            bench_cli.main(argv)
+        assert exc.value.code == 2, argv
+
+
+class _TerminatedSpawnedServer(SpawnedServer):
+    """SpawnedServer with ``tls``, its certificate served by terminators in front of a plaintext ``im serve``
+    (for as long as ``im serve`` has no ``tls`` settings of its own)."""
+
+    terminators: list[TlsTerminator]
+
+    def tls_settings(self, cert: Path, key: Path) -> list[str]:
+        self._cert = Issued(cert, key)
+        # The server's own (plaintext) ports, chosen here: it announces the terminators' public addresses.
+        self._plain = [free_port() for _ in range(3)]
+        self._ports = [free_port() for _ in range(3)]
+        http, ws, tcp = self._plain
+        _, wss, tls = self._ports
+        return [
+            f"http.port={http}",
+            f"gateway.ws_port={ws}",
+            f"gateway.tcp_port={tcp}",
+            f"gateway.public_ws_url=wss://127.0.0.1:{wss}/ws",
+            f"gateway.public_tcp_url=tls://127.0.0.1:{tls}",
+        ]
+
+    def start(self, timeout: float = 30.0) -> SpawnedServer:
+        super().start(timeout)
+        self.terminators = [
+            TlsTerminator(("127.0.0.1", target), self._cert, port=port)
+            for port, target in zip(self._ports, self._plain, strict=True)
+        ]
+        for t in self.terminators:
+            t.start()
+        self.http = f"https://127.0.0.1:{self._ports[0]}"
+        return self
+
+    def stop(self, timeout: float = 20.0) -> None:
+        for t in getattr(self, "terminators", []):
+            t.close()
+        super().stop(timeout)
+
+
+def test_spawn_with_tls_trusts_its_own_ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if "tls" not in Config.model_fields:  # im serve cannot serve TLS itself yet: terminators do
+        monkeypatch.setattr(bench_load, "SpawnedServer", _TerminatedSpawnedServer)
+    seen: list[SpawnedServer] = []
+    real_run = bench_load._run
+
+    def run(opts: bench_load.LoadOptions, base: str, *args: Any) -> dict[str, Any]:
+        seen.append(args[-1])
+        assert base.startswith("https://") and opts.tls.ca_file is not None
+        return real_run(opts, base, *args)
+
+    monkeypatch.setattr(bench_load, "_run", run)
+    out = tmp_path / "r.json"
+    code = bench_cli.main([*SHORT, "--transport", "mixed", "--spawn", "--tls", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert code == 0 and r["ok"], r["problems"]
+    assert r["delivered"] > 0 and all(v == 0 for v in r["checks"].values())
+    spawned = seen[0]
+    assert spawned.tls and spawned.ca_file is not None and spawned.ca_file.endswith("ca.crt")
+    assert not Path(spawned.ca_file).exists(), "the run's certificates are removed with its temporary directory"
