@@ -9,8 +9,8 @@ rotation) pick the one a wrapped key needs.
 
 A provider holds one or more master keys: the first is current (it wraps), the others only unwrap (the
 old keys kept through a rotation until every wrapped key was rewrapped, docs/security.md 11.3). Text
-form of several keys (key file lines, or the environment variable): base64 keys separated by commas,
-spaces or newlines, the current one first.
+form of several keys (key file lines, or the environment variable): base64 keys separated by commas
+or newlines, the current one first.
 """
 
 from __future__ import annotations
@@ -54,11 +54,13 @@ def decode_master_key(text: str, *, source: str) -> bytes:
 
 
 def decode_master_keys(text: str, *, source: str) -> list[bytes]:
-    """One or more master keys (base64, separated by commas or white space; the current one first);
+    """One or more master keys (base64, separated by commas or newlines; the current one first);
     ``ValueError`` naming ``source`` when there is none, one is invalid, or one is there twice."""
-    parts = [p for p in text.replace(",", " ").split() if p]
+    parts = [p.strip() for p in text.replace(",", "\n").splitlines() if p.strip()]
     if not parts:
         raise ValueError(f"{source}: no master key (expected {MASTER_KEY_BYTES} random bytes in base64)")
+    if len(parts) == 1:
+        return [decode_master_key(parts[0], source=source)]
     keys = [decode_master_key(p, source=f"{source}, key {i + 1}") for i, p in enumerate(parts)]
     if len({master_key_id(k) for k in keys}) != len(keys):
         raise ValueError(f"{source}: the same master key is listed twice")

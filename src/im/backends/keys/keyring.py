@@ -20,7 +20,8 @@ Rules it keeps:
   (:class:`MasterKeyMismatch`): it would create new keys that other nodes cannot read and read nothing.
 - A conversation's current version is re-read from the store at most ``refresh_interval`` seconds after
   it was last read, so a key rotated by another process (``im keys rotate-conversation``) is used for
-  new messages everywhere within that time (at once in the process that rotated it).
+  new messages everywhere within that time (at once in the process that rotated it), and a shredded key
+  is dropped everywhere within that time too (reads and writes both check).
 
 Master key rotation (:meth:`rewrap_all`): every stored key not wrapped by the current master key is
 unwrapped (with the older master key the provider still holds) and wrapped again under the current one,
@@ -152,12 +153,7 @@ class Keyring(Service):
         whose versions were read more than ``refresh_interval`` seconds ago is read again (one round trip
         for all of them), so a rotation elsewhere is followed."""
         names = list(names)
-        if self.refresh_interval >= 0:
-            limit = time.monotonic() - self.refresh_interval
-            loaded = self._loaded_at
-            stale = [n for n in names if n in self._cache and loaded.get(n, 0.0) < limit]
-            if stale:
-                await self._refresh(stale)
+        await self._refresh_stale(names)
         found = await self._get(names, create=True)
         out = {}
         for name, keys in found.items():
@@ -169,7 +165,9 @@ class Keyring(Service):
         ciphertexts cannot be read). A version newer than the cached ones (rotated by another process)
         is looked up in the store."""
         pairs = set(wanted)
-        found = await self._get({n for n, _ in pairs}, create=False)
+        names = {n for n, _ in pairs}
+        await self._refresh_stale(names)
+        found = await self._get(names, create=False)
         stale = {n for n, v in pairs if n in found and v not in found[n].ciphers}
         if stale:
             for n in stale:
@@ -287,6 +285,13 @@ class Keyring(Service):
     def master_of(self, wrapped: bytes) -> str | None:
         """The master key id that wrapped ``wrapped`` (see :meth:`KeyProvider.master_of`)."""
         return self.provider.master_of(wrapped)
+
+    async def _refresh_stale(self, names: Iterable[str]) -> None:
+        limit = time.monotonic() - self.refresh_interval
+        loaded, cache = self._loaded_at, self._cache
+        stale = [n for n in names if n in cache and loaded.get(n, 0.0) <= limit]
+        if stale:
+            await self._refresh(stale)
 
     async def _refresh(self, names: list[str]) -> None:
         """Read the stored versions of cached ``names`` again, unwrapping only versions not held; a name
