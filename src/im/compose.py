@@ -16,7 +16,7 @@ import os
 import secrets
 import ssl
 import stat
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from im.backends.files.sqlite import SqliteFileStore
 from im.backends.keys import KeyProvider
 from im.backends.keys.env import EnvKeyProvider
 from im.backends.keys.file import FileKeyProvider
-from im.backends.keys.keyring import Keyring
+from im.backends.keys.keyring import Keyring, conv_key_name
 from im.backends.lifecycle import Service
 from im.backends.presence import Presence
 from im.backends.presence.memory import MemoryPresence
@@ -557,8 +557,24 @@ def build_committer(
 
 
 def build_groups(config: Config, b: Backends, caches: ChatCaches, committer: Committer) -> Groups:
+    keyring, accounts = b.keyring, b.account_store
+    shred = deleted_users = None
+    if keyring is not None:
+
+        async def shred(convs: Sequence[str]) -> int:  # crypto-shredding on account deletion
+            return await keyring.shred([conv_key_name(c) for c in convs])
+
+        async def deleted_users(uids: Sequence[int]) -> set[int]:
+            return {uid for uid, p in (await accounts.privacy(uids)).items() if p.deleted}
+
     return Groups(
-        committer, b.chat_store, b.account_store, caches.consent, max_group_members=config.limits.max_group_members
+        committer,
+        b.chat_store,
+        b.account_store,
+        caches.consent,
+        max_group_members=config.limits.max_group_members,
+        shred=shred,
+        deleted_users=deleted_users,
     )
 
 
