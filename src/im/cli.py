@@ -318,6 +318,8 @@ async def _keys_run(args: argparse.Namespace, config: Config) -> int:
             raise _KeysError(str(exc), 1) from None
         stack.push_async_callback(keyring.close)
         if args.op == "rotate-conversation":
+            if not (await keyring.store.load_keys([conv_key_name(args.conv)])).get(conv_key_name(args.conv)):
+                raise _KeysError(f"conversation {args.conv} has no key (no message was stored encrypted in it)")
             version = await keyring.rotate(conv_key_name(args.conv))
             print(f"im keys: conversation {args.conv} now encrypts with key version {version}")
             print(f"im keys: other processes follow within encryption.key_refresh ({enc.key_refresh:g} s)")
