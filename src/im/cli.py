@@ -212,6 +212,202 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_keys_parser(sub: Any) -> None:
+    keys = sub.add_parser(
+        "keys",
+        help="encryption at rest: master key rotation, plaintext migration (im keys --help)",
+        description="Keys of encryption at rest (docs/security.md, Encryption). Each command takes the same "
+        "configuration flags as `im serve` and works while servers run on the same data.",
+    )
+    ops = keys.add_subparsers(dest="op", required=True)
+    texts = {
+        "status": "master keys held, data keys by the master key that wraps them, plaintext bodies left",
+        "migrate": "seal every message body still stored in clear, online, showing progress",
+        "rotate": "a new master key first in the key file (the old ones kept), then every data key and file "
+        "key rewrapped under it",
+        "rewrap": "rewrap every data key and file key under the current master key (resumes a rotation)",
+        "retire": "remove the older master keys from the key file, refused while anything is wrapped by them",
+        "new-key": "print a new random master key (base64), for encryption.key_env",
+    }
+    for op, text in texts.items():
+        p = ops.add_parser(op, help=text, description=text)
+        _add_config_flags(p)
+        if op in ("rotate", "rewrap", "migrate"):
+            p.add_argument("--batch", type=int, default=500, help="rows per page (default 500)")
+        if op == "retire":
+            p.add_argument(
+                "--force", action="store_true", help="do not wait for running servers to re-read a changed key file"
+            )
+    conv = ops.add_parser(
+        "rotate-conversation",
+        help="a new data key version for one conversation (new messages use it, old ones stay readable)",
+    )
+    conv.add_argument("conv", help="the conversation id, e.g. d:1:2 or g:7")
+    _add_config_flags(conv)
+
+
+class _KeysError(Exception):
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _keys(args: argparse.Namespace, config: Config) -> int:
+    """``im keys ...``: each operation on the configured store, beside running servers."""
+    import asyncio
+
+    from im.backends.keys.aes import encode_master_key, new_master_key
+
+    if args.op == "new-key":
+        print(encode_master_key(new_master_key()))
+        return 0
+    _setup_logging(config)
+    try:
+        return asyncio.run(_keys_run(args, config))
+    except _KeysError as exc:
+        print(f"im keys {args.op}: {exc}", file=sys.stderr)
+        return exc.code
+    except (ConfigError, OSError, ValueError) as exc:
+        print(f"im keys {args.op}: {exc}", file=sys.stderr)
+        return 2
+
+
+async def _keys_run(args: argparse.Namespace, config: Config) -> int:
+    import contextlib
+    import time
+
+    from im.backends.blobs.encrypted import EncryptedBlobStorage
+    from im.backends.chat.encrypted import MigrationProgress
+    from im.backends.keys import MasterKeyMismatch
+    from im.backends.keys import admin as keys_admin
+    from im.backends.keys.file import retire_from_key_file, rotate_key_file
+    from im.backends.keys.keyring import conv_key_name
+    from im.compose import build_backends, build_blobs, plaintext_migration
+
+    enc = config.encryption
+    key_file = enc.key_file or config.data_dir / "master.key"
+    if not enc.key_env and not key_file.exists():
+        raise _KeysError(f"no master key file {key_file} (and encryption.key_env is not set)", 2)
+    if args.op == "rotate":
+        if enc.key_env:
+            raise _KeysError(
+                f"the master key comes from the environment variable {enc.key_env}: make a key with `im keys "
+                f"new-key`, set {enc.key_env}=NEW,OLD on every node (restart them one by one), then run "
+                "`im keys rewrap`; once it reports nothing left, `im keys retire` says when OLD may go",
+                2,
+            )
+        new_id, old_ids = rotate_key_file(key_file)
+        print(f"im keys: new master key {new_id} is current in {key_file}; kept older: {', '.join(old_ids)}")
+        print("im keys: running servers re-read the file (SIGHUP, the periodic check, or their first miss)")
+    b = build_backends(config)
+    if b.keyring is None:
+        raise _KeysError("no keyring (encryption off and no master key)", 2)
+    keyring = b.keyring
+    last = 0.0
+
+    def say(line: str, *, force: bool = False) -> None:
+        nonlocal last
+        if force or time.monotonic() - last >= 2.0:
+            last = time.monotonic()
+            print(f"im keys: {line}", flush=True)
+
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await keyring.start()
+        except MasterKeyMismatch as exc:
+            raise _KeysError(str(exc), 1) from None
+        stack.push_async_callback(keyring.close)
+        if args.op == "rotate-conversation":
+            if not (await keyring.store.load_keys([conv_key_name(args.conv)])).get(conv_key_name(args.conv)):
+                raise _KeysError(f"conversation {args.conv} has no key (no message was stored encrypted in it)")
+            version = await keyring.rotate(conv_key_name(args.conv))
+            print(f"im keys: conversation {args.conv} now encrypts with key version {version}")
+            print(f"im keys: other processes follow within encryption.key_refresh ({enc.key_refresh:g} s)")
+            return 0
+        if args.op in ("status", "migrate"):
+            await b.chat_store.start()
+            stack.push_async_callback(b.chat_store.close)
+            assert b.bodies is not None
+            await b.bodies.start()
+            stack.push_async_callback(b.bodies.close)
+        if args.op == "migrate":
+            migration = plaintext_migration(config, b)
+            if migration is None:
+                raise _KeysError("encryption.enabled is false: turn it on to seal the stored bodies", 2)
+            migration.batch = args.batch
+            migration.pause = 0.0
+            migration.report_interval = 2.0
+
+            def show(p: MigrationProgress) -> None:
+                say(p.line(), force=True)
+
+            moved = await migration.run(show)
+            print(
+                f"im keys: done: {moved.sealed} sealed, {moved.skipped} changed meanwhile ({moved.messages} messages)"
+            )
+            return 0
+        blobs: EncryptedBlobStorage | None = None
+        if args.op in ("rewrap", "rotate", "retire", "status"):
+            built = build_blobs(config, keyring, migrate=False)
+            if isinstance(built, EncryptedBlobStorage):
+                blobs = built
+                await blobs.start()
+                stack.push_async_callback(blobs.close)
+            await b.file_store.start()
+            stack.push_async_callback(b.file_store.close)
+        provider = keyring.provider
+        if args.op in ("rewrap", "rotate"):
+            done = await keys_admin.rewrap_all(keyring, blobs, b.file_store, page=args.batch, progress=say)
+            k, f = done.keys, done.blobs
+            same = k.checked - k.rewrapped - k.failed
+            print(f"im keys: data keys: {k.rewrapped} rewrapped, {same} already current, {k.failed} failed")
+            if f is not None:
+                print(f"im keys: file keys: {f.rewritten} rewritten, {f.current} already current, {f.failed} failed")
+            if k.failed or (f is not None and f.failed):
+                print(
+                    "im keys: some keys were not rewrapped (see the log); run `im keys rewrap` again", file=sys.stderr
+                )
+                return 1
+            older = provider.key_ids[1:]
+            if older:
+                print(f"im keys: nothing needs {', '.join(older)} any more: `im keys retire` removes them")
+            return 0
+        keys_by, blobs_by = await keys_admin.wrapped_by(keyring, blobs, b.file_store)
+        if args.op == "status":
+            print(f"master key current: {provider.key_id}; also held: {', '.join(provider.key_ids[1:]) or 'none'}")
+            for key_id in sorted(set(keys_by) | set(blobs_by)):
+                print(f"  {key_id}: {keys_by.get(key_id, 0)} data keys, {blobs_by.get(key_id, 0)} files")
+            assert b.bodies is not None
+            plain, total = await b.bodies.count_plaintext()
+            print(f"message bodies: {total} stored, {plain} in clear")
+            return 0
+        # retire
+        older = provider.key_ids[1:]
+        if not older:
+            print("im keys: only the current master key is held: nothing to retire")
+            return 0
+        busy = keys_admin.blocking(older, keys_by, blobs_by)
+        if busy:
+            raise _KeysError(
+                "refused: still wrapped by an older master key: "
+                + "; ".join(f"{k}: {v}" for k, v in busy.items())
+                + " (run `im keys rewrap` first)"
+            )
+        age = time.time() - key_file.stat().st_mtime if not enc.key_env else float("inf")
+        if age < enc.key_reload_interval + 5 and not args.force:
+            raise _KeysError(
+                f"the key file changed {age:.0f} s ago: servers that have not re-read it yet may still wrap new keys "
+                f"with an older master key; wait encryption.key_reload_interval ({enc.key_reload_interval:g} s) or "
+                "SIGHUP them, run `im keys rewrap`, then retire (--force skips this wait)"
+            )
+        if enc.key_env:
+            print(f"im keys: nothing is wrapped by {', '.join(older)}: set {enc.key_env} to the current key alone")
+            return 0
+        removed = retire_from_key_file(key_file, set(older))
+        print(f"im keys: retired {', '.join(removed)} from {key_file}; back up the file again")
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     if args_list[:1] == ["bench"]:  # its own parser: `im bench --help`, `im bench idle --help`
@@ -237,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     show = sub.add_parser("config", help="print the effective configuration")
     _add_config_flags(show)
     _add_certs_parser(sub)
+    _add_keys_parser(sub)
     sub.add_parser("bench", help="load generator: throughput, latency, delivery check (see im bench --help)")
     chat = sub.add_parser("chat", help="a terminal chat client (needs a running server)")
     chat.add_argument("--server", default="http://127.0.0.1:8080", help="server URL (default http://127.0.0.1:8080)")
@@ -280,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command in roles:
         return _run_role(args.command, config)
+    if args.command == "keys":
+        return _keys(args, config)
     return _serve(config)
 
 

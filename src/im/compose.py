@@ -9,12 +9,14 @@ at the configuration themselves. Nothing here runs anything: the roles (:mod:`im
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import secrets
 import ssl
 import stat
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +31,10 @@ from im.backends.accounts.sqlite import SqliteAccountStore
 from im.backends.blobs import BlobStorage
 from im.backends.blobs.encrypted import EncryptedBlobStorage, FileKeys
 from im.backends.blobs.local import LocalBlobStorage
-from im.backends.chat import ChatStore, ConversationKeys
-from im.backends.chat.encrypted import EncryptedChatStore
-from im.backends.chat.postgres import PostgresChatStore, PostgresConversationKeys
-from im.backends.chat.sqlite import SqliteChatStore, SqliteConversationKeys
+from im.backends.chat import ChatStore, ConversationKeys, StoredBodies
+from im.backends.chat.encrypted import EncryptedChatStore, MigrationProgress, PlaintextMigration
+from im.backends.chat.postgres import PostgresChatStore, PostgresConversationKeys, PostgresStoredBodies
+from im.backends.chat.sqlite import SqliteChatStore, SqliteConversationKeys, SqliteStoredBodies
 from im.backends.dedupe import Dedupe
 from im.backends.dedupe.memory import MemoryDedupe
 from im.backends.dedupe.redis import RedisDedupe
@@ -42,7 +44,7 @@ from im.backends.files.sqlite import SqliteFileStore
 from im.backends.keys import KeyProvider
 from im.backends.keys.env import EnvKeyProvider
 from im.backends.keys.file import FileKeyProvider
-from im.backends.keys.keyring import Keyring
+from im.backends.keys.keyring import Keyring, conv_key_name
 from im.backends.lifecycle import Service
 from im.backends.presence import Presence
 from im.backends.presence.memory import MemoryPresence
@@ -99,13 +101,17 @@ class Backends:
     #: The data keys (None when encryption is off and no master key exists): the chat store seals
     #: bodies with it, the file service may too. Started before the chat store, closed after it.
     keyring: Keyring | None = None
+    #: In-place rewrites of stored bodies (the plaintext migration), on the chat store's database.
+    bodies: StoredBodies | None = None
 
     def services(self) -> list[Service]:
         """In start order (closed in reverse). The file store is not here: it opens with its FileService."""
         first: list[Service] = [] if self.keyring is None else [self.keyring]
+        bodies: list[Service] = [] if self.bodies is None else [self.bodies]
         return [
             *first,
             self.chat_store,
+            *bodies,
             self.account_store,
             self.presence,
             self.rate_limiter,
@@ -151,17 +157,23 @@ def build_backends(config: Config) -> Backends:
         account_store: AccountStore = PostgresAccountStore(pg)
         file_store: FileStore = PostgresFileStore(pg)
         key_store = PostgresConversationKeys(pg)
+        bodies: StoredBodies = PostgresStoredBodies(pg)
     else:
         db = SqliteDatabase(config.data_dir / "im.sqlite3")
         chat_store = SqliteChatStore(db, outbox=outbox)
         account_store = SqliteAccountStore(db)
         file_store = SqliteFileStore(db)
         key_store = SqliteConversationKeys(db)
+        bodies = SqliteStoredBodies(db)
     # On: bodies sealed. Off: new bodies in clear, and those sealed while it was on still open when the
     # master key is there (else they read as "undecryptable", never as raw bytes).
     enc = config.encryption
     provider = master_key_provider(config, create=enc.enabled)
-    keyring = None if provider is None else Keyring(provider, key_store, cache_size=enc.key_cache)
+    keyring = (
+        None
+        if provider is None
+        else Keyring(provider, key_store, cache_size=enc.key_cache, refresh_interval=enc.key_refresh)
+    )
     chat_store = EncryptedChatStore(chat_store, keyring, seal=enc.enabled)
     presence: Presence
     rate_limiter: RateLimiter
@@ -182,7 +194,73 @@ def build_backends(config: Config) -> Backends:
         registry = EtcdRegistry(rc.endpoints(), tls=etcd_tls, prefix=rc.prefix)
     else:
         registry = MemoryRegistry()
-    return Backends(chat_store, account_store, presence, MemoryRouter(), registry, file_store, rate_limiter, keyring)
+    return Backends(
+        chat_store, account_store, presence, MemoryRouter(), registry, file_store, rate_limiter, keyring, bodies
+    )
+
+
+class KeyReloader:
+    """Re-reads the master key source of a running process (a rotation by ``im keys rotate``): every
+    ``interval`` seconds (0: never by the clock) and at once on :meth:`poke` (the SIGHUP hook). A source
+    that does not load is logged and the keys held stay."""
+
+    def __init__(self, keyring: Keyring, *, interval: float) -> None:
+        self.keyring = keyring
+        self.interval = interval
+        self._poked = asyncio.Event()
+
+    def poke(self) -> None:
+        self._poked.set()
+
+    async def loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poked.wait(), self.interval or None)
+            self._poked.clear()
+            try:
+                await self.keyring.reload()
+            except Exception as exc:
+                log.error(
+                    "the master key source does not load (%s: %s); keeping the keys held", type(exc).__name__, exc
+                )
+
+
+def plaintext_migration(config: Config, b: Backends) -> PlaintextMigration | None:
+    """The plaintext-body migration of this configuration's store (None when encryption is off)."""
+    if not config.encryption.enabled or b.keyring is None or b.bodies is None:
+        return None
+    assert isinstance(b.chat_store, EncryptedChatStore)
+    enc = config.encryption
+    return PlaintextMigration(b.chat_store, b.bodies, batch=enc.migrate_batch, pause=enc.migrate_pause)
+
+
+def encryption_loops(config: Config, b: Backends, *, migrate: bool, reloader: KeyReloader | None) -> list[Loop]:
+    """The background work of encryption at rest in a role: the master key reload, and (``migrate``,
+    with ``encryption.migrate_plaintext``) one run of the plaintext migration, logged every 5 s."""
+    loops: list[Loop] = []
+    if reloader is not None:
+        loops.append(("im-key-reload", reloader.loop()))
+    migration = plaintext_migration(config, b) if migrate and config.encryption.migrate_plaintext else None
+    if migration is not None:
+
+        async def run() -> None:
+            def report(p: MigrationProgress) -> None:
+                if p.total and not p.finished:
+                    log.info("sealing plaintext message bodies: %s", p.line())
+                elif p.total:
+                    log.info("plaintext message bodies sealed: %s, %d changed meanwhile", p.line(), p.skipped)
+
+            try:
+                await migration.run(report)
+            except Exception:  # a failure here must not stop the server: the next start resumes
+                log.exception("the plaintext message migration failed; the next start resumes it")
+
+        loops.append(("im-seal-plaintext", run()))
+    return loops
+
+
+def key_reloader(config: Config, b: Backends) -> KeyReloader | None:
+    return None if b.keyring is None else KeyReloader(b.keyring, interval=config.encryption.key_reload_interval)
 
 
 def master_key_provider(config: Config, *, create: bool = True) -> KeyProvider | None:
@@ -479,8 +557,24 @@ def build_committer(
 
 
 def build_groups(config: Config, b: Backends, caches: ChatCaches, committer: Committer) -> Groups:
+    keyring, accounts = b.keyring, b.account_store
+    shred = deleted_users = None
+    if keyring is not None:
+
+        async def shred(convs: Sequence[str]) -> int:  # crypto-shredding on account deletion
+            return await keyring.shred([conv_key_name(c) for c in convs])
+
+        async def deleted_users(uids: Sequence[int]) -> set[int]:
+            return {uid for uid, p in (await accounts.privacy(uids)).items() if p.deleted}
+
     return Groups(
-        committer, b.chat_store, b.account_store, caches.consent, max_group_members=config.limits.max_group_members
+        committer,
+        b.chat_store,
+        b.account_store,
+        caches.consent,
+        max_group_members=config.limits.max_group_members,
+        shred=shred,
+        deleted_users=deleted_users,
     )
 
 

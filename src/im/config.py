@@ -370,6 +370,20 @@ class EncryptionConfig(_Section):
     key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     #: Unwrapped data keys kept in memory (conversations), least recently used dropped first.
     key_cache: int = Field(100_000, ge=1)
+    #: Seconds after which a conversation's current key version is read again from the database, so a
+    #: conversation key rotated by another process (``im keys rotate-conversation``) is used here too.
+    key_refresh: float = Field(60.0, ge=0)
+    #: Seconds between two checks of the master key file for a rotation (``im keys rotate``); SIGHUP
+    #: checks at once, and a key wrapped by a master key not held makes the file re-read too. 0: only
+    #: on SIGHUP and on such a miss.
+    key_reload_interval: float = Field(30.0, ge=0)
+    #: With ``enabled``, seal the message bodies still stored in clear in the background at start
+    #: (online, resumable; ``im keys migrate`` does the same in the foreground and shows progress).
+    migrate_plaintext: bool = True
+    #: Rows sealed per transaction by the plaintext migration.
+    migrate_batch: int = Field(500, ge=1, le=10_000)
+    #: Seconds the background migration pauses between two batches (leaves the writer to live traffic).
+    migrate_pause: float = Field(0.01, ge=0, le=10)
 
 
 class RateConfig(_Section):

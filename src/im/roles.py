@@ -40,7 +40,9 @@ from im.compose import (
     build_link_tls,
     build_reads,
     build_tls,
+    encryption_loops,
     event_workers,
+    key_reloader,
     require_shared_engines,
 )
 from im.config import Config
@@ -102,6 +104,9 @@ class TransferNode(_Role):
         )
         self._grpc_server: Any = None
         self.address = ""
+        self.key_reloader = key_reloader(config, b)
+        if self.key_reloader is not None:
+            self.lifecycle.on_reload(self.key_reloader.poke)
 
     def parts(self) -> list[Part]:
         """In start order; the stop runs backwards: leave the registry first (gateways stop choosing
@@ -135,7 +140,8 @@ class TransferNode(_Role):
         cfg, b = self.config, self.backends
         tc = cfg.transfer
         load = report_load(b.registry, tc.node_id, lambda: self.servicer.streams, interval=cfg.registry.ttl / 3)
-        return [*(("im-events", worker) for worker in event_workers(cfg, b)), ("im-load", load)]
+        keys = encryption_loops(cfg, b, migrate=True, reloader=self.key_reloader)
+        return [*(("im-events", worker) for worker in event_workers(cfg, b)), ("im-load", load), *keys]
 
     async def run(self, ready: Callable[[TransferNode], None] | None = None) -> None:
         await self.lifecycle.run(
@@ -241,6 +247,9 @@ class ApiNode(_Role):
         )
         if self.tls is not None:
             self.lifecycle.on_reload(self.tls.files.reload)
+        self.key_reloader = key_reloader(config, b)
+        if self.key_reloader is not None:
+            self.lifecycle.on_reload(self.key_reloader.poke)
 
     @property
     def url(self) -> str:
@@ -260,10 +269,13 @@ class ApiNode(_Role):
         ]
 
     async def run(self, ready: Callable[[ApiNode], None] | None = None) -> None:
-        tls = self.tls
+        tls, cfg, reloader = self.tls, self.config, self.key_reloader
         await self.lifecycle.run(
             self.parts(),
-            loops=lambda: tls.loops() if tls is not None else [],
+            loops=lambda: [
+                *(tls.loops() if tls is not None else []),
+                *encryption_loops(cfg, self.backends, migrate=False, reloader=reloader),
+            ],
             ready=None if ready is None else lambda: ready(self),
         )
 

@@ -23,7 +23,9 @@ from im.compose import (
     build_hub,
     build_reads,
     build_tls,
+    encryption_loops,
     event_workers,
+    key_reloader,
 )
 from im.config import Config
 from im.lifecycle import Lifecycle, Loop, Part, registration, report_load
@@ -56,6 +58,10 @@ class EmbeddedServer:
         )
         if self.tls is not None:
             self.lifecycle.on_reload(self.tls.files.reload)
+        #: The master key file is re-read on SIGHUP and by the clock (a rotation by ``im keys rotate``).
+        self.key_reloader = key_reloader(config, b)
+        if self.key_reloader is not None:
+            self.lifecycle.on_reload(self.key_reloader.poke)
 
     @property
     def http_url(self) -> str:
@@ -102,7 +108,8 @@ class EmbeddedServer:
         cfg, b = self.config, self.backends
         load = report_load(b.registry, cfg.gateway.node_id, lambda: self.hub.connections, interval=cfg.registry.ttl / 3)
         tls = self.tls.loops() if self.tls is not None else []
-        return [("im-load", load), *(("im-events", worker) for worker in event_workers(cfg, b)), *tls]
+        keys = encryption_loops(cfg, b, migrate=True, reloader=self.key_reloader)
+        return [("im-load", load), *(("im-events", worker) for worker in event_workers(cfg, b)), *tls, *keys]
 
     async def run(self, ready: Callable[[EmbeddedServer], None] | None = None) -> None:
         await self.lifecycle.run(

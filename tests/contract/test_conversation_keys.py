@@ -97,3 +97,14 @@ async def test_keys_survive_a_reopen(key_store: KeyStoreHarness) -> None:
 
 async def test_lifecycle(key_store: KeyStoreHarness) -> None:
     await check_lifecycle(key_store.unstarted, lambda s: s.load_keys(["conv:x"]))
+
+
+async def test_masters_counts_the_rows_each_master_key_wraps(key_store: KeyStoreHarness) -> None:
+    s = key_store.store
+    assert await s.masters() == {}
+    await s.add_key(_key("conv:a", master="m1"))
+    await s.add_key(_key("conv:b", master="m1"))
+    old = await s.add_key(_key("conv:c", master="m2"))
+    assert await s.masters() == {"m1": 2, "m2": 1}
+    assert await s.rewrap(old, _key("conv:c", master="m1"))
+    assert await s.masters() == {"m1": 3}

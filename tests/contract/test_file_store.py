@@ -106,3 +106,19 @@ async def test_lifecycle(file_harness: FileHarness) -> None:
         assert await store.lookup(ALICE, "0" * 64) is None
 
     await check_lifecycle(file_harness.unstarted, probe)
+
+
+async def test_hashes_pages_through_every_file_in_order(file_harness: FileHarness) -> None:
+    files = file_harness.files
+    assert await files.hashes(None, 10) == []
+    metas = [meta(f"file {i}".encode()) for i in range(7)]
+    for i, m in enumerate(metas):
+        await files.add_upload(m, ALICE if i % 2 else BOB, f"{i}.bin", 1_000)
+    await files.add_upload(metas[0], ALICE, "again.bin", 1_000)  # a second uploader: still one row
+    wanted = sorted(m.sha256 for m in metas)
+    got: list[str] = []
+    after = None
+    while page := await files.hashes(after, 3):
+        got += page
+        after = page[-1]
+    assert got == wanted

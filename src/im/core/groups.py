@@ -6,11 +6,18 @@ change is queued on the committer, which judges it against the group's current s
 (:mod:`im.core.membership`) in its next pass and commits it in the log as a ``system`` message, in
 order with the group's messages. Reads of groups (a group, its members) are
 :class:`~im.core.reads.ChatReads`'.
+
+Crypto-shredding on account deletion (``shred``, docs/security.md 11.3): when :meth:`leave_all_groups`
+runs for a deleted account, the data keys of the conversations nobody can read any more are destroyed —
+a group this account was the last member of (nobody is left who could add anyone back), and a direct
+conversation whose other party was deleted before. A direct conversation with a living partner, and a
+group with members left, keep their keys: the account-deletion rules keep that history for them.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 
 from im.backends.accounts import UserDirectory
 from im.backends.chat import CursorStore
@@ -35,7 +42,11 @@ class Groups:
         consent: Consent,
         *,
         max_group_members: int = 2000,
+        shred: Callable[[Sequence[str]], Awaitable[int]] | None = None,
+        deleted_users: Callable[[Sequence[int]], Awaitable[set[int]]] | None = None,
     ) -> None:
+        self._shred = shred
+        self._deleted_users = deleted_users
         self._committer = committer
         self._store = store
         self._accounts = accounts
@@ -80,10 +91,28 @@ class Groups:
     async def leave_all_groups(self, uid: int) -> None:
         """Take ``uid`` out of every group it is in, as if it left each (ownership passes on)."""
         # The device name "" is never a real device: this lists the user's conversations, nothing else.
+        left: list[str] = []
+        partners: dict[int, str] = {}
         for point in await self._store.sync_points(uid, ""):
             parsed = parse_conv(point.conv)
             if parsed is not None and parsed[0] == "group":
                 try:
                     await self.leave_group(uid, parsed[1][0])
+                    left.append(point.conv)
                 except ImError as exc:  # already gone meanwhile: nothing to leave
                     log.info("leaving %s on account deletion: %s", point.conv, exc.message)
+            elif parsed is not None:
+                a, b = parsed[1]
+                partners[b if a == uid else a] = point.conv
+        if self._shred is not None:
+            await self._shred_abandoned(left, partners)
+
+    async def _shred_abandoned(self, left: list[str], partners: dict[int, str]) -> None:
+        assert self._shred is not None
+        abandoned = [conv for conv in left if not await self._store.read_marks(conv)]  # no member left
+        if partners and self._deleted_users is not None:
+            gone = await self._deleted_users(list(partners))
+            abandoned += [conv for partner, conv in partners.items() if partner in gone]
+        if abandoned:
+            await self._shred(abandoned)
+            log.info("account deletion: destroyed the keys of %d conversations nobody can read", len(abandoned))

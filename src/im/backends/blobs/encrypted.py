@@ -21,6 +21,10 @@ Layout under ``root`` (the root a :class:`LocalBlobStorage` used before: its blo
   (streamed, fsynced, renamed, then the plaintext unlinked), online, and can run in the background from
   :meth:`start`. Sealed bytes found under a plaintext name are refused, never served as the file.
 
+- Master key rotation: the wrapped key in a blob's trailer is rewrapped by :func:`rewrap_blob_keys`
+  (``im keys rotate``), which rewrites the blob with the new trailer and renames it into place (a reader
+  sees the old file or the new one; the old one stays readable while the old master key is held).
+
 What it does not hide: the number of blobs, their sizes (to the byte: the layout is deterministic), and
 when they were written. Anyone holding the keyring and the disk reads everything.
 """
@@ -306,6 +310,71 @@ class EncryptedBlobStorage(BlobStorage):
 
         return await asyncio.to_thread(remove)
 
+    # --- the wrapped keys (master key rotation) ------------------------------------------------------------
+
+    async def wrapped_key(self, sha256: str) -> bytes | None:
+        """The wrapped key in the trailer of the sealed blob ``sha256``; None when there is no sealed blob
+        (a plaintext one, or none). :class:`BlobCorrupt` when its layout is damaged."""
+        path = self.path(sha256)
+
+        def read() -> bytes | None:
+            try:
+                with path.open("rb") as f:
+                    return read_layout(f)[1]
+            except FileNotFoundError:
+                return None
+
+        return await asyncio.to_thread(read)
+
+    async def replace_wrapped_key(self, sha256: str, old: bytes, new: bytes) -> bool:
+        """Rewrite the sealed blob ``sha256`` with ``new`` as its wrapped key if its trailer still holds
+        ``old`` (else False, nothing written). The blob is copied to a staging file beside it with the new
+        trailer, fsynced, and renamed over the old one: readers see one file or the other, whole; a crash
+        leaves the old blob (and a stale ``.rewrap-*`` staging file, removed by the next rewrap of it)."""
+        path = self.path(sha256)
+        sync = self._fsync
+
+        def rewrite() -> bool:
+            try:
+                src = path.open("rb")
+            except FileNotFoundError:
+                return False
+            with src:
+                layout, wrapped = read_layout(src)
+                if wrapped != old:
+                    return False
+                before = os.fstat(src.fileno())
+                body = layout.file_size - TAIL.size - len(old)
+                tmp = path.with_name(f".rewrap-{path.name}")
+                with tmp.open("wb") as out:
+                    src.seek(0)
+                    left = body
+                    while left:
+                        piece = src.read(min(left, 1 << 20))
+                        if not piece:
+                            raise BlobCorrupt(f"blob {sha256} ended early while being rewritten")
+                        out.write(piece)
+                        left -= len(piece)
+                    out.write(new + TAIL.pack(len(new)))
+                    out.flush()
+                    if sync:
+                        os.fsync(out.fileno())
+                os.chmod(tmp, 0o600)
+                try:
+                    now = os.stat(path)
+                except FileNotFoundError:  # deleted meanwhile: do not bring it back
+                    tmp.unlink()
+                    return False
+                if (now.st_ino, now.st_size, now.st_mtime_ns) != (before.st_ino, before.st_size, before.st_mtime_ns):
+                    tmp.unlink()
+                    return False
+                os.replace(tmp, path)
+                if sync:
+                    _fsync_dir(path.parent)
+                return True
+
+        return await asyncio.to_thread(rewrite)
+
     # --- migration of plaintext blobs ----------------------------------------------------------------------
 
     def plaintext_blobs(self) -> list[str]:
@@ -392,6 +461,59 @@ class EncryptedBlobStorage(BlobStorage):
             report.bytes,
         )
         return report
+
+
+class Rewrapper(Protocol):
+    """What :func:`rewrap_blob_keys` needs of the keyring."""
+
+    async def rewrap(self, wrapped: bytes, context: bytes) -> bytes | None:
+        """``wrapped`` rewrapped under the current master key; None when it is under it already."""
+        ...
+
+
+@dataclass
+class RewrapBlobsReport:
+    """What :func:`rewrap_blob_keys` did: blobs listed, rewritten, already current, not sealed (plaintext
+    or missing), and those whose key did not unwrap or whose file changed meanwhile (left as they are)."""
+
+    listed: int = 0
+    rewritten: int = 0
+    current: int = 0
+    not_sealed: int = 0
+    failed: int = 0
+
+
+async def rewrap_blob_keys(
+    storage: EncryptedBlobStorage,
+    hashes: AsyncIterable[str],
+    keys: Rewrapper,
+    *,
+    progress: Callable[[RewrapBlobsReport], None] | None = None,
+) -> RewrapBlobsReport:
+    """Rewrap the key in the trailer of each sealed blob among ``hashes`` under the current master key,
+    one blob at a time, while the storage serves. ``progress`` is called after each blob."""
+    report = RewrapBlobsReport()
+    async for sha256 in hashes:
+        report.listed += 1
+        try:
+            wrapped = await storage.wrapped_key(sha256)
+            if wrapped is None:
+                report.not_sealed += 1
+            else:
+                new = await keys.rewrap(wrapped, key_context(sha256))
+                if new is None:
+                    report.current += 1
+                elif await storage.replace_wrapped_key(sha256, wrapped, new):
+                    report.rewritten += 1
+                else:
+                    report.failed += 1
+                    log.warning("blob %s changed while its key was rewrapped; run the rewrap again", sha256)
+        except (BlobCorrupt, KeyUnavailable, InvalidTag, ValueError) as exc:
+            report.failed += 1
+            log.error("the key of blob %s was not rewrapped: %s", sha256, exc)
+        if progress is not None:
+            progress(report)
+    return report
 
 
 class _SealWriter:

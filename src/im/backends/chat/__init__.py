@@ -5,6 +5,7 @@
     CursorStore ────┼── ChatStore ── SqliteChatStore, PostgresChatStore
     Outbox ─────────┘
     ConversationKeys ── SqliteConversationKeys, PostgresConversationKeys (on the same database, apart)
+    StoredBodies ────── SqliteStoredBodies, PostgresStoredBodies (the plaintext migration's rewrites)
 
 Each narrow interface states its own guarantee. :class:`ChatStore` is all four on **one database**: that
 is what lets :meth:`MessageLog.commit` span the concerns in one transaction (the messages, the
@@ -209,6 +210,11 @@ class ConversationKeys(Service, abc.ABC):
         False when it changed meanwhile or is gone."""
 
     @abc.abstractmethod
+    async def masters(self) -> dict[str, int]:
+        """How many stored rows each master key id wraps (what a rotation has left to rewrap, and what
+        a retirement must not remove)."""
+
+    @abc.abstractmethod
     async def other_master(self, master_id: str) -> str | None:
         """The id of a master key other than ``master_id`` that wrapped some stored key, if any."""
 
@@ -216,3 +222,36 @@ class ConversationKeys(Service, abc.ABC):
     async def delete_keys(self, names: Sequence[str]) -> int:
         """Delete every version of each of ``names`` (crypto-shredding: what they encrypted becomes
         unreadable for good); returns the rows deleted."""
+
+
+class StoredBodies(Service, abc.ABC):
+    """Message bodies rewritten in place: what the online migration of a plaintext database uses
+    (:class:`im.backends.chat.encrypted.PlaintextMigration`). Only that migration rewrites a stored body;
+    everything else appends.
+
+    A body is *plaintext* when its first byte is not ``0x01`` (the sealed format's first byte, which no
+    JSON text starts with). Guarantees: :meth:`replace_bodies` is a compare-and-set per row (a row whose
+    body is no longer the one read is left alone), all of one call in one transaction, durable when it
+    returns; pages come in (conv, seq) order, so a scan resumed after a given (conv, seq) misses no row
+    that existed when it started.
+    """
+
+    @abc.abstractmethod
+    async def count_plaintext(self) -> tuple[int, int]:
+        """(plaintext bodies, all messages) stored now."""
+
+    @abc.abstractmethod
+    async def plaintext_page(self, after: tuple[str, int] | None, limit: int) -> list[StoredMessage]:
+        """Up to ``limit`` messages with a plaintext body past (conv, seq) ``after``, in (conv, seq) order."""
+
+    @abc.abstractmethod
+    async def replace_bodies(self, changes: Sequence[tuple[StoredMessage, bytes]]) -> int:
+        """For each (message as read, new body): set the body of (conv, seq) to the new one if it is still
+        the one read. Returns the rows changed. The old bytes are overwritten where the engine allows it
+        (SQLite: ``secure_delete`` for these writes)."""
+
+    @abc.abstractmethod
+    async def scrub(self) -> None:
+        """After a migration: drop what the engine keeps of overwritten rows where it can do so online
+        (SQLite: truncate the WAL; PostgreSQL: ``VACUUM`` the table; dead row versions and WAL archives
+        are the operator's, docs/security.md 11.3)."""

@@ -29,7 +29,7 @@ from typing import Any
 
 import asyncpg
 
-from im.backends.chat import ChatStore, ConversationKeys
+from im.backends.chat import ChatStore, ConversationKeys, StoredBodies
 from im.backends.sql.postgres_db import PostgresDatabase, rowcount
 from im.backends.sql.rows import conversation_summary
 from im.backends.sql.shared_db import OnSharedDatabase
@@ -497,6 +497,10 @@ class PostgresConversationKeys(OnSharedDatabase[PostgresDatabase], ConversationK
         )
         return rowcount(status) == 1
 
+    async def masters(self) -> dict[str, int]:
+        rows = await self.db.pool.fetch("SELECT master_id, count(*) FROM data_keys GROUP BY master_id")
+        return {str(r[0]): int(r[1]) for r in rows}
+
     async def other_master(self, master_id: str) -> str | None:
         value = await self.db.pool.fetchval(
             "SELECT master_id FROM data_keys WHERE master_id < $1 OR master_id > $1 LIMIT 1", master_id
@@ -510,3 +514,42 @@ class PostgresConversationKeys(OnSharedDatabase[PostgresDatabase], ConversationK
             "DELETE FROM data_keys WHERE name = ANY($1::text[])", list(dict.fromkeys(names))
         )
         return rowcount(status)
+
+
+class PostgresStoredBodies(OnSharedDatabase[PostgresDatabase], StoredBodies):
+    """:class:`StoredBodies` on the shared PostgreSQL database. An ``UPDATE`` leaves the old row version
+    behind until ``VACUUM`` (run by :meth:`scrub`) makes its space reusable, and the WAL keeps it until
+    its segments are recycled: see docs/security.md 11.3 for what remains and how to remove it."""
+
+    async def count_plaintext(self) -> tuple[int, int]:
+        row = await self.db.pool.fetchrow(
+            "SELECT count(*) FILTER (WHERE substring(body FROM 1 FOR 1) <> '\\x01'::bytea), count(*) FROM messages"
+        )
+        return int(row[0]), int(row[1])
+
+    async def plaintext_page(self, after: tuple[str, int] | None, limit: int) -> list[StoredMessage]:
+        conv, seq = after if after is not None else ("", -1)
+        rows = await self.db.pool.fetch(
+            f"SELECT {_MSG_COLUMNS} FROM messages WHERE (conv, seq) > ($1, $2)"
+            " AND substring(body FROM 1 FOR 1) <> '\\x01'::bytea ORDER BY conv, seq LIMIT $3",
+            conv,
+            seq,
+            limit,
+        )
+        return [_msg(r) for r in rows]
+
+    async def replace_bodies(self, changes: Sequence[tuple[StoredMessage, bytes]]) -> int:
+        if not changes:
+            return 0
+        status = await self.db.pool.execute(
+            "UPDATE messages m SET body = c.new FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::bytea[])"
+            " AS c(conv, seq, old, new) WHERE m.conv = c.conv AND m.seq = c.seq AND m.body = c.old",
+            [m.conv for m, _ in changes],
+            [m.seq for m, _ in changes],
+            [m.body for m, _ in changes],
+            [new for _, new in changes],
+        )
+        return rowcount(status)
+
+    async def scrub(self) -> None:
+        await self.db.pool.execute("VACUUM messages")

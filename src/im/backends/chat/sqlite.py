@@ -10,7 +10,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from im.backends.chat import ChatStore, ConversationKeys
+from im.backends.chat import ChatStore, ConversationKeys, StoredBodies
 from im.backends.sql.rows import conversation_summary
 from im.backends.sql.shared_db import OnSharedDatabase
 from im.backends.sql.sqlite_db import SqliteDatabase
@@ -386,6 +386,12 @@ class SqliteConversationKeys(OnSharedDatabase[SqliteDatabase], ConversationKeys)
         )
         return cur.rowcount == 1
 
+    async def masters(self) -> dict[str, int]:
+        rows = await self.db.read(
+            lambda conn: conn.execute("SELECT master_id, count(*) FROM data_keys GROUP BY master_id").fetchall()
+        )
+        return {str(m): int(n) for m, n in rows}
+
     async def other_master(self, master_id: str) -> str | None:
         row = await self.db.read(
             lambda conn: conn.execute(
@@ -405,3 +411,45 @@ class SqliteConversationKeys(OnSharedDatabase[SqliteDatabase], ConversationKeys)
             return deleted
 
         return await self.db.write(run) if wanted else 0
+
+
+class SqliteStoredBodies(OnSharedDatabase[SqliteDatabase], StoredBodies):
+    """:class:`StoredBodies` on the shared SQLite database: rewrites with ``secure_delete`` (the old
+    bytes are zeroed in the page, not left in its free space), and a WAL truncation in :meth:`scrub`."""
+
+    async def count_plaintext(self) -> tuple[int, int]:
+        row = await self.db.read(
+            lambda conn: conn.execute(
+                "SELECT coalesce(sum(substr(body, 1, 1) <> x'01'), 0), count(*) FROM messages"
+            ).fetchone()
+        )
+        return int(row[0]), int(row[1])
+
+    async def plaintext_page(self, after: tuple[str, int] | None, limit: int) -> list[StoredMessage]:
+        conv, seq = after if after is not None else ("", -1)
+        rows = await self.db.read(
+            lambda conn: conn.execute(
+                f"SELECT {_MSG_COLUMNS} FROM messages WHERE (conv, seq) > (?, ?) AND substr(body, 1, 1) <> x'01'"
+                " ORDER BY conv, seq LIMIT ?",
+                (conv, seq, limit),
+            ).fetchall()
+        )
+        return [_msg(r) for r in rows]
+
+    async def replace_bodies(self, changes: Sequence[tuple[StoredMessage, bytes]]) -> int:
+        if not changes:
+            return 0
+        params = [(new, m.conv, m.seq, m.body) for m, new in changes]
+
+        def run(conn: sqlite3.Connection) -> int:
+            conn.execute("PRAGMA secure_delete = ON")
+            try:
+                cur = conn.executemany("UPDATE messages SET body = ? WHERE conv = ? AND seq = ? AND body = ?", params)
+                return int(cur.rowcount)
+            finally:
+                conn.execute("PRAGMA secure_delete = OFF")
+
+        return await self.db.write(run)
+
+    async def scrub(self) -> None:
+        await self.db.checkpoint(truncate=True)

@@ -45,3 +45,8 @@ class FileStore(Service, abc.ABC):
     async def add_refs(self, refs: Sequence[tuple[str, str]]) -> None:
         """Record (file_id, conv) pairs: the file was sent to the conversation. The chat store writes the
         same rows in its own commit; this is for cores that do not."""
+
+    @abc.abstractmethod
+    async def hashes(self, after: str | None, limit: int) -> list[str]:
+        """Up to ``limit`` stored files' sha256 past ``after``, in order: every file, page by page (for
+        maintenance on the blobs, such as rewrapping their keys after a master key rotation)."""

@@ -57,6 +57,12 @@ class PostgresFileStore(OnSharedDatabase[PostgresDatabase], FileStore):
             )
         return _meta(row), row[7], bool(new_owner)
 
+    async def hashes(self, after: str | None, limit: int) -> list[str]:
+        rows = await self.db.pool.fetch(
+            "SELECT sha256 FROM files WHERE sha256 > $1 ORDER BY sha256 LIMIT $2", after or "", limit
+        )
+        return [str(r[0]) for r in rows]
+
     async def lookup(self, uid: int, file_id: str) -> tuple[FileMeta, str | None] | None:
         row = await self.db.pool.fetchrow(
             f"SELECT {', '.join('f.' + c.strip() for c in _META.split(','))}, o.name FROM files f"

@@ -48,6 +48,14 @@ class SqliteFileStore(OnSharedDatabase[SqliteDatabase], FileStore):
 
         return await self.db.write(add)
 
+    async def hashes(self, after: str | None, limit: int) -> list[str]:
+        rows = await self.db.read(
+            lambda conn: conn.execute(
+                "SELECT sha256 FROM files WHERE sha256 > ? ORDER BY sha256 LIMIT ?", (after or "", limit)
+            ).fetchall()
+        )
+        return [str(r[0]) for r in rows]
+
     async def lookup(self, uid: int, file_id: str) -> tuple[FileMeta, str | None] | None:
         def get(conn: sqlite3.Connection) -> tuple[FileMeta, str | None] | None:
             if conn.execute(_CAN_READ, (file_id, uid, uid)).fetchone() is None:

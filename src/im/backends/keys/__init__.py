@@ -17,6 +17,12 @@ KMS's encrypt with ``context`` as its additional authenticated data (AWS: ``Encr
 key (and version, if the KMS does not record it in the ciphertext). A wrapped key is at most a few
 hundred bytes. The keyring calls ``unwrap`` once per data key it has not cached, so a KMS round trip is
 paid once per conversation per process (not per message); ``wrap`` once per new conversation.
+
+Rotation (``im keys rotate``, docs/security.md 11.3): a provider may hold several master keys at once,
+the current one (``key_id``: it wraps) and older ones (``key_ids``: they still unwrap) until every data
+key has been rewrapped under the current one. A KMS provider usually gets this from the KMS itself (key
+versions recorded in the ciphertext); ``master_of`` tells the rewrap what needs rewrapping and
+``reload`` lets a running process pick up a rotated key source.
 """
 
 from __future__ import annotations
@@ -56,4 +62,21 @@ class KeyProvider(Service, abc.ABC):
 
     @abc.abstractmethod
     async def unwrap(self, wrapped: bytes, context: bytes) -> bytes:
-        """The key that :meth:`wrap` was given with the same ``context``; :class:`KeyUnavailable` if not."""
+        """The key that :meth:`wrap` was given with the same ``context`` (under any master key this
+        provider holds); :class:`KeyUnavailable` if not."""
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        """Every master key this provider can unwrap with, the current one (:attr:`key_id`) first."""
+        return (self.key_id,)
+
+    def master_of(self, wrapped: bytes) -> str | None:
+        """The id of the master key that wrapped ``wrapped``, when its format records it (None: unknown,
+        for example a KMS whose ciphertexts carry their own key version)."""
+        return None
+
+    async def reload(self) -> bool:
+        """Re-read the key source (a rotated key file); True when the keys held changed. Keys held before
+        stay usable until the new source is read successfully; a source that does not load raises and
+        changes nothing. The default has nothing to re-read."""
+        return False

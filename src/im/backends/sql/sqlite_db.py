@@ -261,6 +261,22 @@ class SqliteDatabase:
 
         return await self._writer.call(run)
 
+    async def checkpoint(self, *, truncate: bool = False, attempts: int = 50) -> bool:
+        """Copy the WAL into the database file; with ``truncate``, then cut the WAL file to zero bytes (so
+        overwritten page versions do not stay in it). A checkpoint that readers keep from finishing is
+        retried up to ``attempts`` times (0.1 s apart); True when it finished."""
+        if self._writer is None:
+            raise RuntimeError("database not open")
+        mode = "TRUNCATE" if truncate else "PASSIVE"
+        for _ in range(attempts):
+            busy, _log, _done = await self._writer.call(
+                lambda conn: conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+            )
+            if not busy:
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on the reader's thread."""
         if self._reader is None:

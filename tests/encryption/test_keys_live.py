@@ -1,0 +1,259 @@
+"""``im keys`` against a live ``im serve`` taking a steady stream of sends (the history checker runs over
+everything): the plaintext migration of a database written with encryption off, and a master key
+rotation, rewrap and retirement, after which a server with only the new key reads every message and
+file."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+
+from im.backends.keys.aes import master_key_id
+from im.backends.keys.file import read_key_file_all
+from tests.support.checker import History
+from tests.support.client import Account, register
+from tests.support.server import ServerProcess
+
+
+async def _im_keys(server: ServerProcess, *args: str, extra: list[str] | None = None) -> tuple[int, str]:
+    """Run ``im keys ARGS`` on the server's data directory (a separate process, like an operator)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "im",
+        "keys",
+        *args,
+        "--data-dir",
+        str(server.data_dir),
+        *(extra or []),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ},
+    )
+    out, _ = await proc.communicate()
+    return int(proc.returncode or 0), out.decode()
+
+
+class Traffic:
+    """Two users sending direct and group messages in a loop, recorded by the history checker."""
+
+    def __init__(self, server: ServerProcess, alice: Account, bob: Account, gid: int, marker: str) -> None:
+        self.h = History(server)
+        self.alice, self.bob, self.gid, self.marker = alice, bob, gid, marker
+        self.sent = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Traffic:
+        self.a = self.h.client(self.alice, "phone")
+        self.b = self.h.client(self.bob, "laptop")
+        await self.a.connect()
+        await self.b.connect()
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            n = self.sent
+            assert await self.a.send({"text": f"{self.marker} live direct {n}"}, to=self.bob.uid) is not None
+            assert await self.b.send({"text": f"{self.marker} live group {n}"}, conv=f"g:{self.gid}") is not None
+            self.sent += 1
+            await asyncio.sleep(0.005)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+
+    async def check(self) -> dict[str, int]:
+        try:
+            return await self.h.check()
+        finally:
+            await self.h.close_all()
+
+
+async def _pair(server: ServerProcess) -> tuple[Account, Account, int]:
+    alice = await register(server.api, f"alice{secrets.token_hex(3)}")
+    bob = await register(server.api, f"bob{secrets.token_hex(3)}")
+    async with httpx.AsyncClient(timeout=10) as http:
+        r = await http.post(f"{server.api}/groups", json={"name": "team", "members": [bob.uid]}, headers=alice.auth)
+        assert r.status_code in (200, 201), r.text
+        return alice, bob, int(r.json()["gid"])
+
+
+async def _fill(server: ServerProcess, alice: Account, bob: Account, gid: int, marker: str, n: int) -> None:
+    h = History(server)
+    a, b = h.client(alice, "phone"), h.client(bob, "laptop")
+    await a.connect()
+    await b.connect()
+    for start in range(0, n, 50):  # a window of 50 sends in flight per device
+        end = min(n, start + 50)
+        for i in range(start, end):
+            await a.send({"text": f"{marker} old direct {i}"}, to=bob.uid, wait=False)
+            await b.send({"text": f"{marker} old group {i}"}, conv=f"g:{gid}", wait=False)
+        await a.wait_for(lambda: len(a.acks) >= end, timeout=60)  # noqa: B023
+        await b.wait_for(lambda: len(b.acks) >= end, timeout=60)  # noqa: B023
+    assert not a.errors and not b.errors, (a.errors, b.errors)
+    await h.close_all()
+
+
+async def _texts(server: ServerProcess, reader: Account, conv: str) -> list[str]:
+    out: list[str] = []
+    after = 0
+    async with httpx.AsyncClient(timeout=30) as http:
+        while True:
+            r = await http.get(
+                f"{server.api}/conversations/{conv}/messages",
+                params={"after": after, "limit": 200},
+                headers=reader.auth,
+            )
+            assert r.status_code == 200, r.text
+            page = r.json()
+            for m in page["messages"]:
+                assert m["type"] != "undecryptable", m
+                out.append(m["body"]["text"] if isinstance(m["body"], dict) and "text" in m["body"] else "")
+            if not page["has_more"] or not page["messages"]:
+                return out
+            after = page["messages"][-1]["seq"]
+
+
+def _scan(data: Path, marker: str) -> list[str]:
+    return [p.name for p in sorted(data.rglob("*")) if p.is_file() and marker.encode() in p.read_bytes()]
+
+
+async def test_a_plaintext_database_is_migrated_online_under_live_sends(tmp_path: Path) -> None:
+    marker = f"MigrateMarker{secrets.token_hex(6)}"
+    data = tmp_path / "data"
+    # 1. a database written with encryption off: every body in clear
+    server = ServerProcess(data, extra=["--set", "encryption.enabled=false"]).start()
+    try:
+        alice, bob, gid = await _pair(server)
+        await _fill(server, alice, bob, gid, marker, 1500)
+    finally:
+        assert server.stop() == 0
+    assert "im.sqlite3" in _scan(data, marker)
+    direct = f"d:{min(alice.uid, bob.uid)}:{max(alice.uid, bob.uid)}"
+    # 2. encryption on, the automatic run off: `im keys migrate` seals them while sends go on
+    server = ServerProcess(data, extra=["--set", "encryption.migrate_plaintext=false"]).start()
+    try:
+        before = await _texts(server, bob, direct)
+        async with Traffic(server, alice, bob, gid, marker) as traffic:
+            code, out = await _im_keys(server, "migrate", "--batch", "200")
+            assert code == 0, out
+            sent_during = traffic.sent
+        assert "3001/3001 plaintext message bodies done" in out, out  # 1500 + 1500 + the group creation
+        assert "done: 3001 sealed, 0 changed meanwhile" in out, out
+        assert sent_during > 0
+        stats = await traffic.check()
+        assert stats["messages"] >= 2 * traffic.sent
+        after = await _texts(server, bob, direct)
+        assert after[: len(before)] == before  # every old message reads back identical
+        code, out = await _im_keys(server, "status")
+        assert code == 0 and ", 0 in clear" in out, out
+        assert _scan(data, marker) == []  # database, WAL, everything: while the server runs
+    finally:
+        assert server.stop() == 0
+    assert _scan(data, marker) == []
+    # 3. the automatic run at start: nothing left, says nothing; a rerun of the command finds nothing
+    server = ServerProcess(data).start()
+    try:
+        code, out = await _im_keys(server, "migrate")
+        assert code == 0 and "done: 0 sealed" in out, out
+    finally:
+        assert server.stop() == 0
+
+
+async def test_the_automatic_migration_at_start_seals_a_plaintext_database(tmp_path: Path) -> None:
+    marker = f"AutoMarker{secrets.token_hex(6)}"
+    data = tmp_path / "data"
+    server = ServerProcess(data, extra=["--set", "encryption.enabled=false"]).start()
+    try:
+        alice, bob, gid = await _pair(server)
+        await _fill(server, alice, bob, gid, marker, 200)
+    finally:
+        assert server.stop() == 0
+    server = ServerProcess(data).start()
+    try:
+        for _ in range(200):
+            if "plaintext message bodies sealed" in server.log():
+                break
+            await asyncio.sleep(0.05)
+        assert "plaintext message bodies sealed: 401/401" in server.log(), server.log()[-3000:]
+        assert _scan(data, marker) == []
+        assert len(await _texts(server, alice, f"g:{gid}")) == 201
+    finally:
+        assert server.stop() == 0
+
+
+async def test_master_key_rotation_under_live_sends_then_retire_and_restart_with_the_new_key_only(
+    tmp_path: Path,
+) -> None:
+    marker = f"RotateMarker{secrets.token_hex(6)}"
+    data = tmp_path / "data"
+    server = ServerProcess(data).start()
+    try:
+        alice, bob, gid = await _pair(server)
+        await _fill(server, alice, bob, gid, marker, 300)
+        files: dict[str, bytes] = {}
+        async with httpx.AsyncClient(base_url=server.api, timeout=30) as api:
+            for i in range(3):
+                content = secrets.token_bytes(70_000 + i)
+                r = await api.post("/files", headers=alice.auth, files={"file": (f"{i}.bin", content, "x/y")})
+                assert r.status_code in (200, 201), r.text
+                files[r.json()["file_id"]] = content
+        old_id = master_key_id(read_key_file_all(data / "master.key")[0])
+        async with Traffic(server, alice, bob, gid, marker) as traffic:
+            code, out = await _im_keys(server, "rotate", "--batch", "2")
+            assert code == 0, out
+            assert "data keys: 3 rewrapped" in out and "file keys: 3 rewritten" in out, out
+            new_id = master_key_id(read_key_file_all(data / "master.key")[0])
+            assert new_id != old_id
+            # too early: a server may not have re-read the file yet
+            code, out = await _im_keys(server, "retire")
+            assert code == 1 and "changed" in out, out
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGHUP)  # re-read the key file now
+            for _ in range(100):
+                if f"current master key {new_id}" in server.log():
+                    break
+                await asyncio.sleep(0.05)
+            assert f"current master key {new_id}" in server.log()
+            # a new conversation after the reload: its key is wrapped by the new master key
+            carol = await register(server.api, f"carol{secrets.token_hex(3)}")
+            assert await traffic.a.send({"text": f"{marker} to carol"}, to=carol.uid) is not None
+            code, out = await _im_keys(server, "rewrap")
+            assert code == 0 and "data keys: 0 rewrapped" in out, out
+            code, out = await _im_keys(server, "retire", "--force")
+            assert code == 0 and f"retired {old_id}" in out, out
+        stats = await traffic.check()
+        assert stats["messages"] > 600
+        code, out = await _im_keys(server, "status")
+        assert code == 0 and f"current: {new_id}; also held: none" in out and old_id not in out, out
+    finally:
+        assert server.stop() == 0
+    assert [master_key_id(k) for k in read_key_file_all(data / "master.key")] == [new_id]
+    # a server started with only the new key reads every message and every file
+    server = ServerProcess(data).start()
+    try:
+        direct = f"d:{min(alice.uid, bob.uid)}:{max(alice.uid, bob.uid)}"
+        texts = await _texts(server, bob, direct)
+        assert len(texts) == 300 + traffic.sent + 1 - 1 and all(marker in t for t in texts)
+        assert len(await _texts(server, alice, f"g:{gid}")) == 1 + 300 + traffic.sent
+        async with httpx.AsyncClient(base_url=server.api, timeout=30) as api:
+            for file_id, content in files.items():
+                r = await api.get(f"/files/{file_id}", headers=alice.auth)
+                assert r.status_code == 200 and r.content == content
+                r = await api.get(f"/files/{file_id}", headers={**alice.auth, "Range": "bytes=65530-65600"})
+                assert r.status_code == 206 and r.content == content[65530:65601]
+        with contextlib.suppress(Exception):
+            pass
+    finally:
+        assert server.stop() == 0
+    assert "undecryptable" not in server.log() and "does not unwrap" not in server.log()
