@@ -8,6 +8,11 @@ Ports come from ``base_port`` (default 8080): the API on ``base``, gateway *i* (
 ``base + 10*i + 1`` and TCP on ``base + 10*i + 2``, transfer node *i* on ``base + 10*i + 3``, the private
 etcd on ``base + 5`` and ``base + 6``. :class:`LocalCluster` is also what the cross-process tests use, so
 they can kill and restart single nodes.
+
+With ``tls`` (the default of ``im cluster``; ``--no-tls`` turns it off) the cluster is TLS end to end: a
+private CA and one certificate per node are made with :mod:`im.certs` in ``<data_dir>/certs`` (kept and
+reused), the API and the gateways serve HTTPS, ``wss://`` and ``tls://`` with them, and every gRPC link
+is mutual TLS (``cluster_tls``). Clients trust ``<data_dir>/certs/ca.crt``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from im import certs
 
 ETCD_INSTALL_HINT = (
     "etcd is needed: install it with `apt-get install -y etcd-server` (as root; Debian's etcd 3.4), "
@@ -213,6 +220,8 @@ class LocalCluster:
     gateways: int = 2
     transfers: int = 2
     extra: list[str] = field(default_factory=list)  # more ``--set KEY=VALUE`` for every process
+    #: TLS on every listener and mutual TLS on every gRPC link, with certificates made in ``certs_dir``.
+    tls: bool = False
     etcd: EtcdProcess | None = None
     nodes: dict[str, RoleProcess] = field(default_factory=dict)
 
@@ -235,6 +244,36 @@ class LocalCluster:
             out += ["--set", f"{key}={value}"]
         return out + self.extra
 
+    @property
+    def certs_dir(self) -> Path:
+        return self.data_dir / "certs"
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The CA clients must trust when ``tls`` is on."""
+        return self.certs_dir / "ca.crt" if self.tls else None
+
+    def _node_tls(self, name: str, *, serves_clients: bool) -> list[str]:
+        """The TLS settings of node ``name``: its certificate (made once, reused), mutual TLS on the link,
+        and TLS on its client listeners when it has any."""
+        if not self.tls:
+            return []
+        d = self.certs_dir
+        ca = certs.Issued(d / "ca.crt", d / "ca.key")
+        if not ca.cert.exists():
+            ca = certs.create_ca(d, common_name="im cluster CA (local)")
+        node = certs.Issued(d / f"{name}.crt", d / f"{name}.key")
+        if not node.cert.exists():
+            node = certs.issue(d, ca, name)
+        out = [
+            *("--set", f"cluster_tls.ca_file={ca.cert}"),
+            *("--set", f"cluster_tls.cert_file={node.cert}"),
+            *("--set", f"cluster_tls.key_file={node.key}"),
+        ]
+        if serves_clients:
+            out += ["--tls-cert", str(node.cert), "--tls-key", str(node.key)]
+        return out
+
     def _plan(self) -> list[RoleProcess]:
         base, common, logs = self.base_port, self._common(), self.data_dir / "logs"
         plan = []
@@ -250,6 +289,7 @@ class LocalCluster:
                         f"transfer.node_id=tr-{i}",
                         "--set",
                         f"transfer.port={port}",
+                        *self._node_tls(f"tr-{i}", serves_clients=False),
                     ],
                     logs / f"tr-{i}.log",
                     {"grpc": port},
@@ -269,6 +309,7 @@ class LocalCluster:
                         str(ws),
                         "--tcp-port",
                         str(tcp),
+                        *self._node_tls(f"gw-{i}", serves_clients=True),
                     ],
                     logs / f"gw-{i}.log",
                     {"ws": ws, "tcp": tcp},
@@ -284,6 +325,7 @@ class LocalCluster:
                     "http.node_id=api-1",
                     "--http-port",
                     str(base),
+                    *self._node_tls("api-1", serves_clients=True),
                 ],
                 logs / "api-1.log",
                 {"http": base},
@@ -293,7 +335,7 @@ class LocalCluster:
 
     @property
     def api(self) -> str:
-        return f"http://127.0.0.1:{self.base_port}/api/v1"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.base_port}/api/v1"
 
     def start(self) -> LocalCluster:
         if self.etcd_endpoint is None:
@@ -329,6 +371,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--etcd", default=None, help="etcd HOST:PORT (default: start a private one)")
     p.add_argument("--amqp", default=None, help="RabbitMQ URL: turn the event pipeline on")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every node")
+    p.add_argument(
+        "--no-tls",
+        dest="tls",
+        action="store_false",
+        help="plaintext listeners and gRPC links (default: TLS end to end, certificates in DATA_DIR/certs)",
+    )
     args = p.parse_args(argv)
     extra = [x for item in args.set for x in ("--set", item)]
     cluster = LocalCluster(
@@ -342,6 +390,7 @@ def main(argv: list[str]) -> int:
         gateways=args.gateways,
         transfers=args.transfers,
         extra=extra,
+        tls=args.tls,
     )
     try:
         cluster.start()
@@ -349,6 +398,8 @@ def main(argv: list[str]) -> int:
         print(f"im cluster: {exc}", file=sys.stderr)
         return 1
     print(f"im cluster: HTTP API  {cluster.api}   (GET /api/v1/gateway hands out a live gateway)", flush=True)
+    if cluster.ca_file is not None:
+        print(f"im cluster: TLS end to end; clients trust {cluster.ca_file} (e.g. im chat --ca-file)", flush=True)
     for node in cluster.nodes.values():
         ports = " ".join(f"{k}={v}" for k, v in node.ports.items())
         pid = node.proc.pid if node.proc else "-"

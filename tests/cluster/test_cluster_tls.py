@@ -1,0 +1,83 @@
+"""``im cluster`` with TLS end to end (its default): HTTPS on the API, ``wss://`` and ``tls://`` on the
+gateways, mutual TLS on every gRPC link, certificates from a private CA made in the cluster's data
+directory. A user on WebSocket and one on TCP, on different gateways, chat through a transfer node;
+nothing answers in plaintext."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from im import certs
+from im.client import ApiClient, Client, Message
+from im.cluster import LocalCluster
+from tests.client.conftest import Recorder
+from tests.cluster.conftest import make_cluster, stop_checked
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def tls_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    c = make_cluster(tmp_path / "cluster", gateways=2, transfers=1, tls=True).start()
+    yield c
+    stop_checked(c)
+
+
+def _root(cluster: LocalCluster) -> str:
+    return cluster.api.removesuffix("/api/v1")
+
+
+async def test_users_on_two_gateways_chat_over_tls(tls_cluster: LocalCluster) -> None:
+    root, ca = _root(tls_cluster), tls_cluster.ca_file
+    assert root.startswith("https://") and ca is not None and ca.exists()
+    async with ApiClient(root, ca_file=ca) as api:
+        await api.register("alice", PASSWORD)
+        bob_uid = (await api.register("bob", PASSWORD)).uid
+        await api.login("alice", PASSWORD)
+        gateway = await api.gateway()
+        assert gateway.ws.startswith("wss://") and gateway.tcp is not None and gateway.tcp.startswith("tls://")
+    alice = await Client.login(root, "alice", PASSWORD, device="phone", transport="ws", ca_file=ca)
+    bob = await Client.login(root, "bob", PASSWORD, device="laptop", transport="tcp", ca_file=ca)
+    try:
+        seen = Recorder(bob)
+        for i in range(20):
+            await alice.send({"text": f"over tls {i}"}, to=bob_uid)
+        await seen.wait(lambda: len(seen.messages) == 20)
+        assert [m.body["text"] for m in seen.messages] == [f"over tls {i}" for i in range(20)]
+        assert all(type(m) is Message for m in seen.messages)
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+def _grpc_first_byte(port: int, ctx: ssl.SSLContext) -> bytes:
+    """Open TLS to a gRPC port (ALPN h2, as gRPC requires), send the HTTP/2 preface, return the first byte
+    the server answers."""
+    ctx.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        return tls.recv(1)
+
+
+def test_nothing_answers_in_plaintext_or_without_a_cluster_certificate(tls_cluster: LocalCluster) -> None:
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{tls_cluster.base_port}/api/v1/health", timeout=5)
+    port = next(n for n in tls_cluster.nodes.values() if n.role == "transfer").ports["grpc"]
+    ca = certs.Issued(tls_cluster.certs_dir / "ca.crt", tls_cluster.certs_dir / "ca.key")
+    probe = certs.issue(tls_cluster.certs_dir, ca, "probe", server=False)
+    with_cert = ssl.create_default_context(cafile=ca.cert)
+    with_cert.load_cert_chain(probe.cert, probe.key)
+    assert _grpc_first_byte(port, with_cert)  # the server's HTTP/2 SETTINGS: TLS with a cluster certificate
+    without = ssl.create_default_context(cafile=ca.cert)
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        if not _grpc_first_byte(port, without):  # TLS 1.3: the refusal may come after the handshake
+            raise ConnectionError("closed without an answer")
