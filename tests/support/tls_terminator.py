@@ -1,13 +1,12 @@
-"""TLS in front of a plaintext ``im serve``, for the client tests until the server speaks TLS itself.
+"""A real ``im serve`` speaking TLS itself, for the client tests; and a TLS terminator for the few tests that
+need a second, different TLS endpoint.
 
-:class:`TlsTerminator` is a :class:`~tests.support.proxy.TcpProxy` that accepts TLS (with a certificate
-made by :mod:`im.certs`) and forwards the decrypted bytes to a plaintext port. :func:`running_tls_server`
-puts one in front of each listener of a real ``im serve`` (HTTP, WebSocket, TCP) and tells the server its
-public addresses, so ``GET /api/v1/gateway`` hands out the ``wss://`` and ``tls://`` ones.
+:func:`running_tls_server` starts ``im serve`` with its own certificate (``--tls-cert``/``--tls-key``, made
+by :mod:`im.certs`): HTTPS, ``wss://`` and TLS over TCP on its own ports, and ``GET /api/v1/gateway`` hands
+out the ``wss://`` and ``tls://`` addresses. Every client test uses the :class:`TlsServer` it yields.
 
-**The one place to switch to native TLS**: when ``im serve`` has its own ``tls`` settings, only
-:func:`running_tls_server` changes (start the server with ``--set tls.cert_file=... tls.key_file=...`` and
-point the URLs at its own ports); every test uses the :class:`TlsServer` it yields.
+:class:`TlsTerminator` is a :class:`~tests.support.proxy.TcpProxy` that accepts TLS and forwards the
+decrypted bytes to a plaintext port (it counts what it accepted).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import hashlib
 import socket
 import ssl
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 
 from im.certs import Issued, create_ca, issue, load_certificate
 from tests.support.proxy import TcpProxy
-from tests.support.server import ServerProcess, free_port, running_server
+from tests.support.server import ServerProcess, TlsFiles
 
 
 def server_context(cert: Issued) -> ssl.SSLContext:
@@ -70,9 +69,10 @@ def spki_sha256(cert_path: Path) -> str:
 
 @dataclass
 class TlsServer:
-    """A running ``im serve`` reached over TLS. ``http``/``ws``/``tcp`` are the TLS addresses; ``ca`` is the
-    CA that signed ``cert`` (valid for 127.0.0.1, ::1 and localhost); ``server`` the plaintext process
-    (``server.api`` for test set-up that is not about TLS)."""
+    """A running ``im serve`` speaking TLS itself. ``http``/``ws``/``tcp`` are its own https://, wss:// and
+    tls:// addresses; ``ca`` is the CA that signed ``cert`` (the server's, valid for ``hosts`` of
+    :func:`running_tls_server`); ``server`` the process (``server.api`` is https too: set-up calls trust the
+    test CA with ``verify=server.verify``)."""
 
     server: ServerProcess
     ca: Issued
@@ -92,18 +92,45 @@ def make_certs(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "::1", "l
     return ca, issue(directory, ca, "server", hosts=hosts, client=False)
 
 
+@dataclass
+class _NativeTlsProcess(ServerProcess):
+    """:class:`ServerProcess` with TLS whose start-up probe (``verify``) may skip the host-name check: for a
+    server deliberately given a certificate for another host. The chain is always checked against the CA."""
+
+    check_hostname: bool = True
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        ctx = super().verify
+        if isinstance(ctx, ssl.SSLContext):
+            ctx.check_hostname = self.check_hostname
+        return ctx
+
+
 @contextmanager
-def running_tls_server(tmp: Path, extra: list[str] | None = None, *, public_ws: bool = True) -> Iterator[TlsServer]:
-    """``im serve`` behind TLS terminators on its HTTP, WebSocket and TCP ports (see the module docstring).
-    ``public_ws=False`` leaves the server announcing its plaintext ``ws://`` address (a misconfiguration the
-    clients must refuse)."""
-    ca, cert = make_certs(tmp / "certs")
-    https_port, wss_port, tls_port = free_port(), free_port(), free_port()
-    ws, tcp = f"wss://127.0.0.1:{wss_port}/ws", f"tls://127.0.0.1:{tls_port}"
-    public = [f"gateway.public_tcp_url={tcp}"] + ([f"gateway.public_ws_url={ws}"] if public_ws else [])
-    settings = [arg for item in public for arg in ("--set", item)]
-    with ExitStack() as stack:
-        proc = stack.enter_context(running_server(tmp / "data", [*settings, *(extra or [])]))
-        for port, target in ((https_port, proc.http_port), (wss_port, proc.ws_port), (tls_port, proc.tcp_port)):
-            stack.enter_context(TlsTerminator(("127.0.0.1", target), cert, port=port))
-        yield TlsServer(proc, ca, cert, f"https://127.0.0.1:{https_port}", ws, tcp)
+def running_tls_server(
+    tmp: Path,
+    extra: list[str] | None = None,
+    *,
+    public_ws: bool = True,
+    hosts: tuple[str, ...] = ("127.0.0.1", "::1", "localhost"),
+) -> Iterator[TlsServer]:
+    """``im serve`` with TLS on its HTTP, WebSocket and TCP listeners, its certificate for ``hosts`` signed by
+    a new test CA. ``public_ws=False``: the server announces a plaintext ``ws://`` address
+    (``gateway.public_ws_url``) behind its HTTPS API, a misconfiguration the clients must refuse. A
+    certificate whose ``hosts`` leave out 127.0.0.1 is for the wrong-host-name tests (the start-up probe
+    then checks the chain only). On exit the server must stop cleanly, as with ``running_server``."""
+    ca, cert = make_certs(tmp / "certs", hosts)
+    files = TlsFiles(ca.cert, cert.cert, cert.key)
+    proc = _NativeTlsProcess(tmp / "data", extra=list(extra or []), tls=files, check_hostname="127.0.0.1" in hosts)
+    if not public_ws:
+        proc.extra[:0] = ["--set", f"gateway.public_ws_url=ws://127.0.0.1:{proc.ws_port}/ws"]
+    proc.start()
+    try:
+        yield TlsServer(proc, ca, cert, proc.http, proc.ws, f"tls://127.0.0.1:{proc.tcp_port}")
+    except BaseException:
+        proc.stop()  # the test failed: do not leave the server running
+        raise
+    code = proc.stop()
+    assert code == 0, f"im serve exited with {code} on SIGTERM:\n{proc.log()[-4000:]}"
+    assert "Traceback" not in proc.log(), proc.log()[-4000:]
