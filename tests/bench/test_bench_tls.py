@@ -17,7 +17,7 @@ import pytest
 from im.bench import cli as bench_cli
 from im.bench import load as bench_load
 from im.bench.server import SpawnedServer
-from tests.support.tls_terminator import TlsServer, running_tls_server
+from tests.support.tls_server import TlsServer, running_tls_server
 
 pytestmark = pytest.mark.timeout(240)
 

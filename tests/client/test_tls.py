@@ -1,5 +1,5 @@
 """The SDK over TLS (``https://``, ``wss://``, ``tls://``) against a real ``im serve`` speaking TLS itself
-(tests/support/tls_terminator.py ``running_tls_server``): chat, reconnect and resume; a certificate from
+(tests/support/tls_server.py ``running_tls_server``): chat, reconnect and resume; a certificate from
 another CA or for another host is refused with a clear error and nothing reaches the server in clear; a
 server that hands out a plaintext gateway address is refused; ``insecure_skip_verify`` works and warns
 every time."""
@@ -32,7 +32,7 @@ from im.client import (
 from im.client.tls import client_context, is_secure
 from tests.client.conftest import PASSWORD, Recorder
 from tests.support.server import running_server
-from tests.support.tls_terminator import TlsServer, running_tls_server
+from tests.support.tls_server import TlsServer, running_tls_server
 
 PING = b'{"t":"ping","id":1}'
 

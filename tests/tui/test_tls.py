@@ -18,7 +18,7 @@ from im.chat_tui.model import direct_conv
 from im.chat_tui.screens import LoginScreen
 from im.client import Client
 from tests.support.client import register
-from tests.support.tls_terminator import TlsServer, running_tls_server
+from tests.support.tls_server import TlsServer, running_tls_server
 from tests.tui.helpers import PASSWORD, SIZE, Peer, devices, login, type_text, wait_until
 
 

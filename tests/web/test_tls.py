@@ -1,4 +1,4 @@
-"""The web client served over HTTPS by ``im serve`` itself (tests/support/tls_terminator.py), in headless
+"""The web client served over HTTPS by ``im serve`` itself (tests/support/tls_server.py), in headless
 Chromium trusting exactly the server's key (``--ignore-certificate-errors-spki-list``): it chats over the
 ``wss://`` address /gateway gives, and a page on https refuses a ``ws://`` address with a clear message
 instead of failing silently."""
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, async_playwright, expect
 
-from tests.support.tls_terminator import running_tls_server, spki_sha256
+from tests.support.tls_server import running_tls_server, spki_sha256
 from tests.web.conftest import CHROMIUM, CHROMIUM_ARGS, Web
 
 

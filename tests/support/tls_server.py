@@ -1,20 +1,14 @@
-"""A real ``im serve`` speaking TLS itself, for the client tests; and a TLS terminator for the few tests that
-need a second, different TLS endpoint.
+"""A real ``im serve`` speaking TLS itself, for the client tests.
 
 :func:`running_tls_server` starts ``im serve`` with its own certificate (``--tls-cert``/``--tls-key``, made
 by :mod:`im.certs`): HTTPS, ``wss://`` and TLS over TCP on its own ports, and ``GET /api/v1/gateway`` hands
 out the ``wss://`` and ``tls://`` addresses. Every client test uses the :class:`TlsServer` it yields.
-
-:class:`TlsTerminator` is a :class:`~tests.support.proxy.TcpProxy` that accepts TLS and forwards the
-decrypted bytes to a plaintext port (it counts what it accepted).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
-import socket
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,36 +18,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from im.certs import Issued, create_ca, issue, load_certificate
-from tests.support.proxy import TcpProxy
 from tests.support.server import ServerProcess, TlsFiles
-
-
-def server_context(cert: Issued) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert.cert, cert.key)
-    return ctx
-
-
-class TlsTerminator(TcpProxy):
-    """Accepts TLS on ``port`` (0: a free one) and forwards the plaintext to ``target``.
-
-    A client that does not complete the handshake (plaintext, or refusing the certificate) is dropped
-    and never reaches the target.
-    """
-
-    def __init__(self, target: tuple[str, int], cert: Issued, host: str = "127.0.0.1", port: int = 0) -> None:
-        super().__init__(target, host, port)
-        self.ssl = server_context(cert)
-
-    async def _start(self) -> None:
-        if self._server is not None:
-            return
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        self.port = sock.getsockname()[1]
-        self._server = await asyncio.start_server(self._serve, sock=sock, ssl=self.ssl, ssl_handshake_timeout=10)
 
 
 def spki_sha256(cert_path: Path) -> str:
