@@ -1,7 +1,7 @@
-"""``im bench`` over TLS: against a server reached over https:// with ``--ca-file`` (load and idle), refused
-without the CA, ``--insecure-skip-verify`` warned once; ``--spawn --tls`` makes its own CA and certificate
-and its clients trust them (through tests/support/tls_terminator.py until ``im serve`` has its own ``tls``
-settings: then the same test runs the native path, with no change)."""
+"""``im bench`` over TLS, against ``im serve`` speaking TLS itself: a server reached over https:// with
+``--ca-file`` (load and idle), refused without the CA, ``--insecure-skip-verify`` warned once; ``--spawn
+--tls`` makes its own CA and certificate, gives them to the spawned server's ``tls`` settings, and its
+clients trust them."""
 
 from __future__ import annotations
 
@@ -17,10 +17,7 @@ import pytest
 from im.bench import cli as bench_cli
 from im.bench import load as bench_load
 from im.bench.server import SpawnedServer
-from im.certs import Issued
-from im.config import Config
-from tests.support.server import free_port
-from tests.support.tls_terminator import TlsServer, TlsTerminator, running_tls_server
+from tests.support.tls_server import TlsServer, running_tls_server
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -82,47 +79,7 @@ def test_tls_flags_are_checked() -> None:
         assert exc.value.code == 2, argv
 
 
-class _TerminatedSpawnedServer(SpawnedServer):
-    """SpawnedServer with ``tls``, its certificate served by terminators in front of a plaintext ``im serve``
-    (for as long as ``im serve`` has no ``tls`` settings of its own)."""
-
-    terminators: list[TlsTerminator]
-
-    def tls_settings(self, cert: Path, key: Path) -> list[str]:
-        self._cert = Issued(cert, key)
-        # The server's own (plaintext) ports, chosen here: it announces the terminators' public addresses.
-        self._plain = [free_port() for _ in range(3)]
-        self._ports = [free_port() for _ in range(3)]
-        http, ws, tcp = self._plain
-        _, wss, tls = self._ports
-        return [
-            f"http.port={http}",
-            f"gateway.ws_port={ws}",
-            f"gateway.tcp_port={tcp}",
-            f"gateway.public_ws_url=wss://127.0.0.1:{wss}/ws",
-            f"gateway.public_tcp_url=tls://127.0.0.1:{tls}",
-        ]
-
-    def start(self, timeout: float = 30.0) -> SpawnedServer:
-        super().start(timeout)
-        self.terminators = [
-            TlsTerminator(("127.0.0.1", target), self._cert, port=port)
-            for port, target in zip(self._ports, self._plain, strict=True)
-        ]
-        for t in self.terminators:
-            t.start()
-        self.http = f"https://127.0.0.1:{self._ports[0]}"
-        return self
-
-    def stop(self, timeout: float = 20.0) -> None:
-        for t in getattr(self, "terminators", []):
-            t.close()
-        super().stop(timeout)
-
-
 def test_spawn_with_tls_trusts_its_own_ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if "tls" not in Config.model_fields:  # im serve cannot serve TLS itself yet: terminators do
-        monkeypatch.setattr(bench_load, "SpawnedServer", _TerminatedSpawnedServer)
     seen: list[SpawnedServer] = []
     real_run = bench_load._run
 
@@ -139,4 +96,7 @@ def test_spawn_with_tls_trusts_its_own_ca(tmp_path: Path, monkeypatch: pytest.Mo
     assert r["delivered"] > 0 and all(v == 0 for v in r["checks"].values())
     spawned = seen[0]
     assert spawned.tls and spawned.ca_file is not None and spawned.ca_file.endswith("ca.crt")
+    # The server itself speaks TLS: the addresses it printed (and /gateway hands out) are its own.
+    assert spawned.http.startswith("https://") and spawned.ws.startswith("wss://"), (spawned.http, spawned.ws)
+    assert spawned.tcp.startswith("tls://"), spawned.tcp
     assert not Path(spawned.ca_file).exists(), "the run's certificates are removed with its temporary directory"

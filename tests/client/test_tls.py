@@ -1,7 +1,8 @@
-"""The SDK over TLS (``https://``, ``wss://``, ``tls://``) against a real ``im serve`` behind TLS
-(tests/support/tls_terminator.py): chat, reconnect and resume; a certificate from another CA or for
-another host is refused with a clear error and nothing reaches the server in clear; a server that hands
-out a plaintext gateway address is refused; ``insecure_skip_verify`` works and warns every time."""
+"""The SDK over TLS (``https://``, ``wss://``, ``tls://``) against a real ``im serve`` speaking TLS itself
+(tests/support/tls_server.py ``running_tls_server``): chat, reconnect and resume; a certificate from
+another CA or for another host is refused with a clear error and nothing reaches the server in clear; a
+server that hands out a plaintext gateway address is refused; ``insecure_skip_verify`` works and warns
+every time."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from im.certs import create_ca, issue
+from im.certs import create_ca
 from im.client import (
     ApiClient,
     ApiError,
@@ -30,7 +31,8 @@ from im.client import (
 )
 from im.client.tls import client_context, is_secure
 from tests.client.conftest import PASSWORD, Recorder
-from tests.support.tls_terminator import TlsServer, TlsTerminator, running_tls_server
+from tests.support.server import running_server
+from tests.support.tls_server import TlsServer, running_tls_server
 
 PING = b'{"t":"ping","id":1}'
 
@@ -184,24 +186,24 @@ async def test_a_client_stops_when_the_gateway_certificate_is_refused(tls: TlsSe
     await client.close()
 
 
-async def test_a_wrong_host_name_is_refused(tls: TlsServer, tmp_path: Path) -> None:
-    """A certificate from the trusted CA, but for another host: refused, and nothing is forwarded."""
-    wrong = issue(tmp_path / "certs", tls.ca, "elsewhere", hosts=("elsewhere.example",), client=False)
-    with (
-        TlsTerminator(("127.0.0.1", tls.server.http_port), wrong) as https,
-        TlsTerminator(("127.0.0.1", tls.server.ws_port), wrong) as wss,
-        TlsTerminator(("127.0.0.1", tls.server.tcp_port), wrong) as tcp,
-    ):
+async def test_a_wrong_host_name_is_refused(tmp_path: Path) -> None:
+    """The server's certificate is from the trusted CA, but for another host (not 127.0.0.1): refused on every
+    listener, and each connection ends in the server's TLS handshake (nothing reaches the application)."""
+    with running_tls_server(tmp_path, ["--log-level", "debug"], hosts=("elsewhere.example",)) as srv:
         with pytest.raises(TlsVerificationError, match=r"Hostname mismatch|IP address mismatch"):
-            async with ApiClient(f"https://{https.address}", ca_file=tls.ca.cert) as api:
+            async with ApiClient(srv.http, ca_file=srv.ca.cert) as api:
                 await api.register("erin", PASSWORD)
-        for t in (
-            WebSocketTransport(f"wss://{wss.address}/ws", ca_file=tls.ca.cert),
-            TcpTransport(f"tls://{tcp.address}", ca_file=tls.ca.cert),
-        ):
+        for t in (WebSocketTransport(srv.ws, ca_file=srv.ca.cert), TcpTransport(srv.tcp, ca_file=srv.ca.cert)):
             with pytest.raises(TlsVerificationError, match="mismatch"):
                 await t.connect()
-        assert https.accepted == wss.accepted == tcp.accepted == 0, "a refused handshake reached the server"
+        log = srv.server.log()
+        for listener in ("http", "websocket", "tcp"):
+            assert f"{listener}: TLS handshake failed" in log, f"no refused handshake on {listener}:\n{log[-4000:]}"
+        # The refused registration never reached the API: the name is still free (the chain alone trusted).
+        unverified = ssl.create_default_context(cafile=srv.ca.cert)
+        unverified.check_hostname = False
+        async with ApiClient(srv.http, ssl_context=unverified) as api:
+            await api.register("erin", PASSWORD)
 
 
 async def test_a_plaintext_gateway_behind_an_https_api_is_refused(tmp_path: Path) -> None:
@@ -215,16 +217,18 @@ async def test_a_plaintext_gateway_behind_an_https_api_is_refused(tmp_path: Path
         assert error.url.startswith("ws://") and "in clear" in str(error)
 
 
-async def test_a_tls_url_never_falls_back_to_plaintext(tls: TlsServer) -> None:
-    """tls:// and wss:// to a plaintext port: the handshake fails; no frame is written in clear."""
-    for t in (
-        TcpTransport(f"tls://127.0.0.1:{tls.server.tcp_port}", ca_file=tls.ca.cert, connect_timeout=3),
-        WebSocketTransport(f"wss://127.0.0.1:{tls.server.ws_port}/ws", ca_file=tls.ca.cert, connect_timeout=3),
-    ):
-        with pytest.raises((ssl.SSLError, ConnectionError, TimeoutError)):
-            await t.connect()
-        with pytest.raises(ConnectionError):
-            t.send(PING)
+async def test_a_tls_url_never_falls_back_to_plaintext(tmp_path: Path) -> None:
+    """tls:// and wss:// to a plaintext ``im serve``: the handshake fails; no frame is written in clear."""
+    ca = create_ca(tmp_path / "certs").cert  # a CA the client trusts: the failure is the plaintext, not trust
+    with running_server(tmp_path / "plain") as plain:
+        for t in (
+            TcpTransport(f"tls://127.0.0.1:{plain.tcp_port}", ca_file=ca, connect_timeout=3),
+            WebSocketTransport(f"wss://127.0.0.1:{plain.ws_port}/ws", ca_file=ca, connect_timeout=3),
+        ):
+            with pytest.raises((ssl.SSLError, ConnectionError, TimeoutError)):
+                await t.connect()
+            with pytest.raises(ConnectionError):
+                t.send(PING)
 
 
 # --- the loud skip flag ---------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -37,12 +38,18 @@ class Account:
 
 
 async def register(
-    api: str, username: str, password: str = "correct horse battery", display_name: str | None = None
+    api: str,
+    username: str,
+    password: str = "correct horse battery",
+    display_name: str | None = None,
+    *,
+    verify: ssl.SSLContext | bool = True,
 ) -> Account:
+    """Register ``username`` and log in; ``verify`` as httpx takes it (over TLS: ``ServerProcess.verify``)."""
     body = {"username": username, "password": password}
     if display_name is not None:
         body["display_name"] = display_name
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(verify=verify) as http:
         r = await http.post(f"{api}/auth/register", json=body)
         assert r.status_code == 201, r.text
         r = await http.post(f"{api}/auth/login", json={"username": username, "password": password})

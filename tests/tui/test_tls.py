@@ -1,6 +1,7 @@
-"""``im chat`` over TLS: ``--ca-file`` trusts the test CA (https:// API, wss:// or tls:// gateway); a server
-certificate from another CA is shown as a clear error on the login screen; ``--insecure-skip-verify``
-connects and warns on screen; the flags reach the app from the command line."""
+"""``im chat`` over TLS, against ``im serve`` speaking TLS itself: ``--ca-file`` trusts the test CA (https://
+API, wss:// or tls:// gateway); a server certificate from another CA is shown as a clear error on the login
+screen; ``--insecure-skip-verify`` connects and warns on screen; the flags reach the app from the command
+line."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from im.chat_tui.model import direct_conv
 from im.chat_tui.screens import LoginScreen
 from im.client import Client
 from tests.support.client import register
-from tests.support.tls_terminator import TlsServer, running_tls_server
+from tests.support.tls_server import TlsServer, running_tls_server
 from tests.tui.helpers import PASSWORD, SIZE, Peer, devices, login, type_text, wait_until
 
 
@@ -33,8 +34,8 @@ def tls_app(srv: TlsServer, **kwargs: object) -> ChatApp:
 
 @pytest.mark.parametrize("transport", ["ws", "tcp"])
 async def test_chat_over_tls_with_a_ca_file(tls: TlsServer, transport: Literal["ws", "tcp"]) -> None:
-    alice = await register(tls.server.api, "alice", PASSWORD)
-    bob_account = await register(tls.server.api, "bob", PASSWORD)
+    alice = await register(tls.server.api, "alice", PASSWORD, verify=tls.server.verify)
+    bob_account = await register(tls.server.api, "bob", PASSWORD, verify=tls.server.verify)
     bob = Peer(bob_account, await Client.login(tls.http, "bob", PASSWORD, device="peer", ca_file=tls.ca.cert))
     try:
         app = tls_app(tls, transport=transport, ca_file=str(tls.ca.cert))
@@ -59,7 +60,7 @@ async def test_chat_over_tls_with_a_ca_file(tls: TlsServer, transport: Literal["
 
 
 async def test_a_certificate_from_another_ca_is_shown_on_the_login_screen(tls: TlsServer, tmp_path: Path) -> None:
-    alice = await register(tls.server.api, "alice", PASSWORD)
+    alice = await register(tls.server.api, "alice", PASSWORD, verify=tls.server.verify)
     other = create_ca(tmp_path / "other")
     app = tls_app(tls, ca_file=str(other.cert))
     async with app.run_test(size=SIZE) as pilot:
@@ -79,7 +80,7 @@ async def test_a_certificate_from_another_ca_is_shown_on_the_login_screen(tls: T
 
 
 async def test_insecure_skip_verify_connects_and_warns_on_screen(tls: TlsServer) -> None:
-    alice = await register(tls.server.api, "alice", PASSWORD)
+    alice = await register(tls.server.api, "alice", PASSWORD, verify=tls.server.verify)
     app = tls_app(tls, insecure_skip_verify=True)
     async with app.run_test(size=SIZE) as pilot:
         await login(pilot, alice)

@@ -1,4 +1,4 @@
-"""The web client served over HTTPS (tests/support/tls_terminator.py in front of ``im serve``), in headless
+"""The web client served over HTTPS by ``im serve`` itself (tests/support/tls_server.py), in headless
 Chromium trusting exactly the server's key (``--ignore-certificate-errors-spki-list``): it chats over the
 ``wss://`` address /gateway gives, and a page on https refuses a ``ws://`` address with a clear message
 instead of failing silently."""
@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, async_playwright, expect
 
-from tests.support.tls_terminator import running_tls_server, spki_sha256
+from tests.support.tls_server import running_tls_server, spki_sha256
 from tests.web.conftest import CHROMIUM, CHROMIUM_ARGS, Web
 
 
 @asynccontextmanager
 async def tls_web(tmp_path: Path, shots: Path, name: str, *, public_ws: bool = True) -> AsyncIterator[Web]:
-    """A server behind TLS and a Chromium that trusts its certificate's key (and nothing else extra)."""
+    """A server speaking TLS and a Chromium that trusts its certificate's key (and nothing else extra)."""
     with running_tls_server(tmp_path, public_ws=public_ws) as srv:
         async with async_playwright() as p:
             browser: Browser = await p.chromium.launch(
@@ -38,8 +38,8 @@ async def tls_web(tmp_path: Path, shots: Path, name: str, *, public_ws: bool = T
 
 async def test_chat_over_https_and_wss(tmp_path: Path, shots_dir: Path) -> None:
     async with tls_web(tmp_path, shots_dir, "tls_chat") as web:
-        alice = await web.user("alice")
-        bob = await web.user("bob")
+        alice = await web.user("alice", register_in_page=True)  # registers through the HTTPS page
+        bob = await web.user("bob", register_in_page=True)
         assert alice.page.url.startswith("https://127.0.0.1:")
         await alice.open_chat_with(bob)
         await alice.send("Hello over TLS")
@@ -58,7 +58,8 @@ async def test_chat_over_https_and_wss(tmp_path: Path, shots_dir: Path) -> None:
 async def test_an_https_page_refuses_a_plaintext_chat_address(tmp_path: Path, shots_dir: Path) -> None:
     """The server (misconfigured) hands out ws:// to a page loaded over https: a clear message, no socket."""
     async with tls_web(tmp_path, shots_dir, "tls_refusal", public_ws=False) as web:
-        alice = await web.user("alice")  # logging in works (HTTPS); the chat connection is refused
+        alice = await web.user("alice", register_in_page=True)  # registering and logging in work (HTTPS); the chat
+        # connection is refused
         banner = alice.page.locator("#banner-text")
         await expect(banner).to_contain_text("this page is encrypted (HTTPS)")
         await expect(banner).to_contain_text(re.compile(r"unencrypted chat address \(ws://127\.0\.0\.1:\d+/ws\)"))
