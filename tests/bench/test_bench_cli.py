@@ -57,7 +57,7 @@ def test_pairs_closed_loop(tmp_path: Path, transport: str) -> None:
         transport,
     )
     _assert_clean(r)
-    assert r["config"]["transport"] == transport
+    assert r["config"]["transport"] == transport and r["config"]["tls"] is False
     assert r["config"]["connections"] == 8
     # every pair is one sender and one receiver: each stored message is delivered once
     assert r["totals"]["delivered"] == r["totals"]["acked"] == r["totals"]["sent"]

@@ -43,6 +43,7 @@ def test_load_over_tls_with_a_ca_file(tmp_path: Path, tls: TlsServer, transport:
     proc, r = _bench(tmp_path, *SHORT, "--transport", transport, "--server", tls.http, "--ca-file", str(tls.ca.cert))
     assert r is not None, proc.stderr
     assert proc.returncode == 0 and r["ok"], (proc.stderr, r["problems"])
+    assert r["config"]["tls"] is True
     assert all(v == 0 for v in r["checks"].values()), r["problems"]
     assert r["delivered"] > 0 and r["totals"]["delivered"] == r["totals"]["acked"] == r["totals"]["sent"]
     assert "verification is OFF" not in proc.stderr
@@ -93,6 +94,7 @@ def test_spawn_with_tls_trusts_its_own_ca(tmp_path: Path, monkeypatch: pytest.Mo
     code = bench_cli.main([*SHORT, "--transport", "mixed", "--spawn", "--tls", "--json", str(out)])
     r = json.loads(out.read_text())
     assert code == 0 and r["ok"], r["problems"]
+    assert r["config"]["tls"] is True
     assert r["delivered"] > 0 and all(v == 0 for v in r["checks"].values())
     spawned = seen[0]
     assert spawned.tls and spawned.ca_file is not None and spawned.ca_file.endswith("ca.crt")

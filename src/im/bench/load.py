@@ -305,6 +305,7 @@ def _run(
             "window": 0 if opts.rate else opts.window,
             "rate": opts.rate,
             "transport": opts.transport,
+            "tls": base.startswith("https://"),  # the API (and so the gateways it hands out) over TLS
             "encoding": opts.encoding,
             "body_size": opts.body_size,
             "duration": opts.duration,
