@@ -256,11 +256,10 @@ async def test_the_migration_leaves_a_row_changed_meanwhile(engine: Engine) -> N
 # --- file keys in the blobs -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("engine", [SqliteEngine], indirect=True)  # the blobs are on disk: one engine is enough
 async def test_file_keys_in_blob_trailers_are_rewrapped_and_read_with_only_the_new_key(
     engine: Engine, tmp_path: Path
 ) -> None:
-    if not isinstance(engine, SqliteEngine):
-        pytest.skip("the blobs are on disk: one engine is enough")
     root = tmp_path / "files"
     data = {f"file {i}".encode() * (1000 * i + 1) for i in range(1, 5)}
     hashes = []

@@ -61,6 +61,7 @@ from im.backends.blobs.sealed import (
     SealedReader,
     read_layout,
 )
+from im.backends.durable import fsync_dir
 from im.backends.keys import KeyUnavailable
 
 T = TypeVar("T")
@@ -235,12 +236,12 @@ class EncryptedBlobStorage(BlobStorage):
         final.parent.mkdir(mode=0o700, exist_ok=True)
         os.replace(staging, final)
         if self._fsync:
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         if had_plaintext:  # the same bytes were stored in the clear: now they are sealed, drop those
             with contextlib.suppress(FileNotFoundError):
                 legacy.unlink()
             if self._fsync:
-                _fsync_dir(legacy.parent)
+                fsync_dir(legacy.parent)
         return not had_plaintext
 
     # --- read ----------------------------------------------------------------------------------------------
@@ -370,7 +371,7 @@ class EncryptedBlobStorage(BlobStorage):
                     return False
                 os.replace(tmp, path)
                 if sync:
-                    _fsync_dir(path.parent)
+                    fsync_dir(path.parent)
                 return True
 
         return await asyncio.to_thread(rewrite)
@@ -564,11 +565,3 @@ async def _stream(reader: SealedReader, chunk_size: int, left: int) -> AsyncIter
             yield piece
     finally:
         reader.close()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from im.backends.blobs import BlobNotFound, BlobStorage, BlobTooLarge, PutResult, Staged, is_sha256
+from im.backends.durable import fsync_dir
 
 T = TypeVar("T")
 
@@ -88,7 +89,7 @@ class LocalBlobStorage(BlobStorage):
         final.parent.mkdir(exist_ok=True)
         os.replace(staged.path, final)
         if self._fsync:
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         return True
 
     async def open(
@@ -123,14 +124,6 @@ def _write(out: BinaryIO, hasher: hashlib._Hash, pieces: list[bytes], sync: bool
     if sync:
         out.flush()
         os.fsync(out.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 async def in_thread_closing(open_file: Callable[[], T]) -> T:

@@ -31,6 +31,7 @@ import stat
 import time
 from pathlib import Path
 
+from im.backends.durable import fsync_dir
 from im.backends.keys.aes import (
     AesKeyProvider,
     decode_master_keys,
@@ -141,7 +142,7 @@ def write_key_file(path: Path, key: bytes) -> bool:
             os.link(tmp, path)
         except FileExistsError:
             return False
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -155,7 +156,7 @@ def replace_key_file(path: Path, keys: list[bytes]) -> None:
     tmp = _write_tmp(path, keys)
     try:
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -198,11 +199,3 @@ def _write_tmp(path: Path, keys: list[bytes]) -> Path:
             tmp.unlink()
         raise
     return tmp
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
