@@ -75,7 +75,7 @@ from im.files import FileService
 from im.gateway.hub import Hub, HubRates
 from im.gateway.tcp_connection import serve_tcp
 from im.gateway.ws_connection import WS_PATH, serve_websocket
-from im.lifecycle import Loop, close_all
+from im.lifecycle import Lifecycle, Loop, close_all
 from im.model.chat import ConversationState
 from im.net import Admission, Listener, TlsAccept, connection_budget, raise_open_file_limit
 from im.protocol.session import Limits
@@ -234,13 +234,11 @@ def plaintext_migration(config: Config, b: Backends) -> PlaintextMigration | Non
     return PlaintextMigration(b.chat_store, b.bodies, batch=enc.migrate_batch, pause=enc.migrate_pause)
 
 
-def encryption_loops(config: Config, b: Backends, *, migrate: bool, reloader: KeyReloader | None) -> list[Loop]:
-    """The background work of encryption at rest in a role: the master key reload, and (``migrate``,
-    with ``encryption.migrate_plaintext``) one run of the plaintext migration, logged every 5 s."""
+def encryption_loops(config: Config, b: Backends) -> list[Loop]:
+    """The plaintext migration of encryption at rest (with ``encryption.migrate_plaintext``): one run in
+    the background, logged every 5 s. For the roles that run a committer."""
     loops: list[Loop] = []
-    if reloader is not None:
-        loops.append(("im-key-reload", reloader.loop()))
-    migration = plaintext_migration(config, b) if migrate and config.encryption.migrate_plaintext else None
+    migration = plaintext_migration(config, b) if config.encryption.migrate_plaintext else None
     if migration is not None:
 
         async def run() -> None:
@@ -259,8 +257,27 @@ def encryption_loops(config: Config, b: Backends, *, migrate: bool, reloader: Ke
     return loops
 
 
-def key_reloader(config: Config, b: Backends) -> KeyReloader | None:
-    return None if b.keyring is None else KeyReloader(b.keyring, interval=config.encryption.key_reload_interval)
+@dataclass(frozen=True, slots=True)
+class Reloads:
+    """What a running process re-reads: the certificate files of its listeners (TLS on) and its master key
+    source (encryption at rest), each on SIGHUP and by its own clock."""
+
+    tls: ProcessTls | None
+    keys: KeyReloader | None
+
+    def loops(self) -> list[Loop]:
+        keys: list[Loop] = [] if self.keys is None else [("im-key-reload", self.keys.loop())]
+        return [*(self.tls.loops() if self.tls is not None else []), *keys]
+
+
+def build_reloads(config: Config, b: Backends, tls: ProcessTls | None, lifecycle: Lifecycle) -> Reloads:
+    """The process's reloads, with their SIGHUP hooks registered on ``lifecycle``."""
+    keys = None if b.keyring is None else KeyReloader(b.keyring, interval=config.encryption.key_reload_interval)
+    if tls is not None:
+        lifecycle.on_reload(tls.files.reload)
+    if keys is not None:
+        lifecycle.on_reload(keys.poke)
+    return Reloads(tls, keys)
 
 
 def master_key_provider(config: Config, *, create: bool = True) -> KeyProvider | None:

@@ -39,10 +39,10 @@ from im.compose import (
     build_hub,
     build_link_tls,
     build_reads,
+    build_reloads,
     build_tls,
     encryption_loops,
     event_workers,
-    key_reloader,
     require_shared_engines,
 )
 from im.config import Config
@@ -104,9 +104,7 @@ class TransferNode(_Role):
         )
         self._grpc_server: Any = None
         self.address = ""
-        self.key_reloader = key_reloader(config, b)
-        if self.key_reloader is not None:
-            self.lifecycle.on_reload(self.key_reloader.poke)
+        self.reloads = build_reloads(config, b, None, self.lifecycle)  # the master key file
 
     def parts(self) -> list[Part]:
         """In start order; the stop runs backwards: leave the registry first (gateways stop choosing
@@ -140,8 +138,8 @@ class TransferNode(_Role):
         cfg, b = self.config, self.backends
         tc = cfg.transfer
         load = report_load(b.registry, tc.node_id, lambda: self.servicer.streams, interval=cfg.registry.ttl / 3)
-        keys = encryption_loops(cfg, b, migrate=True, reloader=self.key_reloader)
-        return [*(("im-events", worker) for worker in event_workers(cfg, b)), ("im-load", load), *keys]
+        events = [("im-events", worker) for worker in event_workers(cfg, b)]
+        return [*events, ("im-load", load), *self.reloads.loops(), *encryption_loops(cfg, b)]
 
     async def run(self, ready: Callable[[TransferNode], None] | None = None) -> None:
         await self.lifecycle.run(
@@ -170,8 +168,8 @@ class GatewayNode(_Role):
         self.admission = build_admission(config)
         self.tls = build_tls(config)  # the client listeners' TLS (None: plaintext)
         self.listeners = GatewayListeners(config, self.hub, self.admission, self.tls)
-        if self.tls is not None:
-            self.lifecycle.on_reload(self.tls.files.reload)
+        # Certificate files, and the master key file (replays open sealed bodies).
+        self.reloads = build_reloads(config, b, self.tls, self.lifecycle)
 
     @property
     def addresses(self) -> dict[str, str]:
@@ -208,7 +206,7 @@ class GatewayNode(_Role):
         cfg, b = self.config, self.backends
         node = cfg.gateway.node_id
         load = report_load(b.registry, node, lambda: self.hub.connections, interval=cfg.registry.ttl / 3)
-        return [("im-load", load), *(self.tls.loops() if self.tls is not None else [])]
+        return [("im-load", load), *self.reloads.loops()]
 
     async def run(self, ready: Callable[[GatewayNode], None] | None = None) -> None:
         await self.lifecycle.run(
@@ -245,11 +243,7 @@ class ApiNode(_Role):
         self.http = build_http(
             config, self.accounts, self.groups, self.reads, self.picker, self.files, self.admission, self.tls
         )
-        if self.tls is not None:
-            self.lifecycle.on_reload(self.tls.files.reload)
-        self.key_reloader = key_reloader(config, b)
-        if self.key_reloader is not None:
-            self.lifecycle.on_reload(self.key_reloader.poke)
+        self.reloads = build_reloads(config, b, self.tls, self.lifecycle)
 
     @property
     def url(self) -> str:
@@ -269,13 +263,9 @@ class ApiNode(_Role):
         ]
 
     async def run(self, ready: Callable[[ApiNode], None] | None = None) -> None:
-        tls, cfg, reloader = self.tls, self.config, self.key_reloader
         await self.lifecycle.run(
             self.parts(),
-            loops=lambda: [
-                *(tls.loops() if tls is not None else []),
-                *encryption_loops(cfg, self.backends, migrate=False, reloader=reloader),
-            ],
+            loops=self.reloads.loops,
             ready=None if ready is None else lambda: ready(self),
         )
 

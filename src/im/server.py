@@ -22,10 +22,10 @@ from im.compose import (
     build_http,
     build_hub,
     build_reads,
+    build_reloads,
     build_tls,
     encryption_loops,
     event_workers,
-    key_reloader,
 )
 from im.config import Config
 from im.lifecycle import Lifecycle, Loop, Part, registration, report_load
@@ -56,12 +56,8 @@ class EmbeddedServer:
         self.http = build_http(
             config, self.accounts, self.groups, self.reads, self.picker, self.files, self.admission, self.tls
         )
-        if self.tls is not None:
-            self.lifecycle.on_reload(self.tls.files.reload)
-        #: The master key file is re-read on SIGHUP and by the clock (a rotation by ``im keys rotate``).
-        self.key_reloader = key_reloader(config, b)
-        if self.key_reloader is not None:
-            self.lifecycle.on_reload(self.key_reloader.poke)
+        #: Certificate files and the master key file, re-read on SIGHUP and by the clock.
+        self.reloads = build_reloads(config, b, self.tls, self.lifecycle)
 
     @property
     def http_url(self) -> str:
@@ -107,9 +103,8 @@ class EmbeddedServer:
     def loops(self) -> list[Loop]:
         cfg, b = self.config, self.backends
         load = report_load(b.registry, cfg.gateway.node_id, lambda: self.hub.connections, interval=cfg.registry.ttl / 3)
-        tls = self.tls.loops() if self.tls is not None else []
-        keys = encryption_loops(cfg, b, migrate=True, reloader=self.key_reloader)
-        return [("im-load", load), *(("im-events", worker) for worker in event_workers(cfg, b)), *tls, *keys]
+        events = [("im-events", worker) for worker in event_workers(cfg, b)]
+        return [("im-load", load), *events, *self.reloads.loops(), *encryption_loops(cfg, b)]
 
     async def run(self, ready: Callable[[EmbeddedServer], None] | None = None) -> None:
         await self.lifecycle.run(

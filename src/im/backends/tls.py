@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
+
 
 @dataclass(frozen=True, slots=True)
 class ClientTls:
@@ -93,3 +95,9 @@ def amqp_context(url: str, tls: ClientTls | None) -> ssl.SSLContext | None:
     if not url.startswith("amqps://"):
         raise ValueError(f"TLS settings for RabbitMQ need an amqps:// URL, not {url.split('://')[0]}://")
     return tls.context()
+
+
+def redis_client(url: str, *, timeout: float | None, tls: ClientTls | None) -> aioredis.Redis:
+    """A Redis client (no connection yet) whose connecting and every reply are bounded by ``timeout``, so
+    a hung Redis raises instead of stalling its caller; with ``tls`` for ``rediss://`` URLs."""
+    return aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, **redis_options(url, tls))

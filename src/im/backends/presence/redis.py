@@ -31,7 +31,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from im.backends.presence import Presence
-from im.backends.tls import ClientTls, redis_options
+from im.backends.tls import ClientTls, redis_client
 from im.model.cluster import DeviceLocation
 
 # KEYS: one per user. ARGV: ttl_ms, then per key: n, member_1 .. member_n.
@@ -107,9 +107,7 @@ class RedisPresence(Presence):
     ) -> None:
         self._owns_client = client is None
         if client is None:
-            client = aioredis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout, **redis_options(url, tls)
-            )
+            client = redis_client(url, timeout=timeout, tls=tls)
         self._client: aioredis.Redis = client
         self._key_prefix = f"{prefix}p:"
         self._chunk = chunk

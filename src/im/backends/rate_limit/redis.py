@@ -22,7 +22,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from im.backends.rate_limit import Hit, RateLimiter
-from im.backends.tls import ClientTls, redis_options
+from im.backends.tls import ClientTls, redis_client
 
 # KEYS: the distinct (rule, key) keys. ARGV: per hit, 4 numbers: index into KEYS, interval (us per unit),
 # period (us, the burst tolerance), cost. Returns per hit 0 (allowed) or the microseconds to wait.
@@ -77,9 +77,7 @@ class RedisRateLimiter(RateLimiter):
     ) -> None:
         self._owns_client = client is None
         if client is None:
-            client = aioredis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout, **redis_options(url, tls)
-            )
+            client = redis_client(url, timeout=timeout, tls=tls)
         self._client: aioredis.Redis = client
         self._prefix = f"{prefix}rl:"
         self._script: Any = client.register_script(_GCRA)
