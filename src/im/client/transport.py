@@ -100,6 +100,12 @@ class _Tls:
             return None
         return TlsVerificationError(url, cause.verify_message or str(cause), trust_of(self._ctx, self.ca_file))
 
+    def raise_if_refused(self, url: str, exc: BaseException) -> None:
+        """Raise the clear error when ``exc`` is a refused certificate (the caller re-raises ``exc`` else)."""
+        refused = self.refused(url, exc)
+        if refused is not None:
+            raise refused from exc
+
 
 class Transport(ABC):
     """One connection carrying encoded frames. Close it with ``async with`` or :meth:`close`.
@@ -299,9 +305,8 @@ class WebSocketTransport(Transport):
                 self.connect_timeout,
             )
         except OSError as exc:
-            refused = self._tls.refused(self.url, exc) if self.secure else None
-            if refused is not None:
-                raise refused from exc
+            if self.secure:
+                self._tls.raise_if_refused(self.url, exc)
             raise
         self._ws = ws
         sock = ws.underlying_transport.get_extra_info("socket")
@@ -450,9 +455,8 @@ class TcpTransport(Transport):
                 self.connect_timeout,
             )
         except OSError as exc:
-            refused = self._tls.refused(self.url, exc) if self.secure else None
-            if refused is not None:
-                raise refused from exc
+            if self.secure:
+                self._tls.raise_if_refused(self.url, exc)
             raise
         self._transport = transport
         self._protocol = protocol
