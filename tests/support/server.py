@@ -132,7 +132,14 @@ class ServerProcess:
         ]
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ}, preexec_fn=self._limits
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ},
+                # Python code in the forked child only when a limit must be set: the test process runs gRPC
+                # threads (in-process links, etcd clients), and a fork that runs Python before exec can
+                # trip gRPC's fork handlers (the child aborts); without preexec_fn the child only execs.
+                preexec_fn=self._limits if self.nofile is not None else None,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -150,8 +157,8 @@ class ServerProcess:
         raise RuntimeError(f"im serve did not start in {timeout}s:\n{self.log()}")
 
     def _limits(self) -> None:
-        if self.nofile is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         """Stop the server (SIGTERM: graceful; SIGKILL: crash) and return its exit code."""
