@@ -89,6 +89,22 @@ class TransferConfig(_Section):
     drain_timeout: float = Field(5.0, ge=0)
 
 
+class OpsConfig(_Section):
+    """The operations listener of ``im gateway`` and ``im transfer`` (docs/operations.md): plain HTTP with
+    ``/metrics``, ``/health/live`` and ``/health/ready``. The API role (and ``im serve``) serves the same
+    paths on its HTTP port instead. Keep it on a private interface: it is not authenticated."""
+
+    host: str = "127.0.0.1"
+    #: None: no operations listener; 0: a free port (logged, and registered in the registry).
+    port: int | None = Field(None, ge=0, le=65535)
+
+
+class MetricsConfig(_Section):
+    """Prometheus metrics (docs/operations.md, "Metrics"). Labels never hold user ids or addresses."""
+
+    enabled: bool = True
+
+
 class TlsConfig(_Section):
     """TLS on every client listener of a process (HTTP, WebSocket, TCP): on when ``cert_file`` and
     ``key_file`` are set (both or neither), and then those ports speak TLS only (a plaintext client fails
@@ -306,6 +322,23 @@ class RegistryConfig(_Section):
         return list(self.etcd_endpoints) or [self.etcd_endpoint]
 
 
+class TracingConfig(_Section):
+    """OpenTelemetry tracing exported to Zipkin (docs/operations.md, "Tracing"). Off: no span is made."""
+
+    enabled: bool = False
+    #: Zipkin's v2 span endpoint (JSON POSTs).
+    zipkin_url: str = "http://127.0.0.1:9411/api/v2/spans"
+    #: Share of new traces kept (a trace started elsewhere keeps its caller's decision).
+    sample_ratio: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class LogsConfig(_Section):
+    """How every log line is written (docs/operations.md, "Logs")."""
+
+    #: ``text`` (one line per record) or ``json`` (one JSON object per line).
+    format: Literal["text", "json"] = "text"
+
+
 class ClusterTlsConfig(_Section):
     """Mutual TLS on the gRPC link between nodes (docs/transfer.md, "Security"): each node's
     certificate from the cluster CA (``im certs``), naming the node (its ``node_id``). All three set:
@@ -467,6 +500,10 @@ class Config(BaseSettings):
     tls: TlsConfig = TlsConfig()
     cluster_tls: ClusterTlsConfig = ClusterTlsConfig()
     encryption: EncryptionConfig = EncryptionConfig()
+    ops: OpsConfig = OpsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    tracing: TracingConfig = TracingConfig()
+    logs: LogsConfig = LogsConfig()
 
     @classmethod
     def settings_customise_sources(

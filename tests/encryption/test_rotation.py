@@ -177,6 +177,31 @@ async def test_a_keyring_follows_a_rotation_only_after_its_refresh_interval(engi
         assert (await ring.current([name]))[name][0] == 2
 
 
+async def test_a_writers_cached_sealers_follow_its_keyrings_refresh_and_its_own_rotations(engine: Engine) -> None:
+    ring = engine.keyring(refresh_interval=3600)
+    writer = EncryptedChatStore(engine.inner, ring, owns_keyring=True)
+    name = conv_key_name("d:1:2")
+
+    async def versions() -> list[int]:
+        rows = await engine.sql("SELECT body FROM messages WHERE conv = ? ORDER BY seq", "d:1:2")
+        return [int.from_bytes(bytes(body)[1:5], "big") for (body,) in rows]
+
+    async with writer:
+        await write(writer, "d:1:2", [f"{MARK} 1"])
+        async with engine.keyring() as admin:
+            await admin.rotate(name)  # another process: version 2
+        await write(writer, "d:1:2", [f"{MARK} 2"], first_seq=2)
+        assert await versions() == [1, 1]  # the keyring's entry is not stale yet: neither are the sealers
+        assert await ring.rotate(name) == 3  # this process rotates: its next commit uses the new key at once
+        await write(writer, "d:1:2", [f"{MARK} 3"], first_seq=3)
+        assert await versions() == [1, 1, 3]
+        async with engine.keyring() as admin:
+            await admin.rotate(name)  # version 4, elsewhere again
+        ring.refresh_interval = 0  # the entry is stale now: the next commit reads the versions again
+        await write(writer, "d:1:2", [f"{MARK} 4"], first_seq=4)
+        assert await versions() == [1, 1, 3, 4]
+
+
 async def test_shredding_makes_every_version_unreadable_and_is_followed_by_other_keyrings(engine: Engine) -> None:
     store = EncryptedChatStore(engine.inner, engine.keyring(refresh_interval=0), owns_keyring=True)
     async with store:

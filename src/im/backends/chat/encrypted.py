@@ -39,9 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 
-import msgspec
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from im.backends.chat import ChatStore, StoredBodies
 from im.backends.keys import KeyUnavailable
@@ -67,6 +65,9 @@ _NONCE = 12
 _PREFIX = _HEADER.size + _NONCE
 _TAG = 16
 _ROW = struct.Struct(">QQ")  # seq, mid
+#: What seals one conversation's bodies: the stored header, the current key's encrypt, the associated
+#: data prefix.
+_Sealer = tuple[bytes, Callable[[bytes, bytes, bytes | None], bytes], bytes]
 
 
 def associated_data(conv: str, seq: int, mid: int) -> bytes:
@@ -107,6 +108,8 @@ class EncryptedChatStore(ChatStore):
         self.owns_keyring = owns_keyring and keyring is not None
         self.report_interval = report_interval
         self.failures = 0  # bodies that did not open, since start
+        self._sealer_cache: dict[str, tuple[float, _Sealer]] = {}  # conv -> (key versions read at, sealer)
+        self._sealer_epoch = -1
         self._unreported = 0
         self._reported_at = 0.0
 
@@ -133,27 +136,49 @@ class EncryptedChatStore(ChatStore):
         """Copies of ``messages`` with their bodies sealed (the originals are not touched)."""
         if not messages:
             return []
-        if self.keyring is None:
-            raise KeyUnavailable("no keyring: encryption is off and no master key is configured")
-        names = {conv: conv_key_name(conv) for conv in {m.conv for m in messages}}
-        keys = await self.keyring.current(names.values())
-        by_conv: dict[str, tuple[bytes, AESGCM, bytes]] = {}  # conv -> header, cipher, associated data prefix
-        for conv, name in names.items():
-            found = keys.get(name)
-            if found is None:
-                raise KeyUnavailable(f"no usable data key for conversation {conv}")
-            by_conv[conv] = (_HEADER.pack(FORMAT, found[0]), found[1], b"im-msg/" + conv.encode())
+        sealers = await self._sealers({m.conv for m in messages})
         nonces = os.urandom(_NONCE * len(messages))
-        out = []
+        out: list[StoredMessage] = []
+        append = out.append
         pack = _ROW.pack
-        replace = msgspec.structs.replace
         at = 0
         for m in messages:
-            header, aead, prefix = by_conv[m.conv]
+            header, encrypt, prefix = sealers[m.conv]
             nonce = nonces[at : at + _NONCE]
             at += _NONCE
-            out.append(replace(m, body=header + nonce + aead.encrypt(nonce, m.body, prefix + pack(m.seq, m.mid))))
+            body = header + nonce + encrypt(nonce, m.body, prefix + pack(m.seq, m.mid))
+            append(StoredMessage(m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, body))
         return out
+
+    async def _sealers(self, convs: Iterable[str]) -> dict[str, _Sealer]:
+        """What seals for each of ``convs``: (header, the current key's encrypt, associated data prefix).
+
+        Kept per conversation until the keyring would read the key's versions again or its keys change
+        (its ``epoch``), so a commit costs a dict lookup per conversation, not a keyring call; a miss
+        goes to the keyring, one call for all of them."""
+        keyring = self.keyring
+        if keyring is None:
+            raise KeyUnavailable("no keyring: encryption is off and no master key is configured")
+        cache = self._sealer_cache
+        if keyring.epoch != self._sealer_epoch or len(cache) > keyring.cache_size:
+            cache.clear()
+            self._sealer_epoch = keyring.epoch
+        stale = time.monotonic() - keyring.refresh_interval
+        missing = [c for c in convs if (c not in cache) or cache[c][0] <= stale]
+        if missing:
+            names = {conv: conv_key_name(conv) for conv in missing}
+            keys = await keyring.current(names.values())
+            if keyring.epoch != self._sealer_epoch:  # the keyring changed while we waited: start over
+                cache.clear()
+                self._sealer_epoch = keyring.epoch
+                return await self._sealers(convs)
+            for conv, name in names.items():
+                found = keys.get(name)
+                if found is None:
+                    raise KeyUnavailable(f"no usable data key for conversation {conv}")
+                header = _HEADER.pack(FORMAT, found[0])
+                cache[conv] = (keyring.loaded_at(name), (header, found[1].encrypt, b"im-msg/" + conv.encode()))
+        return {conv: cache[conv][1] for conv in convs}
 
     async def open(self, messages: Sequence[StoredMessage]) -> list[StoredMessage]:
         """``messages`` with sealed bodies opened (plaintext ones as they are, ones that do not open

@@ -116,6 +116,9 @@ class Keyring(Service):
         self._clock = clock
         self._loaded_at: dict[str, float] = {}
         self._cache: OrderedDict[str, DataKeys] = OrderedDict()
+        #: Bumped whenever a cached name gains or loses a version or is dropped: what a caller derived from
+        #: :meth:`current` (the encrypted store's per-conversation sealers) is stale once this changes.
+        self.epoch = 0
         self.unwraps = 0  # keys unwrapped since start (cache misses that found a key)
         self.created = 0  # keys this process created and stored
 
@@ -139,6 +142,7 @@ class Keyring(Service):
             raise
 
     async def _release(self) -> None:
+        self.epoch += 1
         self._cache.clear()
         self._loaded_at.clear()
         try:
@@ -170,6 +174,7 @@ class Keyring(Service):
         found = await self._get(names, create=False)
         stale = {n for n, v in pairs if n in found and v not in found[n].ciphers}
         if stale:
+            self.epoch += 1
             for n in stale:
                 self._cache.pop(n, None)
             found.update(await self._get(stale, create=False))
@@ -215,6 +220,7 @@ class Keyring(Service):
             )
             stored = await self.store.add_key(row)
             if stored.wrapped == row.wrapped:
+                self.epoch += 1
                 self._cache.pop(name, None)  # loaded again with every version on next use
                 self._loaded_at.pop(name, None)
                 self.created += 1
@@ -226,6 +232,7 @@ class Keyring(Service):
         they encrypted is unreadable from then on (other processes drop them from their caches within
         ``refresh_interval`` when they next use them, or at restart). Returns the rows deleted."""
         deleted = await self.store.delete_keys(names)
+        self.epoch += 1
         for name in names:
             self._cache.pop(name, None)
             self._loaded_at.pop(name, None)
@@ -286,6 +293,11 @@ class Keyring(Service):
         """The master key id that wrapped ``wrapped`` (see :meth:`KeyProvider.master_of`)."""
         return self.provider.master_of(wrapped)
 
+    def loaded_at(self, name: str) -> float:
+        """When (:func:`time.monotonic`) ``name``'s versions were last read: :meth:`current` reads them
+        again ``refresh_interval`` seconds later."""
+        return self._loaded_at.get(name, 0.0)
+
     async def _refresh_stale(self, names: Iterable[str]) -> None:
         limit = time.monotonic() - self.refresh_interval
         loaded, cache = self._loaded_at, self._cache
@@ -302,12 +314,14 @@ class Keyring(Service):
             rows = stored.get(name)
             have = self._cache.get(name)
             if not rows:
+                self.epoch += 1
                 self._cache.pop(name, None)
                 self._loaded_at.pop(name, None)
                 continue
             if have is not None:
                 for row in rows:
                     if row.version not in have.ciphers:
+                        self.epoch += 1
                         try:
                             have.add(
                                 row.version, await self.provider.unwrap(row.wrapped, wrap_context(name, row.version))
@@ -375,6 +389,7 @@ class Keyring(Service):
         if have is not None:  # a concurrent load got there first: merge (versions never change)
             for version, key in keys.keys.items():
                 if version not in have.ciphers:
+                    self.epoch += 1
                     have.add(version, key)
             cache.move_to_end(name)
             return have
