@@ -19,6 +19,8 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "im"
 MODEL = {"model"}
 INTERFACES = {"backends"}  # any backend package itself (its interface), never its implementations
 LEAF_UTILS = {"throttled_log", "net", "config"}
+#: Metrics, tracing, logs and health: used by every layer, importing only leaves.
+OBS = {"observability"}
 
 #: unit -> the units it may import (besides itself). "backends" means backend interfaces only;
 #: "backends.impl" means implementations too.
@@ -29,15 +31,16 @@ ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "certs": set(),
     "tls": set(),
+    "observability": MODEL | {"config", "throttled_log"},
     "protocol": MODEL,
-    "backends": MODEL | {"backends", "backends.impl"},  # adapters share the SQL helpers
-    "core": MODEL | INTERFACES | {"throttled_log"},
-    "files": MODEL | INTERFACES | {"throttled_log"},
-    "events": MODEL | INTERFACES | {"throttled_log"},
-    "gateway": MODEL | INTERFACES | {"protocol", "core", "net", "throttled_log"},
-    "api": MODEL | INTERFACES | {"protocol", "core", "files", "net", "throttled_log", "config"},
+    "backends": MODEL | OBS | {"backends", "backends.impl"},  # adapters share the SQL helpers
+    "core": MODEL | INTERFACES | OBS | {"throttled_log"},
+    "files": MODEL | INTERFACES | OBS | {"throttled_log"},
+    "events": MODEL | INTERFACES | OBS | {"throttled_log"},
+    "gateway": MODEL | INTERFACES | OBS | {"protocol", "core", "net", "throttled_log"},
+    "api": MODEL | INTERFACES | OBS | {"protocol", "core", "files", "net", "throttled_log", "config"},
     # The gRPC-linked routers are Router implementations: LinkRouter extends the in-process MemoryRouter.
-    "transfer": MODEL | INTERFACES | {"protocol", "core", "backends.impl"},
+    "transfer": MODEL | INTERFACES | OBS | {"protocol", "core", "backends.impl"},
     "client": MODEL | {"protocol"},
     "chat_tui": MODEL | {"protocol", "client"},
     "bench": MODEL | {"protocol", "client", "certs"},  # --spawn --tls makes its CA with im.certs
