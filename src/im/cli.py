@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,13 +62,12 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config, _flags_to_overrides(args))
 
 
-def _setup_logging(config: Config) -> None:
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    # aiormq logs every dropped broker connection with a traceback; the relay and the consumer already
-    # log the outage (and their reconnects) in one line each.
-    logging.getLogger("aiormq").setLevel(logging.ERROR)
+def _setup_logging(config: Config, role: str, node: str = "") -> None:
+    """Every line of this process in one format (``logs.format``), naming its node and role."""
+    from im.observability.logs import setup
+
+    lc = config.logs
+    setup(level=config.log_level, fmt=lc.format, role=role, node=node, client_error_interval=lc.client_error_interval)
 
 
 def _serve(config: Config) -> int:
@@ -77,7 +75,7 @@ def _serve(config: Config) -> int:
 
     from im.server import EmbeddedServer
 
-    _setup_logging(config)
+    _setup_logging(config, "serve", config.gateway.node_id)
 
     def ready(server: EmbeddedServer) -> None:
         print(f"im: HTTP API   {server.http_url}/api/v1   (OpenAPI docs: {server.http_url}/api/v1/docs)", flush=True)
@@ -109,7 +107,8 @@ def _run_role(role: str, config: Config) -> int:
 
     from im.roles import ROLES, ApiNode, GatewayNode, TransferNode
 
-    _setup_logging(config)
+    nodes = {"api": config.http.node_id, "gateway": config.gateway.node_id, "transfer": config.transfer.node_id}
+    _setup_logging(config, role, nodes.get(role, ""))
     try:
         node = ROLES[role](config)
     except ConfigError as exc:
@@ -261,7 +260,7 @@ def _keys(args: argparse.Namespace, config: Config) -> int:
     if args.op == "new-key":
         print(encode_master_key(new_master_key()))
         return 0
-    _setup_logging(config)
+    _setup_logging(config, "keys")
     try:
         return asyncio.run(_keys_run(args, config))
     except _KeysError as exc:

@@ -86,6 +86,7 @@ class HttpServer:
                 app,
                 lifespan="off",
                 log_level=cfg.log_level,
+                log_config=None,  # no handler of its own: its lines go through im.observability.logs
                 access_log=False,
                 ws="none",
                 server_header=False,  # no "server: uvicorn": the version of nothing is anyone's business
