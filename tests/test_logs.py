@@ -102,6 +102,7 @@ async def test_a_flood_of_bad_frames_and_requests_leaves_a_handful_of_counted_li
         reader, writer = await asyncio.open_connection(*server.tcp)
         writer.write(bad_tcp)
         await writer.drain()
+        assert len(await asyncio.wait_for(reader.read(4), 10)) == 4  # answered (errors), not crashed
         # WebSocket: garbage text frames from an authenticated client, then a real send on it is acked.
         client = ChatClient(server.ws, alice, "flood")
         assert (await client.connect())["t"] == "auth_ok"
