@@ -1,9 +1,9 @@
 """The service registry on etcd: leases for liveness, a watched view per role for discovery.
 
 Layout: one key per instance, ``<prefix><role>/<node>``, whose value is JSON ``{role, node, addresses,
-load, ready, version, started_at}`` (the last three optional: an entry without them reads as ready) and which is attached to a lease of the registration's TTL. etcd deletes the key when the lease
-ends, so the registry's guarantee (an instance is listed only while its registration is alive) is etcd's
-own:
+load, ready, version, started_at}`` (the last three optional: an entry without them reads as ready) and
+which is attached to a lease of the registration's TTL. etcd deletes the key when the lease ends, so the
+registry's guarantee (an instance is listed only while its registration is alive) is etcd's own:
 
 - a clean stop (:meth:`EtcdRegistry.deregister`) revokes the lease: the key is gone at once;
 - a crash stops the keepalives: the lease expires within its TTL (etcd checks every 0.5 s, so allow
