@@ -17,11 +17,24 @@ window. The ``registered`` and ``draining`` flags are read on every call (they c
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-__all__ = ["Check", "Readiness"]
+__all__ = ["PROCESS_STARTED", "Check", "Readiness", "im_version"]
+
+#: When this process started (Unix seconds): published in the registry, shown by ``im status``.
+PROCESS_STARTED = time.time()
+
+
+def im_version() -> str:
+    """im's installed version ("unknown" when run from a tree that is not installed)."""
+    try:
+        return importlib.metadata.version("im")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
 
 #: An engine check: returns when the engine answered, raises when it did not.
 Check = Callable[[], Awaitable[object]]
@@ -62,6 +75,10 @@ class Readiness:
     def names(self) -> list[str]:
         return [c.name for c in self._checks]
 
+    def start_draining(self) -> None:
+        """A stop has begun: not ready from now on (the lifecycle's stop hook)."""
+        self.draining = True
+
     def live(self) -> bool:
         """True: answering at all is the proof (the loop ran this call)."""
         return True
@@ -71,6 +88,10 @@ class Readiness:
         engines_ok, results = await self._engines()
         ready = engines_ok and self.registered and not self.draining
         return ready, {"checks": results, "registered": self.registered, "draining": self.draining}
+
+    async def engines(self) -> tuple[bool, dict[str, dict[str, object]]]:
+        """The engine checks alone (cached like :meth:`check`): all ok, and each one's result."""
+        return await self._engines()
 
     async def _engines(self) -> tuple[bool, dict[str, dict[str, object]]]:
         cached = self._cached
