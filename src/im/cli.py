@@ -407,6 +407,76 @@ async def _keys_run(args: argparse.Namespace, config: Config) -> int:
         return 0
 
 
+STATUS_ROLES = ("api", "gateway", "transfer")
+
+
+def _status(args: argparse.Namespace, config: Config) -> int:
+    """``im status``: every node the registry lists, as a table or JSON; exit 1 when one is not ready."""
+    import asyncio
+    import time
+
+    from im.compose import build_registry
+
+    if config.registry.kind != "etcd":
+        print(
+            "im status: reads a cluster's registry: set registry.kind=etcd and registry.etcd_endpoints "
+            "(im serve keeps its registry inside its own process)",
+            file=sys.stderr,
+        )
+        return 2
+
+    async def read() -> list[Any]:
+        async with build_registry(config, keepalive=False) as registry:
+            async with asyncio.timeout(args.timeout):
+                return [i for role in STATUS_ROLES for i in await registry.instances(role)]
+
+    try:
+        nodes = asyncio.run(read())
+    except (TimeoutError, Exception) as exc:
+        where = ",".join(config.registry.endpoints())
+        print(f"im status: the registry at {where} did not answer ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 2
+    now = time.time()
+    if args.json:
+        rows = [
+            {
+                "role": n.role,
+                "node": n.node,
+                "ready": n.ready,
+                "version": n.version,
+                "load": n.load,
+                "started_at": n.started_at or None,
+                "addresses": n.addresses,
+            }
+            for n in nodes
+        ]
+        print(json.dumps(rows, indent=2))
+    elif not nodes:
+        print(f"im status: no node is registered under {config.registry.prefix}")
+    else:
+        table = [("ROLE", "NODE", "READY", "VERSION", "LOAD", "UP", "ADDRESSES")]
+        for n in nodes:
+            up = _duration(now - n.started_at) if n.started_at else "-"
+            addresses = " ".join(f"{k}={v}" for k, v in sorted(n.addresses.items())) or "-"
+            row = (n.role, n.node, "yes" if n.ready else "NO", n.version or "-", str(n.load), up, addresses)
+            table.append(row)
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
+        for r in table:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    return 0 if all(n.ready for n in nodes) else 1
+
+
+def _duration(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    if s < 172800:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600}h"
+
+
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     if args_list[:1] == ["bench"]:  # its own parser: `im bench --help`, `im bench idle --help`
@@ -431,6 +501,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("cluster", help="api, two gateways and two transfer nodes on local engines (im cluster --help)")
     show = sub.add_parser("config", help="print the effective configuration")
     _add_config_flags(show)
+    status = sub.add_parser(
+        "status",
+        help="every node of a cluster from its registry (etcd): role, addresses, version, load, readiness",
+        description="Reads the registry (registry.etcd_endpoints, registry.prefix: the same configuration "
+        "flags as the roles). Exit status 0 when every node listed is ready, 1 when one is not, 2 when the "
+        "registry cannot be read.",
+    )
+    _add_config_flags(status)
+    status.add_argument("--json", action="store_true", help="a JSON list instead of the table")
+    status.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the registry (default 10)")
     _add_certs_parser(sub)
     _add_keys_parser(sub)
     sub.add_parser("bench", help="load generator: throughput, latency, delivery check (see im bench --help)")
@@ -478,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_role(args.command, config)
     if args.command == "keys":
         return _keys(args, config)
+    if args.command == "status":
+        return _status(args, config)
     return _serve(config)
 
 

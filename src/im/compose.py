@@ -189,16 +189,19 @@ def build_backends(config: Config) -> Backends:
     else:
         presence = MemoryPresence()
         rate_limiter = MemoryRateLimiter()
-    registry: Registry
-    if config.registry.kind == "etcd":
-        rc = config.registry
-        etcd_tls = client_tls(rc.etcd_ca_file, rc.etcd_cert_file, rc.etcd_key_file)
-        registry = EtcdRegistry(rc.endpoints(), tls=etcd_tls, prefix=rc.prefix)
-    else:
-        registry = MemoryRegistry()
+    registry = build_registry(config)
     return Backends(
         chat_store, account_store, presence, MemoryRouter(), registry, file_store, rate_limiter, keyring, bodies
     )
+
+
+def build_registry(config: Config, *, keepalive: bool = True) -> Registry:
+    """The configured registry (not started). ``keepalive`` False: a reader that registers nothing."""
+    if config.registry.kind == "etcd":
+        rc = config.registry
+        etcd_tls = client_tls(rc.etcd_ca_file, rc.etcd_cert_file, rc.etcd_key_file)
+        return EtcdRegistry(rc.endpoints(), tls=etcd_tls, prefix=rc.prefix, keepalive=keepalive)
+    return MemoryRegistry()
 
 
 class KeyReloader:

@@ -371,9 +371,9 @@ def create_app(
         return await ready()
 
     @app.get(f"{PREFIX}/health/live", tags=["health"], response_model=HealthOut)
-    async def health_live() -> HealthOut:
+    async def health_live() -> JSONResponse:
         """Liveness: 200 while the process answers at all; engines being away never fails it."""
-        return HealthOut(status="ok")
+        return JSONResponse({"status": "ok"})
 
     app.router.routes.extend(docs_routes(f"{PREFIX}/docs", f"{PREFIX}/openapi.json", app.title))
     # The browser client at "/" (last: it answers every path the API does not).
