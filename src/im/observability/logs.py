@@ -123,4 +123,7 @@ def setup(
     # aiormq logs every dropped broker connection with a traceback; the relay and the consumer already
     # log the outage (and their reconnects) in one line each.
     logging.getLogger("aiormq").setLevel(logging.ERROR)
+    # asyncpg's pool writes a traceback each time it fails to reconnect while PostgreSQL is away; the
+    # readiness report says so in one line ("not ready (store: ...)") and again when it is back.
+    logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
     return handler
