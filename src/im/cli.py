@@ -1,7 +1,7 @@
 """The ``im`` command: ``im serve`` runs everything in one process; ``im api``, ``im gateway`` and
 ``im transfer`` run the roles of the distributed mode, ``im cluster`` a local cluster of them; ``im config``
-shows the configuration; ``im certs`` makes a private CA and TLS certificates; ``im chat`` is a terminal
-chat client; ``im bench`` a load generator."""
+shows the configuration; ``im status`` prints a cluster's nodes from its registry; ``im certs`` makes a
+private CA and TLS certificates; ``im chat`` is a terminal chat client; ``im bench`` a load generator."""
 
 from __future__ import annotations
 
