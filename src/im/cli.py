@@ -1,14 +1,13 @@
 """The ``im`` command: ``im serve`` runs everything in one process; ``im api``, ``im gateway`` and
 ``im transfer`` run the roles of the distributed mode, ``im cluster`` a local cluster of them; ``im config``
-shows the configuration; ``im certs`` makes a private CA and TLS certificates; ``im chat`` is a terminal
-chat client; ``im bench`` a load generator."""
+shows the configuration; ``im status`` prints a cluster's nodes from its registry; ``im certs`` makes a
+private CA and TLS certificates; ``im chat`` is a terminal chat client; ``im bench`` a load generator."""
 
 from __future__ import annotations
 
 import argparse
 import gc
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,13 +62,12 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config, _flags_to_overrides(args))
 
 
-def _setup_logging(config: Config) -> None:
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    # aiormq logs every dropped broker connection with a traceback; the relay and the consumer already
-    # log the outage (and their reconnects) in one line each.
-    logging.getLogger("aiormq").setLevel(logging.ERROR)
+def _setup_logging(config: Config, role: str, node: str = "") -> None:
+    """Every line of this process in one format (``logs.format``), naming its node and role."""
+    from im.observability.logs import setup
+
+    lc = config.logs
+    setup(level=config.log_level, fmt=lc.format, role=role, node=node, client_error_interval=lc.client_error_interval)
 
 
 def _serve(config: Config) -> int:
@@ -77,7 +75,7 @@ def _serve(config: Config) -> int:
 
     from im.server import EmbeddedServer
 
-    _setup_logging(config)
+    _setup_logging(config, "serve", config.gateway.node_id)
 
     def ready(server: EmbeddedServer) -> None:
         print(f"im: HTTP API   {server.http_url}/api/v1   (OpenAPI docs: {server.http_url}/api/v1/docs)", flush=True)
@@ -109,7 +107,8 @@ def _run_role(role: str, config: Config) -> int:
 
     from im.roles import ROLES, ApiNode, GatewayNode, TransferNode
 
-    _setup_logging(config)
+    nodes = {"api": config.http.node_id, "gateway": config.gateway.node_id, "transfer": config.transfer.node_id}
+    _setup_logging(config, role, nodes.get(role, ""))
     try:
         node = ROLES[role](config)
     except ConfigError as exc:
@@ -261,7 +260,7 @@ def _keys(args: argparse.Namespace, config: Config) -> int:
     if args.op == "new-key":
         print(encode_master_key(new_master_key()))
         return 0
-    _setup_logging(config)
+    _setup_logging(config, "keys")
     try:
         return asyncio.run(_keys_run(args, config))
     except _KeysError as exc:
@@ -408,6 +407,76 @@ async def _keys_run(args: argparse.Namespace, config: Config) -> int:
         return 0
 
 
+STATUS_ROLES = ("api", "gateway", "transfer")
+
+
+def _status(args: argparse.Namespace, config: Config) -> int:
+    """``im status``: every node the registry lists, as a table or JSON; exit 1 when one is not ready."""
+    import asyncio
+    import time
+
+    from im.compose import build_registry
+
+    if config.registry.kind != "etcd":
+        print(
+            "im status: reads a cluster's registry: set registry.kind=etcd and registry.etcd_endpoints "
+            "(im serve keeps its registry inside its own process)",
+            file=sys.stderr,
+        )
+        return 2
+
+    async def read() -> list[Any]:
+        async with build_registry(config, keepalive=False) as registry:
+            async with asyncio.timeout(args.timeout):
+                return [i for role in STATUS_ROLES for i in await registry.instances(role)]
+
+    try:
+        nodes = asyncio.run(read())
+    except (TimeoutError, Exception) as exc:
+        where = ",".join(config.registry.endpoints())
+        print(f"im status: the registry at {where} did not answer ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 2
+    now = time.time()
+    if args.json:
+        rows = [
+            {
+                "role": n.role,
+                "node": n.node,
+                "ready": n.ready,
+                "version": n.version,
+                "load": n.load,
+                "started_at": n.started_at or None,
+                "addresses": n.addresses,
+            }
+            for n in nodes
+        ]
+        print(json.dumps(rows, indent=2))
+    elif not nodes:
+        print(f"im status: no node is registered under {config.registry.prefix}")
+    else:
+        table = [("ROLE", "NODE", "READY", "VERSION", "LOAD", "UP", "ADDRESSES")]
+        for n in nodes:
+            up = _duration(now - n.started_at) if n.started_at else "-"
+            addresses = " ".join(f"{k}={v}" for k, v in sorted(n.addresses.items())) or "-"
+            row = (n.role, n.node, "yes" if n.ready else "NO", n.version or "-", str(n.load), up, addresses)
+            table.append(row)
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
+        for r in table:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    return 0 if all(n.ready for n in nodes) else 1
+
+
+def _duration(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    if s < 172800:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600}h"
+
+
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     if args_list[:1] == ["bench"]:  # its own parser: `im bench --help`, `im bench idle --help`
@@ -432,6 +501,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("cluster", help="api, two gateways and two transfer nodes on local engines (im cluster --help)")
     show = sub.add_parser("config", help="print the effective configuration")
     _add_config_flags(show)
+    status = sub.add_parser(
+        "status",
+        help="every node of a cluster from its registry (etcd): role, addresses, version, load, readiness",
+        description="Reads the registry (registry.etcd_endpoints, registry.prefix: the same configuration "
+        "flags as the roles). Exit status 0 when every node listed is ready, 1 when one is not, 2 when the "
+        "registry cannot be read.",
+    )
+    _add_config_flags(status)
+    status.add_argument("--json", action="store_true", help="a JSON list instead of the table")
+    status.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the registry (default 10)")
     _add_certs_parser(sub)
     _add_keys_parser(sub)
     sub.add_parser("bench", help="load generator: throughput, latency, delivery check (see im bench --help)")
@@ -479,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_role(args.command, config)
     if args.command == "keys":
         return _keys(args, config)
+    if args.command == "status":
+        return _status(args, config)
     return _serve(config)
 
 

@@ -70,14 +70,16 @@ from im.core.passwords import HashSlots, LoginGuard
 from im.core.reads import ChatReads
 from im.core.states import ConversationStates
 from im.events.push import PushConsumer
-from im.events.relay import OutboxRelay
+from im.events.relay import OutboxRelay, broker_ping
 from im.files import FileService
 from im.gateway.hub import Hub, HubRates
 from im.gateway.tcp_connection import serve_tcp
 from im.gateway.ws_connection import WS_PATH, serve_websocket
 from im.lifecycle import Lifecycle, Loop, close_all
 from im.model.chat import ConversationState
+from im.model.cluster import ServiceInstance
 from im.net import Admission, Listener, TlsAccept, connection_budget, raise_open_file_limit
+from im.observability.health import PROCESS_STARTED, Readiness, im_version
 from im.protocol.session import Limits
 from im.tls import ReloadingContext, TlsFilesError
 from im.transfer.tls import LinkTls
@@ -187,16 +189,19 @@ def build_backends(config: Config) -> Backends:
     else:
         presence = MemoryPresence()
         rate_limiter = MemoryRateLimiter()
-    registry: Registry
-    if config.registry.kind == "etcd":
-        rc = config.registry
-        etcd_tls = client_tls(rc.etcd_ca_file, rc.etcd_cert_file, rc.etcd_key_file)
-        registry = EtcdRegistry(rc.endpoints(), tls=etcd_tls, prefix=rc.prefix)
-    else:
-        registry = MemoryRegistry()
+    registry = build_registry(config)
     return Backends(
         chat_store, account_store, presence, MemoryRouter(), registry, file_store, rate_limiter, keyring, bodies
     )
+
+
+def build_registry(config: Config, *, keepalive: bool = True) -> Registry:
+    """The configured registry (not started). ``keepalive`` False: a reader that registers nothing."""
+    if config.registry.kind == "etcd":
+        rc = config.registry
+        etcd_tls = client_tls(rc.etcd_ca_file, rc.etcd_cert_file, rc.etcd_key_file)
+        return EtcdRegistry(rc.endpoints(), tls=etcd_tls, prefix=rc.prefix, keepalive=keepalive)
+    return MemoryRegistry()
 
 
 class KeyReloader:
@@ -413,6 +418,37 @@ def build_tls(config: Config) -> ProcessTls | None:
     return ProcessTls(files, accept, tc.reload_interval, tc.hsts_max_age)
 
 
+#: Seconds a readiness answer is reused: probes from every load balancer cost the engines one round per window.
+READINESS_CACHE = 1.0
+#: Seconds each engine has to answer a readiness check.
+READINESS_TIMEOUT = 2.0
+
+
+def build_readiness(config: Config, b: Backends, lifecycle: Lifecycle, *, events: bool = False) -> Readiness:
+    """The readiness of a process on these backends: the store, presence and the registry answer (and
+    RabbitMQ, when ``events`` and events go there: the roles that run the outbox relay); it turns to
+    draining when ``lifecycle``'s stop begins."""
+    r = Readiness(cache_for=READINESS_CACHE)
+    r.add("store", b.chat_store.ping, timeout=READINESS_TIMEOUT)
+    r.add("presence", b.presence.ping, timeout=READINESS_TIMEOUT)
+    r.add("registry", b.registry.ping, timeout=READINESS_TIMEOUT)
+    ev = config.events
+    if events and ev.kind == "rabbitmq":
+        amqp_tls = client_tls(ev.amqp_ca_file, ev.amqp_cert_file, ev.amqp_key_file)
+
+        async def broker() -> None:
+            await broker_ping(ev.amqp_url, tls=amqp_tls, timeout=READINESS_TIMEOUT)
+
+        r.add("events", broker, timeout=READINESS_TIMEOUT)
+    lifecycle.on_stop(r.start_draining)
+    return r
+
+
+def listed(role: str, node: str, addresses: dict[str, str]) -> ServiceInstance:
+    """This process's registry entry: its addresses, im's version and when it started."""
+    return ServiceInstance(role, node, addresses, version=im_version(), started_at=PROCESS_STARTED)
+
+
 def build_http(
     config: Config,
     accounts: AccountService,
@@ -422,6 +458,7 @@ def build_http(
     files: FileService,
     admission: Admission,
     tls: ProcessTls | None = None,
+    readiness: Readiness | None = None,
 ) -> HttpServer:
     """The HTTP API server of ``im serve`` and ``im api``: the app on the given services, behind the
     process's admission; HTTPS only (with HSTS) when ``tls`` is given."""
@@ -435,6 +472,7 @@ def build_http(
         max_request_bytes=config.http.max_body_bytes,
         refusal_delay=config.rates.refusal_delay,
         hsts_max_age=tls.hsts_max_age if tls is not None else 0,
+        readiness=readiness,
     )
     return HttpServer(config, app, admission, tls=tls.accept if tls is not None else None)
 

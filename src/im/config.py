@@ -337,6 +337,9 @@ class LogsConfig(_Section):
 
     #: ``text`` (one line per record) or ``json`` (one JSON object per line).
     format: Literal["text", "json"] = "text"
+    #: Seconds between the counted lines of errors a client can cause at will (bad frames, malformed
+    #: requests): the first of a quiet period is written at once, the rest counted into one line per window.
+    client_error_interval: float = Field(10.0, gt=0, le=3600)
 
 
 class ClusterTlsConfig(_Section):

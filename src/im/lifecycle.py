@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import signal
@@ -30,6 +31,7 @@ from typing import Any
 
 from im.backends.registry import Registry
 from im.model.cluster import ServiceInstance
+from im.observability.health import Readiness
 
 log = logging.getLogger("im")
 
@@ -59,6 +61,7 @@ class Lifecycle:
     def __init__(self) -> None:
         self._stop = asyncio.Event()
         self._reloads: list[Callable[[], object]] = []
+        self._stopping: list[Callable[[], object]] = []
 
     def request_stop(self) -> None:
         """Begin the graceful stop (safe to call more than once, from a signal handler too)."""
@@ -68,6 +71,11 @@ class Lifecycle:
         """Call ``reload`` on SIGHUP while running (re-read certificates, ...), before :meth:`run`. With
         no such hook SIGHUP keeps its default action (the process ends, as when its terminal closes)."""
         self._reloads.append(reload)
+
+    def on_stop(self, hook: Callable[[], object]) -> None:
+        """Call ``hook`` when the stop begins, before the loops are cancelled and the parts stop (readiness
+        turns to draining there)."""
+        self._stopping.append(hook)
 
     def reload(self) -> None:
         """Run every reload hook (what SIGHUP does); one that raises is logged and the others still run."""
@@ -104,6 +112,11 @@ class Lifecycle:
                         ready()
                     await self._stop.wait()  # a failed loop cancels this wait (the group's rule)
                     log.info(stopping)
+                    for hook in self._stopping:
+                        try:
+                            hook()
+                        except Exception:
+                            log.exception("stop hook %s failed", getattr(hook, "__qualname__", hook))
                     for task in tasks:
                         task.cancel()
             except* Exception:
@@ -132,29 +145,70 @@ class Lifecycle:
                 stack.callback(loop.remove_signal_handler, signal.SIGHUP)
 
 
-async def report_load(registry: Registry, node: str, load: Callable[[], int], *, interval: float) -> None:
-    """Publish the load every ``interval`` seconds, which also renews the registration (a loop)."""
+async def report_load(
+    registry: Registry,
+    node: str,
+    load: Callable[[], int],
+    *,
+    interval: float,
+    readiness: Readiness | None = None,
+) -> None:
+    """Publish the load every ``interval`` seconds, which also renews the registration (a loop); with
+    ``readiness``, its answer too (the API's gateway picker skips a node that is not ready), and a line
+    in the log when it changes."""
+    was_ready: bool | None = None
     while True:
         await asyncio.sleep(interval)
+        ready: bool | None = None
+        if readiness is not None:
+            ready, details = await readiness.check()
+            if ready != was_ready and (was_ready is not None or not ready):
+                if ready:
+                    log.info("ready again: published in the registry")
+                else:
+                    log.warning("not ready (%s): published in the registry", _why(details))
+            was_ready = ready
         try:
-            await registry.update_load(node, load())
+            await registry.update_load(node, load(), ready=ready)
         except Exception as exc:  # the registry's own keepalive carries on; try again next time
             log.warning("registry load report failed (%s: %s)", type(exc).__name__, exc)
 
 
-def registration(registry: Registry, instance: Callable[[], ServiceInstance], ttl: float) -> Part:
+def _why(details: dict[str, object]) -> str:
+    checks = details.get("checks")
+    out = []
+    if isinstance(checks, dict):
+        out = [f"{name}: {c.get('error')}" for name, c in checks.items() if isinstance(c, dict) and not c.get("ok")]
+    if details.get("draining"):
+        out.append("draining")
+    if not details.get("registered"):
+        out.append("not registered")
+    return "; ".join(out) or "unknown"
+
+
+def registration(
+    registry: Registry, instance: Callable[[], ServiceInstance], ttl: float, readiness: Readiness | None = None
+) -> Part:
     """Listed in the registry while running (``instance`` is read at start: the addresses are known by
-    then). Leaving it is the first step of a stop: the others stop choosing this node; when the registry
-    is unreachable, the lease expires by itself within its TTL."""
+    then), with ``readiness``'s engine checks as its first ``ready`` (then :func:`report_load` keeps it
+    current), which is then marked registered. Leaving it is the first step of a stop: the others stop
+    choosing this node; when the registry is unreachable, the lease expires by itself within its TTL."""
     node = ""
 
     async def register() -> None:
         nonlocal node
         listed = instance()
+        if readiness is not None:
+            engines_ok, _ = await readiness.engines()
+            listed = dataclasses.replace(listed, ready=engines_ok and not readiness.draining)
         await registry.register(listed, ttl=ttl)
         node = listed.node
+        if readiness is not None:
+            readiness.registered = True
 
     async def deregister() -> None:
+        if readiness is not None:
+            readiness.registered = False
         try:
             await asyncio.wait_for(registry.deregister(node), 3.0)
         except Exception as exc:

@@ -38,17 +38,18 @@ from im.compose import (
     build_http,
     build_hub,
     build_link_tls,
+    build_readiness,
     build_reads,
     build_reloads,
     build_tls,
     encryption_loops,
     event_workers,
+    listed,
     require_shared_engines,
 )
 from im.config import Config
 from im.lifecycle import Lifecycle, Loop, Part, registration, report_load
 from im.model.chat import StoredMessage
-from im.model.cluster import ServiceInstance
 from im.transfer.pool import GRPC_ADDRESS, LinkRouter, TransferPool
 from im.transfer.server import GrpcRouter, TransferServicer, serve_transfer
 
@@ -105,6 +106,8 @@ class TransferNode(_Role):
         self._grpc_server: Any = None
         self.address = ""
         self.reloads = build_reloads(config, b, None, self.lifecycle)  # the master key file
+        #: Engines (RabbitMQ too: the relay runs here), registered, not draining.
+        self.readiness = build_readiness(config, b, self.lifecycle, events=True)
 
     def parts(self) -> list[Part]:
         """In start order; the stop runs backwards: leave the registry first (gateways stop choosing
@@ -118,8 +121,9 @@ class TransferNode(_Role):
             Part("committer", self.committer.start, self.committer.stop),
             registration(
                 b.registry,
-                lambda: ServiceInstance("transfer", tc.node_id, {GRPC_ADDRESS: self.address}),
+                lambda: listed("transfer", tc.node_id, {GRPC_ADDRESS: self.address}),
                 float(cfg.registry.ttl),
+                self.readiness,
             ),
         ]
 
@@ -137,7 +141,13 @@ class TransferNode(_Role):
     def loops(self) -> list[Loop]:
         cfg, b = self.config, self.backends
         tc = cfg.transfer
-        load = report_load(b.registry, tc.node_id, lambda: self.servicer.streams, interval=cfg.registry.ttl / 3)
+        load = report_load(
+            b.registry,
+            tc.node_id,
+            lambda: self.servicer.streams,
+            interval=cfg.registry.ttl / 3,
+            readiness=self.readiness,
+        )
         events = [("im-events", worker) for worker in event_workers(cfg, b)]
         return [*events, ("im-load", load), *self.reloads.loops(), *encryption_loops(cfg, b)]
 
@@ -170,6 +180,8 @@ class GatewayNode(_Role):
         self.listeners = GatewayListeners(config, self.hub, self.admission, self.tls)
         # Certificate files, and the master key file (replays open sealed bodies).
         self.reloads = build_reloads(config, b, self.tls, self.lifecycle)
+        #: Published with the load: the API hands out only ready gateways (im.api.server.GatewayPicker).
+        self.readiness = build_readiness(config, b, self.lifecycle)
 
     @property
     def addresses(self) -> dict[str, str]:
@@ -193,7 +205,10 @@ class GatewayNode(_Role):
             Part("answers on the links", _nothing, self._wait_answered),
             Part("listeners", self.listeners.start, self.listeners.stop),
             registration(
-                b.registry, lambda: ServiceInstance("gateway", node, self.listeners.addresses), float(cfg.registry.ttl)
+                b.registry,
+                lambda: listed("gateway", node, self.listeners.addresses),
+                float(cfg.registry.ttl),
+                self.readiness,
             ),
         ]
 
@@ -205,7 +220,9 @@ class GatewayNode(_Role):
     def loops(self) -> list[Loop]:
         cfg, b = self.config, self.backends
         node = cfg.gateway.node_id
-        load = report_load(b.registry, node, lambda: self.hub.connections, interval=cfg.registry.ttl / 3)
+        load = report_load(
+            b.registry, node, lambda: self.hub.connections, interval=cfg.registry.ttl / 3, readiness=self.readiness
+        )
         return [("im-load", load), *self.reloads.loops()]
 
     async def run(self, ready: Callable[[GatewayNode], None] | None = None) -> None:
@@ -240,8 +257,18 @@ class ApiNode(_Role):
         self.picker = GatewayPicker(b.registry)
         self.admission = build_admission(config)
         self.tls = build_tls(config)  # HTTPS (None: plain HTTP)
+        #: /api/v1/health and /api/v1/health/ready answer it.
+        self.readiness = build_readiness(config, b, self.lifecycle)
         self.http = build_http(
-            config, self.accounts, self.groups, self.reads, self.picker, self.files, self.admission, self.tls
+            config,
+            self.accounts,
+            self.groups,
+            self.reads,
+            self.picker,
+            self.files,
+            self.admission,
+            self.tls,
+            self.readiness,
         )
         self.reloads = build_reloads(config, b, self.tls, self.lifecycle)
 
@@ -251,8 +278,9 @@ class ApiNode(_Role):
 
     def parts(self) -> list[Part]:
         """In start order; the stop runs backwards: stop watching gateways, stop serving HTTP (requests
-        under way are finished), drain the committer (membership changes), then close."""
-        b = self.backends
+        under way are finished), drain the committer (membership changes), then close. Registered (role
+        ``api``, for ``im status``) once HTTP serves; nobody picks API nodes from the registry."""
+        b, cfg = self.backends, self.config
         return [
             Part("stores", b.start, b.close),
             Part("files", self.files.start, self.files.close),
@@ -260,12 +288,25 @@ class ApiNode(_Role):
             Part("committer", self.committer.start, self.committer.stop),
             Part("http", self.http.start, self.http.stop),
             Part("gateway picker", self.picker.start, self.picker.stop),
+            registration(
+                b.registry,
+                lambda: listed("api", cfg.http.node_id, {"http": self.http.url}),
+                float(cfg.registry.ttl),
+                self.readiness,
+            ),
         ]
+
+    def loops(self) -> list[Loop]:
+        cfg, b = self.config, self.backends
+        load = report_load(
+            b.registry, cfg.http.node_id, lambda: 0, interval=cfg.registry.ttl / 3, readiness=self.readiness
+        )
+        return [("im-load", load), *self.reloads.loops()]
 
     async def run(self, ready: Callable[[ApiNode], None] | None = None) -> None:
         await self.lifecycle.run(
             self.parts(),
-            loops=self.reloads.loops,
+            loops=self.loops,
             ready=None if ready is None else lambda: ready(self),
         )
 

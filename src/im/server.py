@@ -21,15 +21,16 @@ from im.compose import (
     build_groups,
     build_http,
     build_hub,
+    build_readiness,
     build_reads,
     build_reloads,
     build_tls,
     encryption_loops,
     event_workers,
+    listed,
 )
 from im.config import Config
 from im.lifecycle import Lifecycle, Loop, Part, registration, report_load
-from im.model.cluster import ServiceInstance
 
 
 class EmbeddedServer:
@@ -53,8 +54,18 @@ class EmbeddedServer:
         #: TLS on every listener (HTTP, WebSocket, TCP) when configured; the files are re-read on SIGHUP.
         self.tls = build_tls(config)
         self.listeners = GatewayListeners(config, self.hub, self.admission, self.tls)
+        #: The store (and RabbitMQ when events go there) answers, registered, not draining: /api/v1/health.
+        self.readiness = build_readiness(config, b, self.lifecycle, events=True)
         self.http = build_http(
-            config, self.accounts, self.groups, self.reads, self.picker, self.files, self.admission, self.tls
+            config,
+            self.accounts,
+            self.groups,
+            self.reads,
+            self.picker,
+            self.files,
+            self.admission,
+            self.tls,
+            self.readiness,
         )
         #: Certificate files and the master key file, re-read on SIGHUP and by the clock.
         self.reloads = build_reloads(config, b, self.tls, self.lifecycle)
@@ -95,14 +106,23 @@ class EmbeddedServer:
             Part("committer", self.committer.start, self.committer.stop),
             Part("listeners", self.listeners.start, self.listeners.stop),
             registration(
-                b.registry, lambda: ServiceInstance("gateway", node, self.listeners.addresses), float(cfg.registry.ttl)
+                b.registry,
+                lambda: listed("gateway", node, self.listeners.addresses),
+                float(cfg.registry.ttl),
+                self.readiness,
             ),
             Part("gateway picker", self.picker.start, self.picker.stop),
         ]
 
     def loops(self) -> list[Loop]:
         cfg, b = self.config, self.backends
-        load = report_load(b.registry, cfg.gateway.node_id, lambda: self.hub.connections, interval=cfg.registry.ttl / 3)
+        load = report_load(
+            b.registry,
+            cfg.gateway.node_id,
+            lambda: self.hub.connections,
+            interval=cfg.registry.ttl / 3,
+            readiness=self.readiness,
+        )
         events = [("im-events", worker) for worker in event_workers(cfg, b)]
         return [("im-load", load), *events, *self.reloads.loops(), *encryption_loops(cfg, b)]
 

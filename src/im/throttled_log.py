@@ -9,6 +9,9 @@ then counts; the next event after ``window`` seconds writes one line with the co
 
 The count is reported when the next event comes (there is no timer), so a burst that stops is reported
 at the next event; :meth:`flush` writes what is pending (at shutdown, in tests).
+
+A log without its own ``window`` uses :data:`ThrottledLog.default_window`, read at each event: the
+process sets it once from ``logs.client_error_interval`` (im.observability.logs).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from collections.abc import Callable
 class ThrottledLog:
     """At most one line (and one traceback) per ``window`` seconds for one kind of event."""
 
+    #: Seconds of the window of every log made without ``window`` (set once per process at start).
+    default_window: float = 10.0
+
     __slots__ = ("_clock", "_count", "_last", "_level", "_logger", "_opened", "_what", "_window")
 
     def __init__(
@@ -28,13 +34,13 @@ class ThrottledLog:
         logger: logging.Logger,
         what: str,
         *,
-        window: float = 10.0,
+        window: float | None = None,
         level: int = logging.WARNING,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._logger = logger
         self._what = what  # e.g. "bad sends": the line reads "refused 12 bad sends ..."
-        self._window = window
+        self._window = window  # None: default_window
         self._level = level
         self._clock = clock
         self._opened: float | None = None  # when the current window started; None: quiet
@@ -44,7 +50,7 @@ class ThrottledLog:
     def hit(self, detail: str, exc: BaseException | None = None) -> None:
         """Count one event; write it now if the window is quiet, else count it for the window's line."""
         now = self._clock()
-        if self._opened is not None and now - self._opened < self._window:
+        if self._opened is not None and now - self._opened < self.window:
             self._count += 1
             self._last = detail
             return
@@ -54,6 +60,10 @@ class ThrottledLog:
             self._level, "refused %s: %s", self._what, detail[:300], exc_info=exc if exc is not None else None
         )
 
+    @property
+    def window(self) -> float:
+        return ThrottledLog.default_window if self._window is None else self._window
+
     def flush(self) -> None:
         """Write the count of the events not written yet (if any)."""
         if self._count:
@@ -62,7 +72,7 @@ class ThrottledLog:
                 "refused %s %s in the last %g s; last: %s",
                 f"{self._count:,}",
                 self._what,
-                self._window,
+                self.window,
                 self._last[:300],
             )
         self._count = 0

@@ -79,7 +79,8 @@ async def drop_schema(schema: str) -> None:
         await conn.close()
 
 
-_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ (\S+): ", re.MULTILINE)
+#: The start of a record in the text log format (im.observability.logs): time, level, node, role, logger.
+_RECORD = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z [A-Z]+ \S+ \S+ (\S+): ", re.MULTILINE)
 
 
 def without_loggers(log: str, loggers: Collection[str]) -> str:

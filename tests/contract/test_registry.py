@@ -47,6 +47,27 @@ async def test_update_load(registry_harness: RegistryHarness) -> None:
     assert by_node(await reg.instances("gateway")) == [gw("gw-1", 42), gw("gw-2")]
 
 
+async def test_readiness_version_and_start_time_are_stored_and_watched(registry_harness: RegistryHarness) -> None:
+    reg, ttl = registry_harness.registry, registry_harness.ttl
+    full = ServiceInstance("gateway", "gw-1", {"ws": "ws://gw-1/ws"}, 3, ready=False, version="9.8.7", started_at=1.5)
+    await reg.register(full, ttl)
+    assert await reg.instances("gateway") == [full]
+    seen: list[list[ServiceInstance]] = []
+    unwatch = reg.watch("gateway", seen.append)
+    try:
+        await eventually(lambda: seen and seen[-1] == [full])
+        await reg.update_load("gw-1", 4, ready=True)  # ready published with the load
+        became = ServiceInstance("gateway", "gw-1", {"ws": "ws://gw-1/ws"}, 4, True, "9.8.7", 1.5)
+        await eventually(lambda: seen[-1] == [became])
+        await reg.update_load("gw-1", 5)  # None: readiness unchanged
+        assert await reg.instances("gateway") == [
+            ServiceInstance("gateway", "gw-1", {"ws": "ws://gw-1/ws"}, 5, True, "9.8.7", 1.5)
+        ]
+        await reg.ping()
+    finally:
+        unwatch()
+
+
 async def test_deregister_removes_at_once(registry_harness: RegistryHarness) -> None:
     reg, ttl = registry_harness.registry, registry_harness.ttl
     await reg.register(gw("gw-1"), ttl)

@@ -35,6 +35,7 @@ from im.core.accounts import AccountService
 from im.core.passwords import LoginGuard
 from im.files import FileService
 from im.model.errors import ErrorCode, ImError
+from im.observability.health import Readiness
 from im.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
@@ -297,6 +298,7 @@ def create_app(
     files: FileService | None = None,
     refusal_delay: float = 1.0,
     hsts_max_age: int = 0,
+    readiness: Readiness | None = None,
 ) -> FastAPI:
     """The HTTP API on the given services (already started by the caller): ``writes`` makes the group
     changes (``im.core.groups.Groups``), ``reads`` answers the rest (``im.core.reads.ChatReads``).
@@ -339,9 +341,39 @@ def create_app(
             raise ImError(ErrorCode.UNAVAILABLE, "no gateway is available, retry later")
         return GatewayOut(ws=found["ws"], tcp=found.get("tcp"), node=found.get("node", ""))
 
-    @app.get(f"{PREFIX}/health", tags=["health"])
-    async def health() -> HealthOut:
-        return HealthOut(status="ok")
+    async def ready() -> JSONResponse:
+        if readiness is None:  # nothing to check (tests on in-process services)
+            return JSONResponse({"status": "ok"})
+        ok, details = await readiness.check()
+        if ok:
+            return JSONResponse({"status": "ok"})
+        # Names only: the engines' error texts (hosts, ports) are for the private operations listener.
+        checks = details.get("checks")
+        failing = [name for name, c in checks.items() if not c.get("ok")] if isinstance(checks, dict) else []
+        if not readiness.registered:
+            failing.append("registered")
+        if readiness.draining:
+            failing.append("draining")
+        return JSONResponse({"status": "unavailable", "failing": failing}, status_code=503)
+
+    health_responses: dict[int | str, dict[str, Any]] = {503: {"model": HealthOut, "description": "not ready"}}
+
+    @app.get(f"{PREFIX}/health", tags=["health"], response_model=HealthOut, responses=health_responses)
+    async def health() -> JSONResponse:
+        """Readiness (the same answer as ``/health/ready``): 200 ``{"status": "ok"}`` when this process's
+        engines answer, it is registered and not stopping; else 503 ``{"status": "unavailable",
+        "failing": [...]}`` (docs/operations.md, "Health and readiness")."""
+        return await ready()
+
+    @app.get(f"{PREFIX}/health/ready", tags=["health"], response_model=HealthOut, responses=health_responses)
+    async def health_ready() -> JSONResponse:
+        """Readiness: 200 when ready to take traffic, 503 (with what is failing) when not."""
+        return await ready()
+
+    @app.get(f"{PREFIX}/health/live", tags=["health"], response_model=HealthOut)
+    async def health_live() -> JSONResponse:
+        """Liveness: 200 while the process answers at all; engines being away never fails it."""
+        return JSONResponse({"status": "ok"})
 
     app.router.routes.extend(docs_routes(f"{PREFIX}/docs", f"{PREFIX}/openapi.json", app.title))
     # The browser client at "/" (last: it answers every path the API does not).

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any, ClassVar
 
 import h11
@@ -31,11 +32,35 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from im.net import Admission, Ticket, Verdict, refusal_503
+from im.throttled_log import ThrottledLog
 
 #: Seconds a refused connection is kept half-closed so that the client reads the 503 before the close.
 REFUSAL_LINGER = 2.0
 #: Bytes of an unwanted request body read and discarded after an early answer, before closing instead.
 DRAIN_MAX_BYTES = 64 * 1024 * 1024
+
+
+#: uvicorn writes a warning per malformed request ("Invalid HTTP request received.", an unsupported
+#: upgrade): a client can send those at will, so they are counted into one line per window.
+_malformed = ThrottledLog(logging.getLogger("im.api"), "malformed HTTP requests")
+
+
+class _ClientErrorLogger:
+    """uvicorn's protocol logger with its warnings (each about what one client sent) throttled; the
+    rest (levels, errors, trace lines) goes to uvicorn's logger unchanged."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+
+    @property
+    def level(self) -> int:
+        return self._logger.level
+
+    def warning(self, msg: object, *args: object, **_: object) -> None:
+        _malformed.hit(str(msg) % args if args else str(msg))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger, name)
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -48,6 +73,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.logger = _ClientErrorLogger(self.logger)  # type: ignore[assignment]
         self._ticket: Ticket | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._phase = ""  # "head": waiting for a head; "body": reading a body; "drain": discarding one

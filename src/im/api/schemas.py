@@ -159,7 +159,11 @@ class GatewayOut(BaseModel):
 
 
 class HealthOut(BaseModel):
-    status: Literal["ok"]
+    """``ok`` (200), or ``unavailable`` (503) with the names of what is not ready: engine checks that
+    failed (``store``, ``presence``, ``registry``, ``events``), ``registered``, ``draining``."""
+
+    status: Literal["ok", "unavailable"]
+    failing: list[str] | None = None
 
 
 # --- account controls and consent (routes_account) ---------------------------------------------------------

@@ -86,6 +86,7 @@ class HttpServer:
                 app,
                 lifespan="off",
                 log_level=cfg.log_level,
+                log_config=None,  # no handler of its own: its lines go through im.observability.logs
                 access_log=False,
                 ws="none",
                 server_header=False,  # no "server: uvicorn": the version of nothing is anyone's business
@@ -112,8 +113,15 @@ class HttpServer:
 
 
 class GatewayPicker:
-    """The API's answer to "which gateway?": the least loaded live one, from a watched registry view
-    (kept current by the registry's watch, never a list read once)."""
+    """The API's answer to "which gateway?": the least loaded live one that is ready, from a watched
+    registry view (kept current by the registry's watch, never a list read once).
+
+    A gateway publishes ``ready=false`` when it lost an engine (im.observability.health); it is handed
+    out again once it publishes ready. When no live gateway is ready (an engine outage every gateway
+    sees), the least loaded not-ready one is handed out rather than none: it may still serve part of
+    the protocol, and a client told "no gateway" can only retry. A draining gateway is never handed
+    out: its stop removes its registry entry first.
+    """
 
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
@@ -133,5 +141,6 @@ class GatewayPicker:
     async def pick(self) -> dict[str, str] | None:
         if not self._live:
             return None
-        best = min(self._live, key=lambda i: (i.load, secrets.randbits(16)))
+        ready = [i for i in self._live if i.ready]
+        best = min(ready or self._live, key=lambda i: (i.load, secrets.randbits(16)))
         return {"node": best.node, **best.addresses}

@@ -120,3 +120,10 @@ class OutboxRelay:
         await self.store.outbox_delete([row.id for row in rows])
         self.published += len(rows)
         return len(rows)
+
+
+async def broker_ping(amqp_url: str, *, tls: ClientTls | None = None, timeout: float = 5.0) -> None:
+    """Open a connection to RabbitMQ and close it: raises when the broker is unreachable or refuses these
+    credentials (a readiness check; im.observability.health caches it, so probes do not open one each)."""
+    connection = await aio_pika.connect(amqp_url, timeout=timeout, ssl_context=amqp_context(amqp_url, tls))
+    await connection.close()

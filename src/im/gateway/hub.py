@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 _sync_failures = ThrottledLog(log, "connections: sync points unavailable", level=logging.ERROR)
 _replay_failures = ThrottledLog(log, "replays: storage unavailable", level=logging.ERROR)
 _frame_failures = ThrottledLog(log, "frames that failed with an unexpected error", level=logging.ERROR)
+#: Presence down: every connection and disconnection would write a line; one counted line per window.
+_presence_failures = ThrottledLog(log, "presence updates: presence unavailable")
 #: The commands that pass the hub's shared rate limits before they are carried out.
 _GATED = (cmd.Submit, cmd.SaveCursor, cmd.MarkRead, cmd.SendTyping)
 
@@ -360,13 +362,7 @@ class Hub(DeliverySink):
         try:
             await self._presence.set_online([DeviceLocation(s.uid, s.device, self.node)], self._presence_ttl)
         except Exception as exc:  # presence is a routing hint: the refresh loop announces this device again
-            log.warning(
-                "presence unavailable (%s: %s): uid=%s device=%s not announced yet",
-                type(exc).__name__,
-                exc,
-                s.uid,
-                s.device,
-            )
+            _presence_failures.hit(f"{type(exc).__name__}: {exc}: uid={s.uid} device={s.device} not announced yet")
 
     async def _set_offline(self, uid: int, device: str) -> None:
         if device in self._by_user.get(uid, {}):
@@ -374,9 +370,7 @@ class Hub(DeliverySink):
         try:
             await self._presence.set_offline([DeviceLocation(uid, device, self.node)])
         except Exception as exc:  # the entry expires on its own within the presence TTL
-            log.warning(
-                "presence unavailable (%s: %s): uid=%s device=%s not removed", type(exc).__name__, exc, uid, device
-            )
+            _presence_failures.hit(f"{type(exc).__name__}: {exc}: uid={uid} device={device} not removed")
 
     def revoked(self, sid: str) -> None:
         """A login session was revoked (logout, refresh-token reuse): close its connections."""

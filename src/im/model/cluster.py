@@ -18,3 +18,10 @@ class ServiceInstance:
     node: str
     addresses: dict[str, str]  # e.g. {"ws": "ws://host:port/ws"}
     load: int = 0
+    #: Its readiness as last published (engines reachable, not draining; docs/operations.md). An entry
+    #: written without it (an older node) reads as ready.
+    ready: bool = True
+    #: im's version on that node ("" when not published).
+    version: str = ""
+    #: When the process started, Unix seconds (0: not published).
+    started_at: float = 0.0

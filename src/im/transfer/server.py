@@ -27,11 +27,14 @@ from im.core.committer import SendCallback, SendRequest
 from im.model.chat import StoredMessage
 from im.model.errors import ImError
 from im.protocol.codec import Encoding, decode_server, encode
+from im.throttled_log import ThrottledLog
 from im.transfer.gen import transfer_pb2 as pb
 from im.transfer.tls import LinkTls
 from im.transfer.wire import CHANNEL_OPTIONS, SERVICE_NAME, message_from_pb, message_to_pb, send_from_pb
 
 log = logging.getLogger(__name__)
+#: Without cluster_tls anyone reaching the port can open a stream: a broken one is counted, not traced each.
+_read_failures = ThrottledLog(log, "transfer streams whose read failed", level=logging.INFO)
 
 
 class Submitter(Protocol):
@@ -324,8 +327,8 @@ class TransferServicer:
                 self._submit(stream, frame)
         except asyncio.CancelledError:
             raise
-        except Exception:  # the stream broke; the writer side ends with it
-            log.info("gateway %s: read ended", stream.outbox.node, exc_info=True)
+        except Exception as exc:  # the stream broke (or a peer sent what does not decode); the writer ends too
+            _read_failures.hit(f"gateway {stream.outbox.node[:80]}: {type(exc).__name__}: {exc}", exc)
         finally:
             stream.outbox.close()
 

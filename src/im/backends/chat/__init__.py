@@ -176,6 +176,11 @@ class ChatStore(MessageLog, GroupDirectory, CursorStore, Outbox, abc.ABC):
     Guarantees: those of each part; and one commit is one transaction over all of them (a batch's
     messages, membership changes, read marks and outbox rows are all written, or none)."""
 
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Return once the database answered a trivial query now; raise if it cannot (readiness checks,
+        im.observability.health). Touches no table: cheap enough for every probe the cache lets through."""
+
 
 class ConversationKeys(Service, abc.ABC):
     """The wrapped data keys (``im.backends.keys.keyring``): one row per (name, version), the key itself

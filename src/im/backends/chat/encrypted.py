@@ -322,6 +322,9 @@ class EncryptedChatStore(ChatStore):
     def outbox_exclusive(self) -> AbstractAsyncContextManager[None]:
         return self.inner.outbox_exclusive()
 
+    async def ping(self) -> None:
+        await self.inner.ping()
+
 
 def _in_conv(m: StoredMessage, conv: str) -> StoredMessage:
     return StoredMessage(conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, m.body)

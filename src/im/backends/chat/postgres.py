@@ -372,6 +372,10 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
         )
         return [OutboxEvent(*row) for row in rows]
 
+    async def ping(self) -> None:
+        """``SELECT 1`` on a pooled connection (the pool's command timeout bounds it)."""
+        await self.db.pool.fetchval("SELECT 1")
+
     @contextlib.asynccontextmanager
     async def outbox_exclusive(self) -> AsyncIterator[None]:
         """A session-level advisory lock on a connection held meanwhile: released when the holder

@@ -86,6 +86,10 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
 
         return await self.db.read(run)
 
+    async def ping(self) -> None:
+        """``SELECT 1`` on the reader's thread: the file is open and its thread answers."""
+        await self.db.read(lambda conn: conn.execute("SELECT 1").fetchone())
+
     async def commit(self, batch: CommitBatch) -> None:
         def run(conn: sqlite3.Connection) -> None:
             try:

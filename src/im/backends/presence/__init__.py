@@ -23,5 +23,9 @@ class Presence(Service, abc.ABC):
     async def set_offline(self, entries: Sequence[DeviceLocation]) -> None: ...
 
     @abc.abstractmethod
+    async def ping(self) -> None:
+        """Return once the engine answered a round trip now; raise if it cannot (readiness checks)."""
+
+    @abc.abstractmethod
     async def locate(self, uids: Iterable[int]) -> dict[int, list[DeviceLocation]]:
         """Live entries of the given users (users with none are left out)."""

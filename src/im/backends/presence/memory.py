@@ -22,6 +22,9 @@ class MemoryPresence(Presence):
         for e in entries:
             self._entries.setdefault(e.uid, {})[(e.device, e.node)] = expiry
 
+    async def ping(self) -> None:
+        """In this process: always answers."""
+
     async def set_offline(self, entries: Sequence[DeviceLocation]) -> None:
         for e in entries:
             devices = self._entries.get(e.uid)

@@ -124,6 +124,10 @@ class RedisPresence(Presence):
         if self._owns_client:
             await self._client.aclose()
 
+    async def ping(self) -> None:
+        """Redis ``PING`` (bounded by the client's timeout)."""
+        await self._client.ping()
+
     async def set_online(self, entries: Sequence[DeviceLocation], ttl: float) -> None:
         for e in entries:
             if _SEP in e.node:

@@ -19,11 +19,16 @@ class Registry(Service, abc.ABC):
     async def register(self, instance: ServiceInstance, ttl: float) -> None: ...
 
     @abc.abstractmethod
-    async def update_load(self, node: str, load: int) -> None:
-        """Publish the node's load; also renews its registration (a keepalive)."""
+    async def update_load(self, node: str, load: int, *, ready: bool | None = None) -> None:
+        """Publish the node's load (and its readiness, unless None: unchanged); also renews its
+        registration (a keepalive). Watchers see the new values."""
 
     @abc.abstractmethod
     async def deregister(self, node: str) -> None: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Return once the registry answered a round trip now; raise if it cannot (readiness checks)."""
 
     @abc.abstractmethod
     async def instances(self, role: str) -> list[ServiceInstance]: ...

@@ -1,9 +1,9 @@
 """The service registry on etcd: leases for liveness, a watched view per role for discovery.
 
 Layout: one key per instance, ``<prefix><role>/<node>``, whose value is JSON ``{role, node, addresses,
-load}`` and which is attached to a lease of the registration's TTL. etcd deletes the key when the lease
-ends, so the registry's guarantee (an instance is listed only while its registration is alive) is etcd's
-own:
+load, ready, version, started_at}`` (the last three optional: an entry without them reads as ready) and
+which is attached to a lease of the registration's TTL. etcd deletes the key when the lease ends, so the
+registry's guarantee (an instance is listed only while its registration is alive) is etcd's own:
 
 - a clean stop (:meth:`EtcdRegistry.deregister`) revokes the lease: the key is gone at once;
 - a crash stops the keepalives: the lease expires within its TTL (etcd checks every 0.5 s, so allow
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -59,6 +60,9 @@ class _Record(msgspec.Struct, frozen=True):
     node: str
     addresses: dict[str, str]
     load: int = 0
+    ready: bool = True
+    version: str = ""
+    started_at: float = 0.0
 
 
 _encode = msgspec.json.Encoder().encode
@@ -67,7 +71,7 @@ _decode = msgspec.json.Decoder(_Record).decode
 
 def _instance(value: bytes) -> ServiceInstance:
     r = _decode(value)
-    return ServiceInstance(r.role, r.node, dict(r.addresses), r.load)
+    return ServiceInstance(r.role, r.node, dict(r.addresses), r.load, r.ready, r.version, r.started_at)
 
 
 @dataclass(eq=False)
@@ -84,7 +88,7 @@ class _Registration:
     @property
     def value(self) -> bytes:
         i = self.instance
-        return _encode(_Record(i.role, i.node, i.addresses, i.load))
+        return _encode(_Record(i.role, i.node, i.addresses, i.load, i.ready, i.version, i.started_at))
 
 
 @dataclass(eq=False)
@@ -229,14 +233,15 @@ class EtcdRegistry(Registry):
             reg.keepalive = self._spawn(self._keep_alive(reg), f"etcd-keepalive-{instance.node}")
 
     @_failing_over
-    async def update_load(self, node: str, load: int) -> None:
-        """Put the new load under the same lease, after renewing it. Unknown nodes: nothing happens."""
+    async def update_load(self, node: str, load: int, *, ready: bool | None = None) -> None:
+        """Put the new load (and readiness) under the same lease, after renewing it. Unknown nodes:
+        nothing happens."""
         reg = self._registrations.get(node)
         if reg is None:
             return
         async with reg.lock:
             i = reg.instance
-            reg.instance = ServiceInstance(i.role, i.node, i.addresses, load)
+            reg.instance = dataclasses.replace(i, load=load, ready=i.ready if ready is None else ready)
             if await self._refresh(reg):
                 try:
                     await self.client.put(reg.key, reg.value, lease=reg.lease)
@@ -305,6 +310,12 @@ class EtcdRegistry(Registry):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    @_failing_over
+    async def ping(self) -> None:
+        """A read of one key (the prefix itself, never written): linearizable, so it proves the cluster
+        has a leader and answers, not only that a member is up. Moves to the next member on failure."""
+        await self.client.get(self.prefix.encode())
 
     # --- discovery --------------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ than one process."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -32,20 +33,22 @@ class MemoryRegistry(Registry):
         self._instances[instance.node] = (instance, ttl, self._clock() + ttl)
         self._changed(instance.role)
 
-    async def update_load(self, node: str, load: int) -> None:
+    async def update_load(self, node: str, load: int, *, ready: bool | None = None) -> None:
         entry = self._instances.get(node)
         if entry is not None:
             inst, ttl, _ = entry
-            self._instances[node] = (
-                ServiceInstance(inst.role, inst.node, inst.addresses, load),
-                ttl,
-                self._clock() + ttl,
-            )
+            new = dataclasses.replace(inst, load=load, ready=inst.ready if ready is None else ready)
+            self._instances[node] = (new, ttl, self._clock() + ttl)
+            if new != inst:
+                self._changed(inst.role)
 
     async def deregister(self, node: str) -> None:
         entry = self._instances.pop(node, None)
         if entry is not None:
             self._changed(entry[0].role)
+
+    async def ping(self) -> None:
+        """In this process: always answers."""
 
     async def instances(self, role: str) -> list[ServiceInstance]:
         return self._live(role)
