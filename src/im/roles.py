@@ -49,6 +49,8 @@ from im.config import Config
 from im.lifecycle import Lifecycle, Loop, Part, registration, report_load
 from im.model.chat import StoredMessage
 from im.model.cluster import ServiceInstance
+from im.observability import metrics
+from im.observability.ops_http import OpsServer, RoleReadiness
 from im.transfer.pool import GRPC_ADDRESS, LinkRouter, TransferPool
 from im.transfer.server import GrpcRouter, TransferServicer, serve_transfer
 
@@ -71,11 +73,29 @@ class _NoDeliveries(DeliverySink):
 
 
 class _Role:
-    """What every role shares: its configuration and the one lifecycle that runs its parts."""
+    """What every role shares: its configuration, the one lifecycle that runs its parts, its metrics and
+    (gateway and transfer nodes, with ``ops.port`` set) the operations listener."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.lifecycle = Lifecycle()
+        metrics.install(config.metrics.enabled)
+        #: Ready once every part started, not while stopping (the /health/ready answer).
+        self.readiness = RoleReadiness()
+        op = config.ops
+        self.ops: OpsServer | None = (
+            None
+            if op.port is None
+            else OpsServer(op.host, op.port, metrics=config.metrics.enabled, ready=self.readiness)
+        )
+
+    def _ops_first(self) -> list[Part]:
+        """The operations listener starts first and stops last: it answers (503 ready) while draining."""
+        return [] if self.ops is None else [Part("operations listener", self.ops.start, self.ops.stop)]
+
+    def _ready_last(self) -> Part:
+        """Started last, stopped first: readiness turns false as soon as the stop begins."""
+        return Part("ready", self.readiness.up, self.readiness.down)
 
     def request_stop(self) -> None:
         self.lifecycle.request_stop()
@@ -112,6 +132,7 @@ class TransferNode(_Role):
         refused), end the streams once those answers left on them, then stop gRPC and close."""
         cfg, tc, b = self.config, self.config.transfer, self.backends
         return [
+            *self._ops_first(),
             Part("stores", b.start, b.close),
             Part("files", self.files.start, self.files.close),
             Part("grpc", self._serve, self._stop_serving),
@@ -121,6 +142,7 @@ class TransferNode(_Role):
                 lambda: ServiceInstance("transfer", tc.node_id, {GRPC_ADDRESS: self.address}),
                 float(cfg.registry.ttl),
             ),
+            self._ready_last(),
         ]
 
     async def _serve(self) -> None:
@@ -187,6 +209,7 @@ class GatewayNode(_Role):
         cfg, b = self.config, self.backends
         node = cfg.gateway.node_id
         return [
+            *self._ops_first(),
             Part("stores", b.start, b.close),
             Part("transfer links", lambda: self.pool.start(self.hub), self.pool.close),
             Part("hub", self.hub.start, self.hub.drain_and_close),
@@ -195,6 +218,7 @@ class GatewayNode(_Role):
             registration(
                 b.registry, lambda: ServiceInstance("gateway", node, self.listeners.addresses), float(cfg.registry.ttl)
             ),
+            self._ready_last(),
         ]
 
     async def _wait_answered(self) -> None:

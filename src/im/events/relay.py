@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import aio_pika
 
 from im.backends.chat import Outbox
 from im.backends.tls import ClientTls, amqp_context
 from im.events import topology
+from im.observability.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ class OutboxRelay:
                     await self._relay_forever()
             except Exception as exc:  # the store is down while taking the lock: try again
                 self.failures += 1
+                METRICS.engine_error(exc)
                 log.warning("outbox relay: cannot take the outbox lock (%s: %s)", type(exc).__name__, exc)
                 await asyncio.sleep(self.max_backoff)
 
@@ -79,6 +82,7 @@ class OutboxRelay:
                 )
             except Exception as exc:
                 self.failures += 1
+                METRICS.engine_error(exc, "rabbitmq")
                 log.warning("outbox relay: cannot connect (%s: %s); retry in %.1fs", type(exc).__name__, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff)
@@ -93,12 +97,15 @@ class OutboxRelay:
                             await asyncio.sleep(self.poll)
             except Exception as exc:
                 self.failures += 1
+                METRICS.engine_error(exc)
                 log.warning("outbox relay: publishing failed (%s: %s); retry in %.1fs", type(exc).__name__, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff)
 
     async def _relay_batch(self, exchange: aio_pika.abc.AbstractExchange) -> int:
         rows = await self.store.outbox_fetch(self.batch)
+        METRICS.outbox_backlog = len(rows)
+        METRICS.relay_lag = max(0.0, time.time() - rows[0].created_at / 1000.0) if rows else 0.0
         if not rows:
             return 0
         # Published in id order (the channel writes in call order); confirms awaited together.
@@ -119,4 +126,5 @@ class OutboxRelay:
         )
         await self.store.outbox_delete([row.id for row in rows])
         self.published += len(rows)
+        METRICS.outbox_published += len(rows)
         return len(rows)

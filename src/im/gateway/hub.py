@@ -17,6 +17,7 @@ import abc
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from im.model.chat import StoredMessage
 from im.model.cluster import DeviceLocation
 from im.model.errors import ErrorCode, ImError
 from im.model.ids import direct_conv
+from im.observability.metrics import METRICS
 from im.protocol import commands as cmd
 from im.protocol.codec import Encoding
 from im.protocol.frames import Receipt, TypingEvent
@@ -82,6 +84,9 @@ def lease_size(rule: Rule) -> int:
 
 class Connection(abc.ABC):
     """A session plus the I/O a transport provides (:meth:`write` and :meth:`close_transport`)."""
+
+    #: The metrics label of the transport ("ws", "tcp"; empty: not counted, e.g. a test's connection).
+    transport_label = ""
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
@@ -141,6 +146,7 @@ class Connection(abc.ABC):
             self.write(frames, self.session.encoding is Encoding.MSGPACK)
             if self.buffered() > self.send_limit():
                 log.info("closing slow consumer uid=%s device=%s", self.session.uid, self.session.device)
+                METRICS.slow_consumers += 1
                 self.session.close(ErrorCode.SLOW_CONSUMER, "too far behind; resume from cursors")
                 self.write(self.session.data_to_send(), self.session.encoding is Encoding.MSGPACK)
                 self.close_transport(ErrorCode.SLOW_CONSUMER)
@@ -193,9 +199,15 @@ class Connection(abc.ABC):
 
     def _submit(self, c: cmd.Submit) -> None:
         s = self.session
+        METRICS.sends += 1
         self.hub.submit(SendRequest(s.uid, s.device, c.cmid, c.conv, c.to, c.type, c.body), self._send_done)
 
     def _send_done(self, req: SendRequest, m: StoredMessage | None, dup: bool, err: ImError | None) -> None:
+        if err is not None:
+            METRICS.refused += 1
+        else:
+            METRICS.acks += 1
+            METRICS.duplicates += dup
         if self.closed:
             return
         if err is not None:
@@ -221,6 +233,7 @@ class Connection(abc.ABC):
             points = await self.hub.reads.sync_points(principal.uid, c.device)
         except Exception as exc:
             _sync_failures.hit(f"uid={principal.uid}: {type(exc).__name__}: {exc}", exc)
+            METRICS.engine_error(exc)
             self.run(self.session.close(ErrorCode.UNAVAILABLE, "storage unavailable; reconnect later"))
             self.flush()
             return
@@ -229,12 +242,14 @@ class Connection(abc.ABC):
 
     async def _fetch(self, c: cmd.Fetch) -> None:
         s = self.session
+        METRICS.gap_fetches += 1
         try:
             start, messages = await self.hub.reads.replay(
                 s.uid, s.device, c.conv, c.after, c.upto, self.hub.replay_page
             )
         except Exception as exc:
             _replay_failures.hit(f"uid={s.uid} conv={c.conv[:80]}: {type(exc).__name__}: {exc}", exc)
+            METRICS.engine_error(exc)
             self.run(s.close(ErrorCode.UNAVAILABLE, "storage unavailable; reconnect later"))
             self.flush()
             return
@@ -311,6 +326,9 @@ class Hub(DeliverySink):
 
     def add(self, conn: Connection) -> None:
         self._all.add(conn)
+        if conn.transport_label:
+            METRICS.connections[conn.transport_label] += 1
+            METRICS.opened[conn.transport_label] += 1
 
     @property
     def connections(self) -> int:
@@ -355,11 +373,14 @@ class Hub(DeliverySink):
         devices = self._by_user.setdefault(s.uid, {})
         old = devices.get(s.device)
         devices[s.device] = conn
+        if old is None:
+            METRICS.authenticated += 1
         if old is not None and old is not conn:
             old.run(old.session.close(ErrorCode.REPLACED, "the same device connected again", reconnect=False))
         try:
             await self._presence.set_online([DeviceLocation(s.uid, s.device, self.node)], self._presence_ttl)
         except Exception as exc:  # presence is a routing hint: the refresh loop announces this device again
+            METRICS.engine_error(exc)
             log.warning(
                 "presence unavailable (%s: %s): uid=%s device=%s not announced yet",
                 type(exc).__name__,
@@ -374,6 +395,7 @@ class Hub(DeliverySink):
         try:
             await self._presence.set_offline([DeviceLocation(uid, device, self.node)])
         except Exception as exc:  # the entry expires on its own within the presence TTL
+            METRICS.engine_error(exc)
             log.warning(
                 "presence unavailable (%s: %s): uid=%s device=%s not removed", type(exc).__name__, exc, uid, device
             )
@@ -385,11 +407,15 @@ class Hub(DeliverySink):
             conn.flush()
 
     def unregister(self, conn: Connection) -> None:
-        self._all.discard(conn)
+        if conn in self._all:
+            self._all.discard(conn)
+            if conn.transport_label:
+                METRICS.connections[conn.transport_label] -= 1
         s = conn.session
         devices = self._by_user.get(s.uid)
         if devices is not None and devices.get(s.device) is conn:
             del devices[s.device]
+            METRICS.authenticated -= 1
             if not devices:
                 del self._by_user[s.uid]
             task = asyncio.get_running_loop().create_task(self._set_offline(s.uid, s.device))
@@ -401,6 +427,10 @@ class Hub(DeliverySink):
     # --- DeliverySink --------------------------------------------------------------------------------
 
     def deliver(self, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
+        if METRICS.enabled:  # one clock read per routed batch; latency from each message's commit ts
+            now_ms, observe = time.time() * 1000.0, METRICS.delivery_seconds.observe
+            for m in messages:
+                observe((now_ms - m.ts) / 1000.0)
         by_user = self._by_user
         for m, uids in zip(messages, recipients, strict=True):
             for uid in uids:
@@ -576,9 +606,15 @@ class Hub(DeliverySink):
             retry = math.ceil(wait * 1000) / 1000
             if type(c) is cmd.Submit:
                 what = "user" if user_wait else "conversation"
+                METRICS.rate_refused("send-user" if user_wait else "send-conv")
                 conn.session.send_failed(c.cmid, ErrorCode.RATE_LIMITED, f"{what} send limit reached", retry)
                 conn.mark_dirty()
-            elif type(c) is not cmd.SendTyping and conn not in told:
+            elif type(c) is cmd.SendTyping:
+                METRICS.rate_refused("typing")
+            else:
+                METRICS.rate_refused("receipts")
+                if conn in told:
+                    continue
                 told.add(conn)
                 conn.session.refuse(ErrorCode.RATE_LIMITED, "receipt limit reached (recv/read dropped)", retry)
                 conn.mark_dirty()
@@ -662,6 +698,7 @@ class Hub(DeliverySink):
             try:
                 await self._flush_cursors()
             except Exception as exc:  # store or presence away: what was taken is retried by clients' resume
+                METRICS.engine_error(exc)
                 log.warning("cursor flush failed (%s: %s)", type(exc).__name__, exc)
 
     async def _tick(self) -> None:
@@ -685,4 +722,5 @@ class Hub(DeliverySink):
                     try:
                         await self._presence.set_online(entries, self._presence_ttl)
                     except Exception as exc:  # keep the timers running; the next refresh tries again
+                        METRICS.engine_error(exc)
                         log.warning("presence refresh failed (%s: %s)", type(exc).__name__, exc)
