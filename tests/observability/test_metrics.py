@@ -102,6 +102,7 @@ async def test_im_serve_counts_a_known_run(tmp_path: Path) -> None:
             assert sample(text, "im_commit_batch_size_sum") == n
             assert 1 <= sample(text, "im_commit_batch_size_count") <= n
             assert sample(text, "im_delivery_latency_seconds_count") >= n  # one per message and gateway
+            assert sample(text, "im_ack_latency_seconds_count") == n + 1  # every ack, duplicates included
             assert sample(text, "im_connections_opened_total", '{transport="tcp"}') == opened + 1
             assert sample(text, "process_open_fds") > 0 and sample(text, "process_max_fds") > 0
             await b.close()

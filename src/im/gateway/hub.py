@@ -102,6 +102,8 @@ class Connection(abc.ABC):
         self.user_hits: tuple[Hit, Hit, Hit] | None = None
         self.user_sends: SendLease | None = None
         self.conv_sends: dict[str | int | None, SendLease] | None = None
+        #: When each send in flight was taken (cmid -> perf_counter), for the ack latency; metrics on only.
+        self.sent_at: dict[str, float] | None = None
 
     # --- what a transport implements -----------------------------------------------------------------
 
@@ -200,6 +202,10 @@ class Connection(abc.ABC):
     def _submit(self, c: cmd.Submit) -> None:
         s = self.session
         METRICS.sends += 1
+        if METRICS.enabled:
+            if self.sent_at is None:
+                self.sent_at = {}
+            self.sent_at[c.cmid] = time.perf_counter()
         self.hub.submit(SendRequest(s.uid, s.device, c.cmid, c.conv, c.to, c.type, c.body), self._send_done)
 
     def _send_done(self, req: SendRequest, m: StoredMessage | None, dup: bool, err: ImError | None) -> None:
@@ -208,6 +214,10 @@ class Connection(abc.ABC):
         else:
             METRICS.acks += 1
             METRICS.duplicates += dup
+        if self.sent_at is not None:
+            taken = self.sent_at.pop(req.cmid, None)
+            if taken is not None and err is None:
+                METRICS.ack_seconds.observe(time.perf_counter() - taken)
         if self.closed:
             return
         if err is not None:

@@ -106,6 +106,7 @@ class Metrics:
     """The values behind every ``im_*`` metric (see :data:`SPECS` for names and meanings)."""
 
     __slots__ = (
+        "ack_seconds",
         "acks",
         "authenticated",
         "commit_batch",
@@ -137,6 +138,7 @@ class Metrics:
         self.authenticated = 0
         self.sends = 0
         self.acks = 0
+        self.ack_seconds = Buckets(LATENCY_BOUNDS)
         self.refused = 0
         self.duplicates = 0
         self.deliveries = 0
@@ -213,6 +215,13 @@ SPECS: Final[dict[str, tuple[str, str, str | None, str]]] = {
         "Sends the core answered as stored (duplicates included): each is acked to its connection if open.",
         None,
         "acks",
+    ),
+    "im_ack_latency_seconds": (
+        "histogram",
+        "From a send taken at its gateway to its ack there (the client's wait minus the network): queueing, "
+        "the transfer link and the commit.",
+        None,
+        "ack_seconds",
     ),
     "im_sends_refused": (
         "counter",
