@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 import aio_pika
 
 from im.backends.chat import Outbox
 from im.backends.tls import ClientTls, amqp_context
 from im.events import topology
+from im.model.chat import OutboxEvent
 from im.observability.metrics import METRICS
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ class OutboxRelay:
                 self.failures += 1
                 METRICS.engine_error(exc, "rabbitmq")
                 log.warning("outbox relay: cannot connect (%s: %s); retry in %.1fs", type(exc).__name__, exc, delay)
+                await self._measure()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff)
                 continue
@@ -99,13 +102,20 @@ class OutboxRelay:
                 self.failures += 1
                 METRICS.engine_error(exc)
                 log.warning("outbox relay: publishing failed (%s: %s); retry in %.1fs", type(exc).__name__, exc, delay)
+                await self._measure()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff)
 
+    async def _measure(self) -> None:
+        """Backlog and lag while the broker is away (the gauges must not freeze at their last value)."""
+        try:
+            _observe(await self.store.outbox_fetch(self.batch))
+        except Exception as exc:  # the store is away too: its own error, counted
+            METRICS.engine_error(exc)
+
     async def _relay_batch(self, exchange: aio_pika.abc.AbstractExchange) -> int:
         rows = await self.store.outbox_fetch(self.batch)
-        METRICS.outbox_backlog = len(rows)
-        METRICS.relay_lag = max(0.0, time.time() - rows[0].created_at / 1000.0) if rows else 0.0
+        _observe(rows)
         if not rows:
             return 0
         # Published in id order (the channel writes in call order); confirms awaited together.
@@ -128,3 +138,9 @@ class OutboxRelay:
         self.published += len(rows)
         METRICS.outbox_published += len(rows)
         return len(rows)
+
+
+def _observe(rows: Sequence[OutboxEvent]) -> None:
+    """The outbox gauges from one fetch (oldest row first)."""
+    METRICS.outbox_backlog = len(rows)
+    METRICS.relay_lag = max(0.0, time.time() - rows[0].created_at / 1000.0) if rows else 0.0
