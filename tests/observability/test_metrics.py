@@ -12,8 +12,12 @@ import httpx
 import redis.exceptions
 
 from im.observability.metrics import ENGINES, RATE_LIMITS, SPECS, Buckets, Metrics, engine_of
+from tests.events.conftest import Names, WebhookReceiver
+from tests.events.conftest import names as names  # a fixture, used by name
+from tests.events.conftest import webhook as webhook  # a fixture, used by name
 from tests.support.client import ChatClient, register
 from tests.support.server import running_server
+from tests.support.wait import eventually
 
 
 def sample(text: str, name: str, labels: str = "") -> float:
@@ -122,3 +126,34 @@ async def test_metrics_off_answers_404(tmp_path: Path) -> None:
             r = await http.get(f"{srv.http}/metrics")
             assert r.status_code == 404
             assert (await http.get(f"{srv.api}/health")).status_code == 200
+
+
+async def test_events_count_outbox_and_webhook(tmp_path: Path, names: Names, webhook: WebhookReceiver) -> None:
+    """Five messages to a user with no device online: five events relayed, five pushes, the outbox empty."""
+    extra = ["--set", "events.kind=rabbitmq", "--set", f"events.exchange={names.exchange}"]
+    extra += ["--set", f"events.queue={names.queue}", "--set", f"events.webhook_url={webhook.url}"]
+    with running_server(tmp_path / "data", extra) as srv:
+        alice = await register(srv.api, "alice")
+        bob = await register(srv.api, "bob")
+        a = ChatClient(srv.ws, alice, "phone")
+        await a.connect()
+        for i in range(5):
+            assert await a.send({"text": f"m{i}"}, to=bob.uid) is not None
+        await eventually(lambda: len(webhook.requests) >= 5)
+        async with httpx.AsyncClient() as http:
+
+            async def scrape() -> str:
+                return (await http.get(f"{srv.http}/metrics")).text
+
+            text = await scrape()
+            assert sample(text, "im_webhook_results_total", '{outcome="pushed"}') == 5
+            assert sample(text, "im_webhook_results_total", '{outcome="failed"}') == 0
+            assert sample(text, "im_outbox_published_total") == 5
+            for _ in range(100):  # the relay's next poll finds the outbox empty
+                text = await scrape()
+                if sample(text, "im_outbox_backlog") == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert sample(text, "im_outbox_backlog") == 0 and sample(text, "im_relay_lag_seconds") == 0
+            assert sample(text, "im_engine_errors_total", '{engine="rabbitmq"}') == 0
+        await a.close()
