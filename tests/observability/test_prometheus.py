@@ -224,3 +224,21 @@ async def test_prometheus_counts_a_known_run_on_a_cluster(small_cluster: LocalCl
         await b.close()
     finally:
         prom.stop()
+    # A stopping node says so: /health/ready answers 503 while it drains, before its listener closes. A
+    # connection that ignores the bye keeps gateway 1 draining for up to a second.
+    node = c.nodes["gw-1"]
+    ready_url = urls["gw-1"].removesuffix("/metrics") + "/health/ready"
+    assert node.proc is not None
+    with socket.create_connection(("127.0.0.1", node.ports["tcp"]), timeout=5), httpx.Client(timeout=2) as http:
+        assert http.get(ready_url).status_code == 200
+        node.proc.send_signal(signal.SIGTERM)
+        seen: list[int] = []
+        deadline = time.monotonic() + 10
+        while node.running and 503 not in seen and time.monotonic() < deadline:
+            try:
+                seen.append(http.get(ready_url).status_code)
+            except httpx.TransportError:
+                break  # the listener closed (it stops last)
+    assert seen and seen[-1] == 503, seen[-20:]
+    assert set(seen) <= {200, 503}, seen
+    assert node.proc.wait(20) == 0, node.log()[-3000:]
