@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -216,9 +217,30 @@ async def test_prometheus_counts_a_known_run_on_a_cluster(small_cluster: LocalCl
         }
         found = prom.wait_for(expected, time.monotonic() + 25)
         assert found == expected, prom.log_path.read_text()[-2000:]
+        # Then a known `im bench` run through the cluster's API: the sums grow by exactly its totals.
+        report = tmp_path / "bench.json"
+        args = ["--server", c.api.removesuffix("/api/v1"), "--pairs", "3", "--window", "4", "--duration", "2"]
+        args += ["--warmup", "0", "--drain", "5", "--procs", "1", "--no-progress", "--json", str(report)]
+        bench = subprocess.run(
+            [sys.executable, "-m", "im", "bench", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert bench.returncode == 0, bench.stdout[-3000:] + bench.stderr[-3000:]
+        totals = json.loads(report.read_text())["totals"]
+        assert totals["sent"] > 0 and totals["retried"] == 0 and totals["dup_acks"] == 0, totals
+        after = {
+            "sum(im_sends_received_total)": float(n + totals["sent"]),
+            "sum(im_acks_total)": float(n + totals["acked"]),
+            "sum(im_deliveries_total)": float(n + totals["delivered"]),
+            "sum(im_messages_committed_total)": float(n + totals["sent"]),
+        }
+        found = prom.wait_for(after, time.monotonic() + 25)
+        assert found == after, (totals, prom.log_path.read_text()[-2000:])
         # The latency histograms were filled where they are measured.
-        assert (prom.query("sum(im_ack_latency_seconds_count)") or 0) == n
-        assert (prom.query("sum(im_commit_batch_size_sum)") or 0) == n
+        assert prom.query("sum(im_ack_latency_seconds_count)") == n + totals["acked"]
+        assert prom.query("sum(im_commit_batch_size_sum)") == n + totals["sent"]
         assert (prom.query('max(process_open_fds{job="im"})') or 0) > 0
         await a.close()
         await b.close()
