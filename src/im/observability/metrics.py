@@ -69,6 +69,9 @@ _ENGINE_MODULES: Final = (
     ("httpcore", "http"),
 )
 
+#: One message in this many is timed for the ack and delivery latency histograms (a clock read, a dict
+#: entry and a bisect cost about 0.5 µs; the rest of a message's metrics cost about 0.15 µs).
+LATENCY_SAMPLE: Final = 8
 #: Seconds: from a millisecond on loopback to a stalled disk or a partitioned link.
 LATENCY_BOUNDS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Messages per committed batch (the committer's max_batch defaults to 2048).
@@ -125,6 +128,7 @@ class Metrics:
         "rate_limited",
         "refused",
         "relay_lag",
+        "routed",
         "sends",
         "slow_consumers",
         "webhook",
@@ -149,6 +153,7 @@ class Metrics:
         self.commit_batch = Buckets(BATCH_BOUNDS)
         self.commit_seconds = Buckets(LATENCY_BOUNDS)
         self.delivery_seconds = Buckets(LATENCY_BOUNDS)
+        self.routed = 0  # messages routed to this gateway (for the delivery latency's sampling)
         self.outbox_backlog = 0
         self.outbox_published = 0
         self.relay_lag = 0.0
@@ -219,7 +224,7 @@ SPECS: Final[dict[str, tuple[str, str, str | None, str]]] = {
     "im_ack_latency_seconds": (
         "histogram",
         "From a send taken at its gateway to its ack there (the client's wait minus the network): queueing, "
-        "the transfer link and the commit.",
+        f"the transfer link and the commit. One send in {LATENCY_SAMPLE} is timed.",
         None,
         "ack_seconds",
     ),
@@ -280,8 +285,8 @@ SPECS: Final[dict[str, tuple[str, str, str | None, str]]] = {
     "im_delivery_latency_seconds": (
         "histogram",
         "From a message's commit timestamp (its ts, stamped when its batch was prepared) to its delivery "
-        "write at a recipient's gateway; one observation per message and gateway. Clocks of different "
-        "hosts add their skew.",
+        f"write at a recipient's gateway; one message in {LATENCY_SAMPLE} per gateway is timed. Clocks of "
+        "different hosts add their skew.",
         None,
         "delivery_seconds",
     ),

@@ -43,7 +43,7 @@ class OpsServer:
     """``start`` binds (port 0: a free one, then in :attr:`port`/:attr:`url`), ``stop`` closes; a role lists
     it as its first lifecycle part, so it answers (``/health/ready`` 503) while the role drains."""
 
-    def __init__(self, host: str, port: int, *, metrics: bool, ready: Readiness) -> None:
+    def __init__(self, host: str, port: int, metrics: bool, ready: Readiness) -> None:
         self.host = host
         self.port = port
         self.metrics = metrics
