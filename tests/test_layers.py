@@ -32,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "certs": set(),
     "tls": set(),
     "observability": MODEL | {"config", "throttled_log"},
-    "protocol": MODEL,
+    "protocol": MODEL | OBS,  # the server session counts deliveries and refusals (plain ints)
     "backends": MODEL | OBS | {"backends", "backends.impl"},  # adapters share the SQL helpers
     "core": MODEL | INTERFACES | OBS | {"throttled_log"},
     "files": MODEL | INTERFACES | OBS | {"throttled_log"},

@@ -81,6 +81,8 @@ def _serve(config: Config) -> int:
         print(f"im: HTTP API   {server.http_url}/api/v1   (OpenAPI docs: {server.http_url}/api/v1/docs)", flush=True)
         print(f"im: Web chat   {server.http_url}/", flush=True)
         print(f"im: WebSocket  {server.ws_url}", flush=True)
+        if config.metrics.enabled:
+            print(f"im: Metrics    {server.http_url}/metrics", flush=True)
         if server.tcp_url:
             print(f"im: TCP        {server.tcp_url}", flush=True)
         print(f"im: data in    {config.data_dir.resolve()}   (Ctrl-C stops)", flush=True)
@@ -122,6 +124,8 @@ def _run_role(role: str, config: Config) -> int:
             where = " ".join(n.addresses.values())
         else:
             where = n.address
+        if not isinstance(n, ApiNode) and n.ops is not None:
+            where += f" ops={n.ops.url}"
         print(f"im: ready {role} {where}", flush=True)
 
     gc.freeze()

@@ -6,8 +6,10 @@ starts in its data directory. Every process writes its log to ``<data_dir>/logs/
 
 Ports come from ``base_port`` (default 8080): the API on ``base``, gateway *i* (1-based) WebSocket on
 ``base + 10*i + 1`` and TCP on ``base + 10*i + 2``, transfer node *i* on ``base + 10*i + 3``, the private
-etcd on ``base + 5`` and ``base + 6``. :class:`LocalCluster` is also what the cross-process tests use, so
-they can kill and restart single nodes.
+etcd on ``base + 5`` and ``base + 6``. The operations listener (``/metrics``, ``/health/live``,
+``/health/ready``; plain HTTP on 127.0.0.1) of gateway *i* is on ``base + 10*i + 4``, of transfer node *i* on
+``base + 10*i + 7``; the API serves ``/metrics`` on its own port. :class:`LocalCluster` is also what the
+cross-process tests use, so they can kill and restart single nodes.
 
 With ``tls`` (the default of ``im cluster``; ``--no-tls`` turns it off) the cluster is TLS end to end: a
 private CA and one certificate per node are made with :mod:`im.certs` in ``<data_dir>/certs`` (kept and
@@ -278,7 +280,7 @@ class LocalCluster:
         base, common, logs = self.base_port, self._common(), self.data_dir / "logs"
         plan = []
         for i in range(1, self.transfers + 1):
-            port = base + 10 * i + 3
+            port, ops = base + 10 * i + 3, base + 10 * i + 7
             plan.append(
                 RoleProcess(
                     "transfer",
@@ -289,14 +291,15 @@ class LocalCluster:
                         f"transfer.node_id=tr-{i}",
                         "--set",
                         f"transfer.port={port}",
+                        *("--set", f"ops.port={ops}"),
                         *self._node_tls(f"tr-{i}", serves_clients=False),
                     ],
                     logs / f"tr-{i}.log",
-                    {"grpc": port},
+                    {"grpc": port, "ops": ops},
                 )
             )
         for i in range(1, self.gateways + 1):
-            ws, tcp = base + 10 * i + 1, base + 10 * i + 2
+            ws, tcp, ops = base + 10 * i + 1, base + 10 * i + 2, base + 10 * i + 4
             plan.append(
                 RoleProcess(
                     "gateway",
@@ -309,10 +312,11 @@ class LocalCluster:
                         str(ws),
                         "--tcp-port",
                         str(tcp),
+                        *("--set", f"ops.port={ops}"),
                         *self._node_tls(f"gw-{i}", serves_clients=True),
                     ],
                     logs / f"gw-{i}.log",
-                    {"ws": ws, "tcp": tcp},
+                    {"ws": ws, "tcp": tcp, "ops": ops},
                 )
             )
         plan.append(
@@ -332,6 +336,17 @@ class LocalCluster:
             )
         )
         return plan
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Where Prometheus scrapes each node, by name: the operations listener of gateways and transfer
+        nodes, the API's own port (``/metrics``)."""
+        out = {}
+        for name, node in self.nodes.items():
+            if "ops" in node.ports:
+                out[name] = f"http://127.0.0.1:{node.ports['ops']}/metrics"
+            elif "http" in node.ports:
+                out[name] = f"{'https' if self.tls else 'http'}://127.0.0.1:{node.ports['http']}/metrics"
+        return out
 
     @property
     def api(self) -> str:
@@ -403,7 +418,7 @@ def main(argv: list[str]) -> int:
     for node in cluster.nodes.values():
         ports = " ".join(f"{k}={v}" for k, v in node.ports.items())
         pid = node.proc.pid if node.proc else "-"
-        print(f"im cluster: {node.name:<9} pid {pid:<7} {ports:<22} log {node.log_path}")
+        print(f"im cluster: {node.name:<9} pid {pid:<7} {ports:<30} log {node.log_path}")
     if cluster.etcd is not None:
         print(f"im cluster: etcd      {cluster.etcd.endpoint}   log {cluster.etcd.log_path}")
     print("im cluster: Ctrl-C stops every node", flush=True)

@@ -50,6 +50,9 @@ from im.compose import (
 from im.config import Config
 from im.lifecycle import Lifecycle, Loop, Part, registration, report_load
 from im.model.chat import StoredMessage
+from im.observability import metrics
+from im.observability.health import Readiness
+from im.observability.ops_http import OpsServer
 from im.transfer.pool import GRPC_ADDRESS, LinkRouter, TransferPool
 from im.transfer.server import GrpcRouter, TransferServicer, serve_transfer
 
@@ -72,11 +75,24 @@ class _NoDeliveries(DeliverySink):
 
 
 class _Role:
-    """What every role shares: its configuration and the one lifecycle that runs its parts."""
+    """What every role shares: its configuration, the one lifecycle that runs its parts, its metrics and
+    (gateway and transfer nodes, with ``ops.port`` set) the operations listener."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.lifecycle = Lifecycle()
+        metrics.install(config.metrics.enabled)
+        self.ops: OpsServer | None = None
+
+    def _listen_for_ops(self, readiness: Readiness) -> None:
+        """With ``ops.port`` set: the operations listener, answering ``/health/ready`` from ``readiness``."""
+        op = self.config.ops
+        if op.port is not None:
+            self.ops = OpsServer(op.host, op.port, metrics=self.config.metrics.enabled, ready=readiness.check)
+
+    def _ops_first(self) -> list[Part]:
+        """The operations listener starts first and stops last: it answers (503 ready) while draining."""
+        return [] if self.ops is None else [Part("operations listener", self.ops.start, self.ops.stop)]
 
     def request_stop(self) -> None:
         self.lifecycle.request_stop()
@@ -108,6 +124,7 @@ class TransferNode(_Role):
         self.reloads = build_reloads(config, b, None, self.lifecycle)  # the master key file
         #: Engines (RabbitMQ too: the relay runs here), registered, not draining.
         self.readiness = build_readiness(config, b, self.lifecycle, events=True)
+        self._listen_for_ops(self.readiness)
 
     def parts(self) -> list[Part]:
         """In start order; the stop runs backwards: leave the registry first (gateways stop choosing
@@ -115,6 +132,7 @@ class TransferNode(_Role):
         refused), end the streams once those answers left on them, then stop gRPC and close."""
         cfg, tc, b = self.config, self.config.transfer, self.backends
         return [
+            *self._ops_first(),
             Part("stores", b.start, b.close),
             Part("files", self.files.start, self.files.close),
             Part("grpc", self._serve, self._stop_serving),
@@ -182,6 +200,7 @@ class GatewayNode(_Role):
         self.reloads = build_reloads(config, b, self.tls, self.lifecycle)
         #: Published with the load: the API hands out only ready gateways (im.api.server.GatewayPicker).
         self.readiness = build_readiness(config, b, self.lifecycle)
+        self._listen_for_ops(self.readiness)
 
     @property
     def addresses(self) -> dict[str, str]:
@@ -199,6 +218,7 @@ class GatewayNode(_Role):
         cfg, b = self.config, self.backends
         node = cfg.gateway.node_id
         return [
+            *self._ops_first(),
             Part("stores", b.start, b.close),
             Part("transfer links", lambda: self.pool.start(self.hub), self.pool.close),
             Part("hub", self.hub.start, self.hub.drain_and_close),

@@ -31,6 +31,7 @@ from im.compose import (
 )
 from im.config import Config
 from im.lifecycle import Lifecycle, Loop, Part, registration, report_load
+from im.observability import metrics
 
 
 class EmbeddedServer:
@@ -40,6 +41,7 @@ class EmbeddedServer:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.lifecycle = Lifecycle()
+        metrics.install(config.metrics.enabled)  # one registry for every role of this process (/metrics)
         self.backends = b = build_backends(config)
         self.accounts = build_accounts(config, b.account_store, b.rate_limiter)
         self.files = build_files(config, b.file_store, b.rate_limiter, keys=b.keyring)

@@ -27,6 +27,7 @@ from im.api.routes_account import account_router
 from im.api.routes_auth import auth_router
 from im.api.routes_chat import chat_router
 from im.api.routes_files import files_router
+from im.api.routes_metrics import metrics_route
 from im.api.routes_users import users_router
 from im.api.schemas import ErrorOut, GatewayOut, HealthOut
 from im.api.web import web_mount
@@ -376,6 +377,7 @@ def create_app(
         return JSONResponse({"status": "ok"})
 
     app.router.routes.extend(docs_routes(f"{PREFIX}/docs", f"{PREFIX}/openapi.json", app.title))
+    app.router.routes.append(metrics_route())  # Prometheus (404 with metrics.enabled=false)
     # The browser client at "/" (last: it answers every path the API does not).
     app.router.routes.append(web_mount(PREFIX))
     return app

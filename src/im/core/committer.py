@@ -46,6 +46,7 @@ from im.core.states import ConversationStates, unknown_conv
 from im.model.chat import CommitBatch, ConversationState, Group, MemberChange, StoredMessage
 from im.model.errors import ErrorCode, ImError, SeqConflict
 from im.model.ids import direct_conv, group_conv, parse_conv
+from im.observability.metrics import METRICS
 from im.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
@@ -266,6 +267,7 @@ class Committer:
                 self._finish(p)
                 await self._route_quietly(p)  # duplicates first stored by another writer, if any
                 return
+            started = time.perf_counter()
             try:
                 self.store_calls += 1
                 await self._store.commit(p.batch)
@@ -283,10 +285,16 @@ class Committer:
                     self._reroute.clear()
                 log.info("seq conflict, retry %d", attempt + 1)
                 continue
-            except BaseException:
+            except BaseException as exc:
                 for conv in p.batch.heads:
                     self._states.pop(conv, None)
+                if isinstance(exc, Exception):
+                    METRICS.engine_error(exc)
                 raise
+            METRICS.committed += len(p.batch.messages)
+            if METRICS.enabled:
+                METRICS.commit_seconds.observe(time.perf_counter() - started)
+                METRICS.commit_batch.observe(len(p.batch.messages))
             for m in p.batch.messages:
                 if m.type != "system":
                     self._remember((m.sender, m.device, m.cmid), m)

@@ -29,6 +29,7 @@ from typing import TypeVar
 
 from im.backends.rate_limit import Hit, RateLimiter, Rule
 from im.model.errors import ErrorCode, ImError
+from im.observability.metrics import METRICS
 
 T = TypeVar("T")
 
@@ -228,9 +229,14 @@ class LoginGuard:
             _refuse(left, "too many login attempts from this address")
         waits = await self._limiter.check([pair, per_address])
         if waits[1]:
+            METRICS.rate_refused("login-address")
             self._refuse_address("login", address, waits[1])
+        elif waits[0]:
+            METRICS.rate_refused("login-pair")
         _refuse(max(waits), "too many login attempts")
         [wait] = await self._limiter.check([Hit(self._per_account, account)])
+        if wait:
+            METRICS.rate_refused("login-account")
         _refuse(wait, "too many login attempts for this account")
 
     async def register_attempt(self, address: str) -> None:
@@ -239,6 +245,7 @@ class LoginGuard:
             _refuse(left, "too many registrations from this address")
         [wait] = await self._limiter.check([Hit(self._register, address)])
         if wait:
+            METRICS.rate_refused("register")
             self._refuse_address("register", address, wait)
         _refuse(wait, "too many registrations from this address")
 

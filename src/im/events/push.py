@@ -34,6 +34,7 @@ from im.backends.dedupe import Dedupe
 from im.backends.presence import Presence
 from im.backends.tls import ClientTls, amqp_context
 from im.events import topology
+from im.observability.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class PushConsumer:
                             async for message in messages:
                                 await self._handle(message)
                 except Exception as exc:
+                    METRICS.engine_error(exc)
                     log.warning("push consumer: %s: %s; reconnect in %.1fs", type(exc).__name__, exc, delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.max_backoff)
@@ -114,6 +116,7 @@ class PushConsumer:
         except msgspec.DecodeError:
             log.error("push consumer: undecodable event %r, rejected", message.body[:200])
             self.dropped += 1
+            METRICS.webhook["undecodable"] += 1
             await message.reject(requeue=False)
             return
         try:
@@ -124,8 +127,10 @@ class PushConsumer:
             if attempts >= self.max_attempts:
                 log.error("push consumer: giving up on mid %s after %d attempts: %s", event.mid, attempts, exc)
                 self.dropped += 1
+                METRICS.webhook["dropped"] += 1
                 await message.reject(requeue=False)
                 return
+            METRICS.webhook["failed"] += 1
             log.warning("push consumer: mid %s attempt %d failed (%s); requeue", event.mid, attempts, exc)
             await asyncio.sleep(self.retry_delay)
             await message.nack(requeue=True)
@@ -137,13 +142,13 @@ class PushConsumer:
         failed."""
         if await self.dedupe.seen(event.mid):
             self.duplicates += 1
+            METRICS.webhook["duplicate"] += 1
             return
         others = [uid for uid in await self.members(event.conv) if uid != event.sender]
-        if not others:
-            return
-        online = await self.presence.locate(others)
+        online = await self.presence.locate(others) if others else {}
         recipients = sorted(uid for uid in others if not online.get(uid))
         if not recipients:
+            METRICS.webhook["nobody_offline"] += 1
             return
         response = await self._http.post(
             self.webhook_url,
@@ -153,3 +158,4 @@ class PushConsumer:
         response.raise_for_status()
         await self.dedupe.record(event.mid)
         self.pushed += 1
+        METRICS.webhook["pushed"] += 1

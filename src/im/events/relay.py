@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Sequence
 
 import aio_pika
 
 from im.backends.chat import Outbox
 from im.backends.tls import ClientTls, amqp_context
 from im.events import topology
+from im.model.chat import OutboxEvent
+from im.observability.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,7 @@ class OutboxRelay:
                     await self._relay_forever()
             except Exception as exc:  # the store is down while taking the lock: try again
                 self.failures += 1
+                METRICS.engine_error(exc)
                 log.warning("outbox relay: cannot take the outbox lock (%s: %s)", type(exc).__name__, exc)
                 await asyncio.sleep(self.max_backoff)
 
@@ -79,7 +84,9 @@ class OutboxRelay:
                 )
             except Exception as exc:
                 self.failures += 1
+                METRICS.engine_error(exc, "rabbitmq")
                 log.warning("outbox relay: cannot connect (%s: %s); retry in %.1fs", type(exc).__name__, exc, delay)
+                await self._measure()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff)
                 continue
@@ -93,12 +100,22 @@ class OutboxRelay:
                             await asyncio.sleep(self.poll)
             except Exception as exc:
                 self.failures += 1
+                METRICS.engine_error(exc)
                 log.warning("outbox relay: publishing failed (%s: %s); retry in %.1fs", type(exc).__name__, exc, delay)
+                await self._measure()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff)
 
+    async def _measure(self) -> None:
+        """Backlog and lag while the broker is away (the gauges must not freeze at their last value)."""
+        try:
+            _observe(await self.store.outbox_fetch(self.batch))
+        except Exception as exc:  # the store is away too: its own error, counted
+            METRICS.engine_error(exc)
+
     async def _relay_batch(self, exchange: aio_pika.abc.AbstractExchange) -> int:
         rows = await self.store.outbox_fetch(self.batch)
+        _observe(rows)
         if not rows:
             return 0
         # Published in id order (the channel writes in call order); confirms awaited together.
@@ -119,6 +136,7 @@ class OutboxRelay:
         )
         await self.store.outbox_delete([row.id for row in rows])
         self.published += len(rows)
+        METRICS.outbox_published += len(rows)
         return len(rows)
 
 
@@ -127,3 +145,9 @@ async def broker_ping(amqp_url: str, *, tls: ClientTls | None = None, timeout: f
     credentials (a readiness check; im.observability.health caches it, so probes do not open one each)."""
     connection = await aio_pika.connect(amqp_url, timeout=timeout, ssl_context=amqp_context(amqp_url, tls))
     await connection.close()
+
+
+def _observe(rows: Sequence[OutboxEvent]) -> None:
+    """The outbox gauges from one fetch (oldest row first)."""
+    METRICS.outbox_backlog = len(rows)
+    METRICS.relay_lag = max(0.0, time.time() - rows[0].created_at / 1000.0) if rows else 0.0

@@ -21,6 +21,7 @@ from im.backends.rate_limit import Hit, RateLimiter, Rule
 from im.files.sniff import sniff
 from im.model.errors import ErrorCode, ImError
 from im.model.files import FileMeta
+from im.observability.metrics import METRICS
 from im.throttled_log import ThrottledLog
 
 MAX_NAME_LENGTH = 255
@@ -109,6 +110,7 @@ class FileService:
             waits = await self._limiter.check([Hit(self._quota_files, str(uid)), Hit(self._quota_bytes, str(uid))])
             if max(waits):
                 what = "files" if waits[0] else "bytes"
+                METRICS.rate_refused(f"upload-{what}")
                 raise _over_quota(f"daily upload quota of {what} reached", max(waits))
 
         def inspect(staged: Staged) -> FileMeta:
@@ -134,6 +136,7 @@ class FileService:
         if self._limiter is not None and meta.size > 1:  # one byte was taken above
             [wait] = await self._limiter.check([Hit(self._quota_bytes, str(uid), meta.size - 1)])
             if wait:  # the blob stays unreferenced, like an upload cut short; the same bytes reuse it
+                METRICS.rate_refused("upload-bytes")
                 raise _over_quota("this file does not fit in the daily upload quota of bytes", wait)
         stored, stored_name, new = await self.store.add_upload(meta, uid, clean_name(name), now_ms)
         return FileInfo(stored, stored_name), new

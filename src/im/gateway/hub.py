@@ -17,6 +17,7 @@ import abc
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from im.model.chat import StoredMessage
 from im.model.cluster import DeviceLocation
 from im.model.errors import ErrorCode, ImError
 from im.model.ids import direct_conv
+from im.observability.metrics import LATENCY_SAMPLE, METRICS
 from im.protocol import commands as cmd
 from im.protocol.codec import Encoding
 from im.protocol.frames import Receipt, TypingEvent
@@ -85,6 +87,9 @@ def lease_size(rule: Rule) -> int:
 class Connection(abc.ABC):
     """A session plus the I/O a transport provides (:meth:`write` and :meth:`close_transport`)."""
 
+    #: The metrics label of the transport ("ws", "tcp"; empty: not counted, e.g. a test's connection).
+    transport_label = ""
+
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.session = ServerSession(hub.cache, limits=hub.limits, heartbeat=hub.limits.idle_timeout)
@@ -99,6 +104,8 @@ class Connection(abc.ABC):
         self.user_hits: tuple[Hit, Hit, Hit] | None = None
         self.user_sends: SendLease | None = None
         self.conv_sends: dict[str | int | None, SendLease] | None = None
+        #: When the sampled sends in flight were taken (cmid -> perf_counter), for the ack latency.
+        self.sent_at: dict[str, float] | None = None
 
     # --- what a transport implements -----------------------------------------------------------------
 
@@ -143,6 +150,7 @@ class Connection(abc.ABC):
             self.write(frames, self.session.encoding is Encoding.MSGPACK)
             if self.buffered() > self.send_limit():
                 log.info("closing slow consumer uid=%s device=%s", self.session.uid, self.session.device)
+                METRICS.slow_consumers += 1
                 self.session.close(ErrorCode.SLOW_CONSUMER, "too far behind; resume from cursors")
                 self.write(self.session.data_to_send(), self.session.encoding is Encoding.MSGPACK)
                 self.close_transport(ErrorCode.SLOW_CONSUMER)
@@ -195,9 +203,23 @@ class Connection(abc.ABC):
 
     def _submit(self, c: cmd.Submit) -> None:
         s = self.session
+        METRICS.sends += 1
+        if not METRICS.sends % LATENCY_SAMPLE and METRICS.enabled:  # one send in LATENCY_SAMPLE is timed
+            if self.sent_at is None:
+                self.sent_at = {}
+            self.sent_at[c.cmid] = time.perf_counter()
         self.hub.submit(SendRequest(s.uid, s.device, c.cmid, c.conv, c.to, c.type, c.body), self._send_done)
 
     def _send_done(self, req: SendRequest, m: StoredMessage | None, dup: bool, err: ImError | None) -> None:
+        if err is not None:
+            METRICS.refused += 1
+        else:
+            METRICS.acks += 1
+            METRICS.duplicates += dup
+        if self.sent_at:
+            taken = self.sent_at.pop(req.cmid, None)
+            if taken is not None and err is None:
+                METRICS.ack_seconds.observe(time.perf_counter() - taken)
         if self.closed:
             return
         if err is not None:
@@ -223,6 +245,7 @@ class Connection(abc.ABC):
             points = await self.hub.reads.sync_points(principal.uid, c.device)
         except Exception as exc:
             _sync_failures.hit(f"uid={principal.uid}: {type(exc).__name__}: {exc}", exc)
+            METRICS.engine_error(exc)
             self.run(self.session.close(ErrorCode.UNAVAILABLE, "storage unavailable; reconnect later"))
             self.flush()
             return
@@ -231,12 +254,14 @@ class Connection(abc.ABC):
 
     async def _fetch(self, c: cmd.Fetch) -> None:
         s = self.session
+        METRICS.gap_fetches += 1
         try:
             start, messages = await self.hub.reads.replay(
                 s.uid, s.device, c.conv, c.after, c.upto, self.hub.replay_page
             )
         except Exception as exc:
             _replay_failures.hit(f"uid={s.uid} conv={c.conv[:80]}: {type(exc).__name__}: {exc}", exc)
+            METRICS.engine_error(exc)
             self.run(s.close(ErrorCode.UNAVAILABLE, "storage unavailable; reconnect later"))
             self.flush()
             return
@@ -313,6 +338,9 @@ class Hub(DeliverySink):
 
     def add(self, conn: Connection) -> None:
         self._all.add(conn)
+        if conn.transport_label:
+            METRICS.connections[conn.transport_label] += 1
+            METRICS.opened[conn.transport_label] += 1
 
     @property
     def connections(self) -> int:
@@ -357,11 +385,14 @@ class Hub(DeliverySink):
         devices = self._by_user.setdefault(s.uid, {})
         old = devices.get(s.device)
         devices[s.device] = conn
+        if old is None:
+            METRICS.authenticated += 1
         if old is not None and old is not conn:
             old.run(old.session.close(ErrorCode.REPLACED, "the same device connected again", reconnect=False))
         try:
             await self._presence.set_online([DeviceLocation(s.uid, s.device, self.node)], self._presence_ttl)
         except Exception as exc:  # presence is a routing hint: the refresh loop announces this device again
+            METRICS.engine_error(exc)
             _presence_failures.hit(f"{type(exc).__name__}: {exc}: uid={s.uid} device={s.device} not announced yet")
 
     async def _set_offline(self, uid: int, device: str) -> None:
@@ -370,6 +401,7 @@ class Hub(DeliverySink):
         try:
             await self._presence.set_offline([DeviceLocation(uid, device, self.node)])
         except Exception as exc:  # the entry expires on its own within the presence TTL
+            METRICS.engine_error(exc)
             _presence_failures.hit(f"{type(exc).__name__}: {exc}: uid={uid} device={device} not removed")
 
     def revoked(self, sid: str) -> None:
@@ -379,11 +411,15 @@ class Hub(DeliverySink):
             conn.flush()
 
     def unregister(self, conn: Connection) -> None:
-        self._all.discard(conn)
+        if conn in self._all:
+            self._all.discard(conn)
+            if conn.transport_label:
+                METRICS.connections[conn.transport_label] -= 1
         s = conn.session
         devices = self._by_user.get(s.uid)
         if devices is not None and devices.get(s.device) is conn:
             del devices[s.device]
+            METRICS.authenticated -= 1
             if not devices:
                 del self._by_user[s.uid]
             task = asyncio.get_running_loop().create_task(self._set_offline(s.uid, s.device))
@@ -395,6 +431,11 @@ class Hub(DeliverySink):
     # --- DeliverySink --------------------------------------------------------------------------------
 
     def deliver(self, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
+        if METRICS.enabled:  # one clock read per routed batch; one message in LATENCY_SAMPLE is timed
+            now_ms, observe = time.time() * 1000.0, METRICS.delivery_seconds.observe
+            for m in messages[(-METRICS.routed - 1) % LATENCY_SAMPLE :: LATENCY_SAMPLE]:  # the 8th, 16th, ...
+                observe((now_ms - m.ts) / 1000.0)
+            METRICS.routed += len(messages)
         by_user = self._by_user
         for m, uids in zip(messages, recipients, strict=True):
             for uid in uids:
@@ -570,9 +611,15 @@ class Hub(DeliverySink):
             retry = math.ceil(wait * 1000) / 1000
             if type(c) is cmd.Submit:
                 what = "user" if user_wait else "conversation"
+                METRICS.rate_refused("send-user" if user_wait else "send-conv")
                 conn.session.send_failed(c.cmid, ErrorCode.RATE_LIMITED, f"{what} send limit reached", retry)
                 conn.mark_dirty()
-            elif type(c) is not cmd.SendTyping and conn not in told:
+            elif type(c) is cmd.SendTyping:
+                METRICS.rate_refused("typing")
+            else:
+                METRICS.rate_refused("receipts")
+                if conn in told:
+                    continue
                 told.add(conn)
                 conn.session.refuse(ErrorCode.RATE_LIMITED, "receipt limit reached (recv/read dropped)", retry)
                 conn.mark_dirty()
@@ -656,6 +703,7 @@ class Hub(DeliverySink):
             try:
                 await self._flush_cursors()
             except Exception as exc:  # store or presence away: what was taken is retried by clients' resume
+                METRICS.engine_error(exc)
                 log.warning("cursor flush failed (%s: %s)", type(exc).__name__, exc)
 
     async def _tick(self) -> None:
@@ -679,4 +727,5 @@ class Hub(DeliverySink):
                     try:
                         await self._presence.set_online(entries, self._presence_ttl)
                     except Exception as exc:  # keep the timers running; the next refresh tries again
+                        METRICS.engine_error(exc)
                         log.warning("presence refresh failed (%s: %s)", type(exc).__name__, exc)

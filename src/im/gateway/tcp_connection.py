@@ -26,6 +26,7 @@ class TcpConnection(SocketConnection):
     """One TCP connection: reads through a :class:`TcpFramer` to the session, frames written out."""
 
     __slots__ = ("_framer",)
+    transport_label = "tcp"
 
     def __init__(self, hub: Hub, admission: Admission, *, close_timeout: float = CLOSE_TIMEOUT) -> None:
         super().__init__(hub, admission, close_timeout=close_timeout)

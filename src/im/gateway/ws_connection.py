@@ -35,6 +35,7 @@ from im.gateway.ws_protocol import (
 )
 from im.model.errors import ErrorCode
 from im.net import Admission, Listener, Ticket, TlsAccept, bind, refusal_503
+from im.observability.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class WsConnection(SocketConnection):
     """
 
     __slots__ = ("_handshake_timeout", "_open", "proto")
+    transport_label = "ws"
 
     def __init__(
         self, hub: Hub, settings: WsSettings, *, handshake_timeout: float, close_timeout: float, admission: Admission
@@ -113,6 +115,7 @@ class WsConnection(SocketConnection):
             if self._open and self.buffered() > self.send_limit():
                 # Pongs to a client that sends pings and never reads: the same rule as for frames.
                 log.info("closing slow consumer (pongs unread) uid=%s", self.session.uid)
+                METRICS.slow_consumers += 1
                 self.run(self.session.close(ErrorCode.SLOW_CONSUMER, "too far behind; resume from cursors"))
         if proto.state is State.CLOSED:
             self.half_close()

@@ -27,6 +27,7 @@ import msgspec
 
 from im.model.chat import StoredMessage, SyncPoint
 from im.model.errors import ErrorCode, ImError
+from im.observability.metrics import METRICS
 from im.protocol import commands as cmd
 from im.protocol.codec import Encoding, decode_client, encode
 from im.protocol.frames import Auth, AuthOk, Bye, ClientFrame, Error, Ping, Pong, Read, Recv, Send, Synced, Typing
@@ -170,8 +171,10 @@ class ServerSession:
                 return [cmd.MarkRead(frame.conv, frame.seq)]
             return []
         if isinstance(frame, Typing):
-            if frame.conv in self._convs and self._typing_bucket.take(self._clock()):
-                return [cmd.SendTyping(frame.conv)]
+            if frame.conv in self._convs:
+                if self._typing_bucket.take(self._clock()):
+                    return [cmd.SendTyping(frame.conv)]
+                METRICS.rate_limited["session-typing"] += 1
             return []
         if isinstance(frame, Ping):
             self._emit(Pong(id=frame.id))
@@ -202,6 +205,7 @@ class ServerSession:
             problem = (ErrorCode.TOO_MANY_IN_FLIGHT, f"more than {self.limits.max_in_flight} unacked sends")
         elif not self._send_bucket.take(self._clock()):
             problem = (ErrorCode.RATE_LIMITED, f"more than {self.limits.send_rate:g} sends per second")
+            METRICS.rate_limited["session-send"] += 1
             retry_after = 1 / self.limits.send_rate
         if problem is None:
             try:
@@ -371,6 +375,7 @@ class ServerSession:
             self._emit(ack_frame(m))
         else:
             self._out.append(self._cache.msg(m, self.encoding or Encoding.JSON))
+            METRICS.deliveries += 1
 
     def _maybe_synced(self, convs: int) -> None:
         if self._initial is not None and not self._initial:

@@ -23,6 +23,7 @@ from im.backends.routing import DeliverySink
 from im.core.committer import SendCallback, SendRequest
 from im.model.chat import StoredMessage
 from im.model.errors import ErrorCode, ImError
+from im.observability.metrics import METRICS
 from im.protocol.codec import Encoding, decode_server
 from im.transfer.gen import transfer_pb2 as pb
 from im.transfer.tls import LinkTls
@@ -225,6 +226,7 @@ class TransferLink:
                     self._dispatch(frame)
                 log.warning("transfer node %s ended the link", self.address)
             except grpc.aio.AioRpcError as exc:
+                METRICS.engine_error(exc, "grpc")
                 self.last_error = f"{exc.code().name} {exc.details()}"
                 log.warning("transfer link to %s: %s %s", self.address, exc.code().name, exc.details())
             finally:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from im.backends.lifecycle import Service
+from im.observability.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class FailOpen(RateLimiter):
             return await self.limiter.check(hits)
         except Exception as exc:
             self.failures += 1
+            METRICS.engine_error(exc)
             now = time.monotonic()
             if now - self._warned_at >= self._warn_every:
                 self._warned_at = now

@@ -47,6 +47,7 @@ import msgspec
 from im.backends.registry import Registry
 from im.backends.tls import ClientTls
 from im.model.cluster import ServiceInstance
+from im.observability.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +289,7 @@ class EtcdRegistry(Registry):
                         log.warning("etcd lease of %s was lost: registering it again", reg.instance.node)
                         await self._grant_and_put(reg)
             except Exception as e:  # etcd unreachable, or anything else: never let the keepalive die
+                METRICS.engine_error(e, "etcd")
                 failures += 1
                 await self.client.failed(e)
                 delay = min(reg.ttl / 3, self._retry * 2 ** min(failures, 10), self._max_retry)
@@ -388,6 +390,7 @@ class EtcdRegistry(Registry):
                 log.warning("etcd registry watch of %r: revision %s compacted, listing again", view.role, revision)
                 revision = None
             except Exception as e:  # etcd restarted or unreachable (ConnectionFailedError, ...): reopen
+                METRICS.engine_error(e, "etcd")
                 failures += 1
                 await self.client.failed(e)
                 delay = min(self._retry * 2 ** min(failures - 1, 10), self._max_retry)
