@@ -46,7 +46,7 @@ from im.compose import (
     require_shared_engines,
 )
 from im.config import Config
-from im.lifecycle import Lifecycle, Loop, Part, registration, report_load
+from im.lifecycle import Lifecycle, Loop, Part, registration, report_load, tracing_part
 from im.model.chat import StoredMessage
 from im.model.cluster import ServiceInstance
 from im.transfer.pool import GRPC_ADDRESS, LinkRouter, TransferPool
@@ -112,6 +112,7 @@ class TransferNode(_Role):
         refused), end the streams once those answers left on them, then stop gRPC and close."""
         cfg, tc, b = self.config, self.config.transfer, self.backends
         return [
+            tracing_part(cfg.tracing, "im-transfer", tc.node_id),
             Part("stores", b.start, b.close),
             Part("files", self.files.start, self.files.close),
             Part("grpc", self._serve, self._stop_serving),
@@ -187,6 +188,7 @@ class GatewayNode(_Role):
         cfg, b = self.config, self.backends
         node = cfg.gateway.node_id
         return [
+            tracing_part(cfg.tracing, "im-gateway", node),
             Part("stores", b.start, b.close),
             Part("transfer links", lambda: self.pool.start(self.hub), self.pool.close),
             Part("hub", self.hub.start, self.hub.drain_and_close),
@@ -254,6 +256,7 @@ class ApiNode(_Role):
         under way are finished), drain the committer (membership changes), then close."""
         b = self.backends
         return [
+            tracing_part(self.config.tracing, "im-api", self.config.http.node_id, self.http.app),
             Part("stores", b.start, b.close),
             Part("files", self.files.start, self.files.close),
             Part("transfer links", lambda: self.pool.start(_NoDeliveries()), self.pool.close),

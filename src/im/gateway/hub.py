@@ -32,6 +32,7 @@ from im.model.chat import StoredMessage
 from im.model.cluster import DeviceLocation
 from im.model.errors import ErrorCode, ImError
 from im.model.ids import direct_conv
+from im.observability import tracing
 from im.protocol import commands as cmd
 from im.protocol.codec import Encoding
 from im.protocol.frames import Receipt, TypingEvent
@@ -193,9 +194,14 @@ class Connection(abc.ABC):
 
     def _submit(self, c: cmd.Submit) -> None:
         s = self.session
-        self.hub.submit(SendRequest(s.uid, s.device, c.cmid, c.conv, c.to, c.type, c.body), self._send_done)
+        req = SendRequest(s.uid, s.device, c.cmid, c.conv, c.to, c.type, c.body)
+        if tracing.ON and tracing.sampled():  # one trace per sampled message, from here to every delivery
+            req.trace = tracing.start_send("direct" if c.to is not None else "conv", type(self).__name__)
+        self.hub.submit(req, self._send_done)
 
     def _send_done(self, req: SendRequest, m: StoredMessage | None, dup: bool, err: ImError | None) -> None:
+        if req.trace is not None:
+            tracing.end(req.trace, err, **({"im.mid": str(m.mid), "im.dup": dup} if m is not None else {}))
         if self.closed:
             return
         if err is not None:
@@ -401,6 +407,17 @@ class Hub(DeliverySink):
     # --- DeliverySink --------------------------------------------------------------------------------
 
     def deliver(self, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
+        if tracing.ROUTING:  # sampled messages among them (tracing on): a delivery span each
+            spans = tracing.deliver_spans(messages, recipients)
+            try:
+                self._deliver(messages, recipients)
+            finally:
+                for span in spans:
+                    span.end()
+        else:
+            self._deliver(messages, recipients)
+
+    def _deliver(self, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
         by_user = self._by_user
         for m, uids in zip(messages, recipients, strict=True):
             for uid in uids:

@@ -1,0 +1,417 @@
+"""OpenTelemetry tracing exported to Zipkin (docs/operations.md, "Tracing").
+
+Off by default and free: while :data:`ON` is False no tracer provider exists and every hot-path site
+tests ``tracing.ON`` (a module attribute) before anything else, so a message costs one attribute check.
+
+On: one process-wide :class:`TracerProvider` naming the service (``im-gateway``, ``im-transfer``,
+``im-api``, ``im``) and the node, a :class:`BatchSpanProcessor` feeding the Zipkin v2 JSON exporter, and
+``ParentBased`` sampling. Chat messages are sampled at the gateway with one ``random()`` per message
+(:func:`sampled`; an unsampled message makes no span at all); the root sampler honours that decision
+(attribute ``im.sampled``), samples a span linked to a sampled span (a commit batch carrying a sampled
+message), and samples other new traces (HTTP requests) by trace-id ratio. A trace started elsewhere
+keeps its caller's decision. Errors are not kept beyond the ratio: the SDK decides at a span's start,
+and keeping every erroring span would mean recording every span.
+
+Context crosses processes as W3C ``traceparent`` (and B3 single ``b3`` in HTTP and AMQP headers): in the
+transfer link's ``Send``/``Delivery`` fields, in the outbox row, in RabbitMQ message headers and in the
+webhook POST. Within one process, routing hands the commit span of a message to the delivery through
+:data:`ROUTING` (mid -> span context), filled only while a batch with sampled messages is routed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import (
+    CarrierT,
+    Getter,
+    Setter,
+    TextMapPropagator,
+    default_getter,
+    default_setter,
+)
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import Attributes
+
+from im.config import TracingConfig
+
+log = logging.getLogger(__name__)
+
+#: The hot-path guard: True only while a provider is installed (:func:`setup` .. :func:`shutdown`).
+ON = False
+#: mid -> the span context deliveries of that message continue (filled by the committer around its
+#: routing of a batch with sampled messages; read by the transfer link's outbox and the hub).
+ROUTING: dict[int, SpanContext] = {}
+#: How many trace ids a commit batch span names in its ``im.linked_traces`` tag (Zipkin has no links).
+MAX_LINK_TAGS = 64
+#: The attribute by which a span says its sampling was decided already (by :func:`sampled`).
+SAMPLED_ATTR = "im.sampled"
+
+_ratio = 0.0
+_random = random.random
+_provider: Any = None
+_tracer: trace.Tracer = trace.NoOpTracer()
+_instrumented: list[Any] = []
+_lock = threading.Lock()
+
+
+# --- sampling ------------------------------------------------------------------------------------------
+
+
+def _build_sampler(ratio: float) -> Any:
+    from opentelemetry.sdk.trace.sampling import (
+        Decision,
+        ParentBased,
+        Sampler,
+        SamplingResult,
+        TraceIdRatioBased,
+    )
+
+    class _Root(Sampler):
+        """New traces: a message sampled by :func:`sampled`, a span linked to a sampled span, else
+        the trace-id ratio (the SDK's own ``TraceIdRatioBased``)."""
+
+        def __init__(self) -> None:
+            self._by_ratio = TraceIdRatioBased(ratio)
+
+        def should_sample(
+            self,
+            parent_context: otel_context.Context | None,
+            trace_id: int,
+            name: str,
+            kind: SpanKind | None = None,
+            attributes: Attributes = None,
+            links: Sequence[Link] | None = None,
+            trace_state: Any = None,
+        ) -> SamplingResult:
+            if (attributes and attributes.get(SAMPLED_ATTR)) or any(
+                link.context.trace_flags.sampled for link in links or ()
+            ):
+                return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+            return self._by_ratio.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+        def get_description(self) -> str:
+            return f"ImRoot{{{ratio}}}"
+
+    return ParentBased(_Root())
+
+
+def sampled() -> bool:
+    """Whether to trace a new chat message (one ``random()``; call only when :data:`ON`)."""
+    return _random() < _ratio
+
+
+# --- propagation ---------------------------------------------------------------------------------------
+
+
+class B3SingleFormat(TextMapPropagator):
+    """Zipkin's single ``b3`` header: ``{trace_id}-{span_id}-{sampled}`` (the ``-{parent}`` part is
+    ignored when read). opentelemetry-propagator-b3 is not in the lock file; this is its single format."""
+
+    KEY = "b3"
+
+    def extract(
+        self, carrier: CarrierT, context: otel_context.Context | None = None, getter: Getter[CarrierT] = default_getter
+    ) -> otel_context.Context:
+        ctx = context if context is not None else otel_context.Context()
+        values = getter.get(carrier, self.KEY)
+        if not values:
+            return ctx
+        span_context = parse_b3(values[0])
+        if span_context is None:
+            return ctx
+        return trace.set_span_in_context(NonRecordingSpan(span_context), ctx)
+
+    def inject(
+        self, carrier: CarrierT, context: otel_context.Context | None = None, setter: Setter[CarrierT] = default_setter
+    ) -> None:
+        span_context = trace.get_current_span(context).get_span_context()
+        if span_context.is_valid:
+            setter.set(carrier, self.KEY, format_b3(span_context))
+
+    @property
+    def fields(self) -> set[str]:
+        return {self.KEY}
+
+
+PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), B3SingleFormat()])
+
+
+def format_traceparent(c: SpanContext) -> str:
+    return f"00-{c.trace_id:032x}-{c.span_id:016x}-{int(c.trace_flags):02x}"
+
+
+def parse_traceparent(value: str) -> SpanContext | None:
+    """A remote span context from a W3C ``traceparent`` (version 00 layout); None if malformed."""
+    parts = value.split("-")
+    if len(parts) < 4 or len(parts[0]) != 2 or len(parts[1]) != 32 or len(parts[2]) != 16 or len(parts[3]) != 2:
+        return None
+    try:
+        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id or parts[0] == "ff":
+        return None
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags & 1))
+
+
+def format_b3(c: SpanContext) -> str:
+    return f"{c.trace_id:032x}-{c.span_id:016x}-{1 if c.trace_flags.sampled else 0}"
+
+
+def parse_b3(value: str) -> SpanContext | None:
+    parts = value.strip().split("-")
+    if len(parts) < 2 or len(parts[0]) not in (16, 32) or len(parts[1]) != 16:
+        return None
+    try:
+        trace_id, span_id = int(parts[0], 16), int(parts[1], 16)
+    except ValueError:
+        return None
+    sampled_flag = parts[2] if len(parts) > 2 else "1"
+    if not trace_id or not span_id:
+        return None
+    flags = TraceFlags(TraceFlags.SAMPLED if sampled_flag in ("1", "d") else TraceFlags.DEFAULT)
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=flags)
+
+
+def remote(traceparent: str) -> Span | None:
+    """A carried context as a (non-recording) span to parent or link to; None if malformed."""
+    c = parse_traceparent(traceparent)
+    return None if c is None else NonRecordingSpan(c)
+
+
+def inject_headers(span: Span, headers: MutableMapping[str, Any]) -> None:
+    """Write ``traceparent`` and ``b3`` for ``span`` into ``headers`` (HTTP or AMQP)."""
+    PROPAGATOR.inject(headers, context=trace.set_span_in_context(span))
+
+
+def extract_headers(headers: Mapping[str, Any] | None) -> otel_context.Context | None:
+    """The context carried by ``traceparent`` or ``b3`` headers (None: neither)."""
+    if not headers:
+        return None
+    carrier = {k.lower(): v.decode() if isinstance(v, bytes) else str(v) for k, v in headers.items()}
+    if "traceparent" not in carrier and "b3" not in carrier:
+        return None
+    ctx = PROPAGATOR.extract(carrier)
+    return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
+
+
+# --- set up and shut down ------------------------------------------------------------------------------
+
+
+def setup(cfg: TracingConfig, service: str, node: str, *, fastapi_app: Any = None) -> bool:
+    """Install the provider for this process when ``cfg.enabled`` (else nothing, returns False)."""
+    global ON, _provider, _tracer, _ratio
+    if not cfg.enabled:
+        return False
+    from opentelemetry.exporter.zipkin.json import ZipkinExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    with _lock:
+        if _provider is not None:
+            raise RuntimeError("tracing is set up already in this process")
+        resource = Resource.create(
+            {"service.name": cfg.service_name or service, "service.instance.id": node, "im.node": node}
+        )
+        provider = TracerProvider(resource=resource, sampler=_build_sampler(cfg.sample_ratio))
+        exporter = ZipkinExporter(endpoint=cfg.zipkin_url, timeout=max(1, int(cfg.export_timeout)))
+        provider.add_span_processor(
+            BatchSpanProcessor(
+                exporter,
+                max_queue_size=cfg.queue_size,
+                schedule_delay_millis=cfg.schedule_delay * 1000,
+                max_export_batch_size=min(512, cfg.queue_size),
+                export_timeout_millis=cfg.export_timeout * 1000,
+            )
+        )
+        _provider, _ratio = provider, cfg.sample_ratio
+        _tracer = provider.get_tracer("im")
+        propagate.set_global_textmap(PROPAGATOR)  # the instrumentations read and write traceparent and b3
+        _instrument(provider, fastapi_app)
+        ON = True
+    log.info("tracing on: %s at ratio %s to %s", cfg.service_name or service, cfg.sample_ratio, cfg.zipkin_url)
+    return True
+
+
+def _instrument(provider: Any, fastapi_app: Any) -> None:
+    """asyncpg, redis and aio-pika instrumentations, and the FastAPI app's requests (without FastAPI's
+    internal receive/send spans)."""
+    from opentelemetry.instrumentation.aio_pika import AioPikaInstrumentor
+    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    for instrumentor in (AsyncPGInstrumentor(), RedisInstrumentor(), AioPikaInstrumentor()):  # type: ignore[no-untyped-call]
+        if not instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.instrument(tracer_provider=provider)
+            _instrumented.append(instrumentor)
+    if fastapi_app is not None:
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(fastapi_app, tracer_provider=provider, exclude_spans=["receive", "send"])
+
+
+def shutdown() -> None:
+    """Flush what is queued (bounded by the exporter's timeout) and uninstall. Call in the role's stop,
+    before the process exits: the exporter posts from its own thread."""
+    global ON, _provider, _tracer
+    with _lock:
+        provider, _provider = _provider, None
+        ON = False
+        _tracer = trace.NoOpTracer()
+        ROUTING.clear()
+        for instrumentor in _instrumented:
+            with contextlib.suppress(Exception):
+                instrumentor.uninstrument()
+        _instrumented.clear()
+    if provider is not None:
+        provider.shutdown()
+
+
+def tracer() -> trace.Tracer:
+    return _tracer
+
+
+def installed() -> bool:
+    """Whether a provider is installed in this process (tests)."""
+    return _provider is not None
+
+
+# --- the message path ----------------------------------------------------------------------------------
+
+
+def start_send(kind_of_target: str, transport: str) -> Span:
+    """The sender's gateway span of one sampled chat message (ended by :func:`end`)."""
+    return _tracer.start_span(
+        "im.send",
+        kind=SpanKind.SERVER,
+        attributes={SAMPLED_ATTR: True, "im.target": kind_of_target, "im.transport": transport},
+    )
+
+
+def end(span: Span, error: Any = None, **attributes: Any) -> None:
+    """End ``span``; ``error`` (an ImError or exception) marks it failed."""
+    if attributes:
+        span.set_attributes(attributes)
+    if error is not None:
+        code = getattr(error, "code", None)
+        span.set_status(Status(StatusCode.ERROR, f"{getattr(code, 'value', type(error).__name__)}"))
+    span.end()
+
+
+@contextlib.contextmanager
+def commit_batch(traces: Sequence[Span], size: int) -> Iterator[Span]:
+    """The committer's span of one batch, current while it commits (SQL and Redis spans nest in it),
+    linked to the traces of the sampled messages it carries."""
+    contexts = [s.get_span_context() for s in traces]
+    links = [Link(c) for c in contexts]
+    attributes: dict[str, Any] = {"im.batch.size": size, "im.batch.traced": len(contexts)}
+    if contexts:
+        attributes["im.linked_traces"] = ",".join(f"{c.trace_id:032x}" for c in contexts[:MAX_LINK_TAGS])
+    span = _tracer.start_span("im.commit.batch", context=otel_context.Context(), links=links, attributes=attributes)
+    with trace.use_span(span, end_on_exit=True):
+        yield span
+
+
+def message_span(
+    name: str, parent: Span, *, kind: SpanKind = SpanKind.INTERNAL, start_time: int | None = None, **attributes: Any
+) -> Span:
+    """A child span of a carried message context (``parent``), linked to the current span when that is
+    another trace's (the commit batch)."""
+    current = trace.get_current_span().get_span_context()
+    links = [Link(current)] if current.is_valid and current.trace_id != parent.get_span_context().trace_id else None
+    return _tracer.start_span(
+        name,
+        context=trace.set_span_in_context(parent),
+        kind=kind,
+        links=links,
+        attributes=attributes or None,
+        start_time=start_time,
+    )
+
+
+def committed(acks: Sequence[tuple[Any, Any, bool, Any]]) -> list[tuple[Span, int]]:
+    """The committer answered a pass: one ``im.commit`` span per sampled send (child of its carried
+    context, from the batch's start), its context put in :data:`ROUTING` for the routing that follows."""
+    out: list[tuple[Span, int]] = []
+    batch = trace.get_current_span()
+    start = getattr(batch, "start_time", None)
+    batch_id = f"{batch.get_span_context().span_id:016x}"
+    for item, m, dup, err in acks:
+        parent = item.req.trace
+        if parent is None:
+            continue
+        span = message_span("im.commit", parent, start_time=start)
+        span.set_attribute("im.batch", batch_id)
+        if m is not None:
+            span.set_attributes({"im.mid": str(m.mid), "im.seq": m.seq, "im.dup": dup})
+            ROUTING[m.mid] = span.get_span_context()
+            out.append((span, m.mid))
+        else:
+            end(span, err)
+    return out
+
+
+def routed(spans: Sequence[tuple[Span, int]]) -> None:
+    """The pass was routed: end its ``im.commit`` spans and forget their routing contexts."""
+    for span, mid in spans:
+        ROUTING.pop(mid, None)
+        span.add_event("routed")
+        span.end()
+
+
+def use_span(span: Span) -> contextlib.AbstractContextManager[Span]:
+    """``span`` current (not ended on exit)."""
+    return trace.use_span(span, end_on_exit=False)
+
+
+@contextlib.contextmanager
+def consumer_span(name: str, ctx: otel_context.Context, **attributes: Any) -> Iterator[Span]:
+    """A CONSUMER span continuing a context read from headers, current while it runs; an exception
+    marks it failed (and is re-raised)."""
+    span = _tracer.start_span(
+        name, context=ctx, kind=SpanKind.CONSUMER, attributes={f"im.{k}": v for k, v in attributes.items()}
+    )
+    with trace.use_span(span, end_on_exit=True, record_exception=True, set_status_on_exception=True):
+        yield span
+
+
+@contextlib.contextmanager
+def client_span(name: str, parent: Span, headers: MutableMapping[str, str], url: str) -> Iterator[Span]:
+    """A CLIENT span for an outgoing HTTP request, its context written into ``headers``."""
+    span = _tracer.start_span(
+        name,
+        context=trace.set_span_in_context(parent),
+        kind=SpanKind.CLIENT,
+        attributes={"http.request.method": "POST", "url.full": url},
+    )
+    inject_headers(span, headers)
+    with trace.use_span(span, end_on_exit=True, record_exception=True, set_status_on_exception=True):
+        yield span
+
+
+def deliver_spans(messages: Sequence[Any], local_recipients: Sequence[Sequence[int]]) -> list[Span]:
+    """Delivery spans at a recipient's gateway for the messages in ``ROUTING`` (ended by the caller)."""
+    spans = []
+    for m, uids in zip(messages, local_recipients, strict=True):
+        c = ROUTING.get(m.mid)
+        if c is not None:
+            spans.append(
+                _tracer.start_span(
+                    "im.deliver",
+                    context=trace.set_span_in_context(NonRecordingSpan(c)),
+                    kind=SpanKind.CONSUMER,
+                    attributes={"im.mid": str(m.mid), "im.seq": m.seq, "im.recipients": len(uids)},
+                )
+            )
+    return spans
