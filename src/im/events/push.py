@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import aio_pika
 import httpx
 import msgspec
+from opentelemetry.trace import Span
 
 from im.backends.dedupe import Dedupe
 from im.backends.presence import Presence
@@ -137,7 +138,7 @@ class PushConsumer:
             return
         await message.ack()
 
-    async def handle(self, event: topology.Event, span: tracing.Span | None = None) -> None:
+    async def handle(self, event: topology.Event, span: Span | None = None) -> None:
         """Push one event (at most once per mid, as far as the dedupe remembers); raises when the webhook
         failed. ``span``: the event's ``im.push`` span (tracing on, a sampled message): the POST gets a
         child span and carries it in ``traceparent`` and ``b3``."""

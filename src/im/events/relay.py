@@ -18,6 +18,7 @@ import asyncio
 import logging
 
 import aio_pika
+from opentelemetry.trace import SpanKind
 
 from im.backends.chat import Outbox
 from im.backends.tls import ClientTls, amqp_context
@@ -135,7 +136,8 @@ class OutboxRelay:
         parent = tracing.remote(row.traceparent)
         if parent is None:
             return await exchange.publish(self._message(row), topology.ROUTING_PREFIX + row.type, mandatory=True)
-        span = tracing.message_span("im.relay", parent, kind=tracing.SpanKind.PRODUCER, **{"im.mid": str(row.mid)})
+        span = tracing.message_span("im.relay", parent, kind=SpanKind.PRODUCER)
+        span.set_attribute("im.mid", str(row.mid))
         headers: dict[str, object] = {}
         tracing.inject_headers(span, headers)
         with tracing.use_span(span):  # the aio-pika instrumentation's publish span nests in it
