@@ -226,6 +226,7 @@ def setup(cfg: TracingConfig, service: str, node: str, *, fastapi_app: Any = Non
         )
         provider = TracerProvider(resource=resource, sampler=_build_sampler(cfg.sample_ratio))
         exporter = ZipkinExporter(endpoint=cfg.zipkin_url, timeout=max(1, int(cfg.export_timeout)))
+        exporter.encoder = _strict_v2_encoder()
         provider.add_span_processor(
             BatchSpanProcessor(
                 exporter,
@@ -242,6 +243,21 @@ def setup(cfg: TracingConfig, service: str, node: str, *, fastapi_app: Any = Non
         ON = True
     log.info("tracing on: %s at ratio %s to %s", cfg.service_name or service, cfg.sample_ratio, cfg.zipkin_url)
     return True
+
+
+def _strict_v2_encoder() -> Any:
+    """The exporter's v2 JSON encoder, without the ``"kind": null`` it writes for internal spans: the v2
+    schema's ``kind`` is an enum of four strings, and an internal span has none (the field is omitted)."""
+    from opentelemetry.exporter.zipkin.json.v2 import JsonV2Encoder
+
+    class StrictJsonV2Encoder(JsonV2Encoder):
+        def _encode_span(self, span: Any, encoded_local_endpoint: dict[str, Any]) -> dict[str, Any]:
+            encoded: dict[str, Any] = super()._encode_span(span, encoded_local_endpoint)
+            if encoded.get("kind") is None:
+                encoded.pop("kind", None)
+            return encoded
+
+    return StrictJsonV2Encoder()
 
 
 def _instrument(provider: Any, fastapi_app: Any) -> None:
