@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 from collections import defaultdict
@@ -180,10 +181,8 @@ class ZipkinReceiver:
                 names = sorted({(s["localEndpoint"]["serviceName"], s.get("name", "")) for s in self.spans})
                 raise AssertionError(f"timed out waiting for {what}; received {len(self.spans)} spans: {names}")
             self._changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
-            except TimeoutError:
-                pass
 
     # --- HTTP ----------------------------------------------------------------------------------------
 
