@@ -251,7 +251,7 @@ def _strict_v2_encoder() -> Any:
     from opentelemetry.exporter.zipkin.json.v2 import JsonV2Encoder
 
     class StrictJsonV2Encoder(JsonV2Encoder):
-        def _encode_span(self, span: Any, encoded_local_endpoint: dict[str, Any]) -> dict[str, Any]:
+        def _encode_span(self, span: Any, encoded_local_endpoint: Any) -> dict[str, Any]:
             encoded: dict[str, Any] = super()._encode_span(span, encoded_local_endpoint)
             if encoded.get("kind") is None:
                 encoded.pop("kind", None)
