@@ -140,7 +140,7 @@ class OutboxRelay:
         span.set_attribute("im.mid", str(row.mid))
         headers: dict[str, object] = {}
         tracing.inject_headers(span, headers)
-        with tracing.use_span(span):  # the aio-pika instrumentation's publish span nests in it
+        with tracing.use_span(span, end_on_exit=True):  # the aio-pika instrumentation's publish span nests in it
             return await exchange.publish(
                 self._message(row, headers), topology.ROUTING_PREFIX + row.type, mandatory=True
             )

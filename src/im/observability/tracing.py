@@ -386,9 +386,9 @@ def routed(spans: Sequence[tuple[Span, int]]) -> None:
         span.end()
 
 
-def use_span(span: Span) -> contextlib.AbstractContextManager[Span]:
-    """``span`` current (not ended on exit)."""
-    return trace.use_span(span, end_on_exit=False)
+def use_span(span: Span, *, end_on_exit: bool = False) -> contextlib.AbstractContextManager[Span]:
+    """``span`` current while in the block; an exception marks it failed (and is re-raised)."""
+    return trace.use_span(span, end_on_exit=end_on_exit, record_exception=True, set_status_on_exception=True)
 
 
 @contextlib.contextmanager
