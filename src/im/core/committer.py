@@ -227,9 +227,8 @@ class Committer:
                 await self._wake.wait()
                 continue
             items, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
-            if tracing.ON:
-                traces = [i.req.trace for i in items if isinstance(i, _Send) and i.req.trace is not None]
-                with tracing.commit_batch(traces, len(items)):
+            if tracing.ON and (traces := [i.req.trace for i in items if type(i) is _Send and i.req.trace is not None]):
+                with tracing.commit_batch(traces, len(items)):  # a batch carrying sampled messages
                     await self._commit_isolated(items)
             else:
                 await self._commit_isolated(items)
@@ -306,7 +305,7 @@ class Committer:
         self._fail(items, ImError(ErrorCode.UNAVAILABLE, "conversation too contended; retry"))
 
     async def _route_quietly(self, p: _Pass) -> None:
-        spans = tracing.committed(p.acks) if tracing.ON else None  # sampled messages: commit spans
+        spans = tracing.committed(p.acks) if tracing.ON else None  # in a traced batch: commit spans
         try:
             await self._route(p.routed, p.recipients)
         except Exception as exc:  # acked and stored: sessions recover it from the log (gap fetch)

@@ -21,6 +21,7 @@ webhook POST. Within one process, routing hands the commit span of a message to 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import random
 import threading
@@ -62,6 +63,8 @@ _provider: Any = None
 _tracer: trace.Tracer = trace.NoOpTracer()
 _instrumented: list[Any] = []
 _lock = threading.Lock()
+#: True while the committer commits a batch that has a span (:func:`commit_batch`).
+_in_batch: contextvars.ContextVar[bool] = contextvars.ContextVar("im_tracing_in_batch", default=False)
 
 
 # --- sampling ------------------------------------------------------------------------------------------
@@ -221,9 +224,8 @@ def setup(cfg: TracingConfig, service: str, node: str, *, fastapi_app: Any = Non
     with _lock:
         if _provider is not None:
             raise RuntimeError("tracing is set up already in this process")
-        resource = Resource.create(
-            {"service.name": cfg.service_name or service, "service.instance.id": node, "im.node": node}
-        )
+        # Not Resource.create: its telemetry.sdk.* attributes would be three more tags on every span.
+        resource = Resource({"service.name": cfg.service_name or service, "service.instance.id": node})
         provider = TracerProvider(resource=resource, sampler=_build_sampler(cfg.sample_ratio))
         exporter = ZipkinExporter(endpoint=cfg.zipkin_url, timeout=max(1, int(cfg.export_timeout)))
         exporter.encoder = _strict_v2_encoder()
@@ -327,16 +329,21 @@ def end(span: Span, error: Any = None, **attributes: Any) -> None:
 
 @contextlib.contextmanager
 def commit_batch(traces: Sequence[Span], size: int) -> Iterator[Span]:
-    """The committer's span of one batch, current while it commits (SQL and Redis spans nest in it),
-    linked to the traces of the sampled messages it carries."""
+    """The committer's span of one batch that carries sampled messages (``traces``), linked to their
+    traces and current while it commits (SQL and Redis spans nest in it). A batch without a sampled
+    message gets no span: that would cost a span per batch for nothing anyone follows."""
     contexts = [s.get_span_context() for s in traces]
     links = [Link(c) for c in contexts]
     attributes: dict[str, Any] = {"im.batch.size": size, "im.batch.traced": len(contexts)}
     if contexts:
         attributes["im.linked_traces"] = ",".join(f"{c.trace_id:032x}" for c in contexts[:MAX_LINK_TAGS])
     span = _tracer.start_span("im.commit.batch", context=otel_context.Context(), links=links, attributes=attributes)
-    with trace.use_span(span, end_on_exit=True):
-        yield span
+    token = _in_batch.set(True)
+    try:
+        with trace.use_span(span, end_on_exit=True):
+            yield span
+    finally:
+        _in_batch.reset(token)
 
 
 def message_span(
@@ -360,6 +367,8 @@ def committed(acks: Sequence[tuple[Any, Any, bool, Any]]) -> list[tuple[Span, in
     """The committer answered a pass: one ``im.commit`` span per sampled send (child of its carried
     context, from the batch's start), its context put in :data:`ROUTING` for the routing that follows."""
     out: list[tuple[Span, int]] = []
+    if not _in_batch.get():
+        return out
     batch = trace.get_current_span()
     start = getattr(batch, "start_time", None)
     batch_id = f"{batch.get_span_context().span_id:016x}"
