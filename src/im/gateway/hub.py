@@ -196,12 +196,12 @@ class Connection(abc.ABC):
         s = self.session
         req = SendRequest(s.uid, s.device, c.cmid, c.conv, c.to, c.type, c.body)
         if tracing.ON and tracing.sampled():  # one trace per sampled message, from here to every delivery
-            req.trace = tracing.start_send("direct" if c.to is not None else "conv", type(self).__name__)
+            req.trace = tracing.start_send(type(self).__name__)
         self.hub.submit(req, self._send_done)
 
     def _send_done(self, req: SendRequest, m: StoredMessage | None, dup: bool, err: ImError | None) -> None:
         if req.trace is not None:
-            tracing.end(req.trace, err, **({"im.mid": str(m.mid), "im.dup": dup} if m is not None else {}))
+            tracing.end(req.trace, err, None if m is None else m.mid, dup)
         if self.closed:
             return
         if err is not None:

@@ -3,14 +3,14 @@
 Off by default and free: while :data:`ON` is False no tracer provider exists and every hot-path site
 tests ``tracing.ON`` (a module attribute) before anything else, so a message costs one attribute check.
 
-On: one process-wide :class:`TracerProvider` naming the service (``im-gateway``, ``im-transfer``,
-``im-api``, ``im``) and the node, a :class:`BatchSpanProcessor` feeding the Zipkin v2 JSON exporter, and
-``ParentBased`` sampling. Chat messages are sampled at the gateway with one ``random()`` per message
-(:func:`sampled`; an unsampled message makes no span at all); the root sampler honours that decision
-(attribute ``im.sampled``), samples a span linked to a sampled span (a commit batch carrying a sampled
-message), and samples other new traces (HTTP requests) by trace-id ratio. A trace started elsewhere
-keeps its caller's decision. Errors are not kept beyond the ratio: the SDK decides at a span's start,
-and keeping every erroring span would mean recording every span.
+On: a resource naming the service (``im-gateway``, ``im-transfer``, ``im-api``, ``im``) and the node,
+one :class:`BatchSpanProcessor` feeding the Zipkin v2 JSON exporter, and ``ParentBased`` sampling. Chat
+messages are sampled at the gateway with one ``random()`` per message (:func:`sampled`; an unsampled
+message makes no span at all, anywhere); a commit batch has a span only when it carries a sampled
+message. Everything else that starts a trace (HTTP requests, SQL or Redis outside a span) is sampled by
+trace-id ratio. A trace started elsewhere keeps its caller's decision. Errors are not kept beyond the
+ratio: the SDK decides at a span's start, and keeping every failing span would mean recording every
+span.
 
 Context crosses processes as W3C ``traceparent`` (and B3 single ``b3`` in HTTP and AMQP headers): in the
 transfer link's ``Send``/``Delivery`` fields, in the outbox row, in RabbitMQ message headers and in the
@@ -41,9 +41,9 @@ from opentelemetry.propagators.textmap import (
 )
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from opentelemetry.util.types import Attributes
 
 from im.config import TracingConfig
+from im.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,11 @@ ON = False
 ROUTING: dict[int, SpanContext] = {}
 #: How many trace ids a commit batch span names in its ``im.linked_traces`` tag (Zipkin has no links).
 MAX_LINK_TAGS = 64
-#: The attribute by which a span says its sampling was decided already (by :func:`sampled`).
-SAMPLED_ATTR = "im.sampled"
 
 _ratio = 0.0
 _random = random.random
-_provider: Any = None
+_provider: Any = None  # the instrumentations' (sampled by trace-id ratio)
+_message_provider: Any = None  # the message path's (its roots sampled by :func:`sampled`)
 _tracer: trace.Tracer = trace.NoOpTracer()
 _instrumented: list[Any] = []
 _lock = threading.Lock()
@@ -68,44 +67,6 @@ _in_batch: contextvars.ContextVar[bool] = contextvars.ContextVar("im_tracing_in_
 
 
 # --- sampling ------------------------------------------------------------------------------------------
-
-
-def _build_sampler(ratio: float) -> Any:
-    from opentelemetry.sdk.trace.sampling import (
-        Decision,
-        ParentBased,
-        Sampler,
-        SamplingResult,
-        TraceIdRatioBased,
-    )
-
-    class _Root(Sampler):
-        """New traces: a message sampled by :func:`sampled`, a span linked to a sampled span, else
-        the trace-id ratio (the SDK's own ``TraceIdRatioBased``)."""
-
-        def __init__(self) -> None:
-            self._by_ratio = TraceIdRatioBased(ratio)
-
-        def should_sample(
-            self,
-            parent_context: otel_context.Context | None,
-            trace_id: int,
-            name: str,
-            kind: SpanKind | None = None,
-            attributes: Attributes = None,
-            links: Sequence[Link] | None = None,
-            trace_state: Any = None,
-        ) -> SamplingResult:
-            if (attributes and attributes.get(SAMPLED_ATTR)) or any(
-                link.context.trace_flags.sampled for link in links or ()
-            ):
-                return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
-            return self._by_ratio.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
-
-        def get_description(self) -> str:
-            return f"ImRoot{{{ratio}}}"
-
-    return ParentBased(_Root())
 
 
 def sampled() -> bool:
@@ -212,39 +173,77 @@ def extract_headers(headers: Mapping[str, Any] | None) -> otel_context.Context |
 
 
 def setup(cfg: TracingConfig, service: str, node: str, *, fastapi_app: Any = None) -> bool:
-    """Install the provider for this process when ``cfg.enabled`` (else nothing, returns False)."""
-    global ON, _provider, _tracer, _ratio
+    """Install tracing for this process when ``cfg.enabled`` (else nothing, returns False).
+
+    Two tracer providers share one resource and one span processor: the instrumentations' samples new
+    traces by ``ParentBased(TraceIdRatioBased(sample_ratio))``; the message path's by
+    ``ParentBased(ALWAYS_ON)``, because its roots are only started for a message :func:`sampled` chose
+    (a sampler call per message would cost every message, not one in a hundred)."""
+    global ON, _provider, _message_provider, _tracer, _ratio
     if not cfg.enabled:
         return False
     from opentelemetry.exporter.zipkin.json import ZipkinExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
 
     with _lock:
         if _provider is not None:
             raise RuntimeError("tracing is set up already in this process")
         # Not Resource.create: its telemetry.sdk.* attributes would be three more tags on every span.
         resource = Resource({"service.name": cfg.service_name or service, "service.instance.id": node})
-        provider = TracerProvider(resource=resource, sampler=_build_sampler(cfg.sample_ratio))
         exporter = ZipkinExporter(endpoint=cfg.zipkin_url, timeout=max(1, int(cfg.export_timeout)))
         exporter.encoder = _strict_v2_encoder()
-        provider.add_span_processor(
-            BatchSpanProcessor(
-                exporter,
-                max_queue_size=cfg.queue_size,
-                schedule_delay_millis=cfg.schedule_delay * 1000,
-                max_export_batch_size=min(512, cfg.queue_size),
-                export_timeout_millis=cfg.export_timeout * 1000,
-            )
+        processor = BatchSpanProcessor(
+            _quiet(exporter),
+            max_queue_size=cfg.queue_size,
+            schedule_delay_millis=cfg.schedule_delay * 1000,
+            max_export_batch_size=min(512, cfg.queue_size),
+            export_timeout_millis=cfg.export_timeout * 1000,
         )
-        _provider, _ratio = provider, cfg.sample_ratio
-        _tracer = provider.get_tracer("im")
+        provider = TracerProvider(
+            resource=resource, sampler=ParentBased(TraceIdRatioBased(cfg.sample_ratio)), shutdown_on_exit=False
+        )
+        provider.add_span_processor(processor)
+        messages = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON), shutdown_on_exit=False)
+        messages.add_span_processor(processor)
+        _provider, _message_provider, _ratio = provider, messages, cfg.sample_ratio
+        _tracer = messages.get_tracer("im")
         propagate.set_global_textmap(PROPAGATOR)  # the instrumentations read and write traceparent and b3
         _instrument(provider, fastapi_app)
         ON = True
     log.info("tracing on: %s at ratio %s to %s", cfg.service_name or service, cfg.sample_ratio, cfg.zipkin_url)
     return True
+
+
+def _quiet(inner: Any) -> Any:
+    """The Zipkin exporter, with a collector that is down or refuses costing one counted log line per
+    minute (im.throttled_log) instead of the SDK's traceback per export."""
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    failures = ThrottledLog(log, "span exports to Zipkin that failed (spans dropped)")
+    # The exporter logs an error per refused POST itself: the counted line replaces it.
+    logging.getLogger("opentelemetry.exporter.zipkin.json").setLevel(logging.CRITICAL)
+
+    class QuietExporter(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            try:
+                result: SpanExportResult = inner.export(spans)
+            except Exception as exc:
+                failures.hit(f"{type(exc).__name__}: {str(exc)[:200]}")
+                return SpanExportResult.FAILURE
+            if result is SpanExportResult.FAILURE:
+                failures.hit("the collector refused a POST")
+            return result
+
+        def shutdown(self) -> None:
+            inner.shutdown()
+
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            return bool(inner.force_flush(timeout_millis))
+
+    return QuietExporter()
 
 
 def _strict_v2_encoder() -> Any:
@@ -282,9 +281,9 @@ def _instrument(provider: Any, fastapi_app: Any) -> None:
 def shutdown() -> None:
     """Flush what is queued (bounded by the exporter's timeout) and uninstall. Call in the role's stop,
     before the process exits: the exporter posts from its own thread."""
-    global ON, _provider, _tracer
+    global ON, _provider, _message_provider, _tracer
     with _lock:
-        provider, _provider = _provider, None
+        provider, _provider, _message_provider = _provider, None, None
         ON = False
         _tracer = trace.NoOpTracer()
         ROUTING.clear()
@@ -308,19 +307,18 @@ def installed() -> bool:
 # --- the message path ----------------------------------------------------------------------------------
 
 
-def start_send(kind_of_target: str, transport: str) -> Span:
-    """The sender's gateway span of one sampled chat message (ended by :func:`end`)."""
-    return _tracer.start_span(
-        "im.send",
-        kind=SpanKind.SERVER,
-        attributes={SAMPLED_ATTR: True, "im.target": kind_of_target, "im.transport": transport},
-    )
+def start_send(transport: str) -> Span:
+    """The sender's gateway span of one sampled chat message (ended by :func:`end`). Few tags: the SDK
+    spends microseconds on each."""
+    return _tracer.start_span("im.send", kind=SpanKind.SERVER, attributes={"im.transport": transport})
 
 
-def end(span: Span, error: Any = None, **attributes: Any) -> None:
+def end(span: Span, error: Any = None, mid: int | None = None, dup: bool = False) -> None:
     """End ``span``; ``error`` (an ImError or exception) marks it failed."""
-    if attributes:
-        span.set_attributes(attributes)
+    if mid is not None:
+        span.set_attribute("im.mid", str(mid))
+    if dup:
+        span.set_attribute("im.dup", True)
     if error is not None:
         code = getattr(error, "code", None)
         span.set_status(Status(StatusCode.ERROR, f"{getattr(code, 'value', type(error).__name__)}"))
@@ -372,14 +370,19 @@ def committed(acks: Sequence[tuple[Any, Any, bool, Any]]) -> list[tuple[Span, in
     batch = trace.get_current_span()
     start = getattr(batch, "start_time", None)
     batch_id = f"{batch.get_span_context().span_id:016x}"
+    start_span = _tracer.start_span
     for item, m, dup, err in acks:
         parent = item.req.trace
         if parent is None:
             continue
-        span = message_span("im.commit", parent, start_time=start)
-        span.set_attribute("im.batch", batch_id)
+        attributes: dict[str, Any] = {"im.batch": batch_id}
         if m is not None:
-            span.set_attributes({"im.mid": str(m.mid), "im.seq": m.seq, "im.dup": dup})
+            attributes["im.mid"], attributes["im.seq"] = str(m.mid), m.seq
+            if dup:
+                attributes["im.dup"] = True
+        # No link to the batch span: ``im.batch`` names it, and Zipkin would drop a link anyway.
+        span = start_span("im.commit", trace.set_span_in_context(parent), attributes=attributes, start_time=start)
+        if m is not None:
             ROUTING[m.mid] = span.get_span_context()
             out.append((span, m.mid))
         else:
@@ -391,7 +394,6 @@ def routed(spans: Sequence[tuple[Span, int]]) -> None:
     """The pass was routed: end its ``im.commit`` spans and forget their routing contexts."""
     for span, mid in spans:
         ROUTING.pop(mid, None)
-        span.add_event("routed")
         span.end()
 
 
@@ -436,7 +438,7 @@ def deliver_spans(messages: Sequence[Any], local_recipients: Sequence[Sequence[i
                     "im.deliver",
                     context=trace.set_span_in_context(NonRecordingSpan(c)),
                     kind=SpanKind.CONSUMER,
-                    attributes={"im.mid": str(m.mid), "im.seq": m.seq, "im.recipients": len(uids)},
+                    attributes={"im.mid": str(m.mid), "im.recipients": len(uids)},
                 )
             )
     return spans
