@@ -5,6 +5,8 @@ The cluster version (gRPC, RabbitMQ, webhook) is tests/cluster/test_tracing.py."
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import httpx
 import pytest
 from opentelemetry import trace
 
-from im.config import load_config
+from im.config import TracingConfig, load_config
 from im.observability import tracing
 from im.server import EmbeddedServer
 from tests.support.client import ChatClient, register
@@ -167,3 +169,22 @@ def test_propagation_formats_round_trip() -> None:
     ctx = tracing.extract_headers({"b3": "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-1"})
     assert ctx is not None and trace.get_current_span(ctx).get_span_context().trace_id == c.trace_id
     assert tracing.extract_headers({"traceparent": "junk"}) is None
+
+
+def test_a_collector_that_is_down_costs_a_counted_line_not_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as s:  # a port nobody listens on: every POST is refused at once
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/api/v2/spans"
+    cfg = TracingConfig(enabled=True, sample_ratio=1.0, zipkin_url=url, schedule_delay=0.05)
+    assert tracing.setup(cfg, "im", "test-node")
+    try:
+        for _ in range(3):
+            for _ in range(10):
+                tracing.end(tracing.start_send("test"))
+            time.sleep(0.2)  # three failed exports, at least
+    finally:
+        tracing.shutdown()
+    assert not tracing.ON and not tracing.installed()
+    failed = [r for r in caplog.records if "span exports to Zipkin that failed" in r.getMessage()]
+    assert len(failed) == 1, [r.getMessage() for r in caplog.records]
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"

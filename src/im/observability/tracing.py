@@ -218,8 +218,8 @@ def setup(cfg: TracingConfig, service: str, node: str, *, fastapi_app: Any = Non
 
 
 def _quiet(inner: Any) -> Any:
-    """The Zipkin exporter, with a collector that is down or refuses costing one counted log line per
-    minute (im.throttled_log) instead of the SDK's traceback per export."""
+    """The Zipkin exporter, with a collector that is down or refuses costing at most one counted log line
+    per 10 s (im.throttled_log) instead of the SDK's traceback per export."""
     from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
     failures = ThrottledLog(log, "span exports to Zipkin that failed (spans dropped)")
