@@ -247,16 +247,74 @@ def _quiet(inner: Any) -> Any:
 
 
 def _strict_v2_encoder() -> Any:
-    """The exporter's v2 JSON encoder, without the ``"kind": null`` it writes for internal spans: the v2
-    schema's ``kind`` is an enum of four strings, and an internal span has none (the field is omitted)."""
+    """A Zipkin v2 JSON encoder for the exporter, about three times faster than its own (the export
+    thread shares the GIL with the event loop) and strict to the v2 schema:
+
+    - an internal span has no ``kind`` (the exporter writes ``"kind": null``, which the schema's enum
+      does not allow);
+    - no ``debug``: the exporter marks every sampled span ``debug: true``, which would make Zipkin keep
+      it whatever the collector's own sampling says;
+    - tags: the span's attributes, the resource's (``service.name``, ``service.instance.id``),
+      ``otel.scope.name`` (which instrumentation made it), ``otel.status_code`` and ``error``.
+    """
     from opentelemetry.exporter.zipkin.json.v2 import JsonV2Encoder
+    from opentelemetry.trace import StatusCode
+
+    kinds = {
+        SpanKind.SERVER: "SERVER",
+        SpanKind.CLIENT: "CLIENT",
+        SpanKind.PRODUCER: "PRODUCER",
+        SpanKind.CONSUMER: "CONSUMER",
+    }
 
     class StrictJsonV2Encoder(JsonV2Encoder):
         def _encode_span(self, span: Any, encoded_local_endpoint: Any) -> dict[str, Any]:
-            encoded: dict[str, Any] = super()._encode_span(span, encoded_local_endpoint)
-            if encoded.get("kind") is None:
-                encoded.pop("kind", None)
-            return encoded
+            c = span.context
+            start = span.start_time
+            out: dict[str, Any] = {
+                "traceId": f"{c.trace_id:032x}",
+                "id": f"{c.span_id:016x}",
+                "name": span.name,
+                "timestamp": (start + 500) // 1000,
+                "duration": (span.end_time - start + 500) // 1000,
+                "localEndpoint": encoded_local_endpoint,
+            }
+            kind = kinds.get(span.kind)
+            if kind is not None:
+                out["kind"] = kind
+            parent = span.parent
+            if parent is not None:
+                out["parentId"] = f"{parent.span_id:016x}"
+            tags: dict[str, str] = {}
+            for attributes in (span.attributes, span.resource.attributes):
+                for key, value in attributes.items():
+                    t = type(value)
+                    if t is str:
+                        tags[key] = value
+                    elif t is bool:
+                        tags[key] = "true" if value else "false"
+                    elif t is int or t is float:
+                        tags[key] = str(value)
+                    else:  # sequences: as the exporter writes them (a JSON array)
+                        tags.update(self._extract_tags_from_dict({key: value}))
+            scope = span.instrumentation_scope
+            if scope is not None:
+                tags["otel.scope.name"] = scope.name
+            status = span.status
+            if status.status_code is not StatusCode.UNSET:
+                tags["otel.status_code"] = status.status_code.name
+                if status.status_code is StatusCode.ERROR:
+                    tags["error"] = status.description or ""
+            if tags:
+                out["tags"] = tags
+            if span.events:
+                out["annotations"] = self._extract_annotations_from_events(span.events)
+            return out
+
+        @staticmethod
+        def _encode_local_endpoint(local_endpoint: Any) -> Any:
+            # Zipkin keys services by lowercase name
+            return {"serviceName": str(local_endpoint.service_name or "im").lower()}
 
     return StrictJsonV2Encoder()
 
