@@ -330,6 +330,15 @@ class TracingConfig(_Section):
     zipkin_url: str = "http://127.0.0.1:9411/api/v2/spans"
     #: Share of new traces kept (a trace started elsewhere keeps its caller's decision).
     sample_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    #: Zipkin's ``localEndpoint.serviceName``; empty: by role (``im-gateway``, ``im-transfer``, ``im-api``,
+    #: ``im`` for ``im serve``).
+    service_name: str = ""
+    #: Seconds one POST to Zipkin may take (also bounds the flush at shutdown).
+    export_timeout: float = Field(5.0, gt=0.0, le=60.0)
+    #: Finished spans waiting for export; beyond it new spans are dropped (never blocks the loop).
+    queue_size: int = Field(8192, ge=16, le=1_000_000)
+    #: Seconds between exports of what is queued.
+    schedule_delay: float = Field(1.0, gt=0.0, le=60.0)
 
 
 class LogsConfig(_Section):

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from im.backends.registry import Registry
+from im.config import TracingConfig
 from im.model.cluster import ServiceInstance
+from im.observability import tracing
 from im.observability.health import Readiness
 
 log = logging.getLogger("im")
@@ -224,3 +226,22 @@ async def close_all(*closers: Callable[[], Awaitable[None]]) -> None:
             await close()
         except Exception:
             log.exception("close failed")
+
+
+def tracing_part(config: TracingConfig, service: str, node: str, app: Any = None) -> Part:
+    """OpenTelemetry for this process (im.observability.tracing): installed first, shut down last, so
+    the spans of the whole stop are flushed to Zipkin before the process exits (bounded by the export
+    timeout: the exporter posts from its own thread). Disabled: nothing is installed."""
+
+    def start() -> None:
+        tracing.setup(config, service, node, fastapi_app=app)
+
+    async def stop() -> None:
+        if not tracing.installed():
+            return
+        try:
+            await asyncio.wait_for(asyncio.to_thread(tracing.shutdown), config.export_timeout + 2.0)
+        except TimeoutError:
+            log.warning("tracing: spans not flushed within %.0fs at shutdown", config.export_timeout + 2.0)
+
+    return Part("tracing", start, stop)

@@ -48,7 +48,7 @@ from im.compose import (
     require_shared_engines,
 )
 from im.config import Config
-from im.lifecycle import Lifecycle, Loop, Part, registration, report_load
+from im.lifecycle import Lifecycle, Loop, Part, registration, report_load, tracing_part
 from im.model.chat import StoredMessage
 from im.observability import metrics
 from im.observability.health import Readiness
@@ -132,6 +132,7 @@ class TransferNode(_Role):
         refused), end the streams once those answers left on them, then stop gRPC and close."""
         cfg, tc, b = self.config, self.config.transfer, self.backends
         return [
+            tracing_part(cfg.tracing, "im-transfer", tc.node_id),
             *self._ops_first(),
             Part("stores", b.start, b.close),
             Part("files", self.files.start, self.files.close),
@@ -218,6 +219,7 @@ class GatewayNode(_Role):
         cfg, b = self.config, self.backends
         node = cfg.gateway.node_id
         return [
+            tracing_part(cfg.tracing, "im-gateway", node),
             *self._ops_first(),
             Part("stores", b.start, b.close),
             Part("transfer links", lambda: self.pool.start(self.hub), self.pool.close),
@@ -302,6 +304,7 @@ class ApiNode(_Role):
         ``api``, for ``im status``) once HTTP serves; nobody picks API nodes from the registry."""
         b, cfg = self.backends, self.config
         return [
+            tracing_part(self.config.tracing, "im-api", self.config.http.node_id, self.http.app),
             Part("stores", b.start, b.close),
             Part("files", self.files.start, self.files.close),
             Part("transfer links", lambda: self.pool.start(_NoDeliveries()), self.pool.close),

@@ -30,7 +30,7 @@ from im.compose import (
     listed,
 )
 from im.config import Config
-from im.lifecycle import Lifecycle, Loop, Part, registration, report_load
+from im.lifecycle import Lifecycle, Loop, Part, registration, report_load, tracing_part
 from im.observability import metrics
 
 
@@ -101,6 +101,7 @@ class EmbeddedServer:
         cfg, b = self.config, self.backends
         node = cfg.gateway.node_id
         return [
+            tracing_part(cfg.tracing, "im", node, self.http.app),
             Part("stores", b.start, b.close),
             Part("files", self.files.start, self.files.close),
             Part("http", self.http.start, self.http.stop),

@@ -57,3 +57,21 @@ async def test_refused_batch_writes_no_outbox_row(outbox_chat: ChatHarness) -> N
     with pytest.raises(SeqConflict):  # stale head
         await store.commit(CommitBatch(messages=[msg(conv, 2, a)], heads={conv: (0, 2, 9)}))
     assert await store.outbox_fetch(100) == before
+
+
+async def test_a_traced_message_keeps_its_trace_context_in_its_row(outbox_chat: ChatHarness) -> None:
+    """Tracing on: ``CommitBatch.traces`` (mid -> traceparent) lands in the rows of those messages only,
+    on the one-call path as on the transactional one (a new conversation)."""
+    store = outbox_chat.store
+    a, b = await outbox_chat.add_user("a", "A"), await outbox_chat.add_user("b", "B")
+    first = await new_direct(store, a, b, 1)
+    conv = direct_conv(a, b)
+    messages = [msg(conv, 2, a), msg(conv, 3, b)]
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    await store.commit(CommitBatch(messages=messages, heads={conv: (1, 3, 9)}, traces={messages[1].mid: tp}))
+    events = await store.outbox_fetch(100)
+    assert [(e.mid, e.traceparent) for e in events] == [
+        (first[0].mid, None),
+        (messages[0].mid, None),
+        (messages[1].mid, tp),
+    ]

@@ -67,6 +67,7 @@ class HttpServer:
     def __init__(self, config: Config, app: Any, admission: Admission, *, tls: TlsAccept | None = None) -> None:
         self.config = config
         self._app = app
+        self.app = app  # the ASGI app as given (tracing instruments it before the start)
         self._admission = admission
         self._tls = tls
         self.url = ""

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
+from opentelemetry.trace import Span
 
 from im.backends.accounts import UserDirectory
 from im.backends.chat import ChatStore
@@ -46,6 +47,7 @@ from im.core.states import ConversationStates, unknown_conv
 from im.model.chat import CommitBatch, ConversationState, Group, MemberChange, StoredMessage
 from im.model.errors import ErrorCode, ImError, SeqConflict
 from im.model.ids import direct_conv, group_conv, parse_conv
+from im.observability import tracing
 from im.observability.metrics import METRICS
 from im.throttled_log import ThrottledLog
 
@@ -90,6 +92,9 @@ class SendRequest(msgspec.Struct, gc=False):
     to: int | None
     type: str
     body: bytes  # JSON text
+    #: A sampled message's span in this process (tracing on; im.observability.tracing): the gateway's
+    #: send span, or on a transfer node the context the gateway carried.
+    trace: Span | None = None
 
 
 @dataclass(slots=True)
@@ -223,7 +228,11 @@ class Committer:
                 await self._wake.wait()
                 continue
             items, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
-            await self._commit_isolated(items)
+            if tracing.ON and (traces := [i.req.trace for i in items if type(i) is _Send and i.req.trace is not None]):
+                with tracing.commit_batch(traces, len(items)):  # a batch carrying sampled messages
+                    await self._commit_isolated(items)
+            else:
+                await self._commit_isolated(items)
 
     async def _commit_isolated(self, items: list[_Send | _MemberOp]) -> None:
         """Commit ``items``; if the store refuses the batch, split it so only what it will not take fails
@@ -304,10 +313,14 @@ class Committer:
         self._fail(items, ImError(ErrorCode.UNAVAILABLE, "conversation too contended; retry"))
 
     async def _route_quietly(self, p: _Pass) -> None:
+        spans = tracing.committed(p.acks) if tracing.ON else None  # in a traced batch: commit spans
         try:
             await self._route(p.routed, p.recipients)
         except Exception as exc:  # acked and stored: sessions recover it from the log (gap fetch)
             log.warning("routing %d committed messages failed (%s: %s)", len(p.routed), type(exc).__name__, exc)
+        finally:
+            if spans:
+                tracing.routed(spans)
 
     def _finish(self, p: _Pass) -> None:
         for item, m, dup, err in p.acks:
@@ -526,6 +539,8 @@ class Committer:
         )
         in_batch[key] = m
         p.batch.messages.append(m)
+        if req.trace is not None:  # a sampled message (tracing on): its context rides in the outbox row
+            p.batch.traces[m.mid] = tracing.format_traceparent(req.trace.get_span_context())
         p.read_marks[(req.uid, conv)] = m.seq  # a sender has read up to its own message
         p.acks.append((item, m, False, None))
         p.routed.append(m)

@@ -29,11 +29,13 @@ from collections.abc import Awaitable, Callable, Sequence
 import aio_pika
 import httpx
 import msgspec
+from opentelemetry.trace import Span
 
 from im.backends.dedupe import Dedupe
 from im.backends.presence import Presence
 from im.backends.tls import ClientTls, amqp_context
 from im.events import topology
+from im.observability import tracing
 from im.observability.metrics import METRICS
 
 log = logging.getLogger(__name__)
@@ -120,7 +122,11 @@ class PushConsumer:
             await message.reject(requeue=False)
             return
         try:
-            await self.handle(event)
+            if tracing.ON and (ctx := tracing.extract_headers(message.headers)) is not None:
+                with tracing.consumer_span("im.push", ctx, mid=event.mid) as span:
+                    await self.handle(event, span)
+            else:
+                await self.handle(event)
         except Exception as exc:
             count = (message.headers or {}).get("x-delivery-count", 0)
             attempts = (count if isinstance(count, int) else 0) + 1  # the quorum queue counts redeliveries
@@ -137,9 +143,10 @@ class PushConsumer:
             return
         await message.ack()
 
-    async def handle(self, event: topology.Event) -> None:
+    async def handle(self, event: topology.Event, span: Span | None = None) -> None:
         """Push one event (at most once per mid, as far as the dedupe remembers); raises when the webhook
-        failed."""
+        failed. ``span``: the event's ``im.push`` span (tracing on, a sampled message): the POST gets a
+        child span and carries it in ``traceparent`` and ``b3``."""
         if await self.dedupe.seen(event.mid):
             self.duplicates += 1
             METRICS.webhook["duplicate"] += 1
@@ -150,12 +157,16 @@ class PushConsumer:
         if not recipients:
             METRICS.webhook["nobody_offline"] += 1
             return
-        response = await self._http.post(
-            self.webhook_url,
-            json={"mid": event.mid, "conv": event.conv, "seq": event.seq, "recipients": recipients},
-            headers={"Idempotency-Key": event.mid},
-        )
-        response.raise_for_status()
+        body = {"mid": event.mid, "conv": event.conv, "seq": event.seq, "recipients": recipients}
+        headers = {"Idempotency-Key": event.mid}
+        if span is not None:
+            with tracing.client_span("im.webhook", span, headers, url=self.webhook_url) as post:
+                response = await self._http.post(self.webhook_url, json=body, headers=headers)
+                post.set_attribute("http.response.status_code", response.status_code)
+                response.raise_for_status()
+        else:
+            response = await self._http.post(self.webhook_url, json=body, headers=headers)
+            response.raise_for_status()
         await self.dedupe.record(event.mid)
         self.pushed += 1
         METRICS.webhook["pushed"] += 1

@@ -20,11 +20,13 @@ import time
 from collections.abc import Sequence
 
 import aio_pika
+from opentelemetry.trace import SpanKind
 
 from im.backends.chat import Outbox
 from im.backends.tls import ClientTls, amqp_context
 from im.events import topology
 from im.model.chat import OutboxEvent
+from im.observability import tracing
 from im.observability.metrics import METRICS
 
 log = logging.getLogger(__name__)
@@ -121,15 +123,10 @@ class OutboxRelay:
         # Published in id order (the channel writes in call order); confirms awaited together.
         await asyncio.gather(
             *(
-                exchange.publish(
-                    aio_pika.Message(
-                        topology.encode(topology.event_of(row)),
-                        content_type="application/json",
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                        message_id=str(row.mid),
-                    ),
-                    routing_key=topology.ROUTING_PREFIX + row.type,
-                    mandatory=True,
+                self._publish_traced(exchange, row)
+                if tracing.ON and row.traceparent
+                else exchange.publish(
+                    self._message(row), routing_key=topology.ROUTING_PREFIX + row.type, mandatory=True
                 )
                 for row in rows
             )
@@ -138,6 +135,32 @@ class OutboxRelay:
         self.published += len(rows)
         METRICS.outbox_published += len(rows)
         return len(rows)
+
+    @staticmethod
+    def _message(row: OutboxEvent, headers: dict[str, object] | None = None) -> aio_pika.Message:
+        return aio_pika.Message(
+            topology.encode(topology.event_of(row)),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=str(row.mid),
+            headers=headers,  # type: ignore[arg-type]
+        )
+
+    async def _publish_traced(self, exchange: aio_pika.abc.AbstractExchange, row: OutboxEvent) -> object:
+        """A sampled message's event (its outbox row kept the trace): an ``im.relay`` span, child of the
+        sender's gateway span, whose context goes in the AMQP headers ``traceparent`` and ``b3``."""
+        assert row.traceparent is not None
+        parent = tracing.remote(row.traceparent)
+        if parent is None:
+            return await exchange.publish(self._message(row), topology.ROUTING_PREFIX + row.type, mandatory=True)
+        span = tracing.message_span("im.relay", parent, kind=SpanKind.PRODUCER)
+        span.set_attribute("im.mid", str(row.mid))
+        headers: dict[str, object] = {}
+        tracing.inject_headers(span, headers)
+        with tracing.use_span(span, end_on_exit=True):  # the aio-pika instrumentation's publish span nests in it
+            return await exchange.publish(
+                self._message(row, headers), topology.ROUTING_PREFIX + row.type, mandatory=True
+            )
 
 
 async def broker_ping(amqp_url: str, *, tls: ClientTls | None = None, timeout: float = 5.0) -> None:

@@ -33,6 +33,7 @@ from im.model.chat import StoredMessage
 from im.model.cluster import DeviceLocation
 from im.model.errors import ErrorCode, ImError
 from im.model.ids import direct_conv
+from im.observability import tracing
 from im.observability.metrics import LATENCY_SAMPLE, METRICS
 from im.protocol import commands as cmd
 from im.protocol.codec import Encoding
@@ -204,13 +205,18 @@ class Connection(abc.ABC):
     def _submit(self, c: cmd.Submit) -> None:
         s = self.session
         METRICS.sends += 1
+        req = SendRequest(s.uid, s.device, c.cmid, c.conv, c.to, c.type, c.body)
         if not METRICS.sends % LATENCY_SAMPLE and METRICS.enabled:  # one send in LATENCY_SAMPLE is timed
             if self.sent_at is None:
                 self.sent_at = {}
             self.sent_at[c.cmid] = time.perf_counter()
-        self.hub.submit(SendRequest(s.uid, s.device, c.cmid, c.conv, c.to, c.type, c.body), self._send_done)
+        if tracing.ON and tracing.sampled():  # one trace per sampled message, from here to every delivery
+            req.trace = tracing.start_send(type(self).__name__)
+        self.hub.submit(req, self._send_done)
 
     def _send_done(self, req: SendRequest, m: StoredMessage | None, dup: bool, err: ImError | None) -> None:
+        if req.trace is not None:
+            tracing.end(req.trace, err, None if m is None else m.mid, dup)
         if err is not None:
             METRICS.refused += 1
         else:
@@ -436,6 +442,17 @@ class Hub(DeliverySink):
             for m in messages[(-METRICS.routed - 1) % LATENCY_SAMPLE :: LATENCY_SAMPLE]:  # the 8th, 16th, ...
                 observe((now_ms - m.ts) / 1000.0)
             METRICS.routed += len(messages)
+        if tracing.ROUTING:  # sampled messages among them (tracing on): a delivery span each
+            spans = tracing.deliver_spans(messages, recipients)
+            try:
+                self._deliver(messages, recipients)
+            finally:
+                for span in spans:
+                    span.end()
+        else:
+            self._deliver(messages, recipients)
+
+    def _deliver(self, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
         by_user = self._by_user
         for m, uids in zip(messages, recipients, strict=True):
             for uid in uids:

@@ -56,6 +56,8 @@ class CommitBatch:
     member_changes: list[MemberChange] = field(default_factory=list)
     read_marks: list[tuple[int, str, int]] = field(default_factory=list)  # (uid, conv, seq)
     file_refs: list[tuple[str, str]] = field(default_factory=list)  # (file_id, conv): grants members read
+    #: mid -> W3C traceparent of a sampled message (tracing on): kept in its outbox row for the relay.
+    traces: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,7 @@ class OutboxEvent:
     sender: int
     type: str
     created_at: int
+    traceparent: str | None = None  # the message's trace (sampled with tracing on), for the relay
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,6 +91,22 @@ class ImFormatter(logging.Formatter):
         return f"{line}\n{exc}" if exc else line
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not the object it was at setup: a
+    command run in-process (tests, an embedding program) may replace stderr and close the old one."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:
+        pass
+
+
 def setup(
     *,
     level: str = "info",
@@ -109,7 +125,7 @@ def setup(
         if getattr(old, "_im_logs", False):
             root.removeHandler(old)
             old.close()
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler: logging.Handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler._im_logs = True  # type: ignore[attr-defined]  # ours, replaced by the next setup()
     handler.setFormatter(ImFormatter(fmt, node=node, role=role))
     root.addHandler(handler)

@@ -23,6 +23,7 @@ from im.backends.routing import DeliverySink
 from im.core.committer import SendCallback, SendRequest
 from im.model.chat import StoredMessage
 from im.model.errors import ErrorCode, ImError
+from im.observability import tracing
 from im.observability.metrics import METRICS
 from im.protocol.codec import Encoding, decode_server
 from im.transfer.gen import transfer_pb2 as pb
@@ -323,10 +324,31 @@ class TransferLink:
         if frame.deliveries:
             messages = [message_from_pb(d.message) for d in frame.deliveries]
             recipients = [list(d.uids) for d in frame.deliveries]
-            self.sink.deliver(messages, recipients)
+            if tracing.ON:
+                self._deliver_traced(frame, messages, recipients)
+            else:
+                self.sink.deliver(messages, recipients)
         for e in frame.events:
             skip = (e.skip_uid, e.skip_device) if e.has_skip else None
             self.sink.deliver_event(self._decode_event(e.frame), list(e.uids), skip)
         if self.on_revoked is not None:
             for sid in frame.revoked_sessions:
                 self.on_revoked(sid)
+
+    def _deliver_traced(
+        self, frame: pb.TransferFrame, messages: list[StoredMessage], recipients: list[list[int]]
+    ) -> None:
+        """Deliver with the commit contexts carried in the frame in ``tracing.ROUTING`` (the hub makes a
+        delivery span of each), then forget them."""
+        traced = []
+        for d, m in zip(frame.deliveries, messages, strict=True):
+            if d.HasField("traceparent"):
+                c = tracing.parse_traceparent(d.traceparent)
+                if c is not None:
+                    tracing.ROUTING[m.mid] = c
+                    traced.append(m.mid)
+        try:
+            self.sink.deliver(messages, recipients)
+        finally:
+            for mid in traced:
+                tracing.ROUTING.pop(mid, None)

@@ -26,6 +26,7 @@ from im.backends.routing import DeliverySink, Router
 from im.core.committer import SendCallback, SendRequest
 from im.model.chat import StoredMessage
 from im.model.errors import ImError
+from im.observability import tracing
 from im.protocol.codec import Encoding, decode_server, encode
 from im.throttled_log import ThrottledLog
 from im.transfer.gen import transfer_pb2 as pb
@@ -60,6 +61,7 @@ class LinkOutbox:
         self.node = node
         self.results: list[tuple[int, StoredMessage | None, bool, ImError | None]] = []
         self.deliveries: list[tuple[StoredMessage, Sequence[int]]] = []
+        self.traces: dict[int, str] = {}  # mid -> traceparent of a sampled message's commit span
         self.events: list[tuple[bytes, Sequence[int], tuple[int, str] | None]] = []
         self.revoked: list[str] = []
         self.ready = asyncio.Event()
@@ -80,6 +82,11 @@ class LinkOutbox:
             self.dropped += len(messages)
             return
         self.deliveries.extend(zip(messages, recipients, strict=True))
+        if tracing.ROUTING:  # sampled messages among them (tracing on): carry their contexts
+            for m in messages:
+                c = tracing.ROUTING.get(m.mid)
+                if c is not None:
+                    self.traces[m.mid] = tracing.format_traceparent(c)
         self.ready.set()
 
     def add_event(self, frame: bytes, uids: Sequence[int], skip: tuple[int, str] | None) -> None:
@@ -125,9 +132,14 @@ class LinkOutbox:
                 message_to_pb(m, add_result(rid=rid, dup=True).message)
             else:  # fresh: the gateway has the rest of the message in its request
                 add_result(rid=rid, conv=m.conv, seq=m.seq, mid=m.mid, ts=m.ts)
+        traces = self.traces
         for m, uids in deliveries:
             d = frame.deliveries.add(uids=uids)
             message_to_pb(m, d.message)
+            if traces:
+                tp = traces.pop(m.mid, None)
+                if tp is not None:
+                    d.traceparent = tp
         for data, uids, skip in events:
             e = frame.events.add(frame=data, uids=uids)
             if skip is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from im.core.committer import SendRequest
 from im.model.chat import StoredMessage
 from im.model.errors import ErrorCode, ImError
+from im.observability import tracing
 from im.transfer.gen import transfer_pb2 as pb
 
 #: The one RPC, as grpc names it (``/<package>.<service>/<method>``).
@@ -30,6 +31,8 @@ def send_to_pb(rid: int, req: SendRequest) -> pb.Send:
         s.conv = req.conv
     if req.to is not None:
         s.to = req.to
+    if req.trace is not None:
+        s.traceparent = tracing.format_traceparent(req.trace.get_span_context())
     return s
 
 
@@ -42,6 +45,7 @@ def send_from_pb(s: pb.Send) -> SendRequest:
         to=s.to if s.HasField("to") else None,
         type=s.type,
         body=s.body,
+        trace=tracing.remote(s.traceparent) if tracing.ON and s.HasField("traceparent") else None,
     )
 
 

@@ -48,7 +48,7 @@ from im.model.keys import WrappedKey
 
 _MSG_FIELDS = ["conv", "seq", "mid", "sender", "device", "cmid", "ts", "type", "body"]
 _MSG_COLUMNS = ", ".join(_MSG_FIELDS)
-_OUTBOX_FIELDS = ["conv", "seq", "mid", "sender", "type", "created_at"]
+_OUTBOX_FIELDS = ["conv", "seq", "mid", "sender", "type", "created_at", "traceparent"]
 
 # A refused batch wrote nothing; the committer reloads and retries.
 _CONFLICTS = (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
@@ -136,7 +136,8 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
         ):
             return
         try:
-            if batch.new_conversations or batch.member_changes or batch.file_refs:
+            # A batch carrying traced messages (tracing on) writes its outbox rows' trace contexts by COPY.
+            if batch.new_conversations or batch.member_changes or batch.file_refs or (self.outbox and batch.traces):
                 async with self.db.pool.acquire() as conn, conn.transaction():
                     await self._write(conn, batch)
             else:  # the common case: one function call, one round trip
@@ -202,7 +203,8 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
             records = [(m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, m.body) for m in batch.messages]
             await conn.copy_records_to_table("messages", records=records, columns=_MSG_FIELDS)
             if self.outbox:
-                events = [(m.conv, m.seq, m.mid, m.sender, m.type, m.ts) for m in batch.messages]
+                traces = batch.traces
+                events = [(m.conv, m.seq, m.mid, m.sender, m.type, m.ts, traces.get(m.mid)) for m in batch.messages]
                 await conn.copy_records_to_table("outbox", records=events, columns=_OUTBOX_FIELDS)
         if batch.member_changes:
             deletes, upserts, owners = net_member_changes(batch.member_changes)

@@ -114,9 +114,11 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
                     [(m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, m.body) for m in batch.messages],
                 )
                 if self.outbox and batch.messages:
+                    traces = batch.traces
                     conn.executemany(
-                        "INSERT INTO outbox (conv, seq, mid, sender, type, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                        [(m.conv, m.seq, m.mid, m.sender, m.type, m.ts) for m in batch.messages],
+                        "INSERT INTO outbox (conv, seq, mid, sender, type, created_at, traceparent)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [(m.conv, m.seq, m.mid, m.sender, m.type, m.ts, traces.get(m.mid)) for m in batch.messages],
                     )
                 for ch in batch.member_changes:
                     if ch.role is None:
@@ -283,7 +285,8 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
     async def outbox_fetch(self, limit: int) -> list[OutboxEvent]:
         rows = await self.db.read(
             lambda conn: conn.execute(
-                "SELECT id, conv, seq, mid, sender, type, created_at FROM outbox ORDER BY id LIMIT ?", (limit,)
+                "SELECT id, conv, seq, mid, sender, type, created_at, traceparent FROM outbox ORDER BY id LIMIT ?",
+                (limit,),
             ).fetchall()
         )
         return [OutboxEvent(*row) for row in rows]

@@ -192,6 +192,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX data_keys_master ON data_keys (master_id);
     """,
+    # 7: tracing (im.observability.tracing): the trace context of a sampled message, for the relay
+    """
+    ALTER TABLE outbox ADD COLUMN traceparent TEXT;
+    """,
 ]
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")

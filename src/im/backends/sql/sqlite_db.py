@@ -151,6 +151,10 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX data_keys_master ON data_keys (master_id);
     """,
+    # 6: tracing (im.observability.tracing): the trace context of a sampled message, for the relay
+    """
+    ALTER TABLE outbox ADD COLUMN traceparent TEXT;
+    """,
 ]
 
 

@@ -16,7 +16,7 @@ class Hello(_message.Message):
     def __init__(self, node: _Optional[str] = ...) -> None: ...
 
 class Send(_message.Message):
-    __slots__ = ("rid", "uid", "device", "cmid", "conv", "to", "type", "body")
+    __slots__ = ("rid", "uid", "device", "cmid", "conv", "to", "type", "body", "traceparent")
     RID_FIELD_NUMBER: _ClassVar[int]
     UID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class Send(_message.Message):
     TO_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     rid: int
     uid: int
     device: str
@@ -33,6 +34,7 @@ class Send(_message.Message):
     to: int
     type: str
     body: bytes
+    traceparent: str
     def __init__(
         self,
         rid: _Optional[int] = ...,
@@ -43,6 +45,7 @@ class Send(_message.Message):
         to: _Optional[int] = ...,
         type: _Optional[str] = ...,
         body: _Optional[bytes] = ...,
+        traceparent: _Optional[str] = ...,
     ) -> None: ...
 
 class Route(_message.Message):
@@ -151,13 +154,18 @@ class Result(_message.Message):
     ) -> None: ...
 
 class Delivery(_message.Message):
-    __slots__ = ("message", "uids")
+    __slots__ = ("message", "uids", "traceparent")
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     UIDS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     message: Message
     uids: _containers.RepeatedScalarFieldContainer[int]
+    traceparent: str
     def __init__(
-        self, message: _Optional[_Union[Message, _Mapping]] = ..., uids: _Optional[_Iterable[int]] = ...
+        self,
+        message: _Optional[_Union[Message, _Mapping]] = ...,
+        uids: _Optional[_Iterable[int]] = ...,
+        traceparent: _Optional[str] = ...,
     ) -> None: ...
 
 class Event(_message.Message):
