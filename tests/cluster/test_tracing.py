@@ -110,8 +110,14 @@ async def test_one_connected_trace_from_gateway_through_transfer_to_gateway(
         assert _node(batch) == _node(commit)
         assert any(s.get("parentId") == batch["id"] for s in zipkin.trace(batch["traceId"]))
         # The API's HTTP requests (the registrations) are traced too, without FastAPI's receive/send spans.
-        api = [s for s in zipkin.spans if s["localEndpoint"]["serviceName"] == "im-api"]
-        assert any(s.get("kind") == "SERVER" and "register" in s.get("name", "") for s in api), api[:3]
+        def registered() -> bool:
+            api = [s for s in zipkin.spans if s["localEndpoint"]["serviceName"] == "im-api"]
+            return any(s.get("kind") == "SERVER" and "register" in s.get("name", "") for s in api)
+
+        await zipkin.wait_for(registered, what="the API's span of a registration")
+        # Readiness probes (SELECT 1, PING every second on every node) make no spans.
+        probes = [s for s in zipkin.spans if s.get("name") == "PING" or s.get("tags", {}).get("db.statement") == "SELECT 1"]
+        assert not probes, probes[:3]
         assert not [s for s in zipkin.spans if s.get("name", "").endswith((" http send", " http receive"))]
         await history.close_all()
         await history.check()
@@ -151,6 +157,7 @@ async def test_the_trace_reaches_the_webhook(
         await asyncio.sleep(0.1)
     [(headers, body)] = webhook.requests
     assert body["recipients"] == [carol.uid]
+    await zipkin.wait_for(lambda: zipkin.named("im.send"), what="the message's send span")
     send = _one(zipkin.spans, "im.send")
     trace_id = send["traceId"]
 

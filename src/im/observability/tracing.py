@@ -455,6 +455,16 @@ def routed(spans: Sequence[tuple[Span, int]]) -> None:
         span.end()
 
 
+def untraced() -> contextlib.AbstractContextManager[object]:
+    """Work that must make no spans, the instrumentations' included: readiness probes run every second or
+    so on every node, and a trace each would bury the ones that matter."""
+    if not ON:
+        return contextlib.nullcontext()
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    return suppress_instrumentation()
+
+
 def use_span(span: Span, *, end_on_exit: bool = False) -> contextlib.AbstractContextManager[Span]:
     """``span`` current while in the block; an exception marks it failed (and is re-raised)."""
     return trace.use_span(span, end_on_exit=end_on_exit, record_exception=True, set_status_on_exception=True)
