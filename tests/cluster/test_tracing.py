@@ -109,6 +109,7 @@ async def test_one_connected_trace_from_gateway_through_transfer_to_gateway(
         assert send["traceId"] in batch["tags"]["im.linked_traces"].split(",")
         assert _node(batch) == _node(commit)
         assert any(s.get("parentId") == batch["id"] for s in zipkin.trace(batch["traceId"]))
+
         # The API's HTTP requests (the registrations) are traced too, without FastAPI's receive/send spans.
         def registered() -> bool:
             api = [s for s in zipkin.spans if s["localEndpoint"]["serviceName"] == "im-api"]
@@ -116,7 +117,9 @@ async def test_one_connected_trace_from_gateway_through_transfer_to_gateway(
 
         await zipkin.wait_for(registered, what="the API's span of a registration")
         # Readiness probes (SELECT 1, PING every second on every node) make no spans.
-        probes = [s for s in zipkin.spans if s.get("name") == "PING" or s.get("tags", {}).get("db.statement") == "SELECT 1"]
+        probes = [
+            s for s in zipkin.spans if s.get("name") == "PING" or s.get("tags", {}).get("db.statement") == "SELECT 1"
+        ]
         assert not probes, probes[:3]
         assert not [s for s in zipkin.spans if s.get("name", "").endswith((" http send", " http receive"))]
         await history.close_all()
