@@ -5,7 +5,6 @@ their operations listeners, a transfer node) reports exactly the sends, acks and
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 import signal
@@ -87,22 +86,6 @@ def _yaml_rules(path: Path) -> list[dict[str, str]]:
 
 # --- a real cluster scraped by a real Prometheus ---------------------------------------------------------
 
-#: Offsets from the base port of a two-gateway, one-transfer cluster, operations listeners included.
-_OFFSETS = (0, 5, 6, 11, 12, 13, 14, 17, 21, 22, 24)
-
-
-def _free_base() -> int:
-    for _ in range(200):
-        base = random.randrange(20_000, 59_000, 50)
-        try:
-            for off in _OFFSETS:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", base + off))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free port range for a cluster")
-
 
 class Prometheus:
     """``prometheus`` as a plain process on a free port, its data in a temporary directory."""
@@ -170,8 +153,7 @@ class Prometheus:
 
 @pytest.fixture
 def small_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    c = make_cluster(tmp_path / "cluster", gateways=2, transfers=1)
-    c.base_port = _free_base()
+    c = make_cluster(tmp_path / "cluster", gateways=2, transfers=1)  # free ports, ops listeners' included
     c.start()
     yield c
     stop_checked(c)
