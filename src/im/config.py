@@ -329,7 +329,7 @@ class TracingConfig(_Section):
     #: Zipkin's v2 span endpoint (JSON POSTs).
     zipkin_url: str = "http://127.0.0.1:9411/api/v2/spans"
     #: Share of new traces kept (a trace started elsewhere keeps its caller's decision).
-    sample_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    sample_ratio: float = Field(0.01, ge=0.0, le=1.0)
     #: Zipkin's ``localEndpoint.serviceName``; empty: by role (``im-gateway``, ``im-transfer``, ``im-api``,
     #: ``im`` for ``im serve``).
     service_name: str = ""
