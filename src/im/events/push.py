@@ -91,7 +91,7 @@ class PushConsumer:
             delay = self.backoff
             while True:
                 try:
-                    connection = await aio_pika.connect(
+                    connection = await topology.connect(
                         self.amqp_url, timeout=self.connect_timeout, ssl_context=self.ssl_context
                     )
                     async with connection:

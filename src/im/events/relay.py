@@ -81,7 +81,7 @@ class OutboxRelay:
         delay = self.backoff
         while True:
             try:
-                connection = await aio_pika.connect(
+                connection = await topology.connect(
                     self.amqp_url, timeout=self.connect_timeout, ssl_context=self.ssl_context
                 )
             except Exception as exc:
@@ -166,13 +166,8 @@ class OutboxRelay:
 async def broker_ping(amqp_url: str, *, tls: ClientTls | None = None, timeout: float = 5.0) -> None:
     """Open a connection to RabbitMQ and close it: raises when the broker is unreachable or refuses these
     credentials (a readiness check; im.observability.health caches it, so probes do not open one each)."""
-    # Built here rather than by aio_pika.connect: a probe cut short (its timeout) must still close what it
-    # opened, or aio-pika's __del__ leaves an un-awaited close() behind.
-    connection = aio_pika.Connection(aio_pika.connection.make_url(amqp_url), ssl_context=amqp_context(amqp_url, tls))
-    try:
-        await connection.connect(timeout=timeout)
-    finally:
-        await connection.close()
+    connection = await topology.connect(amqp_url, timeout=timeout, ssl_context=amqp_context(amqp_url, tls))
+    await connection.close()
 
 
 def _observe(rows: Sequence[OutboxEvent]) -> None:

@@ -5,6 +5,7 @@ Both sides declare the topology (idempotent: the same arguments every time), so 
 
 from __future__ import annotations
 
+from ssl import SSLContext
 from typing import Any
 
 import aio_pika
@@ -15,6 +16,19 @@ from im.model.chat import OutboxEvent
 EXCHANGE = "im.events"
 PUSH_QUEUE = "im.push"
 ROUTING_PREFIX = "message."  # routing key: "message.<type>"; the push queue binds "message.#"
+
+
+async def connect(amqp_url: str, *, timeout: float, ssl_context: SSLContext | None = None) -> aio_pika.Connection:
+    """An open connection to the broker. Unlike ``aio_pika.connect``, a connect that fails or is cut short
+    closes what it opened: aio-pika's ``__del__`` would otherwise leave an un-awaited ``close()`` behind
+    for every failed attempt (a relay retrying against a broker that refuses it makes one per retry)."""
+    connection = aio_pika.Connection(aio_pika.connection.make_url(amqp_url), ssl_context=ssl_context)
+    try:
+        await connection.connect(timeout=timeout)
+    except BaseException:
+        await connection.close()
+        raise
+    return connection
 
 
 class Event(msgspec.Struct, frozen=True):
