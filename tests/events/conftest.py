@@ -20,6 +20,7 @@ from im.backends.chat import ChatStore
 from im.backends.chat.postgres import PostgresChatStore
 from im.backends.chat.sqlite import SqliteChatStore
 from im.backends.sql.sqlite_db import SqliteDatabase
+from im.events.topology import connect
 from tests.support.postgres import PgSchema, start
 
 AMQP_URL = os.environ.get("IM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -27,7 +28,7 @@ AMQP_URL = os.environ.get("IM_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672
 
 async def amqp_connect() -> aio_pika.abc.AbstractConnection:
     try:
-        return await aio_pika.connect(AMQP_URL, timeout=5)
+        return await connect(AMQP_URL, timeout=5)
     except Exception as exc:
         pytest.fail(f"RabbitMQ at {AMQP_URL} is unreachable ({type(exc).__name__}: {exc}); set IM_TEST_AMQP_URL")
 
