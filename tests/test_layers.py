@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "im"
 
 MODEL = {"model"}
 INTERFACES = {"backends"}  # any backend package itself (its interface), never its implementations
-LEAF_UTILS = {"throttled_log", "net", "config"}
+LEAF_UTILS = {"throttled_log", "net", "config", "cli_help"}
 #: Metrics, tracing, logs and health: used by every layer, importing only leaves.
 OBS = {"observability"}
 
@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "throttled_log": set(),
     "net": set(),
     "config": set(),
+    "cli_help": set(),
     "certs": set(),
     "tls": set(),
     "observability": MODEL | {"config", "throttled_log"},
@@ -43,10 +44,10 @@ ALLOWED: dict[str, set[str]] = {
     "transfer": MODEL | INTERFACES | OBS | {"protocol", "core", "backends.impl", "throttled_log"},
     "client": MODEL | {"protocol"},
     "chat_tui": MODEL | {"protocol", "client"},
-    "bench": MODEL | {"protocol", "client", "certs"},  # --spawn --tls makes its CA with im.certs
+    "bench": MODEL | {"protocol", "client", "certs", "cli_help"},  # --spawn --tls makes its CA with im.certs
 }
 #: The composition root and entry points: they may import anything.
-ROOTS = {"server", "roles", "cluster", "cli", "__main__", "compose", "lifecycle", "im"}
+ROOTS = {"server", "roles", "cluster", "cli", "__main__", "compose", "lifecycle", "startup", "im"}
 
 
 def _unit(module: str) -> str:
@@ -98,6 +99,6 @@ def test_no_import_points_against_the_layers() -> None:
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
 
 
-@pytest.mark.parametrize("unit", ["model", "throttled_log", "net", "config", "certs", "tls"])
+@pytest.mark.parametrize("unit", ["model", "throttled_log", "net", "config", "cli_help", "certs", "tls"])
 def test_leaves_import_nothing_of_im(unit: str) -> None:
     assert not [t for _, _, m, t in _imports() if _unit(m) == unit and _unit(t) != unit]

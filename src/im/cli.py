@@ -12,7 +12,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from im.cli_help import use_everywhere
 from im.config import Config, ConfigError, load_config
+from im.startup import run_start
+
+#: The epilog of im serve and the roles: what their exit status means (im.startup).
+EXIT_STATUSES = (
+    "Exit status: 0 after a clean stop (Ctrl-C or SIGTERM), 1 when the start failed (one line on stderr "
+    "names the problem and the fix), 2 for an invalid setting."
+)
 
 
 def _flags_to_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -46,16 +54,45 @@ def _flags_to_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", type=Path, help="YAML configuration file")
-    p.add_argument("--data-dir", help="where the database and keys live (default ./im-data)")
-    p.add_argument("--host", help="bind address of every listener")
-    p.add_argument("--http-port", type=int, help="HTTP API port (default 8080; 0 picks a free one)")
-    p.add_argument("--ws-port", type=int, help="WebSocket gateway port (default 8081; 0 picks a free one)")
-    p.add_argument("--tcp-port", type=int, help="TCP gateway port (default 8082; 0 picks a free one)")
-    p.add_argument("--tls-cert", help="PEM certificate: every listener speaks TLS only (with --tls-key)")
-    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any setting, e.g. limits.send_rate=500")
+    """The configuration flags; their defaults are the configuration's (shown from it, so never stale)."""
+    d = Config.model_construct()  # the defaults alone: no file, no environment
+    http, gw = d.http, d.gateway
+    p.add_argument(
+        "-c", "--config", type=Path, metavar="FILE", help="YAML configuration file (default: none, built-in defaults)"
+    )
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help=f"where the database and keys live (default: {d.data_dir}, in the current directory)",
+    )
+    p.add_argument("--host", help=f"bind address of every listener (default: {http.host}; 0.0.0.0 for all)")
+    p.add_argument(
+        "--http-port", type=int, metavar="PORT", help=f"HTTP API port (default: {http.port}; 0 picks a free one)"
+    )
+    p.add_argument(
+        "--ws-port",
+        type=int,
+        metavar="PORT",
+        help=f"WebSocket gateway port (default: {gw.ws_port}; 0 picks a free one)",
+    )
+    p.add_argument(
+        "--tcp-port", type=int, metavar="PORT", help=f"TCP gateway port (default: {gw.tcp_port}; 0 picks a free one)"
+    )
+    p.add_argument(
+        "--tls-cert", metavar="PEM", help="certificate: every listener speaks TLS only (with --tls-key; default: none)"
+    )
+    p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    p.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help=f"debug also prints the traceback of a failed start (default: {d.log_level})",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any setting, e.g. limits.send_rate=500 (repeat it; im config shows them all)",
+    )
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -95,12 +132,7 @@ def _serve(config: Config) -> int:
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
 
-    try:
-        uvloop.run(main())
-    except ConfigError as exc:  # found only at start (e.g. limits.fd_reserve against the open-file limit)
-        print(f"im serve: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_start("serve", config, lambda: uvloop.run(main()))
 
 
 def _run_role(role: str, config: Config) -> int:
@@ -111,11 +143,6 @@ def _run_role(role: str, config: Config) -> int:
 
     nodes = {"api": config.http.node_id, "gateway": config.gateway.node_id, "transfer": config.transfer.node_id}
     _setup_logging(config, role, nodes.get(role, ""))
-    try:
-        node = ROLES[role](config)
-    except ConfigError as exc:
-        print(f"im {role}: {exc}", file=sys.stderr)
-        return 2
 
     def ready(n: ApiNode | GatewayNode | TransferNode) -> None:
         if isinstance(n, ApiNode):
@@ -128,10 +155,13 @@ def _run_role(role: str, config: Config) -> int:
             where += f" ops={n.ops.url}"
         print(f"im: ready {role} {where}", flush=True)
 
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
-    uvloop.run(node.run(ready))
-    return 0
+    def start() -> None:
+        node = ROLES[role](config)
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
+        uvloop.run(node.run(ready))
+
+    return run_start(role, config, start)
 
 
 DEFAULT_CERTS_DIR = Path("im-certs")
@@ -141,7 +171,7 @@ def _add_certs_parser(sub: Any) -> None:
     certs = sub.add_parser(
         "certs",
         help="a private CA and the certificates it signs, for TLS (im certs --help)",
-        description="Certificates for a private deployment: `im certs ca` once, then one `im certs node` per "
+        description="Certificates for a private deployment: im certs ca once, then one im certs node per "
         "server (its host names and addresses as --host); clients trust ca.crt.",
     )
     kinds = certs.add_subparsers(dest="kind", required=True)
@@ -220,7 +250,7 @@ def _add_keys_parser(sub: Any) -> None:
         "keys",
         help="encryption at rest: master key rotation, plaintext migration (im keys --help)",
         description="Keys of encryption at rest (docs/security.md, Encryption). Each command takes the same "
-        "configuration flags as `im serve` and works while servers run on the same data.",
+        "configuration flags as im serve and works while servers run on the same data.",
     )
     ops = keys.add_subparsers(dest="op", required=True)
     texts = {
@@ -481,27 +511,36 @@ def _duration(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600}h"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args_list = sys.argv[1:] if argv is None else argv
-    if args_list[:1] == ["bench"]:  # its own parser: `im bench --help`, `im bench idle --help`
-        from im.bench.cli import main as bench_main
+#: The distributed roles, each a subcommand: its one-line help.
+ROLE_HELP = {
+    "api": "the HTTP API alone (distributed mode; any number)",
+    "gateway": "a WebSocket and TCP gateway node (distributed mode; any number)",
+    "transfer": "a transfer node: the message core behind gRPC (distributed mode; any number)",
+}
 
-        return bench_main(list(args_list[1:]))
-    if args_list[:1] == ["cluster"]:
-        from im.cluster import main as cluster_main
 
-        return cluster_main(list(args_list[1:]))
-    parser = argparse.ArgumentParser(prog="im", description="im: an instant-messaging server")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the HTTP API and the WebSocket and TCP gateways in one process")
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every ``im`` command but ``bench`` and ``cluster`` (their own: im.bench.cli, im.cluster)."""
+    parser = argparse.ArgumentParser(
+        prog="im",
+        description="im: an instant-messaging server. Each command has its own help: im COMMAND --help.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve_text = "run the HTTP API and the WebSocket and TCP gateways in one process"
+    serve = sub.add_parser(
+        "serve",
+        help=serve_text,
+        description=f"{serve_text}, on embedded engines (SQLite, a data directory) unless configured otherwise. "
+        "Settings: defaults < a YAML file (-c) < IM_... environment variables < these flags.",
+        epilog=EXIT_STATUSES,
+    )
     _add_config_flags(serve)
-    roles = {
-        "api": "the HTTP API alone (distributed mode; any number)",
-        "gateway": "a WebSocket and TCP gateway node (distributed mode; any number)",
-        "transfer": "a transfer node: the message core behind gRPC (distributed mode; any number)",
-    }
-    for role, text in roles.items():
-        _add_config_flags(sub.add_parser(role, help=text))
+    for role, text in ROLE_HELP.items():
+        role_description = (
+            f"{text}. Needs store.kind=postgres, presence.kind=redis and registry.kind=etcd, and the same "
+            "auth.secret as the other nodes (README, Distributed mode)."
+        )
+        _add_config_flags(sub.add_parser(role, help=text, description=role_description, epilog=EXIT_STATUSES))
     sub.add_parser("cluster", help="api, two gateways and two transfer nodes on local engines (im cluster --help)")
     show = sub.add_parser("config", help="print the effective configuration")
     _add_config_flags(show)
@@ -533,6 +572,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="DANGEROUS: accept any TLS certificate (encrypted, but anyone on the path can pose as the server)",
     )
+    use_everywhere(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list[:1] == ["bench"]:  # its own parser: `im bench --help`, `im bench idle --help`
+        from im.bench.cli import main as bench_main
+
+        return bench_main(list(args_list[1:]))
+    if args_list[:1] == ["cluster"]:
+        from im.cluster import main as cluster_main
+
+        return cluster_main(list(args_list[1:]))
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "certs":
         return _certs(args)
@@ -558,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
             shown["auth"]["secret"] = "***"
         print(json.dumps(shown, indent=2))
         return 0
-    if args.command in roles:
+    if args.command in ROLE_HELP:
         return _run_role(args.command, config)
     if args.command == "keys":
         return _keys(args, config)

@@ -34,6 +34,7 @@ from pathlib import Path
 import httpx
 
 from im import certs
+from im.cli_help import HelpFormatter
 
 ETCD_INSTALL_HINT = (
     "etcd is needed: install it with `apt-get install -y etcd-server` (as root; Debian's etcd 3.4), "
@@ -374,12 +375,22 @@ class LocalCluster:
         return codes
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="im cluster", description=__doc__.split("\n\n")[0] if __doc__ else None)
+def build_parser() -> argparse.ArgumentParser:
+    """``im cluster``'s command line."""
+    p = argparse.ArgumentParser(
+        prog="im cluster",
+        description="A local distributed cluster in one command, for trying it out and for tests: one API, "
+        "gateways and transfer nodes as separate im processes on the local PostgreSQL, Redis (and RabbitMQ), "
+        "found through etcd (a private one unless --etcd). Logs in DATA_DIR/logs/NODE.log; Ctrl-C stops it.",
+        epilog="Ports: the API on BASE_PORT; gateway i: WebSocket BASE_PORT+10i+1, TCP +10i+2, operations "
+        "listener +10i+4; transfer node i: gRPC BASE_PORT+10i+3, operations listener +10i+7; the private etcd "
+        "on BASE_PORT+5 and +6.",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--data-dir", type=Path, default=Path("./im-cluster"), help="logs, keys, files, private etcd")
     p.add_argument("--base-port", type=int, default=8080, help="the API's port; the others follow it")
-    p.add_argument("--gateways", type=int, default=2)
-    p.add_argument("--transfers", type=int, default=2)
+    p.add_argument("--gateways", type=int, default=2, help="gateway processes")
+    p.add_argument("--transfers", type=int, default=2, help="transfer node processes")
     p.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres", help="PostgreSQL DSN")
     p.add_argument("--schema", default="im_cluster", help="PostgreSQL schema (created when missing)")
     p.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis URL (presence)")
@@ -392,7 +403,11 @@ def main(argv: list[str]) -> int:
         action="store_false",
         help="plaintext listeners and gRPC links (default: TLS end to end, certificates in DATA_DIR/certs)",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     extra = [x for item in args.set for x in ("--set", item)]
     cluster = LocalCluster(
         args.data_dir.resolve(),

@@ -176,11 +176,24 @@ async def report_load(
             log.warning("registry load report failed (%s: %s)", type(exc).__name__, exc)
 
 
+#: The setting that points at each engine a readiness check names: the hint of a "not ready" line.
+ENGINE_SETTINGS = {
+    "store": "store.postgres_dsn",
+    "presence": "presence.redis_url",
+    "registry": "registry.etcd_endpoints",
+    "events": "events.amqp_url",
+}
+
+
 def _why(details: dict[str, object]) -> str:
     checks = details.get("checks")
     out = []
     if isinstance(checks, dict):
-        out = [f"{name}: {c.get('error')}" for name, c in checks.items() if isinstance(c, dict) and not c.get("ok")]
+        out = [
+            f"{name}: {c.get('error')} (is it running? check {ENGINE_SETTINGS.get(name, name)})"
+            for name, c in checks.items()
+            if isinstance(c, dict) and not c.get("ok")
+        ]
     if details.get("draining"):
         out.append("draining")
     if not details.get("registered"):

@@ -219,17 +219,30 @@ class TlsAccept:
     shutdown_timeout: float = 10.0
 
 
+class BindError(OSError):
+    """A listening socket that could not be made, naming the address (the errno is the socket's)."""
+
+    def __init__(self, errno: int, strerror: str, host: str, port: int) -> None:
+        super().__init__(errno, f"{strerror}: {host}:{port}")
+        self.reason = strerror
+        self.host = host
+        self.port = port
+
+
 def bind(host: str, port: int, *, backlog: int = 4096) -> socket.socket:
-    """A non-blocking listening TCP socket (IPv6 when ``host`` has a colon)."""
+    """A non-blocking listening TCP socket (IPv6 when ``host`` has a colon); :class:`BindError` when the
+    address is taken or not this machine's."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        if exc.errno is None:
+            raise
+        raise BindError(exc.errno, exc.strerror or str(exc), host, port) from exc
     return sock
 
 

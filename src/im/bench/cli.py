@@ -15,6 +15,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from im.cli_help import HelpFormatter, RawHelpFormatter
+
 if TYPE_CHECKING:
     from im.bench.accounts import BenchTls
 
@@ -51,10 +53,15 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="client connections: WebSocket, TCP, or half each (default ws)",
     )
     p.add_argument("--encoding", choices=["json", "msgpack"], default="json", help="frame encoding (default json)")
-    p.add_argument("--procs", type=int, default=None, help="client processes")
+    p.add_argument(
+        "--procs",
+        type=int,
+        default=None,
+        help="client processes (default: 2; im bench idle: as many as the open-file limit needs)",
+    )
     target = p.add_mutually_exclusive_group()
     target.add_argument(
-        "--spawn", action="store_true", help="run `python -m im serve` in a temporary data directory (the default)"
+        "--spawn", action="store_true", help="run python -m im serve in a temporary data directory (the default)"
     )
     target.add_argument("--server", metavar="URL", help="use a running server: its HTTP root, http://host:port")
     p.add_argument(
@@ -69,7 +76,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra setting for the spawned server (as `im serve --set`)",
+        help="extra setting for the spawned server (as im serve --set)",
     )
     tls = p.add_argument_group("TLS")
     tls.add_argument(
@@ -98,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Load generator for im: closed-loop or fixed-rate messaging through a real server, "
         "with throughput, server CPU, latency and a delivery check (lost / duplicated / out of order).",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawHelpFormatter,
     )
     shape = ap.add_argument_group("users")
     shape.add_argument("--pairs", type=int, default=10, help="1:1 pairs, a sender and a receiver each (default 10)")
@@ -134,6 +141,7 @@ def _idle_parser() -> argparse.ArgumentParser:
         prog="im bench idle",
         description="Open K authenticated idle connections and report the server's memory per connection "
         "(RSS from /proc/<pid>/status before and after, divided by K).",
+        formatter_class=HelpFormatter,
     )
     ap.add_argument("--connections", "-k", type=int, required=True, help="connections to open")
     ap.add_argument(
