@@ -1,50 +1,75 @@
 #!/usr/bin/env bash
-# Lint, type-check and test, installing first what the tests need and is missing: uv (from PyPI), etcd
-# (Debian's etcd-server, as root; the etcd tests start their own private etcd on free ports) and Chromium
-# (Debian's chromium, as root; the web client's tests drive it headless with Playwright, and fail without it)
-# and Prometheus (Debian's prometheus, as root: the metrics tests run it and promtool checks the alert rules).
-# Redis, PostgreSQL and RabbitMQ must already run locally, as on the dev machines and CI.
+# Lint, type-check and test, installing first what the tests need and is missing:
+# - uv (scripts/bootstrap.sh: pip where allowed, else astral.sh's installer, else Python alone);
+# - as root, with apt (waiting for another apt or unattended-upgrades to finish, --no-install-recommends):
+#   etcd (etcd-server: the etcd tests start private ones), Chromium (chromium: the web client's tests drive
+#   it headless), Prometheus (prometheus: the metrics tests run it, promtool checks the alert rules), and
+#   the engines' own binaries that the TLS tests start privately (redis-server, rabbitmq-server, and
+#   PostgreSQL's initdb/postgres, put on PATH from /usr/lib/postgresql/*/bin);
+# - the PostgreSQL database the tests use (`test` unless IM_TEST_POSTGRES_DSN names another), when missing.
+# Redis, PostgreSQL and RabbitMQ must run (locally by default, or where the README's overrides point):
+# scripts/test_engines.py checks them first and says what is missing, instead of 20 minutes of failures.
 # Arguments go to pytest: `bash scripts/test.sh tests/contract -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$HOME/.local/bin:$PATH"
+# shellcheck source=scripts/bootstrap.sh
+. scripts/bootstrap.sh
+ensure_uv
 
-command -v uv >/dev/null 2>&1 || pip install uv
+APT_WAIT=${IM_APT_WAIT:-600}  # seconds to wait for another apt (unattended-upgrades on a new machine)
 
-if ! command -v etcd >/dev/null 2>&1; then
-  if [ "$(id -u)" -eq 0 ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq && apt-get install -y -qq etcd-server
-  else
-    echo "scripts/test.sh: etcd is missing and this is not root: install it with" \
-      "'apt-get install -y etcd-server' as root; the etcd tests fail until then" >&2
-  fi
-fi
-
-apt_install() {  # apt_install <package>: as root, non-interactive; apt-get update only if a first try fails
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -qq "$1" || { apt-get update -qq && apt-get install -y -qq "$1"; }
+apt_update() {  # apt-get update, waiting while another apt holds the lists lock
+  local deadline=$((SECONDS + APT_WAIT)) out
+  while :; do
+    if out=$(apt-get -o DPkg::Lock::Timeout="$APT_WAIT" update -qq 2>&1); then
+      return 0
+    fi
+    if grep -qiE "could not get lock|unable to lock" <<<"$out" && [ "$SECONDS" -lt "$deadline" ]; then
+      echo "scripts/test.sh: another apt is running (unattended upgrades?); waiting for its lock" >&2
+      sleep 5
+      continue
+    fi
+    echo "$out" >&2
+    return 1
+  done
 }
 
-if [ ! -x /usr/bin/chromium ]; then
-  if [ "$(id -u)" -eq 0 ]; then
-    apt_install chromium
-  else
-    echo "scripts/test.sh: /usr/bin/chromium is missing and this is not root: install it with" \
-      "'apt-get install -y chromium' as root; the web tests fail until then" >&2
-  fi
-fi
+apt_install() {  # apt_install PACKAGE...: non-interactive, no recommends, waits for the dpkg lock
+  export DEBIAN_FRONTEND=noninteractive
+  local cmd=(apt-get -o DPkg::Lock::Timeout="$APT_WAIT" install -y -qq --no-install-recommends "$@")
+  "${cmd[@]}" || { apt_update && "${cmd[@]}"; }
+}
 
-if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+latest_pg_bin() {  # Debian keeps initdb and postgres off PATH, in /usr/lib/postgresql/<version>/bin
+  local dirs
+  dirs=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1) || true
+  echo "$dirs"
+}
+pg_bin=$(latest_pg_bin)
+[ -n "$pg_bin" ] && export PATH="$PATH:$pg_bin"
+
+missing=()  # Debian packages for the tools that are not here
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+[ -x "${IM_CHROMIUM:-/usr/bin/chromium}" ] || missing+=(chromium)
+{ command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || missing+=(prometheus)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
+{ command -v initdb >/dev/null 2>&1 && command -v postgres >/dev/null 2>&1; } || missing+=(postgresql)
+
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then
-    apt_install prometheus  # the metrics tests scrape a cluster with it; promtool checks the alert rules
+    echo "scripts/test.sh: installing ${missing[*]} (apt, --no-install-recommends)" >&2
+    apt_install "${missing[@]}"
+    pg_bin=$(latest_pg_bin)
+    [ -n "$pg_bin" ] && export PATH="$PATH:$pg_bin"
   else
-    echo "scripts/test.sh: prometheus/promtool are missing and this is not root: install them with" \
-      "'apt-get install -y prometheus' as root; the metrics tests fail until then" >&2
+    echo "scripts/test.sh: missing ${missing[*]} and this is not root: install them with" \
+      "'apt-get install -y --no-install-recommends ${missing[*]}' as root; their tests fail until then" >&2
   fi
 fi
 
 uv sync --frozen
+uv run --frozen python scripts/test_engines.py
 uv run ruff check src tests benchmarks
 uv run ruff format --check src tests benchmarks
 uv run mypy

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Start `im serve` on a fresh machine: install uv when it is missing (scripts/bootstrap.sh), install im and
+# its runtime dependencies only (no dev tools: --no-dev), then run the server. Arguments go to `im serve`:
+#   bash scripts/serve.sh --http-port 9000 --set limits.send_rate=500
+# uv picks a Python 3.11 (the system's, or it downloads one: Debian 13 ships 3.13).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/bootstrap.sh
+. scripts/bootstrap.sh
+ensure_uv
+# --inexact: a checkout that also has the dev tools keeps them (scripts/test.sh needs them).
+uv sync --frozen --no-dev --inexact
+exec uv run --frozen --no-dev im serve "$@"
