@@ -68,16 +68,24 @@ import hashlib, io, json, os, platform, sys, urllib.request, zipfile
 version, bindir = sys.argv[1], sys.argv[2]
 machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
 libc = "musllinux" if platform.libc_ver()[0] != "glibc" else "manylinux"
-with urllib.request.urlopen(f"https://pypi.org/pypi/uv/{version}/json", timeout=60) as r:
-    files = json.load(r)["urls"]
+
+
+def fetch(url: str, timeout: float) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.read()
+    except OSError as exc:  # URLError, timeouts, TLS: one line, not a traceback
+        sys.exit(f"bootstrap: cannot fetch {url}: {getattr(exc, 'reason', exc)}")
+
+
+files = json.loads(fetch(f"https://pypi.org/pypi/uv/{version}/json", 60))["urls"]
 wheels = [f for f in files if f["filename"].endswith(".whl") and libc in f["filename"] and machine in f["filename"]]
 if not wheels:
-    sys.exit(f"no uv {version} wheel for {libc} {machine} on PyPI")
+    sys.exit(f"bootstrap: no uv {version} wheel for {libc} {machine} on PyPI")
 wheel = wheels[0]
-with urllib.request.urlopen(wheel["url"], timeout=300) as r:
-    data = r.read()
+data = fetch(wheel["url"], 300)
 if hashlib.sha256(data).hexdigest() != wheel["digests"]["sha256"]:
-    sys.exit(f"{wheel['filename']}: sha256 mismatch")
+    sys.exit(f"bootstrap: {wheel['filename']}: sha256 mismatch")
 os.makedirs(bindir, exist_ok=True)
 with zipfile.ZipFile(io.BytesIO(data)) as z:
     for name in z.namelist():

@@ -66,9 +66,18 @@ done
 cp /etc/resolv.conf "$root/etc/resolv.conf"
 printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d" && chmod 755 "$root/usr/sbin/policy-rc.d"
 
+# A network whose egress re-signs TLS (a proxy with its own CA, as on these sandboxes) needs that CA on every
+# machine behind it: the host's extra CAs (/usr/local/share/ca-certificates) go into the chroot's store, and
+# SSL_CERT_FILE points uv there (uv trusts its own built-in roots otherwise).
+cenv=(HOME=/root LANG=C.UTF-8 TERM=dumb PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin)
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+  cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+  chroot "$root" update-ca-certificates >/dev/null 2>&1
+  cenv+=(SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt)
+fi
+
 in_root() {  # a clean login-like environment inside the chroot
-  env -i HOME=/root LANG=C.UTF-8 TERM=dumb PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    chroot "$root" "$@"
+  env -i "${cenv[@]}" chroot "$root" "$@"
 }
 
 if [ "$fetcher" != none ]; then
@@ -88,8 +97,7 @@ log="$root/root/serve.log"
 say "README: bash scripts/serve.sh (on ports $port..$((port + 2)))"
 t0=$(now)
 # setsid: its own process group, so the check stops exactly the processes it started.
-setsid env -i HOME=/root LANG=C.UTF-8 TERM=dumb PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-  chroot "$root" bash -c "cd /root/im && exec bash scripts/serve.sh --http-port $port --ws-port $((port + 1)) --tcp-port $((port + 2))" \
+setsid env -i "${cenv[@]}" chroot "$root" bash -c "cd /root/im && exec bash scripts/serve.sh --http-port $port --ws-port $((port + 1)) --tcp-port $((port + 2))" \
   >"$log" 2>&1 &
 serve_pid=$!
 stop_serve() { kill -TERM -- "-$serve_pid" 2>/dev/null || true; wait "$serve_pid" 2>/dev/null || true; }
