@@ -63,7 +63,7 @@ _uv_from_venv() {
 _uv_from_wheel() {
   # The standard library alone: PyPI's JSON API names the wheels of that version with their sha256.
   python3 - "$IM_UV_VERSION" "$HOME/.local/bin" <<'PY'
-import hashlib, io, json, os, platform, sys, urllib.request, zipfile
+import hashlib, io, json, os, platform, sys, urllib.parse, urllib.request, zipfile
 
 version, bindir = sys.argv[1], sys.argv[2]
 machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
@@ -74,23 +74,25 @@ def fetch(url: str, timeout: float, *, missing_ok: bool = False) -> bytes | None
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             return r.read()
-    except OSError as exc:  # URLError, timeouts, TLS: one line, not a traceback
+    except (OSError, ValueError) as exc:  # URLError, timeouts, TLS: one line, not a traceback
         if missing_ok and getattr(exc, "code", None) == 404:
             return None
         sys.exit(f"bootstrap: cannot fetch {url}: {getattr(exc, 'reason', exc)}")
 
 
 # The version's own page, or (mirrors that serve only the project's page) its entry under "releases".
-page = fetch(f"https://pypi.org/pypi/uv/{version}/json", 60, missing_ok=True)
+where = f"https://pypi.org/pypi/uv/{version}/json"
+page = fetch(where, 60, missing_ok=True)
 if page is not None:
     files = json.loads(page)["urls"]
 else:
-    files = json.loads(fetch("https://pypi.org/pypi/uv/json", 60) or b"{}").get("releases", {}).get(version, [])
+    where = "https://pypi.org/pypi/uv/json"
+    files = json.loads(fetch(where, 60) or b"{}").get("releases", {}).get(version, [])
 wheels = [f for f in files if f["filename"].endswith(".whl") and libc in f["filename"] and machine in f["filename"]]
 if not wheels:
     sys.exit(f"bootstrap: no uv {version} wheel for {libc} {machine} on PyPI")
 wheel = wheels[0]
-data = fetch(wheel["url"], 300) or b""
+data = fetch(urllib.parse.urljoin(where, wheel["url"]), 300) or b""  # a mirror may give relative URLs
 if hashlib.sha256(data).hexdigest() != wheel["digests"]["sha256"]:
     sys.exit(f"bootstrap: {wheel['filename']}: sha256 mismatch")
 os.makedirs(bindir, exist_ok=True)
