@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from im.backends.node_ids import NodeIdUnavailable
 from im.config import Config, ConfigError, load_config
 
 
@@ -100,6 +101,9 @@ def _serve(config: Config) -> int:
     except ConfigError as exc:  # found only at start (e.g. limits.fd_reserve against the open-file limit)
         print(f"im serve: {exc}", file=sys.stderr)
         return 2
+    except NodeIdUnavailable as exc:  # with registry.kind etcd: no node id could be claimed
+        print(f"im serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -130,7 +134,11 @@ def _run_role(role: str, config: Config) -> int:
 
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
-    uvloop.run(node.run(ready))
+    try:
+        uvloop.run(node.run(ready))
+    except NodeIdUnavailable as exc:  # every id taken, or etcd not answering: say so, in one line
+        print(f"im {role}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -46,6 +46,9 @@ from im.backends.keys.env import EnvKeyProvider
 from im.backends.keys.file import FileKeyProvider
 from im.backends.keys.keyring import Keyring, conv_key_name
 from im.backends.lifecycle import Service
+from im.backends.node_ids import NodeIdClaims
+from im.backends.node_ids.etcd import EtcdNodeIds
+from im.backends.node_ids.memory import MemoryNodeIds
 from im.backends.presence import Presence
 from im.backends.presence.memory import MemoryPresence
 from im.backends.presence.redis import RedisPresence
@@ -66,6 +69,7 @@ from im.core.accounts import AccountService
 from im.core.committer import Committer, SubmitSend
 from im.core.consent import Consent
 from im.core.groups import Groups
+from im.core.ids import Snowflake
 from im.core.passwords import HashSlots, LoginGuard
 from im.core.reads import ChatReads
 from im.core.states import ConversationStates
@@ -595,8 +599,9 @@ def build_chat_caches(b: Backends, *, state_ttl: float | None = None, privacy_tt
 
 
 def build_committer(
-    config: Config, b: Backends, caches: ChatCaches, files: FileService | None, router: Router, node: str
+    config: Config, b: Backends, caches: ChatCaches, files: FileService | None, router: Router
 ) -> Committer:
+    """The committer, holding no node id yet: :func:`build_node_ids` on its ``ids`` assigns one."""
     return Committer(
         b.chat_store,
         b.account_store,
@@ -605,10 +610,19 @@ def build_committer(
         caches.states,
         caches.consent,
         files=files,
-        node=node,
+        ids=Snowflake(None),
         max_batch=config.store.max_batch,
         max_group_members=config.limits.max_group_members,
     )
+
+
+def build_node_ids(config: Config, registry: Registry, owner: str, ids: Snowflake) -> NodeIdClaims:
+    """The node id claim of a process that mints message ids (``owner``: its node name): on etcd with the
+    etcd registry (a free id, shared by the cluster), else the fixed ``registry.fixed_node_id``. Start it
+    after the registry and before the committer; it drives ``ids``."""
+    if isinstance(registry, EtcdRegistry):
+        return EtcdNodeIds(registry, owner, ids, ttl=config.registry.ttl)
+    return MemoryNodeIds(owner, ids, prefer=config.registry.fixed_node_id)
 
 
 def build_groups(config: Config, b: Backends, caches: ChatCaches, committer: Committer) -> Groups:

@@ -293,6 +293,9 @@ class RegistryConfig(_Section):
     prefix: str = Field("/im/services/", pattern=r"/$")
     #: Lease TTL in whole seconds: a crashed node disappears from the registry within it.
     ttl: int = Field(10, ge=2)
+    #: The node id (0..1023) in the message ids of a process on the in-memory registry (``im serve``).
+    #: With etcd every process that mints ids claims a free one instead (docs/operations.md, "Node ids").
+    fixed_node_id: int = Field(0, ge=0, le=1023)
     # TLS to etcd (``--cert-file``/``--key-file`` on etcd's client port): on when ``etcd_ca_file`` is set.
     #: CA file for the members' certificates; the host name dialled is checked.
     etcd_ca_file: Path | None = None

@@ -38,6 +38,7 @@ from im.compose import (
     build_http,
     build_hub,
     build_link_tls,
+    build_node_ids,
     build_readiness,
     build_reads,
     build_reloads,
@@ -110,7 +111,8 @@ class TransferNode(_Role):
         self.files = build_files(config, b.file_store, keys=b.keyring, migrate_blobs=False)
         self.router = GrpcRouter()
         caches = build_chat_caches(b, privacy_ttl=SHARED_STATE_TTL)
-        self.committer = build_committer(config, b, caches, self.files, self.router, tc.node_id)
+        self.committer = build_committer(config, b, caches, self.files, self.router)
+        self.node_ids = build_node_ids(config, b.registry, tc.node_id, self.committer.ids)
         self.servicer = TransferServicer(
             self.committer,
             self.router,
@@ -135,6 +137,7 @@ class TransferNode(_Role):
             tracing_part(cfg.tracing, "im-transfer", tc.node_id),
             *self._ops_first(),
             Part("stores", b.start, b.close),
+            Part("node id", self.node_ids.start, self.node_ids.close),  # none free: the node does not start
             Part("files", self.files.start, self.files.close),
             Part("grpc", self._serve, self._stop_serving),
             Part("committer", self.committer.start, self.committer.stop),
@@ -271,7 +274,8 @@ class ApiNode(_Role):
         # Membership changes are committed here (the store judges between writers) and routed through
         # a transfer node; reads check membership on a state at most SHARED_STATE_TTL old.
         caches = build_chat_caches(b, state_ttl=SHARED_STATE_TTL, privacy_ttl=SHARED_STATE_TTL)
-        self.committer = build_committer(config, b, caches, self.files, self.router, node)
+        self.committer = build_committer(config, b, caches, self.files, self.router)
+        self.node_ids = build_node_ids(config, b.registry, node, self.committer.ids)
         self.groups = build_groups(config, b, caches, self.committer)
         self.reads = build_reads(config, b, caches)
         self.accounts.on_revoke(self.pool.revoke)
@@ -306,6 +310,7 @@ class ApiNode(_Role):
         return [
             tracing_part(self.config.tracing, "im-api", self.config.http.node_id, self.http.app),
             Part("stores", b.start, b.close),
+            Part("node id", self.node_ids.start, self.node_ids.close),  # none free: the node does not start
             Part("files", self.files.start, self.files.close),
             Part("transfer links", lambda: self.pool.start(_NoDeliveries()), self.pool.close),
             Part("committer", self.committer.start, self.committer.stop),

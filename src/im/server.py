@@ -21,6 +21,7 @@ from im.compose import (
     build_groups,
     build_http,
     build_hub,
+    build_node_ids,
     build_readiness,
     build_reads,
     build_reloads,
@@ -46,7 +47,8 @@ class EmbeddedServer:
         self.accounts = build_accounts(config, b.account_store, b.rate_limiter)
         self.files = build_files(config, b.file_store, b.rate_limiter, keys=b.keyring)
         caches = build_chat_caches(b)
-        self.committer = build_committer(config, b, caches, self.files, b.router, config.gateway.node_id)
+        self.committer = build_committer(config, b, caches, self.files, b.router)
+        self.node_ids = build_node_ids(config, b.registry, config.gateway.node_id, self.committer.ids)
         self.groups = build_groups(config, b, caches, self.committer)
         self.reads = build_reads(config, b, caches)
         self.hub = build_hub(config, b, self.reads, self.accounts, b.router, self.committer.submit)
@@ -103,6 +105,7 @@ class EmbeddedServer:
         return [
             tracing_part(cfg.tracing, "im", node, self.http.app),
             Part("stores", b.start, b.close),
+            Part("node id", self.node_ids.start, self.node_ids.close),  # none free: the node does not start
             Part("files", self.files.start, self.files.close),
             Part("http", self.http.start, self.http.stop),
             Part("hub", self.hub.start, self.hub.drain_and_close),

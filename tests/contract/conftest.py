@@ -48,6 +48,7 @@ from im.backends.registry.etcd import EtcdRegistry
 from im.backends.registry.memory import MemoryRegistry
 from im.backends.sql.sqlite_db import SqliteDatabase
 from im.backends.tls import redis_options
+from tests.contract.node_ids import node_ids_harness  # noqa: F401 - the fixture, defined beside
 from tests.contract.routers import router_harness  # noqa: F401 - the fixture, defined beside
 from tests.support.etcd import shared_etcd
 from tests.support.keys import SEALED_MAGIC, MemoryFileKeys, sealed_plaintext

@@ -444,7 +444,7 @@ async def test_pool_in_front_of_a_real_core(core: Core, pools: Pools) -> None:
 
     # an API process: its own committer on the same store, routing through its LinkRouter
     api_pool = await pools.pool("api-1", wait=1)
-    api_chat = chat_core(core.store, core.accounts, LinkRouter(api_pool), core.presence, node="api-1")
+    api_chat = chat_core(core.store, core.accounts, LinkRouter(api_pool), core.presence, node_id=1)
     api_chat.committer.start()
     try:
         group = await api_chat.groups.create_group(alice, "team", [bob])
