@@ -68,14 +68,20 @@ class EtcdMissing(RuntimeError):
 
 @dataclass
 class EtcdProcess:
-    """One single-member etcd on given ports. Fast elections (10 ms heartbeat, 100 ms election timeout)
-    make it ready within a fraction of a second after each start and allow lease TTLs down to 1 s.
-    ``stop`` then ``start`` restarts it on the same ports and data directory."""
+    """One etcd member on given ports: alone by default, or one of several (``name`` and
+    ``initial_cluster``, ``name=http://127.0.0.1:PEER`` for every member, comma-separated; start the
+    members at once, since a member is healthy only once a majority is up). Fast elections (by default
+    10 ms heartbeat, 100 ms election timeout) make it ready within a fraction of a second after each start and
+    allow lease TTLs down to 1 s. ``stop`` then ``start`` restarts it on the same ports and data directory."""
 
     data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="im-etcd-")))
     client_port: int = field(default_factory=free_port)
     peer_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    name: str = "im"
+    initial_cluster: str = ""  # empty: this member alone
+    heartbeat_ms: int = 10
+    election_ms: int = 100
 
     @property
     def endpoint(self) -> str:
@@ -102,7 +108,7 @@ class EtcdProcess:
         cmd = [
             binary,
             "--name",
-            "im",
+            self.name,
             "--data-dir",
             str(self.data_dir / "data"),
             "--listen-client-urls",
@@ -114,11 +120,11 @@ class EtcdProcess:
             "--initial-advertise-peer-urls",
             peer,
             "--initial-cluster",
-            f"im={peer}",
+            self.initial_cluster or f"{self.name}={peer}",
             "--heartbeat-interval",
-            "10",
+            str(self.heartbeat_ms),
             "--election-timeout",
-            "100",
+            str(self.election_ms),
             "--logger",
             "zap",
             "--log-outputs",

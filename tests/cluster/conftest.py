@@ -142,3 +142,13 @@ def client_on(
     history.clients.append(c)
     history.accounts[account.uid] = account
     return c
+
+
+_CLAIMED = re.compile(r"node id (\d+) claimed by (\S+) ")
+
+
+def node_id_of(c: LocalCluster, node: str) -> int:
+    """The node id (the node bits of its message ids) that ``node`` claimed last, read from its log."""
+    claims = [int(n) for n, owner in _CLAIMED.findall(c.nodes[node].log()) if owner == node]
+    assert claims, f"{node} claimed no node id:\n{c.nodes[node].log()[-2000:]}"
+    return claims[-1]
