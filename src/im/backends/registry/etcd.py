@@ -121,10 +121,17 @@ R = TypeVar("R", bound="EtcdRegistry")
 def _failing_over(
     method: Callable[Concatenate[R, P], Coroutine[Any, Any, T]],
 ) -> Callable[Concatenate[R, P], Coroutine[Any, Any, T]]:
-    """A call that finds its etcd member unreachable moves the client to the next member, then raises
-    (the caller retries, as it would after any etcd error)."""
+    """A call that finds its etcd member unreachable moves the client to the next member and is made
+    again there, once per other member; when every member failed it raises (the caller retries, as it
+    would after any etcd error). The calls so wrapped are safe to repeat."""
 
     async def call(self: R, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        for _ in range(len(self.client.members) - 1):
+            try:
+                return await method(self, *args, **kwargs)
+            except Exception as e:
+                if not await self.client.failed(e):
+                    raise
         try:
             return await method(self, *args, **kwargs)
         except Exception as e:
@@ -139,9 +146,10 @@ class EtcdRegistry(Registry):
     """:class:`Registry` on etcd (v3 API over gRPC, via ``aetcd``).
 
     ``endpoints``: the etcd members, ``host:port`` each (a list, or one string, commas between members):
-    the client talks to one and moves to the next when a call finds it unreachable (any member serves
-    every call). ``tls``: TLS to etcd's client port (the CA the members' certificates chain to, and a
-    client certificate for ``--client-cert-auth``); None: plaintext. ``prefix``: where the keys live (one
+    the client talks to one and moves to the next when a call finds it unreachable, where the call is
+    made again (any member serves every call; background tasks move the same way). ``tls``: TLS to
+    etcd's client port (the CA the members' certificates chain to, and a client certificate for
+    ``--client-cert-auth``); None: plaintext. ``prefix``: where the keys live (one
     deployment per prefix). ``timeout``: seconds for each etcd call. ``keepalive``: refresh each
     registration's lease in the background (every TTL/3); with False the owner keeps it alive only by
     calling :meth:`update_load` or :meth:`register` within each TTL. ``retry``: the first delay before
@@ -252,7 +260,6 @@ class EtcdRegistry(Registry):
                         raise
             await self._grant_and_put(reg)
 
-    @_failing_over
     async def deregister(self, node: str) -> None:
         """Revoke the node's lease: its entry is gone at once. Only nodes this registry registered;
         unknown ones are ignored. If etcd cannot be reached the error is raised, and the entry goes
@@ -261,6 +268,10 @@ class EtcdRegistry(Registry):
         if reg is None:
             return
         await self._stop_keepalive(reg)
+        await self._revoke(reg)
+
+    @_failing_over
+    async def _revoke(self, reg: _Registration) -> None:
         async with reg.lock:
             try:
                 await self.client.revoke_lease(reg.lease)
@@ -527,14 +538,16 @@ class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type hints
         finally:
             self._is_connecting = False
 
-    async def failed(self, exc: BaseException) -> None:
+    async def failed(self, exc: BaseException) -> bool:
         """A call failed with ``exc``: if the member did not answer and there are others, close this
-        channel and use the next member from the next call on."""
+        channel and use the next member from the next call on. True if the next call goes to another
+        member than the failed one."""
         if len(self.members) < 2 or not isinstance(exc, aetcd.ConnectionFailedError | aetcd.ConnectionTimeoutError):
-            return
+            return False
         if not self._connected.is_set():
-            return  # another task already moved on; its next connect uses the next member
+            return True  # another task already moved on; the next connect uses the next member
         self.current = (self.current + 1) % len(self.members)
         log.warning("etcd member unreachable (%r): moving to %s", exc, self.target)
         with contextlib.suppress(Exception):
             await self.close()
+        return True
