@@ -1,8 +1,11 @@
 """What :class:`EtcdNodeIds` promises beyond the shared contract: the real 1,024 ids, a start that finds
-etcd away, a claim whose lease is revoked under it, and reservations that bound minting."""
+etcd away, a claim whose lease is revoked or whose key is deleted under it, reservations that bound
+minting, and an etcd restart."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,7 +18,7 @@ from im.backends.registry.etcd import EtcdRegistry
 from im.cluster import free_port
 from im.model.ids import MAX_NODE_IDS
 from tests.contract.node_ids import Recorder
-from tests.support.etcd import shared_etcd
+from tests.support.etcd import EtcdProcess, shared_etcd
 from tests.support.wait import eventually
 
 
@@ -76,3 +79,33 @@ async def test_minting_is_bounded_by_the_reservation_written_in_etcd(admin: Etcd
         first = minter._until_ms
         await eventually(lambda: minter._until_ms != first, "the reservation extended", timeout=3)
         assert minter._until_ms is not None and first is not None and minter._until_ms > first
+
+
+async def test_a_deleted_claim_stops_minting_at_once_not_at_the_next_renewal(admin: EtcdRegistry) -> None:
+    minter = Recorder()
+    async with EtcdNodeIds(admin, "tr-1", minter, ttl=9) as claims:  # renewals every 3 s
+        n = claims.node_id
+        assert n is not None
+        await admin.client.delete(f"{admin.prefix}node-ids/{n}".encode())
+        deleted = time.monotonic()
+        await eventually(lambda: ("revoke", None) in minter.events, "the loss noticed", timeout=3)
+        assert time.monotonic() - deleted < 1.5  # the watch, not the renewal 3 s later
+        await eventually(lambda: claims.node_id is not None, "claimed again", timeout=3)
+
+
+async def test_etcd_away_stops_minting_when_the_reservation_runs_out_and_a_restart_resumes_it() -> None:
+    etcd = EtcdProcess().start()
+    try:
+        async with EtcdRegistry(etcd.endpoint, prefix="/im-test/restart/", timeout=1.0) as registry:
+            minter = Recorder()
+            async with EtcdNodeIds(registry, "tr-1", minter, ttl=2) as claims:
+                n = claims.node_id
+                await asyncio.to_thread(etcd.stop, signal.SIGKILL)
+                # Renewals fail: minting goes on until the reservation (one TTL ahead) runs out, then stops.
+                await eventually(lambda: not minter.can_mint(int(time.time() * 1000)), "minting stopped", timeout=4)
+                assert minter.node == n  # not lost: the lease may well survive
+                await asyncio.to_thread(etcd.start)
+                await eventually(lambda: minter.can_mint(int(time.time() * 1000)), "minting resumed", timeout=5)
+                assert claims.node_id == n and minter.events == [("assign", n)]  # etcd kept the lease
+    finally:
+        etcd.destroy()

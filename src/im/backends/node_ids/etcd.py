@@ -22,9 +22,10 @@ Why a lease of its own rather than the registration's: the claim must exist befo
 drains after the node left the registry). Both leases have the registry's TTL and ride the same
 connection (the registry's ``_Client``, with its failover between members).
 
-A claim is found lost by its keepalive (every TTL/3): the lease expired (``refresh`` reports TTL 0) or
-the reservation write fails (the key was deleted). The minter is revoked at once and a new claim is made
-in the background (the old id first, if free). While etcd does not answer, the holder mints until its
+A claim is found lost by its keepalive (every TTL/3, and at once when a watch on the claim key sees it
+change): the lease expired (``refresh`` reports TTL 0) or the reservation write fails (the key was
+deleted). The minter is revoked then and a new claim is made in the background (the old id first, if
+free). While etcd does not answer, the holder mints until its
 reservation runs out (at most the TTL), then stops until etcd answers again.
 """
 
@@ -40,6 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import aetcd
 import msgspec
 
 from im.backends.node_ids import MAX_NODE_IDS, Minter, NodeIdClaims, NodeIdUnavailable
@@ -81,7 +83,7 @@ class EtcdNodeIds(NodeIdClaims):
     """:class:`NodeIdClaims` on the etcd of ``registry`` (its connection and prefix; started before and
     closed after this). ``ttl``: the lease TTL in seconds (the registry's, ``registry.ttl``), rounded up
     to whole seconds; also how far ahead a reservation reaches. ``size``: how many ids there are (tests
-    shrink it). ``clock``: Unix seconds, for reservations."""
+    shrink it). ``timeout``: seconds to open a watch. ``clock``: Unix seconds, for reservations."""
 
     def __init__(
         self,
@@ -91,6 +93,7 @@ class EtcdNodeIds(NodeIdClaims):
         *,
         ttl: float,
         size: int = MAX_NODE_IDS,
+        timeout: float = 5.0,
         retry: float = 0.05,
         max_retry: float = 2.0,
         clock: Callable[[], float] = time.time,
@@ -102,11 +105,14 @@ class EtcdNodeIds(NodeIdClaims):
         self._client = registry.client
         self._ttl = max(1, math.ceil(ttl))
         self._size = size
+        self._timeout = timeout
         self._retry = retry
         self._max_retry = max_retry
         self._clock = clock
         self._held: _Held | None = None
         self._task: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None  # watches the held claim key
+        self._nudge = asyncio.Event()  # wakes the keepalive at once: the claim key changed
         self._value = _encode(_Claim(owner, socket.gethostname(), os.getpid(), clock()))
 
     @property
@@ -154,6 +160,7 @@ class EtcdNodeIds(NodeIdClaims):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await self._stop_watching()
         held, self._held = self._held, None
         if held is None:
             return
@@ -235,6 +242,10 @@ class EtcdNodeIds(NodeIdClaims):
                     continue  # deleted at once by someone: list again
                 self._held = held
                 self.minter.assign(n, after_ms=after, until_ms=until)
+                await self._stop_watching()
+                self._watcher = asyncio.get_running_loop().create_task(
+                    self._watch_claim(held), name=f"etcd-node-id-watch-{self.owner}"
+                )
                 log.info("node id %d claimed by %s (message ids after %d ms)", n, self.owner, after)
                 return
             raise NodeIdUnavailable("could not claim a node id: other nodes kept taking the free ones; start again")
@@ -279,6 +290,7 @@ class EtcdNodeIds(NodeIdClaims):
     async def _lost(self, held: _Held, why: str) -> None:
         self._held = None
         self.minter.revoke()
+        await self._stop_watching()
         log.warning(
             "node id %d of %s lost (%s): refusing sends until a node id is claimed again", held.node_id, self.owner, why
         )
@@ -290,7 +302,9 @@ class EtcdNodeIds(NodeIdClaims):
         delay = self._ttl / 3
         failures = 0
         while True:
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._nudge.wait(), delay)
+            self._nudge.clear()
             try:
                 if self._held is None:
                     await self._claim()
@@ -315,3 +329,42 @@ class EtcdNodeIds(NodeIdClaims):
                 log.info("node id keepalive of %s got through after %d failures", self.owner, failures)
             failures = 0
             delay = self._ttl / 3 if self._held is not None else 0.0
+
+    async def _stop_watching(self) -> None:
+        task, self._watcher = self._watcher, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _watch_claim(self, held: _Held) -> None:
+        """Wake the keepalive the moment the claim key changes (deleted by hand, its lease revoked or
+        expired): the renewal that follows finds the loss, so minting stops at once rather than at the
+        next renewal. A broken watch (etcd restarted, a member down) is reopened from the next revision."""
+        c, key = self._client, self._key(held.node_id)
+        start = held.revision + 1
+        failures = 0
+        while True:
+            try:
+                watch = await asyncio.wait_for(c.watch(key, start_revision=start), self._timeout)
+                try:
+                    async with contextlib.aclosing(aiter(watch)) as events:
+                        failures = 0
+                        async for event in events:
+                            start = int(event.kv.mod_revision) + 1
+                            if event.kind == aetcd.EventKind.DELETE or int(event.kv.create_revision) != held.revision:
+                                self._nudge.set()
+                                return
+                finally:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(watch.cancel(), self._timeout)
+                raise aetcd.ConnectionFailedError("etcd watch stream ended")
+            except aetcd.RevisionCompactedError:  # changes may have been missed: let a renewal check
+                self._nudge.set()
+                return
+            except Exception as exc:  # reopen; the keepalive still renews (and finds a loss) meanwhile
+                failures += 1
+                await c.failed(exc)
+                delay = min(self._retry * 2 ** min(failures - 1, 10), self._max_retry)
+                log.debug("watch of node id %d broke (%r): reopening in %.2fs", held.node_id, exc, delay)
+                await asyncio.sleep(delay)
