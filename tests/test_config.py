@@ -169,3 +169,10 @@ def test_argon2_memory_must_cover_parallelism(write: Write, monkeypatch: pytest.
 
 def test_result_is_a_config() -> None:
     assert isinstance(load_config(), Config)
+
+
+@pytest.mark.parametrize("url", ["ftp://zipkin/api/v2/spans", "127.0.0.1:9411/api/v2/spans", "http://", "http:// x"])
+def test_zipkin_url_must_be_http(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"tracing\.zipkin_url"):
+        load_config(overrides={"tracing": {"zipkin_url": url}})
+    assert load_config(overrides={"tracing": {"zipkin_url": "https://z.example:9411/api/v2/spans"}})

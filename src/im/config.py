@@ -326,8 +326,8 @@ class TracingConfig(_Section):
     """OpenTelemetry tracing exported to Zipkin (docs/operations.md, "Tracing"). Off: no span is made."""
 
     enabled: bool = False
-    #: Zipkin's v2 span endpoint (JSON POSTs).
-    zipkin_url: str = "http://127.0.0.1:9411/api/v2/spans"
+    #: Zipkin's v2 span endpoint (JSON POSTs): an ``http://`` or ``https://`` URL with a host.
+    zipkin_url: str = Field("http://127.0.0.1:9411/api/v2/spans", pattern=r"^https?://[^/\s]+(/\S*)?$")
     #: Share of new traces kept (a trace started elsewhere keeps its caller's decision).
     sample_ratio: float = Field(0.01, ge=0.0, le=1.0)
     #: Zipkin's ``localEndpoint.serviceName``; empty: by role (``im-gateway``, ``im-transfer``, ``im-api``,
