@@ -103,6 +103,10 @@ async def test_a_claim_hands_back_the_previous_holder_wherever_it_is(presence_ha
     assert await p.claim([loc(1, "phone", "gw-2", "z")], ttl) == [loc(1, "phone", "gw-2", "y")]
     await p.set_offline([loc(1, "phone", "gw-2", "y")])
     assert await located(h, [1]) == {1: {loc(1, "web", "gw-1"), loc(1, "phone", "gw-2")}}
+    # A late refresh of the older one (it raced the newer claim) does not take the device back.
+    assert await p.set_online([loc(1, "phone", "gw-2", "y")], ttl) == []
+    assert await p.claim([loc(1, "phone", "gw-3", "v")], ttl) == [loc(1, "phone", "gw-2", "z")]
+    assert await p.claim([loc(1, "phone", "gw-2", "z")], ttl) == [loc(1, "phone", "gw-3", "v")]
     await p.set_offline([loc(1, "phone", "gw-2", "z")])
     assert await located(h, [1]) == {1: {loc(1, "web", "gw-1")}}
     # The device's holder left: a connection that claims it next displaces no one.

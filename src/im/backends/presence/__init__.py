@@ -27,7 +27,8 @@ class Presence(Service, abc.ABC):
         """Add or refresh entries; each expires ``ttl`` seconds after its last refresh. Returns the
         entries (with a ``conn``) left out because another node's connection claimed their device since,
         and still holds it: the caller closes those connections (a refresh also catches what a lost
-        replacement request missed)."""
+        replacement request missed). An entry becomes its device's holder only when no live holder is
+        elsewhere and none is on its own node (keys lost, or a holder that expired)."""
 
     @abc.abstractmethod
     async def claim(self, entries: Sequence[DeviceLocation], ttl: float) -> list[DeviceLocation]:

@@ -32,7 +32,8 @@ class MemoryPresence(Presence):
                 if holder is not None and holder[0] != e.node and self._live(e.uid, e.device, holder[0], now):
                     left_out.append(e)  # claimed by a connection on another node since
                     continue
-                self._holders.setdefault(e.uid, {})[e.device] = (e.node, e.conn)
+                if holder is None or holder[0] != e.node:  # never over a newer claim of this same node
+                    self._holders.setdefault(e.uid, {})[e.device] = (e.node, e.conn)
             self._entries.setdefault(e.uid, {})[(e.device, e.node)] = expiry
         return left_out
 

@@ -59,7 +59,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 # KEYS: two per user (its entries, its holders). ARGV: ttl_ms, then per user: n, then n triples (device,
 # node, conn). Prunes expired members, adds or refreshes the given ones, except an entry with a conn
 # whose device a live connection on another node holds (claimed since): returns, per user, the 0-based
-# positions of those left out.
+# positions of those left out. An entry with a conn becomes its device's holder when none is live
+# elsewhere (lost keys, an expired holder), but never takes over from another connection of its own
+# node (that one claimed after it: the node's own order rules).
 _SET_ONLINE = (
     _EXPIRE
     + """
@@ -77,13 +79,10 @@ for i = 1, #KEYS, 2 do
         local keep = true
         if conn ~= '' then
             local holder = redis.call('HGET', hkey, device)
-            if holder then
-                local hnode = string.match(holder, '^([^|]*)|')
-                if hnode ~= node and redis.call('ZSCORE', zkey, device .. '|' .. hnode) then
-                    keep = false
-                end
-            end
-            if keep then
+            local hnode = holder and string.match(holder, '^([^|]*)|')
+            if hnode and hnode ~= node and redis.call('ZSCORE', zkey, device .. '|' .. hnode) then
+                keep = false
+            elseif hnode ~= node then
                 redis.call('HSET', hkey, device, node .. '|' .. conn)
             end
         end
