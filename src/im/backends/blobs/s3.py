@@ -131,6 +131,14 @@ def _reason(exc: BaseException) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
+#: What a failed first request most likely means, by what its reason contains.
+_START_HINTS = (
+    ("403 Forbidden", " (the store refused the credentials: files.s3.access_key_id/secret_access_key or AWS_*)"),
+    ("404 Not Found", " (no such bucket: create it, or fix files.s3.bucket)"),
+    ("error sending request", " (nothing answers at the endpoint: is the store running? files.s3.endpoint)"),
+)
+
+
 def _unavailable(exc: BaseException, what: str) -> NoReturn:
     raise BlobUnavailable(f"object store: {what}: {_reason(exc)}") from None
 
@@ -201,7 +209,9 @@ class S3BlobStorage(BlobStorage):
             async for _ in obstore.list(store, prefix=self.settings.prefix or None, chunk_size=1):
                 break
         except BaseError as exc:
-            _unavailable(exc, f"cannot list {self.settings.describe()}")
+            reason = _reason(exc)
+            hint = next((h for code, h in _START_HINTS if code in reason), "")
+            raise BlobUnavailable(f"object store: cannot list {self.settings.describe()}{hint}: {reason}") from None
         if self._keys is not None:
             self._name_key = await self._keys.named_key(NAME_KEY)
         self._store = store
