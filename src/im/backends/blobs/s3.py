@@ -30,9 +30,14 @@ Keys in the bucket::
   an unreachable endpoint fail the start with one line saying which.
 - Delete: a HEAD then a DELETE (S3's DELETE does not say whether the object existed).
 
-Not here (the local :class:`~im.backends.blobs.encrypted.EncryptedBlobStorage` does them): sealing
-plaintext blobs already in the bucket (``files.migrate_plaintext``), and rewrapping blob keys on a master
-key rotation (``im keys rotate`` reports the blobs on S3 as not rewrapped).
+- Master key rotation (``im keys rewrap``): :meth:`S3BlobStorage.replace_wrapped_key` rewrites a sealed
+  object with its new trailer: its body is copied to a staging file (ranged GETs pinned to its ETag), and
+  the whole object is PUT with ``If-Match`` that ETag (held in memory for the request), so a blob deleted
+  or replaced meanwhile is left as it is.
+
+Not here (the local :class:`~im.backends.blobs.encrypted.EncryptedBlobStorage` does it): sealing plaintext
+blobs already in the bucket (``files.migrate_plaintext`` has no effect on S3; files stored in the clear
+stay readable only with ``files.encrypt`` off).
 """
 
 from __future__ import annotations
@@ -67,7 +72,16 @@ from im.backends.blobs import (
 )
 from im.backends.blobs.encrypted import NAME_KEY, SEALED_DIR, FileKeys, _SealWriter, _stream, key_context
 from im.backends.blobs.local import _write
-from im.backends.blobs.sealed import KEY_BYTES, MAX_CHUNK, MIN_CHUNK, ChunkCipher, Layout, SealedReader, read_layout
+from im.backends.blobs.sealed import (
+    KEY_BYTES,
+    MAX_CHUNK,
+    MIN_CHUNK,
+    TAIL,
+    ChunkCipher,
+    Layout,
+    SealedReader,
+    read_layout,
+)
 
 if TYPE_CHECKING:
     from obstore import GetOptions
@@ -194,6 +208,11 @@ class S3BlobStorage(BlobStorage):
             raise RuntimeError("S3BlobStorage is not started")
         name = hmac.new(self._name_key, sha256.encode(), hashlib.sha256).hexdigest()
         return f"{prefix}{SEALED_DIR}/{name[:2]}/{name}"
+
+    @property
+    def sealed(self) -> bool:
+        """True when blobs are sealed (the storage has keys)."""
+        return self._keys is not None
 
     def _client(self) -> S3Store:
         if self._store is None:
@@ -407,6 +426,67 @@ class S3BlobStorage(BlobStorage):
         except BaseError as exc:
             _unavailable(exc, f"cannot delete {key}")
         return True
+
+    # --- the wrapped keys (master key rotation) ------------------------------------------------------------
+
+    async def wrapped_key(self, sha256: str) -> bytes | None:
+        """The wrapped key in the trailer of the sealed blob ``sha256``; None when there is none (no such
+        blob, or the storage does not seal). :class:`BlobCorrupt` when its layout is damaged."""
+        if self._keys is None or not is_sha256(sha256):
+            return None
+        store, key = self._client(), self.key(sha256)
+        found = await self._head(store, key)
+        if found is None:
+            return None
+        f = cast(BinaryIO, _ObjectFile(store, key, found[0], found[1], self._window))
+        with f:
+            return (await asyncio.to_thread(read_layout, f))[1]
+
+    async def replace_wrapped_key(self, sha256: str, old: bytes, new: bytes) -> bool:
+        """Rewrite the sealed blob ``sha256`` with ``new`` as its wrapped key if its trailer still holds
+        ``old`` (else False, nothing written); see the module docstring."""
+        if self._keys is None or not is_sha256(sha256):
+            return False
+        store, key = self._client(), self.key(sha256)
+        found = await self._head(store, key)
+        if found is None:
+            return False
+        size, etag = found
+        if etag is None:  # every S3 store sends one; without it the rewrite could not be made conditional
+            raise BlobUnavailable(f"object store: {key} has no ETag; it cannot be rewritten safely")
+        fd, name = await asyncio.to_thread(tempfile.mkstemp, dir=self._staging, prefix="put-rewrap-")
+        staging = Path(name)
+        window = self._window
+
+        def copy_with_new_trailer() -> bool:
+            with os.fdopen(fd, "wb") as out, cast(BinaryIO, _ObjectFile(store, key, size, etag, window)) as f:
+                layout, wrapped = read_layout(f)
+                if wrapped != old:
+                    return False
+                f.seek(0)
+                left = layout.file_size - TAIL.size - len(old)
+                while left:
+                    piece = f.read(min(left, window))
+                    if not piece:
+                        raise BlobCorrupt(f"blob {sha256} ended early while being rewritten")
+                    out.write(piece)
+                    left -= len(piece)
+                out.write(new + TAIL.pack(len(new)))
+            return True
+
+        try:
+            if not await asyncio.to_thread(copy_with_new_trailer):
+                return False
+            try:
+                await obstore.put_async(store, key, staging, mode={"e_tag": etag}, use_multipart=False)
+            except (PreconditionError, FileNotFoundError):  # replaced or deleted meanwhile: leave it
+                return False
+            except BaseError as exc:
+                _unavailable(exc, f"cannot rewrite {key}")
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                staging.unlink()
 
 
 class _ObjectFile(io.RawIOBase):
