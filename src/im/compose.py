@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -559,18 +560,7 @@ def build_s3_blobs(config: Config, keys: FileKeys | None) -> S3BlobStorage:
     encrypt = config.encryption.enabled if fc.encrypt is None else fc.encrypt
     if encrypt and keys is None:
         raise ConfigError("files.encrypt needs the master key: turn encryption.enabled on, or files.encrypt off")
-    settings = S3Settings(
-        bucket=s3.bucket,
-        endpoint=s3.endpoint,
-        region=s3.region,
-        prefix=s3.prefix,
-        access_key_id=s3.access_key_id,
-        secret_access_key=s3.secret_access_key,
-        allow_http=s3.allow_http,
-        connect_timeout=s3.connect_timeout,
-        request_timeout=s3.request_timeout,
-        max_retries=s3.max_retries,
-    )
+    settings = S3Settings(**{f.name: getattr(s3, f.name) for f in dataclasses.fields(S3Settings)})
     return S3BlobStorage(
         settings,
         s3.staging_dir or config.data_dir / "files-staging",
