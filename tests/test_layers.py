@@ -31,6 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "certs": set(),
     "tls": set(),
+    "seaweedfs": set(),  # the private object store of `im cluster --s3` and the tests: imports nothing of im
     "observability": MODEL | {"config", "throttled_log"},
     "protocol": MODEL | OBS,  # the server session counts deliveries and refusals (plain ints)
     "backends": MODEL | OBS | {"backends", "backends.impl"},  # adapters share the SQL helpers
@@ -98,6 +99,6 @@ def test_no_import_points_against_the_layers() -> None:
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
 
 
-@pytest.mark.parametrize("unit", ["model", "throttled_log", "net", "config", "certs", "tls"])
+@pytest.mark.parametrize("unit", ["model", "throttled_log", "net", "config", "certs", "tls", "seaweedfs"])
 def test_leaves_import_nothing_of_im(unit: str) -> None:
     assert not [t for _, _, m, t in _imports() if _unit(m) == unit and _unit(t) != unit]

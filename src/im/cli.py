@@ -287,7 +287,8 @@ async def _keys_run(args: argparse.Namespace, config: Config) -> int:
     import contextlib
     import time
 
-    from im.backends.blobs.encrypted import EncryptedBlobStorage
+    from im.backends.blobs.encrypted import EncryptedBlobStorage, SealedBlobs
+    from im.backends.blobs.s3 import S3BlobStorage
     from im.backends.chat.encrypted import MigrationProgress
     from im.backends.keys import MasterKeyMismatch
     from im.backends.keys import admin as keys_admin
@@ -357,13 +358,13 @@ async def _keys_run(args: argparse.Namespace, config: Config) -> int:
                 f"im keys: done: {moved.sealed} sealed, {moved.skipped} changed meanwhile ({moved.messages} messages)"
             )
             return 0
-        blobs: EncryptedBlobStorage | None = None
+        blobs: SealedBlobs | None = None
         if args.op in ("rewrap", "rotate", "retire", "status"):
             built = build_blobs(config, keyring, migrate=False)
-            if isinstance(built, EncryptedBlobStorage):
+            if isinstance(built, EncryptedBlobStorage) or (isinstance(built, S3BlobStorage) and built.sealed):
                 blobs = built
-                await blobs.start()
-                stack.push_async_callback(blobs.close)
+                await built.start()
+                stack.push_async_callback(built.close)
             await b.file_store.start()
             stack.push_async_callback(b.file_store.close)
         provider = keyring.provider

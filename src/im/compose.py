@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -31,6 +32,7 @@ from im.backends.accounts.sqlite import SqliteAccountStore
 from im.backends.blobs import BlobStorage
 from im.backends.blobs.encrypted import EncryptedBlobStorage, FileKeys
 from im.backends.blobs.local import LocalBlobStorage
+from im.backends.blobs.s3 import S3BlobStorage, S3Settings
 from im.backends.chat import ChatStore, ConversationKeys, StoredBodies
 from im.backends.chat.encrypted import EncryptedChatStore, MigrationProgress, PlaintextMigration
 from im.backends.chat.postgres import PostgresChatStore, PostgresConversationKeys, PostgresStoredBodies
@@ -544,6 +546,8 @@ def build_blobs(config: Config, keys: FileKeys | None, *, migrate: bool = True) 
     """The blob storage of ``files``: sealed with ``keys`` when ``files.encrypt`` is on. ``migrate``:
     this process may seal plaintext blobs in the background (one that serves uploads, not a checker)."""
     fc = config.files
+    if fc.storage == "s3":
+        return build_s3_blobs(config, keys)
     root = fc.storage_dir or config.data_dir / "files"
     if not (config.encryption.enabled if fc.encrypt is None else fc.encrypt):
         return LocalBlobStorage(root)
@@ -551,6 +555,24 @@ def build_blobs(config: Config, keys: FileKeys | None, *, migrate: bool = True) 
         raise ConfigError("files.encrypt needs the master key: turn encryption.enabled on, or files.encrypt off")
     return EncryptedBlobStorage(
         root, keys, chunk_bytes=fc.encrypt_chunk_bytes, migrate=migrate and fc.migrate_plaintext
+    )
+
+
+def build_s3_blobs(config: Config, keys: FileKeys | None) -> S3BlobStorage:
+    """``files.storage: s3``: the bucket of ``files.s3``, sealed with ``keys`` when ``files.encrypt`` is on."""
+    fc, s3 = config.files, config.files.s3
+    encrypt = config.encryption.enabled if fc.encrypt is None else fc.encrypt
+    if encrypt and keys is None:
+        raise ConfigError("files.encrypt needs the master key: turn encryption.enabled on, or files.encrypt off")
+    settings = S3Settings(**{f.name: getattr(s3, f.name) for f in dataclasses.fields(S3Settings)})
+    return S3BlobStorage(
+        settings,
+        s3.staging_dir or config.data_dir / "files-staging",
+        keys=keys if encrypt else None,
+        chunk_bytes=fc.encrypt_chunk_bytes,
+        single_put_bytes=s3.single_put_bytes,
+        part_bytes=s3.part_bytes,
+        read_window_bytes=s3.read_window_bytes,
     )
 
 
