@@ -115,6 +115,7 @@ class EtcdConfigStore(ConfigStore):
                 ok, _ = await client.transaction(
                     compare=conditions,
                     success=[write, tx.put(self._history_key, _encode(entries[-self._limit :]))],
+                    failure=[],
                 )
             except Exception as e:
                 await client.failed(e)
