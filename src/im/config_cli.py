@@ -26,7 +26,6 @@ import yaml
 
 from im.backends.config import Change, ConfigStore
 from im.cli import _add_config_flags, _flags_to_overrides
-from im.compose import build_centre, build_registry
 from im.config import Config, ConfigError, load_config
 from im.dynamic import DYNAMIC, SettingError, check, check_key, defaults, known, shown, value_of
 
@@ -111,6 +110,8 @@ def _centre_call(config: Config, timeout: float, call: Callable[[ConfigStore], A
             "the configuration centre lives in etcd: set registry.kind=etcd and registry.etcd_endpoints (im serve "
             "on its in-memory registry reads its file instead, and re-reads it on SIGHUP)"
         )
+
+    from im.compose import build_centre, build_registry  # the engines' modules: only when etcd is needed
 
     async def run() -> T:
         async with build_registry(config, keepalive=False) as registry:

@@ -46,7 +46,7 @@ DYNAMIC: dict[str, Dynamic] = {
             "limits.max_frame_bytes",
             "gateways: new connections (an open one keeps the size its `auth_ok` announced)",
         ),
-        Dynamic("limits.history_page_max", "API nodes and gateways: the next history page"),
+        Dynamic("limits.history_page_max", "API nodes (and `im serve`): the next history request"),
         Dynamic("rates.sends_per_user", _GATEWAY_NOW),
         Dynamic("rates.sends_per_conversation", _GATEWAY_NOW),
         Dynamic("rates.typing_per_user", _GATEWAY_NOW),
