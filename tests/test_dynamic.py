@@ -5,6 +5,9 @@ kept, a value removed goes back to the configured one, a re-read file applies on
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +119,23 @@ def test_the_trace_sample_ratio_changes_live() -> None:
             tracing.set_sample_ratio(1.5)
     finally:
         tracing.set_sample_ratio(before)
+
+
+def _im_config(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("IM_")} | (env or {})
+    cmd = [sys.executable, "-m", "im", "config", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=clean)
+
+
+def test_im_config_get_shows_the_layers_and_set_refuses_without_etcd() -> None:
+    got = _im_config("get", "limits.send_rate", "--set", "limits.send_rate=5", env={"IM_LIMITS__SEND_RATE": "7"})
+    assert got.returncode == 0, got.stderr
+    assert "limits.send_rate = 5.0   (from flags)" in got.stdout
+    assert "  default      2000.0" in got.stdout and "  environment  7" in got.stdout
+    secret = "a-secret-of-twenty-chars"
+    masked = _im_config("get", "auth.secret", "--set", f"auth.secret={secret}")
+    assert masked.returncode == 0 and secret not in masked.stdout and "***" in masked.stdout
+    static = _im_config("set", "http.port", "1")
+    assert static.returncode == 2 and "read at start only" in static.stderr
+    no_centre = _im_config("set", "limits.send_rate", "5")
+    assert no_centre.returncode == 2 and "registry.kind=etcd" in no_centre.stderr

@@ -32,6 +32,8 @@ from im.dynamic import DYNAMIC, SettingError, check, check_key, defaults, known,
 T = TypeVar("T")
 LAYERS = ("default", "file", "environment", "flags")
 OPS = ("show", "get", "set", "unset", "history")
+#: Shown masked, as ``im config`` shows them.
+SECRET = frozenset({"auth.secret"})
 
 
 class _Refused(Exception):
@@ -236,6 +238,8 @@ def _get(args: argparse.Namespace, config: Config) -> int:
     rows: dict[str, dict[str, Any]] = {}
     for k in keys:
         layers = _layers(args, config, k)
+        if k in SECRET:
+            layers = {n: "***" if v else v for n, v in layers.items()}
         source = [layer for layer in LAYERS if layer in layers][-1]
         value = layers[source]
         row: dict[str, Any] = {"dynamic": k in DYNAMIC, "layers": {n: shown(v) for n, v in layers.items()}}

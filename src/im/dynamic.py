@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -98,10 +99,16 @@ def check_key(key: str) -> None:
 
 
 def value_of(config: Config, key: str) -> Any:
-    """The value of ``key`` in ``config``, as pydantic dumps it (a rate is ``{limit, period}``)."""
-    node: Any = config.model_dump(mode="json")
+    """The value of ``key`` in ``config``, as JSON would hold it (a rate is ``{limit, period}``)."""
+    node: Any = config
     for part in key.split("."):
-        node = node[part]
+        node = getattr(node, part)
+    if isinstance(node, BaseModel):
+        return node.model_dump(mode="json")
+    if isinstance(node, Path):
+        return str(node)
+    if isinstance(node, list):
+        return [str(v) if isinstance(v, Path) else v for v in node]
     return node
 
 

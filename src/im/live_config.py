@@ -85,7 +85,7 @@ class LiveConfig:
         restart = sorted(k for k in _flat_differences(self.base, fresh) if k not in DYNAMIC)
         if restart:
             log.warning("configuration reloaded: %s changed but need a restart (not applied)", ", ".join(restart))
-        dynamic = {k: _text(value_of(fresh, k)) for k in DYNAMIC}
+        dynamic = {k: shown(value_of(fresh, k)) for k in DYNAMIC}
         try:
             self.base = with_values(self.base, dynamic)
         except SettingError as exc:  # cannot happen for values a Config already holds; say so if it does
@@ -109,10 +109,6 @@ class LiveConfig:
                 apply(fresh)
             except Exception:
                 log.exception("applying the configuration with %s failed", getattr(apply, "__qualname__", apply))
-
-
-def _text(value: object) -> str:
-    return shown(value)
 
 
 def _flat(node: object, prefix: str = "") -> dict[str, object]:
