@@ -56,6 +56,7 @@ DYNAMIC: dict[str, Dynamic] = {
         Dynamic("rates.login_per_account", _LOGINS),
         Dynamic("rates.login_per_address", _LOGINS),
         Dynamic("rates.register_per_address", _LOGINS),
+        Dynamic("files.max_upload_bytes", "API nodes (and `im serve`): the next upload"),
         Dynamic("tracing.sample_ratio", "every process with `tracing.enabled`: the next new trace"),
     )
 }

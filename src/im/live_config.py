@@ -5,8 +5,8 @@ environment < flags) and the values the configuration centre holds; it lays the 
 and, when the result changes, calls its appliers. The appliers change what the hot paths read, in
 place: the hub's shared :class:`~im.protocol.session.Limits` (one attribute read per frame, as before),
 its shared rate rules (each connection takes new hits at its next limited frame), the read side's page
-size, the login budgets, the root logger's level and the trace sampler. Nothing on the per-message path
-looks a setting up.
+size, the upload size, the login budgets, the root logger's level and the trace sampler. Nothing on the
+per-message path looks a setting up.
 
 Where values come from:
 
@@ -31,6 +31,7 @@ from im.config import Config, ConfigError, LimitsConfig
 from im.core.accounts import AccountService
 from im.core.reads import ChatReads
 from im.dynamic import DYNAMIC, SettingError, shown, value_of, with_values
+from im.files import FileService
 from im.gateway.hub import Hub
 from im.lifecycle import Lifecycle, Part
 from im.observability import tracing
@@ -162,6 +163,15 @@ def follow_reads(live: LiveConfig, reads: ChatReads, api_limits: LimitsConfig | 
     live.on_change(apply)
 
 
+def follow_files(live: LiveConfig, files: FileService) -> None:
+    """The largest upload accepted (checked as the bytes stream in)."""
+
+    def apply(config: Config) -> None:
+        files.max_upload_bytes = config.files.max_upload_bytes
+
+    live.on_change(apply)
+
+
 def follow_accounts(live: LiveConfig, accounts: AccountService) -> None:
     """The login and registration budgets (when this process counts them)."""
 
@@ -236,6 +246,7 @@ def live_config(
     reads: ChatReads | None = None,
     api_limits: LimitsConfig | None = None,
     accounts: AccountService | None = None,
+    files: FileService | None = None,
 ) -> tuple[LiveConfig, list[Part]]:
     """A process's live configuration, following what it has; the parts to run (the centre's follower,
     placed after the stores). Without a centre, ``reload`` (if given) is SIGHUP's re-read."""
@@ -248,6 +259,8 @@ def live_config(
         follow_reads(live, reads, api_limits)
     if accounts is not None:
         follow_accounts(live, accounts)
+    if files is not None:
+        follow_files(live, files)
     store = build_centre(config, registry)
     if store is not None:
         follower = CentreFollower(live, store)

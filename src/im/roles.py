@@ -302,7 +302,13 @@ class ApiNode(_Role):
         self.reloads = build_reloads(config, b, self.tls, self.lifecycle)
         #: Dynamic settings from the configuration centre: history pages, login budgets, log level, tracing.
         self.live, self._live_parts = live_config(
-            config, b.registry, self.lifecycle, reads=self.reads, api_limits=config.limits, accounts=self.accounts
+            config,
+            b.registry,
+            self.lifecycle,
+            reads=self.reads,
+            api_limits=config.limits,
+            accounts=self.accounts,
+            files=self.files,
         )
 
     @property

@@ -84,6 +84,7 @@ class EmbeddedServer:
             reads=self.reads,
             api_limits=config.limits,
             accounts=self.accounts,
+            files=self.files,
         )
 
     @property
