@@ -513,7 +513,9 @@ def build_admission(config: Config) -> Admission:
 
 
 def rate_rule(name: str, rate: RateConfig) -> Rule:
-    return Rule(name, rate.limit, rate.period)
+    """The rule's parameters are part of its name (its keys): a rule changed live (im.live_config) starts
+    from a full budget instead of state measured at the old rate (a loosened limit would wait that out)."""
+    return Rule(f"{name}/{rate.limit}/{rate.period:g}", rate.limit, rate.period)
 
 
 def login_rules(config: Config) -> dict[str, Rule]:
