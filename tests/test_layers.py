@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "throttled_log": set(),
     "net": set(),
     "config": set(),
+    "dynamic": {"config"},  # the table of settings that change live
     "certs": set(),
     "tls": set(),
     "seaweedfs": set(),  # the private object store of `im cluster --s3` and the tests: imports nothing of im
@@ -47,7 +48,7 @@ ALLOWED: dict[str, set[str]] = {
     "bench": MODEL | {"protocol", "client", "certs"},  # --spawn --tls makes its CA with im.certs
 }
 #: The composition root and entry points: they may import anything.
-ROOTS = {"server", "roles", "cluster", "cli", "__main__", "compose", "lifecycle", "im"}
+ROOTS = {"server", "roles", "cluster", "cli", "__main__", "compose", "lifecycle", "im", "live_config", "config_cli"}
 
 
 def _unit(module: str) -> str:

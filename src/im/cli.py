@@ -1,7 +1,8 @@
 """The ``im`` command: ``im serve`` runs everything in one process; ``im api``, ``im gateway`` and
 ``im transfer`` run the roles of the distributed mode, ``im cluster`` a local cluster of them; ``im config``
-shows the configuration; ``im status`` prints a cluster's nodes from its registry; ``im certs`` makes a
-private CA and TLS certificates; ``im chat`` is a terminal chat client; ``im bench`` a load generator."""
+shows the configuration and changes the dynamic settings of a cluster (im.config_cli); ``im status``
+prints a cluster's nodes from its registry; ``im certs`` makes a private CA and TLS certificates; ``im chat``
+is a terminal chat client; ``im bench`` a load generator."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import argparse
 import gc
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +73,8 @@ def _setup_logging(config: Config, role: str, node: str = "") -> None:
     setup(level=config.log_level, fmt=lc.format, role=role, node=node, client_error_interval=lc.client_error_interval)
 
 
-def _serve(config: Config) -> int:
+def _serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
+    """``reload``: SIGHUP's re-read of the file, environment and flags (the dynamic settings apply)."""
     import uvloop
 
     from im.server import EmbeddedServer
@@ -89,7 +92,7 @@ def _serve(config: Config) -> int:
         print(f"im: data in    {config.data_dir.resolve()}   (Ctrl-C stops)", flush=True)
 
     async def main() -> None:
-        await EmbeddedServer(config).run(ready)
+        await EmbeddedServer(config, reload=reload).run(ready)
 
     # A chat server allocates many short-lived objects per message and holds few cycles: collect the
     # young generation less often, and keep start-up objects out of every collection.
@@ -500,6 +503,10 @@ def main(argv: list[str] | None = None) -> int:
         from im.cluster import main as cluster_main
 
         return cluster_main(list(args_list[1:]))
+    if args_list[:1] == ["config"]:  # its own parser: show, get, set, unset, history
+        from im.config_cli import main as config_main
+
+        return config_main(list(args_list[1:]))
     parser = argparse.ArgumentParser(prog="im", description="im: an instant-messaging server")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP API and the WebSocket and TCP gateways in one process")
@@ -512,8 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     for role, text in roles.items():
         _add_config_flags(sub.add_parser(role, help=text))
     sub.add_parser("cluster", help="api, two gateways and two transfer nodes on local engines (im cluster --help)")
-    show = sub.add_parser("config", help="print the effective configuration")
-    _add_config_flags(show)
+    sub.add_parser(
+        "config",
+        help="the effective configuration; get/set/unset/history of the configuration centre (im config --help)",
+    )
     status = sub.add_parser(
         "status",
         help="every node of a cluster from its registry (etcd): role, addresses, version, load, readiness",
@@ -561,19 +570,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"im: {exc}", file=sys.stderr)
         return 2
-    if args.command == "config":
-        shown = config.model_dump(mode="json")
-        if shown["auth"]["secret"]:
-            shown["auth"]["secret"] = "***"
-        print(json.dumps(shown, indent=2))
-        return 0
     if args.command in roles:
         return _run_role(args.command, config)
     if args.command == "keys":
         return _keys(args, config)
     if args.command == "status":
         return _status(args, config)
-    return _serve(config)
+    return _serve(config, lambda: _load(args))
 
 
 if __name__ == "__main__":

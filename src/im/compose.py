@@ -37,6 +37,8 @@ from im.backends.chat import ChatStore, ConversationKeys, StoredBodies
 from im.backends.chat.encrypted import EncryptedChatStore, MigrationProgress, PlaintextMigration
 from im.backends.chat.postgres import PostgresChatStore, PostgresConversationKeys, PostgresStoredBodies
 from im.backends.chat.sqlite import SqliteChatStore, SqliteConversationKeys, SqliteStoredBodies
+from im.backends.config import ConfigStore
+from im.backends.config.etcd import EtcdConfigStore
 from im.backends.dedupe import Dedupe
 from im.backends.dedupe.memory import MemoryDedupe
 from im.backends.dedupe.redis import RedisDedupe
@@ -208,6 +210,14 @@ def build_registry(config: Config, *, keepalive: bool = True) -> Registry:
         etcd_tls = client_tls(rc.etcd_ca_file, rc.etcd_cert_file, rc.etcd_key_file)
         return EtcdRegistry(rc.endpoints(), tls=etcd_tls, prefix=rc.prefix, keepalive=keepalive)
     return MemoryRegistry()
+
+
+def build_centre(config: Config, registry: Registry) -> ConfigStore | None:
+    """The configuration centre beside an etcd registry, on its client (im.live_config); None otherwise."""
+    if not isinstance(registry, EtcdRegistry):
+        return None
+    rc = config.registry
+    return EtcdConfigStore(registry, rc.config_root(), history_limit=rc.config_history)
 
 
 class KeyReloader:
@@ -509,23 +519,26 @@ def build_admission(config: Config) -> Admission:
 
 
 def rate_rule(name: str, rate: RateConfig) -> Rule:
-    return Rule(name, rate.limit, rate.period)
+    """The rule's parameters are part of its name (its keys): a rule changed live (im.live_config) starts
+    from a full budget instead of state measured at the old rate (a loosened limit would wait that out)."""
+    return Rule(f"{name}/{rate.limit}/{rate.period:g}", rate.limit, rate.period)
+
+
+def login_rules(config: Config) -> dict[str, Rule]:
+    """The login and registration budgets (``rates.login_*``, ``rates.register_per_address``)."""
+    rt = config.rates
+    return {
+        "login_per_account_address": rate_rule("login-pair", rt.login_per_account_address),
+        "login_per_account": rate_rule("login-account", rt.login_per_account),
+        "login_per_address": rate_rule("login-address", rt.login_per_address),
+        "register_per_address": rate_rule("register", rt.register_per_address),
+    }
 
 
 def build_accounts(config: Config, store: AccountStore, limiter: RateLimiter | None = None) -> AccountService:
     """``limiter`` None: no login or registration limits (a process that only checks tokens)."""
     auth, rt = config.auth, config.rates
-    guard = (
-        None
-        if limiter is None
-        else LoginGuard(
-            limiter,
-            login_per_account_address=rate_rule("login-pair", rt.login_per_account_address),
-            login_per_account=rate_rule("login-account", rt.login_per_account),
-            login_per_address=rate_rule("login-address", rt.login_per_address),
-            register_per_address=rate_rule("register", rt.register_per_address),
-        )
-    )
+    guard = None if limiter is None else LoginGuard(limiter, **login_rules(config))
     return AccountService(
         store,
         secret=load_secret(config),
@@ -680,17 +693,22 @@ def build_reads(config: Config, b: Backends, caches: ChatCaches) -> ChatReads:
     )
 
 
-def build_hub(
-    config: Config, b: Backends, reads: ChatReads, accounts: AccountService, router: Router, submit: SubmitSend
-) -> Hub:
-    """The gateway hub: connections read through ``reads``, send through ``submit`` and attach to ``router``."""
-    gw, rt = config.gateway, config.rates
-    rates = HubRates(
+def hub_rates(config: Config) -> HubRates:
+    """The shared limits a gateway applies (``rates.*``), at start and when they change live."""
+    rt = config.rates
+    return HubRates(
         sends_per_user=rate_rule("send-user", rt.sends_per_user),
         sends_per_conversation=rate_rule("send-conv", rt.sends_per_conversation),
         typing_per_user=rate_rule("typing", rt.typing_per_user),
         receipts_per_user=rate_rule("receipts", rt.receipts_per_user),
     )
+
+
+def build_hub(
+    config: Config, b: Backends, reads: ChatReads, accounts: AccountService, router: Router, submit: SubmitSend
+) -> Hub:
+    """The gateway hub: connections read through ``reads``, send through ``submit`` and attach to ``router``."""
+    gw, rates = config.gateway, hub_rates(config)
     return Hub(
         gw.node_id,
         reads=reads,

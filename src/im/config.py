@@ -291,6 +291,11 @@ class RegistryConfig(_Section):
     #: talks to one and moves to the next when it stops answering. Empty: ``[etcd_endpoint]``.
     etcd_endpoints: Annotated[list[str], NoDecode] = Field(default_factory=list)
     prefix: str = Field("/im/services/", pattern=r"/$")
+    #: Where the configuration centre keeps the dynamic settings (``im config set``); None: the sibling
+    #: ``config/`` of ``prefix`` (``/im/services/`` -> ``/im/config/``). Every node of a cluster reads the same.
+    config_prefix: str | None = Field(None, pattern=r"^/.*/$")
+    #: Changes kept in the configuration centre's history (``im config history``); older ones are dropped.
+    config_history: int = Field(200, ge=1, le=10_000)
     #: Lease TTL in whole seconds: a crashed node disappears from the registry within it.
     ttl: int = Field(10, ge=2)
     #: The node id (0..1023) in the message ids of a process on the in-memory registry (``im serve``).
@@ -323,6 +328,13 @@ class RegistryConfig(_Section):
     def endpoints(self) -> list[str]:
         """The etcd members to dial, in order."""
         return list(self.etcd_endpoints) or [self.etcd_endpoint]
+
+    def config_root(self) -> str:
+        """The configuration centre's key space: ``config_prefix``, or ``config/`` beside ``prefix``."""
+        if self.config_prefix:
+            return self.config_prefix
+        parent = self.prefix.rstrip("/").rpartition("/")[0]
+        return f"{parent}/config/"
 
 
 class TracingConfig(_Section):

@@ -50,6 +50,7 @@ from im.compose import (
 )
 from im.config import Config
 from im.lifecycle import Lifecycle, Loop, Part, registration, report_load, tracing_part
+from im.live_config import live_config
 from im.model.chat import StoredMessage
 from im.observability import metrics
 from im.observability.health import Readiness
@@ -127,6 +128,8 @@ class TransferNode(_Role):
         #: Engines (RabbitMQ too: the relay runs here), registered, not draining.
         self.readiness = build_readiness(config, b, self.lifecycle, events=True)
         self._listen_for_ops(self.readiness)
+        #: Dynamic settings from the configuration centre (log level, trace sampling).
+        self.live, self._live_parts = live_config(config, b.registry, self.lifecycle)
 
     def parts(self) -> list[Part]:
         """In start order; the stop runs backwards: leave the registry first (gateways stop choosing
@@ -138,6 +141,7 @@ class TransferNode(_Role):
             *self._ops_first(),
             Part("stores", b.start, b.close),
             Part("node id", self.node_ids.start, self.node_ids.close),  # none free: the node does not start
+            *self._live_parts,
             Part("files", self.files.start, self.files.close),
             Part("grpc", self._serve, self._stop_serving),
             Part("committer", self.committer.start, self.committer.stop),
@@ -205,6 +209,8 @@ class GatewayNode(_Role):
         #: Published with the load: the API hands out only ready gateways (im.api.server.GatewayPicker).
         self.readiness = build_readiness(config, b, self.lifecycle)
         self._listen_for_ops(self.readiness)
+        #: Dynamic settings from the configuration centre: limits, rates, log level, trace sampling.
+        self.live, self._live_parts = live_config(config, b.registry, self.lifecycle, hub=self.hub, reads=self.reads)
 
     @property
     def addresses(self) -> dict[str, str]:
@@ -225,6 +231,7 @@ class GatewayNode(_Role):
             tracing_part(cfg.tracing, "im-gateway", node),
             *self._ops_first(),
             Part("stores", b.start, b.close),
+            *self._live_parts,
             Part("transfer links", lambda: self.pool.start(self.hub), self.pool.close),
             Part("hub", self.hub.start, self.hub.drain_and_close),
             Part("answers on the links", _nothing, self._wait_answered),
@@ -297,6 +304,16 @@ class ApiNode(_Role):
             self.readiness,
         )
         self.reloads = build_reloads(config, b, self.tls, self.lifecycle)
+        #: Dynamic settings from the configuration centre: history pages, login budgets, log level, tracing.
+        self.live, self._live_parts = live_config(
+            config,
+            b.registry,
+            self.lifecycle,
+            reads=self.reads,
+            api_limits=config.limits,
+            accounts=self.accounts,
+            files=self.files,
+        )
 
     @property
     def url(self) -> str:
@@ -311,6 +328,7 @@ class ApiNode(_Role):
             tracing_part(self.config.tracing, "im-api", self.config.http.node_id, self.http.app),
             Part("stores", b.start, b.close),
             Part("node id", self.node_ids.start, self.node_ids.close),  # none free: the node does not start
+            *self._live_parts,
             Part("files", self.files.start, self.files.close),
             Part("transfer links", lambda: self.pool.start(_NoDeliveries()), self.pool.close),
             Part("committer", self.committer.start, self.committer.stop),

@@ -32,6 +32,7 @@ from im.compose import (
 )
 from im.config import Config
 from im.lifecycle import Lifecycle, Loop, Part, registration, report_load, tracing_part
+from im.live_config import live_config
 from im.observability import metrics
 
 
@@ -39,7 +40,9 @@ class EmbeddedServer:
     """``im serve``: HTTP API, file service and the WebSocket and TCP gateways in one process, on
     embedded backends."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, reload: Callable[[], Config] | None = None) -> None:
+        """``reload``: how SIGHUP reads the configuration again (its dynamic settings apply; with an etcd
+        registry the configuration centre is followed instead)."""
         self.config = config
         self.lifecycle = Lifecycle()
         metrics.install(config.metrics.enabled)  # one registry for every role of this process (/metrics)
@@ -73,6 +76,18 @@ class EmbeddedServer:
         )
         #: Certificate files and the master key file, re-read on SIGHUP and by the clock.
         self.reloads = build_reloads(config, b, self.tls, self.lifecycle)
+        #: Dynamic settings: the configuration centre with an etcd registry, else the file on SIGHUP.
+        self.live, self._live_parts = live_config(
+            config,
+            b.registry,
+            self.lifecycle,
+            reload=reload,
+            hub=self.hub,
+            reads=self.reads,
+            api_limits=config.limits,
+            accounts=self.accounts,
+            files=self.files,
+        )
 
     @property
     def http_url(self) -> str:
@@ -106,6 +121,7 @@ class EmbeddedServer:
             tracing_part(cfg.tracing, "im", node, self.http.app),
             Part("stores", b.start, b.close),
             Part("node id", self.node_ids.start, self.node_ids.close),  # none free: the node does not start
+            *self._live_parts,
             Part("files", self.files.start, self.files.close),
             Part("http", self.http.start, self.http.stop),
             Part("hub", self.hub.start, self.hub.drain_and_close),

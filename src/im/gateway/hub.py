@@ -515,6 +515,19 @@ class Hub(DeliverySink):
         assert hits is not None
         conn.user_sends = SendLease(hits[0])
 
+    def set_rates(self, rates: HubRates) -> None:
+        """New shared rate limits (a dynamic setting changed): every connection takes its hits and leases
+        afresh at its next limited frame (units it held ahead are dropped, never granted twice)."""
+        if self._rates is None or rates == self._rates:
+            return  # built without shared limits, or unchanged: nothing to do
+        self._rates = rates
+        self._user_lease = lease_size(rates.sends_per_user)
+        self._conv_lease = lease_size(rates.sends_per_conversation)
+        for conn in self._all:
+            conn.user_hits = None
+            conn.user_sends = None
+            conn.conv_sends = None
+
     def user_hits(self, uid: int) -> tuple[Hit, Hit, Hit] | None:
         """A user's hits of the per-user limits (sends, typing, receipts); None without shared limits."""
         if self._limiter is None or self._rates is None:

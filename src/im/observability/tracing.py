@@ -58,6 +58,7 @@ MAX_LINK_TAGS = 64
 _ratio = 0.0
 _random = random.random
 _provider: Any = None  # the instrumentations' (sampled by trace-id ratio)
+_root_sampler: Any = None  # that provider's TraceIdRatioBased (its ratio changes live)
 _message_provider: Any = None  # the message path's (its roots sampled by :func:`sampled`)
 _tracer: trace.Tracer = trace.NoOpTracer()
 _instrumented: list[Any] = []
@@ -72,6 +73,19 @@ _in_batch: contextvars.ContextVar[bool] = contextvars.ContextVar("im_tracing_in_
 def sampled() -> bool:
     """Whether to trace a new chat message (one ``random()``; call only when :data:`ON`)."""
     return _random() < _ratio
+
+
+def set_sample_ratio(ratio: float) -> None:
+    """A new ``tracing.sample_ratio`` while running (im.live_config): new chat messages and new traces of
+    the instrumentations are sampled at it; traces already started keep their decision."""
+    global _ratio
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"a sample ratio is between 0 and 1, not {ratio}")
+    with _lock:
+        _ratio = ratio
+        root = _root_sampler
+        if root is not None:  # TraceIdRatioBased keeps its rate and bound in these two fields
+            root._rate, root._bound = ratio, root.get_bound_for_rate(ratio)
 
 
 # --- propagation ---------------------------------------------------------------------------------------
@@ -179,7 +193,7 @@ def setup(cfg: TracingConfig, service: str, node: str, *, fastapi_app: Any = Non
     traces by ``ParentBased(TraceIdRatioBased(sample_ratio))``; the message path's by
     ``ParentBased(ALWAYS_ON)``, because its roots are only started for a message :func:`sampled` chose
     (a sampler call per message would cost every message, not one in a hundred)."""
-    global ON, _provider, _message_provider, _tracer, _ratio
+    global ON, _provider, _message_provider, _tracer, _ratio, _root_sampler
     if not cfg.enabled:
         return False
     from opentelemetry.exporter.zipkin.json import ZipkinExporter
@@ -202,9 +216,8 @@ def setup(cfg: TracingConfig, service: str, node: str, *, fastapi_app: Any = Non
             max_export_batch_size=min(512, cfg.queue_size),
             export_timeout_millis=cfg.export_timeout * 1000,
         )
-        provider = TracerProvider(
-            resource=resource, sampler=ParentBased(TraceIdRatioBased(cfg.sample_ratio)), shutdown_on_exit=False
-        )
+        _root_sampler = TraceIdRatioBased(cfg.sample_ratio)
+        provider = TracerProvider(resource=resource, sampler=ParentBased(_root_sampler), shutdown_on_exit=False)
         provider.add_span_processor(processor)
         messages = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON), shutdown_on_exit=False)
         messages.add_span_processor(processor)
@@ -339,9 +352,9 @@ def _instrument(provider: Any, fastapi_app: Any) -> None:
 def shutdown() -> None:
     """Flush what is queued (bounded by the exporter's timeout) and uninstall. Call in the role's stop,
     before the process exits: the exporter posts from its own thread."""
-    global ON, _provider, _message_provider, _tracer
+    global ON, _provider, _message_provider, _tracer, _root_sampler
     with _lock:
-        provider, _provider, _message_provider = _provider, None, None
+        provider, _provider, _message_provider, _root_sampler = _provider, None, None, None
         ON = False
         _tracer = trace.NoOpTracer()
         ROUTING.clear()

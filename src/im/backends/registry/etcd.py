@@ -372,33 +372,62 @@ class EtcdRegistry(Registry):
         return unsubscribe
 
     async def _run_view(self, view: _View, prefix: bytes) -> None:
-        revision: int | None = None  # the last revision the view reflects; None: list again
+        def reset(kvs: Sequence[Any]) -> None:
+            entries: dict[bytes, ServiceInstance] = {}
+            for kv in kvs:
+                with contextlib.suppress(msgspec.DecodeError):
+                    entries[bytes(kv.key)] = _instance(kv.value)
+            changed = entries != view.entries or not view.synced
+            view.entries, view.synced = entries, True
+            if changed:
+                view.notify()
+
+        def event(e: aetcd.Event) -> None:
+            if _apply(view.entries, e):
+                view.notify()
+
+        await self._follow(prefix, reset, event, f"registry watch of {view.role!r}")
+
+    def follow(
+        self, prefix: bytes, reset: Callable[[Sequence[Any]], None], event: Callable[[aetcd.Event], None], label: str
+    ) -> Callable[[], None]:
+        """Keep up with every key under ``prefix`` on this registry's client (for other key spaces of the
+        cluster, e.g. the configuration centre): ``reset(kvs)`` with the whole listing first and whenever
+        the watch cannot resume, then ``event(e)`` for each change in revision order; the watch reopens
+        after an etcd restart from the last revision seen + 1. Returns a function that stops following."""
+        task = self._spawn(self._follow(prefix, reset, event, label), f"etcd-follow-{label}")
+
+        def stop() -> None:
+            task.cancel()
+
+        return stop
+
+    async def _follow(
+        self,
+        prefix: bytes,
+        reset: Callable[[Sequence[Any]], None],
+        event: Callable[[aetcd.Event], None],
+        label: str,
+    ) -> None:
+        revision: int | None = None  # the last revision seen; None: list again
         failures = 0
         while True:
             try:
                 if revision is None:
                     got = await self.client.get_prefix(prefix)
-                    entries: dict[bytes, ServiceInstance] = {}
-                    for kv in got:
-                        with contextlib.suppress(msgspec.DecodeError):
-                            entries[bytes(kv.key)] = _instance(kv.value)
                     revision = int(got.header.revision)
-                    changed = entries != view.entries or not view.synced
-                    view.entries, view.synced = entries, True
-                    if changed:
-                        view.notify()
+                    reset(list(got))
                 async with self._watch(prefix, revision + 1) as events:
                     if failures:
-                        log.info("etcd registry watch of %r reopened from revision %d", view.role, revision + 1)
+                        log.info("etcd %s reopened from revision %d", label, revision + 1)
                     failures = 0
-                    async for event in events:
-                        revision = int(event.kv.mod_revision)
-                        if _apply(view.entries, event):
-                            view.notify()
+                    async for e in events:
+                        revision = int(e.kv.mod_revision)
+                        event(e)
                 # The stream ended without an error: the client was shut down under us. Reopen.
                 raise aetcd.ConnectionFailedError("etcd watch stream ended")
             except aetcd.RevisionCompactedError:
-                log.warning("etcd registry watch of %r: revision %s compacted, listing again", view.role, revision)
+                log.warning("etcd %s: revision %s compacted, listing again", label, revision)
                 revision = None
             except Exception as e:  # etcd restarted or unreachable (ConnectionFailedError, ...): reopen
                 METRICS.engine_error(e, "etcd")
@@ -407,8 +436,8 @@ class EtcdRegistry(Registry):
                 delay = min(self._retry * 2 ** min(failures - 1, 10), self._max_retry)
                 log.log(
                     logging.WARNING if failures == 1 else logging.DEBUG,
-                    "etcd registry watch of %r broke (%r): reopening in %.2fs",
-                    view.role,
+                    "etcd %s broke (%r): reopening in %.2fs",
+                    label,
                     e,
                     delay,
                 )
