@@ -48,7 +48,19 @@ ALLOWED: dict[str, set[str]] = {
     "bench": MODEL | {"protocol", "client", "certs"},  # --spawn --tls makes its CA with im.certs
 }
 #: The composition root and entry points: they may import anything.
-ROOTS = {"server", "roles", "cluster", "cli", "__main__", "compose", "lifecycle", "im", "live_config", "config_cli"}
+ROOTS = {
+    "server",
+    "roles",
+    "cluster",
+    "cli",
+    "__main__",
+    "compose",
+    "compose_security",
+    "lifecycle",
+    "im",
+    "live_config",
+    "config_cli",
+}
 
 
 def _unit(module: str) -> str:

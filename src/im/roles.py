@@ -37,17 +37,16 @@ from im.compose import (
     build_groups,
     build_http,
     build_hub,
-    build_link_tls,
     build_node_ids,
     build_readiness,
     build_reads,
     build_reloads,
-    build_tls,
     encryption_loops,
     event_workers,
     listed,
     require_shared_engines,
 )
+from im.compose_security import build_link_tls, build_tls
 from im.config import Config
 from im.lifecycle import Lifecycle, Loop, Part, registration, report_load, tracing_part
 from im.live_config import live_config

@@ -25,11 +25,11 @@ from im.compose import (
     build_readiness,
     build_reads,
     build_reloads,
-    build_tls,
     encryption_loops,
     event_workers,
     listed,
 )
+from im.compose_security import build_tls
 from im.config import Config
 from im.lifecycle import Lifecycle, Loop, Part, registration, report_load, tracing_part
 from im.live_config import live_config
