@@ -43,6 +43,8 @@ from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanK
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from im.config import TracingConfig
+from im.observability import spans
+from im.observability.spans import MessageSpan
 from im.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
@@ -222,6 +224,7 @@ def setup(cfg: TracingConfig, service: str, node: str, *, fastapi_app: Any = Non
         messages = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON), shutdown_on_exit=False)
         messages.add_span_processor(processor)
         _provider, _message_provider, _ratio = provider, messages, cfg.sample_ratio
+        spans.install(resource, processor)  # the message path's own spans (im.observability.spans)
         _tracer = messages.get_tracer("im")
         propagate.set_global_textmap(PROPAGATOR)  # the instrumentations read and write traceparent and b3
         _instrument(provider, fastapi_app)
@@ -357,6 +360,7 @@ def shutdown() -> None:
         provider, _provider, _message_provider, _root_sampler = _provider, None, None, None
         ON = False
         _tracer = trace.NoOpTracer()
+        spans.install(None, None)
         ROUTING.clear()
         for instrumentor in _instrumented:
             with contextlib.suppress(Exception):
@@ -381,7 +385,7 @@ def installed() -> bool:
 def start_send(transport: str) -> Span:
     """The sender's gateway span of one sampled chat message (ended by :func:`end`). Few tags: the SDK
     spends microseconds on each."""
-    return _tracer.start_span("im.send", kind=SpanKind.SERVER, attributes={"im.transport": transport})
+    return MessageSpan("im.send", None, SpanKind.SERVER, {"im.transport": transport})
 
 
 def end(span: Span, error: Any = None, mid: int | None = None, dup: bool = False) -> None:
@@ -406,7 +410,7 @@ def commit_batch(traces: Sequence[Span], size: int) -> Iterator[Span]:
     attributes: dict[str, Any] = {"im.batch.size": size, "im.batch.traced": len(contexts)}
     if contexts:
         attributes["im.linked_traces"] = ",".join(f"{c.trace_id:032x}" for c in contexts[:MAX_LINK_TAGS])
-    span = _tracer.start_span("im.commit.batch", context=otel_context.Context(), links=links, attributes=attributes)
+    span = MessageSpan("im.commit.batch", None, SpanKind.INTERNAL, attributes, links)
     token = _in_batch.set(True)
     try:
         with trace.use_span(span, end_on_exit=True):
@@ -441,7 +445,6 @@ def committed(acks: Sequence[tuple[Any, Any, bool, Any]]) -> list[tuple[Span, in
     batch = trace.get_current_span()
     start = getattr(batch, "start_time", None)
     batch_id = f"{batch.get_span_context().span_id:016x}"
-    start_span = _tracer.start_span
     for item, m, dup, err in acks:
         parent = item.req.trace
         if parent is None:
@@ -452,7 +455,7 @@ def committed(acks: Sequence[tuple[Any, Any, bool, Any]]) -> list[tuple[Span, in
             if dup:
                 attributes["im.dup"] = True
         # No link to the batch span: ``im.batch`` names it, and Zipkin would drop a link anyway.
-        span = start_span("im.commit", trace.set_span_in_context(parent), attributes=attributes, start_time=start)
+        span = MessageSpan("im.commit", parent.get_span_context(), SpanKind.INTERNAL, attributes, (), start)
         if m is not None:
             ROUTING[m.mid] = span.get_span_context()
             out.append((span, m.mid))
@@ -510,16 +513,10 @@ def client_span(name: str, parent: Span, headers: MutableMapping[str, str], url:
 
 def deliver_spans(messages: Sequence[Any], local_recipients: Sequence[Sequence[int]]) -> list[Span]:
     """Delivery spans at a recipient's gateway for the messages in ``ROUTING`` (ended by the caller)."""
-    spans = []
+    out: list[Span] = []
     for m, uids in zip(messages, local_recipients, strict=True):
         c = ROUTING.get(m.mid)
         if c is not None:
-            spans.append(
-                _tracer.start_span(
-                    "im.deliver",
-                    context=trace.set_span_in_context(NonRecordingSpan(c)),
-                    kind=SpanKind.CONSUMER,
-                    attributes={"im.mid": str(m.mid), "im.recipients": len(uids)},
-                )
-            )
-    return spans
+            attributes = {"im.mid": str(m.mid), "im.recipients": len(uids)}
+            out.append(MessageSpan("im.deliver", c, SpanKind.CONSUMER, attributes))
+    return out
