@@ -169,3 +169,33 @@ def test_argon2_memory_must_cover_parallelism(write: Write, monkeypatch: pytest.
 
 def test_result_is_a_config() -> None:
     assert isinstance(load_config(), Config)
+
+
+@pytest.mark.parametrize("url", ["ftp://zipkin/api/v2/spans", "127.0.0.1:9411/api/v2/spans", "http://", "http:// x"])
+def test_zipkin_url_must_be_http(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"tracing\.zipkin_url"):
+        load_config(overrides={"tracing": {"zipkin_url": url}})
+    assert load_config(overrides={"tracing": {"zipkin_url": "https://z.example:9411/api/v2/spans"}})
+
+
+def test_s3_file_storage_needs_a_bucket_and_composes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from im.backends.blobs.s3 import S3BlobStorage
+    from im.compose import build_blobs
+
+    with pytest.raises(ConfigError, match=r"files\.s3\.bucket"):
+        load_config(None, {"files": {"storage": "s3"}})
+    with pytest.raises(ConfigError, match=r"files\.s3\.part_bytes"):
+        load_config(None, {"files": {"storage": "s3", "s3": {"bucket": "b", "part_bytes": 1024}}})
+    monkeypatch.setenv("IM_FILES__STORAGE", "s3")
+    monkeypatch.setenv("IM_FILES__S3__BUCKET", "im-files")
+    monkeypatch.setenv("IM_FILES__S3__PREFIX", "prod/")
+    files = {"encrypt": False, "s3": {"endpoint": "http://127.0.0.1:8333"}}
+    c = load_config(None, {"data_dir": str(tmp_path), "files": files})
+    assert (c.files.s3.bucket, c.files.s3.endpoint, c.files.s3.allow_http) == (
+        "im-files",
+        "http://127.0.0.1:8333",
+        False,
+    )
+    blobs = build_blobs(c, None)
+    assert isinstance(blobs, S3BlobStorage)
+    assert blobs.settings.prefix == "prod/" and blobs.key("a" * 64) == "prod/aa/" + "a" * 64

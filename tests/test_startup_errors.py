@@ -27,6 +27,7 @@ from im.cluster import free_port
 from im.config import Config
 from im.net import BindError
 from im.startup import EXIT_START, StartupError, explain
+from tests.support.etcd import shared_etcd
 from tests.support.postgres import DSN, PgSchema
 
 #: The process's own log lines (logs.format=text), and gRPC core's (``E1205 16:00:53.877 ...``).
@@ -65,10 +66,13 @@ class Cases:
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cases]:
     tmp = tmp_path_factory.mktemp("startup")
-    schema = PgSchema()  # the roles' tables, apart from every other test's (dropped after)
+    schemas: list[PgSchema] = []  # each role's tables, apart from every other's (its own master key)
     missing_db = f"im_missing_{secrets.token_hex(4)}"
     dead = free_port()  # nothing listens there
     etcd_dead = ("--set", "registry.kind=etcd", "--set", f"registry.etcd_endpoint=127.0.0.1:{dead}")
+    # The transfer node claims its node id in etcd before it listens: a live one, under a prefix of its own.
+    etcd_live = ("--set", f"registry.etcd_endpoint={shared_etcd().endpoint}")
+    etcd_live += ("--set", f"registry.prefix=/im-startup-{secrets.token_hex(4)}/")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -78,6 +82,8 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cases]:
             return ["serve", "--data-dir", str(tmp / name), *ZERO_PORTS, *extra]
 
         def role(name: str, role: str, *extra: str) -> list[str]:
+            schema = PgSchema()
+            schemas.append(schema)
             shared = [
                 *("--set", "store.kind=postgres", "--set", f"store.postgres_dsn={DSN}"),
                 *("--set", f"store.postgres_schema={schema.name}", "--set", "presence.kind=redis"),
@@ -88,7 +94,7 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cases]:
         postgres = ("--set", "store.kind=postgres", "--set")
         runs = {
             "http taken": serve("http", "--http-port", str(port)),
-            "transfer taken": role("tr", "transfer", *etcd_dead, "--set", f"transfer.port={port}"),
+            "transfer taken": role("tr", "transfer", *etcd_live, "--set", f"transfer.port={port}"),
             "no database": serve("db", *postgres, "store.postgres_dsn=" + _dsn(DSN, database=missing_db)),
             "no postgres": serve(
                 "pg", *postgres, f"store.postgres_dsn=postgresql://postgres:hunter2@127.0.0.1:{dead}/x"
@@ -122,7 +128,8 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cases]:
                     proc.kill()
                     proc.wait()
     yield Cases(port, dead, missing_db, tmp, ran)
-    asyncio.run(schema.drop())
+    for schema in schemas:
+        asyncio.run(schema.drop())
 
 
 def _dsn(dsn: str, *, database: str) -> str:
@@ -155,8 +162,9 @@ def test_nothing_listening_for_postgres_names_the_engine_and_setting(cases: Case
 @pytest.mark.parametrize(("case", "command"), [("no etcd, serve", "serve"), ("no etcd, gateway", "gateway")])
 def test_etcd_not_running_names_its_endpoints(cases: Cases, case: str, command: str) -> None:
     line = cases.line(case, command)
+    # The first to meet it says so: the node id claim (im serve, with etcd) or the registry (a gateway).
     assert f"etcd at 127.0.0.1:{cases.dead_port} does not answer" in line
-    assert "apt-get install etcd-server" in line and "registry.etcd_endpoints" in line
+    assert "start etcd" in line and "registry.etcd_endpoints" in line
 
 
 def test_a_data_dir_that_cannot_be_made_names_the_path(cases: Cases) -> None:

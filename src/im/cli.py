@@ -1,7 +1,8 @@
 """The ``im`` command: ``im serve`` runs everything in one process; ``im api``, ``im gateway`` and
 ``im transfer`` run the roles of the distributed mode, ``im cluster`` a local cluster of them; ``im config``
-shows the configuration; ``im status`` prints a cluster's nodes from its registry; ``im certs`` makes a
-private CA and TLS certificates; ``im chat`` is a terminal chat client; ``im bench`` a load generator."""
+shows the configuration and changes the dynamic settings of a cluster (im.config_cli); ``im status``
+prints a cluster's nodes from its registry; ``im certs`` makes a private CA and TLS certificates; ``im chat``
+is a terminal chat client; ``im bench`` a load generator."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import argparse
 import gc
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +109,8 @@ def _setup_logging(config: Config, role: str, node: str = "") -> None:
     setup(level=config.log_level, fmt=lc.format, role=role, node=node, client_error_interval=lc.client_error_interval)
 
 
-def _serve(config: Config) -> int:
+def _serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
+    """``reload``: SIGHUP's re-read of the file, environment and flags (the dynamic settings apply)."""
     import uvloop
 
     from im.server import EmbeddedServer
@@ -125,7 +128,7 @@ def _serve(config: Config) -> int:
         print(f"im: data in    {config.data_dir.resolve()}   (Ctrl-C stops)", flush=True)
 
     async def main() -> None:
-        await EmbeddedServer(config).run(ready)
+        await EmbeddedServer(config, reload=reload).run(ready)
 
     # A chat server allocates many short-lived objects per message and holds few cycles: collect the
     # young generation less often, and keep start-up objects out of every collection.
@@ -309,7 +312,8 @@ async def _keys_run(args: argparse.Namespace, config: Config) -> int:
     import contextlib
     import time
 
-    from im.backends.blobs.encrypted import EncryptedBlobStorage
+    from im.backends.blobs.encrypted import EncryptedBlobStorage, SealedBlobs
+    from im.backends.blobs.s3 import S3BlobStorage
     from im.backends.chat.encrypted import MigrationProgress
     from im.backends.keys import MasterKeyMismatch
     from im.backends.keys import admin as keys_admin
@@ -379,13 +383,13 @@ async def _keys_run(args: argparse.Namespace, config: Config) -> int:
                 f"im keys: done: {moved.sealed} sealed, {moved.skipped} changed meanwhile ({moved.messages} messages)"
             )
             return 0
-        blobs: EncryptedBlobStorage | None = None
+        blobs: SealedBlobs | None = None
         if args.op in ("rewrap", "rotate", "retire", "status"):
             built = build_blobs(config, keyring, migrate=False)
-            if isinstance(built, EncryptedBlobStorage):
+            if isinstance(built, EncryptedBlobStorage) or (isinstance(built, S3BlobStorage) and built.sealed):
                 blobs = built
-                await blobs.start()
-                stack.push_async_callback(blobs.close)
+                await built.start()
+                stack.push_async_callback(built.close)
             await b.file_store.start()
             stack.push_async_callback(b.file_store.close)
         provider = keyring.provider
@@ -520,7 +524,8 @@ ROLE_HELP = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of every ``im`` command but ``bench`` and ``cluster`` (their own: im.bench.cli, im.cluster)."""
+    """The parser of every ``im`` command but ``bench``, ``cluster`` and ``config`` (their own: im.bench.cli,
+    im.cluster, im.config_cli)."""
     parser = argparse.ArgumentParser(
         prog="im",
         description="im: an instant-messaging server. Each command has its own help: im COMMAND --help.",
@@ -542,8 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _add_config_flags(sub.add_parser(role, help=text, description=role_description, epilog=EXIT_STATUSES))
     sub.add_parser("cluster", help="api, two gateways and two transfer nodes on local engines (im cluster --help)")
-    show = sub.add_parser("config", help="print the effective configuration")
-    _add_config_flags(show)
+    sub.add_parser(
+        "config",
+        help="the effective configuration; get/set/unset/history of the configuration centre (im config --help)",
+    )
     status = sub.add_parser(
         "status",
         help="every node of a cluster from its registry (etcd): role, addresses, version, load, readiness",
@@ -586,6 +593,10 @@ def main(argv: list[str] | None = None) -> int:
         from im.cluster import main as cluster_main
 
         return cluster_main(list(args_list[1:]))
+    if args_list[:1] == ["config"]:  # its own parser: show, get, set, unset, history
+        from im.config_cli import main as config_main
+
+        return config_main(list(args_list[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "certs":
@@ -606,19 +617,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"im: {exc}", file=sys.stderr)
         return 2
-    if args.command == "config":
-        shown = config.model_dump(mode="json")
-        if shown["auth"]["secret"]:
-            shown["auth"]["secret"] = "***"
-        print(json.dumps(shown, indent=2))
-        return 0
     if args.command in ROLE_HELP:
         return _run_role(args.command, config)
     if args.command == "keys":
         return _keys(args, config)
     if args.command == "status":
         return _status(args, config)
-    return _serve(config)
+    return _serve(config, lambda: _load(args))
 
 
 if __name__ == "__main__":

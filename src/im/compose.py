@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-import os
-import secrets
 import ssl
-import stat
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -31,21 +28,24 @@ from im.backends.accounts.sqlite import SqliteAccountStore
 from im.backends.blobs import BlobStorage
 from im.backends.blobs.encrypted import EncryptedBlobStorage, FileKeys
 from im.backends.blobs.local import LocalBlobStorage
+from im.backends.blobs.s3 import S3BlobStorage, S3Settings
 from im.backends.chat import ChatStore, ConversationKeys, StoredBodies
 from im.backends.chat.encrypted import EncryptedChatStore, MigrationProgress, PlaintextMigration
 from im.backends.chat.postgres import PostgresChatStore, PostgresConversationKeys, PostgresStoredBodies
 from im.backends.chat.sqlite import SqliteChatStore, SqliteConversationKeys, SqliteStoredBodies
+from im.backends.config import ConfigStore
+from im.backends.config.etcd import EtcdConfigStore
 from im.backends.dedupe import Dedupe
 from im.backends.dedupe.memory import MemoryDedupe
 from im.backends.dedupe.redis import RedisDedupe
 from im.backends.files import FileStore
 from im.backends.files.postgres import PostgresFileStore
 from im.backends.files.sqlite import SqliteFileStore
-from im.backends.keys import KeyProvider
-from im.backends.keys.env import EnvKeyProvider
-from im.backends.keys.file import FileKeyProvider
 from im.backends.keys.keyring import Keyring, conv_key_name
 from im.backends.lifecycle import Service
+from im.backends.node_ids import NodeIdClaims
+from im.backends.node_ids.etcd import EtcdNodeIds
+from im.backends.node_ids.memory import MemoryNodeIds
 from im.backends.presence import Presence
 from im.backends.presence.memory import MemoryPresence
 from im.backends.presence.redis import RedisPresence
@@ -59,13 +59,21 @@ from im.backends.routing import Router
 from im.backends.routing.memory import MemoryRouter
 from im.backends.sql.postgres_db import PostgresDatabase, postgres_ssl
 from im.backends.sql.sqlite_db import SqliteDatabase
-from im.backends.tls import ClientTls, redis_options
-from im.certs import node_identity
+from im.backends.tls import redis_options
+from im.compose_security import (
+    ProcessTls,
+    client_tls,
+    load_secret,
+    master_key_provider,
+    private_dir,
+    redis_tls,
+)
 from im.config import Config, ConfigError, RateConfig
 from im.core.accounts import AccountService
 from im.core.committer import Committer, SubmitSend
 from im.core.consent import Consent
 from im.core.groups import Groups
+from im.core.ids import Snowflake
 from im.core.passwords import HashSlots, LoginGuard
 from im.core.reads import ChatReads
 from im.core.states import ConversationStates
@@ -78,11 +86,9 @@ from im.gateway.ws_connection import WS_PATH, serve_websocket
 from im.lifecycle import Lifecycle, Loop, close_all
 from im.model.chat import ConversationState
 from im.model.cluster import ServiceInstance
-from im.net import Admission, Listener, TlsAccept, connection_budget, raise_open_file_limit
+from im.net import Admission, Listener, connection_budget, raise_open_file_limit
 from im.observability.health import PROCESS_STARTED, Readiness, im_version
 from im.protocol.session import Limits
-from im.tls import ReloadingContext, TlsFilesError
-from im.transfer.tls import LinkTls
 
 log = logging.getLogger("im")
 _NO_CONV = ConversationState("", "", 0, {})
@@ -204,6 +210,14 @@ def build_registry(config: Config, *, keepalive: bool = True) -> Registry:
     return MemoryRegistry()
 
 
+def build_centre(config: Config, registry: Registry) -> ConfigStore | None:
+    """The configuration centre beside an etcd registry, on its client (im.live_config); None otherwise."""
+    if not isinstance(registry, EtcdRegistry):
+        return None
+    rc = config.registry
+    return EtcdConfigStore(registry, rc.config_root(), history_limit=rc.config_history)
+
+
 class KeyReloader:
     """Re-reads the master key source of a running process (a rotation by ``im keys rotate``): every
     ``interval`` seconds (0: never by the clock) and at once on :meth:`poke` (the SIGHUP hook). A source
@@ -285,89 +299,6 @@ def build_reloads(config: Config, b: Backends, tls: ProcessTls | None, lifecycle
     return Reloads(tls, keys)
 
 
-def master_key_provider(config: Config, *, create: bool = True) -> KeyProvider | None:
-    """The master key: from the environment variable ``encryption.key_env`` when set, else from the key
-    file (``encryption.key_file``, default ``<data_dir>/master.key``; created when missing). Without
-    ``create`` (encryption off): only a key that is there already, else None."""
-    enc = config.encryption
-    key_file = enc.key_file or config.data_dir / "master.key"
-    if not create and not (os.environ.get(enc.key_env) if enc.key_env else key_file.exists()):
-        return None
-    if enc.key_env:
-        text = os.environ.get(enc.key_env)
-        if not text:
-            raise ConfigError(
-                f"encryption.key_env is {enc.key_env}, but that environment variable is not set (a base64 master "
-                "key, the same on every node; see docs/security.md, Encryption)"
-            )
-        try:
-            return EnvKeyProvider(text, name=enc.key_env)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    return FileKeyProvider(key_file, create=create)
-
-
-def private_dir(path: os.PathLike[str] | str) -> None:
-    """Create the data directory 0700, or take group and other permissions off an existing one (it holds
-    the database, the token secret and, by default, the master key)."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    if mode & 0o077:
-        os.chmod(path, mode & 0o700)
-        log.warning("data directory %s was mode %04o; now %04o", path, mode, mode & 0o700)
-
-
-def client_tls(ca_file: Path | None, cert_file: Path | None, key_file: Path | None) -> ClientTls | None:
-    """An engine's TLS settings, or None when none is set (TLS then depends on the URL alone)."""
-    if ca_file is None and cert_file is None:
-        return None
-    tls = ClientTls(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
-    try:
-        tls.context()  # reads the files now: a missing or bad one is named at start, not at first use
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"TLS files {ca_file}, {cert_file}, {key_file}: {exc}") from None
-    return tls
-
-
-def redis_tls(config: Config) -> ClientTls | None:
-    """TLS to the presence Redis: shared by presence, the rate limits (same client) and the push dedupe."""
-    pc = config.presence
-    return client_tls(pc.redis_ca_file, pc.redis_cert_file, pc.redis_key_file)
-
-
-def build_link_tls(config: Config, node: str) -> LinkTls | None:
-    """This node's mutual-TLS identity on the transfer link (``cluster_tls``), or None (plaintext).
-    The certificate must name ``node`` (its node id): a mismatch is a configuration error at start,
-    since every peer would refuse it."""
-    ct = config.cluster_tls
-    if ct.ca_file is None or ct.cert_file is None or ct.key_file is None:
-        return None
-    tls = LinkTls(ct.ca_file, ct.cert_file, ct.key_file, node_identity, handshake_timeout=ct.handshake_timeout)
-    try:
-        named = tls.own_node()
-        tls.server_credentials()  # reads the three files: a missing one fails here, with its name
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cluster_tls: {exc}") from None
-    if named != node:
-        raise ConfigError(
-            f"cluster_tls.cert_file {ct.cert_file} names node {named!r}, but this node is {node!r} "
-            f"(make one with: im certs node {node})"
-        )
-    return tls
-
-
-def load_secret(config: Config) -> bytes:
-    """The token-signing key: configured, or generated once and kept in the data directory."""
-    if config.auth.secret:
-        return config.auth.secret.encode()
-    path = config.data_dir / "secret.key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(48))
-        path.chmod(0o600)
-    return path.read_text().strip().encode()
-
-
 def session_limits(config: Config) -> Limits:
     lim, gw = config.limits, config.gateway
     return Limits(
@@ -381,41 +312,6 @@ def session_limits(config: Config) -> Limits:
         auth_timeout=gw.auth_timeout,
         idle_timeout=gw.idle_timeout,
     )
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessTls:
-    """TLS on the client listeners of one process: the certificate files (re-read when they change or on
-    SIGHUP) and how every listener accepts with them."""
-
-    files: ReloadingContext
-    accept: TlsAccept
-    #: Seconds between checks of the files (0: SIGHUP only).
-    reload_interval: float
-    hsts_max_age: int
-
-    def loops(self) -> list[Loop]:
-        """The background check of the files' modification times (none when ``reload_interval`` is 0)."""
-        if not self.reload_interval:
-            return []
-        return [("im-tls-reload", self.files.watch(self.reload_interval))]
-
-
-def build_tls(config: Config) -> ProcessTls | None:
-    """The process's TLS from the ``tls`` section; None when it is off. Raises ConfigError when the files
-    do not load (the process does not start without a usable certificate)."""
-    tc = config.tls
-    if tc.cert_file is None or tc.key_file is None:
-        return None
-    try:
-        files = ReloadingContext(tc.cert_file, tc.key_file, min_version=tc.min_version)
-    except TlsFilesError as exc:
-        raise ConfigError(f"tls: {exc}") from None
-    slots = Admission(max_connections=tc.max_handshakes, max_per_address=tc.max_handshakes_per_address, max_refusing=0)
-    accept = TlsAccept(
-        lambda: files.context, slots, handshake_timeout=tc.handshake_timeout, shutdown_timeout=tc.handshake_timeout
-    )
-    return ProcessTls(files, accept, tc.reload_interval, tc.hsts_max_age)
 
 
 #: Seconds a readiness answer is reused: probes from every load balancer cost the engines one round per window.
@@ -503,23 +399,26 @@ def build_admission(config: Config) -> Admission:
 
 
 def rate_rule(name: str, rate: RateConfig) -> Rule:
-    return Rule(name, rate.limit, rate.period)
+    """The rule's parameters are part of its name (its keys): a rule changed live (im.live_config) starts
+    from a full budget instead of state measured at the old rate (a loosened limit would wait that out)."""
+    return Rule(f"{name}/{rate.limit}/{rate.period:g}", rate.limit, rate.period)
+
+
+def login_rules(config: Config) -> dict[str, Rule]:
+    """The login and registration budgets (``rates.login_*``, ``rates.register_per_address``)."""
+    rt = config.rates
+    return {
+        "login_per_account_address": rate_rule("login-pair", rt.login_per_account_address),
+        "login_per_account": rate_rule("login-account", rt.login_per_account),
+        "login_per_address": rate_rule("login-address", rt.login_per_address),
+        "register_per_address": rate_rule("register", rt.register_per_address),
+    }
 
 
 def build_accounts(config: Config, store: AccountStore, limiter: RateLimiter | None = None) -> AccountService:
     """``limiter`` None: no login or registration limits (a process that only checks tokens)."""
     auth, rt = config.auth, config.rates
-    guard = (
-        None
-        if limiter is None
-        else LoginGuard(
-            limiter,
-            login_per_account_address=rate_rule("login-pair", rt.login_per_account_address),
-            login_per_account=rate_rule("login-account", rt.login_per_account),
-            login_per_address=rate_rule("login-address", rt.login_per_address),
-            register_per_address=rate_rule("register", rt.register_per_address),
-        )
-    )
+    guard = None if limiter is None else LoginGuard(limiter, **login_rules(config))
     return AccountService(
         store,
         secret=load_secret(config),
@@ -540,6 +439,8 @@ def build_blobs(config: Config, keys: FileKeys | None, *, migrate: bool = True) 
     """The blob storage of ``files``: sealed with ``keys`` when ``files.encrypt`` is on. ``migrate``:
     this process may seal plaintext blobs in the background (one that serves uploads, not a checker)."""
     fc = config.files
+    if fc.storage == "s3":
+        return build_s3_blobs(config, keys)
     root = fc.storage_dir or config.data_dir / "files"
     if not (config.encryption.enabled if fc.encrypt is None else fc.encrypt):
         return LocalBlobStorage(root)
@@ -547,6 +448,24 @@ def build_blobs(config: Config, keys: FileKeys | None, *, migrate: bool = True) 
         raise ConfigError("files.encrypt needs the master key: turn encryption.enabled on, or files.encrypt off")
     return EncryptedBlobStorage(
         root, keys, chunk_bytes=fc.encrypt_chunk_bytes, migrate=migrate and fc.migrate_plaintext
+    )
+
+
+def build_s3_blobs(config: Config, keys: FileKeys | None) -> S3BlobStorage:
+    """``files.storage: s3``: the bucket of ``files.s3``, sealed with ``keys`` when ``files.encrypt`` is on."""
+    fc, s3 = config.files, config.files.s3
+    encrypt = config.encryption.enabled if fc.encrypt is None else fc.encrypt
+    if encrypt and keys is None:
+        raise ConfigError("files.encrypt needs the master key: turn encryption.enabled on, or files.encrypt off")
+    settings = S3Settings(**{f.name: getattr(s3, f.name) for f in dataclasses.fields(S3Settings)})
+    return S3BlobStorage(
+        settings,
+        s3.staging_dir or config.data_dir / "files-staging",
+        keys=keys if encrypt else None,
+        chunk_bytes=fc.encrypt_chunk_bytes,
+        single_put_bytes=s3.single_put_bytes,
+        part_bytes=s3.part_bytes,
+        read_window_bytes=s3.read_window_bytes,
     )
 
 
@@ -595,8 +514,9 @@ def build_chat_caches(b: Backends, *, state_ttl: float | None = None, privacy_tt
 
 
 def build_committer(
-    config: Config, b: Backends, caches: ChatCaches, files: FileService | None, router: Router, node: str
+    config: Config, b: Backends, caches: ChatCaches, files: FileService | None, router: Router
 ) -> Committer:
+    """The committer, holding no node id yet: :func:`build_node_ids` on its ``ids`` assigns one."""
     return Committer(
         b.chat_store,
         b.account_store,
@@ -605,10 +525,19 @@ def build_committer(
         caches.states,
         caches.consent,
         files=files,
-        node=node,
+        ids=Snowflake(None),
         max_batch=config.store.max_batch,
         max_group_members=config.limits.max_group_members,
     )
+
+
+def build_node_ids(config: Config, registry: Registry, owner: str, ids: Snowflake) -> NodeIdClaims:
+    """The node id claim of a process that mints message ids (``owner``: its node name): on etcd with the
+    etcd registry (a free id, shared by the cluster), else the fixed ``registry.fixed_node_id``. Start it
+    after the registry and before the committer; it drives ``ids``."""
+    if isinstance(registry, EtcdRegistry):
+        return EtcdNodeIds(registry, owner, ids, ttl=config.registry.ttl)
+    return MemoryNodeIds(owner, ids, prefer=config.registry.fixed_node_id)
 
 
 def build_groups(config: Config, b: Backends, caches: ChatCaches, committer: Committer) -> Groups:
@@ -644,17 +573,22 @@ def build_reads(config: Config, b: Backends, caches: ChatCaches) -> ChatReads:
     )
 
 
-def build_hub(
-    config: Config, b: Backends, reads: ChatReads, accounts: AccountService, router: Router, submit: SubmitSend
-) -> Hub:
-    """The gateway hub: connections read through ``reads``, send through ``submit`` and attach to ``router``."""
-    gw, rt = config.gateway, config.rates
-    rates = HubRates(
+def hub_rates(config: Config) -> HubRates:
+    """The shared limits a gateway applies (``rates.*``), at start and when they change live."""
+    rt = config.rates
+    return HubRates(
         sends_per_user=rate_rule("send-user", rt.sends_per_user),
         sends_per_conversation=rate_rule("send-conv", rt.sends_per_conversation),
         typing_per_user=rate_rule("typing", rt.typing_per_user),
         receipts_per_user=rate_rule("receipts", rt.receipts_per_user),
     )
+
+
+def build_hub(
+    config: Config, b: Backends, reads: ChatReads, accounts: AccountService, router: Router, submit: SubmitSend
+) -> Hub:
+    """The gateway hub: connections read through ``reads``, send through ``submit`` and attach to ``router``."""
+    gw, rates = config.gateway, hub_rates(config)
     return Hub(
         gw.node_id,
         reads=reads,

@@ -291,8 +291,16 @@ class RegistryConfig(_Section):
     #: talks to one and moves to the next when it stops answering. Empty: ``[etcd_endpoint]``.
     etcd_endpoints: Annotated[list[str], NoDecode] = Field(default_factory=list)
     prefix: str = Field("/im/services/", pattern=r"/$")
+    #: Where the configuration centre keeps the dynamic settings (``im config set``); None: the sibling
+    #: ``config/`` of ``prefix`` (``/im/services/`` -> ``/im/config/``). Every node of a cluster reads the same.
+    config_prefix: str | None = Field(None, pattern=r"^/.*/$")
+    #: Changes kept in the configuration centre's history (``im config history``); older ones are dropped.
+    config_history: int = Field(200, ge=1, le=10_000)
     #: Lease TTL in whole seconds: a crashed node disappears from the registry within it.
     ttl: int = Field(10, ge=2)
+    #: The node id (0..1023) in the message ids of a process on the in-memory registry (``im serve``).
+    #: With etcd every process that mints ids claims a free one instead (docs/operations.md, "Node ids").
+    fixed_node_id: int = Field(0, ge=0, le=1023)
     # TLS to etcd (``--cert-file``/``--key-file`` on etcd's client port): on when ``etcd_ca_file`` is set.
     #: CA file for the members' certificates; the host name dialled is checked.
     etcd_ca_file: Path | None = None
@@ -321,13 +329,20 @@ class RegistryConfig(_Section):
         """The etcd members to dial, in order."""
         return list(self.etcd_endpoints) or [self.etcd_endpoint]
 
+    def config_root(self) -> str:
+        """The configuration centre's key space: ``config_prefix``, or ``config/`` beside ``prefix``."""
+        if self.config_prefix:
+            return self.config_prefix
+        parent = self.prefix.rstrip("/").rpartition("/")[0]
+        return f"{parent}/config/"
+
 
 class TracingConfig(_Section):
     """OpenTelemetry tracing exported to Zipkin (docs/operations.md, "Tracing"). Off: no span is made."""
 
     enabled: bool = False
-    #: Zipkin's v2 span endpoint (JSON POSTs).
-    zipkin_url: str = "http://127.0.0.1:9411/api/v2/spans"
+    #: Zipkin's v2 span endpoint (JSON POSTs): an ``http://`` or ``https://`` URL with a host.
+    zipkin_url: str = Field("http://127.0.0.1:9411/api/v2/spans", pattern=r"^https?://[^/\s]+(/\S*)?$")
     #: Share of new traces kept (a trace started elsewhere keeps its caller's decision).
     sample_ratio: float = Field(0.01, ge=0.0, le=1.0)
     #: Zipkin's ``localEndpoint.serviceName``; empty: by role (``im-gateway``, ``im-transfer``, ``im-api``,
@@ -376,7 +391,44 @@ class ClusterTlsConfig(_Section):
         return self.ca_file is not None
 
 
+class S3StorageConfig(_Section):
+    """The bucket of ``files.storage: s3`` (docs/operations.md, "File storage on S3"). Every API node names
+    the same bucket and prefix. Credentials left unset come from ``AWS_ACCESS_KEY_ID`` and
+    ``AWS_SECRET_ACCESS_KEY`` in the environment (and the other variables the AWS SDKs read)."""
+
+    #: The store's URL (``http://127.0.0.1:8333``, ``https://s3.example.net``); unset: AWS S3 in ``region``.
+    endpoint: str | None = None
+    bucket: str = ""
+    region: str = "us-east-1"
+    #: Prepended to every object key as it is (``im/`` keeps the files in a folder of a shared bucket).
+    prefix: str = ""
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    #: Allow an ``http://`` endpoint (a store on this machine or a private network); else HTTPS only.
+    allow_http: bool = False
+    #: Seconds to connect to the store.
+    connect_timeout: float = Field(5.0, gt=0, le=300)
+    #: Seconds one request may take, its body included (one read window, one PUT, one multipart part).
+    request_timeout: float = Field(60.0, gt=0, le=3600)
+    #: Retries of a request that failed for a connection error, a 5xx or a timeout; then 503 ``unavailable``.
+    max_retries: int = Field(3, ge=0, le=20)
+    #: Blobs up to this size go up in one conditional PUT (held in memory for it); larger ones as a
+    #: multipart upload streamed from the staging file.
+    single_put_bytes: int = Field(8 * 1024 * 1024, ge=0, le=5 * 1024**3)
+    #: Part size of a multipart upload (S3's minimum is 5 MiB); two parts are in flight at a time.
+    part_bytes: int = Field(8 * 1024 * 1024, ge=5 * 1024 * 1024, le=5 * 1024**3)
+    #: Bytes of one ranged GET of a download (held in memory per download).
+    read_window_bytes: int = Field(1024 * 1024, ge=4096, le=64 * 1024 * 1024)
+    #: Local directory for uploads being received before they go to the bucket (at most
+    #: ``files.max_upload_bytes`` per upload in progress); default ``<data_dir>/files-staging``.
+    staging_dir: Path | None = None
+
+
 class FilesConfig(_Section):
+    #: Where the blobs live: ``local`` (``storage_dir``, one machine) or ``s3`` (``files.s3``, shared by API
+    #: nodes on several machines).
+    storage: Literal["local", "s3"] = "local"
+    s3: S3StorageConfig = S3StorageConfig()
     #: Largest upload accepted, enforced while the bytes stream in (413 ``too_large``).
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
     #: Sniffed content types accepted (``image/*`` style wildcards allowed); empty: any type.
@@ -393,6 +445,12 @@ class FilesConfig(_Section):
     encrypt_chunk_bytes: int = Field(64 * 1024, ge=4096, le=16 * 1024 * 1024)
     #: With ``encrypt``: seal the files stored in the clear before, in the background, from start-up.
     migrate_plaintext: bool = True
+
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> FilesConfig:
+        if self.storage == "s3" and not self.s3.bucket:
+            raise ValueError("files.storage is s3: set files.s3.bucket")
+        return self
 
 
 def _pair(cert: Path | None, key: Path | None, cert_name: str, key_name: str) -> None:

@@ -37,18 +37,19 @@ from im.compose import (
     build_groups,
     build_http,
     build_hub,
-    build_link_tls,
+    build_node_ids,
     build_readiness,
     build_reads,
     build_reloads,
-    build_tls,
     encryption_loops,
     event_workers,
     listed,
     require_shared_engines,
 )
+from im.compose_security import build_link_tls, build_tls
 from im.config import Config
 from im.lifecycle import Lifecycle, Loop, Part, registration, report_load, tracing_part
+from im.live_config import live_config
 from im.model.chat import StoredMessage
 from im.observability import metrics
 from im.observability.health import Readiness
@@ -110,7 +111,8 @@ class TransferNode(_Role):
         self.files = build_files(config, b.file_store, keys=b.keyring, migrate_blobs=False)
         self.router = GrpcRouter()
         caches = build_chat_caches(b, privacy_ttl=SHARED_STATE_TTL)
-        self.committer = build_committer(config, b, caches, self.files, self.router, tc.node_id)
+        self.committer = build_committer(config, b, caches, self.files, self.router)
+        self.node_ids = build_node_ids(config, b.registry, tc.node_id, self.committer.ids)
         self.servicer = TransferServicer(
             self.committer,
             self.router,
@@ -125,6 +127,8 @@ class TransferNode(_Role):
         #: Engines (RabbitMQ too: the relay runs here), registered, not draining.
         self.readiness = build_readiness(config, b, self.lifecycle, events=True)
         self._listen_for_ops(self.readiness)
+        #: Dynamic settings from the configuration centre (log level, trace sampling).
+        self.live, self._live_parts = live_config(config, b.registry, self.lifecycle)
 
     def parts(self) -> list[Part]:
         """In start order; the stop runs backwards: leave the registry first (gateways stop choosing
@@ -135,6 +139,8 @@ class TransferNode(_Role):
             tracing_part(cfg.tracing, "im-transfer", tc.node_id),
             *self._ops_first(),
             Part("stores", b.start, b.close),
+            Part("node id", self.node_ids.start, self.node_ids.close),  # none free: the node does not start
+            *self._live_parts,
             Part("files", self.files.start, self.files.close),
             Part("grpc", self._serve, self._stop_serving),
             Part("committer", self.committer.start, self.committer.stop),
@@ -202,6 +208,8 @@ class GatewayNode(_Role):
         #: Published with the load: the API hands out only ready gateways (im.api.server.GatewayPicker).
         self.readiness = build_readiness(config, b, self.lifecycle)
         self._listen_for_ops(self.readiness)
+        #: Dynamic settings from the configuration centre: limits, rates, log level, trace sampling.
+        self.live, self._live_parts = live_config(config, b.registry, self.lifecycle, hub=self.hub, reads=self.reads)
 
     @property
     def addresses(self) -> dict[str, str]:
@@ -222,6 +230,7 @@ class GatewayNode(_Role):
             tracing_part(cfg.tracing, "im-gateway", node),
             *self._ops_first(),
             Part("stores", b.start, b.close),
+            *self._live_parts,
             Part("transfer links", lambda: self.pool.start(self.hub), self.pool.close),
             Part("hub", self.hub.start, self.hub.drain_and_close),
             Part("answers on the links", _nothing, self._wait_answered),
@@ -271,7 +280,8 @@ class ApiNode(_Role):
         # Membership changes are committed here (the store judges between writers) and routed through
         # a transfer node; reads check membership on a state at most SHARED_STATE_TTL old.
         caches = build_chat_caches(b, state_ttl=SHARED_STATE_TTL, privacy_ttl=SHARED_STATE_TTL)
-        self.committer = build_committer(config, b, caches, self.files, self.router, node)
+        self.committer = build_committer(config, b, caches, self.files, self.router)
+        self.node_ids = build_node_ids(config, b.registry, node, self.committer.ids)
         self.groups = build_groups(config, b, caches, self.committer)
         self.reads = build_reads(config, b, caches)
         self.accounts.on_revoke(self.pool.revoke)
@@ -293,6 +303,16 @@ class ApiNode(_Role):
             self.readiness,
         )
         self.reloads = build_reloads(config, b, self.tls, self.lifecycle)
+        #: Dynamic settings from the configuration centre: history pages, login budgets, log level, tracing.
+        self.live, self._live_parts = live_config(
+            config,
+            b.registry,
+            self.lifecycle,
+            reads=self.reads,
+            api_limits=config.limits,
+            accounts=self.accounts,
+            files=self.files,
+        )
 
     @property
     def url(self) -> str:
@@ -306,6 +326,8 @@ class ApiNode(_Role):
         return [
             tracing_part(self.config.tracing, "im-api", self.config.http.node_id, self.http.app),
             Part("stores", b.start, b.close),
+            Part("node id", self.node_ids.start, self.node_ids.close),  # none free: the node does not start
+            *self._live_parts,
             Part("files", self.files.start, self.files.close),
             Part("transfer links", lambda: self.pool.start(_NoDeliveries()), self.pool.close),
             Part("committer", self.committer.start, self.committer.stop),

@@ -21,16 +21,18 @@ from im.compose import (
     build_groups,
     build_http,
     build_hub,
+    build_node_ids,
     build_readiness,
     build_reads,
     build_reloads,
-    build_tls,
     encryption_loops,
     event_workers,
     listed,
 )
+from im.compose_security import build_tls
 from im.config import Config
 from im.lifecycle import Lifecycle, Loop, Part, registration, report_load, tracing_part
+from im.live_config import live_config
 from im.observability import metrics
 
 
@@ -38,7 +40,9 @@ class EmbeddedServer:
     """``im serve``: HTTP API, file service and the WebSocket and TCP gateways in one process, on
     embedded backends."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, reload: Callable[[], Config] | None = None) -> None:
+        """``reload``: how SIGHUP reads the configuration again (its dynamic settings apply; with an etcd
+        registry the configuration centre is followed instead)."""
         self.config = config
         self.lifecycle = Lifecycle()
         metrics.install(config.metrics.enabled)  # one registry for every role of this process (/metrics)
@@ -46,7 +50,8 @@ class EmbeddedServer:
         self.accounts = build_accounts(config, b.account_store, b.rate_limiter)
         self.files = build_files(config, b.file_store, b.rate_limiter, keys=b.keyring)
         caches = build_chat_caches(b)
-        self.committer = build_committer(config, b, caches, self.files, b.router, config.gateway.node_id)
+        self.committer = build_committer(config, b, caches, self.files, b.router)
+        self.node_ids = build_node_ids(config, b.registry, config.gateway.node_id, self.committer.ids)
         self.groups = build_groups(config, b, caches, self.committer)
         self.reads = build_reads(config, b, caches)
         self.hub = build_hub(config, b, self.reads, self.accounts, b.router, self.committer.submit)
@@ -71,6 +76,18 @@ class EmbeddedServer:
         )
         #: Certificate files and the master key file, re-read on SIGHUP and by the clock.
         self.reloads = build_reloads(config, b, self.tls, self.lifecycle)
+        #: Dynamic settings: the configuration centre with an etcd registry, else the file on SIGHUP.
+        self.live, self._live_parts = live_config(
+            config,
+            b.registry,
+            self.lifecycle,
+            reload=reload,
+            hub=self.hub,
+            reads=self.reads,
+            api_limits=config.limits,
+            accounts=self.accounts,
+            files=self.files,
+        )
 
     @property
     def http_url(self) -> str:
@@ -103,6 +120,8 @@ class EmbeddedServer:
         return [
             tracing_part(cfg.tracing, "im", node, self.http.app),
             Part("stores", b.start, b.close),
+            Part("node id", self.node_ids.start, self.node_ids.close),  # none free: the node does not start
+            *self._live_parts,
             Part("files", self.files.start, self.files.close),
             Part("http", self.http.start, self.http.stop),
             Part("hub", self.hub.start, self.hub.drain_and_close),

@@ -40,8 +40,8 @@ EXIT_INTERRUPTED = 130
 class StartupError(Exception):
     """A start that cannot succeed until the operator changes something: ``problem``, then ``fix``."""
 
-    def __init__(self, problem: str, fix: str) -> None:
-        super().__init__(f"{problem}: {fix}")
+    def __init__(self, problem: str, fix: str = "") -> None:
+        super().__init__(f"{problem}: {fix}" if fix else problem)
         self.problem = problem
         self.fix = fix
 
@@ -190,9 +190,8 @@ def explain(exc: BaseException, config: Config) -> StartupError | None:
     engine = _engine(exc)
     for e in _chain(exc):
         name = type(e).__name__
-        if name == "MasterKeyMismatch":  # its message says what to do already
-            problem, _, fix = str(e).partition(": ")
-            return StartupError(problem, fix or "start it with the master key the other nodes use")
+        if name in _SAYS_WHAT_TO_DO:
+            return StartupError(str(e))
         if name == "InvalidCatalogNameError":  # asyncpg: the database does not exist
             where, database = _where_postgres(config)
             host, _, port = where.rpartition(":")
@@ -240,6 +239,8 @@ def explain(exc: BaseException, config: Config) -> StartupError | None:
     return None
 
 
+#: Exceptions of im whose message is already one line saying why and what to do.
+_SAYS_WHAT_TO_DO = {"MasterKeyMismatch", "NodeIdUnavailable"}
 _ENGINE_NAMES = {"postgres": "PostgreSQL", "etcd": "etcd", "redis": "Redis", "rabbitmq": "RabbitMQ"}
 _SETTING = {
     "postgres": "store.postgres_dsn",

@@ -26,7 +26,27 @@ from tests.support.postgres import DSN
 from tests.support.server import FAST_ARGON2, RELAXED_RATES
 
 #: Offsets from the base port that a two-gateway, two-transfer cluster uses (im.cluster's layout).
-_OFFSETS = (0, 5, 6, 11, 12, 13, 14, 17, 21, 22, 23, 24, 27, 31, 32, 33, 34, 37)  # im.cluster: API, etcd, nodes, ops
+_OFFSETS = (
+    0,
+    5,
+    6,
+    11,
+    12,
+    13,
+    14,
+    17,
+    18,
+    21,
+    22,
+    23,
+    24,
+    27,
+    31,
+    32,
+    33,
+    34,
+    37,
+)  # im.cluster: APIs, etcd, nodes, ops
 
 
 def _free_base() -> int:
@@ -142,3 +162,13 @@ def client_on(
     history.clients.append(c)
     history.accounts[account.uid] = account
     return c
+
+
+_CLAIMED = re.compile(r"node id (\d+) claimed by (\S+) ")
+
+
+def node_id_of(c: LocalCluster, node: str) -> int:
+    """The node id (the node bits of its message ids) that ``node`` claimed last, read from its log."""
+    claims = [int(n) for n, owner in _CLAIMED.findall(c.nodes[node].log()) if owner == node]
+    assert claims, f"{node} claimed no node id:\n{c.nodes[node].log()[-2000:]}"
+    return claims[-1]

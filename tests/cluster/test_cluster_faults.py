@@ -23,7 +23,6 @@ import contextlib
 import os
 import signal
 import time
-import zlib
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from im.client import (
 from im.cluster import LocalCluster
 from im.model.ids import direct_conv
 from im.transfer.pool import _score
-from tests.cluster.conftest import client_on
+from tests.cluster.conftest import client_on, node_id_of
 from tests.support.checker import History
 from tests.support.client import Account, ChatClient, register
 from tests.support.wait import eventually
@@ -190,11 +189,6 @@ async def read_log(cluster: LocalCluster, reader: Account, conv: str) -> list[di
             out.extend(page["messages"])
             if not page["has_more"] or not page["messages"]:
                 return out
-
-
-def node_bits(node: str) -> int:
-    """The node field of the message ids a node makes (im.core.ids.Snowflake)."""
-    return zlib.crc32(node.encode()) & 0x3FF
 
 
 def committed_by(entry: dict[str, Any]) -> int:
@@ -595,7 +589,7 @@ async def test_transfer_node_killed_mid_stream(cluster: LocalCluster, history: H
     # the store: cross-node dedupe), never stored again.
     for c, peer in zip(raw, (r1, r0), strict=True):
         pairs = await resend_acked(c, peer.uid)
-        assert any(committed_by(first) == node_bits(victim) for first, _ in pairs)
+        assert any(committed_by(first) == node_id_of(cluster, victim) for first, _ in pairs)
         for first, again in pairs:
             assert (again["seq"], again["mid"], again["dup"]) == (first["seq"], first["mid"], True), (first, again)
     logs = await check_delivery(cluster, chat.apps, chat.members, ordered=True)
@@ -609,7 +603,7 @@ async def test_transfer_node_killed_mid_stream(cluster: LocalCluster, history: H
     # The victim committed some of its conversations' messages before the crash, the survivor the rest.
     for conv in on_victim | {raw_conv}:
         by = Counter(committed_by(e) for e in logs[conv] if e["type"] != "system")
-        assert by[node_bits(victim)] > 0 and by[node_bits(survivor)] > 0, (conv, by)
+        assert by[node_id_of(cluster, victim)] > 0 and by[node_id_of(cluster, survivor)] > 0, (conv, by)
     acks_before = sum(a.acked() for a in chat.apps)
 
     # Restarted, the node registers again and both gateways link to it...
@@ -627,7 +621,7 @@ async def test_transfer_node_killed_mid_stream(cluster: LocalCluster, history: H
     for conv, log in logs.items():
         late = [e for e in log if e["type"] != "system" and int(e["cmid"].rsplit("-", 1)[1]) >= 10_000]
         assert late, conv
-        want = node_bits(transfer_for(conv))
+        want = node_id_of(cluster, transfer_for(conv))
         assert all(committed_by(e) == want for e in late), (conv, Counter(committed_by(e) for e in late))
         for a in chat.members[conv]:  # with no fault, each sender's messages are stored in the order sent
             mine = [e["cmid"] for e in late if e["from"] == a.uid]

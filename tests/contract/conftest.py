@@ -19,6 +19,8 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
+import obstore
 import pytest
 import redis.asyncio as aioredis
 
@@ -28,6 +30,7 @@ from im.backends.accounts.sqlite import SqliteAccountStore
 from im.backends.blobs import BlobStorage
 from im.backends.blobs.encrypted import EncryptedBlobStorage
 from im.backends.blobs.local import LocalBlobStorage
+from im.backends.blobs.s3 import S3BlobStorage
 from im.backends.chat import ChatStore, ConversationKeys
 from im.backends.chat.encrypted import EncryptedChatStore
 from im.backends.chat.postgres import PostgresChatStore, PostgresConversationKeys
@@ -48,10 +51,12 @@ from im.backends.registry.etcd import EtcdRegistry
 from im.backends.registry.memory import MemoryRegistry
 from im.backends.sql.sqlite_db import SqliteDatabase
 from im.backends.tls import redis_options
+from tests.contract.node_ids import node_ids_harness  # noqa: F401 - the fixture, defined beside
 from tests.contract.routers import router_harness  # noqa: F401 - the fixture, defined beside
 from tests.support.etcd import shared_etcd
 from tests.support.keys import SEALED_MAGIC, MemoryFileKeys, sealed_plaintext
 from tests.support.postgres import PgSchema, start
+from tests.support.seaweedfs import s3_settings, shared_weed
 from tests.support.tls_etcd import shared_tls_etcd, tls_client
 from tests.support.tls_redis import shared_tls_redis
 
@@ -771,7 +776,67 @@ class EncryptedBlobHarness(BlobHarness):
         return EncryptedBlobStorage(self.root, self.keys)
 
 
-BLOB_STORAGES = [pytest.param(LocalBlobHarness, id="local"), pytest.param(EncryptedBlobHarness, id="encrypted")]
+class S3BlobHarness(BlobHarness):
+    """The S3 storage on the shared SeaweedFS, under a key prefix of its own; ``sealed``: with keys.
+    ``stored``/``raw`` list and read the bucket directly; ``version`` is the filer's record of the object's
+    data (its chunk ids and their write times), which a rewrite of the same bytes changes."""
+
+    sealed = False
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.weed = shared_weed()
+        self.settings = s3_settings(self.weed)
+        self.staging = tmp_path / "staging"
+        self.tmp_path = tmp_path
+        self.keys = MemoryFileKeys()
+        self.storage = self._make(chunk_bytes=16 * 1024, buffer_bytes=64 * 1024)
+        self.client = self.settings.client()
+        self._known: dict[str, str] = {}  # object key -> sha256, for every hash the tests ask about
+
+    def _make(self, **kwargs: int) -> S3BlobStorage:
+        return S3BlobStorage(self.settings, self.staging, keys=self.keys if self.sealed else None, **kwargs)
+
+    def _key(self, sha256: str) -> str:
+        assert isinstance(self.storage, S3BlobStorage)
+        key = self.storage.key(sha256)
+        self._known[key] = sha256
+        return key
+
+    def stored(self) -> list[str]:
+        keys = [meta["path"] for page in obstore.list(self.client, prefix=self.settings.prefix) for meta in page]
+        return sorted(self._known.get(k, k.rsplit("/", 1)[-1]) for k in keys)
+
+    def staged(self) -> list[int]:
+        return [p.stat().st_size for p in sorted(self.staging.iterdir())]
+
+    def raw(self, sha256: str) -> bytes:
+        data = bytes(obstore.get(self.client, self._key(sha256)).bytes())
+        if not self.sealed:
+            return data
+        assert data[:8] == SEALED_MAGIC  # sealed in the bucket
+        copy = self.tmp_path / f"raw-{sha256}"
+        copy.write_bytes(data)
+        return sealed_plaintext(copy, self.keys, sha256)
+
+    def version(self, sha256: str) -> object:
+        url = f"http://127.0.0.1:{self.weed.filer_port}/buckets/{self.weed.bucket}/{self._key(sha256)}"
+        entry = httpx.get(url, params={"metadata": "true"}, timeout=5).json()
+        return [(c["file_id"], c["modified_ts_ns"]) for c in entry["chunks"]]
+
+    def unstarted(self) -> BlobStorage:
+        return self._make()
+
+
+class SealedS3BlobHarness(S3BlobHarness):
+    sealed = True
+
+
+BLOB_STORAGES = [
+    pytest.param(LocalBlobHarness, id="local"),
+    pytest.param(EncryptedBlobHarness, id="encrypted"),
+    pytest.param(S3BlobHarness, id="s3"),
+    pytest.param(SealedS3BlobHarness, id="s3-sealed"),
+]
 
 
 @pytest.fixture(params=BLOB_STORAGES)

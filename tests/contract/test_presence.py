@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from im.backends.presence import Presence
 from im.model.cluster import DeviceLocation
 from tests.contract.conftest import PresenceHarness
 from tests.contract.lifecycle import check_lifecycle
 
 
-def loc(uid: int, device: str, node: str) -> DeviceLocation:
-    return DeviceLocation(uid, device, node)
+def loc(uid: int, device: str, node: str, conn: str = "") -> DeviceLocation:
+    return DeviceLocation(uid, device, node, conn)
 
 
 async def located(h: PresenceHarness, uids: list[int]) -> dict[int, set[DeviceLocation]]:
@@ -74,6 +76,72 @@ async def test_back_online_after_expiry(presence_harness: PresenceHarness) -> No
     assert await h.presence.locate([1]) == {}
     await h.presence.set_online([loc(1, "phone", "gw-2")], h.ttl)
     assert await located(h, [1]) == {1: {loc(1, "phone", "gw-2")}}
+
+
+async def test_a_claim_hands_back_the_previous_holder_wherever_it_is(presence_harness: PresenceHarness) -> None:
+    h, ttl = presence_harness, presence_harness.ttl * 10  # nothing here waits for an expiry
+    p = h.presence
+    await p.set_online([loc(1, "web", "gw-1")], ttl)  # another device of the user: never touched
+    assert await p.claim([loc(1, "phone", "gw-1", "x")], ttl) == []
+    assert await located(h, [1]) == {1: {loc(1, "web", "gw-1"), loc(1, "phone", "gw-1")}}
+    assert await p.claim([loc(1, "phone", "gw-1", "x")], ttl) == []  # claiming again: nothing displaced
+
+    # Another node: the older holder is handed back, its entry removed at once.
+    assert await p.claim([loc(1, "phone", "gw-2", "y")], ttl) == [loc(1, "phone", "gw-1", "x")]
+    assert await located(h, [1]) == {1: {loc(1, "web", "gw-1"), loc(1, "phone", "gw-2")}}
+    # The older connection's refresh (its node missed the request to close it) is left out and handed
+    # back; its removal does not touch the newer entry.
+    assert await p.set_online([loc(1, "phone", "gw-1", "x"), loc(1, "web", "gw-1")], ttl) == [
+        loc(1, "phone", "gw-1", "x")
+    ]
+    await p.set_offline([loc(1, "phone", "gw-1", "x")])
+    assert await located(h, [1]) == {1: {loc(1, "web", "gw-1"), loc(1, "phone", "gw-2")}}
+    assert await p.set_online([loc(1, "phone", "gw-2", "y")], ttl) == []  # the holder refreshes freely
+
+    # The same node: the older holder is handed back too; the node's one entry stays, and the older
+    # connection's late removal leaves it to the newer one.
+    assert await p.claim([loc(1, "phone", "gw-2", "z")], ttl) == [loc(1, "phone", "gw-2", "y")]
+    await p.set_offline([loc(1, "phone", "gw-2", "y")])
+    assert await located(h, [1]) == {1: {loc(1, "web", "gw-1"), loc(1, "phone", "gw-2")}}
+    # A late refresh of the older one (it raced the newer claim) does not take the device back.
+    assert await p.set_online([loc(1, "phone", "gw-2", "y")], ttl) == []
+    assert await p.claim([loc(1, "phone", "gw-3", "v")], ttl) == [loc(1, "phone", "gw-2", "z")]
+    assert await p.claim([loc(1, "phone", "gw-2", "z")], ttl) == [loc(1, "phone", "gw-3", "v")]
+    await p.set_offline([loc(1, "phone", "gw-2", "z")])
+    assert await located(h, [1]) == {1: {loc(1, "web", "gw-1")}}
+    # The device's holder left: a connection that claims it next displaces no one.
+    assert await p.claim([loc(1, "phone", "gw-1", "w")], ttl) == []
+
+
+async def test_claims_apply_in_order_and_leave_one_holder(presence_harness: PresenceHarness) -> None:
+    h, ttl = presence_harness, presence_harness.ttl * 10
+    p = h.presence
+    # In one call, in order: each claim displaces the one before it; other users are independent.
+    batch = [loc(1, "phone", "gw-1", "a"), loc(2, "phone", "gw-1", "b"), loc(1, "phone", "gw-2", "c")]
+    assert await p.claim(batch, ttl) == [loc(1, "phone", "gw-1", "a")]
+    assert await located(h, [1, 2]) == {1: {loc(1, "phone", "gw-2")}, 2: {loc(2, "phone", "gw-1")}}
+
+    # Near-simultaneous claims of one device from many nodes (concurrent calls): each but the last
+    # applied is handed back exactly once, and the one never handed back is the only entry left.
+    claims = [loc(3, "phone", f"gw-{i}", f"c{i}") for i in range(12)]
+    results = await asyncio.gather(*(p.claim([c], ttl) for c in claims))
+    handed_back = [prev for result in results for prev in result]
+    assert len(handed_back) == len(set(handed_back)) == len(claims) - 1
+    (survivor,) = set(claims) - set(handed_back)
+    assert await located(h, [3]) == {3: {loc(3, "phone", survivor.node)}}
+    left_out = await p.set_online(claims, ttl)  # every displaced connection's refresh is left out
+    assert sorted(left_out, key=lambda e: e.node) == sorted(handed_back, key=lambda e: e.node)
+
+
+async def test_an_expired_holder_is_not_handed_back(presence_harness: PresenceHarness) -> None:
+    h = presence_harness
+    p = h.presence
+    await p.claim([loc(1, "phone", "gw-1", "x")], h.ttl)
+    await h.advance(h.ttl * 1.5)  # its node died without a word
+    assert await p.claim([loc(1, "phone", "gw-2", "y")], h.ttl) == []
+    await h.advance(h.ttl * 1.5)  # and so did the next: a refresh of the first takes the device back
+    assert await p.set_online([loc(1, "phone", "gw-1", "x")], h.ttl) == []
+    assert await located(h, [1]) == {1: {loc(1, "phone", "gw-1")}}
 
 
 async def test_lifecycle(presence_harness: PresenceHarness) -> None:

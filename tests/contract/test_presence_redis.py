@@ -88,6 +88,22 @@ async def test_each_call_is_one_round_trip_whatever_its_size(counted: Counted) -
     assert counted.round_trips == 0
 
 
+async def test_a_claim_is_one_round_trip_and_its_holders_expire_with_the_entries(counted: Counted) -> None:
+    p = counted.presence
+    claims = [DeviceLocation(uid, "phone", "gw-1", f"c{uid}") for uid in range(2500)]  # 3 chunks
+    assert await p.claim(claims, TTL) == []
+    assert counted.round_trips == 1
+    counted.reset()
+    newer = [DeviceLocation(uid, "phone", "gw-2", f"n{uid}") for uid in range(2500)]
+    assert await p.claim(newer, TTL) == claims  # every older holder handed back, in order
+    assert counted.round_trips == 1
+    assert 0 < await p.client.pttl(p.holders_key(7)) <= TTL * 1000  # the holders live as long as the entries
+    await asyncio.sleep(TTL * 1.5)
+    assert await counted.keys() == []  # nothing left behind
+    with pytest.raises(ValueError, match="connection id"):
+        await p.claim([DeviceLocation(1, "phone", "gw-1", "")], TTL)
+
+
 async def test_locate_a_thousand_users_in_one_call(counted: Counted) -> None:
     p = counted.presence
     online = range(0, 2000, 2)  # 1,000 users online; their odd neighbours are not

@@ -16,6 +16,7 @@ import aetcd
 import pytest
 
 from im.backends.registry.etcd import EtcdRegistry
+from im.cluster import free_port
 from im.model.cluster import ServiceInstance
 from tests.support.etcd import EtcdMissing, EtcdProcess, shared_etcd
 from tests.support.wait import eventually
@@ -204,6 +205,22 @@ async def test_close_cancels_every_task_and_unsubscribe_stops_the_view(
     await eventually(lambda: "etcd-watch-gateway" not in {t.get_name() for t in etcd_tasks()})
     await reg.close()
     assert etcd_tasks() == set()
+
+
+async def test_a_dead_first_member_is_passed_over_within_the_call(prefix: str) -> None:
+    """The first member named does not answer: every call moves to the next one and succeeds there (the
+    first call too: a node that starts while a member is down starts)."""
+    dead = f"127.0.0.1:{free_port()}"
+    async with EtcdRegistry([dead, shared_etcd().endpoint], prefix=prefix) as reg:
+        await reg.register(gw("gw-1"), TTL)
+        assert reg.client.target == shared_etcd().endpoint
+        assert await reg.instances("gateway") == [gw("gw-1")]
+        await reg.ping()
+        await reg.deregister("gw-1")
+        assert await reg.instances("gateway") == []
+    async with EtcdRegistry([dead, f"127.0.0.1:{free_port()}"], prefix=prefix, timeout=1.0) as nowhere:
+        with pytest.raises(aetcd.ConnectionFailedError):
+            await nowhere.ping()  # every member tried once, then the error
 
 
 def test_bad_endpoints_are_refused() -> None:

@@ -11,7 +11,8 @@ import pytest
 from im.backends.chat.encrypted import EncryptedChatStore
 from im.backends.keys.env import EnvKeyProvider
 from im.backends.keys.file import FileKeyProvider
-from im.compose import build_backends, master_key_provider
+from im.compose import build_backends
+from im.compose_security import master_key_provider
 from im.config import ConfigError, load_config
 
 KEY = base64.b64encode(b"\x05" * 32).decode()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from im.backends.blobs.encrypted import EncryptedBlobStorage, rewrap_blob_keys
+from im.backends.blobs.s3 import S3BlobStorage
 from im.backends.chat import StoredBodies
 from im.backends.chat.encrypted import UNDECRYPTABLE, EncryptedChatStore, PlaintextMigration, is_sealed
 from im.backends.chat.postgres import PostgresStoredBodies
@@ -25,11 +26,12 @@ from im.backends.keys.file import (
     retire_from_key_file,
     rotate_key_file,
 )
-from im.backends.keys.keyring import conv_key_name
+from im.backends.keys.keyring import Keyring, conv_key_name
 from im.backends.sql.sqlite_db import SqliteDatabase
 from im.model.chat import CommitBatch
 from tests.encryption.conftest import Engine, PostgresEngine, SqliteEngine
 from tests.encryption.test_encrypted_store import msg, write
+from tests.support.seaweedfs import s3_settings, shared_weed
 
 MARK = "RotationMarker7f3a"
 
@@ -281,15 +283,24 @@ async def test_the_migration_leaves_a_row_changed_meanwhile(engine: Engine) -> N
 # --- file keys in the blobs -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("store", ["local", "s3"])
 @pytest.mark.parametrize("engine", [SqliteEngine], indirect=True)  # the blobs are on disk: one engine is enough
 async def test_file_keys_in_blob_trailers_are_rewrapped_and_read_with_only_the_new_key(
-    engine: Engine, tmp_path: Path
+    engine: Engine, tmp_path: Path, store: str
 ) -> None:
+    """On the local directory (renamed into place) and on S3 (the object PUT again with If-Match)."""
     root = tmp_path / "files"
+    settings = s3_settings(shared_weed()) if store == "s3" else None
+
+    def storage(ring: Keyring, chunk_bytes: int = 64 * 1024) -> EncryptedBlobStorage | S3BlobStorage:
+        if settings is None:
+            return EncryptedBlobStorage(root, ring, chunk_bytes=chunk_bytes)
+        return S3BlobStorage(settings, tmp_path / "staging", keys=ring, chunk_bytes=chunk_bytes)
+
     data = {f"file {i}".encode() * (1000 * i + 1) for i in range(1, 5)}
     hashes = []
     async with engine.keyring() as ring:
-        blobs = EncryptedBlobStorage(root, ring, chunk_bytes=4096)
+        blobs = storage(ring, 4096)
         async with blobs:
             for content in sorted(data):
                 result, _ = await blobs.put(_gen_bytes(content), max_bytes=1 << 20, inspect=lambda s: None)
@@ -298,7 +309,7 @@ async def test_file_keys_in_blob_trailers_are_rewrapped_and_read_with_only_the_n
     new_id, _ = rotate_key_file(engine.key_file)
     async with engine.keyring() as ring:
         await ring.rewrap_all()
-        blobs = EncryptedBlobStorage(root, ring, chunk_bytes=4096)
+        blobs = storage(ring, 4096)
         async with blobs:
             masters = {ring.master_of(await blobs.wrapped_key(h) or b"") for h in hashes}
             assert masters == {old_id}
@@ -307,11 +318,11 @@ async def test_file_keys_in_blob_trailers_are_rewrapped_and_read_with_only_the_n
             assert (report.listed, report.rewritten, report.not_sealed, report.failed) == (5, 4, 1, 0)
             assert {ring.master_of(await blobs.wrapped_key(h) or b"") for h in hashes} == {new_id}
             assert (await rewrap_blob_keys(blobs, _gen(hashes), ring)).current == 4
-            assert not list(root.rglob(".rewrap-*"))
+            assert not list(root.rglob(".rewrap-*")) and not list(tmp_path.glob("staging/*"))
     retire_from_key_file(engine.key_file, {old_id})
     async with engine.keyring() as ring:
         assert ring.provider.key_ids == (new_id,)
-        async with EncryptedBlobStorage(root, ring) as blobs:
+        async with storage(ring) as blobs:
             for h, content in zip(hashes, sorted(data), strict=True):
                 assert b"".join([c async for c in await blobs.open(h)]) == content
                 assert b"".join([c async for c in await blobs.open(h, offset=5000, length=100)]) == content[5000:5100]

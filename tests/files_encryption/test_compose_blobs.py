@@ -41,3 +41,15 @@ def test_the_default_follows_message_encryption(tmp_path: Path) -> None:
 def test_chunk_size_is_bounded(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="encrypt_chunk_bytes"):
         config(tmp_path, encrypt_chunk_bytes=100)
+
+
+def test_s3_storage_is_sealed_with_the_keyring_too(tmp_path: Path) -> None:
+    from im.backends.blobs.s3 import S3BlobStorage
+
+    s3 = {"storage": "s3", "s3": {"bucket": "im-files", "staging_dir": str(tmp_path / "stage")}}
+    sealed = build_blobs(config(tmp_path, **s3), MemoryFileKeys())
+    assert isinstance(sealed, S3BlobStorage) and sealed.sealed
+    plain = build_blobs(config(tmp_path, encrypt=False, **s3), MemoryFileKeys())
+    assert isinstance(plain, S3BlobStorage) and not plain.sealed
+    with pytest.raises(ConfigError, match="master key"):
+        build_blobs(config(tmp_path, encrypt=True, **s3), None)

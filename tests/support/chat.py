@@ -14,6 +14,7 @@ from im.backends.routing import Router
 from im.core.committer import Committer, FileAccess
 from im.core.consent import Consent
 from im.core.groups import Groups
+from im.core.ids import Snowflake
 from im.core.reads import ChatReads
 from im.core.states import ConversationStates
 
@@ -40,7 +41,7 @@ def chat_core(
     presence: Presence,
     *,
     files: FileAccess | None = None,
-    node: str = "core-1",
+    node_id: int = 0,
     state_ttl: float | None = None,
     privacy_ttl: float | None = None,
     clock: Callable[[], float] = time.time,
@@ -48,7 +49,8 @@ def chat_core(
     """Build (not start) the core: ``core.committer.start()`` before sending, ``stop()`` after."""
     states = ConversationStates(store, ttl=state_ttl, clock=clock)
     consent = Consent(accounts, store, ttl=privacy_ttl, clock=clock)
-    committer = Committer(store, accounts, router, presence, states, consent, files=files, node=node, clock=clock)
+    ids = Snowflake(node_id)
+    committer = Committer(store, accounts, router, presence, states, consent, files=files, ids=ids, clock=clock)
     groups = Groups(committer, store, accounts, consent)
     reads = ChatReads(store, accounts, presence, states, consent)
     return ChatCore(committer, groups, reads, consent, store, accounts, router, presence)

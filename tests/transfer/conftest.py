@@ -31,6 +31,7 @@ class RecordingSink(DeliverySink):
     def __init__(self) -> None:
         self.batches: list[list[tuple[StoredMessage, list[int]]]] = []
         self.events: list[tuple[object, list[int], tuple[int, str] | None]] = []
+        self.replaced: list[DeviceLocation] = []
 
     @property
     def messages(self) -> list[tuple[StoredMessage, list[int]]]:
@@ -41,6 +42,9 @@ class RecordingSink(DeliverySink):
 
     def deliver_event(self, frame: object, uids: Iterable[int], skip: tuple[int, str] | None) -> None:
         self.events.append((frame, list(uids), skip))
+
+    def close_replaced(self, connections: Sequence[DeviceLocation]) -> None:
+        self.replaced.extend(connections)
 
 
 class GatedChatStore(SqliteChatStore):

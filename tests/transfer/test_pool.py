@@ -20,7 +20,7 @@ from im.backends.registry.memory import MemoryRegistry
 from im.backends.routing import DeliverySink
 from im.core.committer import SendCallback, SendRequest
 from im.model.chat import StoredMessage
-from im.model.cluster import ServiceInstance
+from im.model.cluster import DeviceLocation, ServiceInstance
 from im.model.errors import ErrorCode
 from im.model.ids import direct_conv
 from im.protocol.frames import TypingEvent
@@ -399,6 +399,28 @@ async def test_link_router_counts_what_it_cannot_forward(cluster: Cluster) -> No
     assert router.dropped == 3
 
 
+async def test_replaced_connections_reach_their_gateway_once_through_a_transfer_node(cluster: Cluster) -> None:
+    sink_a, sink_b = RecordingSink(), RecordingSink()
+    gw_a = await cluster.pools.pool("gw-a", sink_a)
+    await cluster.pools.pool("gw-b", sink_b)
+    router = LinkRouter(gw_a)
+    older = [DeviceLocation(7, "phone", "gw-b", "k.1"), DeviceLocation(8, "web|x", "gw-b", "k.2")]
+    router.publish_replaced("gw-b", older)
+    await eventually(lambda: len(sink_b.replaced) >= 2)
+    await asyncio.sleep(0.1)  # a second copy through the other transfer node would arrive by now
+    assert sink_b.replaced == older and sink_a.replaced == []
+    local = RecordingSink()
+    router.attach("gw-b", local)  # a gateway node in this process: called directly
+    router.publish_replaced("gw-b", older[:1])
+    assert local.replaced == older[:1]
+
+    for stub in cluster.nodes.values():  # no link: dropped and counted (the refresh of presence catches it)
+        await stub.stop()
+    await eventually(lambda: gw_a.connected() == [])
+    router.publish_replaced("gw-c", older)
+    assert router.dropped == 2
+
+
 async def test_revoke_reaches_every_other_linked_gateway(cluster: Cluster) -> None:
     seen: dict[str, list[str]] = {"api-1": [], "gw-a": [], "gw-b": []}
     api = await cluster.pools.pool("api-1", on_revoked=seen["api-1"].append)
@@ -444,7 +466,7 @@ async def test_pool_in_front_of_a_real_core(core: Core, pools: Pools) -> None:
 
     # an API process: its own committer on the same store, routing through its LinkRouter
     api_pool = await pools.pool("api-1", wait=1)
-    api_chat = chat_core(core.store, core.accounts, LinkRouter(api_pool), core.presence, node="api-1")
+    api_chat = chat_core(core.store, core.accounts, LinkRouter(api_pool), core.presence, node_id=1)
     api_chat.committer.start()
     try:
         group = await api_chat.groups.create_group(alice, "team", [bob])

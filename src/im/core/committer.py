@@ -21,6 +21,10 @@ When an item is alone and still refused before any part committed, one read asks
 it is up: if not, the store itself is down and everything left is refused ``unavailable`` at once
 (log2(batch)+2 store calls, one log line). Both are logged as counted, rate-limited lines
 (im.throttled_log), never a traceback per send.
+
+Message ids come from :attr:`Committer.ids` (im.core.ids), whose node id a claim assigns (distributed
+mode) or which holds a fixed one (``im serve``). While no node id is held (a claim lost, not yet made
+again) every pass refuses its items ``unavailable`` (retryable, same cmid) and stores nothing.
 """
 
 from __future__ import annotations
@@ -79,6 +83,11 @@ class FileAccess(Protocol):
 
 
 _encode_json = msgspec.json.Encoder().encode
+
+
+def _no_node_id() -> ImError:
+    """The refusal while this process holds no node id (its claim was lost and is being made again)."""
+    return ImError(ErrorCode.UNAVAILABLE, "this node holds no message id range right now; retry")
 
 
 class SendRequest(msgspec.Struct, gc=False):
@@ -148,7 +157,7 @@ class Committer:
         consent: Consent,
         *,
         files: FileAccess | None = None,
-        node: str = "core-1",
+        ids: Snowflake | None = None,
         max_batch: int = 2048,
         max_group_members: int = 2000,
         recent_sends: int = 50_000,
@@ -162,7 +171,8 @@ class Committer:
         self._cache = states
         self._states = states.by_conv  # the hot path reads and edits the cached states in place
         self._consent = consent
-        self._ids = Snowflake(node)
+        #: The message ids; a node id claim (im.backends.node_ids) assigns and revokes its node id.
+        self.ids = Snowflake(0) if ids is None else ids
         self._max_batch = max_batch
         self._max_group_members = max_group_members
         self._clock = clock
@@ -378,6 +388,10 @@ class Committer:
         known = await self._accounts.get_users(sorted(new_peers)) if new_peers else {}
         attachable = await self._check_files([i for i, _ in targets if isinstance(i, _Send)])
         now_ms = int(self._clock() * 1000)
+        if not self.ids.can_mint(now_ms, len(items)):  # no node id held (a claim lost): no message id
+            for item in items:
+                self._refuse_item(p, item, _no_node_id())
+            return p
         heads_before: dict[str, int] = {}
         in_batch: dict[tuple[int, str, str], StoredMessage] = {}
         for item, conv in targets:
@@ -529,7 +543,7 @@ class Committer:
         m = StoredMessage(
             conv=conv,
             seq=state.last_seq,
-            mid=self._ids.next(now_ms),
+            mid=self.ids.next(now_ms),
             sender=req.uid,
             device=req.device,
             cmid=req.cmid,
@@ -589,7 +603,7 @@ class Committer:
         before = dict(state.members)
         heads.setdefault(conv, state.last_seq)
         state.last_seq += 1
-        mid = self._ids.next(now_ms)
+        mid = self.ids.next(now_ms)
         m = StoredMessage(
             conv=conv,
             seq=state.last_seq,
@@ -641,7 +655,9 @@ class Committer:
         """Store a new group with ``roles`` (checked by the caller) and its first ``system`` message
         (seq 1, ``group_created``), then route that message to the members."""
         now_ms = int(self._clock() * 1000)
-        mid = self._ids.next(now_ms)
+        if not self.ids.can_mint(now_ms):
+            raise _no_node_id()
+        mid = self.ids.next(now_ms)
         first = StoredMessage(
             conv="",
             seq=1,

@@ -1,32 +1,90 @@
-"""Server message ids (``mid``): 64-bit, time-ordered, made without coordination.
+"""Server message ids (``mid``): 64-bit, time-ordered, unique across the cluster.
 
-Within one :class:`Snowflake` (one process) ids strictly increase, so they never repeat. Across processes
-they are unique only if their 10 node bits differ, and nothing checks that: a node name is reduced to the
-low 10 bits of its crc32 (an int to its low 10 bits), so two different names share them with probability
-1/1024 (about n²/2048 among n nodes), and two processes given the same node name share them
-outright; such processes can mint the same id in the same millisecond. A restart whose clock
-reads earlier than the previous run's last id can also repeat ids. Since the push consumer deduplicates
-by ``mid``, a repeated id can cost a push. (Issue 13 fixes this.)
+An id is 41 bits of milliseconds since 2026, 10 bits of node id, 12 bits of counter. Within one
+:class:`Snowflake` (one process) ids strictly increase, also across a change of node id. Across processes
+they are unique because no two processes mint under the same node id over the same span of milliseconds:
+
+- with etcd (the distributed roles) every process that mints ids (transfer and API nodes) claims one of the
+  1,024 node ids through :class:`im.backends.node_ids.NodeIdClaims`, never derived from its name;
+- a claim hands over ``after_ms`` (the last millisecond the previous holder of that id used or reserved:
+  the ids minted here start above it, even when this machine's clock reads earlier) and ``until_ms`` (how
+  far this holder has reserved the id: nothing is minted beyond it until the reservation is extended);
+- a lost claim (:meth:`Snowflake.revoke`) stops minting at once: :meth:`can_mint` is False and the
+  committer refuses sends with the retryable ``unavailable`` until a new claim arrives;
+- ``im serve`` with the in-memory registry holds one fixed node id (``registry.fixed_node_id``).
+
+What remains: the 12-bit counter allows 4,096 ids per millisecond; beyond that the next millisecond is
+borrowed (ids keep increasing but run ahead of the clock). Ids are ordered by time only roughly across
+nodes (clocks differ); within a conversation the order is ``seq``, never ``mid``.
 """
 
 from __future__ import annotations
 
 import time
-import zlib
+
+from im.model.ids import MAX_NODE_IDS
 
 _EPOCH_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
 
 class Snowflake:
     """41 bits of milliseconds since 2026, 10 bits of node, 12 bits of counter (4,096 ids per millisecond;
-    past that the next millisecond is borrowed, so ids keep increasing)."""
+    past that the next millisecond is borrowed, so ids keep increasing).
 
-    def __init__(self, node: str | int) -> None:
-        self._node = (node if isinstance(node, int) else zlib.crc32(node.encode())) & 0x3FF
+    ``node``: a fixed node id, or None for one that a claim assigns later (:meth:`assign`). Milliseconds
+    here are Unix milliseconds (``time.time() * 1000``)."""
+
+    def __init__(self, node: int | None = 0) -> None:
+        self._node: int | None = None
         self._last_ms = 0
         self._counter = 0
+        self._until_ms: int | None = None
+        if node is not None:
+            self.assign(node)
+
+    @property
+    def node(self) -> int | None:
+        """The node id minted under now; None: none held (no id can be minted)."""
+        return self._node
+
+    @property
+    def last_ms(self) -> int:
+        """The millisecond of the last id minted (0: none yet): what a release records."""
+        return self._last_ms
+
+    def assign(self, node: int, *, after_ms: int = 0, until_ms: int | None = None) -> None:
+        """Mint under ``node`` from now on, in milliseconds after ``after_ms`` (0: none) and up to
+        ``until_ms`` (None: no bound).
+        Ids still increase across the change: the next one is in a later millisecond than any before."""
+        if not 0 <= node < MAX_NODE_IDS:
+            raise ValueError(f"a node id is 0..{MAX_NODE_IDS - 1}: {node}")
+        before = max(after_ms, self._last_ms)  # the last millisecond that may already carry ids
+        if before:
+            self._last_ms, self._counter = before + 1, -1  # the next id: in before + 1 (or later), counter 0
+        self._node, self._until_ms = node, until_ms
+
+    def extend(self, until_ms: int | None) -> None:
+        """The reservation of the node id held now reaches ``until_ms``."""
+        self._until_ms = until_ms
+
+    def revoke(self) -> None:
+        """The claim is lost: mint nothing until :meth:`assign`."""
+        self._node = None
+
+    def can_mint(self, now_ms: int, count: int = 1) -> bool:
+        """True if ``count`` ids can be minted at ``now_ms``: a node id is held and its reservation
+        covers them (borrowed milliseconds included)."""
+        if self._node is None:
+            return False
+        if self._until_ms is None:
+            return True
+        return max(now_ms, self._last_ms) + 1 + count // 4096 <= self._until_ms
 
     def next(self, now_ms: int | None = None) -> int:
+        """The next id. Call :meth:`can_mint` first: without a node id this raises RuntimeError."""
+        node = self._node
+        if node is None:
+            raise RuntimeError("no node id is held: no message id can be minted")
         ms = int(time.time() * 1000) if now_ms is None else now_ms
         if ms <= self._last_ms:
             ms = self._last_ms
@@ -37,4 +95,4 @@ class Snowflake:
         else:
             self._counter = 0
         self._last_ms = ms
-        return ((ms - _EPOCH_MS) << 22) | (self._node << 12) | self._counter
+        return ((ms - _EPOCH_MS) << 22) | (node << 12) | self._counter

@@ -201,6 +201,20 @@ class LoginGuard:
         self._sweep_at = 10_000
         self._clock = time.monotonic
 
+    def set_rules(
+        self,
+        *,
+        login_per_account_address: Rule,
+        login_per_account: Rule,
+        login_per_address: Rule,
+        register_per_address: Rule,
+    ) -> None:
+        """New budgets (dynamic settings changed): the next attempt is counted under them."""
+        self._per_pair = login_per_account_address
+        self._per_account = login_per_account
+        self._per_address = login_per_address
+        self._register = register_per_address
+
     def refused_for(self, kind: str, address: str) -> float:
         """Seconds ``address`` stays refused for ``kind`` ("login" or "register"); 0 when it is not."""
         until = self._refused.get((kind, address))

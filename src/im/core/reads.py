@@ -41,7 +41,8 @@ class ChatReads:
         self._presence = presence
         self._states = states
         self._consent = consent
-        self._history_page_max = history_page_max
+        #: Changed live by im.live_config (``limits.history_page_max``).
+        self.history_page_max = history_page_max
 
     # --- for the gateway -------------------------------------------------------------------------------
 
@@ -89,7 +90,7 @@ class ChatReads:
     ) -> tuple[list[StoredMessage], bool]:
         """A page of the log, oldest first, and whether more lies beyond it in the paging direction."""
         await self._require_member(uid, conv)
-        limit = max(1, min(limit, self._history_page_max))
+        limit = max(1, min(limit, self.history_page_max))
         if after is not None:
             page = await self._store.read_range(conv, after, before, limit + 1)
             return page[:limit], len(page) > limit

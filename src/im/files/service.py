@@ -15,7 +15,15 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from im.backends.blobs import BlobCorrupt, BlobNotFound, BlobStorage, BlobTooLarge, Staged, is_sha256
+from im.backends.blobs import (
+    BlobCorrupt,
+    BlobNotFound,
+    BlobStorage,
+    BlobTooLarge,
+    BlobUnavailable,
+    Staged,
+    is_sha256,
+)
 from im.backends.files import FileStore
 from im.backends.rate_limit import Hit, RateLimiter, Rule
 from im.files.sniff import sniff
@@ -85,6 +93,8 @@ class FileService:
         self._quota_files = Rule("upload-files", upload_files_per_day, 86400.0)
         #: Reads refused or cut short because the stored bytes are missing or damaged (one line per window).
         self._damaged = ThrottledLog(log, "damaged file reads", level=logging.ERROR)
+        #: Uploads and reads refused or cut short because the blob storage could not be reached.
+        self._unavailable = ThrottledLog(log, "file storage unavailable", level=logging.ERROR)
         # Pillow's own bomb guard (process-wide) follows ours: it refuses at twice this in Image.open.
         Image.MAX_IMAGE_PIXELS = max_image_pixels
 
@@ -133,6 +143,9 @@ class FileService:
             _, meta = await self.blobs.put(chunks, max_bytes=self.max_upload_bytes, inspect=inspect)
         except BlobTooLarge:
             raise ImError(ErrorCode.TOO_LARGE, f"files are limited to {self.max_upload_bytes} bytes") from None
+        except BlobUnavailable as e:
+            self._unavailable.hit(f"upload refused: {e}")
+            raise ImError(ErrorCode.UNAVAILABLE, "file storage is unavailable, retry later") from None
         if self._limiter is not None and meta.size > 1:  # one byte was taken above
             [wait] = await self._limiter.check([Hit(self._quota_bytes, str(uid), meta.size - 1)])
             if wait:  # the blob stays unreferenced, like an upload cut short; the same bytes reuse it
@@ -168,6 +181,9 @@ class FileService:
         except BlobCorrupt as e:
             self._damaged.hit(f"file {info.meta.file_id}: {e}")
             raise ImError(ErrorCode.UNAVAILABLE, "the file's stored bytes fail the integrity check") from None
+        except BlobUnavailable as e:
+            self._unavailable.hit(f"file {info.meta.file_id}: {e}")
+            raise ImError(ErrorCode.UNAVAILABLE, "file storage is unavailable, retry later") from None
         return self._watched(chunks, info.meta.file_id)
 
     async def _watched(self, chunks: AsyncIterator[bytes], file_id: str) -> AsyncIterator[bytes]:
@@ -176,6 +192,9 @@ class FileService:
                 yield chunk
         except BlobCorrupt as e:
             self._damaged.hit(f"file {file_id}: download cut short: {e}")
+            raise
+        except BlobUnavailable as e:
+            self._unavailable.hit(f"file {file_id}: download cut short: {e}")
             raise
         finally:
             close = getattr(chunks, "aclose", None)

@@ -29,6 +29,7 @@ from im.backends.routing import DeliverySink, Router
 from im.core.accounts import AccountService
 from im.core.committer import SendRequest, SubmitSend
 from im.core.reads import ChatReads
+from im.gateway.replacement import DeviceClaims
 from im.model.chat import StoredMessage
 from im.model.cluster import DeviceLocation
 from im.model.errors import ErrorCode, ImError
@@ -98,6 +99,10 @@ class Connection(abc.ABC):
         self._dirty = False
         self.closed = False
         self.sid = ""  # the login session that authenticated this connection
+        #: Its id in presence (set when it registers), and whether presence holds its claim: None while
+        #: the claim is in flight, False when it failed (the refresh loop claims again).
+        self.conn_id = ""
+        self.claimed: bool | None = None
         #: This user's hits of the shared limits (sends, typing, receipts) and the lease of the user's send
         #: budget, made at the first rate-limited frame; the leases of the conversations' send budgets by
         #: target (``conv`` or ``to``), made once per target. None until needed: idle connections hold
@@ -315,6 +320,8 @@ class Hub(DeliverySink):
         self.preauth_send_buffer = preauth_send_buffer
         self.cache = EncodedCache()
         self._presence_ttl = presence_ttl
+        #: One connection per device across nodes (gateway/replacement.py).
+        self.claims = DeviceClaims(node, presence, router, ttl=presence_ttl)
         self._cursor_interval = cursor_flush_interval
         self._by_user: dict[int, dict[str, Connection]] = {}
         self._all: set[Connection] = set()
@@ -367,6 +374,7 @@ class Hub(DeliverySink):
         if tasks:
             await asyncio.wait(tasks)
         self._tasks = []
+        await self.claims.stop()
         await self._flush_cursors()
         if self._all:
             self._all_closed = asyncio.Event()
@@ -388,6 +396,7 @@ class Hub(DeliverySink):
 
     async def register(self, conn: Connection) -> None:
         s = conn.session
+        conn.conn_id = self.claims.new_id()
         devices = self._by_user.setdefault(s.uid, {})
         old = devices.get(s.device)
         devices[s.device] = conn
@@ -395,20 +404,31 @@ class Hub(DeliverySink):
             METRICS.authenticated += 1
         if old is not None and old is not conn:
             old.run(old.session.close(ErrorCode.REPLACED, "the same device connected again", reconnect=False))
-        try:
-            await self._presence.set_online([DeviceLocation(s.uid, s.device, self.node)], self._presence_ttl)
+        try:  # the device's holder now, wherever the older connection is (it is asked to close)
+            await self.claims.claim([DeviceLocation(s.uid, s.device, self.node, conn.conn_id)])
+            conn.claimed = True
         except Exception as exc:  # presence is a routing hint: the refresh loop announces this device again
+            conn.claimed = False
             METRICS.engine_error(exc)
             _presence_failures.hit(f"{type(exc).__name__}: {exc}: uid={s.uid} device={s.device} not announced yet")
 
-    async def _set_offline(self, uid: int, device: str) -> None:
+    async def _set_offline(self, uid: int, device: str, conn_id: str) -> None:
         if device in self._by_user.get(uid, {}):
             return  # the device came back meanwhile: its entry is current
         try:
-            await self._presence.set_offline([DeviceLocation(uid, device, self.node)])
+            await self._presence.set_offline([DeviceLocation(uid, device, self.node, conn_id)])
         except Exception as exc:  # the entry expires on its own within the presence TTL
             METRICS.engine_error(exc)
             _presence_failures.hit(f"{type(exc).__name__}: {exc}: uid={uid} device={device} not removed")
+
+    def close_replaced(self, connections: Sequence[DeviceLocation]) -> None:
+        """Close these connections if they are still the ones held here (by id): a newer connection of
+        their device took over on another node (DeliverySink; the refresh loop's left-out entries)."""
+        for c in connections:
+            conn = self._by_user.get(c.uid, {}).get(c.device)
+            if conn is not None and conn.conn_id == c.conn:
+                conn.run(conn.session.close(ErrorCode.REPLACED, "the same device connected again", reconnect=False))
+                conn.flush()
 
     def revoked(self, sid: str) -> None:
         """A login session was revoked (logout, refresh-token reuse): close its connections."""
@@ -428,7 +448,7 @@ class Hub(DeliverySink):
             METRICS.authenticated -= 1
             if not devices:
                 del self._by_user[s.uid]
-            task = asyncio.get_running_loop().create_task(self._set_offline(s.uid, s.device))
+            task = asyncio.get_running_loop().create_task(self._set_offline(s.uid, s.device, conn.conn_id))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         if not self._all and self._all_closed is not None:
@@ -494,6 +514,19 @@ class Hub(DeliverySink):
         hits = conn.user_hits = self.user_hits(conn.session.uid)
         assert hits is not None
         conn.user_sends = SendLease(hits[0])
+
+    def set_rates(self, rates: HubRates) -> None:
+        """New shared rate limits (a dynamic setting changed): every connection takes its hits and leases
+        afresh at its next limited frame (units it held ahead are dropped, never granted twice)."""
+        if self._rates is None or rates == self._rates:
+            return  # built without shared limits, or unchanged: nothing to do
+        self._rates = rates
+        self._user_lease = lease_size(rates.sends_per_user)
+        self._conv_lease = lease_size(rates.sends_per_conversation)
+        for conn in self._all:
+            conn.user_hits = None
+            conn.user_sends = None
+            conn.conv_sends = None
 
     def user_hits(self, uid: int) -> tuple[Hit, Hit, Hit] | None:
         """A user's hits of the per-user limits (sends, typing, receipts); None without shared limits."""
@@ -735,14 +768,27 @@ class Hub(DeliverySink):
             since_refresh += 1.0
             if since_refresh >= refresh_every:
                 since_refresh = 0.0
-                entries = [
-                    DeviceLocation(uid, device, self.node)
-                    for uid, devices in self._by_user.items()
-                    for device in devices
-                ]
-                if entries:
-                    try:
-                        await self._presence.set_online(entries, self._presence_ttl)
-                    except Exception as exc:  # keep the timers running; the next refresh tries again
-                        METRICS.engine_error(exc)
-                        log.warning("presence refresh failed (%s: %s)", type(exc).__name__, exc)
+                await self._refresh_presence()
+
+    async def _refresh_presence(self) -> None:
+        """Re-announce every connection presence holds (closing those another node's connection of the
+        same device displaced meanwhile), and claim again those whose claim failed; a claim in flight is
+        left to finish (refreshing it first could find the older holder and close the newer one)."""
+        held: list[DeviceLocation] = []
+        failed: list[tuple[Connection, DeviceLocation]] = []
+        for uid, devices in self._by_user.items():
+            for device, conn in devices.items():
+                if conn.claimed:
+                    held.append(DeviceLocation(uid, device, self.node, conn.conn_id))
+                elif conn.claimed is False:
+                    failed.append((conn, DeviceLocation(uid, device, self.node, conn.conn_id)))
+        try:
+            if held:
+                self.close_replaced(await self._presence.set_online(held, self._presence_ttl))
+            if failed:
+                await self.claims.claim([location for _, location in failed])
+                for conn, _ in failed:
+                    conn.claimed = True
+        except Exception as exc:  # keep the timers running; the next refresh tries again
+            METRICS.engine_error(exc)
+            log.warning("presence refresh failed (%s: %s)", type(exc).__name__, exc)

@@ -167,6 +167,9 @@ async def serve_websocket(
     handshake_timeout = limits.auth_timeout
 
     def connection() -> WsConnection:
+        nonlocal ws_settings
+        if settings is None and ws_settings.max_message != limits.max_frame_bytes:  # changed live: new connections
+            ws_settings = WsSettings(path=path, max_message=limits.max_frame_bytes, max_fragments=max_fragments)
         return WsConnection(
             hub, ws_settings, handshake_timeout=handshake_timeout, close_timeout=close_timeout, admission=admission
         )

@@ -7,9 +7,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class DeviceLocation:
+    """A device online at a gateway node. ``conn`` names the exact connection there (unique per node and
+    process start) where it matters, in claims and replacements; empty where only the node does (locate)."""
+
     uid: int
     device: str
     node: str
+    conn: str = ""
 
 
 @dataclass(frozen=True, slots=True)

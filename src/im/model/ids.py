@@ -1,4 +1,5 @@
-"""Identifiers: the range every stored id fits in, and conversation ids (``d:<a>:<b>``, ``g:<gid>``)."""
+"""Identifiers: the range every stored id fits in, the number of node ids, and conversation ids
+(``d:<a>:<b>``, ``g:<gid>``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import re
 
 #: Largest uid, gid, seq or cursor: SQLite INTEGER and PostgreSQL bigint are signed 64-bit.
 MAX_ID = 2**63 - 1
+
+#: Node ids in a message id (``mid``, im.core.ids): its 10 node bits. At most this many processes mint
+#: message ids at once in one cluster (each holds a claim on one: im.backends.node_ids).
+MAX_NODE_IDS = 1024
 
 #: Longest id ``parse_conv`` looks at: ``d:`` and two 19-digit uids are 41 characters.
 _MAX_CONV = 64

@@ -43,6 +43,8 @@ from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanK
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from im.config import TracingConfig
+from im.observability import spans
+from im.observability.spans import MessageSpan
 from im.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ MAX_LINK_TAGS = 64
 _ratio = 0.0
 _random = random.random
 _provider: Any = None  # the instrumentations' (sampled by trace-id ratio)
+_root_sampler: Any = None  # that provider's TraceIdRatioBased (its ratio changes live)
 _message_provider: Any = None  # the message path's (its roots sampled by :func:`sampled`)
 _tracer: trace.Tracer = trace.NoOpTracer()
 _instrumented: list[Any] = []
@@ -72,6 +75,19 @@ _in_batch: contextvars.ContextVar[bool] = contextvars.ContextVar("im_tracing_in_
 def sampled() -> bool:
     """Whether to trace a new chat message (one ``random()``; call only when :data:`ON`)."""
     return _random() < _ratio
+
+
+def set_sample_ratio(ratio: float) -> None:
+    """A new ``tracing.sample_ratio`` while running (im.live_config): new chat messages and new traces of
+    the instrumentations are sampled at it; traces already started keep their decision."""
+    global _ratio
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"a sample ratio is between 0 and 1, not {ratio}")
+    with _lock:
+        _ratio = ratio
+        root = _root_sampler
+        if root is not None:  # TraceIdRatioBased keeps its rate and bound in these two fields
+            root._rate, root._bound = ratio, root.get_bound_for_rate(ratio)
 
 
 # --- propagation ---------------------------------------------------------------------------------------
@@ -179,7 +195,7 @@ def setup(cfg: TracingConfig, service: str, node: str, *, fastapi_app: Any = Non
     traces by ``ParentBased(TraceIdRatioBased(sample_ratio))``; the message path's by
     ``ParentBased(ALWAYS_ON)``, because its roots are only started for a message :func:`sampled` chose
     (a sampler call per message would cost every message, not one in a hundred)."""
-    global ON, _provider, _message_provider, _tracer, _ratio
+    global ON, _provider, _message_provider, _tracer, _ratio, _root_sampler
     if not cfg.enabled:
         return False
     from opentelemetry.exporter.zipkin.json import ZipkinExporter
@@ -202,13 +218,13 @@ def setup(cfg: TracingConfig, service: str, node: str, *, fastapi_app: Any = Non
             max_export_batch_size=min(512, cfg.queue_size),
             export_timeout_millis=cfg.export_timeout * 1000,
         )
-        provider = TracerProvider(
-            resource=resource, sampler=ParentBased(TraceIdRatioBased(cfg.sample_ratio)), shutdown_on_exit=False
-        )
+        _root_sampler = TraceIdRatioBased(cfg.sample_ratio)
+        provider = TracerProvider(resource=resource, sampler=ParentBased(_root_sampler), shutdown_on_exit=False)
         provider.add_span_processor(processor)
         messages = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON), shutdown_on_exit=False)
         messages.add_span_processor(processor)
         _provider, _message_provider, _ratio = provider, messages, cfg.sample_ratio
+        spans.install(resource, processor)  # the message path's own spans (im.observability.spans)
         _tracer = messages.get_tracer("im")
         propagate.set_global_textmap(PROPAGATOR)  # the instrumentations read and write traceparent and b3
         _instrument(provider, fastapi_app)
@@ -257,9 +273,11 @@ def _strict_v2_encoder() -> Any:
     - tags: the span's attributes, the resource's (``service.name``, ``service.instance.id``),
       ``otel.scope.name`` (which instrumentation made it), ``otel.status_code`` and ``error``.
     """
+    import msgspec
     from opentelemetry.exporter.zipkin.json.v2 import JsonV2Encoder
     from opentelemetry.trace import StatusCode
 
+    _json_encode = msgspec.json.Encoder().encode
     kinds = {
         SpanKind.SERVER: "SERVER",
         SpanKind.CLIENT: "CLIENT",
@@ -311,6 +329,10 @@ def _strict_v2_encoder() -> Any:
                 out["annotations"] = self._extract_annotations_from_events(span.events)
             return out
 
+        def serialize(self, spans: Any, local_endpoint: Any) -> Any:
+            endpoint = self._encode_local_endpoint(local_endpoint)
+            return _json_encode([self._encode_span(span, endpoint) for span in spans])  # 10 x json.dumps
+
         @staticmethod
         def _encode_local_endpoint(local_endpoint: Any) -> Any:
             # Zipkin keys services by lowercase name
@@ -339,11 +361,12 @@ def _instrument(provider: Any, fastapi_app: Any) -> None:
 def shutdown() -> None:
     """Flush what is queued (bounded by the exporter's timeout) and uninstall. Call in the role's stop,
     before the process exits: the exporter posts from its own thread."""
-    global ON, _provider, _message_provider, _tracer
+    global ON, _provider, _message_provider, _tracer, _root_sampler
     with _lock:
-        provider, _provider, _message_provider = _provider, None, None
+        provider, _provider, _message_provider, _root_sampler = _provider, None, None, None
         ON = False
         _tracer = trace.NoOpTracer()
+        spans.install(None, None)
         ROUTING.clear()
         for instrumentor in _instrumented:
             with contextlib.suppress(Exception):
@@ -368,7 +391,7 @@ def installed() -> bool:
 def start_send(transport: str) -> Span:
     """The sender's gateway span of one sampled chat message (ended by :func:`end`). Few tags: the SDK
     spends microseconds on each."""
-    return _tracer.start_span("im.send", kind=SpanKind.SERVER, attributes={"im.transport": transport})
+    return MessageSpan("im.send", None, SpanKind.SERVER, {"im.transport": transport})
 
 
 def end(span: Span, error: Any = None, mid: int | None = None, dup: bool = False) -> None:
@@ -393,7 +416,7 @@ def commit_batch(traces: Sequence[Span], size: int) -> Iterator[Span]:
     attributes: dict[str, Any] = {"im.batch.size": size, "im.batch.traced": len(contexts)}
     if contexts:
         attributes["im.linked_traces"] = ",".join(f"{c.trace_id:032x}" for c in contexts[:MAX_LINK_TAGS])
-    span = _tracer.start_span("im.commit.batch", context=otel_context.Context(), links=links, attributes=attributes)
+    span = MessageSpan("im.commit.batch", None, SpanKind.INTERNAL, attributes, links)
     token = _in_batch.set(True)
     try:
         with trace.use_span(span, end_on_exit=True):
@@ -428,7 +451,6 @@ def committed(acks: Sequence[tuple[Any, Any, bool, Any]]) -> list[tuple[Span, in
     batch = trace.get_current_span()
     start = getattr(batch, "start_time", None)
     batch_id = f"{batch.get_span_context().span_id:016x}"
-    start_span = _tracer.start_span
     for item, m, dup, err in acks:
         parent = item.req.trace
         if parent is None:
@@ -439,7 +461,7 @@ def committed(acks: Sequence[tuple[Any, Any, bool, Any]]) -> list[tuple[Span, in
             if dup:
                 attributes["im.dup"] = True
         # No link to the batch span: ``im.batch`` names it, and Zipkin would drop a link anyway.
-        span = start_span("im.commit", trace.set_span_in_context(parent), attributes=attributes, start_time=start)
+        span = MessageSpan("im.commit", parent.get_span_context(), SpanKind.INTERNAL, attributes, (), start)
         if m is not None:
             ROUTING[m.mid] = span.get_span_context()
             out.append((span, m.mid))
@@ -497,16 +519,10 @@ def client_span(name: str, parent: Span, headers: MutableMapping[str, str], url:
 
 def deliver_spans(messages: Sequence[Any], local_recipients: Sequence[Sequence[int]]) -> list[Span]:
     """Delivery spans at a recipient's gateway for the messages in ``ROUTING`` (ended by the caller)."""
-    spans = []
+    out: list[Span] = []
     for m, uids in zip(messages, local_recipients, strict=True):
         c = ROUTING.get(m.mid)
         if c is not None:
-            spans.append(
-                _tracer.start_span(
-                    "im.deliver",
-                    context=trace.set_span_in_context(NonRecordingSpan(c)),
-                    kind=SpanKind.CONSUMER,
-                    attributes={"im.mid": str(m.mid), "im.recipients": len(uids)},
-                )
-            )
-    return spans
+            attributes = {"im.mid": str(m.mid), "im.recipients": len(uids)}
+            out.append(MessageSpan("im.deliver", c, SpanKind.CONSUMER, attributes))
+    return out

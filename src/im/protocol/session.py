@@ -67,18 +67,17 @@ class Limits:
 
 
 class TokenBucket:
-    """``rate`` events per second with bursts of ``2 * rate``."""
+    """``rate`` events per second with bursts of ``2 * rate``. The rate is given on every :meth:`take`, so
+    a rate changed while the server runs (im.live_config) applies to buckets already made."""
 
-    __slots__ = ("_capacity", "_last", "_rate", "_tokens")
+    __slots__ = ("_last", "_tokens")
 
     def __init__(self, rate: float, now: float) -> None:
-        self._rate = rate
-        self._capacity = max(1.0, 2 * rate)
-        self._tokens = self._capacity
+        self._tokens = max(1.0, 2 * rate)
         self._last = now
 
-    def take(self, now: float) -> bool:
-        self._tokens = min(self._capacity, self._tokens + (now - self._last) * self._rate)
+    def take(self, now: float, rate: float) -> bool:
+        self._tokens = min(max(1.0, 2 * rate), self._tokens + (now - self._last) * rate)
         self._last = now
         if self._tokens >= 1.0:
             self._tokens -= 1.0
@@ -107,7 +106,11 @@ class ServerSession:
         heartbeat: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        #: Shared by every session of a hub and changed in place when a dynamic setting changes
+        #: (im.live_config): read on each use, so the rates and sizes apply to open connections too.
         self.limits = limits or Limits()
+        #: The frame size is the exception: the one announced in ``auth_ok`` holds for the connection.
+        self.max_frame_bytes = self.limits.max_frame_bytes
         self.state = State.AWAIT_AUTH
         self.encoding: Encoding | None = None
         self.uid = 0
@@ -135,7 +138,7 @@ class ServerSession:
         self._last_rx = self._clock()
         if self.encoding is None:
             self.encoding = Encoding.MSGPACK if binary else Encoding.JSON
-        if len(data) > self.limits.max_frame_bytes:
+        if len(data) > self.max_frame_bytes:
             self.oversized(len(data))
             return []
         try:
@@ -157,7 +160,7 @@ class ServerSession:
 
     def oversized(self, size: int) -> None:
         """A frame too large to take (the transport may not even have kept its bytes)."""
-        self._error(ErrorCode.TOO_LARGE, f"frame of {size} bytes > {self.limits.max_frame_bytes}")
+        self._error(ErrorCode.TOO_LARGE, f"frame of {size} bytes > {self.max_frame_bytes}")
 
     def _handle(self, frame: ClientFrame) -> list[cmd.Command]:
         if isinstance(frame, Send):
@@ -172,7 +175,7 @@ class ServerSession:
             return []
         if isinstance(frame, Typing):
             if frame.conv in self._convs:
-                if self._typing_bucket.take(self._clock()):
+                if self._typing_bucket.take(self._clock(), self.limits.typing_rate):
                     return [cmd.SendTyping(frame.conv)]
                 METRICS.rate_limited["session-typing"] += 1
             return []
@@ -203,7 +206,7 @@ class ServerSession:
             return []  # the same send is being committed; its ack answers both
         elif len(self._in_flight) >= self.limits.max_in_flight:
             problem = (ErrorCode.TOO_MANY_IN_FLIGHT, f"more than {self.limits.max_in_flight} unacked sends")
-        elif not self._send_bucket.take(self._clock()):
+        elif not self._send_bucket.take(self._clock(), self.limits.send_rate):
             problem = (ErrorCode.RATE_LIMITED, f"more than {self.limits.send_rate:g} sends per second")
             METRICS.rate_limited["session-send"] += 1
             retry_after = 1 / self.limits.send_rate
@@ -238,7 +241,7 @@ class ServerSession:
             return []
         self.uid, self.device = uid, device
         self.state = State.OPEN
-        self._emit(AuthOk(uid=uid, device=device, heartbeat=self._heartbeat, max_frame=self.limits.max_frame_bytes))
+        self._emit(AuthOk(uid=uid, device=device, heartbeat=self._heartbeat, max_frame=self.max_frame_bytes))
         out: list[cmd.Command] = []
         self._initial = set()
         for point in points:

@@ -22,6 +22,7 @@ import grpc
 from im.backends.routing import DeliverySink
 from im.core.committer import SendCallback, SendRequest
 from im.model.chat import StoredMessage
+from im.model.cluster import DeviceLocation
 from im.model.errors import ErrorCode, ImError
 from im.observability import tracing
 from im.observability.metrics import METRICS
@@ -177,6 +178,16 @@ class TransferLink:
         self._queued_forward()
         return True
 
+    def replace(self, node: str, connections: Sequence[DeviceLocation]) -> bool:
+        """Have the transfer node ask gateway ``node`` to close these connections of its own."""
+        if not self._connected.is_set():
+            return False
+        add = self._forwards.replaced.add
+        for c in connections:
+            add(node=node, uid=c.uid, device=c.device, conn=c.conn)
+        self._queued_forward()
+        return True
+
     def _queued_forward(self) -> None:
         self._has_forwards = True
         self._wake.set()
@@ -275,7 +286,7 @@ class TransferLink:
                 frame.MergeFrom(self._forwards)
                 self._forwards.Clear()
                 self._has_forwards = False
-            if sends or frame.routes or frame.events or frame.revoked_sessions:
+            if sends or frame.routes or frame.events or frame.revoked_sessions or frame.replaced:
                 self.frames_sent += 1
                 yield frame
 
@@ -334,6 +345,9 @@ class TransferLink:
         if self.on_revoked is not None:
             for sid in frame.revoked_sessions:
                 self.on_revoked(sid)
+        if frame.replaced:
+            node = self.node
+            self.sink.close_replaced([DeviceLocation(r.uid, r.device, node, r.conn) for r in frame.replaced])
 
     def _deliver_traced(
         self, frame: pb.TransferFrame, messages: list[StoredMessage], recipients: list[list[int]]

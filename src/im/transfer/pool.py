@@ -25,7 +25,7 @@ from im.backends.routing import DeliverySink
 from im.backends.routing.memory import MemoryRouter
 from im.core.committer import SendCallback, SendRequest
 from im.model.chat import StoredMessage
-from im.model.cluster import ServiceInstance
+from im.model.cluster import DeviceLocation, ServiceInstance
 from im.model.errors import ErrorCode, ImError
 from im.model.ids import direct_conv
 from im.transfer.client import TransferLink
@@ -208,6 +208,11 @@ class TransferPool:
         link = self._any()
         return link is not None and link.forward_event(node, frame, uids, skip)
 
+    def replace(self, node: str, connections: Sequence[DeviceLocation]) -> bool:
+        """Have gateway ``node`` close these connections of its own (through one transfer node)."""
+        link = self._any()
+        return link is not None and link.replace(node, connections)
+
     def revoke(self, sid: str) -> None:
         """Tell every gateway (through one transfer node) that login session ``sid`` ended."""
         link = self._any()
@@ -235,3 +240,7 @@ class LinkRouter(MemoryRouter):
     def event_elsewhere(self, node: str, frame: object, uids: Sequence[int], skip: tuple[int, str] | None) -> None:
         if not self._pool.forward_event(node, self._encode_event(frame), uids, skip):
             self.dropped += 1
+
+    def replaced_elsewhere(self, node: str, connections: Sequence[DeviceLocation]) -> None:
+        if not self._pool.replace(node, connections):
+            self.dropped += len(connections)

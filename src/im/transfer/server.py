@@ -25,6 +25,7 @@ import grpc
 from im.backends.routing import DeliverySink, Router
 from im.core.committer import SendCallback, SendRequest
 from im.model.chat import StoredMessage
+from im.model.cluster import DeviceLocation
 from im.model.errors import ImError
 from im.observability import tracing
 from im.protocol.codec import Encoding, decode_server, encode
@@ -64,6 +65,7 @@ class LinkOutbox:
         self.traces: dict[int, str] = {}  # mid -> traceparent of a sampled message's commit span
         self.events: list[tuple[bytes, Sequence[int], tuple[int, str] | None]] = []
         self.revoked: list[str] = []
+        self.replaced: list[DeviceLocation] = []
         self.ready = asyncio.Event()
         self.closed = False
         self.dropped = 0
@@ -103,6 +105,11 @@ class LinkOutbox:
             self.revoked.append(sid)
             self.ready.set()
 
+    def add_replaced(self, connections: Sequence[DeviceLocation]) -> None:
+        if not self.closed:
+            self.replaced.extend(connections)
+            self.ready.set()
+
     def close(self) -> None:
         self.closed = True
         self.ready.set()
@@ -115,13 +122,16 @@ class LinkOutbox:
         deliveries, self.deliveries = self.deliveries[:n], self.deliveries[n:]
         events, self.events = self.events[:n], self.events[n:]
         revoked, self.revoked = self.revoked, []
+        replaced, self.replaced = self.replaced, []
         if self.results or self.deliveries or self.events or self.closed:  # closed: wake the writer to end
             self.ready.set()
         else:
             self.ready.clear()
-        if not (results or deliveries or events or revoked):
+        if not (results or deliveries or events or revoked or replaced):
             return None
         frame = pb.TransferFrame(revoked_sessions=revoked)
+        for r in replaced:
+            frame.replaced.add(uid=r.uid, device=r.device, conn=r.conn)
         add_result = frame.results.add
         for rid, m, dup, err in results:
             if err is not None:
@@ -211,6 +221,15 @@ class GrpcRouter(Router):
         outbox = self._links.get(node)
         if outbox is not None:
             outbox.add_event(data, uids, skip)
+
+    def publish_replaced(self, node: str, connections: Sequence[DeviceLocation]) -> None:
+        sink = self._sinks.get(node)
+        if sink is not None:
+            sink.close_replaced(connections)
+            return
+        outbox = self._links.get(node)
+        if outbox is not None:
+            outbox.add_replaced(connections)
 
     def broadcast_revoked(self, sid: str) -> None:
         """Tell every linked gateway node that login session ``sid`` ended."""
@@ -365,6 +384,12 @@ class TransferServicer:
             )
         for sid in frame.revoked_sessions:
             router.broadcast_revoked(sid)
+        if frame.replaced:  # older connections to close, each on the gateway node that holds it
+            by_node: dict[str, list[DeviceLocation]] = {}
+            for r in frame.replaced:
+                by_node.setdefault(r.node, []).append(DeviceLocation(r.uid, r.device, r.node, r.conn))
+            for node, connections in by_node.items():
+                router.publish_replaced(node, connections)
 
 
 async def serve_transfer(servicer: TransferServicer, address: str = "127.0.0.1:0") -> tuple[Any, int]:

@@ -3,7 +3,8 @@
     BlobStorage (ABC) ── LocalBlobStorage       <root>/<sha[:2]>/<sha>, temp files in <root>/tmp
                      ├─ EncryptedBlobStorage   AES-256-GCM at rest, a key per file, keyed names
                      │                         (im.backends.blobs.encrypted; reads the local layout too)
-                     └─ (later) an object store, same contract
+                     └─ S3BlobStorage          a bucket of an S3-compatible object store, plain or sealed
+                                               (im.backends.blobs.s3)
 
 A blob's key is the SHA-256 of its bytes (lowercase hex). ``put`` streams the bytes to a staging file
 while hashing, lets the caller inspect the staged bytes, and only then publishes the blob, so nothing
@@ -36,6 +37,11 @@ class BlobTooLarge(Exception):
 
 class BlobNotFound(KeyError):
     """No blob has that hash."""
+
+
+class BlobUnavailable(Exception):
+    """The storage could not be reached or refused the request (an object store down, timing out or
+    denying the credentials); nothing was stored. Transient as far as the caller knows: retry later."""
 
 
 class BlobCorrupt(Exception):
@@ -98,7 +104,8 @@ class BlobStorage(Service, abc.ABC):
     ) -> AsyncIterator[bytes]:
         """The blob's bytes from ``offset`` (at most ``length`` of them; None: to the end), in chunks of
         at most ``chunk_size``. An offset at or past the end yields nothing. Raises :class:`BlobNotFound`
-        (before any byte) when absent, :class:`BlobCorrupt` when the stored bytes fail a check."""
+        (before any byte) when absent, :class:`BlobCorrupt` when the stored bytes fail a check,
+        :class:`BlobUnavailable` (before any byte, or while streaming) when the storage cannot be read."""
 
     @abc.abstractmethod
     async def exists(self, sha256: str) -> bool: ...

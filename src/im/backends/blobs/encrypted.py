@@ -47,7 +47,16 @@ from typing import BinaryIO, Protocol, TypeVar
 
 from cryptography.exceptions import InvalidTag
 
-from im.backends.blobs import BlobCorrupt, BlobNotFound, BlobStorage, BlobTooLarge, PutResult, Staged, is_sha256
+from im.backends.blobs import (
+    BlobCorrupt,
+    BlobNotFound,
+    BlobStorage,
+    BlobTooLarge,
+    BlobUnavailable,
+    PutResult,
+    Staged,
+    is_sha256,
+)
 from im.backends.blobs.local import LocalBlobStorage, in_thread_closing, read_chunks
 from im.backends.blobs.sealed import (
     HEAD,
@@ -464,6 +473,15 @@ class EncryptedBlobStorage(BlobStorage):
         return report
 
 
+class SealedBlobs(Protocol):
+    """A blob storage whose sealed blobs carry their wrapped key in a trailer (:class:`EncryptedBlobStorage`,
+    and :class:`~im.backends.blobs.s3.S3BlobStorage` with keys): what a master key rotation rewrites."""
+
+    async def wrapped_key(self, sha256: str) -> bytes | None: ...
+
+    async def replace_wrapped_key(self, sha256: str, old: bytes, new: bytes) -> bool: ...
+
+
 class Rewrapper(Protocol):
     """What :func:`rewrap_blob_keys` needs of the keyring."""
 
@@ -485,7 +503,7 @@ class RewrapBlobsReport:
 
 
 async def rewrap_blob_keys(
-    storage: EncryptedBlobStorage,
+    storage: SealedBlobs,
     hashes: AsyncIterable[str],
     keys: Rewrapper,
     *,
@@ -509,7 +527,7 @@ async def rewrap_blob_keys(
                 else:
                     report.failed += 1
                     log.warning("blob %s changed while its key was rewrapped; run the rewrap again", sha256)
-        except (BlobCorrupt, KeyUnavailable, InvalidTag, ValueError) as exc:
+        except (BlobCorrupt, BlobUnavailable, KeyUnavailable, InvalidTag, ValueError) as exc:
             report.failed += 1
             log.error("the key of blob %s was not rewrapped: %s", sha256, exc)
         if progress is not None:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from im.backends.blobs import BlobCorrupt
-from im.backends.blobs.encrypted import EncryptedBlobStorage, RewrapBlobsReport, rewrap_blob_keys
+from im.backends.blobs.encrypted import RewrapBlobsReport, SealedBlobs, rewrap_blob_keys
 from im.backends.files import FileStore
 from im.backends.keys.keyring import Keyring, RewrapReport
 
@@ -41,7 +41,7 @@ class Rewrapped:
 
 async def rewrap_all(
     keyring: Keyring,
-    blobs: EncryptedBlobStorage | None,
+    blobs: SealedBlobs | None,
     files: FileStore | None,
     *,
     page: int = 500,
@@ -67,7 +67,7 @@ async def rewrap_all(
 
 
 async def wrapped_by(
-    keyring: Keyring, blobs: EncryptedBlobStorage | None, files: FileStore | None, *, page: int = 500
+    keyring: Keyring, blobs: SealedBlobs | None, files: FileStore | None, *, page: int = 500
 ) -> tuple[dict[str, int], dict[str, int]]:
     """(master key id -> stored data keys it wraps, master key id -> sealed blobs whose key it wraps);
     a blob whose trailer does not parse counts under ``"damaged"``."""

@@ -7,10 +7,19 @@ with its last entry (``PEXPIREAT`` to the highest score), so a user whose gatewa
 nothing behind. Expired members are skipped on read (``ZRANGE ... BYSCORE`` from now) and pruned on the
 next write to that user (``ZREMRANGEBYSCORE``).
 
-Round trips: each call is **one** round trip whatever its size. ``set_online``, ``set_offline`` and
-``locate`` send one Lua script per chunk of ``chunk`` users, all chunks in one pipeline (a chunk bounds how
-long one script holds Redis, which serves other clients in between: about 4 ms for 1,000 users in
-``set_online``).
+Holders (one connection per device): beside it, one hash per user, ``<prefix>h:<uid>``, maps a device to
+``<node>|<conn>``, the connection that claimed it last (``claim``). A holder counts only while its node's
+member is live. ``claim`` reads and replaces the holder and removes the previous holder's member (when it
+is on another node) in the same script, so claims of one device are applied one after the other and
+each hands back the one before it. A refresh (``set_online``) of an entry whose device a live connection
+on another node holds is left out and handed back; ``set_offline`` leaves a member that another
+connection of the same node holds. The hash expires with the sorted set. Entries written without a
+connection id (older nodes) never touch it.
+
+Round trips: each call is **one** round trip whatever its size. ``set_online``, ``claim``,
+``set_offline`` and ``locate`` send one Lua script per chunk of ``chunk`` users, all chunks in one
+pipeline (a chunk bounds how long one script holds Redis, which serves other clients in between: about
+4 ms for 1,000 users in ``set_online``).
 Scripts go as ``EVAL`` rather than ``EVALSHA``: Redis caches the compiled script anyway, and a restarted
 or ``SCRIPT FLUSH``-ed server never answers ``NOSCRIPT``.
 
@@ -20,7 +29,7 @@ lookups are complete again within that period once Redis answers. Until then ``l
 which the :class:`~im.backends.presence.Presence` contract allows: delivery relies on the log and cursors.
 
 Limits: a script names many users' keys, so this needs one Redis (or a primary with replicas), not Redis
-Cluster. A node name must not contain ``|`` (a device name may).
+Cluster. A node name and a connection id must not contain ``|`` (a device name may).
 """
 
 from __future__ import annotations
@@ -34,40 +43,130 @@ from im.backends.presence import Presence
 from im.backends.tls import ClientTls, redis_client
 from im.model.cluster import DeviceLocation
 
-# KEYS: one per user. ARGV: ttl_ms, then per key: n, member_1 .. member_n.
-# Prunes expired members, adds or refreshes the given ones, and lets the key live as long as its
-# longest-lived member.
-_SET_ONLINE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local expiry = now + tonumber(ARGV[1])
-local a = 2
-for i, key in ipairs(KEYS) do
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    local n = tonumber(ARGV[a])
-    for j = a + 1, a + n do
-        redis.call('ZADD', key, expiry, ARGV[j])
-    end
-    a = a + n + 1
-    local top = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+# Shared by the writing scripts: let both keys of a user live as long as its longest-lived member.
+_EXPIRE = """
+local function expire(zkey, hkey)
+    local top = redis.call('ZRANGE', zkey, -1, -1, 'WITHSCORES')
     if top[2] then
-        redis.call('PEXPIREAT', key, top[2])
+        redis.call('PEXPIREAT', zkey, top[2])
+        redis.call('PEXPIREAT', hkey, top[2])
     end
 end
-return 0
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: one per user. ARGV: per key: n, member_1 .. member_n. Removes those members; Redis deletes a key
-# left empty. The key's expiry stays at its longest-lived entry's, which may be one just removed: harmless,
-# members are read by score.
+# KEYS: two per user (its entries, its holders). ARGV: ttl_ms, then per user: n, then n triples (device,
+# node, conn). Prunes expired members, adds or refreshes the given ones, except an entry with a conn
+# whose device a live connection on another node holds (claimed since): returns, per user, the 0-based
+# positions of those left out. An entry with a conn becomes its device's holder when none is live
+# elsewhere (lost keys, an expired holder), but never takes over from another connection of its own
+# node (that one claimed after it: the node's own order rules).
+_SET_ONLINE = (
+    _EXPIRE
+    + """
+local expiry = now + tonumber(ARGV[1])
+local a = 2
+local out = {}
+for i = 1, #KEYS, 2 do
+    local zkey, hkey = KEYS[i], KEYS[i + 1]
+    redis.call('ZREMRANGEBYSCORE', zkey, '-inf', now)
+    local n = tonumber(ARGV[a])
+    local left = {}
+    for k = 0, n - 1 do
+        local j = a + 1 + 3 * k
+        local device, node, conn = ARGV[j], ARGV[j + 1], ARGV[j + 2]
+        local keep = true
+        if conn ~= '' then
+            local holder = redis.call('HGET', hkey, device)
+            local hnode = holder and string.match(holder, '^([^|]*)|')
+            if hnode and hnode ~= node and redis.call('ZSCORE', zkey, device .. '|' .. hnode) then
+                keep = false
+            elseif hnode ~= node then
+                redis.call('HSET', hkey, device, node .. '|' .. conn)
+            end
+        end
+        if keep then
+            redis.call('ZADD', zkey, expiry, device .. '|' .. node)
+        else
+            left[#left + 1] = k
+        end
+    end
+    a = a + 3 * n + 1
+    out[#out + 1] = left
+    expire(zkey, hkey)
+end
+return out
+"""
+)
+
+# KEYS and ARGV as _SET_ONLINE. Makes each (device, node, conn) its device's holder and writes its entry;
+# a previous live holder's entry is removed when it is on another node. Returns, per user, the previous
+# holders as a flat list: device, "node|conn", device, "node|conn", ...
+_CLAIM = (
+    _EXPIRE
+    + """
+local expiry = now + tonumber(ARGV[1])
+local a = 2
+local out = {}
+for i = 1, #KEYS, 2 do
+    local zkey, hkey = KEYS[i], KEYS[i + 1]
+    redis.call('ZREMRANGEBYSCORE', zkey, '-inf', now)
+    local n = tonumber(ARGV[a])
+    local gone = {}
+    for k = 0, n - 1 do
+        local j = a + 1 + 3 * k
+        local device, node, conn = ARGV[j], ARGV[j + 1], ARGV[j + 2]
+        local mine = node .. '|' .. conn
+        local holder = redis.call('HGET', hkey, device)
+        if holder and holder ~= mine then
+            local hnode = string.match(holder, '^([^|]*)|')
+            local member = device .. '|' .. hnode
+            if redis.call('ZSCORE', zkey, member) then
+                gone[#gone + 1] = device
+                gone[#gone + 1] = holder
+                if hnode ~= node then
+                    redis.call('ZREM', zkey, member)
+                end
+            end
+        end
+        redis.call('HSET', hkey, device, mine)
+        redis.call('ZADD', zkey, expiry, device .. '|' .. node)
+    end
+    a = a + 3 * n + 1
+    out[#out + 1] = gone
+    expire(zkey, hkey)
+end
+return out
+"""
+)
+
+# KEYS as _SET_ONLINE. ARGV: per user: n, then n triples. Removes those members, except one whose device
+# another connection on the same node holds; forgets the holder when it is the entry's connection. Redis
+# deletes a key left empty. The key's expiry stays at its longest-lived entry's, which may be one just
+# removed: harmless, members are read by score.
 _SET_OFFLINE = """
 local a = 1
-for i, key in ipairs(KEYS) do
+for i = 1, #KEYS, 2 do
+    local zkey, hkey = KEYS[i], KEYS[i + 1]
     local n = tonumber(ARGV[a])
-    for j = a + 1, a + n do
-        redis.call('ZREM', key, ARGV[j])
+    for k = 0, n - 1 do
+        local j = a + 1 + 3 * k
+        local device, node, conn = ARGV[j], ARGV[j + 1], ARGV[j + 2]
+        local remove = true
+        if conn ~= '' then
+            local holder = redis.call('HGET', hkey, device)
+            if holder == node .. '|' .. conn then
+                redis.call('HDEL', hkey, device)
+            elseif holder and string.match(holder, '^([^|]*)|') == node then
+                remove = false
+            end
+        end
+        if remove then
+            redis.call('ZREM', zkey, device .. '|' .. node)
+        end
     end
-    a = a + n + 1
+    a = a + 3 * n + 1
 end
 return 0
 """
@@ -110,6 +209,7 @@ class RedisPresence(Presence):
             client = redis_client(url, timeout=timeout, tls=tls)
         self._client: aioredis.Redis = client
         self._key_prefix = f"{prefix}p:"
+        self._holders_prefix = f"{prefix}h:"
         self._chunk = chunk
 
     @property
@@ -120,6 +220,10 @@ class RedisPresence(Presence):
         """The Redis key that holds ``uid``'s entries."""
         return f"{self._key_prefix}{uid}"
 
+    def holders_key(self, uid: int) -> str:
+        """The Redis key that holds which connection claimed each of ``uid``'s devices."""
+        return f"{self._holders_prefix}{uid}"
+
     async def _release(self) -> None:
         if self._owns_client:
             await self._client.aclose()
@@ -128,33 +232,57 @@ class RedisPresence(Presence):
         """Redis ``PING`` (bounded by the client's timeout)."""
         await self._client.ping()
 
-    async def set_online(self, entries: Sequence[DeviceLocation], ttl: float) -> None:
+    async def set_online(self, entries: Sequence[DeviceLocation], ttl: float) -> list[DeviceLocation]:
+        by_user = self._by_user(entries)
+        results = await self._write(_SET_ONLINE, [round(ttl * 1000)], by_user)
+        return [by_user[uid][k] for uid, left in results for k in left]
+
+    async def claim(self, entries: Sequence[DeviceLocation], ttl: float) -> list[DeviceLocation]:
+        for e in entries:
+            if not e.conn or _SEP in e.conn:
+                raise ValueError(f"a claim needs a connection id without {_SEP!r}, not {e.conn!r}")
+        results = await self._write(_CLAIM, [round(ttl * 1000)], self._by_user(entries))
+        previous: list[DeviceLocation] = []
+        for uid, flat in results:
+            for device, holder in zip(flat[::2], flat[1::2], strict=True):
+                node, _, conn = _text(holder).partition(_SEP)
+                previous.append(DeviceLocation(uid, _text(device), node, conn))
+        return previous
+
+    async def set_offline(self, entries: Sequence[DeviceLocation]) -> None:
+        await self._write(_SET_OFFLINE, [], self._by_user(entries))
+
+    @staticmethod
+    def _by_user(entries: Sequence[DeviceLocation]) -> dict[int, list[DeviceLocation]]:
+        by_user: dict[int, list[DeviceLocation]] = {}
         for e in entries:
             if _SEP in e.node:
                 raise ValueError(f"node name {e.node!r} contains {_SEP!r}")
-        await self._write(_SET_ONLINE, [round(ttl * 1000)], entries)
+            by_user.setdefault(e.uid, []).append(e)
+        return by_user
 
-    async def set_offline(self, entries: Sequence[DeviceLocation]) -> None:
-        await self._write(_SET_OFFLINE, [], entries)
-
-    async def _write(self, script: str, head: list[int], entries: Sequence[DeviceLocation]) -> None:
-        """Run ``script`` over the entries grouped by user: ``head`` then, per user, n and n members."""
-        by_user: dict[int, list[str]] = {}
-        for e in entries:
-            by_user.setdefault(e.uid, []).append(f"{e.device}{_SEP}{e.node}")
+    async def _write(
+        self, script: str, head: list[int], by_user: dict[int, list[DeviceLocation]]
+    ) -> list[tuple[int, Any]]:
+        """Run ``script`` over the entries grouped by user (two keys each): ``head`` then, per user, n and
+        n (device, node, conn) triples. Returns (uid, the script's answer for that user) in order."""
         if not by_user:
-            return
+            return []
         users = list(by_user.items())
         pipe = self._client.pipeline(transaction=False)
         for start in range(0, len(users), self._chunk):
             keys: list[str] = []
             args: list[str | int] = [*head]
-            for uid, members in users[start : start + self._chunk]:
-                keys.append(self.key(uid))
-                args.append(len(members))
-                args.extend(members)
+            for uid, locations in users[start : start + self._chunk]:
+                keys += (self.key(uid), self.holders_key(uid))
+                args.append(len(locations))
+                for e in locations:
+                    args += (e.device, e.node, e.conn)
             pipe.eval(script, len(keys), *keys, *args)
-        await pipe.execute()
+        answers = await pipe.execute()
+        if not isinstance(answers[0], list):  # set_offline answers 0 per chunk
+            return []
+        return list(zip((uid for uid, _ in users), (a for chunk in answers for a in chunk), strict=True))
 
     async def locate(self, uids: Iterable[int]) -> dict[int, list[DeviceLocation]]:
         wanted = list(dict.fromkeys(uids))
@@ -172,7 +300,10 @@ class RedisPresence(Presence):
         return out
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _parse(uid: int, member: bytes | str) -> DeviceLocation:
-    text = member.decode() if isinstance(member, bytes) else member
-    device, _, node = text.rpartition(_SEP)
+    device, _, node = _text(member).rpartition(_SEP)
     return DeviceLocation(uid, device, node)

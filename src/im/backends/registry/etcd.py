@@ -121,10 +121,17 @@ R = TypeVar("R", bound="EtcdRegistry")
 def _failing_over(
     method: Callable[Concatenate[R, P], Coroutine[Any, Any, T]],
 ) -> Callable[Concatenate[R, P], Coroutine[Any, Any, T]]:
-    """A call that finds its etcd member unreachable moves the client to the next member, then raises
-    (the caller retries, as it would after any etcd error)."""
+    """A call that finds its etcd member unreachable moves the client to the next member and is made
+    again there, once per other member; when every member failed it raises (the caller retries, as it
+    would after any etcd error). The calls so wrapped are safe to repeat."""
 
     async def call(self: R, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        for _ in range(len(self.client.members) - 1):
+            try:
+                return await method(self, *args, **kwargs)
+            except Exception as e:
+                if not await self.client.failed(e):
+                    raise
         try:
             return await method(self, *args, **kwargs)
         except Exception as e:
@@ -139,9 +146,10 @@ class EtcdRegistry(Registry):
     """:class:`Registry` on etcd (v3 API over gRPC, via ``aetcd``).
 
     ``endpoints``: the etcd members, ``host:port`` each (a list, or one string, commas between members):
-    the client talks to one and moves to the next when a call finds it unreachable (any member serves
-    every call). ``tls``: TLS to etcd's client port (the CA the members' certificates chain to, and a
-    client certificate for ``--client-cert-auth``); None: plaintext. ``prefix``: where the keys live (one
+    the client talks to one and moves to the next when a call finds it unreachable, where the call is
+    made again (any member serves every call; background tasks move the same way). ``tls``: TLS to
+    etcd's client port (the CA the members' certificates chain to, and a client certificate for
+    ``--client-cert-auth``); None: plaintext. ``prefix``: where the keys live (one
     deployment per prefix). ``timeout``: seconds for each etcd call. ``keepalive``: refresh each
     registration's lease in the background (every TTL/3); with False the owner keeps it alive only by
     calling :meth:`update_load` or :meth:`register` within each TTL. ``retry``: the first delay before
@@ -252,7 +260,6 @@ class EtcdRegistry(Registry):
                         raise
             await self._grant_and_put(reg)
 
-    @_failing_over
     async def deregister(self, node: str) -> None:
         """Revoke the node's lease: its entry is gone at once. Only nodes this registry registered;
         unknown ones are ignored. If etcd cannot be reached the error is raised, and the entry goes
@@ -261,6 +268,10 @@ class EtcdRegistry(Registry):
         if reg is None:
             return
         await self._stop_keepalive(reg)
+        await self._revoke(reg)
+
+    @_failing_over
+    async def _revoke(self, reg: _Registration) -> None:
         async with reg.lock:
             try:
                 await self.client.revoke_lease(reg.lease)
@@ -361,33 +372,62 @@ class EtcdRegistry(Registry):
         return unsubscribe
 
     async def _run_view(self, view: _View, prefix: bytes) -> None:
-        revision: int | None = None  # the last revision the view reflects; None: list again
+        def reset(kvs: Sequence[Any]) -> None:
+            entries: dict[bytes, ServiceInstance] = {}
+            for kv in kvs:
+                with contextlib.suppress(msgspec.DecodeError):
+                    entries[bytes(kv.key)] = _instance(kv.value)
+            changed = entries != view.entries or not view.synced
+            view.entries, view.synced = entries, True
+            if changed:
+                view.notify()
+
+        def event(e: aetcd.Event) -> None:
+            if _apply(view.entries, e):
+                view.notify()
+
+        await self._follow(prefix, reset, event, f"registry watch of {view.role!r}")
+
+    def follow(
+        self, prefix: bytes, reset: Callable[[Sequence[Any]], None], event: Callable[[aetcd.Event], None], label: str
+    ) -> Callable[[], None]:
+        """Keep up with every key under ``prefix`` on this registry's client (for other key spaces of the
+        cluster, e.g. the configuration centre): ``reset(kvs)`` with the whole listing first and whenever
+        the watch cannot resume, then ``event(e)`` for each change in revision order; the watch reopens
+        after an etcd restart from the last revision seen + 1. Returns a function that stops following."""
+        task = self._spawn(self._follow(prefix, reset, event, label), f"etcd-follow-{label}")
+
+        def stop() -> None:
+            task.cancel()
+
+        return stop
+
+    async def _follow(
+        self,
+        prefix: bytes,
+        reset: Callable[[Sequence[Any]], None],
+        event: Callable[[aetcd.Event], None],
+        label: str,
+    ) -> None:
+        revision: int | None = None  # the last revision seen; None: list again
         failures = 0
         while True:
             try:
                 if revision is None:
                     got = await self.client.get_prefix(prefix)
-                    entries: dict[bytes, ServiceInstance] = {}
-                    for kv in got:
-                        with contextlib.suppress(msgspec.DecodeError):
-                            entries[bytes(kv.key)] = _instance(kv.value)
                     revision = int(got.header.revision)
-                    changed = entries != view.entries or not view.synced
-                    view.entries, view.synced = entries, True
-                    if changed:
-                        view.notify()
+                    reset(list(got))
                 async with self._watch(prefix, revision + 1) as events:
                     if failures:
-                        log.info("etcd registry watch of %r reopened from revision %d", view.role, revision + 1)
+                        log.info("etcd %s reopened from revision %d", label, revision + 1)
                     failures = 0
-                    async for event in events:
-                        revision = int(event.kv.mod_revision)
-                        if _apply(view.entries, event):
-                            view.notify()
+                    async for e in events:
+                        revision = int(e.kv.mod_revision)
+                        event(e)
                 # The stream ended without an error: the client was shut down under us. Reopen.
                 raise aetcd.ConnectionFailedError("etcd watch stream ended")
             except aetcd.RevisionCompactedError:
-                log.warning("etcd registry watch of %r: revision %s compacted, listing again", view.role, revision)
+                log.warning("etcd %s: revision %s compacted, listing again", label, revision)
                 revision = None
             except Exception as e:  # etcd restarted or unreachable (ConnectionFailedError, ...): reopen
                 METRICS.engine_error(e, "etcd")
@@ -396,8 +436,8 @@ class EtcdRegistry(Registry):
                 delay = min(self._retry * 2 ** min(failures - 1, 10), self._max_retry)
                 log.log(
                     logging.WARNING if failures == 1 else logging.DEBUG,
-                    "etcd registry watch of %r broke (%r): reopening in %.2fs",
-                    view.role,
+                    "etcd %s broke (%r): reopening in %.2fs",
+                    label,
                     e,
                     delay,
                 )
@@ -527,14 +567,16 @@ class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type hints
         finally:
             self._is_connecting = False
 
-    async def failed(self, exc: BaseException) -> None:
+    async def failed(self, exc: BaseException) -> bool:
         """A call failed with ``exc``: if the member did not answer and there are others, close this
-        channel and use the next member from the next call on."""
+        channel and use the next member from the next call on. True if the next call goes to another
+        member than the failed one."""
         if len(self.members) < 2 or not isinstance(exc, aetcd.ConnectionFailedError | aetcd.ConnectionTimeoutError):
-            return
+            return False
         if not self._connected.is_set():
-            return  # another task already moved on; its next connect uses the next member
+            return True  # another task already moved on; the next connect uses the next member
         self.current = (self.current + 1) % len(self.members)
         log.warning("etcd member unreachable (%r): moving to %s", exc, self.target)
         with contextlib.suppress(Exception):
             await self.close()
+        return True

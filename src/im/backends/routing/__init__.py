@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 
 from im.backends.lifecycle import Service
 from im.model.chat import StoredMessage
+from im.model.cluster import DeviceLocation
 
 
 class DeliverySink(abc.ABC):
@@ -22,6 +23,10 @@ class DeliverySink(abc.ABC):
     @abc.abstractmethod
     def deliver_event(self, frame: object, uids: Iterable[int], skip: tuple[int, str] | None) -> None:
         """An ephemeral frame (typing, receipt) to the users' local devices, except ``skip`` (uid, device)."""
+
+    def close_replaced(self, connections: Sequence[DeviceLocation]) -> None:  # noqa: B027 - a default, not abstract
+        """Close these connections (``bye replaced``) if this node still holds exactly them (``conn``): a
+        newer connection of their device took over elsewhere. A sink that holds no connections ignores it."""
 
 
 class Router(Service, abc.ABC):
@@ -44,3 +49,8 @@ class Router(Service, abc.ABC):
     @abc.abstractmethod
     def publish_event(self, node: str, frame: object, uids: Sequence[int], skip: tuple[int, str] | None) -> None:
         """Send an ephemeral event to ``node``."""
+
+    @abc.abstractmethod
+    def publish_replaced(self, node: str, connections: Sequence[DeviceLocation]) -> None:
+        """Ask ``node`` to close these connections of its own (:meth:`DeliverySink.close_replaced`); at most
+        once, like the rest (a refresh of presence catches what is lost), never blocks."""

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from im.backends.routing import DeliverySink, Router
 from im.model.chat import StoredMessage
+from im.model.cluster import DeviceLocation
 
 
 class MemoryRouter(Router):
@@ -39,8 +40,18 @@ class MemoryRouter(Router):
         else:
             self.event_elsewhere(node, frame, uids, skip)
 
+    def publish_replaced(self, node: str, connections: Sequence[DeviceLocation]) -> None:
+        sink = self._sinks.get(node)
+        if sink is not None:
+            sink.close_replaced(connections)
+        else:
+            self.replaced_elsewhere(node, connections)
+
     def elsewhere(self, node: str, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
         """Messages for a node with no sink in this process (at most once: nothing is kept)."""
 
     def event_elsewhere(self, node: str, frame: object, uids: Sequence[int], skip: tuple[int, str] | None) -> None:
         """An event for a node with no sink in this process."""
+
+    def replaced_elsewhere(self, node: str, connections: Sequence[DeviceLocation]) -> None:
+        """Connections to close on a node with no sink in this process."""

@@ -66,18 +66,38 @@ class NodeEvent(_message.Message):
     event: Event
     def __init__(self, node: _Optional[str] = ..., event: _Optional[_Union[Event, _Mapping]] = ...) -> None: ...
 
+class Replaced(_message.Message):
+    __slots__ = ("node", "uid", "device", "conn")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CONN_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    uid: int
+    device: str
+    conn: str
+    def __init__(
+        self,
+        node: _Optional[str] = ...,
+        uid: _Optional[int] = ...,
+        device: _Optional[str] = ...,
+        conn: _Optional[str] = ...,
+    ) -> None: ...
+
 class GatewayFrame(_message.Message):
-    __slots__ = ("hello", "sends", "routes", "events", "revoked_sessions")
+    __slots__ = ("hello", "sends", "routes", "events", "revoked_sessions", "replaced")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     SENDS_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     REVOKED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     sends: _containers.RepeatedCompositeFieldContainer[Send]
     routes: _containers.RepeatedCompositeFieldContainer[Route]
     events: _containers.RepeatedCompositeFieldContainer[NodeEvent]
     revoked_sessions: _containers.RepeatedScalarFieldContainer[str]
+    replaced: _containers.RepeatedCompositeFieldContainer[Replaced]
     def __init__(
         self,
         hello: _Optional[_Union[Hello, _Mapping]] = ...,
@@ -85,6 +105,7 @@ class GatewayFrame(_message.Message):
         routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...,
         events: _Optional[_Iterable[_Union[NodeEvent, _Mapping]]] = ...,
         revoked_sessions: _Optional[_Iterable[str]] = ...,
+        replaced: _Optional[_Iterable[_Union[Replaced, _Mapping]]] = ...,
     ) -> None: ...
 
 class Message(_message.Message):
@@ -196,17 +217,19 @@ class Welcome(_message.Message):
     def __init__(self, node: _Optional[str] = ...) -> None: ...
 
 class TransferFrame(_message.Message):
-    __slots__ = ("welcome", "results", "deliveries", "events", "revoked_sessions")
+    __slots__ = ("welcome", "results", "deliveries", "events", "revoked_sessions", "replaced")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     DELIVERIES_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     REVOKED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     results: _containers.RepeatedCompositeFieldContainer[Result]
     deliveries: _containers.RepeatedCompositeFieldContainer[Delivery]
     events: _containers.RepeatedCompositeFieldContainer[Event]
     revoked_sessions: _containers.RepeatedScalarFieldContainer[str]
+    replaced: _containers.RepeatedCompositeFieldContainer[Replaced]
     def __init__(
         self,
         welcome: _Optional[_Union[Welcome, _Mapping]] = ...,
@@ -214,4 +237,5 @@ class TransferFrame(_message.Message):
         deliveries: _Optional[_Iterable[_Union[Delivery, _Mapping]]] = ...,
         events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...,
         revoked_sessions: _Optional[_Iterable[str]] = ...,
+        replaced: _Optional[_Iterable[_Union[Replaced, _Mapping]]] = ...,
     ) -> None: ...
