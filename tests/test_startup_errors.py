@@ -71,8 +71,8 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cases]:
     dead = free_port()  # nothing listens there
     etcd_dead = ("--set", "registry.kind=etcd", "--set", f"registry.etcd_endpoint=127.0.0.1:{dead}")
     # The transfer node claims its node id in etcd before it listens: a live one, under a prefix of its own.
-    etcd_live = ("--set", f"registry.etcd_endpoint={shared_etcd().endpoint}")
-    etcd_live += ("--set", f"registry.prefix=/im-startup-{secrets.token_hex(4)}/")
+    etcd_live = ["--set", f"registry.etcd_endpoint={shared_etcd().endpoint}"]
+    etcd_live += ["--set", f"registry.prefix=/im-startup-{secrets.token_hex(4)}/"]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
