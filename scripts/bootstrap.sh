@@ -35,9 +35,9 @@ _uv_from_pip() {
 _uv_from_installer() {
   local url="https://astral.sh/uv/$IM_UV_VERSION/install.sh" script
   if command -v curl >/dev/null 2>&1; then
-    script=$(curl -LsSf --retry 3 "$url") || { _uv_say "curl could not fetch $url"; return 1; }
+    script=$(curl -LsSf --retry 2 --connect-timeout 20 --max-time 120 "$url") || { _uv_say "curl could not fetch $url"; return 1; }
   elif command -v wget >/dev/null 2>&1; then
-    script=$(wget -qO- "$url") || { _uv_say "wget could not fetch $url"; return 1; }
+    script=$(wget -qO- --timeout=20 --tries=2 "$url") || { _uv_say "wget could not fetch $url"; return 1; }
   else
     _uv_say "neither curl nor wget"
     return 1
