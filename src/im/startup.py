@@ -19,6 +19,7 @@ interrupted (Ctrl-C) before the start finished.
 from __future__ import annotations
 
 import errno
+import ssl
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -222,6 +223,12 @@ def explain(exc: BaseException, config: Config) -> StartupError | None:
             )
     if engine is not None:
         for e in _chain(exc):
+            if isinstance(e, ssl.SSLError) or " ssl " in f" {e} ".lower():  # also a connection failure
+                reason = getattr(e, "reason", None) or e
+                return StartupError(
+                    f"TLS to {_ENGINE_NAMES[engine]} failed ({reason})",
+                    f"check that it speaks TLS with a certificate trusted through {_TLS_SETTINGS[engine]}",
+                )
             if _is_connection_failure(e):
                 return _unreachable(engine, config, _reason(e))
     for e in _chain(exc):
@@ -247,6 +254,12 @@ _SETTING = {
     "etcd": "registry.etcd_ca_file/etcd_cert_file/etcd_key_file",
     "redis": "presence.redis_url",
     "rabbitmq": "events.amqp_url",
+}
+_TLS_SETTINGS = {
+    "postgres": "store.postgres_sslmode and store.postgres_sslrootcert",
+    "etcd": "registry.etcd_ca_file",
+    "redis": "presence.redis_ca_file",
+    "rabbitmq": "events.amqp_ca_file",
 }
 _FILE_ERRORS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENOSPC}
 
