@@ -9,5 +9,9 @@ cd "$(dirname "$0")/.."
 . scripts/bootstrap.sh
 ensure_uv
 # --inexact: a checkout that also has the dev tools keeps them (scripts/test.sh needs them).
-uv sync --frozen --no-dev --inexact
+uv sync --frozen --no-dev --inexact || {
+  echo "scripts/serve.sh: uv sync failed (above). im needs Python 3.11: the system's, or one uv downloads" \
+    "from github.com (Debian 13 ships 3.13); UV_PYTHON=/path/to/python3.11 names one" >&2
+  exit 1
+}
 exec uv run --frozen --no-dev im serve "$@"
