@@ -59,7 +59,9 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then
     echo "scripts/test.sh: installing ${missing[*]} (apt, --no-install-recommends)" >&2
+    started=$SECONDS
     apt_install "${missing[@]}"
+    echo "scripts/test.sh: installed in $((SECONDS - started)) s" >&2
     pg_bin=$(latest_pg_bin)
     [ -n "$pg_bin" ] && export PATH="$PATH:$pg_bin"
   else
