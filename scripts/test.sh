@@ -19,13 +19,14 @@ ensure_uv
 APT_WAIT=${IM_APT_WAIT:-600}  # seconds to wait for another apt (unattended-upgrades on a new machine)
 
 apt_update() {  # apt-get update, waiting while another apt holds the lists lock
-  local deadline=$((SECONDS + APT_WAIT)) out
+  local deadline=$((SECONDS + APT_WAIT)) out said=0
   while :; do
     if out=$(apt-get -o DPkg::Lock::Timeout="$APT_WAIT" update -qq 2>&1); then
       return 0
     fi
     if grep -qiE "could not get lock|unable to lock" <<<"$out" && [ "$SECONDS" -lt "$deadline" ]; then
-      echo "scripts/test.sh: another apt is running (unattended upgrades?); waiting for its lock" >&2
+      [ "$said" -eq 1 ] || echo "scripts/test.sh: another apt is running (unattended upgrades?); waiting for its lock" >&2
+      said=1
       sleep 5
       continue
     fi
