@@ -101,6 +101,7 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cases]:
             ),
             "no etcd, serve": serve("etcd-serve", *etcd_dead),
             "no etcd, gateway": role("etcd-gw", "gateway", *etcd_dead),
+            "no etcd, api": role("etcd-api", "api", *etcd_dead),
             "not a directory": ["serve", "--data-dir", str(tmp / "a-file" / "data"), *ZERO_PORTS],
             "debug": serve("debug", "--http-port", str(port), "--log-level", "debug"),
         }
@@ -159,7 +160,9 @@ def test_nothing_listening_for_postgres_names_the_engine_and_setting(cases: Case
     assert "store.postgres_dsn" in line and "hunter2" not in line
 
 
-@pytest.mark.parametrize(("case", "command"), [("no etcd, serve", "serve"), ("no etcd, gateway", "gateway")])
+@pytest.mark.parametrize(
+    ("case", "command"), [("no etcd, serve", "serve"), ("no etcd, gateway", "gateway"), ("no etcd, api", "api")]
+)
 def test_etcd_not_running_names_its_endpoints(cases: Cases, case: str, command: str) -> None:
     line = cases.line(case, command)
     # The first to meet it says so: the node id claim (im serve, with etcd) or the registry (a gateway).
