@@ -607,9 +607,12 @@ def build_hub(
     )
 
 
-def event_workers(config: Config, b: Backends) -> list[Coroutine[Any, Any, None]]:
+def event_workers(
+    config: Config, b: Backends, consumers: list[PushConsumer] | None = None
+) -> list[Coroutine[Any, Any, None]]:
     """The outbox relay and the push consumer, when events go to RabbitMQ. Any number of processes
-    may run them: the store's outbox lock keeps one relay active, the queue one consumer."""
+    may run them: the store's outbox lock keeps one relay active, the queue one consumer. The consumer
+    made is also appended to ``consumers`` (its webhook URL follows the configuration centre)."""
     ev = config.events
     if ev.kind != "rabbitmq":
         return []
@@ -636,6 +639,9 @@ def event_workers(config: Config, b: Backends) -> list[Coroutine[Any, Any, None]
             max_attempts=ev.max_attempts,
             tls=amqp_tls,
         )
+
+        if consumers is not None:
+            consumers.append(consumer)
 
         async def push() -> None:
             async with dedupe:  # its Redis client is closed when the consumer is cancelled

@@ -263,7 +263,7 @@ class EventsConfig(_Section):
     exchange: str = "im.events"
     queue: str = "im.push"
     #: Where push webhooks are POSTed ({mid, conv, seq, recipients}); None: events only, no push.
-    webhook_url: str | None = None
+    webhook_url: str | None = Field(None, pattern=r"^https?://[^/\s]+(/\S*)?$")
     #: ``memory`` (one consumer, forgets on restart) or ``redis`` (presence.redis_url; survives restarts).
     dedupe: Literal["memory", "redis"] = "memory"
     max_attempts: int = Field(5, ge=1)

@@ -58,6 +58,10 @@ DYNAMIC: dict[str, Dynamic] = {
         Dynamic("rates.register_per_address", _LOGINS),
         Dynamic("files.max_upload_bytes", "API nodes (and `im serve`): the next upload"),
         Dynamic("tracing.sample_ratio", "every process with `tracing.enabled`: the next new trace"),
+        Dynamic(
+            "events.webhook_url",
+            "processes running the push consumer (started with a webhook URL): the next push",
+        ),
     )
 }
 
@@ -124,8 +128,9 @@ def shown(value: Any) -> str:
     return str(value)
 
 
-def with_values(base: Config, values: Mapping[str, str]) -> Config:
-    """``base`` with ``values`` (key -> text) laid over it, validated by the configuration's own fields.
+def with_values(base: Config, values: Mapping[str, Any]) -> Config:
+    """``base`` with ``values`` (key -> text, or a value as :func:`value_of` gives it) laid over it,
+    validated by the configuration's own fields.
     Raises :class:`SettingError` naming the key and the reason."""
     data = base.model_dump()
     for key, text in values.items():

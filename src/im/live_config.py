@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from im.backends.config import ConfigStore
 from im.backends.registry import Registry
@@ -31,6 +31,7 @@ from im.config import Config, ConfigError, LimitsConfig
 from im.core.accounts import AccountService
 from im.core.reads import ChatReads
 from im.dynamic import DYNAMIC, SettingError, shown, value_of, with_values
+from im.events.push import PushConsumer
 from im.files import FileService
 from im.gateway.hub import Hub
 from im.lifecycle import Lifecycle, Part
@@ -86,7 +87,7 @@ class LiveConfig:
         restart = sorted(k for k in _flat_differences(self.base, fresh) if k not in DYNAMIC)
         if restart:
             log.warning("configuration reloaded: %s changed but need a restart (not applied)", ", ".join(restart))
-        dynamic = {k: shown(value_of(fresh, k)) for k in DYNAMIC}
+        dynamic = {k: value_of(fresh, k) for k in DYNAMIC}  # as values: a None stays None
         try:
             self.base = with_values(self.base, dynamic)
         except SettingError as exc:  # cannot happen for values a Config already holds; say so if it does
@@ -168,6 +169,24 @@ def follow_files(live: LiveConfig, files: FileService) -> None:
 
     def apply(config: Config) -> None:
         files.max_upload_bytes = config.files.max_upload_bytes
+
+    live.on_change(apply)
+
+
+def follow_push(live: LiveConfig, consumers: Sequence[PushConsumer]) -> None:
+    """The push webhook's URL (read by each POST). A process started without one runs no consumer, and
+    unsetting it cannot stop a running one: that needs a restart, and the URL in use stays."""
+
+    def apply(config: Config) -> None:
+        url = config.events.webhook_url
+        if not consumers:
+            return
+        if url is None:
+            keeping = consumers[0].webhook_url
+            log.warning("events.webhook_url cannot be unset while pushing (restart to stop); keeping %s", keeping)
+            return
+        for consumer in consumers:
+            consumer.webhook_url = url
 
     live.on_change(apply)
 

@@ -48,8 +48,9 @@ from im.compose import (
 )
 from im.compose_security import build_link_tls, build_tls
 from im.config import Config
+from im.events.push import PushConsumer
 from im.lifecycle import Lifecycle, Loop, Part, registration, report_load, tracing_part
-from im.live_config import live_config
+from im.live_config import follow_push, live_config
 from im.model.chat import StoredMessage
 from im.observability import metrics
 from im.observability.health import Readiness
@@ -173,7 +174,9 @@ class TransferNode(_Role):
             interval=cfg.registry.ttl / 3,
             readiness=self.readiness,
         )
-        events = [("im-events", worker) for worker in event_workers(cfg, b)]
+        consumers: list[PushConsumer] = []
+        events = [("im-events", worker) for worker in event_workers(cfg, b, consumers)]
+        follow_push(self.live, consumers)  # the webhook URL changes live
         return [*events, ("im-load", load), *self.reloads.loops(), *encryption_loops(cfg, b)]
 
     async def run(self, ready: Callable[[TransferNode], None] | None = None) -> None:

@@ -31,8 +31,9 @@ from im.compose import (
 )
 from im.compose_security import build_tls
 from im.config import Config
+from im.events.push import PushConsumer
 from im.lifecycle import Lifecycle, Loop, Part, registration, report_load, tracing_part
-from im.live_config import live_config
+from im.live_config import follow_push, live_config
 from im.observability import metrics
 
 
@@ -145,7 +146,9 @@ class EmbeddedServer:
             interval=cfg.registry.ttl / 3,
             readiness=self.readiness,
         )
-        events = [("im-events", worker) for worker in event_workers(cfg, b)]
+        consumers: list[PushConsumer] = []
+        events = [("im-events", worker) for worker in event_workers(cfg, b, consumers)]
+        follow_push(self.live, consumers)  # the webhook URL changes live
         return [("im-load", load), *events, *self.reloads.loops(), *encryption_loops(cfg, b)]
 
     async def run(self, ready: Callable[[EmbeddedServer], None] | None = None) -> None:

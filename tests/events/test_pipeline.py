@@ -13,9 +13,11 @@ import pytest
 from im.backends.chat import ChatStore
 from im.backends.dedupe.memory import MemoryDedupe
 from im.backends.presence.memory import MemoryPresence
+from im.config import load_config
 from im.events import topology
 from im.events.push import PushConsumer
 from im.events.relay import OutboxRelay
+from im.live_config import LiveConfig, follow_push
 from im.model.chat import CommitBatch, ConversationState, StoredMessage
 from im.model.cluster import DeviceLocation
 from im.model.ids import direct_conv
@@ -181,3 +183,31 @@ async def test_a_failed_webhook_is_retried_then_given_up(
         await eventually(lambda: push.dropped == 1)
         assert webhook.failed == 5
     check_pushes(webhook, [first])
+
+
+async def test_the_webhook_url_follows_the_configuration_centre(
+    outbox_store: ChatStore, names: Names, webhook: WebhookReceiver
+) -> None:
+    """``events.webhook_url`` changed in the centre: the next push goes to the new URL; a bad URL is
+    ignored (the one in use stays) and unsetting it cannot stop a running consumer."""
+    other = WebhookReceiver()
+    await other.start()
+    try:
+        messages = await traffic(outbox_store)
+        relay = OutboxRelay(outbox_store, AMQP_URL, exchange=names.exchange, queue=names.queue, poll=0.02)
+        push = consumer(outbox_store, await presence(), webhook, names)
+        live = LiveConfig(load_config(None, {"events": {"webhook_url": webhook.url}}))
+        follow_push(live, [push])
+        async with running(relay.run(), push.run()):
+            await eventually(lambda: len(webhook.requests) >= len(messages))
+            live.set_centre({"events.webhook_url": other.url})
+            live.set_centre({"events.webhook_url": "ftp://127.0.0.1/push"})  # refused: keeps other.url
+            assert push.webhook_url == other.url
+            more = await append(outbox_store, GROUP, 15, [A])
+            await eventually(lambda: len(other.requests) >= 1)
+            live.set_centre({})  # back to the configured URL
+            assert push.webhook_url == webhook.url
+        assert [body["mid"] for body in other.bodies] == [str(m.mid) for m in more]
+        check_pushes(webhook, messages)
+    finally:
+        await other.close()
