@@ -536,7 +536,7 @@ def build_node_ids(config: Config, registry: Registry, owner: str, ids: Snowflak
     etcd registry (a free id, shared by the cluster), else the fixed ``registry.fixed_node_id``. Start it
     after the registry and before the committer; it drives ``ids``."""
     if isinstance(registry, EtcdRegistry):
-        return EtcdNodeIds(registry, owner, ids, ttl=config.registry.ttl)
+        return EtcdNodeIds(registry, owner, ids, ttl=config.registry.ttl, reserve=config.registry.node_id_reserve)
     return MemoryNodeIds(owner, ids, prefer=config.registry.fixed_node_id)
 
 

@@ -298,6 +298,10 @@ class RegistryConfig(_Section):
     config_history: int = Field(200, ge=1, le=10_000)
     #: Lease TTL in whole seconds: a crashed node disappears from the registry within it.
     ttl: int = Field(10, ge=2)
+    #: Seconds of message ids a transfer or API node may mint ahead of its last write to etcd: how long it
+    #: keeps committing while etcd does not answer (at least ``ttl``). After a crash, the next holder of the
+    #: node's id starts its ids' time part up to this far ahead of its clock (still unique, increasing).
+    node_id_reserve: float = Field(30.0, ge=1, le=3600)
     #: The node id (0..1023) in the message ids of a process on the in-memory registry (``im serve``).
     #: With etcd every process that mints ids claims a free one instead (docs/operations.md, "Node ids").
     fixed_node_id: int = Field(0, ge=0, le=1023)

@@ -7,7 +7,8 @@ Layout, under the registry's prefix (``registry.prefix``, one deployment per pre
   "create if absent", so two processes never hold the same ``n``; it goes when the holder gives it back
   (at once) or when its lease expires (a crash: within the TTL).
 - ``<prefix>node-id-marks/<n>``: JSON ``{node, ms}``, no lease: how far ``n`` has been used. The holder
-  writes its *reservation* there (``ms`` = now + TTL) before minting up to it, extends it every TTL/3 with
+  writes its *reservation* there (``ms`` = now + the reserve, at least the TTL) before minting up to it,
+  extends it every TTL/3 with
   the lease, and writes the last millisecond it minted when it gives ``n`` back. Each write is a
   transaction that succeeds only while the holder's claim key is the one it created (same
   ``create_revision``), so a holder that lost its claim can never lower the mark. The next holder of
@@ -26,7 +27,10 @@ A claim is found lost by its keepalive (every TTL/3, and at once when a watch on
 change): the lease expired (``refresh`` reports TTL 0) or the reservation write fails (the key was
 deleted). The minter is revoked then and a new claim is made in the background (the old id first, if
 free). While etcd does not answer, the holder mints until its
-reservation runs out (at most the TTL), then stops until etcd answers again.
+reservation runs out (``registry.node_id_reserve``, 30 s by default), then stops until etcd answers again.
+The price of a long reserve: after a crash, the next holder of that id starts minting above the crashed
+holder's reservation, so its ids' millisecond part runs up to the reserve ahead of its clock (they stay
+unique and increasing).
 """
 
 from __future__ import annotations
@@ -82,7 +86,8 @@ class _Held:
 class EtcdNodeIds(NodeIdClaims):
     """:class:`NodeIdClaims` on the etcd of ``registry`` (its connection and prefix; started before and
     closed after this). ``ttl``: the lease TTL in seconds (the registry's, ``registry.ttl``), rounded up
-    to whole seconds; also how far ahead a reservation reaches. ``size``: how many ids there are (tests
+    to whole seconds. ``reserve``: how far ahead a reservation reaches, in seconds (at least the TTL):
+    how long the node keeps minting while etcd does not answer. ``size``: how many ids there are (tests
     shrink it). ``timeout``: seconds to open a watch. ``clock``: Unix seconds, for reservations."""
 
     def __init__(
@@ -92,6 +97,7 @@ class EtcdNodeIds(NodeIdClaims):
         minter: Minter,
         *,
         ttl: float,
+        reserve: float = 0.0,
         size: int = MAX_NODE_IDS,
         timeout: float = 5.0,
         retry: float = 0.05,
@@ -104,6 +110,7 @@ class EtcdNodeIds(NodeIdClaims):
         self.marks_prefix = f"{registry.prefix}node-id-marks/"
         self._client = registry.client
         self._ttl = max(1, math.ceil(ttl))
+        self._reserve_ms = int(max(self._ttl, reserve) * 1000)
         self._size = size
         self._timeout = timeout
         self._retry = retry
@@ -204,10 +211,10 @@ class EtcdNodeIds(NodeIdClaims):
             return _decode_mark(value).ms
         except msgspec.DecodeError:  # unreadable: as if a holder had reserved up to a TTL from now
             log.warning("unreadable node id mark %d: minting after a full TTL from now", n)
-            return self._now_ms() + self._ttl * 1000
+            return self._now_ms() + self._reserve_ms
 
     def _reservation(self, after_ms: int) -> int:
-        return max(self._now_ms(), after_ms, self.minter.last_ms) + self._ttl * 1000
+        return max(self._now_ms(), after_ms, self.minter.last_ms) + self._reserve_ms
 
     async def _claim(self) -> None:
         """Claim a free id under a new lease (this owner's last one if free, else the lowest), reserve it,
