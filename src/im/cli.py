@@ -259,6 +259,8 @@ def _add_keys_parser(sub: Any) -> None:
     texts = {
         "status": "master keys held, data keys by the master key that wraps them, plaintext bodies left",
         "migrate": "seal every message body still stored in clear, online, showing progress",
+        "scrub": "drop what the database keeps of overwritten bodies (SQLite: a full WAL checkpoint; "
+        "PostgreSQL: VACUUM), as migrate does at its end",
         "rotate": "a new master key first in the key file (the old ones kept), then every data key and file "
         "key rewrapped under it",
         "rewrap": "rewrap every data key and file key under the current master key (resumes a rotation)",
@@ -361,12 +363,18 @@ async def _keys_run(args: argparse.Namespace, config: Config) -> int:
             print(f"im keys: conversation {args.conv} now encrypts with key version {version}")
             print(f"im keys: other processes follow within encryption.key_refresh ({enc.key_refresh:g} s)")
             return 0
-        if args.op in ("status", "migrate"):
+        if args.op in ("status", "migrate", "scrub"):
             await b.chat_store.start()
             stack.push_async_callback(b.chat_store.close)
             assert b.bodies is not None
             await b.bodies.start()
             stack.push_async_callback(b.bodies.close)
+        if args.op == "scrub":
+            assert b.bodies is not None
+            if not await b.bodies.scrub():
+                raise _KeysError("the database stayed busy: old versions remain until the next full checkpoint")
+            print("im keys: scrubbed: no overwritten body versions left in the database files")
+            return 0
         if args.op == "migrate":
             migration = plaintext_migration(config, b)
             if migration is None:
@@ -382,6 +390,14 @@ async def _keys_run(args: argparse.Namespace, config: Config) -> int:
             print(
                 f"im keys: done: {moved.sealed} sealed, {moved.skipped} changed meanwhile ({moved.messages} messages)"
             )
+            if not moved.scrubbed:
+                print(
+                    "im keys: the old plaintext versions could not be dropped yet (the database was kept busy):"
+                    " they stay in the database files until the next full checkpoint; run `im keys scrub`"
+                    " when traffic is lower",
+                    file=sys.stderr,
+                )
+                return 1
             return 0
         blobs: SealedBlobs | None = None
         if args.op in ("rewrap", "rotate", "retire", "status"):

@@ -266,6 +266,8 @@ def encryption_loops(config: Config, b: Backends) -> list[Loop]:
                     log.info("sealing plaintext message bodies: %s", p.line())
                 elif p.total:
                     log.info("plaintext message bodies sealed: %s, %d changed meanwhile", p.line(), p.skipped)
+                    if not p.scrubbed:
+                        log.warning("old plaintext versions remain until a full checkpoint: run `im keys scrub`")
 
             try:
                 await migration.run(report)

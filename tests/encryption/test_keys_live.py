@@ -166,6 +166,8 @@ async def test_a_plaintext_database_is_migrated_online_under_live_sends(tmp_path
     try:
         code, out = await _im_keys(server, "migrate")
         assert code == 0 and "done: 0 sealed" in out, out
+        code, out = await _im_keys(server, "scrub")
+        assert code == 0 and "scrubbed" in out, out
     finally:
         assert server.stop() == 0
 

@@ -341,6 +341,8 @@ class MigrationProgress:
     skipped: int = 0
     position: tuple[str, int] | None = None
     finished: bool = False
+    #: False when the engine could not drop the old versions at the end (:meth:`StoredBodies.scrub`).
+    scrubbed: bool = True
 
     def line(self) -> str:
         pct = 100.0 if not self.total else 100.0 * (self.sealed + self.skipped) / self.total
@@ -408,7 +410,7 @@ class PlaintextMigration:
             if self.pause:
                 await asyncio.sleep(self.pause)
         if state.total:
-            await self.bodies.scrub()
+            state.scrubbed = await self.bodies.scrub()
         state.finished = True
         if progress is not None:
             progress(state)

@@ -557,5 +557,6 @@ class PostgresStoredBodies(OnSharedDatabase[PostgresDatabase], StoredBodies):
         )
         return rowcount(status)
 
-    async def scrub(self) -> None:
+    async def scrub(self) -> bool:
         await self.db.pool.execute("VACUUM messages")
+        return True

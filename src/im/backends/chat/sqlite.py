@@ -458,5 +458,5 @@ class SqliteStoredBodies(OnSharedDatabase[SqliteDatabase], StoredBodies):
 
         return await self.db.write(run)
 
-    async def scrub(self) -> None:
-        await self.db.checkpoint(truncate=True)
+    async def scrub(self) -> bool:
+        return await self.db.checkpoint(truncate=True)

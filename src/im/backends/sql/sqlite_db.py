@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -265,21 +266,25 @@ class SqliteDatabase:
 
         return await self._writer.call(run)
 
-    async def checkpoint(self, *, truncate: bool = False, attempts: int = 50) -> bool:
+    async def checkpoint(self, *, truncate: bool = False, timeout: float = 60.0) -> bool:
         """Copy the WAL into the database file; with ``truncate``, then cut the WAL file to zero bytes (so
-        overwritten page versions do not stay in it). A checkpoint that readers keep from finishing is
-        retried up to ``attempts`` times (0.1 s apart); True when it finished."""
+        overwritten page versions do not stay in it). A checkpoint that other connections keep from
+        finishing (a busy writer, readers on older snapshots: another process under load) is retried
+        for up to ``timeout`` seconds; True when it finished. Until one finishes, the database file can
+        still hold page versions older than those in the WAL."""
         if self._writer is None:
             raise RuntimeError("database not open")
         mode = "TRUNCATE" if truncate else "PASSIVE"
-        for _ in range(attempts):
+        deadline = time.monotonic() + timeout
+        while True:
             busy, _log, _done = await self._writer.call(
                 lambda conn: conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
             )
             if not busy:
                 return True
-            await asyncio.sleep(0.1)
-        return False
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on the reader's thread."""

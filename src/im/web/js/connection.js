@@ -372,6 +372,9 @@ export class Connection {
   }
 
   _onError(error) {
+    // The answer to an auth frame whose token expired on the way (or was revoked): the bye that follows
+    // makes the close handler refresh the token and reconnect, or show the login screen. Not an error.
+    if (!error.ref && error.code === "auth_failed" && this.state !== "open") return;
     const entry = error.ref ? this.outbox.get(error.ref) : null;
     if (!entry) {
       this._emit("error", error);
