@@ -118,6 +118,13 @@ T = TypeVar("T")
 R = TypeVar("R", bound="EtcdRegistry")
 
 
+def _channel_closed() -> bool:
+    """Whether the CancelledError being handled is not a cancellation of this task: gRPC raises one in
+    every call in flight on a channel that another task closed (the client moving to the next member)."""
+    task = asyncio.current_task()
+    return task is not None and not task.cancelling()
+
+
 def _failing_over(
     method: Callable[Concatenate[R, P], Coroutine[Any, Any, T]],
 ) -> Callable[Concatenate[R, P], Coroutine[Any, Any, T]]:
@@ -129,11 +136,19 @@ def _failing_over(
         for _ in range(len(self.client.members) - 1):
             try:
                 return await method(self, *args, **kwargs)
+            except asyncio.CancelledError:
+                if not _channel_closed():
+                    raise
+                # another task closed the channel under this call (a move to the next member): again
             except Exception as e:
                 if not await self.client.failed(e):
                     raise
         try:
             return await method(self, *args, **kwargs)
+        except asyncio.CancelledError:
+            if not _channel_closed():
+                raise
+            raise aetcd.ConnectionFailedError("the etcd channel was closed under the call") from None
         except Exception as e:
             await self.client.failed(e)
             raise
