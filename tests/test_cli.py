@@ -70,3 +70,28 @@ def test_role_processes_refuse_embedded_engines_naming_the_settings(tmp_path: Pa
         assert f"im {role}" in done.stderr
         assert "store.kind=postgres" in done.stderr and "registry.kind=etcd" in done.stderr
         assert "presence.kind=redis" not in done.stderr  # that one is already set
+
+
+def test_config_masks_every_secret_and_url_password(tmp_path: Path) -> None:
+    s3_secret, db_password, mq_password = "s3-secret-9f8e7d", "db-pass-1a2b3c", "mq-pass-4d5e6f"
+    done, _ = run_im(
+        "config",
+        "--set",
+        "files.s3.secret_access_key=" + s3_secret,
+        "--set",
+        f"store.postgres_dsn=postgresql://im:{db_password}@db.example:5432/im",
+        "--set",
+        f"events.amqp_url=amqp://im:{mq_password}@mq.example:5672/",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    for secret in (s3_secret, db_password, mq_password):
+        assert secret not in done.stdout
+    shown = json.loads(done.stdout)
+    assert shown["files"]["s3"]["secret_access_key"] == "***"
+    assert shown["store"]["postgres_dsn"] == "postgresql://im:***@db.example:5432/im"
+    assert shown["events"]["amqp_url"] == "amqp://im:***@mq.example:5672/"
+    assert shown["presence"]["redis_url"] == "redis://127.0.0.1:6379/0"  # no password: as it is
+    dsn = f"store.postgres_dsn=postgresql://im:{db_password}@h/im"
+    got, _ = run_im("config", "get", "store.postgres_dsn", "--set", dsn, cwd=tmp_path)
+    assert got.returncode == 0 and db_password not in got.stdout and "im:***@h" in got.stdout, got.stdout

@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -34,7 +35,21 @@ T = TypeVar("T")
 LAYERS = ("default", "file", "environment", "flags")
 OPS = ("show", "get", "set", "unset", "history")
 #: Shown masked, as ``im config`` shows them.
-SECRET = frozenset({"auth.secret"})
+SECRET = frozenset({"auth.secret", "files.s3.secret_access_key"})
+#: URLs whose password is shown masked (``postgresql://im:***@db/im``).
+SECRET_URLS = frozenset({"store.postgres_dsn", "presence.redis_url", "events.amqp_url"})
+
+
+def masked(key: str, value: Any) -> Any:
+    """``value`` of setting ``key`` as ``im config`` prints it: secrets as ``***``, URL passwords too."""
+    if key in SECRET:
+        return "***" if value else value
+    if key in SECRET_URLS and isinstance(value, str):
+        parts = urlsplit(value)
+        if parts.password:
+            host = parts.netloc.rpartition("@")[2]
+            return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    return value
 
 
 class _Refused(Exception):
@@ -90,8 +105,12 @@ def main(argv: list[str]) -> int:
     try:
         if args.op == "show":
             shown_config = config.model_dump(mode="json")
-            if shown_config["auth"]["secret"]:
-                shown_config["auth"]["secret"] = "***"
+            for key in SECRET | SECRET_URLS:
+                section, field = key.rsplit(".", 1)
+                node = shown_config
+                for part in section.split("."):
+                    node = node[part]
+                node[field] = masked(key, node[field])
             print(json.dumps(shown_config, indent=2))
             return 0
         if args.op == "get":
@@ -240,8 +259,8 @@ def _get(args: argparse.Namespace, config: Config) -> int:
     rows: dict[str, dict[str, Any]] = {}
     for k in keys:
         layers = _layers(args, config, k)
-        if k in SECRET:
-            layers = {n: "***" if v else v for n, v in layers.items()}
+        if k in SECRET or k in SECRET_URLS:
+            layers = {n: masked(k, v) for n, v in layers.items()}
         source = [layer for layer in LAYERS if layer in layers][-1]
         value = layers[source]
         row: dict[str, Any] = {"dynamic": k in DYNAMIC, "layers": {n: shown(v) for n, v in layers.items()}}
