@@ -202,34 +202,19 @@ class EncryptedBlobStorage(BlobStorage):
     ) -> tuple[PutResult, T]:
         fd, tmp_name = await asyncio.to_thread(tempfile.mkstemp, dir=self._tmp, prefix="put-")
         staging = Path(tmp_name)
-        key = os.urandom(KEY_BYTES)
         try:
             with os.fdopen(fd, "wb") as out:
-                writer = _SealWriter(out, ChunkCipher(key, self._chunk), self._chunk)
-                size = 0
-                buffer = bytearray()
-                async for chunk in chunks:
-                    if not chunk:
-                        continue
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise BlobTooLarge(f"more than {max_bytes} bytes")
-                    buffer += chunk
-                    if len(buffer) >= self._buffer_bytes:
-                        whole = len(buffer) - len(buffer) % self._chunk
-                        piece = bytes(buffer[:whole])
-                        del buffer[:whole]
-                        await asyncio.to_thread(writer.write, piece)
-                sha256 = await asyncio.to_thread(writer.finish, bytes(buffer))
-                wrapped = await self._keys.wrap(key, key_context(sha256))
-                await asyncio.to_thread(writer.trailer, wrapped, self._fsync)
-            layout = Layout(self._chunk, size, len(wrapped))
-
-            def opener() -> BinaryIO:
-                raw = SealedReader(staging.open("rb"), layout, ChunkCipher(key, self._chunk))
-                return io.BufferedReader(raw, buffer_size=self._chunk)
-
-            staged = Staged(sha256, size, staging, opener)
+                staged = await stage_sealed(
+                    out,
+                    staging,
+                    chunks,
+                    self._keys,
+                    max_bytes=max_bytes,
+                    chunk_bytes=self._chunk,
+                    buffer_bytes=self._buffer_bytes,
+                    fsync=self._fsync,
+                )
+            sha256, size = staged.sha256, staged.size
             verdict = await asyncio.to_thread(inspect, staged)
             created = await asyncio.to_thread(self._publish, staging, sha256)
         finally:
@@ -533,6 +518,50 @@ async def rewrap_blob_keys(
         if progress is not None:
             progress(report)
     return report
+
+
+async def stage_sealed(
+    out: BinaryIO,
+    staging: Path,
+    chunks: AsyncIterable[bytes],
+    keys: FileKeys,
+    *,
+    max_bytes: int,
+    chunk_bytes: int,
+    buffer_bytes: int,
+    fsync: bool,
+) -> Staged:
+    """Seal ``chunks`` into ``out`` (the file at ``staging``) under a new file key, as they come, in
+    worker threads every ``buffer_bytes``; :class:`BlobTooLarge` past ``max_bytes``. The key goes wrapped
+    by ``keys`` in the trailer; flushed at the end (and fsync'd with ``fsync``). The :class:`Staged` it
+    returns reads the plaintext back (for the type check before publishing)."""
+    key = os.urandom(KEY_BYTES)
+    writer = _SealWriter(out, ChunkCipher(key, chunk_bytes), chunk_bytes)
+    size = 0
+    buffer = bytearray()
+    async for chunk in chunks:
+        if not chunk:
+            continue
+        size += len(chunk)
+        if size > max_bytes:
+            raise BlobTooLarge(f"more than {max_bytes} bytes")
+        buffer += chunk
+        if len(buffer) >= buffer_bytes:
+            whole = len(buffer) - len(buffer) % chunk_bytes
+            piece = bytes(buffer[:whole])
+            del buffer[:whole]
+            await asyncio.to_thread(writer.write, piece)
+    sha256 = await asyncio.to_thread(writer.finish, bytes(buffer))
+    wrapped = await keys.wrap(key, key_context(sha256))
+    await asyncio.to_thread(writer.trailer, wrapped, fsync)
+    await asyncio.to_thread(out.flush)
+    layout = Layout(chunk_bytes, size, len(wrapped))
+
+    def opener() -> BinaryIO:
+        raw = SealedReader(staging.open("rb"), layout, ChunkCipher(key, chunk_bytes))
+        return io.BufferedReader(raw, buffer_size=chunk_bytes)
+
+    return Staged(sha256, size, staging, opener)
 
 
 class _SealWriter:

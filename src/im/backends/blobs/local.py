@@ -55,25 +55,12 @@ class LocalBlobStorage(BlobStorage):
     ) -> tuple[PutResult, T]:
         fd, name = await asyncio.to_thread(tempfile.mkstemp, dir=self._tmp, prefix="put-")
         staging = Path(name)
-        hasher = hashlib.sha256()
         try:
             with os.fdopen(fd, "wb") as out:
-                size = 0
-                pending: list[bytes] = []
-                pending_bytes = 0
-                async for chunk in chunks:
-                    if not chunk:
-                        continue
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise BlobTooLarge(f"more than {max_bytes} bytes")
-                    pending.append(chunk)
-                    pending_bytes += len(chunk)
-                    if pending_bytes >= self._buffer_bytes:
-                        await asyncio.to_thread(_write, out, hasher, pending)
-                        pending, pending_bytes = [], 0
-                await asyncio.to_thread(_write, out, hasher, pending, self._fsync)
-            staged = Staged(hasher.hexdigest(), size, staging)
+                sha256, size = await stage_plain(
+                    out, chunks, max_bytes=max_bytes, buffer_bytes=self._buffer_bytes, fsync=self._fsync
+                )
+            staged = Staged(sha256, size, staging)
             verdict = await asyncio.to_thread(inspect, staged)
             created = await asyncio.to_thread(self._publish, staged)
         finally:
@@ -117,12 +104,38 @@ class LocalBlobStorage(BlobStorage):
         return True
 
 
-def _write(out: BinaryIO, hasher: hashlib._Hash, pieces: list[bytes], sync: bool = False) -> None:
+async def stage_plain(
+    out: BinaryIO, chunks: AsyncIterable[bytes], *, max_bytes: int, buffer_bytes: int, fsync: bool
+) -> tuple[str, int]:
+    """Write ``chunks`` to ``out`` as they come, hashing them (SHA-256), in a worker thread every
+    ``buffer_bytes``; :class:`BlobTooLarge` past ``max_bytes``. Flushed at the end (and fsync'd with
+    ``fsync``). Returns the hash and the size: what every storage stages before it publishes."""
+    hasher = hashlib.sha256()
+    size = 0
+    pending: list[bytes] = []
+    pending_bytes = 0
+    async for chunk in chunks:
+        if not chunk:
+            continue
+        size += len(chunk)
+        if size > max_bytes:
+            raise BlobTooLarge(f"more than {max_bytes} bytes")
+        pending.append(chunk)
+        pending_bytes += len(chunk)
+        if pending_bytes >= buffer_bytes:
+            await asyncio.to_thread(_write, out, hasher, pending)
+            pending, pending_bytes = [], 0
+    await asyncio.to_thread(_write, out, hasher, pending, True, fsync)
+    return hasher.hexdigest(), size
+
+
+def _write(out: BinaryIO, hasher: hashlib._Hash, pieces: list[bytes], flush: bool = False, sync: bool = False) -> None:
     for piece in pieces:
         hasher.update(piece)
         out.write(piece)
-    if sync:
+    if flush or sync:
         out.flush()
+    if sync:
         os.fsync(out.fileno())
 
 

@@ -64,21 +64,18 @@ from im.backends.blobs import (
     BlobCorrupt,
     BlobNotFound,
     BlobStorage,
-    BlobTooLarge,
     BlobUnavailable,
     PutResult,
     Staged,
     is_sha256,
 )
-from im.backends.blobs.encrypted import NAME_KEY, SEALED_DIR, FileKeys, _SealWriter, _stream, key_context
-from im.backends.blobs.local import _write
+from im.backends.blobs.encrypted import NAME_KEY, SEALED_DIR, FileKeys, _stream, key_context, stage_sealed
+from im.backends.blobs.local import stage_plain
 from im.backends.blobs.sealed import (
-    KEY_BYTES,
     MAX_CHUNK,
     MIN_CHUNK,
     TAIL,
     ChunkCipher,
-    Layout,
     SealedReader,
     read_layout,
 )
@@ -249,69 +246,28 @@ class S3BlobStorage(BlobStorage):
         try:
             with os.fdopen(fd, "wb") as out:
                 if self._keys is None:
-                    sha256, size = await self._stage_plain(out, chunks, max_bytes)
+                    sha256, size = await stage_plain(
+                        out, chunks, max_bytes=max_bytes, buffer_bytes=self._buffer_bytes, fsync=False
+                    )
                     staged = Staged(sha256, size, staging)
                 else:
-                    sha256, size, opener = await self._stage_sealed(out, staging, chunks, max_bytes, self._keys)
-                    staged = Staged(sha256, size, staging, opener)
+                    staged = await stage_sealed(
+                        out,
+                        staging,
+                        chunks,
+                        self._keys,
+                        max_bytes=max_bytes,
+                        chunk_bytes=self._chunk,
+                        buffer_bytes=self._buffer_bytes,
+                        fsync=False,
+                    )
+                    sha256, size = staged.sha256, staged.size
             verdict = await asyncio.to_thread(inspect, staged)
             created = await self._publish(store, self.key(sha256), staging)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 staging.unlink()
         return PutResult(sha256, size, created), verdict
-
-    async def _stage_plain(self, out: BinaryIO, chunks: AsyncIterable[bytes], max_bytes: int) -> tuple[str, int]:
-        hasher = hashlib.sha256()
-        size = 0
-        pending: list[bytes] = []
-        pending_bytes = 0
-        async for chunk in chunks:
-            if not chunk:
-                continue
-            size += len(chunk)
-            if size > max_bytes:
-                raise BlobTooLarge(f"more than {max_bytes} bytes")
-            pending.append(chunk)
-            pending_bytes += len(chunk)
-            if pending_bytes >= self._buffer_bytes:
-                await asyncio.to_thread(_write, out, hasher, pending)
-                pending, pending_bytes = [], 0
-        await asyncio.to_thread(_write, out, hasher, pending)
-        await asyncio.to_thread(out.flush)
-        return hasher.hexdigest(), size
-
-    async def _stage_sealed(
-        self, out: BinaryIO, staging: Path, chunks: AsyncIterable[bytes], max_bytes: int, keys: FileKeys
-    ) -> tuple[str, int, Callable[[], BinaryIO]]:
-        key = os.urandom(KEY_BYTES)
-        writer = _SealWriter(out, ChunkCipher(key, self._chunk), self._chunk)
-        size = 0
-        buffer = bytearray()
-        async for chunk in chunks:
-            if not chunk:
-                continue
-            size += len(chunk)
-            if size > max_bytes:
-                raise BlobTooLarge(f"more than {max_bytes} bytes")
-            buffer += chunk
-            if len(buffer) >= self._buffer_bytes:
-                whole = len(buffer) - len(buffer) % self._chunk
-                piece = bytes(buffer[:whole])
-                del buffer[:whole]
-                await asyncio.to_thread(writer.write, piece)
-        sha256 = await asyncio.to_thread(writer.finish, bytes(buffer))
-        wrapped = await keys.wrap(key, key_context(sha256))
-        await asyncio.to_thread(writer.trailer, wrapped, False)
-        await asyncio.to_thread(out.flush)
-        layout = Layout(self._chunk, size, len(wrapped))
-        chunk_bytes = self._chunk
-
-        def opener() -> BinaryIO:
-            raw = SealedReader(staging.open("rb"), layout, ChunkCipher(key, chunk_bytes))
-            return io.BufferedReader(raw, buffer_size=chunk_bytes)
-
-        return sha256, size, opener
 
     async def _publish(self, store: S3Store, key: str, staging: Path) -> bool:
         if await self._head(store, key) is not None:
