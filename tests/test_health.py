@@ -15,8 +15,8 @@ import pytest
 from im.backends.chat.postgres import PostgresChatStore
 from im.backends.presence.redis import RedisPresence
 from im.backends.registry.memory import MemoryRegistry
-from im.cluster import free_port
 from im.observability.health import Readiness
+from im.procs import free_port
 from tests.support.postgres import DSN, PgSchema
 from tests.support.proxy import TcpProxy
 from tests.support.server import running_server

@@ -33,7 +33,8 @@ ALLOWED: dict[str, set[str]] = {
     "dynamic": {"config"},  # the table of settings that change live
     "certs": set(),
     "tls": set(),
-    "seaweedfs": set(),  # the private object store of `im cluster --s3` and the tests: imports nothing of im
+    "procs": set(),  # child processes of im's tools: a free port, a stop that leaves nothing behind
+    "seaweedfs": {"procs"},  # the private object store of `im cluster --s3` and the tests
     "observability": MODEL | {"config", "throttled_log"},
     "protocol": MODEL | OBS,  # the server session counts deliveries and refusals (plain ints)
     "backends": MODEL | OBS | {"backends", "backends.impl"},  # adapters share the SQL helpers
@@ -114,6 +115,6 @@ def test_no_import_points_against_the_layers() -> None:
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
 
 
-@pytest.mark.parametrize("unit", ["model", "throttled_log", "net", "config", "cli_help", "certs", "tls", "seaweedfs"])
+@pytest.mark.parametrize("unit", ["model", "throttled_log", "net", "config", "cli_help", "certs", "tls", "procs"])
 def test_leaves_import_nothing_of_im(unit: str) -> None:
     assert not [t for _, _, m, t in _imports() if _unit(m) == unit and _unit(t) != unit]

@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from im.cluster import free_port
 from im.config import Config
 from im.net import BindError
+from im.procs import free_port
 from im.startup import EXIT_START, StartupError, explain
 from tests.support.etcd import shared_etcd
 from tests.support.postgres import DSN, PgSchema

@@ -28,7 +28,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,33 +39,13 @@ import httpx
 
 from im import certs
 from im.cli_help import HelpFormatter
+from im.procs import free_port, stop_process
 from im.seaweedfs import WeedMissing, WeedProcess
 
 ETCD_INSTALL_HINT = (
     "etcd is needed: install it with `apt-get install -y etcd-server` (as root; Debian's etcd 3.4), "
     "or point the cluster at a running one with --etcd HOST:PORT"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stop_process(proc: subprocess.Popen[bytes], sig: int, timeout: float, *, raise_on_timeout: bool = True) -> int:
-    """Signal a child (unless it already exited) and wait; one that outlives ``timeout`` is killed (and
-    the timeout raised, unless told not to). Returns the exit code."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            if raise_on_timeout:
-                raise
-    return proc.returncode
 
 
 class EtcdMissing(RuntimeError):

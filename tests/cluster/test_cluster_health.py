@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from im.cluster import LocalCluster, free_port
+from im.cluster import LocalCluster
+from im.procs import free_port
 from tests.cluster.conftest import make_cluster, stop_checked
 from tests.support.client import register
 from tests.support.wait import eventually

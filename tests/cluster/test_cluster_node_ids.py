@@ -16,8 +16,9 @@ import httpx
 import pytest
 
 from im.backends.registry.etcd import EtcdRegistry
-from im.cluster import LocalCluster, RoleProcess, free_port
+from im.cluster import LocalCluster, RoleProcess
 from im.model.cluster import ServiceInstance
+from im.procs import free_port
 from im.transfer.pool import _score
 from tests.cluster.conftest import drop_schema, make_cluster, node_id_of, stop_checked
 from tests.support.client import Account, ChatClient, register

@@ -18,9 +18,9 @@ from im.backends.blobs import BlobNotFound, BlobUnavailable, Staged
 from im.backends.blobs.s3 import S3BlobStorage
 from im.backends.files.sqlite import SqliteFileStore
 from im.backends.sql.sqlite_db import SqliteDatabase
-from im.cluster import free_port
 from im.files import FileService
 from im.model.errors import ErrorCode, ImError
+from im.procs import free_port
 from tests.support.keys import MemoryFileKeys
 from tests.support.proxy import TcpProxy
 from tests.support.seaweedfs import s3_settings, shared_weed

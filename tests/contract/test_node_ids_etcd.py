@@ -15,8 +15,8 @@ import pytest
 from im.backends.node_ids import NodeIdUnavailable
 from im.backends.node_ids.etcd import EtcdNodeIds
 from im.backends.registry.etcd import EtcdRegistry
-from im.cluster import free_port
 from im.model.ids import MAX_NODE_IDS
+from im.procs import free_port
 from tests.contract.node_ids import Recorder
 from tests.support.etcd import EtcdProcess, shared_etcd
 from tests.support.wait import eventually

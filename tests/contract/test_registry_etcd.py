@@ -16,8 +16,8 @@ import aetcd
 import pytest
 
 from im.backends.registry.etcd import EtcdRegistry
-from im.cluster import free_port
 from im.model.cluster import ServiceInstance
+from im.procs import free_port
 from tests.support.etcd import EtcdMissing, EtcdProcess, shared_etcd
 from tests.support.wait import eventually
 

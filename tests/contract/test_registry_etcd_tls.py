@@ -11,8 +11,8 @@ import pytest
 
 from im.backends.registry.etcd import EtcdRegistry
 from im.backends.tls import ClientTls
-from im.cluster import free_port
 from im.model.cluster import ServiceInstance
+from im.procs import free_port
 from tests.support.tls_etcd import shared_tls_etcd, tls_client
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from im.cluster import LocalCluster, stop_process
+from im.cluster import LocalCluster
 from im.observability import metrics
+from im.procs import stop_process
 from tests.cluster.conftest import make_cluster, stop_checked
 from tests.support.client import ChatClient, register
 from tests.support.server import free_port

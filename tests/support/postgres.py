@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 
 from im.backends.sql.postgres_db import PostgresDatabase
-from im.cluster import free_port, stop_process
+from im.procs import free_port, stop_process
 from tests.support.pki import EnginePki
 
 

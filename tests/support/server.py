@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from im.cluster import stop_process
+from im.procs import stop_process
 
 FAST_ARGON2 = [
     "--set",

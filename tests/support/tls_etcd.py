@@ -19,7 +19,8 @@ from pathlib import Path
 import httpx
 
 from im.backends.tls import ClientTls
-from im.cluster import ETCD_INSTALL_HINT, EtcdMissing, free_port, stop_process
+from im.cluster import ETCD_INSTALL_HINT, EtcdMissing
+from im.procs import free_port, stop_process
 from tests.support.pki import EnginePki
 
 __all__ = ["TlsEtcd", "shared_tls_etcd", "tls_client"]

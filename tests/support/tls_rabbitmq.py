@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from im.backends.tls import ClientTls
-from im.cluster import free_port, stop_process
+from im.procs import free_port, stop_process
 from tests.support.pki import EnginePki
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"

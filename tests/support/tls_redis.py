@@ -21,7 +21,7 @@ from pathlib import Path
 import redis
 
 from im.backends.tls import ClientTls
-from im.cluster import free_port, stop_process
+from im.procs import free_port, stop_process
 from tests.support.pki import EnginePki
 
 
