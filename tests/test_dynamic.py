@@ -141,3 +141,14 @@ def test_im_config_get_shows_the_layers_and_set_refuses_without_etcd() -> None:
     assert static.returncode == 2 and "read at start only" in static.stderr
     no_centre = _im_config("set", "limits.send_rate", "5")
     assert no_centre.returncode == 2 and "registry.kind=etcd" in no_centre.stderr
+
+
+def test_configuration_lines_mask_a_password_in_a_url(caplog: pytest.LogCaptureFixture) -> None:
+    live, _ = _live()
+    with caplog.at_level(logging.INFO, logger="im.config"):
+        live.set_centre({"events.webhook_url": "https://push:hunter2-secret@push.example/im"})
+        live.set_centre({"events.webhook_url": "ftp://push:other-secret@push.example/im"})  # refused
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("events.webhook_url=https://push:***@push.example/im" in m for m in lines), lines
+    assert any("ignored" in m for m in lines), lines
+    assert not [m for m in lines if "hunter2-secret" in m or "other-secret" in m], lines

@@ -21,7 +21,6 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -29,27 +28,23 @@ from im.backends.config import Change, ConfigStore
 from im.cli import _add_config_flags, _flags_to_overrides
 from im.cli_help import use_everywhere
 from im.config import Config, ConfigError, load_config
-from im.dynamic import DYNAMIC, SettingError, check, check_key, defaults, known, shown, value_of
+from im.dynamic import (
+    DYNAMIC,
+    SECRET,
+    SECRET_URLS,
+    SettingError,
+    check,
+    check_key,
+    defaults,
+    known,
+    masked,
+    shown,
+    value_of,
+)
 
 T = TypeVar("T")
 LAYERS = ("default", "file", "environment", "flags")
 OPS = ("show", "get", "set", "unset", "history")
-#: Shown masked, as ``im config`` shows them.
-SECRET = frozenset({"auth.secret", "files.s3.secret_access_key"})
-#: URLs whose password is shown masked (``postgresql://im:***@db/im``).
-SECRET_URLS = frozenset({"store.postgres_dsn", "presence.redis_url", "events.amqp_url"})
-
-
-def masked(key: str, value: Any) -> Any:
-    """``value`` of setting ``key`` as ``im config`` prints it: secrets as ``***``, URL passwords too."""
-    if key in SECRET:
-        return "***" if value else value
-    if key in SECRET_URLS and isinstance(value, str):
-        parts = urlsplit(value)
-        if parts.password:
-            host = parts.netloc.rpartition("@")[2]
-            return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-    return value
 
 
 class _Refused(Exception):

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ValidationError
 
@@ -115,6 +116,24 @@ def value_of(config: Config, key: str) -> Any:
     if isinstance(node, list):
         return [str(v) if isinstance(v, Path) else v for v in node]
     return node
+
+
+#: Shown masked wherever a value is printed or logged (``im config``, the nodes' configuration lines).
+SECRET = frozenset({"auth.secret", "files.s3.secret_access_key"})
+#: URLs whose password is shown masked (``postgresql://im:***@db/im``).
+SECRET_URLS = frozenset({"store.postgres_dsn", "presence.redis_url", "events.amqp_url", "events.webhook_url"})
+
+
+def masked(key: str, value: Any) -> Any:
+    """``value`` of setting ``key`` as ``im config`` prints it: secrets as ``***``, URL passwords too."""
+    if key in SECRET:
+        return "***" if value else value
+    if key in SECRET_URLS and isinstance(value, str):
+        parts = urlsplit(value)
+        if parts.password:
+            host = parts.netloc.rpartition("@")[2]
+            return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    return value
 
 
 def shown(value: Any) -> str:

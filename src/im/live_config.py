@@ -30,7 +30,7 @@ from im.compose import build_centre, hub_rates, login_rules
 from im.config import Config, ConfigError, LimitsConfig
 from im.core.accounts import AccountService
 from im.core.reads import ChatReads
-from im.dynamic import DYNAMIC, SettingError, shown, value_of, with_values
+from im.dynamic import DYNAMIC, SettingError, masked, shown, value_of, with_values
 from im.events.push import PushConsumer
 from im.files import FileService
 from im.gateway.hub import Hub
@@ -69,8 +69,9 @@ class LiveConfig:
             except SettingError as exc:
                 if self._refused.get(key) != text:
                     self._refused[key] = text
-                    keeping = shown(value_of(self.current, key)) if key in DYNAMIC else "nothing"
-                    log.warning("configuration centre: %s=%r ignored (%s); keeping %s", key, text, exc, keeping)
+                    keeping = shown(masked(key, value_of(self.current, key))) if key in DYNAMIC else "nothing"
+                    bad = masked(key, text)
+                    log.warning("configuration centre: %s=%r ignored (%s); keeping %s", key, bad, exc, keeping)
                 if key in self.accepted:
                     accepted[key] = self.accepted[key]
                 continue
@@ -105,7 +106,7 @@ class LiveConfig:
         if not changed:
             return
         self.current = fresh
-        log.info("configuration: %s", ", ".join(f"{k}={shown(value_of(fresh, k))}" for k in changed))
+        log.info("configuration: %s", ", ".join(f"{k}={shown(masked(k, value_of(fresh, k)))}" for k in changed))
         for apply in list(self._appliers):
             try:
                 apply(fresh)
