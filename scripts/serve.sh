@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/bootstrap.sh
 . scripts/bootstrap.sh
 ensure_uv
+prefer_system_python
 # --inexact: a checkout that also has the dev tools keeps them (scripts/test.sh needs them).
 uv sync --frozen --no-dev --inexact || {
   echo "scripts/serve.sh: uv sync failed (above). im needs Python 3.11: the system's, or one uv downloads" \

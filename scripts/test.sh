@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/bootstrap.sh
 . scripts/bootstrap.sh
 ensure_uv
+prefer_system_python
 
 APT_WAIT=${IM_APT_WAIT:-600}  # seconds to wait for another apt (unattended-upgrades on a new machine)
 
