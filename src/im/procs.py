@@ -3,12 +3,42 @@ engines): a free port to give one, and a stop that never leaves one behind. Impo
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 
+#: Where :func:`free_port` looks: from here up to the start of the kernel's ephemeral range. Below it,
+#: 10000-19999 is left to callers that need a block of fixed offsets (the tests' local clusters).
+_LOWEST = 20_000
 
-def free_port() -> int:
-    with socket.socket() as s:
+
+def ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (outgoing connections and port-0 binds take theirs
+    from it); 32768 when the kernel does not say."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
+def free_port(span: int = 1) -> int:
+    """A port (the first of ``span`` consecutive ones) free on 127.0.0.1 now, for a child to listen on.
+
+    It is chosen below the ephemeral range: a port the kernel handed out for port 0 is free again the
+    moment we close it, and any outgoing connection may take it before the child binds it ("address
+    already in use"); ports below the range are only ever taken by an explicit bind."""
+    top = ephemeral_low() - span
+    for _ in range(500):
+        base = random.randrange(_LOWEST, max(top, _LOWEST + 1))
+        try:
+            for port in range(base, base + span):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    with socket.socket() as s:  # a crowded range: fall back to one the kernel picks
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

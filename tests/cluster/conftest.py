@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 
 from im.cluster import LocalCluster
+from im.procs import ephemeral_low
 from tests.support.checker import History
 from tests.support.client import Account, ChatClient
 from tests.support.postgres import DSN
@@ -49,19 +50,11 @@ _OFFSETS = (
 )  # im.cluster: APIs, etcd, nodes, ops
 
 
-def _ephemeral_low() -> int:
-    """The first port of the kernel's ephemeral range (outgoing connections and port-0 binds use it)."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32_768
-
-
 def _free_base() -> int:
     """A base port whose whole layout is free now and lies below the ephemeral range, so no outgoing
-    connection or ``free_port()`` of a test can take one of its ports between this check and the
-    cluster's start (that race once failed a gateway's ops listener with "address already in use")."""
-    top = min(_ephemeral_low(), 65_536) - _OFFSETS[-1] - 1
+    connection, nor ``free_port()`` (20000 and up), can take one of its ports between this check and
+    the cluster's start (that race once failed a gateway's ops listener with "address already in use")."""
+    top = min(ephemeral_low(), 20_000) - _OFFSETS[-1] - 1  # 20000 and up: free_port()'s range
     for _ in range(200):
         base = random.randrange(10_000, max(top, 10_050), 50)
         try:

@@ -20,10 +20,9 @@ import pytest
 
 from im.cluster import LocalCluster
 from im.observability import metrics
-from im.procs import stop_process
+from im.procs import free_port, stop_process
 from tests.cluster.conftest import make_cluster, stop_checked
 from tests.support.client import ChatClient, register
-from tests.support.server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "ops" / "prometheus" / "alerts.yml"

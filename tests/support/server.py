@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from im.procs import stop_process
+from im.procs import free_port, stop_process
 
 FAST_ARGON2 = [
     "--set",
@@ -65,12 +65,6 @@ def make_tls(directory: Path, name: str = "server") -> TlsFiles:
     ca = certs.create_ca(directory)
     node = certs.issue(directory, ca, name)
     return TlsFiles(ca.cert, node.cert, node.key)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
