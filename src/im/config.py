@@ -175,6 +175,17 @@ class LimitsConfig(_Section):
     #: Descriptors kept back from client connections for the stores, Redis, etcd, RabbitMQ, logs, uploads
     #: and gRPC links; a quarter of it also bounds refusals in progress.
     fd_reserve: int = Field(128, ge=16)
+    # Logins per gateway process (im.protocol.logins; docs/protocol.md, "Login admission"): the auth step
+    # (token check, presence claim, sync points, replay) starts at most this often; a reconnect storm is
+    # spread out instead of queued without bound. Measured on a 2-core box, one gateway process runs about
+    # 1,000 logins/s of small accounts; the default leaves room for the traffic of those already connected.
+    #: Logins started per second.
+    auth_rate: float = Field(500.0, gt=0)
+    #: Logins that may start at once (the burst of the token bucket).
+    auth_burst: int = Field(200, ge=1)
+    #: Seconds a login may wait for its turn; a later one is refused at once with ``retry_after``
+    #: (``error unavailable`` + ``bye unavailable``). Kept under ``gateway.auth_timeout``.
+    auth_max_wait: float = Field(2.0, ge=0, le=60)
 
 
 class AuthConfig(_Section):
