@@ -379,6 +379,8 @@ async def test_reconnect_storm_every_client_back_and_resynced(
     per_client = [len(d.attempts_at) for d in devices]
     assert all(n >= 1 for n in per_client)
     assert refusals > 0 and told >= refusals, (refusals, told)
+    by_transport = {tcp: sum(d.refused_logins for d in devices if d.tcp == tcp) for tcp in (False, True)}
+    assert all(by_transport.values()), f"refusals on WebSocket and on TCP: {by_transport}"
     # The first attempts are the storm itself (every client lost its connection at the same moment); the
     # retries of the refused come back spread out, at about the admission rate, and get in.
     retries = [t for d in devices for t in d.attempts_at[1:]]
@@ -394,7 +396,8 @@ async def test_reconnect_storm_every_client_back_and_resynced(
         print(
             f"\nstorm: {len(devices)} clients ({sum(d.tcp for d in devices)} TCP), all back and resynced in "
             f"{all_back:.1f}s; attempts per client: mean {sum(per_client) / len(per_client):.2f}, max "
-            f"{max(per_client)}; logins refused with retry_after: {refusals} (clients told to wait: {told}); "
+            f"{max(per_client)}; logins refused with retry_after: {refusals} ({by_transport[True]} on TCP; clients "
+            f"told to wait: {told}); "
             f"{SURVIVOR} peak RSS {rss_before:.0f} -> {rss_peak:.0f} MiB; attempts per 0.5 s after the kill: "
             f"{hist}; checker: {counts}"
         )
