@@ -7,11 +7,15 @@ import itertools
 import msgspec
 
 from im.client.session import ClientSession
+from im.config import load_config
+from im.live_config import LiveConfig, follow_hub
+from im.model.errors import ErrorCode
 from im.protocol import commands as cmd
 from im.protocol.codec import Encoding
 from im.protocol.logins import MAX_RETRY_AFTER, Busy, LoginGate
 from im.protocol.messages import EncodedCache
 from im.protocol.session import Limits, ServerSession, State
+from tests.test_hub import Gateway, gateway  # noqa: F401  (the in-process gateway fixture)
 
 
 class Clock:
@@ -118,3 +122,27 @@ def test_the_client_session_keeps_the_wait_the_server_asked_for() -> None:
     c.receive(b'{"t":"auth_ok","uid":1,"device":"d","heartbeat":60.0,"max_frame":65536}')
     c.receive(b'{"t":"error","code":"rate_limited","message":"x","ref":null,"retry_after":1.0}')
     assert c.reconnect_after is None
+
+
+async def test_a_gateway_refuses_logins_past_the_rate_set_live_and_admits_them_later(
+    gateway: Gateway,  # noqa: F811  (the fixture imported above)
+) -> None:
+    """The hub's gate, on real stores: the rate set through the configuration centre applies to the next
+    login; the refused connection gets ``error unavailable`` with ``retry_after``, then ``bye``, and closes."""
+    live = LiveConfig(load_config(None, {}))
+    follow_hub(live, gateway.hub)
+    live.set_centre({"limits.auth_rate": "0.5", "limits.auth_burst": "1", "limits.auth_max_wait": "0"})
+    assert (gateway.hub.limits.auth_rate, gateway.hub.limits.auth_burst) == (0.5, 1)
+    (_, alice), (_, bob) = await gateway.user("alice"), await gateway.user("bob")
+    first = await gateway.connect(alice)
+    assert first.of_type("synced") and first.closed_with is None
+    refused = await gateway.connect(bob)
+    assert refused.closed_with is ErrorCode.UNAVAILABLE
+    error, bye = refused.of_type("error"), refused.of_type("bye")
+    assert error[0]["code"] == "unavailable" and 1.0 < error[0]["retry_after"] <= 2.0, error
+    assert bye == [{"t": "bye", "code": "unavailable", "message": error[0]["message"], "reconnect": True}]
+    assert not refused.of_type("auth_ok")
+
+    live.set_centre({"limits.auth_rate": "1000"})  # raised live: the next login goes through
+    again = await gateway.connect(bob)
+    assert again.of_type("auth_ok") and again.closed_with is None
