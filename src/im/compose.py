@@ -313,6 +313,9 @@ def session_limits(config: Config) -> Limits:
         typing_rate=lim.typing_rate,
         auth_timeout=gw.auth_timeout,
         idle_timeout=gw.idle_timeout,
+        auth_rate=lim.auth_rate,
+        auth_burst=lim.auth_burst,
+        auth_max_wait=min(lim.auth_max_wait, gw.auth_timeout / 2),
     )
 
 

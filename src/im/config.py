@@ -175,6 +175,18 @@ class LimitsConfig(_Section):
     #: Descriptors kept back from client connections for the stores, Redis, etcd, RabbitMQ, logs, uploads
     #: and gRPC links; a quarter of it also bounds refusals in progress.
     fd_reserve: int = Field(128, ge=16)
+    # Logins per gateway process (im.protocol.logins; docs/protocol.md, "Login admission"): the auth step
+    # (token check, presence claim, sync points, replay) starts at most this often; a reconnect storm is
+    # spread out instead of queued without bound. Measured on a shared 2-core box (tests/faults/test_storm.py
+    # with no limit): one gateway process took 1,600 reconnecting clients, replays included, in 3.7 s
+    # (about 430 logins/s, the clients on the same cores); the default is of that order.
+    #: Logins started per second.
+    auth_rate: float = Field(500.0, gt=0)
+    #: Logins that may start at once (the burst of the token bucket).
+    auth_burst: int = Field(200, ge=1)
+    #: Seconds a login may wait for its turn; a later one is refused at once with ``retry_after``
+    #: (``error unavailable`` + ``bye unavailable``). Kept under ``gateway.auth_timeout``.
+    auth_max_wait: float = Field(2.0, ge=0, le=60)
 
 
 class AuthConfig(_Section):

@@ -34,6 +34,7 @@ class Dynamic:
 
 _GATEWAY_NOW = "gateways (and `im serve`): every connection, from its next frame"
 _LOGINS = "API nodes (and `im serve`): the next attempt"
+_GATEWAY_LOGINS = "gateways (and `im serve`): the next `auth` frame"
 
 #: The settings that change live; the single source of truth (docs/operations.md renders it).
 DYNAMIC: dict[str, Dynamic] = {
@@ -48,6 +49,9 @@ DYNAMIC: dict[str, Dynamic] = {
             "limits.max_frame_bytes",
             "gateways: new connections (an open one keeps the size its `auth_ok` announced)",
         ),
+        Dynamic("limits.auth_rate", _GATEWAY_LOGINS),
+        Dynamic("limits.auth_burst", _GATEWAY_LOGINS),
+        Dynamic("limits.auth_max_wait", _GATEWAY_LOGINS),
         Dynamic("limits.history_page_max", "API nodes (and `im serve`): the next history request"),
         Dynamic("rates.sends_per_user", _GATEWAY_NOW),
         Dynamic("rates.sends_per_conversation", _GATEWAY_NOW),

@@ -149,6 +149,9 @@ def follow_hub(live: LiveConfig, hub: Hub) -> None:
         shared.max_in_flight = lim.max_in_flight
         shared.max_body_bytes = lim.max_body_bytes
         shared.max_frame_bytes = lim.max_frame_bytes  # read by each new connection's transport and session
+        shared.auth_rate = lim.auth_rate  # read by the login gate at the next auth
+        shared.auth_burst = lim.auth_burst
+        shared.auth_max_wait = min(lim.auth_max_wait, config.gateway.auth_timeout / 2)
         hub.set_rates(hub_rates(config))
 
     live.on_change(apply)

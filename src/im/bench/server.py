@@ -32,13 +32,16 @@ __all__ = [
 #: Settings of a spawned server: cheap password hashing and no registration and login limits (the bench
 #: creates many accounts from one address, 16 at a time), no per-connection send rate limit (the bench
 #: is the load) and no per-address connection cap (all its clients come from one or a few loopback
-#: addresses). The shared send, receipt and typing limits stay at their defaults.
+#: addresses), no login admission rate (it opens its connections as fast as the server takes them). The
+#: shared send, receipt and typing limits stay at their defaults.
 BENCH_SERVER_SETTINGS = [
     "auth.argon2_time_cost=1",
     "auth.argon2_memory_kib=1024",
     "auth.argon2_parallelism=1",
     "limits.send_rate=1000000",
     "limits.max_connections_per_address=0",
+    "limits.auth_rate=1000000",
+    "limits.auth_burst=1000000",
     "rates.register_per_address=1000000/60",
     "rates.login_per_address=1000000/60",
     "rates.hash_per_address=64",

@@ -106,13 +106,13 @@ class Client:
     :meth:`start`); close with ``async with`` or :meth:`close`.
 
     Options (keyword-only): ``device`` (stable per installation: the server deduplicates sends and keeps
-    delivery cursors per device name); ``transport`` ``"ws"`` or ``"tcp"``; ``encoding``;
-    ``cursor_file``; ``backoff_base``/``backoff_max`` (seconds; the n-th reconnect waits a random
-    50-100 % of ``min(max, base * 2**n)``); ``retry_delay`` (before resending a send refused with a
-    retryable code); ``max_in_flight`` (unanswered sends written at once); ``recv_delay`` (batching of
-    delivery reports); ``persist_interval``; ``on_event`` (called with each event instead of queueing it
-    for :meth:`events`); ``transport_factory`` (build the :class:`Transport` for a gateway, for tests or
-    custom networks).
+    delivery cursors per device name); ``transport`` ``"ws"`` or ``"tcp"``; ``encoding``; ``cursor_file``;
+    ``backoff_base``/``backoff_max`` (seconds; the n-th reconnect waits a random 50-100 % of ``min(max, base *
+    2**n)``, and never less than what the server asked: a refused login's ``retry_after`` or an HTTP 503's
+    ``Retry-After``, plus up to 20 % jitter); ``retry_delay`` (before resending a send refused with a retryable
+    code); ``max_in_flight`` (unanswered sends written at once); ``recv_delay`` (batching of delivery reports);
+    ``persist_interval``; ``on_event`` (called with each event instead of queueing it for :meth:`events`);
+    ``transport_factory`` (build the :class:`Transport` for a gateway, for tests or custom networks).
 
     TLS: the gateway connection uses the :class:`ApiClient`'s TLS options (``ca_file``,
     ``insecure_skip_verify``, ``ssl_context``; :meth:`login` takes them). A certificate the client refuses
@@ -163,6 +163,10 @@ class Client:
         )
         #: Connections made so far (tests and load generators read it).
         self.connections = 0
+        #: Connection attempts started (the gateway lookup onwards), and how many of them the server
+        #: answered with a wait (a refused login's ``retry_after``, or an HTTP 503's ``Retry-After``).
+        self.attempts = 0
+        self.told_to_wait = 0
         self.transport: Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -446,8 +450,12 @@ class Client:
             while not self._closing:
                 reason = "connection closed"
                 self.session.auth_ok = None  # set again only if this attempt gets as far as auth_ok
+                self.session.reconnect_after = None
+                wait: float | None = None  # what the server asked this attempt to wait
+                self.attempts += 1
                 try:
                     reason = await self._connection()
+                    wait = self.session.reconnect_after
                 except (_Fatal, TlsError) as exc:
                     self._fail(exc, str(exc))
                     return
@@ -456,6 +464,7 @@ class Client:
                         self._fail(exc, f"API refused the tokens: {exc}")
                         return
                     reason = f"API: {exc}"
+                    wait = exc.retry_after if exc.status in (429, 503) else None
                 except _RETRYABLE_ERRORS as exc:
                     reason = f"{type(exc).__name__}: {exc}"
                 if self._closing:
@@ -464,6 +473,9 @@ class Client:
                     attempt = 0
                 self._deliver(Disconnected(reason, reconnect=True))
                 delay = min(self.backoff_max, self.backoff_base * 2**attempt) * random.uniform(0.5, 1.0)
+                if wait is not None:  # the server's retry_after, plus up to 20 % jitter: never sooner
+                    self.told_to_wait += 1
+                    delay = max(delay, wait * random.uniform(1.0, 1.2))
                 attempt = min(attempt + 1, 32)
                 log.debug("im client %s: %s; reconnecting in %.2fs", self.device, reason, delay)
                 await asyncio.sleep(delay)

@@ -152,6 +152,9 @@ class ClientSession:
         self.outbox: dict[str, Send] = {s.cmid: s for s in outbox}
         #: Set when the connection must be dropped and resumed (a gap in a conversation's seqs).
         self.reconnect_reason: str | None = None
+        #: Seconds the server asked this device to wait before connecting again (a refused login's
+        #: ``retry_after``, docs/protocol.md "Login admission"); None when it asked nothing. Reset by connect().
+        self.reconnect_after: float | None = None
         self.auth_ok: AuthOk | None = None
         self.synced = False
         #: Counters, for tests and load generators.
@@ -190,6 +193,7 @@ class ClientSession:
         self.auth_ok = None
         self.synced = False
         self.reconnect_reason = None
+        self.reconnect_after = None
         self._out.clear()
         self._unsent.clear()
         self._in_flight.clear()
@@ -367,6 +371,9 @@ class ClientSession:
 
     def _on_error(self, error: Error) -> Error | SendFailed | None:
         cmid = error.ref
+        if cmid is None and self.state is State.AUTHENTICATING and error.retry_after is not None:
+            # A login the gateway would not start now (docs/protocol.md, "Login admission"): a bye follows.
+            self.reconnect_after = error.retry_after
         if cmid is None or cmid not in self.outbox:
             return error
         self._in_flight.discard(cmid)

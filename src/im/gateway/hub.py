@@ -39,6 +39,7 @@ from im.observability.metrics import LATENCY_SAMPLE, METRICS
 from im.protocol import commands as cmd
 from im.protocol.codec import Encoding
 from im.protocol.frames import Receipt, TypingEvent
+from im.protocol.logins import Busy, LoginGate
 from im.protocol.messages import EncodedCache
 from im.protocol.session import Limits, ServerSession, State
 from im.throttled_log import ThrottledLog
@@ -241,6 +242,13 @@ class Connection(abc.ABC):
         self.mark_dirty()
 
     async def _authenticate(self, c: cmd.Authenticate) -> None:
+        turn = self.hub.logins.admit()  # a bounded rate of logins (im.protocol.logins)
+        if isinstance(turn, Busy):
+            self.run(self.session.auth_busy(turn.retry_after))
+            self.flush()
+            return
+        if turn:
+            await asyncio.sleep(turn)
         try:
             principal = await self.hub.accounts.authenticate(c.token)
         except ImError as exc:
@@ -319,6 +327,8 @@ class Hub(DeliverySink):
         self.max_send_buffer = max_send_buffer
         self.preauth_send_buffer = preauth_send_buffer
         self.cache = EncodedCache()
+        #: The rate at which logins start (``limits.auth_rate``, read from ``limits`` on each login).
+        self.logins = LoginGate(limits)
         self._presence_ttl = presence_ttl
         #: One connection per device across nodes (gateway/replacement.py).
         self.claims = DeviceClaims(node, presence, router, ttl=presence_ttl)

@@ -50,6 +50,8 @@ RATE_LIMITS: Final = (
 )
 #: What became of one event at the push consumer.
 WEBHOOK_OUTCOMES: Final = ("pushed", "duplicate", "nobody_offline", "failed", "dropped", "undecodable")
+#: What became of one login (``auth`` frame) at a gateway's admission (im.protocol.logins).
+LOGIN_RESULTS: Final = ("admitted", "queued", "refused")
 #: The engine behind a failed call (from the exception's module, see :func:`engine_of`).
 ENGINES: Final = ("sqlite", "postgres", "redis", "rabbitmq", "etcd", "grpc", "http", "other")
 
@@ -122,6 +124,7 @@ class Metrics:
         "enabled",
         "engine_errors",
         "gap_fetches",
+        "logins",
         "opened",
         "outbox_backlog",
         "outbox_published",
@@ -147,6 +150,7 @@ class Metrics:
         self.duplicates = 0
         self.deliveries = 0
         self.gap_fetches = 0
+        self.logins = _zeros(LOGIN_RESULTS)
         self.slow_consumers = 0
         self.rate_limited = _zeros(RATE_LIMITS)
         self.committed = 0
@@ -251,6 +255,13 @@ SPECS: Final[dict[str, tuple[str, str, str | None, str]]] = {
         "Fetches of stored messages for clients (history and gap fills after a missed or reordered message).",
         None,
         "gap_fetches",
+    ),
+    "im_gateway_logins": (
+        "counter",
+        "Logins (auth frames) by what admission did: admitted at once, queued for a turn (at most "
+        "limits.auth_max_wait), or refused with retry_after (error and bye unavailable; limits.auth_rate).",
+        "outcome",
+        "logins",
     ),
     "im_slow_consumer_disconnects": (
         "counter",

@@ -171,7 +171,8 @@ class Pong(msgspec.Struct, tag_field="t", tag="pong", frozen=True):
 
 class Error(msgspec.Struct, tag_field="t", tag="error", frozen=True):
     """A refused frame. ``ref`` is the cmid of the refused send, when there is one. ``retry_after``: seconds
-    to wait before sending the same again (``rate_limited``), else null."""
+    to wait before sending the same again (``rate_limited``; ``unavailable`` refusing a login, before
+    ``bye``: before connecting again), else null."""
 
     code: str
     message: str

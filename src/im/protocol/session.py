@@ -64,6 +64,11 @@ class Limits:
     typing_rate: float = 5.0
     auth_timeout: float = 10.0
     idle_timeout: float = 60.0
+    #: Logins (``auth`` frames) a gateway process starts per second, bursts, and the longest wait for a
+    #: turn before a login is refused with ``retry_after`` (im.protocol.logins).
+    auth_rate: float = 500.0
+    auth_burst: int = 200
+    auth_max_wait: float = 2.0
 
 
 class TokenBucket:
@@ -256,6 +261,15 @@ class ServerSession:
         for m in early:
             out.extend(self.deliver(m))
         return out
+
+    def auth_busy(self, retry_after: float) -> list[cmd.Command]:
+        """The gateway will not start this login now (im.protocol.logins): ``error unavailable`` with
+        ``retry_after``, then ``bye unavailable`` (reconnect: true) and close."""
+        if self.state is not State.AUTHENTICATING:
+            return []
+        message = f"too many logins at once; retry in {retry_after:g}s"
+        self._error(ErrorCode.UNAVAILABLE, message, retry_after=retry_after)
+        return self.close(ErrorCode.UNAVAILABLE, message)
 
     def auth_failed(self, code: ErrorCode, message: str) -> list[cmd.Command]:
         self._error(code, message)

@@ -11,11 +11,13 @@ const BASE = "/api/v1";
 const AUTH_KEY = "im.auth";
 
 export class ApiError extends Error {
-  constructor(status, code, message) {
+  constructor(status, code, message, retryAfter = null) {
     super(message || code || `HTTP ${status}`);
     this.name = "ApiError";
     this.status = status;
     this.code = code || "";
+    /** Seconds to wait before trying again (429 and 503 answers that say so), else null. */
+    this.retryAfter = retryAfter;
   }
 }
 
@@ -58,7 +60,9 @@ async function errorOf(response) {
   } catch {
     /* not JSON */
   }
-  return new ApiError(response.status, body.code, body.message);
+  const header = Number.parseInt(response.headers.get("retry-after") || "", 10);
+  const retryAfter = typeof body.retry_after === "number" ? body.retry_after : Number.isNaN(header) ? null : header;
+  return new ApiError(response.status, body.code, body.message, retryAfter);
 }
 
 export class Api {

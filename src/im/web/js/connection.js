@@ -7,8 +7,10 @@
 //   below it is a duplicate and dropped; one past `held + 1` is a gap: reconnect stating the cursors.
 // - every send stays in the outbox until its `ack` or a final refusal; after `auth_ok` the whole outbox is
 //   written again in order; retryable refusals hold later sends back until a short delay has passed.
-// - reconnect with jittered exponential back-off (a random 50-100 % of min(max, base * 2^n)); ping after
-//   heartbeat/2 of silence and drop a connection whose ping got nothing back.
+// - reconnect with jittered exponential back-off (a random 50-100 % of min(max, base * 2^n)), and never
+//   sooner than the server asked: a refused login's `retry_after` (section 3, "Login admission") or an
+//   HTTP 503's, plus up to 20 % jitter; ping after heartbeat/2 of silence and drop a connection whose ping
+//   got nothing back.
 
 const RETRYABLE = new Set(["unavailable", "rate_limited", "too_many_in_flight", "unauthenticated"]);
 
@@ -63,6 +65,9 @@ export class Connection {
     this._stopped = true;
     this._wake = null; // resolves the back-off sleep early
     this._refusal = null; // why the last gateway address was refused (state "insecure")
+    this._retryAfter = null; // seconds the server asked this attempt to wait before the next one
+    /** Connection attempts the server answered with a wait (for tests and diagnostics). */
+    this.toldToWait = 0;
     this._unsent = [];
     this._inFlight = new Set();
     this._refused = [];
@@ -146,7 +151,13 @@ export class Connection {
         await this._sleep(null);
         continue;
       }
-      const delay = Math.min(this.backoffMax, this.backoffBase * 2 ** attempt) * (0.5 + Math.random() * 0.5);
+      let delay = Math.min(this.backoffMax, this.backoffBase * 2 ** attempt) * (0.5 + Math.random() * 0.5);
+      if (this._retryAfter !== null) {
+        // The server's wait, plus up to 20 % jitter, so a storm's clients come back spread out.
+        this.toldToWait++;
+        delay = Math.max(delay, this._retryAfter * 1000 * (1 + Math.random() * 0.2));
+        this._retryAfter = null;
+      }
       attempt = Math.min(attempt + 1, 30);
       this._status("offline", { retryAt: Date.now() + delay, reason });
       await this._sleep(delay);
@@ -169,6 +180,7 @@ export class Connection {
   /** One connection, from the gateway lookup to the close; resolves with why it ended. */
   async _connectOnce(onAuthOk) {
     this._status("connecting");
+    this._retryAfter = null;
     let gateway;
     let token;
     try {
@@ -177,6 +189,7 @@ export class Connection {
     } catch (err) {
       if (err && err.name === "AuthLost") return "auth_lost";
       if (err && err.code === "auth_failed") return "auth_lost";
+      if (err && typeof err.retryAfter === "number") this._retryAfter = err.retryAfter;
       return `gateway: ${err && err.message}`;
     }
     if (this._stopped) return "stopped";
@@ -375,6 +388,11 @@ export class Connection {
     // The answer to an auth frame whose token expired on the way (or was revoked): the bye that follows
     // makes the close handler refresh the token and reconnect, or show the login screen. Not an error.
     if (!error.ref && error.code === "auth_failed" && this.state !== "open") return;
+    // A login the gateway would not start now (too many at once): the bye follows; wait as told.
+    if (!error.ref && this.state !== "open" && typeof error.retry_after === "number") {
+      this._retryAfter = error.retry_after;
+      return;
+    }
     const entry = error.ref ? this.outbox.get(error.ref) : null;
     if (!entry) {
       this._emit("error", error);
