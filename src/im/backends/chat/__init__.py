@@ -52,10 +52,22 @@ class MessageLog(Service, abc.ABC):
 
     @abc.abstractmethod
     async def commit(self, batch: CommitBatch) -> None:
-        """Write the batch atomically and durably, or raise :class:`SeqConflict` and write nothing.
+        """Write the batch atomically and durably, or raise :class:`SeqConflict` (or, for a batch fenced
+        by a token lower than the one recorded for its node id, ``FenceRefused``) and write nothing.
 
         The batch spans every concern of the store it was given to: new conversations and member
         changes, messages, file refs, read marks, and the outbox rows of a store built with the outbox."""
+
+    @abc.abstractmethod
+    async def raise_fence(self, node_id: int, token: int) -> int:
+        """Record that the claim with fencing ``token`` holds ``node_id`` now; returns the token the store
+        records for it after the call (the larger of the stored one and ``token``: it never goes down).
+
+        Fencing: a :meth:`commit` whose ``batch.fence`` is (node_id, t) with t below the recorded token
+        raises :class:`~im.model.errors.FenceRefused` and writes nothing, in the same transaction as the
+        write (one indexed lookup per batch). The check and the raise are linearizable: once a raise
+        returns, no commit under a lower token of that node id lands. A node id with no token recorded
+        (or a batch without a fence) passes."""
 
     @abc.abstractmethod
     async def read_range(

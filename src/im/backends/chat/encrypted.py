@@ -255,6 +255,9 @@ class EncryptedChatStore(ChatStore):
             batch = dataclasses.replace(batch, messages=await self.seal(batch.messages))
         await self.inner.commit(batch)
 
+    async def raise_fence(self, node_id: int, token: int) -> int:
+        return await self.inner.raise_fence(node_id, token)
+
     async def read_range(
         self, conv: str, after: int, before: int | None, limit: int, newest_first: bool = False
     ) -> list[StoredMessage]:

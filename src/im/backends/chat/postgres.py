@@ -43,7 +43,7 @@ from im.model.chat import (
     StoredMessage,
     SyncPoint,
 )
-from im.model.errors import SeqConflict
+from im.model.errors import FenceRefused, SeqConflict
 from im.model.keys import WrappedKey
 
 _MSG_FIELDS = ["conv", "seq", "mid", "sender", "device", "cmid", "ts", "type", "body"]
@@ -52,6 +52,8 @@ _OUTBOX_FIELDS = ["conv", "seq", "mid", "sender", "type", "created_at", "tracepa
 
 # A refused batch wrote nothing; the committer reloads and retries.
 _CONFLICTS = (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+#: What im_check_fence raises (migration 8) for a batch whose fencing token is below the recorded one.
+_FENCED = "IMF01"
 
 
 def _msg(row: Any) -> StoredMessage:
@@ -144,6 +146,22 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
                 await self._commit_messages(batch)
         except _CONFLICTS as exc:
             raise SeqConflict(f"{type(exc).__name__}: {exc}") from None
+        except asyncpg.PostgresError as exc:
+            if getattr(exc, "sqlstate", None) == _FENCED and batch.fence is not None:
+                raise FenceRefused(*batch.fence) from None
+            raise
+
+    async def raise_fence(self, node_id: int, token: int) -> int:
+        """An upsert keeping the larger token; its row lock waits for the commits under way that hold the
+        fence row in share mode, so none of them lands after this returns with a higher token."""
+        return int(
+            await self.db.pool.fetchval(
+                "INSERT INTO node_fences (node_id, token) VALUES ($1, $2) ON CONFLICT (node_id)"
+                " DO UPDATE SET token = greatest(node_fences.token, excluded.token) RETURNING token",
+                node_id,
+                token,
+            )
+        )
 
     async def _commit_messages(self, batch: CommitBatch) -> None:
         """Heads, messages, outbox rows and read marks through ``im_commit_messages`` (migration 4):
@@ -162,12 +180,15 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
             else [()] * 9
         )
         r_cols = list(zip(*batch.read_marks, strict=True)) if batch.read_marks else [(), (), ()]
+        fence = batch.fence or (None, None)
         await self.db.pool.execute(
-            "SELECT im_commit_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+            "SELECT im_commit_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,"
+            " $18, $19)",
             *h_cols,
             *m_cols,
             *r_cols,
             self.outbox,
+            *fence,
         )
 
     async def _write(self, conn: Any, batch: CommitBatch) -> None:
@@ -186,16 +207,21 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
                     " FROM unnest($1::text[], $2::bigint[], $3::text[]) AS n(conv, uid, role)",
                     *zip(*rows, strict=True),
                 )
+        fence = batch.fence or (None, None)
+        if fence[0] is not None and not batch.heads:  # (a batch with messages always has heads)
+            await conn.execute("SELECT im_check_fence($1, $2)", *fence)
         if batch.heads:
             heads = sorted(batch.heads.items())  # one lock order for every committer
+            # The fence is checked once (an uncorrelated subquery: one initplan) in the same statement.
             status = await conn.execute(
                 "UPDATE conversations c SET last_seq = h.after, last_ts = h.ts"
                 " FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS h(conv, before, after, ts)"
-                " WHERE c.conv = h.conv AND c.last_seq = h.before",
+                " WHERE c.conv = h.conv AND c.last_seq = h.before AND (SELECT im_check_fence($5::integer, $6::bigint))",
                 [conv for conv, _ in heads],
                 [h[0] for _, h in heads],
                 [h[1] for _, h in heads],
                 [h[2] for _, h in heads],
+                *fence,
             )
             if rowcount(status) != len(heads):
                 raise SeqConflict("a conversation head moved")

@@ -21,6 +21,8 @@ class NodeIdTable:
         self.holders: dict[int, MemoryNodeIds] = {}
         #: node id -> (last owner, last millisecond used)
         self.marks: dict[int, tuple[str, int]] = {}
+        #: The last fencing token handed out: each claim takes the next one.
+        self.tokens = 0
 
     def take_away(self, node_id: int) -> None:
         """End the claim on ``node_id`` under its holder (what an operator deleting an etcd key does): the
@@ -42,6 +44,7 @@ class MemoryNodeIds(NodeIdClaims):
         self.table = NodeIdTable() if table is None else table
         self.prefer = prefer
         self._held: int | None = None
+        minter.on_refused = self._refused
 
     @property
     def node_id(self) -> int | None:
@@ -60,7 +63,8 @@ class MemoryNodeIds(NodeIdClaims):
         assert n is not None
         t.holders[n] = self
         self._held = n
-        self.minter.assign(n, after_ms=t.marks.get(n, ("", 0))[1])
+        t.tokens += 1
+        self.minter.assign(n, after_ms=t.marks.get(n, ("", 0))[1], token=t.tokens)
 
     def _give_back(self) -> None:
         n, self._held = self._held, None
@@ -75,6 +79,10 @@ class MemoryNodeIds(NodeIdClaims):
         self._give_back()
         log.warning("node id %s of %s was taken away: claiming one again", lost, self.owner)
         self._claim()
+
+    def _refused(self) -> None:
+        if self._held is not None and self.table.holders.get(self._held) is self:
+            self._lost()
 
     async def _release(self) -> None:
         self._give_back()
