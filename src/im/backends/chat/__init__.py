@@ -153,13 +153,20 @@ class CursorStore(Service, abc.ABC):
         was kept)."""
 
 
+class OutboxLockLost(Exception):
+    """The holder of :meth:`Outbox.outbox_exclusive` lost it meanwhile (its database session ended): the
+    store refused this fetch or delete, another relay may hold the lock now. Leave the exclusive block
+    and enter it again."""
+
+
 class Outbox(Service, abc.ABC):
     """The transactional outbox (a store built with ``outbox=True``): :meth:`MessageLog.commit` writes one
     row per committed message in the same transaction as the message, so an event exists if and only if
     its message was committed. A relay drains it: fetch, publish, then delete what was published.
 
     Guarantees: at least once (a row stays until deleted); per conversation, rows come in seq order;
-    one drainer at a time across processes (:meth:`outbox_exclusive`)."""
+    one drainer at a time across processes (:meth:`outbox_exclusive`), enforced by the store: a holder
+    whose lock went away is refused (:class:`OutboxLockLost`) on its next fetch or delete."""
 
     @abc.abstractmethod
     async def outbox_fetch(self, limit: int) -> list[OutboxEvent]:

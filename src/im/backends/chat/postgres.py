@@ -24,12 +24,13 @@ them, with nothing written: that is reported as :class:`SeqConflict` too, and th
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import asyncpg
 
-from im.backends.chat import ChatStore, ConversationKeys, StoredBodies
+from im.backends.chat import ChatStore, ConversationKeys, OutboxLockLost, StoredBodies
 from im.backends.sql.postgres_db import PostgresDatabase, rowcount
 from im.backends.sql.rows import conversation_summary
 from im.backends.sql.shared_db import OnSharedDatabase
@@ -54,6 +55,9 @@ _OUTBOX_FIELDS = ["conv", "seq", "mid", "sender", "type", "created_at", "tracepa
 _CONFLICTS = (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 #: What im_check_fence raises (migration 8) for a batch whose fencing token is below the recorded one.
 _FENCED = "IMF01"
+#: The session holding the outbox lock, in the task that entered ``outbox_exclusive`` (None elsewhere):
+#: that task's fetches and deletes go through it, so they fail once the session (and the lock) is gone.
+_outbox_session: contextvars.ContextVar[Any] = contextvars.ContextVar("im_outbox_session", default=None)
 
 
 def _msg(row: Any) -> StoredMessage:
@@ -395,9 +399,13 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
         return {(row[0], row[1]) for row in rows}
 
     async def outbox_fetch(self, limit: int) -> list[OutboxEvent]:
-        rows = await self.db.pool.fetch(
-            f"SELECT id, {', '.join(_OUTBOX_FIELDS)} FROM outbox ORDER BY id LIMIT $1", limit
-        )
+        sql = f"SELECT id, {', '.join(_OUTBOX_FIELDS)} FROM outbox ORDER BY id LIMIT $1"
+        session = _outbox_session.get()
+        if session is None:
+            rows = await self.db.pool.fetch(sql, limit)
+        else:
+            async with _on_lock_session():
+                rows = await session.fetch(sql, limit)
         return [OutboxEvent(*row) for row in rows]
 
     async def ping(self) -> None:
@@ -407,7 +415,13 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
     @contextlib.asynccontextmanager
     async def outbox_exclusive(self) -> AsyncIterator[None]:
         """A session-level advisory lock on a connection held meanwhile: released when the holder
-        leaves, or when its process dies and PostgreSQL drops the connection."""
+        leaves, or when its process dies and PostgreSQL drops the connection.
+
+        Fenced: inside, this task's :meth:`outbox_fetch` and :meth:`outbox_delete` run on the session
+        that holds the lock, never on the pool. If that session goes (``pg_terminate_backend``, a network
+        cut, a server restart) the lock goes with it and another relay may take it; this one's next
+        fetch or delete then fails with :class:`OutboxLockLost` instead of reading or deleting beside
+        the new holder."""
         key = f"im.outbox:{self.db.schema or ''}"
         async with self.db.pool.acquire() as conn:
             while True:
@@ -419,15 +433,24 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
                     # the lock been granted as the timeout hit, this takes it once more; release() of the
                     # connection runs pg_advisory_unlock_all).
                     continue
+            token = _outbox_session.set(conn)
             try:
                 yield
             finally:
+                _outbox_session.reset(token)
                 with contextlib.suppress(Exception):
                     await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
 
     async def outbox_delete(self, ids: Sequence[int]) -> None:
-        if ids:
-            await self.db.pool.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", list(ids))
+        if not ids:
+            return
+        sql = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
+        session = _outbox_session.get()
+        if session is None:
+            await self.db.pool.execute(sql, list(ids))
+            return
+        async with _on_lock_session():
+            await session.execute(sql, list(ids))
 
     async def list_conversations(self, uid: int) -> list[ConversationSummary]:
         # The peer of a direct conversation "d:<a>:<b>" is the one of a and b that is not uid. The CASEs
@@ -452,6 +475,15 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
             title = gname if kind == "group" else (peer_name if peer_name is not None else f"user {peer}")
             out.append(conversation_summary(conv, kind, title, last_seq, read_seq, last, peer))
         return out
+
+
+@contextlib.asynccontextmanager
+async def _on_lock_session() -> AsyncIterator[None]:
+    """A statement on the outbox lock's session: the session gone (closed, terminated) is the lock lost."""
+    try:
+        yield
+    except (asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError, OSError) as exc:
+        raise OutboxLockLost(f"the session holding the outbox lock is gone ({type(exc).__name__}: {exc})") from exc
 
 
 async def _raise_read_marks(conn: Any, marks: Sequence[tuple[int, str, int]]) -> None:
