@@ -154,7 +154,7 @@ async def test_a_paused_transfer_node_commits_nothing_under_its_taken_node_id(
                 finally:
                     os.kill(cluster.etcd.proc.pid, signal.SIGCONT)
                 # tr-1 finds out (its lease expired, or the store refused its token) and claims another id.
-                claimed = re.compile(rf"node id (\d+) claimed by tr-1 ")
+                claimed = re.compile(r"node id (\d+) claimed by tr-1 ")
                 await eventually(
                     lambda: [int(x) for x in claimed.findall(tr1.log())][-1] != n,
                     lambda: f"tr-1 did not claim another node id:\n{tr1.log()[-3000:]}",
@@ -175,7 +175,7 @@ async def test_a_paused_transfer_node_commits_nothing_under_its_taken_node_id(
         with contextlib.suppress(ProcessLookupError):
             os.kill(tr1.proc.pid, signal.SIGCONT)
     total = BEFORE + 5 + AFTER
-    for c, to in senders:
+    for c, _ in senders:
         assert len(c.acks) == total
     for r in receivers:
         await r.wait_for(lambda r=r: len({m["seq"] for m in r.messages}) >= total, timeout=20)
