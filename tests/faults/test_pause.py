@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -95,7 +96,8 @@ async def test_a_paused_transfer_node_commits_nothing_under_its_taken_node_id(
     cluster: LocalCluster, history: History
 ) -> None:
     started = time.monotonic()
-    senders, receivers = [], []
+    senders: list[tuple[ChatClient, int]] = []
+    receivers: list[ChatClient] = []
     on_tr1 = 0
     for i in range(PAIRS * 8):  # conversations tr-1 carries (the gateways' rendezvous hash), one on tr-2
         if len(senders) == PAIRS:
@@ -178,7 +180,7 @@ async def test_a_paused_transfer_node_commits_nothing_under_its_taken_node_id(
     for c, _ in senders:
         assert len(c.acks) == total
     for r in receivers:
-        await r.wait_for(lambda r=r: len({m["seq"] for m in r.messages}) >= total, timeout=20)
+        await r.wait_for(functools.partial(_got, r, total), timeout=20)
         seqs = [m["seq"] for m in r.messages]
         assert len(seqs) == len(set(seqs)), "a receiver got a message twice"
     print(
@@ -190,3 +192,7 @@ async def test_a_paused_transfer_node_commits_nothing_under_its_taken_node_id(
 
 async def _free(registry: EtcdRegistry, prefix: str, n: int) -> bool:
     return n not in await _node_ids_held(registry, prefix)
+
+
+def _got(c: ChatClient, count: int) -> bool:
+    return len({m["seq"] for m in c.messages}) >= count
