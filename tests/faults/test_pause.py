@@ -19,9 +19,13 @@ import os
 import re
 import signal
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
+import redis.asyncio as aioredis
 import websockets
 
 from im.backends.chat.postgres import PostgresChatStore
@@ -32,11 +36,31 @@ from im.cluster import LocalCluster
 from im.core.ids import Snowflake
 from im.model.ids import direct_conv
 from im.transfer.pool import _score
-from tests.cluster.conftest import client_on, node_id_of
+from tests.cluster.conftest import client_on, drop_schema, make_cluster, node_id_of, stop_checked
 from tests.support.checker import History
 from tests.support.client import ChatClient, register
 from tests.support.postgres import DSN
 from tests.support.wait import eventually
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """The shared cluster fixture's cluster, started again on other ports when one was taken meanwhile
+    (other test runs on this machine hold thousands of sockets, whose local ports can land in a range
+    picked as free a moment earlier)."""
+    for attempt in range(4):
+        c = make_cluster(tmp_path / f"cluster-{attempt}")
+        try:
+            c.start()
+        except RuntimeError as exc:
+            asyncio.run(drop_schema(c.postgres_schema))
+            if "already in use" in str(exc) and attempt < 3:
+                continue
+            raise
+        break
+    yield c
+    stop_checked(c)
+
 
 PAIRS = 3  # direct conversations streaming at once (spread over both transfer nodes)
 BEFORE, AFTER = 15, 25  # sends per sender before the pause, and after the wake-up
@@ -196,3 +220,123 @@ async def _free(registry: EtcdRegistry, prefix: str, n: int) -> bool:
 
 def _got(c: ChatClient, count: int) -> bool:
     return len({m["seq"] for m in c.messages}) >= count
+
+
+# --- a paused gateway -----------------------------------------------------------------------------------
+
+QUIET = 2.0  # how long the new owner's presence entries are watched after the wake-up (a bound, not a barrier)
+
+
+async def _redis_now_ms(r: aioredis.Redis) -> int:
+    sec, usec = await r.time()
+    return int(sec) * 1000 + int(usec) // 1000
+
+
+async def _live_members(r: aioredis.Redis, prefix: str, uid: int) -> set[str]:
+    now = await _redis_now_ms(r)
+    return {_text(m) for m in await r.zrangebyscore(f"{prefix}p:{uid}", f"({now}", "+inf")}
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def test_a_paused_gateway_moves_its_clients_and_clobbers_no_presence(
+    cluster: LocalCluster, history: History
+) -> None:
+    """``gw-1`` is stopped (SIGSTOP) past its registration lease and its presence entries' TTL. One of its
+    clients moves meanwhile (its old socket gone, as an SDK closes it; it connects to ``gw-2`` and resumes
+    from its cursors), the other stays. Woken (SIGCONT), ``gw-1`` finds its lease gone, registers again
+    and tells the client still there to reconnect (``bye unavailable``) instead of serving on; its
+    presence writes never take the moved device from ``gw-2``; nobody gets a message twice or misses one
+    (checker C1-C6)."""
+    started = time.monotonic()
+    prefix = cluster.redis_prefix
+    sender_acc = await register(cluster.api, "gsend")
+    mover_acc = await register(cluster.api, "gmove")
+    stayer_acc = await register(cluster.api, "gstay")
+    sender = client_on(history, cluster, "gw-2", sender_acc, "s1")
+    mover = client_on(history, cluster, "gw-1", mover_acc, "m1")
+    stayer = client_on(history, cluster, "gw-1", stayer_acc, "t1")
+    for c in (sender, mover, stayer):
+        await c.connect()
+    sent = 0
+
+    async def burst(count: int) -> None:
+        nonlocal sent
+        for i in range(sent, sent + count):
+            await _send_acked(sender, mover_acc.uid, f"s1-m-{i}", f"to mover {i}")
+            await _send_acked(sender, stayer_acc.uid, f"s1-t-{i}", f"to stayer {i}")
+        sent += count
+
+    await burst(10)
+    await mover.wait_for(functools.partial(_got, mover, 10), timeout=20)
+    await stayer.wait_for(functools.partial(_got, stayer, 10), timeout=20)
+    gw1 = cluster.nodes["gw-1"]
+    assert gw1.proc is not None
+    os.kill(gw1.proc.pid, signal.SIGSTOP)
+    paused = time.monotonic()
+    r = aioredis.Redis.from_url(cluster.redis_url)
+    try:
+        # The mover notices and moves: its old socket is gone, a new connection on gw-2 resumes.
+        await mover.drop()
+        moved = client_on(history, cluster, "gw-2", mover_acc, "m1")
+        moved.cursors = dict(mover.cursors)
+        await moved.connect()
+        await burst(10)  # while gw-1 is stopped: the mover gets them on gw-2, the stayer's wait in the log
+        async with EtcdRegistry(cluster.etcd.endpoint if cluster.etcd else "", prefix=_prefix(cluster)) as registry:
+
+            async def gw1_listed() -> bool:
+                return any(i.node == "gw-1" for i in await registry.instances("gateway"))
+
+            await eventually(lambda: _not(gw1_listed()), "gw-1's registration did not expire", timeout=15)
+            await eventually(
+                lambda: _lacks(_live_members(r, prefix, stayer_acc.uid), "t1|gw-1"),
+                "gw-1's presence entries did not expire",
+                timeout=15,
+            )
+            assert await _live_members(r, prefix, mover_acc.uid) == {"m1|gw-2"}
+            os.kill(gw1.proc.pid, signal.SIGCONT)
+            stopped_for = time.monotonic() - paused
+            # gw-1 learns from etcd that its lease is gone, registers again, and moves its clients.
+            await eventually(lambda: "etcd lease of gw-1 was lost" in gw1.log(), lambda: gw1.log()[-3000:], timeout=15)
+            await eventually(lambda: stayer.closed_reason is not None, "the stayer was not asked to move", timeout=15)
+            assert stayer.closed_reason is not None
+            assert (stayer.closed_reason["code"], stayer.closed_reason["reconnect"]) == ("unavailable", True)
+            await eventually(gw1_listed, "gw-1 did not register again", timeout=15)
+            # Its presence writes never took the moved device from gw-2 (a refresh is compare-and-set).
+            deadline = time.monotonic() + QUIET
+            while time.monotonic() < deadline:
+                assert await _live_members(r, prefix, mover_acc.uid) == {"m1|gw-2"}
+                holder = await r.hget(f"{prefix}h:{mover_acc.uid}", "m1")
+                assert holder is not None and _text(holder).startswith("gw-2|"), holder
+                await asyncio.sleep(0.1)
+        # The stayer reconnects (to gw-1, listed again) and resumes from its cursors; streaming goes on.
+        await stayer.connect()
+        await burst(10)
+        await moved.wait_for(functools.partial(_got_after, moved, mover.cursors, 30), timeout=20)
+        await stayer.wait_for(functools.partial(_got, stayer, 30), timeout=20)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(gw1.proc.pid, signal.SIGCONT)
+        await r.aclose()
+    for c in (stayer, moved):
+        seqs = [m["seq"] for m in c.messages]
+        assert len(seqs) == len(set(seqs)), f"{c.device} got a message twice"
+    print(
+        f"\npaused gateway: gw-1 stopped {stopped_for:.1f} s past its lease; {2 * sent} messages; "
+        f"mover moved to gw-2, stayer told to reconnect; {time.monotonic() - started:.1f} s"
+    )
+
+
+async def _not(check: Any) -> bool:
+    return not await check
+
+
+async def _lacks(members: Any, member: str) -> bool:
+    return member not in await members
+
+
+def _got_after(c: ChatClient, before: dict[str, int], total: int) -> bool:
+    """``c`` (a new connection resumed from ``before``) holds every seq up to ``total`` of its conversation."""
+    return sum(before.values()) + len({m["seq"] for m in c.messages}) >= total
