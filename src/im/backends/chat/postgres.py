@@ -3,6 +3,10 @@ statements per batch whatever its size.
 
 A commit is (each step skipped when the batch has nothing for it):
 
+0. with ``batch.fence`` (node id, token), the node id's recorded token is read under a share lock
+   (``im_check_fence``, migration 8: one indexed lookup, inside the first statement) and a lower token in
+   the batch refuses it with :class:`FenceRefused`; ``raise_fence`` (an upsert keeping the larger token)
+   waits for the commits holding that lock, so no commit of an older claim lands after it returns;
 1. new conversations and their members: two ``INSERT ... SELECT FROM unnest(...)``; a conversation
    that exists already is a unique violation, so the batch fails with :class:`SeqConflict`;
 2. every head in one ``UPDATE ... FROM unnest(...) WHERE last_seq = before``; fewer rows updated than

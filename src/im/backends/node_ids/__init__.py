@@ -64,10 +64,12 @@ class NodeIdClaims(Service, abc.ABC):
       minting: ``minter.revoke`` is called when the loss is found, and the reservation (``until_ms``)
       bounds minting before that. The implementation claims again in the background (any free id, its
       old one first) and calls ``minter.assign`` once it holds one.
-    - Every claim hands the minter a fencing token larger than that of any earlier claim of the same id;
-      the committer records it in the chat store before minting under it and every commit carries it, so
-      the store refuses the commits of a holder that lost its id (paused past its lease, say) whatever
-      that holder believes. A refusal (``minter.on_refused``) is a loss: the claim is made again.
+    - Claims shared by several processes hand the minter a fencing token larger than that of any earlier
+      claim of the same id (etcd: the claim key's create revision); the committer records it in the chat
+      store before minting under it and every commit carries it, so the store refuses the commits of a
+      holder that lost its id (paused past its lease, say) whatever that holder believes. A refusal
+      (``minter.on_refused``) is a loss: the claim is made again. In-process claims (one process, one
+      writer) give no token: nothing to fence off.
     - A new claim takes this owner's previous id when it is free, else the lowest free one.
     - :meth:`close` revokes the minter, records how far the id was used and gives it back: free at
       once for the next claimant.

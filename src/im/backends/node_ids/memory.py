@@ -21,8 +21,6 @@ class NodeIdTable:
         self.holders: dict[int, MemoryNodeIds] = {}
         #: node id -> (last owner, last millisecond used)
         self.marks: dict[int, tuple[str, int]] = {}
-        #: The last fencing token handed out: each claim takes the next one.
-        self.tokens = 0
 
     def take_away(self, node_id: int) -> None:
         """End the claim on ``node_id`` under its holder (what an operator deleting an etcd key does): the
@@ -44,7 +42,6 @@ class MemoryNodeIds(NodeIdClaims):
         self.table = NodeIdTable() if table is None else table
         self.prefer = prefer
         self._held: int | None = None
-        minter.on_refused = self._refused
 
     @property
     def node_id(self) -> int | None:
@@ -63,8 +60,8 @@ class MemoryNodeIds(NodeIdClaims):
         assert n is not None
         t.holders[n] = self
         self._held = n
-        t.tokens += 1
-        self.minter.assign(n, after_ms=t.marks.get(n, ("", 0))[1], token=t.tokens)
+        # No fencing token (0): one process shares this table, its store has no other writer to fence off.
+        self.minter.assign(n, after_ms=t.marks.get(n, ("", 0))[1])
 
     def _give_back(self) -> None:
         n, self._held = self._held, None
@@ -79,10 +76,6 @@ class MemoryNodeIds(NodeIdClaims):
         self._give_back()
         log.warning("node id %s of %s was taken away: claiming one again", lost, self.owner)
         self._claim()
-
-    def _refused(self) -> None:
-        if self._held is not None and self.table.holders.get(self._held) is self:
-            self._lost()
 
     async def _release(self) -> None:
         self._give_back()
