@@ -86,3 +86,17 @@ async def test_a_new_claim_whose_token_is_already_beaten_mints_nothing(pair: tup
     assert refused.value.code is ErrorCode.UNAVAILABLE
     assert old.committer.ids.node is None and old.committer.ids.last_ms == 0  # nothing minted
     assert [m.cmid for m in await new.store.read_range(direct_conv(1, 2), 0, None, 10)] == ["a"]
+
+
+async def test_a_group_creation_of_the_old_holder_is_fenced_off(pair: tuple[ChatCore, ChatCore]) -> None:
+    old, new = pair
+    old.committer.ids.assign(5, token=10)
+    await old.committer.create_group(1, "before", {1: "owner", 2: "member"})
+    new.committer.ids.assign(5, after_ms=old.committer.ids.last_ms, token=11)
+    await new.committer.send(send("b"))  # records token 11
+    with pytest.raises(ImError) as refused:
+        await old.committer.create_group(1, "after", {1: "owner", 2: "member"})
+    assert refused.value.code is ErrorCode.UNAVAILABLE
+    assert old.committer.ids.node is None and old.committer.fence_refusals == 1
+    names = {c.title for c in await new.store.list_conversations(1)}
+    assert "before" in names and "after" not in names

@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 
-from im.model.chat import CommitBatch, ConversationState
+from im.model.chat import CommitBatch, ConversationState, Group, StoredMessage
 from im.model.errors import FenceRefused
 from im.model.ids import direct_conv
 from tests.contract.conftest import ChatHarness
@@ -91,3 +91,19 @@ async def _batch(conv: str, seq: int, sender: int) -> CommitBatch:
 
 def _state(conv: str, a: int, b: int) -> ConversationState:
     return ConversationState(conv, "direct", 0, {a: "member", b: "member"})
+
+
+async def test_a_group_created_under_a_lower_token_is_refused(chat: ChatHarness) -> None:
+    old, new = chat.store, await chat.peer()
+    assert await new.raise_fence(4, 8) == 8
+    members = {1: "owner", 2: "member"}
+    with pytest.raises(FenceRefused):
+        await old.create_group(Group(0, "late", 1, 2_000), _first(), members, fence=(4, 7))
+    assert await new.list_conversations(1) == []  # nothing of it was written
+    gid = await old.create_group(Group(0, "ok", 1, 2_000), _first(), members, fence=(4, 8))
+    assert await new.get_group(gid) == Group(gid, "ok", 1, 2_000)
+    assert [c.conv for c in await new.list_conversations(2)] == [f"g:{gid}"]
+
+
+def _first() -> StoredMessage:
+    return msg("ignored", 1, 1, device="", ts=2_000, type="system")

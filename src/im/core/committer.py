@@ -416,17 +416,12 @@ class Committer:
             for item in items:
                 self._refuse_item(p, item, _no_node_id())
             return p
-        fence = p.batch.fence = self.ids.fence
-        if fence is not None and fence != self._fenced:  # a new claim: record its token before minting
-            held = await self._store.raise_fence(*fence)
-            if held > fence[1]:
-                why = f"node id {fence[0]}: token {held} recorded, this claim has {fence[1]}"
-                self._refused_by_fence(fence[1], why)
-                for item in items:
-                    self._refuse_item(p, item, _fenced())
-                p.batch.fence = None
-                return p
-            self._fenced = fence
+        p.batch.fence = self.ids.fence
+        if not await self._record_fence(p.batch.fence):  # a new claim: its token recorded before minting
+            for item in items:
+                self._refuse_item(p, item, _fenced())
+            p.batch.fence = None
+            return p
         heads_before: dict[str, int] = {}
         in_batch: dict[tuple[int, str, str], StoredMessage] = {}
         for item, conv in targets:
@@ -447,6 +442,18 @@ class Committer:
             state = self._states[conv]
             p.batch.heads[conv] = (before, state.last_seq, now_ms)
         return p
+
+    async def _record_fence(self, fence: tuple[int, int] | None) -> bool:
+        """Before the first id minted under a new claim: record its token in the store. False when the
+        store holds a later claim of that node id already (then minting stops, the claim is made again)."""
+        if fence is None or fence == self._fenced:
+            return True
+        held = await self._store.raise_fence(*fence)
+        if held > fence[1]:
+            self._refused_by_fence(fence[1], f"node id {fence[0]}: token {held} recorded, this claim has {fence[1]}")
+            return False
+        self._fenced = fence
+        return True
 
     def _refused_by_fence(self, token: int, why: str) -> None:
         """The store holds a later claim of this node id: stop minting under it and let the claim know."""
@@ -699,6 +706,9 @@ class Committer:
         now_ms = int(self._clock() * 1000)
         if not self.ids.can_mint(now_ms):
             raise _no_node_id()
+        fence = self.ids.fence
+        if not await self._record_fence(fence):
+            raise _fenced()
         mid = self.ids.next(now_ms)
         first = StoredMessage(
             conv="",
@@ -711,7 +721,11 @@ class Committer:
             type="system",
             body=_encode_json({"event": "group_created", "name": name, "by": owner, "uids": list(roles)}),
         )
-        gid = await self._store.create_group(Group(0, name, owner, now_ms), first, roles)
+        try:
+            gid = await self._store.create_group(Group(0, name, owner, now_ms), first, roles, fence=fence)
+        except FenceRefused as exc:
+            self._refused_by_fence(exc.token, f"{exc}; a group creation refused")
+            raise _fenced() from None
         first.conv = group_conv(gid)
         await self._route([first], [list(roles)])
         return Group(gid, name, owner, now_ms)

@@ -93,11 +93,15 @@ class GroupDirectory(Service, abc.ABC):
     committed batch left (membership changes are written by :meth:`MessageLog.commit`)."""
 
     @abc.abstractmethod
-    async def create_group(self, group: Group, first: StoredMessage, members: dict[int, str]) -> int:
+    async def create_group(
+        self, group: Group, first: StoredMessage, members: dict[int, str], *, fence: tuple[int, int] | None = None
+    ) -> int:
         """Create a group, its conversation ``g:<gid>`` with ``first`` as seq 1, and its members.
 
         Returns the gid: ``group.gid`` when it is not 0 (one :meth:`reserve_gid` returned), else a new one
-        the store assigns. ``first.conv`` is ignored (the conversation is ``g:<gid>``).
+        the store assigns. ``first.conv`` is ignored (the conversation is ``g:<gid>``). ``fence``: as
+        ``CommitBatch.fence`` (:meth:`MessageLog.raise_fence`): a lower token than the one recorded for
+        its node id raises ``FenceRefused`` and creates nothing.
         """
 
     @abc.abstractmethod

@@ -272,13 +272,16 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
         if batch.read_marks:
             await _raise_read_marks(conn, batch.read_marks)
 
-    async def create_group(self, group: Group, first: StoredMessage, members: dict[int, str]) -> int:
-        # One statement: the group, its conversation at seq 1, the members and the first message.
+    async def create_group(
+        self, group: Group, first: StoredMessage, members: dict[int, str], *, fence: tuple[int, int] | None = None
+    ) -> int:
+        # One statement: the fence, the group, its conversation at seq 1, the members and the first message.
         try:
             gid = await self.db.pool.fetchval(
-                "WITH g AS (INSERT INTO groups (gid, name, owner, created_at)"
-                "       VALUES (coalesce($14, nextval(pg_get_serial_sequence('groups', 'gid'))), $1, $2, $3)"
-                "       RETURNING gid),"
+                "WITH f AS (SELECT im_check_fence($15::integer, $16::bigint) AS ok),"
+                " g AS (INSERT INTO groups (gid, name, owner, created_at)"
+                "       SELECT coalesce($14, nextval(pg_get_serial_sequence('groups', 'gid'))), $1, $2, $3"
+                "       FROM f WHERE f.ok RETURNING gid),"
                 " c AS (INSERT INTO conversations (conv, kind, last_seq, last_ts)"
                 "       SELECT 'g:' || gid, 'group', 1, $4 FROM g RETURNING conv),"
                 " m AS (INSERT INTO members (conv, uid, role, joined_seq)"
@@ -300,9 +303,14 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
                 first.type,
                 first.body,
                 group.gid or None,
+                *(fence or (None, None)),
             )
         except asyncpg.UniqueViolationError as exc:
             raise SeqConflict(str(exc)) from None
+        except asyncpg.PostgresError as exc:
+            if getattr(exc, "sqlstate", None) == _FENCED and fence is not None:
+                raise FenceRefused(*fence) from None
+            raise
         return int(gid)
 
     async def reserve_gid(self) -> int:

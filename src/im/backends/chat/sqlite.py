@@ -104,11 +104,7 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
     async def commit(self, batch: CommitBatch) -> None:
         def run(conn: sqlite3.Connection) -> None:
             try:
-                if batch.fence is not None:  # in the writer's transaction: serialised with raise_fence
-                    node_id, token = batch.fence
-                    row = conn.execute("SELECT token FROM node_fences WHERE node_id = ?", (node_id,)).fetchone()
-                    if row is not None and row[0] > token:
-                        raise FenceRefused(node_id, token, row[0])
+                _check_fence(conn, batch.fence)
                 for c in batch.new_conversations:
                     conn.execute(
                         "INSERT INTO conversations (conv, kind, last_seq, last_ts) VALUES (?, ?, 0, 0)",
@@ -159,8 +155,11 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
 
         await self.db.write(run)
 
-    async def create_group(self, group: Group, first: StoredMessage, members: dict[int, str]) -> int:
+    async def create_group(
+        self, group: Group, first: StoredMessage, members: dict[int, str], *, fence: tuple[int, int] | None = None
+    ) -> int:
         def run(conn: sqlite3.Connection) -> int:
+            _check_fence(conn, fence)
             cur = conn.execute(
                 "INSERT INTO groups (gid, name, owner, created_at) VALUES (?, ?, ?, ?)",
                 (group.gid or None, group.name, group.owner, group.created_at),
@@ -476,3 +475,13 @@ class SqliteStoredBodies(OnSharedDatabase[SqliteDatabase], StoredBodies):
 
     async def scrub(self) -> bool:
         return await self.db.checkpoint(truncate=True)
+
+
+def _check_fence(conn: sqlite3.Connection, fence: tuple[int, int] | None) -> None:
+    """Refuse a write fenced by a token below the one recorded for its node id (in the writer's
+    transaction: serialised with raise_fence)."""
+    if fence is not None:
+        node_id, token = fence
+        row = conn.execute("SELECT token FROM node_fences WHERE node_id = ?", (node_id,)).fetchone()
+        if row is not None and row[0] > token:
+            raise FenceRefused(node_id, token, row[0])
