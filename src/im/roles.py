@@ -213,6 +213,8 @@ class GatewayNode(_Role):
         self._listen_for_ops(self.readiness)
         #: Dynamic settings from the configuration centre: limits, rates, log level, trace sampling.
         self.live, self._live_parts = live_config(config, b.registry, self.lifecycle, hub=self.hub, reads=self.reads)
+        # A registration found lost (lease expired while paused or cut off): clients are moved, not served on.
+        b.registry.on_lost(lambda lost: self.hub.relocate_all() if lost == node else None)
 
     @property
     def addresses(self) -> dict[str, str]:

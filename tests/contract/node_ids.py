@@ -24,8 +24,8 @@ class Recorder(Snowflake):
         super().__init__(None)
         self.events: list[tuple[str, int | None]] = []
 
-    def assign(self, node: int, *, after_ms: int = 0, until_ms: int | None = None) -> None:
-        super().assign(node, after_ms=after_ms, until_ms=until_ms)
+    def assign(self, node: int, *, after_ms: int = 0, until_ms: int | None = None, token: int = 0) -> None:
+        super().assign(node, after_ms=after_ms, until_ms=until_ms, token=token)
         self.events.append(("assign", node))
 
     def revoke(self) -> None:

@@ -25,6 +25,14 @@ it is up: if not, the store itself is down and everything left is refused ``unav
 Message ids come from :attr:`Committer.ids` (im.core.ids), whose node id a claim assigns (distributed
 mode) or which holds a fixed one (``im serve``). While no node id is held (a claim lost, not yet made
 again) every pass refuses its items ``unavailable`` (retryable, same cmid) and stores nothing.
+
+Fencing: each claim carries a token (``Snowflake.fence``: the etcd create revision of the claim key,
+larger for every later claim). Before the first pass under a new claim the committer records its token
+in the store (``ChatStore.raise_fence``), and every batch carries (node id, token); the store refuses a
+batch whose token is below the one recorded for its node id (``FenceRefused``), in the batch's own
+transaction. So a node paused past its lease, whose node id another node claimed and recorded meanwhile,
+cannot commit when it wakes up, whatever it believes: its batch is refused ``unavailable`` (retryable),
+minting stops and the claim is made again (``Snowflake.refused`` → the claim's ``on_refused``).
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ from im.core.ids import Snowflake
 from im.core.membership import MemberRequest, plan_member_change
 from im.core.states import ConversationStates, unknown_conv
 from im.model.chat import CommitBatch, ConversationState, Group, MemberChange, StoredMessage
-from im.model.errors import ErrorCode, ImError, SeqConflict
+from im.model.errors import ErrorCode, FenceRefused, ImError, SeqConflict
 from im.model.ids import direct_conv, group_conv, parse_conv
 from im.observability import tracing
 from im.observability.metrics import METRICS
@@ -88,6 +96,11 @@ _encode_json = msgspec.json.Encoder().encode
 def _no_node_id() -> ImError:
     """The refusal while this process holds no node id (its claim was lost and is being made again)."""
     return ImError(ErrorCode.UNAVAILABLE, "this node holds no message id range right now; retry")
+
+
+def _fenced() -> ImError:
+    """The refusal of a batch the store fenced off: this node's node id was claimed by another since."""
+    return ImError(ErrorCode.UNAVAILABLE, "this node lost its message id range to another node; retry")
 
 
 class SendRequest(msgspec.Struct, gc=False):
@@ -188,6 +201,9 @@ class Committer:
         self._poison_log = ThrottledLog(log, "sends the store or the checks could not take")
         self._outage_log = ThrottledLog(log, "batches: storage unavailable", level=logging.ERROR)
         self._callback_log = ThrottledLog(log, "answers a send callback failed on", level=logging.ERROR)
+        self._fence_log = ThrottledLog(log, "batches refused by the store's fence", level=logging.WARNING)
+        self._fenced: tuple[int, int] | None = None  # the (node id, token) last recorded in the store
+        self.fence_refusals = 0  # batches the store refused for a lower fencing token (tests read it)
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -290,6 +306,14 @@ class Committer:
             try:
                 self.store_calls += 1
                 await self._store.commit(p.batch)
+            except FenceRefused as exc:
+                # Another process claimed this node id since (this one was paused past its lease, say):
+                # nothing was written; stop minting, claim again, refuse the items (retryable).
+                for conv in p.batch.heads:
+                    self._states.pop(conv, None)
+                self._refused_by_fence(exc.token, f"{exc}; {len(items)} items refused")
+                self._fail(items, _fenced())
+                return
             except SeqConflict:
                 # Another writer moved a head or a retry met its original: reload, look up, try again.
                 for conv in p.batch.heads:
@@ -392,6 +416,12 @@ class Committer:
             for item in items:
                 self._refuse_item(p, item, _no_node_id())
             return p
+        p.batch.fence = self.ids.fence
+        if not await self._record_fence(p.batch.fence):  # a new claim: its token recorded before minting
+            for item in items:
+                self._refuse_item(p, item, _fenced())
+            p.batch.fence = None
+            return p
         heads_before: dict[str, int] = {}
         in_batch: dict[tuple[int, str, str], StoredMessage] = {}
         for item, conv in targets:
@@ -412,6 +442,25 @@ class Committer:
             state = self._states[conv]
             p.batch.heads[conv] = (before, state.last_seq, now_ms)
         return p
+
+    async def _record_fence(self, fence: tuple[int, int] | None) -> bool:
+        """Before the first id minted under a new claim: record its token in the store. False when the
+        store holds a later claim of that node id already (then minting stops, the claim is made again)."""
+        if fence is None or fence == self._fenced:
+            return True
+        held = await self._store.raise_fence(*fence)
+        if held > fence[1]:
+            self._refused_by_fence(fence[1], f"node id {fence[0]}: token {held} recorded, this claim has {fence[1]}")
+            return False
+        self._fenced = fence
+        return True
+
+    def _refused_by_fence(self, token: int, why: str) -> None:
+        """The store holds a later claim of this node id: stop minting under it and let the claim know."""
+        self.fence_refusals += 1
+        self._fenced = None
+        self._fence_log.hit(why)
+        self.ids.refused(token)
 
     @staticmethod
     def _refuse_item(p: _Pass | None, item: _Send | _MemberOp, err: ImError) -> None:
@@ -657,6 +706,9 @@ class Committer:
         now_ms = int(self._clock() * 1000)
         if not self.ids.can_mint(now_ms):
             raise _no_node_id()
+        fence = self.ids.fence
+        if not await self._record_fence(fence):
+            raise _fenced()
         mid = self.ids.next(now_ms)
         first = StoredMessage(
             conv="",
@@ -669,7 +721,11 @@ class Committer:
             type="system",
             body=_encode_json({"event": "group_created", "name": name, "by": owner, "uids": list(roles)}),
         )
-        gid = await self._store.create_group(Group(0, name, owner, now_ms), first, roles)
+        try:
+            gid = await self._store.create_group(Group(0, name, owner, now_ms), first, roles, fence=fence)
+        except FenceRefused as exc:
+            self._refused_by_fence(exc.token, f"{exc}; a group creation refused")
+            raise _fenced() from None
         first.conv = group_conv(gid)
         await self._route([first], [list(roles)])
         return Group(gid, name, owner, now_ms)

@@ -21,6 +21,7 @@ nodes (clocks differ); within a conversation the order is ``seq``, never ``mid``
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from im.model.ids import MAX_NODE_IDS
 
@@ -39,6 +40,10 @@ class Snowflake:
         self._last_ms = 0
         self._counter = 0
         self._until_ms: int | None = None
+        self._token = 0
+        #: Called when a store refused this holder's token (:meth:`refused`): set by the claim that drives
+        #: this minter, which then treats its claim as lost and claims again.
+        self.on_refused: Callable[[], None] | None = None
         if node is not None:
             self.assign(node)
 
@@ -52,16 +57,34 @@ class Snowflake:
         """The millisecond of the last id minted (0: none yet): what a release records."""
         return self._last_ms
 
-    def assign(self, node: int, *, after_ms: int = 0, until_ms: int | None = None) -> None:
+    def assign(self, node: int, *, after_ms: int = 0, until_ms: int | None = None, token: int = 0) -> None:
         """Mint under ``node`` from now on, in milliseconds after ``after_ms`` (0: none) and up to
-        ``until_ms`` (None: no bound).
+        ``until_ms`` (None: no bound). ``token``: the claim's fencing token (larger for every later claim
+        of any node id; 0: none, commits are not fenced).
         Ids still increase across the change: the next one is in a later millisecond than any before."""
         if not 0 <= node < MAX_NODE_IDS:
             raise ValueError(f"a node id is 0..{MAX_NODE_IDS - 1}: {node}")
         before = max(after_ms, self._last_ms)  # the last millisecond that may already carry ids
         if before:
             self._last_ms, self._counter = before + 1, -1  # the next id: in before + 1 (or later), counter 0
-        self._node, self._until_ms = node, until_ms
+        self._node, self._until_ms, self._token = node, until_ms, token
+
+    @property
+    def fence(self) -> tuple[int, int] | None:
+        """(node id, fencing token) of the claim minted under now, for the store to check; None when no
+        node id is held or the claim has no token."""
+        if self._node is None or not self._token:
+            return None
+        return self._node, self._token
+
+    def refused(self, token: int) -> None:
+        """A store refused a commit fenced by ``token``: another process holds this node id now. Stops
+        minting (if ``token`` is still this holder's) and tells the claim (:attr:`on_refused`)."""
+        if self._node is None or token != self._token:
+            return
+        self._node = None
+        if self.on_refused is not None:
+            self.on_refused()
 
     def extend(self, until_ms: int | None) -> None:
         """The reservation of the node id held now reaches ``until_ms``."""

@@ -10,6 +10,13 @@ the connection, backs off (doubling from ``backoff`` up to ``max_backoff``) and 
 At least once: a crash (or failure) after some confirms and before the delete republishes those events;
 consumers deduplicate by ``mid``. Order: rows are published in id order on one channel, which per
 conversation is seq order; the store's outbox lock keeps it to one relay at a time.
+
+Fencing: the lock is a database session's, and the relay fetches and deletes through that session
+(``Outbox.outbox_exclusive``), so a relay whose session ended (terminated, cut off) while it still runs is
+refused by the database on its next fetch or delete (``OutboxLockLost``); it takes the lock again
+(waiting behind the new holder). What remains: the rows it fetched before the loss may be published
+by it while the new holder publishes them too (at least once, consumers dedupe by ``mid``; the
+duplicate may arrive after a later event of the same conversation).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from collections.abc import Sequence
 import aio_pika
 from opentelemetry.trace import SpanKind
 
-from im.backends.chat import Outbox
+from im.backends.chat import Outbox, OutboxLockLost
 from im.backends.tls import ClientTls, amqp_context
 from im.events import topology
 from im.model.chat import OutboxEvent
@@ -59,6 +66,7 @@ class OutboxRelay:
         self.ssl_context = amqp_context(amqp_url, tls)  # amqps://: whom to trust, what to present
         self.published = 0  # events confirmed and deleted
         self.failures = 0  # connection or publish attempts that failed
+        self.locks_lost = 0  # times the store refused this relay because its outbox lock had gone
 
     async def run(self) -> None:
         """Relay until cancelled; it never returns on its own. The caller owns the task that runs it and
@@ -71,6 +79,11 @@ class OutboxRelay:
                 async with self.store.outbox_exclusive():
                     log.info("outbox relay: this process relays")
                     await self._relay_forever()
+            except OutboxLockLost as exc:  # refused by the store: another relay may hold it now
+                self.failures += 1
+                self.locks_lost += 1
+                log.warning("outbox relay: lost the outbox lock (%s); taking it again", exc)
+                await asyncio.sleep(self.backoff)
             except Exception as exc:  # the store is down while taking the lock: try again
                 self.failures += 1
                 METRICS.engine_error(exc)
@@ -100,6 +113,8 @@ class OutboxRelay:
                     while True:
                         if await self._relay_batch(exchange) < self.batch:
                             await asyncio.sleep(self.poll)
+            except OutboxLockLost:
+                raise  # out of the exclusive block: the lock is taken again (run)
             except Exception as exc:
                 self.failures += 1
                 METRICS.engine_error(exc)

@@ -397,6 +397,16 @@ class Hub(DeliverySink):
             await asyncio.wait(list(self._background), timeout=close_wait)
         self._router.detach(self.node)
 
+    def relocate_all(self) -> None:
+        """This node's registration was found lost (its lease ran out while it was paused or cut off):
+        routes went elsewhere meanwhile and other nodes may hold its devices. Every client is told to
+        reconnect (``bye unavailable``) and resumes from its cursors elsewhere, rather than served on."""
+        log.warning("registration lost: asking %d connections to reconnect", len(self._all))
+        self._flush_marked()
+        for conn in list(self._all):
+            conn.run(conn.session.close(ErrorCode.UNAVAILABLE, "this gateway lost its registration; reconnect"))
+            conn.flush()
+
     def pause_all(self) -> None:
         """Graceful stop, part one: read nothing more, so no new send is taken."""
         for conn in self._all:

@@ -58,6 +58,9 @@ class CommitBatch:
     file_refs: list[tuple[str, str]] = field(default_factory=list)  # (file_id, conv): grants members read
     #: mid -> W3C traceparent of a sampled message (tracing on): kept in its outbox row for the relay.
     traces: dict[int, str] = field(default_factory=dict)
+    #: (node id, fencing token) of the claim the batch's ids were minted under: the store refuses the
+    #: batch (FenceRefused) when it records a higher token for that node id. None: not fenced.
+    fence: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,5 +52,15 @@ class SeqConflict(Exception):
     """Another writer got there first (head moved, seq taken or cmid used): reload and retry."""
 
 
+class FenceRefused(Exception):
+    """A commit carried a fencing token (``CommitBatch.fence``) lower than the one the store records for
+    its node id: another process claimed that node id since. Nothing was written; the committer stops
+    minting under that id and claims one again (im.backends.node_ids)."""
+
+    def __init__(self, node_id: int, token: int, held: int | None = None) -> None:
+        super().__init__(f"node id {node_id} is fenced: this batch carries token {token}, the store holds {held}")
+        self.node_id, self.token, self.held = node_id, token, held
+
+
 class Conflict(Exception):
     """A unique value (user name, ...) is taken."""

@@ -52,10 +52,22 @@ class MessageLog(Service, abc.ABC):
 
     @abc.abstractmethod
     async def commit(self, batch: CommitBatch) -> None:
-        """Write the batch atomically and durably, or raise :class:`SeqConflict` and write nothing.
+        """Write the batch atomically and durably, or raise :class:`SeqConflict` (or, for a batch fenced
+        by a token lower than the one recorded for its node id, ``FenceRefused``) and write nothing.
 
         The batch spans every concern of the store it was given to: new conversations and member
         changes, messages, file refs, read marks, and the outbox rows of a store built with the outbox."""
+
+    @abc.abstractmethod
+    async def raise_fence(self, node_id: int, token: int) -> int:
+        """Record that the claim with fencing ``token`` holds ``node_id`` now; returns the token the store
+        records for it after the call (the larger of the stored one and ``token``: it never goes down).
+
+        Fencing: a :meth:`commit` whose ``batch.fence`` is (node_id, t) with t below the recorded token
+        raises :class:`~im.model.errors.FenceRefused` and writes nothing, in the same transaction as the
+        write (one indexed lookup per batch). The check and the raise are linearizable: once a raise
+        returns, no commit under a lower token of that node id lands. A node id with no token recorded
+        (or a batch without a fence) passes."""
 
     @abc.abstractmethod
     async def read_range(
@@ -81,11 +93,15 @@ class GroupDirectory(Service, abc.ABC):
     committed batch left (membership changes are written by :meth:`MessageLog.commit`)."""
 
     @abc.abstractmethod
-    async def create_group(self, group: Group, first: StoredMessage, members: dict[int, str]) -> int:
+    async def create_group(
+        self, group: Group, first: StoredMessage, members: dict[int, str], *, fence: tuple[int, int] | None = None
+    ) -> int:
         """Create a group, its conversation ``g:<gid>`` with ``first`` as seq 1, and its members.
 
         Returns the gid: ``group.gid`` when it is not 0 (one :meth:`reserve_gid` returned), else a new one
-        the store assigns. ``first.conv`` is ignored (the conversation is ``g:<gid>``).
+        the store assigns. ``first.conv`` is ignored (the conversation is ``g:<gid>``). ``fence``: as
+        ``CommitBatch.fence`` (:meth:`MessageLog.raise_fence`): a lower token than the one recorded for
+        its node id raises ``FenceRefused`` and creates nothing.
         """
 
     @abc.abstractmethod
@@ -141,13 +157,20 @@ class CursorStore(Service, abc.ABC):
         was kept)."""
 
 
+class OutboxLockLost(Exception):
+    """The holder of :meth:`Outbox.outbox_exclusive` lost it meanwhile (its database session ended): the
+    store refused this fetch or delete, another relay may hold the lock now. Leave the exclusive block
+    and enter it again."""
+
+
 class Outbox(Service, abc.ABC):
     """The transactional outbox (a store built with ``outbox=True``): :meth:`MessageLog.commit` writes one
     row per committed message in the same transaction as the message, so an event exists if and only if
     its message was committed. A relay drains it: fetch, publish, then delete what was published.
 
     Guarantees: at least once (a row stays until deleted); per conversation, rows come in seq order;
-    one drainer at a time across processes (:meth:`outbox_exclusive`)."""
+    one drainer at a time across processes (:meth:`outbox_exclusive`), enforced by the store: a holder
+    whose lock went away is refused (:class:`OutboxLockLost`) on its next fetch or delete."""
 
     @abc.abstractmethod
     async def outbox_fetch(self, limit: int) -> list[OutboxEvent]:

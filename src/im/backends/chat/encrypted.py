@@ -255,6 +255,9 @@ class EncryptedChatStore(ChatStore):
             batch = dataclasses.replace(batch, messages=await self.seal(batch.messages))
         await self.inner.commit(batch)
 
+    async def raise_fence(self, node_id: int, token: int) -> int:
+        return await self.inner.raise_fence(node_id, token)
+
     async def read_range(
         self, conv: str, after: int, before: int | None, limit: int, newest_first: bool = False
     ) -> list[StoredMessage]:
@@ -265,14 +268,16 @@ class EncryptedChatStore(ChatStore):
 
     # --- GroupDirectory ------------------------------------------------------------------------------
 
-    async def create_group(self, group: Group, first: StoredMessage, members: dict[int, str]) -> int:
+    async def create_group(
+        self, group: Group, first: StoredMessage, members: dict[int, str], *, fence: tuple[int, int] | None = None
+    ) -> int:
         # The ciphertext is bound to the conversation, so the gid is taken before the first message is
         # sealed; the conversation's key is stored before the group that uses it.
         if not self.sealing:
-            return await self.inner.create_group(group, first, members)
+            return await self.inner.create_group(group, first, members, fence=fence)
         gid = group.gid or await self.inner.reserve_gid()
         (sealed,) = await self.seal([_in_conv(first, f"g:{gid}")])
-        return await self.inner.create_group(dataclasses.replace(group, gid=gid), sealed, members)
+        return await self.inner.create_group(dataclasses.replace(group, gid=gid), sealed, members, fence=fence)
 
     async def reserve_gid(self) -> int:
         return await self.inner.reserve_gid()

@@ -3,6 +3,10 @@ statements per batch whatever its size.
 
 A commit is (each step skipped when the batch has nothing for it):
 
+0. with ``batch.fence`` (node id, token), the node id's recorded token is read under a share lock
+   (``im_check_fence``, migration 8: one indexed lookup, inside the first statement) and a lower token in
+   the batch refuses it with :class:`FenceRefused`; ``raise_fence`` (an upsert keeping the larger token)
+   waits for the commits holding that lock, so no commit of an older claim lands after it returns;
 1. new conversations and their members: two ``INSERT ... SELECT FROM unnest(...)``; a conversation
    that exists already is a unique violation, so the batch fails with :class:`SeqConflict`;
 2. every head in one ``UPDATE ... FROM unnest(...) WHERE last_seq = before``; fewer rows updated than
@@ -24,12 +28,13 @@ them, with nothing written: that is reported as :class:`SeqConflict` too, and th
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import asyncpg
 
-from im.backends.chat import ChatStore, ConversationKeys, StoredBodies
+from im.backends.chat import ChatStore, ConversationKeys, OutboxLockLost, StoredBodies
 from im.backends.sql.postgres_db import PostgresDatabase, rowcount
 from im.backends.sql.rows import conversation_summary
 from im.backends.sql.shared_db import OnSharedDatabase
@@ -43,7 +48,7 @@ from im.model.chat import (
     StoredMessage,
     SyncPoint,
 )
-from im.model.errors import SeqConflict
+from im.model.errors import FenceRefused, SeqConflict
 from im.model.keys import WrappedKey
 
 _MSG_FIELDS = ["conv", "seq", "mid", "sender", "device", "cmid", "ts", "type", "body"]
@@ -52,6 +57,11 @@ _OUTBOX_FIELDS = ["conv", "seq", "mid", "sender", "type", "created_at", "tracepa
 
 # A refused batch wrote nothing; the committer reloads and retries.
 _CONFLICTS = (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+#: What im_check_fence raises (migration 8) for a batch whose fencing token is below the recorded one.
+_FENCED = "IMF01"
+#: The session holding the outbox lock, in the task that entered ``outbox_exclusive`` (None elsewhere):
+#: that task's fetches and deletes go through it, so they fail once the session (and the lock) is gone.
+_outbox_session: contextvars.ContextVar[Any] = contextvars.ContextVar("im_outbox_session", default=None)
 
 
 def _msg(row: Any) -> StoredMessage:
@@ -144,6 +154,22 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
                 await self._commit_messages(batch)
         except _CONFLICTS as exc:
             raise SeqConflict(f"{type(exc).__name__}: {exc}") from None
+        except asyncpg.PostgresError as exc:
+            if getattr(exc, "sqlstate", None) == _FENCED and batch.fence is not None:
+                raise FenceRefused(*batch.fence) from None
+            raise
+
+    async def raise_fence(self, node_id: int, token: int) -> int:
+        """An upsert keeping the larger token; its row lock waits for the commits under way that hold the
+        fence row in share mode, so none of them lands after this returns with a higher token."""
+        return int(
+            await self.db.pool.fetchval(
+                "INSERT INTO node_fences (node_id, token) VALUES ($1, $2) ON CONFLICT (node_id)"
+                " DO UPDATE SET token = greatest(node_fences.token, excluded.token) RETURNING token",
+                node_id,
+                token,
+            )
+        )
 
     async def _commit_messages(self, batch: CommitBatch) -> None:
         """Heads, messages, outbox rows and read marks through ``im_commit_messages`` (migration 4):
@@ -162,12 +188,15 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
             else [()] * 9
         )
         r_cols = list(zip(*batch.read_marks, strict=True)) if batch.read_marks else [(), (), ()]
+        fence = batch.fence or (None, None)
         await self.db.pool.execute(
-            "SELECT im_commit_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+            "SELECT im_commit_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,"
+            " $18, $19)",
             *h_cols,
             *m_cols,
             *r_cols,
             self.outbox,
+            *fence,
         )
 
     async def _write(self, conn: Any, batch: CommitBatch) -> None:
@@ -186,16 +215,21 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
                     " FROM unnest($1::text[], $2::bigint[], $3::text[]) AS n(conv, uid, role)",
                     *zip(*rows, strict=True),
                 )
+        fence = batch.fence or (None, None)
+        if fence[0] is not None and not batch.heads:  # (a batch with messages always has heads)
+            await conn.execute("SELECT im_check_fence($1, $2)", *fence)
         if batch.heads:
             heads = sorted(batch.heads.items())  # one lock order for every committer
+            # The fence is checked once (an uncorrelated subquery: one initplan) in the same statement.
             status = await conn.execute(
                 "UPDATE conversations c SET last_seq = h.after, last_ts = h.ts"
                 " FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS h(conv, before, after, ts)"
-                " WHERE c.conv = h.conv AND c.last_seq = h.before",
+                " WHERE c.conv = h.conv AND c.last_seq = h.before AND (SELECT im_check_fence($5::integer, $6::bigint))",
                 [conv for conv, _ in heads],
                 [h[0] for _, h in heads],
                 [h[1] for _, h in heads],
                 [h[2] for _, h in heads],
+                *fence,
             )
             if rowcount(status) != len(heads):
                 raise SeqConflict("a conversation head moved")
@@ -238,13 +272,16 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
         if batch.read_marks:
             await _raise_read_marks(conn, batch.read_marks)
 
-    async def create_group(self, group: Group, first: StoredMessage, members: dict[int, str]) -> int:
-        # One statement: the group, its conversation at seq 1, the members and the first message.
+    async def create_group(
+        self, group: Group, first: StoredMessage, members: dict[int, str], *, fence: tuple[int, int] | None = None
+    ) -> int:
+        # One statement: the fence, the group, its conversation at seq 1, the members and the first message.
         try:
             gid = await self.db.pool.fetchval(
-                "WITH g AS (INSERT INTO groups (gid, name, owner, created_at)"
-                "       VALUES (coalesce($14, nextval(pg_get_serial_sequence('groups', 'gid'))), $1, $2, $3)"
-                "       RETURNING gid),"
+                "WITH f AS (SELECT im_check_fence($15::integer, $16::bigint) AS ok),"
+                " g AS (INSERT INTO groups (gid, name, owner, created_at)"
+                "       SELECT coalesce($14, nextval(pg_get_serial_sequence('groups', 'gid'))), $1, $2, $3"
+                "       FROM f WHERE f.ok RETURNING gid),"
                 " c AS (INSERT INTO conversations (conv, kind, last_seq, last_ts)"
                 "       SELECT 'g:' || gid, 'group', 1, $4 FROM g RETURNING conv),"
                 " m AS (INSERT INTO members (conv, uid, role, joined_seq)"
@@ -266,9 +303,14 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
                 first.type,
                 first.body,
                 group.gid or None,
+                *(fence or (None, None)),
             )
         except asyncpg.UniqueViolationError as exc:
             raise SeqConflict(str(exc)) from None
+        except asyncpg.PostgresError as exc:
+            if getattr(exc, "sqlstate", None) == _FENCED and fence is not None:
+                raise FenceRefused(*fence) from None
+            raise
         return int(gid)
 
     async def reserve_gid(self) -> int:
@@ -369,9 +411,13 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
         return {(row[0], row[1]) for row in rows}
 
     async def outbox_fetch(self, limit: int) -> list[OutboxEvent]:
-        rows = await self.db.pool.fetch(
-            f"SELECT id, {', '.join(_OUTBOX_FIELDS)} FROM outbox ORDER BY id LIMIT $1", limit
-        )
+        sql = f"SELECT id, {', '.join(_OUTBOX_FIELDS)} FROM outbox ORDER BY id LIMIT $1"
+        session = _outbox_session.get()
+        if session is None:
+            rows = await self.db.pool.fetch(sql, limit)
+        else:
+            async with _on_lock_session():
+                rows = await session.fetch(sql, limit)
         return [OutboxEvent(*row) for row in rows]
 
     async def ping(self) -> None:
@@ -381,7 +427,13 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
     @contextlib.asynccontextmanager
     async def outbox_exclusive(self) -> AsyncIterator[None]:
         """A session-level advisory lock on a connection held meanwhile: released when the holder
-        leaves, or when its process dies and PostgreSQL drops the connection."""
+        leaves, or when its process dies and PostgreSQL drops the connection.
+
+        Fenced: inside, this task's :meth:`outbox_fetch` and :meth:`outbox_delete` run on the session
+        that holds the lock, never on the pool. If that session goes (``pg_terminate_backend``, a network
+        cut, a server restart) the lock goes with it and another relay may take it; this one's next
+        fetch or delete then fails with :class:`OutboxLockLost` instead of reading or deleting beside
+        the new holder."""
         key = f"im.outbox:{self.db.schema or ''}"
         async with self.db.pool.acquire() as conn:
             while True:
@@ -393,15 +445,24 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
                     # the lock been granted as the timeout hit, this takes it once more; release() of the
                     # connection runs pg_advisory_unlock_all).
                     continue
+            token = _outbox_session.set(conn)
             try:
                 yield
             finally:
+                _outbox_session.reset(token)
                 with contextlib.suppress(Exception):
                     await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
 
     async def outbox_delete(self, ids: Sequence[int]) -> None:
-        if ids:
-            await self.db.pool.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", list(ids))
+        if not ids:
+            return
+        sql = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
+        session = _outbox_session.get()
+        if session is None:
+            await self.db.pool.execute(sql, list(ids))
+            return
+        async with _on_lock_session():
+            await session.execute(sql, list(ids))
 
     async def list_conversations(self, uid: int) -> list[ConversationSummary]:
         # The peer of a direct conversation "d:<a>:<b>" is the one of a and b that is not uid. The CASEs
@@ -426,6 +487,15 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
             title = gname if kind == "group" else (peer_name if peer_name is not None else f"user {peer}")
             out.append(conversation_summary(conv, kind, title, last_seq, read_seq, last, peer))
         return out
+
+
+@contextlib.asynccontextmanager
+async def _on_lock_session() -> AsyncIterator[None]:
+    """A statement on the outbox lock's session: the session gone (closed, terminated) is the lock lost."""
+    try:
+        yield
+    except (asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError, OSError) as exc:
+        raise OutboxLockLost(f"the session holding the outbox lock is gone ({type(exc).__name__}: {exc})") from exc
 
 
 async def _raise_read_marks(conn: Any, marks: Sequence[tuple[int, str, int]]) -> None:

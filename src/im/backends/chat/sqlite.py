@@ -23,7 +23,7 @@ from im.model.chat import (
     StoredMessage,
     SyncPoint,
 )
-from im.model.errors import SeqConflict
+from im.model.errors import FenceRefused, SeqConflict
 from im.model.keys import WrappedKey
 
 _MSG_COLUMNS = "conv, seq, mid, sender, device, cmid, ts, type, body"
@@ -90,9 +90,21 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
         """``SELECT 1`` on the reader's thread: the file is open and its thread answers."""
         await self.db.read(lambda conn: conn.execute("SELECT 1").fetchone())
 
+    async def raise_fence(self, node_id: int, token: int) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            conn.execute(
+                "INSERT INTO node_fences (node_id, token) VALUES (?, ?)"
+                " ON CONFLICT (node_id) DO UPDATE SET token = max(token, excluded.token)",
+                (node_id, token),
+            )
+            return int(conn.execute("SELECT token FROM node_fences WHERE node_id = ?", (node_id,)).fetchone()[0])
+
+        return await self.db.write(run)
+
     async def commit(self, batch: CommitBatch) -> None:
         def run(conn: sqlite3.Connection) -> None:
             try:
+                _check_fence(conn, batch.fence)
                 for c in batch.new_conversations:
                     conn.execute(
                         "INSERT INTO conversations (conv, kind, last_seq, last_ts) VALUES (?, ?, 0, 0)",
@@ -143,8 +155,11 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
 
         await self.db.write(run)
 
-    async def create_group(self, group: Group, first: StoredMessage, members: dict[int, str]) -> int:
+    async def create_group(
+        self, group: Group, first: StoredMessage, members: dict[int, str], *, fence: tuple[int, int] | None = None
+    ) -> int:
         def run(conn: sqlite3.Connection) -> int:
+            _check_fence(conn, fence)
             cur = conn.execute(
                 "INSERT INTO groups (gid, name, owner, created_at) VALUES (?, ?, ?, ?)",
                 (group.gid or None, group.name, group.owner, group.created_at),
@@ -460,3 +475,13 @@ class SqliteStoredBodies(OnSharedDatabase[SqliteDatabase], StoredBodies):
 
     async def scrub(self) -> bool:
         return await self.db.checkpoint(truncate=True)
+
+
+def _check_fence(conn: sqlite3.Connection, fence: tuple[int, int] | None) -> None:
+    """Refuse a write fenced by a token below the one recorded for its node id (in the writer's
+    transaction: serialised with raise_fence)."""
+    if fence is not None:
+        node_id, token = fence
+        row = conn.execute("SELECT token FROM node_fences WHERE node_id = ?", (node_id,)).fetchone()
+        if row is not None and row[0] > token:
+            raise FenceRefused(node_id, token, row[0])

@@ -10,6 +10,7 @@ A claim drives a :class:`Minter` (the committer's ``Snowflake``): ``assign`` whe
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Protocol
 
 from im.backends.lifecycle import Service
@@ -26,8 +27,13 @@ class NodeIdUnavailable(Exception):
 class Minter(Protocol):
     """What a claim drives: im.core.ids.Snowflake."""
 
-    def assign(self, node: int, *, after_ms: int = 0, until_ms: int | None = None) -> None:
-        """Mint under ``node``, in milliseconds after ``after_ms`` and up to ``until_ms`` (None: no bound)."""
+    #: Called when a store refuses a commit under this claim's token (someone else holds the id now):
+    #: the claim sets it, and on the call treats its claim as lost and claims again.
+    on_refused: Callable[[], None] | None
+
+    def assign(self, node: int, *, after_ms: int = 0, until_ms: int | None = None, token: int = 0) -> None:
+        """Mint under ``node``, in milliseconds after ``after_ms`` and up to ``until_ms`` (None: no bound);
+        ``token`` is the claim's fencing token: every later claim (of any id) has a larger one."""
 
     def extend(self, until_ms: int | None) -> None:
         """The reservation reaches ``until_ms`` now."""
@@ -58,6 +64,12 @@ class NodeIdClaims(Service, abc.ABC):
       minting: ``minter.revoke`` is called when the loss is found, and the reservation (``until_ms``)
       bounds minting before that. The implementation claims again in the background (any free id, its
       old one first) and calls ``minter.assign`` once it holds one.
+    - Claims shared by several processes hand the minter a fencing token larger than that of any earlier
+      claim of the same id (etcd: the claim key's create revision); the committer records it in the chat
+      store before minting under it and every commit carries it, so the store refuses the commits of a
+      holder that lost its id (paused past its lease, say) whatever that holder believes. A refusal
+      (``minter.on_refused``) is a loss: the claim is made again. In-process claims (one process, one
+      writer) give no token: nothing to fence off.
     - A new claim takes this owner's previous id when it is free, else the lowest free one.
     - :meth:`close` revokes the minter, records how far the id was used and gives it back: free at
       once for the next claimant.

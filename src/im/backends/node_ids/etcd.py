@@ -79,7 +79,8 @@ _decode_mark = msgspec.json.Decoder(_Mark).decode
 class _Held:
     node_id: int
     lease: int
-    #: The claim key's create_revision: the key is still this claim's while it has this revision.
+    #: The claim key's create_revision: the key is still this claim's while it has this revision. It is
+    #: also the claim's fencing token (etcd revisions only grow, cluster-wide).
     revision: int
 
 
@@ -120,6 +121,8 @@ class EtcdNodeIds(NodeIdClaims):
         self._task: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None  # watches the held claim key
         self._nudge = asyncio.Event()  # wakes the keepalive at once: the claim key changed
+        self._refused: _Held | None = None  # a claim whose token a store refused (minter.on_refused)
+        minter.on_refused = self._on_refused
         self._value = _encode(_Claim(owner, socket.gethostname(), os.getpid(), clock()))
 
     @property
@@ -248,7 +251,7 @@ class EtcdNodeIds(NodeIdClaims):
                 if not await self._reserve(held, until):
                     continue  # deleted at once by someone: list again
                 self._held = held
-                self.minter.assign(n, after_ms=after, until_ms=until)
+                self.minter.assign(n, after_ms=after, until_ms=until, token=held.revision)
                 await self._stop_watching()
                 self._watcher = asyncio.get_running_loop().create_task(
                     self._watch_claim(held), name=f"etcd-node-id-watch-{self.owner}"
@@ -304,6 +307,13 @@ class EtcdNodeIds(NodeIdClaims):
         with contextlib.suppress(Exception):
             await self._client.revoke_lease(held.lease)
 
+    def _on_refused(self) -> None:
+        """The chat store refused a commit under this claim's token: a later claim of the id exists (this
+        process was paused past its lease, say). The keepalive gives the claim up and claims again."""
+        if self._held is not None:
+            self._refused = self._held
+            self._nudge.set()
+
     async def _keep(self) -> None:
         """Every TTL/3: renew the claim, or claim again after a loss (at once, then with backoff)."""
         delay = self._ttl / 3
@@ -313,6 +323,9 @@ class EtcdNodeIds(NodeIdClaims):
                 await asyncio.wait_for(self._nudge.wait(), delay)
             self._nudge.clear()
             try:
+                refused, self._refused = self._refused, None
+                if refused is not None and refused == self._held:
+                    await self._lost(refused, "the chat store refused its fencing token: another node holds it")
                 if self._held is None:
                     await self._claim()
                 else:

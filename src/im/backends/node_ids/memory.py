@@ -60,6 +60,7 @@ class MemoryNodeIds(NodeIdClaims):
         assert n is not None
         t.holders[n] = self
         self._held = n
+        # No fencing token (0): one process shares this table, its store has no other writer to fence off.
         self.minter.assign(n, after_ms=t.marks.get(n, ("", 0))[1])
 
     def _give_back(self) -> None:

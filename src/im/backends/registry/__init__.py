@@ -36,3 +36,14 @@ class Registry(Service, abc.ABC):
     @abc.abstractmethod
     def watch(self, role: str, callback: Callable[[list[ServiceInstance]], None]) -> Callable[[], None]:
         """Call ``callback`` with the full live list now and on every change; returns an unsubscribe."""
+
+    def on_lost(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(node)`` when a registration of this process is found lost: its lease ended
+        while this process did not renew it (paused, cut off past its TTL), so others may have seen it
+        gone and acted on that. Called before the registration is made again (under a new lease).
+        Registries without leases never call it."""
+        self.__dict__.setdefault("_lost_callbacks", []).append(callback)
+
+    def _registration_lost(self, node: str) -> None:
+        for callback in self.__dict__.get("_lost_callbacks", ()):
+            callback(node)

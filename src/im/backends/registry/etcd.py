@@ -273,6 +273,8 @@ class EtcdRegistry(Registry):
                 except aetcd.ClientError as e:
                     if "lease not found" not in str(e):
                         raise
+            log.warning("etcd lease of %s was lost: registering it again", node)
+            self._registration_lost(node)
             await self._grant_and_put(reg)
 
     async def deregister(self, node: str) -> None:
@@ -313,6 +315,7 @@ class EtcdRegistry(Registry):
                 async with reg.lock:
                     if not await self._refresh(reg):
                         log.warning("etcd lease of %s was lost: registering it again", reg.instance.node)
+                        self._registration_lost(reg.instance.node)
                         await self._grant_and_put(reg)
             except Exception as e:  # etcd unreachable, or anything else: never let the keepalive die
                 METRICS.engine_error(e, "etcd")

@@ -196,6 +196,40 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE outbox ADD COLUMN traceparent TEXT;
     """,
+    # 8: fencing (ChatStore.raise_fence): the highest claim token seen per node id of message ids; a
+    # commit carrying a lower token is refused (SQLSTATE IMF01) in its own transaction, under a share lock
+    # on the fence row that a raise waits for. im_commit_messages gains the fence (a new overload; the
+    # old one stays for servers of the previous version during an upgrade).
+    """
+    CREATE TABLE node_fences (node_id INTEGER PRIMARY KEY, token BIGINT NOT NULL);
+    CREATE FUNCTION im_check_fence(f_node INTEGER, f_token BIGINT) RETURNS BOOLEAN LANGUAGE plpgsql AS $$
+    DECLARE
+        held BIGINT;
+    BEGIN
+        IF f_node IS NULL THEN
+            RETURN true;
+        END IF;
+        SELECT token INTO held FROM node_fences WHERE node_id = f_node FOR SHARE;
+        IF held > f_token THEN
+            RAISE EXCEPTION 'node id % is fenced: token % holds it, this batch carries %', f_node, held, f_token
+                USING ERRCODE = 'IMF01';
+        END IF;
+        RETURN true;
+    END
+    $$;
+    CREATE FUNCTION im_commit_messages(
+        h_conv TEXT[], h_before BIGINT[], h_after BIGINT[], h_ts BIGINT[],
+        m_conv TEXT[], m_seq BIGINT[], m_mid BIGINT[], m_sender BIGINT[], m_device TEXT[], m_cmid TEXT[],
+        m_ts BIGINT[], m_type TEXT[], m_body BYTEA[],
+        r_uid BIGINT[], r_conv TEXT[], r_seq BIGINT[], with_outbox BOOLEAN, f_node INTEGER, f_token BIGINT
+    ) RETURNS VOID LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM im_check_fence(f_node, f_token);
+        PERFORM im_commit_messages(h_conv, h_before, h_after, h_ts, m_conv, m_seq, m_mid, m_sender, m_device,
+            m_cmid, m_ts, m_type, m_body, r_uid, r_conv, r_seq, with_outbox);
+    END
+    $$;
+    """,
 ]
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")

@@ -156,6 +156,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE outbox ADD COLUMN traceparent TEXT;
     """,
+    # 7: fencing (ChatStore.raise_fence): the highest claim token seen per node id of message ids
+    """
+    CREATE TABLE node_fences (node_id INTEGER PRIMARY KEY, token INTEGER NOT NULL);
+    """,
 ]
 
 
