@@ -14,7 +14,7 @@ import pytest
 
 from im.backends.rate_limit import Hit, RateLimiter, Rule
 from im.config import load_config
-from im.gateway.hub import lease_size
+from im.gateway.rates import lease_size
 from im.server import EmbeddedServer
 from tests.support.client import ChatClient, register
 from tests.support.server import RELAXED_RATES_CONFIG
@@ -65,8 +65,8 @@ async def test_one_limiter_call_per_loop_turn_and_sends_answered_in_order(server
     api = f"{server.http_url}/api/v1"
     alice = await register(api, f"alice_{uuid.uuid4().hex[:6]}")
     bob = await register(api, f"bob_{uuid.uuid4().hex[:6]}")
-    counting = Counting(server.hub._limiter)  # type: ignore[arg-type]
-    server.hub._limiter = counting
+    counting = Counting(server.hub.rates._limiter)  # type: ignore[arg-type]
+    server.hub.rates._limiter = counting
     c = ChatClient(server.ws_url, alice, "phone")
     assert (await c.connect())["t"] == "auth_ok"
     try:

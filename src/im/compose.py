@@ -80,7 +80,8 @@ from im.core.states import ConversationStates
 from im.events.push import PushConsumer
 from im.events.relay import OutboxRelay, broker_ping
 from im.files import FileService
-from im.gateway.hub import Hub, HubRates
+from im.gateway.hub import Hub
+from im.gateway.rates import HubRates
 from im.gateway.tcp_connection import serve_tcp
 from im.gateway.ws_connection import WS_PATH, serve_websocket
 from im.lifecycle import Lifecycle, Loop, close_all

@@ -152,7 +152,7 @@ def follow_hub(live: LiveConfig, hub: Hub) -> None:
         shared.auth_rate = lim.auth_rate  # read by the login gate at the next auth
         shared.auth_burst = lim.auth_burst
         shared.auth_max_wait = min(lim.auth_max_wait, config.gateway.auth_timeout / 2)
-        hub.set_rates(hub_rates(config))
+        hub.rates.set_rates(hub_rates(config))
 
     live.on_change(apply)
 
