@@ -71,6 +71,13 @@ FD_BOUND = 40
 RSS_BOUND_KIB = 64 * 1024
 #: After the heal, descriptors back within this of the level before the cut (pools refilled, nothing kept).
 FD_SETTLED = 12
+#: The gRPC link's keepalive interval and ping timeout here (transfer.keepalive, keepalive_timeout;
+#: 10 s and 5 s by default), so that a silent link is found dead within a short partition.
+KEEPALIVE = 1.0
+#: With the links blackholed, the longest a send may wait for its answer: the pings find the link dead
+#: (interval + timeout), then the gateway hands the send to the other transfer node; the rest is margin
+#: for a loaded box. Without keepalive the sends waited for the heal (the whole partition).
+LINK_STALL = 2 * KEEPALIVE + 2.5
 
 Path_ = Literal["postgres", "redis", "rabbitmq", "etcd", "links"]
 Mode = Literal["cut", "blackhole"]
@@ -132,6 +139,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     names = (f"im.test.events.{token}", f"im.test.push.{token}")
     c = make_cluster(tmp_path_factory.mktemp("partitions") / "cluster", amqp_url=AMQP_URL)
     c.extra += ["--set", f"events.exchange={names[0]}", "--set", f"events.queue={names[1]}"]
+    c.extra += ["--set", f"transfer.keepalive={KEEPALIVE}", "--set", f"transfer.keepalive_timeout={KEEPALIVE}"]
     proxies = {
         "postgres": FaultProxy(_host_port(DSN)),
         "redis": FaultProxy(_host_port(c.redis_url)),
@@ -394,6 +402,9 @@ async def partition(net: Net, history: History, apps: list[App], path: Path_, mo
     log = await read_log(c, w.raw[0].account, w.raw_conv)
     assert [e["seq"] for e in log] == list(range(1, len(log) + 1))
 
+    if path == "links":
+        # A silent link is noticed (keepalive) and its sends answered by the other node meanwhile.
+        assert samples.stall <= LINK_STALL, f"a send waited {samples.stall:.1f}s for its answer"
     # Bounded while cut off, and settled afterwards.
     assert samples.rss and samples.fds
     assert max(samples.fds) - fd0 <= FD_BOUND, (fd0, samples.fds)
