@@ -27,8 +27,9 @@ def link_options(keepalive: float, keepalive_timeout: float, *, server: bool) ->
     seconds, and a peer that has not answered one within ``keepalive_timeout`` seconds is taken as gone
     (the connection is closed, the stream fails ``UNAVAILABLE``). That is how a silently dead peer (a
     partition, a dropped route: no RST ever comes) is noticed in seconds, not when TCP gives up. The
-    server accepts the client's pings that often, with or without data and calls (it would otherwise
-    answer them with GOAWAY ``too_many_pings``). ``keepalive`` 0: no pings (gRPC's defaults)."""
+    server accepts its clients' pings at any rate, with or without data and calls (gRPC's default policy
+    answers pings more frequent than every 5 minutes with GOAWAY ``too_many_pings``). ``keepalive`` 0:
+    no pings (gRPC's defaults)."""
     if keepalive <= 0:
         return list(CHANNEL_OPTIONS)
     interval, timeout = max(1, int(keepalive * 1000)), max(1, int(keepalive_timeout * 1000))
