@@ -128,7 +128,7 @@ async def _delete_names(exchange: str, queue: str) -> None:
 NOISY_LOGGERS = ("aiormq.connection", "im.core.committer")
 #: What a committer may log while its node is cut off: the store away (sends refused ``unavailable``) or
 #: presence away (committed messages not routed live: recovered from the log, docs/architecture.md).
-EXPECTED_COMMITTER = ("refused batches: storage unavailable", "routing ")
+_EXPECTED_COMMITTER = re.compile(r"refused (\d+ )?batches: storage unavailable|routing \d+ committed messages failed")
 _COMMITTER = re.compile(r"^\S+ (WARNING|ERROR|CRITICAL) \S+ \S+ im\.core\.committer: (.*)$", re.MULTILINE)
 
 
@@ -137,7 +137,7 @@ def expected_committer_records(c: LocalCluster) -> None:
     NOISY_LOGGERS hides from the stop check), nothing else."""
     for node in c.nodes.values():
         for level, text in _COMMITTER.findall(node.log()):
-            assert text.startswith(EXPECTED_COMMITTER), f"{node.name}: {level} {text}"
+            assert _EXPECTED_COMMITTER.match(text), f"{node.name}: {level} {text}"
 
 
 @pytest.fixture(scope="module")
@@ -421,7 +421,12 @@ async def partition(net: Net, history: History, apps: list[App], path: Path_, mo
         cmid = f"{a.name}-closing-{conv}"
         a.planned[cmid] = (conv, f"{a.name} closing")
         a.c.post(f"{a.name} closing", cmid=cmid, **address)
-    await check_delivery(c, w.apps, w.members, ordered=True)
+    # Each sender's messages are stored in the order posted, except where the victim refused sends
+    # (`unavailable`: its store away, or its node id claim lost with etcd): a send refused while the
+    # sender's later ones are already in flight is resent after them, and the later ones may commit first
+    # once the outage ends (seen with a 30 s PostgreSQL cut). The protocol promises order per delivery
+    # stream, not per sender across refusals (docs/protocol.md, "Retry rules").
+    await check_delivery(c, w.apps, w.members, ordered=path not in ("postgres", "etcd"))
 
     # Serves again: a new send in each of its conversations is committed by the victim itself.
     mine = node_id_of(c, VICTIM)
