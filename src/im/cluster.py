@@ -223,6 +223,10 @@ class LocalCluster:
     weed: WeedProcess | None = None
     etcd: EtcdProcess | None = None
     nodes: dict[str, RoleProcess] = field(default_factory=dict)
+    #: More arguments for one node only, by name (``{"tr-1": ["--set", "store.postgres_dsn=..."]}``): they
+    #: come after the common ones, so a ``--set`` here overrides the cluster's value for that node (its own
+    #: engine URLs, say, through a fault proxy in the tests).
+    node_args: dict[str, list[str]] = field(default_factory=dict)
 
     def _common(self) -> list[str]:
         sets = {
@@ -379,6 +383,7 @@ class LocalCluster:
                 raise
         try:
             for node in self._plan():
+                node.args += self.node_args.get(node.name, [])
                 self.nodes[node.name] = node.start()
         except BaseException:
             self.stop(signal.SIGKILL)

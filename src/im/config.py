@@ -87,6 +87,13 @@ class TransferConfig(_Section):
     max_pending: int = Field(100_000, ge=1)
     #: Seconds a stopping gateway waits for answers to sends already on a link.
     drain_timeout: float = Field(5.0, ge=0)
+    #: Seconds between HTTP/2 keepalive pings on every gRPC link, at both ends (gateways and API nodes
+    #: read it too); 0: no pings. A peer that answers none within ``keepalive_timeout`` is taken as gone:
+    #: the link breaks and a gateway hands its unanswered sends to the next transfer node, as when the
+    #: node dies, instead of waiting on a silent partition until TCP gives up (docs/transfer.md).
+    keepalive: float = Field(10.0, ge=0, le=3600)
+    #: Seconds to wait for the answer to a keepalive ping.
+    keepalive_timeout: float = Field(5.0, gt=0, le=300)
 
 
 class OpsConfig(_Section):

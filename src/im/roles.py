@@ -155,7 +155,9 @@ class TransferNode(_Role):
 
     async def _serve(self) -> None:
         tc = self.config.transfer
-        self._grpc_server, port = await serve_transfer(self.servicer, f"{tc.host}:{tc.port}")
+        self._grpc_server, port = await serve_transfer(
+            self.servicer, f"{tc.host}:{tc.port}", keepalive=tc.keepalive, keepalive_timeout=tc.keepalive_timeout
+        )
         self.address = tc.public_address or f"{tc.host}:{port}"
 
     async def _stop_serving(self) -> None:
@@ -197,7 +199,15 @@ class GatewayNode(_Role):
         node = config.gateway.node_id
         self.backends = b = build_backends(config)
         self.accounts = build_accounts(config, b.account_store)
-        self.pool = TransferPool(b.registry, node, on_revoked=self._revoked, tls=build_link_tls(config, node))
+        tc = config.transfer  # the link's keepalive, read at both ends
+        self.pool = TransferPool(
+            b.registry,
+            node,
+            on_revoked=self._revoked,
+            tls=build_link_tls(config, node),
+            keepalive=tc.keepalive,
+            keepalive_timeout=tc.keepalive_timeout,
+        )
         self.router = LinkRouter(self.pool)
         # Reads only (sync points, replays, members for typing and receipts): no committer runs here.
         caches = build_chat_caches(b, state_ttl=SHARED_STATE_TTL, privacy_ttl=SHARED_STATE_TTL)
@@ -280,7 +290,14 @@ class ApiNode(_Role):
         self.backends = b = build_backends(config)
         self.accounts = build_accounts(config, b.account_store, b.rate_limiter)
         self.files = build_files(config, b.file_store, b.rate_limiter, keys=b.keyring)
-        self.pool = TransferPool(b.registry, node, tls=build_link_tls(config, node))
+        tc = config.transfer  # the link's keepalive, read at both ends
+        self.pool = TransferPool(
+            b.registry,
+            node,
+            tls=build_link_tls(config, node),
+            keepalive=tc.keepalive,
+            keepalive_timeout=tc.keepalive_timeout,
+        )
         self.router = LinkRouter(self.pool)
         # Membership changes are committed here (the store judges between writers) and routed through
         # a transfer node; reads check membership on a state at most SHARED_STATE_TTL old.

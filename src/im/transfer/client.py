@@ -30,9 +30,9 @@ from im.protocol.codec import Encoding, decode_server
 from im.transfer.gen import transfer_pb2 as pb
 from im.transfer.tls import LinkTls
 from im.transfer.wire import (
-    CHANNEL_OPTIONS,
     LINK_METHOD,
     error_from_pb,
+    link_options,
     message_from_pb,
     message_to_pb,
     send_to_pb,
@@ -63,11 +63,16 @@ class TransferLink:
         backoff_max: float = 2.0,
         tls: LinkTls | None = None,
         peer: str | None = None,
+        keepalive: float = 0.0,
+        keepalive_timeout: float = 5.0,
     ) -> None:
         """``tls``: dial with this node's certificate over TLS (:mod:`im.transfer.tls`); ``peer``: the
         transfer node expected at ``address`` (the registry entry): with ``tls``, a server whose
-        certificate or welcome names another node is not linked to (retried with backoff)."""
+        certificate or welcome names another node is not linked to (retried with backoff).
+        ``keepalive``/``keepalive_timeout``: HTTP/2 pings (:func:`~im.transfer.wire.link_options`), so a
+        silently dead transfer node breaks the stream (its unanswered sends go to ``on_lost``)."""
         self.address = address
+        self._options = link_options(keepalive, keepalive_timeout, server=False)
         self.tls = tls
         self.peer = peer
         self.node = node
@@ -211,9 +216,9 @@ class TransferLink:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._closing.wait(), self._backoff_max)
                     continue
-                channel = grpc.aio.secure_channel(self.address, credentials, options=CHANNEL_OPTIONS)
+                channel = grpc.aio.secure_channel(self.address, credentials, options=self._options)
             else:
-                channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+                channel = grpc.aio.insecure_channel(self.address, options=self._options)
             link = channel.stream_stream(
                 LINK_METHOD,
                 request_serializer=pb.GatewayFrame.SerializeToString,

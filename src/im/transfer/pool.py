@@ -66,11 +66,15 @@ class TransferPool:
         role: str = "transfer",
         link_factory: Callable[[str, str, DeliverySink], TransferLink] | None = None,  # the pool wires it
         tls: LinkTls | None = None,
+        keepalive: float = 0.0,
+        keepalive_timeout: float = 5.0,
     ) -> None:
         """``tls``: dial every transfer node over mutual TLS, and link only to a node whose certificate
-        names the node its registry entry lists (:mod:`im.transfer.tls`)."""
+        names the node its registry entry lists (:mod:`im.transfer.tls`). ``keepalive``,
+        ``keepalive_timeout``: HTTP/2 pings on every link (:class:`~im.transfer.client.TransferLink`)."""
         self._registry = registry
         self._tls = tls
+        self._keepalive = (keepalive, keepalive_timeout)
         self.node = node
         self._sink: DeliverySink | None = None  # where deliveries and events for this node go (start)
         self._on_revoked = on_revoked
@@ -84,7 +88,8 @@ class TransferPool:
         self._closed = False
 
     def _default_link(self, address: str, node: str, sink: DeliverySink) -> TransferLink:
-        return TransferLink(address, node, sink, tls=self._tls)
+        keepalive, timeout = self._keepalive
+        return TransferLink(address, node, sink, tls=self._tls, keepalive=keepalive, keepalive_timeout=timeout)
 
     # --- lifecycle -----------------------------------------------------------------------------------
 

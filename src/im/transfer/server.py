@@ -32,7 +32,7 @@ from im.protocol.codec import Encoding, decode_server, encode
 from im.throttled_log import ThrottledLog
 from im.transfer.gen import transfer_pb2 as pb
 from im.transfer.tls import LinkTls
-from im.transfer.wire import CHANNEL_OPTIONS, SERVICE_NAME, message_from_pb, message_to_pb, send_from_pb
+from im.transfer.wire import SERVICE_NAME, link_options, message_from_pb, message_to_pb, send_from_pb
 
 log = logging.getLogger(__name__)
 #: Without cluster_tls anyone reaching the port can open a stream: a broken one is counted, not traced each.
@@ -392,11 +392,19 @@ class TransferServicer:
                 router.publish_replaced(node, connections)
 
 
-async def serve_transfer(servicer: TransferServicer, address: str = "127.0.0.1:0") -> tuple[Any, int]:
+async def serve_transfer(
+    servicer: TransferServicer,
+    address: str = "127.0.0.1:0",
+    *,
+    keepalive: float = 0.0,
+    keepalive_timeout: float = 5.0,
+) -> tuple[Any, int]:
     """Start a grpc.aio server with the Transfer service on ``address``; returns (server, bound port).
     A servicer with ``tls`` is served on a TLS port that requires a cluster client certificate (and no
-    plaintext port); without, on a plaintext port."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    plaintext port); without, on a plaintext port. ``keepalive``/``keepalive_timeout``: HTTP/2 pings to
+    each linked node, and the clients' pings accepted that often (:func:`~im.transfer.wire.link_options`):
+    a silently dead gateway's stream ends, which frees what was queued for it."""
+    server = grpc.aio.server(options=link_options(keepalive, keepalive_timeout, server=True))
     handler = grpc.method_handlers_generic_handler(
         SERVICE_NAME,
         {

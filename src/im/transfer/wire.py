@@ -21,6 +21,35 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
 
+
+def link_options(keepalive: float, keepalive_timeout: float, *, server: bool) -> list[tuple[str, int]]:
+    """:data:`CHANNEL_OPTIONS` plus HTTP/2 keepalive for one end of the link: a PING every ``keepalive``
+    seconds, and a peer that has not answered one within ``keepalive_timeout`` seconds is taken as gone
+    (the connection is closed, the stream fails ``UNAVAILABLE``). That is how a silently dead peer (a
+    partition, a dropped route: no RST ever comes) is noticed in seconds, not when TCP gives up. The
+    server accepts its clients' pings at any rate, with or without data and calls (gRPC's default policy
+    answers pings more frequent than every 5 minutes with GOAWAY ``too_many_pings``). ``keepalive`` 0:
+    no pings (gRPC's defaults)."""
+    if keepalive <= 0:
+        return list(CHANNEL_OPTIONS)
+    interval, timeout = max(1, int(keepalive * 1000)), max(1, int(keepalive_timeout * 1000))
+    options = [
+        *CHANNEL_OPTIONS,
+        ("grpc.keepalive_time_ms", interval),
+        ("grpc.keepalive_timeout_ms", timeout),
+        ("grpc.http2.ping_timeout_ms", timeout),  # gRPC >= 1.60 times pings out by this one (default 60 s)
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    if server:
+        options += [
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", interval),
+            ("grpc.http2.min_ping_interval_without_data_ms", interval),
+            ("grpc.http2.max_ping_strikes", 0),
+        ]
+    return options
+
+
 GatewayFrame = pb.GatewayFrame
 TransferFrame = pb.TransferFrame
 
