@@ -69,11 +69,13 @@ class ClusterView:
     api: str
 
 
-def make_cluster(data_dir: Path, **kw: object) -> LocalCluster:
+def make_cluster(data_dir: Path, *, postgres_dsn: str = DSN, **kw: object) -> LocalCluster:
+    """A (not yet started) cluster on its own schema, Redis prefix and ports; ``postgres_dsn``: another
+    PostgreSQL than the shared test server (a private one a test may stop)."""
     tag = uuid.uuid4().hex[:10]
     return LocalCluster(
         data_dir,
-        postgres_dsn=DSN,
+        postgres_dsn=postgres_dsn,
         postgres_schema=f"im_cluster_{tag}",
         redis_prefix=f"im-cluster-{tag}:",
         base_port=_free_base(),
