@@ -9,7 +9,10 @@ the connection, backs off (doubling from ``backoff`` up to ``max_backoff``) and 
 
 At least once: a crash (or failure) after some confirms and before the delete republishes those events;
 consumers deduplicate by ``mid``. Order: rows are published in id order on one channel, which per
-conversation is seq order; the store's outbox lock keeps it to one relay at a time.
+conversation is seq order; the store's outbox lock keeps it to one relay at a time. A store call that
+fails (the database away, or the lock's session gone with a database restart: the store fences fetches
+and deletes on it) ends the hold: the relay leaves the lock and takes it again, so it never drains beside
+a relay that took the lock meanwhile.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ from im.observability import tracing
 from im.observability.metrics import METRICS
 
 log = logging.getLogger(__name__)
+
+
+class _StoreFailed(Exception):
+    """The store failed under the relay: leave the outbox lock and take it again."""
 
 
 class OutboxRelay:
@@ -71,6 +78,14 @@ class OutboxRelay:
                 async with self.store.outbox_exclusive():
                     log.info("outbox relay: this process relays")
                     await self._relay_forever()
+            except _StoreFailed as failed:  # the store away, or the lock gone with its session: take it again
+                exc = failed.__cause__ or failed
+                self.failures += 1
+                METRICS.engine_error(exc)
+                log.warning(
+                    "outbox relay: the store failed (%s: %s); taking the outbox lock again", type(exc).__name__, exc
+                )
+                await asyncio.sleep(self.max_backoff)
             except Exception as exc:  # the store is down while taking the lock: try again
                 self.failures += 1
                 METRICS.engine_error(exc)
@@ -100,6 +115,8 @@ class OutboxRelay:
                     while True:
                         if await self._relay_batch(exchange) < self.batch:
                             await asyncio.sleep(self.poll)
+            except _StoreFailed:
+                raise
             except Exception as exc:
                 self.failures += 1
                 METRICS.engine_error(exc)
@@ -112,11 +129,14 @@ class OutboxRelay:
         """Backlog and lag while the broker is away (the gauges must not freeze at their last value)."""
         try:
             _observe(await self.store.outbox_fetch(self.batch))
-        except Exception as exc:  # the store is away too: its own error, counted
-            METRICS.engine_error(exc)
+        except Exception as exc:  # the store is away too (or the lock is gone): leave the lock
+            raise _StoreFailed() from exc
 
     async def _relay_batch(self, exchange: aio_pika.abc.AbstractExchange) -> int:
-        rows = await self.store.outbox_fetch(self.batch)
+        try:
+            rows = await self.store.outbox_fetch(self.batch)
+        except Exception as exc:
+            raise _StoreFailed() from exc
         _observe(rows)
         if not rows:
             return 0
@@ -131,7 +151,10 @@ class OutboxRelay:
                 for row in rows
             )
         )
-        await self.store.outbox_delete([row.id for row in rows])
+        try:
+            await self.store.outbox_delete([row.id for row in rows])
+        except Exception as exc:  # published, not deleted: published again by the next holder (at least once)
+            raise _StoreFailed() from exc
         self.published += len(rows)
         METRICS.outbox_published += len(rows)
         return len(rows)

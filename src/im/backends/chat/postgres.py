@@ -89,6 +89,9 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
     def __init__(self, db: PostgresDatabase, *, outbox: bool = False) -> None:
         super().__init__(db)
         self.outbox = outbox
+        #: The session holding the outbox lock while this process drains (outbox_exclusive): fetches and
+        #: deletes go through it, so they fail once the lock is gone with the session (fencing).
+        self._outbox_session: Any = None
 
     async def load_conversations(self, convs: Sequence[str]) -> dict[str, ConversationState]:
         if not convs:
@@ -369,7 +372,7 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
         return {(row[0], row[1]) for row in rows}
 
     async def outbox_fetch(self, limit: int) -> list[OutboxEvent]:
-        rows = await self.db.pool.fetch(
+        rows = await (self._outbox_session or self.db.pool).fetch(
             f"SELECT id, {', '.join(_OUTBOX_FIELDS)} FROM outbox ORDER BY id LIMIT $1", limit
         )
         return [OutboxEvent(*row) for row in rows]
@@ -381,7 +384,9 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
     @contextlib.asynccontextmanager
     async def outbox_exclusive(self) -> AsyncIterator[None]:
         """A session-level advisory lock on a connection held meanwhile: released when the holder
-        leaves, or when its process dies and PostgreSQL drops the connection."""
+        leaves, or when its process dies and PostgreSQL drops the connection. While held, this store's
+        outbox fetches and deletes run on that same session: when it dies (a database restart) the lock
+        is gone and so are they, failing instead of draining beside the next holder."""
         key = f"im.outbox:{self.db.schema or ''}"
         async with self.db.pool.acquire() as conn:
             while True:
@@ -393,15 +398,19 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
                     # the lock been granted as the timeout hit, this takes it once more; release() of the
                     # connection runs pg_advisory_unlock_all).
                     continue
+            self._outbox_session = conn
             try:
                 yield
             finally:
+                self._outbox_session = None
                 with contextlib.suppress(Exception):
                     await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
 
     async def outbox_delete(self, ids: Sequence[int]) -> None:
         if ids:
-            await self.db.pool.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", list(ids))
+            await (self._outbox_session or self.db.pool).execute(
+                "DELETE FROM outbox WHERE id = ANY($1::bigint[])", list(ids)
+            )
 
     async def list_conversations(self, uid: int) -> list[ConversationSummary]:
         # The peer of a direct conversation "d:<a>:<b>" is the one of a and b that is not uid. The CASEs
