@@ -34,11 +34,12 @@ import pytest
 import websockets
 
 from im.cluster import LocalCluster
-from tests.cluster.conftest import client_on, make_cluster, stop_checked
+from tests.cluster.conftest import client_on, make_cluster, stop_checked, without_loggers
 from tests.cluster.test_cluster_faults import App, check_delivery, pump, start_chat
 from tests.support.checker import History
 from tests.support.client import ChatClient, register
 from tests.support.postgres import PrivatePostgres
+from tests.support.server import ServerProcess
 from tests.support.wait import eventually
 
 DOWN = 3.0  # seconds the database stays away
@@ -274,3 +275,77 @@ async def _all_ready(cluster: LocalCluster) -> bool:
     async with httpx.AsyncClient(timeout=5) as http:
         r = await http.get(f"{cluster.api}/health/ready")
     return r.status_code == 200
+
+
+async def test_database_crashes_under_im_serve(tmp_path: Path, pg: PrivatePostgres) -> None:
+    """``im serve`` on PostgreSQL (one process: the committer beside the gateway, no link): the same
+    promises when the postmaster is SIGKILLed mid-stream and started again: sends refused `unavailable`
+    and none silent while it is away, a new connection `bye unavailable`, HTTP 503, not ready then ready,
+    every resend stored once, C1-C6."""
+    server = ServerProcess(
+        tmp_path / "serve", extra=["--set", "store.kind=postgres", "--set", f"store.postgres_dsn={pg.dsn}"]
+    ).start()
+    history = History(server)
+    try:
+        a, b, late = [await register(server.api, name) for name in ("ann", "ben", "late")]
+        raw = [RawDevice(history.client(a, "a1"), b.uid), RawDevice(history.client(b, "b1", tcp=True), a.uid)]
+        for d in raw:
+            assert (await d.c.connect())["t"] == "auth_ok"
+        stop_raw = asyncio.Event()
+        streams = [asyncio.create_task(d.stream(stop_raw)) for d in raw]
+        figures: dict[str, Any] = {"fault": "im serve, kill-9"}
+        try:
+            await eventually(lambda: all(len(d.c.acks) >= 6 for d in raw), "acks before")
+            acks_before = [len(d.c.acks) for d in raw]
+            await asyncio.to_thread(pg.kill)
+            gone_at = time.monotonic()
+            async with httpx.AsyncClient(timeout=10) as http:
+                await eventually(
+                    lambda: _status(http, f"{server.api}/health/ready", 503), "not ready while away", DOWN + 5
+                )
+                r = await http.get(f"{server.api}/gateway", headers=late.auth)
+                assert (r.status_code, r.json()["code"]) == (503, "unavailable"), r.text
+            newcomer = ChatClient(server.ws, late, "late")
+            first = await newcomer.connect()
+            assert (first["t"], first.get("code")) == ("bye", "unavailable"), first
+            await newcomer.close()
+            await asyncio.sleep(max(0.0, DOWN - (time.monotonic() - gone_at)))
+            checked_at = time.monotonic()
+            for d in raw:
+                assert not d.silent(checked_at - 1.5), f"{d.c.device}: sends left unanswered"
+                during = {x for x, (at, _) in d.sent.items() if gone_at + 0.5 < at < checked_at - 1.5}
+                assert not (during & set(d.c.acks)), f"{d.c.device}: acked while the database was away"
+                assert {e["code"] for e in d.c.errors} <= {"unavailable"}, Counter(e["code"] for e in d.c.errors)
+            figures["raw_refused_unavailable"] = sum(len(d.c.errors) for d in raw)
+            await asyncio.to_thread(pg.start)
+            started = time.monotonic()
+            await eventually(
+                lambda: all(len(d.c.acks) > n + 5 for d, n in zip(raw, acks_before, strict=True)), "acks after", 20
+            )
+            figures["acks_again_after_start_s"] = round(time.monotonic() - started, 2)
+            async with httpx.AsyncClient(timeout=10) as http:
+                await eventually(lambda: _status(http, f"{server.api}/health/ready", 200), "ready again", 20)
+            figures["ready_after_start_s"] = round(time.monotonic() - started, 2)
+            stop_raw.set()
+            await asyncio.gather(*streams)
+        finally:
+            stop_raw.set()
+            for t in streams:
+                t.cancel()
+            if not pg.running:
+                await asyncio.to_thread(pg.start)
+        figures["raw_resend_rounds"] = [await d.resend_until_acked() for d in raw]
+        figures["raw_messages"] = sum(len(d.sent) for d in raw)
+        await history.close_all()
+        figures["checked"] = await history.check()
+        print(f"\nDATABASE FIGURES {figures}")
+    finally:
+        await history.close_all()
+        code = await asyncio.to_thread(server.stop)
+    assert code == 0, server.log()[-4000:]
+    log = without_loggers(server.log(), OUTAGE_LOGGERS)
+    assert "Traceback" not in log, log[-4000:]
+
+
+async def _status(http: httpx.AsyncClient, url: str, want: int) -> bool:
+    return (await http.get(url)).status_code == want
