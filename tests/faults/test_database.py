@@ -16,7 +16,10 @@ What the system promises (docs/operations.md, "What a crash costs", PostgreSQL):
   every device sees every seq once and in order (C1-C6; ``check_delivery`` for the SDK apps).
 
 Six SDK apps (WebSocket and TCP, JSON and MessagePack, pairs and a group over both gateways) and two raw
-protocol clients recorded by the history checker stream through the outage.
+protocol clients recorded by the history checker stream through the outage. Not promised, so not
+checked: a device's posting order (a send refused ``unavailable`` is resent after later ones it already
+had in flight, which may commit first; the protocol orders seqs per conversation). The last test runs the
+same fault under ``im serve`` on PostgreSQL (the committer in the gateway's process, no gRPC link).
 """
 
 from __future__ import annotations
