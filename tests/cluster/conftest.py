@@ -118,9 +118,10 @@ def without_loggers(log: str, loggers: Collection[str]) -> str:
     return "".join(kept)
 
 
-def stop_checked(c: LocalCluster, *, ignore_loggers: Collection[str] = ()) -> None:
+def stop_checked(c: LocalCluster, *, ignore_loggers: Collection[str] = (), drop: bool = True) -> None:
     """Stop the cluster; every node still running must stop cleanly on SIGTERM (exit 0, no traceback;
-    ``ignore_loggers``: except in the records of these loggers, a library's own noise)."""
+    ``ignore_loggers``: except in the records of these loggers, a library's own noise). ``drop``: drop its
+    schema on the shared test server (False: the cluster ran on a private PostgreSQL)."""
     running = [n for n in c.nodes.values() if n.running]
     codes = c.stop()
     for node in running:
@@ -129,7 +130,8 @@ def stop_checked(c: LocalCluster, *, ignore_loggers: Collection[str] = ()) -> No
         assert "Traceback" not in log, f"{node.name}:\n{log[-4000:]}"
     if c.etcd is not None:
         c.etcd.destroy()
-    asyncio.run(drop_schema(c.postgres_schema))  # after the nodes stopped: nothing polls it any more
+    if drop:
+        asyncio.run(drop_schema(c.postgres_schema))  # after the nodes stopped: nothing polls it any more
 
 
 @pytest.fixture

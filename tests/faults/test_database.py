@@ -72,7 +72,7 @@ def cluster(tmp_path: Path, pg: PrivatePostgres) -> Iterator[LocalCluster]:
             if "already in use" not in str(exc) or attempt == 2:
                 raise
     yield c
-    stop_checked(c, ignore_loggers=OUTAGE_LOGGERS)
+    stop_checked(c, ignore_loggers=OUTAGE_LOGGERS, drop=False)  # the schema goes with the private server
 
 
 @pytest.fixture
