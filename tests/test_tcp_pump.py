@@ -106,6 +106,21 @@ async def test_a_frame_far_over_the_limit_gets_bye_and_a_half_close() -> None:
     assert conn.data == []
 
 
+async def test_a_write_after_the_bye_half_close_is_dropped() -> None:
+    """Frames the hub flushes after the bye's half-close (a delivery racing the close) are dropped, not
+    written after the FIN (uvloop raises ``Cannot call write() after write_eof()`` in the hub's callback)."""
+    hub, adm = PumpHub(), admission()
+    conn, reader, writer = await connect_pump(lambda: RecordingTcp(hub, adm))
+    writer.write((4 * LIMIT + 2).to_bytes(4, "big"))
+    _, bye = await read_frame(reader)
+    assert bye["t"] == "bye"
+    assert await at_eof(reader)
+    conn.write([b'{"t":"pong","id":1}'], False)  # must not raise
+    assert not conn.closed
+    writer.close()
+    await eventually(lambda: conn.closed, timeout=5)
+
+
 async def test_an_empty_frame_gets_bye_bad_frame() -> None:
     hub, adm = PumpHub(), admission()
     _, reader, writer = await connect_pump(lambda: RecordingTcp(hub, adm))

@@ -74,11 +74,13 @@ class ClusterView:
     api: str
 
 
-def make_cluster(data_dir: Path, **kw: object) -> LocalCluster:
+def make_cluster(data_dir: Path, *, postgres_dsn: str = DSN, **kw: object) -> LocalCluster:
+    """A (not yet started) cluster on its own schema, Redis prefix and ports; ``postgres_dsn``: another
+    PostgreSQL than the shared test server (a private one a test may stop)."""
     tag = uuid.uuid4().hex[:10]
     return LocalCluster(
         data_dir,
-        postgres_dsn=DSN,
+        postgres_dsn=postgres_dsn,
         postgres_schema=f"im_cluster_{tag}",
         redis_prefix=f"im-cluster-{tag}:",
         base_port=_free_base(),
@@ -121,9 +123,10 @@ def without_loggers(log: str, loggers: Collection[str]) -> str:
     return "".join(kept)
 
 
-def stop_checked(c: LocalCluster, *, ignore_loggers: Collection[str] = ()) -> None:
+def stop_checked(c: LocalCluster, *, ignore_loggers: Collection[str] = (), drop: bool = True) -> None:
     """Stop the cluster; every node still running must stop cleanly on SIGTERM (exit 0, no traceback;
-    ``ignore_loggers``: except in the records of these loggers, a library's own noise)."""
+    ``ignore_loggers``: except in the records of these loggers, a library's own noise). ``drop``: drop its
+    schema on the shared test server (False: the cluster ran on a private PostgreSQL)."""
     running = [n for n in c.nodes.values() if n.running]
     codes = c.stop()
     for node in running:
@@ -132,7 +135,8 @@ def stop_checked(c: LocalCluster, *, ignore_loggers: Collection[str] = ()) -> No
         assert "Traceback" not in log, f"{node.name}:\n{log[-4000:]}"
     if c.etcd is not None:
         c.etcd.destroy()
-    asyncio.run(drop_schema(c.postgres_schema))  # after the nodes stopped: nothing polls it any more
+    if drop:
+        asyncio.run(drop_schema(c.postgres_schema))  # after the nodes stopped: nothing polls it any more
 
 
 @pytest.fixture

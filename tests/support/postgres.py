@@ -8,6 +8,7 @@ test: it is never skipped (in CI a missing service is a failure).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -142,3 +143,124 @@ class TlsPostgres:
             stop_process(self.proc, signal.SIGINT, 10.0, raise_on_timeout=False)  # fast shutdown
             self.proc = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivatePostgres:
+    """A private PostgreSQL (``initdb`` + ``postgres`` from PATH) on a free port that a test may stop, crash
+    and start again on the same data directory: the database going away under a running cluster
+    (tests/faults/test_database.py). Plain TCP on 127.0.0.1, trust, user and database ``postgres``;
+    ``fsync=on`` and ``synchronous_commit=on`` (the durability an ack relies on). Runs as the ``postgres``
+    system user when the tests run as root (PostgreSQL refuses root), in its own process group.
+
+    ``stop("fast")`` and ``stop("immediate")`` are ``pg_ctl stop -m fast`` / ``-m immediate`` (SIGINT /
+    SIGQUIT to the postmaster); ``kill()`` is a crash: SIGKILL of the postmaster, then of whatever backend
+    outlives it. ``start()`` again recovers from the WAL. ``destroy`` removes it. The shared server on 5432
+    is never touched."""
+
+    def __init__(self, *, max_connections: int = 100) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="im-pg-"))
+        self.data = self.dir / "data"
+        self.max_connections = max_connections
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._user = "postgres" if os.geteuid() == 0 else None
+        self._initialised = False
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def log(self, tail: int = 4000) -> str:
+        try:
+            return (self.dir / "postgres.log").read_text(errors="replace")[-tail:]
+        except OSError:
+            return ""
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = 30.0) -> PrivatePostgres:
+        """Start (initdb first, once) and wait until it accepts connections (after crash recovery)."""
+        assert not self.running, "postgres is running already"
+        if not self._initialised:
+            if self._user is not None:
+                shutil.chown(self.dir, self._user, self._user)
+            subprocess.run(
+                ["initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"],
+                check=True,
+                capture_output=True,
+                user=self._user,
+            )
+            self._initialised = True
+        cmd = [
+            "postgres",
+            "-D", str(self.data),
+            "-p", str(self.port),
+            "-k", str(self.dir),
+            "-c", "listen_addresses=127.0.0.1",
+            "-c", "fsync=on",
+            "-c", "synchronous_commit=on",
+            "-c", f"max_connections={self.max_connections}",
+        ]  # fmt: skip
+        offset = len((self.dir / "postgres.log").read_bytes()) if (self.dir / "postgres.log").exists() else 0
+        with open(self.dir / "postgres.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, user=self._user, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited with {self.proc.returncode}:\n{self.log()}")
+            if b"ready to accept connections" in (self.dir / "postgres.log").read_bytes()[offset:]:
+                return self
+            time.sleep(0.02)
+        self.kill()
+        raise RuntimeError(f"postgres did not start in {timeout}s:\n{self.log()}")
+
+    def stop(self, mode: str = "fast", timeout: float = 20.0) -> None:
+        """``pg_ctl stop -m fast`` (SIGINT: sessions ended, a checkpoint) or ``-m immediate`` (SIGQUIT: no
+        checkpoint, recovery at the next start)."""
+        sig = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}[mode]
+        if self.proc is not None:
+            stop_process(self.proc, sig, timeout, raise_on_timeout=False)
+            self._reap()
+
+    def kill(self) -> None:
+        """A crash: SIGKILL the postmaster; its backends notice its death and exit (those that do not within
+        5 s are killed too), so the next start finds the shared memory free and replays the WAL."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # its own session: the process group of every backend
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        deadline = time.monotonic() + 5.0
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        self._reap()
+
+    def _reap(self) -> None:
+        if self.proc is not None:
+            pgid = self.proc.pid
+            deadline = time.monotonic() + 10.0
+            while _group_alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    def destroy(self) -> None:
+        """Stop it (immediate) and delete its data directory."""
+        if self.running:
+            self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -37,6 +37,7 @@ from im.core.passwords import LoginGuard
 from im.files import FileService
 from im.model.errors import ErrorCode, ImError
 from im.observability.health import Readiness
+from im.observability.metrics import METRICS, engine_unreachable
 from im.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
@@ -143,13 +144,16 @@ class ResponseHardening:
     above 0 (never over plain HTTP, where RFC 6797 section 7.2 says it must not be sent). Requests whose
     path or query carries a NUL character are refused 400 ``invalid`` (no
     store keeps one). An unexpected exception answers 500 ``internal`` and is logged as one counted,
-    rate-limited line with at most one traceback per window (im.throttled_log), never one per request."""
+    rate-limited line with at most one traceback per window (im.throttled_log), never one per request;
+    one that says an engine is unreachable (the database away: ``engine_unreachable``) answers 503
+    ``unavailable`` with ``Retry-After: 1``, counted the same way without a traceback."""
 
     def __init__(self, app: ASGIApp, prefix: str = PREFIX, hsts_max_age: int = 0) -> None:
         self.app = app
         self.prefix = prefix
         self.hsts = f"max-age={hsts_max_age}".encode() if hsts_max_age > 0 else b""
         self.crashes = ThrottledLog(log, "requests that failed with an unexpected error", level=logging.ERROR)
+        self.outages = ThrottledLog(log, "requests (503): an engine is unreachable")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -182,7 +186,17 @@ class ResponseHardening:
         try:
             await self.app(scope, receive, send_hardened)
         except Exception as exc:
-            self.crashes.hit(f"{scope.get('method')} {path[:200]}: {type(exc).__name__}: {str(exc)[:200]}", exc)
+            what = f"{scope.get('method')} {path[:200]}: {type(exc).__name__}: {str(exc)[:200]}"
+            if engine_unreachable(exc):  # an outage (the database away), not a bug: retryable, no traceback
+                METRICS.engine_error(exc)
+                self.outages.hit(what)
+                if not started:
+                    response = error_response(
+                        503, ErrorCode.UNAVAILABLE, "storage unavailable, retry later", retry_after=1
+                    )
+                    await response(scope, receive, send_hardened)
+                return
+            self.crashes.hit(what, exc)
             if not started:
                 await error_response(500, ErrorCode.INTERNAL, "internal error")(scope, receive, send_hardened)
 

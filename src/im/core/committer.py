@@ -17,10 +17,12 @@ preparing one item refuses that item alone (``invalid``). A batch the store refu
 SeqConflict) is split in halves, recursively, each part prepared again from reloaded state (seqs stay
 dense, parts commit left to right so each conversation keeps its order), until the items the store will
 not take are alone and refused ``invalid``: one poisoned item costs about log2(batch) extra store calls.
-When an item is alone and still refused before any part committed, one read asks the store whether
-it is up: if not, the store itself is down and everything left is refused ``unavailable`` at once
-(log2(batch)+2 store calls, one log line). Both are logged as counted, rate-limited lines
-(im.throttled_log), never a traceback per send.
+When an item is alone and still refused, one read asks the store whether it is up: if not, the store
+itself is down and everything left is refused ``unavailable`` at once (log2(batch)+2 store calls, one
+log line); if it is, the item is tried once more (a restart of the database may end between the
+refusal and the read) and refused ``invalid`` only when it fails again while the store answers: a
+refusal caused by the store being away is never final (the client resends the same cmid). Both are
+logged as counted, rate-limited lines (im.throttled_log), never a traceback per send.
 
 Message ids come from :attr:`Committer.ids` (im.core.ids), whose node id a claim assigns (distributed
 mode) or which holds a fixed one (``im serve``). While no node id is held (a claim lost, not yet made
@@ -264,7 +266,6 @@ class Committer:
         """Commit ``items``; if the store refuses the batch, split it so only what it will not take fails
         (module docstring, "Fault isolation"). Parts are tried depth first, left before right."""
         parts: list[list[_Send | _MemberOp]] = [items]
-        store_alive = False  # proven by a part that committed, or by a probe
         while parts:
             part = parts.pop()
             try:
@@ -275,17 +276,25 @@ class Committer:
                     parts.append(part[half:])
                     parts.append(part[:half])
                     continue
-                if not store_alive:
-                    store_alive = await self._store_answers()
-                if not store_alive:
-                    rest = [i for p in (part, *reversed(parts)) for i in p]
-                    self._outage_log.hit(f"{len(rest)} items: {type(exc).__name__}: {exc}", exc)
-                    self._fail(rest, ImError(ErrorCode.UNAVAILABLE, f"storage error: {type(exc).__name__}"))
-                    return
-                self._poison_log.hit(f"{type(exc).__name__}: {str(exc)[:200]}")
-                self._fail(part, ImError(ErrorCode.INVALID, "the server cannot store this message"))
-                continue
-            store_alive = True
+                # Alone and refused: a poisoned item, or the store is away. An earlier part that committed
+                # proves nothing (the store may have gone since), so ask it now; when it answers, the item
+                # gets one more try (the store may just have come back: a restart ends between the two),
+                # and only a second refusal while the store answers makes it poison.
+                failure: Exception = exc
+                if await self._store_answers():
+                    try:
+                        await self._commit(part)
+                        continue
+                    except Exception as again:
+                        failure = again
+                    if await self._store_answers():
+                        self._poison_log.hit(f"{type(failure).__name__}: {str(failure)[:200]}")
+                        self._fail(part, ImError(ErrorCode.INVALID, "the server cannot store this message"))
+                        continue
+                rest = [i for p in (part, *reversed(parts)) for i in p]
+                self._outage_log.hit(f"{len(rest)} items: {type(failure).__name__}: {failure}", failure)
+                self._fail(rest, ImError(ErrorCode.UNAVAILABLE, f"storage error: {type(failure).__name__}"))
+                return
 
     async def _store_answers(self) -> bool:
         """Whether the store is up (one read): tells a poisoned item from an outage once a part is alone."""

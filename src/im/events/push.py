@@ -7,15 +7,22 @@ online (``Presence.locate``); when there are any, one ``POST`` of ``{"mid", "con
 Policy:
 
 - one active consumer (the queue is single-active-consumer: consumers in other processes stand by),
-  messages handled one at a time, ``prefetch`` ahead: events reach the webhook in queue order, which is
-  per-conversation seq order (the relay publishes in outbox order);
+  messages handled one at a time, ``prefetch`` (default 1) delivered ahead: events reach the webhook in
+  queue order, which is per-conversation seq order (the relay publishes in outbox order). When a consumer
+  stops, what it had not acked goes back to the queue for the next one, not in queue order (RabbitMQ
+  3.10, quorum queue: a consumer stopped with 90 events delivered ahead had them pushed by the next one
+  with later events first); with one event ahead only the event in hand can come back late, hence the
+  default of 1 (the webhook POST per event costs more than the broker round trip it adds). A SIGKILLed
+  consumer's events came back in order (tests/faults/test_redelivery.py);
 - deduplicated by ``mid`` (see :mod:`im.backends.dedupe`): checked before, recorded after a successful
   POST; the event is acked after it was handled (pushed, deduplicated or nobody offline);
-- a failed webhook (connection error, timeout, non-2xx) waits ``retry_delay`` seconds and is nacked with
-  requeue; after ``max_attempts`` deliveries (the quorum queue's ``x-delivery-count``) it is rejected
-  without requeue (dropped, or dead-lettered if the queue has a dead-letter exchange) and logged: a push
-  is a best-effort wake-up, the message itself is safe in the log. While one event waits for its retry
-  the consumer handles nothing else, which keeps order and slows down against a failing provider;
+- a failed webhook (connection error, timeout, non-2xx) is tried again in place after ``retry_delay``
+  seconds, the event held unacked meanwhile (a nack with requeue would let the events delivered ahead of
+  it overtake it); after ``max_attempts`` attempts in all (those of earlier deliveries counted by the
+  quorum queue's ``x-delivery-count``) it is rejected without requeue (dropped, or dead-lettered if the
+  queue has a dead-letter exchange) and logged: a push is a best-effort wake-up, the message itself is
+  safe in the log. While one event waits for its retry the consumer handles nothing else, which keeps
+  order and slows down against a failing provider;
 - an undecodable event is rejected at once (retrying cannot fix it);
 - a lost broker connection: reconnect with backoff; unacked events are redelivered (and deduplicated).
 """
@@ -54,7 +61,7 @@ class PushConsumer:
         *,
         exchange: str = topology.EXCHANGE,
         queue: str = topology.PUSH_QUEUE,
-        prefetch: int = 100,
+        prefetch: int = 1,
         max_attempts: int = 5,
         retry_delay: float = 1.0,
         webhook_timeout: float = 5.0,
@@ -121,27 +128,29 @@ class PushConsumer:
             METRICS.webhook["undecodable"] += 1
             await message.reject(requeue=False)
             return
-        try:
-            if tracing.ON and (ctx := tracing.extract_headers(message.headers)) is not None:
-                with tracing.consumer_span("im.push", ctx, mid=event.mid) as span:
-                    await self.handle(event, span)
-            else:
-                await self.handle(event)
-        except Exception as exc:
-            count = (message.headers or {}).get("x-delivery-count", 0)
-            attempts = (count if isinstance(count, int) else 0) + 1  # the quorum queue counts redeliveries
-            if attempts >= self.max_attempts:
-                log.error("push consumer: giving up on mid %s after %d attempts: %s", event.mid, attempts, exc)
-                self.dropped += 1
-                METRICS.webhook["dropped"] += 1
-                await message.reject(requeue=False)
-                return
-            METRICS.webhook["failed"] += 1
-            log.warning("push consumer: mid %s attempt %d failed (%s); requeue", event.mid, attempts, exc)
-            await asyncio.sleep(self.retry_delay)
-            await message.nack(requeue=True)
+        count = (message.headers or {}).get("x-delivery-count", 0)
+        attempts = count if isinstance(count, int) else 0  # the quorum queue counts earlier deliveries
+        while True:
+            attempts += 1
+            try:
+                if tracing.ON and (ctx := tracing.extract_headers(message.headers)) is not None:
+                    with tracing.consumer_span("im.push", ctx, mid=event.mid) as span:
+                        await self.handle(event, span)
+                else:
+                    await self.handle(event)
+            except Exception as exc:
+                if attempts >= self.max_attempts:
+                    log.error("push consumer: giving up on mid %s after %d attempts: %s", event.mid, attempts, exc)
+                    self.dropped += 1
+                    METRICS.webhook["dropped"] += 1
+                    await message.reject(requeue=False)
+                    return
+                METRICS.webhook["failed"] += 1
+                log.warning("push consumer: mid %s attempt %d failed (%s); retry", event.mid, attempts, exc)
+                await asyncio.sleep(self.retry_delay)  # held unacked: nothing behind it overtakes it
+                continue
+            await message.ack()
             return
-        await message.ack()
 
     async def handle(self, event: topology.Event, span: Span | None = None) -> None:
         """Push one event (at most once per mid, as far as the dedupe remembers); raises when the webhook

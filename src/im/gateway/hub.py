@@ -45,10 +45,13 @@ from im.throttled_log import ThrottledLog
 log = logging.getLogger(__name__)
 #: Every connecting client meets a store that is down: one counted line per window, not a traceback each.
 _sync_failures = ThrottledLog(log, "connections: sync points unavailable", level=logging.ERROR)
+_auth_failures = ThrottledLog(log, "authentications: account store unavailable", level=logging.ERROR)
 _replay_failures = ThrottledLog(log, "replays: storage unavailable", level=logging.ERROR)
 _frame_failures = ThrottledLog(log, "frames that failed with an unexpected error", level=logging.ERROR)
 #: Presence down: every connection and disconnection would write a line; one counted line per window.
 _presence_failures = ThrottledLog(log, "presence updates: presence unavailable")
+#: The store down: the cursor flush runs every few hundred ms and would write a line each time.
+_cursor_failures = ThrottledLog(log, "cursor flushes: storage unavailable (kept for the next flush)")
 #: The commands that pass the hub's shared rate limits before they are carried out.
 _GATED = (cmd.Submit, cmd.SaveCursor, cmd.MarkRead, cmd.SendTyping)
 
@@ -219,6 +222,12 @@ class Connection(abc.ABC):
             principal = await self.hub.accounts.authenticate(c.token)
         except ImError as exc:
             self.run(self.session.auth_failed(ErrorCode.AUTH_FAILED, exc.message))
+            self.flush()
+            return
+        except Exception as exc:  # the account store is away (the session check reads it): say so, not silence
+            _auth_failures.hit(f"{type(exc).__name__}: {exc}", exc)
+            METRICS.engine_error(exc)
+            self.run(self.session.close(ErrorCode.UNAVAILABLE, "storage unavailable; reconnect later"))
             self.flush()
             return
         self.session.uid, self.session.device = principal.uid, c.device
@@ -563,7 +572,7 @@ class Hub(DeliverySink):
                 await self._flush_cursors()
             except Exception as exc:  # store or presence away: what was taken is retried by clients' resume
                 METRICS.engine_error(exc)
-                log.warning("cursor flush failed (%s: %s)", type(exc).__name__, exc)
+                _cursor_failures.hit(f"{type(exc).__name__}: {exc}")
 
     async def _tick(self) -> None:
         refresh_every = max(1.0, self._presence_ttl / 3)

@@ -68,7 +68,7 @@ class TcpConnection(SocketConnection):
 
     def write(self, frames: list[bytes], binary: bool) -> None:
         t = self.transport
-        if t is None or t.is_closing():
+        if t is None or t.is_closing() or self._eof_sent:  # after the bye's half-close nothing more goes out
             return
         t.write(encode_frames(frames, binary))
 

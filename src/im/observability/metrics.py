@@ -190,6 +190,27 @@ def engine_of(exc: BaseException) -> str:
     return "other"
 
 
+#: Exception classes (by name, anywhere in the class hierarchy of the exception or its causes) that say an
+#: engine could not be reached or went away mid-call: the builtin connection errors and timeouts, asyncpg's
+#: connection and operator-intervention errors (a database starting up or shutting down), redis-py's own
+#: ``ConnectionError``/``TimeoutError``. Names, not imports: this leaf imports no engine library.
+_UNREACHABLE: Final = frozenset(
+    {"ConnectionError", "TimeoutError", "PostgresConnectionError", "InterfaceError", "OperatorInterventionError"}
+)
+
+
+def engine_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause) says an engine is away (an outage: retry later), not a bug."""
+    seen: BaseException | None = exc
+    for _ in range(3):  # the exception, its cause, the cause's cause
+        if seen is None:
+            break
+        if any(klass.__name__ in _UNREACHABLE for klass in type(seen).__mro__):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 #: The one instance every role of a process shares (``im serve`` runs them all on one).
 METRICS: Final = Metrics()
 

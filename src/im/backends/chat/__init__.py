@@ -188,7 +188,12 @@ class Outbox(Service, abc.ABC):
     def outbox_exclusive(self) -> AbstractAsyncContextManager[None]:
         """Entered by a relay before it drains the outbox; held by one holder at a time across every
         process sharing the store, so two relays never interleave (which would break per-conversation
-        order). Waits while another holder has it. The default suits stores one process owns."""
+        order). Waits while another holder has it. The default suits stores one process owns.
+
+        Fenced: a store whose hold can be lost without the holder knowing (a database session that dies
+        with a database restart) makes :meth:`outbox_fetch` and :meth:`outbox_delete` fail, while held,
+        once the hold is gone; the holder must then leave and enter again (waiting for whoever took it
+        meanwhile), never go on draining without it."""
         return contextlib.nullcontext()
 
 
