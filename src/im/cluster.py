@@ -223,6 +223,9 @@ class LocalCluster:
     weed: WeedProcess | None = None
     etcd: EtcdProcess | None = None
     nodes: dict[str, RoleProcess] = field(default_factory=dict)
+    #: More arguments for single nodes, by name (``{"tr-1": ["--set", "transfer.public_address=H:P"]}``:
+    #: gateways dial tr-1 there, e.g. through a fault proxy), after every other argument.
+    node_extra: dict[str, list[str]] = field(default_factory=dict)
 
     def _common(self) -> list[str]:
         sets = {
@@ -379,6 +382,7 @@ class LocalCluster:
                 raise
         try:
             for node in self._plan():
+                node.args += self.node_extra.get(node.name, [])
                 self.nodes[node.name] = node.start()
         except BaseException:
             self.stop(signal.SIGKILL)
