@@ -247,8 +247,8 @@ class _Flow:
             dst = self.dst.transport if self.dst is not None else None
             if dst is None or dst.is_closing():
                 return False  # the connection is going away
+            self.proxy._count(self.name, size)  # first: the peer may read it before this thread runs again
             dst.write(bytes(piece))  # one send (a TCP segment: TCP_NODELAY) per slice while the socket takes it
-            self.proxy._count(self.name, size)
             if self.budget is not None:
                 self.budget -= size
             if self.dst is not None and not self.dst.can_write.is_set():
@@ -330,7 +330,7 @@ class _Conn:
         for task in self.tasks:
             if task is not current:
                 task.cancel()
-        self.proxy._changed_event().set()  # wakes a dial waiting on a blackhole
+        self.proxy._wake()  # a dial waiting on a blackhole sees the connection closed
 
 
 class FaultProxy:
@@ -494,12 +494,16 @@ class FaultProxy:
             self._changed = asyncio.Event()
         return self._changed
 
+    def _wake(self) -> None:
+        """Wake everything waiting for a change (a blackholed flow, a held dial) to look again; later
+        waits use a fresh event, so a waiter that finds nothing changed sleeps again instead of spinning."""
+        old, self._changed = self._changed_event(), asyncio.Event()
+        old.set()
+
     def _update(self, dirs: tuple[str, ...], changes: dict[str, Any]) -> None:
         for d in dirs:
             self._faults[d] = replace(self._faults[d], **changes)
-        # Wake everything that waits on a fault (a blackhole, a dial), then arm a fresh event.
-        old, self._changed = self._changed_event(), asyncio.Event()
-        old.set()
+        self._wake()
 
     def _count(self, direction: str, n: int) -> None:
         if direction == "up":

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -44,6 +45,9 @@ from tests.cluster.test_cluster_faults import PASSWORD, App, Target, check_deliv
 from tests.support.checker import History
 from tests.support.client import Account, ChatClient, register
 from tests.support.wait import eventually
+
+#: The long variant outlasts the suite's timeout per test (pyproject.toml: 120 s).
+pytestmark = [pytest.mark.timeout(900)] if os.environ.get("IM_FAULTS_LONG", "") not in ("", "0") else []
 
 #: The bad link of the issue: 300 ms ± 200 ms each way, 8 KB/s, one byte per write.
 BAD_LINK: dict[str, Any] = {"latency": 0.3, "jitter": 0.2, "bandwidth": 8192, "slice": 1}
@@ -200,6 +204,11 @@ class Raw:
         try:
             first = await asyncio.wait_for(self.c.connect(), 30)
         except LINK_ERRORS:
+            self._abandon()
+            return False
+        if first["t"] == "bye" and first.get("reconnect"):  # e.g. turned away while busy: come back later
+            self._abandon()
+            await asyncio.sleep(float(first.get("retry_after") or 0.5))
             return False
         assert first["t"] == "auth_ok", first
         self.connects += 1
@@ -207,6 +216,12 @@ class Raw:
             if not await self._write(cmid):
                 return False
         return True
+
+    def _abandon(self) -> None:
+        """Drop a connection attempt that went wrong (its socket may still be open)."""
+        transport = getattr(self.c.ws, "transport", None)
+        if transport is not None:
+            transport.abort()
 
     async def _write(self, cmid: str) -> bool:
         try:
