@@ -27,9 +27,9 @@ What each fault does, per direction (``"up"``: client -> target, ``"down"``: tar
   bandwidth limit they are paced apart (``slice=1, bandwidth=8192``: a byte every 122 µs, in bursts of
   about 16 bytes), and a receiver that keeps up reads them one by one.
 - **resets**: :meth:`reset_all` resets every open connection now; :meth:`reset_after` resets each
-  connection once it has forwarded ``nbytes`` more bytes (in the given direction, counted from when the
-  setting was made for open connections and from their start for new ones), again and again for every new
-  connection until cleared. A reset is a real RST on both sockets (``SO_LINGER`` 0): the peers see
+  connection once it has forwarded ``nbytes`` more bytes in one direction (each direction counts its own;
+  with ``"both"`` whichever gets there first; counted from when the setting was made for open connections
+  and from their start for new ones), again for every new connection until cleared. A reset is a real RST on both sockets (``SO_LINGER`` 0): the peers see
   ``ConnectionResetError`` (``ECONNRESET``), not an orderly end of stream.
 - **blackhole** (drop): nothing is forwarded in that direction, and connections stay open (as on a link
   that silently drops every packet). What was read before is held, not discarded, and the proxy stops
@@ -117,7 +117,7 @@ class _Side(asyncio.Protocol):
 
     def __init__(self, conn: _Conn, flow: _Flow | None) -> None:
         self.conn = conn
-        self.flow = flow  # bytes received here go this way (None until the other side exists)
+        self.flow = flow  # the direction that carries what this socket receives
         self.transport: asyncio.Transport | None = None
         self.paused_reading = False
         self.can_write = asyncio.Event()

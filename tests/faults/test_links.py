@@ -12,7 +12,9 @@ SDK clients (``im.client.Client``, WebSocket and TCP, JSON and MessagePack) post
 group of all without waiting for acks; raw protocol clients (``tests.support.client.ChatClient``,
 recorded in the history checker) post in their own direct conversation and reconnect and resend with
 the same cmids themselves. While they do, the links are bad and one proxy at a time resets every
-connection on it every 1-2.5 s. Then the resets stop (the links stay slow) and every send must be
+connection on it every 1-2.5 s (between gateways and transfer nodes: the two nodes' links in turn, each
+time once the gateways are linked to the other node again, the case docs/transfer.md §6 promises order
+for). Then the resets stop (the links stay slow) and every send must be
 acked: the SDK apps' checks (tests.cluster.test_cluster_faults.check_delivery: every post acked once and
 stored once, each sender's posts stored in the order posted, every member saw every conversation 1..N
 once, in order) and the history checker (C1-C6) find nothing lost, duplicated or out of order.
@@ -27,8 +29,9 @@ import contextlib
 import json
 import os
 import random
+import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -105,19 +108,80 @@ class Proxies:
         }
 
 
-async def reset_now_and_then(proxies: Proxies, stop: asyncio.Event, rng: random.Random) -> int:
+async def reset_now_and_then(proxies: Proxies, stop: asyncio.Event, rng: random.Random) -> dict[str, Any]:
     """Until ``stop``: every RESET_EVERY seconds, reset every connection of one proxy (in turn, so that
-    each path is hit). Returns how many rounds ran."""
+    each path is hit)."""
     order = list(proxies.by_port.values())
     rounds = 0
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), rng.uniform(*RESET_EVERY))
-        if stop.is_set():
-            break
+    while await _pause(stop, rng):
         await asyncio.to_thread(order[rounds % len(order)].reset_all)
         rounds += 1
-    return rounds
+    return {"reset_rounds": rounds}
+
+
+async def _pause(stop: asyncio.Event, rng: random.Random) -> bool:
+    """Wait RESET_EVERY seconds, or less if ``stop`` comes first; True unless it came."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), rng.uniform(*RESET_EVERY))
+    return not stop.is_set()
+
+
+def _link_events(cluster: LocalCluster, node: str, address: str) -> tuple[int, bool]:
+    """From ``node``'s log, about its link to the transfer node at ``address``: how many times it was
+    lost (or an attempt failed), and whether the last word is "linked" (im.transfer.client's log lines)."""
+    a = re.escape(address)
+    lost = list(re.finditer(rf"transfer link to {a}: |transfer node {a} ended the link", cluster.nodes[node].log()))
+    linked = list(re.finditer(rf"linked to transfer node \S+ at {a}$", cluster.nodes[node].log(), re.MULTILINE))
+    return len(lost), bool(linked) and (not lost or linked[-1].start() > lost[-1].start())
+
+
+async def reset_links_in_turn(
+    cluster: LocalCluster, proxies: Proxies, stop: asyncio.Event, rng: random.Random
+) -> dict[str, Any]:
+    """Until ``stop``: every RESET_EVERY seconds, reset every link to one transfer node, the two in turn,
+    but only once both gateways are linked to the other one again, so that the sends pending on the
+    broken links always have a node to go to (transfer.md §6). Returns the rounds and how long the
+    gateways took to relink (from the reset until both logged "linked" again)."""
+    order = list(proxies.by_port.values())
+    gateways = ("gw-1", "gw-2")
+    relinks: list[float] = []
+    watchers: list[asyncio.Task[None]] = []
+
+    def relinked(address: str, before: dict[str, int]) -> bool:
+        events = {gw: _link_events(cluster, gw, address) for gw in gateways}
+        return all(lost > before[gw] and up for gw, (lost, up) in events.items())
+
+    async def watch(address: str, before: dict[str, int], at: float) -> None:
+        await eventually(lambda: relinked(address, before), f"the gateways relink to {address}", 60, interval=0.05)
+        relinks.append(time.monotonic() - at)
+
+    rounds = 0
+    try:
+        while await _pause(stop, rng):
+            victim, other = order[rounds % 2], order[(rounds + 1) % 2]
+            await eventually(
+                lambda: all(_link_events(cluster, gw, other.address)[1] for gw in gateways),  # noqa: B023
+                f"both gateways linked to {other.address}",
+                60,
+                interval=0.05,
+            )
+            if rounds >= 1:
+                await watchers[-1]  # the previous victim (the other node) relinked
+            before = {gw: _link_events(cluster, gw, victim.address)[0] for gw in gateways}
+            at = time.monotonic()
+            await asyncio.to_thread(victim.reset_all)
+            watchers.append(asyncio.create_task(watch(victim.address, before, at)))
+            rounds += 1
+        if watchers:
+            await watchers[-1]
+    finally:
+        for w in watchers:
+            w.cancel()
+    return {
+        "reset_rounds": rounds,
+        "relink_s_median": round(sorted(relinks)[len(relinks) // 2], 2) if relinks else None,
+        "relink_s_max": round(max(relinks), 2) if relinks else None,
+    }
 
 
 # --- SDK clients ------------------------------------------------------------------------------------------
@@ -319,11 +383,14 @@ async def start_link_chat(
     return LinkChat(list(started), members, targets, raws)
 
 
-async def chat_through_resets(chat: LinkChat, proxies: Proxies, seconds: float, seed: int) -> dict[str, Any]:
-    """Chat for ``seconds`` while ``proxies`` reset now and then; then stop the resets (the links stay
-    bad) and wait until every SDK send and every raw send is acked. Returns figures."""
+Nemesis = Callable[[asyncio.Event], Coroutine[Any, Any, dict[str, Any]]]
+
+
+async def chat_through_resets(chat: LinkChat, proxies: Proxies, seconds: float, nemesis: Nemesis) -> dict[str, Any]:
+    """Chat for ``seconds`` while ``nemesis`` resets links until its event is set; then stop it (the
+    links stay bad) and wait until every SDK send and every raw send is acked. Returns figures."""
     stop_posting, stop_resets = asyncio.Event(), asyncio.Event()
-    resetter = asyncio.create_task(reset_now_and_then(proxies, stop_resets, random.Random(seed)))
+    resetter = asyncio.create_task(nemesis(stop_resets))
     tasks = [asyncio.create_task(sdk_pump(a, t, stop_posting)) for a, t in zip(chat.apps, chat.targets, strict=True)]
     raw_tasks = [asyncio.create_task(r.run(stop_posting)) for r in chat.raws]
     started = time.monotonic()
@@ -331,7 +398,7 @@ async def chat_through_resets(chat: LinkChat, proxies: Proxies, seconds: float, 
         await asyncio.sleep(seconds)
         stop_posting.set()
         stop_resets.set()
-        rounds = await resetter
+        resets = await resetter
         await asyncio.gather(*tasks)
         drained = time.monotonic()
         await asyncio.wait_for(asyncio.gather(*raw_tasks), DRAIN)
@@ -348,7 +415,7 @@ async def chat_through_resets(chat: LinkChat, proxies: Proxies, seconds: float, 
             t.cancel()
     return {
         "seconds": round(time.monotonic() - started, 1),
-        "reset_rounds": rounds,
+        **resets,
         "drain_s": round(drain_s, 1),
         "sdk_posts": sum(len(a.planned) for a in chat.apps),
         "raw_posts": sum(len(r.sent) for r in chat.raws),
@@ -417,7 +484,10 @@ async def test_clients_chat_over_bad_links_to_the_gateways(
     chat = await start_link_chat(cluster, history, apps, gateway_proxies.route)
     for r in chat.raws:
         assert await r.ensure_connected()
-    figures = await chat_through_resets(chat, gateway_proxies, LONG if long_run else SHORT, seed=14)
+    rng = random.Random(14)
+    figures = await chat_through_resets(
+        chat, gateway_proxies, LONG if long_run else SHORT, lambda stop: reset_now_and_then(gateway_proxies, stop, rng)
+    )
     counts = await check_chat(cluster, history, chat)
     report("clients<->gateways", figures | counts)
     assert figures["resets"] >= 2, figures  # the faults did happen ...
@@ -464,18 +534,22 @@ async def test_chat_over_bad_links_between_gateways_and_transfer_nodes(
     proxied_transfers: tuple[LocalCluster, Proxies], transfer_history: History, apps: list[App], long_run: bool
 ) -> None:
     """Every gRPC link from a gateway (or the API) to a transfer node crosses a proxy with 300 ms ± 200 ms
-    latency, 8 KB/s and 1-byte writes each way, and one link's proxy at a time resets its connections
-    every 1-2.5 s. The gateways hand the sends pending on a broken link to the other node (or refuse
-    them ``unavailable``, resent by the clients), relink, and their sessions fetch any delivery lost with
-    the link from the log: every send is acked once and stored once, every member sees every
-    conversation whole and in order, and no client connection is dropped."""
+    latency, 8 KB/s and 1-byte writes each way; every 1-2.5 s every link to one transfer node is reset,
+    the two nodes in turn, each time once both gateways are linked to the other node again. The gateways
+    hand the sends pending on a broken link to the other node at once, in order (docs/transfer.md §6),
+    relink, and their sessions fetch any delivery lost with the link from the log: no client sees an
+    error or loses its connection, every send is acked once and stored once, each sender's sends are
+    stored in the order sent, and every member sees every conversation whole and in order."""
     cluster, proxies = proxied_transfers
     await eventually(lambda: all(p.open >= 3 for p in proxies.by_port.values()), "gw-1, gw-2 and api-1 linked")
     proxies.set(**BAD_LINK)
     chat = await start_link_chat(cluster, transfer_history, apps, lambda url: url)
     for r in chat.raws:
         assert await r.ensure_connected()
-    figures = await chat_through_resets(chat, proxies, LONG if long_run else SHORT, seed=41)
+    rng = random.Random(41)
+    figures = await chat_through_resets(
+        chat, proxies, LONG if long_run else SHORT, lambda stop: reset_links_in_turn(cluster, proxies, stop, rng)
+    )
     counts = await check_chat(cluster, transfer_history, chat)
     report("gateways<->transfer nodes", figures | counts)
     assert figures["resets"] >= 3, figures  # links were reset ...
@@ -483,6 +557,7 @@ async def test_chat_over_bad_links_between_gateways_and_transfer_nodes(
     for a in chat.apps:  # the clients' own connections were never touched
         assert a.c.error is None and a.c.connections == 1 and not a.of(Disconnected), (a.name, a.of(Disconnected))
     assert all(r.connects == 1 for r in chat.raws), [r.connects for r in chat.raws]
+    assert figures["unavailable_refusals_raw"] == 0, [r.refused for r in chat.raws]  # handed over, not refused
     for node in ("gw-1", "gw-2"):
         log = cluster.nodes[node].log()
         assert "Traceback" not in log, log[-4000:]
