@@ -29,8 +29,9 @@ What each fault does, per direction (``"up"``: client -> target, ``"down"``: tar
 - **resets**: :meth:`reset_all` resets every open connection now; :meth:`reset_after` resets each
   connection once it has forwarded ``nbytes`` more bytes in one direction (each direction counts its own;
   with ``"both"`` whichever gets there first; counted from when the setting was made for open connections
-  and from their start for new ones), again for every new connection until cleared. A reset is a real RST on both sockets (``SO_LINGER`` 0): the peers see
-  ``ConnectionResetError`` (``ECONNRESET``), not an orderly end of stream.
+  and from their start for new ones), again for every new connection until cleared. A reset is a real
+  RST on both sockets (``SO_LINGER`` 0): the peers see ``ConnectionResetError`` (``ECONNRESET``), not an
+  orderly end of stream.
 - **blackhole** (drop): nothing is forwarded in that direction, and connections stay open (as on a link
   that silently drops every packet). What was read before is held, not discarded, and the proxy stops
   reading once it holds :data:`HOLD_BYTES` per connection and direction, so the sender's buffers fill as

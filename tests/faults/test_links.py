@@ -428,7 +428,7 @@ async def chat_through_resets(chat: LinkChat, proxies: Proxies, seconds: float, 
 
 async def check_chat(cluster: LocalCluster, history: History, chat: LinkChat) -> dict[str, int]:
     """The SDK apps' checks and the history checker (C1-C6, also run again at teardown)."""
-    await check_delivery(cluster, chat.apps, chat.members, ordered=True)
+    logs = await check_delivery(cluster, chat.apps, chat.members, ordered=True)
     for r in chat.raws:
         assert not r.unacked(), f"{r.c.device}: unacked {r.unacked()[:10]}"
         acked = [r.c.acks[x] for x in r.sent]
@@ -440,7 +440,8 @@ async def check_chat(cluster: LocalCluster, history: History, chat: LinkChat) ->
         if not r.refused:
             assert seqs == sorted(seqs), f"{r.c.device}: stored out of the order sent"
         assert all(r.c.acks[x]["conv"] == raw_conv for x in r.sent)
-    return await history.check()
+    counts = await history.check()
+    return {"sdk_conversations": len(logs), "sdk_stored": sum(len(log) for log in logs.values()), **counts}
 
 
 def report(name: str, figures: dict[str, Any]) -> None:
