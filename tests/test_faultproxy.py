@@ -5,6 +5,8 @@ ConnectionResetError, a blackhole stalls without losing bytes, a cut refuses, an
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -181,7 +183,16 @@ async def test_blackhole_stalls_and_heal_delivers_in_order(proxy: FaultProxy, ec
     writer2.write(b"quiet")
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(reader2.read(10), 0.5)
-    assert (proxy.accepted, echo.accepted) == (2, 1)
+    await eventually(lambda: proxy.accepted == 2, "the second connection is accepted")
+    assert echo.accepted == 1
+    # A connection reset meanwhile wakes the held ones, which must go back to waiting, not spin (the
+    # proxy's loop must still answer the heal below).
+    _, writer3 = await connect(proxy)
+    await eventually(lambda: proxy.open == 3, "the third connection is accepted")
+    sock = writer3.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer3.transport.abort()  # a RST
+    await eventually(lambda: proxy.open == 2, "the third connection is gone")
     proxy.heal()
     assert await asyncio.wait_for(reader.readexactly(4), 10) == b"held"
     assert await asyncio.wait_for(reader2.readexactly(5), 10) == b"quiet"

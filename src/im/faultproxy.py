@@ -18,16 +18,20 @@ What each fault does, per direction (``"up"``: client -> target, ``"down"``: tar
 - **latency** and **jitter** (seconds): every chunk read from one side is written to the other after
   ``latency`` plus a uniform random ``[-jitter, +jitter]`` (never below zero). Order within a connection is
   kept: a chunk never overtakes the one before it (as TCP would), so jitter spreads gaps, not bytes.
-- **bandwidth** (bytes per second, 0: unlimited): the pace of each connection in that direction (a token
-  bucket with a one-slice burst), like a slow link per flow; it is not shared between connections.
-- **slice** (bytes, 0: whole chunks): at most that many bytes per write, each written and drained before
-  the next, with ``TCP_NODELAY`` on both sockets, so the receiver sees fragments (``slice=1``: one byte at
-  a time when it reads as fast as they come). Protocol framing is exercised at every byte boundary.
+- **bandwidth** (bytes per second, 0: unlimited): the pace of each connection in that direction, like a
+  slow link per flow (it is not shared between connections). Bytes go out in pieces of at most 10 ms of
+  the rate, in bursts of at most :data:`PACE_SLACK` seconds' worth.
+- **slice** (bytes, 0: whole chunks): at most that many bytes per write, each its own ``send`` and so its
+  own TCP segment (``TCP_NODELAY`` on both sockets): protocol framing is cut at every byte boundary.
+  Slices written back to back can still be read together by a receiver slower than the writes; with a
+  bandwidth limit they are paced apart (``slice=1, bandwidth=8192``: a byte every 122 µs, in bursts of
+  about 16 bytes), and a receiver that keeps up reads them one by one.
 - **resets**: :meth:`reset_all` resets every open connection now; :meth:`reset_after` resets each
-  connection once it has forwarded ``nbytes`` more bytes (in the given direction, counted from when the
-  setting was made for open connections and from their start for new ones), again and again for every new
-  connection until cleared. A reset is a real RST on both sockets (``SO_LINGER`` 0): the peers see
-  ``ConnectionResetError`` (``ECONNRESET``), not an orderly end of stream.
+  connection once it has forwarded ``nbytes`` more bytes in one direction (each direction counts its own;
+  with ``"both"`` whichever gets there first; counted from when the setting was made for open connections
+  and from their start for new ones), again for every new connection until cleared. A reset is a real
+  RST on both sockets (``SO_LINGER`` 0): the peers see ``ConnectionResetError`` (``ECONNRESET``), not an
+  orderly end of stream.
 - **blackhole** (drop): nothing is forwarded in that direction, and connections stay open (as on a link
   that silently drops every packet). What was read before is held, not discarded, and the proxy stops
   reading once it holds :data:`HOLD_BYTES` per connection and direction, so the sender's buffers fill as
@@ -69,8 +73,9 @@ Direction = Literal["up", "down", "both"]
 #: The most bytes held per connection and direction (read but not yet forwarded) before the proxy stops
 #: reading that side: back-pressure on the sender, as a full TCP window would be.
 HOLD_BYTES = 256 * 1024
-#: The most bytes read from a socket at once.
-READ_SIZE = 65536
+#: With a bandwidth limit, how far (seconds) a flow may run ahead of its pace before it sleeps: pieces
+#: go out in bursts of at most this long at the set rate, and timers stay coarser than one per byte.
+PACE_SLACK = 0.002
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,7 @@ class _Side(asyncio.Protocol):
 
     def __init__(self, conn: _Conn, flow: _Flow | None) -> None:
         self.conn = conn
-        self.flow = flow  # bytes received here go this way (None until the other side exists)
+        self.flow = flow  # the direction that carries what this socket receives
         self.transport: asyncio.Transport | None = None
         self.paused_reading = False
         self.can_write = asyncio.Event()
@@ -233,23 +238,22 @@ class _Flow:
                     self.conn.reset(by_proxy=True)
                     return False
             if f.bandwidth > 0:
-                size = min(size, max(1, f.bandwidth // 50))  # pieces of 20 ms at most: a smooth pace
+                size = min(size, max(1, f.bandwidth // 100))  # pieces of 10 ms at most: a smooth pace
                 now = loop.time()
-                start = max(self.pace_at, now)
-                if start > now:
-                    await asyncio.sleep(start - now)
+                if self.pace_at - now > PACE_SLACK:  # ahead of the pace: wait for it
+                    await asyncio.sleep(self.pace_at - now)
                     continue  # the faults may have changed while waiting
-                self.pace_at = start + size / f.bandwidth
+                self.pace_at = max(self.pace_at, now) + size / f.bandwidth
             piece, view = view[:size], view[size:]
-            assert self.dst is not None and self.dst.transport is not None
-            self.dst.transport.write(bytes(piece))
-            self.proxy._count(self.name, size)
+            dst = self.dst.transport if self.dst is not None else None
+            if dst is None or dst.is_closing():
+                return False  # the connection is going away
+            self.proxy._count(self.name, size)  # first: the peer may read it before this thread runs again
+            dst.write(bytes(piece))  # one send (a TCP segment: TCP_NODELAY) per slice while the socket takes it
             if self.budget is not None:
                 self.budget -= size
-            if f.slice > 0 or not self.dst.can_write.is_set():
+            if self.dst is not None and not self.dst.can_write.is_set():
                 await self.dst.can_write.wait()
-                if f.slice > 0:
-                    await asyncio.sleep(0)  # let the write reach the socket before the next slice
         return True
 
 
@@ -327,7 +331,7 @@ class _Conn:
         for task in self.tasks:
             if task is not current:
                 task.cancel()
-        self.proxy._changed_event().set()  # wakes a dial waiting on a blackhole
+        self.proxy._wake()  # a dial waiting on a blackhole sees the connection closed
 
 
 class FaultProxy:
@@ -491,12 +495,16 @@ class FaultProxy:
             self._changed = asyncio.Event()
         return self._changed
 
+    def _wake(self) -> None:
+        """Wake everything waiting for a change (a blackholed flow, a held dial) to look again; later
+        waits use a fresh event, so a waiter that finds nothing changed sleeps again instead of spinning."""
+        old, self._changed = self._changed_event(), asyncio.Event()
+        old.set()
+
     def _update(self, dirs: tuple[str, ...], changes: dict[str, Any]) -> None:
         for d in dirs:
             self._faults[d] = replace(self._faults[d], **changes)
-        # Wake everything that waits on a fault (a blackhole, a dial), then arm a fresh event.
-        old, self._changed = self._changed_event(), asyncio.Event()
-        old.set()
+        self._wake()
 
     def _count(self, direction: str, n: int) -> None:
         if direction == "up":

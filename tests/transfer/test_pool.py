@@ -497,6 +497,37 @@ async def test_sends_pending_on_a_broken_link_are_handed_to_the_other_node_in_or
     assert [r.cmid for r in tr2.core.got] == [f"b{i}" for i in range(5)]
 
 
+async def test_a_node_that_comes_back_does_not_overtake_sends_still_on_the_other(cluster: Cluster) -> None:
+    """conv ranks tr-1 first. While tr-1 is down, a send of conv goes to tr-2, which holds it (a slow
+    commit, or a slow link). tr-1 comes back: a later send of conv follows the unanswered one to tr-2
+    instead of being committed ahead of it on tr-1; once nothing of conv is unanswered, conv is back on
+    tr-1."""
+    tr1, tr2 = cluster.nodes["tr-1"], cluster.nodes["tr-2"]
+    pool = await cluster.pools.pool("gw-a")
+    conv = conv_on(pool, "tr-1")
+    await tr1.stop()
+    await eventually(lambda: not pool.links["tr-1"].connected)
+    tr2.core.hold = True
+    results = Results()
+    pool.submit(text(1, "early", conv=conv), results.done)
+    await eventually(lambda: len(tr2.core.held) == 1)
+    await tr1.restart()
+    await eventually(lambda: pool.links["tr-1"].connected)
+    assert pool.link_for(conv) is pool.links["tr-1"]
+    pool.submit(text(1, "later", conv=conv), results.done)
+    await eventually(lambda: len(tr2.core.held) == 2, "the later send follows the unanswered one")
+    assert tr1.core.got == []
+    held, tr2.core.held, tr2.core.hold = tr2.core.held, [], False
+    for seq, (req, done) in enumerate(held, 1):
+        done(req, stored(conv, seq), False, None)
+    await eventually(lambda: len(results.got) == 2)
+    assert [r.cmid for r, *_ in results.got] == ["early", "later"]
+    back = Results()
+    pool.submit(text(1, "back", conv=conv), back.done)
+    await eventually(lambda: len(back.got) == 1)
+    assert cluster.where("back") == ["tr-1"]
+
+
 async def test_wait_answered_returns_once_no_send_is_in_flight_on_any_link(cluster: Cluster) -> None:
     """What a stopping gateway waits on (no polling): sends held by a node keep it waiting; sends that a
     lost link hands to the other node are waited for there."""

@@ -82,6 +82,8 @@ class TransferPool:
         self._make_link = link_factory or self._default_link
         self._links: dict[str, TransferLink] = {}  # transfer node id -> link
         self._ranking: dict[str, list[TransferLink]] = {}  # conversation -> links, best first
+        #: conversation -> (the link its unanswered sends are on, how many): later sends follow them
+        self._unanswered: dict[str, tuple[TransferLink, int]] = {}
         self._unwatch: Callable[[], None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
@@ -177,12 +179,30 @@ class TransferPool:
         return None
 
     def submit(self, req: SendRequest, done: SendCallback) -> None:
-        """``Committer.submit``'s contract, through the transfer node chosen for the conversation."""
-        link = self.link_for(conversation_key(req))
+        """``Committer.submit``'s contract, through the transfer node chosen for the conversation.
+
+        While sends of a conversation are unanswered, later ones follow them to the same link even if
+        another now ranks higher (a node that came back): over two links a later send could be committed
+        before an earlier one still on its way. A lost link hands its sends back first (``resubmit``), so
+        they and the later ones move together to the next node."""
+        key = conversation_key(req)
+        held = self._unanswered.get(key)
+        link = held[0] if held is not None and held[0].connected else self.link_for(key)
         if link is None:
             done(req, None, False, ImError(ErrorCode.UNAVAILABLE, "no transfer node reachable; resend later"))
             return
-        link.submit(req, done)
+        self._unanswered[key] = (link, (held[1] if held is not None else 0) + 1)
+
+        def answered(r: SendRequest, msg: StoredMessage | None, dup: bool, err: ImError | None) -> None:
+            entry = self._unanswered.get(key)
+            if entry is not None:
+                if entry[1] <= 1:
+                    del self._unanswered[key]
+                else:
+                    self._unanswered[key] = (entry[0], entry[1] - 1)
+            done(r, msg, dup, err)
+
+        link.submit(req, answered)
 
     def resubmit(self, sends: list[tuple[SendRequest, SendCallback]]) -> None:
         """Sends a lost link had not answered, in their submission order: submit them again (the dead
