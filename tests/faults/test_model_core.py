@@ -29,13 +29,22 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
+import time
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from im.backends.accounts.sqlite import SqliteAccountStore
 from im.backends.chat.sqlite import SqliteChatStore
@@ -58,6 +67,7 @@ from tests.support.model import Entry, Ledger
 LONG = os.environ.get("IM_FAULTS_LONG", "") not in ("", "0")
 #: Runs and steps: about 10 s in the suite; the long variant explores far more.
 EXAMPLES, STEPS = (2000, 80) if LONG else (150, 50)
+pytestmark = pytest.mark.timeout(3600 if LONG else 120)
 
 OWNER = 1
 USERS = (1, 2, 3)
@@ -194,6 +204,9 @@ class Conn:
 
 
 class SessionModel(RuleBasedStateMachine):
+    #: What the runs did, summed over all of them (the test asserts the model reached each kind of step).
+    stats: Counter[str] = Counter()
+
     def __init__(self) -> None:
         super().__init__()
         self.core = Core()
@@ -205,7 +218,6 @@ class SessionModel(RuleBasedStateMachine):
         self.committer: list[tuple[Conn, cmd.Submit]] = []
         self.lives: dict[tuple[int, str], int] = defaultdict(int)
         self.reused: dict[tuple[int, str, str], str] = {}  # an acked cmid sent again to another conv
-        self.reuse_refusals = 0
 
     @initialize()
     def start_clients(self) -> None:
@@ -259,6 +271,8 @@ class SessionModel(RuleBasedStateMachine):
 
     def _drop(self, key: tuple[int, str]) -> None:
         conn = self.conns.get(key)
+        if conn is not None and conn.open:
+            self.stats["lost_in_flight"] += len(conn.c2s) + len(conn.s2c) + len(conn.results)
         if conn is not None:
             conn.open = False
             conn.server.state = ServerState.CLOSED
@@ -288,6 +302,7 @@ class SessionModel(RuleBasedStateMachine):
         if isinstance(event, Msg):
             self._applied(uid, device, event.conv, event.seq, event.mid)
         elif isinstance(event, Ack):
+            self.stats["dup_acks"] += event.dup
             self.ledger.acked(uid, device, event.cmid, event.conv, event.seq, event.mid)
             if client.cursors.get(event.conv, 0) > held.get(event.conv, 0):
                 self._applied(uid, device, event.conv, event.seq, event.mid)
@@ -295,7 +310,7 @@ class SessionModel(RuleBasedStateMachine):
             k = (uid, device, event.send.cmid)
             if k in self.reused and self.reused[k] == event.send.conv:
                 assert event.code == ErrorCode.INVALID, event
-                self.reuse_refusals += 1
+                self.stats["reused_refused"] += 1
             else:
                 assert event.code == ErrorCode.NOT_MEMBER, event
                 self.ledger.failed(uid, device, event.send.cmid, event.code)
@@ -530,7 +545,33 @@ class SessionModel(RuleBasedStateMachine):
         conn = self.conns[dev]
         i = which % len(conn.deliveries)
         m = conn.deliveries[i] if again else conn.deliveries.pop(i)
+        self.stats["redelivered"] += again
         self._run(conn, conn.server.deliver(m))
+
+    @precondition(lambda self: self._eligible("live"))
+    @rule(pick=st.integers(0, 1000))
+    def settle(self, pick: int) -> None:
+        """A fair stretch for one connection: everything it has in flight goes through, in order."""
+        dev = self._pick("live", pick)
+        conn = self.conns[dev]
+        self._to_server(dev, len(conn.c2s))
+        self._register(dev)
+        self._authenticated(dev)
+        mine = [item for item in self.committer if item[0] is conn]
+        self.committer = [item for item in self.committer if item[0] is not conn]
+        for _, s in mine:
+            m, dup, err = self.core.commit(conn.uid, conn.device, s)
+            if m is not None and not dup:
+                self._route(m, sorted(self.core.sets[m.conv][m.seq - 1][1]))
+            conn.results.append((s.cmid, m, dup, err))
+        while conn.open and (conn.fetches or conn.results or conn.deliveries):
+            if conn.deliveries:
+                self._hand_over(dev, 0, False)
+            if conn.open and conn.results:
+                self._answer_send(dev, 0)
+            if conn.open and conn.fetches:
+                self._answer_fetch(dev, 0, 100)
+        self._to_client(dev, len(conn.s2c) + 1000)
 
     @rule(conv=st.sampled_from(GROUPS), uid=st.sampled_from(USERS[1:]), add=st.booleans())
     def change_members(self, conv: str, uid: int, add: bool) -> None:
@@ -552,6 +593,11 @@ class SessionModel(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         """Heal everything and run until quiet; then every send has its answer and every device its log."""
+        self.stats["runs"] += 1
+        self.stats["acked_mid_run"] += len(self.ledger.acks)
+        self.stats["applied_mid_run"] += sum(
+            len(r) for ls in self.ledger.lives.values() for x in ls for r in x.applied.values()
+        )
         for _ in range(200):
             before = self._progress()
             for dev in self._eligible("connect"):
@@ -580,13 +626,16 @@ class SessionModel(RuleBasedStateMachine):
                 break
         else:
             raise AssertionError("the system did not become quiet")
-        self.ledger.check(self.core.entries(), final=True)
+        got = self.ledger.check(self.core.entries(), final=True)
+        self.stats.update(got)
+        self.stats["restarts"] += sum(self.lives.values()) - len(DEVICES)
         for uid, device in DEVICES:
             client = self.clients[(uid, device)]
             assert not client.outbox, f"{uid}/{device} still has unanswered sends {list(client.outbox)}"
             for conv, members in self.core.members.items():
-                if uid in members:
-                    assert client.cursors.get(conv, 0) == len(self.core.logs[conv]), (uid, device, conv)
+                if uid in members:  # (a life that applied nothing of conv started at the saved cursor)
+                    held = client.cursors.get(conv, self.core.start_cursor(uid, device, conv))
+                    assert held == len(self.core.logs[conv]), (uid, device, conv, held)
 
     def _progress(self) -> tuple[int, ...]:
         return (
@@ -602,13 +651,23 @@ class SessionModel(RuleBasedStateMachine):
         )
 
 
-SessionModel.TestCase.settings = settings(
-    max_examples=EXAMPLES,
-    stateful_step_count=STEPS,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-TestSessionModel = SessionModel.TestCase
+def test_session_core_model() -> None:
+    SessionModel.stats = Counter()
+    started = time.monotonic()
+    run_state_machine_as_test(
+        SessionModel,
+        settings=settings(
+            max_examples=EXAMPLES,
+            stateful_step_count=STEPS,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
+    stats = SessionModel.stats
+    print(f"model of the session core: {dict(stats)} in {time.monotonic() - started:.1f}s")
+    # the runs reached what they are for (else the model tests nothing)
+    for what in ("applied_mid_run", "acked_mid_run", "dup_acks", "lost_in_flight", "redelivered", "reused_refused"):
+        assert stats[what] > 0, (what, dict(stats))
 
 
 # --- the bug this model found, pinned on the real read side and store ------------------------------------
@@ -653,3 +712,40 @@ async def test_first_sight_after_removal_replays_nothing_before_the_join(tmp_pat
         await core.committer.stop()
         await accounts.close()
         await chat.close()
+
+
+def test_a_cmid_reused_for_another_conversation_is_not_acked_by_the_earlier_message() -> None:
+    """A device's send ``c`` stored in d:1:2, then the same cmid sent to g:1 (refused ``invalid`` by the
+    core): the replay of d:1:2 carried the stored ``c`` and the session took it for the answer to the
+    g:1 send, acking it as d:1:2 seq 1 (then came the refusal too). The session now matches both the
+    cmid and the conversation."""
+    session = ServerSession(EncodedCache(), clock=_clock)
+    session.receive(b'{"t":"auth","token":"t","device":"a2"}', False)
+    fetches = session.auth_succeeded(1, "a2", [SyncPoint("d:1:2", 1, 0), SyncPoint("g:1", 0, 0)], {})
+    assert fetches == [cmd.Fetch("d:1:2", 0, 1)]
+    submit = session.receive(b'{"t":"send","cmid":"c","conv":"g:1","body":1}', False)
+    assert [type(c) for c in submit] == [cmd.Submit]
+    stored = StoredMessage("d:1:2", 1, 77, 1, "a2", "c", 5, "text", b"1")
+    session.fetched("d:1:2", 0, [stored])
+    session.send_failed("c", ErrorCode.INVALID, "cmid was already used for another conversation")
+    frames = [json.loads(f) for f in session.data_to_send()]
+    assert [(f["t"], f.get("conv"), f.get("ref")) for f in frames] == [
+        ("auth_ok", None, None),
+        ("msg", "d:1:2", None),
+        ("synced", None, None),
+        ("error", None, "c"),
+    ]
+
+
+def test_a_group_joined_while_connected_starts_after_the_cursor_the_auth_named() -> None:
+    """A device holding g:2 up to seq 1 from an earlier membership connects while not a member (the cursor
+    is ignored then) and is added back (seq 3): the session started it at the join point (seq 2), so the
+    device, holding 1, saw 3 next: a gap, and had to reconnect. It now starts after the named cursor."""
+    session = ServerSession(EncodedCache(), clock=_clock)
+    session.receive(b'{"t":"auth","token":"t","device":"c1","cursors":{"g:2":1}}', False)
+    assert session.auth_succeeded(3, "c1", [], {"g:2": 1}) == []
+    added = StoredMessage("g:2", 3, 78, 1, "", "sys-78", 5, "system", b'{"event":"members_added","uids":[3]}')
+    assert session.deliver(added) == [cmd.Fetch("g:2", 1, 2)]
+    removed = StoredMessage("g:2", 2, 76, 1, "", "sys-76", 5, "system", b'{"event":"member_removed","uid":3}')
+    session.fetched("g:2", 1, [removed])
+    assert [json.loads(f).get("seq") for f in session.data_to_send()] == [None, None, 2, 3]  # auth_ok, synced
