@@ -15,12 +15,15 @@ order Hypothesis picks:
   answers a replay page (of any size), authentication registers the connection before the sync points are
   read (what commits in between arrives early);
 - routed copies are handed over late, out of order, or twice (broker redelivery);
-- an owner adds a member to a group or removes one.
+- an owner adds a member to a group or removes one;
+- now and then one connection gets a fair stretch (everything it has in flight goes through, in order),
+  so runs reach deep states and not only the adversarial ones.
 
 Invariants after every step: each device's application applies, per conversation, a gap-free,
-duplicate-free run of the log matching it entry for entry (tests/support/model.py), never a message of a
-group its account was not a member of when the message was stored or when it got it; the server never
-makes the client see a gap; acks name the stored entry. At the end of each run the network is healed and
+duplicate-free run of the log matching it entry for entry (tests/support/model.py); never a message of a
+group where its account was not a member, unless a member since a later seq (members read the earlier
+history); a conversation not named in its first ``auth`` starts at a join point of its account or later;
+the server never makes the client see a gap; acks name the stored entry. At the end of each run the network is healed and
 everything runs until quiet: every send is then acked or finally refused, and every device holds each of
 its conversations up to the head.
 """
