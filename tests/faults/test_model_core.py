@@ -23,9 +23,9 @@ Invariants after every step: each device's application applies, per conversation
 duplicate-free run of the log matching it entry for entry (tests/support/model.py); never a message of a
 group where its account was not a member, unless a member since a later seq (members read the earlier
 history); a conversation not named in its first ``auth`` starts at a join point of its account or later;
-the server never makes the client see a gap; acks name the stored entry. At the end of each run the network is healed and
-everything runs until quiet: every send is then acked or finally refused, and every device holds each of
-its conversations up to the head.
+the server never makes the client see a gap; acks name the stored entry. At the end of each run the
+network is healed and everything runs until quiet: every send is then acked or finally refused, and every
+device holds each of its conversations up to the head.
 """
 
 from __future__ import annotations
@@ -663,6 +663,7 @@ def test_session_core_model() -> None:
             max_examples=EXAMPLES,
             stateful_step_count=STEPS,
             deadline=None,
+            derandomize=not LONG,  # the suite replays the same runs (stable coverage); long runs explore anew
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
