@@ -753,3 +753,20 @@ def test_a_group_joined_while_connected_starts_after_the_cursor_the_auth_named()
     removed = StoredMessage("g:2", 2, 76, 1, "", "sys-76", 5, "system", b'{"event":"member_removed","uid":3}')
     session.fetched("g:2", 1, [removed])
     assert [json.loads(f).get("seq") for f in session.data_to_send()] == [None, None, 2, 3]  # auth_ok, synced
+
+
+def test_a_resent_send_below_the_start_point_of_an_untracked_conversation_is_answered() -> None:
+    """A device no longer in g:3 resends a send stored there at seq 4 (its ack was lost); its saved cursor
+    is 5. The answer (a dup) made the session fetch from the store's start point (5): the message, below
+    it, was dropped from the waiting ones and the send was never answered, its cmid held in flight for
+    good (every resend on the connection ignored). It is now acked, as a dup."""
+    session = ServerSession(EncodedCache(), clock=_clock)
+    session.receive(b'{"t":"auth","token":"t","device":"b1"}', False)
+    session.auth_succeeded(2, "b1", [], {})
+    assert [type(c) for c in session.receive(b'{"t":"send","cmid":"x","conv":"g:3","body":1}', False)] == [cmd.Submit]
+    stored = StoredMessage("g:3", 4, 79, 2, "b1", "x", 5, "text", b"1")
+    assert session.send_done("x", stored, True) == [cmd.Fetch("g:3", None, 3)]
+    session.fetched("g:3", 5, [])
+    frames = [json.loads(f) for f in session.data_to_send()]
+    assert [(f["t"], f.get("seq"), f.get("dup")) for f in frames][-1] == ("ack", 4, True)
+    assert session.in_flight == 0

@@ -110,6 +110,7 @@ class ServerModel(RuleBasedStateMachine):
         self.groups: list[str] = []
         self.members: dict[str, set[int]] = {}
         self.reused: dict[tuple[int, str, str], str] = {}
+        self.reported: dict[tuple[tuple[int, str], str], int] = {}  # the most a device said it holds (recv)
         self.accounts: list[Account] = []
         self.counts: dict[str, int] = dict.fromkeys(
             ("drops", "in_flight_lost", "restarts", "member_changes", "dup_acks"), 0
@@ -299,6 +300,7 @@ class ServerModel(RuleBasedStateMachine):
         d = self.devices[i]
         for conv, seq in d.client.cursors.items():
             d.client.handled(conv, seq)
+            self.reported[(d.key, conv)] = max(seq, self.reported.get((d.key, conv), 0))
         d.client.flush_recv()
         self.run(self._write(d))
 
@@ -363,7 +365,9 @@ class ServerModel(RuleBasedStateMachine):
                 (d.key, conv)
                 for d in self.devices
                 for conv in self.groups
-                if d.account.uid in self.members[conv] and d.client.cursors.get(conv, 0) < len(logs[conv])
+                # (a life restarted without cursors starts at the device's saved cursor: at most what it reported)
+                if d.account.uid in self.members[conv]
+                and d.client.cursors.get(conv, self.reported.get((d.key, conv), 0)) < len(logs[conv])
             ]
             waiting = [d.key for d in self.devices if d.client.outbox]
             if not behind and not waiting:

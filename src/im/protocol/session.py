@@ -312,7 +312,11 @@ class ServerSession:
             self._write(m)
             state.delivered = m.seq
         for seq in [s for s in state.pending if s <= state.delivered]:
-            del state.pending[seq]
+            m = state.pending.pop(seq)
+            if m.sender == self.uid and m.device == self.device and self._in_flight.get(m.cmid) == m.conv:
+                # Our own send, at or below where the device starts (it holds it): answer it, as a dup.
+                del self._in_flight[m.cmid]
+                self._emit(ack_frame(m, dup=True))
         if state.delivered < state.target and messages:
             upto = min(state.pending) - 1 if state.pending else state.target
             return [cmd.Fetch(conv, state.delivered, upto)]
