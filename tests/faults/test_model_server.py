@@ -185,9 +185,11 @@ class ServerModel(RuleBasedStateMachine):
         held = dict(d.client.cursors)
         event = d.client.receive(raw.encode())
         assert d.client.reconnect_reason is None, f"{d.key}: the server made a gap: {d.client.reconnect_reason}"
-        if frame["t"] in ("msg", "ack") and frame["seq"] > self._high(d, frame["conv"]):
-            # the checker follows each device's stream across lives (a restart from older cursors is
-            # given what it had again: the ledger judges those, per life)
+        high = self._high(d, frame["conv"]) if frame["t"] in ("msg", "ack") else 0
+        if frame["t"] in ("msg", "ack") and (frame["seq"] == high + 1 or (not high and frame["seq"] > 0)):
+            # the checker follows each device's stream across lives while it continues (a life restarted
+            # from older cursors gets what it had again; one restarted without cursors may start further
+            # on, at the saved cursor or a join point): the ledger judges those, per life
             (self.history.received if frame["t"] == "msg" else self.history.acked)(d.recorder, frame)  # type: ignore[arg-type]
         elif frame["t"] == "ack":
             self.history.unanswered.pop((id(d.recorder), frame["cmid"]), None)  # answered all the same (C7)
