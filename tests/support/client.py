@@ -157,6 +157,8 @@ class ChatClient:
                         self.history.acked(self, frame)
                 elif kind == "error":
                     self.errors.append(frame)
+                    if self.history is not None:
+                        self.history.refused(self, frame)
                 else:
                     if kind == "synced":
                         self.synced = True
@@ -173,6 +175,11 @@ class ChatClient:
         finally:
             async with self._changed:
                 self._changed.notify_all()
+
+    @property
+    def live(self) -> bool:
+        """The connection is open: its reader is still reading."""
+        return self._reader is not None and not self._reader.done()
 
     def _advance(self, conv: str, seq: int) -> None:
         if seq > self.cursors.get(conv, 0):

@@ -53,9 +53,19 @@ class ChatReads:
     async def replay(
         self, uid: int, device: str, conv: str, after: int | None, upto: int, limit: int
     ) -> tuple[int, list[StoredMessage]]:
-        """Stored messages a device is missing: (start point, messages with start < seq <= upto)."""
+        """Stored messages a device is missing: (start point, messages with start < seq <= upto).
+
+        ``after`` None (a conversation first seen live on a connection): the device's start point. A user
+        who is no longer a member when this is read (added and removed again meanwhile, or removed while
+        its connection was being set up) has no join point left to start from: it starts at ``upto``, so
+        it gets the live messages that brought the conversation (its ``members_added``, its removal) and
+        never the history before its join (docs/protocol.md section 9)."""
         if after is None:
             after = await self._store.start_cursor(uid, device, conv)
+            if after < upto:
+                state = (await self._store.load_conversations([conv])).get(conv)
+                if state is None or uid not in state.members:
+                    after = upto
         if upto <= after:
             return after, []
         return after, await self._store.read_range(conv, after, upto + 1, limit)

@@ -27,6 +27,7 @@ import msgspec
 
 from im.model.chat import StoredMessage, SyncPoint
 from im.model.errors import ErrorCode, ImError
+from im.model.ids import direct_conv
 from im.observability.metrics import METRICS
 from im.protocol import commands as cmd
 from im.protocol.codec import Encoding, decode_client, encode
@@ -130,8 +131,11 @@ class ServerSession:
         self._typing_bucket = TokenBucket(self.limits.typing_rate, now)
         self._out: list[bytes] = []
         self._convs: dict[str, ConvCursor] = {}
-        self._in_flight: set[str] = set()
+        #: cmid -> the conversation it was sent to: a stored message of ours answers it only if both match
+        #: (a cmid reused for another conversation is refused, never acked by the earlier message).
+        self._in_flight: dict[str, str] = {}
         self._initial: set[str] | None = None  # conversations still replaying since auth
+        self._named: dict[str, int] = {}  # auth cursors of conversations not tracked yet (joined later)
         self._early: list[StoredMessage] = []  # live messages that came while authenticating
 
     # --- input from the client ----------------------------------------------------------------------
@@ -226,7 +230,7 @@ class ServerSession:
         if problem is not None:
             self._error(problem[0], problem[1], cmid, retry_after)
             return []
-        self._in_flight.add(cmid)
+        self._in_flight[cmid] = frame.conv if frame.conv is not None else direct_conv(self.uid, frame.to or 0)
         return [cmd.Submit(cmid=cmid, conv=frame.conv, to=frame.to, type=frame.type, body=body)]
 
     def _check_cursor(self, conv: str, seq: int) -> bool:
@@ -257,6 +261,7 @@ class ServerSession:
                 self._convs[point.conv].fetching = True
                 out.append(cmd.Fetch(point.conv, start, point.last_seq))
         self._maybe_synced(len(self._convs))
+        self._named = {conv: seq for conv, seq in cursors.items() if conv not in self._convs}
         early, self._early = self._early, []
         for m in early:
             out.extend(self.deliver(m))
@@ -283,10 +288,13 @@ class ServerSession:
             return []
         state = self._convs.get(m.conv)
         if state is None:
-            # First sight of this conversation on this connection: find where the device starts.
+            # First sight of this conversation on this connection: find where the device starts. The
+            # cursor its auth named, if any (the user was not a member then: it holds the conversation from
+            # an earlier membership), else the store decides (its saved cursor, or the join point).
+            named = self._named.pop(m.conv, None) if self._named else None
             state = self._convs[m.conv] = ConvCursor(delivered=None, target=m.seq, fetching=True)
             state.pending[m.seq] = m
-            return [cmd.Fetch(m.conv, None, m.seq - 1)]
+            return [cmd.Fetch(m.conv, None if named is None else min(named, m.seq - 1), m.seq - 1)]
         if state.delivered is not None and m.seq <= state.delivered:
             return []
         if m.seq > state.target:
@@ -318,7 +326,11 @@ class ServerSession:
             self._write(m)
             state.delivered = m.seq
         for seq in [s for s in state.pending if s <= state.delivered]:
-            del state.pending[seq]
+            m = state.pending.pop(seq)
+            if m.sender == self.uid and m.device == self.device and self._in_flight.get(m.cmid) == m.conv:
+                # Our own send, at or below where the device starts (it holds it): answer it, as a dup.
+                del self._in_flight[m.cmid]
+                self._emit(ack_frame(m, dup=True))
         if state.delivered < state.target and messages:
             upto = min(state.pending) - 1 if state.pending else state.target
             return [cmd.Fetch(conv, state.delivered, upto)]
@@ -331,17 +343,17 @@ class ServerSession:
 
     def send_done(self, cmid: str, m: StoredMessage, dup: bool) -> list[cmd.Command]:
         """The core committed (or had committed before, ``dup``) the send ``cmid``."""
-        if cmid not in self._in_flight:
-            return []  # already acked in order through deliver()
+        if self._in_flight.get(cmid) != m.conv:
+            return []  # already acked in order through deliver() (the cmid may be in flight again, elsewhere)
         state = self._convs.get(m.conv)
         if state is not None and state.delivered is not None and m.seq <= state.delivered:
-            self._in_flight.discard(cmid)
+            del self._in_flight[cmid]
             self._emit(ack_frame(m, dup=True))
             return []
         return self.deliver(m)
 
     def send_failed(self, cmid: str, code: ErrorCode, message: str, retry_after: float | None = None) -> None:
-        self._in_flight.discard(cmid)
+        self._in_flight.pop(cmid, None)
         self._error(code, message, cmid, retry_after)
 
     def event(self, frame: object) -> None:
@@ -387,8 +399,8 @@ class ServerSession:
         return self._convs
 
     def _write(self, m: StoredMessage) -> None:
-        if m.sender == self.uid and m.device == self.device and m.cmid in self._in_flight:
-            self._in_flight.discard(m.cmid)
+        if m.sender == self.uid and m.device == self.device and self._in_flight.get(m.cmid) == m.conv:
+            del self._in_flight[m.cmid]
             self._emit(ack_frame(m))
         else:
             self._out.append(self._cache.msg(m, self.encoding or Encoding.JSON))
