@@ -32,8 +32,14 @@ open descriptors (/proc/PID/fd), asyncio tasks and connections (the node's ``/me
 ``im_asyncio_tasks``, ``im_connections``), and the run's totals (connections held, messages sent, acked,
 delivered, churned reconnects, faults). At the end: the checker's verdict (lost, duplicated, out of order,
 stored-log mismatches: all must be 0), and for each process the least-squares slope of RSS (MiB/min) and
-descriptors (/min) after ``--warmup`` seconds, over its last uninterrupted life (a restarted process starts
-a new series). ``soak.svg`` plots the series, ``soak.json`` holds the summary. Exit status 1 on any anomaly.
+descriptors (/min) after ``--warmup`` seconds, over its longest uninterrupted life (a restarted process
+starts a new series), and over the second half of that window; and how long devices took to be back after
+a fault (disconnect to ``synced``). ``soak.svg`` plots the series, ``soak.json`` holds the summary. Exit
+status 1 on any anomaly.
+
+The default rate (200 messages/s) fills each transfer node's window of recent sends (the committer keeps
+the last 50,000 for duplicate detection, about 1 KiB each) within the first half of a 15-minute run, so
+the second half shows whether memory levels off once every bounded structure is full.
 """
 
 from __future__ import annotations
@@ -133,17 +139,20 @@ def _sample(text: str, name: str) -> float | None:
     return total if found else None
 
 
-async def scrape(http: httpx.AsyncClient, url: str | None) -> tuple[float | None, float | None]:
-    """(im_asyncio_tasks, im_connections summed over transports) of one node, None where not answered."""
+async def scrape(http: httpx.AsyncClient, url: str | None) -> tuple[float | None, float | None, float | None]:
+    """(im_asyncio_tasks, im_connections summed over transports, im_messages_committed_total) of one node,
+    None where not answered."""
     if url is None:
-        return None, None
+        return None, None, None
     try:
         r = await http.get(url, timeout=2.0)
     except httpx.HTTPError:
-        return None, None
+        return None, None, None
     if r.status_code != 200:
-        return None, None
-    return _sample(r.text, "im_asyncio_tasks"), _sample(r.text, "im_connections")
+        return None, None, None
+    text = r.text
+    committed = _sample(text, "im_messages_committed_total")
+    return _sample(text, "im_asyncio_tasks"), _sample(text, "im_connections"), committed
 
 
 # --- faults -------------------------------------------------------------------------------------------
@@ -264,10 +273,10 @@ async def monitor(
     }
     scraped = await asyncio.gather(*(scrape(http, p.metrics) for p in procs))
     parts = []
-    for p, (tasks, conns) in zip(procs, scraped, strict=True):
+    for p, (tasks, conns, committed) in zip(procs, scraped, strict=True):
         r, f = rss_mib(p.pid), fds(p.pid)
         row |= {f"{p.name}.pid": p.pid, f"{p.name}.rss_mib": r, f"{p.name}.fds": f}
-        row |= {f"{p.name}.tasks": tasks, f"{p.name}.conns": conns}
+        row |= {f"{p.name}.tasks": tasks, f"{p.name}.conns": conns, f"{p.name}.committed": committed}
         show = f"{p.name} {r or 0:5.0f}M {f or 0:5d}fd"
         if tasks is not None:
             show += f" {tasks:5.0f}t"
@@ -286,20 +295,35 @@ async def monitor(
 
 
 def slopes(rows: list[dict[str, Any]], names: list[str], warmup: float) -> dict[str, dict[str, Any]]:
-    """Per process: RSS and descriptor slopes per minute over its last uninterrupted life after warm-up."""
+    """Per process: RSS and descriptor slopes per minute over its longest uninterrupted life (a restart
+    starts a new one), leaving out its first ``warmup`` seconds and the run's; also over the second half of
+    that window (growth that is slowing down shows a smaller second-half slope), and for gateways the slope
+    of descriptors not held by a client connection (``fds - im_connections``)."""
     out = {}
     for name in names:
         pts = [r for r in rows if r["phase"] == "load" and r.get(f"{name}.rss_mib") is not None]
         if not pts:
             continue
-        last_pid = pts[-1][f"{name}.pid"]
-        life = [r for r in pts if r[f"{name}.pid"] == last_pid]
+        lives: dict[int, list[dict[str, Any]]] = {}
+        for r in pts:
+            lives.setdefault(r[f"{name}.pid"], []).append(r)
+        pid, life = max(lives.items(), key=lambda kv: kv[1][-1]["t"] - kv[1][0]["t"])
         born = life[0]["t"]
         seg = [r for r in life if r["t"] - born >= warmup and r["t"] >= warmup]
         xs = [r["t"] / 60 for r in seg]
+        half = [r for r in seg if seg and r["t"] >= (seg[0]["t"] + seg[-1]["t"]) / 2]
+        other = [r for r in seg if r.get(f"{name}.conns") is not None and r.get(f"{name}.fds") is not None]
         out[name] = {
-            "pid": last_pid,
-            "restarted": len(life) != len(pts),
+            "pid": pid,
+            "lives": len(lives),
+            "from_minute": round(xs[0], 2) if xs else None,
+            "rss_mib_per_min_2nd_half": slope([r["t"] / 60 for r in half], [r[f"{name}.rss_mib"] for r in half]),
+            "fds_not_connections_per_min": slope(
+                [r["t"] / 60 for r in other], [r[f"{name}.fds"] - r[f"{name}.conns"] for r in other]
+            )
+            if any(r[f"{name}.conns"] for r in other)
+            else None,
+            "committed": (seg[-1].get(f"{name}.committed") if seg else None),
             "minutes": round((xs[-1] - xs[0]) if len(xs) > 1 else 0.0, 2),
             "rss_first_mib": seg[0][f"{name}.rss_mib"] if seg else None,
             "rss_last_mib": seg[-1][f"{name}.rss_mib"] if seg else None,
@@ -411,7 +435,8 @@ async def run(args: argparse.Namespace) -> int:
         totals.started = time.monotonic()
         names = [p.name for p in procs]
         fields = ["t", "phase", "held", "sent", "acked", "delivered", "churned", "reconnects", "outbox", "faults"]
-        fields += ["anomalies"] + [f"{n}.{k}" for n in names for k in ("pid", "rss_mib", "fds", "tasks", "conns")]
+        keys = ("pid", "rss_mib", "fds", "tasks", "conns", "committed")
+        fields += ["anomalies"] + [f"{n}.{k}" for n in names for k in keys]
         writer = csv.DictWriter(csv_file, fieldnames=fields)
         writer.writeheader()
         rows: list[dict[str, Any]] = []
@@ -488,6 +513,11 @@ def report(
         "drained": all(r["drained"] for r in results.values()),
     }
     load_rows = [r for r in rows if r["phase"] == "load"]
+    outages = sorted(x for r in results.values() for x in r["outages"])
+
+    def pct(q: float) -> float | None:
+        return round(outages[min(len(outages) - 1, int(q * len(outages)))], 2) if outages else None
+
     summary = {
         "config": {k: v for k, v in vars(args).items() if k not in ("pid", "metrics")},
         "minutes": args.minutes,
@@ -502,6 +532,7 @@ def report(
         "reconnects_after_faults": total("reconnects"),
         "connect_failures": total("connect_failures"),
         "retried_refusals": total("retried"),
+        "outages": {"count": len(outages), "p50_s": pct(0.5), "p99_s": pct(0.99), "max_s": pct(1.0)},
         "faults": totals.faults,
         "fault_log": totals.fault_log,
         "verdict": verdict,
@@ -519,19 +550,27 @@ def report(
         f"{summary['reconnects_after_faults']}, faults {totals.faults}"
     )
     print(f"soak: verdict {json.dumps(verdict)}")
+    print(f"soak: back after a fault (disconnect to synced again): {json.dumps(summary['outages'])}")
     print(f"soak: {'process':<10} {'minutes':>7} {'RSS MiB':>15} {'MiB/min':>8} {'fds':>11} {'fds/min':>8} tasks/min")
+
+    def f(x: Any, spec: str) -> str:
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
     for name, s in summary["slopes"].items():
-
-        def f(x: Any, spec: str) -> str:
-            return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
         rss = f"{f(s['rss_first_mib'], '.0f'):>6} -> {f(s['rss_last_mib'], '.0f'):<6}"
         fd = f"{f(s['fds_first'], 'd'):>4} -> {f(s['fds_last'], 'd'):<4}"
         print(
             f"soak: {name:<10} {s['minutes']:>7.1f} {rss} {f(s['rss_mib_per_min'], '+.3f'):>8} {fd} "
             f"{f(s['fds_per_min'], '+.2f'):>8} {f(s['tasks_per_min'], '+.2f')}"
-            + ("  (restarted)" if s["restarted"] else "")
+            + (f"  ({s['lives']} lives: the longest)" if s["lives"] > 1 else "")
         )
+    for name, s in summary["slopes"].items():
+        extra = [f"2nd half RSS {f(s['rss_mib_per_min_2nd_half'], '+.3f')} MiB/min"]
+        if s["fds_not_connections_per_min"] is not None:
+            extra.append(f"fds - connections {f(s['fds_not_connections_per_min'], '+.2f')}/min")
+        if s["committed"]:
+            extra.append(f"committed {s['committed']:.0f}")
+        print(f"soak: {name:<10} from minute {f(s['from_minute'], '.1f')}: " + ", ".join(extra))
     for text in summary["examples"] + summary["log_problem_examples"] + summary["problems"]:
         print(f"soak: ! {text}")
     print(f"soak: wrote {out_dir / 'soak.csv'}, {out_dir / 'soak.svg'}, {out_dir / 'soak.json'}")
@@ -557,7 +596,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--connections", type=int, default=2000, help="connections held (an even number; default 2000)")
     p.add_argument("--minutes", type=float, default=15.0, help="length of the load (default 15)")
-    p.add_argument("--rate", type=float, default=100.0, help="messages/s in total (default 100)")
+    p.add_argument("--rate", type=float, default=200.0, help="messages/s in total (default 200)")
     p.add_argument("--body-size", type=int, default=100, help="message body, characters (default 100)")
     p.add_argument("--transport", choices=["ws", "tcp", "mixed"], default="mixed", help="default: half each")
     p.add_argument("--churn-every", type=float, default=5.0, help="seconds between churns (default 5)")

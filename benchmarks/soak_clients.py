@@ -72,6 +72,7 @@ class _Dev:
         "attempt",
         "churned",
         "conv",
+        "down_since",
         "key",
         "kind",
         "peer",
@@ -92,6 +93,7 @@ class _Dev:
         self.synced = False
         self.churned = False
         self.attempt = 0
+        self.down_since = 0.0  # when a connection the device did not close itself ended (0: up or churned)
 
 
 class SoakClients:
@@ -111,8 +113,11 @@ class SoakClients:
                 self.devs.append(dev)
                 self.tracker.member(conv, dev.key)
         self.body = "x" * cfg.body_size
-        self.sending = True
+        self.sending = False  # from when every device is connected until the parent ends the load
         self.stopping = False
+        #: Seconds from a connection lost to a fault (not a churn) to the next one synced, per outage.
+        self.outages: list[float] = []
+        self.stopping_churn = False
         self.cmid_seq: dict[str, int] = {}  # cmid -> the seq it was first seen with (ack or msg)
         self.seen: dict[tuple[str, int], str] = {}  # (conv, seq) -> cmid delivered or acked
         self.acked_cmids: set[str] = set()
@@ -203,6 +208,8 @@ class SoakClients:
             else:
                 self.n["reconnects"] += 1
                 dev.attempt += 1
+                if self.sending and not dev.down_since:
+                    dev.down_since = time.monotonic()
 
     def _sync_timeout(self, dev: _Dev, t: Transport) -> None:
         if dev.transport is t and not dev.synced:
@@ -239,6 +246,9 @@ class SoakClients:
                 if kind is Synced:
                     dev.synced = True
                     dev.attempt = 0
+                    if dev.down_since:
+                        self.outages.append(time.monotonic() - dev.down_since)
+                        dev.down_since = 0.0
                 elif kind is AuthOk:
                     pass
                 elif kind is Error:
@@ -307,8 +317,8 @@ class SoakClients:
     async def _churn(self) -> None:
         while not self.stopping:
             await asyncio.sleep(self.cfg.churn_every)
-            if self.stopping or not self.sending:
-                return
+            if not self.sending or self.stopping_churn:
+                continue
             held = [d for d in self.devs if d.synced and d.transport is not None]
             for dev in random.sample(held, int(len(held) * self.cfg.churn_fraction)):
                 dev.churned = True
@@ -349,10 +359,12 @@ class SoakClients:
             while sum(1 for d in self.devs if d.synced) < len(self.devs) and time.monotonic() - t0 < 300:
                 await asyncio.sleep(0.2)
             self.out.put(("ready", self.cfg.index, {"held": sum(1 for d in self.devs if d.synced)}))
+            self.sending = True
             while not control.is_set():  # the parent sets it when the load is over
                 await asyncio.sleep(1.0)
                 self.out.put(("stats", self.cfg.index, self.stats()))
             self.sending = False
+            self.stopping_churn = True
             deadline = time.monotonic() + self.cfg.drain
             while time.monotonic() < deadline and not self._caught_up():
                 await asyncio.sleep(0.5)
@@ -378,6 +390,7 @@ class SoakClients:
             "log_problems": log_problems,
             "stored": stored,
             "problems": self.problems,
+            "outages": self.outages,
         }
         self.out.put(("result", self.cfg.index, result))
 
