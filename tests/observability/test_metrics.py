@@ -11,7 +11,16 @@ from pathlib import Path
 import httpx
 import redis.exceptions
 
-from im.observability.metrics import ENGINES, LATENCY_SAMPLE, RATE_LIMITS, SPECS, Buckets, Metrics, engine_of
+from im.observability.metrics import (
+    ENGINES,
+    LATENCY_SAMPLE,
+    RATE_LIMITS,
+    SPECS,
+    Buckets,
+    Metrics,
+    asyncio_tasks,
+    engine_of,
+)
 from tests.events.conftest import Names, WebhookReceiver
 from tests.events.conftest import names as names  # a fixture, used by name
 from tests.events.conftest import webhook as webhook  # a fixture, used by name
@@ -119,6 +128,33 @@ async def test_im_serve_counts_a_known_run(tmp_path: Path) -> None:
             assert sample(text, "im_connections", '{transport="tcp"}') == 0
             assert sample(text, "im_sessions_authenticated") == 1
             await a.close()
+
+
+async def test_asyncio_tasks_gauge(tmp_path: Path) -> None:
+    """``im_asyncio_tasks`` counts the tasks of the loop that serves the scrape (None off the loop), and the
+    tasks of closed connections go: the soak (benchmarks/soak.py) reads it to tell a leak from a load."""
+    assert (asyncio_tasks() or 0) >= 1  # this test runs in a task
+    assert await asyncio.to_thread(asyncio_tasks) is None  # no loop in that thread
+    with running_server(tmp_path / "data") as srv:
+        users = [await register(srv.api, f"tasks{i}") for i in range(10)]
+        async with httpx.AsyncClient() as http:
+
+            async def tasks() -> float:
+                return sample((await http.get(f"{srv.http}/metrics")).text, "im_asyncio_tasks")
+
+            idle = await tasks()
+            assert idle >= 1
+            clients = [ChatClient(srv.ws, u, "phone") for u in users]
+            for c in clients:
+                await c.connect()
+            assert await tasks() >= 1
+            for c in clients:
+                await c.close()
+
+            async def back_to_idle() -> bool:
+                return await tasks() <= idle
+
+            await eventually(back_to_idle, "tasks of closed connections still alive", timeout=30)
 
 
 async def test_metrics_off_answers_404(tmp_path: Path) -> None:

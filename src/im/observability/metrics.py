@@ -372,6 +372,25 @@ class _Collector:
             else:
                 f.add_metric([], float(value))
             yield f
+        tasks = asyncio_tasks()
+        if tasks is not None:
+            g = GaugeMetricFamily(
+                "im_asyncio_tasks",
+                "Asyncio tasks alive on the event loop that serves this scrape (a count that keeps growing "
+                "under a steady load is a leak).",
+            )
+            g.add_metric([], float(tasks))
+            yield g
+
+
+def asyncio_tasks() -> int | None:
+    """Tasks not done on the running event loop, or None when called off the loop (``im_asyncio_tasks``)."""
+    import asyncio
+
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # no running loop in this thread
+        return None
 
 
 _installed = False
