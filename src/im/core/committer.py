@@ -58,6 +58,7 @@ from im.core.consent import Consent
 from im.core.ids import Snowflake
 from im.core.membership import MemberRequest, plan_member_change
 from im.core.states import ConversationStates, unknown_conv
+from im.core.unrouted import Unrouted
 from im.model.chat import CommitBatch, ConversationState, Group, MemberChange, StoredMessage
 from im.model.errors import ErrorCode, FenceRefused, ImError, SeqConflict
 from im.model.ids import direct_conv, group_conv, parse_conv
@@ -195,6 +196,7 @@ class Committer:
         self._recent: OrderedDict[tuple[int, str, str], StoredMessage] = OrderedDict()
         self._recent_max = recent_sends
         self._reroute: set[tuple[int, str, str]] = set()  # dups found in the store, to route once
+        self._unrouted = Unrouted()  # committed, but presence was unreachable: routed again (core/unrouted.py)
         self._queue: list[_Send | _MemberOp] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -204,6 +206,8 @@ class Committer:
         self._outage_log = ThrottledLog(log, "batches: storage unavailable", level=logging.ERROR)
         self._callback_log = ThrottledLog(log, "answers a send callback failed on", level=logging.ERROR)
         self._fence_log = ThrottledLog(log, "batches refused by the store's fence", level=logging.WARNING)
+        #: Presence unreachable: one counted line per window; the messages are held and routed again.
+        self._route_log = ThrottledLog(log, "live routes (presence unreachable; held, routed again)")
         self._fenced: tuple[int, int] | None = None  # the (node id, token) last recorded in the store
         self.fence_refusals = 0  # batches the store refused for a lower fencing token (tests read it)
 
@@ -253,7 +257,13 @@ class Committer:
                 if self._closing:
                     return
                 self._wake.clear()
-                await self._wake.wait()
+                if not self._unrouted:
+                    await self._wake.wait()
+                    continue
+                try:  # messages whose routing failed: route them with the next commit, or after a back-off
+                    await asyncio.wait_for(self._wake.wait(), self._unrouted.delay())
+                except TimeoutError:
+                    await self._route_quietly(None)
                 continue
             items, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
             if tracing.ON and (traces := [i.req.trace for i in items if type(i) is _Send and i.req.trace is not None]):
@@ -355,12 +365,22 @@ class Committer:
             return
         self._fail(items, ImError(ErrorCode.UNAVAILABLE, "conversation too contended; retry"))
 
-    async def _route_quietly(self, p: _Pass) -> None:
-        spans = tracing.committed(p.acks) if tracing.ON else None  # in a traced batch: commit spans
+    async def _route_quietly(self, p: _Pass | None) -> None:
+        """Route a pass's committed messages (None: only those held since a routing failed), after the
+        held ones. A failure holds them all for another try (acked and stored already: routing is what
+        makes them arrive live)."""
+        spans = tracing.committed(p.acks) if tracing.ON and p is not None else None  # a traced batch's
+        messages, recipients = (p.routed, p.recipients) if p is not None else ([], [])
+        if self._unrouted:
+            held, held_to = self._unrouted.take()
+            messages, recipients = held + messages, held_to + recipients
         try:
-            await self._route(p.routed, p.recipients)
-        except Exception as exc:  # acked and stored: sessions recover it from the log (gap fetch)
-            log.warning("routing %d committed messages failed (%s: %s)", len(p.routed), type(exc).__name__, exc)
+            await self._route(messages, recipients)
+            self._unrouted.routed()
+        except Exception as exc:
+            self._unrouted.put(messages, recipients)
+            METRICS.engine_error(exc)
+            self._route_log.hit(f"{len(self._unrouted)} messages held: {type(exc).__name__}: {exc}")
         finally:
             if spans:
                 tracing.routed(spans)

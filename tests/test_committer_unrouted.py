@@ -1,0 +1,113 @@
+"""Messages committed while presence is unreachable are routed again once it answers: with the next
+commit (older first) or, when no commit comes, after the committer's back-off. Before, they reached
+online members only with the conversation's next message or the member's next reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from im.backends.accounts.sqlite import SqliteAccountStore
+from im.backends.chat.sqlite import SqliteChatStore
+from im.backends.presence.memory import MemoryPresence
+from im.backends.routing import DeliverySink
+from im.backends.routing.memory import MemoryRouter
+from im.backends.sql.sqlite_db import SqliteDatabase
+from im.core.committer import SendRequest
+from im.core.unrouted import Unrouted
+from im.model.chat import StoredMessage
+from im.model.cluster import DeviceLocation
+from tests.support.chat import ChatCore, chat_core
+from tests.support.wait import eventually
+
+
+class FlakyPresence(MemoryPresence):
+    """Presence whose lookups fail while ``down`` (Redis away)."""
+
+    down = False
+
+    async def locate(self, uids: Iterable[int]) -> dict[int, list[DeviceLocation]]:
+        if self.down:
+            raise ConnectionError("presence is away")
+        return await super().locate(uids)
+
+
+class Sink(DeliverySink):
+    def __init__(self) -> None:
+        self.seqs: list[int] = []
+
+    def deliver(self, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
+        self.seqs.extend(m.seq for m in messages)
+
+    def deliver_event(self, frame: object, uids: Iterable[int], skip: tuple[int, str] | None) -> None:
+        pass
+
+
+@pytest.fixture
+async def core(tmp_path: Path) -> AsyncIterator[tuple[ChatCore, FlakyPresence, Sink]]:
+    db = SqliteDatabase(tmp_path / "im.db")
+    chat, accounts = SqliteChatStore(db), SqliteAccountStore(db)
+    await chat.start()
+    await accounts.start()
+    presence, router, sink = FlakyPresence(), MemoryRouter(), Sink()
+    router.attach("gw", sink)
+    c = chat_core(chat, accounts, router, presence)
+    c.committer.start()
+    for name in ("ann", "ben"):
+        await accounts.create_user(name, name, "hash", 0)
+    await presence.set_online([DeviceLocation(2, "phone", "gw", "c1")], ttl=60)
+    yield c, presence, sink
+    await c.committer.stop()
+    await accounts.close()
+    await chat.close()
+
+
+def send(cmid: str) -> SendRequest:
+    return SendRequest(1, "d", cmid, None, 2, "text", msgspec.json.encode(cmid))
+
+
+async def test_held_messages_are_routed_after_the_back_off_without_a_new_commit(
+    core: tuple[ChatCore, FlakyPresence, Sink],
+) -> None:
+    c, presence, sink = core
+    await c.committer.send(send("a"))
+    assert sink.seqs == [1]
+    presence.down = True
+    for cmid in ("b", "c"):  # acked (stored), not routed
+        await c.committer.send(send(cmid))
+    assert sink.seqs == [1]
+    presence.down = False
+    await eventually(lambda: sink.seqs == [1, 2, 3], timeout=5)  # no further commit needed
+
+
+async def test_held_messages_go_first_with_the_next_commit(core: tuple[ChatCore, FlakyPresence, Sink]) -> None:
+    c, presence, sink = core
+    presence.down = True
+    await c.committer.send(send("a"))
+    presence.down = False
+    await c.committer.send(send("b"))
+    assert sink.seqs == [1, 2]  # the held one ahead of the new one, in one route
+
+
+def test_unrouted_is_bounded_and_backs_off() -> None:
+    q = Unrouted(max_messages=3, first_delay=0.25, max_delay=1.0)
+    msgs = [StoredMessage("d:1:2", s, s, 1, "d", f"c{s}", 0, "text", b"1") for s in range(1, 6)]
+    q.put(msgs[:2], [[2], [2]])
+    assert q.delay() == 0.5
+    q.put(msgs[2:], [[2]] * 3)
+    assert len(q) == 3 and q.dropped == 2 and q.delay() == 1.0
+    held, to = q.take()
+    assert [m.seq for m in held] == [3, 4, 5] and to == [[2]] * 3 and not q
+    q.routed()
+    assert q.delay() == 0.25
+
+
+async def test_no_timer_while_nothing_is_held(core: tuple[ChatCore, FlakyPresence, Sink]) -> None:
+    c, _, sink = core
+    await c.committer.send(send("a"))
+    await asyncio.sleep(0.3)
+    assert sink.seqs == [1]  # routed once, not again by a timer
