@@ -24,7 +24,8 @@ Rules it keeps (docs/protocol.md, "Ordering guarantees" and "Client checklist"):
    unanswered at a time (the server refuses more with ``too_many_in_flight``); the rest wait their turn.
 3. **Retryable refusals are retried, final ones reported.** ``unavailable``, ``rate_limited``,
    ``too_many_in_flight`` and ``unauthenticated`` keep the send in the outbox and hold back every later
-   send; :meth:`retry`, called after the pump's back-off, writes them again, refused ones first. Any other
+   send; :meth:`retry`, called after the pump's back-off, writes them again, refused ones first and in
+   their original order (so the server stores them in the order they were sent). Any other
    refusal removes the send and yields :class:`SendFailed`.
 
 It cannot tell time: the pump decides when to ping (:meth:`ping`), when to retry (:meth:`retry`) and when
@@ -277,11 +278,21 @@ class ClientSession:
         self._dirty.clear()
 
     def retry(self) -> None:
-        """Write again the sends refused with a retryable code (call after a back-off)."""
+        """Write again the sends refused with a retryable code (call after a back-off), in the order they
+        were made (the outbox's), whatever order the refusals came in: the server stores a device's sends
+        to a conversation in the order it sent them only if refused ones are resent first, in order
+        (docs/protocol.md section 8, "Sender order")."""
         self._hold = False
         self.retry_after = 0.0
-        refused, self._refused = self._refused, []
-        self._unsent.extendleft(reversed([c for c in refused if c in self.outbox]))
+        refused, self._refused = set(self._refused), []
+        ordered: list[str] = []
+        if refused:
+            for cmid in self.outbox:  # refused sends are the outbox's oldest: this stops early
+                if cmid in refused:
+                    ordered.append(cmid)
+                    if len(ordered) == len(refused):
+                        break
+        self._unsent.extendleft(reversed(ordered))
         self._pump()
 
     @property

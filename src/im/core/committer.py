@@ -35,6 +35,11 @@ batch whose token is below the one recorded for its node id (``FenceRefused``), 
 transaction. So a node paused past its lease, whose node id another node claimed and recorded meanwhile,
 cannot commit when it wakes up, whatever it believes: its batch is refused ``unavailable`` (retryable),
 minting stops and the claim is made again (``Snowflake.refused`` → the claim's ``on_refused``).
+
+Sender order (im.core.send_order): a send refused ``unavailable`` here (store outage, contention, no node
+id, fenced) bars the later sends of its (uid, device, conversation) until it is resent or
+``order_hold`` seconds pass, so a device's sends are stored in the order it sent them. The check costs
+nothing while no barrier is held.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from im.backends.routing import Router
 from im.core.consent import Consent
 from im.core.ids import Snowflake
 from im.core.membership import MemberRequest, plan_member_change
+from im.core.send_order import DEFAULT_HOLD, SendOrder, behind_refused
 from im.core.states import ConversationStates, unknown_conv
 from im.model.chat import CommitBatch, ConversationState, Group, MemberChange, StoredMessage
 from im.model.errors import ErrorCode, FenceRefused, ImError, SeqConflict
@@ -176,6 +182,8 @@ class Committer:
         max_batch: int = 2048,
         max_group_members: int = 2000,
         recent_sends: int = 50_000,
+        order_hold: float = DEFAULT_HOLD,
+        order_entries: int = 100_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
@@ -206,6 +214,8 @@ class Committer:
         self._fence_log = ThrottledLog(log, "batches refused by the store's fence", level=logging.WARNING)
         self._fenced: tuple[int, int] | None = None  # the (node id, token) last recorded in the store
         self.fence_refusals = 0  # batches the store refused for a lower fencing token (tests read it)
+        #: Sends refused ``unavailable`` that bar their device's later sends of the same conversation.
+        self.order: SendOrder[tuple[int, str, str]] = SendOrder(hold=order_hold, max_entries=order_entries, clock=clock)
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -375,13 +385,21 @@ class Committer:
             if not fut.done():
                 fut.set_result(None)
 
-    @staticmethod
-    def _fail(items: Sequence[_Send | _MemberOp], err: ImError) -> None:
+    def _fail(self, items: Sequence[_Send | _MemberOp], err: ImError) -> None:
+        if err.code is ErrorCode.UNAVAILABLE:
+            self._hold_back(items)
         for item in items:
             if isinstance(item, _Send):
                 item.done(item.req, None, False, err)
             elif not item.done.done():
                 item.done.set_exception(err)
+
+    def _hold_back(self, items: Sequence[_Send | _MemberOp]) -> None:
+        """Sends refused ``unavailable``: bar their device's later sends of the same conversation."""
+        order = self.order
+        for item in items:
+            if type(item) is _Send and isinstance(conv := self._safe_target(item), str):
+                order.refused((item.req.uid, item.req.device, conv), item.req.cmid)
 
     def _remember(self, key: tuple[int, str, str], m: StoredMessage) -> None:
         self._recent[key] = m
@@ -422,22 +440,27 @@ class Committer:
         attachable = await self._check_files([i for i, _ in targets if isinstance(i, _Send)])
         now_ms = int(self._clock() * 1000)
         if not self.ids.can_mint(now_ms, len(items)):  # no node id held (a claim lost): no message id
+            self._hold_back(items)
             for item in items:
                 self._refuse_item(p, item, _no_node_id())
             return p
         p.batch.fence = self.ids.fence
         if not await self._record_fence(p.batch.fence):  # a new claim: its token recorded before minting
+            self._hold_back(items)
             for item in items:
                 self._refuse_item(p, item, _fenced())
             p.batch.fence = None
             return p
         heads_before: dict[str, int] = {}
         in_batch: dict[tuple[int, str, str], StoredMessage] = {}
+        held = self.order.held  # empty (nothing to check) unless a send was refused ``unavailable``
         for item, conv in targets:
             try:
                 if isinstance(conv, ImError):
                     raise conv
                 if isinstance(item, _Send):
+                    if held and (barring := self.order.barring((item.req.uid, item.req.device, conv), item.req.cmid)):
+                        raise behind_refused(barring)
                     self._prepare_send(p, item, conv, known, attachable, now_ms, heads_before, in_batch)
                 else:
                     self._prepare_member_op(p, item, conv, now_ms, heads_before)

@@ -14,6 +14,12 @@ Two rules it keeps for every conversation (docs/protocol.md, "Ordering"):
 
 The sending device gets its own message as an ``ack`` at its place in that order, so its stream of seqs
 (``msg`` and ``ack`` frames together) is dense too.
+
+And one for the device's sends (docs/protocol.md section 8, "Sender order"; im.core.send_order): once a
+send is refused with a retryable code (this session's own limits, the gateway's shared rate limits, no
+transfer link, the core's ``unavailable``), later sends of the same conversation on this connection are
+refused ``unavailable`` until the refused one is resent (or ``limits.send_order_hold`` passes), so they
+cannot be stored before it. Nothing is checked while no send is held back.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ from enum import Enum
 
 import msgspec
 
+from im.core.send_order import SendOrder, behind_refused
 from im.model.chat import StoredMessage, SyncPoint
 from im.model.errors import ErrorCode, ImError
+from im.model.ids import direct_conv
 from im.observability.metrics import METRICS
 from im.protocol import commands as cmd
 from im.protocol.codec import Encoding, decode_client, encode
@@ -49,6 +57,8 @@ ACCEPTS: dict[State, tuple[frozenset[type], ErrorCode]] = {
     State.CLOSED: (frozenset(), ErrorCode.UNAUTHENTICATED),
 }
 
+#: Refusals of a send that the client resends (same cmid): they hold the conversation's later sends back.
+_RETRYABLE = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED, ErrorCode.TOO_MANY_IN_FLIGHT})
 _RESERVED_TYPES = frozenset({"system", "undecryptable"})  # server-made: system events; bodies that did not open
 _json_encoder = msgspec.json.Encoder()
 
@@ -69,6 +79,8 @@ class Limits:
     auth_rate: float = 500.0
     auth_burst: int = 200
     auth_max_wait: float = 2.0
+    #: Seconds a refused send holds its conversation's later sends back at most (im.core.send_order).
+    send_order_hold: float = 30.0
 
 
 class TokenBucket:
@@ -130,7 +142,10 @@ class ServerSession:
         self._typing_bucket = TokenBucket(self.limits.typing_rate, now)
         self._out: list[bytes] = []
         self._convs: dict[str, ConvCursor] = {}
-        self._in_flight: set[str] = set()
+        #: Sends handed to the core, unanswered: cmid -> (the frame, its number on this connection).
+        self._in_flight: dict[str, tuple[Send, int]] = {}
+        self._sends = 0  # sends numbered so far (the order of refusals, im.core.send_order)
+        self._order: SendOrder[str] | None = None  # made at the first retryable refusal of a send
         self._initial: set[str] | None = None  # conversations still replaying since auth
         self._early: list[StoredMessage] = []  # live messages that came while authenticating
 
@@ -209,6 +224,8 @@ class ServerSession:
             problem = (ErrorCode.INVALID, f"message type {frame.type[:40]!r} is not allowed")
         elif cmid in self._in_flight:
             return []  # the same send is being committed; its ack answers both
+        elif (held := self._order) is not None and held.held and (barring := held.barring(self._target(frame), cmid)):
+            problem = (ErrorCode.UNAVAILABLE, behind_refused(barring).message)
         elif len(self._in_flight) >= self.limits.max_in_flight:
             problem = (ErrorCode.TOO_MANY_IN_FLIGHT, f"more than {self.limits.max_in_flight} unacked sends")
         elif not self._send_bucket.take(self._clock(), self.limits.send_rate):
@@ -223,11 +240,46 @@ class ServerSession:
                 problem = (ErrorCode.INVALID, "the body must be plain JSON data")
         if problem is None and len(body) > self.limits.max_body_bytes:
             problem = (ErrorCode.TOO_LARGE, f"body of {len(body)} bytes > {self.limits.max_body_bytes}")
+        self._sends += 1
         if problem is not None:
+            if problem[0] is ErrorCode.RATE_LIMITED or problem[0] is ErrorCode.TOO_MANY_IN_FLIGHT:
+                self._hold_back(frame, self._sends)
             self._error(problem[0], problem[1], cmid, retry_after)
             return []
-        self._in_flight.add(cmid)
+        self._in_flight[cmid] = (frame, self._sends)
         return [cmd.Submit(cmid=cmid, conv=frame.conv, to=frame.to, type=frame.type, body=body)]
+
+    def _target(self, frame: Send | cmd.Submit) -> str:
+        """The conversation a send goes to (its key in the sender-order barriers)."""
+        if frame.conv is not None:
+            return frame.conv
+        return direct_conv(self.uid, frame.to or 0)
+
+    def _hold_back(self, frame: Send, number: int) -> None:
+        """Send ``frame`` (this connection's ``number``-th) was refused with a retryable code: later sends of
+        its conversation are refused until it is resent (im.core.send_order)."""
+        order = self._order
+        if order is None:
+            order = self._order = SendOrder(max_entries=max(16, self.limits.max_in_flight), clock=self._clock)
+        order.hold = self.limits.send_order_hold
+        order.refused(self._target(frame), frame.cmid, number)
+
+    def may_submit(self, c: cmd.Submit) -> bool:
+        """Whether a send the gateway held (its shared rate limits decide a batch at a time) may still go
+        to the core. False when an earlier send of the same conversation was refused meanwhile: then this
+        one is refused too (``unavailable``, resend the earlier one first)."""
+        order = self._order
+        if order is None or not order.held:
+            return True
+        entry = self._in_flight.get(c.cmid)
+        if entry is None:
+            return True
+        barring = order.barring(self._target(c), c.cmid, entry[1])
+        if barring is None:
+            return True
+        del self._in_flight[c.cmid]
+        self._error(ErrorCode.UNAVAILABLE, behind_refused(barring).message, c.cmid)
+        return False
 
     def _check_cursor(self, conv: str, seq: int) -> bool:
         state = self._convs.get(conv)
@@ -335,13 +387,15 @@ class ServerSession:
             return []  # already acked in order through deliver()
         state = self._convs.get(m.conv)
         if state is not None and state.delivered is not None and m.seq <= state.delivered:
-            self._in_flight.discard(cmid)
+            del self._in_flight[cmid]
             self._emit(ack_frame(m, dup=True))
             return []
         return self.deliver(m)
 
     def send_failed(self, cmid: str, code: ErrorCode, message: str, retry_after: float | None = None) -> None:
-        self._in_flight.discard(cmid)
+        entry = self._in_flight.pop(cmid, None)
+        if entry is not None and code in _RETRYABLE:
+            self._hold_back(entry[0], entry[1])
         self._error(code, message, cmid, retry_after)
 
     def event(self, frame: object) -> None:
@@ -388,7 +442,7 @@ class ServerSession:
 
     def _write(self, m: StoredMessage) -> None:
         if m.sender == self.uid and m.device == self.device and m.cmid in self._in_flight:
-            self._in_flight.discard(m.cmid)
+            del self._in_flight[m.cmid]
             self._emit(ack_frame(m))
         else:
             self._out.append(self._cache.msg(m, self.encoding or Encoding.JSON))

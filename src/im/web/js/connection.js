@@ -407,7 +407,10 @@ export class Connection {
         this._retryTimer = setTimeout(() => {
           this._retryTimer = null;
           this._hold = false;
-          const refused = this._refused.filter((c) => this.outbox.has(c));
+          // In the order they were made (the outbox's), not the order of the refusals: the server keeps
+          // a device's sends in its order only if refused ones are resent first, in order (section 8).
+          const wanted = new Set(this._refused);
+          const refused = [...this.outbox.keys()].filter((c) => wanted.has(c));
           this._refused = [];
           this._unsent = [...refused, ...this._unsent];
           this._pump();
