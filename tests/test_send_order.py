@@ -14,13 +14,15 @@ from typing import Any
 
 import pytest
 
+from im.backends.presence.memory import MemoryPresence
+from im.backends.routing.memory import MemoryRouter
 from im.client.session import ClientSession
 from im.core.send_order import SendOrder
 from im.model.chat import SyncPoint
 from im.model.errors import ErrorCode
 from im.protocol import commands as cmd
 from im.protocol.frames import AuthOk, Error
-from tests.support.chat import ChatCore
+from tests.support.chat import ChatCore, chat_core
 from tests.test_chat_isolation import kind, send, submit_all, svc  # noqa: F401 (the fixtures are used by name)
 from tests.test_session import CONV, UID, Clock, feed, frames, opened, send_frame
 
@@ -240,3 +242,34 @@ async def test_committer_the_barrier_holds_across_a_second_refusal_of_the_resent
     assert yerr is not None and "cmid 'x'" in yerr.message
     outcomes = await asyncio.gather(*submit_all(svc, [send(conv, "x"), send(conv, "y"), send(conv, "v")]))
     assert [m.seq if m else None for m, _ in outcomes] == [2, 3, 4], outcomes
+
+
+async def test_committer_a_barrier_lifts_when_its_send_was_stored_elsewhere(
+    svc: ChatCore,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """x refused here, then resent and stored through another committer on the same store (its
+    conversation moved to another transfer node): y arriving here is not held back for x, which this
+    committer will never see again (one lookup of x in the store lifts the barrier)."""
+    group = await svc.groups.create_group(1, "g", [2])
+    conv = f"g:{group.gid}"
+    real_commit = svc.store.commit
+
+    async def down(batch):  # type: ignore[no-untyped-def]
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(svc.store, "commit", down)
+    monkeypatch.setattr(svc.store, "load_conversations", down)
+    [(_, err)] = await asyncio.gather(*submit_all(svc, [send(conv, "x")]))
+    assert err is not None and err.code is ErrorCode.UNAVAILABLE and svc.committer.order.held
+    monkeypatch.undo()
+    assert svc.store.commit == real_commit
+    other = chat_core(svc.store, svc.accounts, MemoryRouter(), MemoryPresence(), node_id=1)
+    other.committer.start()
+    try:
+        stored_x, _ = await other.committer.send(send(conv, "x"))
+    finally:
+        await other.committer.stop()
+    [(ym, yerr)] = await asyncio.gather(*submit_all(svc, [send(conv, "y")]))
+    assert yerr is None and ym is not None and ym.seq == stored_x.seq + 1, yerr
+    assert not svc.committer.order.held

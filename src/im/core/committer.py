@@ -401,6 +401,24 @@ class Committer:
             if type(item) is _Send and isinstance(conv := self._safe_target(item), str):
                 order.refused((item.req.uid, item.req.device, conv), item.req.cmid)
 
+    async def _lift_stored(self, targets: list[tuple[_Send | _MemberOp, str | ImError]]) -> None:
+        """A barrier whose refused send is stored by now (resent through another node, or refused although
+        its commit went through) holds nothing back: one lookup for the pass lifts it."""
+        held, wanted = self.order.held, {}
+        for item, conv in targets:
+            if type(item) is _Send and isinstance(conv, str):
+                key = (item.req.uid, item.req.device, conv)
+                entry = held.get(key)
+                if entry is not None and entry[0] != item.req.cmid:
+                    wanted[(key[0], key[1], entry[0])] = key
+        if wanted:
+            try:
+                found = await self._store.find_sent(list(wanted))
+            except Exception:  # the store is away: the barriers stay
+                return
+            for sent in found:
+                held.pop(wanted[sent], None)
+
     def _remember(self, key: tuple[int, str, str], m: StoredMessage) -> None:
         self._recent[key] = m
         if len(self._recent) > self._recent_max:
@@ -454,6 +472,8 @@ class Committer:
         heads_before: dict[str, int] = {}
         in_batch: dict[tuple[int, str, str], StoredMessage] = {}
         held = self.order.held  # empty (nothing to check) unless a send was refused ``unavailable``
+        if held:
+            await self._lift_stored(targets)
         for item, conv in targets:
             try:
                 if isinstance(conv, ImError):
