@@ -168,6 +168,7 @@ class ClientSession:
         self._in_flight: set[str] = set()  # written on this connection, not answered yet
         self._refused: list[str] = []  # refused with a retryable code; waiting for retry()
         self._hold = False  # a retryable refusal arrived: write no new sends until retry()
+        self._retry_waiting = False  # retry() was called with sends in flight: it runs once they are answered
         #: The longest ``retry_after`` the server gave with the refusals waiting for retry() (0: none).
         self.retry_after = 0.0
         self._recv_sent: dict[str, int] = {}  # conv -> seq last reported with recv on this connection
@@ -200,6 +201,7 @@ class ClientSession:
         self._in_flight.clear()
         self._refused.clear()
         self._hold = False
+        self._retry_waiting = False
         self._recv_sent = dict(self.cursors)
         return self._encode(Auth(token=token, device=self.device, cursors=self.cursors))
 
@@ -211,6 +213,7 @@ class ClientSession:
         self._in_flight.clear()
         self._unsent.clear()
         self._refused.clear()
+        self._retry_waiting = False
 
     # --- building frames ------------------------------------------------------------------------------
 
@@ -282,6 +285,12 @@ class ClientSession:
         were made (the outbox's), whatever order the refusals came in: the server stores a device's sends
         to a conversation in the order it sent them only if refused ones are resent first, in order
         (docs/protocol.md section 8, "Sender order")."""
+        if self._in_flight:
+            # Answers still on their way may be refusals too: resend nothing until every one is in, so
+            # the refused sends go out complete and in order, before anything newer (section 8).
+            self._retry_waiting = True
+            return
+        self._retry_waiting = False
         self._hold = False
         self.retry_after = 0.0
         refused, self._refused = set(self._refused), []
@@ -377,6 +386,8 @@ class ClientSession:
         if send is None:
             return None  # an ack we already had (a resend answered twice): the app saw the first
         self._in_flight.discard(ack.cmid)
+        if self._retry_waiting and not self._in_flight:
+            self.retry()
         self._pump()
         return ack
 
@@ -394,8 +405,12 @@ class ClientSession:
             self._hold = True
             if error.retry_after is not None and error.retry_after > self.retry_after:
                 self.retry_after = error.retry_after
+            if self._retry_waiting and not self._in_flight:
+                self.retry()
             return None
         send = self.outbox.pop(cmid)
+        if self._retry_waiting and not self._in_flight:
+            self.retry()
         self._pump()
         return SendFailed(send, error.code, error.message)
 

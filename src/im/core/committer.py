@@ -275,6 +275,8 @@ class Committer:
     async def _commit_isolated(self, items: list[_Send | _MemberOp]) -> None:
         """Commit ``items``; if the store refuses the batch, split it so only what it will not take fails
         (module docstring, "Fault isolation"). Parts are tried depth first, left before right."""
+        if self.order.held:  # sends behind a refused one: decided once for the batch, before any split
+            items = self._behind_refused(items)
         parts: list[list[_Send | _MemberOp]] = [items]
         while parts:
             part = parts.pop()
@@ -401,23 +403,17 @@ class Committer:
             if type(item) is _Send and isinstance(conv := self._safe_target(item), str):
                 order.refused((item.req.uid, item.req.device, conv), item.req.cmid)
 
-    async def _lift_stored(self, targets: list[tuple[_Send | _MemberOp, str | ImError]]) -> None:
-        """A barrier whose refused send is stored by now (resent through another node, or refused although
-        its commit went through) holds nothing back: one lookup for the pass lifts it."""
-        held, wanted = self.order.held, {}
-        for item, conv in targets:
-            if type(item) is _Send and isinstance(conv, str):
-                key = (item.req.uid, item.req.device, conv)
-                entry = held.get(key)
-                if entry is not None and entry[0] != item.req.cmid:
-                    wanted[(key[0], key[1], entry[0])] = key
-        if wanted:
-            try:
-                found = await self._store.find_sent(list(wanted))
-            except Exception:  # the store is away: the barriers stay
-                return
-            for sent in found:
-                held.pop(wanted[sent], None)
+    def _behind_refused(self, items: list[_Send | _MemberOp]) -> list[_Send | _MemberOp]:
+        """Refuse the sends that wait for an earlier refused send of their device and conversation, in queue
+        order (the refused one, resent, lifts the barrier for what follows it); return the others."""
+        order, barred = self.order, {}
+        for i in items:
+            if type(i) is not _Send or not order.held or not isinstance(c := self._safe_target(i), str):
+                continue
+            if (barring := order.barring((i.req.uid, i.req.device, c), i.req.cmid)) is not None:
+                barred[id(i)] = barring
+                self._refuse_item(None, i, behind_refused(barring))
+        return [i for i in items if id(i) not in barred] if barred else items
 
     def _remember(self, key: tuple[int, str, str], m: StoredMessage) -> None:
         self._recent[key] = m
@@ -471,16 +467,11 @@ class Committer:
             return p
         heads_before: dict[str, int] = {}
         in_batch: dict[tuple[int, str, str], StoredMessage] = {}
-        held = self.order.held  # empty (nothing to check) unless a send was refused ``unavailable``
-        if held:
-            await self._lift_stored(targets)
         for item, conv in targets:
             try:
                 if isinstance(conv, ImError):
                     raise conv
                 if isinstance(item, _Send):
-                    if held and (barring := self.order.barring((item.req.uid, item.req.device, conv), item.req.cmid)):
-                        raise behind_refused(barring)
                     self._prepare_send(p, item, conv, known, attachable, now_ms, heads_before, in_batch)
                 else:
                     self._prepare_member_op(p, item, conv, now_ms, heads_before)

@@ -207,7 +207,7 @@ class Connection(abc.ABC):
         if self.closed:
             return
         if err is not None:
-            self.session.send_failed(req.cmid, err.code, err.message, err.retry_after)
+            self.session.send_failed(req.cmid, err.code, err.message, err.retry_after, gateway=err.gateway)
         else:
             assert m is not None
             self.run(self.session.send_done(req.cmid, m, dup))

@@ -16,10 +16,11 @@ The sending device gets its own message as an ``ack`` at its place in that order
 (``msg`` and ``ack`` frames together) is dense too.
 
 And one for the device's sends (docs/protocol.md section 8, "Sender order"; im.core.send_order): once a
-send is refused with a retryable code (this session's own limits, the gateway's shared rate limits, no
-transfer link, the core's ``unavailable``), later sends of the same conversation on this connection are
-refused ``unavailable`` until the refused one is resent (or ``limits.send_order_hold`` passes), so they
-cannot be stored before it. Nothing is checked while no send is held back.
+send is refused with a retryable code at the gateway (this session's own limits, the gateway's shared
+rate limits, no transfer link; the core's ``unavailable`` is held back by the committer itself), later
+sends of the same conversation on this connection are refused ``unavailable`` until the refused one is
+resent (or ``limits.send_order_hold`` passes), so they cannot be stored before it. Nothing is checked
+while no send is held back.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ ACCEPTS: dict[State, tuple[frozenset[type], ErrorCode]] = {
     State.CLOSED: (frozenset(), ErrorCode.UNAUTHENTICATED),
 }
 
-#: Refusals of a send that the client resends (same cmid): they hold the conversation's later sends back.
-_RETRYABLE = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED, ErrorCode.TOO_MANY_IN_FLIGHT})
+#: Retryable refusals that only a gateway decides: they hold the conversation's later sends back here.
+_AT_GATEWAY = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.TOO_MANY_IN_FLIGHT})
 _RESERVED_TYPES = frozenset({"system", "undecryptable"})  # server-made: system events; bodies that did not open
 _json_encoder = msgspec.json.Encoder()
 
@@ -242,7 +243,7 @@ class ServerSession:
             problem = (ErrorCode.TOO_LARGE, f"body of {len(body)} bytes > {self.limits.max_body_bytes}")
         self._sends += 1
         if problem is not None:
-            if problem[0] is ErrorCode.RATE_LIMITED or problem[0] is ErrorCode.TOO_MANY_IN_FLIGHT:
+            if problem[0] in _AT_GATEWAY:
                 self._hold_back(frame, self._sends)
             self._error(problem[0], problem[1], cmid, retry_after)
             return []
@@ -392,9 +393,15 @@ class ServerSession:
             return []
         return self.deliver(m)
 
-    def send_failed(self, cmid: str, code: ErrorCode, message: str, retry_after: float | None = None) -> None:
+    def send_failed(
+        self, cmid: str, code: ErrorCode, message: str, retry_after: float | None = None, *, gateway: bool = False
+    ) -> None:
+        """The send ``cmid`` was refused. A refusal decided at the gateway (``rate_limited`` and
+        ``too_many_in_flight`` always; ``unavailable`` when ``gateway``: no transfer link) holds the
+        conversation's later sends on this connection back; the core's own ``unavailable`` does not here:
+        the committer that refused it holds them back itself, in the order it saw the sends."""
         entry = self._in_flight.pop(cmid, None)
-        if entry is not None and code in _RETRYABLE:
+        if entry is not None and (code in _AT_GATEWAY or (gateway and code is ErrorCode.UNAVAILABLE)):
             self._hold_back(entry[0], entry[1])
         self._error(code, message, cmid, retry_after)
 
