@@ -24,8 +24,9 @@ Rules it keeps (docs/protocol.md, "Ordering guarantees" and "Client checklist"):
    unanswered at a time (the server refuses more with ``too_many_in_flight``); the rest wait their turn.
 3. **Retryable refusals are retried, final ones reported.** ``unavailable``, ``rate_limited``,
    ``too_many_in_flight`` and ``unauthenticated`` keep the send in the outbox and hold back every later
-   send; :meth:`retry`, called after the pump's back-off, writes them again, refused ones first and in
-   their original order (so the server stores them in the order they were sent). Any other
+   send; :meth:`retry`, called after the pump's back-off, writes them again once every send in flight is
+   answered, refused ones first and in their original order (so the server stores them in the order they
+   were sent: docs/protocol.md section 8, "Sender order"). Any other
    refusal removes the send and yields :class:`SendFailed`.
 
 It cannot tell time: the pump decides when to ping (:meth:`ping`), when to retry (:meth:`retry`) and when
