@@ -96,7 +96,8 @@ def test_lease_size_keeps_small_budgets_exact() -> None:
 async def test_leased_sends_never_exceed_the_users_budget(tmp_path: Path) -> None:
     """Four devices of one user draw from one budget of 2,048 sends (leases of 8 units, decided inline by
     the in-memory limiter): no more than the budget is acked, and at most the units the devices still
-    hold (4 x 8) go unused; every refusal is rate_limited with a retry time."""
+    hold (4 x 8) go unused; every refusal is rate_limited with a retry time, or (sends after a refused
+    one) unavailable until that one is resent."""
     async with embedded(tmp_path, "2048/86400") as server:  # refills about one unit a minute
         api = f"{server.http_url}/api/v1"
         alice = await register(api, f"alice_{uuid.uuid4().hex[:6]}")
@@ -120,7 +121,11 @@ async def test_leased_sends_never_exceed_the_users_budget(tmp_path: Path) -> Non
             acked = sum(len(dev.acks) for dev in devices)
             assert 2048 - 4 * 8 <= acked <= 2048 + 1, acked  # (+1: a unit that came back meanwhile)
             errors = [e for dev in devices for e in dev.errors]
-            assert errors and all(e["code"] == "rate_limited" and e["retry_after"] > 0 for e in errors)
+            limited = [e for e in errors if e["code"] == "rate_limited"]
+            assert limited and all(e["retry_after"] > 0 for e in limited)
+            # The sends after a refused one wait for it to be resent (docs/protocol.md section 8, "Sender order").
+            held = [e for e in errors if e["code"] != "rate_limited"]
+            assert all(e["code"] == "unavailable" and "resend it first" in e["message"] for e in held), held[:3]
         finally:
             for dev in devices:
                 await dev.close()

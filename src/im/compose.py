@@ -317,6 +317,7 @@ def session_limits(config: Config) -> Limits:
         auth_rate=lim.auth_rate,
         auth_burst=lim.auth_burst,
         auth_max_wait=min(lim.auth_max_wait, gw.auth_timeout / 2),
+        send_order_hold=lim.send_order_hold,
     )
 
 
@@ -534,6 +535,8 @@ def build_committer(
         ids=Snowflake(None),
         max_batch=config.store.max_batch,
         max_group_members=config.limits.max_group_members,
+        order_hold=config.limits.send_order_hold,
+        order_entries=config.limits.send_order_entries,
     )
 
 

@@ -423,12 +423,10 @@ async def partition(net: Net, history: History, apps: list[App], path: Path_, mo
         cmid = f"{a.name}-closing-{conv}"
         a.planned[cmid] = (conv, f"{a.name} closing")
         a.c.post(f"{a.name} closing", cmid=cmid, **address)
-    # Each sender's messages are stored in the order posted, except where the victim refused sends
-    # (`unavailable`: its store away, or its node id claim lost with etcd): a send refused while the
-    # sender's later ones are already in flight is resent after them, and the later ones may commit first
-    # once the outage ends (seen with a 30 s PostgreSQL cut). The protocol promises order per delivery
-    # stream, not per sender across refusals (docs/protocol.md, "Retry rules").
-    await check_delivery(c, w.apps, w.members, ordered=path not in ("postgres", "etcd"))
+    # Each sender's messages are stored in the order posted, on every path, across the victim's refusals
+    # (`unavailable`: its store away, or its node id claim lost with etcd): a send behind a refused one is
+    # refused until that one is resent (docs/protocol.md section 8, "Sender order").
+    await check_delivery(c, w.apps, w.members, ordered=True)
 
     # Serves again: a new send in each of its conversations is committed by the victim itself.
     mine = node_id_of(c, VICTIM)

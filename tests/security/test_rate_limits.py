@@ -219,7 +219,13 @@ async def answered(clients: list[ChatClient], cmids: list[str]) -> None:
 
 
 def refusals(clients: list[ChatClient]) -> list[dict[str, Any]]:
-    return [e for c in clients for e in c.errors if e["code"] == "rate_limited"]
+    """The sends refused by a rate limit: each connection's first refusal of a conversation is
+    ``rate_limited``; its later sends there wait for that one to be resent (docs/protocol.md section 8,
+    "Sender order"), refused ``unavailable``."""
+    out = [e for c in clients for e in c.errors if e["code"] == "rate_limited"]
+    held = [e for c in clients for e in c.errors if e["code"] != "rate_limited"]
+    assert all(e["code"] == "unavailable" and "resend it first" in e["message"] for e in held), held[:3]
+    return out + held
 
 
 @settings("rates.sends_per_user=50/600")
@@ -234,7 +240,7 @@ async def test_send_budget_is_the_users_not_each_devices(server: ServerProcess) 
         refused = refusals(devices)
         assert acked == 50, acked  # 100 sends over five devices: the user's budget of 50, not 5 x 50
         assert len(refused) == 50
-        assert all(e["ref"] in sent and e["retry_after"] > 0 for e in refused)
+        assert all(e["ref"] in sent and (e["code"] != "rate_limited" or e["retry_after"] > 0) for e in refused)
         # Acked sends are the first ones of each device: its order is kept (no later one passed an earlier
         # refused one).
         for d in devices:
@@ -259,7 +265,7 @@ async def test_send_budget_per_conversation(server: ServerProcess) -> None:
         await answered([a, b], sent)
         assert len(a.acks) + len(b.acks) == 30
         assert len(refusals([a, b])) == 10
-        assert all("conversation" in e["message"] for e in refusals([a, b]))
+        assert all("conversation" in e["message"] for e in refusals([a, b]))  # (or "this conversation")
         ack = await a.send("another conversation", to=carol.uid)  # alice's other conversations still work
         assert ack is not None, a.errors
         ack = await c.send("bystander", to=bob.uid)

@@ -24,7 +24,9 @@ Rules it keeps (docs/protocol.md, "Ordering guarantees" and "Client checklist"):
    unanswered at a time (the server refuses more with ``too_many_in_flight``); the rest wait their turn.
 3. **Retryable refusals are retried, final ones reported.** ``unavailable``, ``rate_limited``,
    ``too_many_in_flight`` and ``unauthenticated`` keep the send in the outbox and hold back every later
-   send; :meth:`retry`, called after the pump's back-off, writes them again, refused ones first. Any other
+   send; :meth:`retry`, called after the pump's back-off, writes them again once every send in flight is
+   answered, refused ones first and in their original order (so the server stores them in the order they
+   were sent: docs/protocol.md section 8, "Sender order"). Any other
    refusal removes the send and yields :class:`SendFailed`.
 
 It cannot tell time: the pump decides when to ping (:meth:`ping`), when to retry (:meth:`retry`) and when
@@ -167,6 +169,7 @@ class ClientSession:
         self._in_flight: set[str] = set()  # written on this connection, not answered yet
         self._refused: list[str] = []  # refused with a retryable code; waiting for retry()
         self._hold = False  # a retryable refusal arrived: write no new sends until retry()
+        self._retry_waiting = False  # retry() was called with sends in flight: it runs once they are answered
         #: The longest ``retry_after`` the server gave with the refusals waiting for retry() (0: none).
         self.retry_after = 0.0
         self._recv_sent: dict[str, int] = {}  # conv -> seq last reported with recv on this connection
@@ -199,6 +202,7 @@ class ClientSession:
         self._in_flight.clear()
         self._refused.clear()
         self._hold = False
+        self._retry_waiting = False
         self._recv_sent = dict(self.cursors)
         return self._encode(Auth(token=token, device=self.device, cursors=self.cursors))
 
@@ -210,6 +214,7 @@ class ClientSession:
         self._in_flight.clear()
         self._unsent.clear()
         self._refused.clear()
+        self._retry_waiting = False
 
     # --- building frames ------------------------------------------------------------------------------
 
@@ -277,11 +282,27 @@ class ClientSession:
         self._dirty.clear()
 
     def retry(self) -> None:
-        """Write again the sends refused with a retryable code (call after a back-off)."""
+        """Write again the sends refused with a retryable code (call after a back-off), in the order they
+        were made (the outbox's), whatever order the refusals came in: the server stores a device's sends
+        to a conversation in the order it sent them only if refused ones are resent first, in order
+        (docs/protocol.md section 8, "Sender order")."""
+        if self._in_flight:
+            # Answers still on their way may be refusals too: resend nothing until every one is in, so
+            # the refused sends go out complete and in order, before anything newer (section 8).
+            self._retry_waiting = True
+            return
+        self._retry_waiting = False
         self._hold = False
         self.retry_after = 0.0
-        refused, self._refused = self._refused, []
-        self._unsent.extendleft(reversed([c for c in refused if c in self.outbox]))
+        refused, self._refused = set(self._refused), []
+        ordered: list[str] = []
+        if refused:
+            for cmid in self.outbox:  # refused sends are the outbox's oldest: this stops early
+                if cmid in refused:
+                    ordered.append(cmid)
+                    if len(ordered) == len(refused):
+                        break
+        self._unsent.extendleft(reversed(ordered))
         self._pump()
 
     @property
@@ -366,6 +387,8 @@ class ClientSession:
         if send is None:
             return None  # an ack we already had (a resend answered twice): the app saw the first
         self._in_flight.discard(ack.cmid)
+        if self._retry_waiting and not self._in_flight:
+            self.retry()
         self._pump()
         return ack
 
@@ -383,8 +406,12 @@ class ClientSession:
             self._hold = True
             if error.retry_after is not None and error.retry_after > self.retry_after:
                 self.retry_after = error.retry_after
+            if self._retry_waiting and not self._in_flight:
+                self.retry()
             return None
         send = self.outbox.pop(cmid)
+        if self._retry_waiting and not self._in_flight:
+            self.retry()
         self._pump()
         return SendFailed(send, error.code, error.message)
 

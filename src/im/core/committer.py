@@ -35,6 +35,11 @@ batch whose token is below the one recorded for its node id (``FenceRefused``), 
 transaction. So a node paused past its lease, whose node id another node claimed and recorded meanwhile,
 cannot commit when it wakes up, whatever it believes: its batch is refused ``unavailable`` (retryable),
 minting stops and the claim is made again (``Snowflake.refused`` → the claim's ``on_refused``).
+
+Sender order (im.core.send_order): a send refused ``unavailable`` here (store outage, contention, no node
+id, fenced) bars the later sends of its (uid, device, conversation) until it is resent or
+``order_hold`` seconds pass, so a device's sends are stored in the order it sent them. The check costs
+nothing while no barrier is held.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from im.backends.routing import Router
 from im.core.consent import Consent
 from im.core.ids import Snowflake
 from im.core.membership import MemberRequest, plan_member_change
+from im.core.send_order import DEFAULT_HOLD, SendOrder, behind_refused
 from im.core.states import ConversationStates, unknown_conv
 from im.core.unrouted import Unrouted
 from im.model.chat import CommitBatch, ConversationState, Group, MemberChange, StoredMessage
@@ -177,6 +183,8 @@ class Committer:
         max_batch: int = 2048,
         max_group_members: int = 2000,
         recent_sends: int = 50_000,
+        order_hold: float = DEFAULT_HOLD,
+        order_entries: int = 100_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
@@ -210,6 +218,8 @@ class Committer:
         self._route_log = ThrottledLog(log, "live routes (presence unreachable; held, routed again)")
         self._fenced: tuple[int, int] | None = None  # the (node id, token) last recorded in the store
         self.fence_refusals = 0  # batches the store refused for a lower fencing token (tests read it)
+        #: Sends refused ``unavailable`` that bar their device's later sends of the same conversation.
+        self.order: SendOrder[tuple[int, str, str]] = SendOrder(hold=order_hold, max_entries=order_entries, clock=clock)
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -275,6 +285,8 @@ class Committer:
     async def _commit_isolated(self, items: list[_Send | _MemberOp]) -> None:
         """Commit ``items``; if the store refuses the batch, split it so only what it will not take fails
         (module docstring, "Fault isolation"). Parts are tried depth first, left before right."""
+        if self.order.held:  # sends behind a refused one: decided once for the batch, before any split
+            items = self._behind_refused(items)
         parts: list[list[_Send | _MemberOp]] = [items]
         while parts:
             part = parts.pop()
@@ -395,13 +407,33 @@ class Committer:
             if not fut.done():
                 fut.set_result(None)
 
-    @staticmethod
-    def _fail(items: Sequence[_Send | _MemberOp], err: ImError) -> None:
+    def _fail(self, items: Sequence[_Send | _MemberOp], err: ImError) -> None:
+        if err.code is ErrorCode.UNAVAILABLE:
+            self._hold_back(items)
         for item in items:
             if isinstance(item, _Send):
                 item.done(item.req, None, False, err)
             elif not item.done.done():
                 item.done.set_exception(err)
+
+    def _hold_back(self, items: Sequence[_Send | _MemberOp]) -> None:
+        """Sends refused ``unavailable``: bar their device's later sends of the same conversation."""
+        order = self.order
+        for item in items:
+            if type(item) is _Send and isinstance(conv := self._safe_target(item), str):
+                order.refused((item.req.uid, item.req.device, conv), item.req.cmid)
+
+    def _behind_refused(self, items: list[_Send | _MemberOp]) -> list[_Send | _MemberOp]:
+        """Refuse the sends that wait for an earlier refused send of their device and conversation, in queue
+        order (the refused one, resent, lifts the barrier for what follows it); return the others."""
+        order, barred = self.order, {}
+        for i in items:
+            if type(i) is not _Send or not order.held or not isinstance(c := self._safe_target(i), str):
+                continue
+            if (barring := order.barring((i.req.uid, i.req.device, c), i.req.cmid)) is not None:
+                barred[id(i)] = barring
+                self._refuse_item(None, i, behind_refused(barring))
+        return [i for i in items if id(i) not in barred] if barred else items
 
     def _remember(self, key: tuple[int, str, str], m: StoredMessage) -> None:
         self._recent[key] = m
@@ -442,11 +474,13 @@ class Committer:
         attachable = await self._check_files([i for i, _ in targets if isinstance(i, _Send)])
         now_ms = int(self._clock() * 1000)
         if not self.ids.can_mint(now_ms, len(items)):  # no node id held (a claim lost): no message id
+            self._hold_back(items)
             for item in items:
                 self._refuse_item(p, item, _no_node_id())
             return p
         p.batch.fence = self.ids.fence
         if not await self._record_fence(p.batch.fence):  # a new claim: its token recorded before minting
+            self._hold_back(items)
             for item in items:
                 self._refuse_item(p, item, _fenced())
             p.batch.fence = None

@@ -179,6 +179,9 @@ class Connection(abc.ABC):
 
     def _submit(self, c: cmd.Submit) -> None:
         s = self.session
+        if not s.may_submit(c):  # an earlier send of its conversation was refused while it waited
+            self.mark_dirty()
+            return
         METRICS.sends += 1
         req = SendRequest(s.uid, s.device, c.cmid, c.conv, c.to, c.type, c.body)
         if not METRICS.sends % LATENCY_SAMPLE and METRICS.enabled:  # one send in LATENCY_SAMPLE is timed
@@ -204,7 +207,7 @@ class Connection(abc.ABC):
         if self.closed:
             return
         if err is not None:
-            self.session.send_failed(req.cmid, err.code, err.message, err.retry_after)
+            self.session.send_failed(req.cmid, err.code, err.message, err.retry_after, gateway=err.gateway)
         else:
             assert m is not None
             self.run(self.session.send_done(req.cmid, m, dup))

@@ -40,12 +40,23 @@ class ImError(Exception):
     which the same request may succeed (rate limits, overload); None when retrying sooner is fine or
     pointless."""
 
-    def __init__(self, code: ErrorCode, message: str, ref: str | None = None, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        ref: str | None = None,
+        retry_after: float | None = None,
+        *,
+        gateway: bool = False,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.ref = ref  # the cmid of the refused send, when the refusal is about one
         self.retry_after = retry_after  # seconds until a retry can succeed, when the refusal knows
+        #: A send refused at the gateway, before any committer saw it (no transfer link): the gateway's
+        #: session holds that conversation's later sends back (im.core.send_order); a committer holds its own.
+        self.gateway = gateway
 
 
 class SeqConflict(Exception):

@@ -14,6 +14,13 @@ Two rules it keeps for every conversation (docs/protocol.md, "Ordering"):
 
 The sending device gets its own message as an ``ack`` at its place in that order, so its stream of seqs
 (``msg`` and ``ack`` frames together) is dense too.
+
+And one for the device's sends (docs/protocol.md section 8, "Sender order"; im.core.send_order): once a
+send is refused with a retryable code at the gateway (this session's own limits, the gateway's shared
+rate limits, no transfer link; the core's ``unavailable`` is held back by the committer itself), later
+sends of the same conversation on this connection are refused ``unavailable`` until the refused one is
+resent (or ``limits.send_order_hold`` passes), so they cannot be stored before it. Nothing is checked
+while no send is held back.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from enum import Enum
 
 import msgspec
 
+from im.core.send_order import SendOrder, behind_refused
 from im.model.chat import StoredMessage, SyncPoint
 from im.model.errors import ErrorCode, ImError
 from im.model.ids import direct_conv
@@ -50,6 +58,8 @@ ACCEPTS: dict[State, tuple[frozenset[type], ErrorCode]] = {
     State.CLOSED: (frozenset(), ErrorCode.UNAUTHENTICATED),
 }
 
+#: Retryable refusals that only a gateway decides: they hold the conversation's later sends back here.
+_AT_GATEWAY = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.TOO_MANY_IN_FLIGHT})
 _RESERVED_TYPES = frozenset({"system", "undecryptable"})  # server-made: system events; bodies that did not open
 _json_encoder = msgspec.json.Encoder()
 
@@ -70,6 +80,8 @@ class Limits:
     auth_rate: float = 500.0
     auth_burst: int = 200
     auth_max_wait: float = 2.0
+    #: Seconds a refused send holds its conversation's later sends back at most (im.core.send_order).
+    send_order_hold: float = 30.0
 
 
 class TokenBucket:
@@ -131,9 +143,12 @@ class ServerSession:
         self._typing_bucket = TokenBucket(self.limits.typing_rate, now)
         self._out: list[bytes] = []
         self._convs: dict[str, ConvCursor] = {}
-        #: cmid -> the conversation it was sent to: a stored message of ours answers it only if both match
-        #: (a cmid reused for another conversation is refused, never acked by the earlier message).
-        self._in_flight: dict[str, str] = {}
+        #: Sends handed to the core, unanswered: cmid -> (the frame, its number on this connection, the
+        #: conversation it was sent to). A stored message of ours answers it only if the conversation matches
+        #: too (a cmid reused for another conversation is refused, never acked by the earlier message).
+        self._in_flight: dict[str, tuple[Send, int, str]] = {}
+        self._sends = 0  # sends numbered so far (the order of refusals, im.core.send_order)
+        self._order: SendOrder[str] | None = None  # made at the first retryable refusal of a send
         self._initial: set[str] | None = None  # conversations still replaying since auth
         self._named: dict[str, int] = {}  # auth cursors of conversations not tracked yet (joined later)
         self._early: list[StoredMessage] = []  # live messages that came while authenticating
@@ -213,6 +228,8 @@ class ServerSession:
             problem = (ErrorCode.INVALID, f"message type {frame.type[:40]!r} is not allowed")
         elif cmid in self._in_flight:
             return []  # the same send is being committed; its ack answers both
+        elif (held := self._order) is not None and held.held and (barring := held.barring(self._target(frame), cmid)):
+            problem = (ErrorCode.UNAVAILABLE, behind_refused(barring).message)
         elif len(self._in_flight) >= self.limits.max_in_flight:
             problem = (ErrorCode.TOO_MANY_IN_FLIGHT, f"more than {self.limits.max_in_flight} unacked sends")
         elif not self._send_bucket.take(self._clock(), self.limits.send_rate):
@@ -227,11 +244,51 @@ class ServerSession:
                 problem = (ErrorCode.INVALID, "the body must be plain JSON data")
         if problem is None and len(body) > self.limits.max_body_bytes:
             problem = (ErrorCode.TOO_LARGE, f"body of {len(body)} bytes > {self.limits.max_body_bytes}")
+        self._sends += 1
         if problem is not None:
+            if problem[0] in _AT_GATEWAY:
+                self._hold_back(frame, self._sends)
             self._error(problem[0], problem[1], cmid, retry_after)
             return []
-        self._in_flight[cmid] = frame.conv if frame.conv is not None else direct_conv(self.uid, frame.to or 0)
+        self._in_flight[cmid] = (frame, self._sends, self._target(frame))
         return [cmd.Submit(cmid=cmid, conv=frame.conv, to=frame.to, type=frame.type, body=body)]
+
+    def _sent_to(self, cmid: str) -> str | None:
+        """The conversation of the unanswered send ``cmid`` (None: none in flight)."""
+        entry = self._in_flight.get(cmid)
+        return entry[2] if entry is not None else None
+
+    def _target(self, frame: Send | cmd.Submit) -> str:
+        """The conversation a send goes to (its key in the sender-order barriers)."""
+        if frame.conv is not None:
+            return frame.conv
+        return direct_conv(self.uid, frame.to or 0)
+
+    def _hold_back(self, frame: Send, number: int) -> None:
+        """Send ``frame`` (this connection's ``number``-th) was refused with a retryable code: later sends of
+        its conversation are refused until it is resent (im.core.send_order)."""
+        order = self._order
+        if order is None:
+            order = self._order = SendOrder(max_entries=max(16, self.limits.max_in_flight), clock=self._clock)
+        order.hold = self.limits.send_order_hold
+        order.refused(self._target(frame), frame.cmid, number)
+
+    def may_submit(self, c: cmd.Submit) -> bool:
+        """Whether a send the gateway held (its shared rate limits decide a batch at a time) may still go
+        to the core. False when an earlier send of the same conversation was refused meanwhile: then this
+        one is refused too (``unavailable``, resend the earlier one first)."""
+        order = self._order
+        if order is None or not order.held:
+            return True
+        entry = self._in_flight.get(c.cmid)
+        if entry is None:
+            return True
+        barring = order.barring(self._target(c), c.cmid, entry[1])
+        if barring is None:
+            return True
+        del self._in_flight[c.cmid]
+        self._error(ErrorCode.UNAVAILABLE, behind_refused(barring).message, c.cmid)
+        return False
 
     def _check_cursor(self, conv: str, seq: int) -> bool:
         state = self._convs.get(conv)
@@ -327,7 +384,7 @@ class ServerSession:
             state.delivered = m.seq
         for seq in [s for s in state.pending if s <= state.delivered]:
             m = state.pending.pop(seq)
-            if m.sender == self.uid and m.device == self.device and self._in_flight.get(m.cmid) == m.conv:
+            if m.sender == self.uid and m.device == self.device and self._sent_to(m.cmid) == m.conv:
                 # Our own send, at or below where the device starts (it holds it): answer it, as a dup.
                 del self._in_flight[m.cmid]
                 self._emit(ack_frame(m, dup=True))
@@ -343,7 +400,7 @@ class ServerSession:
 
     def send_done(self, cmid: str, m: StoredMessage, dup: bool) -> list[cmd.Command]:
         """The core committed (or had committed before, ``dup``) the send ``cmid``."""
-        if self._in_flight.get(cmid) != m.conv:
+        if self._sent_to(cmid) != m.conv:
             return []  # already acked in order through deliver() (the cmid may be in flight again, elsewhere)
         state = self._convs.get(m.conv)
         if state is not None and state.delivered is not None and m.seq <= state.delivered:
@@ -352,8 +409,16 @@ class ServerSession:
             return []
         return self.deliver(m)
 
-    def send_failed(self, cmid: str, code: ErrorCode, message: str, retry_after: float | None = None) -> None:
-        self._in_flight.pop(cmid, None)
+    def send_failed(
+        self, cmid: str, code: ErrorCode, message: str, retry_after: float | None = None, *, gateway: bool = False
+    ) -> None:
+        """The send ``cmid`` was refused. A refusal decided at the gateway (``rate_limited`` and
+        ``too_many_in_flight`` always; ``unavailable`` when ``gateway``: no transfer link) holds the
+        conversation's later sends on this connection back; the core's own ``unavailable`` does not here:
+        the committer that refused it holds them back itself, in the order it saw the sends."""
+        entry = self._in_flight.pop(cmid, None)
+        if entry is not None and (code in _AT_GATEWAY or (gateway and code is ErrorCode.UNAVAILABLE)):
+            self._hold_back(entry[0], entry[1])
         self._error(code, message, cmid, retry_after)
 
     def event(self, frame: object) -> None:
@@ -399,7 +464,8 @@ class ServerSession:
         return self._convs
 
     def _write(self, m: StoredMessage) -> None:
-        if m.sender == self.uid and m.device == self.device and self._in_flight.get(m.cmid) == m.conv:
+        entry = self._in_flight.get(m.cmid) if m.sender == self.uid and m.device == self.device else None
+        if entry is not None and entry[2] == m.conv:
             del self._in_flight[m.cmid]
             self._emit(ack_frame(m))
         else:

@@ -141,7 +141,8 @@ class TransferLink:
     def submit(self, req: SendRequest, done: SendCallback) -> None:
         """Forward a send; ``done`` is called with the core's answer, or ``unavailable`` (see SendCallback)."""
         if not self._connected.is_set():
-            done(req, None, False, ImError(ErrorCode.UNAVAILABLE, "no link to the message core; resend later"))
+            err = ImError(ErrorCode.UNAVAILABLE, "no link to the message core; resend later", gateway=True)
+            done(req, None, False, err)
             return
         rid = next(self._rids)
         self._pending[rid] = (req, done)
@@ -312,7 +313,7 @@ class TransferLink:
                 return
             except Exception:
                 log.exception("handing over the sends of a lost link failed")
-        err = ImError(ErrorCode.UNAVAILABLE, why)
+        err = ImError(ErrorCode.UNAVAILABLE, why, gateway=True)
         for req, done in pending.values():
             try:
                 done(req, None, False, err)

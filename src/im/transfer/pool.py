@@ -189,7 +189,8 @@ class TransferPool:
         held = self._unanswered.get(key)
         link = held[0] if held is not None and held[0].connected else self.link_for(key)
         if link is None:
-            done(req, None, False, ImError(ErrorCode.UNAVAILABLE, "no transfer node reachable; resend later"))
+            err = ImError(ErrorCode.UNAVAILABLE, "no transfer node reachable; resend later", gateway=True)
+            done(req, None, False, err)
             return
         self._unanswered[key] = (link, (held[1] if held is not None else 0) + 1)
 
@@ -209,7 +210,7 @@ class TransferPool:
         node may have committed some: the store's dedupe answers those with their original seq). They go
         before anything submitted later, so one device's sends keep their order across the failover."""
         if self._closed:
-            err = ImError(ErrorCode.UNAVAILABLE, "the gateway is stopping; resend with the same cmid")
+            err = ImError(ErrorCode.UNAVAILABLE, "the gateway is stopping; resend with the same cmid", gateway=True)
             for req, done in sends:
                 done(req, None, False, err)
             return

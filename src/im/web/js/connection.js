@@ -71,6 +71,7 @@ export class Connection {
     this._unsent = [];
     this._inFlight = new Set();
     this._refused = [];
+    this._retryWhenIdle = false;
     this._hold = false;
     this._recvSent = new Map();
     this._dirty = new Set();
@@ -267,6 +268,7 @@ export class Connection {
     this._unsent = [];
     this._inFlight.clear();
     this._refused = [];
+    this._retryWhenIdle = false;
     this._hold = false;
     this._recvSent = new Map(this.cursors);
     this._dirty.clear();
@@ -280,6 +282,7 @@ export class Connection {
     this._inFlight.clear();
     this._unsent = [];
     this._refused = [];
+    this._retryWhenIdle = false;
     this.synced = false;
     if (this.state === "open") this._status("offline", { reason: "connection lost" });
   }
@@ -381,6 +384,7 @@ export class Connection {
     this._inFlight.delete(ack.cmid);
     this.onOutboxChange([...this.outbox.values()]);
     this._emit("ack", { entry, ack });
+    if (this._retryWhenIdle && !this._inFlight.size) this._resendRefused();
     this._pump();
   }
 
@@ -403,21 +407,37 @@ export class Connection {
       // Later sends would meet the same limit: hold them all, then retry the refused ones first.
       this._refused.push(entry.cmid);
       this._hold = true;
-      if (!this._retryTimer) {
+      if (this._retryWhenIdle && !this._inFlight.size) {
+        this._resendRefused();
+      } else if (!this._retryTimer) {
         this._retryTimer = setTimeout(() => {
           this._retryTimer = null;
-          this._hold = false;
-          const refused = this._refused.filter((c) => this.outbox.has(c));
-          this._refused = [];
-          this._unsent = [...refused, ...this._unsent];
-          this._pump();
+          this._resendRefused();
         }, 300 + Math.random() * 400);
       }
       return;
     }
+    if (this._retryWhenIdle && !this._inFlight.size) this._resendRefused();
     this.outbox.delete(entry.cmid);
     this.onOutboxChange([...this.outbox.values()]);
     this._emit("failed", { entry, code: error.code, message: error.message });
+    this._pump();
+  }
+
+  /** After a back-off: resend the refused sends, in the order they were made (the outbox's), not the order
+   * of the refusals, then the rest; but only once every send in flight is answered (one may be refused
+   * too): the server keeps a device's sends in its order only if refused ones go first (section 8). */
+  _resendRefused() {
+    if (this._inFlight.size) {
+      this._retryWhenIdle = true;
+      return;
+    }
+    this._retryWhenIdle = false;
+    this._hold = false;
+    const wanted = new Set(this._refused);
+    const refused = [...this.outbox.keys()].filter((c) => wanted.has(c));
+    this._refused = [];
+    this._unsent = [...refused, ...this._unsent];
     this._pump();
   }
 
