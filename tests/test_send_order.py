@@ -1,4 +1,4 @@
-"""Sender order across retryable refusals (im.core.send_order; docs/protocol.md section 8, "Sender order").
+"""Sender order across retryable refusals (im.model.send_order; docs/protocol.md section 8, "Sender order").
 
 A device's sends to one conversation are stored in the order it sent them, even when one is refused with a
 retryable code and a later one is already on its way: the barrier (no event loop), the server session
@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from im.client.session import ClientSession
-from im.core.send_order import SendOrder
 from im.model.chat import SyncPoint
 from im.model.errors import ErrorCode
+from im.model.send_order import SendOrder
 from im.protocol import commands as cmd
 from im.protocol.frames import Ack, AuthOk, Error
 from tests.support.chat import ChatCore

@@ -194,7 +194,7 @@ class LimitsConfig(_Section):
     #: Seconds a login may wait for its turn; a later one is refused at once with ``retry_after``
     #: (``error unavailable`` + ``bye unavailable``). Kept under ``gateway.auth_timeout``.
     auth_max_wait: float = Field(2.0, ge=0, le=60)
-    # Sender order (im.core.send_order; docs/protocol.md section 8): once a send is refused with a retryable
+    # Sender order (im.model.send_order; docs/protocol.md section 8): once a send is refused with a retryable
     # code, the device's later sends of that conversation are refused until it is resent.
     #: Seconds such a barrier holds at most (a client that gave the refused send up is not blocked for
     #: longer); 0: no barrier (a device's sends may then be stored out of its order after a refusal).

@@ -127,7 +127,7 @@ async def _delete_names(exchange: str, queue: str) -> None:
 #: away (im.throttled_log): expected while cut off from PostgreSQL; any other record of it fails the test.
 NOISY_LOGGERS = ("aiormq.connection", "im.core.committer")
 #: What a committer may log while its node is cut off: the store away (sends refused ``unavailable``) or
-#: presence away (committed messages held and routed again: im.core.unrouted).
+#: presence away (committed messages held and routed again: im.core.live_routes).
 _EXPECTED_COMMITTER = re.compile(
     r"refused (\d+ |[\d,]+ )?(batches: storage unavailable|live routes \(presence unreachable; held, routed again\))"
 )

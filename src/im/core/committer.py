@@ -36,7 +36,7 @@ transaction. So a node paused past its lease, whose node id another node claimed
 cannot commit when it wakes up, whatever it believes: its batch is refused ``unavailable`` (retryable),
 minting stops and the claim is made again (``Snowflake.refused`` → the claim's ``on_refused``).
 
-Sender order (im.core.send_order): a send refused ``unavailable`` here (store outage, contention, no node
+Sender order (im.model.send_order): a send refused ``unavailable`` here (store outage, contention, no node
 id, fenced) bars the later sends of its (uid, device, conversation) until it is resent or
 ``order_hold`` seconds pass, so a device's sends are stored in the order it sent them. The check costs
 nothing while no barrier is held.
@@ -61,13 +61,13 @@ from im.backends.presence import Presence
 from im.backends.routing import Router
 from im.core.consent import Consent
 from im.core.ids import Snowflake
+from im.core.live_routes import LiveRoutes
 from im.core.membership import MemberRequest, plan_member_change
-from im.core.send_order import DEFAULT_HOLD, SendOrder, behind_refused
 from im.core.states import ConversationStates, unknown_conv
-from im.core.unrouted import Unrouted
 from im.model.chat import CommitBatch, ConversationState, Group, MemberChange, StoredMessage
 from im.model.errors import ErrorCode, FenceRefused, ImError, SeqConflict
 from im.model.ids import direct_conv, group_conv, parse_conv
+from im.model.send_order import DEFAULT_HOLD, SendOrder, behind_refused
 from im.observability import tracing
 from im.observability.metrics import METRICS
 from im.throttled_log import ThrottledLog
@@ -189,8 +189,6 @@ class Committer:
     ) -> None:
         self._store = store
         self._accounts = accounts
-        self._router = router
-        self._presence = presence
         self._files = files
         self._cache = states
         self._states = states.by_conv  # the hot path reads and edits the cached states in place
@@ -204,7 +202,7 @@ class Committer:
         self._recent: OrderedDict[tuple[int, str, str], StoredMessage] = OrderedDict()
         self._recent_max = recent_sends
         self._reroute: set[tuple[int, str, str]] = set()  # dups found in the store, to route once
-        self._unrouted = Unrouted()  # committed, but presence was unreachable: routed again (core/unrouted.py)
+        self._routes = LiveRoutes(presence, router)  # routing, and what waits to be routed again
         self._queue: list[_Send | _MemberOp] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -214,8 +212,6 @@ class Committer:
         self._outage_log = ThrottledLog(log, "batches: storage unavailable", level=logging.ERROR)
         self._callback_log = ThrottledLog(log, "answers a send callback failed on", level=logging.ERROR)
         self._fence_log = ThrottledLog(log, "batches refused by the store's fence", level=logging.WARNING)
-        #: Presence unreachable: one counted line per window; the messages are held and routed again.
-        self._route_log = ThrottledLog(log, "live routes (presence unreachable; held, routed again)")
         self._fenced: tuple[int, int] | None = None  # the (node id, token) last recorded in the store
         self.fence_refusals = 0  # batches the store refused for a lower fencing token (tests read it)
         #: Sends refused ``unavailable`` that bar their device's later sends of the same conversation.
@@ -267,11 +263,11 @@ class Committer:
                 if self._closing:
                     return
                 self._wake.clear()
-                if not self._unrouted:
+                if not self._routes.held:
                     await self._wake.wait()
                     continue
                 try:  # messages whose routing failed: route them with the next commit, or after a back-off
-                    await asyncio.wait_for(self._wake.wait(), self._unrouted.delay())
+                    await asyncio.wait_for(self._wake.wait(), self._routes.held.delay())
                 except TimeoutError:
                     await self._route_quietly(None)
                 continue
@@ -378,21 +374,13 @@ class Committer:
         self._fail(items, ImError(ErrorCode.UNAVAILABLE, "conversation too contended; retry"))
 
     async def _route_quietly(self, p: _Pass | None) -> None:
-        """Route a pass's committed messages (None: only those held since a routing failed), after the
-        held ones. A failure holds them all for another try (acked and stored already: routing is what
-        makes them arrive live)."""
+        """Route a pass's committed messages (None: only those held since a routing failed; core/live_routes.py)."""
         spans = tracing.committed(p.acks) if tracing.ON and p is not None else None  # a traced batch's
-        messages, recipients = (p.routed, p.recipients) if p is not None else ([], [])
-        if self._unrouted:
-            held, held_to = self._unrouted.take()
-            messages, recipients = held + messages, held_to + recipients
         try:
-            await self._route(messages, recipients)
-            self._unrouted.routed()
-        except Exception as exc:
-            self._unrouted.put(messages, recipients)
-            METRICS.engine_error(exc)
-            self._route_log.hit(f"{len(self._unrouted)} messages held: {type(exc).__name__}: {exc}")
+            if p is None:
+                await self._routes.route_or_hold([], [])
+            else:
+                await self._routes.route_or_hold(p.routed, p.recipients)
         finally:
             if spans:
                 tracing.routed(spans)
@@ -741,26 +729,6 @@ class Committer:
 
     # --- routing ---------------------------------------------------------------------------------------
 
-    async def _route(self, messages: list[StoredMessage], recipients: list[list[int]]) -> None:
-        """Hand committed messages to the gateway nodes holding any recipient, one batch per node."""
-        if not messages:
-            return
-        uids = {u for rs in recipients for u in rs}
-        located = await self._presence.locate(uids)
-        nodes_of = {uid: {loc.node for loc in locs} for uid, locs in located.items()}
-        per_node: dict[str, tuple[list[StoredMessage], list[list[int]]]] = {}
-        for m, rs in zip(messages, recipients, strict=True):
-            targets: dict[str, list[int]] = {}
-            for uid in rs:
-                for node in nodes_of.get(uid, ()):
-                    targets.setdefault(node, []).append(uid)
-            for node, node_uids in targets.items():
-                msgs, recs = per_node.setdefault(node, ([], []))
-                msgs.append(m)
-                recs.append(node_uids)
-        for node, (msgs, recs) in per_node.items():
-            self._router.publish(node, msgs, recs)
-
     # --- groups: the write half of im.core.groups ------------------------------------------------------
 
     async def create_group(self, owner: int, name: str, roles: dict[int, str]) -> Group:
@@ -790,7 +758,7 @@ class Committer:
             self._refused_by_fence(exc.token, f"{exc}; a group creation refused")
             raise _fenced() from None
         first.conv = group_conv(gid)
-        await self._route([first], [list(roles)])
+        await self._routes.route([first], [list(roles)])
         return Group(gid, name, owner, now_ms)
 
     async def change_members(self, req: MemberRequest) -> None:

@@ -55,7 +55,7 @@ class ImError(Exception):
         self.ref = ref  # the cmid of the refused send, when the refusal is about one
         self.retry_after = retry_after  # seconds until a retry can succeed, when the refusal knows
         #: A send refused at the gateway, before any committer saw it (no transfer link): the gateway's
-        #: session holds that conversation's later sends back (im.core.send_order); a committer holds its own.
+        #: session holds that conversation's later sends back (im.model.send_order); a committer holds its own.
         self.gateway = gateway
 
 

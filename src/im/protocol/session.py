@@ -15,7 +15,7 @@ Two rules it keeps for every conversation (docs/protocol.md, "Ordering"):
 The sending device gets its own message as an ``ack`` at its place in that order, so its stream of seqs
 (``msg`` and ``ack`` frames together) is dense too.
 
-And one for the device's sends (docs/protocol.md section 8, "Sender order"; im.core.send_order): once a
+And one for the device's sends (docs/protocol.md section 8, "Sender order"; im.model.send_order): once a
 send is refused with a retryable code at the gateway (this session's own limits, the gateway's shared
 rate limits, no transfer link; the core's ``unavailable`` is held back by the committer itself), later
 sends of the same conversation on this connection are refused ``unavailable`` until the refused one is
@@ -32,10 +32,10 @@ from enum import Enum
 
 import msgspec
 
-from im.core.send_order import SendOrder, behind_refused
 from im.model.chat import StoredMessage, SyncPoint
 from im.model.errors import ErrorCode, ImError
 from im.model.ids import direct_conv
+from im.model.send_order import SendOrder, behind_refused
 from im.observability.metrics import METRICS
 from im.protocol import commands as cmd
 from im.protocol.codec import Encoding, decode_client, encode
@@ -80,7 +80,7 @@ class Limits:
     auth_rate: float = 500.0
     auth_burst: int = 200
     auth_max_wait: float = 2.0
-    #: Seconds a refused send holds its conversation's later sends back at most (im.core.send_order).
+    #: Seconds a refused send holds its conversation's later sends back at most (im.model.send_order).
     send_order_hold: float = 30.0
 
 
@@ -147,7 +147,7 @@ class ServerSession:
         #: conversation it was sent to). A stored message of ours answers it only if the conversation matches
         #: too (a cmid reused for another conversation is refused, never acked by the earlier message).
         self._in_flight: dict[str, tuple[Send, int, str]] = {}
-        self._sends = 0  # sends numbered so far (the order of refusals, im.core.send_order)
+        self._sends = 0  # sends numbered so far (the order of refusals, im.model.send_order)
         self._order: SendOrder[str] | None = None  # made at the first retryable refusal of a send
         self._initial: set[str] | None = None  # conversations still replaying since auth
         self._named: dict[str, int] = {}  # auth cursors of conversations not tracked yet (joined later)
@@ -266,7 +266,7 @@ class ServerSession:
 
     def _hold_back(self, frame: Send, number: int) -> None:
         """Send ``frame`` (this connection's ``number``-th) was refused with a retryable code: later sends of
-        its conversation are refused until it is resent (im.core.send_order)."""
+        its conversation are refused until it is resent (im.model.send_order)."""
         order = self._order
         if order is None:
             order = self._order = SendOrder(max_entries=max(16, self.limits.max_in_flight), clock=self._clock)

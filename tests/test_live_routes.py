@@ -18,7 +18,7 @@ from im.backends.routing import DeliverySink
 from im.backends.routing.memory import MemoryRouter
 from im.backends.sql.sqlite_db import SqliteDatabase
 from im.core.committer import SendRequest
-from im.core.unrouted import Unrouted
+from im.core.live_routes import Unrouted
 from im.model.chat import StoredMessage
 from im.model.cluster import DeviceLocation
 from tests.support.chat import ChatCore, chat_core
