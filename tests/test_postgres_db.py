@@ -65,6 +65,7 @@ async def test_fresh_schema_is_created_and_migrated(schema: PgSchema) -> None:
         "outbox",
         "blocks",
         "data_keys",
+        "node_fences",
     }
 
 
