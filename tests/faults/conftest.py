@@ -13,6 +13,7 @@ import os
 import pytest
 
 from tests.cluster.conftest import cluster, history  # noqa: F401  (the cluster fixtures, shared)
+from tests.support.apps import apps  # noqa: F401  (the SDK apps' fixture, shared)
 
 
 @pytest.fixture
