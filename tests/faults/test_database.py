@@ -55,14 +55,6 @@ OUTAGE_LOGGERS = ("asyncpg.pool", "im.core.committer", "im.gateway.hub")
 
 
 @pytest.fixture
-def pg() -> Iterator[PrivatePostgres]:
-    """A private PostgreSQL this test may stop and crash."""
-    server = PrivatePostgres().start()
-    yield server
-    server.destroy()
-
-
-@pytest.fixture
 def cluster(tmp_path: Path, pg: PrivatePostgres) -> Iterator[LocalCluster]:
     """The cluster of tests/cluster on the private PostgreSQL (overrides the shared-server one, so the
     ``history`` and ``apps`` fixtures use it); every node must stop cleanly at the end."""

@@ -16,13 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from im.client import Client
 from im.model.ids import direct_conv
@@ -87,13 +85,6 @@ class Device:
             after += back.is_set()
             await asyncio.sleep(PACE)
             assert k < 5000, f"{self.name}: the database never came back"
-
-
-@pytest.fixture
-def pg() -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres().start()
-    yield server
-    server.destroy()
 
 
 async def test_each_device_s_messages_are_stored_in_its_order_across_a_database_crash(

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -257,6 +258,15 @@ class PrivatePostgres(_Postmaster):
         if self.running:
             self.stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def pg() -> Iterator[PrivatePostgres]:
+    """A private PostgreSQL (:class:`PrivatePostgres`, durable) a test may stop, crash and start again;
+    removed at the end."""
+    server = PrivatePostgres().start()
+    yield server
+    server.destroy()
 
 
 def _group_alive(pgid: int) -> bool:
