@@ -44,8 +44,10 @@ from tests.support.apps import (
     node_of,
     pairs_and_group,
     pump,
+    raw_resend,
     read_log,
     start_app,
+    unanswered,
 )
 from tests.support.checker import History
 from tests.support.client import Account, ChatClient, register
@@ -221,26 +223,6 @@ async def raw_pump(c: ChatClient, to: int, sent: dict[str, float], fault: asynci
         await asyncio.sleep(PACE)
 
 
-def unanswered(c: ChatClient, sent: dict[str, float]) -> dict[str, float]:
-    refused = {e.get("ref") for e in c.errors}
-    return {cmid: at for cmid, at in sent.items() if cmid not in c.acks and cmid not in refused}
-
-
-async def raw_resend(c: ChatClient, to: int, sent: dict[str, float]) -> None:
-    """Resend (same cmid) until every send is acked; the only acceptable refusal is ``unavailable``."""
-    for _ in range(20):
-        await c.wait_for(lambda: not unanswered(c, sent), timeout=30)
-        assert {e["code"] for e in c.errors} <= {"unavailable"}, c.errors
-        todo = [x for x in sent if x not in c.acks]
-        if not todo:
-            return
-        await asyncio.sleep(0.2)  # back off, as the SDK does (retry_delay)
-        c.errors.clear()
-        for cmid in todo:
-            await c.send(cmid, to=to, cmid=cmid, wait=False)
-    raise AssertionError(f"{c.device}: sends still unacked after 20 rounds")
-
-
 async def resend_acked(c: ChatClient, to: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """Send every acked cmid again: returns (first ack, ack of the resend) pairs."""
     before = dict(c.acks)
@@ -336,7 +318,7 @@ async def test_transfer_node_killed_mid_stream(cluster: LocalCluster, history: H
         for p in pumps:
             p.cancel()
     for c, peer, sent in zip(raw, (r1, r0), raw_sent, strict=True):
-        await raw_resend(c, peer.uid, sent)
+        await raw_resend(c, peer.uid, sent, rounds=20, timeout=30.0, pause=0.2)
     # Every acked send resent: answered with its original (the survivor finds the victim's commits in
     # the store: cross-node dedupe), never stored again.
     for c, peer in zip(raw, (r1, r0), strict=True):

@@ -61,8 +61,10 @@ from tests.support.apps import (
     create_group,
     pairs_and_group,
     post_until,
+    raw_resend,
     read_log,
     start_app,
+    unanswered,
 )
 from tests.support.checker import History
 from tests.support.client import Account, ChatClient, register
@@ -314,30 +316,6 @@ async def raw_pump(c: ChatClient, to: int, sent: dict[str, float], stop: asyncio
         await asyncio.sleep(PACE)
 
 
-def unanswered(c: ChatClient, sent: dict[str, float]) -> list[str]:
-    refused = {e.get("ref") for e in c.errors}
-    return [cmid for cmid in sent if cmid not in c.acks and cmid not in refused]
-
-
-async def resend_refused(c: ChatClient, to: int, sent: dict[str, float]) -> int:
-    """Every send answered on the open connection (no silent drop); the refused ones (``unavailable``
-    only) resent with their cmid until acked, as a client must. Returns how many refusals there were."""
-    refusals = 0
-    for _ in range(30):
-        await c.wait_for(lambda: not unanswered(c, sent), timeout=45)
-        codes = {e["code"] for e in c.errors}
-        assert codes <= {"unavailable"}, c.errors[:5]
-        refusals += len(c.errors)
-        todo = [x for x in sent if x not in c.acks]
-        if not todo:
-            return refusals
-        await asyncio.sleep(0.3)
-        c.errors.clear()
-        for cmid in todo:
-            await c.send(cmid, to=to, cmid=cmid, wait=False)
-    raise AssertionError(f"{c.device}: sends still refused after 30 rounds")
-
-
 # --- the scenario ------------------------------------------------------------------------------------
 
 
@@ -384,7 +362,7 @@ async def partition(net: Net, history: History, apps: list[App], path: Path_, mo
 
     refusals = 0
     for rc, to, sent in zip(w.raw, w.raw_peer, w.raw_sent, strict=True):
-        refusals += await resend_refused(rc, to, sent)
+        refusals += await raw_resend(rc, to, sent, rounds=30, timeout=45.0, pause=0.3)
     # Live delivery is at most once: a message the victim committed just as a gateway relinked to it may
     # not have been routed there (a node with no stream yet is skipped), and a session notices the gap at
     # the conversation's next message (or its next reconnect). With the pumps stopped, one closing post

@@ -34,7 +34,7 @@ from im.client import (
 )
 from im.cluster import LocalCluster
 from im.model.ids import direct_conv
-from tests.support.client import Account
+from tests.support.client import Account, ChatClient
 from tests.support.wait import eventually
 
 PASSWORD = "correct horse battery"  # tests.support.client.register's default
@@ -191,6 +191,36 @@ async def post_until(app: App, targets: list[Target], stop: asyncio.Event, pace:
         app.c.post(body, cmid=cmid, **address)
         k += 1
         await asyncio.sleep(pace)
+
+
+# --- raw protocol clients (tests.support.client.ChatClient) -------------------------------------------
+
+
+def unanswered(c: ChatClient, sent: dict[str, float]) -> dict[str, float]:
+    """The sends of ``sent`` (cmid -> when written) neither acked nor refused yet."""
+    refused = {e.get("ref") for e in c.errors}
+    return {cmid: at for cmid, at in sent.items() if cmid not in c.acks and cmid not in refused}
+
+
+async def raw_resend(
+    c: ChatClient, to: int, sent: dict[str, float], *, rounds: int, timeout: float, pause: float
+) -> int:
+    """Every send answered on the open connection (no silent drop: each round waits at most ``timeout``);
+    the refused ones (``unavailable`` only) resent with their cmid, after ``pause`` (a client's back-off),
+    until acked, in at most ``rounds`` rounds. Returns how many refusals there were."""
+    refusals = 0
+    for _ in range(rounds):
+        await c.wait_for(lambda: not unanswered(c, sent), timeout=timeout)
+        assert {e["code"] for e in c.errors} <= {"unavailable"}, c.errors[:5]
+        refusals += len(c.errors)
+        todo = [x for x in sent if x not in c.acks]
+        if not todo:
+            return refusals
+        await asyncio.sleep(pause)
+        c.errors.clear()
+        for cmid in todo:
+            await c.send(cmid, to=to, cmid=cmid, wait=False)
+    raise AssertionError(f"{c.device}: sends still unacked after {rounds} rounds")
 
 
 # --- the stored log and the checks --------------------------------------------------------------------
