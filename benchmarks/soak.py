@@ -53,10 +53,8 @@ import math
 import multiprocessing as mp
 import os
 import queue
-import random
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -72,6 +70,7 @@ import httpx
 from im.bench.accounts import PASSWORD, create_users
 from im.bench.server import BENCH_SERVER_SETTINGS, raise_nofile, rss_bytes
 from im.cluster import LocalCluster
+from im.procs import free_block
 from soak_clients import ClientConfig, SoakUser, clients_main
 from soak_plot import slope, write_svg
 
@@ -103,17 +102,8 @@ class Totals:
 
 
 def _free_base() -> int:
-    offsets = (0, 5, 6, 11, 12, 13, 14, 17, 21, 22, 23, 24, 27)
-    for _ in range(200):
-        base = random.randrange(20_000, 32_000, 50)  # below the ephemeral range (32768-60999 here)
-        try:
-            for off in offsets:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", base + off))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free port range for a cluster")
+    """A base port for the soak's cluster, from 20000 up to the ephemeral range."""
+    return free_block((0, 5, 6, 11, 12, 13, 14, 17, 21, 22, 23, 24, 27), low=20_000)
 
 
 def fds(pid: int) -> int | None:

@@ -9,36 +9,17 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from im.backends.accounts.sqlite import SqliteAccountStore
-from im.backends.chat.sqlite import SqliteChatStore
-from im.backends.presence.memory import MemoryPresence
-from im.backends.routing.memory import MemoryRouter
-from im.backends.sql.sqlite_db import SqliteDatabase
 from im.core.committer import SendRequest
 from im.model.cluster import DeviceLocation
 from im.model.errors import ErrorCode, ImError
-from tests.support.chat import ChatCore, chat_core
+from tests.support.chat import ChatCore, two_writers
 from tests.transfer.conftest import RecordingSink
 
 
 @pytest.fixture
 async def pair(tmp_path: Path) -> AsyncIterator[tuple[ChatCore, ChatCore]]:
-    services = []
-    for _ in range(2):
-        db = SqliteDatabase(tmp_path / "im.db")  # two databases objects: two writers on one file
-        chat, accounts = SqliteChatStore(db), SqliteAccountStore(db)
-        await chat.start()
-        await accounts.start()
-        svc = chat_core(chat, accounts, MemoryRouter(), MemoryPresence())
-        svc.committer.start()
-        services.append(svc)
-    for name in ("ann", "ben", "cat"):
-        await services[0].accounts.create_user(name, name, "hash", 0)
-    yield services[0], services[1]
-    for svc in services:
-        await svc.committer.stop()
-        await svc.accounts.close()
-        await svc.store.close()
+    async with two_writers(tmp_path / "im.db", ("ann", "ben", "cat")) as cores:
+        yield cores
 
 
 def send(uid: int, conv: str, cmid: str) -> SendRequest:

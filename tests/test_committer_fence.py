@@ -11,35 +11,16 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from im.backends.accounts.sqlite import SqliteAccountStore
-from im.backends.chat.sqlite import SqliteChatStore
-from im.backends.presence.memory import MemoryPresence
-from im.backends.routing.memory import MemoryRouter
-from im.backends.sql.sqlite_db import SqliteDatabase
 from im.core.committer import SendRequest
 from im.model.errors import ErrorCode, ImError
 from im.model.ids import direct_conv
-from tests.support.chat import ChatCore, chat_core
+from tests.support.chat import ChatCore, two_writers
 
 
 @pytest.fixture
 async def pair(tmp_path: Path) -> AsyncIterator[tuple[ChatCore, ChatCore]]:
-    cores = []
-    for _ in range(2):
-        db = SqliteDatabase(tmp_path / "im.db")  # two database objects: two writers on one file
-        chat, accounts = SqliteChatStore(db), SqliteAccountStore(db)
-        await chat.start()
-        await accounts.start()
-        core = chat_core(chat, accounts, MemoryRouter(), MemoryPresence())
-        core.committer.start()
-        cores.append(core)
-    for name in ("ann", "ben"):
-        await cores[0].accounts.create_user(name, name, "hash", 0)
-    yield cores[0], cores[1]
-    for core in cores:
-        await core.committer.stop()
-        await core.accounts.close()
-        await core.store.close()
+    async with two_writers(tmp_path / "im.db", ("ann", "ben")) as cores:
+        yield cores
 
 
 def send(cmid: str) -> SendRequest:

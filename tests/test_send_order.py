@@ -176,14 +176,11 @@ def test_sdk_retry_writes_refused_sends_in_their_original_order_once_nothing_is_
 # --- the committer, over real stores whose commits fail for a while ---------------------------------------
 
 
-async def test_committer_a_send_behind_one_refused_by_the_store_waits_for_it(
-    svc: ChatCore,  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    group = await svc.groups.create_group(1, "g", [2])
-    conv = f"g:{group.gid}"
+def store_away(core: ChatCore, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The real store's commits and loads refused (connection refused) while ``down[0]``, which starts
+    True: returns ``down``."""
     down = [True]
-    real_commit, real_load = svc.store.commit, svc.store.load_conversations
+    real_commit, real_load = core.store.commit, core.store.load_conversations
 
     async def commit(batch):  # type: ignore[no-untyped-def]
         if down[0]:
@@ -195,8 +192,18 @@ async def test_committer_a_send_behind_one_refused_by_the_store_waits_for_it(
             raise ConnectionRefusedError(111, "Connection refused")
         return await real_load(convs)
 
-    monkeypatch.setattr(svc.store, "commit", commit)
-    monkeypatch.setattr(svc.store, "load_conversations", load)
+    monkeypatch.setattr(core.store, "commit", commit)
+    monkeypatch.setattr(core.store, "load_conversations", load)
+    return down
+
+
+async def test_committer_a_send_behind_one_refused_by_the_store_waits_for_it(
+    svc: ChatCore,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    group = await svc.groups.create_group(1, "g", [2])
+    conv = f"g:{group.gid}"
+    down = store_away(svc, monkeypatch)
     [(m, err)] = await asyncio.gather(*submit_all(svc, [send(conv, "x")]))
     assert m is None and err is not None and err.code is ErrorCode.UNAVAILABLE
     down[0] = False  # the store is back: y, written before x was resent, must not be stored before it
@@ -223,21 +230,7 @@ async def test_committer_the_barrier_holds_across_a_second_refusal_of_the_resent
     the barrier waits for x again, not for y."""
     group = await svc.groups.create_group(1, "g", [2])
     conv = f"g:{group.gid}"
-    down = [True]
-    real_commit, real_load = svc.store.commit, svc.store.load_conversations
-
-    async def commit(batch):  # type: ignore[no-untyped-def]
-        if down[0]:
-            raise ConnectionRefusedError(111, "Connection refused")
-        await real_commit(batch)
-
-    async def load(convs):  # type: ignore[no-untyped-def]
-        if down[0]:
-            raise ConnectionRefusedError(111, "Connection refused")
-        return await real_load(convs)
-
-    monkeypatch.setattr(svc.store, "commit", commit)
-    monkeypatch.setattr(svc.store, "load_conversations", load)
+    down = store_away(svc, monkeypatch)
     for _ in range(2):
         outcomes = await asyncio.gather(*submit_all(svc, [send(conv, "x"), send(conv, "y")]))
         assert [err.code if err else None for _, err in outcomes] == [ErrorCode.UNAVAILABLE] * 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import socket
 import subprocess
+from collections.abc import Sequence
 
 #: Where :func:`free_port` looks: from here up to the start of the kernel's ephemeral range. Below it,
 #: 10000-19999 is left to callers that need a block of fixed offsets (the tests' local clusters).
@@ -41,6 +42,24 @@ def free_port(span: int = 1) -> int:
     with socket.socket() as s:  # a crowded range: fall back to one the kernel picks
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_block(offsets: Sequence[int], *, low: int = 10_000, high: int | None = None, step: int = 50) -> int:
+    """A base port, a multiple of ``step`` from ``low`` up, such that ``base + offset`` is free on 127.0.0.1
+    now for every one of ``offsets`` (a local cluster's layout) and the whole block lies below ``high``
+    and below the ephemeral range (for the reason :func:`free_port` gives). Raises RuntimeError when 200
+    tries found none."""
+    top = min(ephemeral_low(), high if high is not None else ephemeral_low()) - max(offsets) - 1
+    for _ in range(200):
+        base = random.randrange(low, max(top, low + step), step)
+        try:
+            for off in offsets:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + off))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free port range for a cluster")
 
 
 def stop_process(proc: subprocess.Popen[bytes], sig: int, timeout: float, *, raise_on_timeout: bool = True) -> int:

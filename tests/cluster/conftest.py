@@ -8,9 +8,7 @@ other's data. Short TTLs (registry 2 s, presence 3 s) make crash recovery quick 
 from __future__ import annotations
 
 import asyncio
-import random
 import re
-import socket
 import uuid
 from collections.abc import AsyncIterator, Collection, Iterator
 from dataclasses import dataclass
@@ -20,7 +18,8 @@ import asyncpg
 import pytest
 
 from im.cluster import LocalCluster
-from im.procs import ephemeral_low
+from im.procs import free_block
+from tests.support.apps import apps  # noqa: F401  (the SDK apps' fixture, for test_cluster_faults)
 from tests.support.checker import History
 from tests.support.client import Account, ChatClient
 from tests.support.postgres import DSN
@@ -54,17 +53,7 @@ def _free_base() -> int:
     """A base port whose whole layout is free now and lies below the ephemeral range, so no outgoing
     connection, nor ``free_port()`` (20000 and up), can take one of its ports between this check and
     the cluster's start (that race once failed a gateway's ops listener with "address already in use")."""
-    top = min(ephemeral_low(), 20_000) - _OFFSETS[-1] - 1  # 20000 and up: free_port()'s range
-    for _ in range(200):
-        base = random.randrange(10_000, max(top, 10_050), 50)
-        try:
-            for off in _OFFSETS:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", base + off))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free port range for a cluster")
+    return free_block(_OFFSETS, low=10_000, high=20_000)  # 20000 and up: free_port()'s range
 
 
 @dataclass

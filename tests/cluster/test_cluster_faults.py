@@ -19,281 +19,41 @@ them where they fit (C1-C6 after the test).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
-import pytest
 
-from im.client import (
-    Ack,
-    Bye,
-    Client,
-    ClientEvent,
-    Disconnected,
-    Encoding,
-    Gateway,
-    Message,
-    SendFailed,
-    TcpTransport,
-    Transport,
-    WebSocketTransport,
-)
+from im.client import Bye, Disconnected, Encoding
 from im.cluster import LocalCluster
 from im.model.ids import direct_conv
 from im.transfer.pool import _score
 from tests.cluster.conftest import client_on, node_id_of
+from tests.support.apps import (
+    AFTER_FAULT,
+    PACE,
+    App,
+    Target,
+    check_delivery,
+    committed_by,
+    create_group,
+    node_of,
+    pairs_and_group,
+    pump,
+    raw_resend,
+    read_log,
+    start_app,
+    unanswered,
+)
 from tests.support.checker import History
 from tests.support.client import Account, ChatClient, register
 from tests.support.wait import eventually
 
-PASSWORD = "correct horse battery"  # tests.support.client.register's default
-PACE = 0.01  # seconds between two posts of one client: a fault must land mid-stream
-AFTER_FAULT = 40  # posts each client makes after the fault
-
-
-# --- SDK clients that record what the application sees ------------------------------------------------
-
-
-def _ports(cluster: LocalCluster) -> dict[int, str]:
-    return {port: name for name, node in cluster.nodes.items() for port in node.ports.values()}
-
-
-def node_of(cluster: LocalCluster, url: str) -> str:
-    """The cluster node listening at a ws:// or tcp:// URL."""
-    port = int(url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
-    return _ports(cluster)[port]
-
-
-@dataclass
-class App:
-    """One SDK client and everything its application got, in order (``on_event``)."""
-
-    name: str
-    account: Account
-    device: str
-    events: list[ClientEvent] = field(default_factory=list)
-    planned: dict[str, tuple[str, str]] = field(default_factory=dict)  # cmid -> (conv, body), in post order
-    dialled: list[str] = field(default_factory=list)  # the gateway node of every connection attempt
-    client: Client | None = None
-
-    @property
-    def c(self) -> Client:
-        assert self.client is not None
-        return self.client
-
-    @property
-    def uid(self) -> int:
-        return self.account.uid
-
-    def of(self, kind: type[Any]) -> list[Any]:
-        return [e for e in self.events if type(e) is kind]
-
-    @property
-    def acks(self) -> list[Ack]:
-        return self.of(Ack)
-
-    def acked(self, convs: set[str] | None = None) -> int:
-        return sum(1 for a in self.acks if convs is None or a.conv in convs)
-
-
-async def start_app(
-    cluster: LocalCluster,
-    account: Account,
-    device: str,
-    *,
-    transport: Literal["ws", "tcp"],
-    first_on: str,
-    encoding: Encoding = Encoding.JSON,
-) -> App:
-    """A logged-in SDK client. Its first connection goes to gateway ``first_on`` (so the test knows who is
-    where); every later one to the gateway ``GET /api/v1/gateway`` hands out, as the SDK does by itself."""
-    app = App(account.username, account, device)
-    ports = cluster.nodes[first_on].ports
-    pinned = f"tcp://127.0.0.1:{ports['tcp']}" if transport == "tcp" else f"ws://127.0.0.1:{ports['ws']}/ws"
-
-    def factory(gw: Gateway) -> Transport:
-        later = (gw.tcp or "") if transport == "tcp" else gw.ws
-        url = later if app.dialled else pinned
-        app.dialled.append(node_of(cluster, url))
-        if transport == "tcp":
-            return TcpTransport(url, encoding=encoding)
-        return WebSocketTransport(url, encoding=encoding)
-
-    app.client = await Client.login(
-        cluster.api.removesuffix("/api/v1"),
-        account.username,
-        PASSWORD,
-        device=device,
-        transport=transport,
-        encoding=encoding,
-        backoff_max=0.5,
-        on_event=app.events.append,
-        transport_factory=factory,
-        connect_timeout=20.0,
-    )
-    return app
-
-
-@pytest.fixture
-async def apps(cluster: LocalCluster) -> AsyncIterator[list[App]]:
-    """The SDK clients a test starts (append them); closed before the cluster stops."""
-    out: list[App] = []
-    yield out
-    for app in out:
-        if app.client is not None:
-            with contextlib.suppress(Exception):
-                await app.client.close()
-
-
-Target = tuple[str, dict[str, Any]]  # (conv, the send's addressing: {"conv": ...} or {"to": uid})
-
-
-async def pump(app: App, targets: list[Target], fault: asyncio.Event, after: int = AFTER_FAULT, start: int = 0) -> None:
-    """Post to the targets in turn, never waiting for an ack, until ``after`` posts were made once
-    ``fault`` is set. Posts made while disconnected wait in the outbox."""
-    k, posted_after = start, 0
-    while posted_after < after:
-        conv, address = targets[k % len(targets)]
-        cmid, body = f"{app.name}-{k}", f"{app.name} #{k}"
-        app.planned[cmid] = (conv, body)
-        app.c.post(body, cmid=cmid, **address)
-        k += 1
-        if fault.is_set():
-            posted_after += 1
-        await asyncio.sleep(PACE)
-        assert k - start < 2000, f"{app.name}: the fault never came"
-
-
-# --- the stored log and the checks --------------------------------------------------------------------
-
-
-async def read_log(cluster: LocalCluster, reader: Account, conv: str) -> list[dict[str, Any]]:
-    """The whole stored log of ``conv`` through the HTTP history endpoint."""
-    out: list[dict[str, Any]] = []
-    async with httpx.AsyncClient(timeout=20) as http:
-        while True:
-            r = await http.get(
-                f"{cluster.api}/conversations/{conv}/messages",
-                params={"after": out[-1]["seq"] if out else 0, "limit": 200},
-                headers=reader.auth,
-            )
-            assert r.status_code == 200, r.text
-            page = r.json()
-            out.extend(page["messages"])
-            if not page["has_more"] or not page["messages"]:
-                return out
-
-
-def committed_by(entry: dict[str, Any]) -> int:
-    """The node field of a stored message's id: which node committed it."""
-    return (int(entry["mid"]) >> 12) & 0x3FF
-
-
-async def check_delivery(
-    cluster: LocalCluster,
-    apps: list[App],
-    members: dict[str, list[App]],
-    *,
-    ordered: bool,
-    timeout: float = 45.0,
-) -> dict[str, list[dict[str, Any]]]:
-    """Every post of every app acked once and stored once; every member app saw every conversation whole.
-
-    ``members``: conv -> the apps in it. ``ordered``: also check that each sender's messages are stored
-    in the order it posted them. Returns the logs."""
-    await eventually(
-        lambda: all(not a.c.outbox for a in apps),
-        lambda: "unacked sends: " + ", ".join(f"{a.name}={len(a.c.outbox)}" for a in apps if a.c.outbox),
-        timeout,
-    )
-    for a in apps:
-        assert a.c.error is None, f"{a.name} stopped: {a.c.error!r}"
-        assert not a.of(SendFailed), f"{a.name}: sends refused for good: {a.of(SendFailed)[:5]}"
-        counts = Counter(ack.cmid for ack in a.acks)
-        assert set(counts) == set(a.planned), f"{a.name}: acked {len(counts)} of {len(a.planned)} posts"
-        twice = [cmid for cmid, n in counts.items() if n > 1]
-        assert not twice, f"{a.name}: acked more than once to the application: {twice[:10]}"
-
-    logs: dict[str, list[dict[str, Any]]] = {}
-    for conv, conv_apps in members.items():
-        log = logs[conv] = await read_log(cluster, conv_apps[0].account, conv)
-        seqs = [e["seq"] for e in log]
-        assert seqs == list(range(1, len(log) + 1)), f"{conv}: seqs are not dense: {seqs}"
-        keys = [(e["from"], e["dev"], e["cmid"]) for e in log]
-        assert len(keys) == len(set(keys)), f"{conv}: a (sender, device, cmid) is stored twice: " + str(
-            [k for k, n in Counter(keys).items() if n > 1][:10]
-        )
-        stored = {k for k, e in zip(keys, log, strict=True) if e["type"] != "system"}
-        sent = {(a.uid, a.device, cmid) for a in apps for cmid, (c, _) in a.planned.items() if c == conv}
-        assert stored == sent, f"{conv}: lost {sorted(sent - stored)[:10]}, unexpected {sorted(stored - sent)[:10]}"
-        for a in apps:
-            mine = [e for e in log if e["from"] == a.uid and e["dev"] == a.device]
-            assert all(e["body"] == a.planned[e["cmid"]][1] for e in mine), f"{conv}: {a.name}'s bodies differ"
-            if ordered:
-                posted = [cmid for cmid, (c, _) in a.planned.items() if c == conv]
-                assert [e["cmid"] for e in mine] == posted, f"{conv}: {a.name}'s messages stored out of order"
-
-    for a in apps:  # every ack names its stored entry
-        for ack in a.acks:
-            e = logs[ack.conv][ack.seq - 1]
-            assert (e["cmid"], e["from"], e["dev"], e["mid"]) == (ack.cmid, a.uid, a.device, ack.mid), (a.name, ack, e)
-
-    for conv, conv_apps in members.items():  # every member's application saw the whole log, in order
-        n = len(logs[conv])
-        for a in conv_apps:
-            await eventually(
-                lambda: a.c.cursors.get(conv, 0) >= n,  # noqa: B023 (awaited here, in the loop)
-                lambda: f"{a.name} holds {conv} up to {a.c.cursors.get(conv, 0)} of {n}",  # noqa: B023
-                timeout,
-            )
-            stream: list[int] = []
-            for ev in a.events:
-                if type(ev) is Message and ev.conv == conv:
-                    e = logs[conv][ev.seq - 1]
-                    assert (ev.mid, ev.sender, ev.dev, ev.cmid, ev.body) == (
-                        e["mid"],
-                        e["from"],
-                        e["dev"],
-                        e["cmid"],
-                        e["body"],
-                    ), f"{a.name}: {conv} seq {ev.seq} seen as {ev}, stored as {e}"
-                    stream.append(ev.seq)
-                elif type(ev) is Ack and ev.conv == conv:
-                    if ev.dup:  # already in this device's stream
-                        assert stream and ev.seq <= stream[-1], f"{a.name}: dup ack {ev} ahead of {stream[-3:]}"
-                    else:
-                        stream.append(ev.seq)
-            assert stream == list(range(1, n + 1)), f"{a.name} saw {conv} as {_runs(stream)}, the log has 1..{n}"
-    return logs
-
-
-def _runs(seqs: list[int]) -> str:
-    """1,2,3,5,5,6 -> '1-3 5 5-6': a readable stream in failure messages."""
-    parts: list[str] = []
-    i = 0
-    while i < len(seqs):
-        j = i
-        while j + 1 < len(seqs) and seqs[j + 1] == seqs[j] + 1:
-            j += 1
-        parts.append(str(seqs[i]) if i == j else f"{seqs[i]}-{seqs[j]}")
-        i = j + 1
-    return " ".join(parts)
-
-
-async def create_group(cluster: LocalCluster, owner: Account, others: list[Account]) -> str:
-    async with httpx.AsyncClient(timeout=20) as http:
-        r = await http.post(
-            f"{cluster.api}/groups", json={"name": "faults", "members": [u.uid for u in others]}, headers=owner.auth
-        )
-    assert r.status_code == 201, r.text
-    return str(r.json()["conv"])
+# --- the gateways and the nodes' logs -------------------------------------------------------------------
 
 
 async def handed_out(cluster: LocalCluster, account: Account) -> str:
@@ -360,13 +120,7 @@ async def start_chat(cluster: LocalCluster, apps: list[App]) -> Chat:
     for i, a in enumerate(started):
         assert a.c.transport is not None
         assert node_of(cluster, a.c.transport.url) == ("gw-1" if i in (0, 3, 4) else "gw-2")  # type: ignore[attr-defined]
-    targets: list[list[Target]] = []
-    members: dict[str, list[App]] = {group: list(started)}
-    for i, u in enumerate(users):
-        peer = users[i ^ 1]
-        dm = direct_conv(u.uid, peer.uid)
-        targets.append([(group, {"conv": group}), (dm, {"to": peer.uid})])
-        members.setdefault(dm, []).append(started[i])
+    targets, members = pairs_and_group(users, group, started)
     return Chat(users, group, started, targets, members)
 
 
@@ -469,26 +223,6 @@ async def raw_pump(c: ChatClient, to: int, sent: dict[str, float], fault: asynci
         await asyncio.sleep(PACE)
 
 
-def unanswered(c: ChatClient, sent: dict[str, float]) -> dict[str, float]:
-    refused = {e.get("ref") for e in c.errors}
-    return {cmid: at for cmid, at in sent.items() if cmid not in c.acks and cmid not in refused}
-
-
-async def raw_resend(c: ChatClient, to: int, sent: dict[str, float]) -> None:
-    """Resend (same cmid) until every send is acked; the only acceptable refusal is ``unavailable``."""
-    for _ in range(20):
-        await c.wait_for(lambda: not unanswered(c, sent), timeout=30)
-        assert {e["code"] for e in c.errors} <= {"unavailable"}, c.errors
-        todo = [x for x in sent if x not in c.acks]
-        if not todo:
-            return
-        await asyncio.sleep(0.2)  # back off, as the SDK does (retry_delay)
-        c.errors.clear()
-        for cmid in todo:
-            await c.send(cmid, to=to, cmid=cmid, wait=False)
-    raise AssertionError(f"{c.device}: sends still unacked after 20 rounds")
-
-
 async def resend_acked(c: ChatClient, to: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """Send every acked cmid again: returns (first ack, ack of the resend) pairs."""
     before = dict(c.acks)
@@ -584,7 +318,7 @@ async def test_transfer_node_killed_mid_stream(cluster: LocalCluster, history: H
         for p in pumps:
             p.cancel()
     for c, peer, sent in zip(raw, (r1, r0), raw_sent, strict=True):
-        await raw_resend(c, peer.uid, sent)
+        await raw_resend(c, peer.uid, sent, rounds=20, timeout=30.0, pause=0.2)
     # Every acked send resent: answered with its original (the survivor finds the victim's commits in
     # the store: cross-node dedupe), never stored again.
     for c, peer in zip(raw, (r1, r0), strict=True):

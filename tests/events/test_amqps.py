@@ -28,10 +28,10 @@ from im.events.relay import OutboxRelay
 from im.events.topology import connect
 from im.model.cluster import DeviceLocation
 from tests.events.conftest import Names, WebhookReceiver, members_of
-from tests.events.test_pipeline import C, check_pushes, running, traffic
+from tests.events.test_pipeline import C, check_pushes, traffic
 from tests.support.pki import EnginePki
 from tests.support.tls_rabbitmq import shared_tls_rabbitmq
-from tests.support.wait import eventually
+from tests.support.wait import eventually, running
 
 
 class TlsPeer:

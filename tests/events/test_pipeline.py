@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import aio_pika
@@ -23,23 +21,10 @@ from im.model.cluster import DeviceLocation
 from im.model.ids import direct_conv
 from tests.contract.test_chat_store import append, msg, new_direct
 from tests.events.conftest import AMQP_URL, Names, WebhookReceiver, amqp_connect, members_of
-from tests.support.wait import eventually
+from tests.support.wait import eventually, running
 
 A, B, C = 1, 2, 3  # A and B are offline, C has a device online
 GROUP = "g:7"
-
-
-@contextlib.asynccontextmanager
-async def running(*jobs: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
-    tasks = [asyncio.create_task(job) for job in jobs]
-    try:
-        yield
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 async def presence() -> MemoryPresence:

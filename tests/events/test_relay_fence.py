@@ -14,9 +14,8 @@ from im.model.ids import direct_conv
 from tests.contract.test_chat_store import append, new_direct
 from tests.contract.test_outbox_fence import lock_holders
 from tests.events.conftest import AMQP_URL, Names, amqp_connect
-from tests.events.test_pipeline import running
 from tests.support.postgres import PgSchema, connect, start
-from tests.support.wait import eventually
+from tests.support.wait import eventually, running
 
 QUIET = 0.5  # how long a standby relay is given to (wrongly) publish while another holds the lock
 

@@ -13,6 +13,8 @@ import os
 import pytest
 
 from tests.cluster.conftest import cluster, history  # noqa: F401  (the cluster fixtures, shared)
+from tests.support.apps import apps  # noqa: F401  (the SDK apps' fixture, shared)
+from tests.support.postgres import pg  # noqa: F401  (a private PostgreSQL a test may stop and crash)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,8 @@ import websockets
 
 from im.cluster import LocalCluster
 from tests.cluster.conftest import client_on, make_cluster, stop_checked, without_loggers
-from tests.cluster.test_cluster_faults import App, check_delivery, pump, start_chat
+from tests.cluster.test_cluster_faults import start_chat
+from tests.support.apps import App, check_delivery, pump
 from tests.support.checker import History
 from tests.support.client import ChatClient, register
 from tests.support.postgres import PrivatePostgres
@@ -58,14 +59,6 @@ OUTAGE_LOGGERS = ("asyncpg.pool", "im.core.committer", "im.gateway.hub")
 
 
 @pytest.fixture
-def pg() -> Iterator[PrivatePostgres]:
-    """A private PostgreSQL this test may stop and crash."""
-    server = PrivatePostgres().start()
-    yield server
-    server.destroy()
-
-
-@pytest.fixture
 def cluster(tmp_path: Path, pg: PrivatePostgres) -> Iterator[LocalCluster]:
     """The cluster of tests/cluster on the private PostgreSQL (overrides the shared-server one, so the
     ``history`` and ``apps`` fixtures use it); every node must stop cleanly at the end."""
@@ -78,18 +71,6 @@ def cluster(tmp_path: Path, pg: PrivatePostgres) -> Iterator[LocalCluster]:
                 raise
     yield c
     stop_checked(c, ignore_loggers=OUTAGE_LOGGERS, drop=False)  # the schema goes with the private server
-
-
-@pytest.fixture
-async def apps(cluster: LocalCluster) -> AsyncIterator[list[App]]:
-    """The SDK apps a test starts (tests/cluster/test_cluster_faults.py's ``App``); closed before the cluster
-    stops."""
-    out: list[App] = []
-    yield out
-    for app in out:
-        if app.client is not None:
-            with contextlib.suppress(Exception):
-                await app.client.close()
 
 
 async def readiness(cluster: LocalCluster) -> dict[str, tuple[int, Any]]:

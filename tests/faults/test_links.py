@@ -15,7 +15,7 @@ the same cmids themselves. While they do, the links are bad and one proxy at a t
 connection on it every 1-2.5 s (between gateways and transfer nodes: the two nodes' links in turn, each
 time once the gateways are linked to the other node again, the case docs/transfer.md §6 promises order
 for). Then the resets stop (the links stay slow) and every send must be
-acked: the SDK apps' checks (tests.cluster.test_cluster_faults.check_delivery: every post acked once and
+acked: the SDK apps' checks (tests.support.apps.check_delivery: every post acked once and
 stored once, each sender's posts stored in the order posted, every member saw every conversation 1..N
 once, in order) and the history checker (C1-C6) find nothing lost, duplicated or out of order.
 
@@ -34,17 +34,17 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pytest
 import websockets
 
-from im.client import Client, Disconnected, Encoding, Gateway, TcpTransport, Transport, WebSocketTransport
+from im.client import Disconnected, Encoding
 from im.cluster import LocalCluster
 from im.faultproxy import FaultProxy
 from im.model.ids import direct_conv
 from tests.cluster.conftest import ClusterView, make_cluster, stop_checked
-from tests.cluster.test_cluster_faults import PASSWORD, App, Target, check_delivery, create_group, node_of
+from tests.support.apps import App, Target, check_delivery, create_group, pairs_and_group, post_until, start_app
 from tests.support.checker import History
 from tests.support.client import Account, ChatClient, register
 from tests.support.wait import eventually
@@ -184,59 +184,6 @@ async def reset_links_in_turn(
     }
 
 
-# --- SDK clients ------------------------------------------------------------------------------------------
-
-
-async def start_sdk(
-    cluster: LocalCluster,
-    account: Account,
-    device: str,
-    *,
-    transport: Literal["ws", "tcp"],
-    first_on: str,
-    encoding: Encoding,
-    route: Callable[[str], str],
-) -> App:
-    """A logged-in SDK client whose every connection goes through ``route`` (the identity: directly):
-    its first one to gateway ``first_on``, later ones where ``GET /gateway`` says."""
-    app = App(account.username, account, device)
-    ports = cluster.nodes[first_on].ports
-    pinned = f"tcp://127.0.0.1:{ports['tcp']}" if transport == "tcp" else f"ws://127.0.0.1:{ports['ws']}/ws"
-
-    def factory(gw: Gateway) -> Transport:
-        url = ((gw.tcp or "") if transport == "tcp" else gw.ws) if app.dialled else pinned
-        app.dialled.append(node_of(cluster, url))
-        if transport == "tcp":
-            return TcpTransport(route(url), encoding=encoding)
-        return WebSocketTransport(route(url), encoding=encoding)
-
-    app.client = await Client.login(
-        cluster.api.removesuffix("/api/v1"),
-        account.username,
-        PASSWORD,
-        device=device,
-        transport=transport,
-        encoding=encoding,
-        backoff_max=0.5,
-        on_event=app.events.append,
-        transport_factory=factory,
-        connect_timeout=30.0,
-    )
-    return app
-
-
-async def sdk_pump(app: App, targets: list[Target], stop: asyncio.Event) -> None:
-    """Post to the targets in turn every PACE seconds, never waiting for an ack, until ``stop``."""
-    k = 0
-    while not stop.is_set():
-        conv, address = targets[k % len(targets)]
-        cmid, body = f"{app.name}-{k}", f"{app.name} #{k}"
-        app.planned[cmid] = (conv, body)
-        app.c.post(body, cmid=cmid, **address)
-        k += 1
-        await asyncio.sleep(PACE)
-
-
 # --- raw recorded clients -------------------------------------------------------------------------------
 
 #: What a broken or refused connection raises in the raw client.
@@ -351,7 +298,7 @@ async def start_link_chat(
     group = await create_group(cluster, users[0], users[1:])
     started = await asyncio.gather(
         *(
-            start_sdk(
+            start_app(
                 cluster,
                 u,
                 f"dev{i}",
@@ -359,18 +306,13 @@ async def start_link_chat(
                 first_on="gw-1" if i in (0, 3) else "gw-2",
                 encoding=Encoding.MSGPACK if i >= 2 else Encoding.JSON,
                 route=route,
+                connect_timeout=30.0,
             )
             for i, u in enumerate(users)
         )
     )
     apps.extend(started)
-    targets: list[list[Target]] = []
-    members: dict[str, list[App]] = {group: list(started)}
-    for i, u in enumerate(users):
-        peer = users[i ^ 1]
-        dm = direct_conv(u.uid, peer.uid)
-        targets.append([(group, {"conv": group}), (dm, {"to": peer.uid})])
-        members.setdefault(dm, []).append(started[i])
+    targets, members = pairs_and_group(users, group, started)
 
     r0, r1 = await asyncio.gather(register(cluster.api, "rawlink0"), register(cluster.api, "rawlink1"))
     gw1, gw2 = cluster.nodes["gw-1"].ports, cluster.nodes["gw-2"].ports
@@ -391,7 +333,9 @@ async def chat_through_resets(chat: LinkChat, proxies: Proxies, seconds: float, 
     links stay bad) and wait until every SDK send and every raw send is acked. Returns figures."""
     stop_posting, stop_resets = asyncio.Event(), asyncio.Event()
     resetter = asyncio.create_task(nemesis(stop_resets))
-    tasks = [asyncio.create_task(sdk_pump(a, t, stop_posting)) for a, t in zip(chat.apps, chat.targets, strict=True)]
+    tasks = [
+        asyncio.create_task(post_until(a, t, stop_posting, PACE)) for a, t in zip(chat.apps, chat.targets, strict=True)
+    ]
     raw_tasks = [asyncio.create_task(r.run(stop_posting)) for r in chat.raws]
     started = time.monotonic()
     try:
@@ -446,17 +390,6 @@ async def check_chat(cluster: LocalCluster, history: History, chat: LinkChat) ->
 
 def report(name: str, figures: dict[str, Any]) -> None:
     print(f"\n{name}: " + json.dumps(figures, sort_keys=True))
-
-
-@pytest.fixture
-async def apps() -> AsyncIterator[list[App]]:
-    """The SDK clients a test starts (append them); closed before the cluster stops."""
-    out: list[App] = []
-    yield out
-    for app in out:
-        if app.client is not None:
-            with contextlib.suppress(Exception):
-                await app.client.close()
 
 
 # --- clients <-> gateways ------------------------------------------------------------------------------

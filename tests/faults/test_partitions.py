@@ -12,7 +12,7 @@ SDK clients (a pair on tr-1, a pair on tr-2, a group of all four, over both gate
 transports) and two raw protocol clients (a pair on tr-1, recorded by the history checker) post without
 pause throughout. Checked:
 
-- the history checker (C1-C6) and the SDK checks of ``tests/cluster/test_cluster_faults.py``: every post
+- the history checker (C1-C6) and the SDK checks of ``tests/support/apps.py``: every post
   acked once and stored once, dense seqs, each sender's messages stored in the order posted, every member
   saw every conversation whole and in order;
 - no silent drop: every send of the raw clients (which stay connected) got an answer on its connection,
@@ -33,7 +33,6 @@ and conversations and its own history.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import time
@@ -52,17 +51,21 @@ from im.faultproxy import FaultProxy
 from im.model.ids import direct_conv
 from tests.cluster.conftest import ClusterView, client_on, make_cluster, node_id_of, stop_checked
 from tests.cluster.test_cluster_engines import outbox_empty
-from tests.cluster.test_cluster_faults import (
+from tests.cluster.test_cluster_faults import transfer_for
+from tests.events.conftest import AMQP_URL
+from tests.support.apps import (
     App,
     Target,
     check_delivery,
     committed_by,
     create_group,
+    pairs_and_group,
+    post_until,
+    raw_resend,
     read_log,
     start_app,
-    transfer_for,
+    unanswered,
 )
-from tests.events.conftest import AMQP_URL
 from tests.support.checker import History
 from tests.support.client import Account, ChatClient, register
 from tests.support.postgres import DSN
@@ -190,16 +193,6 @@ async def history(net: Net) -> AsyncIterator[History]:
     await h.check()
 
 
-@pytest.fixture
-async def apps() -> AsyncIterator[list[App]]:
-    out: list[App] = []
-    yield out
-    for app in out:
-        if app.client is not None:
-            with contextlib.suppress(Exception):
-                await app.client.close()
-
-
 # --- the victim as the kernel sees it ----------------------------------------------------------------
 
 
@@ -302,13 +295,7 @@ async def start_workload(net: Net, history: History, apps: list[App], tag: str) 
         )
     )
     apps.extend(started)
-    targets: list[list[Target]] = []
-    members: dict[str, list[App]] = {group: list(started)}
-    for i, u in enumerate(users):
-        peer = users[i ^ 1]
-        dm = direct_conv(u.uid, peer.uid)
-        targets.append([(group, {"conv": group}), (dm, {"to": peer.uid})])
-        members.setdefault(dm, []).append(started[i])
+    targets, members = pairs_and_group(users, group, started)
     r0 = await register(c.api, f"{tag}r0")
     r1 = await user_with(c.api, f"{tag}r1-", r0, VICTIM)
     raw = [client_on(history, c, "gw-1", r0, "raw0"), client_on(history, c, "gw-2", r1, "raw1", tcp=True)]
@@ -319,17 +306,6 @@ async def start_workload(net: Net, history: History, apps: list[App], tag: str) 
     return Workload(started, targets, members, raw, [r1.uid, r0.uid], [{}, {}], raw_conv, victim_convs)
 
 
-async def sdk_pump(app: App, targets: list[Target], stop: asyncio.Event) -> None:
-    k = 0
-    while not stop.is_set():
-        conv, address = targets[k % len(targets)]
-        cmid, body = f"{app.name}-{k}", f"{app.name} #{k}"
-        app.planned[cmid] = (conv, body)
-        app.c.post(body, cmid=cmid, **address)
-        k += 1
-        await asyncio.sleep(PACE)
-
-
 async def raw_pump(c: ChatClient, to: int, sent: dict[str, float], stop: asyncio.Event) -> None:
     k = 0
     while not stop.is_set():
@@ -338,30 +314,6 @@ async def raw_pump(c: ChatClient, to: int, sent: dict[str, float], stop: asyncio
         await c.send(cmid, to=to, cmid=cmid, wait=False)
         k += 1
         await asyncio.sleep(PACE)
-
-
-def unanswered(c: ChatClient, sent: dict[str, float]) -> list[str]:
-    refused = {e.get("ref") for e in c.errors}
-    return [cmid for cmid in sent if cmid not in c.acks and cmid not in refused]
-
-
-async def resend_refused(c: ChatClient, to: int, sent: dict[str, float]) -> int:
-    """Every send answered on the open connection (no silent drop); the refused ones (``unavailable``
-    only) resent with their cmid until acked, as a client must. Returns how many refusals there were."""
-    refusals = 0
-    for _ in range(30):
-        await c.wait_for(lambda: not unanswered(c, sent), timeout=45)
-        codes = {e["code"] for e in c.errors}
-        assert codes <= {"unavailable"}, c.errors[:5]
-        refusals += len(c.errors)
-        todo = [x for x in sent if x not in c.acks]
-        if not todo:
-            return refusals
-        await asyncio.sleep(0.3)
-        c.errors.clear()
-        for cmid in todo:
-            await c.send(cmid, to=to, cmid=cmid, wait=False)
-    raise AssertionError(f"{c.device}: sends still refused after 30 rounds")
 
 
 # --- the scenario ------------------------------------------------------------------------------------
@@ -377,7 +329,7 @@ async def partition(net: Net, history: History, apps: list[App], path: Path_, mo
     w = await start_workload(net, history, apps, f"{path[:2]}{mode[:2]}{uuid.uuid4().hex[:4]}")
     convs = [*w.members, w.raw_conv]
     stop = asyncio.Event()
-    pumps = [asyncio.create_task(sdk_pump(a, t, stop)) for a, t in zip(w.apps, w.targets, strict=True)]
+    pumps = [asyncio.create_task(post_until(a, t, stop, PACE)) for a, t in zip(w.apps, w.targets, strict=True)]
     pumps += [
         asyncio.create_task(raw_pump(rc, to, sent, stop))
         for rc, to, sent in zip(w.raw, w.raw_peer, w.raw_sent, strict=True)
@@ -410,7 +362,7 @@ async def partition(net: Net, history: History, apps: list[App], path: Path_, mo
 
     refusals = 0
     for rc, to, sent in zip(w.raw, w.raw_peer, w.raw_sent, strict=True):
-        refusals += await resend_refused(rc, to, sent)
+        refusals += await raw_resend(rc, to, sent, rounds=30, timeout=45.0, pause=0.3)
     # Live delivery is at most once: a message the victim committed just as a gateway relinked to it may
     # not have been routed there (a node with no stream yet is skipped), and a session notices the gap at
     # the conversation's next message (or its next reconnect). With the pumps stopped, one closing post

@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ from im.model.chat import CommitBatch, ConversationState, StoredMessage
 from im.procs import stop_process
 from tests.events.conftest import AMQP_URL, Names, WebhookReceiver, amqp_connect
 from tests.support.postgres import PrivatePostgres, start
-from tests.support.wait import eventually
+from tests.support.wait import eventually, running
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 CONVS = [f"g:{i}" for i in range(1, 5)]  # four groups of users 1, 2, 3; user 1 sends, 2 and 3 are offline
@@ -78,17 +78,10 @@ async def webhook() -> AsyncIterator[WebhookReceiver]:
 
 
 @pytest.fixture
-def private_pg() -> Iterator[PrivatePostgres]:
-    """A private PostgreSQL (the shared server's connections are not this test's to use up)."""
-    server = PrivatePostgres().start()
-    yield server
-    server.destroy()
-
-
-@pytest.fixture
-async def store(private_pg: PrivatePostgres) -> AsyncIterator[ChatStore]:
-    """A PostgreSQL chat store with the outbox on, on a private server."""
-    s = PostgresChatStore(PostgresDatabase(private_pg.dsn, min_size=1, max_size=4), outbox=True)
+async def store(pg: PrivatePostgres) -> AsyncIterator[ChatStore]:
+    """A PostgreSQL chat store with the outbox on, on a private server (``pg``: the shared server's
+    connections are not this test's to use up)."""
+    s = PostgresChatStore(PostgresDatabase(pg.dsn, min_size=1, max_size=4), outbox=True)
     await start(s)
     try:
         yield s
@@ -103,19 +96,6 @@ async def redis_dedupe() -> AsyncIterator[Dedupe]:
     await dedupe.start()
     yield dedupe
     await dedupe.close()
-
-
-@contextlib.asynccontextmanager
-async def running(*jobs: Coroutine[Any, Any, None]) -> AsyncIterator[list[asyncio.Task[None]]]:
-    tasks = [asyncio.create_task(job) for job in jobs]
-    try:
-        yield tasks
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 async def stop(task: asyncio.Task[None]) -> None:
@@ -387,13 +367,11 @@ async def test_a_relay_that_dies_before_deleting_republishes(
     print(f"\nREDELIVERY FIGURES relay crash {figures} republished_skipped={push.duplicates}")
 
 
-async def test_a_database_restart_leaves_one_relay(
-    private_pg: PrivatePostgres, names: Names, webhook: WebhookReceiver
-) -> None:
+async def test_a_database_restart_leaves_one_relay(pg: PrivatePostgres, names: Names, webhook: WebhookReceiver) -> None:
     """Two relays (two processes, each its own pool) on one outbox: one holds the outbox lock. PostgreSQL
     restarts: the lock went with the holder's session, so the holder must stop relaying and take the lock
     again like the other; afterwards exactly one relays (never both, publishing every event twice)."""
-    stores = [PostgresChatStore(PostgresDatabase(private_pg.dsn, min_size=1, max_size=4), outbox=True) for _ in "ab"]
+    stores = [PostgresChatStore(PostgresDatabase(pg.dsn, min_size=1, max_size=4), outbox=True) for _ in "ab"]
     for s in stores:
         await s.start()
     try:
@@ -404,12 +382,12 @@ async def test_a_database_restart_leaves_one_relay(
             messages = await traffic(stores[0], 3, heads=heads)
             await eventually(lambda: len(webhook.requests) >= len(messages), "pushes before the restart")
             assert min(r.published for r in relays) == 0, [r.published for r in relays]  # one relays
-            await asyncio.to_thread(private_pg.stop, "fast")
+            await asyncio.to_thread(pg.stop, "fast")
             await asyncio.sleep(0.5)
-            await asyncio.to_thread(private_pg.start)
+            await asyncio.to_thread(pg.start)
             before = [r.published for r in relays]
             # Once a relay holds the lock again, traffic: only that one publishes.
-            await eventually(lambda: _lock_held(private_pg), "a relay holds the outbox lock again", 20)
+            await eventually(lambda: _lock_held(pg), "a relay holds the outbox lock again", 20)
             messages += await traffic(stores[1], 10, heads=heads)
             await eventually(lambda: len({b["mid"] for b in webhook.bodies}) >= len(messages), "every event pushed")
             await asyncio.sleep(0.5)

@@ -16,24 +16,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from im.client import Client
 from im.model.ids import direct_conv
 from im.protocol.codec import Encoding
 from im.protocol.frames import Error, ServerFrame
+from tests.support.apps import PASSWORD, read_log
 from tests.support.client import Account, register
 from tests.support.postgres import PrivatePostgres
 from tests.support.server import ServerProcess
 from tests.support.wait import eventually
 
-PASSWORD = "correct horse battery"  # tests.support.client.register's default
 DOWN = 3.0  # seconds the database stays away
 PACE = 0.01  # seconds between two posts of one device
 AFTER = 60  # posts each device makes once the database is back
@@ -87,29 +85,6 @@ class Device:
             after += back.is_set()
             await asyncio.sleep(PACE)
             assert k < 5000, f"{self.name}: the database never came back"
-
-
-@pytest.fixture
-def pg() -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres().start()
-    yield server
-    server.destroy()
-
-
-async def read_log(server: ServerProcess, reader: Account, conv: str) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    async with httpx.AsyncClient(timeout=20) as http:
-        while True:
-            r = await http.get(
-                f"{server.api}/conversations/{conv}/messages",
-                params={"after": out[-1]["seq"] if out else 0, "limit": 200},
-                headers=reader.auth,
-            )
-            assert r.status_code == 200, r.text
-            page = r.json()
-            out.extend(page["messages"])
-            if not page["has_more"] or not page["messages"]:
-                return out
 
 
 async def test_each_device_s_messages_are_stored_in_its_order_across_a_database_crash(

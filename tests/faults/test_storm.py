@@ -26,11 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
-import shutil
 import signal
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,11 +41,11 @@ from im.client.api import ApiClient, Gateway, Tokens
 from im.client.client import ClientEvent
 from im.client.transport import TcpTransport, Transport, WebSocketTransport
 from im.cluster import LocalCluster
-from im.procs import free_port, stop_process
 from im.protocol.frames import Ack, Error, Msg
 from tests.cluster.conftest import ClusterView, make_cluster, stop_checked
 from tests.support.checker import History
 from tests.support.client import Account, register
+from tests.support.postgres import PrivatePostgres
 from tests.support.wait import eventually
 
 #: The gateway the clients start on (killed), and the one that survives.
@@ -121,60 +117,12 @@ def _tokens(a: Account) -> Tokens:
     return Tokens(access_token=a.access, refresh_token=a.refresh, expires_in=900, uid=a.uid)
 
 
-class PrivatePostgres:
-    """A private PostgreSQL (``initdb`` + ``postgres``) on a free port, for this test alone: the shared
-    server's connection slots are taken by other tests running at the same time, and a storm's failures
-    must be the storm's. Runs as the ``postgres`` user when the tests run as root; no fsync (a test
-    instance: durability is not what this test is about). ``stop`` removes it."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="im-pg-storm-"))
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._user = "postgres" if os.geteuid() == 0 else None
-
-    @property
-    def dsn(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def log(self) -> str:
-        try:
-            return (self.dir / "postgres.log").read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
-
-    def start(self, timeout: float = 30.0) -> PrivatePostgres:
-        data = self.dir / "data"
-        if self._user is not None:
-            shutil.chown(self.dir, self._user, self._user)
-        init = ["initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"]
-        subprocess.run(init, check=True, capture_output=True, user=self._user)
-        cmd = [
-            "postgres", "-D", str(data), "-p", str(self.port), "-k", str(self.dir),
-            "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200",
-        ]  # fmt: skip
-        with open(self.dir / "postgres.log", "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, user=self._user)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"postgres exited with {self.proc.returncode}:\n{self.log()}")
-            if (self.dir / f".s.PGSQL.{self.port}").exists() and "ready to accept" in self.log():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"postgres did not start in {timeout}s:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc, signal.SIGINT, 10.0, raise_on_timeout=False)  # fast shutdown
-            self.proc = None
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture
 def storm_cluster(tmp_path: Path) -> Any:
-    pg = PrivatePostgres().start()
+    # A private PostgreSQL for this test alone: the shared server's connection slots are taken by other
+    # tests running at the same time, and a storm's failures must be the storm's. No fsync: durability is
+    # not what this test is about.
+    pg = PrivatePostgres(max_connections=200, fsync=False).start()
     c = make_cluster(tmp_path / "cluster")
     c.postgres_dsn = pg.dsn
     c.extra += [
@@ -188,7 +136,7 @@ def storm_cluster(tmp_path: Path) -> Any:
         yield c
         stop_checked(c)
     finally:
-        pg.stop()
+        pg.destroy()
 
 
 def _histogram(times: list[float], start: float, width: float = 0.5) -> dict[float, int]:

@@ -3,14 +3,21 @@ cache and one consent shared by the committer, the group writes and the read sid
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from im.backends.accounts import AccountStore
+from im.backends.accounts.sqlite import SqliteAccountStore
 from im.backends.chat import ChatStore
+from im.backends.chat.sqlite import SqliteChatStore
 from im.backends.presence import Presence
+from im.backends.presence.memory import MemoryPresence
 from im.backends.routing import Router
+from im.backends.routing.memory import MemoryRouter
+from im.backends.sql.sqlite_db import SqliteDatabase
 from im.core.committer import Committer, FileAccess
 from im.core.consent import Consent
 from im.core.groups import Groups
@@ -54,3 +61,26 @@ def chat_core(
     groups = Groups(committer, store, accounts, consent)
     reads = ChatReads(store, accounts, presence, states, consent)
     return ChatCore(committer, groups, reads, consent, store, accounts, router, presence)
+
+
+@contextlib.asynccontextmanager
+async def two_writers(db_file: Path, users: Sequence[str]) -> AsyncIterator[tuple[ChatCore, ChatCore]]:
+    """Two started cores (two processes: each its own SQLite database object, committer and memory router
+    and presence) writing to one database file, on which ``users`` are created (uids 1, 2, ... in order);
+    stopped and closed at the end."""
+    cores = []
+    for _ in range(2):
+        db = SqliteDatabase(db_file)  # two database objects: two writers on one file
+        chat, accounts = SqliteChatStore(db), SqliteAccountStore(db)
+        await chat.start()
+        await accounts.start()
+        core = chat_core(chat, accounts, MemoryRouter(), MemoryPresence())
+        core.committer.start()
+        cores.append(core)
+    for name in users:
+        await cores[0].accounts.create_user(name, name, "hash", 0)
+    yield cores[0], cores[1]
+    for core in cores:
+        await core.committer.stop()
+        await core.accounts.close()
+        await core.store.close()

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -69,106 +70,19 @@ async def start(*services: Startable) -> None:
         pytest.fail(f"PostgreSQL at {DSN} is unreachable ({type(exc).__name__}: {exc}); set IM_TEST_POSTGRES_DSN")
 
 
-class TlsPostgres:
-    """A private PostgreSQL (``initdb`` + ``postgres`` from /usr/local/bin) on a free port that accepts
-    only TLS connections (on 127.0.0.1 and 127.0.0.2) with a client certificate of ``pki``'s CA
-    (``hostssl ... clientcert=verify-ca``, ``hostnossl ... reject``); user and database ``postgres``.
-    Runs as the ``postgres`` system user when the tests run as root (PostgreSQL refuses root). No fsync:
-    a test instance. ``stop`` removes it. The shared server on 5432 is never touched."""
+class _Postmaster:
+    """What the private servers below share: a directory of their own with a data directory ``initdb``
+    makes once (``initdb`` and ``postgres`` from PATH; trust, user and database ``postgres``, no sync at
+    init), a free port, and a postmaster started on them and waited for until it accepts connections.
+    Runs as the ``postgres`` system user when the tests run as root (PostgreSQL refuses root). The shared
+    server on 5432 is never touched."""
 
-    def __init__(self, pki: EnginePki) -> None:
-        self.pki = pki
+    def __init__(self, prefix: str) -> None:
         self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="im-pg-tls-"))
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._user = "postgres" if os.geteuid() == 0 else None
-
-    def dsn(self, host: str = "127.0.0.1") -> str:
-        return f"postgresql://postgres@{host}:{self.port}/postgres"
-
-    def log(self) -> str:
-        try:
-            return (self.dir / "postgres.log").read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
-
-    def start(self, timeout: float = 30.0) -> TlsPostgres:
-        data, tls = self.dir / "data", self.dir / "tls"
-        tls.mkdir()
-        for name, src in [("server.crt", self.pki.server.cert), ("server.key", self.pki.server.key)]:
-            shutil.copy(src, tls / name)
-        shutil.copy(self.pki.ca.cert, tls / "ca.crt")
-        (tls / "server.key").chmod(0o600)
-        if self._user is not None:
-            for path in [self.dir, tls, *tls.iterdir()]:
-                shutil.chown(path, self._user, self._user)
-        subprocess.run(
-            ["initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"],
-            check=True,
-            capture_output=True,
-            user=self._user,
-        )
-        (data / "pg_hba.conf").write_text(
-            "hostssl all all 127.0.0.0/8 trust clientcert=verify-ca\n"
-            "hostnossl all all 127.0.0.0/8 reject\n"
-            "local all all trust\n"
-        )
-        cmd = [
-            "postgres",
-            "-D", str(data),
-            "-p", str(self.port),
-            "-k", str(self.dir),
-            "-c", "listen_addresses=127.0.0.1,127.0.0.2",  # .2: an address the certificate does not name
-            "-c", "ssl=on",
-            "-c", f"ssl_cert_file={tls / 'server.crt'}",
-            "-c", f"ssl_key_file={tls / 'server.key'}",
-            "-c", f"ssl_ca_file={tls / 'ca.crt'}",
-            "-c", "fsync=off",
-            "-c", "max_connections=30",
-        ]  # fmt: skip
-        with open(self.dir / "postgres.log", "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, user=self._user)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"postgres exited with {self.proc.returncode}:\n{self.log()}")
-            if (self.dir / f".s.PGSQL.{self.port}").exists() and "ready to accept" in self.log():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"postgres with TLS did not start in {timeout}s:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc, signal.SIGINT, 10.0, raise_on_timeout=False)  # fast shutdown
-            self.proc = None
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class PrivatePostgres:
-    """A private PostgreSQL (``initdb`` + ``postgres`` from PATH) on a free port that a test may stop, crash
-    and start again on the same data directory: the database going away under a running cluster
-    (tests/faults/test_database.py). Plain TCP on 127.0.0.1, trust, user and database ``postgres``;
-    ``fsync=on`` and ``synchronous_commit=on`` (the durability an ack relies on). Runs as the ``postgres``
-    system user when the tests run as root (PostgreSQL refuses root), in its own process group.
-
-    ``stop("fast")`` and ``stop("immediate")`` are ``pg_ctl stop -m fast`` / ``-m immediate`` (SIGINT /
-    SIGQUIT to the postmaster); ``kill()`` is a crash: SIGKILL of the postmaster, then of whatever backend
-    outlives it. ``start()`` again recovers from the WAL. ``destroy`` removes it. The shared server on 5432
-    is never touched."""
-
-    def __init__(self, *, max_connections: int = 100) -> None:
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="im-pg-"))
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix))
         self.data = self.dir / "data"
-        self.max_connections = max_connections
         self.proc: subprocess.Popen[bytes] | None = None
         self._user = "postgres" if os.geteuid() == 0 else None
-        self._initialised = False
-
-    @property
-    def dsn(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def log(self, tail: int = 4000) -> str:
         try:
@@ -180,31 +94,27 @@ class PrivatePostgres:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, timeout: float = 30.0) -> PrivatePostgres:
-        """Start (initdb first, once) and wait until it accepts connections (after crash recovery)."""
-        assert not self.running, "postgres is running already"
-        if not self._initialised:
-            if self._user is not None:
-                shutil.chown(self.dir, self._user, self._user)
-            subprocess.run(
-                ["initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"],
-                check=True,
-                capture_output=True,
-                user=self._user,
-            )
-            self._initialised = True
-        cmd = [
-            "postgres",
-            "-D", str(self.data),
-            "-p", str(self.port),
-            "-k", str(self.dir),
-            "-c", "listen_addresses=127.0.0.1",
-            "-c", "fsync=on",
-            "-c", "synchronous_commit=on",
-            "-c", f"max_connections={self.max_connections}",
-        ]  # fmt: skip
-        offset = len((self.dir / "postgres.log").read_bytes()) if (self.dir / "postgres.log").exists() else 0
-        with open(self.dir / "postgres.log", "ab") as log:
+    def _initdb(self) -> None:
+        if self._user is not None:
+            shutil.chown(self.dir, self._user, self._user)
+        subprocess.run(
+            ["initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+            user=self._user,
+        )
+
+    def _launch(self, settings: list[str], timeout: float) -> None:
+        """Start the postmaster (``-c`` each of ``settings``; its own process group, its socket in the
+        directory) and wait until it logs that it accepts connections (after crash recovery, if any). A
+        postmaster that exits or is not ready within ``timeout`` fails with the tail of its log (and is
+        killed)."""
+        cmd = ["postgres", "-D", str(self.data), "-p", str(self.port), "-k", str(self.dir)]
+        for setting in settings:
+            cmd += ["-c", setting]
+        log_path = self.dir / "postgres.log"
+        offset = len(log_path.read_bytes()) if log_path.exists() else 0
+        with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, user=self._user, start_new_session=True
             )
@@ -212,11 +122,105 @@ class PrivatePostgres:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"postgres exited with {self.proc.returncode}:\n{self.log()}")
-            if b"ready to accept connections" in (self.dir / "postgres.log").read_bytes()[offset:]:
-                return self
+            if b"ready to accept connections" in log_path.read_bytes()[offset:]:
+                return
             time.sleep(0.02)
-        self.kill()
+        stop_process(self.proc, signal.SIGKILL, 10.0, raise_on_timeout=False)
         raise RuntimeError(f"postgres did not start in {timeout}s:\n{self.log()}")
+
+
+class TlsPostgres(_Postmaster):
+    """A private PostgreSQL on a free port that accepts only TLS connections (on 127.0.0.1 and 127.0.0.2)
+    with a client certificate of ``pki``'s CA (``hostssl ... clientcert=verify-ca``, ``hostnossl ...
+    reject``); user and database ``postgres``. No fsync: a test instance. ``stop`` removes it."""
+
+    def __init__(self, pki: EnginePki) -> None:
+        super().__init__("im-pg-tls-")
+        self.pki = pki
+
+    def dsn(self, host: str = "127.0.0.1") -> str:
+        return f"postgresql://postgres@{host}:{self.port}/postgres"
+
+    def start(self, timeout: float = 30.0) -> TlsPostgres:
+        tls = self.dir / "tls"
+        tls.mkdir()
+        for name, src in [("server.crt", self.pki.server.cert), ("server.key", self.pki.server.key)]:
+            shutil.copy(src, tls / name)
+        shutil.copy(self.pki.ca.cert, tls / "ca.crt")
+        (tls / "server.key").chmod(0o600)
+        if self._user is not None:
+            for path in [tls, *tls.iterdir()]:
+                shutil.chown(path, self._user, self._user)
+        self._initdb()
+        (self.data / "pg_hba.conf").write_text(
+            "hostssl all all 127.0.0.0/8 trust clientcert=verify-ca\n"
+            "hostnossl all all 127.0.0.0/8 reject\n"
+            "local all all trust\n"
+        )
+        try:
+            self._launch(
+                [
+                    "listen_addresses=127.0.0.1,127.0.0.2",  # .2: an address the certificate does not name
+                    "ssl=on",
+                    f"ssl_cert_file={tls / 'server.crt'}",
+                    f"ssl_key_file={tls / 'server.key'}",
+                    f"ssl_ca_file={tls / 'ca.crt'}",
+                    "fsync=off",
+                    "max_connections=30",
+                ],
+                timeout,
+            )
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGINT, 10.0, raise_on_timeout=False)  # fast shutdown
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivatePostgres(_Postmaster):
+    """A private PostgreSQL on a free port that a test may stop, crash and start again on the same data
+    directory: the database going away under a running cluster (tests/faults/test_database.py). Plain TCP
+    on 127.0.0.1, trust, user and database ``postgres``, in its own process group. ``fsync=on`` and
+    ``synchronous_commit=on`` (the durability an ack relies on) unless ``fsync=False`` (a test where
+    durability is not the point, e.g. tests/faults/test_storm.py); ``max_connections`` as given.
+
+    ``stop("fast")`` and ``stop("immediate")`` are ``pg_ctl stop -m fast`` / ``-m immediate`` (SIGINT /
+    SIGQUIT to the postmaster); ``kill()`` is a crash: SIGKILL of the postmaster, then of whatever backend
+    outlives it. ``start()`` again recovers from the WAL. ``destroy`` removes it."""
+
+    def __init__(self, *, max_connections: int = 100, fsync: bool = True) -> None:
+        super().__init__("im-pg-")
+        self.max_connections = max_connections
+        self.fsync = fsync
+        self._initialised = False
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self, timeout: float = 30.0) -> PrivatePostgres:
+        """Start (initdb first, once) and wait until it accepts connections (after crash recovery)."""
+        assert not self.running, "postgres is running already"
+        if not self._initialised:
+            self._initdb()
+            self._initialised = True
+        settings = [
+            "listen_addresses=127.0.0.1",
+            f"fsync={'on' if self.fsync else 'off'}",
+            "synchronous_commit=on",
+            f"max_connections={self.max_connections}",
+        ]
+        try:
+            self._launch(settings, timeout)
+        except RuntimeError:
+            self.kill()
+            raise
+        return self
 
     def stop(self, mode: str = "fast", timeout: float = 20.0) -> None:
         """``pg_ctl stop -m fast`` (SIGINT: sessions ended, a checkpoint) or ``-m immediate`` (SIGQUIT: no
@@ -254,6 +258,15 @@ class PrivatePostgres:
         if self.running:
             self.stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def pg() -> Iterator[PrivatePostgres]:
+    """A private PostgreSQL (:class:`PrivatePostgres`, durable) a test may stop, crash and start again;
+    removed at the end."""
+    server = PrivatePostgres().start()
+    yield server
+    server.destroy()
 
 
 def _group_alive(pgid: int) -> bool:
