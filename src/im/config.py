@@ -188,9 +188,9 @@ class LimitsConfig(_Section):
     # with no limit): one gateway process took 1,600 reconnecting clients, replays included, in 3.7 s
     # (about 430 logins/s, the clients on the same cores); the default is of that order.
     #: Logins started per second.
-    auth_rate: float = Field(500.0, gt=0)
+    auth_rate: float = Field(500.0, gt=0, le=1_000_000)
     #: Logins that may start at once (the burst of the token bucket).
-    auth_burst: int = Field(200, ge=1)
+    auth_burst: int = Field(200, ge=1, le=1_000_000)
     #: Seconds a login may wait for its turn; a later one is refused at once with ``retry_after``
     #: (``error unavailable`` + ``bye unavailable``). Kept under ``gateway.auth_timeout``.
     auth_max_wait: float = Field(2.0, ge=0, le=60)
@@ -201,7 +201,7 @@ class LimitsConfig(_Section):
     send_order_hold: float = Field(30.0, ge=0, le=3600)
     #: Barriers one committer keeps at most (the oldest goes first); each gateway connection keeps at
     #: most ``max_in_flight``.
-    send_order_entries: int = Field(100_000, ge=1)
+    send_order_entries: int = Field(100_000, ge=1, le=10_000_000)
 
 
 class AuthConfig(_Section):
