@@ -259,8 +259,8 @@ def _add_keys_parser(sub: Any) -> None:
     texts = {
         "status": "master keys held, data keys by the master key that wraps them, plaintext bodies left",
         "migrate": "seal every message body still stored in clear, online, showing progress",
-        "scrub": "drop what the database keeps of overwritten bodies (SQLite: a full WAL checkpoint; "
-        "PostgreSQL: VACUUM), as migrate does at its end",
+        "scrub": "drop what the database keeps of overwritten bodies (SQLite: VACUUM, writers waiting, then a "
+        "full WAL checkpoint; PostgreSQL: VACUUM), as migrate does at its end",
         "rotate": "a new master key first in the key file (the old ones kept), then every data key and file "
         "key rewrapped under it",
         "rewrap": "rewrap every data key and file key under the current master key (resumes a rotation)",

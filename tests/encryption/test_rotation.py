@@ -280,6 +280,33 @@ async def test_the_migration_leaves_a_row_changed_meanwhile(engine: Engine) -> N
         assert now.body == b'{"text":"changed"}' and m.body == b'{"text":"x"}'
 
 
+@pytest.mark.parametrize("engine", [SqliteEngine], indirect=True)
+async def test_no_plaintext_copy_survives_in_sqlite_free_space_after_the_migration(engine: Engine) -> None:
+    """Rows written in clear into the middle of the table split pages; with ``secure_delete`` off, a split
+    leaves old copies of cells in the pages' unallocated space and on the free list, which no rewrite of
+    the rows reaches: the migration's end must rebuild the file (VACUUM) before truncating the WAL."""
+    assert isinstance(engine, SqliteEngine)
+    plain = EncryptedChatStore(engine.inner, None, seal=False)
+    convs = [f"d:1:{i}" for i in range(2, 42)]
+    async with plain:
+        for c in convs:
+            await write(plain, c, [f"{MARK} {c} first"])
+        for n in range(2, 40):  # round-robin: every commit lands in the middle of the B-tree
+            for c in convs:
+                text = f"{MARK} {c} {n} " + "x" * (n * 7 % 300)
+                await plain.commit(CommitBatch(messages=[msg(c, n, text)], heads={c: (n - 1, n, 1)}))
+    assert MARK.encode() in engine.path.read_bytes()
+    second_inner, second_keys = engine.second()
+    store = EncryptedChatStore(second_inner, engine.keyring(second_keys), owns_keyring=True)
+    bodies = _bodies(engine)
+    async with store, bodies:
+        done = await PlaintextMigration(store, bodies, batch=100).run()
+        assert done.sealed == len(convs) * 39 and done.scrubbed
+        for path in (engine.path, Path(f"{engine.path}-wal")):
+            if path.exists():
+                assert MARK.encode() not in path.read_bytes(), path
+
+
 # --- file keys in the blobs -------------------------------------------------------------------------------
 
 

@@ -286,7 +286,8 @@ class StoredBodies(Service, abc.ABC):
     @abc.abstractmethod
     async def scrub(self) -> bool:
         """After a migration: drop what the engine keeps of overwritten rows where it can do so online
-        (SQLite: checkpoint and truncate the WAL; PostgreSQL: ``VACUUM`` the table; dead row versions and
-        WAL archives are the operator's, docs/security.md 11.3). False when other connections kept it
+        (SQLite: ``VACUUM`` the file, writers waiting meanwhile, then checkpoint and truncate the WAL;
+        PostgreSQL: ``VACUUM`` the table; dead row versions and WAL archives are the operator's,
+        docs/security.md 11.3). False when other connections kept it
         from finishing (SQLite under load, within its time-out): old versions may remain until the next
         full checkpoint."""

@@ -372,7 +372,7 @@ class PlaintextMigration:
 
     ``pause`` seconds between pages leave the writer to the live traffic. ``progress`` is called with a
     :class:`MigrationProgress` at most every ``report_interval`` seconds and when it finishes. At the end
-    the store's :meth:`StoredBodies.scrub` drops what the engine keeps of the old bytes (SQLite: the WAL).
+    the store's :meth:`StoredBodies.scrub` drops what the engine keeps of the old bytes (SQLite: VACUUM and the WAL).
     """
 
     def __init__(

@@ -437,7 +437,8 @@ class SqliteConversationKeys(OnSharedDatabase[SqliteDatabase], ConversationKeys)
 
 class SqliteStoredBodies(OnSharedDatabase[SqliteDatabase], StoredBodies):
     """:class:`StoredBodies` on the shared SQLite database: rewrites with ``secure_delete`` (the old
-    bytes are zeroed in the page, not left in its free space), and a WAL truncation in :meth:`scrub`."""
+    bytes are zeroed in the page, not left in its free space); :meth:`scrub` rebuilds the file and
+    truncates the WAL, for the copies that page splits made while ``secure_delete`` was off."""
 
     async def count_plaintext(self) -> tuple[int, int]:
         row = await self.db.read(
@@ -474,6 +475,7 @@ class SqliteStoredBodies(OnSharedDatabase[SqliteDatabase], StoredBodies):
         return await self.db.write(run)
 
     async def scrub(self) -> bool:
+        await self.db.vacuum()
         return await self.db.checkpoint(truncate=True)
 
 

@@ -290,6 +290,15 @@ class SqliteDatabase:
                 return False
             await asyncio.sleep(0.05)
 
+    async def vacuum(self) -> None:
+        """Rebuild the database file (``VACUUM``): every page is written anew, so nothing survives of
+        deleted or moved rows in pages' unallocated space or on the free list (``secure_delete`` only
+        zeroes what is freed while it is on). Writers wait meanwhile (about 1.2 s per 100 MB here); the
+        rebuilt pages go through the WAL, so a :meth:`checkpoint` with ``truncate`` must follow."""
+        if self._writer is None:
+            raise RuntimeError("database not open")
+        await self._writer.call(lambda conn: conn.execute("VACUUM"))
+
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on the reader's thread."""
         if self._reader is None:
