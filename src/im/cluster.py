@@ -163,11 +163,17 @@ class RoleProcess:
     log_path: Path
     ports: dict[str, int]
     proc: subprocess.Popen[bytes] | None = None
+    _offset: int = 0  # where this start's output begins in the log (a restart appends to it)
 
     def start(self, timeout: float = 30.0) -> RoleProcess:
+        """Start the process and wait until it is ready."""
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> RoleProcess:
+        """Start the process without waiting (:meth:`wait_ready` waits): nodes of one stage start together."""
         assert self.proc is None or self.proc.poll() is not None, f"{self.name} is running already"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         cmd = [sys.executable, "-m", "im", self.role, *self.args]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -178,11 +184,16 @@ class RoleProcess:
                 env={**os.environ},
                 start_new_session=True,  # signals come from the cluster, in order, not from the terminal
             )
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> RoleProcess:
+        """Wait for the ``im: ready`` line the launched process prints; raises if it exits first."""
+        assert self.proc is not None, f"{self.name} was not launched"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            if b"im: ready" in self.log_path.read_bytes()[offset:]:
+            if b"im: ready" in self.log_path.read_bytes()[self._offset :]:
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"{self.name} was not ready in {timeout}s:\n{self.log()[-4000:]}")
@@ -382,9 +393,19 @@ class LocalCluster:
                     self.etcd.stop()
                 raise
         try:
-            for node in self._plan():
-                node.args += self.node_args.get(node.name, [])
-                self.nodes[node.name] = node.start()
+            # Two stages, the nodes of each started together (a node spends most of its start importing,
+            # so a cluster starts in about the time of two): the transfer nodes, registered before any
+            # gateway looks for them, then the gateways and the API nodes.
+            plan = self._plan()
+            for stage in (
+                [n for n in plan if n.role == "transfer"],
+                [n for n in plan if n.role != "transfer"],
+            ):
+                for node in stage:
+                    node.args += self.node_args.get(node.name, [])
+                    self.nodes[node.name] = node.launch()
+                for node in stage:
+                    node.wait_ready()
         except BaseException:
             self.stop(signal.SIGKILL)
             raise
