@@ -41,6 +41,7 @@ from opentelemetry.trace import Span
 from im.backends.dedupe import Dedupe
 from im.backends.presence import Presence
 from im.backends.tls import ClientTls, amqp_context
+from im.cancel import raise_if_cancelling, retry_pause
 from im.events import topology
 from im.observability import tracing
 from im.observability.metrics import METRICS
@@ -93,7 +94,8 @@ class PushConsumer:
 
     async def run(self) -> None:
         """Consume until cancelled (the caller owns the task that runs it and cancels it at shutdown);
-        then closes its HTTP client."""
+        then closes its HTTP client. A cancellation is honoured even when a library on the way swallowed
+        it (:mod:`im.cancel`): a stopped consumer pushes at most the event in hand."""
         try:
             delay = self.backoff
             while True:
@@ -110,10 +112,12 @@ class PushConsumer:
                         async with queue.iterator() as messages:
                             async for message in messages:
                                 await self._handle(message)
+                                raise_if_cancelling()  # a cancellation a library swallowed (im.cancel)
                 except Exception as exc:
+                    raise_if_cancelling(exc)  # a cancellation a library turned into an error: stop, not retry
                     METRICS.engine_error(exc)
                     log.warning("push consumer: %s: %s; reconnect in %.1fs", type(exc).__name__, exc, delay)
-                    await asyncio.sleep(delay)
+                    await retry_pause(delay)
                     delay = min(delay * 2, self.max_backoff)
         finally:
             if self._own_http:

@@ -31,6 +31,7 @@ from opentelemetry.trace import SpanKind
 
 from im.backends.chat import Outbox, OutboxLockLost
 from im.backends.tls import ClientTls, amqp_context
+from im.cancel import retry_pause
 from im.events import topology
 from im.model.chat import OutboxEvent
 from im.observability import tracing
@@ -83,12 +84,12 @@ class OutboxRelay:
                 self.failures += 1
                 self.locks_lost += 1
                 log.warning("outbox relay: lost the outbox lock (%s); taking it again", exc)
-                await asyncio.sleep(self.backoff)
+                await retry_pause(self.backoff, exc)
             except Exception as exc:  # the store is down while taking the lock: try again
                 self.failures += 1
                 METRICS.engine_error(exc)
                 log.warning("outbox relay: cannot take the outbox lock (%s: %s)", type(exc).__name__, exc)
-                await asyncio.sleep(self.max_backoff)
+                await retry_pause(self.max_backoff, exc)
 
     async def _relay_forever(self) -> None:
         delay = self.backoff
@@ -102,7 +103,7 @@ class OutboxRelay:
                 METRICS.engine_error(exc, "rabbitmq")
                 log.warning("outbox relay: cannot connect (%s: %s); retry in %.1fs", type(exc).__name__, exc, delay)
                 await self._measure()
-                await asyncio.sleep(delay)
+                await retry_pause(delay, exc)
                 delay = min(delay * 2, self.max_backoff)
                 continue
             try:
@@ -112,7 +113,7 @@ class OutboxRelay:
                     delay = self.backoff
                     while True:
                         if await self._relay_batch(exchange) < self.batch:
-                            await asyncio.sleep(self.poll)
+                            await retry_pause(self.poll)
             except OutboxLockLost:
                 raise  # out of the exclusive block: the lock is taken again (run)
             except Exception as exc:
@@ -120,7 +121,7 @@ class OutboxRelay:
                 METRICS.engine_error(exc)
                 log.warning("outbox relay: publishing failed (%s: %s); retry in %.1fs", type(exc).__name__, exc, delay)
                 await self._measure()
-                await asyncio.sleep(delay)
+                await retry_pause(delay, exc)
                 delay = min(delay * 2, self.max_backoff)
 
     async def _measure(self) -> None:
