@@ -14,7 +14,7 @@ import pytest
 from im.backends.chat.sqlite import SqliteChatStore
 from im.backends.sql.sqlite_db import SqliteDatabase
 from im.cancel import raise_if_cancelling, retry_pause
-from im.events import relay as relay_module
+from im.events import topology
 from im.events.relay import OutboxRelay
 
 
@@ -55,7 +55,7 @@ async def test_the_outbox_relay_stops_when_its_broker_connect_swallows_the_cance
             await asyncio.sleep(0.05)
         raise ConnectionError("broker away")
 
-    monkeypatch.setattr(relay_module.topology, "connect", connect_losing_the_cancel)
+    monkeypatch.setattr(topology, "connect", connect_losing_the_cancel)
     store = SqliteChatStore(SqliteDatabase(tmp_path / "im.sqlite3"), outbox=True)
     async with store:
         relay = OutboxRelay(store, "amqp://127.0.0.1:1/", backoff=0.01, max_backoff=0.01)

@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "im"
 
 MODEL = {"model"}
 INTERFACES = {"backends"}  # any backend package itself (its interface), never its implementations
-LEAF_UTILS = {"throttled_log", "net", "config", "cli_help"}
+LEAF_UTILS = {"throttled_log", "net", "config", "cli_help", "cancel"}
 #: Metrics, tracing, logs and health: used by every layer, importing only leaves.
 OBS = {"observability"}
 
@@ -27,6 +27,7 @@ OBS = {"observability"}
 ALLOWED: dict[str, set[str]] = {
     "model": set(),
     "throttled_log": set(),
+    "cancel": set(),  # honouring a cancellation a library lost
     "net": set(),
     "config": set(),
     "cli_help": set(),
@@ -40,7 +41,7 @@ ALLOWED: dict[str, set[str]] = {
     "backends": MODEL | OBS | {"backends", "backends.impl"},  # adapters share the SQL helpers
     "core": MODEL | INTERFACES | OBS | {"throttled_log"},
     "files": MODEL | INTERFACES | OBS | {"throttled_log"},
-    "events": MODEL | INTERFACES | OBS | {"throttled_log"},
+    "events": MODEL | INTERFACES | OBS | {"throttled_log", "cancel"},
     "gateway": MODEL | INTERFACES | OBS | {"protocol", "core", "net", "throttled_log"},
     "api": MODEL | INTERFACES | OBS | {"protocol", "core", "files", "net", "throttled_log", "config"},
     # The gRPC-linked routers are Router implementations: LinkRouter extends the in-process MemoryRouter.
