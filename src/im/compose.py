@@ -14,52 +14,37 @@ import contextlib
 import dataclasses
 import logging
 import ssl
+import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
-import redis.asyncio as aioredis
-
-from im.api.app import create_app
-from im.api.server import GatewayPicker, HttpServer
 from im.backends.accounts import AccountStore
-from im.backends.accounts.postgres import PostgresAccountStore
 from im.backends.accounts.sqlite import SqliteAccountStore
 from im.backends.blobs import BlobStorage
 from im.backends.blobs.encrypted import EncryptedBlobStorage, FileKeys
 from im.backends.blobs.local import LocalBlobStorage
-from im.backends.blobs.s3 import S3BlobStorage, S3Settings
 from im.backends.chat import ChatStore, ConversationKeys, StoredBodies
 from im.backends.chat.encrypted import EncryptedChatStore, MigrationProgress, PlaintextMigration
-from im.backends.chat.postgres import PostgresChatStore, PostgresConversationKeys, PostgresStoredBodies
 from im.backends.chat.sqlite import SqliteChatStore, SqliteConversationKeys, SqliteStoredBodies
 from im.backends.config import ConfigStore
-from im.backends.config.etcd import EtcdConfigStore
 from im.backends.dedupe import Dedupe
 from im.backends.dedupe.memory import MemoryDedupe
-from im.backends.dedupe.redis import RedisDedupe
 from im.backends.files import FileStore
-from im.backends.files.postgres import PostgresFileStore
 from im.backends.files.sqlite import SqliteFileStore
 from im.backends.keys.keyring import Keyring, conv_key_name
 from im.backends.lifecycle import Service
 from im.backends.node_ids import NodeIdClaims
-from im.backends.node_ids.etcd import EtcdNodeIds
 from im.backends.node_ids.memory import MemoryNodeIds
 from im.backends.presence import Presence
 from im.backends.presence.memory import MemoryPresence
-from im.backends.presence.redis import RedisPresence
 from im.backends.rate_limit import FailOpen, RateLimiter, Rule
 from im.backends.rate_limit.memory import MemoryRateLimiter
-from im.backends.rate_limit.redis import RedisRateLimiter
 from im.backends.registry import Registry
-from im.backends.registry.etcd import EtcdRegistry
 from im.backends.registry.memory import MemoryRegistry
 from im.backends.routing import Router
 from im.backends.routing.memory import MemoryRouter
-from im.backends.sql.postgres_db import PostgresDatabase, postgres_ssl
 from im.backends.sql.sqlite_db import SqliteDatabase
-from im.backends.tls import redis_options
 from im.compose_security import (
     ProcessTls,
     client_tls,
@@ -77,8 +62,6 @@ from im.core.ids import Snowflake
 from im.core.passwords import HashSlots, LoginGuard
 from im.core.reads import ChatReads
 from im.core.states import ConversationStates
-from im.events.push import PushConsumer
-from im.events.relay import OutboxRelay, broker_ping
 from im.files import FileService
 from im.gateway.hub import Hub
 from im.gateway.rates import HubRates
@@ -90,6 +73,15 @@ from im.model.cluster import ServiceInstance
 from im.net import Admission, Listener, connection_budget, raise_open_file_limit
 from im.observability.health import PROCESS_STARTED, Readiness, im_version
 from im.protocol.session import Limits
+
+# The engines' modules (and their drivers: redis, asyncpg, aio-pika, aetcd, obstore) and the HTTP API's
+# (fastapi, uvicorn) are imported by the functions that build them: a process imports only the engines
+# its configuration uses (each costs tenths of a second at start; tests/test_startup_imports.py).
+if TYPE_CHECKING:
+    from im.api.server import GatewayPicker, HttpServer
+    from im.backends.blobs.s3 import S3BlobStorage
+    from im.backends.registry.etcd import EtcdRegistry
+    from im.events.push import PushConsumer
 
 log = logging.getLogger("im")
 _NO_CONV = ConversationState("", "", 0, {})
@@ -152,6 +144,11 @@ def build_backends(config: Config) -> Backends:
     private_dir(config.data_dir)
     key_store: ConversationKeys
     if st.kind == "postgres":
+        from im.backends.accounts.postgres import PostgresAccountStore
+        from im.backends.chat.postgres import PostgresChatStore, PostgresConversationKeys, PostgresStoredBodies
+        from im.backends.files.postgres import PostgresFileStore
+        from im.backends.sql.postgres_db import PostgresDatabase, postgres_ssl
+
         assert st.postgres_dsn is not None  # validated by StoreConfig
         try:
             pg_ssl = postgres_ssl(
@@ -187,6 +184,9 @@ def build_backends(config: Config) -> Backends:
     presence: Presence
     rate_limiter: RateLimiter
     if config.presence.kind == "redis":
+        from im.backends.presence.redis import RedisPresence
+        from im.backends.rate_limit.redis import RedisRateLimiter
+
         redis_presence = RedisPresence(
             config.presence.redis_url, prefix=config.presence.redis_prefix, tls=redis_tls(config)
         )
@@ -205,16 +205,27 @@ def build_backends(config: Config) -> Backends:
 def build_registry(config: Config, *, keepalive: bool = True) -> Registry:
     """The configured registry (not started). ``keepalive`` False: a reader that registers nothing."""
     if config.registry.kind == "etcd":
+        from im.backends.registry.etcd import EtcdRegistry
+
         rc = config.registry
         etcd_tls = client_tls(rc.etcd_ca_file, rc.etcd_cert_file, rc.etcd_key_file)
         return EtcdRegistry(rc.endpoints(), tls=etcd_tls, prefix=rc.prefix, keepalive=keepalive)
     return MemoryRegistry()
 
 
+def _is_etcd(registry: Registry) -> TypeGuard[EtcdRegistry]:
+    """``isinstance(registry, EtcdRegistry)``, without importing the etcd client into a process that never
+    made an etcd registry: no object of the class exists before its module was imported."""
+    etcd = sys.modules.get("im.backends.registry.etcd")
+    return etcd is not None and isinstance(registry, etcd.EtcdRegistry)
+
+
 def build_centre(config: Config, registry: Registry) -> ConfigStore | None:
     """The configuration centre beside an etcd registry, on its client (im.live_config); None otherwise."""
-    if not isinstance(registry, EtcdRegistry):
+    if not _is_etcd(registry):
         return None
+    from im.backends.config.etcd import EtcdConfigStore
+
     rc = config.registry
     return EtcdConfigStore(registry, rc.config_root(), history_limit=rc.config_history)
 
@@ -337,6 +348,8 @@ def build_readiness(config: Config, b: Backends, lifecycle: Lifecycle, *, events
     r.add("registry", b.registry.ping, timeout=READINESS_TIMEOUT)
     ev = config.events
     if events and ev.kind == "rabbitmq":
+        from im.events.relay import broker_ping
+
         amqp_tls = client_tls(ev.amqp_ca_file, ev.amqp_cert_file, ev.amqp_key_file)
 
         async def broker() -> None:
@@ -365,6 +378,9 @@ def build_http(
 ) -> HttpServer:
     """The HTTP API server of ``im serve`` and ``im api``: the app on the given services, behind the
     process's admission; HTTPS only (with HSTS) when ``tls`` is given."""
+    from im.api.app import create_app
+    from im.api.server import HttpServer
+
     app = create_app(
         accounts,
         groups,
@@ -460,6 +476,8 @@ def build_blobs(config: Config, keys: FileKeys | None, *, migrate: bool = True) 
 
 def build_s3_blobs(config: Config, keys: FileKeys | None) -> S3BlobStorage:
     """``files.storage: s3``: the bucket of ``files.s3``, sealed with ``keys`` when ``files.encrypt`` is on."""
+    from im.backends.blobs.s3 import S3BlobStorage, S3Settings
+
     fc, s3 = config.files, config.files.s3
     encrypt = config.encryption.enabled if fc.encrypt is None else fc.encrypt
     if encrypt and keys is None:
@@ -544,7 +562,9 @@ def build_node_ids(config: Config, registry: Registry, owner: str, ids: Snowflak
     """The node id claim of a process that mints message ids (``owner``: its node name): on etcd with the
     etcd registry (a free id, shared by the cluster), else the fixed ``registry.fixed_node_id``. Start it
     after the registry and before the committer; it drives ``ids``."""
-    if isinstance(registry, EtcdRegistry):
+    if _is_etcd(registry):
+        from im.backends.node_ids.etcd import EtcdNodeIds
+
         return EtcdNodeIds(registry, owner, ids, ttl=config.registry.ttl, reserve=config.registry.node_id_reserve)
     return MemoryNodeIds(owner, ids, prefer=config.registry.fixed_node_id)
 
@@ -625,12 +645,20 @@ def event_workers(
     ev = config.events
     if ev.kind != "rabbitmq":
         return []
+    from im.events.push import PushConsumer
+    from im.events.relay import OutboxRelay
+
     store = b.chat_store
     amqp_tls = client_tls(ev.amqp_ca_file, ev.amqp_cert_file, ev.amqp_key_file)
     workers = [OutboxRelay(store, ev.amqp_url, exchange=ev.exchange, queue=ev.queue, tls=amqp_tls).run()]
     if ev.webhook_url:
         dedupe: Dedupe = MemoryDedupe()
         if ev.dedupe == "redis":
+            import redis.asyncio as aioredis
+
+            from im.backends.dedupe.redis import RedisDedupe
+            from im.backends.tls import redis_options
+
             url = config.presence.redis_url
             dedupe = RedisDedupe(aioredis.from_url(url, **redis_options(url, redis_tls(config))), owns_client=True)
 

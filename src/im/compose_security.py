@@ -11,6 +11,7 @@ import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from im.backends.keys import KeyProvider
 from im.backends.keys.env import EnvKeyProvider
@@ -21,7 +22,9 @@ from im.config import Config, ConfigError
 from im.lifecycle import Loop
 from im.net import Admission, TlsAccept
 from im.tls import ReloadingContext, TlsFilesError
-from im.transfer.tls import LinkTls
+
+if TYPE_CHECKING:  # the link's module (gRPC) is imported by build_link_tls: im serve has no transfer link
+    from im.transfer.tls import LinkTls
 
 log = logging.getLogger("im")
 
@@ -83,6 +86,8 @@ def build_link_tls(config: Config, node: str) -> LinkTls | None:
     ct = config.cluster_tls
     if ct.ca_file is None or ct.cert_file is None or ct.key_file is None:
         return None
+    from im.transfer.tls import LinkTls
+
     tls = LinkTls(ct.ca_file, ct.cert_file, ct.key_file, node_identity, handshake_timeout=ct.handshake_timeout)
     try:
         named = tls.own_node()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from im.backends.config import ConfigStore
 from im.backends.registry import Registry
@@ -31,11 +32,13 @@ from im.config import Config, ConfigError, LimitsConfig
 from im.core.accounts import AccountService
 from im.core.reads import ChatReads
 from im.dynamic import DYNAMIC, SettingError, masked, shown, value_of, with_values
-from im.events.push import PushConsumer
 from im.files import FileService
 from im.gateway.hub import Hub
 from im.lifecycle import Lifecycle, Part
 from im.observability import tracing
+
+if TYPE_CHECKING:  # RabbitMQ's client: imported by im.compose.event_workers when events go there
+    from im.events.push import PushConsumer
 
 log = logging.getLogger("im.config")
 

@@ -22,9 +22,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from im.api.server import GatewayPicker
 from im.backends.routing import DeliverySink
 from im.compose import (
     GatewayListeners,
@@ -48,7 +47,6 @@ from im.compose import (
 )
 from im.compose_security import build_link_tls, build_tls
 from im.config import Config
-from im.events.push import PushConsumer
 from im.lifecycle import Lifecycle, Loop, Part, registration, report_load, tracing_part
 from im.live_config import follow_push, live_config
 from im.model.chat import StoredMessage
@@ -57,6 +55,9 @@ from im.observability.health import Readiness
 from im.observability.ops_http import OpsServer
 from im.transfer.pool import GRPC_ADDRESS, LinkRouter, TransferPool
 from im.transfer.server import GrpcRouter, TransferServicer, serve_transfer
+
+if TYPE_CHECKING:  # RabbitMQ's client: imported by im.compose.event_workers when events go there
+    from im.events.push import PushConsumer
 
 log = logging.getLogger("im")
 
@@ -284,6 +285,8 @@ class ApiNode(_Role):
     """``im api``: the HTTP API; stateless, any number of them."""
 
     def __init__(self, config: Config) -> None:
+        from im.api.server import GatewayPicker  # the HTTP API's modules (fastapi, uvicorn): this role only
+
         require_shared_engines(config, "api")
         super().__init__(config)
         node = config.http.node_id

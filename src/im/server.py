@@ -8,6 +8,7 @@ order, and :class:`im.lifecycle.Lifecycle` starts them in that order and stops t
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from im.api.server import GatewayPicker
 from im.compose import (
@@ -31,10 +32,12 @@ from im.compose import (
 )
 from im.compose_security import build_tls
 from im.config import Config
-from im.events.push import PushConsumer
 from im.lifecycle import Lifecycle, Loop, Part, registration, report_load, tracing_part
 from im.live_config import follow_push, live_config
 from im.observability import metrics
+
+if TYPE_CHECKING:  # RabbitMQ's client: imported by im.compose.event_workers when events go there
+    from im.events.push import PushConsumer
 
 
 class EmbeddedServer:

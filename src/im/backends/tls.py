@@ -17,9 +17,10 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import redis.asyncio as aioredis
+if TYPE_CHECKING:  # imported by redis_client: the other engines' clients do without redis-py
+    import redis.asyncio as aioredis
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,4 +101,6 @@ def amqp_context(url: str, tls: ClientTls | None) -> ssl.SSLContext | None:
 def redis_client(url: str, *, timeout: float | None, tls: ClientTls | None) -> aioredis.Redis:
     """A Redis client (no connection yet) whose connecting and every reply are bounded by ``timeout``, so
     a hung Redis raises instead of stalling its caller; with ``tls`` for ``rediss://`` URLs."""
+    import redis.asyncio as aioredis
+
     return aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, **redis_options(url, tls))
