@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import msgspec
@@ -15,7 +16,8 @@ from im.protocol.codec import Encoding
 from im.protocol.logins import MAX_RETRY_AFTER, Busy, LoginGate
 from im.protocol.messages import EncodedCache
 from im.protocol.session import Limits, ServerSession, State
-from tests.test_hub import Gateway, gateway  # noqa: F401  (the in-process gateway fixture)
+from tests.support.wait import eventually
+from tests.test_hub import FakeConnection, Gateway, gateway  # noqa: F401  (the in-process gateway fixture)
 
 
 class Clock:
@@ -146,3 +148,35 @@ async def test_a_gateway_refuses_logins_past_the_rate_set_live_and_admits_them_l
     live.set_centre({"limits.auth_rate": "1000"})  # raised live: the next login goes through
     again = await gateway.connect(bob)
     assert again.of_type("auth_ok") and again.closed_with is None
+
+
+def test_a_turn_given_back_goes_to_the_next_login() -> None:
+    g, _ = gate(rate=10, burst=1, max_wait=1.0)
+    assert g.admit() == 0.0
+    first = g.admit()
+    second = g.admit()
+    assert isinstance(first, float) and isinstance(second, float) and abs(second - first - 0.1) < 1e-9
+    g.give_back()  # the first queued login's connection closed before its turn
+    third = g.admit()
+    assert third == second  # the freed turn: the third waits no longer than the second
+    for _ in range(5):
+        g.give_back()
+    assert g.admit() == 0.0 and g.returned == 6  # never more than the burst is handed back at once
+    assert g.admit() != 0.0
+
+
+async def test_a_queued_login_whose_connection_closes_gives_its_turn_back_and_does_no_work(
+    gateway: Gateway,  # noqa: F811  (the fixture imported above)
+) -> None:
+    gateway.hub.limits.auth_rate, gateway.hub.limits.auth_burst, gateway.hub.limits.auth_max_wait = 5.0, 1, 2.0
+    (_, alice), (_, bob) = await gateway.user("alice"), await gateway.user("bob")
+    first = await gateway.connect(alice)
+    assert first.of_type("synced")
+    waiting = FakeConnection(gateway.hub)
+    gateway.hub.add(waiting)
+    waiting.send(t="auth", token=bob, device="phone")  # queued: its turn is 0.2 s away
+    await asyncio.sleep(0.05)
+    assert gateway.hub.logins.queued == 1 and not waiting.of_type("auth_ok")
+    waiting.close_transport(ErrorCode.UNAVAILABLE)  # the client gave up
+    await eventually(lambda: gateway.hub.logins.returned == 1, "the turn handed back")
+    assert not waiting.of_type("auth_ok") and not waiting.session.uid  # no token check, no registration

@@ -220,7 +220,14 @@ class Connection(abc.ABC):
             self.flush()
             return
         if turn:
-            await asyncio.sleep(turn)
+            try:
+                await asyncio.sleep(turn)
+            except asyncio.CancelledError:
+                self.hub.logins.give_back()
+                raise
+            if self.closed:  # gone while it waited: its turn goes to the next login, and no work is done
+                self.hub.logins.give_back()
+                return
         try:
             principal = await self.hub.accounts.authenticate(c.token)
         except ImError as exc:

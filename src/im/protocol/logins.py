@@ -58,10 +58,12 @@ class LoginGate:
     """Admits logins at ``limits.auth_rate`` per second (see the module docstring for the rule).
 
     :meth:`admit` answers each login with the seconds to wait before starting it (0.0: now), or
-    :class:`Busy`. Counters (``admitted``, ``queued``, ``refused``) are for metrics and tests.
+    :class:`Busy`; a queued login whose connection closed before its turn hands it back
+    (:meth:`give_back`). Counters (``admitted``, ``queued``, ``refused``, ``returned``) are for metrics
+    and tests.
     """
 
-    __slots__ = ("_clock", "_last", "_promised", "_tokens", "admitted", "limits", "queued", "refused")
+    __slots__ = ("_clock", "_last", "_promised", "_tokens", "admitted", "limits", "queued", "refused", "returned")
 
     def __init__(self, limits: LoginLimits, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
@@ -72,6 +74,7 @@ class LoginGate:
         self.admitted = 0
         self.queued = 0
         self.refused = 0
+        self.returned = 0
 
     def admit(self) -> float | Busy:
         """Take a turn for one login: seconds to wait before starting it, or :class:`Busy`."""
@@ -100,3 +103,9 @@ class LoginGate:
             self._promised = promised + 1.0 / rate
         retry_after = min(MAX_RETRY_AFTER, promised - now)
         return Busy(math.ceil(retry_after * 1000) / 1000)
+
+    def give_back(self) -> None:
+        """A queued login will not start after all (its connection closed while it waited): its turn goes to
+        the next login instead of to nobody, so clients that give up in a storm do not slow the others."""
+        self._tokens = min(float(self.limits.auth_burst), self._tokens + 1.0)
+        self.returned += 1
