@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 
 import msgspec
@@ -175,8 +174,8 @@ async def test_a_queued_login_whose_connection_closes_gives_its_turn_back_and_do
     waiting = FakeConnection(gateway.hub)
     gateway.hub.add(waiting)
     waiting.send(t="auth", token=bob, device="phone")  # queued: its turn is 0.2 s away
-    await asyncio.sleep(0.05)
-    assert gateway.hub.logins.queued == 1 and not waiting.of_type("auth_ok")
+    await eventually(lambda: gateway.hub.logins.queued == 1, "the login queued")
+    assert not waiting.of_type("auth_ok")
     waiting.close_transport(ErrorCode.UNAVAILABLE)  # the client gave up
     await eventually(lambda: gateway.hub.logins.returned == 1, "the turn handed back")
     assert not waiting.of_type("auth_ok") and not waiting.session.uid  # no token check, no registration
