@@ -232,3 +232,54 @@ async def test_a_revoked_session_is_closed_and_others_stay(gateway: Gateway) -> 
     }
     assert other.closed_with is None and other.session.state is State.OPEN
     assert gateway.hub.connections == 1
+
+
+async def test_after_a_relink_every_session_fetches_what_the_link_dropped(gateway: Gateway) -> None:
+    """What the core routed while the path to this node was down is lost on the way (routers are at most
+    once); ``relinked`` has every open session check the log's heads and fetch it, with no later message
+    to show the gap."""
+    _, alice_token = await gateway.user("alice")
+    bob, bob_token = await gateway.user("bob")
+    a, b = await gateway.connect(alice_token), await gateway.connect(bob_token)
+    router = gateway.core.router
+    router.detach(NODE)  # the link is down: deliveries to this node go nowhere
+    for i in range(3):
+        a.send(t="send", cmid=f"c{i}", to=bob, body=i)
+    await eventually(lambda: len(a.of_type("ack")) == 3, lambda: str(a.frames))
+    assert b.of_type("msg") == []
+    router.attach(NODE, gateway.hub)
+    gateway.hub.relinked()
+    await eventually(lambda: len(b.of_type("msg")) == 3, lambda: str(b.frames))
+    assert [m["seq"] for m in b.of_type("msg")] == [1, 2, 3]
+    assert a.of_type("msg") == [] and b.closed_with is None
+
+
+async def test_a_login_whose_sync_points_were_read_before_a_relink_checks_the_heads_after(gateway: Gateway) -> None:
+    """The hub's catch-up passes by a session that is still authenticating; if its sync points were read
+    before the relink, what the link dropped is not in them: the session checks the heads once open."""
+    _, alice_token = await gateway.user("alice")
+    bob, bob_token = await gateway.user("bob")
+    a = await gateway.connect(alice_token)
+    reads, hub, router = gateway.hub.reads, gateway.hub, gateway.core.router
+
+    class ReadsThenRelink:
+        """The read side, but a relink lands while bob's sync points are on their way back."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(reads, name)
+
+        async def sync_points(self, uid: int, device: str) -> Any:
+            points = await reads.sync_points(uid, device)
+            if uid == bob:
+                router.detach(NODE)
+                a.send(t="send", cmid="c1", to=bob, body="dropped")
+                await eventually(lambda: a.of_type("ack"), lambda: str(a.frames))
+                router.attach(NODE, hub)
+                hub.relinked()
+                await hub.caught_up()  # it found bob still authenticating
+            return points
+
+    hub.reads = ReadsThenRelink()  # type: ignore[assignment]
+    b = await gateway.connect(bob_token)
+    await eventually(lambda: b.of_type("msg"), lambda: str(b.frames))
+    assert [(m["seq"], m["body"]) for m in b.of_type("msg")] == [(1, "dropped")]

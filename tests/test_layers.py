@@ -42,7 +42,7 @@ ALLOWED: dict[str, set[str]] = {
     "core": MODEL | INTERFACES | OBS | {"throttled_log"},
     "files": MODEL | INTERFACES | OBS | {"throttled_log"},
     "events": MODEL | INTERFACES | OBS | {"throttled_log", "cancel"},
-    "gateway": MODEL | INTERFACES | OBS | {"protocol", "core", "net", "throttled_log"},
+    "gateway": MODEL | INTERFACES | OBS | {"protocol", "core", "net", "throttled_log", "cancel"},
     "api": MODEL | INTERFACES | OBS | {"protocol", "core", "files", "net", "throttled_log", "config"},
     # The gRPC-linked routers are Router implementations: LinkRouter extends the in-process MemoryRouter.
     "transfer": MODEL | INTERFACES | OBS | {"protocol", "core", "backends.impl", "throttled_log"},

@@ -181,6 +181,42 @@ def test_first_sight_of_a_conversation_starts_at_the_stored_cursor() -> None:
     assert [(f["conv"], f["seq"]) for f in frames(s)] == [("g:9", 4)]
 
 
+def test_heads_past_what_was_delivered_are_fetched() -> None:
+    """After a relink: messages the link dropped are fetched from the log, with no live message to show
+    the gap."""
+    s, _ = caught_up(2)
+    assert s.check_heads({CONV: 2}) == []  # nothing missed
+    assert s.check_heads({CONV: 5}) == [cmd.Fetch(CONV, 2, 5)]
+    assert s.check_heads({CONV: 6}) == []  # a fetch in flight goes on to the new head
+    assert s.fetched(CONV, 2, [msg(3), msg(4), msg(5)]) == [cmd.Fetch(CONV, 5, 6)]
+    assert s.fetched(CONV, 5, [msg(6)]) == []
+    assert [f["seq"] for f in frames(s)] == [3, 4, 5, 6]
+    assert s.check_heads({CONV: 6}) == []
+
+
+def test_heads_stop_below_a_live_message_that_waits() -> None:
+    s, _ = caught_up(2)
+    s.conversations[CONV].pending[9] = msg(9)  # a live message the store had not shown yet
+    assert s.check_heads({CONV: 9}) == [cmd.Fetch(CONV, 2, 8)]
+
+
+def test_heads_of_a_conversation_not_seen_on_this_connection_start_where_the_store_says() -> None:
+    s, _ = opened([SyncPoint(CONV, 1, 1)], cursors={"g:9": 2})  # g:9 named by the client, joined later
+    assert s.check_heads({CONV: 1, "g:7": 0, "g:8": 4, "g:9": 5}) == [
+        cmd.Fetch("g:8", None, 4),  # the store decides: the device's cursor, or the join point
+        cmd.Fetch("g:9", 2, 5),  # the client's own cursor
+    ]
+    assert s.fetched("g:8", 3, [msg(4, conv="g:8")]) == []
+    assert [(f["conv"], f["seq"]) for f in frames(s)] == [("g:8", 4)]
+    assert "g:7" not in s.conversations  # empty: nothing to track yet
+
+
+def test_heads_are_ignored_before_the_session_is_open() -> None:
+    s = new()
+    feed(s, {"t": "auth", "token": "tok", "device": DEVICE})
+    assert s.check_heads({CONV: 3}) == []
+
+
 # --- sends and acks ---------------------------------------------------------------------------------
 
 

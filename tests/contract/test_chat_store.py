@@ -404,6 +404,19 @@ async def test_sync_points_and_start_cursor(chat: ChatHarness) -> None:
     await store.save_cursors([])
 
 
+async def test_heads_of_many_users_in_one_read(chat: ChatHarness) -> None:
+    store = chat.store
+    await new_direct(store, 1, 2, 5)
+    gid = await new_group(store, "g", {1: "owner", 3: "member"})
+    g = group_conv(gid)
+    assert await store.heads([1, 2, 3, 99]) == {1: {D: 5, g: 1}, 2: {D: 5}, 3: {g: 1}}
+    assert await store.heads([]) == {}
+    await append(store, g, 1, [1, 3])  # heads move with commits
+    assert await store.heads([3]) == {3: {g: 3}}
+    many = list(range(1000, 2200))  # more users than one statement binds
+    assert await store.heads([*many, 2]) == {2: {D: 5}}
+
+
 async def test_sync_point_is_max_of_joined_and_cursor(chat: ChatHarness) -> None:
     store = chat.store
     gid = await new_group(store, "g", {1: "owner"})

@@ -363,18 +363,10 @@ async def partition(net: Net, history: History, apps: list[App], path: Path_, mo
     refusals = 0
     for rc, to, sent in zip(w.raw, w.raw_peer, w.raw_sent, strict=True):
         refusals += await raw_resend(rc, to, sent, rounds=30, timeout=45.0, pause=0.3)
-    # Live delivery is at most once: a message the victim committed just as a gateway relinked to it may
-    # not have been routed there (a node with no stream yet is skipped), and a session notices the gap at
-    # the conversation's next message (or its next reconnect). With the pumps stopped, one closing post
-    # per conversation, once everything is answered, is that next message (docs/architecture.md, "What a
-    # crash costs"; tests/cluster/test_cluster_engines.py does the same after a presence flush).
+    # Live delivery is at most once: a message the victim committed while a gateway was not linked to it
+    # (yet) was dropped on the way. The gateway's sessions fetch it when the link comes up (Hub.relinked):
+    # no closing post is needed to show the gap (docs/reliability.md, "Relinks").
     await eventually(lambda: all(not a.c.outbox for a in w.apps), "every post answered", 45)
-    for conv, conv_apps in w.members.items():
-        a = conv_apps[0]
-        address = next(addr for cv, addr in w.targets[w.apps.index(a)] if cv == conv)
-        cmid = f"{a.name}-closing-{conv}"
-        a.planned[cmid] = (conv, f"{a.name} closing")
-        a.c.post(f"{a.name} closing", cmid=cmid, **address)
     # Each sender's messages are stored in the order posted, on every path, across the victim's refusals
     # (`unavailable`: its store away, or its node id claim lost with etcd): a send behind a refused one is
     # refused until that one is resent (docs/protocol.md section 8, "Sender order").

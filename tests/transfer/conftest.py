@@ -32,6 +32,7 @@ class RecordingSink(DeliverySink):
         self.batches: list[list[tuple[StoredMessage, list[int]]]] = []
         self.events: list[tuple[object, list[int], tuple[int, str] | None]] = []
         self.replaced: list[DeviceLocation] = []
+        self.relinks = 0  # how often a link told it that it came up
 
     @property
     def messages(self) -> list[tuple[StoredMessage, list[int]]]:
@@ -45,6 +46,9 @@ class RecordingSink(DeliverySink):
 
     def close_replaced(self, connections: Sequence[DeviceLocation]) -> None:
         self.replaced.extend(connections)
+
+    def relinked(self) -> None:
+        self.relinks += 1
 
 
 class GatedChatStore(SqliteChatStore):

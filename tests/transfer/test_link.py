@@ -121,9 +121,12 @@ async def test_link_loss_fails_pending_sends_unavailable_then_reconnects(core: C
     assert refused.got[0][3] is not None and refused.got[0][3].code is ErrorCode.UNAVAILABLE
 
     core.store.gate.set()  # the core finishes the batch it had (its results have no stream to go to)
+    assert sink_b.relinks == 1
     await core.restart_server()
     await asyncio.wait_for(link.wait_connected(), 10)
     assert link.connects == 2
+    # What the core routed to gw-b meanwhile was dropped: its sink is told when its link is back.
+    await eventually(lambda: sink_b.relinks == 2)
     again = Results()
     for req in reqs:  # the SDK resends with the same cmids: dedupe makes it safe
         link.submit(req, again.done)

@@ -50,6 +50,10 @@ class ChatReads:
         """Where ``device`` of ``uid`` stands in each of its conversations (what a connection resumes from)."""
         return await self._store.sync_points(uid, device)
 
+    async def heads(self, uids: Sequence[int]) -> dict[int, dict[str, int]]:
+        """uid -> {conv: last seq} of every conversation of each user (one read for many users)."""
+        return await self._store.heads(uids)
+
     async def replay(
         self, uid: int, device: str, conv: str, after: int | None, upto: int, limit: int
     ) -> tuple[int, list[StoredMessage]]:

@@ -24,6 +24,7 @@ from im.backends.chat import CursorStore
 from im.backends.presence import Presence
 from im.backends.rate_limit import Hit, RateLimiter
 from im.backends.routing import DeliverySink, Router
+from im.cancel import retry_pause
 from im.core.accounts import AccountService
 from im.core.committer import SendRequest, SubmitSend
 from im.core.reads import ChatReads
@@ -52,6 +53,8 @@ _frame_failures = ThrottledLog(log, "frames that failed with an unexpected error
 _presence_failures = ThrottledLog(log, "presence updates: presence unavailable")
 #: The store down: the cursor flush runs every few hundred ms and would write a line each time.
 _cursor_failures = ThrottledLog(log, "cursor flushes: storage unavailable (kept for the next flush)")
+#: The store down when a relink asks every session to check the log's heads: retried, one line per window.
+_heads_failures = ThrottledLog(log, "catch-ups after a relink: storage unavailable (retrying)")
 #: The commands that pass the hub's shared rate limits before they are carried out.
 _GATED = (cmd.Submit, cmd.SaveCursor, cmd.MarkRead, cmd.SendTyping)
 
@@ -245,15 +248,25 @@ class Connection(abc.ABC):
         # Register before reading the sync points, so nothing committed in between is missed; what
         # arrives meanwhile waits in the session until the replay is set up.
         await self.hub.register(self)
+        relinks = self.hub.relinks  # points read before a relink may miss what its link dropped
         try:
             points = await self.hub.reads.sync_points(principal.uid, c.device)
         except Exception as exc:
-            _sync_failures.hit(f"uid={principal.uid}: {type(exc).__name__}: {exc}", exc)
-            METRICS.engine_error(exc)
-            self.run(self.session.close(ErrorCode.UNAVAILABLE, "storage unavailable; reconnect later"))
-            self.flush()
+            self._sync_failed(exc)
             return
         self.run(self.session.auth_succeeded(principal.uid, c.device, points, c.cursors))
+        self.flush()
+        if self.hub.relinks != relinks:  # the hub's catch-up passed this session by while it authenticated
+            try:
+                await self.hub.check_heads([self])
+            except Exception as exc:
+                self._sync_failed(exc)
+
+    def _sync_failed(self, exc: Exception) -> None:
+        """The store did not say where the device stands: ``bye unavailable``; it resumes from its cursors."""
+        _sync_failures.hit(f"uid={self.session.uid}: {type(exc).__name__}: {exc}", exc)
+        METRICS.engine_error(exc)
+        self.run(self.session.close(ErrorCode.UNAVAILABLE, "storage unavailable; reconnect later"))
         self.flush()
 
     async def _fetch(self, c: cmd.Fetch) -> None:
@@ -327,6 +340,11 @@ class Hub(DeliverySink):
         self._background: set[asyncio.Task[None]] = set()
         #: The shared rate limits (gateway/rates.py; without ``rates`` only the per-connection ones).
         self.rates = SharedRateGate(limiter, rates, self._all)
+        #: Transfer links that came up (:meth:`relinked`), and the catch-up they started.
+        self.relinks = 0
+        self._catch_up: asyncio.Task[None] | None = None
+        self._catch_up_again = False
+        self.heads_batch = 1000  # users whose heads one read fetches
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -358,6 +376,8 @@ class Hub(DeliverySink):
         for conn in list(self._all):
             conn.run(conn.session.close(ErrorCode.SHUTDOWN, "server is stopping; reconnect"))
         tasks = [*self._tasks, *([self.rates.task] if self.rates.task is not None else [])]
+        if self._catch_up is not None:
+            tasks.append(self._catch_up)
         for task in tasks:  # commands still being decided by the rate gate go unanswered: clients resend
             task.cancel()
         if tasks:
@@ -484,6 +504,55 @@ class Hub(DeliverySink):
                             conn.run(cmds)
                         if session.has_output:
                             conn.mark_dirty()
+
+    def relinked(self) -> None:
+        """A transfer link came up: what its node committed for this node's devices while unlinked was
+        dropped (routers are at most once). Every open session checks the log's heads in the background
+        (:meth:`check_heads`), so no device waits for its conversation's next message to find the gap;
+        more relinks meanwhile make one more pass."""
+        self.relinks += 1
+        if self._catch_up is not None and not self._catch_up.done():
+            self._catch_up_again = True
+            return
+        self._catch_up = asyncio.get_running_loop().create_task(self._catch_up_all(), name="im-hub-catch-up")
+
+    async def caught_up(self) -> None:
+        """Return once the catch-up the last relink started has finished (at once when none runs)."""
+        if self._catch_up is not None:
+            await asyncio.shield(self._catch_up)
+
+    async def _catch_up_all(self) -> None:
+        delay = 0.2
+        self._catch_up_again = True
+        while self._catch_up_again:
+            self._catch_up_again = False
+            try:
+                await self.check_heads(list(self._all))
+            except Exception as exc:  # the store is away: try again until it answers
+                METRICS.engine_error(exc)
+                _heads_failures.hit(f"{type(exc).__name__}: {exc}")
+                self._catch_up_again = True
+                await retry_pause(delay, exc)
+                delay = min(delay * 2, 5.0)
+
+    async def check_heads(self, conns: Sequence[Connection]) -> None:
+        """Have each open session of ``conns`` fetch what the log holds beyond what it delivered: one
+        read of heads per ``heads_batch`` users."""
+        by_uid: dict[int, list[Connection]] = {}
+        for conn in conns:
+            if conn.session.state is State.OPEN:
+                by_uid.setdefault(conn.session.uid, []).append(conn)
+        uids = list(by_uid)
+        for i in range(0, len(uids), self.heads_batch):
+            chunk = uids[i : i + self.heads_batch]
+            heads = await self.reads.heads(chunk)
+            for uid in chunk:
+                for conn in by_uid[uid]:
+                    if not conn.closed:
+                        cmds = conn.session.check_heads(heads.get(uid, {}))
+                        if cmds:
+                            METRICS.relink_fetches += len(cmds)
+                            conn.run(cmds)
 
     def deliver_event(self, frame: object, uids: Iterable[int], skip: tuple[int, str] | None) -> None:
         for uid in uids:

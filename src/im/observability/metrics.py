@@ -131,6 +131,7 @@ class Metrics:
         "rate_limited",
         "refused",
         "relay_lag",
+        "relink_fetches",
         "routed",
         "sends",
         "slow_consumers",
@@ -150,6 +151,7 @@ class Metrics:
         self.duplicates = 0
         self.deliveries = 0
         self.gap_fetches = 0
+        self.relink_fetches = 0
         self.logins = _zeros(LOGIN_RESULTS)
         self.slow_consumers = 0
         self.rate_limited = _zeros(RATE_LIMITS)
@@ -276,6 +278,13 @@ SPECS: Final[dict[str, tuple[str, str, str | None, str]]] = {
         "Fetches of stored messages for clients (history and gap fills after a missed or reordered message).",
         None,
         "gap_fetches",
+    ),
+    "im_relink_fetches": (
+        "counter",
+        "Conversations a device was missing messages of when a transfer link came up (what the link "
+        "dropped while it was down), each then fetched from the log.",
+        None,
+        "relink_fetches",
     ),
     "im_gateway_logins": (
         "counter",

@@ -367,6 +367,32 @@ class ServerSession:
         state.fetching = True
         return [cmd.Fetch(m.conv, state.delivered, m.seq - 1)]
 
+    def check_heads(self, heads: dict[str, int]) -> list[cmd.Command]:
+        """The log heads of the user's conversations (conv -> last seq), read after live delivery to this
+        node may have dropped messages (a transfer link was down): fetch what the device lacks. A
+        conversation the device has not seen on this connection is fetched from where the store says the
+        device starts, as a first live message would be."""
+        if self.state is not State.OPEN:
+            return []
+        out: list[cmd.Command] = []
+        for conv, last in heads.items():
+            state = self._convs.get(conv)
+            if state is None:
+                if last <= 0:
+                    continue
+                named = self._named.pop(conv, None) if self._named else None
+                self._convs[conv] = ConvCursor(delivered=None, target=last, fetching=True)
+                out.append(cmd.Fetch(conv, None if named is None else min(named, last), last))
+                continue
+            if last > state.target:
+                state.target = last
+            if state.fetching or state.delivered is None or last <= state.delivered:
+                continue  # a fetch in flight goes on to ``target``
+            state.fetching = True
+            upto = min(state.pending) - 1 if state.pending else last
+            out.append(cmd.Fetch(conv, state.delivered, upto))
+        return out
+
     def fetched(self, conv: str, start: int, messages: list[StoredMessage]) -> list[cmd.Command]:
         """Stored messages after ``start`` (the resolved start point when the Fetch had ``after=None``)."""
         state = self._convs.get(conv)

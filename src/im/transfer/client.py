@@ -241,6 +241,10 @@ class TransferLink:
                         self._connected.set()
                         backoff = self._backoff_initial
                         log.info("linked to transfer node %s at %s", self.transfer_node, self.address)
+                        try:  # what that node routed here while unlinked was dropped: sessions check
+                            self.sink.relinked()
+                        except Exception:
+                            log.exception("the sink failed to catch up after a relink")
                     self._dispatch(frame)
                 log.warning("transfer node %s ended the link", self.address)
             except grpc.aio.AioRpcError as exc:

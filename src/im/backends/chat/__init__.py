@@ -130,6 +130,11 @@ class CursorStore(Service, abc.ABC):
         (or the point the user joined, when the device has none)."""
 
     @abc.abstractmethod
+    async def heads(self, uids: Sequence[int]) -> dict[int, dict[str, int]]:
+        """uid -> {conv: last seq} for every conversation each of ``uids`` is a member of (a user in none
+        is absent): one read for many users, for a gateway that checks what its devices may have missed."""
+
+    @abc.abstractmethod
     async def start_cursor(self, uid: int, device: str, conv: str) -> int:
         """Where ``device`` resumes in ``conv``: the larger of its stored cursor and the user's join point."""
 

@@ -298,6 +298,9 @@ class EncryptedChatStore(ChatStore):
     async def sync_points(self, uid: int, device: str) -> list[SyncPoint]:
         return await self.inner.sync_points(uid, device)
 
+    async def heads(self, uids: Sequence[int]) -> dict[int, dict[str, int]]:
+        return await self.inner.heads(uids)
+
     async def start_cursor(self, uid: int, device: str, conv: str) -> int:
         return await self.inner.start_cursor(uid, device, conv)
 

@@ -346,6 +346,19 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
         )
         return [SyncPoint(conv, last, min(cursor, last)) for conv, last, cursor in rows]
 
+    async def heads(self, uids: Sequence[int]) -> dict[int, dict[str, int]]:
+        if not uids:
+            return {}
+        rows = await self.db.pool.fetch(
+            "SELECT m.uid, m.conv, c.last_seq FROM members m JOIN conversations c ON c.conv = m.conv"
+            " WHERE m.uid = ANY($1::bigint[])",
+            list(uids),
+        )
+        out: dict[int, dict[str, int]] = {}
+        for uid, conv, last in rows:
+            out.setdefault(uid, {})[conv] = last
+        return out
+
     async def start_cursor(self, uid: int, device: str, conv: str) -> int:
         value = await self.db.pool.fetchval(
             "SELECT greatest(coalesce((SELECT joined_seq FROM members WHERE conv = $1 AND uid = $2), 0),"

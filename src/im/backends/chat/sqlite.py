@@ -229,6 +229,21 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
 
         return await self.db.read(run)
 
+    async def heads(self, uids: Sequence[int]) -> dict[int, dict[str, int]]:
+        def run(conn: sqlite3.Connection) -> dict[int, dict[str, int]]:
+            out: dict[int, dict[str, int]] = {}
+            for chunk in _chunks(list(uids)):
+                rows = conn.execute(
+                    "SELECT m.uid, m.conv, c.last_seq FROM members m JOIN conversations c ON c.conv = m.conv"
+                    f" WHERE m.uid IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                )
+                for uid, conv, last in rows:
+                    out.setdefault(uid, {})[conv] = last
+            return out
+
+        return await self.db.read(run) if uids else {}
+
     async def start_cursor(self, uid: int, device: str, conv: str) -> int:
         def run(conn: sqlite3.Connection) -> int:
             row = conn.execute(
