@@ -67,3 +67,35 @@ async def test_the_outbox_relay_stops_when_its_broker_connect_swallows_the_cance
             await asyncio.wait_for(asyncio.shield(task), 3)
         assert task.done(), "the relay went on retrying after its cancellation"
         task.cancel()  # (if it did not stop: let the test end)
+
+
+async def test_the_etcd_keepalive_stops_when_a_renewal_swallows_the_cancel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registry keepalive whose lease renewal loses the cancellation (and succeeds) stops at its next
+    round instead of renewing forever (a stopping node would hang on it)."""
+    from im.backends.registry.etcd import EtcdRegistry, _Registration
+    from im.model.cluster import ServiceInstance
+
+    renewing = asyncio.Event()
+    renewals = 0
+
+    class Reply:
+        TTL = 30
+
+    async def renew_losing_the_cancel(_lease: int) -> Reply:
+        nonlocal renewals
+        renewals += 1
+        renewing.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.05)
+        renewing.clear()
+        return Reply()
+
+    registry = EtcdRegistry("127.0.0.1:1")
+    monkeypatch.setattr(registry.client, "refresh_lease", renew_losing_the_cancel)
+    reg = _Registration(ServiceInstance("gateway", "gw-1", {}), ttl=0.03, key=b"k")
+    task = asyncio.create_task(registry._keep_alive(reg))
+    await renewing.wait()
+    task.cancel()  # lands in the renewal, which swallows it
+    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+        await asyncio.wait_for(asyncio.shield(task), 1)
+    assert task.done(), f"the keepalive went on renewing after its cancellation ({renewals} renewals)"

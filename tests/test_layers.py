@@ -38,7 +38,7 @@ ALLOWED: dict[str, set[str]] = {
     "seaweedfs": {"procs"},  # the private object store of `im cluster --s3` and the tests
     "observability": MODEL | {"config", "throttled_log"},
     "protocol": MODEL | OBS,  # the server session counts deliveries and refusals (plain ints)
-    "backends": MODEL | OBS | {"backends", "backends.impl"},  # adapters share the SQL helpers
+    "backends": MODEL | OBS | {"backends", "backends.impl", "cancel"},  # adapters share the SQL helpers
     "core": MODEL | INTERFACES | OBS | {"throttled_log"},
     "files": MODEL | INTERFACES | OBS | {"throttled_log"},
     "events": MODEL | INTERFACES | OBS | {"throttled_log", "cancel"},

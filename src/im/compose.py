@@ -45,6 +45,7 @@ from im.backends.registry.memory import MemoryRegistry
 from im.backends.routing import Router
 from im.backends.routing.memory import MemoryRouter
 from im.backends.sql.sqlite_db import SqliteDatabase
+from im.cancel import raise_if_cancelling
 from im.compose_security import (
     ProcessTls,
     client_tls,
@@ -247,10 +248,12 @@ class KeyReloader:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poked.wait(), self.interval or None)
+            raise_if_cancelling()  # a stop that wait_for or the reload's engine client swallowed
             self._poked.clear()
             try:
                 await self.keyring.reload()
             except Exception as exc:
+                raise_if_cancelling(exc)
                 log.error(
                     "the master key source does not load (%s: %s); keeping the keys held", type(exc).__name__, exc
                 )

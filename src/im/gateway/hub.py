@@ -24,7 +24,7 @@ from im.backends.chat import CursorStore
 from im.backends.presence import Presence
 from im.backends.rate_limit import Hit, RateLimiter
 from im.backends.routing import DeliverySink, Router
-from im.cancel import retry_pause
+from im.cancel import raise_if_cancelling, retry_pause
 from im.core.accounts import AccountService
 from im.core.committer import SendRequest, SubmitSend
 from im.core.reads import ChatReads
@@ -650,6 +650,7 @@ class Hub(DeliverySink):
             try:
                 await self._flush_cursors()
             except Exception as exc:  # store or presence away: what was taken is retried by clients' resume
+                raise_if_cancelling(exc)
                 METRICS.engine_error(exc)
                 _cursor_failures.hit(f"{type(exc).__name__}: {exc}")
 
@@ -687,5 +688,6 @@ class Hub(DeliverySink):
                 for conn, _ in failed:
                     conn.claimed = True
         except Exception as exc:  # keep the timers running; the next refresh tries again
+            raise_if_cancelling(exc)
             METRICS.engine_error(exc)
             log.warning("presence refresh failed (%s: %s)", type(exc).__name__, exc)

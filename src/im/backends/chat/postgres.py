@@ -38,6 +38,7 @@ from im.backends.chat import ChatStore, ConversationKeys, OutboxLockLost, Stored
 from im.backends.sql.postgres_db import PostgresDatabase, rowcount
 from im.backends.sql.rows import conversation_summary
 from im.backends.sql.shared_db import OnSharedDatabase
+from im.cancel import raise_if_cancelling
 from im.model.chat import (
     CommitBatch,
     ConversationState,
@@ -453,7 +454,8 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
                 try:
                     await conn.execute("SELECT pg_advisory_lock(hashtext($1))", key)
                     break
-                except TimeoutError:
+                except TimeoutError as exc:
+                    raise_if_cancelling(exc)  # a stop that became the time-out: give up waiting
                     # The pool's command_timeout cancelled the wait: wait again, on the same session (had
                     # the lock been granted as the timeout hit, this takes it once more; release() of the
                     # connection runs pg_advisory_unlock_all).

@@ -50,6 +50,7 @@ import msgspec
 
 from im.backends.node_ids import MAX_NODE_IDS, Minter, NodeIdClaims, NodeIdUnavailable
 from im.backends.registry.etcd import EtcdRegistry
+from im.cancel import raise_if_cancelling, retry_pause
 from im.observability.metrics import METRICS
 
 log = logging.getLogger(__name__)
@@ -321,6 +322,7 @@ class EtcdNodeIds(NodeIdClaims):
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._nudge.wait(), delay)
+            raise_if_cancelling()  # wait_for, or the last renewal's library call, may have swallowed a stop
             self._nudge.clear()
             try:
                 refused, self._refused = self._refused, None
@@ -331,6 +333,7 @@ class EtcdNodeIds(NodeIdClaims):
                 else:
                     await self._renew(self._held)
             except Exception as exc:  # etcd unreachable, every id taken, ...: never let this task die
+                raise_if_cancelling(exc)
                 if not isinstance(exc, NodeIdUnavailable):
                     METRICS.engine_error(exc, "etcd")
                     await self._client.failed(exc)
@@ -387,4 +390,4 @@ class EtcdNodeIds(NodeIdClaims):
                 await c.failed(exc)
                 delay = min(self._retry * 2 ** min(failures - 1, 10), self._max_retry)
                 log.debug("watch of node id %d broke (%r): reopening in %.2fs", held.node_id, exc, delay)
-                await asyncio.sleep(delay)
+                await retry_pause(delay, exc)

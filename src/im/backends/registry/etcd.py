@@ -46,6 +46,7 @@ import msgspec
 
 from im.backends.registry import Registry
 from im.backends.tls import ClientTls
+from im.cancel import raise_if_cancelling, retry_pause
 from im.model.cluster import ServiceInstance
 from im.observability.metrics import METRICS
 
@@ -311,6 +312,7 @@ class EtcdRegistry(Registry):
         failures = 0
         while True:
             await asyncio.sleep(delay)
+            raise_if_cancelling()  # a stop that the last renewal's library call swallowed
             try:
                 async with reg.lock:
                     if not await self._refresh(reg):
@@ -318,6 +320,7 @@ class EtcdRegistry(Registry):
                         self._registration_lost(reg.instance.node)
                         await self._grant_and_put(reg)
             except Exception as e:  # etcd unreachable, or anything else: never let the keepalive die
+                raise_if_cancelling(e)
                 METRICS.engine_error(e, "etcd")
                 failures += 1
                 await self.client.failed(e)
@@ -459,7 +462,7 @@ class EtcdRegistry(Registry):
                     e,
                     delay,
                 )
-                await asyncio.sleep(delay)
+                await retry_pause(delay, e)
 
     @contextlib.asynccontextmanager
     async def _watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[AsyncIterator[aetcd.Event]]:
