@@ -12,6 +12,12 @@ from im.backends.accounts.postgres import PostgresAccountStore
 from im.backends.accounts.sqlite import SqliteAccountStore
 from im.backends.sql.sqlite_db import SqliteDatabase
 from tests.support.postgres import PgSchema, start
+from tests.support.zygote import ZYGOTE
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop the process the suite forks its servers from (its children are stopped by their tests)."""
+    ZYGOTE.close()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -25,7 +25,6 @@ data in ``<data_dir>/s3``, free ports, a random key pair) and every node keeps i
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import subprocess
@@ -39,7 +38,7 @@ import httpx
 
 from im import certs
 from im.cli_help import HelpFormatter
-from im.procs import free_port, stop_process
+from im.procs import ChildProcess, Spawn, free_port, spawn_im, stop_process
 from im.seaweedfs import WeedMissing, WeedProcess
 
 ETCD_INSTALL_HINT = (
@@ -162,7 +161,9 @@ class RoleProcess:
     args: list[str]
     log_path: Path
     ports: dict[str, int]
-    proc: subprocess.Popen[bytes] | None = None
+    proc: ChildProcess | None = None
+    #: How the process is started (``python -m im``; the tests fork theirs, tests/support/zygote.py).
+    spawn: Spawn = spawn_im
     _offset: int = 0  # where this start's output begins in the log (a restart appends to it)
 
     def start(self, timeout: float = 30.0) -> RoleProcess:
@@ -174,16 +175,7 @@ class RoleProcess:
         assert self.proc is None or self.proc.poll() is not None, f"{self.name} is running already"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        cmd = [sys.executable, "-m", "im", self.role, *self.args]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ},
-                start_new_session=True,  # signals come from the cluster, in order, not from the terminal
-            )
+        self.proc = self.spawn([self.role, *self.args], self.log_path, True)
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> RoleProcess:
@@ -238,6 +230,8 @@ class LocalCluster:
     #: come after the common ones, so a ``--set`` here overrides the cluster's value for that node (its own
     #: engine URLs, say, through a fault proxy in the tests).
     node_args: dict[str, list[str]] = field(default_factory=dict)
+    #: How each node's process is started (:data:`im.procs.Spawn`).
+    spawn: Spawn = spawn_im
 
     def _common(self) -> list[str]:
         sets = {
@@ -318,6 +312,7 @@ class LocalCluster:
                     ],
                     logs / f"tr-{i}.log",
                     {"grpc": port, "ops": ops},
+                    spawn=self.spawn,
                 )
             )
         for i in range(1, self.gateways + 1):
@@ -339,6 +334,7 @@ class LocalCluster:
                     ],
                     logs / f"gw-{i}.log",
                     {"ws": ws, "tcp": tcp, "ops": ops},
+                    spawn=self.spawn,
                 )
             )
         for i in range(1, self.apis + 1):
@@ -357,6 +353,7 @@ class LocalCluster:
                     ],
                     logs / f"api-{i}.log",
                     {"http": http},
+                    spawn=self.spawn,
                 )
             )
         return plan

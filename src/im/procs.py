@@ -3,10 +3,14 @@ engines): a free port to give one, and a stop that never leaves one behind. Impo
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import subprocess
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
 
 #: Where :func:`free_port` looks: from here up to the start of the kernel's ephemeral range. Below it,
 #: 10000-19999 is left to callers that need a block of fixed offsets (the tests' local clusters).
@@ -62,7 +66,7 @@ def free_block(offsets: Sequence[int], *, low: int = 10_000, high: int | None = 
     raise RuntimeError("no free port range for a cluster")
 
 
-def stop_process(proc: subprocess.Popen[bytes], sig: int, timeout: float, *, raise_on_timeout: bool = True) -> int:
+def stop_process(proc: ChildProcess, sig: int, timeout: float, *, raise_on_timeout: bool = True) -> int:
     """Signal a child (unless it already exited) and wait; one that outlives ``timeout`` is killed (and
     the timeout raised, unless told not to). Returns the exit code."""
     if proc.poll() is None:
@@ -74,4 +78,43 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int, timeout: float, *, rai
             proc.wait()
             if raise_on_timeout:
                 raise
-    return proc.returncode
+    return proc.wait()
+
+
+class ChildProcess(Protocol):
+    """What im's tools use of a child they started (``subprocess.Popen`` has it)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def terminate(self) -> None: ...
+
+
+#: Starts ``im ARGS`` with its output appended to a log file, in a session of its own when asked:
+#: ``spawn(args, log, new_session)``. :func:`spawn_im` by default; the test suite forks its servers from
+#: a process that imported im already (tests/support/zygote.py).
+Spawn = Callable[[list[str], Path, bool], ChildProcess]
+
+
+def spawn_im(args: list[str], log: Path, new_session: bool) -> subprocess.Popen[bytes]:
+    """``python -m im ARGS`` as a child, stdout and stderr appended to ``log``, stdin closed."""
+    with open(log, "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "im", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ},
+            start_new_session=new_session,  # signals come from the caller, in order, not from the terminal
+        )

@@ -24,6 +24,7 @@ from tests.support.checker import History
 from tests.support.client import Account, ChatClient
 from tests.support.postgres import DSN
 from tests.support.server import FAST_ARGON2, RELAXED_RATES
+from tests.support.zygote import ZYGOTE
 
 #: Offsets from the base port that a two-gateway, two-transfer cluster uses (im.cluster's layout).
 _OFFSETS = (
@@ -83,7 +84,7 @@ def make_cluster(data_dir: Path, *, postgres_dsn: str = DSN, **kw: object) -> Lo
             "--log-level",
             "info",
         ],
-        **kw,  # type: ignore[arg-type]
+        **{"spawn": ZYGOTE.spawn_im, **kw},  # type: ignore[arg-type]
     )
 
 

@@ -91,7 +91,7 @@ def refused_start(node: RoleProcess) -> tuple[int, str]:
     assert node.proc is not None
     log = node.log()
     assert "Traceback" not in log, log
-    return node.proc.returncode, log.strip().splitlines()[-1]
+    return node.proc.wait(), log.strip().splitlines()[-1]
 
 
 async def test_a_node_that_cannot_claim_a_node_id_does_not_start(tmp_path: Path) -> None:

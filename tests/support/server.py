@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import resource
 import signal
 import socket
 import ssl
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from im.procs import free_port, stop_process
+from tests.support.zygote import ZYGOTE, ForkedProcess
 
 FAST_ARGON2 = [
     "--set",
@@ -74,7 +71,7 @@ class ServerProcess:
     http_port: int = field(default_factory=free_port)
     ws_port: int = field(default_factory=free_port)
     tcp_port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
+    proc: ForkedProcess | None = None
     #: Open-file limit (soft and hard) to start the server under, like ``ulimit -n``; None: inherited.
     nofile: int | None = None
     log_path: Path | None = None
@@ -105,12 +102,13 @@ class ServerProcess:
         return ("127.0.0.1", self.tcp_port)
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> ServerProcess:
+        """Start the process (forked from the suite's zygote, tests/support/zygote.py) without waiting."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / "server.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "im",
+        args = [
             "serve",
             "--data-dir",
             str(self.data_dir),
@@ -124,17 +122,12 @@ class ServerProcess:
             *(["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)] if self.tls else []),
             *self.extra,
         ]
-        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ},
-                # Python code in the forked child only when a limit must be set: the test process runs gRPC
-                # threads (in-process links, etcd clients), and a fork that runs Python before exec can
-                # trip gRPC's fork handlers (the child aborts); without preexec_fn the child only execs.
-                preexec_fn=self._limits if self.nofile is not None else None,
-            )
+        self.proc = ZYGOTE.spawn(args, self.log_path, nofile=self.nofile)
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> ServerProcess:
+        """Wait until the launched server answers on every listener; raises if it exits first."""
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -149,10 +142,6 @@ class ServerProcess:
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"im serve did not start in {timeout}s:\n{self.log()}")
-
-    def _limits(self) -> None:
-        assert self.nofile is not None
-        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         """Stop the server (SIGTERM: graceful; SIGKILL: crash) and return its exit code."""
