@@ -77,4 +77,7 @@ uv run --frozen python scripts/test_engines.py
 uv run ruff check src tests benchmarks
 uv run ruff format --check src tests benchmarks
 uv run mypy
-uv run pytest -q -p no:cacheprovider "$@"
+# Two pytest-xdist workers (IM_TEST_WORKERS; 0: one process, no workers). --dist loadgroup keeps each
+# module on one worker and runs the cluster, fault and timing tests on one worker, one after another
+# (tests/support/workers.py, which also gives each worker ports of its own).
+uv run pytest -q -p no:cacheprovider -n "${IM_TEST_WORKERS:-2}" --dist loadgroup "$@"

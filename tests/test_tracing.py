@@ -5,7 +5,6 @@ The cluster version (gRPC, RabbitMQ, webhook) is tests/cluster/test_tracing.py."
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from opentelemetry import trace
 
 from im.config import TracingConfig, load_config
 from im.observability import tracing
+from im.procs import free_port
 from im.server import EmbeddedServer
 from tests.support.client import ChatClient, register
 from tests.support.server import RELAXED_RATES_CONFIG
@@ -172,9 +172,7 @@ def test_propagation_formats_round_trip() -> None:
 
 
 def test_a_collector_that_is_down_costs_a_counted_line_not_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
-    with socket.socket() as s:  # a port nobody listens on: every POST is refused at once
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}/api/v2/spans"
+    url = f"http://127.0.0.1:{free_port()}/api/v2/spans"  # nobody listens there: every POST is refused at once
     cfg = TracingConfig(enabled=True, sample_ratio=1.0, zipkin_url=url, schedule_delay=0.05)
     assert tracing.setup(cfg, "im", "test-node")
     try:

@@ -12,9 +12,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-#: Where :func:`free_port` looks: from here up to the start of the kernel's ephemeral range. Below it,
-#: 10000-19999 is left to callers that need a block of fixed offsets (the tests' local clusters).
-_LOWEST = 20_000
+#: Where :func:`free_port` looks by default: from here up to the start of the kernel's ephemeral range.
+#: Below it, 10000-19999 is left to callers that need a block of fixed offsets (the tests' local clusters).
+FREE_PORT_LOWEST = 20_000
+#: The window :func:`free_port` picks in now, ``[_LOWEST, _HIGHEST)``; ``_HIGHEST`` None: up to the start
+#: of the ephemeral range (never beyond it in any case). :func:`confine_ports` narrows it.
+_LOWEST = FREE_PORT_LOWEST
+_HIGHEST: int | None = None
 
 
 def ephemeral_low() -> int:
@@ -27,13 +31,27 @@ def ephemeral_low() -> int:
         return 32_768
 
 
+def confine_ports(low: int = FREE_PORT_LOWEST, high: int | None = None) -> tuple[int, int | None]:
+    """Have :func:`free_port` pick its ports in ``[low, high)`` only (and still below the ephemeral range),
+    e.g. one window per test process when several run at once, so no two pick the same free port; ``high``
+    None: up to the ephemeral range. Returns the window it replaces: ``confine_ports(*previous)`` restores
+    it, and ``confine_ports()`` the default."""
+    global _LOWEST, _HIGHEST
+    if low < 1 or (high is not None and not low < high <= 65_536):
+        raise ValueError(f"not a port window: [{low}, {high})")
+    previous = (_LOWEST, _HIGHEST)
+    _LOWEST, _HIGHEST = low, high
+    return previous
+
+
 def free_port(span: int = 1) -> int:
-    """A port (the first of ``span`` consecutive ones) free on 127.0.0.1 now, for a child to listen on.
+    """A port (the first of ``span`` consecutive ones) free on 127.0.0.1 now, for a child to listen on,
+    inside the window :func:`confine_ports` set (by default from 20000 up).
 
     It is chosen below the ephemeral range: a port the kernel handed out for port 0 is free again the
     moment we close it, and any outgoing connection may take it before the child binds it ("address
     already in use"); ports below the range are only ever taken by an explicit bind."""
-    top = ephemeral_low() - span
+    top = min(ephemeral_low(), _HIGHEST if _HIGHEST is not None else ephemeral_low()) - span
     for _ in range(500):
         base = random.randrange(_LOWEST, max(top, _LOWEST + 1))
         try:

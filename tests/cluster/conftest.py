@@ -24,6 +24,7 @@ from tests.support.checker import History
 from tests.support.client import Account, ChatClient
 from tests.support.postgres import DSN
 from tests.support.server import FAST_ARGON2, RELAXED_RATES
+from tests.support.workers import cluster_block_range
 from tests.support.zygote import ZYGOTE
 
 #: Offsets from the base port that a two-gateway, two-transfer cluster uses (im.cluster's layout).
@@ -53,8 +54,11 @@ _OFFSETS = (
 def _free_base() -> int:
     """A base port whose whole layout is free now and lies below the ephemeral range, so no outgoing
     connection, nor ``free_port()`` (20000 and up), can take one of its ports between this check and
-    the cluster's start (that race once failed a gateway's ops listener with "address already in use")."""
-    return free_block(_OFFSETS, low=10_000, high=20_000)  # 20000 and up: free_port()'s range
+    the cluster's start (that race once failed a gateway's ops listener with "address already in use").
+    It lies in this test worker's share of 10000-19999 (``cluster_block_range``), so two pytest-xdist
+    workers never start clusters on the same ports."""
+    low, high = cluster_block_range()
+    return free_block(_OFFSETS, low=low, high=high)
 
 
 @dataclass

@@ -5,7 +5,6 @@ size; per-device expiry; recovery from lost keys by the gateways' refresh. Needs
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterable
 
@@ -15,6 +14,7 @@ import redis.exceptions
 
 from im.backends.presence.redis import RedisPresence
 from im.model.cluster import DeviceLocation
+from im.procs import free_port
 from tests.contract.conftest import REDIS_URL, delete_redis_prefix
 
 TTL = 0.5
@@ -160,10 +160,7 @@ async def test_names_round_trip_and_prefixes_do_not_mix(counted: Counted) -> Non
 
 
 async def test_an_unreachable_redis_raises() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # free once closed: nothing listens there
-    p = RedisPresence(f"redis://127.0.0.1:{port}/0")
+    p = RedisPresence(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
     try:
         with pytest.raises(redis.exceptions.ConnectionError):
             await p.locate([1])
