@@ -180,17 +180,17 @@ def _child(request: dict[str, Any]) -> None:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
+        log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(log, 1)  # from here on a failure is reported in the log, not in the helper's answers
+        os.dup2(log, 2)
         if request["new_session"]:
             os.setsid()
         if request["nofile"] is not None:
             import resource
 
             resource.setrlimit(resource.RLIMIT_NOFILE, (request["nofile"], request["nofile"]))
-        log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
         os.closerange(3, 1 << 16)  # nothing of the helper's (its pipes, the wakeup pipe) stays open
         sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own stdio for its lifetime
         sys.stdout = open(1, "w", closefd=False, buffering=1)  # noqa: SIM115
@@ -259,9 +259,13 @@ def _serve() -> None:
             while b"\n" in pending:
                 line, pending = pending.split(b"\n", 1)
                 request = json.loads(line)
+                set_up_r, set_up_w = os.pipe()
                 pid = os.fork()
                 if pid == 0:
-                    _child(request)
+                    _child(request)  # closes set_up_w with the rest once its session, limits and stdio are set
+                os.close(set_up_w)
+                os.read(set_up_r, 1)  # EOF: set up (as Popen returns only once its child did that much)
+                os.close(set_up_r)
                 out.write(json.dumps({"spawned": pid}).encode() + b"\n")
                 out.flush()
 
