@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from im.backends.durable import create_once
 from im.backends.keys import KeyProvider
 from im.backends.keys.env import EnvKeyProvider
 from im.backends.keys.file import FileKeyProvider
@@ -107,10 +108,9 @@ def load_secret(config: Config) -> bytes:
     if config.auth.secret:
         return config.auth.secret.encode()
     path = config.data_dir / "secret.key"
-    if not path.exists():
+    if not path.exists():  # nodes of a cluster sharing the directory may get here at the same moment
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(48))
-        path.chmod(0o600)
+        create_once(path, secrets.token_urlsafe(48).encode())
     return path.read_text().strip().encode()
 
 

@@ -31,7 +31,7 @@ import stat
 import time
 from pathlib import Path
 
-from im.backends.durable import fsync_dir
+from im.backends.durable import create_once, fsync_dir
 from im.backends.keys.aes import (
     AesKeyProvider,
     decode_master_keys,
@@ -136,17 +136,7 @@ def write_key_file(path: Path, key: bytes) -> bool:
     """Write ``key`` to ``path`` (mode 0600; a missing directory made 0700), never replacing a file
     there. True when written; False when another writer got there first (its key stands)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = _write_tmp(path, [key])
-    try:
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        fsync_dir(path.parent)
-        return True
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    return create_once(path, _key_file_text([key]).encode())
 
 
 def replace_key_file(path: Path, keys: list[bytes]) -> None:
@@ -186,12 +176,16 @@ def retire_from_key_file(path: Path, retire: set[str]) -> list[str]:
     return removed
 
 
+def _key_file_text(keys: list[bytes]) -> str:
+    return _HEADER + (_ROTATED if len(keys) > 1 else "") + "".join(encode_master_key(k) + "\n" for k in keys)
+
+
 def _write_tmp(path: Path, keys: list[bytes]) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(_HEADER + (_ROTATED if len(keys) > 1 else "") + "".join(encode_master_key(k) + "\n" for k in keys))
+            f.write(_key_file_text(keys))
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
