@@ -25,6 +25,10 @@ def test_a_forked_server_has_its_limits_its_log_and_nothing_of_the_helper(tmp_pa
         helpers = {os.readlink(f"/proc/{helper}/fd/{fd}") for fd in os.listdir(f"/proc/{helper}/fd")}
         assert not {fd for fd in helpers & fds if fd.startswith("pipe:")}, fds  # none of the helper's pipes
         assert os.readlink(f"/proc/{pid}/fd/1") == str(server.log_path)
+        status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        ignored = int(status["SigIgn"], 16)
+        assert ignored & (1 << (signal.SIGPIPE - 1)), "a Python process ignores SIGPIPE (EPIPE instead)"
+        assert not ignored & (1 << (signal.SIGINT - 1)) and not ignored & (1 << (signal.SIGTERM - 1))
     finally:
         assert server.stop() == 0  # SIGTERM: a graceful stop, exit 0
     assert "im: HTTP API" in server.log() and "im: stopped" in server.log()  # its output, in its log

@@ -177,9 +177,13 @@ def _child(request: dict[str, Any]) -> None:
     """In the forked child: become ``python -m im ARGV`` as Popen would have started it; never returns."""
     code = 1
     try:
+        # The dispositions a fresh interpreter starts with: SIGPIPE and SIGXFSZ stay ignored (Python's
+        # own start-up ignores them, and the helper is a Python process too), SIGINT raises
+        # KeyboardInterrupt, the rest are the defaults.
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
