@@ -404,6 +404,22 @@ async def test_sync_points_and_start_cursor(chat: ChatHarness) -> None:
     await store.save_cursors([])
 
 
+async def test_a_batch_stores_the_bodies_it_carries_in_place_of_its_messages_own(chat: ChatHarness) -> None:
+    store = chat.store
+    messages = [msg(D, i, 1) for i in (1, 2)]
+    own = [m.body for m in messages]
+    await store.commit(
+        CommitBatch(
+            messages=messages,
+            heads={D: (0, 2, 1_002)},
+            new_conversations=[ConversationState(D, "direct", 0, {1: "member", 2: "member"})],
+            bodies=[b'"one"', b'"two"'],
+        )
+    )
+    assert [m.body for m in await store.read_range(D, 0, None, 10)] == [b'"one"', b'"two"']
+    assert [m.body for m in messages] == own  # the messages stay as they were
+
+
 async def test_heads_of_many_users_in_one_read(chat: ChatHarness) -> None:
     store = chat.store
     await new_direct(store, 1, 2, 5)

@@ -61,6 +61,18 @@ class CommitBatch:
     #: (node id, fencing token) of the claim the batch's ids were minted under: the store refuses the
     #: batch (FenceRefused) when it records a higher token for that node id. None: not fenced.
     fence: tuple[int, int] | None = None
+    #: What to store as ``messages[i]``'s body instead of its own (sealed by an encrypting store in
+    #: front, which leaves the messages, still routed to members, as they are). None: their own.
+    bodies: list[bytes] | None = None
+
+    def message_rows(self) -> list[tuple[str, int, int, int, str, str, int, str, bytes]]:
+        """(conv, seq, mid, sender, device, cmid, ts, type, stored body) of each message, in order."""
+        if self.bodies is None:
+            return [(m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, m.body) for m in self.messages]
+        return [
+            (m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, body)
+            for m, body in zip(self.messages, self.bodies, strict=True)
+        ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,20 +134,31 @@ class EncryptedChatStore(ChatStore):
 
     async def seal(self, messages: Sequence[StoredMessage]) -> list[StoredMessage]:
         """Copies of ``messages`` with their bodies sealed (the originals are not touched)."""
+        bodies = await self.seal_bodies(messages)
+        return [
+            StoredMessage(m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, body)
+            for m, body in zip(messages, bodies, strict=True)
+        ]
+
+    async def seal_bodies(
+        self, messages: Sequence[StoredMessage], bodies: Sequence[bytes] | None = None
+    ) -> list[bytes]:
+        """Each of ``messages`` body sealed, in order (``bodies[i]`` sealed in place of ``messages[i]``'s
+        own when given)."""
         if not messages:
             return []
         sealers = await self._sealers({m.conv for m in messages})
         nonces = os.urandom(_NONCE * len(messages))
-        out: list[StoredMessage] = []
+        out: list[bytes] = []
         append = out.append
         pack = _ROW.pack
         at = 0
-        for m in messages:
+        plain = [m.body for m in messages] if bodies is None else bodies
+        for m, body in zip(messages, plain, strict=True):
             header, encrypt, prefix = sealers[m.conv]
             nonce = nonces[at : at + _NONCE]
             at += _NONCE
-            body = header + nonce + encrypt(nonce, m.body, prefix + pack(m.seq, m.mid))
-            append(StoredMessage(m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, body))
+            append(header + nonce + encrypt(nonce, body, prefix + pack(m.seq, m.mid)))
         return out
 
     async def _sealers(self, convs: Iterable[str]) -> dict[str, _Sealer]:
@@ -252,7 +263,7 @@ class EncryptedChatStore(ChatStore):
 
     async def commit(self, batch: CommitBatch) -> None:
         if batch.messages and self.sealing:
-            batch = dataclasses.replace(batch, messages=await self.seal(batch.messages))
+            batch = dataclasses.replace(batch, bodies=await self.seal_bodies(batch.messages, batch.bodies))
         await self.inner.commit(batch)
 
     async def raise_fence(self, node_id: int, token: int) -> int:

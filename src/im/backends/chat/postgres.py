@@ -181,7 +181,7 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
         m_cols = (
             list(
                 zip(
-                    *[(m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, m.body) for m in batch.messages],
+                    *batch.message_rows(),
                     strict=True,
                 )
             )
@@ -235,7 +235,7 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
             if rowcount(status) != len(heads):
                 raise SeqConflict("a conversation head moved")
         if batch.messages:
-            records = [(m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, m.body) for m in batch.messages]
+            records = batch.message_rows()
             await conn.copy_records_to_table("messages", records=records, columns=_MSG_FIELDS)
             if self.outbox:
                 traces = batch.traces

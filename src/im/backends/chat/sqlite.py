@@ -123,7 +123,7 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
                         raise SeqConflict(conv)
                 conn.executemany(
                     f"INSERT INTO messages ({_MSG_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, m.body) for m in batch.messages],
+                    batch.message_rows(),
                 )
                 if self.outbox and batch.messages:
                     traces = batch.traces
