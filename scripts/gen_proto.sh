@@ -16,3 +16,5 @@ for f in "$OUT"/transfer_pb2.py "$OUT"/transfer_pb2.pyi "$OUT"/transfer_pb2_grpc
     mv "$f.tmp" "$f"
 done
 printf '"""Generated protobuf and gRPC modules (scripts/gen_proto.sh); do not edit."""\n' > "$OUT/__init__.py"
+# The checked-in files are in the project's format (ruff format --check covers src/).
+"${RUFF:-.venv/bin/ruff}" format --quiet "$OUT"

@@ -236,7 +236,7 @@ async def test_a_revoked_session_is_closed_and_others_stay(gateway: Gateway) -> 
 
 async def test_after_a_relink_every_session_fetches_what_the_link_dropped(gateway: Gateway) -> None:
     """What the core routed while the path to this node was down is lost on the way (routers are at most
-    once); ``relinked`` has every open session check the log's heads and fetch it, with no later message
+    once); ``catch_up`` has every open session check the log's heads and fetch it, with no later message
     to show the gap."""
     _, alice_token = await gateway.user("alice")
     bob, bob_token = await gateway.user("bob")
@@ -248,7 +248,7 @@ async def test_after_a_relink_every_session_fetches_what_the_link_dropped(gatewa
     await eventually(lambda: len(a.of_type("ack")) == 3, lambda: str(a.frames))
     assert b.of_type("msg") == []
     router.attach(NODE, gateway.hub)
-    gateway.hub.relinked()
+    gateway.hub.catch_up()
     await eventually(lambda: len(b.of_type("msg")) == 3, lambda: str(b.frames))
     assert [m["seq"] for m in b.of_type("msg")] == [1, 2, 3]
     assert a.of_type("msg") == [] and b.closed_with is None
@@ -275,7 +275,7 @@ async def test_a_login_whose_sync_points_were_read_before_a_relink_checks_the_he
                 a.send(t="send", cmid="c1", to=bob, body="dropped")
                 await eventually(lambda: a.of_type("ack"), lambda: str(a.frames))
                 router.attach(NODE, hub)
-                hub.relinked()
+                hub.catch_up()
                 await hub.caught_up()  # it found bob still authenticating
             return points
 

@@ -364,7 +364,7 @@ async def partition(net: Net, history: History, apps: list[App], path: Path_, mo
     for rc, to, sent in zip(w.raw, w.raw_peer, w.raw_sent, strict=True):
         refusals += await raw_resend(rc, to, sent, rounds=30, timeout=45.0, pause=0.3)
     # Live delivery is at most once: a message the victim committed while a gateway was not linked to it
-    # (yet) was dropped on the way. The gateway's sessions fetch it when the link comes up (Hub.relinked):
+    # (yet) was dropped on the way. The gateway's sessions fetch it when the link comes up (Hub.catch_up):
     # no closing post is needed to show the gap (docs/reliability.md, "Relinks").
     await eventually(lambda: all(not a.c.outbox for a in w.apps), "every post answered", 45)
     # Each sender's messages are stored in the order posted, on every path, across the victim's refusals

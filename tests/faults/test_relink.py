@@ -1,7 +1,7 @@
 """A message committed while its recipient's gateway is not linked to the committing transfer node.
 
 Routers are at most once: a transfer node drops what it routes to a gateway it has no stream to. The
-gateway makes up for it when the link comes up (``Hub.relinked``): every open session reads the log's
+gateway makes up for it when the link comes up (``Hub.catch_up``): every open session reads the log's
 heads of its conversations and fetches what it lacks, without waiting for the conversation's next message
 or a reconnect (docs/reliability.md, "Relinks").
 
@@ -56,10 +56,10 @@ def _links(c: LocalCluster, node: str) -> int:
     return c.nodes[node].log().count("linked to transfer node")
 
 
-async def _relink_fetches(c: LocalCluster, node: str) -> float:
+async def _catch_up_fetches(c: LocalCluster, node: str) -> float:
     async with httpx.AsyncClient(timeout=10) as http:
         text = (await http.get(c.metrics_urls()[node])).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("im_relink_fetches_total"))
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("im_catch_up_fetches_total"))
 
 
 async def test_messages_committed_while_a_gateway_was_unlinked_reach_its_devices_when_it_relinks(
@@ -93,6 +93,6 @@ async def test_messages_committed_while_a_gateway_was_unlinked_reach_its_devices
     assert b.ws is ws_before and b.live, b.closed_reason  # the same connection: caught up, not resumed
     assert [m["seq"] for m in b.messages] == [1, 2, 3, 4]
     assert [m["body"] for m in b.messages][1:] == [f"while gw-2 was unlinked {i}" for i in range(3)]
-    assert await _relink_fetches(cluster, "gw-2") >= 1
+    assert await _catch_up_fetches(cluster, "gw-2") >= 1
     await history.close_all()
     await history.check()

@@ -32,7 +32,7 @@ class RecordingSink(DeliverySink):
         self.batches: list[list[tuple[StoredMessage, list[int]]]] = []
         self.events: list[tuple[object, list[int], tuple[int, str] | None]] = []
         self.replaced: list[DeviceLocation] = []
-        self.relinks = 0  # how often a link told it that it came up
+        self.catch_ups = 0  # how often a link told it that it came up
 
     @property
     def messages(self) -> list[tuple[StoredMessage, list[int]]]:
@@ -47,8 +47,8 @@ class RecordingSink(DeliverySink):
     def close_replaced(self, connections: Sequence[DeviceLocation]) -> None:
         self.replaced.extend(connections)
 
-    def relinked(self) -> None:
-        self.relinks += 1
+    def catch_up(self) -> None:
+        self.catch_ups += 1
 
 
 class GatedChatStore(SqliteChatStore):
@@ -106,7 +106,9 @@ class Core:
         self.server, _ = await serve_transfer(self.servicer, self.address)
 
 
-async def open_core(tmp_path: Path, *, node: str = "tr-1", tls: LinkTls | None = None) -> Core:
+async def open_core(
+    tmp_path: Path, *, node: str = "tr-1", tls: LinkTls | None = None, max_pending: int = 100_000
+) -> Core:
     """A transfer node on a free loopback port (over mutual TLS when ``tls`` is given); close it with
     :func:`close_core`."""
     db = SqliteDatabase(tmp_path / "im.db")
@@ -116,7 +118,7 @@ async def open_core(tmp_path: Path, *, node: str = "tr-1", tls: LinkTls | None =
     router, presence = GrpcRouter(), MemoryPresence()
     committer = Committer(store, accounts, router, presence, ConversationStates(store), Consent(accounts, store))
     committer.start()
-    servicer = TransferServicer(committer, router, node=node, tls=tls)
+    servicer = TransferServicer(committer, router, node=node, tls=tls, max_pending=max_pending)
     server, port = await serve_transfer(servicer)
     return Core(store, accounts, presence, router, committer, servicer, server, port)
 

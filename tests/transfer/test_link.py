@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from im.core.committer import SendRequest
+from im.model.chat import StoredMessage
 from im.model.errors import ErrorCode
 from im.protocol.frames import TypingEvent
 from im.transfer.server import LinkOutbox
 from tests.support.wait import eventually
-from tests.transfer.conftest import Core, RecordingSink, Results
+from tests.transfer.conftest import Core, RecordingSink, Results, close_core, open_core
 
 
 def send(uid: int, to: int, cmid: str, text: str = "hi") -> SendRequest:
@@ -121,12 +123,12 @@ async def test_link_loss_fails_pending_sends_unavailable_then_reconnects(core: C
     assert refused.got[0][3] is not None and refused.got[0][3].code is ErrorCode.UNAVAILABLE
 
     core.store.gate.set()  # the core finishes the batch it had (its results have no stream to go to)
-    assert sink_b.relinks == 1
+    assert sink_b.catch_ups == 1
     await core.restart_server()
     await asyncio.wait_for(link.wait_connected(), 10)
     assert link.connects == 2
     # What the core routed to gw-b meanwhile was dropped: its sink is told when its link is back.
-    await eventually(lambda: sink_b.relinks == 2)
+    await eventually(lambda: sink_b.catch_ups == 2)
     again = Results()
     for req in reqs:  # the SDK resends with the same cmids: dedupe makes it safe
         link.submit(req, again.done)
@@ -190,3 +192,23 @@ def test_a_closed_outbox_keeps_its_writer_awake_until_it_is_empty() -> None:
     assert frame is not None and [r.rid for r in frame.results] == [1]
     assert outbox.ready.is_set()
     assert outbox.take() is None and outbox.closed
+
+
+async def test_deliveries_dropped_for_a_slow_gateway_make_its_sessions_catch_up(tmp_path: Path) -> None:
+    """Beyond ``max_pending`` queued items for one gateway the transfer node drops deliveries (it never
+    blocks on a gateway); the next frame says so, and the gateway's sink is asked to catch up from the log."""
+    core = await open_core(tmp_path, max_pending=2)
+    try:
+        sink = RecordingSink()
+        await core.link("gw-b", sink)
+        assert sink.catch_ups == 1  # the link came up
+        messages = [StoredMessage("d:1:2", i, 900 + i, 1, "d1", f"c{i}", 1_000, "text", b'"x"') for i in range(1, 6)]
+        for m in messages:  # in one loop turn: the stream's writer takes nothing in between
+            core.router.publish("gw-b", [m], [[2]])
+        await eventually(lambda: sink.catch_ups == 2)
+        assert [m.seq for m, _ in sink.messages] == [1, 2]  # the other three were dropped
+        core.router.publish("gw-b", [messages[0]], [[2]])  # room again: no drop, nothing more to say
+        await eventually(lambda: len(sink.messages) == 3)
+        assert sink.catch_ups == 2
+    finally:
+        await close_core(core)

@@ -248,7 +248,7 @@ class Connection(abc.ABC):
         # Register before reading the sync points, so nothing committed in between is missed; what
         # arrives meanwhile waits in the session until the replay is set up.
         await self.hub.register(self)
-        relinks = self.hub.relinks  # points read before a relink may miss what its link dropped
+        catch_ups = self.hub.catch_ups  # points read before a relink may miss what its link dropped
         try:
             points = await self.hub.reads.sync_points(principal.uid, c.device)
         except Exception as exc:
@@ -256,7 +256,7 @@ class Connection(abc.ABC):
             return
         self.run(self.session.auth_succeeded(principal.uid, c.device, points, c.cursors))
         self.flush()
-        if self.hub.relinks != relinks:  # the hub's catch-up passed this session by while it authenticated
+        if self.hub.catch_ups != catch_ups:  # the hub's catch-up passed this session by while it authenticated
             try:
                 await self.hub.check_heads([self])
             except Exception as exc:
@@ -340,8 +340,8 @@ class Hub(DeliverySink):
         self._background: set[asyncio.Task[None]] = set()
         #: The shared rate limits (gateway/rates.py; without ``rates`` only the per-connection ones).
         self.rates = SharedRateGate(limiter, rates, self._all)
-        #: Transfer links that came up (:meth:`relinked`), and the catch-up they started.
-        self.relinks = 0
+        #: Calls of :meth:`catch_up` (links that came up, drops reported), and the catch-up they started.
+        self.catch_ups = 0
         self._catch_up: asyncio.Task[None] | None = None
         self._catch_up_again = False
         self.heads_batch = 1000  # users whose heads one read fetches
@@ -505,19 +505,19 @@ class Hub(DeliverySink):
                         if session.has_output:
                             conn.mark_dirty()
 
-    def relinked(self) -> None:
-        """A transfer link came up: what its node committed for this node's devices while unlinked was
-        dropped (routers are at most once). Every open session checks the log's heads in the background
-        (:meth:`check_heads`), so no device waits for its conversation's next message to find the gap;
-        more relinks meanwhile make one more pass."""
-        self.relinks += 1
+    def catch_up(self) -> None:
+        """A transfer link came up, or its node dropped deliveries for this node (a full queue): what was
+        committed for this node's devices meanwhile did not arrive (routers are at most once). Every open
+        session checks the log's heads in the background (:meth:`check_heads`), so no device waits for
+        its conversation's next message to find the gap; more calls meanwhile make one more pass."""
+        self.catch_ups += 1
         if self._catch_up is not None and not self._catch_up.done():
             self._catch_up_again = True
             return
         self._catch_up = asyncio.get_running_loop().create_task(self._catch_up_all(), name="im-hub-catch-up")
 
     async def caught_up(self) -> None:
-        """Return once the catch-up the last relink started has finished (at once when none runs)."""
+        """Return once the catch-up the last call started has finished (at once when none runs)."""
         if self._catch_up is not None:
             await asyncio.shield(self._catch_up)
 
@@ -551,7 +551,7 @@ class Hub(DeliverySink):
                     if not conn.closed:
                         cmds = conn.session.check_heads(heads.get(uid, {}))
                         if cmds:
-                            METRICS.relink_fetches += len(cmds)
+                            METRICS.catch_up_fetches += len(cmds)
                             conn.run(cmds)
 
     def deliver_event(self, frame: object, uids: Iterable[int], skip: tuple[int, str] | None) -> None:

@@ -114,6 +114,7 @@ class Metrics:
         "ack_seconds",
         "acks",
         "authenticated",
+        "catch_up_fetches",
         "commit_batch",
         "commit_seconds",
         "committed",
@@ -131,7 +132,6 @@ class Metrics:
         "rate_limited",
         "refused",
         "relay_lag",
-        "relink_fetches",
         "routed",
         "sends",
         "slow_consumers",
@@ -151,7 +151,7 @@ class Metrics:
         self.duplicates = 0
         self.deliveries = 0
         self.gap_fetches = 0
-        self.relink_fetches = 0
+        self.catch_up_fetches = 0
         self.logins = _zeros(LOGIN_RESULTS)
         self.slow_consumers = 0
         self.rate_limited = _zeros(RATE_LIMITS)
@@ -279,12 +279,13 @@ SPECS: Final[dict[str, tuple[str, str, str | None, str]]] = {
         None,
         "gap_fetches",
     ),
-    "im_relink_fetches": (
+    "im_catch_up_fetches": (
         "counter",
-        "Conversations a device was missing messages of when a transfer link came up (what the link "
-        "dropped while it was down), each then fetched from the log.",
+        "Conversations a device was missing messages of when a transfer link came up, or when a transfer "
+        "node reported deliveries it dropped for this gateway (what did not arrive), each then fetched "
+        "from the log.",
         None,
-        "relink_fetches",
+        "catch_up_fetches",
     ),
     "im_gateway_logins": (
         "counter",

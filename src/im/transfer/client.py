@@ -241,10 +241,7 @@ class TransferLink:
                         self._connected.set()
                         backoff = self._backoff_initial
                         log.info("linked to transfer node %s at %s", self.transfer_node, self.address)
-                        try:  # what that node routed here while unlinked was dropped: sessions check
-                            self.sink.relinked()
-                        except Exception:
-                            log.exception("the sink failed to catch up after a relink")
+                        self._catch_up()  # what that node routed here while unlinked was dropped
                     self._dispatch(frame)
                 log.warning("transfer node %s ended the link", self.address)
             except grpc.aio.AioRpcError as exc:
@@ -358,6 +355,14 @@ class TransferLink:
         if frame.replaced:
             node = self.node
             self.sink.close_replaced([DeviceLocation(r.uid, r.device, node, r.conn) for r in frame.replaced])
+        if frame.dropped:  # the transfer node dropped deliveries for this node: sessions check the log
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        try:
+            self.sink.catch_up()
+        except Exception:  # the stream goes on; sessions still find gaps at their next message
+            log.exception("the sink failed to start catching up")
 
     def _deliver_traced(
         self, frame: pb.TransferFrame, messages: list[StoredMessage], recipients: list[list[int]]

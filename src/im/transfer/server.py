@@ -54,8 +54,9 @@ class LinkOutbox:
     """What one stream still has to write. Appends never block; :meth:`take` drains into one frame.
 
     Slow-gateway policy ("drop deliveries"): beyond ``max_pending`` queued deliveries and events, new
-    ones are dropped and counted in ``dropped`` (the router is at most once; sessions recover from the
-    log). Results are never dropped: the gateway bounds them with its in-flight window.
+    ones are dropped and counted in ``dropped``, and the next frame says so (``dropped``): the gateway's
+    sessions check the log for what they missed. Results are never dropped: the gateway bounds them
+    with its in-flight window.
     """
 
     def __init__(self, node: str, *, max_frame_items: int, max_pending: int) -> None:
@@ -69,6 +70,7 @@ class LinkOutbox:
         self.ready = asyncio.Event()
         self.closed = False
         self.dropped = 0
+        self.overflowed = False  # dropped something since the last frame: the next one says so
         self._max_frame_items = max_frame_items
         self._max_pending = max_pending
 
@@ -82,6 +84,7 @@ class LinkOutbox:
             return
         if len(self.deliveries) + len(self.events) >= self._max_pending:
             self.dropped += len(messages)
+            self.overflowed = True
             return
         self.deliveries.extend(zip(messages, recipients, strict=True))
         if tracing.ROUTING:  # sampled messages among them (tracing on): carry their contexts
@@ -96,6 +99,7 @@ class LinkOutbox:
             return
         if len(self.deliveries) + len(self.events) >= self._max_pending:
             self.dropped += 1
+            self.overflowed = True
             return
         self.events.append((frame, uids, skip))
         self.ready.set()
@@ -127,9 +131,10 @@ class LinkOutbox:
             self.ready.set()
         else:
             self.ready.clear()
-        if not (results or deliveries or events or revoked or replaced):
+        dropped, self.overflowed = self.overflowed, False
+        if not (results or deliveries or events or revoked or replaced or dropped):
             return None
-        frame = pb.TransferFrame(revoked_sessions=revoked)
+        frame = pb.TransferFrame(revoked_sessions=revoked, dropped=dropped)
         for r in replaced:
             frame.replaced.add(uid=r.uid, device=r.device, conn=r.conn)
         add_result = frame.results.add

@@ -28,10 +28,11 @@ class DeliverySink(abc.ABC):
         """Close these connections (``bye replaced``) if this node still holds exactly them (``conn``): a
         newer connection of their device took over elsewhere. A sink that holds no connections ignores it."""
 
-    def relinked(self) -> None:  # noqa: B027 - a default, not abstract
-        """A path that carries deliveries to this node came up again (or for the first time): whatever a
-        core routed here while it was down was dropped on the way (routers are at most once). A sink that
-        holds sessions has them check the log for what they missed; one that holds none ignores it."""
+    def catch_up(self) -> None:  # noqa: B027 - a default, not abstract
+        """Deliveries to this node may have been dropped on the way (routers are at most once): a path that
+        carries them came up (again, or for the first time) after a core routed here while it was down,
+        or a core dropped some for this node because too many were waiting. A sink that holds sessions has
+        them check the log for what they missed; one that holds none ignores it."""
 
 
 class Router(Service, abc.ABC):

@@ -217,19 +217,21 @@ class Welcome(_message.Message):
     def __init__(self, node: _Optional[str] = ...) -> None: ...
 
 class TransferFrame(_message.Message):
-    __slots__ = ("welcome", "results", "deliveries", "events", "revoked_sessions", "replaced")
+    __slots__ = ("welcome", "results", "deliveries", "events", "revoked_sessions", "replaced", "dropped")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     DELIVERIES_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     REVOKED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     REPLACED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     results: _containers.RepeatedCompositeFieldContainer[Result]
     deliveries: _containers.RepeatedCompositeFieldContainer[Delivery]
     events: _containers.RepeatedCompositeFieldContainer[Event]
     revoked_sessions: _containers.RepeatedScalarFieldContainer[str]
     replaced: _containers.RepeatedCompositeFieldContainer[Replaced]
+    dropped: bool
     def __init__(
         self,
         welcome: _Optional[_Union[Welcome, _Mapping]] = ...,
@@ -238,4 +240,5 @@ class TransferFrame(_message.Message):
         events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...,
         revoked_sessions: _Optional[_Iterable[str]] = ...,
         replaced: _Optional[_Iterable[_Union[Replaced, _Mapping]]] = ...,
+        dropped: _Optional[bool] = ...,
     ) -> None: ...
