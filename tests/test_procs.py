@@ -50,7 +50,7 @@ def test_free_port_picks_inside_a_confined_window_until_restored() -> None:
     inner = (low + 100, low + 300)
     previous = confine_ports(*inner)
     try:
-        for _ in range(50):
+        for _ in range(20):
             assert inner[0] <= free_port() < inner[1]
             base = free_port(span=3)
             assert inner[0] <= base and base + 2 < inner[1]
@@ -59,6 +59,20 @@ def test_free_port_picks_inside_a_confined_window_until_restored() -> None:
     # restored: the window in force before, the worker's own under xdist, else the default
     assert previous == ((FREE_PORT_LOWEST, None) if worker_slot()[1] == 1 else (low, high))
     assert {low <= free_port() < min(high, ephemeral_low()) for _ in range(50)} == {True}
+
+
+def test_free_port_does_not_hand_out_a_port_again_before_it_could_be_bound() -> None:
+    """A server given three free ports binds them in turn: two of them must not be the same port (seen as
+    "address already in use" on the HTTP port of an im serve given that port for WebSocket too)."""
+    low, _ = port_window()
+    inner = (low + 400, low + 700)  # 300 ports: 150 random picks would repeat one almost surely
+    previous = confine_ports(*inner)
+    try:
+        picked = [free_port() for _ in range(150)]
+    finally:
+        confine_ports(*previous)
+    assert len(set(picked)) == len(picked)
+    assert all(inner[0] <= port < inner[1] for port in picked)
 
 
 @pytest.mark.parametrize(("low", "high"), [(0, 100), (30_000, 30_000), (30_000, 20_000), (30_000, 70_000)])

@@ -19,6 +19,10 @@ FREE_PORT_LOWEST = 20_000
 #: of the ephemeral range (never beyond it in any case). :func:`confine_ports` narrows it.
 _LOWEST = FREE_PORT_LOWEST
 _HIGHEST: int | None = None
+#: Ports :func:`free_port` handed out lately, oldest first: not handed out again while they are here, since
+#: a caller may not have bound one yet (a server given three ports binds them in turn).
+_HANDED: dict[int, None] = {}
+_HANDED_MAX = 2048
 
 
 def ephemeral_low() -> int:
@@ -50,16 +54,23 @@ def free_port(span: int = 1) -> int:
 
     It is chosen below the ephemeral range: a port the kernel handed out for port 0 is free again the
     moment we close it, and any outgoing connection may take it before the child binds it ("address
-    already in use"); ports below the range are only ever taken by an explicit bind."""
+    already in use"); ports below the range are only ever taken by an explicit bind. Nor is it one of
+    the last 2,048 this process handed out: free now does not mean nobody was given it a moment ago."""
     top = min(ephemeral_low(), _HIGHEST if _HIGHEST is not None else ephemeral_low()) - span
     for _ in range(500):
         base = random.randrange(_LOWEST, max(top, _LOWEST + 1))
+        if any(port in _HANDED for port in range(base, base + span)):
+            continue
         try:
             for port in range(base, base + span):
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", port))
         except OSError:
             continue
+        for port in range(base, base + span):
+            _HANDED[port] = None
+        while len(_HANDED) > _HANDED_MAX:
+            del _HANDED[next(iter(_HANDED))]
         return base
     with socket.socket() as s:  # a crowded range: fall back to one the kernel picks
         s.bind(("127.0.0.1", 0))
