@@ -283,3 +283,21 @@ async def test_a_login_whose_sync_points_were_read_before_a_relink_checks_the_he
     b = await gateway.connect(bob_token)
     await eventually(lambda: b.of_type("msg"), lambda: str(b.frames))
     assert [(m["seq"], m["body"]) for m in b.of_type("msg")] == [(1, "dropped")]
+
+
+async def test_devices_presence_lost_fetch_what_was_routed_to_nowhere_at_the_next_refresh(gateway: Gateway) -> None:
+    """Presence emptied (a Redis restart without its data, an entry expired): messages for those devices
+    went nowhere until the gateway announced them again; the refresh that finds them gone has them check
+    the log."""
+    _, alice_token = await gateway.user("alice")
+    bob, bob_token = await gateway.user("bob")
+    a, b = await gateway.connect(alice_token), await gateway.connect(bob_token)
+    presence = gateway.core.presence
+    await presence.set_offline(list((await presence.locate([bob]))[bob]))  # bob's entry is lost
+    a.send(t="send", cmid="c1", to=bob, body="while bob was nowhere")
+    await eventually(lambda: a.of_type("ack"), lambda: str(a.frames))
+    assert b.of_type("msg") == []
+    await gateway.hub.refresh_presence()  # what the timer loop does every max(1 s, presence ttl / 3)
+    await eventually(lambda: b.of_type("msg"), lambda: str(b.frames))
+    assert [(m["seq"], m["body"]) for m in b.of_type("msg")] == [(1, "while bob was nowhere")]
+    assert bob in await presence.locate([bob])

@@ -137,7 +137,7 @@ async def test_a_lost_request_is_made_good_by_the_next_presence_refresh(two: Two
     displaced = await two.presence.claim([DeviceLocation(alice, "phone", "gw-9", "x.1")], 60)
     assert displaced == [DeviceLocation(alice, "phone", "gw-1", conn.conn_id)]
     assert conn.closed_with is None
-    await two.hubs["gw-1"]._refresh_presence()  # what the timer loop does every max(1 s, ttl/3)
+    await two.hubs["gw-1"].refresh_presence()  # what the timer loop does every max(1 s, ttl/3)
     assert replaced(conn)
 
 
@@ -154,5 +154,5 @@ async def test_simultaneous_connections_on_both_gateways_leave_exactly_one(two: 
     assert all(replaced(c) for c in conns if c is not survivor)
     located = (await two.presence.locate([alice]))[alice]
     assert located == [DeviceLocation(alice, "phone", survivor.hub.node)]
-    await asyncio.gather(*(hub._refresh_presence() for hub in two.hubs.values()))
+    await asyncio.gather(*(hub.refresh_presence() for hub in two.hubs.values()))
     assert survivor.closed_with is None  # its own node's refresh keeps it

@@ -78,6 +78,27 @@ async def test_back_online_after_expiry(presence_harness: PresenceHarness) -> No
     assert await located(h, [1]) == {1: {loc(1, "phone", "gw-2")}}
 
 
+async def test_a_refresh_says_which_entries_were_not_there(presence_harness: PresenceHarness) -> None:
+    """What a gateway needs to tell that presence lost its devices (its data emptied, entries expired):
+    they were routed to nowhere meanwhile and must check the log."""
+    h = presence_harness
+    first = await h.presence.refresh([loc(1, "phone", "gw-1", "c1"), loc(2, "web", "gw-1")], h.ttl)
+    assert (first.left_out, first.absent) == ([], [loc(1, "phone", "gw-1", "c1"), loc(2, "web", "gw-1")])
+    again = await h.presence.refresh([loc(1, "phone", "gw-1", "c1"), loc(2, "web", "gw-1")], h.ttl)
+    assert (again.left_out, again.absent) == ([], [])  # live: nothing lost
+    await h.presence.set_offline([loc(2, "web", "gw-1")])
+    await h.presence.set_online([loc(3, "phone", "gw-1")], h.ttl)
+    await h.advance(h.ttl * 0.6)
+    await h.presence.set_online([loc(1, "phone", "gw-1", "c1")], h.ttl)
+    await h.advance(h.ttl * 0.6)  # 3's entry expired, 1's lives on
+    later = await h.presence.refresh([loc(u, d, "gw-1") for u, d in ((1, "phone"), (2, "web"), (3, "phone"))], h.ttl)
+    assert later.absent == [loc(2, "web", "gw-1"), loc(3, "phone", "gw-1")]
+    # Left out (claimed on another node since) is not written, so not reported absent either.
+    await h.presence.claim([loc(1, "phone", "gw-2", "c2")], h.ttl)
+    moved = await h.presence.refresh([loc(1, "phone", "gw-1", "c1")], h.ttl)
+    assert (moved.left_out, moved.absent) == ([loc(1, "phone", "gw-1", "c1")], [])
+
+
 async def test_a_claim_hands_back_the_previous_holder_wherever_it_is(presence_harness: PresenceHarness) -> None:
     h, ttl = presence_harness, presence_harness.ttl * 10  # nothing here waits for an expiry
     p = h.presence

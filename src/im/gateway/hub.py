@@ -440,6 +440,11 @@ class Hub(DeliverySink):
             METRICS.engine_error(exc)
             _presence_failures.hit(f"{type(exc).__name__}: {exc}: uid={uid} device={device} not removed")
 
+    def _held_by(self, location: DeviceLocation) -> Connection | None:
+        """The connection of this node that ``location`` names, if it is still open here."""
+        conn = self._by_user.get(location.uid, {}).get(location.device)
+        return conn if conn is not None and conn.conn_id == location.conn else None
+
     def close_replaced(self, connections: Sequence[DeviceLocation]) -> None:
         """Close these connections if they are still the ones held here (by id): a newer connection of
         their device took over on another node (DeliverySink; the refresh loop's left-out entries)."""
@@ -666,12 +671,14 @@ class Hub(DeliverySink):
             since_refresh += 1.0
             if since_refresh >= refresh_every:
                 since_refresh = 0.0
-                await self._refresh_presence()
+                await self.refresh_presence()
 
-    async def _refresh_presence(self) -> None:
+    async def refresh_presence(self) -> None:
         """Re-announce every connection presence holds (closing those another node's connection of the
         same device displaced meanwhile), and claim again those whose claim failed; a claim in flight is
-        left to finish (refreshing it first could find the older holder and close the newer one)."""
+        left to finish (refreshing it first could find the older holder and close the newer one).
+        Devices presence had lost (its data emptied, an entry expired) were routed to nowhere meanwhile:
+        they check the log for what they missed (:meth:`check_heads`)."""
         held: list[DeviceLocation] = []
         failed: list[tuple[Connection, DeviceLocation]] = []
         for uid, devices in self._by_user.items():
@@ -682,7 +689,10 @@ class Hub(DeliverySink):
                     failed.append((conn, DeviceLocation(uid, device, self.node, conn.conn_id)))
         try:
             if held:
-                self.close_replaced(await self._presence.set_online(held, self._presence_ttl))
+                refreshed = await self._presence.refresh(held, self._presence_ttl)
+                self.close_replaced(refreshed.left_out)
+                if refreshed.absent:
+                    await self.check_heads([c for c in map(self._held_by, refreshed.absent) if c is not None])
             if failed:
                 await self.claims.claim([location for _, location in failed])
                 for conn, _ in failed:

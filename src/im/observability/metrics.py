@@ -281,9 +281,9 @@ SPECS: Final[dict[str, tuple[str, str, str | None, str]]] = {
     ),
     "im_catch_up_fetches": (
         "counter",
-        "Conversations a device was missing messages of when a transfer link came up, or when a transfer "
-        "node reported deliveries it dropped for this gateway (what did not arrive), each then fetched "
-        "from the log.",
+        "Conversations a device was missing messages of when a transfer link came up, when a transfer "
+        "node reported deliveries it dropped for this gateway, or when presence had lost the device "
+        "(what did not arrive), each then fetched from the log.",
         None,
         "catch_up_fetches",
     ),

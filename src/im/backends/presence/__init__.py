@@ -6,9 +6,20 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 from im.backends.lifecycle import Service
 from im.model.cluster import DeviceLocation
+
+
+@dataclass(slots=True)
+class Refreshed:
+    """What :meth:`Presence.refresh` found: entries left out (as :meth:`Presence.set_online` returns), and
+    entries that were not live before it (lost with the engine's data, or expired): a device routed to
+    nowhere meanwhile, whose gateway has it check the log for what it missed."""
+
+    left_out: list[DeviceLocation] = field(default_factory=list)
+    absent: list[DeviceLocation] = field(default_factory=list)
 
 
 class Presence(Service, abc.ABC):
@@ -29,6 +40,10 @@ class Presence(Service, abc.ABC):
         and still holds it: the caller closes those connections (a refresh also catches what a lost
         replacement request missed). An entry becomes its device's holder only when no live holder is
         elsewhere and none is on its own node (keys lost, or a holder that expired)."""
+
+    @abc.abstractmethod
+    async def refresh(self, entries: Sequence[DeviceLocation], ttl: float) -> Refreshed:
+        """:meth:`set_online`, also saying which of the entries written were not live before the call."""
 
     @abc.abstractmethod
     async def claim(self, entries: Sequence[DeviceLocation], ttl: float) -> list[DeviceLocation]:

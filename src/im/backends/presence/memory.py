@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from im.backends.presence import Presence
+from im.backends.presence import Presence, Refreshed
 from im.model.cluster import DeviceLocation
 
 
@@ -23,9 +23,13 @@ class MemoryPresence(Presence):
         return expiry is not None and expiry > now
 
     async def set_online(self, entries: Sequence[DeviceLocation], ttl: float) -> list[DeviceLocation]:
+        return (await self.refresh(entries, ttl)).left_out
+
+    async def refresh(self, entries: Sequence[DeviceLocation], ttl: float) -> Refreshed:
         now = self._clock()
         expiry = now + ttl
         left_out: list[DeviceLocation] = []
+        absent: list[DeviceLocation] = []
         for e in entries:
             if e.conn:
                 holder = self._holders.get(e.uid, {}).get(e.device)
@@ -34,8 +38,10 @@ class MemoryPresence(Presence):
                     continue
                 if holder is None or holder[0] != e.node:  # never over a newer claim of this same node
                     self._holders.setdefault(e.uid, {})[e.device] = (e.node, e.conn)
+            if not self._live(e.uid, e.device, e.node, now):
+                absent.append(e)
             self._entries.setdefault(e.uid, {})[(e.device, e.node)] = expiry
-        return left_out
+        return Refreshed(left_out, absent)
 
     async def claim(self, entries: Sequence[DeviceLocation], ttl: float) -> list[DeviceLocation]:
         now = self._clock()

@@ -39,7 +39,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from im.backends.presence import Presence
+from im.backends.presence import Presence, Refreshed
 from im.backends.tls import ClientTls, redis_client
 from im.model.cluster import DeviceLocation
 
@@ -58,10 +58,11 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 # KEYS: two per user (its entries, its holders). ARGV: ttl_ms, then per user: n, then n triples (device,
 # node, conn). Prunes expired members, adds or refreshes the given ones, except an entry with a conn
-# whose device a live connection on another node holds (claimed since): returns, per user, the 0-based
-# positions of those left out. An entry with a conn becomes its device's holder when none is live
-# elsewhere (lost keys, an expired holder), but never takes over from another connection of its own
-# node (that one claimed after it: the node's own order rules).
+# whose device a live connection on another node holds (claimed since). Returns, per user, the 0-based
+# positions of those left out and of those written that were not there (ZADD added them anew). An entry
+# with a conn becomes its device's holder when none is live elsewhere (lost keys, an expired holder),
+# but never takes over from another connection of its own node (that one claimed after it: the node's
+# own order rules).
 _SET_ONLINE = (
     _EXPIRE
     + """
@@ -73,6 +74,7 @@ for i = 1, #KEYS, 2 do
     redis.call('ZREMRANGEBYSCORE', zkey, '-inf', now)
     local n = tonumber(ARGV[a])
     local left = {}
+    local absent = {}
     for k = 0, n - 1 do
         local j = a + 1 + 3 * k
         local device, node, conn = ARGV[j], ARGV[j + 1], ARGV[j + 2]
@@ -87,13 +89,15 @@ for i = 1, #KEYS, 2 do
             end
         end
         if keep then
-            redis.call('ZADD', zkey, expiry, device .. '|' .. node)
+            if redis.call('ZADD', zkey, expiry, device .. '|' .. node) == 1 then
+                absent[#absent + 1] = k
+            end
         else
             left[#left + 1] = k
         end
     end
     a = a + 3 * n + 1
-    out[#out + 1] = left
+    out[#out + 1] = {left, absent}
     expire(zkey, hkey)
 end
 return out
@@ -233,9 +237,15 @@ class RedisPresence(Presence):
         await self._client.ping()
 
     async def set_online(self, entries: Sequence[DeviceLocation], ttl: float) -> list[DeviceLocation]:
+        return (await self.refresh(entries, ttl)).left_out
+
+    async def refresh(self, entries: Sequence[DeviceLocation], ttl: float) -> Refreshed:
         by_user = self._by_user(entries)
         results = await self._write(_SET_ONLINE, [round(ttl * 1000)], by_user)
-        return [by_user[uid][k] for uid, left in results for k in left]
+        return Refreshed(
+            [by_user[uid][k] for uid, (left, _) in results for k in left],
+            [by_user[uid][k] for uid, (_, absent) in results for k in absent],
+        )
 
     async def claim(self, entries: Sequence[DeviceLocation], ttl: float) -> list[DeviceLocation]:
         for e in entries:
