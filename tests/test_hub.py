@@ -301,3 +301,29 @@ async def test_devices_presence_lost_fetch_what_was_routed_to_nowhere_at_the_nex
     await eventually(lambda: b.of_type("msg"), lambda: str(b.frames))
     assert [(m["seq"], m["body"]) for m in b.of_type("msg")] == [(1, "while bob was nowhere")]
     assert bob in await presence.locate([bob])
+
+
+async def test_a_device_whose_claim_failed_fetches_what_was_routed_to_nowhere_once_claimed(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Presence refused the claim of bob's connection (Redis away): nothing was routed to it; the refresh
+    that claims it again has it check the log."""
+    _, alice_token = await gateway.user("alice")
+    _, bob_token = await gateway.user("bob")
+    a = await gateway.connect(alice_token)
+    presence = gateway.core.presence
+    claim = presence.claim
+
+    async def refused(*_args: Any, **_kw: Any) -> Any:
+        raise ConnectionError("presence away")
+
+    monkeypatch.setattr(presence, "claim", refused)
+    b = await gateway.connect(bob_token)
+    assert b.session.state is State.OPEN and b.claimed is False
+    a.send(t="send", cmid="c1", to=b.session.uid, body="while bob was not announced")
+    await eventually(lambda: a.of_type("ack"), lambda: str(a.frames))
+    assert b.of_type("msg") == []
+    monkeypatch.setattr(presence, "claim", claim)
+    await gateway.hub.refresh_presence()
+    await eventually(lambda: b.of_type("msg"), lambda: str(b.frames))
+    assert [m["body"] for m in b.of_type("msg")] == ["while bob was not announced"] and b.claimed

@@ -697,6 +697,7 @@ class Hub(DeliverySink):
                 await self.claims.claim([location for _, location in failed])
                 for conn, _ in failed:
                     conn.claimed = True
+                await self.check_heads([conn for conn, _ in failed])  # announced only now: routed nowhere until now
         except Exception as exc:  # keep the timers running; the next refresh tries again
             raise_if_cancelling(exc)
             METRICS.engine_error(exc)
