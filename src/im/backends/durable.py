@@ -17,10 +17,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def create_once(path: Path, data: bytes, mode: int = 0o600) -> bool:
-    """Create ``path`` holding ``data`` (``mode``, fsynced), never replacing a file there: the name
-    appears with the whole content at once, so processes sharing a directory that start together all
-    read the one that won. True when this call created it."""
+def write_tmp(path: Path, data: bytes, mode: int = 0o600) -> Path:
+    """``data`` in a new temporary file beside ``path`` (``mode``, fsynced), to link or rename into place;
+    the caller removes it afterwards."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
@@ -29,6 +28,19 @@ def create_once(path: Path, data: bytes, mode: int = 0o600) -> bool:
             os.fsync(fd)
         finally:
             os.close(fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return tmp
+
+
+def create_once(path: Path, data: bytes, mode: int = 0o600) -> bool:
+    """Create ``path`` holding ``data`` (``mode``, fsynced), never replacing a file there: the name
+    appears with the whole content at once, so processes sharing a directory that start together all
+    read the one that won. True when this call created it."""
+    tmp = write_tmp(path, data, mode)
+    try:
         try:
             os.link(tmp, path)
         except FileExistsError:

@@ -31,7 +31,7 @@ import stat
 import time
 from pathlib import Path
 
-from im.backends.durable import create_once, fsync_dir
+from im.backends.durable import create_once, fsync_dir, write_tmp
 from im.backends.keys.aes import (
     AesKeyProvider,
     decode_master_keys,
@@ -143,7 +143,7 @@ def replace_key_file(path: Path, keys: list[bytes]) -> None:
     """Replace ``path`` atomically with ``keys`` (the current one first), mode 0600, fsynced."""
     if not keys:
         raise ValueError("a key file needs at least one key")
-    tmp = _write_tmp(path, keys)
+    tmp = write_tmp(path, _key_file_text(keys).encode())
     try:
         os.replace(tmp, path)
         fsync_dir(path.parent)
@@ -178,18 +178,3 @@ def retire_from_key_file(path: Path, retire: set[str]) -> list[str]:
 
 def _key_file_text(keys: list[bytes]) -> str:
     return _HEADER + (_ROTATED if len(keys) > 1 else "") + "".join(encode_master_key(k) + "\n" for k in keys)
-
-
-def _write_tmp(path: Path, keys: list[bytes]) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(_key_file_text(keys))
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    return tmp
