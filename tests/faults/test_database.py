@@ -94,7 +94,7 @@ class RawDevice:
         self.sent: dict[str, tuple[float, int]] = {}
         self.connection = 0  # how many connections were opened after the first
         self.refused_auth: Counter[str] = Counter()  # connections answered with a bye instead of auth_ok
-        self.resent: Counter[str] = Counter()  # cmid -> resends made by stream() after a refusal
+        self.resent: Counter[str] = Counter()  # cmid -> the refusals of it stream() has resent it after
 
     @property
     def open(self) -> bool:
@@ -116,11 +116,15 @@ class RawDevice:
     async def stream(self, stop: asyncio.Event) -> None:
         k = 0
         while not stop.is_set():
-            if not self.open:
+            reconnected = not self.open
+            if reconnected:
                 await self.reconnect()
             refusals = Counter(str(e.get("ref")) for e in self.c.errors)
-            for x in [x for x in self.sent if x not in self.c.acks and refusals[x] > self.resent[x]]:
-                self.resent[x] += 1  # refused sends first, in order (a later one waits for them: section 8)
+            # Refused sends first, in order (a later one waits for them: section 8); after a reconnect every
+            # send not acked, as a resend written on the closed connection may never have arrived.
+            unacked = [x for x in self.sent if x not in self.c.acks]
+            for x in unacked if reconnected else [x for x in unacked if refusals[x] > self.resent[x]]:
+                self.resent[x] = refusals[x]
                 with contextlib.suppress(websockets.ConnectionClosed, OSError):
                     await self.c.send(x, to=self.to, cmid=x, wait=False)
             cmid = f"{self.c.device}-{k}"
@@ -229,7 +233,17 @@ async def test_database_away_mid_stream(
         figures["down_s"] = round(started - down_at, 2)
         # Back: sends are acked again, and every node is ready again.
         await eventually(
-            lambda: all(len(d.c.acks) > n + 5 for d, n in zip(raw, acks_before, strict=True)), "acks after", 20
+            lambda: all(len(d.c.acks) > n + 5 for d, n in zip(raw, acks_before, strict=True)),
+            lambda: (
+                "acks after: "
+                + str(
+                    [
+                        (d.c.device, d.open, len(d.c.acks), n, d.connection, d.c.errors[-2:])
+                        for d, n in zip(raw, acks_before, strict=True)
+                    ]
+                )
+            ),
+            20,
         )
         figures["acks_again_after_start_s"] = round(time.monotonic() - started, 2)
         await eventually(lambda: _all_ready(cluster), "every node ready again", 20)
