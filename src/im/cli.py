@@ -101,6 +101,13 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config, _flags_to_overrides(args))
 
 
+def tune_gc() -> None:
+    """A chat server allocates many short-lived objects per message and holds few cycles: collect the
+    young generation less often, and keep the objects made so far (start-up) out of every collection."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 def _setup_logging(config: Config, role: str, node: str = "") -> None:
     """Every line of this process in one format (``logs.format``), naming its node and role."""
     from im.observability.logs import setup
@@ -130,11 +137,7 @@ def _serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
     async def main() -> None:
         await EmbeddedServer(config, reload=reload).run(ready)
 
-    # A chat server allocates many short-lived objects per message and holds few cycles: collect the
-    # young generation less often, and keep start-up objects out of every collection.
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
-
+    tune_gc()
     return run_start("serve", config, lambda: uvloop.run(main()))
 
 
@@ -160,8 +163,7 @@ def _run_role(role: str, config: Config) -> int:
 
     def start() -> None:
         node = ROLES[role](config)
-        gc.freeze()
-        gc.set_threshold(50_000, 20, 20)
+        tune_gc()
         uvloop.run(node.run(ready))
 
     return run_start(role, config, start)

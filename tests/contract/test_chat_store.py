@@ -463,6 +463,8 @@ async def test_read_marks_never_move_back(chat: ChatHarness) -> None:
     assert await store.read_marks(D) == {1: 2, 2: 4}
     await store.save_read_marks([(2, D, 5), (2, D, 1)])
     assert await store.read_marks(D) == {1: 2, 2: 5}
+    await store.save_read_marks([(1, D, 3), (1, D, 6), (1, D, 4)])  # several of one member: the highest
+    assert await store.read_marks(D) == {1: 6, 2: 5}
     # Through a commit too.
     await store.commit(CommitBatch(messages=[msg(D, 7, 1)], heads={D: (6, 7, 7)}, read_marks=[(2, D, 2), (1, D, 7)]))
     assert await store.read_marks(D) == {1: 7, 2: 5}
