@@ -46,7 +46,7 @@ class MemoryConnection(Connection):
         self.first: list[bytes] = []
         self.waiting: asyncio.Future[None] | None = None
         self.want = 0
-        self.count = lambda: 0
+        self.kind = "acks"
 
     def write(self, frames: list[bytes], binary: bool) -> None:
         for f in frames:
@@ -62,12 +62,15 @@ class MemoryConnection(Connection):
 
     async def until(self, count: int, kind: str) -> None:
         """Until ``kind`` (``acks`` or ``msgs``) frames written reach ``count``."""
-        self.count = (lambda: self.acks) if kind == "acks" else (lambda: self.msgs)
+        self.kind = kind
         if self.count() >= count:
             return
         self.want = count
         self.waiting = asyncio.get_running_loop().create_future()
         await self.waiting
+
+    def count(self) -> int:
+        return self.acks if self.kind == "acks" else self.msgs
 
     def close_transport(self, code: ErrorCode) -> None:
         self.on_closed()

@@ -7,6 +7,7 @@ on what reached the stores, and on which connections were closed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -327,3 +328,23 @@ async def test_a_device_whose_claim_failed_fetches_what_was_routed_to_nowhere_on
     await gateway.hub.refresh_presence()
     await eventually(lambda: b.of_type("msg"), lambda: str(b.frames))
     assert [m["body"] for m in b.of_type("msg")] == ["while bob was not announced"] and b.claimed
+
+
+async def test_a_connections_tasks_end_with_it_and_an_idle_one_holds_no_task_set(gateway: Gateway) -> None:
+    _, token = await gateway.user("alice")
+    conn = await gateway.connect(token)
+    await eventually(lambda: conn._tasks is None, "the auth task's set dropped once it finished")
+    started = asyncio.Event()
+
+    async def work() -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    conn._spawn(work())
+    await started.wait()
+    assert conn._tasks is not None and len(conn._tasks) == 1
+    (task,) = conn._tasks
+    conn.close_transport(ErrorCode.SHUTDOWN)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert conn._tasks is None

@@ -68,7 +68,8 @@ class Connection(abc.ABC):
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.session = ServerSession(hub.cache, limits=hub.limits, heartbeat=hub.limits.idle_timeout)
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: Its running tasks (auth, fetches, ...); None while there are none: an idle connection holds no set.
+        self._tasks: set[asyncio.Task[None]] | None = None
         self._dirty = False
         self.closed = False
         self.sid = ""  # the login session that authenticated this connection
@@ -116,7 +117,7 @@ class Connection(abc.ABC):
     def on_closed(self) -> None:
         self.closed = True
         self.session.state = State.CLOSED
-        for task in self._tasks:
+        for task in list(self._tasks or ()):
             task.cancel()
         self.hub.unregister(self)
 
@@ -177,8 +178,16 @@ class Connection(abc.ABC):
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if self._tasks is not None:
+            self._tasks.discard(task)
+            if not self._tasks:
+                self._tasks = None
 
     def _submit(self, c: cmd.Submit) -> None:
         s = self.session
