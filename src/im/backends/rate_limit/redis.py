@@ -19,21 +19,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 
 from im.backends.rate_limit import Hit, RateLimiter
 from im.backends.tls import ClientTls, redis_client
 
-# KEYS: the distinct (rule, key) keys. ARGV: per hit, 4 numbers: index into KEYS, interval (us per unit),
-# period (us, the burst tolerance), cost. Returns per hit 0 (allowed) or the microseconds to wait.
+# KEYS: the distinct (rule, key) keys. ARGV[1]: one MessagePack array of 4 integers per hit: index into
+# KEYS, interval (us per unit), period (us, the burst tolerance), cost (one argument, not four per hit:
+# the client spent more time packing arguments than the script deciding them). Returns per hit 0
+# (allowed) or the microseconds to wait.
 _GCRA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local a = cmsgpack.unpack(ARGV[1])
 local tats, dirty, out = {}, {}, {}
-for i = 1, #ARGV / 4 do
+for i = 1, #a / 4 do
     local b = (i - 1) * 4
-    local k = tonumber(ARGV[b + 1])
-    local interval, period, cost = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+    local k = a[b + 1]
+    local interval, period, cost = a[b + 2], a[b + 3], a[b + 4]
     local tat = tats[k]
     if tat == nil then
         tat = tonumber(redis.call('GET', KEYS[k]) or now) or now
@@ -57,6 +61,9 @@ for k in pairs(dirty) do
 end
 return out
 """
+
+
+_pack = msgspec.msgpack.Encoder().encode
 
 
 class RedisRateLimiter(RateLimiter):
@@ -103,5 +110,5 @@ class RedisRateLimiter(RateLimiter):
                 keys.append(f"{self._prefix}{rule.name}:{hit.key}")
                 k = index[(rule.name, hit.key)] = len(keys)
             args += (k, round(rule.interval * 1e6), round(rule.period * 1e6), hit.cost)
-        waits: list[int] = await self._script(keys=keys, args=args)
+        waits: list[int] = await self._script(keys=keys, args=[_pack(args)])
         return [w / 1e6 for w in waits]
