@@ -68,31 +68,33 @@ async def test_messages_committed_while_a_gateway_was_unlinked_reach_its_devices
     cluster, proxy = one_transfer
     history = History(ClusterView(cluster.api))  # type: ignore[arg-type]
     alice, bob = await register(cluster.api, "relink-a"), await register(cluster.api, "relink-b")
-    a = client_on(history, cluster, "gw-1", alice, "phone")
-    b = client_on(history, cluster, "gw-2", bob, "phone")
-    assert (await a.connect())["t"] == "auth_ok"
-    assert (await b.connect())["t"] == "auth_ok"
-    assert await a.send("before", to=bob.uid) is not None
-    await b.wait_messages(1)
-    ws_before = b.ws
-    gw1_links = _links(cluster, "gw-1")
-    gw2 = cluster.nodes["gw-2"].proc
-    assert gw2 is not None
-    proxy.cut()
-    os.kill(gw2.pid, signal.SIGSTOP)
     try:
-        proxy.heal()
-        await eventually(lambda: _links(cluster, "gw-1") > gw1_links, "gw-1 relinked to tr-1", 20)
-        for i in range(3):  # committed and acked; tr-1 has no stream to gw-2 to route them on
-            ack = await a.send(f"while gw-2 was unlinked {i}", to=bob.uid)
-            assert ack is not None, a.errors[-3:]
-        assert [m["body"] for m in b.messages] == ["before"]
-    finally:
-        os.kill(gw2.pid, signal.SIGCONT)
-    await eventually(lambda: len(b.messages) >= 4, lambda: f"gw-2's device caught up: {b.messages}", 20)
-    assert b.ws is ws_before and b.live, b.closed_reason  # the same connection: caught up, not resumed
-    assert [m["seq"] for m in b.messages] == [1, 2, 3, 4]
-    assert [m["body"] for m in b.messages][1:] == [f"while gw-2 was unlinked {i}" for i in range(3)]
-    assert await _catch_up_fetches(cluster, "gw-2") >= 1
-    await history.close_all()
+        a = client_on(history, cluster, "gw-1", alice, "phone")
+        b = client_on(history, cluster, "gw-2", bob, "phone")
+        assert (await a.connect())["t"] == "auth_ok"
+        assert (await b.connect())["t"] == "auth_ok"
+        assert await a.send("before", to=bob.uid) is not None
+        await b.wait_messages(1)
+        ws_before = b.ws
+        gw1_links = _links(cluster, "gw-1")
+        gw2 = cluster.nodes["gw-2"].proc
+        assert gw2 is not None
+        proxy.cut()
+        os.kill(gw2.pid, signal.SIGSTOP)
+        try:
+            proxy.heal()
+            await eventually(lambda: _links(cluster, "gw-1") > gw1_links, "gw-1 relinked to tr-1", 20)
+            for i in range(3):  # committed and acked; tr-1 has no stream to gw-2 to route them on
+                ack = await a.send(f"while gw-2 was unlinked {i}", to=bob.uid)
+                assert ack is not None, a.errors[-3:]
+            assert [m["body"] for m in b.messages] == ["before"]
+        finally:
+            os.kill(gw2.pid, signal.SIGCONT)
+        await eventually(lambda: len(b.messages) >= 4, lambda: f"gw-2's device caught up: {b.messages}", 20)
+        assert b.ws is ws_before and b.live, b.closed_reason  # the same connection: caught up, not resumed
+        assert [m["seq"] for m in b.messages] == [1, 2, 3, 4]
+        assert [m["body"] for m in b.messages][1:] == [f"while gw-2 was unlinked {i}" for i in range(3)]
+        assert await _catch_up_fetches(cluster, "gw-2") >= 1
+    finally:  # closed whatever happened: a socket left open would fail a later test when collected
+        await history.close_all()
     await history.check()
