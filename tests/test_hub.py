@@ -304,6 +304,37 @@ async def test_devices_presence_lost_fetch_what_was_routed_to_nowhere_at_the_nex
     assert bob in await presence.locate([bob])
 
 
+async def test_a_lost_devices_catch_up_is_retried_while_the_store_does_not_answer(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refresh found bob's entry gone, and the first read of the log's heads failed (the store away
+    for a moment): the catch-up runs in the background and tries again, rather than waiting for a next
+    message or being taken for a failed presence refresh."""
+    _, alice_token = await gateway.user("alice")
+    bob, bob_token = await gateway.user("bob")
+    a, b = await gateway.connect(alice_token), await gateway.connect(bob_token)
+    presence = gateway.core.presence
+    await presence.set_offline(list((await presence.locate([bob]))[bob]))
+    a.send(t="send", cmid="c1", to=bob, body="while bob was nowhere")
+    await eventually(lambda: a.of_type("ack"), lambda: str(a.frames))
+    reads = gateway.hub.reads
+    heads = reads.heads
+    failures: list[Any] = []
+
+    async def away_once(uids: Any) -> Any:
+        if not failures:
+            failures.append(uids)
+            raise ConnectionError("store away")
+        return await heads(uids)
+
+    monkeypatch.setattr(reads, "heads", away_once)
+    await gateway.hub.refresh_presence()
+    await gateway.hub.caught_up()  # the second try read the heads and started bob's fetch
+    assert failures == [[bob]]
+    await eventually(lambda: b.of_type("msg"), lambda: str(b.frames))
+    assert [(m["seq"], m["body"]) for m in b.of_type("msg")] == [(1, "while bob was nowhere")]
+
+
 async def test_a_device_whose_claim_failed_fetches_what_was_routed_to_nowhere_once_claimed(
     gateway: Gateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -117,7 +117,7 @@ class Connection(abc.ABC):
     def on_closed(self) -> None:
         self.closed = True
         self.session.state = State.CLOSED
-        for task in list(self._tasks or ()):
+        for task in self._tasks or ():
             task.cancel()
         self.hub.unregister(self)
 
@@ -352,7 +352,8 @@ class Hub(DeliverySink):
         #: Calls of :meth:`catch_up` (links that came up, drops reported), and the catch-up they started.
         self.catch_ups = 0
         self._catch_up: asyncio.Task[None] | None = None
-        self._catch_up_again = False
+        self._catch_up_everyone = False  # every open session is to check the log's heads
+        self._catch_up_some: set[Connection] = set()  # these connections are (presence had lost them)
         self.heads_batch = 1000  # users whose heads one read fetches
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -458,8 +459,8 @@ class Hub(DeliverySink):
         """Close these connections if they are still the ones held here (by id): a newer connection of
         their device took over on another node (DeliverySink; the refresh loop's left-out entries)."""
         for c in connections:
-            conn = self._by_user.get(c.uid, {}).get(c.device)
-            if conn is not None and conn.conn_id == c.conn:
+            conn = self._held_by(c)
+            if conn is not None:
                 conn.run(conn.session.close(ErrorCode.REPLACED, "the same device connected again", reconnect=False))
                 conn.flush()
 
@@ -519,33 +520,37 @@ class Hub(DeliverySink):
                         if session.has_output:
                             conn.mark_dirty()
 
-    def catch_up(self) -> None:
+    def catch_up(self, conns: Iterable[Connection] | None = None) -> None:
         """A transfer link came up, or its node dropped deliveries for this node (a full queue): what was
         committed for this node's devices meanwhile did not arrive (routers are at most once). Every open
-        session checks the log's heads in the background (:meth:`check_heads`), so no device waits for
-        its conversation's next message to find the gap; more calls meanwhile make one more pass."""
-        self.catch_ups += 1
-        if self._catch_up is not None and not self._catch_up.done():
-            self._catch_up_again = True
-            return
-        self._catch_up = asyncio.get_running_loop().create_task(self._catch_up_all(), name="im-hub-catch-up")
+        session (or only ``conns``: devices presence had lost, announced again) checks the log's heads in
+        the background (:meth:`check_heads`), retried while the store does not answer, so no device waits
+        for its conversation's next message to find the gap; more calls meanwhile make one more pass."""
+        if conns is None:
+            self.catch_ups += 1
+            self._catch_up_everyone = True
+        else:
+            self._catch_up_some.update(conns)
+        if self._catch_up is None or self._catch_up.done():
+            self._catch_up = asyncio.get_running_loop().create_task(self._catch_up_pending(), name="im-hub-catch-up")
 
     async def caught_up(self) -> None:
         """Return once the catch-up the last call started has finished (at once when none runs)."""
         if self._catch_up is not None:
             await asyncio.shield(self._catch_up)
 
-    async def _catch_up_all(self) -> None:
+    async def _catch_up_pending(self) -> None:
         delay = 0.2
-        self._catch_up_again = True
-        while self._catch_up_again:
-            self._catch_up_again = False
+        while self._catch_up_everyone or self._catch_up_some:
+            everyone, some = self._catch_up_everyone, self._catch_up_some
+            self._catch_up_everyone, self._catch_up_some = False, set()
             try:
-                await self.check_heads(list(self._all))
+                await self.check_heads(list(self._all) if everyone else [c for c in some if not c.closed])
             except Exception as exc:  # the store is away: try again until it answers
                 METRICS.engine_error(exc)
                 _heads_failures.hit(f"{type(exc).__name__}: {exc}")
-                self._catch_up_again = True
+                self._catch_up_everyone |= everyone
+                self._catch_up_some |= some
                 await retry_pause(delay, exc)
                 delay = min(delay * 2, 5.0)
 
@@ -687,7 +692,7 @@ class Hub(DeliverySink):
         same device displaced meanwhile), and claim again those whose claim failed; a claim in flight is
         left to finish (refreshing it first could find the older holder and close the newer one).
         Devices presence had lost (its data emptied, an entry expired) were routed to nowhere meanwhile:
-        they check the log for what they missed (:meth:`check_heads`)."""
+        they check the log for what they missed (:meth:`catch_up`)."""
         held: list[DeviceLocation] = []
         failed: list[tuple[Connection, DeviceLocation]] = []
         for uid, devices in self._by_user.items():
@@ -701,12 +706,12 @@ class Hub(DeliverySink):
                 refreshed = await self._presence.refresh(held, self._presence_ttl)
                 self.close_replaced(refreshed.left_out)
                 if refreshed.absent:
-                    await self.check_heads([c for c in map(self._held_by, refreshed.absent) if c is not None])
+                    self.catch_up(c for c in map(self._held_by, refreshed.absent) if c is not None)
             if failed:
                 await self.claims.claim([location for _, location in failed])
                 for conn, _ in failed:
                     conn.claimed = True
-                await self.check_heads([conn for conn, _ in failed])  # announced only now: routed nowhere until now
+                self.catch_up(conn for conn, _ in failed)  # announced only now: routed nowhere until now
         except Exception as exc:  # keep the timers running; the next refresh tries again
             raise_if_cancelling(exc)
             METRICS.engine_error(exc)
