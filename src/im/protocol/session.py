@@ -62,9 +62,6 @@ ACCEPTS: dict[State, tuple[frozenset[type], ErrorCode]] = {
 _AT_GATEWAY = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.TOO_MANY_IN_FLIGHT})
 _RESERVED_TYPES = frozenset({"system", "undecryptable"})  # server-made: system events; bodies that did not open
 _json_encoder = msgspec.json.Encoder()
-#: The auth cursors left over of a session that has none (most): one shared dict, never written (it is
-#: only popped from when not empty), so an idle session holds no dict of its own.
-_NONE_NAMED: dict[str, int] = {}
 
 
 @dataclass(slots=True)
@@ -153,7 +150,9 @@ class ServerSession:
         self._sends = 0  # sends numbered so far (the order of refusals, im.model.send_order)
         self._order: SendOrder[str] | None = None  # made at the first retryable refusal of a send
         self._initial: set[str] | None = None  # conversations still replaying since auth
-        self._named: dict[str, int] = _NONE_NAMED  # auth cursors of conversations not tracked yet (joined later)
+        #: Auth cursors of conversations not tracked yet (joined later); None when there are none (most
+        #: sessions: an idle one holds no dict for them).
+        self._named: dict[str, int] | None = None
         self._early: list[StoredMessage] = []  # live messages that came while authenticating
 
     # --- input from the client ----------------------------------------------------------------------
@@ -321,7 +320,7 @@ class ServerSession:
                 self._convs[point.conv].fetching = True
                 out.append(cmd.Fetch(point.conv, start, point.last_seq))
         self._maybe_synced(len(self._convs))
-        self._named = {conv: seq for conv, seq in cursors.items() if conv not in self._convs} or _NONE_NAMED
+        self._named = {conv: seq for conv, seq in cursors.items() if conv not in self._convs} or None
         early, self._early = self._early, []
         for m in early:
             out.extend(self.deliver(m))
