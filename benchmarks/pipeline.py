@@ -29,7 +29,7 @@ import uvloop
 
 from im.bench.server import BENCH_SERVER_SETTINGS
 from im.cli import tune_gc
-from im.config import load_config
+from im.config import load_config, put_setting
 from im.gateway.hub import Connection, Hub
 from im.model.errors import ErrorCode
 from im.server import EmbeddedServer
@@ -86,14 +86,11 @@ class MemoryConnection(Connection):
 
 
 def settings(data_dir: str) -> dict[str, object]:
+    """``im serve``'s overrides as ``im bench`` spawns it (BENCH_SERVER_SETTINGS), in ``data_dir``."""
     out: dict[str, object] = {"data_dir": data_dir, "log_level": "warning"}
     for item in BENCH_SERVER_SETTINGS:
         key, _, value = item.partition("=")
-        node = out
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})  # type: ignore[assignment]
-        node[last] = value
+        put_setting(out, key, value)
     return out
 
 

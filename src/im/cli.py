@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from im.cli_help import use_everywhere
-from im.config import Config, ConfigError, load_config
+from im.config import Config, ConfigError, load_config, put_setting
 from im.startup import run_start
 
 #: The epilog of im serve and the roles: what their exit status means (im.startup).
@@ -30,13 +30,8 @@ def _flags_to_overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     def put(path: str, value: Any) -> None:
-        if value is None:
-            return
-        node = out
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        if value is not None:
+            put_setting(out, path, value)
 
     put("data_dir", args.data_dir)
     put("log_level", args.log_level)

@@ -638,6 +638,16 @@ def _env_keys() -> set[str]:
     return {k[3:].lower().split("__")[0] for k in os.environ if k.startswith("IM_")}
 
 
+def put_setting(overrides: dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted ``key`` (``limits.send_rate``) to ``value`` in the nested ``overrides`` of
+    :func:`load_config`, as ``--set KEY=VALUE`` does."""
+    node = overrides
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
 def load_config(file: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Build the effective configuration. ``overrides`` are command-line flags as a nested dict."""
     file_values: dict[str, Any] = {}
