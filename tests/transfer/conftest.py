@@ -32,7 +32,7 @@ class RecordingSink(DeliverySink):
         self.batches: list[list[tuple[StoredMessage, list[int]]]] = []
         self.events: list[tuple[object, list[int], tuple[int, str] | None]] = []
         self.replaced: list[DeviceLocation] = []
-        self.catch_ups = 0  # how often a link told it that it came up
+        self.catch_ups = 0  # how often a link told it to catch up (it came up, or its node dropped some)
 
     @property
     def messages(self) -> list[tuple[StoredMessage, list[int]]]:
