@@ -45,6 +45,7 @@ from im.backends.registry.memory import MemoryRegistry
 from im.backends.routing import Router
 from im.backends.routing.memory import MemoryRouter
 from im.backends.sql.sqlite_db import SqliteDatabase
+from im.backends.tls import redis_client
 from im.cancel import raise_if_cancelling
 from im.compose_security import (
     ProcessTls,
@@ -86,6 +87,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("im")
 _NO_CONV = ConversationState("", "", 0, {})
+#: Seconds every Redis client waits to connect and for each reply: a hung Redis raises instead of stalling.
+REDIS_TIMEOUT = 5.0
 
 
 @dataclass
@@ -189,7 +192,7 @@ def build_backends(config: Config) -> Backends:
         from im.backends.rate_limit.redis import RedisRateLimiter
 
         redis_presence = RedisPresence(
-            config.presence.redis_url, prefix=config.presence.redis_prefix, tls=redis_tls(config)
+            config.presence.redis_url, prefix=config.presence.redis_prefix, timeout=REDIS_TIMEOUT, tls=redis_tls(config)
         )
         presence = redis_presence  # owns the Redis client; the rate limiter below borrows it
         # Its connection pool too; fail open: Redis away must not refuse every send and login.
@@ -639,6 +642,18 @@ def build_hub(
     )
 
 
+def build_push_dedupe(config: Config, *, timeout: float = REDIS_TIMEOUT) -> Dedupe:
+    """What the push consumer remembers pushed events by (``events.dedupe``): in memory, or in Redis under
+    the cluster's ``presence.redis_prefix``, with every reply bounded by ``timeout``, so a hung Redis
+    fails the event's attempt (tried again in place) instead of stalling the consumer."""
+    if config.events.dedupe != "redis":
+        return MemoryDedupe()
+    from im.backends.dedupe.redis import RedisDedupe
+
+    client = redis_client(config.presence.redis_url, timeout=timeout, tls=redis_tls(config))
+    return RedisDedupe(client, prefix=f"{config.presence.redis_prefix}push:", owns_client=True)
+
+
 def event_workers(
     config: Config, b: Backends, consumers: list[PushConsumer] | None = None
 ) -> list[Coroutine[Any, Any, None]]:
@@ -655,15 +670,7 @@ def event_workers(
     amqp_tls = client_tls(ev.amqp_ca_file, ev.amqp_cert_file, ev.amqp_key_file)
     workers = [OutboxRelay(store, ev.amqp_url, exchange=ev.exchange, queue=ev.queue, tls=amqp_tls).run()]
     if ev.webhook_url:
-        dedupe: Dedupe = MemoryDedupe()
-        if ev.dedupe == "redis":
-            import redis.asyncio as aioredis
-
-            from im.backends.dedupe.redis import RedisDedupe
-            from im.backends.tls import redis_options
-
-            url = config.presence.redis_url
-            dedupe = RedisDedupe(aioredis.from_url(url, **redis_options(url, redis_tls(config))), owns_client=True)
+        dedupe = build_push_dedupe(config)
 
         async def members(conv: str) -> list[int]:
             return list((await store.load_conversations([conv])).get(conv, _NO_CONV).members)
