@@ -11,6 +11,7 @@ commit in its writer thread), routing, delivery, frame encoding, acks. The figur
 
     uv run python benchmarks/pipeline.py --pairs 10 --window 16 --messages 40000 --rounds 5
     uv run python benchmarks/pipeline.py --profile out.txt   # py-spy-free: cProfile of one round
+    uv run python benchmarks/pipeline.py --set encryption.enabled=false   # a setting changed (repeatable)
 """
 
 from __future__ import annotations
@@ -85,10 +86,11 @@ class MemoryConnection(Connection):
         self.on_data(msgspec.json.encode(frame), False)
 
 
-def settings(data_dir: str) -> dict[str, object]:
-    """``im serve``'s overrides as ``im bench`` spawns it (BENCH_SERVER_SETTINGS), in ``data_dir``."""
+def settings(data_dir: str, extra: list[str]) -> dict[str, object]:
+    """``im serve``'s overrides as ``im bench`` spawns it (BENCH_SERVER_SETTINGS), in ``data_dir``, then
+    ``extra`` (``KEY=VALUE`` each, as ``im serve --set``)."""
     out: dict[str, object] = {"data_dir": data_dir, "log_level": "warning"}
-    for item in BENCH_SERVER_SETTINGS:
+    for item in [*BENCH_SERVER_SETTINGS, *extra]:
         key, _, value = item.partition("=")
         put_setting(out, key, value)
     return out
@@ -135,7 +137,7 @@ async def one_round(server: EmbeddedServer, users: list[tuple[int, str]], per_se
 
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="im-pipeline-") as tmp:
-        config = load_config(overrides=settings(str(Path(tmp) / "data")))
+        config = load_config(overrides=settings(str(Path(tmp) / "data"), args.set))
         server = EmbeddedServer(config)
         b = server.backends
         await b.start()
@@ -189,4 +191,7 @@ if __name__ == "__main__":
     parser.add_argument("--messages", type=int, default=40_000, help="messages per round, over all senders")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", metavar="FILE", help="cProfile the first measured round into FILE (pstats)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a setting, as im serve --set (repeatable)"
+    )
     uvloop.run(main(parser.parse_args()))

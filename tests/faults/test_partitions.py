@@ -26,13 +26,15 @@ pause throughout. Checked:
   whole partition).
 
 Every path is cut in the suite; PostgreSQL, Redis and the links are blackholed too (RabbitMQ and etcd
-as well with ``IM_FAULTS_LONG=1``). One cluster serves the whole module; each test makes its own users
-and conversations and its own history.
+as well with ``IM_FAULTS_LONG=1``). Gateway gw-1 is the victim of ``test_gateway_cut_off``: it reaches
+Redis and etcd through proxies of its own (see :func:`gateway_partition` for what that promises). One
+cluster serves the whole module; each test makes its own users and conversations and its own history.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import time
@@ -55,10 +57,12 @@ from tests.cluster.test_cluster_faults import transfer_for
 from tests.events.conftest import AMQP_URL
 from tests.support.apps import (
     App,
+    RawDevice,
     Target,
     check_delivery,
     committed_by,
     create_group,
+    fetch_counts,
     pairs_and_group,
     post_until,
     raw_resend,
@@ -72,6 +76,9 @@ from tests.support.postgres import DSN
 from tests.support.wait import eventually
 
 VICTIM = "tr-1"
+#: The victim of the gateway scenarios: it reaches Redis (presence, shared rate limits) and etcd (its
+#: registration, the configuration centre) each through its own proxy.
+GATEWAY_VICTIM = "gw-1"
 PARTITION = 6.0  # seconds cut off in the suite (registry TTL 2 s, presence TTL 3 s: every lease runs out)
 PARTITION_LONG = 30.0
 PACE = 0.05  # seconds between two posts of one client
@@ -100,8 +107,9 @@ class Net:
     """The cluster, and the proxies on the victim's paths (by path name)."""
 
     cluster: LocalCluster
-    proxies: dict[str, FaultProxy]
+    proxies: dict[str, FaultProxy]  # tr-1's paths
     names: tuple[str, str]  # the private exchange and queue
+    gateway_proxies: dict[str, FaultProxy] = field(default_factory=dict)  # gw-1's paths
 
 
 def _host_port(url: str) -> tuple[str, int]:
@@ -161,8 +169,17 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
         "etcd": FaultProxy(("127.0.0.1", c.base_port + 5)),  # the private etcd (im.cluster's layout)
         "links": FaultProxy(("127.0.0.1", c.base_port + 13)),  # tr-1's gRPC port
     }
-    for p in proxies.values():
+    gateway_proxies = {
+        "redis": FaultProxy(_host_port(c.redis_url)),
+        "etcd": FaultProxy(("127.0.0.1", c.base_port + 5)),
+    }
+    every = [*proxies.values(), *gateway_proxies.values()]
+    for p in every:
         p.start()
+    c.node_args[GATEWAY_VICTIM] = [
+        *("--set", f"presence.redis_url={_through(c.redis_url, gateway_proxies['redis'])}"),
+        *("--set", f"registry.etcd_endpoint={gateway_proxies['etcd'].address}"),
+    ]
     c.node_args[VICTIM] = [
         *("--set", f"store.postgres_dsn={_through(DSN, proxies['postgres'])}"),
         *("--set", f"presence.redis_url={_through(c.redis_url, proxies['redis'])}"),
@@ -172,15 +189,15 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     ]
     try:
         c.start()
-        yield Net(c, proxies, names)
+        yield Net(c, proxies, names, gateway_proxies)
     finally:
         try:
-            for p in proxies.values():
+            for p in every:
                 p.heal()  # whatever a failed test left
             stop_checked(c, ignore_loggers=NOISY_LOGGERS)
             expected_committer_records(c)
         finally:
-            for p in proxies.values():
+            for p in every:
                 p.close()
             asyncio.run(_delete_names(*names))
 
@@ -225,7 +242,7 @@ class Samples:
     stall: float = 0.0  # the longest a raw client's send waited for its answer, seen so far
 
 
-async def watch(cluster: LocalCluster, node: str, until: float, out: Samples, w: Workload) -> None:
+async def watch(cluster: LocalCluster, node: str, until: float, out: Samples, w: Workload | None) -> None:
     """Until ``until``: the node's RSS and descriptors and the clients' waits every 0.25 s, and its
     readiness as often as its health endpoint answers (a probe may take its engine checks' 2 s)."""
     pid = cluster.nodes[node].proc.pid  # type: ignore[union-attr]
@@ -242,7 +259,8 @@ async def watch(cluster: LocalCluster, node: str, until: float, out: Samples, w:
         while time.monotonic() < until:
             out.rss.append(rss_kib(pid))
             out.fds.append(fds(pid))
-            note_stall(out, w)
+            if w is not None:
+                note_stall(out, w)
             await asyncio.sleep(0.25)
     finally:
         await prober
@@ -432,3 +450,100 @@ BLACKHOLED = ["postgres", "redis", "links"] + (
 @pytest.mark.parametrize("path", BLACKHOLED)
 async def test_blackhole(net: Net, history: History, apps: list[App], long_run: bool, path: Path_) -> None:
     await partition(net, history, apps, path, "blackhole", PARTITION_LONG if long_run else PARTITION)
+
+
+# --- a gateway cut off ---------------------------------------------------------------------------------
+
+
+async def gateway_partition(net: Net, history: History, apps: list[App], path: str, mode: Mode, seconds: float) -> None:
+    """gw-1 cut off from Redis or etcd while the same workload runs (SDK apps and a raw client on each
+    gateway). What is promised (docs/reliability.md, "Partitions"):
+
+    - Redis away: gw-1 goes on serving its connections (the shared rate limits fail open); its presence
+      entries run out, so messages for its devices committed meanwhile are not routed to it live. When
+      Redis is back its presence refresh finds them gone, registers them again and catches those devices
+      up from the store (``Hub.catch_up``): nothing is missed, with no later message needed.
+    - etcd away: its registration's lease runs out. When etcd is back it registers again and asks every
+      client to reconnect (``bye unavailable``): other nodes may have taken its place meanwhile. Clients
+      resume from their cursors, elsewhere or here.
+
+    Either way: every send answered (acked or refused retryably, resent until acked), nothing lost, twice
+    or out of order; gw-1's memory and descriptors bounded while cut off; ready and delivering again
+    after the heal."""
+    c, proxy = net.cluster, net.gateway_proxies[path]
+    w = await start_workload(net, history, apps, f"g{path[:2]}{mode[:2]}{uuid.uuid4().hex[:4]}")
+    # Raw clients that reconnect when told to (bye unavailable) and resend what was not acked.
+    raw = [RawDevice(rc, to, PACE) for rc, to in zip(w.raw, w.raw_peer, strict=True)]
+    convs = [*w.members, w.raw_conv]
+    stop = asyncio.Event()
+    pumps = [asyncio.create_task(post_until(a, t, stop, PACE)) for a, t in zip(w.apps, w.targets, strict=True)]
+    pumps += [asyncio.create_task(d.stream(stop)) for d in raw]
+    pid = c.nodes[GATEWAY_VICTIM].proc.pid  # type: ignore[union-attr]
+    samples = Samples()
+    try:
+        await eventually(lambda: all(_acked(w, conv) >= 5 for conv in convs), "acks before the partition")
+        await eventually(lambda: ready(c, GATEWAY_VICTIM), f"{GATEWAY_VICTIM} ready before the partition")
+        fd0, rss0 = fds(pid), rss_kib(pid)
+        fetches0 = await fetch_counts(c, GATEWAY_VICTIM)
+        if mode == "cut":
+            proxy.cut()
+        else:
+            proxy.blackhole()
+        await watch(c, GATEWAY_VICTIM, time.monotonic() + seconds, samples, None)
+        proxy.heal()
+        healed = time.monotonic()
+        await eventually(lambda: ready(c, GATEWAY_VICTIM), f"{GATEWAY_VICTIM} ready after the heal", 30)
+        ready_after = time.monotonic() - healed
+        await asyncio.sleep(2)  # traffic through the healed node
+    finally:
+        stop.set()
+        await asyncio.gather(*pumps, return_exceptions=True)
+    assert c.nodes[GATEWAY_VICTIM].running, c.nodes[GATEWAY_VICTIM].log()[-4000:]
+
+    rounds = [await d.resend_until_acked(timeout=45.0) for d in raw]
+    await check_delivery(c, w.apps, w.members, ordered=True)
+    log = await read_log(c, w.raw[0].account, w.raw_conv)
+    assert [e["seq"] for e in log] == list(range(1, len(log) + 1))
+
+    # Delivers again: a new device on gw-1 gets a message sent on gw-2 live (presence in Redis again,
+    # gw-1 linked and registered).
+    fresh = client_on(history, c, GATEWAY_VICTIM, w.raw[0].account, f"fresh{uuid.uuid4().hex[:4]}")
+    sender = w.raw[1]
+    try:
+        assert (await fresh.connect())["t"] == "auth_ok"
+        probes: list[str] = []
+
+        async def delivered_live() -> bool:
+            cmid = f"live-{uuid.uuid4().hex}"
+            probes.append(cmid)
+            if not sender.live:
+                return False
+            await sender.send("to gw-1", to=w.raw_peer[1], cmid=cmid)
+            with contextlib.suppress(TimeoutError):
+                await fresh.wait_for(lambda: any(m.get("cmid") == cmid for m in fresh.messages), timeout=3)
+            return any(m.get("cmid") == cmid for m in fresh.messages)
+
+        await eventually(delivered_live, lambda: f"{GATEWAY_VICTIM} delivering: {len(probes)} probes", 30)
+        delivers_after = time.monotonic() - healed
+    finally:
+        await fresh.close()
+
+    assert samples.rss and samples.fds
+    assert max(samples.fds) - fd0 <= FD_BOUND, (fd0, samples.fds)
+    assert max(samples.rss) - rss0 <= RSS_BOUND_KIB, (rss0, samples.rss)
+    made_up = {k: v - fetches0[k] for k, v in (await fetch_counts(c, GATEWAY_VICTIM)).items()}
+    messages = sum(len(a.planned) for a in w.apps) + sum(len(d.sent) for d in raw)
+    reconnects = sum(a.c.connections - 1 for a in w.apps) + sum(d.connection for d in raw)
+    print(
+        f"\nGATEWAY PARTITION {path} {mode} {seconds:.0f}s: messages={messages} reconnects={reconnects} "
+        f"raw_resend_rounds={rounds} fetches={made_up} not_ready_probes={samples.not_ready}/{samples.ready_probes} "
+        f"fds {fd0}->max {max(samples.fds)} rss_kib {rss0}->max {max(samples.rss)} "
+        f"ready_after={ready_after:.1f}s delivers_again_after={delivers_after:.1f}s"
+    )
+
+
+@pytest.mark.parametrize(("path", "mode"), [("redis", "cut"), ("redis", "blackhole"), ("etcd", "cut")])
+async def test_gateway_cut_off(
+    net: Net, history: History, apps: list[App], long_run: bool, path: str, mode: Mode
+) -> None:
+    await gateway_partition(net, history, apps, path, mode, PARTITION_LONG if long_run else PARTITION)

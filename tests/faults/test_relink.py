@@ -18,12 +18,12 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from im.cluster import LocalCluster
 from im.faultproxy import FaultProxy
 from tests.cluster.conftest import ClusterView, client_on, make_cluster, stop_checked
+from tests.support.apps import fetch_counts
 from tests.support.checker import History
 from tests.support.client import register
 from tests.support.wait import eventually
@@ -54,16 +54,6 @@ def one_transfer(tmp_path: Path) -> Iterator[tuple[LocalCluster, FaultProxy]]:
 
 def _links(c: LocalCluster, node: str) -> int:
     return c.nodes[node].log().count("linked to transfer node")
-
-
-async def _fetches(c: LocalCluster, node: str) -> dict[str, float]:
-    """The node's catch-up fetches (after a relink) and gap fetches (a live message ahead of the device)."""
-    async with httpx.AsyncClient(timeout=10) as http:
-        text = (await http.get(c.metrics_urls()[node])).text
-    return {
-        kind: sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"im_{kind}_fetches_total"))
-        for kind in ("catch_up", "gap")
-    }
 
 
 async def test_messages_committed_while_a_gateway_was_unlinked_reach_its_devices_when_it_relinks(
@@ -98,7 +88,7 @@ async def test_messages_committed_while_a_gateway_was_unlinked_reach_its_devices
         assert b.ws is ws_before and b.live, b.closed_reason  # the same connection: caught up, not resumed
         assert [m["seq"] for m in b.messages] == [1, 2, 3, 4]
         assert [m["body"] for m in b.messages][1:] == [f"while gw-2 was unlinked {i}" for i in range(3)]
-        fetches = await _fetches(cluster, "gw-2")
+        fetches = await fetch_counts(cluster, "gw-2")
         assert fetches["catch_up"] >= 1, f"{fetches}; gw-2's log: {cluster.nodes['gw-2'].log()[-1500:]}"
     finally:  # closed whatever happened: a socket left open would fail a later test when collected
         await history.close_all()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, Literal, Protocol
 
 import httpx
 import pytest
+import websockets
 
 from im.client import (
     Ack,
@@ -221,6 +223,106 @@ async def raw_resend(
         for cmid in todo:
             await c.send(cmid, to=to, cmid=cmid, wait=False)
     raise AssertionError(f"{c.device}: sends still unacked after {rounds} rounds")
+
+
+#: The refusals a raw client may see while an engine or a node is away: ``unavailable`` (the store, or a
+#: send behind a refused one: docs/protocol.md section 8), and ``rate_limited`` once its resends of those
+#: pass its own send rate. Both are explicit and retryable; anything else (``invalid``: dropped) fails.
+RETRYABLE = {"unavailable", "rate_limited"}
+
+
+class RawDevice:
+    """A raw protocol client (recorded by the history checker) that streams sends without waiting and, like
+    any client, reconnects (stating its cursors) when the server closes its connection. ``sent``: cmid ->
+    (when it was written, on which connection)."""
+
+    def __init__(self, c: ChatClient, to: int, pace: float = 0.02) -> None:
+        self.c, self.to, self.pace = c, to, pace
+        self.sent: dict[str, tuple[float, int]] = {}
+        self.connection = 0  # how many connections were opened after the first
+        self.refused_auth: Counter[str] = Counter()  # connections answered with a bye instead of auth_ok
+        self.resent: Counter[str] = Counter()  # cmid -> the refusals of it stream() has resent it after
+
+    @property
+    def open(self) -> bool:
+        return self.c._reader is not None and not self.c._reader.done()
+
+    async def reconnect(self) -> None:
+        while True:
+            if self.c.ws is not None:
+                with contextlib.suppress(Exception):
+                    await self.c.ws.close()
+            first = await self.c.connect()  # an answer within 10 s (ChatClient.connect): never silence
+            if first["t"] == "auth_ok":
+                self.connection += 1
+                return
+            assert first["t"] == "bye" and first["code"] == "unavailable", first
+            self.refused_auth[first["code"]] += 1
+            await asyncio.sleep(0.3)
+
+    async def stream(self, stop: asyncio.Event) -> None:
+        k = 0
+        while not stop.is_set():
+            reconnected = not self.open
+            if reconnected:
+                await self.reconnect()
+            refusals = Counter(str(e.get("ref")) for e in self.c.errors)
+            # Refused sends first, in order (a later one waits for them: section 8); after a reconnect every
+            # send not acked, as a resend written on the closed connection may never have arrived.
+            unacked = [x for x in self.sent if x not in self.c.acks]
+            for x in unacked if reconnected else [x for x in unacked if refusals[x] > self.resent[x]]:
+                self.resent[x] = refusals[x]
+                with contextlib.suppress(websockets.ConnectionClosed, OSError):
+                    await self.c.send(x, to=self.to, cmid=x, wait=False)
+            cmid = f"{self.c.device}-{k}"
+            self.sent[cmid] = (time.monotonic(), self.connection)
+            with contextlib.suppress(websockets.ConnectionClosed, OSError):  # closed: reconnect, resend later
+                await self.c.send(cmid, to=self.to, cmid=cmid, wait=False)
+            k += 1
+            await asyncio.sleep(self.pace)
+
+    def answered(self) -> set[str]:
+        return set(self.c.acks) | {str(e.get("ref")) for e in self.c.errors}
+
+    def silent(self, older_than: float) -> set[str]:
+        """Sends written on the connection still open, before ``older_than``, with no answer at all."""
+        if not self.open:
+            return set()
+        return {
+            x for x, (at, conn) in self.sent.items() if conn == self.connection and at < older_than
+        } - self.answered()
+
+    async def resend_until_acked(self, timeout: float = 30.0) -> int:
+        """Resend (same cmid) every send not acked until all are; returns how many rounds it took. The only
+        refusals accepted are the retryable ones of :data:`RETRYABLE`."""
+        deadline = time.monotonic() + timeout
+        rounds = 0
+        while True:
+            if not self.open:
+                await self.reconnect()
+            todo = [x for x in self.sent if x not in self.c.acks]
+            if not todo:
+                return rounds
+            assert time.monotonic() < deadline, f"{self.c.device}: {len(todo)} sends still unacked"
+            assert {e["code"] for e in self.c.errors} <= RETRYABLE, self.c.errors
+            rounds += 1
+            self.c.errors.clear()
+            with contextlib.suppress(websockets.ConnectionClosed, OSError):
+                for cmid in todo:
+                    await self.c.send(cmid, to=self.to, cmid=cmid, wait=False)
+            with contextlib.suppress(TimeoutError):
+                await self.c.wait_for(lambda t=set(todo): t <= self.answered() or not self.open, timeout=10)  # type: ignore[misc]
+            await asyncio.sleep(0.2)
+
+
+async def fetch_counts(c: LocalCluster, node: str) -> dict[str, float]:
+    """A gateway's catch-up fetches (after a relink) and gap fetches (a live message ahead of the device)."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        text = (await http.get(c.metrics_urls()[node])).text
+    return {
+        kind: sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"im_{kind}_fetches_total"))
+        for kind in ("catch_up", "gap")
+    }
 
 
 # --- the stored log and the checks --------------------------------------------------------------------
