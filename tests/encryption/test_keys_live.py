@@ -89,19 +89,19 @@ async def _pair(server: ServerProcess) -> tuple[Account, Account, int]:
 
 
 async def _fill(server: ServerProcess, alice: Account, bob: Account, gid: int, marker: str, n: int) -> None:
-    h = History(server)
-    a, b = h.client(alice, "phone"), h.client(bob, "laptop")
-    await a.connect()
-    await b.connect()
-    for start in range(0, n, 50):  # a window of 50 sends in flight per device
-        end = min(n, start + 50)
-        for i in range(start, end):
-            await a.send({"text": f"{marker} old direct {i}"}, to=bob.uid, wait=False)
-            await b.send({"text": f"{marker} old group {i}"}, conv=f"g:{gid}", wait=False)
-        await a.wait_for(lambda: len(a.acks) >= end, timeout=60)  # noqa: B023
-        await b.wait_for(lambda: len(b.acks) >= end, timeout=60)  # noqa: B023
-    assert not a.errors and not b.errors, (a.errors, b.errors)
-    await h.close_all()
+    async with History(server) as h:
+        a, b = h.client(alice, "phone"), h.client(bob, "laptop")
+        await a.connect()
+        await b.connect()
+        for start in range(0, n, 50):  # a window of 50 sends in flight per device
+            end = min(n, start + 50)
+            for i in range(start, end):
+                await a.send({"text": f"{marker} old direct {i}"}, to=bob.uid, wait=False)
+                await b.send({"text": f"{marker} old group {i}"}, conv=f"g:{gid}", wait=False)
+            await a.wait_for(lambda: len(a.acks) >= end, timeout=60)  # noqa: B023
+            await b.wait_for(lambda: len(b.acks) >= end, timeout=60)  # noqa: B023
+        assert not a.errors and not b.errors, (a.errors, b.errors)
+        await h.close_all()
 
 
 async def _texts(server: ServerProcess, reader: Account, conv: str) -> list[str]:

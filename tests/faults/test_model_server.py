@@ -474,33 +474,33 @@ async def test_checker_c7_c8_c9_catch_what_they_claim(server: ServerProcess) -> 
         r = await http.post("/groups", json={"name": "c", "members": [ben.uid]}, headers=ann.auth)
         assert r.status_code == 201, r.text
     conv = f"g:{r.json()['gid']}"
-    clean = History(server, settle_timeout=0.5)
-    a = clean.client(ann, "phone")
-    await a.connect()
-    for n in range(2):
-        assert await a.send({"n": n}, conv=conv) is not None
-    gone = Recorder(ben, "tab")  # a send made on a connection that then ended: in doubt, not a violation
-    clean.connected(gone)  # type: ignore[arg-type]
-    clean.sending(gone, "lost-1")  # type: ignore[arg-type]
-    counts = await clean.check()
-    assert counts["in_doubt"] == 1 and counts["membership_checked"] == 1 and counts["sends"] == 3, counts
-    await clean.close_all()
+    async with History(server, settle_timeout=0.5) as clean:
+        a = clean.client(ann, "phone")
+        await a.connect()
+        for n in range(2):
+            assert await a.send({"n": n}, conv=conv) is not None
+        gone = Recorder(ben, "tab")  # a send made on a connection that then ended: in doubt, not a violation
+        clean.connected(gone)  # type: ignore[arg-type]
+        clean.sending(gone, "lost-1")  # type: ignore[arg-type]
+        counts = await clean.check()
+        assert counts["in_doubt"] == 1 and counts["membership_checked"] == 1 and counts["sends"] == 3, counts
+        await clean.close_all()
 
-    broken = History(server, settle_timeout=0.5)
-    b = broken.client(ben, "laptop")
-    await b.connect()
-    await b.wait_messages(3, conv)
-    log = {m["seq"]: m for m in b.messages}
-    open_ = Recorder(ann, "desk", live=True)
-    broken.connected(open_)  # type: ignore[arg-type]
-    broken.sending(open_, "never-answered")  # type: ignore[arg-type]  # C7
-    broken.received(Recorder(cat, "web"), dict(log[2]))  # type: ignore[arg-type]  # C8: cat never was a member
-    minted_twice = {**log[3], "seq": 4, "mid": log[2]["mid"]}  # a message under seq 2's mid (a zombie's id)
-    broken.received(Recorder(ann, "old"), minted_twice)  # type: ignore[arg-type]  # C9
-    with pytest.raises(AssertionError) as failed:
-        await broken.check()
-    text = str(failed.value)
-    assert "C7: send never-answered" in text, text
-    assert f"C8: uid {cat.uid} received {conv} seq 2" in text, text
-    assert f"C9: mid {log[2]['mid']}" in text, text
-    await broken.close_all()
+        async with History(server, settle_timeout=0.5) as broken:
+            b = broken.client(ben, "laptop")
+            await b.connect()
+            await b.wait_messages(3, conv)
+            log = {m["seq"]: m for m in b.messages}
+            open_ = Recorder(ann, "desk", live=True)
+            broken.connected(open_)  # type: ignore[arg-type]
+            broken.sending(open_, "never-answered")  # type: ignore[arg-type]  # C7
+            broken.received(Recorder(cat, "web"), dict(log[2]))  # type: ignore[arg-type]  # C8: cat never was a member
+            minted_twice = {**log[3], "seq": 4, "mid": log[2]["mid"]}  # a message under seq 2's mid (a zombie's id)
+            broken.received(Recorder(ann, "old"), minted_twice)  # type: ignore[arg-type]  # C9
+            with pytest.raises(AssertionError) as failed:
+                await broken.check()
+            text = str(failed.value)
+            assert "C7: send never-answered" in text, text
+            assert f"C8: uid {cat.uid} received {conv} seq 2" in text, text
+            assert f"C9: mid {log[2]['mid']}" in text, text
+            await broken.close_all()

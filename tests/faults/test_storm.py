@@ -155,197 +155,211 @@ async def test_reconnect_storm_every_client_back_and_resynced(
     within = BACK_WITHIN * (2.5 if long_run else 1.0)
     api = cluster.api
     doomed, survivor = cluster.nodes[DOOMED], cluster.nodes[SURVIVOR]
-    history = History(ClusterView(api))  # type: ignore[arg-type]
+    async with History(ClusterView(api)) as history:  # type: ignore[arg-type]
+        # --- accounts and groups (a writer device per group, on the survivor) ---------------------------------
+        accounts = list(await asyncio.gather(*(register(api, f"storm{i}") for i in range(users))))
+        for a in accounts:
+            history.accounts[a.uid] = a
+        groups: list[tuple[str, list[Account]]] = []
+        async with httpx.AsyncClient(timeout=30) as http:
+            for g in range(0, users, GROUP_SIZE):
+                members = accounts[g : g + GROUP_SIZE]
+                r = await http.post(
+                    f"{api}/groups",
+                    json={"name": f"storm {g}", "members": [m.uid for m in members[1:]]},
+                    headers=members[0].auth,
+                )
+                assert r.status_code == 201, r.text
+                groups.append((r.json()["conv"], members))
+        conv_of = {m.uid: conv for conv, members in groups for m in members}
 
-    # --- accounts and groups (a writer device per group, on the survivor) ---------------------------------
-    accounts = list(await asyncio.gather(*(register(api, f"storm{i}") for i in range(users))))
-    for a in accounts:
-        history.accounts[a.uid] = a
-    groups: list[tuple[str, list[Account]]] = []
-    async with httpx.AsyncClient(timeout=30) as http:
-        for g in range(0, users, GROUP_SIZE):
-            members = accounts[g : g + GROUP_SIZE]
-            r = await http.post(
-                f"{api}/groups",
-                json={"name": f"storm {g}", "members": [m.uid for m in members[1:]]},
-                headers=members[0].auth,
-            )
-            assert r.status_code == 201, r.text
-            groups.append((r.json()["conv"], members))
-    conv_of = {m.uid: conv for conv, members in groups for m in members}
+        def address(node: Any) -> Gateway:
+            ports = node.ports
+            return Gateway(ws=f"ws://127.0.0.1:{ports['ws']}/ws", tcp=f"tcp://127.0.0.1:{ports['tcp']}", node=node.name)
 
-    def address(node: Any) -> Gateway:
-        ports = node.ports
-        return Gateway(ws=f"ws://127.0.0.1:{ports['ws']}/ws", tcp=f"tcp://127.0.0.1:{ports['tcp']}", node=node.name)
+        BalancedApi.fixed = address(doomed)
 
-    BalancedApi.fixed = address(doomed)
+        def factory(d: Device) -> Callable[[Gateway], Transport]:
+            def make(gateway: Gateway) -> Transport:
+                d.attempts_at.append(time.monotonic())
+                if d.tcp:
+                    assert gateway.tcp is not None
+                    return TcpTransport(gateway.tcp)
+                return WebSocketTransport(gateway.ws)
 
-    def factory(d: Device) -> Callable[[Gateway], Transport]:
-        def make(gateway: Gateway) -> Transport:
-            d.attempts_at.append(time.monotonic())
-            if d.tcp:
-                assert gateway.tcp is not None
-                return TcpTransport(gateway.tcp)
-            return WebSocketTransport(gateway.ws)
+            return make
 
-        return make
+        def recorder(d: Device) -> Callable[[ClientEvent], None]:
+            rec = _Recorder(d.account, d.device)
 
-    def recorder(d: Device) -> Callable[[ClientEvent], None]:
-        rec = _Recorder(d.account, d.device)
-
-        def on_event(event: ClientEvent) -> None:
-            if type(event) is Msg:
-                d.stream.append(event.seq)
-                history.received(
-                    rec,  # type: ignore[arg-type]
-                    {
+            def on_event(event: ClientEvent) -> None:
+                if type(event) is Msg:
+                    d.stream.append(event.seq)
+                    history.received(
+                        rec,  # type: ignore[arg-type]
+                        {
+                            "conv": event.conv,
+                            "seq": event.seq,
+                            "mid": event.mid,
+                            "from": event.sender,
+                            "cmid": event.cmid,
+                            "body": event.body,
+                        },
+                    )
+                elif type(event) is Ack:
+                    d.acked[event.cmid] += 1
+                    if not event.dup:
+                        d.stream.append(event.seq)
+                    frame = {
                         "conv": event.conv,
                         "seq": event.seq,
                         "mid": event.mid,
-                        "from": event.sender,
                         "cmid": event.cmid,
-                        "body": event.body,
-                    },
+                        "dup": event.dup,
+                    }
+                    history.acked(rec, frame)  # type: ignore[arg-type]
+                elif type(event) is Error and event.code == "unavailable" and event.retry_after is not None:
+                    d.refused_logins += 1
+
+            return on_event
+
+        apis = {a.uid: BalancedApi(api, tokens=_tokens(a), timeout=30) for a in accounts}
+        devices = [
+            Device(a, f"dev{k}", conv_of[a.uid], tcp=(i * per_user + k) % 2 == 1)
+            for i, a in enumerate(accounts)
+            for k in range(per_user)
+        ]
+        writers: list[Client] = []
+        try:
+            # --- everyone on the doomed gateway, synced ---------------------------------------------------------
+            for d in devices:
+                d.client = Client(
+                    apis[d.account.uid],
+                    device=d.device,
+                    transport="tcp" if d.tcp else "ws",
+                    on_event=recorder(d),
+                    transport_factory=factory(d),
+                    backoff_base=0.2,
+                    backoff_max=5.0,
                 )
-            elif type(event) is Ack:
-                d.acked[event.cmid] += 1
-                if not event.dup:
-                    d.stream.append(event.seq)
-                frame = {"conv": event.conv, "seq": event.seq, "mid": event.mid, "cmid": event.cmid, "dup": event.dup}
-                history.acked(rec, frame)  # type: ignore[arg-type]
-            elif type(event) is Error and event.code == "unavailable" and event.retry_after is not None:
-                d.refused_logins += 1
-
-        return on_event
-
-    apis = {a.uid: BalancedApi(api, tokens=_tokens(a), timeout=30) for a in accounts}
-    devices = [
-        Device(a, f"dev{k}", conv_of[a.uid], tcp=(i * per_user + k) % 2 == 1)
-        for i, a in enumerate(accounts)
-        for k in range(per_user)
-    ]
-    writers: list[Client] = []
-    try:
-        # --- everyone on the doomed gateway, synced ---------------------------------------------------------
-        for d in devices:
-            d.client = Client(
-                apis[d.account.uid],
-                device=d.device,
-                transport="tcp" if d.tcp else "ws",
-                on_event=recorder(d),
-                transport_factory=factory(d),
-                backoff_base=0.2,
-                backoff_max=5.0,
+            for i in range(0, len(devices), 200):  # in steps, so the set-up itself is no storm
+                batch = devices[i : i + 200]
+                for d in batch:
+                    assert d.client is not None
+                    d.client.start()
+                await asyncio.gather(*(d.client.wait_synced(60) for d in batch if d.client is not None))
+            for _conv, members in groups:
+                w = Client(
+                    ApiClient(api, tokens=_tokens(members[0])),
+                    device="writer",
+                    close_api=True,
+                    transport_factory=lambda gw: WebSocketTransport(f"ws://127.0.0.1:{survivor.ports['ws']}/ws"),
+                )
+                w.start()
+                await w.wait_synced(30)
+                writers.append(w)
+            await asyncio.gather(
+                *(
+                    w.send({"n": n}, conv=conv)
+                    for w, (conv, _) in zip(writers, groups, strict=True)
+                    for n in range(BEFORE)
+                )
             )
-        for i in range(0, len(devices), 200):  # in steps, so the set-up itself is no storm
-            batch = devices[i : i + 200]
-            for d in batch:
+            await eventually(
+                lambda: all(len(d.stream) == 1 + BEFORE for d in devices),
+                lambda: f"{sum(len(d.stream) != 1 + BEFORE for d in devices)} devices not caught up before the kill",
+                timeout=60,
+            )
+            before = {d: d.client.connections for d in devices if d.client is not None}
+            rss_before = _rss_peak_mib(survivor.proc.pid)  # type: ignore[union-attr]
+
+            # --- the kill, and the storm ------------------------------------------------------------------------
+            for d in devices:
+                d.attempts_at.clear()
+            BalancedApi.fixed = address(survivor)
+            assert doomed.proc is not None
+            killed_at = time.monotonic()
+            doomed.stop(signal.SIGKILL)
+            posts = {}
+            for d in devices[::POSTER_EVERY]:
                 assert d.client is not None
-                d.client.start()
-            await asyncio.gather(*(d.client.wait_synced(60) for d in batch if d.client is not None))
-        for _conv, members in groups:
-            w = Client(
-                ApiClient(api, tokens=_tokens(members[0])),
-                device="writer",
-                close_api=True,
-                transport_factory=lambda gw: WebSocketTransport(f"ws://127.0.0.1:{survivor.ports['ws']}/ws"),
+                posts[d] = d.client.post({"away": d.device}, conv=d.conv)  # in the outbox until it is back
+            await asyncio.gather(
+                *(
+                    w.send({"n": n}, conv=conv)
+                    for w, (conv, _) in zip(writers, groups, strict=True)
+                    for n in range(BEFORE, BEFORE + DURING)
+                )
             )
-            w.start()
-            await w.wait_synced(30)
-            writers.append(w)
-        await asyncio.gather(
-            *(w.send({"n": n}, conv=conv) for w, (conv, _) in zip(writers, groups, strict=True) for n in range(BEFORE))
-        )
-        await eventually(
-            lambda: all(len(d.stream) == 1 + BEFORE for d in devices),
-            lambda: f"{sum(len(d.stream) != 1 + BEFORE for d in devices)} devices not caught up before the kill",
-            timeout=60,
-        )
-        before = {d: d.client.connections for d in devices if d.client is not None}
-        rss_before = _rss_peak_mib(survivor.proc.pid)  # type: ignore[union-attr]
+            posted_in = collections.Counter(d.conv for d in posts)
+            last_seq = {conv: 1 + BEFORE + DURING + posted_in[conv] for conv, _ in groups}
 
-        # --- the kill, and the storm ------------------------------------------------------------------------
+            def back(d: Device) -> bool:
+                c = d.client
+                return (
+                    c is not None
+                    and c.connections > before[d]
+                    and c.session.synced
+                    and c.cursors.get(d.conv) == last_seq[d.conv]
+                    and not c.outbox
+                )
+
+            def stuck() -> str:
+                late = [d for d in devices if not back(d)]
+                sample = [
+                    (
+                        d.account.uid,
+                        d.device,
+                        d.client.connections if d.client else 0,
+                        d.client.cursors if d.client else {},
+                    )
+                    for d in late[:5]
+                ]
+                return f"{len(late)} of {len(devices)} clients not back and resynced: {sample}"
+
+            await eventually(lambda: all(back(d) for d in devices), stuck, timeout=within, interval=0.1)
+            all_back = time.monotonic() - killed_at
+            rss_peak = _rss_peak_mib(survivor.proc.pid)  # type: ignore[union-attr]
+        finally:
+            BalancedApi.fixed = None
+            await asyncio.gather(*(d.client.close() for d in devices if d.client is not None), return_exceptions=True)
+            await asyncio.gather(*(w.close() for w in writers), return_exceptions=True)
+            await asyncio.gather(*(a.aclose() for a in apis.values()), return_exceptions=True)
+
+        # --- every device: each message once, in order, no gap; every send made while away acked once --------
         for d in devices:
-            d.attempts_at.clear()
-        BalancedApi.fixed = address(survivor)
-        assert doomed.proc is not None
-        killed_at = time.monotonic()
-        doomed.stop(signal.SIGKILL)
-        posts = {}
-        for d in devices[::POSTER_EVERY]:
-            assert d.client is not None
-            posts[d] = d.client.post({"away": d.device}, conv=d.conv)  # in the outbox until it is back
-        await asyncio.gather(
-            *(
-                w.send({"n": n}, conv=conv)
-                for w, (conv, _) in zip(writers, groups, strict=True)
-                for n in range(BEFORE, BEFORE + DURING)
+            assert d.stream == list(range(1, last_seq[d.conv] + 1)), f"{d.account.uid}/{d.device}: {d.stream}"
+        for d, cmid in posts.items():
+            assert d.acked[cmid] == 1, f"{d.account.uid}/{d.device} acked {cmid} {d.acked[cmid]} times"
+        counts = await history.check()
+
+        # --- the storm was spread, some were told to wait, the survivor's memory stayed bounded ---------------
+        attempts = [t for d in devices for t in d.attempts_at]
+        told = sum(d.client.told_to_wait for d in devices if d.client is not None)
+        refusals = sum(d.refused_logins for d in devices)
+        hist = _histogram(attempts, killed_at)
+        per_client = [len(d.attempts_at) for d in devices]
+        assert all(n >= 1 for n in per_client)
+        assert refusals > 0 and told >= refusals, (refusals, told)
+        by_transport = {tcp: sum(d.refused_logins for d in devices if d.tcp == tcp) for tcp in (False, True)}
+        assert all(by_transport.values()), f"refusals on WebSocket and on TCP: {by_transport}"
+        # The first attempts are the storm itself (every client lost its connection at the same moment); the
+        # retries of the refused come back spread out, at about the admission rate, and get in.
+        retries = [t for d in devices for t in d.attempts_at[1:]]
+        assert len(retries) >= refusals
+        retry_hist = _histogram(retries, killed_at)
+        assert max(retry_hist.values()) < 0.35 * len(retries), f"retries bunched in one half-second: {retry_hist}"
+        assert max(retries) - min(retries) > 2.0, retry_hist
+        assert max(per_client) <= 3, f"a client needed {max(per_client)} attempts: {hist}"
+        assert rss_peak < RSS_BOUND_MIB, f"{SURVIVOR} peak RSS {rss_peak:.0f} MiB"
+        growth = (rss_peak - rss_before) * 1024 / len(devices)
+        assert growth < RSS_GROWTH_PER_CLIENT_KIB, f"{SURVIVOR} peak RSS grew {growth:.1f} KiB per client"
+        with capsys.disabled():
+            print(
+                f"\nstorm: {len(devices)} clients ({sum(d.tcp for d in devices)} TCP), all back and resynced in "
+                f"{all_back:.1f}s; attempts per client: mean {sum(per_client) / len(per_client):.2f}, max "
+                f"{max(per_client)}; logins refused with retry_after: {refusals} ({by_transport[True]} on TCP; clients "
+                f"told to wait: {told}); "
+                f"{SURVIVOR} peak RSS {rss_before:.0f} -> {rss_peak:.0f} MiB; attempts per 0.5 s after the kill: "
+                f"{hist}; checker: {counts}"
             )
-        )
-        posted_in = collections.Counter(d.conv for d in posts)
-        last_seq = {conv: 1 + BEFORE + DURING + posted_in[conv] for conv, _ in groups}
-
-        def back(d: Device) -> bool:
-            c = d.client
-            return (
-                c is not None
-                and c.connections > before[d]
-                and c.session.synced
-                and c.cursors.get(d.conv) == last_seq[d.conv]
-                and not c.outbox
-            )
-
-        def stuck() -> str:
-            late = [d for d in devices if not back(d)]
-            sample = [
-                (d.account.uid, d.device, d.client.connections if d.client else 0, d.client.cursors if d.client else {})
-                for d in late[:5]
-            ]
-            return f"{len(late)} of {len(devices)} clients not back and resynced: {sample}"
-
-        await eventually(lambda: all(back(d) for d in devices), stuck, timeout=within, interval=0.1)
-        all_back = time.monotonic() - killed_at
-        rss_peak = _rss_peak_mib(survivor.proc.pid)  # type: ignore[union-attr]
-    finally:
-        BalancedApi.fixed = None
-        await asyncio.gather(*(d.client.close() for d in devices if d.client is not None), return_exceptions=True)
-        await asyncio.gather(*(w.close() for w in writers), return_exceptions=True)
-        await asyncio.gather(*(a.aclose() for a in apis.values()), return_exceptions=True)
-
-    # --- every device: each message once, in order, no gap; every send made while away acked once --------
-    for d in devices:
-        assert d.stream == list(range(1, last_seq[d.conv] + 1)), f"{d.account.uid}/{d.device}: {d.stream}"
-    for d, cmid in posts.items():
-        assert d.acked[cmid] == 1, f"{d.account.uid}/{d.device} acked {cmid} {d.acked[cmid]} times"
-    counts = await history.check()
-
-    # --- the storm was spread, some were told to wait, the survivor's memory stayed bounded ---------------
-    attempts = [t for d in devices for t in d.attempts_at]
-    told = sum(d.client.told_to_wait for d in devices if d.client is not None)
-    refusals = sum(d.refused_logins for d in devices)
-    hist = _histogram(attempts, killed_at)
-    per_client = [len(d.attempts_at) for d in devices]
-    assert all(n >= 1 for n in per_client)
-    assert refusals > 0 and told >= refusals, (refusals, told)
-    by_transport = {tcp: sum(d.refused_logins for d in devices if d.tcp == tcp) for tcp in (False, True)}
-    assert all(by_transport.values()), f"refusals on WebSocket and on TCP: {by_transport}"
-    # The first attempts are the storm itself (every client lost its connection at the same moment); the
-    # retries of the refused come back spread out, at about the admission rate, and get in.
-    retries = [t for d in devices for t in d.attempts_at[1:]]
-    assert len(retries) >= refusals
-    retry_hist = _histogram(retries, killed_at)
-    assert max(retry_hist.values()) < 0.35 * len(retries), f"retries bunched in one half-second: {retry_hist}"
-    assert max(retries) - min(retries) > 2.0, retry_hist
-    assert max(per_client) <= 3, f"a client needed {max(per_client)} attempts: {hist}"
-    assert rss_peak < RSS_BOUND_MIB, f"{SURVIVOR} peak RSS {rss_peak:.0f} MiB"
-    growth = (rss_peak - rss_before) * 1024 / len(devices)
-    assert growth < RSS_GROWTH_PER_CLIENT_KIB, f"{SURVIVOR} peak RSS grew {growth:.1f} KiB per client"
-    with capsys.disabled():
-        print(
-            f"\nstorm: {len(devices)} clients ({sum(d.tcp for d in devices)} TCP), all back and resynced in "
-            f"{all_back:.1f}s; attempts per client: mean {sum(per_client) / len(per_client):.2f}, max "
-            f"{max(per_client)}; logins refused with retry_after: {refusals} ({by_transport[True]} on TCP; clients "
-            f"told to wait: {told}); "
-            f"{SURVIVOR} peak RSS {rss_before:.0f} -> {rss_peak:.0f} MiB; attempts per 0.5 s after the kill: "
-            f"{hist}; checker: {counts}"
-        )

@@ -209,26 +209,26 @@ async def test_delete_account(server: ServerProcess, http: httpx.AsyncClient) ->
 
 
 async def test_password_change_closes_the_other_session_on_another_gateway(cluster: LocalCluster) -> None:
-    history = History(cluster)  # type: ignore[arg-type]  # the checker needs only .api
-    async with httpx.AsyncClient(base_url=cluster.api, timeout=10) as http:
-        mine = await register(cluster.api, "alice")
-        other = await login(http, mine)
-        bob = await register(cluster.api, "bob")
-        phone = client_on(history, cluster, "gw-1", mine, "phone")
-        laptop = client_on(history, cluster, "gw-2", other, "laptop")
-        bystander = client_on(history, cluster, "gw-2", bob, "pc")
-        for c in (phone, laptop, bystander):
-            assert (await c.connect())["t"] == "auth_ok"
-        body = {"current_password": PASSWORD, "new_password": "new secret words"}
-        assert (await http.post("/account/password", json=body, headers=mine.auth)).status_code == 204
-        await closed_revoked(laptop)  # on gateway 2, through a transfer node, at once
-        assert (await refresh(http, other.refresh)).status_code == 401
-        await still_works(phone)
-        await still_works(bystander)
-        assert await phone.send("still here", to=bob.uid)
-        await bystander.wait_messages(1)
-    await history.close_all()
-    await history.check()
+    async with History(cluster) as history:  # type: ignore[arg-type]  # the checker needs only .api
+        async with httpx.AsyncClient(base_url=cluster.api, timeout=10) as http:
+            mine = await register(cluster.api, "alice")
+            other = await login(http, mine)
+            bob = await register(cluster.api, "bob")
+            phone = client_on(history, cluster, "gw-1", mine, "phone")
+            laptop = client_on(history, cluster, "gw-2", other, "laptop")
+            bystander = client_on(history, cluster, "gw-2", bob, "pc")
+            for c in (phone, laptop, bystander):
+                assert (await c.connect())["t"] == "auth_ok"
+            body = {"current_password": PASSWORD, "new_password": "new secret words"}
+            assert (await http.post("/account/password", json=body, headers=mine.auth)).status_code == 204
+            await closed_revoked(laptop)  # on gateway 2, through a transfer node, at once
+            assert (await refresh(http, other.refresh)).status_code == 401
+            await still_works(phone)
+            await still_works(bystander)
+            assert await phone.send("still here", to=bob.uid)
+            await bystander.wait_messages(1)
+        await history.close_all()
+        await history.check()
 
 
 async def test_password_checks_of_account_controls_are_throttled_as_logins(tmp_path: Path) -> None:

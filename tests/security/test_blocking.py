@@ -175,32 +175,32 @@ async def test_contacts_only_and_the_presence_rule(server: ServerProcess, http: 
 async def test_block_reaches_every_node_within_the_cache_time(cluster: LocalCluster) -> None:
     """Blocked on the API process; Mallory writes through the other gateway and a transfer node: refused
     within SHARED_STATE_TTL (2 s), and Alice's typing stops reaching her there too."""
-    history = History(cluster)  # type: ignore[arg-type]  # the checker needs only .api
-    alice, mallory, carol = [await register(cluster.api, n) for n in ("alice", "mallory", "carol")]
-    a = client_on(history, cluster, "gw-1", alice, "phone")
-    m = client_on(history, cluster, "gw-2", mallory, "pc")
-    c = client_on(history, cluster, "gw-2", carol, "tablet")
-    for client in (a, m, c):
-        assert (await client.connect())["t"] == "auth_ok"
-    assert await m.send("hi", to=alice.uid)
-    assert await a.send("hi", to=mallory.uid)
-    async with httpx.AsyncClient(base_url=cluster.api, timeout=10) as http:
-        r = await http.post("/groups", json={"name": "g", "members": [mallory.uid, carol.uid]}, headers=alice.auth)
-        group = r.json()["conv"]
-        assert (await http.put(f"/blocks/{mallory.uid}", headers=alice.auth)).status_code == 204
-    blocked_at = time.monotonic()
-    while await m.send("still there?", to=alice.uid) is not None:  # accepted until the caches expire
-        assert time.monotonic() - blocked_at < 6.0, "the block did not reach the transfer node in time"
-    assert m.errors[-1]["code"] == "forbidden" and REFUSED in m.errors[-1]["message"]
-    assert time.monotonic() - blocked_at < 6.0
-    # Once refused, refused for good; the bystander on the same gateway still writes to Alice.
-    assert await m.send("again", to=alice.uid) is None
-    assert await c.send("hello alice", to=alice.uid)
-    await a.wait_for(lambda: any(x["body"] == "hello alice" for x in a.messages))
-    # Typing across gateways: Carol gets Alice's, Mallory does not (gateway 2's cache expired too).
-    await a.send_frame({"t": "typing", "conv": group})
-    await c.wait_for(lambda: any(e["t"] == "typing" and e["uid"] == alice.uid for e in c.events))
-    await round_trip(m)
-    assert not any(e["t"] == "typing" and e["uid"] == alice.uid for e in m.events)
-    await history.close_all()
-    await history.check()
+    async with History(cluster) as history:  # type: ignore[arg-type]  # the checker needs only .api
+        alice, mallory, carol = [await register(cluster.api, n) for n in ("alice", "mallory", "carol")]
+        a = client_on(history, cluster, "gw-1", alice, "phone")
+        m = client_on(history, cluster, "gw-2", mallory, "pc")
+        c = client_on(history, cluster, "gw-2", carol, "tablet")
+        for client in (a, m, c):
+            assert (await client.connect())["t"] == "auth_ok"
+        assert await m.send("hi", to=alice.uid)
+        assert await a.send("hi", to=mallory.uid)
+        async with httpx.AsyncClient(base_url=cluster.api, timeout=10) as http:
+            r = await http.post("/groups", json={"name": "g", "members": [mallory.uid, carol.uid]}, headers=alice.auth)
+            group = r.json()["conv"]
+            assert (await http.put(f"/blocks/{mallory.uid}", headers=alice.auth)).status_code == 204
+        blocked_at = time.monotonic()
+        while await m.send("still there?", to=alice.uid) is not None:  # accepted until the caches expire
+            assert time.monotonic() - blocked_at < 6.0, "the block did not reach the transfer node in time"
+        assert m.errors[-1]["code"] == "forbidden" and REFUSED in m.errors[-1]["message"]
+        assert time.monotonic() - blocked_at < 6.0
+        # Once refused, refused for good; the bystander on the same gateway still writes to Alice.
+        assert await m.send("again", to=alice.uid) is None
+        assert await c.send("hello alice", to=alice.uid)
+        await a.wait_for(lambda: any(x["body"] == "hello alice" for x in a.messages))
+        # Typing across gateways: Carol gets Alice's, Mallory does not (gateway 2's cache expired too).
+        await a.send_frame({"t": "typing", "conv": group})
+        await c.wait_for(lambda: any(e["t"] == "typing" and e["uid"] == alice.uid for e in c.events))
+        await round_trip(m)
+        assert not any(e["t"] == "typing" and e["uid"] == alice.uid for e in m.events)
+        await history.close_all()
+        await history.check()

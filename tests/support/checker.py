@@ -128,9 +128,21 @@ class History:
 
     async def close_all(self) -> None:
         await self.settle()
+        await self._close_clients()
+
+    async def _close_clients(self) -> None:
         for c in self.clients:
             with contextlib.suppress(Exception):
                 await c.close()
+
+    async def __aenter__(self) -> History:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Every client closed, whatever ended the block: a failed test must not leave sockets for the
+        garbage collector to find during a later test (ResourceWarning, an error there). A block that
+        ends well has usually called :meth:`close_all` and :meth:`check` itself; closing again is a no-op."""
+        await self._close_clients()
 
     async def _log(self, conv: str) -> list[dict[str, Any]] | None:
         """The whole stored log of ``conv``, read through the API as some current member."""
