@@ -27,6 +27,7 @@ def test_all_is_pinned() -> None:
         "Event",
         "FileInfo",
         "Gateway",
+        "GatewayRefused",
         "Group",
         "HistoryPage",
         "Member",

@@ -1,13 +1,23 @@
-"""The SDK honours the server's ``retry_after`` (error frames, HTTP 429/503)."""
+"""The SDK honours the server's ``retry_after`` (error frames, HTTP 429/503 from the API, and a gateway
+over its connection cap: HTTP 503 to the upgrade, or a close 1013 after it)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
 import httpx
 import pytest
+from picows import WSCloseCode, WSListener, WSTransport, ws_create_server
 
-from im.client import ApiClient, ApiError
+from im.client import ApiClient, ApiError, Client, Gateway, WebSocketTransport
+from im.net import RETRY_AFTER, refusal_503
 from im.protocol.frames import Error
+from tests.client.conftest import PASSWORD
 from tests.client.test_session import opened, out, srv
+from tests.support.server import ServerProcess
 
 
 def test_session_keeps_the_longest_retry_after_until_retry() -> None:
@@ -41,3 +51,80 @@ async def test_api_error_carries_retry_after() -> None:
             await api.login("alice", "password123")
     assert refused.value.status == 429 and refused.value.code == "rate_limited"
     assert refused.value.retry_after == 42
+
+
+# --- a gateway over its connection cap (docs/protocol.md section 2, "Connection caps") ---------------
+
+
+class _TryAgainLater(WSListener):
+    """The gateway's refusal after the handshake: close 1013 with the reason the server gives."""
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        transport.send_close(WSCloseCode.TRY_AGAIN_LATER, b"the server is at its connection limit, retry later")
+        transport.disconnect()
+
+
+@contextlib.asynccontextmanager
+async def refusing_gateway(kind: str) -> AsyncIterator[str]:
+    """A ws:// URL whose server refuses every connection as a gateway over a cap does: the upgrade
+    answered with the gateway's own HTTP 503 (``Retry-After: 5``), or the handshake completed and the
+    connection closed 1013."""
+    if kind == "503":
+
+        async def shed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(refusal_503("the server is at its connection limit, retry later"))
+            await writer.drain()
+            writer.close()
+
+        plain = await asyncio.start_server(shed, "127.0.0.1", 0)
+        port = plain.sockets[0].getsockname()[1]
+        try:
+            yield f"ws://127.0.0.1:{port}/ws"
+        finally:
+            plain.close()
+            await plain.wait_closed()
+    else:
+        ws = await ws_create_server(lambda _request: _TryAgainLater(), "127.0.0.1", 0)
+        port = ws.sockets[0].getsockname()[1]
+        try:
+            yield f"ws://127.0.0.1:{port}/ws"
+        finally:
+            ws.close()
+            await ws.wait_closed()
+
+
+@pytest.mark.parametrize("kind", ["503", "1013"])
+async def test_a_gateway_over_its_cap_is_tried_again_no_sooner_than_it_asked(server: ServerProcess, kind: str) -> None:
+    """The first connection is refused; with a backoff of a few milliseconds of its own, the client
+    still waits the 5 s the gateway asked for (``Retry-After``, or the protocol's 5 s after a 1013)
+    before it connects to a gateway that takes it."""
+    async with ApiClient(server.http) as api:
+        await api.register("alice", PASSWORD)
+        bob = await api.register("bob", PASSWORD)
+    tried: list[tuple[float, str]] = []
+    async with refusing_gateway(kind) as refusing:
+
+        def transport(gateway: Gateway) -> WebSocketTransport:
+            url = refusing if not tried else gateway.ws
+            tried.append((time.monotonic(), url))
+            return WebSocketTransport(url)
+
+        client = await Client.login(
+            server.http,
+            "alice",
+            PASSWORD,
+            device="phone",
+            transport_factory=transport,
+            backoff_base=0.005,
+            backoff_max=0.02,
+            connect_timeout=30,
+        )
+    try:
+        assert [url for _, url in tried][:1] == [refusing] and len(tried) == 2, tried
+        waited = tried[1][0] - tried[0][0]
+        assert waited >= RETRY_AFTER, f"tried again after {waited:.2f}s"
+        assert client.told_to_wait == 1
+        assert await client.send({"text": "in"}, to=bob.uid) is not None  # the second one serves
+    finally:
+        await client.close()

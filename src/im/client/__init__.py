@@ -44,7 +44,14 @@ from im.client.api import (
 from im.client.client import Client, ClientClosed, ClientEvent, Disconnected, SendError
 from im.client.session import ClientSession, Event, SendFailed
 from im.client.tls import PlaintextRefused, TlsError, TlsVerificationError
-from im.client.transport import MemoryTransport, TcpTransport, Transport, TransportClosed, WebSocketTransport
+from im.client.transport import (
+    GatewayRefused,
+    MemoryTransport,
+    TcpTransport,
+    Transport,
+    TransportClosed,
+    WebSocketTransport,
+)
 from im.protocol.codec import Encoding
 from im.protocol.frames import Ack, AuthOk, Bye, Error, Receipt, Send, Synced, TypingEvent
 from im.protocol.frames import Msg as Message
@@ -66,6 +73,7 @@ __all__ = [
     "Event",
     "FileInfo",
     "Gateway",
+    "GatewayRefused",
     "Group",
     "HistoryPage",
     "Member",

@@ -50,7 +50,7 @@ from picows import WSError
 from im.client.api import ApiClient, ApiError, Gateway
 from im.client.session import ClientSession, Event, SendFailed
 from im.client.tls import PlaintextRefused, TlsError, is_secure
-from im.client.transport import TcpTransport, Transport, WebSocketTransport
+from im.client.transport import GatewayRefused, TcpTransport, Transport, WebSocketTransport
 from im.protocol.codec import Encoding
 from im.protocol.frames import Ack, AuthOk, Bye, Msg, Send, Synced
 
@@ -105,14 +105,15 @@ class Client:
     """A connected chat device. Build with :meth:`login` (or construct around an :class:`ApiClient` and
     :meth:`start`); close with ``async with`` or :meth:`close`.
 
-    Options (keyword-only): ``device`` (stable per installation: the server deduplicates sends and keeps
-    delivery cursors per device name); ``transport`` ``"ws"`` or ``"tcp"``; ``encoding``; ``cursor_file``;
+    Options (keyword-only): ``device`` (stable per installation: the server deduplicates sends and keeps delivery
+    cursors per device name); ``transport`` ``"ws"`` or ``"tcp"``; ``encoding``; ``cursor_file``;
     ``backoff_base``/``backoff_max`` (seconds; the n-th reconnect waits a random 50-100 % of ``min(max, base *
-    2**n)``, and never less than what the server asked: a refused login's ``retry_after`` or an HTTP 503's
-    ``Retry-After``, plus up to 20 % jitter); ``retry_delay`` (before resending a send refused with a retryable
-    code); ``max_in_flight`` (unanswered sends written at once); ``recv_delay`` (batching of delivery reports);
-    ``persist_interval``; ``on_event`` (called with each event instead of queueing it for :meth:`events`);
-    ``transport_factory`` (build the :class:`Transport` for a gateway, for tests or custom networks).
+    2**n)``, and never less than what the server asked: a refused login's ``retry_after``, or the ``Retry-After`` of
+    an HTTP 503 from the API or from a gateway over its connection cap (:class:`GatewayRefused`), plus up to 20 %
+    jitter); ``retry_delay`` (before resending a send refused with a retryable code); ``max_in_flight`` (unanswered
+    sends written at once); ``recv_delay`` (batching of delivery reports); ``persist_interval``; ``on_event``
+    (called with each event instead of queueing it for :meth:`events`); ``transport_factory`` (build the
+    :class:`Transport` for a gateway, for tests or custom networks).
 
     TLS: the gateway connection uses the :class:`ApiClient`'s TLS options (``ca_file``,
     ``insecure_skip_verify``, ``ssl_context``; :meth:`login` takes them). A certificate the client refuses
@@ -465,6 +466,9 @@ class Client:
                         return
                     reason = f"API: {exc}"
                     wait = exc.retry_after if exc.status in (429, 503) else None
+                except GatewayRefused as exc:  # over a cap: what it asked, else our own backoff
+                    reason = str(exc)
+                    wait = exc.retry_after
                 except _RETRYABLE_ERRORS as exc:
                     reason = f"{type(exc).__name__}: {exc}"
                 if self._closing:
@@ -509,8 +513,17 @@ class Client:
         self._connected.clear()
         self._synced.clear()
         try:
-            transport.send(session.connect(token))
-            return await self._pump(transport)
+            try:
+                transport.send(session.connect(token))
+                reason = await self._pump(transport)
+            except ConnectionError as exc:  # closed under the auth frame: a cap's 1013 can come that soon
+                if transport.retry_after is None:
+                    raise
+                reason = f"{type(exc).__name__}: {exc}"
+            if transport.retry_after is not None:  # closed "try again later" (a connection cap)
+                session.reconnect_after = max(session.reconnect_after or 0.0, transport.retry_after)
+                reason = f"{reason}: the gateway asked to try again later"
+            return reason
         finally:
             self.transport = None
             session.connection_lost()

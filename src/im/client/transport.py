@@ -44,13 +44,15 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+import msgspec
+from picows import WSCloseCode, WSFrame, WSInvalidStatusError, WSListener, WSMsgType, WSTransport, ws_connect
 
 from im.client.tls import TlsVerificationError, client_context, trust_of, verification_error, warn_insecure
 from im.protocol.codec import Encoding
 from im.protocol.tcp_framing import DEFAULT_MAX_FRAME, TcpFramer, TcpFramingError, encode_frame, encode_frames
 
 __all__ = [
+    "GatewayRefused",
     "MemoryTransport",
     "TcpFramer",
     "TcpFramingError",
@@ -64,6 +66,32 @@ __all__ = [
 
 class TransportClosed(ConnectionError):
     """Raised by :meth:`Transport.send` when the connection is gone."""
+
+
+class GatewayRefused(ConnectionError):
+    """The gateway answered the WebSocket upgrade with an HTTP error instead of ``101``: 503 when it is
+    over a connection cap (docs/protocol.md section 2), with ``Retry-After``. ``retry_after``: the seconds
+    it asked for (None: it did not say, or not in seconds). A :class:`Client` waits at least that long
+    before its next attempt."""
+
+    def __init__(self, status: int, retry_after: float | None, message: str) -> None:
+        super().__init__(f"the gateway refused the connection: HTTP {status} {message}".rstrip())
+        self.status = status
+        self.retry_after = retry_after
+
+
+def _refused(exc: WSInvalidStatusError) -> GatewayRefused:
+    """The HTTP answer to an upgrade as a :class:`GatewayRefused` (its ``Retry-After`` in seconds, and the
+    ``message`` of an im error body when it has one)."""
+    response = exc.response
+    if response is None:
+        return GatewayRefused(0, None, str(exc))
+    header = str(response.headers.get("retry-after", "")).strip()
+    try:
+        message = str(msgspec.json.decode(exc.raw_body or b"{}").get("message", ""))
+    except (msgspec.DecodeError, AttributeError):
+        message = ""
+    return GatewayRefused(int(response.status), float(header) if header.isdigit() else None, message[:200])
 
 
 class _Tls:
@@ -118,6 +146,10 @@ class Transport(ABC):
     encoding: Encoding
     #: Whether the connection is encrypted (``wss://``, ``tls://``).
     secure: bool = False
+    #: Set when the server ended the connection asking to be left alone for a while (a WebSocket close
+    #: 1013, "try again later": over a connection cap): the seconds to wait at least before the next
+    #: attempt (docs/protocol.md section 2, :data:`TRY_AGAIN_AFTER`). None: no such request.
+    retry_after: float | None = None
 
     @abstractmethod
     async def connect(self) -> None:
@@ -204,13 +236,19 @@ class _Inbox:
 # --- WebSocket ----------------------------------------------------------------------------------------
 
 
+#: Seconds to wait at least after a WebSocket close 1013 (a close frame carries no Retry-After; the
+#: protocol's caps ask for the HTTP refusal's 5 s in every case: docs/protocol.md section 2).
+TRY_AGAIN_AFTER = 5.0
+
+
 class _WsListener(WSListener):
-    def __init__(self, inbox: _Inbox, max_frame: int) -> None:
+    def __init__(self, inbox: _Inbox, max_frame: int, try_again_later: Callable[[], None]) -> None:
         super().__init__()
         self.inbox = inbox
         self.max_frame = max_frame
         self._parts: list[bytes] = []
         self._size = 0
+        self.try_again_later = try_again_later  # called when the server closes with 1013
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
@@ -234,7 +272,10 @@ class _WsListener(WSListener):
                 self._parts = []
                 self.inbox.put(data)
         elif kind is WSMsgType.CLOSE:
-            transport.send_close(frame.get_close_code(), frame.get_close_message())
+            code = frame.get_close_code()
+            if code == WSCloseCode.TRY_AGAIN_LATER:
+                self.try_again_later()
+            transport.send_close(code, frame.get_close_message())
             transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
@@ -292,7 +333,7 @@ class WebSocketTransport(Transport):
         try:
             ws, _ = await asyncio.wait_for(
                 ws_connect(
-                    lambda: _WsListener(inbox, max_frame),
+                    lambda: _WsListener(inbox, max_frame, self._told_to_wait),
                     self.url,
                     ssl_context=ctx,
                     max_redirects=0 if self.secure else 5,
@@ -304,14 +345,19 @@ class WebSocketTransport(Transport):
                 ),
                 self.connect_timeout,
             )
+        except WSInvalidStatusError as exc:
+            raise _refused(exc) from None
         except OSError as exc:
             if self.secure:
                 self._tls.raise_if_refused(self.url, exc)
             raise
         self._ws = ws
         sock = ws.underlying_transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and not ws.is_disconnected:  # a refusal (close 1013) may have closed it already
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _told_to_wait(self) -> None:
+        self.retry_after = TRY_AGAIN_AFTER
 
     def _bound_socket(self, url: Any) -> socket.socket:
         """An unconnected socket bound to ``local_addr`` (picows connects it)."""
