@@ -77,21 +77,15 @@ async def refusing_gateway(kind: str) -> AsyncIterator[str]:
             await writer.drain()
             writer.close()
 
-        plain = await asyncio.start_server(shed, "127.0.0.1", 0)
-        port = plain.sockets[0].getsockname()[1]
-        try:
-            yield f"ws://127.0.0.1:{port}/ws"
-        finally:
-            plain.close()
-            await plain.wait_closed()
+        server = await asyncio.start_server(shed, "127.0.0.1", 0)
     else:
-        ws = await ws_create_server(lambda _request: _TryAgainLater(), "127.0.0.1", 0)
-        port = ws.sockets[0].getsockname()[1]
-        try:
-            yield f"ws://127.0.0.1:{port}/ws"
-        finally:
-            ws.close()
-            await ws.wait_closed()
+        server = await ws_create_server(lambda _request: _TryAgainLater(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"ws://127.0.0.1:{port}/ws"
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 @pytest.mark.parametrize("kind", ["503", "1013"])

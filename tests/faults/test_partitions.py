@@ -342,10 +342,40 @@ def _acked(w: Workload, conv: str) -> int:
     return sdk + sum(bool(ack["conv"] == conv) for c in w.raw for ack in c.acks.values())
 
 
+async def cut_off(
+    c: LocalCluster,
+    node: str,
+    proxy: FaultProxy,
+    mode: Mode,
+    seconds: float,
+    samples: Samples,
+    w: Workload,
+    *,
+    stalls: bool,
+) -> tuple[int, int, float, float]:
+    """Once every conversation of the workload ``w`` is flowing and ``node`` is ready: ``proxy`` cut or
+    blackholed for ``seconds`` while ``node`` is watched (``samples``; with ``stalls`` the raw clients'
+    waits too), then healed, and ``node`` ready again. Returns its descriptors and RSS before the fault,
+    when it was healed and how long ``node`` took to be ready after."""
+    convs = [*w.members, w.raw_conv]
+    await eventually(lambda: all(_acked(w, conv) >= 5 for conv in convs), "acks before the partition")
+    pid = c.nodes[node].proc.pid  # type: ignore[union-attr]
+    await eventually(lambda: ready(c, node), f"{node} ready before the partition")
+    fd0, rss0 = fds(pid), rss_kib(pid)
+    if mode == "cut":
+        proxy.cut()
+    else:
+        proxy.blackhole()
+    await watch(c, node, time.monotonic() + seconds, samples, w if stalls else None)
+    proxy.heal()
+    healed = time.monotonic()
+    await eventually(lambda: ready(c, node), f"{node} ready after the heal", 30)
+    return fd0, rss0, healed, time.monotonic() - healed
+
+
 async def partition(net: Net, history: History, apps: list[App], path: Path_, mode: Mode, seconds: float) -> None:
     c, proxy = net.cluster, net.proxies[path]
     w = await start_workload(net, history, apps, f"{path[:2]}{mode[:2]}{uuid.uuid4().hex[:4]}")
-    convs = [*w.members, w.raw_conv]
     stop = asyncio.Event()
     pumps = [asyncio.create_task(post_until(a, t, stop, PACE)) for a, t in zip(w.apps, w.targets, strict=True)]
     pumps += [
@@ -355,20 +385,8 @@ async def partition(net: Net, history: History, apps: list[App], path: Path_, mo
     pid = c.nodes[VICTIM].proc.pid  # type: ignore[union-attr]
     samples = Samples()
     try:
-        await eventually(lambda: all(_acked(w, conv) >= 5 for conv in convs), "acks before the partition")
-        await eventually(lambda: ready(c, VICTIM), f"{VICTIM} ready before the partition")
-        fd0, rss0 = fds(pid), rss_kib(pid)
-        if mode == "cut":
-            proxy.cut()
-        else:
-            proxy.blackhole()
-        began = time.monotonic()
-        await watch(c, VICTIM, began + seconds, samples, w)
-        proxy.heal()
-        healed = time.monotonic()
         # Recovery: ready again, and committing its own conversations again (probes from the raw pair).
-        await eventually(lambda: ready(c, VICTIM), f"{VICTIM} ready after the heal", 30)
-        ready_after = time.monotonic() - healed
+        fd0, rss0, healed, ready_after = await cut_off(c, VICTIM, proxy, mode, seconds, samples, w, stalls=True)
         until = time.monotonic() + 2  # traffic through the healed node
         while time.monotonic() < until:
             note_stall(samples, w)
@@ -474,26 +492,15 @@ async def gateway_partition(net: Net, history: History, apps: list[App], path: s
     w = await start_workload(net, history, apps, f"g{path[:2]}{mode[:2]}{uuid.uuid4().hex[:4]}")
     # Raw clients that reconnect when told to (bye unavailable) and resend what was not acked.
     raw = [RawDevice(rc, to, PACE) for rc, to in zip(w.raw, w.raw_peer, strict=True)]
-    convs = [*w.members, w.raw_conv]
     stop = asyncio.Event()
     pumps = [asyncio.create_task(post_until(a, t, stop, PACE)) for a, t in zip(w.apps, w.targets, strict=True)]
     pumps += [asyncio.create_task(d.stream(stop)) for d in raw]
-    pid = c.nodes[GATEWAY_VICTIM].proc.pid  # type: ignore[union-attr]
     samples = Samples()
     try:
-        await eventually(lambda: all(_acked(w, conv) >= 5 for conv in convs), "acks before the partition")
-        await eventually(lambda: ready(c, GATEWAY_VICTIM), f"{GATEWAY_VICTIM} ready before the partition")
-        fd0, rss0 = fds(pid), rss_kib(pid)
         fetches0 = await fetch_counts(c, GATEWAY_VICTIM)
-        if mode == "cut":
-            proxy.cut()
-        else:
-            proxy.blackhole()
-        await watch(c, GATEWAY_VICTIM, time.monotonic() + seconds, samples, None)
-        proxy.heal()
-        healed = time.monotonic()
-        await eventually(lambda: ready(c, GATEWAY_VICTIM), f"{GATEWAY_VICTIM} ready after the heal", 30)
-        ready_after = time.monotonic() - healed
+        fd0, rss0, healed, ready_after = await cut_off(
+            c, GATEWAY_VICTIM, proxy, mode, seconds, samples, w, stalls=False
+        )
         await asyncio.sleep(2)  # traffic through the healed node
     finally:
         stop.set()
