@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from im.client.session import ClientSession
+from im.config import load_config
+from im.live_config import LiveConfig, follow_committer, follow_hub
 from im.model.chat import SyncPoint
 from im.model.errors import ErrorCode
 from im.model.send_order import SendOrder
 from im.protocol import commands as cmd
 from im.protocol.frames import Ack, AuthOk, Error
+from im.protocol.session import Limits
 from tests.support.chat import ChatCore
 from tests.test_chat_isolation import kind, send, submit_all, svc  # noqa: F401 (the fixtures are used by name)
 from tests.test_session import CONV, UID, Clock, feed, frames, opened, send_frame
@@ -88,7 +92,6 @@ def codes(fs: list[dict[str, Any]]) -> list[tuple[str, str | None]]:
 
 
 def test_session_a_rate_limited_send_holds_back_later_ones_that_would_pass() -> None:
-    from im.protocol.session import Limits
 
     clock = Clock()
     s, _ = opened([SyncPoint(CONV, 0, 0), SyncPoint("g:2", 0, 0)], limits=Limits(send_rate=1.0), clock=clock)
@@ -239,3 +242,37 @@ async def test_committer_the_barrier_holds_across_a_second_refusal_of_the_resent
     assert yerr is not None and "cmid 'x'" in yerr.message
     outcomes = await asyncio.gather(*submit_all(svc, [send(conv, "x"), send(conv, "y"), send(conv, "v")]))
     assert [m.seq if m else None for m, _ in outcomes] == [2, 3, 4], outcomes
+
+
+async def test_committer_the_hold_set_live_applies_to_a_barrier_already_held(
+    svc: ChatCore,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``limits.send_order_hold`` is a dynamic setting (im.dynamic): lowered through the configuration
+    centre while a barrier is held, the barrier ends by the new hold, not the one it was made under."""
+    live = LiveConfig(load_config(None, {}))
+    follow_committer(live, svc.committer)
+    assert svc.committer.order.hold == 30.0
+    group = await svc.groups.create_group(1, "g", [2])
+    conv = f"g:{group.gid}"
+    down = store_away(svc, monkeypatch)
+    [(_, err)] = await asyncio.gather(*submit_all(svc, [send(conv, "x")]))
+    assert err is not None and err.code is ErrorCode.UNAVAILABLE
+    down[0] = False
+    [(_, yerr)] = await asyncio.gather(*submit_all(svc, [send(conv, "y")]))
+    assert yerr is not None and "resend it first" in yerr.message  # held under the 30 s hold
+    live.set_centre({"limits.send_order_hold": "0.2"})
+    assert svc.committer.order.hold == 0.2
+    await asyncio.sleep(0.3)
+    [(ym, yerr)] = await asyncio.gather(*submit_all(svc, [send(conv, "y")]))
+    assert yerr is None and ym is not None, yerr  # the barrier ran out under the hold set live
+
+
+def test_the_gateways_sessions_take_the_hold_set_live() -> None:
+    """The hub's shared session limits follow the centre: a session's barrier reads the hold at its next
+    refusal (``ServerSession._hold_back``, covered above with its own limits)."""
+    hub = SimpleNamespace(limits=Limits(), rates=SimpleNamespace(set_rates=lambda _rates: None))
+    live = LiveConfig(load_config(None, {}))
+    follow_hub(live, hub)  # type: ignore[arg-type]
+    live.set_centre({"limits.send_order_hold": "5"})
+    assert hub.limits.send_order_hold == 5.0

@@ -53,6 +53,11 @@ DYNAMIC: dict[str, Dynamic] = {
         Dynamic("limits.auth_burst", _GATEWAY_LOGINS),
         Dynamic("limits.auth_max_wait", _GATEWAY_LOGINS),
         Dynamic("limits.history_page_max", "API nodes (and `im serve`): the next history request"),
+        Dynamic(
+            "limits.send_order_hold",
+            "transfer nodes (and `im serve`): every barrier, held or new; gateways: a connection's barriers from"
+            " its next refusal",
+        ),
         Dynamic("rates.sends_per_user", _GATEWAY_NOW),
         Dynamic("rates.sends_per_conversation", _GATEWAY_NOW),
         Dynamic("rates.typing_per_user", _GATEWAY_NOW),

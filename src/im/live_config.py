@@ -30,6 +30,7 @@ from im.backends.registry import Registry
 from im.compose import build_centre, hub_rates, login_rules
 from im.config import Config, ConfigError, LimitsConfig
 from im.core.accounts import AccountService
+from im.core.committer import Committer
 from im.core.reads import ChatReads
 from im.dynamic import DYNAMIC, SettingError, masked, shown, value_of, with_values
 from im.files import FileService
@@ -155,7 +156,18 @@ def follow_hub(live: LiveConfig, hub: Hub) -> None:
         shared.auth_rate = lim.auth_rate  # read by the login gate at the next auth
         shared.auth_burst = lim.auth_burst
         shared.auth_max_wait = min(lim.auth_max_wait, config.gateway.auth_timeout / 2)
+        shared.send_order_hold = lim.send_order_hold  # read by each session's barrier at its next refusal
         hub.rates.set_rates(hub_rates(config))
+
+    live.on_change(apply)
+
+
+def follow_committer(live: LiveConfig, committer: Committer) -> None:
+    """The committer's sender-order barriers hold for ``limits.send_order_hold``: the barriers already
+    held too (each is judged against the hold in force when a later send asks)."""
+
+    def apply(config: Config) -> None:
+        committer.order.hold = config.limits.send_order_hold
 
     live.on_change(apply)
 
@@ -273,6 +285,7 @@ def live_config(
     api_limits: LimitsConfig | None = None,
     accounts: AccountService | None = None,
     files: FileService | None = None,
+    committer: Committer | None = None,
 ) -> tuple[LiveConfig, list[Part]]:
     """A process's live configuration, following what it has; the parts to run (the centre's follower,
     placed after the stores). Without a centre, ``reload`` (if given) is SIGHUP's re-read."""
@@ -287,6 +300,8 @@ def live_config(
         follow_accounts(live, accounts)
     if files is not None:
         follow_files(live, files)
+    if committer is not None:
+        follow_committer(live, committer)
     store = build_centre(config, registry)
     if store is not None:
         follower = CentreFollower(live, store)

@@ -129,8 +129,8 @@ class TransferNode(_Role):
         #: Engines (RabbitMQ too: the relay runs here), registered, not draining.
         self.readiness = build_readiness(config, b, self.lifecycle, events=True)
         self._listen_for_ops(self.readiness)
-        #: Dynamic settings from the configuration centre (log level, trace sampling).
-        self.live, self._live_parts = live_config(config, b.registry, self.lifecycle)
+        #: Dynamic settings from the configuration centre (log level, trace sampling, the send-order hold).
+        self.live, self._live_parts = live_config(config, b.registry, self.lifecycle, committer=self.committer)
 
     def parts(self) -> list[Part]:
         """In start order; the stop runs backwards: leave the registry first (gateways stop choosing

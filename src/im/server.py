@@ -91,6 +91,7 @@ class EmbeddedServer:
             api_limits=config.limits,
             accounts=self.accounts,
             files=self.files,
+            committer=self.committer,
         )
 
     @property
