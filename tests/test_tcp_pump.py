@@ -161,14 +161,20 @@ async def test_closing_resumes_paused_reads_so_the_clients_fin_is_seen() -> None
 
 
 async def test_refused_and_shed_connections_get_bye_unavailable() -> None:
+    """Each is told when to come back (``error unavailable`` with ``retry_after``: a TCP client has no
+    HTTP status to read it from), then ``bye unavailable``."""
     hub, adm = PumpHub(), admission(max_connections=1, max_refusing=1)
     first, _, w1 = await connect_pump(lambda: RecordingTcp(hub, adm))
     refused, r2, w2 = await connect_pump(lambda: RecordingTcp(hub, adm))  # refused: bye, then half-close
+    _, error = await read_frame(r2)
+    assert (error["t"], error["code"], error["retry_after"], error["ref"]) == ("error", "unavailable", 5, None)
     _, bye = await read_frame(r2)
     assert (bye["t"], bye["code"], bye["reconnect"]) == ("bye", "unavailable", True)
     assert await at_eof(r2)
     assert adm.refusing == 1 and hub.added == [first]
     shed, r3, w3 = await connect_pump(lambda: RecordingTcp(hub, adm))  # shed: bye, closed at once
+    _, error = await read_frame(r3)
+    assert (error["t"], error["code"], error["retry_after"]) == ("error", "unavailable", 5)
     _, bye = await read_frame(r3)
     assert (bye["t"], bye["code"]) == ("bye", "unavailable")
     assert await at_eof(r3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -12,9 +13,10 @@ import httpx
 import pytest
 from picows import WSCloseCode, WSListener, WSTransport, ws_create_server
 
-from im.client import ApiClient, ApiError, Client, Gateway, WebSocketTransport
+from im.client import ApiClient, ApiError, Client, Gateway, TcpTransport, Transport, WebSocketTransport
 from im.net import RETRY_AFTER, refusal_503
 from im.protocol.frames import Error
+from im.protocol.tcp_framing import encode_frame
 from tests.client.conftest import PASSWORD
 from tests.client.test_session import opened, out, srv
 from tests.support.server import ServerProcess
@@ -53,7 +55,7 @@ async def test_api_error_carries_retry_after() -> None:
     assert refused.value.retry_after == 42
 
 
-# --- a gateway over its connection cap (docs/protocol.md section 2, "Connection caps") ---------------
+# --- a gateway over its connection cap (docs/protocol.md section 3, "Connection caps") ---------------
 
 
 class _TryAgainLater(WSListener):
@@ -66,9 +68,9 @@ class _TryAgainLater(WSListener):
 
 @contextlib.asynccontextmanager
 async def refusing_gateway(kind: str) -> AsyncIterator[str]:
-    """A ws:// URL whose server refuses every connection as a gateway over a cap does: the upgrade
-    answered with the gateway's own HTTP 503 (``Retry-After: 5``), or the handshake completed and the
-    connection closed 1013."""
+    """A gateway URL whose server refuses every connection as a gateway over a cap does: the WebSocket
+    upgrade answered with the gateway's own HTTP 503 (``Retry-After: 5``), or the handshake completed and
+    the connection closed 1013; on TCP, ``error unavailable`` with ``retry_after`` 5, then ``bye``."""
     if kind == "503":
 
         async def shed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -78,31 +80,44 @@ async def refusing_gateway(kind: str) -> AsyncIterator[str]:
             writer.close()
 
         server = await asyncio.start_server(shed, "127.0.0.1", 0)
+    elif kind == "tcp":
+
+        async def refuse(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            reason = "the server is at its connection limit, retry later"
+            frames = [
+                {"t": "error", "code": "unavailable", "message": reason, "ref": None, "retry_after": RETRY_AFTER},
+                {"t": "bye", "code": "unavailable", "message": reason, "reconnect": True},
+            ]
+            writer.write(b"".join(encode_frame(json.dumps(f).encode(), False) for f in frames))
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(refuse, "127.0.0.1", 0)
     else:
         server = await ws_create_server(lambda _request: _TryAgainLater(), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        yield f"ws://127.0.0.1:{port}/ws"
+        yield f"tcp://127.0.0.1:{port}" if kind == "tcp" else f"ws://127.0.0.1:{port}/ws"
     finally:
         server.close()
         await server.wait_closed()
 
 
-@pytest.mark.parametrize("kind", ["503", "1013"])
+@pytest.mark.parametrize("kind", ["503", "1013", "tcp"])
 async def test_a_gateway_over_its_cap_is_tried_again_no_sooner_than_it_asked(server: ServerProcess, kind: str) -> None:
     """The first connection is refused; with a backoff of a few milliseconds of its own, the client
-    still waits the 5 s the gateway asked for (``Retry-After``, or the protocol's 5 s after a 1013)
-    before it connects to a gateway that takes it."""
+    still waits the 5 s the gateway asked for (``Retry-After``, the protocol's 5 s after a 1013, the TCP
+    refusal's ``retry_after``) before it connects to a gateway that takes it."""
     async with ApiClient(server.http) as api:
         await api.register("alice", PASSWORD)
         bob = await api.register("bob", PASSWORD)
     tried: list[tuple[float, str]] = []
     async with refusing_gateway(kind) as refusing:
 
-        def transport(gateway: Gateway) -> WebSocketTransport:
+        def transport(gateway: Gateway) -> Transport:
             url = refusing if not tried else gateway.ws
             tried.append((time.monotonic(), url))
-            return WebSocketTransport(url)
+            return TcpTransport(url) if url.startswith("tcp://") else WebSocketTransport(url)
 
         client = await Client.login(
             server.http,

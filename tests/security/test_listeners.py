@@ -304,10 +304,14 @@ async def test_per_address_cap_refuses_the_next_connection_on_each_listener(tmp_
         for c in conns:
             await c.close()
 
-        # TCP, from 127.0.0.5: CAP open, then the next gets bye unavailable (reconnect) and a close.
+        # TCP, from 127.0.0.5: CAP open, then the next gets error unavailable with retry_after 5 (a TCP
+        # client has no HTTP status to read it from), bye unavailable (reconnect) and a close.
         source = "127.0.0.5"
         links = [await TcpLink.open(server.tcp, source) for _ in range(CAP)]
         extra_tcp = await TcpLink.open(server.tcp, source)
+        error = json.loads(await asyncio.wait_for(extra_tcp.recv(), 10))
+        assert error["t"] == "error" and error["code"] == "unavailable" and error["ref"] is None, error
+        assert error["retry_after"] == 5 and "too many connections" in error["message"], error
         bye = json.loads(await asyncio.wait_for(extra_tcp.recv(), 10))
         assert bye["t"] == "bye" and bye["code"] == "unavailable" and bye["reconnect"] is True, bye
         assert await asyncio.wait_for(extra_tcp.reader.read(), 10) == b""  # then closed

@@ -54,7 +54,7 @@ async def test_a_refused_login_waits_the_servers_retry_after_then_connects(web: 
 
 async def test_a_gateway_closing_1013_is_tried_again_no_sooner_than_5_s(web: Web) -> None:
     """A gateway over its connection cap completes the handshake and closes with 1013 (docs/protocol.md
-    section 2, "Connection caps"): the page waits at least the protocol's 5 s before its next attempt,
+    section 3, "Connection caps"): the page waits at least the protocol's 5 s before its next attempt,
     not its own 250 ms back-off, and then connects. The first chat connection is answered by a route
     that closes it 1013; the next goes through to the real gateway."""
     ctx = await web.context()

@@ -70,9 +70,9 @@ class TransportClosed(ConnectionError):
 
 class GatewayRefused(ConnectionError):
     """The gateway answered the WebSocket upgrade with an HTTP error instead of ``101``: 503 when it is
-    over a connection cap (docs/protocol.md section 2), with ``Retry-After``. ``retry_after``: the seconds
-    it asked for (None: it did not say, or not in seconds). A :class:`Client` waits at least that long
-    before its next attempt."""
+    over a connection cap (docs/protocol.md section 3, "Connection caps"), with ``Retry-After``.
+    ``retry_after``: the seconds it asked for (None: it did not say, or not in seconds). A
+    :class:`Client` waits at least that long before its next attempt."""
 
     def __init__(self, status: int, retry_after: float | None, message: str) -> None:
         super().__init__(f"the gateway refused the connection: HTTP {status} {message}".rstrip())
@@ -148,7 +148,7 @@ class Transport(ABC):
     secure: bool = False
     #: Set when the server ended the connection asking to be left alone for a while (a WebSocket close
     #: 1013, "try again later": over a connection cap): the seconds to wait at least before the next
-    #: attempt (docs/protocol.md section 2, :data:`TRY_AGAIN_AFTER`). None: no such request.
+    #: attempt (docs/protocol.md section 3, "Connection caps", :data:`TRY_AGAIN_AFTER`). None: no such request.
     retry_after: float | None = None
 
     @abstractmethod
@@ -237,7 +237,7 @@ class _Inbox:
 
 
 #: Seconds to wait at least after a WebSocket close 1013 (a close frame carries no Retry-After; the
-#: protocol's caps ask for the HTTP refusal's 5 s in every case: docs/protocol.md section 2).
+#: protocol's caps ask for the HTTP refusal's 5 s in every case: docs/protocol.md section 3).
 TRY_AGAIN_AFTER = 5.0
 
 

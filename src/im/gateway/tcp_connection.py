@@ -16,7 +16,7 @@ from __future__ import annotations
 from im.gateway.hub import Hub
 from im.gateway.pump import CLOSE_TIMEOUT, SocketConnection
 from im.model.errors import ErrorCode
-from im.net import Admission, Listener, Ticket, TlsAccept, Verdict, bind
+from im.net import RETRY_AFTER, Admission, Listener, Ticket, TlsAccept, Verdict, bind
 from im.protocol.tcp_framing import Broken, Frame, Oversized, TcpFramer, UnknownEncoding, encode_frames
 
 __all__ = ["CLOSE_TIMEOUT", "TcpConnection", "serve_tcp"]
@@ -36,14 +36,15 @@ class TcpConnection(SocketConnection):
     # --- SocketConnection --------------------------------------------------------------------------
 
     def shed(self, reason: str) -> None:
-        """``bye unavailable`` (reconnect later), written before the close."""
-        self.session.close(ErrorCode.UNAVAILABLE, reason, reconnect=True)
+        """``error unavailable`` with ``retry_after`` and ``bye unavailable`` (reconnect later), written
+        before the close."""
+        self.session.over_cap(reason, RETRY_AFTER)
         self.write(self.session.data_to_send(), False)
         self.closed = True
 
     def admitted(self, ticket: Ticket) -> None:
-        if ticket.verdict is Verdict.REFUSE:  # bye unavailable (reconnect later), then the usual close
-            self.run(self.session.close(ErrorCode.UNAVAILABLE, ticket.reason, reconnect=True))
+        if ticket.verdict is Verdict.REFUSE:  # error + bye unavailable (reconnect later), the usual close
+            self.run(self.session.over_cap(ticket.reason, RETRY_AFTER))
             return
         self.hub.add(self)
 

@@ -326,6 +326,12 @@ class ServerSession:
             out.extend(self.deliver(m))
         return out
 
+    def over_cap(self, reason: str, retry_after: float) -> list[cmd.Command]:
+        """A new connection over a connection cap (TCP: docs/protocol.md section 2): ``error unavailable``
+        with ``retry_after``, then ``bye unavailable`` (reconnect: true) and close, before any ``auth``."""
+        self._error(ErrorCode.UNAVAILABLE, reason, retry_after=retry_after)
+        return self.close(ErrorCode.UNAVAILABLE, reason)
+
     def auth_busy(self, retry_after: float) -> list[cmd.Command]:
         """The gateway will not start this login now (im.protocol.logins): ``error unavailable`` with
         ``retry_after``, then ``bye unavailable`` (reconnect: true) and close."""

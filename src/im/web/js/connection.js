@@ -9,11 +9,11 @@
 //   written again in order; retryable refusals hold later sends back until a short delay has passed.
 // - reconnect with jittered exponential back-off (a random 50-100 % of min(max, base * 2^n)), and never
 //   sooner than the server asked: a refused login's `retry_after` (section 3, "Login admission"), an
-//   HTTP 503's, or 5 s after a close 1013 (section 2, "Connection caps"), plus up to 20 % jitter; ping
+//   HTTP 503's, or 5 s after a close 1013 (section 3, "Connection caps"), plus up to 20 % jitter; ping
 //   after heartbeat/2 of silence and drop a connection whose ping got nothing back.
 
 const RETRYABLE = new Set(["unavailable", "rate_limited", "too_many_in_flight", "unauthenticated"]);
-/** Seconds to wait at least after a close 1013 (docs/protocol.md section 2, "Connection caps"). */
+/** Seconds to wait at least after a close 1013 (docs/protocol.md section 3, "Connection caps"). */
 const TRY_AGAIN_AFTER_S = 5;
 
 /**
@@ -233,7 +233,7 @@ export class Connection {
       ws.onclose = (event) => {
         clearTimeout(authTimer);
         if (this._ws === ws) this._ws = null;
-        // 1013 "try again later": the gateway is over a connection cap (section 2); a close frame has no
+        // 1013 "try again later": the gateway is over a connection cap (section 3); a close frame has no
         // Retry-After, the protocol asks for its 5 s. (A browser sees no status of a refused upgrade.)
         if (event && event.code === 1013 && this._retryAfter === null) this._retryAfter = TRY_AGAIN_AFTER_S;
         this._connectionLost();
