@@ -217,7 +217,9 @@ class Raw:
         except LINK_ERRORS:
             self._abandon()
             return False
-        if first["t"] == "bye" and first.get("reconnect"):  # e.g. turned away while busy: come back later
+        # Turned away (a login the gateway will not start now, a connection over a cap: an error with
+        # retry_after, then a bye; or a bye alone): come back later.
+        if (first["t"] == "bye" and first.get("reconnect")) or (first["t"] == "error" and first["ref"] is None):
             self._abandon()
             await asyncio.sleep(float(first.get("retry_after") or 0.5))
             return False

@@ -256,9 +256,11 @@ class RawDevice:
             if first["t"] == "auth_ok":
                 self.connection += 1
                 return
-            assert first["t"] == "bye" and first["code"] == "unavailable", first
+            # Refused: bye unavailable, or first an error unavailable saying when to come back (a login
+            # the gateway will not start now, a TCP connection over a cap: docs/protocol.md section 3).
+            assert first["t"] in ("bye", "error") and first["code"] == "unavailable", first
             self.refused_auth[first["code"]] += 1
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(max(0.3, first.get("retry_after") or 0.0))
 
     async def stream(self, stop: asyncio.Event) -> None:
         k = 0
