@@ -1,7 +1,7 @@
 """Client CPU of the shared rate limiter per send (two hits: the user's and the conversation's budget),
 for a loop turn's batch under load: 50 sends of 10 users over 10 conversations, one call each. The
 gateway of a cluster pays this for every send (RedisRateLimiter on the Redis of
-``IM_TEST_REDIS_URL``, default redis://127.0.0.1:6379/0; the memory limiter for comparison).
+``REDIS_TEST_URL``, default redis://127.0.0.1:6379/0; the memory limiter for comparison).
 
     uv run python benchmarks/rate_limiter.py --rounds 5
 """
@@ -19,7 +19,7 @@ from im.backends.rate_limit import Hit, RateLimiter, Rule
 from im.backends.rate_limit.memory import MemoryRateLimiter
 from im.backends.rate_limit.redis import RedisRateLimiter
 
-REDIS_URL = os.environ.get("IM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_URL = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/0")
 
 
 async def measure(limiter: RateLimiter, rounds: int, calls: int) -> list[float]:
