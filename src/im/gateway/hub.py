@@ -550,7 +550,7 @@ class Hub(DeliverySink):
                 METRICS.engine_error(exc)
                 _heads_failures.hit(f"{type(exc).__name__}: {exc}")
                 self._catch_up_everyone |= everyone
-                self._catch_up_some |= some
+                self._catch_up_some |= {c for c in some if not c.closed}  # a long outage keeps no closed ones
                 await retry_pause(delay, exc)
                 delay = min(delay * 2, 5.0)
 
