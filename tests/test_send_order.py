@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,6 +25,7 @@ from im.protocol.frames import Ack, AuthOk, Error
 from im.protocol.session import Limits
 from tests.support.chat import ChatCore
 from tests.test_chat_isolation import kind, send, submit_all, svc  # noqa: F401 (the fixtures are used by name)
+from tests.test_hub import Gateway, gateway  # noqa: F401  (the in-process gateway fixture)
 from tests.test_session import CONV, UID, Clock, feed, frames, opened, send_frame
 
 # --- the barrier, alone ----------------------------------------------------------------------------------
@@ -268,11 +268,13 @@ async def test_committer_the_hold_set_live_applies_to_a_barrier_already_held(
     assert yerr is None and ym is not None, yerr  # the barrier ran out under the hold set live
 
 
-def test_the_gateways_sessions_take_the_hold_set_live() -> None:
+async def test_the_gateways_sessions_take_the_hold_set_live(gateway: Gateway) -> None:  # noqa: F811
     """The hub's shared session limits follow the centre: a session's barrier reads the hold at its next
     refusal (``ServerSession._hold_back``, covered above with its own limits)."""
-    hub = SimpleNamespace(limits=Limits(), rates=SimpleNamespace(set_rates=lambda _rates: None))
     live = LiveConfig(load_config(None, {}))
-    follow_hub(live, hub)  # type: ignore[arg-type]
+    follow_hub(live, gateway.hub)
     live.set_centre({"limits.send_order_hold": "5"})
-    assert hub.limits.send_order_hold == 5.0
+    assert gateway.hub.limits.send_order_hold == 5.0
+    _, alice = await gateway.user("alice")
+    conn = await gateway.connect(alice)
+    assert conn.session.limits.send_order_hold == 5.0  # the limits a session judges by are the hub's
