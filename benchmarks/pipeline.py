@@ -107,15 +107,11 @@ async def sender(conn: MemoryConnection, to: int, tag: str, count: int, window: 
         await conn.until(conn.acks + 1 if sent < count else count, "acks")
 
 
-def loop_thread_cpu() -> float:
-    """CPU seconds of this thread (the event loop's): the rest of the process's CPU is the SQLite
-    threads' (writer and readers) and the interpreter's other threads."""
-    return time.thread_time()
-
-
 async def one_round(
     server: EmbeddedServer, users: list[tuple[int, str]], per_sender: int, window: int
 ) -> tuple[float, float]:
+    """The process's CPU seconds for the round, and the event loop's thread's share (the rest is the
+    SQLite threads', writer and readers)."""
     hub = server.hub
     conns = []
     for uid, token in users:
@@ -132,12 +128,12 @@ async def one_round(
             raise RuntimeError(f"no synced frame: {c.first}")
     pairs = [(conns[i], conns[i + 1]) for i in range(0, len(conns), 2)]
     body = "x" * 100
-    cpu0, loop0 = time.process_time(), loop_thread_cpu()
+    cpu0, loop0 = time.process_time(), time.thread_time()
     await asyncio.gather(
         *(sender(a[1], b[0], f"r{time.monotonic_ns()}-{a[0]}", per_sender, window, body) for a, b in pairs)
     )
     await asyncio.gather(*(b.until(per_sender, "msgs") for _, (_, b) in pairs))
-    cpu, loop = time.process_time() - cpu0, loop_thread_cpu() - loop0
+    cpu, loop = time.process_time() - cpu0, time.thread_time() - loop0
     for _, c in conns:
         c.close_transport(ErrorCode.SHUTDOWN)
     return cpu, loop
