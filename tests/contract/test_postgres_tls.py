@@ -3,6 +3,8 @@ TLS connections with a client certificate of its CA (tests/support/postgres.py `
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -79,10 +81,29 @@ async def test_refused(server: TlsPostgres, ssl_setting: str) -> None:
         "server of an untrusted CA": "certificate verify failed",
         "host name not in the certificate": "certificate verify failed",
     }[ssl_setting]
+    before = open_sockets()
     with pytest.raises((asyncpg.PostgresError, OSError)) as refused:
         conn = await asyncpg.connect(dsn, ssl=ssl, timeout=5)
         await conn.close()
     assert why in str(refused.value)
+    # A refusal after the TLS handshake closes with a TLS shutdown that takes a few loop turns; a test
+    # that ended first would close its loop on a live socket, and the next test would be blamed for it.
+    async with asyncio.timeout(5):
+        while open_sockets() - before:
+            await asyncio.sleep(0.01)
+
+
+def open_sockets() -> set[str]:
+    """This process's open sockets, by inode: a refused connection must leave none behind."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith("socket:"):
+            found.add(target)
+    return found
 
 
 async def test_compose_builds_the_tls_store_from_settings(server: TlsPostgres, tmp_path: Path) -> None:
