@@ -19,8 +19,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import glob
+import os
 import pstats
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -139,6 +142,38 @@ async def one_round(
     return cpu, loop
 
 
+def callgrind_control(*args: str) -> None:
+    """Valgrind takes the command at its next poll, which needs this process running: spin, not wait."""
+    proc = subprocess.Popen(["callgrind_control", *args, str(os.getpid())], stdout=subprocess.DEVNULL)
+    while proc.poll() is None:
+        spin(0.01)
+    if proc.returncode:
+        raise RuntimeError(f"callgrind_control {' '.join(args)}: exit {proc.returncode}")
+
+
+def spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def callgrind_instructions(out_file: str) -> int:
+    """Instructions counted since the last zeroing: dumped now, read from the newest dump file."""
+    before = set(glob.glob(f"{out_file}.*"))
+    callgrind_control("--dump")
+    for _ in range(100):  # the dump happens at valgrind's next poll of its command file
+        new = set(glob.glob(f"{out_file}.*")) - before
+        if new:
+            path = max(new, key=os.path.getmtime)
+            for _ in range(100):
+                for line in Path(path).read_text().splitlines():
+                    if line.startswith(("summary:", "totals:")):
+                        return int(line.split()[1])
+                spin(0.1)
+        spin(0.1)
+    raise RuntimeError(f"no callgrind dump in {out_file}.*")
+
+
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="im-pipeline-") as tmp:
         config = load_config(overrides=settings(str(Path(tmp) / "data"), args.set))
@@ -169,7 +204,12 @@ async def main(args: argparse.Namespace) -> None:
                 users = await fresh_users(f"r{r}")
                 if profiler:
                     profiler.enable()
+                if args.callgrind:
+                    callgrind_control("--zero")
                 cpu, loop = await one_round(server, users, per_sender, args.window)
+                if args.callgrind:
+                    instructions = callgrind_instructions(args.callgrind)
+                    print(f"round {r + 1}: {instructions / (per_sender * args.pairs):,.0f} instructions per message")
                 if profiler:
                     profiler.disable()
                     pstats.Stats(profiler).sort_stats("tottime").dump_stats(args.profile)
@@ -201,6 +241,12 @@ if __name__ == "__main__":
     parser.add_argument("--messages", type=int, default=40_000, help="messages per round, over all senders")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", metavar="FILE", help="cProfile the first measured round into FILE (pstats)")
+    parser.add_argument(
+        "--callgrind",
+        metavar="OUT_FILE",
+        help="under valgrind --tool=callgrind --callgrind-out-file=OUT_FILE: also count the instructions of"
+        " each measured round (deterministic where CPU time drifts; valgrind runs the threads one at a time)",
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a setting, as im serve --set (repeatable)"
     )

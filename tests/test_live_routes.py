@@ -18,7 +18,7 @@ from im.backends.routing import DeliverySink
 from im.backends.routing.memory import MemoryRouter
 from im.backends.sql.sqlite_db import SqliteDatabase
 from im.core.committer import SendRequest
-from im.core.live_routes import Unrouted
+from im.core.live_routes import LiveRoutes, Unrouted
 from im.model.chat import StoredMessage
 from im.model.cluster import DeviceLocation
 from tests.support.chat import ChatCore, chat_core
@@ -111,3 +111,44 @@ async def test_no_timer_while_nothing_is_held(core: tuple[ChatCore, FlakyPresenc
     await c.committer.send(send("a"))
     await asyncio.sleep(0.3)
     assert sink.seqs == [1]  # routed once, not again by a timer
+
+
+class Recording:
+    """A router that records what each node was handed."""
+
+    def __init__(self) -> None:
+        self.published: dict[str, tuple[list[int], list[list[int]]]] = {}
+
+    def publish(self, node: str, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
+        seqs, recs = self.published.setdefault(node, ([], []))
+        seqs.extend(m.seq for m in messages)
+        recs.extend(list(r) for r in recipients)
+
+
+def stored(seq: int) -> StoredMessage:
+    return StoredMessage(
+        conv="d:1:2", seq=seq, mid=seq, sender=1, device="d", cmid=f"c{seq}", ts=0, type="text", body=b"1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        # every recipient on one node: the batch goes to it as it is
+        ({1: "gw-1", 2: "gw-1", 3: "gw-1"}, {"gw-1": ([1, 2], [[1, 2], [2, 3]])}),
+        # one node, but recipients offline: only the online ones are named
+        ({1: "gw-1", 2: "gw-1"}, {"gw-1": ([1, 2], [[1, 2], [2]])}),
+        ({1: "gw-1"}, {"gw-1": ([1], [[1]])}),
+        # two nodes: each gets the messages with a recipient there, naming only those
+        ({1: "gw-1", 2: "gw-2", 3: "gw-2"}, {"gw-1": ([1], [[1]]), "gw-2": ([1, 2], [[2], [2, 3]])}),
+        ({}, {}),
+    ],
+)
+async def test_route_hands_each_node_its_recipients(
+    where: dict[int, str], expected: dict[str, tuple[list[int], list[list[int]]]]
+) -> None:
+    presence, router = MemoryPresence(), Recording()
+    await presence.set_online([DeviceLocation(uid, "phone", node, f"c{uid}") for uid, node in where.items()], ttl=60)
+    routes = LiveRoutes(presence, router)  # type: ignore[arg-type]
+    await routes.route([stored(1), stored(2)], [[1, 2], [2, 3]])
+    assert router.published == expected

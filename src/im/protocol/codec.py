@@ -21,6 +21,8 @@ from im.protocol.frames import CLIENT_FRAME_TAGS, NUL_REFUSED, ClientFrame, Serv
 
 
 class Encoding(Enum):
+    __hash__ = object.__hash__  # members are singletons: identity hashing, in C (Enum's own is Python code)
+
     JSON = "json"
     MSGPACK = "msgpack"
 

@@ -41,10 +41,12 @@ class EncodedCache:
 
     def __init__(self, capacity: int = 4096) -> None:
         self._capacity = capacity
-        self._frames: dict[Encoding, OrderedDict[tuple[str, int], bytes]] = {e: OrderedDict() for e in Encoding}
+        # One attribute per encoding, not a dict keyed by it: an Enum member hashes in Python code.
+        self._json: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._msgpack: OrderedDict[tuple[str, int], bytes] = OrderedDict()
 
     def msg(self, m: StoredMessage, encoding: Encoding) -> bytes:
-        frames = self._frames[encoding]
+        frames = self._json if encoding is Encoding.JSON else self._msgpack
         key = (m.conv, m.seq)
         data = frames.get(key)
         if data is None:

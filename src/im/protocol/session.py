@@ -44,6 +44,8 @@ from im.protocol.messages import EncodedCache, ack_frame
 
 
 class State(Enum):
+    __hash__ = object.__hash__  # members are singletons: identity hashing, in C (Enum's own is Python code)
+
     AWAIT_AUTH = "await_auth"
     AUTHENTICATING = "authenticating"
     OPEN = "open"
