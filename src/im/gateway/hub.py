@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from im.backends.chat import CursorStore
 from im.backends.presence import Presence
@@ -58,12 +58,20 @@ _heads_failures = ThrottledLog(log, "catch-ups after a relink: storage unavailab
 #: The commands that pass the hub's shared rate limits before they are carried out.
 _GATED = (cmd.Submit, cmd.SaveCursor, cmd.MarkRead, cmd.SendTyping)
 
+try:  # mypyc's class options (benchmarks/mypyc_build.py); mypy_extensions comes with mypy, absent elsewhere
+    from mypy_extensions import mypyc_attr
+except ImportError:  # the interpreted build: the options mean nothing there
 
+    def mypyc_attr(*_args: object, **_kwargs: object) -> Any:  # type: ignore[misc]
+        return lambda cls: cls
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)  # every transport (and a test's connection) subclasses it
 class Connection(abc.ABC):
     """A session plus the I/O a transport provides (:meth:`write` and :meth:`close_transport`)."""
 
     #: The metrics label of the transport ("ws", "tcp"; empty: not counted, e.g. a test's connection).
-    transport_label = ""
+    transport_label: ClassVar[str] = ""
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
@@ -295,6 +303,7 @@ class Connection(abc.ABC):
         self.flush()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests drive it through subclasses
 class Hub(DeliverySink):
     """The node's connections by user, and the batched work they share."""
 
