@@ -19,14 +19,16 @@ import pytest
 from tests.support.checker import History
 from tests.support.client import register
 from tests.support.etcd import shared_etcd
-from tests.support.postgres import DSN
+from tests.support.postgres import DSN, PgSchema
 from tests.support.server import ServerProcess, running_server
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    """Overrides conftest's embedded server: the same ``im serve`` on PostgreSQL, Redis and etcd."""
+    """Overrides conftest's embedded server: the same ``im serve`` on PostgreSQL, Redis and etcd (its
+    schema dropped afterwards)."""
     tag = uuid.uuid4().hex[:10]
+    schema = PgSchema()
     etcd = shared_etcd()
     extra = [
         "--set",
@@ -34,7 +36,7 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
         "--set",
         f"store.postgres_dsn={DSN}",
         "--set",
-        f"store.postgres_schema=im_e2e_{tag}",
+        f"store.postgres_schema={schema.name}",
         "--set",
         "presence.kind=redis",
         "--set",
@@ -46,8 +48,11 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
         "--set",
         f"registry.prefix=/im-e2e-{tag}/",
     ]
-    with running_server(tmp_path / "data", extra) as proc:
-        yield proc
+    try:
+        with running_server(tmp_path / "data", extra) as proc:
+            yield proc
+    finally:
+        asyncio.run(schema.drop())
 
 
 async def test_chat_and_group_on_engines(server: ServerProcess, history: History) -> None:
