@@ -25,7 +25,6 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from im.gateway.hub import Connection
 from im.gateway.tcp_connection import TcpConnection
 from im.gateway.ws_protocol import (
     CloseCode,
@@ -47,6 +46,7 @@ from im.protocol.frames import Auth, Bye, Error, Ping, Pong, Read, Recv, Send, T
 from im.protocol.messages import EncodedCache
 from im.protocol.session import Limits, ServerSession
 from im.protocol.tcp_framing import encode_frame
+from tests.support.pump import PumpHub
 from tests.test_ws_protocol import frame as ws_frame
 from tests.test_ws_protocol import request, server_frames
 
@@ -248,29 +248,6 @@ class MemoryTransport:
         pass
 
 
-class RefusingAccounts:
-    async def authenticate(self, token: str) -> Any:
-        raise ImError(ErrorCode.AUTH_FAILED, "token invalid")
-
-
-class OneConnectionHub:
-    """The part of :class:`~im.gateway.hub.Hub` a connection uses before it is authenticated."""
-
-    def __init__(self, limits: Limits) -> None:
-        self.limits = limits
-        self.cache = EncodedCache()
-        self.accounts = RefusingAccounts()
-        self.max_send_buffer = 4 * 1024 * 1024
-        self.preauth_send_buffer = 64 * 1024
-        self.added: list[Connection] = []
-
-    def add(self, conn: Connection) -> None:
-        self.added.append(conn)
-
-    def unregister(self, conn: Connection) -> None:
-        self.added.remove(conn)
-
-
 def _admission() -> Admission:
     """Admission that lets every connection in: the framing, not the caps, is under test here."""
     return Admission(max_connections=1_000, max_per_address=0, max_refusing=0)
@@ -291,7 +268,7 @@ def run_tcp(chunks: list[bytes], max_frame: int = 1024) -> tuple[bytes, bool]:
     """Feed ``chunks`` to a fresh TCP connection; what it wrote, and whether it closed its side."""
 
     async def main() -> tuple[bytes, bool]:
-        hub = OneConnectionHub(Limits(max_frame_bytes=max_frame))
+        hub = PumpHub(Limits(max_frame_bytes=max_frame))
         conn = TcpConnection(hub, _admission())  # type: ignore[arg-type]
         transport = MemoryTransport()
         conn.connection_made(transport)  # type: ignore[arg-type]
@@ -342,7 +319,7 @@ def test_what_a_stranger_makes_the_server_queue_is_capped() -> None:
     gateway.max_send_buffer: then ``bye slow_consumer`` and the connection is closed."""
 
     async def main() -> None:
-        hub = OneConnectionHub(Limits())
+        hub = PumpHub(Limits())
         conn = TcpConnection(hub, _admission())  # type: ignore[arg-type]
         transport = MemoryTransport(unread=True)
         conn.connection_made(transport)  # type: ignore[arg-type]
