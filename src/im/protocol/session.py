@@ -329,17 +329,19 @@ class ServerSession:
         return out
 
     def over_cap(self, reason: str, retry_after: float) -> list[cmd.Command]:
-        """A new connection over a connection cap (TCP: docs/protocol.md section 2): ``error unavailable``
-        with ``retry_after``, then ``bye unavailable`` (reconnect: true) and close, before any ``auth``."""
-        self._error(ErrorCode.UNAVAILABLE, reason, retry_after=retry_after)
-        return self.close(ErrorCode.UNAVAILABLE, reason)
+        """A new connection over a connection cap (TCP: docs/protocol.md section 3, "Connection caps"),
+        turned away before any ``auth``."""
+        return self._turn_away(reason, retry_after)
 
     def auth_busy(self, retry_after: float) -> list[cmd.Command]:
-        """The gateway will not start this login now (im.protocol.logins): ``error unavailable`` with
-        ``retry_after``, then ``bye unavailable`` (reconnect: true) and close."""
+        """The gateway will not start this login now (im.protocol.logins)."""
         if self.state is not State.AUTHENTICATING:
             return []
-        message = f"too many logins at once; retry in {retry_after:g}s"
+        return self._turn_away(f"too many logins at once; retry in {retry_after:g}s", retry_after)
+
+    def _turn_away(self, message: str, retry_after: float) -> list[cmd.Command]:
+        """``error unavailable`` saying when to come back (``retry_after``), then ``bye unavailable``
+        (reconnect: true) and close."""
         self._error(ErrorCode.UNAVAILABLE, message, retry_after=retry_after)
         return self.close(ErrorCode.UNAVAILABLE, message)
 
