@@ -127,7 +127,7 @@ class Recording:
 
 def stored(seq: int) -> StoredMessage:
     return StoredMessage(
-        conv="d:1:2", seq=seq, mid=seq, sender=1, device="d", cmid=f"c{seq}", ts=0, type="text", body=b"1"
+        conv="g:1", seq=seq, mid=seq, sender=1, device="d", cmid=f"c{seq}", ts=0, type="text", body=b"1"
     )
 
 

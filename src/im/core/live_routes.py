@@ -91,7 +91,7 @@ class LiveRoutes:
         uids = {u for rs in recipients for u in rs}
         located = await self._presence.locate(uids)
         nodes_of = {uid: {loc.node for loc in locs} for uid, locs in located.items()}
-        nodes = set().union(*nodes_of.values()) if nodes_of else set()
+        nodes = set().union(*nodes_of.values())
         if len(nodes) == 1 and len(nodes_of) == len(uids):
             # Every recipient is on the one node (im serve, or a single gateway): the batch goes as it is.
             self._router.publish(next(iter(nodes)), messages, recipients)
