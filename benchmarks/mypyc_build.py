@@ -11,12 +11,13 @@ Measured on 2026-12-06 (benchmarks/pipeline.py under callgrind): 170,000 -> 142,
 message with the modules below compiled (-16 %); CPU time about -18 % in alternating runs.
 
 What stands between this and a default build (the full suite, compiled, that day: 26 of 1,878 tests
-failed, none of them on a guarantee; after the two marks below, the 23 left are the first two kinds):
-- a compiled attribute typed ``Hub`` refuses any other object: the tests' pumps (tests/support/pump.py,
-  test_decoders_fuzz) hand connections a stand-in hub that is not a ``Hub`` subclass;
+failed, none of them on a guarantee; after the ``ClassVar`` fix below, the 23 left are the first two
+kinds):
+- a compiled attribute typed ``Hub`` refuses any other object: the tests' pumps (tests/support/pump.py
+  ``PumpHub``) hand connections a stand-in hub that is not a ``Hub``;
 - a compiled class cannot be monkeypatched (test_chat_isolation replaces ``Committer._prepare_send``)
   or subclassed from interpreted code unless marked ``mypyc_attr(allow_interpreted_subclasses=True)``,
-  as ``Connection`` and ``Hub`` now are (every transport subclasses ``Connection``);
+  as ``Connection`` is (every transport subclasses it);
 - a class attribute that interpreted subclasses override must be a ``ClassVar`` (a plain one is read
   from the compiled class: ``Connection.transport_label`` was, and the connection metrics read 0);
 - the suite would have to run on both builds within its time budget.
@@ -48,10 +49,8 @@ MODULES = [
 def built() -> list[Path]:
     """Extensions in the source tree: the modules' own and mypyc's shared runtime library."""
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    found = [SRC / m.removesuffix(".py") for m in MODULES]
-    return [p.with_name(p.name + suffix) for p in found if p.with_name(p.name + suffix).exists()] + sorted(
-        SRC.glob(f"*__mypyc{suffix}")
-    )
+    extensions = [SRC / (m.removesuffix(".py") + suffix) for m in MODULES]
+    return [p for p in extensions if p.exists()] + sorted(SRC.glob(f"*__mypyc{suffix}"))
 
 
 def clean() -> None:

@@ -303,7 +303,6 @@ class Connection(abc.ABC):
         self.flush()
 
 
-@mypyc_attr(allow_interpreted_subclasses=True)  # tests drive it through subclasses
 class Hub(DeliverySink):
     """The node's connections by user, and the batched work they share."""
 
