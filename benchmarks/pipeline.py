@@ -161,15 +161,12 @@ def callgrind_instructions(out_file: str) -> int:
     """Instructions counted since the last zeroing: dumped now, read from the newest dump file."""
     before = set(glob.glob(f"{out_file}.*"))
     callgrind_control("--dump")
-    for _ in range(100):  # the dump happens at valgrind's next poll of its command file
-        new = set(glob.glob(f"{out_file}.*")) - before
-        if new:
-            path = max(new, key=os.path.getmtime)
-            for _ in range(100):
-                for line in Path(path).read_text().splitlines():
-                    if line.startswith(("summary:", "totals:")):
-                        return int(line.split()[1])
-                spin(0.1)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # the dump file appears, then fills, at valgrind's next polls
+        for path in set(glob.glob(f"{out_file}.*")) - before:
+            for line in Path(path).read_text().splitlines():
+                if line.startswith(("summary:", "totals:")):
+                    return int(line.split()[1])
         spin(0.1)
     raise RuntimeError(f"no callgrind dump in {out_file}.*")
 
