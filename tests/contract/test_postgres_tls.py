@@ -3,7 +3,6 @@ TLS connections with a client certificate of its CA (tests/support/postgres.py `
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from im.compose import build_backends
 from im.config import load_config
 from tests.support.pki import EnginePki
 from tests.support.postgres import TlsPostgres
+from tests.support.wait import eventually
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +88,7 @@ async def test_refused(server: TlsPostgres, ssl_setting: str) -> None:
     assert why in str(refused.value)
     # A refusal after the TLS handshake closes with a TLS shutdown that takes a few loop turns; a test
     # that ended first would close its loop on a live socket, and the next test would be blamed for it.
-    async with asyncio.timeout(5):
-        while open_sockets() - before:
-            await asyncio.sleep(0.01)
+    await eventually(lambda: not open_sockets() - before, "the refused connection's socket closed", 5)
 
 
 def open_sockets() -> set[str]:
