@@ -6,7 +6,9 @@
 #   it headless), Prometheus (prometheus: the metrics tests run it, promtool checks the alert rules), and
 #   the engines' own binaries that the TLS tests start privately (redis-server, rabbitmq-server, and
 #   PostgreSQL's initdb/postgres, put on PATH from /usr/lib/postgresql/*/bin);
-# - the PostgreSQL database the tests use (`test` unless IM_TEST_POSTGRES_DSN names another), when missing.
+# - the PostgreSQL database the tests use (`test` unless IM_TEST_POSTGRES_DSN names another), when missing;
+# - the compiled build (scripts/compile.py: as root, gcc and the Python headers when missing). The suite runs
+#   on it, and the tests of the compiled modules run again on the interpreted build (IM_COMPILED=0).
 # Redis, PostgreSQL and RabbitMQ must run (locally by default, or where the README's overrides point):
 # scripts/test_engines.py checks them first and says what is missing, instead of 20 minutes of failures.
 # Arguments go to pytest: `bash scripts/test.sh tests/contract -x`.
@@ -73,11 +75,44 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 uv sync --frozen
+
+# The compiled build (scripts/compile.py, im.compiled), remade when the source changed since the last one;
+# as root, gcc and the Python headers are installed when missing. IM_COMPILED=0: the interpreted build only.
+build=compiled
+if [ "${IM_COMPILED:-1}" = 0 ]; then
+  build=interpreted
+else
+  status=0
+  uv run --frozen python scripts/compile.py || status=$?
+  if [ "$status" -eq 3 ] && [ "$(id -u)" -eq 0 ]; then  # 3: no compiler or headers here
+    headers=$(uv run --frozen python -c 'import sys; print("python%d.%d-dev" % sys.version_info[:2])')
+    echo "scripts/test.sh: installing gcc $headers (apt, --no-install-recommends) for the compiled build" >&2
+    apt_install gcc "$headers"
+    status=0
+    uv run --frozen python scripts/compile.py || status=$?
+  fi
+  if [ "$status" -eq 3 ]; then
+    echo "scripts/test.sh: testing the interpreted build only: the compiled one cannot be made here (above)" >&2
+    build=interpreted
+  elif [ "$status" -ne 0 ]; then
+    echo "scripts/test.sh: the compiled build failed (above)" >&2
+    exit 1
+  fi
+fi
+
 uv run --frozen python scripts/test_engines.py
-uv run ruff check src tests benchmarks
-uv run ruff format --check src tests benchmarks
+uv run ruff check src tests benchmarks scripts
+uv run ruff format --check src tests benchmarks scripts
 uv run mypy
 # Two pytest-xdist workers (IM_TEST_WORKERS; 0: one process, no workers). --dist loadgroup keeps each
 # module on one worker and runs the cluster, fault and timing tests on one worker, one after another
 # (tests/support/workers.py, which also gives each worker ports of its own).
-uv run pytest -q -p no:cacheprovider -n "${IM_TEST_WORKERS:-2}" --dist loadgroup "$@"
+# IM_TEST_BUILD: the build the tests check is running (tests/test_compiled.py).
+IM_TEST_BUILD=$build uv run pytest -q -p no:cacheprovider -n "${IM_TEST_WORKERS:-2}" --dist loadgroup "$@"
+if [ "$build" = compiled ] && [ $# -eq 0 ]; then
+  # The whole suite ran compiled; the tests of the compiled modules (the unit tests and the decoders' fuzz
+  # and poison tests) run again on the interpreted build, so that both builds pass them.
+  echo "scripts/test.sh: the interpreted build (IM_COMPILED=0) on tests/test_*.py and the decoders' tests" >&2
+  IM_COMPILED=0 IM_TEST_BUILD=interpreted uv run pytest -q -p no:cacheprovider -n "${IM_TEST_WORKERS:-2}" \
+    --dist loadgroup tests/test_*.py tests/security/test_decoders_fuzz.py tests/security/test_poison.py
+fi

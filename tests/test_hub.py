@@ -38,6 +38,7 @@ class FakeConnection(Connection):
 
     def __init__(self, hub: Hub) -> None:
         super().__init__(hub)
+        self.node = hub.node
         self.frames: list[dict[str, Any]] = []
         self.closed_with: ErrorCode | None = None
 

@@ -148,11 +148,11 @@ async def test_simultaneous_connections_on_both_gateways_leave_exactly_one(two: 
         lambda: (
             all(c.of_type("synced") or c.closed_with for c in conns) and sum(c.closed_with is None for c in conns) == 1
         ),
-        lambda: str([(c.hub.node, c.closed_with) for c in conns]),
+        lambda: str([(c.node, c.closed_with) for c in conns]),
     )
     (survivor,) = [c for c in conns if c.closed_with is None]
     assert all(replaced(c) for c in conns if c is not survivor)
     located = (await two.presence.locate([alice]))[alice]
-    assert located == [DeviceLocation(alice, "phone", survivor.hub.node)]
+    assert located == [DeviceLocation(alice, "phone", survivor.node)]
     await asyncio.gather(*(hub.refresh_presence() for hub in two.hubs.values()))
     assert survivor.closed_with is None  # its own node's refresh keeps it

@@ -10,6 +10,7 @@ import importlib.metadata
 import re
 import tomllib
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src" / "im"
@@ -19,8 +20,16 @@ def _name(requirement: str) -> str:
     return re.split(r"[\s<>=!~\[;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
 
 
-def _project() -> dict[str, object]:
+def _project() -> dict[str, Any]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _group(project: dict[str, Any], name: str) -> list[str]:
+    """A dependency group's requirements, with the groups it includes (``{include-group = ...}``)."""
+    out: list[str] = []
+    for entry in project["dependency-groups"][name]:
+        out += _group(project, entry["include-group"]) if isinstance(entry, dict) else [entry]
+    return out
 
 
 def _imports_by_distribution() -> dict[str, set[str]]:
@@ -53,9 +62,9 @@ def _imports(path: Path) -> list[tuple[int, str, bool]]:
 
 def test_the_server_imports_no_dev_only_package() -> None:
     project = _project()
-    runtime = {_name(r) for r in project["project"]["dependencies"]}  # type: ignore[index]
-    extras = {_name(r) for reqs in project["project"]["optional-dependencies"].values() for r in reqs}  # type: ignore[index]
-    dev = {_name(r) for r in project["dependency-groups"]["dev"]} - runtime  # type: ignore[index]
+    runtime = {_name(r) for r in project["project"]["dependencies"]}
+    extras = {_name(r) for reqs in project["project"]["optional-dependencies"].values() for r in reqs}
+    dev = {_name(r) for r in _group(project, "dev")} - runtime
     modules = _imports_by_distribution()
     dev_modules = {m: d for d in dev for m in modules.get(d, ())}
     extra_modules = {m for d in extras - runtime for m in modules.get(d, ())}

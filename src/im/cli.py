@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from im import compiled
 from im.cli_help import use_everywhere
 from im.config import Config, ConfigError, load_config, put_setting
 from im.startup import run_start
@@ -127,6 +128,7 @@ def _serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
             print(f"im: Metrics    {server.http_url}/metrics", flush=True)
         if server.tcp_url:
             print(f"im: TCP        {server.tcp_url}", flush=True)
+        print(f"im: build      {compiled.BUILD}", flush=True)
         print(f"im: data in    {config.data_dir.resolve()}   (Ctrl-C stops)", flush=True)
 
     async def main() -> None:
@@ -154,7 +156,7 @@ def _run_role(role: str, config: Config) -> int:
             where = n.address
         if not isinstance(n, ApiNode) and n.ops is not None:
             where += f" ops={n.ops.url}"
-        print(f"im: ready {role} {where}", flush=True)
+        print(f"im: ready {role} {where} build={compiled.BUILD.kind}", flush=True)
 
     def start() -> None:
         node = ROLES[role](config)

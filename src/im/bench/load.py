@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from im import compiled
 from im.bench.accounts import BenchTls, BenchUser, assign_gateways, create_groups, create_users, gateway, run_id
 from im.bench.anomalies import Anomalies
 from im.bench.server import MachineCpu, SpawnedServer, cpu_seconds, raise_nofile
@@ -312,6 +313,7 @@ def _run(
             "warmup": opts.warmup,
             "procs": procs,
             "server": "spawned" if spawned is not None else base,
+            "server_build": str(compiled.BUILD) if spawned is not None else None,  # a spawned one runs this tree's
             "server_pids": server_pids,
             "cores": os.cpu_count(),
         },

@@ -44,6 +44,8 @@ def load_table(r: dict[str, Any], console: Console | None = None) -> None:
     if c["mode"] == "groups":
         t.add_row("server CPU-ms per 1k sent", _num(r["server_cpu_ms_per_1k_sent"], ",.1f"))
     t.add_row("server CPU", _num(r["server_cpu_pct"], ".0f", " %"))
+    if c.get("server_build"):
+        t.add_row("server build (im.compiled)", c["server_build"])
     t.add_row("bench clients CPU", _num(r["clients_cpu_pct"], ".0f", " %"))
     t.add_row("other processes' CPU", _num(r["other_cpu_pct"], ".0f", " %"))
     t.add_row("irq + softirq CPU (loopback networking)", _num(r.get("irq_cpu_pct"), ".0f", " %"))

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from im.backends.chat import CursorStore
 from im.backends.presence import Presence
@@ -58,12 +58,39 @@ _heads_failures = ThrottledLog(log, "catch-ups after a relink: storage unavailab
 #: The commands that pass the hub's shared rate limits before they are carried out.
 _GATED = (cmd.Submit, cmd.SaveCursor, cmd.MarkRead, cmd.SendTyping)
 
-try:  # mypyc's class options (benchmarks/mypyc_build.py); mypy_extensions comes with mypy, absent elsewhere
+try:  # mypyc's class options (scripts/compile.py, im.compiled); mypy_extensions comes with mypy, absent elsewhere
     from mypy_extensions import mypyc_attr
 except ImportError:  # the interpreted build: the options mean nothing there
 
     def mypyc_attr(*_args: object, **_kwargs: object) -> Any:  # type: ignore[misc]
         return lambda cls: cls
+
+
+class ConnectionHub(Protocol):
+    """What a connection (and its transport) uses of its hub: :class:`Hub` is the one the servers make.
+    A protocol rather than the class so that the compiled build (``scripts/compile.py``) lets a connection
+    run against any hub that has these, such as the tests' pre-authentication stand-in."""
+
+    cache: EncodedCache
+    limits: Limits
+    preauth_send_buffer: int
+    max_send_buffer: int
+    rates: SharedRateGate
+    logins: LoginGate
+    accounts: AccountService
+    reads: ChatReads
+    submit: SubmitSend
+    replay_page: int
+    catch_ups: int
+
+    def add(self, conn: Connection) -> None: ...
+    def unregister(self, conn: Connection) -> None: ...
+    async def register(self, conn: Connection) -> None: ...
+    def schedule_flush(self, conn: Connection) -> None: ...
+    def save_cursor(self, uid: int, device: str, conv: str, seq: int) -> None: ...
+    def mark_read(self, uid: int, conv: str, seq: int) -> None: ...
+    async def typing(self, uid: int, device: str, conv: str) -> None: ...
+    async def check_heads(self, conns: Sequence[Connection]) -> None: ...
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # every transport (and a test's connection) subclasses it
@@ -73,7 +100,7 @@ class Connection(abc.ABC):
     #: The metrics label of the transport ("ws", "tcp"; empty: not counted, e.g. a test's connection).
     transport_label: ClassVar[str] = ""
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: ConnectionHub) -> None:
         self.hub = hub
         self.session = ServerSession(hub.cache, limits=hub.limits, heartbeat=hub.limits.idle_timeout)
         #: Its running tasks (auth, fetches, ...); None while there are none: an idle connection holds no set.

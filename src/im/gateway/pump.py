@@ -37,7 +37,7 @@ import abc
 import asyncio
 import socket
 
-from im.gateway.hub import Connection, Hub
+from im.gateway.hub import Connection, ConnectionHub
 from im.net import Admission, Ticket, Verdict
 
 #: Seconds a closing connection waits for the client to close its side before it is aborted.
@@ -53,7 +53,7 @@ class SocketConnection(asyncio.Protocol, Connection):
 
     __slots__ = ("_admission", "_close_timeout", "_eof_sent", "_ticket", "_timer", "transport")
 
-    def __init__(self, hub: Hub, admission: Admission, *, close_timeout: float = CLOSE_TIMEOUT) -> None:
+    def __init__(self, hub: ConnectionHub, admission: Admission, *, close_timeout: float = CLOSE_TIMEOUT) -> None:
         Connection.__init__(self, hub)
         self._admission = admission
         self._ticket: Ticket | None = None

@@ -13,7 +13,7 @@ until the client closes its side, at most ``CLOSE_TIMEOUT`` seconds).
 
 from __future__ import annotations
 
-from im.gateway.hub import Hub
+from im.gateway.hub import ConnectionHub, Hub
 from im.gateway.pump import CLOSE_TIMEOUT, SocketConnection
 from im.model.errors import ErrorCode
 from im.net import RETRY_AFTER, Admission, Listener, Ticket, TlsAccept, Verdict, bind
@@ -28,7 +28,7 @@ class TcpConnection(SocketConnection):
     __slots__ = ("_framer",)
     transport_label = "tcp"
 
-    def __init__(self, hub: Hub, admission: Admission, *, close_timeout: float = CLOSE_TIMEOUT) -> None:
+    def __init__(self, hub: ConnectionHub, admission: Admission, *, close_timeout: float = CLOSE_TIMEOUT) -> None:
         super().__init__(hub, admission, close_timeout=close_timeout)
         limit = hub.limits.max_frame_bytes
         self._framer = TcpFramer(limit, hard_limit=4 * limit)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from im.gateway.hub import Hub
+from im.gateway.hub import ConnectionHub, Hub
 from im.gateway.pump import SocketConnection
 from im.gateway.ws_protocol import (
     CloseCode,
@@ -64,7 +64,13 @@ class WsConnection(SocketConnection):
     transport_label = "ws"
 
     def __init__(
-        self, hub: Hub, settings: WsSettings, *, handshake_timeout: float, close_timeout: float, admission: Admission
+        self,
+        hub: ConnectionHub,
+        settings: WsSettings,
+        *,
+        handshake_timeout: float,
+        close_timeout: float,
+        admission: Admission,
     ) -> None:
         super().__init__(hub, admission, close_timeout=close_timeout)
         self.proto = ServerProtocol(settings)

@@ -1,0 +1,124 @@
+"""Which build of im's hot modules runs: compiled (mypyc extensions, made by ``scripts/compile.py``) or
+interpreted (the source, always present and always the source of truth).
+
+An extension sits beside its module's source, where Python would import it first. It is used only when
+the record the build left, ``compiled.json``, matches the source of every module it was compiled from and
+of every im module those import: a stale extension would run old code. Otherwise, or with
+``IM_COMPILED=0``, a finder put first on ``sys.meta_path`` imports those modules from their source.
+``im/__init__.py`` calls :func:`select` before any of them can be imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import os
+import sys
+import sysconfig
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+#: The per-message path (docs/architecture.md, "The path of one message"): the session and its encoded
+#: frames, the gateway's hub and shared limits, the committer and its routing.
+MODULES = (
+    "im.protocol.session",
+    "im.protocol.messages",
+    "im.gateway.hub",
+    "im.gateway.rates",
+    "im.core.committer",
+    "im.core.live_routes",
+)
+
+#: The directory that holds the ``im`` package (``src`` in a checkout).
+ROOT = Path(__file__).resolve().parent.parent
+RECORD = Path(__file__).with_name("compiled.json")
+#: Set to ``0`` to run the source even where a matching compiled build exists (profilers see into it).
+ENV = "IM_COMPILED"
+
+
+@dataclass(frozen=True, slots=True)
+class Build:
+    """``kind`` is ``compiled`` or ``interpreted``; ``why`` says why a compiled build is not in use."""
+
+    kind: str
+    why: str = ""
+
+    def __str__(self) -> str:
+        return self.kind + (f" ({self.why})" if self.why else "")
+
+
+def source_of(module: str, root: Path = ROOT) -> Path:
+    return root / (module.replace(".", "/") + ".py")
+
+
+def extension_of(module: str, root: Path = ROOT) -> Path:
+    return root / (module.replace(".", "/") + str(sysconfig.get_config_var("EXT_SUFFIX")))
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def record(modules: Sequence[str], sources: dict[str, str]) -> dict[str, object]:
+    """What a build writes to ``compiled.json``: the extensions' modules, the interpreter they are for,
+    and the digest of every source they depend on (paths relative to :data:`ROOT`)."""
+    return {"abi": sysconfig.get_config_var("EXT_SUFFIX"), "modules": list(modules), "sources": sources}
+
+
+def check(record_path: Path = RECORD, root: Path = ROOT) -> Build:
+    """Whether the compiled build at ``root`` may run: its record present and for this interpreter, every
+    extension there, every recorded source unchanged."""
+    if os.environ.get(ENV, "1") == "0":
+        return Build("interpreted", f"{ENV}=0")
+    try:
+        rec = json.loads(record_path.read_text())
+    except FileNotFoundError:
+        return Build("interpreted", "not compiled: scripts/compile.py builds it")
+    except (OSError, ValueError) as exc:
+        return Build("interpreted", f"{record_path.name} unreadable: {exc}")
+    if rec.get("abi") != sysconfig.get_config_var("EXT_SUFFIX"):
+        return Build("interpreted", f"compiled for another Python ({rec.get('abi')})")
+    for module in rec.get("modules", ()):
+        if not extension_of(module, root).exists():
+            return Build("interpreted", f"the extension of {module} is missing: scripts/compile.py rebuilds it")
+    for name, want in rec.get("sources", {}).items():
+        path = root / name
+        if not path.exists() or digest(path) != want:
+            return Build("interpreted", f"{name} changed since it was compiled: scripts/compile.py rebuilds it")
+    return Build("compiled")
+
+
+class SourceFinder(importlib.abc.MetaPathFinder):
+    """Imports the named modules from their ``.py`` files, past the extensions beside them."""
+
+    def __init__(self, modules: Sequence[str], root: Path = ROOT) -> None:
+        self.sources = {m: source_of(m, root) for m in modules}
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        source = self.sources.get(fullname)
+        if source is None or not source.exists():
+            return None
+        return importlib.util.spec_from_file_location(fullname, source)
+
+
+#: The build this process runs (set by :func:`select`).
+BUILD = Build("interpreted", "not selected yet")
+
+
+def select() -> Build:
+    """Decide once per process, before any compiled module is imported; never imports an extension that
+    does not match its source."""
+    global BUILD
+    if any(isinstance(f, SourceFinder) for f in sys.meta_path):
+        return BUILD
+    BUILD = check()
+    if BUILD.kind != "compiled":
+        sys.meta_path.insert(0, SourceFinder(MODULES))
+    return BUILD

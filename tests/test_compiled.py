@@ -1,0 +1,115 @@
+"""Which build runs (im.compiled): a compiled extension only while it matches its source, the source
+otherwise; and the build scripts/test.sh made is the one the tests run."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from scripts.compile import dependencies
+
+from im import compiled
+
+SUFFIX = str(sysconfig.get_config_var("EXT_SUFFIX"))
+
+
+def test_the_build_the_test_run_asked_for_is_the_one_that_runs() -> None:
+    """scripts/test.sh runs the suite compiled (IM_TEST_BUILD=compiled) and part of it again interpreted
+    (IM_COMPILED=0, IM_TEST_BUILD=interpreted); a bare pytest run has a build that agrees with the files."""
+    wanted = os.environ.get("IM_TEST_BUILD") or compiled.check().kind
+    assert compiled.BUILD.kind == wanted, compiled.BUILD
+    for module in compiled.MODULES:
+        origin = importlib.import_module(module).__file__ or ""
+        assert origin.endswith(SUFFIX if wanted == "compiled" else ".py"), (module, origin)
+    child = subprocess.run(
+        [sys.executable, "-c", "import im.compiled, im.core.committer as c; print(im.compiled.BUILD.kind, c.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    kind, origin = child.stdout.split()
+    assert kind == wanted and origin.endswith(SUFFIX if wanted == "compiled" else ".py"), child.stdout
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A package ``pkg`` with one module, ``pkg.fast``, its (pretend) extension and a matching record."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "fast.py").write_text("VALUE = 'source'\n")
+    (tmp_path / "pkg" / "used.py").write_text("LIMIT = 1\n")
+    (tmp_path / "pkg" / f"fast{SUFFIX}").write_bytes(b"not a shared object")
+    sources = {name: compiled.digest(tmp_path / name) for name in ("pkg/fast.py", "pkg/used.py")}
+    (tmp_path / "compiled.json").write_text(json.dumps(compiled.record(["pkg.fast"], sources)))
+    return tmp_path
+
+
+def test_a_build_that_matches_its_sources_is_used(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(compiled.ENV, raising=False)
+    assert compiled.check(tree / "compiled.json", tree) == compiled.Build("compiled")
+
+
+@pytest.mark.parametrize("change", ["module", "dependency", "extension", "record", "python", "env"])
+def test_a_build_that_does_not_match_is_not(tree: Path, change: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(compiled.ENV, raising=False)
+    record = tree / "compiled.json"
+    if change == "module":
+        (tree / "pkg" / "fast.py").write_text("VALUE = 'edited'\n")
+    elif change == "dependency":  # a module the compiled one imports: its constants may be compiled in
+        (tree / "pkg" / "used.py").write_text("LIMIT = 2\n")
+    elif change == "extension":
+        (tree / "pkg" / f"fast{SUFFIX}").unlink()
+    elif change == "record":
+        record.unlink()
+    elif change == "python":
+        record.write_text(json.dumps({**json.loads(record.read_text()), "abi": ".cpython-399-x.so"}))
+    else:
+        monkeypatch.setenv(compiled.ENV, "0")
+    build = compiled.check(record, tree)
+    assert build.kind == "interpreted"
+    expected = {
+        "module": "pkg/fast.py changed",
+        "dependency": "pkg/used.py changed",
+        "extension": "extension of pkg.fast is missing",
+        "record": "not compiled",
+        "python": "another Python",
+        "env": "IM_COMPILED=0",
+    }[change]
+    assert expected in build.why
+
+
+@pytest.fixture
+def on_path(tree: Path) -> Iterator[Path]:
+    sys.path.insert(0, str(tree))
+    yield tree
+    sys.path.remove(str(tree))
+    for name in [n for n in sys.modules if n == "pkg" or n.startswith("pkg.")]:
+        del sys.modules[name]
+    sys.meta_path[:] = [
+        f for f in sys.meta_path if not (isinstance(f, compiled.SourceFinder) and "pkg.fast" in f.sources)
+    ]
+
+
+def test_the_source_finder_imports_past_the_extension_beside_it(on_path: Path) -> None:
+    """Python would import the extension (here a broken one) first; the finder imports the source."""
+    with pytest.raises(ImportError):
+        importlib.import_module("pkg.fast")
+    sys.modules.pop("pkg.fast", None)
+    sys.meta_path.insert(0, compiled.SourceFinder(["pkg.fast"], on_path))
+    assert importlib.import_module("pkg.fast").VALUE == "source"
+
+
+def test_a_build_records_every_im_module_its_modules_import() -> None:
+    root = compiled.ROOT
+    recorded = dependencies(root)
+    assert {str(compiled.source_of(m, root).relative_to(root)) for m in compiled.MODULES} <= set(recorded)
+    assert "im/model/chat.py" in recorded  # StoredMessage: the committer and the session import it
+    assert "im/protocol/codec.py" in recorded  # imported by the session, not compiled itself
+    assert "im/cli.py" not in recorded  # nothing compiled imports the command line
