@@ -268,8 +268,10 @@ class Committer:
                     continue
                 try:  # messages whose routing failed: route them with the next commit, or after a back-off
                     await asyncio.wait_for(self._wake.wait(), self._routes.held.delay())
+                    continue
                 except TimeoutError:
-                    await self._route_quietly(None)
+                    pass
+                await self._route_quietly(None)  # outside the handler (im.compiled: no await inside ``except``)
                 continue
             items, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
             if tracing.ON and (traces := [i.req.trace for i in items if type(i) is _Send and i.req.trace is not None]):
@@ -286,33 +288,40 @@ class Committer:
         parts: list[list[_Send | _MemberOp]] = [items]
         while parts:
             part = parts.pop()
-            try:
-                await self._commit(part)
-            except Exception as exc:
-                if len(part) > 1:
-                    half = len(part) // 2
-                    parts.append(part[half:])
-                    parts.append(part[:half])
+            failure = await self._try_commit(part)
+            if failure is None:
+                continue
+            if len(part) > 1:
+                half = len(part) // 2
+                parts.append(part[half:])
+                parts.append(part[:half])
+                continue
+            # Alone and refused: a poisoned item, or the store is away. An earlier part that committed
+            # proves nothing (the store may have gone since), so ask it now; when it answers, the item
+            # gets one more try (the store may just have come back: a restart ends between the two),
+            # and only a second refusal while the store answers makes it poison.
+            if await self._store_answers():
+                again = await self._try_commit(part)
+                if again is None:
                     continue
-                # Alone and refused: a poisoned item, or the store is away. An earlier part that committed
-                # proves nothing (the store may have gone since), so ask it now; when it answers, the item
-                # gets one more try (the store may just have come back: a restart ends between the two),
-                # and only a second refusal while the store answers makes it poison.
-                failure: Exception = exc
+                failure = again
                 if await self._store_answers():
-                    try:
-                        await self._commit(part)
-                        continue
-                    except Exception as again:
-                        failure = again
-                    if await self._store_answers():
-                        self._poison_log.hit(f"{type(failure).__name__}: {str(failure)[:200]}")
-                        self._fail(part, ImError(ErrorCode.INVALID, "the server cannot store this message"))
-                        continue
-                rest = [i for p in (part, *reversed(parts)) for i in p]
-                self._outage_log.hit(f"{len(rest)} items: {type(failure).__name__}: {failure}", failure)
-                self._fail(rest, ImError(ErrorCode.UNAVAILABLE, f"storage error: {type(failure).__name__}"))
-                return
+                    self._poison_log.hit(f"{type(failure).__name__}: {str(failure)[:200]}")
+                    self._fail(part, ImError(ErrorCode.INVALID, "the server cannot store this message"))
+                    continue
+            rest = [i for p in (part, *reversed(parts)) for i in p]
+            self._outage_log.hit(f"{len(rest)} items: {type(failure).__name__}: {failure}", failure)
+            self._fail(rest, ImError(ErrorCode.UNAVAILABLE, f"storage error: {type(failure).__name__}"))
+            return
+
+    async def _try_commit(self, part: list[_Send | _MemberOp]) -> Exception | None:
+        """:meth:`_commit`, its failure returned: the caller's next awaits then run outside any ``except``
+        block (im.compiled: a compiled coroutine suspended in one leaks the exception to other tasks)."""
+        try:
+            await self._commit(part)
+        except Exception as exc:
+            return exc
+        return None
 
     async def _store_answers(self) -> bool:
         """Whether the store is up (one read): tells a poisoned item from an outage once a part is alone."""
@@ -330,6 +339,7 @@ class Committer:
                 await self._route_quietly(p)  # duplicates first stored by another writer, if any
                 return
             started = time.perf_counter()
+            conflict = False
             try:
                 self.store_calls += 1
                 await self._store.commit(p.batch)
@@ -345,6 +355,14 @@ class Committer:
                 # Another writer moved a head or a retry met its original: reload, look up, try again.
                 for conv in p.batch.heads:
                     self._states.pop(conv, None)
+                conflict = True
+            except BaseException as exc:
+                for conv in p.batch.heads:
+                    self._states.pop(conv, None)
+                if isinstance(exc, Exception):
+                    METRICS.engine_error(exc)
+                raise
+            if conflict:  # looked up outside the handler (im.compiled: no await inside ``except``)
                 keys = [(i.req.uid, i.req.device, i.req.cmid) for i in items if isinstance(i, _Send)]
                 for key, m in (await self._store.find_sent(keys)).items():
                     self._remember(key, m)
@@ -355,12 +373,6 @@ class Committer:
                     self._reroute.clear()
                 log.info("seq conflict, retry %d", attempt + 1)
                 continue
-            except BaseException as exc:
-                for conv in p.batch.heads:
-                    self._states.pop(conv, None)
-                if isinstance(exc, Exception):
-                    METRICS.engine_error(exc)
-                raise
             METRICS.committed += len(p.batch.messages)
             if METRICS.enabled:
                 METRICS.commit_seconds.observe(time.perf_counter() - started)

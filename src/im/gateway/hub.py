@@ -579,6 +579,7 @@ class Hub(DeliverySink):
         while self._catch_up_everyone or self._catch_up_some:
             everyone, some = self._catch_up_everyone, self._catch_up_some
             self._catch_up_everyone, self._catch_up_some = False, set()
+            failed: Exception | None = None
             try:
                 await self.check_heads(list(self._all) if everyone else [c for c in some if not c.closed])
             except Exception as exc:  # the store is away: try again until it answers
@@ -586,7 +587,9 @@ class Hub(DeliverySink):
                 _heads_failures.hit(f"{type(exc).__name__}: {exc}")
                 self._catch_up_everyone |= everyone
                 self._catch_up_some |= {c for c in some if not c.closed}  # a long outage keeps no closed ones
-                await retry_pause(delay, exc)
+                failed = exc
+            if failed is not None:  # paused outside the handler (im.compiled: no await inside ``except``)
+                await retry_pause(delay, failed)
                 delay = min(delay * 2, 5.0)
 
     async def check_heads(self, conns: Sequence[Connection]) -> None:
