@@ -73,9 +73,11 @@ def missing_tools() -> list[str]:
 
 
 def installed() -> list[Path]:
-    """The compiled build's files in the source tree: the extensions, mypyc's shared library, the record."""
+    """The compiled build's files in the source tree: every extension beside a module's source (also of a
+    module since dropped from the compiled set), mypyc's shared library, the record."""
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    files = [compiled.extension_of(m) for m in MODULES] + sorted(ROOT.glob(f"*__mypyc{suffix}"))
+    beside = [p for p in (ROOT / "im").rglob(f"*{suffix}") if p.with_name(p.name.removesuffix(suffix) + ".py").exists()]
+    files = sorted(beside) + sorted(ROOT.glob(f"*__mypyc{suffix}"))
     return [p for p in [*files, compiled.RECORD] if p.exists()]
 
 

@@ -54,10 +54,10 @@ def tree(tmp_path: Path) -> Path:
 
 def test_a_build_that_matches_its_sources_is_used(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(compiled.ENV, raising=False)
-    assert compiled.check(tree / "compiled.json", tree) == compiled.Build("compiled")
+    assert compiled.check(tree / "compiled.json", tree, ["pkg.fast"]) == compiled.Build("compiled")
 
 
-@pytest.mark.parametrize("change", ["module", "dependency", "extension", "record", "python", "env"])
+@pytest.mark.parametrize("change", ["module", "dependency", "extension", "record", "python", "set", "env"])
 def test_a_build_that_does_not_match_is_not(tree: Path, change: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(compiled.ENV, raising=False)
     record = tree / "compiled.json"
@@ -71,9 +71,11 @@ def test_a_build_that_does_not_match_is_not(tree: Path, change: str, monkeypatch
         record.unlink()
     elif change == "python":
         record.write_text(json.dumps({**json.loads(record.read_text()), "abi": ".cpython-399-x.so"}))
+    elif change == "set":  # a module added to the compiled set since
+        record.write_text(json.dumps({**json.loads(record.read_text()), "modules": []}))
     else:
         monkeypatch.setenv(compiled.ENV, "0")
-    build = compiled.check(record, tree)
+    build = compiled.check(record, tree, ["pkg.fast"])
     assert build.kind == "interpreted"
     expected = {
         "module": "pkg/fast.py changed",
@@ -81,6 +83,7 @@ def test_a_build_that_does_not_match_is_not(tree: Path, change: str, monkeypatch
         "extension": "extension of pkg.fast is missing",
         "record": "not compiled",
         "python": "another Python",
+        "set": "modules to compile changed",
         "env": "IM_COMPILED=0",
     }[change]
     assert expected in build.why
@@ -93,9 +96,7 @@ def on_path(tree: Path) -> Iterator[Path]:
     sys.path.remove(str(tree))
     for name in [n for n in sys.modules if n == "pkg" or n.startswith("pkg.")]:
         del sys.modules[name]
-    sys.meta_path[:] = [
-        f for f in sys.meta_path if not (isinstance(f, compiled.SourceFinder) and "pkg.fast" in f.sources)
-    ]
+    sys.meta_path[:] = [f for f in sys.meta_path if not (isinstance(f, compiled.SourceFinder) and f.package == "pkg")]
 
 
 def test_the_source_finder_imports_past_the_extension_beside_it(on_path: Path) -> None:
@@ -103,7 +104,7 @@ def test_the_source_finder_imports_past_the_extension_beside_it(on_path: Path) -
     with pytest.raises(ImportError):
         importlib.import_module("pkg.fast")
     sys.modules.pop("pkg.fast", None)
-    sys.meta_path.insert(0, compiled.SourceFinder(["pkg.fast"], on_path))
+    sys.meta_path.insert(0, compiled.SourceFinder("pkg", on_path))
     assert importlib.import_module("pkg.fast").VALUE == "source"
 
 

@@ -4,7 +4,7 @@ interpreted (the source, always present and always the source of truth).
 An extension sits beside its module's source, where Python would import it first. It is used only when
 the record the build left, ``compiled.json``, matches the source of every module it was compiled from and
 of every im module those import: a stale extension would run old code. Otherwise, or with
-``IM_COMPILED=0``, a finder put first on ``sys.meta_path`` imports those modules from their source.
+``IM_COMPILED=0``, a finder put first on ``sys.meta_path`` imports every im module from its source.
 ``im/__init__.py`` calls :func:`select` before any of them can be imported.
 """
 
@@ -23,15 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-#: The per-message path (docs/architecture.md, "The path of one message"): the session and its encoded
-#: frames, the gateway's hub and shared limits, the committer and its routing.
+#: The per-message path (docs/architecture.md, "The path of one message"): the session, its frame codec
+#: and encoded frames, the gateway's hub and shared limits, the committer and its routing, conversation ids.
 MODULES = (
     "im.protocol.session",
+    "im.protocol.codec",
     "im.protocol.messages",
     "im.gateway.hub",
     "im.gateway.rates",
     "im.core.committer",
     "im.core.live_routes",
+    "im.model.ids",
 )
 
 #: The directory that holds the ``im`` package (``src`` in a checkout).
@@ -70,9 +72,9 @@ def record(modules: Sequence[str], sources: dict[str, str]) -> dict[str, object]
     return {"abi": sysconfig.get_config_var("EXT_SUFFIX"), "modules": list(modules), "sources": sources}
 
 
-def check(record_path: Path = RECORD, root: Path = ROOT) -> Build:
-    """Whether the compiled build at ``root`` may run: its record present and for this interpreter, every
-    extension there, every recorded source unchanged."""
+def check(record_path: Path = RECORD, root: Path = ROOT, modules: Sequence[str] = MODULES) -> Build:
+    """Whether the compiled build at ``root`` may run: its record present, of ``modules`` and for this
+    interpreter, every extension there, every recorded source unchanged."""
     if os.environ.get(ENV, "1") == "0":
         return Build("interpreted", f"{ENV}=0")
     try:
@@ -81,6 +83,8 @@ def check(record_path: Path = RECORD, root: Path = ROOT) -> Build:
         return Build("interpreted", "not compiled: scripts/compile.py builds it")
     except (OSError, ValueError) as exc:
         return Build("interpreted", f"{record_path.name} unreadable: {exc}")
+    if rec.get("modules") != list(modules):
+        return Build("interpreted", "the modules to compile changed: scripts/compile.py rebuilds it")
     if rec.get("abi") != sysconfig.get_config_var("EXT_SUFFIX"):
         return Build("interpreted", f"compiled for another Python ({rec.get('abi')})")
     for module in rec.get("modules", ()):
@@ -94,17 +98,21 @@ def check(record_path: Path = RECORD, root: Path = ROOT) -> Build:
 
 
 class SourceFinder(importlib.abc.MetaPathFinder):
-    """Imports the named modules from their ``.py`` files, past the extensions beside them."""
+    """Imports every module of ``package`` from its ``.py`` file, past any extension beside it (also one
+    left from a module compiled earlier and since dropped from :data:`MODULES`)."""
 
-    def __init__(self, modules: Sequence[str], root: Path = ROOT) -> None:
-        self.sources = {m: source_of(m, root) for m in modules}
+    def __init__(self, package: str = "im", root: Path = ROOT) -> None:
+        self.package = package
+        self.root = root
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        source = self.sources.get(fullname)
-        if source is None or not source.exists():
+        if not fullname.startswith(self.package + "."):
             return None
+        source = source_of(fullname, self.root)
+        if not source.is_file():
+            return None  # a package, or not ours: the usual finders
         return importlib.util.spec_from_file_location(fullname, source)
 
 
@@ -120,5 +128,5 @@ def select() -> Build:
         return BUILD
     BUILD = check()
     if BUILD.kind != "compiled":
-        sys.meta_path.insert(0, SourceFinder(MODULES))
+        sys.meta_path.insert(0, SourceFinder())
     return BUILD
