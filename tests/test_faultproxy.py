@@ -235,13 +235,12 @@ async def test_cut_refuses_and_resets_then_heal_restores(proxy: FaultProxy) -> N
 async def test_a_missing_target_resets_the_client() -> None:
     """The proxy accepts, cannot reach its target and resets the client: seen at the first read, or by the
     connect already when the reset comes before the client's loop checked that its connect completed."""
-    with FaultProxy(("127.0.0.1", 1)) as p:  # nothing listens on port 1
-        with pytest.raises(ConnectionResetError):
-            reader, writer = await connect(p)
-            try:
-                await asyncio.wait_for(reader.read(10), 10)
-            finally:
-                writer.close()
+    with FaultProxy(("127.0.0.1", 1)) as p, pytest.raises(ConnectionResetError):  # nothing listens on port 1
+        reader, writer = await connect(p)
+        try:
+            await asyncio.wait_for(reader.read(10), 10)
+        finally:
+            writer.close()
 
 
 def test_bad_settings_are_refused(echo: Echo) -> None:

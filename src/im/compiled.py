@@ -24,7 +24,9 @@ from pathlib import Path
 from types import ModuleType
 
 #: The per-message path (docs/architecture.md, "The path of one message"): the session, its frame codec
-#: and encoded frames, the gateway's hub and shared limits, the committer and its routing, conversation ids.
+#: and encoded frames, the gateway's hub and shared limits, the committer and its routing, conversation ids;
+#: in distributed mode, a gateway's pool of transfer links and the link's conversions (the links themselves,
+#: transfer/client.py and server.py, are async generators, which mypyc does not compile).
 MODULES = (
     "im.protocol.session",
     "im.protocol.codec",
@@ -34,6 +36,8 @@ MODULES = (
     "im.core.committer",
     "im.core.live_routes",
     "im.model.ids",
+    "im.transfer.wire",
+    "im.transfer.pool",
 )
 
 #: The directory that holds the ``im`` package (``src`` in a checkout).
