@@ -24,13 +24,15 @@ from pathlib import Path
 from types import ModuleType
 
 #: The per-message path (docs/architecture.md, "The path of one message"): the session, its frame codec
-#: and encoded frames, the gateway's hub and shared limits, the committer and its routing, conversation ids;
+#: and encoded frames, the WebSocket protocol, the gateway's hub and shared limits, the committer and its routing, conversation ids;
 #: in distributed mode, a gateway's pool of transfer links and the link's conversions (the links themselves,
-#: transfer/client.py and server.py, are async generators, which mypyc does not compile).
+#: transfer/client.py and server.py, are async generators, which mypyc does not compile; nor a subclass of a
+#: built-in exception, as in protocol/tcp_framing.py).
 MODULES = (
     "im.protocol.session",
     "im.protocol.codec",
     "im.protocol.messages",
+    "im.gateway.ws_protocol",
     "im.gateway.hub",
     "im.gateway.rates",
     "im.core.committer",

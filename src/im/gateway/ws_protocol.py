@@ -330,15 +330,16 @@ class ServerProtocol:
                 self._receive_request(data)
             return
         buf = self._buf
+        pending: bytes | bytearray = data
         if buf is not None:
             buf += data
-            data = buf  # type: ignore[assignment]
+            pending = buf
         try:
-            pos = self._parse(data)
+            pos = self._parse(pending)
         except _Fail as exc:
             self._fail(exc.code, exc.reason)
             return
-        if pos == len(data) or self.state is _CLOSED:
+        if pos == len(pending) or self.state is _CLOSED:
             self._buf = None
         elif buf is not None:
             del buf[:pos]
