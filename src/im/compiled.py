@@ -24,10 +24,10 @@ from pathlib import Path
 from types import ModuleType
 
 #: The per-message path (docs/architecture.md, "The path of one message"): the session, its frame codec
-#: and encoded frames, the WebSocket protocol, the gateway's hub and shared limits, the committer and its routing, conversation ids;
-#: in distributed mode, a gateway's pool of transfer links and the link's conversions (the links themselves,
-#: transfer/client.py and server.py, are async generators, which mypyc does not compile; nor a subclass of a
-#: built-in exception, as in protocol/tcp_framing.py).
+#: and encoded frames, the WebSocket protocol, the gateway's hub and shared limits, the committer and its
+#: routing, conversation ids; in distributed mode, a gateway's pool of transfer links and the link's
+#: conversions. Not compiled: the link's client and server (async generators, which mypyc does not
+#: compile) and the TCP framing (its error subclasses a built-in exception, which mypyc does not either).
 MODULES = (
     "im.protocol.session",
     "im.protocol.codec",
