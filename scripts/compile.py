@@ -124,8 +124,7 @@ def main() -> int:
         clean()
         print(f"{NAME}: removed; im runs interpreted")
         return 0
-    os.environ.pop(compiled.ENV, None)  # the question is whether the files match, not what this shell runs
-    state = compiled.check()
+    state = compiled.check(env=False)  # whether the files match, not what this shell runs
     if args.check or state.kind == "compiled":
         print(f"{NAME}: {state}")
         return 0 if state.kind == "compiled" else 1
@@ -137,7 +136,7 @@ def main() -> int:
     started = time.monotonic()
     status = build()
     if status == 0:
-        print(f"{NAME}: compiled in {time.monotonic() - started:.0f} s: {compiled.check()}", file=sys.stderr)
+        print(f"{NAME}: compiled in {time.monotonic() - started:.0f} s: {compiled.check(env=False)}", file=sys.stderr)
     return status
 
 

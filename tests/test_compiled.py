@@ -7,6 +7,7 @@ import ast
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from scripts import compile as compile_script
 from scripts.compile import dependencies
 
 from im import compiled
@@ -134,3 +136,18 @@ def test_no_compiled_coroutine_awaits_inside_an_except_block() -> None:
                     if isinstance(node, ast.Await | ast.AsyncFor | ast.AsyncWith)
                 ]
     assert not found, found
+
+
+def test_without_a_compiler_the_build_says_what_is_missing_and_exits_3(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What scripts/serve.sh meets on a fresh Debian (no gcc): one line, status 3, nothing removed; it
+    then serves the interpreted build."""
+    monkeypatch.setattr(compiled, "check", lambda *_a, **_k: compiled.Build("interpreted", "not compiled"))
+    monkeypatch.setattr(shutil, "which", lambda *_a, **_k: None)
+    monkeypatch.setattr(sys, "argv", ["scripts/compile.py"])
+    before = compile_script.installed()
+    assert compile_script.main() == compile_script.CANNOT
+    err = capsys.readouterr().err
+    assert "cannot compile here" in err and "a C compiler" in err and "im runs interpreted" in err, err
+    assert compile_script.installed() == before

@@ -78,10 +78,13 @@ def record(modules: Sequence[str], sources: dict[str, str]) -> dict[str, object]
     return {"abi": sysconfig.get_config_var("EXT_SUFFIX"), "modules": list(modules), "sources": sources}
 
 
-def check(record_path: Path = RECORD, root: Path = ROOT, modules: Sequence[str] = MODULES) -> Build:
+def check(
+    record_path: Path = RECORD, root: Path = ROOT, modules: Sequence[str] = MODULES, *, env: bool = True
+) -> Build:
     """Whether the compiled build at ``root`` may run: its record present, of ``modules`` and for this
-    interpreter, every extension there, every recorded source unchanged."""
-    if os.environ.get(ENV, "1") == "0":
+    interpreter, every extension there, every recorded source unchanged (and, with ``env``, not turned
+    off by ``IM_COMPILED=0``)."""
+    if env and os.environ.get(ENV, "1") == "0":
         return Build("interpreted", f"{ENV}=0")
     try:
         rec = json.loads(record_path.read_text())
