@@ -4,7 +4,7 @@ loop's thread does under load: the GIL's cost to the writer thread.
 Python's sqlite3 releases the GIL around every statement step and must win it back after each; while
 another thread is running Python, each win can take up to the switch interval (5 ms). ``executemany``
 steps once per row, so a commit of N messages pays up to N waits; one multi-row ``INSERT`` pays one.
-The schema is im's (``MIGRATIONS``); the file is fsync'd as im's (WAL, ``synchronous=FULL``).
+The schema is im's (the store's own migrations); the file is fsync'd as im's (WAL, ``synchronous=FULL``).
 
     uv run python benchmarks/sqlite_gil.py --rows 77 --commits 200
 
@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from im.backends.sql.sqlite_db import MIGRATIONS
+from im.backends.sql.sqlite_db import SqliteDatabase
 
 COLUMNS = 9  # conv, seq, mid, sender, device, cmid, ts, type, body
 
@@ -33,8 +33,7 @@ def database(directory: str) -> sqlite3.Connection:
     conn = sqlite3.connect(Path(directory) / "im.sqlite3", isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
-    for script in MIGRATIONS:
-        conn.executescript(f"BEGIN;\n{script}\nCOMMIT;")
+    SqliteDatabase._migrate(conn)  # im's schema, as the store makes it
     return conn
 
 

@@ -27,12 +27,16 @@ def test_the_build_the_test_run_asked_for_is_the_one_that_runs() -> None:
     """scripts/test.sh runs the suite compiled (IM_TEST_BUILD=compiled) and part of it again interpreted
     (IM_COMPILED=0, IM_TEST_BUILD=interpreted); a bare pytest run has a build that agrees with the files."""
     wanted = os.environ.get("IM_TEST_BUILD") or compiled.check().kind
-    assert compiled.BUILD.kind == wanted, compiled.BUILD
+    assert compiled.select().kind == wanted, compiled.select()
     for module in compiled.MODULES:
         origin = importlib.import_module(module).__file__ or ""
         assert origin.endswith(SUFFIX if wanted == "compiled" else ".py"), (module, origin)
     child = subprocess.run(
-        [sys.executable, "-c", "import im.compiled, im.core.committer as c; print(im.compiled.BUILD.kind, c.__file__)"],
+        [
+            sys.executable,
+            "-c",
+            "import im.compiled, im.core.committer as c; print(im.compiled.select().kind, c.__file__)",
+        ],
         capture_output=True,
         text=True,
         check=True,

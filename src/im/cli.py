@@ -128,7 +128,7 @@ def _serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
             print(f"im: Metrics    {server.http_url}/metrics", flush=True)
         if server.tcp_url:
             print(f"im: TCP        {server.tcp_url}", flush=True)
-        print(f"im: build      {compiled.BUILD}", flush=True)
+        print(f"im: build      {compiled.select()}", flush=True)
         print(f"im: data in    {config.data_dir.resolve()}   (Ctrl-C stops)", flush=True)
 
     async def main() -> None:
@@ -156,7 +156,7 @@ def _run_role(role: str, config: Config) -> int:
             where = n.address
         if not isinstance(n, ApiNode) and n.ops is not None:
             where += f" ops={n.ops.url}"
-        print(f"im: ready {role} {where} build={compiled.BUILD.kind}", flush=True)
+        print(f"im: ready {role} {where} build={compiled.select().kind}", flush=True)
 
     def start() -> None:
         node = ROLES[role](config)

@@ -96,7 +96,7 @@ def check(
         return Build("interpreted", "the modules to compile changed: scripts/compile.py rebuilds it")
     if rec.get("abi") != sysconfig.get_config_var("EXT_SUFFIX"):
         return Build("interpreted", f"compiled for another Python ({rec.get('abi')})")
-    for module in rec.get("modules", ()):
+    for module in modules:
         if not extension_of(module, root).exists():
             return Build("interpreted", f"the extension of {module} is missing: scripts/compile.py rebuilds it")
     for name, want in rec.get("sources", {}).items():
@@ -125,17 +125,16 @@ class SourceFinder(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_file_location(fullname, source)
 
 
-#: The build this process runs (set by :func:`select`).
-BUILD = Build("interpreted", "not selected yet")
+#: The build this process runs (set by :func:`select`); None until then.
+BUILD: Build | None = None
 
 
 def select() -> Build:
     """Decide once per process, before any compiled module is imported; never imports an extension that
     does not match its source."""
     global BUILD
-    if any(isinstance(f, SourceFinder) for f in sys.meta_path):
-        return BUILD
-    BUILD = check()
-    if BUILD.kind != "compiled":
-        sys.meta_path.insert(0, SourceFinder())
+    if BUILD is None:
+        BUILD = check()
+        if BUILD.kind != "compiled":
+            sys.meta_path.insert(0, SourceFinder())
     return BUILD

@@ -313,7 +313,7 @@ def _run(
             "warmup": opts.warmup,
             "procs": procs,
             "server": "spawned" if spawned is not None else base,
-            "server_build": str(compiled.BUILD) if spawned is not None else None,  # a spawned one runs this tree's
+            "server_build": str(compiled.select()) if spawned is not None else None,  # a spawned one runs this tree's
             "server_pids": server_pids,
             "cores": os.cpu_count(),
         },
