@@ -125,6 +125,37 @@ async def test_one_batch_spans_conversations(chat: ChatHarness) -> None:
     assert [m.seq for m in await store.read_range(b, 0, None, 10)] == [1, 2]
 
 
+async def test_a_large_batch_is_written_whole_or_not_at_all(chat: ChatHarness) -> None:
+    """Batches larger than one statement of a store (several hundred messages, heads, marks and cursors)
+    are still one transaction: all of it, or nothing when the last conversation's head moved."""
+    store = chat.store
+    convs = [direct_conv(1, u) for u in range(2, 302)]  # 300 conversations
+    await store.commit(
+        CommitBatch(
+            new_conversations=[ConversationState(c, "direct", 0, {1: "member", int(c[4:]): "member"}) for c in convs]
+        )
+    )
+    messages = [msg(c, seq, 1) for seq in (1, 2) for c in convs] + [msg(convs[0], seq, 1) for seq in range(3, 104)]
+    heads = {c: (0, 2, 10) for c in convs} | {convs[0]: (0, 103, 10)}
+    marks = [(int(c[4:]), c, 1) for c in convs]
+    await store.commit(CommitBatch(messages=messages, heads=heads, read_marks=marks))
+    states = await store.load_conversations(convs)
+    assert {c: s.last_seq for c, s in states.items()} == {c: 103 if c == convs[0] else 2 for c in convs}
+    assert [m.seq for m in await store.read_range(convs[0], 0, None, 1_000)] == list(range(1, 104))
+    assert await store.read_range(convs[-1], 0, None, 10) == [messages[len(convs) - 1], messages[2 * len(convs) - 1]]
+    for c in convs[::37]:
+        assert (await store.read_marks(c))[int(c[4:])] == 1
+    await store.save_cursors([(1, "d1", c, 2) for c in convs] + [(1, "d1", convs[5], 1)])
+    assert {p.conv: p.cursor for p in await store.sync_points(1, "d1")} == dict.fromkeys(convs, 2)
+
+    stale = {c: (2, 3, 20) for c in convs[1:]} | {convs[-1]: (1, 3, 20)}  # the last head is not at 1
+    before = await everything(store, convs[-2:], [1], [])
+    with pytest.raises(SeqConflict):
+        await store.commit(CommitBatch(messages=[msg(c, 3, 1) for c in convs[1:]], heads=stale))
+    assert await everything(store, convs[-2:], [1], []) == before
+    assert (await store.load_conversations(convs[1:2]))[convs[1]].last_seq == 2
+
+
 # --- atomicity ------------------------------------------------------------------------------------------
 
 

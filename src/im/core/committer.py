@@ -112,9 +112,12 @@ def _fenced() -> ImError:
     return ImError(ErrorCode.UNAVAILABLE, "this node lost its message id range to another node; retry")
 
 
-class SendRequest(msgspec.Struct, gc=False):
+@dataclass(slots=True, init=False)
+class SendRequest:
     """One client send as the committer takes it: ``conv`` names the conversation, or ``to`` the peer of
-    a direct one; ``(uid, device, cmid)`` is its dedupe key."""
+    a direct one; ``(uid, device, cmid)`` is its dedupe key. Not a msgspec struct (it is never encoded):
+    in the compiled build (im.compiled) a native class, whose fields compiled code reads directly;
+    ``__init__`` is written out because the dataclass one would run as Python code there."""
 
     uid: int
     device: str
@@ -125,13 +128,37 @@ class SendRequest(msgspec.Struct, gc=False):
     body: bytes  # JSON text
     #: A sampled message's span in this process (tracing on; im.observability.tracing): the gateway's
     #: send span, or on a transfer node the context the gateway carried.
-    trace: Span | None = None
+    trace: Span | None
+
+    def __init__(
+        self,
+        uid: int,
+        device: str,
+        cmid: str,
+        conv: str | None,
+        to: int | None,
+        type: str,
+        body: bytes,
+        trace: Span | None = None,
+    ) -> None:
+        self.uid = uid
+        self.device = device
+        self.cmid = cmid
+        self.conv = conv
+        self.to = to
+        self.type = type
+        self.body = body
+        self.trace = trace
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class _Send:
     req: SendRequest
     done: SendCallback
+
+    def __init__(self, req: SendRequest, done: SendCallback) -> None:
+        self.req = req
+        self.done = done
 
 
 @dataclass(slots=True)
@@ -609,7 +636,8 @@ class Committer:
         in_batch: dict[tuple[int, str, str], StoredMessage],
     ) -> None:
         req = item.req
-        key = (req.uid, req.device, req.cmid)
+        uid = req.uid
+        key = (uid, req.device, req.cmid)
         original = self._recent.get(key) or in_batch.get(key)
         if original is not None:
             if original.conv != conv:
@@ -629,34 +657,38 @@ class Committer:
             if parsed is None or parsed[0] != "direct":
                 raise ImError(ErrorCode.NOT_FOUND, f"no conversation {conv}")
             a, b = parsed[1]
-            peer = b if a == req.uid else a
-            if req.uid not in (a, b):
+            peer = b if a == uid else a
+            if uid not in (a, b):
                 raise ImError(ErrorCode.NOT_MEMBER, f"not a member of {conv}")
             if peer not in known:
                 raise ImError(ErrorCode.NOT_FOUND, f"no user {peer}")
-            self._consent.check_send(req.uid, peer, new=True)
+            self._consent.check_send(uid, peer, new=True)
             checked = True
             state = ConversationState(conv, "direct", 0, {a: "member", b: "member"})
             self._states[conv] = state
             p.batch.new_conversations.append(ConversationState(conv, "direct", 0, dict(state.members)))
-        if req.uid not in state.members:
+        members = state.members
+        if uid not in members:
             raise ImError(ErrorCode.NOT_MEMBER, f"not a member of {conv}")
         if not checked and self._consent.restricted and state.kind == "direct":  # someone blocks someone
-            for peer in state.members:
-                if peer != req.uid:
-                    self._consent.check_send(req.uid, peer, new=False)
+            for peer in members:
+                if peer != uid:
+                    self._consent.check_send(uid, peer, new=False)
+        batch = p.batch
         file_id = attachable.get(id(item))
         if isinstance(file_id, ImError):
             raise file_id
         if file_id is not None:
-            p.batch.file_refs.append((file_id, conv))
-        heads_before.setdefault(conv, state.last_seq)
-        state.last_seq += 1
+            batch.file_refs.append((file_id, conv))
+        seq = state.last_seq
+        heads_before.setdefault(conv, seq)
+        seq += 1
+        state.last_seq = seq
         m = StoredMessage(
             conv=conv,
-            seq=state.last_seq,
+            seq=seq,
             mid=self.ids.next(now_ms),
-            sender=req.uid,
+            sender=uid,
             device=req.device,
             cmid=req.cmid,
             ts=now_ms,
@@ -664,13 +696,13 @@ class Committer:
             body=req.body,
         )
         in_batch[key] = m
-        p.batch.messages.append(m)
+        batch.messages.append(m)
         if req.trace is not None:  # a sampled message (tracing on): its context rides in the outbox row
-            p.batch.traces[m.mid] = tracing.format_traceparent(req.trace.get_span_context())
-        p.read_marks[(req.uid, conv)] = m.seq  # a sender has read up to its own message
+            batch.traces[m.mid] = tracing.format_traceparent(req.trace.get_span_context())
+        p.read_marks[(uid, conv)] = seq  # a sender has read up to its own message
         p.acks.append((item, m, False, None))
         p.routed.append(m)
-        p.recipients.append(list(state.members))
+        p.recipients.append(list(members))
 
     # --- consent (blocks, contacts-only): docs/protocol.md section 18 -----------------------------------
 

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Final
 
 import msgspec
 
@@ -50,6 +51,11 @@ class State(Enum):
     AUTHENTICATING = "authenticating"
     OPEN = "open"
     CLOSED = "closed"
+
+
+# Read per message: statics in the compiled build, where State.OPEN would look the attribute up by name.
+_OPEN: Final = State.OPEN
+_JSON: Final = Encoding.JSON
 
 
 # The one table of what each state accepts; anything else is answered with the error named here.
@@ -351,33 +357,35 @@ class ServerSession:
 
     def deliver(self, m: StoredMessage) -> list[cmd.Command]:
         """A committed message of a conversation this user is in (live, or the sender's own result)."""
-        if self.state is not State.OPEN:
+        if self.state is not _OPEN:
             if self.state is State.AUTHENTICATING:
                 self._early.append(m)  # the transport registers before reading sync points
             return []
-        state = self._convs.get(m.conv)
+        conv, seq = m.conv, m.seq
+        state = self._convs.get(conv)
         if state is None:
             # First sight of this conversation on this connection: find where the device starts. The
             # cursor its auth named, if any (the user was not a member then: it holds the conversation from
             # an earlier membership), else the store decides (its saved cursor, or the join point).
-            named = self._named.pop(m.conv, None) if self._named else None
-            state = self._convs[m.conv] = ConvCursor(delivered=None, target=m.seq, fetching=True)
-            state.pending[m.seq] = m
-            return [cmd.Fetch(m.conv, None if named is None else min(named, m.seq - 1), m.seq - 1)]
-        if state.delivered is not None and m.seq <= state.delivered:
+            named = self._named.pop(conv, None) if self._named else None
+            state = self._convs[conv] = ConvCursor(delivered=None, target=seq, fetching=True)
+            state.pending[seq] = m
+            return [cmd.Fetch(conv, None if named is None else min(named, seq - 1), seq - 1)]
+        delivered = state.delivered
+        if delivered is not None and seq <= delivered:
             return []
-        if m.seq > state.target:
-            state.target = m.seq
-        if not state.fetching and state.delivered is not None and m.seq == state.delivered + 1:
+        if seq > state.target:
+            state.target = seq
+        if not state.fetching and delivered is not None and seq == delivered + 1:
             self._write(m)
-            state.delivered = m.seq
+            state.delivered = seq
             return []
-        state.pending[m.seq] = m
+        state.pending[seq] = m
         if state.fetching:
             return []
-        assert state.delivered is not None
+        assert delivered is not None
         state.fetching = True
-        return [cmd.Fetch(m.conv, state.delivered, m.seq - 1)]
+        return [cmd.Fetch(conv, delivered, seq - 1)]
 
     def check_heads(self, heads: dict[str, int]) -> list[cmd.Command]:
         """The log heads of the user's conversations (conv -> last seq), read after live delivery to this
@@ -507,7 +515,7 @@ class ServerSession:
             del self._in_flight[m.cmid]
             self._emit(ack_frame(m))
         else:
-            self._out.append(self._cache.msg(m, self.encoding or Encoding.JSON))
+            self._out.append(self._cache.msg(m, self.encoding or _JSON))
             METRICS.deliveries += 1
 
     def _maybe_synced(self, convs: int) -> None:
@@ -516,7 +524,7 @@ class ServerSession:
             self._emit(Synced(convs=convs))
 
     def _emit(self, frame: object) -> None:
-        self._out.append(encode(frame, self.encoding or Encoding.JSON))
+        self._out.append(encode(frame, self.encoding or _JSON))
 
     def _error(self, code: ErrorCode, message: str, ref: str | None = None, retry_after: float | None = None) -> None:
         self._emit(Error(code=code.value, message=message, ref=ref, retry_after=retry_after))
