@@ -227,41 +227,42 @@ class ServerSession:
         return [cmd.Authenticate(frame.token, frame.device, dict(frame.cursors))]
 
     def _on_send(self, frame: Send) -> list[cmd.Command]:
-        cmid = frame.cmid
+        cmid, conv, to, type_ = frame.cmid, frame.conv, frame.to, frame.type  # each read once: see _OPEN
+        limits = self.limits
         problem = None
         retry_after = None
-        if not cmid or len(cmid) > self.limits.max_cmid_length:
-            problem = (ErrorCode.INVALID, f"cmid must be 1..{self.limits.max_cmid_length} characters")
-        elif (frame.conv is None) == (frame.to is None):
+        if not cmid or len(cmid) > limits.max_cmid_length:
+            problem = (ErrorCode.INVALID, f"cmid must be 1..{limits.max_cmid_length} characters")
+        elif (conv is None) == (to is None):
             problem = (ErrorCode.INVALID, "give exactly one of 'conv' and 'to'")
-        elif not frame.type or len(frame.type) > 32 or frame.type in _RESERVED_TYPES:
-            problem = (ErrorCode.INVALID, f"message type {frame.type[:40]!r} is not allowed")
+        elif not type_ or len(type_) > 32 or type_ in _RESERVED_TYPES:
+            problem = (ErrorCode.INVALID, f"message type {type_[:40]!r} is not allowed")
         elif cmid in self._in_flight:
             return []  # the same send is being committed; its ack answers both
         elif (held := self._order) is not None and held.held and (barring := held.barring(self._target(frame), cmid)):
             problem = (ErrorCode.UNAVAILABLE, behind_refused(barring).message)
-        elif len(self._in_flight) >= self.limits.max_in_flight:
-            problem = (ErrorCode.TOO_MANY_IN_FLIGHT, f"more than {self.limits.max_in_flight} unacked sends")
-        elif not self._send_bucket.take(self._clock(), self.limits.send_rate):
-            problem = (ErrorCode.RATE_LIMITED, f"more than {self.limits.send_rate:g} sends per second")
+        elif len(self._in_flight) >= limits.max_in_flight:
+            problem = (ErrorCode.TOO_MANY_IN_FLIGHT, f"more than {limits.max_in_flight} unacked sends")
+        elif not self._send_bucket.take(self._clock(), limits.send_rate):
+            problem = (ErrorCode.RATE_LIMITED, f"more than {limits.send_rate:g} sends per second")
             METRICS.rate_limited["session-send"] += 1
-            retry_after = 1 / self.limits.send_rate
+            retry_after = 1 / limits.send_rate
         if problem is None:
             try:
                 body = _json_encoder.encode(frame.body)
             except (TypeError, ValueError, RecursionError):  # e.g. MessagePack extension types
                 body = b""
                 problem = (ErrorCode.INVALID, "the body must be plain JSON data")
-        if problem is None and len(body) > self.limits.max_body_bytes:
-            problem = (ErrorCode.TOO_LARGE, f"body of {len(body)} bytes > {self.limits.max_body_bytes}")
+        if problem is None and len(body) > limits.max_body_bytes:
+            problem = (ErrorCode.TOO_LARGE, f"body of {len(body)} bytes > {limits.max_body_bytes}")
         self._sends += 1
         if problem is not None:
             if problem[0] in _AT_GATEWAY:
                 self._hold_back(frame, self._sends)
             self._error(problem[0], problem[1], cmid, retry_after)
             return []
-        self._in_flight[cmid] = (frame, self._sends, self._target(frame))
-        return [cmd.Submit(cmid=cmid, conv=frame.conv, to=frame.to, type=frame.type, body=body)]
+        self._in_flight[cmid] = (frame, self._sends, conv if conv is not None else direct_conv(self.uid, to or 0))
+        return [cmd.Submit(cmid=cmid, conv=conv, to=to, type=type_, body=body)]
 
     def _sent_to(self, cmid: str) -> str | None:
         """The conversation of the unanswered send ``cmid`` (None: none in flight)."""
