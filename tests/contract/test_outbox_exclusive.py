@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from im.backends.chat import ChatStore
-from im.backends.chat.postgres import PostgresChatStore
+from im.backends.chat.postgres import PostgresChatStore, _outbox_session
 from im.backends.sql.postgres_db import PostgresDatabase
 from tests.contract.conftest import ChatHarness, PostgresChatHarness
 from tests.support.postgres import DSN, PgSchema, start
@@ -196,3 +196,16 @@ async def test_a_wait_outlasts_the_command_timeout(pg: PostgresChatHarness, hold
         await holders.close()
         await a.close()
         await b.close()
+
+
+async def test_leaving_releases_a_lock_taken_twice(pg: PostgresChatHarness) -> None:
+    """A wait that timed out just as the lock was granted takes it a second time on the same session; the
+    pool does not reset released sessions, so leaving must release both, or the pooled session would
+    keep the lock and no other process could enter again."""
+    b = await pg.peer()
+    async with pg.store.outbox_exclusive():
+        session = _outbox_session.get()
+        assert session is not None
+        await session.execute("SELECT pg_advisory_lock(hashtext($1))", f"im.outbox:{pg.schema.name}")
+    async with asyncio.timeout(BOUND), b.outbox_exclusive():
+        pass

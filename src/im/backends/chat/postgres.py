@@ -457,16 +457,18 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
                 except TimeoutError as exc:
                     raise_if_cancelling(exc)  # a stop that became the time-out: give up waiting
                     # The pool's command_timeout cancelled the wait: wait again, on the same session (had
-                    # the lock been granted as the timeout hit, this takes it once more; release() of the
-                    # connection runs pg_advisory_unlock_all).
+                    # the lock been granted as the timeout hit, this takes it once more; the holder runs
+                    # pg_advisory_unlock_all when it leaves).
                     continue
             token = _outbox_session.set(conn)
             try:
                 yield
             finally:
                 _outbox_session.reset(token)
-                with contextlib.suppress(Exception):
-                    await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+                try:  # all of them: a wait that timed out as it was granted took the lock twice
+                    await conn.execute("SELECT pg_advisory_unlock_all()")
+                except Exception:
+                    conn.terminate()  # the pool does not reset sessions: the lock must not go back in it
 
     async def outbox_delete(self, ids: Sequence[int]) -> None:
         if not ids:
