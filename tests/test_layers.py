@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "im"
 
 MODEL = {"model"}
 INTERFACES = {"backends"}  # any backend package itself (its interface), never its implementations
-LEAF_UTILS = {"throttled_log", "net", "config", "cli_help", "cancel"}
+LEAF_UTILS = {"throttled_log", "net", "config", "cli_help", "cancel", "mypyc_options"}
 #: Metrics, tracing, logs and health: used by every layer, importing only leaves.
 OBS = {"observability"}
 
@@ -28,6 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "model": set(),
     "throttled_log": set(),
     "cancel": set(),  # honouring a cancellation a library lost
+    "mypyc_options": set(),  # mypyc's class options, a no-op in the interpreted build
     "net": set(),
     "config": set(),
     "cli_help": set(),
@@ -39,10 +40,10 @@ ALLOWED: dict[str, set[str]] = {
     "observability": MODEL | {"config", "throttled_log"},
     "protocol": MODEL | OBS,  # the server session counts deliveries and refusals (plain ints)
     "backends": MODEL | OBS | {"backends", "backends.impl", "cancel"},  # adapters share the SQL helpers
-    "core": MODEL | INTERFACES | OBS | {"throttled_log"},
+    "core": MODEL | INTERFACES | OBS | {"throttled_log", "mypyc_options"},
     "files": MODEL | INTERFACES | OBS | {"throttled_log"},
     "events": MODEL | INTERFACES | OBS | {"throttled_log", "cancel"},
-    "gateway": MODEL | INTERFACES | OBS | {"protocol", "core", "net", "throttled_log", "cancel"},
+    "gateway": MODEL | INTERFACES | OBS | {"protocol", "core", "net", "throttled_log", "cancel", "mypyc_options"},
     "api": MODEL | INTERFACES | OBS | {"protocol", "core", "files", "net", "throttled_log", "config"},
     # The gRPC-linked routers are Router implementations: LinkRouter extends the in-process MemoryRouter.
     "transfer": MODEL | INTERFACES | OBS | {"protocol", "core", "backends.impl", "throttled_log"},

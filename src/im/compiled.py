@@ -25,10 +25,11 @@ from types import ModuleType
 
 #: The per-message path (docs/architecture.md, "The path of one message"): the session, its frame codec
 #: and encoded frames, the WebSocket protocol, the gateway's hub and shared limits, the committer and its
-#: routing, conversation ids, and the log's records and the metrics' counters (whose fields compiled code
-#: then reads directly, not by name); in distributed mode, a gateway's pool of transfer links and the link's
-#: conversions. Not compiled: the link's client and server (async generators, which mypyc does not
-#: compile) and the TCP framing (its error subclasses a built-in exception, which mypyc does not either).
+#: routing, message ids, conversation ids, and the log's records and the metrics' counters (whose fields
+#: compiled code then reads directly, not by name); in distributed mode, a gateway's pool of transfer
+#: links and the link's conversions. Not compiled: the link's client and server (async generators, which
+#: mypyc does not compile) and the TCP framing (its error subclasses a built-in exception, which mypyc
+#: does not either).
 MODULES = (
     "im.protocol.session",
     "im.protocol.codec",
@@ -38,6 +39,7 @@ MODULES = (
     "im.gateway.rates",
     "im.core.committer",
     "im.core.live_routes",
+    "im.core.ids",
     "im.model.ids",
     "im.model.chat",
     "im.observability.metrics",

@@ -33,6 +33,7 @@ from im.gateway.replacement import DeviceClaims
 from im.model.chat import StoredMessage
 from im.model.cluster import DeviceLocation
 from im.model.errors import ErrorCode, ImError
+from im.mypyc_options import mypyc_attr
 from im.observability import tracing
 from im.observability.metrics import LATENCY_SAMPLE, METRICS
 from im.protocol import commands as cmd
@@ -57,13 +58,6 @@ _cursor_failures = ThrottledLog(log, "cursor flushes: storage unavailable (kept 
 _heads_failures = ThrottledLog(log, "catch-ups after a relink: storage unavailable (retrying)")
 #: The commands that pass the hub's shared rate limits before they are carried out.
 _GATED = (cmd.Submit, cmd.SaveCursor, cmd.MarkRead, cmd.SendTyping)
-
-try:  # mypyc's class options (scripts/compile.py, im.compiled); mypy_extensions comes with mypy, absent elsewhere
-    from mypy_extensions import mypyc_attr
-except ImportError:  # the interpreted build: the options mean nothing there
-
-    def mypyc_attr(*_args: object, **_kwargs: object) -> Any:  # type: ignore[misc]
-        return lambda cls: cls
 
 
 class ConnectionHub(Protocol):
