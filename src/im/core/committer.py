@@ -266,8 +266,10 @@ class Committer:
         if self._closing:
             done(req, None, False, ImError(ErrorCode.UNAVAILABLE, "server is stopping; resend elsewhere"))
             return
-        self._queue.append(_Send(req, done))
-        self._wake.set()
+        queue = self._queue
+        queue.append(_Send(req, done))
+        if len(queue) == 1:  # the loop waits only on an empty queue: wake it on the first (Event.set is Python)
+            self._wake.set()
 
     async def send(self, req: SendRequest) -> tuple[StoredMessage, bool]:
         """Awaitable form of :meth:`submit`."""
