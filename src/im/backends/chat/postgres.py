@@ -467,8 +467,9 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
                 _outbox_session.reset(token)
                 try:  # all of them: a wait that timed out as it was granted took the lock twice
                     await conn.execute("SELECT pg_advisory_unlock_all()")
-                except Exception:
-                    conn.terminate()  # the pool does not reset sessions: the lock must not go back in it
+                except Exception:  # the session ended (its locks went with it), or may still hold them:
+                    with contextlib.suppress(Exception):  # the pool does not reset sessions, so it must not
+                        conn.terminate()  # go back there (a released proxy refuses this: already gone)
 
     async def outbox_delete(self, ids: Sequence[int]) -> None:
         if not ids:
