@@ -39,6 +39,7 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 if [ ! -e "$root/etc/debian_version" ]; then
   say "debootstrap $suite (minbase + python3 + ca-certificates) into $root"
+  mkdir -p "$(dirname "$root")"  # its log goes beside it
   t=$(now)
   debootstrap --variant=minbase --include=python3,ca-certificates "$suite" "$root" http://deb.debian.org/debian \
     >"$root.debootstrap.log" 2>&1 || { tail -n 20 "$root.debootstrap.log"; exit 1; }
