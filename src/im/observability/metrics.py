@@ -74,8 +74,8 @@ _ENGINE_MODULES: Final = (
 #: One message in this many is timed for the ack and delivery latency histograms (a clock read, a dict
 #: entry and a bisect cost about 0.5 µs; the rest of a message's metrics cost about 0.15 µs).
 LATENCY_SAMPLE: Final = 8
-#: Seconds: from a millisecond on loopback to a stalled disk or a partitioned link.
-# (The type is written out: for a Final tuple of float literals without it, mypyc left the value unset.)
+#: Seconds: from a millisecond on loopback to a stalled disk or a partitioned link. (Its type is written
+#: out: mypyc left a ``Final`` tuple of float literals without one unset at import.)
 LATENCY_BOUNDS: Final[tuple[float, ...]] = (
     0.0005,
     0.001,

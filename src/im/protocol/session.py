@@ -261,7 +261,7 @@ class ServerSession:
                 self._hold_back(frame, self._sends)
             self._error(problem[0], problem[1], cmid, retry_after)
             return []
-        self._in_flight[cmid] = (frame, self._sends, conv if conv is not None else direct_conv(self.uid, to or 0))
+        self._in_flight[cmid] = (frame, self._sends, self._conv_of(conv, to))
         return [cmd.Submit(cmid=cmid, conv=conv, to=to, type=type_, body=body)]
 
     def _sent_to(self, cmid: str) -> str | None:
@@ -271,9 +271,11 @@ class ServerSession:
 
     def _target(self, frame: Send | cmd.Submit) -> str:
         """The conversation a send goes to (its key in the sender-order barriers)."""
-        if frame.conv is not None:
-            return frame.conv
-        return direct_conv(self.uid, frame.to or 0)
+        return self._conv_of(frame.conv, frame.to)
+
+    def _conv_of(self, conv: str | None, to: int | None) -> str:
+        """``conv``, or the direct conversation with ``to``."""
+        return conv if conv is not None else direct_conv(self.uid, to or 0)
 
     def _hold_back(self, frame: Send, number: int) -> None:
         """Send ``frame`` (this connection's ``number``-th) was refused with a retryable code: later sends of
