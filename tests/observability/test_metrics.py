@@ -72,7 +72,7 @@ def test_engine_of_exceptions() -> None:
 def test_every_name_is_prefixed_and_explained() -> None:
     for name, (kind, help_text, label, attr) in SPECS.items():
         assert name.startswith("im_") and kind in ("counter", "gauge", "histogram"), name
-        assert len(help_text) > 30 and label in (None, "transport", "limit", "outcome", "engine"), name
+        assert len(help_text) > 30 and label in (None, "transport", "limit", "outcome", "engine", "direction"), name
         assert hasattr(Metrics(), attr), name
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from im.core.committer import SendRequest
 from im.model.chat import StoredMessage
 from im.model.errors import ErrorCode
+from im.observability.metrics import METRICS
 from im.protocol.frames import TypingEvent
 from im.transfer.server import LinkOutbox
 from tests.support.wait import eventually
@@ -68,6 +69,9 @@ async def test_a_batch_of_1000_sends_takes_few_frames(core: Core) -> None:
     link_a = await core.link("gw-a", RecordingSink())
     link_b = await core.link("gw-b", sink_b)
     sent0, recv_a0, recv_b0 = link_a.frames_sent, link_a.frames_received, link_b.frames_received
+    ends = [link_a, link_b, core.servicer]  # every end of a link in this process, counted in METRICS too
+    metrics0 = dict(METRICS.link_frames)
+    totals0 = {"sent": sum(e.frames_sent for e in ends), "received": sum(e.frames_received for e in ends)}
     results = Results()
     for i in range(1000):
         link_a.submit(send(alice, bob, f"c{i}"), results.done)
@@ -78,6 +82,9 @@ async def test_a_batch_of_1000_sends_takes_few_frames(core: Core) -> None:
     assert link_a.frames_received - recv_a0 <= 20  # results (and alice's deliveries), batched per commit
     assert link_b.frames_received - recv_b0 <= 20
     assert len(sink_b.batches) <= 20
+    totals = {"sent": sum(e.frames_sent for e in ends), "received": sum(e.frames_received for e in ends)}
+    for direction in ("sent", "received"):  # im_transfer_link_frames_total
+        assert METRICS.link_frames[direction] - metrics0[direction] == totals[direction] - totals0[direction] > 0
 
 
 async def test_events_reach_the_gateway_decoded(core: Core) -> None:

@@ -31,6 +31,7 @@ from typing import Any, Final
 
 #: Client transports of a gateway.
 TRANSPORTS: Final = ("ws", "tcp")
+LINK_DIRECTIONS: Final = ("sent", "received")
 #: Rate limits that refuse work: the per-connection token buckets of a session, then the shared rules by
 #: their names (im.compose: rates.*; im.files: upload quotas).
 RATE_LIMITS: Final = (
@@ -141,6 +142,7 @@ class Metrics:
         "enabled",
         "engine_errors",
         "gap_fetches",
+        "link_frames",
         "logins",
         "opened",
         "outbox_backlog",
@@ -181,6 +183,8 @@ class Metrics:
         self.relay_lag = 0.0
         self.webhook = _zeros(WEBHOOK_OUTCOMES)
         self.engine_errors = _zeros(ENGINES)
+        #: Frames on this process's transfer links (gateway or transfer node side), by direction.
+        self.link_frames = _zeros(LINK_DIRECTIONS)
 
     def rate_refused(self, limit: str, n: int = 1) -> None:
         """Count refusals by one rate limit (an unknown name counts as ``other``: labels stay bounded)."""
@@ -327,6 +331,13 @@ SPECS: Final[dict[str, tuple[str, str, str | None, str]]] = {
         "Messages (system messages included) written to conversation logs by this process's committer.",
         None,
         "committed",
+    ),
+    "im_transfer_link_frames": (
+        "counter",
+        "gRPC frames on this process's links between gateways and transfer nodes, by direction: sends or "
+        "deliveries per frame is how well the link batches (each frame has a fixed cost at both ends).",
+        "direction",
+        "link_frames",
     ),
     "im_commit_batch_size": (
         "histogram",

@@ -231,6 +231,7 @@ class TransferLink:
                 call = link(self._requests(self._epoch))
                 async for frame in call:
                     self.frames_received += 1
+                    METRICS.link_frames["received"] += 1
                     if frame.HasField("welcome"):
                         if self.tls is not None and self.peer is not None and frame.welcome.node != self.peer:
                             self._refused(f"the transfer node at {self.address} says it is {frame.welcome.node!r}")
@@ -295,6 +296,7 @@ class TransferLink:
                 self._has_forwards = False
             if sends or frame.routes or frame.events or frame.revoked_sessions or frame.replaced:
                 self.frames_sent += 1
+                METRICS.link_frames["sent"] += 1
                 yield frame
 
     def _lost(self, why: str) -> None:

@@ -28,6 +28,7 @@ from im.model.chat import StoredMessage
 from im.model.cluster import DeviceLocation
 from im.model.errors import ImError
 from im.observability import tracing
+from im.observability.metrics import METRICS
 from im.protocol.codec import Encoding, decode_server, encode
 from im.throttled_log import ThrottledLog
 from im.transfer.gen import transfer_pb2 as pb
@@ -304,6 +305,7 @@ class TransferServicer:
         except StopAsyncIteration:
             return
         self.frames_received += 1
+        METRICS.link_frames["received"] += 1
         if not first.HasField("hello") or not first.hello.node:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be a hello with a node id")
             return
@@ -341,6 +343,7 @@ class TransferServicer:
                 frame = outbox.take()
                 if frame is not None:
                     self.frames_sent += 1
+                    METRICS.link_frames["sent"] += 1
                     yield frame
                 elif outbox.closed:
                     return
@@ -360,6 +363,7 @@ class TransferServicer:
             self._submit(stream, first)
             async for frame in it:
                 self.frames_received += 1
+                METRICS.link_frames["received"] += 1
                 self._submit(stream, frame)
         except asyncio.CancelledError:
             raise
