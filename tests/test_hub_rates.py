@@ -1,5 +1,6 @@
-"""The hub's shared rate limits, in process: one limiter call per event-loop turn (never one per frame),
-and every send answered in order, on a real ``EmbeddedServer``."""
+"""The hub's shared rate limits, on a real ``EmbeddedServer``: leases taken a few units per limiter call,
+at most one call per event-loop turn (never one per frame), every send answered in order, and no more
+sent than the budget, with the in-memory limiter and with Redis (6379, a private key prefix)."""
 
 from __future__ import annotations
 
@@ -11,30 +12,37 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from im.backends.rate_limit import Hit, RateLimiter, Rule
 from im.config import load_config
 from im.gateway.rates import lease_size
 from im.server import EmbeddedServer
+from tests.contract.conftest import REDIS_URL, delete_redis_prefix
 from tests.support.client import ChatClient, register
 from tests.support.server import RELAXED_RATES_CONFIG
 from tests.support.wait import eventually
 
 
 class Counting(RateLimiter):
-    """Counts calls and hits on the way to the real limiter."""
+    """Counts calls and hits on the way to the real limiter (and, having no ``check_now``, makes the
+    gateway batch as it does with Redis)."""
 
     def __init__(self, inner: RateLimiter) -> None:
         self.inner = inner
-        self.calls: list[int] = []
+        self.calls: list[list[Hit]] = []
 
     async def check(self, hits: Sequence[Hit]) -> list[float]:
-        self.calls.append(len(hits))
+        self.calls.append(list(hits))
         return await self.inner.check(hits)
+
+    def hits(self, rule: str) -> list[Hit]:
+        return [h for call in self.calls for h in call if h.rule.name.startswith(f"{rule}/")]
 
 
 @asynccontextmanager
-async def embedded(tmp_path: Path, sends_per_user: str) -> AsyncIterator[EmbeddedServer]:
+async def embedded(tmp_path: Path, sends_per_user: str, *, redis: bool = False) -> AsyncIterator[EmbeddedServer]:
+    presence = {"kind": "redis", "redis_url": REDIS_URL, "redis_prefix": f"im-test-{uuid.uuid4().hex[:12]}:"}
     config = load_config(
         None,
         {
@@ -44,15 +52,45 @@ async def embedded(tmp_path: Path, sends_per_user: str) -> AsyncIterator[Embedde
             "gateway": {"ws_port": 0, "tcp_port": 0},
             "auth": {"argon2_time_cost": 1, "argon2_memory_kib": 1024, "argon2_parallelism": 1},
             "rates": {**RELAXED_RATES_CONFIG, "sends_per_user": sends_per_user},
+            **({"presence": presence} if redis else {}),
+            # room for 2,100 sends written back to back on one connection (the session's own limits)
+            "limits": {"max_in_flight": 4096, "send_rate": 10000.0},
         },
     )
     srv = EmbeddedServer(config)
     ready = asyncio.Event()
     task = asyncio.create_task(srv.run(lambda _: ready.set()))
     await asyncio.wait_for(ready.wait(), 20)
-    yield srv
-    srv.request_stop()
-    await asyncio.wait_for(task, 20)
+    try:
+        yield srv
+    finally:
+        srv.request_stop()
+        await asyncio.wait_for(task, 20)
+        if redis:
+            client = aioredis.Redis.from_url(REDIS_URL)
+            await delete_redis_prefix(client, presence["redis_prefix"])
+            await client.aclose()
+
+
+def counting(server: EmbeddedServer) -> Counting:
+    """Put a :class:`Counting` in front of the server's shared limiter."""
+    gate = server.hub.rates
+    wrapped = Counting(gate._limiter)  # type: ignore[arg-type]
+    gate._limiter = wrapped
+    return wrapped
+
+
+async def send_all(dev: ChatClient, to: int, n: int, tag: str) -> list[str]:
+    """Write ``n`` sends back to back; wait until each is acked or refused; their cmids in order."""
+    cmids = [f"{tag}-{i}" for i in range(n)]
+    frames = [json.dumps({"t": "send", "cmid": m, "to": to, "body": i}) for i, m in enumerate(cmids)]
+    await asyncio.gather(*(dev.ws.send(f) for f in frames))
+
+    def answered() -> bool:
+        return len(dev.acks) + len(dev.errors) >= n
+
+    await eventually(answered, lambda: f"{len(dev.acks)} acks, {len(dev.errors)} errors", timeout=60)
+    return cmids
 
 
 @pytest.fixture
@@ -65,8 +103,7 @@ async def test_one_limiter_call_per_loop_turn_and_sends_answered_in_order(server
     api = f"{server.http_url}/api/v1"
     alice = await register(api, f"alice_{uuid.uuid4().hex[:6]}")
     bob = await register(api, f"bob_{uuid.uuid4().hex[:6]}")
-    counting = Counting(server.hub.rates._limiter)  # type: ignore[arg-type]
-    server.hub.rates._limiter = counting
+    counted = counting(server)
     c = ChatClient(server.ws_url, alice, "phone")
     assert (await c.connect())["t"] == "auth_ok"
     try:
@@ -74,9 +111,11 @@ async def test_one_limiter_call_per_loop_turn_and_sends_answered_in_order(server
         frames = [json.dumps({"t": "send", "cmid": m, "to": bob.uid, "body": i}) for i, m in enumerate(cmids)]
         await asyncio.gather(*(c.ws.send(f) for f in frames))  # written back to back
         await eventually(lambda: len(c.acks) + len(c.errors) == 200, lambda: f"{len(c.acks)} acks {c.errors[:2]}")
-        sends = sum(counting.calls) // 2  # two hits per send
-        assert sends == 200
-        assert len(counting.calls) < 100, counting.calls  # batched: far fewer calls than sends
+        # The user's budget (150 units) is too small to lease ahead: one unit per send, exactly.
+        assert [h.cost for h in counted.hits("send-user")] == [1] * 200
+        conv = counted.hits("send-conv")  # 10,000 units: leased 32 at a time
+        assert conv and {h.cost for h in conv} == {32} and len(conv) <= 200 // 32 + 2, conv
+        assert len(counted.calls) < 100, [len(call) for call in counted.calls]  # batched: far fewer calls
         # The user's budget is 150: the first 150 sends pass, the last 50 are refused, none out of order.
         assert sorted(c.acks, key=lambda m: int(m[1:])) == cmids[:150]
         assert [e["ref"] for e in c.errors] == cmids[150:]
@@ -126,6 +165,55 @@ async def test_leased_sends_never_exceed_the_users_budget(tmp_path: Path) -> Non
             # The sends after a refused one wait for it to be resent (docs/protocol.md section 8, "Sender order").
             held = [e for e in errors if e["code"] != "rate_limited"]
             assert all(e["code"] == "unavailable" and "resend it first" in e["message"] for e in held), held[:3]
+        finally:
+            for dev in devices:
+                await dev.close()
+
+
+async def test_redis_leases_keep_the_limiter_off_most_sends_and_spend_the_budget_exactly(tmp_path: Path) -> None:
+    """With Redis, sends are decided from leases too: a connection takes 8 units of a 2,050-unit budget
+    per call (not one hit per send). When fewer units are left than a lease, it takes them one by one
+    (an exact round), so exactly the budget is acked, then every further send is refused rate_limited."""
+    async with embedded(tmp_path, "2050/86400", redis=True) as server:  # refills about one unit a minute
+        api = f"{server.http_url}/api/v1"
+        alice = await register(api, f"alice_{uuid.uuid4().hex[:6]}")
+        bob = await register(api, f"bob_{uuid.uuid4().hex[:6]}")
+        counted = counting(server)
+        dev = ChatClient(server.ws_url, alice, "phone")
+        assert (await dev.connect())["t"] == "auth_ok"
+        try:
+            cmids = await send_all(dev, bob.uid, 2100, "a")
+            assert 2050 <= len(dev.acks) <= 2051, len(dev.acks)  # (2,051: a unit that came back meanwhile)
+            assert sorted(dev.acks, key=lambda m: int(m.split("-")[1])) == cmids[: len(dev.acks)]
+            seqs = [dev.acks[m]["seq"] for m in cmids[: len(dev.acks)]]
+            assert seqs == sorted(seqs)  # committed in the order sent, leased inline or decided in a call
+            refused = [e for e in dev.errors if e["code"] == "rate_limited"]
+            assert refused and all(e["retry_after"] > 0 for e in refused)
+            user = counted.hits("send-user")
+            granted_in_leases = 2048 // 8
+            assert sum(1 for h in user if h.cost == 8) >= granted_in_leases  # then refused ones, then 1s
+            assert any(h.cost == 1 for h in user)  # the exact round took the last units one by one
+            assert len(user) < 2100 // 4, len(user)  # far fewer hits than sends
+            assert len(counted.calls) < 2100 // 4, len(counted.calls)
+        finally:
+            await dev.close()
+
+
+async def test_redis_leases_of_four_devices_never_exceed_the_users_budget(tmp_path: Path) -> None:
+    """Four devices of one user on the Redis limiter draw from one budget of 2,048 sends: no more than
+    the budget is acked, and at most what the devices still hold (4 x 8 units) goes unused."""
+    async with embedded(tmp_path, "2048/86400", redis=True) as server:
+        api = f"{server.http_url}/api/v1"
+        alice = await register(api, f"alice_{uuid.uuid4().hex[:6]}")
+        bob = await register(api, f"bob_{uuid.uuid4().hex[:6]}")
+        devices = [ChatClient(server.ws_url, alice, f"dev{d}") for d in range(4)]
+        for dev in devices:
+            assert (await dev.connect())["t"] == "auth_ok"
+        try:
+            await asyncio.gather(*(send_all(dev, bob.uid, 600, f"d{n}") for n, dev in enumerate(devices)))
+            acked = sum(len(dev.acks) for dev in devices)
+            assert 2048 - 4 * 8 <= acked <= 2048 + 1, acked
+            assert any(e["code"] == "rate_limited" for dev in devices for e in dev.errors)
         finally:
             for dev in devices:
                 await dev.close()

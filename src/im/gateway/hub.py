@@ -22,13 +22,13 @@ from typing import Any, ClassVar, Protocol
 
 from im.backends.chat import CursorStore
 from im.backends.presence import Presence
-from im.backends.rate_limit import Hit, RateLimiter
+from im.backends.rate_limit import RateLimiter
 from im.backends.routing import DeliverySink, Router
 from im.cancel import raise_if_cancelling, retry_pause
 from im.core.accounts import AccountService
 from im.core.committer import SendRequest, SubmitSend
 from im.core.reads import ChatReads
-from im.gateway.rates import HubRates, SendLease, SharedRateGate
+from im.gateway.rates import HubRates, Lease, SharedRateGate
 from im.gateway.replacement import DeviceClaims
 from im.model.chat import StoredMessage
 from im.model.cluster import DeviceLocation
@@ -106,13 +106,13 @@ class Connection(abc.ABC):
         #: the claim is in flight, False when it failed (the refresh loop claims again).
         self.conn_id = ""
         self.claimed: bool | None = None
-        #: This user's hits of the shared limits (sends, typing, receipts) and the lease of the user's send
-        #: budget, made at the first rate-limited frame; the leases of the conversations' send budgets by
-        #: target (``conv`` or ``to``), made once per target. None until needed: idle connections hold
-        #: nothing for the limits.
-        self.user_hits: tuple[Hit, Hit, Hit] | None = None
-        self.user_sends: SendLease | None = None
-        self.conv_sends: dict[str | int | None, SendLease] | None = None
+        #: Its leases of its user's shared budgets (sends, typing, receipts), made at the first
+        #: rate-limited frame; of the conversations' send budgets by target (``conv`` or ``to``), made
+        #: once per target. None until needed: idle connections hold nothing for the limits.
+        self.user_leases: tuple[Lease, Lease, Lease] | None = None
+        self.conv_sends: dict[str | int | None, Lease] | None = None
+        #: Its commands waiting in the shared limits' queue: while any do, its later ones queue behind.
+        self.gated = 0
         #: When the sampled sends in flight were taken (cmid -> perf_counter), for the ack latency.
         self.sent_at: dict[str, float] | None = None
 

@@ -2,9 +2,11 @@
 conversation over all its members (config ``rates``), in front of what connections carry out.
 
 Each connection's own token buckets (``limits.send_rate``, ``limits.typing_rate``) come first, in the
-session; what passes them comes here (:meth:`SharedRateGate.gate`). With an in-memory limiter (``im
-serve``) a command is decided at once; with one that needs I/O (Redis), the commands of one event-loop
-turn are decided in one call, one call at a time, so each connection's commands keep their order.
+session; what passes them comes here (:meth:`SharedRateGate.gate`). A connection takes units of the
+shared budgets a few at a time (:class:`Lease`) and spends them without a limiter call. When it holds
+none, an in-memory limiter (``im serve``) leases more at once; one that needs I/O (Redis) is called once
+per event-loop turn for the commands of every connection that needs units, and each connection's
+commands stay in order (a connection with a command waiting for that call queues its later ones).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from im.backends.rate_limit import Hit, RateLimiter, Rule
 from im.model.errors import ErrorCode
@@ -40,18 +42,20 @@ class HubRates:
     receipts_per_user: Rule
 
 
-class SendLease:
-    """Units of one shared send budget (a user's, or a conversation's) that a connection took ahead.
+class Lease:
+    """Units of one shared budget (a user's sends, typing or receipts; a conversation's sends) that a
+    connection took ahead, ``size`` per limiter call.
 
-    Taking a few units per limiter call instead of one per send keeps the limiter off the per-message
-    path of ``im serve``; units are counted against the budget when taken, so a lease can only make the
-    budget stricter, except that the units a connection still holds may be spent after the budget's
-    window moved on (at most the lease size per connection)."""
+    Taking a few units per limiter call instead of one per frame keeps the limiter off the per-message
+    path; units are counted against the budget when taken, so a lease can only make the budget stricter,
+    except that the units a connection still holds may be spent after the budget's window moved on (at
+    most ``size`` per lease)."""
 
-    __slots__ = ("credit", "hit")
+    __slots__ = ("credit", "hit", "size")
 
     def __init__(self, hit: Hit) -> None:
         self.hit = hit
+        self.size = lease_size(hit.rule)
         self.credit = 0
 
 
@@ -61,15 +65,13 @@ def lease_size(rule: Rule) -> int:
 
 
 class SharedRateGate:
-    """The hub's shared limits: hits and leases on the connections, one limiter call per loop turn."""
+    """The hub's shared limits: leases on the connections, at most one limiter call in flight."""
 
     def __init__(self, limiter: RateLimiter | None, rates: HubRates | None, connections: Iterable[Connection]) -> None:
         #: None (no rates): only the per-connection limits apply, :attr:`enabled` is False.
         self._limiter = limiter if rates is not None else None
         self._rates = rates
         self._connections = connections  # the hub's live set: leases are dropped there on a change
-        self._user_lease = lease_size(rates.sends_per_user) if rates is not None else 1
-        self._conv_lease = lease_size(rates.sends_per_conversation) if rates is not None else 1
         self._gated: list[tuple[Connection, Gated]] = []
         #: The task deciding queued commands (None when none wait); the hub cancels it when it stops.
         self.task: asyncio.Task[None] | None = None
@@ -79,22 +81,14 @@ class SharedRateGate:
         """Whether sends, typing and receipts pass the shared rate limits (:meth:`gate`)."""
         return self._limiter is not None
 
-    def _first_limited_frame(self, conn: Connection) -> None:
-        hits = conn.user_hits = self.user_hits(conn.session.uid)
-        assert hits is not None
-        conn.user_sends = SendLease(hits[0])
-
     def set_rates(self, rates: HubRates) -> None:
-        """New shared rate limits (a dynamic setting changed): every connection takes its hits and leases
-        afresh at its next limited frame (units it held ahead are dropped, never granted twice)."""
+        """New shared rate limits (a dynamic setting changed): every connection takes its leases afresh
+        at its next limited frame (units it held ahead are dropped, never granted twice)."""
         if self._rates is None or rates == self._rates:
             return  # built without shared limits, or unchanged: nothing to do
         self._rates = rates
-        self._user_lease = lease_size(rates.sends_per_user)
-        self._conv_lease = lease_size(rates.sends_per_conversation)
         for conn in self._connections:
-            conn.user_hits = None
-            conn.user_sends = None
+            conn.user_leases = None
             conn.conv_sends = None
 
     def user_hits(self, uid: int) -> tuple[Hit, Hit, Hit] | None:
@@ -104,7 +98,20 @@ class SharedRateGate:
         r, key = self._rates, str(uid)
         return Hit(r.sends_per_user, key), Hit(r.typing_per_user, key), Hit(r.receipts_per_user, key)
 
-    def _conv_lease_of(self, conn: Connection, c: cmd.Submit) -> SendLease:
+    def _leases(self, conn: Connection, c: Gated) -> tuple[Lease, Lease | None]:
+        """The leases ``c`` takes a unit of: a send its user's and its conversation's, a typing frame its
+        user's typing budget, a recv or read its user's receipts budget."""
+        user = conn.user_leases
+        if user is None:
+            hits = self.user_hits(conn.session.uid)
+            assert hits is not None
+            user = conn.user_leases = (Lease(hits[0]), Lease(hits[1]), Lease(hits[2]))
+        t = type(c)
+        if t is cmd.Submit:
+            return user[0], self._conv_lease_of(conn, c)  # type: ignore[arg-type]
+        return (user[1] if t is cmd.SendTyping else user[2]), None
+
+    def _conv_lease_of(self, conn: Connection, c: cmd.Submit) -> Lease:
         key = c.conv if c.conv is not None else c.to
         leases = conn.conv_sends
         if leases is None:
@@ -115,22 +122,20 @@ class SharedRateGate:
             if len(leases) >= 1024:  # bound the per-connection cache (held units are forgone)
                 leases.clear()
             conv = c.conv if c.conv is not None else direct_conv(conn.session.uid, c.to or 0)
-            lease = leases[key] = SendLease(Hit(self._rates.sends_per_conversation, conv))
+            lease = leases[key] = Lease(Hit(self._rates.sends_per_conversation, conv))
         return lease
 
-    def _refill(self, lease: SendLease, size: int) -> float | None:
-        """Make ``lease`` hold a unit: take ``size`` units in one call, or one when fewer are left. 0.0
-        when it holds one, the wait when the budget is spent, None when the limiter needs I/O."""
-        if lease.credit:
-            return 0.0
+    def _take_now(self, lease: Lease) -> float | None:
+        """Lease units without I/O: ``size`` in one call, or one when fewer are left. 0.0 when the lease
+        holds a unit now, the wait when the budget is spent, None when the limiter needs I/O."""
         assert self._limiter is not None
         check = self._limiter.check_now
-        if size > 1:
-            waits = check((lease.hit._replace(cost=size),))
+        if lease.size > 1:
+            waits = check((lease.hit._replace(cost=lease.size),))
             if waits is None:
                 return None
             if not waits[0]:
-                lease.credit = size
+                lease.credit = lease.size
                 return 0.0
         waits = check((lease.hit,))
         if waits is None:
@@ -140,36 +145,26 @@ class SharedRateGate:
         return waits[0]
 
     def gate(self, conn: Connection, c: Gated) -> None:
-        """Pass a command through the shared rate limits: at once when the limiter decides without I/O
-        (in memory: ``im serve``) and nothing is waiting for a decision (which keeps each connection's
-        order); else queued and decided with the others of this loop turn in one call."""
-        if not self._gated:  # decide at once if the limiter can without I/O (in memory: im serve)
-            if conn.user_sends is None:
-                self._first_limited_frame(conn)
-            assert conn.user_hits is not None and conn.user_sends is not None
-            if type(c) is cmd.Submit:
-                user, conv = conn.user_sends, self._conv_lease_of(conn, c)
-                if not (user.credit and conv.credit):
-                    user_wait = self._refill(user, self._user_lease)
-                    conv_wait = self._refill(conv, self._conv_lease) if user_wait == 0.0 else 0.0
-                    if user_wait is not None and conv_wait is not None and (user_wait or conv_wait):
-                        self._apply([(conn, c)], [user_wait, conv_wait])
-                        return
-                if user.credit and conv.credit:  # (else the limiter needs I/O: the batch below decides)
-                    user.credit -= 1
-                    conv.credit -= 1
-                    conn.perform(c)
+        """Pass a command through the shared rate limits: at once when the connection holds the units
+        (or the limiter leases more without I/O, in memory: ``im serve``) and has no earlier command
+        waiting; else queued and decided with the others of this loop turn in one limiter call."""
+        if not conn.gated:
+            first, second = self._leases(conn, c)
+            if not (first.credit and (second is None or second.credit)):
+                first_wait = self._take_now(first) if not first.credit else 0.0
+                second_wait: float | None = 0.0
+                if second is not None and first_wait == 0.0 and not second.credit:
+                    second_wait = self._take_now(second)
+                if first_wait is not None and second_wait is not None and (first_wait or second_wait):
+                    self._refuse(conn, c, first_wait, second_wait, None)
                     return
-            else:
-                assert self._limiter is not None
-                user_hits = conn.user_hits
-                waits = self._limiter.check_now((user_hits[1] if type(c) is cmd.SendTyping else user_hits[2],))
-                if waits is not None:
-                    if waits[0]:
-                        self._apply([(conn, c)], waits)
-                    else:
-                        conn.perform(c)
-                    return
+            if first.credit and (second is None or second.credit):  # (else the limiter needs I/O)
+                first.credit -= 1
+                if second is not None:
+                    second.credit -= 1
+                conn.perform(c)
+                return
+        conn.gated += 1
         self._gated.append((conn, c))
         if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._run_gate(), name="im-hub-rates")
@@ -178,67 +173,102 @@ class SharedRateGate:
         try:
             while self._gated:
                 batch, self._gated = self._gated, []
-                await self._decide(batch)
+                exact = False
+                while batch:
+                    batch = await self._decide(batch, exact)
+                    exact = True
         finally:
             self.task = None
 
-    async def _decide(self, batch: list[tuple[Connection, Any]]) -> None:
-        """One limiter call for the batch: a send takes one unit of its user's and its conversation's
-        budgets (refused: ``error rate_limited`` with ref and retry_after; the connection's later sends
-        are decided after it, in order); a recv or read one of its user's receipts budget (refused:
-        dropped, one ``error rate_limited`` per connection and batch); typing one of the typing budget
-        (refused: dropped silently, as the session's own typing limit does)."""
+    async def _decide(self, batch: list[tuple[Connection, Gated]], exact: bool) -> list[tuple[Connection, Gated]]:
+        """One limiter call for the batch: each lease that runs short takes ``size`` units (one when
+        ``exact``), then the commands are carried out in order from what the leases hold. A send needs a
+        unit of its user's and its conversation's budgets (refused: ``error rate_limited`` with ref and
+        retry_after); a recv or read one of its user's receipts budget (refused: dropped, one ``error
+        rate_limited`` per connection and batch); typing one of the typing budget (refused: dropped
+        silently, as the session's own typing limit does). A lease refused ``size`` units may still get
+        one: its commands, and their connections' later ones, are returned for an exact round."""
         assert self._limiter is not None
-        self._apply(batch, await self._limiter.check(self._hits(batch)))
-
-    def _hits(self, batch: list[tuple[Connection, Any]]) -> list[Hit]:
-        """The limiter hits of the commands, in order: two per send (user, conversation), one otherwise."""
         hits: list[Hit] = []
-        add = hits.append
-        submit, send_typing = cmd.Submit, cmd.SendTyping
+        refills: list[Lease] = []
+        planned: dict[Lease, int] = {}  # a lease's units after this batch's earlier commands
         for conn, c in batch:
-            if conn.user_sends is None:
-                self._first_limited_frame(conn)
-            user = conn.user_hits
-            assert user is not None
-            if type(c) is submit:
-                add(user[0])
-                add(self._conv_lease_of(conn, c).hit)
-            elif type(c) is send_typing:
-                add(user[1])
-            else:
-                add(user[2])
-        return hits
-
-    def _apply(self, batch: list[tuple[Connection, Any]], waits: list[float]) -> None:
-        """Carry out what the limiter allowed; answer the refusals (see :meth:`_decide`)."""
-        i = 0
-        told: set[Connection] = set()
-        for conn, c in batch:
-            if type(c) is cmd.Submit:
-                wait = waits[i] or waits[i + 1]
-                user_wait = waits[i]
-                i += 2
-            else:
-                wait = user_wait = waits[i]
-                i += 1
             if conn.closed:
                 continue
+            for lease in self._leases(conn, c):
+                if lease is None:
+                    continue
+                units = planned.get(lease)
+                if units is None:
+                    units = lease.credit
+                if not units:
+                    units = 1 if exact else lease.size
+                    hits.append(lease.hit._replace(cost=units) if units > 1 else lease.hit)
+                    refills.append(lease)
+                planned[lease] = units - 1
+        waits = await self._limiter.check(hits) if hits else []
+        return self._settle(batch, refills, waits, exact)
+
+    def _settle(
+        self, batch: list[tuple[Connection, Gated]], refills: list[Lease], waits: list[float], exact: bool
+    ) -> list[tuple[Connection, Gated]]:
+        """Credit the granted refills, carry out or refuse the commands in order; return those to decide
+        again in an exact round (see :meth:`_decide`)."""
+        refused: dict[Lease, float] = {}  # leases refused their last unit: the wait until one comes back
+        for lease, wait in zip(refills, waits, strict=True):
             if not wait:
+                lease.credit += 1 if exact else lease.size
+            elif exact or lease.size == 1:
+                refused[lease] = wait
+        again: list[tuple[Connection, Gated]] = []
+        held: set[Connection] = set()  # connections with a command in ``again``: their later ones follow it
+        told: set[Connection] = set()
+        for conn, c in batch:
+            if conn.closed:
+                conn.gated -= 1
+                continue
+            if conn in held:
+                again.append((conn, c))
+                continue
+            first, second = self._leases(conn, c)
+            if first.credit and (second is None or second.credit):
+                first.credit -= 1
+                if second is not None:
+                    second.credit -= 1
+                conn.gated -= 1
                 conn.perform(c)
                 continue
-            retry = math.ceil(wait * 1000) / 1000
-            if type(c) is cmd.Submit:
-                what = "user" if user_wait else "conversation"
-                METRICS.rate_refused("send-user" if user_wait else "send-conv")
-                conn.session.send_failed(c.cmid, ErrorCode.RATE_LIMITED, f"{what} send limit reached", retry)
-                conn.mark_dirty()
-            elif type(c) is cmd.SendTyping:
-                METRICS.rate_refused("typing")
-            else:
-                METRICS.rate_refused("receipts")
+            first_wait = 0.0 if first.credit else refused.get(first)
+            second_wait = 0.0 if second is None or second.credit else refused.get(second)
+            if first_wait is None or (not first_wait and second_wait is None):
+                # Refused a lease's worth (a unit may be left), or the leases were replaced meanwhile
+                # (set_rates): decide again, one unit at a time.
+                held.add(conn)
+                again.append((conn, c))
+                continue
+            conn.gated -= 1
+            self._refuse(conn, c, first_wait, second_wait or 0.0, told)
+        return again
+
+    def _refuse(
+        self, conn: Connection, c: Gated, first_wait: float, second_wait: float, told: set[Connection] | None
+    ) -> None:
+        """Answer a command the limits refused (see :meth:`_decide`); ``told``: the connections already
+        told of a dropped receipt in this batch."""
+        retry = math.ceil((first_wait or second_wait) * 1000) / 1000
+        t = type(c)
+        if t is cmd.Submit:
+            what = "user" if first_wait else "conversation"
+            METRICS.rate_refused("send-user" if first_wait else "send-conv")
+            conn.session.send_failed(c.cmid, ErrorCode.RATE_LIMITED, f"{what} send limit reached", retry)  # type: ignore[union-attr]
+            conn.mark_dirty()
+        elif t is cmd.SendTyping:
+            METRICS.rate_refused("typing")
+        else:
+            METRICS.rate_refused("receipts")
+            if told is not None:
                 if conn in told:
-                    continue
+                    return
                 told.add(conn)
-                conn.session.refuse(ErrorCode.RATE_LIMITED, "receipt limit reached (recv/read dropped)", retry)
-                conn.mark_dirty()
+            conn.session.refuse(ErrorCode.RATE_LIMITED, "receipt limit reached (recv/read dropped)", retry)
+            conn.mark_dirty()

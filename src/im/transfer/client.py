@@ -41,6 +41,12 @@ from im.transfer.wire import (
 
 log = logging.getLogger(__name__)
 
+#: Frames of sends a link keeps unanswered; sends submitted meanwhile wait at the gateway and go out
+#: together once a result frame comes back. A transfer node commits one batch at a time, so such sends
+#: would wait for the running commit there anyway; two frames keep its next batch ready while it commits.
+#: Idle, a send goes out at once (nothing is in flight).
+LINK_DEPTH = 2
+
 
 def decode_event(data: bytes) -> object:
     return decode_server(data, Encoding.MSGPACK)
@@ -91,6 +97,10 @@ class TransferLink:
         self._forwards = pb.GatewayFrame()  # routes, events and revocations for the next frame
         self._has_forwards = False
         self._wake = asyncio.Event()
+        #: Frames of sends written and not yet answered by a result frame, and whether the next is held
+        #: back until one is (see :meth:`_requests`).
+        self._frames_out = 0
+        self._holding = False
         self._epoch = 0  # one per stream: a stale request generator stops when it changes
         self._connected = asyncio.Event()
         self._closing = asyncio.Event()
@@ -148,7 +158,8 @@ class TransferLink:
         self._pending[rid] = (req, done)
         self._answered.clear()
         self._unsent.append(send_to_pb(rid, req))
-        self._wake.set()
+        if not self._holding:
+            self._wake.set()
 
     # --- forwarding (at most once: dropped while the link is down) ------------------------------------
 
@@ -285,6 +296,11 @@ class TransferLink:
             await self._wake.wait()
             if epoch != self._epoch:
                 return
+            if self._frames_out >= LINK_DEPTH and not self._has_forwards and self._pending:
+                self._holding = True  # a result frame (or a forward) wakes this again
+                self._wake.clear()
+                continue
+            self._holding = False
             n = self._max_frame_items
             sends, self._unsent = self._unsent[:n], self._unsent[n:]
             if not self._unsent:
@@ -294,6 +310,8 @@ class TransferLink:
                 frame.MergeFrom(self._forwards)
                 self._forwards.Clear()
                 self._has_forwards = False
+            if sends:
+                self._frames_out += 1
             if sends or frame.routes or frame.events or frame.revoked_sessions or frame.replaced:
                 self.frames_sent += 1
                 METRICS.link_frames["sent"] += 1
@@ -307,6 +325,8 @@ class TransferLink:
         self._unsent.clear()
         self._forwards.Clear()
         self._has_forwards = False
+        self._frames_out = 0
+        self._holding = False
         self._wake.set()  # a stale request generator wakes up and returns
         pending, self._pending = self._pending, {}
         self._answered.set()
@@ -341,6 +361,11 @@ class TransferLink:
                 log.exception("send callback failed")
         if not self._pending:
             self._answered.set()
+            self._frames_out = 0
+        elif frame.results and self._frames_out:
+            self._frames_out -= 1
+        if self._holding and (self._frames_out < LINK_DEPTH or not self._pending):
+            self._wake.set()
         if frame.deliveries:
             messages = [message_from_pb(d.message) for d in frame.deliveries]
             recipients = [list(d.uids) for d in frame.deliveries]
