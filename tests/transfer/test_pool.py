@@ -515,8 +515,10 @@ async def test_a_node_that_comes_back_does_not_overtake_sends_still_on_the_other
     await eventually(lambda: pool.links["tr-1"].connected)
     assert pool.link_for(conv) is pool.links["tr-1"]
     pool.submit(text(1, "later", conv=conv), results.done)
-    await eventually(lambda: len(tr2.core.held) == 2, "the later send follows the unanswered one")
-    assert tr1.core.got == []
+    # It follows the unanswered one on tr-2's link (which holds it back while its frame is unanswered).
+    await eventually(lambda: pool.links["tr-2"].in_flight == 2, "the later send follows the unanswered one")
+    await asyncio.sleep(0.1)
+    assert tr1.core.got == [] and pool.links["tr-1"].in_flight == 0
     held, tr2.core.held, tr2.core.hold = tr2.core.held, [], False
     for seq, (req, done) in enumerate(held, 1):
         done(req, stored(conv, seq), False, None)

@@ -43,9 +43,10 @@ log = logging.getLogger(__name__)
 
 #: Frames of sends a link keeps unanswered; sends submitted meanwhile wait at the gateway and go out
 #: together once a result frame comes back. A transfer node commits one batch at a time, so such sends
-#: would wait for the running commit there anyway; two frames keep its next batch ready while it commits.
-#: Idle, a send goes out at once (nothing is in flight).
-LINK_DEPTH = 2
+#: would mostly wait for the running commit there anyway. Idle, a send goes out at once (nothing is in
+#: flight). One frame measured better than two (fewer CPU-ms per message and a lower p99 in im bench,
+#: in a closed loop and at a fixed rate alike).
+LINK_DEPTH = 1
 
 
 def decode_event(data: bytes) -> object:
