@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -49,19 +50,41 @@ class Lease:
     Taking a few units per limiter call instead of one per frame keeps the limiter off the per-message
     path; units are counted against the budget when taken, so a lease can only make the budget stricter,
     except that the units a connection still holds may be spent after the budget's window moved on (at
-    most ``size`` per lease)."""
+    most ``cap`` per lease). A lease refilled again within :data:`LEASE_REGROW` seconds (a busy sender)
+    takes twice as many units the next time, up to ``cap``; one refilled later starts again from its
+    base size, so a quiet connection holds few units."""
 
-    __slots__ = ("credit", "hit", "size")
+    __slots__ = ("base", "cap", "credit", "hit", "refilled", "size")
 
     def __init__(self, hit: Hit) -> None:
         self.hit = hit
-        self.size = lease_size(hit.rule)
+        self.base = self.size = lease_size(hit.rule)
+        self.cap = lease_cap(hit.rule)
         self.credit = 0
+        self.refilled = -math.inf
+
+    def granted(self, units: int, now: float) -> None:
+        """The limiter granted ``units``: hold them, and size the next refill (see the class)."""
+        self.credit += units
+        if units >= self.size:  # a lease's worth (a batch may ask for a grown one ahead)
+            self.size = min(self.cap, units * 2) if now - self.refilled < LEASE_REGROW else self.base
+            self.refilled = now
+
+
+#: Seconds within which a lease refilled again takes twice as many units the next time.
+LEASE_REGROW = 1.0
 
 
 def lease_size(rule: Rule) -> int:
-    """Units taken per limiter call for ``rule``: 1/256 of its burst, 1 to 32 (small budgets stay exact)."""
+    """Units a lease of ``rule`` first takes: 1/256 of its burst, 1 to 32 (small budgets stay exact)."""
     return max(1, min(32, rule.limit // 256))
+
+
+def lease_cap(rule: Rule) -> int:
+    """Units a lease of ``rule`` takes at most: 1/32 of its burst, up to 256; a budget whose leases start
+    at one unit (under 512) stays exact."""
+    base = lease_size(rule)
+    return base if base == 1 else max(base, min(256, rule.limit // 32))
 
 
 class SharedRateGate:
@@ -130,18 +153,19 @@ class SharedRateGate:
         holds a unit now, the wait when the budget is spent, None when the limiter needs I/O."""
         assert self._limiter is not None
         check = self._limiter.check_now
-        if lease.size > 1:
-            waits = check((lease.hit._replace(cost=lease.size),))
+        size = lease.size
+        if size > 1:
+            waits = check((lease.hit._replace(cost=size),))
             if waits is None:
                 return None
             if not waits[0]:
-                lease.credit = lease.size
+                lease.granted(size, time.monotonic())
                 return 0.0
         waits = check((lease.hit,))
         if waits is None:
             return None
         if not waits[0]:
-            lease.credit = 1
+            lease.granted(1, time.monotonic())
         return waits[0]
 
     def gate(self, conn: Connection, c: Gated) -> None:
@@ -190,8 +214,9 @@ class SharedRateGate:
         one: its commands, and their connections' later ones, are returned for an exact round."""
         assert self._limiter is not None
         hits: list[Hit] = []
-        refills: list[Lease] = []
+        refills: list[tuple[Lease, int]] = []  # the lease and the units asked for it, per hit
         planned: dict[Lease, int] = {}  # a lease's units after this batch's earlier commands
+        regrown: dict[Lease, int] = {}  # the size of a lease's next refill in this batch (it grows)
         for conn, c in batch:
             if conn.closed:
                 continue
@@ -202,23 +227,32 @@ class SharedRateGate:
                 if units is None:
                     units = lease.credit
                 if not units:
-                    units = 1 if exact else lease.size
+                    if exact:
+                        units = 1
+                    else:
+                        units = regrown.get(lease, lease.size)
+                        regrown[lease] = min(lease.cap, units * 2)
                     hits.append(lease.hit._replace(cost=units) if units > 1 else lease.hit)
-                    refills.append(lease)
+                    refills.append((lease, units))
                 planned[lease] = units - 1
         waits = await self._limiter.check(hits) if hits else []
         return self._settle(batch, refills, waits, exact)
 
     def _settle(
-        self, batch: list[tuple[Connection, Gated]], refills: list[Lease], waits: list[float], exact: bool
+        self,
+        batch: list[tuple[Connection, Gated]],
+        refills: list[tuple[Lease, int]],
+        waits: list[float],
+        exact: bool,
     ) -> list[tuple[Connection, Gated]]:
         """Credit the granted refills, carry out or refuse the commands in order; return those to decide
         again in an exact round (see :meth:`_decide`)."""
         refused: dict[Lease, float] = {}  # leases refused their last unit: the wait until one comes back
-        for lease, wait in zip(refills, waits, strict=True):
+        now = time.monotonic()
+        for (lease, units), wait in zip(refills, waits, strict=True):
             if not wait:
-                lease.credit += 1 if exact else lease.size
-            elif exact or lease.size == 1:
+                lease.granted(units, now)
+            elif units == 1:
                 refused[lease] = wait
         again: list[tuple[Connection, Gated]] = []
         held: set[Connection] = set()  # connections with a command in ``again``: their later ones follow it
