@@ -31,11 +31,11 @@ from im.transfer.gen import transfer_pb2 as pb
 from im.transfer.tls import LinkTls
 from im.transfer.wire import (
     LINK_METHOD,
+    add_send,
     error_from_pb,
     link_options,
     message_from_pb,
     message_to_pb,
-    send_to_pb,
     stored_from_request,
 )
 
@@ -94,7 +94,7 @@ class TransferLink:
         self._pending: dict[int, tuple[SendRequest, SendCallback]] = {}  # rid -> submitted, unanswered
         self._answered = asyncio.Event()  # set while nothing is pending
         self._answered.set()
-        self._unsent: list[pb.Send] = []
+        self._unsent: list[tuple[int, SendRequest]] = []  # (rid, send), made into protobuf in the frame
         self._forwards = pb.GatewayFrame()  # routes, events and revocations for the next frame
         self._has_forwards = False
         self._wake = asyncio.Event()
@@ -158,7 +158,7 @@ class TransferLink:
         rid = next(self._rids)
         self._pending[rid] = (req, done)
         self._answered.clear()
-        self._unsent.append(send_to_pb(rid, req))
+        self._unsent.append((rid, req))
         if not self._holding:
             self._wake.set()
 
@@ -306,7 +306,11 @@ class TransferLink:
             sends, self._unsent = self._unsent[:n], self._unsent[n:]
             if not self._unsent:
                 self._wake.clear()
-            frame = pb.GatewayFrame(sends=sends)
+            frame = pb.GatewayFrame()
+            if sends:
+                out = frame.sends
+                for rid, req in sends:
+                    add_send(out, rid, req)
             if self._has_forwards:
                 frame.MergeFrom(self._forwards)
                 self._forwards.Clear()

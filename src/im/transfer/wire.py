@@ -5,6 +5,8 @@ No I/O here: the server and the client both build their frames with these.
 
 from __future__ import annotations
 
+from typing import Any
+
 from im.core.committer import SendRequest
 from im.model.chat import StoredMessage
 from im.model.errors import ErrorCode, ImError
@@ -54,15 +56,15 @@ GatewayFrame = pb.GatewayFrame
 TransferFrame = pb.TransferFrame
 
 
-def send_to_pb(rid: int, req: SendRequest) -> pb.Send:
-    s = pb.Send(rid=rid, uid=req.uid, device=req.device, cmid=req.cmid, type=req.type, body=req.body)
+def add_send(sends: Any, rid: int, req: SendRequest) -> None:
+    """Add ``req`` to a frame's repeated ``sends`` (built in place: protobuf copies a message made apart)."""
+    s = sends.add(rid=rid, uid=req.uid, device=req.device, cmid=req.cmid, type=req.type, body=req.body)
     if req.conv is not None:
         s.conv = req.conv
     if req.to is not None:
         s.to = req.to
     if req.trace is not None:
         s.traceparent = tracing.format_traceparent(req.trace.get_span_context())
-    return s
 
 
 def send_from_pb(s: pb.Send) -> SendRequest:
