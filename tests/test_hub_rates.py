@@ -19,7 +19,7 @@ from im.config import load_config
 from im.gateway.rates import Lease, lease_cap, lease_size
 from im.server import EmbeddedServer
 from tests.contract.conftest import REDIS_URL, delete_redis_prefix
-from tests.support.client import ChatClient, register
+from tests.support.client import Account, ChatClient, register
 from tests.support.server import RELAXED_RATES_CONFIG
 from tests.support.wait import eventually
 
@@ -80,6 +80,12 @@ def counting(server: EmbeddedServer) -> Counting:
     return wrapped
 
 
+async def alice_and_bob(server: EmbeddedServer) -> tuple[Account, Account]:
+    """Two new users of ``server`` (alice sends, bob receives)."""
+    api = f"{server.http_url}/api/v1"
+    return await register(api, f"alice_{uuid.uuid4().hex[:6]}"), await register(api, f"bob_{uuid.uuid4().hex[:6]}")
+
+
 async def send_all(dev: ChatClient, to: int, n: int, tag: str) -> list[str]:
     """Write ``n`` sends back to back; wait until each is acked or refused; their cmids in order."""
     cmids = [f"{tag}-{i}" for i in range(n)]
@@ -100,9 +106,7 @@ async def server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
 
 
 async def test_one_limiter_call_per_loop_turn_and_sends_answered_in_order(server: EmbeddedServer) -> None:
-    api = f"{server.http_url}/api/v1"
-    alice = await register(api, f"alice_{uuid.uuid4().hex[:6]}")
-    bob = await register(api, f"bob_{uuid.uuid4().hex[:6]}")
+    alice, bob = await alice_and_bob(server)
     counted = counting(server)
     c = ChatClient(server.ws_url, alice, "phone")
     assert (await c.connect())["t"] == "auth_ok"
@@ -154,9 +158,7 @@ async def test_leased_sends_never_exceed_the_users_budget(tmp_path: Path) -> Non
     devices still hold (4 x 64) go unused; every refusal is rate_limited with a retry time, or (sends
     after a refused one) unavailable until that one is resent."""
     async with embedded(tmp_path, "2048/86400") as server:  # refills about one unit a minute
-        api = f"{server.http_url}/api/v1"
-        alice = await register(api, f"alice_{uuid.uuid4().hex[:6]}")
-        bob = await register(api, f"bob_{uuid.uuid4().hex[:6]}")
+        alice, bob = await alice_and_bob(server)
         devices = [ChatClient(server.ws_url, alice, f"dev{d}") for d in range(4)]
         for dev in devices:
             assert (await dev.connect())["t"] == "auth_ok"
@@ -192,9 +194,7 @@ async def test_redis_leases_keep_the_limiter_off_most_sends_and_spend_the_budget
     are left than a lease, it takes them one by one (an exact round), so exactly the budget is acked,
     then every further send is refused rate_limited."""
     async with embedded(tmp_path, "2050/86400", redis=True) as server:  # refills about one unit a minute
-        api = f"{server.http_url}/api/v1"
-        alice = await register(api, f"alice_{uuid.uuid4().hex[:6]}")
-        bob = await register(api, f"bob_{uuid.uuid4().hex[:6]}")
+        alice, bob = await alice_and_bob(server)
         counted = counting(server)
         dev = ChatClient(server.ws_url, alice, "phone")
         assert (await dev.connect())["t"] == "auth_ok"
@@ -219,9 +219,7 @@ async def test_redis_leases_of_four_devices_never_exceed_the_users_budget(tmp_pa
     """Four devices of one user on the Redis limiter draw from one budget of 2,048 sends: no more than
     the budget is acked, and at most what the devices still hold (4 x 64 units, a grown lease each) goes unused."""
     async with embedded(tmp_path, "2048/86400", redis=True) as server:
-        api = f"{server.http_url}/api/v1"
-        alice = await register(api, f"alice_{uuid.uuid4().hex[:6]}")
-        bob = await register(api, f"bob_{uuid.uuid4().hex[:6]}")
+        alice, bob = await alice_and_bob(server)
         devices = [ChatClient(server.ws_url, alice, f"dev{d}") for d in range(4)]
         for dev in devices:
             assert (await dev.connect())["t"] == "auth_ok"

@@ -10,7 +10,8 @@ from im.model.chat import StoredMessage
 from im.model.errors import ErrorCode
 from im.observability.metrics import METRICS
 from im.protocol.frames import TypingEvent
-from im.transfer.server import LinkOutbox
+from im.transfer.client import TransferLink
+from im.transfer.server import LinkOutbox, TransferServicer
 from tests.support.wait import eventually
 from tests.transfer.conftest import Core, RecordingSink, Results, close_core, open_core
 
@@ -69,7 +70,8 @@ async def test_a_batch_of_1000_sends_takes_few_frames(core: Core) -> None:
     link_a = await core.link("gw-a", RecordingSink())
     link_b = await core.link("gw-b", sink_b)
     sent0, recv_a0, recv_b0 = link_a.frames_sent, link_a.frames_received, link_b.frames_received
-    ends = [link_a, link_b, core.servicer]  # every end of a link in this process, counted in METRICS too
+    # every end of a link in this process, each counted in METRICS too
+    ends: list[TransferLink | TransferServicer] = [link_a, link_b, core.servicer]
     metrics0 = dict(METRICS.link_frames)
     totals0 = {"sent": sum(e.frames_sent for e in ends), "received": sum(e.frames_received for e in ends)}
     results = Results()
