@@ -5,6 +5,7 @@ sent than the budget, with the in-memory limiter and with Redis (6379, a private
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -231,3 +232,39 @@ async def test_redis_leases_of_four_devices_never_exceed_the_users_budget(tmp_pa
         finally:
             for dev in devices:
                 await dev.close()
+
+
+async def test_limits_changed_while_a_limiter_call_is_in_flight_apply_to_the_commands_it_decides(
+    tmp_path: Path,
+) -> None:
+    """A dynamic change of the rates while a batch waits for the limiter: the leases that call was
+    filling are dropped, and the batch is decided again under the new rule (3 sends), in order."""
+    async with embedded(tmp_path, "6000/2") as server:
+        alice, bob = await alice_and_bob(server)
+        gate = server.hub.rates
+        release = asyncio.Event()
+
+        class Held(Counting):
+            async def check(self, hits: Sequence[Hit]) -> list[float]:
+                self.calls.append(list(hits))
+                await release.wait()
+                return await self.inner.check(hits)
+
+        held = Held(gate._limiter)  # type: ignore[arg-type]
+        gate._limiter = held
+        dev = ChatClient(server.ws_url, alice, "phone")
+        assert (await dev.connect())["t"] == "auth_ok"
+        try:
+            frames = [json.dumps({"t": "send", "cmid": f"s-{i}", "to": bob.uid, "body": i}) for i in range(10)]
+            await asyncio.gather(*(dev.ws.send(f) for f in frames))
+            await eventually(lambda: held.calls, "a limiter call")
+            assert gate._rates is not None
+            gate.set_rates(dataclasses.replace(gate._rates, sends_per_user=Rule("send-user/3/600", 3, 600.0)))
+            release.set()
+            await eventually(lambda: len(dev.acks) + len(dev.errors) == 10, lambda: f"{dev.acks} {dev.errors}")
+            assert sorted(dev.acks) == ["s-0", "s-1", "s-2"]
+            assert [e["code"] for e in dev.errors][:1] == ["rate_limited"]
+            new_rule = [h for h in held.hits("send-user") if h.rule.limit == 3]
+            assert new_rule and {h.cost for h in new_rule} == {1}  # the new rule: exact, one unit each
+        finally:
+            await dev.close()
