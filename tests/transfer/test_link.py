@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 from im.core.committer import SendRequest
@@ -10,8 +11,8 @@ from im.model.chat import StoredMessage
 from im.model.errors import ErrorCode
 from im.observability.metrics import METRICS
 from im.protocol.frames import TypingEvent
-from im.transfer.client import TransferLink
-from im.transfer.server import LinkOutbox, TransferServicer
+from im.transfer.client import LINK_HOLD_MAX, TransferLink
+from im.transfer.server import LinkOutbox, TransferServicer, encode_event
 from tests.support.wait import eventually
 from tests.transfer.conftest import Core, RecordingSink, Results, close_core, open_core
 
@@ -109,6 +110,34 @@ async def test_sends_wait_at_the_gateway_while_a_frame_is_unanswered(core: Core)
     await eventually(lambda: len(results.got) == 50)
     assert [m.seq for _, m, _, _ in results.got if m is not None] == list(range(1, 51))
     assert link.frames_sent - sent0 == 2, link.frames_sent - sent0  # the 49 that waited: one frame
+
+
+async def test_a_forward_takes_the_waiting_sends_along_and_sends_flow_again_once_all_are_answered(
+    core: Core,
+) -> None:
+    """A forwarded event goes at once and takes the sends waiting behind an unanswered one with it; once
+    every written send is answered, the next send goes at once again, however the core grouped its
+    answers (well within LINK_HOLD_MAX, which is the safety net, not what wakes it)."""
+    alice, bob = await core.user("alice", "gw-a"), await core.user("bob", "gw-b")
+    link = await core.link("gw-a", RecordingSink())
+    await core.link("gw-b", RecordingSink())
+    results = Results()
+    received0 = core.servicer.frames_received
+    core.store.gate.clear()
+    link.submit(send(alice, bob, "c0"), results.done)
+    await eventually(lambda: core.servicer.frames_received == received0 + 1)
+    link.submit(send(alice, bob, "c1"), results.done)
+    await asyncio.sleep(0.02)
+    assert core.servicer.frames_received == received0 + 1  # c1 waits behind c0
+    assert link.forward_event("gw-b", encode_event(TypingEvent(conv="d:1:2", uid=alice)), [bob], None)
+    await eventually(lambda: core.servicer.frames_received == received0 + 2)  # the forward, c1 with it
+    core.store.gate.set()
+    await eventually(lambda: len(results.got) == 2)
+    started = time.monotonic()
+    link.submit(send(alice, bob, "c2"), results.done)
+    await eventually(lambda: len(results.got) == 3, timeout=5)
+    assert time.monotonic() - started < LINK_HOLD_MAX / 2
+    assert [m.seq for _, m, _, _ in results.got if m is not None] == [1, 2, 3]
 
 
 async def test_events_reach_the_gateway_decoded(core: Core) -> None:
