@@ -80,6 +80,43 @@ async def test_offline_user_catches_up_in_order(web: Web) -> None:
     await expect(item.locator(".badge")).to_have_count(0)
 
 
+async def test_a_scroll_to_the_top_that_a_render_overtakes_still_pages_back(web: Web) -> None:
+    """A render that runs after the user scrolled up but before the scroll event is dispatched (a live
+    message arriving then) must neither pin the log back to the bottom nor leave the older page unfetched."""
+    alice = await web.user("alice")
+    bob = await web.user("bob")
+    await alice.open_chat_with(bob)
+    await alice.send("first")
+    await expect(bob.page.locator("#conv-list .conv")).to_have_count(1)
+    await bob.page.close()  # away: the messages below wait in history, not in the open page
+    assert alice.account is not None
+    phone = ChatClient(web.server.ws, alice.account, "phone")
+    await phone.connect()
+    more = [f"message {i}" for i in range(1, 70)]
+    for text in more:
+        assert await phone.send({"text": text}, conv=alice.conv_with(bob)) is not None, phone.errors
+    await phone.close()
+    everything = ["first", *more]
+
+    bob.page = await web.page(bob.context)
+    await bob.open_conversation(alice.display)
+    await expect(bob.texts).to_have_text(everything[-50:])
+    # The user scrolls to the top, and this scroll's event never reaches the page (as if a render ran first).
+    await bob.page.locator("#messages-wrap").evaluate(
+        """w => {
+            w.addEventListener("scroll", (e) => e.stopImmediatePropagation(), { capture: true, once: true });
+            w.scrollTop = 0;
+        }"""
+    )
+    await bob.page.wait_for_timeout(100)  # the swallowed event has been dispatched
+    await alice.send("while you scroll")  # a live message: the page renders
+    await expect(bob.texts).to_have_text([*everything, "while you scroll"])
+    await expect(bob.page.locator("#load-older")).to_be_hidden()
+    # Where the user was reading, not pinned back to the bottom.
+    below = await bob.page.locator("#messages-wrap").evaluate("w => w.scrollHeight - w.scrollTop - w.clientHeight")
+    assert below > 80, below
+
+
 async def test_page_recovers_from_server_restarts(web: Web, server: ServerProcess) -> None:
     alice = await web.user("alice")
     bob = await web.user("bob")

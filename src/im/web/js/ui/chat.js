@@ -6,6 +6,8 @@ import { describe, renderMessage } from "./messages.js";
 import { avatar } from "./sidebar.js";
 
 const NEAR_BOTTOM = 80; // px: closer than this to the end counts as "at the bottom"
+const NEAR_TOP = 60; // px: closer than this to the start fetches the page before
+const RETRY_OLDER = 2000; // ms before a failed fetch of older messages is tried again
 const TYPING_EVERY = 3000; // ms between typing notices while the user types
 
 export class ChatView {
@@ -23,6 +25,7 @@ export class ChatView {
     this._elements = new Keyed();
     this._typingSentAt = 0;
     this._stickToBottom = true;
+    this._scrolledTo = 0; // where the last render left the pane: a different scrollTop means the user moved
     this.render = coalesce(() => this._render());
 
     $("#back").replaceChildren(icon("back", { size: 22 }));
@@ -64,10 +67,15 @@ export class ChatView {
     };
     this.wrap.addEventListener("scroll", () => {
       this._stickToBottom = this._atBottom();
-      if (this.wrap.scrollTop < 60) this.loadOlder();
+      if (this.wrap.scrollTop < NEAR_TOP) this.loadOlder();
       if (this._stickToBottom) this.markRead();
     });
     this._setupDrop();
+    // Shown after being hidden (the phone layout), or resized (a phone's keyboard): render again, which
+    // keeps the log pinned to the bottom and fetches older messages if the top came into view.
+    new ResizeObserver(() => {
+      if (this.conv) this.render();
+    }).observe(this.wrap);
 
     state.on("conv", (conv) => {
       if (conv === this.conv) this.render();
@@ -116,6 +124,7 @@ export class ChatView {
     this._elements.clear();
     this.list.replaceChildren();
     this._stickToBottom = true;
+    this._scrolledTo = this.wrap.scrollTop;
     $("#chat-empty").hidden = Boolean(conv);
     $("#chat-main").hidden = !conv;
     if (!conv) return;
@@ -155,7 +164,19 @@ export class ChatView {
       await this.state.loadOlder(c.conv);
     } catch (err) {
       console.warn("im: loading older messages failed", err);
+      // Still at the top of the same conversation: no scroll event will come, so try again.
+      setTimeout(() => {
+        if (this.conv === c.conv) this._loadOlderIfAtTop(c);
+      }, RETRY_OLDER);
     }
+  }
+
+  /** Fetch the page before when the top of the log is in view: scrolled there, or a page too short to scroll. */
+  _loadOlderIfAtTop(c) {
+    if (!c.hasOlder || !c.historyLoaded || c.loadingOlder) return;
+    const w = this.wrap;
+    if (w.clientHeight === 0) return; // hidden (the phone layout's other pane): nothing is in view
+    if (w.scrollTop < NEAR_TOP || w.scrollHeight <= w.clientHeight) this.loadOlder();
   }
 
   _atBottom() {
@@ -187,7 +208,10 @@ export class ChatView {
     const state = this.state;
     this._renderHeader(c);
 
-    const wasAtBottom = this._stickToBottom || this._atBottom();
+    // The flag keeps the log pinned while content grows (an image loads); a scroll position other than the
+    // one the last render left means the user moved, even if the scroll event has not been dispatched yet.
+    const moved = this.wrap.scrollTop !== this._scrolledTo;
+    const wasAtBottom = this._atBottom() || (this._stickToBottom && !moved);
     const anchor = this.list.firstElementChild;
     const anchorTop = anchor ? anchor.offsetTop : 0;
 
@@ -215,9 +239,11 @@ export class ChatView {
     this.older.hidden = !c.hasOlder;
     if (wasAtBottom) this.wrap.scrollTop = this.wrap.scrollHeight;
     else if (anchor && anchor.isConnected) this.wrap.scrollTop += anchor.offsetTop - anchorTop;
+    this._scrolledTo = this.wrap.scrollTop;
     this._stickToBottom = this._atBottom();
-    // A first page that does not fill the pane cannot be scrolled up: fetch the next one right away.
-    if (c.hasOlder && c.historyLoaded && this.wrap.scrollHeight <= this.wrap.clientHeight) this.loadOlder();
+    // A scroll to the top may have come while a fetch was in flight, and a page too short to scroll
+    // fires no scroll event at all: check after every render.
+    this._loadOlderIfAtTop(c);
 
     const typers = state.typers(c).map((u) => state.name(u));
     $("#typing").textContent = typers.length === 0 ? ""
