@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -185,13 +186,28 @@ def _settle(answer: asyncio.Future[Any], result: Any, exc: BaseException | None)
 
 
 class _Connection:
-    """A sqlite3 connection owned by one worker thread; every call runs there, in submission order."""
+    """A sqlite3 connection owned by one worker thread; every call runs there, in submission order.
+
+    The thread is its own, fed by a ``queue.SimpleQueue``, not a ``ThreadPoolExecutor``: the executor's
+    ``submit`` (a lock, a concurrent future with its condition, a semaphore) and its worker's bookkeeping
+    after each call ran as Python on both threads, once per commit. The worker's bookkeeping came after
+    it had woken the loop, so the loop then waited for the GIL: at low rates, where each commit carries
+    one or two messages, that was a part of every message's latency."""
 
     def __init__(self, path: str, *pragmas: str) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="sqlite", daemon=True)
         self._path = path
         self._pragmas = pragmas
         self._conn: sqlite3.Connection | None = None
+
+    def _serve(self) -> None:
+        """The worker: run each call as it comes; ``None`` ends it. A call reports its own result, and the
+        worker goes straight back to ``get``, which releases the GIL while it waits."""
+        get = self._calls.get
+        while (run := get()) is not None:
+            run()
+            del run  # nothing of a finished call stays alive while the worker waits
 
     async def open(self) -> None:
         def connect() -> None:
@@ -199,6 +215,7 @@ class _Connection:
             for pragma in self._pragmas:
                 self._conn.execute(pragma)
 
+        self._thread.start()
         await self.call(lambda _conn: connect(), need_open=False)
 
     async def call(self, fn: Callable[[sqlite3.Connection], T], need_open: bool = True) -> T:
@@ -216,18 +233,23 @@ class _Connection:
             try:
                 result = fn(conn)  # type: ignore[arg-type]
             except BaseException as exc:
-                loop.call_soon_threadsafe(_settle, answer, None, exc)
+                settle: tuple[Any, BaseException | None] = (None, exc)
             else:
-                loop.call_soon_threadsafe(_settle, answer, result, None)
+                settle = (result, None)
+            # A loop closed while the call ran has nobody waiting; the worker must outlive it all the same.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, answer, *settle)
 
-        self._pool.submit(run)
+        self._calls.put(run)
         return await answer
 
     async def close(self) -> None:
         if self._conn is not None:
             await self.call(lambda conn: conn.close())
             self._conn = None
-        self._pool.shutdown(wait=True)
+        if self._thread.is_alive():
+            self._calls.put(None)
+            self._thread.join()  # its queue is empty: the close above was its last call
 
 
 class SqliteDatabase:
