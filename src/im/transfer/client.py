@@ -14,7 +14,8 @@ import contextlib
 import itertools
 import logging
 import ssl
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -31,6 +32,7 @@ from im.transfer.gen import transfer_pb2 as pb
 from im.transfer.tls import LinkTls
 from im.transfer.wire import (
     LINK_METHOD,
+    SENT_WINDOW,
     add_send,
     error_from_pb,
     link_options,
@@ -53,6 +55,12 @@ LINK_HOLD_MAX = 0.5
 
 def decode_event(data: bytes) -> object:
     return decode_server(data, Encoding.MSGPACK)
+
+
+def _ordered(order: bytes, rows: int, columns: int) -> bool:
+    """Whether ``order`` interleaves ``rows`` rows (0) and ``columns`` column items (1): set only when a
+    frame has both. Anything else is taken rows first (nothing is lost; only the order between the two)."""
+    return bool(order) and len(order) == rows + columns and order.count(1) == columns
 
 
 class TransferLink:
@@ -97,6 +105,12 @@ class TransferLink:
         self._answered = asyncio.Event()  # set while nothing is pending
         self._answered.set()
         self._unsent: list[tuple[int, SendRequest]] = []  # (rid, send), made into protobuf in the frame
+        #: This stream's last SENT_WINDOW fresh results, oldest first (the transfer node counts the same
+        #: ones), and the stored message of each of them whose send was still pending: a delivery of one
+        #: of those back to this gateway comes as a reference (``TransferFrame.sent``).
+        self._fresh_mids: deque[int] = deque()
+        self._sent: dict[int, StoredMessage] = {}
+        self.missed_references = 0  # references to a message not kept (the sessions then check the log)
         self._forwards = pb.GatewayFrame()  # routes, events and revocations for the next frame
         self._has_forwards = False
         self._wake = asyncio.Event()
@@ -292,7 +306,9 @@ class TransferLink:
         log.error("transfer link: %s (the registry lists %r there): not linking", why, self.peer)
 
     async def _requests(self, epoch: int) -> AsyncIterator[pb.GatewayFrame]:
-        yield pb.GatewayFrame(hello=pb.Hello(node=self.node))
+        self._fresh_mids.clear()  # a new stream: the transfer node counts its fresh results from zero
+        self._sent.clear()
+        yield pb.GatewayFrame(hello=pb.Hello(node=self.node, columns=True))
         overdue = False
         while True:
             if self._holding:
@@ -354,32 +370,34 @@ class TransferLink:
                 log.exception("send callback failed")
 
     def _dispatch(self, frame: pb.TransferFrame) -> None:
-        pending = self._pending
-        for r in frame.results:
-            entry = pending.pop(r.rid, None)
-            if entry is None:
-                continue
-            req, done = entry
-            try:
-                if r.error_code:
-                    done(req, None, False, error_from_pb(r))
-                elif r.seq:  # fresh: what the core assigned, and the rest from the request
-                    done(req, stored_from_request(req, r.conv, r.seq, r.mid, r.ts), False, None)
+        fresh = frame.fresh
+        if not _ordered(frame.result_order, len(frame.results), len(fresh.rid)):
+            for r in frame.results:
+                self._answer(r)
+            if fresh.rid:
+                self._answer_fresh(fresh.rid, fresh.conv, fresh.seq, fresh.mid, fresh.ts)
+        else:  # both kinds: in the transfer node's order
+            rows, at = iter(frame.results), 0
+            for kind in frame.result_order:
+                if kind:
+                    self._answer_fresh(
+                        fresh.rid[at : at + 1], fresh.conv[at : at + 1], fresh.seq[at : at + 1],
+                        fresh.mid[at : at + 1], fresh.ts[at : at + 1],
+                    )  # fmt: skip
+                    at += 1
                 else:
-                    done(req, message_from_pb(r.message), r.dup, None)
-            except Exception:
-                log.exception("send callback failed")
+                    self._answer(next(rows))
         if not self._pending:
             self._answered.set()
         if self._holding and len(self._pending) <= len(self._unsent):  # every written send answered
             self._wake.set()
-        if frame.deliveries:
-            messages = [message_from_pb(d.message) for d in frame.deliveries]
-            recipients = [list(d.uids) for d in frame.deliveries]
-            if tracing.ON:
-                self._deliver_traced(frame, messages, recipients)
-            else:
-                self.sink.deliver(messages, recipients)
+        if frame.deliveries or frame.sent.mid:
+            messages, recipients, traced = self._deliveries(frame)
+            if messages:
+                if traced:
+                    self._deliver_traced(traced, messages, recipients)
+                else:
+                    self.sink.deliver(messages, recipients)
         for e in frame.events:
             skip = (e.skip_uid, e.skip_device) if e.has_skip else None
             self.sink.deliver_event(self._decode_event(e.frame), list(e.uids), skip)
@@ -392,6 +410,93 @@ class TransferLink:
         if frame.dropped:  # the transfer node dropped deliveries for this node: sessions check the log
             self._catch_up()
 
+    def _answer(self, r: pb.Result) -> None:
+        entry = self._pending.pop(r.rid, None)
+        if entry is None:
+            return
+        req, done = entry
+        try:
+            if r.error_code:
+                done(req, None, False, error_from_pb(r))
+            elif r.seq:  # fresh: what the core assigned, and the rest from the request
+                done(req, stored_from_request(req, r.conv, r.seq, r.mid, r.ts), False, None)
+            else:
+                done(req, message_from_pb(r.message), r.dup, None)
+        except Exception:
+            log.exception("send callback failed")
+
+    def _answer_fresh(
+        self, rids: Sequence[int], convs: Sequence[str], seqs: Sequence[int], mids: Sequence[int], tss: Sequence[int]
+    ) -> None:
+        """Fresh results (columns): each send's stored message is its request with what the core assigned;
+        kept for a reference to it (every mid counts, known or not: the transfer node counts them all)."""
+        pending, kept, order = self._pending, self._sent, self._fresh_mids
+        for rid, conv, seq, mid, ts in zip(rids, convs, seqs, mids, tss, strict=True):
+            order.append(mid)
+            if len(order) > SENT_WINDOW:
+                kept.pop(order.popleft(), None)
+            entry = pending.pop(rid, None)
+            if entry is None:
+                continue
+            req, done = entry
+            m = stored_from_request(req, conv, seq, mid, ts)
+            kept[mid] = m
+            try:
+                done(req, m, False, None)
+            except Exception:
+                log.exception("send callback failed")
+
+    def _deliveries(
+        self, frame: pb.TransferFrame
+    ) -> tuple[list[StoredMessage], list[list[int]], list[tuple[int, str]]]:
+        """A frame's deliveries in order: rows carry their message, references name one kept from a fresh
+        result (``_answer_fresh``). A reference to a message not kept cannot be delivered: the sessions
+        check the log for it (as after a ``dropped``). Also the (mid, traceparent) of traced rows."""
+        traced: list[tuple[int, str]] = []
+        messages: list[StoredMessage] = []
+        recipients: list[list[int]] = []
+        refs = frame.sent
+        if tracing.ON:
+            traced = [(d.message.mid, d.traceparent) for d in frame.deliveries if d.HasField("traceparent")]
+        if not refs.mid:
+            messages = [message_from_pb(d.message) for d in frame.deliveries]
+            recipients = [list(d.uids) for d in frame.deliveries]
+            return messages, recipients, traced
+        kept, missed, uids, start = self._sent, 0, refs.uids, 0
+        ref_messages: list[StoredMessage | None] = []
+        ref_recipients: list[list[int]] = []
+        counts = refs.count
+        if len(counts) != len(refs.mid) or sum(counts) != len(uids):  # malformed: deliver none of them
+            counts = [0] * len(refs.mid)
+            kept = {}
+        for mid, count in zip(refs.mid, counts, strict=True):
+            ref_messages.append(kept.pop(mid, None))
+            ref_recipients.append(list(uids[start : start + count]))
+            start += count
+        pairs: Iterable[tuple[StoredMessage | None, list[int]]] = zip(ref_messages, ref_recipients, strict=True)
+        if _ordered(frame.delivery_order, len(frame.deliveries), len(ref_messages)):  # in the node's order
+            rows, refd, ordered = iter(frame.deliveries), iter(pairs), []
+            for kind in frame.delivery_order:
+                if kind:
+                    ordered.append(next(refd))
+                else:
+                    d = next(rows)
+                    ordered.append((message_from_pb(d.message), list(d.uids)))
+            pairs = ordered
+        elif frame.deliveries:
+            pairs = [*((message_from_pb(d.message), list(d.uids)) for d in frame.deliveries), *pairs]
+        for m, to in pairs:
+            if m is None:
+                missed += 1
+            else:
+                messages.append(m)
+                recipients.append(to)
+        if missed:
+            self.missed_references += missed
+            log.warning("%d deliveries named messages this gateway no longer keeps: sessions check the log", missed)
+            self._catch_up()
+        return messages, recipients, traced
+
     def _catch_up(self) -> None:
         try:
             self.sink.catch_up()
@@ -399,19 +504,18 @@ class TransferLink:
             log.exception("the sink failed to start catching up")
 
     def _deliver_traced(
-        self, frame: pb.TransferFrame, messages: list[StoredMessage], recipients: list[list[int]]
+        self, traced: list[tuple[int, str]], messages: list[StoredMessage], recipients: list[list[int]]
     ) -> None:
-        """Deliver with the commit contexts carried in the frame in ``tracing.ROUTING`` (the hub makes a
-        delivery span of each), then forget them."""
-        traced = []
-        for d, m in zip(frame.deliveries, messages, strict=True):
-            if d.HasField("traceparent"):
-                c = tracing.parse_traceparent(d.traceparent)
-                if c is not None:
-                    tracing.ROUTING[m.mid] = c
-                    traced.append(m.mid)
+        """Deliver with the commit contexts carried in the frame (mid, traceparent) in ``tracing.ROUTING``
+        (the hub makes a delivery span of each), then forget them."""
+        routing = []
+        for mid, traceparent in traced:
+            c = tracing.parse_traceparent(traceparent)
+            if c is not None:
+                tracing.ROUTING[mid] = c
+                routing.append(mid)
         try:
             self.sink.deliver(messages, recipients)
         finally:
-            for mid in traced:
+            for mid in routing:
                 tracing.ROUTING.pop(mid, None)

@@ -33,7 +33,7 @@ from im.protocol.codec import Encoding, decode_server, encode
 from im.throttled_log import ThrottledLog
 from im.transfer.gen import transfer_pb2 as pb
 from im.transfer.tls import LinkTls
-from im.transfer.wire import SERVICE_NAME, link_options, message_from_pb, message_to_pb, send_from_pb
+from im.transfer.wire import SENT_WINDOW, SERVICE_NAME, link_options, message_from_pb, message_to_pb, send_from_pb
 
 log = logging.getLogger(__name__)
 #: Without cluster_tls anyone reaching the port can open a stream: a broken one is counted, not traced each.
@@ -60,8 +60,14 @@ class LinkOutbox:
     with its in-flight window.
     """
 
-    def __init__(self, node: str, *, max_frame_items: int, max_pending: int) -> None:
+    def __init__(self, node: str, *, max_frame_items: int, max_pending: int, columns: bool = False) -> None:
+        """``columns``: the gateway reads ``fresh`` and ``sent`` (its hello said so)."""
         self.node = node
+        self.columns = columns
+        #: mid -> number of the fresh result that carried it on this stream (while ``columns``): its
+        #: delivery here within the gateway's window is sent as a reference (``TransferFrame.sent``)
+        self._sent: dict[int, int] = {}
+        self._fresh_written = 0
         self.results: list[tuple[int, StoredMessage | None, bool, ImError | None]] = []
         self.deliveries: list[tuple[StoredMessage, Sequence[int]]] = []
         self.traces: dict[int, str] = {}  # mid -> traceparent of a sampled message's commit span
@@ -138,6 +144,24 @@ class LinkOutbox:
         frame = pb.TransferFrame(revoked_sessions=revoked, dropped=dropped)
         for r in replaced:
             frame.replaced.add(uid=r.uid, device=r.device, conn=r.conn)
+        if self.columns:
+            self._columns(frame, results, deliveries)
+        else:
+            self._rows(frame, results, deliveries)
+        for data, uids, skip in events:
+            e = frame.events.add(frame=data, uids=uids)
+            if skip is not None:
+                e.has_skip = True
+                e.skip_uid, e.skip_device = skip
+        return frame
+
+    def _rows(
+        self,
+        frame: pb.TransferFrame,
+        results: list[tuple[int, StoredMessage | None, bool, ImError | None]],
+        deliveries: list[tuple[StoredMessage, Sequence[int]]],
+    ) -> None:
+        """Results and deliveries a protobuf message each (a gateway that does not read columns)."""
         add_result = frame.results.add
         for rid, m, dup, err in results:
             if err is not None:
@@ -148,20 +172,89 @@ class LinkOutbox:
                 message_to_pb(m, add_result(rid=rid, dup=True).message)
             else:  # fresh: the gateway has the rest of the message in its request
                 add_result(rid=rid, conv=m.conv, seq=m.seq, mid=m.mid, ts=m.ts)
-        traces = self.traces
         for m, uids in deliveries:
-            d = frame.deliveries.add(uids=uids)
-            message_to_pb(m, d.message)
-            if traces:
-                tp = traces.pop(m.mid, None)
-                if tp is not None:
-                    d.traceparent = tp
-        for data, uids, skip in events:
-            e = frame.events.add(frame=data, uids=uids)
-            if skip is not None:
-                e.has_skip = True
-                e.skip_uid, e.skip_device = skip
-        return frame
+            self._add_delivery(frame, m, uids)
+
+    def _add_delivery(self, frame: pb.TransferFrame, m: StoredMessage, uids: Sequence[int]) -> None:
+        d = frame.deliveries.add(uids=uids)
+        message_to_pb(m, d.message)
+        if self.traces:
+            tp = self.traces.pop(m.mid, None)
+            if tp is not None:
+                d.traceparent = tp
+
+    def _columns(
+        self,
+        frame: pb.TransferFrame,
+        results: list[tuple[int, StoredMessage | None, bool, ImError | None]],
+        deliveries: list[tuple[StoredMessage, Sequence[int]]],
+    ) -> None:
+        """Fresh results as columns (``fresh``), and deliveries of messages whose fresh results this
+        stream carried within the gateway's window as references (``sent``): a protobuf message per item
+        and the message's fields once more cost more than the rest of the frame. The others as rows;
+        ``result_order``/``delivery_order`` say how the two interleave when a frame has both."""
+        rids: list[int] = []
+        convs: list[str] = []
+        seqs: list[int] = []
+        mids: list[int] = []
+        tss: list[int] = []
+        order = bytearray()
+        add_result = frame.results.add
+        sent, n = self._sent, self._fresh_written
+        for rid, m, dup, err in results:
+            if err is None and m is not None and not dup:
+                rids.append(rid)
+                convs.append(m.conv)
+                seqs.append(m.seq)
+                mids.append(m.mid)
+                tss.append(m.ts)
+                sent[m.mid] = n
+                n += 1
+                order.append(1)
+                continue
+            if err is not None:
+                add_result(rid=rid, error_code=err.code.value, error_message=err.message)
+            elif m is None:
+                add_result(rid=rid)
+            else:
+                message_to_pb(m, add_result(rid=rid, dup=True).message)
+            order.append(0)
+        self._fresh_written = n
+        if rids:
+            fresh = frame.fresh
+            fresh.rid.extend(rids)
+            fresh.conv.extend(convs)
+            fresh.seq.extend(seqs)
+            fresh.mid.extend(mids)
+            fresh.ts.extend(tss)
+            if len(rids) < len(results):
+                frame.result_order = bytes(order)
+        if deliveries:
+            traces = self.traces
+            oldest = n - SENT_WINDOW  # the gateway keeps the last SENT_WINDOW fresh results
+            ref_mids: list[int] = []
+            counts: list[int] = []
+            ref_uids: list[int] = []
+            order.clear()
+            for m, uids in deliveries:
+                at = sent.pop(m.mid, -1)
+                if at >= oldest and at >= 0 and not (traces and m.mid in traces):
+                    ref_mids.append(m.mid)
+                    counts.append(len(uids))
+                    ref_uids.extend(uids)
+                    order.append(1)
+                else:
+                    self._add_delivery(frame, m, uids)
+                    order.append(0)
+            if ref_mids:
+                refs = frame.sent
+                refs.mid.extend(ref_mids)
+                refs.count.extend(counts)
+                refs.uids.extend(ref_uids)
+                if len(ref_mids) < len(deliveries):
+                    frame.delivery_order = bytes(order)
+        if len(sent) > 2 * SENT_WINDOW:  # results whose messages were not delivered here: forget them
+            self._sent = {mid: at for mid, at in sent.items() if at >= n - SENT_WINDOW}
 
 
 class GrpcRouter(Router):
@@ -327,7 +420,12 @@ class TransferServicer:
         if self._closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the transfer node is stopping")
             return
-        outbox = LinkOutbox(first.hello.node, max_frame_items=self._max_frame_items, max_pending=self._max_pending)
+        outbox = LinkOutbox(
+            first.hello.node,
+            max_frame_items=self._max_frame_items,
+            max_pending=self._max_pending,
+            columns=first.hello.columns,
+        )
         stream = _Stream(outbox)
         self.router.register(outbox)
         self._outboxes.add(outbox)

@@ -16,6 +16,9 @@ from im.transfer.gen import transfer_pb2 as pb
 #: The one RPC, as grpc names it (``/<package>.<service>/<method>``).
 LINK_METHOD = "/im.transfer.v1.Transfer/Link"
 SERVICE_NAME = "im.transfer.v1.Transfer"
+#: How many of the latest fresh results of a stream a gateway keeps, so that a delivery of one of those
+#: messages back to it can name the message by mid instead of carrying it (``TransferFrame.sent``).
+SENT_WINDOW = 8192
 #: gRPC's default 4 MiB message cap is too small for a batch of large bodies.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [

@@ -10,10 +10,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("node",)
+    __slots__ = ("node", "columns")
     NODE_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     node: str
-    def __init__(self, node: _Optional[str] = ...) -> None: ...
+    columns: bool
+    def __init__(self, node: _Optional[str] = ..., columns: _Optional[bool] = ...) -> None: ...
 
 class Send(_message.Message):
     __slots__ = ("rid", "uid", "device", "cmid", "conv", "to", "type", "body", "traceparent")
@@ -217,7 +219,19 @@ class Welcome(_message.Message):
     def __init__(self, node: _Optional[str] = ...) -> None: ...
 
 class TransferFrame(_message.Message):
-    __slots__ = ("welcome", "results", "deliveries", "events", "revoked_sessions", "replaced", "dropped")
+    __slots__ = (
+        "welcome",
+        "results",
+        "deliveries",
+        "events",
+        "revoked_sessions",
+        "replaced",
+        "dropped",
+        "fresh",
+        "sent",
+        "result_order",
+        "delivery_order",
+    )
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     DELIVERIES_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +239,10 @@ class TransferFrame(_message.Message):
     REVOKED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     REPLACED_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    FRESH_FIELD_NUMBER: _ClassVar[int]
+    SENT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_ORDER_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_ORDER_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     results: _containers.RepeatedCompositeFieldContainer[Result]
     deliveries: _containers.RepeatedCompositeFieldContainer[Delivery]
@@ -232,6 +250,10 @@ class TransferFrame(_message.Message):
     revoked_sessions: _containers.RepeatedScalarFieldContainer[str]
     replaced: _containers.RepeatedCompositeFieldContainer[Replaced]
     dropped: bool
+    fresh: FreshResults
+    sent: SentDeliveries
+    result_order: bytes
+    delivery_order: bytes
     def __init__(
         self,
         welcome: _Optional[_Union[Welcome, _Mapping]] = ...,
@@ -241,4 +263,44 @@ class TransferFrame(_message.Message):
         revoked_sessions: _Optional[_Iterable[str]] = ...,
         replaced: _Optional[_Iterable[_Union[Replaced, _Mapping]]] = ...,
         dropped: _Optional[bool] = ...,
+        fresh: _Optional[_Union[FreshResults, _Mapping]] = ...,
+        sent: _Optional[_Union[SentDeliveries, _Mapping]] = ...,
+        result_order: _Optional[bytes] = ...,
+        delivery_order: _Optional[bytes] = ...,
+    ) -> None: ...
+
+class FreshResults(_message.Message):
+    __slots__ = ("rid", "conv", "seq", "mid", "ts")
+    RID_FIELD_NUMBER: _ClassVar[int]
+    CONV_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    MID_FIELD_NUMBER: _ClassVar[int]
+    TS_FIELD_NUMBER: _ClassVar[int]
+    rid: _containers.RepeatedScalarFieldContainer[int]
+    conv: _containers.RepeatedScalarFieldContainer[str]
+    seq: _containers.RepeatedScalarFieldContainer[int]
+    mid: _containers.RepeatedScalarFieldContainer[int]
+    ts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(
+        self,
+        rid: _Optional[_Iterable[int]] = ...,
+        conv: _Optional[_Iterable[str]] = ...,
+        seq: _Optional[_Iterable[int]] = ...,
+        mid: _Optional[_Iterable[int]] = ...,
+        ts: _Optional[_Iterable[int]] = ...,
+    ) -> None: ...
+
+class SentDeliveries(_message.Message):
+    __slots__ = ("mid", "count", "uids")
+    MID_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    UIDS_FIELD_NUMBER: _ClassVar[int]
+    mid: _containers.RepeatedScalarFieldContainer[int]
+    count: _containers.RepeatedScalarFieldContainer[int]
+    uids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(
+        self,
+        mid: _Optional[_Iterable[int]] = ...,
+        count: _Optional[_Iterable[int]] = ...,
+        uids: _Optional[_Iterable[int]] = ...,
     ) -> None: ...
