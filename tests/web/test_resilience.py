@@ -25,6 +25,16 @@ async def stored_texts(server: ServerProcess, user: WebUser, other: WebUser) -> 
         return [m["body"]["text"] for m in r.json()["messages"] if m["type"] == "text"]
 
 
+async def send_from_phone(web: Web, sender: WebUser, to: WebUser, texts: list[str]) -> None:
+    """``texts`` sent to ``to`` from another device of ``sender`` (a raw client), each acked."""
+    assert sender.account is not None
+    phone = ChatClient(web.server.ws, sender.account, "phone")
+    await phone.connect()
+    for text in texts:
+        assert await phone.send({"text": text}, conv=sender.conv_with(to)) is not None, phone.errors
+    await phone.close()
+
+
 async def test_offline_user_catches_up_in_order(web: Web) -> None:
     alice = await web.user("alice")
     bob = await web.user("bob", viewport=PHONE)
@@ -40,13 +50,8 @@ async def test_offline_user_catches_up_in_order(web: Web) -> None:
         await alice.send(text)
     for text in typed:
         await expect(alice.message(text).locator(".status")).to_have_text("Sent")
-    assert alice.account is not None
-    phone = ChatClient(web.server.ws, alice.account, "phone")
-    await phone.connect()
     from_phone = [f"from my phone {i}" for i in range(1, 61)]
-    for text in from_phone:
-        assert await phone.send({"text": text}, conv=alice.conv_with(bob)) is not None, phone.errors
-    await phone.close()
+    await send_from_phone(web, alice, bob, from_phone)
     everything = ["before you left", *typed, *from_phone]
     await expect(alice.texts).to_have_text(everything)
 
@@ -89,13 +94,8 @@ async def test_a_scroll_to_the_top_that_a_render_overtakes_still_pages_back(web:
     await alice.send("first")
     await expect(bob.page.locator("#conv-list .conv")).to_have_count(1)
     await bob.page.close()  # away: the messages below wait in history, not in the open page
-    assert alice.account is not None
-    phone = ChatClient(web.server.ws, alice.account, "phone")
-    await phone.connect()
     more = [f"message {i}" for i in range(1, 70)]
-    for text in more:
-        assert await phone.send({"text": text}, conv=alice.conv_with(bob)) is not None, phone.errors
-    await phone.close()
+    await send_from_phone(web, alice, bob, more)
     everything = ["first", *more]
 
     bob.page = await web.page(bob.context)
