@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 _read_failures = ThrottledLog(log, "transfer streams whose read failed", level=logging.INFO)
 
 
+#: Answers queued for a stream: (rid, stored message, dup, error), as the core gave them.
+_Results = list[tuple[int, StoredMessage | None, bool, ImError | None]]
+#: Deliveries queued for a stream: a message and the recipients that gateway holds.
+_Deliveries = list[tuple[StoredMessage, Sequence[int]]]
+
+
 class Submitter(Protocol):
     """What the servicer needs of the core (``Committer`` has it)."""
 
@@ -66,10 +72,10 @@ class LinkOutbox:
         self.columns = columns
         #: mid -> number of the fresh result that carried it on this stream (while ``columns``): its
         #: delivery here within the gateway's window is sent as a reference (``TransferFrame.sent``)
-        self._sent: dict[int, int] = {}
+        self._fresh_at: dict[int, int] = {}
         self._fresh_written = 0
-        self.results: list[tuple[int, StoredMessage | None, bool, ImError | None]] = []
-        self.deliveries: list[tuple[StoredMessage, Sequence[int]]] = []
+        self.results: _Results = []
+        self.deliveries: _Deliveries = []
         self.traces: dict[int, str] = {}  # mid -> traceparent of a sampled message's commit span
         self.events: list[tuple[bytes, Sequence[int], tuple[int, str] | None]] = []
         self.revoked: list[str] = []
@@ -155,23 +161,11 @@ class LinkOutbox:
                 e.skip_uid, e.skip_device = skip
         return frame
 
-    def _rows(
-        self,
-        frame: pb.TransferFrame,
-        results: list[tuple[int, StoredMessage | None, bool, ImError | None]],
-        deliveries: list[tuple[StoredMessage, Sequence[int]]],
-    ) -> None:
+    def _rows(self, frame: pb.TransferFrame, results: _Results, deliveries: _Deliveries) -> None:
         """Results and deliveries a protobuf message each (a gateway that does not read columns)."""
         add_result = frame.results.add
         for rid, m, dup, err in results:
-            if err is not None:
-                add_result(rid=rid, error_code=err.code.value, error_message=err.message)
-            elif m is None:
-                add_result(rid=rid)
-            elif dup:
-                message_to_pb(m, add_result(rid=rid, dup=True).message)
-            else:  # fresh: the gateway has the rest of the message in its request
-                add_result(rid=rid, conv=m.conv, seq=m.seq, mid=m.mid, ts=m.ts)
+            _add_result(add_result, rid, m, dup, err)
         for m, uids in deliveries:
             self._add_delivery(frame, m, uids)
 
@@ -183,12 +177,7 @@ class LinkOutbox:
             if tp is not None:
                 d.traceparent = tp
 
-    def _columns(
-        self,
-        frame: pb.TransferFrame,
-        results: list[tuple[int, StoredMessage | None, bool, ImError | None]],
-        deliveries: list[tuple[StoredMessage, Sequence[int]]],
-    ) -> None:
+    def _columns(self, frame: pb.TransferFrame, results: _Results, deliveries: _Deliveries) -> None:
         """Fresh results as columns (``fresh``), and deliveries of messages whose fresh results this
         stream carried within the gateway's window as references (``sent``): a protobuf message per item
         and the message's fields once more cost more than the rest of the frame. The others as rows;
@@ -200,7 +189,7 @@ class LinkOutbox:
         tss: list[int] = []
         order = bytearray()
         add_result = frame.results.add
-        sent, n = self._sent, self._fresh_written
+        fresh_at, n = self._fresh_at, self._fresh_written
         for rid, m, dup, err in results:
             if err is None and m is not None and not dup:
                 rids.append(rid)
@@ -208,17 +197,12 @@ class LinkOutbox:
                 seqs.append(m.seq)
                 mids.append(m.mid)
                 tss.append(m.ts)
-                sent[m.mid] = n
+                fresh_at[m.mid] = n
                 n += 1
                 order.append(1)
-                continue
-            if err is not None:
-                add_result(rid=rid, error_code=err.code.value, error_message=err.message)
-            elif m is None:
-                add_result(rid=rid)
             else:
-                message_to_pb(m, add_result(rid=rid, dup=True).message)
-            order.append(0)
+                _add_result(add_result, rid, m, dup, err)
+                order.append(0)
         self._fresh_written = n
         if rids:
             fresh = frame.fresh
@@ -237,7 +221,7 @@ class LinkOutbox:
             ref_uids: list[int] = []
             order.clear()
             for m, uids in deliveries:
-                at = sent.pop(m.mid, -1)
+                at = fresh_at.pop(m.mid, -1)
                 if at >= oldest and at >= 0 and not (traces and m.mid in traces):
                     ref_mids.append(m.mid)
                     counts.append(len(uids))
@@ -253,8 +237,20 @@ class LinkOutbox:
                 refs.uids.extend(ref_uids)
                 if len(ref_mids) < len(deliveries):
                     frame.delivery_order = bytes(order)
-        if len(sent) > 2 * SENT_WINDOW:  # results whose messages were not delivered here: forget them
-            self._sent = {mid: at for mid, at in sent.items() if at >= n - SENT_WINDOW}
+        if len(fresh_at) > 2 * SENT_WINDOW:  # results whose messages were not delivered here: forget them
+            self._fresh_at = {mid: at for mid, at in fresh_at.items() if at >= n - SENT_WINDOW}
+
+
+def _add_result(add_result: Any, rid: int, m: StoredMessage | None, dup: bool, err: ImError | None) -> None:
+    """One result as a row of ``TransferFrame.results`` (``add_result``: its ``add``)."""
+    if err is not None:
+        add_result(rid=rid, error_code=err.code.value, error_message=err.message)
+    elif m is None:
+        add_result(rid=rid)
+    elif dup:
+        message_to_pb(m, add_result(rid=rid, dup=True).message)
+    else:  # fresh: the gateway has the rest of the message in its request
+        add_result(rid=rid, conv=m.conv, seq=m.seq, mid=m.mid, ts=m.ts)
 
 
 class GrpcRouter(Router):
