@@ -198,3 +198,52 @@ def test_both_ends_keep_the_same_window_whatever_is_delivered_and_when(
     assert references > len(published) // 4  # the window was used, not bypassed
     assert len(results.got) == 399 and not link._pending
     assert len(link._fresh_mids) <= 8 and len(link._sent) <= 8
+
+
+def test_columns_that_do_not_add_up_are_refused_whole() -> None:
+    """Fresh columns of different lengths, or references whose counts do not cover their recipients: the
+    frame cannot be taken (the link then ends the stream; see the next test)."""
+    link = idle_link(RecordingSink())
+    link._pending[1] = (request(1), Results().done)
+    frame = pb.TransferFrame()
+    frame.fresh.rid.extend([1, 2])
+    frame.fresh.conv.append("d:1:2")
+    with pytest.raises(ValueError):
+        link._dispatch(frame)
+    frame = pb.TransferFrame()
+    frame.sent.mid.append(stored(1).mid)
+    frame.sent.count.append(3)
+    frame.sent.uids.append(2)
+    with pytest.raises(ValueError):
+        link._dispatch(frame)
+
+
+async def test_a_frame_that_cannot_be_taken_ends_the_stream_and_the_link_comes_back(
+    core: Core, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = RecordingSink()
+    alice, bob = await core.user("alice", "gw-a"), await core.user("bob", "gw-b")
+    link = await core.link("gw-a", sink)
+    take = LinkOutbox.take
+    spoiled: list[bool] = []
+
+    def spoil(self: LinkOutbox) -> pb.TransferFrame | None:
+        frame = take(self)
+        if frame is not None and frame.fresh.rid and not spoiled:
+            spoiled.append(True)
+            frame.fresh.conv.append("d:0:0")  # one column longer than the others
+        return frame
+
+    monkeypatch.setattr(LinkOutbox, "take", spoil)
+    results = Results()
+    first = SendRequest(uid=alice, device="d1", cmid="c0", conv=None, to=bob, type="text", body=b'"x"')
+    link.submit(first, results.done)
+    await eventually(lambda: len(results.got) == 1)
+    _, m, _, err = results.got[0]
+    assert m is None and err is not None and err.code is ErrorCode.UNAVAILABLE  # handed back: resend
+    await eventually(lambda: link.connects == 2 and link.connected)
+    assert any("could not be taken" in r.getMessage() for r in caplog.records)
+    link.submit(first, results.done)  # the resend: stored before the frame was spoiled, so a duplicate
+    await eventually(lambda: len(results.got) == 2)
+    _, again, dup, err = results.got[1]
+    assert err is None and again is not None and dup and again.seq == 1

@@ -15,8 +15,8 @@ import itertools
 import logging
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 
@@ -57,10 +57,30 @@ def decode_event(data: bytes) -> object:
     return decode_server(data, Encoding.MSGPACK)
 
 
-def _ordered(order: bytes, rows: int, columns: int) -> bool:
-    """Whether ``order`` interleaves ``rows`` rows (0) and ``columns`` column items (1): set only when a
-    frame has both. Anything else is taken rows first (nothing is lost; only the order between the two)."""
-    return bool(order) and len(order) == rows + columns and order.count(1) == columns
+R = TypeVar("R")
+C = TypeVar("C")
+
+
+def _merge(order: bytes, rows: Sequence[R], columns: Sequence[C]) -> Sequence[R | C]:
+    """A frame's rows and column items in the transfer node's order: ``order`` has a byte per item, 0
+    for the next row and 1 for the next column item, and is set only when a frame has both. An order
+    that does not add up is taken rows first (nothing is lost; only the order between the two)."""
+    if not rows:
+        return columns
+    if not columns:
+        return rows
+    if len(order) != len(rows) + len(columns) or order.count(1) != len(columns):
+        return [*rows, *columns]
+    r, c = iter(rows), iter(columns)
+    return [next(c) if kind else next(r) for kind in order]
+
+
+def _call_done(done: SendCallback, req: SendRequest, m: StoredMessage | None, dup: bool, err: ImError | None) -> None:
+    """Answer one send; a callback that raises is logged, and the others are still answered."""
+    try:
+        done(req, m, dup, err)
+    except Exception:
+        log.exception("send callback failed")
 
 
 class TransferLink:
@@ -275,6 +295,9 @@ class TransferLink:
                 METRICS.engine_error(exc, "grpc")
                 self.last_error = f"{exc.code().name} {exc.details()}"
                 log.warning("transfer link to %s: %s %s", self.address, exc.code().name, exc.details())
+            except Exception as exc:  # a frame that could not be taken (malformed): end this stream, relink
+                self.last_error = f"a frame from {self.address} could not be taken: {type(exc).__name__}: {exc}"
+                log.exception("transfer link: %s", self.last_error)
             finally:
                 self._lost("the link to the message core broke; resend with the same cmid")
                 if call is not None:
@@ -306,8 +329,6 @@ class TransferLink:
         log.error("transfer link: %s (the registry lists %r there): not linking", why, self.peer)
 
     async def _requests(self, epoch: int) -> AsyncIterator[pb.GatewayFrame]:
-        self._fresh_mids.clear()  # a new stream: the transfer node counts its fresh results from zero
-        self._sent.clear()
         yield pb.GatewayFrame(hello=pb.Hello(node=self.node, columns=True))
         overdue = False
         while True:
@@ -353,6 +374,8 @@ class TransferLink:
         self._forwards.Clear()
         self._has_forwards = False
         self._holding = False
+        self._fresh_mids.clear()  # the next stream's transfer node counts its fresh results from zero
+        self._sent.clear()
         self._wake.set()  # a stale request generator wakes up and returns
         pending, self._pending = self._pending, {}
         self._answered.set()
@@ -364,29 +387,16 @@ class TransferLink:
                 log.exception("handing over the sends of a lost link failed")
         err = ImError(ErrorCode.UNAVAILABLE, why, gateway=True)
         for req, done in pending.values():
-            try:
-                done(req, None, False, err)
-            except Exception:
-                log.exception("send callback failed")
+            _call_done(done, req, None, False, err)
 
     def _dispatch(self, frame: pb.TransferFrame) -> None:
-        fresh = frame.fresh
-        if not _ordered(frame.result_order, len(frame.results), len(fresh.rid)):
-            for r in frame.results:
-                self._answer(r)
-            if fresh.rid:
-                self._answer_fresh(fresh.rid, fresh.conv, fresh.seq, fresh.mid, fresh.ts)
-        else:  # both kinds: in the transfer node's order
-            rows, at = iter(frame.results), 0
-            for kind in frame.result_order:
-                if kind:
-                    self._answer_fresh(
-                        fresh.rid[at : at + 1], fresh.conv[at : at + 1], fresh.seq[at : at + 1],
-                        fresh.mid[at : at + 1], fresh.ts[at : at + 1],
-                    )  # fmt: skip
-                    at += 1
-                else:
-                    self._answer(next(rows))
+        f = frame.fresh  # columns of equal length, or the frame is malformed (zip raises; see _run)
+        fresh = list(zip(f.rid, f.conv, f.seq, f.mid, f.ts, strict=True))
+        for item in _merge(frame.result_order, frame.results, fresh):
+            if isinstance(item, tuple):
+                self._answer_fresh(*item)
+            else:
+                self._answer(item)
         if not self._pending:
             self._answered.set()
         if self._holding and len(self._pending) <= len(self._unsent):  # every written send answered
@@ -411,40 +421,34 @@ class TransferLink:
             self._catch_up()
 
     def _answer(self, r: pb.Result) -> None:
+        """A result as a row: a refusal, a duplicate with its stored original, or (from a transfer node
+        that does not send columns) a fresh send."""
         entry = self._pending.pop(r.rid, None)
         if entry is None:
             return
         req, done = entry
-        try:
-            if r.error_code:
-                done(req, None, False, error_from_pb(r))
-            elif r.seq:  # fresh: what the core assigned, and the rest from the request
-                done(req, stored_from_request(req, r.conv, r.seq, r.mid, r.ts), False, None)
-            else:
-                done(req, message_from_pb(r.message), r.dup, None)
-        except Exception:
-            log.exception("send callback failed")
+        if r.error_code:
+            _call_done(done, req, None, False, error_from_pb(r))
+        elif r.seq:  # fresh: what the core assigned, and the rest from the request
+            _call_done(done, req, stored_from_request(req, r.conv, r.seq, r.mid, r.ts), False, None)
+        else:
+            _call_done(done, req, message_from_pb(r.message), r.dup, None)
 
-    def _answer_fresh(
-        self, rids: Sequence[int], convs: Sequence[str], seqs: Sequence[int], mids: Sequence[int], tss: Sequence[int]
-    ) -> None:
-        """Fresh results (columns): each send's stored message is its request with what the core assigned;
-        kept for a reference to it (every mid counts, known or not: the transfer node counts them all)."""
-        pending, kept, order = self._pending, self._sent, self._fresh_mids
-        for rid, conv, seq, mid, ts in zip(rids, convs, seqs, mids, tss, strict=True):
-            order.append(mid)
-            if len(order) > SENT_WINDOW:
-                kept.pop(order.popleft(), None)
-            entry = pending.pop(rid, None)
-            if entry is None:
-                continue
-            req, done = entry
-            m = stored_from_request(req, conv, seq, mid, ts)
-            kept[mid] = m
-            try:
-                done(req, m, False, None)
-            except Exception:
-                log.exception("send callback failed")
+    def _answer_fresh(self, rid: int, conv: str, seq: int, mid: int, ts: int) -> None:
+        """A fresh result from the columns: the send's stored message is its request with what the core
+        assigned, kept for a reference to it (every mid counts, known or not: the transfer node counts
+        them all)."""
+        order = self._fresh_mids
+        order.append(mid)
+        if len(order) > SENT_WINDOW:
+            self._sent.pop(order.popleft(), None)
+        entry = self._pending.pop(rid, None)
+        if entry is None:
+            return
+        req, done = entry
+        m = stored_from_request(req, conv, seq, mid, ts)
+        self._sent[mid] = m
+        _call_done(done, req, m, False, None)
 
     def _deliveries(
         self, frame: pb.TransferFrame
@@ -453,39 +457,23 @@ class TransferLink:
         result (``_answer_fresh``). A reference to a message not kept cannot be delivered: the sessions
         check the log for it (as after a ``dropped``). Also the (mid, traceparent) of traced rows."""
         traced: list[tuple[int, str]] = []
-        messages: list[StoredMessage] = []
-        recipients: list[list[int]] = []
-        refs = frame.sent
         if tracing.ON:
             traced = [(d.message.mid, d.traceparent) for d in frame.deliveries if d.HasField("traceparent")]
+        rows = [(message_from_pb(d.message), list(d.uids)) for d in frame.deliveries]
+        refs = frame.sent
         if not refs.mid:
-            messages = [message_from_pb(d.message) for d in frame.deliveries]
-            recipients = [list(d.uids) for d in frame.deliveries]
-            return messages, recipients, traced
-        kept, missed, uids, start = self._sent, 0, refs.uids, 0
-        ref_messages: list[StoredMessage | None] = []
-        ref_recipients: list[list[int]] = []
-        counts = refs.count
-        if len(counts) != len(refs.mid) or sum(counts) != len(uids):  # malformed: deliver none of them
-            counts = [0] * len(refs.mid)
-            kept = {}
-        for mid, count in zip(refs.mid, counts, strict=True):
-            ref_messages.append(kept.pop(mid, None))
-            ref_recipients.append(list(uids[start : start + count]))
+            return [m for m, _ in rows], [to for _, to in rows], traced
+        if sum(refs.count) != len(refs.uids):  # malformed (and a count per mid, or zip raises; see _run)
+            raise ValueError(f"references name {sum(refs.count)} recipients and carry {len(refs.uids)}")
+        kept, uids, start = self._sent, refs.uids, 0
+        named: list[tuple[StoredMessage | None, list[int]]] = []
+        for mid, count in zip(refs.mid, refs.count, strict=True):
+            named.append((kept.pop(mid, None), list(uids[start : start + count])))
             start += count
-        pairs: Iterable[tuple[StoredMessage | None, list[int]]] = zip(ref_messages, ref_recipients, strict=True)
-        if _ordered(frame.delivery_order, len(frame.deliveries), len(ref_messages)):  # in the node's order
-            rows, refd, ordered = iter(frame.deliveries), iter(pairs), []
-            for kind in frame.delivery_order:
-                if kind:
-                    ordered.append(next(refd))
-                else:
-                    d = next(rows)
-                    ordered.append((message_from_pb(d.message), list(d.uids)))
-            pairs = ordered
-        elif frame.deliveries:
-            pairs = [*((message_from_pb(d.message), list(d.uids)) for d in frame.deliveries), *pairs]
-        for m, to in pairs:
+        messages: list[StoredMessage] = []
+        recipients: list[list[int]] = []
+        missed = 0
+        for m, to in _merge(frame.delivery_order, rows, named):
             if m is None:
                 missed += 1
             else:
