@@ -285,6 +285,28 @@ async def test_find_sent(chat: ChatHarness) -> None:
     assert await store.find_sent([]) == {}
 
 
+_AWKWARD_TEXT = ['a"b', "c\\d", "e,f", "{g}", " h ", "i\nj", "NULL", "k\u00e9\u4e2d\U0001f600", "\x01\x7f", "\\\""]
+
+
+async def test_any_text_a_client_chooses_round_trips(chat: ChatHarness) -> None:
+    """Devices, cmids and types are the client's text: quotes, backslashes, commas, braces, spaces, control
+    characters and any script come back as they went in, alone in a batch and beside others."""
+    store = chat.store
+    await new_direct(store, 1, 2, 0)
+    plain = [msg(D, 1, 1, device="p", cmid="plain-1"), msg(D, 2, 1, device="p", cmid="plain-2", type="x.y")]
+    await store.commit(CommitBatch(messages=plain, heads={D: (0, 2, 9)}))
+    awkward = [msg(D, 3 + i, 1, device=t, cmid=t or "x", type=t or "t") for i, t in enumerate(_AWKWARD_TEXT)]
+    for m in awkward:
+        await store.commit(CommitBatch(messages=[m], heads={D: (m.seq - 1, m.seq, 9)}))
+    keys = [(1, m.device, m.cmid) for m in awkward]
+    assert await store.find_sent(keys) == {k: m for k, m in zip(keys, awkward, strict=True)}
+    mixed = [msg(D, 3 + len(awkward) + i, 1, device=t, cmid="again-" + t, type="t") for i, t in enumerate(_AWKWARD_TEXT)]
+    await store.commit(CommitBatch(messages=mixed, heads={D: (mixed[0].seq - 1, mixed[-1].seq, 9)}))
+    assert await store.read_range(D, 0, None, 100) == [*plain, *awkward, *mixed]
+    await store.save_cursors([(1, t, D, 3) for t in _AWKWARD_TEXT])
+    assert sorted(d for d, _ in await store.devices(1)) == sorted(_AWKWARD_TEXT)
+
+
 # --- groups and membership ------------------------------------------------------------------------------
 
 

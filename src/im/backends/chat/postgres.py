@@ -35,6 +35,7 @@ from typing import Any
 import asyncpg
 
 from im.backends.chat import ChatStore, ConversationKeys, OutboxLockLost, StoredBodies
+from im.backends.sql.pg_arrays import bigint_array, text_array
 from im.backends.sql.postgres_db import PostgresDatabase, rowcount
 from im.backends.sql.rows import conversation_summary
 from im.backends.sql.shared_db import OnSharedDatabase
@@ -55,6 +56,13 @@ from im.model.keys import WrappedKey
 _MSG_FIELDS = ["conv", "seq", "mid", "sender", "device", "cmid", "ts", "type", "body"]
 _MSG_COLUMNS = ", ".join(_MSG_FIELDS)
 _OUTBOX_FIELDS = ["conv", "seq", "mid", "sender", "type", "created_at", "traceparent"]
+
+_COMMIT_MESSAGES = (
+    "SELECT im_commit_messages($1::text::text[], $2::text::bigint[], $3::text::bigint[], $4::text::bigint[],"
+    " $5::text::text[], $6::text::bigint[], $7::text::bigint[], $8::text::bigint[], $9::text::text[],"
+    " $10::text::text[], $11::text::bigint[], $12::text::text[], $13::bytea[], $14::text::bigint[],"
+    " $15::text::text[], $16::text::bigint[], $17, $18, $19)"
+)
 
 # A refused batch wrote nothing; the committer reloads and retries.
 _CONFLICTS = (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
@@ -175,27 +183,33 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
     async def _commit_messages(self, batch: CommitBatch) -> None:
         """Heads, messages, outbox rows and read marks through ``im_commit_messages`` (migration 4):
         the same statements as :meth:`_write`, in one implicit transaction."""
-        # Columns (one array per field) from rows: zip(*rows) transposes in C.
+        # Columns (one array per field) from rows: zip(*rows) transposes in C. Every array but the bodies
+        # goes as a text literal (pg_arrays: asyncpg's array encoder costs more per element).
         heads = [(conv, *h) for conv, h in sorted(batch.heads.items())]  # one lock order for every committer
-        h_cols = list(zip(*heads, strict=True)) if heads else [(), (), (), ()]
-        m_cols = (
-            list(
-                zip(
-                    *batch.message_rows(),
-                    strict=True,
-                )
-            )
-            if batch.messages
-            else [()] * 9
+        h_conv, h_before, h_after, h_ts = zip(*heads, strict=True) if heads else ((), (), (), ())
+        m_conv, m_seq, m_mid, m_sender, m_device, m_cmid, m_ts, m_type, m_body = (
+            zip(*batch.message_rows(), strict=True) if batch.messages else ((),) * 9
         )
-        r_cols = list(zip(*batch.read_marks, strict=True)) if batch.read_marks else [(), (), ()]
+        r_uid, r_conv, r_seq = zip(*batch.read_marks, strict=True) if batch.read_marks else ((), (), ())
         fence = batch.fence or (None, None)
         await self.db.pool.execute(
-            "SELECT im_commit_messages($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,"
-            " $18, $19)",
-            *h_cols,
-            *m_cols,
-            *r_cols,
+            _COMMIT_MESSAGES,
+            text_array(h_conv),
+            bigint_array(h_before),
+            bigint_array(h_after),
+            bigint_array(h_ts),
+            text_array(m_conv),
+            bigint_array(m_seq),
+            bigint_array(m_mid),
+            bigint_array(m_sender),
+            text_array(m_device),
+            text_array(m_cmid),
+            bigint_array(m_ts),
+            text_array(m_type),
+            m_body,
+            bigint_array(r_uid),
+            text_array(r_conv),
+            bigint_array(r_seq),
             self.outbox,
             *fence,
         )
@@ -374,15 +388,19 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
         rows = list(cursors)
         if not rows:
             return
+        uids, devices, convs, seqs = zip(*rows, strict=True)
         # One row per key (an upsert may not touch a row twice), in key order (one lock order for all).
         await self.db.pool.execute(
             "INSERT INTO device_cursors (uid, device, conv, seq, saved_at)"
             " SELECT uid, device, conv, max(seq), extract(epoch FROM now())::bigint"
-            " FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[])"
+            " FROM unnest($1::text::bigint[], $2::text::text[], $3::text::text[], $4::text::bigint[])"
             "   AS c(uid, device, conv, seq) GROUP BY uid, device, conv ORDER BY uid, device, conv"
             " ON CONFLICT (uid, device, conv) DO UPDATE SET seq = greatest(device_cursors.seq, excluded.seq),"
             " saved_at = excluded.saved_at",
-            *zip(*rows, strict=True),
+            bigint_array(uids),
+            text_array(devices),
+            text_array(convs),
+            bigint_array(seqs),
         )
 
     async def save_read_marks(self, marks: Iterable[tuple[int, str, int]]) -> None:
@@ -474,13 +492,13 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
     async def outbox_delete(self, ids: Sequence[int]) -> None:
         if not ids:
             return
-        sql = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
+        sql = "DELETE FROM outbox WHERE id = ANY($1::text::bigint[])"
         session = _outbox_session.get()
         if session is None:
-            await self.db.pool.execute(sql, list(ids))
+            await self.db.pool.execute(sql, bigint_array(ids))
             return
         async with _on_lock_session():
-            await session.execute(sql, list(ids))
+            await session.execute(sql, bigint_array(ids))
 
     async def list_conversations(self, uid: int) -> list[ConversationSummary]:
         # The peer of a direct conversation "d:<a>:<b>" is the one of a and b that is not uid. The CASEs
