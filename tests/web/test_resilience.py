@@ -4,11 +4,13 @@ page. Nothing typed is lost or doubled, nothing sent meanwhile is missed, and th
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import time
 
 import httpx
 import pytest
-from playwright.async_api import expect
+from playwright.async_api import Route, expect
 
 from tests.support.client import ChatClient
 from tests.support.server import ServerProcess
@@ -115,6 +117,72 @@ async def test_a_scroll_to_the_top_that_a_render_overtakes_still_pages_back(web:
     # Where the user was reading, not pinned back to the bottom.
     below = await bob.page.locator("#messages-wrap").evaluate("w => w.scrollHeight - w.scrollTop - w.clientHeight")
     assert below > 80, below
+
+
+async def count_reaches(items: list[float], n: int, *, within: float) -> None:
+    """Wait until ``items`` holds ``n`` entries (a condition to wait for, not the assertion)."""
+    deadline = time.monotonic() + within
+    while len(items) < n and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert len(items) == n, len(items)
+
+
+async def test_a_failing_fetch_of_older_messages_is_retried_less_and_less_often_and_a_refusal_waits(web: Web) -> None:
+    """The page before is fetched again while the top stays in view, each wait twice the last, and renders
+    in between fetch nothing; a refusal (4xx) is not tried again until the user clicks "older"."""
+    alice = await web.user("alice")
+    bob = await web.user("bob")
+    await alice.open_chat_with(bob)
+    await alice.send("first")
+    await expect(bob.page.locator("#conv-list .conv")).to_have_count(1)
+    await bob.page.close()
+    more = [f"message {i}" for i in range(1, 70)]
+    await send_from_phone(web, alice, bob, more)
+    everything = ["first", *more]
+    bob.page = await web.page(bob.context)
+    await bob.open_conversation(alice.display)
+    await expect(bob.texts).to_have_text(everything[-50:])
+
+    tries: list[float] = []
+    answer = {"status": 403, "code": "forbidden"}
+
+    async def older_pages(route: Route) -> None:
+        if "before=" not in route.request.url:
+            await route.continue_()
+            return
+        tries.append(time.monotonic())
+        if answer["status"] == 200:
+            await route.continue_()
+        else:
+            body = json.dumps({"code": answer["code"], "message": "made to fail by the test"})
+            await route.fulfill(status=int(answer["status"]), content_type="application/json", body=body)
+
+    await bob.page.route("**/api/v1/conversations/*/messages*", older_pages)
+    await bob.page.locator("#messages-wrap").evaluate("w => { w.scrollTop = 0; }")
+    await count_reaches(tries, 1, within=5.0)
+    # Refused: renders (a live message) and the wait fetch nothing more.
+    await alice.send("live while refused")
+    await expect(bob.message("live while refused")).to_have_count(1)
+    await bob.page.wait_for_timeout(2_500)
+    assert len(tries) == 1
+
+    # The user asks again; the server is in trouble now (503): tried again after about 1, 2, then 4 s.
+    answer.update(status=503, code="unavailable")
+    await bob.page.locator("#messages-wrap").evaluate("w => { w.scrollTop = 0; }")
+    await bob.page.click("#load-older")
+    await count_reaches(tries, 4, within=10.0)
+    answer.update(status=200)
+    await alice.send("live while backing off")  # a render between the tries: it fetches nothing
+    await expect(bob.message("live while backing off")).to_have_count(1)
+    await expect(bob.texts).to_have_text([*everything, "live while refused", "live while backing off"], timeout=15_000)
+    gaps = [later - earlier for earlier, later in zip(tries[1:], tries[2:], strict=False)]
+    assert len(tries) == 5, gaps
+    assert gaps[0] >= 0.9, gaps
+    assert all(later >= 1.5 * earlier for earlier, later in zip(gaps, gaps[1:], strict=False)), gaps
+    # The page said so on its console, once per failed try (and nothing else went wrong).
+    failed = [e for e in web.errors if e.startswith("im: loading older messages failed")]
+    assert len(failed) == 4 and all("made to fail by the test" in e for e in failed), failed
+    web.errors[:] = [e for e in web.errors if e not in failed]
 
 
 async def test_page_recovers_from_server_restarts(web: Web, server: ServerProcess) -> None:

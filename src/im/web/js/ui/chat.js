@@ -1,5 +1,6 @@
 // The conversation pane: header, message log (scrolls back by seq), typing line, composer, file drop.
 
+import { ApiError } from "../api.js";
 import { $, Keyed, coalesce, h, reconcile, setChildren } from "../dom.js";
 import { icon } from "../icons.js";
 import { describe, renderMessage } from "./messages.js";
@@ -7,7 +8,8 @@ import { avatar } from "./sidebar.js";
 
 const NEAR_BOTTOM = 80; // px: closer than this to the end counts as "at the bottom"
 const NEAR_TOP = 60; // px: closer than this to the start fetches the page before
-const RETRY_OLDER = 2000; // ms before a failed fetch of older messages is tried again
+const RETRY_OLDER = 1000; // ms before a failed fetch of older messages is first tried again; doubles each time
+const RETRY_OLDER_MAX = 30000; // ms: the longest wait between two tries
 const TYPING_EVERY = 3000; // ms between typing notices while the user types
 
 export class ChatView {
@@ -26,13 +28,17 @@ export class ChatView {
     this._typingSentAt = 0;
     this._stickToBottom = true;
     this._scrolledTo = 0; // where the last render left the pane: a different scrollTop means the user moved
+    // A failed fetch of older messages: the conversation, the last wait (ms) and the timer of the next
+    // try, or refused (a 4xx answer: only the user's click on "older" tries again). Renders and scrolls
+    // fetch nothing meanwhile, so a server in trouble is asked once per wait, not once per render.
+    this._olderFailure = null;
     this.render = coalesce(() => this._render());
 
     $("#back").replaceChildren(icon("back", { size: 22 }));
     $("#attach").replaceChildren(icon("attach", { size: 22 }));
     $("#back").onclick = onBack;
     $("#members-button").onclick = () => onMembers(this.conv);
-    this.older.onclick = () => this.loadOlder();
+    this.older.onclick = () => this.loadOlder({ asked: true });
     $("#composer").onsubmit = (e) => {
       e.preventDefault();
       this.submit();
@@ -67,7 +73,7 @@ export class ChatView {
     };
     this.wrap.addEventListener("scroll", () => {
       this._stickToBottom = this._atBottom();
-      if (this.wrap.scrollTop < NEAR_TOP) this.loadOlder();
+      if (this.wrap.scrollTop < NEAR_TOP) this.loadOlder({ asked: false });
       if (this._stickToBottom) this.markRead();
     });
     this._setupDrop();
@@ -157,26 +163,58 @@ export class ChatView {
     this._stickToBottom = true;
   }
 
-  async loadOlder() {
+  /** Fetch the page before the oldest message shown. ``asked``: the user clicked "older" (this tries
+   * again at once, even after a refusal); else a scroll or a render brought the top into view. */
+  async loadOlder({ asked }) {
     const c = this.conv && this.state.get(this.conv);
     if (!c || !c.hasOlder || c.loadingOlder) return;
+    const failure = this._olderFailure && this._olderFailure.conv === c.conv ? this._olderFailure : null;
+    if (failure && !asked) return; // waiting to try again, or refused
+    if (failure) clearTimeout(failure.timer);
     try {
       await this.state.loadOlder(c.conv);
+      if (this._olderFailure && this._olderFailure.conv === c.conv) this._olderFailure = null;
     } catch (err) {
       console.warn("im: loading older messages failed", err);
-      // Still at the top of the same conversation: no scroll event will come, so try again.
-      setTimeout(() => {
-        if (this.conv === c.conv) this._loadOlderIfAtTop(c);
-      }, RETRY_OLDER);
+      this._olderFailed(c, err, failure);
     }
   }
 
-  /** Fetch the page before when the top of the log is in view: scrolled there, or a page too short to scroll. */
-  _loadOlderIfAtTop(c) {
+  /** After a failed fetch: a refusal (4xx but 408 and 429) waits for the user; anything else is tried
+   * again while the top stays in view (no scroll event will come), after a wait that doubles each time
+   * (with up to a quarter more at random, so many pages do not come back at once), or the server's
+   * retry_after if longer. */
+  _olderFailed(c, err, previous) {
+    const status = err instanceof ApiError ? err.status : 0;
+    if (status >= 400 && status < 500 && status !== 408 && status !== 429) {
+      this._olderFailure = { conv: c.conv, wait: 0, timer: null, refused: true };
+      return;
+    }
+    const wait = previous && previous.wait ? Math.min(RETRY_OLDER_MAX, previous.wait * 2) : RETRY_OLDER;
+    const delay = Math.max(wait * (1 + Math.random() / 4), (err.retryAfter || 0) * 1000);
+    const failure = { conv: c.conv, wait, timer: null, refused: false };
+    failure.timer = setTimeout(() => {
+      if (this._olderFailure !== failure) return;
+      if (this.conv !== c.conv) {
+        this._olderFailure = null; // left the conversation: the next visit starts afresh
+        return;
+      }
+      this._loadOlderIfAtTop(c, { retry: true });
+    }, delay);
+    this._olderFailure = failure;
+  }
+
+  /** Fetch the page before when the top of the log is in view: scrolled there, or a page too short to
+   * scroll. ``retry``: the timer of a failed fetch (see :meth:`_olderFailed`). */
+  _loadOlderIfAtTop(c, { retry = false } = {}) {
     if (!c.hasOlder || !c.historyLoaded || c.loadingOlder) return;
     const w = this.wrap;
     if (w.clientHeight === 0) return; // hidden (the phone layout's other pane): nothing is in view
-    if (w.scrollTop < NEAR_TOP || w.scrollHeight <= w.clientHeight) this.loadOlder();
+    if (w.scrollTop < NEAR_TOP || w.scrollHeight <= w.clientHeight) {
+      this.loadOlder({ asked: retry });
+    } else if (retry) {
+      this._olderFailure = null; // scrolled away meanwhile: the next time the top comes into view fetches
+    }
   }
 
   _atBottom() {
