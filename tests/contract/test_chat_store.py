@@ -285,7 +285,7 @@ async def test_find_sent(chat: ChatHarness) -> None:
     assert await store.find_sent([]) == {}
 
 
-_AWKWARD_TEXT = ['a"b', "c\\d", "e,f", "{g}", " h ", "i\nj", "NULL", "k\u00e9\u4e2d\U0001f600", "\x01\x7f", "\\\""]
+_AWKWARD_TEXT = ['a"b', "c\\d", "e,f", "{g}", " h ", "i\nj", "NULL", "k\u00e9\u4e2d\U0001f600", "\x01\x7f", '\\"']
 
 
 async def test_any_text_a_client_chooses_round_trips(chat: ChatHarness) -> None:
@@ -300,7 +300,8 @@ async def test_any_text_a_client_chooses_round_trips(chat: ChatHarness) -> None:
         await store.commit(CommitBatch(messages=[m], heads={D: (m.seq - 1, m.seq, 9)}))
     keys = [(1, m.device, m.cmid) for m in awkward]
     assert await store.find_sent(keys) == {k: m for k, m in zip(keys, awkward, strict=True)}
-    mixed = [msg(D, 3 + len(awkward) + i, 1, device=t, cmid="again-" + t, type="t") for i, t in enumerate(_AWKWARD_TEXT)]
+    after = 2 + len(awkward)
+    mixed = [msg(D, after + i, 1, device=t, cmid="again-" + t, type="t") for i, t in enumerate(_AWKWARD_TEXT, 1)]
     await store.commit(CommitBatch(messages=mixed, heads={D: (mixed[0].seq - 1, mixed[-1].seq, 9)}))
     assert await store.read_range(D, 0, None, 100) == [*plain, *awkward, *mixed]
     await store.save_cursors([(1, t, D, 3) for t in _AWKWARD_TEXT])

@@ -4,9 +4,11 @@ page. Nothing typed is lost or doubled, nothing sent meanwhile is missed, and th
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -35,6 +37,24 @@ async def send_from_phone(web: Web, sender: WebUser, to: WebUser, texts: list[st
     for text in texts:
         assert await phone.send({"text": text}, conv=sender.conv_with(to)) is not None, phone.errors
     await phone.close()
+
+
+async def back_to_a_long_conversation(web: Web) -> tuple[WebUser, WebUser, list[str]]:
+    """Alice writes 70 messages to Bob while his page is closed; Bob opens the conversation again and sees
+    the newest 50 (one history page). Returns alice, bob and every text in order."""
+    alice = await web.user("alice")
+    bob = await web.user("bob")
+    await alice.open_chat_with(bob)
+    await alice.send("first")
+    await expect(bob.page.locator("#conv-list .conv")).to_have_count(1)
+    await bob.page.close()  # away: the messages below wait in history, not in the open page
+    more = [f"message {i}" for i in range(1, 70)]
+    await send_from_phone(web, alice, bob, more)
+    everything = ["first", *more]
+    bob.page = await web.page(bob.context)
+    await bob.open_conversation(alice.display)
+    await expect(bob.texts).to_have_text(everything[-50:])
+    return alice, bob, everything
 
 
 async def test_offline_user_catches_up_in_order(web: Web) -> None:
@@ -90,19 +110,7 @@ async def test_offline_user_catches_up_in_order(web: Web) -> None:
 async def test_a_scroll_to_the_top_that_a_render_overtakes_still_pages_back(web: Web) -> None:
     """A render that runs after the user scrolled up but before the scroll event is dispatched (a live
     message arriving then) must neither pin the log back to the bottom nor leave the older page unfetched."""
-    alice = await web.user("alice")
-    bob = await web.user("bob")
-    await alice.open_chat_with(bob)
-    await alice.send("first")
-    await expect(bob.page.locator("#conv-list .conv")).to_have_count(1)
-    await bob.page.close()  # away: the messages below wait in history, not in the open page
-    more = [f"message {i}" for i in range(1, 70)]
-    await send_from_phone(web, alice, bob, more)
-    everything = ["first", *more]
-
-    bob.page = await web.page(bob.context)
-    await bob.open_conversation(alice.display)
-    await expect(bob.texts).to_have_text(everything[-50:])
+    alice, bob, everything = await back_to_a_long_conversation(web)
     # The user scrolls to the top, and this scroll's event never reaches the page (as if a render ran first).
     await bob.page.locator("#messages-wrap").evaluate(
         """w => {
@@ -130,21 +138,10 @@ async def count_reaches(items: list[float], n: int, *, within: float) -> None:
 async def test_a_failing_fetch_of_older_messages_is_retried_less_and_less_often_and_a_refusal_waits(web: Web) -> None:
     """The page before is fetched again while the top stays in view, each wait twice the last, and renders
     in between fetch nothing; a refusal (4xx) is not tried again until the user clicks "older"."""
-    alice = await web.user("alice")
-    bob = await web.user("bob")
-    await alice.open_chat_with(bob)
-    await alice.send("first")
-    await expect(bob.page.locator("#conv-list .conv")).to_have_count(1)
-    await bob.page.close()
-    more = [f"message {i}" for i in range(1, 70)]
-    await send_from_phone(web, alice, bob, more)
-    everything = ["first", *more]
-    bob.page = await web.page(bob.context)
-    await bob.open_conversation(alice.display)
-    await expect(bob.texts).to_have_text(everything[-50:])
+    alice, bob, everything = await back_to_a_long_conversation(web)
 
     tries: list[float] = []
-    answer = {"status": 403, "code": "forbidden"}
+    answer: dict[str, Any] = {"status": 403, "code": "forbidden"}
 
     async def older_pages(route: Route) -> None:
         if "before=" not in route.request.url:
@@ -155,7 +152,7 @@ async def test_a_failing_fetch_of_older_messages_is_retried_less_and_less_often_
             await route.continue_()
         else:
             body = json.dumps({"code": answer["code"], "message": "made to fail by the test"})
-            await route.fulfill(status=int(answer["status"]), content_type="application/json", body=body)
+            await route.fulfill(status=answer["status"], content_type="application/json", body=body)
 
     await bob.page.route("**/api/v1/conversations/*/messages*", older_pages)
     await bob.page.locator("#messages-wrap").evaluate("w => { w.scrollTop = 0; }")
@@ -175,10 +172,10 @@ async def test_a_failing_fetch_of_older_messages_is_retried_less_and_less_often_
     await alice.send("live while backing off")  # a render between the tries: it fetches nothing
     await expect(bob.message("live while backing off")).to_have_count(1)
     await expect(bob.texts).to_have_text([*everything, "live while refused", "live while backing off"], timeout=15_000)
-    gaps = [later - earlier for earlier, later in zip(tries[1:], tries[2:], strict=False)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(tries[1:])]  # after the click
     assert len(tries) == 5, gaps
     assert gaps[0] >= 0.9, gaps
-    assert all(later >= 1.5 * earlier for earlier, later in zip(gaps, gaps[1:], strict=False)), gaps
+    assert all(later >= 1.5 * earlier for earlier, later in itertools.pairwise(gaps)), gaps
     # The page said so on its console, once per failed try (and nothing else went wrong).
     failed = [e for e in web.errors if e.startswith("im: loading older messages failed")]
     assert len(failed) == 4 and all("made to fail by the test" in e for e in failed), failed
