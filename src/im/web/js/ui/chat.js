@@ -127,6 +127,10 @@ export class ChatView {
   async show(conv) {
     if (conv === this.conv) return;
     this.conv = conv;
+    if (this._olderFailure) {
+      clearTimeout(this._olderFailure.timer); // another conversation: its next visit starts afresh
+      this._olderFailure = null;
+    }
     this._elements.clear();
     this.list.replaceChildren();
     this._stickToBottom = true;
@@ -185,6 +189,7 @@ export class ChatView {
    * (with up to a quarter more at random, so many pages do not come back at once), or the server's
    * retry_after if longer. */
   _olderFailed(c, err, previous) {
+    if (this.conv !== c.conv) return; // left while it was fetched: the next visit starts afresh
     const status = err instanceof ApiError ? err.status : 0;
     if (status >= 400 && status < 500 && status !== 408 && status !== 429) {
       this._olderFailure = { conv: c.conv, wait: 0, timer: null, refused: true };
@@ -194,12 +199,7 @@ export class ChatView {
     const delay = Math.max(wait * (1 + Math.random() / 4), (err.retryAfter || 0) * 1000);
     const failure = { conv: c.conv, wait, timer: null, refused: false };
     failure.timer = setTimeout(() => {
-      if (this._olderFailure !== failure) return;
-      if (this.conv !== c.conv) {
-        this._olderFailure = null; // left the conversation: the next visit starts afresh
-        return;
-      }
-      this._loadOlderIfAtTop(c, { retry: true });
+      if (this._olderFailure === failure && this.conv === c.conv) this._loadOlderIfAtTop(c, { retry: true });
     }, delay);
     this._olderFailure = failure;
   }
