@@ -527,10 +527,21 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
 
 @contextlib.asynccontextmanager
 async def _on_lock_session() -> AsyncIterator[None]:
-    """A statement on the outbox lock's session: the session gone (closed, terminated) is the lock lost."""
+    """A statement on the outbox lock's session: the session gone (closed, terminated) is the lock lost.
+
+    A session the server ends while it is idle (``pg_terminate_backend``, a restart) sends its FATAL
+    error before it closes the socket. A statement started between the two finds asyncpg still taking
+    that error in and fails with ``InternalClientError`` ("another operation is in progress"), not as a
+    closed connection: that session is as good as gone, and the holder leaving then terminates it."""
     try:
         yield
-    except (asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError, OSError) as exc:
+    except (
+        asyncpg.InterfaceError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.AdminShutdownError,
+        asyncpg.InternalClientError,
+        OSError,
+    ) as exc:
         raise OutboxLockLost(f"the session holding the outbox lock is gone ({type(exc).__name__}: {exc})") from exc
 
 
