@@ -179,29 +179,31 @@ export class ChatView {
       await this.state.loadOlder(c.conv);
       if (this._olderFailure && this._olderFailure.conv === c.conv) this._olderFailure = null;
     } catch (err) {
-      console.warn("im: loading older messages failed", err);
-      this._olderFailed(c, err, failure);
+      const delay = this._olderFailed(c, err, failure);
+      const next = delay === null ? "not trying again until asked" : `trying again in ${(delay / 1000).toFixed(2)} s`;
+      console.warn(`im: loading older messages failed; ${next}:`, err);
     }
   }
 
   /** After a failed fetch: a refusal (4xx but 408 and 429) waits for the user; anything else is tried
    * again while the top stays in view (no scroll event will come), after a wait that doubles each time
    * (with up to a quarter more at random, so many pages do not come back at once), or the server's
-   * retry_after if longer. */
+   * retry_after if longer. Returns the delay (ms) of the next try, or null when none is planned. */
   _olderFailed(c, err, previous) {
-    if (this.conv !== c.conv) return; // left while it was fetched: the next visit starts afresh
+    if (this.conv !== c.conv) return null; // left while it was fetched: the next visit starts afresh
     const status = err instanceof ApiError ? err.status : 0;
     if (status >= 400 && status < 500 && status !== 408 && status !== 429) {
-      this._olderFailure = { conv: c.conv, wait: 0, timer: null, refused: true };
-      return;
+      this._olderFailure = { conv: c.conv, wait: 0, timer: null }; // refused: no timer
+      return null;
     }
     const wait = previous && previous.wait ? Math.min(RETRY_OLDER_MAX, previous.wait * 2) : RETRY_OLDER;
     const delay = Math.max(wait * (1 + Math.random() / 4), (err.retryAfter || 0) * 1000);
-    const failure = { conv: c.conv, wait, timer: null, refused: false };
+    const failure = { conv: c.conv, wait, timer: null };
     failure.timer = setTimeout(() => {
       if (this._olderFailure === failure && this.conv === c.conv) this._loadOlderIfAtTop(c, { retry: true });
     }, delay);
     this._olderFailure = failure;
+    return delay;
   }
 
   /** Fetch the page before when the top of the log is in view: scrolled there, or a page too short to
