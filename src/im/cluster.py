@@ -7,15 +7,15 @@ starts in its data directory. Every process writes its log to ``<data_dir>/logs/
 Ports come from ``base_port`` (default 8080): the API on ``base``, gateway *i* (1-based) WebSocket on
 ``base + 10*i + 1`` and TCP on ``base + 10*i + 2``, transfer node *i* on ``base + 10*i + 3``, the private
 etcd on ``base + 5`` and ``base + 6``. The operations listener (``/metrics``, ``/health/live``,
-``/health/ready``; plain HTTP on 127.0.0.1) of gateway *i* is on ``base + 10*i + 4``, of transfer node *i* on
+``/health/ready``; on 127.0.0.1, HTTPS with ``tls``) of gateway *i* is on ``base + 10*i + 4``, of transfer node *i* on
 ``base + 10*i + 7``; the API serves ``/metrics`` on its own port. With several API nodes, API *i* ≥ 2 listens
 on ``base + 10*(i-1) + 8``. :class:`LocalCluster` is also what the
 cross-process tests use, so they can kill and restart single nodes.
 
 With ``tls`` (the default of ``im cluster``; ``--no-tls`` turns it off) the cluster is TLS end to end: a
 private CA and one certificate per node are made with :mod:`im.certs` in ``<data_dir>/certs`` (kept and
-reused), the API and the gateways serve HTTPS, ``wss://`` and ``tls://`` with them, and every gRPC link
-is mutual TLS (``cluster_tls``). Clients trust ``<data_dir>/certs/ca.crt``.
+reused), the API and the gateways serve HTTPS, ``wss://`` and ``tls://`` with them, every operations
+listener HTTPS, and every gRPC link is mutual TLS (``cluster_tls``). Clients trust ``<data_dir>/certs/ca.crt``.
 
 With ``s3`` (``im cluster --s3``) the cluster starts a private SeaweedFS S3 gateway (:mod:`im.seaweedfs`,
 data in ``<data_dir>/s3``, free ports, a random key pair) and every node keeps its files there
@@ -271,9 +271,9 @@ class LocalCluster:
         """The CA clients must trust when ``tls`` is on."""
         return self.certs_dir / "ca.crt" if self.tls else None
 
-    def _node_tls(self, name: str, *, serves_clients: bool) -> list[str]:
+    def _node_tls(self, name: str) -> list[str]:
         """The TLS settings of node ``name``: its certificate (made once, reused), mutual TLS on the link,
-        and TLS on its client listeners when it has any."""
+        and TLS on its client and operations listeners."""
         if not self.tls:
             return []
         d = self.certs_dir
@@ -288,8 +288,8 @@ class LocalCluster:
             *("--set", f"cluster_tls.cert_file={node.cert}"),
             *("--set", f"cluster_tls.key_file={node.key}"),
         ]
-        if serves_clients:
-            out += ["--tls-cert", str(node.cert), "--tls-key", str(node.key)]
+        # Client listeners, and the operations listener (a transfer node's only use of it).
+        out += [*("--set", f"tls.cert_file={node.cert}"), *("--set", f"tls.key_file={node.key}")]
         return out
 
     def _plan(self) -> list[RoleProcess]:
@@ -308,7 +308,7 @@ class LocalCluster:
                         "--set",
                         f"transfer.port={port}",
                         *("--set", f"ops.port={ops}"),
-                        *self._node_tls(f"tr-{i}", serves_clients=False),
+                        *self._node_tls(f"tr-{i}"),
                     ],
                     logs / f"tr-{i}.log",
                     {"grpc": port, "ops": ops},
@@ -330,7 +330,7 @@ class LocalCluster:
                         "--tcp-port",
                         str(tcp),
                         *("--set", f"ops.port={ops}"),
-                        *self._node_tls(f"gw-{i}", serves_clients=True),
+                        *self._node_tls(f"gw-{i}"),
                     ],
                     logs / f"gw-{i}.log",
                     {"ws": ws, "tcp": tcp, "ops": ops},
@@ -349,7 +349,7 @@ class LocalCluster:
                         f"http.node_id=api-{i}",
                         "--http-port",
                         str(http),
-                        *self._node_tls(f"api-{i}", serves_clients=True),
+                        *self._node_tls(f"api-{i}"),
                     ],
                     logs / f"api-{i}.log",
                     {"http": http},
@@ -364,7 +364,7 @@ class LocalCluster:
         out = {}
         for name, node in self.nodes.items():
             if "ops" in node.ports:
-                out[name] = f"http://127.0.0.1:{node.ports['ops']}/metrics"
+                out[name] = f"{'https' if self.tls else 'http'}://127.0.0.1:{node.ports['ops']}/metrics"
             elif "http" in node.ports:
                 out[name] = f"{'https' if self.tls else 'http'}://127.0.0.1:{node.ports['http']}/metrics"
         return out

@@ -45,7 +45,7 @@ from im.compose import (
     listed,
     require_shared_engines,
 )
-from im.compose_security import build_link_tls, build_tls
+from im.compose_security import ProcessTls, build_link_tls, build_tls
 from im.config import Config
 from im.lifecycle import Lifecycle, Loop, Part, registration, report_load, tracing_part
 from im.live_config import follow_push, live_config
@@ -87,11 +87,15 @@ class _Role:
         metrics.install(config.metrics.enabled)
         self.ops: OpsServer | None = None
 
-    def _listen_for_ops(self, readiness: Readiness) -> None:
-        """With ``ops.port`` set: the operations listener, answering ``/health/ready`` from ``readiness``."""
+    def _listen_for_ops(self, readiness: Readiness, tls: ProcessTls | None) -> None:
+        """With ``ops.port`` set: the operations listener, answering ``/health/ready`` from ``readiness``;
+        HTTPS with the process's certificate (``tls``, reloaded with it) when it has one."""
         op = self.config.ops
         if op.port is not None:
-            self.ops = OpsServer(op.host, op.port, metrics=self.config.metrics.enabled, ready=readiness.check)
+            context = None if tls is None else (lambda: tls.files.context)
+            self.ops = OpsServer(
+                op.host, op.port, metrics=self.config.metrics.enabled, ready=readiness.check, tls=context
+            )
 
     def _ops_first(self) -> list[Part]:
         """The operations listener starts first and stops last: it answers (503 ready) while draining."""
@@ -125,10 +129,11 @@ class TransferNode(_Role):
         )
         self._grpc_server: Any = None
         self.address = ""
-        self.reloads = build_reloads(config, b, None, self.lifecycle)  # the master key file
+        self.tls = build_tls(config)  # serves no clients: only the operations listener's HTTPS
+        self.reloads = build_reloads(config, b, self.tls, self.lifecycle)  # its certificate, the master key file
         #: Engines (RabbitMQ too: the relay runs here), registered, not draining.
         self.readiness = build_readiness(config, b, self.lifecycle, events=True)
-        self._listen_for_ops(self.readiness)
+        self._listen_for_ops(self.readiness, self.tls)
         #: Dynamic settings from the configuration centre (log level, trace sampling, the send-order hold).
         self.live, self._live_parts = live_config(config, b.registry, self.lifecycle, committer=self.committer)
 
@@ -221,7 +226,7 @@ class GatewayNode(_Role):
         self.reloads = build_reloads(config, b, self.tls, self.lifecycle)
         #: Published with the load: the API hands out only ready gateways (im.api.server.GatewayPicker).
         self.readiness = build_readiness(config, b, self.lifecycle)
-        self._listen_for_ops(self.readiness)
+        self._listen_for_ops(self.readiness, self.tls)
         #: Dynamic settings from the configuration centre: limits, rates, log level, trace sampling.
         self.live, self._live_parts = live_config(config, b.registry, self.lifecycle, hub=self.hub, reads=self.reads)
         # A registration found lost (lease expired while paused or cut off): clients are moved, not served on.

@@ -78,6 +78,14 @@ def _grpc_first_byte(port: int, ctx: ssl.SSLContext) -> bytes:
 def test_nothing_answers_in_plaintext_or_without_a_cluster_certificate(tls_cluster: LocalCluster) -> None:
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{tls_cluster.base_port}/api/v1/health", timeout=5)
+    trusted = ssl.create_default_context(cafile=tls_cluster.ca_file)
+    ops = {name: url for name, url in tls_cluster.metrics_urls().items() if name[:2] in ("gw", "tr")}
+    assert sorted(ops) == ["gw-1", "gw-2", "tr-1"]
+    for url in ops.values():  # the operations listeners: HTTPS with the node's certificate, nothing in clear
+        assert url.startswith("https://")
+        assert "process_open_fds " in httpx.get(url, verify=trusted, timeout=5).text
+        with pytest.raises(httpx.HTTPError):
+            httpx.get("http://" + url.removeprefix("https://"), timeout=5)
     port = next(n for n in tls_cluster.nodes.values() if n.role == "transfer").ports["grpc"]
     ca = certs.Issued(tls_cluster.certs_dir / "ca.crt", tls_cluster.certs_dir / "ca.key")
     probe = certs.issue(tls_cluster.certs_dir, ca, "probe", server=False)

@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import socket
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
 
+from im import certs
 from im.observability import metrics
 from im.observability.health import Readiness
 from im.observability.ops_http import MAX_HEAD, OpsServer
+from im.tls import ReloadingContext
 
 
 async def raw(server: OpsServer, data: bytes) -> tuple[int, bytes]:
@@ -124,5 +130,48 @@ async def test_metrics_off_is_404() -> None:
         assert status == 404 and b"metrics are off" in body
         status, _ = await raw(server, b"GET /health/live HTTP/1.1\r\n\r\n")
         assert status == 200
+    finally:
+        await server.stop()
+
+
+def _peer_cert(port: int, ca: Path) -> bytes:
+    """The DER certificate the listener on ``port`` presents to a client that trusts ``ca``."""
+    context = ssl.create_default_context(cafile=ca)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
+        context.wrap_socket(sock, server_hostname="127.0.0.1") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+async def test_with_a_certificate_it_speaks_https_only_and_serves_a_replaced_certificate(tmp_path: Path) -> None:
+    metrics.install(True)
+    ca = certs.create_ca(tmp_path / "ca")
+    first = certs.issue(tmp_path / "first", ca, "node")
+    live = tmp_path / "live"
+    live.mkdir()
+    shutil.copy(first.cert, live / "node.crt")
+    shutil.copy(first.key, live / "node.key")
+    files = ReloadingContext(live / "node.crt", live / "node.key")
+    readiness = Readiness(cache_for=0)
+    server = OpsServer("127.0.0.1", 0, metrics=True, ready=readiness.check, tls=lambda: files.context)
+    await server.start()
+    try:
+        assert server.url == f"https://127.0.0.1:{server.port}"
+        async with httpx.AsyncClient(base_url=server.url, verify=ssl.create_default_context(cafile=ca.cert)) as http:
+            r = await http.get("/metrics")
+            assert r.status_code == 200 and "im_sends_received_total" in r.text
+        with pytest.raises(httpx.HTTPError):  # plaintext gets no answer: the bytes are not a TLS hello
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=5) as plain:
+                await plain.get("/metrics")
+        before = await asyncio.to_thread(_peer_cert, server.port, ca.cert)
+        second = certs.issue(tmp_path / "second", ca, "node")
+        shutil.copy(second.cert, live / "node.crt")
+        shutil.copy(second.key, live / "node.key")
+        assert files.reload()
+        after = await asyncio.to_thread(_peer_cert, server.port, ca.cert)
+        assert before != after and after == ssl.PEM_cert_to_DER_cert(second.cert.read_text())
     finally:
         await server.stop()

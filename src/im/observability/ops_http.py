@@ -1,5 +1,7 @@
-"""The operations listener of ``im gateway`` and ``im transfer`` (config ``ops``): plain HTTP/1.1 with
-``GET /metrics``, ``GET /health/live`` and ``GET /health/ready`` (docs/operations.md).
+"""The operations listener of ``im gateway`` and ``im transfer`` (config ``ops``): HTTP/1.1 with
+``GET /metrics``, ``GET /health/live`` and ``GET /health/ready`` (docs/operations.md). HTTPS only when
+the process has a certificate (the ``tls`` section), with the context current at each handshake, so a
+reloaded certificate is served to new connections; the handshake must end within :data:`HEAD_TIMEOUT`.
 
 Why not uvicorn: these roles serve no HTTP otherwise, and three fixed answers need no framework. One
 request per connection (``Connection: close``), the request head bounded (:data:`MAX_HEAD` bytes, else
@@ -13,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 
 from im.observability import metrics
@@ -44,23 +47,51 @@ class OpsServer:
     """``start`` binds (port 0: a free one, then in :attr:`port`/:attr:`url`), ``stop`` closes; a role lists
     it as its first lifecycle part, so it answers (``/health/ready`` 503) while the role drains."""
 
-    def __init__(self, host: str, port: int, metrics: bool, ready: ReadyCheck) -> None:
+    def __init__(
+        self, host: str, port: int, metrics: bool, ready: ReadyCheck, tls: Callable[[], ssl.SSLContext] | None = None
+    ) -> None:
         self.host = host
         self.port = port
         self.metrics = metrics
         self.ready = ready
+        self.tls = tls
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=MAX_HEAD)
+        context = self._context()
+        if context is None:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=MAX_HEAD)
+        else:
+            self._server = await asyncio.start_server(
+                self._serve, self.host, self.port, limit=MAX_HEAD, ssl=context, ssl_handshake_timeout=HEAD_TIMEOUT
+            )
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("operations listener on %s (/metrics, /health/live, /health/ready)", self.url)
+
+    def _context(self) -> ssl.SSLContext | None:
+        """The listener's context: it holds no certificate itself, but hands each handshake to the one
+        ``tls`` gives at that moment (OpenSSL's server-name callback runs on every ClientHello, with or
+        without SNI), so a reloaded certificate is served without rebinding. The protocol versions and
+        options are the listener's own (set before the callback runs): copied from the first context."""
+        current = self.tls
+        if current is None:
+            return None
+        first = current()
+        base = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)  # versions and options come from here
+        base.minimum_version = first.minimum_version
+        base.options |= first.options
+
+        def choose(conn: ssl.SSLObject, _name: str | None, _base: ssl.SSLContext) -> None:
+            conn.context = current()
+
+        base.sni_callback = choose
+        return base
 
     async def stop(self) -> None:
         if self._server is None:
