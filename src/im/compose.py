@@ -580,7 +580,7 @@ def build_groups(config: Config, b: Backends, caches: ChatCaches, committer: Com
     shred = deleted_users = None
     if keyring is not None:
 
-        async def shred(convs: Sequence[str]) -> int:  # crypto-shredding on account deletion
+        async def shred(convs: Sequence[str]) -> int:  # crypto-shredding: a group left empty, a deleted account
             return await keyring.shred([conv_key_name(c) for c in convs])
 
         async def deleted_users(uids: Sequence[int]) -> set[int]:

@@ -1,7 +1,8 @@
 """``im keys`` against a live ``im serve`` taking a steady stream of sends (the history checker runs over
-everything): the plaintext migration of a database written with encryption off, and a master key
-rotation, rewrap and retirement, after which a server with only the new key reads every message and
-file."""
+everything): the plaintext migration of a database written with encryption off, a master key rotation,
+rewrap and retirement, after which a server with only the new key reads every message and file, and a
+conversation key rotation, after which the server seals that conversation's new messages under the new
+key and a restarted one reads them all."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import contextlib
 import os
 import secrets
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -122,6 +124,18 @@ async def _texts(server: ServerProcess, reader: Account, conv: str) -> list[str]
             if not page["has_more"] or not page["messages"]:
                 return out
             after = page["messages"][-1]["seq"]
+
+
+def _key_versions(data: Path, conv: str) -> list[tuple[int, int]]:
+    """(seq, key version) of every stored body of ``conv``, read from the database file (sealed bodies:
+    format byte 0x01, then the version in 4 bytes, docs/security.md 11.4)."""
+    conn = sqlite3.connect(data / "im.sqlite3")
+    try:
+        rows = conn.execute("SELECT seq, body FROM messages WHERE conv = ? ORDER BY seq", (conv,)).fetchall()
+    finally:
+        conn.close()
+    assert all(bytes(body)[0] == 0x01 for _, body in rows)
+    return [(int(seq), int.from_bytes(bytes(body)[1:5], "big")) for seq, body in rows]
 
 
 def _scan(data: Path, marker: str) -> list[str]:
@@ -256,6 +270,62 @@ async def test_master_key_rotation_under_live_sends_then_retire_and_restart_with
                 assert r.status_code == 206 and r.content == content[65530:65601]
         with contextlib.suppress(Exception):
             pass
+    finally:
+        assert server.stop() == 0
+    assert "undecryptable" not in server.log() and "does not unwrap" not in server.log()
+
+
+async def test_a_conversation_key_rotation_under_live_sends_then_a_restart_reads_both_keys(tmp_path: Path) -> None:
+    marker = f"ConvRotateMarker{secrets.token_hex(6)}"
+    data = tmp_path / "data"
+    # the server re-reads a conversation's key versions every 0.5 s (default 60 s): it follows the rotation soon
+    server = ServerProcess(data, extra=["--set", "encryption.key_refresh=0.5"]).start()
+    try:
+        alice, bob, gid = await _pair(server)
+        group, direct = f"g:{gid}", f"d:{min(alice.uid, bob.uid)}:{max(alice.uid, bob.uid)}"
+        await _fill(server, alice, bob, gid, marker, 200)
+        assert {v for _, v in _key_versions(data, group)} == {1}
+        async with Traffic(server, alice, bob, gid, marker) as traffic:
+            for _ in range(200):  # sends flowing before the rotation
+                if traffic.sent >= 20:
+                    break
+                await asyncio.sleep(0.05)
+            code, out = await _im_keys(server, "rotate-conversation", group)
+            assert code == 0 and f"conversation {group} now encrypts with key version 2" in out, out
+            rotated_at = traffic.sent
+            for _ in range(200):  # until the server seals the group's new messages under version 2
+                if _key_versions(data, group)[-1][1] == 2:
+                    break
+                await asyncio.sleep(0.05)
+            switched_at = traffic.sent
+            while traffic.sent < switched_at + 20:  # and sends go on under it
+                await asyncio.sleep(0.05)
+        stats = await traffic.check()
+        assert rotated_at >= 20 and traffic.sent >= switched_at + 20
+        assert stats["messages"] >= 2 * (200 + traffic.sent)
+        versions = _key_versions(data, group)
+        assert [seq for seq, _ in versions] == list(range(1, 2 + 200 + traffic.sent))
+        assert versions[-1][1] == 2, "the server never sealed the group's messages under the new key"
+        first_v2 = next(i for i, (_, v) in enumerate(versions) if v == 2)
+        # before the rotation version 1, after the switch version 2 only (one writer: never back to 1)
+        assert {v for _, v in versions[:first_v2]} == {1} and {v for _, v in versions[first_v2:]} == {2}
+        assert first_v2 > 1 + 200 + 20 - 1 and len(versions) - first_v2 >= 20
+        assert {v for _, v in _key_versions(data, direct)} == {1}  # the other conversation keeps its key
+        code, out = await _im_keys(server, "rotate-conversation", "g:999999")
+        assert code == 1 and "has no key" in out, out
+    finally:
+        assert server.stop() == 0
+    # a restarted server reads every message of the group, under either key, and of the direct conversation
+    server = ServerProcess(data).start()
+    try:
+        texts = await _texts(server, bob, group)
+        assert texts[1:] == [f"{marker} old group {i}" for i in range(200)] + [
+            f"{marker} live group {n}" for n in range(traffic.sent)
+        ]
+        direct_texts = await _texts(server, alice, direct)
+        assert direct_texts == [f"{marker} old direct {i}" for i in range(200)] + [
+            f"{marker} live direct {n}" for n in range(traffic.sent)
+        ]
     finally:
         assert server.stop() == 0
     assert "undecryptable" not in server.log() and "does not unwrap" not in server.log()

@@ -1,6 +1,7 @@
-"""Crypto-shredding on account deletion, through a real ``im serve``: the keys of the conversations
-nobody can read any more are destroyed (a group the account was the last member of, a direct
-conversation whose partner was deleted before); the others' history stays readable."""
+"""Crypto-shredding through a real ``im serve``: the keys of the conversations nobody can read any more
+are destroyed — a group whose last member leaves, and on account deletion a group the account was the
+last member of and a direct conversation whose partner was deleted before; the others' history stays
+readable."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ from pathlib import Path
 
 import httpx
 
+from im.backends.chat.encrypted import UNDECRYPTABLE, EncryptedChatStore
+from im.backends.chat.sqlite import SqliteChatStore, SqliteConversationKeys
+from im.backends.keys.file import FileKeyProvider
+from im.backends.keys.keyring import Keyring
+from im.backends.sql.sqlite_db import SqliteDatabase
+from im.model.chat import StoredMessage
 from tests.support.client import Account, ChatClient, register
 from tests.support.server import running_server
 
@@ -20,6 +27,14 @@ def _key_names(data: Path) -> set[str]:
         return {r[0] for r in conn.execute("SELECT name FROM data_keys")}
     finally:
         conn.close()
+
+
+async def _stored(data: Path, conv: str) -> list[StoredMessage]:
+    """Every message of ``conv`` as a server on ``data`` (stopped) reads it from its store."""
+    db = SqliteDatabase(data / "im.sqlite3")
+    keyring = Keyring(FileKeyProvider(data / "master.key"), SqliteConversationKeys(db))
+    async with EncryptedChatStore(SqliteChatStore(db), keyring, owns_keyring=True) as store:
+        return await store.read_range(conv, 0, None, 1000)
 
 
 async def _group(http: httpx.AsyncClient, owner: Account, members: list[int]) -> str:
@@ -60,3 +75,41 @@ async def test_account_deletion_shreds_only_the_keys_nobody_needs(tmp_path: Path
                 messages = r.json()["messages"]
                 assert messages and all(m["type"] != "undecryptable" for m in messages)
     assert "destroyed the keys of 2 conversations" in server.log()
+
+
+async def test_the_last_member_leaving_a_group_shreds_its_keys(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    marker = f"LeaveMarker{secrets.token_hex(4)}"
+    with running_server(data) as server:
+        alice, bob = [await register(server.api, f"{n}{secrets.token_hex(3)}") for n in ("al", "bo")]
+        async with httpx.AsyncClient(base_url=server.api, timeout=10) as http:
+            abandoned = await _group(http, alice, [bob.uid])
+            kept = await _group(http, alice, [bob.uid])
+            a = ChatClient(server.ws, alice, "phone")
+            await a.connect()
+            for conv in (abandoned, kept):
+                for i in range(3):
+                    assert await a.send({"text": f"{marker} {i}"}, conv=conv) is not None
+            await a.close()
+            assert {f"conv:{abandoned}", f"conv:{kept}"} <= _key_names(data)
+            r = await http.post(f"/groups/{abandoned[2:]}/leave", headers=bob.auth)  # alice is still in
+            assert r.status_code == 204, r.text
+            r = await http.post(f"/groups/{kept[2:]}/leave", headers=alice.auth)  # bob is still in
+            assert r.status_code == 204, r.text
+            assert {f"conv:{abandoned}", f"conv:{kept}"} <= _key_names(data)
+            # alice was the last one: removing oneself is leaving
+            r = await http.delete(f"/groups/{abandoned[2:]}/members/{alice.uid}", headers=alice.auth)
+            assert r.status_code == 204, r.text
+            assert f"conv:{abandoned}" not in _key_names(data) and f"conv:{kept}" in _key_names(data)
+            r = await http.get(f"/conversations/{abandoned}/messages", headers=alice.auth)
+            assert r.status_code == 403 and r.json()["code"] == "not_member", r.text
+            r = await http.get(f"/conversations/{kept}/messages", headers=bob.auth)
+            assert r.status_code == 200, r.text
+            texts = [m["body"]["text"] for m in r.json()["messages"] if m["type"] == "text"]
+            assert texts == [f"{marker} {i}" for i in range(3)]
+    assert f"group {abandoned} has no member left: destroyed its keys" in server.log()
+    assert f"group {kept} has no member left" not in server.log()
+    gone = await _stored(data, abandoned)
+    assert len(gone) == 6  # created, three texts, two leavings: the rows stay, their bodies do not open
+    assert {(m.type, m.body) for m in gone} == {(UNDECRYPTABLE, b"null")}
+    assert [m.type for m in await _stored(data, kept)] == ["system", "text", "text", "text", "system"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,13 +52,16 @@ def chat_core(
     state_ttl: float | None = None,
     privacy_ttl: float | None = None,
     clock: Callable[[], float] = time.time,
+    shred: Callable[[Sequence[str]], Awaitable[int]] | None = None,
 ) -> ChatCore:
-    """Build (not start) the core: ``core.committer.start()`` before sending, ``stop()`` after."""
+    """Build (not start) the core: ``core.committer.start()`` before sending, ``stop()`` after.
+    ``shred``: what the group writes destroy a conversation's keys with (as the composition root wires
+    the keyring's); None: they destroy none."""
     states = ConversationStates(store, ttl=state_ttl, clock=clock)
     consent = Consent(accounts, store, ttl=privacy_ttl, clock=clock)
     ids = Snowflake(node_id)
     committer = Committer(store, accounts, router, presence, states, consent, files=files, ids=ids, clock=clock)
-    groups = Groups(committer, store, accounts, consent)
+    groups = Groups(committer, store, accounts, consent, shred=shred)
     reads = ChatReads(store, accounts, presence, states, consent)
     return ChatCore(committer, groups, reads, consent, store, accounts, router, presence)
 

@@ -7,11 +7,17 @@ change is queued on the committer, which judges it against the group's current s
 order with the group's messages. Reads of groups (a group, its members) are
 :class:`~im.core.reads.ChatReads`'.
 
-Crypto-shredding on account deletion (``shred``, docs/security.md 11.3): when :meth:`leave_all_groups`
-runs for a deleted account, the data keys of the conversations nobody can read any more are destroyed —
-a group this account was the last member of (nobody is left who could add anyone back), and a direct
-conversation whose other party was deleted before. A direct conversation with a living partner, and a
-group with members left, keep their keys: the account-deletion rules keep that history for them.
+Crypto-shredding (``shred``, docs/security.md 11.4): the data keys of a conversation nobody can read
+any more are destroyed —
+
+- a group whose last member leaves (:meth:`leave_group`, a DELETE of oneself, or :meth:`leave_all_groups`
+  on account deletion): nobody is left who could add anyone back, so the group stays empty for good.
+  A removal never empties a group (the remover is a member and stays one);
+- on account deletion, a direct conversation whose other party was deleted before.
+
+A direct conversation with a living partner, and a group with members left, keep their keys: the
+account-deletion rules keep that history for them. The keys are destroyed after the change that emptied
+the group is committed; a crash between the two leaves them (nothing retries it).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from im.core.consent import Consent
 from im.core.membership import MemberRequest
 from im.model.chat import Group
 from im.model.errors import ErrorCode, ImError
-from im.model.ids import parse_conv
+from im.model.ids import group_conv, parse_conv
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +84,18 @@ class Groups:
     async def remove_member(self, actor: int, gid: int, uid: int) -> None:
         """Remove ``uid``; removing oneself is leaving."""
         if uid == actor:
-            await self._committer.change_members(MemberRequest(actor, gid, "leave", []))
+            await self.leave_group(actor, gid)
         else:
             await self._committer.change_members(MemberRequest(actor, gid, "remove", [uid]))
 
     async def leave_group(self, uid: int, gid: int) -> None:
+        """``uid`` leaves; when it was the last member, the group's keys are destroyed."""
         await self._committer.change_members(MemberRequest(uid, gid, "leave", []))
+        if self._shred is not None:
+            conv = group_conv(gid)
+            if await self._abandoned(conv):
+                await self._shred([conv])
+                log.info("group %s has no member left: destroyed its keys", conv)
 
     async def set_role(self, actor: int, gid: int, uid: int, role: str) -> None:
         await self._committer.change_members(MemberRequest(actor, gid, "role", [uid], role))
@@ -96,8 +108,8 @@ class Groups:
         for point in await self._store.sync_points(uid, ""):
             parsed = parse_conv(point.conv)
             if parsed is not None and parsed[0] == "group":
-                try:
-                    await self.leave_group(uid, parsed[1][0])
+                try:  # not leave_group: the keys of the groups left empty are shredded in one batch below
+                    await self._committer.change_members(MemberRequest(uid, parsed[1][0], "leave", []))
                     left.append(point.conv)
                 except ImError as exc:  # already gone meanwhile: nothing to leave
                     log.info("leaving %s on account deletion: %s", point.conv, exc.message)
@@ -107,9 +119,14 @@ class Groups:
         if self._shred is not None:
             await self._shred_abandoned(left, partners)
 
+    async def _abandoned(self, conv: str) -> bool:
+        """Whether group ``conv`` has no member left. Once true it stays true (adding takes a member), so
+        reading it after the change that emptied it is no race."""
+        return not await self._store.read_marks(conv)  # one read mark per member
+
     async def _shred_abandoned(self, left: list[str], partners: dict[int, str]) -> None:
         assert self._shred is not None
-        abandoned = [conv for conv in left if not await self._store.read_marks(conv)]  # no member left
+        abandoned = [conv for conv in left if await self._abandoned(conv)]
         if partners and self._deleted_users is not None:
             gone = await self._deleted_users(list(partners))
             abandoned += [conv for partner, conv in partners.items() if partner in gone]
