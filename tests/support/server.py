@@ -164,9 +164,12 @@ def running_server(
     nofile: int | None = None,
     relaxed: bool = True,
     tls: TlsFiles | None = None,
+    ws_port: int | None = None,
 ) -> Iterator[ServerProcess]:
-    """A started ``im serve``; on exit it must stop cleanly on SIGTERM (exit 0, no traceback logged)."""
-    proc = ServerProcess(data_dir, extra=list(extra or []), nofile=nofile, relaxed=relaxed, tls=tls).start()
+    """A started ``im serve``; on exit it must stop cleanly on SIGTERM (exit 0, no traceback logged).
+    ``ws_port``: the gateway's WebSocket port (None: a free one), for a proxy set up before the server."""
+    ports = {} if ws_port is None else {"ws_port": ws_port}
+    proc = ServerProcess(data_dir, extra=list(extra or []), nofile=nofile, relaxed=relaxed, tls=tls, **ports).start()
     try:
         yield proc
     except BaseException:

@@ -24,6 +24,7 @@ import pytest_asyncio
 from playwright.async_api import (
     Browser,
     BrowserContext,
+    ConsoleMessage,
     Locator,
     Page,
     ViewportSize,
@@ -233,8 +234,14 @@ class Web:
 
         page.on("websocket", websocket)
         page.on("pageerror", lambda e: self.errors.append(f"{page.url}: {e}"))
-        # The client logs what the server refused and what failed with an "im: " prefix: none expected.
-        page.on("console", lambda m: self.errors.append(m.text) if m.text.startswith("im: ") else None)
+
+        def console(m: ConsoleMessage) -> None:
+            # The client warns of what the server refused and what failed (console.warn, console.error) with
+            # an "im: " prefix: none expected. Its information lines (console.info: a reconnect's wait) are not.
+            if m.type in ("error", "warning") and m.text.startswith("im: "):
+                self.errors.append(m.text)
+
+        page.on("console", console)
         await page.goto(f"{self.origin or self.server.http}/")
         return page
 

@@ -9,8 +9,9 @@
 //   written again in order; retryable refusals hold later sends back until a short delay has passed.
 // - reconnect with jittered exponential back-off (a random 50-100 % of min(max, base * 2^n)), and never
 //   sooner than the server asked: a refused login's `retry_after` (section 3, "Login admission"), an
-//   HTTP 503's, or 5 s after a close 1013 (section 3, "Connection caps"), plus up to 20 % jitter; ping
-//   after heartbeat/2 of silence and drop a connection whose ping got nothing back.
+//   HTTP 503's, or 5 s after a close 1013 (section 3, "Connection caps"), plus up to 20 % jitter; n counts
+//   the attempts since the last auth_ok; each wait is said on the console (console.info). Ping after
+//   heartbeat/2 of silence and drop a connection whose ping got nothing back.
 
 const RETRYABLE = new Set(["unavailable", "rate_limited", "too_many_in_flight", "unauthenticated"]);
 /** Seconds to wait at least after a close 1013 (docs/protocol.md section 3, "Connection caps"). */
@@ -162,6 +163,8 @@ export class Connection {
         this._retryAfter = null;
       }
       attempt = Math.min(attempt + 1, 30);
+      // Said on the console (as information, not a failure): how long this page waits, and why.
+      console.info(`im: ${reason}; reconnecting in ${(delay / 1000).toFixed(3)} s`);
       this._status("offline", { retryAt: Date.now() + delay, reason });
       await this._sleep(delay);
     }
