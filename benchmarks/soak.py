@@ -72,7 +72,7 @@ from im.bench.server import BENCH_SERVER_SETTINGS, raise_nofile, rss_bytes
 from im.cluster import LocalCluster
 from im.procs import free_block
 from soak_clients import ClientConfig, SoakUser, clients_main
-from soak_plot import slope, write_svg
+from soak_plot import slope, slope_at_equal, write_svg
 
 DSN = os.environ.get("IM_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 DEFAULT_FAULTS = "kill:gw-2,pause:tr-1,cut:postgres,kill:tr-2,pause:gw-1,cut:redis"
@@ -288,7 +288,9 @@ def slopes(rows: list[dict[str, Any]], names: list[str], warmup: float) -> dict[
     """Per process: RSS and descriptor slopes per minute over its longest uninterrupted life (a restart
     starts a new one), leaving out its first ``warmup`` seconds and the run's; also over the second half of
     that window (growth that is slowing down shows a smaller second-half slope), and for gateways the slope
-    of descriptors not held by a client connection (``fds - im_connections``)."""
+    of descriptors not held by a client connection (``fds - im_connections``) and of RSS at an equal number
+    of connections (a gateway's memory follows the connections it holds, which faults move between
+    gateways; what is left over is what a leak would show)."""
     out = {}
     for name in names:
         pts = [r for r in rows if r["phase"] == "load" and r.get(f"{name}.rss_mib") is not None]
@@ -303,7 +305,13 @@ def slopes(rows: list[dict[str, Any]], names: list[str], warmup: float) -> dict[
         xs = [r["t"] / 60 for r in seg]
         half = [r for r in seg if seg and r["t"] >= (seg[0]["t"] + seg[-1]["t"]) / 2]
         other = [r for r in seg if r.get(f"{name}.conns") is not None and r.get(f"{name}.fds") is not None]
+        held = [r for r in other if r[f"{name}.conns"]]
+        fit = slope_at_equal(
+            [r["t"] / 60 for r in held], [float(r[f"{name}.conns"]) for r in held], [r[f"{name}.rss_mib"] for r in held]
+        )
         out[name] = {
+            "rss_mib_per_min_at_equal_connections": None if fit is None else round(fit[0], 4),
+            "rss_kib_per_connection": None if fit is None else round(fit[1] * 1024, 2),
             "pid": pid,
             "lives": len(lives),
             "from_minute": round(xs[0], 2) if xs else None,
@@ -558,6 +566,11 @@ def report(
         extra = [f"2nd half RSS {f(s['rss_mib_per_min_2nd_half'], '+.3f')} MiB/min"]
         if s["fds_not_connections_per_min"] is not None:
             extra.append(f"fds - connections {f(s['fds_not_connections_per_min'], '+.2f')}/min")
+        if s["rss_mib_per_min_at_equal_connections"] is not None:
+            extra.append(
+                f"RSS at equal connections {f(s['rss_mib_per_min_at_equal_connections'], '+.3f')} MiB/min"
+                f" ({f(s['rss_kib_per_connection'], '.1f')} KiB per connection)"
+            )
         if s["committed"]:
             extra.append(f"committed {s['committed']:.0f}")
         print(f"soak: {name:<10} from minute {f(s['from_minute'], '.1f')}: " + ", ".join(extra))

@@ -30,6 +30,25 @@ def slope(xs: Sequence[float], ys: Sequence[float | None]) -> float | None:
     return round(sum((x - mx) * (y - my) for x, y in pts) / sxx, 4)
 
 
+def slope_at_equal(xs: Sequence[float], zs: Sequence[float], ys: Sequence[float]) -> tuple[float, float] | None:
+    """Least squares of ys = a + b*xs + c*zs: (b, c). With xs the time and zs a process's connections,
+    b is its growth that the connections it holds do not explain (what a leak would show), c its cost per
+    connection. None with fewer than four points or when xs and zs move together (no way to tell apart)."""
+    n = len(xs)
+    if n < 4:
+        return None
+    mx, mz, my = sum(xs) / n, sum(zs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    szz = sum((z - mz) ** 2 for z in zs)
+    sxz = sum((x - mx) * (z - mz) for x, z in zip(xs, zs, strict=True))
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    szy = sum((z - mz) * (y - my) for z, y in zip(zs, ys, strict=True))
+    det = sxx * szz - sxz * sxz
+    if sxx == 0 or szz == 0 or abs(det) < 1e-9 * sxx * szz:
+        return None
+    return (szz * sxy - sxz * szy) / det, (sxx * szy - sxz * sxy) / det
+
+
 def _panel(
     out: list[str],
     top: float,

@@ -168,8 +168,10 @@ def running_server(
 ) -> Iterator[ServerProcess]:
     """A started ``im serve``; on exit it must stop cleanly on SIGTERM (exit 0, no traceback logged).
     ``ws_port``: the gateway's WebSocket port (None: a free one), for a proxy set up before the server."""
-    ports = {} if ws_port is None else {"ws_port": ws_port}
-    proc = ServerProcess(data_dir, extra=list(extra or []), nofile=nofile, relaxed=relaxed, tls=tls, **ports).start()
+    proc = ServerProcess(data_dir, extra=list(extra or []), nofile=nofile, relaxed=relaxed, tls=tls)
+    if ws_port is not None:
+        proc.ws_port = ws_port
+    proc.start()
     try:
         yield proc
     except BaseException:

@@ -47,7 +47,7 @@ ANNOUNCED = re.compile(r"^im: (.*); reconnecting in ([0-9.]+) s$")
 
 def nominal(n: int) -> float:
     """The longest wait before the n-th attempt in a row (n from 0); the shortest is half of it."""
-    return min(CAP, BASE * 2**n)
+    return min(CAP, BASE * 2.0**n)
 
 
 @pytest.fixture
