@@ -91,12 +91,13 @@ async def _history_texts(server: ServerProcess, reader: Account, conv: str) -> s
 
 
 def _scan_files(root: Path, markers: list[str]) -> list[str]:
-    """(file: marker) for every marker found in any file under ``root``, as text or as hex."""
+    """(file: marker) for every marker found in any file under ``root``, as text or as hex, or in its
+    name (a blob stored under the plain SHA-256 of its bytes)."""
     found = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         data = path.read_bytes()
         for m in markers:
-            if m.encode() in data or m.encode().hex().encode() in data:
+            if m.encode() in data or m.encode().hex().encode() in data or m in path.name:
                 found.append(f"{path.name}: {m}")
     return found
 
@@ -203,3 +204,46 @@ async def test_postgres_tables_hold_no_message_text(tmp_path: Path) -> None:
     assert found == []
     for m in markers[:3]:
         assert m in history
+
+
+async def _wait_for_log(server: ServerProcess, lines: list[str], timeout: float = 60.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not all(line in server.log() for line in lines):
+        assert asyncio.get_running_loop().time() < deadline, f"not logged: {lines}\n{server.log()[-3000:]}"
+        await asyncio.sleep(0.1)
+
+
+async def test_sqlite_files_stored_in_clear_are_keyed_at_start(tmp_path: Path) -> None:
+    """A data directory written with ``files.encrypt=false`` (messages sealed; blobs and file ids in
+    clear: the scan finds the file markers and the hashes), then served with it on: at start the
+    background migrations seal the blobs and key the file ids (then drop the old pages: VACUUM, WAL
+    truncated); afterwards the scan finds nothing, and everything reads back as before."""
+    markers = _markers()
+    server = ServerProcess(tmp_path / "data", extra=["--set", "files.encrypt=false"]).start()
+    try:
+        alice = await register(server.api, f"alice{secrets.token_hex(3)}")
+        bob = await register(server.api, f"bob{secrets.token_hex(3)}")
+        async with httpx.AsyncClient(timeout=10) as http:
+            r = await http.post(f"{server.api}/groups", json={"name": "t", "members": [bob.uid]}, headers=alice.auth)
+            assert r.status_code in (200, 201), r.text
+            gid = r.json()["gid"]
+        shas = [await _upload_round(server, alice, bob, gid, m) for m in markers[3:]]
+        await _send_round(server, alice, bob, gid, markers[0], 20)
+    finally:
+        server.stop()
+    found = _scan_files(server.data_dir, [*markers, *shas])
+    assert {f.split(": ")[1] for f in found} == {*markers[3:], *shas}
+    (server.data_dir / "server.log").unlink()  # what the first run logged is not data at rest
+    server.extra = []  # files.encrypt as encryption.enabled: on
+    server.start()
+    try:
+        await _wait_for_log(server, ["file ids keyed", "blob migration done"])
+        await _send_round(server, alice, bob, gid, markers[1], 5)
+        await _check_files(server, shas, markers[3:], [alice, bob])
+        history = await _history_texts(server, alice, f"g:{gid}")
+        found = _scan_files(server.data_dir, [*markers, *shas])
+    finally:
+        server.stop()
+    found += _scan_files(server.data_dir, [*markers, *shas])
+    assert found == []
+    assert markers[0] in history and markers[1] in history and "undecryptable" not in history
