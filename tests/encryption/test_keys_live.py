@@ -150,6 +150,7 @@ async def test_a_plaintext_database_is_migrated_online_under_live_sends(tmp_path
             sent_during = traffic.sent
         assert "3001/3001 plaintext message bodies done" in out, out  # 1500 + 1500 + the group creation
         assert "done: 3001 sealed, 0 changed meanwhile" in out, out
+        assert "file ids: 0 table rows keyed" in out, out  # no upload here: tests/encryption/test_file_ids.py
         assert sent_during > 0
         stats = await traffic.check()
         assert stats["messages"] >= 2 * traffic.sent
