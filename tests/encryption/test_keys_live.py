@@ -215,7 +215,9 @@ async def test_master_key_rotation_under_live_sends_then_retire_and_restart_with
         async with Traffic(server, alice, bob, gid, marker) as traffic:
             code, out = await _im_keys(server, "rotate", "--batch", "2")
             assert code == 0, out
-            assert "data keys: 3 rewrapped" in out and "file keys: 3 rewritten" in out, out
+            # Two conversations, the blob names' and the file ids' keys; the files listed from their
+            # keyed rows (the sealed hashes opened).
+            assert "data keys: 4 rewrapped" in out and "file keys: 3 rewritten" in out, out
             new_id = master_key_id(read_key_file_all(data / "master.key")[0])
             assert new_id != old_id
             # too early: a server may not have re-read the file yet
