@@ -324,8 +324,7 @@ def encryption_loops(config: Config, b: Backends) -> list[Loop]:
 def file_id_conversion(config: Config, b: Backends) -> FileIdConversion | None:
     """The conversion of the file tables' ids in clear to keyed ids (None when the ids are not keyed)."""
     store = b.file_store
-    ids = getattr(store, "ids", None)
-    if not isinstance(ids, FileIds) or not ids.keyed or not isinstance(store, StoredFileIds):
+    if not isinstance(store, StoredFileIds) or not store.ids.keyed:
         return None
     enc = config.encryption
     scrub = None if b.bodies is None else b.bodies.scrub

@@ -52,7 +52,7 @@ class Engine(abc.ABC):
         """Another (unstarted) plain store and key store on the same storage, as another process."""
 
     @abc.abstractmethod
-    def file_store(self, ids: FileIds) -> SqliteFileStore | PostgresFileStore:
+    def file_store(self, ids: FileIds, *, recheck: float = 60.0) -> SqliteFileStore | PostgresFileStore:
         """A new (unstarted) file store on the same storage, naming files as ``ids`` says."""
 
     @abc.abstractmethod
@@ -79,8 +79,8 @@ class SqliteEngine(Engine):
         db = SqliteDatabase(self.path)
         return SqliteChatStore(db), SqliteConversationKeys(db)
 
-    def file_store(self, ids: FileIds) -> SqliteFileStore | PostgresFileStore:
-        return SqliteFileStore(SqliteDatabase(self.path), ids=ids)
+    def file_store(self, ids: FileIds, *, recheck: float = 60.0) -> SqliteFileStore | PostgresFileStore:
+        return SqliteFileStore(SqliteDatabase(self.path), ids=ids, recheck=recheck)
 
     async def sql(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
         conn = sqlite3.connect(self.path, isolation_level=None)
@@ -118,8 +118,8 @@ class PostgresEngine(Engine):
         db = self.schema.database()
         return PostgresChatStore(db), PostgresConversationKeys(db)
 
-    def file_store(self, ids: FileIds) -> SqliteFileStore | PostgresFileStore:
-        return PostgresFileStore(self.schema.database(), ids=ids)
+    def file_store(self, ids: FileIds, *, recheck: float = 60.0) -> SqliteFileStore | PostgresFileStore:
+        return PostgresFileStore(self.schema.database(), ids=ids, recheck=recheck)
 
     async def sql(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
         n = 0

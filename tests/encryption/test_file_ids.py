@@ -56,18 +56,18 @@ async def row_counts(engine: Engine) -> list[int]:
     return [(await engine.sql(f"SELECT count(*) FROM {t}"))[0][0] for t in TABLES]
 
 
-async def expect_read_rule(files: FileStore) -> None:
-    """ALICE uploaded every file; CAROL uploaded FILES[0] too; FILES[0..3] were sent to G (ALICE, BOB);
+async def expect_read_rule(files: FileStore, sent: int = 4) -> None:
+    """ALICE uploaded every file; CAROL uploaded FILES[0] too; FILES[:sent] were sent to G (ALICE, BOB);
     DAVE, a stranger who knows every hash, reads nothing."""
     for i, m in enumerate(FILES):
         assert await files.lookup(ALICE, m.file_id) == (m, f"a{i}.bin")
-        assert await files.lookup(BOB, m.file_id) == ((m, None) if i < 4 else None)
+        assert await files.lookup(BOB, m.file_id) == ((m, None) if i < sent else None)
         assert await files.lookup(DAVE, m.file_id) is None
     assert await files.lookup(CAROL, FILES[0].file_id) == (FILES[0], "c0.bin")
     assert await files.lookup(BOB, GHOST) is None
     pairs = [(uid, m.file_id) for uid in (ALICE, BOB, CAROL, DAVE) for m in FILES]
     assert await files.readable(pairs) == (
-        {(ALICE, m.file_id) for m in FILES} | {(BOB, m.file_id) for m in FILES[:4]} | {(CAROL, FILES[0].file_id)}
+        {(ALICE, m.file_id) for m in FILES} | {(BOB, m.file_id) for m in FILES[:sent]} | {(CAROL, FILES[0].file_id)}
     )
 
 
@@ -90,6 +90,7 @@ class Watched:
 
     def __init__(self, store: Any, *, fail_after: int | None = None) -> None:
         self.store = store
+        self.ids = store.ids
         self.pages = 0
         self.fail_after = fail_after
 
@@ -243,4 +244,27 @@ async def test_sealed_hashes_swapped_between_rows_are_not_listed(engine: Engine)
         assert await store.lookup(ALICE, FILES[0].sha256) is not None  # lookups never need them
     finally:
         await store.close()
+        await keyring.close()
+
+
+async def test_a_node_that_does_not_convert_learns_that_another_one_finished(engine: Engine) -> None:
+    await write_in_clear(engine)
+    keyring = engine.keyring()
+    await keyring.start()
+    converting = engine.file_store(FileIds(keyring, keyed=True))
+    other = engine.file_store(FileIds(keyring, keyed=True), recheck=0.0)
+    try:
+        await converting.start()
+        await other.start()
+        assert converting.forms.mixed and other.forms.mixed
+        await expect_read_rule(other, sent=3)
+        await FileIdConversion(converting).run()
+        assert not converting.forms.mixed
+        assert other.forms.mixed  # until it probes again: its next lookup (recheck 0 s)
+        assert await other.lookup(ALICE, FILES[0].file_id) == (FILES[0], "a0.bin")
+        assert not other.forms.mixed
+        assert other.forms.forms(FILES[0].sha256) == (other.ids.keyed_id(FILES[0].sha256),)
+    finally:
+        await other.close()
+        await converting.close()
         await keyring.close()

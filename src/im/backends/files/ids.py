@@ -213,12 +213,15 @@ class IdForms:
 class StoredFileIds(Protocol):
     """What :class:`FileIdConversion` needs of a file store (the SQL stores implement it).
 
+    - ``ids``: how the store names files (a conversion runs only when they are keyed).
     - ``count_unconverted``: rows (of the three tables) whose id is in clear while ids are keyed.
     - ``unconverted``: up to ``limit`` distinct ids in clear past ``after``, in order.
     - ``convert``: move every row of each of those ids to its keyed id, all in one transaction (a keyed
       row already there wins: insert if absent, then delete the clear one); returns the rows moved.
     - ``converted``: probe the tables; True when no id in clear is left (lookups then use one form).
     """
+
+    ids: FileIds
 
     async def count_unconverted(self) -> int: ...
 
