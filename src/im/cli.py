@@ -256,8 +256,9 @@ def _add_keys_parser(sub: Any) -> None:
     )
     ops = keys.add_subparsers(dest="op", required=True)
     texts = {
-        "status": "master keys held, data keys by the master key that wraps them, plaintext bodies left",
-        "migrate": "seal every message body still stored in clear, online, showing progress",
+        "status": "master keys held, data keys by the master key that wraps them, plaintext bodies and file ids left",
+        "migrate": "seal every message body still stored in clear and key the file ids still in clear, online, "
+        "showing progress",
         "scrub": "drop what the database keeps of overwritten bodies (SQLite: VACUUM, writers waiting, then a "
         "full WAL checkpoint; PostgreSQL: VACUUM), as migrate does at its end",
         "rotate": "a new master key first in the key file (the old ones kept), then every data key and file "
@@ -320,7 +321,7 @@ async def _keys_run(args: argparse.Namespace, config: Config) -> int:
     from im.backends.keys import admin as keys_admin
     from im.backends.keys.file import retire_from_key_file, rotate_key_file
     from im.backends.keys.keyring import conv_key_name
-    from im.compose import build_backends, build_blobs, plaintext_migration
+    from im.compose import build_backends, build_blobs, file_id_conversion, plaintext_migration
 
     enc = config.encryption
     key_file = enc.key_file or config.data_dir / "master.key"
@@ -389,6 +390,15 @@ async def _keys_run(args: argparse.Namespace, config: Config) -> int:
             print(
                 f"im keys: done: {moved.sealed} sealed, {moved.skipped} changed meanwhile ({moved.messages} messages)"
             )
+            conversion = file_id_conversion(config, b)
+            if conversion is not None:
+                await b.file_store.start()
+                stack.push_async_callback(b.file_store.close)
+                conversion.batch = args.batch
+                conversion.report_interval = 2.0
+                keyed = await conversion.run(lambda p: say(p.line(), force=True))
+                print(f"im keys: file ids: {keyed.rows} table rows keyed ({keyed.files} files)")
+                moved.scrubbed = moved.scrubbed and keyed.scrubbed
             if not moved.scrubbed:
                 print(
                     "im keys: the old plaintext versions could not be dropped yet (the database was kept busy):"
@@ -432,6 +442,9 @@ async def _keys_run(args: argparse.Namespace, config: Config) -> int:
             assert b.bodies is not None
             plain, total = await b.bodies.count_plaintext()
             print(f"message bodies: {total} stored, {plain} in clear")
+            conversion = file_id_conversion(config, b)
+            if conversion is not None:
+                print(f"file ids: {await conversion.store.count_unconverted()} table rows in clear")
             return 0
         # retire
         older = provider.key_ids[1:]

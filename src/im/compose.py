@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import ssl
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -31,6 +32,7 @@ from im.backends.config import ConfigStore
 from im.backends.dedupe import Dedupe
 from im.backends.dedupe.memory import MemoryDedupe
 from im.backends.files import FileStore
+from im.backends.files.ids import FileIdConversion, FileIds, IdConversionProgress, StoredFileIds
 from im.backends.files.sqlite import SqliteFileStore
 from im.backends.keys.keyring import Keyring, conv_key_name
 from im.backends.lifecycle import Service
@@ -165,14 +167,14 @@ def build_backends(config: Config) -> Backends:
         )
         chat_store: ChatStore = PostgresChatStore(pg, outbox=outbox)
         account_store: AccountStore = PostgresAccountStore(pg)
-        file_store: FileStore = PostgresFileStore(pg)
+        files_on: Callable[..., FileStore] = functools.partial(PostgresFileStore, pg)
         key_store = PostgresConversationKeys(pg)
         bodies: StoredBodies = PostgresStoredBodies(pg)
     else:
         db = SqliteDatabase(config.data_dir / "im.sqlite3")
         chat_store = SqliteChatStore(db, outbox=outbox)
         account_store = SqliteAccountStore(db)
-        file_store = SqliteFileStore(db)
+        files_on = functools.partial(SqliteFileStore, db)
         key_store = SqliteConversationKeys(db)
         bodies = SqliteStoredBodies(db)
     # On: bodies sealed. Off: new bodies in clear, and those sealed while it was on still open when the
@@ -184,7 +186,10 @@ def build_backends(config: Config) -> Backends:
         if provider is None
         else Keyring(provider, key_store, cache_size=enc.key_cache, refresh_interval=enc.key_refresh)
     )
-    chat_store = EncryptedChatStore(chat_store, keyring, seal=enc.enabled)
+    # Keyed file ids in the file tables (and the chat commit's file refs) as the blobs are sealed.
+    file_ids = FileIds(keyring, keyed=files_encrypted(config) and keyring is not None)
+    file_store = files_on(ids=file_ids)
+    chat_store = EncryptedChatStore(chat_store, keyring, seal=enc.enabled, file_ids=file_ids)
     presence: Presence
     rate_limiter: RateLimiter
     if config.presence.kind == "redis":
@@ -293,7 +298,37 @@ def encryption_loops(config: Config, b: Backends) -> list[Loop]:
                 log.exception("the plaintext message migration failed; the next start resumes it")
 
         loops.append(("im-seal-plaintext", run()))
+    conversion = file_id_conversion(config, b) if config.files.migrate_plaintext else None
+    if conversion is not None:
+
+        async def convert() -> None:
+            def report(p: IdConversionProgress) -> None:
+                if p.total and not p.finished:
+                    log.info("keying file ids: %s", p.line())
+                elif p.total:
+                    log.info("file ids keyed: %s", p.line())
+                    if not p.complete:
+                        log.warning("file ids in clear were written meanwhile: the next start keys them")
+                    if not p.scrubbed:
+                        log.warning("old file ids remain until a full checkpoint: run `im keys scrub`")
+
+            try:
+                await conversion.run(report)
+            except Exception:  # as above: the next start resumes
+                log.exception("the file id conversion failed; the next start resumes it")
+
+        loops.append(("im-key-file-ids", convert()))
     return loops
+
+
+def file_id_conversion(config: Config, b: Backends) -> FileIdConversion | None:
+    """The conversion of the file tables' ids in clear to keyed ids (None when the ids are not keyed)."""
+    store = b.file_store
+    if not isinstance(store, StoredFileIds) or not store.ids.keyed:
+        return None
+    enc = config.encryption
+    scrub = None if b.bodies is None else b.bodies.scrub
+    return FileIdConversion(store, batch=enc.migrate_batch, pause=enc.migrate_pause, scrub=scrub)
 
 
 @dataclass(frozen=True, slots=True)
@@ -464,6 +499,12 @@ def build_accounts(config: Config, store: AccountStore, limiter: RateLimiter | N
     )
 
 
+def files_encrypted(config: Config) -> bool:
+    """``files.encrypt``, which defaults to ``encryption.enabled``: blobs sealed, file ids keyed."""
+    fc = config.files
+    return config.encryption.enabled if fc.encrypt is None else fc.encrypt
+
+
 def build_blobs(config: Config, keys: FileKeys | None, *, migrate: bool = True) -> BlobStorage:
     """The blob storage of ``files``: sealed with ``keys`` when ``files.encrypt`` is on. ``migrate``:
     this process may seal plaintext blobs in the background (one that serves uploads, not a checker)."""
@@ -471,7 +512,7 @@ def build_blobs(config: Config, keys: FileKeys | None, *, migrate: bool = True) 
     if fc.storage == "s3":
         return build_s3_blobs(config, keys)
     root = fc.storage_dir or config.data_dir / "files"
-    if not (config.encryption.enabled if fc.encrypt is None else fc.encrypt):
+    if not files_encrypted(config):
         return LocalBlobStorage(root)
     if keys is None:  # files.encrypt=true with encryption off and no master key there
         raise ConfigError("files.encrypt needs the master key: turn encryption.enabled on, or files.encrypt off")
@@ -485,7 +526,7 @@ def build_s3_blobs(config: Config, keys: FileKeys | None) -> S3BlobStorage:
     from im.backends.blobs.s3 import S3BlobStorage, S3Settings
 
     fc, s3 = config.files, config.files.s3
-    encrypt = config.encryption.enabled if fc.encrypt is None else fc.encrypt
+    encrypt = files_encrypted(config)
     if encrypt and keys is None:
         raise ConfigError("files.encrypt needs the master key: turn encryption.enabled on, or files.encrypt off")
     settings = S3Settings(**{f.name: getattr(s3, f.name) for f in dataclasses.fields(S3Settings)})

@@ -469,12 +469,14 @@ class FilesConfig(_Section):
     #: Where blobs live; default ``<data_dir>/files``.
     storage_dir: Path | None = None
     #: Seal uploaded files at rest (AES-256-GCM, a key per file wrapped by the keyring, keyed names on
-    #: disk; im.backends.blobs.encrypted). Off: stored as they are (blobs sealed before then stay unreadable
-    #: until it is on again). None (the default): as ``encryption.enabled``.
+    #: disk; im.backends.blobs.encrypted) and key the file ids in the metadata tables (im.backends.files.ids).
+    #: Off: stored as they are (blobs sealed before then stay unreadable until it is on again; keyed ids
+    #: stay readable while the keyring is there). None (the default): as ``encryption.enabled``.
     encrypt: bool | None = None
     #: Plaintext bytes per sealed chunk: the unit a range read decrypts (16 bytes of tag each).
     encrypt_chunk_bytes: int = Field(64 * 1024, ge=4096, le=16 * 1024 * 1024)
-    #: With ``encrypt``: seal the files stored in the clear before, in the background, from start-up.
+    #: With ``encrypt``: seal the files stored in the clear before, and key the file ids stored in clear,
+    #: in the background, from start-up.
     migrate_plaintext: bool = True
 
     @model_validator(mode="after")

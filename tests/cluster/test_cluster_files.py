@@ -1,7 +1,9 @@
 """Files across API nodes on an S3 store: a cluster with two API nodes and a private SeaweedFS
 (``LocalCluster(s3=True)``, what ``im cluster --s3`` runs, with encryption at rest on); an upload through
 one API node downloads, whole and by range, through the other; the bucket holds it once, sealed; nothing is
-kept in a node's local directory."""
+kept in a node's local directory. Sent as a file message (committed by a transfer node, which keys the
+file ref), it downloads for the recipient through either API node and for no stranger; the PostgreSQL
+file tables hold no file hash."""
 
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import pytest
 from im.backends.blobs.s3 import S3Settings
 from im.cluster import LocalCluster
 from tests.cluster.conftest import make_cluster, stop_checked
-from tests.support.client import register
+from tests.support.client import ChatClient, register
 from tests.support.keys import SEALED_MAGIC
+from tests.support.postgres import connect
 
 
 @pytest.fixture
@@ -69,3 +72,31 @@ async def test_an_upload_through_one_api_node_downloads_through_another(s3_clust
     stored = bytes(obstore.get(store, key).bytes())
     assert stored[:8] == SEALED_MAGIC and data[:1000] not in stored
     assert not (c.data_dir / "files").exists()  # no API node kept a local copy
+
+    # Sent to Bob through a gateway: the transfer node's commit writes the file ref under the keyed id
+    # that the API nodes look up.
+    bob, eve = await register(first, "bob"), await register(first, "eve")
+    gw = next(n for n, node in c.nodes.items() if node.role == "gateway")
+    sender = ChatClient(f"ws://127.0.0.1:{c.nodes[gw].ports['ws']}/ws", alice, "phone")
+    await sender.connect()
+    try:
+        ack = await sender.send({"file_id": file_id, "name": "notes.bin"}, to=bob.uid, type="file")
+        assert ack is not None, sender.errors
+    finally:
+        await sender.close()
+    for api in (first, second):
+        async with httpx.AsyncClient(timeout=30) as http:
+            r = await http.get(f"{api}/files/{file_id}", headers=bob.auth)
+            assert r.status_code == 200 and r.content == data, r.text[:200]
+            assert (await http.get(f"{api}/files/{file_id}", headers=eve.auth)).status_code == 404
+    conn = await connect()
+    try:
+        schema = c.postgres_schema
+        rows = [
+            str(tuple(r))
+            for table in ("files", "file_owners", "file_refs")
+            for r in await conn.fetch(f'SELECT * FROM "{schema}".{table}')
+        ]
+    finally:
+        await conn.close()
+    assert len(rows) == 3 and not [r for r in rows if file_id in r]  # a file, its uploader, a ref: all keyed

@@ -15,9 +15,11 @@ import abc
 import asyncio
 import functools
 import os
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import obstore
@@ -39,6 +41,7 @@ from im.backends.dedupe import Dedupe
 from im.backends.dedupe.memory import MemoryDedupe
 from im.backends.dedupe.redis import RedisDedupe
 from im.backends.files import FileStore
+from im.backends.files.ids import FileIds
 from im.backends.files.postgres import PostgresFileStore
 from im.backends.files.sqlite import SqliteFileStore
 from im.backends.keys.file import FileKeyProvider
@@ -56,6 +59,7 @@ from tests.contract.routers import router_harness  # noqa: F401 - the fixture, d
 from tests.support.etcd import shared_etcd
 from tests.support.keys import SEALED_MAGIC, MemoryFileKeys, sealed_plaintext
 from tests.support.postgres import PgSchema, start
+from tests.support.postgres import connect as pg_connect
 from tests.support.seaweedfs import s3_settings, shared_weed
 from tests.support.tls_etcd import shared_tls_etcd, tls_client
 from tests.support.tls_redis import shared_tls_redis
@@ -280,9 +284,15 @@ class FileHarness(abc.ABC):
 
     files: FileStore
     chat: ChatStore
+    #: The tables hold keyed ids (im.backends.files.ids), not the hashes.
+    keyed = False
 
     @abc.abstractmethod
     async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def sql(self, query: str) -> list[tuple[Any, ...]]:
+        """Raw SQL on the storage underneath (what someone with the database file or tables sees)."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
@@ -298,6 +308,13 @@ class SqliteFileHarness(FileHarness):
         db = SqliteDatabase(self.path)
         self.files = SqliteFileStore(db)
         self.chat = SqliteChatStore(db)
+
+    async def sql(self, query: str) -> list[tuple[Any, ...]]:
+        conn = sqlite3.connect(self.path)
+        try:
+            return conn.execute(query).fetchall()
+        finally:
+            conn.close()
 
     async def open(self) -> None:
         await self.chat.start()
@@ -324,6 +341,14 @@ class PostgresFileHarness(FileHarness):
     def unstarted(self) -> FileStore:
         return PostgresFileStore(self.schema.database())
 
+    async def sql(self, query: str) -> list[tuple[Any, ...]]:
+        conn = await pg_connect()
+        try:
+            await conn.execute(f'SET search_path TO "{self.schema.name}"')
+            return [tuple(r) for r in await conn.fetch(query)]
+        finally:
+            await conn.close()
+
     async def close(self) -> None:
         try:
             await self.files.close()
@@ -332,9 +357,41 @@ class PostgresFileHarness(FileHarness):
             await self.schema.drop()
 
 
+class KeyedSqliteFileHarness(SqliteFileHarness):
+    """Keyed file ids (encryption at rest on): the chat store keys its file refs as ``im serve``'s does."""
+
+    keyed = True
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "im.db"
+        self.keys = MemoryFileKeys()
+        db = SqliteDatabase(self.path)
+        self.files = SqliteFileStore(db, ids=FileIds(self.keys, keyed=True))
+        self.chat = EncryptedChatStore(SqliteChatStore(db), None, seal=False, file_ids=FileIds(self.keys, keyed=True))
+
+    def unstarted(self) -> FileStore:
+        return SqliteFileStore(SqliteDatabase(self.path), ids=FileIds(self.keys, keyed=True))
+
+
+class KeyedPostgresFileHarness(PostgresFileHarness):
+    keyed = True
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.schema = PgSchema()
+        self.keys = MemoryFileKeys()
+        db = self.schema.database()
+        self.files = PostgresFileStore(db, ids=FileIds(self.keys, keyed=True))
+        self.chat = EncryptedChatStore(PostgresChatStore(db), None, seal=False, file_ids=FileIds(self.keys, keyed=True))
+
+    def unstarted(self) -> FileStore:
+        return PostgresFileStore(self.schema.database(), ids=FileIds(self.keys, keyed=True))
+
+
 FILE_STORES = [
     pytest.param(SqliteFileHarness, id="sqlite"),
     pytest.param(PostgresFileHarness, id="postgres"),
+    pytest.param(KeyedSqliteFileHarness, id="sqlite-keyed"),
+    pytest.param(KeyedPostgresFileHarness, id="postgres-keyed"),
 ]
 
 

@@ -108,17 +108,48 @@ async def test_lifecycle(file_harness: FileHarness) -> None:
     await check_lifecycle(file_harness.unstarted, probe)
 
 
-async def test_hashes_pages_through_every_file_in_order(file_harness: FileHarness) -> None:
+async def test_hashes_pages_through_every_file(file_harness: FileHarness) -> None:
     files = file_harness.files
-    assert await files.hashes(None, 10) == []
+    assert await files.hashes(None, 10) == ([], None)
     metas = [meta(f"file {i}".encode()) for i in range(7)]
     for i, m in enumerate(metas):
         await files.add_upload(m, ALICE if i % 2 else BOB, f"{i}.bin", 1_000)
     await files.add_upload(metas[0], ALICE, "again.bin", 1_000)  # a second uploader: still one row
-    wanted = sorted(m.sha256 for m in metas)
     got: list[str] = []
     after = None
-    while page := await files.hashes(after, 3):
+    pages = 0
+    while True:
+        page, after = await files.hashes(after, 3)
         got += page
-        after = page[-1]
-    assert got == wanted
+        pages += 1
+        if after is None:
+            break
+    assert sorted(got) == sorted(m.sha256 for m in metas)  # each once
+    assert pages == 3  # 3 + 3 + 1 rows
+
+
+async def test_what_the_tables_hold(file_harness: FileHarness) -> None:
+    """Keyed: no table holds a file's SHA-256 (hex, or its raw bytes in any column), yet dedupe keeps one
+    row per file and everything reads back by the hash. In clear: the hash is the id, as before."""
+    h = file_harness
+    m = meta(b"tables")
+    await h.files.add_upload(m, ALICE, "a.bin", 1)
+    await h.files.add_upload(meta(b"tables", created_at=5), BOB, "b.bin", 2)
+    await send_file(h, G, m.file_id, {ALICE: "owner", CAROL: "member"})
+    await h.files.add_refs([(m.file_id, "g:8")])
+    assert await h.files.lookup(CAROL, m.file_id) == (m, None)
+    assert await h.files.readable([(CAROL, m.file_id), (BOB, m.file_id)]) == {(CAROL, m.file_id), (BOB, m.file_id)}
+    files = await h.sql("SELECT file_id, sha256 FROM files")
+    owners = await h.sql("SELECT file_id, uid FROM file_owners ORDER BY uid")
+    refs = await h.sql("SELECT file_id, conv FROM file_refs ORDER BY conv")
+    assert len(files) == 1 and [u for _, u in owners] == [ALICE, BOB] and [c for _, c in refs] == [G, "g:8"]
+    ids = {files[0][0]} | {f for f, _ in owners} | {f for f, _ in refs}
+    assert len(ids) == 1  # one id for the file in every table
+    dump = repr((files, owners, refs))
+    if h.keyed:
+        (fid,) = ids
+        assert fid.startswith("k") and len(fid) == 65
+        assert m.sha256 not in dump and bytes.fromhex(m.sha256).hex() not in dump
+        assert files[0][1] != m.sha256
+    else:
+        assert ids == {m.sha256} and files[0][1] == m.sha256

@@ -18,6 +18,9 @@ from im.backends.chat import ChatStore, ConversationKeys
 from im.backends.chat.encrypted import EncryptedChatStore
 from im.backends.chat.postgres import PostgresChatStore, PostgresConversationKeys
 from im.backends.chat.sqlite import SqliteChatStore, SqliteConversationKeys
+from im.backends.files.ids import FileIds
+from im.backends.files.postgres import PostgresFileStore
+from im.backends.files.sqlite import SqliteFileStore
 from im.backends.keys.file import FileKeyProvider
 from im.backends.keys.keyring import Keyring
 from im.backends.sql.postgres_db import PostgresDatabase
@@ -49,6 +52,10 @@ class Engine(abc.ABC):
         """Another (unstarted) plain store and key store on the same storage, as another process."""
 
     @abc.abstractmethod
+    def file_store(self, ids: FileIds, *, recheck: float = 60.0) -> SqliteFileStore | PostgresFileStore:
+        """A new (unstarted) file store on the same storage, naming files as ``ids`` says."""
+
+    @abc.abstractmethod
     async def sql(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
         """Run raw SQL with positional ``?`` placeholders (what an attacker with database access does)."""
 
@@ -71,6 +78,9 @@ class SqliteEngine(Engine):
     def second(self) -> tuple[ChatStore, ConversationKeys]:
         db = SqliteDatabase(self.path)
         return SqliteChatStore(db), SqliteConversationKeys(db)
+
+    def file_store(self, ids: FileIds, *, recheck: float = 60.0) -> SqliteFileStore | PostgresFileStore:
+        return SqliteFileStore(SqliteDatabase(self.path), ids=ids, recheck=recheck)
 
     async def sql(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
         conn = sqlite3.connect(self.path, isolation_level=None)
@@ -107,6 +117,9 @@ class PostgresEngine(Engine):
     def second(self) -> tuple[ChatStore, ConversationKeys]:
         db = self.schema.database()
         return PostgresChatStore(db), PostgresConversationKeys(db)
+
+    def file_store(self, ids: FileIds, *, recheck: float = 60.0) -> SqliteFileStore | PostgresFileStore:
+        return PostgresFileStore(self.schema.database(), ids=ids, recheck=recheck)
 
     async def sql(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
         n = 0

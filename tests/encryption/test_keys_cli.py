@@ -62,9 +62,10 @@ def test_rotate_status_retire_on_an_empty_database(tmp_path: Path, capsys: pytes
     assert "version 2" in capsys.readouterr().out
     assert main(["keys", "status", *data]) == 0
     out = capsys.readouterr().out
-    assert f"current: {new}; also held: {old}" in out and f"{new}: 3 data keys" in out, (
+    assert f"current: {new}; also held: {old}" in out and f"{new}: 4 data keys" in out, (
         out
-    )  # d:1:2 versions 1 and 2, blob-names
+    )  # d:1:2 versions 1 and 2, blob-names, file-ids
+    assert "file ids: 0 table rows in clear" in out
     assert main(["keys", "retire", "--force", *data]) == 0
     assert [master_key_id(k) for k in read_key_file_all(tmp_path / "master.key")] == [new]
     assert main(["keys", "retire", "--force", *data]) == 0
@@ -86,7 +87,8 @@ def test_a_rotation_through_the_environment_variable(
     assert main(["keys", "retire", *data]) == 1  # the data keys are still wrapped by OLD
     assert "still wrapped by an older master key" in capsys.readouterr().err
     assert main(["keys", "rewrap", *data]) == 0
-    assert "data keys: 2 rewrapped, 1 already current" in capsys.readouterr().out  # g:1 v1, v2; blob-names new
+    out = capsys.readouterr().out
+    assert "data keys: 2 rewrapped, 2 already current" in out  # g:1 v1, v2; blob-names and file-ids new
     assert main(["keys", "retire", *data]) == 0
     assert "set IM_TEST_KEYS to the current key alone" in capsys.readouterr().out
     monkeypatch.setenv("IM_TEST_KEYS", new)

@@ -164,6 +164,7 @@ async def test_a_plaintext_database_is_migrated_online_under_live_sends(tmp_path
             sent_during = traffic.sent
         assert "3001/3001 plaintext message bodies done" in out, out  # 1500 + 1500 + the group creation
         assert "done: 3001 sealed, 0 changed meanwhile" in out, out
+        assert "file ids: 0 table rows keyed" in out, out  # no upload here: tests/encryption/test_file_ids.py
         assert sent_during > 0
         stats = await traffic.check()
         assert stats["messages"] >= 2 * traffic.sent
@@ -228,7 +229,9 @@ async def test_master_key_rotation_under_live_sends_then_retire_and_restart_with
         async with Traffic(server, alice, bob, gid, marker) as traffic:
             code, out = await _im_keys(server, "rotate", "--batch", "2")
             assert code == 0, out
-            assert "data keys: 3 rewrapped" in out and "file keys: 3 rewritten" in out, out
+            # Two conversations, the blob names' and the file ids' keys; the files listed from their
+            # keyed rows (the sealed hashes opened).
+            assert "data keys: 4 rewrapped" in out and "file keys: 3 rewritten" in out, out
             new_id = master_key_id(read_key_file_all(data / "master.key")[0])
             assert new_id != old_id
             # too early: a server may not have re-read the file yet

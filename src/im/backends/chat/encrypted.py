@@ -26,6 +26,10 @@ one awaited call per message. Random 96-bit nonces under one key: rotate a conve
 
 What is not encrypted: everything but the body — conversation ids, seqs, senders, devices, cmids,
 times, message types, membership, group names, cursors and read marks.
+
+File refs (``file_refs``, written by the commit of a message with an attachment): with keyed file ids
+(``file_ids``, :mod:`im.backends.files.ids`) the SHA-256 in each is replaced by the file's keyed id before
+the batch reaches the store; a batch with no attachment pays one emptiness check.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from contextlib import AbstractAsyncContextManager
 from cryptography.exceptions import InvalidTag
 
 from im.backends.chat import ChatStore, StoredBodies
+from im.backends.files.ids import FileIds
 from im.backends.keys import KeyUnavailable
 from im.backends.keys.keyring import Keyring, conv_key_name
 from im.model.chat import (
@@ -89,6 +94,9 @@ class EncryptedChatStore(ChatStore):
     ``seal`` False (encryption turned off): new bodies are written in clear; bodies sealed earlier are
     still opened with ``keyring``, or, without one, read as :data:`UNDECRYPTABLE` (never as raw bytes,
     which are not JSON).
+
+    ``file_ids``: how the file tables name files (the file store's own :class:`FileIds`); when keyed,
+    the file refs of a commit are written under the keyed ids.
     """
 
     def __init__(
@@ -99,6 +107,7 @@ class EncryptedChatStore(ChatStore):
         seal: bool = True,
         owns_keyring: bool = False,
         report_interval: float = 10.0,
+        file_ids: FileIds | None = None,
     ) -> None:
         if seal and keyring is None:
             raise ValueError("sealing needs a keyring")
@@ -107,6 +116,7 @@ class EncryptedChatStore(ChatStore):
         self.sealing = seal
         self.owns_keyring = owns_keyring and keyring is not None
         self.report_interval = report_interval
+        self.file_ids = file_ids if file_ids is not None and file_ids.keyed else None
         self.failures = 0  # bodies that did not open, since start
         self._sealer_cache: dict[str, tuple[float, _Sealer]] = {}  # conv -> (key versions read at, sealer)
         self._sealer_epoch = -1
@@ -264,6 +274,10 @@ class EncryptedChatStore(ChatStore):
     async def commit(self, batch: CommitBatch) -> None:
         if batch.messages and self.sealing:
             batch = dataclasses.replace(batch, bodies=await self.seal_bodies(batch.messages, batch.bodies))
+        if batch.file_refs and self.file_ids is not None:
+            if not self.file_ids.loaded:
+                await self.file_ids.load()
+            batch = dataclasses.replace(batch, file_refs=self.file_ids.stored_refs(batch.file_refs))
         await self.inner.commit(batch)
 
     async def raise_fence(self, node_id: int, token: int) -> int:

@@ -1,4 +1,8 @@
-"""File metadata and the read rule: the :class:`FileStore` interface and its data."""
+"""File metadata and the read rule: the :class:`FileStore` interface and its data.
+
+How the tables name a file (by its SHA-256, or by a keyed id with encryption at rest on) is
+:mod:`im.backends.files.ids`; the interface speaks SHA-256 only.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,11 @@ class FileStore(Service, abc.ABC):
       (a ``file_refs`` row, written by the chat store when the message commits). Leaving the conversation
       takes the right away (unless they uploaded the same bytes themselves).
     - Unknown files and files the user may not read look the same to every method: ``None``/``False``.
+    - Callers name files by their SHA-256 only, and get back the SHA-256 they named (``file_id`` and
+      ``sha256`` of every :class:`FileMeta` returned are the hash asked for or uploaded). What the tables
+      hold in its place is the store's own business: with keyed ids (:mod:`im.backends.files.ids`) no
+      table holds a file's SHA-256 in clear, and lookups find a file whether its rows are keyed yet or
+      not (a conversion under way).
     """
 
     @abc.abstractmethod
@@ -47,6 +56,11 @@ class FileStore(Service, abc.ABC):
         same rows in its own commit; this is for cores that do not."""
 
     @abc.abstractmethod
-    async def hashes(self, after: str | None, limit: int) -> list[str]:
-        """Up to ``limit`` stored files' sha256 past ``after``, in order: every file, page by page (for
-        maintenance on the blobs, such as rewrapping their keys after a master key rotation)."""
+    async def hashes(self, after: str | None, limit: int) -> tuple[list[str], str | None]:
+        """The sha256 of the stored files of one page of at most ``limit`` rows past the cursor ``after``
+        (None: from the start), and the cursor of the next page (None: this was the last). Paging from
+        None to the end lists every file stored before the listing started at least once, in the store's
+        order (not the hashes' order: the rows are ordered by what the table holds); a file whose rows
+        were converted to keyed ids meanwhile may come twice, and a row whose sealed hash does not open
+        is left out and logged. For maintenance on the blobs, such as rewrapping their keys after a
+        master key rotation. The cursor is opaque."""

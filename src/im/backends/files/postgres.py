@@ -1,4 +1,8 @@
-"""File metadata in the shared PostgreSQL database (tables of migration 2: files, file_owners, file_refs)."""
+"""File metadata in the shared PostgreSQL database (tables of migration 2: files, file_owners, file_refs).
+
+The ids in the tables are keyed or in clear as ``ids`` says (:mod:`im.backends.files.ids`); every query
+matches the forms :class:`IdForms` gives (one, or both while the tables are mixed), as an array.
+"""
 
 from __future__ import annotations
 
@@ -6,35 +10,99 @@ from collections.abc import Sequence
 from typing import Any
 
 from im.backends.files import FileStore
+from im.backends.files.ids import KEYED, FileIds, IdForms
 from im.backends.sql.postgres_db import PostgresDatabase
 from im.backends.sql.shared_db import OnSharedDatabase
 from im.model.files import FileMeta
 
-_META = "file_id, sha256, size, content_type, width, height, created_at"
+_DATA = "size, content_type, width, height, created_at"
+_TABLES = ("files", "file_owners", "file_refs")
 
 # The read rule in one place: uid uploaded the file or is a member of a conversation it was sent to.
-# ``f`` is the files row; the uid is a parameter (``{uid}``).
+# ``{ids}`` is a text[] of the file's ids (its forms), ``{uid}`` the user.
 _MAY_READ = (
-    "(EXISTS (SELECT 1 FROM file_owners o WHERE o.file_id = f.file_id AND o.uid = {uid})"
+    "(EXISTS (SELECT 1 FROM file_owners o WHERE o.file_id = ANY({ids}) AND o.uid = {uid})"
     " OR EXISTS (SELECT 1 FROM file_refs r JOIN members m ON m.conv = r.conv"
-    "            WHERE r.file_id = f.file_id AND m.uid = {uid}))"
+    "            WHERE r.file_id = ANY({ids}) AND m.uid = {uid}))"
 )
 
 
-def _meta(row: Any) -> FileMeta:
-    return FileMeta(*row[:7])
+def _meta(sha256: str, row: Any) -> FileMeta:
+    return FileMeta(sha256, sha256, *row[:5])
+
+
+async def _move(conn: Any, changes: Sequence[tuple[str, str, str]]) -> int:
+    """Move every row of each (old id, new id, new files.sha256 value) to the new id: the rows deleted are
+    the rows inserted (a row already under the new id wins). Returns the rows moved."""
+    old, new, sha = (list(c) for c in zip(*changes, strict=True))
+    data = ", ".join("f." + c.strip() for c in _DATA.split(","))
+    moved = await conn.fetchval(
+        "WITH c AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS c(old, new, sha)),"
+        f" df AS (DELETE FROM files f USING c WHERE f.file_id = c.old RETURNING c.new, c.sha, {data}),"
+        f" fi AS (INSERT INTO files (file_id, sha256, {_DATA}) SELECT * FROM df ON CONFLICT DO NOTHING),"
+        " do_ AS (DELETE FROM file_owners o USING c WHERE o.file_id = c.old"
+        "         RETURNING c.new, o.uid, o.name, o.created_at),"
+        " oi AS (INSERT INTO file_owners (file_id, uid, name, created_at) SELECT * FROM do_ ON CONFLICT DO NOTHING),"
+        " dr AS (DELETE FROM file_refs r USING c WHERE r.file_id = c.old RETURNING c.new, r.conv),"
+        " ri AS (INSERT INTO file_refs (file_id, conv) SELECT * FROM dr ON CONFLICT DO NOTHING)"
+        " SELECT (SELECT count(*) FROM df) + (SELECT count(*) FROM do_) + (SELECT count(*) FROM dr)",
+        old,
+        new,
+        sha,
+    )
+    return int(moved)
 
 
 class PostgresFileStore(OnSharedDatabase[PostgresDatabase], FileStore):
-    """:class:`FileStore` on a :class:`PostgresDatabase` (shared with the other stores; opened counted)."""
+    """:class:`FileStore` on a :class:`PostgresDatabase` (shared with the other stores; opened counted), and
+    the :class:`~im.backends.files.ids.StoredFileIds` of a conversion to keyed ids. ``ids``: how the
+    tables name files (default: by the SHA-256); ``recheck``: see :class:`IdForms`."""
+
+    def __init__(self, db: PostgresDatabase, *, ids: FileIds | None = None, recheck: float = 60.0) -> None:
+        super().__init__(db)
+        self.ids = ids if ids is not None else FileIds(None, keyed=False)
+        self.forms = IdForms(self.ids, recheck=recheck)
+
+    async def _acquire(self) -> None:
+        await super()._acquire()
+        try:
+            await self.ids.load()
+            self.forms.set_mixed(await self._probe())
+        except BaseException:
+            await self._release()
+            raise
+
+    def _other_form(self) -> str | None:
+        """The condition on ``file_id`` of rows in the form not written now (None: nothing to look for)."""
+        if self.ids.keyed:
+            return f"file_id < '{KEYED}'"
+        return f"file_id >= '{KEYED}'" if self.ids.loaded else None
+
+    async def _probe(self) -> bool:
+        where = self._other_form()
+        if where is None:
+            return False
+        query = " OR ".join(f"EXISTS (SELECT 1 FROM {t} WHERE {where})" for t in _TABLES)
+        return bool(await self.db.pool.fetchval(f"SELECT {query}"))
+
+    async def _recheck(self) -> None:
+        if self.forms.due():
+            self.forms.set_mixed(await self._probe())
 
     async def add_upload(self, meta: FileMeta, uid: int, name: str, now: int) -> tuple[FileMeta, str, bool]:
+        sha = meta.sha256
+        fid = self.ids.stored(sha)
+        value = self.ids.seal(sha, fid)
+        other = self.forms.other(sha)
         async with self.db.pool.acquire() as conn, conn.transaction():
+            if other is not None:  # its rows in the other form (a conversion under way) come first
+                await _move(conn, [(other, fid, value)])
             # A concurrent first upload of the same bytes: this insert waits for it, then does nothing.
             await conn.execute(
-                f"INSERT INTO files ({_META}) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-                meta.file_id,
-                meta.sha256,
+                f"INSERT INTO files (file_id, sha256, {_DATA}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+                " ON CONFLICT DO NOTHING",
+                fid,
+                value,
                 meta.size,
                 meta.content_type,
                 meta.width,
@@ -44,49 +112,58 @@ class PostgresFileStore(OnSharedDatabase[PostgresDatabase], FileStore):
             new_owner = await conn.fetchval(
                 "INSERT INTO file_owners (file_id, uid, name, created_at) VALUES ($1, $2, $3, $4)"
                 " ON CONFLICT DO NOTHING RETURNING true",
-                meta.file_id,
+                fid,
                 uid,
                 name,
                 now,
             )
             row = await conn.fetchrow(
-                f"SELECT {', '.join('f.' + c.strip() for c in _META.split(','))}, o.name FROM files f"
+                f"SELECT {', '.join('f.' + c.strip() for c in _DATA.split(','))}, o.name FROM files f"
                 " JOIN file_owners o ON o.file_id = f.file_id AND o.uid = $2 WHERE f.file_id = $1",
-                meta.file_id,
+                fid,
                 uid,
             )
-        return _meta(row), row[7], bool(new_owner)
+        return _meta(sha, row), row[5], bool(new_owner)
 
-    async def hashes(self, after: str | None, limit: int) -> list[str]:
+    async def hashes(self, after: str | None, limit: int) -> tuple[list[str], str | None]:
         rows = await self.db.pool.fetch(
-            "SELECT sha256 FROM files WHERE sha256 > $1 ORDER BY sha256 LIMIT $2", after or "", limit
+            "SELECT file_id, sha256 FROM files WHERE file_id > $1 ORDER BY file_id LIMIT $2", after or "", limit
         )
-        return [str(r[0]) for r in rows]
+        out = self.ids.open_rows([(str(r[0]), str(r[1])) for r in rows])
+        return out, (str(rows[-1][0]) if rows and len(rows) == limit else None)
 
     async def lookup(self, uid: int, file_id: str) -> tuple[FileMeta, str | None] | None:
+        await self._recheck()
+        ids = list(self.forms.forms(file_id))
         row = await self.db.pool.fetchrow(
-            f"SELECT {', '.join('f.' + c.strip() for c in _META.split(','))}, o.name FROM files f"
-            " LEFT JOIN file_owners o ON o.file_id = f.file_id AND o.uid = $2"
-            f" WHERE f.file_id = $1 AND {_MAY_READ.format(uid='$2')}",
-            file_id,
+            f"SELECT {_DATA}, (SELECT o.name FROM file_owners o WHERE o.file_id = ANY($1::text[]) AND o.uid = $2"
+            "                 ORDER BY o.created_at LIMIT 1)"
+            f" FROM files f WHERE f.file_id = ANY($1::text[]) AND {_MAY_READ.format(ids='$1::text[]', uid='$2')}"
+            " ORDER BY f.created_at LIMIT 1",
+            ids,
             uid,
         )
-        return None if row is None else (_meta(row), row[7])
+        return None if row is None else (_meta(file_id, row), row[5])
 
     async def readable(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
         wanted = list(dict.fromkeys(pairs))
         if not wanted:
             return set()
+        await self._recheck()
+        forms = [self.forms.forms(sha) for _, sha in wanted]
         rows = await self.db.pool.fetch(
-            "SELECT p.uid, p.file_id FROM unnest($1::bigint[], $2::text[]) AS p(uid, file_id)"
-            f" WHERE EXISTS (SELECT 1 FROM files f WHERE f.file_id = p.file_id AND {_MAY_READ.format(uid='p.uid')})",
+            "SELECT p.i FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[]) AS p(uid, a, b, i)"
+            " WHERE EXISTS (SELECT 1 FROM files f WHERE f.file_id IN (p.a, p.b)"
+            f" AND {_MAY_READ.format(ids='ARRAY[p.a, p.b]', uid='p.uid')})",
             [uid for uid, _ in wanted],
-            [fid for _, fid in wanted],
+            [f[0] for f in forms],
+            [f[-1] for f in forms],
+            list(range(len(wanted))),
         )
-        return {(uid, fid) for uid, fid in rows}
+        return {wanted[r[0]] for r in rows}
 
     async def add_refs(self, refs: Sequence[tuple[str, str]]) -> None:
-        rows = list(refs)
+        rows = self.ids.stored_refs(refs)
         if rows:
             await self.db.pool.execute(
                 "INSERT INTO file_refs (file_id, conv) SELECT * FROM unnest($1::text[], $2::text[])"
@@ -94,3 +171,30 @@ class PostgresFileStore(OnSharedDatabase[PostgresDatabase], FileStore):
                 [f for f, _ in rows],
                 [c for _, c in rows],
             )
+
+    # --- StoredFileIds: the conversion to keyed ids ------------------------------------------------------
+
+    async def count_unconverted(self) -> int:
+        if not self.ids.keyed:
+            return 0
+        query = " + ".join(f"(SELECT count(*) FROM {t} WHERE file_id < '{KEYED}')" for t in _TABLES)
+        return int(await self.db.pool.fetchval(f"SELECT {query}"))
+
+    async def unconverted(self, after: str | None, limit: int) -> list[str]:
+        if not self.ids.keyed:
+            return []
+        part = f"(SELECT file_id FROM {{}} WHERE file_id > $1 AND file_id < '{KEYED}' ORDER BY file_id LIMIT $2)"
+        query = " UNION ".join(part.format(t) for t in _TABLES) + " ORDER BY 1 LIMIT $2"
+        rows = await self.db.pool.fetch(query, after or "", limit)
+        return [str(r[0]) for r in rows]
+
+    async def convert(self, ids: Sequence[str]) -> int:
+        changes = self.ids.conversions(ids)
+        if not changes:
+            return 0
+        async with self.db.pool.acquire() as conn, conn.transaction():
+            return await _move(conn, changes)
+
+    async def converted(self) -> bool:
+        self.forms.set_mixed(await self._probe())
+        return not self.forms.mixed

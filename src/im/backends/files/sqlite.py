@@ -1,83 +1,212 @@
-"""File metadata in the shared SQLite database (tables of migration 2: files, file_owners, file_refs)."""
+"""File metadata in the shared SQLite database (tables of migration 2: files, file_owners, file_refs).
+
+The ids in the tables are keyed or in clear as ``ids`` says (:mod:`im.backends.files.ids`); every query
+matches the forms :class:`IdForms` gives (one, or both while the tables are mixed).
+"""
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Sequence
 
 from im.backends.files import FileStore
+from im.backends.files.ids import KEYED, FileIds, IdForms
 from im.backends.sql.shared_db import OnSharedDatabase
 from im.backends.sql.sqlite_db import SqliteDatabase
 from im.model.files import FileMeta
 
-_META = "file_id, sha256, size, content_type, width, height, created_at"
-
-# The read rule in one place: the file exists, and uid uploaded it or is a member of a conversation it
-# was sent to. Parameters: (file_id, uid, uid).
-_CAN_READ = (
-    "SELECT 1 FROM files f WHERE f.file_id = ? AND ("
-    " EXISTS (SELECT 1 FROM file_owners o WHERE o.file_id = f.file_id AND o.uid = ?)"
-    " OR EXISTS (SELECT 1 FROM file_refs r JOIN members m ON m.conv = r.conv"
-    "            WHERE r.file_id = f.file_id AND m.uid = ?))"
-)
+_DATA = "size, content_type, width, height, created_at"
+_TABLES = ("files", "file_owners", "file_refs")
 
 
-def _meta(row: tuple[str, str, int, str, int | None, int | None, int]) -> FileMeta:
-    return FileMeta(*row)
+@functools.cache
+def _in(n: int) -> str:
+    return f"IN ({', '.join('?' * n)})"
+
+
+@functools.cache
+def _can_read(n: int) -> str:
+    """The read rule in one place: the file exists, and uid uploaded it or is a member of a conversation
+    it was sent to. Parameters: the file's n ids, then (ids, uid, ids, uid)."""
+    ids = _in(n)
+    return (
+        f"SELECT 1 FROM files f WHERE f.file_id {ids} AND ("
+        f" EXISTS (SELECT 1 FROM file_owners o WHERE o.file_id {ids} AND o.uid = ?)"
+        " OR EXISTS (SELECT 1 FROM file_refs r JOIN members m ON m.conv = r.conv"
+        f"            WHERE r.file_id {ids} AND m.uid = ?)) LIMIT 1"
+    )
+
+
+def _readable(conn: sqlite3.Connection, uid: int, ids: tuple[str, ...]) -> bool:
+    return conn.execute(_can_read(len(ids)), (*ids, *ids, uid, *ids, uid)).fetchone() is not None
+
+
+def _move(conn: sqlite3.Connection, changes: Sequence[tuple[str, str, str]]) -> int:
+    """Move every row of each (old id, new id, new files.sha256 value) to the new id; a row already
+    under the new id wins. Returns the rows moved."""
+    conn.executemany(
+        f"INSERT OR IGNORE INTO files (file_id, sha256, {_DATA}) SELECT ?, ?, {_DATA} FROM files WHERE file_id = ?",
+        [(new, sha, old) for old, new, sha in changes],
+    )
+    conn.executemany(
+        "INSERT OR IGNORE INTO file_owners (file_id, uid, name, created_at)"
+        " SELECT ?, uid, name, created_at FROM file_owners WHERE file_id = ?",
+        [(new, old) for old, new, _ in changes],
+    )
+    conn.executemany(
+        "INSERT OR IGNORE INTO file_refs (file_id, conv) SELECT ?, conv FROM file_refs WHERE file_id = ?",
+        [(new, old) for old, new, _ in changes],
+    )
+    moved = 0
+    for table in _TABLES:
+        moved += conn.executemany(f"DELETE FROM {table} WHERE file_id = ?", [(old,) for old, _, _ in changes]).rowcount
+    return moved
 
 
 class SqliteFileStore(OnSharedDatabase[SqliteDatabase], FileStore):
-    """:class:`FileStore` on a :class:`SqliteDatabase` (shared with the other stores; opened counted)."""
+    """:class:`FileStore` on a :class:`SqliteDatabase` (shared with the other stores; opened counted), and
+    the :class:`~im.backends.files.ids.StoredFileIds` of a conversion to keyed ids. ``ids``: how the
+    tables name files (default: by the SHA-256); ``recheck``: see :class:`IdForms`."""
+
+    def __init__(self, db: SqliteDatabase, *, ids: FileIds | None = None, recheck: float = 60.0) -> None:
+        super().__init__(db)
+        self.ids = ids if ids is not None else FileIds(None, keyed=False)
+        self.forms = IdForms(self.ids, recheck=recheck)
+
+    async def _acquire(self) -> None:
+        await super()._acquire()
+        try:
+            await self.ids.load()
+            self.forms.set_mixed(await self._probe())
+        except BaseException:
+            await self._release()
+            raise
+
+    def _other_form(self) -> str | None:
+        """The condition on ``file_id`` of rows in the form not written now (None: nothing to look for)."""
+        if self.ids.keyed:
+            return f"file_id < '{KEYED}'"
+        return f"file_id >= '{KEYED}'" if self.ids.loaded else None
+
+    async def _probe(self) -> bool:
+        where = self._other_form()
+        if where is None:
+            return False
+        query = " UNION ALL ".join(f"SELECT 1 FROM (SELECT 1 FROM {t} WHERE {where} LIMIT 1)" for t in _TABLES)
+        return bool(await self.db.read(lambda conn: conn.execute(query).fetchall()))
+
+    async def _recheck(self) -> None:
+        if self.forms.due():
+            self.forms.set_mixed(await self._probe())
 
     async def add_upload(self, meta: FileMeta, uid: int, name: str, now: int) -> tuple[FileMeta, str, bool]:
+        sha = meta.sha256
+        fid = self.ids.stored(sha)
+        value = self.ids.seal(sha, fid)
+        other = self.forms.other(sha)
+
         def add(conn: sqlite3.Connection) -> tuple[FileMeta, str, bool]:
+            if other is not None:  # its rows in the other form (a conversion under way) come first
+                _move(conn, [(other, fid, value)])
             conn.execute(
-                f"INSERT OR IGNORE INTO files ({_META}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (meta.file_id, meta.sha256, meta.size, meta.content_type, meta.width, meta.height, meta.created_at),
+                f"INSERT OR IGNORE INTO files (file_id, sha256, {_DATA}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (fid, value, meta.size, meta.content_type, meta.width, meta.height, meta.created_at),
             )
             cur = conn.execute(
                 "INSERT OR IGNORE INTO file_owners (file_id, uid, name, created_at) VALUES (?, ?, ?, ?)",
-                (meta.file_id, uid, name, now),
+                (fid, uid, name, now),
             )
             new_owner = cur.rowcount == 1
-            row = conn.execute(f"SELECT {_META} FROM files WHERE file_id = ?", (meta.file_id,)).fetchone()
+            row = conn.execute(f"SELECT {_DATA} FROM files WHERE file_id = ?", (fid,)).fetchone()
             (stored_name,) = conn.execute(
-                "SELECT name FROM file_owners WHERE file_id = ? AND uid = ?", (meta.file_id, uid)
+                "SELECT name FROM file_owners WHERE file_id = ? AND uid = ?", (fid, uid)
             ).fetchone()
-            return _meta(row), stored_name, new_owner
+            return FileMeta(sha, sha, *row), stored_name, new_owner
 
         return await self.db.write(add)
 
-    async def hashes(self, after: str | None, limit: int) -> list[str]:
+    async def hashes(self, after: str | None, limit: int) -> tuple[list[str], str | None]:
         rows = await self.db.read(
             lambda conn: conn.execute(
-                "SELECT sha256 FROM files WHERE sha256 > ? ORDER BY sha256 LIMIT ?", (after or "", limit)
+                "SELECT file_id, sha256 FROM files WHERE file_id > ? ORDER BY file_id LIMIT ?", (after or "", limit)
             ).fetchall()
         )
-        return [str(r[0]) for r in rows]
+        out = self.ids.open_rows([(str(fid), str(value)) for fid, value in rows])
+        return out, (str(rows[-1][0]) if rows and len(rows) == limit else None)
 
     async def lookup(self, uid: int, file_id: str) -> tuple[FileMeta, str | None] | None:
+        await self._recheck()
+        ids = self.forms.forms(file_id)
+        where = _in(len(ids))
+
         def get(conn: sqlite3.Connection) -> tuple[FileMeta, str | None] | None:
-            if conn.execute(_CAN_READ, (file_id, uid, uid)).fetchone() is None:
+            if not _readable(conn, uid, ids):
                 return None
-            row = conn.execute(f"SELECT {_META} FROM files WHERE file_id = ?", (file_id,)).fetchone()
-            owned = conn.execute(
-                "SELECT name FROM file_owners WHERE file_id = ? AND uid = ?", (file_id, uid)
+            row = conn.execute(
+                f"SELECT {_DATA} FROM files WHERE file_id {where} ORDER BY created_at LIMIT 1", ids
             ).fetchone()
-            return _meta(row), None if owned is None else owned[0]
+            owned = conn.execute(
+                f"SELECT name FROM file_owners WHERE file_id {where} AND uid = ? ORDER BY created_at LIMIT 1",
+                (*ids, uid),
+            ).fetchone()
+            return FileMeta(file_id, file_id, *row), None if owned is None else owned[0]
 
         return await self.db.read(get)
 
     async def readable(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
         wanted = list(dict.fromkeys(pairs))
+        if not wanted:
+            return set()
+        await self._recheck()
+        forms = self.forms.forms
+        checks = [(uid, sha, forms(sha)) for uid, sha in wanted]
 
         def check(conn: sqlite3.Connection) -> set[tuple[int, str]]:
-            return {(uid, fid) for uid, fid in wanted if conn.execute(_CAN_READ, (fid, uid, uid)).fetchone()}
+            return {(uid, sha) for uid, sha, ids in checks if _readable(conn, uid, ids)}
 
-        return await self.db.read(check) if wanted else set()
+        return await self.db.read(check)
 
     async def add_refs(self, refs: Sequence[tuple[str, str]]) -> None:
-        rows = list(refs)
+        rows = self.ids.stored_refs(refs)
         if rows:
             sql = "INSERT OR IGNORE INTO file_refs (file_id, conv) VALUES (?, ?)"
             await self.db.write(lambda conn: conn.executemany(sql, rows))
+
+    # --- StoredFileIds: the conversion to keyed ids ------------------------------------------------------
+
+    async def count_unconverted(self) -> int:
+        if not self.ids.keyed:
+            return 0
+        query = " + ".join(f"(SELECT count(*) FROM {t} WHERE file_id < '{KEYED}')" for t in _TABLES)
+        return int((await self.db.read(lambda conn: conn.execute(f"SELECT {query}").fetchone()))[0])
+
+    async def unconverted(self, after: str | None, limit: int) -> list[str]:
+        if not self.ids.keyed:
+            return []
+        part = (
+            "SELECT file_id FROM (SELECT file_id FROM {}"
+            f" WHERE file_id > ? AND file_id < '{KEYED}' ORDER BY file_id LIMIT ?)"
+        )
+        query = " UNION ".join(part.format(t) for t in _TABLES) + " ORDER BY 1 LIMIT ?"
+        params = (after or "", limit) * len(_TABLES) + (limit,)
+        rows = await self.db.read(lambda conn: conn.execute(query, params).fetchall())
+        return [str(r[0]) for r in rows]
+
+    async def convert(self, ids: Sequence[str]) -> int:
+        changes = self.ids.conversions(ids)
+        if not changes:
+            return 0
+
+        def run(conn: sqlite3.Connection) -> int:
+            conn.execute("PRAGMA secure_delete = ON")  # the hashes zeroed in the pages, not left in free space
+            try:
+                return _move(conn, changes)
+            finally:
+                conn.execute("PRAGMA secure_delete = OFF")
+
+        return await self.db.write(run)
+
+    async def converted(self) -> bool:
+        self.forms.set_mixed(await self._probe())
+        return not self.forms.mixed

@@ -25,12 +25,11 @@ async def file_hashes(files: FileStore, *, page: int = 500) -> AsyncIterator[str
     """The sha256 of every stored file, page by page."""
     after: str | None = None
     while True:
-        batch = await files.hashes(after, page)
-        if not batch:
-            return
+        batch, after = await files.hashes(after, page)
         for sha in batch:
             yield sha
-        after = batch[-1]
+        if after is None:
+            return
 
 
 @dataclass
