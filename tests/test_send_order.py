@@ -278,3 +278,41 @@ async def test_the_gateways_sessions_take_the_hold_set_live(gateway: Gateway) ->
     _, alice = await gateway.user("alice")
     conn = await gateway.connect(alice)
     assert conn.session.limits.send_order_hold == 5.0  # the limits a session judges by are the hub's
+
+
+async def test_committer_a_barrier_whose_refused_send_was_stored_elsewhere_is_lifted(
+    svc: ChatCore,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """x refused here, then resent to another node that stored it (this node had lost its node id and the
+    conversation moved away and back: tests/faults/test_engine_links.py, etcd): the client has x's ack and
+    never resends it, so y must not wait behind it until the barrier expires."""
+    group = await svc.groups.create_group(1, "g", [2])
+    conv = f"g:{group.gid}"
+    down = store_away(svc, monkeypatch)
+    [(_, err)] = await asyncio.gather(*submit_all(svc, [send(conv, "x")]))
+    assert err is not None and err.code is ErrorCode.UNAVAILABLE
+    down[0] = False
+    barrier = dict(svc.committer.order.held)
+    svc.committer.order.held.clear()  # x taken by another writer: it never passes this barrier
+    [(xm, xerr)] = await asyncio.gather(*submit_all(svc, [send(conv, "x")]))
+    assert xerr is None and xm is not None
+    svc.committer.order.held.update(barrier)
+    [(ym, yerr)] = await asyncio.gather(*submit_all(svc, [send(conv, "y")]))
+    assert yerr is None and ym is not None and ym.seq == xm.seq + 1, yerr
+    assert not svc.committer.order.held
+    # A barrier whose send is not stored still holds.
+    [(_, zerr)] = await asyncio.gather(*submit_all(svc, [send(conv, "z")]))
+    assert zerr is None
+    svc.committer.order.refused((1, "phone", conv), "never-stored")
+    [(_, werr)] = await asyncio.gather(*submit_all(svc, [send(conv, "w")]))
+    assert werr is not None and "never-stored" in werr.message
+
+
+def test_lift_drops_only_the_barrier_of_that_send() -> None:
+    order: SendOrder[str] = SendOrder()
+    order.refused("k", "x")
+    order.lift("k", "y")
+    assert order.barring("k", "z") == "x"
+    order.lift("k", "x")
+    assert order.barring("k", "z") is None

@@ -41,9 +41,9 @@ import websockets
 
 from im.client import Disconnected, Encoding
 from im.cluster import LocalCluster
-from im.faultproxy import FaultProxy
 from im.model.ids import direct_conv
 from tests.cluster.conftest import ClusterView, make_cluster, stop_checked
+from tests.faults.conftest import BAD_LINK, Proxies, pause, reset_now_and_then
 from tests.support.apps import App, Target, check_delivery, create_group, pairs_and_group, post_until, start_app
 from tests.support.checker import History
 from tests.support.client import Account, ChatClient, register
@@ -52,10 +52,6 @@ from tests.support.wait import eventually
 #: The long variant outlasts the suite's timeout per test (pyproject.toml: 120 s).
 pytestmark = [pytest.mark.timeout(900)] if os.environ.get("IM_FAULTS_LONG", "") not in ("", "0") else []
 
-#: The bad link of the issue: 300 ms ± 200 ms each way, 8 KB/s, one byte per write.
-BAD_LINK: dict[str, Any] = {"latency": 0.3, "jitter": 0.2, "bandwidth": 8192, "slice": 1}
-#: Seconds between two resets (each time of every connection of one proxy, chosen at random).
-RESET_EVERY = (1.0, 2.5)
 #: Seconds between two posts of one client: a little under 8 KB/s of deliveries per client.
 PACE = 0.2
 #: Seconds of chat while the links are reset (short run; long run with IM_FAULTS_LONG=1).
@@ -64,66 +60,7 @@ SHORT, LONG = 10.0, 180.0
 DRAIN = 60.0
 
 
-# --- proxies ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Proxies:
-    """The fault proxies of a test, by the port they stand in front of."""
-
-    by_port: dict[int, FaultProxy] = field(default_factory=dict)
-
-    def add(self, port: int, seed: int) -> FaultProxy:
-        p = FaultProxy(("127.0.0.1", port), seed=seed).start()
-        self.by_port[port] = p
-        return p
-
-    def route(self, url: str) -> str:
-        """``url`` (ws://host:port/... or tcp://host:port) with the port of the proxy in front of it."""
-        scheme, rest = url.split("://", 1)
-        hostport, _, path = rest.partition("/")
-        host, port = hostport.rsplit(":", 1)
-        proxy = self.by_port[int(port)]
-        return f"{scheme}://{host}:{proxy.port}" + (f"/{path}" if path else "")
-
-    def set(self, **faults: Any) -> None:
-        for p in self.by_port.values():
-            p.set(**faults)
-
-    def close(self) -> None:
-        for p in self.by_port.values():
-            p.close()
-
-    @property
-    def resets(self) -> int:
-        return sum(p.resets for p in self.by_port.values())
-
-    def figures(self) -> dict[str, int]:
-        ps = self.by_port.values()
-        return {
-            "connections": sum(p.accepted for p in ps),
-            "resets": self.resets,
-            "bytes_up": sum(p.bytes_up for p in ps),
-            "bytes_down": sum(p.bytes_down for p in ps),
-        }
-
-
-async def reset_now_and_then(proxies: Proxies, stop: asyncio.Event, rng: random.Random) -> dict[str, Any]:
-    """Until ``stop``: every RESET_EVERY seconds, reset every connection of one proxy (in turn, so that
-    each path is hit)."""
-    order = list(proxies.by_port.values())
-    rounds = 0
-    while await _pause(stop, rng):
-        await asyncio.to_thread(order[rounds % len(order)].reset_all)
-        rounds += 1
-    return {"reset_rounds": rounds}
-
-
-async def _pause(stop: asyncio.Event, rng: random.Random) -> bool:
-    """Wait RESET_EVERY seconds, or less if ``stop`` comes first; True unless it came."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), rng.uniform(*RESET_EVERY))
-    return not stop.is_set()
+# --- proxies ---------------------------------------------------------------------------------------------
 
 
 def _link_events(cluster: LocalCluster, node: str, address: str) -> tuple[int, bool]:
@@ -157,7 +94,7 @@ async def reset_links_in_turn(
 
     rounds = 0
     try:
-        while await _pause(stop, rng):
+        while await pause(stop, rng):
             victim, other = order[rounds % 2], order[(rounds + 1) % 2]
             await eventually(
                 lambda: all(_link_events(cluster, gw, other.address)[1] for gw in gateways),  # noqa: B023

@@ -36,63 +36,51 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-import aio_pika
-import httpx
 import pytest
 
 from im.cluster import LocalCluster
 from im.faultproxy import FaultProxy
-from im.model.ids import direct_conv
-from tests.cluster.conftest import ClusterView, client_on, make_cluster, node_id_of, stop_checked
+from tests.cluster.conftest import client_on, node_id_of
 from tests.cluster.test_cluster_engines import outbox_empty
-from tests.cluster.test_cluster_faults import transfer_for
-from tests.events.conftest import AMQP_URL
+from tests.faults.conftest import (
+    FD_BOUND,
+    FD_SETTLED,
+    GATEWAY_VICTIM,
+    KEEPALIVE,
+    RSS_BOUND_KIB,
+    VICTIM,
+    Net,
+    Samples,
+    Workload,
+    acked,
+    fds,
+    note_stall,
+    ready,
+    rss_kib,
+    start_workload,
+    watch,
+)
 from tests.support.apps import (
     App,
     RawDevice,
-    Target,
     check_delivery,
     committed_by,
-    create_group,
     fetch_counts,
-    pairs_and_group,
     post_until,
     raw_resend,
     read_log,
-    start_app,
-    unanswered,
 )
 from tests.support.checker import History
-from tests.support.client import Account, ChatClient, register
-from tests.support.postgres import DSN
+from tests.support.client import ChatClient
 from tests.support.wait import eventually
 
-VICTIM = "tr-1"
-#: The victim of the gateway scenarios: it reaches Redis (presence, shared rate limits) and etcd (its
-#: registration, the configuration centre) each through its own proxy.
-GATEWAY_VICTIM = "gw-1"
 PARTITION = 6.0  # seconds cut off in the suite (registry TTL 2 s, presence TTL 3 s: every lease runs out)
 PARTITION_LONG = 30.0
 PACE = 0.05  # seconds between two posts of one client
-#: Bounds on the victim while cut off, over its level just before the cut. Its engine clients are pools
-#: of fixed size (PostgreSQL pool_max 10, one Redis pool, one AMQP connection, one etcd channel) and the
-#: gRPC server holds one stream per linked node, so a partition may cost a few reconnecting sockets, never
-#: one per retry; the sends waiting meanwhile are a few thousand small requests (well under 10 MiB).
-FD_BOUND = 40
-RSS_BOUND_KIB = 64 * 1024
-#: After the heal, descriptors back within this of the level before the cut (pools refilled, nothing kept).
-FD_SETTLED = 12
-#: The gRPC link's keepalive interval and ping timeout here (transfer.keepalive, keepalive_timeout;
-#: 10 s and 5 s by default), so that a silent link is found dead within a short partition.
-KEEPALIVE = 1.0
 #: With the links blackholed, the longest a send may wait for its answer: the pings find the link dead
 #: (interval + timeout), then the gateway hands the send to the other transfer node; the rest is margin
 #: for a loaded box. Without keepalive the sends waited for the heal (the whole partition).
@@ -100,228 +88,6 @@ LINK_STALL = 2 * KEEPALIVE + 2.5
 
 Path_ = Literal["postgres", "redis", "rabbitmq", "etcd", "links"]
 Mode = Literal["cut", "blackhole"]
-
-
-@dataclass
-class Net:
-    """The cluster, and the proxies on the victim's paths (by path name)."""
-
-    cluster: LocalCluster
-    proxies: dict[str, FaultProxy]  # tr-1's paths
-    names: tuple[str, str]  # the private exchange and queue
-    gateway_proxies: dict[str, FaultProxy] = field(default_factory=dict)  # gw-1's paths
-
-
-def _host_port(url: str) -> tuple[str, int]:
-    """The host and port of an engine URL (``scheme://[user@]host:port/...``)."""
-    netloc = url.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
-    host, _, port = netloc.rpartition(":")
-    return host, int(port)
-
-
-def _through(url: str, proxy: FaultProxy) -> str:
-    """``url`` with its host:port replaced by the proxy's."""
-    host, port = _host_port(url)
-    return url.replace(f"{host}:{port}", proxy.address, 1)
-
-
-async def _delete_names(exchange: str, queue: str) -> None:
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        await channel.queue_delete(queue)
-        await channel.exchange_delete(exchange)
-
-
-#: aiormq logs a warning with a traceback for every connection the broker drops: library noise. The
-#: committer logs one traceback per window with "refused batches: storage unavailable" when its store is
-#: away (im.throttled_log): expected while cut off from PostgreSQL; any other record of it fails the test.
-NOISY_LOGGERS = ("aiormq.connection", "im.core.committer")
-#: What a committer may log while its node is cut off: the store away (sends refused ``unavailable``) or
-#: presence away (committed messages held and routed again: im.core.live_routes).
-_EXPECTED_COMMITTER = re.compile(
-    r"refused (\d+ |[\d,]+ )?(batches: storage unavailable|live routes \(presence unreachable; held, routed again\))"
-)
-_COMMITTER = re.compile(r"^\S+ (WARNING|ERROR|CRITICAL) \S+ \S+ im\.core\.committer: (.*)$", re.MULTILINE)
-
-
-def expected_committer_records(c: LocalCluster) -> None:
-    """Every warning or error the committers logged is an outage of the victim's engines (what
-    NOISY_LOGGERS hides from the stop check), nothing else."""
-    for node in c.nodes.values():
-        for level, text in _COMMITTER.findall(node.log()):
-            assert _EXPECTED_COMMITTER.match(text), f"{node.name}: {level} {text}"
-
-
-@pytest.fixture(scope="module")
-def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
-    """One cluster for the whole module (each test makes its own users and conversations), events on
-    through RabbitMQ, with tr-1's paths behind proxies. Every node must still stop cleanly at the end."""
-    token = uuid.uuid4().hex[:8]
-    names = (f"im.test.events.{token}", f"im.test.push.{token}")
-    c = make_cluster(tmp_path_factory.mktemp("partitions") / "cluster", amqp_url=AMQP_URL)
-    c.extra += ["--set", f"events.exchange={names[0]}", "--set", f"events.queue={names[1]}"]
-    c.extra += ["--set", f"transfer.keepalive={KEEPALIVE}", "--set", f"transfer.keepalive_timeout={KEEPALIVE}"]
-    proxies = {
-        "postgres": FaultProxy(_host_port(DSN)),
-        "redis": FaultProxy(_host_port(c.redis_url)),
-        "rabbitmq": FaultProxy(_host_port(AMQP_URL)),
-        "etcd": FaultProxy(("127.0.0.1", c.base_port + 5)),  # the private etcd (im.cluster's layout)
-        "links": FaultProxy(("127.0.0.1", c.base_port + 13)),  # tr-1's gRPC port
-    }
-    gateway_proxies = {
-        "redis": FaultProxy(_host_port(c.redis_url)),
-        "etcd": FaultProxy(("127.0.0.1", c.base_port + 5)),
-    }
-    every = [*proxies.values(), *gateway_proxies.values()]
-    for p in every:
-        p.start()
-    c.node_args[GATEWAY_VICTIM] = [
-        *("--set", f"presence.redis_url={_through(c.redis_url, gateway_proxies['redis'])}"),
-        *("--set", f"registry.etcd_endpoint={gateway_proxies['etcd'].address}"),
-    ]
-    c.node_args[VICTIM] = [
-        *("--set", f"store.postgres_dsn={_through(DSN, proxies['postgres'])}"),
-        *("--set", f"presence.redis_url={_through(c.redis_url, proxies['redis'])}"),
-        *("--set", f"events.amqp_url={_through(AMQP_URL, proxies['rabbitmq'])}"),
-        *("--set", f"registry.etcd_endpoint={proxies['etcd'].address}"),
-        *("--set", f"transfer.public_address={proxies['links'].address}"),
-    ]
-    try:
-        c.start()
-        yield Net(c, proxies, names, gateway_proxies)
-    finally:
-        try:
-            for p in every:
-                p.heal()  # whatever a failed test left
-            stop_checked(c, ignore_loggers=NOISY_LOGGERS)
-            expected_committer_records(c)
-        finally:
-            for p in every:
-                p.close()
-            asyncio.run(_delete_names(*names))
-
-
-@pytest.fixture
-async def history(net: Net) -> AsyncIterator[History]:
-    h = History(ClusterView(net.cluster.api))  # type: ignore[arg-type]
-    yield h
-    await h.close_all()
-    await h.check()
-
-
-# --- the victim as the kernel sees it ----------------------------------------------------------------
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-def fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-async def ready(cluster: LocalCluster, node: str, timeout: float = 5.0) -> bool:
-    try:
-        async with httpx.AsyncClient(timeout=timeout) as http:
-            r = await http.get(f"http://127.0.0.1:{cluster.nodes[node].ports['ops']}/health/ready")
-        return r.status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-@dataclass
-class Samples:
-    rss: list[int] = field(default_factory=list)
-    fds: list[int] = field(default_factory=list)
-    not_ready: int = 0
-    ready_probes: int = 0
-    stall: float = 0.0  # the longest a raw client's send waited for its answer, seen so far
-
-
-async def watch(cluster: LocalCluster, node: str, until: float, out: Samples, w: Workload | None) -> None:
-    """Until ``until``: the node's RSS and descriptors and the clients' waits every 0.25 s, and its
-    readiness as often as its health endpoint answers (a probe may take its engine checks' 2 s)."""
-    pid = cluster.nodes[node].proc.pid  # type: ignore[union-attr]
-
-    async def probe_ready() -> None:
-        while time.monotonic() < until:
-            if not await ready(cluster, node, timeout=max(0.1, until - time.monotonic())):
-                out.not_ready += 1
-            out.ready_probes += 1
-            await asyncio.sleep(0.1)
-
-    prober = asyncio.create_task(probe_ready())
-    try:
-        while time.monotonic() < until:
-            out.rss.append(rss_kib(pid))
-            out.fds.append(fds(pid))
-            if w is not None:
-                note_stall(out, w)
-            await asyncio.sleep(0.25)
-    finally:
-        await prober
-
-
-def note_stall(out: Samples, w: Workload) -> None:
-    now = time.monotonic()
-    for rc, sent in zip(w.raw, w.raw_sent, strict=True):
-        waiting = unanswered(rc, sent)
-        if waiting:
-            out.stall = max(out.stall, now - min(sent[x] for x in waiting))
-
-
-# --- the workload ------------------------------------------------------------------------------------
-
-
-async def user_with(api: str, tag: str, peer: Account, node: str) -> Account:
-    """A new user whose direct conversation with ``peer`` the gateways send to transfer node ``node``."""
-    for i in range(64):
-        u = await register(api, f"{tag}{i}")
-        if transfer_for(direct_conv(u.uid, peer.uid)) == node:
-            return u
-    raise AssertionError(f"no direct conversation on {node} in 64 tries")
-
-
-@dataclass
-class Workload:
-    apps: list[App]
-    targets: list[list[Target]]
-    members: dict[str, list[App]]
-    raw: list[ChatClient]
-    raw_peer: list[int]
-    raw_sent: list[dict[str, float]]
-    raw_conv: str
-    victim_convs: set[str]
-
-
-async def start_workload(net: Net, history: History, apps: list[App], tag: str) -> Workload:
-    c = net.cluster
-    a0 = await register(c.api, f"{tag}a0")
-    a1 = await user_with(c.api, f"{tag}a1-", a0, VICTIM)
-    a2 = await register(c.api, f"{tag}a2")
-    a3 = await user_with(c.api, f"{tag}a3-", a2, "tr-2")
-    users = [a0, a1, a2, a3]
-    group = await create_group(c, a0, [a1, a2, a3])
-    started = await asyncio.gather(
-        *(
-            start_app(c, u, f"dev{i}", transport="tcp" if i % 2 else "ws", first_on="gw-1" if i % 2 == 0 else "gw-2")
-            for i, u in enumerate(users)
-        )
-    )
-    apps.extend(started)
-    targets, members = pairs_and_group(users, group, started)
-    r0 = await register(c.api, f"{tag}r0")
-    r1 = await user_with(c.api, f"{tag}r1-", r0, VICTIM)
-    raw = [client_on(history, c, "gw-1", r0, "raw0"), client_on(history, c, "gw-2", r1, "raw1", tcp=True)]
-    for rc in raw:
-        assert (await rc.connect())["t"] == "auth_ok"
-    raw_conv = direct_conv(r0.uid, r1.uid)
-    victim_convs = {conv for conv in [*members, raw_conv] if transfer_for(conv) == VICTIM}
-    return Workload(started, targets, members, raw, [r1.uid, r0.uid], [{}, {}], raw_conv, victim_convs)
 
 
 async def raw_pump(c: ChatClient, to: int, sent: dict[str, float], stop: asyncio.Event) -> None:
@@ -335,11 +101,6 @@ async def raw_pump(c: ChatClient, to: int, sent: dict[str, float], stop: asyncio
 
 
 # --- the scenario ------------------------------------------------------------------------------------
-
-
-def _acked(w: Workload, conv: str) -> int:
-    sdk = sum(ack.conv == conv for a in w.apps for ack in a.acks)
-    return sdk + sum(bool(ack["conv"] == conv) for c in w.raw for ack in c.acks.values())
 
 
 async def cut_off(
@@ -358,7 +119,7 @@ async def cut_off(
     waits too), then healed, and ``node`` ready again. Returns its descriptors and RSS before the fault,
     when it was healed and how long ``node`` took to be ready after."""
     convs = [*w.members, w.raw_conv]
-    await eventually(lambda: all(_acked(w, conv) >= 5 for conv in convs), "acks before the partition")
+    await eventually(lambda: all(acked(w, conv) >= 5 for conv in convs), "acks before the partition")
     pid = c.nodes[node].proc.pid  # type: ignore[union-attr]
     await eventually(lambda: ready(c, node), f"{node} ready before the partition")
     fd0, rss0 = fds(pid), rss_kib(pid)
@@ -453,8 +214,8 @@ async def partition(net: Net, history: History, apps: list[App], path: Path_, mo
 
 
 @pytest.mark.parametrize("path", ["postgres", "redis", "rabbitmq", "etcd", "links"])
-async def test_cut(net: Net, history: History, apps: list[App], long_run: bool, path: Path_) -> None:
-    await partition(net, history, apps, path, "cut", PARTITION_LONG if long_run else PARTITION)
+async def test_cut(net: Net, net_history: History, apps: list[App], long_run: bool, path: Path_) -> None:
+    await partition(net, net_history, apps, path, "cut", PARTITION_LONG if long_run else PARTITION)
 
 
 #: Blackholed in the suite: where silence differs most from a reset (a commit, a presence lookup or a
@@ -466,8 +227,8 @@ BLACKHOLED = ["postgres", "redis", "links"] + (
 
 
 @pytest.mark.parametrize("path", BLACKHOLED)
-async def test_blackhole(net: Net, history: History, apps: list[App], long_run: bool, path: Path_) -> None:
-    await partition(net, history, apps, path, "blackhole", PARTITION_LONG if long_run else PARTITION)
+async def test_blackhole(net: Net, net_history: History, apps: list[App], long_run: bool, path: Path_) -> None:
+    await partition(net, net_history, apps, path, "blackhole", PARTITION_LONG if long_run else PARTITION)
 
 
 # --- a gateway cut off ---------------------------------------------------------------------------------
@@ -551,6 +312,6 @@ async def gateway_partition(net: Net, history: History, apps: list[App], path: s
 
 @pytest.mark.parametrize(("path", "mode"), [("redis", "cut"), ("redis", "blackhole"), ("etcd", "cut")])
 async def test_gateway_cut_off(
-    net: Net, history: History, apps: list[App], long_run: bool, path: str, mode: Mode
+    net: Net, net_history: History, apps: list[App], long_run: bool, path: str, mode: Mode
 ) -> None:
-    await gateway_partition(net, history, apps, path, mode, PARTITION_LONG if long_run else PARTITION)
+    await gateway_partition(net, net_history, apps, path, mode, PARTITION_LONG if long_run else PARTITION)

@@ -37,9 +37,9 @@ cannot commit when it wakes up, whatever it believes: its batch is refused ``una
 minting stops and the claim is made again (``Snowflake.refused`` → the claim's ``on_refused``).
 
 Sender order (im.model.send_order): a send refused ``unavailable`` here (store outage, contention, no node
-id, fenced) bars the later sends of its (uid, device, conversation) until it is resent or
-``order_hold`` seconds pass, so a device's sends are stored in the order it sent them. The check costs
-nothing while no barrier is held.
+id, fenced) bars the later sends of its (uid, device, conversation) until it is resent, is found stored
+(resent to another node, which took it) or ``order_hold`` seconds pass, so a device's sends are stored in
+the order it sent them. The check costs nothing while no barrier is held.
 """
 
 from __future__ import annotations
@@ -313,6 +313,7 @@ class Committer:
         """Commit ``items``; if the store refuses the batch, split it so only what it will not take fails
         (module docstring, "Fault isolation"). Parts are tried depth first, left before right."""
         if self.order.held:  # sends behind a refused one: decided once for the batch, before any split
+            await self._lift_stored(items)
             items = self._behind_refused(items)
         parts: list[list[_Send | _MemberOp]] = [items]
         while parts:
@@ -451,6 +452,31 @@ class Committer:
         for item in items:
             if type(item) is _Send and isinstance(conv := self._safe_target(item), str):
                 order.refused((item.req.uid, item.req.device, conv), item.req.cmid)
+
+    async def _lift_stored(self, items: list[_Send | _MemberOp]) -> None:
+        """Lift the barriers the sends of ``items`` would wait behind whose refused send is stored already.
+
+        A send this node refused may be resent to another node and stored there (this one lost its node
+        id, the gateways moved the conversation, then moved it back): the client has its ack and never
+        resends it, so its barrier here would refuse the device's later sends until it expires. One store
+        read for the batch, made only when a send of it would be barred; the store away, they all stay."""
+        order = self.order
+        waits: dict[tuple[int, str, str], tuple[int, str, str]] = {}  # (uid, device, refused cmid) -> key
+        for i in items:
+            if type(i) is not _Send or not isinstance(c := self._safe_target(i), str):
+                continue
+            key = (i.req.uid, i.req.device, c)
+            if (entry := order.held.get(key)) is not None and entry[0] != i.req.cmid:
+                waits[(key[0], key[1], entry[0])] = key
+        if not waits:
+            return
+        try:
+            found = await self._store.find_sent(list(waits))
+        except Exception:
+            return
+        for sent, m in found.items():
+            if m.conv == waits[sent][2]:
+                order.lift(waits[sent], sent[2])
 
     def _behind_refused(self, items: list[_Send | _MemberOp]) -> list[_Send | _MemberOp]:
         """Refuse the sends that wait for an earlier refused send of their device and conversation, in queue

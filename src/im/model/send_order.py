@@ -5,7 +5,8 @@ A client pipelines its sends. When send X of a device to conversation c is refus
 be on its way, and could be stored before X is resent: the device's messages would be stored out of the
 order it typed them. :class:`SendOrder` is the barrier that prevents it: once X is refused, every later
 send of that (device, conversation) is refused too (``unavailable``, :func:`behind_refused`) until X
-itself arrives again (it lifts the barrier and goes ahead) or the barrier expires (``hold`` seconds: a
+itself arrives again (it lifts the barrier and goes ahead), X is found stored (:meth:`SendOrder.lift`: the
+client resent it to another node, which took it) or the barrier expires (``hold`` seconds: a
 client that gave X up is not blocked for ever). A client that resends its refused sends in their
 original order, before newer ones (the SDK and the web client do), sees every send stored in order.
 
@@ -95,6 +96,13 @@ class SendOrder(Generic[K]):
         if order is not None and order <= entry[1]:
             return None
         return entry[0]
+
+    def lift(self, key: K, cmid: str) -> None:
+        """Refused send ``cmid`` of ``key`` is stored after all (resent to another node, which took it): the
+        barrier held for it goes, as if it had come again; one held for another send stays."""
+        entry = self.held.get(key)
+        if entry is not None and entry[0] == cmid:
+            del self.held[key]
 
     def __len__(self) -> int:
         return len(self.held)
