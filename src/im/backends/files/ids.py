@@ -209,6 +209,38 @@ class IdForms:
         return self.ids.other(sha256) if self.mixed else None
 
 
+class TwoForms:
+    """What the SQL file stores share about the two forms of ids: ``ids`` (the written form),
+    ``forms`` (whether the other form may be left) and the probe of the tables for it, which each store
+    writes in its own SQL (:meth:`_probe`)."""
+
+    ids: FileIds
+    forms: IdForms
+
+    def _init_forms(self, ids: FileIds | None, recheck: float) -> None:
+        self.ids = ids if ids is not None else FileIds(None, keyed=False)
+        self.forms = IdForms(self.ids, recheck=recheck)
+
+    def _other_form(self) -> str | None:
+        """The condition on ``file_id`` of rows in the form not written now (None: nothing to look for)."""
+        if self.ids.keyed:
+            return f"file_id < '{KEYED}'"
+        return f"file_id >= '{KEYED}'" if self.ids.loaded else None
+
+    async def _probe(self) -> bool:
+        """Whether any table holds a row in the other form."""
+        raise NotImplementedError
+
+    async def _load_forms(self) -> None:
+        """At start: the id key, then whether the tables are mixed."""
+        await self.ids.load()
+        self.forms.set_mixed(await self._probe())
+
+    async def _recheck(self) -> None:
+        if self.forms.due():
+            self.forms.set_mixed(await self._probe())
+
+
 @runtime_checkable
 class StoredFileIds(Protocol):
     """What :class:`FileIdConversion` needs of a file store (the SQL stores implement it).

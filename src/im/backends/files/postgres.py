@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from im.backends.files import FileStore
-from im.backends.files.ids import KEYED, FileIds, IdForms
+from im.backends.files.ids import KEYED, FileIds, TwoForms
 from im.backends.sql.postgres_db import PostgresDatabase
 from im.backends.sql.shared_db import OnSharedDatabase
 from im.model.files import FileMeta
@@ -53,30 +53,22 @@ async def _move(conn: Any, changes: Sequence[tuple[str, str, str]]) -> int:
     return int(moved)
 
 
-class PostgresFileStore(OnSharedDatabase[PostgresDatabase], FileStore):
+class PostgresFileStore(TwoForms, OnSharedDatabase[PostgresDatabase], FileStore):
     """:class:`FileStore` on a :class:`PostgresDatabase` (shared with the other stores; opened counted), and
     the :class:`~im.backends.files.ids.StoredFileIds` of a conversion to keyed ids. ``ids``: how the
     tables name files (default: by the SHA-256); ``recheck``: see :class:`IdForms`."""
 
     def __init__(self, db: PostgresDatabase, *, ids: FileIds | None = None, recheck: float = 60.0) -> None:
         super().__init__(db)
-        self.ids = ids if ids is not None else FileIds(None, keyed=False)
-        self.forms = IdForms(self.ids, recheck=recheck)
+        self._init_forms(ids, recheck)
 
     async def _acquire(self) -> None:
         await super()._acquire()
         try:
-            await self.ids.load()
-            self.forms.set_mixed(await self._probe())
+            await self._load_forms()
         except BaseException:
             await self._release()
             raise
-
-    def _other_form(self) -> str | None:
-        """The condition on ``file_id`` of rows in the form not written now (None: nothing to look for)."""
-        if self.ids.keyed:
-            return f"file_id < '{KEYED}'"
-        return f"file_id >= '{KEYED}'" if self.ids.loaded else None
 
     async def _probe(self) -> bool:
         where = self._other_form()
@@ -84,10 +76,6 @@ class PostgresFileStore(OnSharedDatabase[PostgresDatabase], FileStore):
             return False
         query = " OR ".join(f"EXISTS (SELECT 1 FROM {t} WHERE {where})" for t in _TABLES)
         return bool(await self.db.pool.fetchval(f"SELECT {query}"))
-
-    async def _recheck(self) -> None:
-        if self.forms.due():
-            self.forms.set_mixed(await self._probe())
 
     async def add_upload(self, meta: FileMeta, uid: int, name: str, now: int) -> tuple[FileMeta, str, bool]:
         sha = meta.sha256

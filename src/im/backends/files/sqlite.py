@@ -11,7 +11,7 @@ import sqlite3
 from collections.abc import Sequence
 
 from im.backends.files import FileStore
-from im.backends.files.ids import KEYED, FileIds, IdForms
+from im.backends.files.ids import KEYED, FileIds, TwoForms
 from im.backends.sql.shared_db import OnSharedDatabase
 from im.backends.sql.sqlite_db import SqliteDatabase
 from im.model.files import FileMeta
@@ -64,30 +64,22 @@ def _move(conn: sqlite3.Connection, changes: Sequence[tuple[str, str, str]]) -> 
     return moved
 
 
-class SqliteFileStore(OnSharedDatabase[SqliteDatabase], FileStore):
+class SqliteFileStore(TwoForms, OnSharedDatabase[SqliteDatabase], FileStore):
     """:class:`FileStore` on a :class:`SqliteDatabase` (shared with the other stores; opened counted), and
     the :class:`~im.backends.files.ids.StoredFileIds` of a conversion to keyed ids. ``ids``: how the
     tables name files (default: by the SHA-256); ``recheck``: see :class:`IdForms`."""
 
     def __init__(self, db: SqliteDatabase, *, ids: FileIds | None = None, recheck: float = 60.0) -> None:
         super().__init__(db)
-        self.ids = ids if ids is not None else FileIds(None, keyed=False)
-        self.forms = IdForms(self.ids, recheck=recheck)
+        self._init_forms(ids, recheck)
 
     async def _acquire(self) -> None:
         await super()._acquire()
         try:
-            await self.ids.load()
-            self.forms.set_mixed(await self._probe())
+            await self._load_forms()
         except BaseException:
             await self._release()
             raise
-
-    def _other_form(self) -> str | None:
-        """The condition on ``file_id`` of rows in the form not written now (None: nothing to look for)."""
-        if self.ids.keyed:
-            return f"file_id < '{KEYED}'"
-        return f"file_id >= '{KEYED}'" if self.ids.loaded else None
 
     async def _probe(self) -> bool:
         where = self._other_form()
@@ -95,10 +87,6 @@ class SqliteFileStore(OnSharedDatabase[SqliteDatabase], FileStore):
             return False
         query = " UNION ALL ".join(f"SELECT 1 FROM (SELECT 1 FROM {t} WHERE {where} LIMIT 1)" for t in _TABLES)
         return bool(await self.db.read(lambda conn: conn.execute(query).fetchall()))
-
-    async def _recheck(self) -> None:
-        if self.forms.due():
-            self.forms.set_mixed(await self._probe())
 
     async def add_upload(self, meta: FileMeta, uid: int, name: str, now: int) -> tuple[FileMeta, str, bool]:
         sha = meta.sha256
