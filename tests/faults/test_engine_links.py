@@ -213,11 +213,14 @@ async def bad_engine_links(
         await eventually(lambda: outbox_empty(c), "the outbox drained after the heal", 30, interval=0.2)
 
     # The links really were bad and really carried the victims' engine traffic: bytes both ways while
-    # bad, connections reset, and the engine clients connected again through the bad link.
+    # bad, connections reset, and the engine clients connected again through the bad link. A client may
+    # have dropped its connection itself before its turn to be reset came (RabbitMQ's, whose reconnects
+    # seldom finish over this link): then it reconnected more than once instead.
     for v in vs:
         d = during[v.name]
         assert d["bytes_up"] > 0 and d["bytes_down"] > 0, (v.name, d)
-        assert d["resets"] >= 1 and d["accepted"] >= 1, (v.name, d)
+        assert d["accepted"] >= 1 and (d["resets"] >= 1 or d["accepted"] >= 2), (v.name, d)
+    assert sum(during[v.name]["resets"] for v in vs) >= 1, during
     assert acked_during > 0, "nothing acked while the links were bad"  # the cluster kept working
     if engine == "rabbitmq":  # and the outbox relay published through its slow link
         assert published_during > 0, "no event published while the links were bad"
