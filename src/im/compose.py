@@ -76,6 +76,7 @@ from im.model.chat import ConversationState
 from im.model.cluster import ServiceInstance
 from im.net import Admission, Listener, connection_budget, raise_open_file_limit
 from im.observability.health import PROCESS_STARTED, Readiness, im_version
+from im.observability.memory import collect_every, malloc_trim
 from im.protocol.session import Limits
 
 # The engines' modules (and their drivers: redis, asyncpg, aio-pika, aetcd, obstore) and the HTTP API's
@@ -274,6 +275,14 @@ def plaintext_migration(config: Config, b: Backends) -> PlaintextMigration | Non
     assert isinstance(b.chat_store, EncryptedChatStore)
     enc = config.encryption
     return PlaintextMigration(b.chat_store, b.bodies, batch=enc.migrate_batch, pause=enc.migrate_pause)
+
+
+def memory_loops(config: Config) -> list[Loop]:
+    """The timed full collection and trim (``memory``), for every role; none with ``collect_interval`` 0."""
+    mc = config.memory
+    if not mc.collect_interval:
+        return []
+    return [("im-memory", collect_every(mc.collect_interval, malloc_trim() if mc.trim else None))]
 
 
 def encryption_loops(config: Config, b: Backends) -> list[Loop]:

@@ -491,6 +491,17 @@ def _pair(cert: Path | None, key: Path | None, cert_name: str, key_name: str) ->
         raise ValueError(f"{cert_name} and {key_name} go together")
 
 
+class MemoryConfig(_Section):
+    """Memory handed back on a timer (im.observability.memory): a full garbage collection, then glibc's
+    ``malloc_trim``, so garbage of an engine outage does not wait for the next allocation-driven
+    collection and the process shrinks back after it."""
+
+    #: Seconds between two full collections; 0: none (only the allocation-driven ones).
+    collect_interval: float = Field(60.0, ge=0)
+    #: After each, give freed heap pages back to the system (glibc only; elsewhere nothing happens).
+    trim: bool = True
+
+
 class EncryptionConfig(_Section):
     """Message bodies encrypted at rest (docs/security.md, "Encryption"): one AES-256 data key per
     conversation, stored wrapped by the master key. Every node of a cluster needs the same master key."""
@@ -603,6 +614,7 @@ class Config(BaseSettings):
     tls: TlsConfig = TlsConfig()
     cluster_tls: ClusterTlsConfig = ClusterTlsConfig()
     encryption: EncryptionConfig = EncryptionConfig()
+    memory: MemoryConfig = MemoryConfig()
     ops: OpsConfig = OpsConfig()
     metrics: MetricsConfig = MetricsConfig()
     tracing: TracingConfig = TracingConfig()

@@ -43,6 +43,7 @@ from im.compose import (
     encryption_loops,
     event_workers,
     listed,
+    memory_loops,
     require_shared_engines,
 )
 from im.compose_security import ProcessTls, build_link_tls, build_tls
@@ -185,7 +186,7 @@ class TransferNode(_Role):
         consumers: list[PushConsumer] = []
         events = [("im-events", worker) for worker in event_workers(cfg, b, consumers)]
         follow_push(self.live, consumers)  # the webhook URL changes live
-        return [*events, ("im-load", load), *self.reloads.loops(), *encryption_loops(cfg, b)]
+        return [*events, ("im-load", load), *self.reloads.loops(), *encryption_loops(cfg, b), *memory_loops(cfg)]
 
     async def run(self, ready: Callable[[TransferNode], None] | None = None) -> None:
         await self.lifecycle.run(
@@ -275,7 +276,7 @@ class GatewayNode(_Role):
         load = report_load(
             b.registry, node, lambda: self.hub.connections, interval=cfg.registry.ttl / 3, readiness=self.readiness
         )
-        return [("im-load", load), *self.reloads.loops()]
+        return [("im-load", load), *self.reloads.loops(), *memory_loops(cfg)]
 
     async def run(self, ready: Callable[[GatewayNode], None] | None = None) -> None:
         await self.lifecycle.run(
@@ -376,7 +377,7 @@ class ApiNode(_Role):
         load = report_load(
             b.registry, cfg.http.node_id, lambda: 0, interval=cfg.registry.ttl / 3, readiness=self.readiness
         )
-        return [("im-load", load), *self.reloads.loops()]
+        return [("im-load", load), *self.reloads.loops(), *memory_loops(cfg)]
 
     async def run(self, ready: Callable[[ApiNode], None] | None = None) -> None:
         await self.lifecycle.run(

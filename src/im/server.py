@@ -29,6 +29,7 @@ from im.compose import (
     encryption_loops,
     event_workers,
     listed,
+    memory_loops,
 )
 from im.compose_security import build_tls
 from im.config import Config
@@ -153,7 +154,7 @@ class EmbeddedServer:
         consumers: list[PushConsumer] = []
         events = [("im-events", worker) for worker in event_workers(cfg, b, consumers)]
         follow_push(self.live, consumers)  # the webhook URL changes live
-        return [("im-load", load), *events, *self.reloads.loops(), *encryption_loops(cfg, b)]
+        return [("im-load", load), *events, *self.reloads.loops(), *encryption_loops(cfg, b), *memory_loops(cfg)]
 
     async def run(self, ready: Callable[[EmbeddedServer], None] | None = None) -> None:
         await self.lifecycle.run(
