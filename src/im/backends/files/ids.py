@@ -35,6 +35,7 @@ times, how many uploaders and conversations each has, and which rows belong to t
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import base64
 import binascii
@@ -51,6 +52,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from im.backends.blobs import is_sha256
+from im.backends.files import FileStore
+from im.backends.sql.shared_db import DB, OnSharedDatabase
 
 log = logging.getLogger("im.encryption")
 
@@ -209,17 +212,24 @@ class IdForms:
         return self.ids.other(sha256) if self.mixed else None
 
 
-class TwoForms:
-    """What the SQL file stores share about the two forms of ids: ``ids`` (the written form),
-    ``forms`` (whether the other form may be left) and the probe of the tables for it, which each store
-    writes in its own SQL (:meth:`_probe`)."""
+class FileStoreOnSharedDatabase(OnSharedDatabase[DB], FileStore):
+    """What the SQL file stores share about the two forms of ids: ``ids`` (the written form, default by
+    the SHA-256), ``forms`` (whether the other form may be left; ``recheck``: see :class:`IdForms`), the
+    key and the first probe at start; each store writes the probe in its own SQL (:meth:`_probe`)."""
 
-    ids: FileIds
-    forms: IdForms
-
-    def _init_forms(self, ids: FileIds | None, recheck: float) -> None:
+    def __init__(self, db: DB, *, ids: FileIds | None = None, recheck: float = 60.0) -> None:
+        super().__init__(db)
         self.ids = ids if ids is not None else FileIds(None, keyed=False)
         self.forms = IdForms(self.ids, recheck=recheck)
+
+    async def _acquire(self) -> None:
+        await super()._acquire()
+        try:
+            await self.ids.load()
+            self.forms.set_mixed(await self._probe())
+        except BaseException:
+            await self._release()
+            raise
 
     def _other_form(self) -> str | None:
         """The condition on ``file_id`` of rows in the form not written now (None: nothing to look for)."""
@@ -227,14 +237,9 @@ class TwoForms:
             return f"file_id < '{KEYED}'"
         return f"file_id >= '{KEYED}'" if self.ids.loaded else None
 
+    @abc.abstractmethod
     async def _probe(self) -> bool:
         """Whether any table holds a row in the other form."""
-        raise NotImplementedError
-
-    async def _load_forms(self) -> None:
-        """At start: the id key, then whether the tables are mixed."""
-        await self.ids.load()
-        self.forms.set_mixed(await self._probe())
 
     async def _recheck(self) -> None:
         if self.forms.due():

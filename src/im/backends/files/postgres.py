@@ -9,10 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from im.backends.files import FileStore
-from im.backends.files.ids import KEYED, FileIds, TwoForms
+from im.backends.files.ids import KEYED, FileStoreOnSharedDatabase
 from im.backends.sql.postgres_db import PostgresDatabase
-from im.backends.sql.shared_db import OnSharedDatabase
 from im.model.files import FileMeta
 
 _DATA = "size, content_type, width, height, created_at"
@@ -53,22 +51,10 @@ async def _move(conn: Any, changes: Sequence[tuple[str, str, str]]) -> int:
     return int(moved)
 
 
-class PostgresFileStore(TwoForms, OnSharedDatabase[PostgresDatabase], FileStore):
+class PostgresFileStore(FileStoreOnSharedDatabase[PostgresDatabase]):
     """:class:`FileStore` on a :class:`PostgresDatabase` (shared with the other stores; opened counted), and
-    the :class:`~im.backends.files.ids.StoredFileIds` of a conversion to keyed ids. ``ids``: how the
-    tables name files (default: by the SHA-256); ``recheck``: see :class:`IdForms`."""
-
-    def __init__(self, db: PostgresDatabase, *, ids: FileIds | None = None, recheck: float = 60.0) -> None:
-        super().__init__(db)
-        self._init_forms(ids, recheck)
-
-    async def _acquire(self) -> None:
-        await super()._acquire()
-        try:
-            await self._load_forms()
-        except BaseException:
-            await self._release()
-            raise
+    the :class:`~im.backends.files.ids.StoredFileIds` of a conversion to keyed ids (``ids``, ``recheck``:
+    see :class:`~im.backends.files.ids.FileStoreOnSharedDatabase`)."""
 
     async def _probe(self) -> bool:
         where = self._other_form()

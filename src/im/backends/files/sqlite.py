@@ -10,9 +10,7 @@ import functools
 import sqlite3
 from collections.abc import Sequence
 
-from im.backends.files import FileStore
-from im.backends.files.ids import KEYED, FileIds, TwoForms
-from im.backends.sql.shared_db import OnSharedDatabase
+from im.backends.files.ids import KEYED, FileStoreOnSharedDatabase
 from im.backends.sql.sqlite_db import SqliteDatabase
 from im.model.files import FileMeta
 
@@ -64,22 +62,10 @@ def _move(conn: sqlite3.Connection, changes: Sequence[tuple[str, str, str]]) -> 
     return moved
 
 
-class SqliteFileStore(TwoForms, OnSharedDatabase[SqliteDatabase], FileStore):
+class SqliteFileStore(FileStoreOnSharedDatabase[SqliteDatabase]):
     """:class:`FileStore` on a :class:`SqliteDatabase` (shared with the other stores; opened counted), and
-    the :class:`~im.backends.files.ids.StoredFileIds` of a conversion to keyed ids. ``ids``: how the
-    tables name files (default: by the SHA-256); ``recheck``: see :class:`IdForms`."""
-
-    def __init__(self, db: SqliteDatabase, *, ids: FileIds | None = None, recheck: float = 60.0) -> None:
-        super().__init__(db)
-        self._init_forms(ids, recheck)
-
-    async def _acquire(self) -> None:
-        await super()._acquire()
-        try:
-            await self._load_forms()
-        except BaseException:
-            await self._release()
-            raise
+    the :class:`~im.backends.files.ids.StoredFileIds` of a conversion to keyed ids (``ids``, ``recheck``:
+    see :class:`~im.backends.files.ids.FileStoreOnSharedDatabase`)."""
 
     async def _probe(self) -> bool:
         where = self._other_form()
