@@ -245,6 +245,16 @@ class FileStoreOnSharedDatabase(OnSharedDatabase[DB], FileStore):
         if self.forms.due():
             self.forms.set_mixed(await self._probe())
 
+    def _hashes_page(self, rows: Sequence[tuple[str, str]], limit: int) -> tuple[list[str], str | None]:
+        """:meth:`FileStore.hashes` of one page of (file_id, files.sha256) rows read in ``file_id`` order:
+        the hashes that open, and the cursor of the next page (the last id; None when the page was short)."""
+        return self.ids.open_rows(rows), (rows[-1][0] if rows and len(rows) == limit else None)
+
+    async def converted(self) -> bool:
+        """(:class:`StoredFileIds`) Probe the tables; True when no id in the other form is left."""
+        self.forms.set_mixed(await self._probe())
+        return not self.forms.mixed
+
 
 @runtime_checkable
 class StoredFileIds(Protocol):

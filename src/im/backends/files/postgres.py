@@ -103,8 +103,7 @@ class PostgresFileStore(FileStoreOnSharedDatabase[PostgresDatabase]):
         rows = await self.db.pool.fetch(
             "SELECT file_id, sha256 FROM files WHERE file_id > $1 ORDER BY file_id LIMIT $2", after or "", limit
         )
-        out = self.ids.open_rows([(str(r[0]), str(r[1])) for r in rows])
-        return out, (str(rows[-1][0]) if rows and len(rows) == limit else None)
+        return self._hashes_page([(str(r[0]), str(r[1])) for r in rows], limit)
 
     async def lookup(self, uid: int, file_id: str) -> tuple[FileMeta, str | None] | None:
         await self._recheck()
@@ -168,7 +167,3 @@ class PostgresFileStore(FileStoreOnSharedDatabase[PostgresDatabase]):
             return 0
         async with self.db.pool.acquire() as conn, conn.transaction():
             return await _move(conn, changes)
-
-    async def converted(self) -> bool:
-        self.forms.set_mixed(await self._probe())
-        return not self.forms.mixed

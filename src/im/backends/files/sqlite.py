@@ -106,8 +106,7 @@ class SqliteFileStore(FileStoreOnSharedDatabase[SqliteDatabase]):
                 "SELECT file_id, sha256 FROM files WHERE file_id > ? ORDER BY file_id LIMIT ?", (after or "", limit)
             ).fetchall()
         )
-        out = self.ids.open_rows([(str(fid), str(value)) for fid, value in rows])
-        return out, (str(rows[-1][0]) if rows and len(rows) == limit else None)
+        return self._hashes_page([(str(fid), str(value)) for fid, value in rows], limit)
 
     async def lookup(self, uid: int, file_id: str) -> tuple[FileMeta, str | None] | None:
         await self._recheck()
@@ -180,7 +179,3 @@ class SqliteFileStore(FileStoreOnSharedDatabase[SqliteDatabase]):
                 conn.execute("PRAGMA secure_delete = OFF")
 
         return await self.db.write(run)
-
-    async def converted(self) -> bool:
-        self.forms.set_mixed(await self._probe())
-        return not self.forms.mixed
