@@ -285,48 +285,48 @@ def memory_loops(config: Config) -> list[Loop]:
     return [("im-memory", collect_every(mc.collect_interval, malloc_trim() if mc.trim else None))]
 
 
+async def _resumed_next_start(work: Coroutine[Any, Any, object], what: str) -> None:
+    """Run a background migration; a failure is logged, never raised: it must not stop the server, and
+    the next start resumes the migration."""
+    try:
+        await work
+    except Exception:
+        log.exception("%s failed; the next start resumes it", what)
+
+
 def encryption_loops(config: Config, b: Backends) -> list[Loop]:
-    """The plaintext migration of encryption at rest (with ``encryption.migrate_plaintext``): one run in
-    the background, logged every 5 s. For the roles that run a committer."""
+    """The migrations of encryption at rest, each one run in the background, logged every 5 s: message
+    bodies in clear sealed (``encryption.migrate_plaintext``), file ids in clear keyed
+    (``files.migrate_plaintext``). For the roles that run a committer."""
     loops: list[Loop] = []
     migration = plaintext_migration(config, b) if config.encryption.migrate_plaintext else None
     if migration is not None:
 
-        async def run() -> None:
-            def report(p: MigrationProgress) -> None:
-                if p.total and not p.finished:
-                    log.info("sealing plaintext message bodies: %s", p.line())
-                elif p.total:
-                    log.info("plaintext message bodies sealed: %s, %d changed meanwhile", p.line(), p.skipped)
-                    if not p.scrubbed:
-                        log.warning("old plaintext versions remain until a full checkpoint: run `im keys scrub`")
+        def sealing(p: MigrationProgress) -> None:
+            if p.total and not p.finished:
+                log.info("sealing plaintext message bodies: %s", p.line())
+            elif p.total:
+                log.info("plaintext message bodies sealed: %s, %d changed meanwhile", p.line(), p.skipped)
+                if not p.scrubbed:
+                    log.warning("old plaintext versions remain until a full checkpoint: run `im keys scrub`")
 
-            try:
-                await migration.run(report)
-            except Exception:  # a failure here must not stop the server: the next start resumes
-                log.exception("the plaintext message migration failed; the next start resumes it")
-
-        loops.append(("im-seal-plaintext", run()))
+        loops.append(
+            ("im-seal-plaintext", _resumed_next_start(migration.run(sealing), "the plaintext message migration"))
+        )
     conversion = file_id_conversion(config, b) if config.files.migrate_plaintext else None
     if conversion is not None:
 
-        async def convert() -> None:
-            def report(p: IdConversionProgress) -> None:
-                if p.total and not p.finished:
-                    log.info("keying file ids: %s", p.line())
-                elif p.total:
-                    log.info("file ids keyed: %s", p.line())
-                    if not p.complete:
-                        log.warning("file ids in clear were written meanwhile: the next start keys them")
-                    if not p.scrubbed:
-                        log.warning("old file ids remain until a full checkpoint: run `im keys scrub`")
+        def keying(p: IdConversionProgress) -> None:
+            if p.total and not p.finished:
+                log.info("keying file ids: %s", p.line())
+            elif p.total:
+                log.info("file ids keyed: %s", p.line())
+                if not p.complete:
+                    log.warning("file ids in clear were written meanwhile: the next start keys them")
+                if not p.scrubbed:
+                    log.warning("old file ids remain until a full checkpoint: run `im keys scrub`")
 
-            try:
-                await conversion.run(report)
-            except Exception:  # as above: the next start resumes
-                log.exception("the file id conversion failed; the next start resumes it")
-
-        loops.append(("im-key-file-ids", convert()))
+        loops.append(("im-key-file-ids", _resumed_next_start(conversion.run(keying), "the file id conversion")))
     return loops
 
 
