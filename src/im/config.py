@@ -496,8 +496,8 @@ class MemoryConfig(_Section):
     ``malloc_trim``, so garbage of an engine outage does not wait for the next allocation-driven
     collection and the process shrinks back after it."""
 
-    #: Seconds between two full collections; 0: none (only the allocation-driven ones).
-    collect_interval: float = Field(60.0, ge=0)
+    #: Seconds between two full collections, at most a day; 0: none (only the allocation-driven ones).
+    collect_interval: float = Field(60.0, ge=0, le=86_400)
     #: After each, give freed heap pages back to the system (glibc only; elsewhere nothing happens).
     trim: bool = True
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from im.compose import memory_loops
-from im.config import load_config
+from im.config import ConfigError, load_config
 from im.observability.memory import collect_every, malloc_trim
 from tests.support.server import running_server
 
@@ -62,6 +62,9 @@ def test_glibc_trim_is_found_and_callable() -> None:
 def test_the_loop_is_on_by_default_and_off_at_zero() -> None:
     assert [name for name, coro in memory_loops(load_config(None, {})) if not coro.close()] == ["im-memory"]
     assert memory_loops(load_config(None, {"memory": {"collect_interval": 0}})) == []
+    for bad in (-1, 86_401):
+        with pytest.raises(ConfigError, match=r"memory\.collect_interval"):
+            load_config(None, {"memory": {"collect_interval": bad}})
 
 
 def test_im_serve_collects_on_its_timer(tmp_path: Path) -> None:
