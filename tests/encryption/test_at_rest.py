@@ -115,15 +115,20 @@ async def _scan_schema(schema: str, markers: list[str]) -> list[str]:
         await conn.close()
 
 
-async def _run(server: ServerProcess, markers: list[str]) -> tuple[list[str], str]:
-    """Sends before and after a graceful restart and a crash; returns what the scan of the data directory
-    found while the server was running (WAL present) and the history as read back at the end."""
+async def _alice_bob_and_group(server: ServerProcess) -> tuple[Account, Account, int]:
+    """Two new users, and a group of theirs that Alice made."""
     alice = await register(server.api, f"alice{secrets.token_hex(3)}")
     bob = await register(server.api, f"bob{secrets.token_hex(3)}")
     async with httpx.AsyncClient(timeout=10) as http:
         r = await http.post(f"{server.api}/groups", json={"name": "team", "members": [bob.uid]}, headers=alice.auth)
         assert r.status_code in (200, 201), r.text
-        gid = r.json()["gid"]
+    return alice, bob, int(r.json()["gid"])
+
+
+async def _run(server: ServerProcess, markers: list[str]) -> tuple[list[str], str]:
+    """Sends before and after a graceful restart and a crash; returns what the scan of the data directory
+    found while the server was running (WAL present) and the history as read back at the end."""
+    alice, bob, gid = await _alice_bob_and_group(server)
     carol = await register(server.api, f"carol{secrets.token_hex(3)}")
     async with httpx.AsyncClient(timeout=10) as http:
         r = await http.post(f"{server.api}/groups/{gid}/members", json={"uids": [carol.uid]}, headers=alice.auth)
@@ -221,12 +226,7 @@ async def test_sqlite_files_stored_in_clear_are_keyed_at_start(tmp_path: Path) -
     markers = _markers()
     server = ServerProcess(tmp_path / "data", extra=["--set", "files.encrypt=false"]).start()
     try:
-        alice = await register(server.api, f"alice{secrets.token_hex(3)}")
-        bob = await register(server.api, f"bob{secrets.token_hex(3)}")
-        async with httpx.AsyncClient(timeout=10) as http:
-            r = await http.post(f"{server.api}/groups", json={"name": "t", "members": [bob.uid]}, headers=alice.auth)
-            assert r.status_code in (200, 201), r.text
-            gid = r.json()["gid"]
+        alice, bob, gid = await _alice_bob_and_group(server)
         shas = [await _upload_round(server, alice, bob, gid, m) for m in markers[3:]]
         await _send_round(server, alice, bob, gid, markers[0], 20)
     finally:
