@@ -487,7 +487,7 @@ class SqliteStoredBodies(OnSharedDatabase[SqliteDatabase], StoredBodies):
             finally:
                 conn.execute("PRAGMA secure_delete = OFF")
 
-        return await self.db.write(run)
+        return await self.db.write(run, background=True)  # a batch of rows: off the loop's thread
 
     async def scrub(self) -> bool:
         await self.db.vacuum()

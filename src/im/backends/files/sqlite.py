@@ -178,4 +178,4 @@ class SqliteFileStore(FileStoreOnSharedDatabase[SqliteDatabase]):
             finally:
                 conn.execute("PRAGMA secure_delete = OFF")
 
-        return await self.db.write(run)
+        return await self.db.write(run, background=True)  # a batch of rows: off the loop's thread

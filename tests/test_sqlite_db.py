@@ -1,0 +1,224 @@
+"""SqliteDatabase's writes: inline on the loop's thread, durable when they return, and never blocking the
+loop for another process's lock, batch maintenance, or a cancelled caller (see its docstring)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from im.backends.sql.sqlite_db import SqliteDatabase
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[SqliteDatabase]:
+    d = SqliteDatabase(tmp_path / "im.sqlite3")
+    await d.open()
+    await d.write(lambda conn: conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, who TEXT NOT NULL)"))
+    try:
+        yield d
+    finally:
+        await d.close()
+
+
+def _rows(path: str) -> list[str]:
+    """The table as another connection (another process would) sees it."""
+    with sqlite3.connect(path) as other:
+        return [str(r[0]) for r in other.execute("SELECT who FROM t ORDER BY id")]
+
+
+def _insert(who: str) -> Callable[[sqlite3.Connection], object]:
+    return lambda conn: conn.execute("INSERT INTO t (who) VALUES (?)", (who,))
+
+
+class Ticker:
+    """Measures the loop's longest stall while it runs: a task that sleeps 5 ms at a time."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            self.longest = max(self.longest, now - last)
+            last = now
+
+    async def __aenter__(self) -> Ticker:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.sleep(0.02)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+async def test_a_write_runs_on_the_loops_thread_and_is_on_disk_when_it_returns(db: SqliteDatabase) -> None:
+    threads: list[int] = []
+
+    def insert(conn: sqlite3.Connection) -> None:
+        threads.append(threading.get_ident())
+        conn.execute("INSERT INTO t (who) VALUES ('a')")
+
+    before = db.inline_writes
+    await db.write(insert)
+    assert threads == [threading.get_ident()]
+    assert db.inline_writes == before + 1
+    assert _rows(db.path) == ["a"]
+
+
+async def test_a_write_that_fails_is_rolled_back_and_the_next_one_works(db: SqliteDatabase) -> None:
+    def half(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t (who) VALUES ('lost')")
+        raise ValueError("refused")
+
+    with pytest.raises(ValueError):
+        await db.write(half)
+    await db.write(lambda conn: conn.execute("INSERT INTO t (who) VALUES ('kept')"))
+    assert _rows(db.path) == ["kept"]
+
+
+@pytest.mark.parametrize("background", [False, True])
+async def test_a_commit_that_fails_is_rolled_back(db: SqliteDatabase, background: bool) -> None:
+    """A deferred foreign key fails at COMMIT, which leaves the transaction open unless rolled back."""
+    await db.write(
+        lambda conn: conn.execute(
+            "CREATE TABLE child (id INTEGER PRIMARY KEY, parent INTEGER"
+            " REFERENCES t (id) DEFERRABLE INITIALLY DEFERRED)"
+        )
+    )
+    writer = db._writer
+    assert writer is not None and writer.conn is not None
+    writer.conn.execute("PRAGMA foreign_keys=ON")  # outside a transaction, on the loop (the writer's thread)
+
+    def orphan(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t (who) VALUES ('orphan parent')")
+        conn.execute("INSERT INTO child (parent) VALUES (999)")
+
+    with pytest.raises(sqlite3.IntegrityError):
+        await db.write(orphan, background=background)
+    await db.write(lambda conn: conn.execute("INSERT INTO t (who) VALUES ('after')"), background=background)
+    assert _rows(db.path) == ["after"]
+
+
+HOLDER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+conn.execute("INSERT INTO t (who) VALUES ('other process')")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("COMMIT")
+"""
+
+
+async def test_another_process_holding_the_write_lock_does_not_block_the_loop(db: SqliteDatabase) -> None:
+    """The write waits for the lock on the worker thread; the loop goes on meanwhile, and the next write
+    runs inline again (the worker's busy timeout does not stay on the connection)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, db.path, "1.0"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        line = await asyncio.to_thread(holder.stdout.readline)
+        assert line.strip() == "locked"
+        before = (db.inline_writes, db.worker_writes)
+        async with Ticker() as ticker:
+            started = time.monotonic()
+            await db.write(lambda conn: conn.execute("INSERT INTO t (who) VALUES ('server')"))
+            waited = time.monotonic() - started
+        assert waited > 0.5, "the write went through while another process held the lock"
+        assert ticker.longest < 0.25, f"the loop stalled {ticker.longest:.3f} s"
+        assert (db.inline_writes, db.worker_writes) == (before[0], before[1] + 1)
+    finally:
+        holder.wait(10)
+        assert holder.stdout is not None
+        holder.stdout.close()
+    assert _rows(db.path) == ["other process", "server"]
+
+    writer = db._writer
+    assert writer is not None and writer.conn is not None
+    assert writer.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 0
+    await db.write(lambda conn: conn.execute("INSERT INTO t (who) VALUES ('inline again')"))
+    assert db.inline_writes == before[0] + 1
+
+
+async def test_a_background_write_runs_off_the_loop_and_inline_writes_wait_for_it(db: SqliteDatabase) -> None:
+    threads: list[int] = []
+
+    def slow(conn: sqlite3.Connection) -> None:
+        threads.append(threading.get_ident())
+        conn.execute("INSERT INTO t (who) VALUES ('background')")
+        time.sleep(0.4)  # a long batch, on the worker thread
+
+    async with Ticker() as ticker:
+        background = asyncio.create_task(db.write(slow, background=True))
+        await asyncio.sleep(0.05)
+        await db.write(lambda conn: conn.execute("INSERT INTO t (who) VALUES ('inline')"))
+        assert background.done()  # the inline write waited for the connection
+        await background
+    assert threads and threads[0] != threading.get_ident()
+    assert ticker.longest < 0.25, f"the loop stalled {ticker.longest:.3f} s"
+    assert _rows(db.path) == ["background", "inline"]
+
+
+async def test_a_cancelled_background_write_keeps_the_connection_until_it_has_run(db: SqliteDatabase) -> None:
+    """Cancelling the caller does not stop the worker: the next write must not start a transaction on
+    the connection while the worker is still inside one."""
+    finished = threading.Event()
+
+    def slow(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t (who) VALUES ('cancelled caller')")
+        time.sleep(0.3)
+        finished.set()
+
+    task = asyncio.create_task(db.write(slow, background=True))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not finished.is_set()
+    await db.write(lambda conn: conn.execute("INSERT INTO t (who) VALUES ('next')"))
+    assert finished.is_set()
+    assert _rows(db.path) == ["cancelled caller", "next"]
+
+
+async def test_checkpoints_and_vacuum_run_off_the_loop(db: SqliteDatabase) -> None:
+    for i in range(200):
+        await db.write(_insert(f"row {i}" * 20))
+    before = db.worker_writes
+    assert await db.checkpoint(truncate=True)
+    await db.vacuum()
+    assert db.worker_writes >= before + 2
+    assert Path(db.path + "-wal").stat().st_size == 0 or await db.checkpoint(truncate=True)
+    assert len(_rows(db.path)) == 200
+
+
+async def test_a_task_that_only_writes_lets_the_others_run(db: SqliteDatabase) -> None:
+    """An inline write returns after a turn of the loop, as one on the worker thread did: a task
+    committing in a loop does not keep every other task waiting."""
+    others = 0
+
+    async def other() -> None:
+        nonlocal others
+        while True:
+            others += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(other())
+    await asyncio.sleep(0)
+    try:
+        start = others
+        for i in range(20):
+            await db.write(_insert(str(i)))
+        assert others - start >= 19
+    finally:
+        task.cancel()
