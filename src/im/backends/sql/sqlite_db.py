@@ -303,6 +303,10 @@ class SqliteDatabase:
     - batch maintenance (``write(fn, background=True)``: rewriting stored bodies, converting file ids),
       checkpoints, ``VACUUM`` and the migrations run on the worker thread.
 
+    A write that touches pages not in the OS's cache (a database much larger than memory) also waits for
+    the disk on the loop; a group commit touches recent pages and the indexes' upper levels, which stay
+    cached, and reads, which may touch any page, are not inline.
+
     Inline writes are atomic on the loop (no await inside); a worker write holds the connection until
     the worker has finished it, even when its caller was cancelled, and inline writes wait for it.
     Reads run on the reader connection's own thread (a long history read never waits behind a commit
