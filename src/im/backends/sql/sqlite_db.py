@@ -259,9 +259,14 @@ class _Connection:
 
 
 def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
-    """``fn`` in one write transaction: committed, or rolled back when ``fn`` or the commit fails (a
-    failed COMMIT leaves the transaction open, and the next BEGIN would fail)."""
+    """``fn`` in one write transaction (see :func:`_finish_transaction`)."""
     conn.execute("BEGIN IMMEDIATE")
+    return _finish_transaction(conn, fn)
+
+
+def _finish_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """``fn`` in the write transaction just begun: committed, or rolled back when ``fn`` or the commit
+    fails (a failed COMMIT leaves the transaction open, and the next BEGIN would fail)."""
     try:
         result = fn(conn)
         conn.execute("COMMIT")
@@ -384,13 +389,7 @@ class SqliteDatabase:
                     raise
                 # Another process writes: wait for its lock on the worker thread, not here.
             else:
-                try:
-                    result = fn(conn)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
+                result = _finish_transaction(conn, fn)
                 self.inline_writes += 1
                 await asyncio.sleep(0)  # still a turn of the loop, as a write on the thread was: no task starves
                 return result
