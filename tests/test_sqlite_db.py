@@ -8,7 +8,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -36,31 +35,6 @@ def _rows(path: str) -> list[str]:
 
 def _insert(who: str) -> Callable[[sqlite3.Connection], object]:
     return lambda conn: conn.execute("INSERT INTO t (who) VALUES (?)", (who,))
-
-
-class Ticker:
-    """Measures the loop's longest stall while it runs: a task that sleeps 5 ms at a time."""
-
-    def __init__(self) -> None:
-        self.longest = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(0.005)
-            now = time.monotonic()
-            self.longest = max(self.longest, now - last)
-            last = now
-
-    async def __aenter__(self) -> Ticker:
-        self._task = asyncio.create_task(self._run())
-        await asyncio.sleep(0.02)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
 
 
 async def test_a_write_runs_on_the_loops_thread_and_is_on_disk_when_it_returns(db: SqliteDatabase) -> None:
@@ -112,93 +86,110 @@ async def test_a_commit_that_fails_is_rolled_back(db: SqliteDatabase, background
 
 
 HOLDER = """
-import sqlite3, sys, time
+import sqlite3, sys
 conn = sqlite3.connect(sys.argv[1], isolation_level=None)
 conn.execute("BEGIN IMMEDIATE")
 conn.execute("INSERT INTO t (who) VALUES ('other process')")
 print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
+sys.stdin.readline()  # holds the write lock until told to let go
 conn.execute("COMMIT")
 """
 
 
+async def _turns(n: int = 20) -> None:
+    """Give the loop ``n`` turns (a write on the worker thread may finish meanwhile; one on the loop cannot
+    be waiting then)."""
+    for _ in range(n):
+        await asyncio.sleep(0.005)
+
+
 async def test_another_process_holding_the_write_lock_does_not_block_the_loop(db: SqliteDatabase) -> None:
-    """The write waits for the lock on the worker thread; the loop goes on meanwhile, and the next write
-    runs inline again (the worker's busy timeout does not stay on the connection)."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, db.path, "1.0"], stdout=subprocess.PIPE, text=True)
+    """The write waits for the lock on the worker thread: the loop runs other tasks meanwhile (waiting on
+    the loop, this test could not run until the write gave up), and the next write runs inline again
+    (the worker's busy timeout does not stay on the connection)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, db.path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdin is not None and holder.stdout is not None
     try:
-        assert holder.stdout is not None
-        line = await asyncio.to_thread(holder.stdout.readline)
-        assert line.strip() == "locked"
+        assert (await asyncio.to_thread(holder.stdout.readline)).strip() == "locked"
         before = (db.inline_writes, db.worker_writes)
-        async with Ticker() as ticker:
-            started = time.monotonic()
-            await db.write(lambda conn: conn.execute("INSERT INTO t (who) VALUES ('server')"))
-            waited = time.monotonic() - started
-        assert waited > 0.5, "the write went through while another process held the lock"
-        assert ticker.longest < 0.25, f"the loop stalled {ticker.longest:.3f} s"
-        assert (db.inline_writes, db.worker_writes) == (before[0], before[1] + 1)
+        write = asyncio.create_task(db.write(_insert("server")))
+        await _turns()
+        assert not write.done(), "the write went through while another process held the lock"
+        assert db.worker_writes == before[1] + 1  # it waits on the worker thread
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        await asyncio.wait_for(write, 10)
+        assert db.inline_writes == before[0]
     finally:
+        holder.stdin.close()
         holder.wait(10)
-        assert holder.stdout is not None
         holder.stdout.close()
     assert _rows(db.path) == ["other process", "server"]
 
     writer = db._writer
     assert writer is not None and writer.conn is not None
     assert writer.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 0
-    await db.write(lambda conn: conn.execute("INSERT INTO t (who) VALUES ('inline again')"))
+    await db.write(_insert("inline again"))
     assert db.inline_writes == before[0] + 1
 
 
 async def test_a_background_write_runs_off_the_loop_and_inline_writes_wait_for_it(db: SqliteDatabase) -> None:
+    """The background write waits, on its thread, for the test (on the loop) to let it go: on the loop it
+    would wait in vain."""
     threads: list[int] = []
+    release = threading.Event()
+    released: list[bool] = []
 
     def slow(conn: sqlite3.Connection) -> None:
         threads.append(threading.get_ident())
         conn.execute("INSERT INTO t (who) VALUES ('background')")
-        time.sleep(0.4)  # a long batch, on the worker thread
+        released.append(release.wait(10))  # a long batch, until the test lets it go
 
-    async with Ticker() as ticker:
-        background = asyncio.create_task(db.write(slow, background=True))
-        await asyncio.sleep(0.05)
-        await db.write(lambda conn: conn.execute("INSERT INTO t (who) VALUES ('inline')"))
-        assert background.done()  # the inline write waited for the connection
-        await background
+    background = asyncio.create_task(db.write(slow, background=True))
+    await _turns()
+    inline = asyncio.create_task(db.write(_insert("inline")))
+    await _turns()
+    assert not background.done() and not inline.done()  # the inline write waits for the connection
+    release.set()
+    await asyncio.wait_for(asyncio.gather(background, inline), 10)
+    assert released == [True]
     assert threads and threads[0] != threading.get_ident()
-    assert ticker.longest < 0.25, f"the loop stalled {ticker.longest:.3f} s"
     assert _rows(db.path) == ["background", "inline"]
 
 
 async def test_a_cancelled_background_write_keeps_the_connection_until_it_has_run(db: SqliteDatabase) -> None:
     """Cancelling the caller does not stop the worker: the next write must not start a transaction on
     the connection while the worker is still inside one."""
-    finished = threading.Event()
+    release = threading.Event()
 
     def slow(conn: sqlite3.Connection) -> None:
         conn.execute("INSERT INTO t (who) VALUES ('cancelled caller')")
-        time.sleep(0.3)
-        finished.set()
+        assert release.wait(10)
 
     task = asyncio.create_task(db.write(slow, background=True))
-    await asyncio.sleep(0.05)
+    await _turns()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert not finished.is_set()
-    await db.write(lambda conn: conn.execute("INSERT INTO t (who) VALUES ('next')"))
-    assert finished.is_set()
+    following = asyncio.create_task(db.write(_insert("next")))
+    await _turns()
+    assert not following.done()  # the worker is still inside its transaction
+    release.set()
+    await asyncio.wait_for(following, 10)
     assert _rows(db.path) == ["cancelled caller", "next"]
 
 
 async def test_checkpoints_and_vacuum_run_off_the_loop(db: SqliteDatabase) -> None:
     for i in range(200):
         await db.write(_insert(f"row {i}" * 20))
+    assert Path(db.path + "-wal").stat().st_size > 0
     before = db.worker_writes
-    assert await db.checkpoint(truncate=True)
     await db.vacuum()
-    assert db.worker_writes >= before + 2
-    assert Path(db.path + "-wal").stat().st_size == 0 or await db.checkpoint(truncate=True)
+    assert await db.checkpoint(truncate=True)
+    assert db.worker_writes == before + 2
+    assert Path(db.path + "-wal").stat().st_size == 0
     assert len(_rows(db.path)) == 200
 
 

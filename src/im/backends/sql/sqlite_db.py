@@ -297,10 +297,10 @@ class SqliteDatabase:
     **Writes run on the event loop's thread**, in the caller's turn, not on a worker thread. A group
     commit is a few hundred short statement steps, and the sqlite3 module gives up the GIL around each:
     with the loop's thread busy meanwhile, each step waited for the GIL, and the thread switches cost
-    more than the statements (``im bench``, window 16: about a quarter less CPU per message inline, a
-    third more messages per second). The loop is blocked while a commit runs and fsyncs (a fraction of
-    a millisecond; clients waiting for acks wait for it anyway). What could block it longer does not run
-    there:
+    more than the statements (``im bench``, window 16, on 2026-12-07: 9 % less CPU per message inline and
+    19 % more messages per second, medians of 7 pairs; README, Performance). The loop is blocked while a
+    commit runs and fsyncs (a fraction of a millisecond; clients waiting for acks wait for it anyway).
+    What could block it longer does not run there:
 
     - a write lock held by another process (``im keys`` beside a running server): the writer connection
       has no busy timeout, so ``BEGIN IMMEDIATE`` fails at once and the write runs on the worker thread,
@@ -356,8 +356,7 @@ class SqliteDatabase:
             self._users -= 1
             if self._users > 0:
                 return
-            while self._worker_write is not None:
-                await asyncio.wait([self._worker_write])
+            await self._worker_done()
             for conn in (self._reader, self._writer):
                 if conn is not None:
                     await conn.close()
@@ -372,14 +371,7 @@ class SqliteDatabase:
     async def write(self, fn: Callable[[sqlite3.Connection], T], *, background: bool = False) -> T:
         """Run ``fn`` inside one transaction (committed, or rolled back on error): inline on the loop's
         thread, or with ``background`` (batch maintenance: many rows, secure deletes) on the worker thread."""
-        writer = self._writer
-        if writer is None:
-            raise RuntimeError("database not open")
-        while self._worker_write is not None:  # the worker has the connection: wait until it is done
-            await asyncio.wait([self._worker_write])
-            if self._writer is not writer:
-                raise RuntimeError("database not open")
-        conn = writer.conn
+        conn = (await self._free_writer()).conn
         assert conn is not None
         if not background:
             try:
@@ -395,15 +387,24 @@ class SqliteDatabase:
                 return result
         return await self._on_worker(lambda c: _transaction(c, fn))
 
+    async def _worker_done(self) -> None:
+        """Until no write runs on the writer's worker thread (it has the connection meanwhile)."""
+        while self._worker_write is not None:
+            await asyncio.wait([self._worker_write])
+
+    async def _free_writer(self) -> _Connection:
+        """The writer connection, once no write runs on its worker thread."""
+        if self._writer is None:
+            raise RuntimeError("database not open")
+        await self._worker_done()
+        if self._writer is None:  # closed meanwhile
+            raise RuntimeError("database not open")
+        return self._writer
+
     async def _on_worker(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on the writer's worker thread (waiting for other processes' locks), holding the
         connection until it has run, even if the caller stops waiting."""
-        writer = self._writer
-        if writer is None:
-            raise RuntimeError("database not open")
-        while self._worker_write is not None:
-            await asyncio.wait([self._worker_write])
-        answer = writer.submit(_waiting_for_locks(fn))
+        answer = (await self._free_writer()).submit(_waiting_for_locks(fn))
         self._worker_write = answer
         self.worker_writes += 1
 
