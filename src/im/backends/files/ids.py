@@ -64,6 +64,11 @@ KEYED = "k"
 #: The first character of a sealed SHA-256 in ``files.sha256``.
 SEALED = "s"
 _NONCE = 12
+#: The tables that name files by id, and the ``files`` columns besides the id and the hash.
+TABLES = ("files", "file_owners", "file_refs")
+DATA_COLUMNS = "size, content_type, width, height, created_at"
+#: Rows of the three tables whose id is in clear (the same SQL on both engines).
+COUNT_CLEAR = "SELECT " + " + ".join(f"(SELECT count(*) FROM {t} WHERE file_id < '{KEYED}')" for t in TABLES)
 
 
 class NamedKeys(Protocol):
@@ -215,7 +220,7 @@ class IdForms:
 class FileStoreOnSharedDatabase(OnSharedDatabase[DB], FileStore):
     """What the SQL file stores share about the two forms of ids: ``ids`` (the written form, default by
     the SHA-256), ``forms`` (whether the other form may be left; ``recheck``: see :class:`IdForms`), the
-    key and the first probe at start; each store writes the probe in its own SQL (:meth:`_probe`)."""
+    key and the first probe at start; each store writes the probe's query in its own SQL (:meth:`_any_row`)."""
 
     def __init__(self, db: DB, *, ids: FileIds | None = None, recheck: float = 60.0) -> None:
         super().__init__(db)
@@ -231,15 +236,15 @@ class FileStoreOnSharedDatabase(OnSharedDatabase[DB], FileStore):
             await self._release()
             raise
 
-    def _other_form(self) -> str | None:
-        """The condition on ``file_id`` of rows in the form not written now (None: nothing to look for)."""
+    async def _probe(self) -> bool:
+        """Whether any table holds a row in the form not written now."""
         if self.ids.keyed:
-            return f"file_id < '{KEYED}'"
-        return f"file_id >= '{KEYED}'" if self.ids.loaded else None
+            return await self._any_row(f"file_id < '{KEYED}'")
+        return await self._any_row(f"file_id >= '{KEYED}'") if self.ids.loaded else False
 
     @abc.abstractmethod
-    async def _probe(self) -> bool:
-        """Whether any table holds a row in the other form."""
+    async def _any_row(self, where: str) -> bool:
+        """Whether any of :data:`TABLES` holds a row matching ``where`` (a condition on ``file_id``)."""
 
     async def _recheck(self) -> None:
         if self.forms.due():

@@ -9,12 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from im.backends.files.ids import KEYED, FileStoreOnSharedDatabase
+from im.backends.files.ids import COUNT_CLEAR, DATA_COLUMNS, KEYED, TABLES, FileStoreOnSharedDatabase
 from im.backends.sql.postgres_db import PostgresDatabase
 from im.model.files import FileMeta
-
-_DATA = "size, content_type, width, height, created_at"
-_TABLES = ("files", "file_owners", "file_refs")
 
 # The read rule in one place: uid uploaded the file or is a member of a conversation it was sent to.
 # ``{ids}`` is a text[] of the file's ids (its forms), ``{uid}`` the user.
@@ -33,11 +30,11 @@ async def _move(conn: Any, changes: Sequence[tuple[str, str, str]]) -> int:
     """Move every row of each (old id, new id, new files.sha256 value) to the new id: the rows deleted are
     the rows inserted (a row already under the new id wins). Returns the rows moved."""
     old, new, sha = (list(c) for c in zip(*changes, strict=True))
-    data = ", ".join("f." + c.strip() for c in _DATA.split(","))
+    data = ", ".join("f." + c.strip() for c in DATA_COLUMNS.split(","))
     moved = await conn.fetchval(
         "WITH c AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS c(old, new, sha)),"
         f" df AS (DELETE FROM files f USING c WHERE f.file_id = c.old RETURNING c.new, c.sha, {data}),"
-        f" fi AS (INSERT INTO files (file_id, sha256, {_DATA}) SELECT * FROM df ON CONFLICT DO NOTHING),"
+        f" fi AS (INSERT INTO files (file_id, sha256, {DATA_COLUMNS}) SELECT * FROM df ON CONFLICT DO NOTHING),"
         " do_ AS (DELETE FROM file_owners o USING c WHERE o.file_id = c.old"
         "         RETURNING c.new, o.uid, o.name, o.created_at),"
         " oi AS (INSERT INTO file_owners (file_id, uid, name, created_at) SELECT * FROM do_ ON CONFLICT DO NOTHING),"
@@ -56,11 +53,8 @@ class PostgresFileStore(FileStoreOnSharedDatabase[PostgresDatabase]):
     the :class:`~im.backends.files.ids.StoredFileIds` of a conversion to keyed ids (``ids``, ``recheck``:
     see :class:`~im.backends.files.ids.FileStoreOnSharedDatabase`)."""
 
-    async def _probe(self) -> bool:
-        where = self._other_form()
-        if where is None:
-            return False
-        query = " OR ".join(f"EXISTS (SELECT 1 FROM {t} WHERE {where})" for t in _TABLES)
+    async def _any_row(self, where: str) -> bool:
+        query = " OR ".join(f"EXISTS (SELECT 1 FROM {t} WHERE {where})" for t in TABLES)
         return bool(await self.db.pool.fetchval(f"SELECT {query}"))
 
     async def add_upload(self, meta: FileMeta, uid: int, name: str, now: int) -> tuple[FileMeta, str, bool]:
@@ -73,7 +67,7 @@ class PostgresFileStore(FileStoreOnSharedDatabase[PostgresDatabase]):
                 await _move(conn, [(other, fid, value)])
             # A concurrent first upload of the same bytes: this insert waits for it, then does nothing.
             await conn.execute(
-                f"INSERT INTO files (file_id, sha256, {_DATA}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+                f"INSERT INTO files (file_id, sha256, {DATA_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
                 " ON CONFLICT DO NOTHING",
                 fid,
                 value,
@@ -92,7 +86,7 @@ class PostgresFileStore(FileStoreOnSharedDatabase[PostgresDatabase]):
                 now,
             )
             row = await conn.fetchrow(
-                f"SELECT {', '.join('f.' + c.strip() for c in _DATA.split(','))}, o.name FROM files f"
+                f"SELECT {', '.join('f.' + c.strip() for c in DATA_COLUMNS.split(','))}, o.name FROM files f"
                 " JOIN file_owners o ON o.file_id = f.file_id AND o.uid = $2 WHERE f.file_id = $1",
                 fid,
                 uid,
@@ -109,7 +103,7 @@ class PostgresFileStore(FileStoreOnSharedDatabase[PostgresDatabase]):
         await self._recheck()
         ids = list(self.forms.forms(file_id))
         row = await self.db.pool.fetchrow(
-            f"SELECT {_DATA}, (SELECT o.name FROM file_owners o WHERE o.file_id = ANY($1::text[]) AND o.uid = $2"
+            f"SELECT {DATA_COLUMNS}, (SELECT o.name FROM file_owners o WHERE o.file_id = ANY($1::text[]) AND o.uid = $2"
             "                 ORDER BY o.created_at LIMIT 1)"
             f" FROM files f WHERE f.file_id = ANY($1::text[]) AND {_MAY_READ.format(ids='$1::text[]', uid='$2')}"
             " ORDER BY f.created_at LIMIT 1",
@@ -150,14 +144,13 @@ class PostgresFileStore(FileStoreOnSharedDatabase[PostgresDatabase]):
     async def count_unconverted(self) -> int:
         if not self.ids.keyed:
             return 0
-        query = " + ".join(f"(SELECT count(*) FROM {t} WHERE file_id < '{KEYED}')" for t in _TABLES)
-        return int(await self.db.pool.fetchval(f"SELECT {query}"))
+        return int(await self.db.pool.fetchval(COUNT_CLEAR))
 
     async def unconverted(self, after: str | None, limit: int) -> list[str]:
         if not self.ids.keyed:
             return []
         part = f"(SELECT file_id FROM {{}} WHERE file_id > $1 AND file_id < '{KEYED}' ORDER BY file_id LIMIT $2)"
-        query = " UNION ".join(part.format(t) for t in _TABLES) + " ORDER BY 1 LIMIT $2"
+        query = " UNION ".join(part.format(t) for t in TABLES) + " ORDER BY 1 LIMIT $2"
         rows = await self.db.pool.fetch(query, after or "", limit)
         return [str(r[0]) for r in rows]
 

@@ -10,12 +10,9 @@ import functools
 import sqlite3
 from collections.abc import Sequence
 
-from im.backends.files.ids import KEYED, FileStoreOnSharedDatabase
+from im.backends.files.ids import COUNT_CLEAR, DATA_COLUMNS, KEYED, TABLES, FileStoreOnSharedDatabase
 from im.backends.sql.sqlite_db import SqliteDatabase
 from im.model.files import FileMeta
-
-_DATA = "size, content_type, width, height, created_at"
-_TABLES = ("files", "file_owners", "file_refs")
 
 
 @functools.cache
@@ -44,7 +41,8 @@ def _move(conn: sqlite3.Connection, changes: Sequence[tuple[str, str, str]]) -> 
     """Move every row of each (old id, new id, new files.sha256 value) to the new id; a row already
     under the new id wins. Returns the rows moved."""
     conn.executemany(
-        f"INSERT OR IGNORE INTO files (file_id, sha256, {_DATA}) SELECT ?, ?, {_DATA} FROM files WHERE file_id = ?",
+        f"INSERT OR IGNORE INTO files (file_id, sha256, {DATA_COLUMNS})"
+        f" SELECT ?, ?, {DATA_COLUMNS} FROM files WHERE file_id = ?",
         [(new, sha, old) for old, new, sha in changes],
     )
     conn.executemany(
@@ -57,7 +55,7 @@ def _move(conn: sqlite3.Connection, changes: Sequence[tuple[str, str, str]]) -> 
         [(new, old) for old, new, _ in changes],
     )
     moved = 0
-    for table in _TABLES:
+    for table in TABLES:
         moved += conn.executemany(f"DELETE FROM {table} WHERE file_id = ?", [(old,) for old, _, _ in changes]).rowcount
     return moved
 
@@ -67,11 +65,8 @@ class SqliteFileStore(FileStoreOnSharedDatabase[SqliteDatabase]):
     the :class:`~im.backends.files.ids.StoredFileIds` of a conversion to keyed ids (``ids``, ``recheck``:
     see :class:`~im.backends.files.ids.FileStoreOnSharedDatabase`)."""
 
-    async def _probe(self) -> bool:
-        where = self._other_form()
-        if where is None:
-            return False
-        query = " UNION ALL ".join(f"SELECT 1 FROM (SELECT 1 FROM {t} WHERE {where} LIMIT 1)" for t in _TABLES)
+    async def _any_row(self, where: str) -> bool:
+        query = " UNION ALL ".join(f"SELECT 1 FROM (SELECT 1 FROM {t} WHERE {where} LIMIT 1)" for t in TABLES)
         return bool(await self.db.read(lambda conn: conn.execute(query).fetchall()))
 
     async def add_upload(self, meta: FileMeta, uid: int, name: str, now: int) -> tuple[FileMeta, str, bool]:
@@ -84,7 +79,7 @@ class SqliteFileStore(FileStoreOnSharedDatabase[SqliteDatabase]):
             if other is not None:  # its rows in the other form (a conversion under way) come first
                 _move(conn, [(other, fid, value)])
             conn.execute(
-                f"INSERT OR IGNORE INTO files (file_id, sha256, {_DATA}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR IGNORE INTO files (file_id, sha256, {DATA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (fid, value, meta.size, meta.content_type, meta.width, meta.height, meta.created_at),
             )
             cur = conn.execute(
@@ -92,7 +87,7 @@ class SqliteFileStore(FileStoreOnSharedDatabase[SqliteDatabase]):
                 (fid, uid, name, now),
             )
             new_owner = cur.rowcount == 1
-            row = conn.execute(f"SELECT {_DATA} FROM files WHERE file_id = ?", (fid,)).fetchone()
+            row = conn.execute(f"SELECT {DATA_COLUMNS} FROM files WHERE file_id = ?", (fid,)).fetchone()
             (stored_name,) = conn.execute(
                 "SELECT name FROM file_owners WHERE file_id = ? AND uid = ?", (fid, uid)
             ).fetchone()
@@ -117,7 +112,7 @@ class SqliteFileStore(FileStoreOnSharedDatabase[SqliteDatabase]):
             if not _readable(conn, uid, ids):
                 return None
             row = conn.execute(
-                f"SELECT {_DATA} FROM files WHERE file_id {where} ORDER BY created_at LIMIT 1", ids
+                f"SELECT {DATA_COLUMNS} FROM files WHERE file_id {where} ORDER BY created_at LIMIT 1", ids
             ).fetchone()
             owned = conn.execute(
                 f"SELECT name FROM file_owners WHERE file_id {where} AND uid = ? ORDER BY created_at LIMIT 1",
@@ -151,8 +146,7 @@ class SqliteFileStore(FileStoreOnSharedDatabase[SqliteDatabase]):
     async def count_unconverted(self) -> int:
         if not self.ids.keyed:
             return 0
-        query = " + ".join(f"(SELECT count(*) FROM {t} WHERE file_id < '{KEYED}')" for t in _TABLES)
-        return int((await self.db.read(lambda conn: conn.execute(f"SELECT {query}").fetchone()))[0])
+        return int((await self.db.read(lambda conn: conn.execute(COUNT_CLEAR).fetchone()))[0])
 
     async def unconverted(self, after: str | None, limit: int) -> list[str]:
         if not self.ids.keyed:
@@ -161,8 +155,8 @@ class SqliteFileStore(FileStoreOnSharedDatabase[SqliteDatabase]):
             "SELECT file_id FROM (SELECT file_id FROM {}"
             f" WHERE file_id > ? AND file_id < '{KEYED}' ORDER BY file_id LIMIT ?)"
         )
-        query = " UNION ".join(part.format(t) for t in _TABLES) + " ORDER BY 1 LIMIT ?"
-        params = (after or "", limit) * len(_TABLES) + (limit,)
+        query = " UNION ".join(part.format(t) for t in TABLES) + " ORDER BY 1 LIMIT ?"
+        params = (after or "", limit) * len(TABLES) + (limit,)
         rows = await self.db.read(lambda conn: conn.execute(query, params).fetchall())
         return [str(r[0]) for r in rows]
 
