@@ -362,11 +362,11 @@ class LocalCluster:
         """Where Prometheus scrapes each node, by name: the operations listener of gateways and transfer
         nodes, the API's own port (``/metrics``)."""
         out = {}
+        scheme = "https" if self.tls else "http"
         for name, node in self.nodes.items():
-            if "ops" in node.ports:
-                out[name] = f"{'https' if self.tls else 'http'}://127.0.0.1:{node.ports['ops']}/metrics"
-            elif "http" in node.ports:
-                out[name] = f"{'https' if self.tls else 'http'}://127.0.0.1:{node.ports['http']}/metrics"
+            port = node.ports.get("ops", node.ports.get("http"))  # the API has no ops listener: its own port
+            if port is not None:
+                out[name] = f"{scheme}://127.0.0.1:{port}/metrics"
         return out
 
     @property

@@ -12,11 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import ssl
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -168,14 +167,20 @@ def build_backends(config: Config) -> Backends:
         )
         chat_store: ChatStore = PostgresChatStore(pg, outbox=outbox)
         account_store: AccountStore = PostgresAccountStore(pg)
-        files_on: Callable[..., FileStore] = functools.partial(PostgresFileStore, pg)
+
+        def files_on(ids: FileIds) -> FileStore:
+            return PostgresFileStore(pg, ids=ids)
+
         key_store = PostgresConversationKeys(pg)
         bodies: StoredBodies = PostgresStoredBodies(pg)
     else:
         db = SqliteDatabase(config.data_dir / "im.sqlite3")
         chat_store = SqliteChatStore(db, outbox=outbox)
         account_store = SqliteAccountStore(db)
-        files_on = functools.partial(SqliteFileStore, db)
+
+        def files_on(ids: FileIds) -> FileStore:
+            return SqliteFileStore(db, ids=ids)
+
         key_store = SqliteConversationKeys(db)
         bodies = SqliteStoredBodies(db)
     # On: bodies sealed. Off: new bodies in clear, and those sealed while it was on still open when the
@@ -189,7 +194,7 @@ def build_backends(config: Config) -> Backends:
     )
     # Keyed file ids in the file tables (and the chat commit's file refs) as the blobs are sealed.
     file_ids = FileIds(keyring, keyed=files_encrypted(config) and keyring is not None)
-    file_store = files_on(ids=file_ids)
+    file_store = files_on(file_ids)
     chat_store = EncryptedChatStore(chat_store, keyring, seal=enc.enabled, file_ids=file_ids)
     presence: Presence
     rate_limiter: RateLimiter

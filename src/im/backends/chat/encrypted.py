@@ -275,8 +275,7 @@ class EncryptedChatStore(ChatStore):
         if batch.messages and self.sealing:
             batch = dataclasses.replace(batch, bodies=await self.seal_bodies(batch.messages, batch.bodies))
         if batch.file_refs and self.file_ids is not None:
-            if not self.file_ids.loaded:
-                await self.file_ids.load()
+            await self.file_ids.load()  # once: a no-op after
             batch = dataclasses.replace(batch, file_refs=self.file_ids.stored_refs(batch.file_refs))
         await self.inner.commit(batch)
 
