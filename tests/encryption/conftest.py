@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import abc
 import re
+import secrets
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from im.backends.accounts import AccountStore
@@ -25,7 +27,9 @@ from im.backends.keys.file import FileKeyProvider
 from im.backends.keys.keyring import Keyring
 from im.backends.sql.postgres_db import PostgresDatabase
 from im.backends.sql.sqlite_db import SqliteDatabase
+from tests.support.client import Account, register
 from tests.support.postgres import PgSchema, connect, start
+from tests.support.server import ServerProcess
 
 
 class Engine(abc.ABC):
@@ -155,3 +159,13 @@ async def store(engine: Engine) -> AsyncIterator[EncryptedChatStore]:
     await s.start()
     yield s
     await s.close()
+
+
+async def alice_bob_and_group(server: ServerProcess) -> tuple[Account, Account, int]:
+    """Two new users of a running server, and a group of theirs that Alice made (its gid)."""
+    alice = await register(server.api, f"alice{secrets.token_hex(3)}")
+    bob = await register(server.api, f"bob{secrets.token_hex(3)}")
+    async with httpx.AsyncClient(timeout=10) as http:
+        r = await http.post(f"{server.api}/groups", json={"name": "team", "members": [bob.uid]}, headers=alice.auth)
+    assert r.status_code in (200, 201), r.text
+    return alice, bob, int(r.json()["gid"])

@@ -20,9 +20,12 @@ from pathlib import Path
 
 import httpx
 
+from im.model.ids import direct_conv
+from tests.encryption.conftest import alice_bob_and_group
 from tests.support.client import Account, ChatClient, register
 from tests.support.postgres import DSN, PgSchema, connect
 from tests.support.server import ServerProcess
+from tests.support.wait import eventually
 
 
 def _markers() -> list[str]:
@@ -115,20 +118,11 @@ async def _scan_schema(schema: str, markers: list[str]) -> list[str]:
         await conn.close()
 
 
-async def _alice_bob_and_group(server: ServerProcess) -> tuple[Account, Account, int]:
-    """Two new users, and a group of theirs that Alice made."""
-    alice = await register(server.api, f"alice{secrets.token_hex(3)}")
-    bob = await register(server.api, f"bob{secrets.token_hex(3)}")
-    async with httpx.AsyncClient(timeout=10) as http:
-        r = await http.post(f"{server.api}/groups", json={"name": "team", "members": [bob.uid]}, headers=alice.auth)
-        assert r.status_code in (200, 201), r.text
-    return alice, bob, int(r.json()["gid"])
-
-
-async def _run(server: ServerProcess, markers: list[str]) -> tuple[list[str], str]:
+async def _run(server: ServerProcess, markers: list[str]) -> tuple[list[str], str, list[str]]:
     """Sends before and after a graceful restart and a crash; returns what the scan of the data directory
-    found while the server was running (WAL present) and the history as read back at the end."""
-    alice, bob, gid = await _alice_bob_and_group(server)
+    found while the server was running (WAL present), the history as read back at the end, and the SHA-256
+    of the files uploaded (which later scans look for too)."""
+    alice, bob, gid = await alice_bob_and_group(server)
     carol = await register(server.api, f"carol{secrets.token_hex(3)}")
     async with httpx.AsyncClient(timeout=10) as http:
         r = await http.post(f"{server.api}/groups/{gid}/members", json={"uids": [carol.uid]}, headers=alice.auth)
@@ -145,10 +139,9 @@ async def _run(server: ServerProcess, markers: list[str]) -> tuple[list[str], st
     await _send_round(server, alice, bob, gid, markers[2], 10)
     found += _scan_files(server.data_dir, [*markers, *shas])
     await _check_files(server, shas, markers[3:], [alice, bob, carol])
-    markers += shas  # what the later scans look for too
-    direct = f"d:{min(alice.uid, bob.uid)}:{max(alice.uid, bob.uid)}"
-    history = await _history_texts(server, bob, direct) + await _history_texts(server, alice, f"g:{gid}")
-    return found, history
+    history = await _history_texts(server, bob, direct_conv(alice.uid, bob.uid))
+    history += await _history_texts(server, alice, f"g:{gid}")
+    return found, history, shas
 
 
 def _mode(path: Path) -> int:
@@ -159,7 +152,7 @@ async def test_sqlite_data_directory_holds_no_message_text(tmp_path: Path) -> No
     markers = _markers()
     server = ServerProcess(tmp_path / "data").start()
     try:
-        found, history = await _run(server, markers)
+        found, history, shas = await _run(server, markers)
         data = server.data_dir
         wal = data / "im.sqlite3-wal"
         assert wal.exists() and wal.stat().st_size > 0  # the scan above did cover a live WAL
@@ -168,7 +161,7 @@ async def test_sqlite_data_directory_holds_no_message_text(tmp_path: Path) -> No
         assert _mode(data) == 0o700
     finally:
         server.stop()
-    found += _scan_files(server.data_dir, markers)  # stopped: what stays on disk
+    found += _scan_files(server.data_dir, [*markers, *shas])  # stopped: what stays on disk
     assert found == []
     for m in markers[:3]:
         assert m in history  # and it all reads back in clear
@@ -179,10 +172,10 @@ async def test_positive_control_without_encryption_the_scan_finds_the_text(tmp_p
     markers = _markers()
     server = ServerProcess(tmp_path / "data", extra=["--set", "encryption.enabled=false"]).start()
     try:
-        found, _ = await _run(server, markers)
+        found, _, shas = await _run(server, markers)
     finally:
         server.stop()
-    assert {f.split(": ")[1] for f in found} == set(markers)
+    assert {f.split(": ")[1] for f in found} == {*markers, *shas}
 
 
 async def test_postgres_tables_hold_no_message_text(tmp_path: Path) -> None:
@@ -191,8 +184,8 @@ async def test_postgres_tables_hold_no_message_text(tmp_path: Path) -> None:
     pg = ["--set", "store.kind=postgres", "--set", f"store.postgres_dsn={DSN}"]
     server = ServerProcess(tmp_path / "data", extra=[*pg, "--set", f"store.postgres_schema={schema.name}"]).start()
     try:
-        found, history = await _run(server, markers)
-        found += await _scan_schema(schema.name, markers)
+        found, history, shas = await _run(server, markers)
+        found += await _scan_schema(schema.name, [*markers, *shas])
         conn = await connect()
         try:
             names = await conn.fetch(f'SELECT name FROM "{schema.name}".data_keys ORDER BY name')
@@ -211,13 +204,6 @@ async def test_postgres_tables_hold_no_message_text(tmp_path: Path) -> None:
         assert m in history
 
 
-async def _wait_for_log(server: ServerProcess, lines: list[str], timeout: float = 60.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not all(line in server.log() for line in lines):
-        assert asyncio.get_running_loop().time() < deadline, f"not logged: {lines}\n{server.log()[-3000:]}"
-        await asyncio.sleep(0.1)
-
-
 async def test_sqlite_files_stored_in_clear_are_keyed_at_start(tmp_path: Path) -> None:
     """A data directory written with ``files.encrypt=false`` (messages sealed; blobs and file ids in
     clear: the scan finds the file markers and the hashes), then served with it on: at start the
@@ -226,7 +212,7 @@ async def test_sqlite_files_stored_in_clear_are_keyed_at_start(tmp_path: Path) -
     markers = _markers()
     server = ServerProcess(tmp_path / "data", extra=["--set", "files.encrypt=false"]).start()
     try:
-        alice, bob, gid = await _alice_bob_and_group(server)
+        alice, bob, gid = await alice_bob_and_group(server)
         shas = [await _upload_round(server, alice, bob, gid, m) for m in markers[3:]]
         await _send_round(server, alice, bob, gid, markers[0], 20)
     finally:
@@ -237,7 +223,12 @@ async def test_sqlite_files_stored_in_clear_are_keyed_at_start(tmp_path: Path) -
     server.extra = []  # files.encrypt as encryption.enabled: on
     server.start()
     try:
-        await _wait_for_log(server, ["file ids keyed", "blob migration done"])
+        logged = ["file ids keyed", "blob migration done"]
+        await eventually(
+            lambda: all(line in server.log() for line in logged),
+            lambda: f"not logged: {logged}\n{server.log()[-3000:]}",
+            60,
+        )
         await _send_round(server, alice, bob, gid, markers[1], 5)
         await _check_files(server, shas, markers[3:], [alice, bob])
         history = await _history_texts(server, alice, f"g:{gid}")

@@ -18,9 +18,12 @@ import httpx
 
 from im.backends.keys.aes import master_key_id
 from im.backends.keys.file import read_key_file_all
+from im.model.ids import direct_conv
+from tests.encryption.conftest import alice_bob_and_group
 from tests.support.checker import History
 from tests.support.client import Account, register
 from tests.support.server import ServerProcess
+from tests.support.wait import eventually
 
 
 async def _im_keys(server: ServerProcess, *args: str, extra: list[str] | None = None) -> tuple[int, str]:
@@ -78,15 +81,6 @@ class Traffic:
             return await self.h.check()
         finally:
             await self.h.close_all()
-
-
-async def _pair(server: ServerProcess) -> tuple[Account, Account, int]:
-    alice = await register(server.api, f"alice{secrets.token_hex(3)}")
-    bob = await register(server.api, f"bob{secrets.token_hex(3)}")
-    async with httpx.AsyncClient(timeout=10) as http:
-        r = await http.post(f"{server.api}/groups", json={"name": "team", "members": [bob.uid]}, headers=alice.auth)
-        assert r.status_code in (200, 201), r.text
-        return alice, bob, int(r.json()["gid"])
 
 
 async def _fill(server: ServerProcess, alice: Account, bob: Account, gid: int, marker: str, n: int) -> None:
@@ -147,12 +141,12 @@ async def test_a_plaintext_database_is_migrated_online_under_live_sends(tmp_path
     # 1. a database written with encryption off: every body in clear
     server = ServerProcess(data, extra=["--set", "encryption.enabled=false"]).start()
     try:
-        alice, bob, gid = await _pair(server)
+        alice, bob, gid = await alice_bob_and_group(server)
         await _fill(server, alice, bob, gid, marker, 1500)
     finally:
         assert server.stop() == 0
     assert "im.sqlite3" in _scan(data, marker)
-    direct = f"d:{min(alice.uid, bob.uid)}:{max(alice.uid, bob.uid)}"
+    direct = direct_conv(alice.uid, bob.uid)
     # 2. encryption on, the automatic run off: `im keys migrate` seals them while sends go on
     server = ServerProcess(data, extra=["--set", "encryption.migrate_plaintext=false"]).start()
     try:
@@ -191,7 +185,7 @@ async def test_the_automatic_migration_at_start_seals_a_plaintext_database(tmp_p
     data = tmp_path / "data"
     server = ServerProcess(data, extra=["--set", "encryption.enabled=false"]).start()
     try:
-        alice, bob, gid = await _pair(server)
+        alice, bob, gid = await alice_bob_and_group(server)
         await _fill(server, alice, bob, gid, marker, 200)
     finally:
         assert server.stop() == 0
@@ -215,7 +209,7 @@ async def test_master_key_rotation_under_live_sends_then_retire_and_restart_with
     data = tmp_path / "data"
     server = ServerProcess(data).start()
     try:
-        alice, bob, gid = await _pair(server)
+        alice, bob, gid = await alice_bob_and_group(server)
         await _fill(server, alice, bob, gid, marker, 300)
         files: dict[str, bytes] = {}
         async with httpx.AsyncClient(base_url=server.api, timeout=30) as api:
@@ -260,7 +254,7 @@ async def test_master_key_rotation_under_live_sends_then_retire_and_restart_with
     # a server started with only the new key reads every message and every file
     server = ServerProcess(data).start()
     try:
-        direct = f"d:{min(alice.uid, bob.uid)}:{max(alice.uid, bob.uid)}"
+        direct = direct_conv(alice.uid, bob.uid)
         texts = await _texts(server, bob, direct)
         assert len(texts) == 300 + traffic.sent + 1 - 1 and all(marker in t for t in texts)
         assert len(await _texts(server, alice, f"g:{gid}")) == 1 + 300 + traffic.sent
@@ -281,25 +275,20 @@ async def test_a_conversation_key_rotation_under_live_sends_then_a_restart_reads
     # the server re-reads a conversation's key versions every 0.5 s (default 60 s): it follows the rotation soon
     server = ServerProcess(data, extra=["--set", "encryption.key_refresh=0.5"]).start()
     try:
-        alice, bob, gid = await _pair(server)
-        group, direct = f"g:{gid}", f"d:{min(alice.uid, bob.uid)}:{max(alice.uid, bob.uid)}"
+        alice, bob, gid = await alice_bob_and_group(server)
+        group, direct = f"g:{gid}", direct_conv(alice.uid, bob.uid)
         await _fill(server, alice, bob, gid, marker, 200)
         assert {v for _, v in _key_versions(data, group)} == {1}
         async with Traffic(server, alice, bob, gid, marker) as traffic:
-            for _ in range(200):  # sends flowing before the rotation
-                if traffic.sent >= 20:
-                    break
-                await asyncio.sleep(0.05)
+            await eventually(lambda: traffic.sent >= 20, "sends flowing before the rotation", 30)
             code, out = await _im_keys(server, "rotate-conversation", group)
             assert code == 0 and f"conversation {group} now encrypts with key version 2" in out, out
             rotated_at = traffic.sent
-            for _ in range(200):  # until the server seals the group's new messages under version 2
-                if _key_versions(data, group)[-1][1] == 2:
-                    break
-                await asyncio.sleep(0.05)
+            await eventually(
+                lambda: _key_versions(data, group)[-1][1] == 2, "the group's new messages sealed under version 2", 30
+            )
             switched_at = traffic.sent
-            while traffic.sent < switched_at + 20:  # and sends go on under it
-                await asyncio.sleep(0.05)
+            await eventually(lambda: traffic.sent >= switched_at + 20, "sends going on under the new key", 30)
         stats = await traffic.check()
         assert rotated_at >= 20 and traffic.sent >= switched_at + 20
         assert stats["messages"] >= 2 * (200 + traffic.sent)

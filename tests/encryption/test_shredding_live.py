@@ -17,6 +17,7 @@ from im.backends.keys.file import FileKeyProvider
 from im.backends.keys.keyring import Keyring
 from im.backends.sql.sqlite_db import SqliteDatabase
 from im.model.chat import StoredMessage
+from im.model.ids import direct_conv
 from tests.support.client import Account, ChatClient, register
 from tests.support.server import running_server
 
@@ -56,8 +57,8 @@ async def test_account_deletion_shreds_only_the_keys_nobody_needs(tmp_path: Path
                 assert await a.send({"text": "hello"}, to=other.uid) is not None
             assert await a.send({"text": "to the group"}, conv=shared) is not None
             await a.close()
-            with_bob = f"d:{min(alice.uid, bob.uid)}:{max(alice.uid, bob.uid)}"
-            with_carol = f"d:{min(alice.uid, carol.uid)}:{max(alice.uid, carol.uid)}"
+            with_bob = direct_conv(alice.uid, bob.uid)
+            with_carol = direct_conv(alice.uid, carol.uid)
             convs = {f"conv:{c}" for c in (shared, solo, with_bob, with_carol)}
             assert convs <= _key_names(data)
             # bob goes first: his direct conversation with alice keeps its key (alice still reads it)
