@@ -51,7 +51,7 @@ _OFFSETS = (
 )  # im.cluster: APIs, etcd, nodes, ops
 
 
-def _free_base() -> int:
+def free_base() -> int:
     """A base port whose whole layout is free now and lies below the ephemeral range, so no outgoing
     connection, nor ``free_port()`` (20000 and up), can take one of its ports between this check and
     the cluster's start (that race once failed a gateway's ops listener with "address already in use").
@@ -77,7 +77,7 @@ def make_cluster(data_dir: Path, *, postgres_dsn: str = DSN, **kw: object) -> Lo
         postgres_dsn=postgres_dsn,
         postgres_schema=f"im_cluster_{tag}",
         redis_prefix=f"im-cluster-{tag}:",
-        base_port=_free_base(),
+        base_port=free_base(),
         extra=[
             *FAST_ARGON2,
             *RELAXED_RATES,

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ from im import certs
 from im.client import ApiClient, Client, Message
 from im.cluster import LocalCluster
 from tests.client.conftest import Recorder
-from tests.cluster.conftest import _free_base, drop_schema, make_cluster, stop_checked
+from tests.cluster.conftest import drop_schema, free_base, make_cluster, stop_checked
 
 PASSWORD = "correct horse battery"
 
@@ -103,41 +105,44 @@ def test_im_cluster_is_tls_end_to_end_unless_told_otherwise(tmp_path: Path) -> N
     flag makes its CA, serves HTTPS only and says which CA to trust; SIGINT stops every node."""
     tag = uuid.uuid4().hex[:10]
     data = tmp_path / "cluster"
-    base = _free_base()
+    base = free_base()
     argv = [sys.executable, "-m", "im", "cluster", "--data-dir", str(data), "--base-port", str(base)]
     argv += ["--gateways", "1", "--transfers", "1", "--schema", f"im_cluster_{tag}"]
     for setting in ("auth.argon2_time_cost=1", "auth.argon2_memory_kib=1024", f"presence.redis_prefix=im-c-{tag}:"):
         argv += ["--set", setting]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    assert proc.stdout is not None
+    out: queue.Queue[str] = queue.Queue()  # its lines, read by a thread: a wait for one has a deadline
+    stdout = proc.stdout
+
+    def read() -> None:
+        for line in stdout:
+            out.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
     lines: list[str] = []
     try:
-        assert proc.stdout is not None
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
+        while not (lines and "Ctrl-C stops every node" in lines[-1]):
+            try:
+                lines.append(out.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
                 break
-            lines.append(line)
-            if "Ctrl-C stops every node" in line:
-                break
-        out = "".join(lines)
-        assert "Ctrl-C stops every node" in out, out[-4000:]
+        said = "".join(lines)
+        assert "Ctrl-C stops every node" in said, said[-4000:]
         ca = data / "certs" / "ca.crt"
-        assert f"TLS end to end; clients trust {ca}" in out, out
-        assert f"HTTP API  https://127.0.0.1:{base}/api/v1" in out, out
+        assert f"TLS end to end; clients trust {ca}" in said, said
+        assert f"HTTP API  https://127.0.0.1:{base}/api/v1" in said, said
         assert httpx.get(
             f"https://127.0.0.1:{base}/api/v1/health", verify=ssl.create_default_context(cafile=ca)
         ).is_success
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{base}/api/v1/health", timeout=5)
+        os.killpg(proc.pid, signal.SIGINT)  # a clean stop of every node
+        assert proc.wait(60) == 0, "".join(lines)[-4000:]
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            assert proc.wait(60) == 0, "".join(lines)[-4000:]
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
-            asyncio.run(drop_schema(f"im_cluster_{tag}"))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
+        asyncio.run(drop_schema(f"im_cluster_{tag}"))
