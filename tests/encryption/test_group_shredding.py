@@ -30,8 +30,9 @@ def _send(uid: int, conv: str, text: str) -> SendRequest:
 class Node:
     """One process: its encrypted store (with its own keyring) and the chat core on it."""
 
-    def __init__(self, store: EncryptedChatStore, core: ChatCore) -> None:
+    def __init__(self, store: EncryptedChatStore, core: ChatCore, shreds: list[list[str]]) -> None:
         self.store, self.core = store, core
+        self.shreds = shreds  # the conversations of each shred call, in order
 
     @property
     def keyring(self) -> Keyring:
@@ -46,14 +47,17 @@ async def _node(engine: Engine, *, first: bool, shreds: bool) -> AsyncIterator[N
     ring = store.keyring
     assert ring is not None
 
+    calls: list[list[str]] = []
+
     async def shred(convs: Sequence[str]) -> int:  # as im.compose.build_groups wires it
+        calls.append(list(convs))
         return await ring.shred([conv_key_name(c) for c in convs])
 
     async with store:
         core = chat_core(store, engine.accounts, MemoryRouter(), MemoryPresence(), shred=shred if shreds else None)
         core.committer.start()
         try:
-            yield Node(store, core)
+            yield Node(store, core, calls)
         finally:
             await core.committer.stop()
 
@@ -118,6 +122,7 @@ async def test_account_deletion_still_shreds_the_groups_it_empties_in_one_batch(
         solo = [f"g:{(await api.core.groups.create_group(alice, f's{i}', [])).gid}" for i in range(3)]
         shared = f"g:{(await api.core.groups.create_group(alice, 'shared', [bob])).gid}"
         await api.core.groups.leave_all_groups(alice)
+        assert len(api.shreds) == 1 and sorted(api.shreds[0]) == sorted(solo)  # one call for them all
         for conv in solo:
             assert await _versions(engine, conv) == []
         assert await _versions(engine, shared) == [1]
