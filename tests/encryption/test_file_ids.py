@@ -13,7 +13,9 @@ import pytest
 
 from im.backends.chat.encrypted import EncryptedChatStore
 from im.backends.files import FileStore
-from im.backends.files.ids import FileIdConversion, FileIds, StoredFileIds
+from im.backends.files.ids import FileIdConversion, FileIds
+from im.backends.files.postgres import PostgresFileStore
+from im.backends.files.sqlite import SqliteFileStore
 from im.model.chat import CommitBatch, ConversationState
 from im.model.files import FileMeta
 from tests.encryption.conftest import Engine
@@ -125,114 +127,90 @@ async def test_conversion_online_with_lookups_during_it(engine: Engine) -> None:
     await write_in_clear(engine)
     before = await row_counts(engine)
     assert FILES[1].sha256 in await table_dump(engine)  # the scan below can see a hash
-    keyring = engine.keyring()
-    await keyring.start()
-    ids = FileIds(keyring, keyed=True)
-    store = engine.file_store(ids)
-    chat = EncryptedChatStore(engine.second()[0], None, seal=False, file_ids=ids)
-    try:
-        await store.start()
-        await chat.start()
-        assert isinstance(store, StoredFileIds) and store.forms.mixed
-        # Before the conversion: a file message sent now writes a keyed ref to a file still in clear.
-        await commit_refs(chat, 2, [(FILES[3].file_id, G)])
-        await expect_read_rule(store)
-        watched = Watched(store)
-        report = await FileIdConversion(watched, batch=2).run()
-        assert watched.pages >= 4
-        assert report.finished and report.complete and report.total == sum(before)
-        assert report.files == len(FILES) + 1  # and the ghost
-        assert not store.forms.mixed
-        await expect_read_rule(store)
-        assert await row_counts(engine) == [before[0], before[1], before[2] + 1]  # nothing lost
-        dump = await table_dump(engine)
-        for sha in [m.sha256 for m in FILES] + [GHOST]:
-            assert sha not in dump
-        listed, after = await store.hashes(None, 100)
-        assert after is None
-        assert sorted(listed) == sorted(m.sha256 for m in FILES)
-        again = await FileIdConversion(store).run()
-        assert (again.total, again.rows, again.complete) == (0, 0, True)
-    finally:
-        await chat.close()
-        await store.close()
-        await keyring.close()
+    async with engine.keyring() as keyring:
+        ids = FileIds(keyring, keyed=True)
+        async with (
+            engine.file_store(ids) as store,
+            EncryptedChatStore(engine.second()[0], None, seal=False, file_ids=ids) as chat,
+        ):
+            await _convert_online(engine, store, chat, before)
     # A restart finds nothing in clear: one form per lookup again.
-    keyring = engine.keyring()
-    await keyring.start()
-    restarted = engine.file_store(FileIds(keyring, keyed=True))
-    try:
-        await restarted.start()
+    async with engine.keyring() as keyring, engine.file_store(FileIds(keyring, keyed=True)) as restarted:
         assert not restarted.forms.mixed
         await expect_read_rule(restarted)
-    finally:
-        await restarted.close()
-        await keyring.close()
+
+
+async def _convert_online(
+    engine: Engine, store: SqliteFileStore | PostgresFileStore, chat: EncryptedChatStore, before: list[int]
+) -> None:
+    assert store.forms.mixed
+    # Before the conversion: a file message sent now writes a keyed ref to a file still in clear.
+    await commit_refs(chat, 2, [(FILES[3].file_id, G)])
+    await expect_read_rule(store)
+    watched = Watched(store)
+    report = await FileIdConversion(watched, batch=2).run()
+    assert watched.pages >= 4
+    assert report.finished and report.complete and report.total == sum(before)
+    assert report.files == len(FILES) + 1  # and the ghost
+    assert not store.forms.mixed
+    await expect_read_rule(store)
+    assert await row_counts(engine) == [before[0], before[1], before[2] + 1]  # nothing lost
+    dump = await table_dump(engine)
+    for sha in [m.sha256 for m in FILES] + [GHOST]:
+        assert sha not in dump
+    listed, after = await store.hashes(None, 100)
+    assert after is None
+    assert sorted(listed) == sorted(m.sha256 for m in FILES)
+    again = await FileIdConversion(store).run()
+    assert (again.total, again.rows, again.complete) == (0, 0, True)
 
 
 async def test_conversion_resumes_after_a_crash(engine: Engine) -> None:
     await write_in_clear(engine)
     before = await row_counts(engine)
-    keyring = engine.keyring()
-    await keyring.start()
-    ids = FileIds(keyring, keyed=True)
-    store = engine.file_store(ids)
-    try:
-        await store.start()
-        await commit_refs(EncryptedChatStore(engine.inner, None, seal=False, file_ids=ids), 2, [(FILES[3].file_id, G)])
-        before[2] += 1
-        with pytest.raises(RuntimeError, match="crash"):
-            await FileIdConversion(Watched(store, fail_after=2), batch=2).run()
-        assert store.forms.mixed
-        await expect_read_rule(store)  # half converted: every file still found
-        report = await FileIdConversion(store, batch=2).run()
-        assert report.complete and 0 < report.rows < sum(before)  # only what was left
-        assert await row_counts(engine) == before
-        await expect_read_rule(store)
-        assert FILES[0].sha256 not in await table_dump(engine)
-    finally:
-        await store.close()
-        await keyring.close()
+    async with engine.keyring() as keyring:
+        ids = FileIds(keyring, keyed=True)
+        async with engine.file_store(ids) as store:
+            await commit_refs(
+                EncryptedChatStore(engine.inner, None, seal=False, file_ids=ids), 2, [(FILES[3].file_id, G)]
+            )
+            before[2] += 1
+            with pytest.raises(RuntimeError, match="crash"):
+                await FileIdConversion(Watched(store, fail_after=2), batch=2).run()
+            assert store.forms.mixed
+            await expect_read_rule(store)  # half converted: every file still found
+            report = await FileIdConversion(store, batch=2).run()
+            assert report.complete and 0 < report.rows < sum(before)  # only what was left
+            assert await row_counts(engine) == before
+            await expect_read_rule(store)
+            assert FILES[0].sha256 not in await table_dump(engine)
 
 
 async def test_turned_off_again_keyed_rows_stay_readable(engine: Engine) -> None:
-    keyring = engine.keyring()
-    await keyring.start()
-    keyed = engine.file_store(FileIds(keyring, keyed=True))
-    try:
-        await keyed.start()
-        for i, m in enumerate(FILES):
-            await keyed.add_upload(m, ALICE, f"a{i}.bin", 10 + i)
-        await keyed.add_upload(FILES[0], CAROL, "c0.bin", 20)
-        await commit_refs(
-            EncryptedChatStore(engine.inner, None, seal=False, file_ids=FileIds(keyring, keyed=True)),
-            1,
-            [(m.file_id, G) for m in FILES[:4]],
-            new=True,
-        )
-        await keyed.close()
-        plain = engine.file_store(FileIds(keyring, keyed=False))
-        await plain.start()
-        assert plain.forms.mixed
-        await expect_read_rule(plain)
-        # A new upload of a keyed file moves its rows to the clear form: still one row per file.
-        assert await plain.add_upload(FILES[1], BOB, "b1.bin", 30) == (FILES[1], "b1.bin", True)
-        assert await plain.lookup(ALICE, FILES[1].file_id) == (FILES[1], "a1.bin")
-        assert len(await engine.sql("SELECT * FROM files")) == len(FILES)
-        listed, _ = await plain.hashes(None, 100)
-        assert sorted(listed) == sorted(m.sha256 for m in FILES)
-        await plain.close()
-    finally:
-        await keyed.close()
-        await keyring.close()
+    async with engine.keyring() as keyring:
+        async with engine.file_store(FileIds(keyring, keyed=True)) as keyed:
+            for i, m in enumerate(FILES):
+                await keyed.add_upload(m, ALICE, f"a{i}.bin", 10 + i)
+            await keyed.add_upload(FILES[0], CAROL, "c0.bin", 20)
+            await commit_refs(
+                EncryptedChatStore(engine.inner, None, seal=False, file_ids=FileIds(keyring, keyed=True)),
+                1,
+                [(m.file_id, G) for m in FILES[:4]],
+                new=True,
+            )
+        async with engine.file_store(FileIds(keyring, keyed=False)) as plain:
+            assert plain.forms.mixed
+            await expect_read_rule(plain)
+            # A new upload of a keyed file moves its rows to the clear form: still one row per file.
+            assert await plain.add_upload(FILES[1], BOB, "b1.bin", 30) == (FILES[1], "b1.bin", True)
+            assert await plain.lookup(ALICE, FILES[1].file_id) == (FILES[1], "a1.bin")
+            assert len(await engine.sql("SELECT * FROM files")) == len(FILES)
+            listed, _ = await plain.hashes(None, 100)
+            assert sorted(listed) == sorted(m.sha256 for m in FILES)
 
 
 async def test_sealed_hashes_swapped_between_rows_are_not_listed(engine: Engine) -> None:
-    keyring = engine.keyring()
-    await keyring.start()
-    store = engine.file_store(FileIds(keyring, keyed=True))
-    try:
-        await store.start()
+    async with engine.keyring() as keyring, engine.file_store(FileIds(keyring, keyed=True)) as store:
         for m in FILES[:2]:
             await store.add_upload(m, ALICE, "x", 1)
         (a, va), (b, vb) = await engine.sql("SELECT file_id, sha256 FROM files ORDER BY file_id")
@@ -242,20 +220,15 @@ async def test_sealed_hashes_swapped_between_rows_are_not_listed(engine: Engine)
             await engine.sql("UPDATE files SET sha256 = ? WHERE file_id = ?", value, fid)
         assert await store.hashes(None, 10) == ([], None)  # neither opens (both logged)
         assert await store.lookup(ALICE, FILES[0].sha256) is not None  # lookups never need them
-    finally:
-        await store.close()
-        await keyring.close()
 
 
 async def test_a_node_that_does_not_convert_learns_that_another_one_finished(engine: Engine) -> None:
     await write_in_clear(engine)
-    keyring = engine.keyring()
-    await keyring.start()
-    converting = engine.file_store(FileIds(keyring, keyed=True))
-    other = engine.file_store(FileIds(keyring, keyed=True), recheck=0.0)
-    try:
-        await converting.start()
-        await other.start()
+    async with (
+        engine.keyring() as keyring,
+        engine.file_store(FileIds(keyring, keyed=True)) as converting,
+        engine.file_store(FileIds(keyring, keyed=True), recheck=0.0) as other,
+    ):
         assert converting.forms.mixed and other.forms.mixed
         await expect_read_rule(other, sent=3)
         await FileIdConversion(converting).run()
@@ -264,7 +237,3 @@ async def test_a_node_that_does_not_convert_learns_that_another_one_finished(eng
         assert await other.lookup(ALICE, FILES[0].file_id) == (FILES[0], "a0.bin")
         assert not other.forms.mixed
         assert other.forms.forms(FILES[0].sha256) == (other.ids.keyed_id(FILES[0].sha256),)
-    finally:
-        await other.close()
-        await converting.close()
-        await keyring.close()
