@@ -200,16 +200,23 @@ def store_away(core: ChatCore, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return down
 
 
+async def x_refused_then_store_back(core: ChatCore, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A group of users 1 and 2; send x of user 1's phone refused ``unavailable`` while the store is away
+    (its barrier held), then the store back. Returns the group's conversation."""
+    group = await core.groups.create_group(1, "g", [2])
+    conv = f"g:{group.gid}"
+    down = store_away(core, monkeypatch)
+    [(m, err)] = await asyncio.gather(*submit_all(core, [send(conv, "x")]))
+    assert m is None and err is not None and err.code is ErrorCode.UNAVAILABLE
+    down[0] = False
+    return conv
+
+
 async def test_committer_a_send_behind_one_refused_by_the_store_waits_for_it(
     svc: ChatCore,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    group = await svc.groups.create_group(1, "g", [2])
-    conv = f"g:{group.gid}"
-    down = store_away(svc, monkeypatch)
-    [(m, err)] = await asyncio.gather(*submit_all(svc, [send(conv, "x")]))
-    assert m is None and err is not None and err.code is ErrorCode.UNAVAILABLE
-    down[0] = False  # the store is back: y, written before x was resent, must not be stored before it
+    conv = await x_refused_then_store_back(svc, monkeypatch)  # y, written before x is resent, must wait
     y, other_device, other_conv = send(conv, "y"), send(conv, "z"), send("d:1:2", "w")
     other_device.device = "laptop"
     outcomes = await asyncio.gather(*submit_all(svc, [y, other_device, other_conv]))
@@ -253,12 +260,7 @@ async def test_committer_the_hold_set_live_applies_to_a_barrier_already_held(
     live = LiveConfig(load_config(None, {}))
     follow_committer(live, svc.committer)
     assert svc.committer.order.hold == 30.0
-    group = await svc.groups.create_group(1, "g", [2])
-    conv = f"g:{group.gid}"
-    down = store_away(svc, monkeypatch)
-    [(_, err)] = await asyncio.gather(*submit_all(svc, [send(conv, "x")]))
-    assert err is not None and err.code is ErrorCode.UNAVAILABLE
-    down[0] = False
+    conv = await x_refused_then_store_back(svc, monkeypatch)
     [(_, yerr)] = await asyncio.gather(*submit_all(svc, [send(conv, "y")]))
     assert yerr is not None and "resend it first" in yerr.message  # held under the 30 s hold
     live.set_centre({"limits.send_order_hold": "0.2"})
@@ -287,12 +289,7 @@ async def test_committer_a_barrier_whose_refused_send_was_stored_elsewhere_is_li
     """x refused here, then resent to another node that stored it (this node had lost its node id and the
     conversation moved away and back: tests/faults/test_engine_links.py, etcd): the client has x's ack and
     never resends it, so y must not wait behind it until the barrier expires."""
-    group = await svc.groups.create_group(1, "g", [2])
-    conv = f"g:{group.gid}"
-    down = store_away(svc, monkeypatch)
-    [(_, err)] = await asyncio.gather(*submit_all(svc, [send(conv, "x")]))
-    assert err is not None and err.code is ErrorCode.UNAVAILABLE
-    down[0] = False
+    conv = await x_refused_then_store_back(svc, monkeypatch)
     barrier = dict(svc.committer.order.held)
     svc.committer.order.held.clear()  # x taken by another writer: it never passes this barrier
     [(xm, xerr)] = await asyncio.gather(*submit_all(svc, [send(conv, "x")]))
