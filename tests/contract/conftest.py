@@ -284,8 +284,18 @@ class FileHarness(abc.ABC):
 
     files: FileStore
     chat: ChatStore
-    #: The tables hold keyed ids (im.backends.files.ids), not the hashes.
-    keyed = False
+
+    def __init__(self, *, keyed: bool) -> None:
+        #: The tables hold keyed ids (im.backends.files.ids), not the hashes; the chat store keys its file
+        #: refs as ``im serve``'s does.
+        self.keyed = keyed
+        self.keys = MemoryFileKeys() if keyed else None
+
+    def _ids(self) -> FileIds:
+        return FileIds(self.keys, keyed=self.keyed)
+
+    def _chat(self, inner: ChatStore) -> ChatStore:
+        return EncryptedChatStore(inner, None, seal=False, file_ids=self._ids()) if self.keyed else inner
 
     @abc.abstractmethod
     async def open(self) -> None: ...
@@ -303,11 +313,12 @@ class FileHarness(abc.ABC):
 
 
 class SqliteFileHarness(FileHarness):
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, *, keyed: bool = False) -> None:
+        super().__init__(keyed=keyed)
         self.path = tmp_path / "im.db"
         db = SqliteDatabase(self.path)
-        self.files = SqliteFileStore(db)
-        self.chat = SqliteChatStore(db)
+        self.files = SqliteFileStore(db, ids=self._ids())
+        self.chat = self._chat(SqliteChatStore(db))
 
     async def sql(self, query: str) -> list[tuple[Any, ...]]:
         conn = sqlite3.connect(self.path)
@@ -325,21 +336,22 @@ class SqliteFileHarness(FileHarness):
         await self.chat.close()
 
     def unstarted(self) -> FileStore:
-        return SqliteFileStore(SqliteDatabase(self.path))
+        return SqliteFileStore(SqliteDatabase(self.path), ids=self._ids())
 
 
 class PostgresFileHarness(FileHarness):
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, *, keyed: bool = False) -> None:
+        super().__init__(keyed=keyed)
         self.schema = PgSchema()
         db = self.schema.database()
-        self.files = PostgresFileStore(db)
-        self.chat = PostgresChatStore(db)
+        self.files = PostgresFileStore(db, ids=self._ids())
+        self.chat = self._chat(PostgresChatStore(db))
 
     async def open(self) -> None:
         await start(self.chat, self.files)
 
     def unstarted(self) -> FileStore:
-        return PostgresFileStore(self.schema.database())
+        return PostgresFileStore(self.schema.database(), ids=self._ids())
 
     async def sql(self, query: str) -> list[tuple[Any, ...]]:
         conn = await pg_connect()
@@ -357,41 +369,11 @@ class PostgresFileHarness(FileHarness):
             await self.schema.drop()
 
 
-class KeyedSqliteFileHarness(SqliteFileHarness):
-    """Keyed file ids (encryption at rest on): the chat store keys its file refs as ``im serve``'s does."""
-
-    keyed = True
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.path = tmp_path / "im.db"
-        self.keys = MemoryFileKeys()
-        db = SqliteDatabase(self.path)
-        self.files = SqliteFileStore(db, ids=FileIds(self.keys, keyed=True))
-        self.chat = EncryptedChatStore(SqliteChatStore(db), None, seal=False, file_ids=FileIds(self.keys, keyed=True))
-
-    def unstarted(self) -> FileStore:
-        return SqliteFileStore(SqliteDatabase(self.path), ids=FileIds(self.keys, keyed=True))
-
-
-class KeyedPostgresFileHarness(PostgresFileHarness):
-    keyed = True
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.schema = PgSchema()
-        self.keys = MemoryFileKeys()
-        db = self.schema.database()
-        self.files = PostgresFileStore(db, ids=FileIds(self.keys, keyed=True))
-        self.chat = EncryptedChatStore(PostgresChatStore(db), None, seal=False, file_ids=FileIds(self.keys, keyed=True))
-
-    def unstarted(self) -> FileStore:
-        return PostgresFileStore(self.schema.database(), ids=FileIds(self.keys, keyed=True))
-
-
 FILE_STORES = [
     pytest.param(SqliteFileHarness, id="sqlite"),
     pytest.param(PostgresFileHarness, id="postgres"),
-    pytest.param(KeyedSqliteFileHarness, id="sqlite-keyed"),
-    pytest.param(KeyedPostgresFileHarness, id="postgres-keyed"),
+    pytest.param(functools.partial(SqliteFileHarness, keyed=True), id="sqlite-keyed"),
+    pytest.param(functools.partial(PostgresFileHarness, keyed=True), id="postgres-keyed"),
 ]
 
 
