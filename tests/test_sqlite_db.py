@@ -194,8 +194,8 @@ async def test_checkpoints_and_vacuum_run_off_the_loop(db: SqliteDatabase) -> No
 
 
 async def test_a_task_that_only_writes_lets_the_others_run(db: SqliteDatabase) -> None:
-    """An inline write returns after a turn of the loop, as one on the worker thread did: a task
-    committing in a loop does not keep every other task waiting."""
+    """An inline write takes a turn of the loop, as one on the worker thread did: a task committing in
+    a loop does not keep every other task waiting."""
     others = 0
 
     async def other() -> None:
@@ -213,3 +213,19 @@ async def test_a_task_that_only_writes_lets_the_others_run(db: SqliteDatabase) -
         assert others - start >= 19
     finally:
         task.cancel()
+
+
+async def test_what_is_ready_runs_before_a_write_blocks_the_loop(db: SqliteDatabase) -> None:
+    """The loop's thread waits for an inline write's fsync: callbacks already scheduled (an earlier
+    commit's acks and deliveries, flushed with call_soon) run before the transaction starts, not after."""
+    order: list[str] = []
+    inline_before = db.inline_writes
+    asyncio.get_running_loop().call_soon(order.append, "flush")
+
+    def write(conn: sqlite3.Connection) -> None:
+        order.append("write")
+        _insert("x")(conn)
+
+    await db.write(write)
+    assert order == ["flush", "write"]
+    assert db.inline_writes == inline_before + 1

@@ -299,8 +299,10 @@ class SqliteDatabase:
     with the loop's thread busy meanwhile, each step waited for the GIL, and the thread switches cost
     more than the statements (``im bench``, window 16, on 2026-12-07: 9 % less CPU per message inline and
     19 % more messages per second, medians of 7 pairs; README, Performance). The loop is blocked while a
-    commit runs and fsyncs (a fraction of a millisecond; clients waiting for acks wait for it anyway).
-    What could block it longer does not run there:
+    commit runs and fsyncs (a fraction of a millisecond; clients waiting for acks wait for it anyway), so
+    a write first gives the loop one turn: what is ready (the previous commit's acks and deliveries,
+    flushed by call_soon; frames that arrived) goes before the fsync, not after it. What could block the
+    loop longer does not run there:
 
     - a write lock held by another process (``im keys`` beside a running server): the writer connection
       has no busy timeout, so ``BEGIN IMMEDIATE`` fails at once and the write runs on the worker thread,
@@ -371,6 +373,8 @@ class SqliteDatabase:
     async def write(self, fn: Callable[[sqlite3.Connection], T], *, background: bool = False) -> T:
         """Run ``fn`` inside one transaction (committed, or rolled back on error): inline on the loop's
         thread, or with ``background`` (batch maintenance: many rows, secure deletes) on the worker thread."""
+        if not background:
+            await asyncio.sleep(0)  # the turn before blocking (class docstring); no task starves either
         conn = (await self._free_writer()).conn
         assert conn is not None
         if not background:
@@ -383,7 +387,6 @@ class SqliteDatabase:
             else:
                 result = _finish_transaction(conn, fn)
                 self.inline_writes += 1
-                await asyncio.sleep(0)  # still a turn of the loop, as a write on the thread was: no task starves
                 return result
         return await self._on_worker(lambda c: _transaction(c, fn))
 
