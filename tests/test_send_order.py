@@ -20,6 +20,7 @@ from im.live_config import LiveConfig, follow_committer, follow_hub
 from im.model.chat import SyncPoint
 from im.model.errors import ErrorCode
 from im.model.send_order import SendOrder
+from im.observability.metrics import METRICS
 from im.protocol import commands as cmd
 from im.protocol.frames import Ack, AuthOk, Error
 from im.protocol.session import Limits
@@ -304,6 +305,25 @@ async def test_committer_a_barrier_whose_refused_send_was_stored_elsewhere_is_li
     svc.committer.order.refused((1, "phone", conv), "never-stored")
     [(_, werr)] = await asyncio.gather(*submit_all(svc, [send(conv, "w")]))
     assert werr is not None and "never-stored" in werr.message
+
+
+async def test_committer_a_barrier_stays_while_the_store_cannot_say_whether_its_send_is_stored(
+    svc: ChatCore,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The look-up that would lift a barrier fails (the store away for reads): the barrier stays, the
+    later send is refused behind it, and the failure is counted as an engine error."""
+    conv = await x_refused_then_store_back(svc, monkeypatch)
+
+    async def find_sent(_keys: object) -> dict[object, object]:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(svc.store, "find_sent", find_sent)
+    errors_before = sum(METRICS.engine_errors.values())
+    [(ym, yerr)] = await asyncio.gather(*submit_all(svc, [send(conv, "y")]))
+    assert ym is None and yerr is not None and "cmid 'x'" in yerr.message, yerr
+    assert sum(METRICS.engine_errors.values()) == errors_before + 1
+    assert svc.committer.order.held
 
 
 def test_lift_drops_only_the_barrier_of_that_send() -> None:

@@ -459,7 +459,8 @@ class Committer:
         A send this node refused may be resent to another node and stored there (this one lost its node
         id, the gateways moved the conversation, then moved it back): the client has its ack and never
         resends it, so its barrier here would refuse the device's later sends until it expires. One store
-        read for the batch, made only when a send of it would be barred; the store away, they all stay."""
+        read for the batch, made only when a send of it would be barred; the store away, they all stay (the
+        failure is counted in ``im_engine_errors_total``, as every other failed store call)."""
         order = self.order
         waits: dict[tuple[int, str, str], tuple[int, str, str]] = {}  # (uid, device, refused cmid) -> key
         for i in items:
@@ -472,7 +473,8 @@ class Committer:
             return
         try:
             found = await self._store.find_sent(list(waits))
-        except Exception:
+        except Exception as exc:
+            METRICS.engine_error(exc)
             return
         for sent, m in found.items():
             if m.conv == waits[sent][2]:
