@@ -9,6 +9,12 @@ earlier days, but a hand-off to a thread and back cost 20 µs and ``run_in_execu
 (10 pairs, window 16) gave 88 server CPU-ms per 1,000 messages both on the current code and on a commit that
 gave 30.8 on 2026-12-05 morning: cross-thread wake-ups, not im's Python, made the difference. Compare
 figures only within one session, with this script's output beside them.
+
+The last rows time the same operations after the machine sat idle for 10 ms, as each message meets them
+at a low rate (`im bench --rate 1000`): on a VM whose idle vCPU halts, a wake-up costs several times
+more, and so does an fsync (2026-12-07: a loopback round trip to another process 28 µs at the median
+when busy, 78 after 10 ms idle; fdatasync 140 µs when busy, 326 after idle, 811 at p99). They are the
+latency floor under a low rate, whatever the server does.
 """
 
 from __future__ import annotations
@@ -98,6 +104,44 @@ def fdatasync(n: int) -> None:
             os.fdatasync(f.fileno())
 
 
+def after_idle(op: Callable[[], None], n: int = 200, idle: float = 0.01) -> tuple[float, float]:
+    """Median and p99 in microseconds of ``op`` run after ``idle`` seconds of sleep, ``n`` times."""
+    times = []
+    for _ in range(n):
+        time.sleep(idle)
+        started = time.perf_counter()
+        op()
+        times.append((time.perf_counter() - started) * 1e6)
+    times.sort()
+    return statistics.median(times), times[int(len(times) * 0.99) - 1]
+
+
+def idle_wake_ups() -> list[tuple[str, tuple[float, float]]]:
+    """A loopback round trip to another process and a 4 KiB fdatasync, each after 10 ms of idle."""
+    here, there = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the echoing process
+        here.close()
+        while data := there.recv(16):
+            there.send(data)
+        os._exit(0)
+    there.close()
+
+    def round_trip() -> None:
+        here.send(b"x")
+        here.recv(16)
+
+    with here, tempfile.NamedTemporaryFile(dir=os.environ.get("IM_BENCH_DIR")) as f:
+
+        def sync() -> None:
+            os.pwrite(f.fileno(), b"x" * 4096, 0)
+            os.fdatasync(f.fileno())
+
+        rows = [("round trip to another process", after_idle(round_trip)), ("fdatasync of 4 KiB", after_idle(sync))]
+    os.waitpid(pid, 0)
+    return rows
+
+
 def main() -> None:
     print(f"load average {os.getloadavg()[0]:.2f}; CPUs {os.cpu_count()}")
     rows = [
@@ -111,6 +155,9 @@ def main() -> None:
     ]
     for name, fn, n in rows:
         print(f"{name:40} {per_op(fn, n):10.3f} µs")
+    print("after 10 ms idle (median / p99):")
+    for name, (median, p99) in idle_wake_ups():
+        print(f"  {name:38} {median:10.1f} / {p99:.1f} µs")
 
 
 if __name__ == "__main__":
