@@ -197,6 +197,31 @@ async def test_a_store_back_before_the_probe_refuses_nothing_for_good(
     assert [m.seq for m, _ in outcomes if m is not None] == [2, 3, 4, 5]
 
 
+async def test_a_lone_item_whose_connections_keep_breaking_is_refused_unavailable_not_invalid(
+    svc: ChatCore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool holds connections whose links broke earlier: the commits of one item meet two of them
+    (``connection was closed in the middle of operation``) while the committer's probe goes through a good
+    one. The store answers, but the failure says the engine went away: the item is refused ``unavailable``
+    (the client resends the same cmid), never ``invalid``, and a resend commits it."""
+    group = await svc.groups.create_group(1, "g", [2])
+    conv = f"g:{group.gid}"
+    real = svc.store.commit
+    broken = [0]
+
+    async def stale_connections(batch):  # type: ignore[no-untyped-def]
+        if any(m.cmid == "unlucky" for m in batch.messages) and broken[0] < 3:
+            broken[0] += 1
+            raise ConnectionResetError(104, "connection was closed in the middle of operation")
+        await real(batch)
+
+    monkeypatch.setattr(svc.store, "commit", stale_connections)
+    [(m, err)] = await asyncio.gather(*submit_all(svc, [send(conv, "unlucky")]))
+    assert m is None and err is not None and err.code is ErrorCode.UNAVAILABLE, err
+    [(m, err)] = await asyncio.gather(*submit_all(svc, [send(conv, "unlucky")]))
+    assert err is None and m is not None and m.seq == 2, err
+
+
 def test_throttled_log_writes_one_counted_line_per_window(caplog: pytest.LogCaptureFixture) -> None:
     from im.throttled_log import ThrottledLog
 

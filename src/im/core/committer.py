@@ -20,7 +20,9 @@ not take are alone and refused ``invalid``: one poisoned item costs about log2(b
 When an item is alone and still refused, one read asks the store whether it is up: if not, the store
 itself is down and everything left is refused ``unavailable`` at once (log2(batch)+2 store calls, one
 log line); if it is, the item is tried once more (a restart of the database may end between the
-refusal and the read) and refused ``invalid`` only when it fails again while the store answers: a
+refusal and the read) and refused ``invalid`` only when it fails again while the store answers, and not
+with an error that says the engine went away (``engine_unreachable``: a connection closed in the middle of
+the call, as a pool's connection whose link broke earlier does, while the read went through another): a
 refusal caused by the store being away is never final (the client resends the same cmid). Both are
 logged as counted, rate-limited lines (im.throttled_log), never a traceback per send.
 
@@ -69,7 +71,7 @@ from im.model.errors import ErrorCode, FenceRefused, ImError, SeqConflict
 from im.model.ids import direct_conv, group_conv, parse_conv
 from im.model.send_order import DEFAULT_HOLD, SendOrder, behind_refused
 from im.observability import tracing
-from im.observability.metrics import METRICS
+from im.observability.metrics import METRICS, engine_unreachable
 from im.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
@@ -335,7 +337,7 @@ class Committer:
                 if again is None:
                     continue
                 failure = again
-                if await self._store_answers():
+                if not engine_unreachable(failure) and await self._store_answers():
                     self._poison_log.hit(f"{type(failure).__name__}: {str(failure)[:200]}")
                     self._fail(part, ImError(ErrorCode.INVALID, "the server cannot store this message"))
                     continue
