@@ -197,6 +197,22 @@ async def test_a_store_back_before_the_probe_refuses_nothing_for_good(
     assert [m.seq for m, _ in outcomes if m is not None] == [2, 3, 4, 5]
 
 
+async def test_sends_that_arrive_in_the_turn_after_the_committer_woke_join_its_batch(svc: ChatCore) -> None:
+    """The committer takes its batch one turn of the loop after it woke: a frame read in that turn (here a
+    send submitted by the next callback) is committed with the first, in one store call, not after it."""
+    group = await svc.groups.create_group(1, "g", [2])
+    conv = f"g:{group.gid}"
+    loop = asyncio.get_running_loop()
+    later: list[asyncio.Future[Outcome]] = []
+    calls_before = svc.committer.store_calls
+    first = submit_all(svc, [send(conv, "a")])  # wakes the committer: it runs in the next pass
+    loop.call_soon(lambda: later.extend(submit_all(svc, [send(conv, "b")])))  # after its wake-up, same pass
+    outcomes = await asyncio.gather(*first)
+    outcomes += await asyncio.gather(*later)
+    assert [(m.cmid, m.seq) if m else err for m, err in outcomes] == [("a", 2), ("b", 3)]
+    assert svc.committer.store_calls - calls_before == 1
+
+
 async def test_a_lone_item_whose_connections_keep_breaking_is_refused_unavailable_not_invalid(
     svc: ChatCore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -304,6 +304,9 @@ class Committer:
                     pass
                 await self._route_quietly(None)  # outside the handler (im.compiled: no await inside ``except``)
                 continue
+            # One turn of the loop before taking the batch: the last batch's acks and deliveries are
+            # flushed, and the frames that arrived meanwhile join this batch instead of the next one.
+            await asyncio.sleep(0)
             items, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
             if tracing.ON and (traces := [i.req.trace for i in items if type(i) is _Send and i.req.trace is not None]):
                 with tracing.commit_batch(traces, len(items)):  # a batch carrying sampled messages
