@@ -373,21 +373,21 @@ class SqliteDatabase:
     async def write(self, fn: Callable[[sqlite3.Connection], T], *, background: bool = False) -> T:
         """Run ``fn`` inside one transaction (committed, or rolled back on error): inline on the loop's
         thread, or with ``background`` (batch maintenance: many rows, secure deletes) on the worker thread."""
-        if not background:
-            await asyncio.sleep(0)  # the turn before blocking (class docstring); no task starves either
+        if background:
+            return await self._on_worker(lambda c: _transaction(c, fn))
+        await asyncio.sleep(0)  # the turn before blocking (class docstring); no task starves either
         conn = (await self._free_writer()).conn
         assert conn is not None
-        if not background:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode & 0xFF != _SQLITE_BUSY:
-                    raise
-                # Another process writes: wait for its lock on the worker thread, not here.
-            else:
-                result = _finish_transaction(conn, fn)
-                self.inline_writes += 1
-                return result
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != _SQLITE_BUSY:
+                raise
+        else:
+            result = _finish_transaction(conn, fn)
+            self.inline_writes += 1
+            return result
+        # Another process writes: wait for its lock on the worker thread, not here.
         return await self._on_worker(lambda c: _transaction(c, fn))
 
     async def _worker_done(self) -> None:
