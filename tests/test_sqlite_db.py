@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from im.backends.sql.sqlite_db import SqliteDatabase
+from tests.support.wait import eventually
 
 
 @pytest.fixture
@@ -115,9 +116,9 @@ async def test_another_process_holding_the_write_lock_does_not_block_the_loop(db
         assert (await asyncio.to_thread(holder.stdout.readline)).strip() == "locked"
         before = (db.inline_writes, db.worker_writes)
         write = asyncio.create_task(db.write(_insert("server")))
+        await eventually(lambda: db.worker_writes == before[1] + 1, "the write handed to the worker thread")
         await _turns()
         assert not write.done(), "the write went through while another process held the lock"
-        assert db.worker_writes == before[1] + 1  # it waits on the worker thread
         holder.stdin.write("go\n")
         holder.stdin.flush()
         await asyncio.wait_for(write, 10)
