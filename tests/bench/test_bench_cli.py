@@ -21,6 +21,7 @@ def _bench(tmp_path: Path, *args: str) -> dict[str, Any]:
     assert out.exists(), f"no results; exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     result: dict[str, Any] = json.loads(out.read_text())
     assert proc.returncode == (0 if result["ok"] else 1), proc.stderr
+    result["_stdout"] = proc.stdout
     return result
 
 
@@ -111,6 +112,31 @@ def test_fixed_rate(tmp_path: Path) -> None:
     )
     _assert_clean(r)
     assert r["offered_per_s"] == 400
+
+
+def test_a_run_held_back_by_the_server_s_limits_says_so(tmp_path: Path) -> None:
+    """Sends the server refused ``rate_limited`` are resent by the clients and still delivered once, in
+    order; the report counts them by code and says the figures are the limits', not the server's."""
+    r = _bench(
+        tmp_path,
+        "--pairs",
+        "2",
+        "--window",
+        "8",
+        "--duration",
+        "3",
+        "--warmup",
+        "0.5",
+        "--procs",
+        "1",
+        "--server-set",
+        "rates.sends_per_user=400/2",
+    )
+    _assert_clean(r)
+    assert r["totals"]["retried_codes"].get("rate_limited", 0) > 0, r["totals"]
+    assert sum(r["totals"]["retried_codes"].values()) == r["totals"]["retried"]
+    assert "sends refused, then resent" in r["_stdout"] and "rate_limited" in r["_stdout"]
+    assert "not its capacity" in " ".join(r["_stdout"].split()), r["_stdout"]
 
 
 def test_idle_connections_report_memory_per_connection(tmp_path: Path) -> None:

@@ -65,7 +65,20 @@ def load_table(r: dict[str, Any], console: Console | None = None) -> None:
         + " / ".join(str(others[k]) for k in ("refused", "errors", "disconnects", "unfinished"))
         + "[/]",
     )
+    retried = r.get("totals", {}).get("retried_codes", {})
+    if retried:
+        t.add_row(
+            "sends refused, then resent (by code)",
+            "[yellow]" + ", ".join(f"{code} {n:,}" for code, n in sorted(retried.items())) + "[/]",
+        )
     console.print(t)
+    if retried.get("rate_limited"):
+        console.print(
+            f"[yellow]note: the server refused {retried['rate_limited']:,} sends rate_limited (its limits, e.g. "
+            "rates.sends_per_user, held the load back): these figures are the limits', not its capacity. To "
+            "measure capacity, lift them (--server-set rates.sends_per_user=1000000/2 "
+            "--server-set rates.sends_per_conversation=1000000/2)[/]"
+        )
     if r["problems"]:
         console.print("[bold red]problems:[/]")
         for p in r["problems"][:10]:

@@ -162,6 +162,8 @@ class Worker:
         self.sent_measured = self.delivered_measured = self.acked_measured = 0
         self.failed = self.retried = self.errors = self.disconnects = 0
         self.unexpected = self.mismatched = self.dup_acks = 0
+        #: retryable refusals by error code (``rate_limited``: the server's limits held the load back)
+        self.retried_codes: dict[str, int] = {}
         self.problems: list[str] = []
 
     # --- set-up -------------------------------------------------------------------------------------
@@ -310,6 +312,7 @@ class Worker:
                 self.recs.pop(event.send.cmid, None)  # not replaced: a refused send would be refused again
             elif event is None:
                 self.retried += 1  # a retryable refusal: the session resends it after retry()
+                self.retried_codes[frame.code] = self.retried_codes.get(frame.code, 0) + 1
             else:
                 self.errors += 1
                 self._problem(f"device {dev.uid}: error {frame.code}: {frame.message}")
@@ -426,6 +429,7 @@ class Worker:
             "examples": anomalies.examples,
             "failed": self.failed,
             "retried": self.retried,
+            "retried_codes": self.retried_codes,
             "errors": self.errors,
             "disconnects": self.disconnects,
             "unexpected": self.unexpected,
