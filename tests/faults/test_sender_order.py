@@ -135,7 +135,11 @@ async def test_each_device_s_messages_are_stored_in_its_order_across_a_database_
             await eventually(
                 lambda: all(d.refusals or d.sent_away for d in devices) and any(d.refusals for d in devices),
                 lambda: (
-                    "every device told while away: " + str({d.name: (len(d.refusals), d.sent_away) for d in devices})
+                    "every device told while away: "
+                    + str({d.name: (len(d.refusals), d.sent_away) for d in devices})
+                    # what the server did meanwhile: this guard failed once in a full run (stop 30), never alone
+                    + "\nserver log, last lines:\n"
+                    + server.log()[-6000:]
                 ),
                 DOWN + 10,
             )
