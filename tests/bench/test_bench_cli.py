@@ -117,21 +117,8 @@ def test_fixed_rate(tmp_path: Path) -> None:
 def test_a_run_held_back_by_the_server_s_limits_says_so(tmp_path: Path) -> None:
     """Sends the server refused ``rate_limited`` are resent by the clients and still delivered once, in
     order; the report counts them by code and says the figures are the limits', not the server's."""
-    r = _bench(
-        tmp_path,
-        "--pairs",
-        "2",
-        "--window",
-        "8",
-        "--duration",
-        "3",
-        "--warmup",
-        "0.5",
-        "--procs",
-        "1",
-        "--server-set",
-        "rates.sends_per_user=400/2",
-    )
+    limited = "--pairs 2 --window 8 --duration 3 --warmup 0.5 --procs 1 --server-set rates.sends_per_user=400/2"
+    r = _bench(tmp_path, *limited.split())
     _assert_clean(r)
     assert r["totals"]["retried_codes"].get("rate_limited", 0) > 0, r["totals"]
     assert sum(r["totals"]["retried_codes"].values()) == r["totals"]["retried"]
