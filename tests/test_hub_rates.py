@@ -116,17 +116,50 @@ async def test_one_limiter_call_per_loop_turn_and_sends_answered_in_order(server
         frames = [json.dumps({"t": "send", "cmid": m, "to": bob.uid, "body": i}) for i, m in enumerate(cmids)]
         await asyncio.gather(*(c.ws.send(f) for f in frames))  # written back to back
         await eventually(lambda: len(c.acks) + len(c.errors) == 200, lambda: f"{len(c.acks)} acks {c.errors[:2]}")
-        # The user's budget (150 units) is too small to lease ahead: one unit per send, exactly.
-        assert [h.cost for h in counted.hits("send-user")] == [1] * 200
+        # The budget is 150: the first 150 sends pass, the rest are refused, none out of order. A refused
+        # send holds its conversation's later sends back (im.model.send_order): those that reach the
+        # session after the first refusal came back are refused there, without a limiter call; how many
+        # depends on how the 200 frames were split into reads.
+        refusals = {e["ref"]: e for e in c.errors}
+        assert list(refusals) == cmids[150:], list(refusals)[:3]
+        limited = [m for m in cmids[150:] if refusals[m]["code"] == "rate_limited"]
+        assert limited == cmids[150 : 150 + len(limited)] and limited, [refusals[m]["code"] for m in cmids[150:]]
+        for m in cmids[150 + len(limited) :]:
+            assert refusals[m]["code"] == "unavailable" and "resend it first" in refusals[m]["message"], refusals[m]
+        # The user's budget (150 units) is too small to lease ahead: one unit per send it decided, exactly.
+        assert [h.cost for h in counted.hits("send-user")] == [1] * (150 + len(limited))
         conv = counted.hits("send-conv")  # 10,000 units: leased 32 at a time, then 64, 128 (a busy sender)
         assert conv and conv[0].cost == 32 and len(conv) <= 200 // 32 + 2, conv
         assert [h.cost for h in conv] == sorted(h.cost for h in conv) and max(h.cost for h in conv) <= 256
         assert len(counted.calls) < 100, [len(call) for call in counted.calls]  # batched: far fewer calls
-        # The user's budget is 150: the first 150 sends pass, the last 50 are refused, none out of order.
         assert sorted(c.acks, key=lambda m: int(m[1:])) == cmids[:150]
-        assert [e["ref"] for e in c.errors] == cmids[150:]
         seqs = [c.acks[m]["seq"] for m in cmids[:150]]
         assert seqs == sorted(seqs)
+    finally:
+        await c.close()
+
+
+async def test_sends_after_a_refusal_are_held_back_without_spending_the_budget(server: EmbeddedServer) -> None:
+    """What the test above allows for, made certain: once a send was refused ``rate_limited``, the later
+    sends of that conversation are refused ``unavailable`` by the session (resend the refused one first)
+    and never reach the limiter."""
+    alice, bob = await alice_and_bob(server)
+    counted = counting(server)
+    c = ChatClient(server.ws_url, alice, "phone")
+    assert (await c.connect())["t"] == "auth_ok"
+    try:
+        first = await send_all(c, bob.uid, 151, "a")  # the budget is 150: the last one is refused
+        assert [e["ref"] for e in c.errors] == first[150:] and c.errors[0]["code"] == "rate_limited", c.errors
+        spent = len(counted.hits("send-user"))
+        later = [f"b-{i}" for i in range(10)]
+        await asyncio.gather(
+            *(c.ws.send(json.dumps({"t": "send", "cmid": m, "to": bob.uid, "body": m})) for m in later)
+        )
+        await eventually(lambda: len(c.errors) == 11, lambda: f"{len(c.errors)} refusals")
+        held = c.errors[1:]
+        assert [e["ref"] for e in held] == later
+        assert all(e["code"] == "unavailable" and "resend it first" in e["message"] for e in held), held[:2]
+        assert len(counted.hits("send-user")) == spent  # none of them was decided by the limiter
     finally:
         await c.close()
 
