@@ -3,7 +3,8 @@
     uv run python benchmarks/transfer_link.py [--core sqlite|echo] [--count N] [--window N] [--split] [--tls]
 
 A gateway keeps ``--window`` sends in flight on one :class:`TransferLink` (each answer submits the next
-send) until ``--count`` sends are answered, and reports answered sends per second. ``--core sqlite``
+send) until ``--count`` sends are answered, and reports answered sends per second and the CPU both ends
+spent per send and per frame (with ``--window 1``, what a gRPC frame costs). ``--core sqlite``
 puts a real Committer on a temporary SQLite file behind the link (group commit, fsync'd); ``--core
 echo`` answers each send at once, which measures the link alone. ``--split`` runs the transfer node in
 a child process (otherwise both ends share this process's one core). ``--tls`` runs the link over mutual
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -27,6 +29,7 @@ from im.backends.chat.sqlite import SqliteChatStore
 from im.backends.presence.memory import MemoryPresence
 from im.backends.routing import DeliverySink
 from im.backends.sql.sqlite_db import SqliteDatabase
+from im.bench.server import cpu_seconds
 from im.core.committer import Committer, SendCallback, SendRequest
 from im.core.consent import Consent
 from im.core.states import ConversationStates
@@ -155,16 +158,25 @@ async def run(core: str, count: int, window: int, split: bool, tls: bool) -> Non
             elif state["ok"] + state["err"] == count:
                 finished.set()
 
+        pids = [os.getpid()] + ([child.pid] if child is not None and child.pid is not None else [])
+        cpu0 = sum(cpu_seconds(pid) for pid in pids)
         t0 = time.perf_counter()
         for _ in range(min(window, count)):
             submit_next()
         await finished.wait()
         elapsed = time.perf_counter() - t0
+        cpu = sum(cpu_seconds(pid) for pid in pids) - cpu0
+        frames = link.frames_sent + link.frames_received
         print(
             f"core={core} split={split} tls={tls} sends={count} window={window}: {count / elapsed:,.0f} sends/s "
             f"({elapsed:.2f} s; ok={state['ok']} err={state['err']}; frames out={link.frames_sent} "
             f"in={link.frames_received}; {count / max(link.frames_sent, 1):.0f} sends/frame; "
             f"deliveries={sink.delivered})"
+        )
+        print(
+            f"CPU of both ends: {cpu:.2f} s, "
+            f"{1e6 * cpu / count:.1f} µs per send, {1e6 * cpu / max(frames, 1):.0f} µs per frame "
+            "(everything a frame carries included)"
         )
         await link.close()
         if stop is not None:
