@@ -44,6 +44,7 @@ from im.events.push import PushConsumer
 from im.events.relay import OutboxRelay
 from im.model.chat import CommitBatch, ConversationState, StoredMessage
 from im.procs import stop_process
+from tests.contract.conftest import delete_redis_prefix
 from tests.events.conftest import AMQP_URL, Names, WebhookReceiver, amqp_connect
 from tests.support.postgres import PrivatePostgres, start
 from tests.support.wait import eventually, running
@@ -90,9 +91,22 @@ async def store(pg: PrivatePostgres) -> AsyncIterator[ChatStore]:
 
 
 @pytest.fixture
-async def redis_dedupe() -> AsyncIterator[Dedupe]:
+async def dedupe_prefix() -> AsyncIterator[str]:
+    """A unique Redis key prefix for a test's dedupe records; they are deleted after it (their TTL is a
+    day, and the Redis is shared)."""
+    prefix = f"im-test-{secrets.token_hex(4)}:"
+    yield prefix
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        await delete_redis_prefix(client, prefix)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def redis_dedupe(dedupe_prefix: str) -> AsyncIterator[Dedupe]:
     """A dedupe shared by every consumer of a test (as ``events.dedupe=redis``), under a unique prefix."""
-    dedupe = RedisDedupe(aioredis.from_url(REDIS_URL), prefix=f"im-test-{secrets.token_hex(4)}:", owns_client=True)
+    dedupe = RedisDedupe(aioredis.from_url(REDIS_URL), prefix=dedupe_prefix, owns_client=True)
     await dedupe.start()
     yield dedupe
     await dedupe.close()
@@ -261,12 +275,12 @@ def workers(tmp_path: Path) -> Iterator[list[Worker]]:
 
 
 async def test_a_consumer_killed_mid_batch_loses_nothing(
-    store: ChatStore, names: Names, webhook: WebhookReceiver, workers: list[Worker], tmp_path: Path
+    dedupe_prefix: str, store: ChatStore, names: Names, webhook: WebhookReceiver, workers: list[Worker], tmp_path: Path
 ) -> None:
     """The consumer process is SIGKILLed with an event delivered and not acked: the broker requeues it,
     the next consumer (the same dedupe, in Redis) goes on from there; each event pushed once (the POST
     the dead one was making aside), in order."""
-    prefix = f"im-test-{secrets.token_hex(4)}:"
+    prefix = dedupe_prefix
     messages = await traffic(store, 8, pause=0)
     async with running(relay(store, names).run()):
         workers.append(Worker(names, webhook, prefix, tmp_path / "w1.log"))
@@ -349,11 +363,11 @@ async def test_a_cancellation_swallowed_on_the_way_still_stops_the_consumer(
 
 
 async def test_competing_consumers_one_active_and_a_takeover(
-    store: ChatStore, names: Names, webhook: WebhookReceiver, workers: list[Worker], tmp_path: Path
+    dedupe_prefix: str, store: ChatStore, names: Names, webhook: WebhookReceiver, workers: list[Worker], tmp_path: Path
 ) -> None:
     """Two consumer processes on one queue: single active consumer, so one pushes and the other stands by;
     the active one is SIGKILLed mid-stream and the other takes over where it stopped, in order."""
-    prefix = f"im-test-{secrets.token_hex(4)}:"
+    prefix = dedupe_prefix
     workers += [Worker(names, webhook, prefix, tmp_path / f"w{i}.log") for i in (1, 2)]
     async with running(relay(store, names).run()):
         heads: dict[str, int] = {}
