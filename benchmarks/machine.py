@@ -112,8 +112,7 @@ def after_idle(op: Callable[[], None], n: int = 200, idle: float = 0.01) -> tupl
         started = time.perf_counter()
         op()
         times.append((time.perf_counter() - started) * 1e6)
-    times.sort()
-    return statistics.median(times), times[int(len(times) * 0.99) - 1]
+    return statistics.median(times), statistics.quantiles(times, n=100)[98]
 
 
 def idle_wake_ups() -> list[tuple[str, tuple[float, float]]]:

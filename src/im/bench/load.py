@@ -15,7 +15,7 @@ import multiprocessing as mp
 import os
 import queue
 import time
-from collections.abc import Iterable
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -347,7 +347,7 @@ def _run(
             "delivered": sum(r["delivered"] for r in results.values()),
             "acked": sum(r["acked"] for r in results.values()),
             "retried": sum(r["retried"] for r in results.values()),
-            "retried_codes": _summed(r["retried_codes"] for r in results.values()),
+            "retried_codes": dict(sum((Counter(r["retried_codes"]) for r in results.values()), Counter())),
             "dup_acks": sum(r["dup_acks"] for r in results.values()),
         },
         "measured": {"delivered_by_counters": measured1[0] - measured0[0]},
@@ -355,14 +355,6 @@ def _run(
         "latencies_ms_sample": [round(1000 * x, 3) for x in lat[:: max(1, len(lat) // 20000)]],
         "_latencies": lat,
     }
-
-
-def _summed(counts: Iterable[dict[str, int]]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for c in counts:
-        for k, v in c.items():
-            out[k] = out.get(k, 0) + v
-    return out
 
 
 def _cpu(pid: int | None) -> float:
