@@ -280,14 +280,13 @@ async def test_a_consumer_killed_mid_batch_loses_nothing(
     """The consumer process is SIGKILLed with an event delivered and not acked: the broker requeues it,
     the next consumer (the same dedupe, in Redis) goes on from there; each event pushed once (the POST
     the dead one was making aside), in order."""
-    prefix = dedupe_prefix
     messages = await traffic(store, 8, pause=0)
     async with running(relay(store, names).run()):
-        workers.append(Worker(names, webhook, prefix, tmp_path / "w1.log"))
+        workers.append(Worker(names, webhook, dedupe_prefix, tmp_path / "w1.log"))
         await eventually(lambda: len(webhook.requests) >= 20, "pushes before the crash")
         await asyncio.to_thread(workers[0].kill)
         assert len(webhook.requests) < len(messages), "the crash came too late"
-        workers.append(Worker(names, webhook, prefix, tmp_path / "w2.log"))
+        workers.append(Worker(names, webhook, dedupe_prefix, tmp_path / "w2.log"))
         await eventually(lambda: len({b["mid"] for b in webhook.bodies}) >= len(messages), "every event pushed")
         await asyncio.sleep(0.3)
     figures = check(webhook, messages, crashes=1)
@@ -367,8 +366,7 @@ async def test_competing_consumers_one_active_and_a_takeover(
 ) -> None:
     """Two consumer processes on one queue: single active consumer, so one pushes and the other stands by;
     the active one is SIGKILLed mid-stream and the other takes over where it stopped, in order."""
-    prefix = dedupe_prefix
-    workers += [Worker(names, webhook, prefix, tmp_path / f"w{i}.log") for i in (1, 2)]
+    workers += [Worker(names, webhook, dedupe_prefix, tmp_path / f"w{i}.log") for i in (1, 2)]
     async with running(relay(store, names).run()):
         heads: dict[str, int] = {}
         messages = await traffic(store, 4, heads=heads)
