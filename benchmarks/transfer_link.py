@@ -8,7 +8,9 @@ spent per send and per frame (with ``--window 1``, what a gRPC frame costs). ``-
 puts a real Committer on a temporary SQLite file behind the link (group commit, fsync'd); ``--core
 echo`` answers each send at once, which measures the link alone. ``--split`` runs the transfer node in
 a child process (otherwise both ends share this process's one core). ``--tls`` runs the link over mutual
-TLS (certificates from :mod:`im.certs` in a temporary directory, node names checked both ways).
+TLS (certificates from :mod:`im.certs` in a temporary directory, node names checked both ways). gRPC
+runs with im's process settings (:mod:`im.grpc_runtime`) unless ``GRPC_EXPERIMENTS`` is set: set it to
+compare (``GRPC_EXPERIMENTS=event_engine_client,event_engine_listener`` is grpcio's default).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from im import certs
 from im.backends.accounts.sqlite import SqliteAccountStore
@@ -33,12 +35,15 @@ from im.bench.server import cpu_seconds
 from im.core.committer import Committer, SendCallback, SendRequest
 from im.core.consent import Consent
 from im.core.states import ConversationStates
+from im.grpc_runtime import use_grpc_defaults
 from im.model.chat import StoredMessage
 from im.model.cluster import DeviceLocation
 from im.model.errors import ImError
-from im.transfer.client import TransferLink
-from im.transfer.server import GrpcRouter, TransferServicer, serve_transfer
-from im.transfer.tls import LinkTls
+
+if TYPE_CHECKING:
+    from im.transfer.tls import LinkTls
+
+use_grpc_defaults()  # as im's command line does; the link's modules, which import grpc, come after
 
 GATEWAY = "gw-bench"
 TRANSFER = "tr-bench"
@@ -46,6 +51,8 @@ TRANSFER = "tr-bench"
 
 def link_tls(directory: Path) -> tuple[LinkTls, LinkTls]:
     """(transfer node, gateway) identities from a fresh cluster CA."""
+    from im.transfer.tls import LinkTls
+
     ca = certs.create_ca(directory)
     tr, gw = certs.issue(directory, ca, TRANSFER), certs.issue(directory, ca, GATEWAY)
     return (
@@ -83,6 +90,8 @@ class CountingSink(DeliverySink):
 
 async def _transfer_node(core: str, data_dir: Path, port: int, tls: LinkTls | None) -> tuple[Any, int, Any]:
     """Start a transfer node; returns (grpc server, port, a coroutine function that stops the rest)."""
+    from im.transfer.server import GrpcRouter, TransferServicer, serve_transfer
+
     router = GrpcRouter()
     if core == "echo":
         servicer = TransferServicer(EchoCore(), router, node=TRANSFER, tls=tls)
@@ -128,6 +137,8 @@ def _child(core: str, data_dir: str, port: int, tls: LinkTls | None, ready: Any)
 
 
 async def run(core: str, count: int, window: int, split: bool, tls: bool) -> None:
+    from im.transfer.client import TransferLink
+
     with tempfile.TemporaryDirectory() as tmp:
         server_tls, gateway_tls = link_tls(Path(tmp) / "pki") if tls else (None, None)
         child = None

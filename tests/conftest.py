@@ -12,6 +12,7 @@ from im.backends.accounts import AccountStore
 from im.backends.accounts.postgres import PostgresAccountStore
 from im.backends.accounts.sqlite import SqliteAccountStore
 from im.backends.sql.sqlite_db import SqliteDatabase
+from im.grpc_runtime import use_grpc_defaults
 from tests.support.postgres import PgSchema, start
 from tests.support.workers import confine_this_worker, group_of, make_scheduler
 from tests.support.zygote import ZYGOTE
@@ -21,6 +22,8 @@ confine_this_worker()
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # gRPC as im's command line runs it (the test modules, which import grpc, are collected after this)
+    use_grpc_defaults()
     # pytest-xdist registers the mark too; this is for a run without it (-p no:xdist)
     config.addinivalue_line("markers", "xdist_group(name): the tests of one group run on one xdist worker")
 

@@ -17,6 +17,7 @@ from typing import Any
 from im import compiled
 from im.cli_help import use_everywhere
 from im.config import Config, ConfigError, load_config, put_setting
+from im.grpc_runtime import use_grpc_defaults
 from im.startup import run_start
 
 #: The epilog of im serve and the roles: what their exit status means (im.startup).
@@ -612,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_grpc_defaults()  # before anything imports grpc, which reads them once; children inherit them
     args_list = sys.argv[1:] if argv is None else argv
     if args_list[:1] == ["bench"]:  # its own parser: `im bench --help`, `im bench idle --help`
         from im.bench.cli import main as bench_main
