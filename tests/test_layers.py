@@ -35,6 +35,7 @@ ALLOWED: dict[str, set[str]] = {
     "dynamic": {"config"},  # the table of settings that change live
     "certs": set(),
     "tls": set(),
+    "grpc_runtime": set(),  # gRPC's process-wide settings, set before grpc is imported
     "procs": set(),  # child processes of im's tools: a free port, a stop that leaves nothing behind
     "seaweedfs": {"procs"},  # the private object store of `im cluster --s3` and the tests
     "observability": MODEL | {"config", "throttled_log"},
