@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 
@@ -27,6 +28,7 @@ from im.client import ApiClient, Client, Message
 from im.cluster import LocalCluster
 from tests.client.conftest import Recorder
 from tests.cluster.conftest import drop_schema, free_base, make_cluster, stop_checked
+from tests.support.postgres import DSN
 
 PASSWORD = "correct horse battery"
 
@@ -100,6 +102,14 @@ def test_nothing_answers_in_plaintext_or_without_a_cluster_certificate(tls_clust
             raise ConnectionError("closed without an answer")
 
 
+async def schema_exists(schema: str) -> bool:
+    conn = await asyncpg.connect(DSN, timeout=5)
+    try:
+        return bool(await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema))
+    finally:
+        await conn.close()
+
+
 def test_im_cluster_is_tls_end_to_end_unless_told_otherwise(tmp_path: Path) -> None:
     """The command itself, not LocalCluster (whose own default is plaintext): ``im cluster`` with no TLS
     flag makes its CA, serves HTTPS only and says which CA to trust; SIGINT stops every node."""
@@ -107,7 +117,8 @@ def test_im_cluster_is_tls_end_to_end_unless_told_otherwise(tmp_path: Path) -> N
     data = tmp_path / "cluster"
     base = free_base()
     argv = [sys.executable, "-m", "im", "cluster", "--data-dir", str(data), "--base-port", str(base)]
-    argv += ["--gateways", "1", "--transfers", "1", "--schema", f"im_cluster_{tag}"]
+    # The tests' database, where drop_schema drops it (im cluster's own default is the database postgres).
+    argv += ["--gateways", "1", "--transfers", "1", "--postgres", DSN, "--schema", f"im_cluster_{tag}"]
     for setting in ("auth.argon2_time_cost=1", "auth.argon2_memory_kib=1024", f"presence.redis_prefix=im-c-{tag}:"):
         argv += ["--set", setting]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -138,6 +149,7 @@ def test_im_cluster_is_tls_end_to_end_unless_told_otherwise(tmp_path: Path) -> N
         ).is_success
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{base}/api/v1/health", timeout=5)
+        assert asyncio.run(schema_exists(f"im_cluster_{tag}"))  # where the finally drops it
         os.killpg(proc.pid, signal.SIGINT)  # a clean stop of every node
         assert proc.wait(60) == 0, "".join(lines)[-4000:]
     finally:
