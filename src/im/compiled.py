@@ -27,9 +27,8 @@ from types import ModuleType
 #: and encoded frames, the WebSocket protocol, the gateway's hub and shared limits, the committer and its
 #: routing, message ids, conversation ids, and the log's records and the metrics' counters (whose fields
 #: compiled code then reads directly, not by name); in distributed mode, a gateway's pool of transfer
-#: links and the link's conversions. Not compiled: the link's client and server (async generators, which
-#: mypyc does not compile) and the TCP framing (its error subclasses a built-in exception, which mypyc
-#: does not either).
+#: links, the link's two ends and its conversions. Not compiled: the TCP framing (its error subclasses a
+#: built-in exception, which mypyc does not compile).
 MODULES = (
     "im.protocol.session",
     "im.protocol.codec",
@@ -45,6 +44,8 @@ MODULES = (
     "im.observability.metrics",
     "im.transfer.wire",
     "im.transfer.pool",
+    "im.transfer.client",
+    "im.transfer.server",
 )
 
 #: The directory that holds the ``im`` package (``src`` in a checkout).

@@ -15,7 +15,7 @@ import itertools
 import logging
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -134,9 +134,9 @@ class TransferLink:
         self._forwards = pb.GatewayFrame()  # routes, events and revocations for the next frame
         self._has_forwards = False
         self._wake = asyncio.Event()
-        #: Whether sends wait in ``_unsent`` for the ones written before to be answered (:meth:`_requests`).
+        #: Whether sends wait in ``_unsent`` for the ones written before to be answered (:meth:`_next_frame`).
         self._holding = False
-        self._epoch = 0  # one per stream: a stale request generator stops when it changes
+        self._epoch = 0  # one per stream: a stale stream's writer stops when it changes
         self._connected = asyncio.Event()
         self._closing = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -273,9 +273,15 @@ class TransferLink:
             )
             self._epoch += 1
             call: Any = None
+            writer: asyncio.Task[None] | None = None
             try:
-                call = link(self._requests(self._epoch))
-                async for frame in call:
+                call = link()
+                writing = self._write_frames(call, self._epoch)
+                writer = asyncio.create_task(writing, name=f"im-transfer-write-{self.node}")
+                while True:
+                    frame = await call.read()
+                    if frame is grpc.aio.EOF:
+                        break
                     self.frames_received += 1
                     METRICS.link_frames["received"] += 1
                     if frame.HasField("welcome"):
@@ -302,6 +308,9 @@ class TransferLink:
                 self._lost("the link to the message core broke; resend with the same cmid")
                 if call is not None:
                     call.cancel()
+                if writer is not None:
+                    writer.cancel()
+                    await asyncio.wait([writer])
                 await channel.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), backoff)
@@ -328,8 +337,28 @@ class TransferLink:
         self.last_error = why
         log.error("transfer link: %s (the registry lists %r there): not linking", why, self.peer)
 
-    async def _requests(self, epoch: int) -> AsyncIterator[pb.GatewayFrame]:
-        yield pb.GatewayFrame(hello=pb.Hello(node=self.node, columns=True))
+    async def _write_frames(self, call: Any, epoch: int) -> None:
+        """Write one stream's frames: its hello, then what :meth:`_next_frame` makes, until the stream's
+        epoch ends (then the stream is half-closed) or the call does. A write that fails because the call
+        ended is the reader's to report; anything else cancels the call, so that the link reconnects."""
+        try:
+            await call.write(pb.GatewayFrame(hello=pb.Hello(node=self.node, columns=True)))
+            while True:
+                frame = await self._next_frame(epoch)
+                if frame is None:
+                    await call.done_writing()
+                    return
+                await call.write(frame)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return  # the call ended: the reader sees why
+        except Exception:
+            log.exception("transfer link to %s: writing a frame failed; relinking", self.address)
+            call.cancel()
+
+    async def _next_frame(self, epoch: int) -> pb.GatewayFrame | None:
+        """The next frame of sends and forwards, once there is one to write (None: the stream's epoch
+        ended). While sends written before are unanswered, new ones wait to leave together
+        (:data:`LINK_HOLD_MAX`)."""
         overdue = False
         while True:
             if self._holding:
@@ -340,7 +369,7 @@ class TransferLink:
             else:
                 await self._wake.wait()
             if epoch != self._epoch:
-                return
+                return None
             # _pending holds every unanswered send, _unsent those not written yet: more means some in flight.
             if not overdue and len(self._pending) > len(self._unsent) and not self._has_forwards:
                 self._holding = True
@@ -363,7 +392,7 @@ class TransferLink:
             if sends or frame.routes or frame.events or frame.revoked_sessions or frame.replaced:
                 self.frames_sent += 1
                 METRICS.link_frames["sent"] += 1
-                yield frame
+                return frame
 
     def _lost(self, why: str) -> None:
         """The stream is gone: every unanswered send goes to ``on_lost`` (in submission order) or else
@@ -376,7 +405,7 @@ class TransferLink:
         self._holding = False
         self._fresh_mids.clear()  # the next stream's transfer node counts its fresh results from zero
         self._sent.clear()
-        self._wake.set()  # a stale request generator wakes up and returns
+        self._wake.set()  # a stale stream's writer wakes up and ends
         pending, self._pending = self._pending, {}
         self._answered.set()
         if self.on_lost is not None and pending:

@@ -387,7 +387,9 @@ class TransferServicer:
             async with asyncio.timeout(timeout):
                 await self._no_streams.wait()
 
-    async def link(self, requests: AsyncIterator[pb.GatewayFrame], context: Any) -> AsyncIterator[pb.TransferFrame]:
+    async def link(self, requests: AsyncIterator[pb.GatewayFrame], context: Any) -> None:
+        """One gateway's stream: its frames read by :meth:`_read`, this node's written from its outbox
+        (``context.write``: a handler that is a coroutine, not an async generator, which mypyc compiles)."""
         it = requests.__aiter__()
         try:
             first = await it.__anext__()
@@ -428,17 +430,17 @@ class TransferServicer:
         self.streams += 1
         self._no_streams.clear()
         log.info("gateway %s linked", outbox.node)
-        # The stream's reader: this generator owns it, cancels it and waits for it when the stream ends.
+        # The stream's reader: this handler owns it, cancels it and waits for it when the stream ends.
         reader = asyncio.create_task(self._read(stream, first, it), name=f"im-transfer-read-{outbox.node}")
         try:
-            yield pb.TransferFrame(welcome=pb.Welcome(node=self.node))
+            await context.write(pb.TransferFrame(welcome=pb.Welcome(node=self.node)))
             while True:
                 await outbox.ready.wait()
                 frame = outbox.take()
                 if frame is not None:
                     self.frames_sent += 1
                     METRICS.link_frames["sent"] += 1
-                    yield frame
+                    await context.write(frame)
                 elif outbox.closed:
                     return
         finally:
