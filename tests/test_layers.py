@@ -47,7 +47,7 @@ ALLOWED: dict[str, set[str]] = {
     "gateway": MODEL | INTERFACES | OBS | {"protocol", "core", "net", "throttled_log", "cancel", "mypyc_options"},
     "api": MODEL | INTERFACES | OBS | {"protocol", "core", "files", "net", "throttled_log", "config"},
     # The gRPC-linked routers are Router implementations: LinkRouter extends the in-process MemoryRouter.
-    "transfer": MODEL | INTERFACES | OBS | {"protocol", "core", "backends.impl", "throttled_log"},
+    "transfer": MODEL | INTERFACES | OBS | {"protocol", "core", "backends.impl", "throttled_log", "mypyc_options"},
     "client": MODEL | {"protocol"},
     "chat_tui": MODEL | {"protocol", "client"},
     "bench": MODEL | {"protocol", "client", "certs", "cli_help"},  # --spawn --tls makes its CA with im.certs

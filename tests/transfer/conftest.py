@@ -95,8 +95,8 @@ class Core:
         await self.presence.set_online([DeviceLocation(uid, "d1", node)], ttl=600)
         return uid
 
-    async def link(self, node: str, sink: DeliverySink) -> TransferLink:
-        link = TransferLink(self.address, node, sink, backoff_initial=0.02, backoff_max=0.2)
+    async def link(self, node: str, sink: DeliverySink, kind: type[TransferLink] = TransferLink) -> TransferLink:
+        link = kind(self.address, node, sink, backoff_initial=0.02, backoff_max=0.2)
         self.links.append(link)
         link.start()
         await asyncio.wait_for(link.wait_connected(), 10)

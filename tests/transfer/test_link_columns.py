@@ -5,6 +5,7 @@ frame by frame, with the window each side keeps made small."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -34,18 +35,24 @@ def idle_link(sink: RecordingSink) -> TransferLink:
     return TransferLink("127.0.0.1:1", "gw-a", sink)
 
 
+class RecordingLink(TransferLink):
+    """Notes, per frame it takes: its result rows, fresh results, delivery rows and references."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[tuple[int, int, int, int]] = []
+
+    def _dispatch(self, frame: pb.TransferFrame) -> None:
+        self.seen.append((len(frame.results), len(frame.fresh.rid), len(frame.deliveries), len(frame.sent.mid)))
+        super()._dispatch(frame)
+
+
 async def test_own_messages_come_back_as_references_and_are_delivered_whole(core: Core) -> None:
     sink = RecordingSink()
     alice, bob = await core.user("alice", "gw-a"), await core.user("bob", "gw-a")
-    link = await core.link("gw-a", sink)
-    seen: list[tuple[int, int, int, int]] = []  # per frame: result rows, fresh, delivery rows, references
-    dispatch = link._dispatch
-
-    def record(frame: pb.TransferFrame) -> None:
-        seen.append((len(frame.results), len(frame.fresh.rid), len(frame.deliveries), len(frame.sent.mid)))
-        dispatch(frame)
-
-    link._dispatch = record  # type: ignore[method-assign]
+    link = await core.link("gw-a", sink, RecordingLink)
+    assert isinstance(link, RecordingLink)
+    seen = link.seen  # per frame: result rows, fresh, delivery rows, references
     results = Results()
     reqs = [
         SendRequest(uid=alice, device="d1", cmid=f"c{i}", conv=None, to=bob, type="text", body=b'{"text":"m%d"}' % i)
@@ -218,23 +225,24 @@ def test_columns_that_do_not_add_up_are_refused_whole() -> None:
         link._dispatch(frame)
 
 
+class SpoilingLink(TransferLink):
+    """Makes the first frame with fresh results it takes malformed: one column longer than the others."""
+
+    spoiled = False
+
+    def _dispatch(self, frame: pb.TransferFrame) -> None:
+        if frame.fresh.rid and not self.spoiled:
+            self.spoiled = True
+            frame.fresh.conv.append("d:0:0")
+        super()._dispatch(frame)
+
+
 async def test_a_frame_that_cannot_be_taken_ends_the_stream_and_the_link_comes_back(
-    core: Core, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    core: Core, caplog: pytest.LogCaptureFixture
 ) -> None:
     sink = RecordingSink()
     alice, bob = await core.user("alice", "gw-a"), await core.user("bob", "gw-b")
-    link = await core.link("gw-a", sink)
-    take = LinkOutbox.take
-    spoiled: list[bool] = []
-
-    def spoil(self: LinkOutbox) -> pb.TransferFrame | None:
-        frame = take(self)
-        if frame is not None and frame.fresh.rid and not spoiled:
-            spoiled.append(True)
-            frame.fresh.conv.append("d:0:0")  # one column longer than the others
-        return frame
-
-    monkeypatch.setattr(LinkOutbox, "take", spoil)
+    link = await core.link("gw-a", sink, SpoilingLink)
     results = Results()
     first = SendRequest(uid=alice, device="d1", cmid="c0", conv=None, to=bob, type="text", body=b'"x"')
     link.submit(first, results.done)

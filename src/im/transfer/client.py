@@ -25,6 +25,7 @@ from im.core.committer import SendCallback, SendRequest
 from im.model.chat import StoredMessage
 from im.model.cluster import DeviceLocation
 from im.model.errors import ErrorCode, ImError
+from im.mypyc_options import mypyc_attr
 from im.observability import tracing
 from im.observability.metrics import METRICS
 from im.protocol.codec import Encoding, decode_server
@@ -83,6 +84,7 @@ def _call_done(done: SendCallback, req: SendRequest, m: StoredMessage | None, du
         log.exception("send callback failed")
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the tests' links subclass it to see or spoil frames
 class TransferLink:
     """One gateway node's stream to one transfer node. ``start()`` it on the loop; ``await close()``."""
 
@@ -260,6 +262,8 @@ class TransferLink:
                 except OSError as exc:
                     self.last_error = f"cannot read the link certificate: {exc}"
                     log.error("transfer link: %s", self.last_error)
+                    credentials = None
+                if credentials is None:  # waited for here, not in the except (see the end of the stream)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._closing.wait(), self._backoff_max)
                     continue
@@ -304,17 +308,24 @@ class TransferLink:
             except Exception as exc:  # a frame that could not be taken (malformed): end this stream, relink
                 self.last_error = f"a frame from {self.address} could not be taken: {type(exc).__name__}: {exc}"
                 log.exception("transfer link: %s", self.last_error)
-            finally:
-                self._lost("the link to the message core broke; resend with the same cmid")
-                if call is not None:
-                    call.cancel()
-                if writer is not None:
-                    writer.cancel()
-                    await asyncio.wait([writer])
-                await channel.close()
+            except BaseException:  # cancelled (close): end the stream without waiting
+                self._end_stream(call, writer)
+                raise
+            # Not in a ``finally``: compiled by mypyc, an await there re-raised a cancellation already handled.
+            self._end_stream(call, writer)
+            if writer is not None:
+                await asyncio.wait([writer])
+            await channel.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), backoff)
             backoff = min(backoff * 2, self._backoff_max)
+
+    def _end_stream(self, call: Any, writer: asyncio.Task[None] | None) -> None:
+        self._lost("the link to the message core broke; resend with the same cmid")
+        if call is not None:
+            call.cancel()
+        if writer is not None:
+            writer.cancel()
 
     async def _check_identity(self) -> bool:
         """With TLS and an expected ``peer``: does the certificate at ``address`` name that node?"""

@@ -442,17 +442,23 @@ class TransferServicer:
                     METRICS.link_frames["sent"] += 1
                     await context.write(frame)
                 elif outbox.closed:
-                    return
-        finally:
-            outbox.close()
-            reader.cancel()
-            self.router.unregister(outbox)
-            self._outboxes.discard(outbox)
-            self.streams -= 1
-            if not self.streams:
-                self._no_streams.set()
-            log.info("gateway %s unlinked", outbox.node)
-            await asyncio.wait([reader])
+                    break
+        except BaseException:  # the stream broke or was cancelled: the reader ends without being waited for
+            self._unlinked(outbox, reader)
+            raise
+        # Not in a ``finally``: compiled by mypyc, an await there re-raised a cancellation already handled.
+        self._unlinked(outbox, reader)
+        await asyncio.wait([reader])
+
+    def _unlinked(self, outbox: LinkOutbox, reader: asyncio.Task[None]) -> None:
+        outbox.close()
+        reader.cancel()
+        self.router.unregister(outbox)
+        self._outboxes.discard(outbox)
+        self.streams -= 1
+        if not self.streams:
+            self._no_streams.set()
+        log.info("gateway %s unlinked", outbox.node)
 
     async def _read(self, stream: _Stream, first: pb.GatewayFrame, it: AsyncIterator[pb.GatewayFrame]) -> None:
         try:
