@@ -311,7 +311,7 @@ class TransferLink:
             except BaseException:  # cancelled (close): end the stream without waiting
                 self._end_stream(call, writer)
                 raise
-            # Not in a ``finally``: compiled by mypyc, an await there re-raised a cancellation already handled.
+            # Not in a ``finally``: compiled by mypyc 2.4, the task ended cancelled after the awaits of one.
             self._end_stream(call, writer)
             if writer is not None:
                 await asyncio.wait([writer])
