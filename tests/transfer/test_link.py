@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import grpc
 import pytest
 
 from im.core.committer import SendRequest
@@ -273,3 +274,14 @@ async def test_deliveries_dropped_for_a_slow_gateway_make_its_sessions_catch_up(
         assert sink.catch_ups == 2
     finally:
         await close_core(core)
+
+
+async def test_close_shuts_the_open_stream_s_channel_down(core: Core) -> None:
+    """close() cancels the link's task mid-stream; the channel that stream used is still shut down (the
+    task's own cleanup after a cancellation does not wait, so close() does it)."""
+    link = await core.link("gw-a", RecordingSink())
+    channel = link._channel
+    assert channel is not None and channel.get_state() is grpc.ChannelConnectivity.READY
+    await link.close()
+    assert channel.get_state() is grpc.ChannelConnectivity.SHUTDOWN
+    assert link._channel is None

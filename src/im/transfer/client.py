@@ -142,6 +142,7 @@ class TransferLink:
         self._connected = asyncio.Event()
         self._closing = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._channel: Any = None  # the open stream's channel (close() closes it when _run was cancelled)
         self.transfer_node = ""  # the node id the transfer side sent in its welcome
         self.frames_sent = 0
         self.frames_received = 0
@@ -161,6 +162,9 @@ class TransferLink:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        channel, self._channel = self._channel, None  # the one a cancelled stream left open
+        if channel is not None:
+            await channel.close()
         self._lost("the transfer link is closed")
 
     def abandon(self, why: str) -> None:
@@ -270,6 +274,7 @@ class TransferLink:
                 channel = grpc.aio.secure_channel(self.address, credentials, options=self._options)
             else:
                 channel = grpc.aio.insecure_channel(self.address, options=self._options)
+            self._channel = channel
             link = channel.stream_stream(
                 LINK_METHOD,
                 request_serializer=pb.GatewayFrame.SerializeToString,
@@ -308,13 +313,14 @@ class TransferLink:
             except Exception as exc:  # a frame that could not be taken (malformed): end this stream, relink
                 self.last_error = f"a frame from {self.address} could not be taken: {type(exc).__name__}: {exc}"
                 log.exception("transfer link: %s", self.last_error)
-            except BaseException:  # cancelled (close): end the stream without waiting
+            except BaseException:  # cancelled (close): end the stream without waiting; close() closes the channel
                 self._end_stream(call, writer)
                 raise
             # Not in a ``finally``: compiled by mypyc 2.4, the task ended cancelled after the awaits of one.
             self._end_stream(call, writer)
             if writer is not None:
                 await asyncio.wait([writer])
+            self._channel = None
             await channel.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), backoff)
