@@ -430,7 +430,8 @@ class TransferServicer:
         self.streams += 1
         self._no_streams.clear()
         log.info("gateway %s linked", outbox.node)
-        # The stream's reader: this handler owns it, cancels it and waits for it when the stream ends.
+        # The stream's reader: this handler owns it and cancels it when the stream ends (and waits for it
+        # when the stream ends cleanly).
         reader = asyncio.create_task(self._read(stream, first, it), name=f"im-transfer-read-{outbox.node}")
         try:
             await context.write(pb.TransferFrame(welcome=pb.Welcome(node=self.node)))
