@@ -100,6 +100,14 @@ async def drop_schema(schema: str) -> None:
         await conn.close()
 
 
+async def schema_exists(schema: str) -> bool:
+    conn = await asyncpg.connect(DSN, timeout=5)
+    try:
+        return bool(await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema))
+    finally:
+        await conn.close()
+
+
 #: The start of a record in the text log format (im.observability.logs): time, level, node, role, logger.
 _RECORD = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z [A-Z]+ \S+ \S+ (\S+): ", re.MULTILINE)
 

@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 
@@ -27,7 +26,7 @@ from im import certs
 from im.client import ApiClient, Client, Message
 from im.cluster import LocalCluster
 from tests.client.conftest import Recorder
-from tests.cluster.conftest import drop_schema, free_base, make_cluster, stop_checked
+from tests.cluster.conftest import drop_schema, free_base, make_cluster, schema_exists, stop_checked
 from tests.support.postgres import DSN
 
 PASSWORD = "correct horse battery"
@@ -100,14 +99,6 @@ def test_nothing_answers_in_plaintext_or_without_a_cluster_certificate(tls_clust
     with pytest.raises((ssl.SSLError, ConnectionError)):
         if not _grpc_first_byte(port, without):  # TLS 1.3: the refusal may come after the handshake
             raise ConnectionError("closed without an answer")
-
-
-async def schema_exists(schema: str) -> bool:
-    conn = await asyncpg.connect(DSN, timeout=5)
-    try:
-        return bool(await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema))
-    finally:
-        await conn.close()
 
 
 def test_im_cluster_is_tls_end_to_end_unless_told_otherwise(tmp_path: Path) -> None:
