@@ -600,9 +600,16 @@ def build_chat_caches(b: Backends, *, state_ttl: float | None = None, privacy_tt
 
 
 def build_committer(
-    config: Config, b: Backends, caches: ChatCaches, files: FileService | None, router: Router
+    config: Config,
+    b: Backends,
+    caches: ChatCaches,
+    files: FileService | None,
+    router: Router,
+    *,
+    answer_wait: float = 0.0,
 ) -> Committer:
-    """The committer, holding no node id yet: :func:`build_node_ids` on its ``ids`` assigns one."""
+    """The committer, holding no node id yet: :func:`build_node_ids` on its ``ids`` assigns one.
+    ``answer_wait``: see :attr:`Committer.answer_wait` (a transfer node's, from ``transfer.answer_wait``)."""
     return Committer(
         b.chat_store,
         b.account_store,
@@ -616,6 +623,7 @@ def build_committer(
         max_group_members=config.limits.max_group_members,
         order_hold=config.limits.send_order_hold,
         order_entries=config.limits.send_order_entries,
+        answer_wait=answer_wait,
     )
 
 

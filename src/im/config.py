@@ -85,6 +85,9 @@ class TransferConfig(_Section):
     max_frame_items: int = Field(4096, ge=1)
     #: Deliveries queued for one slow gateway beyond which new ones are dropped (recovered from the log).
     max_pending: int = Field(100_000, ge=1)
+    #: Seconds the answers of a committed batch wait for its routing (the presence lookup), so that both
+    #: reach a gateway in one frame; a slower lookup does not hold them longer. 0: answered first.
+    answer_wait: float = Field(0.02, ge=0, le=1)
     #: Seconds a stopping gateway waits for answers to sends already on a link.
     drain_timeout: float = Field(5.0, ge=0)
     #: Seconds between HTTP/2 keepalive pings on every gRPC link, at both ends (gateways and API nodes

@@ -13,6 +13,7 @@ import pytest
 
 from im.backends.accounts.sqlite import SqliteAccountStore
 from im.backends.chat.sqlite import SqliteChatStore
+from im.backends.presence import Presence
 from im.backends.presence.memory import MemoryPresence
 from im.backends.routing import DeliverySink
 from im.backends.sql.sqlite_db import SqliteDatabase
@@ -78,7 +79,7 @@ class Results:
 class Core:
     store: GatedChatStore
     accounts: SqliteAccountStore
-    presence: MemoryPresence
+    presence: Presence
     router: GrpcRouter
     committer: Committer
     servicer: TransferServicer
@@ -107,16 +108,24 @@ class Core:
 
 
 async def open_core(
-    tmp_path: Path, *, node: str = "tr-1", tls: LinkTls | None = None, max_pending: int = 100_000
+    tmp_path: Path,
+    *,
+    node: str = "tr-1",
+    tls: LinkTls | None = None,
+    max_pending: int = 100_000,
+    presence: Presence | None = None,
+    answer_wait: float = 0.0,
 ) -> Core:
     """A transfer node on a free loopback port (over mutual TLS when ``tls`` is given); close it with
-    :func:`close_core`."""
+    :func:`close_core`. ``presence``: a started one (default: a new :class:`MemoryPresence`)."""
     db = SqliteDatabase(tmp_path / "im.db")
     store, accounts = GatedChatStore(db), SqliteAccountStore(db)
     await store.start()
     await accounts.start()
-    router, presence = GrpcRouter(), MemoryPresence()
-    committer = Committer(store, accounts, router, presence, ConversationStates(store), Consent(accounts, store))
+    router = GrpcRouter()
+    presence = MemoryPresence() if presence is None else presence
+    states, consent = ConversationStates(store), Consent(accounts, store)
+    committer = Committer(store, accounts, router, presence, states, consent, answer_wait=answer_wait)
     committer.start()
     servicer = TransferServicer(committer, router, node=node, tls=tls, max_pending=max_pending)
     server, port = await serve_transfer(servicer)

@@ -189,6 +189,7 @@ class _Pass:
     recipients: list[list[int]] = field(default_factory=list)  # per routed message
     routed: list[StoredMessage] = field(default_factory=list)
     read_marks: dict[tuple[int, str], int] = field(default_factory=dict)  # coalesced per (uid, conv)
+    answered: bool = False  # its sends' done callbacks were called (Committer._finish)
 
 
 class Committer:
@@ -214,9 +215,12 @@ class Committer:
         recent_sends: int = 50_000,
         order_hold: float = DEFAULT_HOLD,
         order_entries: int = 100_000,
+        answer_wait: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
+        #: Seconds a committed batch's answers wait for its routing (0: answered first, then routed).
+        self.answer_wait = answer_wait
         self._accounts = accounts
         self._files = files
         self._cache = states
@@ -370,8 +374,7 @@ class Committer:
         for attempt in range(4):
             p = await self._prepare(items)
             if not p.batch.messages and not p.batch.member_changes:
-                self._finish(p)
-                await self._route_quietly(p)  # duplicates first stored by another writer, if any
+                await self._answer_and_route(p)  # duplicates first stored by another writer, if any
                 return
             started = time.perf_counter()
             conflict = False
@@ -415,10 +418,34 @@ class Committer:
             for m in p.batch.messages:
                 if m.type != "system":
                     self._remember((m.sender, m.device, m.cmid), m)
+            await self._answer_and_route(p)
+            return
+        self._fail(items, ImError(ErrorCode.UNAVAILABLE, "conversation too contended; retry"))
+
+    async def _answer_and_route(self, p: _Pass) -> None:
+        """Answer a stored pass's sends and route its messages. With ``answer_wait`` the answers wait for
+        the routing, at most that long: on a transfer node the results and the deliveries of a commit
+        then leave in one link frame instead of two (the presence lookup in between is a Redis round
+        trip, and the link's writer sent the results meanwhile). A lookup that takes longer (Redis slow
+        or away) does not hold the answers past ``answer_wait``."""
+        wait = self.answer_wait
+        if wait <= 0:
             self._finish(p)
             await self._route_quietly(p)
             return
-        self._fail(items, ImError(ErrorCode.UNAVAILABLE, "conversation too contended; retry"))
+        timer = asyncio.get_running_loop().call_later(wait, self._finish_once, p)
+        try:
+            await self._route_quietly(p)
+        except BaseException:  # cancelled: the batch is stored, answer it all the same
+            timer.cancel()
+            self._finish_once(p)
+            raise
+        timer.cancel()
+        self._finish_once(p)
+
+    def _finish_once(self, p: _Pass) -> None:
+        if not p.answered:
+            self._finish(p)
 
     async def _route_quietly(self, p: _Pass | None) -> None:
         """Route a pass's committed messages (None: only those held since a routing failed; core/live_routes.py)."""
@@ -433,6 +460,7 @@ class Committer:
                 tracing.routed(spans)
 
     def _finish(self, p: _Pass) -> None:
+        p.answered = True
         for item, m, dup, err in p.acks:
             try:
                 item.done(item.req, m, dup, err)
