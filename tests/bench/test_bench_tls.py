@@ -17,6 +17,7 @@ import pytest
 from im.bench import cli as bench_cli
 from im.bench import load as bench_load
 from im.bench.server import SpawnedServer
+from im.config import TlsConfig
 from tests.support.tls_server import TlsServer, running_tls_server
 
 pytestmark = pytest.mark.timeout(240)
@@ -102,3 +103,16 @@ def test_spawn_with_tls_trusts_its_own_ca(tmp_path: Path, monkeypatch: pytest.Mo
     assert spawned.http.startswith("https://") and spawned.ws.startswith("wss://"), (spawned.http, spawned.ws)
     assert spawned.tcp.startswith("tls://"), spawned.tcp
     assert not Path(spawned.ca_file).exists(), "the run's certificates are removed with its temporary directory"
+
+
+def test_many_connections_over_tls_stay_within_the_servers_handshake_cap(tmp_path: Path) -> None:
+    """80 connections from one address to a server with the default ``tls.max_handshakes_per_address``
+    (32): the bench opens at most that many at once over all its processes. It opened 64 per process and
+    the server closed the rest in their handshake (the run ended in ``ConnectionResetError``)."""
+    assert TlsConfig().max_handshakes_per_address == bench_load.TLS_CONNECTS
+    out = tmp_path / "r.json"
+    args = ["--pairs", "40", "--window", "2", "--duration", "1", "--warmup", "0.5", "--procs", "2"]
+    code = bench_cli.main([*args, "--no-progress", "--spawn", "--tls", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert code == 0 and r["ok"], r["problems"]
+    assert r["delivered"] > 0 and all(v == 0 for v in r["checks"].values())

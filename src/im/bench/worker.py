@@ -59,6 +59,10 @@ class ConvPlan:
     senders: list[int]  # indexes into members
 
 
+#: Attempts at each connection before the run gives up (0.1 s, then twice as long, between them).
+CONNECT_ATTEMPTS = 5
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     index: int
@@ -202,8 +206,17 @@ class Worker:
 
     async def _connect(self, dev: _Dev, sem: asyncio.Semaphore) -> None:
         async with sem:
-            transport = self._transport(dev)
-            await transport.connect()
+            for attempt in range(CONNECT_ATTEMPTS):  # reset or refused: a server shedding connections
+                transport = self._transport(dev)
+                try:
+                    await transport.connect()
+                    break
+                except ssl.SSLCertVerificationError:
+                    raise  # not a load the server sheds: no retry
+                except OSError:
+                    if attempt == CONNECT_ATTEMPTS - 1:
+                        raise
+                    await asyncio.sleep(0.1 * 2**attempt)
             dev.transport = transport
             dev.synced = asyncio.get_running_loop().create_future()
             asyncio.get_running_loop().create_task(self._reader(dev))
