@@ -607,9 +607,11 @@ def build_committer(
     router: Router,
     *,
     answer_wait: float = 0.0,
+    answer_wait_max_batch: int = 64,
 ) -> Committer:
     """The committer, holding no node id yet: :func:`build_node_ids` on its ``ids`` assigns one.
-    ``answer_wait``: see :attr:`Committer.answer_wait` (a transfer node's, from ``transfer.answer_wait``)."""
+    ``answer_wait``, ``answer_wait_max_batch``: see :attr:`Committer.answer_wait` (a transfer node's, from
+    ``transfer.answer_wait`` and ``transfer.answer_wait_max_batch``)."""
     return Committer(
         b.chat_store,
         b.account_store,
@@ -624,6 +626,7 @@ def build_committer(
         order_hold=config.limits.send_order_hold,
         order_entries=config.limits.send_order_entries,
         answer_wait=answer_wait,
+        answer_wait_max_batch=answer_wait_max_batch,
     )
 
 

@@ -88,6 +88,9 @@ class TransferConfig(_Section):
     #: Seconds the answers of a committed batch wait for its routing (the presence lookup), so that both
     #: reach a gateway in one frame; a slower lookup does not hold them longer. 0: answered first.
     answer_wait: float = Field(0.02, ge=0, le=1)
+    #: Only batches of at most this many messages wait so (larger ones are answered first: the frame they
+    #: save is a small share of their cost, and the wait would lengthen the link's cycle under load).
+    answer_wait_max_batch: int = Field(64, ge=0, le=1_000_000)
     #: Seconds a stopping gateway waits for answers to sends already on a link.
     drain_timeout: float = Field(5.0, ge=0)
     #: Seconds between HTTP/2 keepalive pings on every gRPC link, at both ends (gateways and API nodes

@@ -118,7 +118,15 @@ class TransferNode(_Role):
         self.files = build_files(config, b.file_store, keys=b.keyring, migrate_blobs=False)
         self.router = GrpcRouter()
         caches = build_chat_caches(b, privacy_ttl=SHARED_STATE_TTL)
-        self.committer = build_committer(config, b, caches, self.files, self.router, answer_wait=tc.answer_wait)
+        self.committer = build_committer(
+            config,
+            b,
+            caches,
+            self.files,
+            self.router,
+            answer_wait=tc.answer_wait,
+            answer_wait_max_batch=tc.answer_wait_max_batch,
+        )
         self.node_ids = build_node_ids(config, b.registry, tc.node_id, self.committer.ids)
         self.servicer = TransferServicer(
             self.committer,

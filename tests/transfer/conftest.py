@@ -115,6 +115,7 @@ async def open_core(
     max_pending: int = 100_000,
     presence: Presence | None = None,
     answer_wait: float = 0.0,
+    answer_wait_max_batch: int = 64,
 ) -> Core:
     """A transfer node on a free loopback port (over mutual TLS when ``tls`` is given); close it with
     :func:`close_core`. ``presence``: a started one (default: a new :class:`MemoryPresence`)."""
@@ -125,7 +126,16 @@ async def open_core(
     router = GrpcRouter()
     presence = MemoryPresence() if presence is None else presence
     states, consent = ConversationStates(store), Consent(accounts, store)
-    committer = Committer(store, accounts, router, presence, states, consent, answer_wait=answer_wait)
+    committer = Committer(
+        store,
+        accounts,
+        router,
+        presence,
+        states,
+        consent,
+        answer_wait=answer_wait,
+        answer_wait_max_batch=answer_wait_max_batch,
+    )
     committer.start()
     servicer = TransferServicer(committer, router, node=node, tls=tls, max_pending=max_pending)
     server, port = await serve_transfer(servicer)

@@ -54,10 +54,11 @@ class StalledPresence(RedisPresence):
         return await super().locate(uids)
 
 
-async def redis_core(tmp_path: Path, answer_wait: float) -> tuple[Core, StalledPresence]:
+async def redis_core(tmp_path: Path, answer_wait: float, max_batch: int = 64) -> tuple[Core, StalledPresence]:
     presence = StalledPresence(REDIS_URL, prefix=f"im-test-answer-{uuid.uuid4().hex[:8]}:")
     await presence.start()
-    return await open_core(tmp_path, presence=presence, answer_wait=answer_wait), presence
+    core = await open_core(tmp_path, presence=presence, answer_wait=answer_wait, answer_wait_max_batch=max_batch)
+    return core, presence
 
 
 @pytest.fixture
@@ -128,3 +129,24 @@ async def test_a_stalled_lookup_holds_the_answers_no_longer_than_answer_wait(
     assert sink.messages[0][0].mid == m.mid
     await asyncio.sleep(0.3)  # past the answer's timer: nothing is answered twice
     assert len(results.got) == 1 and link.frames == [(1, 0, 0, 0), (0, 0, 1, 0)]
+
+
+async def test_a_batch_larger_than_answer_wait_max_batch_is_answered_first(
+    tmp_path: Path, cores: list[tuple[Core, StalledPresence]]
+) -> None:
+    """A large batch: the frame it would save is a small share of its cost, and its answers would hold
+    the gateway's next frame of sends for the lookup."""
+    cores.append(await redis_core(tmp_path, answer_wait=0.5, max_batch=2))
+    core = cores[0][0]
+    sink, results = RecordingSink(), Results()
+    alice, bob = await core.user("alice", "gw-a"), await core.user("bob", "gw-a")
+    link = await core.link("gw-a", sink, FrameLog)
+    assert isinstance(link, FrameLog)
+    for batch, cmids in enumerate((["a0", "a1"], ["b0", "b1", "b2"])):
+        for cmid in cmids:  # submitted in one turn: one frame of sends, one batch
+            req = SendRequest(uid=alice, device="d1", cmid=cmid, conv=None, to=bob, type="text", body=b"{}")
+            link.submit(req, results.done)
+        await eventually(lambda n=2 + 3 * batch: len(results.got) == n and len(sink.messages) == n)  # type: ignore[misc]
+    # The batch of two (at most answer_wait_max_batch) waits for its routing: one frame. The batch of
+    # three is answered first: its results, then its deliveries.
+    assert link.frames == [(2, 0, 2, 0), (3, 0, 0, 0), (0, 0, 3, 0)]
