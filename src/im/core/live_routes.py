@@ -1,8 +1,8 @@
 """Live routing of committed messages to the gateway nodes holding their recipients, and the messages
 whose routing failed (presence unreachable), kept to be routed again.
 
-A message is durable before it is routed (and acked before, or on a transfer node with its routing:
-``Committer.answer_wait``); routing only makes it arrive live. When the presence
+A message is durable before it is routed (and acked before, or, in a small batch on a transfer node,
+with its routing: ``Committer.answer_wait``); routing only makes it arrive live. When the presence
 lookup fails (Redis away or cut off), the committer used to drop the route: members then got the message
 only with the conversation's next message (the gap makes their session fetch it) or at their next
 reconnect, which for the last message of a conversation could be much later. :class:`Unrouted` keeps
