@@ -39,8 +39,9 @@ class FrameLog(TransferLink):
 class StalledPresence(RedisPresence):
     """Redis presence whose lookups wait for ``gate`` first (a slow or silent Redis)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, prefix: str, **kwargs: Any) -> None:
+        super().__init__(*args, prefix=prefix, **kwargs)
+        self.prefix = prefix  # its keys', deleted after the test
         self.gate = asyncio.Event()
         self.gate.set()
         self.waiting = 0  # lookups waiting at the gate now
@@ -70,7 +71,7 @@ async def cores(tmp_path: Path) -> AsyncIterator[list[tuple[Core, StalledPresenc
     for core, presence in made:
         presence.gate.set()
         await close_core(core)
-        await delete_redis_prefix(presence.client, presence._key_prefix.removesuffix("p:"))
+        await delete_redis_prefix(presence.client, presence.prefix)
         await presence.close()
 
 

@@ -23,7 +23,7 @@ from im import compiled
 from im.bench.accounts import BenchTls, BenchUser, assign_gateways, create_groups, create_users, gateway, run_id
 from im.bench.anomalies import Anomalies
 from im.bench.server import MachineCpu, SpawnedServer, cpu_seconds, raise_nofile
-from im.bench.worker import COUNTERS, ConvPlan, WorkerConfig, worker_main
+from im.bench.worker import CONNECT_CONCURRENCY, COUNTERS, ConvPlan, WorkerConfig, worker_main
 
 #: TLS handshakes the bench keeps in flight at once, all its processes together: a server closes those
 #: past its ``tls.max_handshakes_per_address`` (this is its default) at once, and the bench connects from
@@ -199,7 +199,7 @@ def _run(
             rate=opts.rate * senders / total_senders if opts.rate else 0.0,
             body_size=opts.body_size,
             drain=opts.drain,
-            connect_concurrency=max(1, TLS_CONNECTS // procs) if ws_url.startswith("wss://") else 64,
+            connect_concurrency=max(1, TLS_CONNECTS // procs) if ws_url.startswith("wss://") else CONNECT_CONCURRENCY,
             tls=opts.tls,
         )
         w = ctx.Process(target=worker_main, args=(cfg, chunk, counters, times, go, out), name=f"im-bench-{i}")

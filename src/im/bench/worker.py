@@ -59,6 +59,9 @@ class ConvPlan:
     senders: list[int]  # indexes into members
 
 
+#: Connections a client process opens at once (plaintext; over TLS the run divides the server's
+#: per-address handshake cap between its processes instead).
+CONNECT_CONCURRENCY = 64
 #: Attempts at each connection before the run gives up (0.1 s, then twice as long, between them).
 CONNECT_ATTEMPTS = 5
 
@@ -73,7 +76,7 @@ class WorkerConfig:
     rate: float  # fixed rate: messages/s this process offers (0: closed loop)
     body_size: int
     drain: float
-    connect_concurrency: int = 64
+    connect_concurrency: int = CONNECT_CONCURRENCY
     tls: BenchTls = field(default_factory=BenchTls)
 
 

@@ -82,22 +82,22 @@ class CommitBatch:
     #: front, which leaves the messages, still routed to members, as they are). None: their own.
     bodies: list[bytes] | None = None
 
-    def message_rows(self) -> list[tuple[str, int, int, int, str, str, int, str, bytes]]:
-        """(conv, seq, mid, sender, device, cmid, ts, type, stored body) of each message, in order."""
-        if self.bodies is None:
-            return [(m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, m.body) for m in self.messages]
+    def message_rows(
+        self, *, bytearray_bodies: bool = False
+    ) -> list[tuple[str, int, int, int, str, str, int, str, bytes | bytearray]]:
+        """(conv, seq, mid, sender, device, cmid, ts, type, stored body) of each message, in order.
+
+        ``bytearray_bodies`` for sqlite3: it binds a bytearray as a blob at once, but first looks a
+        ``bytes`` up among its adapters, raising and clearing an AttributeError per value (0.7 µs a row;
+        the copy costs 0.1)."""
+        bodies = [m.body for m in self.messages] if self.bodies is None else self.bodies
+        if bytearray_bodies:
+            return [
+                (m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, bytearray(body))
+                for m, body in zip(self.messages, bodies, strict=True)
+            ]
         return [
             (m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, body)
-            for m, body in zip(self.messages, self.bodies, strict=True)
-        ]
-
-    def message_blob_rows(self) -> list[tuple[str, int, int, int, str, str, int, str, bytearray]]:
-        """:meth:`message_rows` with each body a ``bytearray``, for sqlite3: it binds a bytearray as a blob
-        at once, but first looks a ``bytes`` up among its adapters, raising and clearing an AttributeError
-        per value (0.7 µs a row; the copy costs 0.1)."""
-        bodies = [m.body for m in self.messages] if self.bodies is None else self.bodies
-        return [
-            (m.conv, m.seq, m.mid, m.sender, m.device, m.cmid, m.ts, m.type, bytearray(body))
             for m, body in zip(self.messages, bodies, strict=True)
         ]
 

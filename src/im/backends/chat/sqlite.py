@@ -123,7 +123,7 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
                         raise SeqConflict(conv)
                 conn.executemany(
                     f"INSERT INTO messages ({_MSG_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    batch.message_blob_rows(),
+                    batch.message_rows(bytearray_bodies=True),
                 )
                 if self.outbox and batch.messages:
                     traces = batch.traces
