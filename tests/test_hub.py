@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from im.core.committer import SendCallback, SendRequest
 from im.gateway.hub import Connection, Hub
 from im.model.errors import ErrorCode, ImError
 from im.model.ids import direct_conv
+from im.observability.metrics import METRICS
 from im.protocol.session import Limits, State
 from tests.support.chat import ChatCore, chat_core
 from tests.support.wait import eventually
@@ -149,6 +151,51 @@ async def test_a_send_is_acked_to_the_sender_and_delivered_to_the_peer(gateway: 
     assert (msg["conv"], msg["seq"], msg["from"], msg["cmid"], msg["body"]) == (conv, 1, alice, "c1", {"text": "hi"})
     assert msg["mid"] == ack["mid"]
     assert a.of_type("msg") == []  # the sender's own message comes back as the ack only
+
+
+async def test_senders_of_one_commit_get_their_acks_in_order_without_a_store_read(gateway: Gateway) -> None:
+    """Two members send in the same loop turn, so one commit holds both. The committer answers before it
+    routes: the second sender's result (seq n+1) reaches its connection before the first sender's message
+    (seq n). It waits for it live (``Hub.live_wait``) instead of reading the gap from the store."""
+    alice, alice_token = await gateway.user("alice")
+    bob, bob_token = await gateway.user("bob")
+    a, b = await gateway.connect(alice_token), await gateway.connect(bob_token)
+    a.send(t="send", cmid="warm", to=bob, body=0)  # a first message: each connection starts the conversation
+    await eventually(lambda: a.of_type("ack") and b.of_type("msg"), lambda: f"{a.frames} / {b.frames}")
+    fetches = METRICS.gap_fetches
+    rounds = 20
+    for i in range(rounds):
+        a.send(t="send", cmid=f"a{i}", to=bob, body=i)
+        b.send(t="send", cmid=f"b{i}", to=alice, body=i)
+        await eventually(lambda: len(b.of_type("ack")) == i + 1, lambda: f"{b.frames}")  # noqa: B023
+    await eventually(lambda: len(a.of_type("msg")) == rounds, lambda: f"{a.frames}")
+    for conn in (a, b):
+        seqs = [f["seq"] for f in conn.frames if f["t"] in ("msg", "ack")]
+        assert seqs == list(range(1, 2 * rounds + 2)), seqs  # dense, in order, each once
+    assert [f["seq"] for f in b.of_type("ack")] == [2 * i + 3 for i in range(rounds)]  # each behind alice's
+    assert METRICS.gap_fetches == fetches
+
+
+async def test_a_result_whose_earlier_message_does_not_come_live_reads_it_after_the_wait(gateway: Gateway) -> None:
+    """Bob's message is stored but its delivery to this node is lost (the path is down); alice's next send
+    is answered ahead of a gap nothing will fill: after ``live_wait`` it is read from the store, and her
+    ack follows it."""
+    alice, alice_token = await gateway.user("alice")
+    bob, bob_token = await gateway.user("bob")
+    a, b = await gateway.connect(alice_token), await gateway.connect(bob_token)
+    a.send(t="send", cmid="warm", to=bob, body=0)
+    await eventually(lambda: a.of_type("ack") and b.of_type("msg"), lambda: f"{a.frames} / {b.frames}")
+    router = gateway.core.router
+    router.detach(NODE)
+    b.send(t="send", cmid="b1", to=alice, body=1)
+    await eventually(lambda: b.of_type("ack"), lambda: str(b.frames))
+    router.attach(NODE, gateway.hub)
+    fetches, started = METRICS.gap_fetches, time.monotonic()
+    a.send(t="send", cmid="a2", to=bob, body=2)
+    await eventually(lambda: len(a.of_type("ack")) == 2, lambda: str(a.frames))
+    assert time.monotonic() - started >= gateway.hub.live_wait
+    assert [(f["t"], f["seq"]) for f in a.frames if f["t"] in ("msg", "ack")] == [("ack", 1), ("msg", 2), ("ack", 3)]
+    assert METRICS.gap_fetches == fetches + 1
 
 
 async def test_sends_go_to_the_submit_the_hub_was_given(gateway: Gateway) -> None:

@@ -242,15 +242,58 @@ def test_own_message_becomes_ack_other_device_gets_msg() -> None:
 
 
 def test_own_ack_waits_its_turn_after_a_gap() -> None:
+    """The own result is ahead of the live messages before it and they never come: once the wait is over
+    they are read from the store, and the ack follows them."""
     s, _ = caught_up(0)
     feed(s, send_frame("a1"))
     mine = msg(3, sender=UID, device=DEVICE, cmid="a1")
-    assert s.send_done("a1", mine, dup=False) == [cmd.Fetch(CONV, 0, 2)]
+    assert s.send_done("a1", mine, dup=False) == [cmd.AwaitLive(CONV)]
+    assert frames(s) == []
+    assert s.live_wait_over(CONV) == [cmd.Fetch(CONV, 0, 2)]
     assert frames(s) == []
     s.fetched(CONV, 0, [msg(1), msg(2)])
     fs = frames(s)
     assert kinds(fs) == ["msg", "msg", "ack"]
     assert fs[2]["seq"] == 3 and fs[2]["cmid"] == "a1"
+
+
+def test_own_result_ahead_of_its_commit_s_deliveries_waits_for_them_live() -> None:
+    """Another sender's messages of the same commit (seqs 1 and 2) are routed after this device's result
+    (seq 3) is answered: they arrive live, close the gap, and nothing is read from the store."""
+    s, _ = caught_up(0)
+    feed(s, send_frame("a1"))
+    mine = msg(3, sender=UID, device=DEVICE, cmid="a1")
+    assert s.send_done("a1", mine, dup=False) == [cmd.AwaitLive(CONV)]
+    assert s.deliver(msg(2)) == []  # still one short: nothing written out of order
+    assert frames(s) == []
+    assert s.deliver(msg(1)) == []
+    fs = frames(s)
+    assert kinds(fs) == ["msg", "msg", "ack"] and [f["seq"] for f in fs] == [1, 2, 3]
+    assert s.deliver(mine) == []  # the routed copy of its own message: not written again
+    assert s.live_wait_over(CONV) == []  # the wait ended with the gap: no fetch
+    assert frames(s) == []
+    assert s.deliver(msg(4)) == []  # and live delivery goes on in order
+    assert [f["seq"] for f in frames(s)] == [4]
+
+
+def test_a_wait_for_live_messages_fetches_only_what_did_not_come() -> None:
+    s, _ = caught_up(0)
+    feed(s, send_frame("a1"))
+    assert s.send_done("a1", msg(4, sender=UID, device=DEVICE, cmid="a1"), dup=False) == [cmd.AwaitLive(CONV)]
+    assert s.deliver(msg(1)) == []
+    assert [f["seq"] for f in frames(s)] == [1]
+    assert s.live_wait_over(CONV) == [cmd.Fetch(CONV, 1, 3)]
+    assert s.deliver(msg(3)) == []  # arrives during the fetch: waits for it
+    s.fetched(CONV, 1, [msg(2), msg(3)])
+    fs = frames(s)
+    assert kinds(fs) == ["msg", "msg", "ack"] and [f["seq"] for f in fs] == [2, 3, 4]
+
+
+def test_another_device_s_message_past_a_gap_is_fetched_at_once() -> None:
+    """Only the device's own result waits for live messages: another message past a gap means a
+    delivery was lost, and the gap is read at once."""
+    s, _ = caught_up(0)
+    assert s.deliver(msg(3, sender=UID, device="laptop", cmid="l1")) == [cmd.Fetch(CONV, 0, 2)]
 
 
 def test_resend_while_in_flight_is_answered_once() -> None:

@@ -700,6 +700,7 @@ def build_hub(
         submit=submit,
         limits=session_limits(config),
         replay_page=gw.replay_page,
+        live_wait=gw.live_wait,
         max_send_buffer=gw.max_send_buffer,
         preauth_send_buffer=config.limits.preauth_send_buffer,
         presence_ttl=config.presence.ttl,

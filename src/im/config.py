@@ -68,6 +68,9 @@ class GatewayConfig(_Section):
     idle_timeout: float = Field(60.0, gt=0)
     #: Replayed messages per store read while a device catches up.
     replay_page: int = Field(500, ge=1, le=10_000)
+    #: Seconds a device's own result, come ahead of the live messages of the same commit that precede it
+    #: (a commit is answered before it is routed), waits for them before the gap is read from the store.
+    live_wait: float = Field(0.05, ge=0, le=5)
     #: Bytes queued for a client beyond which it is disconnected (policy "disconnect": it resumes later
     #: from its cursors, nothing is lost).
     max_send_buffer: int = Field(4 * 1024 * 1024, ge=64 * 1024)

@@ -201,6 +201,7 @@ class Conn:
     auth: cmd.Authenticate | None = None
     registered: bool = False
     fetches: list[cmd.Fetch] = field(default_factory=list)
+    waits: list[str] = field(default_factory=list)  # conversations waiting for live messages (AwaitLive)
     results: list[tuple[str, StoredMessage | None, bool, ErrorCode | None]] = field(default_factory=list)
     deliveries: list[StoredMessage] = field(default_factory=list)
     open: bool = True
@@ -259,6 +260,9 @@ class SessionModel(RuleBasedStateMachine):
                 self.committer.append((conn, c))
             elif isinstance(c, cmd.Fetch):
                 conn.fetches.append(c)
+            elif isinstance(c, cmd.AwaitLive):
+                conn.waits.append(c.conv)
+                self.stats["waited_live"] += 1
             elif isinstance(c, cmd.SaveCursor):
                 k = (conn.uid, conn.device, c.conv)
                 self.core.cursors[k] = max(self.core.cursors.get(k, 0), c.seq)
@@ -353,6 +357,7 @@ class SessionModel(RuleBasedStateMachine):
                         "auth": conn.auth is not None and conn.registered,
                         "results": bool(conn.results),
                         "fetches": bool(conn.fetches),
+                        "waits": bool(conn.waits),
                         "deliveries": bool(conn.deliveries),
                     }[what]
                 )
@@ -537,6 +542,17 @@ class SessionModel(RuleBasedStateMachine):
         start, messages = self.core.replay(conn.uid, conn.device, f.conv, f.after, f.upto, page)
         self._run(conn, conn.server.fetched(f.conv, start, messages))
 
+    @precondition(lambda self: self._eligible("waits"))
+    @rule(pick=st.integers(0, 1000), which=st.integers(0, 1000))
+    def end_wait(self, pick: int, which: int) -> None:
+        """A wait for live messages ends (``live_wait`` passed), whether they came meanwhile or not."""
+        self._end_wait(self._pick("waits", pick), which)
+
+    def _end_wait(self, dev: tuple[int, str], which: int) -> None:
+        conn = self.conns[dev]
+        conv = conn.waits.pop(which % len(conn.waits))
+        self._run(conn, conn.server.live_wait_over(conv))
+
     @precondition(lambda self: self._eligible("deliveries"))
     @rule(pick=st.integers(0, 1000), which=st.integers(0, 1000), again=st.booleans())
     def hand_over(self, pick: int, which: int, again: bool) -> None:
@@ -567,13 +583,15 @@ class SessionModel(RuleBasedStateMachine):
             if m is not None and not dup:
                 self._route(m, sorted(self.core.sets[m.conv][m.seq - 1][1]))
             conn.results.append((s.cmid, m, dup, err))
-        while conn.open and (conn.fetches or conn.results or conn.deliveries):
+        while conn.open and (conn.fetches or conn.results or conn.deliveries or conn.waits):
             if conn.deliveries:
                 self._hand_over(dev, 0, False)
             if conn.open and conn.results:
                 self._answer_send(dev, 0)
             if conn.open and conn.fetches:
                 self._answer_fetch(dev, 0, 100)
+            if conn.open and conn.waits and not conn.deliveries:
+                self._end_wait(dev, 0)
         self._to_client(dev, len(conn.s2c) + 1000)
 
     @rule(conv=st.sampled_from(GROUPS), uid=st.sampled_from(USERS[1:]), add=st.booleans())
@@ -614,13 +632,15 @@ class SessionModel(RuleBasedStateMachine):
                 self._to_server(dev, len(conn.c2s))
                 self._register(dev)
                 self._authenticated(dev)
-                while conn.open and (conn.fetches or conn.results or conn.deliveries):
+                while conn.open and (conn.fetches or conn.results or conn.deliveries or conn.waits):
                     if conn.fetches:
                         self._answer_fetch(dev, 0, 100)
                     if conn.open and conn.results:
                         self._answer_send(dev, 0)
                     if conn.open and conn.deliveries:
                         self._hand_over(dev, 0, False)
+                    if conn.open and conn.waits:
+                        self._end_wait(dev, 0)
                 self._to_client(dev, len(conn.s2c) + 1000)
                 if self.clients[dev].wants_retry:
                     self.clients[dev].retry()
@@ -643,7 +663,7 @@ class SessionModel(RuleBasedStateMachine):
     def _progress(self) -> tuple[int, ...]:
         return (
             sum(
-                len(c.c2s) + len(c.s2c) + len(c.fetches) + len(c.results) + len(c.deliveries)
+                len(c.c2s) + len(c.s2c) + len(c.fetches) + len(c.results) + len(c.deliveries) + len(c.waits)
                 for c in self.conns.values()
             ),
             len(self.committer),
@@ -670,7 +690,15 @@ def test_session_core_model() -> None:
     stats = SessionModel.stats
     print(f"model of the session core: {dict(stats)} in {time.monotonic() - started:.1f}s")
     # the runs reached what they are for (else the model tests nothing)
-    for what in ("applied_mid_run", "acked_mid_run", "dup_acks", "lost_in_flight", "redelivered", "reused_refused"):
+    for what in (
+        "applied_mid_run",
+        "acked_mid_run",
+        "dup_acks",
+        "lost_in_flight",
+        "redelivered",
+        "reused_refused",
+        "waited_live",
+    ):
         assert stats[what] > 0, (what, dict(stats))
 
 

@@ -75,6 +75,7 @@ class ConnectionHub(Protocol):
     reads: ChatReads
     submit: SubmitSend
     replay_page: int
+    live_wait: float
     catch_ups: int
 
     def add(self, conn: Connection) -> None: ...
@@ -187,6 +188,8 @@ class Connection(abc.ABC):
                     self.perform(c)
             elif isinstance(c, cmd.Fetch):
                 self._spawn(self._fetch(c))
+            elif isinstance(c, cmd.AwaitLive):
+                asyncio.get_running_loop().call_later(self.hub.live_wait, self._live_wait_over, c.conv)
             elif isinstance(c, cmd.Authenticate):
                 self._spawn(self._authenticate(c))
             elif isinstance(c, cmd.Close):
@@ -307,6 +310,10 @@ class Connection(abc.ABC):
         self.run(self.session.close(ErrorCode.UNAVAILABLE, "storage unavailable; reconnect later"))
         self.flush()
 
+    def _live_wait_over(self, conv: str) -> None:
+        if not self.closed:
+            self.run(self.session.live_wait_over(conv))
+
     async def _fetch(self, c: cmd.Fetch) -> None:
         s = self.session
         METRICS.gap_fetches += 1
@@ -342,6 +349,7 @@ class Hub(DeliverySink):
         submit: SubmitSend,
         limits: Limits,
         replay_page: int = 500,
+        live_wait: float = 0.05,
         max_send_buffer: int = 4 * 1024 * 1024,
         preauth_send_buffer: int = 64 * 1024,
         presence_ttl: float = 60.0,
@@ -360,6 +368,9 @@ class Hub(DeliverySink):
         self._router = router
         self.limits = limits
         self.replay_page = replay_page
+        #: Seconds a device's own result, come ahead of the live messages before it (a commit is answered
+        #: before it is routed), waits for them before they are read from the store instead.
+        self.live_wait = live_wait
         self.max_send_buffer = max_send_buffer
         self.preauth_send_buffer = preauth_send_buffer
         self.cache = EncodedCache()

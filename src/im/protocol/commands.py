@@ -39,6 +39,14 @@ class Fetch(msgspec.Struct, frozen=True, gc=False):
     upto: int
 
 
+class AwaitLive(msgspec.Struct, frozen=True, gc=False):
+    """The device's own result came ahead of earlier messages of ``conv`` that are on their way live
+    (their commit is answered before it is routed): call ``live_wait_over`` after a short wait, which
+    asks for a ``Fetch`` only if they did not come meanwhile."""
+
+    conv: str
+
+
 class SaveCursor(msgspec.Struct, frozen=True, gc=False):
     """The device holds ``conv`` up to ``seq``: store its delivery cursor (may be coalesced)."""
 
@@ -64,4 +72,4 @@ class Close(msgspec.Struct, frozen=True, gc=False):
     reason: str
 
 
-Command = Authenticate | Submit | Fetch | SaveCursor | MarkRead | SendTyping | Close
+Command = Authenticate | Submit | Fetch | AwaitLive | SaveCursor | MarkRead | SendTyping | Close

@@ -117,7 +117,10 @@ class ConvCursor:
 
     delivered: int | None  # highest seq written to the client; None until the start point is known
     target: int = 0  # highest seq known to exist
-    fetching: bool = False
+    fetching: bool = False  # a fetch in flight, or (``awaiting_live``) the wait before one
+    #: The device's own result came ahead of the live messages before it (a commit is answered before it
+    #: is routed): they are waited for (:meth:`ServerSession.live_wait_over`) instead of read from the store.
+    awaiting_live: bool = False
     pending: dict[int, StoredMessage] = field(default_factory=dict)  # live messages past a gap
 
 
@@ -385,10 +388,40 @@ class ServerSession:
             return []
         state.pending[seq] = m
         if state.fetching:
+            if state.awaiting_live and delivered is not None and seq == delivered + 1:
+                self._drain(state)
             return []
         assert delivered is not None
         state.fetching = True
+        if m.sender == self.uid and m.device == self.device and self._sent_to(m.cmid) == conv:
+            # This device's own result, ahead of the live messages before it: a commit is answered before
+            # it is routed, so the other senders' messages of the same commit follow at once. Wait for them.
+            state.awaiting_live = True
+            return [cmd.AwaitLive(conv)]
         return [cmd.Fetch(conv, delivered, seq - 1)]
+
+    def _drain(self, state: ConvCursor) -> None:
+        """Write the pending messages that follow what was delivered; a wait for live ones that closed
+        its gap so ends."""
+        delivered = state.delivered
+        assert delivered is not None
+        pending = state.pending
+        while (m := pending.pop(delivered + 1, None)) is not None:
+            self._write(m)
+            delivered = m.seq
+        state.delivered = delivered
+        if not pending:
+            state.fetching = state.awaiting_live = False
+
+    def live_wait_over(self, conv: str) -> list[cmd.Command]:
+        """The wait that :class:`~im.protocol.commands.AwaitLive` asked for is over: fetch what did not
+        come live (a delivery lost on the way, or later than the wait)."""
+        state = self._convs.get(conv)
+        if state is None or not state.awaiting_live or self.state is not _OPEN:
+            return []
+        state.awaiting_live = False  # still fetching: the own result waits in ``pending`` (a drain ends the wait)
+        assert state.delivered is not None
+        return [cmd.Fetch(conv, state.delivered, min(state.pending) - 1)]
 
     def check_heads(self, heads: dict[str, int]) -> list[cmd.Command]:
         """The log heads of the user's conversations (conv -> last seq), read after live delivery to this
