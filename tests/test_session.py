@@ -247,9 +247,9 @@ def test_own_ack_waits_its_turn_after_a_gap() -> None:
     s, _ = caught_up(0)
     feed(s, send_frame("a1"))
     mine = msg(3, sender=UID, device=DEVICE, cmid="a1")
-    assert s.send_done("a1", mine, dup=False) == [cmd.AwaitLive(CONV)]
+    assert s.send_done("a1", mine, dup=False) == [cmd.AwaitLive(CONV, 3)]
     assert frames(s) == []
-    assert s.live_wait_over(CONV) == [cmd.Fetch(CONV, 0, 2)]
+    assert s.live_wait_over(CONV, 3) == [cmd.Fetch(CONV, 0, 2)]
     assert frames(s) == []
     s.fetched(CONV, 0, [msg(1), msg(2)])
     fs = frames(s)
@@ -263,14 +263,14 @@ def test_own_result_ahead_of_its_commit_s_deliveries_waits_for_them_live() -> No
     s, _ = caught_up(0)
     feed(s, send_frame("a1"))
     mine = msg(3, sender=UID, device=DEVICE, cmid="a1")
-    assert s.send_done("a1", mine, dup=False) == [cmd.AwaitLive(CONV)]
+    assert s.send_done("a1", mine, dup=False) == [cmd.AwaitLive(CONV, 3)]
     assert s.deliver(msg(2)) == []  # still one short: nothing written out of order
     assert frames(s) == []
     assert s.deliver(msg(1)) == []
     fs = frames(s)
     assert kinds(fs) == ["msg", "msg", "ack"] and [f["seq"] for f in fs] == [1, 2, 3]
     assert s.deliver(mine) == []  # the routed copy of its own message: not written again
-    assert s.live_wait_over(CONV) == []  # the wait ended with the gap: no fetch
+    assert s.live_wait_over(CONV, 3) == []  # the wait ended with the gap: no fetch
     assert frames(s) == []
     assert s.deliver(msg(4)) == []  # and live delivery goes on in order
     assert [f["seq"] for f in frames(s)] == [4]
@@ -279,14 +279,29 @@ def test_own_result_ahead_of_its_commit_s_deliveries_waits_for_them_live() -> No
 def test_a_wait_for_live_messages_fetches_only_what_did_not_come() -> None:
     s, _ = caught_up(0)
     feed(s, send_frame("a1"))
-    assert s.send_done("a1", msg(4, sender=UID, device=DEVICE, cmid="a1"), dup=False) == [cmd.AwaitLive(CONV)]
+    assert s.send_done("a1", msg(4, sender=UID, device=DEVICE, cmid="a1"), dup=False) == [cmd.AwaitLive(CONV, 4)]
     assert s.deliver(msg(1)) == []
     assert [f["seq"] for f in frames(s)] == [1]
-    assert s.live_wait_over(CONV) == [cmd.Fetch(CONV, 1, 3)]
+    assert s.live_wait_over(CONV, 4) == [cmd.Fetch(CONV, 1, 3)]
     assert s.deliver(msg(3)) == []  # arrives during the fetch: waits for it
     s.fetched(CONV, 1, [msg(2), msg(3)])
     fs = frames(s)
     assert kinds(fs) == ["msg", "msg", "ack"] and [f["seq"] for f in fs] == [2, 3, 4]
+
+
+def test_the_end_of_a_wait_that_closed_its_gap_does_not_cut_a_later_wait_short() -> None:
+    """Waits follow each other in a busy conversation: the first one's timer, firing while a second wait
+    runs, must leave the second its own time (else nearly every wait ended in a store read)."""
+    s, _ = caught_up(0)
+    feed(s, send_frame("a1"))
+    feed(s, send_frame("a2"))
+    assert s.send_done("a1", msg(2, sender=UID, device=DEVICE, cmid="a1"), dup=False) == [cmd.AwaitLive(CONV, 2)]
+    assert s.deliver(msg(1)) == []  # the first wait ends with its gap
+    assert s.send_done("a2", msg(4, sender=UID, device=DEVICE, cmid="a2"), dup=False) == [cmd.AwaitLive(CONV, 4)]
+    assert s.live_wait_over(CONV, 2) == []  # the first wait's timer: nothing to do
+    assert s.deliver(msg(3)) == []
+    assert [(f["t"], f["seq"]) for f in frames(s)] == [("msg", 1), ("ack", 2), ("msg", 3), ("ack", 4)]
+    assert s.live_wait_over(CONV, 4) == []
 
 
 def test_another_device_s_message_past_a_gap_is_fetched_at_once() -> None:

@@ -201,7 +201,7 @@ class Conn:
     auth: cmd.Authenticate | None = None
     registered: bool = False
     fetches: list[cmd.Fetch] = field(default_factory=list)
-    waits: list[str] = field(default_factory=list)  # conversations waiting for live messages (AwaitLive)
+    waits: list[cmd.AwaitLive] = field(default_factory=list)  # waits for live messages, each ends once
     results: list[tuple[str, StoredMessage | None, bool, ErrorCode | None]] = field(default_factory=list)
     deliveries: list[StoredMessage] = field(default_factory=list)
     open: bool = True
@@ -261,7 +261,7 @@ class SessionModel(RuleBasedStateMachine):
             elif isinstance(c, cmd.Fetch):
                 conn.fetches.append(c)
             elif isinstance(c, cmd.AwaitLive):
-                conn.waits.append(c.conv)
+                conn.waits.append(c)
                 self.stats["waited_live"] += 1
             elif isinstance(c, cmd.SaveCursor):
                 k = (conn.uid, conn.device, c.conv)
@@ -550,8 +550,8 @@ class SessionModel(RuleBasedStateMachine):
 
     def _end_wait(self, dev: tuple[int, str], which: int) -> None:
         conn = self.conns[dev]
-        conv = conn.waits.pop(which % len(conn.waits))
-        self._run(conn, conn.server.live_wait_over(conv))
+        wait = conn.waits.pop(which % len(conn.waits))
+        self._run(conn, conn.server.live_wait_over(wait.conv, wait.seq))
 
     @precondition(lambda self: self._eligible("deliveries"))
     @rule(pick=st.integers(0, 1000), which=st.integers(0, 1000), again=st.booleans())

@@ -189,7 +189,7 @@ class Connection(abc.ABC):
             elif isinstance(c, cmd.Fetch):
                 self._spawn(self._fetch(c))
             elif isinstance(c, cmd.AwaitLive):
-                asyncio.get_running_loop().call_later(self.hub.live_wait, self._live_wait_over, c.conv)
+                asyncio.get_running_loop().call_later(self.hub.live_wait, self._live_wait_over, c.conv, c.seq)
             elif isinstance(c, cmd.Authenticate):
                 self._spawn(self._authenticate(c))
             elif isinstance(c, cmd.Close):
@@ -310,9 +310,9 @@ class Connection(abc.ABC):
         self.run(self.session.close(ErrorCode.UNAVAILABLE, "storage unavailable; reconnect later"))
         self.flush()
 
-    def _live_wait_over(self, conv: str) -> None:
+    def _live_wait_over(self, conv: str, seq: int) -> None:
         if not self.closed:
-            self.run(self.session.live_wait_over(conv))
+            self.run(self.session.live_wait_over(conv, seq))
 
     async def _fetch(self, c: cmd.Fetch) -> None:
         s = self.session

@@ -40,11 +40,12 @@ class Fetch(msgspec.Struct, frozen=True, gc=False):
 
 
 class AwaitLive(msgspec.Struct, frozen=True, gc=False):
-    """The device's own result came ahead of earlier messages of ``conv`` that are on their way live
-    (their commit is answered before it is routed): call ``live_wait_over`` after a short wait, which
-    asks for a ``Fetch`` only if they did not come meanwhile."""
+    """The device's own result (``seq``) came ahead of earlier messages of ``conv`` that are on their way
+    live (their commit is answered before it is routed): call ``live_wait_over(conv, seq)`` after a short
+    wait, which asks for a ``Fetch`` only if they did not come meanwhile."""
 
     conv: str
+    seq: int
 
 
 class SaveCursor(msgspec.Struct, frozen=True, gc=False):

@@ -397,7 +397,7 @@ class ServerSession:
             # This device's own result, ahead of the live messages before it: a commit is answered before
             # it is routed, so the other senders' messages of the same commit follow at once. Wait for them.
             state.awaiting_live = True
-            return [cmd.AwaitLive(conv)]
+            return [cmd.AwaitLive(conv, seq)]
         return [cmd.Fetch(conv, delivered, seq - 1)]
 
     def _drain(self, state: ConvCursor) -> None:
@@ -413,11 +413,12 @@ class ServerSession:
         if not pending:
             state.fetching = state.awaiting_live = False
 
-    def live_wait_over(self, conv: str) -> list[cmd.Command]:
+    def live_wait_over(self, conv: str, seq: int) -> list[cmd.Command]:
         """The wait that :class:`~im.protocol.commands.AwaitLive` asked for is over: fetch what did not
-        come live (a delivery lost on the way, or later than the wait)."""
+        come live (a delivery lost on the way, or later than the wait). A wait that ended with its gap
+        (its ``seq`` written) is over already: a later wait of the conversation keeps its own time."""
         state = self._convs.get(conv)
-        if state is None or not state.awaiting_live or self.state is not _OPEN:
+        if state is None or not state.awaiting_live or seq not in state.pending or self.state is not _OPEN:
             return []
         state.awaiting_live = False  # still fetching: the own result waits in ``pending`` (a drain ends the wait)
         assert state.delivered is not None
