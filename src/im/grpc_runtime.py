@@ -4,8 +4,8 @@ The transfer link and the etcd client run on grpcio. Its default TCP endpoints c
 EventEngine, whose threads hand every read and write on to the next thread before the asyncio loop gets
 it. grpcio's own experiment switches put its channels and servers back on the endpoints it polls itself
 (``event_engine_client`` and ``event_engine_listener`` off): a gRPC message then costs both ends about a
-quarter less CPU (``benchmarks/transfer_link.py``; the figures are in the README's performance
-section). Every guarantee of the link (TLS, keepalive, flow control) is
+quarter less CPU (``benchmarks/transfer_link.py``; the figures are in
+docs/performance.md). Every guarantee of the link (TLS, keepalive, flow control) is
 grpcio's own on either path.
 
 ``im``'s command line applies this before anything imports ``grpc`` (:func:`im.cli.main`); a

@@ -298,7 +298,7 @@ class SqliteDatabase:
     commit is a few hundred short statement steps, and the sqlite3 module gives up the GIL around each:
     with the loop's thread busy meanwhile, each step waited for the GIL, and the thread switches cost
     more than the statements (``im bench``, window 16, on 2026-12-07: 9 % less CPU per message inline and
-    19 % more messages per second, medians of 7 pairs; README, Performance). The loop is blocked while a
+    19 % more messages per second, medians of 7 pairs; docs/performance.md). The loop is blocked while a
     commit runs and fsyncs (a fraction of a millisecond; clients waiting for acks wait for it anyway), so
     a write first gives the loop one turn: what is ready (the previous commit's acks and deliveries,
     flushed by call_soon; frames that arrived) goes before the fsync, not after it. What could block the
