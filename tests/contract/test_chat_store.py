@@ -425,6 +425,23 @@ async def test_read_range_bounds_limit_and_direction(chat: ChatHarness) -> None:
     assert await store.read_range("d:98:99", 0, None, 100) == []
 
 
+async def test_read_ranges_reads_many_conversations_at_once(chat: ChatHarness) -> None:
+    store = chat.store
+    await new_direct(store, 1, 2, 10)
+    gid = await new_group(store, "g", {1: "owner", 3: "member"})
+    g = group_conv(gid)
+    await store.commit(CommitBatch(messages=[msg(g, s, 1) for s in range(2, 6)], heads={g: (1, 5, 5_000)}))
+    one_by_one = {D: await store.read_range(D, 3, 8 + 1, 100), g: await store.read_range(g, 0, 5 + 1, 100)}
+
+    got = await store.read_ranges([(D, 3, 8), (g, 0, 5), ("d:98:99", 0, 5)], 100)
+    assert got == one_by_one  # bodies as read_range gives them (opened, where sealed); an empty range absent
+    assert [m.seq for m in got[D]] == [4, 5, 6, 7, 8] and [m.seq for m in got[g]] == [1, 2, 3, 4, 5]
+    limited = await store.read_ranges([(D, 0, 10), (g, 1, 5)], 2)  # the limit is per conversation
+    assert {c: [m.seq for m in ms] for c, ms in limited.items()} == {D: [1, 2], g: [2, 3]}
+    assert await store.read_ranges([(D, 10, 10), (g, 5, 9)], 100) == {}
+    assert await store.read_ranges([], 100) == {}
+
+
 # --- cursors and read marks -----------------------------------------------------------------------------
 
 

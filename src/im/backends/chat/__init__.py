@@ -79,6 +79,13 @@ class MessageLog(Service, abc.ABC):
         """
 
     @abc.abstractmethod
+    async def read_ranges(self, ranges: Sequence[tuple[str, int, int]], limit: int) -> dict[str, list[StoredMessage]]:
+        """For each (conv, after, upto) of ``ranges`` (one per conversation): its messages with
+        after < seq <= upto, oldest first, ``limit`` at most per conversation; a conversation with none is
+        absent. One read for many conversations (a device's replay at login, a catch-up), where
+        :meth:`read_range` per conversation would cost a round trip each."""
+
+    @abc.abstractmethod
     async def wrote_in(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
         """Those (sender, conv) pairs where ``sender`` has at least one message in ``conv`` (the
         presence rule: a direct partner sees you once you wrote). Committed messages only; once true,

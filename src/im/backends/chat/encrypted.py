@@ -287,6 +287,14 @@ class EncryptedChatStore(ChatStore):
     ) -> list[StoredMessage]:
         return await self.open(await self.inner.read_range(conv, after, before, limit, newest_first))
 
+    async def read_ranges(self, ranges: Sequence[tuple[str, int, int]], limit: int) -> dict[str, list[StoredMessage]]:
+        found = await self.inner.read_ranges(ranges, limit)
+        opened = await self.open([m for messages in found.values() for m in messages])  # one keyring call
+        out: dict[str, list[StoredMessage]] = {}
+        for m in opened:
+            out.setdefault(m.conv, []).append(m)
+        return out
+
     async def wrote_in(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
         return await self.inner.wrote_in(pairs)
 

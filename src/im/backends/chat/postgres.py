@@ -55,6 +55,7 @@ from im.model.keys import WrappedKey
 
 _MSG_FIELDS = ["conv", "seq", "mid", "sender", "device", "cmid", "ts", "type", "body"]
 _MSG_COLUMNS = ", ".join(_MSG_FIELDS)
+_RANGE_COLUMNS = ", ".join(f"m.{f}" for f in _MSG_FIELDS)
 _OUTBOX_FIELDS = ["conv", "seq", "mid", "sender", "type", "created_at", "traceparent"]
 
 _COMMIT_MESSAGES = (
@@ -349,6 +350,26 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
             limit,
         )
         return [_msg(r) for r in rows]
+
+    async def read_ranges(self, ranges: Sequence[tuple[str, int, int]], limit: int) -> dict[str, list[StoredMessage]]:
+        if not ranges:
+            return {}
+        convs, afters, uptos = zip(*ranges, strict=True)
+        rows = await self.db.pool.fetch(
+            f"SELECT {_RANGE_COLUMNS} FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS r(conv, after, upto)"
+            f" CROSS JOIN LATERAL (SELECT {_MSG_COLUMNS} FROM messages WHERE messages.conv = r.conv"
+            " AND messages.seq > r.after AND messages.seq <= r.upto ORDER BY messages.seq LIMIT $4) AS m"
+            " ORDER BY r.conv, m.seq",
+            list(convs),
+            list(afters),
+            list(uptos),
+            limit,
+        )
+        out: dict[str, list[StoredMessage]] = {}
+        for r in rows:
+            m = _msg(r)
+            out.setdefault(m.conv, []).append(m)
+        return out
 
     async def sync_points(self, uid: int, device: str) -> list[SyncPoint]:
         rows = await self.db.pool.fetch(

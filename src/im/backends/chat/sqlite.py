@@ -216,6 +216,23 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
 
         return await self.db.read(run)
 
+    async def read_ranges(self, ranges: Sequence[tuple[str, int, int]], limit: int) -> dict[str, list[StoredMessage]]:
+        if not ranges:
+            return {}
+
+        def run(conn: sqlite3.Connection) -> dict[str, list[StoredMessage]]:  # one job: a statement per range
+            out: dict[str, list[StoredMessage]] = {}
+            for conv, after, upto in ranges:
+                rows = conn.execute(
+                    f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND seq>? AND seq<=? ORDER BY seq LIMIT ?",
+                    (conv, after, upto, limit),
+                ).fetchall()
+                if rows:
+                    out[conv] = [_msg(r) for r in rows]
+            return out
+
+        return await self.db.read(run)
+
     async def sync_points(self, uid: int, device: str) -> list[SyncPoint]:
         def run(conn: sqlite3.Connection) -> list[SyncPoint]:
             rows = conn.execute(
