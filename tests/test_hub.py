@@ -198,6 +198,56 @@ async def test_a_result_whose_earlier_message_does_not_come_live_reads_it_after_
     assert METRICS.gap_fetches == fetches + 1
 
 
+async def test_a_login_replays_every_conversation_that_changed_in_one_read_a_page(gateway: Gateway) -> None:
+    """Three partners wrote to alice while she was away, five messages each: her login replays the three
+    conversations with one store read per page (``replay_page`` 2: three pages), not one per conversation."""
+    alice, alice_token = await gateway.user("alice")
+    writers = [await gateway.user(name) for name in ("bob", "carol", "dave")]
+    for uid, token in writers:
+        w = await gateway.connect(token)
+        for i in range(5):
+            w.send(t="send", cmid=f"{uid}-{i}", to=alice, body=i)
+        await eventually(lambda: len(w.of_type("ack")) == 5, lambda: str(w.frames))  # noqa: B023
+    store = gateway.store
+    reads: list[tuple[str, int]] = []
+    one, many = store.read_range, store.read_ranges
+
+    async def read_range(*args: Any, **kwargs: Any) -> Any:
+        reads.append(("read_range", 1))
+        return await one(*args, **kwargs)
+
+    async def read_ranges(ranges: Any, limit: int) -> Any:
+        reads.append(("read_ranges", len(ranges)))
+        return await many(ranges, limit)
+
+    store.read_range, store.read_ranges = read_range, read_ranges  # type: ignore[method-assign]
+    gateway.hub.replay_page = 2
+    a = await gateway.connect(alice_token)
+    assert a.closed_with is None and a.of_type("synced"), a.frames
+    assert reads == [("read_ranges", 3)] * 3  # pages of 2, 2 and 1 message, each for all three
+    for uid, _ in writers:
+        conv = direct_conv(alice, uid)
+        assert [m["seq"] for m in a.of_type("msg") if m["conv"] == conv] == [1, 2, 3, 4, 5]
+
+
+async def test_a_login_whose_replay_cannot_be_read_is_told_to_come_back(gateway: Gateway) -> None:
+    alice, alice_token = await gateway.user("alice")
+    for name in ("bob", "carol"):
+        _, token = await gateway.user(name)
+        w = await gateway.connect(token)
+        w.send(t="send", cmid=f"{name}-1", to=alice, body=1)
+        await eventually(lambda: w.of_type("ack"), lambda: str(w.frames))  # noqa: B023
+
+    async def away(ranges: Any, limit: int) -> Any:
+        raise ConnectionRefusedError("the store is away")
+
+    gateway.store.read_ranges = away  # type: ignore[method-assign]
+    a = await gateway.connect(alice_token)
+    assert a.closed_with is ErrorCode.UNAVAILABLE and a.of_type("msg") == []
+    (bye,) = a.of_type("bye")
+    assert bye["code"] == "unavailable" and bye["reconnect"] is True
+
+
 async def test_sends_go_to_the_submit_the_hub_was_given(gateway: Gateway) -> None:
     """On a gateway node ``submit`` is the transfer pool's: the hub hands it the request and answers the
     client from the callback, whatever is behind it."""

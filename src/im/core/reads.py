@@ -74,6 +74,13 @@ class ChatReads:
             return after, []
         return after, await self._store.read_range(conv, after, upto + 1, limit)
 
+    async def replay_ranges(self, ranges: Sequence[tuple[str, int, int]], limit: int) -> dict[str, list[StoredMessage]]:
+        """Stored messages of many conversations a device is missing, in one read: for each (conv,
+        after, upto), those with after < seq <= upto (at most ``limit`` each; none: absent). For ranges
+        whose start the device named, in conversations it was given at login or has seen live, so a
+        member's (what :meth:`replay` with ``after`` None decides first)."""
+        return await self._store.read_ranges(ranges, limit)
+
     async def members_of(self, conv: str) -> dict[int, str]:
         """Members of ``conv`` and their roles (empty for an unknown conversation)."""
         return (await self.members_by_conv([conv]))[conv]

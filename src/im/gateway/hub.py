@@ -180,6 +180,7 @@ class Connection(abc.ABC):
             self.hub.schedule_flush(self)
 
     def run(self, commands: Iterable[cmd.Command]) -> None:
+        fetches: list[cmd.Fetch] | None = None
         for c in commands:
             if isinstance(c, _GATED):
                 if self.hub.rates.enabled:
@@ -187,7 +188,12 @@ class Connection(abc.ABC):
                 else:
                     self.perform(c)
             elif isinstance(c, cmd.Fetch):
-                self._spawn(self._fetch(c))
+                if c.after is None:  # a conversation first seen live: its start is read first
+                    self._spawn(self._fetch(c))
+                elif fetches is None:
+                    fetches = [c]
+                else:
+                    fetches.append(c)
             elif isinstance(c, cmd.AwaitLive):
                 asyncio.get_running_loop().call_later(self.hub.live_wait, self._live_wait_over, c.conv, c.seq)
             elif isinstance(c, cmd.Authenticate):
@@ -195,6 +201,8 @@ class Connection(abc.ABC):
             elif isinstance(c, cmd.Close):
                 self.flush()
                 self.close_transport(c.code)
+        if fetches is not None:  # the replay at login, a catch-up: one read for all its conversations
+            self._spawn(self._fetch(fetches[0]) if len(fetches) == 1 else self._fetch_ranges(fetches))
 
     def perform(self, c: cmd.Submit | cmd.SaveCursor | cmd.MarkRead | cmd.SendTyping) -> None:
         """Carry out a command the rate limits allowed."""
@@ -313,6 +321,25 @@ class Connection(abc.ABC):
     def _live_wait_over(self, conv: str, seq: int) -> None:
         if not self.closed:
             self.run(self.session.live_wait_over(conv, seq))
+
+    async def _fetch_ranges(self, fetches: list[cmd.Fetch]) -> None:
+        s = self.session
+        METRICS.gap_fetches += len(fetches)
+        try:
+            found = await self.hub.reads.replay_ranges(
+                [(f.conv, f.after or 0, f.upto) for f in fetches], self.hub.replay_page
+            )
+        except Exception as exc:
+            _replay_failures.hit(f"uid={s.uid} convs={len(fetches)}: {type(exc).__name__}: {exc}", exc)
+            METRICS.engine_error(exc)
+            self.run(s.close(ErrorCode.UNAVAILABLE, "storage unavailable; reconnect later"))
+            self.flush()
+            return
+        more: list[cmd.Command] = []  # the next pages, if any: again one read for all
+        for f in fetches:
+            more.extend(s.fetched(f.conv, f.after or 0, found.get(f.conv, [])))
+        self.run(more)
+        self.flush()
 
     async def _fetch(self, c: cmd.Fetch) -> None:
         s = self.session
