@@ -17,19 +17,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import uvloop
 
-from im.cli import tune_gc
-from im.config import load_config
 from im.model.errors import ErrorCode
 from im.server import EmbeddedServer
-from pipeline import MemoryConnection, settings
+from pipeline import MemoryConnection, running_server
 
 
 def count_reads(server: EmbeddedServer, reads: Counter[str]) -> None:
@@ -96,48 +92,31 @@ async def one_round(
 
 
 async def main(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(prefix="im-login-replay-") as tmp:
-        config = load_config(overrides=settings(str(Path(tmp) / "data"), args.set))
-        server = EmbeddedServer(config)
-        b = server.backends
-        await b.start()
-        await server.node_ids.start()
-        await server.files.start()
-        server.hub.start()
-        server.committer.start()
-        tune_gc()
-        try:
-            readers = await users(server, "reader", args.readers)
-            writers = await users(server, "writer", args.writers)
-            await write_history(server, writers, readers, args.messages)
-            reads: Counter[str] = Counter()
-            count_reads(server, reads)
-            want = args.writers * args.messages
-            await one_round(server, readers, "warm", want)
-            cpus, walls = [], []
-            for r in range(args.rounds):
-                reads.clear()
-                cpu, wall = await one_round(server, readers, f"round{r}", want)
-                cpus.append(cpu)
-                walls.append(wall)
-                print(
-                    f"round {r + 1}: {1e3 * cpu / args.readers:.2f} ms CPU per login"
-                    f" ({1e6 * cpu / (args.readers * args.writers):.0f} us per conversation), all replayed in"
-                    f" {wall:.2f} s; store reads: {dict(reads)}",
-                    flush=True,
-                )
+    async with running_server(args.set, "im-login-replay-") as server:
+        readers = await users(server, "reader", args.readers)
+        writers = await users(server, "writer", args.writers)
+        await write_history(server, writers, readers, args.messages)
+        reads: Counter[str] = Counter()
+        count_reads(server, reads)
+        want = args.writers * args.messages
+        await one_round(server, readers, "warm", want)
+        cpus, walls = [], []
+        for r in range(args.rounds):
+            reads.clear()
+            cpu, wall = await one_round(server, readers, f"round{r}", want)
+            cpus.append(cpu)
+            walls.append(wall)
             print(
-                f"login replay: {args.readers} logins of {args.writers} conversations with {args.messages} messages"
-                f" each: median {1e3 * statistics.median(cpus) / args.readers:.2f} ms CPU per login,"
-                f" {statistics.median(walls):.2f} s until all replayed"
+                f"round {r + 1}: {1e3 * cpu / args.readers:.2f} ms CPU per login"
+                f" ({1e6 * cpu / (args.readers * args.writers):.0f} us per conversation), all replayed in"
+                f" {wall:.2f} s; store reads: {dict(reads)}",
+                flush=True,
             )
-        finally:
-            server.hub.pause_all()
-            await server.committer.stop()
-            await server.hub.drain_and_close()
-            await server.files.close()
-            await server.node_ids.close()
-            await b.close()
+        print(
+            f"login replay: {args.readers} logins of {args.writers} conversations with {args.messages} messages"
+            f" each: median {1e3 * statistics.median(cpus) / args.readers:.2f} ms CPU per login,"
+            f" {statistics.median(walls):.2f} s until all replayed"
+        )
 
 
 if __name__ == "__main__":

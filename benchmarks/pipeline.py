@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import glob
 import os
@@ -26,6 +27,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -171,10 +173,12 @@ def callgrind_instructions(out_file: str) -> int:
     raise RuntimeError(f"no callgrind dump in {out_file}.*")
 
 
-async def main(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(prefix="im-pipeline-") as tmp:
-        config = load_config(overrides=settings(str(Path(tmp) / "data"), args.set))
-        server = EmbeddedServer(config)
+@contextlib.asynccontextmanager
+async def running_server(extra: list[str], prefix: str) -> AsyncIterator[EmbeddedServer]:
+    """``im serve``'s wiring (its settings as ``im bench`` spawns it, then ``extra``), started in a temporary
+    data directory, without its listeners; stopped as ``im serve`` stops."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        server = EmbeddedServer(load_config(overrides=settings(str(Path(tmp) / "data"), extra)))
         b = server.backends
         await b.start()
         await server.node_ids.start()
@@ -183,45 +187,7 @@ async def main(args: argparse.Namespace) -> None:
         server.committer.start()
         tune_gc()  # as im serve does
         try:
-
-            async def fresh_users(tag: str) -> list[tuple[int, str]]:
-                """New users each round: no history to replay, nothing cached from the round before."""
-                users = []
-                for i in range(2 * args.pairs):
-                    await server.accounts.register(f"{tag}u{i}", "password123")
-                    login = await server.accounts.login(f"{tag}u{i}", "password123")
-                    users.append((login.uid, login.access_token))
-                return users
-
-            per_sender = args.messages // args.pairs
-            await one_round(server, await fresh_users("warm"), min(per_sender, 2000), args.window)
-            figures, loop_figures = [], []
-            for r in range(args.rounds):
-                profiler = cProfile.Profile() if args.profile and r == 0 else None
-                users = await fresh_users(f"r{r}")
-                if profiler:
-                    profiler.enable()
-                if args.callgrind:
-                    callgrind_control("--zero")
-                cpu, loop = await one_round(server, users, per_sender, args.window)
-                if args.callgrind:
-                    instructions = callgrind_instructions(args.callgrind)
-                    print(f"round {r + 1}: {instructions / (per_sender * args.pairs):,.0f} instructions per message")
-                if profiler:
-                    profiler.disable()
-                    pstats.Stats(profiler).sort_stats("tottime").dump_stats(args.profile)
-                figures.append(1e6 * cpu / (per_sender * args.pairs))
-                loop_figures.append(1e6 * loop / (per_sender * args.pairs))
-                print(
-                    f"round {r + 1}: {figures[-1]:.1f} us CPU per message ({loop_figures[-1]:.1f} on the loop thread)",
-                    flush=True,
-                )
-            print(
-                f"pipeline: {args.pairs} pairs, window {args.window}, {per_sender * args.pairs} messages/round:"
-                f" median {statistics.median(figures):.1f} us CPU per message (min {min(figures):.1f});"
-                f" loop thread {statistics.median(loop_figures):.1f}, other threads"
-                f" {statistics.median(f - x for f, x in zip(figures, loop_figures, strict=True)):.1f}"
-            )
+            yield server
         finally:
             server.hub.pause_all()
             await server.committer.stop()
@@ -229,6 +195,49 @@ async def main(args: argparse.Namespace) -> None:
             await server.files.close()
             await server.node_ids.close()
             await b.close()
+
+
+async def main(args: argparse.Namespace) -> None:
+    async with running_server(args.set, "im-pipeline-") as server:
+
+        async def fresh_users(tag: str) -> list[tuple[int, str]]:
+            """New users each round: no history to replay, nothing cached from the round before."""
+            users = []
+            for i in range(2 * args.pairs):
+                await server.accounts.register(f"{tag}u{i}", "password123")
+                login = await server.accounts.login(f"{tag}u{i}", "password123")
+                users.append((login.uid, login.access_token))
+            return users
+
+        per_sender = args.messages // args.pairs
+        await one_round(server, await fresh_users("warm"), min(per_sender, 2000), args.window)
+        figures, loop_figures = [], []
+        for r in range(args.rounds):
+            profiler = cProfile.Profile() if args.profile and r == 0 else None
+            users = await fresh_users(f"r{r}")
+            if profiler:
+                profiler.enable()
+            if args.callgrind:
+                callgrind_control("--zero")
+            cpu, loop = await one_round(server, users, per_sender, args.window)
+            if args.callgrind:
+                instructions = callgrind_instructions(args.callgrind)
+                print(f"round {r + 1}: {instructions / (per_sender * args.pairs):,.0f} instructions per message")
+            if profiler:
+                profiler.disable()
+                pstats.Stats(profiler).sort_stats("tottime").dump_stats(args.profile)
+            figures.append(1e6 * cpu / (per_sender * args.pairs))
+            loop_figures.append(1e6 * loop / (per_sender * args.pairs))
+            print(
+                f"round {r + 1}: {figures[-1]:.1f} us CPU per message ({loop_figures[-1]:.1f} on the loop thread)",
+                flush=True,
+            )
+        print(
+            f"pipeline: {args.pairs} pairs, window {args.window}, {per_sender * args.pairs} messages/round:"
+            f" median {statistics.median(figures):.1f} us CPU per message (min {min(figures):.1f});"
+            f" loop thread {statistics.median(loop_figures):.1f}, other threads"
+            f" {statistics.median(f - x for f, x in zip(figures, loop_figures, strict=True)):.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -330,10 +330,7 @@ class Connection(abc.ABC):
                 [(f.conv, f.after or 0, f.upto) for f in fetches], self.hub.replay_page
             )
         except Exception as exc:
-            _replay_failures.hit(f"uid={s.uid} convs={len(fetches)}: {type(exc).__name__}: {exc}", exc)
-            METRICS.engine_error(exc)
-            self.run(s.close(ErrorCode.UNAVAILABLE, "storage unavailable; reconnect later"))
-            self.flush()
+            self._replay_failed(f"convs={len(fetches)}", exc)
             return
         more: list[cmd.Command] = []  # the next pages, if any: again one read for all
         for f in fetches:
@@ -349,12 +346,16 @@ class Connection(abc.ABC):
                 s.uid, s.device, c.conv, c.after, c.upto, self.hub.replay_page
             )
         except Exception as exc:
-            _replay_failures.hit(f"uid={s.uid} conv={c.conv[:80]}: {type(exc).__name__}: {exc}", exc)
-            METRICS.engine_error(exc)
-            self.run(s.close(ErrorCode.UNAVAILABLE, "storage unavailable; reconnect later"))
-            self.flush()
+            self._replay_failed(f"conv={c.conv[:80]}", exc)
             return
         self.run(s.fetched(c.conv, start, messages))
+        self.flush()
+
+    def _replay_failed(self, what: str, exc: Exception) -> None:
+        """The store did not give what the device lacks: ``bye unavailable``; it resumes from its cursors."""
+        _replay_failures.hit(f"uid={self.session.uid} {what}: {type(exc).__name__}: {exc}", exc)
+        METRICS.engine_error(exc)
+        self.run(self.session.close(ErrorCode.UNAVAILABLE, "storage unavailable; reconnect later"))
         self.flush()
 
 
