@@ -76,9 +76,9 @@ class ChatReads:
 
     async def replay_ranges(self, ranges: Sequence[tuple[str, int, int]], limit: int) -> dict[str, list[StoredMessage]]:
         """Stored messages of many conversations a device is missing, in one read: for each (conv,
-        after, upto), those with after < seq <= upto (at most ``limit`` each; none: absent). For ranges
-        whose start the device named, in conversations it was given at login or has seen live, so a
-        member's (what :meth:`replay` with ``after`` None decides first)."""
+        after, upto), those with after < seq <= upto (at most ``limit`` each; none: absent). Only for
+        ranges whose start is known (its login's sync points, or messages it was delivered); where it is
+        not, :meth:`replay` with ``after`` None finds it first."""
         return await self._store.read_ranges(ranges, limit)
 
     async def members_of(self, conv: str) -> dict[int, str]:

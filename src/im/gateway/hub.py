@@ -180,7 +180,7 @@ class Connection(abc.ABC):
             self.hub.schedule_flush(self)
 
     def run(self, commands: Iterable[cmd.Command]) -> None:
-        fetches: list[cmd.Fetch] | None = None
+        ranges: list[tuple[str, int, int]] | None = None  # fetches from a known start: read together
         for c in commands:
             if isinstance(c, _GATED):
                 if self.hub.rates.enabled:
@@ -190,10 +190,10 @@ class Connection(abc.ABC):
             elif isinstance(c, cmd.Fetch):
                 if c.after is None:  # a conversation first seen live: its start is read first
                     self._spawn(self._fetch(c))
-                elif fetches is None:
-                    fetches = [c]
+                elif ranges is None:
+                    ranges = [(c.conv, c.after, c.upto)]
                 else:
-                    fetches.append(c)
+                    ranges.append((c.conv, c.after, c.upto))
             elif isinstance(c, cmd.AwaitLive):
                 asyncio.get_running_loop().call_later(self.hub.live_wait, self._live_wait_over, c.conv, c.seq)
             elif isinstance(c, cmd.Authenticate):
@@ -201,8 +201,8 @@ class Connection(abc.ABC):
             elif isinstance(c, cmd.Close):
                 self.flush()
                 self.close_transport(c.code)
-        if fetches is not None:  # the replay at login, a catch-up: one read for all its conversations
-            self._spawn(self._fetch(fetches[0]) if len(fetches) == 1 else self._fetch_ranges(fetches))
+        if ranges is not None:  # a gap, or the replay at login, a catch-up: one read for all of them
+            self._spawn(self._fetch_ranges(ranges))
 
     def perform(self, c: cmd.Submit | cmd.SaveCursor | cmd.MarkRead | cmd.SendTyping) -> None:
         """Carry out a command the rate limits allowed."""
@@ -322,23 +322,23 @@ class Connection(abc.ABC):
         if not self.closed:
             self.run(self.session.live_wait_over(conv, seq))
 
-    async def _fetch_ranges(self, fetches: list[cmd.Fetch]) -> None:
+    async def _fetch_ranges(self, ranges: list[tuple[str, int, int]]) -> None:
+        """Fetches from a known start (conv, after, upto): one store read for all, page after page."""
         s = self.session
-        METRICS.gap_fetches += len(fetches)
+        METRICS.gap_fetches += len(ranges)
         try:
-            found = await self.hub.reads.replay_ranges(
-                [(f.conv, f.after or 0, f.upto) for f in fetches], self.hub.replay_page
-            )
+            found = await self.hub.reads.replay_ranges(ranges, self.hub.replay_page)
         except Exception as exc:
-            self._replay_failed(f"convs={len(fetches)}", exc)
+            self._replay_failed(f"convs={len(ranges)}", exc)
             return
         more: list[cmd.Command] = []  # the next pages, if any: again one read for all
-        for f in fetches:
-            more.extend(s.fetched(f.conv, f.after or 0, found.get(f.conv, [])))
+        for conv, after, _ in ranges:
+            more.extend(s.fetched(conv, after, found.get(conv, [])))
         self.run(more)
         self.flush()
 
     async def _fetch(self, c: cmd.Fetch) -> None:
+        """A conversation first seen live (``after`` None): where the device starts is read first."""
         s = self.session
         METRICS.gap_fetches += 1
         try:

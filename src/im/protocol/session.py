@@ -401,8 +401,13 @@ class ServerSession:
         return [cmd.Fetch(conv, delivered, seq - 1)]
 
     def _drain(self, state: ConvCursor) -> None:
-        """Write the pending messages that follow what was delivered; a wait for live ones that closed
-        its gap so ends."""
+        """:meth:`_write_pending`; a wait for live messages that so closed its gap ends."""
+        self._write_pending(state)
+        if not state.pending:
+            state.fetching = state.awaiting_live = False
+
+    def _write_pending(self, state: ConvCursor) -> None:
+        """Write the pending messages that follow what was delivered, in order."""
         delivered = state.delivered
         assert delivered is not None
         pending = state.pending
@@ -410,8 +415,6 @@ class ServerSession:
             self._write(m)
             delivered = m.seq
         state.delivered = delivered
-        if not pending:
-            state.fetching = state.awaiting_live = False
 
     def live_wait_over(self, conv: str, seq: int) -> list[cmd.Command]:
         """The wait that :class:`~im.protocol.commands.AwaitLive` asked for is over: fetch what did not
@@ -461,10 +464,7 @@ class ServerSession:
             if m.seq == state.delivered + 1:
                 self._write(m)
                 state.delivered = m.seq
-        while state.delivered + 1 in state.pending:
-            m = state.pending.pop(state.delivered + 1)
-            self._write(m)
-            state.delivered = m.seq
+        self._write_pending(state)
         for seq in [s for s in state.pending if s <= state.delivered]:
             m = state.pending.pop(seq)
             if m.sender == self.uid and m.device == self.device and self._sent_to(m.cmid) == m.conv:
