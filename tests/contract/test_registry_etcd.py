@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import signal
 import time
 import uuid
@@ -20,7 +21,7 @@ import pytest
 from im.backends.registry.etcd import EtcdRegistry
 from im.model.cluster import ServiceInstance
 from im.procs import free_port
-from tests.support.etcd import EtcdMissing, EtcdProcess, shared_etcd
+from tests.support.etcd import EtcdCluster, EtcdMissing, EtcdProcess, shared_etcd
 from tests.support.wait import eventually
 
 TTL = 2.0  # etcd leases are whole seconds
@@ -29,6 +30,15 @@ EXPIRY_LAG = 1.0  # etcd revokes expired leases every 0.5 s; a margin on a busy 
 
 def gw(node: str, load: int = 0) -> ServiceInstance:
     return ServiceInstance("gateway", node, {"ws": f"ws://{node}:8081/ws"}, load)
+
+
+def record_into(seen: dict[str, list[str]], role: str) -> Callable[[list[ServiceInstance]], None]:
+    """A watch callback that keeps the nodes of ``role`` listed last in ``seen[role]``."""
+
+    def record(live: list[ServiceInstance]) -> None:
+        seen[role] = [i.node for i in live]
+
+    return record
 
 
 def by_node(instances: list[ServiceInstance]) -> list[ServiceInstance]:
@@ -249,6 +259,64 @@ async def test_a_dead_first_member_is_passed_over_within_the_call(prefix: str) -
     async with EtcdRegistry([dead, f"127.0.0.1:{free_port()}"], prefix=prefix, timeout=1.0) as nowhere:
         with pytest.raises(aetcd.ConnectionFailedError):
             await nowhere.ping()  # every member tried once, then the error
+
+
+async def test_many_reports_of_one_failure_move_the_client_once(prefix: str) -> None:
+    """Every call and stream on a member fails at once and reports it: only the first report (of the epoch
+    the calls began in) moves the client; the later ones, and any made after the move, leave it where it
+    is. Three watches are open, so closing the old channel takes a while (the reports arrive meanwhile)."""
+    endpoint = shared_etcd().endpoint
+    async with EtcdRegistry([endpoint] * 3, prefix=prefix) as reg:
+        seen: dict[str, list[str]] = {}
+        for role in ("gateway", "transfer", "api"):
+            reg.watch(role, record_into(seen, role))
+        await eventually(lambda: len(seen) == 3, "three views listed")
+        dead = aetcd.ConnectionFailedError("Stream removed (Socket closed)")
+        assert await asyncio.gather(*(reg.client.failed(dead, 0) for _ in range(3))) == [True] * 3
+        assert reg.client.epoch == 1
+        assert await reg.client.failed(dead, 0) and reg.client.epoch == 1  # a late report of the old member
+        assert not await reg.client.failed(aetcd.InvalidArgumentError("bad"), 1) and reg.client.epoch == 1
+        await reg.register(gw("gw-1"), TTL)  # the watches reopened on the new channel
+        await eventually(lambda: seen.get("gateway") == ["gw-1"], "the gateway view sees the registration")
+        assert reg.client.epoch == 1
+
+
+async def test_a_member_killed_under_watches_and_keepalives_moves_the_client_once(
+    prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A registry with watches and keepalives open on the first of three members; SIGKILL it: every
+    stream and call on it fails together and each reports it, yet the client moves once, to the second
+    member, and stays there (it used to move once per report: round to the dead member again, closing the
+    live channel under the calls that had moved, whose failures moved it again, until a lease expired).
+    The registrations stay listed throughout, and the watches see a later change."""
+    etcd = EtcdCluster(3).start()
+    try:
+        caplog.set_level(logging.WARNING, logger="im.backends.registry.etcd")
+        async with EtcdRegistry(etcd.endpoints, prefix=prefix, timeout=2.0) as reg:
+            seen: dict[str, list[str]] = {}
+            for role in ("gateway", "transfer", "api"):
+                reg.watch(role, record_into(seen, role))
+            await reg.register(gw("gw-1"), TTL)
+            await reg.register(ServiceInstance("transfer", "tr-1", {"grpc": "tr-1:9000"}), TTL)
+            await eventually(lambda: seen.get("gateway") == ["gw-1"] and seen.get("transfer") == ["tr-1"], "watched")
+            caplog.clear()
+
+            await asyncio.to_thread(etcd.members[0].stop, signal.SIGKILL)
+            async with EtcdRegistry(etcd.endpoints[1:], prefix=prefix, timeout=2.0) as view:
+                until = time.monotonic() + 2 * TTL
+                while time.monotonic() < until:
+                    listed = [i.node for role in ("gateway", "transfer") for i in await view.instances(role)]
+                    assert listed == ["gw-1", "tr-1"], listed
+                    await asyncio.sleep(0.1)
+                moves = [r.getMessage() for r in caplog.records if "etcd member unreachable" in r.getMessage()]
+                assert len(moves) == 1 and reg.client.epoch == 1, moves
+                assert reg.client.target == etcd.endpoints[1]
+
+                await view.register(ServiceInstance("api", "api-1", {"http": "http://api-1:8080"}), TTL)
+                await eventually(lambda: seen.get("api") == ["api-1"], "the api watch sees a later change")
+                await view.deregister("api-1")
+    finally:
+        etcd.destroy()
 
 
 def test_bad_endpoints_are_refused() -> None:

@@ -70,10 +70,11 @@ class EtcdConfigStore(ConfigStore):
         return self._values_prefix + key.encode()
 
     async def values(self) -> dict[str, str]:
+        epoch = self._client.epoch
         try:
             got = await self._client.get_prefix(self._values_prefix)
         except Exception as e:
-            await self._client.failed(e)
+            await self._client.failed(e, epoch)
             raise
         return self._decode_values(got)
 
@@ -98,6 +99,7 @@ class EtcdConfigStore(ConfigStore):
         value_key, client = self._key(key), self._client
         tx = client.transactions
         for _ in range(_ATTEMPTS):
+            epoch = client.epoch
             try:
                 current = await client.get(value_key)
                 history_kv = await client.get(self._history_key)
@@ -118,7 +120,7 @@ class EtcdConfigStore(ConfigStore):
                     failure=[],
                 )
             except Exception as e:
-                await client.failed(e)
+                await client.failed(e, epoch)
                 raise
             if ok:
                 return change
@@ -135,10 +137,11 @@ class EtcdConfigStore(ConfigStore):
             return []
 
     async def history(self, key: str | None = None) -> list[Change]:
+        epoch = self._client.epoch
         try:
             kv = await self._client.get(self._history_key)
         except Exception as e:
-            await self._client.failed(e)
+            await self._client.failed(e, epoch)
             raise
         return [Change(e.key, e.old, e.new, e.by, e.at) for e in self._entries(kv) if key is None or e.key == key]
 

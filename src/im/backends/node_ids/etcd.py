@@ -145,13 +145,14 @@ class EtcdNodeIds(NodeIdClaims):
         """Claim an id, trying each etcd member once; then keep it alive in the background."""
         error: Exception | None = None
         for _ in range(len(self._client.members)):
+            epoch = self._client.epoch
             try:
                 await self._claim()
             except NodeIdUnavailable:
                 raise
             except Exception as exc:
                 error = exc
-                await self._client.failed(exc)
+                await self._client.failed(exc, epoch)
                 continue
             self._task = asyncio.get_running_loop().create_task(self._keep(), name=f"etcd-node-id-{self.owner}")
             return
@@ -324,6 +325,7 @@ class EtcdNodeIds(NodeIdClaims):
                 await asyncio.wait_for(self._nudge.wait(), delay)
             raise_if_cancelling()  # wait_for, or the last renewal's library call, may have swallowed a stop
             self._nudge.clear()
+            epoch = self._client.epoch
             try:
                 refused, self._refused = self._refused, None
                 if refused is not None and refused == self._held:
@@ -336,7 +338,7 @@ class EtcdNodeIds(NodeIdClaims):
                 raise_if_cancelling(exc)
                 if not isinstance(exc, NodeIdUnavailable):
                     METRICS.engine_error(exc, "etcd")
-                    await self._client.failed(exc)
+                    await self._client.failed(exc, epoch)
                 failures += 1
                 delay = min(self._ttl / 3, self._retry * 2 ** min(failures, 10), self._max_retry)
                 log.log(
@@ -368,6 +370,7 @@ class EtcdNodeIds(NodeIdClaims):
         start = held.revision + 1
         failures = 0
         while True:
+            epoch = c.epoch
             try:
                 watch = await asyncio.wait_for(c.watch(key, start_revision=start), self._timeout)
                 try:
@@ -387,7 +390,7 @@ class EtcdNodeIds(NodeIdClaims):
                 return
             except Exception as exc:  # reopen; the keepalive still renews (and finds a loss) meanwhile
                 failures += 1
-                await c.failed(exc)
+                await c.failed(exc, epoch)
                 delay = min(self._retry * 2 ** min(failures - 1, 10), self._max_retry)
                 log.debug("watch of node id %d broke (%r): reopening in %.2fs", held.node_id, exc, delay)
                 await retry_pause(delay, exc)

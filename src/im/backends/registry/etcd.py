@@ -130,11 +130,13 @@ def _failing_over(
     method: Callable[Concatenate[R, P], Coroutine[Any, Any, T]],
 ) -> Callable[Concatenate[R, P], Coroutine[Any, Any, T]]:
     """A call that finds its etcd member unreachable moves the client to the next member and is made
-    again there, once per other member; when every member failed it raises (the caller retries, as it
-    would after any etcd error). The calls so wrapped are safe to repeat."""
+    again there, once per other member (and again on the same member when it answered that the leader
+    changed); when every attempt failed it raises (the caller retries, as it would after any etcd
+    error). The calls so wrapped are safe to repeat."""
 
     async def call(self: R, /, *args: P.args, **kwargs: P.kwargs) -> T:
         for _ in range(len(self.client.members) - 1):
+            epoch = self.client.epoch
             try:
                 return await method(self, *args, **kwargs)
             except asyncio.CancelledError:
@@ -142,8 +144,9 @@ def _failing_over(
                     raise
                 # another task closed the channel under this call (a move to the next member): again
             except Exception as e:
-                if not await self.client.failed(e):
+                if not await self.client.failed(e, epoch):
                     raise
+        epoch = self.client.epoch
         try:
             return await method(self, *args, **kwargs)
         except asyncio.CancelledError:
@@ -151,7 +154,7 @@ def _failing_over(
                 raise
             raise aetcd.ConnectionFailedError("the etcd channel was closed under the call") from None
         except Exception as e:
-            await self.client.failed(e)
+            await self.client.failed(e, epoch)
             raise
 
     call.__name__, call.__qualname__, call.__doc__ = method.__name__, method.__qualname__, method.__doc__
@@ -313,6 +316,7 @@ class EtcdRegistry(Registry):
         while True:
             await asyncio.sleep(delay)
             raise_if_cancelling()  # a stop that the last renewal's library call swallowed
+            epoch = self.client.epoch
             try:
                 async with reg.lock:
                     if not await self._refresh(reg):
@@ -323,7 +327,7 @@ class EtcdRegistry(Registry):
                 raise_if_cancelling(e)
                 METRICS.engine_error(e, "etcd")
                 failures += 1
-                await self.client.failed(e)
+                await self.client.failed(e, epoch)
                 delay = min(reg.ttl / 3, self._retry * 2 ** min(failures, 10), self._max_retry)
                 log.log(
                     logging.WARNING if failures == 1 else logging.DEBUG,
@@ -433,6 +437,7 @@ class EtcdRegistry(Registry):
         revision: int | None = None  # the last revision seen; None: list again
         failures = 0
         while True:
+            epoch = self.client.epoch
             try:
                 if revision is None:
                     got = await self.client.get_prefix(prefix)
@@ -453,7 +458,7 @@ class EtcdRegistry(Registry):
             except Exception as e:  # etcd restarted or unreachable (ConnectionFailedError, ...): reopen
                 METRICS.engine_error(e, "etcd")
                 failures += 1
-                await self.client.failed(e)
+                await self.client.failed(e, epoch)
                 delay = min(self._retry * 2 ** min(failures - 1, 10), self._max_retry)
                 log.log(
                     logging.WARNING if failures == 1 else logging.DEBUG,
@@ -554,8 +559,14 @@ class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type hints
         # aetcd's `timeout` is typed int but passed to gRPC as seconds: a float works.
         super().__init__(host=host, port=port, timeout=timeout, options=options)
         self.members = members
-        self.current = 0
+        #: How many times the client moved on to the next member: it talks to ``members[current]``. A
+        #: caller reads it before a call and hands it to :meth:`failed` with the call's error.
+        self.epoch = 0
         self._tls = tls
+
+    @property
+    def current(self) -> int:
+        return self.epoch % len(self.members)
 
     @property
     def target(self) -> str:
@@ -614,16 +625,33 @@ class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type hints
             call.cancel()  # a no-op once the stream ended; otherwise (an error, a cancellation) ends it
         return None if reply is grpc.aio.EOF else reply
 
-    async def failed(self, exc: BaseException) -> bool:
-        """A call failed with ``exc``: if the member did not answer and there are others, close this
-        channel and use the next member from the next call on. True if the next call goes to another
-        member than the failed one."""
+    async def failed(self, exc: BaseException, epoch: int) -> bool:
+        """A call begun at ``epoch`` (:attr:`epoch` read before the call) failed with ``exc``: if its member
+        did not answer and there are others, use the next member from the next call on and close the old
+        channel. True if the call may be made again at once: on the next member, or on this one when it
+        answered that the leader changed under the call (it is up, and has or soon has a new leader:
+        moving would only break every stream on it).
+
+        A dead member fails every call and stream on it at once, and each reports it: only a report of
+        the current epoch moves the client. Without that, three reports of one dead member moved a client
+        of three members round to the dead one again, and closed the live channel under the calls that
+        had just moved to it, whose failures then moved it again."""
         if len(self.members) < 2 or not isinstance(exc, aetcd.ConnectionFailedError | aetcd.ConnectionTimeoutError):
             return False
-        if not self._connected.is_set():
-            return True  # another task already moved on; the next connect uses the next member
-        self.current = (self.current + 1) % len(self.members)
+        if "etcdserver: leader changed" in str(exc):
+            return True
+        if epoch != self.epoch:
+            return True  # the client already moved on since this call began
+        self.epoch += 1
         log.warning("etcd member unreachable (%r): moving to %s", exc, self.target)
+        # Detach the old channel before closing it: a call made while it closes connects to the next
+        # member rather than borrowing the closing channel (whose failure would then move us once more).
+        channel, watcher = self.channel, self._watcher
+        self._init_channel_attrs()
+        self._connected.clear()
         with contextlib.suppress(Exception):
-            await self.close()
+            if watcher is not None:
+                await watcher.shutdown()
+            if channel is not None:
+                await channel.close()
         return True
