@@ -281,6 +281,37 @@ async def test_many_reports_of_one_failure_move_the_client_once(prefix: str) -> 
         assert reg.client.epoch == 1
 
 
+async def test_a_keepalive_whose_channel_closes_under_it_goes_on_in_time(prefix: str) -> None:
+    """A lease refresh in flight when another call's failure moves the client (and closes the channel
+    under the refresh) fails instead of waiting forever for its stream to start (what gRPC does), within
+    TTL/3: the keepalive retries on the new channel and the registration never leaves the listing."""
+    endpoint = shared_etcd().endpoint
+    async with (
+        EtcdRegistry([endpoint, endpoint], prefix=prefix) as reg,
+        EtcdRegistry(endpoint, prefix=prefix) as view,
+    ):
+        await reg.register(gw("gw-1"), TTL)
+        real, refreshes = reg.client.refresh_lease, 0
+
+        async def refresh_while_moving(lease: int, *, within: float | None = None) -> object:
+            nonlocal refreshes
+            refreshes += 1
+            if refreshes > 1:
+                return await real(lease, within=within)
+            call = asyncio.ensure_future(real(lease, within=within))
+            await asyncio.sleep(0)  # the refresh has its stream; now another call finds the member gone
+            await reg.client.failed(aetcd.ConnectionFailedError("Socket closed"), reg.client.epoch)
+            return await call
+
+        reg.client.refresh_lease = refresh_while_moving  # type: ignore[method-assign,assignment]
+        until = time.monotonic() + 2 * TTL
+        while time.monotonic() < until:
+            assert await view.instances("gateway") == [gw("gw-1")]
+            await asyncio.sleep(0.1)
+        assert refreshes >= 3  # the keepalive went on after the one that lost its channel
+        assert {t.get_name() for t in reg._tasks} == {"etcd-keepalive-gw-1"}
+
+
 async def test_a_member_killed_under_watches_and_keepalives_moves_the_client_once(
     prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:

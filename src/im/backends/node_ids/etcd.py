@@ -49,7 +49,7 @@ import aetcd
 import msgspec
 
 from im.backends.node_ids import MAX_NODE_IDS, Minter, NodeIdClaims, NodeIdUnavailable
-from im.backends.registry.etcd import EtcdRegistry
+from im.backends.registry.etcd import EtcdRegistry, closed_channel_fails
 from im.cancel import raise_if_cancelling, retry_pause
 from im.observability.metrics import METRICS
 
@@ -289,7 +289,7 @@ class EtcdNodeIds(NodeIdClaims):
 
     async def _renew(self, held: _Held) -> None:
         """Refresh the lease and extend the reservation; a claim found lost is revoked at once."""
-        reply = await self._client.refresh_lease(held.lease)
+        reply = await self._client.refresh_lease(held.lease, within=self._ttl / 3)
         if reply is None or int(reply.TTL) <= 0:
             await self._lost(held, "its lease expired")
             return
@@ -327,13 +327,14 @@ class EtcdNodeIds(NodeIdClaims):
             self._nudge.clear()
             epoch = self._client.epoch
             try:
-                refused, self._refused = self._refused, None
-                if refused is not None and refused == self._held:
-                    await self._lost(refused, "the chat store refused its fencing token: another node holds it")
-                if self._held is None:
-                    await self._claim()
-                else:
-                    await self._renew(self._held)
+                with closed_channel_fails():
+                    refused, self._refused = self._refused, None
+                    if refused is not None and refused == self._held:
+                        await self._lost(refused, "the chat store refused its fencing token: another node holds it")
+                    if self._held is None:
+                        await self._claim()
+                    else:
+                        await self._renew(self._held)
             except Exception as exc:  # etcd unreachable, every id taken, ...: never let this task die
                 raise_if_cancelling(exc)
                 if not isinstance(exc, NodeIdUnavailable):
@@ -372,7 +373,8 @@ class EtcdNodeIds(NodeIdClaims):
         while True:
             epoch = c.epoch
             try:
-                watch = await asyncio.wait_for(c.watch(key, start_revision=start), self._timeout)
+                with closed_channel_fails():
+                    watch = await asyncio.wait_for(c.watch(key, start_revision=start), self._timeout)
                 try:
                     async with contextlib.aclosing(aiter(watch)) as events:
                         failures = 0

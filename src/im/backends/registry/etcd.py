@@ -34,7 +34,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -124,6 +124,19 @@ def _channel_closed() -> bool:
     every call in flight on a channel that another task closed (the client moving to the next member)."""
     task = asyncio.current_task()
     return task is not None and not task.cancelling()
+
+
+@contextlib.contextmanager
+def closed_channel_fails() -> Iterator[None]:
+    """Inside: a CancelledError that gRPC raises because another task closed the channel (not a stop of
+    this task) comes out as ``aetcd.ConnectionFailedError``, so that a loop which retries after etcd
+    errors retries it instead of ending as if it had been stopped."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not _channel_closed():
+            raise
+        raise aetcd.ConnectionFailedError("the etcd channel was closed under the call") from None
 
 
 def _failing_over(
@@ -307,7 +320,7 @@ class EtcdRegistry(Registry):
 
     async def _refresh(self, reg: _Registration) -> bool:
         """Renew the lease; False if etcd no longer has it."""
-        reply = await self.client.refresh_lease(reg.lease)
+        reply = await self.client.refresh_lease(reg.lease, within=reg.ttl / 3)
         return reply is not None and int(reply.TTL) > 0
 
     async def _keep_alive(self, reg: _Registration) -> None:
@@ -319,10 +332,11 @@ class EtcdRegistry(Registry):
             epoch = self.client.epoch
             try:
                 async with reg.lock:
-                    if not await self._refresh(reg):
-                        log.warning("etcd lease of %s was lost: registering it again", reg.instance.node)
-                        self._registration_lost(reg.instance.node)
-                        await self._grant_and_put(reg)
+                    with closed_channel_fails():
+                        if not await self._refresh(reg):
+                            log.warning("etcd lease of %s was lost: registering it again", reg.instance.node)
+                            self._registration_lost(reg.instance.node)
+                            await self._grant_and_put(reg)
             except Exception as e:  # etcd unreachable, or anything else: never let the keepalive die
                 raise_if_cancelling(e)
                 METRICS.engine_error(e, "etcd")
@@ -439,17 +453,18 @@ class EtcdRegistry(Registry):
         while True:
             epoch = self.client.epoch
             try:
-                if revision is None:
-                    got = await self.client.get_prefix(prefix)
-                    revision = int(got.header.revision)
-                    reset(list(got))
-                async with self._watch(prefix, revision + 1) as events:
-                    if failures:
-                        log.info("etcd %s reopened from revision %d", label, revision + 1)
-                    failures = 0
-                    async for e in events:
-                        revision = int(e.kv.mod_revision)
-                        event(e)
+                with closed_channel_fails():
+                    if revision is None:
+                        got = await self.client.get_prefix(prefix)
+                        revision = int(got.header.revision)
+                        reset(list(got))
+                    async with self._watch(prefix, revision + 1) as events:
+                        if failures:
+                            log.info("etcd %s reopened from revision %d", label, revision + 1)
+                        failures = 0
+                        async for e in events:
+                            revision = int(e.kv.mod_revision)
+                            event(e)
                 # The stream ended without an error: the client was shut down under us. Reopen.
                 raise aetcd.ConnectionFailedError("etcd watch stream ended")
             except aetcd.RevisionCompactedError:
@@ -599,9 +614,11 @@ class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type hints
         finally:
             self._is_connecting = False
 
-    async def refresh_lease(self, lease_id: int) -> Any:
+    async def refresh_lease(self, lease_id: int, *, within: float | None = None) -> Any:
         """One keepalive of lease ``lease_id``: etcd's reply (``TTL`` 0 or below: the lease is gone), or
-        None if the stream ended without one. Errors as aetcd's (``aetcd.ClientError`` and subclasses).
+        None if the stream ended without one. Errors as aetcd's (``aetcd.ClientError`` and subclasses);
+        no answer within ``within`` seconds (at most the client's timeout; a keepalive gives its TTL/3,
+        so that a retry still comes in time) is ``aetcd.ConnectionTimeoutError``.
 
         aetcd's own ``refresh_lease`` returns from inside ``async for`` over a LeaseKeepAlive stream: the
         response generator stays suspended, in a reference cycle with its call, so every refresh leaves
@@ -611,16 +628,23 @@ class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type hints
         node) full collections are minutes apart, and thousands of dead calls piled up. Here the stream
         is read to its end (etcd ends it once our side is done writing): the call finishes and is freed
         as soon as this returns."""
+        timeout = self._timeout if within is None else min(within, self._timeout or within)
         await self.connect()
-        call = self.leasestub.LeaseKeepAlive(timeout=self._timeout, metadata=self.metadata)
+        call = self.leasestub.LeaseKeepAlive(timeout=timeout, metadata=self.metadata)
         try:
-            await call.write(aetcd.rpc.LeaseKeepAliveRequest(ID=lease_id))
-            await call.done_writing()
-            reply = await call.read()
-            while (await call.read()) is not grpc.aio.EOF:  # etcd answers each request once: none follow
-                pass
+            # The whole exchange is bounded here too: a stream whose channel another task closed before
+            # it started (the client moving on) waits for its start forever, deadline or not (grpcio 1.x).
+            async with asyncio.timeout(timeout):
+                with closed_channel_fails():
+                    await call.write(aetcd.rpc.LeaseKeepAliveRequest(ID=lease_id))
+                    await call.done_writing()
+                    reply = await call.read()
+                    while (await call.read()) is not grpc.aio.EOF:  # etcd answers each request once
+                        pass
         except aetcd.rpc.AioRpcError as e:
             aetcd.exceptions._handle_exception(e)  # raises the matching aetcd.ClientError
+        except TimeoutError:
+            raise aetcd.ConnectionTimeoutError(f"no lease keepalive answer within {timeout}s") from None
         finally:
             call.cancel()  # a no-op once the stream ended; otherwise (an error, a cancellation) ends it
         return None if reply is grpc.aio.EOF else reply
