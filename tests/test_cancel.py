@@ -81,7 +81,7 @@ async def test_the_etcd_keepalive_stops_when_a_renewal_swallows_the_cancel(monke
     class Reply:
         TTL = 30
 
-    async def renew_losing_the_cancel(_lease: int) -> Reply:
+    async def renew_losing_the_cancel(_lease: int, *, within: float | None = None) -> Reply:
         nonlocal renewals
         renewals += 1
         renewing.set()
