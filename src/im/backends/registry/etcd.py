@@ -161,11 +161,8 @@ def _failing_over(
                     raise
         epoch = self.client.epoch
         try:
-            return await method(self, *args, **kwargs)
-        except asyncio.CancelledError:
-            if not _channel_closed():
-                raise
-            raise aetcd.ConnectionFailedError("the etcd channel was closed under the call") from None
+            with closed_channel_fails():
+                return await method(self, *args, **kwargs)
         except Exception as e:
             await self.client.failed(e, epoch)
             raise
