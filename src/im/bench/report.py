@@ -46,6 +46,11 @@ def load_table(r: dict[str, Any], console: Console | None = None) -> None:
     t.add_row("server CPU", _num(r["server_cpu_pct"], ".0f", " %"))
     if c.get("server_build"):
         t.add_row("server build (im.compiled)", c["server_build"])
+    engines = r.get("engines_cpu_ms_per_1k") or {}
+    for engine, ms in engines.items():
+        t.add_row(f"{engine} CPU-ms per 1k delivered", _num(ms, ",.1f"))
+    if engines and r.get("server_and_engines_cpu_ms_per_1k") is not None:
+        t.add_row("server + engines CPU-ms per 1k delivered", _num(r["server_and_engines_cpu_ms_per_1k"], ",.1f"))
     t.add_row("bench clients CPU", _num(r["clients_cpu_pct"], ".0f", " %"))
     t.add_row("other processes' CPU", _num(r["other_cpu_pct"], ".0f", " %"))
     t.add_row("irq + softirq CPU (loopback networking)", _num(r.get("irq_cpu_pct"), ".0f", " %"))

@@ -22,6 +22,8 @@ from im.certs import create_ca, issue
 
 __all__ = [
     "BENCH_SERVER_SETTINGS",
+    "ENGINES",
+    "EngineCpu",
     "MachineCpu",
     "SpawnedServer",
     "cpu_seconds",
@@ -76,6 +78,49 @@ class MachineCpu:
             parts = f.readline().split()[1:]
         user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in parts[:8])
         return (user + nice + system + steal) / _CLK_TCK, (irq + softirq) / _CLK_TCK
+
+
+#: The engines whose processes' CPU a measurement reports beside the server's, by process name
+#: (``/proc/PID/comm``): what im's own CPU figure leaves out when the store or presence is not in im's
+#: process. All processes of that name on the machine count, whatever they serve.
+ENGINES = {"postgres": "PostgreSQL", "redis-server": "Redis", "etcd": "etcd", "beam.smp": "RabbitMQ"}
+
+
+class EngineCpu:
+    """CPU seconds of the engines' processes (:data:`ENGINES`) over a measurement: :meth:`snapshot` at
+    its start and :meth:`since` at its end. A process that started in between counts whole (PostgreSQL
+    starts a backend per new connection); one that ended in between is lost (its CPU since the start
+    cannot be read any more), so a measurement must end before the server closes its engine
+    connections."""
+
+    @staticmethod
+    def snapshot() -> dict[int, tuple[str, float]]:
+        """pid → (engine, CPU seconds so far) for every engine process now running."""
+        out: dict[int, tuple[str, float]] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:  # ended meanwhile
+                continue
+            name, _, rest = stat.partition(" (")[2].rpartition(")")
+            engine = ENGINES.get(name)
+            if engine is not None:
+                fields = rest.split()
+                out[int(entry.name)] = (engine, (int(fields[11]) + int(fields[12])) / _CLK_TCK)
+        return out
+
+    @staticmethod
+    def since(start: dict[int, tuple[str, float]]) -> dict[str, float]:
+        """Engine → CPU seconds its processes spent since ``start`` (only engines that spent some)."""
+        spent: dict[str, float] = {}
+        for pid, (engine, seconds) in EngineCpu.snapshot().items():
+            before = start.get(pid)
+            used = seconds - before[1] if before is not None and before[0] == engine else seconds
+            if used > 0:
+                spent[engine] = spent.get(engine, 0.0) + used
+        return spent
 
 
 def raise_nofile() -> int:
