@@ -298,11 +298,16 @@ class RedisPresence(Presence):
         wanted = list(dict.fromkeys(uids))
         if not wanted:
             return {}
-        pipe = self._client.pipeline(transaction=False)
-        for start in range(0, len(wanted), self._chunk):
-            keys = [self.key(uid) for uid in wanted[start : start + self._chunk]]
-            pipe.eval_ro(_LOCATE, len(keys), *keys)
-        chunks: list[list[list[Any]]] = await pipe.execute()
+        chunks: list[list[list[Any]]]
+        if len(wanted) <= self._chunk:  # a commit's recipients, most often: no pipeline (about 25 µs less)
+            keys = [self.key(uid) for uid in wanted]
+            chunks = [await self._client.eval_ro(_LOCATE, len(keys), *keys)]
+        else:
+            pipe = self._client.pipeline(transaction=False)
+            for start in range(0, len(wanted), self._chunk):
+                keys = [self.key(uid) for uid in wanted[start : start + self._chunk]]
+                pipe.eval_ro(_LOCATE, len(keys), *keys)
+            chunks = await pipe.execute()
         out: dict[int, list[DeviceLocation]] = {}
         for uid, members in zip(wanted, (m for chunk in chunks for m in chunk), strict=True):
             if members:
