@@ -296,7 +296,7 @@ def _run(
     machine, irq = busy1[0] - busy0[0], busy1[1] - busy0[1]
     # An engine that used less than 0.5 % of a core is idle background (RabbitMQ's timers, Redis's cron):
     # it stays in "other processes" rather than a row of its own.
-    engines = {e: sec for e, sec in engines.items() if sec >= 0.005 * opts.duration}
+    engines = {e: sec for e, sec in engines.items() if sec >= 0.005 * elapsed}
     engines_cpu = sum(engines.values())
     others_cpu = machine - clients_cpu - (server_cpu or 0.0) - engines_cpu
     problems = [p for r in results.values() for p in r["problems"]]

@@ -52,10 +52,17 @@ BENCH_SERVER_SETTINGS = [
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def _name_and_cpu(pid: int | str) -> tuple[str, float]:
+    """Process ``pid``'s name (``comm``) and user + system CPU seconds (all its threads), from
+    /proc/<pid>/stat (the name is in parentheses and may hold any character: split at the last one)."""
+    head, _, rest = Path(f"/proc/{pid}/stat").read_text().rpartition(")")
+    fields = rest.split()
+    return head.partition("(")[2], (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` (all its threads), from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return _name_and_cpu(pid)[1]
 
 
 def rss_bytes(pid: int) -> int:
@@ -101,14 +108,12 @@ class EngineCpu:
             if not entry.name.isdigit():
                 continue
             try:
-                stat = Path(entry.path, "stat").read_text()
+                name, seconds = _name_and_cpu(entry.name)
             except OSError:  # ended meanwhile
                 continue
-            name, _, rest = stat.partition(" (")[2].rpartition(")")
             engine = ENGINES.get(name)
             if engine is not None:
-                fields = rest.split()
-                out[int(entry.name)] = (engine, (int(fields[11]) + int(fields[12])) / _CLK_TCK)
+                out[int(entry.name)] = (engine, seconds)
         return out
 
     @staticmethod
