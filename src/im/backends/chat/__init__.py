@@ -34,6 +34,15 @@ from im.model.chat import (
 from im.model.keys import WrappedKey
 
 
+def by_conversation(messages: Iterable[StoredMessage]) -> dict[str, list[StoredMessage]]:
+    """``messages`` grouped by conversation, each group in the order given (what :meth:`MessageLog.read_ranges`
+    answers)."""
+    out: dict[str, list[StoredMessage]] = {}
+    for m in messages:
+        out.setdefault(m.conv, []).append(m)
+    return out
+
+
 class MessageLog(Service, abc.ABC):
     """The conversation logs: the committer's reads and its one write.
 

@@ -45,7 +45,7 @@ from contextlib import AbstractAsyncContextManager
 
 from cryptography.exceptions import InvalidTag
 
-from im.backends.chat import ChatStore, StoredBodies
+from im.backends.chat import ChatStore, StoredBodies, by_conversation
 from im.backends.files.ids import FileIds
 from im.backends.keys import KeyUnavailable
 from im.backends.keys.keyring import Keyring, conv_key_name
@@ -289,11 +289,8 @@ class EncryptedChatStore(ChatStore):
 
     async def read_ranges(self, ranges: Sequence[tuple[str, int, int]], limit: int) -> dict[str, list[StoredMessage]]:
         found = await self.inner.read_ranges(ranges, limit)
-        opened = await self.open([m for messages in found.values() for m in messages])  # one keyring call
-        out: dict[str, list[StoredMessage]] = {}
-        for m in opened:
-            out.setdefault(m.conv, []).append(m)
-        return out
+        # All the bodies opened with one keyring call, then grouped again.
+        return by_conversation(await self.open([m for messages in found.values() for m in messages]))
 
     async def wrote_in(self, pairs: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
         return await self.inner.wrote_in(pairs)

@@ -34,7 +34,7 @@ from typing import Any
 
 import asyncpg
 
-from im.backends.chat import ChatStore, ConversationKeys, OutboxLockLost, StoredBodies
+from im.backends.chat import ChatStore, ConversationKeys, OutboxLockLost, StoredBodies, by_conversation
 from im.backends.sql.pg_arrays import bigint_array, text_array
 from im.backends.sql.postgres_db import PostgresDatabase, rowcount
 from im.backends.sql.rows import conversation_summary
@@ -365,11 +365,7 @@ class PostgresChatStore(OnSharedDatabase[PostgresDatabase], ChatStore):
             list(uptos),
             limit,
         )
-        out: dict[str, list[StoredMessage]] = {}
-        for r in rows:
-            m = _msg(r)
-            out.setdefault(m.conv, []).append(m)
-        return out
+        return by_conversation(_msg(r) for r in rows)
 
     async def sync_points(self, uid: int, device: str) -> list[SyncPoint]:
         rows = await self.db.pool.fetch(

@@ -220,13 +220,12 @@ class SqliteChatStore(OnSharedDatabase[SqliteDatabase], ChatStore):
         if not ranges:
             return {}
 
+        sql = f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND seq>? AND seq<=? ORDER BY seq LIMIT ?"
+
         def run(conn: sqlite3.Connection) -> dict[str, list[StoredMessage]]:  # one job: a statement per range
             out: dict[str, list[StoredMessage]] = {}
             for conv, after, upto in ranges:
-                rows = conn.execute(
-                    f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND seq>? AND seq<=? ORDER BY seq LIMIT ?",
-                    (conv, after, upto, limit),
-                ).fetchall()
+                rows = conn.execute(sql, (conv, after, upto, limit)).fetchall()
                 if rows:
                     out[conv] = [_msg(r) for r in rows]
             return out
