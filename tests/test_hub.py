@@ -479,3 +479,48 @@ async def test_a_connections_tasks_end_with_it_and_an_idle_one_holds_no_task_set
     with pytest.raises(asyncio.CancelledError):
         await task
     assert conn._tasks is None
+
+
+async def test_a_login_reads_its_sync_points_only_once_the_transfer_nodes_route_its_user_here(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transfer node routes by the table of users each gateway reports (``Router.announce``): a
+    device's sync points are read only once its user's first connection here is in every such table, so
+    that a message committed after that read is routed here. A second device of the user waits for the
+    same answers; the last connection's close announces the user gone. A table that does not answer
+    within ANNOUNCE_WAIT does not hold the login up further: its waiter gives up (cancels the future)."""
+    uid, token = await gateway.user("alice")
+    router = gateway.core.router
+    announced: list[tuple[int, bool]] = []
+    answers: list[asyncio.Future[None]] = []
+
+    def announce(u: int, held: bool) -> list[asyncio.Future[None]]:
+        announced.append((u, held))
+        if not held:
+            return []
+        answers.append(asyncio.get_running_loop().create_future())
+        return [answers[-1]]
+
+    monkeypatch.setattr(router, "announce", announce)
+    phone, laptop = FakeConnection(gateway.hub), FakeConnection(gateway.hub)
+    for conn, device in ((phone, "phone"), (laptop, "laptop")):
+        gateway.hub.add(conn)
+        conn.send(t="auth", token=token, device=device)
+    await eventually(lambda: announced, "the first connection announced its user")
+    await asyncio.sleep(0.2)
+    assert announced == [(uid, True)]  # once for the user, not per device
+    assert not phone.of_type("synced") and not laptop.of_type("synced")  # both wait for the answer
+    answers[0].set_result(None)
+    await eventually(lambda: phone.of_type("synced") and laptop.of_type("synced"), lambda: str(phone.frames))
+
+    phone.close_transport(ErrorCode.INTERNAL)
+    assert announced == [(uid, True)]  # the laptop still holds the user here
+    laptop.close_transport(ErrorCode.INTERNAL)
+    assert announced == [(uid, True), (uid, False)]
+
+    monkeypatch.setattr("im.gateway.hub.ANNOUNCE_WAIT", 0.2)
+    again = FakeConnection(gateway.hub)
+    gateway.hub.add(again)
+    again.send(t="auth", token=token, device="phone")
+    await eventually(lambda: again.of_type("synced"), lambda: str(again.frames))
+    assert announced[-1] == (uid, True) and answers[-1].cancelled()  # given up on, so its link catches up

@@ -5,7 +5,7 @@ online members only with the conversation's next message or the member's next re
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -114,10 +114,17 @@ async def test_no_timer_while_nothing_is_held(core: tuple[ChatCore, FlakyPresenc
 
 
 class Recording:
-    """A router that records what each node was handed."""
+    """A router that records what each node was handed; with ``table``, one that knows the gateways'
+    users itself (``holders``), as a transfer node's does."""
 
-    def __init__(self) -> None:
+    def __init__(self, table: dict[int, str] | None = None) -> None:
         self.published: dict[str, tuple[list[int], list[list[int]]]] = {}
+        self.table = table
+
+    def holders(self, uids: Collection[int]) -> dict[int, set[str]] | None:
+        if self.table is None:
+            return None
+        return {uid: {self.table[uid]} for uid in uids if uid in self.table}
 
     def publish(self, node: str, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
         seqs, recs = self.published.setdefault(node, ([], []))
@@ -144,11 +151,16 @@ def stored(seq: int) -> StoredMessage:
         ({}, {}),
     ],
 )
+@pytest.mark.parametrize("by", ["presence", "router table"])
 async def test_route_hands_each_node_its_recipients(
-    where: dict[int, str], expected: dict[str, tuple[list[int], list[list[int]]]]
+    where: dict[int, str], expected: dict[str, tuple[list[int], list[list[int]]]], by: str
 ) -> None:
-    presence, router = MemoryPresence(), Recording()
-    await presence.set_online([DeviceLocation(uid, "phone", node, f"c{uid}") for uid, node in where.items()], ttl=60)
+    presence = MemoryPresence()
+    if by == "presence":
+        router = Recording()
+        await presence.set_online([DeviceLocation(uid, "phone", node, f"c{uid}") for uid, node in where.items()], 60)
+    else:  # presence knows nobody: the router's table alone must route
+        router = Recording(table=where)
     routes = LiveRoutes(presence, router)  # type: ignore[arg-type]
     await routes.route([stored(1), stored(2)], [[1, 2], [2, 3]])
     assert router.published == expected

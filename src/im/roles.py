@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from im.backends.routing import DeliverySink
@@ -76,6 +76,10 @@ class _NoDeliveries(DeliverySink):
 
     def deliver_event(self, frame: object, uids: Iterable[int], skip: tuple[int, str] | None) -> None:
         pass
+
+    def held_users(self) -> Collection[int]:
+        """None held, reported as such: transfer nodes then route by the gateways' tables alone."""
+        return ()
 
 
 class _Role:

@@ -73,9 +73,10 @@ class Unrouted:
 
 
 class LiveRoutes:
-    """The committer's routing: one ``presence.locate`` for all recipients of a batch, one
-    ``router.publish`` per gateway node, with the messages whose routing failed held (:class:`Unrouted`)
-    and routed first the next time."""
+    """The committer's routing: the gateway nodes of all recipients of a batch from the router's table
+    (``router.holders``: transfer nodes, whose linked gateways report their users) or else one
+    ``presence.locate``, then one ``router.publish`` per gateway node, with the messages whose routing
+    failed held (:class:`Unrouted`) and routed first the next time."""
 
     def __init__(self, presence: Presence, router: Router) -> None:
         self._presence = presence
@@ -90,8 +91,12 @@ class LiveRoutes:
         if not messages:
             return
         uids = {u for rs in recipients for u in rs}
-        located = await self._presence.locate(uids)
-        nodes_of = {uid: {loc.node for loc in locs} for uid, locs in located.items()}
+        nodes_of = self._router.holders(uids)
+        if nodes_of is None:  # the router has no table of the gateways' users: Presence knows them
+            located = await self._presence.locate(uids)
+            nodes_of = {uid: {loc.node for loc in locs} for uid, locs in located.items()}
+        if not nodes_of:
+            return
         nodes = set().union(*nodes_of.values())
         if len(nodes) == 1 and len(nodes_of) == len(uids):
             # Every recipient is on the one node (im serve, or a single gateway): the batch goes as it is.

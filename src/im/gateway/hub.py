@@ -17,7 +17,7 @@ import abc
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any, ClassVar, Protocol
 
 from im.backends.chat import CursorStore
@@ -58,6 +58,9 @@ _cursor_failures = ThrottledLog(log, "cursor flushes: storage unavailable (kept 
 _heads_failures = ThrottledLog(log, "catch-ups after a relink: storage unavailable (retrying)")
 #: The commands that pass the hub's shared rate limits before they are carried out.
 _GATED = (cmd.Submit, cmd.SaveCursor, cmd.MarkRead, cmd.SendTyping)
+#: Seconds a login waits at most for the transfer nodes to route its user here (``Router.announce``);
+#: a link that answers later has every session check the log once it does.
+ANNOUNCE_WAIT = 5.0
 
 
 class ConnectionHub(Protocol):
@@ -409,6 +412,9 @@ class Hub(DeliverySink):
         self.claims = DeviceClaims(node, presence, router, ttl=presence_ttl)
         self._cursor_interval = cursor_flush_interval
         self._by_user: dict[int, dict[str, Connection]] = {}
+        #: Users whose first connection here was announced to the transfer nodes and not yet routed by
+        #: all of them (``Router.announce``): a second device's login waits for the same answers.
+        self._announcing: dict[int, list[asyncio.Future[None]]] = {}
         self._all: set[Connection] = set()
         self._to_flush: list[Connection] = []
         self._cursors: dict[tuple[int, str, str], int] = {}
@@ -491,10 +497,22 @@ class Hub(DeliverySink):
 
     # --- registration --------------------------------------------------------------------------------
 
+    def held_users(self) -> Collection[int]:
+        """DeliverySink: the users with a connection here, the table transfer nodes route by."""
+        return list(self._by_user)
+
     async def register(self, conn: Connection) -> None:
+        """Hold the connection's device here: claimed in presence (an older connection of the device
+        elsewhere is asked to close), and routed here by the transfer nodes before this returns (at most
+        :data:`ANNOUNCE_WAIT`), so that where the device stands, read after this, misses nothing."""
         s = conn.session
         conn.conn_id = self.claims.new_id()
-        devices = self._by_user.setdefault(s.uid, {})
+        devices = self._by_user.get(s.uid)
+        if devices is None:  # its user's first connection here: announced once it is in held_users
+            devices = self._by_user[s.uid] = {}
+            announced = self._router.announce(s.uid, True)
+            if announced:
+                self._announcing[s.uid] = announced
         old = devices.get(s.device)
         devices[s.device] = conn
         if old is None:
@@ -508,6 +526,24 @@ class Hub(DeliverySink):
             conn.claimed = False
             METRICS.engine_error(exc)
             _presence_failures.hit(f"{type(exc).__name__}: {exc}: uid={s.uid} device={s.device} not announced yet")
+        await self._routed_here(s.uid)
+
+    async def _routed_here(self, uid: int) -> None:
+        """Wait until every transfer node that routes by its gateways' tables has this node's entry for
+        ``uid`` (at most :data:`ANNOUNCE_WAIT`; a link that answers later makes every session catch up)."""
+        announced = self._announcing.get(uid)
+        if not announced:
+            return
+        if all(done.done() for done in announced):
+            del self._announcing[uid]
+            return
+        try:
+            _, late = await asyncio.wait(announced, timeout=ANNOUNCE_WAIT)
+            for done in late:
+                done.cancel()
+        finally:
+            if self._announcing.get(uid) is announced and all(done.done() for done in announced):
+                del self._announcing[uid]
 
     async def _set_offline(self, uid: int, device: str, conn_id: str) -> None:
         if device in self._by_user.get(uid, {}):
@@ -550,6 +586,8 @@ class Hub(DeliverySink):
             METRICS.authenticated -= 1
             if not devices:
                 del self._by_user[s.uid]
+                self._announcing.pop(s.uid, None)
+                self._router.announce(s.uid, False)
             task = asyncio.get_running_loop().create_task(self._set_offline(s.uid, s.device, conn.conn_id))
             self._background.add(task)
             task.add_done_callback(self._background.discard)

@@ -138,6 +138,15 @@ class TransferLink:
         self._wake = asyncio.Event()
         #: Whether sends wait in ``_unsent`` for the ones written before to be answered (:meth:`_next_frame`).
         self._holding = False
+        #: The users the sink holds, as the transfer node's table of them (``holds_users``): True from a
+        #: hello that carried the table until its stream is lost. Changes since that hello: not written
+        #: yet, issued on this stream (a running count), applied by the transfer node (its count), and
+        #: what waits for a count to be applied (a future, or None: every session catches up then).
+        self._reports_held = False
+        self._holdings: list[tuple[int, bool]] = []
+        self._holdings_issued = 0
+        self._holdings_applied = 0
+        self._holding_waiters: list[tuple[int, asyncio.Future[None] | None]] = []
         self._epoch = 0  # one per stream: a stale stream's writer stops when it changes
         self._connected = asyncio.Event()
         self._closing = asyncio.Event()
@@ -250,6 +259,59 @@ class TransferLink:
         self._has_forwards = True
         self._wake.set()
 
+    # --- the table of users the transfer node routes by ------------------------------------------------
+
+    def announce(self, uid: int, held: bool) -> asyncio.Future[None] | None:
+        """The sink now holds ``uid`` (``held``) or no longer does: tell the transfer node, after what
+        this stream said before. For ``held``, a future done once the transfer node routes by it (or
+        once the stream is lost: the next hello carries the table); cancelled by a waiter that gives up,
+        it makes every session catch up once the change is applied. None when no stream carries the
+        table now: the next hello's has the change (:meth:`_write_frames`)."""
+        if not self._reports_held:
+            return None
+        self._holdings.append((uid, held))
+        self._holdings_issued += 1
+        self._queued_forward()
+        if not held:
+            return None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._holding_waiters.append((self._holdings_issued, done))
+        return done
+
+    def _holdings_applied_up_to(self, count: int) -> None:
+        """The transfer node has applied ``count`` of this stream's changes: release their waiters."""
+        if count <= self._holdings_applied:
+            return
+        self._holdings_applied = count
+        waiting: list[tuple[int, asyncio.Future[None] | None]] = []
+        catch_up = False
+        for at, done in self._holding_waiters:
+            if at > count:
+                waiting.append((at, done))
+            elif done is None or done.cancelled():
+                catch_up = True
+            elif not done.done():
+                done.set_result(None)
+        self._holding_waiters = waiting
+        if catch_up:
+            self._catch_up()
+
+    def _linked(self) -> None:
+        """The welcome came: what the transfer node routed here while this node was unlinked was
+        dropped, so every session checks the log, once the changes written after the hello are applied
+        there too (the welcome follows the hello's table only): no delivery routed by an older table can
+        then pass a session by."""
+        if self._reports_held and self._holdings_issued > self._holdings_applied:
+            self._holding_waiters.append((self._holdings_issued, None))
+        else:
+            self._catch_up()
+
+    def _release_holding_waiters(self) -> None:
+        waiters, self._holding_waiters = self._holding_waiters, []
+        for _, done in waiters:
+            if done is not None and not done.done():
+                done.set_result(None)
+
     # --- the stream ----------------------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -298,12 +360,16 @@ class TransferLink:
                             self._refused(f"the transfer node at {self.address} says it is {frame.welcome.node!r}")
                             break
                         self.transfer_node = frame.welcome.node
+                        if not frame.welcome.routes_by_held:  # an older transfer node: presence routes
+                            self._reports_held = False
+                            self._holdings.clear()
+                            self._release_holding_waiters()
                         self.last_error = ""
                         self.connects += 1
                         self._connected.set()
                         backoff = self._backoff_initial
                         log.info("linked to transfer node %s at %s", self.transfer_node, self.address)
-                        self._catch_up()  # what that node routed here while unlinked was dropped
+                        self._linked()
                     self._dispatch(frame)
                 log.warning("transfer node %s ended the link", self.address)
             except grpc.aio.AioRpcError as exc:
@@ -359,7 +425,19 @@ class TransferLink:
         epoch ends (then the stream is half-closed) or the call does. A write that fails because the call
         ended is the reader's to report; anything else cancels the call, so that the link reconnects."""
         try:
-            await call.write(pb.GatewayFrame(hello=pb.Hello(node=self.node, columns=True)))
+            if epoch != self._epoch:
+                return
+            hello = pb.Hello(node=self.node, columns=True)
+            held = self.sink.held_users()
+            # The table and the changes after it: taken together, before the first await.
+            self._holdings.clear()
+            self._holdings_issued = self._holdings_applied = 0
+            self._release_holding_waiters()
+            self._reports_held = held is not None
+            if held is not None:
+                hello.holds_users = True
+                hello.held.extend(held)
+            await call.write(pb.GatewayFrame(hello=hello))
             while True:
                 frame = await self._next_frame(epoch)
                 if frame is None:
@@ -406,7 +484,12 @@ class TransferLink:
                 frame.MergeFrom(self._forwards)
                 self._forwards.Clear()
                 self._has_forwards = False
-            if sends or frame.routes or frame.events or frame.revoked_sessions or frame.replaced:
+            if self._holdings:
+                add_holding = frame.holdings.add
+                for uid, held in self._holdings:
+                    add_holding(uid=uid, held=held)
+                self._holdings.clear()
+            if sends or frame.routes or frame.events or frame.revoked_sessions or frame.replaced or frame.holdings:
                 self.frames_sent += 1
                 METRICS.link_frames["sent"] += 1
                 return frame
@@ -417,6 +500,9 @@ class TransferLink:
         self._connected.clear()
         self._epoch += 1
         self._unsent.clear()
+        self._reports_held = False  # the next stream's hello carries the table, and its welcome a catch-up
+        self._holdings.clear()
+        self._release_holding_waiters()
         self._forwards.Clear()
         self._has_forwards = False
         self._holding = False
@@ -443,6 +529,8 @@ class TransferLink:
                 self._answer_fresh(*item)
             else:
                 self._answer(item)
+        if frame.holdings_applied:
+            self._holdings_applied_up_to(frame.holdings_applied)
         if not self._pending:
             self._answered.set()
         if self._holding and len(self._pending) <= len(self._unsent):  # every written send answered

@@ -219,6 +219,16 @@ class TransferPool:
         for req, done in sends:
             self.submit(req, done)
 
+    def announce(self, uid: int, held: bool) -> list[asyncio.Future[None]]:
+        """Tell every linked transfer node that this node now holds ``uid`` or no longer does
+        (:meth:`TransferLink.announce`); the futures of those that route by it once applied."""
+        futures = []
+        for link in self._links.values():
+            done = link.announce(uid, held)
+            if done is not None:
+                futures.append(done)
+        return futures
+
     # --- forwarding ----------------------------------------------------------------------------------
 
     def _any(self) -> TransferLink | None:
@@ -270,3 +280,7 @@ class LinkRouter(MemoryRouter):
     def replaced_elsewhere(self, node: str, connections: Sequence[DeviceLocation]) -> None:
         if not self._pool.replace(node, connections):
             self.dropped += len(connections)
+
+    def announce(self, uid: int, held: bool) -> list[asyncio.Future[None]]:
+        """Through every link (:meth:`TransferPool.announce`): the transfer nodes route by it."""
+        return self._pool.announce(uid, held)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -66,10 +66,24 @@ class LinkOutbox:
     with its in-flight window.
     """
 
-    def __init__(self, node: str, *, max_frame_items: int, max_pending: int, columns: bool = False) -> None:
-        """``columns``: the gateway reads ``fresh`` and ``sent`` (its hello said so)."""
+    def __init__(
+        self,
+        node: str,
+        *,
+        max_frame_items: int,
+        max_pending: int,
+        columns: bool = False,
+        held: set[int] | None = None,
+    ) -> None:
+        """``columns``: the gateway reads ``fresh`` and ``sent`` (its hello said so). ``held``: the users
+        the gateway holds, from its hello (None: it does not report them; Presence has them)."""
         self.node = node
         self.columns = columns
+        self.held = held
+        #: How many of the stream's ``holdings`` changes are applied to ``held``, and the count last
+        #: written (the next frame carries the count when it grew: ``holdings_applied``).
+        self.holdings_applied = 0
+        self._applied_written = 0
         #: mid -> number of the fresh result that carried it on this stream (while ``columns``): its
         #: delivery here within the gateway's window is sent as a reference (``TransferFrame.sent``)
         self._fresh_at: dict[int, int] = {}
@@ -127,6 +141,20 @@ class LinkOutbox:
             self.replaced.extend(connections)
             self.ready.set()
 
+    def apply_holdings(self, holdings: Any) -> None:
+        """Apply a frame's ``holdings`` to ``held`` in their order, and have the next frame say so."""
+        held = self.held
+        if held is None:  # changes without a hello that announced the table: nothing routes by them
+            return
+        for h in holdings:
+            if h.held:
+                held.add(h.uid)
+            else:
+                held.discard(h.uid)
+        self.holdings_applied += len(holdings)
+        if not self.closed:
+            self.ready.set()
+
     def close(self) -> None:
         self.closed = True
         self.ready.set()
@@ -145,9 +173,14 @@ class LinkOutbox:
         else:
             self.ready.clear()
         dropped, self.overflowed = self.overflowed, False
-        if not (results or deliveries or events or revoked or replaced or dropped):
+        applied = self.holdings_applied
+        if applied == self._applied_written:
+            applied = 0
+        else:
+            self._applied_written = applied
+        if not (results or deliveries or events or revoked or replaced or dropped or applied):
             return None
-        frame = pb.TransferFrame(revoked_sessions=revoked, dropped=dropped)
+        frame = pb.TransferFrame(revoked_sessions=revoked, dropped=dropped, holdings_applied=applied)
         for r in replaced:
             frame.replaced.add(uid=r.uid, device=r.device, conn=r.conn)
         if self.columns:
@@ -265,24 +298,54 @@ class GrpcRouter(Router):
         self._links: dict[str, LinkOutbox] = {}
         self._encode_event = encode_event
         self.unroutable = 0  # messages published to a node with neither a sink nor a stream
+        #: Every linked node reports the users it holds and no sink is local: :meth:`holders` answers.
+        self._tabled = True
 
     # local gateway nodes in this process (an all-in-one transfer + gateway): called directly
     def attach(self, node: str, sink: DeliverySink) -> None:
         self._sinks[node] = sink
+        self._retable()
 
     def detach(self, node: str) -> None:
         self._sinks.pop(node, None)
+        self._retable()
 
     def register(self, outbox: LinkOutbox) -> None:
-        """A stream from ``outbox.node`` is up; it replaces any older stream of the same node."""
+        """A stream from ``outbox.node`` is up; it replaces any older stream of the same node (and the
+        table of users the older one reported)."""
         old = self._links.get(outbox.node)
         self._links[outbox.node] = outbox
         if old is not None and old is not outbox:
             old.close()
+        self._retable()
 
     def unregister(self, outbox: LinkOutbox) -> None:
         if self._links.get(outbox.node) is outbox:
             del self._links[outbox.node]
+            self._retable()
+
+    def _retable(self) -> None:
+        self._tabled = not self._sinks and all(o.held is not None for o in self._links.values())
+
+    def holders(self, uids: Collection[int]) -> dict[int, set[str]] | None:
+        """The linked nodes holding each of ``uids`` by the tables they report (their hellos and
+        ``holdings``): a node's table changes in the order of its stream, and a gateway reads where a
+        new user stands only once its change is applied here (``holdings_applied``), so a message
+        routed by an older table was committed before that read. None while a linked node reports no
+        table (an older gateway) or a gateway node is local."""
+        if not self._tabled:
+            return None
+        found: dict[int, set[str]] = {}
+        for node, outbox in self._links.items():
+            held = outbox.held
+            assert held is not None  # _tabled
+            for uid in held.intersection(uids):
+                nodes = found.get(uid)
+                if nodes is None:
+                    found[uid] = {node}
+                else:
+                    nodes.add(node)
+        return found
 
     def linked(self) -> list[str]:
         return sorted(self._links)
@@ -418,11 +481,13 @@ class TransferServicer:
         if self._closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the transfer node is stopping")
             return
+        hello = first.hello
         outbox = LinkOutbox(
-            first.hello.node,
+            hello.node,
             max_frame_items=self._max_frame_items,
             max_pending=self._max_pending,
-            columns=first.hello.columns,
+            columns=hello.columns,
+            held=set(hello.held) if hello.holds_users else None,
         )
         stream = _Stream(outbox)
         self.router.register(outbox)
@@ -434,7 +499,7 @@ class TransferServicer:
         # when the stream ends cleanly).
         reader = asyncio.create_task(self._read(stream, first, it), name=f"im-transfer-read-{outbox.node}")
         try:
-            await context.write(pb.TransferFrame(welcome=pb.Welcome(node=self.node)))
+            await context.write(pb.TransferFrame(welcome=pb.Welcome(node=self.node, routes_by_held=True)))
             while True:
                 await outbox.ready.wait()
                 frame = outbox.take()
@@ -476,6 +541,8 @@ class TransferServicer:
             stream.outbox.close()
 
     def _submit(self, stream: _Stream, frame: pb.GatewayFrame) -> None:
+        if frame.holdings:  # first: a send in the same frame from a user just held is routed back here
+            stream.outbox.apply_holdings(frame.holdings)
         submit, done, rids = self.committer.submit, stream.done, stream.rids
         self.sends_received += len(frame.sends)
         for s in frame.sends:

@@ -6,7 +6,8 @@ Implementations: :mod:`.memory` (one process); the gRPC-linked routers of :mod:`
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+import asyncio
+from collections.abc import Collection, Iterable, Sequence
 
 from im.backends.lifecycle import Service
 from im.model.chat import StoredMessage
@@ -34,6 +35,13 @@ class DeliverySink(abc.ABC):
         or a core dropped some for this node because too many were waiting. A sink that holds sessions has
         them check the log for what they missed; one that holds none ignores it."""
 
+    def held_users(self) -> Collection[int] | None:
+        """The users with a connection on this node, for the table of them that transfer nodes route
+        by (a link's hello: ``TransferLink``); None: this sink reports none, and transfer nodes find
+        its users in Presence. A sink that reports them announces each change through its router
+        (:meth:`Router.announce`) once this answer includes it."""
+        return None
+
 
 class Router(Service, abc.ABC):
     """Carries committed messages to the gateway nodes that hold recipients.
@@ -47,6 +55,21 @@ class Router(Service, abc.ABC):
 
     @abc.abstractmethod
     def detach(self, node: str) -> None: ...
+
+    def announce(self, uid: int, held: bool) -> list[asyncio.Future[None]]:
+        """This process's gateway node now holds ``uid`` (its first connection opened) or no longer
+        does (its last closed), for the committers that route by the gateways' own tables (transfer
+        nodes: :meth:`holders`). For ``held``: a future per such committer, done once it routes by the
+        change (or once its link broke: the next link's hello carries it, and its sessions catch up);
+        a waiter that gives up cancels it, and that committer's link then has every session catch up
+        once the change is in. Default: none (committers find users in Presence)."""
+        return []
+
+    def holders(self, uids: Collection[int]) -> dict[int, set[str]] | None:
+        """The gateway nodes holding each of ``uids`` (users held by none left out), from the tables the
+        linked gateway nodes keep here; None when this router has no complete table (a linked node does
+        not report one): the committer then looks the users up in Presence. Default: None."""
+        return None
 
     @abc.abstractmethod
     def publish(self, node: str, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:

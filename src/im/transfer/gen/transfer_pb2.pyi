@@ -10,12 +10,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("node", "columns")
+    __slots__ = ("node", "columns", "holds_users", "held")
     NODE_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_USERS_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     node: str
     columns: bool
-    def __init__(self, node: _Optional[str] = ..., columns: _Optional[bool] = ...) -> None: ...
+    holds_users: bool
+    held: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(
+        self,
+        node: _Optional[str] = ...,
+        columns: _Optional[bool] = ...,
+        holds_users: _Optional[bool] = ...,
+        held: _Optional[_Iterable[int]] = ...,
+    ) -> None: ...
+
+class Holding(_message.Message):
+    __slots__ = ("uid", "held")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    uid: int
+    held: bool
+    def __init__(self, uid: _Optional[int] = ..., held: _Optional[bool] = ...) -> None: ...
 
 class Send(_message.Message):
     __slots__ = ("rid", "uid", "device", "cmid", "conv", "to", "type", "body", "traceparent")
@@ -87,19 +105,21 @@ class Replaced(_message.Message):
     ) -> None: ...
 
 class GatewayFrame(_message.Message):
-    __slots__ = ("hello", "sends", "routes", "events", "revoked_sessions", "replaced")
+    __slots__ = ("hello", "sends", "routes", "events", "revoked_sessions", "replaced", "holdings")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     SENDS_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     REVOKED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     REPLACED_FIELD_NUMBER: _ClassVar[int]
+    HOLDINGS_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     sends: _containers.RepeatedCompositeFieldContainer[Send]
     routes: _containers.RepeatedCompositeFieldContainer[Route]
     events: _containers.RepeatedCompositeFieldContainer[NodeEvent]
     revoked_sessions: _containers.RepeatedScalarFieldContainer[str]
     replaced: _containers.RepeatedCompositeFieldContainer[Replaced]
+    holdings: _containers.RepeatedCompositeFieldContainer[Holding]
     def __init__(
         self,
         hello: _Optional[_Union[Hello, _Mapping]] = ...,
@@ -108,6 +128,7 @@ class GatewayFrame(_message.Message):
         events: _Optional[_Iterable[_Union[NodeEvent, _Mapping]]] = ...,
         revoked_sessions: _Optional[_Iterable[str]] = ...,
         replaced: _Optional[_Iterable[_Union[Replaced, _Mapping]]] = ...,
+        holdings: _Optional[_Iterable[_Union[Holding, _Mapping]]] = ...,
     ) -> None: ...
 
 class Message(_message.Message):
@@ -213,10 +234,12 @@ class Event(_message.Message):
     ) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("node",)
+    __slots__ = ("node", "routes_by_held")
     NODE_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_BY_HELD_FIELD_NUMBER: _ClassVar[int]
     node: str
-    def __init__(self, node: _Optional[str] = ...) -> None: ...
+    routes_by_held: bool
+    def __init__(self, node: _Optional[str] = ..., routes_by_held: _Optional[bool] = ...) -> None: ...
 
 class TransferFrame(_message.Message):
     __slots__ = (
@@ -231,6 +254,7 @@ class TransferFrame(_message.Message):
         "sent",
         "result_order",
         "delivery_order",
+        "holdings_applied",
     )
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +267,7 @@ class TransferFrame(_message.Message):
     SENT_FIELD_NUMBER: _ClassVar[int]
     RESULT_ORDER_FIELD_NUMBER: _ClassVar[int]
     DELIVERY_ORDER_FIELD_NUMBER: _ClassVar[int]
+    HOLDINGS_APPLIED_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     results: _containers.RepeatedCompositeFieldContainer[Result]
     deliveries: _containers.RepeatedCompositeFieldContainer[Delivery]
@@ -254,6 +279,7 @@ class TransferFrame(_message.Message):
     sent: SentDeliveries
     result_order: bytes
     delivery_order: bytes
+    holdings_applied: int
     def __init__(
         self,
         welcome: _Optional[_Union[Welcome, _Mapping]] = ...,
@@ -267,6 +293,7 @@ class TransferFrame(_message.Message):
         sent: _Optional[_Union[SentDeliveries, _Mapping]] = ...,
         result_order: _Optional[bytes] = ...,
         delivery_order: _Optional[bytes] = ...,
+        holdings_applied: _Optional[int] = ...,
     ) -> None: ...
 
 class FreshResults(_message.Message):
