@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from picows import WSCloseCode, WSListener, WSTransport, ws_create_server
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
 
 from im.client import ApiClient, ApiError, Client, Gateway, TcpTransport, Transport, WebSocketTransport
+from im.client.transport import TRY_AGAIN_AFTER
 from im.net import RETRY_AFTER, refusal_503
 from im.protocol.frames import Error
 from im.protocol.tcp_framing import encode_frame
@@ -66,6 +67,23 @@ class _TryAgainLater(WSListener):
         transport.disconnect()
 
 
+class _LoginRefused(WSListener):
+    """A gateway admitting no more logins (docs/protocol.md section 3, "Login admission"): the ``auth``
+    is answered ``error unavailable`` with ``retry_after`` 0.3 and ``bye unavailable``, then close 1013."""
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is not WSMsgType.TEXT:
+            return
+        reason = "too many logins at once; retry later"
+        for f in (
+            {"t": "error", "code": "unavailable", "message": reason, "ref": None, "retry_after": 0.3},
+            {"t": "bye", "code": "unavailable", "message": reason, "reconnect": True},
+        ):
+            transport.send(WSMsgType.TEXT, json.dumps(f).encode())
+        transport.send_close(WSCloseCode.TRY_AGAIN_LATER, b"try again later")
+        transport.disconnect()
+
+
 @contextlib.asynccontextmanager
 async def refusing_gateway(kind: str) -> AsyncIterator[str]:
     """A gateway URL whose server refuses every connection as a gateway over a cap does: the WebSocket
@@ -93,6 +111,8 @@ async def refusing_gateway(kind: str) -> AsyncIterator[str]:
             writer.close()
 
         server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    elif kind == "login":
+        server = await ws_create_server(lambda _request: _LoginRefused(), "127.0.0.1", 0)
     else:
         server = await ws_create_server(lambda _request: _TryAgainLater(), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -137,3 +157,29 @@ async def test_a_gateway_over_its_cap_is_tried_again_no_sooner_than_it_asked(ser
         assert await client.send({"text": "in"}, to=bob.uid) is not None  # the second one serves
     finally:
         await client.close()
+
+
+async def test_a_refused_login_on_websocket_is_tried_again_when_its_retry_after_says(server: ServerProcess) -> None:
+    """A login refusal on WebSocket ends with close 1013 too, but its error said when to come back (the
+    gateway tells the refusals of a storm successive times, so that they come back spread out): the
+    client waits that long, not the 5 s a close 1013 alone asks for (every refused WebSocket client of
+    a storm came back together 5-6 s later)."""
+    async with ApiClient(server.http) as api:
+        await api.register("alice", PASSWORD)
+    tried: list[float] = []
+    async with refusing_gateway("login") as refusing:
+
+        def transport(gateway: Gateway) -> Transport:
+            tried.append(time.monotonic())
+            return WebSocketTransport(refusing if len(tried) == 1 else gateway.ws)
+
+        client = await Client.login(
+            server.http, "alice", PASSWORD, device="phone", transport_factory=transport, backoff_base=0.005
+        )
+        try:
+            await client.wait_synced(10)
+        finally:
+            await client.close()
+    waited = tried[1] - tried[0]
+    assert 0.3 <= waited < TRY_AGAIN_AFTER / 2, f"tried again after {waited:.2f}s"
+    assert client.told_to_wait == 1

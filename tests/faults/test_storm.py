@@ -38,7 +38,7 @@ import pytest
 
 from im.client import Client
 from im.client.api import ApiClient, Gateway, Tokens
-from im.client.client import ClientEvent
+from im.client.client import ClientEvent, Disconnected
 from im.client.transport import TcpTransport, Transport, WebSocketTransport
 from im.cluster import LocalCluster
 from im.protocol.frames import Ack, Error, Msg
@@ -82,6 +82,8 @@ class Device:
     acked: collections.Counter[str] = field(default_factory=collections.Counter)
     attempts_at: list[float] = field(default_factory=list)  # monotonic time of each connection attempt
     refused_logins: int = 0  # error unavailable with retry_after before auth_ok
+    #: (monotonic time, why) of each connection that ended, for a failure's message
+    ended: list[tuple[float, str]] = field(default_factory=list)
     synced_after_kill = False
 
 
@@ -220,6 +222,8 @@ async def test_reconnect_storm_every_client_back_and_resynced(
                     history.acked(rec, frame)  # type: ignore[arg-type]
                 elif type(event) is Error and event.code == "unavailable" and event.retry_after is not None:
                     d.refused_logins += 1
+                elif type(event) is Disconnected:
+                    d.ended.append((time.monotonic(), event.reason[:60]))
 
             return on_event
 
@@ -348,7 +352,13 @@ async def test_reconnect_storm_every_client_back_and_resynced(
         retries = [t for d in devices for t in d.attempts_at[1:]]
         assert len(retries) >= refusals
         retry_hist = _histogram(retries, killed_at)
-        assert max(retry_hist.values()) < 0.35 * len(retries), f"retries bunched in one half-second: {retry_hist}"
+        ends = collections.Counter(
+            (round((t - killed_at) // 0.5 * 0.5, 2), why) for d in devices for t, why in d.ended if t >= killed_at
+        )
+        assert max(retry_hist.values()) < 0.35 * len(retries), (
+            f"retries bunched in one half-second: {retry_hist}; connections ended (half-second, why): "
+            f"{sorted(ends.items())}"
+        )
         assert max(retries) - min(retries) > 2.0, retry_hist
         assert max(per_client) <= 3, f"a client needed {max(per_client)} attempts: {hist}"
         assert rss_peak < RSS_BOUND_MIB, f"{SURVIVOR} peak RSS {rss_peak:.0f} MiB"

@@ -520,8 +520,11 @@ class Client:
                 if transport.retry_after is None:
                     raise
                 reason = f"{type(exc).__name__}: {exc}"
-            if transport.retry_after is not None:  # closed "try again later" (a connection cap)
-                session.reconnect_after = max(session.reconnect_after or 0.0, transport.retry_after)
+            if transport.retry_after is not None:  # closed "try again later"
+                # A refused login said when in its error (retry_after), and the gateway spreads those
+                # times out; only a close that said nothing (a connection cap) waits the protocol's 5 s.
+                if session.reconnect_after is None:
+                    session.reconnect_after = transport.retry_after
                 reason = f"{reason}: the gateway asked to try again later"
             return reason
         finally:
