@@ -6,6 +6,8 @@
     TransferLink.submit(req, done) --GatewayFrame{sends[]}--> TransferServicer -> committer.submit
     done(req, msg, dup, err)   <--TransferFrame{results[]}--- (acks, in commit order)
     Hub.deliver / deliver_event <--TransferFrame{deliveries[], events[]}-- GrpcRouter.publish*
+    Hub.register / unregister --Hello{held[]}, GatewayFrame{holdings[]}--> GrpcRouter.holders (routing)
+    (login reads sync points)  <--TransferFrame{holdings_applied}-------- (the change is in the table)
 
 Both sides coalesce what they have to say during one event-loop turn into one frame (batches are what
 make grpc.aio fast: ~10-15k msgs/s one per frame, hundreds of thousands per second 32-100 per frame).

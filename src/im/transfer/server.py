@@ -1,10 +1,11 @@
 """The transfer side of the link: a grpc.aio servicer in front of a :class:`~im.core.committer.Committer`.
 
-Per ``Link`` stream: the first gateway frame names the gateway node (``hello``); the node is registered
-in the :class:`GrpcRouter`, so the committer's routing (``router.publish(node, ...)``) lands in that
-stream's :class:`LinkOutbox`. Incoming send batches go to ``committer.submit``; the results, deliveries and
-events gathered while the stream was writing (at least everything of one loop turn) leave as one
-:class:`TransferFrame`.
+Per ``Link`` stream: the first gateway frame names the gateway node (``hello``) and the users it holds;
+the node is registered in the :class:`GrpcRouter`, so the committer's routing (``router.holders``, then
+``router.publish(node, ...)``) lands in that stream's :class:`LinkOutbox`. Later frames' ``holdings``
+change that node's table, and the outbox tells the gateway how many it has applied. Incoming send
+batches go to ``committer.submit``; the results, deliveries and events gathered while the stream was
+writing (at least everything of one loop turn) leave as one :class:`TransferFrame`.
 
 What this layer cannot do: it keeps no state across streams. When a stream ends, results of sends still
 in the committer are dropped (the gateway already failed them as ``unavailable``; the client resends
@@ -287,7 +288,8 @@ def _add_result(add_result: Any, rid: int, m: StoredMessage | None, dup: bool, e
 
 
 class GrpcRouter(Router):
-    """A :class:`Router` whose gateway nodes are linked streams (and, optionally, local sinks).
+    """A :class:`Router` whose gateway nodes are linked streams (and, optionally, local sinks). The users
+    each linked node reports holding (:meth:`holders`) are what the committer routes by.
 
     Guarantee: per gateway node, batches leave in publish order on that node's current stream; at most
     once (nothing is kept for a node without a stream, nor across streams). Never blocks.
