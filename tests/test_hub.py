@@ -386,10 +386,35 @@ async def test_a_login_whose_sync_points_were_read_before_a_relink_checks_the_he
     assert [(m["seq"], m["body"]) for m in b.of_type("msg")] == [(1, "dropped")]
 
 
-async def test_devices_presence_lost_fetch_what_was_routed_to_nowhere_at_the_next_refresh(gateway: Gateway) -> None:
-    """Presence emptied (a Redis restart without its data, an entry expired): messages for those devices
-    went nowhere until the gateway announced them again; the refresh that finds them gone has them check
-    the log."""
+def route_by_presence(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Have the committer look recipients up in presence, as one does whose router keeps no table of the
+    gateways' users (an API process's; a transfer node while an older gateway is linked)."""
+    monkeypatch.setattr(gateway.core.router, "holders", lambda _uids: None)
+
+
+async def test_the_committer_routes_by_the_hubs_own_users_with_presence_empty(gateway: Gateway) -> None:
+    """In one process the router reaches this hub alone, and the hub says whom it holds: a message
+    reaches bob live though presence lost his entry (a Redis restart without its data)."""
+    _, alice_token = await gateway.user("alice")
+    bob, bob_token = await gateway.user("bob")
+    a, b = await gateway.connect(alice_token), await gateway.connect(bob_token)
+    presence = gateway.core.presence
+    await presence.set_offline(list((await presence.locate([bob]))[bob]))
+    assert await presence.locate([bob]) == {}
+    catch_ups = gateway.hub.catch_ups
+    a.send(t="send", cmid="c1", to=bob, body="live all the same")
+    await eventually(lambda: b.of_type("msg"), lambda: str(b.frames))
+    assert [(m["seq"], m["body"]) for m in b.of_type("msg")] == [(1, "live all the same")]
+    assert gateway.hub.catch_ups == catch_ups  # delivered live, not found by a catch-up
+
+
+async def test_devices_presence_lost_fetch_what_was_routed_to_nowhere_at_the_next_refresh(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Presence emptied (a Redis restart without its data, an entry expired), and a committer that
+    routes by it: messages for those devices went nowhere until the gateway announced them again; the
+    refresh that finds them gone has them check the log."""
+    route_by_presence(gateway, monkeypatch)
     _, alice_token = await gateway.user("alice")
     bob, bob_token = await gateway.user("bob")
     a, b = await gateway.connect(alice_token), await gateway.connect(bob_token)
@@ -410,6 +435,7 @@ async def test_a_lost_devices_catch_up_is_retried_while_the_store_does_not_answe
     """The refresh found bob's entry gone, and the first read of the log's heads failed (the store away
     for a moment): the catch-up runs in the background and tries again, rather than waiting for a next
     message or being taken for a failed presence refresh."""
+    route_by_presence(gateway, monkeypatch)
     _, alice_token = await gateway.user("alice")
     bob, bob_token = await gateway.user("bob")
     a, b = await gateway.connect(alice_token), await gateway.connect(bob_token)
@@ -438,8 +464,9 @@ async def test_a_lost_devices_catch_up_is_retried_while_the_store_does_not_answe
 async def test_a_device_whose_claim_failed_fetches_what_was_routed_to_nowhere_once_claimed(
     gateway: Gateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Presence refused the claim of bob's connection (Redis away): nothing was routed to it; the refresh
-    that claims it again has it check the log."""
+    """Presence refused the claim of bob's connection (Redis away), and the committer routes by presence:
+    nothing was routed to it; the refresh that claims it again has it check the log."""
+    route_by_presence(gateway, monkeypatch)
     _, alice_token = await gateway.user("alice")
     _, bob_token = await gateway.user("bob")
     a = await gateway.connect(alice_token)

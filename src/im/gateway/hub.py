@@ -498,8 +498,9 @@ class Hub(DeliverySink):
     # --- registration --------------------------------------------------------------------------------
 
     def held_users(self) -> Collection[int]:
-        """DeliverySink: the users with a connection here, the table transfer nodes route by."""
-        return list(self._by_user)
+        """DeliverySink: the users with a connection here, the table committers route by (a live
+        view: read it where it is used)."""
+        return self._by_user.keys()
 
     async def register(self, conn: Connection) -> None:
         """Hold the connection's device here: claimed in presence (an older connection of the device

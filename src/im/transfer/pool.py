@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from im.backends.registry import Registry
 from im.backends.routing import DeliverySink
@@ -284,3 +284,8 @@ class LinkRouter(MemoryRouter):
     def announce(self, uid: int, held: bool) -> list[asyncio.Future[None]]:
         """Through every link (:meth:`TransferPool.announce`): the transfer nodes route by it."""
         return self._pool.announce(uid, held)
+
+    def holders(self, uids: Collection[int]) -> dict[int, set[str]] | None:
+        """None: the nodes this router reaches are mostly elsewhere (an API process's committer looks
+        its recipients up in presence)."""
+        return None

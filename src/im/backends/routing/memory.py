@@ -5,7 +5,7 @@ than one process."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from im.backends.routing import DeliverySink, Router
 from im.model.chat import StoredMessage
@@ -25,6 +25,24 @@ class MemoryRouter(Router):
 
     def detach(self, node: str) -> None:
         self._sinks.pop(node, None)
+
+    def holders(self, uids: Collection[int]) -> dict[int, set[str]] | None:
+        """The local sinks are every node this router reaches: the users each of them holds, read in
+        this process (a user a sink took in before this call is routed to it). None when a sink does
+        not report its users (presence then has them)."""
+        found: dict[int, set[str]] = {}
+        for node, sink in self._sinks.items():
+            held = sink.held_users()
+            if held is None:
+                return None
+            for uid in uids:
+                if uid in held:
+                    nodes = found.get(uid)
+                    if nodes is None:
+                        found[uid] = {node}
+                    else:
+                        nodes.add(node)
+        return found
 
     def publish(self, node: str, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
         sink = self._sinks.get(node)
