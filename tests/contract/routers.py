@@ -35,6 +35,8 @@ class RouterHarness(abc.ABC):
     router: Router
     quiet: float = 0.0
     keeps_batches: bool = False
+    #: The router answers ``holders`` from its attached nodes' reports (False: always None, presence).
+    tables: bool = True
 
     async def open(self) -> None:  # noqa: B027 - optional
         pass
@@ -137,6 +139,8 @@ class LinkRouterHarness(_TransferNodeHarness):
     """:class:`LinkRouter` in a process without streams (an API node): its pool links to the transfer
     node found in a :class:`MemoryRegistry`, and publishes are forwarded there, then down the target
     gateway's stream: two gRPC hops."""
+
+    tables = False  # its nodes are elsewhere: its committer asks presence
 
     def __init__(self) -> None:
         super().__init__()

@@ -6,7 +6,7 @@ encoded."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from im.backends.routing import DeliverySink, Router
 from im.model.chat import StoredMessage
@@ -31,6 +31,17 @@ class RecordingSink(DeliverySink):
 
     def deliver_event(self, frame: object, uids: Iterable[int], skip: tuple[int, str] | None) -> None:
         self.events.append((frame, list(uids), skip))
+
+
+class HoldingSink(RecordingSink):
+    """A sink that reports the users it holds (a gateway's hub)."""
+
+    def __init__(self, held: Collection[int]) -> None:
+        super().__init__()
+        self.held = set(held)
+
+    def held_users(self) -> Collection[int]:
+        return self.held
 
 
 def m(seq: int, conv: str = "d:1:2") -> StoredMessage:
@@ -135,3 +146,23 @@ async def test_lifecycle(router_harness: RouterHarness) -> None:
         router.publish("gw-nowhere", [m(1)], [[1]])  # usable once started; never raises
 
     await check_lifecycle(router_harness.unstarted, probe)
+
+
+async def test_holders_name_each_users_nodes_from_their_reports_or_none(router_harness: RouterHarness) -> None:
+    """``holders``: the attached nodes whose sinks report holding each user (users held nowhere left
+    out), or None while a node reports nothing (the committer then asks presence); a router whose nodes
+    are elsewhere answers None always."""
+    router = router_harness.router
+    await router_harness.attach("gw-1", HoldingSink({1, 2}))
+    await router_harness.attach("gw-2", HoldingSink({2, 3}))
+    found = router.holders({1, 2, 3, 4})
+    if not router_harness.tables:
+        assert found is None
+        return
+    assert found == {1: {"gw-1"}, 2: {"gw-1", "gw-2"}, 3: {"gw-2"}}
+    await router_harness.detach("gw-1")
+    assert router.holders({1, 2, 3}) == {2: {"gw-2"}, 3: {"gw-2"}}
+    await router_harness.attach("gw-3", RecordingSink())  # reports no users
+    assert router.holders({2}) is None
+    await router_harness.detach("gw-3")
+    assert router.holders({2}) == {2: {"gw-2"}}
