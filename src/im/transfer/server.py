@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from im.backends.routing import DeliverySink, Router
+from im.backends.routing import DeliverySink, Router, holders_in
 from im.core.committer import SendCallback, SendRequest
 from im.model.chat import StoredMessage
 from im.model.cluster import DeviceLocation
@@ -337,17 +337,7 @@ class GrpcRouter(Router):
         table (an older gateway) or a gateway node is local."""
         if not self._tabled:
             return None
-        found: dict[int, set[str]] = {}
-        for node, outbox in self._links.items():
-            held = outbox.held
-            assert held is not None  # _tabled
-            for uid in held.intersection(uids):
-                nodes = found.get(uid)
-                if nodes is None:
-                    found[uid] = {node}
-                else:
-                    nodes.add(node)
-        return found
+        return holders_in([(node, outbox.held) for node, outbox in self._links.items()], uids)  # type: ignore[misc]
 
     def linked(self) -> list[str]:
         return sorted(self._links)

@@ -43,6 +43,21 @@ class DeliverySink(abc.ABC):
         return None
 
 
+def holders_in(tables: Iterable[tuple[str, Collection[int]]], uids: Collection[int]) -> dict[int, set[str]]:
+    """``Router.holders`` from (node, users it holds) pairs: each of ``uids`` held somewhere, with its
+    nodes."""
+    found: dict[int, set[str]] = {}
+    for node, held in tables:
+        for uid in uids:
+            if uid in held:
+                nodes = found.get(uid)
+                if nodes is None:
+                    found[uid] = {node}
+                else:
+                    nodes.add(node)
+    return found
+
+
 class Router(Service, abc.ABC):
     """Carries committed messages to the gateway nodes that hold recipients.
 

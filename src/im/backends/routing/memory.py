@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
-from im.backends.routing import DeliverySink, Router
+from im.backends.routing import DeliverySink, Router, holders_in
 from im.model.chat import StoredMessage
 from im.model.cluster import DeviceLocation
 
@@ -30,19 +30,10 @@ class MemoryRouter(Router):
         """The local sinks are every node this router reaches: the users each of them holds, read in
         this process (a user a sink took in before this call is routed to it). None when a sink does
         not report its users (presence then has them)."""
-        found: dict[int, set[str]] = {}
-        for node, sink in self._sinks.items():
-            held = sink.held_users()
-            if held is None:
-                return None
-            for uid in uids:
-                if uid in held:
-                    nodes = found.get(uid)
-                    if nodes is None:
-                        found[uid] = {node}
-                    else:
-                        nodes.add(node)
-        return found
+        tables = [(node, sink.held_users()) for node, sink in self._sinks.items()]
+        if any(held is None for _, held in tables):
+            return None
+        return holders_in(tables, uids)  # type: ignore[arg-type]  # no None left
 
     def publish(self, node: str, messages: Sequence[StoredMessage], recipients: Sequence[Sequence[int]]) -> None:
         sink = self._sinks.get(node)
